@@ -1,0 +1,13 @@
+"""Per-layer rules behind a registry: one file per layer family.
+
+Adding a layer type the existing operators cover takes one new file here (a ``LayerRule``
+subclass decorated with ``@register(ModuleType)``) and one import line below. Modules with no
+rule that own trainable parameters take the exact generic route (``generic.GENERIC``).
+"""
+
+from .base import LayerRule, RoutePlan, RuleError, register, registered_types, rule_for
+from . import linear, conv, embedding, norm  # noqa: F401  (registration side effects)
+from .generic import GENERIC, GenericRule
+
+__all__ = ["LayerRule", "RoutePlan", "RuleError", "register", "registered_types", "rule_for",
+           "GENERIC", "GenericRule"]

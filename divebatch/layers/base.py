@@ -1,0 +1,139 @@
+"""What a layer rule is, and the registry that maps module types to rules.
+
+A *rule* knows, for one family of modules, how to turn what the tracker captured in the
+forward pass (the layer input, ``A``) and what arrives in the backward pass (the gradient of
+the layer output, ``G``) into per-sample squared gradient norms of the module's own
+parameters. Rules are looked up through the class hierarchy, so subclasses of e.g.
+``nn.Linear`` get the fast path without registering themselves.
+
+Scaling: rules see the gradient of the user's *scaled* loss ``L = c * sum_i l_i`` and return
+norms of that gradient; the tracker divides by ``c**2`` (DESIGN §2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+#: A forward call as the tracker keeps it: (what ``capture`` returned, grads of the outputs).
+Call = tuple[Any, Sequence[torch.Tensor | None]]
+
+
+class RuleError(RuntimeError):
+    """A module that a rule cannot handle exactly; the message names it and says what to do."""
+
+
+@dataclass
+class RoutePlan:
+    """The route a rule chose for one module at one shape, and its estimated cost.
+
+    ``flops`` counts multiply-adds times two for the per-sample norms of this module (not the
+    plain backward); ``extra_bytes`` is the largest temporary buffer the route allocates.
+    """
+
+    route: str
+    shape: str
+    flops: float
+    extra_bytes: float
+    alternatives: dict[str, float] = field(default_factory=dict)
+
+
+class LayerRule:
+    """Base class of per-layer rules (one subclass per layer family, registered by type).
+
+    Subclasses set ``param_names`` (the direct parameters they understand) and implement
+    ``capture`` and ``norms``; ``plan`` reports the route they would take.
+    """
+
+    #: The direct parameters of the module this rule computes norms for.
+    param_names: tuple[str, ...] = ("weight", "bias")
+
+    def batch_dim(self, module: nn.Module) -> int:
+        """The dimension of the captured inputs and output grads that indexes samples."""
+        return 0
+
+    def capture(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        """Keep what ``norms`` needs from the forward pass (detached; no copies where possible)."""
+        return args[0].detach()
+
+    def batch_size(self, module: nn.Module, ctx: Any) -> int:
+        """Number of samples in the captured call."""
+        return ctx.shape[self.batch_dim(module)]
+
+    def norms(self, module: nn.Module, calls: list[Call], tracked: dict[str, nn.Parameter]) -> torch.Tensor:
+        """Per-sample squared norm [B] (float32) of the gradient of ``tracked`` params.
+
+        ``calls`` holds every forward call of the module whose output received a gradient in
+        this backward; per-sample gradients of several calls are *summed* before the norm.
+        """
+        raise NotImplementedError
+
+    def plan(self, module: nn.Module, ctx: Any, grad: torch.Tensor, tracked: dict[str, nn.Parameter]) -> RoutePlan:
+        """The route this rule takes for one call of these shapes."""
+        return RoutePlan("instantiate", _shape(ctx), float("nan"), float("nan"))
+
+
+def _shape(x: Any) -> str:
+    return "x".join(map(str, x.shape)) if isinstance(x, torch.Tensor) else "?"
+
+
+_REGISTRY: dict[type[nn.Module], LayerRule] = {}
+
+
+def register(*module_types: type[nn.Module]) -> Callable[[type[LayerRule]], type[LayerRule]]:
+    """Class decorator: use this rule for ``module_types`` and their subclasses."""
+
+    def wrap(rule_cls: type[LayerRule]) -> type[LayerRule]:
+        rule = rule_cls()
+        for module_type in module_types:
+            _REGISTRY[module_type] = rule
+        return rule_cls
+
+    return wrap
+
+
+def rule_for(module: nn.Module) -> LayerRule | None:
+    """The registered rule for ``module``'s type or its nearest registered base class."""
+    for cls in type(module).__mro__:
+        rule = _REGISTRY.get(cls)
+        if rule is not None:
+            own = {name for name, p in module.named_parameters(recurse=False) if p.requires_grad}
+            # A subclass with parameters the rule does not know (e.g. an added adapter) would
+            # silently lose them: leave it to the generic route instead.
+            return rule if own <= set(rule.param_names) else None
+    return None
+
+
+def registered_types() -> tuple[type[nn.Module], ...]:
+    """Module types with a dedicated rule (the generic route covers every other type)."""
+    return tuple(_REGISTRY)
+
+
+_SUSPENDED = threading.local()
+
+
+@contextlib.contextmanager
+def suspend_capture():
+    """Within this block, trackers ignore forward calls (rules re-running a module use it)."""
+    depth = getattr(_SUSPENDED, "depth", 0)
+    _SUSPENDED.depth = depth + 1
+    try:
+        yield
+    finally:
+        _SUSPENDED.depth = depth
+
+
+def capture_suspended() -> bool:
+    """True inside ``suspend_capture()`` on this thread."""
+    return getattr(_SUSPENDED, "depth", 0) > 0
+
+
+def per_sample_sq(t: torch.Tensor) -> torch.Tensor:
+    """Squared norm per sample of ``t [B, ...]``, float32 [B]."""
+    return t.float().reshape(t.shape[0], -1).square().sum(dim=1)

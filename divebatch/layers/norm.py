@@ -1,0 +1,114 @@
+"""LayerNorm, RMSNorm, GroupNorm, BatchNorm{1,2,3}d: instantiate the (small) per-sample grads.
+
+With ``x_hat`` the normalised input and ``G`` the output grad, an affine normalisation layer's
+per-sample gradients are ``sum (x_hat * G)`` (weight) and ``sum G`` (bias), summed over every
+position that shares a parameter: both have only ``C`` (or ``normalized_shape``) entries per
+sample, so they are formed outright in float32. ``x_hat`` is recomputed from the captured input
+in the backward pass rather than stored.
+
+BatchNorm in training mode normalises with statistics of the whole batch, so a sample's true
+gradient is not defined on its own (the batch statistics couple every sample). divebatch reports
+the *decomposition* of the batch gradient given by the layer input and output grad: sample b's
+share is ``sum (x_hat_b * G_b)`` with ``x_hat`` normalised by the batch statistics, and these
+shares add up exactly to the batch gradient. In eval mode (running statistics) BatchNorm is a
+per-sample map and the numbers are exact per-sample gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import LayerRule, RoutePlan, register
+
+
+class _AffineNormRule(LayerRule):
+    """Shared sum-and-square logic; subclasses say how to normalise and which dims share a param."""
+
+    def normalized(self, module, ctx) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reduce(self, module, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over the positions that share one parameter entry: [B, *param_shape]."""
+        raise NotImplementedError
+
+    def norms(self, module, calls, tracked):
+        total = None
+        for ctx, grads in calls:
+            g = grads[0].float()
+            parts = []
+            if "weight" in tracked:
+                parts.append(self.reduce(module, self.normalized(module, ctx) * g).flatten(1))
+            if "bias" in tracked:
+                parts.append(self.reduce(module, g).flatten(1))
+            per_sample_grad = torch.cat(parts, dim=1)
+            total = per_sample_grad if total is None else total + per_sample_grad
+        return total.square().sum(dim=1)
+
+    def plan(self, module, ctx, grad, tracked) -> RoutePlan:
+        x = ctx[0] if isinstance(ctx, tuple) else ctx
+        return RoutePlan("instantiate", "x".join(map(str, x.shape)), 4.0 * x.numel(), 4.0 * x.numel())
+
+
+@register(nn.LayerNorm)
+class LayerNormRule(_AffineNormRule):
+    """``nn.LayerNorm``: per-sample grads summed over all non-normalised, non-batch dims."""
+
+    def normalized(self, module, x):
+        return F.layer_norm(x.float(), module.normalized_shape, None, None, module.eps)
+
+    def reduce(self, module, t):
+        return t.reshape(t.shape[0], -1, *module.normalized_shape).sum(dim=1)
+
+
+@register(nn.RMSNorm)
+class RMSNormRule(_AffineNormRule):
+    """``nn.RMSNorm`` (weight only)."""
+
+    param_names = ("weight",)
+
+    def normalized(self, module, x):
+        eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
+        return F.rms_norm(x.float(), module.normalized_shape, None, eps)
+
+    def reduce(self, module, t):
+        return t.reshape(t.shape[0], -1, *module.normalized_shape).sum(dim=1)
+
+
+@register(nn.GroupNorm)
+class GroupNormRule(_AffineNormRule):
+    """``nn.GroupNorm``: per-channel parameters, summed over spatial positions."""
+
+    def normalized(self, module, x):
+        return F.group_norm(x.float(), module.num_groups, None, None, module.eps)
+
+    def reduce(self, module, t):
+        return t.reshape(t.shape[0], t.shape[1], -1).sum(dim=2)
+
+
+@register(nn.modules.batchnorm._BatchNorm)
+class BatchNormRule(_AffineNormRule):
+    """``nn.BatchNorm{1,2,3}d`` (and SyncBatchNorm): the decomposition of the batch gradient.
+
+    See the module docstring for what a per-sample number means in training mode.
+    """
+
+    def capture(self, module, args, kwargs, output):
+        x = args[0].detach()
+        batch_stats = module.training or module.running_mean is None
+        if batch_stats:
+            return x, None, None
+        # Eval mode: remember the statistics the forward used (a later train step changes them).
+        return x, module.running_mean.detach().clone(), module.running_var.detach().clone()
+
+    def batch_size(self, module, ctx):
+        return ctx[0].shape[0]
+
+    def normalized(self, module, ctx):
+        x, mean, var = ctx
+        return F.batch_norm(x.float(), None if mean is None else mean.float(), None if var is None else var.float(),
+                            None, None, mean is None, 0.0, module.eps)
+
+    def reduce(self, module, t):
+        return t.reshape(t.shape[0], t.shape[1], -1).sum(dim=2)

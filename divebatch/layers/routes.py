@@ -1,0 +1,45 @@
+"""Cost model for the linear-family routes (Linear, and Conv after unfolding).
+
+For a layer input ``A [B, T, d]`` and output grad ``G [B, T, p]`` the per-sample weight
+gradient ``G_b^T A_b`` has squared norm computable three ways:
+
+* ``outer`` (T = 1): ``||a_b||^2 ||g_b||^2`` -- ``2B(d + p)`` flops, no buffer;
+* ``ghost``: ``<A_b A_b^T, G_b G_b^T>`` over upper-triangular tile pairs --
+  about ``B T^2 (d + p)`` flops (half of two full Grams), a tile pair of buffer per thread;
+* ``instantiate``: form ``G_b^T A_b`` -- ``2 B T d p`` flops, a ``p x d`` buffer per thread.
+
+The cheaper in flops wins unless its buffer exceeds ``MAX_EXTRA_BYTES``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .base import RoutePlan
+
+#: Largest temporary buffer a route may allocate (bytes); override with DIVEBATCH_MAX_EXTRA_MB.
+MAX_EXTRA_BYTES = float(os.environ.get("DIVEBATCH_MAX_EXTRA_MB", "16")) * 2**20
+
+_GHOST_TILE = 64
+
+
+def linear_route(B: int, T: int, d: int, p: int, force: str | None = None) -> RoutePlan:
+    """Pick ``outer``, ``ghost`` or ``instantiate`` for ``A [B,T,d]``, ``G [B,T,p]``.
+
+    ``force`` (``"ghost"`` or ``"instantiate"``) overrides the choice for tests and benchmarks.
+    """
+    shape = f"B={B} T={T} d={d} p={p}"
+    if T == 1 and force is None:
+        return RoutePlan("outer", shape, 2.0 * B * (d + p), 0.0)
+    threads = torch.get_num_threads()
+    tile = min(T, _GHOST_TILE)
+    costs = {"ghost": float(B) * T * T * (d + p) + 2.0 * B * T * T, "instantiate": 2.0 * B * T * d * p}
+    memory = {"ghost": 2.0 * tile * tile * 4 * threads, "instantiate": float(p) * d * 4 * (threads + 1)}
+    if force is not None:
+        route = force
+    else:
+        fits = [r for r in costs if memory[r] <= MAX_EXTRA_BYTES] or ["ghost"]
+        route = min(fits, key=costs.__getitem__)
+    return RoutePlan(route, shape, costs[route], memory[route], alternatives=costs)

@@ -1,0 +1,119 @@
+"""The ``divebatch::*`` operators: declared once here, implemented per device.
+
+* declaration: one schema line per operator in ``SCHEMAS`` (``torch.library``);
+* everywhere: the plain-PyTorch reference (``divebatch.reference``), registered as the
+  ``CompositeExplicitAutograd`` kernel so any device without a dedicated kernel runs it;
+* CPU: the C++ kernels of ``csrc/`` (``TORCH_LIBRARY_IMPL(divebatch, CPU, m)``), loaded from the
+  ahead-of-time build ``divebatch._C`` or JIT-built on first use (see ``divebatch._build``);
+* CUDA: the Triton kernels of ``kernels/`` (shipped as ``divebatch._kernels``) when triton imports;
+* Meta/fake: shape functions, so the operators trace under ``torch.compile(fullgraph=True)``.
+
+``DIVEBATCH_BACKEND`` (``auto`` | ``reference`` | ``cpp`` | ``triton``) forces one
+implementation for the Python entry points below; tests use it. All results are float32
+and unscaled (DESIGN §2): the tracker applies the loss-reduction factor.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import reference
+
+#: One schema line per operator; the only place an operator's signature is written.
+SCHEMAS = {
+    "ghost_norm": "ghost_norm(Tensor a, Tensor g, bool with_bias) -> (Tensor, Tensor)",
+    "instantiate_norm": "instantiate_norm(Tensor a, Tensor g, bool with_bias) -> (Tensor, Tensor, Tensor)",
+    "outer_norm": "outer_norm(Tensor a, Tensor g, bool with_bias) -> (Tensor, Tensor)",
+    "embedding_norm": "embedding_norm(Tensor indices, Tensor g, int padding_idx) -> Tensor",
+}
+
+BACKENDS = ("auto", "reference", "cpp", "triton")
+
+_lib = torch.library.Library("divebatch", "DEF")  # noqa: TOR901 - the library lives as long as the process
+for _name, _schema in SCHEMAS.items():
+    _lib.define(_schema)
+    _lib.impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
+
+
+# ---------------------------------------------------------------- fake (meta) kernels
+def _per_sample(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+@torch.library.register_fake("divebatch::ghost_norm")
+def _ghost_norm_fake(a, g, with_bias):
+    return _per_sample(a), _per_sample(a)
+
+
+@torch.library.register_fake("divebatch::instantiate_norm")
+def _instantiate_norm_fake(a, g, with_bias):
+    return _per_sample(a), _per_sample(a), a.new_empty((g.shape[-1], a.shape[-1]), dtype=torch.float32)
+
+
+@torch.library.register_fake("divebatch::outer_norm")
+def _outer_norm_fake(a, g, with_bias):
+    return _per_sample(a), _per_sample(a)
+
+
+@torch.library.register_fake("divebatch::embedding_norm")
+def _embedding_norm_fake(indices, g, padding_idx):
+    return _per_sample(indices)
+
+
+# ---------------------------------------------------------------- device kernels
+from ._build import load_cpu_extension  # noqa: E402  (needs the schemas above)
+
+CPP_AVAILABLE = load_cpu_extension()
+
+try:  # Triton is optional: CPU-only installs and the interpreter work without a GPU.
+    from . import _kernels
+
+    _kernels.register_cuda(_lib)
+    TRITON_AVAILABLE = True
+except ImportError:  # pragma: no cover - depends on the install
+    _kernels = None
+    TRITON_AVAILABLE = False
+
+
+def backend() -> str:
+    """The implementation forced by ``DIVEBATCH_BACKEND`` (default ``auto``: the dispatcher picks)."""
+    name = os.environ.get("DIVEBATCH_BACKEND", "auto").lower()
+    if name not in BACKENDS:
+        raise ValueError(f"DIVEBATCH_BACKEND={name!r} is not one of {BACKENDS}; unset it or pick one of those.")
+    if name == "cpp" and not CPP_AVAILABLE:
+        raise RuntimeError("DIVEBATCH_BACKEND=cpp but the C++ extension is not built; run "
+                           "`pip install --no-build-isolation -e .` or unset DIVEBATCH_BACKEND.")
+    if name == "triton" and not TRITON_AVAILABLE:
+        raise RuntimeError("DIVEBATCH_BACKEND=triton but triton (or divebatch._kernels) does not import.")
+    return name
+
+
+def _call(name: str, *args):
+    forced = backend()
+    if forced == "reference":
+        return getattr(reference, name)(*args)
+    if forced == "triton":
+        return getattr(_kernels, f"{name}_triton")(*args)
+    return getattr(torch.ops.divebatch, name)(*args)
+
+
+def ghost_norm(a: torch.Tensor, g: torch.Tensor, with_bias: bool = False):
+    """Per-sample ``||g_b^T a_b||^2`` [B] and ``||sum_t g_b[t]||^2`` [B] via Grams; float32."""
+    return _call("ghost_norm", a, g, with_bias)
+
+
+def instantiate_norm(a: torch.Tensor, g: torch.Tensor, with_bias: bool = False):
+    """Per-sample ``||g_b^T a_b||^2`` [B], bias norms [B] and ``sum_b g_b^T a_b`` [p, d]; float32."""
+    return _call("instantiate_norm", a, g, with_bias)
+
+
+def outer_norm(a: torch.Tensor, g: torch.Tensor, with_bias: bool = False):
+    """T = 1: ``||a_b||^2 ||g_b||^2`` [B] and ``||g_b||^2`` [B] for ``a [B, d]``, ``g [B, p]``; float32."""
+    return _call("outer_norm", a, g, with_bias)
+
+
+def embedding_norm(indices: torch.Tensor, g: torch.Tensor, padding_idx: int = -1) -> torch.Tensor:
+    """Per-sample squared norm [B] of an embedding gradient, ``indices [B, T]``, ``g [B, T, p]``."""
+    return _call("embedding_norm", indices, g, padding_idx)

@@ -1,0 +1,404 @@
+"""GradNormTracker: per-sample gradient squared norms from an ordinary backward pass.
+
+How it works: a forward hook on every module that owns trainable parameters keeps the layer
+input (a reference autograd holds anyway, no copy) and registers a tensor hook on the output;
+when the output's gradient arrives in the backward pass, the module's rule
+(``divebatch.layers``) turns (input, output grad) into per-sample squared norms right away, so
+nothing is held longer than autograd holds it. A tensor hook on every tracked parameter sees
+exactly this backward's gradient before it is accumulated into ``.grad`` and adds its squared
+norm to the batch-gradient norm. A callback queued on the autograd engine closes the record at
+the end of each backward.
+
+Scaling contract (DESIGN §2): the user's loss is ``L = c * sum_i l_i`` with ``c`` given by
+``loss_reduction`` ("sum": 1, "mean": 1/B, or a positive float such as 1/#tokens). Every
+number reported is about the **unscaled** per-sample losses ``l_i``: ``||g_i||^2`` and
+``||sum_i g_i||^2``, i.e. the hooked quantities divided by ``c**2``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from .layers import GENERIC, LayerRule, RoutePlan, rule_for
+from .layers.base import capture_suspended
+
+
+@dataclass
+class GradNormStats:
+    """Per-sample gradient statistics of one backward pass (all float32, unscaled).
+
+    Attributes:
+        per_sample: ``[B]``, ``||g_i||^2`` summed over every tracked parameter, where ``g_i`` is
+            the gradient of sample i's own loss ``l_i``.
+        batch_grad_sq: scalar, ``||sum_i g_i||^2`` of this backward only (never of an
+            accumulated ``.grad``).
+        per_layer: module name -> ``[B]``, the part of ``per_sample`` from that module's parameters.
+        batch_size: B.
+        scale: the factor ``c`` of ``L = c * sum_i l_i`` that was divided out.
+    """
+
+    per_sample: torch.Tensor
+    batch_grad_sq: torch.Tensor
+    per_layer: dict[str, torch.Tensor]
+    batch_size: int
+    scale: float
+
+    @property
+    def diversity(self) -> torch.Tensor:
+        """Gradient diversity of this batch, ``sum_i ||g_i||^2 / ||sum_i g_i||^2`` (Yin et al.), a 0-dim tensor."""
+        return self.per_sample.sum() / self.batch_grad_sq
+
+
+@dataclass(eq=False)
+class _Owner:
+    """A module whose trainable parameters one rule accounts for."""
+
+    name: str
+    module: nn.Module
+    rule: LayerRule
+    tracked: dict[str, nn.Parameter]   # names relative to the module
+    forward_calls: int = 0              # captured forward calls since the last backward ended
+    ready: list = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Call:
+    owner: _Owner
+    ctx: object
+    batch_size: int
+    grads: list
+    pending: int
+
+
+@dataclass
+class _Backward:
+    """Accumulators of the backward pass in progress."""
+
+    per_layer: dict = field(default_factory=dict)
+    batch_grad_sq: torch.Tensor | None = None
+    batch_size: int | None = None
+    incomplete: list = field(default_factory=list)
+    params_with_grad: dict = field(default_factory=dict)  # param full name -> owner
+    contributed: set = field(default_factory=set)
+    plans: dict = field(default_factory=dict)
+
+
+def _check_reduction(loss_reduction) -> None:
+    if isinstance(loss_reduction, str):
+        if loss_reduction in ("sum", "mean"):
+            return
+    elif isinstance(loss_reduction, (int, float)) and not isinstance(loss_reduction, bool):
+        if math.isfinite(loss_reduction) and loss_reduction > 0:
+            return
+    raise ValueError(f"loss_reduction={loss_reduction!r} is not supported: pass 'sum' (L = sum_i l_i), "
+                     "'mean' (L = mean_i l_i) or a positive finite float c for L = c * sum_i l_i")
+
+
+class GradNormTracker:
+    """Attach to a model; after ``loss.backward()``, ``collect()`` gives per-sample grad norms.
+
+    Args:
+        model: the module to track. Every trainable parameter is covered: layers with a rule
+            (Linear, Conv1d/2d/3d, Embedding, LayerNorm, GroupNorm, RMSNorm, BatchNorm) use it;
+            any other module that owns trainable parameters takes the exact generic route.
+            Frozen parameters (``requires_grad=False``) are skipped.
+        loss_reduction: how the loss was reduced over the batch: ``"sum"`` (c = 1), ``"mean"``
+            (c = 1/B) or a positive float c, for ``L = c * sum_i l_i``. Reported numbers are
+            about the unscaled ``l_i`` (see the module docstring).
+        enabled: start with tracking on (default) or off.
+
+    Tracking off (``tracker.enabled = False``) removes every hook, so it costs nothing; on again
+    re-attaches them. ``close()`` (or leaving a ``with`` block) removes hooks and stored tensors
+    for good. A parameter shared by two modules (tied weights) is refused at construction with
+    an error that names both, since its per-sample gradient mixes the two modules' parts.
+    """
+
+    def __init__(self, model: nn.Module, loss_reduction: str | float = "mean", *, enabled: bool = True):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"GradNormTracker needs an nn.Module, got {type(model).__name__}")
+        _check_reduction(loss_reduction)
+        self.model = model
+        self.loss_reduction = loss_reduction
+        self._owners = _assign_owners(model)
+        self._handles: list = []
+        self._backward: _Backward | None = None
+        self._last: GradNormStats | None = None
+        self._last_plans: dict[str, RoutePlan] = {}
+        self._error: Exception | None = None
+        self._closed = False
+        self._enabled = False
+        self.enabled = enabled
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def enabled(self) -> bool:
+        """Whether hooks are attached. Setting False detaches them (zero cost), True re-attaches."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        if self._closed and value:
+            raise RuntimeError("this GradNormTracker was closed; create a new one to track again")
+        value = bool(value)
+        if value and not self._enabled:
+            self._attach()
+        elif not value and self._enabled:
+            self._detach()
+        self._enabled = value
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The tracked (trainable) parameters, in a fixed order."""
+        for owner in self._owners:
+            yield from owner.tracked.values()
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(full name, parameter)`` of the tracked parameters, in a fixed order."""
+        for owner in self._owners:
+            for name, p in owner.tracked.items():
+                yield _join(owner.name, name), p
+
+    def collect(self) -> GradNormStats:
+        """The statistics of the most recent backward pass (see ``GradNormStats``).
+
+        Raises if no backward ran with tracking on, or if a parameter received a gradient that
+        no module accounted for (e.g. a parameter a parent module used directly).
+        """
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+        if self._last is None:
+            raise RuntimeError("collect() was called before any backward pass with tracking on: run the "
+                               "forward and loss.backward() first (and check tracker.enabled is True)")
+        return self._last
+
+    def plan(self) -> list[RoutePlan]:
+        """Per module, the route chosen in the last backward and its estimated cost.
+
+        Each entry is a ``RoutePlan`` with ``module`` set; ``print(tracker.format_plan())`` shows a table.
+        """
+        if not self._last_plans:
+            raise RuntimeError("plan() needs one tracked forward and backward first: routes depend on shapes")
+        rows = []
+        for name, plan in self._last_plans.items():
+            plan.module = name
+            rows.append(plan)
+        return rows
+
+    def format_plan(self) -> str:
+        """``plan()`` as a text table: module, type, route, shape, MFLOP, extra MiB."""
+        lines = [f"{'module':<28} {'route':<20} {'MFLOP':>10} {'extra MiB':>10}  shape"]
+        for plan in self.plan():
+            lines.append(f"{plan.module:<28} {plan.route:<20} {plan.flops / 1e6:>10.2f} "
+                         f"{plan.extra_bytes / 2**20:>10.2f}  {plan.shape}")
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        """Remove every hook and stored tensor; the model behaves exactly as before."""
+        self._detach()
+        self._enabled = False
+        self._closed = True
+        self._backward = None
+        self._last = None
+        self._last_plans = {}
+        for owner in self._owners:
+            owner.ready.clear()
+            owner.forward_calls = 0
+
+    def __enter__(self) -> "GradNormTracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):  # a forgotten tracker must not leave hooks on a model that outlives it
+        try:
+            self._detach()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    # ------------------------------------------------------------------ hooks
+    def _attach(self) -> None:
+        for owner in self._owners:
+            self._handles.append(owner.module.register_forward_hook(
+                partial(self._on_forward, owner), with_kwargs=True))
+            for name, p in owner.tracked.items():
+                self._handles.append(p.register_hook(partial(self._on_param_grad, owner, _join(owner.name, name))))
+
+    def _detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _on_forward(self, owner: _Owner, module, args, kwargs, output):
+        if capture_suspended() or not torch.is_grad_enabled() or _inside_functorch():
+            return None
+        leaves = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not leaves:  # e.g. frozen layer on a no-grad input: nothing will flow back
+            return None
+        ctx = owner.rule.capture(module, args, kwargs, output)
+        batch_size = owner.rule.batch_size(module, ctx)
+        if batch_size == 0:
+            raise ValueError(f"module '{owner.name}' ({type(module).__name__}) got an empty batch (0 samples); "
+                             "skip empty batches before the forward pass")
+        call = _Call(owner, ctx, batch_size, [None] * len(leaves), len(leaves))
+        owner.forward_calls += 1
+        for i, t in enumerate(leaves):
+            t.register_hook(partial(self._on_output_grad, call, i))
+        return None
+
+    def _current_backward(self) -> _Backward:
+        if self._backward is None:
+            self._backward = _Backward()
+            # Runs once the engine finishes this backward: the place to close the record.
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+        return self._backward
+
+    def _on_output_grad(self, call: _Call, index: int, grad: torch.Tensor):
+        if not self._enabled:
+            return None
+        step = self._current_backward()
+        call.grads[index] = grad.detach()
+        call.pending -= 1
+        owner = call.owner
+        if call.pending > 0:
+            if call.pending == len(call.grads) - 1:
+                step.incomplete.append(call)
+            return None
+        if call in step.incomplete:
+            step.incomplete.remove(call)
+        if owner.forward_calls <= 1 and not owner.ready:
+            self._account(step, owner, [call])
+        else:
+            # A module called several times: its per-sample gradient is the sum over calls,
+            # so the calls are combined before squaring (never add squared norms of parts).
+            owner.ready.append(call)
+            if len(owner.ready) >= owner.forward_calls:
+                self._account(step, owner, owner.ready)
+                owner.ready = []
+        return None
+
+    def _on_param_grad(self, owner: _Owner, name: str, grad: torch.Tensor):
+        if not self._enabled:
+            return None
+        step = self._current_backward()
+        if grad.is_sparse:
+            grad = grad.coalesce().values()
+        sq = grad.detach().float().square().sum()
+        step.batch_grad_sq = sq if step.batch_grad_sq is None else step.batch_grad_sq + sq
+        step.params_with_grad[name] = owner
+        return None
+
+    def _account(self, step: _Backward, owner: _Owner, calls: list[_Call]) -> None:
+        for call in calls:
+            if step.batch_size is None:
+                step.batch_size = call.batch_size
+            elif call.batch_size != step.batch_size:
+                raise ValueError(
+                    f"module '{owner.name}' ({type(owner.module).__name__}) saw a batch of {call.batch_size} samples "
+                    f"but other layers in this backward saw {step.batch_size}; per-sample gradients need one "
+                    "sample dimension shared by every tracked layer (dim 0, or dim 1 for batch_first=False "
+                    "modules). Reshape so samples stay in the batch dimension, or freeze that module")
+        sq = owner.rule.norms(owner.module, [(c.ctx, c.grads) for c in calls], owner.tracked)
+        prev = step.per_layer.get(owner.name)
+        step.per_layer[owner.name] = sq if prev is None else prev + sq
+        step.contributed.add(id(owner))
+        if owner.name not in step.plans:
+            first = calls[0]
+            grad = next((g for g in first.grads if g is not None), None)
+            step.plans[owner.name] = owner.rule.plan(owner.module, first.ctx, grad, owner.tracked)
+
+    def _finish_backward(self) -> None:
+        step, self._backward = self._backward, None
+        if step is None:
+            return
+        try:
+            pending: dict[int, tuple[_Owner, list]] = {}
+            for call in step.incomplete:
+                pending.setdefault(id(call.owner), (call.owner, []))[1].append(call)
+            for owner in self._owners:
+                if owner.ready:
+                    pending.setdefault(id(owner), (owner, []))[1].extend(owner.ready)
+                    owner.ready = []
+            for owner, calls in pending.values():
+                self._account(step, owner, calls)
+            missing = [name for name, owner in step.params_with_grad.items() if id(owner) not in step.contributed]
+            if missing:
+                owner = step.params_with_grad[missing[0]]
+                raise RuntimeError(
+                    f"parameter '{missing[0]}' received a gradient but its module '{owner.name}' "
+                    f"({type(owner.module).__name__}) was not called through its forward in this backward (a parent "
+                    "module used the parameter directly?), so its per-sample gradients are unknown. Wrap the "
+                    "computation in a module that owns the parameter, or freeze it")
+            self._last = self._close_record(step)
+            self._last_plans = step.plans
+        except Exception as err:  # noqa: BLE001 - re-raised at collect(), where the user looks
+            self._error = err
+        finally:
+            for owner in self._owners:
+                owner.forward_calls = 0
+
+    def _close_record(self, step: _Backward) -> GradNormStats:
+        B = step.batch_size
+        if B is None:
+            raise RuntimeError("the last backward reached no tracked layer through its outputs (is the loss "
+                               "computed from the model's output, outside torch.no_grad()?)")
+        c = 1.0 / B if self.loss_reduction == "mean" else (1.0 if self.loss_reduction == "sum"
+                                                            else float(self.loss_reduction))
+        inv_c2 = 1.0 / (c * c)
+        per_layer = {name: v * inv_c2 for name, v in step.per_layer.items()}
+        per_sample = torch.stack(list(per_layer.values())).sum(dim=0)
+        batch_sq = step.batch_grad_sq if step.batch_grad_sq is not None else per_sample.new_zeros(())
+        return GradNormStats(per_sample, batch_sq * inv_c2, per_layer, B, c)
+
+
+def _inside_functorch() -> bool:
+    # Under torch.func transforms (e.g. a user's own vmap(grad)) the tensors are wrapped
+    # per-sample already; capturing them would double count and break the batch dimension.
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _assign_owners(model: nn.Module) -> list[_Owner]:
+    """Decide which rule accounts for each trainable parameter; refuse tied parameters."""
+    owners: list[_Owner] = []
+    visited: set[int] = set()
+
+    def visit(module: nn.Module, name: str) -> None:
+        if id(module) in visited:  # the same module under two names: its calls are combined
+            return
+        visited.add(id(module))
+        rule = rule_for(module)
+        if rule is not None:
+            own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+            if own:
+                owners.append(_Owner(name, module, rule, own))
+        elif any(p.requires_grad for p in module.parameters(recurse=False)):
+            subtree = {n: p for n, p in module.named_parameters() if p.requires_grad}
+            owners.append(_Owner(name, module, GENERIC, subtree))
+            visited.update(id(m) for m in module.modules())
+            return
+        for child_name, child in module.named_children():
+            visit(child, _join(name, child_name))
+
+    visit(model, "")
+    seen: dict[int, str] = {}
+    for owner in owners:
+        for pname, p in owner.tracked.items():
+            full = _join(owner.name, pname)
+            if id(p) in seen:
+                raise ValueError(
+                    f"parameter '{full}' is the same tensor as '{seen[id(p)]}' (tied weights across modules); its "
+                    "per-sample gradient mixes both modules' parts, which divebatch cannot combine exactly. Untie "
+                    "the weights, freeze them (requires_grad=False), or track a wrapper module that owns both uses")
+            seen[id(p)] = full
+    return owners

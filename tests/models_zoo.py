@@ -1,0 +1,142 @@
+"""A zoo of small models, one or more per layer family, with inputs and regression targets.
+
+Each entry builds ``(model, inputs, targets)``; the per-sample loss is ``0.5 * ||out_i - y_i||^2``
+(``sample_loss``), so the exact per-sample gradients come from ``tests.oracle``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def sample_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Summed squared error: the loss of the samples in ``out`` (no reduction over the batch)."""
+    return 0.5 * (out.float() - y.float()).square().sum()
+
+
+class SelfAttention(nn.Module):
+    """nn.MultiheadAttention as self-attention, batch_first or not (the generic route)."""
+
+    def __init__(self, dim, heads, batch_first):
+        super().__init__()
+        self.batch_first = batch_first
+        self.mha = nn.MultiheadAttention(dim, heads, batch_first=batch_first)
+
+    def forward(self, x):  # x: [B, T, E] always; transposed for the seq-first module
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        out = self.mha(x, x, x, need_weights=False)[0]
+        return out if self.batch_first else out.transpose(0, 1)
+
+
+class GatedScale(nn.Module):
+    """A user's custom module: a raw parameter around a child Linear (the generic route)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.gain = nn.Parameter(torch.randn(dim))
+        self.inner = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return torch.tanh(self.inner(x * self.gain)) * self.gain
+
+
+class ReusedLinear(nn.Module):
+    """The same Linear applied twice: per-sample gradients of the two calls must be summed."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.lin = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 2)
+
+    def forward(self, x):
+        return self.head(self.lin(torch.relu(self.lin(x))))
+
+
+def _regression(model, x):
+    with torch.no_grad():
+        y = torch.randn_like(model(x).float())
+    return model, x, y
+
+
+def linear_2d():
+    return _regression(nn.Sequential(nn.Linear(7, 9), nn.ReLU(inplace=True), nn.Linear(9, 3)), torch.randn(5, 7))
+
+
+def linear_3d():
+    return _regression(nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 4)), torch.randn(4, 11, 6))
+
+
+def linear_4d():
+    return _regression(nn.Sequential(nn.Linear(5, 6, bias=False), nn.Tanh(), nn.Linear(6, 3)), torch.randn(3, 4, 5, 5))
+
+
+def conv1d():
+    model = nn.Sequential(nn.Conv1d(3, 4, 3, stride=2, padding=1), nn.ReLU(inplace=True),
+                          nn.Conv1d(4, 4, 2, padding="same", dilation=2, groups=2, padding_mode="circular"))
+    return _regression(model, torch.randn(4, 3, 13))
+
+
+def conv2d():
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding="valid"), nn.ReLU(inplace=True),
+                          nn.Conv2d(6, 6, 3, padding=2, dilation=2, groups=6, padding_mode="reflect"),
+                          nn.Conv2d(6, 4, (2, 3), stride=(2, 1), padding=(1, 0), padding_mode="replicate"))
+    return _regression(model, torch.randn(3, 2, 9, 8))
+
+
+def conv3d():
+    model = nn.Sequential(nn.Conv3d(2, 4, 2, stride=(1, 2, 1), padding=1, groups=2), nn.ReLU(),
+                          nn.Conv3d(4, 3, 3, padding="same", bias=False))
+    return _regression(model, torch.randn(2, 2, 5, 6, 4))
+
+
+def embedding():
+    model = nn.Sequential(nn.Embedding(7, 5, padding_idx=2), nn.Linear(5, 3))
+    x = torch.randint(0, 7, (4, 9))
+    x[0, :3] = 2  # padding rows get no gradient
+    return _regression(model, x)
+
+
+def embedding_no_pad():
+    return _regression(nn.Sequential(nn.Embedding(5, 4), nn.Flatten(), nn.Linear(12, 2)), torch.randint(0, 5, (6, 3)))
+
+
+def norms():
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 8), nn.RMSNorm(8), nn.Linear(8, 3))
+    return _regression(model, torch.randn(4, 5, 6))
+
+
+def conv_norms_eval():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.GroupNorm(2, 4), nn.Flatten(),
+                          nn.Linear(4 * 5 * 5, 2))
+    model[1].running_mean.uniform_(-0.5, 0.5)
+    model[1].running_var.uniform_(0.5, 2.0)
+    model.eval()  # BatchNorm with running statistics: a per-sample map, so the oracle is exact
+    return _regression(model, torch.randn(3, 3, 7, 7))
+
+
+def batchnorm1d_eval():
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2)).eval()
+    return _regression(model, torch.randn(5, 4))
+
+
+def attention_batch_first():
+    return _regression(nn.Sequential(SelfAttention(8, 2, True), nn.Linear(8, 2)), torch.randn(3, 5, 8))
+
+
+def attention_seq_first():
+    return _regression(nn.Sequential(SelfAttention(8, 2, False), nn.Linear(8, 2)), torch.randn(3, 5, 8))
+
+
+def custom_module():
+    return _regression(nn.Sequential(nn.Linear(4, 6), GatedScale(6), nn.Linear(6, 2)), torch.randn(5, 4))
+
+
+def reused_module():
+    return _regression(ReusedLinear(5), torch.randn(4, 3, 5))
+
+
+ZOO = {f.__name__: f for f in [linear_2d, linear_3d, linear_4d, conv1d, conv2d, conv3d, embedding, embedding_no_pad,
+                              norms, conv_norms_eval, batchnorm1d_eval, attention_batch_first, attention_seq_first,
+                              custom_module, reused_module]}

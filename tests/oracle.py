@@ -1,0 +1,51 @@
+"""The exact reference for per-sample norms: torch.func per-sample gradients.
+
+``reference_norms`` returns, for the unscaled per-sample losses ``l_i``, the per-sample
+squared gradient norm per parameter, so tests can sum them per sample, per layer and for the
+batch-gradient norm.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+
+def per_sample_grads(model, loss_fn, inputs, targets, batch_dim=0):
+    """``{param name: [B, *shape]}``: gradients of ``loss_fn(model(x_i), y_i)`` per sample, float64 sums."""
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def one(p, x, y):
+        out = functional_call(model, (p, buffers), (x.unsqueeze(batch_dim),))
+        return loss_fn(out, y.unsqueeze(0))
+
+    return vmap(grad(one), in_dims=(None, batch_dim, 0))(params, inputs, targets)
+
+
+def reference_norms(model, loss_fn, inputs, targets, batch_dim=0):
+    """(per_sample [B], per_param {name: [B]}, batch_grad_sq scalar), float64."""
+    grads = per_sample_grads(model, loss_fn, inputs, targets, batch_dim)
+    per_param = {n: g.double().flatten(1).square().sum(1) for n, g in grads.items()}
+    per_sample = sum(per_param.values())
+    batch = sum(g.double().sum(0).square().sum() for g in grads.values())
+    return per_sample, per_param, batch
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (scale-aware relative error)."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def per_layer_reference(per_param: dict, layer_names) -> dict:
+    """Group per-parameter norms by the tracked module that owns them (longest name prefix)."""
+    out = {}
+    for pname, v in per_param.items():
+        owners = [n for n in layer_names if n == "" or pname.startswith(n + ".")]
+        if not owners:  # a parameter no layer reported must have had no gradient at all
+            assert not v.any(), f"{pname} has per-sample gradients but no tracked layer reported it"
+            continue
+        owner = max(owners, key=len)
+        out[owner] = out.get(owner, 0) + v
+    return out

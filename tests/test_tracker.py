@@ -1,0 +1,352 @@
+"""GradNormTracker against torch.func per-sample gradients, on every layer family."""
+
+from __future__ import annotations
+
+import copy
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from divebatch import GradNormTracker
+from divebatch.layers import RuleError
+
+from .models_zoo import ZOO, sample_loss
+from .oracle import per_layer_reference, reference_norms, rel_err
+
+RTOL = 1e-4
+REDUCTIONS = ["sum", "mean", 0.37]
+
+
+def scaled_loss(out, y, reduction):
+    total = sample_loss(out, y)
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / out.shape[0]
+    return total * reduction
+
+
+def tracked_step(model, x, y, reduction="mean"):
+    with GradNormTracker(model, loss_reduction=reduction) as tracker:
+        scaled_loss(model(x), y, reduction).backward()
+        stats = tracker.collect()
+    return stats
+
+
+def assert_matches_oracle(model, x, y, stats, rtol=RTOL):
+    per_sample, per_param, batch = reference_norms(model, sample_loss, x, y)
+    assert stats.per_sample.dtype == torch.float32 and stats.per_sample.shape == (x.shape[0],)
+    assert rel_err(stats.per_sample, per_sample) <= rtol
+    assert rel_err(stats.batch_grad_sq, batch) <= rtol
+    expected_layers = per_layer_reference(per_param, stats.per_layer)
+    assert set(stats.per_layer) == set(expected_layers)
+    for name, value in stats.per_layer.items():
+        assert rel_err(value, expected_layers[name]) <= rtol, name
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("case", sorted(ZOO))
+def test_zoo_matches_torch_func(case, reduction):
+    model, x, y = ZOO[case]()
+    stats = tracked_step(model, x, y, reduction)
+    assert_matches_oracle(model, x, y, stats)
+
+
+@pytest.mark.parametrize("case", ["linear_3d", "conv2d", "embedding", "norms", "attention_batch_first"])
+def test_gradient_accumulation_reports_second_backward_only(case):
+    model, x1, y1 = ZOO[case]()
+    _, x2, y2 = ZOO[case]()
+    with torch.no_grad():
+        y2 = y2 + 1.0
+    with GradNormTracker(model, "mean") as tracker:
+        scaled_loss(model(x1), y1, "mean").backward()
+        scaled_loss(model(x2), y2, "mean").backward()
+        stats = tracker.collect()
+    assert_matches_oracle(model, x2, y2, stats)
+
+
+conv_config = st.fixed_dictionaries({
+    "dims": st.sampled_from([1, 2, 3]),
+    "groups": st.sampled_from([1, 2, 4]),
+    "kernel": st.integers(1, 3),
+    "stride": st.integers(1, 2),
+    "dilation": st.integers(1, 2),
+    "padding": st.sampled_from([0, 1, 2, "same", "valid"]),
+    "mode": st.sampled_from(["zeros", "reflect", "replicate", "circular"]),
+    "bias": st.booleans(),
+    "batch": st.integers(1, 3),
+})
+
+
+@settings(max_examples=30, deadline=None)
+@given(conv_config)
+def test_random_convolutions_match_torch_func(cfg):
+    conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[cfg["dims"]]
+    stride = 1 if cfg["padding"] == "same" else cfg["stride"]  # PyTorch refuses strided 'same'
+    size = {1: 9, 2: 7, 3: 5}[cfg["dims"]]
+    conv = conv_cls(4, 4, cfg["kernel"], stride=stride, padding=cfg["padding"], dilation=cfg["dilation"],
+                    groups=cfg["groups"], bias=cfg["bias"], padding_mode=cfg["mode"])
+    x = torch.randn(cfg["batch"], 4, *([size] * cfg["dims"]))
+    with torch.no_grad():
+        y = torch.randn_like(conv(x))
+    stats = tracked_step(conv, x, y, "sum")
+    assert_matches_oracle(conv, x, y, stats)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 40), st.integers(1, 12), st.integers(1, 12), st.booleans())
+def test_random_linear_shapes_match_torch_func(batch, tokens, d_in, d_out, bias):
+    model = nn.Linear(d_in, d_out, bias=bias)
+    x = torch.randn(batch, tokens, d_in)
+    y = torch.randn(batch, tokens, d_out)
+    assert_matches_oracle(model, x, y, tracked_step(model, x, y, "sum"))
+
+
+@pytest.mark.parametrize("route", ["ghost", "instantiate"])
+def test_both_linear_routes_agree_with_oracle(route, monkeypatch):
+    from divebatch.layers import linear
+
+    monkeypatch.setattr(linear, "linear_route",
+                        lambda B, T, d, p, force=None, _r=linear.linear_route: _r(B, T, d, p, force=route))
+    model, x, y = ZOO["linear_3d"]()
+    assert_matches_oracle(model, x, y, tracked_step(model, x, y, "mean"))
+
+
+def test_frozen_layers_and_no_grad_part_and_eval():
+    class Partial(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Linear(4, 6)
+            self.frozen = nn.Linear(6, 6)
+            self.drop = nn.Dropout(0.5)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x):
+            with torch.no_grad():
+                h = self.stem(x)
+            return self.head(self.drop(torch.relu(self.frozen(h))))
+
+    model = Partial().eval()
+    model.frozen.requires_grad_(False)
+    x, y = torch.randn(5, 4), torch.randn(5, 2)
+    stats = tracked_step(model, x, y, "mean")
+    assert set(stats.per_layer) == {"head"}  # stem ran under no_grad, frozen is frozen
+    # torch.func honours the inner no_grad too: stem's per-sample gradients are zero there.
+    assert_matches_oracle(model, x, y, stats)
+
+
+def test_batchnorm_training_mode_is_the_decomposition_of_the_batch_gradient():
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    stats = tracked_step(model, x, y, "sum")
+    # Oracle for the BN share and the layer after it: x_hat from batch statistics, held fixed.
+    with torch.no_grad():
+        x_hat = F.batch_norm(model[0](x), None, None, training=True, eps=model[1].eps)
+    tail = nn.Sequential(copy.deepcopy(model[1]).eval(), nn.ReLU(), copy.deepcopy(model[3]))
+    tail[0].running_mean.zero_()
+    tail[0].running_var.fill_(1.0 - tail[0].eps)  # eval-mode BN on x_hat is then exactly gamma*x_hat+beta
+    per_sample, per_param, _ = reference_norms(tail, sample_loss, x_hat, y)
+    expected = per_layer_reference(per_param, ["0", "2"])
+    assert rel_err(stats.per_layer["1"], expected["0"]) <= RTOL
+    assert rel_err(stats.per_layer["3"], expected["2"]) <= RTOL
+    # The shares of every layer add up to the batch gradient: its norm is exact.
+    model.zero_grad()
+    sample_loss(model(x), y).backward()
+    batch = sum(p.grad.double().square().sum() for p in model.parameters())
+    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float16, 2e-2), (torch.bfloat16, 8e-2)])
+@pytest.mark.parametrize("case", ["linear_3d", "conv2d", "embedding", "norms"])
+def test_low_precision_inputs(case, dtype, rtol):
+    """Low-precision models: float32 results within ``rtol`` of the float64 oracle of the same model.
+
+    The tolerance covers the rounding of the low-precision forward/backward itself (the oracle
+    runs the same dtype), not the accumulation, which is float32.
+    """
+    model, x, y = ZOO[case]()
+    model = model.to(dtype)
+    if x.is_floating_point():
+        x = x.to(dtype)
+    stats = tracked_step(model, x, y, "mean")
+    assert stats.per_sample.dtype == torch.float32
+    assert_matches_oracle(model, x, y, stats, rtol=rtol)
+
+
+def test_autocast_bf16_cpu():
+    model, x, y = ZOO["linear_3d"]()
+    with GradNormTracker(model, "mean") as tracker:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        scaled_loss(out, y, "mean").backward()
+        stats = tracker.collect()
+    assert torch.isfinite(stats.per_sample).all()
+    assert_matches_oracle(model, x, y, stats, rtol=8e-2)
+
+
+# ---------------------------------------------------------------- errors
+def test_tied_weights_are_refused_with_both_names():
+    emb = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight
+    with pytest.raises(ValueError, match=r"'1\.weight'.*'0\.weight'|'0\.weight'.*'1\.weight'"):
+        GradNormTracker(nn.Sequential(emb, head))
+
+
+def test_batch_dimension_disagreement_names_the_module():
+    class Folding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Linear(4, 4)
+            self.second = nn.Linear(2, 1)
+
+        def forward(self, x):
+            return self.second(self.first(x).reshape(-1, 2))
+
+    model = Folding()
+    with GradNormTracker(model, "sum"):
+        with pytest.raises(ValueError, match=r"module '(first|second)'.*batch"):
+            model(torch.randn(3, 4)).sum().backward()
+
+
+def test_empty_batch_is_refused():
+    model = nn.Linear(3, 2)
+    with GradNormTracker(model):
+        with pytest.raises(ValueError, match="empty batch"):
+            model(torch.randn(0, 3))
+
+
+@pytest.mark.parametrize("bad", ["avg", "none", 0, -1.0, float("nan"), float("inf"), True, None])
+def test_bad_loss_reduction(bad):
+    with pytest.raises(ValueError, match="loss_reduction"):
+        GradNormTracker(nn.Linear(2, 2), loss_reduction=bad)
+
+
+def test_collect_before_backward():
+    with GradNormTracker(nn.Linear(2, 2)) as tracker:
+        with pytest.raises(RuntimeError, match="before any backward"):
+            tracker.collect()
+
+
+def test_parameter_used_outside_its_module_is_refused():
+    class Sneaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return F.linear(x, self.lin.weight)  # bypasses self.lin's forward
+
+    model = Sneaky()
+    with GradNormTracker(model) as tracker:
+        model(torch.randn(4, 3)).sum().backward()
+        with pytest.raises(RuntimeError, match=r"'lin\.weight'.*not called through its forward"):
+            tracker.collect()
+
+
+def test_dropout_in_a_generic_module_is_refused():
+    model = nn.Sequential(nn.MultiheadAttention(4, 2, dropout=0.5, batch_first=True))
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = model[0]
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=True)[0]
+
+    wrapped = Wrap().train()
+    with GradNormTracker(wrapped) as tracker:
+        with pytest.raises(RuleError, match="random"):
+            # The unused attention weights leave the call incomplete until the backward ends,
+            # so the error surfaces at collect().
+            wrapped(torch.randn(2, 3, 4)).sum().backward()
+            tracker.collect()
+
+
+def test_scale_grad_by_freq_embedding_is_refused():
+    model = nn.Embedding(5, 3, scale_grad_by_freq=True)
+    with GradNormTracker(model):
+        with pytest.raises(ValueError, match="scale_grad_by_freq"):
+            model(torch.randint(0, 5, (2, 3)))
+
+
+# ---------------------------------------------------------------- lifecycle
+def _hook_count(model):
+    count = 0
+    for module in model.modules():
+        count += len(module._forward_hooks) + len(module._forward_pre_hooks) + len(module._backward_hooks)
+    for p in model.parameters():
+        count += len(p._backward_hooks or {})
+    return count
+
+
+def test_close_removes_every_hook_and_model_behaves_as_before():
+    model, x, y = ZOO["conv_norms_eval"]()
+    before = _hook_count(model)
+    reference = model(x)
+    tracker = GradNormTracker(model)
+    assert _hook_count(model) > before
+    sample_loss(model(x), y).backward()
+    tracker.close()
+    assert _hook_count(model) == before
+    assert torch.equal(model(x), reference)
+    with pytest.raises(RuntimeError, match="closed"):
+        tracker.enabled = True
+
+
+def test_disabled_tracker_attaches_nothing_and_reenables():
+    model, x, y = ZOO["linear_2d"]()
+    before = _hook_count(model)
+    tracker = GradNormTracker(model, "mean", enabled=False)
+    assert _hook_count(model) == before
+    scaled_loss(model(x), y, "mean").backward()
+    with pytest.raises(RuntimeError):
+        tracker.collect()
+    tracker.enabled = True
+    model.zero_grad()
+    scaled_loss(model(x), y, "mean").backward()
+    assert_matches_oracle(model, x, y, tracker.collect())
+    tracker.close()
+
+
+def _live_tensors():
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if torch.is_tensor(o))
+
+
+def test_two_hundred_steps_do_not_grow_memory():
+    model, x, y = ZOO["norms"]()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with GradNormTracker(model, "mean") as tracker:
+        def step():
+            opt.zero_grad()
+            scaled_loss(model(x), y, "mean").backward()
+            opt.step()
+            return tracker.collect()
+
+        for _ in range(5):
+            step()
+        baseline = _live_tensors()
+        for _ in range(200):
+            stats = step()
+        assert torch.isfinite(stats.per_sample).all()
+        assert _live_tensors() <= baseline + 5
+
+
+def test_plan_lists_every_layer_with_a_route():
+    model, x, y = ZOO["norms"]()
+    with GradNormTracker(model) as tracker:
+        with pytest.raises(RuntimeError, match="plan"):
+            tracker.plan()
+        scaled_loss(model(x), y, "mean").backward()
+        plans = {p.module: p for p in tracker.plan()}
+        assert set(plans) == {"0", "1", "2", "3", "4"}
+        assert plans["0"].route in {"ghost", "instantiate"}
+        assert plans["1"].route == "instantiate"
+        assert "route" in tracker.format_plan()
