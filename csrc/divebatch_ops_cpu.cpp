@@ -1,0 +1,508 @@
+// CPU kernels of the divebatch::* operators (see divebatch_ops.h for the formulas and shapes).
+//
+// Parallelism: at::parallel_for over independent work items: a few samples (several per item
+// when T is small, so one batched GEMM call amortises ATen's per-call overhead), or one sample
+// x tile pair / row block when the batch is too small to keep every thread busy. It is only
+// parallel when this file is compiled and linked with -fopenmp. GEMMs go through at::bmm_out
+// into per-thread scratch: inside a parallel region ATen's BLAS runs single-threaded, which is
+// what we want, and it beats hand-written loops at every size that matters. Low-precision
+// inputs are converted to float32 one work item at a time, never as a whole tensor.
+#include "divebatch_ops.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+#include <c10/util/accumulate.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <utility>
+#include <vector>
+
+namespace divebatch {
+namespace {
+
+// Edge of a T x T Gram tile: 256^2 floats = 256 KiB per Gram, two of them fit in L2. Smaller
+// tiles are used only when the batch alone gives too few work items for the threads.
+constexpr int64_t kGhostTile = 256;
+constexpr int64_t kMinGhostTile = 64;
+// Rows of p per work item when instantiate_norm splits samples because B < threads.
+constexpr int64_t kMinRowBlock = 64;
+// Multiply-adds per work item below which the samples of a work item are batched into one
+// GEMM call (ATen's per-call cost is a few microseconds), and the float budget of the
+// per-thread scratch such a batched call writes into.
+constexpr int64_t kItemWork = int64_t{1} << 21;
+constexpr int64_t kItemScratch = int64_t{1} << 20;
+// Elements of work per parallel chunk below which threading costs more than it saves.
+constexpr int64_t kGrainElems = 32768;
+
+int64_t ceil_div(int64_t x, int64_t y) { return (x + y - 1) / y; }
+
+int64_t grain_for(int64_t elems_per_item) {
+  return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, elems_per_item));
+}
+
+// ------------------------------------------------------------------ input checks
+// Every message starts with the operator and names the offending argument.
+
+void check_cpu(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "divebatch::", op, ": ", name,
+              " must be a CPU tensor for the CPU kernel, got device ", t.device());
+}
+
+void check_same_device(const at::Tensor& ref, const at::Tensor& t, const char* op, const char* ref_name,
+                       const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), "divebatch::", op, ": ", name, " must be on the same device as ",
+              ref_name, " (", ref.device(), "), got ", t.device());
+}
+
+void check_float(const at::Tensor& t, const char* op, const char* name) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, "divebatch::", op,
+              ": ", name, " must be a floating-point tensor (float32, float16, bfloat16 or float64), got dtype ", st);
+}
+
+void check_dim(const at::Tensor& t, int64_t ndim, const char* op, const char* name, const char* layout) {
+  TORCH_CHECK(t.dim() == ndim, "divebatch::", op, ": ", name, " must be ", ndim, "-D ", layout, ", got ", t.dim(),
+              "-D shape ", t.sizes());
+}
+
+void check_size_match(const at::Tensor& ref, const at::Tensor& t, int64_t dim, const char* op, const char* ref_name,
+                      const char* name, const char* what) {
+  TORCH_CHECK(t.size(dim) == ref.size(dim), "divebatch::", op, ": ", name, " must have the same ", what, " (dim ",
+              dim, ") as ", ref_name, ", got ", name, ".size(", dim, ") = ", t.size(dim), " and ", ref_name,
+              ".size(", dim, ") = ", ref.size(dim));
+}
+
+// The checks shared by the ops taking a layer input a and an output gradient g.
+void check_a_g(const at::Tensor& a, const at::Tensor& g, int64_t ndim, const char* op) {
+  const char* a_layout = ndim == 3 ? "[B, T, d]" : "[B, d]";
+  const char* g_layout = ndim == 3 ? "[B, T, p]" : "[B, p]";
+  check_cpu(a, op, "a");
+  check_same_device(a, g, op, "a", "g");
+  check_float(a, op, "a");
+  check_float(g, op, "g");
+  check_dim(a, ndim, op, "a", a_layout);
+  check_dim(g, ndim, op, "g", g_layout);
+  check_size_match(a, g, 0, op, "a", "g", "batch size B");
+  if (ndim == 3) {
+    check_size_match(a, g, 1, op, "a", "g", "number of positions T");
+  }
+}
+
+// ------------------------------------------------------------------ small loops
+// `omp simd reduction` lets the compiler reorder the float sums into vector lanes (it will not
+// otherwise without -ffast-math); the sums stay float32 but become lane-wise, i.e. more accurate.
+
+inline float dot_f32(const float* x, const float* y, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < n; ++k) {
+    s += x[k] * y[k];
+  }
+  return s;
+}
+
+template <typename scalar_t>
+float sum_sq(const scalar_t* x, int64_t n, int64_t stride) {
+  float s = 0.f;
+  if (stride == 1) {
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < n; ++k) {
+      const float v = static_cast<float>(x[k]);
+      s += v * v;
+    }
+  } else {
+    for (int64_t k = 0; k < n; ++k) {
+      const float v = static_cast<float>(x[k * stride]);
+      s += v * v;
+    }
+  }
+  return s;
+}
+
+template <typename scalar_t>
+void add_row(float* acc, const scalar_t* x, int64_t n, int64_t stride) {
+  if (stride == 1) {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) {
+      acc[k] += static_cast<float>(x[k]);
+    }
+  } else {
+    for (int64_t k = 0; k < n; ++k) {
+      acc[k] += static_cast<float>(x[k * stride]);
+    }
+  }
+}
+
+// The two loops that stream whole GEMM outputs are compiled for AVX-512, AVX2 and baseline
+// x86-64 and picked at load time (GCC/Clang function multiversioning): the package is built
+// for baseline x86-64, where `omp simd` alone would only get 4-wide SSE.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__INTEL_COMPILER)
+#define DIVEBATCH_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DIVEBATCH_MULTIVERSION
+#endif
+
+// <X, Y> for two contiguous float32 [rows, cols] matrices: float32 row sums, rows summed in
+// double so the total over a 256 x 256 tile keeps the precision of a single row's sum.
+DIVEBATCH_MULTIVERSION
+double frobenius_dot(const float* x, const float* y, int64_t rows, int64_t cols) {
+  double total = 0.0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * cols;
+    const float* yr = y + r * cols;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t c = 0; c < cols; ++c) {
+      s += xr[c] * yr[c];
+    }
+    total += s;
+  }
+  return total;
+}
+
+// ||M||^2 of a contiguous float32 [rows, cols] block, while adding it into acc (row stride
+// cols): one pass over each per-sample gradient for both its norm and the batch sum.
+DIVEBATCH_MULTIVERSION
+double accumulate_sq(const float* m, float* acc, int64_t rows, int64_t cols) {
+  double total = 0.0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* mr = m + r * cols;
+    float* ar = acc + r * cols;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t c = 0; c < cols; ++c) {
+      s += mr[c] * mr[c];
+      ar[c] += mr[c];
+    }
+    total += s;
+  }
+  return total;
+}
+
+at::Tensor as_f32(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
+
+// A contiguous view of the given shape on the front of a per-thread scratch buffer, so
+// at::bmm_out writes into it without allocating.
+at::Tensor scratch_view(const at::Tensor& buffer, at::IntArrayRef sizes) {
+  return buffer.narrow(0, 0, c10::multiply_integers(sizes)).view(sizes);
+}
+
+// Samples per work item: enough that one batched GEMM call amortises ATen's per-call overhead
+// (small T), few enough that every thread still gets several items, and a bounded scratch.
+int64_t samples_per_item(int64_t B, int64_t threads, int64_t work_per_sample, int64_t scratch_per_sample) {
+  int64_t n = kItemWork / std::max<int64_t>(1, work_per_sample);
+  n = std::min(n, ceil_div(B, 4 * threads));
+  n = std::min(n, kItemScratch / std::max<int64_t>(1, scratch_per_sample));
+  return std::max<int64_t>(1, n);
+}
+
+// ||sum_t g_b[t]||^2 for g [B, T, p], any strides and floating dtype.
+at::Tensor bias_sq_cpu(const at::Tensor& g) {
+  const int64_t B = g.size(0), T = g.size(1), p = g.size(2);
+  auto out = at::zeros({B}, g.options().dtype(at::kFloat));
+  if (B == 0 || T == 0 || p == 0) {
+    return out;
+  }
+  float* po = out.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "divebatch_bias_sq", [&] {
+    const scalar_t* base = g.const_data_ptr<scalar_t>();
+    const int64_t sb = g.stride(0), st = g.stride(1), sp = g.stride(2);
+    at::parallel_for(0, B, grain_for(T * p), [&](int64_t b0, int64_t b1) {
+      std::vector<float> acc(p);
+      for (int64_t b = b0; b < b1; ++b) {
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t t = 0; t < T; ++t) {
+          add_row(acc.data(), base + b * sb + t * st, p, sp);
+        }
+        po[b] = dot_f32(acc.data(), acc.data(), p);
+      }
+    });
+  });
+  return out;
+}
+
+// ||x_b||^2 for x [B, n], any strides and floating dtype.
+at::Tensor row_sq_cpu(const at::Tensor& x) {
+  const int64_t B = x.size(0), n = x.size(1);
+  auto out = at::zeros({B}, x.options().dtype(at::kFloat));
+  if (B == 0 || n == 0) {
+    return out;
+  }
+  float* po = out.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "divebatch_row_sq", [&] {
+    const scalar_t* base = x.const_data_ptr<scalar_t>();
+    const int64_t sb = x.stride(0), sn = x.stride(1);
+    at::parallel_for(0, B, grain_for(n), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        po[b] = sum_sq(base + b * sb, n, sn);
+      }
+    });
+  });
+  return out;
+}
+
+// Rows [i0, i0 + ti) x columns [j0, j0 + tj) of a T x T Gram.
+struct TilePair {
+  int64_t i0, ti, j0, tj;
+};
+
+at::Tensor zeros_b(const at::Tensor& like, int64_t B) { return at::zeros({B}, like.options().dtype(at::kFloat)); }
+
+}  // namespace
+
+// ------------------------------------------------------------------ ghost_norm
+
+std::tuple<at::Tensor, at::Tensor> ghost_norm_cpu(const at::Tensor& a_in, const at::Tensor& g_in, bool with_bias) {
+  check_a_g(a_in, g_in, 3, "ghost_norm");
+  // Detached views: worker threads do not inherit the dispatcher's below-autograd state, and
+  // the tile GEMMs must not record a graph if the caller's tensors require grad.
+  const at::Tensor a = a_in.detach(), g = g_in.detach();
+  const int64_t B = a.size(0), T = a.size(1), d = a.size(2), p = g.size(2);
+  auto weight_sq = zeros_b(a, B);
+  auto bias_sq = with_bias ? bias_sq_cpu(g) : zeros_b(a, B);
+  if (B == 0 || T == 0) {
+    return {weight_sq, bias_sq};
+  }
+
+  // Tile pairs (i <= j) of the T x T Grams, largest first so the dynamic schedule below ends
+  // on small items. Shrink the tile while one pair would exceed a thread's share of the work
+  // (small batches): smaller GEMMs run slower, but idle threads cost more.
+  const int64_t threads = at::get_num_threads();
+  auto make_pairs = [T](int64_t tile) {
+    std::vector<TilePair> pairs;
+    for (int64_t i0 = 0; i0 < T; i0 += tile) {
+      for (int64_t j0 = i0; j0 < T; j0 += tile) {
+        pairs.push_back({i0, std::min(tile, T - i0), j0, std::min(tile, T - j0)});
+      }
+    }
+    std::stable_sort(pairs.begin(), pairs.end(),
+                     [](const TilePair& x, const TilePair& y) { return x.ti * x.tj > y.ti * y.tj; });
+    return pairs;
+  };
+  int64_t tile = kGhostTile;
+  std::vector<TilePair> pairs = make_pairs(tile);
+  auto pair_area = [](const std::vector<TilePair>& ps) {
+    int64_t area = 0;
+    for (const auto& q : ps) {
+      area += q.ti * q.tj;
+    }
+    return area;
+  };
+  while (tile > kMinGhostTile && T > tile / 2 && pairs[0].ti * pairs[0].tj * threads > B * pair_area(pairs)) {
+    tile /= 2;
+    pairs = make_pairs(tile);
+  }
+  const int64_t npairs = static_cast<int64_t>(pairs.size());
+  const int64_t edge = std::min(tile, T);
+  const int64_t chunk = samples_per_item(B, threads, edge * edge * (d + p), edge * edge);
+  const int64_t nchunks = ceil_div(B, chunk);
+  const int64_t nitems = nchunks * npairs;
+  // One slot per (sample, tile pair), reduced in a fixed order: deterministic whatever thread
+  // computes which item, so items can be handed out dynamically (pairs differ in size).
+  std::vector<double> item_sum(B * npairs, 0.0);
+  std::atomic<int64_t> next_item{0};
+
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    const auto f32 = a.options().dtype(at::kFloat);
+    const at::Tensor gram_a_buf = at::empty({chunk * edge * edge}, f32);
+    const at::Tensor gram_g_buf = at::empty({chunk * edge * edge}, f32);
+    for (int64_t item = next_item++; item < nitems; item = next_item++) {
+      // pair-major: all chunks of the largest pair first
+      const int64_t pair = item / nchunks;
+      const int64_t b0 = (item % nchunks) * chunk, nb = std::min(chunk, B - b0);
+      const TilePair& q = pairs[pair];
+      const bool diagonal = q.i0 == q.j0;
+      const at::Tensor ab = a.narrow(0, b0, nb), gb = g.narrow(0, b0, nb);
+      const at::Tensor ai = as_f32(ab.narrow(1, q.i0, q.ti)), gi = as_f32(gb.narrow(1, q.i0, q.ti));
+      const at::Tensor aj = diagonal ? ai : as_f32(ab.narrow(1, q.j0, q.tj));
+      const at::Tensor gj = diagonal ? gi : as_f32(gb.narrow(1, q.j0, q.tj));
+      at::Tensor gram_a = scratch_view(gram_a_buf, {nb, q.ti, q.tj});
+      at::Tensor gram_g = scratch_view(gram_g_buf, {nb, q.ti, q.tj});
+      at::bmm_out(gram_a, ai, aj.transpose(1, 2));
+      at::bmm_out(gram_g, gi, gj.transpose(1, 2));
+      const float* pa = gram_a.const_data_ptr<float>();
+      const float* pg = gram_g.const_data_ptr<float>();
+      const int64_t area = q.ti * q.tj;
+      for (int64_t s = 0; s < nb; ++s) {
+        // An off-diagonal pair stands for itself and its transpose.
+        item_sum[(b0 + s) * npairs + pair] =
+            (diagonal ? 1.0 : 2.0) * frobenius_dot(pa + s * area, pg + s * area, q.ti, q.tj);
+      }
+    }
+  });
+
+  float* pw = weight_sq.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    double sum = 0.0;
+    for (int64_t k = 0; k < npairs; ++k) {
+      sum += item_sum[b * npairs + k];
+    }
+    pw[b] = static_cast<float>(sum);
+  }
+  return {weight_sq, bias_sq};
+}
+
+// ------------------------------------------------------------------ instantiate_norm
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> instantiate_norm_cpu(const at::Tensor& a_in, const at::Tensor& g_in,
+                                                                    bool with_bias) {
+  check_a_g(a_in, g_in, 3, "instantiate_norm");
+  const at::Tensor a = a_in.detach(), g = g_in.detach();  // see ghost_norm_cpu
+  const int64_t B = a.size(0), T = a.size(1), d = a.size(2), p = g.size(2);
+  const auto f32 = a.options().dtype(at::kFloat);
+  auto weight_sq = zeros_b(a, B);
+  auto bias_sq = with_bias ? bias_sq_cpu(g) : zeros_b(a, B);
+  auto grad_sum = at::zeros({p, d}, f32);
+  if (B == 0 || p == 0 || d == 0) {
+    return {weight_sq, bias_sq, grad_sum};
+  }
+
+  // Split each sample's p rows into blocks only when the batch alone leaves threads idle.
+  const int64_t threads = at::get_num_threads();
+  int64_t nblocks = 1;
+  if (B < 2 * threads) {
+    nblocks = std::max<int64_t>(1, std::min(ceil_div(2 * threads, B), p / kMinRowBlock));
+  }
+  const int64_t rows_per_block = ceil_div(p, nblocks);
+  nblocks = ceil_div(p, rows_per_block);
+  const int64_t chunk = nblocks > 1 ? 1 : samples_per_item(B, threads, T * p * d, p * d);
+  const int64_t nitems = ceil_div(B, chunk) * nblocks;
+  std::vector<double> sample_block_sq(B * nblocks, 0.0);
+  // Per-thread partial sums of g_b^T a_b; thread 0 accumulates straight into the output. Each
+  // thread gets one static chunk of items, so the summation order is fixed for a thread count.
+  std::vector<at::Tensor> partial(std::max<int64_t>(threads, 1));
+  partial[0] = grad_sum;
+
+  at::parallel_for(0, nitems, 1, [&](int64_t begin, int64_t end) {
+    const int tid = at::get_thread_num();
+    if (!partial[tid].defined()) {
+      partial[tid] = at::zeros({p, d}, f32);
+    }
+    float* acc = partial[tid].data_ptr<float>();
+    const at::Tensor m_buf = at::empty({chunk * rows_per_block * d}, f32);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b0 = (item / nblocks) * chunk, nb = std::min(chunk, B - b0);
+      const int64_t block = item % nblocks, r0 = block * rows_per_block;
+      const int64_t rows = std::min(rows_per_block, p - r0);
+      const at::Tensor ab = as_f32(a.narrow(0, b0, nb));
+      const at::Tensor gb = as_f32(g.narrow(0, b0, nb).narrow(2, r0, rows));
+      at::Tensor m = scratch_view(m_buf, {nb, rows, d});
+      at::bmm_out(m, gb.transpose(1, 2), ab);
+      const float* pm = m.const_data_ptr<float>();
+      for (int64_t s = 0; s < nb; ++s) {
+        const double sq = accumulate_sq(pm + s * rows * d, acc + r0 * d, rows, d);
+        sample_block_sq[(b0 + s) * nblocks + block] = sq;
+      }
+    }
+  });
+
+  for (size_t t = 1; t < partial.size(); ++t) {
+    if (partial[t].defined()) {
+      grad_sum.add_(partial[t]);
+    }
+  }
+  float* pw = weight_sq.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    double sum = 0.0;
+    for (int64_t k = 0; k < nblocks; ++k) {
+      sum += sample_block_sq[b * nblocks + k];
+    }
+    pw[b] = static_cast<float>(sum);
+  }
+  return {weight_sq, bias_sq, grad_sum};
+}
+
+// ------------------------------------------------------------------ outer_norm
+
+std::tuple<at::Tensor, at::Tensor> outer_norm_cpu(const at::Tensor& a, const at::Tensor& g, bool with_bias) {
+  check_a_g(a, g, 2, "outer_norm");
+  at::Tensor g_sq = row_sq_cpu(g);
+  at::Tensor weight_sq = row_sq_cpu(a).mul_(g_sq);
+  if (!with_bias) {
+    g_sq.zero_();
+  }
+  return {weight_sq, g_sq};
+}
+
+// ------------------------------------------------------------------ embedding_norm
+
+at::Tensor embedding_norm_cpu(const at::Tensor& indices_in, const at::Tensor& g, int64_t padding_idx) {
+  constexpr const char* op = "embedding_norm";
+  check_cpu(indices_in, op, "indices");
+  check_same_device(indices_in, g, op, "indices", "g");
+  TORCH_CHECK(indices_in.scalar_type() == at::kLong || indices_in.scalar_type() == at::kInt, "divebatch::", op,
+              ": indices must be an integer tensor (int64 or int32), got dtype ", indices_in.scalar_type());
+  check_float(g, op, "g");
+  check_dim(indices_in, 2, op, "indices", "[B, T]");
+  check_dim(g, 3, op, "g", "[B, T, p]");
+  check_size_match(indices_in, g, 0, op, "indices", "g", "batch size B");
+  check_size_match(indices_in, g, 1, op, "indices", "g", "number of positions T");
+
+  const at::Tensor indices = indices_in.to(at::kLong);  // one index type to instantiate for
+  const int64_t B = g.size(0), T = g.size(1), p = g.size(2);
+  auto out = zeros_b(g, B);
+  if (B == 0 || T == 0 || p == 0) {
+    return out;
+  }
+  float* po = out.data_ptr<float>();
+  const int64_t* pidx = indices.const_data_ptr<int64_t>();
+  const int64_t si_b = indices.stride(0), si_t = indices.stride(1);
+  const bool has_padding = padding_idx >= 0;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "divebatch_embedding_norm", [&] {
+    const scalar_t* base = g.const_data_ptr<scalar_t>();
+    const int64_t sb = g.stride(0), st = g.stride(1), sp = g.stride(2);
+    at::parallel_for(0, B, grain_for(T * p), [&](int64_t b0, int64_t b1) {
+      std::vector<std::pair<int64_t, int64_t>> keyed;  // (index, position)
+      keyed.reserve(T);
+      std::vector<float> acc(p);
+      for (int64_t b = b0; b < b1; ++b) {
+        keyed.clear();
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t u = pidx[b * si_b + t * si_t];
+          if (!has_padding || u != padding_idx) {
+            keyed.emplace_back(u, t);
+          }
+        }
+        // Sorting (index, position) groups equal indices and fixes the summation order.
+        std::sort(keyed.begin(), keyed.end());
+        double total = 0.0;
+        const int64_t n = static_cast<int64_t>(keyed.size());
+        for (int64_t s = 0; s < n;) {
+          int64_t e = s + 1;
+          while (e < n && keyed[e].first == keyed[s].first) {
+            ++e;
+          }
+          if (e == s + 1) {  // an index seen once: its row is the gradient row itself
+            total += sum_sq(base + b * sb + keyed[s].second * st, p, sp);
+          } else {
+            std::fill(acc.begin(), acc.end(), 0.f);
+            for (int64_t k = s; k < e; ++k) {
+              add_row(acc.data(), base + b * sb + keyed[k].second * st, p, sp);
+            }
+            total += dot_f32(acc.data(), acc.data(), p);
+          }
+          s = e;
+        }
+        po[b] = static_cast<float>(total);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace divebatch
+
+// The schemas live in divebatch/ops.py (torch.library); here only the CPU implementations.
+TORCH_LIBRARY_IMPL(divebatch, CPU, m) {
+  m.impl("ghost_norm", &divebatch::ghost_norm_cpu);
+  m.impl("instantiate_norm", &divebatch::instantiate_norm_cpu);
+  m.impl("outer_norm", &divebatch::outer_norm_cpu);
+  m.impl("embedding_norm", &divebatch::embedding_norm_cpu);
+}

@@ -1,0 +1,367 @@
+"""The C++ CPU kernels of the ``divebatch::*`` operators (csrc/).
+
+Each operator, called through the dispatcher on CPU tensors (``torch.ops.divebatch.*``), is
+checked against ``divebatch.reference`` and against a float64 oracle built from explicit
+per-sample gradients, on odd shapes, strided views and low-precision inputs; plus
+``torch.library.opcheck``, ``torch.compile(fullgraph=True)``, input validation and the
+fallback when no extension can be loaded. The C++-only tests (tests/cpp, ctest) are run by
+``tests/cpp/run_ctest.sh``, not from here: they need their own CMake build.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from divebatch import _build, ops, reference
+
+requires_cpp = pytest.mark.skipif(
+    not ops.CPP_AVAILABLE,
+    reason="divebatch C++ extension not loaded (no compiler, or DIVEBATCH_NO_JIT=1); build it with "
+           "`pip install --no-build-isolation -e .`",
+)
+
+D = torch.ops.divebatch
+OPS = ("ghost_norm", "instantiate_norm", "outer_norm", "embedding_norm")
+ROOT = Path(__file__).resolve().parent.parent
+
+# (B, T, d, p): T = 1; B = 1; T odd and crossing the 256-row Gram tile; B = 1 with T crossing
+# the smaller tiles used when the batch alone cannot keep the threads busy; many short samples
+# (several per batched GEMM call); an empty batch.
+SHAPES = [
+    (3, 7, 5, 4),
+    (4, 1, 6, 3),
+    (1, 9, 4, 5),
+    (2, 257, 9, 6),
+    (1, 301, 12, 10),
+    (5, 130, 7, 33),
+    (300, 6, 5, 4),
+    (0, 5, 3, 2),
+]
+LAYOUTS = ("contiguous", "transposed", "sliced", "expanded")
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|."""
+    if expected.numel() == 0:
+        return 0.0
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def make(shape, layout: str, dtype=torch.float32) -> torch.Tensor:
+    """A random [B, T, n] tensor stored in the given memory layout."""
+    B, T, n = shape
+    if layout == "contiguous":
+        x = torch.randn(B, T, n)
+    elif layout == "transposed":  # [B, n, T] storage: the last dim is not the contiguous one
+        x = torch.randn(B, n, T).transpose(1, 2)
+    elif layout == "sliced":  # every other position, inner columns: no dim is dense
+        x = torch.randn(B, 2 * T, n + 3)[:, ::2, 1:n + 1]
+    elif layout == "expanded":  # stride 0 over the batch
+        x = torch.randn(1, T, n).expand(B, T, n)
+    else:
+        raise ValueError(layout)
+    return x.to(dtype)
+
+
+def oracle_linear(a: torch.Tensor, g: torch.Tensor):
+    """float64 (weight_sq [B], bias_sq [B], weight_grad_sum [p, d]) from explicit per-sample grads."""
+    per_sample = torch.bmm(g.double().transpose(1, 2), a.double())  # [B, p, d]
+    return per_sample.square().sum((1, 2)), g.double().sum(1).square().sum(1), per_sample.sum(0)
+
+
+def oracle_embedding(indices: torch.Tensor, g: torch.Tensor, padding_idx: int) -> torch.Tensor:
+    """float64 per-sample squared norm of the embedding gradient, one dense table per sample."""
+    B, T, p = g.shape
+    out = torch.zeros(B, dtype=torch.float64)
+    for b in range(B):
+        idx = indices[b].long()
+        rows = idx - idx.min() if T else idx
+        table = torch.zeros(int(rows.max()) + 1 if T else 0, p, dtype=torch.float64)
+        keep = idx != padding_idx if padding_idx >= 0 else torch.ones_like(idx, dtype=torch.bool)
+        table.index_add_(0, rows[keep], g[b].double()[keep])
+        out[b] = table.square().sum()
+    return out
+
+
+def random_indices(B: int, T: int, vocab: int, dtype=torch.long) -> torch.Tensor:
+    return torch.randint(0, vocab, (B, T), dtype=dtype)
+
+
+@requires_cpp
+def test_cpu_kernels_registered():
+    for name in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"divebatch::{name}", "CPU"), name
+
+
+@requires_cpp
+def test_build_is_parallel():
+    info = _build.extension().build_info()
+    assert "OpenMP" in info and "no OpenMP" not in info, info
+    assert _build.extension().num_threads() == torch.get_num_threads()
+
+
+# ---------------------------------------------------------------- float32 against reference and oracle
+@requires_cpp
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_T{}_d{}_p{}".format(*s))
+def test_ghost_and_instantiate_float32(shape, layout):
+    B, T, d, p = shape
+    a, g = make((B, T, d), layout), make((B, T, p), layout)
+    want_w, want_b, want_sum = oracle_linear(a, g)
+    ref = reference.instantiate_norm(a, g, True)
+
+    w, b = D.ghost_norm(a, g, True)
+    assert w.dtype == b.dtype == torch.float32 and w.shape == b.shape == (B,)
+    assert rel_err(w, want_w) <= 1e-4 and rel_err(b, want_b) <= 1e-4
+    assert rel_err(w, reference.ghost_norm(a, g, True)[0]) <= 1e-4
+
+    wi, bi, s = D.instantiate_norm(a, g, True)
+    assert s.dtype == torch.float32 and s.shape == (p, d)
+    assert rel_err(wi, want_w) <= 1e-4 and rel_err(bi, want_b) <= 1e-4 and rel_err(s, want_sum) <= 1e-4
+    for got, exp in zip((wi, bi, s), ref):
+        assert rel_err(got, exp) <= 1e-4
+
+    # without bias the second output is zeros, the first unchanged
+    w0, b0 = D.ghost_norm(a, g, False)
+    assert torch.equal(b0, torch.zeros(B)) and torch.equal(w0, w)
+    assert torch.equal(D.instantiate_norm(a, g, False)[1], torch.zeros(B))
+
+
+@requires_cpp
+@pytest.mark.parametrize("layout", ("contiguous", "transposed", "sliced"))
+@pytest.mark.parametrize("B,d,p", [(6, 5, 4), (1, 33, 2), (0, 3, 2), (200, 17, 9)])
+def test_outer_norm_float32(B, d, p, layout):
+    a = make((B, 1, d), layout)[:, 0]
+    g = make((B, 1, p), layout)[:, 0]
+    want_w, want_b, _ = oracle_linear(a[:, None], g[:, None])
+    w, b = D.outer_norm(a, g, True)
+    assert w.dtype == torch.float32 and w.shape == (B,)
+    assert rel_err(w, want_w) <= 1e-4 and rel_err(b, want_b) <= 1e-4
+    for got, exp in zip((w, b), reference.outer_norm(a, g, True)):
+        assert rel_err(got, exp) <= 1e-4
+    assert torch.equal(D.outer_norm(a, g, False)[1], torch.zeros(B))
+
+
+@requires_cpp
+@pytest.mark.parametrize("padding_idx", [-1, 0, 3])
+@pytest.mark.parametrize("layout", ("contiguous", "transposed", "sliced"))
+@pytest.mark.parametrize("B,T,p,vocab", [(4, 17, 5, 6), (1, 1, 3, 4), (3, 200, 8, 1000), (2, 64, 7, 2), (0, 4, 3, 2)])
+def test_embedding_norm_float32(B, T, p, vocab, layout, padding_idx):
+    g = make((B, T, p), layout)
+    idx = random_indices(B, T, vocab)
+    if layout == "transposed":  # strided indices too
+        idx = idx.t().contiguous().t()
+    got = D.embedding_norm(idx, g, padding_idx)
+    assert got.dtype == torch.float32 and got.shape == (B,)
+    assert rel_err(got, oracle_embedding(idx, g, padding_idx)) <= 1e-4
+    if B:
+        assert rel_err(got, reference.embedding_norm(idx, g, padding_idx)) <= 1e-4
+
+
+@requires_cpp
+def test_embedding_norm_int32_indices_and_padding_only():
+    g = torch.randn(3, 10, 4)
+    idx = random_indices(3, 10, 5)
+    assert torch.equal(D.embedding_norm(idx.int(), g, 2), D.embedding_norm(idx, g, 2))
+    # a sample made only of padding has no gradient
+    idx[1] = 2
+    assert D.embedding_norm(idx, g, 2)[1].item() == 0.0
+
+
+# ---------------------------------------------------------------- low precision
+def _lowprec_ok(cpp: torch.Tensor, ref_low: torch.Tensor, ref32: torch.Tensor) -> bool:
+    """|cpp - ref_fp32| <= 2 |ref_lowprec - ref_fp32| + atol, elementwise (STYLE §8)."""
+    atol = 1e-4 * ref32.abs().max().clamp_min(1e-30)
+    return bool(((cpp - ref32).abs() <= 2 * (ref_low - ref32).abs() + atol).all())
+
+
+@requires_cpp
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ("contiguous", "transposed"))
+@pytest.mark.parametrize("shape", [(3, 67, 8, 6), (1, 260, 5, 7), (4, 1, 9, 3)], ids=str)
+def test_linear_ops_low_precision(shape, layout, dtype):
+    B, T, d, p = shape
+    a32, g32 = make((B, T, d), layout), make((B, T, p), layout)
+    a, g = a32.to(dtype), g32.to(dtype)
+    for name in ("ghost_norm", "instantiate_norm"):
+        cpp = getattr(D, name)(a, g, True)
+        ref_low = getattr(reference, name)(a, g, True)
+        ref32 = getattr(reference, name)(a32, g32, True)
+        for got, low, full in zip(cpp, ref_low, ref32):
+            assert got.dtype == torch.float32
+            assert _lowprec_ok(got, low, full), name
+            # the kernel upcasts before any arithmetic: on the rounded values it matches fp32
+            assert rel_err(got, low) <= 1e-4, name
+    a1, g1, a1_32, g1_32 = a[:, 0], g[:, 0], a32[:, 0], g32[:, 0]
+    for got, low, full in zip(D.outer_norm(a1, g1, True), reference.outer_norm(a1, g1, True),
+                              reference.outer_norm(a1_32, g1_32, True)):
+        assert _lowprec_ok(got, low, full) and rel_err(got, low) <= 1e-4
+
+
+@requires_cpp
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_embedding_norm_low_precision(dtype):
+    g32 = torch.randn(3, 50, 6)
+    idx = random_indices(3, 50, 7)
+    cpp = D.embedding_norm(idx, g32.to(dtype), 1)
+    assert cpp.dtype == torch.float32
+    assert _lowprec_ok(cpp, reference.embedding_norm(idx, g32.to(dtype), 1), reference.embedding_norm(idx, g32, 1))
+    assert rel_err(cpp, oracle_embedding(idx, g32.to(dtype), 1)) <= 1e-4
+
+
+# ---------------------------------------------------------------- random shapes
+@requires_cpp
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(0, 4), T=st.integers(1, 300), d=st.integers(1, 12), p=st.integers(1, 12),
+       seed=st.integers(0, 2**31 - 1))
+def test_linear_ops_random_shapes(B, T, d, p, seed):
+    gen = torch.Generator().manual_seed(seed)
+    a, g = torch.randn(B, T, d, generator=gen), torch.randn(B, T, p, generator=gen)
+    want_w, want_b, want_sum = oracle_linear(a, g)
+    w, b = D.ghost_norm(a, g, True)
+    wi, bi, s = D.instantiate_norm(a, g, True)
+    if B == 0:
+        assert w.shape == wi.shape == (0,) and not s.any()
+        return
+    # With tiny d, p the squared norm can nearly cancel (d = p = 1: (sum_t a_t g_t)^2 ~ 0), and
+    # no float32 method is then accurate relative to the result, only relative to the sum of
+    # |terms|, bounded by (sum_t ||a_t|| ||g_t||)^2: allow ~16 ulp of that.
+    terms = (a.double().norm(dim=2) * g.double().norm(dim=2)).sum(1).square()
+    for got in (w, wi):
+        assert ((got - want_w).abs() <= 1e-4 * want_w.abs().max() + 1e-6 * terms).all()
+    assert max(rel_err(b, want_b), rel_err(bi, want_b)) <= 1e-4
+    assert ((s - want_sum).abs() <= 1e-4 * want_sum.abs().max() + 1e-6 * terms.sum().sqrt()).all()
+
+
+@requires_cpp
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(0, 4), T=st.integers(1, 80), p=st.integers(1, 9), vocab=st.integers(1, 20),
+       padding_idx=st.integers(-1, 5), seed=st.integers(0, 2**31 - 1))
+def test_embedding_norm_random_shapes(B, T, p, vocab, padding_idx, seed):
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(B, T, p, generator=gen)
+    idx = torch.randint(0, vocab, (B, T), generator=gen)
+    assert rel_err(D.embedding_norm(idx, g, padding_idx), oracle_embedding(idx, g, padding_idx)) <= 1e-4
+
+
+# ---------------------------------------------------------------- threads and determinism
+@requires_cpp
+def test_results_deterministic_and_thread_count_independent():
+    a, g = torch.randn(3, 300, 16), torch.randn(3, 300, 80)  # B < 2 x threads: the split paths
+    first = D.ghost_norm(a, g, True) + D.instantiate_norm(a, g, True)
+    again = D.ghost_norm(a, g, True) + D.instantiate_norm(a, g, True)
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = D.ghost_norm(a, g, True) + D.instantiate_norm(a, g, True)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(rel_err(x, y) <= 1e-5 for x, y in zip(first, serial))
+
+
+@requires_cpp
+def test_inputs_requiring_grad():
+    # The kernels run below autograd, but their worker threads do not inherit that state: they
+    # must work on detached views (no graph, no error) and give the same numbers.
+    a, g = torch.randn(2, 300, 3, requires_grad=True), torch.randn(2, 300, 4, requires_grad=True)
+    want_w, _, want_sum = oracle_linear(a.detach(), g.detach())
+    assert rel_err(D.ghost_norm(a, g, False)[0].detach(), want_w) <= 1e-4
+    wi, _, s = D.instantiate_norm(a, g, False)
+    assert rel_err(wi.detach(), want_w) <= 1e-4 and rel_err(s.detach(), want_sum) <= 1e-4
+    assert a.grad is None and g.grad is None
+
+
+# ---------------------------------------------------------------- dispatcher integration
+def _samples():
+    a, g = torch.randn(3, 7, 5), torch.randn(3, 7, 4)
+    at, gt = torch.randn(2, 4, 9).transpose(1, 2), torch.randn(2, 6, 9).transpose(1, 2)
+    return {
+        "ghost_norm": [(a, g, True), (at, gt.half(), False)],
+        "instantiate_norm": [(a, g, True), (at, gt, False)],
+        "outer_norm": [(a[:, 0], g[:, 0], True), (at[:, 0].bfloat16(), gt[:, 0], False)],
+        "embedding_norm": [(random_indices(3, 7, 4), g, 1), (random_indices(2, 9, 3).int(), gt, -1)],
+    }
+
+
+@requires_cpp
+@pytest.mark.parametrize("name", OPS)
+def test_opcheck(name):
+    for args in _samples()[name]:
+        torch.library.opcheck(getattr(D, name).default, args)
+
+
+@requires_cpp
+def test_torch_compile_fullgraph_matches_eager():
+    def f(a, g, idx):
+        w, b = D.ghost_norm(a, g, True)
+        wi, _, s = D.instantiate_norm(a, g, False)
+        wo, bo = D.outer_norm(a[:, 0], g[:, 0], True)
+        e = D.embedding_norm(idx, g, 0)
+        return w + 2 * b - wi + wo * bo + e, s * 3
+
+    a, g, idx = torch.randn(3, 9, 5), torch.randn(3, 9, 4), random_indices(3, 9, 4)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    for got, want in zip(compiled(a, g, idx), f(a, g, idx)):
+        torch.testing.assert_close(got, want)
+
+
+# ---------------------------------------------------------------- input validation
+BAD_INPUTS = [
+    ("ghost_norm", (torch.randn(4, 5, 3), torch.randn(3, 5, 2), False), r"g must have the same batch size B"),
+    ("ghost_norm", (torch.randn(4, 5, 3), torch.randn(4, 6, 2), False), r"g must have the same number of positions T"),
+    ("ghost_norm", (torch.randn(4, 3), torch.randn(4, 5, 2), True), r"a must be 3-D"),
+    ("ghost_norm", (torch.randn(4, 5, 3), torch.ones(4, 5, 2, dtype=torch.long), True), r"g must be a floating-point"),
+    ("instantiate_norm", (torch.randn(4, 5, 3), torch.randn(4, 5), False), r"g must be 3-D"),
+    ("instantiate_norm", (torch.randn(2, 5, 3), torch.randn(4, 5, 2), False), r"g must have the same batch size B"),
+    ("outer_norm", (torch.randn(4, 1, 3), torch.randn(4, 2), False), r"a must be 2-D"),
+    ("outer_norm", (torch.randn(4, 3), torch.randn(5, 2), False), r"g must have the same batch size B"),
+    ("embedding_norm", (torch.zeros(4, 5), torch.randn(4, 5, 2), -1), r"indices must be an integer"),
+    ("embedding_norm", (torch.zeros(4, 5, dtype=torch.long), torch.randn(4, 6, 2), -1),
+     r"g must have the same number of positions T"),
+    ("embedding_norm", (torch.zeros(3, 5, dtype=torch.long), torch.randn(4, 5, 2), -1),
+     r"g must have the same batch size B"),
+    ("embedding_norm", (torch.zeros(4, 5, 1, dtype=torch.long), torch.randn(4, 5, 2), -1), r"indices must be 2-D"),
+]
+
+
+@requires_cpp
+@pytest.mark.parametrize("name,args,message", BAD_INPUTS, ids=lambda x: x if isinstance(x, str) else "")
+def test_bad_inputs_name_the_argument(name, args, message):
+    with pytest.raises(RuntimeError, match=message):
+        getattr(D, name)(*args)
+
+
+# ---------------------------------------------------------------- fallback without the extension
+def test_no_extension_falls_back_to_reference_with_one_warning():
+    # A fresh interpreter where divebatch._C cannot be imported and the JIT build is disabled.
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['divebatch._C'] = None\n"  # makes `from . import _C` raise ImportError
+        "warnings.simplefilter('always')\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    import torch\n"
+        "    from divebatch import _build, ops\n"
+        "mine = [w for w in caught if issubclass(w.category, _build.CppExtensionWarning)]\n"
+        "assert len(mine) == 1, [str(w.message) for w in caught]\n"
+        "assert 'reference' in str(mine[0].message) and 'DIVEBATCH_NO_JIT' in str(mine[0].message)\n"
+        "assert ops.CPP_AVAILABLE is False\n"
+        "assert not torch._C._dispatch_has_kernel_for_dispatch_key('divebatch::ghost_norm', 'CPU')\n"
+        "a, g = torch.randn(2, 3, 4), torch.randn(2, 3, 5)\n"
+        "torch.testing.assert_close(torch.ops.divebatch.ghost_norm(a, g, True)[0],\n"
+        "                           torch.bmm(g.transpose(1, 2), a).square().sum((1, 2)))\n"
+    )
+    env = {**os.environ, "DIVEBATCH_NO_JIT": "1", "DIVEBATCH_BACKEND": "auto"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
