@@ -1,0 +1,245 @@
+"""Time the Triton kernels against the PyTorch reference and the plain weight-gradient GEMM (GPU only).
+
+    python bench/gpu/bench_kernels.py [--out PATH] [--workloads a,b] [--rounds 3] [--rep-ms 60]
+
+For every workload (a layer's ``a [B, T, d]`` and ``g [B, T, p]``, see ``WORKLOADS``) and every
+method, ``triton.testing.do_bench`` (L2 flushed before each call, median) is run in
+``--rounds`` round-robin passes so drift hits all methods alike; the table reports the median
+over rounds, the ratio to the plain weight-gradient GEMM (``g^T a`` over the whole batch in the
+input dtype: what backward computes anyway; the floor), achieved TFLOP/s, and the largest
+relative error of the kernel against the reference on the same inputs.
+
+FLOP counts (multiply-add = 2): ghost ``B (T^2 + T)(d + p)`` (the upper-triangular tile pairs of
+the two Grams; doubled off-diagonal pairs are not recounted), instantiate and the GEMM
+``2 B T d p``. Writes JSON to ``--out``, else ``$OUT/bench_kernels.json``, else
+``bench/results/gpu_kernels_<time>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _load_file_package(name: str, init: Path):
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_kernels():
+    try:
+        from divebatch import _kernels
+
+        return _kernels
+    except Exception as exc:  # noqa: BLE001 - not installed: use this checkout's files
+        print(f"(divebatch._kernels not importable: {exc!r}; loading kernels/ from the checkout)")
+        return _load_file_package("_divebatch_kernels_bench", REPO / "kernels" / "__init__.py")
+
+
+def load_reference():
+    spec = importlib.util.spec_from_file_location("_divebatch_reference_bench", REPO / "divebatch" / "reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# name -> (op, B, T, d, p, dtype, extra). "seq-large" is BENCHMARKS.md's GPU workload (its two
+# Linear shapes); "conv-*" are ResNet-18 convs at 224x224 unfolded (T = output positions,
+# d = C_in * 9); "seq" is the small CPU workload's Linear; "mlp" the T = 1 route.
+WORKLOADS = {
+    "seq-large-up":   ("ghost+instantiate", 8, 2048, 4096, 16384, torch.bfloat16, None),
+    "seq-large-down": ("ghost+instantiate", 8, 2048, 16384, 4096, torch.bfloat16, None),
+    "seq-large-fp32": ("ghost+instantiate", 2, 2048, 4096, 4096, torch.float32, None),
+    "seq-up":         ("ghost+instantiate", 16, 128, 256, 1024, torch.float32, None),
+    "seq-up-bf16":    ("ghost+instantiate", 16, 128, 256, 1024, torch.bfloat16, None),
+    "conv-layer1":    ("ghost+instantiate", 64, 3136, 576, 64, torch.bfloat16, None),
+    "conv-layer4":    ("ghost+instantiate", 64, 49, 4608, 512, torch.bfloat16, None),
+    "mlp-T1":         ("outer", 256, 1, 1024, 1024, torch.float32, None),
+    "mlp-T1-bf16":    ("outer", 4096, 1, 4096, 4096, torch.bfloat16, None),
+    "seq-embedding":  ("embedding", 16, 128, 0, 256, torch.float32, 1000),
+    "seq-large-embedding": ("embedding", 8, 2048, 0, 4096, torch.bfloat16, 32000),
+}
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.double(), ref.double()
+    if ref.dim() > 1:
+        return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+    return float(((out - ref).abs() / ref.abs().clamp_min(1e-30)).max())
+
+
+def _cpu_timer(fn, warmup=0, rep=0, return_mode="median"):
+    """Stand-in for do_bench in the --cpu-smoke run (interpreter): one timed call, in ms."""
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def bench_workload(name, spec, K, R, rounds, rep_ms, dev="cuda"):
+    if dev == "cuda":
+        from triton.testing import do_bench
+    else:
+        do_bench = _cpu_timer
+    op, B, T, d, p, dtype, extra = spec
+    gen = torch.Generator(device=dev).manual_seed(0)
+    methods, flops, errors = {}, {}, {}
+    if op == "outer":
+        a = torch.randn(B, d, device=dev, generator=gen).to(dtype)
+        g = (0.1 * torch.randn(B, p, device=dev, generator=gen)).to(dtype)
+        methods["triton outer_norm"] = lambda: K.outer_norm_triton(a, g, True)
+        methods["reference outer_norm"] = lambda: R.outer_norm(a, g, True)
+        methods["gemm g^T a (floor)"] = lambda: g.t() @ a
+        flops["gemm g^T a (floor)"] = 2 * B * d * p
+        out, ref = K.outer_norm_triton(a, g, True), R.outer_norm(a, g, True)
+        errors["triton outer_norm"] = max(rel_err(o, r) for o, r in zip(out, ref))
+        bytes_moved = (a.numel() + g.numel()) * a.element_size()
+    elif op == "embedding":
+        vocab = extra
+        idx = torch.randint(0, vocab, (B, T), device=dev, generator=gen)
+        g = (0.1 * torch.randn(B, T, p, device=dev, generator=gen)).to(dtype)
+        methods["triton embedding_norm"] = lambda: K.embedding_norm_triton(idx, g, 0)
+        methods["reference embedding_norm"] = lambda: R.embedding_norm(idx, g, 0)
+        weight = torch.zeros(vocab, p, device=dev, dtype=dtype)
+        methods["embedding backward (floor)"] = lambda: weight.index_add(0, idx.reshape(-1), g.reshape(-1, p))
+        errors["triton embedding_norm"] = rel_err(K.embedding_norm_triton(idx, g, 0), R.embedding_norm(idx, g, 0))
+        bytes_moved = g.numel() * g.element_size()
+    else:
+        a = torch.randn(B, T, d, device=dev, generator=gen).to(dtype)
+        g = (0.1 * torch.randn(B, T, p, device=dev, generator=gen)).to(dtype)
+        a2, g2 = a.reshape(B * T, d), g.reshape(B * T, p)
+        methods["gemm g^T a (floor)"] = lambda: g2.t() @ a2
+        methods["triton ghost_norm"] = lambda: K.ghost_norm_triton(a, g, True)
+        methods["triton instantiate_norm"] = lambda: K.instantiate_norm_triton(a, g, True)
+        methods["reference ghost_norm"] = lambda: R.ghost_norm(a, g, True)
+        # The reference instantiate materialises B x p x d float32: skip it where that is > 8 GB.
+        if B * p * d * 4 <= 8 << 30:
+            methods["reference instantiate_norm"] = lambda: R.instantiate_norm(a, g, True)
+        flops["gemm g^T a (floor)"] = 2 * B * T * d * p
+        flops["triton instantiate_norm"] = 2 * B * T * d * p
+        flops["triton ghost_norm"] = B * (T * T + T) * (d + p)
+        ref = R.ghost_norm(a, g, True)
+        errors["triton ghost_norm"] = max(rel_err(o, r) for o, r in zip(K.ghost_norm_triton(a, g, True), ref))
+        inst = K.instantiate_norm_triton(a, g, True)
+        errors["triton instantiate_norm"] = max(rel_err(inst[0], ref[0]), rel_err(inst[1], ref[1]))
+        wgrad_ref = (g2.float().t() @ a2.float())
+        errors["triton instantiate_norm (weight grad)"] = rel_err(inst[2], wgrad_ref)
+        del inst, wgrad_ref
+        bytes_moved = (a.numel() + g.numel()) * a.element_size()
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+    times = {m: [] for m in methods}
+    for _ in range(rounds):  # round-robin: every method once per round
+        for m, fn in methods.items():
+            times[m].append(do_bench(fn, warmup=10, rep=rep_ms, return_mode="median"))
+    floor = next((m for m in methods if "floor" in m), None)
+    rows = []
+    for m in methods:
+        ms = statistics.median(times[m])
+        row = {"method": m, "ms": ms, "ms_rounds": times[m]}
+        if m in flops:
+            row["tflops"] = flops[m] / ms / 1e9
+        if floor:
+            row["ratio_to_floor"] = ms / statistics.median(times[floor])
+        if m in errors:
+            row["max_rel_err_vs_reference"] = errors[m]
+        if m.startswith("triton") and op in ("outer", "embedding"):
+            row["GB_per_s"] = bytes_moved / ms / 1e6
+        rows.append(row)
+    extra_err = {k: v for k, v in errors.items() if k not in methods}
+    return {"workload": name, "op": op, "B": B, "T": T, "d": d, "p": p, "dtype": str(dtype).split(".")[-1],
+            "rows": rows, "extra_errors": extra_err}
+
+
+def print_table(results):
+    print(f"\n{'workload':22} {'method':30} {'ms':>9} {'x floor':>8} {'TFLOP/s':>8} {'rel err':>9}")
+    for res in results:
+        if "error" in res:
+            print(f"{res['workload']:22} FAILED: {res['error'][:100]}")
+            continue
+        for r in res["rows"]:
+            tf = f"{r['tflops']:.1f}" if "tflops" in r else ""
+            ratio = f"{r['ratio_to_floor']:.2f}" if "ratio_to_floor" in r else ""
+            err = f"{r['max_rel_err_vs_reference']:.1e}" if "max_rel_err_vs_reference" in r else ""
+            print(f"{res['workload']:22} {r['method']:30} {r['ms']:9.3f} {ratio:>8} {tf:>8} {err:>9}")
+        for k, v in res.get("extra_errors", {}).items():
+            print(f"{res['workload']:22} {k:30} {'':9} {'':>8} {'':>8} {v:9.1e}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rep-ms", type=int, default=60)
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="check this script on CPU under TRITON_INTERPRET=1 with tiny shapes (no timing value)")
+    args = parser.parse_args(argv)
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if args.cpu_smoke:
+        if not interpret:
+            sys.exit("--cpu-smoke needs TRITON_INTERPRET=1")
+        for key, (op, B, T, d, p, dtype, extra) in list(WORKLOADS.items()):
+            WORKLOADS[key] = (op, min(B, 2), min(T, 20), min(d, 24) if d else 0, min(p, 20), dtype,
+                              min(extra, 7) if extra else extra)
+    elif interpret:
+        sys.exit("bench_kernels.py times GPU kernels: unset TRITON_INTERPRET (or pass --cpu-smoke)")
+    elif not torch.cuda.is_available():
+        sys.exit("bench_kernels.py needs a CUDA GPU")
+    import triton
+
+    dev = "cpu" if args.cpu_smoke else "cuda"
+
+    K, R = load_kernels(), load_reference()
+    names = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = [w for w in names if w not in WORKLOADS]
+    if unknown:
+        sys.exit(f"unknown workloads {unknown}; known: {list(WORKLOADS)}")
+    if args.out:
+        out = Path(args.out)
+    elif os.environ.get("OUT"):
+        out = Path(os.environ["OUT"]) / "bench_kernels.json"
+    else:
+        out = REPO / "bench" / "results" / f"gpu_kernels_{time.strftime('%Y%m%d_%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu (interpreter smoke run)",
+        "torch": torch.__version__, "triton": triton.__version__,
+        "kernels_from": getattr(K, "__name__", "?"), "autotune": bool(K._common.AUTOTUNE),
+        "fp32_dot_precision": K._common.FP32_DOT_PRECISION, "rounds": args.rounds, "rep_ms": args.rep_ms,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+    results, start = [], time.time()
+    for name in names:
+        t0 = time.time()
+        try:
+            results.append(bench_workload(name, WORKLOADS[name], K, R, args.rounds, args.rep_ms, dev))
+        except Exception as exc:  # noqa: BLE001 - report and go on with the next workload
+            results.append({"workload": name, "error": f"{type(exc).__name__}: {exc}"})
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+        print(f"[{name}: {time.time() - t0:.1f} s]", flush=True)
+        # Rewritten after every workload: a run cut short by a time limit still leaves its numbers.
+        meta["wall_s"] = time.time() - start
+        out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print_table(results)
+    print(f"\nwrote {out}")
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# One prepared check for a GPU machine (written for one H200; total < 5 minutes):
+#   1. the Triton kernel tests natively on CUDA (tests/test_triton_kernels.py with
+#      DIVEBATCH_TRITON_TEST_DEVICE=cuda; first config of each list, no autotuning: fast start);
+#   2. kernel timings vs the PyTorch reference and the plain weight-gradient GEMM
+#      (bench/gpu/bench_kernels.py, triton.testing.do_bench, autotuned), table + JSON;
+#   3. if present, the engineer-wide end-to-end table (bench/run_table.py) on seq-large, conv-large.
+# Results (JSON, junit XML, logs) go to $OUT if set, else bench/results/.
+# Usage: bash bench/gpu/run_gpu_checks.sh        (PYTHON=... to pick the interpreter)
+# Needs a CUDA build of torch and triton; nothing is installed or downloaded.
+# The compile/spill test (tests/test_triton_compile.py) needs no GPU and is not rerun here.
+set -uo pipefail
+
+cd "$(dirname "$0")/../.." || exit 2
+PY="${PYTHON:-python}"
+RESULTS="${OUT:-bench/results}"
+mkdir -p "$RESULTS"
+# An explicit 0 (not unset): a conftest.py may setdefault TRITON_INTERPRET=1 for the CPU tests.
+export TRITON_INTERPRET=0
+export PYTHONUNBUFFERED=1
+START=$(date +%s)
+status=0
+declare -a SUMMARY=()
+
+step() {  # step NAME TIMEOUT_S CMD...
+    local name="$1" limit="$2"; shift 2
+    local t0=$(date +%s)
+    echo "=== [$name] (limit ${limit}s): $*"
+    timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee "$RESULTS/gpu_${name}.log"
+    local rc=${PIPESTATUS[0]}
+    local dt=$(( $(date +%s) - t0 ))
+    SUMMARY+=("$name: rc=$rc in ${dt}s")
+    [ "$rc" -ne 0 ] && status=1
+    return 0
+}
+
+echo "=== device"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+if ! "$PY" -c "import torch, triton, sys; ok = torch.cuda.is_available(); \
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, \
+'device', torch.cuda.get_device_name() if ok else None); sys.exit(0 if ok else 1)"; then
+    echo "no CUDA device visible to torch (or torch/triton missing): nothing to check" >&2
+    exit 2
+fi
+
+# 1. correctness on the GPU. The file launches ~130 distinct kernel specialisations (dtypes x
+#    divisibility of sizes and strides), each compiled once (1-3 s of one CPU core), so it runs as
+#    four concurrent pytest shards (the machine has 16 cores; the kernels are small).
+run_test_shards() {  # run_test_shards LIMIT_S
+    local limit="$1" pids=() rc=0 i=0 t0=$(date +%s)
+    local shards=("ghost and not instantiate" "instantiate" "outer"
+                  "not ghost and not instantiate and not outer")
+    echo "=== [tests] 4 shards (limit ${limit}s each)"
+    for expr in "${shards[@]}"; do
+        i=$((i + 1))
+        timeout --signal=INT --kill-after=10 "$limit" \
+            env DIVEBATCH_TRITON_TEST_DEVICE=cuda DIVEBATCH_TRITON_AUTOTUNE=0 \
+            "$PY" -m pytest tests/test_triton_kernels.py -q -p no:cacheprovider -k "$expr" \
+            --junitxml="$RESULTS/gpu_triton_kernels_$i.xml" > "$RESULTS/gpu_tests_shard$i.log" 2>&1 &
+        pids+=($!)
+    done
+    i=0
+    for pid in "${pids[@]}"; do
+        i=$((i + 1))
+        wait "$pid" || rc=$?
+        echo "--- shard $i (-k '${shards[$((i - 1))]}'):"
+        tail -n 25 "$RESULTS/gpu_tests_shard$i.log"
+    done
+    SUMMARY+=("tests: rc=$rc in $(( $(date +%s) - t0 ))s (logs: $RESULTS/gpu_tests_shard*.log)")
+    [ "$rc" -ne 0 ] && status=1
+    return 0
+}
+run_test_shards 120
+
+# 2. kernel benchmarks (~1.5-2 min including autotuning; the JSON is rewritten after each workload).
+step bench 150 "$PY" bench/gpu/bench_kernels.py --out "$RESULTS/bench_kernels.json" --rounds 3 --rep-ms 50 \
+    --workloads seq-large-up,seq-large-down,seq-up-bf16,conv-layer1,conv-layer4,mlp-T1-bf16,seq-embedding,seq-large-embedding
+
+# 3. the end-to-end per-sample-norm table, only if another engineer's script exists and time is left.
+left=$(( 290 - ($(date +%s) - START) ))
+if [ -f bench/run_table.py ] && [ "$left" -gt 30 ]; then
+    step run_table "$left" "$PY" bench/run_table.py --device cuda --workloads seq-large,conv-large
+else
+    SUMMARY+=("run_table: skipped (bench/run_table.py missing or ${left}s left)")
+fi
+
+echo "=== summary ($(( $(date +%s) - START ))s total)"
+for line in "${SUMMARY[@]}"; do echo "  $line"; done
+echo "  results in $RESULTS"
+exit $status

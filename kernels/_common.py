@@ -1,0 +1,137 @@
+"""Shared launch helpers of the Triton kernels (no ``@triton.jit`` code here).
+
+* ``INTERPRET``: read once at import from ``TRITON_INTERPRET``. Under the interpreter every
+  kernel gets exactly one fixed config (``@triton.autotune`` would otherwise try to time
+  configs) and loaded 16-bit tiles are cast to float32 before ``tl.dot`` (the interpreter's
+  bfloat16 ``tl.dot`` is wrong). Importing this module never queries CUDA.
+* input checks with errors that name the operator and the argument.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "off", "no")
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: ``DIVEBATCH_TRITON_AUTOTUNE=0``: try only the first config of the list that fits the inputs
+#: (fast start, e.g. for the GPU test run where every new shape would otherwise be autotuned).
+AUTOTUNE = os.environ.get("DIVEBATCH_TRITON_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+
+def _skip_bench(kernel_call, quantiles=(0.5, 0.2, 0.8), **kwargs):
+    """The autotuner's benchmark when AUTOTUNE is off: nothing is timed (one config is left anyway)."""
+    return [0.0] * len(quantiles)
+
+
+#: Extra ``triton.autotune`` arguments: with autotuning off the single pruned config is not timed.
+AUTOTUNE_KWARGS = {} if AUTOTUNE else {"do_bench": _skip_bench}
+
+#: ``tl.dot`` input precision for float32 operands on GPU. ``tf32x3`` (three TF32 products,
+#: the lost low bits recovered) keeps ~fp32 accuracy (rel. err ~1e-6) on tensor cores;
+#: ``ieee`` is exact fp32 FMA (slower), ``tf32`` is fastest (rel. err ~1e-3).
+FP32_DOT_PRECISION = os.environ.get("DIVEBATCH_TRITON_FP32_DOT", "tf32x3")
+if FP32_DOT_PRECISION not in ("tf32", "tf32x3", "ieee"):
+    raise ValueError(f"DIVEBATCH_TRITON_FP32_DOT={FP32_DOT_PRECISION!r} is not one of tf32, tf32x3, ieee")
+
+
+def configs(interpret: triton.Config, gpu: list[triton.Config]) -> list[triton.Config]:
+    """The autotune list: ``gpu`` on a GPU, the single ``interpret`` config under the interpreter."""
+    if INTERPRET:
+        return [interpret]
+    return list(gpu) if AUTOTUNE else list(gpu[:1])
+
+
+def config_table(interpret: triton.Config, table: dict[tuple[str, str], list[triton.Config]],
+                 tensor_args: tuple[str, ...], inner_strides: tuple[str, ...]):
+    """Autotune configs by operand width and layout, and the ``early_config_prune`` picking one list.
+
+    ``table`` maps ``(width, layout)`` to configs: width ``"16"`` (float16/bfloat16 operands) or
+    ``"32"`` (any float32 operand, or mixed dtypes upcast to float32 in registers: ``tf32x3`` runs
+    three MMAs plus the hi/lo split and needs about twice the registers); layout ``"unit"`` (every
+    ``inner_strides`` argument is 1, so loads vectorise) or ``"strided"`` (some inner stride is
+    not 1: one 64-bit address per element, so smaller tiles). Every list was chosen so that
+    nothing spills on sm_80 and sm_90 (tests/test_triton_compile.py checks). The inner strides
+    belong in the autotune key so the two layouts are tuned apart. Returns ``(configs, prune)``;
+    under the interpreter ``([interpret], {})``.
+    """
+    if INTERPRET:
+        return [interpret], {}
+    all_configs: list[triton.Config] = []
+    ids: dict[tuple[str, str], set[int]] = {}
+    for key, configs in table.items():
+        ids[key] = {id(c) for c in configs}
+        all_configs += [c for c in configs if all(c is not seen for seen in all_configs)]
+
+    def prune(configs, named_args, **kwargs):
+        dtypes = {named_args[name].dtype for name in tensor_args}
+        width = "32" if torch.float32 in dtypes or len(dtypes) > 1 else "16"
+        layout = "unit" if all(named_args[name] == 1 for name in inner_strides) else "strided"
+        kept = [c for c in configs if id(c) in ids[(width, layout)]] or list(configs)
+        return kept if AUTOTUNE else kept[:1]
+
+    return all_configs, {"early_config_prune": prune}
+
+
+def configs_for(configs: list[triton.Config], prune: dict, named_args: dict) -> list[triton.Config]:
+    """The configs the autotuner would try for ``named_args`` (used by the compile test)."""
+    if not prune:
+        return list(configs)
+    return prune["early_config_prune"](configs, named_args)
+
+
+def dot_options(*dtypes: torch.dtype) -> tuple[bool, str]:
+    """``(UPCAST, DOT_PRECISION)`` for ``tl.dot`` between tiles of ``dtypes``.
+
+    UPCAST casts loaded tiles to float32 inside the kernel (registers only, never a copy in
+    memory): always under the interpreter, and on GPU when the two operands of one dot differ
+    in dtype. float32 operands use ``FP32_DOT_PRECISION``; 16-bit operands run on tensor
+    cores with float32 accumulation whatever the string says.
+    """
+    if INTERPRET:
+        return True, "ieee"
+    upcast = len(set(dtypes)) > 1
+    fp32 = upcast or torch.float32 in dtypes
+    return upcast, (FP32_DOT_PRECISION if fp32 else "tf32")
+
+
+def check_float(op: str, name: str, x, ndim: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"divebatch.{op}: `{name}` must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"divebatch.{op}: `{name}` must be {ndim}-D, got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"divebatch.{op}: `{name}` must be float32, float16 or bfloat16, got {x.dtype}")
+
+
+def check_device(op: str, **tensors: torch.Tensor) -> torch.device:
+    """All tensors on one device; CUDA, or CPU under ``TRITON_INTERPRET=1``."""
+    devices = {name: t.device for name, t in tensors.items()}
+    first = next(iter(devices.values()))
+    for name, dev in devices.items():
+        if dev != first:
+            listing = ", ".join(f"`{n}` on {d}" for n, d in devices.items())
+            raise ValueError(f"divebatch.{op}: tensors must share one device, got {listing}")
+    if first.type != "cuda" and not (INTERPRET and first.type == "cpu"):
+        name = next(iter(devices))
+        raise ValueError(f"divebatch.{op}: the Triton kernel needs CUDA tensors (or CPU tensors with "
+                         f"TRITON_INTERPRET=1 set before import); `{name}` is on {first}")
+    return first
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (queried at call time only); 1 off CUDA."""
+    if device.type != "cuda":
+        return 1
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())

@@ -1,0 +1,192 @@
+"""Ghost norm: per-sample ``||g_b^T a_b||_F^2`` from T x T Gram tiles, bias norm in the same pass.
+
+    weight_sq[b] = <a_b a_b^T, g_b g_b^T> = sum_{i<=j tiles} (2 - [i==j]) * sum(Ga_ij * Gg_ij)
+    bias_sq[b]   = ||sum_t g_b[t]||^2
+
+``a [B, T, d]``, ``g [B, T, p]`` (float32/float16/bfloat16, any strides); outputs float32 ``[B]``.
+
+Grid: one program per (sample, upper-triangular tile pair (i, j), i <= j), flattened to 1-D
+(``B * n_tiles * (n_tiles + 1) / 2`` programs), so a small batch with long sequences still fills
+the GPU. Program (b, i, j) loops over d in BLOCK_K chunks to build the BLOCK_T x BLOCK_T tile
+``Ga_ij = a_b[i-rows] a_b[j-rows]^T`` and over p for ``Gg_ij``, both in float32 registers
+(``tl.dot``), multiplies them elementwise, sums, doubles off-diagonal pairs and atomically adds
+the number into ``weight_sq[b]``. The Grams are never written to memory.
+
+Bias, same pass: the diagonal program (b, i, i) already streams every row of tile i of g; it adds
+those rows' column sums into a float32 scratch ``colsum [B, p]`` (atomics, one per row tile);
+the wrapper finishes with ``colsum.square().sum(1)`` (O(B p), negligible). Summing the Gram
+``Gg`` instead would be free but loses accuracy to cancellation when sum_t g_t is small.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import AUTOTUNE_KWARGS, check_device, check_float, config_table, dot_options
+
+_F32_CONFIGS = [  # float32 operands (tf32x3), any layout
+    triton.Config({"BLOCK_T": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_T": 64, "BLOCK_K": 16}, num_warps=4, num_stages=4),
+]
+_CONFIGS, _PRUNE = config_table(
+    triton.Config({"BLOCK_T": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1),  # interpreter
+    {
+        ("16", "unit"): [
+            triton.Config({"BLOCK_T": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_T": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_T": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        ],
+        ("16", "strided"): [
+            triton.Config({"BLOCK_T": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_T": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        ],
+        ("32", "unit"): _F32_CONFIGS,
+        ("32", "strided"): _F32_CONFIGS,
+    },
+    tensor_args=("a_ptr", "g_ptr"),
+    inner_strides=("stride_ad", "stride_gp"),
+)
+
+
+@triton.jit
+def _tile_pair(k, n_tiles):
+    """Pair index k in [0, n(n+1)/2) -> tile pair (i, j), i <= j, in O(1).
+
+    Row i of the upper triangle has n - i pairs, so rows q and n-1-q together hold n + 1:
+    k = q (n + 1) + r lands in row q (j = q + r) when r < n - q, else in row n-1-q (j = r - 1).
+    For odd n the middle row q = (n-1)/2 is alone and only the first branch is reached.
+    """
+    q = k // (n_tiles + 1)
+    r = k % (n_tiles + 1)
+    lower = r >= n_tiles - q
+    ti = tl.where(lower, n_tiles - 1 - q, q)
+    tj = tl.where(lower, r - 1, q + r)
+    return ti, tj
+
+
+@triton.jit
+def _gram_tile(base, row_i, mask_i, row_j, mask_j, K, stride_k,
+               UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x[i-rows] x[j-rows]^T over K columns in BLOCK_K chunks; float32 [BLOCK_T, BLOCK_T]."""
+    acc = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < K
+        col = kk.to(tl.int64) * stride_k
+        # Rows past T and columns past K load as 0 and add nothing to the Gram.
+        x_i = tl.load(base + row_i[:, None] + col[None, :], mask=mask_i[:, None] & k_mask[None, :], other=0.0)
+        x_jt = tl.load(base + col[:, None] + row_j[None, :], mask=k_mask[:, None] & mask_j[None, :], other=0.0)
+        if UPCAST:
+            x_i = x_i.to(tl.float32)
+            x_jt = x_jt.to(tl.float32)
+        acc = tl.dot(x_i, x_jt, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.autotune(configs=_CONFIGS, key=["T", "d", "p", "WITH_BIAS", "stride_ad", "stride_gp"],
+                 prune_configs_by=_PRUNE, reset_to_zero=["weight_sq_ptr", "colsum_ptr"], **AUTOTUNE_KWARGS)
+@triton.jit
+def _ghost_norm_kernel(
+    # inputs: a [B, T, d], g [B, T, p]
+    a_ptr, g_ptr,
+    # outputs, float32, zero-initialised, accumulated with atomics: weight_sq [B], colsum [B, p]
+    weight_sq_ptr, colsum_ptr,
+    # sizes
+    T, d, p,
+    # strides, in elements
+    stride_ab, stride_at, stride_ad,
+    stride_gb, stride_gt, stride_gp,
+    # meta
+    WITH_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    n_tiles = tl.cdiv(T, BLOCK_T)
+    n_pairs = n_tiles * (n_tiles + 1) // 2
+    pid = tl.program_id(0)
+    b = pid // n_pairs
+    ti, tj = _tile_pair(pid % n_pairs, n_tiles)
+
+    offs_i = ti * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_j = tj * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_i = offs_i < T
+    mask_j = offs_j < T
+    b64 = b.to(tl.int64)
+
+    # Gram tile of a over d.
+    a_base = a_ptr + b64 * stride_ab
+    gram_a = _gram_tile(a_base, offs_i.to(tl.int64) * stride_at, mask_i, offs_j.to(tl.int64) * stride_at, mask_j,
+                        d, stride_ad, UPCAST, DOT_PRECISION, BLOCK_T, BLOCK_K)
+
+    # Gram tile of g over p (inlined: the diagonal programs also take column sums for the bias).
+    g_base = g_ptr + b64 * stride_gb
+    row_i = offs_i.to(tl.int64) * stride_gt
+    row_j = offs_j.to(tl.int64) * stride_gt
+    diagonal = ti == tj
+    gram_g = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, p, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < p
+        col = kk.to(tl.int64) * stride_gp
+        y_i = tl.load(g_base + row_i[:, None] + col[None, :], mask=mask_i[:, None] & k_mask[None, :], other=0.0)
+        y_jt = tl.load(g_base + col[:, None] + row_j[None, :], mask=k_mask[:, None] & mask_j[None, :], other=0.0)
+        if WITH_BIAS:
+            if diagonal:
+                col_sum = tl.sum(y_i.to(tl.float32), axis=0)
+                tl.atomic_add(colsum_ptr + b64 * p + kk, col_sum, mask=k_mask)
+        if UPCAST:
+            y_i = y_i.to(tl.float32)
+            y_jt = y_jt.to(tl.float32)
+        gram_g = tl.dot(y_i, y_jt, gram_g, input_precision=DOT_PRECISION)
+
+    w = tl.sum(tl.sum(gram_a * gram_g, axis=1), axis=0)
+    # An off-diagonal pair (i, j) also stands for (j, i).
+    w = tl.where(diagonal, w, 2.0 * w)
+    tl.atomic_add(weight_sq_ptr + b, w)
+
+
+def ghost_norm_triton(a: torch.Tensor, g: torch.Tensor, with_bias: bool):
+    """``(weight_sq [B], bias_sq [B])`` float32; see the module docstring. No copies of a or g."""
+    check_float("ghost_norm", "a", a, 3)
+    check_float("ghost_norm", "g", g, 3)
+    device = check_device("ghost_norm", a=a, g=g)
+    B, T, d = a.shape
+    if g.shape[:2] != (B, T):
+        raise ValueError(f"divebatch.ghost_norm: `g` must be [B, T, p] = [{B}, {T}, p] to match `a` "
+                         f"{tuple(a.shape)}, got {tuple(g.shape)}")
+    p = g.shape[2]
+    weight_sq = torch.zeros(B, dtype=torch.float32, device=device)
+    colsum = torch.zeros((B, p) if with_bias else (1, 1), dtype=torch.float32, device=device)
+    if B > 0 and T > 0 and d == 0 and p > 0 and with_bias:
+        # No weight (an empty Gram), only a bias: one small reduction, no launch on an empty tensor.
+        colsum = g.sum(dim=1, dtype=torch.float32)
+    elif B > 0 and T > 0 and d > 0 and p > 0:
+        # The two Grams are separate dots (a with a, g with g), so a and g may differ in dtype.
+        upcast, precision = dot_options(a.dtype)
+        if g.dtype == torch.float32:
+            precision = dot_options(g.dtype)[1]
+
+        def grid(meta):
+            n = triton.cdiv(T, meta["BLOCK_T"])
+            programs = B * (n * (n + 1) // 2)
+            if programs >= 2**31:
+                raise ValueError(f"divebatch.ghost_norm: B={B}, T={T} needs {programs} tile-pair programs "
+                                 "(> 2^31); use instantiate_norm for such long sequences")
+            return (programs,)
+
+        _ghost_norm_kernel[grid](
+            a, g, weight_sq, colsum,
+            T, d, p,
+            a.stride(0), a.stride(1), a.stride(2),
+            g.stride(0), g.stride(1), g.stride(2),
+            WITH_BIAS=bool(with_bias), UPCAST=upcast, DOT_PRECISION=precision,
+        )
+    if with_bias:
+        bias_sq = colsum.square().sum(dim=1)
+    else:
+        bias_sq = torch.zeros(B, dtype=torch.float32, device=device)
+    return weight_sq, bias_sq

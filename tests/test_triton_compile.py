@@ -1,0 +1,316 @@
+"""Every Triton kernel compiles for sm_80 and sm_90, in each input dtype, without register spills.
+
+No GPU is needed: ``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget(...))``
+runs the whole pipeline down to PTX and a cubin with the ptxas that ships in the triton wheel.
+It must run in a process *without* ``TRITON_INTERPRET`` (the interpreter replaces
+``@triton.jit``), so the compilation happens in a subprocess: this file run as a script
+(``python tests/test_triton_compile.py --child OUT.json``) with one worker process per core.
+
+Per (kernel, dtype, arch) and layout, every autotune config the kernel would try is compiled
+(each kernel's ``early_config_prune`` picks a list by operand width, 16-bit or float32, and by
+layout): "contig" has unit inner strides (constexpr 1, as the JIT specialises them) and 16-byte
+aligned pointers and sizes; "strided" has every stride a runtime value and no alignment (the
+worst case: a non-unit inner stride; such inputs get their own, smaller-tile config list).
+float16 (same code as bfloat16 but for the MMA type) and the dot-free outer kernel compile only
+the first config of each list; ``DIVEBATCH_COMPILE_SWEEP=all`` compiles everything and
+``DIVEBATCH_COMPILE_SWEEP=quick`` only the first config of every list (48 compilations).
+The wheel's ``cuobjdump --dump-resource-usage`` gives registers and the stack / local bytes;
+where those are non-zero, spill stores / loads are counted as the ``STL`` / ``LDL`` instructions
+of ``cuobjdump -sass`` (Triton kernels have no local arrays; a spill needs a stack frame). A spill fails the test unless listed in ``ACCEPTED_SPILLS`` with a reason.
+Shared memory above a GPU's limit is not an error (the autotuner drops such a config on that GPU
+at launch) as long as some config of the (kernel, dtype, arch) fits.
+
+Run: ``pytest tests/test_triton_compile.py -s`` (the table goes to stdout). 80 compilations,
+~75 s of CPU with a cold Triton cache (~100 s wall on two shared, busy cores), ~20 s when the
+cache (``~/.triton/cache`` or ``$TRITON_CACHE_DIR``) is warm.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ARCHS = (80, 90)
+DTYPES = ("fp32", "fp16", "bf16")
+#: Max dynamic shared memory per block (opt-in), bytes: A100 (sm_80), H100/H200 (sm_90).
+SHARED_LIMIT = {80: 166912, 90: 232448}
+
+#: (kernel, dtype, arch, config label, variant) -> why this spill is acceptable. Empty: none is.
+ACCEPTED_SPILLS: dict[tuple[str, str, int, str, str], str] = {}
+
+_TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+# --------------------------------------------------------------------------- child process
+def _load_kernels():
+    """The kernels package from this checkout (``kernels/``), importable without the install."""
+    name = "_divebatch_kernels_compile_test"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "kernels" / "__init__.py",
+                                                  submodule_search_locations=[str(REPO / "kernels")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _specs():
+    """How to build a signature for each kernel: pointer dtypes, inner strides, fixed constexprs."""
+    return {
+        "_ghost_norm_kernel": dict(
+            module="ghost_norm",
+            pointers={"a_ptr": None, "g_ptr": None, "weight_sq_ptr": "fp32", "colsum_ptr": "fp32"},
+            tensor_args=("a_ptr", "g_ptr"),
+            inner_strides=("stride_ad", "stride_gp"),
+            aligned_ints=("d", "p", "stride_ab", "stride_at", "stride_gb", "stride_gt"),
+            constexprs={"WITH_BIAS": True},
+        ),
+        "_instantiate_norm_kernel": dict(
+            module="instantiate_norm",
+            pointers={"a_ptr": None, "g_ptr": None, "weight_sq_ptr": "fp32", "bias_sq_ptr": "fp32",
+                      "wgrad_ptr": "fp32"},
+            tensor_args=("a_ptr", "g_ptr"),
+            inner_strides=("stride_ad", "stride_gp"),
+            aligned_ints=("d", "p", "stride_ab", "stride_at", "stride_gb", "stride_gt"),
+            constexprs={"WITH_BIAS": True, "ATOMIC_WGRAD": False},
+        ),
+        "_outer_norm_kernel": dict(
+            module="outer_norm",
+            pointers={"a_ptr": None, "g_ptr": None, "weight_sq_ptr": "fp32", "bias_sq_ptr": "fp32"},
+            tensor_args=("a_ptr", "g_ptr"),
+            inner_strides=("stride_ad", "stride_gp"),
+            aligned_ints=("d", "p", "stride_ab", "stride_gb"),
+            constexprs={"WITH_BIAS": True},
+        ),
+        "_embedding_norm_kernel": dict(
+            module="embedding_norm",
+            pointers={"idx_ptr": "i64", "g_ptr": None, "out_ptr": "fp32"},
+            tensor_args=("g_ptr",),
+            inner_strides=("stride_it", "stride_gp"),
+            aligned_ints=("p", "stride_ib", "stride_gb", "stride_gt"),
+            constexprs={},
+        ),
+    }
+
+
+def _config_label(cfg) -> str:
+    meta = ",".join(f"{k}={v}" for k, v in sorted(cfg.kwargs.items()))
+    return f"{meta},w{cfg.num_warps},s{cfg.num_stages}"
+
+
+#: Kernels and dtypes for which only the first config of each list is compiled: float16 generates
+#: the same code as bfloat16 (another MMA type), and the outer kernel has no dot (<100 registers).
+_FIRST_CONFIG_ONLY_DTYPES = ("fp16",)
+_FIRST_CONFIG_ONLY_KERNELS = ("_outer_norm_kernel",)
+
+
+def _configs(kernel: str, dtype: str, variant: str):
+    """The autotune configs the kernel would try for inputs of ``dtype`` in the ``variant`` layout."""
+    import torch
+
+    K = _load_kernels()
+    spec = _specs()[kernel]
+    module = importlib.import_module(f"{K.__name__}.{spec['module']}")
+    autotuner = getattr(module, kernel)
+    tdtype = getattr(torch, _TORCH_DTYPE_NAMES[dtype])
+    named = {n: torch.empty(0, dtype=tdtype) for n in spec["tensor_args"]}
+    named.update({n: 1 if variant == "contig" else 2 for n in spec["inner_strides"]})
+    return autotuner.fn, K._common.configs_for(autotuner.configs, getattr(module, "_PRUNE", {}), named)
+
+
+def _jobs():
+    sweep = os.environ.get("DIVEBATCH_COMPILE_SWEEP", "default")
+    if sweep not in ("default", "quick", "all"):
+        raise ValueError(f"DIVEBATCH_COMPILE_SWEEP={sweep!r} is not one of default, quick, all")
+    jobs = []
+    for kernel in _specs():
+        for dtype in DTYPES:
+            for variant in ("contig", "strided"):
+                _, configs = _configs(kernel, dtype, variant)
+                first_only = dtype in _FIRST_CONFIG_ONLY_DTYPES or kernel in _FIRST_CONFIG_ONLY_KERNELS
+                if sweep == "quick" or (sweep == "default" and first_only):
+                    configs = configs[:1]
+                jobs += [(kernel, dtype, arch, i, variant) for arch in ARCHS for i in range(len(configs))]
+    return jobs
+
+
+def _resource_usage(cubin: bytes, name: str) -> dict:
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        usage = subprocess.run([str(tool), "--dump-resource-usage", path], capture_output=True, text=True,
+                               check=True).stdout
+        line = next((ln for ln in usage.splitlines() if "REG:" in ln), "")
+        reg = re.search(r"REG:(\d+)", line)
+        stack = re.search(r"STACK:(\d+)", line)
+        local = re.search(r"LOCAL:(\d+)", line)
+        record = {
+            "regs": int(reg.group(1)) if reg else -1,
+            "stack": int(stack.group(1)) if stack else -1,
+            "local": int(local.group(1)) if local else -1,
+            "spill_stores": 0,
+            "spill_loads": 0,
+            "usage_line": line.strip(),
+        }
+        # Spilled registers live in the local-memory stack frame: with STACK and LOCAL both 0 there
+        # is nowhere to spill to. Otherwise count the local stores / loads in the SASS (~1 s per
+        # kernel, hence only then, or always with DIVEBATCH_COMPILE_SASS=1); Triton kernels have
+        # no local arrays, so every STL / LDL is a spill.
+        if record["stack"] != 0 or record["local"] != 0 or os.environ.get("DIVEBATCH_COMPILE_SASS") == "1":
+            sass = subprocess.run([str(tool), "-sass", path], capture_output=True, text=True, check=True).stdout
+            record["spill_stores"] = len(re.findall(r"\bSTL(?:\.[A-Z0-9]+)*\s", sass))
+            record["spill_loads"] = len(re.findall(r"\bLDL(?:\.[A-Z0-9]+)*\s", sass))
+    finally:
+        os.unlink(path)
+    return record
+
+
+def _compile_one(job) -> dict:
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel, dtype, arch, index, variant = job
+    spec = _specs()[kernel]
+    K = _load_kernels()
+    fn, configs = _configs(kernel, dtype, variant)
+    cfg = configs[index]
+    upcast, precision = K._common.dot_options(getattr(torch, _TORCH_DTYPE_NAMES[dtype]))
+
+    constexprs = dict(spec["constexprs"], **cfg.kwargs)
+    if "UPCAST" in fn.arg_names:
+        constexprs.update(UPCAST=upcast, DOT_PRECISION=precision)
+    signature, attrs = {}, {}
+    for i, arg in enumerate(fn.arg_names):
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg in spec["pointers"]:
+            signature[arg] = "*" + (spec["pointers"][arg] or dtype)
+            if variant == "contig":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif arg in spec["inner_strides"] and variant == "contig":
+            signature[arg] = "constexpr"  # the JIT specialises an int argument equal to 1
+            constexprs[arg] = 1
+        else:
+            signature[arg] = "i32"
+            if variant == "contig" and arg in spec["aligned_ints"]:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    record = {"kernel": kernel, "dtype": dtype, "arch": arch, "config": _config_label(cfg), "variant": variant}
+    try:
+        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        ptx = compiled.asm.get("ptx", "")
+        cubin = compiled.asm.get("cubin", b"")
+        record.update(
+            has_ptx=isinstance(ptx, str) and f".entry {kernel}" in ptx,
+            has_cubin=isinstance(cubin, bytes) and cubin[:4] == b"\x7fELF",
+            shared=int(compiled.metadata.shared),
+        )
+        if record["has_cubin"]:
+            record.update(_resource_usage(cubin, kernel))
+    except Exception as exc:  # noqa: BLE001 - reported, the parent test fails on it
+        record["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+    return record
+
+
+def _child(out_path: str) -> None:
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    assert not os.environ.get("TRITON_INTERPRET"), "compile in a process without TRITON_INTERPRET"
+    jobs = _jobs()
+    workers = max(1, min(len(jobs), os.cpu_count() or 1, int(os.environ.get("DIVEBATCH_COMPILE_WORKERS", "8"))))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        records = list(pool.map(_compile_one, jobs))
+    Path(out_path).write_text(json.dumps(records, indent=1))
+
+
+# --------------------------------------------------------------------------- the tests
+def _spill(r: dict) -> bool:
+    return r.get("spill_stores", 0) > 0 or r.get("spill_loads", 0) > 0 or r.get("stack", 0) > 0
+
+
+def _table(records: list[dict]) -> str:
+    head = (f"{'kernel':26} {'dt':4} {'sm':>3} {'variant':8} {'regs':>4} {'stack':>5} {'stl':>4} {'ldl':>4} "
+            f"{'smem':>7}  config")
+    rows = [head]
+    for r in records:
+        if "error" in r:
+            rows.append(f"{r['kernel']:26} {r['dtype']:4} {r['arch']:>3} {r['variant']:8} ERROR {r['error'][:80]}")
+            continue
+        rows.append(f"{r['kernel']:26} {r['dtype']:4} {r['arch']:>3} {r['variant']:8} {r.get('regs', -1):>4} "
+                    f"{r.get('stack', -1):>5} {r.get('spill_stores', -1):>4} {r.get('spill_loads', -1):>4} "
+                    f"{r.get('shared', -1):>7}  {r['config']}")
+    return "\n".join(rows)
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    pytest.importorskip("triton")
+    out = tmp_path_factory.mktemp("triton_compile") / "records.json"
+    # No interpreter, and every config (DIVEBATCH_TRITON_AUTOTUNE=0 would keep only the first).
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DIVEBATCH_TRITON_AUTOTUNE")}
+    proc = subprocess.run([sys.executable, __file__, "--child", str(out)], env=env, cwd=str(REPO),
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0 or not out.exists():
+        pytest.fail(f"compile subprocess failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    recs = json.loads(out.read_text())
+    print("\n" + _table(recs))
+    return recs
+
+
+def test_every_kernel_compiles_to_ptx_and_cubin(records):
+    errors = [r for r in records if "error" in r or not r.get("has_ptx") or not r.get("has_cubin")]
+    assert not errors, "\n".join(f"{r['kernel']} {r['dtype']} sm_{r['arch']} {r['config']} {r['variant']}: "
+                                 f"{r.get('error', 'no PTX/cubin')}" for r in errors)
+    seen = {(r["kernel"], r["dtype"], r["arch"]) for r in records}
+    wanted = {(k, d, a) for k in _specs() for d in DTYPES for a in ARCHS}
+    assert wanted <= seen, f"not compiled: {sorted(wanted - seen)}"
+
+
+def test_register_use_is_read(records):
+    for r in records:
+        assert 0 < r["regs"] <= 255, f"no register count parsed for {r}: {r.get('usage_line')!r}"
+
+
+def test_no_unaccepted_spills(records):
+    bad = [r for r in records if _spill(r)
+           and (r["kernel"], r["dtype"], r["arch"], r["config"], r["variant"]) not in ACCEPTED_SPILLS]
+    assert not bad, "register spills (fix the config or add to ACCEPTED_SPILLS with a reason):\n" + _table(bad)
+
+
+def test_accepted_spills_are_still_real(records):
+    by_key = {(r["kernel"], r["dtype"], r["arch"], r["config"], r["variant"]): r for r in records}
+    stale = [k for k in ACCEPTED_SPILLS if k not in by_key or not _spill(by_key[k])]
+    assert not stale, f"ACCEPTED_SPILLS entries that no longer spill or no longer exist: {stale}"
+
+
+def test_some_config_fits_shared_memory(records):
+    groups: dict[tuple, list[int]] = {}
+    for r in records:
+        groups.setdefault((r["kernel"], r["dtype"], r["arch"]), []).append(r["shared"])
+    none_fit = {k: v for k, v in groups.items() if min(v) > SHARED_LIMIT[k[2]]}
+    assert not none_fit, f"no config fits shared memory: {none_fit}"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        _child(sys.argv[2])
+    else:
+        sys.exit(pytest.main([__file__, "-s", *sys.argv[1:]]))
