@@ -11,6 +11,8 @@ samples at a time (``routes.MAX_EXTRA_BYTES``), so it never costs a whole batch 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,43 +30,58 @@ def _padded(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, pads, mode=mode)
 
 
-def unfold_patches(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
-    """Patches of ``x [B, Cin, *spatial]`` as ``[B * groups, T, Cin/groups * prod(kernel)]``.
+def padded_input(module: nn.modules.conv._ConvNd, ctx) -> torch.Tensor:
+    """The input as the convolution itself sees it (padding applied) from a captured call.
 
-    Column order matches ``module.weight.view(Cout, -1)`` within each group.
+    ``ctx`` is the raw input (hook path) or ``(input, zero_padding)`` from the fused path, whose
+    input already carries any non-zero-mode padding.
+    """
+    if isinstance(ctx, tuple):
+        x, pad = ctx
+        return F.pad(x, [p for p in reversed(pad) for _ in (0, 1)]) if any(pad) else x
+    return _padded(module, ctx)
+
+
+def unfold_patches(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
+    """Patches of the padded input ``x [B, Cin, *spatial]`` as ``[B * groups, T, Cin/groups * prod(kernel)]``.
+
+    Column order matches ``module.weight.view(Cout, -1)`` within each group. The result is a
+    transposed view of a positions-last buffer (what im2col writes fastest); the operators
+    take any strides, so it is never copied again.
     """
     n = len(module.kernel_size)
-    x = _padded(module, x)
-    for i, (k, s, dil) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
-        # A dilated window is a contiguous window of span dil*(k-1)+1 read every dil-th element.
-        x = x.unfold(2 + i, dil * (k - 1) + 1, s)
-        if dil > 1:
-            x = x[..., ::dil]
-    # x: [B, Cin, o_1..o_n, k_1..k_n]
-    B, C = x.shape[:2]
-    out_sizes = x.shape[2:2 + n]
-    groups = module.groups
-    x = x.reshape(B, groups, C // groups, *out_sizes, *module.kernel_size)
-    channel_and_kernel = [2] + list(range(3 + n, 3 + 2 * n))
-    positions = list(range(3, 3 + n))
-    x = x.permute(0, 1, *positions, *channel_and_kernel)
-    T = 1
-    for o in out_sizes:
-        T *= o
-    return x.reshape(B * groups, T, -1)
+    B, groups = x.shape[0], module.groups
+    if n <= 2:
+        # im2col through F.unfold: one optimised pass, [B, C * prod(k), T] channel-major.
+        if n == 1:
+            x = x.unsqueeze(2)
+        as2d = (lambda v: (1, v[0])) if n == 1 else tuple
+        cols = F.unfold(x, as2d(module.kernel_size), dilation=as2d(module.dilation), stride=as2d(module.stride))
+    else:
+        for i, (k, s, dil) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
+            # A dilated window is a contiguous window of span dil*(k-1)+1 read every dil-th element.
+            x = x.unfold(2 + i, dil * (k - 1) + 1, s)
+            if dil > 1:
+                x = x[..., ::dil]
+        # x: [B, Cin, o_1..o_n, k_1..k_n] -> [B, Cin, k_1..k_n, o_1..o_n], positions last.
+        x = x.permute(0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n))
+        cols = x.reshape(B, x.shape[1] * math.prod(module.kernel_size), -1)
+    return cols.view(B * groups, cols.shape[1] // groups, cols.shape[2]).transpose(1, 2)
 
 
 def grouped_grad(module: nn.modules.conv._ConvNd, g: torch.Tensor) -> torch.Tensor:
-    """Output grad ``[B, Cout, *out]`` as ``[B * groups, T, Cout/groups]``."""
+    """Output grad ``[B, Cout, *out]`` as ``[B * groups, T, Cout/groups]`` (a transposed view)."""
     B, Cout = g.shape[:2]
-    g = g.reshape(B, module.groups, Cout // module.groups, -1)
-    return g.permute(0, 1, 3, 2).reshape(B * module.groups, -1, Cout // module.groups)
+    return g.reshape(B * module.groups, Cout // module.groups, -1).transpose(1, 2)
 
 
 def _unbatched(module, x):
     if x.dim() != len(module.kernel_size) + 2:
         raise ValueError(f"{type(module).__name__} got an input of shape {tuple(x.shape)} without a batch "
                          f"dimension; divebatch needs batched input [B, C, *spatial]")
+
+
+_PLAIN_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
 
 
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -75,6 +92,9 @@ class ConvRule(LayerRule):
         x = args[0].detach()
         _unbatched(module, x)
         return x
+
+    def batch_size(self, module, ctx):
+        return (ctx[0] if isinstance(ctx, tuple) else ctx).shape[0]
 
     def _dims(self, module, x, g):
         d = module.in_channels // module.groups
@@ -90,20 +110,20 @@ class ConvRule(LayerRule):
 
     def norms(self, module, calls, tracked):
         with_weight, with_bias = "weight" in tracked, "bias" in tracked
-        B = calls[0][0].shape[0]
+        B = self.batch_size(module, calls[0][0])
         groups = module.groups
         if not with_weight:
             total = 0
             for _, grads in calls:
                 total = total + grads[0].float().reshape(B, module.out_channels, -1).sum(dim=2)
             return total.square().sum(dim=1)
-        step = min(self.chunk_size(module, x, grads[0]) for x, grads in calls)
+        step = min(self.chunk_size(module, grads[0], grads[0]) for _, grads in calls)
         out = []
         for start in range(0, B, step):
             stop = min(B, start + step)
             a_parts, g_parts = [], []
             for x, grads in calls:
-                a_parts.append(unfold_patches(module, x[start:stop]))
+                a_parts.append(unfold_patches(module, padded_input(module, x)[start:stop]))
                 g_parts.append(grouped_grad(module, grads[0][start:stop]))
             a = a_parts[0] if len(calls) == 1 else torch.cat(a_parts, dim=1)
             g = g_parts[0] if len(calls) == 1 else torch.cat(g_parts, dim=1)
@@ -113,9 +133,111 @@ class ConvRule(LayerRule):
             out.append(per_group.view(stop - start, groups).sum(dim=1))
         return torch.cat(out)
 
+    def can_fuse(self, module, tracked) -> bool:
+        """The fused path needs the weight tracked and a plain ``nn.ConvNd`` forward."""
+        return "weight" in tracked and type(module).forward in _PLAIN_FORWARDS
+
+    def fused_forward(self, module, args, kwargs, sink):
+        x = args[0]
+        _unbatched(module, x)
+        padding = _symmetric_padding(module)
+        if padding is None:  # the padding itself stays in autograd's graph
+            x = _padded(module, x)
+            padding = [0] * len(module.kernel_size)
+        return _FusedConv.apply(x, module.weight, module.bias, padding, module, sink)
+
+    def fused_grads(self, module, ctx, g, tracked):
+        return fused_conv_grads(module, ctx, g, tracked)
+
+    def fused_plan(self, module, ctx, tracked) -> RoutePlan:
+        x, _ = ctx
+        flops = 2.0 * x.shape[0] * module.weight.numel() * x[0, 0].numel() / module.groups
+        step = max(1, min(x.shape[0], int(MAX_EXTRA_BYTES // (4 * module.weight.numel()))))
+        return RoutePlan("fused-per-sample-conv", f"B={x.shape[0]} weight={tuple(module.weight.shape)}",
+                         0.3 * flops, 4.0 * module.weight.numel() * step)
+
     def plan(self, module, ctx, grad, tracked) -> RoutePlan:
-        d, T, p = self._dims(module, ctx, grad)
-        plan = linear_route(ctx.shape[0] * module.groups, T, d, p)
-        plan.extra_bytes += self.chunk_size(module, ctx, grad) * module.groups * T * d * 4
-        plan.shape = f"{plan.shape} (unfold chunk {self.chunk_size(module, ctx, grad)})"
+        d, T, p = self._dims(module, grad, grad)
+        chunk = self.chunk_size(module, grad, grad)
+        plan = linear_route(grad.shape[0] * module.groups, T, d, p)
+        plan.extra_bytes += chunk * module.groups * T * d * 4
+        plan.shape = f"{plan.shape} (unfold chunk {chunk})"
         return plan
+
+
+def _symmetric_padding(module) -> list[int] | None:
+    """The module's zero padding as per-dim ints, or None when it must be applied by F.pad."""
+    pads = module._reversed_padding_repeated_twice
+    if module.padding_mode != "zeros":
+        return None
+    left, right = pads[0::2], pads[1::2]
+    if list(left) != list(right):
+        return None  # 'same' with an even kernel extent pads one more on the right
+    return list(reversed(left))
+
+
+class _FusedConv(torch.autograd.Function):
+    """Convolution whose backward takes the weight gradient from per-sample weight gradients.
+
+    Per-sample weight gradients come from one grouped weight-gradient convolution with the batch
+    folded into the groups (input ``[1, B*Cin, ...]``, grad ``[1, B*Cout, ...]``, groups ``B*g``);
+    their batch sum is the weight gradient, so autograd's own weight-gradient convolution is
+    replaced rather than repeated. ``sink`` as in ``linear._FusedLinear``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding, module, sink):
+        ctx.save_for_backward(x, weight)
+        ctx.padding, ctx.module, ctx.sink, ctx.has_bias = padding, module, sink, bias is not None
+        m = module
+        return torch.convolution(x, weight, bias, m.stride, padding, m.dilation, False, [0] * len(padding), m.groups)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        m, padding = ctx.module, ctx.padding
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(
+                g, x, weight, None, m.stride, padding, m.dilation, False, [0] * len(padding), m.groups,
+                [True, False, False])[0]
+        grad_w, grad_b = ctx.sink((x, padding), g)
+        if grad_w is None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+            _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                g, x, weight, [weight.shape[0]] if ctx.has_bias else None, m.stride, padding, m.dilation, False,
+                [0] * len(padding), m.groups, [False, True, ctx.has_bias])
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def per_sample_conv_weight_grads(module, x, padding, g) -> torch.Tensor:
+    """``[B, Cout, Cin/groups, *kernel]`` per-sample weight gradients of one call (float32)."""
+    B = x.shape[0]
+    groups = module.groups * B
+    weight_shape = (B * module.out_channels, module.in_channels // module.groups, *module.kernel_size)
+    grads = torch.ops.aten.convolution_backward(
+        g.reshape(1, B * module.out_channels, *g.shape[2:]), x.reshape(1, B * module.in_channels, *x.shape[2:]),
+        torch.empty(weight_shape, dtype=x.dtype, device=x.device), None, module.stride, padding, module.dilation,
+        False, [0] * len(padding), groups, [False, True, False])[1]
+    return grads.view(B, *module.weight.shape)
+
+
+def fused_conv_grads(module, ctx, g, tracked):
+    """``(per-sample sq [B], grad_weight, grad_bias)`` of one call, in memory-bounded chunks."""
+    x, padding = ctx
+    B = x.shape[0]
+    per_sample_bytes = 4 * module.weight.numel()
+    step = max(1, min(B, int(MAX_EXTRA_BYTES // per_sample_bytes)))
+    sq, grad_w = [], None
+    for start in range(0, B, step):
+        psg = per_sample_conv_weight_grads(module, x[start:start + step], padding, g[start:start + step]).float()
+        sq.append(psg.reshape(psg.shape[0], -1).square().sum(dim=1))
+        part = psg.sum(dim=0)
+        grad_w = part if grad_w is None else grad_w + part
+    sq = torch.cat(sq)
+    grad_b = None
+    if module.bias is not None:
+        per_sample_bias = g.float().reshape(B, module.out_channels, -1).sum(dim=2)
+        if "bias" in tracked:
+            sq = sq + per_sample_bias.square().sum(dim=1)
+        grad_b = per_sample_bias.sum(dim=0).to(module.bias.dtype)
+    return sq, grad_w.to(module.weight.dtype), grad_b

@@ -8,11 +8,12 @@ concatenating the calls along T (``sum_k G_k^T A_k = [G_1..G_K]^T [A_1..A_K]``).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
 from .base import LayerRule, RoutePlan, register
-from .routes import linear_route
+from .routes import MAX_EXTRA_BYTES, linear_route
 
 
 def linear_factors(calls) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,3 +65,80 @@ class LinearRule(LayerRule):
     def plan(self, module, ctx, grad, tracked) -> RoutePlan:
         a, g = linear_factors([(ctx, (grad,))])
         return linear_route(a.shape[0], a.shape[1], a.shape[2], g.shape[2])
+
+    def can_fuse(self, module, tracked) -> bool:
+        """The fused path needs the weight tracked and a plain ``nn.Linear`` forward."""
+        return "weight" in tracked and type(module).forward is nn.Linear.forward
+
+    def fused_forward(self, module, args, kwargs, sink):
+        return fused_linear_forward(module, args[0], sink)
+
+    def fused_grads(self, module, x, g, tracked):
+        return fused_linear_grads(module, x, g, tracked)
+
+    def fused_plan(self, module, x, tracked) -> RoutePlan:
+        B = x.shape[0]
+        return fused_linear_route(B, x[0].numel() // x.shape[-1], x.shape[-1], module.out_features)
+
+
+class _FusedLinear(torch.autograd.Function):
+    """``F.linear`` whose backward also yields per-sample weight/bias norms.
+
+    The weight gradient ``sum_b G_b^T A_b`` is taken from the same per-sample tiles that give the
+    norms (operator ``instantiate_norm``), so autograd's own weight-gradient GEMM is replaced,
+    not repeated. ``sink(x, g)`` (from the tracker) returns ``(grad_weight, grad_bias)``, or
+    ``(None, None)`` when it wants the plain gradients (e.g. a module called several times).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, sink):
+        ctx.save_for_backward(x, weight)
+        ctx.sink = sink
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        grad_x = g.matmul(weight) if ctx.needs_input_grad[0] else None
+        grad_w, grad_b = ctx.sink(x, g)
+        if grad_w is None and ctx.needs_input_grad[1]:
+            grad_w = g.reshape(-1, g.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
+        if grad_b is None and ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.reshape(-1, g.shape[-1]).sum(dim=0)
+        return grad_x, grad_w, grad_b, None
+
+
+def fused_linear_grads(module: nn.Linear, x: torch.Tensor, g: torch.Tensor, tracked) -> tuple:
+    """``(per-sample sq [B], grad_weight, grad_bias)`` of one call, sharing work between them."""
+    a = x.reshape(x.shape[0], -1, x.shape[-1])
+    gg = g.reshape(g.shape[0], -1, g.shape[-1])
+    with_bias = "bias" in tracked
+    plan = fused_linear_route(a.shape[0], a.shape[1], a.shape[2], gg.shape[2])
+    if plan.route == "fused-instantiate":
+        w_sq, b_sq, grad_w = ops.instantiate_norm(a, gg, with_bias)
+        grad_w = grad_w.to(module.weight.dtype)
+    else:
+        w_sq, b_sq = (ops.outer_norm(a[:, 0], gg[:, 0], with_bias) if plan.route == "outer"
+                      else ops.ghost_norm(a, gg, with_bias))
+        grad_w = gg.reshape(-1, gg.shape[-1]).t().matmul(a.reshape(-1, a.shape[-1]))
+    grad_b = gg.sum(dim=(0, 1)).to(module.bias.dtype) if module.bias is not None else None
+    return w_sq + b_sq, grad_w, grad_b
+
+
+def fused_linear_route(B: int, T: int, d: int, p: int) -> RoutePlan:
+    """Route for the fused path: instantiating replaces the weight-gradient GEMM, so it wins
+    over the Gram route whenever its per-thread ``p x d`` buffer fits (see ``linear_route``)."""
+    plan = linear_route(B, T, d, p)
+    if plan.route == "outer":
+        return plan
+    inst = linear_route(B, T, d, p, force="instantiate")
+    if inst.extra_bytes <= MAX_EXTRA_BYTES:
+        # Measured on CPU: per-sample tiles run ~30% slower than one batch GEMM, the only extra.
+        return RoutePlan("fused-instantiate", inst.shape, 0.3 * inst.flops, inst.extra_bytes, plan.alternatives)
+    return plan
+
+
+def fused_linear_forward(module: nn.Linear, x: torch.Tensor, sink) -> torch.Tensor:
+    """``module(x)`` through ``_FusedLinear``."""
+    return _FusedLinear.apply(x, module.weight, module.bias, sink)

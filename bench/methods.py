@@ -1,0 +1,164 @@
+"""The methods compared side by side: each runs one training step's forward and backward and
+returns per-sample ``||g_i||^2`` of the unscaled per-sample loss (None for plain).
+
+Methods whose library is not installed raise ``MethodUnavailable`` at construction, so the
+table and pytest-benchmark skip them cleanly.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+from divebatch import GradNormTracker
+
+
+class MethodUnavailable(RuntimeError):
+    """The library behind a method is missing or refuses the workload."""
+
+
+class Method:
+    name = "?"
+
+    def __init__(self, workload, model):
+        self.workload = workload
+        self.model = model
+
+    def step(self, x, y):
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+
+class Plain(Method):
+    """Forward + backward, nothing else (the floor)."""
+
+    name = "plain"
+
+    def step(self, x, y):
+        self.model.zero_grad(set_to_none=True)
+        self.workload.loss(self.model(x), y).backward()
+        return None
+
+
+class DiveBatch(Method):
+    """divebatch.GradNormTracker with the routes its cost model picks."""
+
+    name = "divebatch"
+
+    def __init__(self, workload, model):
+        super().__init__(workload, model)
+        self.tracker = None
+
+    def step(self, x, y):
+        if self.tracker is None:
+            self.tracker = GradNormTracker(self.model, loss_reduction=self.workload.scale(x, y))
+        self.model.zero_grad(set_to_none=True)
+        self.workload.loss(self.model(x), y).backward()
+        stats = self.tracker.collect()
+        return stats.per_sample
+
+    def close(self):
+        if self.tracker is not None:
+            self.tracker.close()
+
+
+class TorchFunc(Method):
+    """torch.func: vmap(grad) per-sample gradients of the unscaled loss, then their norms."""
+
+    name = "torch.func"
+
+    def step(self, x, y):
+        model, loss = self.model, self.workload.sample_loss
+        params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        buffers = dict(model.named_buffers())
+
+        def one(p, xi, yi):
+            return loss(functional_call(model, (p, buffers), (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+        grads = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+        return sum(g.flatten(1).float().square().sum(1) for g in grads.values())
+
+
+class _Opacus(Method):
+    ghost = False
+
+    def __init__(self, workload, model):
+        super().__init__(workload, model)
+        try:
+            if self.ghost:
+                from opacus.grad_sample import GradSampleModuleFastGradientClipping as GSM
+
+                self.gsm = GSM(model, loss_reduction="mean", use_ghost_clipping=True)
+            else:
+                from opacus import GradSampleModule
+
+                self.gsm = GradSampleModule(model, loss_reduction="mean")
+        except ImportError as err:
+            raise MethodUnavailable(f"opacus not installed ({err})") from err
+        except Exception as err:  # noqa: BLE001 - opacus refuses some layers
+            raise MethodUnavailable(f"opacus refused the model: {err}") from err
+
+    def step(self, x, y):
+        self.gsm.zero_grad(set_to_none=True)
+        # Opacus' "mean" multiplies backprops by B, i.e. reports gradients of B * c * l_i.
+        factor = (x.shape[0] * self.workload.scale(x, y)) ** 2
+        self.workload.loss(self.gsm(x), y).backward()
+        if self.ghost:
+            return self.gsm.get_norm_sample().square() / factor
+        return sum(p.grad_sample.flatten(1).square().sum(1) for p in self.model.parameters()) / factor
+
+    def close(self):
+        self.gsm._close()
+
+
+class OpacusHooks(_Opacus):
+    """Opacus 1.6 GradSampleModule (per-sample gradients by hooks)."""
+
+    name = "opacus"
+
+
+class OpacusGhost(_Opacus):
+    """Opacus 1.6 fast gradient clipping with ghost clipping (norms without instantiation)."""
+
+    name = "opacus-ghost"
+    ghost = True
+
+
+class BackPACK(Method):
+    """BackPACK BatchL2Grad; its output is c^2-scaled, so it is divided by c^2 here."""
+
+    name = "backpack"
+
+    def __init__(self, workload, model):
+        super().__init__(workload, model)
+        try:
+            from backpack import backpack, extend
+            from backpack.extensions import BatchL2Grad
+        except ImportError as err:
+            raise MethodUnavailable(f"backpack-for-pytorch not installed ({err})") from err
+        self.model = extend(model)
+        self.context = lambda: backpack(BatchL2Grad())
+
+    def step(self, x, y):
+        self.model.zero_grad(set_to_none=True)
+        loss = self.workload.loss(self.model(x), y)
+        with self.context():
+            loss.backward()
+        c2 = self.workload.scale(x, y) ** 2
+        parts = [p.batch_l2 for p in self.model.parameters() if hasattr(p, "batch_l2")]
+        # Layers BackPACK does not support (LayerNorm) are silently missing: the error column shows it.
+        return sum(parts) / c2
+
+
+METHODS = [Plain, DiveBatch, TorchFunc, OpacusHooks, OpacusGhost, BackPACK]
+
+
+def build(method_cls, workload, seed=0):
+    """A fresh, identically initialised model wrapped by ``method_cls``."""
+    torch.manual_seed(seed)
+    model = workload.make_model()
+    return method_cls(workload, copy.deepcopy(model))

@@ -1,0 +1,152 @@
+"""Print the per-sample-norm table of ../shared/BENCHMARKS.md and write it as JSON/Markdown.
+
+For every workload and method, side by side in one process (round-robin, so drift hits every
+method alike): median ms per step, ratio to plain, max relative error of the per-sample norms
+against torch.func, and peak extra memory over plain (peak RSS of a fresh child process per
+method, since the CPU allocator keeps no peak statistics).
+
+    python bench/run_table.py                       # mlp, cnn, seq on CPU
+    python bench/run_table.py --workloads seq --reps 30 --out bench/results/cpu_table.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from methods import METHODS, MethodUnavailable, build  # noqa: E402
+from workloads import WORKLOADS  # noqa: E402
+
+BY_NAME = {m.name: m for m in METHODS}
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def memory_probe(workload_name: str, method_name: str, device: str) -> dict:
+    """Run in a child process: RSS before the first step and peak RSS over three steps (KiB)."""
+    workload = WORKLOADS[workload_name]
+    method = build(BY_NAME[method_name], workload)
+    method.model.to(device)
+    x, y = workload.make_batch(torch.device(device))
+    before = _rss_kb()
+    for _ in range(3):
+        method.step(x, y)
+    return {"before_kb": before, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+
+
+def measure_memory(workload: str, method: str, device: str) -> dict | None:
+    cmd = [sys.executable, __file__, "--memory-probe", workload, method, "--device", device]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_workload(name: str, method_names: list[str], reps: int, device: str, memory: bool) -> list[dict]:
+    workload = WORKLOADS[name]
+    x, y = workload.make_batch(torch.device(device))
+    methods, rows = {}, {}
+    for method_name in method_names:
+        try:
+            methods[method_name] = build(BY_NAME[method_name], workload)
+            methods[method_name].model.to(device)
+        except MethodUnavailable as err:
+            rows[method_name] = {"workload": name, "method": method_name, "skipped": str(err)}
+    # Correctness first (same weights, same batch): per-sample norms against torch.func.
+    reference = BY_NAME["torch.func"](workload, build(BY_NAME["plain"], workload).model.to(device)).step(x, y)
+    norms = {}
+    for method_name, method in list(methods.items()):
+        try:
+            norms[method_name] = method.step(x, y)
+        except Exception as err:  # noqa: BLE001 - a library refusing the workload is a result
+            rows[method_name] = {"workload": name, "method": method_name, "skipped": f"{type(err).__name__}: {err}"}
+            methods.pop(method_name).close()
+    times = {m: [] for m in methods}
+    for _ in range(reps):
+        for method_name, method in methods.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            method.step(x, y)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[method_name].append(time.perf_counter() - start)
+    plain_ms = statistics.median(times["plain"]) * 1e3
+    mem = {m: measure_memory(name, m, device) for m in methods} if memory else {}
+    plain_mem = mem.get("plain")
+    for method_name in methods:
+        ms = statistics.median(times[method_name]) * 1e3
+        row = {"workload": name, "method": method_name, "median_ms": ms, "ratio": ms / plain_ms}
+        if norms.get(method_name) is not None:
+            err = (norms[method_name].double() - reference.double()).abs().max() / reference.double().abs().max()
+            row["max_rel_err"] = err.item()
+        if mem.get(method_name) and plain_mem:
+            row["extra_mb"] = (mem[method_name]["peak_kb"] - plain_mem["peak_kb"]) / 1024
+            row["plain_step_mb"] = (plain_mem["peak_kb"] - plain_mem["before_kb"]) / 1024
+        rows[method_name] = row
+        methods[method_name].close()
+    return [rows[m] for m in method_names if m in rows]
+
+
+def to_markdown(rows: list[dict]) -> str:
+    lines = ["| workload | method | median ms | ratio to plain | max rel err vs torch.func | peak extra MB |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['workload']} | {r['method']} | skipped: {r['skipped'][:60]} | | | |")
+            continue
+        err = f"{r['max_rel_err']:.1e}" if "max_rel_err" in r else "-"
+        mem = f"{r['extra_mb']:+.0f} (plain step {r['plain_step_mb']:.0f})" if "extra_mb" in r else "-"
+        lines.append(f"| {r['workload']} | {r['method']} | {r['median_ms']:.1f} | {r['ratio']:.2f}x | {err} | {mem} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", default="mlp,cnn,seq", help="comma-separated names of bench/workloads.py")
+    parser.add_argument("--methods", default=",".join(BY_NAME), help="comma-separated methods (plain is always run)")
+    parser.add_argument("--reps", type=int, default=20, help="timed steps per method (round-robin)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-method child processes")
+    parser.add_argument("--out", type=Path, default=None, help="write rows as JSON here and a .md beside it")
+    parser.add_argument("--memory-probe", nargs=2, metavar=("WORKLOAD", "METHOD"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        print(json.dumps(memory_probe(*args.memory_probe, args.device)))
+        return 0
+    methods = ["plain"] + [m for m in args.methods.split(",") if m and m != "plain"]
+    unknown = [m for m in methods if m not in BY_NAME] + [w for w in args.workloads.split(",") if w not in WORKLOADS]
+    if unknown:
+        parser.error(f"unknown method or workload: {', '.join(unknown)}")
+    rows = []
+    for name in args.workloads.split(","):
+        rows += run_workload(name, methods, args.reps, args.device, not args.no_memory)
+        print(to_markdown([r for r in rows if r["workload"] == name]), flush=True)
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
+            "reps": args.reps, "date": time.strftime("%Y-%m-%d %H:%M")}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        args.out.with_suffix(".md").write_text(f"{meta}\n\n{to_markdown(rows)}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The reference per-sample-norm workloads of ../shared/BENCHMARKS.md.
+
+Each workload gives a model factory, a batch, the scale ``c`` of its loss
+(``L = c * sum_i l_i``) and the per-sample loss, so every method computes the same numbers:
+per-sample ``||g_i||^2`` of the unscaled ``l_i``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Workload:
+    """One benchmark workload: ``make_model()``, ``make_batch()`` -> (x, y), loss and its scale."""
+
+    name: str
+    make_model: Callable[[], nn.Module]
+    make_batch: Callable[[torch.device], tuple[torch.Tensor, torch.Tensor]]
+    scale: Callable[[torch.Tensor, torch.Tensor], float]  # c for a batch
+    token_level: bool = False
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The scaled loss ``c * sum_i l_i`` the user would call backward on (mean reduction)."""
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="mean")
+
+    def sample_loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Unscaled loss of the samples in ``out`` (summed over samples and tokens)."""
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum")
+
+
+def _mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+                         nn.Linear(1024, 10))
+
+
+def _cnn():
+    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1, stride=2),
+                         nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(3136, 10))
+
+
+class Block(nn.Module):
+    """Pre-norm residual MLP block of the seq workload."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.up = nn.Linear(dim, hidden)
+        self.down = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return x + self.down(F.gelu(self.up(self.norm(x))))
+
+
+class SeqModel(nn.Module):
+    """Embedding -> n_blocks x Block -> vocabulary head (the seq workloads)."""
+
+    def __init__(self, vocab=1000, dim=256, hidden=1024, n_blocks=2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.Sequential(*[Block(dim, hidden) for _ in range(n_blocks)])
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, idx):
+        return self.head(self.blocks(self.embed(idx)))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (two 3x3 convs with BatchNorm, projection shortcut when needed)."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.short(x))
+
+
+def resnet18(num_classes=1000):
+    """ResNet-18 for 224x224 inputs (torchvision does not import beside the CPU torch here)."""
+    layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+    cin = 64
+    for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+        layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def _images(batch, shape):
+    def make(device):
+        g = torch.Generator().manual_seed(1)
+        return (torch.randn(batch, *shape, generator=g).to(device),
+                torch.randint(0, 10, (batch,), generator=g).to(device))
+    return make
+
+
+def _tokens(batch, T, vocab):
+    def make(device):
+        g = torch.Generator().manual_seed(1)
+        return (torch.randint(0, vocab, (batch, T), generator=g).to(device),
+                torch.randint(0, vocab, (batch, T), generator=g).to(device))
+    return make
+
+
+WORKLOADS = {
+    "mlp": Workload("mlp", _mlp, _images(256, (1, 28, 28)), lambda x, y: 1.0 / x.shape[0]),
+    "cnn": Workload("cnn", _cnn, _images(128, (1, 28, 28)), lambda x, y: 1.0 / x.shape[0]),
+    "seq": Workload("seq", SeqModel, _tokens(16, 128, 1000), lambda x, y: 1.0 / y.numel(), token_level=True),
+    # GPU only (bf16 there): a large transformer-MLP stack and ResNet-18-sized convolutions.
+    "seq-large": Workload("seq-large", lambda: SeqModel(32000, 4096, 16384, 2), _tokens(8, 2048, 32000),
+                          lambda x, y: 1.0 / y.numel(), token_level=True),
+    "conv-large": Workload("conv-large", resnet18, _images(64, (3, 224, 224)), lambda x, y: 1.0 / x.shape[0]),
+}
