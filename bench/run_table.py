@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,9 +29,14 @@ from workloads import WORKLOADS  # noqa: E402
 BY_NAME = {m.name: m for m in METHODS}
 
 
-def _rss_kb() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+def _status_kb(field: str) -> int:
+    # VmHWM (peak RSS) belongs to this process image; ru_maxrss would carry the parent's peak
+    # across fork+exec and hide everything below it.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
 
 
 def memory_probe(workload_name: str, method_name: str, device: str) -> dict:
@@ -42,10 +45,10 @@ def memory_probe(workload_name: str, method_name: str, device: str) -> dict:
     method = build(BY_NAME[method_name], workload)
     method.model.to(device)
     x, y = workload.make_batch(torch.device(device))
-    before = _rss_kb()
+    before = _status_kb("VmRSS")
     for _ in range(3):
         method.step(x, y)
-    return {"before_kb": before, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    return {"before_kb": before, "peak_kb": _status_kb("VmHWM")}
 
 
 def measure_memory(workload: str, method: str, device: str) -> dict | None:

@@ -257,7 +257,8 @@ class GradNormTracker:
         module = owner.module
         x = args[0] if args else None
         if (kwargs or not isinstance(x, torch.Tensor) or capture_suspended() or not torch.is_grad_enabled()
-                or _inside_functorch() or torch.is_autocast_enabled(x.device.type)):
+                or _inside_functorch() or torch.is_autocast_enabled(x.device.type)
+                or not owner.rule.fuse_call(module, x)):
             # Not fusable here: the module's own forward, with the hook path capturing.
             return type(module).forward(module, *args, **kwargs)
         if x.dim() > 0 and x.shape[0] == 0:

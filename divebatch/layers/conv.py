@@ -137,6 +137,10 @@ class ConvRule(LayerRule):
         """The fused path needs the weight tracked and a plain ``nn.ConvNd`` forward."""
         return "weight" in tracked and type(module).forward in _PLAIN_FORWARDS
 
+    def fuse_call(self, module, x) -> bool:
+        """Convolutions always gain: the grouped per-sample weight gradient replaces autograd's."""
+        return True
+
     def fused_forward(self, module, args, kwargs, sink):
         x = args[0]
         _unbatched(module, x)

@@ -70,6 +70,14 @@ class LinearRule(LayerRule):
         """The fused path needs the weight tracked and a plain ``nn.Linear`` forward."""
         return "weight" in tracked and type(module).forward is nn.Linear.forward
 
+    def fuse_call(self, module, x) -> bool:
+        """Fuse only where it saves work: T > 1 and the fused instantiate route applies. (With
+        T = 1 the closed form is nearly free and autograd's own GEMM is as good as ours.)"""
+        if x.dim() < 2:
+            return False
+        B, d = x.shape[0], x.shape[-1]
+        return fused_linear_route(B, x.numel() // max(1, B * d), d, module.out_features).route == "fused-instantiate"
+
     def fused_forward(self, module, args, kwargs, sink):
         return fused_linear_forward(module, args[0], sink)
 
