@@ -51,12 +51,16 @@ def memory_probe(workload_name: str, method_name: str, device: str) -> dict:
     return {"before_kb": before, "peak_kb": _status_kb("VmHWM")}
 
 
-def measure_memory(workload: str, method: str, device: str) -> dict | None:
+def measure_memory(workload: str, method: str, device: str, repeats: int = 3) -> dict | None:
+    """Median over ``repeats`` fresh child processes (peak RSS varies by ~15 MB run to run)."""
     cmd = [sys.executable, __file__, "--memory-probe", workload, method, "--device", device]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        return None
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    probes = []
+    for _ in range(repeats):
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            return None
+        probes.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return {key: statistics.median(p[key] for p in probes) for key in probes[0]}
 
 
 def run_workload(name: str, method_names: list[str], reps: int, device: str, memory: bool) -> list[dict]:

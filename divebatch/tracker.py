@@ -421,6 +421,8 @@ def _squared_norm(t: torch.Tensor) -> torch.Tensor:
     if t.dtype == torch.float32 and t.is_contiguous():
         flat = t.view(-1)
         return torch.dot(flat, flat)
+    if t.dtype == torch.float64:  # vector_norm refuses to downcast; keep float64 until the end
+        return torch.linalg.vector_norm(t).square().float()
     return torch.linalg.vector_norm(t, dtype=torch.float32).square()
 
 

@@ -1,0 +1,744 @@
+"""Batteries-included training with an adaptive batch size: :class:`Trainer` and :func:`train`.
+
+What one optimizer step does (:func:`accumulate_step`): the logical batch of ``B`` samples comes
+as one or more micro-batches; each micro-batch's loss is ``(1/B)·Σ_{i∈micro} ℓ_i`` so that the
+accumulated ``.grad`` equals the gradient of the mean loss over the logical batch — the same
+step a single full batch would make (to float rounding). On measured steps the tracker's ``c``
+is set to ``1/B`` (times a GradScaler's scale), so its per-sample norms are those of the
+unscaled ``ℓ_i`` (DESIGN.md §2); ``Σ||g_i||²`` adds up over micro-batches and ``||Σ g_i||²`` of
+the logical batch is read from the accumulated ``.grad`` when there are several micro-batches.
+
+The learning rate follows a cosine counted in **samples** (``CosineLR``), so growing the batch
+does not stretch or shrink the schedule; a policy's lr rescale multiplies its ``base_lrs``.
+
+Policies by name (:func:`make_policy`):
+
+* ``"sgd"`` — :class:`~divebatch.schedule.Fixed` at ``batch_size``.
+* ``"adabatch"`` — double every ``resize_every`` epochs up to ``max_batch_size``.
+* ``"paper"`` — DiveBatch as the authors ran it: epoch-pooled Δ̂ over one whole measured
+  epoch per window, ``m ← min(max(δ·n·Δ̂, m), m_max)``, δ = 0.1, no growth cap, lr unchanged.
+* ``"divebatch"`` — divebatch's default policy (see :data:`DEFAULT_POLICY` and
+  docs/training.md for the design and the measurements behind it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import DataBundle
+from .models import build_model
+from .sampler import AdaptiveBatchSampler
+from .schedule import DEFAULT_POLICY, PAPER_POLICY, AdaBatch, BatchSizePolicy, CosineLR, DiveBatch, Fixed
+
+__all__ = [
+    "POLICIES",
+    "DEFAULT_POLICY",
+    "PAPER_POLICY",
+    "TrainConfig",
+    "Trainer",
+    "train",
+    "make_policy",
+    "accumulate_step",
+    "group_micro_batches",
+    "per_sample_loss",
+    "evaluate",
+    "time_to_accuracy",
+]
+
+#: Policy names understood by :func:`make_policy`, the Trainer and the command line.
+POLICIES = ("sgd", "adabatch", "paper", "divebatch")
+
+# ---------------------------------------------------------------------------------------------
+# one optimizer step
+# ---------------------------------------------------------------------------------------------
+def per_sample_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss ``ℓ_i`` (float32 ``[B]``): logistic loss for one logit per sample,
+    softmax cross-entropy otherwise."""
+    if output.dim() == 2 and output.shape[1] == 1:
+        return F.binary_cross_entropy_with_logits(output[:, 0].float(), target.float(), reduction="none")
+    return F.cross_entropy(output.float(), target, reduction="none")
+
+
+def _correct(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if output.dim() == 2 and output.shape[1] == 1:
+        return ((output[:, 0] > 0).long() == target).sum()
+    return (output.argmax(dim=1) == target).sum()
+
+
+@dataclass
+class StepResult:
+    """What :func:`accumulate_step` returns (tensors, no host synchronisation).
+
+    Attributes:
+        loss_sum: ``Σ_i ℓ_i`` over the logical batch (float32 scalar tensor).
+        batch_size: B, samples in the logical batch.
+        per_sample_sq: unscaled ``Σ_i ||g_i||²`` (None when not measured).
+        batch_grad_sq: unscaled ``||Σ_i g_i||²`` (None when not measured).
+        scale: the factor between ``.grad`` and ``Σ_i g_i`` (``GradScaler scale / B``).
+    """
+
+    loss_sum: torch.Tensor
+    batch_size: int
+    per_sample_sq: torch.Tensor | None = None
+    batch_grad_sq: torch.Tensor | None = None
+    scale: float = 1.0
+
+
+def accumulate_step(model: nn.Module, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = per_sample_loss,
+                    tracker=None, measure: bool = False, scaler=None,
+                    autocast: Callable[[], object] | None = None) -> StepResult:
+    """Forward and backward one logical batch given as micro-batches; ``.grad`` ends up as the
+    gradient of the *mean* loss over the logical batch (times the GradScaler's scale, if any).
+
+    Call ``optimizer.zero_grad()`` before and ``optimizer.step()`` (or ``scaler.step``) after.
+
+    Args:
+        model: the model.
+        micro_batches: ``[(x, y), …]`` — together one logical batch of ``B = Σ len(y)`` samples.
+        loss_fn: ``(output, target) → [b]`` per-sample losses (reduction none).
+        tracker: a ``GradNormTracker`` (enabled on measured steps); its ``loss_reduction`` is set
+            to ``scale/B`` before each backward so its stats are unscaled.
+        measure: read the tracker after each backward and return ``Σ||g_i||²`` and ``||Σ g_i||²``.
+        scaler: a ``torch.amp.GradScaler`` or None.
+        autocast: a zero-argument callable returning a context manager (e.g.
+            ``lambda: torch.autocast("cpu", torch.bfloat16)``) or None.
+    """
+    B = sum(int(y.shape[0]) for _, y in micro_batches)
+    if B == 0:
+        raise ValueError("accumulate_step got an empty logical batch")
+    gscale = float(scaler.get_scale()) if (scaler is not None and scaler.is_enabled() and measure) else 1.0
+    c = 1.0 / B
+    if measure:
+        if tracker is None:
+            raise ValueError("measure=True needs a tracker")
+        tracker.loss_reduction = c * gscale
+    ctx = autocast if autocast is not None else nullcontext
+    loss_sum = torch.zeros((), dtype=torch.float32, device=micro_batches[0][1].device)
+    s1 = None
+    s2 = None
+    for x, y in micro_batches:
+        with ctx():
+            out = model(x)
+            losses = loss_fn(out, y)
+        loss = losses.sum() * c
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        loss_sum = loss_sum + losses.detach().sum()
+        if measure:
+            st = tracker.collect()
+            ps = st.per_sample.sum()
+            s1 = ps if s1 is None else s1 + ps
+            s2 = st.batch_grad_sq
+    res = StepResult(loss_sum, B, scale=c * gscale)
+    if measure:
+        if len(micro_batches) > 1:  # ||Σ g_i||² of the whole logical batch, from the accumulated grads
+            tot = torch.zeros((), dtype=torch.float32, device=s1.device)
+            for p in tracker.parameters():
+                if p.grad is not None:
+                    tot = tot + p.grad.detach().float().square().sum().to(s1.device)
+            s2 = tot / (res.scale ** 2)
+        res.per_sample_sq, res.batch_grad_sq = s1, s2
+    return res
+
+
+def group_micro_batches(loader: Iterable, sampler: AdaptiveBatchSampler) -> Iterator[list]:
+    """Group what a ``DataLoader(batch_sampler=sampler)`` yields into optimizer steps.
+
+    Reads ``sampler.plan()`` before the epoch starts and yields, per logical step, the list of
+    micro-batches the loader produced for it (feed it to :func:`accumulate_step`)::
+
+        for micro in group_micro_batches(loader, sampler):
+            opt.zero_grad(); accumulate_step(model, micro); opt.step()
+    """
+    plan = sampler.plan()
+    it = iter(loader)
+    for sizes in plan:
+        group = []
+        for _ in sizes:
+            try:
+                group.append(next(it))
+            except StopIteration:
+                return
+        yield group
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 8192,
+             loss_fn: Callable = per_sample_loss, autocast: Callable[[], object] | None = None) -> tuple[float, float]:
+    """(mean loss, accuracy in [0, 1]) of ``model`` on ``(x, y)``, in eval mode, no grad."""
+    was_training = model.training
+    model.eval()
+    ctx = autocast if autocast is not None else nullcontext
+    tot_loss = torch.zeros((), dtype=torch.float64, device=y.device)
+    tot_correct = torch.zeros((), dtype=torch.int64, device=y.device)
+    for s in range(0, int(y.shape[0]), batch_size):
+        xb, yb = x[s:s + batch_size], y[s:s + batch_size]
+        with ctx():
+            out = model(xb)
+        tot_loss += loss_fn(out, yb).double().sum()
+        tot_correct += _correct(out, yb)
+    model.train(was_training)
+    n = max(int(y.shape[0]), 1)
+    return float(tot_loss) / n, float(tot_correct) / n
+
+
+# ---------------------------------------------------------------------------------------------
+# policies by name
+# ---------------------------------------------------------------------------------------------
+def make_policy(name: str, optimizer: torch.optim.Optimizer, dataset_size: int, batch_size: int,
+                max_batch_size: int, resize_every: int = 3, tracker=None, lr_schedulers: Sequence = (),
+                adabatch_lr_factor: float = 1.0, **overrides) -> BatchSizePolicy:
+    """Build a policy by name (see :data:`POLICIES`).
+
+    ``overrides`` replace the named policy's DiveBatch settings (``delta``, ``estimator``,
+    ``lr_scaling``, ``max_growth``, ``measure_every``, ``measure_epochs``, ``ema_beta``,
+    ``resize_every``); None values are ignored.
+    """
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if name == "sgd":
+        return Fixed(optimizer, batch_size)
+    if name == "adabatch":
+        return AdaBatch(optimizer, batch_size, max_batch_size, resize_every=overrides.get("resize_every", resize_every),
+                        lr_factor=adabatch_lr_factor, lr_schedulers=lr_schedulers)
+    if name in ("paper", "divebatch"):
+        cfg = dict(PAPER_POLICY, resize_every=resize_every) if name == "paper" else dict(DEFAULT_POLICY)
+        cfg.update(overrides)
+        return DiveBatch(optimizer, dataset_size, batch_size, max_batch_size, tracker=tracker,
+                         lr_schedulers=lr_schedulers, **cfg)
+    raise ValueError(f"unknown policy {name!r}: choose one of {', '.join(POLICIES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Settings of one training run (units in the field comments).
+
+    ``batch_size`` is the initial logical batch m0 (samples per optimizer step) and
+    ``max_batch_size`` m_max; ``lr`` is the peak learning rate of the sample-counted cosine;
+    ``resize_every`` is in epochs; ``max_micro_batch`` bounds the samples per forward/backward.
+    DiveBatch settings left None take the named policy's values (:data:`DEFAULT_POLICY`,
+    :data:`PAPER_POLICY`).
+    """
+
+    policy: str = "divebatch"
+    epochs: int = 30
+    batch_size: int = 128
+    max_batch_size: int = 2048
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    resize_every: int = 3
+    delta: float | None = None
+    estimator: str | None = None
+    lr_scaling: str | None = None
+    max_growth: float | None = None
+    measure_every: int | None = None
+    measure_epochs: int | None = None
+    ema_beta: float | None = None
+    adabatch_lr_factor: float = 1.0
+    max_micro_batch: int | None = None
+    seed: int = 0
+    model: str | None = None
+    device: str = "cpu"
+    amp: str | None = None          # None | "bf16" | "fp16"
+    eval_batch_size: int = 8192
+    name: str | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError with one clear line for a bad setting."""
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}: choose one of {', '.join(POLICIES)}")
+        for k in ("epochs", "batch_size", "max_batch_size", "resize_every", "eval_batch_size"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{k.replace('_', '-')} must be a positive integer, got {v}")
+        if self.max_batch_size < self.batch_size:
+            raise ValueError(f"max-batch-size ({self.max_batch_size}) must be >= batch-size ({self.batch_size})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight-decay must be >= 0, got {self.weight_decay}")
+        if self.delta is not None and not (self.delta > 0 and math.isfinite(self.delta)):
+            raise ValueError(f"delta must be > 0, got {self.delta}")
+        if self.max_growth is not None and not self.max_growth > 1:
+            raise ValueError(f"max-growth must be > 1, got {self.max_growth}")
+        if self.max_micro_batch is not None and self.max_micro_batch < 1:
+            raise ValueError(f"max-micro-batch must be a positive integer, got {self.max_micro_batch}")
+        if self.measure_every is not None and self.measure_every < 1:
+            raise ValueError(f"measure-every must be a positive integer, got {self.measure_every}")
+        if self.amp not in (None, "bf16", "fp16"):
+            raise ValueError(f"amp must be bf16 or fp16, got {self.amp}")
+
+    @property
+    def label(self) -> str:
+        """A short run name, e.g. ``sgd-128``, ``divebatch``."""
+        if self.name:
+            return self.name
+        if self.policy == "sgd":
+            return f"sgd-{self.batch_size}"
+        return self.policy
+
+
+def _policy_overrides(cfg: TrainConfig) -> dict:
+    return dict(delta=cfg.delta, estimator=cfg.estimator, lr_scaling=cfg.lr_scaling, max_growth=cfg.max_growth,
+                measure_every=cfg.measure_every, measure_epochs=cfg.measure_epochs, ema_beta=cfg.ema_beta)
+
+
+class Trainer:
+    """Train a model with an adaptive batch size, epoch by epoch, logging metrics.
+
+    ``Trainer(cfg, data).fit()`` runs ``cfg.epochs`` epochs of SGD (momentum, weight decay) with a
+    sample-counted cosine lr, the batch size following ``cfg.policy``, evaluating test accuracy
+    after every epoch. ``run_epoch()`` runs one epoch (``divebatch compare`` interleaves several
+    trainers epoch by epoch so that machine noise hits them alike).
+
+    Wall time (``train_time`` in the records, seconds) counts training only — forward, backward,
+    measuring, optimizer and policy — not evaluation.
+
+    Args:
+        cfg: the settings (:class:`TrainConfig`).
+        data: the dataset (:class:`~divebatch.data.DataBundle`), moved to ``cfg.device``.
+        model: a model to train (default: :func:`~divebatch.models.build_model` for the data).
+        run_dir: where to write ``metrics.jsonl``, ``summary.json`` and plots (None: nowhere).
+        progress: show a tqdm progress bar per epoch.
+        log: called with one line per epoch (default ``tqdm.write``; None: silent).
+    """
+
+    def __init__(self, cfg: TrainConfig, data: DataBundle, model: nn.Module | None = None,
+                 run_dir: str | os.PathLike | None = None, progress: bool = False, log: Callable | None = None):
+        cfg.validate()
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.data = data
+        self.x_train = data.x_train.to(self.device)
+        self.y_train = data.y_train.to(self.device)
+        self.x_test = data.x_test.to(self.device)
+        self.y_test = data.y_test.to(self.device)
+        self.n = data.n_train
+        self.model = (model if model is not None else
+                      build_model(cfg.model, data.input_shape, data.num_classes, data.task, seed=cfg.seed)).to(self.device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.total_samples = cfg.epochs * self.n
+        self.lr_schedule = CosineLR(self.optimizer, total=self.total_samples)
+        self.tracker = None
+        if cfg.policy in ("paper", "divebatch"):
+            from .tracker import GradNormTracker
+            self.tracker = GradNormTracker(self.model, loss_reduction="sum", enabled=False)
+        self.policy = make_policy(cfg.policy, self.optimizer, self.n, cfg.batch_size, cfg.max_batch_size,
+                                  resize_every=cfg.resize_every, tracker=self.tracker,
+                                  lr_schedulers=[self.lr_schedule], adabatch_lr_factor=cfg.adabatch_lr_factor,
+                                  **_policy_overrides(cfg))
+        self.sampler = AdaptiveBatchSampler(self.n, self.policy, shuffle=True, seed=cfg.seed,
+                                            max_micro_batch=cfg.max_micro_batch)
+        self.scaler = None
+        self.autocast = None
+        if cfg.amp is not None:
+            dt = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+            self.autocast = lambda: torch.autocast(self.device.type, dtype=dt)
+            if cfg.amp == "fp16":
+                self.scaler = torch.amp.GradScaler(self.device.type)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.progress = progress
+        self.log = log
+        self.epoch = 0
+        self.samples_seen = 0
+        self.steps = 0
+        self.train_time = 0.0
+        self.records: list[dict] = []
+        self._metrics_file = None
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+            self._metrics_file = open(self.run_dir / "metrics.jsonl", "w")
+
+    # -- one epoch ------------------------------------------------------------------------
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def run_epoch(self) -> dict:
+        """Train one epoch, evaluate, log; returns the epoch's record (also appended to ``records``)."""
+        from tqdm.auto import tqdm
+
+        cfg, pol = self.cfg, self.policy
+        bs = self.sampler.batch_size
+        lr_start = float(self.optimizer.param_groups[0]["lr"])
+        n_steps = self.sampler.num_steps
+        bar = tqdm(total=n_steps, desc=f"{cfg.label} epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not self.progress, unit="step", mininterval=0.5)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        measured = 0
+        self._sync()
+        t0 = time.perf_counter()
+        for idx_list in self.sampler.iter_steps():
+            micro = []
+            for idx in idx_list:
+                it = torch.from_numpy(idx).to(self.device, non_blocking=True)
+                micro.append((self.x_train.index_select(0, it), self.y_train.index_select(0, it)))
+            self.lr_schedule.step(self.samples_seen)
+            self.optimizer.zero_grad(set_to_none=True)
+            measure = pol.measure_now
+            res = accumulate_step(self.model, micro, per_sample_loss, tracker=self.tracker, measure=measure,
+                                  scaler=self.scaler, autocast=self.autocast)
+            if measure:
+                pol.observe_sums(res.per_sample_sq, res.batch_grad_sq, res.batch_size, scale=res.scale)
+                measured += 1
+            else:
+                pol.observe_sums(None, None, res.batch_size)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            loss_sum += res.loss_sum
+            self.samples_seen += res.batch_size
+            self.steps += 1
+            bar.update(1)
+        new_bs = pol.step()
+        self._sync()
+        epoch_time = time.perf_counter() - t0
+        bar.close()
+        self.train_time += epoch_time
+        self.epoch += 1
+
+        t1 = time.perf_counter()
+        test_loss, test_acc = evaluate(self.model, self.x_test, self.y_test, cfg.eval_batch_size,
+                                       autocast=self.autocast)
+        eval_time = time.perf_counter() - t1
+        samples = self.n if not self.sampler.drop_last else n_steps * bs
+        dec = pol.last_decision if (pol.last_decision and pol.last_decision["epoch"] == self.epoch) else None
+        rec = {
+            "epoch": self.epoch,
+            "batch_size": bs,
+            "next_batch_size": new_bs,
+            "lr": lr_start,
+            "lr_end": float(self.optimizer.param_groups[0]["lr"]),
+            "lr_factor": pol.lr_factor,
+            "steps": n_steps,
+            "total_steps": self.steps,
+            "samples_seen": self.samples_seen,
+            "train_loss": float(loss_sum) / max(samples, 1),
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "epoch_time": epoch_time,
+            "train_time": self.train_time,
+            "eval_time": eval_time,
+            "samples_per_s": samples / epoch_time if epoch_time > 0 else float("nan"),
+            "measured_steps": measured,
+            "n_delta": None,
+            "b_noise": None,
+            "diversity": None,
+        }
+        if dec is not None:
+            rec["n_delta"] = dec.get("n_delta")
+            rec["b_noise"] = dec.get("b_noise")
+            rec["diversity"] = dec.get("diversity")
+        elif isinstance(pol, DiveBatch) and pol.estimator_name == "noise-scale" and pol.estimator.steps > 0:
+            rec["b_noise"] = pol.estimator.b_noise()
+            rec["n_delta"] = rec["b_noise"] + 1.0
+        self.records.append(rec)
+        if self._metrics_file is not None:
+            self._metrics_file.write(json.dumps(_jsonable(rec)) + "\n")
+            self._metrics_file.flush()
+        if self.log is not None:
+            self.log(format_record(rec, cfg))
+        return rec
+
+    # -- whole run ------------------------------------------------------------------------
+    def fit(self, plots: bool = True) -> dict:
+        """Run the remaining epochs; write summary (and plots when ``run_dir`` is set); return the summary."""
+        while self.epoch < self.cfg.epochs:
+            self.run_epoch()
+        return self.finish(plots=plots)
+
+    def summary(self) -> dict:
+        """Final accuracy, the paper's metric for this run, totals and the batch-size history."""
+        recs = self.records
+        accs = [r["test_acc"] for r in recs]
+        final = accs[-1] if accs else float("nan")
+        within = time_to_accuracy(recs, final - 0.01) if recs else None
+        return {
+            "label": self.cfg.label,
+            "config": asdict(self.cfg),
+            "dataset": self.data.name,
+            "n_train": self.n,
+            "model": self.cfg.model or ("logistic" if self.data.task == "binary" else "mlp"),
+            "final_test_acc": final,
+            "best_test_acc": max(accs) if accs else float("nan"),
+            "train_time": self.train_time,
+            "total_steps": self.steps,
+            "epochs": self.epoch,
+            "to_within_1pt_of_final": within,
+            "batch_sizes": [r["batch_size"] for r in recs],
+            "decisions": list(getattr(self.policy, "history", [])),
+        }
+
+    def finish(self, plots: bool = True) -> dict:
+        """Write ``summary.json`` and plots to ``run_dir``; close the tracker; return the summary."""
+        s = self.summary()
+        if self.run_dir is not None:
+            (self.run_dir / "summary.json").write_text(json.dumps(_jsonable(s), indent=2) + "\n")
+            if self._metrics_file is not None:
+                self._metrics_file.close()
+                self._metrics_file = None
+            if plots:
+                from .report import plot_run
+                plot_run(self.records, self.run_dir, title=f"{self.cfg.label} on {self.data.name}")
+        if self.tracker is not None:
+            self.tracker.close()
+        return s
+
+
+def format_record(rec: dict, cfg: TrainConfig) -> str:
+    """One line per epoch: epoch, batch size, lr, Δ̂/B_noise, loss, test accuracy, seconds."""
+    stat = ""
+    if rec.get("b_noise") is not None:
+        stat = f" | B_noise {rec['b_noise']:9.4g}"
+    elif rec.get("n_delta") is not None:
+        stat = f" | n·Δ̂ {rec['n_delta']:9.4g}"
+    bs = f"{rec['batch_size']}" + (f"→{rec['next_batch_size']}" if rec["next_batch_size"] != rec["batch_size"] else "")
+    return (f"{cfg.label:>10} epoch {rec['epoch']:3d}/{cfg.epochs} | bs {bs:>9} | lr {rec['lr']:.4f}{stat} | "
+            f"loss {rec['train_loss']:.4f} | test acc {100 * rec['test_acc']:6.2f}% | {rec['epoch_time']:6.2f} s")
+
+
+def time_to_accuracy(records: Sequence[dict], target: float) -> dict | None:
+    """First epoch whose test accuracy is ≥ ``target`` (a fraction): its epoch, cumulative train
+    time (s), optimizer steps and samples; None if never reached."""
+    for r in records:
+        if r["test_acc"] >= target - 1e-12:
+            return {"epoch": r["epoch"], "time": r["train_time"], "steps": r["total_steps"],
+                    "samples": r["samples_seen"], "target": target}
+    return None
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, (np.floating, np.integer)):
+        return _jsonable(x.item())
+    if isinstance(x, torch.Tensor):
+        return _jsonable(x.item() if x.numel() == 1 else x.tolist())
+    return x
+
+
+def train(data: DataBundle, policy: str = "divebatch", run_dir: str | os.PathLike | None = None,
+          progress: bool = False, log: Callable | None = None, model: nn.Module | None = None, **settings) -> dict:
+    """Train with the named policy and return the summary (see :class:`Trainer`).
+
+    ``settings`` are :class:`TrainConfig` fields (epochs, batch_size, max_batch_size, lr, …).
+    Example: ``train(load_dataset("digits"), "divebatch", epochs=5, batch_size=32, max_batch_size=512)``.
+    """
+    cfg = TrainConfig(policy=policy, **settings)
+    trainer = Trainer(cfg, data, model=model, run_dir=run_dir, progress=progress, log=log)
+    summary = trainer.fit()
+    summary["records"] = trainer.records
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# side-by-side comparison (`divebatch compare`)
+# ---------------------------------------------------------------------------------------------
+def compare_configs(epochs: int = 30, batch_size: int = 128, max_batch_size: int = 2048, resize_every: int = 3,
+                    delta: float = 0.1, policies: Sequence[str] | None = None, **common) -> list[TrainConfig]:
+    """The runs of ``divebatch compare``: SGD at ``batch_size``, SGD at ``max_batch_size``, AdaBatch,
+    the paper's DiveBatch (δ = ``delta``) and divebatch's default policy, with the same settings.
+
+    ``policies`` selects a subset of the labels ``sgd-small``, ``sgd-max``, ``adabatch``, ``paper``,
+    ``divebatch`` (the small-batch SGD run is always included: it is the reference).
+    """
+    base = dict(epochs=epochs, batch_size=batch_size, max_batch_size=max_batch_size, resize_every=resize_every,
+                **common)
+    cfgs = {
+        "sgd-small": TrainConfig(policy="sgd", **base),
+        "sgd-max": TrainConfig(policy="sgd", **dict(base, batch_size=max_batch_size)),
+        "adabatch": TrainConfig(policy="adabatch", **base),
+        "paper": TrainConfig(policy="paper", delta=delta, **base),
+        "divebatch": TrainConfig(policy="divebatch", **base),
+    }
+    wanted = list(cfgs) if policies is None else ["sgd-small"] + [p for p in policies if p != "sgd-small"]
+    for p in wanted:
+        if p not in cfgs:
+            raise ValueError(f"unknown compare policy {p!r}: choose from {', '.join(cfgs)}")
+    return [cfgs[p] for p in wanted]
+
+
+def _throughput_and_overhead(runs: dict[str, list[dict]]) -> tuple[dict, dict]:
+    """samples/s per batch size over unmeasured epochs, and measured/unmeasured epoch-time ratios
+    at the same batch size, using unmeasured epochs within ±3 epochs (side by side in time)."""
+    tp: dict[int, list[float]] = {}
+    unmeasured: list[tuple[int, int, float]] = []
+    for recs in runs.values():
+        for r in recs:
+            if r["measured_steps"] == 0:
+                tp.setdefault(r["batch_size"], []).append(r["samples_per_s"])
+                unmeasured.append((r["epoch"], r["batch_size"], r["epoch_time"]))
+    over: dict[str, list[float]] = {}
+    for label, recs in runs.items():
+        for r in recs:
+            if r["measured_steps"] > 0:
+                ref = [t for e, b, t in unmeasured if b == r["batch_size"] and abs(e - r["epoch"]) <= 3]
+                if ref:
+                    import statistics
+                    over.setdefault(label, []).append(r["epoch_time"] / statistics.median(ref))
+    return tp, over
+
+
+def probe_throughput(data: DataBundle, batch_sizes: Sequence[int] = (128, 256, 512, 1024, 2048), reps: int = 7,
+                     model: str | None = None, device: str = "cpu", seed: int = 0,
+                     methods: Sequence[str] = ("plain", "divebatch", "paper"), block_samples: int = 8192) -> dict:
+    """Samples/s against batch size, and the cost of measuring, side by side on this machine.
+
+    For each batch size, blocks of optimizer steps (≥ ``block_samples``, a multiple of 16 steps) are
+    timed round-robin for: ``plain`` (no measuring), ``divebatch`` (the default policy's measuring:
+    one step in ``measure_every``) and ``paper`` (every step measured, the epoch estimator), ``reps``
+    times each; medians are reported. The batch size is pinned (δ tiny) so only the measuring
+    differs. Returns ``{"samples_per_s": {bs: {method: …}}, "ratio": {bs: {method: median time /
+    plain median time}}}``.
+    """
+    import statistics
+
+    out: dict = {"samples_per_s": {}, "ratio": {}, "reps": reps}
+    me = DEFAULT_POLICY["measure_every"]
+    for bs in batch_sizes:
+        trs = {}
+        for m in methods:
+            if m == "plain":
+                cfg = TrainConfig(policy="sgd", epochs=1000, batch_size=bs, model=model, device=device, seed=seed)
+            else:
+                cfg = TrainConfig(policy=m, epochs=1000, batch_size=bs, max_batch_size=bs * 2, resize_every=1,
+                                  delta=1e-12, model=model, device=device, seed=seed)
+            trs[m] = Trainer(cfg, data)
+        iters = {m: tr.sampler.iter_steps() for m, tr in trs.items()}
+        steps = max(me, me * -(-block_samples // (me * bs)))
+
+        def block(m: str) -> float:
+            tr, pol = trs[m], trs[m].policy
+            tr._sync()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                try:
+                    idx = next(iters[m])
+                except StopIteration:
+                    iters[m] = tr.sampler.iter_steps()
+                    idx = next(iters[m])
+                it = torch.from_numpy(idx[0]).to(tr.device)
+                micro = [(tr.x_train.index_select(0, it), tr.y_train.index_select(0, it))]
+                tr.optimizer.zero_grad(set_to_none=True)
+                meas = pol.measure_now
+                res = accumulate_step(tr.model, micro, per_sample_loss, tracker=tr.tracker, measure=meas)
+                if meas:
+                    pol.observe_sums(res.per_sample_sq, res.batch_grad_sq, res.batch_size, scale=res.scale)
+                else:
+                    pol.observe_sums(None, None, res.batch_size)
+                tr.optimizer.step()
+            tr._sync()
+            return time.perf_counter() - t0
+
+        for m in methods:  # warm-up
+            block(m)
+        times: dict[str, list[float]] = {m: [] for m in methods}
+        for _ in range(reps):
+            for m in methods:
+                times[m].append(block(m))
+        med = {m: statistics.median(v) for m, v in times.items()}
+        out["samples_per_s"][bs] = {m: steps * bs / t for m, t in med.items()}
+        out["ratio"][bs] = {m: t / med[methods[0]] for m, t in med.items()}
+        for tr in trs.values():
+            if tr.tracker is not None:
+                tr.tracker.close()
+    return out
+
+
+def compare(data: DataBundle, seeds: Sequence[int] = (0,), out_dir: str | os.PathLike | None = None,
+            progress: bool = False, log: Callable | None = None, policies: Sequence[str] | None = None,
+            probe_reps: int = 7, **settings) -> dict:
+    """Run the policies of :func:`compare_configs` side by side on ``data`` for each seed.
+
+    The runs of one seed advance in lockstep, one epoch each in turn (the order rotates every
+    epoch), so drift in machine load hits them alike. Returns (and writes to ``out_dir`` as
+    ``results.json``, ``table.md``, ``compare.png`` / ``compare_seed<k>.png`` and one folder per
+    run) the per-seed metrics of :func:`divebatch.report.compare_metrics`, an aggregate table, the
+    samples/s per batch size and the measured-epoch overhead (from the training epochs, and with
+    ``probe_reps > 0`` from :func:`probe_throughput`, which times measured and plain steps side by side).
+    """
+    from .report import aggregate_table, compare_metrics, compare_table, plot_compare, throughput_table
+
+    out = Path(out_dir) if out_dir is not None else None
+    results: dict = {"dataset": data.name, "n_train": data.n_train, "seeds": list(seeds), "settings": dict(settings),
+                     "per_seed": {}, "records": {}}
+    all_runs: dict[str, list[dict]] = {}
+    t_start = time.perf_counter()
+    for seed in seeds:
+        cfgs = compare_configs(seed=seed, policies=policies, **settings)
+        labels = [c.label for c in cfgs]
+        trainers = [Trainer(c, data, run_dir=(out / f"seed{seed}" / c.label) if out else None, progress=progress,
+                            log=log) for c in cfgs]
+        epochs = cfgs[0].epochs
+        for e in range(epochs):
+            k = e % len(trainers)
+            for tr in trainers[k:] + trainers[:k]:
+                tr.run_epoch()
+        for tr in trainers:
+            tr.finish(plots=out is not None)
+        runs = {tr.cfg.label: tr.records for tr in trainers}
+        sgd_label, ada_label = labels[0], ("adabatch" if "adabatch" in labels else None)
+        m = compare_metrics(runs, sgd_label, ada_label)
+        results["per_seed"][seed] = m
+        results["records"][seed] = runs
+        for label, recs in runs.items():
+            all_runs[f"{label}@{seed}"] = recs
+        if out is not None:
+            plot_compare(runs, out / ("compare.png" if seed == seeds[0] else f"compare_seed{seed}.png"),
+                         title=f"{data.name}, seed {seed}", common_target=m["common_target"])
+        if log is not None:
+            log(f"\nseed {seed}\n" + compare_table(m))
+    tp, over = _throughput_and_overhead(all_runs)
+    over_by_policy: dict[str, list[float]] = {}
+    for k, v in over.items():
+        over_by_policy.setdefault(k.split("@")[0], []).extend(v)
+    results["throughput"] = {str(b): v for b, v in sorted(tp.items())}
+    results["measured_epoch_overhead"] = over_by_policy
+    if probe_reps > 0:
+        bss = sorted({settings.get("batch_size", 128) * 2 ** k for k in range(8)
+                      if settings.get("batch_size", 128) * 2 ** k <= settings.get("max_batch_size", 2048)})
+        if log is not None:
+            log(f"probing samples/s and the cost of measuring at batch sizes {bss} ...")
+        results["probe"] = probe_throughput(data, bss, reps=probe_reps, model=settings.get("model"),
+                                            device=settings.get("device", "cpu"))
+    results["wall_seconds"] = time.perf_counter() - t_start
+    table = aggregate_table(results["per_seed"])
+    tp_table = throughput_table(tp, over_by_policy, results.get("probe"))
+    results["table"] = table
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(_jsonable(results), indent=1) + "\n")
+        per_seed_md = "\n\n".join(f"### seed {s}\n\n" + compare_table(m) for s, m in results["per_seed"].items())
+        (out / "table.md").write_text(
+            f"# divebatch compare on {data.name} (n = {data.n_train})\n\n"
+            f"Settings: {json.dumps(_jsonable(settings))}; total wall {results['wall_seconds']:.0f} s.\n\n"
+            f"## Aggregate\n\n{table}\n\n## Per seed\n\n{per_seed_md}\n\n"
+            f"## Throughput and measuring cost on this machine\n\n{tp_table}\n")
+    if log is not None:
+        log("\n" + table + "\n\n" + tp_table)
+    return results
