@@ -156,9 +156,9 @@ class ConvRule(LayerRule):
     def fused_plan(self, module, ctx, tracked) -> RoutePlan:
         x, _ = ctx
         flops = 2.0 * x.shape[0] * module.weight.numel() * x[0, 0].numel() / module.groups
-        step = max(1, min(x.shape[0], int(MAX_EXTRA_BYTES // (4 * module.weight.numel()))))
-        return RoutePlan("fused-per-sample-conv", f"B={x.shape[0]} weight={tuple(module.weight.shape)}",
-                         0.3 * flops, 4.0 * module.weight.numel() * step)
+        step = fused_chunk(module, x, x)
+        return RoutePlan("fused-per-sample-conv", f"B={x.shape[0]} weight={tuple(module.weight.shape)} chunk={step}",
+                         0.3 * flops, 4.0 * (module.weight.numel() + 2 * x[0].numel()) * step)
 
     def plan(self, module, ctx, grad, tracked) -> RoutePlan:
         d, T, p = self._dims(module, grad, grad)
@@ -225,12 +225,18 @@ def per_sample_conv_weight_grads(module, x, padding, g) -> torch.Tensor:
     return grads.view(B, *module.weight.shape)
 
 
+def fused_chunk(module, x, g) -> int:
+    """Samples per grouped weight-gradient call: the per-sample gradients and the copies of input
+    and output grad the convolution library makes for one chunk stay under ``MAX_EXTRA_BYTES``."""
+    per_sample = 4 * (module.weight.numel() + x[0].numel() + g[0].numel())
+    return max(1, min(x.shape[0], int(MAX_EXTRA_BYTES // per_sample)))
+
+
 def fused_conv_grads(module, ctx, g, tracked):
     """``(per-sample sq [B], grad_weight, grad_bias)`` of one call, in memory-bounded chunks."""
     x, padding = ctx
     B = x.shape[0]
-    per_sample_bytes = 4 * module.weight.numel()
-    step = max(1, min(B, int(MAX_EXTRA_BYTES // per_sample_bytes)))
+    step = fused_chunk(module, x, g)
     sq, grad_w = [], None
     for start in range(0, B, step):
         psg = per_sample_conv_weight_grads(module, x[start:start + step], padding, g[start:start + step]).float()

@@ -20,7 +20,7 @@ import torch
 from .base import RoutePlan
 
 #: Largest temporary buffer a route may allocate (bytes); override with DIVEBATCH_MAX_EXTRA_MB.
-MAX_EXTRA_BYTES = float(os.environ.get("DIVEBATCH_MAX_EXTRA_MB", "16")) * 2**20
+MAX_EXTRA_BYTES = float(os.environ.get("DIVEBATCH_MAX_EXTRA_MB", "8")) * 2**20
 
 _GHOST_TILE = 64
 
