@@ -67,6 +67,7 @@ class _Owner:
     forward_calls: int = 0              # captured forward calls since the last backward ended
     ready: list = field(default_factory=list)
     fused: bool = False                 # forward replaced by the rule's fused autograd function
+    plan_key: object = None             # shapes of the call whose route is in the plan
     skip_hooks: int = 0                 # fused calls whose forward hook must not capture again
 
 
@@ -364,7 +365,9 @@ class GradNormTracker:
         prev = step.per_layer.get(owner.name)
         step.per_layer[owner.name] = sq if prev is None else prev + sq
         step.contributed.add(id(owner))
-        if owner.name not in step.plans:
+        key = (len(calls), _shape_key(calls[0].ctx))
+        if owner.plan_key != key:  # routes depend on shapes only: re-plan when they change
+            owner.plan_key = key
             first = calls[0]
             if first.fused and len(calls) == 1:
                 step.plans[owner.name] = owner.rule.fused_plan(owner.module, first.ctx, owner.tracked)
@@ -395,7 +398,7 @@ class GradNormTracker:
                     "module used the parameter directly?), so its per-sample gradients are unknown. Wrap the "
                     "computation in a module that owns the parameter, or freeze it")
             self._last = self._close_record(step)
-            self._last_plans = step.plans
+            self._last_plans.update(step.plans)
         except Exception as err:  # noqa: BLE001 - re-raised at collect(), where the user looks
             self._error = err
         finally:
@@ -414,6 +417,11 @@ class GradNormTracker:
         per_sample = torch.stack(list(per_layer.values())).sum(dim=0)
         batch_sq = step.batch_grad_sq if step.batch_grad_sq is not None else per_sample.new_zeros(())
         return GradNormStats(per_sample, batch_sq * inv_c2, per_layer, B, c)
+
+
+def _shape_key(ctx) -> tuple:
+    tensor = ctx[0] if isinstance(ctx, tuple) else getattr(ctx, "leaves", [ctx])[0]
+    return tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else (id(ctx),)
 
 
 def _squared_norm(t: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import ops
 from .base import LayerRule, RoutePlan, register
-from .routes import MAX_EXTRA_BYTES, linear_route
+from .routes import MAX_EXTRA_BYTES, linear_route, linear_route_name
 
 
 def linear_factors(calls) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +34,7 @@ def linear_norms(a: torch.Tensor, g: torch.Tensor, with_weight: bool, with_bias:
     B, T, d = a.shape
     if not with_weight:
         return g.float().sum(dim=1).square().sum(dim=1) if with_bias else g.new_zeros(B, dtype=torch.float32)
-    route = linear_route(B, T, d, g.shape[-1], force).route
+    route = linear_route(B, T, d, g.shape[-1], force).route if force else linear_route_name(B, T, d, g.shape[-1])
     if route == "outer":
         w, b = ops.outer_norm(a[:, 0], g[:, 0], with_bias)
     elif route == "ghost":
@@ -76,7 +76,10 @@ class LinearRule(LayerRule):
         if x.dim() < 2:
             return False
         B, d = x.shape[0], x.shape[-1]
-        return fused_linear_route(B, x.numel() // max(1, B * d), d, module.out_features).route == "fused-instantiate"
+        T = x.numel() // max(1, B * d)
+        if T == 1 or linear_route_name(B, T, d, module.out_features) == "outer":
+            return False
+        return fused_linear_route(B, T, d, module.out_features).route == "fused-instantiate"
 
     def fused_forward(self, module, args, kwargs, sink):
         return fused_linear_forward(module, args[0], sink)

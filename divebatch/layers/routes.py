@@ -13,6 +13,7 @@ The cheaper in flops wins unless its buffer exceeds ``MAX_EXTRA_BYTES``.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -43,3 +44,13 @@ def linear_route(B: int, T: int, d: int, p: int, force: str | None = None) -> Ro
         fits = [r for r in costs if memory[r] <= MAX_EXTRA_BYTES] or ["ghost"]
         route = min(fits, key=costs.__getitem__)
     return RoutePlan(route, shape, costs[route], memory[route], alternatives=costs)
+
+
+@functools.lru_cache(maxsize=4096)
+def _route_name(B: int, T: int, d: int, p: int, threads: int) -> str:
+    return linear_route(B, T, d, p).route
+
+
+def linear_route_name(B: int, T: int, d: int, p: int) -> str:
+    """``linear_route(...).route``, memoised: the hot path asks it on every call of every layer."""
+    return _route_name(B, T, d, p, torch.get_num_threads())
