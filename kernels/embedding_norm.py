@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._common import AUTOTUNE_KWARGS, FLOAT_DTYPES, check_device, config_table, dot_options
-from .ghost_norm import _tile_pair
+from .ghost_norm import _gram_tile, _tile_pair
 
 _F32_CONFIGS = [  # float32 operands (tf32x3), any layout
     triton.Config({"BLOCK_T": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
@@ -87,19 +87,9 @@ def _embedding_norm_kernel(
         g_base = g_ptr + b64 * stride_gb
         row_i = offs_i.to(tl.int64) * stride_gt
         row_j = offs_j.to(tl.int64) * stride_gt
-        gram = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
-        offs_k = tl.arange(0, BLOCK_K)
-        for k0 in range(0, p, BLOCK_K):
-            kk = k0 + offs_k
-            k_mask = kk < p
-            col = kk.to(tl.int64) * stride_gp
-            # Rows with no valid index load as 0 (they contribute nothing anyway).
-            y_i = tl.load(g_base + row_i[:, None] + col[None, :], mask=valid_i[:, None] & k_mask[None, :], other=0.0)
-            y_jt = tl.load(g_base + col[:, None] + row_j[None, :], mask=k_mask[:, None] & valid_j[None, :], other=0.0)
-            if UPCAST:
-                y_i = y_i.to(tl.float32)
-                y_jt = y_jt.to(tl.float32)
-            gram = tl.dot(y_i, y_jt, gram, input_precision=DOT_PRECISION)
+        # Rows with no valid index load as 0 (they contribute nothing anyway).
+        gram = _gram_tile(g_base, row_i, valid_i, row_j, valid_j, p, stride_gp,
+                          UPCAST, DOT_PRECISION, BLOCK_T, BLOCK_K)
         w = tl.sum(tl.sum(tl.where(match, gram, 0.0), axis=1), axis=0)
         w = tl.where(ti == tj, w, 2.0 * w)  # (i, j) also stands for (j, i)
         tl.atomic_add(out_ptr + b, w)
