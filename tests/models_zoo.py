@@ -121,6 +121,12 @@ def batchnorm1d_eval():
     return _regression(model, torch.randn(5, 4))
 
 
+def batchnorm3d_eval():
+    model = nn.Sequential(nn.Conv3d(2, 3, 2), nn.BatchNorm3d(3), nn.Flatten(), nn.Linear(3 * 27, 2))
+    model[1].running_var.uniform_(0.5, 2.0)
+    return _regression(model.eval(), torch.randn(3, 2, 4, 4, 4))
+
+
 def attention_batch_first():
     return _regression(nn.Sequential(SelfAttention(8, 2, True), nn.Linear(8, 2)), torch.randn(3, 5, 8))
 
@@ -138,5 +144,5 @@ def reused_module():
 
 
 ZOO = {f.__name__: f for f in [linear_2d, linear_3d, linear_4d, conv1d, conv2d, conv3d, embedding, embedding_no_pad,
-                              norms, conv_norms_eval, batchnorm1d_eval, attention_batch_first, attention_seq_first,
+                              norms, conv_norms_eval, batchnorm1d_eval, batchnorm3d_eval, attention_batch_first, attention_seq_first,
                               custom_module, reused_module]}
