@@ -41,6 +41,18 @@ def _first_reach(records: Sequence[dict], target: float) -> dict | None:
     return None
 
 
+def _save(fig, axes, title: str, path: Path) -> Path:
+    """Grid every axis, title the figure, write it as a PNG and free it."""
+    for a in axes:
+        a.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_run(records: Sequence[dict], out_dir: str | Path, title: str = "") -> list[Path]:
     """Write ``accuracy.png`` (vs wall time and epochs), ``batch_lr.png`` (batch size and lr over
     wall time) and ``diversity.png`` (the measured statistic) for one run; returns the paths."""
@@ -59,13 +71,7 @@ def plot_run(records: Sequence[dict], out_dir: str | Path, title: str = "") -> l
     ax[0].set_ylabel("test accuracy (%)")
     ax[1].plot(ep, acc, marker=".")
     ax[1].set_xlabel("epoch")
-    for a in ax:
-        a.grid(alpha=0.3)
-    fig.suptitle(title or "test accuracy")
-    fig.tight_layout()
-    paths.append(out / "accuracy.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, ax, title or "test accuracy", out / "accuracy.png"))
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
     t0 = [r["train_time"] - r["epoch_time"] for r in records]
@@ -76,13 +82,7 @@ def plot_run(records: Sequence[dict], out_dir: str | Path, title: str = "") -> l
     ax[1].plot(t0, [r["lr"] for r in records], marker=".")
     ax[1].set_xlabel("training wall time (s)")
     ax[1].set_ylabel("learning rate (epoch start)")
-    for a in ax:
-        a.grid(alpha=0.3)
-    fig.suptitle(title or "batch size and learning rate")
-    fig.tight_layout()
-    paths.append(out / "batch_lr.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, ax, title or "batch size and learning rate", out / "batch_lr.png"))
 
     pts = [(r["epoch"], r["b_noise"] if r.get("b_noise") is not None else r.get("n_delta")) for r in records]
     pts = [(e, v) for e, v in pts if v is not None and math.isfinite(v) and v > 0]
@@ -262,13 +262,5 @@ def plot_compare(runs: Mapping[str, Sequence[dict]], path: str | Path, title: st
     ax[2].set_xlabel("training wall time (s)")
     ax[2].set_ylabel("batch size (samples)")
     ax[2].set_yscale("log", base=2)
-    for a in ax:
-        a.grid(alpha=0.3)
     ax[1].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, title, Path(path))
