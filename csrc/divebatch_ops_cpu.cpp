@@ -46,6 +46,19 @@ int64_t grain_for(int64_t elems_per_item) {
   return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, elems_per_item));
 }
 
+// out[b] = sum of the per-work-item partials of sample b, added in a fixed order so the result
+// does not depend on how the items were scheduled over threads.
+void sum_items_per_sample(const std::vector<double>& items, int64_t items_per_sample, at::Tensor& out) {
+  float* po = out.data_ptr<float>();
+  for (int64_t b = 0; b < out.size(0); ++b) {
+    double sum = 0.0;
+    for (int64_t k = 0; k < items_per_sample; ++k) {
+      sum += items[b * items_per_sample + k];
+    }
+    po[b] = static_cast<float>(sum);
+  }
+}
+
 // ------------------------------------------------------------------ input checks
 // Every message starts with the operator and names the offending argument.
 
@@ -337,14 +350,7 @@ std::tuple<at::Tensor, at::Tensor> ghost_norm_cpu(const at::Tensor& a_in, const 
     }
   });
 
-  float* pw = weight_sq.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) {
-    double sum = 0.0;
-    for (int64_t k = 0; k < npairs; ++k) {
-      sum += item_sum[b * npairs + k];
-    }
-    pw[b] = static_cast<float>(sum);
-  }
+  sum_items_per_sample(item_sum, npairs, weight_sq);
   return {weight_sq, bias_sq};
 }
 
@@ -407,14 +413,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instantiate_norm_cpu(const at::Te
       grad_sum.add_(partial[t]);
     }
   }
-  float* pw = weight_sq.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) {
-    double sum = 0.0;
-    for (int64_t k = 0; k < nblocks; ++k) {
-      sum += sample_block_sq[b * nblocks + k];
-    }
-    pw[b] = static_cast<float>(sum);
-  }
+  sum_items_per_sample(sample_block_sq, nblocks, weight_sq);
   return {weight_sq, bias_sq, grad_sum};
 }
 

@@ -126,6 +126,21 @@ def check_device(op: str, **tensors: torch.Tensor) -> torch.device:
 
 
 @functools.lru_cache(maxsize=None)
+def check_a_g(op: str, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.device, int, int, int, int]:
+    """Checks shared by the ops taking a layer input ``a [B, T, d]`` and output grad ``g [B, T, p]``.
+
+    Returns ``(device, B, T, d, p)``.
+    """
+    check_float(op, "a", a, 3)
+    check_float(op, "g", g, 3)
+    device = check_device(op, a=a, g=g)
+    B, T, d = a.shape
+    if g.shape[:2] != (B, T):
+        raise ValueError(f"divebatch.{op}: `g` must be [B, T, p] = [{B}, {T}, p] to match `a` "
+                         f"{tuple(a.shape)}, got {tuple(g.shape)}")
+    return device, B, T, d, g.shape[2]
+
+
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

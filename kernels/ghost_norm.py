@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AUTOTUNE_KWARGS, check_device, check_float, config_table, dot_options
+from ._common import AUTOTUNE_KWARGS, check_a_g, config_table, dot_options
 
 _F32_CONFIGS = [  # float32 operands (tf32x3), any layout
     triton.Config({"BLOCK_T": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
@@ -151,14 +151,7 @@ def _ghost_norm_kernel(
 
 def ghost_norm_triton(a: torch.Tensor, g: torch.Tensor, with_bias: bool):
     """``(weight_sq [B], bias_sq [B])`` float32; see the module docstring. No copies of a or g."""
-    check_float("ghost_norm", "a", a, 3)
-    check_float("ghost_norm", "g", g, 3)
-    device = check_device("ghost_norm", a=a, g=g)
-    B, T, d = a.shape
-    if g.shape[:2] != (B, T):
-        raise ValueError(f"divebatch.ghost_norm: `g` must be [B, T, p] = [{B}, {T}, p] to match `a` "
-                         f"{tuple(a.shape)}, got {tuple(g.shape)}")
-    p = g.shape[2]
+    device, B, T, d, p = check_a_g("ghost_norm", a, g)
     weight_sq = torch.zeros(B, dtype=torch.float32, device=device)
     colsum = torch.zeros((B, p) if with_bias else (1, 1), dtype=torch.float32, device=device)
     if B > 0 and T > 0 and d == 0 and p > 0 and with_bias:

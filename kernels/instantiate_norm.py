@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (AUTOTUNE_KWARGS, INTERPRET, check_device, check_float, config_table, dot_options,
+from ._common import (AUTOTUNE_KWARGS, INTERPRET, check_a_g, config_table, dot_options,
                       sm_count)
 
 _CONFIGS, _PRUNE = config_table(
@@ -142,14 +142,7 @@ def instantiate_norm_triton(a: torch.Tensor, g: torch.Tensor, with_bias: bool, *
 
     ``_n_split_override`` (tests only) forces the number of sample splits of the grid.
     """
-    check_float("instantiate_norm", "a", a, 3)
-    check_float("instantiate_norm", "g", g, 3)
-    device = check_device("instantiate_norm", a=a, g=g)
-    B, T, d = a.shape
-    if g.shape[:2] != (B, T):
-        raise ValueError(f"divebatch.instantiate_norm: `g` must be [B, T, p] = [{B}, {T}, p] to match `a` "
-                         f"{tuple(a.shape)}, got {tuple(g.shape)}")
-    p = g.shape[2]
+    device, B, T, d, p = check_a_g("instantiate_norm", a, g)
     weight_sq = torch.zeros(B, dtype=torch.float32, device=device)
     bias_sq = torch.zeros(B, dtype=torch.float32, device=device)
     n_split = _n_split_override if _n_split_override is not None else _n_split(B, p, d, device)
