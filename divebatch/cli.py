@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -164,6 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--policy", choices=POLICIES, default="divebatch", help="batch-size policy (default: divebatch)")
     _add_common(t, compare=False)
+    g = t.add_argument_group("processes and checkpoints")
+    g.add_argument("--nproc", type=_positive_int("nproc"), default=1,
+                   help="train with N local processes (DistributedDataParallel, gloo on CPU, nccl on CUDA); "
+                        "batch sizes are global, split across processes (default: 1). Under torchrun leave it "
+                        "at 1: the world comes from torchrun's environment")
+    g.add_argument("--checkpoint-every", type=_positive_int("checkpoint-every"), default=None, metavar="STEPS",
+                   help="also checkpoint every STEPS optimizer steps (always: at every epoch end), atomically, "
+                        "to <out>/checkpoint.pt")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint.pt (start fresh when there is none); "
+                        "give the same settings as the interrupted run")
 
     c = sub.add_parser("compare", help="SGD (small and max batch), AdaBatch, DiveBatch side by side",
                        description="Compare batch-size policies side by side and print the paper's table.",
@@ -203,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from .data import DataNotFoundError, load_dataset
-    from .train import TrainConfig, Trainer, compare
+    from .train import compare
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -223,23 +235,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _err(prog, f"cannot read the data: {e}", 1)
 
     log = None if args.quiet else _tqdm_write
-    common = dict(epochs=args.epochs, batch_size=args.batch_size, max_batch_size=args.max_batch_size, lr=args.lr,
-                  momentum=args.momentum, weight_decay=args.weight_decay, resize_every=args.resize_every,
-                  max_micro_batch=args.max_micro_batch, model=args.model, device=args.device, amp=args.amp)
+    common = _common_settings(args)
     try:
         if args.command == "train":
-            cfg = TrainConfig(policy=args.policy, seed=args.seed, delta=args.delta, estimator=args.estimator,
-                              lr_scaling=args.lr_scaling, measure_every=args.measure_every,
-                              max_growth=args.max_growth, **common)
+            cfg = _train_config(args, common)
             cfg.validate()
             out = Path(args.out) if args.out else _default_out("train", data.name, cfg.label)
-            if not args.quiet:
-                print(f"divebatch train: {cfg.label} on {data.name} (n={data.n_train}, {data.source}) -> {out}",
-                      file=sys.stderr)
-            trainer = Trainer(cfg, data, run_dir=out, progress=not args.no_progress, log=log)
-            s = trainer.fit()
-            print(f"final test accuracy {100 * s['final_test_acc']:.2f}% after {s['epochs']} epochs, "
-                  f"{s['train_time']:.1f} s of training, {s['total_steps']} steps; run folder {out}")
+            if args.resume and not args.out:
+                return _err(prog, "--resume needs --out DIR, the folder of the run to continue", 2)
+            if args.nproc > 1:
+                from .distributed import launch
+
+                if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                    return _err(prog, "--nproc starts its own processes; under torchrun leave it at 1", 2)
+                if not args.quiet:
+                    print(f"divebatch train: {cfg.label} on {data.name} (n={data.n_train}, {data.source}) with "
+                          f"{args.nproc} processes -> {out}", file=sys.stderr)
+                threads = args.threads or max(1, (os.cpu_count() or 1) // args.nproc)
+                backend = "nccl" if args.device.startswith("cuda") else "gloo"
+                try:
+                    s = launch(_train_process, args.nproc, args=(vars(args), str(out)), backend=backend,
+                               threads=threads)[0]
+                except Exception as e:  # noqa: BLE001 - a rank's error, with its traceback, is in the message
+                    return _err(prog, f"a training process failed: {e}", 1)
+            else:
+                from .distributed import init_from_env, rank_and_world
+
+                init_from_env()
+                if not args.quiet and rank_and_world()[0] == 0:
+                    print(f"divebatch train: {cfg.label} on {data.name} (n={data.n_train}, {data.source}) -> {out}",
+                          file=sys.stderr)
+                s = _run_training(cfg, data, out, args)
+            if s is not None:
+                print(f"final test accuracy {100 * s['final_test_acc']:.2f}% after {s['epochs']} epochs, "
+                      f"{s['train_time']:.1f} s of training, {s['total_steps']} steps; run folder {out}")
         else:
             out = Path(args.out) if args.out else _default_out("compare", data.name, "all")
             if not args.quiet:
@@ -259,6 +288,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _err(prog, "interrupted", 130)
     return 0
+
+
+def _train_config(args: argparse.Namespace, common: dict):
+    from .train import TrainConfig
+
+    return TrainConfig(policy=args.policy, seed=args.seed, delta=args.delta, estimator=args.estimator,
+                       lr_scaling=args.lr_scaling, measure_every=args.measure_every, max_growth=args.max_growth,
+                       checkpoint_every=args.checkpoint_every, **common)
+
+
+def _common_settings(args: argparse.Namespace) -> dict:
+    return dict(epochs=args.epochs, batch_size=args.batch_size, max_batch_size=args.max_batch_size, lr=args.lr,
+                momentum=args.momentum, weight_decay=args.weight_decay, resize_every=args.resize_every,
+                max_micro_batch=args.max_micro_batch, model=args.model, device=args.device, amp=args.amp)
+
+
+def _run_training(cfg, data, out: Path, args: argparse.Namespace) -> dict | None:
+    """Train (resuming from ``out/checkpoint.pt`` with ``--resume``); the summary on rank 0, None elsewhere."""
+    from .distributed import rank_and_world
+    from .train import Trainer
+
+    rank = rank_and_world()[0]
+    log = None if args.quiet else _tqdm_write
+    trainer = Trainer(cfg, data, run_dir=out, progress=not args.no_progress, log=log)
+    ckpt = out / "checkpoint.pt"
+    if args.resume and ckpt.exists():
+        trainer.resume(ckpt)
+        if not args.quiet and rank == 0:
+            print(f"divebatch train: resumed from {ckpt} at epoch {trainer.epoch}, step {trainer.steps}",
+                  file=sys.stderr)
+    s = trainer.fit()
+    return s if rank == 0 else None
+
+
+def _train_process(args_dict: dict, out: str) -> dict | None:
+    """One process of ``divebatch train --nproc N`` (started by :func:`divebatch.distributed.launch`)."""
+    from .data import load_dataset
+
+    args = argparse.Namespace(**args_dict)
+    data = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed, limit=args.limit)
+    return _run_training(_train_config(args, _common_settings(args)), data, Path(out), args)
 
 
 def _tqdm_write(line: str) -> None:

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,10 +35,13 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from .data import DataBundle
+from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .distributed import all_reduce_sum, check_same_decision, check_same_model, rank_and_world
 from .models import build_model
 from .sampler import AdaptiveBatchSampler
 from .schedule import DEFAULT_POLICY, PAPER_POLICY, AdaBatch, BatchSizePolicy, CosineLR, DiveBatch, Fixed
@@ -51,6 +55,8 @@ __all__ = [
     "train",
     "make_policy",
     "accumulate_step",
+    "grad_sq_norm",
+    "CHECKPOINT_FORMAT",
     "group_micro_batches",
     "per_sample_loss",
     "evaluate",
@@ -99,28 +105,48 @@ class StepResult:
 def accumulate_step(model: nn.Module, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
                     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = per_sample_loss,
                     tracker=None, measure: bool = False, scaler=None,
-                    autocast: Callable[[], object] | None = None) -> StepResult:
+                    autocast: Callable[[], object] | None = None, global_batch_size: int | None = None) -> StepResult:
     """Forward and backward one logical batch given as micro-batches; ``.grad`` ends up as the
     gradient of the *mean* loss over the logical batch (times the GradScaler's scale, if any).
 
     Call ``optimizer.zero_grad()`` before and ``optimizer.step()`` (or ``scaler.step``) after.
 
+    Under ``DistributedDataParallel`` (``model`` is the DDP wrapper) the logical batch is the
+    *global* one, spread over the ranks: pass its size as ``global_batch_size``. Each rank's loss
+    is then ``(W/B)·Σ ℓ_i`` so that DDP's average over ``W`` ranks is the global mean; micro-
+    batches before the last run under ``no_sync()`` (one gradient all-reduce per step, DDP's
+    own); on measured steps ``Σ||g_i||²`` is summed over ranks with one all-reduce of a scalar
+    and ``||Σ g_i||²`` is read from the all-reduced ``.grad`` (see :mod:`divebatch.distributed`).
+
     Args:
-        model: the model.
-        micro_batches: ``[(x, y), …]`` — together one logical batch of ``B = Σ len(y)`` samples.
+        model: the model, or its DDP wrapper.
+        micro_batches: ``[(x, y), …]`` — together this rank's part of one logical batch.
         loss_fn: ``(output, target) → [b]`` per-sample losses (reduction none).
-        tracker: a ``GradNormTracker`` (enabled on measured steps); its ``loss_reduction`` is set
-            to ``scale/B`` before each backward so its stats are unscaled.
-        measure: read the tracker after each backward and return ``Σ||g_i||²`` and ``||Σ g_i||²``.
+        tracker: a ``GradNormTracker`` on the (unwrapped) model, enabled on measured steps; its
+            ``loss_reduction`` is set before each backward so its stats are unscaled.
+        measure: read the tracker after each backward and return ``Σ||g_i||²`` and ``||Σ g_i||²``
+            of the whole (global) logical batch.
         scaler: a ``torch.amp.GradScaler`` or None.
         autocast: a zero-argument callable returning a context manager (e.g.
             ``lambda: torch.autocast("cpu", torch.bfloat16)``) or None.
+        global_batch_size: samples in the logical batch over all ranks (required under DDP with
+            more than one rank; default: the samples in ``micro_batches``).
     """
-    B = sum(int(y.shape[0]) for _, y in micro_batches)
-    if B == 0:
+    B_local = sum(int(y.shape[0]) for _, y in micro_batches)
+    if B_local == 0:
         raise ValueError("accumulate_step got an empty logical batch")
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    world = rank_and_world()[1] if ddp else 1
+    if global_batch_size is None:
+        if world > 1:
+            raise ValueError("under DistributedDataParallel pass global_batch_size= (samples in the logical batch over "
+                             "all ranks); the local batch alone cannot give the mean over the global batch")
+        global_batch_size = B_local
+    B = int(global_batch_size)
+    if B < B_local:
+        raise ValueError(f"global_batch_size ({B}) is smaller than this rank's {B_local} samples")
     gscale = float(scaler.get_scale()) if (scaler is not None and scaler.is_enabled() and measure) else 1.0
-    c = 1.0 / B
+    c = world / B
     if measure:
         if tracker is None:
             raise ValueError("measure=True needs a tracker")
@@ -129,28 +155,39 @@ def accumulate_step(model: nn.Module, micro_batches: Sequence[tuple[torch.Tensor
     loss_sum = torch.zeros((), dtype=torch.float32, device=micro_batches[0][1].device)
     s1 = None
     s2 = None
-    for x, y in micro_batches:
-        with ctx():
-            out = model(x)
-            losses = loss_fn(out, y)
-        loss = losses.sum() * c
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+    last = len(micro_batches) - 1
+    for j, (x, y) in enumerate(micro_batches):
+        with (model.no_sync() if ddp and j < last else nullcontext()):
+            with ctx():
+                out = model(x)
+                losses = loss_fn(out, y)
+            loss = losses.sum() * c
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum = loss_sum + losses.detach().sum()
         if measure:
             st = tracker.collect()
             ps = st.per_sample.sum()
             s1 = ps if s1 is None else s1 + ps
             s2 = st.batch_grad_sq
-    res = StepResult(loss_sum, B, scale=c * gscale)
+    res = StepResult(loss_sum, B, scale=gscale / B)  # .grad = gscale · (1/B) Σ_i g_i, on every rank
     if measure:
-        if len(micro_batches) > 1:  # ||Σ g_i||² of the whole logical batch, from the accumulated grads
-            tot = torch.zeros((), dtype=torch.float32, device=s1.device)
-            for p in tracker.parameters():
-                if p.grad is not None:
-                    tot = tot + p.grad.detach().float().square().sum().to(s1.device)
-            s2 = tot / (res.scale ** 2)
+        if world > 1:
+            s1 = all_reduce_sum(s1)
+        if len(micro_batches) > 1 or world > 1:  # ||Σ g_i||² of the whole batch, from the accumulated grads
+            s2 = grad_sq_norm(tracker.parameters(), s1.device) / (res.scale ** 2)
         res.per_sample_sq, res.batch_grad_sq = s1, s2
     return res
+
+
+def grad_sq_norm(params: Iterable[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+    """``Σ_p ||p.grad||²`` over ``params`` as a float32 scalar tensor on ``device`` (no host sync)."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    if device is None:
+        device = grads[0].device
+    norms = torch._foreach_norm([g.float() if g.dtype != torch.float32 else g for g in grads])
+    return torch.stack([n.to(device) for n in norms]).square().sum()
 
 
 def group_micro_batches(loader: Iterable, sampler: AdaptiveBatchSampler) -> Iterator[list]:
@@ -257,6 +294,8 @@ class TrainConfig:
     amp: str | None = None          # None | "bf16" | "fp16"
     eval_batch_size: int = 8192
     name: str | None = None
+    checkpoint: bool = True         # write run_dir/checkpoint.pt at every epoch end
+    checkpoint_every: int | None = None  # and every N optimizer steps (None: epoch ends only)
 
     def validate(self) -> None:
         """Raise ValueError with one clear line for a bad setting."""
@@ -282,6 +321,9 @@ class TrainConfig:
             raise ValueError(f"max-micro-batch must be a positive integer, got {self.max_micro_batch}")
         if self.measure_every is not None and self.measure_every < 1:
             raise ValueError(f"measure-every must be a positive integer, got {self.measure_every}")
+        if self.checkpoint_every is not None and (not isinstance(self.checkpoint_every, int)
+                                                  or self.checkpoint_every < 1):
+            raise ValueError(f"checkpoint-every must be a positive integer (optimizer steps), got {self.checkpoint_every}")
         if self.amp not in (None, "bf16", "fp16"):
             raise ValueError(f"amp must be bf16 or fp16, got {self.amp}")
 
@@ -293,6 +335,24 @@ class TrainConfig:
         if self.policy == "sgd":
             return f"sgd-{self.batch_size}"
         return self.policy
+
+
+#: Settings that may differ between a run and its resumption: they do not change the trajectory.
+_RESUMABLE_CHANGES = ("device", "eval_batch_size", "name", "checkpoint", "checkpoint_every")
+#: Version of the checkpoint layout written by :meth:`Trainer.state_dict`.
+CHECKPOINT_FORMAT = 1
+
+
+def _trajectory_settings(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k not in _RESUMABLE_CHANGES}
+
+
+def _rank_device(device: str, world_size: int) -> torch.device:
+    """The device of this process: ``cuda`` means ``cuda:LOCAL_RANK`` when several processes run."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None and world_size > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return dev
 
 
 def _policy_overrides(cfg: TrainConfig) -> dict:
@@ -309,22 +369,39 @@ class Trainer:
     trainers epoch by epoch so that machine noise hits them alike).
 
     Wall time (``train_time`` in the records, seconds) counts training only — forward, backward,
-    measuring, optimizer and policy — not evaluation.
+    measuring, optimizer and policy — not evaluation or checkpointing.
+
+    **Several processes.** When a ``torch.distributed`` process group is initialised (torchrun,
+    ``divebatch train --nproc N``, :func:`divebatch.distributed.launch`), the Trainer wraps the
+    model in ``DistributedDataParallel``, each rank trains on its share of every global batch
+    (``cfg.batch_size`` and the policy's sizes are global; see :mod:`divebatch.sampler` for the
+    split), the statistics are global (:mod:`divebatch.distributed`), and only rank 0 writes the
+    run folder and logs. Records are identical on every rank (losses are all-reduced per epoch).
+
+    **Checkpoints.** With a ``run_dir``, ``checkpoint.pt`` there is replaced atomically at every
+    epoch end and every ``cfg.checkpoint_every`` optimizer steps: model, optimizer, lr schedule,
+    policy and estimator, sampler position, GradScaler, every rank's RNG state, counters and
+    records. :meth:`resume` continues such a run exactly where the checkpoint was taken — same
+    batch sizes, learning rates and (on the same machine and world size) the same numbers.
 
     Args:
         cfg: the settings (:class:`TrainConfig`).
         data: the dataset (:class:`~divebatch.data.DataBundle`), moved to ``cfg.device``.
         model: a model to train (default: :func:`~divebatch.models.build_model` for the data).
-        run_dir: where to write ``metrics.jsonl``, ``summary.json`` and plots (None: nowhere).
-        progress: show a tqdm progress bar per epoch.
-        log: called with one line per epoch (default ``tqdm.write``; None: silent).
+        run_dir: where to write ``metrics.jsonl``, ``summary.json``, plots and ``checkpoint.pt``
+            (None: nowhere).
+        progress: show a tqdm progress bar per epoch (rank 0 only).
+        log: called with one line per epoch (default ``tqdm.write``; None: silent; rank 0 only).
     """
 
     def __init__(self, cfg: TrainConfig, data: DataBundle, model: nn.Module | None = None,
                  run_dir: str | os.PathLike | None = None, progress: bool = False, log: Callable | None = None):
         cfg.validate()
         self.cfg = cfg
-        self.device = torch.device(cfg.device)
+        self.rank, self.world_size = rank_and_world()
+        self.device = _rank_device(cfg.device, self.world_size)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)
         self.data = data
         self.x_train = data.x_train.to(self.device)
         self.y_train = data.y_train.to(self.device)
@@ -333,6 +410,11 @@ class Trainer:
         self.n = data.n_train
         self.model = (model if model is not None else
                       build_model(cfg.model, data.input_shape, data.num_classes, data.task, seed=cfg.seed)).to(self.device)
+        self.train_model: nn.Module = self.model
+        if self.world_size > 1:
+            check_same_model(self.model, extra=_trajectory_settings(cfg))
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.total_samples = cfg.epochs * self.n
@@ -346,7 +428,8 @@ class Trainer:
                                   lr_schedulers=[self.lr_schedule], adabatch_lr_factor=cfg.adabatch_lr_factor,
                                   **_policy_overrides(cfg))
         self.sampler = AdaptiveBatchSampler(self.n, self.policy, shuffle=True, seed=cfg.seed,
-                                            max_micro_batch=cfg.max_micro_batch)
+                                            max_micro_batch=cfg.max_micro_batch, num_replicas=self.world_size,
+                                            rank=self.rank)
         self.scaler = None
         self.autocast = None
         if cfg.amp is not None:
@@ -355,51 +438,69 @@ class Trainer:
             if cfg.amp == "fp16":
                 self.scaler = torch.amp.GradScaler(self.device.type)
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.progress = progress
-        self.log = log
+        self.is_main = self.rank == 0
+        self.progress = progress and self.is_main
+        self.log = log if self.is_main else None
         self.epoch = 0
         self.samples_seen = 0
         self.steps = 0
         self.train_time = 0.0
         self.records: list[dict] = []
+        self._partial: dict | None = None   # accumulators of an epoch in progress (for checkpoints)
         self._metrics_file = None
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
             self._metrics_file = open(self.run_dir / "metrics.jsonl", "w")
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        """``run_dir/checkpoint.pt`` (None without a run folder or with ``cfg.checkpoint`` off)."""
+        if self.run_dir is None or not self.cfg.checkpoint:
+            return None
+        return self.run_dir / "checkpoint.pt"
 
     # -- one epoch ------------------------------------------------------------------------
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def _step_batches(self, idx_list: list[np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        micro = []
+        for idx in idx_list:
+            it = torch.from_numpy(idx).to(self.device, non_blocking=True)
+            micro.append((self.x_train.index_select(0, it), self.y_train.index_select(0, it)))
+        return micro
+
     def run_epoch(self) -> dict:
-        """Train one epoch, evaluate, log; returns the epoch's record (also appended to ``records``)."""
+        """Train one epoch (or the rest of one, after :meth:`resume`), evaluate, log, checkpoint;
+        returns the epoch's record (also appended to ``records``)."""
         from tqdm.auto import tqdm
 
         cfg, pol = self.cfg, self.policy
         bs = self.sampler.batch_size
-        lr_start = float(self.optimizer.param_groups[0]["lr"])
-        n_steps = self.sampler.num_steps
-        bar = tqdm(total=n_steps, desc=f"{cfg.label} epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not self.progress, unit="step", mininterval=0.5)
+        step_sizes = self.sampler.global_step_sizes()
+        part = self._partial or {"lr_start": float(self.optimizer.param_groups[0]["lr"]), "loss_sum": 0.0,
+                                 "measured": 0, "elapsed": 0.0, "step": 0}
+        self._partial = part
+        n_steps = len(step_sizes)
+        bar = tqdm(total=n_steps, initial=part["step"], desc=f"{cfg.label} epoch {self.epoch + 1}/{cfg.epochs}",
+                   leave=False, disable=not self.progress, unit="step", mininterval=0.5)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        measured = 0
+        every = cfg.checkpoint_every if self.checkpoint_path is not None else None
         self._sync()
         t0 = time.perf_counter()
         for idx_list in self.sampler.iter_steps():
-            micro = []
-            for idx in idx_list:
-                it = torch.from_numpy(idx).to(self.device, non_blocking=True)
-                micro.append((self.x_train.index_select(0, it), self.y_train.index_select(0, it)))
+            micro = self._step_batches(idx_list)
             self.lr_schedule.step(self.samples_seen)
             self.optimizer.zero_grad(set_to_none=True)
             measure = pol.measure_now
-            res = accumulate_step(self.model, micro, per_sample_loss, tracker=self.tracker, measure=measure,
-                                  scaler=self.scaler, autocast=self.autocast)
+            res = accumulate_step(self.train_model, micro, per_sample_loss, tracker=self.tracker, measure=measure,
+                                  scaler=self.scaler, autocast=self.autocast,
+                                  global_batch_size=step_sizes[part["step"]])
             if measure:
                 pol.observe_sums(res.per_sample_sq, res.batch_grad_sq, res.batch_size, scale=res.scale)
-                measured += 1
+                part["measured"] += 1
             else:
                 pol.observe_sums(None, None, res.batch_size)
             if self.scaler is not None:
@@ -410,11 +511,23 @@ class Trainer:
             loss_sum += res.loss_sum
             self.samples_seen += res.batch_size
             self.steps += 1
+            part["step"] += 1
             bar.update(1)
+            if every is not None and self.steps % every == 0 and part["step"] < n_steps:
+                self._sync()
+                t1 = time.perf_counter()
+                part["elapsed"] += t1 - t0
+                part["loss_sum"] += float(all_reduce_sum(loss_sum))  # global: every rank resumes from rank 0's file
+                loss_sum.zero_()
+                self.save_checkpoint()
+                t0 = time.perf_counter()
         new_bs = pol.step()
         self._sync()
-        epoch_time = time.perf_counter() - t0
+        epoch_time = part["elapsed"] + time.perf_counter() - t0
         bar.close()
+        check_same_decision(new_bs, [g["lr"] for g in self.optimizer.param_groups])
+        epoch_loss = float(all_reduce_sum(loss_sum)) + part["loss_sum"]
+        self._partial = None
         self.train_time += epoch_time
         self.epoch += 1
 
@@ -422,29 +535,30 @@ class Trainer:
         test_loss, test_acc = evaluate(self.model, self.x_test, self.y_test, cfg.eval_batch_size,
                                        autocast=self.autocast)
         eval_time = time.perf_counter() - t1
-        samples = self.n if not self.sampler.drop_last else n_steps * bs
+        samples = sum(step_sizes)
         dec = pol.last_decision if (pol.last_decision and pol.last_decision["epoch"] == self.epoch) else None
         rec = {
             "epoch": self.epoch,
             "batch_size": bs,
             "next_batch_size": new_bs,
-            "lr": lr_start,
+            "lr": part["lr_start"],
             "lr_end": float(self.optimizer.param_groups[0]["lr"]),
             "lr_factor": pol.lr_factor,
             "steps": n_steps,
             "total_steps": self.steps,
             "samples_seen": self.samples_seen,
-            "train_loss": float(loss_sum) / max(samples, 1),
+            "train_loss": float(epoch_loss) / max(samples, 1),
             "test_loss": test_loss,
             "test_acc": test_acc,
             "epoch_time": epoch_time,
             "train_time": self.train_time,
             "eval_time": eval_time,
             "samples_per_s": samples / epoch_time if epoch_time > 0 else float("nan"),
-            "measured_steps": measured,
+            "measured_steps": part["measured"],
             "n_delta": None,
             "b_noise": None,
             "diversity": None,
+            "world_size": self.world_size,
         }
         if dec is not None:
             rec["n_delta"] = dec.get("n_delta")
@@ -459,7 +573,90 @@ class Trainer:
             self._metrics_file.flush()
         if self.log is not None:
             self.log(format_record(rec, cfg))
+        if self.checkpoint_path is not None:
+            self.save_checkpoint()
         return rec
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs (see the class docstring). Under several processes this
+        gathers every rank's RNG state (a collective: call it on every rank at the same step)."""
+        rng = rng_state()
+        rngs = [rng]
+        if self.world_size > 1:
+            rngs = [None] * self.world_size
+            dist.all_gather_object(rngs, rng)
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": asdict(self.cfg),
+            "world_size": self.world_size,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "policy": self.policy.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": rngs,
+            "trainer": {"epoch": self.epoch, "samples_seen": self.samples_seen, "steps": self.steps,
+                        "train_time": self.train_time, "partial": dict(self._partial) if self._partial else None,
+                        "records": _jsonable(self.records)},
+        }
+
+    def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path | None:
+        """Write :meth:`state_dict` atomically to ``path`` (default :attr:`checkpoint_path`); only
+        rank 0 writes, every rank must call it. Returns the path written (None on other ranks)."""
+        state = self.state_dict()
+        path = Path(path) if path is not None else self.checkpoint_path
+        if path is None:
+            raise ValueError("no checkpoint path: give the Trainer a run_dir (and cfg.checkpoint=True) or pass path=")
+        if not self.is_main:
+            return None
+        return save_checkpoint(state, path)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict`; the next :meth:`run_epoch` continues the epoch in progress."""
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}; it was "
+                                  "written by another divebatch version")
+        mine, theirs = _trajectory_settings(self.cfg), _trajectory_settings(TrainConfig(**state["config"]))
+        diff = {k: (theirs[k], v) for k, v in mine.items() if theirs.get(k) != v}
+        if diff:
+            detail = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            raise CheckpointError(f"the checkpoint is of a run with other settings ({detail}); resume with the "
+                                  "settings it was started with (see config.json in its run folder)")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.policy.load_state_dict(state["policy"])
+        self.sampler.load_state_dict(state["sampler"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        t = state["trainer"]
+        self.epoch, self.samples_seen, self.steps = int(t["epoch"]), int(t["samples_seen"]), int(t["steps"])
+        self.train_time = float(t["train_time"])
+        self._partial = dict(t["partial"]) if t["partial"] else None
+        self.records = [dict(r) for r in t["records"]]
+        rngs = state["rng"]
+        if len(rngs) != self.world_size:
+            warnings.warn(f"the checkpoint was taken with {len(rngs)} processes and this run has {self.world_size}: "
+                          "batch sizes and data order continue exactly, but random draws (dropout) and float "
+                          "rounding will not repeat the original run", RuntimeWarning, stacklevel=2)
+        set_rng_state(rngs[min(self.rank, len(rngs) - 1)])
+        if self._metrics_file is not None:  # the metrics file restarts from the checkpoint's records
+            self._metrics_file.seek(0)
+            self._metrics_file.truncate()
+            for rec in self.records:
+                self._metrics_file.write(json.dumps(rec) + "\n")
+            self._metrics_file.flush()
+
+    def resume(self, path: str | os.PathLike | None = None) -> "Trainer":
+        """Load a checkpoint (default :attr:`checkpoint_path`) written by a run with the same
+        settings; the next :meth:`fit` or :meth:`run_epoch` continues it. Returns ``self``."""
+        path = Path(path) if path is not None else self.checkpoint_path
+        if path is None:
+            raise ValueError("resume() needs a path, or a Trainer with a run_dir holding checkpoint.pt")
+        self.load_state_dict(load_checkpoint(path, map_location=self.device))
+        return self
 
     # -- whole run ------------------------------------------------------------------------
     def fit(self, plots: bool = True) -> dict:
@@ -493,7 +690,7 @@ class Trainer:
     def finish(self, plots: bool = True) -> dict:
         """Write ``summary.json`` and plots to ``run_dir``; close the tracker; return the summary."""
         s = self.summary()
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(_jsonable(s), indent=2) + "\n")
             if self._metrics_file is not None:
                 self._metrics_file.close()
@@ -691,6 +888,8 @@ def compare(data: DataBundle, seeds: Sequence[int] = (0,), out_dir: str | os.Pat
     t_start = time.perf_counter()
     for seed in seeds:
         cfgs = compare_configs(seed=seed, policies=policies, **settings)
+        for c in cfgs:  # a comparison is rerun whole, not resumed: no checkpoints
+            c.checkpoint = False
         labels = [c.label for c in cfgs]
         trainers = [Trainer(c, data, run_dir=(out / f"seed{seed}" / c.label) if out else None, progress=progress,
                             log=log) for c in cfgs]

@@ -1,0 +1,227 @@
+"""Multi-process training with ``torch.distributed``: the few collectives divebatch adds, and a
+local launcher.
+
+How the statistics stay exact under ``DistributedDataParallel`` (DDP) with a global batch of
+``B`` samples split over ``W`` ranks (rank ``r`` holds ``B_r`` of them):
+
+* Each rank's loss is ``(W/B)·Σ_{i∈rank} ℓ_i``; DDP averages gradients over ranks, so every
+  rank's ``.grad`` ends up ``(1/B)·Σ_{all i} g_i`` — the gradient of the mean loss over the
+  global batch, whatever the shares ``B_r``.
+* ``Σ_i ||g_i||²`` adds up over ranks: each rank's tracker gives its local sum and **one
+  all-reduce of one scalar per measured step** (:func:`all_reduce_sum`) makes it global.
+* ``||Σ_i g_i||²`` of the global batch is read from the all-reduced ``.grad`` that DDP leaves on
+  every rank (no extra communication; exact to float rounding, and correct with ``no_sync()``
+  accumulation since it is read after the synchronising backward).
+* Every rank then feeds identical numbers to an identical policy, so every rank makes the same
+  decision; :func:`check_same_decision` verifies it at each epoch end (one tiny all-reduce per
+  epoch) and fails on every rank at once if it ever does not hold.
+
+Ranks that build different models fail in :func:`check_same_model` with an error naming the
+first difference, on every rank, before DDP is constructed. Every collective is bounded by the
+process group's timeout (:func:`default_timeout`), so a rank that dies turns into an error on the
+others instead of a hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import pickle
+import socket
+import tempfile
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = [
+    "is_distributed",
+    "rank_and_world",
+    "default_timeout",
+    "init_from_env",
+    "all_reduce_sum",
+    "collective_device",
+    "gather_per_sample",
+    "check_same_model",
+    "check_same_decision",
+    "launch",
+    "free_port",
+]
+
+
+def is_distributed() -> bool:
+    """Whether a default process group is initialised (with more than one rank or not)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group, ``(0, 1)`` without one."""
+    if not is_distributed():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def default_timeout() -> datetime.timedelta:
+    """Bound on every collective: ``DIVEBATCH_DIST_TIMEOUT`` seconds (default 300)."""
+    return datetime.timedelta(seconds=float(os.environ.get("DIVEBATCH_DIST_TIMEOUT", "300")))
+
+
+def init_from_env(backend: str | None = None) -> tuple[int, int]:
+    """Initialise the default process group from torchrun's environment (``RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) if it is set and no group exists yet.
+
+    ``backend`` defaults to ``nccl`` when CUDA is available, else ``gloo``. Returns
+    ``(rank, world_size)``; ``(0, 1)`` when the environment names no world.
+    """
+    if is_distributed():
+        return rank_and_world()
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        return 0, 1
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, init_method="env://", timeout=default_timeout())
+    return rank_and_world()
+
+
+def collective_device() -> torch.device:
+    """Where tensors for the default group's collectives must live: this process's CUDA device
+    under NCCL, else the CPU."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum of ``value`` over ranks (a new tensor; ``value`` itself is left alone). Identity
+    without a process group. The one collective divebatch adds to a measured step."""
+    if not is_distributed() or dist.get_world_size() == 1:
+        return value
+    out = value.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def gather_per_sample(per_sample: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``[B_r]`` per-sample values in rank order (``[B]`` on every rank).
+
+    Two collectives (the lengths, then the padded values): for analysis and tests, not for the
+    training step, which only needs the sum (:func:`all_reduce_sum`).
+    """
+    if not is_distributed() or dist.get_world_size() == 1:
+        return per_sample
+    world = dist.get_world_size()
+    n = torch.tensor([per_sample.numel()], dtype=torch.int64, device=per_sample.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    padded = torch.zeros(max(sizes), dtype=per_sample.dtype, device=per_sample.device)
+    padded[: per_sample.numel()] = per_sample.reshape(-1)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+def _model_signature(model: nn.Module) -> list[str]:
+    return [f"{name}: {tuple(p.shape)} {str(p.dtype).replace('torch.', '')}{'' if p.requires_grad else ' frozen'}"
+            for name, p in model.named_parameters()]
+
+
+def check_same_model(model: nn.Module, extra: dict | None = None) -> None:
+    """Raise on every rank when the ranks' models (parameter names, shapes, dtypes, trainable
+    flags) or ``extra`` settings differ; the message names the first difference. No-op without a
+    process group. Values may differ: DDP copies rank 0's parameters at construction."""
+    if not is_distributed() or dist.get_world_size() == 1:
+        return
+    sig = _model_signature(model)
+    settings = sorted((extra or {}).items())
+    digest = hashlib.sha256(repr((sig, settings)).encode()).hexdigest()
+    world = dist.get_world_size()
+    got: list[Any] = [None] * world
+    dist.all_gather_object(got, (digest, sig, settings))
+    if all(g[0] == digest for g in got):
+        return
+    for r, (d, other_sig, other_settings) in enumerate(got):
+        if d == got[0][0]:
+            continue
+        if other_settings != got[0][2]:
+            diff = {k: (v, dict(other_settings).get(k)) for k, v in got[0][2] if dict(other_settings).get(k) != v}
+            raise RuntimeError(f"rank {r} runs with different settings than rank 0: {diff} (rank 0's value, "
+                               f"rank {r}'s value); start every rank with the same arguments")
+        a, b = got[0][1], other_sig
+        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        left = a[first] if first < len(a) else "(no more parameters)"
+        right = b[first] if first < len(b) else "(no more parameters)"
+        raise RuntimeError(f"the ranks' models differ: rank 0 has {len(a)} parameters, rank {r} has {len(b)}; "
+                           f"first difference at parameter #{first}: rank 0 '{left}' vs rank {r} '{right}'. "
+                           "Every rank must build the same model before DistributedDataParallel wraps it")
+
+
+def check_same_decision(batch_size: int, lrs: Sequence[float]) -> None:
+    """Raise on every rank when the ranks disagree on the batch size or learning rates (one
+    all-reduce of a few numbers). Ranks fed identical all-reduced statistics never disagree;
+    this turns a broken invariant into an error instead of a silent divergence."""
+    if not is_distributed() or dist.get_world_size() == 1:
+        return
+    vals = torch.tensor([float(batch_size), *map(float, lrs)], dtype=torch.float64, device=collective_device())
+    both = torch.cat([vals, -vals])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    hi, lo = both[: len(vals)], -both[len(vals):]
+    if not torch.equal(hi, lo):
+        raise RuntimeError(f"ranks disagree after a batch-size decision: batch size in [{lo[0]:.0f}, {hi[0]:.0f}], "
+                           f"lr in [{lo[1:].tolist()}, {hi[1:].tolist()}]; every rank must observe the same "
+                           "all-reduced statistics (call policy.observe_sums on every rank, every step)")
+
+
+def free_port() -> int:
+    """A TCP port that was free on localhost a moment ago (for ``MASTER_PORT``)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launched(rank: int, fn: Callable, world_size: int, port: int, backend: str, timeout_s: float,
+              threads: int | None, args: tuple, result_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    if threads is not None:
+        torch.set_num_threads(threads)
+    dist.init_process_group(backend, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        out = fn(*args)
+        # a file, not a queue: a large result in a pipe would block this process while the
+        # parent waits in join()
+        with open(os.path.join(result_dir, f"rank{rank}.pkl"), "wb") as f:
+            pickle.dump(out, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(fn: Callable, nproc: int, args: Sequence = (), backend: str = "gloo", timeout_s: float | None = None,
+           threads: int | None = None) -> list:
+    """Run ``fn(*args)`` in ``nproc`` new local processes forming one process group; return
+    their return values in rank order (each must be picklable).
+
+    ``fn`` must be importable by name (a module-level function): processes are started with
+    ``spawn``. ``threads``: torch intra-op threads per process (default: cores // nproc, at least
+    1). If any process raises, the others are stopped and the error (with the failing rank's
+    traceback) is raised here. ``timeout_s`` bounds each collective (default
+    :func:`default_timeout`).
+    """
+    import torch.multiprocessing as mp
+
+    if not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"nproc must be a positive integer, got {nproc!r}")
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // nproc)
+    timeout_s = default_timeout().total_seconds() if timeout_s is None else float(timeout_s)
+    with tempfile.TemporaryDirectory(prefix="divebatch-launch-") as result_dir:
+        mp.start_processes(_launched, nprocs=nproc, join=True, start_method="spawn",
+                           args=(fn, nproc, free_port(), backend, timeout_s, threads, tuple(args), result_dir))
+        out = []
+        for rank in range(nproc):
+            with open(os.path.join(result_dir, f"rank{rank}.pkl"), "rb") as f:
+                out.append(pickle.load(f))
+    return out

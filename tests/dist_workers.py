@@ -1,0 +1,81 @@
+"""Functions run inside the processes that tests/test_distributed.py starts with
+``divebatch.distributed.launch`` (module level, so ``spawn`` can import them by name)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from divebatch.data import load_digits
+from divebatch.distributed import gather_per_sample
+from divebatch.sampler import shard_sizes
+from divebatch.tracker import GradNormTracker
+from divebatch.train import TrainConfig, Trainer, accumulate_step
+
+
+def norms_model(seed: int = 0, hidden: int = 12) -> nn.Module:
+    """Conv, norm and linear layers: the families whose per-sample norms must add up across ranks."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 8 * 8, hidden), nn.LayerNorm(hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+def norms_worker(x: torch.Tensor, y: torch.Tensor, micro: int) -> dict:
+    """This rank's share of the global batch (x, y) by the sampler's remainder rule, split into
+    ``micro`` micro-batches; returns the global statistics every rank computed."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sizes = shard_sizes(len(y), world)
+    start = sum(sizes[:rank])
+    xs, ys = x[start:start + sizes[rank]], y[start:start + sizes[rank]]
+    model = norms_model()
+    tracker = GradNormTracker(model, loss_reduction="sum")
+    ddp = nn.parallel.DistributedDataParallel(model)
+    chunks = [(a, b) for a, b in zip(xs.tensor_split(micro), ys.tensor_split(micro)) if len(b)]
+    res = accumulate_step(ddp, chunks, tracker=tracker, measure=True, global_batch_size=len(y))
+    out = {"s1": float(res.per_sample_sq), "s2": float(res.batch_grad_sq),
+           "grads": [p.grad.detach().clone() for p in model.parameters()]}
+    if micro == 1:  # the per-sample vector itself, gathered in rank order
+        out["per_sample"] = gather_per_sample(tracker.collect().per_sample)
+    return out
+
+
+def train_worker(cfg_kwargs: dict, run_dir: str | None, resume: bool = False, die_at_step: int | None = None,
+                 hidden_by_rank: dict | None = None) -> dict:
+    """Train on digits with ``Trainer``; return the records and, per epoch, the indices this rank
+    trained on. ``die_at_step``: the process exits hard (like a kill) after that many optimizer
+    steps. ``hidden_by_rank``: give rank r an MLP of that width (to make the models differ)."""
+    rank = dist.get_rank()
+    data = load_digits()
+    model = None
+    if hidden_by_rank is not None:
+        torch.manual_seed(0)
+        h = hidden_by_rank[rank]
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, h), nn.ReLU(), nn.Linear(h, 10))
+    tr = Trainer(TrainConfig(**cfg_kwargs), data, model=model, run_dir=run_dir)
+    if resume:
+        tr.resume()
+    seen: dict[int, list[int]] = {}
+    take = tr._step_batches
+
+    def recording(idx_list):
+        seen.setdefault(tr.epoch, []).extend(int(i) for idx in idx_list for i in idx)
+        return take(idx_list)
+
+    tr._step_batches = recording
+    if die_at_step is not None:
+        step = tr.optimizer.step
+
+        def step_then_maybe_die(*a, **k):
+            out = step(*a, **k)
+            if tr.steps + 1 >= die_at_step:  # tr.steps counts this step right after optimizer.step()
+                os._exit(3)
+            return out
+
+        tr.optimizer.step = step_then_maybe_die
+    summary = tr.fit(plots=False)
+    lrs = [g["lr"] for g in tr.optimizer.param_groups]
+    return {"records": tr.records, "seen": seen, "summary_epochs": summary["epochs"], "final_lrs": lrs,
+            "params": [p.detach().clone() for p in tr.model.parameters()]}
