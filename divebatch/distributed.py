@@ -8,7 +8,8 @@ How the statistics stay exact under ``DistributedDataParallel`` (DDP) with a glo
   rank's ``.grad`` ends up ``(1/B)·Σ_{all i} g_i`` — the gradient of the mean loss over the
   global batch, whatever the shares ``B_r``.
 * ``Σ_i ||g_i||²`` adds up over ranks: each rank's tracker gives its local sum and **one
-  all-reduce of one scalar per measured step** (:func:`all_reduce_sum`) makes it global.
+  all-reduce of four scalars per measured step** (:func:`global_step_sums`: the sum, the
+  local batch size and the loss scale, checked equal on all ranks) makes it global.
 * ``||Σ_i g_i||²`` of the global batch is read from the all-reduced ``.grad`` that DDP leaves on
   every rank (no extra communication; exact to float rounding, and correct with ``no_sync()``
   accumulation since it is read after the synchronising backward).
@@ -44,6 +45,8 @@ __all__ = [
     "all_reduce_sum",
     "collective_device",
     "gather_per_sample",
+    "global_step_sums",
+    "grad_sq_norm",
     "check_same_model",
     "check_same_decision",
     "launch",
@@ -101,6 +104,58 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     out = value.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+def grad_sq_norm(params, device: torch.device | None = None) -> torch.Tensor:
+    """``Σ_p ||p.grad||²`` over ``params`` as a float32 scalar tensor on ``device`` (no host sync)."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    if device is None:
+        device = grads[0].device
+    norms = torch._foreach_norm([g if g.dtype == torch.float32 else g.float() for g in grads])
+    return torch.stack([n.to(device) for n in norms]).square().sum()
+
+
+def global_step_sums(per_sample_sq: torch.Tensor, batch_size: int, params, loss_scale: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(Σ_i ||g_i||², ||Σ_i g_i||², B)`` over the global batch of one DDP optimizer step.
+
+    Call on every rank after the step's last (synchronising) backward.
+
+    Args:
+        per_sample_sq: this rank's unscaled ``Σ_{i∈rank} ||g_i||²`` (a ``[B_r]`` tensor or its sum).
+        batch_size: this rank's samples ``B_r`` in the step (over all its micro-batches).
+        params: the parameters whose ``.grad`` DDP all-reduced (the tracker's).
+        loss_scale: ``c`` of this rank's loss ``c·Σ_{i∈rank} ℓ_i`` (times a GradScaler's scale).
+            It must be the same on every rank — then ``.grad = (c/W)·Σ_i g_i`` everywhere and
+            ``||Σ_i g_i||² = ||.grad||²·W²/c²`` exactly; ranks with different ``c`` (a per-rank
+            mean over unequal shares) are refused, since their averaged gradient is no multiple
+            of ``Σ_i g_i``.
+
+    One all-reduce of four numbers (``Σ||g_i||²``, ``B_r``, ``c``, ``c²``); without a process
+    group (or with one rank) none, and the result is the local one.
+    """
+    s1 = per_sample_sq.sum() if per_sample_sq.dim() > 0 else per_sample_sq
+    s1 = s1.to(torch.float64)
+    world = rank_and_world()[1]
+    c = float(loss_scale)
+    if world > 1:
+        packed = torch.stack([s1, s1.new_tensor(float(batch_size)), s1.new_tensor(c), s1.new_tensor(c * c)])
+        packed = all_reduce_sum(packed.to(collective_device())).to(s1.device)
+        s1, B = packed[0], int(round(float(packed[1])))
+        c_mean = float(packed[2]) / world
+        spread = float(packed[3]) / world - c_mean * c_mean
+        if spread > 1e-12 * c_mean * c_mean:
+            raise ValueError("the ranks scaled their losses differently (a per-rank mean over unequal batch shares?), "
+                             "so the all-reduced gradient is not a multiple of the global Σ g_i and ||Σ g_i||² cannot "
+                             "be recovered exactly. Scale every rank's loss by the same c, e.g. "
+                             "world_size / global_batch_size (divebatch.train.accumulate_step does this)")
+        c = c_mean
+    else:
+        B = int(batch_size)
+    s2 = grad_sq_norm(params, s1.device).to(torch.float64) * (world / c) ** 2
+    return s1, s2, B
 
 
 def gather_per_sample(per_sample: torch.Tensor) -> torch.Tensor:

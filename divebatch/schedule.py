@@ -40,6 +40,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from .distributed import global_step_sums, rank_and_world
 from .estimator import EpochDiversity, NoiseScale
 
 __all__ = ["BatchSizePolicy", "Fixed", "AdaBatch", "DiveBatch", "CosineLR", "LR_SCALINGS", "ESTIMATORS",
@@ -416,12 +417,24 @@ class DiveBatch(BatchSizePolicy):
         ``.grad`` (or ``grads``, in ``params`` order), and feeds the estimator; otherwise only
         counts the step. ``grad_scale``: any factor the loss was multiplied by beyond the tracker's
         ``c`` (e.g. ``scaler.get_scale()`` with a CUDA GradScaler, read only on measured steps).
+
+        Under DistributedDataParallel (a process group with several ranks) call it on every rank:
+        the global batch's ``Σ||g_i||²`` and ``||Σ g_i||²`` are formed with one all-reduce of a few
+        scalars and the all-reduced ``.grad`` (:func:`divebatch.distributed.global_step_sums`),
+        so every rank feeds its estimator the same numbers. Every rank's loss must use the same
+        ``c`` (the tracker's ``loss_reduction``): e.g. ``world_size / global_batch_size``.
         """
         if self.measure_now:
             if stats is None:
                 if self.tracker is None:
                     raise RuntimeError("DiveBatch.observe() needs stats= or a tracker= given to the policy")
                 stats = self.tracker.collect()
+            world = rank_and_world()[1]
+            if world > 1:  # DDP: the global batch's sums (one small all-reduce), as observe_sums takes them
+                loss_scale = float(stats.scale) * float(grad_scale)
+                s1, s2, B = global_step_sums(stats.per_sample, stats.batch_size, self.params, loss_scale)
+                self.observe_sums(s1, s2, B, grads=grads, scale=loss_scale / world)
+                return
             if isinstance(self.estimator, EpochDiversity):
                 self.estimator.update(stats, grads=grads, grad_scale=grad_scale)
             else:

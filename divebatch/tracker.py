@@ -38,14 +38,14 @@ class GradNormStats:
         per_sample: ``[B]``, ``||g_i||^2`` summed over every tracked parameter, where ``g_i`` is
             the gradient of sample i's own loss ``l_i``.
         batch_grad_sq: scalar, ``||sum_i g_i||^2`` of this backward only (never of an
-            accumulated ``.grad``).
+            accumulated ``.grad``); None when the tracker's ``track_batch_grad`` is off.
         per_layer: module name -> ``[B]``, the part of ``per_sample`` from that module's parameters.
         batch_size: B.
         scale: the factor ``c`` of ``L = c * sum_i l_i`` that was divided out.
     """
 
     per_sample: torch.Tensor
-    batch_grad_sq: torch.Tensor
+    batch_grad_sq: torch.Tensor | None
     per_layer: dict[str, torch.Tensor]
     batch_size: int
     scale: float
@@ -53,6 +53,9 @@ class GradNormStats:
     @property
     def diversity(self) -> torch.Tensor:
         """Gradient diversity of this batch, ``sum_i ||g_i||^2 / ||sum_i g_i||^2`` (Yin et al.), a 0-dim tensor."""
+        if self.batch_grad_sq is None:
+            raise ValueError("no batch-gradient norm in these stats (the tracker's track_batch_grad was off); "
+                             "divide per_sample.sum() by ||sum_i g_i||^2 taken from the gradients yourself")
         return self.per_sample.sum() / self.batch_grad_sq
 
 
@@ -121,6 +124,10 @@ class GradNormTracker:
             work that gives the norms (a custom autograd function replaces their forward while
             tracking is on), instead of norms on top of autograd's own weight gradient. Same
             numbers, less time; ``False`` keeps the modules' own forward and backward untouched.
+        track_batch_grad: compute ``||sum_i g_i||^2`` of each backward in the parameter hooks (one
+            pass over the gradients). Turn off (also settable later) when it is read elsewhere,
+            e.g. from the all-reduced ``.grad`` under DistributedDataParallel, where each rank's
+            hooks only see its local part; ``stats.batch_grad_sq`` is then None.
 
     Tracking off (``tracker.enabled = False``) removes every hook, so it costs nothing; on again
     re-attaches them. ``close()`` (or leaving a ``with`` block) removes hooks and stored tensors
@@ -129,12 +136,13 @@ class GradNormTracker:
     """
 
     def __init__(self, model: nn.Module, loss_reduction: str | float = "mean", *, enabled: bool = True,
-                 fused: bool = True):
+                 fused: bool = True, track_batch_grad: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradNormTracker needs an nn.Module, got {type(model).__name__}")
         _check_reduction(loss_reduction)
         self.model = model
         self.loss_reduction = loss_reduction
+        self.track_batch_grad = bool(track_batch_grad)
         self._owners = _assign_owners(model)
         for owner in self._owners:
             can_fuse = getattr(owner.rule, "can_fuse", None)
@@ -343,10 +351,11 @@ class GradNormTracker:
         if not self._enabled:
             return None
         step = self._current_backward()
-        if grad.is_sparse:
-            grad = grad.coalesce().values()
-        sq = _squared_norm(grad.detach())
-        step.batch_grad_sq = sq if step.batch_grad_sq is None else step.batch_grad_sq + sq
+        if self.track_batch_grad:
+            if grad.is_sparse:
+                grad = grad.coalesce().values()
+            sq = _squared_norm(grad.detach())
+            step.batch_grad_sq = sq if step.batch_grad_sq is None else step.batch_grad_sq + sq
         step.params_with_grad[name] = owner
         return None
 
@@ -415,8 +424,11 @@ class GradNormTracker:
         inv_c2 = 1.0 / (c * c)
         per_layer = {name: v * inv_c2 for name, v in step.per_layer.items()}
         per_sample = torch.stack(list(per_layer.values())).sum(dim=0)
-        batch_sq = step.batch_grad_sq if step.batch_grad_sq is not None else per_sample.new_zeros(())
-        return GradNormStats(per_sample, batch_sq * inv_c2, per_layer, B, c)
+        if not self.track_batch_grad:
+            batch_sq = None
+        else:
+            batch_sq = (step.batch_grad_sq if step.batch_grad_sq is not None else per_sample.new_zeros(())) * inv_c2
+        return GradNormStats(per_sample, batch_sq, per_layer, B, c)
 
 
 def _shape_key(ctx) -> tuple:

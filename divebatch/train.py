@@ -41,7 +41,8 @@ from torch import nn
 
 from .data import DataBundle
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .distributed import all_reduce_sum, check_same_decision, check_same_model, rank_and_world
+from .distributed import (all_reduce_sum, check_same_decision, check_same_model, global_step_sums,
+                          rank_and_world)
 from .models import build_model
 from .sampler import AdaptiveBatchSampler
 from .schedule import DEFAULT_POLICY, PAPER_POLICY, AdaBatch, BatchSizePolicy, CosineLR, DiveBatch, Fixed
@@ -55,7 +56,6 @@ __all__ = [
     "train",
     "make_policy",
     "accumulate_step",
-    "grad_sq_norm",
     "CHECKPOINT_FORMAT",
     "group_micro_batches",
     "per_sample_loss",
@@ -151,6 +151,8 @@ def accumulate_step(model: nn.Module, micro_batches: Sequence[tuple[torch.Tensor
         if tracker is None:
             raise ValueError("measure=True needs a tracker")
         tracker.loss_reduction = c * gscale
+        # with several backwards or ranks ||Σ g_i||² comes from the final .grad: skip the hooks' pass
+        tracker.track_batch_grad = len(micro_batches) == 1 and world == 1
     ctx = autocast if autocast is not None else nullcontext
     loss_sum = torch.zeros((), dtype=torch.float32, device=micro_batches[0][1].device)
     s1 = None
@@ -171,23 +173,12 @@ def accumulate_step(model: nn.Module, micro_batches: Sequence[tuple[torch.Tensor
             s2 = st.batch_grad_sq
     res = StepResult(loss_sum, B, scale=gscale / B)  # .grad = gscale · (1/B) Σ_i g_i, on every rank
     if measure:
-        if world > 1:
-            s1 = all_reduce_sum(s1)
-        if len(micro_batches) > 1 or world > 1:  # ||Σ g_i||² of the whole batch, from the accumulated grads
-            s2 = grad_sq_norm(tracker.parameters(), s1.device) / (res.scale ** 2)
+        if len(micro_batches) > 1 or world > 1:  # ||Σ g_i||² of the whole batch, from the final .grad
+            s1, s2, _ = global_step_sums(s1, B_local, tracker.parameters(), c * gscale)
+            s1 = s1.float()
+            s2 = s2.float()
         res.per_sample_sq, res.batch_grad_sq = s1, s2
     return res
-
-
-def grad_sq_norm(params: Iterable[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
-    """``Σ_p ||p.grad||²`` over ``params`` as a float32 scalar tensor on ``device`` (no host sync)."""
-    grads = [p.grad.detach() for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros((), dtype=torch.float32, device=device)
-    if device is None:
-        device = grads[0].device
-    norms = torch._foreach_norm([g.float() if g.dtype != torch.float32 else g for g in grads])
-    return torch.stack([n.to(device) for n in norms]).square().sum()
 
 
 def group_micro_batches(loader: Iterable, sampler: AdaptiveBatchSampler) -> Iterator[list]:

@@ -79,3 +79,26 @@ def train_worker(cfg_kwargs: dict, run_dir: str | None, resume: bool = False, di
     lrs = [g["lr"] for g in tr.optimizer.param_groups]
     return {"records": tr.records, "seen": seen, "summary_epochs": summary["epochs"], "final_lrs": lrs,
             "params": [p.detach().clone() for p in tr.model.parameters()]}
+
+
+def observe_worker(x: torch.Tensor, y: torch.Tensor, estimator: str) -> dict:
+    """A user's own DDP loop: per-rank mean loss, ``loss.backward()``, ``policy.observe()``.
+    Returns what the policy's estimator accumulated (or the error it raised)."""
+    import torch.nn.functional as F
+
+    from divebatch.schedule import DiveBatch
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sizes = shard_sizes(len(y), world)
+    start = sum(sizes[:rank])
+    xs, ys = x[start:start + sizes[rank]], y[start:start + sizes[rank]]
+    model = norms_model()
+    tracker = GradNormTracker(model, loss_reduction="mean")
+    ddp = nn.parallel.DistributedDataParallel(model)
+    policy = DiveBatch(None, len(y), 4, 64, estimator=estimator, tracker=tracker, measure_every=1, resize_every=1)
+    F.cross_entropy(ddp(xs), ys).backward()
+    try:
+        policy.observe()
+    except ValueError as e:
+        return {"error": str(e)}
+    return {"state": policy.estimator.state_dict()}

@@ -253,3 +253,36 @@ def test_cli_train_nproc_2_and_resume(tmp_path):
                            timeout=300, env=env)
     assert again.returncode == 0, again.stderr
     assert json.loads((out / "summary.json").read_text())["final_test_acc"] == summary["final_test_acc"]
+
+
+@pytest.mark.parametrize("estimator", ["noise-scale", "epoch"])
+def test_policy_observe_in_a_users_ddp_loop_sees_the_global_batch(estimator):
+    from divebatch.schedule import DiveBatch
+
+    x, y = _digits_batch(12)
+    outs = launch(dist_workers.observe_worker, 2, args=(x, y, estimator), threads=1)
+    single = dist_workers.norms_model()
+    policy = DiveBatch(None, 12, 4, 64, estimator=estimator, tracker=GradNormTracker(single, loss_reduction="mean"),
+                       measure_every=1, resize_every=1)
+    F.cross_entropy(single(x), y).backward()
+    policy.observe()
+    ref = policy.estimator.state_dict()
+    assert ref["steps"] == 1 and ref["samples"] == 12
+    for out in outs:
+        got = out["state"]
+        assert set(got) == set(ref)
+        for k, v in ref.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                assert rel_err(got[k], v) <= 1e-5, k
+            elif isinstance(v, list):  # the epoch estimator's Σ g_i, one tensor per parameter
+                for a, b in zip(got[k], v):
+                    assert rel_err(a, b) <= 1e-5, k
+            else:
+                assert got[k] == v
+
+
+def test_policy_observe_refuses_ranks_with_different_loss_scales():
+    x, y = _digits_batch(13)  # shares 7 and 6 with a per-rank mean: c = 1/7 and 1/6
+    outs = launch(dist_workers.observe_worker, 2, args=(x, y, "noise-scale"), threads=1)
+    for out in outs:
+        assert "scaled their losses differently" in out["error"]
