@@ -40,7 +40,7 @@ def _rank_main(workload: str, steps: int, reps: int) -> dict:
     import torch.distributed as dist
     from torch import nn
 
-    from divebatch.sampler import shard_sizes
+    from divebatch.sampler import shard_slice
     from divebatch.tracker import GradNormTracker
     from divebatch.train import accumulate_step
     from workloads import WORKLOADS
@@ -50,9 +50,8 @@ def _rank_main(workload: str, steps: int, reps: int) -> dict:
     torch.manual_seed(0)
     model = wl.make_model()
     x, y = wl.make_batch(torch.device("cpu"))
-    sizes = shard_sizes(len(y), world)
-    start = sum(sizes[:rank])
-    micro = [(x[start:start + sizes[rank]], y[start:start + sizes[rank]])]
+    mine = shard_slice(len(y), world, rank)
+    micro = [(x[mine], y[mine])]
     tracker = GradNormTracker(model, loss_reduction="sum", enabled=False)
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)

@@ -242,6 +242,9 @@ def _launched(rank: int, fn: Callable, world_size: int, port: int, backend: str,
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
     if threads is not None:
         torch.set_num_threads(threads)
+    if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ and os.path.exists("/sys/class/net/lo"):
+        # every process is local: talk over loopback even where the host name resolves to nothing usable
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     dist.init_process_group(backend, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
     try:

@@ -50,7 +50,7 @@ from typing import Iterator, Sized
 import numpy as np
 from torch.utils.data import Sampler
 
-__all__ = ["AdaptiveBatchSampler", "split_sizes", "shard_sizes"]
+__all__ = ["AdaptiveBatchSampler", "split_sizes", "shard_sizes", "shard_slice"]
 
 
 def split_sizes(total: int, max_size: int | None) -> list[int]:
@@ -74,6 +74,16 @@ def shard_sizes(total: int, num_replicas: int) -> list[int]:
         raise ValueError(f"total must be >= 0, got {total}")
     q, r = divmod(int(total), int(num_replicas))
     return [q + 1] * r + [q] * (num_replicas - r)
+
+
+def shard_slice(total: int, num_replicas: int, rank: int) -> slice:
+    """Rank ``rank``'s contiguous slice of a global step of ``total`` samples under the remainder
+    rule of :func:`shard_sizes`, e.g. ``x[shard_slice(len(x), world, rank)]`` in your own loop."""
+    if not 0 <= rank < num_replicas:
+        raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
+    sizes = shard_sizes(total, num_replicas)
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
 
 
 class _FixedSize:

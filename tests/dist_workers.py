@@ -11,7 +11,7 @@ from torch import nn
 
 from divebatch.data import load_digits
 from divebatch.distributed import gather_per_sample
-from divebatch.sampler import shard_sizes
+from divebatch.sampler import shard_slice
 from divebatch.tracker import GradNormTracker
 from divebatch.train import TrainConfig, Trainer, accumulate_step
 
@@ -26,10 +26,8 @@ def norms_model(seed: int = 0, hidden: int = 12) -> nn.Module:
 def norms_worker(x: torch.Tensor, y: torch.Tensor, micro: int) -> dict:
     """This rank's share of the global batch (x, y) by the sampler's remainder rule, split into
     ``micro`` micro-batches; returns the global statistics every rank computed."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    sizes = shard_sizes(len(y), world)
-    start = sum(sizes[:rank])
-    xs, ys = x[start:start + sizes[rank]], y[start:start + sizes[rank]]
+    mine = shard_slice(len(y), dist.get_world_size(), dist.get_rank())
+    xs, ys = x[mine], y[mine]
     model = norms_model()
     tracker = GradNormTracker(model, loss_reduction="sum")
     ddp = nn.parallel.DistributedDataParallel(model)
@@ -88,10 +86,8 @@ def observe_worker(x: torch.Tensor, y: torch.Tensor, estimator: str) -> dict:
 
     from divebatch.schedule import DiveBatch
 
-    rank, world = dist.get_rank(), dist.get_world_size()
-    sizes = shard_sizes(len(y), world)
-    start = sum(sizes[:rank])
-    xs, ys = x[start:start + sizes[rank]], y[start:start + sizes[rank]]
+    mine = shard_slice(len(y), dist.get_world_size(), dist.get_rank())
+    xs, ys = x[mine], y[mine]
     model = norms_model()
     tracker = GradNormTracker(model, loss_reduction="mean")
     ddp = nn.parallel.DistributedDataParallel(model)

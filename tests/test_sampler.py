@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
-from divebatch.sampler import AdaptiveBatchSampler, shard_sizes, split_sizes
+from divebatch.sampler import AdaptiveBatchSampler, shard_sizes, shard_slice, split_sizes
 
 
 class Policy:
@@ -234,6 +234,15 @@ def test_shard_sizes():
     assert shard_sizes(0, 2) == [0, 0]
     with pytest.raises(ValueError, match="num_replicas must be >= 1, got 0"):
         shard_sizes(4, 0)
+
+
+@pytest.mark.parametrize("total,world", [(10, 4), (7, 2), (3, 3), (1, 1)])
+def test_shard_slices_tile_the_step_in_rank_order(total, world):
+    slices = [shard_slice(total, world, r) for r in range(world)]
+    assert [s.stop - s.start for s in slices] == shard_sizes(total, world)
+    assert [i for s in slices for i in range(total)[s]] == list(range(total))
+    with pytest.raises(ValueError, match=f"rank must be in \\[0, {world}\\), got {world}"):
+        shard_slice(total, world, world)
 
 
 def test_short_final_step_is_merged_into_the_previous_one():
