@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ._norms import squared_norm
+
 __all__ = [
     "is_distributed",
     "rank_and_world",
@@ -108,13 +110,11 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
 
 def grad_sq_norm(params, device: torch.device | None = None) -> torch.Tensor:
     """``Σ_p ||p.grad||²`` over ``params`` as a float32 scalar tensor on ``device`` (no host sync)."""
-    grads = [p.grad.detach() for p in params if p.grad is not None]
-    if not grads:
+    sq = [squared_norm(p.grad.detach()) for p in params if p.grad is not None]
+    if not sq:
         return torch.zeros((), dtype=torch.float32, device=device)
-    if device is None:
-        device = grads[0].device
-    norms = torch._foreach_norm([g if g.dtype == torch.float32 else g.float() for g in grads])
-    return torch.stack([n.to(device) for n in norms]).square().sum()
+    device = sq[0].device if device is None else device
+    return torch.stack([s.to(device) for s in sq]).sum()
 
 
 def global_step_sums(per_sample_sq: torch.Tensor, batch_size: int, params, loss_scale: float

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from ._norms import squared_norm
 from .layers import GENERIC, LayerRule, RoutePlan, rule_for
 from .layers.base import capture_suspended
 
@@ -354,7 +355,7 @@ class GradNormTracker:
         if self.track_batch_grad:
             if grad.is_sparse:
                 grad = grad.coalesce().values()
-            sq = _squared_norm(grad.detach())
+            sq = squared_norm(grad.detach())
             step.batch_grad_sq = sq if step.batch_grad_sq is None else step.batch_grad_sq + sq
         step.params_with_grad[name] = owner
         return None
@@ -434,16 +435,6 @@ class GradNormTracker:
 def _shape_key(ctx) -> tuple:
     tensor = ctx[0] if isinstance(ctx, tuple) else getattr(ctx, "leaves", [ctx])[0]
     return tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else (id(ctx),)
-
-
-def _squared_norm(t: torch.Tensor) -> torch.Tensor:
-    """``||t||^2`` as a float32 0-dim tensor in one pass, without a squared temporary."""
-    if t.dtype == torch.float32 and t.is_contiguous():
-        flat = t.view(-1)
-        return torch.dot(flat, flat)
-    if t.dtype == torch.float64:  # vector_norm refuses to downcast; keep float64 until the end
-        return torch.linalg.vector_norm(t).square().float()
-    return torch.linalg.vector_norm(t, dtype=torch.float32).square()
 
 
 def _inside_functorch() -> bool:

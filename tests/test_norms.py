@@ -1,0 +1,44 @@
+"""Squared norms of whole gradients (the batch-gradient norm's last step): float32-exact in any layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from divebatch._norms import squared_norm
+from divebatch.distributed import grad_sq_norm
+
+LAYOUTS = {
+    "contiguous": lambda t: t,
+    "channels_last": lambda t: t.to(memory_format=torch.channels_last),
+    "transposed": lambda t: t.transpose(0, 1),
+    "strided slice": lambda t: t[:, ::2],
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_squared_norm_is_float32_exact_in_every_layout(layout):
+    g = torch.Generator().manual_seed(0)
+    t = LAYOUTS[layout](torch.randn(256, 64, 8, 8, generator=g))  # 1M elements: where float32 sums drift
+    ref = t.double().square().sum()
+    got = squared_norm(t)
+    assert got.dtype == torch.float32 and got.dim() == 0
+    assert abs(got.double() - ref) / ref <= 5e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_squared_norm_of_other_dtypes_is_float32(dtype):
+    t = torch.randn(1000, 33, generator=torch.Generator().manual_seed(1)).to(dtype)
+    got = squared_norm(t)
+    assert got.dtype == torch.float32
+    assert abs(got.double() - t.double().square().sum()) / t.double().square().sum() <= 1e-6
+
+
+def test_grad_sq_norm_sums_every_parameter_with_a_gradient():
+    lin = torch.nn.Linear(300, 200)
+    frozen = torch.nn.Parameter(torch.ones(3))  # no .grad: skipped
+    lin(torch.randn(4, 300)).square().sum().backward()
+    ref = sum(p.grad.double().square().sum() for p in lin.parameters())
+    got = grad_sq_norm([*lin.parameters(), frozen])
+    assert abs(got.double() - ref) / ref <= 1e-6
+    assert grad_sq_norm([frozen]).item() == 0.0
