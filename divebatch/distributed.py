@@ -140,9 +140,16 @@ def global_step_sums(per_sample_sq: torch.Tensor, batch_size: int, params, loss_
     s1 = s1.to(torch.float64)
     world = rank_and_world()[1]
     c = float(loss_scale)
+    B = int(batch_size)
     if world > 1:
         packed = torch.stack([s1, s1.new_tensor(float(batch_size)), s1.new_tensor(c), s1.new_tensor(c * c)])
-        packed = all_reduce_sum(packed.to(collective_device())).to(s1.device)
+        packed = packed.to(collective_device())
+        # in flight while this rank reads its gradient: the all-reduce is latency, the norm is work
+        pending = dist.all_reduce(packed, op=dist.ReduceOp.SUM, async_op=True)
+    grad_sq = grad_sq_norm(params, s1.device).to(torch.float64)
+    if world > 1:
+        pending.wait()
+        packed = packed.to(s1.device)
         s1, B = packed[0], int(round(float(packed[1])))
         c_mean = float(packed[2]) / world
         spread = float(packed[3]) / world - c_mean * c_mean
@@ -152,10 +159,7 @@ def global_step_sums(per_sample_sq: torch.Tensor, batch_size: int, params, loss_
                              "be recovered exactly. Scale every rank's loss by the same c, e.g. "
                              "world_size / global_batch_size (divebatch.train.accumulate_step does this)")
         c = c_mean
-    else:
-        B = int(batch_size)
-    s2 = grad_sq_norm(params, s1.device).to(torch.float64) * (world / c) ** 2
-    return s1, s2, B
+    return s1, grad_sq * (world / c) ** 2, B
 
 
 def gather_per_sample(per_sample: torch.Tensor) -> torch.Tensor:
