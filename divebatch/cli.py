@@ -30,6 +30,13 @@ data: Fashion-MNIST from Debian's dataset-fashion-mnist (/usr/share/datasets/fas
 or --data-dir; otherwise scikit-learn's digits. --dataset synthetic: logistic regression,
 n=1000, d=512, features uniform in (-1, 1), generated from --seed.
 
+several processes: --nproc N starts N local processes (DistributedDataParallel, gloo on CPU);
+batch sizes stay global and are split across processes. Across machines use torchrun:
+  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+      -m divebatch train --device cuda --out /shared/run --resume
+<out>/checkpoint.pt is replaced atomically every epoch (and every --checkpoint-every steps);
+the same command with --resume continues an interrupted run exactly.
+
 The learning rate is a cosine over the run counted in samples (epochs x n), so batch-size
 changes do not distort it. Outputs: <out>/metrics.jsonl (one JSON line per epoch),
 summary.json, config.json, accuracy.png, batch_lr.png, diversity.png.
@@ -251,6 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if not args.quiet:
                     print(f"divebatch train: {cfg.label} on {data.name} (n={data.n_train}, {data.source}) with "
                           f"{args.nproc} processes -> {out}", file=sys.stderr)
+                if args.device.startswith("cuda") and torch.cuda.device_count() < args.nproc:
+                    return _err(prog, f"--nproc {args.nproc} with --device cuda needs {args.nproc} GPUs (one per "
+                                      f"process); this machine has {torch.cuda.device_count()}", 2)
                 threads = args.threads or max(1, (os.cpu_count() or 1) // args.nproc)
                 backend = "nccl" if args.device.startswith("cuda") else "gloo"
                 try:
@@ -262,8 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from .distributed import init_from_env, rank_and_world
 
                 init_from_env()
-                if not args.quiet and rank_and_world()[0] == 0:
-                    print(f"divebatch train: {cfg.label} on {data.name} (n={data.n_train}, {data.source}) -> {out}",
+                rank, world = rank_and_world()
+                if not args.quiet and rank == 0:
+                    procs = f" with {world} processes" if world > 1 else ""
+                    print(f"divebatch train: {cfg.label} on {data.name} (n={data.n_train}, {data.source}){procs} -> {out}",
                           file=sys.stderr)
                 s = _run_training(cfg, data, out, args)
             if s is not None:
