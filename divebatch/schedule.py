@@ -429,6 +429,11 @@ class DiveBatch(BatchSizePolicy):
                 if self.tracker is None:
                     raise RuntimeError("DiveBatch.observe() needs stats= or a tracker= given to the policy")
                 stats = self.tracker.collect()
+            if getattr(stats, "backwards", 1) > 1:
+                raise ValueError(f"{stats.backwards} backward passes since the last collect(): observe() reads one "
+                                 "backward per optimizer step, so with gradient accumulation it would mix the last "
+                                 "micro-batch's norms with the accumulated gradient. Use "
+                                 "divebatch.train.accumulate_step(..., measure=True) and policy.observe_sums(...)")
             world = rank_and_world()[1]
             if world > 1:  # DDP: the global batch's sums (one small all-reduce), as observe_sums takes them
                 loss_scale = float(stats.scale) * float(grad_scale)

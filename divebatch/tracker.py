@@ -18,7 +18,7 @@ number reported is about the **unscaled** per-sample losses ``l_i``: ``||g_i||^2
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Iterator
 
@@ -43,6 +43,8 @@ class GradNormStats:
         per_layer: module name -> ``[B]``, the part of ``per_sample`` from that module's parameters.
         batch_size: B.
         scale: the factor ``c`` of ``L = c * sum_i l_i`` that was divided out.
+        backwards: tracked backward passes since the previous ``collect()``; only the last one is
+            in these stats (more than 1 means gradient accumulation went uncollected).
     """
 
     per_sample: torch.Tensor
@@ -50,6 +52,7 @@ class GradNormStats:
     per_layer: dict[str, torch.Tensor]
     batch_size: int
     scale: float
+    backwards: int = 1
 
     @property
     def diversity(self) -> torch.Tensor:
@@ -151,6 +154,7 @@ class GradNormTracker:
         self._handles: list = []
         self._backward: _Backward | None = None
         self._last: GradNormStats | None = None
+        self._uncollected = 0  # backwards closed since the last collect()
         self._last_plans: dict[str, RoutePlan] = {}
         self._error: Exception | None = None
         self._closed = False
@@ -197,7 +201,8 @@ class GradNormTracker:
         if self._last is None:
             raise RuntimeError("collect() was called before any backward pass with tracking on: run the "
                                "forward and loss.backward() first (and check tracker.enabled is True)")
-        return self._last
+        backwards, self._uncollected = self._uncollected, 0
+        return replace(self._last, backwards=backwards)
 
     def plan(self) -> list[RoutePlan]:
         """Per module, the route chosen in the last backward and its estimated cost.
@@ -408,6 +413,7 @@ class GradNormTracker:
                     "module used the parameter directly?), so its per-sample gradients are unknown. Wrap the "
                     "computation in a module that owns the parameter, or freeze it")
             self._last = self._close_record(step)
+            self._uncollected += 1
             self._last_plans.update(step.plans)
         except Exception as err:  # noqa: BLE001 - re-raised at collect(), where the user looks
             self._error = err

@@ -245,3 +245,22 @@ def test_warns_when_a_decision_epoch_saw_no_step():
     with pytest.warns(RuntimeWarning, match="observe"):
         p.step()
     assert p.batch_size == 8
+
+
+@pytest.mark.parametrize("estimator", ["noise-scale", "epoch"])
+def test_observe_refuses_uncollected_gradient_accumulation(estimator):
+    from divebatch.tracker import GradNormTracker
+
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    tracker = GradNormTracker(model, loss_reduction="sum")
+    policy = DiveBatch(None, 64, 4, 64, estimator=estimator, tracker=tracker, resize_every=1)
+    x = torch.randn(8, 6)
+    model(x).square().sum().backward()
+    policy.observe()                                   # one backward per step: fine
+    assert policy.estimator.steps == 1
+    model(x[:4]).square().sum().backward()
+    model(x[4:]).square().sum().backward()             # two backwards, none collected in between
+    with pytest.raises(ValueError, match="2 backward passes since the last collect"):
+        policy.observe()
+    assert policy.estimator.steps == 1
