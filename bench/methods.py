@@ -7,8 +7,6 @@ table and pytest-benchmark skip them cleanly.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch.func import functional_call, grad, vmap
 
@@ -157,8 +155,12 @@ class BackPACK(Method):
 METHODS = [Plain, DiveBatch, TorchFunc, OpacusHooks, OpacusGhost, BackPACK]
 
 
-def build(method_cls, workload, seed=0):
-    """A fresh, identically initialised model wrapped by ``method_cls``."""
+def build(method_cls, workload, seed=0, device="cpu", dtype=None):
+    """A fresh model, initialised from ``seed`` (so every method gets the same weights) directly
+    on ``device`` (no CPU copy of a large model) and cast to ``dtype``, wrapped by ``method_cls``."""
     torch.manual_seed(seed)
-    model = workload.make_model()
-    return method_cls(workload, copy.deepcopy(model))
+    with torch.device(device):
+        model = workload.make_model()
+    if dtype is not None:
+        model = model.to(dtype)
+    return method_cls(workload, model)

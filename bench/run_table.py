@@ -39,12 +39,18 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
 
 
+def _batch(workload, device: str, dtype):
+    x, y = workload.make_batch(torch.device(device))
+    if dtype is not None and x.is_floating_point():
+        x = x.to(dtype)
+    return x, y
+
+
 def memory_probe(workload_name: str, method_name: str, device: str) -> dict:
     """Run in a child process: RSS before the first step and peak RSS over three steps (KiB)."""
     workload = WORKLOADS[workload_name]
-    method = build(BY_NAME[method_name], workload)
-    method.model.to(device)
-    x, y = workload.make_batch(torch.device(device))
+    method = build(BY_NAME[method_name], workload, device=device)
+    x, y = _batch(workload, device, None)
     before = _status_kb("VmRSS")
     for _ in range(3):
         method.step(x, y)
@@ -63,18 +69,34 @@ def measure_memory(workload: str, method: str, device: str, repeats: int = 3) ->
     return {key: statistics.median(p[key] for p in probes) for key in probes[0]}
 
 
-def run_workload(name: str, method_names: list[str], reps: int, device: str, memory: bool) -> list[dict]:
+def measure_cuda_memory(methods: dict, x, y) -> dict:
+    """Peak CUDA memory over three steps of each method, in this process (KiB, like the RSS
+    probes): every method's model stays resident throughout, so peaks differ only by the steps'
+    own temporaries."""
+    out = {}
+    for name, method in methods.items():
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(3):
+            method.step(x, y)
+        torch.cuda.synchronize()
+        out[name] = {"before_kb": before / 1024, "peak_kb": torch.cuda.max_memory_allocated() / 1024}
+    return out
+
+
+def run_workload(name: str, method_names: list[str], reps: int, device: str, memory: bool,
+                 dtype: torch.dtype | None = None) -> list[dict]:
     workload = WORKLOADS[name]
-    x, y = workload.make_batch(torch.device(device))
+    x, y = _batch(workload, device, dtype)
     methods, rows = {}, {}
     for method_name in method_names:
         try:
-            methods[method_name] = build(BY_NAME[method_name], workload)
-            methods[method_name].model.to(device)
+            methods[method_name] = build(BY_NAME[method_name], workload, device=device, dtype=dtype)
         except MethodUnavailable as err:
             rows[method_name] = {"workload": name, "method": method_name, "skipped": str(err)}
     # Correctness first (same weights, same batch): per-sample norms against torch.func.
-    reference = BY_NAME["torch.func"](workload, build(BY_NAME["plain"], workload).model.to(device)).step(x, y)
+    reference = build(BY_NAME["torch.func"], workload, device=device, dtype=dtype).step(x, y)
     norms = {}
     for method_name, method in list(methods.items()):
         try:
@@ -93,7 +115,12 @@ def run_workload(name: str, method_names: list[str], reps: int, device: str, mem
                 torch.cuda.synchronize()
             times[method_name].append(time.perf_counter() - start)
     plain_ms = statistics.median(times["plain"]) * 1e3
-    mem = {m: measure_memory(name, m, device) for m in methods} if memory else {}
+    if not memory:
+        mem = {}
+    elif device.startswith("cuda"):
+        mem = measure_cuda_memory(methods, x, y)
+    else:  # CPU peak RSS needs a fresh process per method
+        mem = {m: measure_memory(name, m, device) for m in methods}
     plain_mem = mem.get("plain")
     for method_name in methods:
         ms = statistics.median(times[method_name]) * 1e3
@@ -129,7 +156,9 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=20, help="timed steps per method (round-robin)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--no-memory", action="store_true", help="skip the per-method child processes")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement (CPU: child processes)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="model and input dtype (BENCHMARKS.md: bf16 for the GPU workloads)")
     parser.add_argument("--out", type=Path, default=None, help="write rows as JSON here and a .md beside it")
     parser.add_argument("--memory-probe", nargs=2, metavar=("WORKLOAD", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -144,9 +173,10 @@ def main(argv=None) -> int:
         parser.error(f"unknown method or workload: {', '.join(unknown)}")
     rows = []
     for name in args.workloads.split(","):
-        rows += run_workload(name, methods, args.reps, args.device, not args.no_memory)
+        dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
+        rows += run_workload(name, methods, args.reps, args.device, not args.no_memory, dtype)
         print(to_markdown([r for r in rows if r["workload"] == name]), flush=True)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device, "dtype": args.dtype,
             "reps": args.reps, "date": time.strftime("%Y-%m-%d %H:%M")}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

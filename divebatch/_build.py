@@ -22,6 +22,8 @@ from types import ModuleType
 
 #: The C++ sources, found relative to the package (a source checkout or an editable install).
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
+#: The Triton kernels in a source checkout (installed as ``divebatch._kernels``).
+KERNELS = Path(__file__).resolve().parent.parent / "kernels"
 #: Module name of the JIT build (the ahead-of-time one is ``divebatch._C``).
 JIT_NAME = "divebatch_C"
 #: at::parallel_for is serial unless both compiled and linked with OpenMP.
@@ -50,6 +52,38 @@ def extension() -> ModuleType | None:
 def source() -> str | None:
     """How the kernels were loaded: ``"aot"`` (``divebatch._C``), ``"jit"``, or None if not at all."""
     return _source
+
+
+def load_file_package(name: str, init: Path) -> ModuleType:
+    """Import the package whose ``__init__.py`` is ``init`` under the module name ``name``
+    (its relative imports resolve inside that folder)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def import_kernels() -> ModuleType:
+    """``divebatch._kernels``: the installed package or, in a checkout run without ``pip install``
+    (e.g. a GPU machine given the source tree), ``kernels/`` of that checkout under the same name.
+    Raises ImportError when neither imports (e.g. no triton)."""
+    import importlib
+
+    name = f"{__package__}._kernels"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name or not (KERNELS / "__init__.py").is_file():
+            raise
+    return load_file_package(name, KERNELS / "__init__.py")
 
 
 def _jit_build() -> ModuleType:

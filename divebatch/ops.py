@@ -63,13 +63,12 @@ def _embedding_norm_fake(indices, g, padding_idx):
 
 
 # ---------------------------------------------------------------- device kernels
-from ._build import load_cpu_extension  # noqa: E402  (needs the schemas above)
+from ._build import import_kernels, load_cpu_extension  # noqa: E402  (needs the schemas above)
 
 CPP_AVAILABLE = load_cpu_extension()
 
 try:  # Triton is optional: CPU-only installs and the interpreter work without a GPU.
-    from . import _kernels
-
+    _kernels = import_kernels()
     _kernels.register_cuda(_lib)
     TRITON_AVAILABLE = True
 except ImportError:  # pragma: no cover - depends on the install

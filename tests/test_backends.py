@@ -43,3 +43,27 @@ def test_unknown_backend_is_refused(monkeypatch):
     monkeypatch.setenv("DIVEBATCH_BACKEND", "fortran")
     with pytest.raises(ValueError, match="DIVEBATCH_BACKEND"):
         ops.outer_norm(torch.ones(2, 3), torch.ones(2, 4))
+
+
+def test_a_checkout_without_install_still_gets_the_triton_kernels(tmp_path):
+    """A GPU machine may be handed the source tree without `pip install`: divebatch._kernels then
+    comes from kernels/ of the checkout (the same module name, so ops register it as usual)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys\n"
+        "sys.meta_path = [f for f in sys.meta_path if 'editable' not in getattr(f, '__module__', '')]\n"
+        f"sys.path.insert(0, {str(repo)!r})\n"
+        "import divebatch.ops as ops\n"
+        "print(ops.TRITON_AVAILABLE, ops._kernels.__name__, ops._kernels.__file__)\n"
+    )
+    env = dict(__import__("os").environ, DIVEBATCH_NO_JIT="1", TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    available, name, path = done.stdout.split()
+    assert available == "True" and name == "divebatch._kernels"
+    assert Path(path) == repo / "kernels" / "__init__.py"

@@ -31,28 +31,22 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
+from divebatch._build import load_file_package  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 INTERPRETED = DEVICE == "cpu"
 
 
-def _load_file_package(name: str, init: Path):
-    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def _load_kernels():
-    """``divebatch._kernels`` when installed and imported in the right mode, else ``kernels/`` of this tree."""
+    """``divebatch._kernels`` when it imports in the right mode, else a fresh copy of ``kernels/``."""
     try:
         from divebatch import _kernels as kernels
 
         if bool(kernels.INTERPRET) == INTERPRETED:
             return kernels
-    except Exception:  # noqa: BLE001 - not installed yet, or divebatch/__init__ fails: use the files
+    except Exception:  # noqa: BLE001 - divebatch/__init__ fails: use the files
         pass
-    return _load_file_package("_divebatch_kernels_under_test", REPO / "kernels" / "__init__.py")
+    return load_file_package("_divebatch_kernels_under_test", REPO / "kernels" / "__init__.py")
 
 
 def _load_reference():

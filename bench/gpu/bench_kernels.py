@@ -18,7 +18,6 @@ the two Grams; doubled off-diagonal pairs are not recounted), instantiate and th
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -29,31 +28,19 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _load_file_package(name: str, init: Path):
-    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(REPO))  # the checkout's divebatch, installed or not
 
 
 def load_kernels():
-    try:
-        from divebatch import _kernels
+    from divebatch._build import import_kernels
 
-        return _kernels
-    except Exception as exc:  # noqa: BLE001 - not installed: use this checkout's files
-        print(f"(divebatch._kernels not importable: {exc!r}; loading kernels/ from the checkout)")
-        return _load_file_package("_divebatch_kernels_bench", REPO / "kernels" / "__init__.py")
+    return import_kernels()
 
 
 def load_reference():
-    spec = importlib.util.spec_from_file_location("_divebatch_reference_bench", REPO / "divebatch" / "reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from divebatch import reference
+
+    return reference
 
 
 # name -> (op, B, T, d, p, dtype, extra). "seq-large" is BENCHMARKS.md's GPU workload (its two
