@@ -18,6 +18,8 @@
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include <algorithm>
 #include <atomic>
 #include <utility>
@@ -108,6 +110,16 @@ void check_a_g(const at::Tensor& a, const at::Tensor& g, int64_t ndim, const cha
 }
 
 // ------------------------------------------------------------------ small loops
+
+// The loops that stream whole rows or GEMM outputs are compiled for AVX-512, AVX2 and baseline
+// x86-64 and picked at load time (GCC/Clang function multiversioning): the package is built
+// for baseline x86-64, where `omp simd` alone would only get 4-wide SSE.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__INTEL_COMPILER)
+#define DIVEBATCH_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DIVEBATCH_MULTIVERSION
+#endif
+
 // `omp simd reduction` lets the compiler reorder the float sums into vector lanes (it will not
 // otherwise without -ffast-math); the sums stay float32 but become lane-wise, i.e. more accurate.
 
@@ -120,8 +132,37 @@ inline float dot_f32(const float* x, const float* y, int64_t n) {
   return s;
 }
 
+// ||x||^2 of a contiguous float32 row. One vector accumulator would make this a chain of
+// dependent adds (one vector per add latency); 32 lanes give the compiler 2-4 independent
+// chains, so rows stream at memory speed. Lanes are summed at the end (float32, lane-wise).
+DIVEBATCH_MULTIVERSION
+float sum_sq_f32(const float* x, int64_t n) {
+  constexpr int64_t kLanes = 32;
+  float lanes[kLanes] = {0.f};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) {
+      lanes[j] += x[k + j] * x[k + j];
+    }
+  }
+  float s = 0.f;
+  for (; k < n; ++k) {
+    s += x[k] * x[k];
+  }
+  for (int64_t j = 0; j < kLanes; ++j) {
+    s += lanes[j];
+  }
+  return s;
+}
+
 template <typename scalar_t>
 float sum_sq(const scalar_t* x, int64_t n, int64_t stride) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (stride == 1) {
+      return sum_sq_f32(x, n);
+    }
+  }
   float s = 0.f;
   if (stride == 1) {
 #pragma omp simd reduction(+ : s)
@@ -152,14 +193,6 @@ void add_row(float* acc, const scalar_t* x, int64_t n, int64_t stride) {
   }
 }
 
-// The two loops that stream whole GEMM outputs are compiled for AVX-512, AVX2 and baseline
-// x86-64 and picked at load time (GCC/Clang function multiversioning): the package is built
-// for baseline x86-64, where `omp simd` alone would only get 4-wide SSE.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__INTEL_COMPILER)
-#define DIVEBATCH_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define DIVEBATCH_MULTIVERSION
-#endif
 
 // <X, Y> for two contiguous float32 [rows, cols] matrices: float32 row sums, rows summed in
 // double so the total over a 256 x 256 tile keeps the precision of a single row's sum.
