@@ -255,13 +255,26 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         bs = self._batch_size()
         self._epoch_bs = bs
         perm = self.permutation()
+        steps = list(self._local_steps(bs))
+        total = sum(len(micro) for _, micro in steps)
+        if self._pos >= total:  # nothing left (an empty epoch, or a state saved at its very end)
+            self._next_epoch()
+            return
         k = 0
-        for logical, micro in self._local_steps(bs):
+        for logical, micro in steps:
             for j, (a, b) in enumerate(micro):
                 if k >= self._pos:
-                    self._pos = k + 1
+                    # The epoch is over once its last micro-batch is handed out, whether or not
+                    # the consumer asks for more (group_micro_batches and DataLoader loops stop at
+                    # the planned count): move on before yielding it.
+                    if k == total - 1:
+                        self._next_epoch()
+                    else:
+                        self._pos = k + 1
                     yield j == len(micro) - 1, logical, perm[a:b]
                 k += 1
+
+    def _next_epoch(self) -> None:
         self.epoch += 1
         self._pos = 0
         self._epoch_bs = None

@@ -98,3 +98,42 @@ def observe_worker(x: torch.Tensor, y: torch.Tensor, estimator: str) -> dict:
     except ValueError as e:
         return {"error": str(e)}
     return {"state": policy.estimator.state_dict()}
+
+
+def user_loop_worker(epochs: int) -> dict:
+    """The DDP loop of docs/training.md ("In your own DDP loop"), verbatim but for the data and
+    the bookkeeping returned to the test."""
+    from torch.utils.data import DataLoader
+
+    from divebatch import DEFAULT_POLICY, AdaptiveBatchSampler, DiveBatch
+    from divebatch.train import accumulate_step, group_micro_batches
+
+    data = load_digits()
+    ds = torch.utils.data.TensorDataset(torch.arange(data.n_train), data.y_train)  # indices stand in for images
+    x_all = data.x_train
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    # --- the documented loop
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tracker = GradNormTracker(model, loss_reduction="sum")       # accumulate_step sets c itself
+    ddp = nn.parallel.DistributedDataParallel(model)
+    policy = DiveBatch(opt, len(ds), 32, 512, tracker=tracker, **dict(DEFAULT_POLICY, measure_every=2))
+    sampler = AdaptiveBatchSampler(ds, policy, seed=0, num_replicas=world, rank=rank, max_micro_batch=24)
+    loader = DataLoader(ds, batch_sampler=sampler)
+    seen, sizes_log = {}, []
+    for epoch in range(epochs):
+        sizes = sampler.global_step_sizes()          # global batch of every step, the same on all ranks
+        sizes_log.append(sampler.batch_size)
+        for k, micro in enumerate(group_micro_batches(loader, sampler)):
+            seen.setdefault(epoch, []).extend(int(i) for idx, _ in micro for i in idx)
+            micro = [(x_all[idx], y) for idx, y in micro]
+            opt.zero_grad()
+            res = accumulate_step(ddp, micro, tracker=tracker, measure=policy.measure_now,
+                                  global_batch_size=sizes[k])
+            policy.observe_sums(res.per_sample_sq, res.batch_grad_sq, res.batch_size, scale=res.scale)
+            opt.step()
+        policy.step()
+    # ---
+    return {"seen": seen, "batch_sizes": sizes_log, "lr": opt.param_groups[0]["lr"],
+            "decisions": policy.history}

@@ -286,3 +286,12 @@ def test_policy_observe_refuses_ranks_with_different_loss_scales():
     outs = launch(dist_workers.observe_worker, 2, args=(x, y, "noise-scale"), threads=1)
     for out in outs:
         assert "scaled their losses differently" in out["error"]
+
+
+def test_the_documented_ddp_loop_covers_every_index_and_agrees_across_ranks():
+    r0, r1 = launch(dist_workers.user_loop_worker, 2, args=(3,), threads=1)
+    n = load_digits().n_train
+    assert r0["batch_sizes"] == r1["batch_sizes"] and r0["decisions"] == r1["decisions"]
+    assert r0["batch_sizes"][0] == 32 and r0["batch_sizes"][-1] > 32  # it measured and grew
+    for epoch in range(3):
+        assert sorted(r0["seen"][epoch] + r1["seen"][epoch]) == list(range(n))

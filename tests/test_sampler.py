@@ -81,6 +81,12 @@ def test_mid_epoch_state_dict_resumes_the_same_remaining_batches(micro, stop):
     r = AdaptiveBatchSampler(90, pol2, seed=0, max_micro_batch=micro)
     r.load_state_dict(state)
     rest = list(r)
+    if len(head) == len(_epoch(90, 10, 11, 1, micro)):
+        # the epoch ends with its last micro-batch: the state is already the next epoch's start
+        assert state["epoch"] == 2 and state["position"] == 0 and rest_original == []
+        assert rest == _epoch(90, 999, 11, 2, micro)
+        assert r.epoch == 3
+        return
     if stop == 0:
         assert state["position"] == 0
         assert rest == [b for b in _epoch(90, 999, 11, 1, micro)]
@@ -307,6 +313,9 @@ def _rank0_state_after_steps(n, bs, seed, world, micro, steps):
 def test_rank0_state_at_a_step_boundary_resumes_every_rank(stop):
     n, bs, seed = 103, 10, 7          # at world size 2: 10 steps of 10 and a tail of 3 (not merged)
     state = _rank0_state_after_steps(n, bs, seed, 2, 3, stop)
+    if stop == 11:  # the last step: the epoch is over and the state is the next one's start
+        assert state["step"] == 0 and state["position"] == 0 and state["epoch"] == 2
+        return
     assert state["step"] == stop and state["num_replicas"] == 2 and state["epoch"] == 1
     for rank in range(2):
         for micro in (3, 2, None):    # each rank keeps its own memory bound

@@ -206,3 +206,25 @@ def test_the_documented_user_loop_runs(digits):
     tracker.close()
     assert sizes[0] == 16 and sizes[-1] > 16 and policy.history
     assert all(math.isfinite(h["n_delta"]) for h in policy.history)
+
+
+def test_group_micro_batches_over_several_epochs_follows_the_policy():
+    """A DataLoader loop that stops at the planned micro-batches must still start the next epoch
+    (and read the policy's new batch size there)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from divebatch.sampler import AdaptiveBatchSampler
+
+    class Policy:
+        batch_size = 16
+
+    ds = TensorDataset(torch.arange(100))
+    sampler = AdaptiveBatchSampler(ds, Policy, seed=3, max_micro_batch=6)
+    loader = DataLoader(ds, batch_sampler=sampler)
+    for epoch, bs in enumerate([16, 40, 40]):
+        Policy.batch_size = bs
+        steps = list(group_micro_batches(loader, sampler))
+        seen = [int(i) for step in steps for (idx,) in step for i in idx]
+        assert sorted(seen) == list(range(100)), epoch
+        assert [sum(len(idx) for (idx,) in step) for step in steps] == [bs] * (100 // bs) + ([100 % bs] if 100 % bs else [])
+        assert sampler.epoch == epoch + 1
