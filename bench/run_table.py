@@ -2,11 +2,13 @@
 
 For every workload and method, side by side in one process (round-robin, so drift hits every
 method alike): median ms per step, ratio to plain, max relative error of the per-sample norms
-against torch.func, and peak extra memory over plain (peak RSS of a fresh child process per
-method, since the CPU allocator keeps no peak statistics).
+against torch.func, and peak extra memory over plain (on CPU the peak RSS of a fresh child
+process per method, since the CPU allocator keeps no peak statistics; on CUDA the allocator's
+peak, in this process).
 
     python bench/run_table.py                       # mlp, cnn, seq on CPU
     python bench/run_table.py --workloads seq --reps 30 --out bench/results/cpu_table.json
+    python bench/run_table.py --device cuda --dtype bfloat16 --workloads seq-large,conv-large
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's divebatch, installed or not
 
 from methods import METHODS, MethodUnavailable, build  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
