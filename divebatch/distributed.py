@@ -100,7 +100,8 @@ def collective_device() -> torch.device:
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     """Sum of ``value`` over ranks (a new tensor; ``value`` itself is left alone). Identity
-    without a process group. The one collective divebatch adds to a measured step."""
+    without a process group. (The Trainer's per-epoch loss; a measured step uses
+    :func:`global_step_sums`.)"""
     if not is_distributed() or dist.get_world_size() == 1:
         return value
     out = value.detach().clone()
@@ -166,7 +167,7 @@ def gather_per_sample(per_sample: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's ``[B_r]`` per-sample values in rank order (``[B]`` on every rank).
 
     Two collectives (the lengths, then the padded values): for analysis and tests, not for the
-    training step, which only needs the sum (:func:`all_reduce_sum`).
+    training step, which only needs the sum (:func:`global_step_sums`).
     """
     if not is_distributed() or dist.get_world_size() == 1:
         return per_sample
