@@ -646,7 +646,9 @@ class Trainer:
         path = Path(path) if path is not None else self.checkpoint_path
         if path is None:
             raise ValueError("resume() needs a path, or a Trainer with a run_dir holding checkpoint.pt")
-        self.load_state_dict(load_checkpoint(path, map_location=self.device))
+        # CPU first: RNG states must stay CPU tensors; model, optimizer and estimator states are
+        # copied to their parameters' devices by their own load_state_dict
+        self.load_state_dict(load_checkpoint(path, map_location="cpu"))
         return self
 
     # -- whole run ------------------------------------------------------------------------
