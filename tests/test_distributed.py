@@ -295,3 +295,13 @@ def test_the_documented_ddp_loop_covers_every_index_and_agrees_across_ranks():
     assert r0["batch_sizes"][0] == 32 and r0["batch_sizes"][-1] > 32  # it measured and grew
     for epoch in range(3):
         assert sorted(r0["seen"][epoch] + r1["seen"][epoch]) == list(range(n))
+
+
+def test_three_processes_with_uneven_shares_give_the_global_numbers():
+    x, y = _digits_batch(11)  # shares 4, 4, 3; two micro-batches per rank under no_sync
+    outs = launch(dist_workers.norms_worker, 3, args=(x, y, 2), threads=1)
+    model = dist_workers.norms_model()
+    ref_ps, _, ref_batch = reference_norms(model, lambda o, t: F.cross_entropy(o, t, reduction="sum"), x, y)
+    for out in outs:
+        assert rel_err(torch.tensor(out["s1"]), ref_ps.sum()) <= 1e-5
+        assert rel_err(torch.tensor(out["s2"]), ref_batch) <= 1e-5
