@@ -255,7 +255,7 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         bs = self._batch_size()
         self._epoch_bs = bs
         perm = self.permutation()
-        steps = list(self._local_steps(bs))
+        steps = self._local_steps(bs)
         total = sum(len(micro) for _, micro in steps)
         if self._pos >= total:  # nothing left (an empty epoch, or a state saved at its very end)
             self._next_epoch()
