@@ -59,13 +59,16 @@ class Block(nn.Module):
 
 
 class SeqModel(nn.Module):
-    """Embedding -> n_blocks x Block -> vocabulary head (the seq workloads)."""
+    """Embedding -> n_blocks x Block -> vocabulary head (the seq workloads); ``tied`` shares the
+    embedding table with the head's weight, as GPT-2-style language models do."""
 
-    def __init__(self, vocab=1000, dim=256, hidden=1024, n_blocks=2):
+    def __init__(self, vocab=1000, dim=256, hidden=1024, n_blocks=2, tied=False):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.blocks = nn.Sequential(*[Block(dim, hidden) for _ in range(n_blocks)])
         self.head = nn.Linear(dim, vocab)
+        if tied:
+            self.head.weight = self.embed.weight
 
     def forward(self, idx):
         return self.head(self.blocks(self.embed(idx)))
@@ -120,6 +123,9 @@ WORKLOADS = {
     "mlp": Workload("mlp", _mlp, _images(256, (1, 28, 28)), lambda x, y: 1.0 / x.shape[0]),
     "cnn": Workload("cnn", _cnn, _images(128, (1, 28, 28)), lambda x, y: 1.0 / x.shape[0]),
     "seq": Workload("seq", SeqModel, _tokens(16, 128, 1000), lambda x, y: 1.0 / y.numel(), token_level=True),
+    # Not in BENCHMARKS.md: seq with the embedding tied to the head (the cross term's cost).
+    "seq-tied": Workload("seq-tied", lambda: SeqModel(tied=True), _tokens(16, 128, 1000),
+                         lambda x, y: 1.0 / y.numel(), token_level=True),
     # GPU only (bf16 there): a large transformer-MLP stack and ResNet-18-sized convolutions.
     "seq-large": Workload("seq-large", lambda: SeqModel(32000, 4096, 16384, 2), _tokens(8, 2048, 32000),
                           lambda x, y: 1.0 / y.numel(), token_level=True),

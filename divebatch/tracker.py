@@ -29,6 +29,9 @@ from torch.utils._pytree import tree_flatten
 from ._norms import squared_norm
 from .layers import GENERIC, LayerRule, RoutePlan, rule_for
 from .layers.base import capture_suspended
+from .layers.embedding import EmbeddingRule
+from .layers.linear import LinearRule, linear_factors
+from .layers.tied import TiedEmbeddingLinear, tied_cross, tied_rows
 
 
 @dataclass
@@ -41,6 +44,9 @@ class GradNormStats:
         batch_grad_sq: scalar, ``||sum_i g_i||^2`` of this backward only (never of an
             accumulated ``.grad``); None when the tracker's ``track_batch_grad`` is off.
         per_layer: module name -> ``[B]``, the part of ``per_sample`` from that module's parameters.
+            A weight tied between an Embedding and a Linear adds the entry
+            ``"<embedding name>+<linear name>"``: the cross term ``2 <g_emb, g_lin>`` of the
+            weight's two gradient parts (it can be negative). The entries sum to ``per_sample``.
         batch_size: B.
         scale: the factor ``c`` of ``L = c * sum_i l_i`` that was divided out.
         backwards: tracked backward passes since the previous ``collect()``; only the last one is
@@ -76,6 +82,7 @@ class _Owner:
     fused: bool = False                 # forward replaced by the rule's fused autograd function
     plan_key: object = None             # shapes of the call whose route is in the plan
     skip_hooks: int = 0                 # fused calls whose forward hook must not capture again
+    tie: TiedEmbeddingLinear | None = None  # this module's weight is shared with another module
 
 
 @dataclass(eq=False)
@@ -99,6 +106,8 @@ class _Backward:
     params_with_grad: dict = field(default_factory=dict)  # param full name -> owner
     contributed: set = field(default_factory=set)
     plans: dict = field(default_factory=dict)
+    tie_rows: dict = field(default_factory=dict)   # Embedding _Call -> tied_rows of the Linear part
+    tie_grads: dict = field(default_factory=dict)  # Embedding _Call -> grad of its output
 
 
 def _check_reduction(loss_reduction) -> None:
@@ -135,8 +144,13 @@ class GradNormTracker:
 
     Tracking off (``tracker.enabled = False``) removes every hook, so it costs nothing; on again
     re-attaches them. ``close()`` (or leaving a ``with`` block) removes hooks and stored tensors
-    for good. A parameter shared by two modules (tied weights) is refused at construction with
-    an error that names both, since its per-sample gradient mixes the two modules' parts.
+    for good.
+
+    Tied weights: an ``nn.Embedding`` weight shared with an ``nn.Linear`` weight (a language
+    model's input embedding and output layer) is exact: the per-sample norm of the shared matrix
+    is ``||E_b||^2 + ||L_b||^2 + 2 <E_b, L_b>``, with the cross term from the rows of the Linear's
+    per-sample gradient that the sample's tokens select (``divebatch.layers.tied``). Any other
+    parameter shared by two modules is refused at construction with an error naming both.
     """
 
     def __init__(self, model: nn.Module, loss_reduction: str | float = "mean", *, enabled: bool = True,
@@ -147,7 +161,7 @@ class GradNormTracker:
         self.model = model
         self.loss_reduction = loss_reduction
         self.track_batch_grad = bool(track_batch_grad)
-        self._owners = _assign_owners(model)
+        self._owners, self._ties = _assign_owners(model)
         for owner in self._owners:
             can_fuse = getattr(owner.rule, "can_fuse", None)
             owner.fused = bool(fused and can_fuse is not None and can_fuse(owner.module, owner.tracked))
@@ -179,15 +193,18 @@ class GradNormTracker:
         self._enabled = value
 
     def parameters(self) -> Iterator[nn.Parameter]:
-        """The tracked (trainable) parameters, in a fixed order."""
-        for owner in self._owners:
-            yield from owner.tracked.values()
+        """The tracked (trainable) parameters, each once (a tied weight too), in a fixed order."""
+        for _, p in self.named_parameters():
+            yield p
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """``(full name, parameter)`` of the tracked parameters, in a fixed order."""
+        """``(full name, parameter)`` of the tracked parameters, each once, in a fixed order."""
+        seen: set[int] = set()
         for owner in self._owners:
             for name, p in owner.tracked.items():
-                yield _join(owner.name, name), p
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield _join(owner.name, name), p
 
     def collect(self) -> GradNormStats:
         """The statistics of the most recent backward pass (see ``GradNormStats``).
@@ -236,6 +253,8 @@ class GradNormTracker:
         for owner in self._owners:
             owner.ready.clear()
             owner.forward_calls = 0
+        for tie in self._ties:
+            tie.embedding_calls.clear()
 
     def __enter__(self) -> "GradNormTracker":
         return self
@@ -251,12 +270,16 @@ class GradNormTracker:
 
     # ------------------------------------------------------------------ hooks
     def _attach(self) -> None:
+        hooked: set[int] = set()
         for owner in self._owners:
             if owner.fused:
                 owner.module.forward = partial(self._fused_call, owner)
             self._handles.append(owner.module.register_forward_hook(
                 partial(self._on_forward, owner), with_kwargs=True))
             for name, p in owner.tracked.items():
+                if id(p) in hooked:  # a tied weight: autograd hands its summed gradient to one hook
+                    continue
+                hooked.add(id(p))
                 self._handles.append(p.register_hook(partial(self._on_param_grad, owner, _join(owner.name, name))))
 
     def _detach(self) -> None:
@@ -318,6 +341,8 @@ class GradNormTracker:
                              "skip empty batches before the forward pass")
         call = _Call(owner, ctx, batch_size, [None] * len(leaves), len(leaves))
         owner.forward_calls += 1
+        if owner.tie is not None and owner is owner.tie.embedding:
+            owner.tie.embedding_calls.append(call)
         for i, t in enumerate(leaves):
             t.register_hook(partial(self._on_output_grad, call, i))
         return None
@@ -380,6 +405,8 @@ class GradNormTracker:
         prev = step.per_layer.get(owner.name)
         step.per_layer[owner.name] = sq if prev is None else prev + sq
         step.contributed.add(id(owner))
+        if owner.tie is not None:
+            self._keep_tied_part(step, owner, calls)
         key = (len(calls), _shape_key(calls[0].ctx))
         if owner.plan_key != key:  # routes depend on shapes only: re-plan when they change
             owner.plan_key = key
@@ -389,6 +416,34 @@ class GradNormTracker:
             else:
                 grad = next((g for g in first.grads if g is not None), None)
                 step.plans[owner.name] = owner.rule.plan(owner.module, first.ctx, grad, owner.tracked)
+
+    @staticmethod
+    def _keep_tied_part(step: _Backward, owner: _Owner, calls: list[_Call]) -> None:
+        """Keep this module's half of a tied weight's cross term until the other half arrives."""
+        tie = owner.tie
+        if owner is tie.linear:
+            if not tie.embedding_calls:
+                return  # the Embedding was not called: its part of the gradient is zero
+            a, g = linear_factors([(c.ctx, c.grads) for c in calls])
+            padding_idx = tie.embedding.module.padding_idx
+            for emb_call in tie.embedding_calls:
+                rows = tied_rows(a, g, emb_call.ctx, padding_idx)
+                prev = step.tie_rows.get(emb_call)
+                step.tie_rows[emb_call] = rows if prev is None else prev + rows
+        else:
+            for call in calls:
+                step.tie_grads[call] = call.grads[0]
+
+    @staticmethod
+    def _add_tied_cross_terms(step: _Backward) -> None:
+        for call, rows in step.tie_rows.items():
+            grad = step.tie_grads.get(call)
+            if grad is None:  # that Embedding call's output got no gradient: no cross term
+                continue
+            key = call.owner.tie.key
+            cross = 2.0 * tied_cross(rows, grad)
+            prev = step.per_layer.get(key)
+            step.per_layer[key] = cross if prev is None else prev + cross
 
     def _finish_backward(self) -> None:
         step, self._backward = self._backward, None
@@ -404,7 +459,9 @@ class GradNormTracker:
                     owner.ready = []
             for owner, calls in pending.values():
                 self._account(step, owner, calls)
-            missing = [name for name, owner in step.params_with_grad.items() if id(owner) not in step.contributed]
+            self._add_tied_cross_terms(step)
+            missing = [name for name, owner in step.params_with_grad.items()
+                       if not any(id(o) in step.contributed for o in _sharers(owner))]
             if missing:
                 owner = step.params_with_grad[missing[0]]
                 raise RuntimeError(
@@ -420,6 +477,8 @@ class GradNormTracker:
         finally:
             for owner in self._owners:
                 owner.forward_calls = 0
+            for tie in self._ties:
+                tie.embedding_calls.clear()
 
     def _close_record(self, step: _Backward) -> GradNormStats:
         B = step.batch_size
@@ -449,12 +508,18 @@ def _inside_functorch() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
+def _sharers(owner: _Owner) -> tuple[_Owner, ...]:
+    """The owners whose calls account for ``owner``'s parameters (both modules of a tied weight)."""
+    return (owner,) if owner.tie is None else (owner.tie.embedding, owner.tie.linear)
+
+
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _assign_owners(model: nn.Module) -> list[_Owner]:
-    """Decide which rule accounts for each trainable parameter; refuse tied parameters."""
+def _assign_owners(model: nn.Module) -> tuple[list[_Owner], list[TiedEmbeddingLinear]]:
+    """Decide which rule accounts for each trainable parameter; pair an Embedding weight tied to
+    a Linear weight, refuse any other parameter shared by two modules."""
     owners: list[_Owner] = []
     visited: set[int] = set()
 
@@ -476,14 +541,34 @@ def _assign_owners(model: nn.Module) -> list[_Owner]:
             visit(child, _join(name, child_name))
 
     visit(model, "")
-    seen: dict[int, str] = {}
+    seen: dict[int, tuple[_Owner, str]] = {}
+    ties: list[TiedEmbeddingLinear] = []
     for owner in owners:
         for pname, p in owner.tracked.items():
-            full = _join(owner.name, pname)
-            if id(p) in seen:
+            if id(p) not in seen:
+                seen[id(p)] = (owner, pname)
+                continue
+            first, first_pname = seen[id(p)]
+            tie = _embedding_linear_tie(first, first_pname, owner, pname)
+            if tie is None:
                 raise ValueError(
-                    f"parameter '{full}' is the same tensor as '{seen[id(p)]}' (tied weights across modules); its "
-                    "per-sample gradient mixes both modules' parts, which divebatch cannot combine exactly. Untie "
-                    "the weights, freeze them (requires_grad=False), or track a wrapper module that owns both uses")
-            seen[id(p)] = full
-    return owners
+                    f"parameter '{_join(owner.name, pname)}' is the same tensor as '{_join(first.name, first_pname)}' "
+                    "(tied weights across modules); its per-sample gradient mixes both modules' parts, which "
+                    "divebatch combines exactly only for an nn.Embedding weight tied to one nn.Linear weight "
+                    "(each module sharing nothing else). Untie the weights, freeze them (requires_grad=False), "
+                    "or track a wrapper module that owns both uses")
+            ties.append(tie)
+    return owners, ties
+
+
+def _embedding_linear_tie(first: _Owner, first_pname: str, second: _Owner, second_pname: str):
+    """The pairing of two owners that share one weight, if it is an Embedding/Linear tie."""
+    pair = {type(first.rule): first, type(second.rule): second}
+    embedding, linear = pair.get(EmbeddingRule), pair.get(LinearRule)
+    if embedding is None or linear is None or first_pname != "weight" or second_pname != "weight":
+        return None
+    if embedding.tie is not None or linear.tie is not None:
+        return None  # a weight shared three ways: the cross terms between three parts are not built
+    tie = TiedEmbeddingLinear(embedding, linear, f"{embedding.name}+{linear.name}")
+    embedding.tie = linear.tie = tie
+    return tie

@@ -205,14 +205,6 @@ def test_autocast_bf16_cpu():
 
 
 # ---------------------------------------------------------------- errors
-def test_tied_weights_are_refused_with_both_names():
-    emb = nn.Embedding(10, 4)
-    head = nn.Linear(4, 10, bias=False)
-    head.weight = emb.weight
-    with pytest.raises(ValueError, match=r"'1\.weight'.*'0\.weight'|'0\.weight'.*'1\.weight'"):
-        GradNormTracker(nn.Sequential(emb, head))
-
-
 def test_batch_dimension_disagreement_names_the_module():
     class Folding(nn.Module):
         def __init__(self):

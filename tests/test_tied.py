@@ -1,0 +1,206 @@
+"""Tied input/output embeddings (nn.Embedding weight shared with nn.Linear) against torch.func."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from divebatch import GradNormTracker
+from divebatch.layers.tied import tied_cross, tied_rows
+
+from .oracle import per_sample_grads, reference_norms, rel_err
+
+RTOL = 1e-4
+
+
+def token_loss(out, y):
+    """Summed token cross-entropy of the sequences in ``out [B, T, V]``: the per-sample loss is a sequence's sum."""
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1), reduction="sum")
+
+
+class TiedLM(nn.Module):
+    """Embedding → LayerNorm → Linear → tanh (residual) → output Linear sharing the embedding's weight.
+
+    ``reuse_embedding`` embeds a second, shifted copy of the tokens with the same table (two
+    Embedding calls); ``reuse_head`` applies the output layer twice (two Linear calls).
+    """
+
+    def __init__(self, vocab, dim, padding_idx=None, bias=True, reuse_embedding=False, reuse_head=False):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim, padding_idx=padding_idx)
+        self.norm = nn.LayerNorm(dim)
+        self.mid = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=bias)
+        self.head.weight = self.emb.weight
+        self.reuse_embedding, self.reuse_head = reuse_embedding, reuse_head
+
+    def forward(self, tokens):
+        h = self.emb(tokens)
+        if self.reuse_embedding:
+            h = h + 0.5 * self.emb(tokens.roll(1, dims=1))
+        h = h + torch.tanh(self.mid(self.norm(h)))
+        out = self.head(h)
+        if self.reuse_head:
+            out = out + self.head(torch.tanh(h)).flip(1)
+        return out
+
+
+def make_case(B=5, T=7, V=40, d=12, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = TiedLM(V, d, **kwargs)
+    tokens = torch.randint(0, V, (B, T))
+    if kwargs.get("padding_idx") is not None:
+        tokens[0, : T // 2] = kwargs["padding_idx"]
+    return model, tokens, torch.randint(0, V, (B, T))
+
+
+def tracked(model, tokens, targets, reduction="mean", fused=True):
+    scale = {"sum": 1.0, "mean": 1.0 / tokens.shape[0]}.get(reduction, reduction)
+    with GradNormTracker(model, loss_reduction=reduction, fused=fused) as tracker:
+        (scale * token_loss(model(tokens), targets)).backward()
+        return tracker.collect()
+
+
+def assert_exact(model, tokens, targets, stats):
+    per_sample, _, batch = reference_norms(model, token_loss, tokens, targets)
+    assert rel_err(stats.per_sample, per_sample) <= RTOL
+    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+    assert rel_err(sum(stats.per_layer.values()), per_sample) <= RTOL
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("reduction", ["sum", "mean", 0.37])
+@pytest.mark.parametrize("padding_idx", [None, 3], ids=["no-pad", "pad"])
+def test_tied_lm_matches_torch_func(fused, reduction, padding_idx):
+    model, tokens, targets = make_case(padding_idx=padding_idx)
+    stats = tracked(model, tokens, targets, reduction, fused)
+    assert_exact(model, tokens, targets, stats)
+
+
+@pytest.mark.parametrize("variant", [dict(reuse_embedding=True), dict(reuse_head=True),
+                                     dict(reuse_embedding=True, reuse_head=True, padding_idx=0), dict(bias=False)],
+                         ids=["two-embedding-calls", "two-head-calls", "both-twice-pad", "no-bias"])
+def test_tied_lm_with_several_calls(variant):
+    model, tokens, targets = make_case(**variant)
+    stats = tracked(model, tokens, targets)
+    assert_exact(model, tokens, targets, stats)
+
+
+def test_cross_term_is_the_inner_product_of_the_two_parts():
+    """The per_layer entry 'emb+head' is 2 <E_b, L_b>, the two parts taken from torch.func separately."""
+    model, tokens, targets = make_case(padding_idx=2)
+    stats = tracked(model, tokens, targets, "sum")
+    untied = TiedLM(40, 12, padding_idx=2)
+    untied.load_state_dict(model.state_dict())
+    untied.head.weight = nn.Parameter(model.emb.weight.detach().clone())  # same values, two tensors
+    grads = per_sample_grads(untied, token_loss, tokens, targets)
+    expected = 2 * (grads["emb.weight"].double() * grads["head.weight"].double()).flatten(1).sum(1)
+    assert rel_err(stats.per_layer["emb+head"], expected) <= RTOL
+    assert stats.per_layer["emb+head"].abs().max() > 1e-3 * stats.per_sample.max()  # not trivially zero
+
+
+def test_head_on_the_last_position_only():
+    """The output layer sees one position per sequence (T_h = 1, closed-form route) while the
+    Embedding sees T tokens: the cross term pairs rows of different lengths."""
+
+    class LastToken(TiedLM):
+        def forward(self, tokens):
+            h = self.emb(tokens)
+            h = h + torch.tanh(self.mid(self.norm(h)))
+            return self.head(h.mean(dim=1))
+
+    torch.manual_seed(1)
+    model, tokens = LastToken(30, 8), torch.randint(0, 30, (6, 5))
+    targets = torch.randint(0, 30, (6,))
+
+    def loss(out, y):
+        return F.cross_entropy(out, y, reduction="sum")
+
+    with GradNormTracker(model, "sum") as tracker:
+        loss(model(tokens), targets).backward()
+        stats = tracker.collect()
+    per_sample, _, batch = reference_norms(model, loss, tokens, targets)
+    assert rel_err(stats.per_sample, per_sample) <= RTOL
+    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+
+
+def test_embedding_alone_in_a_backward_has_no_cross_term():
+    """Only the Embedding is called: the tied weight's gradient is the embedding part alone."""
+    model, tokens, _ = make_case()
+    with GradNormTracker(model, "sum") as tracker:
+        model.emb(tokens).square().sum().backward()
+        stats = tracker.collect()
+    assert set(stats.per_layer) == {"emb"}
+
+    def loss(out, y):
+        return out.square().sum()
+
+    per_sample, _, batch = reference_norms(model.emb, loss, tokens, torch.zeros(tokens.shape[0]))
+    assert rel_err(stats.per_sample, per_sample) <= RTOL
+    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+
+
+def test_tied_weight_is_listed_once():
+    model, _, _ = make_case()
+    tracker = GradNormTracker(model)
+    names = [n for n, _ in tracker.named_parameters()]
+    assert len(names) == len(set(map(id, tracker.parameters()))) == len(list(model.parameters()))
+    assert "emb.weight" in names and "head.weight" not in names
+    tracker.close()
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 9), st.integers(2, 25), st.integers(1, 10), st.booleans(), st.integers(0, 99))
+def test_tied_lm_random_shapes(B, T, V, d, pad, seed):
+    model, tokens, targets = make_case(B, T, V, d, seed, padding_idx=0 if pad else None)
+    stats = tracked(model, tokens, targets, "mean")
+    assert_exact(model, tokens, targets, stats)
+
+
+def test_tied_rows_chunks_agree(monkeypatch):
+    """Chunking over samples (to bound the T_h x T_e gather) does not change the rows."""
+    from divebatch.layers import tied
+
+    torch.manual_seed(2)
+    a, g, idx = torch.randn(5, 6, 4), torch.randn(5, 6, 11), torch.randint(0, 11, (5, 3))
+    whole = tied_rows(a, g, idx, padding_idx=None)
+    monkeypatch.setattr(tied, "MAX_EXTRA_BYTES", 4 * 6 * 3 * 2)  # two samples per chunk
+    assert torch.equal(tied_rows(a, g, idx, padding_idx=None), whole)
+    per_sample_lin = torch.einsum("bsv,bsd->bvd", g, a)
+    expected = torch.stack([per_sample_lin[b, idx[b]] for b in range(5)])
+    assert torch.allclose(whole, expected, atol=1e-5)
+    e = torch.randn(5, 3, 4)
+    assert torch.allclose(tied_cross(whole, e), (expected * e).sum(dim=(1, 2)), atol=1e-5)
+
+
+# ---------------------------------------------------------------- what stays refused
+def test_linear_tied_to_linear_is_refused_with_both_names():
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight
+    with pytest.raises(ValueError, match=r"'2\.weight' is the same tensor as '0\.weight'.*nn\.Embedding"):
+        GradNormTracker(nn.Sequential(first, nn.Tanh(), second))
+
+
+def test_weight_shared_three_ways_is_refused():
+    emb, head, extra = nn.Embedding(10, 4), nn.Linear(4, 10), nn.Linear(4, 10)
+    head.weight = extra.weight = emb.weight
+    with pytest.raises(ValueError, match=r"'2\.weight' is the same tensor as '0\.weight'"):
+        GradNormTracker(nn.Sequential(emb, head, extra))
+
+
+def test_tie_with_a_generic_module_is_refused():
+    class Scaled(nn.Module):  # a custom module (generic route) reusing the embedding table
+        def __init__(self, weight):
+            super().__init__()
+            self.weight = weight
+
+        def forward(self, x):
+            return x @ self.weight.t()
+
+    emb = nn.Embedding(10, 4)
+    with pytest.raises(ValueError, match=r"same tensor"):
+        GradNormTracker(nn.Sequential(emb, Scaled(emb.weight)))
