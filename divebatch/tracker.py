@@ -151,6 +151,10 @@ class GradNormTracker:
     is ``||E_b||^2 + ||L_b||^2 + 2 <E_b, L_b>``, with the cross term from the rows of the Linear's
     per-sample gradient that the sample's tokens select (``divebatch.layers.tied``). Any other
     parameter shared by two modules is refused at construction with an error naming both.
+
+    ``torch.compile``: track the module you compiled (``GradNormTracker(model)`` beside
+    ``torch.compile(model)``). The numbers are the same; each tracked module runs eagerly (a
+    graph break), the code between tracked modules stays compiled.
     """
 
     def __init__(self, model: nn.Module, loss_reduction: str | float = "mean", *, enabled: bool = True,
@@ -291,6 +295,9 @@ class GradNormTracker:
             handle.remove()
         self._handles.clear()
 
+    # Excluded from torch.compile: dynamo breaks the graph here and runs the tracked module
+    # eagerly, so the hooks see real tensors and register real gradient hooks.
+    @torch.compiler.disable
     def _fused_call(self, owner: _Owner, *args, **kwargs):
         module = owner.module
         x = args[0] if args else None
@@ -325,6 +332,7 @@ class GradNormTracker:
             owner.ready = []
         return None, None
 
+    @torch.compiler.disable
     def _on_forward(self, owner: _Owner, module, args, kwargs, output):
         if owner.skip_hooks:
             owner.skip_hooks -= 1
