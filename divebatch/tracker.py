@@ -403,11 +403,17 @@ class GradNormTracker:
             if step.batch_size is None:
                 step.batch_size = call.batch_size
             elif call.batch_size != step.batch_size:
+                hint = ""
+                if 1 in (call.batch_size, step.batch_size):
+                    hint = (" A batch of 1 is usually an input shared by all samples whose output is broadcast "
+                            "over the batch later (e.g. position ids of shape [1, T]): broadcasting sums the "
+                            "samples' gradients before the module sees them. Give it one row per sample, e.g. "
+                            "position_ids=torch.arange(T).expand(B, T).")
                 raise ValueError(
                     f"module '{owner.name}' ({type(owner.module).__name__}) saw a batch of {call.batch_size} samples "
                     f"but other layers in this backward saw {step.batch_size}; per-sample gradients need one "
                     "sample dimension shared by every tracked layer (dim 0, or dim 1 for batch_first=False "
-                    "modules). Reshape so samples stay in the batch dimension, or freeze that module")
+                    f"modules). Reshape so samples stay in the batch dimension, or freeze that module.{hint}")
         if sq is None:
             sq = owner.rule.norms(owner.module, [(c.ctx, c.grads) for c in calls], owner.tracked)
         prev = step.per_layer.get(owner.name)

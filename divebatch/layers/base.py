@@ -83,11 +83,15 @@ def _shape(x: Any) -> str:
     return "x".join(map(str, x.shape)) if isinstance(x, torch.Tensor) else "?"
 
 
-_REGISTRY: dict[type[nn.Module], LayerRule] = {}
+_REGISTRY: dict[type[nn.Module] | str, LayerRule] = {}
 
 
-def register(*module_types: type[nn.Module]) -> Callable[[type[LayerRule]], type[LayerRule]]:
-    """Class decorator: use this rule for ``module_types`` and their subclasses."""
+def register(*module_types: type[nn.Module] | str) -> Callable[[type[LayerRule]], type[LayerRule]]:
+    """Class decorator: use this rule for ``module_types`` and their subclasses.
+
+    A type may also be named by its qualified name (``"transformers.pytorch_utils.Conv1D"``), so
+    a rule for another library's module costs no import of that library.
+    """
 
     def wrap(rule_cls: type[LayerRule]) -> type[LayerRule]:
         rule = rule_cls()
@@ -101,7 +105,7 @@ def register(*module_types: type[nn.Module]) -> Callable[[type[LayerRule]], type
 def rule_for(module: nn.Module) -> LayerRule | None:
     """The registered rule for ``module``'s type or its nearest registered base class."""
     for cls in type(module).__mro__:
-        rule = _REGISTRY.get(cls)
+        rule = _REGISTRY.get(cls) or _REGISTRY.get(f"{cls.__module__}.{cls.__qualname__}")
         if rule is not None:
             own = {name for name, p in module.named_parameters(recurse=False) if p.requires_grad}
             # A subclass with parameters the rule does not know (e.g. an added adapter) would
@@ -110,8 +114,9 @@ def rule_for(module: nn.Module) -> LayerRule | None:
     return None
 
 
-def registered_types() -> tuple[type[nn.Module], ...]:
-    """Module types with a dedicated rule (the generic route covers every other type)."""
+def registered_types() -> tuple[type[nn.Module] | str, ...]:
+    """Module types (or qualified type names) with a dedicated rule; the generic route covers
+    every other type."""
     return tuple(_REGISTRY)
 
 

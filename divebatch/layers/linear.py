@@ -92,6 +92,16 @@ class LinearRule(LayerRule):
         return fused_linear_route(B, x[0].numel() // x.shape[-1], x.shape[-1], module.out_features)
 
 
+@register("transformers.pytorch_utils.Conv1D")
+class TransposedLinearRule(LinearRule):
+    """Rule for Hugging Face's ``Conv1D`` (GPT-2's attention and MLP projections): a linear map
+    with the weight stored ``[in, out]``, ``y = x @ W + b``. Its per-sample weight gradient is the
+    transpose of ``nn.Linear``'s, with the same norm, so the same routes apply (not fused)."""
+
+    def can_fuse(self, module, tracked) -> bool:
+        return False
+
+
 class _FusedLinear(torch.autograd.Function):
     """``F.linear`` whose backward also yields per-sample weight/bias norms.
 

@@ -1,0 +1,82 @@
+"""Hugging Face GPT-2 (tied wte/lm_head, Conv1D projections) tracked exactly, against torch.func."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from divebatch import GradNormTracker
+
+from .oracle import reference_norms, rel_err
+
+transformers = pytest.importorskip("transformers")
+
+RTOL = 1e-4
+
+
+class GPT2Logits(nn.Module):
+    """A tiny GPT2LMHeadModel returning logits; ``per_sample_positions`` passes position ids [B, T]."""
+
+    def __init__(self, per_sample_positions=True, dropout=0.0):
+        super().__init__()
+        config = transformers.GPT2Config(vocab_size=97, n_positions=16, n_embd=24, n_layer=2, n_head=4,
+                                         resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                                         bos_token_id=0, eos_token_id=0)
+        self.lm = transformers.GPT2LMHeadModel(config)
+        self.per_sample_positions = per_sample_positions
+
+    def forward(self, tokens):
+        positions = None
+        if self.per_sample_positions:
+            positions = torch.arange(tokens.shape[1]).expand(tokens.shape[0], -1)
+        return self.lm(input_ids=tokens, position_ids=positions).logits
+
+
+def token_loss(out, y):
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum")
+
+
+def gpt2_case(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = GPT2Logits(**kwargs)
+    return model, torch.randint(0, 97, (3, 9)), torch.randint(0, 97, (3, 9))
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_gpt2_matches_torch_func(reduction):
+    model, tokens, targets = gpt2_case()
+    assert model.lm.lm_head.weight is model.lm.transformer.wte.weight  # the tie under test
+    scale = 1.0 if reduction == "sum" else 1.0 / tokens.shape[0]
+    with GradNormTracker(model, reduction) as tracker:
+        (scale * token_loss(model(tokens), targets)).backward()
+        stats = tracker.collect()
+        routes = {plan.module: plan.route for plan in tracker.plan()}
+    per_sample, _, batch = reference_norms(model, token_loss, tokens, targets)
+    assert rel_err(stats.per_sample, per_sample) <= RTOL
+    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+    assert "lm.transformer.wte+lm.lm_head" in stats.per_layer
+    # Conv1D takes the linear routes, not the slow generic one.
+    conv1d = [name for name in routes if name.endswith(("c_attn", "c_proj", "c_fc"))]
+    assert len(conv1d) == 8 and all(routes[name] in ("ghost", "instantiate") for name in conv1d)
+
+
+def test_gpt2_conv1d_weight_norms_per_layer():
+    model, tokens, targets = gpt2_case(seed=1)
+    with GradNormTracker(model, "sum") as tracker:
+        token_loss(model(tokens), targets).backward()
+        stats = tracker.collect()
+    _, per_param, _ = reference_norms(model, token_loss, tokens, targets)
+    for name in ("lm.transformer.h.0.attn.c_attn", "lm.transformer.h.1.mlp.c_proj"):
+        expected = per_param[f"{name}.weight"] + per_param[f"{name}.bias"]
+        assert rel_err(stats.per_layer[name], expected) <= RTOL
+
+
+def test_shared_position_ids_are_refused_with_the_fix():
+    """GPT-2's default position ids are [1, T], broadcast over the batch: per-sample gradients of
+    the position table are lost in the broadcast, so the tracker refuses and says what to pass."""
+    model, tokens, targets = gpt2_case(per_sample_positions=False)
+    with GradNormTracker(model, "sum") as tracker:
+        with pytest.raises(ValueError, match=r"wpe.*batch of 1 .*position_ids=torch\.arange\(T\)\.expand\(B, T\)"):
+            token_loss(model(tokens), targets).backward()
