@@ -103,6 +103,24 @@ def resnet18(num_classes=1000):
     return nn.Sequential(*layers)
 
 
+class GPT2Logits(nn.Module):
+    """Hugging Face GPT2LMHeadModel (tied wte/lm_head, Conv1D projections) returning logits, with
+    per-sample position ids (the default [1, T] ones are broadcast, see the README's limits)."""
+
+    def __init__(self, vocab=1000, dim=256, n_layer=2, n_head=4, T=128):
+        super().__init__()
+        import transformers  # only this workload needs it
+
+        config = transformers.GPT2Config(vocab_size=vocab, n_positions=T, n_embd=dim, n_layer=n_layer,
+                                         n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                         bos_token_id=0, eos_token_id=0)
+        self.lm = transformers.GPT2LMHeadModel(config)
+
+    def forward(self, idx):
+        positions = torch.arange(idx.shape[1], device=idx.device).expand(idx.shape[0], -1)
+        return self.lm(input_ids=idx, position_ids=positions).logits
+
+
 def _images(batch, shape):
     def make(device):
         g = torch.Generator().manual_seed(1)
@@ -126,6 +144,8 @@ WORKLOADS = {
     # Not in BENCHMARKS.md: seq with the embedding tied to the head (the cross term's cost).
     "seq-tied": Workload("seq-tied", lambda: SeqModel(tied=True), _tokens(16, 128, 1000),
                          lambda x, y: 1.0 / y.numel(), token_level=True),
+    # Not in BENCHMARKS.md: a 2-layer Hugging Face GPT-2 of the seq workload's size.
+    "gpt2": Workload("gpt2", GPT2Logits, _tokens(16, 128, 1000), lambda x, y: 1.0 / y.numel(), token_level=True),
     # GPU only (bf16 there): a large transformer-MLP stack and ResNet-18-sized convolutions.
     "seq-large": Workload("seq-large", lambda: SeqModel(32000, 4096, 16384, 2), _tokens(8, 2048, 32000),
                           lambda x, y: 1.0 / y.numel(), token_level=True),
