@@ -161,7 +161,6 @@ class GradNormTracker:
                  fused: bool = True, track_batch_grad: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradNormTracker needs an nn.Module, got {type(model).__name__}")
-        _check_reduction(loss_reduction)
         self.model = model
         self.loss_reduction = loss_reduction
         self.track_batch_grad = bool(track_batch_grad)
@@ -180,6 +179,18 @@ class GradNormTracker:
         self.enabled = enabled
 
     # ------------------------------------------------------------------ public API
+    @property
+    def loss_reduction(self) -> str | float:
+        """``"sum"``, ``"mean"`` or the float ``c`` of ``L = c * sum_i l_i``, read when each backward
+        ends. Set it before a backward whose scale differs, e.g. ``1 / n_tokens`` for a token-mean
+        loss over batches with different numbers of (non-padding) tokens."""
+        return self._loss_reduction
+
+    @loss_reduction.setter
+    def loss_reduction(self, value: str | float) -> None:
+        _check_reduction(value)
+        self._loss_reduction = value
+
     @property
     def enabled(self) -> bool:
         """Whether hooks are attached. Setting False detaches them (zero cost), True re-attaches."""

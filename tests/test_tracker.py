@@ -232,6 +232,22 @@ def test_empty_batch_is_refused():
 def test_bad_loss_reduction(bad):
     with pytest.raises(ValueError, match="loss_reduction"):
         GradNormTracker(nn.Linear(2, 2), loss_reduction=bad)
+    tracker = GradNormTracker(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="loss_reduction"):
+        tracker.loss_reduction = bad
+    assert tracker.loss_reduction == "mean"
+
+
+def test_loss_reduction_changed_per_step():
+    """A token-mean loss over batches with different token counts: c set before each backward."""
+    model, x, y = ZOO["linear_3d"]()
+    per_sample, _, _ = reference_norms(model, sample_loss, x, y)
+    with GradNormTracker(model, "sum") as tracker:
+        for c in (0.5, 1 / 7, 3.0):
+            model.zero_grad()
+            tracker.loss_reduction = c
+            (c * sample_loss(model(x), y)).backward()
+            assert rel_err(tracker.collect().per_sample, per_sample) <= RTOL
 
 
 def test_collect_before_backward():
