@@ -46,6 +46,7 @@ class DiveBatch(Method):
     """divebatch.GradNormTracker with the routes its cost model picks."""
 
     name = "divebatch"
+    fused = True
 
     def __init__(self, workload, model):
         super().__init__(workload, model)
@@ -53,7 +54,7 @@ class DiveBatch(Method):
 
     def step(self, x, y):
         if self.tracker is None:
-            self.tracker = GradNormTracker(self.model, loss_reduction=self.workload.scale(x, y))
+            self.tracker = GradNormTracker(self.model, loss_reduction=self.workload.scale(x, y), fused=self.fused)
         self.model.zero_grad(set_to_none=True)
         self.workload.loss(self.model(x), y).backward()
         stats = self.tracker.collect()
@@ -62,6 +63,13 @@ class DiveBatch(Method):
     def close(self):
         if self.tracker is not None:
             self.tracker.close()
+
+
+class DiveBatchUnfused(DiveBatch):
+    """divebatch with ``fused=False``: norms on top of autograd's own weight gradients."""
+
+    name = "divebatch-unfused"
+    fused = False
 
 
 class TorchFunc(Method):
@@ -152,7 +160,7 @@ class BackPACK(Method):
         return sum(parts) / c2
 
 
-METHODS = [Plain, DiveBatch, TorchFunc, OpacusHooks, OpacusGhost, BackPACK]
+METHODS = [Plain, DiveBatch, TorchFunc, OpacusHooks, OpacusGhost, BackPACK, DiveBatchUnfused]
 
 
 def build(method_cls, workload, seed=0, device="cpu", dtype=None):

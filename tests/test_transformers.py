@@ -44,12 +44,16 @@ def gpt2_case(seed=0, **kwargs):
     return model, torch.randint(0, 97, (3, 9)), torch.randint(0, 97, (3, 9))
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_gpt2_matches_torch_func(reduction):
+def test_gpt2_matches_torch_func(reduction, fused):
     model, tokens, targets = gpt2_case()
     assert model.lm.lm_head.weight is model.lm.transformer.wte.weight  # the tie under test
     scale = 1.0 if reduction == "sum" else 1.0 / tokens.shape[0]
-    with GradNormTracker(model, reduction) as tracker:
+    (scale * token_loss(model(tokens), targets)).backward()
+    plain_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with GradNormTracker(model, reduction, fused=fused) as tracker:
         (scale * token_loss(model(tokens), targets)).backward()
         stats = tracker.collect()
         routes = {plan.module: plan.route for plan in tracker.plan()}
@@ -57,9 +61,12 @@ def test_gpt2_matches_torch_func(reduction):
     assert rel_err(stats.per_sample, per_sample) <= RTOL
     assert rel_err(stats.batch_grad_sq, batch) <= RTOL
     assert "lm.transformer.wte+lm.lm_head" in stats.per_layer
-    # Conv1D takes the linear routes, not the slow generic one.
+    # Conv1D takes the linear routes (fused: its weight gradient comes from the per-sample work).
     conv1d = [name for name in routes if name.endswith(("c_attn", "c_proj", "c_fc"))]
-    assert len(conv1d) == 8 and all(routes[name] in ("ghost", "instantiate") for name in conv1d)
+    expected = {"fused-instantiate"} if fused else {"ghost", "instantiate"}
+    assert len(conv1d) == 8 and {routes[name] for name in conv1d} <= expected
+    for name, param in model.named_parameters():
+        assert rel_err(param.grad, plain_grads[name]) <= 1e-5, name
 
 
 def test_gpt2_conv1d_weight_norms_per_layer():

@@ -70,6 +70,14 @@ class LinearRule(LayerRule):
         """The fused path needs the weight tracked and a plain ``nn.Linear`` forward."""
         return "weight" in tracked and type(module).forward is nn.Linear.forward
 
+    def out_features(self, module) -> int:
+        """``p``, the width of the layer's output."""
+        return module.out_features
+
+    def weight_out_in(self, module) -> torch.Tensor:
+        """The weight as ``[out, in]`` (a view), the layout ``F.linear`` takes."""
+        return module.weight
+
     def fuse_call(self, module, x) -> bool:
         """Fuse only where it saves work: T > 1 and the fused instantiate route applies. (With
         T = 1 the closed form is nearly free and autograd's own GEMM is as good as ours.)"""
@@ -77,29 +85,40 @@ class LinearRule(LayerRule):
             return False
         B, d = x.shape[0], x.shape[-1]
         T = x.numel() // max(1, B * d)
-        if T == 1 or linear_route_name(B, T, d, module.out_features) == "outer":
+        p = self.out_features(module)
+        if T == 1 or linear_route_name(B, T, d, p) == "outer":
             return False
-        return fused_linear_route(B, T, d, module.out_features).route == "fused-instantiate"
+        return fused_linear_route(B, T, d, p).route == "fused-instantiate"
 
     def fused_forward(self, module, args, kwargs, sink):
-        return fused_linear_forward(module, args[0], sink)
+        return _FusedLinear.apply(args[0], self.weight_out_in(module), module.bias, sink)
 
     def fused_grads(self, module, x, g, tracked):
         return fused_linear_grads(module, x, g, tracked)
 
     def fused_plan(self, module, x, tracked) -> RoutePlan:
         B = x.shape[0]
-        return fused_linear_route(B, x[0].numel() // x.shape[-1], x.shape[-1], module.out_features)
+        return fused_linear_route(B, x[0].numel() // x.shape[-1], x.shape[-1], self.out_features(module))
 
 
 @register("transformers.pytorch_utils.Conv1D")
 class TransposedLinearRule(LinearRule):
     """Rule for Hugging Face's ``Conv1D`` (GPT-2's attention and MLP projections): a linear map
     with the weight stored ``[in, out]``, ``y = x @ W + b``. Its per-sample weight gradient is the
-    transpose of ``nn.Linear``'s, with the same norm, so the same routes apply (not fused)."""
+    transpose of ``nn.Linear``'s, with the same norm, so the same routes apply; the fused path runs
+    ``F.linear`` on the transposed view, and autograd transposes the weight gradient back."""
 
     def can_fuse(self, module, tracked) -> bool:
-        return False
+        """Fused only for the stock ``Conv1D.forward`` (``addmm(bias, x, weight)``)."""
+        forward = type(module).forward
+        return ("weight" in tracked and module.bias is not None and forward.__qualname__ == "Conv1D.forward"
+                and forward.__module__ == "transformers.pytorch_utils")
+
+    def out_features(self, module) -> int:
+        return module.weight.shape[1]
+
+    def weight_out_in(self, module) -> torch.Tensor:
+        return module.weight.t()
 
 
 class _FusedLinear(torch.autograd.Function):
@@ -160,6 +179,3 @@ def fused_linear_route(B: int, T: int, d: int, p: int) -> RoutePlan:
     return plan
 
 
-def fused_linear_forward(module: nn.Linear, x: torch.Tensor, sink) -> torch.Tensor:
-    """``module(x)`` through ``_FusedLinear``."""
-    return _FusedLinear.apply(x, module.weight, module.bias, sink)
