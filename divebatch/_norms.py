@@ -1,10 +1,16 @@
-"""Squared norms of large tensors, accurate to float32 rounding and in one pass.
+"""Squared norms of large tensors, accurate to float32 rounding at any size, in one pass.
 
+Neither one-call reduction is good enough for a gradient of tens of millions of elements:
 ``torch.linalg.vector_norm`` in float32 loses ~2e-5 (relative) over a million elements on CPU,
-more than the 1e-5 divebatch promises; BLAS ``dot`` accumulates in SIMD lanes and stays near
-1e-6, and is also the fastest single pass. So: ``dot`` over the storage of any dense float32
-tensor (contiguous or not, e.g. channels-last; float16/bfloat16 converted chunk by chunk),
-float64 accumulation for the rare strided view.
+and BLAS ``dot``'s accuracy depends on the library and the CPU (measured with MKL on an AMD
+EPYC: 2e-6 over 2^20 elements, 6.5e-4 over 38M, a GPT-2 embedding table's gradient).
+So the storage is cut into blocks of ``_BLOCK`` elements, one batched ``bmm`` takes every
+block's dot product at BLAS speed (each accumulates only ``_BLOCK`` terms in float32), and the
+block sums are added in float64. Over 38M elements: 1.4e-8 for float32 data and 1.3e-7 for
+bfloat16-valued data (whose few-bit squares round with a bias in long sums: 6e-6 with 64K-element
+blocks), in 7 ms against a single ``dot``'s 5.5 ms on 2 cores.
+Float16/bfloat16 are converted to float32 chunk by chunk, never whole; a strided view with no
+flat storage is accumulated in float64.
 """
 
 from __future__ import annotations
@@ -22,22 +28,36 @@ def _dense_flat(t: torch.Tensor) -> torch.Tensor | None:
     return p.view(-1) if p.is_contiguous() else None
 
 
+#: Elements per float32 dot product: bounds how many terms one float32 accumulator adds.
+_BLOCK = 1 << 10
+
 #: Elements converted to float32 at a time for float16/bfloat16 inputs (16 MiB of scratch).
 _CHUNK = 1 << 22
 
 
+def _blocked_sq_f64(flat: torch.Tensor) -> torch.Tensor:
+    """``||flat||²`` of a 1-D float32 tensor as a float64 0-dim tensor (see the module docstring)."""
+    n = flat.numel()
+    blocks = n // _BLOCK
+    tail = flat[blocks * _BLOCK:]
+    total = torch.dot(tail, tail).double()
+    if blocks:
+        head = flat[: blocks * _BLOCK].view(blocks, 1, _BLOCK)
+        total = total + torch.bmm(head, head.transpose(1, 2)).sum(dtype=torch.float64)
+    return total
+
+
 def squared_norm(t: torch.Tensor) -> torch.Tensor:
-    """``||t||²`` as a float32 0-dim tensor in one pass (float16/bfloat16: converted to float32
-    in bounded chunks, never whole)."""
+    """``||t||²`` as a float32 0-dim tensor, accurate to float32 rounding at any size (float16/
+    bfloat16: converted to float32 in bounded chunks, never whole)."""
     if t.dtype == torch.float64:  # vector_norm refuses to downcast; keep float64 until the end
         return torch.linalg.vector_norm(t).square().float()
     flat = _dense_flat(t)
     if flat is None:  # a strided view: no flat storage to run dot over
         return torch.linalg.vector_norm(t, dtype=torch.float64).square().float()
     if flat.dtype == torch.float32:
-        return torch.dot(flat, flat)
-    total = torch.zeros((), dtype=torch.float32, device=t.device)
+        return _blocked_sq_f64(flat).float()
+    total = torch.zeros((), dtype=torch.float64, device=t.device)
     for chunk in flat.split(_CHUNK):
-        c = chunk.float()
-        total += torch.dot(c, c)
-    return total
+        total += _blocked_sq_f64(chunk.float())
+    return total.float()

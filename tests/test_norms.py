@@ -42,3 +42,15 @@ def test_grad_sq_norm_sums_every_parameter_with_a_gradient():
     got = grad_sq_norm([*lin.parameters(), frozen])
     assert abs(got.double() - ref) / ref <= 1e-6
     assert grad_sq_norm([frozen]).item() == 0.0
+
+
+@pytest.mark.parametrize("bf16_values", [False, True], ids=["float32-values", "bfloat16-values"])
+def test_squared_norm_of_a_large_tensor_stays_accurate(bf16_values):
+    """An embedding-table-sized gradient (8M elements): one BLAS dot drifts by up to 1e-4 at such
+    sizes on some CPUs; the blocked sum must stay at float32 rounding."""
+    t = torch.randn(8_000_000, generator=torch.Generator().manual_seed(2))
+    if bf16_values:
+        t = t.bfloat16().float()
+    ref = t.double().square().sum()
+    assert abs(squared_norm(t).double() - ref) / ref <= 1e-6
+    assert abs(squared_norm(t.bfloat16()).double() - t.bfloat16().double().square().sum()) / ref <= 1e-6
