@@ -18,6 +18,7 @@ number reported is about the **unscaled** per-sample losses ``l_i``: ``||g_i||^2
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Iterator
@@ -361,7 +362,8 @@ class GradNormTracker:
         call = _Call(owner, ctx, batch_size, [None] * len(leaves), len(leaves))
         owner.forward_calls += 1
         if owner.tie is not None and owner is owner.tie.embedding:
-            owner.tie.embedding_calls.append(call)
+            # Weak: a forward whose graph is dropped without a backward must not keep its indices.
+            owner.tie.embedding_calls.append(weakref.ref(call))
         for i, t in enumerate(leaves):
             t.register_hook(partial(self._on_output_grad, call, i))
         return None
@@ -447,11 +449,12 @@ class GradNormTracker:
         """Keep this module's half of a tied weight's cross term until the other half arrives."""
         tie = owner.tie
         if owner is tie.linear:
-            if not tie.embedding_calls:
+            emb_calls = [c for c in (ref() for ref in tie.embedding_calls) if c is not None]
+            if not emb_calls:
                 return  # the Embedding was not called: its part of the gradient is zero
             a, g = linear_factors([(c.ctx, c.grads) for c in calls])
             padding_idx = tie.embedding.module.padding_idx
-            for emb_call in tie.embedding_calls:
+            for emb_call in emb_calls:
                 rows = tied_rows(a, g, emb_call.ctx, padding_idx)
                 prev = step.tie_rows.get(emb_call)
                 step.tie_rows[emb_call] = rows if prev is None else prev + rows

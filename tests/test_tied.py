@@ -204,3 +204,20 @@ def test_tie_with_a_generic_module_is_refused():
     emb = nn.Embedding(10, 4)
     with pytest.raises(ValueError, match=r"same tensor"):
         GradNormTracker(nn.Sequential(emb, Scaled(emb.weight)))
+
+
+def test_forwards_without_backward_do_not_accumulate():
+    """Graphs dropped without a backward (e.g. evaluation with grad enabled) leave nothing behind,
+    and the next tracked step is still exact."""
+    import gc
+
+    model, tokens, targets = make_case()
+    with GradNormTracker(model, "sum") as tracker:
+        for _ in range(3):
+            model(tokens)
+        gc.collect()
+        assert all(ref() is None for ref in tracker._ties[0].embedding_calls)
+        model.zero_grad()
+        token_loss(model(tokens), targets).backward()
+        stats = tracker.collect()
+    assert_exact(model, tokens, targets, stats)

@@ -36,8 +36,9 @@ class TiedEmbeddingLinear:
 
     ``embedding`` and ``linear`` are the tracker's owners of the two modules; ``key`` is the
     ``GradNormStats.per_layer`` entry that receives the cross term ``2 <E_b, L_b>`` (it can be
-    negative; the entries still sum to ``per_sample``); ``embedding_calls`` are the Embedding's
-    forward calls captured since the last backward, whose token indices select rows of ``L_b``.
+    negative; the entries still sum to ``per_sample``); ``embedding_calls`` are weak references to
+    the Embedding's forward calls captured since the last backward, whose token indices select
+    rows of ``L_b``.
     """
 
     embedding: object
