@@ -91,6 +91,19 @@ def conv3d():
     return _regression(model, torch.randn(2, 2, 5, 6, 4))
 
 
+def conv_deep():
+    """More output channels than output positions (the fused path unfolds and instantiates)."""
+    model = nn.Sequential(nn.Conv2d(3, 24, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.Conv2d(24, 20, 3, padding=1, padding_mode="reflect", bias=False), nn.Flatten(2),
+                          nn.Conv1d(20, 30, 2, stride=2, dilation=2))
+    return _regression(model, torch.randn(3, 3, 6, 6))
+
+
+def conv3d_deep():
+    model = nn.Sequential(nn.Conv3d(2, 12, 2, padding=(1, 0, 0)), nn.Tanh(), nn.Conv3d(12, 9, (2, 1, 1), stride=2))
+    return _regression(model, torch.randn(4, 2, 2, 3, 2))
+
+
 def embedding():
     model = nn.Sequential(nn.Embedding(7, 5, padding_idx=2), nn.Linear(5, 3))
     x = torch.randint(0, 7, (4, 9))
@@ -143,6 +156,6 @@ def reused_module():
     return _regression(ReusedLinear(5), torch.randn(4, 3, 5))
 
 
-ZOO = {f.__name__: f for f in [linear_2d, linear_3d, linear_4d, conv1d, conv2d, conv3d, embedding, embedding_no_pad,
+ZOO = {f.__name__: f for f in [linear_2d, linear_3d, linear_4d, conv1d, conv2d, conv3d, conv_deep, conv3d_deep, embedding, embedding_no_pad,
                               norms, conv_norms_eval, batchnorm1d_eval, batchnorm3d_eval, attention_batch_first, attention_seq_first,
                               custom_module, reused_module]}

