@@ -84,6 +84,7 @@ class _Owner:
     plan_key: object = None             # shapes of the call whose route is in the plan
     skip_hooks: int = 0                 # fused calls whose forward hook must not capture again
     tie: TiedEmbeddingLinear | None = None  # this module's weight is shared with another module
+    pre_states: list = field(default_factory=list)  # rule.before_forward results of calls in progress
 
 
 @dataclass(eq=False)
@@ -268,6 +269,7 @@ class GradNormTracker:
         self._last_plans = {}
         for owner in self._owners:
             owner.ready.clear()
+            owner.pre_states.clear()
             owner.forward_calls = 0
         for tie in self._ties:
             tie.embedding_calls.clear()
@@ -290,6 +292,9 @@ class GradNormTracker:
         for owner in self._owners:
             if owner.fused:
                 owner.module.forward = partial(self._fused_call, owner)
+            if hasattr(owner.rule, "before_forward"):
+                self._handles.append(owner.module.register_forward_pre_hook(
+                    partial(self._on_pre_forward, owner), with_kwargs=True))
             self._handles.append(owner.module.register_forward_hook(
                 partial(self._on_forward, owner), with_kwargs=True))
             for name, p in owner.tracked.items():
@@ -313,15 +318,21 @@ class GradNormTracker:
     def _fused_call(self, owner: _Owner, *args, **kwargs):
         module = owner.module
         x = args[0] if args else None
-        if (kwargs or not isinstance(x, torch.Tensor) or capture_suspended() or not torch.is_grad_enabled()
+        rule = owner.rule
+        if x is None and getattr(rule, "fused_kwargs", False):
+            x = kwargs.get("query")
+        if ((kwargs and not getattr(rule, "fused_kwargs", False)) or not isinstance(x, torch.Tensor)
+                or capture_suspended() or not torch.is_grad_enabled()
                 or _inside_functorch() or torch.is_autocast_enabled(x.device.type)
                 or not owner.rule.fuse_call(module, x)):
             # Not fusable here: the module's own forward, with the hook path capturing.
             return type(module).forward(module, *args, **kwargs)
-        if x.dim() > 0 and x.shape[0] == 0:
+        batch_size = rule.fused_batch_size(module, x) if hasattr(rule, "fused_batch_size") else (
+            x.shape[0] if x.dim() > 1 else 1)
+        if x.dim() > 0 and (x.shape[0] == 0 or batch_size == 0):
             raise ValueError(f"module '{owner.name}' ({type(module).__name__}) got an empty batch (0 samples); "
                              "skip empty batches before the forward pass")
-        call = _Call(owner, None, x.shape[0] if x.dim() > 1 else 1, [None], 1, fused=True)
+        call = _Call(owner, None, batch_size, [None], 1, fused=True)
         out = owner.rule.fused_forward(module, args, kwargs, partial(self._fused_sink, call))
         owner.forward_calls += 1
         owner.skip_hooks += 1
@@ -345,7 +356,15 @@ class GradNormTracker:
         return None, None
 
     @torch.compiler.disable
+    def _on_pre_forward(self, owner: _Owner, module, args, kwargs):
+        # What the rule must see before the forward runs (e.g. the RNG state for a dropout replay).
+        capturing = not (capture_suspended() or not torch.is_grad_enabled() or _inside_functorch())
+        owner.pre_states.append(owner.rule.before_forward(module, args, kwargs) if capturing else None)
+        return None
+
+    @torch.compiler.disable
     def _on_forward(self, owner: _Owner, module, args, kwargs, output):
+        pre_state = owner.pre_states.pop() if owner.pre_states else None
         if owner.skip_hooks:
             owner.skip_hooks -= 1
             return None
@@ -354,7 +373,10 @@ class GradNormTracker:
         leaves = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
         if not leaves:  # e.g. frozen layer on a no-grad input: nothing will flow back
             return None
-        ctx = owner.rule.capture(module, args, kwargs, output)
+        if hasattr(owner.rule, "before_forward"):
+            ctx = owner.rule.capture(module, args, kwargs, output, pre_state)
+        else:
+            ctx = owner.rule.capture(module, args, kwargs, output)
         batch_size = owner.rule.batch_size(module, ctx)
         if batch_size == 0:
             raise ValueError(f"module '{owner.name}' ({type(module).__name__}) got an empty batch (0 samples); "
@@ -526,6 +548,9 @@ class GradNormTracker:
 
 
 def _shape_key(ctx) -> tuple:
+    key = getattr(ctx, "shape_key", None)
+    if key is not None:
+        return key
     tensor = ctx[0] if isinstance(ctx, tuple) else getattr(ctx, "leaves", [ctx])[0]
     return tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else (id(ctx),)
 
@@ -556,6 +581,13 @@ def _assign_owners(model: nn.Module) -> tuple[list[_Owner], list[TiedEmbeddingLi
             return
         visited.add(id(module))
         rule = rule_for(module)
+        if rule is not None and getattr(rule, "owns_children", False):
+            # The rule's module uses its children's parameters itself (MultiheadAttention's out_proj).
+            subtree = {n: p for n, p in module.named_parameters() if p.requires_grad}
+            if subtree:
+                owners.append(_Owner(name, module, rule, subtree))
+            visited.update(id(m) for m in module.modules())
+            return
         if rule is not None:
             own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
             if own:

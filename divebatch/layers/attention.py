@@ -1,0 +1,332 @@
+"""nn.MultiheadAttention: per-token grads of its projections, then the linear routes.
+
+Attention mixes positions but never samples, so every parameter's per-sample gradient is a
+sum over that sample's tokens of (input) x (grad of the projection output):
+
+* input projection (rows q | k | v of ``in_proj_weight``, or ``q/k/v_proj_weight``):
+  ``G_q^T Q_in``, ``G_k^T K_in``, ``G_v^T V_in``, disjoint row blocks, so their squared norms add;
+* output projection: ``G_out^T C`` with ``C`` the heads' concatenated context.
+
+``G_q, G_k, G_v`` and ``C`` live inside ``F.multi_head_attention_forward``. Both paths below run
+that same function on already projected ``q, k, v`` with identity projection weights, so every
+mask, scaling, dropout and ``add_zero_attn`` rule of the real module applies unchanged and its
+output is ``C`` exactly. (While it runs, products with those identity matrices are skipped, see
+``_identity_products_skipped``.)
+
+* Fused (default): the module's forward is replaced while tracking is on by in-projection →
+  that function → out-projection, with gradient hooks on ``q, k, v`` and the output; the
+  backward delivers ``G_q, G_k, G_v, G_out`` as it runs. No extra attention work at all.
+* Hooks (``fused=False``): the function is called once more for the whole batch in the backward
+  and one ``autograd.grad`` from ``G_out W_out`` gives ``G_q, G_k, G_v``; dropout in training mode
+  is replayed from the RNG state saved just before the forward (as ``torch.utils.checkpoint`` does).
+
+No per-sample gradient is formed. Modules with ``add_bias_kv`` keep the generic route (their
+``bias_k``/``bias_v`` per-sample gradients are not projections).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import LayerRule, RoutePlan, RuleError, register, suspend_capture
+from .linear import linear_norms
+
+_FORWARD_PARAMS = list(inspect.signature(nn.MultiheadAttention.forward).parameters)[1:]
+_FORWARD_DEFAULTS = {name: p.default for name, p in inspect.signature(nn.MultiheadAttention.forward).parameters.items()
+                     if p.default is not inspect.Parameter.empty}
+
+
+@dataclass
+class AttentionCall:
+    """One captured forward call, inputs in the ``[T, B, E]`` layout of the functional form."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    options: dict          # key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+    batch_first: bool
+    self_attention: bool     # query, key and value were one tensor
+    rng_state: tuple | None  # (cpu state, cuda device, cuda state) before the forward, when it drew
+
+    @property
+    def shape_key(self) -> tuple:
+        return tuple(self.query.shape), tuple(self.key.shape)
+
+
+@dataclass
+class FusedAttentionCall:
+    """One call through the fused forward: the projection inputs and the context, ``[B, T, *]``."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    context: torch.Tensor
+    self_attention: bool
+
+    @property
+    def shape_key(self) -> tuple:
+        return tuple(self.query.shape), tuple(self.key.shape)
+
+
+def _bind(args: tuple, kwargs: dict) -> dict:
+    bound = dict(_FORWARD_DEFAULTS)
+    bound.update(zip(_FORWARD_PARAMS, args))
+    bound.update(kwargs)
+    return bound
+
+
+def _draws_random(module: nn.MultiheadAttention) -> bool:
+    return module.training and module.dropout > 0
+
+
+@register(nn.MultiheadAttention)
+class MultiheadAttentionRule(LayerRule):
+    """Rule for ``nn.MultiheadAttention`` (self- or cross-attention, any masks, ``kdim``/``vdim``,
+    ``add_zero_attn``, dropout in training mode, either ``batch_first``)."""
+
+    param_names = ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+    #: ``out_proj`` is used by the attention function, never through its own forward: this rule
+    #: accounts for its parameters too.
+    owns_children = True
+
+    def batch_dim(self, module):
+        return 0 if module.batch_first else 1
+
+    def before_forward(self, module, args, kwargs):
+        """The RNG state a dropout replay needs, taken before the forward draws (else None)."""
+        if not _draws_random(module):
+            return None
+        device = _bind(args, kwargs)["query"].device
+        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        return torch.get_rng_state(), device, cuda
+
+    def capture(self, module, args, kwargs, output, pre_state=None):
+        bound = _bind(args, kwargs)
+        query, key, value = (bound[n] for n in ("query", "key", "value"))
+        self_attention = query is key and key is value
+        if query.dim() != 3:
+            raise RuleError(f"{type(module).__name__} got an unbatched query of shape {tuple(query.shape)}; "
+                            "per-sample gradients need batched input")
+        if _draws_random(module) and pre_state is None:
+            raise RuleError(f"{type(module).__name__} drew dropout masks that were not recorded; track the "
+                            "module from before its forward")
+        if module.batch_first:  # the functional form takes [T, B, E]
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        options = {n: bound[n] for n in ("key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+                                         "is_causal")}
+        options = {n: v.detach() if isinstance(v, torch.Tensor) else v for n, v in options.items()}
+        return AttentionCall(query.detach(), key.detach(), value.detach(), options, module.batch_first,
+                             self_attention, pre_state)
+
+    def batch_size(self, module, ctx):
+        return ctx.query.shape[1]
+
+    # ------------------------------------------------------------------ fused path
+    #: The fused forward takes the module's keyword arguments (masks, need_weights, ...).
+    fused_kwargs = True
+
+    def can_fuse(self, module, tracked) -> bool:
+        """The stock ``nn.MultiheadAttention.forward`` only."""
+        return type(module).forward is nn.MultiheadAttention.forward
+
+    def fuse_call(self, module, x) -> bool:
+        return x.dim() == 3
+
+    def fused_batch_size(self, module, x) -> int:
+        return x.shape[0] if module.batch_first else x.shape[1]
+
+    def fused_forward(self, module, args, kwargs, sink):
+        """The module's forward as in-projection → attention function → out-projection, with
+        gradient hooks that hand ``(G_out, G_q, G_k, G_v)`` to ``sink`` once all have arrived."""
+        bound = _bind(args, kwargs)
+        query, key, value = (bound[n] for n in ("query", "key", "value"))
+        self_attention = query is key and key is value
+        if module.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        q, k, v = _project(module, query, key, value, self_attention)
+        E = module.embed_dim
+        eye = _identity(E, q.dtype, q.device)
+        options = {n: bound[n] for n in ("key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+                                         "is_causal")}
+        with _identity_products_skipped():
+            context, weights = F.multi_head_attention_forward(
+                q, k, v, E, module.num_heads, None, None, None, None, module.add_zero_attn, module.dropout,
+                eye, None, training=module.training, use_separate_proj_weight=True,
+                q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye, **options)
+        out = F.linear(context, module.out_proj.weight, module.out_proj.bias)
+        as_bte = lambda t: t.detach().transpose(0, 1)  # noqa: E731
+        call = FusedAttentionCall(as_bte(query), as_bte(key), as_bte(value), as_bte(context), self_attention)
+        hooked = {"out": out, "q": q, "k": k, "v": v}
+        # The output's grad arrives first (if the output is used at all); the call is complete once
+        # q, k and v have theirs (or the output, when none of them needs a gradient).
+        needed = [n for n in "qkv" if hooked[n].requires_grad] or ["out"]
+        shapes = {n: (t.shape, t.dtype, t.device) for n, t in hooked.items()}
+        grads: dict[str, torch.Tensor] = {}
+
+        def keep(name, grad):
+            grads[name] = grad.detach()
+            if all(n in grads for n in needed):
+                full = [grads[n] if n in grads else torch.zeros(shapes[n][0], dtype=shapes[n][1], device=shapes[n][2])
+                        for n in ("out", "q", "k", "v")]
+                sink(call, tuple(as_bte(g) for g in full))
+            return None
+
+        for name, t in hooked.items():
+            if t.requires_grad:
+                t.register_hook(lambda grad, name=name: keep(name, grad))
+        if module.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    def fused_grads(self, module, ctx, grads, tracked):
+        """Norms only: the parameters' gradients come from autograd as usual."""
+        return self.norms(module, [(ctx, [grads])], tracked), None, None
+
+    def fused_plan(self, module, ctx, tracked) -> RoutePlan:
+        B, T, E = ctx.query.shape
+        return RoutePlan("fused attention", f"B={B} T={T} S={ctx.key.shape[1]} E={E} heads={module.num_heads}",
+                         2.0 * B * E * (T + ctx.key.shape[1]) * min(T, E), 0.0)
+
+    def norms(self, module, calls, tracked):
+        # Several calls: their per-sample gradients add, so each block's (A, G) pairs are
+        # concatenated along the tokens before squaring (as for a Linear called twice).
+        parts = {"q": [], "k": [], "v": [], "out": []}
+        for ctx, grads in calls:
+            if isinstance(ctx, FusedAttentionCall):
+                g_out, g_q, g_k, g_v = grads[0]
+                factors = [(ctx.query, g_q), (ctx.key, g_k), (ctx.value, g_v), (ctx.context, g_out)]
+            else:
+                factors = self._projection_factors(module, ctx, grads)
+            for name, pair in zip(parts, factors):
+                parts[name].append(pair)
+        cat = {name: (torch.cat([a for a, _ in p], dim=1), torch.cat([g for _, g in p], dim=1))
+               for name, p in parts.items()}
+        in_bias = "in_proj_bias" in tracked
+        total = linear_norms(*cat["out"], "out_proj.weight" in tracked, "out_proj.bias" in tracked)
+        if module._qkv_same_embed_dim and all(ctx.self_attention for ctx, _ in calls):
+            # One input for the three blocks: one [B, T, 3E] output grad, so the input's Gram
+            # (ghost route) or tile (instantiate) is formed once, not three times.
+            g = torch.cat([cat[name][1] for name in "qkv"], dim=2)
+            return total + linear_norms(cat["q"][0], g, "in_proj_weight" in tracked, in_bias)
+        for name in "qkv":
+            weight = "in_proj_weight" if module._qkv_same_embed_dim else f"{name}_proj_weight"
+            total = total + linear_norms(*cat[name], weight in tracked, in_bias)
+        return total
+
+    def _projection_factors(self, module, ctx: AttentionCall, grads):
+        """``[(A, G)]`` as ``[B, T, *]`` for the q, k, v input projections and the output projection."""
+        E = module.embed_dim
+        with torch.no_grad():
+            projected = [t.requires_grad_() for t in _project(module, ctx.query, ctx.key, ctx.value,
+                                                               ctx.self_attention)]
+        g_out = grads[0]
+        if g_out is None:
+            g_out = torch.zeros(ctx.query.shape[:2] + (E,), dtype=ctx.query.dtype, device=ctx.query.device)
+        elif ctx.batch_first:
+            g_out = g_out.transpose(0, 1)
+        eye = _identity(E, projected[0].dtype, projected[0].device)
+        with torch.enable_grad(), suspend_capture(), _replayed_rng(ctx.rng_state), _identity_products_skipped():
+            context, weights = F.multi_head_attention_forward(
+                *projected, E, module.num_heads, None, None, None, None, module.add_zero_attn, module.dropout,
+                eye, None, training=module.training, use_separate_proj_weight=True,
+                q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye, **ctx.options)
+        outputs, out_grads = [context], [g_out.matmul(module.out_proj.weight.detach().to(g_out.dtype))]
+        if weights is not None and len(grads) > 1 and grads[1] is not None:
+            outputs.append(weights)
+            out_grads.append(grads[1])
+        g_q, g_k, g_v = torch.autograd.grad(outputs, projected, out_grads, allow_unused=True, materialize_grads=True)
+        as_bte = lambda t: t.detach().transpose(0, 1)  # noqa: E731
+        return [(as_bte(ctx.query), as_bte(g_q)), (as_bte(ctx.key), as_bte(g_k)), (as_bte(ctx.value), as_bte(g_v)),
+                (as_bte(context), as_bte(g_out))]
+
+    def plan(self, module, ctx, grad, tracked) -> RoutePlan:
+        T, B, E = ctx.query.shape
+        S = ctx.key.shape[0]
+        flops = 2.0 * B * E * (4 * E * (T + S) + 2 * T * S)  # identity products + attention, fwd and bwd
+        return RoutePlan("attention replay", f"B={B} T={T} S={S} E={E} heads={module.num_heads}", flops,
+                         4.0 * B * module.num_heads * T * S)
+
+
+def _project(module, query, key, value, self_attention):
+    """The in-projection as ``F.multi_head_attention_forward`` does it (``[T, B, *]`` layout)."""
+    if self_attention and module._qkv_same_embed_dim:  # one product for q, k and v
+        return F.linear(query, module.in_proj_weight, module.in_proj_bias).chunk(3, dim=-1)
+    if module._qkv_same_embed_dim:
+        weights = module.in_proj_weight.chunk(3)
+    else:
+        weights = (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight)
+    biases = module.in_proj_bias.chunk(3) if module.in_proj_bias is not None else (None,) * 3
+    return [F.linear(x, w, b) for x, w, b in zip((query, key, value), weights, biases)]
+
+
+# Identity matrices handed to F.multi_head_attention_forward as projection weights. While
+# ``_identity_products_skipped`` is active, F.linear returns its input for them instead of
+# multiplying (an exact no-op either way: x @ I == x), which saves four E x E products per
+# token in the forward and their backward. Should torch stop calling F.linear there, the
+# products simply run: slower, same numbers.
+_IDENTITIES: dict[tuple, torch.Tensor] = {}
+_IDENTITY_IDS: set[int] = set()
+_PATCH_LOCK = threading.Lock()
+_PATCH_DEPTH = 0
+_SAVED_LINEAR = F.linear  # what F.linear was when the skipping began
+
+
+def _identity(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = (n, dtype, device)
+    eye = _IDENTITIES.get(key)
+    if eye is None:
+        eye = _IDENTITIES[key] = torch.eye(n, dtype=dtype, device=device)
+        _IDENTITY_IDS.add(id(eye))
+    return eye
+
+
+def _linear_skipping_identity(input, weight, bias=None):
+    if bias is None and id(weight) in _IDENTITY_IDS:
+        return input.contiguous()
+    return _SAVED_LINEAR(input, weight, bias)
+
+
+@contextlib.contextmanager
+def _identity_products_skipped():
+    global _PATCH_DEPTH, _SAVED_LINEAR
+    with _PATCH_LOCK:
+        if _PATCH_DEPTH == 0:
+            _SAVED_LINEAR, F.linear = F.linear, _linear_skipping_identity
+        _PATCH_DEPTH += 1
+    try:
+        yield
+    finally:
+        with _PATCH_LOCK:
+            _PATCH_DEPTH -= 1
+            if _PATCH_DEPTH == 0:
+                F.linear = _SAVED_LINEAR
+
+
+class _replayed_rng:
+    """Within the block, the RNG state saved before the forward; outside it, the caller's."""
+
+    def __init__(self, state):
+        self.state = state
+        self.fork = None
+
+    def __enter__(self):
+        if self.state is None:
+            return
+        cpu, device, cuda = self.state
+        self.fork = torch.random.fork_rng(devices=[device] if cuda is not None else [],
+                                          device_type=device.type if cuda is not None else "cuda")
+        self.fork.__enter__()
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+
+    def __exit__(self, *exc):
+        if self.fork is not None:
+            self.fork.__exit__(*exc)
