@@ -103,6 +103,20 @@ def resnet18(num_classes=1000):
     return nn.Sequential(*layers)
 
 
+class EncoderModel(nn.Module):
+    """Embedding -> n_layers x nn.TransformerEncoderLayer (nn.MultiheadAttention inside) -> head."""
+
+    def __init__(self, vocab=1000, dim=256, hidden=1024, n_layers=2, heads=4, dropout=0.0):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.layers = nn.Sequential(*[nn.TransformerEncoderLayer(dim, heads, hidden, dropout=dropout, batch_first=True)
+                                      for _ in range(n_layers)])
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, idx):
+        return self.head(self.layers(self.embed(idx)))
+
+
 class GPT2Logits(nn.Module):
     """Hugging Face GPT2LMHeadModel (tied wte/lm_head, Conv1D projections) returning logits, with
     per-sample position ids (the default [1, T] ones are broadcast, see the README's limits)."""
@@ -144,6 +158,10 @@ WORKLOADS = {
     # Not in BENCHMARKS.md: seq with the embedding tied to the head (the cross term's cost).
     "seq-tied": Workload("seq-tied", lambda: SeqModel(tied=True), _tokens(16, 128, 1000),
                          lambda x, y: 1.0 / y.numel(), token_level=True),
+    # Not in BENCHMARKS.md: the seq workload's size with nn.TransformerEncoderLayer blocks
+    # (dropout 0, so that torch.func can be the reference).
+    "transformer": Workload("transformer", EncoderModel, _tokens(16, 128, 1000), lambda x, y: 1.0 / y.numel(),
+                            token_level=True),
     # Not in BENCHMARKS.md: a 2-layer Hugging Face GPT-2 of the seq workload's size.
     "gpt2": Workload("gpt2", GPT2Logits, _tokens(16, 128, 1000), lambda x, y: 1.0 / y.numel(), token_level=True),
     # GPU only (bf16 there): a large transformer-MLP stack and ResNet-18-sized convolutions.
