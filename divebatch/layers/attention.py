@@ -115,8 +115,9 @@ class MultiheadAttentionRule(LayerRule):
             raise RuleError(f"{type(module).__name__} got an unbatched query of shape {tuple(query.shape)}; "
                             "per-sample gradients need batched input")
         if _draws_random(module) and pre_state is None:
-            raise RuleError(f"{type(module).__name__} drew dropout masks that were not recorded; track the "
-                            "module from before its forward")
+            raise RuleError(f"{type(module).__name__} drew dropout masks, but the random state before its forward "
+                            "was not recorded (tracking switched on during the forward?), so they cannot be "
+                            "replayed; run the forward again with tracking on")
         if module.batch_first:  # the functional form takes [T, B, E]
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         options = {n: bound[n] for n in ("key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
