@@ -208,3 +208,24 @@ def test_add_bias_kv_keeps_the_generic_route():
     assert routes["mha"].startswith("generic")
     per_sample, _, _ = reference_norms(model, loss_fn, packed, torch.zeros(3))
     assert rel_err(stats.per_sample, per_sample) <= RTOL
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "replay"])
+def test_one_module_called_for_self_and_cross_attention(fused):
+    """Two calls of one module, packed (self) and separate (cross) projections: combined exactly."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            h = self.mha(x, x, x, need_weights=False)[0]
+            return self.mha(h, x, x, need_weights=False)[0].flatten(1)
+
+    torch.manual_seed(4)
+    model, x = Twice(), torch.randn(3, 5, 8)
+    stats, _ = tracked(model, x, fused)
+    per_sample, _, batch = reference_norms(model, loss_fn, x, torch.zeros(3))
+    assert rel_err(stats.per_sample, per_sample) <= RTOL
+    assert rel_err(stats.batch_grad_sq, batch) <= RTOL

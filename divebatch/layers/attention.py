@@ -145,13 +145,14 @@ class MultiheadAttentionRule(LayerRule):
 
     def fused_forward(self, module, args, kwargs, sink):
         """The module's forward as in-projection → attention function → out-projection, with
-        gradient hooks that hand ``(G_out, G_q, G_k, G_v)`` to ``sink`` once all have arrived."""
+        gradient hooks that hand ``{"out": G_out, "q"/"k"/"v": ...}`` (or ``"qkv"`` for the packed
+        self-attention projection) to ``sink`` once all have arrived."""
         bound = _bind(args, kwargs)
         query, key, value = (bound[n] for n in ("query", "key", "value"))
         self_attention = query is key and key is value
         if module.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        q, k, v = _project(module, query, key, value, self_attention)
+        packed, (q, k, v) = _project(module, query, key, value, self_attention)
         E = module.embed_dim
         eye = _identity(E, q.dtype, q.device)
         options = {n: bound[n] for n in ("key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
@@ -164,19 +165,23 @@ class MultiheadAttentionRule(LayerRule):
         out = F.linear(context, module.out_proj.weight, module.out_proj.bias)
         as_bte = lambda t: t.detach().transpose(0, 1)  # noqa: E731
         call = FusedAttentionCall(as_bte(query), as_bte(key), as_bte(value), as_bte(context), self_attention)
-        hooked = {"out": out, "q": q, "k": k, "v": v}
+        if packed is not None and packed.requires_grad:
+            # The packed projection's grad is [G_q | G_k | G_v] already: no concatenation later.
+            hooked = {"out": out, "qkv": packed}
+        else:
+            hooked = {"out": out, "q": q, "k": k, "v": v}
         # The output's grad arrives first (if the output is used at all); the call is complete once
-        # q, k and v have theirs (or the output, when none of them needs a gradient).
-        needed = [n for n in "qkv" if hooked[n].requires_grad] or ["out"]
+        # the projections have theirs (or the output, when none of them needs a gradient).
+        needed = [n for n, t in hooked.items() if n != "out" and t.requires_grad] or ["out"]
         shapes = {n: (t.shape, t.dtype, t.device) for n, t in hooked.items()}
         grads: dict[str, torch.Tensor] = {}
 
         def keep(name, grad):
             grads[name] = grad.detach()
             if all(n in grads for n in needed):
-                full = [grads[n] if n in grads else torch.zeros(shapes[n][0], dtype=shapes[n][1], device=shapes[n][2])
-                        for n in ("out", "q", "k", "v")]
-                sink(call, tuple(as_bte(g) for g in full))
+                full = {n: as_bte(grads[n] if n in grads else torch.zeros(shape, dtype=dtype, device=device))
+                        for n, (shape, dtype, device) in shapes.items()}
+                sink(call, full)
             return None
 
         for name, t in hooked.items():
@@ -198,35 +203,44 @@ class MultiheadAttentionRule(LayerRule):
     def norms(self, module, calls, tracked):
         # Several calls: their per-sample gradients add, so each block's (A, G) pairs are
         # concatenated along the tokens before squaring (as for a Linear called twice).
-        parts = {"q": [], "k": [], "v": [], "out": []}
+        parts: dict[str, list] = {}
         for ctx, grads in calls:
             if isinstance(ctx, FusedAttentionCall):
-                g_out, g_q, g_k, g_v = grads[0]
-                factors = [(ctx.query, g_q), (ctx.key, g_k), (ctx.value, g_v), (ctx.context, g_out)]
+                inputs = {"q": ctx.query, "qkv": ctx.query, "k": ctx.key, "v": ctx.value, "out": ctx.context}
+                factors = {name: (inputs[name], g) for name, g in grads[0].items()}
             else:
                 factors = self._projection_factors(module, ctx, grads)
-            for name, pair in zip(parts, factors):
-                parts[name].append(pair)
-        cat = {name: (torch.cat([a for a, _ in p], dim=1), torch.cat([g for _, g in p], dim=1))
-               for name, p in parts.items()}
+            for name, pair in factors.items():
+                parts.setdefault(name, []).append(pair)
+        if "qkv" in parts and any(name in parts for name in "qkv"):  # packed and separate calls mixed
+            for a, g in parts.pop("qkv"):
+                for name, g_part in zip("qkv", g.chunk(3, dim=-1)):
+                    parts.setdefault(name, []).append((a, g_part))
+        joined = {name: p[0] if len(p) == 1 else (torch.cat([a for a, _ in p], dim=1), torch.cat([g for _, g in p], dim=1))
+                  for name, p in parts.items()}
         in_bias = "in_proj_bias" in tracked
-        total = linear_norms(*cat["out"], "out_proj.weight" in tracked, "out_proj.bias" in tracked)
-        if module._qkv_same_embed_dim and all(ctx.self_attention for ctx, _ in calls):
-            # One input for the three blocks: one [B, T, 3E] output grad, so the input's Gram
-            # (ghost route) or tile (instantiate) is formed once, not three times.
-            g = torch.cat([cat[name][1] for name in "qkv"], dim=2)
-            return total + linear_norms(cat["q"][0], g, "in_proj_weight" in tracked, in_bias)
+        total = linear_norms(*joined["out"], "out_proj.weight" in tracked, "out_proj.bias" in tracked)
+        if "qkv" in joined:
+            # One input for the three blocks, one [B, T, 3E] output grad: the input's Gram (ghost
+            # route) or tile (instantiate) is formed once, not three times.
+            return total + linear_norms(*joined["qkv"], "in_proj_weight" in tracked, in_bias)
         for name in "qkv":
             weight = "in_proj_weight" if module._qkv_same_embed_dim else f"{name}_proj_weight"
-            total = total + linear_norms(*cat[name], weight in tracked, in_bias)
+            total = total + linear_norms(*joined[name], weight in tracked, in_bias)
         return total
 
     def _projection_factors(self, module, ctx: AttentionCall, grads):
-        """``[(A, G)]`` as ``[B, T, *]`` for the q, k, v input projections and the output projection."""
+        """``{name: (A, G)}`` as ``[B, T, *]`` for the input projections (``"qkv"`` packed, or
+        ``"q"``, ``"k"``, ``"v"``) and the output projection (``"out"``)."""
         E = module.embed_dim
         with torch.no_grad():
-            projected = [t.requires_grad_() for t in _project(module, ctx.query, ctx.key, ctx.value,
-                                                               ctx.self_attention)]
+            packed, projected = _project(module, ctx.query, ctx.key, ctx.value, ctx.self_attention)
+        if packed is not None:
+            leaves = [packed.requires_grad_()]
+            with torch.enable_grad():
+                projected = packed.chunk(3, dim=-1)
+        else:
+            leaves = projected = [t.requires_grad_() for t in projected]
         g_out = grads[0]
         if g_out is None:
             g_out = torch.zeros(ctx.query.shape[:2] + (E,), dtype=ctx.query.dtype, device=ctx.query.device)
@@ -242,10 +256,15 @@ class MultiheadAttentionRule(LayerRule):
         if weights is not None and len(grads) > 1 and grads[1] is not None:
             outputs.append(weights)
             out_grads.append(grads[1])
-        g_q, g_k, g_v = torch.autograd.grad(outputs, projected, out_grads, allow_unused=True, materialize_grads=True)
+        leaf_grads = torch.autograd.grad(outputs, leaves, out_grads, allow_unused=True, materialize_grads=True)
         as_bte = lambda t: t.detach().transpose(0, 1)  # noqa: E731
-        return [(as_bte(ctx.query), as_bte(g_q)), (as_bte(ctx.key), as_bte(g_k)), (as_bte(ctx.value), as_bte(g_v)),
-                (as_bte(context), as_bte(g_out))]
+        factors = {"out": (as_bte(context), as_bte(g_out))}
+        if packed is not None:
+            factors["qkv"] = (as_bte(ctx.query), as_bte(leaf_grads[0]))
+        else:
+            for name, x, g in zip("qkv", (ctx.query, ctx.key, ctx.value), leaf_grads):
+                factors[name] = (as_bte(x), as_bte(g))
+        return factors
 
     def plan(self, module, ctx, grad, tracked) -> RoutePlan:
         T, B, E = ctx.query.shape
@@ -256,15 +275,17 @@ class MultiheadAttentionRule(LayerRule):
 
 
 def _project(module, query, key, value, self_attention):
-    """The in-projection as ``F.multi_head_attention_forward`` does it (``[T, B, *]`` layout)."""
+    """``(packed or None, [q, k, v])``: the in-projection as ``F.multi_head_attention_forward`` does
+    it (``[T, B, *]`` layout); self-attention makes one ``[T, B, 3E]`` product, ``packed``."""
     if self_attention and module._qkv_same_embed_dim:  # one product for q, k and v
-        return F.linear(query, module.in_proj_weight, module.in_proj_bias).chunk(3, dim=-1)
+        packed = F.linear(query, module.in_proj_weight, module.in_proj_bias)
+        return packed, packed.chunk(3, dim=-1)
     if module._qkv_same_embed_dim:
         weights = module.in_proj_weight.chunk(3)
     else:
         weights = (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight)
     biases = module.in_proj_bias.chunk(3) if module.in_proj_bias is not None else (None,) * 3
-    return [F.linear(x, w, b) for x, w, b in zip((query, key, value), weights, biases)]
+    return None, [F.linear(x, w, b) for x, w, b in zip((query, key, value), weights, biases)]
 
 
 # Identity matrices handed to F.multi_head_attention_forward as projection weights. While
