@@ -176,16 +176,16 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown method or workload: {', '.join(unknown)}")
     rows = []
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device, "dtype": args.dtype,
+            "reps": args.reps, "date": time.strftime("%Y-%m-%d %H:%M")}
     for name in args.workloads.split(","):
         dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
         rows += run_workload(name, methods, args.reps, args.device, not args.no_memory, dtype)
         print(to_markdown([r for r in rows if r["workload"] == name]), flush=True)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device, "dtype": args.dtype,
-            "reps": args.reps, "date": time.strftime("%Y-%m-%d %H:%M")}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        args.out.with_suffix(".md").write_text(f"{meta}\n\n{to_markdown(rows)}\n")
+        if args.out:  # after every workload, so a run cut short by a time limit keeps what it measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+            args.out.with_suffix(".md").write_text(f"{meta}\n\n{to_markdown(rows)}\n")
     return 0
 
 

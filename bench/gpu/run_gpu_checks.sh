@@ -4,7 +4,8 @@
 #      DIVEBATCH_TRITON_TEST_DEVICE=cuda; first config of each list, no autotuning: fast start);
 #   2. kernel timings vs the PyTorch reference and the plain weight-gradient GEMM
 #      (bench/gpu/bench_kernels.py, triton.testing.do_bench, autotuned), table + JSON;
-#   3. if present, the engineer-wide end-to-end table (bench/run_table.py) on seq-large, conv-large.
+#   3. if present, the end-to-end table (bench/run_table.py) on seq-large, conv-large, then transformer
+#      (nn.MultiheadAttention's fused rule on CUDA); the JSON is rewritten after each workload.
 # Results (JSON, junit XML, logs) go to $OUT if set, else bench/results/.
 # Usage: bash bench/gpu/run_gpu_checks.sh        (PYTHON=... to pick the interpreter)
 # Needs a CUDA build of torch and triton; nothing is installed or downloaded.
@@ -83,7 +84,7 @@ step bench 150 "$PY" bench/gpu/bench_kernels.py --out "$RESULTS/bench_kernels.js
 left=$(( 290 - ($(date +%s) - START) ))
 if [ -f bench/run_table.py ] && [ "$left" -gt 30 ]; then
     step run_table "$left" "$PY" bench/run_table.py --device cuda --dtype bfloat16 --reps 5 \
-        --workloads seq-large,conv-large --out "$RESULTS/gpu_table.json"
+        --workloads seq-large,conv-large,transformer --out "$RESULTS/gpu_table.json"
 else
     SUMMARY+=("run_table: skipped (bench/run_table.py missing or ${left}s left)")
 fi
