@@ -229,3 +229,30 @@ def test_one_module_called_for_self_and_cross_attention(fused):
     per_sample, _, batch = reference_norms(model, loss_fn, x, torch.zeros(3))
     assert rel_err(stats.per_sample, per_sample) <= RTOL
     assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+
+
+def test_transformer_decoder_layer_with_causal_mask_and_dropout():
+    """Self-attention under a causal mask plus cross-attention to a memory sequence."""
+
+    class Decode(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.TransformerDecoderLayer(8, 2, 16, batch_first=True)
+
+        def forward(self, packed):  # [B, T + S, 8]: 4 target positions, then the memory
+            tgt, memory = packed[:, :4], packed[:, 4:]
+            mask = nn.Transformer.generate_square_subsequent_mask(4)
+            return self.layer(tgt, memory, tgt_mask=mask, tgt_is_causal=True).flatten(1)
+
+    torch.manual_seed(2)
+    model, x = Decode(), torch.randn(4, 9, 8)
+    expected = brute_force_norms(model, x, seed=13)
+    torch.manual_seed(13)
+    with GradNormTracker(model, "sum") as tracker:
+        loss_fn(model(x), None).backward()
+        assert rel_err(tracker.collect().per_sample, expected) <= RTOL
+    model.eval()
+    stats, routes = tracked(model, x, fused=True)
+    per_sample, _, batch = reference_norms(model, loss_fn, x, torch.zeros(4))
+    assert rel_err(stats.per_sample, per_sample) <= RTOL and rel_err(stats.batch_grad_sq, batch) <= RTOL
+    assert routes["layer.self_attn"] == routes["layer.multihead_attn"] == "fused attention"
