@@ -6,8 +6,10 @@ captured inputs and the gradients of its outputs, ``vmap`` over samples of ``vjp
 module alone (``torch.func.functional_call``) with respect to *all* trainable parameters of
 its subtree yields each sample's gradient, which is then squared and summed. This is exact
 whenever the module treats samples independently; randomness (dropout in training mode) is
-refused by ``vmap(randomness="error")`` with a clear message, since the forward's mask cannot
-be replayed. Per-sample gradients are formed a bounded number of samples at a time.
+refused, by ``vmap(randomness="error")`` or a changed CPU RNG state, with a clear message, since
+the forward's mask cannot be replayed. Per-sample gradients are formed a bounded number of
+samples at a time; where an op has no batching rule (GRU's and RNN's backward), one sample at a
+time. Recurrent layers' hidden states carry samples in dim 1.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ class GenericCall:
 
     leaves: list            # flattened (args, kwargs); tensors detached
     spec: Any               # pytree spec of (args, kwargs)
-    batched: list[bool]     # which leaves carry the batch dimension
+    in_dims: list[int | None]  # the batch dimension of each leaf (None: shared by all samples)
     batch_size: int
     outputs: list[tuple[torch.Size, torch.dtype]]  # shape/dtype of each output that needs a grad
     output_index: list[int]  # their positions among the flattened outputs
+    out_dims: list[int]      # the batch dimension of each of those outputs
 
 
 class GenericRule(LayerRule):
@@ -45,20 +48,33 @@ class GenericRule(LayerRule):
         # Modules that follow PyTorch's batch_first convention put samples in dim 1 otherwise.
         return 1 if getattr(module, "batch_first", True) is False else 0
 
+    def _leaf_dim(self, module, position: int) -> int:
+        """The batch dimension of the ``position``-th tensor of a call's inputs or outputs. Recurrent
+        layers keep samples in dim 1 of their hidden states (``h_0``/``c_0``, ``h_n``/``c_n``, every
+        tensor after the first) even with ``batch_first=True``."""
+        if isinstance(module, nn.RNNBase) and position > 0:
+            return 1
+        return self.batch_dim(module)
+
     def capture(self, module, args, kwargs, output):
         bdim = self.batch_dim(module)
         leaves, spec = tree_flatten((args, kwargs))
         leaves = [x.detach() if isinstance(x, torch.Tensor) else x for x in leaves]
-        sizes = [x.shape[bdim] for x in leaves if isinstance(x, torch.Tensor) and x.dim() > bdim]
+        tensors = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+        dims = {i: self._leaf_dim(module, k) for k, i in enumerate(tensors)}
+        sizes = [leaves[i].shape[dims[i]] for i in tensors if leaves[i].dim() > dims[i]]
         if not sizes:
             raise RuleError(f"{type(module).__name__} got no tensor input with a batch dimension "
                             f"(dim {bdim}); divebatch needs batched inputs to split the gradient per sample")
         B = sizes[0]
-        batched = [isinstance(x, torch.Tensor) and x.dim() > bdim and x.shape[bdim] == B for x in leaves]
+        in_dims = [dims[i] if i in dims and leaves[i].dim() > dims[i] and leaves[i].shape[dims[i]] == B else None
+                   for i in range(len(leaves))]
         out_leaves, _ = tree_flatten(output)
-        index = [i for i, o in enumerate(out_leaves) if isinstance(o, torch.Tensor) and o.requires_grad]
+        out_tensors = [i for i, o in enumerate(out_leaves) if isinstance(o, torch.Tensor)]
+        index = [i for i in out_tensors if out_leaves[i].requires_grad]
         outputs = [(out_leaves[i].shape, out_leaves[i].dtype) for i in index]
-        return GenericCall(leaves, spec, batched, B, outputs, index)
+        out_dims = [self._leaf_dim(module, out_tensors.index(i)) for i in index]
+        return GenericCall(leaves, spec, in_dims, B, outputs, index, out_dims)
 
     def batch_size(self, module, ctx):
         return ctx.batch_size
@@ -77,11 +93,12 @@ class GenericRule(LayerRule):
         return total.square().sum(dim=1)
 
     def _per_sample_grads(self, module, call: GenericCall, grads, params, buffers, bdim):
-        batched_leaves = [x for x, b in zip(call.leaves, call.batched) if b]
+        batched_leaves = [x for x, d in zip(call.leaves, call.in_dims) if d is not None]
+        leaf_dims = [d for d in call.in_dims if d is not None]
 
         def one_sample(sample_leaves, sample_grads):
             it = iter(sample_leaves)
-            leaves = [next(it).unsqueeze(bdim) if b else x for x, b in zip(call.leaves, call.batched)]
+            leaves = [next(it).unsqueeze(d) if d is not None else x for x, d in zip(call.leaves, call.in_dims)]
             args, kwargs = tree_unflatten(leaves, call.spec)
 
             def forward(p):
@@ -89,27 +106,53 @@ class GenericRule(LayerRule):
                 return [out_leaves[i] for i in call.output_index]
 
             _, pullback = vjp(forward, params)
-            return pullback([g.unsqueeze(bdim) for g in sample_grads])[0]
+            return pullback([g.unsqueeze(d) for g, d in zip(sample_grads, call.out_dims)])[0]
 
         numel = sum(p.numel() for p in params.values())
         chunk = max(1, int(MAX_EXTRA_BYTES // max(1, 4 * numel)))
         try:
-            with torch.enable_grad(), suspend_capture():
-                return vmap(one_sample, in_dims=(bdim, bdim), randomness="error", chunk_size=chunk)(
-                    batched_leaves, grads)
+            # randomness="error" misses draws inside ops that vmap runs through its per-sample
+            # fallback (LSTM's inter-layer dropout): a changed RNG state catches those.
+            with torch.enable_grad(), suspend_capture(), torch.random.fork_rng(devices=[]):
+                before = torch.get_rng_state()
+                result = vmap(one_sample, in_dims=(leaf_dims, list(call.out_dims)), randomness="error",
+                              chunk_size=chunk)(batched_leaves, grads)
+                if not torch.equal(before, torch.get_rng_state()):
+                    raise _random_forward(module)
+                return result
+        except RuleError:
+            raise
         except RuntimeError as err:
             if "randomness" in str(err):
-                raise RuleError(
-                    f"{type(module).__name__} draws random numbers in its forward (dropout in training mode?), "
-                    "so its per-sample gradients cannot be replayed exactly; set its dropout to 0, call "
-                    ".eval() on it, or freeze its parameters") from err
-            raise
+                raise _random_forward(module) from err
+            # Some backward formulas have no batching rule (GRU's and RNN's fused cells write in
+            # place): the same vector-Jacobian products, one sample at a time.
+            return self._per_sample_grads_looped(module, call, one_sample, batched_leaves, leaf_dims, grads)
+
+    @staticmethod
+    def _per_sample_grads_looped(module, call, one_sample, batched_leaves, leaf_dims, grads):
+        rows = []
+        with torch.enable_grad(), suspend_capture(), torch.random.fork_rng(devices=[]):
+            for b in range(call.batch_size):
+                before = torch.get_rng_state() if b == 0 else None
+                rows.append(one_sample([x.select(d, b) for x, d in zip(batched_leaves, leaf_dims)],
+                                       [g.select(d, b) for g, d in zip(grads, call.out_dims)]))
+                if before is not None and not torch.equal(before, torch.get_rng_state()):
+                    raise _random_forward(module)
+        return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
 
     def plan(self, module, ctx, grad, tracked) -> RoutePlan:
         numel = sum(p.numel() for p in tracked.values())
         chunk = max(1, int(MAX_EXTRA_BYTES // max(1, 4 * numel)))
         return RoutePlan("generic (vmap vjp)", f"B={ctx.batch_size} params={numel}", float("nan"),
                          4.0 * numel * min(chunk, ctx.batch_size))
+
+
+def _random_forward(module) -> RuleError:
+    return RuleError(
+        f"{type(module).__name__} draws random numbers in its forward (dropout in training mode?), "
+        "so its per-sample gradients cannot be replayed exactly; set its dropout to 0, call "
+        ".eval() on it, or freeze its parameters")
 
 
 def _device(call: GenericCall) -> torch.device:
