@@ -111,8 +111,8 @@ class GenericRule(LayerRule):
         numel = sum(p.numel() for p in params.values())
         chunk = max(1, int(MAX_EXTRA_BYTES // max(1, 4 * numel)))
         try:
-            # randomness="error" misses draws inside ops that vmap runs through its per-sample
-            # fallback (LSTM's inter-layer dropout): a changed RNG state catches those.
+            # A second guard beside randomness="error", for draws it may not see (ops that vmap
+            # runs through its per-sample fallback): a changed CPU RNG state.
             with torch.enable_grad(), suspend_capture(), torch.random.fork_rng(devices=[]):
                 before = torch.get_rng_state()
                 result = vmap(one_sample, in_dims=(leaf_dims, list(call.out_dims)), randomness="error",
