@@ -128,17 +128,20 @@ class GradNormTracker:
 
     Args:
         model: the module to track. Every trainable parameter is covered: layers with a rule
-            (Linear, Conv1d/2d/3d, Embedding, LayerNorm, GroupNorm, RMSNorm, BatchNorm) use it;
+            (Linear, Conv1d/2d/3d, Embedding, LayerNorm, GroupNorm, RMSNorm, BatchNorm,
+            MultiheadAttention, Hugging Face's Conv1D) use it;
             any other module that owns trainable parameters takes the exact generic route.
             Frozen parameters (``requires_grad=False``) are skipped.
         loss_reduction: how the loss was reduced over the batch: ``"sum"`` (c = 1), ``"mean"``
             (c = 1/B) or a positive float c, for ``L = c * sum_i l_i``. Reported numbers are
             about the unscaled ``l_i`` (see the module docstring).
         enabled: start with tracking on (default) or off.
-        fused: let Linear and Conv layers compute their weight gradient from the same per-sample
-            work that gives the norms (a custom autograd function replaces their forward while
-            tracking is on), instead of norms on top of autograd's own weight gradient. Same
-            numbers, less time; ``False`` keeps the modules' own forward and backward untouched.
+        fused: replace some layers' forward while tracking is on, so the norms come from work
+            the backward does anyway: Linear and Conv take their weight gradient from the same
+            per-sample work that gives the norms (instead of norms on top of autograd's own weight
+            gradient); MultiheadAttention exposes its projections' gradients to hooks (instead of
+            a replay in the backward). Same numbers, less time; ``False`` keeps the modules' own
+            forward and backward untouched.
         track_batch_grad: compute ``||sum_i g_i||^2`` of each backward in the parameter hooks (one
             pass over the gradients). Turn off (also settable later) when it is read elsewhere,
             e.g. from the all-reduced ``.grad`` under DistributedDataParallel, where each rank's
