@@ -2,6 +2,7 @@
 # One prepared check for a GPU machine (written for one H200; total < 5 minutes):
 #   1. the Triton kernel tests natively on CUDA (tests/test_triton_kernels.py with
 #      DIVEBATCH_TRITON_TEST_DEVICE=cuda; first config of each list, no autotuning: fast start);
+#   1b. bench/gpu/check_engine.py: every layer rule through the tracker vs torch.func on CUDA (fp32);
 #   2. kernel timings vs the PyTorch reference and the plain weight-gradient GEMM
 #      (bench/gpu/bench_kernels.py, triton.testing.do_bench, autotuned), table + JSON;
 #   3. if present, the end-to-end table (bench/run_table.py) on seq-large, conv-large, then transformer
@@ -75,6 +76,10 @@ run_test_shards() {  # run_test_shards LIMIT_S
     return 0
 }
 run_test_shards 120
+
+# 1b. the whole engine (every rule: zoo, tied head, attention fused and replayed) against
+#     torch.func on the GPU in float32; Triton compiles each new shape once, hence the limit.
+step engine 60 "$PY" bench/gpu/check_engine.py --device cuda --out "$RESULTS/check_engine.json"
 
 # 2. kernel benchmarks (~1.5-2 min including autotuning; the JSON is rewritten after each workload).
 step bench 150 "$PY" bench/gpu/bench_kernels.py --out "$RESULTS/bench_kernels.json" --rounds 3 --rep-ms 50 \

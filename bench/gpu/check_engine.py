@@ -1,0 +1,97 @@
+"""The whole engine on one device against torch.func: every layer family of the test zoo, the
+tied Embedding/Linear head and every nn.MultiheadAttention configuration, fused and not.
+
+The CPU test suite proves these rules on CPU; this runs the same models on a GPU (float32, TF32
+off, so the reference is exact), where the operators dispatch to the Triton kernels and the
+attention rule's identity-product skipping, RNG handling and tied-row gathers run on CUDA.
+Prints a table, writes JSON, exits 1 if any relative error exceeds 1e-4 or a case fails.
+
+    python bench/gpu/check_engine.py --device cuda --out bench/results/gpu/check_engine.json
+    python bench/gpu/check_engine.py --device cpu     # the same check here (what CI covers anyway)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from divebatch import GradNormTracker  # noqa: E402
+from tests import test_attention, test_tied  # noqa: E402
+from tests.models_zoo import ZOO, sample_loss  # noqa: E402
+from tests.oracle import reference_norms, rel_err  # noqa: E402
+
+RTOL = 1e-4
+
+
+def cases():
+    """``name -> () -> (model, inputs, targets, loss)`` with everything on the default device."""
+    out = {f"zoo/{name}": (lambda make=make: (*make(), sample_loss)) for name, make in ZOO.items()}
+    out["tied/pad"] = lambda: (*test_tied.make_case(padding_idx=3), test_tied.token_loss)
+    out["tied/both-twice"] = lambda: (*test_tied.make_case(reuse_embedding=True, reuse_head=True),
+                                      test_tied.token_loss)
+    for name, config in test_attention.CONFIGS.items():
+        out[f"attention/{name}"] = lambda config=config: (
+            *test_attention.make(**config), None, test_attention.loss_fn)
+    return out
+
+
+def check(make, device: torch.device, fused: bool) -> dict:
+    with torch.device(device):
+        model, x, y, loss = make()
+        model, x = model.to(device), x.to(device)
+        y = torch.zeros(x.shape[0], device=device) if y is None else y.to(device)
+        with GradNormTracker(model, "sum", fused=fused) as tracker:
+            loss(model(x), y).backward()
+            stats = tracker.collect()
+            routes = sorted({plan.route for plan in tracker.plan()})
+        per_sample, _, batch = reference_norms(model, loss, x, y)
+    return {"per_sample_err": rel_err(stats.per_sample, per_sample), "batch_err": rel_err(stats.batch_grad_sq, batch),
+            "routes": routes}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    rows, failed = [], 0
+    print("| case | fused | per-sample rel err | batch rel err | routes |\n|---|---|---|---|---|")
+    for name, make in cases().items():
+        for fused in (True, False):
+            t0 = time.perf_counter()
+            try:
+                row = {"case": name, "fused": fused, **check(make, device, fused)}
+                ok = row["per_sample_err"] <= RTOL and row["batch_err"] <= RTOL
+                print(f"| {name} | {fused} | {row['per_sample_err']:.1e} | {row['batch_err']:.1e} | "
+                      f"{', '.join(row['routes'])} |", flush=True)
+            except Exception as err:  # noqa: BLE001 - a failing case is a result, the rest still run
+                row, ok = {"case": name, "fused": fused, "error": f"{type(err).__name__}: {err}"}, False
+                print(f"| {name} | {fused} | FAILED: {row['error'][:120]} | | |", flush=True)
+                traceback.print_exc(file=sys.stderr)
+            row["seconds"] = round(time.perf_counter() - t0, 3)
+            row["ok"] = ok
+            failed += not ok
+            rows.append(row)
+    print(f"{len(rows) - failed} of {len(rows)} within {RTOL} on {device}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"torch": torch.__version__, "device": str(device), "date": time.strftime("%Y-%m-%d %H:%M"),
+                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
