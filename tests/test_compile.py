@@ -44,7 +44,7 @@ def test_tied_lm_compiled_with_inductor_before_the_tracker_exists():
     tracker.close()
 
 
-@pytest.mark.parametrize("case", ["conv2d", "norms", "custom_module", "reused_module"])
+@pytest.mark.parametrize("case", ["conv2d", "norms", "custom_module", "reused_module", "attention_batch_first"])
 def test_zoo_compiled_matches_torch_func(case):
     model, x, y = ZOO[case]()
     compiled = torch.compile(model, backend="aot_eager")
