@@ -327,7 +327,7 @@ class GradNormTracker:
         if ((kwargs and not getattr(rule, "fused_kwargs", False)) or not isinstance(x, torch.Tensor)
                 or capture_suspended() or not torch.is_grad_enabled()
                 or _inside_functorch() or torch.is_autocast_enabled(x.device.type)
-                or not owner.rule.fuse_call(module, x)):
+                or not rule.fuse_call(module, x)):
             # Not fusable here: the module's own forward, with the hook path capturing.
             return type(module).forward(module, *args, **kwargs)
         batch_size = rule.fused_batch_size(module, x) if hasattr(rule, "fused_batch_size") else (
@@ -336,7 +336,7 @@ class GradNormTracker:
             raise ValueError(f"module '{owner.name}' ({type(module).__name__}) got an empty batch (0 samples); "
                              "skip empty batches before the forward pass")
         call = _Call(owner, None, batch_size, [None], 1, fused=True)
-        out = owner.rule.fused_forward(module, args, kwargs, partial(self._fused_sink, call))
+        out = rule.fused_forward(module, args, kwargs, partial(self._fused_sink, call))
         owner.forward_calls += 1
         owner.skip_hooks += 1
         return out

@@ -120,9 +120,7 @@ class MultiheadAttentionRule(LayerRule):
                             "replayed; run the forward again with tracking on")
         if module.batch_first:  # the functional form takes [T, B, E]
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        options = {n: bound[n] for n in ("key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
-                                         "is_causal")}
-        options = {n: v.detach() if isinstance(v, torch.Tensor) else v for n, v in options.items()}
+        options = {n: v.detach() if isinstance(v, torch.Tensor) else v for n, v in _options(bound).items()}
         return AttentionCall(query.detach(), key.detach(), value.detach(), options, module.batch_first,
                              self_attention, pre_state)
 
@@ -153,18 +151,9 @@ class MultiheadAttentionRule(LayerRule):
         if module.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         packed, (q, k, v) = _project(module, query, key, value, self_attention)
-        E = module.embed_dim
-        eye = _identity(E, q.dtype, q.device)
-        options = {n: bound[n] for n in ("key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
-                                         "is_causal")}
-        with _identity_products_skipped():
-            context, weights = F.multi_head_attention_forward(
-                q, k, v, E, module.num_heads, None, None, None, None, module.add_zero_attn, module.dropout,
-                eye, None, training=module.training, use_separate_proj_weight=True,
-                q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye, **options)
+        context, weights = _attend(module, q, k, v, _options(bound))
         out = F.linear(context, module.out_proj.weight, module.out_proj.bias)
-        as_bte = lambda t: t.detach().transpose(0, 1)  # noqa: E731
-        call = FusedAttentionCall(as_bte(query), as_bte(key), as_bte(value), as_bte(context), self_attention)
+        call = FusedAttentionCall(_bte(query), _bte(key), _bte(value), _bte(context), self_attention)
         if packed is not None and packed.requires_grad:
             # The packed projection's grad is [G_q | G_k | G_v] already: no concatenation later.
             hooked = {"out": out, "qkv": packed}
@@ -179,7 +168,7 @@ class MultiheadAttentionRule(LayerRule):
         def keep(name, grad):
             grads[name] = grad.detach()
             if all(n in grads for n in needed):
-                full = {n: as_bte(grads[n] if n in grads else torch.zeros(shape, dtype=dtype, device=device))
+                full = {n: _bte(grads[n] if n in grads else torch.zeros(shape, dtype=dtype, device=device))
                         for n, (shape, dtype, device) in shapes.items()}
                 sink(call, full)
             return None
@@ -246,24 +235,19 @@ class MultiheadAttentionRule(LayerRule):
             g_out = torch.zeros(ctx.query.shape[:2] + (E,), dtype=ctx.query.dtype, device=ctx.query.device)
         elif ctx.batch_first:
             g_out = g_out.transpose(0, 1)
-        eye = _identity(E, projected[0].dtype, projected[0].device)
-        with torch.enable_grad(), suspend_capture(), _replayed_rng(ctx.rng_state), _identity_products_skipped():
-            context, weights = F.multi_head_attention_forward(
-                *projected, E, module.num_heads, None, None, None, None, module.add_zero_attn, module.dropout,
-                eye, None, training=module.training, use_separate_proj_weight=True,
-                q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye, **ctx.options)
+        with torch.enable_grad(), suspend_capture(), _replayed_rng(ctx.rng_state):
+            context, weights = _attend(module, *projected, ctx.options)
         outputs, out_grads = [context], [g_out.matmul(module.out_proj.weight.detach().to(g_out.dtype))]
         if weights is not None and len(grads) > 1 and grads[1] is not None:
             outputs.append(weights)
             out_grads.append(grads[1])
         leaf_grads = torch.autograd.grad(outputs, leaves, out_grads, allow_unused=True, materialize_grads=True)
-        as_bte = lambda t: t.detach().transpose(0, 1)  # noqa: E731
-        factors = {"out": (as_bte(context), as_bte(g_out))}
+        factors = {"out": (_bte(context), _bte(g_out))}
         if packed is not None:
-            factors["qkv"] = (as_bte(ctx.query), as_bte(leaf_grads[0]))
+            factors["qkv"] = (_bte(ctx.query), _bte(leaf_grads[0]))
         else:
             for name, x, g in zip("qkv", (ctx.query, ctx.key, ctx.value), leaf_grads):
-                factors[name] = (as_bte(x), as_bte(g))
+                factors[name] = (_bte(x), _bte(g))
         return factors
 
     def plan(self, module, ctx, grad, tracked) -> RoutePlan:
@@ -272,6 +256,28 @@ class MultiheadAttentionRule(LayerRule):
         flops = 2.0 * B * E * (4 * E * (T + S) + 2 * T * S)  # identity products + attention, fwd and bwd
         return RoutePlan("attention replay", f"B={B} T={T} S={S} E={E} heads={module.num_heads}", flops,
                          4.0 * B * module.num_heads * T * S)
+
+
+def _options(bound: dict) -> dict:
+    """The call's keyword options that ``F.multi_head_attention_forward`` takes as they are."""
+    return {n: bound[n] for n in ("key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")}
+
+
+def _bte(t: torch.Tensor) -> torch.Tensor:
+    """``[T, B, *]`` (the functional layout) as a detached ``[B, T, *]`` view."""
+    return t.detach().transpose(0, 1)
+
+
+def _attend(module, q, k, v, options):
+    """``(context, weights)``: the module's attention on projected ``q, k, v`` (``[T, B, E]``), through
+    ``F.multi_head_attention_forward`` with identity projections (whose products are skipped)."""
+    E = module.embed_dim
+    eye = _identity(E, q.dtype, q.device)
+    with _identity_products_skipped():
+        return F.multi_head_attention_forward(
+            q, k, v, E, module.num_heads, None, None, None, None, module.add_zero_attn, module.dropout,
+            eye, None, training=module.training, use_separate_proj_weight=True,
+            q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye, **options)
 
 
 def _project(module, query, key, value, self_attention):
@@ -331,24 +337,15 @@ def _identity_products_skipped():
                 F.linear = _SAVED_LINEAR
 
 
-class _replayed_rng:
-    """Within the block, the RNG state saved before the forward; outside it, the caller's."""
-
-    def __init__(self, state):
-        self.state = state
-        self.fork = None
-
-    def __enter__(self):
-        if self.state is None:
-            return
-        cpu, device, cuda = self.state
-        self.fork = torch.random.fork_rng(devices=[device] if cuda is not None else [],
-                                          device_type=device.type if cuda is not None else "cuda")
-        self.fork.__enter__()
+@contextlib.contextmanager
+def _replayed_rng(state):
+    """Within the block, the RNG state saved before the forward (if any); after it, the caller's."""
+    if state is None:
+        yield
+        return
+    cpu, device, cuda = state
+    with torch.random.fork_rng(devices=[device] if cuda is not None else []):
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state(cuda, device)
-
-    def __exit__(self, *exc):
-        if self.fork is not None:
-            self.fork.__exit__(*exc)
+        yield
