@@ -15,7 +15,8 @@ term needs only the rows of ``L_b`` that the sample's tokens select:
 so ``L_b`` (``V x d`` per sample) is never formed: ``tied_rows`` gathers ``G_b[:, idx_b]``
 (``T_h x T_e``) and multiplies it into ``A_b``, ``B T_h T_e d`` multiply-adds, as cheap as the
 ghost route. The rows are computed when the Linear's output grad arrives (the token indices are
-known from the forward pass) and paired with ``e`` when the Embedding's arrives.
+known from the forward pass); the Embedding's output grad ``e`` is kept when it arrives, and the
+two are paired when the backward ends.
 
 Scaling: like every rule, these see the grads of the scaled loss ``c * sum_i l_i``; the tracker
 divides by ``c**2``.
