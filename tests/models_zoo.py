@@ -104,6 +104,15 @@ def conv3d_deep():
     return _regression(model, torch.randn(4, 2, 2, 3, 2))
 
 
+def conv_transpose():
+    """A small decoder: transposed convolutions with stride, output_padding, groups, dilation, 1d after 2d."""
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), nn.Tanh(),
+                          nn.ConvTranspose2d(6, 3, (2, 3), padding=(0, 1), dilation=(2, 1), bias=False), nn.Flatten(2),
+                          nn.ConvTranspose1d(3, 2, 3, stride=3))
+    return _regression(model, torch.randn(3, 2, 7, 6))
+
+
 def embedding():
     model = nn.Sequential(nn.Embedding(7, 5, padding_idx=2), nn.Linear(5, 3))
     x = torch.randint(0, 7, (4, 9))
@@ -156,6 +165,7 @@ def reused_module():
     return _regression(ReusedLinear(5), torch.randn(4, 3, 5))
 
 
-ZOO = {f.__name__: f for f in [linear_2d, linear_3d, linear_4d, conv1d, conv2d, conv3d, conv_deep, conv3d_deep, embedding, embedding_no_pad,
+ZOO = {f.__name__: f for f in [linear_2d, linear_3d, linear_4d, conv1d, conv2d, conv3d, conv_deep, conv3d_deep,
+                              conv_transpose, embedding, embedding_no_pad,
                               norms, conv_norms_eval, batchnorm1d_eval, batchnorm3d_eval, attention_batch_first, attention_seq_first,
                               custom_module, reused_module]}

@@ -7,6 +7,9 @@ Padding of every mode ('zeros', 'reflect', 'replicate', 'circular', and the stri
 'valid') is applied exactly as the module's forward does, from
 ``module._reversed_padding_repeated_twice``. The unfolded buffer is built for a bounded number of
 samples at a time (``routes.MAX_EXTRA_BYTES``), so it never costs a whole batch of patches.
+
+nn.ConvTranspose1d/2d/3d take the same routes through the adjoint convolution: the output grad
+is unfolded and the layer input plays the output grad's part (``ConvTransposeRule``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LayerRule, RoutePlan, register
+from .base import LayerRule, RoutePlan, RuleError, register
 from .linear import linear_norms
 from .routes import MAX_EXTRA_BYTES, linear_route
 
@@ -246,3 +249,83 @@ def fused_conv_grads(module, ctx, g, tracked):
             sq = sq + per_sample_bias.square().sum(dim=1)
         grad_b = per_sample_bias.sum(dim=0).to(module.bias.dtype)
     return sq, grad_w.to(module.weight.dtype), grad_b
+
+
+@register(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+class ConvTransposeRule(LayerRule):
+    """Rule for ``nn.ConvTranspose{1,2,3}d`` (stride, padding, output_padding or ``output_size``,
+    dilation, groups; hook path only).
+
+    A transposed convolution with weight ``W [Cin, Cout/groups, *k]`` is the adjoint of the
+    ordinary convolution with the same ``W``, stride, padding, dilation and groups that maps
+    ``[Cout, *out]`` to ``[Cin, *in]``. So a sample's weight gradient is that convolution's weight
+    gradient with the roles swapped: its "input" is the output grad ``g`` (zero-padded by
+    ``padding``) and its "output grad" is the layer input ``x``. Per group,
+    ``dW_b = X_b^T A_b`` with ``A_b = unfold(pad(g_b)) [prod(in), Cout/groups * prod(k)]`` (columns
+    in the order of ``weight.view(Cin, -1)``) and ``X_b [prod(in), Cin/groups]``: the linear routes
+    with ``T = prod(in)``. ``output_padding`` (or ``output_size=``) lengthens the output on the
+    right past what the adjoint reads for ``in`` positions (into the zero padding, or positions no
+    input reaches), so ``pad(g)`` is cropped there: the patches then have exactly ``prod(in)``
+    positions (uncropped, an output_padding >= stride, which torch allows below the dilation, would
+    add one). The bias gradient is the sum of ``g_b`` over output positions (not the adjoint's bias
+    column, a sum over input positions), added separately. Units: the squared norm of the gradient
+    of the loss the user backpropagated, float32 [B], like every rule.
+    """
+
+    def capture(self, module, args, kwargs, output):
+        x = args[0].detach()
+        _unbatched(module, x)
+        return x
+
+    def _dims(self, module, x):
+        """``(T, d, p)``: input positions, patch width ``Cout/groups * prod(k)``, ``Cin/groups``."""
+        d = module.out_channels // module.groups * math.prod(module.kernel_size)
+        return x[0, 0].numel(), d, module.in_channels // module.groups
+
+    def chunk_size(self, module, x, g) -> int:
+        """Samples per chunk so the patches and the padded output grad stay under ``MAX_EXTRA_BYTES``."""
+        T, d, _ = self._dims(module, x)
+        per_sample = 4 * (module.groups * T * d + g[0].numel())
+        return max(1, min(x.shape[0], int(MAX_EXTRA_BYTES // per_sample)))
+
+    def patches(self, module, g, in_shape) -> torch.Tensor:
+        """``g [B, Cout, *out]`` as the adjoint convolution's patches ``[B * groups, prod(in), d]``."""
+        pads = []
+        for i in reversed(range(len(in_shape))):  # F.pad lists the last dim first
+            k, s, dil, p = module.kernel_size[i], module.stride[i], module.dilation[i], module.padding[i]
+            extra = g.shape[2 + i] + 2 * p - (in_shape[i] - 1) * s - dil * (k - 1) - 1  # output_padding
+            if not 0 <= extra < max(s, dil):
+                raise RuleError(
+                    f"{type(module).__name__} produced an output of shape {tuple(g.shape)} from an input with "
+                    f"spatial shape {tuple(in_shape)}, which its stride/padding/dilation cannot give; a subclass "
+                    "whose forward changes the convolution needs its own rule")
+            pads += [p, p - extra]  # a negative right pad crops the output_padding positions
+        a = unfold_patches(module, F.pad(g, pads) if any(pads) else g)
+        assert a.shape[1] == math.prod(in_shape), (a.shape, in_shape)
+        return a
+
+    def norms(self, module, calls, tracked):
+        B = calls[0][0].shape[0]
+        total = torch.zeros(B, dtype=torch.float32, device=calls[0][0].device)
+        if "bias" in tracked:
+            bias = sum(grads[0].float().reshape(B, module.out_channels, -1).sum(dim=2) for _, grads in calls)
+            total = total + bias.square().sum(dim=1)
+        if "weight" not in tracked:
+            return total
+        step = min(self.chunk_size(module, x, grads[0]) for x, grads in calls)
+        out = []
+        for start in range(0, B, step):
+            rows = slice(start, min(B, start + step))
+            a = [self.patches(module, grads[0][rows], x.shape[2:]) for x, grads in calls]
+            g = [grouped_grad(module, x[rows]) for x, _ in calls]
+            a, g = (a[0], g[0]) if len(calls) == 1 else (torch.cat(a, dim=1), torch.cat(g, dim=1))
+            out.append(linear_norms(a, g, True, False).view(-1, module.groups).sum(dim=1))
+        return total + torch.cat(out)
+
+    def plan(self, module, ctx, grad, tracked) -> RoutePlan:
+        T, d, p = self._dims(module, ctx)
+        chunk = self.chunk_size(module, ctx, grad)
+        plan = linear_route(ctx.shape[0] * module.groups, T, d, p)
+        plan.extra_bytes += 4.0 * chunk * (module.groups * T * d + grad[0].numel())
+        plan.shape = f"{plan.shape} (transposed conv: unfolded output grad, chunk {chunk})"
+        return plan

@@ -1,0 +1,203 @@
+"""nn.ConvTranspose1d/2d/3d (``layers.conv.ConvTransposeRule``) against torch.func per-sample gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from divebatch import GradNormTracker
+from divebatch.layers import RuleError, base, conv, rule_for
+
+from .test_tracker import assert_matches_oracle, tracked_step
+
+RTOL = 1e-5
+CLASSES = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+
+# (dims, in, out, kernel, keyword arguments, input spatial shape)
+CONFIGS = {
+    "1d-plain": (1, 3, 5, 3, {}, (9,)),
+    "1d-stride-pad-outpad": (1, 4, 6, 4, dict(stride=3, padding=2, output_padding=2), (7,)),
+    "1d-outpad-above-stride": (1, 2, 3, 3, dict(stride=1, dilation=3, output_padding=2), (5,)),  # op < dilation
+    "1d-groups2-nobias": (1, 4, 6, 3, dict(stride=2, groups=2, bias=False), (6,)),
+    "2d-stride-pad": (2, 4, 3, 3, dict(stride=2, padding=1, output_padding=1), (5, 4)),
+    "2d-dilation-rect": (2, 3, 4, (2, 3), dict(stride=(1, 2), padding=(1, 0), dilation=(2, 1)), (4, 5)),
+    "2d-depthwise": (2, 4, 4, 3, dict(stride=2, padding=1, groups=4), (5, 3)),
+    "2d-depthwise-multiplier": (2, 3, 6, 2, dict(stride=2, groups=3, bias=False), (3, 4)),
+    "2d-kernel1": (2, 5, 2, 1, {}, (3, 3)),
+    "2d-point-input": (2, 8, 3, 4, {}, (1, 1)),  # one input position: the T = 1 closed form
+    "3d-stride-outpad": (3, 2, 4, 2, dict(stride=2, padding=1, output_padding=(1, 0, 1)), (3, 4, 3)),
+    "3d-groups-dilation": (3, 4, 2, (2, 1, 2), dict(groups=2, dilation=(1, 1, 2), padding=(0, 0, 1)), (2, 3, 4)),
+}
+
+
+def make(dims, cin, cout, kernel, kwargs, spatial, batch):
+    module = CLASSES[dims](cin, cout, kernel, **kwargs)
+    x = torch.randn(batch, cin, *spatial)
+    with torch.no_grad():
+        y = torch.randn_like(module(x))
+    return module, x, y
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("case", sorted(CONFIGS))
+def test_conv_transpose_matches_torch_func(case, batch):
+    module, x, y = make(*CONFIGS[case], batch)
+    assert isinstance(rule_for(module), conv.ConvTransposeRule)
+    assert_matches_oracle(module, x, y, tracked_step(module, x, y, "sum"), rtol=RTOL)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("reduction", ["mean", 0.37])
+def test_in_a_model_with_loss_scaling(reduction, fused):
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1))
+    x = torch.randn(4, 2, 7, 5)
+    with torch.no_grad():
+        y = torch.randn_like(model(x))
+    assert_matches_oracle(model, x, y, tracked_step(model, x, y, reduction, fused), rtol=RTOL)
+
+
+def test_frozen_weight_with_bias_tracked():
+    module, x, y = make(2, 4, 6, 3, dict(stride=2, padding=1, groups=2), (4, 5), 3)
+    module.weight.requires_grad_(False)
+    stats = tracked_step(module, x, y, "sum")
+    assert set(stats.per_layer) == {""}
+    assert_matches_oracle(module, x, y, stats, rtol=RTOL)
+
+
+def test_frozen_bias_weight_tracked():
+    module, x, y = make(1, 3, 4, 3, dict(stride=2), (6,), 3)
+    module.bias.requires_grad_(False)
+    assert_matches_oracle(module, x, y, tracked_step(module, x, y, "sum"), rtol=RTOL)
+
+
+class Twice(nn.Module):
+    """One ConvTranspose2d called on two inputs of different sizes, one with ``output_size=``."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(3, 3, 3, stride=2, padding=1, groups=3)
+        self.head = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        a = self.up(x, output_size=(2 * x.shape[2], 2 * x.shape[3] - 1))  # output_padding (1, 0)
+        b = self.up(torch.tanh(x[:, :, :3, :2]))
+        return self.head(a).sum(dim=(2, 3)) + self.head(b).sum(dim=(2, 3))
+
+
+def test_module_called_twice_in_one_forward():
+    model = Twice()
+    x = torch.randn(3, 3, 5, 4)
+    y = torch.randn(3, 2)
+    assert_matches_oracle(model, x, y, tracked_step(model, x, y, "sum"), rtol=RTOL)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_forward_with_output_size(dims):
+    cls = CLASSES[dims]
+
+    class Up(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = cls(2, 3, 3, stride=3, padding=1, dilation=1)
+
+        def forward(self, x):  # the largest output torch allows: output_padding = stride - 1
+            return self.up(x, output_size=[3 * n for n in x.shape[2:]])
+
+    model = Up()
+    x = torch.randn(2, 2, *[4, 3, 2][:dims])
+    with torch.no_grad():
+        y = torch.randn_like(model(x))
+    assert y.shape[2:] == tuple(3 * n for n in x.shape[2:])
+    assert_matches_oracle(model, x, y, tracked_step(model, x, y, "sum"), rtol=RTOL)
+
+
+def test_chunks_of_one_sample(monkeypatch):
+    """A buffer limit below one sample's patches: one sample per chunk, the same numbers."""
+    monkeypatch.setattr(conv, "MAX_EXTRA_BYTES", 1.0)
+    module, x, y = make(2, 4, 6, 3, dict(stride=2, padding=1, groups=2), (5, 4), 4)
+    assert conv.ConvTransposeRule().chunk_size(module, x, y) == 1
+    assert_matches_oracle(module, x, y, tracked_step(module, x, y, "sum"), rtol=RTOL)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float16, 2e-2), (torch.bfloat16, 8e-2)])
+def test_low_precision(dtype, rtol):
+    module, x, y = make(2, 4, 3, 3, dict(stride=2, padding=1), (5, 4), 3)
+    module, x = module.to(dtype), x.to(dtype)
+    stats = tracked_step(module, x, y, "mean")
+    assert stats.per_sample.dtype == torch.float32
+    assert_matches_oracle(module, x, y, stats, rtol=rtol)
+
+
+def test_plan_reports_the_transposed_conv_route_not_the_generic_one(monkeypatch):
+    model = nn.Sequential(nn.ConvTranspose2d(4, 3, 4, stride=2, padding=1), nn.ReLU(), nn.Flatten(2),
+                          nn.ConvTranspose1d(3, 2, 2))
+    x = torch.randn(2, 4, 3, 3)
+
+    def routes():
+        with GradNormTracker(model, "sum") as tracker:
+            model(x).square().sum().backward()
+            return {p.module: p for p in tracker.plan()}
+
+    plans = routes()
+    assert set(plans) == {"0", "3"}
+    for plan in plans.values():
+        assert plan.route in {"outer", "ghost", "instantiate"}, plan.route
+        assert "transposed conv" in plan.shape
+        assert plan.flops > 0 and plan.extra_bytes > 0
+    # Without the rule these modules take the generic route (what the rule replaces).
+    for cls in CLASSES.values():
+        monkeypatch.delitem(base._REGISTRY, cls)
+    assert rule_for(model[0]) is None
+    assert {p.route for p in routes().values()} == {"generic (vmap vjp)"}
+
+
+def test_unbatched_input_is_refused():
+    module = nn.ConvTranspose2d(2, 3, 3)
+    with GradNormTracker(module):
+        with pytest.raises(ValueError, match="without a batch dimension"):
+            module(torch.randn(2, 5, 5))
+
+
+def test_subclass_with_an_other_forward_is_refused_clearly():
+    class Cropped(nn.ConvTranspose1d):  # a forward whose output the module's settings cannot give
+        def forward(self, x):
+            return super().forward(x)[..., 1:]
+
+    module = Cropped(2, 3, 3, stride=2)
+    with GradNormTracker(module) as tracker:
+        with pytest.raises(RuleError, match="stride/padding/dilation cannot give"):
+            module(torch.randn(2, 2, 5)).sum().backward()
+            tracker.collect()
+
+
+transpose_config = st.fixed_dictionaries({
+    "dims": st.sampled_from([1, 2, 3]),
+    "groups": st.sampled_from([1, 2, 4]),
+    "out_per_group": st.integers(1, 2),
+    "kernel": st.integers(1, 3),
+    "stride": st.integers(1, 3),
+    "dilation": st.integers(1, 2),
+    "padding": st.integers(0, 2),
+    "output_padding": st.integers(0, 2),
+    "bias": st.booleans(),
+    "batch": st.integers(1, 3),
+    "size": st.integers(1, 4),
+})
+
+
+@settings(max_examples=30, deadline=None)
+@given(transpose_config)
+def test_random_transposed_convolutions_match_torch_func(cfg):
+    dims, stride, dilation, kernel = cfg["dims"], cfg["stride"], cfg["dilation"], cfg["kernel"]
+    output_padding = min(cfg["output_padding"], max(stride, dilation) - 1)  # torch's limit
+    padding = min(cfg["padding"], (dilation * (kernel - 1) + output_padding) // 2)  # keep the output non-empty
+    module = CLASSES[dims](4, cfg["groups"] * cfg["out_per_group"], kernel, stride=stride, padding=padding,
+                           output_padding=output_padding, dilation=dilation, groups=cfg["groups"], bias=cfg["bias"])
+    x = torch.randn(cfg["batch"], 4, *([cfg["size"]] * dims))
+    with torch.no_grad():
+        y = torch.randn_like(module(x))
+    assert_matches_oracle(module, x, y, tracked_step(module, x, y, "sum"), rtol=RTOL)
