@@ -52,6 +52,11 @@ class GradNormStats:
         scale: the factor ``c`` of ``L = c * sum_i l_i`` that was divided out.
         backwards: tracked backward passes since the previous ``collect()``; only the last one is
             in these stats (more than 1 means gradient accumulation went uncollected).
+        unaccounted: on a verified backward (see ``GradNormTracker``'s ``verify_every``), module
+            name -> ``||grad - accounted|| / ||grad||`` over the module's parameters: the part of
+            autograd's gradient that the module's forward calls do not account for (float32
+            rounding when all is well; above the tolerance ``collect()`` raises instead). None
+            on backwards that were not verified.
     """
 
     per_sample: torch.Tensor
@@ -60,6 +65,7 @@ class GradNormStats:
     batch_size: int
     scale: float
     backwards: int = 1
+    unaccounted: dict[str, float] | None = None
 
     @property
     def diversity(self) -> torch.Tensor:
@@ -110,6 +116,13 @@ class _Backward:
     plans: dict = field(default_factory=dict)
     tie_rows: dict = field(default_factory=dict)   # Embedding _Call -> tied_rows of the Linear part
     tie_grads: dict = field(default_factory=dict)  # Embedding _Call -> grad of its output
+    # Verification (see GradNormTracker's verify_every): per parameter id, the gradient the rules
+    # account for, and autograd's gradient waiting for the rules' part.
+    verify: bool = False
+    accounted: dict = field(default_factory=dict)
+    delivered: dict = field(default_factory=dict)  # param id -> (full name, owner, grad)
+    unverifiable: set = field(default_factory=set)
+    verified: dict = field(default_factory=dict)  # owner id -> [owner, diff sq, grad sq, worst param, its diff, exact]
 
 
 def _check_reduction(loss_reduction) -> None:
@@ -146,6 +159,15 @@ class GradNormTracker:
             pass over the gradients). Turn off (also settable later) when it is read elsewhere,
             e.g. from the all-reduced ``.grad`` under DistributedDataParallel, where each rank's
             hooks only see its local part; ``stats.batch_grad_sq`` is then None.
+        verify_every: on the first tracked backward and every ``verify_every``-th after it (0:
+            the first only), check that each parameter's gradient is fully accounted for by its
+            module's forward calls: the rules form the gradient of their calls (summed over
+            samples) and it must match what autograd delivers to the parameter (relative
+            difference <= 1e-3 in float32 on CPU, 2e-2 on CUDA or in float16/bfloat16/autocast).
+            A parameter used outside its module too (``h @ self.embed.weight.T`` in a parent's
+            forward, a penalty ``wd * p.square().sum()`` added to the loss) has a per-sample part
+            no rule sees, so the norms would be wrong: ``collect()`` raises instead. A checked
+            backward costs about one extra weight-gradient product per layer.
 
     Tracking off (``tracker.enabled = False``) removes every hook, so it costs nothing; on again
     re-attaches them. ``close()`` (or leaving a ``with`` block) removes hooks and stored tensors
@@ -163,12 +185,17 @@ class GradNormTracker:
     """
 
     def __init__(self, model: nn.Module, loss_reduction: str | float = "mean", *, enabled: bool = True,
-                 fused: bool = True, track_batch_grad: bool = True):
+                 fused: bool = True, track_batch_grad: bool = True, verify_every: int = 1000):
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradNormTracker needs an nn.Module, got {type(model).__name__}")
         self.model = model
         self.loss_reduction = loss_reduction
         self.track_batch_grad = bool(track_batch_grad)
+        if isinstance(verify_every, bool) or not isinstance(verify_every, int) or verify_every < 0:
+            raise ValueError(f"verify_every={verify_every!r}: pass an int >= 0 (0 checks the first backward only)")
+        self.verify_every = verify_every
+        self._backwards_started = 0
+        self._low_precision_forward = False  # an autocast forward was captured (looser verification)
         self._owners, self._ties = _assign_owners(model)
         for owner in self._owners:
             can_fuse = getattr(owner.rule, "can_fuse", None)
@@ -304,7 +331,8 @@ class GradNormTracker:
                 if id(p) in hooked:  # a tied weight: autograd hands its summed gradient to one hook
                     continue
                 hooked.add(id(p))
-                self._handles.append(p.register_hook(partial(self._on_param_grad, owner, _join(owner.name, name))))
+                self._handles.append(p.register_hook(partial(self._on_param_grad, owner, _join(owner.name, name),
+                                                             id(p))))
 
     def _detach(self) -> None:
         for owner in self._owners:
@@ -376,6 +404,8 @@ class GradNormTracker:
         leaves = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
         if not leaves:  # e.g. frozen layer on a no-grad input: nothing will flow back
             return None
+        if not self._low_precision_forward and any(map(torch.is_autocast_enabled, ("cpu", "cuda"))):
+            self._low_precision_forward = True
         if hasattr(owner.rule, "before_forward"):
             ctx = owner.rule.capture(module, args, kwargs, output, pre_state)
         else:
@@ -395,7 +425,9 @@ class GradNormTracker:
 
     def _current_backward(self) -> _Backward:
         if self._backward is None:
-            self._backward = _Backward()
+            n, every = self._backwards_started, self.verify_every
+            self._backward = _Backward(verify=n == 0 or (every > 0 and n % every == 0))
+            self._backwards_started += 1
             # Runs once the engine finishes this backward: the place to close the record.
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
         return self._backward
@@ -424,16 +456,76 @@ class GradNormTracker:
                 owner.ready = []
         return None
 
-    def _on_param_grad(self, owner: _Owner, name: str, grad: torch.Tensor):
+    def _on_param_grad(self, owner: _Owner, name: str, param_id: int, grad: torch.Tensor):
         if not self._enabled:
             return None
         step = self._current_backward()
+        if step.verify:
+            step.delivered[param_id] = (name, owner, grad.detach())
+            if self._accounted_in_full(step, owner):
+                self._verify_param(step, param_id)
         if self.track_batch_grad:
             if grad.is_sparse:
                 grad = grad.coalesce().values()
             sq = squared_norm(grad.detach())
             step.batch_grad_sq = sq if step.batch_grad_sq is None else step.batch_grad_sq + sq
         step.params_with_grad[name] = owner
+        return None
+
+    # ------------------------------------------------------------------ verification
+    def _add_accounted(self, step: _Backward, owner: _Owner, calls: list[_Call]) -> None:
+        """Add the gradient these calls account for to each of the owner's parameters."""
+        sums = owner.rule.grad_sums(owner.module, [(c.ctx, c.grads) for c in calls], owner.tracked)
+        for name, p in owner.tracked.items():
+            part = None if sums is None else sums.get(name)
+            if part is None:
+                step.unverifiable.add(id(p))
+                continue
+            prev = step.accounted.get(id(p))
+            step.accounted[id(p)] = part if prev is None else prev + part
+
+    @staticmethod
+    def _accounted_in_full(step: _Backward, owner: _Owner) -> bool:
+        """Every module sharing the owner's parameters has accounted all its calls in this backward."""
+        waiting = {id(call.owner) for call in step.incomplete}
+        return all(id(o) in step.contributed and not o.ready and id(o) not in waiting for o in _sharers(owner))
+
+    def _verify_param(self, step: _Backward, param_id: int) -> None:
+        """Compare autograd's gradient of one parameter with what its module's calls account for
+        (squared norms of the difference and of the gradient, summed per module)."""
+        name, owner, grad = step.delivered.pop(param_id)
+        accounted = step.accounted.pop(param_id, None)
+        if accounted is None or param_id in step.unverifiable:
+            return  # not accounted at all: the end-of-backward check names it
+        if grad.is_sparse:
+            grad = grad.to_dense()
+        diff_sq, total_sq = squared_norm(grad.float() - accounted).item(), squared_norm(grad).item()
+        exact = grad.dtype in (torch.float32, torch.float64) and grad.device.type == "cpu"
+        entry = step.verified.setdefault(id(owner), [owner, 0.0, 0.0, "", -1.0, exact])
+        entry[1] += diff_sq
+        entry[2] += total_sq
+        entry[5] = entry[5] and exact
+        if diff_sq > entry[4]:
+            entry[3], entry[4] = name, diff_sq
+
+    def _verification_error(self, step: _Backward) -> RuntimeError | None:
+        """The error for the first module whose parameters got gradient from outside its forward.
+
+        Compared per module, relative to the norm of the module's whole gradient: a parameter
+        whose true gradient vanishes (e.g. a key projection's bias under softmax) is all rounding.
+        """
+        for owner, diff_sq, total_sq, name, _, exact in step.verified.values():
+            tol = 1e-3 if exact and not self._low_precision_forward else 2e-2
+            rel = _relative(diff_sq, total_sq)
+            if rel > tol:
+                return RuntimeError(
+                    f"parameter '{name}' received a gradient that the forward calls of its module '{owner.name}' "
+                    f"({type(owner.module).__name__}) do not account for (relative difference {rel:.2g} over the "
+                    "module's gradient): the parameter is also used outside that module's forward, e.g. "
+                    "`h @ embed.weight.T` in a parent's forward or a penalty such as `wd * p.square().sum()` added "
+                    "to the loss. The per-sample part of that use is unknown, so the norms would be wrong. Route "
+                    "every use through the module (for an output layer tied to an embedding: an nn.Linear whose "
+                    "weight is the embedding's weight), put weight decay in the optimizer, or freeze the parameter")
         return None
 
     def _account(self, step: _Backward, owner: _Owner, calls: list[_Call], sq: torch.Tensor | None = None) -> None:
@@ -454,6 +546,8 @@ class GradNormTracker:
                     f"modules). Reshape so samples stay in the batch dimension, or freeze that module.{hint}")
         if sq is None:
             sq = owner.rule.norms(owner.module, [(c.ctx, c.grads) for c in calls], owner.tracked)
+        if step.verify:
+            self._add_accounted(step, owner, calls)
         prev = step.per_layer.get(owner.name)
         step.per_layer[owner.name] = sq if prev is None else prev + sq
         step.contributed.add(id(owner))
@@ -513,6 +607,11 @@ class GradNormTracker:
             for owner, calls in pending.values():
                 self._account(step, owner, calls)
             self._add_tied_cross_terms(step)
+            for param_id in list(step.delivered):
+                self._verify_param(step, param_id)
+            outside_use = self._verification_error(step)
+            if outside_use is not None:
+                raise outside_use
             missing = [name for name, owner in step.params_with_grad.items()
                        if not any(id(o) in step.contributed for o in _sharers(owner))]
             if missing:
@@ -547,7 +646,10 @@ class GradNormTracker:
             batch_sq = None
         else:
             batch_sq = (step.batch_grad_sq if step.batch_grad_sq is not None else per_sample.new_zeros(())) * inv_c2
-        return GradNormStats(per_sample, batch_sq, per_layer, B, c)
+        unaccounted = None
+        if step.verify:
+            unaccounted = {owner.name: _relative(diff, total) for owner, diff, total, *_ in step.verified.values()}
+        return GradNormStats(per_sample, batch_sq, per_layer, B, c, unaccounted=unaccounted)
 
 
 def _shape_key(ctx) -> tuple:
@@ -562,6 +664,13 @@ def _inside_functorch() -> bool:
     # Under torch.func transforms (e.g. a user's own vmap(grad)) the tensors are wrapped
     # per-sample already; capturing them would double count and break the batch dimension.
     return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _relative(diff_sq: float, total_sq: float) -> float:
+    """``sqrt(diff_sq / total_sq)``; 0 for 0/0, inf for a difference on a zero gradient."""
+    if total_sq > 0:
+        return math.sqrt(diff_sq / total_sq)
+    return 0.0 if diff_sq == 0 else math.inf
 
 
 def _sharers(owner: _Owner) -> tuple[_Owner, ...]:
@@ -591,11 +700,14 @@ def _assign_owners(model: nn.Module) -> tuple[list[_Owner], list[TiedEmbeddingLi
                 owners.append(_Owner(name, module, rule, subtree))
             visited.update(id(m) for m in module.modules())
             return
+        # A parameter registered here and again on a submodule (Hugging Face's BERT head sets
+        # `self.decoder.bias = self.bias`) is the submodule's: it is the one that uses it.
+        below = {id(p) for child in module.children() for p in child.parameters()}
+        own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad and id(p) not in below}
         if rule is not None:
-            own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
             if own:
                 owners.append(_Owner(name, module, rule, own))
-        elif any(p.requires_grad for p in module.parameters(recurse=False)):
+        elif own:
             subtree = {n: p for n, p in module.named_parameters() if p.requires_grad}
             owners.append(_Owner(name, module, GENERIC, subtree))
             visited.update(id(m) for m in module.modules())

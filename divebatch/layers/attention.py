@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import LayerRule, RoutePlan, RuleError, register, suspend_capture
-from .linear import linear_norms
+from .linear import linear_grad_sums, linear_norms
 
 _FORWARD_PARAMS = list(inspect.signature(nn.MultiheadAttention.forward).parameters)[1:]
 _FORWARD_DEFAULTS = {name: p.default for name, p in inspect.signature(nn.MultiheadAttention.forward).parameters.items()
@@ -189,7 +189,9 @@ class MultiheadAttentionRule(LayerRule):
         return RoutePlan("fused attention", f"B={B} T={T} S={ctx.key.shape[1]} E={E} heads={module.num_heads}",
                          2.0 * B * E * (T + ctx.key.shape[1]) * min(T, E), 0.0)
 
-    def norms(self, module, calls, tracked):
+    def _joined_factors(self, module, calls) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{projection: (A, G)}`` as ``[B, T, *]`` over every call: ``"out"`` and either ``"qkv"``
+        (the packed self-attention projection) or ``"q"``, ``"k"``, ``"v"``."""
         # Several calls: their per-sample gradients add, so each block's (A, G) pairs are
         # concatenated along the tokens before squaring (as for a Linear called twice).
         parts: dict[str, list] = {}
@@ -205,8 +207,11 @@ class MultiheadAttentionRule(LayerRule):
             for a, g in parts.pop("qkv"):
                 for name, g_part in zip("qkv", g.chunk(3, dim=-1)):
                     parts.setdefault(name, []).append((a, g_part))
-        joined = {name: p[0] if len(p) == 1 else (torch.cat([a for a, _ in p], dim=1), torch.cat([g for _, g in p], dim=1))
-                  for name, p in parts.items()}
+        return {name: p[0] if len(p) == 1 else (torch.cat([a for a, _ in p], dim=1), torch.cat([g for _, g in p], dim=1))
+                for name, p in parts.items()}
+
+    def norms(self, module, calls, tracked):
+        joined = self._joined_factors(module, calls)
         in_bias = "in_proj_bias" in tracked
         total = linear_norms(*joined["out"], "out_proj.weight" in tracked, "out_proj.bias" in tracked)
         if "qkv" in joined:
@@ -217,6 +222,21 @@ class MultiheadAttentionRule(LayerRule):
             weight = "in_proj_weight" if module._qkv_same_embed_dim else f"{name}_proj_weight"
             total = total + linear_norms(*joined[name], weight in tracked, in_bias)
         return total
+
+    def grad_sums(self, module, calls, tracked):
+        joined = self._joined_factors(module, calls)
+        out = linear_grad_sums(*joined["out"], True, module.out_proj.bias is not None)
+        sums = {f"out_proj.{name}": t for name, t in out.items()}
+        if "qkv" in joined:
+            sums["in_proj_weight"], sums["in_proj_bias"] = linear_grad_sums(*joined["qkv"], True, True).values()
+        else:
+            blocks = [linear_grad_sums(*joined[name], True, True) for name in "qkv"]
+            if module._qkv_same_embed_dim:
+                sums["in_proj_weight"] = torch.cat([b["weight"] for b in blocks])
+            else:
+                sums.update({f"{name}_proj_weight": b["weight"] for name, b in zip("qkv", blocks)})
+            sums["in_proj_bias"] = torch.cat([b["bias"] for b in blocks])
+        return {name: t for name, t in sums.items() if name in tracked}
 
     def _projection_factors(self, module, ctx: AttentionCall, grads):
         """``{name: (A, G)}`` as ``[B, T, *]`` for the input projections (``"qkv"`` packed, or

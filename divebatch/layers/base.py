@@ -74,6 +74,18 @@ class LayerRule:
         """
         raise NotImplementedError
 
+    def grad_sums(self, module: nn.Module, calls: list[Call], tracked: dict[str, nn.Parameter]
+                  ) -> dict[str, torch.Tensor] | None:
+        """The gradient of each ``tracked`` parameter that these calls account for, summed over
+        samples and calls (float32, the parameter's shape, gradient of the scaled loss), or None
+        where the rule cannot form it.
+
+        The tracker compares it with the gradient autograd delivers to the parameter (on the first
+        backward and every ``verify_every``-th after): a difference means the parameter was also
+        used outside its module's forward, whose per-sample part no rule sees.
+        """
+        return None
+
     def plan(self, module: nn.Module, ctx: Any, grad: torch.Tensor, tracked: dict[str, nn.Parameter]) -> RoutePlan:
         """The route this rule takes for one call of these shapes."""
         return RoutePlan("instantiate", _shape(ctx), float("nan"), float("nan"))

@@ -14,6 +14,7 @@ is unfolded and the layer input plays the output grad's part (``ConvTransposeRul
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -130,6 +131,11 @@ class ConvRule(LayerRule):
             per_group = linear_norms(a, g, True, with_bias)
             out.append(per_group.view(stop - start, groups).sum(dim=1))
         return torch.cat(out)
+
+    def grad_sums(self, module, calls, tracked):
+        zeros = [0] * len(module.kernel_size)
+        parts = [(padded_input(module, ctx), grads[0], zeros, zeros) for ctx, grads in calls]
+        return conv_grad_sums(module, parts, tracked, transposed=False)
 
     def can_fuse(self, module, tracked) -> bool:
         """The fused path needs the weight tracked and a plain ``nn.ConvNd`` forward."""
@@ -251,25 +257,112 @@ def fused_conv_grads(module, ctx, g, tracked):
     return sq, grad_w.to(module.weight.dtype), grad_b
 
 
+def _common_dtype(x: torch.Tensor, g: torch.Tensor) -> torch.dtype:
+    """One dtype for a convolution of ``x`` with ``g``: their promotion, and at least float32 on CPU
+    (whose half-precision convolutions are slow and accumulate in half; autocast may also hand a
+    float32 input and a bfloat16 output grad)."""
+    dtype = torch.promote_types(x.dtype, g.dtype)
+    return torch.promote_types(dtype, torch.float32) if x.device.type == "cpu" else dtype
+
+
+def conv_grad_sums(module, parts, tracked, transposed: bool) -> dict[str, torch.Tensor]:
+    """Weight and bias gradients (float32, summed over samples and ``parts``) of a convolution.
+
+    ``parts`` holds ``(x, g, padding, output_padding)`` per call, ``x`` the input as the convolution
+    reads it with zero ``padding``; one ``convolution_backward`` per call, at least in float32.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    for x, g, padding, output_padding in parts:
+        dtype = torch.promote_types(_common_dtype(x, g), torch.float32)
+        x, g = x.to(dtype), g.to(dtype)
+        if "weight" in tracked:
+            weight = torch.empty(module.weight.shape, dtype=dtype, device=x.device)  # only its shape is read
+            part = torch.ops.aten.convolution_backward(
+                g, x, weight, None, module.stride, padding, module.dilation, transposed, output_padding,
+                module.groups, [False, True, False])[1].float()
+            sums["weight"] = part if "weight" not in sums else sums["weight"] + part
+        if "bias" in tracked:
+            part = g.float().sum(dim=[0, *range(2, g.dim())])
+            sums["bias"] = part if "bias" not in sums else sums["bias"] + part
+    return sums
+
+
+#: Cost-model weights (flop equivalents per element) of the memory traffic the two weight routes of
+#: ``ConvTransposeRule`` add to their flops: per element of the unfolded output grad (written once by
+#: im2col, read by the linear route) and per element of the per-sample weight gradients (written by
+#: the grouped convolution, copied once when the backend assembles its groups, read by the norm).
+#: Set from the timings in the commit that introduced the per-sample convolution route.
+UNFOLD_COST = 60.0
+PER_SAMPLE_GRAD_COST = 60.0
+
+PER_SAMPLE_CONV = "per-sample conv"
+
+
+@functools.lru_cache(maxsize=4096)
+def _transpose_costs(B: int, groups: int, Ts: tuple[int, ...], d: int, p: int, sample_bytes: int,
+                     max_bytes: float, threads: int) -> tuple[str, tuple[tuple[str, float], ...]]:
+    """``(route, ((name, cost), ...))`` for a transposed convolution's weight norms (cost model).
+
+    ``Ts``: input positions of each call; ``d = Cout/groups * prod(k)``, ``p = Cin/groups``, so the
+    weight has ``groups * d * p`` elements; ``sample_bytes``: one sample's per-sample-conv buffer.
+    """
+    T, weight = sum(Ts), groups * d * p
+    unfold = UNFOLD_COST * B * groups * T * d
+    linear = linear_route(B * groups, T, d, p)
+    costs = {f"unfold+{name}": cost + unfold for name, cost in linear.alternatives.items()}
+    chosen_linear = f"unfold+{linear.route}"
+    costs.setdefault(chosen_linear, linear.flops + unfold)  # "outer" (T = 1) has no alternatives
+    if sample_bytes <= max_bytes:  # else not even one sample's per-sample gradient fits
+        costs[PER_SAMPLE_CONV] = 2.0 * B * weight * T + PER_SAMPLE_GRAD_COST * B * weight * len(Ts)
+    route = PER_SAMPLE_CONV if costs.get(PER_SAMPLE_CONV, math.inf) < costs[chosen_linear] else linear.route
+    return route, tuple(costs.items())
+
+
+def per_sample_conv_transpose_weight_grads(module, x, g, output_padding) -> torch.Tensor:
+    """``[B, Cin, Cout/groups, *kernel]`` per-sample weight gradients of one transposed-conv call.
+
+    One ``convolution_backward`` with the batch folded into the groups: input ``[1, B*Cin, *in]``,
+    output grad ``[1, B*Cout, *out]``, groups ``B*groups``; the weight passed is only a shape.
+    """
+    B = x.shape[0]
+    dtype = _common_dtype(x, g)
+    x, g = x.to(dtype), g.to(dtype)
+    weight_shape = (B * module.in_channels, module.out_channels // module.groups, *module.kernel_size)
+    grads = torch.ops.aten.convolution_backward(
+        g.reshape(1, B * module.out_channels, *g.shape[2:]), x.reshape(1, B * module.in_channels, *x.shape[2:]),
+        torch.empty(weight_shape, dtype=dtype, device=x.device), None, module.stride, module.padding,
+        module.dilation, True, output_padding, B * module.groups, [False, True, False])[1]
+    return grads.view(B, *module.weight.shape)
+
+
 @register(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 class ConvTransposeRule(LayerRule):
     """Rule for ``nn.ConvTranspose{1,2,3}d`` (stride, padding, output_padding or ``output_size``,
-    dilation, groups; hook path only).
+    dilation, groups; hook path only), with two routes for the weight, chosen per shape.
 
     A transposed convolution with weight ``W [Cin, Cout/groups, *k]`` is the adjoint of the
     ordinary convolution with the same ``W``, stride, padding, dilation and groups that maps
     ``[Cout, *out]`` to ``[Cin, *in]``. So a sample's weight gradient is that convolution's weight
     gradient with the roles swapped: its "input" is the output grad ``g`` (zero-padded by
-    ``padding``) and its "output grad" is the layer input ``x``. Per group,
-    ``dW_b = X_b^T A_b`` with ``A_b = unfold(pad(g_b)) [prod(in), Cout/groups * prod(k)]`` (columns
-    in the order of ``weight.view(Cin, -1)``) and ``X_b [prod(in), Cin/groups]``: the linear routes
-    with ``T = prod(in)``. ``output_padding`` (or ``output_size=``) lengthens the output on the
-    right past what the adjoint reads for ``in`` positions (into the zero padding, or positions no
-    input reaches), so ``pad(g)`` is cropped there: the patches then have exactly ``prod(in)``
-    positions (uncropped, an output_padding >= stride, which torch allows below the dilation, would
-    add one). The bias gradient is the sum of ``g_b`` over output positions (not the adjoint's bias
-    column, a sum over input positions), added separately. Units: the squared norm of the gradient
-    of the loss the user backpropagated, float32 [B], like every rule.
+    ``padding``) and its "output grad" is the layer input ``x``.
+
+    * unfolded (``outer`` / ``ghost`` / ``instantiate``): per group, ``dW_b = X_b^T A_b`` with
+      ``A_b = unfold(pad(g_b)) [prod(in), Cout/groups * prod(k)]`` (columns in the order of
+      ``weight.view(Cin, -1)``) and ``X_b [prod(in), Cin/groups]``: the linear routes with
+      ``T = prod(in)``. ``output_padding`` (or ``output_size=``) lengthens the output on the right
+      past what the adjoint reads for ``in`` positions (into the zero padding, or positions no input
+      reaches), so ``pad(g)`` is cropped there: the patches then have exactly ``prod(in)`` positions
+      (uncropped, an output_padding >= stride, which torch allows below the dilation, would add one).
+    * ``per-sample conv``: every sample's weight gradient from one transposed-convolution weight
+      gradient with the batch folded into the groups (``per_sample_conv_transpose_weight_grads``),
+      in chunks of samples whose gradients stay under ``MAX_EXTRA_BYTES``, then squared and summed.
+      No unfolded buffer; it pays ``prod(weight)`` per sample instead, so it wins where the
+      unfolded route would instantiate anyway and loses to ``ghost`` on few positions and many
+      channels (``_transpose_costs``).
+
+    The bias gradient is the sum of ``g_b`` over output positions (not the adjoint's bias column,
+    a sum over input positions), added separately. Units: the squared norm of the gradient of the
+    loss the user backpropagated, float32 [B], like every rule.
     """
 
     def capture(self, module, args, kwargs, output):
@@ -288,21 +381,47 @@ class ConvTransposeRule(LayerRule):
         per_sample = 4 * (module.groups * T * d + g[0].numel())
         return max(1, min(x.shape[0], int(MAX_EXTRA_BYTES // per_sample)))
 
-    def patches(self, module, g, in_shape) -> torch.Tensor:
-        """``g [B, Cout, *out]`` as the adjoint convolution's patches ``[B * groups, prod(in), d]``."""
-        pads = []
-        for i in reversed(range(len(in_shape))):  # F.pad lists the last dim first
+    def conv_chunk_size(self, module, x, g) -> int:
+        """Samples per grouped convolution so their per-sample gradients and the copies of input and
+        output grad the convolution makes stay under ``MAX_EXTRA_BYTES``."""
+        return max(1, min(x.shape[0], int(MAX_EXTRA_BYTES // self._sample_bytes(module, x, g))))
+
+    def _sample_bytes(self, module, x, g) -> int:
+        return 4 * (module.weight.numel() + x[0].numel() + g[0].numel())
+
+    def output_padding(self, module, in_shape, g) -> list[int]:
+        """The ``output_padding`` that makes ``in_shape`` (spatial) into ``g``'s spatial shape."""
+        extra = []
+        for i, n in enumerate(in_shape):
             k, s, dil, p = module.kernel_size[i], module.stride[i], module.dilation[i], module.padding[i]
-            extra = g.shape[2 + i] + 2 * p - (in_shape[i] - 1) * s - dil * (k - 1) - 1  # output_padding
-            if not 0 <= extra < max(s, dil):
+            op = g.shape[2 + i] + 2 * p - (n - 1) * s - dil * (k - 1) - 1
+            if not 0 <= op < max(s, dil):
                 raise RuleError(
                     f"{type(module).__name__} produced an output of shape {tuple(g.shape)} from an input with "
                     f"spatial shape {tuple(in_shape)}, which its stride/padding/dilation cannot give; a subclass "
                     "whose forward changes the convolution needs its own rule")
-            pads += [p, p - extra]  # a negative right pad crops the output_padding positions
+            extra.append(op)
+        return extra
+
+    def patches(self, module, g, in_shape) -> torch.Tensor:
+        """``g [B, Cout, *out]`` as the adjoint convolution's patches ``[B * groups, prod(in), d]``."""
+        pads = []
+        extra = self.output_padding(module, in_shape, g)
+        for i in reversed(range(len(in_shape))):  # F.pad lists the last dim first
+            p = module.padding[i]
+            pads += [p, p - extra[i]]  # a negative right pad crops the output_padding positions
         a = unfold_patches(module, F.pad(g, pads) if any(pads) else g)
         assert a.shape[1] == math.prod(in_shape), (a.shape, in_shape)
         return a
+
+    def _costs(self, module, calls) -> tuple[str, dict[str, float]]:
+        x, grads = calls[0]
+        T, d, p = self._dims(module, x)
+        Ts = tuple(c[0][0, 0].numel() for c in calls)
+        sample_bytes = max(self._sample_bytes(module, c[0], c[1][0]) for c in calls)
+        route, costs = _transpose_costs(x.shape[0], module.groups, Ts, d, p, sample_bytes, MAX_EXTRA_BYTES,
+                                        torch.get_num_threads())
+        return route, dict(costs)
 
     def norms(self, module, calls, tracked):
         B = calls[0][0].shape[0]
@@ -312,6 +431,13 @@ class ConvTransposeRule(LayerRule):
             total = total + bias.square().sum(dim=1)
         if "weight" not in tracked:
             return total
+        if self._costs(module, calls)[0] == PER_SAMPLE_CONV:
+            return total + self.per_sample_conv_norms(module, calls)
+        return total + self.unfolded_norms(module, calls)
+
+    def unfolded_norms(self, module, calls) -> torch.Tensor:
+        """Per-sample squared weight-gradient norms [B] by the unfolded output grad and a linear route."""
+        B = calls[0][0].shape[0]
         step = min(self.chunk_size(module, x, grads[0]) for x, grads in calls)
         out = []
         for start in range(0, B, step):
@@ -320,12 +446,43 @@ class ConvTransposeRule(LayerRule):
             g = [grouped_grad(module, x[rows]) for x, _ in calls]
             a, g = (a[0], g[0]) if len(calls) == 1 else (torch.cat(a, dim=1), torch.cat(g, dim=1))
             out.append(linear_norms(a, g, True, False).view(-1, module.groups).sum(dim=1))
-        return total + torch.cat(out)
+        return torch.cat(out)
+
+    def per_sample_conv_norms(self, module, calls) -> torch.Tensor:
+        """Per-sample squared weight-gradient norms [B] from per-sample gradients (batch in the groups);
+        the calls' per-sample gradients are summed before squaring."""
+        B = calls[0][0].shape[0]
+        step = min(self.conv_chunk_size(module, x, grads[0]) for x, grads in calls)
+        paddings = [self.output_padding(module, x.shape[2:], grads[0]) for x, grads in calls]
+        out = []
+        for start in range(0, B, step):
+            rows = slice(start, min(B, start + step))
+            psg = None
+            for (x, grads), op in zip(calls, paddings):
+                part = per_sample_conv_transpose_weight_grads(module, x[rows], grads[0][rows], op).float()
+                psg = part if psg is None else psg + part
+            # A reduction without a squared temporary the size of psg (measured 1.5-30x faster).
+            out.append(torch.linalg.vector_norm(psg.reshape(psg.shape[0], -1), dim=1))
+        return torch.cat(out).square()
+
+    def grad_sums(self, module, calls, tracked):
+        parts = [(x, grads[0], list(module.padding), self.output_padding(module, x.shape[2:], grads[0]))
+                 for x, grads in calls]
+        return conv_grad_sums(module, parts, tracked, transposed=True)
 
     def plan(self, module, ctx, grad, tracked) -> RoutePlan:
+        route, costs = self._costs(module, [(ctx, [grad])])
+        if route == PER_SAMPLE_CONV:
+            chunk = self.conv_chunk_size(module, ctx, grad)
+            T = ctx[0, 0].numel()
+            return RoutePlan(route, f"B={ctx.shape[0]} weight={tuple(module.weight.shape)} T={T} (transposed conv: "
+                             f"batch folded into the groups, chunk {chunk})",
+                             2.0 * ctx.shape[0] * module.weight.numel() * (T + 1),
+                             float(self._sample_bytes(module, ctx, grad) * chunk), alternatives=costs)
         T, d, p = self._dims(module, ctx)
         chunk = self.chunk_size(module, ctx, grad)
         plan = linear_route(ctx.shape[0] * module.groups, T, d, p)
         plan.extra_bytes += 4.0 * chunk * (module.groups * T * d + grad[0].numel())
         plan.shape = f"{plan.shape} (transposed conv: unfolded output grad, chunk {chunk})"
+        plan.alternatives = costs
         return plan

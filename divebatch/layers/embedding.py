@@ -31,11 +31,24 @@ class EmbeddingRule(LayerRule):
             raise ValueError("an Embedding input without a batch dimension has no samples; pass [B, ...] indices")
         return idx
 
-    def norms(self, module, calls, tracked):
+    @staticmethod
+    def _factors(calls) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices ``[B, T]`` and output grads ``[B, T, p]`` of every call, joined along T."""
         idx = torch.cat([i.reshape(i.shape[0], -1) for i, _ in calls], dim=1)
         g = torch.cat([gr[0].reshape(gr[0].shape[0], -1, gr[0].shape[-1]) for _, gr in calls], dim=1)
+        return idx, g
+
+    def norms(self, module, calls, tracked):
         padding_idx = -1 if module.padding_idx is None else module.padding_idx
-        return ops.embedding_norm(idx, g, padding_idx)
+        return ops.embedding_norm(*self._factors(calls), padding_idx)
+
+    def grad_sums(self, module, calls, tracked):
+        idx, g = self._factors(calls)
+        total = torch.zeros(module.weight.shape, dtype=torch.float32, device=g.device)
+        total.index_add_(0, idx.reshape(-1), g.reshape(-1, g.shape[-1]).float())
+        if module.padding_idx is not None:
+            total[module.padding_idx] = 0
+        return {"weight": total}
 
     def plan(self, module, ctx, grad, tracked) -> RoutePlan:
         B = ctx.shape[0]

@@ -22,7 +22,7 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .base import LayerRule, RoutePlan, RuleError, suspend_capture
+from .base import LayerRule, RoutePlan, RuleError, per_sample_sq, suspend_capture
 from .routes import MAX_EXTRA_BYTES
 
 
@@ -79,18 +79,24 @@ class GenericRule(LayerRule):
     def batch_size(self, module, ctx):
         return ctx.batch_size
 
-    def norms(self, module, calls, tracked):
+    def per_sample_grads(self, module, calls, tracked) -> dict[str, torch.Tensor]:
+        """``{name: [B, *param_shape]}`` float32, summed over the calls."""
         bdim = self.batch_dim(module)
         params = {name: p.detach() for name, p in tracked.items()}
         buffers = dict(module.named_buffers())
-        total = None
+        total: dict[str, torch.Tensor] = {}
         for call, grads in calls:
             grads = [g if g is not None else torch.zeros(shape, dtype=dtype, device=_device(call))
                      for g, (shape, dtype) in zip(grads, call.outputs)]
-            per_sample = self._per_sample_grads(module, call, grads, params, buffers, bdim)
-            flat = torch.cat([g.float().reshape(call.batch_size, -1) for g in per_sample.values()], dim=1)
-            total = flat if total is None else total + flat
-        return total.square().sum(dim=1)
+            for name, g in self._per_sample_grads(module, call, grads, params, buffers, bdim).items():
+                total[name] = g.float() if name not in total else total[name] + g.float()
+        return total
+
+    def norms(self, module, calls, tracked):
+        return sum(per_sample_sq(t) for t in self.per_sample_grads(module, calls, tracked).values())
+
+    def grad_sums(self, module, calls, tracked):
+        return {name: t.sum(dim=0) for name, t in self.per_sample_grads(module, calls, tracked).items()}
 
     def _per_sample_grads(self, module, call: GenericCall, grads, params, buffers, bdim):
         batched_leaves = [x for x, d in zip(call.leaves, call.in_dims) if d is not None]

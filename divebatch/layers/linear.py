@@ -44,6 +44,17 @@ def linear_norms(a: torch.Tensor, g: torch.Tensor, with_weight: bool, with_bias:
     return w + b
 
 
+def linear_grad_sums(a: torch.Tensor, g: torch.Tensor, with_weight: bool, with_bias: bool) -> dict:
+    """``{"weight": sum_b G_b^T A_b [p, d], "bias": sum_b,t G_b[t] [p]}`` in float32 (what is tracked)."""
+    g2 = g.reshape(-1, g.shape[-1]).float()
+    sums = {}
+    if with_weight:
+        sums["weight"] = g2.t().matmul(a.reshape(-1, a.shape[-1]).float())
+    if with_bias:
+        sums["bias"] = g2.sum(dim=0)
+    return sums
+
+
 @register(nn.Linear)
 class LinearRule(LayerRule):
     """Rule for ``nn.Linear`` and subclasses; the route is chosen per shape by ``linear_route``."""
@@ -61,6 +72,12 @@ class LinearRule(LayerRule):
     def norms(self, module, calls, tracked):
         a, g = linear_factors(calls)
         return linear_norms(a, g, "weight" in tracked, "bias" in tracked)
+
+    def grad_sums(self, module, calls, tracked):
+        sums = linear_grad_sums(*linear_factors(calls), "weight" in tracked, "bias" in tracked)
+        if "weight" in sums and self.weight_out_in(module) is not module.weight:
+            sums["weight"] = sums["weight"].t()  # stored [in, out] (Conv1D)
+        return sums
 
     def plan(self, module, ctx, grad, tracked) -> RoutePlan:
         a, g = linear_factors([(ctx, (grad,))])

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LayerRule, RoutePlan, register
+from .base import LayerRule, RoutePlan, per_sample_sq, register
 
 
 class _AffineNormRule(LayerRule):
@@ -33,18 +33,25 @@ class _AffineNormRule(LayerRule):
         """Sum ``t`` over the positions that share one parameter entry: [B, *param_shape]."""
         raise NotImplementedError
 
-    def norms(self, module, calls, tracked):
-        total = None
+    def per_sample_grads(self, module, calls, tracked) -> dict[str, torch.Tensor]:
+        """``{name: [B, *param_shape]}`` float32, summed over the calls."""
+        total: dict[str, torch.Tensor] = {}
         for ctx, grads in calls:
             g = grads[0].float()
-            parts = []
+            parts = {}
             if "weight" in tracked:
-                parts.append(self.reduce(module, self.normalized(module, ctx) * g).flatten(1))
+                parts["weight"] = self.reduce(module, self.normalized(module, ctx) * g)
             if "bias" in tracked:
-                parts.append(self.reduce(module, g).flatten(1))
-            per_sample_grad = torch.cat(parts, dim=1)
-            total = per_sample_grad if total is None else total + per_sample_grad
-        return total.square().sum(dim=1)
+                parts["bias"] = self.reduce(module, g)
+            for name, part in parts.items():
+                total[name] = part if name not in total else total[name] + part
+        return total
+
+    def norms(self, module, calls, tracked):
+        return sum(per_sample_sq(t) for t in self.per_sample_grads(module, calls, tracked).values())
+
+    def grad_sums(self, module, calls, tracked):
+        return {name: t.sum(dim=0) for name, t in self.per_sample_grads(module, calls, tracked).items()}
 
     def plan(self, module, ctx, grad, tracked) -> RoutePlan:
         x = ctx[0] if isinstance(ctx, tuple) else ctx
