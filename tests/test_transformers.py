@@ -87,3 +87,39 @@ def test_shared_position_ids_are_refused_with_the_fix():
     with GradNormTracker(model, "sum") as tracker:
         with pytest.raises(ValueError, match=r"wpe.*batch of 1 .*position_ids=torch\.arange\(T\)\.expand\(B, T\)"):
             token_loss(model(tokens), targets).backward()
+
+
+class MaskedLM(nn.Module):
+    """A tiny BERT or RoBERTa masked LM (tied decoder, decoder bias also registered on its parent)
+    returning logits, with per-sample position ids."""
+
+    def __init__(self, kind):
+        super().__init__()
+        common = dict(vocab_size=97, hidden_size=24, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=48, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        if kind == "bert":
+            self.lm = transformers.BertForMaskedLM(transformers.BertConfig(max_position_embeddings=16, **common))
+        else:
+            self.lm = transformers.RobertaForMaskedLM(
+                transformers.RobertaConfig(max_position_embeddings=20, pad_token_id=1, **common))
+
+    def forward(self, tokens):
+        positions = torch.arange(2, tokens.shape[1] + 2).expand(tokens.shape[0], -1)
+        return self.lm(input_ids=tokens, position_ids=positions).logits
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_masked_lm_matches_torch_func(kind, fused):
+    torch.manual_seed(0)
+    model = MaskedLM(kind)
+    head = model.lm.cls.predictions if kind == "bert" else model.lm.lm_head
+    assert head.decoder.bias is head.bias  # the aliased parameter under test
+    tokens, targets = torch.randint(2, 97, (3, 9)), torch.randint(0, 97, (3, 9))
+    with GradNormTracker(model, "sum", fused=fused) as tracker:
+        token_loss(model(tokens), targets).backward()
+        stats = tracker.collect()
+    per_sample, _, batch = reference_norms(model, token_loss, tokens, targets)
+    assert rel_err(stats.per_sample, per_sample) <= RTOL
+    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+    assert max(stats.unaccounted.values()) <= 1e-5

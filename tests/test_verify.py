@@ -1,0 +1,158 @@
+"""Verification: every parameter's gradient must be accounted for by its module's forward calls.
+
+A parameter used outside its module's forward (a parent's ``h @ embed.weight.T``, a penalty
+added to the loss) gets a gradient part whose per-sample split no rule sees; without the check
+the norms would be silently wrong. Each rule's ``grad_sums`` forms the gradient its calls
+account for; the tracker compares it with autograd's on verified backwards.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from divebatch import GradNormTracker
+
+from .models_zoo import ZOO, sample_loss
+from .oracle import reference_norms, rel_err
+
+
+class ChildWeightReused(nn.Module):
+    """Calls ``lin`` and also uses ``lin.weight`` directly: the direct use is outside ``lin``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return self.out(F.linear(torch.tanh(h), self.lin.weight))
+
+
+class FunctionalTiedHead(nn.Module):
+    """A language model whose output layer is ``h @ embed.weight.T`` (no module for the head)."""
+
+    def __init__(self, vocab=11, dim=6):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+
+    def forward(self, idx):
+        return torch.tanh(self.mix(self.embed(idx))) @ self.embed.weight.t()
+
+
+class AliasedBiasHead(nn.Module):
+    """Hugging Face BERT's head pattern: the bias registered on the parent and on its decoder."""
+
+    def __init__(self, dim=6, out=5, use_bias_directly=False):
+        super().__init__()
+        self.decoder = nn.Linear(dim, out)
+        self.bias = nn.Parameter(torch.randn(out))
+        self.decoder.bias = self.bias
+        self.use_bias_directly = use_bias_directly
+
+    def forward(self, x):
+        y = self.decoder(x)
+        return y + self.bias if self.use_bias_directly else y
+
+
+def token_loss(out, y):
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum")
+
+
+def tracked_collect(model, x, y, loss_fn, **kwargs):
+    with GradNormTracker(model, "sum", **kwargs) as tracker:
+        loss_fn(model(x), y).backward()
+        return tracker.collect()
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+def test_child_weight_used_by_parent_is_refused(fused):
+    torch.manual_seed(0)
+    model, x, y = ChildWeightReused(), torch.randn(4, 5, 6), torch.randint(0, 3, (4, 5))
+    with pytest.raises(RuntimeError, match=r"'lin\.weight'.*outside that module's forward"):
+        tracked_collect(model, x, y, token_loss, fused=fused)
+
+
+def test_functional_tied_head_is_refused():
+    torch.manual_seed(0)
+    model, x = FunctionalTiedHead(), torch.randint(0, 11, (3, 7))
+    with pytest.raises(RuntimeError, match=r"'embed\.weight'.*nn\.Linear whose weight is the embedding's"):
+        tracked_collect(model, x, torch.randint(0, 11, (3, 7)), token_loss)
+
+
+def test_penalty_in_the_loss_is_refused():
+    model, x, y = ZOO["linear_3d"]()
+
+    def penalised(out, y):
+        return sample_loss(out, y) + 0.5 * sum(p.square().sum() for p in model.parameters())
+
+    with pytest.raises(RuntimeError, match="weight decay in the optimizer"):
+        tracked_collect(model, x, y, penalised)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("case", sorted(ZOO))
+def test_zoo_gradients_fully_accounted(case, fused):
+    """What each rule says its calls account for equals autograd's gradient, module by module."""
+    model, x, y = ZOO[case]()
+    stats = tracked_collect(model, x, y, sample_loss, fused=fused)
+    assert stats.unaccounted is not None and set(stats.unaccounted) == set(stats.per_layer) - {
+        name for name in stats.per_layer if "+" in name}  # the tie's cross-term entry has no module
+    for name, rel in stats.unaccounted.items():
+        assert rel <= 1e-5, name
+
+
+def test_verify_every_schedule():
+    model, x, y = ZOO["linear_3d"]()
+    verified = {}
+    for every in (0, 1, 3):
+        with GradNormTracker(model, "sum", verify_every=every) as tracker:
+            flags = []
+            for _ in range(7):
+                model.zero_grad()
+                sample_loss(model(x), y).backward()
+                flags.append(tracker.collect().unaccounted is not None)
+        verified[every] = [i for i, flag in enumerate(flags) if flag]
+    assert verified == {0: [0], 1: list(range(7)), 3: [0, 3, 6]}
+
+
+def test_outside_use_that_starts_later_is_caught_at_the_next_verified_backward():
+    torch.manual_seed(0)
+    model, x, y = ChildWeightReused(), torch.randn(4, 5, 6), torch.randint(0, 3, (4, 5))
+    plain = nn.Sequential(model.lin, model.out)  # the same modules without the direct use
+    with GradNormTracker(model, "sum", verify_every=2) as tracker:
+        token_loss(plain(x), y).backward()        # backward 0: verified, clean
+        assert tracker.collect().unaccounted is not None
+        token_loss(model(x), y).backward()        # backward 1: not verified
+        assert tracker.collect().unaccounted is None
+        token_loss(model(x), y).backward()        # backward 2: verified, caught
+        with pytest.raises(RuntimeError, match="outside that module's forward"):
+            tracker.collect()
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "often"])
+def test_bad_verify_every_is_refused(bad):
+    with pytest.raises(ValueError, match="verify_every"):
+        GradNormTracker(nn.Linear(2, 2), verify_every=bad)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+def test_bias_registered_on_parent_and_child_is_the_childs(fused):
+    torch.manual_seed(0)
+    model, x, y = AliasedBiasHead(), torch.randn(3, 4, 6), torch.randint(0, 5, (3, 4))
+    stats = tracked_collect(model, x, y, token_loss, fused=fused)
+    per_sample, _, batch = reference_norms(model, token_loss, x, y)
+    assert rel_err(stats.per_sample, per_sample) <= 1e-5
+    assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
+    assert set(stats.per_layer) == {"decoder"}
+
+
+def test_aliased_bias_also_used_by_the_parent_is_refused():
+    torch.manual_seed(0)
+    model, x, y = AliasedBiasHead(use_bias_directly=True), torch.randn(3, 4, 6), torch.randint(0, 5, (3, 4))
+    with pytest.raises(RuntimeError, match=r"'decoder\.bias'.*outside that module's forward"):
+        tracked_collect(model, x, y, token_loss)
