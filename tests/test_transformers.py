@@ -123,3 +123,34 @@ def test_masked_lm_matches_torch_func(kind, fused):
     assert rel_err(stats.per_sample, per_sample) <= RTOL
     assert rel_err(stats.batch_grad_sq, batch) <= RTOL
     assert max(stats.unaccounted.values()) <= 1e-5
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+def test_llama_matches_torch_func(fused):
+    """Llama (RMSNorm matched by its forward's code, grouped-query attention, SiLU MLP, rotary
+    positions: no position table, so the default position ids are fine)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=24, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=40, max_position_embeddings=16)
+    lm = transformers.LlamaForCausalLM(config)
+
+    class Logits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, tokens):
+            return self.lm(input_ids=tokens).logits
+
+    model = Logits()
+    tokens, targets = torch.randint(0, 97, (3, 9)), torch.randint(0, 97, (3, 9))
+    with GradNormTracker(model, "sum", fused=fused) as tracker:
+        token_loss(model(tokens), targets).backward()
+        stats = tracker.collect()
+        routes = {plan.module: plan.route for plan in tracker.plan()}
+    per_sample, _, batch = reference_norms(model, token_loss, tokens, targets)
+    assert rel_err(stats.per_sample, per_sample) <= RTOL
+    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+    assert max(stats.unaccounted.values()) <= 1e-5
+    norms = [name for name in routes if name.endswith("norm")]
+    assert len(norms) == 5 and all(routes[name] == "instantiate" for name in norms)

