@@ -141,8 +141,9 @@ class GradNormTracker:
 
     Args:
         model: the module to track. Every trainable parameter is covered: layers with a rule
-            (Linear, Conv1d/2d/3d, Embedding, LayerNorm, GroupNorm, RMSNorm, BatchNorm,
-            MultiheadAttention, Hugging Face's Conv1D) use it;
+            (Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, Embedding, LayerNorm, GroupNorm,
+            RMSNorm, BatchNorm, MultiheadAttention, Hugging Face's Conv1D and its RMSNorm
+            copies of LlamaRMSNorm) use it;
             any other module that owns trainable parameters takes the exact generic route.
             Frozen parameters (``requires_grad=False``) are skipped.
         loss_reduction: how the loss was reduced over the batch: ``"sum"`` (c = 1), ``"mean"``
