@@ -135,6 +135,23 @@ class GPT2Logits(nn.Module):
         return self.lm(input_ids=idx, position_ids=positions).logits
 
 
+class LlamaLogits(nn.Module):
+    """Hugging Face LlamaForCausalLM (RMSNorm, grouped-query attention, SiLU MLP, rotary positions,
+    untied head) returning logits."""
+
+    def __init__(self, vocab=1000, dim=256, n_layer=2, n_head=4, n_kv_head=2, hidden=688, T=128):
+        super().__init__()
+        import transformers  # only this workload needs it
+
+        config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=dim, num_hidden_layers=n_layer,
+                                          num_attention_heads=n_head, num_key_value_heads=n_kv_head,
+                                          intermediate_size=hidden, max_position_embeddings=T)
+        self.lm = transformers.LlamaForCausalLM(config)
+
+    def forward(self, idx):
+        return self.lm(input_ids=idx).logits
+
+
 def _images(batch, shape):
     def make(device):
         g = torch.Generator().manual_seed(1)
@@ -164,6 +181,8 @@ WORKLOADS = {
                             token_level=True),
     # Not in BENCHMARKS.md: a 2-layer Hugging Face GPT-2 of the seq workload's size.
     "gpt2": Workload("gpt2", GPT2Logits, _tokens(16, 128, 1000), lambda x, y: 1.0 / y.numel(), token_level=True),
+    # Not in BENCHMARKS.md: a 2-layer Hugging Face Llama of the seq workload's size.
+    "llama": Workload("llama", LlamaLogits, _tokens(16, 128, 1000), lambda x, y: 1.0 / y.numel(), token_level=True),
     # GPU only (bf16 there): a large transformer-MLP stack and ResNet-18-sized convolutions.
     "seq-large": Workload("seq-large", lambda: SeqModel(32000, 4096, 16384, 2), _tokens(8, 2048, 32000),
                           lambda x, y: 1.0 / y.numel(), token_level=True),
