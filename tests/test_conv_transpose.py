@@ -41,17 +41,40 @@ def make(dims, cin, cout, kernel, kwargs, spatial, batch):
     return module, x, y
 
 
+ROUTES = ["unfolded", conv.PER_SAMPLE_CONV]
+
+
+@pytest.fixture(params=ROUTES + [None], ids=["unfolded", "per-sample-conv", "cost-model"])
+def route(request, monkeypatch):
+    """Each weight route forced, and the cost model's choice."""
+    monkeypatch.setattr(conv.ConvTransposeRule, "force_route", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("case", sorted(CONFIGS))
-def test_conv_transpose_matches_torch_func(case, batch):
+def test_conv_transpose_matches_torch_func(case, batch, route):
     module, x, y = make(*CONFIGS[case], batch)
     assert isinstance(rule_for(module), conv.ConvTransposeRule)
     assert_matches_oracle(module, x, y, tracked_step(module, x, y, "sum"), rtol=RTOL)
 
 
+@pytest.mark.parametrize("case", ["1d-stride-pad-outpad", "2d-depthwise-multiplier", "3d-groups-dilation"])
+def test_both_routes_agree(case):
+    """The two weight routes on the same calls (two calls of different input sizes, summed)."""
+    module, x, y = make(*CONFIGS[case], 4)
+    rule = conv.ConvTransposeRule()
+    x2 = torch.randn(4, x.shape[1], *[n + 1 for n in x.shape[2:]])
+    with torch.no_grad():
+        calls = [(x, [torch.randn_like(module(x))]), (x2, [torch.randn_like(module(x2))])]
+    a, b = rule.per_sample_conv_norms(module, calls), rule.unfolded_norms(module, calls)
+    assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape == (4,)
+    assert (a - b).abs().max() <= RTOL * b.abs().max()
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
 @pytest.mark.parametrize("reduction", ["mean", 0.37])
-def test_in_a_model_with_loss_scaling(reduction, fused):
+def test_in_a_model_with_loss_scaling(reduction, fused, route):
     model = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.ReLU(),
                           nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1))
     x = torch.randn(4, 2, 7, 5)
@@ -88,7 +111,7 @@ class Twice(nn.Module):
         return self.head(a).sum(dim=(2, 3)) + self.head(b).sum(dim=(2, 3))
 
 
-def test_module_called_twice_in_one_forward():
+def test_module_called_twice_in_one_forward(route):
     model = Twice()
     x = torch.randn(3, 3, 5, 4)
     y = torch.randn(3, 2)
@@ -96,7 +119,7 @@ def test_module_called_twice_in_one_forward():
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
-def test_forward_with_output_size(dims):
+def test_forward_with_output_size(dims, route):
     cls = CLASSES[dims]
 
     class Up(nn.Module):
@@ -115,16 +138,73 @@ def test_forward_with_output_size(dims):
     assert_matches_oracle(model, x, y, tracked_step(model, x, y, "sum"), rtol=RTOL)
 
 
-def test_chunks_of_one_sample(monkeypatch):
+@pytest.mark.parametrize("forced", ROUTES)
+def test_chunks_of_one_sample(monkeypatch, forced):
     """A buffer limit below one sample's patches: one sample per chunk, the same numbers."""
     monkeypatch.setattr(conv, "MAX_EXTRA_BYTES", 1.0)
+    monkeypatch.setattr(conv.ConvTransposeRule, "force_route", forced)
     module, x, y = make(2, 4, 6, 3, dict(stride=2, padding=1, groups=2), (5, 4), 4)
     assert conv.ConvTransposeRule().chunk_size(module, x, y) == 1
+    assert conv.ConvTransposeRule().conv_chunk_size(module, x, y) == 1
     assert_matches_oracle(module, x, y, tracked_step(module, x, y, "sum"), rtol=RTOL)
 
 
+def test_per_sample_conv_chunks_of_several_samples(monkeypatch):
+    """Chunks of 2 samples for a batch of 5 (the last chunk shorter), the module called twice."""
+    monkeypatch.setattr(conv.ConvTransposeRule, "force_route", conv.PER_SAMPLE_CONV)
+    model = Twice()
+    x = torch.randn(5, 3, 5, 4)
+    per_sample = 4 * (model.up.weight.numel() + x[0].numel() + 3 * 10 * 7)
+    monkeypatch.setattr(conv, "MAX_EXTRA_BYTES", 2.5 * per_sample)
+    assert conv.ConvTransposeRule().conv_chunk_size(model.up, x, torch.empty(5, 3, 10, 7)) == 2
+    y = torch.randn(5, 2)
+    assert_matches_oracle(model, x, y, tracked_step(model, x, y, "sum"), rtol=RTOL)
+
+
+# The shapes timed when the per-sample conv route was added (see the commit), and the route that
+# measured faster on CPU: per-sample conv where the unfolded route would instantiate, ghost where
+# few positions meet many channels.
+MEASURED = [
+    (nn.ConvTranspose2d, (64, 32, 4, 2, 1), 32, (16, 16), conv.PER_SAMPLE_CONV),
+    (nn.ConvTranspose1d, (64, 32, 4, 2, 1), 32, (128,), conv.PER_SAMPLE_CONV),
+    (nn.ConvTranspose2d, (256, 128, 2, 2), 64, (4, 4), "ghost"),
+    (nn.ConvTranspose2d, (128, 64, 4, 2, 1), 64, (16, 16), conv.PER_SAMPLE_CONV),
+    (nn.ConvTranspose2d, (512, 256, 4, 2, 1), 32, (4, 4), "ghost"),
+]
+
+
+@pytest.mark.parametrize("cls,args,batch,spatial,expected", MEASURED)
+def test_cost_model_picks_the_measured_faster_route(cls, args, batch, spatial, expected):
+    module = cls(*args)
+    x = torch.empty(batch, args[0], *spatial)
+    with torch.no_grad():
+        g = torch.empty_like(module(x))
+    plan = conv.ConvTransposeRule().plan(module, x, g, dict(module.named_parameters()))
+    assert plan.route == expected, plan
+    assert conv.PER_SAMPLE_CONV in plan.alternatives or plan.route != conv.PER_SAMPLE_CONV
+    assert plan.flops > 0 and plan.extra_bytes > 0
+
+
+def test_per_sample_gradient_above_the_buffer_limit_takes_the_unfolded_route(monkeypatch):
+    module, x, y = make(2, 4, 6, 3, dict(stride=2, padding=1), (5, 4), 2)
+    with torch.no_grad():
+        g = torch.randn_like(module(x))
+    rule = conv.ConvTransposeRule()
+    assert rule.plan(module, x, g, {"weight": module.weight}).route == conv.PER_SAMPLE_CONV
+    monkeypatch.setattr(conv, "MAX_EXTRA_BYTES", 4.0 * module.weight.numel())  # less than one sample's
+    plan = rule.plan(module, x, g, {"weight": module.weight})
+    assert plan.route in {"ghost", "instantiate"} and conv.PER_SAMPLE_CONV not in plan.alternatives
+
+
+def test_force_route_is_checked(monkeypatch):
+    monkeypatch.setattr(conv.ConvTransposeRule, "force_route", "vmap")
+    module, x, y = make(1, 2, 3, 3, {}, (5,), 2)
+    with pytest.raises(ValueError, match="force_route"):
+        tracked_step(module, x, y, "sum")
+
+
 @pytest.mark.parametrize("dtype,rtol", [(torch.float16, 2e-2), (torch.bfloat16, 8e-2)])
-def test_low_precision(dtype, rtol):
+def test_low_precision(dtype, rtol, route):
     module, x, y = make(2, 4, 3, 3, dict(stride=2, padding=1), (5, 4), 3)
     module, x = module.to(dtype), x.to(dtype)
     stats = tracked_step(module, x, y, "mean")
@@ -145,7 +225,7 @@ def test_plan_reports_the_transposed_conv_route_not_the_generic_one(monkeypatch)
     plans = routes()
     assert set(plans) == {"0", "3"}
     for plan in plans.values():
-        assert plan.route in {"outer", "ghost", "instantiate"}, plan.route
+        assert plan.route in {"outer", "ghost", "instantiate", conv.PER_SAMPLE_CONV}, plan.route
         assert "transposed conv" in plan.shape
         assert plan.flops > 0 and plan.extra_bytes > 0
     # Without the rule these modules take the generic route (what the rule replaces).
@@ -190,8 +270,16 @@ transpose_config = st.fixed_dictionaries({
 
 
 @settings(max_examples=30, deadline=None)
-@given(transpose_config)
-def test_random_transposed_convolutions_match_torch_func(cfg):
+@given(transpose_config, st.sampled_from(ROUTES))
+def test_random_transposed_convolutions_match_torch_func(cfg, forced):
+    conv.ConvTransposeRule.force_route = forced  # hypothesis and function-scoped fixtures do not mix
+    try:
+        _random_case(cfg)
+    finally:
+        conv.ConvTransposeRule.force_route = None
+
+
+def _random_case(cfg):
     dims, stride, dilation, kernel = cfg["dims"], cfg["stride"], cfg["dilation"], cfg["kernel"]
     output_padding = min(cfg["output_padding"], max(stride, dilation) - 1)  # torch's limit
     padding = min(cfg["padding"], (dilation * (kernel - 1) + output_padding) // 2)  # keep the output non-empty

@@ -8,8 +8,13 @@ Padding of every mode ('zeros', 'reflect', 'replicate', 'circular', and the stri
 ``module._reversed_padding_repeated_twice``. The unfolded buffer is built for a bounded number of
 samples at a time (``routes.MAX_EXTRA_BYTES``), so it never costs a whole batch of patches.
 
-nn.ConvTranspose1d/2d/3d take the same routes through the adjoint convolution: the output grad
-is unfolded and the layer input plays the output grad's part (``ConvTransposeRule``).
+nn.ConvTranspose1d/2d/3d take the same routes through the adjoint convolution (the output grad
+is unfolded and the layer input plays the output grad's part), or, where a cost model fitted to CPU
+timings says it is faster, per-sample weight gradients from one transposed-convolution weight
+gradient with the batch folded into the groups (``ConvTransposeRule``).
+
+Both rules also form the summed parameter gradient of their calls (``grad_sums``, for the tracker's
+accounting check) with one ``convolution_backward`` per call.
 """
 
 from __future__ import annotations
@@ -287,13 +292,18 @@ def conv_grad_sums(module, parts, tracked, transposed: bool) -> dict[str, torch.
     return sums
 
 
-#: Cost-model weights (flop equivalents per element) of the memory traffic the two weight routes of
-#: ``ConvTransposeRule`` add to their flops: per element of the unfolded output grad (written once by
-#: im2col, read by the linear route) and per element of the per-sample weight gradients (written by
-#: the grouped convolution, copied once when the backend assembles its groups, read by the norm).
-#: Set from the timings in the commit that introduced the per-sample convolution route.
-UNFOLD_COST = 60.0
-PER_SAMPLE_GRAD_COST = 60.0
+#: Cost model of ``ConvTransposeRule``'s two weight routes, in flop equivalents, fitted to CPU timings
+#: of both routes on 48 layer shapes (2 threads; the commit that added the per-sample conv route has
+#: the table). The unfolded route costs its linear route's flops plus ``UNFOLD_COST`` per element of
+#: the unfolded output grad (``B * groups * T * d``). The per-sample convolution costs its flops,
+#: ``2 B prod(weight) T``, times ``1 + NARROW_OUTPUT / d`` (its grouped weight-gradient GEMMs run far
+#: below peak when each group's output row ``d = Cout/groups * prod(k)`` is short: 35-140 GFLOP/s at
+#: d = 48 against 170-210 at d >= 256), plus ``PER_SAMPLE_GRAD_COST`` per per-sample gradient element.
+#: With these weights the model picked the faster route on 44 of the 48 shapes; the 4 misses cost
+#: 1.13-1.41x on layers under 2.1 ms.
+UNFOLD_COST = 400.0
+NARROW_OUTPUT = 300.0
+PER_SAMPLE_GRAD_COST = 100.0
 
 PER_SAMPLE_CONV = "per-sample conv"
 
@@ -304,7 +314,8 @@ def _transpose_costs(B: int, groups: int, Ts: tuple[int, ...], d: int, p: int, s
     """``(route, ((name, cost), ...))`` for a transposed convolution's weight norms (cost model).
 
     ``Ts``: input positions of each call; ``d = Cout/groups * prod(k)``, ``p = Cin/groups``, so the
-    weight has ``groups * d * p`` elements; ``sample_bytes``: one sample's per-sample-conv buffer.
+    weight has ``groups * d * p`` elements; ``sample_bytes``: one sample's per-sample-conv buffer;
+    ``threads`` only keys the cache (``linear_route`` reads the thread count itself).
     """
     T, weight = sum(Ts), groups * d * p
     unfold = UNFOLD_COST * B * groups * T * d
@@ -313,7 +324,8 @@ def _transpose_costs(B: int, groups: int, Ts: tuple[int, ...], d: int, p: int, s
     chosen_linear = f"unfold+{linear.route}"
     costs.setdefault(chosen_linear, linear.flops + unfold)  # "outer" (T = 1) has no alternatives
     if sample_bytes <= max_bytes:  # else not even one sample's per-sample gradient fits
-        costs[PER_SAMPLE_CONV] = 2.0 * B * weight * T + PER_SAMPLE_GRAD_COST * B * weight * len(Ts)
+        costs[PER_SAMPLE_CONV] = (2.0 * B * weight * T * (1.0 + NARROW_OUTPUT / d)
+                                  + PER_SAMPLE_GRAD_COST * B * weight * len(Ts))
     route = PER_SAMPLE_CONV if costs.get(PER_SAMPLE_CONV, math.inf) < costs[chosen_linear] else linear.route
     return route, tuple(costs.items())
 
@@ -356,14 +368,18 @@ class ConvTransposeRule(LayerRule):
     * ``per-sample conv``: every sample's weight gradient from one transposed-convolution weight
       gradient with the batch folded into the groups (``per_sample_conv_transpose_weight_grads``),
       in chunks of samples whose gradients stay under ``MAX_EXTRA_BYTES``, then squared and summed.
-      No unfolded buffer; it pays ``prod(weight)`` per sample instead, so it wins where the
-      unfolded route would instantiate anyway and loses to ``ghost`` on few positions and many
-      channels (``_transpose_costs``).
+      No unfolded buffer; it pays ``prod(weight)`` per sample instead. Measured on CPU it runs
+      1.2-5x faster than the unfolded route where that would instantiate, loses to ``ghost`` on few
+      positions and many channels, and to the unfolded route when each group's output row
+      ``Cout/groups * prod(k)`` is short (~50 or less); ``_transpose_costs`` chooses per shape.
 
     The bias gradient is the sum of ``g_b`` over output positions (not the adjoint's bias column,
     a sum over input positions), added separately. Units: the squared norm of the gradient of the
     loss the user backpropagated, float32 [B], like every rule.
     """
+
+    #: ``"per-sample conv"`` or ``"unfolded"`` overrides the cost model (tests and benchmarks).
+    force_route: str | None = None
 
     def capture(self, module, args, kwargs, output):
         x = args[0].detach()
@@ -415,12 +431,18 @@ class ConvTransposeRule(LayerRule):
         return a
 
     def _costs(self, module, calls) -> tuple[str, dict[str, float]]:
-        x, grads = calls[0]
-        T, d, p = self._dims(module, x)
+        x = calls[0][0]
+        _, d, p = self._dims(module, x)
         Ts = tuple(c[0][0, 0].numel() for c in calls)
         sample_bytes = max(self._sample_bytes(module, c[0], c[1][0]) for c in calls)
         route, costs = _transpose_costs(x.shape[0], module.groups, Ts, d, p, sample_bytes, MAX_EXTRA_BYTES,
                                         torch.get_num_threads())
+        if self.force_route == PER_SAMPLE_CONV:
+            route = PER_SAMPLE_CONV
+        elif self.force_route == "unfolded":
+            route = linear_route(x.shape[0] * module.groups, sum(Ts), d, p).route
+        elif self.force_route is not None:
+            raise ValueError(f"force_route={self.force_route!r}: use None, {PER_SAMPLE_CONV!r} or 'unfolded'")
         return route, dict(costs)
 
     def norms(self, module, calls, tracked):
@@ -461,9 +483,10 @@ class ConvTransposeRule(LayerRule):
             for (x, grads), op in zip(calls, paddings):
                 part = per_sample_conv_transpose_weight_grads(module, x[rows], grads[0][rows], op).float()
                 psg = part if psg is None else psg + part
-            # A reduction without a squared temporary the size of psg (measured 1.5-30x faster).
-            out.append(torch.linalg.vector_norm(psg.reshape(psg.shape[0], -1), dim=1))
-        return torch.cat(out).square()
+            # psg is this loop's own buffer: squared in place, no second buffer of its size. (Not
+            # vector_norm: its float32 accumulation lost 7e-5 relative on 2M-element gradients.)
+            out.append(psg.square_().reshape(psg.shape[0], -1).sum(dim=1))
+        return torch.cat(out)
 
     def grad_sums(self, module, calls, tracked):
         parts = [(x, grads[0], list(module.padding), self.output_padding(module, x.shape[2:], grads[0]))
