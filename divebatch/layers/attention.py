@@ -29,14 +29,15 @@ from __future__ import annotations
 import contextlib
 import inspect
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .base import LayerRule, RoutePlan, RuleError, register, suspend_capture
-from .linear import linear_grad_sums, linear_norms
+from .. import ops
+from .linear import _FusedLinear, fused_linear_route, linear_grad_sums, linear_norms
 
 _FORWARD_PARAMS = list(inspect.signature(nn.MultiheadAttention.forward).parameters)[1:]
 _FORWARD_DEFAULTS = {name: p.default for name, p in inspect.signature(nn.MultiheadAttention.forward).parameters.items()
@@ -69,6 +70,8 @@ class FusedAttentionCall:
     value: torch.Tensor
     context: torch.Tensor
     self_attention: bool
+    #: ``{projection: (weight sq [B], bias sq [B])}`` from projections run through ``_FusedLinear``.
+    projection_norms: dict = field(default_factory=dict)
 
     @property
     def shape_key(self) -> tuple:
@@ -150,9 +153,41 @@ class MultiheadAttentionRule(LayerRule):
         self_attention = query is key and key is value
         if module.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        packed, (q, k, v) = _project(module, query, key, value, self_attention)
+        grads: dict[str, torch.Tensor] = {}
+        fused: set[str] = set()  # projections run through _FusedLinear: their sink reports the grad
+
+        def arrived(name, grad):
+            grads[name] = grad.detach()
+            if all(n in grads for n in needed):
+                full = {n: _bte(grads[n] if n in grads else torch.zeros(shape, dtype=dtype, device=device))
+                        for n, (shape, dtype, device) in shapes.items()}
+                sink(call, full)
+            return None
+
+        def project(name, x, weight, bias):
+            """``F.linear(x, weight, bias)``; fused (weight gradient from per-sample tiles whose norms
+            are kept for the call) where the fused-instantiate route applies."""
+            if not (weight.requires_grad and _fused_instantiate(x, weight)):
+                return F.linear(x, weight, bias)
+            fused.add(name)
+            with_bias = bias is not None and bias.requires_grad
+
+            def projection_sink(x, g):
+                w_sq, b_sq, grad_w = ops.instantiate_norm(_bte(x), _bte(g), with_bias)
+                call.projection_norms[name] = (w_sq, b_sq)
+                grad_b = g.sum(dim=(0, 1)) if with_bias else None
+                arrived(name, g)
+                return grad_w.to(weight.dtype), grad_b
+
+            return _FusedLinear.apply(x, weight, bias, projection_sink)
+
+        if self_attention and module._qkv_same_embed_dim:  # one product for q, k and v
+            packed = project("qkv", query, module.in_proj_weight, module.in_proj_bias)
+            q, k, v = packed.chunk(3, dim=-1)
+        else:
+            packed, (q, k, v) = _project(module, query, key, value, self_attention)
         context, weights = _attend(module, q, k, v, _options(bound))
-        out = F.linear(context, module.out_proj.weight, module.out_proj.bias)
+        out = project("out", context, module.out_proj.weight, module.out_proj.bias)
         call = FusedAttentionCall(_bte(query), _bte(key), _bte(value), _bte(context), self_attention)
         if packed is not None and packed.requires_grad:
             # The packed projection's grad is [G_q | G_k | G_v] already: no concatenation later.
@@ -163,26 +198,27 @@ class MultiheadAttentionRule(LayerRule):
         # the projections have theirs (or the output, when none of them needs a gradient).
         needed = [n for n, t in hooked.items() if n != "out" and t.requires_grad] or ["out"]
         shapes = {n: (t.shape, t.dtype, t.device) for n, t in hooked.items()}
-        grads: dict[str, torch.Tensor] = {}
-
-        def keep(name, grad):
-            grads[name] = grad.detach()
-            if all(n in grads for n in needed):
-                full = {n: _bte(grads[n] if n in grads else torch.zeros(shape, dtype=dtype, device=device))
-                        for n, (shape, dtype, device) in shapes.items()}
-                sink(call, full)
-            return None
-
         for name, t in hooked.items():
-            if t.requires_grad:
-                t.register_hook(lambda grad, name=name: keep(name, grad))
+            if t.requires_grad and name not in fused:
+                t.register_hook(lambda grad, name=name: arrived(name, grad))
         if module.batch_first:
             out = out.transpose(0, 1)
         return out, weights
 
     def fused_grads(self, module, ctx, grads, tracked):
-        """Norms only: the parameters' gradients come from autograd as usual."""
-        return self.norms(module, [(ctx, [grads])], tracked), None, None
+        """Norms only: the parameters' gradients come from autograd (or from the fused projections,
+        whose per-sample norms are reused here)."""
+        inputs = {"q": ctx.query, "qkv": ctx.query, "k": ctx.key, "v": ctx.value, "out": ctx.context}
+        total = None
+        for name, g in grads.items():
+            weight, bias = _projection_params(module, name)
+            if name in ctx.projection_norms:
+                w_sq, b_sq = ctx.projection_norms[name]
+                part = (w_sq if weight in tracked else 0.0) + (b_sq if bias in tracked else 0.0)
+            else:
+                part = linear_norms(inputs[name], g, weight in tracked, bias in tracked)
+            total = part if total is None else total + part
+        return total, None, None
 
     def fused_plan(self, module, ctx, tracked) -> RoutePlan:
         B, T, E = ctx.query.shape
@@ -211,16 +247,13 @@ class MultiheadAttentionRule(LayerRule):
                 for name, p in parts.items()}
 
     def norms(self, module, calls, tracked):
-        joined = self._joined_factors(module, calls)
-        in_bias = "in_proj_bias" in tracked
-        total = linear_norms(*joined["out"], "out_proj.weight" in tracked, "out_proj.bias" in tracked)
-        if "qkv" in joined:
-            # One input for the three blocks, one [B, T, 3E] output grad: the input's Gram (ghost
-            # route) or tile (instantiate) is formed once, not three times.
-            return total + linear_norms(*joined["qkv"], "in_proj_weight" in tracked, in_bias)
-        for name in "qkv":
-            weight = "in_proj_weight" if module._qkv_same_embed_dim else f"{name}_proj_weight"
-            total = total + linear_norms(*joined[name], weight in tracked, in_bias)
+        # The packed "qkv" block has one input and one [B, T, 3E] output grad: the input's Gram
+        # (ghost route) or tile (instantiate) is formed once, not three times.
+        total = None
+        for name, (a, g) in self._joined_factors(module, calls).items():
+            weight, bias = _projection_params(module, name)
+            part = linear_norms(a, g, weight in tracked, bias in tracked)
+            total = part if total is None else total + part
         return total
 
     def grad_sums(self, module, calls, tracked):
@@ -276,6 +309,21 @@ class MultiheadAttentionRule(LayerRule):
         flops = 2.0 * B * E * (4 * E * (T + S) + 2 * T * S)  # identity products + attention, fwd and bwd
         return RoutePlan("attention replay", f"B={B} T={T} S={S} E={E} heads={module.num_heads}", flops,
                          4.0 * B * module.num_heads * T * S)
+
+
+def _projection_params(module, name: str) -> tuple[str, str]:
+    """The (weight, bias) parameter names of one projection: ``"out"``, ``"qkv"`` or ``"q"/"k"/"v"``."""
+    if name == "out":
+        return "out_proj.weight", "out_proj.bias"
+    if name == "qkv" or module._qkv_same_embed_dim:
+        return "in_proj_weight", "in_proj_bias"
+    return f"{name}_proj_weight", "in_proj_bias"
+
+
+def _fused_instantiate(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the fused-instantiate route applies to a projection of ``x [T, B, d]``."""
+    T, B, d = x.shape
+    return fused_linear_route(B, T, d, weight.shape[0]).route == "fused-instantiate"
 
 
 def _options(bound: dict) -> dict:
