@@ -526,7 +526,9 @@ class GradNormTracker:
                     "`h @ embed.weight.T` in a parent's forward or a penalty such as `wd * p.square().sum()` added "
                     "to the loss. The per-sample part of that use is unknown, so the norms would be wrong. Route "
                     "every use through the module (for an output layer tied to an embedding: an nn.Linear whose "
-                    "weight is the embedding's weight), put weight decay in the optimizer, or freeze the parameter")
+                    "weight is the embedding's weight), put weight decay in the optimizer, or freeze the parameter. (If "
+                    "nothing uses it outside, the module computes something its rule does not model: please report "
+                    "the module's type.)")
         return None
 
     def _account(self, step: _Backward, owner: _Owner, calls: list[_Call], sq: torch.Tensor | None = None) -> None:

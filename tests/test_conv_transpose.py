@@ -11,6 +11,7 @@ from torch import nn
 from divebatch import GradNormTracker
 from divebatch.layers import RuleError, base, conv, rule_for
 
+from .oracle import reference_norms, rel_err
 from .test_tracker import assert_matches_oracle, tracked_step
 
 RTOL = 1e-5
@@ -242,16 +243,27 @@ def test_unbatched_input_is_refused():
             module(torch.randn(2, 5, 5))
 
 
-def test_subclass_with_an_other_forward_is_refused_clearly():
+def test_subclass_with_its_own_forward_takes_the_generic_route():
     class Cropped(nn.ConvTranspose1d):  # a forward whose output the module's settings cannot give
         def forward(self, x):
             return super().forward(x)[..., 1:]
 
-    module = Cropped(2, 3, 3, stride=2)
-    with GradNormTracker(module) as tracker:
-        with pytest.raises(RuleError, match="stride/padding/dilation cannot give"):
-            module(torch.randn(2, 2, 5)).sum().backward()
-            tracker.collect()
+    torch.manual_seed(0)
+    module, x = Cropped(2, 3, 3, stride=2), torch.randn(3, 2, 5)
+    assert rule_for(module) is None
+    with GradNormTracker(module, "sum") as tracker:
+        module(x).square().sum().backward()
+        stats = tracker.collect()
+    per_sample, _, _ = reference_norms(module, lambda out, y: out.square().sum(), x, torch.zeros(3))
+    assert rel_err(stats.per_sample, per_sample) <= 1e-5
+
+
+def test_output_the_settings_cannot_give_is_refused_clearly():
+    module = nn.ConvTranspose1d(2, 3, 3, stride=2)
+    rule = rule_for(module)
+    with pytest.raises(RuleError, match="stride/padding/dilation cannot give"):
+        rule.output_padding(module, (5,), torch.zeros(2, 3, 10))
+
 
 
 transpose_config = st.fixed_dictionaries({

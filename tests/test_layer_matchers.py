@@ -1,4 +1,4 @@
-"""Rules matched by a module's forward code (Hugging Face's per-model copies of LlamaRMSNorm)."""
+"""Which rule a module gets: by type (a subclass only if it keeps the forward) or by its forward's code."""
 
 from __future__ import annotations
 
@@ -97,3 +97,40 @@ def test_rms_norm_rule_in_bfloat16_uses_the_bf16_normalised_input():
     x_hat = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16).double()
     expected = (x_hat * seen["g"].double()).sum(dim=1).square().sum(dim=1)
     assert rel_err(tracked, expected) <= 1e-5
+
+
+class ChannelsFirstLayerNorm(nn.LayerNorm):
+    """Hugging Face ConvNeXt's pattern: LayerNorm over channels of a [B, C, H, W] input."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class PlainLinearSubclass(nn.Linear):
+    """A subclass that keeps nn.Linear's forward."""
+
+
+def test_subclass_keeping_the_forward_takes_the_rule_one_overriding_it_does_not():
+    from divebatch.layers.linear import LinearRule
+    from divebatch.layers.norm import BatchNormRule
+
+    assert isinstance(rule_for(PlainLinearSubclass(3, 2)), LinearRule)
+    assert isinstance(rule_for(nn.SyncBatchNorm(4)), BatchNormRule)
+    assert rule_for(ChannelsFirstLayerNorm(4)) is None  # generic route
+
+
+def test_overridden_forward_is_exact_through_the_generic_route():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), ChannelsFirstLayerNorm(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    x, y = torch.randn(3, 3, 4, 4), torch.randn(3, 2)
+    with GradNormTracker(model, "sum") as tracker:
+        loss_fn(model(x), y).backward()
+        stats = tracker.collect()
+        route = {plan.module: plan.route for plan in tracker.plan()}["1"]
+    per_sample, _, batch = reference_norms(model, loss_fn, x, y)
+    assert route == "generic (vmap vjp)"
+    assert rel_err(stats.per_sample, per_sample) <= 1e-5
+    assert rel_err(stats.batch_grad_sq, batch) <= 1e-5

@@ -4,7 +4,10 @@ A *rule* knows, for one family of modules, how to turn what the tracker captured
 forward pass (the layer input, ``A``) and what arrives in the backward pass (the gradient of
 the layer output, ``G``) into per-sample squared gradient norms of the module's own
 parameters. Rules are looked up through the class hierarchy, so subclasses of e.g.
-``nn.Linear`` get the fast path without registering themselves.
+``nn.Linear`` get the fast path without registering themselves, as long as they keep the
+registered class's ``forward``: a rule reads what that forward computes, so a subclass that
+overrides it (Hugging Face's channels-first ``ConvNextLayerNorm``, a quantization-aware Linear)
+takes the exact generic route instead.
 
 Scaling: rules see the gradient of the user's *scaled* loss ``L = c * sum_i l_i`` and return
 norms of that gradient; the tracker divides by ``c**2`` (DESIGN §2).
@@ -136,8 +139,10 @@ def rule_for(module: nn.Module) -> LayerRule | None:
         rule = _REGISTRY.get(cls) or _REGISTRY.get(f"{cls.__module__}.{cls.__qualname__}")
         if rule is not None:
             # A subclass with parameters the rule does not know (e.g. an added adapter) would
-            # silently lose them: leave it to the generic route instead.
-            return rule if own <= set(rule.param_names) else None
+            # silently lose them, and one with its own forward computes something the rule does
+            # not read: leave both to the generic route.
+            same_forward = getattr(type(module), "forward", None) is getattr(cls, "forward", None)
+            return rule if own <= set(rule.param_names) and same_forward else None
     for predicate, rule in _MATCHERS:
         if predicate(module):
             return rule if own <= set(rule.param_names) else None

@@ -94,7 +94,7 @@ class GroupNormRule(_AffineNormRule):
         return t.reshape(t.shape[0], t.shape[1], -1).sum(dim=2)
 
 
-@register(nn.modules.batchnorm._BatchNorm)
+@register(nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)  # SyncBatchNorm has its own forward
 class BatchNormRule(_AffineNormRule):
     """``nn.BatchNorm{1,2,3}d`` (and SyncBatchNorm): the decomposition of the batch gradient.
 
