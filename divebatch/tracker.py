@@ -91,6 +91,9 @@ class _Owner:
     skip_hooks: int = 0                 # fused calls whose forward hook must not capture again
     tie: TiedEmbeddingLinear | None = None  # this module's weight is shared with another module
     pre_states: list = field(default_factory=list)  # rule.before_forward results of calls in progress
+    # Generic route: owners inside this module (they account for their own parameters when called;
+    # a call that does not call one accounts for its parameters itself, see _on_forward).
+    descendants: list = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -323,7 +326,7 @@ class GradNormTracker:
         for owner in self._owners:
             if owner.fused:
                 owner.module.forward = partial(self._fused_call, owner)
-            if hasattr(owner.rule, "before_forward"):
+            if hasattr(owner.rule, "before_forward") or owner.descendants:
                 self._handles.append(owner.module.register_forward_pre_hook(
                     partial(self._on_pre_forward, owner), with_kwargs=True))
             self._handles.append(owner.module.register_forward_hook(
@@ -391,7 +394,10 @@ class GradNormTracker:
     def _on_pre_forward(self, owner: _Owner, module, args, kwargs):
         # What the rule must see before the forward runs (e.g. the RNG state for a dropout replay).
         capturing = not (capture_suspended() or not torch.is_grad_enabled() or _inside_functorch())
-        owner.pre_states.append(owner.rule.before_forward(module, args, kwargs) if capturing else None)
+        if owner.descendants:  # which inner owners this call calls (see _on_forward)
+            owner.pre_states.append([inner.forward_calls for inner in owner.descendants])
+        else:
+            owner.pre_states.append(owner.rule.before_forward(module, args, kwargs) if capturing else None)
         return None
 
     @torch.compiler.disable
@@ -411,6 +417,13 @@ class GradNormTracker:
             ctx = owner.rule.capture(module, args, kwargs, output, pre_state)
         else:
             ctx = owner.rule.capture(module, args, kwargs, output)
+        if owner.descendants and pre_state is not None:
+            # Inner owners this call did not call (their parameters used directly, or not at all):
+            # this call's per-sample gradients cover their parameters too.
+            uncalled = [inner for inner, before in zip(owner.descendants, pre_state) if inner.forward_calls == before]
+            ctx.extra_params = tuple(_join(_relative_name(owner.name, inner.name), pname)
+                                     for inner in uncalled for pname in inner.tracked)
+            ctx.extra_owners = tuple(uncalled)
         batch_size = owner.rule.batch_size(module, ctx)
         if batch_size == 0:
             raise ValueError(f"module '{owner.name}' ({type(module).__name__}) got an empty batch (0 samples); "
@@ -478,10 +491,11 @@ class GradNormTracker:
         """Add the gradient these calls account for to each of the owner's parameters."""
         sums = owner.rule.grad_sums(owner.module, [(c.ctx, c.grads) for c in calls], owner.tracked)
         for name, p in owner.tracked.items():
-            part = None if sums is None else sums.get(name)
-            if part is None:
+            if sums is None or name not in sums:
                 step.unverifiable.add(id(p))
-                continue
+        for name, part in (sums or {}).items():
+            p = owner.tracked.get(name)
+            p = owner.module.get_parameter(name) if p is None else p  # an inner owner's, see _on_forward
             prev = step.accounted.get(id(p))
             step.accounted[id(p)] = part if prev is None else prev + part
 
@@ -554,6 +568,8 @@ class GradNormTracker:
         prev = step.per_layer.get(owner.name)
         step.per_layer[owner.name] = sq if prev is None else prev + sq
         step.contributed.add(id(owner))
+        for call in calls:  # inner owners a generic-route call accounted for (see _on_forward)
+            step.contributed.update(id(inner) for inner in getattr(call.ctx, "extra_owners", ()))
         if owner.tie is not None:
             self._keep_tied_part(step, owner, calls)
         key = (len(calls), _shape_key(calls[0].ctx))
@@ -681,6 +697,11 @@ def _sharers(owner: _Owner) -> tuple[_Owner, ...]:
     return (owner,) if owner.tie is None else (owner.tie.embedding, owner.tie.linear)
 
 
+def _relative_name(parent: str, name: str) -> str:
+    """``name`` (a module path) relative to its ancestor ``parent``."""
+    return name[len(parent) + 1:] if parent else name
+
+
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
@@ -710,10 +731,20 @@ def _assign_owners(model: nn.Module) -> tuple[list[_Owner], list[TiedEmbeddingLi
         if rule is not None:
             if own:
                 owners.append(_Owner(name, module, rule, own))
-        elif own:
+        elif own and isinstance(module, nn.MultiheadAttention):  # e.g. add_bias_kv: uses out_proj directly
             subtree = {n: p for n, p in module.named_parameters() if p.requires_grad}
             owners.append(_Owner(name, module, GENERIC, subtree))
             visited.update(id(m) for m in module.modules())
+            return
+        elif own:
+            # Its own parameters only: the modules inside keep their rules (a ConvNeXt block's
+            # layer-scale parameter must not send its convolutions and Linears to this route).
+            generic = _Owner(name, module, GENERIC, own)
+            owners.append(generic)
+            first_inner = len(owners)
+            for child_name, child in module.named_children():
+                visit(child, _join(name, child_name))
+            generic.descendants = [o for o in owners[first_inner:] if o.tie is None]
             return
         for child_name, child in module.named_children():
             visit(child, _join(name, child_name))

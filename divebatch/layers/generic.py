@@ -37,6 +37,8 @@ class GenericCall:
     outputs: list[tuple[torch.Size, torch.dtype]]  # shape/dtype of each output that needs a grad
     output_index: list[int]  # their positions among the flattened outputs
     out_dims: list[int]      # the batch dimension of each of those outputs
+    extra_params: tuple = ()  # names of inner modules' parameters this call accounts for (tracker)
+    extra_owners: tuple = ()  # the tracker's owners of those inner modules
 
 
 class GenericRule(LayerRule):
@@ -82,10 +84,11 @@ class GenericRule(LayerRule):
     def per_sample_grads(self, module, calls, tracked) -> dict[str, torch.Tensor]:
         """``{name: [B, *param_shape]}`` float32, summed over the calls."""
         bdim = self.batch_dim(module)
-        params = {name: p.detach() for name, p in tracked.items()}
         buffers = dict(module.named_buffers())
         total: dict[str, torch.Tensor] = {}
         for call, grads in calls:
+            params = {name: p.detach() for name, p in tracked.items()}
+            params.update({name: module.get_parameter(name).detach() for name in call.extra_params})
             grads = [g if g is not None else torch.zeros(shape, dtype=dtype, device=_device(call))
                      for g, (shape, dtype) in zip(grads, call.outputs)]
             for name, g in self._per_sample_grads(module, call, grads, params, buffers, bdim).items():

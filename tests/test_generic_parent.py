@@ -1,0 +1,165 @@
+"""A module with parameters of its own and no rule (a ConvNeXt block's layer scale, ViT's class
+token and position table) takes the generic route for *its own* parameters only; the modules
+inside keep their rules. Inner modules a call does not call (their weights used directly, e.g. a
+weight-normalised projection) are covered by that call's per-sample gradients instead."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from divebatch import GradNormTracker
+
+from .oracle import reference_norms, rel_err
+
+
+class LayerScaleBlock(nn.Module):
+    """ConvNeXt-style residual block: ``x + gamma * mlp(norm(dwconv(x)))``, gamma its own parameter."""
+
+    def __init__(self, dim=4):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.up = nn.Linear(dim, 2 * dim)
+        self.down = nn.Linear(2 * dim, dim)
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x):
+        h = self.dwconv(x).permute(0, 2, 3, 1)
+        h = self.down(F.gelu(self.up(self.norm(h))))
+        return x + (self.gamma * h).permute(0, 3, 1, 2)
+
+
+class PatchEmbedding(nn.Module):
+    """ViT-style: patch convolution, a class token and a position table of its own."""
+
+    def __init__(self, dim=6, patch=2, positions=5):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch, stride=patch)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, positions, dim))
+
+    def forward(self, x):
+        tokens = self.proj(x).flatten(2).transpose(1, 2)
+        return torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], dim=1) + self.pos
+
+
+class WeightNormed(nn.Module):
+    """Uses its child's weight directly, never calling the child: ``F.linear(x, scale * proj.weight)``."""
+
+    def __init__(self, d=5, p=3):
+        super().__init__()
+        self.proj = nn.Linear(d, p)
+        self.scale = nn.Parameter(torch.rand(p, 1) + 0.5)
+
+    def forward(self, x):
+        return F.linear(x, self.scale * self.proj.weight, self.proj.bias)
+
+
+class CallsAndReuses(nn.Module):
+    """Calls its child and also uses the child's weight directly: refused."""
+
+    def __init__(self, d=5):
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+        self.gain = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.proj(x)) * self.gain, self.proj.weight)
+
+
+class SometimesCalled(nn.Module):
+    """Calls its child only when ``use_extra`` is set."""
+
+    def __init__(self, d=5):
+        super().__init__()
+        self.main = nn.Linear(d, d)
+        self.extra = nn.Linear(d, d)
+        self.gain = nn.Parameter(torch.rand(d) + 0.5)
+        self.use_extra = False
+
+    def forward(self, x):
+        h = self.main(x) * self.gain
+        return self.extra(h) if self.use_extra else h
+
+
+def image_model():
+    return nn.Sequential(LayerScaleBlock(), LayerScaleBlock(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+
+
+def vit_model():
+    return nn.Sequential(PatchEmbedding(), nn.LayerNorm(6), nn.Flatten(), nn.Linear(5 * 6, 3))
+
+
+CASES = {
+    "layer-scale": (image_model, lambda: torch.randn(3, 4, 4, 4)),
+    "patch-embedding": (vit_model, lambda: torch.randn(3, 3, 4, 4)),
+    "weight-normed": (lambda: nn.Sequential(WeightNormed(), nn.Tanh(), nn.Linear(3, 2)), lambda: torch.randn(3, 4, 5)),
+}
+
+
+def loss_fn(out, y):
+    return 0.5 * (out - y).square().sum()
+
+
+def run(model, x, y, fused=True):
+    with GradNormTracker(model, "sum", fused=fused) as tracker:
+        loss_fn(model(x), y).backward()
+        stats = tracker.collect()
+        routes = {plan.module: plan.route for plan in tracker.plan()}
+    return stats, routes
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_torch_func(case, fused):
+    torch.manual_seed(0)
+    make_model, make_x = CASES[case]
+    model, x = make_model(), make_x()
+    y = torch.randn(*model(x).shape)
+    stats, routes = run(model, x, y, fused)
+    per_sample, _, batch = reference_norms(model, loss_fn, x, y)
+    assert rel_err(stats.per_sample, per_sample) <= 1e-5
+    assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
+    assert max(stats.unaccounted.values()) <= 1e-5
+
+
+def test_inner_modules_keep_their_rules():
+    torch.manual_seed(0)
+    model, x = image_model(), torch.randn(3, 4, 4, 4)
+    _, routes = run(model, x, torch.randn(3, 3))
+    assert routes["0"] == routes["1"] == "generic (vmap vjp)"  # gamma only
+    assert routes["0.dwconv"] != "generic (vmap vjp)" and routes["0.norm"] == "instantiate"
+    assert routes["0.up"] != "generic (vmap vjp)"
+
+
+def test_uncalled_inner_module_entry_matches_its_parameters():
+    torch.manual_seed(0)
+    model, x = nn.Sequential(WeightNormed(), nn.Tanh(), nn.Linear(3, 2)), torch.randn(3, 4, 5)
+    y = torch.randn(3, 4, 2)
+    stats, _ = run(model, x, y)
+    assert "0.proj" not in stats.per_layer  # its part is in the caller's entry
+    _, per_param, _ = reference_norms(model, loss_fn, x, y)
+    expected = per_param["0.scale"] + per_param["0.proj.weight"] + per_param["0.proj.bias"]
+    assert rel_err(stats.per_layer["0"], expected) <= 1e-5
+
+
+def test_inner_module_called_and_its_weight_reused_is_refused():
+    torch.manual_seed(0)
+    model, x = CallsAndReuses(), torch.randn(3, 4, 5)
+    with pytest.raises(RuntimeError, match=r"'proj\.weight'.*outside that module's forward"):
+        run(model, x, torch.randn(3, 4, 5))
+
+
+@pytest.mark.parametrize("use_extra", [False, True])
+def test_inner_module_called_on_some_steps(use_extra):
+    torch.manual_seed(0)
+    model, x, y = SometimesCalled(), torch.randn(3, 4, 5), torch.randn(3, 4, 5)
+    model.use_extra = use_extra
+    stats, routes = run(model, x, y)
+    per_sample, _, batch = reference_norms(model, loss_fn, x, y)
+    assert rel_err(stats.per_sample, per_sample) <= 1e-5
+    assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
+    assert ("extra" in routes) == use_extra
