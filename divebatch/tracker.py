@@ -18,6 +18,8 @@ number reported is about the **unscaled** per-sample losses ``l_i``: ``||g_i||^2
 from __future__ import annotations
 
 import math
+import os
+import sys
 import weakref
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -29,6 +31,7 @@ from torch.utils._pytree import tree_flatten
 
 from ._norms import squared_norm
 from .layers import GENERIC, LayerRule, RoutePlan, rule_for
+from .layers.generic import DirectUseRecorder, direct_uses_apply
 from .layers.base import capture_suspended
 from .layers.embedding import EmbeddingRule
 from .layers.linear import LinearRule, linear_factors
@@ -326,11 +329,14 @@ class GradNormTracker:
         for owner in self._owners:
             if owner.fused:
                 owner.module.forward = partial(self._fused_call, owner)
-            if hasattr(owner.rule, "before_forward") or owner.descendants:
+            generic = owner.rule is GENERIC
+            if hasattr(owner.rule, "before_forward") or generic:
                 self._handles.append(owner.module.register_forward_pre_hook(
                     partial(self._on_pre_forward, owner), with_kwargs=True))
+            # always_call: a generic owner's pre-hook enters a torch-function mode that must be left
+            # even when the forward raises.
             self._handles.append(owner.module.register_forward_hook(
-                partial(self._on_forward, owner), with_kwargs=True))
+                partial(self._on_forward, owner), with_kwargs=True, always_call=generic))
             for name, p in owner.tracked.items():
                 if id(p) in hooked:  # a tied weight: autograd hands its summed gradient to one hook
                     continue
@@ -394,8 +400,14 @@ class GradNormTracker:
     def _on_pre_forward(self, owner: _Owner, module, args, kwargs):
         # What the rule must see before the forward runs (e.g. the RNG state for a dropout replay).
         capturing = not (capture_suspended() or not torch.is_grad_enabled() or _inside_functorch())
-        if owner.descendants:  # which inner owners this call calls (see _on_forward)
-            owner.pre_states.append([inner.forward_calls for inner in owner.descendants])
+        if owner.rule is GENERIC:
+            # Which inner owners this call calls, and how it uses its own parameters (see _on_forward).
+            recorder = None
+            if (capturing and owner.rule.batch_dim(module) == 0 and not isinstance(module, nn.RNNBase)
+                    and not _called_from_compiled_code()):
+                recorder = DirectUseRecorder(owner.tracked)
+                recorder.__enter__()
+            owner.pre_states.append(([inner.forward_calls for inner in owner.descendants], recorder))
         else:
             owner.pre_states.append(owner.rule.before_forward(module, args, kwargs) if capturing else None)
         return None
@@ -403,6 +415,11 @@ class GradNormTracker:
     @torch.compiler.disable
     def _on_forward(self, owner: _Owner, module, args, kwargs, output):
         pre_state = owner.pre_states.pop() if owner.pre_states else None
+        recorder = None
+        if owner.rule is GENERIC and pre_state is not None:
+            pre_state, recorder = pre_state
+            if recorder is not None:
+                recorder.__exit__(None, None, None)
         if owner.skip_hooks:
             owner.skip_hooks -= 1
             return None
@@ -428,7 +445,13 @@ class GradNormTracker:
         if batch_size == 0:
             raise ValueError(f"module '{owner.name}' ({type(module).__name__}) got an empty batch (0 samples); "
                              "skip empty batches before the forward pass")
-        call = _Call(owner, ctx, batch_size, [None] * len(leaves), len(leaves))
+        uses = direct_uses_apply(recorder.uses, owner.tracked, batch_size) if recorder is not None else None
+        if uses is not None:
+            ctx.direct_uses = uses  # their output grads arrive after the module's outputs'
+        n_grads = len(leaves) + (len(uses) if uses is not None else 0)
+        call = _Call(owner, ctx, batch_size, [None] * n_grads, n_grads)
+        for j, use in enumerate(uses or ()):
+            use.sink = partial(self._on_output_grad, call, len(leaves) + j)
         owner.forward_calls += 1
         if owner.tie is not None and owner is owner.tie.embedding:
             # Weak: a forward whose graph is dropped without a backward must not keep its indices.
@@ -695,6 +718,25 @@ def _relative(diff_sq: float, total_sq: float) -> float:
 def _sharers(owner: _Owner) -> tuple[_Owner, ...]:
     """The owners whose calls account for ``owner``'s parameters (both modules of a tied weight)."""
     return (owner,) if owner.tie is None else (owner.tie.embedding, owner.tie.linear)
+
+
+def _called_from_compiled_code() -> bool:
+    """Whether a ``torch.compile``d function is on the Python stack (this hook runs eagerly at a
+    graph break, but the module's forward after it is traced; a torch-function mode entered here
+    would be traced into the graph, which dynamo does not support)."""
+    in_module = getattr(torch._dynamo.eval_frame, "_is_in_optimized_module", None)
+    if in_module is not None and in_module():  # a torch.compile'd module (private flag of dynamo's)
+        return True
+    frame = sys._getframe(1)
+    while frame is not None:
+        # A compiled function's wrapper; "_fn" frames are torch.compiler.disable's (these hooks').
+        if _DYNAMO_DIR in frame.f_code.co_filename and frame.f_code.co_name != "_fn":
+            return True
+        frame = frame.f_back
+    return False
+
+
+_DYNAMO_DIR = os.path.join("torch", "_dynamo", "")
 
 
 def _relative_name(parent: str, name: str) -> str:

@@ -130,7 +130,7 @@ def test_inner_modules_keep_their_rules():
     torch.manual_seed(0)
     model, x = image_model(), torch.randn(3, 4, 4, 4)
     _, routes = run(model, x, torch.randn(3, 3))
-    assert routes["0"] == routes["1"] == "generic (vmap vjp)"  # gamma only
+    assert routes["0"] == routes["1"] == "generic (broadcast uses)"  # gamma only
     assert routes["0.dwconv"] != "generic (vmap vjp)" and routes["0.norm"] == "instantiate"
     assert routes["0.up"] != "generic (vmap vjp)"
 
@@ -163,3 +163,94 @@ def test_inner_module_called_on_some_steps(use_extra):
     assert rel_err(stats.per_sample, per_sample) <= 1e-5
     assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
     assert ("extra" in routes) == use_extra
+
+
+class RootTokens(nn.Module):
+    """timm's ViT layout: class token and position table on the model itself, blocks inside."""
+
+    def __init__(self, dim=6, n=4):
+        super().__init__()
+        self.proj = nn.Linear(5, dim)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, n + 1, dim))
+        self.head = nn.Linear(dim, 2)
+
+    def forward(self, x):
+        x = self.proj(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return self.head(torch.tanh(x))
+
+
+class Signed(nn.Module):
+    """Every supported op, both operand orders: x - p, p - x, p * x (p broadcast), torch.add."""
+
+    def __init__(self, d=5):
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(d))
+        self.b = nn.Parameter(torch.randn(1, d))
+        self.c = nn.Parameter(torch.randn(d))
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.lin(x - self.a)
+        h = torch.tanh(self.b - h) * self.c
+        return torch.add(h, self.a)  # a second use of a: the two uses add up
+
+
+class LayerNormLike(nn.Module):
+    """Uses its parameters inside F.layer_norm: not a broadcast use, so the forward is replayed."""
+
+    def __init__(self, d=5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+        self.bias = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return F.layer_norm(x, x.shape[-1:], self.weight, self.bias)
+
+
+class Raising(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        h = x * self.gain
+        raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("make, shape, route", [
+    (RootTokens, (3, 4, 5), "generic (broadcast uses)"),
+    (Signed, (3, 4, 5), "generic (broadcast uses)"),
+    (LayerNormLike, (3, 4, 5), "generic (vmap vjp)"),
+], ids=["root-tokens", "signed", "replayed"])
+def test_broadcast_uses_match_torch_func(make, shape, route, fused):
+    torch.manual_seed(0)
+    model, x = make(), torch.randn(*shape)
+    y = torch.randn(*model(x).shape)
+    stats, routes = run(model, x, y, fused)
+    per_sample, per_param, batch = reference_norms(model, loss_fn, x, y)
+    assert routes[""] == route
+    assert rel_err(stats.per_sample, per_sample) <= 1e-5
+    assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
+    own = sum(v for name, v in per_param.items() if "." not in name)
+    assert rel_err(stats.per_layer[""], own) <= 1e-5
+    assert max(stats.unaccounted.values()) <= 1e-5
+
+
+def test_layer_scale_and_patch_embedding_take_the_broadcast_route():
+    torch.manual_seed(0)
+    _, routes = run(image_model(), torch.randn(3, 4, 4, 4), torch.randn(3, 3))
+    assert routes["0"] == routes["1"] == "generic (broadcast uses)"
+    _, routes = run(vit_model(), torch.randn(3, 3, 4, 4), torch.randn(3, 3))
+    assert routes["0"] == "generic (broadcast uses)"
+
+
+def test_a_forward_that_raises_leaves_no_mode_behind():
+    model = Raising()
+    with GradNormTracker(model, "sum"):
+        depth = torch._C._len_torch_function_stack()
+        with pytest.raises(RuntimeError, match="boom"):
+            model(torch.randn(2, 3))
+        assert torch._C._len_torch_function_stack() == depth

@@ -272,19 +272,47 @@ def test_parameter_used_outside_its_module_is_refused():
             tracker.collect()
 
 
-def test_dropout_in_a_generic_module_is_refused():
-    class NoisyScale(nn.Module):  # a custom module (generic route) that draws dropout masks
+def test_dropout_in_a_replayed_generic_module_is_refused():
+    class NoisyProjection(nn.Module):  # a custom module whose forward must be replayed, with dropout
         def __init__(self):
             super().__init__()
-            self.gain = nn.Parameter(torch.ones(4))
+            self.weight = nn.Parameter(torch.randn(2, 4))
+
+        def forward(self, x):
+            return F.linear(F.dropout(x, p=0.5, training=self.training), self.weight)
+
+    model = nn.Sequential(NoisyProjection(), nn.Linear(2, 2)).train()
+    with GradNormTracker(model):
+        with pytest.raises(RuleError, match="random"):
+            model(torch.randn(2, 3, 4)).sum().backward()
+
+
+def test_dropout_around_a_broadcast_parameter_is_exact():
+    """A parameter used only by broadcast ops needs no replay, so dropout after it is exact:
+    checked against the definition, one backward per sample over one forward."""
+
+    class NoisyScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gain = nn.Parameter(torch.rand(4) + 0.5)
 
         def forward(self, x):
             return F.dropout(x * self.gain, p=0.5, training=self.training)
 
-    model = nn.Sequential(NoisyScale(), nn.Linear(4, 2)).train()
-    with GradNormTracker(model):
-        with pytest.raises(RuleError, match="random"):
-            model(torch.randn(2, 3, 4)).sum().backward()
+    torch.manual_seed(0)
+    model, x = nn.Sequential(NoisyScale(), nn.Linear(4, 2)).train(), torch.randn(3, 5, 4)
+    with GradNormTracker(model, "sum") as tracker:
+        torch.manual_seed(1)
+        out = model(x)
+        out.square().sum().backward()
+        stats = tracker.collect()
+    torch.manual_seed(1)
+    out = model(x)
+    params = list(model.parameters())
+    expected = torch.stack([sum(g.double().square().sum() for g in
+                                torch.autograd.grad(out[b].square().sum(), params, retain_graph=True))
+                            for b in range(3)])
+    assert rel_err(stats.per_sample, expected) <= 1e-5
 
 
 def test_scale_grad_by_freq_embedding_is_refused():

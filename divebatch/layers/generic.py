@@ -1,15 +1,26 @@
-"""The exact generic route: per-sample vector-Jacobian products of one module, with torch.func.
+"""The exact generic route: per-sample gradients of one module's own parameters, without a rule.
 
-Any module that owns trainable parameters and has no dedicated rule (``nn.MultiheadAttention``,
-a user's custom module, a Linear subclass with extra parameters) is handled here: given its
-captured inputs and the gradients of its outputs, ``vmap`` over samples of ``vjp`` of the
-module alone (``torch.func.functional_call``) with respect to *all* trainable parameters of
-its subtree yields each sample's gradient, which is then squared and summed. This is exact
-whenever the module treats samples independently; randomness (dropout in training mode) is
-refused, by ``vmap(randomness="error")`` or a changed CPU RNG state, with a clear message, since
-the forward's mask cannot be replayed. Per-sample gradients are formed a bounded number of
-samples at a time; where an op has no batching rule (GRU's and RNN's backward), one sample at a
-time. Recurrent layers' hidden states carry samples in dim 1.
+Any module that owns trainable parameters and has no dedicated rule (a user's custom module, a
+Linear subclass with extra parameters, ``nn.LSTM``, a ViT's class token and position table on the
+model itself) is handled here, for its *own* parameters: the modules inside it keep their rules,
+except those a call does not call (their parameters are then covered by that call).
+
+Two ways, chosen per call:
+
+* broadcast uses: while the forward runs, a torch-function mode records every op that uses one of
+  the module's own parameters. If each is ``expand``, ``+``, ``-`` or ``*`` broadcasting the
+  parameter over the samples (dim 0), a sample's gradient is ``sum_to_size`` of that op's output
+  grad (times the other factor, for ``*``) over the sample's slice: no replay at all.
+* replay: otherwise, ``vmap`` over samples of ``vjp`` of the module alone
+  (``torch.func.functional_call``), from its captured inputs and output grads. This is exact
+  whenever the module treats samples independently; randomness (dropout in training mode) is
+  refused, by ``vmap(randomness="error")`` or a changed CPU RNG state, with a clear message, since
+  the forward's mask cannot be replayed. Per-sample gradients are formed a bounded number of
+  samples at a time; where an op has no batching rule (GRU's and RNN's backward), one sample at a
+  time. Recurrent layers' hidden states carry samples in dim 1.
+
+Either way the tracker's accounting check (``verify_every``) compares the summed per-sample
+gradients with autograd's, so a use the recorder cannot see is refused, not missed.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .base import LayerRule, RoutePlan, RuleError, per_sample_sq, suspend_capture
@@ -39,10 +51,117 @@ class GenericCall:
     out_dims: list[int]      # the batch dimension of each of those outputs
     extra_params: tuple = ()  # names of inner modules' parameters this call accounts for (tracker)
     extra_owners: tuple = ()  # the tracker's owners of those inner modules
+    direct_uses: list | None = None  # the module's own parameters' uses, when all were understood
+
+
+@dataclass(eq=False)
+class DirectUse:
+    """One op of a generic-route module's forward that uses one of its own parameters, broadcast
+    over the samples: ``expand``, ``+``, ``-`` or ``*`` with a batched tensor. The gradient of its
+    output (``sink``, set by the tracker) gives the parameter's per-sample gradient for this use
+    with no replay: ``sum_to_size(sign * G_out [* other])`` per sample."""
+
+    name: str
+    kind: str                 # "expand", "add" or "mul"
+    sign: float               # -1 for the subtrahend of a subtraction
+    other: Any                # the other factor of a product (detached tensor or number)
+    out_shape: torch.Size
+    sink: Any = None
+
+
+_DIRECT_KINDS = {
+    torch.Tensor.expand: "expand",
+    torch.add: "add", torch.Tensor.add: "add", torch.Tensor.__add__: "add", torch.Tensor.__radd__: "add",
+    torch.sub: "sub", torch.Tensor.sub: "sub", torch.Tensor.__sub__: "sub", torch.Tensor.__rsub__: "rsub",
+    torch.mul: "mul", torch.Tensor.mul: "mul", torch.Tensor.__mul__: "mul", torch.Tensor.__rmul__: "mul",
+}
+
+
+class DirectUseRecorder(TorchFunctionMode):
+    """Active while a generic-route module's forward runs: records each op that uses one of the
+    module's own parameters (``uses``), or sets ``uses`` to None at the first use it cannot turn
+    into per-sample gradients (then the call is replayed with ``vmap``, as without it). Each
+    recorded op's output gets a gradient hook that forwards to ``DirectUse.sink``."""
+
+    def __init__(self, params: dict[str, torch.Tensor]):
+        super().__init__()
+        self.params = {id(p): (name, p) for name, p in params.items()}
+        self.uses: list[DirectUse] | None = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.uses is None:
+            return out
+        hits = [i for i, a in enumerate(args) if self._param_name(a) is not None]
+        if not hits and not any(self._param_name(v) is not None for v in kwargs.values()):
+            return out
+        kind = _DIRECT_KINDS.get(func)
+        binary = kind in ("add", "sub", "rsub", "mul") and len(args) == 2
+        if (kind is None or kwargs or len(hits) != 1 or not isinstance(out, torch.Tensor) or not out.requires_grad
+                or not (binary or kind == "expand")):
+            self.uses = None  # e.g. F.layer_norm(x, shape, self.weight): replayed instead
+            return out
+        index = hits[0]
+        name = self._param_name(args[index])
+        other = args[1 - index] if binary else None
+        if isinstance(other, torch.Tensor):
+            other = other.detach()
+        # x - p (p second) and rsub(p, x) = x - p subtract the parameter.
+        sign = -1.0 if (kind == "sub" and index == 1) or (kind == "rsub" and index == 0) else 1.0
+        use = DirectUse(name, "mul" if kind == "mul" else ("expand" if kind == "expand" else "add"), sign,
+                        other, out.shape)
+        out.register_hook(lambda grad, use=use: use.sink(grad) if use.sink is not None else None)
+        self.uses.append(use)
+        return out
+
+    def _param_name(self, x) -> str | None:
+        entry = self.params.get(id(x))
+        return entry[0] if entry is not None and entry[1] is x else None
+
+
+def direct_uses_apply(uses: list[DirectUse] | None, tracked: dict, batch_size: int) -> list[DirectUse] | None:
+    """``uses`` if they cover every tracked parameter and each broadcasts the parameter over the
+    ``batch_size`` samples of dim 0 (so per-sample gradients are a reduction of its output grad)."""
+    if uses is None or {use.name for use in uses} != set(tracked):
+        return None
+    for use in uses:
+        pshape, oshape = tracked[use.name].shape, use.out_shape
+        pad = len(oshape) - len(pshape)
+        if pad < 0 or not oshape or oshape[0] != batch_size or ((1,) * pad + tuple(pshape))[0] != 1:
+            return None
+    return uses
+
+
+def _direct_per_sample(uses: list[DirectUse], grads, tracked, batch_size: int) -> dict[str, torch.Tensor]:
+    """``{name: [B, *shape]}`` float32 per-sample gradients from the recorded uses' output grads."""
+    total: dict[str, torch.Tensor] = {}
+    for use, g in zip(uses, grads):
+        if g is None:
+            continue
+        contrib = g.float() * use.sign
+        if use.kind == "mul":
+            contrib = contrib * (use.other.float() if isinstance(use.other, torch.Tensor) else use.other)
+        shape = tracked[use.name].shape
+        pad = len(use.out_shape) - len(shape)
+        target = (batch_size,) + ((1,) * pad + tuple(shape))[1:]
+        per_sample = contrib.sum_to_size(target).reshape(batch_size, *shape)
+        total[use.name] = per_sample if use.name not in total else total[use.name] + per_sample
+    for name, p in tracked.items():
+        if name not in total:
+            total[name] = torch.zeros(batch_size, *p.shape, dtype=torch.float32, device=p.device)
+    return total
 
 
 class GenericRule(LayerRule):
-    """Exact per-sample gradients of an arbitrary module by ``vmap(vjp(functional_call))``."""
+    """Exact per-sample gradients of an arbitrary module's own parameters.
+
+    Where every op of the forward that uses one of them broadcasts it over the samples
+    (``expand``, ``+``, ``-``, ``*`` with a batched tensor: a class token, a position table, a
+    layer scale), the per-sample gradients are reductions of those ops' output grads, recorded by
+    ``DirectUseRecorder`` (route "generic (broadcast uses)"). Otherwise the module's forward is
+    replayed per sample with ``vmap(vjp(functional_call))`` ("generic (vmap vjp)").
+    """
 
     param_names = ()
 
@@ -87,10 +206,17 @@ class GenericRule(LayerRule):
         buffers = dict(module.named_buffers())
         total: dict[str, torch.Tensor] = {}
         for call, grads in calls:
+            if call.direct_uses is not None and not call.extra_params:
+                # Every use of the module's own parameters broadcast them over the samples: their
+                # per-sample gradients are reductions of those ops' output grads (no replay).
+                uses_grads = list(grads[len(call.outputs):])
+                for name, g in _direct_per_sample(call.direct_uses, uses_grads, tracked, call.batch_size).items():
+                    total[name] = g if name not in total else total[name] + g
+                continue
             params = {name: p.detach() for name, p in tracked.items()}
             params.update({name: module.get_parameter(name).detach() for name in call.extra_params})
             grads = [g if g is not None else torch.zeros(shape, dtype=dtype, device=_device(call))
-                     for g, (shape, dtype) in zip(grads, call.outputs)]
+                     for g, (shape, dtype) in zip(grads[:len(call.outputs)], call.outputs)]
             for name, g in self._per_sample_grads(module, call, grads, params, buffers, bdim).items():
                 total[name] = g.float() if name not in total else total[name] + g.float()
         return total
@@ -152,6 +278,9 @@ class GenericRule(LayerRule):
 
     def plan(self, module, ctx, grad, tracked) -> RoutePlan:
         numel = sum(p.numel() for p in tracked.values())
+        if ctx.direct_uses is not None and not ctx.extra_params:
+            return RoutePlan("generic (broadcast uses)", f"B={ctx.batch_size} params={numel} uses={len(ctx.direct_uses)}",
+                             float(2 * ctx.batch_size * numel), 4.0 * ctx.batch_size * numel)
         chunk = max(1, int(MAX_EXTRA_BYTES // max(1, 4 * numel)))
         return RoutePlan("generic (vmap vjp)", f"B={ctx.batch_size} params={numel}", float("nan"),
                          4.0 * numel * min(chunk, ctx.batch_size))
