@@ -117,6 +117,26 @@ class EncoderModel(nn.Module):
         return self.head(self.layers(self.embed(idx)))
 
 
+class PatchViT(nn.Module):
+    """A ViT laid out as timm's: patch convolution, class token and position table as parameters of
+    the model itself, pre-norm nn.TransformerEncoderLayer blocks, head on the class token."""
+
+    def __init__(self, dim=192, depth=4, heads=3, patch=8, image=64, classes=10):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, (image // patch) ** 2 + 1, dim))
+        self.blocks = nn.Sequential(*[nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True,
+                                                                 norm_first=True) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
 class GPT2Logits(nn.Module):
     """Hugging Face GPT2LMHeadModel (tied wte/lm_head, Conv1D projections) returning logits, with
     per-sample position ids (the default [1, T] ones are broadcast, see the README's limits)."""
@@ -181,6 +201,8 @@ WORKLOADS = {
                             token_level=True),
     # Not in BENCHMARKS.md: a 2-layer Hugging Face GPT-2 of the seq workload's size.
     "gpt2": Workload("gpt2", GPT2Logits, _tokens(16, 128, 1000), lambda x, y: 1.0 / y.numel(), token_level=True),
+    # Not in BENCHMARKS.md: a small ViT with timm's layout (tokens on the model: generic route).
+    "vit": Workload("vit", PatchViT, _images(32, (3, 64, 64)), lambda x, y: 1.0 / x.shape[0]),
     # Not in BENCHMARKS.md: a 2-layer Hugging Face Llama of the seq workload's size.
     "llama": Workload("llama", LlamaLogits, _tokens(16, 128, 1000), lambda x, y: 1.0 / y.numel(), token_level=True),
     # GPU only (bf16 there): a large transformer-MLP stack and ResNet-18-sized convolutions.

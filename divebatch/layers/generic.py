@@ -104,7 +104,7 @@ class DirectUseRecorder(TorchFunctionMode):
             return out
         index = hits[0]
         name = self._param_name(args[index])
-        other = args[1 - index] if binary else None
+        other = args[1 - index] if kind == "mul" else None  # only a product's gradient needs it
         if isinstance(other, torch.Tensor):
             other = other.detach()
         # x - p (p second) and rsub(p, x) = x - p subtract the parameter.
