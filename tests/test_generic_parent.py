@@ -254,3 +254,26 @@ def test_a_forward_that_raises_leaves_no_mode_behind():
         with pytest.raises(RuntimeError, match="boom"):
             model(torch.randn(2, 3))
         assert torch._C._len_torch_function_stack() == depth
+
+
+class CatAndExpand(nn.Module):
+    """One parameter used twice: by expand (a broadcast use) and inside torch.cat's list (not one)."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.token = nn.Parameter(torch.randn(1, 1, d))
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):
+        tokens = torch.cat([self.token, self.token.expand(x.shape[0] - 1, -1, -1)], dim=0)
+        return self.head(torch.cat([tokens.expand(-1, 2, -1), x], dim=1))
+
+
+def test_a_use_inside_a_list_is_seen_and_replayed():
+    torch.manual_seed(0)
+    model, x = CatAndExpand(), torch.randn(3, 4, 6)
+    y = torch.randn(*model(x).shape)
+    stats, routes = run(model, x, y)
+    per_sample, _, batch = reference_norms(model, loss_fn, x, y)
+    assert routes[""] == "generic (vmap vjp)"
+    assert rel_err(stats.per_sample, per_sample) <= 1e-5

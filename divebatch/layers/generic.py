@@ -94,7 +94,7 @@ class DirectUseRecorder(TorchFunctionMode):
         if self.uses is None:
             return out
         hits = [i for i, a in enumerate(args) if self._param_name(a) is not None]
-        if not hits and not any(self._param_name(v) is not None for v in kwargs.values()):
+        if not hits and not self._inside(args, kwargs):
             return out
         kind = _DIRECT_KINDS.get(func)
         binary = kind in ("add", "sub", "rsub", "mul") and len(args) == 2
@@ -114,6 +114,12 @@ class DirectUseRecorder(TorchFunctionMode):
         out.register_hook(lambda grad, use=use: use.sink(grad) if use.sink is not None else None)
         self.uses.append(use)
         return out
+
+    def _inside(self, args, kwargs) -> bool:
+        """A parameter among the keyword arguments or inside a list argument (``torch.cat([p, x])``)."""
+        if any(self._param_name(v) is not None for v in kwargs.values()):
+            return True
+        return any(isinstance(a, (list, tuple)) and any(self._param_name(t) is not None for t in a) for a in args)
 
     def _param_name(self, x) -> str | None:
         entry = self.params.get(id(x))
