@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_flatten
 
 from ._norms import squared_norm
 from .layers import GENERIC, LayerRule, RoutePlan, rule_for
-from .layers.generic import DirectUseRecorder, direct_uses_apply
+from .layers.generic import DirectUseRecorder, usable_direct_uses
 from .layers.base import capture_suspended
 from .layers.embedding import EmbeddingRule
 from .layers.linear import LinearRule, linear_factors
@@ -128,7 +128,26 @@ class _Backward:
     accounted: dict = field(default_factory=dict)
     delivered: dict = field(default_factory=dict)  # param id -> (full name, owner, grad)
     unverifiable: set = field(default_factory=set)
-    verified: dict = field(default_factory=dict)  # owner id -> [owner, diff sq, grad sq, worst param, its diff, exact]
+    verified: dict = field(default_factory=dict)  # owner id -> _Verified
+
+
+@dataclass(eq=False)
+class _Verified:
+    """One module's comparison on a verified backward, summed over its parameters."""
+
+    owner: _Owner
+    diff_sq: float = 0.0    # ||autograd's grad - accounted||^2
+    grad_sq: float = 0.0    # ||autograd's grad||^2
+    worst: str = ""         # the parameter with the largest difference (named in the error)
+    worst_diff_sq: float = -1.0
+    exact: bool = True      # every gradient float32/64 on CPU (the tight tolerance applies)
+
+    @property
+    def relative(self) -> float:
+        """``sqrt(diff_sq / grad_sq)``; 0 for 0/0, inf for a difference on a zero gradient."""
+        if self.grad_sq > 0:
+            return math.sqrt(self.diff_sq / self.grad_sq)
+        return 0.0 if self.diff_sq == 0 else math.inf
 
 
 def _check_reduction(loss_reduction) -> None:
@@ -445,7 +464,7 @@ class GradNormTracker:
         if batch_size == 0:
             raise ValueError(f"module '{owner.name}' ({type(module).__name__}) got an empty batch (0 samples); "
                              "skip empty batches before the forward pass")
-        uses = direct_uses_apply(recorder.uses, owner.tracked, batch_size) if recorder is not None else None
+        uses = usable_direct_uses(recorder.uses, owner.tracked, batch_size) if recorder is not None else None
         if uses is not None:
             ctx.direct_uses = uses  # their output grads arrive after the module's outputs'
         n_grads = len(leaves) + (len(uses) if uses is not None else 0)
@@ -537,14 +556,13 @@ class GradNormTracker:
             return  # not accounted at all: the end-of-backward check names it
         if grad.is_sparse:
             grad = grad.to_dense()
-        diff_sq, total_sq = squared_norm(grad.float() - accounted).item(), squared_norm(grad).item()
-        exact = grad.dtype in (torch.float32, torch.float64) and grad.device.type == "cpu"
-        entry = step.verified.setdefault(id(owner), [owner, 0.0, 0.0, "", -1.0, exact])
-        entry[1] += diff_sq
-        entry[2] += total_sq
-        entry[5] = entry[5] and exact
-        if diff_sq > entry[4]:
-            entry[3], entry[4] = name, diff_sq
+        diff_sq = squared_norm(grad.float() - accounted).item()
+        entry = step.verified.setdefault(id(owner), _Verified(owner))
+        entry.diff_sq += diff_sq
+        entry.grad_sq += squared_norm(grad).item()
+        entry.exact = entry.exact and grad.dtype in (torch.float32, torch.float64) and grad.device.type == "cpu"
+        if diff_sq > entry.worst_diff_sq:
+            entry.worst, entry.worst_diff_sq = name, diff_sq
 
     def _verification_error(self, step: _Backward) -> RuntimeError | None:
         """The error for the first module whose parameters got gradient from outside its forward.
@@ -552,9 +570,9 @@ class GradNormTracker:
         Compared per module, relative to the norm of the module's whole gradient: a parameter
         whose true gradient vanishes (e.g. a key projection's bias under softmax) is all rounding.
         """
-        for owner, diff_sq, total_sq, name, _, exact in step.verified.values():
-            tol = 1e-3 if exact and not self._low_precision_forward else 2e-2
-            rel = _relative(diff_sq, total_sq)
+        for entry in step.verified.values():
+            tol = 1e-3 if entry.exact and not self._low_precision_forward else 2e-2
+            rel, owner, name = entry.relative, entry.owner, entry.worst
             if rel > tol:
                 return RuntimeError(
                     f"parameter '{name}' received a gradient that the forward calls of its module '{owner.name}' "
@@ -690,7 +708,7 @@ class GradNormTracker:
             batch_sq = (step.batch_grad_sq if step.batch_grad_sq is not None else per_sample.new_zeros(())) * inv_c2
         unaccounted = None
         if step.verify:
-            unaccounted = {owner.name: _relative(diff, total) for owner, diff, total, *_ in step.verified.values()}
+            unaccounted = {entry.owner.name: entry.relative for entry in step.verified.values()}
         return GradNormStats(per_sample, batch_sq, per_layer, B, c, unaccounted=unaccounted)
 
 
@@ -706,13 +724,6 @@ def _inside_functorch() -> bool:
     # Under torch.func transforms (e.g. a user's own vmap(grad)) the tensors are wrapped
     # per-sample already; capturing them would double count and break the batch dimension.
     return torch._C._functorch.peek_interpreter_stack() is not None
-
-
-def _relative(diff_sq: float, total_sq: float) -> float:
-    """``sqrt(diff_sq / total_sq)``; 0 for 0/0, inf for a difference on a zero gradient."""
-    if total_sq > 0:
-        return math.sqrt(diff_sq / total_sq)
-    return 0.0 if diff_sq == 0 else math.inf
 
 
 def _sharers(owner: _Owner) -> tuple[_Owner, ...]:

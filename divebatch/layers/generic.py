@@ -126,7 +126,7 @@ class DirectUseRecorder(TorchFunctionMode):
         return entry[0] if entry is not None and entry[1] is x else None
 
 
-def direct_uses_apply(uses: list[DirectUse] | None, tracked: dict, batch_size: int) -> list[DirectUse] | None:
+def usable_direct_uses(uses: list[DirectUse] | None, tracked: dict, batch_size: int) -> list[DirectUse] | None:
     """``uses`` if they cover every tracked parameter and each broadcasts the parameter over the
     ``batch_size`` samples of dim 0 (so per-sample gradients are a reduction of its output grad)."""
     if uses is None or {use.name for use in uses} != set(tracked):
