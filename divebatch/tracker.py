@@ -735,9 +735,11 @@ def _called_from_compiled_code() -> bool:
     """Whether a ``torch.compile``d function is on the Python stack (this hook runs eagerly at a
     graph break, but the module's forward after it is traced; a torch-function mode entered here
     would be traced into the graph, which dynamo does not support)."""
-    in_module = getattr(torch._dynamo.eval_frame, "_is_in_optimized_module", None)
-    if in_module is not None and in_module():  # a torch.compile'd module (private flag of dynamo's)
-        return True
+    try:  # a torch.compile'd module sets this private flag of dynamo's while it runs
+        if torch._dynamo.eval_frame._is_in_optimized_module():
+            return True
+    except (AttributeError, ImportError):  # another torch version: the stack walk below still applies
+        pass
     frame = sys._getframe(1)
     while frame is not None:
         # A compiled function's wrapper; "_fn" frames are torch.compiler.disable's (these hooks').
