@@ -46,12 +46,16 @@ def linear_norms(a: torch.Tensor, g: torch.Tensor, with_weight: bool, with_bias:
 
 def linear_grad_sums(a: torch.Tensor, g: torch.Tensor, with_weight: bool, with_bias: bool) -> dict:
     """``{"weight": sum_b G_b^T A_b [p, d], "bias": sum_b,t G_b[t] [p]}`` in float32 (what is tracked)."""
-    g2 = g.reshape(-1, g.shape[-1]).float()
+    g2, a2 = g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1])
+    if g2.dtype != a2.dtype:  # autocast: a float32 input with a half output grad
+        g2, a2 = g2.float(), a2.float()
     sums = {}
     if with_weight:
-        sums["weight"] = g2.t().matmul(a.reshape(-1, a.shape[-1]).float())
+        # In the inputs' dtype, as autograd's own weight gradient (BLAS accumulates half in float32):
+        # no float32 copy of a [B*T, p] output grad, which for a vocabulary head is the largest tensor.
+        sums["weight"] = g2.t().matmul(a2).float()
     if with_bias:
-        sums["bias"] = g2.sum(dim=0)
+        sums["bias"] = g2.sum(dim=0, dtype=torch.float32)
     return sums
 
 
