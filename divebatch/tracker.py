@@ -799,7 +799,7 @@ def _assign_owners(model: nn.Module) -> tuple[list[_Owner], list[TiedEmbeddingLi
             first_inner = len(owners)
             for child_name, child in module.named_children():
                 visit(child, _join(name, child_name))
-            generic.descendants = [o for o in owners[first_inner:] if o.tie is None]
+            generic.descendants = owners[first_inner:]
             return
         for child_name, child in module.named_children():
             visit(child, _join(name, child_name))
@@ -822,6 +822,10 @@ def _assign_owners(model: nn.Module) -> tuple[list[_Owner], list[TiedEmbeddingLi
                     "(each module sharing nothing else). Untie the weights, freeze them (requires_grad=False), "
                     "or track a wrapper module that owns both uses")
             ties.append(tie)
+    for owner in owners:
+        # A tied Embedding/Linear accounts for its weight only through its own calls (the cross term
+        # pairs them), so a generic caller never covers it; ties are known only now.
+        owner.descendants = [inner for inner in owner.descendants if inner.tie is None]
     return owners, ties
 
 

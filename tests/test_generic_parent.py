@@ -277,3 +277,26 @@ def test_a_use_inside_a_list_is_seen_and_replayed():
     per_sample, _, batch = reference_norms(model, loss_fn, x, y)
     assert routes[""] == "generic (vmap vjp)"
     assert rel_err(stats.per_sample, per_sample) <= 1e-5
+
+
+class TiedInsideGeneric(nn.Module):
+    """A parent with a parameter of its own that uses its tied embedding's weight directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.head = nn.Linear(4, 7, bias=False)
+        self.head.weight = self.emb.weight
+        self.gain = nn.Parameter(torch.ones(4))
+
+    def forward(self, idx):
+        return self.head(F.embedding(idx, self.emb.weight) * self.gain)
+
+
+def test_tied_weight_used_directly_by_a_generic_parent_is_refused():
+    torch.manual_seed(0)
+    model, idx = TiedInsideGeneric(), torch.randint(0, 7, (3, 5))
+    with GradNormTracker(model, "sum") as tracker:
+        F.cross_entropy(model(idx).reshape(-1, 7), idx.reshape(-1), reduction="sum").backward()
+        with pytest.raises(RuntimeError, match=r"'emb\.weight'.*do not account for"):
+            tracker.collect()
