@@ -73,6 +73,10 @@ class FusedAttentionCall:
     #: ``{projection: (weight sq [B], bias sq [B])}`` from projections run through ``_FusedLinear``.
     projection_norms: dict = field(default_factory=dict)
 
+    def projection_input(self, name: str) -> torch.Tensor:
+        """The input ``[B, T, *]`` of projection ``"q"``, ``"k"``, ``"v"``, ``"qkv"`` or ``"out"``."""
+        return {"q": self.query, "qkv": self.query, "k": self.key, "v": self.value, "out": self.context}[name]
+
     @property
     def shape_key(self) -> tuple:
         return tuple(self.query.shape), tuple(self.key.shape)
@@ -208,7 +212,6 @@ class MultiheadAttentionRule(LayerRule):
     def fused_grads(self, module, ctx, grads, tracked):
         """Norms only: the parameters' gradients come from autograd (or from the fused projections,
         whose per-sample norms are reused here)."""
-        inputs = {"q": ctx.query, "qkv": ctx.query, "k": ctx.key, "v": ctx.value, "out": ctx.context}
         total = None
         for name, g in grads.items():
             weight, bias = _projection_params(module, name)
@@ -216,7 +219,7 @@ class MultiheadAttentionRule(LayerRule):
                 w_sq, b_sq = ctx.projection_norms[name]
                 part = (w_sq if weight in tracked else 0.0) + (b_sq if bias in tracked else 0.0)
             else:
-                part = linear_norms(inputs[name], g, weight in tracked, bias in tracked)
+                part = linear_norms(ctx.projection_input(name), g, weight in tracked, bias in tracked)
             total = part if total is None else total + part
         return total, None, None
 
@@ -233,8 +236,7 @@ class MultiheadAttentionRule(LayerRule):
         parts: dict[str, list] = {}
         for ctx, grads in calls:
             if isinstance(ctx, FusedAttentionCall):
-                inputs = {"q": ctx.query, "qkv": ctx.query, "k": ctx.key, "v": ctx.value, "out": ctx.context}
-                factors = {name: (inputs[name], g) for name, g in grads[0].items()}
+                factors = {name: (ctx.projection_input(name), g) for name, g in grads[0].items()}
             else:
                 factors = self._projection_factors(module, ctx, grads)
             for name, pair in factors.items():

@@ -94,6 +94,22 @@ class LayerRule:
         return RoutePlan("instantiate", _shape(ctx), float("nan"), float("nan"))
 
 
+class PerSampleGradsRule(LayerRule):
+    """A rule that forms its (small) per-sample gradients outright: ``per_sample_grads`` gives
+    ``{name: [B, *param_shape]}`` (float32, summed over the calls), from which the norms and the
+    summed gradient follow."""
+
+    def per_sample_grads(self, module: nn.Module, calls: list[Call], tracked: dict[str, nn.Parameter]
+                         ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def norms(self, module, calls, tracked):
+        return sum(per_sample_sq(t) for t in self.per_sample_grads(module, calls, tracked).values())
+
+    def grad_sums(self, module, calls, tracked):
+        return {name: t.sum(dim=0) for name, t in self.per_sample_grads(module, calls, tracked).items()}
+
+
 def _shape(x: Any) -> str:
     return "x".join(map(str, x.shape)) if isinstance(x, torch.Tensor) else "?"
 

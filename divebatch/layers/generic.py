@@ -34,7 +34,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .base import LayerRule, RoutePlan, RuleError, per_sample_sq, suspend_capture
+from .base import PerSampleGradsRule, RoutePlan, RuleError, suspend_capture
 from .routes import MAX_EXTRA_BYTES
 
 
@@ -159,7 +159,7 @@ def _direct_per_sample(uses: list[DirectUse], grads, tracked, batch_size: int) -
     return total
 
 
-class GenericRule(LayerRule):
+class GenericRule(PerSampleGradsRule):
     """Exact per-sample gradients of an arbitrary module's own parameters.
 
     Where every op of the forward that uses one of them broadcasts it over the samples
@@ -226,12 +226,6 @@ class GenericRule(LayerRule):
             for name, g in self._per_sample_grads(module, call, grads, params, buffers, bdim).items():
                 total[name] = g.float() if name not in total else total[name] + g.float()
         return total
-
-    def norms(self, module, calls, tracked):
-        return sum(per_sample_sq(t) for t in self.per_sample_grads(module, calls, tracked).values())
-
-    def grad_sums(self, module, calls, tracked):
-        return {name: t.sum(dim=0) for name, t in self.per_sample_grads(module, calls, tracked).items()}
 
     def _per_sample_grads(self, module, call: GenericCall, grads, params, buffers, bdim):
         batched_leaves = [x for x, d in zip(call.leaves, call.in_dims) if d is not None]

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LayerRule, RoutePlan, per_sample_sq, register, register_matcher
+from .base import PerSampleGradsRule, RoutePlan, register, register_matcher
 
 
-class _AffineNormRule(LayerRule):
+class _AffineNormRule(PerSampleGradsRule):
     """Shared sum-and-square logic; subclasses say how to normalise and which dims share a param."""
 
     def normalized(self, module, ctx) -> torch.Tensor:
@@ -46,12 +46,6 @@ class _AffineNormRule(LayerRule):
             for name, part in parts.items():
                 total[name] = part if name not in total else total[name] + part
         return total
-
-    def norms(self, module, calls, tracked):
-        return sum(per_sample_sq(t) for t in self.per_sample_grads(module, calls, tracked).values())
-
-    def grad_sums(self, module, calls, tracked):
-        return {name: t.sum(dim=0) for name, t in self.per_sample_grads(module, calls, tracked).items()}
 
     def plan(self, module, ctx, grad, tracked) -> RoutePlan:
         x = ctx[0] if isinstance(ctx, tuple) else ctx
