@@ -77,27 +77,28 @@ class SeqModel(nn.Module):
 class BasicBlock(nn.Module):
     """ResNet basic block (two 3x3 convs with BatchNorm, projection shortcut when needed)."""
 
-    def __init__(self, cin, cout, stride):
+    def __init__(self, cin, cout, stride, norm=nn.BatchNorm2d):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
+        self.bn1 = norm(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        self.bn2 = norm(cout)
         self.short = nn.Sequential()
         if stride != 1 or cin != cout:
-            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm(cout))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         return F.relu(self.bn2(self.conv2(out)) + self.short(x))
 
 
-def resnet18(num_classes=1000):
-    """ResNet-18 for 224x224 inputs (torchvision does not import beside the CPU torch here)."""
-    layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+def resnet18(num_classes=1000, norm=nn.BatchNorm2d):
+    """ResNet-18 for 224x224 inputs (torchvision does not import beside the CPU torch here);
+    ``norm(channels)`` builds each normalisation layer."""
+    layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), norm(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
     cin = 64
     for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
-        layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+        layers += [BasicBlock(cin, cout, stride, norm), BasicBlock(cout, cout, 1, norm)]
         cin = cout
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes)]
     return nn.Sequential(*layers)
@@ -205,6 +206,10 @@ WORKLOADS = {
     "vit": Workload("vit", PatchViT, _images(32, (3, 64, 64)), lambda x, y: 1.0 / x.shape[0]),
     # Not in BENCHMARKS.md: a 2-layer Hugging Face Llama of the seq workload's size.
     "llama": Workload("llama", LlamaLogits, _tokens(16, 128, 1000), lambda x, y: 1.0 / y.numel(), token_level=True),
+    # Not in BENCHMARKS.md: ResNet-18 with GroupNorm (per-sample gradients are defined, as DP
+    # training needs) at a CPU-sized 112x112, batch 16: its deep layers have 512 channels at 4x4.
+    "resnet": Workload("resnet", lambda: resnet18(10, lambda c: nn.GroupNorm(32, c)), _images(16, (3, 112, 112)),
+                       lambda x, y: 1.0 / x.shape[0]),
     # GPU only (bf16 there): a large transformer-MLP stack and ResNet-18-sized convolutions.
     "seq-large": Workload("seq-large", lambda: SeqModel(32000, 4096, 16384, 2), _tokens(8, 2048, 32000),
                           lambda x, y: 1.0 / y.numel(), token_level=True),

@@ -198,7 +198,7 @@ class Signed(nn.Module):
 
 
 class LayerNormLike(nn.Module):
-    """Uses its parameters inside F.layer_norm: not a broadcast use, so the forward is replayed."""
+    """Uses its parameters inside F.layer_norm: its affine part is a broadcast product and sum."""
 
     def __init__(self, d=5):
         super().__init__()
@@ -207,6 +207,18 @@ class LayerNormLike(nn.Module):
 
     def forward(self, x):
         return F.layer_norm(x, x.shape[-1:], self.weight, self.bias)
+
+
+class MatmulLike(nn.Module):
+    """Multiplies by its weight matrix (not a broadcast use), so the forward is replayed."""
+
+    def __init__(self, d=5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d, d))
+        self.gain = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        return (x @ self.weight) * self.gain
 
 
 class Raising(nn.Module):
@@ -223,8 +235,9 @@ class Raising(nn.Module):
 @pytest.mark.parametrize("make, shape, route", [
     (RootTokens, (3, 4, 5), "generic (broadcast uses)"),
     (Signed, (3, 4, 5), "generic (broadcast uses)"),
-    (LayerNormLike, (3, 4, 5), "generic (vmap vjp)"),
-], ids=["root-tokens", "signed", "replayed"])
+    (LayerNormLike, (3, 4, 5), "generic (broadcast uses)"),
+    (MatmulLike, (3, 4, 5), "generic (vmap vjp)"),
+], ids=["root-tokens", "signed", "functional-layer-norm", "replayed"])
 def test_broadcast_uses_match_torch_func(make, shape, route, fused):
     torch.manual_seed(0)
     model, x = make(), torch.randn(*shape)

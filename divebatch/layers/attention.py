@@ -325,7 +325,7 @@ def _projection_params(module, name: str) -> tuple[str, str]:
 def _fused_instantiate(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the fused-instantiate route applies to a projection of ``x [T, B, d]``."""
     T, B, d = x.shape
-    return fused_linear_route(B, T, d, weight.shape[0]).route == "fused-instantiate"
+    return fused_linear_route(B, T, d, weight.shape[0], x.device.type).route == "fused-instantiate"
 
 
 def _options(bound: dict) -> dict:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 from torch.overrides import TorchFunctionMode
@@ -57,15 +58,17 @@ class GenericCall:
 @dataclass(eq=False)
 class DirectUse:
     """One op of a generic-route module's forward that uses one of its own parameters, broadcast
-    over the samples: ``expand``, ``+``, ``-`` or ``*`` with a batched tensor. The gradient of its
-    output (``sink``, set by the tracker) gives the parameter's per-sample gradient for this use
-    with no replay: ``sum_to_size(sign * G_out [* other])`` per sample."""
+    over the samples: ``expand``, ``+``, ``-`` or ``*`` with a batched tensor (a functional
+    normalisation's affine part counts as ``*`` and ``+``). The gradient of its output (``sink``,
+    set by the tracker) gives the parameter's per-sample gradient for this use with no replay:
+    ``sum_to_size(sign * G_out [* other])`` per sample, reshaped to the parameter's shape."""
 
     name: str
     kind: str                 # "expand", "add" or "mul"
     sign: float               # -1 for the subtrahend of a subtraction
     other: Any                # the other factor of a product (detached tensor or number)
     out_shape: torch.Size
+    param_shape: torch.Size   # the operand's shape: the parameter's, or a view of it with singleton dims
     sink: Any = None
 
 
@@ -76,12 +79,55 @@ _DIRECT_KINDS = {
     torch.mul: "mul", torch.Tensor.mul: "mul", torch.Tensor.__mul__: "mul", torch.Tensor.__rmul__: "mul",
 }
 
+# Ops that give the same values as their input with singleton dims added or removed, or in another
+# dtype (``w[:, None, None]``, ``w.view(1, -1, 1, 1)``, ``w.to(x.dtype)``): their result is
+# treated as the parameter itself, with its own shape.
+_ALIAS_OPS = {
+    torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.view_as, torch.Tensor.reshape_as,
+    torch.Tensor.unsqueeze, torch.unsqueeze, torch.Tensor.squeeze, torch.squeeze, torch.Tensor.__getitem__,
+    torch.Tensor.to, torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.double,
+    torch.Tensor.type_as,
+}
+
+
+def _bind_norm(signature_names, defaults):
+    def bind(args, kwargs):
+        bound = dict(defaults)
+        bound.update(zip(signature_names, args))
+        bound.update(kwargs)
+        return bound if set(bound) <= set(signature_names) and len(args) <= len(signature_names) else None
+    return bind
+
+
+# Functional normalisations whose affine weight and bias are a product and a sum broadcast over the
+# samples: ``norm(x) * w + b``. Each entry: how to bind its arguments, and the dimension the
+# parameters align with (None: the trailing ``normalized_shape`` dims; 1: channels, as group_norm).
+_layer_norm = _bind_norm(("input", "normalized_shape", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5})
+_group_norm = _bind_norm(("input", "num_groups", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5})
+_rms_norm = _bind_norm(("input", "normalized_shape", "weight", "eps"), {"weight": None, "eps": None})
+_NORMS = {
+    F.layer_norm: (_layer_norm, "normalized_shape", None), torch.layer_norm: (_layer_norm, "normalized_shape", None),
+    F.group_norm: (_group_norm, "num_groups", 1), torch.group_norm: (_group_norm, "num_groups", 1),
+}
+if hasattr(F, "rms_norm"):
+    _NORMS[F.rms_norm] = (_rms_norm, "normalized_shape", None)
+if hasattr(torch, "rms_norm"):
+    _NORMS[torch.rms_norm] = (_rms_norm, "normalized_shape", None)
+
+_HALF = (torch.float16, torch.bfloat16)
+
 
 class DirectUseRecorder(TorchFunctionMode):
     """Active while a generic-route module's forward runs: records each op that uses one of the
     module's own parameters (``uses``), or sets ``uses`` to None at the first use it cannot turn
     into per-sample gradients (then the call is replayed with ``vmap``, as without it). Each
-    recorded op's output gets a gradient hook that forwards to ``DirectUse.sink``."""
+    recorded op's output gets a gradient hook that forwards to ``DirectUse.sink``.
+
+    A functional normalisation given the module's parameters (``F.layer_norm``, ``F.group_norm``,
+    ``F.rms_norm``: Hugging Face's channels-first ``ConvNextLayerNorm``, timm's ``LayerNorm2d``)
+    is computed as the normalisation without affine parameters, then ``* weight + bias``, in
+    float32 for float16/bfloat16 inputs as the fused kernels do, so the output is the same to
+    rounding and both parameters become recorded broadcast uses."""
 
     def __init__(self, params: dict[str, torch.Tensor]):
         super().__init__()
@@ -90,30 +136,93 @@ class DirectUseRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.uses is not None and func in _NORMS:
+            out = self._normalisation(func, args, kwargs)
+            if out is not None:
+                return out
         out = func(*args, **kwargs)
         if self.uses is None:
             return out
         hits = [i for i, a in enumerate(args) if self._param_name(a) is not None]
         if not hits and not self._inside(args, kwargs):
             return out
+        if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(out)[0]):
+            return out  # no gradient flows through it: ``w.dtype``, ``w.shape``, ``w.detach()``
+        if func in _ALIAS_OPS and hits == [0] and self._alias(args[0], out):
+            return out
         kind = _DIRECT_KINDS.get(func)
         binary = kind in ("add", "sub", "rsub", "mul") and len(args) == 2
         if (kind is None or kwargs or len(hits) != 1 or not isinstance(out, torch.Tensor) or not out.requires_grad
                 or not (binary or kind == "expand")):
-            self.uses = None  # e.g. F.layer_norm(x, shape, self.weight): replayed instead
+            self.uses = None  # e.g. F.linear(x, self.weight): replayed instead
             return out
         index = hits[0]
-        name = self._param_name(args[index])
         other = args[1 - index] if kind == "mul" else None  # only a product's gradient needs it
-        if isinstance(other, torch.Tensor):
-            other = other.detach()
         # x - p (p second) and rsub(p, x) = x - p subtract the parameter.
         sign = -1.0 if (kind == "sub" and index == 1) or (kind == "rsub" and index == 0) else 1.0
-        use = DirectUse(name, "mul" if kind == "mul" else ("expand" if kind == "expand" else "add"), sign,
-                        other, out.shape)
+        self._record(self._param_name(args[index]), args[index].shape,
+                     "mul" if kind == "mul" else ("expand" if kind == "expand" else "add"), sign, other, out)
+        return out
+
+    def _record(self, name, operand_shape, kind, sign, other, out):
+        if isinstance(other, torch.Tensor):
+            other = other.detach()
+        use = DirectUse(name, kind, sign, other, out.shape, operand_shape)
         out.register_hook(lambda grad, use=use: use.sink(grad) if use.sink is not None else None)
         self.uses.append(use)
-        return out
+
+    def _alias(self, param, out) -> bool:
+        """Register ``out`` as the parameter itself if it holds the same values in the same order
+        with only singleton dims added or removed (a dtype change allowed)."""
+        if (not isinstance(out, torch.Tensor) or not out.requires_grad or out.numel() != param.numel()
+                or out.device != param.device
+                or [n for n in out.shape if n != 1] != [n for n in param.shape if n != 1]):
+            return False
+        self.params[id(out)] = (self._param_name(param), out)
+        return True
+
+    def _normalisation(self, func, args, kwargs):
+        """``func`` (a functional normalisation) as ``norm(x) * weight + bias`` with the weight's
+        and bias's uses recorded; None where the call is not of that form."""
+        bind, shape_arg, channel_dim = _NORMS[func]
+        bound = bind(args, kwargs)
+        if bound is None or "input" not in bound or shape_arg not in bound:
+            return None
+        x, weight, bias = bound["input"], bound.get("weight"), bound.get("bias")
+        own = [t for t in (weight, bias) if t is not None and self._param_name(t) is not None]
+        if not own or not isinstance(x, torch.Tensor) or x.dim() < 2 or self._param_name(x) is not None:
+            return None
+        plain = dict(bound, weight=None)
+        if "bias" in plain:
+            plain["bias"] = None
+        x_arg = plain.pop("input")
+        device_type = x.device.type
+        # The fused kernels compute in float32 and round once; a bfloat16 norm(x) multiplied
+        # afterwards would round twice. Under autocast the op's own output dtype decides.
+        out_dtype = x.dtype
+        if torch.is_autocast_enabled(device_type):
+            out_dtype = func(x[:1], **plain).dtype
+        if out_dtype in _HALF:
+            with torch.autocast(device_type, enabled=False):
+                normed = func(x.float(), **plain)
+        else:
+            normed = func(x_arg, **plain)
+        view = (lambda t: t) if channel_dim is None else (lambda t: t.view(1, -1, *([1] * (x.dim() - 2))))
+        out = normed
+        if weight is not None:
+            w = view(weight)
+            w = w.float() if out_dtype in _HALF else w
+            out = normed * w
+            if self._param_name(weight) is not None and out.requires_grad:
+                self._record(self._param_name(weight), w.shape, "mul", 1.0, normed, out)
+        if bias is not None:
+            b = view(bias)
+            b = b.float() if out_dtype in _HALF else b
+            summed = out + b
+            if self._param_name(bias) is not None and summed.requires_grad:
+                self._record(self._param_name(bias), b.shape, "add", 1.0, None, summed)
+            out = summed
+        return out.to(out_dtype) if out.dtype != out_dtype else out
 
     def _inside(self, args, kwargs) -> bool:
         """A parameter among the keyword arguments or inside a list argument (``torch.cat([p, x])``)."""
@@ -132,7 +241,7 @@ def usable_direct_uses(uses: list[DirectUse] | None, tracked: dict, batch_size: 
     if uses is None or {use.name for use in uses} != set(tracked):
         return None
     for use in uses:
-        pshape, oshape = tracked[use.name].shape, use.out_shape
+        pshape, oshape = use.param_shape, use.out_shape
         pad = len(oshape) - len(pshape)
         if pad < 0 or not oshape or oshape[0] != batch_size or ((1,) * pad + tuple(pshape))[0] != 1:
             return None
@@ -148,10 +257,9 @@ def _direct_per_sample(uses: list[DirectUse], grads, tracked, batch_size: int) -
         contrib = g.float() * use.sign
         if use.kind == "mul":
             contrib = contrib * (use.other.float() if isinstance(use.other, torch.Tensor) else use.other)
-        shape = tracked[use.name].shape
-        pad = len(use.out_shape) - len(shape)
-        target = (batch_size,) + ((1,) * pad + tuple(shape))[1:]
-        per_sample = contrib.sum_to_size(target).reshape(batch_size, *shape)
+        pad = len(use.out_shape) - len(use.param_shape)
+        target = (batch_size,) + ((1,) * pad + tuple(use.param_shape))[1:]
+        per_sample = contrib.sum_to_size(target).reshape(batch_size, *tracked[use.name].shape)
         total[use.name] = per_sample if use.name not in total else total[use.name] + per_sample
     for name, p in tracked.items():
         if name not in total:

@@ -1,0 +1,158 @@
+"""Generic-route modules that normalise with functional ops or views of their own parameters
+(Hugging Face's channels-first ``ConvNextLayerNorm``, timm's ``LayerNorm2d``, ``F.group_norm``
+with a module's own weight, ``w[:, None, None] * x``) take the broadcast-uses route: the
+recorder computes ``norm(x) * weight + bias`` itself and records the product and the sum, so
+nothing is replayed. Exact against torch.func; the forward's values are unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from divebatch import GradNormTracker
+
+from .oracle import reference_norms, rel_err
+
+
+class ChannelsFirstLayerNorm(nn.LayerNorm):
+    """Hugging Face ConvNeXt's pattern: nn.LayerNorm's forward over the channels of [B, C, H, W]."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class _Affine(nn.Module):
+    def __init__(self, c=4):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(c) + 0.5)
+        self.bias = nn.Parameter(torch.randn(c))
+
+
+class KeywordLayerNorm(_Affine):
+    """timm's LayerNorm2d, keyword arguments."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        return F.layer_norm(x, (x.shape[-1],), weight=self.weight, bias=self.bias, eps=1e-6).permute(0, 3, 1, 2)
+
+
+class FunctionalGroupNorm(_Affine):
+    def forward(self, x):
+        return F.group_norm(x, 2, self.weight, self.bias)
+
+
+class FunctionalRMSNorm(_Affine):
+    """Weight only; the bias is added as a view (``[:, None, None]``) after the norm."""
+
+    def forward(self, x):
+        h = F.rms_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, eps=1e-6).permute(0, 3, 1, 2)
+        return h + self.bias[:, None, None]
+
+
+class HandWrittenChannelsFirst(_Affine):
+    """The older ConvNeXt code: statistics by hand, then views and a dtype cast of the parameters,
+    and a read of the weight's dtype (no gradient flows through that)."""
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = ((x - u) / torch.sqrt(s + 1e-6)).to(self.weight.dtype)
+        return self.weight[:, None, None] * x + self.bias.view(1, -1, 1, 1).to(x.dtype)
+
+
+def conv_model(norm):
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), norm, nn.GELU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 2))
+
+
+NORMS = {
+    "channels-first-layer-norm": lambda: ChannelsFirstLayerNorm(4),
+    "keyword-layer-norm": KeywordLayerNorm,
+    "group-norm": FunctionalGroupNorm,
+    "rms-norm": FunctionalRMSNorm,
+    "hand-written": HandWrittenChannelsFirst,
+}
+
+
+def loss_fn(out, y):
+    return 0.5 * (out - y).square().sum()
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("norm", sorted(NORMS))
+def test_matches_torch_func_without_replay(norm, fused):
+    torch.manual_seed(0)
+    model = conv_model(NORMS[norm]())
+    with torch.no_grad():
+        model[1].bias.uniform_(-0.5, 0.5)
+    x, y = torch.randn(3, 3, 5, 5), torch.randn(3, 2)
+    with GradNormTracker(model, "sum", fused=fused) as tracker:
+        loss_fn(model(x), y).backward()
+        stats = tracker.collect()
+        route = {plan.module: plan.route for plan in tracker.plan()}["1"]
+    per_sample, per_param, batch = reference_norms(model, loss_fn, x, y)
+    assert route == "generic (broadcast uses)"
+    assert rel_err(stats.per_layer["1"], per_param["1.weight"] + per_param["1.bias"]) <= 1e-5
+    assert rel_err(stats.per_sample, per_sample) <= 1e-5
+    assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
+    assert max(stats.unaccounted.values()) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("norm", ["channels-first-layer-norm", "group-norm", "rms-norm"])
+def test_forward_values_are_unchanged(norm, dtype):
+    """The recorded form computes in float32 for half-precision inputs, as the fused kernels do,
+    so the output matches the untracked module's (rounded once, not twice)."""
+    torch.manual_seed(0)
+    module = NORMS[norm]().to(dtype)
+    x = torch.randn(4, 4, 6, 6, dtype=dtype)
+    expected = module(x)
+    with GradNormTracker(nn.Sequential(module), "sum"):
+        actual = module(x)
+    assert actual.dtype == expected.dtype
+    tol = 1e-6 if dtype == torch.float32 else 0.0
+    assert (actual.float() - expected.float()).abs().max().item() <= tol * expected.abs().max().item()
+
+
+def test_autocast_output_dtype_is_unchanged():
+    torch.manual_seed(0)
+    model = conv_model(ChannelsFirstLayerNorm(4))
+    x, y = torch.randn(3, 3, 5, 5), torch.randn(3, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model[:2](x)
+    with GradNormTracker(model, "sum") as tracker:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            actual = model[:2](x)
+            loss_fn(model[2:](actual).float(), y).backward()
+        stats = tracker.collect()
+        route = {plan.module: plan.route for plan in tracker.plan()}["1"]
+    per_sample, _, _ = reference_norms(model, loss_fn, x, y)
+    assert actual.dtype == expected.dtype
+    assert torch.allclose(actual.float(), expected.float(), atol=1e-2)
+    assert route == "generic (broadcast uses)"
+    assert rel_err(stats.per_sample, per_sample) <= 5e-2  # bfloat16 forward against a float32 reference
+
+
+class NormOfAParameter(nn.Module):
+    """Normalises a parameter (not a batched input): not a broadcast use, replayed."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(c, c))
+
+    def forward(self, x):
+        return x @ F.layer_norm(self.table, (4,))
+
+
+def test_a_norm_of_a_parameter_is_replayed():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), NormOfAParameter())
+    x, y = torch.randn(3, 5, 3), torch.randn(3, 5, 4)
+    with GradNormTracker(model, "sum") as tracker:
+        loss_fn(model(x), y).backward()
+        stats = tracker.collect()
+        route = {plan.module: plan.route for plan in tracker.plan()}["1"]
+    per_sample, _, _ = reference_norms(model, loss_fn, x, y)
+    assert route == "generic (vmap vjp)"
+    assert rel_err(stats.per_sample, per_sample) <= 1e-5

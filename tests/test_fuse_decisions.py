@@ -1,0 +1,78 @@
+"""On CPU the fused routes (per-sample tiles or a per-sample convolution that replace autograd's
+weight gradient) step aside where writing the per-sample gradients costs more than the hook
+route's Gram products: wide layers with few positions (a CNN's deep layers, a ConvNeXt's last
+stage). Either way the numbers are exact; these tests pin which route each shape takes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from divebatch import GradNormTracker
+from divebatch.layers.conv import fused_conv_pays
+from divebatch.layers.linear import fused_linear_route
+
+from .oracle import reference_norms, rel_err
+
+
+@pytest.mark.parametrize("B, groups, T, d, p, fuse", [
+    (64, 1, 784, 9, 32, True),          # a small CNN's first layer, 28 x 28
+    (32, 1, 1024, 576, 64, True),       # 64 channels, 3 x 3 at 32 x 32
+    (16, 96, 3136, 9, 1, True),         # depthwise, 56 x 56
+    (32, 1, 16, 4608, 512, False),      # 512 channels, 3 x 3 at 4 x 4: 178 ms fused against 10 ms
+    (16, 1, 4, 512, 256, False),        # ConvNeXt downsampling, 2 x 2 stride 2 at 4 x 4
+])
+def test_conv_fuses_where_the_cost_model_measured_it_faster(B, groups, T, d, p, fuse):
+    assert fused_conv_pays(B, groups, T, d, p) is fuse
+
+
+@pytest.mark.parametrize("B, T, d, p, cpu_route, cuda_route", [
+    (16, 256, 32, 128, "fused-instantiate", "fused-instantiate"),
+    (16, 128, 256, 1024, "fused-instantiate", "fused-instantiate"),
+    (16, 4, 256, 1024, "ghost", "fused-instantiate"),  # CPU: 1.7 ms fused against 0.25 ms by the hooks
+    (16, 2, 512, 2048, "ghost", "ghost"),  # the per-thread 2048 x 512 tile exceeds the 8 MB bound
+])
+def test_linear_fuses_where_writing_tiles_pays(B, T, d, p, cpu_route, cuda_route):
+    assert fused_linear_route(B, T, d, p, "cpu").route == cpu_route
+    assert fused_linear_route(B, T, d, p, "cuda").route == cuda_route  # tiles stay in registers there
+
+
+class WideAndNarrow(nn.Module):
+    """An early convolution (many positions) and a deep one (few positions, many channels), then
+    a Linear over two wide tokens and one over many narrow ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.early = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.lift = nn.Conv2d(8, 64, 1)
+        self.deep = nn.Conv2d(64, 64, 3, padding=1)
+        self.wide = nn.Linear(64, 256)
+        self.narrow = nn.Linear(8, 16)
+
+    def forward(self, x):
+        h = self.deep(torch.tanh(self.lift(self.pool(torch.tanh(self.early(x))))))  # [B, 64, 2, 2]
+        wide = self.wide(h.flatten(2).transpose(1, 2)[:, :2])                        # [B, 2, 256]
+        narrow = self.narrow(h.reshape(h.shape[0], 32, 8))                           # [B, 32, 16]
+        return wide.sum(dim=(1, 2)) + narrow.sum(dim=(1, 2))
+
+
+def test_routes_and_numbers_in_one_model():
+    torch.manual_seed(0)
+    model, x, y = WideAndNarrow(), torch.randn(3, 3, 16, 16), torch.randn(3)
+
+    def loss_fn(out, target):
+        return 0.5 * (out - target).square().sum()
+
+    with GradNormTracker(model, "sum") as tracker:
+        loss_fn(model(x), y).backward()
+        stats = tracker.collect()
+        routes = {plan.module: plan.route for plan in tracker.plan()}
+    assert routes["early"] == "fused-per-sample-conv"
+    assert routes["deep"] == "ghost"
+    assert routes["wide"] == "ghost"
+    assert routes["narrow"] == "fused-instantiate"
+    per_sample, _, batch = reference_norms(model, loss_fn, x, y)
+    assert rel_err(stats.per_sample, per_sample) <= 1e-5
+    assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
