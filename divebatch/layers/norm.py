@@ -23,6 +23,10 @@ from torch import nn
 from .base import PerSampleGradsRule, RoutePlan, register, register_matcher
 
 
+#: Samples per slice of ``x_hat * G`` are chosen so the slice stays under this many bytes.
+_CHUNK_BYTES = 4 * 2**20
+
+
 class _AffineNormRule(PerSampleGradsRule):
     """Shared sum-and-square logic; subclasses say how to normalise and which dims share a param."""
 
@@ -33,16 +37,35 @@ class _AffineNormRule(PerSampleGradsRule):
         """Sum ``t`` over the positions that share one parameter entry: [B, *param_shape]."""
         raise NotImplementedError
 
+    def rows(self, module, ctx, start: int, stop: int):
+        """The part of ``ctx`` that ``normalized`` needs for samples ``start:stop``, or None where
+        the normalisation couples the samples (then the whole batch is normalised at once)."""
+        return ctx[start:stop]
+
     def per_sample_grads(self, module, calls, tracked) -> dict[str, torch.Tensor]:
-        """``{name: [B, *param_shape]}`` float32, summed over the calls."""
+        """``{name: [B, *param_shape]}`` float32, summed over the calls.
+
+        ``x_hat * G`` is formed a few samples at a time, in place in the recomputed ``x_hat``: one
+        temporary of at most ``_CHUNK_BYTES`` instead of two of the activation's size (the first
+        GroupNorm of a ResNet-18 at 112x112, batch 16: 4 MB instead of 2 x 12.8 MB)."""
         total: dict[str, torch.Tensor] = {}
         for ctx, grads in calls:
-            g = grads[0].float()
+            g = grads[0]
             parts = {}
             if "weight" in tracked:
-                parts["weight"] = self.reduce(module, self.normalized(module, ctx) * g)
+                B = g.shape[0]
+                step = max(1, min(B, int(_CHUNK_BYTES // max(1, 4 * g[0].numel()))))
+                if step < B and self.rows(module, ctx, 0, step) is None:
+                    step = B
+                pieces = []
+                for start in range(0, B, step):
+                    part = ctx if step == B else self.rows(module, ctx, start, start + step)
+                    # normalized() returns a fresh tensor, so it may be overwritten.
+                    x_hat = self.normalized(module, part).float()
+                    pieces.append(self.reduce(module, x_hat.mul_(g[start:start + step])))
+                parts["weight"] = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
             if "bias" in tracked:
-                parts["bias"] = self.reduce(module, g)
+                parts["bias"] = self.reduce(module, g.float())
             for name, part in parts.items():
                 total[name] = part if name not in total else total[name] + part
         return total
@@ -105,6 +128,10 @@ class BatchNormRule(_AffineNormRule):
 
     def batch_size(self, module, ctx):
         return ctx[0].shape[0]
+
+    def rows(self, module, ctx, start, stop):
+        x, mean, var = ctx
+        return None if mean is None else (x[start:stop], mean, var)  # batch statistics couple samples
 
     def normalized(self, module, ctx):
         x, mean, var = ctx
