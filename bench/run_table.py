@@ -161,8 +161,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement (CPU: child processes)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="model and input dtype (BENCHMARKS.md: bf16 for the GPU workloads)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float64"), default="float32",
+                        help="model and input dtype (BENCHMARKS.md: bf16 for the GPU workloads; float64 shows "
+                             "how much of an error is the float32 reference's own rounding)")
     parser.add_argument("--out", type=Path, default=None, help="write rows as JSON here and a .md beside it")
     parser.add_argument("--memory-probe", nargs=2, metavar=("WORKLOAD", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

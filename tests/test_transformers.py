@@ -129,6 +129,30 @@ def test_masked_lm_matches_torch_func(kind, fused):
     assert max(stats.unaccounted.values()) <= 1e-5
 
 
+class Logits(nn.Module):
+    """A Hugging Face model called with its input under ``key``, returning the logits."""
+
+    def __init__(self, net, key):
+        super().__init__()
+        self.net, self.key = net, key
+
+    def forward(self, x):
+        return self.net(**{self.key: x}).logits
+
+
+def tracked_and_checked(model, loss, x, y, fused) -> dict[str, str]:
+    """Track one backward, check it against torch.func; the routes the tracker took."""
+    with GradNormTracker(model, "sum", fused=fused) as tracker:
+        loss(model(x), y).backward()
+        stats = tracker.collect()
+        routes = {plan.module: plan.route for plan in tracker.plan()}
+    per_sample, _, batch = reference_norms(model, loss, x, y)
+    assert rel_err(stats.per_sample, per_sample) <= RTOL
+    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+    assert max(stats.unaccounted.values()) <= 1e-5
+    return routes
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
 def test_llama_matches_torch_func(fused):
     """Llama (RMSNorm matched by its forward's code, grouped-query attention, SiLU MLP, rotary
@@ -136,26 +160,9 @@ def test_llama_matches_torch_func(fused):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=97, hidden_size=24, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, intermediate_size=40, max_position_embeddings=16)
-    lm = transformers.LlamaForCausalLM(config)
-
-    class Logits(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lm = lm
-
-        def forward(self, tokens):
-            return self.lm(input_ids=tokens).logits
-
-    model = Logits()
+    model = Logits(transformers.LlamaForCausalLM(config), "input_ids")
     tokens, targets = torch.randint(0, 97, (3, 9)), torch.randint(0, 97, (3, 9))
-    with GradNormTracker(model, "sum", fused=fused) as tracker:
-        token_loss(model(tokens), targets).backward()
-        stats = tracker.collect()
-        routes = {plan.module: plan.route for plan in tracker.plan()}
-    per_sample, _, batch = reference_norms(model, token_loss, tokens, targets)
-    assert rel_err(stats.per_sample, per_sample) <= RTOL
-    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
-    assert max(stats.unaccounted.values()) <= 1e-5
+    routes = tracked_and_checked(model, token_loss, tokens, targets, fused)
     norms = [name for name in routes if name.endswith("norm")]
     assert len(norms) == 5 and all(routes[name] == "instantiate" for name in norms)
 
@@ -165,32 +172,15 @@ def test_convnext_matches_torch_func_without_replay(fused):
     """ConvNeXt: channels-first ``ConvNextLayerNorm`` (nn.LayerNorm with its own forward) and the
     blocks' layer scale take the broadcast-uses route; nothing is replayed."""
     torch.manual_seed(0)
-    config = transformers.ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=5,
-                                         image_size=16, patch_size=4)
-    net = transformers.ConvNextForImageClassification(config)
-
-    class Logits(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = net
-
-        def forward(self, pixels):
-            return self.net(pixel_values=pixels).logits
-
-    model = Logits()
+    config = transformers.ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
+                                         num_labels=5, image_size=16, patch_size=4)
+    model = Logits(transformers.ConvNextForImageClassification(config), "pixel_values")
     pixels, labels = torch.randn(3, 3, 16, 16), torch.randint(0, 5, (3,))
 
     def loss(out, y):
         return F.cross_entropy(out, y, reduction="sum")
 
-    with GradNormTracker(model, "sum", fused=fused) as tracker:
-        loss(model(pixels), labels).backward()
-        stats = tracker.collect()
-        routes = {plan.module: plan.route for plan in tracker.plan()}
-    per_sample, _, batch = reference_norms(model, loss, pixels, labels)
-    assert rel_err(stats.per_sample, per_sample) <= RTOL
-    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
-    assert max(stats.unaccounted.values()) <= 1e-5
+    routes = tracked_and_checked(model, loss, pixels, labels, fused)
     norms = [name for name, m in model.named_modules() if type(m).__name__ == "ConvNextLayerNorm"]
     assert len(norms) == 4  # channels-first (stem, downsampling) and channels-last (blocks)
     assert all(routes[name] == "generic (broadcast uses)" for name in norms)
