@@ -639,7 +639,7 @@ class GradNormTracker:
                 step.tie_rows[emb_call] = rows if prev is None else prev + rows
         else:
             for call in calls:
-                step.tie_grads[call] = call.grads[0]
+                step.tie_grads[call] = owner.rule.lookup_grad(owner.module, call.grads[0])
 
     @staticmethod
     def _add_tied_cross_terms(step: _Backward) -> None:
@@ -831,8 +831,9 @@ def _assign_owners(model: nn.Module) -> tuple[list[_Owner], list[TiedEmbeddingLi
 
 def _embedding_linear_tie(first: _Owner, first_pname: str, second: _Owner, second_pname: str):
     """The pairing of two owners that share one weight, if it is an Embedding/Linear tie."""
-    pair = {type(first.rule): first, type(second.rule): second}
-    embedding, linear = pair.get(EmbeddingRule), pair.get(LinearRule)
+    owners = (first, second)
+    embedding = next((o for o in owners if isinstance(o.rule, EmbeddingRule)), None)
+    linear = next((o for o in owners if type(o.rule) is LinearRule), None)
     if embedding is None or linear is None or first_pname != "weight" or second_pname != "weight":
         return None
     if embedding.tie is not None or linear.tie is not None:

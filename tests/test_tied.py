@@ -221,3 +221,46 @@ def test_forwards_without_backward_do_not_accumulate():
         token_loss(model(tokens), targets).backward()
         stats = tracker.collect()
     assert_exact(model, tokens, targets, stats)
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Hugging Face's ``*ScaledWordEmbedding`` (Gemma, BART, ...): rows times a constant buffer."""
+
+    def __init__(self, vocab, dim, padding_idx, embed_scale):
+        super().__init__(vocab, dim, padding_idx)
+        self.embed_scale = nn.Buffer(torch.tensor(embed_scale), persistent=False)
+
+    def forward(self, input_ids):
+        return super().forward(input_ids) * self.embed_scale.to(self.weight.dtype)
+
+
+class ScaledPlusOne(ScaledEmbedding):
+    """Another forward: not the recognised code, so the generic route (and the tie is refused)."""
+
+    def forward(self, input_ids):
+        return super().forward(input_ids) * self.embed_scale + 1.0
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("padding_idx", [None, 3])
+def test_scaled_embedding_tied_to_the_head_matches_torch_func(padding_idx, fused):
+    model, tokens, targets = make_case(padding_idx=padding_idx, reuse_embedding=True)
+    model.emb = ScaledEmbedding(40, 12, padding_idx, embed_scale=12 ** 0.5)
+    model.head.weight = model.emb.weight
+    with GradNormTracker(model, "sum", fused=fused) as tracker:
+        token_loss(model(tokens), targets).backward()
+        stats = tracker.collect()
+        routes = {plan.module: plan.route for plan in tracker.plan()}
+    per_sample, _, batch = reference_norms(model, token_loss, tokens, targets)
+    assert routes["emb"] == "embedding"
+    assert "emb+head" in stats.per_layer  # the cross term of the tie
+    assert rel_err(stats.per_sample, per_sample) <= RTOL
+    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+
+
+def test_a_scaled_embedding_with_another_forward_is_not_taken_for_one():
+    from divebatch.layers.base import rule_for
+    from divebatch.layers.embedding import ScaledEmbeddingRule
+
+    assert isinstance(rule_for(ScaledEmbedding(5, 3, None, 2.0)), ScaledEmbeddingRule)
+    assert rule_for(ScaledPlusOne(5, 3, None, 2.0)) is None

@@ -185,3 +185,24 @@ def test_convnext_matches_torch_func_without_replay(fused):
     assert len(norms) == 4  # channels-first (stem, downsampling) and channels-last (blocks)
     assert all(routes[name] == "generic (broadcast uses)" for name in norms)
     assert {route for route in routes.values() if route.startswith("generic")} == {"generic (broadcast uses)"}
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+def test_gemma_matches_torch_func_without_replay(fused):
+    """Gemma: its RMSNorm scales by ``1.0 + weight.float()`` (a constant added to the parameter, so
+    its use is still a broadcast product), and its embedding multiplies the rows by a constant
+    (``GemmaTextScaledWordEmbedding``, tied to the head)."""
+    torch.manual_seed(0)
+    config = transformers.GemmaConfig(vocab_size=97, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, head_dim=12, intermediate_size=40,
+                                      max_position_embeddings=16)
+    model = Logits(transformers.GemmaForCausalLM(config), "input_ids")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(-0.5, 0.5)  # Gemma initialises them at 0
+    tokens, targets = torch.randint(0, 97, (3, 9)), torch.randint(0, 97, (3, 9))
+    routes = tracked_and_checked(model, token_loss, tokens, targets, fused)
+    norms = [name for name, m in model.named_modules() if type(m).__name__ == "GemmaRMSNorm"]
+    assert len(norms) == 3 and all(routes[name] == "generic (broadcast uses)" for name in norms)
+    assert routes["net.model.embed_tokens"] == "embedding"  # its scaled forward, tied to the head

@@ -156,9 +156,11 @@ def rule_for(module: nn.Module) -> LayerRule | None:
         if rule is not None:
             # A subclass with parameters the rule does not know (e.g. an added adapter) would
             # silently lose them, and one with its own forward computes something the rule does
-            # not read: leave both to the generic route.
+            # not read: leave both to a matcher (which checks the forward's code) or the generic route.
             same_forward = getattr(type(module), "forward", None) is getattr(cls, "forward", None)
-            return rule if own <= set(rule.param_names) and same_forward else None
+            if own <= set(rule.param_names) and same_forward:
+                return rule
+            break
     for predicate, rule in _MATCHERS:
         if predicate(module):
             return rule if own <= set(rule.param_names) else None

@@ -114,6 +114,9 @@ if hasattr(F, "rms_norm"):
 if hasattr(torch, "rms_norm"):
     _NORMS[torch.rms_norm] = (_rms_norm, "normalized_shape", None)
 
+_NEGATIONS = {torch.neg, torch.Tensor.neg, torch.Tensor.__neg__}
+_DIVISIONS = {torch.div, torch.Tensor.div, torch.Tensor.__truediv__, torch.true_divide, torch.Tensor.true_divide}
+
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -131,7 +134,9 @@ class DirectUseRecorder(TorchFunctionMode):
 
     def __init__(self, params: dict[str, torch.Tensor]):
         super().__init__()
-        self.params = {id(p): (name, p) for name, p in params.items()}
+        # id -> (name, tensor, scale): the parameters, and tensors derived from one of them as
+        # ``scale * p + constant`` (views, dtype casts, ``1.0 + p``, ``-p``, ``p / 2``).
+        self.params = {id(p): (name, p, 1.0) for name, p in params.items()}
         self.uses: list[DirectUse] | None = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -150,6 +155,8 @@ class DirectUseRecorder(TorchFunctionMode):
             return out  # no gradient flows through it: ``w.dtype``, ``w.shape``, ``w.detach()``
         if func in _ALIAS_OPS and hits == [0] and self._alias(args[0], out):
             return out
+        if not kwargs and len(hits) == 1 and self._affine_alias(func, args, hits[0], out):
+            return out
         kind = _DIRECT_KINDS.get(func)
         binary = kind in ("add", "sub", "rsub", "mul") and len(args) == 2
         if (kind is None or kwargs or len(hits) != 1 or not isinstance(out, torch.Tensor) or not out.requires_grad
@@ -160,14 +167,18 @@ class DirectUseRecorder(TorchFunctionMode):
         other = args[1 - index] if kind == "mul" else None  # only a product's gradient needs it
         # x - p (p second) and rsub(p, x) = x - p subtract the parameter.
         sign = -1.0 if (kind == "sub" and index == 1) or (kind == "rsub" and index == 0) else 1.0
-        self._record(self._param_name(args[index]), args[index].shape,
-                     "mul" if kind == "mul" else ("expand" if kind == "expand" else "add"), sign, other, out)
+        self._record(args[index], "mul" if kind == "mul" else ("expand" if kind == "expand" else "add"), sign,
+                     other, out)
         return out
 
-    def _record(self, name, operand_shape, kind, sign, other, out):
+    def _record(self, operand, kind, sign, other, out, operand_shape=None):
+        """Record a use of ``operand`` (a parameter or a tensor derived from one) whose output is
+        ``out``; ``operand_shape``: the shape it broadcasts with, if not its own."""
         if isinstance(other, torch.Tensor):
             other = other.detach()
-        use = DirectUse(name, kind, sign, other, out.shape, operand_shape)
+        name, _, scale = self.params[id(operand)]
+        use = DirectUse(name, kind, sign * scale, other, out.shape,
+                        operand.shape if operand_shape is None else operand_shape)
         out.register_hook(lambda grad, use=use: use.sink(grad) if use.sink is not None else None)
         self.uses.append(use)
 
@@ -178,7 +189,27 @@ class DirectUseRecorder(TorchFunctionMode):
                 or out.device != param.device
                 or [n for n in out.shape if n != 1] != [n for n in param.shape if n != 1]):
             return False
-        self.params[id(out)] = (self._param_name(param), out)
+        name, _, scale = self.params[id(param)]
+        self.params[id(out)] = (name, out, scale)
+        return True
+
+    def _affine_alias(self, func, args, index: int, out) -> bool:
+        """Register ``out`` as derived from the parameter ``args[index]`` if it is ``p + c``,
+        ``p - c``, ``c - p``, ``p * c``, ``p / c`` or ``-p`` with a Python number ``c`` (Gemma's
+        RMSNorm scales by ``1.0 + weight``): its gradient reaches ``p`` times a constant."""
+        if len(args) == 1:
+            factor = -1.0 if func in _NEGATIONS else None
+        else:
+            c = args[1 - index]
+            if isinstance(c, bool) or not isinstance(c, (int, float)):
+                return False
+            kind = _DIRECT_KINDS.get(func) or ("div" if func in _DIVISIONS else None)
+            factor = {"add": 1.0, "sub": 1.0 if index == 0 else -1.0, "rsub": -1.0 if index == 0 else 1.0,
+                      "mul": float(c), "div": 1.0 / c if index == 0 and c else None}.get(kind)
+        if factor is None or not isinstance(out, torch.Tensor) or out.shape != args[index].shape:
+            return False
+        name, _, scale = self.params[id(args[index])]
+        self.params[id(out)] = (name, out, scale * factor)
         return True
 
     def _normalisation(self, func, args, kwargs):
@@ -214,13 +245,13 @@ class DirectUseRecorder(TorchFunctionMode):
             w = w.float() if out_dtype in _HALF else w
             out = normed * w
             if self._param_name(weight) is not None and out.requires_grad:
-                self._record(self._param_name(weight), w.shape, "mul", 1.0, normed, out)
+                self._record(weight, "mul", 1.0, normed, out, w.shape)
         if bias is not None:
             b = view(bias)
             b = b.float() if out_dtype in _HALF else b
             summed = out + b
             if self._param_name(bias) is not None and summed.requires_grad:
-                self._record(self._param_name(bias), b.shape, "add", 1.0, None, summed)
+                self._record(bias, "add", 1.0, None, summed, b.shape)
             out = summed
         return out.to(out_dtype) if out.dtype != out_dtype else out
 
