@@ -97,6 +97,8 @@ class _Owner:
     # Generic route: owners inside this module (they account for their own parameters when called;
     # a call that does not call one accounts for its parameters itself, see _on_forward).
     descendants: list = field(default_factory=list)
+    # Other modules whose calls this owner accounts for: embeddings sharing its weight.
+    aliases: list = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -356,6 +358,8 @@ class GradNormTracker:
             # even when the forward raises.
             self._handles.append(owner.module.register_forward_hook(
                 partial(self._on_forward, owner), with_kwargs=True, always_call=generic))
+            for alias in owner.aliases:
+                self._handles.append(alias.register_forward_hook(partial(self._on_forward, owner), with_kwargs=True))
             for name, p in owner.tracked.items():
                 if id(p) in hooked:  # a tied weight: autograd hands its summed gradient to one hook
                     continue
@@ -632,14 +636,13 @@ class GradNormTracker:
             if not emb_calls:
                 return  # the Embedding was not called: its part of the gradient is zero
             a, g = linear_factors([(c.ctx, c.grads) for c in calls])
-            padding_idx = tie.embedding.module.padding_idx
             for emb_call in emb_calls:
-                rows = tied_rows(a, g, emb_call.ctx, padding_idx)
+                rows = tied_rows(a, g, emb_call.ctx.indices, emb_call.ctx.padding_idx)
                 prev = step.tie_rows.get(emb_call)
                 step.tie_rows[emb_call] = rows if prev is None else prev + rows
         else:
             for call in calls:
-                step.tie_grads[call] = owner.rule.lookup_grad(owner.module, call.grads[0])
+                step.tie_grads[call] = call.ctx.lookup_grad(call.grads[0])
 
     @staticmethod
     def _add_tied_cross_terms(step: _Backward) -> None:
@@ -805,39 +808,49 @@ def _assign_owners(model: nn.Module) -> tuple[list[_Owner], list[TiedEmbeddingLi
             visit(child, _join(name, child_name))
 
     visit(model, "")
-    seen: dict[int, tuple[_Owner, str]] = {}
-    ties: list[TiedEmbeddingLinear] = []
+    sharers: dict[int, list[tuple[_Owner, str]]] = {}
     for owner in owners:
         for pname, p in owner.tracked.items():
-            if id(p) not in seen:
-                seen[id(p)] = (owner, pname)
-                continue
-            first, first_pname = seen[id(p)]
-            tie = _embedding_linear_tie(first, first_pname, owner, pname)
-            if tie is None:
-                raise ValueError(
-                    f"parameter '{_join(owner.name, pname)}' is the same tensor as '{_join(first.name, first_pname)}' "
-                    "(tied weights across modules); its per-sample gradient mixes both modules' parts, which "
-                    "divebatch combines exactly only for an nn.Embedding weight tied to one nn.Linear weight "
-                    "(each module sharing nothing else). Untie the weights, freeze them (requires_grad=False), "
-                    "or track a wrapper module that owns both uses")
-            ties.append(tie)
+            sharers.setdefault(id(p), []).append((owner, pname))
+    ties: list[TiedEmbeddingLinear] = []
+    merged: set[int] = set()
+    for group in sharers.values():
+        if len(group) > 1:
+            tie = _shared_embedding(group, merged)
+            if tie is not None:
+                ties.append(tie)
+    owners = [owner for owner in owners if id(owner) not in merged]
     for owner in owners:
-        # A tied Embedding/Linear accounts for its weight only through its own calls (the cross term
-        # pairs them), so a generic caller never covers it; ties are known only now.
-        owner.descendants = [inner for inner in owner.descendants if inner.tie is None]
+        # A tied or shared embedding weight is accounted for only through its modules' own calls (the
+        # cross term pairs them), so a generic caller never covers it; ties are known only now.
+        owner.descendants = [inner for inner in owner.descendants
+                             if inner.tie is None and not inner.aliases and id(inner) not in merged]
     return owners, ties
 
 
-def _embedding_linear_tie(first: _Owner, first_pname: str, second: _Owner, second_pname: str):
-    """The pairing of two owners that share one weight, if it is an Embedding/Linear tie."""
-    owners = (first, second)
-    embedding = next((o for o in owners if isinstance(o.rule, EmbeddingRule)), None)
-    linear = next((o for o in owners if type(o.rule) is LinearRule), None)
-    if embedding is None or linear is None or first_pname != "weight" or second_pname != "weight":
+def _shared_embedding(group: list[tuple[_Owner, str]], merged: set[int]) -> TiedEmbeddingLinear | None:
+    """One weight shared by several owners: Embedding weights become one owner (the first; the
+    others' modules are its ``aliases``, whose ids go into ``merged``), tied to at most one Linear
+    weight (the returned tie); anything else is refused."""
+    embeddings = [owner for owner, pname in group if isinstance(owner.rule, EmbeddingRule) and pname == "weight"]
+    linears = [owner for owner, pname in group if type(owner.rule) is LinearRule and pname == "weight"]
+    if not embeddings or len(linears) > 1 or len(embeddings) + len(linears) != len(group):
+        # Name a module that cannot join (or the second Linear) and the first other one.
+        allowed = {id(owner) for owner in embeddings + linears[:1]}
+        owner, pname = next(((o, n) for o, n in group[1:] if id(o) not in allowed), group[1])
+        first, first_pname = next((o, n) for o, n in group if o is not owner)
+        raise ValueError(
+            f"parameter '{_join(owner.name, pname)}' is the same tensor as '{_join(first.name, first_pname)}' "
+            "(tied weights across modules); its per-sample gradient mixes the modules' parts, which divebatch "
+            "combines exactly only for nn.Embedding weights shared with each other and with at most one "
+            "nn.Linear weight (a language model's input and output embeddings). Untie the weights, freeze them "
+            "(requires_grad=False), or track a wrapper module that owns all the uses")
+    primary = embeddings[0]
+    for other in embeddings[1:]:
+        primary.aliases.append(other.module)
+        merged.add(id(other))
+    if not linears:
         return None
-    if embedding.tie is not None or linear.tie is not None:
-        return None  # a weight shared three ways: the cross terms between three parts are not built
-    tie = TiedEmbeddingLinear(embedding, linear, f"{embedding.name}+{linear.name}")
-    embedding.tie = linear.tie = tie
+    tie = TiedEmbeddingLinear(primary, linears[0], f"{primary.name}+{linears[0].name}")
+    primary.tie = linears[0].tie = tie
     return tie

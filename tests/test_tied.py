@@ -264,3 +264,47 @@ def test_a_scaled_embedding_with_another_forward_is_not_taken_for_one():
 
     assert isinstance(rule_for(ScaledEmbedding(5, 3, None, 2.0)), ScaledEmbeddingRule)
     assert rule_for(ScaledPlusOne(5, 3, None, 2.0)) is None
+
+
+class SharedTables(nn.Module):
+    """A seq2seq-style sharing: ``shared``, an encoder embedding (scaled, other padding row) and a
+    decoder embedding all hold one weight, which the output layer also uses."""
+
+    def __init__(self, vocab=40, dim=12):
+        super().__init__()
+        self.shared = nn.Embedding(vocab, dim, padding_idx=1)
+        self.encoder_embed = ScaledEmbedding(vocab, dim, padding_idx=2, embed_scale=dim ** 0.5)
+        self.decoder_embed = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.encoder_embed.weight = self.decoder_embed.weight = self.head.weight = self.shared.weight
+
+    def forward(self, tokens):
+        memory = torch.tanh(self.mix(self.encoder_embed(tokens))).mean(dim=1, keepdim=True)
+        return self.head(self.decoder_embed(tokens.roll(1, dims=1)) + memory)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+def test_embeddings_sharing_one_weight_are_one_owner(fused):
+    torch.manual_seed(0)
+    model = SharedTables()
+    tokens, targets = torch.randint(0, 40, (4, 7)), torch.randint(0, 40, (4, 7))
+    tokens[0, :3] = 1
+    tokens[1, :3] = 2
+    with GradNormTracker(model, "sum", fused=fused) as tracker:
+        token_loss(model(tokens), targets).backward()
+        stats = tracker.collect()
+    per_sample, per_param, batch = reference_norms(model, token_loss, tokens, targets)
+    assert set(stats.per_layer) == {"shared", "mix", "head", "shared+head"}  # the embeddings under one name
+    assert rel_err(stats.per_sample, per_sample) <= RTOL
+    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+    assert max(stats.unaccounted.values()) <= 1e-5
+
+
+def test_weight_shared_by_embeddings_and_two_linears_is_refused():
+    model = SharedTables()
+    extra = nn.Linear(12, 40, bias=False)
+    extra.weight = model.shared.weight
+    model.extra = extra
+    with pytest.raises(ValueError, match=r"'extra\.weight' is the same tensor as 'shared\.weight'"):
+        GradNormTracker(model)

@@ -206,3 +206,35 @@ def test_gemma_matches_torch_func_without_replay(fused):
     norms = [name for name, m in model.named_modules() if type(m).__name__ == "GemmaRMSNorm"]
     assert len(norms) == 3 and all(routes[name] == "generic (broadcast uses)" for name in norms)
     assert routes["net.model.embed_tokens"] == "embedding"  # its scaled forward, tied to the head
+
+
+class Seq2SeqLogits(nn.Module):
+    """An encoder-decoder LM fed the same tokens on both sides (teacher forcing, shifted)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, tokens):
+        return self.net(input_ids=tokens, decoder_input_ids=tokens.roll(1, dims=1)).logits
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("kind", ["marian", "pegasus"])
+def test_seq2seq_shared_embeddings_match_torch_func(kind, fused):
+    """Marian and Pegasus: one weight shared by ``shared``, the encoder's and the decoder's
+    (scaled) embeddings and the output layer; sinusoidal positions (no parameters)."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=97, d_model=24, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                  decoder_attention_heads=2, encoder_ffn_dim=40, decoder_ffn_dim=40, max_position_embeddings=16,
+                  dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=0,
+                  decoder_start_token_id=0, scale_embedding=True)
+    if kind == "marian":
+        net = transformers.MarianMTModel(transformers.MarianConfig(**common))
+    else:
+        net = transformers.PegasusForConditionalGeneration(transformers.PegasusConfig(**common))
+    model = Seq2SeqLogits(net)
+    tokens, targets = torch.randint(1, 97, (3, 9)), torch.randint(0, 97, (3, 9))
+    routes = tracked_and_checked(model, token_loss, tokens, targets, fused)
+    embeddings = [name for name, route in routes.items() if route == "embedding"]
+    assert embeddings == ["net.model.shared"]  # encoder and decoder embeddings are its aliases

@@ -340,6 +340,12 @@ class GenericRule(PerSampleGradsRule):
         index = [i for i in out_tensors if out_leaves[i].requires_grad]
         outputs = [(out_leaves[i].shape, out_leaves[i].dtype) for i in index]
         out_dims = [self._leaf_dim(module, out_tensors.index(i)) for i in index]
+        out_sizes = {out_leaves[i].shape[d] for i, d in zip(index, out_dims) if out_leaves[i].dim() > d}
+        if out_sizes and B not in out_sizes:
+            # No output has the inputs' samples (e.g. a position table's [1, T, d] rows, broadcast over
+            # the batch later): its gradient arrives summed over samples. The tracker's batch check
+            # refuses that with a hint, rather than vmap failing on the sizes.
+            B = min(out_sizes)
         return GenericCall(leaves, spec, in_dims, B, outputs, index, out_dims)
 
     def batch_size(self, module, ctx):
