@@ -1,0 +1,135 @@
+"""Which Hugging Face architectures divebatch tracks exactly, replays or refuses.
+
+For each architecture: a tiny randomly initialised model (2 layers, width 32, vocabulary 97, no
+dropout), one tracked backward of a summed token cross-entropy on 3 sequences of 8 tokens, and
+the per-sample norms against torch.func. Causal and masked LMs get per-sample position ids where
+their forward takes them (``position_ids=arange(T).expand(B, T)``), else their defaults;
+encoder-decoder models get the tokens on both sides. Prints a Markdown table.
+
+    python bench/hf_coverage.py --out bench/results/hf_coverage.md
+    python bench/hf_coverage.py llama gemma t5          # some architectures only
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import transformers
+from divebatch import GradNormTracker
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.oracle import reference_norms, rel_err  # noqa: E402
+
+TINY = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=48, max_position_embeddings=32, n_embd=32, n_layer=2, n_head=4, d_model=32,
+            encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+            encoder_ffn_dim=48, decoder_ffn_dim=48, num_layers=2, num_heads=4, d_ff=48, d_kv=8, ffn_dim=48,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, dropout=0.0, attention_dropout=0.0,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, hidden_dropout=0.0, activation_dropout=0.0,
+            head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=0,
+            embedding_size=32, word_embed_proj_dim=32, rotary_dim=8)
+CAUSAL = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "gpt_neox", "opt",
+          "bloom", "gptj", "stablelm", "olmo", "olmo2", "cohere", "starcoder2", "granite", "smollm3", "mixtral",
+          "qwen2_moe"]
+MASKED = ["bert", "roberta", "distilbert", "albert", "electra", "mobilebert", "modernbert"]
+SEQ2SEQ = ["t5", "bart", "mbart", "pegasus", "marian"]
+
+
+def tiny_model(name: str) -> nn.Module:
+    config = transformers.AutoConfig.for_model(name)
+    for key, value in TINY.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    auto = (transformers.AutoModelForSeq2SeqLM if name in SEQ2SEQ else
+            transformers.AutoModelForMaskedLM if name in MASKED else transformers.AutoModelForCausalLM)
+    return auto.from_config(config).train()
+
+
+class Logits(nn.Module):
+    def __init__(self, net: nn.Module, mode: str):
+        super().__init__()
+        self.net, self.mode = net, mode
+
+    def forward(self, tokens):
+        if self.mode == "seq2seq":
+            return self.net(input_ids=tokens, decoder_input_ids=tokens).logits
+        if self.mode == "positions":
+            positions = torch.arange(tokens.shape[1]).expand(tokens.shape[0], -1)
+            return self.net(input_ids=tokens, position_ids=positions).logits
+        return self.net(input_ids=tokens).logits
+
+
+def token_loss(out, y):
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1), reduction="sum")
+
+
+def check(name: str) -> dict:
+    torch.manual_seed(0)
+    try:
+        net = tiny_model(name)
+    except Exception as err:  # noqa: BLE001 - a config this script cannot shrink
+        return {"arch": name, "result": "not built", "detail": f"{type(err).__name__}: {str(err)[:120]}"}
+    tokens, targets = torch.randint(3, 97, (3, 8)), torch.randint(3, 97, (3, 8))
+    modes = ["seq2seq"] if name in SEQ2SEQ else ["positions", "default"]
+    row = {}
+    for mode in modes:
+        model = Logits(net, mode)
+        try:
+            with GradNormTracker(model, "sum") as tracker:
+                token_loss(model(tokens), targets).backward()
+                stats = tracker.collect()
+                plans = tracker.plan()
+        except TypeError as err:  # e.g. a forward that takes no position_ids
+            row = {"arch": name, "result": "refused", "detail": f"TypeError: {str(err)[:160]}"}
+            net.zero_grad()
+            continue
+        except (ValueError, RuntimeError) as err:
+            row = {"arch": name, "result": "refused", "detail": f"{type(err).__name__}: {str(err)[:160]}"}
+            net.zero_grad()
+            continue
+        net.zero_grad()
+        routes = collections.Counter(plan.route for plan in plans)
+        replayed = sorted({type(model.get_submodule(p.module)).__name__ for p in plans if p.route == "generic (vmap vjp)"})
+        try:
+            per_sample, _, _ = reference_norms(model, token_loss, tokens, targets)
+            err = f"{rel_err(stats.per_sample, per_sample):.1e}"
+            result = "exact"
+        except Exception as ref_err:  # noqa: BLE001 - torch.func cannot run some attention code
+            err = f"no torch.func reference ({type(ref_err).__name__})"
+            result = "tracked, unchecked"
+        if replayed:
+            result += ", replays " + ", ".join(replayed)
+        return {"arch": name, "result": result,
+                "detail": f"{mode}; err {err}; " + ", ".join(f"{k} {v}" for k, v in sorted(routes.items()))}
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("archs", nargs="*", help="model types (default: a list of popular ones)")
+    parser.add_argument("--out", help="write the Markdown table here too")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    lines = [f"transformers {transformers.__version__}, torch {torch.__version__}", "",
+             "| architecture | result | detail |", "|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for name in args.archs or CAUSAL + MASKED + SEQ2SEQ:
+        row = check(name)
+        line = f"| {row['arch']} | {row['result']} | {row['detail'].replace('|', '/')} |"
+        print(line, flush=True)
+        lines.append(line)
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
