@@ -31,9 +31,9 @@ from torch.utils._pytree import tree_flatten
 
 from ._norms import squared_norm
 from .layers import GENERIC, LayerRule, RoutePlan, rule_for
-from .layers.generic import DirectUseRecorder, usable_direct_uses
+from .layers.generic import DirectUseRecorder, SharedOutputWatcher, usable_direct_uses
 from .layers.base import capture_suspended
-from .layers.embedding import EmbeddingRule
+from .layers.embedding import EmbeddingCall, EmbeddingRule
 from .layers.linear import LinearRule, linear_factors
 from .layers.tied import TiedEmbeddingLinear, tied_cross, tied_rows
 
@@ -109,6 +109,7 @@ class _Call:
     grads: list
     pending: int
     fused: bool = False
+    watcher: SharedOutputWatcher | None = None  # an output shared by all samples, see _watch_shared_output
 
 
 @dataclass
@@ -234,6 +235,7 @@ class GradNormTracker:
         self._uncollected = 0  # backwards closed since the last collect()
         self._last_plans: dict[str, RoutePlan] = {}
         self._error: Exception | None = None
+        self._watchers: list[SharedOutputWatcher] = []  # entered, not yet left (see _watch_shared_output)
         self._closed = False
         self._enabled = False
         self.enabled = enabled
@@ -287,6 +289,7 @@ class GradNormTracker:
         Raises if no backward ran with tracking on, or if a parameter received a gradient that
         no module accounted for (e.g. a parameter a parent module used directly).
         """
+        self._leave_watchers(all_of_them=True)
         if self._error is not None:
             err, self._error = self._error, None
             raise err
@@ -368,6 +371,7 @@ class GradNormTracker:
                                                              id(p))))
 
     def _detach(self) -> None:
+        self._leave_watchers(all_of_them=True)
         for owner in self._owners:
             forward = owner.module.__dict__.get("forward")
             if isinstance(forward, partial) and forward.func == self._fused_call:
@@ -421,6 +425,7 @@ class GradNormTracker:
 
     @torch.compiler.disable
     def _on_pre_forward(self, owner: _Owner, module, args, kwargs):
+        self._leave_watchers()
         # What the rule must see before the forward runs (e.g. the RNG state for a dropout replay).
         capturing = not (capture_suspended() or not torch.is_grad_enabled() or _inside_functorch())
         if owner.rule is GENERIC:
@@ -437,6 +442,7 @@ class GradNormTracker:
 
     @torch.compiler.disable
     def _on_forward(self, owner: _Owner, module, args, kwargs, output):
+        self._leave_watchers()
         pre_state = owner.pre_states.pop() if owner.pre_states else None
         recorder = None
         if owner.rule is GENERIC and pre_state is not None:
@@ -481,10 +487,54 @@ class GradNormTracker:
             owner.tie.embedding_calls.append(weakref.ref(call))
         for i, t in enumerate(leaves):
             t.register_hook(partial(self._on_output_grad, call, i))
+        if batch_size == 1 and (isinstance(owner.rule, EmbeddingRule) or owner.rule is GENERIC) and n_grads == 1:
+            self._watch_shared_output(call, leaves[0])
         return None
+
+    def _watch_shared_output(self, call: _Call, output: torch.Tensor) -> None:
+        """An Embedding looked up once for all samples (``[1, T]`` position ids, GPT-2's and BART's
+        default) while the forward has ``B`` samples: its output is broadcast over them later, and
+        autograd sums the samples' parts before its own output grad. A watcher follows the output
+        until the next tracked module's hook, hooking the ops that broadcast it; where they account
+        for the whole output grad, the call takes the per-sample grads (an Embedding's indices
+        expanded to B rows; a generic-route module replays each sample with its own output grad)."""
+        if output.dim() < 2 or output.shape[0] != 1 or _called_from_compiled_code():
+            return
+        call.watcher = SharedOutputWatcher(output)
+        call.watcher.__enter__()
+        self._watchers.append(call.watcher)
+
+    def _leave_watchers(self, all_of_them: bool = False) -> None:
+        # At a tracked module's hook, a watcher that has seen its output broadcast is left (a use
+        # after that is caught by the completeness check); one that has not waits for the next hook,
+        # or the backward. Innermost first, each only once it is the innermost torch-function mode
+        # (a generic module's recorder entered after it is left by that module's forward hook).
+        while self._watchers:
+            watcher, depth = self._watchers[-1], torch._C._len_torch_function_stack()
+            if depth == 0 or torch._C._get_function_stack_at(depth - 1) is not watcher:
+                return
+            if not (all_of_them or watcher.broadcasts or watcher.unknown_use):
+                return
+            self._watchers.pop().__exit__(None, None, None)
+
+    @staticmethod
+    def _shared_output_grad(call: _Call, grad: torch.Tensor) -> torch.Tensor:
+        """The per-sample grads of a shared output where its watcher saw every use, else ``grad``."""
+        watcher, call.watcher = call.watcher, None
+        if watcher.batch_size is None or not watcher.complete(grad):
+            return grad  # refused by the batch check, with its hint (or a batch of 1 everywhere)
+        B, ctx = watcher.batch_size, call.ctx
+        if isinstance(ctx, EmbeddingCall):
+            ctx.indices = ctx.indices.expand(B, *ctx.indices.shape[1:])
+        else:  # generic route: inputs without the B samples are shared by all of them in the replay
+            ctx.in_dims = [d if d is not None and ctx.leaves[i].shape[d] == B else None for i, d in enumerate(ctx.in_dims)]
+            ctx.batch_size = B
+        call.batch_size = B
+        return watcher.per_sample
 
     def _current_backward(self) -> _Backward:
         if self._backward is None:
+            self._leave_watchers(all_of_them=True)
             n, every = self._backwards_started, self.verify_every
             self._backward = _Backward(verify=n == 0 or (every > 0 and n % every == 0))
             self._backwards_started += 1
@@ -496,6 +546,8 @@ class GradNormTracker:
         if not self._enabled:
             return None
         step = self._current_backward()
+        if call.watcher is not None:
+            grad = self._shared_output_grad(call, grad)
         call.grads[index] = grad.detach()
         call.pending -= 1
         owner = call.owner

@@ -84,13 +84,46 @@ def test_gpt2_conv1d_weight_norms_per_layer():
         assert rel_err(stats.per_layer[name], expected) <= RTOL
 
 
-def test_shared_position_ids_are_refused_with_the_fix():
-    """GPT-2's default position ids are [1, T], broadcast over the batch: per-sample gradients of
-    the position table are lost in the broadcast, so the tracker refuses and says what to pass."""
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+def test_default_position_ids_broadcast_over_the_batch_are_exact(fused):
+    """GPT-2's default position ids are [1, T]: the position table's output is broadcast over the
+    batch, so autograd sums the samples' parts before its output grad; the tracker follows the
+    output to the broadcasting add and takes the per-sample grads there."""
     model, tokens, targets = gpt2_case(per_sample_positions=False)
-    with GradNormTracker(model, "sum") as tracker:
-        with pytest.raises(ValueError, match=r"wpe.*batch of 1 .*position_ids=torch\.arange\(T\)\.expand\(B, T\)"):
-            token_loss(model(tokens), targets).backward()
+    routes = tracked_and_checked(model, token_loss, tokens, targets, fused)
+    assert routes["lm.transformer.wpe"] == "embedding"
+
+
+class SharedRowsUsedTwice(nn.Module):
+    """A [1, T] position lookup broadcast onto the tokens, and also used once more in a way the
+    watcher cannot split per sample (a sum): refused with the hint, not a partial per-sample sum."""
+
+    def __init__(self, reduce_again):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(11, 4), nn.Embedding(6, 4)
+        self.head = nn.Linear(4, 11)
+        self.reduce_again = reduce_again
+
+    def forward(self, idx):
+        positions = self.positions(torch.arange(idx.shape[1])[None])
+        h = self.tokens(idx) + positions
+        if self.reduce_again:
+            h = h + positions.sum()
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("reduce_again", [False, True])
+def test_a_shared_output_is_split_only_where_every_use_is_seen(reduce_again):
+    torch.manual_seed(0)
+    model = SharedRowsUsedTwice(reduce_again)
+    tokens, targets = torch.randint(0, 11, (3, 5)), torch.randint(0, 11, (3, 5))
+    if reduce_again:
+        with GradNormTracker(model, "sum"):
+            with pytest.raises(ValueError, match=r"positions.*batch of 1 .*position_ids=torch\.arange\(T\)\.expand\(B, T\)"):
+                token_loss(model(tokens), targets).backward()
+        return
+    routes = tracked_and_checked(model, token_loss, tokens, targets, True)
+    assert routes["positions"] == "embedding"
 
 
 class MaskedLM(nn.Module):

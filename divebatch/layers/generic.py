@@ -26,6 +26,7 @@ gradients with autograd's, so a use the recorder cannot see is refused, not miss
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -446,3 +447,82 @@ def _device(call: GenericCall) -> torch.device:
 
 
 GENERIC = GenericRule()
+
+
+_IN_PLACE_SIGNS = {torch.Tensor.__iadd__: 1.0, torch.Tensor.add_: 1.0, torch.Tensor.__isub__: -1.0, torch.Tensor.sub_: -1.0}
+
+
+class SharedOutputWatcher(TorchFunctionMode):
+    """Follows the output of a module called once for all samples (an Embedding looked up with
+    ``[1, T]`` position ids, as GPT-2 and BART do by default) while the forward goes on: each op
+    that broadcasts it over the B samples (``+``, ``-``, ``*`` with a ``[B, ...]``
+    tensor, ``h += p`` in place too) gets a gradient hook, and those ops' output grads, reduced to
+    the module output's shape per sample, accumulate in ``per_sample`` [B, *out.shape[1:]]
+    (float32). Autograd sums them over the samples before the module's own output grad, which
+    therefore serves as the check: ``per_sample`` stands only if its sum over samples equals it
+    (``complete``), so a use the watcher did not see (after it was popped, say) falls back to the
+    module's own output grad, never to a partial sum. The number of samples B is read off the
+    first op whose output has more than one row; the tracker's batch check compares it with the
+    other layers'."""
+
+    def __init__(self, output: torch.Tensor):
+        super().__init__()
+        self.output = output
+        self.batch_size: int | None = None  # the first op whose output has several samples tells
+        self.aliases = {id(output): output}
+        self.per_sample: torch.Tensor | None = None
+        self.unknown_use = False
+        self.broadcasts = 0  # ops seen broadcasting the output over the samples
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        hits = [i for i, a in enumerate(args) if self._is_alias(a)]
+        inside = any(self._is_alias(v) for v in kwargs.values()) or any(
+            isinstance(a, (list, tuple)) and any(self._is_alias(t) for t in a) for a in args)
+        if (not hits and not inside) or self.unknown_use:
+            return out
+        if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(out)[0]):
+            return out  # ``p.shape``, ``p.detach()``: no gradient flows through it
+        if (func in _ALIAS_OPS and hits == [0] and not inside and isinstance(out, torch.Tensor)
+                and out.shape == self.output.shape):
+            self.aliases[id(out)] = out  # ``p.to(x.device)``, ``p.float()``
+            return out
+        kind = _DIRECT_KINDS.get(func)
+        sign = _IN_PLACE_SIGNS.get(func)
+        if kind is not None and kind != "expand":
+            sign = -1.0 if (kind == "sub" and hits == [1]) or (kind == "rsub" and hits == [0]) else 1.0
+        elif sign is not None and hits != [1]:
+            sign = None  # ``p += x`` changes the shared output itself
+        other = args[1 - hits[0]] if len(args) == 2 and len(hits) == 1 else None
+        if self.batch_size is None and isinstance(out, torch.Tensor) and out.dim() > 0 and out.shape[0] > 1:
+            self.batch_size = out.shape[0]
+        if (sign is None or inside or kwargs or other is None or not isinstance(other, torch.Tensor)
+                or not isinstance(out, torch.Tensor) or out.dim() != self.output.dim() or out.dim() == 0
+                or out.shape[0] != self.batch_size or self.output.shape[0] != 1):
+            self.unknown_use = True
+            return out
+        factor = other.detach() if kind == "mul" else None
+        out.register_hook(partial(self._collect, sign, factor))
+        self.broadcasts += 1
+        return out
+
+    def _is_alias(self, x) -> bool:
+        return isinstance(x, torch.Tensor) and self.aliases.get(id(x)) is x
+
+    def _collect(self, sign: float, factor, grad: torch.Tensor) -> None:
+        g = grad.float() * sign
+        if factor is not None:
+            g = g * factor.float()
+        part = g.sum_to_size((self.batch_size, *self.output.shape[1:]))
+        self.per_sample = part if self.per_sample is None else self.per_sample + part
+
+    def complete(self, own_grad: torch.Tensor) -> bool:
+        """Whether the recorded uses account for the module output's whole gradient ``own_grad``."""
+        if self.per_sample is None or self.unknown_use:
+            return False
+        total = self.per_sample.sum(dim=0, keepdim=True)
+        scale = own_grad.float().abs().max().clamp_min(1e-30)
+        # Autograd sums the same parts (rounded in the grad's dtype): float32 rounding apart.
+        tolerance = 1e-2 if own_grad.dtype in _HALF else 1e-5
+        return bool(((total - own_grad.float()).abs().max() / scale) <= tolerance)
