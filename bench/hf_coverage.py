@@ -35,7 +35,7 @@ TINY = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_he
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, dropout=0.0, attention_dropout=0.0,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, hidden_dropout=0.0, activation_dropout=0.0,
             head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=0,
-            embedding_size=32, word_embed_proj_dim=32, rotary_dim=8)
+            embedding_size=32, word_embed_proj_dim=32, rotary_dim=8, dropout_rate=0.0, classifier_dropout=0.0)
 CAUSAL = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "gpt_neox", "opt",
           "bloom", "gptj", "stablelm", "olmo", "olmo2", "cohere", "starcoder2", "granite", "smollm3", "mixtral",
           "qwen2_moe"]

@@ -236,6 +236,7 @@ class GradNormTracker:
         self._last_plans: dict[str, RoutePlan] = {}
         self._error: Exception | None = None
         self._watchers: list[SharedOutputWatcher] = []  # entered, not yet left (see _watch_shared_output)
+        self._last_batch = 0  # the batch size of the last batched call captured
         self._closed = False
         self._enabled = False
         self.enabled = enabled
@@ -487,33 +488,40 @@ class GradNormTracker:
             owner.tie.embedding_calls.append(weakref.ref(call))
         for i, t in enumerate(leaves):
             t.register_hook(partial(self._on_output_grad, call, i))
-        if batch_size == 1 and (isinstance(owner.rule, EmbeddingRule) or owner.rule is GENERIC) and n_grads == 1:
+        if n_grads == 1 and self._last_batch != 1 and (
+                (batch_size == 1 and (isinstance(owner.rule, EmbeddingRule) or owner.rule is GENERIC))
+                or (isinstance(owner.rule, EmbeddingRule) and 1 < self._last_batch != batch_size)):
+            # Looked up once for all samples: [1, T] ids, or ids with no batch dim (their first dim
+            # differs from the batch of the calls before it).
             self._watch_shared_output(call, leaves[0])
+        elif batch_size > 1:
+            self._last_batch = batch_size
         return None
 
     def _watch_shared_output(self, call: _Call, output: torch.Tensor) -> None:
         """An Embedding looked up once for all samples (``[1, T]`` position ids, GPT-2's and BART's
         default) while the forward has ``B`` samples: its output is broadcast over them later, and
         autograd sums the samples' parts before its own output grad. A watcher follows the output
-        until the next tracked module's hook, hooking the ops that broadcast it; where they account
-        for the whole output grad, the call takes the per-sample grads (an Embedding's indices
-        expanded to B rows; a generic-route module replays each sample with its own output grad)."""
-        if output.dim() < 2 or output.shape[0] != 1 or _called_from_compiled_code():
+        to the end of the forward, hooking the ops that broadcast it; where they account for the
+        whole output grad, the call takes the per-sample grads (an Embedding's indices expanded to
+        B rows; a generic-route module replays each sample with its own output grad). Not where
+        every call so far had one sample (training with batches of 1 needs none of this)."""
+        if output.dim() < 2 or _called_from_compiled_code():
             return
         call.watcher = SharedOutputWatcher(output)
         call.watcher.__enter__()
         self._watchers.append(call.watcher)
 
     def _leave_watchers(self, all_of_them: bool = False) -> None:
-        # At a tracked module's hook, a watcher that has seen its output broadcast is left (a use
-        # after that is caught by the completeness check); one that has not waits for the next hook,
-        # or the backward. Innermost first, each only once it is the innermost torch-function mode
+        # A watcher follows its output to the end of the forward (T5 adds its position bias in every
+        # layer): left when the backward starts, or at a tracked module's hook once it has seen a use
+        # it cannot split. Innermost first, each only once it is the innermost torch-function mode
         # (a generic module's recorder entered after it is left by that module's forward hook).
         while self._watchers:
             watcher, depth = self._watchers[-1], torch._C._len_torch_function_stack()
             if depth == 0 or torch._C._get_function_stack_at(depth - 1) is not watcher:
                 return
-            if not (all_of_them or watcher.broadcasts or watcher.unknown_use):
+            if not (all_of_them or watcher.unknown_use):
                 return
             self._watchers.pop().__exit__(None, None, None)
 
@@ -523,14 +531,20 @@ class GradNormTracker:
         watcher, call.watcher = call.watcher, None
         if watcher.batch_size is None or not watcher.complete(grad):
             return grad  # refused by the batch check, with its hint (or a batch of 1 everywhere)
-        B, ctx = watcher.batch_size, call.ctx
+        B, ctx, per_sample = watcher.batch_size, call.ctx, watcher.per_sample  # [B, *output.shape]
+        batch_of_one = grad.shape[0] == 1 and call.batch_size == 1  # a [1, T] lookup: its row 0 is every sample's
         if isinstance(ctx, EmbeddingCall):
-            ctx.indices = ctx.indices.expand(B, *ctx.indices.shape[1:])
-        else:  # generic route: inputs without the B samples are shared by all of them in the replay
+            if batch_of_one:
+                ctx.indices = ctx.indices.expand(B, *ctx.indices.shape[1:])
+            else:  # looked up with no batch dim at all (T5's [q, k] relative positions)
+                ctx.indices = ctx.indices.unsqueeze(0).expand(B, *ctx.indices.shape)
+        elif batch_of_one:  # generic route: inputs without the B samples are shared by all in the replay
             ctx.in_dims = [d if d is not None and ctx.leaves[i].shape[d] == B else None for i, d in enumerate(ctx.in_dims)]
             ctx.batch_size = B
+        else:
+            return grad
         call.batch_size = B
-        return watcher.per_sample
+        return per_sample.squeeze(1) if batch_of_one else per_sample
 
     def _current_backward(self) -> _Backward:
         if self._backward is None:

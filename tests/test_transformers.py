@@ -271,3 +271,19 @@ def test_seq2seq_shared_embeddings_match_torch_func(kind, fused):
     routes = tracked_and_checked(model, token_loss, tokens, targets, fused)
     embeddings = [name for name, route in routes.items() if route == "embedding"]
     assert embeddings == ["net.model.shared"]  # encoder and decoder embeddings are its aliases
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+def test_t5_relative_position_bias_matches_torch_func(fused):
+    """T5: the relative-position bias is looked up with [q, k] buckets (no batch dim), permuted,
+    masked with torch.where and passed as every layer's attention mask; the tracker follows it to
+    those uses and splits its gradient per sample. Shared embeddings, T5LayerNorm (broadcast uses)."""
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=97, d_model=16, d_kv=8, d_ff=24, num_layers=2, num_decoder_layers=2,
+                                   num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0,
+                                   decoder_start_token_id=0, pad_token_id=0)
+    model = Seq2SeqLogits(transformers.T5ForConditionalGeneration(config))
+    tokens, targets = torch.randint(1, 97, (3, 9)), torch.randint(0, 97, (3, 9))
+    routes = tracked_and_checked(model, token_loss, tokens, targets, fused)
+    biases = [name for name in routes if name.endswith("relative_attention_bias")]
+    assert len(biases) == 2 and all(routes[name] == "embedding" for name in biases)  # encoder, decoder

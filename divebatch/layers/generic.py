@@ -452,30 +452,51 @@ GENERIC = GenericRule()
 _IN_PLACE_SIGNS = {torch.Tensor.__iadd__: 1.0, torch.Tensor.add_: 1.0, torch.Tensor.__isub__: -1.0, torch.Tensor.sub_: -1.0}
 
 
+# Ops that rearrange one tensor without mixing its entries with others': a shared output may pass
+# through them before it is broadcast over the samples (T5 permutes its relative-position bias
+# and adds a batch dim).
+_SHAPE_OPS = _ALIAS_OPS | {
+    torch.permute, torch.Tensor.permute, torch.transpose, torch.Tensor.transpose, torch.Tensor.contiguous,
+    torch.Tensor.t, torch.t, torch.flatten, torch.Tensor.flatten, torch.Tensor.unflatten,
+}
+
+
+_HOLE = object()  # where a recorded op took the followed tensor
+_MAX_CHAIN = 16  # ops followed from the shared output to one use (then the use is not split)
+
+
 class SharedOutputWatcher(TorchFunctionMode):
     """Follows the output of a module called once for all samples (an Embedding looked up with
-    ``[1, T]`` position ids, as GPT-2 and BART do by default) while the forward goes on: each op
-    that broadcasts it over the B samples (``+``, ``-``, ``*`` with a ``[B, ...]``
-    tensor, ``h += p`` in place too) gets a gradient hook, and those ops' output grads, reduced to
-    the module output's shape per sample, accumulate in ``per_sample`` [B, *out.shape[1:]]
-    (float32). Autograd sums them over the samples before the module's own output grad, which
+    ``[1, T]`` position ids, as GPT-2 and BART do by default, or with no batch dim at all, as T5's
+    relative-position bias) while the forward goes on. Ops that only rearrange it (``.to``,
+    ``permute``, ``unsqueeze``, ...) are followed; each op that broadcasts it (or such a
+    rearrangement with a leading dim of 1) over the B samples (``+``, ``-``, ``*`` with a
+    ``[B, ...]`` tensor, ``h += p`` in place too) gets a gradient hook. Its output grad, reduced
+    per sample and taken back through the rearrangements (``vmap`` of their ``vjp``), accumulates
+    in ``per_sample`` [B, *output.shape] (float32).
+
+    Autograd sums those parts over the samples before the module's own output grad, which
     therefore serves as the check: ``per_sample`` stands only if its sum over samples equals it
-    (``complete``), so a use the watcher did not see (after it was popped, say) falls back to the
-    module's own output grad, never to a partial sum. The number of samples B is read off the
-    first op whose output has more than one row; the tracker's batch check compares it with the
-    other layers'."""
+    (``complete``), so a use the watcher did not see or could not split falls back to the
+    module's own output grad, never to a partial sum. B is read off the first op whose output has
+    more than one row; the tracker's batch check compares it with the other layers'."""
 
     def __init__(self, output: torch.Tensor):
         super().__init__()
         self.output = output
-        self.batch_size: int | None = None  # the first op whose output has several samples tells
-        self.aliases = {id(output): output}
+        self.batch_size: int | None = None
+        # id -> (tensor, the shape ops from ``output`` to it: (func, args after the tensor, kwargs))
+        self.aliases: dict[int, tuple[torch.Tensor, tuple]] = {id(output): (output, ())}
         self.per_sample: torch.Tensor | None = None
         self.unknown_use = False
         self.broadcasts = 0  # ops seen broadcasting the output over the samples
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and not self.unknown_use:
+            out = self._attention_mask(func, args, kwargs)
+            if out is not None:
+                return out
         out = func(*args, **kwargs)
         hits = [i for i, a in enumerate(args) if self._is_alias(a)]
         inside = any(self._is_alias(v) for v in kwargs.values()) or any(
@@ -484,9 +505,11 @@ class SharedOutputWatcher(TorchFunctionMode):
             return out
         if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(out)[0]):
             return out  # ``p.shape``, ``p.detach()``: no gradient flows through it
-        if (func in _ALIAS_OPS and hits == [0] and not inside and isinstance(out, torch.Tensor)
-                and out.shape == self.output.shape):
-            self.aliases[id(out)] = out  # ``p.to(x.device)``, ``p.float()``
+        if (len(hits) == 1 and not inside and isinstance(out, torch.Tensor) and self._still_shared(func, args, kwargs, out)
+                and len(self.aliases[id(args[hits[0]])][1]) < _MAX_CHAIN):
+            template = tuple(_HOLE if i == hits[0] else a for i, a in enumerate(args))
+            chain = self.aliases[id(args[hits[0]])][1] + ((func, template, kwargs),)
+            self.aliases[id(out)] = (out, chain)
             return out
         kind = _DIRECT_KINDS.get(func)
         sign = _IN_PLACE_SIGNS.get(func)
@@ -494,34 +517,84 @@ class SharedOutputWatcher(TorchFunctionMode):
             sign = -1.0 if (kind == "sub" and hits == [1]) or (kind == "rsub" and hits == [0]) else 1.0
         elif sign is not None and hits != [1]:
             sign = None  # ``p += x`` changes the shared output itself
+        alias = args[hits[0]] if len(hits) == 1 else None
         other = args[1 - hits[0]] if len(args) == 2 and len(hits) == 1 else None
         if self.batch_size is None and isinstance(out, torch.Tensor) and out.dim() > 0 and out.shape[0] > 1:
             self.batch_size = out.shape[0]
-        if (sign is None or inside or kwargs or other is None or not isinstance(other, torch.Tensor)
-                or not isinstance(out, torch.Tensor) or out.dim() != self.output.dim() or out.dim() == 0
-                or out.shape[0] != self.batch_size or self.output.shape[0] != 1):
+        if (sign is None or inside or kwargs or not isinstance(other, torch.Tensor)
+                or not isinstance(out, torch.Tensor) or out.dim() == 0 or out.dim() != alias.dim()
+                or alias.shape[0] != 1 or out.shape[0] != self.batch_size):
             self.unknown_use = True
             return out
         factor = other.detach() if kind == "mul" else None
-        out.register_hook(partial(self._collect, sign, factor))
+        out.register_hook(partial(self._collect, sign, factor, alias.shape, self.aliases[id(alias)][1]))
         self.broadcasts += 1
         return out
 
     def _is_alias(self, x) -> bool:
-        return isinstance(x, torch.Tensor) and self.aliases.get(id(x)) is x
+        entry = self.aliases.get(id(x)) if isinstance(x, torch.Tensor) else None
+        return entry is not None and entry[0] is x
 
-    def _collect(self, sign: float, factor, grad: torch.Tensor) -> None:
+    def _still_shared(self, func, args, kwargs, out) -> bool:
+        """Whether ``out`` is still one value for all samples: a rearrangement of the alias, or an
+        op whose output and other tensor inputs have a leading dim of 1 (T5's ``torch.where(mask,
+        bias, -inf)`` with a ``[1, 1, q, k]`` mask). Its gradient then reaches the alias by its vjp."""
+        others = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor) and not self._is_alias(a)]
+        if func in _SHAPE_OPS and not others:
+            return True
+        return out.dim() > 0 and out.shape[0] == 1 and all(t.dim() < out.dim() or t.shape[0] == 1 for t in others)
+
+    def _attention_mask(self, func, args, kwargs):
+        """``F.scaled_dot_product_attention`` with a ``[1, ...]`` alias as its additive ``attn_mask``
+        (T5's position bias): the mask is expanded to the B samples of the query, which broadcasting
+        does anyway, so its gradient arrives per sample."""
+        names = ("query", "key", "value", "attn_mask")
+        bound = dict(zip(names, args))
+        bound.update(kwargs)
+        mask, query = bound.get("attn_mask"), bound.get("query")
+        if not (self._is_alias(mask) and isinstance(query, torch.Tensor) and query.dim() == mask.dim()
+                and mask.shape[0] == 1 and query.shape[0] > 1 and mask.dtype != torch.bool):
+            return None
+        if self.batch_size is None:
+            self.batch_size = query.shape[0]
+        if query.shape[0] != self.batch_size:
+            return None
+        expanded = mask.expand(self.batch_size, *mask.shape[1:])
+        expanded.register_hook(partial(self._collect, 1.0, None, mask.shape, self.aliases[id(mask)][1]))
+        self.broadcasts += 1
+        call_args = list(args)
+        if len(call_args) > 3:
+            call_args[3] = expanded
+        else:
+            kwargs = dict(kwargs, attn_mask=expanded)
+        return func(*call_args, **kwargs)
+
+    def _collect(self, sign: float, factor, alias_shape, chain, grad: torch.Tensor) -> None:
         g = grad.float() * sign
         if factor is not None:
             g = g * factor.float()
-        part = g.sum_to_size((self.batch_size, *self.output.shape[1:]))
+        part = g.sum_to_size((self.batch_size, *alias_shape[1:]))  # [B, ...]: sample b's grad of the alias
+        if chain:
+            part = vmap(partial(self._pull_back, chain))(part)
+        else:
+            part = part.unsqueeze(1)  # the output itself, [1, ...]: sample b's grad is row b
         self.per_sample = part if self.per_sample is None else self.per_sample + part
+
+    def _pull_back(self, chain, alias_grad: torch.Tensor) -> torch.Tensor:
+        """One sample's grad of the output, from its grad of the rearranged output."""
+        def rearrange(y):
+            for func, template, kwargs in chain:
+                y = func(*(y if a is _HOLE else a for a in template), **kwargs)
+            return y
+
+        _, pull = vjp(rearrange, self.output.detach().float())
+        return pull(alias_grad.unsqueeze(0))[0]
 
     def complete(self, own_grad: torch.Tensor) -> bool:
         """Whether the recorded uses account for the module output's whole gradient ``own_grad``."""
         if self.per_sample is None or self.unknown_use:
             return False
-        total = self.per_sample.sum(dim=0, keepdim=True)
+        total = self.per_sample.sum(dim=0)
         scale = own_grad.float().abs().max().clamp_min(1e-30)
         # Autograd sums the same parts (rounded in the grad's dtype): float32 rounding apart.
         tolerance = 1e-2 if own_grad.dtype in _HALF else 1e-5
