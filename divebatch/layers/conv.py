@@ -188,15 +188,17 @@ class ConvRule(LayerRule):
         return plan
 
 
-#: When to fuse a convolution (CPU), in flop equivalents fitted to 27 layer shapes (2 threads; ResNet,
-#: ConvNeXt, VGG and small-CNN layers, B = 8-64): the fused route costs the batch's weight-gradient
-#: flops (as autograd's) plus ``FUSED_PER_SAMPLE_GRAD_COST`` per per-sample gradient element (the
-#: grouped convolution writes them and runs far below peak when positions are few); the hook route
-#: costs autograd's weight gradient, ``FUSED_UNFOLD_COST`` per unfolded input element and its linear
-#: route's flops. The model picks the faster one on all 27; the fused route lost by 2.8-17x (e.g.
-#: 512 channels, 3x3 at 4x4: 178 ms against 10 ms) on the layers where it now steps aside.
-FUSED_PER_SAMPLE_GRAD_COST = 185.0
-FUSED_UNFOLD_COST = 95.0
+#: When to fuse a convolution (CPU), in flop equivalents fitted to 87 layer shapes (2 threads; 3x3
+#: convolutions of 32-512 channels at 4x4 to 28x28, stride 1 and 2, B = 32 and 128, plus ResNet,
+#: ConvNeXt, VGG and small-CNN layers): the fused route costs the batch's weight-gradient flops (as
+#: autograd's) plus ``FUSED_PER_SAMPLE_GRAD_COST`` per per-sample gradient element (the grouped
+#: convolution writes them and runs far below peak when positions are few); the hook route costs
+#: autograd's weight gradient, ``FUSED_UNFOLD_COST`` per unfolded input element and its linear
+#: route's flops. The model picks the faster route on 84 of the 87; the 3 misses cost 1.09-1.26x
+#: on layers under 1 ms. The fused route loses by up to 17x (512 channels, 3x3 at 4x4, B = 128:
+#: 374 ms against 55 ms) on the layers where it now steps aside.
+FUSED_PER_SAMPLE_GRAD_COST = 90.0
+FUSED_UNFOLD_COST = 180.0
 
 
 def fused_conv_pays(B: int, groups: int, T: int, d: int, p: int) -> bool:
