@@ -192,10 +192,11 @@ def fused_linear_grads(module: nn.Linear, x: torch.Tensor, g: torch.Tensor, trac
 #: route's flop units (``linear_route``): the C++ kernel writes each sample's ``p x d`` tile, squares
 #: it and adds it to the weight gradient, three passes over memory that a rank-``T`` product with
 #: few positions cannot hide. Its GEMM flops cost what autograd's weight-gradient GEMM costs, which
-#: it replaces. Fitted to 21 shapes (B = 8-64, T = 2-1024, d, p = 32-2048; 2 threads): the model
-#: picks the faster path on 20, and on the last the two differ by 4%. Without it, T = 4 with
-#: d x p = 256 x 1024 (a ConvNeXt's last stage) took 1.7 ms fused against 0.25 ms by the hooks.
-FUSED_TILE_COST = 15.0
+#: it replaces. Fitted to the 77 shapes where the hook route would take the Gram route (B = 16-64,
+#: T = 2-128, d, p = 64-4096; 2 threads, timed interleaved): the model picks the faster path on 74;
+#: the 3 misses cost 1.04-1.18x. Without it, T = 4 with d x p = 256 x 1024 (a ConvNeXt's last stage)
+#: took 1.7 ms fused against 0.25 ms by the hooks.
+FUSED_TILE_COST = 5.0
 
 
 def fused_linear_route(B: int, T: int, d: int, p: int, device_type: str = "cpu") -> RoutePlan:
