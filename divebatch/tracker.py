@@ -236,7 +236,7 @@ class GradNormTracker:
         self._last_plans: dict[str, RoutePlan] = {}
         self._error: Exception | None = None
         self._watchers: list[SharedOutputWatcher] = []  # entered, not yet left (see _watch_shared_output)
-        self._last_batch = 0  # the batch size of the last batched call captured
+        self._last_batch = 0  # the batch size of the last call captured that was not watched
         self._closed = False
         self._enabled = False
         self.enabled = enabled
@@ -494,7 +494,7 @@ class GradNormTracker:
             # Looked up once for all samples: [1, T] ids, or ids with no batch dim (their first dim
             # differs from the batch of the calls before it).
             self._watch_shared_output(call, leaves[0])
-        elif batch_size > 1:
+        else:
             self._last_batch = batch_size
         return None
 

@@ -92,6 +92,23 @@ def test_default_position_ids_broadcast_over_the_batch_are_exact(fused):
     model, tokens, targets = gpt2_case(per_sample_positions=False)
     routes = tracked_and_checked(model, token_loss, tokens, targets, fused)
     assert routes["lm.transformer.wpe"] == "embedding"
+    assert torch._C._len_torch_function_stack() == 0  # the watcher was left when the backward began
+
+
+def test_a_batch_of_one_needs_no_watcher():
+    model, tokens, targets = gpt2_case(per_sample_positions=False)
+    tokens, targets = tokens[:1], targets[:1]
+    with GradNormTracker(model, "sum") as tracker:
+        for _ in range(2):
+            token_loss(model(tokens), targets).backward()
+            stats = tracker.collect()
+            model.zero_grad()
+        depth = []
+        model.lm.transformer.wpe.register_forward_hook(lambda *_: depth.append(torch._C._len_torch_function_stack()))
+        model(tokens)
+        assert tracker._last_batch == 1 and depth == [0]  # after the first forward: nothing watched
+    per_sample, _, _ = reference_norms(model, token_loss, tokens, targets)
+    assert rel_err(stats.per_sample, per_sample) <= RTOL
 
 
 class SharedRowsUsedTwice(nn.Module):
