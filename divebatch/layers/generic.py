@@ -10,7 +10,10 @@ Two ways, chosen per call:
 * broadcast uses: while the forward runs, a torch-function mode records every op that uses one of
   the module's own parameters. If each is ``expand``, ``+``, ``-`` or ``*`` broadcasting the
   parameter over the samples (dim 0), a sample's gradient is ``sum_to_size`` of that op's output
-  grad (times the other factor, for ``*``) over the sample's slice: no replay at all.
+  grad (times the other factor, for ``*``) over the sample's slice: no replay at all. Views and
+  dtype casts of a parameter, and a Python number added to or multiplying it (``1.0 + w``), count
+  as the parameter; ``F.layer_norm``/``F.group_norm``/``F.rms_norm`` with its weight and bias are
+  computed as ``norm(x) * w + b`` so that both become such uses.
 * replay: otherwise, ``vmap`` over samples of ``vjp`` of the module alone
   (``torch.func.functional_call``), from its captured inputs and output grads. This is exact
   whenever the module treats samples independently; randomness (dropout in training mode) is
@@ -21,6 +24,10 @@ Two ways, chosen per call:
 
 Either way the tracker's accounting check (``verify_every``) compares the summed per-sample
 gradients with autograd's, so a use the recorder cannot see is refused, not missed.
+
+``SharedOutputWatcher`` (used by the tracker for any rule's module) follows an output that is one
+value for all samples, e.g. a position table looked up with ``[1, T]`` ids, to the ops that
+broadcast it over the batch, where its per-sample gradients can still be read.
 """
 
 from __future__ import annotations
