@@ -157,6 +157,31 @@ def attention_seq_first():
     return _regression(nn.Sequential(SelfAttention(8, 2, False), nn.Linear(8, 2)), torch.randn(3, 5, 8))
 
 
+class ChannelsFirstNorm(nn.LayerNorm):
+    """Hugging Face ConvNeXt's channels-first LayerNorm: its own forward around nn.LayerNorm's."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class FunctionalGroupNorm(nn.Module):
+    """``F.group_norm`` with the module's own weight and bias, and a layer scale ``w[:, None, None]``."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.rand(channels) + 0.5), nn.Parameter(torch.randn(channels))
+        self.scale = nn.Parameter(torch.rand(channels) + 0.5)
+
+    def forward(self, x):
+        return nn.functional.group_norm(x, 2, self.weight, self.bias) * self.scale[:, None, None]
+
+
+def functional_norms():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), ChannelsFirstNorm(4), nn.GELU(), FunctionalGroupNorm(4), nn.Flatten(),
+                          nn.Linear(4 * 5 * 5, 2))
+    return _regression(model, torch.randn(3, 3, 7, 7))
+
+
 def custom_module():
     return _regression(nn.Sequential(nn.Linear(4, 6), GatedScale(6), nn.Linear(6, 2)), torch.randn(5, 4))
 
@@ -168,4 +193,4 @@ def reused_module():
 ZOO = {f.__name__: f for f in [linear_2d, linear_3d, linear_4d, conv1d, conv2d, conv3d, conv_deep, conv3d_deep,
                               conv_transpose, embedding, embedding_no_pad,
                               norms, conv_norms_eval, batchnorm1d_eval, batchnorm3d_eval, attention_batch_first, attention_seq_first,
-                              custom_module, reused_module]}
+                              functional_norms, custom_module, reused_module]}

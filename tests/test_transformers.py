@@ -111,38 +111,6 @@ def test_a_batch_of_one_needs_no_watcher():
     assert rel_err(stats.per_sample, per_sample) <= RTOL
 
 
-class SharedRowsUsedTwice(nn.Module):
-    """A [1, T] position lookup broadcast onto the tokens, and also used once more in a way the
-    watcher cannot split per sample (a sum): refused with the hint, not a partial per-sample sum."""
-
-    def __init__(self, reduce_again):
-        super().__init__()
-        self.tokens, self.positions = nn.Embedding(11, 4), nn.Embedding(6, 4)
-        self.head = nn.Linear(4, 11)
-        self.reduce_again = reduce_again
-
-    def forward(self, idx):
-        positions = self.positions(torch.arange(idx.shape[1])[None])
-        h = self.tokens(idx) + positions
-        if self.reduce_again:
-            h = h + positions.sum()
-        return self.head(torch.tanh(h))
-
-
-@pytest.mark.parametrize("reduce_again", [False, True])
-def test_a_shared_output_is_split_only_where_every_use_is_seen(reduce_again):
-    torch.manual_seed(0)
-    model = SharedRowsUsedTwice(reduce_again)
-    tokens, targets = torch.randint(0, 11, (3, 5)), torch.randint(0, 11, (3, 5))
-    if reduce_again:
-        with GradNormTracker(model, "sum"):
-            with pytest.raises(ValueError, match=r"positions.*batch of 1 .*position_ids=torch\.arange\(T\)\.expand\(B, T\)"):
-                token_loss(model(tokens), targets).backward()
-        return
-    routes = tracked_and_checked(model, token_loss, tokens, targets, True)
-    assert routes["positions"] == "embedding"
-
-
 class MaskedLM(nn.Module):
     """A tiny BERT or RoBERTa masked LM (tied decoder, decoder bias also registered on its parent)
     returning logits, with per-sample position ids."""

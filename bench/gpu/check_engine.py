@@ -1,5 +1,7 @@
 """The whole engine on one device against torch.func: every layer family of the test zoo, the
-tied Embedding/Linear head and every nn.MultiheadAttention configuration, fused and not.
+tied Embedding/Linear head, embeddings sharing one weight, outputs shared by all samples ([1, T]
+positions, a T5-style relative bias as an attention mask) and every nn.MultiheadAttention
+configuration, fused and not.
 
 The CPU test suite proves these rules on CPU; this runs the same models on a GPU (float32, TF32
 off, so the reference is exact), where the operators dispatch to the Triton kernels and the
@@ -25,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from divebatch import GradNormTracker  # noqa: E402
-from tests import test_attention, test_tied  # noqa: E402
+from tests import test_attention, test_shared_outputs, test_tied  # noqa: E402
 from tests.models_zoo import ZOO, sample_loss  # noqa: E402
 from tests.oracle import reference_norms, rel_err  # noqa: E402
 
@@ -38,6 +40,12 @@ def cases():
     out["tied/pad"] = lambda: (*test_tied.make_case(padding_idx=3), test_tied.token_loss)
     out["tied/both-twice"] = lambda: (*test_tied.make_case(reuse_embedding=True, reuse_head=True),
                                       test_tied.token_loss)
+    out["tied/shared-tables"] = lambda: (test_tied.SharedTables(), torch.randint(0, 40, (4, 7)),
+                                         torch.randint(0, 40, (4, 7)), test_tied.token_loss)
+    for name, make in (("positions", test_shared_outputs.SharedPositions),
+                       ("relative-bias", test_shared_outputs.RelativeBias)):
+        out[f"shared-output/{name}"] = lambda make=make: (make(), torch.randint(0, 11, (3, 5)),
+                                                          torch.randint(0, 11, (3, 5)), test_shared_outputs.token_loss)
     for name, config in test_attention.CONFIGS.items():
         out[f"attention/{name}"] = lambda config=config: (
             *test_attention.make(**config), None, test_attention.loss_fn)

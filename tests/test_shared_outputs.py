@@ -1,0 +1,94 @@
+"""Outputs shared by all samples: a position table looked up with ``[1, T]`` ids (GPT-2's and
+BART's default) or a relative-position bias looked up with ``[q, k]`` buckets (T5's), whose output
+is broadcast over the batch later. Autograd sums the samples' parts before the module's own output
+grad; the tracker follows the output to the broadcasting ops and takes per-sample grads there,
+only where they account for the whole output grad. Exact against torch.func."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from divebatch import GradNormTracker
+
+from .oracle import reference_norms, rel_err
+
+
+def token_loss(out, y):
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1), reduction="sum")
+
+
+class SharedPositions(nn.Module):
+    """Token embedding plus a ``[1, T]`` position lookup (called first, before any batched call);
+    ``extra_use`` adds a use the tracker cannot split per sample (a sum of the positions)."""
+
+    def __init__(self, extra_use=False, vocab=11, dim=4):
+        super().__init__()
+        self.positions, self.tokens = nn.Embedding(6, dim), nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, vocab)
+        self.extra_use = extra_use
+
+    def forward(self, idx):
+        positions = self.positions(torch.arange(idx.shape[1], device=idx.device)[None])
+        h = self.tokens(idx)
+        h += positions.to(h.dtype)  # in place, through a dtype alias
+        if self.extra_use:
+            h = h + positions.sum()
+        return self.head(torch.tanh(h))
+
+
+class RelativeBias(nn.Module):
+    """T5's pattern: a bias table looked up with ``[q, k]`` buckets, permuted to ``[1, H, q, k]``,
+    masked by ``torch.where`` with a one-sample causal mask, and used as the additive attention
+    mask of ``F.scaled_dot_product_attention`` in two layers."""
+
+    def __init__(self, vocab=11, dim=8, heads=2, buckets=5):
+        super().__init__()
+        self.heads, self.buckets = heads, buckets
+        self.tokens = nn.Embedding(vocab, dim)
+        self.bias = nn.Embedding(buckets, heads)
+        self.qkv = nn.ModuleList([nn.Linear(dim, 3 * dim) for _ in range(2)])
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, idx):
+        B, T = idx.shape
+        h = self.tokens(idx)
+        position = torch.arange(T, device=idx.device)
+        buckets = (position[:, None] - position[None, :]).clamp(0, self.buckets - 1)  # [q, k]: distance back
+        causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()[None, None]
+        bias = torch.where(causal, self.bias(buckets).permute(2, 0, 1).unsqueeze(0), -1e4)
+        for qkv in self.qkv:
+            q, k, v = qkv(h).view(B, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            h = h + attended.transpose(1, 2).reshape(B, T, -1)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("make, table", [(SharedPositions, "positions"), (RelativeBias, "bias")],
+                         ids=["positions", "relative-bias"])
+def test_shared_outputs_match_torch_func(make, table, fused):
+    torch.manual_seed(0)
+    model = make()
+    tokens, targets = torch.randint(0, 11, (3, 5)), torch.randint(0, 11, (3, 5))
+    with GradNormTracker(model, "sum", fused=fused) as tracker:
+        for _ in range(2):  # the second forward starts from the first one's state
+            token_loss(model(tokens), targets).backward()
+            stats = tracker.collect()
+            model.zero_grad()
+        assert torch._C._len_torch_function_stack() == 0
+    per_sample, per_param, batch = reference_norms(model, token_loss, tokens, targets)
+    assert rel_err(stats.per_layer[table], per_param[f"{table}.weight"]) <= 1e-5
+    assert rel_err(stats.per_sample, per_sample) <= 1e-5
+    assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
+
+
+def test_a_use_that_cannot_be_split_is_refused_with_the_hint():
+    torch.manual_seed(0)
+    model = SharedPositions(extra_use=True)
+    tokens, targets = torch.randint(0, 11, (3, 5)), torch.randint(0, 11, (3, 5))
+    with GradNormTracker(model, "sum"):
+        with pytest.raises(ValueError, match=r"positions.*batch of 1 .*position_ids=torch\.arange\(T\)\.expand\(B, T\)"):
+            token_loss(model(tokens), targets).backward()
