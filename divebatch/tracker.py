@@ -449,7 +449,7 @@ class GradNormTracker:
         if owner.rule is GENERIC and pre_state is not None:
             pre_state, recorder = pre_state
             if recorder is not None:
-                recorder.__exit__(None, None, None)
+                self._exit_recorder(recorder)
         if owner.skip_hooks:
             owner.skip_hooks -= 1
             return None
@@ -511,6 +511,22 @@ class GradNormTracker:
         call.watcher = SharedOutputWatcher(output)
         call.watcher.__enter__()
         self._watchers.append(call.watcher)
+
+    def _exit_recorder(self, recorder: DirectUseRecorder) -> None:
+        """Leave a generic module's recorder. Watchers entered during its forward sit above it on
+        the torch-function mode stack (a mode's exit pops the innermost one): they are stepped out
+        of and back into around it, so they keep following their outputs."""
+        above = []
+        while self._watchers:
+            depth = torch._C._len_torch_function_stack()
+            top = torch._C._get_function_stack_at(depth - 1) if depth else None
+            if top is recorder or top not in self._watchers:
+                break
+            top.__exit__(None, None, None)
+            above.append(top)
+        recorder.__exit__(None, None, None)
+        for watcher in reversed(above):
+            watcher.__enter__()
 
     def _leave_watchers(self, all_of_them: bool = False) -> None:
         # A watcher follows its output to the end of the forward (T5 adds its position bias in every

@@ -92,3 +92,34 @@ def test_a_use_that_cannot_be_split_is_refused_with_the_hint():
     with GradNormTracker(model, "sum"):
         with pytest.raises(ValueError, match=r"positions.*batch of 1 .*position_ids=torch\.arange\(T\)\.expand\(B, T\)"):
             token_loss(model(tokens), targets).backward()
+
+
+class GainedRoot(nn.Module):
+    """A module with a parameter of its own (the generic route, whose recorder is a torch-function
+    mode entered for its forward) that looks positions up with [1, T] ids inside that forward: the
+    watcher entered there must outlive the recorder, and both must be gone after the backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(11, 4), nn.Embedding(6, 4)
+        self.gain = nn.Parameter(torch.rand(4) + 0.5)
+        self.head = nn.Linear(4, 11)
+
+    def forward(self, idx):
+        h = self.tokens(idx) * self.gain + self.positions(torch.arange(idx.shape[1], device=idx.device)[None])
+        return self.head(torch.tanh(h))
+
+
+def test_a_watcher_inside_a_generic_module_outlives_its_recorder():
+    torch.manual_seed(0)
+    model = GainedRoot()
+    tokens, targets = torch.randint(0, 11, (3, 5)), torch.randint(0, 11, (3, 5))
+    depth = torch._C._len_torch_function_stack()
+    with GradNormTracker(model, "sum") as tracker:
+        token_loss(model(tokens), targets).backward()
+        stats = tracker.collect()
+        routes = {plan.module: plan.route for plan in tracker.plan()}
+        assert torch._C._len_torch_function_stack() == depth
+    per_sample, _, _ = reference_norms(model, token_loss, tokens, targets)
+    assert routes[""] == "generic (broadcast uses)" and routes["positions"] == "embedding"
+    assert rel_err(stats.per_sample, per_sample) <= 1e-5
