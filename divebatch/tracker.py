@@ -370,6 +370,13 @@ class GradNormTracker:
                 hooked.add(id(p))
                 self._handles.append(p.register_hook(partial(self._on_param_grad, owner, _join(owner.name, name),
                                                              id(p))))
+        # Registered last, so it runs after the root's own hooks: watchers end with the tracked
+        # model's forward (a mode a caller enters around the model call must find its own on top).
+        self._handles.append(self.model.register_forward_hook(self._on_model_forward, always_call=True))
+
+    @torch.compiler.disable
+    def _on_model_forward(self, module, args, output):
+        self._leave_watchers(all_of_them=True)
 
     def _detach(self) -> None:
         self._leave_watchers(all_of_them=True)
@@ -502,10 +509,10 @@ class GradNormTracker:
         """An Embedding looked up once for all samples (``[1, T]`` position ids, GPT-2's and BART's
         default) while the forward has ``B`` samples: its output is broadcast over them later, and
         autograd sums the samples' parts before its own output grad. A watcher follows the output
-        to the end of the forward, hooking the ops that broadcast it; where they account for the
-        whole output grad, the call takes the per-sample grads (an Embedding's indices expanded to
-        B rows; a generic-route module replays each sample with its own output grad). Not where
-        every call so far had one sample (training with batches of 1 needs none of this)."""
+        to the end of the tracked model's forward, hooking the ops that broadcast it; where they
+        account for the whole output grad, the call takes the per-sample grads (an Embedding's
+        indices expanded to B rows; a generic-route module replays each sample with its own output
+        grad). Not where every call so far had one sample (batches of 1 need none of this)."""
         if output.dim() < 2 or _called_from_compiled_code():
             return
         call.watcher = SharedOutputWatcher(output)
@@ -529,9 +536,9 @@ class GradNormTracker:
             watcher.__enter__()
 
     def _leave_watchers(self, all_of_them: bool = False) -> None:
-        # A watcher follows its output to the end of the forward (T5 adds its position bias in every
-        # layer): left when the backward starts, or at a tracked module's hook once it has seen a use
-        # it cannot split. Innermost first, each only once it is the innermost torch-function mode
+        # A watcher follows its output to the end of the tracked model's forward (T5 adds its
+        # position bias in every layer), or of the backward's start where a submodule was called on
+        # its own; earlier at a tracked module's hook once it has seen a use it cannot split. Innermost first, each only once it is the innermost torch-function mode
         # (a generic module's recorder entered after it is left by that module's forward hook).
         while self._watchers:
             watcher, depth = self._watchers[-1], torch._C._len_torch_function_stack()

@@ -123,3 +123,26 @@ def test_a_watcher_inside_a_generic_module_outlives_its_recorder():
     per_sample, _, _ = reference_norms(model, token_loss, tokens, targets)
     assert routes[""] == "generic (broadcast uses)" and routes["positions"] == "embedding"
     assert rel_err(stats.per_sample, per_sample) <= 1e-5
+
+
+def test_watchers_end_with_the_tracked_model_forward():
+    """A torch-function mode the caller enters around the model call finds itself on top when it
+    leaves: the watchers are gone when the tracked model's forward returns."""
+    from torch.overrides import TorchFunctionMode
+
+    class Passthrough(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = SharedPositions()
+    tokens, targets = torch.randint(0, 11, (3, 5)), torch.randint(0, 11, (3, 5))
+    with GradNormTracker(model, "sum") as tracker:
+        mode = Passthrough()
+        with mode:
+            out = model(tokens)
+            assert torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1) is mode
+        token_loss(out, targets).backward()
+        stats = tracker.collect()
+    per_sample, _, _ = reference_norms(model, token_loss, tokens, targets)
+    assert rel_err(stats.per_sample, per_sample) <= 1e-5
