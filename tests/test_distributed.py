@@ -117,7 +117,9 @@ def test_two_process_run_matches_one_process_trajectory(two_rank_run):
 def test_multi_process_resume_after_kill_follows_the_same_trajectory(two_rank_run, tmp_path):
     _, (full, _) = two_rank_run
     cfg = dict(_TRAIN, checkpoint_every=7)
-    with pytest.raises(Exception, match="exit|3"):  # both ranks die hard in epoch 2, between checkpoints
+    # Both ranks die hard (os._exit(3)) in epoch 2, between checkpoints; a rank still inside a gloo
+    # collective when its peer is gone may be aborted by gloo first (SIGABRT): the same hard death.
+    with pytest.raises(Exception, match="exit|3|SIGABRT"):
         launch(dist_workers.train_worker, 2, args=(cfg, str(tmp_path), False, 60), threads=1)
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["world_size"] == 2 and 0 < state["trainer"]["steps"] < 60
