@@ -136,6 +136,18 @@ def register(*module_types: type[nn.Module] | str) -> Callable[[type[LayerRule]]
 _MATCHERS: list[tuple[Callable[[nn.Module], bool], LayerRule]] = []
 
 
+_CODE_FIELDS = ("co_code", "co_consts", "co_names", "co_varnames", "co_freevars", "co_argcount",
+                "co_kwonlyargcount")
+
+
+def same_code(function, reference) -> bool:
+    """Whether ``function`` compiles to the same code as ``reference`` (instructions, constants,
+    names, arguments): how matchers recognise copies of one forward that other libraries give a
+    class each, without importing them or keeping a list of names."""
+    code = getattr(function, "__code__", None)
+    return code is not None and all(getattr(code, f) == getattr(reference.__code__, f) for f in _CODE_FIELDS)
+
+
 def register_matcher(predicate: Callable[[nn.Module], bool]) -> Callable[[type[LayerRule]], type[LayerRule]]:
     """Class decorator: use this rule for modules of unregistered types for which ``predicate``
     holds (e.g. the many copies of one forward that Hugging Face gives a class per model)."""

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .base import LayerRule, RoutePlan, register, register_matcher
+from .base import LayerRule, RoutePlan, register, register_matcher, same_code
 
 
 @dataclass
@@ -102,20 +102,11 @@ class _ScaledEmbeddingForwards(nn.Embedding):
         return super().forward(input_ids) * self.embed_scale.to(self.weight.dtype)
 
 
-_CODE_FIELDS = ("co_code", "co_consts", "co_names", "co_varnames", "co_freevars", "co_argcount",
-                "co_kwonlyargcount")
-
-
-def _same_code(function, reference) -> bool:
-    code = getattr(function, "__code__", None)
-    return code is not None and all(getattr(code, f) == getattr(reference.__code__, f) for f in _CODE_FIELDS)
-
-
 def _is_scaled_embedding(module: nn.Module) -> bool:
     forward = getattr(type(module), "forward", None)
     return (isinstance(module, nn.Embedding) and hasattr(module, "embed_scale")
-            and (_same_code(forward, _ScaledEmbeddingForwards.forward)
-                 or _same_code(forward, _ScaledEmbeddingForwards.forward_cast)))
+            and (same_code(forward, _ScaledEmbeddingForwards.forward)
+                 or same_code(forward, _ScaledEmbeddingForwards.forward_cast)))
 
 
 def embed_scale(module: nn.Module) -> float | None:
@@ -125,7 +116,7 @@ def embed_scale(module: nn.Module) -> float | None:
         return None
     scale = module.embed_scale
     if isinstance(scale, torch.Tensor):
-        if _same_code(type(module).forward, _ScaledEmbeddingForwards.forward_cast):
+        if same_code(type(module).forward, _ScaledEmbeddingForwards.forward_cast):
             scale = scale.to(module.weight.dtype)
         scale = scale.item()
     return float(scale)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import PerSampleGradsRule, RoutePlan, register, register_matcher
+from .base import PerSampleGradsRule, RoutePlan, register, register_matcher, same_code
 
 
 #: Samples per slice of ``x_hat * G`` are chosen so the slice stays under this many bytes.
@@ -152,17 +152,13 @@ def _llama_rms_norm_forward(self, hidden_states):
     return self.weight * hidden_states.to(input_dtype)
 
 
-_CODE_FIELDS = ("co_code", "co_consts", "co_names", "co_varnames", "co_argcount", "co_kwonlyargcount")
-
-
 def _is_llama_rms_norm(module: nn.Module) -> bool:
     """A module whose forward is bytecode-identical to Hugging Face's LlamaRMSNorm.forward, with a
     1-D ``weight`` parameter and a numeric ``variance_epsilon``."""
-    code, reference = getattr(type(module).forward, "__code__", None), _llama_rms_norm_forward.__code__
     weight = getattr(module, "weight", None)
-    return (code is not None and isinstance(weight, nn.Parameter) and weight.dim() == 1
+    return (isinstance(weight, nn.Parameter) and weight.dim() == 1
             and isinstance(getattr(module, "variance_epsilon", None), (int, float))
-            and all(getattr(code, f) == getattr(reference, f) for f in _CODE_FIELDS))
+            and same_code(getattr(type(module), "forward", None), _llama_rms_norm_forward))
 
 
 @register_matcher(_is_llama_rms_norm)
