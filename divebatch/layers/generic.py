@@ -128,6 +128,29 @@ _DIVISIONS = {torch.div, torch.Tensor.div, torch.Tensor.__truediv__, torch.true_
 _HALF = (torch.float16, torch.bfloat16)
 
 
+# Shared by the two torch-function modes below, each given its test ``follows`` for the tensors it
+# follows (a module's parameters; a shared output and what was derived from it).
+def _hits(args, follows) -> list[int]:
+    """Positions of the followed tensors among an op's positional arguments."""
+    return [i for i, a in enumerate(args) if follows(a)]
+
+
+def _nested(args, kwargs, follows) -> bool:
+    """A followed tensor among the keyword arguments or inside a list argument (``torch.cat([p, x])``)."""
+    return any(follows(v) for v in kwargs.values()) or any(
+        isinstance(a, (list, tuple)) and any(follows(t) for t in a) for a in args)
+
+
+def _carries_grad(out) -> bool:
+    """Whether a gradient can flow back through an op's output (not ``p.shape``, ``p.detach()``)."""
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(out)[0])
+
+
+def _sign(kind: str, index: int) -> float:
+    """-1 where the followed tensor, argument ``index``, is subtracted: ``x - p``, ``rsub(p, x)``."""
+    return -1.0 if (kind == "sub" and index == 1) or (kind == "rsub" and index == 0) else 1.0
+
+
 class DirectUseRecorder(TorchFunctionMode):
     """Active while a generic-route module's forward runs: records each op that uses one of the
     module's own parameters (``uses``), or sets ``uses`` to None at the first use it cannot turn
@@ -156,11 +179,11 @@ class DirectUseRecorder(TorchFunctionMode):
         out = func(*args, **kwargs)
         if self.uses is None:
             return out
-        hits = [i for i, a in enumerate(args) if self._param_name(a) is not None]
-        if not hits and not self._inside(args, kwargs):
+        hits = _hits(args, self._follows)
+        if not hits and not _nested(args, kwargs, self._follows):
             return out
-        if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(out)[0]):
-            return out  # no gradient flows through it: ``w.dtype``, ``w.shape``, ``w.detach()``
+        if not _carries_grad(out):
+            return out  # ``w.dtype``, ``w.shape``, ``w.detach()``
         if func in _ALIAS_OPS and hits == [0] and self._alias(args[0], out):
             return out
         if not kwargs and len(hits) == 1 and self._affine_alias(func, args, hits[0], out):
@@ -173,10 +196,8 @@ class DirectUseRecorder(TorchFunctionMode):
             return out
         index = hits[0]
         other = args[1 - index] if kind == "mul" else None  # only a product's gradient needs it
-        # x - p (p second) and rsub(p, x) = x - p subtract the parameter.
-        sign = -1.0 if (kind == "sub" and index == 1) or (kind == "rsub" and index == 0) else 1.0
-        self._record(args[index], "mul" if kind == "mul" else ("expand" if kind == "expand" else "add"), sign,
-                     other, out)
+        self._record(args[index], "mul" if kind == "mul" else ("expand" if kind == "expand" else "add"),
+                     _sign(kind, index), other, out)
         return out
 
     def _record(self, operand, kind, sign, other, out, operand_shape=None):
@@ -263,11 +284,8 @@ class DirectUseRecorder(TorchFunctionMode):
             out = summed
         return out.to(out_dtype) if out.dtype != out_dtype else out
 
-    def _inside(self, args, kwargs) -> bool:
-        """A parameter among the keyword arguments or inside a list argument (``torch.cat([p, x])``)."""
-        if any(self._param_name(v) is not None for v in kwargs.values()):
-            return True
-        return any(isinstance(a, (list, tuple)) and any(self._param_name(t) is not None for t in a) for a in args)
+    def _follows(self, x) -> bool:
+        return self._param_name(x) is not None
 
     def _param_name(self, x) -> str | None:
         entry = self.params.get(id(x))
@@ -505,13 +523,10 @@ class SharedOutputWatcher(TorchFunctionMode):
             if out is not None:
                 return out
         out = func(*args, **kwargs)
-        hits = [i for i, a in enumerate(args) if self._is_alias(a)]
-        inside = any(self._is_alias(v) for v in kwargs.values()) or any(
-            isinstance(a, (list, tuple)) and any(self._is_alias(t) for t in a) for a in args)
-        if (not hits and not inside) or self.unknown_use:
+        hits = _hits(args, self._is_alias)
+        inside = _nested(args, kwargs, self._is_alias)
+        if (not hits and not inside) or self.unknown_use or not _carries_grad(out):
             return out
-        if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(out)[0]):
-            return out  # ``p.shape``, ``p.detach()``: no gradient flows through it
         if (len(hits) == 1 and not inside and isinstance(out, torch.Tensor) and self._still_shared(func, args, kwargs, out)
                 and len(self.aliases[id(args[hits[0]])][1]) < _MAX_CHAIN):
             template = tuple(_HOLE if i == hits[0] else a for i, a in enumerate(args))
@@ -520,8 +535,8 @@ class SharedOutputWatcher(TorchFunctionMode):
             return out
         kind = _DIRECT_KINDS.get(func)
         sign = _IN_PLACE_SIGNS.get(func)
-        if kind is not None and kind != "expand":
-            sign = -1.0 if (kind == "sub" and hits == [1]) or (kind == "rsub" and hits == [0]) else 1.0
+        if kind is not None and kind != "expand" and len(hits) == 1:
+            sign = _sign(kind, hits[0])
         elif sign is not None and hits != [1]:
             sign = None  # ``p += x`` changes the shared output itself
         alias = args[hits[0]] if len(hits) == 1 else None
