@@ -125,7 +125,6 @@ def check_device(op: str, **tensors: torch.Tensor) -> torch.device:
     return first
 
 
-@functools.lru_cache(maxsize=None)
 def check_a_g(op: str, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.device, int, int, int, int]:
     """Checks shared by the ops taking a layer input ``a [B, T, d]`` and output grad ``g [B, T, p]``.
 
@@ -141,6 +140,7 @@ def check_a_g(op: str, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.device, 
     return device, B, T, d, g.shape[2]
 
 
+@functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

@@ -382,6 +382,26 @@ def test_outer_and_embedding_errors():
                                 torch.randn(2, 4, 4, device=DEVICE), -1)
 
 
+def test_wrappers_keep_no_reference_to_their_inputs():
+    """Layer inputs and output grads are dropped once a wrapper returns: a cache or a saved argument
+    would keep every step's activations alive (on a GPU, memory growing with each step)."""
+    import gc
+    import weakref
+
+    a, g = torch.randn(2, 5, 6, device=DEVICE), torch.randn(2, 5, 4, device=DEVICE)
+    idx = torch.randint(0, 7, (2, 5), device=DEVICE)
+    a1, g1 = torch.randn(3, 6, device=DEVICE), torch.randn(3, 4, device=DEVICE)
+    K.ghost_norm_triton(a, g, True)
+    K.instantiate_norm_triton(a, g, True)
+    K.embedding_norm_triton(idx, g, -1)
+    K.outer_norm_triton(a1, g1, True)
+    refs = [weakref.ref(t) for t in (a, g, idx, a1, g1)]
+    del a, g, idx, a1, g1
+    gc.collect()
+    alive = [i for i, r in enumerate(refs) if r() is not None]
+    assert not alive, f"inputs {alive} (of a, g, indices, a1, g1) are still referenced after the calls"
+
+
 # --------------------------------------------------------------------------- registration
 _SCHEMAS = {  # the schema lines of divebatch/ops.py (SCHEMAS), used on a scratch namespace
     "ghost_norm": "ghost_norm(Tensor a, Tensor g, bool with_bias) -> (Tensor, Tensor)",
