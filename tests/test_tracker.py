@@ -397,3 +397,55 @@ def test_plan_lists_every_layer_with_a_route():
         assert plans["0"].route in {"ghost", "instantiate", "fused-instantiate"}
         assert plans["1"].route == "instantiate"
         assert "route" in tracker.format_plan()
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("case", sorted(ZOO))
+def test_no_activation_outlives_its_step(case, fused):
+    """Once a step is collected, nothing the tracker holds keeps that step's layer inputs, outputs
+    or output grads alive: otherwise memory grows with every step (on a GPU, until it runs out)."""
+    _assert_step_leaves_nothing(case, fused)
+
+
+@pytest.mark.parametrize("case", ["linear_2d", "linear_3d", "embedding", "attention_batch_first"])
+def test_no_activation_outlives_its_step_triton_backend(case, monkeypatch):
+    """The same through the Triton wrappers (the interpreter here, the CUDA kernels on a GPU)."""
+    from divebatch import ops
+
+    if not ops.TRITON_AVAILABLE or not ops._kernels.INTERPRET:
+        pytest.skip("the Triton kernels are not importable in interpreter mode here")
+    monkeypatch.setenv("DIVEBATCH_BACKEND", "triton")
+    _assert_step_leaves_nothing(case, fused=True)
+
+
+def _assert_step_leaves_nothing(case, fused):
+    import weakref
+
+    model, x, y = ZOO[case]()
+    seen: list[weakref.ref] = []
+
+    def remember_grad(grad):
+        seen.append(weakref.ref(grad))
+
+    def remember(module, args, output):
+        for t in (*args, output):
+            if isinstance(t, torch.Tensor):
+                seen.append(weakref.ref(t))
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(remember_grad)
+
+    handles = [m.register_forward_hook(remember) for m in model.modules()]
+    with GradNormTracker(model, loss_reduction="sum", fused=fused) as tracker:
+        scaled_loss(model(x), y, "sum").backward()
+        first = tracker.collect().per_sample
+        for h in handles:
+            h.remove()
+        del x, y
+        gc.collect()
+        alive = [r() for r in seen if r() is not None]
+        assert not alive, f"{len(alive)} tensors of the collected step are still alive, e.g. shape " \
+                          f"{tuple(alive[0].shape)}"
+        # The tracker keeps working on the next step.
+        _, x2, y2 = ZOO[case]()
+        scaled_loss(model(x2), y2, "sum").backward()
+        assert tracker.collect().per_sample.shape == first.shape
