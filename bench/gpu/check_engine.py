@@ -6,6 +6,7 @@ configuration, fused and not.
 The CPU test suite proves these rules on CPU; this runs the same models on a GPU (float32, TF32
 off, so the reference is exact), where the operators dispatch to the Triton kernels and the
 attention rule's identity-product skipping, RNG handling and tied-row gathers run on CUDA.
+On CUDA it also checks that memory does not grow from step to step on a few zoo models.
 Prints a table, writes JSON, exits 1 if any relative error exceeds 1e-4 or a case fails.
 
     python bench/gpu/check_engine.py --device cuda --out bench/results/gpu/check_engine.json
@@ -66,6 +67,30 @@ def check(make, device: torch.device, fused: bool) -> dict:
             "routes": routes}
 
 
+#: Zoo models whose CUDA memory must not grow from step to step (every kernel wrapper is on a route).
+STEADY_CASES = ("linear_2d", "linear_3d", "conv2d", "embedding", "norms", "attention_batch_first")
+
+
+def steady_memory(name: str, device: torch.device, steps: int = 4) -> dict:
+    """``torch.cuda.memory_allocated`` after each of ``steps`` tracked steps of one zoo model: from
+    the second step on it must not change (a wrapper or the tracker keeping a step's tensors would
+    make it grow every step)."""
+    with torch.device(device):
+        model, _, _ = ZOO[name]()
+        model = model.to(device)
+        allocated = []
+        with GradNormTracker(model, "sum") as tracker:
+            for _ in range(steps):
+                _, x, y = ZOO[name]()
+                model.zero_grad(set_to_none=False)
+                sample_loss(model(x.to(device)), y.to(device)).backward()
+                tracker.collect()
+                del x, y
+                torch.cuda.synchronize(device)
+                allocated.append(torch.cuda.memory_allocated(device))
+    return {"case": f"steady-memory/{name}", "allocated": allocated, "ok": len(set(allocated[1:])) == 1}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -93,6 +118,17 @@ def main(argv=None) -> int:
             failed += not ok
             rows.append(row)
     print(f"{len(rows) - failed} of {len(rows)} within {RTOL} on {device}")
+    if device.type == "cuda":
+        print("\n| steady memory | bytes allocated after each step |\n|---|---|")
+        for name in STEADY_CASES:
+            try:
+                row = steady_memory(name, device)
+            except Exception as err:  # noqa: BLE001
+                row = {"case": f"steady-memory/{name}", "error": f"{type(err).__name__}: {err}", "ok": False}
+                traceback.print_exc(file=sys.stderr)
+            print(f"| {row['case']} | {row.get('allocated', row.get('error'))} {'' if row['ok'] else '(GROWS)'} |")
+            failed += not row["ok"]
+            rows.append(row)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"torch": torch.__version__, "device": str(device), "date": time.strftime("%Y-%m-%d %H:%M"),
