@@ -17,6 +17,9 @@ the first config of each list; ``DIVEBATCH_COMPILE_SWEEP=all`` compiles everythi
 The wheel's ``cuobjdump --dump-resource-usage`` gives registers and the stack / local bytes;
 where those are non-zero, spill stores / loads are counted as the ``STL`` / ``LDL`` instructions
 of ``cuobjdump -sass`` (Triton kernels have no local arrays; a spill needs a stack frame). A spill fails the test unless listed in ``ACCEPTED_SPILLS`` with a reason.
+The PTX is also read for the two premises of the kernels' speed: every ``tl.dot`` runs on tensor
+cores (``wgmma.mma_async`` on sm_90, ``mma.sync`` on sm_80) and, for contiguous inputs, the
+loads are the asynchronous copies (``cp.async``) of Triton's software pipeline.
 Shared memory above a GPU's limit is not an error (the autotuner drops such a config on that GPU
 at launch) as long as some config of the (kernel, dtype, arch) fits.
 
@@ -221,6 +224,11 @@ def _compile_one(job) -> dict:
             has_ptx=isinstance(ptx, str) and f".entry {kernel}" in ptx,
             has_cubin=isinstance(cubin, bytes) and cubin[:4] == b"\x7fELF",
             shared=int(compiled.metadata.shared),
+            # Tensor-core instructions: Hopper's warpgroup MMA, and the warp-level MMA of sm_80.
+            wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
+            mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
+            # Asynchronous global->shared copies: the software pipeline of num_stages > 1.
+            cp_async=len(re.findall(r"\bcp\.async\.c[ag]\b", ptx)),
         )
         if record["has_cubin"]:
             record.update(_resource_usage(cubin, kernel))
@@ -282,6 +290,37 @@ def test_every_kernel_compiles_to_ptx_and_cubin(records):
     seen = {(r["kernel"], r["dtype"], r["arch"]) for r in records}
     wanted = {(k, d, a) for k in _specs() for d in DTYPES for a in ARCHS}
     assert wanted <= seen, f"not compiled: {sorted(wanted - seen)}"
+
+
+#: Kernels whose inner loop is a ``tl.dot`` (the outer-product kernel has none).
+DOT_KERNELS = ("_ghost_norm_kernel", "_instantiate_norm_kernel", "_embedding_norm_kernel")
+
+
+def test_dots_run_on_tensor_cores(records):
+    """Every dot kernel issues Hopper's warpgroup MMA (``wgmma.mma_async``) on sm_90 and the warp MMA
+    (``mma.sync``) on sm_80, in every dtype and layout: a config change that falls back to FMA
+    loops (e.g. a warp count that is not a warpgroup multiple) would cap the ghost route far below
+    the tensor-core peak it is measured against."""
+    missing = []
+    for r in records:
+        if r["kernel"] not in DOT_KERNELS or "error" in r:
+            continue
+        want, other = ("wgmma", "mma_sync") if r["arch"] == 90 else ("mma_sync", "wgmma")
+        if r.get(want, 0) == 0 or r.get(other, 0) != 0:
+            missing.append(f"{r['kernel']} {r['dtype']} sm_{r['arch']} {r['variant']} {r['config']}: "
+                           f"wgmma={r.get('wgmma')} mma.sync={r.get('mma_sync')}")
+    assert not missing, "dots not on the expected tensor-core instructions:\n" + "\n".join(missing)
+    assert not any(r.get("wgmma") or r.get("mma_sync") for r in records if r["kernel"] not in DOT_KERNELS)
+
+
+def test_contiguous_loads_are_pipelined(records):
+    """With unit inner strides and 16-byte alignment (what a contiguous activation gives the JIT),
+    the dot kernels' loads are asynchronous copies into shared memory (``cp.async``), i.e. the
+    num_stages software pipeline is in place; strided inputs fall back to plain loads."""
+    plain = [f"{r['kernel']} {r['dtype']} sm_{r['arch']} {r['config']}" for r in records
+             if r["kernel"] in DOT_KERNELS and r["variant"] == "contig" and "error" not in r
+             and r.get("cp_async", 0) == 0]
+    assert not plain, "contiguous inputs without cp.async pipelining:\n" + "\n".join(plain)
 
 
 def test_register_use_is_read(records):
