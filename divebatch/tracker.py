@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_flatten
 from ._norms import squared_norm
 from .layers import GENERIC, LayerRule, RoutePlan, rule_for
 from .layers.generic import DirectUseRecorder, SharedOutputWatcher, usable_direct_uses
+from .layers.rows import flattened_samples
 from .layers.base import capture_suspended
 from .layers.embedding import EmbeddingCall, EmbeddingRule
 from .layers.linear import LinearRule, linear_factors
@@ -99,6 +100,8 @@ class _Owner:
     descendants: list = field(default_factory=list)
     # Other modules whose calls this owner accounts for: embeddings sharing its weight.
     aliases: list = field(default_factory=list)
+    # Calls in progress given a [B*T, ...] input as [B, T, ...]: (that view, B*T), see _on_rows_pre_forward.
+    row_views: list = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -355,6 +358,10 @@ class GradNormTracker:
             if owner.fused:
                 owner.module.forward = partial(self._fused_call, owner)
             generic = owner.rule is GENERIC
+            if owner.rule.rows_independent:
+                # First of the pre-hooks, so every other hook and the fused forward see [B, T, ...].
+                self._handles.append(owner.module.register_forward_pre_hook(
+                    partial(self._on_rows_pre_forward, owner), prepend=True))
             if hasattr(owner.rule, "before_forward") or generic:
                 self._handles.append(owner.module.register_forward_pre_hook(
                     partial(self._on_pre_forward, owner), with_kwargs=True))
@@ -362,6 +369,10 @@ class GradNormTracker:
             # even when the forward raises.
             self._handles.append(owner.module.register_forward_hook(
                 partial(self._on_forward, owner), with_kwargs=True, always_call=generic))
+            if owner.rule.rows_independent:
+                # After _on_forward, which hooks the [B, T, ...] output the rule's grads arrive for.
+                self._handles.append(owner.module.register_forward_hook(
+                    partial(self._on_rows_forward, owner), always_call=True))
             for alias in owner.aliases:
                 self._handles.append(alias.register_forward_hook(partial(self._on_forward, owner), with_kwargs=True))
             for name, p in owner.tracked.items():
@@ -377,6 +388,37 @@ class GradNormTracker:
     @torch.compiler.disable
     def _on_model_forward(self, module, args, output):
         self._leave_watchers(all_of_them=True)
+        for owner in self._owners:
+            owner.row_views.clear()  # left by a forward that raised
+
+    @torch.compiler.disable
+    def _on_rows_pre_forward(self, owner: _Owner, module, args):
+        """A row-wise layer (``rows_independent``) given samples and tokens flattened into its
+        input's rows (OPT's ``hidden.reshape(-1, d)`` before its MLP): where the autograd graph
+        proves the rows sample-major (``layers/rows.py``), the layer is called with the input
+        viewed as ``[B, T, ...]``, which gives the same numbers and lets its rule see samples;
+        ``_on_rows_forward`` views the output back. Otherwise the input is left as it is."""
+        x = args[0] if args else None
+        # Rows already of the batch's size (the common case) cost one comparison, no graph walk.
+        if (not isinstance(x, torch.Tensor) or x.grad_fn is None or x.dim() < 2 or x.shape[0] == self._last_batch
+                or capture_suspended() or not torch.is_grad_enabled() or _inside_functorch()
+                or _called_from_compiled_code()):
+            return None
+        lead = flattened_samples(x)
+        if lead is None:
+            return None
+        view = x.reshape(*lead, *x.shape[1:])
+        owner.row_views.append((view, x.shape[0], len(lead)))
+        return (view, *args[1:])
+
+    @torch.compiler.disable
+    def _on_rows_forward(self, owner: _Owner, module, args, output):
+        if not (owner.row_views and args and owner.row_views[-1][0] is args[0]):
+            return None
+        _, rows, n_lead = owner.row_views.pop()
+        if not isinstance(output, torch.Tensor):
+            return None
+        return output.reshape(rows, *output.shape[n_lead:])
 
     def _detach(self) -> None:
         self._leave_watchers(all_of_them=True)
@@ -494,7 +536,11 @@ class GradNormTracker:
             # Weak: a forward whose graph is dropped without a backward must not keep its indices.
             owner.tie.embedding_calls.append(weakref.ref(call))
         for i, t in enumerate(leaves):
-            t.register_hook(partial(self._on_output_grad, call, i))
+            base = _own_product(t, args) if owner.rule.rows_independent else None
+            if base is None:
+                t.register_hook(partial(self._on_output_grad, call, i))
+            else:
+                base.register_hook(partial(self._on_base_grad, call, i, t.shape))
         if n_grads == 1 and self._last_batch != 1 and (
                 (batch_size == 1 and (isinstance(owner.rule, EmbeddingRule) or owner.rule is GENERIC))
                 or (isinstance(owner.rule, EmbeddingRule) and 1 < self._last_batch != batch_size)):
@@ -605,6 +651,10 @@ class GradNormTracker:
                 owner.ready = []
         return None
 
+    def _on_base_grad(self, call: _Call, index: int, shape: torch.Size, grad: torch.Tensor):
+        """The output grad of a call whose output is a reshape of its own product (see _own_product)."""
+        return self._on_output_grad(call, index, grad.reshape(shape))
+
     def _on_param_grad(self, owner: _Owner, name: str, param_id: int, grad: torch.Tensor):
         if not self._enabled:
             return None
@@ -690,6 +740,12 @@ class GradNormTracker:
                             "over the batch later (e.g. position ids of shape [1, T]): broadcasting sums the "
                             "samples' gradients before the module sees them. Give it one row per sample, e.g. "
                             "position_ids=torch.arange(T).expand(B, T).")
+                elif call.batch_size > step.batch_size and call.batch_size % step.batch_size == 0:
+                    hint = (f" {call.batch_size} = {step.batch_size} x {call.batch_size // step.batch_size}: were "
+                            "samples and tokens flattened into rows? Rows are assigned to samples only for a "
+                            "Linear/LayerNorm/RMSNorm whose input comes from a view merging [B, T, ...] through "
+                            "elementwise ops and such layers (not under torch.compile, not through gathers or "
+                            "permutations of rows); see divebatch/layers/rows.py.")
                 raise ValueError(
                     f"module '{owner.name}' ({type(owner.module).__name__}) saw a batch of {call.batch_size} samples "
                     f"but other layers in this backward saw {step.batch_size}; per-sample gradients need one "
@@ -810,6 +866,23 @@ def _shape_key(ctx) -> tuple:
         return key
     tensor = ctx[0] if isinstance(ctx, tuple) else getattr(ctx, "leaves", [ctx])[0]
     return tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else (id(ctx),)
+
+
+def _own_product(output: torch.Tensor, args: tuple) -> torch.Tensor | None:
+    """The tensor ``output`` is a whole reshape of, where a row-wise layer made it (``F.linear``
+    on a ``[B, T, d]`` input returns a view of its 2-D product); else None.
+
+    A gradient hook on the view itself is bypassed once it, or another view of the same product
+    (the ``[B*T, p]`` rows a flattened call returns), is modified in place (``y += residual``):
+    autograd then sends the gradient straight to the product. A hook on the product gets it
+    always, as the gradient of the value the layer returned.
+    """
+    base = output._base
+    if (base is None or base.numel() != output.numel() or base.grad_fn is None or output.grad_fn is None
+            or not output.grad_fn.next_functions or output.grad_fn.next_functions[0][0] is not base.grad_fn
+            or any(base is a for a in args)):
+        return None
+    return base
 
 
 def _inside_functorch() -> bool:

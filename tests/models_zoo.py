@@ -182,6 +182,49 @@ def functional_norms():
     return _regression(model, torch.randn(3, 3, 7, 7))
 
 
+class FlattenedTokensBlock(nn.Module):
+    """OPT's MLP block: samples and tokens flattened into rows before a LayerNorm and two Linears
+    (``hidden.reshape(-1, d)``), a residual on the flat rows, the batch shape restored after."""
+
+    def __init__(self, dim, hidden, pre_norm=True):
+        super().__init__()
+        self.norm, self.pre_norm = nn.LayerNorm(dim), pre_norm
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        shape = x.shape
+        rows = x.reshape(-1, shape[-1])
+        h = self.norm(rows) if self.pre_norm else rows
+        h = rows + self.fc2(torch.relu(self.fc1(h)))
+        return h.view(shape) if self.pre_norm else self.norm(h).view(shape)
+
+
+def flattened_tokens():
+    model = nn.Sequential(nn.Linear(4, 6), FlattenedTokensBlock(6, 10), FlattenedTokensBlock(6, 8, pre_norm=False),
+                          nn.Linear(6, 2))
+    return _regression(model, torch.randn(3, 5, 4))
+
+
+class InPlaceResiduals(nn.Module):
+    """Layer outputs modified in place (``y += x``, ``y.mul_(c)``): a Linear's [B, T, p] output is
+    a view of its 2-D product, so a gradient hook on the view alone would be bypassed."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(dim, dim), nn.LayerNorm(dim), nn.Linear(dim, 2)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h += x
+        y = self.norm(h)
+        y.mul_(0.5)
+        return self.fc2(y)
+
+
+def inplace_residuals():
+    return _regression(InPlaceResiduals(6), torch.randn(3, 5, 6))
+
+
 def custom_module():
     return _regression(nn.Sequential(nn.Linear(4, 6), GatedScale(6), nn.Linear(6, 2)), torch.randn(5, 4))
 
@@ -193,4 +236,4 @@ def reused_module():
 ZOO = {f.__name__: f for f in [linear_2d, linear_3d, linear_4d, conv1d, conv2d, conv3d, conv_deep, conv3d_deep,
                               conv_transpose, embedding, embedding_no_pad,
                               norms, conv_norms_eval, batchnorm1d_eval, batchnorm3d_eval, attention_batch_first, attention_seq_first,
-                              functional_norms, custom_module, reused_module]}
+                              functional_norms, flattened_tokens, inplace_residuals, custom_module, reused_module]}

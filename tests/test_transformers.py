@@ -272,3 +272,18 @@ def test_t5_relative_position_bias_matches_torch_func(fused):
     routes = tracked_and_checked(model, token_loss, tokens, targets, fused)
     biases = [name for name in routes if name.endswith("relative_attention_bias")]
     assert len(biases) == 2 and all(routes[name] == "embedding" for name in biases)  # encoder, decoder
+
+
+@pytest.mark.parametrize("pre_norm", [True, False], ids=["pre-norm", "post-norm"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+def test_opt_flattened_mlp_matches_torch_func(fused, pre_norm):
+    """OPT flattens samples and tokens into rows before ``final_layer_norm``, ``fc1`` and ``fc2``
+    (``hidden.reshape(-1, d)``); the rows are assigned to samples from the autograd graph."""
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(vocab_size=97, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
+                                    num_attention_heads=2, max_position_embeddings=16, word_embed_proj_dim=16,
+                                    do_layer_norm_before=pre_norm, dropout=0.0, attention_dropout=0.0)
+    model = Logits(transformers.OPTForCausalLM(config), "input_ids")
+    tokens, targets = torch.randint(2, 97, (3, 9)), torch.randint(0, 97, (3, 9))
+    routes = tracked_and_checked(model, token_loss, tokens, targets, fused)
+    assert {"net.model.decoder.layers.0.fc1", "net.model.decoder.layers.1.final_layer_norm"} <= set(routes)

@@ -37,7 +37,7 @@ from torch import nn
 
 from .base import LayerRule, RoutePlan, RuleError, register, suspend_capture
 from .. import ops
-from .linear import _FusedLinear, fused_linear_route, linear_grad_sums, linear_norms
+from .linear import fused_linear, fused_linear_route, linear_grad_sums, linear_norms
 
 _FORWARD_PARAMS = list(inspect.signature(nn.MultiheadAttention.forward).parameters)[1:]
 _FORWARD_DEFAULTS = {name: p.default for name, p in inspect.signature(nn.MultiheadAttention.forward).parameters.items()
@@ -70,7 +70,7 @@ class FusedAttentionCall:
     value: torch.Tensor
     context: torch.Tensor
     self_attention: bool
-    #: ``{projection: (weight sq [B], bias sq [B])}`` from projections run through ``_FusedLinear``.
+    #: ``{projection: (weight sq [B], bias sq [B])}`` from projections run through ``fused_linear``.
     projection_norms: dict = field(default_factory=dict)
 
     def projection_input(self, name: str) -> torch.Tensor:
@@ -158,7 +158,7 @@ class MultiheadAttentionRule(LayerRule):
         if module.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         grads: dict[str, torch.Tensor] = {}
-        fused: set[str] = set()  # projections run through _FusedLinear: their sink reports the grad
+        fused: set[str] = set()  # projections run through fused_linear: their sink reports the grad
 
         def arrived(name, grad):
             grads[name] = grad.detach()
@@ -183,7 +183,7 @@ class MultiheadAttentionRule(LayerRule):
                 arrived(name, g)
                 return grad_w.to(weight.dtype), grad_b
 
-            return _FusedLinear.apply(x, weight, bias, projection_sink)
+            return fused_linear(x, weight, bias, projection_sink)
 
         if self_attention and module._qkv_same_embed_dim:  # one product for q, k and v
             packed = project("qkv", query, module.in_proj_weight, module.in_proj_bias)

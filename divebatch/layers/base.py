@@ -57,6 +57,11 @@ class LayerRule:
     #: The direct parameters of the module this rule computes norms for.
     param_names: tuple[str, ...] = ("weight", "bias")
 
+    #: The module maps each row of its input's leading dims to the same row of its output, on its
+    #: own (Linear, LayerNorm, RMSNorm): an input whose rows are samples and tokens flattened
+    #: together may be given to it as ``[B, T, ...]`` instead (see ``layers/rows.py``).
+    rows_independent: bool = False
+
     def batch_dim(self, module: nn.Module) -> int:
         """The dimension of the captured inputs and output grads that indexes samples."""
         return 0

@@ -63,6 +63,8 @@ def linear_grad_sums(a: torch.Tensor, g: torch.Tensor, with_weight: bool, with_b
 class LinearRule(LayerRule):
     """Rule for ``nn.Linear`` and subclasses; the route is chosen per shape by ``linear_route``."""
 
+    rows_independent = True
+
     def batch_size(self, module, ctx):
         return ctx.shape[0] if ctx.dim() > 1 else 1
 
@@ -112,7 +114,7 @@ class LinearRule(LayerRule):
         return fused_linear_route(B, T, d, p, x.device.type).route == "fused-instantiate"
 
     def fused_forward(self, module, args, kwargs, sink):
-        return _FusedLinear.apply(args[0], self.weight_out_in(module), module.bias, sink)
+        return fused_linear(args[0], self.weight_out_in(module), module.bias, sink)
 
     def fused_grads(self, module, x, g, tracked):
         return fused_linear_grads(module, x, g, tracked)
@@ -143,13 +145,26 @@ class TransposedLinearRule(LinearRule):
         return module.weight.t()
 
 
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias, sink) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` through ``_FusedLinear`` (same numbers, same call).
+
+    For a ``[B, T, d]`` input ``F.linear`` returns a view of its 2-D product. A view made *inside*
+    a custom autograd function may not be modified in place (``y = fc(x); y += x`` would raise), so
+    the function returns the product itself and the view is made here, outside it, as in
+    ``nn.Linear``.
+    """
+    out = _FusedLinear.apply(x, weight, bias, sink)
+    return out if out.dim() == x.dim() else out.view(*x.shape[:-1], out.shape[-1])
+
+
 class _FusedLinear(torch.autograd.Function):
-    """``F.linear`` whose backward also yields per-sample weight/bias norms.
+    """``F.linear`` whose backward also yields per-sample weight/bias norms (use ``fused_linear``).
 
     The weight gradient ``sum_b G_b^T A_b`` is taken from the same per-sample tiles that give the
     norms (operator ``instantiate_norm``), so autograd's own weight-gradient GEMM is replaced,
     not repeated. ``sink(x, g)`` (from the tracker) returns ``(grad_weight, grad_bias)``, or
     ``(None, None)`` when it wants the plain gradients (e.g. a module called several times).
+    Returns ``F.linear``'s output, or the 2-D product it is a view of (see ``fused_linear``).
     """
 
     @staticmethod
@@ -157,11 +172,14 @@ class _FusedLinear(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.sink = sink
         ctx.has_bias = bias is not None
-        return F.linear(x, weight, bias)
+        out = F.linear(x, weight, bias)
+        base = out._base
+        return base if base is not None and base.numel() == out.numel() and base.is_contiguous() else out
 
     @staticmethod
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
+        g = g.reshape(*x.shape[:-1], g.shape[-1])  # the product's grad, as the [B, T, p] output's
         grad_x = g.matmul(weight) if ctx.needs_input_grad[0] else None
         grad_w, grad_b = ctx.sink(x, g)
         if grad_w is None and ctx.needs_input_grad[1]:

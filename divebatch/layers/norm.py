@@ -79,6 +79,8 @@ class _AffineNormRule(PerSampleGradsRule):
 class LayerNormRule(_AffineNormRule):
     """``nn.LayerNorm``: per-sample grads summed over all non-normalised, non-batch dims."""
 
+    rows_independent = True
+
     def normalized(self, module, x):
         return F.layer_norm(x.float(), module.normalized_shape, None, None, module.eps)
 
@@ -91,6 +93,7 @@ class RMSNormRule(_AffineNormRule):
     """``nn.RMSNorm`` (weight only)."""
 
     param_names = ("weight",)
+    rows_independent = True
 
     def normalized(self, module, x):
         eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
@@ -169,6 +172,8 @@ class LlamaRMSNormRule(_AffineNormRule):
     a class whose forward differs in any way takes the generic route. The forward computes
     ``x_hat = x * rsqrt(mean(x^2) + eps)`` in float32, casts it back to the input's dtype and
     multiplies by the weight, so the weight's per-sample gradient is ``sum_t x_hat_t * g_t``."""
+
+    rows_independent = True
 
     param_names = ("weight",)
 

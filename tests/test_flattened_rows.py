@@ -1,0 +1,154 @@
+"""Samples and tokens flattened into a layer's rows (``[B*T, d]``): which rows belong to which
+sample is read from the autograd graph (``divebatch/layers/rows.py``); the per-sample norms are
+checked against torch.func, and every graph the proof cannot follow is refused, never guessed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from divebatch import GradNormTracker
+from divebatch.layers.rows import flattened_samples
+
+from .models_zoo import FlattenedTokensBlock, sample_loss
+from .oracle import reference_norms, rel_err
+
+RTOL = 1e-4
+
+
+# --------------------------------------------------------------------------- the proof on graphs
+def _h(*shape):
+    return torch.randn(*shape, requires_grad=True) * 1.0  # a non-leaf, as a layer's output is
+
+
+PROVEN = {
+    "reshape": (lambda h, w: h.reshape(-1, 5), (3, 4)),
+    "view": (lambda h, w: h.view(12, 5), (3, 4)),
+    "flatten": (lambda h, w: h.flatten(0, 1), (3, 4)),
+    "activation": (lambda h, w: torch.nn.functional.gelu(h.reshape(-1, 5)), (3, 4)),
+    "dropout": (lambda h, w: torch.nn.functional.dropout(h.reshape(-1, 5), 0.5, True), (3, 4)),
+    "cast": (lambda h, w: h.reshape(-1, 5).to(torch.float64), (3, 4)),
+    "broadcast parameter": (lambda h, w: h.reshape(-1, 5) * w + 1.0, (3, 4)),
+    "same rows twice": (lambda h, w: h.reshape(-1, 5) + h.reshape(-1, 5).relu(), (3, 4)),
+    "layer norm": (lambda h, w: torch.nn.functional.layer_norm(h.reshape(-1, 5), (5,), w), (3, 4)),
+    "inner dims swapped": (lambda h, w: h.transpose(1, 2).reshape(-1, 4), (3, 5)),
+}
+REFUSED = {
+    "positions first (transpose)": lambda h, w: h.transpose(0, 1).reshape(-1, 5),
+    "positions first (contiguous)": lambda h, w: h.transpose(0, 1).contiguous().view(-1, 5),
+    "positions first (permute)": lambda h, w: h.permute(1, 0, 2).reshape(-1, 5),
+    "two row orders mixed": lambda h, w: h.reshape(-1, 5) + h.transpose(0, 1).reshape(-1, 5),
+    "rows reversed": lambda h, w: h.reshape(-1, 5).flip(0),
+    "rows gathered": lambda h, w: h.reshape(-1, 5)[torch.tensor([0, 2, 5])],
+    "rows mixed by a matmul": lambda h, w: torch.ones(12, 12) @ h.reshape(-1, 5),
+    "a per-row reduction in between": lambda h, w: h.reshape(-1, 5) * h.reshape(-1, 5).sum(-1, keepdim=True),
+    "no positions (T = 1)": lambda h, w: h[:, :1].reshape(-1, 5),
+    "no graph": lambda h, w: h.detach().reshape(-1, 5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PROVEN))
+def test_merged_rows_are_proven(name):
+    make, lead = PROVEN[name]
+    assert flattened_samples(make(_h(3, 4, 5), torch.randn(5, requires_grad=True))) == lead
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_rows_of_unknown_order_are_not_assigned(name):
+    assert flattened_samples(REFUSED[name](_h(3, 4, 5), torch.randn(5, requires_grad=True))) is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 4), min_size=2, max_size=4), st.integers(1, 3), st.integers(1, 3))
+def test_any_merge_of_leading_dims(lead, n_merged, width):
+    """Merging the first ``k`` dims of ``[*lead, width]`` gives exactly those sizes (when T > 1)."""
+    k = min(n_merged + 1, len(lead))
+    h = _h(*lead, width)
+    rows = h.reshape(-1, *h.shape[k:])
+    expected = tuple(lead[:k]) if len(lead[:k]) >= 2 and torch.Size(lead[1:k]).numel() > 1 else None
+    assert flattened_samples(rows) == expected
+
+
+# --------------------------------------------------------------------------- whole models
+class SeqFirstRows(nn.Module):
+    """Rows merged positions-first (``[T, B, d]`` order): not sample-major, must be refused."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.fc, self.out = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        B, T, d = h.shape
+        rows = self.fc(h.transpose(0, 1).reshape(-1, d))
+        return self.out(rows.view(T, B, d).transpose(0, 1))
+
+
+class InPlaceResidual(nn.Module):
+    """The flat output of a tracked Linear modified in place, then restored to [B, T, d]."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.fc, self.out = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        rows = h.reshape(-1, h.shape[-1])
+        y = self.fc(torch.tanh(rows))
+        y += rows
+        return self.out(y.view(h.shape))
+
+
+class ImageRows(nn.Module):
+    """A channels-last image flattened to rows over (B, H, W) before a LayerNorm + Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm, self.fc = nn.Conv2d(3, 6, 3), nn.LayerNorm(6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.conv(x).permute(0, 2, 3, 1)
+        return self.fc(self.norm(h.reshape(-1, 6))).view(*h.shape[:3], 2)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("make, shape", [(InPlaceResidual, (3, 5, 4)), (ImageRows, (2, 3, 6, 7)),
+                                         (lambda: nn.Sequential(nn.Linear(4, 4), FlattenedTokensBlock(4, 8)), (3, 5, 4))],
+                         ids=["in-place residual", "image rows", "pre-norm block"])
+def test_flattened_models_match_torch_func(make, shape, fused):
+    """(The rows are followed from a view in the graph: a model whose input is flattened before any
+    layer has no graph there, and its layers all see B*T samples.)"""
+    torch.manual_seed(0)
+    model, x = make(), torch.randn(*shape)
+    with torch.no_grad():
+        untracked = model(x)
+    y = torch.randn_like(untracked)
+    with GradNormTracker(model, "sum", fused=fused) as tracker:
+        out = model(x)
+        assert torch.equal(out, untracked) and out.shape == untracked.shape  # same numbers, same shape
+        sample_loss(out, y).backward()
+        stats = tracker.collect()
+    per_sample, _, batch = reference_norms(model, sample_loss, x, y)
+    assert rel_err(stats.per_sample, per_sample) <= RTOL
+    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+
+
+def test_positions_first_rows_are_refused_with_a_hint():
+    model, x = SeqFirstRows(), torch.randn(3, 5, 4)
+    with GradNormTracker(model, "sum") as tracker:
+        with pytest.raises(ValueError, match=r"'fc' \(Linear\) saw a batch of 15 .* 15 = 3 x 5: were samples and "
+                                             r"tokens flattened"):
+            sample_loss(model(x), torch.zeros(3, 5, 2)).backward()
+            tracker.collect()
+
+
+def test_same_sizes_positions_first_are_still_refused():
+    """T == B: a positions-first merge has the batch's size in front, so only the graph tells."""
+    model, x = SeqFirstRows(), torch.randn(4, 4, 4)
+    with GradNormTracker(model, "sum") as tracker:
+        with pytest.raises(ValueError, match="saw a batch of 16"):
+            sample_loss(model(x), torch.zeros(4, 4, 2)).backward()
+            tracker.collect()
