@@ -173,6 +173,23 @@ class LlamaLogits(nn.Module):
         return self.lm(input_ids=idx).logits
 
 
+class OPTLogits(nn.Module):
+    """Hugging Face OPTForCausalLM (pre-norm; its MLP runs on samples and tokens flattened into
+    rows, ``hidden.reshape(-1, d)``; learned positions; tied head) returning logits."""
+
+    def __init__(self, vocab=1000, dim=256, n_layer=2, n_head=4, hidden=1024, T=128):
+        super().__init__()
+        import transformers  # only this workload needs it
+
+        config = transformers.OPTConfig(vocab_size=vocab, hidden_size=dim, num_hidden_layers=n_layer,
+                                        ffn_dim=hidden, num_attention_heads=n_head, max_position_embeddings=T,
+                                        word_embed_proj_dim=dim, dropout=0.0, attention_dropout=0.0)
+        self.lm = transformers.OPTForCausalLM(config)
+
+    def forward(self, idx):
+        return self.lm(input_ids=idx).logits
+
+
 def _images(batch, shape):
     def make(device):
         g = torch.Generator().manual_seed(1)
@@ -206,6 +223,8 @@ WORKLOADS = {
     "vit": Workload("vit", PatchViT, _images(32, (3, 64, 64)), lambda x, y: 1.0 / x.shape[0]),
     # Not in BENCHMARKS.md: a 2-layer Hugging Face Llama of the seq workload's size.
     "llama": Workload("llama", LlamaLogits, _tokens(16, 128, 1000), lambda x, y: 1.0 / y.numel(), token_level=True),
+    # Not in BENCHMARKS.md: a 2-layer Hugging Face OPT of the seq workload's size (flattened-row MLP).
+    "opt": Workload("opt", OPTLogits, _tokens(16, 128, 1000), lambda x, y: 1.0 / y.numel(), token_level=True),
     # Not in BENCHMARKS.md: ResNet-18 with GroupNorm (per-sample gradients are defined, as DP
     # training needs) at a CPU-sized 112x112, batch 16: its deep layers have 512 channels at 4x4.
     "resnet": Workload("resnet", lambda: resnet18(10, lambda c: nn.GroupNorm(32, c)), _images(16, (3, 112, 112)),

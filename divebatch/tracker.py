@@ -27,7 +27,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._norms import squared_norm
 from .layers import GENERIC, LayerRule, RoutePlan, rule_for
@@ -507,6 +507,12 @@ class GradNormTracker:
         leaves = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
         if not leaves:  # e.g. frozen layer on a no-grad input: nothing will flow back
             return None
+        separated = None
+        if owner.rule is GENERIC and len(leaves) > 1:
+            separated = _separate_outputs(output, args, kwargs)
+            if separated is not None:
+                output = separated
+                leaves = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
         if not self._low_precision_forward and any(map(torch.is_autocast_enabled, ("cpu", "cuda"))):
             self._low_precision_forward = True
         if hasattr(owner.rule, "before_forward"):
@@ -520,6 +526,8 @@ class GradNormTracker:
             ctx.extra_params = tuple(_join(_relative_name(owner.name, inner.name), pname)
                                      for inner in uncalled for pname in inner.tracked)
             ctx.extra_owners = tuple(uncalled)
+        if owner.rule is GENERIC:
+            ctx = self._generic_rows(ctx, args, kwargs)
         batch_size = owner.rule.batch_size(module, ctx)
         if batch_size == 0:
             raise ValueError(f"module '{owner.name}' ({type(module).__name__}) got an empty batch (0 samples); "
@@ -549,7 +557,19 @@ class GradNormTracker:
             self._watch_shared_output(call, leaves[0])
         else:
             self._last_batch = batch_size
-        return None
+        return separated
+
+    def _generic_rows(self, ctx, args, kwargs):
+        """A generic-route call whose first batched input is samples and tokens flattened into rows
+        (proven as for a Linear, ``_on_rows_pre_forward``): its rows grouped by sample
+        (``GenericRule.as_rows``). Otherwise ``ctx`` as it is."""
+        if ctx.batch_size == self._last_batch or _called_from_compiled_code():
+            return ctx
+        # The call's own inputs (ctx keeps them detached, without the graph the proof reads).
+        first = next((x for x, d in zip(tree_flatten((args, kwargs))[0], ctx.in_dims) if d is not None), None)
+        lead = flattened_samples(first) if isinstance(first, torch.Tensor) else None
+        grouped = GENERIC.as_rows(ctx, lead) if lead is not None else None
+        return ctx if grouped is None else grouped
 
     def _watch_shared_output(self, call: _Call, output: torch.Tensor) -> None:
         """An Embedding looked up once for all samples (``[1, T]`` position ids, GPT-2's and BART's
@@ -866,6 +886,43 @@ def _shape_key(ctx) -> tuple:
         return key
     tensor = ctx[0] if isinstance(ctx, tuple) else getattr(ctx, "leaves", [ctx])[0]
     return tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else (id(ctx),)
+
+
+def _separate_outputs(output, args, kwargs, budget: int = 4096):
+    """``output`` with a clone in place of each tensor the forward also used to compute another
+    output (a MoE router returns its logits and the top-k scores computed from them), or None
+    where no output is such an intermediate.
+
+    A gradient hook on such a tensor receives the gradient of its uses inside the module too, which
+    the generic route's replay (vjp of every output) would count a second time. The clone is what
+    the caller uses, so its gradient is the outside uses' alone. The module's internal graph is
+    searched from the outputs back to its inputs (at most ``budget`` nodes; beyond that every
+    output is cloned: always correct, only a copy more).
+    """
+    flat, spec = tree_flatten(output)
+    outputs = [i for i, t in enumerate(flat) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    edges = {(flat[i].grad_fn, flat[i].output_nr): i for i in outputs}
+    stop = {t.grad_fn for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.grad_fn is not None}
+    used_inside: set[int] = set()
+    seen, queue = set(), [flat[i].grad_fn for i in outputs]
+    while queue and len(used_inside) < len(outputs):
+        node = queue.pop()
+        if node in seen or node in stop:
+            continue
+        seen.add(node)
+        if len(seen) > budget:
+            used_inside = set(outputs)
+            break
+        for child, index in node.next_functions:
+            if child is None:
+                continue
+            if (child, index) in edges:
+                used_inside.add(edges[(child, index)])
+            queue.append(child)
+    if not used_inside:
+        return None
+    flat = [t.clone() if i in used_inside else t for i, t in enumerate(flat)]
+    return tree_unflatten(flat, spec)
 
 
 def _own_product(output: torch.Tensor, args: tuple) -> torch.Tensor | None:

@@ -20,7 +20,15 @@ def per_sample_grads(model, loss_fn, inputs, targets, batch_dim=0):
         out = functional_call(model, (p, buffers), (x.unsqueeze(batch_dim),))
         return loss_fn(out, y.unsqueeze(0))
 
-    return vmap(grad(one), in_dims=(None, batch_dim, 0))(params, inputs, targets)
+    try:
+        return vmap(grad(one), in_dims=(None, batch_dim, 0))(params, inputs, targets)
+    except RuntimeError as err:
+        if "dynamic shape" not in str(err):
+            raise
+    # Data-dependent shapes (a mixture of experts gathering each expert's tokens) have no batching
+    # rule: the same torch.func gradients, one sample at a time.
+    rows = [grad(one)(params, inputs.select(batch_dim, b), targets[b]) for b in range(targets.shape[0])]
+    return {name: torch.stack([row[name] for row in rows]) for name in params}
 
 
 def reference_norms(model, loss_fn, inputs, targets, batch_dim=0):

@@ -152,3 +152,103 @@ def test_same_sizes_positions_first_are_still_refused():
         with pytest.raises(ValueError, match="saw a batch of 16"):
             sample_loss(model(x), torch.zeros(4, 4, 2)).backward()
             tracker.collect()
+
+
+# --------------------------------------------------------------------------- generic modules on rows
+class TinyExperts(nn.Module):
+    """A mixture-of-experts layer as transformers 5 writes them: 3-D expert weights, rows gathered
+    per expert and added back with ``index_add_`` (data-dependent: replayed one sample at a time)."""
+
+    def __init__(self, dim, hidden, n_experts):
+        super().__init__()
+        self.up = nn.Parameter(torch.randn(n_experts, hidden, dim) / dim**0.5)
+        self.down = nn.Parameter(torch.randn(n_experts, dim, hidden) / hidden**0.5)
+
+    def forward(self, rows, top_index, top_weight):
+        out = torch.zeros_like(rows)
+        for e in range(self.up.shape[0]):
+            token, slot = torch.where(top_index == e)
+            if token.numel() == 0:
+                continue
+            h = torch.relu(torch.nn.functional.linear(rows[token], self.up[e]))
+            h = torch.nn.functional.linear(h, self.down[e]) * top_weight[token, slot, None]
+            out.index_add_(0, token, h)
+        return out
+
+
+class TinyRouter(nn.Module):
+    """A router returning its logits *and* the top-k scores computed from them (as Mixtral's)."""
+
+    def __init__(self, dim, n_experts, k):
+        super().__init__()
+        self.weight, self.k = nn.Parameter(torch.randn(n_experts, dim)), k
+
+    def forward(self, rows):
+        logits = torch.nn.functional.linear(rows, self.weight)
+        scores, index = torch.softmax(logits, dim=-1).topk(self.k, dim=-1)
+        return logits, scores / scores.sum(-1, keepdim=True), index
+
+
+class TinyMoE(nn.Module):
+    def __init__(self, dim=6, hidden=8, n_experts=3, k=2, aux=0.0):
+        super().__init__()
+        self.inp, self.out, self.aux = nn.Linear(4, dim), nn.Linear(dim, 2), aux
+        self.router, self.experts = TinyRouter(dim, n_experts, k), TinyExperts(dim, hidden, n_experts)
+
+    def forward(self, x):
+        h = self.inp(x)
+        rows = h.view(-1, h.shape[-1])
+        logits, scores, index = self.router(rows)
+        y = self.experts(rows, index, scores).view(h.shape) + h
+        return self.out(y) + self.aux * logits.square().sum(-1, keepdim=True).view(*h.shape[:2], 1)
+
+
+class RowMixer(nn.Module):
+    """A module with its own parameter that mixes the rows of different samples (centres over all
+    rows): per-sample replays on each sample's rows cannot add up to its gradient."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(dim, dim))
+
+    def forward(self, rows):
+        return (rows - rows.mean(0)) @ self.scale
+
+
+@pytest.mark.parametrize("aux", [0.0, 0.1], ids=["scores only", "logits used too"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+def test_mixture_of_experts_on_rows_matches_torch_func(fused, aux):
+    """Router and experts (generic route) take [B*T, d] rows: each sample is replayed on its own
+    rows. With ``aux`` the router's logits are used outside it as well as inside (the scores are
+    computed from them): only the outside use may reach the logits' gradient."""
+    torch.manual_seed(0)
+    model, x = TinyMoE(aux=aux), torch.randn(3, 5, 4)
+    y = torch.randn(3, 5, 2)
+    with GradNormTracker(model, "sum", fused=fused) as tracker:
+        sample_loss(model(x), y).backward()
+        stats = tracker.collect()
+        routes = {plan.module: plan.route for plan in tracker.plan()}
+    per_sample, _, batch = reference_norms(model, sample_loss, x, y)
+    assert rel_err(stats.per_sample, per_sample) <= RTOL
+    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+    assert routes["experts"] == routes["router"] == "generic (vmap vjp)"
+
+
+def test_a_module_mixing_the_rows_of_samples_is_refused():
+    model = nn.Sequential(nn.Linear(4, 6), nn.Unflatten(0, (3, 5)))
+    mixer = RowMixer(6)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.mix, self.out = nn.Linear(4, 6), mixer, nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.out(self.mix(h.view(-1, 6)).view(h.shape))
+
+    model, x = Net(), torch.randn(3, 5, 4)
+    with GradNormTracker(model, "sum") as tracker:
+        sample_loss(model(x), torch.zeros(3, 5, 2)).backward()
+        with pytest.raises(RuntimeError, match=r"'mix.scale' received a gradient that the forward calls"):
+            tracker.collect()

@@ -287,3 +287,18 @@ def test_opt_flattened_mlp_matches_torch_func(fused, pre_norm):
     tokens, targets = torch.randint(2, 97, (3, 9)), torch.randint(0, 97, (3, 9))
     routes = tracked_and_checked(model, token_loss, tokens, targets, fused)
     assert {"net.model.decoder.layers.0.fc1", "net.model.decoder.layers.1.final_layer_norm"} <= set(routes)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+def test_mixtral_experts_on_rows_match_torch_func(fused):
+    """Mixtral: its sparse MoE block flattens samples and tokens into rows for the router (which
+    returns its logits and the top-k scores computed from them) and the experts (3-D weights,
+    ``torch._grouped_mm``); both are replayed per sample on that sample's rows."""
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(vocab_size=97, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, num_local_experts=3,
+                                        num_experts_per_tok=2, max_position_embeddings=16)
+    model = Logits(transformers.MixtralForCausalLM(config), "input_ids")
+    tokens, targets = torch.randint(0, 97, (3, 7)), torch.randint(0, 97, (3, 7))
+    routes = tracked_and_checked(model, token_loss, tokens, targets, fused)
+    assert routes["net.model.layers.1.mlp.experts"] == routes["net.model.layers.1.mlp.gate"] == "generic (vmap vjp)"

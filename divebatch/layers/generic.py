@@ -32,7 +32,7 @@ broadcast it over the batch, where its per-sample gradients can still be read.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -61,6 +61,9 @@ class GenericCall:
     extra_params: tuple = ()  # names of inner modules' parameters this call accounts for (tracker)
     extra_owners: tuple = ()  # the tracker's owners of those inner modules
     direct_uses: list | None = None  # the module's own parameters' uses, when all were understood
+    # Samples and tokens flattened into rows: the merged leading sizes (B, T, ...) of the batched
+    # leaves and outputs, which are kept as [B, T, ..., *rest] (see GenericRule.as_rows).
+    rows: tuple[int, ...] | None = None
 
 
 @dataclass(eq=False)
@@ -377,6 +380,25 @@ class GenericRule(PerSampleGradsRule):
     def batch_size(self, module, ctx):
         return ctx.batch_size
 
+    @staticmethod
+    def as_rows(call: GenericCall, lead: tuple[int, ...]) -> GenericCall | None:
+        """``call`` with its ``N = B*T`` rows grouped by sample, or None where that does not apply.
+
+        For a module called on samples and tokens flattened into rows (a mixture-of-experts block's
+        router and experts take ``[B*T, d]`` with ``[B*T, k]`` routing tensors): every batched
+        input and every output must have the ``N`` rows in dim 0. They are kept as
+        ``[B, T, ..., *rest]``, and each sample is replayed on its own ``T`` rows, as the module
+        itself would be called on a batch of those rows alone. That is exact for a module that
+        treats rows independently; one that mixes rows of different samples gives per-sample
+        gradients whose sum differs from autograd's, which the tracker's accounting check refuses.
+        """
+        n = call.batch_size
+        if (len(lead) < 2 or call.rows is not None or any(d not in (None, 0) for d in call.in_dims)
+                or any(d != 0 or not shape or shape[0] != n for (shape, _), d in zip(call.outputs, call.out_dims))):
+            return None
+        leaves = [x.reshape(*lead, *x.shape[1:]) if d is not None else x for x, d in zip(call.leaves, call.in_dims)]
+        return replace(call, leaves=leaves, batch_size=lead[0], rows=tuple(lead), direct_uses=None)
+
     def per_sample_grads(self, module, calls, tracked) -> dict[str, torch.Tensor]:
         """``{name: [B, *param_shape]}`` float32, summed over the calls."""
         bdim = self.batch_dim(module)
@@ -401,10 +423,18 @@ class GenericRule(PerSampleGradsRule):
     def _per_sample_grads(self, module, call: GenericCall, grads, params, buffers, bdim):
         batched_leaves = [x for x, d in zip(call.leaves, call.in_dims) if d is not None]
         leaf_dims = [d for d in call.in_dims if d is not None]
+        if call.rows is None:
+            def one_call(x, d):  # one sample as a batch of one
+                return x.unsqueeze(d)
+        else:
+            grads = [g.reshape(*call.rows, *g.shape[1:]) for g in grads]
+
+            def one_call(x, d):  # one sample's rows, as the module takes them: [T, ..., *rest] -> [T*..., *rest]
+                return x.flatten(0, len(call.rows) - 2)
 
         def one_sample(sample_leaves, sample_grads):
             it = iter(sample_leaves)
-            leaves = [next(it).unsqueeze(d) if d is not None else x for x, d in zip(call.leaves, call.in_dims)]
+            leaves = [one_call(next(it), d) if d is not None else x for x, d in zip(call.leaves, call.in_dims)]
             args, kwargs = tree_unflatten(leaves, call.spec)
 
             def forward(p):
@@ -412,7 +442,7 @@ class GenericRule(PerSampleGradsRule):
                 return [out_leaves[i] for i in call.output_index]
 
             _, pullback = vjp(forward, params)
-            return pullback([g.unsqueeze(d) for g, d in zip(sample_grads, call.out_dims)])[0]
+            return pullback([one_call(g, d) for g, d in zip(sample_grads, call.out_dims)])[0]
 
         numel = sum(p.numel() for p in params.values())
         chunk = max(1, int(MAX_EXTRA_BYTES // max(1, 4 * numel)))
