@@ -100,7 +100,8 @@ class _Owner:
     descendants: list = field(default_factory=list)
     # Other modules whose calls this owner accounts for: embeddings sharing its weight.
     aliases: list = field(default_factory=list)
-    # Calls in progress given a [B*T, ...] input as [B, T, ...]: (that view, B*T), see _on_rows_pre_forward.
+    # Calls in progress given a [B*T, ...] input as [B, T, ...]: (that view, B*T, len((B, T, ...))),
+    # see _on_rows_pre_forward.
     row_views: list = field(default_factory=list)
 
 

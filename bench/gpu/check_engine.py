@@ -1,7 +1,8 @@
-"""The whole engine on one device against torch.func: every layer family of the test zoo, the
-tied Embedding/Linear head, embeddings sharing one weight, outputs shared by all samples ([1, T]
-positions, a T5-style relative bias as an attention mask) and every nn.MultiheadAttention
-configuration, fused and not.
+"""The whole engine on one device against torch.func: every layer family of the test zoo (with
+samples and tokens flattened into rows, and outputs modified in place), the tied Embedding/Linear
+head, embeddings sharing one weight, outputs shared by all samples ([1, T] positions, a T5-style
+relative bias as an attention mask), a mixture of experts on rows and every
+nn.MultiheadAttention configuration, fused and not.
 
 The CPU test suite proves these rules on CPU; this runs the same models on a GPU (float32, TF32
 off, so the reference is exact), where the operators dispatch to the Triton kernels and the
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from divebatch import GradNormTracker  # noqa: E402
-from tests import test_attention, test_shared_outputs, test_tied  # noqa: E402
+from tests import test_attention, test_flattened_rows, test_shared_outputs, test_tied  # noqa: E402
 from tests.models_zoo import ZOO, sample_loss  # noqa: E402
 from tests.oracle import reference_norms, rel_err  # noqa: E402
 
@@ -47,6 +48,9 @@ def cases():
                        ("relative-bias", test_shared_outputs.RelativeBias)):
         out[f"shared-output/{name}"] = lambda make=make: (make(), torch.randint(0, 11, (3, 5)),
                                                           torch.randint(0, 11, (3, 5)), test_shared_outputs.token_loss)
+    # Samples x tokens rows through a router and experts (generic route, replayed per sample on its rows).
+    out["rows/mixture-of-experts"] = lambda: (test_flattened_rows.TinyMoE(aux=0.1), torch.randn(3, 5, 4),
+                                              torch.randn(3, 5, 2), sample_loss)
     for name, config in test_attention.CONFIGS.items():
         out[f"attention/{name}"] = lambda config=config: (
             *test_attention.make(**config), None, test_attention.loss_fn)
