@@ -46,6 +46,22 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
 
+def tracked_and_checked(model, loss, x, y, fused, rtol=1e-4) -> dict[str, str]:
+    """Track one backward (``loss_reduction="sum"``), check the per-sample and batch norms against
+    torch.func and that every gradient was accounted for; the route the tracker took per module."""
+    from divebatch import GradNormTracker
+
+    with GradNormTracker(model, "sum", fused=fused) as tracker:
+        loss(model(x), y).backward()
+        stats = tracker.collect()
+        routes = {plan.module: plan.route for plan in tracker.plan()}
+    per_sample, _, batch = reference_norms(model, loss, x, y)
+    assert rel_err(stats.per_sample, per_sample) <= rtol
+    assert rel_err(stats.batch_grad_sq, batch) <= rtol
+    assert max(stats.unaccounted.values()) <= 1e-5
+    return routes
+
+
 def per_layer_reference(per_param: dict, layer_names) -> dict:
     """Group per-parameter norms by the tracked module that owns them (longest name prefix)."""
     out = {}

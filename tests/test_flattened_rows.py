@@ -14,7 +14,7 @@ from divebatch import GradNormTracker
 from divebatch.layers.rows import flattened_samples
 
 from .models_zoo import FlattenedTokensBlock, sample_loss
-from .oracle import reference_norms, rel_err
+from .oracle import reference_norms, rel_err, tracked_and_checked
 
 RTOL = 1e-4
 
@@ -73,12 +73,15 @@ def test_any_merge_of_leading_dims(lead, n_merged, width):
 
 
 # --------------------------------------------------------------------------- whole models
-class SeqFirstRows(nn.Module):
-    """Rows merged positions-first (``[T, B, d]`` order): not sample-major, must be refused."""
-
-    def __init__(self):
+class _ThreeLinears(nn.Module):
+    def __init__(self, middle=None):
         super().__init__()
-        self.inp, self.fc, self.out = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+        self.inp, self.out = nn.Linear(4, 6), nn.Linear(6, 2)
+        self.fc = middle if middle is not None else nn.Linear(6, 6)
+
+
+class SeqFirstRows(_ThreeLinears):
+    """Rows merged positions-first (``[T, B, d]`` order): not sample-major, must be refused."""
 
     def forward(self, x):
         h = self.inp(x)
@@ -87,12 +90,8 @@ class SeqFirstRows(nn.Module):
         return self.out(rows.view(T, B, d).transpose(0, 1))
 
 
-class InPlaceResidual(nn.Module):
+class InPlaceResidual(_ThreeLinears):
     """The flat output of a tracked Linear modified in place, then restored to [B, T, d]."""
-
-    def __init__(self):
-        super().__init__()
-        self.inp, self.fc, self.out = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 2)
 
     def forward(self, x):
         h = self.inp(x)
@@ -222,33 +221,18 @@ def test_mixture_of_experts_on_rows_matches_torch_func(fused, aux):
     rows. With ``aux`` the router's logits are used outside it as well as inside (the scores are
     computed from them): only the outside use may reach the logits' gradient."""
     torch.manual_seed(0)
-    model, x = TinyMoE(aux=aux), torch.randn(3, 5, 4)
-    y = torch.randn(3, 5, 2)
-    with GradNormTracker(model, "sum", fused=fused) as tracker:
-        sample_loss(model(x), y).backward()
-        stats = tracker.collect()
-        routes = {plan.module: plan.route for plan in tracker.plan()}
-    per_sample, _, batch = reference_norms(model, sample_loss, x, y)
-    assert rel_err(stats.per_sample, per_sample) <= RTOL
-    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+    routes = tracked_and_checked(TinyMoE(aux=aux), sample_loss, torch.randn(3, 5, 4), torch.randn(3, 5, 2), fused)
     assert routes["experts"] == routes["router"] == "generic (vmap vjp)"
 
 
 def test_a_module_mixing_the_rows_of_samples_is_refused():
-    model = nn.Sequential(nn.Linear(4, 6), nn.Unflatten(0, (3, 5)))
-    mixer = RowMixer(6)
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inp, self.mix, self.out = nn.Linear(4, 6), mixer, nn.Linear(6, 2)
-
+    class Net(_ThreeLinears):
         def forward(self, x):
             h = self.inp(x)
-            return self.out(self.mix(h.view(-1, 6)).view(h.shape))
+            return self.out(self.fc(h.view(-1, 6)).view(h.shape))
 
-    model, x = Net(), torch.randn(3, 5, 4)
+    model, x = Net(RowMixer(6)), torch.randn(3, 5, 4)
     with GradNormTracker(model, "sum") as tracker:
         sample_loss(model(x), torch.zeros(3, 5, 2)).backward()
-        with pytest.raises(RuntimeError, match=r"'mix.scale' received a gradient that the forward calls"):
+        with pytest.raises(RuntimeError, match=r"'fc.scale' received a gradient that the forward calls"):
             tracker.collect()

@@ -10,7 +10,7 @@ from torch import nn
 from divebatch import GradNormTracker
 from divebatch.layers import linear
 
-from .oracle import reference_norms, rel_err
+from .oracle import reference_norms, rel_err, tracked_and_checked
 
 transformers = pytest.importorskip("transformers")
 
@@ -156,19 +156,6 @@ class Logits(nn.Module):
 
     def forward(self, x):
         return self.net(**{self.key: x}).logits
-
-
-def tracked_and_checked(model, loss, x, y, fused) -> dict[str, str]:
-    """Track one backward, check it against torch.func; the routes the tracker took."""
-    with GradNormTracker(model, "sum", fused=fused) as tracker:
-        loss(model(x), y).backward()
-        stats = tracker.collect()
-        routes = {plan.module: plan.route for plan in tracker.plan()}
-    per_sample, _, batch = reference_norms(model, loss, x, y)
-    assert rel_err(stats.per_sample, per_sample) <= RTOL
-    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
-    assert max(stats.unaccounted.values()) <= 1e-5
-    return routes
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
