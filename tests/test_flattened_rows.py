@@ -236,3 +236,23 @@ def test_a_module_mixing_the_rows_of_samples_is_refused():
         sample_loss(model(x), torch.zeros(3, 5, 2)).backward()
         with pytest.raises(RuntimeError, match=r"'fc.scale' received a gradient that the forward calls"):
             tracker.collect()
+
+
+def test_generic_replays_hold_one_chunk_of_per_sample_gradients(monkeypatch):
+    """With the memory bound below one sample's gradients, the generic route works one sample at a
+    time (router, experts): the same numbers, and never more than one sample's gradients at once."""
+    from divebatch.layers import generic
+
+    seen = []
+    replay = generic.GenericRule._per_sample_grads
+
+    def counting(self, module, call, grads, params, buffers, bdim, samples=None):
+        out = replay(self, module, call, grads, params, buffers, bdim, samples)
+        seen.append(max(t.shape[0] for t in out.values()))
+        return out
+
+    monkeypatch.setattr(generic, "MAX_EXTRA_BYTES", 1)
+    monkeypatch.setattr(generic.GenericRule, "_per_sample_grads", counting)
+    torch.manual_seed(0)
+    tracked_and_checked(TinyMoE(aux=0.1), sample_loss, torch.randn(3, 5, 4), torch.randn(3, 5, 2), fused=True)
+    assert seen and max(seen) == 1

@@ -449,3 +449,14 @@ def _assert_step_leaves_nothing(case, fused):
         _, x2, y2 = ZOO[case]()
         scaled_loss(model(x2), y2, "sum").backward()
         assert tracker.collect().per_sample.shape == first.shape
+
+
+@pytest.mark.parametrize("case", ["custom_module", "functional_norms"])
+def test_generic_route_one_sample_at_a_time(case, monkeypatch):
+    """The generic route's per-sample gradients in chunks of one sample (memory bound below one
+    sample's gradients) give the same numbers from broadcast uses (replays: test_flattened_rows)."""
+    from divebatch.layers import generic
+
+    monkeypatch.setattr(generic, "MAX_EXTRA_BYTES", 1)
+    model, x, y = ZOO[case]()
+    assert_matches_oracle(model, x, y, tracked_step(model, x, y, "mean"))

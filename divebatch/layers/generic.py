@@ -43,7 +43,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .base import PerSampleGradsRule, RoutePlan, RuleError, suspend_capture
+from .base import PerSampleGradsRule, RoutePlan, RuleError, per_sample_sq, suspend_capture
 from .routes import MAX_EXTRA_BYTES
 
 
@@ -399,8 +399,31 @@ class GenericRule(PerSampleGradsRule):
         leaves = [x.reshape(*lead, *x.shape[1:]) if d is not None else x for x, d in zip(call.leaves, call.in_dims)]
         return replace(call, leaves=leaves, batch_size=lead[0], rows=tuple(lead), direct_uses=None)
 
-    def per_sample_grads(self, module, calls, tracked) -> dict[str, torch.Tensor]:
-        """``{name: [B, *param_shape]}`` float32, summed over the calls."""
+    def norms(self, module, calls, tracked):
+        """Per-sample squared norms [B], a chunk of samples at a time: only a chunk's per-sample
+        gradients (at most ``MAX_EXTRA_BYTES``) exist at once, not ``B`` copies of the parameters'
+        (a mixture of experts' weights, replayed one sample at a time, would hold ``B`` of them)."""
+        return torch.cat([sum(per_sample_sq(t) for t in chunk.values())
+                          for chunk in self._sample_chunks(module, calls, tracked)])
+
+    def grad_sums(self, module, calls, tracked):
+        total: dict[str, torch.Tensor] = {}
+        for chunk in self._sample_chunks(module, calls, tracked):
+            for name, t in chunk.items():
+                total[name] = t.sum(dim=0) if name not in total else total[name] + t.sum(dim=0)
+        return total
+
+    def _sample_chunks(self, module, calls, tracked):
+        """``per_sample_grads`` for consecutive slices of the samples, bounded in memory."""
+        params = list(tracked.values()) + [module.get_parameter(name) for call, _ in calls
+                                           for name in call.extra_params]
+        chunk = max(1, int(MAX_EXTRA_BYTES // max(1, 4 * sum(p.numel() for p in params))))
+        B = calls[0][0].batch_size
+        for start in range(0, B, chunk):
+            yield self.per_sample_grads(module, calls, tracked, slice(start, min(B, start + chunk)))
+
+    def per_sample_grads(self, module, calls, tracked, samples: slice | None = None) -> dict[str, torch.Tensor]:
+        """``{name: [B, *param_shape]}`` float32, summed over the calls (only ``samples``, if given)."""
         bdim = self.batch_dim(module)
         buffers = dict(module.named_buffers())
         total: dict[str, torch.Tensor] = {}
@@ -410,17 +433,18 @@ class GenericRule(PerSampleGradsRule):
                 # per-sample gradients are reductions of those ops' output grads (no replay).
                 uses_grads = list(grads[len(call.outputs):])
                 for name, g in _direct_per_sample(call.direct_uses, uses_grads, tracked, call.batch_size).items():
+                    g = g if samples is None else g[samples]
                     total[name] = g if name not in total else total[name] + g
                 continue
             params = {name: p.detach() for name, p in tracked.items()}
             params.update({name: module.get_parameter(name).detach() for name in call.extra_params})
             grads = [g if g is not None else torch.zeros(shape, dtype=dtype, device=_device(call))
                      for g, (shape, dtype) in zip(grads[:len(call.outputs)], call.outputs)]
-            for name, g in self._per_sample_grads(module, call, grads, params, buffers, bdim).items():
+            for name, g in self._per_sample_grads(module, call, grads, params, buffers, bdim, samples).items():
                 total[name] = g.float() if name not in total else total[name] + g.float()
         return total
 
-    def _per_sample_grads(self, module, call: GenericCall, grads, params, buffers, bdim):
+    def _per_sample_grads(self, module, call: GenericCall, grads, params, buffers, bdim, samples=None):
         batched_leaves = [x for x, d in zip(call.leaves, call.in_dims) if d is not None]
         leaf_dims = [d for d in call.in_dims if d is not None]
         if call.rows is None:
@@ -431,6 +455,11 @@ class GenericRule(PerSampleGradsRule):
 
             def one_call(x, d):  # one sample's rows, as the module takes them: [T, ..., *rest] -> [T*..., *rest]
                 return x.flatten(0, len(call.rows) - 2)
+
+        if samples is not None:
+            batched_leaves = [x.narrow(d, samples.start, samples.stop - samples.start)
+                              for x, d in zip(batched_leaves, leaf_dims)]
+            grads = [g.narrow(d, samples.start, samples.stop - samples.start) for g, d in zip(grads, call.out_dims)]
 
         def one_sample(sample_leaves, sample_grads):
             it = iter(sample_leaves)
@@ -469,7 +498,7 @@ class GenericRule(PerSampleGradsRule):
     def _per_sample_grads_looped(module, call, one_sample, batched_leaves, leaf_dims, grads):
         rows = []
         with torch.enable_grad(), suspend_capture(), torch.random.fork_rng(devices=[]):
-            for b in range(call.batch_size):
+            for b in range(batched_leaves[0].shape[leaf_dims[0]]):  # the samples of this chunk
                 before = torch.get_rng_state() if b == 0 else None
                 rows.append(one_sample([x.select(d, b) for x, d in zip(batched_leaves, leaf_dims)],
                                        [g.select(d, b) for g, d in zip(grads, call.out_dims)]))
