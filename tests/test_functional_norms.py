@@ -174,3 +174,52 @@ def test_a_norm_of_a_parameter_is_replayed():
     per_sample, _, _ = reference_norms(model, loss_fn, x, y)
     assert route == "generic (vmap vjp)"
     assert rel_err(stats.per_sample, per_sample) <= 1e-5
+
+
+# --------------------------------------------------------------------------- lookups in an own forward
+class LearnedPositions(nn.Embedding):
+    """OPT's/BART's learned positions: an nn.Embedding subclass whose forward makes the ids (one
+    row per sample, from the attention mask, offset by 2) and calls nn.Embedding's forward."""
+
+    def __init__(self, n, d, per_sample=True, **kwargs):
+        super().__init__(n + 2, d, **kwargs)
+        self.per_sample = per_sample
+
+    def forward(self, mask):
+        if not self.per_sample:  # [1, T]: one row for all samples (broadcast by the caller's +)
+            return super().forward(torch.arange(mask.shape[1]).unsqueeze(0) + 2)
+        return super().forward((torch.cumsum(mask, dim=1) * mask - 1).long() + 2)
+
+
+class PositionsModel(nn.Module):
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(11, 6), LearnedPositions(7, 6, **kwargs)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.head(self.tokens(ids) + self.positions((ids != 0).long()))
+
+
+def _token_loss(out, y):
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum")
+
+
+@pytest.mark.parametrize("kwargs, route", [
+    ({}, "generic (broadcast uses)"),
+    ({"padding_idx": 1}, "generic (broadcast uses)"),       # mask 0 -> id 1: padded rows get no gradient
+    ({"per_sample": False}, "generic (vmap vjp)"),          # [1, T] ids shared by the samples: the watcher's
+], ids=["per-sample ids", "padding", "shared ids"])
+def test_lookups_in_an_embedding_subclass_forward(kwargs, route):
+    torch.manual_seed(0)
+    model = PositionsModel(**kwargs)
+    ids = torch.randint(0, 11, (3, 7))
+    ids[0, 5:] = 0  # padding at the end of one sample
+    y = torch.randint(0, 3, (3, 7))
+    with GradNormTracker(model, "sum") as tracker:
+        _token_loss(model(ids), y).backward()
+        stats = tracker.collect()
+        routes = {plan.module: plan.route for plan in tracker.plan()}
+    per_sample, _, batch = reference_norms(model, _token_loss, ids, y)
+    assert rel_err(stats.per_sample, per_sample) <= 1e-5 and rel_err(stats.batch_grad_sq, batch) <= 1e-5
+    assert routes["positions"] == route

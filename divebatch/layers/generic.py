@@ -70,14 +70,18 @@ class GenericCall:
 class DirectUse:
     """One op of a generic-route module's forward that uses one of its own parameters, broadcast
     over the samples: ``expand``, ``+``, ``-`` or ``*`` with a batched tensor (a functional
-    normalisation's affine part counts as ``*`` and ``+``). The gradient of its output (``sink``,
-    set by the tracker) gives the parameter's per-sample gradient for this use with no replay:
-    ``sum_to_size(sign * G_out [* other])`` per sample, reshaped to the parameter's shape."""
+    normalisation's affine part counts as ``*`` and ``+``), or a lookup ``F.embedding(ids, w)``
+    with per-sample ids (a learned position table in an ``nn.Embedding`` subclass's own forward, as
+    OPT's and BART's). The gradient of its output (``sink``, set by the tracker) gives the
+    parameter's per-sample gradient for this use with no replay: ``sum_to_size(sign * G_out [*
+    other])`` per sample, reshaped to the parameter's shape; for a lookup, the rows of ``G_out``
+    added at each sample's ids."""
 
     name: str
-    kind: str                 # "expand", "add" or "mul"
+    kind: str                 # "expand", "add", "mul" or "embedding"
     sign: float               # -1 for the subtrahend of a subtraction
-    other: Any                # the other factor of a product (detached tensor or number)
+    other: Any                # the other factor of a product (detached tensor or number); for
+                              # "embedding", (indices, padding_idx or None)
     out_shape: torch.Size
     param_shape: torch.Size   # the operand's shape: the parameter's, or a view of it with singleton dims
     sink: Any = None
@@ -189,6 +193,8 @@ class DirectUseRecorder(TorchFunctionMode):
             return out  # ``w.dtype``, ``w.shape``, ``w.detach()``
         if func in _ALIAS_OPS and hits == [0] and self._alias(args[0], out):
             return out
+        if func is F.embedding and hits == [1] and self._lookup(args, kwargs, out):
+            return out
         if not kwargs and len(hits) == 1 and self._affine_alias(func, args, hits[0], out):
             return out
         kind = _DIRECT_KINDS.get(func)
@@ -213,6 +219,21 @@ class DirectUseRecorder(TorchFunctionMode):
                         operand.shape if operand_shape is None else operand_shape)
         out.register_hook(lambda grad, use=use: use.sink(grad) if use.sink is not None else None)
         self.uses.append(use)
+
+    def _lookup(self, args, kwargs, out) -> bool:
+        """Record ``F.embedding(ids, weight, padding_idx)`` of a parameter as a use, if it is a plain
+        lookup (no ``max_norm``, ``scale_grad_by_freq`` or ``sparse``: those change the gradient)."""
+        names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+        bound = dict(zip(names, args), **kwargs)
+        ids, weight, padding_idx = bound.get("input"), bound["weight"], bound.get("padding_idx")
+        if (not isinstance(ids, torch.Tensor) or ids.dim() < 1 or ids.is_floating_point() or weight.dim() != 2
+                or bound.get("max_norm") is not None or bound.get("scale_grad_by_freq") or bound.get("sparse")
+                or not isinstance(out, torch.Tensor) or not out.requires_grad):
+            return False
+        if padding_idx is not None and padding_idx < 0:
+            padding_idx += weight.shape[0]
+        self._record(weight, "embedding", 1.0, (ids, padding_idx), out)
+        return True
 
     def _alias(self, param, out) -> bool:
         """Register ``out`` as the parameter itself if it holds the same values in the same order
@@ -302,6 +323,13 @@ def usable_direct_uses(uses: list[DirectUse] | None, tracked: dict, batch_size: 
         return None
     for use in uses:
         pshape, oshape = use.param_shape, use.out_shape
+        if use.kind == "embedding":
+            # Per-sample ids, and [B, V, d] per-sample gradients of a bounded size (a position
+            # table's); a [1, T] lookup shared by the samples is left to the replay and its watcher.
+            if (batch_size < 2 or not oshape or oshape[0] != batch_size or use.other[0].shape[0] != batch_size
+                    or 4 * batch_size * pshape.numel() > 8 * MAX_EXTRA_BYTES):
+                return None
+            continue
         pad = len(oshape) - len(pshape)
         if pad < 0 or not oshape or oshape[0] != batch_size or ((1,) * pad + tuple(pshape))[0] != 1:
             return None
@@ -315,6 +343,10 @@ def _direct_per_sample(uses: list[DirectUse], grads, tracked, batch_size: int) -
         if g is None:
             continue
         contrib = g.float() * use.sign
+        if use.kind == "embedding":
+            per_sample = _lookup_per_sample(use, contrib, batch_size)
+            total[use.name] = per_sample if use.name not in total else total[use.name] + per_sample
+            continue
         if use.kind == "mul":
             contrib = contrib * (use.other.float() if isinstance(use.other, torch.Tensor) else use.other)
         pad = len(use.out_shape) - len(use.param_shape)
@@ -325,6 +357,19 @@ def _direct_per_sample(uses: list[DirectUse], grads, tracked, batch_size: int) -
         if name not in total:
             total[name] = torch.zeros(batch_size, *p.shape, dtype=torch.float32, device=p.device)
     return total
+
+
+def _lookup_per_sample(use: DirectUse, grad: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``[B, V, d]``: each sample's output-grad rows added at its ids (padding rows get none)."""
+    ids, padding_idx = use.other
+    V, d = use.param_shape
+    ids = ids.reshape(batch_size, -1)
+    rows = grad.reshape(batch_size, ids.shape[1], d)
+    if padding_idx is not None:
+        rows = rows * (ids != padding_idx).unsqueeze(-1)
+    flat = (ids + V * torch.arange(batch_size, device=ids.device).unsqueeze(1)).reshape(-1)
+    out = torch.zeros(batch_size * V, d, dtype=torch.float32, device=grad.device)
+    return out.index_add_(0, flat, rows.reshape(-1, d)).reshape(batch_size, V, d)
 
 
 class GenericRule(PerSampleGradsRule):
