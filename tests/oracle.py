@@ -23,11 +23,25 @@ def per_sample_grads(model, loss_fn, inputs, targets, batch_dim=0):
     try:
         return vmap(grad(one), in_dims=(None, batch_dim, 0))(params, inputs, targets)
     except RuntimeError as err:
-        if "dynamic shape" not in str(err):
+        if not any(s in str(err) for s in ("dynamic shape", "data-dependent", "functorch transforms")):
             raise
-    # Data-dependent shapes (a mixture of experts gathering each expert's tokens) have no batching
-    # rule: the same torch.func gradients, one sample at a time.
-    rows = [grad(one)(params, inputs.select(batch_dim, b), targets[b]) for b in range(targets.shape[0])]
+    # Data-dependent shapes or control flow (a mixture of experts gathering each expert's tokens,
+    # GPT-2's mask code) have no batching rule: the same gradients one sample at a time, with
+    # torch.func, or with plain autograd where a custom autograd.Function is not transformable
+    # (BLOOM's). Each is the gradient of that sample's own loss: the definition being checked.
+    samples = range(targets.shape[0])
+    try:
+        rows = [grad(one)(params, inputs.select(batch_dim, b), targets[b]) for b in samples]
+    except RuntimeError as err:
+        if "functorch transforms" not in str(err):
+            raise
+        names = list(params)
+        live = [dict(model.named_parameters())[n] for n in names]
+        rows = []
+        for b in samples:
+            out = model(inputs.select(batch_dim, b).unsqueeze(batch_dim))
+            rows.append(dict(zip(names, torch.autograd.grad(loss_fn(out, targets[b].unsqueeze(0)), live,
+                                                            allow_unused=True, materialize_grads=True))))
     return {name: torch.stack([row[name] for row in rows]) for name in params}
 
 

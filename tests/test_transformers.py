@@ -289,3 +289,14 @@ def test_mixtral_experts_on_rows_match_torch_func(fused):
     tokens, targets = torch.randint(0, 97, (3, 7)), torch.randint(0, 97, (3, 7))
     routes = tracked_and_checked(model, token_loss, tokens, targets, fused)
     assert routes["net.model.layers.1.mlp.experts"] == routes["net.model.layers.1.mlp.gate"] == "generic (vmap vjp)"
+
+
+def test_bloom_matches_per_sample_autograd():
+    """BLOOM (ALiBi, fused QKV): its GELU is a custom autograd.Function torch.func cannot
+    transform, so the reference is each sample's own autograd gradient (tests/oracle.py)."""
+    torch.manual_seed(0)
+    config = transformers.BloomConfig(vocab_size=97, hidden_size=16, n_layer=2, n_head=2)
+    model = Logits(transformers.BloomForCausalLM(config), "input_ids")
+    tokens, targets = torch.randint(0, 97, (3, 7)), torch.randint(0, 97, (3, 7))
+    routes = tracked_and_checked(model, token_loss, tokens, targets, fused=True)
+    assert routes["net.transformer.h.1.self_attention.query_key_value"] in ("ghost", "instantiate", "fused-instantiate")
