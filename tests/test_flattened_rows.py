@@ -256,3 +256,29 @@ def test_generic_replays_hold_one_chunk_of_per_sample_gradients(monkeypatch):
     torch.manual_seed(0)
     tracked_and_checked(TinyMoE(aux=0.1), sample_loss, torch.randn(3, 5, 4), torch.randn(3, 5, 2), fused=True)
     assert seen and max(seen) == 1
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_checkpointed_flattened_block(reentrant):
+    """Activation checkpointing recomputes the block's forward in the backward pass: the rows are
+    proven again there (the first, no-grad pass of the reentrant variant captures nothing)."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.block, self.out = nn.Linear(4, 6), FlattenedTokensBlock(6, 10), nn.Linear(6, 2)
+            self.checkpointed = True
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.out(checkpoint(self.block, h, use_reentrant=reentrant) if self.checkpointed else self.block(h))
+
+    torch.manual_seed(0)
+    model, x, y = Net(), torch.randn(3, 5, 4), torch.randn(3, 5, 2)
+    with GradNormTracker(model, "sum") as tracker:
+        sample_loss(model(x), y).backward()
+        stats = tracker.collect()
+    model.checkpointed = False  # torch.func cannot differentiate through checkpoint's saved-tensor hooks
+    per_sample, _, batch = reference_norms(model, sample_loss, x, y)
+    assert rel_err(stats.per_sample, per_sample) <= RTOL and rel_err(stats.batch_grad_sq, batch) <= RTOL
