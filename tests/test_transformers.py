@@ -300,3 +300,22 @@ def test_bloom_matches_per_sample_autograd():
     tokens, targets = torch.randint(0, 97, (3, 7)), torch.randint(0, 97, (3, 7))
     routes = tracked_and_checked(model, token_loss, tokens, targets, fused=True)
     assert routes["net.transformer.h.1.self_attention.query_key_value"] in ("ghost", "instantiate", "fused-instantiate")
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+def test_lora_adapters_match_torch_func(fused):
+    """LoRA fine-tuning with peft (frozen base model, trainable ``lora_A``/``lora_B`` Linears on the
+    attention and MLP projections): only the adapters are tracked, exactly."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=24, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=40, max_position_embeddings=16)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
+    net = peft.get_peft_model(transformers.LlamaForCausalLM(config), lora)
+    for name, p in net.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero: the A factors would get no gradient
+            nn.init.normal_(p, std=0.1)
+    model = Logits(net, "input_ids")
+    tokens, targets = torch.randint(0, 97, (3, 9)), torch.randint(0, 97, (3, 9))
+    routes = tracked_and_checked(model, token_loss, tokens, targets, fused)
+    assert len(routes) == 12 and all(".lora_A." in name or ".lora_B." in name for name in routes)
