@@ -6,7 +6,8 @@
 #   2. kernel timings vs the PyTorch reference and the plain weight-gradient GEMM
 #      (bench/gpu/bench_kernels.py, triton.testing.do_bench, autotuned), table + JSON;
 #   3. if present, the end-to-end table (bench/run_table.py) on seq-large, conv-large, then transformer
-#      (nn.MultiheadAttention's fused rule on CUDA); the JSON is rewritten after each workload.
+#      (nn.MultiheadAttention's fused rule on CUDA), divebatch fused and unfused side by side; the
+#      JSON is rewritten after each workload.
 # Results (JSON, junit XML, logs) go to $OUT if set, else bench/results/.
 # Usage: bash bench/gpu/run_gpu_checks.sh        (PYTHON=... to pick the interpreter)
 # Needs a CUDA build of torch and triton; nothing is installed or downloaded.
@@ -88,7 +89,10 @@ step bench 150 "$PY" bench/gpu/bench_kernels.py --out "$RESULTS/bench_kernels.js
 # 3. the end-to-end per-sample-norm table, only if another engineer's script exists and time is left.
 left=$(( 290 - ($(date +%s) - START) ))
 if [ -f bench/run_table.py ] && [ "$left" -gt 30 ]; then
+    # divebatch-unfused beside divebatch: the hook routes' cost next to the fused ones, the
+    # measurement the CUDA fuse decisions (always fuse conv; fused instantiate where it fits) lack.
     step run_table "$left" "$PY" bench/run_table.py --device cuda --dtype bfloat16 --reps 5 \
+        --methods divebatch,divebatch-unfused,torch.func,opacus,opacus-ghost,backpack \
         --workloads seq-large,conv-large,transformer --out "$RESULTS/gpu_table.json"
 else
     SUMMARY+=("run_table: skipped (bench/run_table.py missing or ${left}s left)")
