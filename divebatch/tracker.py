@@ -400,12 +400,10 @@ class GradNormTracker:
         viewed as ``[B, T, ...]``, which gives the same numbers and lets its rule see samples;
         ``_on_rows_forward`` views the output back. Otherwise the input is left as it is."""
         x = args[0] if args else None
-        # Rows already of the batch's size (the common case) cost one comparison, no graph walk.
-        if (not isinstance(x, torch.Tensor) or x.grad_fn is None or x.dim() < 2 or x.shape[0] == self._last_batch
-                or capture_suspended() or not torch.is_grad_enabled() or _inside_functorch()
-                or _called_from_compiled_code()):
+        if (not isinstance(x, torch.Tensor) or capture_suspended() or not torch.is_grad_enabled()
+                or _inside_functorch()):
             return None
-        lead = flattened_samples(x)
+        lead = self._proven_rows(x)
         if lead is None:
             return None
         view = x.reshape(*lead, *x.shape[1:])
@@ -564,13 +562,19 @@ class GradNormTracker:
         """A generic-route call whose first batched input is samples and tokens flattened into rows
         (proven as for a Linear, ``_on_rows_pre_forward``): its rows grouped by sample
         (``GenericRule.as_rows``). Otherwise ``ctx`` as it is."""
-        if ctx.batch_size == self._last_batch or _called_from_compiled_code():
-            return ctx
         # The call's own inputs (ctx keeps them detached, without the graph the proof reads).
         first = next((x for x, d in zip(tree_flatten((args, kwargs))[0], ctx.in_dims) if d is not None), None)
-        lead = flattened_samples(first) if isinstance(first, torch.Tensor) else None
+        lead = self._proven_rows(first) if isinstance(first, torch.Tensor) else None
         grouped = GENERIC.as_rows(ctx, lead) if lead is not None else None
         return ctx if grouped is None else grouped
+
+    def _proven_rows(self, x: torch.Tensor) -> tuple[int, ...] | None:
+        """``flattened_samples(x)``, where ``x``'s rows may be samples and tokens merged: not when
+        they are as many as the last call's samples (the common case: one comparison, no graph
+        walk), nor in code torch.compile traces (its graph holds no views to read)."""
+        if x.grad_fn is None or x.dim() < 2 or x.shape[0] == self._last_batch or _called_from_compiled_code():
+            return None
+        return flattened_samples(x)
 
     def _watch_shared_output(self, call: _Call, output: torch.Tensor) -> None:
         """An Embedding looked up once for all samples (``[1, T]`` position ids, GPT-2's and BART's
