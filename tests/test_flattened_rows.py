@@ -45,6 +45,8 @@ REFUSED = {
     "rows gathered": lambda h, w: h.reshape(-1, 5)[torch.tensor([0, 2, 5])],
     "rows mixed by a matmul": lambda h, w: torch.ones(12, 12) @ h.reshape(-1, 5),
     "a per-row reduction in between": lambda h, w: h.reshape(-1, 5) * h.reshape(-1, 5).sum(-1, keepdim=True),
+    "a statistic over all rows": lambda h, w: h.reshape(-1, 5) - h.reshape(-1, 5).mean(0),
+    "an input that requires grad, broadcast": lambda h, w: h.reshape(-1, 5) * h.detach()[0, 0].requires_grad_(),
     "no positions (T = 1)": lambda h, w: h[:, :1].reshape(-1, 5),
     "no graph": lambda h, w: h.detach().reshape(-1, 5),
 }
@@ -53,12 +55,12 @@ REFUSED = {
 @pytest.mark.parametrize("name", sorted(PROVEN))
 def test_merged_rows_are_proven(name):
     make, lead = PROVEN[name]
-    assert flattened_samples(make(_h(3, 4, 5), torch.randn(5, requires_grad=True))) == lead
+    assert flattened_samples(make(_h(3, 4, 5), nn.Parameter(torch.randn(5)))) == lead
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
 def test_rows_of_unknown_order_are_not_assigned(name):
-    assert flattened_samples(REFUSED[name](_h(3, 4, 5), torch.randn(5, requires_grad=True))) is None
+    assert flattened_samples(REFUSED[name](_h(3, 4, 5), nn.Parameter(torch.randn(5)))) is None
 
 
 @settings(max_examples=40, deadline=None)
@@ -69,6 +71,44 @@ def test_any_merge_of_leading_dims(lead, n_merged, width):
     h = _h(*lead, width)
     rows = h.reshape(-1, *h.shape[k:])
     expected = tuple(lead[:k]) if len(lead[:k]) >= 2 and torch.Size(lead[1:k]).numel() > 1 else None
+    assert flattened_samples(rows) == expected
+
+
+_ROW_WISE_STEPS = {
+    "relu": lambda r, w: torch.relu(r),
+    "gelu": lambda r, w: torch.nn.functional.gelu(r),
+    "dropout": lambda r, w: torch.nn.functional.dropout(r, 0.3, True),
+    "scale": lambda r, w: r * 0.5,
+    "parameter": lambda r, w: r * w + w,
+    "residual": lambda r, w: r + torch.tanh(r),
+    "layer norm": lambda r, w: torch.nn.functional.layer_norm(r, (r.shape[-1],)),
+    "cast": lambda r, w: r.double().float(),
+}
+_ROW_MIXING_STEPS = {
+    "flip": lambda r, w: r.flip(0),
+    "roll": lambda r, w: r.roll(1, 0),
+    "gather": lambda r, w: r[torch.arange(r.shape[0] - 1, -1, -1)],
+    "centre": lambda r, w: r - r.mean(0),
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 4), st.sampled_from(["reshape", "view", "flatten", "positions first"]),
+       st.lists(st.sampled_from(sorted(_ROW_WISE_STEPS)), max_size=4),
+       st.one_of(st.none(), st.tuples(st.sampled_from(sorted(_ROW_MIXING_STEPS)), st.integers(0, 4))))
+def test_random_row_graphs(B, T, merge, steps, mixing):
+    """Random chains of row-wise ops after a merge of [B, T, d]: the rows are assigned to (B, T)
+    exactly when the merge is sample-major (and T > 1) and no op moved rows; never otherwise,
+    whatever B and T are (B == T included)."""
+    h, w = _h(B, T, 5), nn.Parameter(torch.randn(5))
+    rows = {"reshape": lambda: h.reshape(-1, 5), "view": lambda: h.view(B * T, 5), "flatten": lambda: h.flatten(0, 1),
+            "positions first": lambda: h.transpose(0, 1).reshape(-1, 5)}[merge]()
+    for i, name in enumerate(steps + [None]):
+        if mixing is not None and min(mixing[1], len(steps)) == i:
+            rows = _ROW_MIXING_STEPS[mixing[0]](rows, w)
+        if name is not None:
+            rows = _ROW_WISE_STEPS[name](rows, w)
+    expected = (B, T) if merge != "positions first" and mixing is None and T > 1 else None
     assert flattened_samples(rows) == expected
 
 

@@ -7,7 +7,8 @@ says which sample each row belongs to. ``flattened_samples`` answers from the au
 produced the input: it walks back through row-wise, shape-preserving ops (activations, dropout,
 casts, elementwise arithmetic whose other operands are the same rows or are broadcast over them,
 a normalisation over the trailing dims) to the ``view``/``reshape`` that merged the leading dims of
-a ``[B, T, ...]`` tensor. Rows of such a view are sample-major: row ``r`` belongs to sample
+a ``[B, T, ...]`` tensor. An operand broadcast over the rows must be made of parameters alone (a
+layer scale, a bias), not of the rows themselves (``rows - rows.mean(0)`` mixes the samples). Rows of such a view are sample-major: row ``r`` belongs to sample
 ``r // T``. Every branch must reach a merge of the same sizes; anything else (a gather, a
 permutation of rows, a matmul, an unknown op, a merge whose source had its first dim moved) gives
 no answer, and the layer keeps the batch of its input's first dim (and is refused by the batch
@@ -85,11 +86,32 @@ def _walk(node, shape: tuple[int, ...], budget: list[int]) -> tuple[int, ...] | 
             if lead is None or (found is not None and lead != found):
                 return None  # a same-shape operand whose rows are not proven to be the same rows
             found = lead
-        elif len(child_shape) < len(shape) or child_shape[0] == 1:
-            continue  # broadcast over the rows: the same value for every row
+        elif (len(child_shape) < len(shape) or child_shape[0] == 1) and _from_parameters(child, budget):
+            continue  # broadcast over the rows: the same value for every row, made of parameters alone
         else:
-            return None
+            return None  # e.g. a statistic over all rows (``rows - rows.mean(0)``) mixes the samples
     return found
+
+
+def _from_parameters(node, budget: list[int]) -> bool:
+    """Whether the tensor ``node`` produced depends, among tensors that carry gradients, on
+    parameters alone: ``w``, ``w.view(1, -1)``, ``1 + w``, but not ``rows.mean(0)`` (nor anything
+    made of an input tensor that requires grad)."""
+    stack = [node]
+    while stack:
+        budget[0] -= 1
+        node = stack.pop()
+        if budget[0] < 0:
+            return False
+        if type(node).__name__ == "AccumulateGrad":
+            if not isinstance(getattr(node, "variable", None), torch.nn.Parameter):
+                return False
+            continue
+        children = [child for child, _ in node.next_functions if child is not None]
+        if not children:
+            return False  # a graph we cannot see into
+        stack.extend(children)
+    return True
 
 
 def _merged_lead(node, shape: tuple[int, ...]) -> tuple[int, ...] | None:
