@@ -6,13 +6,16 @@ weight-normalised projection) are covered by that call's per-sample gradients in
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from divebatch import GradNormTracker
 
-from .oracle import reference_norms, rel_err
+from .models_zoo import sample_loss
+from .oracle import reference_norms, rel_err, tracked_and_checked
 
 
 class LayerScaleBlock(nn.Module):
@@ -313,3 +316,40 @@ def test_tied_weight_used_directly_by_a_generic_parent_is_refused():
         F.cross_entropy(model(idx).reshape(-1, 7), idx.reshape(-1), reduction="sum").backward()
         with pytest.raises(RuntimeError, match=r"'emb\.weight'.*do not account for"):
             tracker.collect()
+
+
+class MultiOutput(nn.Module):
+    """A generic-route module (own parameter, no rule) returning several tensors, some of which it
+    also used to compute the others (``uses[i]``: which earlier outputs output i is computed from)."""
+
+    def __init__(self, uses):
+        super().__init__()
+        self.weight, self.uses = nn.Parameter(torch.randn(6, 6) / 3), uses
+
+    def forward(self, x):
+        outs = []
+        for i, used in enumerate(self.uses):
+            h = torch.tanh(x @ self.weight + 0.1 * i)
+            for j in used:
+                h = h * torch.sigmoid(outs[j])
+            outs.append(h)
+        return tuple(outs)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.integers(0, 7), min_size=2, max_size=4), st.lists(st.floats(0.0, 1.0), min_size=4, max_size=4))
+def test_generic_outputs_used_inside_are_counted_once(masks, weights):
+    """Any pattern of outputs computed from other outputs, each used outside with any weight
+    (zero included): the per-sample norms match torch.func."""
+    uses = [[j for j in range(i) if masks[i] >> j & 1] for i in range(len(masks))]
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.multi = nn.Linear(4, 6), MultiOutput(uses)
+
+        def forward(self, x):
+            return sum(w * o.sum(-1) for w, o in zip(weights, self.multi(self.inp(x))))
+
+    torch.manual_seed(0)
+    tracked_and_checked(Net(), sample_loss, torch.randn(3, 4), torch.randn(3), fused=True)
