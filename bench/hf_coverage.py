@@ -38,8 +38,9 @@ TINY = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_he
             embedding_size=32, word_embed_proj_dim=32, rotary_dim=8, dropout_rate=0.0, classifier_dropout=0.0)
 CAUSAL = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "gpt_neox", "opt",
           "bloom", "gptj", "stablelm", "olmo", "olmo2", "cohere", "starcoder2", "granite", "smollm3", "mixtral",
-          "qwen2_moe"]
-MASKED = ["bert", "roberta", "distilbert", "albert", "electra", "mobilebert", "modernbert"]
+          "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "gemma3_text", "mpt", "codegen", "xglm",
+          "mamba"]
+MASKED = ["bert", "roberta", "distilbert", "albert", "electra", "mobilebert", "modernbert", "xlm-roberta", "roformer"]
 SEQ2SEQ = ["t5", "bart", "mbart", "pegasus", "marian"]
 
 
