@@ -462,7 +462,7 @@ class GenericRule(PerSampleGradsRule):
         """``per_sample_grads`` for consecutive slices of the samples, bounded in memory."""
         params = list(tracked.values()) + [module.get_parameter(name) for call, _ in calls
                                            for name in call.extra_params]
-        chunk = max(1, int(MAX_EXTRA_BYTES // max(1, 4 * sum(p.numel() for p in params))))
+        chunk = _samples_per_chunk(sum(p.numel() for p in params))
         B = calls[0][0].batch_size
         for start in range(0, B, chunk):
             yield self.per_sample_grads(module, calls, tracked, slice(start, min(B, start + chunk)))
@@ -518,8 +518,7 @@ class GenericRule(PerSampleGradsRule):
             _, pullback = vjp(forward, params)
             return pullback([one_call(g, d) for g, d in zip(sample_grads, call.out_dims)])[0]
 
-        numel = sum(p.numel() for p in params.values())
-        chunk = max(1, int(MAX_EXTRA_BYTES // max(1, 4 * numel)))
+        chunk = _samples_per_chunk(sum(p.numel() for p in params.values()))
         try:
             # A second guard beside randomness="error", for draws it may not see (ops that vmap
             # runs through its per-sample fallback): a changed CPU RNG state.
@@ -556,9 +555,14 @@ class GenericRule(PerSampleGradsRule):
         if ctx.direct_uses is not None and not ctx.extra_params:
             return RoutePlan("generic (broadcast uses)", f"B={ctx.batch_size} params={numel} uses={len(ctx.direct_uses)}",
                              float(2 * ctx.batch_size * numel), 4.0 * ctx.batch_size * numel)
-        chunk = max(1, int(MAX_EXTRA_BYTES // max(1, 4 * numel)))
+        chunk = _samples_per_chunk(numel)
         return RoutePlan("generic (vmap vjp)", f"B={ctx.batch_size} params={numel}", float("nan"),
                          4.0 * numel * min(chunk, ctx.batch_size))
+
+
+def _samples_per_chunk(numel: int) -> int:
+    """Samples whose per-sample gradients (``numel`` float32 each) fit ``MAX_EXTRA_BYTES``; at least 1."""
+    return max(1, int(MAX_EXTRA_BYTES // max(1, 4 * numel)))
 
 
 def _random_forward(module) -> RuleError:

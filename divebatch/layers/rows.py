@@ -8,8 +8,8 @@ produced the input: it walks back through row-wise, shape-preserving ops (activa
 casts, elementwise arithmetic whose other operands are the same rows or are broadcast over them,
 a normalisation over the trailing dims) to the ``view``/``reshape`` that merged the leading dims of
 a ``[B, T, ...]`` tensor. An operand broadcast over the rows must be made of parameters alone (a
-layer scale, a bias), not of the rows themselves (``rows - rows.mean(0)`` mixes the samples). Rows of such a view are sample-major: row ``r`` belongs to sample
-``r // T``. Every branch must reach a merge of the same sizes; anything else (a gather, a
+layer scale, a bias), not of the rows themselves (``rows - rows.mean(0)`` mixes the samples).
+Rows of such a view are sample-major: row ``r`` belongs to sample ``r // T``. Every branch must reach a merge of the same sizes; anything else (a gather, a
 permutation of rows, a matmul, an unknown op, a merge whose source had its first dim moved) gives
 no answer, and the layer keeps the batch of its input's first dim (and is refused by the batch
 check when that disagrees with the other layers).
