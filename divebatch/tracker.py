@@ -482,7 +482,8 @@ class GradNormTracker:
             recorder = None
             if (capturing and owner.rule.batch_dim(module) == 0 and not isinstance(module, nn.RNNBase)
                     and not _called_from_compiled_code()):
-                recorder = DirectUseRecorder(owner.tracked)
+                first = next((x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)), None)
+                recorder = DirectUseRecorder(owner.tracked, first)
                 recorder.__enter__()
             owner.pre_states.append(([inner.forward_calls for inner in owner.descendants], recorder))
         else:
@@ -531,7 +532,8 @@ class GradNormTracker:
         if batch_size == 0:
             raise ValueError(f"module '{owner.name}' ({type(module).__name__}) got an empty batch (0 samples); "
                              "skip empty batches before the forward pass")
-        uses = usable_direct_uses(recorder.uses, owner.tracked, batch_size) if recorder is not None else None
+        uses = (usable_direct_uses(recorder.uses, owner.tracked, batch_size, getattr(ctx, "rows", None))
+                if recorder is not None else None)
         if uses is not None:
             ctx.direct_uses = uses  # their output grads arrive after the module's outputs'
         n_grads = len(leaves) + (len(uses) if uses is not None else 0)

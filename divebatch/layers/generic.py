@@ -32,6 +32,7 @@ broadcast it over the batch, where its per-sample gradients can still be read.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -44,6 +45,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .base import PerSampleGradsRule, RoutePlan, RuleError, per_sample_sq, suspend_capture
+from .experts import ExpertUses, rows_grad_sum, rows_norms, rows_per_sample
 from .routes import MAX_EXTRA_BYTES
 
 
@@ -78,10 +80,11 @@ class DirectUse:
     added at each sample's ids."""
 
     name: str
-    kind: str                 # "expand", "add", "mul" or "embedding"
+    kind: str                 # "expand", "add", "mul", "embedding" or "rows"
     sign: float               # -1 for the subtrahend of a subtraction
     other: Any                # the other factor of a product (detached tensor or number); for
-                              # "embedding", (indices, padding_idx or None)
+                              # "embedding", (indices, padding_idx or None); for "rows", the
+                              # experts.RowProduct
     out_shape: torch.Size
     param_shape: torch.Size   # the operand's shape: the parameter's, or a view of it with singleton dims
     sink: Any = None
@@ -170,12 +173,21 @@ class DirectUseRecorder(TorchFunctionMode):
     float32 for float16/bfloat16 inputs as the fused kernels do, so the output is the same to
     rounding and both parameters become recorded broadcast uses."""
 
-    def __init__(self, params: dict[str, torch.Tensor]):
+    def __init__(self, params: dict[str, torch.Tensor], first_input: torch.Tensor | None = None):
         super().__init__()
         # id -> (name, tensor, scale): the parameters, and tensors derived from one of them as
         # ``scale * p + constant`` (views, dtype casts, ``1.0 + p``, ``-p``, ``p / 2``).
         self.params = {id(p): (name, p, 1.0) for name, p in params.items()}
         self.uses: list[DirectUse] | None = []
+        # Own weights applied to rows (experts, routers, ``x @ self.weight``): only for a module
+        # with a matrix or a stack of them, followed from the rows of its first input.
+        self.experts = (ExpertUses(params, first_input) if first_input is not None and first_input.dim() > 0
+                        and any(p.dim() >= 2 and p.shape[0] > 1 for p in params.values()) else None)
+
+    def __exit__(self, *exc):
+        if self.experts is not None:
+            self.experts.clear()  # the labels hold the forward's tensors
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -186,11 +198,30 @@ class DirectUseRecorder(TorchFunctionMode):
         out = func(*args, **kwargs)
         if self.uses is None:
             return out
+        experts = self.experts
+        if experts is not None:
+            experts.labels.observe(func, args, kwargs, out)
+            if experts.labels.broken and any(use.kind == "rows" for use in self.uses):
+                self.uses = None  # rows already recorded may have been moved between samples
+                return out
         hits = _hits(args, self._follows)
-        if not hits and not _nested(args, kwargs, self._follows):
+        sliced = experts is not None and experts.touches(args, kwargs)
+        if not hits and not sliced and not _nested(args, kwargs, self._follows):
             return out
         if not _carries_grad(out):
             return out  # ``w.dtype``, ``w.shape``, ``w.detach()``
+        if experts is not None:
+            records = experts.handle(func, args, kwargs, out, self.params)
+            if experts.refused:
+                self.uses = None  # an own weight applied to rows of unknown samples: replayed
+                return out
+            if records is not None:
+                for weight, product, target in records:
+                    self._record_rows(weight, product, target)
+                return out
+            if sliced:
+                self.uses = None  # another use of a slice of an own weight
+                return out
         if func in _ALIAS_OPS and hits == [0] and self._alias(args[0], out):
             return out
         if func is F.embedding and hits == [1] and self._lookup(args, kwargs, out):
@@ -217,6 +248,12 @@ class DirectUseRecorder(TorchFunctionMode):
         name, _, scale = self.params[id(operand)]
         use = DirectUse(name, kind, sign * scale, other, out.shape,
                         operand.shape if operand_shape is None else operand_shape)
+        out.register_hook(lambda grad, use=use: use.sink(grad) if use.sink is not None else None)
+        self.uses.append(use)
+
+    def _record_rows(self, weight, product, out) -> None:
+        """Record a product of an own weight with labelled rows (``experts.RowProduct``)."""
+        use = DirectUse(weight.name, "rows", weight.scale, product, out.shape, self.experts.shapes[weight.name])
         out.register_hook(lambda grad, use=use: use.sink(grad) if use.sink is not None else None)
         self.uses.append(use)
 
@@ -316,13 +353,26 @@ class DirectUseRecorder(TorchFunctionMode):
         return entry[0] if entry is not None and entry[1] is x else None
 
 
-def usable_direct_uses(uses: list[DirectUse] | None, tracked: dict, batch_size: int) -> list[DirectUse] | None:
+def usable_direct_uses(uses: list[DirectUse] | None, tracked: dict, batch_size: int,
+                       rows: tuple[int, ...] | None = None) -> list[DirectUse] | None:
     """``uses`` if they cover every tracked parameter and each broadcasts the parameter over the
-    ``batch_size`` samples of dim 0 (so per-sample gradients are a reduction of its output grad)."""
+    ``batch_size`` samples of dim 0 (so per-sample gradients are a reduction of its output grad),
+    or is a product with rows of the module's first input, whose ``rows`` (the merged leading
+    sizes, if samples and tokens were flattened) say which sample each row belongs to."""
     if uses is None or {use.name for use in uses} != set(tracked):
         return None
+    per_sample = math.prod(rows[1:]) if rows else 1
+    kinds: dict[str, set[bool]] = {}
+    for use in uses:
+        kinds.setdefault(use.name, set()).add(use.kind == "rows")
+    if any(len(k) > 1 for k in kinds.values()):
+        return None  # one parameter both in products and broadcast: not combined
     for use in uses:
         pshape, oshape = use.param_shape, use.out_shape
+        if use.kind == "rows":
+            if use.other.n_input != batch_size * per_sample:
+                return None
+            continue
         if use.kind == "embedding":
             # Per-sample ids, and [B, V, d] per-sample gradients of a bounded size (a position
             # table's); a [1, T] lookup shared by the samples is left to the replay and its watcher.
@@ -336,11 +386,16 @@ def usable_direct_uses(uses: list[DirectUse] | None, tracked: dict, batch_size: 
     return uses
 
 
-def _direct_per_sample(uses: list[DirectUse], grads, tracked, batch_size: int) -> dict[str, torch.Tensor]:
-    """``{name: [B, *shape]}`` float32 per-sample gradients from the recorded uses' output grads."""
+def _direct_per_sample(uses: list[DirectUse], grads, tracked, batch_size: int,
+                       samples: slice | None = None) -> dict[str, torch.Tensor]:
+    """``{name: [B, *shape]}`` float32 per-sample gradients from the recorded uses' output grads
+    (only ``samples``, if given)."""
     total: dict[str, torch.Tensor] = {}
+    rows = {name: entries for name, entries in _rows_entries([(uses, grads)]).items() if name in tracked}
+    for name, entries in rows.items():
+        total[name] = rows_per_sample(entries, batch_size, tracked[name].shape, samples or slice(0, batch_size))
     for use, g in zip(uses, grads):
-        if g is None:
+        if g is None or use.kind == "rows" or use.name not in tracked:
             continue
         contrib = g.float() * use.sign
         if use.kind == "embedding":
@@ -353,10 +408,24 @@ def _direct_per_sample(uses: list[DirectUse], grads, tracked, batch_size: int) -
         target = (batch_size,) + ((1,) * pad + tuple(use.param_shape))[1:]
         per_sample = contrib.sum_to_size(target).reshape(batch_size, *tracked[use.name].shape)
         total[use.name] = per_sample if use.name not in total else total[use.name] + per_sample
+    count = batch_size if samples is None else samples.stop - samples.start
     for name, p in tracked.items():
         if name not in total:
-            total[name] = torch.zeros(batch_size, *p.shape, dtype=torch.float32, device=p.device)
+            total[name] = torch.zeros(count, *p.shape, dtype=torch.float32, device=p.device)
+        elif samples is not None and name not in rows:
+            total[name] = total[name][samples]
     return total
+
+
+def _rows_entries(calls) -> dict[str, list]:
+    """``{name: [(RowProduct, output grad, scale)]}`` over the recorded products of ``calls``
+    (``(uses, grads)`` pairs)."""
+    entries: dict[str, list] = {}
+    for uses, grads in calls:
+        for use, g in zip(uses, grads):
+            if use.kind == "rows" and g is not None:
+                entries.setdefault(use.name, []).append((use.other, g, use.sign))
+    return entries
 
 
 def _lookup_per_sample(use: DirectUse, grad: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -447,11 +516,42 @@ class GenericRule(PerSampleGradsRule):
     def norms(self, module, calls, tracked):
         """Per-sample squared norms [B], a chunk of samples at a time: only a chunk's per-sample
         gradients (at most ``MAX_EXTRA_BYTES``) exist at once, not ``B`` copies of the parameters'
-        (a mixture of experts' weights, replayed one sample at a time, would hold ``B`` of them)."""
+        (a mixture of experts' weights, replayed one sample at a time, would hold ``B`` of them).
+        Where every call's uses were recorded and some are products with rows (experts, routers),
+        those parameters' norms come from the products (``experts.rows_norms``), never from
+        per-sample gradients."""
+        rows = self._rows_only(calls)
+        if rows is not None:
+            B = calls[0][0].batch_size
+            sq = sum(rows_norms(entries, B, tracked[name].shape[0] if entries[0][0].stacked else 1)
+                     for name, entries in rows.items())
+            rest = {name: p for name, p in tracked.items() if name not in rows}
+            if rest:
+                sq = sq + sum(per_sample_sq(t) for t in self.per_sample_grads(module, calls, rest).values())
+            return sq
         return torch.cat([sum(per_sample_sq(t) for t in chunk.values())
                           for chunk in self._sample_chunks(module, calls, tracked)])
 
+    @staticmethod
+    def _rows_only(calls) -> dict[str, list] | None:
+        """The recorded products by parameter, where every call's uses were recorded (no replay) and
+        some are products; else None."""
+        if any(call.direct_uses is None or call.extra_params for call, _ in calls):
+            return None
+        entries = _rows_entries([(call.direct_uses, list(grads[len(call.outputs):])) for call, grads in calls])
+        return entries or None
+
     def grad_sums(self, module, calls, tracked):
+        rows = self._rows_only(calls)
+        if rows is not None:
+            B = calls[0][0].batch_size
+            total = {name: rows_grad_sum(entries, B, tracked[name].shape) for name, entries in rows.items()}
+            rest = {name: p for name, p in tracked.items() if name not in rows}
+            if rest:
+                total.update({name: t.sum(dim=0) for name, t in self.per_sample_grads(module, calls, rest).items()})
+            for name, p in tracked.items():
+                total.setdefault(name, torch.zeros(p.shape, dtype=torch.float32, device=p.device))
+            return total
         total: dict[str, torch.Tensor] = {}
         for chunk in self._sample_chunks(module, calls, tracked):
             for name, t in chunk.items():
@@ -477,8 +577,8 @@ class GenericRule(PerSampleGradsRule):
                 # Every use of the module's own parameters broadcast them over the samples: their
                 # per-sample gradients are reductions of those ops' output grads (no replay).
                 uses_grads = list(grads[len(call.outputs):])
-                for name, g in _direct_per_sample(call.direct_uses, uses_grads, tracked, call.batch_size).items():
-                    g = g if samples is None else g[samples]
+                for name, g in _direct_per_sample(call.direct_uses, uses_grads, tracked, call.batch_size,
+                                                  samples).items():
                     total[name] = g if name not in total else total[name] + g
                 continue
             params = {name: p.detach() for name, p in tracked.items()}
@@ -552,6 +652,10 @@ class GenericRule(PerSampleGradsRule):
 
     def plan(self, module, ctx, grad, tracked) -> RoutePlan:
         numel = sum(p.numel() for p in tracked.values())
+        if ctx.direct_uses is not None and not ctx.extra_params and any(u.kind == "rows" for u in ctx.direct_uses):
+            products = sum(u.kind == "rows" for u in ctx.direct_uses)
+            return RoutePlan("generic (row uses)", f"B={ctx.batch_size} params={numel} products={products}",
+                             float("nan"), float("nan"))
         if ctx.direct_uses is not None and not ctx.extra_params:
             return RoutePlan("generic (broadcast uses)", f"B={ctx.batch_size} params={numel} uses={len(ctx.direct_uses)}",
                              float(2 * ctx.batch_size * numel), 4.0 * ctx.batch_size * numel)
