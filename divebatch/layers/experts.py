@@ -55,6 +55,7 @@ class RowProduct:
     grad_on_left: bool
     n_input: int
     stacked: bool  # the parameter has an expert dim (its first) that ``experts`` indexes
+    grad_width: int  # the output grad as ``[n, grad_width]``: one row per row of ``rows``
 
 
 _ELEMENTWISE_UNARY = {
@@ -396,6 +397,14 @@ class ExpertUses:
             if (args[3] if len(args) > 3 else kwargs.get("bias")) is not None:
                 return None  # not seen in practice: left to the replay
             return self._products(args[0], [(self.weight(args[1], aliases), args[1], "grouped")], out, offs)
+        if func in (torch.bmm, torch.Tensor.bmm) and len(args) == 2 and not kwargs:
+            # ``W[ids] @ x[..., None]`` or ``x[:, None] @ W[ids]``: one expert per row.
+            first, second = self.weight(args[0], aliases), self.weight(args[1], aliases)
+            if first is not None and second is None and args[1].dim() == 3 and args[1].shape[-1] == 1:
+                return self._products(args[1], [(first, args[0], "weight_first")], out)
+            if second is not None and first is None and args[0].dim() == 3 and args[0].shape[1] == 1:
+                return self._products(args[0], [(second, args[1], "rows_first")], out)
+            return None
         if func in _BIAS_ADDS and len(args) == 2 and not kwargs:
             # ``rows + b`` (``b[e]``, or ``b[ids]`` with one row per row): only where it is that;
             # any other use of a whole parameter is left to the broadcast uses.
@@ -463,7 +472,10 @@ class ExpertUses:
         stacked = w.expert is not None or how == "grouped"
         shape = self.shapes[w.name]
         matrix = 1 if how == "bias" else 2
-        if t.dim() != matrix + (how == "grouped" or (how == "bias" and isinstance(w.expert, torch.Tensor))):
+        per_row = isinstance(w.expert, torch.Tensor)
+        if per_row != (how in ("weight_first", "rows_first") or (how == "bias" and t.dim() == 2)):
+            return None
+        if t.dim() != matrix + (how == "grouped" or per_row):
             return None
         if stacked and len(shape) != matrix + 1:
             return None
@@ -473,6 +485,10 @@ class ExpertUses:
                 return None
             rows = out.new_ones(n, 1)
             grad_on_left = True
+        elif per_row:
+            rows = x.detach().reshape(x.shape[0], -1)
+            n = rows.shape[0]
+            grad_on_left = (how == "weight_first") != w.transposed
         else:
             rows = x.detach().reshape(-1, x.shape[-1])
             n = rows.shape[0]
@@ -484,13 +500,13 @@ class ExpertUses:
                 return None
             experts = torch.searchsorted(offs.to(torch.int64), torch.arange(n, device=x.device), right=True)
             experts = torch.where(experts < shape[0], experts, -1)
-        elif isinstance(w.expert, torch.Tensor):
-            if w.expert.shape[0] != x.shape[0] or x.dim() != 2:
+        elif per_row:
+            if w.expert.shape[0] != x.shape[0] or (how == "bias" and x.dim() != 2):
                 return None
             experts = w.expert.to(torch.int64)
         else:
             experts = torch.full((n,), w.expert or 0, dtype=torch.int64, device=x.device)
-        return RowProduct(rows, positions, experts, grad_on_left, self.labels.n_input, stacked)
+        return RowProduct(rows, positions, experts, grad_on_left, self.labels.n_input, stacked, out.numel() // n)
 
 
 # ------------------------------------------------------------------------------ norms and sums
@@ -499,7 +515,7 @@ def _groups(entries, batch_size: int, n_experts: int):
     (the slice gradient is ``left^T right``) and the group ``expert * B + sample`` of each row."""
     lefts, rights, groups = [], [], []
     for product, grad, scale in entries:
-        g = grad.reshape(-1, grad.shape[-1])
+        g = grad.reshape(-1, product.grad_width)
         rows = product.rows
         if g.dtype != rows.dtype:  # autocast: a float32 input with a half output grad
             g, rows = g.float(), rows.float()
