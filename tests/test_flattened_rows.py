@@ -193,15 +193,28 @@ def test_same_sizes_positions_first_are_still_refused():
             tracker.collect()
 
 
+def test_a_statistic_of_rows_computed_from_data_is_not_taken_for_a_constant():
+    """A layer's output on data that needs no gradient shows only the layer's parameters in its
+    graph: ``rows.mean(0)`` of it must still count as made of the rows (it mixes the samples)."""
+    layer = nn.Linear(4, 5)
+    rows = layer(torch.randn(3, 4, 4)).reshape(-1, 5)
+    assert flattened_samples(rows * 2.0) == (3, 4)
+    assert flattened_samples(rows - rows.mean(0)) is None
+    assert flattened_samples(rows - layer(torch.randn(1, 4))) is None  # data of its own, from the same layer
+    assert flattened_samples(rows * (1.0 + layer.bias)) == (3, 4)
+
+
 # --------------------------------------------------------------------------- generic modules on rows
 class TinyExperts(nn.Module):
     """A mixture-of-experts layer as transformers 5 writes them: 3-D expert weights, rows gathered
-    per expert and added back with ``index_add_`` (data-dependent: replayed one sample at a time)."""
+    per expert and added back with ``index_add_``. With ``einsum`` its products are ones the
+    recorder does not read (``layers/experts.py``), so it is replayed one sample at a time."""
 
-    def __init__(self, dim, hidden, n_experts):
+    def __init__(self, dim, hidden, n_experts, einsum=False):
         super().__init__()
         self.up = nn.Parameter(torch.randn(n_experts, hidden, dim) / dim**0.5)
         self.down = nn.Parameter(torch.randn(n_experts, dim, hidden) / hidden**0.5)
+        self.linear = (lambda x, w: torch.einsum("nd,hd->nh", x, w)) if einsum else torch.nn.functional.linear
 
     def forward(self, rows, top_index, top_weight):
         out = torch.zeros_like(rows)
@@ -209,8 +222,8 @@ class TinyExperts(nn.Module):
             token, slot = torch.where(top_index == e)
             if token.numel() == 0:
                 continue
-            h = torch.relu(torch.nn.functional.linear(rows[token], self.up[e]))
-            h = torch.nn.functional.linear(h, self.down[e]) * top_weight[token, slot, None]
+            h = torch.relu(self.linear(rows[token], self.up[e]))
+            h = self.linear(h, self.down[e]) * top_weight[token, slot, None]
             out.index_add_(0, token, h)
         return out
 
@@ -229,10 +242,10 @@ class TinyRouter(nn.Module):
 
 
 class TinyMoE(nn.Module):
-    def __init__(self, dim=6, hidden=8, n_experts=3, k=2, aux=0.0):
+    def __init__(self, dim=6, hidden=8, n_experts=3, k=2, aux=0.0, einsum=False):
         super().__init__()
         self.inp, self.out, self.aux = nn.Linear(4, dim), nn.Linear(dim, 2), aux
-        self.router, self.experts = TinyRouter(dim, n_experts, k), TinyExperts(dim, hidden, n_experts)
+        self.router, self.experts = TinyRouter(dim, n_experts, k), TinyExperts(dim, hidden, n_experts, einsum)
 
     def forward(self, x):
         h = self.inp(x)
@@ -254,15 +267,20 @@ class RowMixer(nn.Module):
         return (rows - rows.mean(0)) @ self.scale
 
 
+@pytest.mark.parametrize("einsum", [False, True], ids=["products read", "replayed"])
 @pytest.mark.parametrize("aux", [0.0, 0.1], ids=["scores only", "logits used too"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
-def test_mixture_of_experts_on_rows_matches_torch_func(fused, aux):
-    """Router and experts (generic route) take [B*T, d] rows: each sample is replayed on its own
-    rows. With ``aux`` the router's logits are used outside it as well as inside (the scores are
-    computed from them): only the outside use may reach the logits' gradient."""
+def test_mixture_of_experts_on_rows_matches_torch_func(fused, aux, einsum):
+    """Router and experts (generic route) take [B*T, d] rows: their products with their own
+    weights are read per (expert, sample) group, or, for products the recorder does not know,
+    each sample is replayed on its own rows. With ``aux`` the router's logits are used outside it
+    as well as inside (the scores are computed from them): only the outside use may reach the
+    logits' gradient."""
     torch.manual_seed(0)
-    routes = tracked_and_checked(TinyMoE(aux=aux), sample_loss, torch.randn(3, 5, 4), torch.randn(3, 5, 2), fused)
-    assert routes["experts"] == routes["router"] == "generic (vmap vjp)"
+    model = TinyMoE(aux=aux, einsum=einsum)
+    routes = tracked_and_checked(model, sample_loss, torch.randn(3, 5, 4), torch.randn(3, 5, 2), fused)
+    assert routes["router"] == "generic (row uses)"
+    assert routes["experts"] == ("generic (vmap vjp)" if einsum else "generic (row uses)")
 
 
 def test_a_module_mixing_the_rows_of_samples_is_refused():
@@ -294,7 +312,8 @@ def test_generic_replays_hold_one_chunk_of_per_sample_gradients(monkeypatch):
     monkeypatch.setattr(generic, "MAX_EXTRA_BYTES", 1)
     monkeypatch.setattr(generic.GenericRule, "_per_sample_grads", counting)
     torch.manual_seed(0)
-    tracked_and_checked(TinyMoE(aux=0.1), sample_loss, torch.randn(3, 5, 4), torch.randn(3, 5, 2), fused=True)
+    tracked_and_checked(TinyMoE(aux=0.1, einsum=True), sample_loss, torch.randn(3, 5, 4), torch.randn(3, 5, 2),
+                        fused=True)
     assert seen and max(seen) == 1
 
 

@@ -280,7 +280,8 @@ def test_opt_flattened_mlp_matches_torch_func(fused, pre_norm):
 def test_mixtral_experts_on_rows_match_torch_func(fused):
     """Mixtral: its sparse MoE block flattens samples and tokens into rows for the router (which
     returns its logits and the top-k scores computed from them) and the experts (3-D weights,
-    ``torch._grouped_mm``); both are replayed per sample on that sample's rows."""
+    ``torch._grouped_mm``); both products are read per (expert, sample) group, no replay
+    (more architectures and expert implementations: tests/test_experts.py)."""
     torch.manual_seed(0)
     config = transformers.MixtralConfig(vocab_size=97, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                                         num_attention_heads=2, num_key_value_heads=1, num_local_experts=3,
@@ -288,7 +289,7 @@ def test_mixtral_experts_on_rows_match_torch_func(fused):
     model = Logits(transformers.MixtralForCausalLM(config), "input_ids")
     tokens, targets = torch.randint(0, 97, (3, 7)), torch.randint(0, 97, (3, 7))
     routes = tracked_and_checked(model, token_loss, tokens, targets, fused)
-    assert routes["net.model.layers.1.mlp.experts"] == routes["net.model.layers.1.mlp.gate"] == "generic (vmap vjp)"
+    assert routes["net.model.layers.1.mlp.experts"] == routes["net.model.layers.1.mlp.gate"] == "generic (row uses)"
 
 
 def test_bloom_matches_per_sample_autograd():

@@ -93,25 +93,50 @@ def _walk(node, shape: tuple[int, ...], budget: list[int]) -> tuple[int, ...] | 
     return found
 
 
+#: Nodes whose operand without gradient may be a constant: added (``1 + w``), or, where the saved
+#: operand is a number, multiplied or divided (``w * 2``). Elsewhere an operand without gradient
+#: is taken to be data: ``inp(x)``'s graph shows only the Linear's parameters, not ``x``.
+_CONSTANT_OPERAND = frozenset({"AddBackward0", "SubBackward0", "RsubBackward1"})
+_SCALAR_OPERAND = {"MulBackward0": ("_saved_self", "_saved_other"), "DivBackward0": ("_saved_self", "_saved_other")}
+
+
 def _from_parameters(node, budget: list[int]) -> bool:
-    """Whether the tensor ``node`` produced depends, among tensors that carry gradients, on
-    parameters alone: ``w``, ``w.view(1, -1)``, ``1 + w``, but not ``rows.mean(0)`` (nor anything
-    made of an input tensor that requires grad)."""
+    """Whether the tensor ``node`` produced is made of parameters and constants alone: ``w``,
+    ``w.view(1, -1)``, ``1 + w``, ``w * 2``, but not ``rows.mean(0)`` (nor ``inp(x).mean(0)``, whose
+    graph hides the data ``x``, nor anything made of an input tensor that requires grad)."""
     stack = [node]
     while stack:
         budget[0] -= 1
         node = stack.pop()
         if budget[0] < 0:
             return False
-        if type(node).__name__ == "AccumulateGrad":
+        name = type(node).__name__
+        if name == "AccumulateGrad":
             if not isinstance(getattr(node, "variable", None), torch.nn.Parameter):
                 return False
             continue
-        children = [child for child, _ in node.next_functions if child is not None]
+        children = []
+        for position, (child, _) in enumerate(node.next_functions):
+            if child is not None:
+                children.append(child)
+            elif name not in _CONSTANT_OPERAND and not _saved_scalar(node, name, position):
+                return False
         if not children:
             return False  # a graph we cannot see into
         stack.extend(children)
     return True
+
+
+def _saved_scalar(node, name: str, position: int) -> bool:
+    """Whether the operand at ``position`` of a product or quotient ``node`` is a number."""
+    attrs = _SCALAR_OPERAND.get(name)
+    if attrs is None or position >= len(attrs):
+        return False
+    try:
+        saved = getattr(node, attrs[position])
+    except (AttributeError, RuntimeError):
+        return False
+    return isinstance(saved, torch.Tensor) and saved.dim() == 0
 
 
 def _merged_lead(node, shape: tuple[int, ...]) -> tuple[int, ...] | None:
