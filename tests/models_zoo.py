@@ -7,6 +7,7 @@ Each entry builds ``(model, inputs, targets)``; the per-sample loss is ``0.5 * |
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -225,6 +226,34 @@ def inplace_residuals():
     return _regression(InPlaceResiduals(6), torch.randn(3, 5, 6))
 
 
+class ExpertsBlock(nn.Module):
+    """A mixture-of-experts block on samples and tokens flattened into rows: a router (its own
+    ``[E, d]`` weight, top-2 of a softmax) and experts with ``[E, out, in]`` weights and ``[E, out]``
+    biases, applied to each expert's gathered rows and added back with ``index_add_``."""
+
+    def __init__(self, dim, hidden, n_experts=3, k=2):
+        super().__init__()
+        self.router = nn.Parameter(torch.randn(n_experts, dim) / dim**0.5)
+        self.up = nn.Parameter(torch.randn(n_experts, hidden, dim) / dim**0.5)
+        self.up_bias = nn.Parameter(0.1 * torch.randn(n_experts, hidden))
+        self.down = nn.Parameter(torch.randn(n_experts, dim, hidden) / hidden**0.5)
+        self.k = k
+
+    def forward(self, x):
+        rows = x.reshape(-1, x.shape[-1])
+        scores, index = torch.softmax(F.linear(rows, self.router), dim=-1).topk(self.k, dim=-1)
+        out = torch.zeros_like(rows)
+        for e in range(self.up.shape[0]):
+            token, slot = torch.where(index == e)
+            h = F.gelu(F.linear(rows[token], self.up[e]) + self.up_bias[e])
+            out.index_add_(0, token, (h @ self.down[e].t()) * scores[token, slot, None])
+        return (rows + out).view(x.shape)
+
+
+def mixture_of_experts():
+    return _regression(nn.Sequential(nn.Linear(4, 6), ExpertsBlock(6, 8), nn.Linear(6, 2)), torch.randn(3, 5, 4))
+
+
 def custom_module():
     return _regression(nn.Sequential(nn.Linear(4, 6), GatedScale(6), nn.Linear(6, 2)), torch.randn(5, 4))
 
@@ -236,4 +265,5 @@ def reused_module():
 ZOO = {f.__name__: f for f in [linear_2d, linear_3d, linear_4d, conv1d, conv2d, conv3d, conv_deep, conv3d_deep,
                               conv_transpose, embedding, embedding_no_pad,
                               norms, conv_norms_eval, batchnorm1d_eval, batchnorm3d_eval, attention_batch_first, attention_seq_first,
-                              functional_norms, flattened_tokens, inplace_residuals, custom_module, reused_module]}
+                              functional_norms, flattened_tokens, inplace_residuals, mixture_of_experts, custom_module,
+                              reused_module]}

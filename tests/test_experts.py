@@ -1,0 +1,220 @@
+"""Own weights applied to gathered rows (``divebatch/layers/experts.py``): mixture-of-experts
+experts and routers, ``x @ self.weight``. Per-sample norms are read from the products per
+(expert, sample) group and checked against torch.func; rows whose sample cannot be followed are
+replayed or refused, never guessed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from divebatch.layers.experts import RowLabels, RowProduct, rows_grad_sum, rows_norms, rows_per_sample
+
+from .models_zoo import ZOO, sample_loss
+from .oracle import tracked_and_checked
+
+transformers = pytest.importorskip("transformers")
+from .test_transformers import Logits, token_loss  # noqa: E402
+
+IMPLEMENTATIONS = ["eager", "grouped_mm", "batched_mm"]
+
+
+def _moe_model(arch: str, implementation: str):
+    common = dict(vocab_size=97, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=16, num_experts_per_tok=2)
+    if arch == "mixtral":
+        config, cls = transformers.MixtralConfig(**common, num_local_experts=3), transformers.MixtralForCausalLM
+    elif arch == "olmoe":
+        config, cls = transformers.OlmoeConfig(**common, num_experts=3), transformers.OlmoeForCausalLM
+    elif arch == "qwen2_moe":
+        config = transformers.Qwen2MoeConfig(**common, num_experts=3, moe_intermediate_size=12,
+                                             shared_expert_intermediate_size=20)
+        cls = transformers.Qwen2MoeForCausalLM
+    else:  # gpt_oss: transposed [E, in, out] weights with [E, out] biases, router with a bias
+        config = transformers.GptOssConfig(**common, num_local_experts=3, head_dim=8, sliding_window=4,
+                                           layer_types=["sliding_attention", "full_attention"])
+        cls = transformers.GptOssForCausalLM
+    config._experts_implementation = implementation
+    net = cls(config)
+    for name, p in net.named_parameters():
+        if "bias" in name and p.dim() == 2:  # GPT-OSS starts its expert biases at zero
+            nn.init.normal_(p, std=0.1)
+    return Logits(net, "input_ids")
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("arch", ["mixtral", "olmoe", "qwen2_moe", "gpt_oss"])
+def test_hugging_face_experts_match_torch_func(arch, implementation):
+    """Every experts implementation transformers 5 ships on CPU (the per-expert loop, one
+    ``torch._grouped_mm`` over rows sorted by expert, ``bmm`` with per-row gathered weights), in
+    four architectures: the experts and routers are read from their products, not replayed."""
+    torch.manual_seed(0)
+    model = _moe_model(arch, implementation)
+    tokens, targets = torch.randint(0, 97, (3, 7)), torch.randint(0, 97, (3, 7))
+    routes = tracked_and_checked(model, token_loss, tokens, targets, fused=implementation == "grouped_mm")
+    moe = {name: route for name, route in routes.items() if name.endswith((".experts", ".gate", ".router"))}
+    assert len(moe) == 4 and set(moe.values()) == {"generic (row uses)"}
+
+
+def test_zoo_experts_read_their_products():
+    model, x, y = ZOO["mixture_of_experts"]()
+    routes = tracked_and_checked(model, sample_loss, x, y, fused=True)
+    assert routes["1"] == "generic (row uses)"
+
+
+class MatrixModule(nn.Module):
+    """``x @ self.weight + self.bias`` on ``[B, T, d]``: a plain own matrix, each sample's rows."""
+
+    def __init__(self, d, p):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(d, p) / d**0.5), nn.Parameter(torch.randn(p))
+
+    def forward(self, x):
+        return torch.tanh(x @ self.weight + self.bias)
+
+
+class PermutedExperts(nn.Module):
+    """Rows gathered in an order that crosses samples (row ``5 r mod N``; with ``repeated``, every
+    even row a second time), through expert weights, and added back: labels follow each row to
+    its source."""
+
+    def __init__(self, d, mode):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(2, d, d) / d**0.5)
+        self.mode = mode
+
+    def forward(self, x):
+        rows = x.reshape(-1, x.shape[-1])
+        n = rows.shape[0]
+        pick = (torch.arange(n) * 5) % n  # a permutation for N coprime to 5
+        if self.mode == "repeated":
+            pick = torch.cat([pick, torch.arange(0, n, 2)])
+        h = F.linear(rows[pick], self.w[0])
+        if self.mode == "in place":
+            h.index_fill_(1, torch.tensor([0]), 0.0)  # row-wise, but not an op the labels know
+        h = F.linear(torch.relu(h), self.w[1])
+        return (rows.index_add(0, pick, h)).view(x.shape)
+
+
+@pytest.mark.parametrize("mode, route", [("permuted", "generic (row uses)"), ("repeated", "generic (row uses)"),
+                                         ("in place", "generic (vmap vjp)")])
+def test_rows_gathered_across_samples(mode, route):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), PermutedExperts(5, mode), nn.Linear(5, 2))
+    routes = tracked_and_checked(model, sample_loss, torch.randn(3, 4, 3), torch.randn(3, 4, 2), fused=True)
+    assert routes["1"] == route
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (4, 5, 3)], ids=["samples", "samples and tokens"])
+def test_own_matrix_products_match_torch_func(shape):
+    torch.manual_seed(0)
+    model = nn.Sequential(MatrixModule(3, 4), nn.Linear(4, 2))
+    routes = tracked_and_checked(model, sample_loss, torch.randn(*shape), torch.randn(*shape[:-1], 2), fused=True)
+    assert routes["0"] == "generic (row uses)"
+
+
+# --------------------------------------------------------------------------- labels against the Jacobian
+# Each op takes the labelled tensor ``h`` ([n, 4]) and ``x`` (the module input, [6, 4]).
+ROW_OPS = {
+    "gelu": lambda h, x: F.gelu(h),
+    "cast": lambda h, x: h.double().float(),
+    "scale": lambda h, x: 2.0 * h - 1.0,
+    "parameter": lambda h, x: h * nn.Parameter(torch.randn(4)),
+    "same rows": lambda h, x: h * torch.sigmoid(h),
+    "chunk": lambda h, x: torch.cat(h.chunk(2, dim=-1)[::-1], dim=-1),
+    "softmax": lambda h, x: torch.softmax(h, dim=-1),
+    "strided": lambda h, x: torch.cat([h[..., ::2], h[..., 1::2]], dim=-1),
+    "gather": lambda h, x: h[torch.tensor([2, 0, 0, 1])[: h.shape[0]] % h.shape[0]],
+    "mask": lambda h, x: h[torch.arange(h.shape[0]) % 2 == 0],
+    "index_select": lambda h, x: h.index_select(0, torch.arange(h.shape[0]).flip(0)),
+    "repeat": lambda h, x: h.repeat_interleave(2, dim=0).view(h.shape[0], -1)[:, :4],
+    "cat rows": lambda h, x: torch.cat([h, h[:1]]),
+    "linear": lambda h, x: F.linear(h, nn.Parameter(torch.randn(4, 4))),
+}
+MIXING_OPS = {
+    "mean over rows": lambda h, x: h - h.mean(0),
+    "roll rows": lambda h, x: h.roll(1, 0),
+    "softmax over rows": lambda h, x: torch.softmax(h, dim=0),
+    "flip rows": lambda h, x: h.flip(0),
+    "matmul across rows": lambda h, x: h.t() @ h,
+    "other rows": lambda h, x: h + x[: h.shape[0]].flip(0) if h.shape[0] <= x.shape[0] else h.sum(0, keepdim=True),
+    "in-place copy": lambda h, x: h.clone().index_copy_(0, torch.tensor([0]), h[-1:]) if h.shape[0] > 1 else h.sum(0),
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(sorted(ROW_OPS) + sorted(MIXING_OPS)), min_size=1, max_size=5))
+def test_labels_never_name_a_row_its_values_do_not_come_from(ops):
+    """Random chains of row-wise, gathering and row-mixing ops: wherever a tensor gets labels, each
+    of its rows depends (Jacobian) only on the rows of the input its label names."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, requires_grad=True)
+    from divebatch.layers.generic import DirectUseRecorder
+
+    seen = []
+
+    class Recording(DirectUseRecorder):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = super().__torch_function__(func, types, args, kwargs)
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                lab = self.experts.labels.of(t) if isinstance(t, torch.Tensor) else None
+                if lab is not None and t.requires_grad:
+                    seen.append((t, lab))
+            return out
+
+    ops_table = {**ROW_OPS, **MIXING_OPS}
+    with Recording({"w": nn.Parameter(torch.randn(2, 4, 4))}, x) as recorder:
+        h = x * 1.0
+        for name in ops:
+            h = ops_table[name](h, x)
+    assert recorder.experts is not None
+    if recorder.experts.labels.broken:
+        return  # an in-place op may have moved rows: nothing of this forward is used (refused or replayed)
+    for t, lab in seen:
+        flat = t.reshape(t.shape[0], -1)
+        for r in range(flat.shape[0]):
+            (g,) = torch.autograd.grad(flat[r].sum(), x, retain_graph=True, allow_unused=True)
+            if g is None:
+                continue
+            depends = set(g.abs().sum(1).nonzero().flatten().tolist())
+            assert depends <= {int(lab[r])}, (ops, r, depends, int(lab[r]))
+
+
+# --------------------------------------------------------------------------- norms from recorded products
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 4), per_sample=st.integers(1, 3), n=st.integers(0, 14), E=st.integers(1, 3),
+       grad_on_left=st.booleans(), stacked=st.booleans(), seed=st.integers(0, 2**16))
+def test_norms_and_sums_from_products_match_per_sample_gradients(B, per_sample, n, E, grad_on_left, stacked, seed):
+    """Any rows (repeated, out of order, some with no expert) of any samples and experts: the
+    norms and summed gradient equal those of the explicitly formed per-sample gradients."""
+    g = torch.Generator().manual_seed(seed)
+    E = E if stacked else 1
+    P0, P1 = 3, 2
+    rows = torch.randn(n, P1 if grad_on_left else P0, generator=g)
+    grad = torch.randn(n, P0 if grad_on_left else P1, generator=g)
+    positions = torch.randint(0, B * per_sample, (n,), generator=g)
+    experts = torch.randint(-1, E, (n,), generator=g) if stacked else torch.zeros(n, dtype=torch.int64)
+    product = RowProduct(rows, positions, experts, grad_on_left, B * per_sample, stacked, grad.shape[1])
+    entries = [(product, grad, 0.5)]
+    shape = torch.Size((E, P0, P1) if stacked else (P0, P1))
+
+    expected = torch.zeros(B, *shape, dtype=torch.float64)
+    for r in range(n):
+        if experts[r] < 0:
+            continue
+        left, right = (0.5 * grad[r], rows[r]) if grad_on_left else (rows[r], 0.5 * grad[r])
+        outer = torch.outer(left, right).double()
+        b = int(positions[r]) // per_sample
+        if stacked:
+            expected[b, experts[r]] += outer
+        else:
+            expected[b] += outer
+    sq = expected.flatten(1).square().sum(1)
+    assert torch.allclose(rows_norms(entries, B, E).double(), sq, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(rows_grad_sum(entries, B, shape).double(), expected.sum(0), rtol=1e-5, atol=1e-6)
+    part = slice(0, max(1, B // 2))
+    assert torch.allclose(rows_per_sample(entries, B, shape, part).double(), expected[part], rtol=1e-5, atol=1e-6)
