@@ -72,6 +72,23 @@ class DiveBatchUnfused(DiveBatch):
     fused = False
 
 
+class DiveBatchReplay(DiveBatch):
+    """divebatch with products of a module's own weights on rows left unread (``layers/experts.py``
+    off): mixture-of-experts experts and routers replayed per sample, as before that route."""
+
+    name = "divebatch-replay"
+
+    def step(self, x, y):
+        from divebatch.layers import generic
+
+        reader = generic.ExpertUses
+        generic.ExpertUses = lambda *args: None
+        try:
+            return super().step(x, y)
+        finally:
+            generic.ExpertUses = reader
+
+
 class TorchFunc(Method):
     """torch.func: vmap(grad) per-sample gradients of the unscaled loss, then their norms."""
 
@@ -160,7 +177,7 @@ class BackPACK(Method):
         return sum(parts) / c2
 
 
-METHODS = [Plain, DiveBatch, TorchFunc, OpacusHooks, OpacusGhost, BackPACK, DiveBatchUnfused]
+METHODS = [Plain, DiveBatch, TorchFunc, OpacusHooks, OpacusGhost, BackPACK, DiveBatchUnfused, DiveBatchReplay]
 
 
 def build(method_cls, workload, seed=0, device="cpu", dtype=None):

@@ -155,7 +155,8 @@ def to_markdown(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default="mlp,cnn,seq", help="comma-separated names of bench/workloads.py")
-    parser.add_argument("--methods", default=",".join(m for m in BY_NAME if m != "divebatch-unfused"),
+    parser.add_argument("--methods", default=",".join(m for m in BY_NAME if m not in ("divebatch-unfused",
+                                                                                      "divebatch-replay")),
                         help=f"comma-separated methods (plain is always run) of: {', '.join(BY_NAME)}")
     parser.add_argument("--reps", type=int, default=20, help="timed steps per method (round-robin)")
     parser.add_argument("--device", default="cpu")

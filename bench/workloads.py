@@ -190,6 +190,28 @@ class OPTLogits(nn.Module):
         return self.lm(input_ids=idx).logits
 
 
+class MixtralLogits(nn.Module):
+    """Hugging Face MixtralForCausalLM (sparse mixture-of-experts MLP: a top-2 router over 4
+    experts with 3-D weights, on samples and tokens flattened into rows) returning logits.
+    ``experts_implementation``: transformers' ``"grouped_mm"`` (its default), ``"eager"`` or
+    ``"batched_mm"``."""
+
+    def __init__(self, vocab=1000, dim=256, n_layer=2, n_head=4, n_kv_head=2, hidden=512, experts=4, T=128,
+                 experts_implementation="grouped_mm"):
+        super().__init__()
+        import transformers  # only this workload needs it
+
+        config = transformers.MixtralConfig(vocab_size=vocab, hidden_size=dim, num_hidden_layers=n_layer,
+                                            num_attention_heads=n_head, num_key_value_heads=n_kv_head,
+                                            intermediate_size=hidden, num_local_experts=experts,
+                                            num_experts_per_tok=2, max_position_embeddings=T)
+        config._experts_implementation = experts_implementation
+        self.lm = transformers.MixtralForCausalLM(config)
+
+    def forward(self, idx):
+        return self.lm(input_ids=idx).logits
+
+
 def _images(batch, shape):
     def make(device):
         g = torch.Generator().manual_seed(1)
@@ -225,6 +247,10 @@ WORKLOADS = {
     "llama": Workload("llama", LlamaLogits, _tokens(16, 128, 1000), lambda x, y: 1.0 / y.numel(), token_level=True),
     # Not in BENCHMARKS.md: a 2-layer Hugging Face OPT of the seq workload's size (flattened-row MLP).
     "opt": Workload("opt", OPTLogits, _tokens(16, 128, 1000), lambda x, y: 1.0 / y.numel(), token_level=True),
+    # Not in BENCHMARKS.md: a 2-layer Hugging Face Mixtral of the seq workload's size (4 experts of
+    # 512, top-2; experts and routers on flattened rows).
+    "mixtral": Workload("mixtral", MixtralLogits, _tokens(16, 128, 1000), lambda x, y: 1.0 / y.numel(),
+                        token_level=True),
     # Not in BENCHMARKS.md: ResNet-18 with GroupNorm (per-sample gradients are defined, as DP
     # training needs) at a CPU-sized 112x112, batch 16: its deep layers have 512 channels at 4x4.
     "resnet": Workload("resnet", lambda: resnet18(10, lambda c: nn.GroupNorm(32, c)), _images(16, (3, 112, 112)),

@@ -213,7 +213,8 @@ class LayerNormLike(nn.Module):
 
 
 class MatmulLike(nn.Module):
-    """Multiplies by its weight matrix (not a broadcast use), so the forward is replayed."""
+    """Multiplies by its weight matrix: a product with each sample's rows, read per sample
+    (``layers/experts.py``); the gain is a broadcast use."""
 
     def __init__(self, d=5):
         super().__init__()
@@ -222,6 +223,13 @@ class MatmulLike(nn.Module):
 
     def forward(self, x):
         return (x @ self.weight) * self.gain
+
+
+class EinsumLike(MatmulLike):
+    """The same product through ``einsum``, which the recorder does not read: replayed."""
+
+    def forward(self, x):
+        return torch.einsum("...i,io->...o", x, self.weight) * self.gain
 
 
 class Raising(nn.Module):
@@ -239,8 +247,9 @@ class Raising(nn.Module):
     (RootTokens, (3, 4, 5), "generic (broadcast uses)"),
     (Signed, (3, 4, 5), "generic (broadcast uses)"),
     (LayerNormLike, (3, 4, 5), "generic (broadcast uses)"),
-    (MatmulLike, (3, 4, 5), "generic (vmap vjp)"),
-], ids=["root-tokens", "signed", "functional-layer-norm", "replayed"])
+    (MatmulLike, (3, 4, 5), "generic (row uses)"),
+    (EinsumLike, (3, 4, 5), "generic (vmap vjp)"),
+], ids=["root-tokens", "signed", "functional-layer-norm", "product", "replayed"])
 def test_broadcast_uses_match_torch_func(make, shape, route, fused):
     torch.manual_seed(0)
     model, x = make(), torch.randn(*shape)
