@@ -54,6 +54,23 @@ def reference_norms(model, loss_fn, inputs, targets, batch_dim=0):
     return per_sample, per_param, batch
 
 
+def same_forward_norms(model, loss_fn, inputs, targets, seed: int) -> torch.Tensor:
+    """Per-sample squared gradient norms [B] (float64) of one forward run after
+    ``torch.manual_seed(seed)``: a backward of each sample's own loss over that forward. For a
+    model that draws random numbers (dropout, a router's jitter), whose draws no per-sample rerun
+    can repeat: the same seed before the tracked forward gives the same draws, and these are the
+    per-sample gradients of that forward by definition."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(seed)
+    out = model(inputs)
+    rows = []
+    for b in range(targets.shape[0]):
+        grads = torch.autograd.grad(loss_fn(out[b:b + 1], targets[b:b + 1]), params, retain_graph=True,
+                                    allow_unused=True, materialize_grads=True)
+        rows.append(sum(g.double().square().sum() for g in grads))
+    return torch.stack(rows)
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected| (scale-aware relative error)."""
     actual, expected = actual.double(), expected.double()

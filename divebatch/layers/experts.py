@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .linear import linear_norms
+from .routes import MAX_EXTRA_BYTES
 from .rows import _MAX_NODES, _from_parameters
 
 
@@ -530,33 +531,52 @@ def _groups(entries, batch_size: int, n_experts: int):
         lefts.append(left)
         rights.append(right)
         groups.append(group)
+    if len(entries) == 1:
+        return lefts[0], rights[0], groups[0]
+    if len({t.dtype for t in lefts + rights}) > 1:
+        lefts, rights = [t.float() for t in lefts], [t.float() for t in rights]
     return torch.cat(lefts), torch.cat(rights), torch.cat(groups)
-
-
-def _padded(x: torch.Tensor, order: torch.Tensor, group_sorted: torch.Tensor, slot: torch.Tensor,
-            n_groups: int, width: int) -> torch.Tensor:
-    out = x.new_zeros(n_groups, width, x.shape[1])
-    out[group_sorted, slot] = x[order]
-    return out
 
 
 def rows_norms(entries, batch_size: int, n_experts: int) -> torch.Tensor:
     """Per-sample squared norm [B] (float32) of one parameter's gradient from its recorded
-    products: ``entries`` is a list of ``(RowProduct, output grad, scale)``. Each (expert, sample)
-    group's rows are padded with zero rows into ``[E*B, n_max, .]`` (zero rows add nothing) and
-    given to ``linear_norms``, which picks the ghost or instantiate route; summed over experts."""
+    products: ``entries`` is a list of ``(RowProduct, output grad, scale)``.
+
+    The rows are sorted by (expert, sample) group; each group's rows are padded with zero rows
+    (which add nothing) into ``[E*B, n_max, .]`` and given to ``linear_norms``, which picks the
+    ghost or instantiate route. Consecutive experts are taken together while their padded rows fit
+    ``MAX_EXTRA_BYTES`` (one expert at a time at least), so the copies stay bounded."""
     left, right, group = _groups(entries, batch_size, n_experts)
-    n_groups = n_experts * batch_size
+    sq = torch.zeros(batch_size, dtype=torch.float32, device=left.device)
     if group.numel() == 0:
-        return torch.zeros(batch_size, dtype=torch.float32, device=left.device)
+        return sq
     group_sorted, order = torch.sort(group, stable=True)
-    counts = torch.bincount(group_sorted, minlength=n_groups)
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(group_sorted.shape[0], device=group.device) - starts[group_sorted]
-    width = int(counts.max())
-    a = _padded(right, order, group_sorted, slot, n_groups, width)
-    g = _padded(left, order, group_sorted, slot, n_groups, width)
-    return linear_norms(a, g, True, False).view(n_experts, batch_size).sum(dim=0)
+    counts = torch.bincount(group_sorted, minlength=n_experts * batch_size).view(n_experts, batch_size)
+    widths = counts.max(dim=1).values.tolist()  # the longest group of each expert
+    ends = torch.cumsum(counts.sum(dim=1), 0).tolist()
+    starts = (torch.cumsum(counts.flatten(), 0) - counts.flatten())
+    row_bytes = (left.shape[1] + right.shape[1]) * left.element_size()
+    first = 0
+    while first < n_experts:
+        last, width = first + 1, widths[first]
+        while last < n_experts and (last + 1 - first) * batch_size * max(width, widths[last]) * row_bytes \
+                <= MAX_EXTRA_BYTES:
+            width = max(width, widths[last])
+            last += 1
+        if width:
+            begin = ends[first - 1] if first else 0
+            picked = order[begin:ends[last - 1]]
+            local = group_sorted[begin:ends[last - 1]]
+            slot = torch.arange(begin, ends[last - 1], device=group.device) - starts[local]
+            local = local - first * batch_size
+            n_groups = (last - first) * batch_size
+            a = left.new_zeros(n_groups, width, right.shape[1], dtype=right.dtype)
+            a[local, slot] = right[picked]
+            g = left.new_zeros(n_groups, width, left.shape[1])
+            g[local, slot] = left[picked]
+            sq += linear_norms(a, g, True, False).view(last - first, batch_size).sum(dim=0)
+        first = last
+    return sq
 
 
 def rows_grad_sum(entries, batch_size: int, param_shape: torch.Size) -> torch.Tensor:
