@@ -168,6 +168,12 @@ def _check_reduction(loss_reduction) -> None:
                      "'mean' (L = mean_i l_i) or a positive finite float c for L = c * sum_i l_i")
 
 
+def _sink(call_ref, on_output_grad, index: int, grad: torch.Tensor):
+    """A recorded use's output grad, for its call if the call still exists."""
+    call = call_ref()
+    return on_output_grad(call, index, grad) if call is not None else None
+
+
 class GradNormTracker:
     """Attach to a model; after ``loss.backward()``, ``collect()`` gives per-sample grad norms.
 
@@ -482,7 +488,9 @@ class GradNormTracker:
             recorder = None
             if (capturing and owner.rule.batch_dim(module) == 0 and not isinstance(module, nn.RNNBase)
                     and not _called_from_compiled_code()):
-                first = next((x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)), None)
+                # The rows the experts' products are followed from: the first batched input, as in capture().
+                first = next((x for x in tree_flatten((args, kwargs))[0]
+                              if isinstance(x, torch.Tensor) and x.dim() > 0), None)
                 recorder = DirectUseRecorder(owner.tracked, first)
                 recorder.__enter__()
             owner.pre_states.append(([inner.forward_calls for inner in owner.descendants], recorder))
@@ -539,7 +547,10 @@ class GradNormTracker:
         n_grads = len(leaves) + (len(uses) if uses is not None else 0)
         call = _Call(owner, ctx, batch_size, [None] * n_grads, n_grads)
         for j, use in enumerate(uses or ()):
-            use.sink = partial(self._on_output_grad, call, len(leaves) + j)
+            # Weakly: the call holds its uses (ctx.direct_uses), and a strong sink would make a
+            # cycle that keeps the uses' tensors (a product's rows, its output grad) alive until
+            # Python's cycle collector runs. The call lives as long as its outputs' hooks.
+            use.sink = partial(_sink, weakref.ref(call), self._on_output_grad, len(leaves) + j)
         owner.forward_calls += 1
         if owner.tie is not None and owner is owner.tie.embedding:
             # Weak: a forward whose graph is dropped without a backward must not keep its indices.

@@ -225,3 +225,22 @@ def test_norms_and_sums_from_products_match_per_sample_gradients(B, per_sample, 
     assert torch.allclose(rows_grad_sum(entries, B, shape).double(), expected.sum(0), rtol=1e-5, atol=1e-6)
     part = slice(0, max(1, B // 2))
     assert torch.allclose(rows_per_sample(entries, B, shape, part).double(), expected[part], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("equation, operands, how", [
+    ("bti,io->bto", "xw", "matmul"), ("...i,io->...o", "xw", "matmul"), ("nd,hd->nh", "xw", "linear"),
+    ("io,bti->bto", "wx", "matmul"), ("b t i , o i -> b t o", "xw", "linear"),
+    ("bti,io->btio", "xw", None), ("bti,io->tbo", "xw", None), ("bti,ii->bti", "xw", None),
+    ("bti,io->bo", "xw", None), ("bti,bo->bti", "xw", None), ("bti,io,oj->btj", "xw", None),
+])
+def test_einsum_is_read_only_as_a_matrix_product(equation, operands, how):
+    """An einsum of rows with a 2-D weight is read as ``x @ w`` or ``F.linear(x, w)`` only where it
+    is one; any other equation is left to the replay."""
+    from divebatch.layers.experts import _einsum_product
+
+    x, w = torch.randn(2, 3, 4), torch.randn(4, 5) if how != "linear" else torch.randn(5, 4)
+    args = (equation,) + tuple({"x": x, "w": w}[c] for c in operands)
+    found = _einsum_product(args, {})
+    assert (found[2] if found else None) == how
+    if found:
+        assert found[0] is x and found[1] is w

@@ -207,14 +207,14 @@ def test_a_statistic_of_rows_computed_from_data_is_not_taken_for_a_constant():
 # --------------------------------------------------------------------------- generic modules on rows
 class TinyExperts(nn.Module):
     """A mixture-of-experts layer as transformers 5 writes them: 3-D expert weights, rows gathered
-    per expert and added back with ``index_add_``. With ``einsum`` its products are ones the
+    per expert and added back with ``index_add_``. With ``unread`` its products are ones the
     recorder does not read (``layers/experts.py``), so it is replayed one sample at a time."""
 
-    def __init__(self, dim, hidden, n_experts, einsum=False):
+    def __init__(self, dim, hidden, n_experts, unread=False):
         super().__init__()
         self.up = nn.Parameter(torch.randn(n_experts, hidden, dim) / dim**0.5)
         self.down = nn.Parameter(torch.randn(n_experts, dim, hidden) / hidden**0.5)
-        self.linear = (lambda x, w: torch.einsum("nd,hd->nh", x, w)) if einsum else torch.nn.functional.linear
+        self.linear = (lambda x, w: torch.tensordot(x, w, dims=([1], [1]))) if unread else torch.nn.functional.linear
 
     def forward(self, rows, top_index, top_weight):
         out = torch.zeros_like(rows)
@@ -242,10 +242,10 @@ class TinyRouter(nn.Module):
 
 
 class TinyMoE(nn.Module):
-    def __init__(self, dim=6, hidden=8, n_experts=3, k=2, aux=0.0, einsum=False):
+    def __init__(self, dim=6, hidden=8, n_experts=3, k=2, aux=0.0, unread=False):
         super().__init__()
         self.inp, self.out, self.aux = nn.Linear(4, dim), nn.Linear(dim, 2), aux
-        self.router, self.experts = TinyRouter(dim, n_experts, k), TinyExperts(dim, hidden, n_experts, einsum)
+        self.router, self.experts = TinyRouter(dim, n_experts, k), TinyExperts(dim, hidden, n_experts, unread)
 
     def forward(self, x):
         h = self.inp(x)
@@ -267,20 +267,20 @@ class RowMixer(nn.Module):
         return (rows - rows.mean(0)) @ self.scale
 
 
-@pytest.mark.parametrize("einsum", [False, True], ids=["products read", "replayed"])
+@pytest.mark.parametrize("unread", [False, True], ids=["products read", "replayed"])
 @pytest.mark.parametrize("aux", [0.0, 0.1], ids=["scores only", "logits used too"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
-def test_mixture_of_experts_on_rows_matches_torch_func(fused, aux, einsum):
+def test_mixture_of_experts_on_rows_matches_torch_func(fused, aux, unread):
     """Router and experts (generic route) take [B*T, d] rows: their products with their own
     weights are read per (expert, sample) group, or, for products the recorder does not know,
     each sample is replayed on its own rows. With ``aux`` the router's logits are used outside it
     as well as inside (the scores are computed from them): only the outside use may reach the
     logits' gradient."""
     torch.manual_seed(0)
-    model = TinyMoE(aux=aux, einsum=einsum)
+    model = TinyMoE(aux=aux, unread=unread)
     routes = tracked_and_checked(model, sample_loss, torch.randn(3, 5, 4), torch.randn(3, 5, 2), fused)
     assert routes["router"] == "generic (row uses)"
-    assert routes["experts"] == ("generic (vmap vjp)" if einsum else "generic (row uses)")
+    assert routes["experts"] == ("generic (vmap vjp)" if unread else "generic (row uses)")
 
 
 def test_a_module_mixing_the_rows_of_samples_is_refused():
@@ -312,7 +312,7 @@ def test_generic_replays_hold_one_chunk_of_per_sample_gradients(monkeypatch):
     monkeypatch.setattr(generic, "MAX_EXTRA_BYTES", 1)
     monkeypatch.setattr(generic.GenericRule, "_per_sample_grads", counting)
     torch.manual_seed(0)
-    tracked_and_checked(TinyMoE(aux=0.1, einsum=True), sample_loss, torch.randn(3, 5, 4), torch.randn(3, 5, 2),
+    tracked_and_checked(TinyMoE(aux=0.1, unread=True), sample_loss, torch.randn(3, 5, 4), torch.randn(3, 5, 2),
                         fused=True)
     assert seen and max(seen) == 1
 

@@ -226,10 +226,17 @@ class MatmulLike(nn.Module):
 
 
 class EinsumLike(MatmulLike):
-    """The same product through ``einsum``, which the recorder does not read: replayed."""
+    """The same product through ``einsum``: read as the product it is."""
 
     def forward(self, x):
-        return torch.einsum("...i,io->...o", x, self.weight) * self.gain
+        return torch.einsum("bti,io->bto", x, self.weight) * self.gain
+
+
+class TensordotLike(MatmulLike):
+    """The same product through ``tensordot``, which the recorder does not read: replayed."""
+
+    def forward(self, x):
+        return torch.tensordot(x, self.weight, dims=([2], [0])) * self.gain
 
 
 class Raising(nn.Module):
@@ -248,8 +255,9 @@ class Raising(nn.Module):
     (Signed, (3, 4, 5), "generic (broadcast uses)"),
     (LayerNormLike, (3, 4, 5), "generic (broadcast uses)"),
     (MatmulLike, (3, 4, 5), "generic (row uses)"),
-    (EinsumLike, (3, 4, 5), "generic (vmap vjp)"),
-], ids=["root-tokens", "signed", "functional-layer-norm", "product", "replayed"])
+    (EinsumLike, (3, 4, 5), "generic (row uses)"),
+    (TensordotLike, (3, 4, 5), "generic (vmap vjp)"),
+], ids=["root-tokens", "signed", "functional-layer-norm", "product", "einsum", "replayed"])
 def test_broadcast_uses_match_torch_func(make, shape, route, fused):
     torch.manual_seed(0)
     model, x = make(), torch.randn(*shape)

@@ -133,7 +133,8 @@ class RowLabels:
         if x.dim() == 0 or x.shape[0] != labels.shape[0]:
             return
         self._labels[id(x)] = (x, labels)
-        self._storages.add(_storage(x))
+        if x.numel():  # (empty tensors share no storage worth guarding)
+            self._storages.add(_storage(x))
 
     def clear(self) -> None:
         """Drop every reference (the forward's tensors) once the module's forward is done."""
@@ -393,6 +394,12 @@ class ExpertUses:
                                       (self.weight(bias, aliases), bias, "bias")], out)
         if func in _MATMULS and len(args) == 2:
             return self._products(args[0], [(self.weight(args[1], aliases), args[1], "matmul")], out)
+        if func is torch.einsum:
+            product = _einsum_product(args, kwargs)
+            if product is None:
+                return None
+            x, weight, how = product
+            return self._products(x, [(self.weight(weight, aliases), weight, how)], out)
         if func in _GROUPED:
             offs = args[2] if len(args) > 2 else kwargs.get("offs")
             if (args[3] if len(args) > 3 else kwargs.get("bias")) is not None:
@@ -508,6 +515,32 @@ class ExpertUses:
         else:
             experts = torch.full((n,), w.expert or 0, dtype=torch.int64, device=x.device)
         return RowProduct(rows, positions, experts, grad_on_left, self.labels.n_input, stacked, out.numel() // n)
+
+
+def _einsum_product(args, kwargs):
+    """``(x, w, how)`` where ``torch.einsum(equation, x, w)`` (either order) is ``x @ w`` ("matmul":
+    ``"...i,io->...o"``) or ``F.linear(x, w)`` ("linear": ``"...i,oi->...o"``) for a 2-D ``w``:
+    ``x``'s last index contracted with one of ``w``'s, the other one last in the output, every
+    other index of ``x`` kept in place. None for any other equation."""
+    if kwargs or not args or not isinstance(args[0], str):
+        return None
+    operands = list(args[1][0:2] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:])
+    equation = args[0].replace(" ", "")
+    if len(operands) != 2 or "->" not in equation or equation.count(",") != 1:
+        return None
+    inputs, result = equation.split("->")
+    specs = inputs.split(",")
+    for x_at in (0, 1):
+        x_spec, w_spec, x, w = specs[x_at], specs[1 - x_at], operands[x_at], operands[1 - x_at]
+        if (len(w_spec) != 2 or w_spec[0] == w_spec[1] or "." in w_spec or not x_spec or not result
+                or not isinstance(w, torch.Tensor) or w.dim() != 2):
+            continue
+        contracted, kept = x_spec[-1], result[-1]
+        if (x_spec[:-1] != result[:-1] or sorted(w_spec) != sorted(contracted + kept) or contracted == kept
+                or contracted in result or kept in x_spec or len(set(x_spec.replace(".", ""))) != len(x_spec.replace(".", ""))):
+            continue
+        return x, w, ("matmul" if w_spec == contracted + kept else "linear")
+    return None
 
 
 # ------------------------------------------------------------------------------ norms and sums
