@@ -571,44 +571,61 @@ def _groups(entries, batch_size: int, n_experts: int):
     return torch.cat(lefts), torch.cat(rights), torch.cat(groups)
 
 
+#: Groups padded together differ in size by at most this factor (padding wastes little).
+_BUCKET_RATIO = 0.8
+
+
 def rows_norms(entries, batch_size: int, n_experts: int) -> torch.Tensor:
     """Per-sample squared norm [B] (float32) of one parameter's gradient from its recorded
     products: ``entries`` is a list of ``(RowProduct, output grad, scale)``.
 
-    The rows are sorted by (expert, sample) group; each group's rows are padded with zero rows
-    (which add nothing) into ``[E*B, n_max, .]`` and given to ``linear_norms``, which picks the
-    ghost or instantiate route. Consecutive experts are taken together while their padded rows fit
-    ``MAX_EXTRA_BYTES`` (one expert at a time at least), so the copies stay bounded."""
+    Each (expert, sample) group's gradient is ``left_g^T right_g`` over its rows. Groups of
+    similar sizes (within ``_BUCKET_RATIO``) are padded with zero rows (which add nothing) into
+    one ``[groups, n_max, .]`` batch for ``linear_norms``, which picks the ghost or instantiate
+    route; a batch holds at most ``MAX_EXTRA_BYTES`` of padded rows (one group at least). The
+    groups' norms are summed per sample."""
     left, right, group = _groups(entries, batch_size, n_experts)
     sq = torch.zeros(batch_size, dtype=torch.float32, device=left.device)
     if group.numel() == 0:
         return sq
+    n_groups = n_experts * batch_size
     group_sorted, order = torch.sort(group, stable=True)
-    counts = torch.bincount(group_sorted, minlength=n_experts * batch_size).view(n_experts, batch_size)
-    widths = counts.max(dim=1).values.tolist()  # the longest group of each expert
-    ends = torch.cumsum(counts.sum(dim=1), 0).tolist()
-    starts = (torch.cumsum(counts.flatten(), 0) - counts.flatten())
+    counts = torch.bincount(group_sorted, minlength=n_groups)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(group_sorted.shape[0], device=group.device) - starts[group_sorted]
+    by_size = torch.argsort(counts, descending=True)
+    sizes = counts[by_size].tolist()
     row_bytes = (left.shape[1] + right.shape[1]) * left.element_size()
-    first = 0
-    while first < n_experts:
-        last, width = first + 1, widths[first]
-        while last < n_experts and (last + 1 - first) * batch_size * max(width, widths[last]) * row_bytes \
-                <= MAX_EXTRA_BYTES:
-            width = max(width, widths[last])
+    buckets, first = [], 0
+    while first < n_groups and sizes[first] > 0:
+        width, last = sizes[first], first + 1
+        while (last < n_groups and sizes[last] > 0 and sizes[last] >= _BUCKET_RATIO * width
+               and (last + 1 - first) * width * row_bytes <= MAX_EXTRA_BYTES):
             last += 1
-        if width:
-            begin = ends[first - 1] if first else 0
-            picked = order[begin:ends[last - 1]]
-            local = group_sorted[begin:ends[last - 1]]
-            slot = torch.arange(begin, ends[last - 1], device=group.device) - starts[local]
-            local = local - first * batch_size
-            n_groups = (last - first) * batch_size
-            a = left.new_zeros(n_groups, width, right.shape[1], dtype=right.dtype)
-            a[local, slot] = right[picked]
-            g = left.new_zeros(n_groups, width, left.shape[1])
-            g[local, slot] = left[picked]
-            sq += linear_norms(a, g, True, False).view(last - first, batch_size).sum(dim=0)
+        buckets.append((first, last, width))
         first = last
+    # Each group's bucket and place in it; rows sorted by bucket come out contiguous.
+    bucket_of = torch.empty(n_groups, dtype=torch.int64, device=group.device)
+    place = torch.empty(n_groups, dtype=torch.int64, device=group.device)
+    for k, (first, last, _) in enumerate(buckets):
+        bucket_of[by_size[first:last]] = k
+        place[by_size[first:last]] = torch.arange(last - first, device=group.device)
+    used = len(buckets) and sum(last - first for first, last, _ in buckets)
+    bucket_of[by_size[used:]] = len(buckets)  # empty groups: no rows
+    row_bucket, by_bucket = torch.sort(bucket_of[group_sorted], stable=True)
+    ends = torch.bincount(row_bucket, minlength=len(buckets)).cumsum(0).tolist()
+    begin = 0
+    for k, (first, last, width) in enumerate(buckets):
+        rows = by_bucket[begin:ends[k]]
+        begin = ends[k]
+        dest = place[group_sorted[rows]] * width + slot[rows]  # row of the padded [groups * width, .]
+        picked = order[rows]
+        a = right.new_zeros((last - first) * width, right.shape[1])
+        a.index_copy_(0, dest, right.index_select(0, picked))
+        g = left.new_zeros((last - first) * width, left.shape[1])
+        g.index_copy_(0, dest, left.index_select(0, picked))
+        a, g = a.view(last - first, width, -1), g.view(last - first, width, -1)
+        sq.index_add_(0, by_size[first:last] % batch_size, linear_norms(a, g, True, False))
     return sq
 
 
