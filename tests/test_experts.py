@@ -91,7 +91,10 @@ class PermutedExperts(nn.Module):
         self.mode = mode
 
     def forward(self, x):
-        rows = x.reshape(-1, x.shape[-1])
+        if self.mode == "positions first":  # rows t*B + b: not followed through the transpose
+            rows = x.transpose(0, 1).reshape(-1, x.shape[-1])
+        else:
+            rows = x.reshape(-1, x.shape[-1])
         n = rows.shape[0]
         pick = (torch.arange(n) * 5) % n  # a permutation for N coprime to 5
         if self.mode == "repeated":
@@ -100,11 +103,15 @@ class PermutedExperts(nn.Module):
         if self.mode == "in place":
             h.index_fill_(1, torch.tensor([0]), 0.0)  # row-wise, but not an op the labels know
         h = F.linear(torch.relu(h), self.w[1])
-        return (rows.index_add(0, pick, h)).view(x.shape)
+        out = rows.index_add(0, pick, h)
+        if self.mode == "positions first":
+            return out.view(x.shape[1], x.shape[0], -1).transpose(0, 1)
+        return out.view(x.shape)
 
 
 @pytest.mark.parametrize("mode, route", [("permuted", "generic (row uses)"), ("repeated", "generic (row uses)"),
-                                         ("in place", "generic (vmap vjp)")])
+                                         ("in place", "generic (vmap vjp)"),
+                                         ("positions first", "generic (vmap vjp)")])
 def test_rows_gathered_across_samples(mode, route):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 5), PermutedExperts(5, mode), nn.Linear(5, 2))
