@@ -5,7 +5,7 @@ Linear subclass with extra parameters, ``nn.LSTM``, a ViT's class token and posi
 model itself) is handled here, for its *own* parameters: the modules inside it keep their rules,
 except those a call does not call (their parameters are then covered by that call).
 
-Two ways, chosen per call:
+Three ways, chosen per call:
 
 * broadcast uses: while the forward runs, a torch-function mode records every op that uses one of
   the module's own parameters. If each is ``expand``, ``+``, ``-`` or ``*`` broadcasting the
@@ -14,6 +14,11 @@ Two ways, chosen per call:
   dtype casts of a parameter, and a Python number added to or multiplying it (``1.0 + w``), count
   as the parameter; ``F.layer_norm``/``F.group_norm``/``F.rms_norm`` with its weight and bias are
   computed as ``norm(x) * w + b`` so that both become such uses.
+* products with rows: a weight of the module applied to rows of its input (a mixture of experts'
+  ``F.linear(x[idx], W[e])`` or ``torch._grouped_mm``, a router's ``F.linear(rows, self.weight)``,
+  ``x @ self.weight``) is recorded with the rows and the sample each came from, followed through
+  the forward from the module's first input (``experts.py``); the per-sample norms come from each
+  (expert, sample) group's rows through the linear routes.
 * replay: otherwise, ``vmap`` over samples of ``vjp`` of the module alone
   (``torch.func.functional_call``), from its captured inputs and output grads. This is exact
   whenever the module treats samples independently; randomness (dropout in training mode) is
@@ -22,8 +27,10 @@ Two ways, chosen per call:
   samples at a time; where an op has no batching rule (GRU's and RNN's backward), one sample at a
   time. Recurrent layers' hidden states carry samples in dim 1.
 
-Either way the tracker's accounting check (``verify_every``) compares the summed per-sample
-gradients with autograd's, so a use the recorder cannot see is refused, not missed.
+Every way, the tracker's accounting check (``verify_every``) compares the summed per-sample
+gradients with autograd's, so a use the recorder cannot see is refused, not missed. (Which
+sample a product's row belongs to is not something that sum can check: ``experts.py`` only
+labels rows through ops whose effect on rows it knows.)
 
 ``SharedOutputWatcher`` (used by the tracker for any rule's module) follows an output that is one
 value for all samples, e.g. a position table looked up with ``[1, T]`` ids, to the ops that
@@ -246,14 +253,16 @@ class DirectUseRecorder(TorchFunctionMode):
         if isinstance(other, torch.Tensor):
             other = other.detach()
         name, _, scale = self.params[id(operand)]
-        use = DirectUse(name, kind, sign * scale, other, out.shape,
-                        operand.shape if operand_shape is None else operand_shape)
-        out.register_hook(lambda grad, use=use: use.sink(grad) if use.sink is not None else None)
-        self.uses.append(use)
+        self._add(DirectUse(name, kind, sign * scale, other, out.shape,
+                            operand.shape if operand_shape is None else operand_shape), out)
 
     def _record_rows(self, weight, product, out) -> None:
         """Record a product of an own weight with labelled rows (``experts.RowProduct``)."""
-        use = DirectUse(weight.name, "rows", weight.scale, product, out.shape, self.experts.shapes[weight.name])
+        self._add(DirectUse(weight.name, "rows", weight.scale, product, out.shape, self.experts.shapes[weight.name]),
+                  out)
+
+    def _add(self, use: DirectUse, out: torch.Tensor) -> None:
+        """Keep ``use``; ``out``'s gradient goes to its sink (set by the tracker)."""
         out.register_hook(lambda grad, use=use: use.sink(grad) if use.sink is not None else None)
         self.uses.append(use)
 
@@ -447,7 +456,9 @@ class GenericRule(PerSampleGradsRule):
     Where every op of the forward that uses one of them broadcasts it over the samples
     (``expand``, ``+``, ``-``, ``*`` with a batched tensor: a class token, a position table, a
     layer scale), the per-sample gradients are reductions of those ops' output grads, recorded by
-    ``DirectUseRecorder`` (route "generic (broadcast uses)"). Otherwise the module's forward is
+    ``DirectUseRecorder`` (route "generic (broadcast uses)"). Where some are products of a weight
+    with rows whose samples the recorder followed (experts, routers), their norms come from the
+    products ("generic (row uses)", ``experts.rows_norms``). Otherwise the module's forward is
     replayed per sample with ``vmap(vjp(functional_call))`` ("generic (vmap vjp)").
     """
 
