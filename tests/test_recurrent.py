@@ -1,12 +1,14 @@
-"""nn.LSTM / nn.GRU / nn.RNN on the generic route: hidden states keep samples in dim 1, and GRU's
-and RNN's backward has no batching rule, so their per-sample gradients are taken one sample at
-a time. Reference: the definition (one backward per sample's loss over one batched forward)."""
+"""nn.LSTM / nn.GRU / nn.RNN (``divebatch/layers/recurrent.py``: one batched replay of the
+recurrence gives every step's gate gradients, then the linear routes over time steps); LSTM
+projections take the generic route. Reference: the definition (one backward per sample's loss
+over one batched forward)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from divebatch import GradNormTracker
 from divebatch.layers import RuleError
@@ -20,7 +22,8 @@ class Recurrent(nn.Module):
     def __init__(self, cls, batch_first, with_h0, **kwargs):
         super().__init__()
         self.rnn = cls(6, 8, num_layers=2, batch_first=batch_first, **kwargs)
-        self.head = nn.Linear(8 * (2 if kwargs.get("bidirectional") else 1), 3)
+        width = kwargs.get("proj_size") or 8
+        self.head = nn.Linear(width * (2 if kwargs.get("bidirectional") else 1), 3)
         self.batch_first, self.with_h0, self.is_lstm = batch_first, with_h0, cls is nn.LSTM
 
     def forward(self, x):  # x: [B, T, 6]
@@ -61,8 +64,85 @@ def test_recurrent_layers_are_exact(cls, batch_first, with_h0):
     with GradNormTracker(model, "sum") as tracker:
         per_sample_losses(model(x)).sum().backward()
         stats = tracker.collect()
+        routes = {p.module: p.route for p in tracker.plan()}
     assert rel_err(stats.per_sample, expected) <= RTOL
     assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+    assert routes["rnn"] == "recurrent (batched replay)"
+
+
+class Packed(nn.Module):
+    """Sequences of different lengths through ``pack_padded_sequence`` (unsorted lengths)."""
+
+    def __init__(self, cls, batch_first, **kwargs):
+        super().__init__()
+        self.rnn = cls(6, 8, num_layers=2, batch_first=batch_first, **kwargs)
+        self.head = nn.Linear(8 * (2 if kwargs.get("bidirectional") else 1), 3)
+        self.batch_first, self.is_lstm = batch_first, cls is nn.LSTM
+
+    def forward(self, x):  # x: [B, T, 6]; sample b has T - b % 3 steps
+        lengths = torch.tensor([x.shape[1] - b % 3 for b in range(x.shape[0])])
+        seq = x if self.batch_first else x.transpose(0, 1)
+        packed = pack_padded_sequence(seq, lengths, batch_first=self.batch_first, enforce_sorted=False)
+        out, hidden = self.rnn(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        h_n = hidden[0] if self.is_lstm else hidden
+        return self.head(out).flatten(1).sum(1, keepdim=True) + h_n.sum(dim=(0, 2))[:, None]
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["one-way", "bidirectional"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN], ids=lambda c: c.__name__)
+def test_packed_sequences_are_exact(cls, batch_first, bidirectional):
+    torch.manual_seed(0)
+    model, x = Packed(cls, batch_first, bidirectional=bidirectional), torch.randn(5, 6, 6)
+    expected, batch = brute_force(model, x)
+    with GradNormTracker(model, "sum") as tracker:
+        per_sample_losses(model(x)).sum().backward()
+        stats = tracker.collect()
+    assert rel_err(stats.per_sample, expected) <= RTOL
+    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+
+
+class TwoCalls(nn.Module):
+    """The same layer applied to two sequences (its per-sample gradients add up over the calls),
+    without biases, with ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.RNN(6, 8, batch_first=True, bias=False, nonlinearity="relu")
+
+    def forward(self, x):
+        return (self.rnn(x)[0].sum(1) * self.rnn(x.flip(1) * 0.5)[1][0]).sum(1, keepdim=True)
+
+
+def test_a_layer_called_twice_without_bias_is_exact():
+    torch.manual_seed(0)
+    model, x = TwoCalls(), torch.randn(4, 5, 6)
+    expected, batch = brute_force(model, x)
+    with GradNormTracker(model, "sum") as tracker:
+        per_sample_losses(model(x)).sum().backward()
+        stats = tracker.collect()
+    assert rel_err(stats.per_sample, expected) <= RTOL
+    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+
+
+def test_lstm_projections_take_the_generic_route():
+    torch.manual_seed(0)
+    model, x = Recurrent(nn.LSTM, True, False, proj_size=4), torch.randn(3, 5, 6)
+    expected, batch = brute_force(model, x)
+    with GradNormTracker(model, "sum") as tracker:
+        per_sample_losses(model(x)).sum().backward()
+        stats = tracker.collect()
+        routes = {p.module: p.route for p in tracker.plan()}
+    assert rel_err(stats.per_sample, expected) <= RTOL
+    assert routes["rnn"] == "generic (vmap vjp)"
+
+
+def test_an_unbatched_sequence_is_refused():
+    model = nn.GRU(6, 8)
+    with GradNormTracker(model, "sum"):
+        with pytest.raises(ValueError, match="unbatched input"):
+            model(torch.randn(5, 6))
 
 
 @pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU], ids=lambda c: c.__name__)

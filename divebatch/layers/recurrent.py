@@ -1,0 +1,230 @@
+"""nn.RNN, nn.LSTM and nn.GRU: per-sample norms from one batched replay of the recurrence.
+
+A recurrent layer applies its weights to every time step: ``gi_t = W_ih x_t + b_ih`` and
+``gh_t = W_hh h_{t-1} + b_hh``, then a cell (tanh/ReLU for ``nn.RNN``; the LSTM and GRU gates)
+combines them. Sample ``b``'s gradient of ``W_ih`` is therefore ``sum_t dgi_t x_t^T`` and of
+``W_hh`` ``sum_t dgh_t h_{t-1}^T``: the ``nn.Linear`` routes over time steps (ghost or
+instantiate, ``linear_norms``), with the biases' ``sum_t dgi_t`` and ``sum_t dgh_t``.
+
+The layer's own forward is a fused kernel whose gate gradients autograd never exposes. Once its
+output grads arrive (the output sequence, ``h_n`` and, for an LSTM, ``c_n``), the rule replays
+the recurrence once, unrolled in PyTorch ops for the whole batch from the captured input and
+initial state, and takes ``dgi``/``dgh`` for every layer, direction and step with one
+``torch.autograd.grad``: about the cost of the layer's own forward and backward again, against
+one replay *per sample* on the generic route before (``vmap`` has no batching rule for GRU's and
+RNN's fused backward). Any number of layers, bidirectional, ``batch_first`` or not, a given
+``h_0``/``c_0``, and ``PackedSequence`` inputs (a sample's steps after its length are masked).
+
+Inter-layer dropout in training mode draws masks inside the fused kernel that no replay can
+repeat: refused with a clear error. LSTM projections (``proj_size > 0``) have a parameter this
+rule does not know (``weight_hr``), so such a layer takes the generic route.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from .base import LayerRule, RoutePlan, RuleError, register
+from .linear import linear_norms
+from .routes import linear_route
+
+_MAX_LAYERS = 16
+
+
+def _names(layer: int, reverse: bool) -> tuple[str, str, str, str]:
+    suffix = f"_l{layer}" + ("_reverse" if reverse else "")
+    return tuple(f"{kind}{suffix}" for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+
+
+@dataclass
+class RecurrentCall:
+    """What the rule keeps of one forward call (detached, batch first)."""
+
+    x: torch.Tensor                  # [B, T, input_size], zero after each sample's length
+    lengths: torch.Tensor | None     # [B] for a PackedSequence input, else None
+    h0: torch.Tensor | None          # [layers * directions, B, H]
+    c0: torch.Tensor | None          # LSTM only
+    outputs: tuple[str, ...]         # which outputs' grads arrive, in order: "out", "h", "c"
+    packed: PackedSequence | None    # the output's packing, to unpack its grad
+
+
+@register(nn.RNN, nn.LSTM, nn.GRU)
+class RecurrentRule(LayerRule):
+    """Rule for ``nn.RNN``, ``nn.LSTM`` and ``nn.GRU`` (one batched replay of the recurrence)."""
+
+    param_names = tuple(name for layer in range(_MAX_LAYERS) for reverse in (False, True)
+                        for name in _names(layer, reverse))
+
+    def batch_dim(self, module):
+        return 0 if module.batch_first else 1
+
+    def capture(self, module, args, kwargs, output):
+        x = args[0] if args else kwargs["input"]
+        hx = args[1] if len(args) > 1 else kwargs.get("hx")
+        if module.training and module.dropout > 0 and module.num_layers > 1:
+            raise RuleError(
+                f"{type(module).__name__} draws random numbers in its forward (dropout={module.dropout} between "
+                "layers in training mode), which no replay can repeat; set dropout=0 (and apply dropout between "
+                "separate layers yourself), call .eval() on it, or freeze it")
+        lengths, packed = None, None
+        if isinstance(x, PackedSequence):
+            padded, lengths = pad_packed_sequence(x, batch_first=True)
+            seq = padded.detach()
+            lengths = lengths.to(seq.device)
+            packed = output[0]
+        else:
+            if x.dim() != 3:
+                raise ValueError(f"{type(module).__name__} got an unbatched input of shape {tuple(x.shape)}; "
+                                 "give it a batch: [B, T, input_size] (batch_first) or [T, B, input_size]")
+            seq = (x if module.batch_first else x.transpose(0, 1)).detach()
+        h0, c0 = (hx if isinstance(hx, tuple) else (hx, None)) if hx is not None else (None, None)
+        out, hidden = output
+        h_n, c_n = hidden if isinstance(hidden, tuple) else (hidden, None)
+        out_data = out.data if isinstance(out, PackedSequence) else out
+        outputs = tuple(name for name, t in (("out", out_data), ("h", h_n), ("c", c_n))
+                        if t is not None and t.requires_grad)
+        return RecurrentCall(seq, lengths, None if h0 is None else h0.detach(), None if c0 is None else c0.detach(),
+                             outputs, packed)
+
+    def batch_size(self, module, ctx):
+        return ctx.x.shape[0]
+
+    def norms(self, module, calls, tracked):
+        sq = None
+        for names, a, g in self._factors(module, calls):
+            w, b = names
+            if w in tracked or b in tracked:
+                part = linear_norms(a, g, w in tracked, b in tracked)
+                sq = part if sq is None else sq + part
+        return sq if sq is not None else torch.zeros(calls[0][0].x.shape[0], device=calls[0][0].x.device)
+
+    def grad_sums(self, module, calls, tracked):
+        sums = {}
+        for (w, b), a, g in self._factors(module, calls):
+            g2, a2 = g.reshape(-1, g.shape[-1]).float(), a.reshape(-1, a.shape[-1]).float()
+            if w in tracked:
+                sums[w] = g2.t() @ a2
+            if b in tracked:
+                sums[b] = g2.sum(dim=0)
+        return sums
+
+    def plan(self, module, ctx, grad, tracked) -> RoutePlan:
+        B, T, _ = ctx.x.shape
+        inner = linear_route(B, T, module.hidden_size, module.hidden_size * _gates(module))
+        return RoutePlan("recurrent (batched replay)", f"B={B} T={T} H={module.hidden_size} "
+                         f"layers={module.num_layers} ({inner.route} per weight)", float("nan"), float("nan"))
+
+    def _factors(self, module, calls):
+        """``((weight name, bias name), A [B, T', k], G [B, T', gates])`` per weight, the calls'
+        time steps concatenated (several calls: their per-sample gradients add up)."""
+        parts: dict[tuple[str, str], list] = {}
+        for ctx, grads in calls:
+            for names, a, g in _replay(module, ctx, grads):
+                parts.setdefault(names, []).append((a, g))
+        for names, pairs in parts.items():
+            if len(pairs) == 1:
+                yield names, pairs[0][0], pairs[0][1]
+            else:
+                yield names, torch.cat([a for a, _ in pairs], 1), torch.cat([g for _, g in pairs], 1)
+
+
+def _gates(module) -> int:
+    return {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
+
+
+def _cell(module, gi, gh, h, c):
+    """One step of the layer's cell from the two pre-activations ``gi``, ``gh``."""
+    if module.mode == "LSTM":
+        i, f, g, o = (gi + gh).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+    if module.mode == "GRU":
+        ir, iz, in_ = gi.chunk(3, dim=-1)
+        hr, hz, hn = gh.chunk(3, dim=-1)
+        r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+        n = torch.tanh(in_ + r * hn)
+        return (1 - z) * n + z * h, None
+    act = torch.tanh if module.mode == "RNN_TANH" else torch.relu
+    return act(gi + gh), None
+
+
+def _replay(module, ctx: RecurrentCall, grads):
+    """The recurrence replayed for the whole batch, unrolled, in float32; returns
+    ``((weight name, bias name), A, G)`` for every ``W_ih`` (A: the layer's input) and ``W_hh``
+    (A: the previous hidden state), G the gradient of that weight's pre-activation."""
+    B, T, _ = ctx.x.shape
+    H, D = module.hidden_size, 2 if module.bidirectional else 1
+    device = ctx.x.device
+    grads = {name: g for name, g in zip(ctx.outputs, grads) if g is not None}  # (unused outputs: none)
+    steps = torch.arange(T, device=device)
+    valid = None if ctx.lengths is None else (steps[None, :] < ctx.lengths[:, None])  # [B, T]
+    # Detached copies that require grad, so that the pre-activations are part of a graph.
+    params = {name: p.detach().float().requires_grad_() for name, p in module.named_parameters()}
+    factors, pre = [], []  # pre: the tensors whose gradients are wanted, in factor order
+    with torch.enable_grad():
+        layer_input = ctx.x.float()
+        finals_h, finals_c = [], []
+        for layer in range(module.num_layers):
+            directions = []
+            for d in range(D):
+                w_ih, w_hh, b_ih, b_hh = _names(layer, d == 1)
+                index = layer * D + d
+                h = ctx.h0[index].float() if ctx.h0 is not None else layer_input.new_zeros(B, H)
+                c = None
+                if module.mode == "LSTM":
+                    c = ctx.c0[index].float() if ctx.c0 is not None else layer_input.new_zeros(B, H)
+                gi = F.linear(layer_input, params[w_ih], params.get(b_ih))
+                outs, gh_steps, h_prev = [None] * T, [None] * T, [None] * T
+                for t in (reversed(range(T)) if d == 1 else range(T)):
+                    gh = F.linear(h, params[w_hh], params.get(b_hh))
+                    h_new, c_new = _cell(module, gi[:, t], gh, h, c)
+                    h_prev[t], gh_steps[t] = h.detach(), gh
+                    if valid is not None:  # a packed sample's state stops at its length
+                        keep = valid[:, t, None]
+                        h_new = torch.where(keep, h_new, h)
+                        c_new = torch.where(keep, c_new, c) if c is not None else None
+                        outs[t] = torch.where(keep, h_new, torch.zeros_like(h_new))
+                    else:
+                        outs[t] = h_new
+                    h, c = h_new, c_new
+                finals_h.append(h)
+                finals_c.append(c)
+                directions.append(torch.stack(outs, 1))
+                factors.append(((w_ih, b_ih), layer_input.detach(), None))
+                pre.append(gi)
+                factors.append(((w_hh, b_hh), torch.stack(h_prev, 1), None))
+                pre.append(gh_steps)
+            layer_input = torch.cat(directions, -1) if D > 1 else directions[0]
+        results, wanted = [], []
+        if "out" in grads:
+            g = grads["out"]
+            if ctx.packed is not None:
+                g = pad_packed_sequence(ctx.packed._replace(data=g), batch_first=True, total_length=T)[0]
+            elif not module.batch_first:
+                g = g.transpose(0, 1)
+            results.append(layer_input)
+            wanted.append(g.float())
+        if "h" in grads:
+            results.append(torch.stack(finals_h))
+            wanted.append(grads["h"].float())
+        if "c" in grads:
+            results.append(torch.stack(finals_c))
+            wanted.append(grads["c"].float())
+        flat = [t for p in pre for t in (p if isinstance(p, list) else [p])]
+        got = torch.autograd.grad(results, flat, wanted, allow_unused=True)
+    got = [g if g is not None else torch.zeros_like(t) for g, t in zip(got, flat)]
+    out, at = [], 0
+    for (names, a, _), p in zip(factors, pre):
+        if isinstance(p, list):
+            g = torch.stack(got[at:at + len(p)], 1)
+            at += len(p)
+        else:
+            g = got[at]
+            at += 1
+        out.append((names, a, g))
+    return out
