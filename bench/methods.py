@@ -102,8 +102,16 @@ class TorchFunc(Method):
         def one(p, xi, yi):
             return loss(functional_call(model, (p, buffers), (xi.unsqueeze(0),)), yi.unsqueeze(0))
 
-        grads = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
-        return sum(g.flatten(1).float().square().sum(1) for g in grads.values())
+        if not getattr(self, "looped", False):
+            try:
+                grads = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+                return sum(g.flatten(1).float().square().sum(1) for g in grads.values())
+            except RuntimeError:
+                # No batching rule for a layer's backward (GRU's): one sample at a time from now on,
+                # as a torch.func user would have to.
+                self.looped = True
+        rows = [grad(one)(params, x[b], y[b]) for b in range(x.shape[0])]
+        return torch.stack([sum(g.float().square().sum() for g in row.values()) for row in rows])
 
 
 class _Opacus(Method):

@@ -212,6 +212,19 @@ class MixtralLogits(nn.Module):
         return self.lm(input_ids=idx).logits
 
 
+class LSTMModel(nn.Module):
+    """Embedding(1000, 128) -> 2-layer nn.LSTM(128, 256) -> Linear(256, 1000): a recurrent
+    language model (token cross-entropy)."""
+
+    def __init__(self, vocab=1000, dim=128, hidden=256, n_layers=2, cell=nn.LSTM):
+        super().__init__()
+        self.emb, self.rnn = nn.Embedding(vocab, dim), cell(dim, hidden, num_layers=n_layers, batch_first=True)
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, idx):
+        return self.head(self.rnn(self.emb(idx))[0])
+
+
 def _images(batch, shape):
     def make(device):
         g = torch.Generator().manual_seed(1)
@@ -251,6 +264,10 @@ WORKLOADS = {
     # 512, top-2; experts and routers on flattened rows).
     "mixtral": Workload("mixtral", MixtralLogits, _tokens(16, 128, 1000), lambda x, y: 1.0 / y.numel(),
                         token_level=True),
+    # Not in BENCHMARKS.md: recurrent language models (2 layers of 256, batch 16 x 64 tokens).
+    "lstm": Workload("lstm", LSTMModel, _tokens(16, 64, 1000), lambda x, y: 1.0 / y.numel(), token_level=True),
+    "gru": Workload("gru", lambda: LSTMModel(cell=nn.GRU), _tokens(16, 64, 1000), lambda x, y: 1.0 / y.numel(),
+                    token_level=True),
     # Not in BENCHMARKS.md: ResNet-18 with GroupNorm (per-sample gradients are defined, as DP
     # training needs) at a CPU-sized 112x112, batch 16: its deep layers have 512 channels at 4x4.
     "resnet": Workload("resnet", lambda: resnet18(10, lambda c: nn.GroupNorm(32, c)), _images(16, (3, 112, 112)),
