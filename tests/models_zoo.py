@@ -254,6 +254,27 @@ def mixture_of_experts():
     return _regression(nn.Sequential(nn.Linear(4, 6), ExpertsBlock(6, 8), nn.Linear(6, 2)), torch.randn(3, 5, 4))
 
 
+class RecurrentStack(nn.Module):
+    """A bidirectional batch-first LSTM over a 2-layer seq-first LSTM with a given initial state
+    (LSTMs only: torch.func, the reference, cannot vmap GRU's and RNN's forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(4, 5, num_layers=2)
+        self.top = nn.LSTM(5, 3, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):  # x: [B, T, 4]
+        h0 = x[:, 0, :].repeat(1, 2)[:, :5].expand(2, -1, -1).contiguous()
+        out, _ = self.lstm(x.transpose(0, 1), (h0, torch.zeros_like(h0)))
+        out, _ = self.top(out.transpose(0, 1))
+        return self.head(out)
+
+
+def recurrent():
+    return _regression(RecurrentStack(), torch.randn(3, 5, 4))
+
+
 def custom_module():
     return _regression(nn.Sequential(nn.Linear(4, 6), GatedScale(6), nn.Linear(6, 2)), torch.randn(5, 4))
 
@@ -265,5 +286,5 @@ def reused_module():
 ZOO = {f.__name__: f for f in [linear_2d, linear_3d, linear_4d, conv1d, conv2d, conv3d, conv_deep, conv3d_deep,
                               conv_transpose, embedding, embedding_no_pad,
                               norms, conv_norms_eval, batchnorm1d_eval, batchnorm3d_eval, attention_batch_first, attention_seq_first,
-                              functional_norms, flattened_tokens, inplace_residuals, mixture_of_experts, custom_module,
-                              reused_module]}
+                              functional_norms, flattened_tokens, inplace_residuals, mixture_of_experts, recurrent,
+                              custom_module, reused_module]}
