@@ -163,18 +163,20 @@ def _replay(module, ctx: RecurrentCall, grads):
     grads = {name: g for name, g in zip(ctx.outputs, grads) if g is not None}  # (unused outputs: none)
     steps = torch.arange(T, device=device)
     valid = None if ctx.lengths is None else (steps[None, :] < ctx.lengths[:, None])  # [B, T]
-    # Detached copies that require grad, so that the pre-activations are part of a graph.
-    params = {name: p.detach().float().requires_grad_() for name, p in module.named_parameters()}
+    # The weights need no gradient here: the input and initial states carry the graph instead
+    # (their gradients are two small products; the weights' would be one per step).
+    params = {name: p.detach().float() for name, p in module.named_parameters()}
     factors, pre = [], []  # pre: the tensors whose gradients are wanted, in factor order
     with torch.enable_grad():
-        layer_input = ctx.x.float()
+        layer_input = ctx.x.float().detach().requires_grad_()  # (a new tensor: ctx.x stays as it is)
         finals_h, finals_c = [], []
         for layer in range(module.num_layers):
             directions = []
             for d in range(D):
                 w_ih, w_hh, b_ih, b_hh = _names(layer, d == 1)
                 index = layer * D + d
-                h = ctx.h0[index].float() if ctx.h0 is not None else layer_input.new_zeros(B, H)
+                h = (ctx.h0[index].float().detach() if ctx.h0 is not None
+                     else layer_input.new_zeros(B, H)).requires_grad_()
                 c = None
                 if module.mode == "LSTM":
                     c = ctx.c0[index].float() if ctx.c0 is not None else layer_input.new_zeros(B, H)
