@@ -53,13 +53,9 @@ def brute_force(model, x):
     return torch.stack(rows), sum(g.double().square().sum() for g in total)
 
 
-@pytest.mark.parametrize("with_h0", [False, True], ids=["no-h0", "h0"])
-@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
-@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN], ids=lambda c: c.__name__)
-def test_recurrent_layers_are_exact(cls, batch_first, with_h0):
-    torch.manual_seed(0)
-    model = Recurrent(cls, batch_first, with_h0, bidirectional=cls is nn.GRU)
-    x = torch.randn(4, 5, 6)
+def checked_route(model, x) -> str:
+    """Track one backward, check the per-sample and batch norms against the definition, and
+    return the route the recurrent layer ``model.rnn`` took."""
     expected, batch = brute_force(model, x)
     with GradNormTracker(model, "sum") as tracker:
         per_sample_losses(model(x)).sum().backward()
@@ -67,7 +63,16 @@ def test_recurrent_layers_are_exact(cls, batch_first, with_h0):
         routes = {p.module: p.route for p in tracker.plan()}
     assert rel_err(stats.per_sample, expected) <= RTOL
     assert rel_err(stats.batch_grad_sq, batch) <= RTOL
-    assert routes["rnn"] == "recurrent (batched replay)"
+    return routes["rnn"]
+
+
+@pytest.mark.parametrize("with_h0", [False, True], ids=["no-h0", "h0"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN], ids=lambda c: c.__name__)
+def test_recurrent_layers_are_exact(cls, batch_first, with_h0):
+    torch.manual_seed(0)
+    model = Recurrent(cls, batch_first, with_h0, bidirectional=cls is nn.GRU)
+    assert checked_route(model, torch.randn(4, 5, 6)) == "recurrent (batched replay)"
 
 
 class Packed(nn.Module):
@@ -94,13 +99,8 @@ class Packed(nn.Module):
 @pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN], ids=lambda c: c.__name__)
 def test_packed_sequences_are_exact(cls, batch_first, bidirectional):
     torch.manual_seed(0)
-    model, x = Packed(cls, batch_first, bidirectional=bidirectional), torch.randn(5, 6, 6)
-    expected, batch = brute_force(model, x)
-    with GradNormTracker(model, "sum") as tracker:
-        per_sample_losses(model(x)).sum().backward()
-        stats = tracker.collect()
-    assert rel_err(stats.per_sample, expected) <= RTOL
-    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+    model = Packed(cls, batch_first, bidirectional=bidirectional)
+    assert checked_route(model, torch.randn(5, 6, 6)) == "recurrent (batched replay)"
 
 
 class TwoCalls(nn.Module):
@@ -117,25 +117,13 @@ class TwoCalls(nn.Module):
 
 def test_a_layer_called_twice_without_bias_is_exact():
     torch.manual_seed(0)
-    model, x = TwoCalls(), torch.randn(4, 5, 6)
-    expected, batch = brute_force(model, x)
-    with GradNormTracker(model, "sum") as tracker:
-        per_sample_losses(model(x)).sum().backward()
-        stats = tracker.collect()
-    assert rel_err(stats.per_sample, expected) <= RTOL
-    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+    assert checked_route(TwoCalls(), torch.randn(4, 5, 6)) == "recurrent (batched replay)"
 
 
 def test_lstm_projections_take_the_generic_route():
     torch.manual_seed(0)
-    model, x = Recurrent(nn.LSTM, True, False, proj_size=4), torch.randn(3, 5, 6)
-    expected, batch = brute_force(model, x)
-    with GradNormTracker(model, "sum") as tracker:
-        per_sample_losses(model(x)).sum().backward()
-        stats = tracker.collect()
-        routes = {p.module: p.route for p in tracker.plan()}
-    assert rel_err(stats.per_sample, expected) <= RTOL
-    assert routes["rnn"] == "generic (vmap vjp)"
+    model = Recurrent(nn.LSTM, True, False, proj_size=4)
+    assert checked_route(model, torch.randn(3, 5, 6)) == "generic (vmap vjp)"
 
 
 def test_an_unbatched_sequence_is_refused():
