@@ -542,6 +542,15 @@ class GradNormTracker:
                              "skip empty batches before the forward pass")
         uses = (usable_direct_uses(recorder.uses, owner.tracked, batch_size, getattr(ctx, "rows", None))
                 if recorder is not None else None)
+        if uses is None and recorder is not None and getattr(ctx, "input_batch", None):
+            # Outputs flattened inside the module ([B*T, E] router logits from a [B, T, d] input):
+            # where every use was read as a product of its input's rows, the call has its inputs'
+            # samples (the outputs' grads are not needed).
+            uses = usable_direct_uses(recorder.uses, owner.tracked, ctx.input_batch)
+            if uses is not None and all(use.kind == "rows" for use in uses):
+                ctx.batch_size = batch_size = ctx.input_batch
+            else:
+                uses = None
         if uses is not None:
             ctx.direct_uses = uses  # their output grads arrive after the module's outputs'
         n_grads = len(leaves) + (len(uses) if uses is not None else 0)

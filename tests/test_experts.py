@@ -37,10 +37,19 @@ def _moe_model(arch: str, implementation: str):
         config = transformers.Qwen2MoeConfig(**common, num_experts=3, moe_intermediate_size=12,
                                              shared_expert_intermediate_size=20)
         cls = transformers.Qwen2MoeForCausalLM
-    else:  # gpt_oss: transposed [E, in, out] weights with [E, out] biases, router with a bias
+    elif arch == "gpt_oss":  # transposed [E, in, out] weights with [E, out] biases, router with a bias
         config = transformers.GptOssConfig(**common, num_local_experts=3, head_dim=8, sliding_window=4,
                                            layer_types=["sliding_attention", "full_attention"])
         cls = transformers.GptOssForCausalLM
+    else:  # DeepSeek-style: the router takes [B, T, d] and flattens inside; shared experts; MLA in V3
+        shared = dict(n_routed_experts=4, moe_intermediate_size=12, n_shared_experts=1, first_k_dense_replace=1,
+                      n_group=1, topk_group=1)
+        if arch == "glm4_moe":
+            config, cls = transformers.Glm4MoeConfig(**common, **shared, head_dim=8), transformers.Glm4MoeForCausalLM
+        else:
+            config = transformers.DeepseekV3Config(**common, **shared, q_lora_rank=8, kv_lora_rank=8,
+                                                   qk_rope_head_dim=4, v_head_dim=8, qk_nope_head_dim=4)
+            cls = transformers.DeepseekV3ForCausalLM
     config._experts_implementation = implementation
     net = cls(config)
     for name, p in net.named_parameters():
@@ -61,6 +70,18 @@ def test_hugging_face_experts_match_torch_func(arch, implementation):
     routes = tracked_and_checked(model, token_loss, tokens, targets, fused=implementation == "grouped_mm")
     moe = {name: route for name, route in routes.items() if name.endswith((".experts", ".gate", ".router"))}
     assert len(moe) == 4 and set(moe.values()) == {"generic (row uses)"}
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "glm4_moe"])
+def test_routers_flattening_inside_match_torch_func(arch):
+    """DeepSeek-V3's and GLM-4.5's routers take ``[B, T, d]`` and return ``[B*T, E]``: no output has
+    the input's batch, so the call is counted with its input's samples once every use of its
+    weight was read as a product of those rows (layers 1: the MoE layer after a dense one)."""
+    torch.manual_seed(0)
+    model = _moe_model(arch, "grouped_mm")
+    tokens, targets = torch.randint(0, 97, (3, 7)), torch.randint(0, 97, (3, 7))
+    routes = tracked_and_checked(model, token_loss, tokens, targets, fused=True)
+    assert routes["net.model.layers.1.mlp.gate"] == routes["net.model.layers.1.mlp.experts"] == "generic (row uses)"
 
 
 def test_zoo_experts_read_their_products():

@@ -68,7 +68,7 @@ _ELEMENTWISE_UNARY = {
     torch.Tensor.sqrt, torch.Tensor.rsqrt, torch.Tensor.abs, torch.Tensor.neg, torch.Tensor.__neg__,
     torch.Tensor.erf, torch.Tensor.square, torch.Tensor.pow, torch.Tensor.__pow__, torch.Tensor.clamp,
     torch.Tensor.clip, torch.Tensor.to, torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16,
-    torch.Tensor.double, torch.Tensor.type_as, torch.Tensor.contiguous, torch.Tensor.clone,
+    torch.Tensor.double, torch.Tensor.type_as, torch.Tensor.type, torch.Tensor.contiguous, torch.Tensor.clone,
 }
 # Along a dim given as an argument, which must not be the rows' dim (0).
 # Each: the position of its ``dim`` argument and its default (None: none, or an implicit choice).

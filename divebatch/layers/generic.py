@@ -73,6 +73,8 @@ class GenericCall:
     # Samples and tokens flattened into rows: the merged leading sizes (B, T, ...) of the batched
     # leaves and outputs, which are kept as [B, T, ..., *rest] (see GenericRule.as_rows).
     rows: tuple[int, ...] | None = None
+    # The batch of the inputs, where no output has it (batch_size is then an output's).
+    input_batch: int | None = None
 
 
 @dataclass(eq=False)
@@ -111,7 +113,7 @@ _ALIAS_OPS = {
     torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.view_as, torch.Tensor.reshape_as,
     torch.Tensor.unsqueeze, torch.unsqueeze, torch.Tensor.squeeze, torch.squeeze, torch.Tensor.__getitem__,
     torch.Tensor.to, torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.double,
-    torch.Tensor.type_as,
+    torch.Tensor.type_as, torch.Tensor.type,
 }
 
 
@@ -495,12 +497,15 @@ class GenericRule(PerSampleGradsRule):
         outputs = [(out_leaves[i].shape, out_leaves[i].dtype) for i in index]
         out_dims = [self._leaf_dim(module, out_tensors.index(i)) for i in index]
         out_sizes = {out_leaves[i].shape[d] for i, d in zip(index, out_dims) if out_leaves[i].dim() > d}
+        input_batch = None
         if out_sizes and B not in out_sizes:
             # No output has the inputs' samples (e.g. a position table's [1, T, d] rows, broadcast over
             # the batch later): its gradient arrives summed over samples. The tracker's batch check
-            # refuses that with a hint, rather than vmap failing on the sizes.
-            B = min(out_sizes)
-        return GenericCall(leaves, spec, in_dims, B, outputs, index, out_dims)
+            # refuses that with a hint, rather than vmap failing on the sizes. (A module that flattens
+            # samples and tokens inside, a router's [B*T, E] logits, may still be read from its
+            # products: see the tracker's _on_forward.)
+            input_batch, B = B, min(out_sizes)
+        return GenericCall(leaves, spec, in_dims, B, outputs, index, out_dims, input_batch=input_batch)
 
     def batch_size(self, module, ctx):
         return ctx.batch_size
