@@ -39,14 +39,23 @@ TINY = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_he
 CAUSAL = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "gpt_neox", "opt",
           "bloom", "gptj", "stablelm", "olmo", "olmo2", "cohere", "starcoder2", "granite", "smollm3", "mixtral",
           "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "gemma3_text", "mpt", "codegen", "xglm",
-          "mamba"]
+          "mamba", "deepseek_v2", "deepseek_v3", "glm4_moe", "dots1"]
 MASKED = ["bert", "roberta", "distilbert", "albert", "electra", "mobilebert", "modernbert", "xlm-roberta", "roformer"]
 SEQ2SEQ = ["t5", "bart", "mbart", "pegasus", "marian"]
 
 
+# DeepSeek-style mixtures of experts: latent attention sizes that fit TINY, 4 routed experts in one
+# group, the first layer dense and the second a mixture.
+_DEEPSEEK = dict(n_routed_experts=4, moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
+                 topk_group=1, num_experts_per_tok=2)
+_LATENT = dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, head_dim=4, v_head_dim=8, qk_nope_head_dim=4)
+EXTRA = {"deepseek_v2": {**_DEEPSEEK, **_LATENT}, "deepseek_v3": {**_DEEPSEEK, **_LATENT}, "glm4_moe": _DEEPSEEK,
+         "dots1": _DEEPSEEK}
+
+
 def tiny_model(name: str) -> nn.Module:
     config = transformers.AutoConfig.for_model(name)
-    for key, value in TINY.items():
+    for key, value in {**TINY, **EXTRA.get(name, {})}.items():
         if hasattr(config, key):
             setattr(config, key, value)
     auto = (transformers.AutoModelForSeq2SeqLM if name in SEQ2SEQ else
