@@ -35,6 +35,7 @@ PROVEN = {
     "same rows twice": (lambda h, w: h.reshape(-1, 5) + h.reshape(-1, 5).relu(), (3, 4)),
     "layer norm": (lambda h, w: torch.nn.functional.layer_norm(h.reshape(-1, 5), (5,), w), (3, 4)),
     "inner dims swapped": (lambda h, w: h.transpose(1, 2).reshape(-1, 4), (3, 5)),
+    "viewed again as rows": (lambda h, w: h.view(12, 5).view(12, 5).reshape(-1, 5) * 2.0, (3, 4)),
 }
 REFUSED = {
     "positions first (transpose)": lambda h, w: h.transpose(0, 1).reshape(-1, 5),

@@ -70,6 +70,10 @@ def _walk(node, shape: tuple[int, ...], budget: list[int]) -> tuple[int, ...] | 
         return None
     name = type(node).__name__
     if name in _VIEWS:
+        if _view_source(node) == shape and node.next_functions:
+            # A view to the same shape (``rows.reshape(-1, d)`` of rows already [N, d], as a router
+            # given the flattened rows does): the rows are its input's.
+            return _walk(node.next_functions[0][0], shape, budget)
         return _merged_lead(node, shape)
     if name not in _ROW_WISE:
         return None
@@ -139,11 +143,18 @@ def _saved_scalar(node, name: str, position: int) -> bool:
     return isinstance(saved, torch.Tensor) and saved.dim() == 0
 
 
+def _view_source(node) -> tuple[int, ...] | None:
+    """The shape a view node's input had (``_saved_self_sym_sizes``), or None."""
+    try:
+        return tuple(int(s) for s in node._saved_self_sym_sizes)
+    except (AttributeError, TypeError, RuntimeError):
+        return None
+
+
 def _merged_lead(node, shape: tuple[int, ...]) -> tuple[int, ...] | None:
     """For a view to ``shape`` from ``node._saved_self_sym_sizes``: the merged leading sizes."""
-    try:
-        source = tuple(int(s) for s in node._saved_self_sym_sizes)
-    except (AttributeError, TypeError, RuntimeError):
+    source = _view_source(node)
+    if source is None:
         return None
     rest = shape[1:]
     for k in range(2, len(source) - len(rest) + 1):
