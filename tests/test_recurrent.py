@@ -1,6 +1,6 @@
 """nn.LSTM / nn.GRU / nn.RNN (``divebatch/layers/recurrent.py``: one batched replay of the
-recurrence gives every step's gate gradients, then the linear routes over time steps); LSTM
-projections take the generic route. Reference: the definition (one backward per sample's loss
+recurrence gives every step's gate gradients, then the linear routes over time steps).
+Reference: the definition (one backward per sample's loss
 over one batched forward)."""
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ class Packed(nn.Module):
     def __init__(self, cls, batch_first, **kwargs):
         super().__init__()
         self.rnn = cls(6, 8, num_layers=2, batch_first=batch_first, **kwargs)
-        self.head = nn.Linear(8 * (2 if kwargs.get("bidirectional") else 1), 3)
+        width = kwargs.get("proj_size") or 8
+        self.head = nn.Linear(width * (2 if kwargs.get("bidirectional") else 1), 3)
         self.batch_first, self.is_lstm = batch_first, cls is nn.LSTM
 
     def forward(self, x):  # x: [B, T, 6]; sample b has T - b % 3 steps
@@ -120,10 +121,13 @@ def test_a_layer_called_twice_without_bias_is_exact():
     assert checked_route(TwoCalls(), torch.randn(4, 5, 6)) == "recurrent (batched replay)"
 
 
-def test_lstm_projections_take_the_generic_route():
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["one-way", "bidirectional"])
+def test_lstm_projections_are_exact(bidirectional):
     torch.manual_seed(0)
-    model = Recurrent(nn.LSTM, True, False, proj_size=4)
-    assert checked_route(model, torch.randn(3, 5, 6)) == "generic (vmap vjp)"
+    model = Recurrent(nn.LSTM, True, False, proj_size=4, bidirectional=bidirectional)
+    assert checked_route(model, torch.randn(3, 5, 6)) == "recurrent (batched replay)"
+    model = Packed(nn.LSTM, False, proj_size=4, bidirectional=bidirectional)
+    assert checked_route(model, torch.randn(5, 6, 6)) == "recurrent (batched replay)"
 
 
 def test_an_unbatched_sequence_is_refused():

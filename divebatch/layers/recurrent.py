@@ -15,9 +15,10 @@ one replay *per sample* on the generic route before (``vmap`` has no batching ru
 RNN's fused backward). Any number of layers, bidirectional, ``batch_first`` or not, a given
 ``h_0``/``c_0``, and ``PackedSequence`` inputs (a sample's steps after its length are masked).
 
-Inter-layer dropout in training mode draws masks inside the fused kernel that no replay can
-repeat: refused with a clear error. LSTM projections (``proj_size > 0``) have a parameter this
-rule does not know (``weight_hr``), so such a layer takes the generic route.
+An LSTM with projections (``proj_size > 0``: ``h_t = W_hr (o_t * tanh(c_t))``) adds the factor
+pair of ``W_hr``: the unprojected state and the gradient of the projected one. Inter-layer
+dropout in training mode draws masks inside the fused kernel that no replay can repeat: refused
+with a clear error.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ from .linear import linear_norms
 from .routes import linear_route
 
 _MAX_LAYERS = 16
+
+
+def _projection(layer: int, reverse: bool) -> str:
+    """An LSTM's projection weight (``proj_size > 0``): ``h_t = W_hr (o_t * tanh(c_t))``."""
+    return f"weight_hr_l{layer}" + ("_reverse" if reverse else "")
 
 
 def _names(layer: int, reverse: bool) -> tuple[str, str, str, str]:
@@ -58,7 +64,7 @@ class RecurrentRule(LayerRule):
     """Rule for ``nn.RNN``, ``nn.LSTM`` and ``nn.GRU`` (one batched replay of the recurrence)."""
 
     param_names = tuple(name for layer in range(_MAX_LAYERS) for reverse in (False, True)
-                        for name in _names(layer, reverse))
+                        for name in _names(layer, reverse) + (_projection(layer, reverse),))
 
     def batch_dim(self, module):
         return 0 if module.batch_first else 1
@@ -159,6 +165,7 @@ def _replay(module, ctx: RecurrentCall, grads):
     (A: the previous hidden state), G the gradient of that weight's pre-activation."""
     B, T, _ = ctx.x.shape
     H, D = module.hidden_size, 2 if module.bidirectional else 1
+    P = getattr(module, "proj_size", 0) or H  # the width of h (an LSTM's projection, else H)
     device = ctx.x.device
     grads = {name: g for name, g in zip(ctx.outputs, grads) if g is not None}  # (unused outputs: none)
     steps = torch.arange(T, device=device)
@@ -174,17 +181,22 @@ def _replay(module, ctx: RecurrentCall, grads):
             directions = []
             for d in range(D):
                 w_ih, w_hh, b_ih, b_hh = _names(layer, d == 1)
+                w_hr = _projection(layer, d == 1) if getattr(module, "proj_size", 0) else None
                 index = layer * D + d
                 h = (ctx.h0[index].float().detach() if ctx.h0 is not None
-                     else layer_input.new_zeros(B, H)).requires_grad_()
+                     else layer_input.new_zeros(B, P)).requires_grad_()
                 c = None
                 if module.mode == "LSTM":
                     c = ctx.c0[index].float() if ctx.c0 is not None else layer_input.new_zeros(B, H)
                 gi = F.linear(layer_input, params[w_ih], params.get(b_ih))
                 outs, gh_steps, h_prev = [None] * T, [None] * T, [None] * T
+                unprojected, projected = [None] * T, [None] * T
                 for t in (reversed(range(T)) if d == 1 else range(T)):
                     gh = F.linear(h, params[w_hh], params.get(b_hh))
                     h_new, c_new = _cell(module, gi[:, t], gh, h, c)
+                    if w_hr is not None:
+                        unprojected[t] = h_new.detach()
+                        h_new = projected[t] = F.linear(h_new, params[w_hr])
                     h_prev[t], gh_steps[t] = h.detach(), gh
                     if valid is not None:  # a packed sample's state stops at its length
                         keep = valid[:, t, None]
@@ -201,6 +213,9 @@ def _replay(module, ctx: RecurrentCall, grads):
                 pre.append(gi)
                 factors.append(((w_hh, b_hh), torch.stack(h_prev, 1), None))
                 pre.append(gh_steps)
+                if w_hr is not None:
+                    factors.append(((w_hr, None), torch.stack(unprojected, 1), None))
+                    pre.append(projected)
             layer_input = torch.cat(directions, -1) if D > 1 else directions[0]
         results, wanted = [], []
         if "out" in grads:
