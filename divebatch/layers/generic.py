@@ -1,7 +1,7 @@
 """The exact generic route: per-sample gradients of one module's own parameters, without a rule.
 
 Any module that owns trainable parameters and has no dedicated rule (a user's custom module, a
-Linear subclass with extra parameters, an ``nn.LSTM`` with projections, a ViT's class token and position table on the
+Linear subclass with extra parameters, an ``nn.LSTM`` subclass with its own forward, a ViT's class token and position table on the
 model itself) is handled here, for its *own* parameters: the modules inside it keep their rules,
 except those a call does not call (their parameters are then covered by that call).
 
@@ -25,7 +25,7 @@ Three ways, chosen per call:
   refused, by ``vmap(randomness="error")`` or a changed CPU RNG state, with a clear message, since
   the forward's mask cannot be replayed. Per-sample gradients are formed a bounded number of
   samples at a time; where an op has no batching rule, one sample at a time. Recurrent layers'
-  hidden states (an LSTM with projections) carry samples in dim 1.
+  hidden states (a recurrent layer with its own forward) carry samples in dim 1.
 
 Every way, the tracker's accounting check (``verify_every``) compares the summed per-sample
 gradients with autograd's, so a use the recorder cannot see is refused, not missed. (Which
