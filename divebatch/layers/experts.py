@@ -29,6 +29,7 @@ keeps samples apart after the product, which every per-sample method assumes (``
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -616,22 +617,17 @@ def rows_norms(entries, batch_size: int, n_experts: int) -> torch.Tensor:
             last += 1
         buckets.append((first, last, width))
         first = last
-    # Each group's bucket and place in it; rows sorted by bucket come out contiguous.
-    bucket_of = torch.empty(n_groups, dtype=torch.int64, device=group.device)
-    place = torch.empty(n_groups, dtype=torch.int64, device=group.device)
-    for k, (first, last, _) in enumerate(buckets):
-        bucket_of[by_size[first:last]] = k
-        place[by_size[first:last]] = torch.arange(last - first, device=group.device)
-    used = len(buckets) and sum(last - first for first, last, _ in buckets)
-    bucket_of[by_size[used:]] = len(buckets)  # empty groups: no rows
-    row_bucket, by_bucket = torch.sort(bucket_of[group_sorted], stable=True)
-    ends = torch.bincount(row_bucket, minlength=len(buckets)).cumsum(0).tolist()
-    begin = 0
-    for k, (first, last, width) in enumerate(buckets):
+    # Groups in size order (``rank``): each bucket is a run of ranks, so rows sorted by their
+    # group's rank come out contiguous per bucket, bucket k's from ``offset[first]`` on.
+    rank = torch.empty_like(by_size)
+    rank[by_size] = torch.arange(n_groups, device=group.device)
+    row_rank = rank[group_sorted]
+    by_rank = torch.sort(row_rank, stable=True)[1]
+    offset = [0, *itertools.accumulate(sizes)]
+    for first, last, width in buckets:
         width = padded_width(width, left.device.type)
-        rows = by_bucket[begin:ends[k]]
-        begin = ends[k]
-        dest = place[group_sorted[rows]] * width + slot[rows]  # row of the padded [groups * width, .]
+        rows = by_rank[offset[first]:offset[last]]
+        dest = (row_rank[rows] - first) * width + slot[rows]  # row of the padded [groups * width, .]
         picked = order[rows]
         a = right.new_zeros((last - first) * width, right.shape[1])
         a.index_copy_(0, dest, right.index_select(0, picked))
