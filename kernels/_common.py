@@ -25,6 +25,18 @@ AUTOTUNE = os.environ.get("DIVEBATCH_TRITON_AUTOTUNE", "1").strip().lower() not 
 
 
 
+def tuning_size(n: int) -> int:
+    """``n`` rounded up to a power of two: the autotune key's stand-in for a length or batch size.
+
+    Keying the autotuner on the exact ``T`` (or ``B``) would time every config again for each new
+    sequence length of a variable-length run, and for each batch size DiveBatch picks. The best
+    tile shape changes with the order of magnitude, not with every length, so the kernels take
+    ``tuning_size(T)`` / ``tuning_size(B)`` as key-only arguments (unused in their bodies): at
+    most log2(max length) tunings per layer shape.
+    """
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
 def _skip_bench(kernel_call, quantiles=(0.5, 0.2, 0.8), **kwargs):
     """The autotuner's benchmark when AUTOTUNE is off: nothing is timed (one config is left anyway)."""
     return [0.0] * len(quantiles)

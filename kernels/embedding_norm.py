@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AUTOTUNE_KWARGS, FLOAT_DTYPES, check_device, config_table, dot_options
+from ._common import AUTOTUNE_KWARGS, FLOAT_DTYPES, check_device, config_table, dot_options, tuning_size
 from .ghost_norm import _gram_tile, _tile_pair
 
 _F32_CONFIGS = [  # float32 operands (tf32x3), any layout
@@ -47,7 +47,7 @@ _CONFIGS, _PRUNE = config_table(
 )
 
 
-@triton.autotune(configs=_CONFIGS, key=["T", "p", "stride_gp"], prune_configs_by=_PRUNE,
+@triton.autotune(configs=_CONFIGS, key=["T_TUNE", "B_TUNE", "p", "stride_gp"], prune_configs_by=_PRUNE,
                  reset_to_zero=["out_ptr"], **AUTOTUNE_KWARGS)
 @triton.jit
 def _embedding_norm_kernel(
@@ -60,6 +60,8 @@ def _embedding_norm_kernel(
     # strides, in elements
     stride_ib, stride_it,
     stride_gb, stride_gt, stride_gp,
+    # autotune key only (tuning_size of T and B): not read by the kernel
+    T_TUNE, B_TUNE,
     # meta
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -132,6 +134,7 @@ def embedding_norm_triton(indices: torch.Tensor, g: torch.Tensor, padding_idx: i
             T, p, pad,
             indices.stride(0), indices.stride(1),
             g.stride(0), g.stride(1), g.stride(2),
+            tuning_size(T), tuning_size(B),
             UPCAST=upcast, DOT_PRECISION=precision,
         )
     return out

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AUTOTUNE_KWARGS, check_a_g, config_table, dot_options
+from ._common import AUTOTUNE_KWARGS, check_a_g, config_table, dot_options, tuning_size
 
 _F32_CONFIGS = [  # float32 operands (tf32x3), any layout
     triton.Config({"BLOCK_T": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
@@ -87,7 +87,7 @@ def _gram_tile(base, row_i, mask_i, row_j, mask_j, K, stride_k,
     return acc
 
 
-@triton.autotune(configs=_CONFIGS, key=["T", "d", "p", "WITH_BIAS", "stride_ad", "stride_gp"],
+@triton.autotune(configs=_CONFIGS, key=["T_TUNE", "B_TUNE", "d", "p", "WITH_BIAS", "stride_ad", "stride_gp"],
                  prune_configs_by=_PRUNE, reset_to_zero=["weight_sq_ptr", "colsum_ptr"], **AUTOTUNE_KWARGS)
 @triton.jit
 def _ghost_norm_kernel(
@@ -100,6 +100,8 @@ def _ghost_norm_kernel(
     # strides, in elements
     stride_ab, stride_at, stride_ad,
     stride_gb, stride_gt, stride_gp,
+    # autotune key only (tuning_size of T and B): not read by the kernel
+    T_TUNE, B_TUNE,
     # meta
     WITH_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -176,6 +178,7 @@ def ghost_norm_triton(a: torch.Tensor, g: torch.Tensor, with_bias: bool):
             T, d, p,
             a.stride(0), a.stride(1), a.stride(2),
             g.stride(0), g.stride(1), g.stride(2),
+            tuning_size(T), tuning_size(B),
             WITH_BIAS=bool(with_bias), UPCAST=upcast, DOT_PRECISION=precision,
         )
     if with_bias:

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._common import (AUTOTUNE_KWARGS, INTERPRET, check_a_g, config_table, dot_options,
-                      sm_count)
+                      sm_count, tuning_size)
 
 _CONFIGS, _PRUNE = config_table(
     triton.Config({"BLOCK_P": 32, "BLOCK_D": 32, "BLOCK_T": 16}, num_warps=4, num_stages=1),  # interpreter
@@ -58,7 +58,7 @@ _CONFIGS, _PRUNE = config_table(
 _LARGEST_TILE = max(c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_D"] for c in _CONFIGS)
 
 
-@triton.autotune(configs=_CONFIGS, key=["T", "d", "p", "B", "WITH_BIAS", "stride_ad", "stride_gp"],
+@triton.autotune(configs=_CONFIGS, key=["T_TUNE", "B_TUNE", "d", "p", "WITH_BIAS", "ATOMIC_WGRAD", "stride_ad", "stride_gp"],
                  prune_configs_by=_PRUNE, reset_to_zero=["weight_sq_ptr", "bias_sq_ptr", "wgrad_ptr"],
                  **AUTOTUNE_KWARGS)
 @triton.jit
@@ -72,6 +72,8 @@ def _instantiate_norm_kernel(
     # strides, in elements
     stride_ab, stride_at, stride_ad,
     stride_gb, stride_gt, stride_gp,
+    # autotune key only (tuning_size of T and B): not read by the kernel
+    T_TUNE, B_TUNE,
     # meta
     WITH_BIAS: tl.constexpr, ATOMIC_WGRAD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -160,6 +162,7 @@ def instantiate_norm_triton(a: torch.Tensor, g: torch.Tensor, with_bias: bool, *
             B, T, d, p,
             a.stride(0), a.stride(1), a.stride(2),
             g.stride(0), g.stride(1), g.stride(2),
+            tuning_size(T), tuning_size(B),
             WITH_BIAS=bool(with_bias), ATOMIC_WGRAD=n_split > 1, UPCAST=upcast, DOT_PRECISION=precision,
         )
     elif with_bias and B > 0 and T > 0 and p > 0:  # d == 0: no weight, but the bias still has a gradient

@@ -402,6 +402,41 @@ def test_wrappers_keep_no_reference_to_their_inputs():
     assert not alive, f"inputs {alive} (of a, g, indices, a1, g1) are still referenced after the calls"
 
 
+
+def _autotune_keys(monkeypatch, kernel) -> list[tuple]:
+    """Records the autotune key of every launch of ``kernel`` (as ``Autotuner.run`` forms it)."""
+    keys, run = [], kernel.run
+
+    def recording_run(*args, **kwargs):
+        named = {**dict(zip(kernel.arg_names, args)), **kwargs}
+        keys.append(tuple(named[name] for name in kernel.keys))
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "run", recording_run)
+    return keys
+
+
+@pytest.mark.parametrize("op", ["ghost_norm", "instantiate_norm", "embedding_norm"])
+def test_autotune_key_rounds_lengths_and_batch_sizes(monkeypatch, op):
+    """A run with variable sequence lengths, or with DiveBatch's growing batch, must not time
+    every config again for each new T or B: the key holds both rounded up to a power of two."""
+    module = importlib.import_module(f"{K.__name__}.{op}")
+    kernel = getattr(module, f"_{op}_kernel")
+    assert "T" not in kernel.keys and "B" not in kernel.keys, kernel.keys
+    keys = _autotune_keys(monkeypatch, kernel)
+    wrapper = getattr(K, f"{op}_triton")
+    shapes = [(3, 33), (4, 40), (3, 64), (3, 65), (5, 33)]  # same key for the first three
+    for i, (B, T) in enumerate(shapes):
+        g = torch.randn(B, T, 4, device=DEVICE)
+        if op == "embedding_norm":
+            wrapper(torch.randint(0, 5, (B, T), device=DEVICE), g, -1)
+        else:
+            wrapper(torch.randn(B, T, 6, device=DEVICE), g, True)
+    assert len(keys) == len(shapes)
+    assert keys[0] == keys[1] == keys[2], keys[:3]
+    assert len({keys[0], keys[3], keys[4]}) == 3, "T=65 or B=5 fell into the key of T<=64, B<=4"
+    assert K._common.tuning_size(1) == 1 and K._common.tuning_size(64) == 64 and K._common.tuning_size(65) == 128
+
 # --------------------------------------------------------------------------- registration
 _SCHEMAS = {  # the schema lines of divebatch/ops.py (SCHEMAS), used on a scratch namespace
     "ghost_norm": "ghost_norm(Tensor a, Tensor g, bool with_bias) -> (Tensor, Tensor)",

@@ -576,18 +576,6 @@ def _groups(entries, batch_size: int, n_experts: int):
 _BUCKET_RATIO = 0.8
 
 
-def padded_width(width: int, device_type: str) -> int:
-    """The padded group length for ``width`` rows. On CUDA it is rounded up, to a multiple of 32
-    or of a sixteenth of its power of two (at most 1/16 more rows above 512): the Triton kernels
-    are autotuned per sequence length, and the groups' lengths change with every step's routing,
-    so unrounded lengths would be tuned again and again. Elsewhere the exact length (the C++
-    kernels are not tuned per shape)."""
-    if device_type != "cuda":
-        return width
-    step = max(32, 1 << max(0, (width - 1).bit_length() - 5))
-    return -(-width // step) * step
-
-
 def rows_norms(entries, batch_size: int, n_experts: int) -> torch.Tensor:
     """Per-sample squared norm [B] (float32) of one parameter's gradient from its recorded
     products: ``entries`` is a list of ``(RowProduct, output grad, scale)``.
@@ -625,7 +613,6 @@ def rows_norms(entries, batch_size: int, n_experts: int) -> torch.Tensor:
     by_rank = torch.sort(row_rank, stable=True)[1]
     offset = [0, *itertools.accumulate(sizes)]
     for first, last, width in buckets:
-        width = padded_width(width, left.device.type)
         rows = by_rank[offset[first]:offset[last]]
         dest = (row_rank[rows] - first) * width + slot[rows]  # row of the padded [groups * width, .]
         picked = order[rows]
