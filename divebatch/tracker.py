@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ._norms import squared_norm
 from .layers import GENERIC, LayerRule, RoutePlan, rule_for
 from .layers.generic import DirectUseRecorder, SharedOutputWatcher, usable_direct_uses
-from .layers.rows import flattened_samples
+from .layers.rows import flattened_samples, row_samples
 from .layers.base import capture_suspended
 from .layers.embedding import EmbeddingCall, EmbeddingRule
 from .layers.linear import LinearRule, linear_factors
@@ -540,9 +540,17 @@ class GradNormTracker:
         if batch_size == 0:
             raise ValueError(f"module '{owner.name}' ({type(module).__name__}) got an empty batch (0 samples); "
                              "skip empty batches before the forward pass")
-        uses = (usable_direct_uses(recorder.uses, owner.tracked, batch_size, getattr(ctx, "rows", None))
-                if recorder is not None else None)
-        if uses is None and recorder is not None and getattr(ctx, "input_batch", None):
+        samples = getattr(ctx, "input_samples", None)
+        if recorder is not None and samples is not None:
+            # The first input's rows are samples' rows in another order (Llama 4's experts get every
+            # token once per expert): only products of those rows can use that order.
+            uses = usable_direct_uses(recorder.uses, owner.tracked, ctx.input_batch, input_samples=samples)
+            if uses is not None:
+                ctx.batch_size = batch_size = ctx.input_batch
+        else:
+            uses = (usable_direct_uses(recorder.uses, owner.tracked, batch_size, getattr(ctx, "rows", None))
+                    if recorder is not None else None)
+        if uses is None and recorder is not None and samples is None and getattr(ctx, "input_batch", None):
             # Outputs flattened inside the module ([B*T, E] router logits from a [B, T, d] input):
             # where every use was read as a product of its input's rows, the call has its inputs'
             # samples (the outputs' grads are not needed).
@@ -588,15 +596,25 @@ class GradNormTracker:
         first = next((x for x, d in zip(tree_flatten((args, kwargs))[0], ctx.in_dims) if d is not None), None)
         lead = self._proven_rows(first) if isinstance(first, torch.Tensor) else None
         grouped = GENERIC.as_rows(ctx, lead) if lead is not None else None
-        return ctx if grouped is None else grouped
+        if grouped is not None:
+            return grouped
+        if lead is None and isinstance(first, torch.Tensor) and self._rows_may_be_flattened(first):
+            # Rows of samples in another order (every token once per expert): usable only if every
+            # use of the module's weights is a product of those rows (see _on_forward).
+            found = row_samples(first)
+            if found is not None and found[0] != first.shape[0]:
+                ctx.input_batch, ctx.input_samples = found
+        return ctx
 
     def _proven_rows(self, x: torch.Tensor) -> tuple[int, ...] | None:
         """``flattened_samples(x)``, where ``x``'s rows may be samples and tokens merged: not when
         they are as many as the last call's samples (the common case: one comparison, no graph
         walk), nor in code torch.compile traces (its graph holds no views to read)."""
-        if x.grad_fn is None or x.dim() < 2 or x.shape[0] == self._last_batch or _called_from_compiled_code():
-            return None
-        return flattened_samples(x)
+        return flattened_samples(x) if self._rows_may_be_flattened(x) else None
+
+    def _rows_may_be_flattened(self, x: torch.Tensor) -> bool:
+        return not (x.grad_fn is None or x.dim() < 2 or x.shape[0] == self._last_batch
+                    or _called_from_compiled_code())
 
     def _watch_shared_output(self, call: _Call, output: torch.Tensor) -> None:
         """An Embedding looked up once for all samples (``[1, T]`` position ids, GPT-2's and BART's

@@ -84,6 +84,25 @@ def test_routers_flattening_inside_match_torch_func(arch):
     assert routes["net.model.layers.1.mlp.gate"] == routes["net.model.layers.1.mlp.experts"] == "generic (row uses)"
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_every_token_through_every_expert_matches_torch_func(top_k):
+    """Llama 4 runs every token through every expert as one batch: the experts' input is
+    ``rows.repeat(E, 1) * scores.T.reshape(-1, 1)`` (row ``e*N + n`` is token ``n``'s, scaled by
+    its score for expert ``e``), viewed as ``[E, N, d]`` blocks for ``bmm`` with the whole
+    ``[E, d, 2I]`` weight. Which sample each row is comes from the graph (``rows.row_samples``),
+    the blocks' products are read per (expert, sample): no replay. Refused before."""
+    config = transformers.Llama4TextConfig(vocab_size=97, hidden_size=16, intermediate_size=24,
+                                           intermediate_size_mlp=24, num_hidden_layers=2, num_attention_heads=2,
+                                           num_key_value_heads=1, head_dim=8, num_local_experts=3,
+                                           num_experts_per_tok=top_k, max_position_embeddings=16)
+    torch.manual_seed(0)
+    model = Logits(transformers.Llama4ForCausalLM(config), "input_ids")
+    tokens, targets = torch.randint(0, 97, (3, 7)), torch.randint(0, 97, (3, 7))
+    routes = tracked_and_checked(model, token_loss, tokens, targets, fused=True)
+    moe = {name: route for name, route in routes.items() if name.endswith((".experts", ".router"))}
+    assert len(moe) == 4 and set(moe.values()) == {"generic (row uses)"}
+
+
 def test_zoo_experts_read_their_products():
     model, x, y = ZOO["mixture_of_experts"]()
     routes = tracked_and_checked(model, sample_loss, x, y, fused=True)
@@ -149,8 +168,23 @@ def test_own_matrix_products_match_torch_func(shape):
 
 
 # --------------------------------------------------------------------------- labels against the Jacobian
+#: The recording module's own expert weights (``[2, 4, 4]``), used whole by ``bmm`` on expert blocks.
+_OWN = nn.Parameter(torch.randn(2, 4, 4))
+
+
+def _expert_blocks(h, mix=None):
+    """Rows as two expert blocks ``[2, n/2, 4]`` (Llama 4's layout), some block ops, rows again."""
+    if h.shape[0] % 2:
+        return h
+    b = h.view(2, -1, 4)
+    b = torch.bmm(torch.tanh(b) * b, _OWN) if mix is None else mix(b)
+    gate, up = (torch.softmax(b, -1) + b).chunk(2, dim=-1)
+    return torch.bmm(torch.cat([F.silu(gate) * up, up], -1), _OWN.transpose(1, 2)).reshape(-1, 4)
+
+
 # Each op takes the labelled tensor ``h`` ([n, 4]) and ``x`` (the module input, [6, 4]).
 ROW_OPS = {
+    "expert blocks": lambda h, x: _expert_blocks(h),
     "gelu": lambda h, x: F.gelu(h),
     "cast": lambda h, x: h.double().float(),
     "scale": lambda h, x: 2.0 * h - 1.0,
@@ -167,6 +201,9 @@ ROW_OPS = {
     "linear": lambda h, x: F.linear(h, nn.Parameter(torch.randn(4, 4))),
 }
 MIXING_OPS = {
+    "rows mixed within blocks": lambda h, x: _expert_blocks(h, lambda b: b + b.flip(1)),
+    "block statistic": lambda h, x: _expert_blocks(h, lambda b: b - b.mean(1, keepdim=True)),
+    "blocks transposed": lambda h, x: _expert_blocks(h, lambda b: b.transpose(0, 1).reshape(b.shape)),
     "mean over rows": lambda h, x: h - h.mean(0),
     "roll rows": lambda h, x: h.roll(1, 0),
     "softmax over rows": lambda h, x: torch.softmax(h, dim=0),
@@ -198,7 +235,7 @@ def test_labels_never_name_a_row_its_values_do_not_come_from(ops):
             return out
 
     ops_table = {**ROW_OPS, **MIXING_OPS}
-    with Recording({"w": nn.Parameter(torch.randn(2, 4, 4))}, x) as recorder:
+    with Recording({"w": _OWN}, x) as recorder:
         h = x * 1.0
         for name in ops:
             h = ops_table[name](h, x)
@@ -206,7 +243,7 @@ def test_labels_never_name_a_row_its_values_do_not_come_from(ops):
     if recorder.experts.labels.broken:
         return  # an in-place op may have moved rows: nothing of this forward is used (refused or replayed)
     for t, lab in seen:
-        flat = t.reshape(t.shape[0], -1)
+        flat, lab = t.reshape(lab.numel(), -1), lab.reshape(-1)  # (expert blocks: [E, M] labels)
         for r in range(flat.shape[0]):
             (g,) = torch.autograd.grad(flat[r].sum(), x, retain_graph=True, allow_unused=True)
             if g is None:

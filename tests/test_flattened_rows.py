@@ -342,3 +342,79 @@ def test_checkpointed_flattened_block(reentrant):
     model.checkpointed = False  # torch.func cannot differentiate through checkpoint's saved-tensor hooks
     per_sample, _, batch = reference_norms(model, sample_loss, x, y)
     assert rel_err(stats.per_sample, per_sample) <= RTOL and rel_err(stats.batch_grad_sq, batch) <= RTOL
+
+
+# --------------------------------------------------------------------------- rows of samples in any order
+_W = nn.Parameter(torch.randn(5, 5))
+_WS = nn.Parameter(torch.randn(5, 2))
+
+
+def _per_row_scores(r):
+    """Llama 4's experts input: every row once per expert, scaled by its score for that expert."""
+    scores = torch.sigmoid(r @ _WS)  # [N, 2]
+    return r.repeat(2, 1) * scores.t().reshape(-1, 1)
+
+
+def _top_k_kept(r):
+    values, index = torch.topk(r, 2, dim=1)
+    return torch.full_like(r, 0.0).scatter(1, index, values) + r
+
+
+#: Ops that keep every row one sample's (moving, repeating or slicing rows): row_samples follows them.
+_ROW_ORDER_STEPS = {
+    "repeat": lambda r: r.repeat(2, 1),
+    "per-row scores (Llama 4)": _per_row_scores,
+    "interleave": lambda r: r.reshape(2, -1, 5).transpose(0, 1).reshape(-1, 5) if r.shape[0] % 2 == 0 else r,
+    "top-k scatter": _top_k_kept,
+    "slice rows": lambda r: r[1::2] if r.shape[0] > 1 else r,
+    "expand a column": lambda r: r[:, :1].expand(-1, 5) * r,
+    "unsqueeze": lambda r: (r.unsqueeze(1) * 2.0).reshape(r.shape),
+    "softmax": lambda r: r.softmax(-1),
+    "product with a parameter": lambda r: torch.tanh(r @ _W),
+    "layer norm": lambda r: torch.nn.functional.layer_norm(r, (5,)),
+    "cast": lambda r: r.double().float(),
+}
+#: Ops that mix samples within a row (or might): row_samples must not name a single sample.
+_SAMPLE_MIXING_STEPS = {
+    "flip": lambda r: r.flip(0),
+    "centre": lambda r: r - r.mean(0),
+    "cumsum over rows": lambda r: r.cumsum(0),
+    "softmax over rows": lambda r: r.softmax(0),
+    "top-k over rows": lambda r: r + torch.topk(r, 1, dim=0).values,
+    "rows times their Gram": lambda r: (r @ r.t()) @ r,
+    "blocks summed": lambda r: r + r.reshape(-1, 1).roll(3, 0).reshape(r.shape),
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 4),
+       st.lists(st.sampled_from(sorted(_ROW_ORDER_STEPS)), max_size=4),
+       st.one_of(st.none(), st.tuples(st.sampled_from(sorted(_SAMPLE_MIXING_STEPS)), st.integers(0, 4))))
+def test_row_samples_agree_with_the_jacobian(B, T, steps, mixing):
+    """Random chains of row-moving ops after a sample-major merge: every row's sample from
+    ``row_samples`` is the only sample its values depend on (Jacobian); with no sample-mixing op in
+    the chain an answer must be given."""
+    from divebatch.layers.rows import row_samples
+
+    torch.manual_seed(0)
+    h = torch.randn(B, T, 5, requires_grad=True)
+    rows = (h * 1.0).reshape(-1, 5)
+    for i, name in enumerate(steps + [None]):
+        if mixing is not None and min(mixing[1], len(steps)) == i:
+            rows = _SAMPLE_MIXING_STEPS[mixing[0]](rows)
+        if name is not None:
+            rows = _ROW_ORDER_STEPS[name](rows)
+    found = row_samples(rows)
+    if mixing is None and T > 1:  # (T = 1: no merge of positions, as for flattened_samples)
+        assert found is not None, steps
+    if found is None:
+        return
+    batch, samples = found
+    assert batch == B and samples.shape == (rows.shape[0],)
+    for r in range(rows.shape[0]):
+        probe = torch.randn(rows.shape[1])  # (not a plain sum: a softmax row sums to 1)
+        (g,) = torch.autograd.grad((rows[r] * probe).sum(), h, retain_graph=True)
+        depends = set(g.abs().flatten(1).sum(1).nonzero().flatten().tolist())
+        assert depends <= {int(samples[r])}, (steps, mixing, r, depends, int(samples[r]))
+        if mixing is None:
+            assert depends == {int(samples[r])}, (steps, r)  # (every op here is smooth: no dead rows)

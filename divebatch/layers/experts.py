@@ -58,6 +58,9 @@ class RowProduct:
     n_input: int
     stacked: bool  # the parameter has an expert dim (its first) that ``experts`` indexes
     grad_width: int  # the output grad as ``[n, grad_width]``: one row per row of ``rows``
+    # The sample of each of the first input's rows (set by the tracker where they are in no
+    # sample-major order, ``rows.row_samples``); None: row ``i`` is sample ``i // (n_input / B)``.
+    input_samples: torch.Tensor | None = None
 
 
 _ELEMENTWISE_UNARY = {
@@ -131,7 +134,9 @@ class RowLabels:
         return entry[1] if entry is not None and entry[0] is x else None
 
     def set(self, x: torch.Tensor, labels: torch.Tensor) -> None:
-        if x.dim() == 0 or x.shape[0] != labels.shape[0]:
+        """Label ``x``'s rows (``labels [x.shape[0]]``), or for expert blocks ``[E, M, ...]`` each
+        block's rows (``labels [E, M]``)."""
+        if x.dim() < max(labels.dim(), 1) or tuple(x.shape[:labels.dim()]) != tuple(labels.shape):
             return
         self._labels[id(x)] = (x, labels)
         if x.numel():  # (empty tensors share no storage worth guarding)
@@ -157,6 +162,9 @@ class RowLabels:
             return
         x = args[0] if args else None
         lab = self.of(x)
+        if any(other.dim() > 1 for other in labelled):
+            self._observe_blocks(func, args, kwargs, out, x, lab, len(tensors), labelled)
+            return
         if func in _GATHERS:
             if lab is not None:
                 self._gather(func, x, args[1:], kwargs, lab, out)
@@ -184,6 +192,9 @@ class RowLabels:
                     self.set(out, lab)
                 elif out.shape[0] % x.shape[0] == 0 and func not in (torch.Tensor.expand, torch.Tensor.expand_as):
                     self.set(out, lab.repeat_interleave(out.shape[0] // x.shape[0]))
+                elif out.dim() == x.dim() + 1 and out.shape[0] * out.shape[1] == x.shape[0] \
+                        and out.shape[2:] == x.shape[1:]:
+                    self.set(out, lab.view(out.shape[0], out.shape[1]))  # rows split into expert blocks
         elif func in _PERMUTES:
             if lab is not None and isinstance(out, torch.Tensor) and _keeps_first_dim(func, args, kwargs, x.dim()):
                 self.set(out, lab)
@@ -197,6 +208,37 @@ class RowLabels:
             if (lab is not None and len(labelled) == 1 and isinstance(weight, torch.Tensor) and weight.dim() <= 2
                     and self.of(weight) is None and _constant_or_parameters(weight)):
                 self._keep(out, x, lab)
+
+    def _observe_blocks(self, func, args, kwargs, out, x, lab, n_tensors, labelled) -> None:
+        """``observe`` for tensors of expert blocks ``[E, M, ...]`` (labels ``[E, M]``, every token
+        run through every expert as one batch, as Llama 4's experts): only ops that keep both
+        leading dims (elementwise ops, ops and splits along a later dim), and the reshape back to
+        rows. Anything else gives no labels."""
+        if func in _ELEMENTWISE_UNARY:
+            if lab is not None and len(labelled) == 1 and (func in (torch.Tensor.type_as, torch.Tensor.to)
+                                                          or n_tensors == 1):
+                self._keep(out, x, lab)
+        elif func in _ALONG_DIM:
+            dim = _dim_arg(args, kwargs, *_ALONG_DIM[func])
+            if lab is not None and n_tensors == 1 and isinstance(dim, int) and dim % x.dim() >= lab.dim():
+                self._keep(out, x, lab)
+        elif func in _ELEMENTWISE_BINARY:
+            first = labelled[0]
+            if self._row_wise_operands(args, kwargs, first):
+                ref = next(a for a in args if self.of(a) is first)
+                self._keep(out, ref, first)
+        elif func in _SPLITS:
+            position = 1 if func in (torch.Tensor.unbind, torch.unbind) else 2
+            dim = _dim_arg(args, kwargs, position, 0)
+            if lab is not None and isinstance(dim, int) and dim % x.dim() >= lab.dim():
+                for piece in out:
+                    self._keep(piece, x, lab)
+        elif func in _RESHAPES and func not in (torch.Tensor.expand, torch.Tensor.expand_as):
+            if lab is not None and isinstance(out, torch.Tensor):
+                if out.dim() >= lab.dim() and out.shape[:lab.dim()] == x.shape[:lab.dim()]:
+                    self.set(out, lab)
+                elif out.dim() >= 1 and out.shape[0] == lab.numel() and out.shape[1:] == x.shape[lab.dim():]:
+                    self.set(out, lab.reshape(-1))  # the blocks' rows merged back
 
     def _keep(self, out, x, lab) -> None:
         """Label ``out`` as ``x`` if it has ``x``'s rank and rows (a row-wise op's result)."""
@@ -393,6 +435,10 @@ class ExpertUses:
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             return self._products(x, [(self.weight(weight, aliases), weight, "linear"),
                                       (self.weight(bias, aliases), bias, "bias")], out)
+        if (func in _MATMULS or func in (torch.bmm, torch.Tensor.bmm)) and len(args) == 2 and not kwargs:
+            blocks = self._blocks_product(args[0], args[1], out, aliases)
+            if blocks is not None:
+                return blocks
         if func in _MATMULS and len(args) == 2:
             return self._products(args[0], [(self.weight(args[1], aliases), args[1], "matmul")], out)
         if func is torch.einsum:
@@ -457,14 +503,33 @@ class ExpertUses:
         self.weights[id(out)] = (out, _Weight(base.name, base.expert, not base.transposed, base.scale))
         return []
 
+    def _blocks_product(self, x, weight, out, aliases):
+        """``x @ W`` of expert blocks ``x [E, M, in]`` with a whole stacked own weight ``W [E, in, out]``
+        (or its transpose): block ``e`` uses expert ``e`` (Llama 4's experts). None if it is not that."""
+        w = self.weight(weight, aliases)
+        if (w is None or w.expert is not None or not isinstance(x, torch.Tensor) or x.dim() != 3
+                or weight.dim() != 3 or len(self.shapes[w.name]) != 3 or self.weight(x, aliases) is not None
+                or not isinstance(out, torch.Tensor) or x.shape[0] != weight.shape[0]):
+            return None
+        lab = self.labels.of(x)
+        if lab is None or lab.dim() != 2 or self.labels.broken:
+            self.refused = True
+            return []
+        n_experts, per_expert = lab.shape
+        product = RowProduct(x.detach().reshape(-1, x.shape[-1]), lab.reshape(-1),
+                             torch.arange(n_experts, device=x.device).repeat_interleave(per_expert),
+                             w.transposed, self.labels.n_input, True, out.shape[-1])
+        self.labels.set(out, lab)
+        return [(w, product, out)]
+
     def _products(self, x, weights, out, offs=None):
         """Records for ``out = x (op) w`` for each own weight among ``weights`` (weight, tensor, how)."""
         own = [(w, t, how) for w, t, how in weights if w is not None]
         if not own:
             return None
         lab = self.labels.of(x)
-        if lab is None or self.labels.broken or not isinstance(out, torch.Tensor) or x.dim() < 2 \
-                or out.shape[0] != x.shape[0]:
+        if lab is None or lab.dim() != 1 or self.labels.broken or not isinstance(out, torch.Tensor) \
+                or x.dim() < 2 or out.shape[0] != x.shape[0]:
             self.refused = True
             return []
         records = []
@@ -558,8 +623,11 @@ def _groups(entries, batch_size: int, n_experts: int):
             g = g * scale
         left, right = (g, rows) if product.grad_on_left else (rows, g)
         keep = product.experts >= 0
-        per_sample = product.n_input // batch_size
-        group = product.experts * batch_size + product.positions // per_sample
+        if product.input_samples is not None:
+            sample = product.input_samples[product.positions]
+        else:
+            sample = product.positions // (product.n_input // batch_size)
+        group = product.experts * batch_size + sample
         if not bool(keep.all()):
             left, right, group = left[keep], right[keep], group[keep]
         lefts.append(left)

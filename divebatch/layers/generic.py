@@ -73,8 +73,10 @@ class GenericCall:
     # Samples and tokens flattened into rows: the merged leading sizes (B, T, ...) of the batched
     # leaves and outputs, which are kept as [B, T, ..., *rest] (see GenericRule.as_rows).
     rows: tuple[int, ...] | None = None
-    # The batch of the inputs, where no output has it (batch_size is then an output's).
+    # The batch of the inputs, where no output has it (batch_size is then an output's), or where the
+    # first input's rows are samples' rows in another order (``input_samples``: each row's sample).
     input_batch: int | None = None
+    input_samples: torch.Tensor | None = None
 
 
 @dataclass(eq=False)
@@ -365,13 +367,22 @@ class DirectUseRecorder(TorchFunctionMode):
 
 
 def usable_direct_uses(uses: list[DirectUse] | None, tracked: dict, batch_size: int,
-                       rows: tuple[int, ...] | None = None) -> list[DirectUse] | None:
+                       rows: tuple[int, ...] | None = None,
+                       input_samples: torch.Tensor | None = None) -> list[DirectUse] | None:
     """``uses`` if they cover every tracked parameter and each broadcasts the parameter over the
     ``batch_size`` samples of dim 0 (so per-sample gradients are a reduction of its output grad),
     or is a product with rows of the module's first input, whose ``rows`` (the merged leading
-    sizes, if samples and tokens were flattened) say which sample each row belongs to."""
+    sizes, if samples and tokens were flattened) say which sample each row belongs to. With
+    ``input_samples`` (the sample of each of the first input's rows, in any order) only products
+    qualify; they are given that map."""
     if uses is None or {use.name for use in uses} != set(tracked):
         return None
+    if input_samples is not None:
+        if not all(use.kind == "rows" and use.other.n_input == input_samples.shape[0] for use in uses):
+            return None
+        for use in uses:
+            use.other.input_samples = input_samples
+        return uses
     per_sample = math.prod(rows[1:]) if rows else 1
     kinds: dict[str, set[bool]] = {}
     for use in uses:

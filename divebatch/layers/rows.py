@@ -178,3 +178,205 @@ def _first_dim_moved(view_node, rank: int) -> bool:
     if name == "PermuteBackward0":
         return int(node._saved_dims[0]) % rank != 0
     return False
+
+
+# ------------------------------------------------------------------------------ rows of samples in any order
+#: Nodes of ops along one dim (``_saved_dim``) that read and write within the same index of every
+#: other dim (top-k, a scatter or gather within rows, softmax, sort, cumsum): an element comes from
+#: its own row where the labels are constant along that dim.
+_ALONG_DIM_NODES = frozenset({"TopkBackward0", "ScatterBackward0", "GatherBackward0", "SoftmaxBackward0",
+                              "LogSoftmaxBackward0", "SortBackward0", "CumsumBackward0"})
+#: Products with a weight made of parameters: (position of the rows operand, of the weight) among
+#: the node's inputs (``x @ W``, ``b + x @ W``): row ``i`` of the output is made of row ``i`` of ``x``.
+_PRODUCT_NODES = {"MmBackward0": (0, 1), "AddmmBackward0": (1, 2)}
+_NORM_NODES = frozenset({"NativeLayerNormBackward0", "FusedRmsNormBackward0"})
+#: Labels of more elements than this (a reshape that interleaves rows of large tensors) give no answer.
+_MAX_LABEL_ELEMENTS = 1 << 20
+
+
+def row_samples(x: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+    """``(B, samples)``: the sample (of ``B``) each row of ``x [N, ...]`` is made of, int64 ``[N]``,
+    or None.
+
+    The general form of ``flattened_samples`` for rows in any order, e.g. a mixture of experts that
+    runs every token through every expert (Llama 4: ``rows.repeat(E, 1) * scores.T.reshape(-1, 1)``,
+    row ``e*N + n`` is token ``n``'s). It walks the graph as ``flattened_samples`` does, and also
+    through repeats, transposes and permutes, expands, slices, reshapes of any kind, products with
+    parameters (``x @ W``), and ops within rows (top-k, scatter, gather, softmax along a dim), with a
+    label per element (kept as a broadcastable tensor, a singleton where constant). Every operand
+    with a gradient must carry the same labels elementwise, or be made of parameters alone. The
+    terminal is the same: a view merging the leading dims of a ``[B, T, ...]`` tensor, whose
+    first dim is the samples. An answer needs every row to be one sample's.
+    """
+    node = x.grad_fn
+    if node is None or x.dim() < 1:
+        return None
+    batches: set[int] = set()
+    walk = _LabelWalk(batches, x.device)
+    labels = walk.labels(node, 0, tuple(x.shape))
+    if labels is None or len(batches) != 1:
+        return None
+    labels = _fit(labels, x.dim())
+    if any(s != 1 for s in labels.shape[1:]):
+        return None  # some row holds elements of several samples
+    return batches.pop(), labels.reshape(-1).expand(x.shape[0]).contiguous()
+
+
+class _LabelWalk:
+    """One ``row_samples`` walk: the samples found at its terminals (``batches``), a node budget, and
+    each visited node output's labels (a graph that uses a tensor twice is walked once)."""
+
+    def __init__(self, batches: set[int], device):
+        self.batches, self.device, self.budget = batches, device, [_MAX_NODES]
+        self.seen: dict[tuple[int, int], tuple[object, torch.Tensor | None]] = {}
+
+    def labels(self, node, index: int, shape: tuple[int, ...]):
+        """The sample of each element of output ``index`` of ``node`` (of ``shape``): an int64
+        tensor broadcastable to ``shape``, or None where the graph does not prove it."""
+        if node is None:
+            return None
+        key = (id(node), index)
+        if key in self.seen and self.seen[key][0] is node:
+            return self.seen[key][1]
+        self.budget[0] -= 1
+        found = _labels(self, node, index, shape) if self.budget[0] >= 0 else None
+        self.seen[key] = (node, found)
+        return found
+
+
+def _labels(walk: _LabelWalk, node, index: int, shape: tuple[int, ...]):
+    """``_LabelWalk.labels`` for one node (see ``row_samples`` for the ops followed)."""
+    budget, batches, device = walk.budget, walk.batches, walk.device
+    name = type(node).__name__
+    children = node.next_functions
+
+    def child_labels(position: int):
+        child, out_index = children[position]
+        if child is None:
+            return None
+        try:
+            child_shape = tuple(child._input_metadata[out_index].shape)
+        except (AttributeError, IndexError, RuntimeError):
+            return None
+        return child_shape, walk.labels(child, out_index, child_shape)
+
+    try:
+        if name in _VIEWS:
+            source = _view_source(node)
+            if source is None or not children:
+                return None
+            lead = _merged_lead(node, shape) if source != shape else None
+            if lead is not None and math.prod(lead[1:]) > 1:  # the terminal: rows of a [B, T, ...] merge
+                batches.add(lead[0])
+                lab = torch.arange(lead[0], device=device).repeat_interleave(math.prod(lead[1:]))
+                return _valid(lab.view(-1, *(1,) * (len(shape) - 1)), shape)
+            found = child_labels(0)
+            return None if found is None or found[1] is None else _valid(_reshaped(found[1], source, shape), shape)
+        if name == "RepeatBackward0":
+            found = child_labels(0)
+            if found is None or found[1] is None:
+                return None
+            repeats = tuple(int(r) for r in node._saved_repeats)
+            lab = _fit(found[1], len(repeats))
+            return _valid(lab.repeat([r if lab.shape[i] > 1 else 1 for i, r in enumerate(repeats)]), shape)
+        if name in ("TransposeBackward0", "PermuteBackward0", "TBackward0", "ExpandBackward0", "UnsqueezeBackward0",
+                    "SliceBackward0", "SplitBackward0"):
+            found = child_labels(0)
+            if found is None or found[1] is None:
+                return None
+            return _valid(_moved(node, name, index, found[0], _fit(found[1], len(found[0]))), shape)
+        if name in _PRODUCT_NODES:
+            rows_at, weight_at = _PRODUCT_NODES[name]
+            for position, (child, _) in enumerate(children):
+                if position != rows_at and child is not None and not _from_parameters(child, budget):
+                    return None
+            if children[weight_at][0] is None:
+                return None  # a weight without gradient: not proven constant (it may be data)
+            found = child_labels(rows_at)
+            if found is None or found[1] is None or _fit(found[1], 2).shape[1] != 1:
+                return None
+            return _valid(_fit(found[1], 2), shape)
+        along = _signed(int(node._saved_dim)) if name in _ALONG_DIM_NODES else None
+        if name not in _ROW_WISE and along is None:
+            return None
+        labs = []
+        for position, (child, _) in enumerate(children):
+            if child is None:
+                continue  # an operand that carries no gradient (a constant, a scalar, scatter indices)
+            found = child_labels(position)
+            if found is not None and found[1] is not None:
+                lab = _fit(found[1], len(shape))
+                if along is not None and lab.shape[along % len(shape)] != 1:
+                    return None  # the op moves elements between this operand's samples
+                if name in _NORM_NODES and any(s != 1 for s in lab.shape[1:]):
+                    return None  # normalised over elements of several samples
+                labs.append(lab)
+            elif not _from_parameters(child, budget):
+                return None  # e.g. a statistic over all rows (``rows - rows.mean(0)``)
+        if not labs:
+            return None
+        expanded = torch.broadcast_tensors(*labs)
+        if any(not torch.equal(expanded[0], other) for other in expanded[1:]):
+            return None  # operands of different samples meet elementwise
+        return _valid(expanded[0], shape)
+    except (AttributeError, RuntimeError, TypeError, ValueError, IndexError):
+        return None  # a node without the saved fields this reads, or labels that do not fit
+
+
+def _signed(dim: int) -> int:
+    """A saved dim as a Python int (negative dims come back as unsigned 64-bit integers)."""
+    return dim - (1 << 64) if dim >= (1 << 63) else dim
+
+
+def _fit(lab: torch.Tensor, rank: int) -> torch.Tensor:
+    """``lab`` with leading singleton dims up to ``rank`` (broadcasting aligns the trailing dims)."""
+    return lab.reshape((1,) * (rank - lab.dim()) + tuple(lab.shape)) if lab.dim() < rank else lab
+
+
+def _valid(lab: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """``lab`` if it broadcasts to ``shape`` without adding dims; else None."""
+    if lab is None or lab.dim() > len(shape):
+        return None
+    lab = _fit(lab, len(shape))
+    return lab if all(s in (1, n) for s, n in zip(lab.shape, shape)) else None
+
+
+def _reshaped(lab: torch.Tensor, source: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor | None:
+    """Labels of ``x.view(shape)`` from ``lab``, the labels of ``x`` (of ``source``)."""
+    lab = _fit(lab, len(source))
+    k = len(source)
+    while k > 0 and lab.shape[k - 1] == 1:
+        k -= 1  # the labels vary along source[:k] only
+    head, j, size = math.prod(source[:k]), 0, 1
+    while j < len(shape) and size < head:
+        size *= shape[j]
+        j += 1
+    if size == head:  # shape[:j] indexes the same blocks of the flat order as source[:k]
+        return lab.expand(*source[:k], *lab.shape[k:]).reshape(*shape[:j], *(1,) * (len(shape) - j))
+    if math.prod(source) <= _MAX_LABEL_ELEMENTS:
+        return lab.expand(source).reshape(shape)
+    return None
+
+
+def _moved(node, name: str, index: int, source: tuple[int, ...], lab: torch.Tensor) -> torch.Tensor | None:
+    """Labels after a transpose, permute, expand, unsqueeze, slice or split of a tensor of ``source``."""
+    rank = len(source)
+    if name == "TransposeBackward0":
+        return lab.transpose(_signed(int(node._saved_dim0)) % rank, _signed(int(node._saved_dim1)) % rank)
+    if name == "TBackward0":
+        return lab.t() if rank == 2 else lab
+    if name == "PermuteBackward0":
+        return lab.permute([_signed(int(d)) % rank for d in node._saved_dims])
+    if name == "ExpandBackward0":
+        return lab  # the new and widened dims repeat the same elements
+    if name == "UnsqueezeBackward0":
+        return lab.unsqueeze(_signed(int(node._saved_dim)) % (rank + 1))
+    dim = _signed(int(node._saved_dim)) % rank
+    if lab.shape[dim] == 1:
+        return lab  # slicing along a dim where the labels are constant
+    if name == "SliceBackward0":
+        start, end, step = (getattr(node, f"_saved_{f}") for f in ("start", "end", "step"))
+        start, end = (None if v is None else _signed(int(v)) for v in (start, end))
+        return lab.index_select(dim, torch.arange(source[dim], device=lab.device)[start:end:int(step)])
+    size = int(node._saved_split_size)
+    return lab.narrow(dim, index * size, min(size, source[dim] - index * size))
