@@ -40,7 +40,8 @@ CAUSAL = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi"
           "bloom", "gptj", "stablelm", "olmo", "olmo2", "cohere", "starcoder2", "granite", "smollm3", "mixtral",
           "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "gemma3_text", "mpt", "codegen", "xglm",
           "mamba", "deepseek_v2", "deepseek_v3", "glm4_moe", "dots1", "ernie4_5_moe", "minimax", "exaone_moe",
-          "flex_olmo", "hunyuan_v1_moe", "llama4_text"]
+          "flex_olmo", "hunyuan_v1_moe", "llama4_text", "jetmoe", "afmoe", "cohere2_moe", "granitemoeshared",
+          "granitemoe_swa", "minimax_m2", "sarvam_moe", "solar_open", "glm4_moe_lite"]
 MASKED = ["bert", "roberta", "distilbert", "albert", "electra", "mobilebert", "modernbert", "xlm-roberta", "roformer"]
 SEQ2SEQ = ["t5", "bart", "mbart", "pegasus", "marian"]
 
@@ -50,7 +51,7 @@ SEQ2SEQ = ["t5", "bart", "mbart", "pegasus", "marian"]
 _DEEPSEEK = dict(n_routed_experts=4, moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
                  topk_group=1, num_experts_per_tok=2)
 _LATENT = dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, head_dim=4, v_head_dim=8, qk_nope_head_dim=4)
-EXTRA = {"deepseek_v2": {**_DEEPSEEK, **_LATENT}, "deepseek_v3": {**_DEEPSEEK, **_LATENT}, "glm4_moe": _DEEPSEEK,
+EXTRA = {"deepseek_v2": {**_DEEPSEEK, **_LATENT}, "deepseek_v3": {**_DEEPSEEK, **_LATENT}, "glm4_moe": _DEEPSEEK, "glm4_moe_lite": {**_DEEPSEEK, **_LATENT},
          "dots1": _DEEPSEEK, "hunyuan_v1_moe": dict(num_experts=4, moe_topk=2),
          "llama4_text": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size_mlp=48)}
 

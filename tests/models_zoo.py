@@ -254,6 +254,46 @@ def mixture_of_experts():
     return _regression(nn.Sequential(nn.Linear(4, 6), ExpertsBlock(6, 8), nn.Linear(6, 2)), torch.randn(3, 5, 4))
 
 
+class BlockExperts(nn.Module):
+    """Experts applied to every row as ``[E, N, d]`` blocks: ``bmm`` with whole ``[E, in, out]``
+    weights (Llama 4's experts)."""
+
+    def __init__(self, n_experts, dim, hidden):
+        super().__init__()
+        self.gate_up = nn.Parameter(torch.randn(n_experts, dim, 2 * hidden) / dim**0.5)
+        self.down = nn.Parameter(torch.randn(n_experts, hidden, dim) / hidden**0.5)
+
+    def forward(self, rows):
+        blocks = rows.view(self.gate_up.shape[0], -1, rows.shape[-1])
+        gate, up = torch.bmm(blocks, self.gate_up).chunk(2, dim=-1)
+        return torch.bmm(F.silu(gate) * up, self.down).view(-1, rows.shape[-1])
+
+
+class EveryTokenEveryExpert(nn.Module):
+    """A mixture of experts that runs every token through every expert, scaled by its router score
+    (zero outside the top-k): Llama 4's layout. Row ``e*N + n`` of the experts' input is token ``n``."""
+
+    def __init__(self, dim, hidden, n_experts=3, k=1):
+        super().__init__()
+        self.router = nn.Linear(dim, n_experts, bias=False)
+        self.experts = BlockExperts(n_experts, dim, hidden)
+        self.k = k
+
+    def forward(self, x):
+        rows = x.reshape(-1, x.shape[-1])
+        logits = self.router(rows)
+        top, index = logits.topk(self.k, dim=1)
+        scores = torch.sigmoid(torch.full_like(logits, float("-inf")).scatter(1, index, top))
+        routed = rows.repeat(scores.shape[1], 1) * scores.t().reshape(-1, 1)
+        out = self.experts(routed).view(scores.shape[1], -1, rows.shape[-1]).sum(0)
+        return (rows + out).view(x.shape)
+
+
+def experts_on_every_token():
+    return _regression(nn.Sequential(nn.Linear(4, 6), EveryTokenEveryExpert(6, 8), nn.Linear(6, 2)),
+                       torch.randn(3, 5, 4))
+
+
 class RecurrentStack(nn.Module):
     """A bidirectional batch-first LSTM over a 2-layer seq-first LSTM with a given initial state
     (LSTMs only: torch.func, the reference, cannot vmap GRU's and RNN's forward)."""
@@ -286,5 +326,6 @@ def reused_module():
 ZOO = {f.__name__: f for f in [linear_2d, linear_3d, linear_4d, conv1d, conv2d, conv3d, conv_deep, conv3d_deep,
                               conv_transpose, embedding, embedding_no_pad,
                               norms, conv_norms_eval, batchnorm1d_eval, batchnorm3d_eval, attention_batch_first, attention_seq_first,
-                              functional_norms, flattened_tokens, inplace_residuals, mixture_of_experts, recurrent,
+                              functional_norms, flattened_tokens, inplace_residuals, mixture_of_experts,
+                              experts_on_every_token, recurrent,
                               custom_module, reused_module]}

@@ -23,7 +23,8 @@ def per_sample_grads(model, loss_fn, inputs, targets, batch_dim=0):
     try:
         return vmap(grad(one), in_dims=(None, batch_dim, 0))(params, inputs, targets)
     except RuntimeError as err:
-        if not any(s in str(err) for s in ("dynamic shape", "data-dependent", "functorch transforms")):
+        if not any(s in str(err) for s in ("dynamic shape", "data-dependent", "functorch transforms",
+                                            "doesn't have storage")):  # (``.tolist()`` under vmap)
             raise
     # Data-dependent shapes or control flow (a mixture of experts gathering each expert's tokens,
     # GPT-2's mask code) have no batching rule: the same gradients one sample at a time, with

@@ -103,10 +103,29 @@ def test_every_token_through_every_expert_matches_torch_func(top_k):
     assert len(moe) == 4 and set(moe.values()) == {"generic (row uses)"}
 
 
-def test_zoo_experts_read_their_products():
-    model, x, y = ZOO["mixture_of_experts"]()
+def test_experts_given_gathered_rows_split_by_expert_match_torch_func():
+    """JetMoE's experts modules get ``rows[batch_index]`` (tokens sorted by expert, gathered in the
+    parent) and split them with ``rows.split(expert_size)`` inside: the gather is followed in the
+    graph (``rows.row_samples``), the split by the row labels. Refused before (a batch of
+    ``B*T*k`` rows)."""
+    torch.manual_seed(0)
+    config = transformers.JetMoeConfig(hidden_size=16, intermediate_size=12, num_local_experts=3,
+                                       num_experts_per_tok=2)
+    moe = transformers.models.jetmoe.modeling_jetmoe.JetMoeMoE(config)
+    nn.init.normal_(moe.bias, std=0.1)
+    for p in moe.parameters():
+        if p.dim() == 3:
+            nn.init.normal_(p, std=0.2)
+    model = nn.Sequential(nn.Linear(4, 16), moe, nn.Linear(16, 2))
+    routes = tracked_and_checked(model, sample_loss, torch.randn(3, 5, 4), torch.randn(3, 5, 2), fused=True)
+    assert routes["1.input_linear"] == routes["1.output_linear"] == "generic (row uses)"
+
+
+@pytest.mark.parametrize("case, experts", [("mixture_of_experts", "1"), ("experts_on_every_token", "1.experts")])
+def test_zoo_experts_read_their_products(case, experts):
+    model, x, y = ZOO[case]()
     routes = tracked_and_checked(model, sample_loss, x, y, fused=True)
-    assert routes["1"] == "generic (row uses)"
+    assert routes[experts] == "generic (row uses)"
 
 
 class MatrixModule(nn.Module):
@@ -182,8 +201,17 @@ def _expert_blocks(h, mix=None):
     return torch.bmm(torch.cat([F.silu(gate) * up, up], -1), _OWN.transpose(1, 2)).reshape(-1, 4)
 
 
+def _split_by_expert(h):
+    """JetMoE's experts: rows split into one piece per expert, each through its expert, cat again."""
+    if h.dim() != 2 or h.shape[0] < 2:
+        return h
+    pieces = h.split([1, h.shape[0] - 1])
+    return torch.cat([F.linear(piece, _OWN[e]) for e, piece in enumerate(pieces)])
+
+
 # Each op takes the labelled tensor ``h`` ([n, 4]) and ``x`` (the module input, [6, 4]).
 ROW_OPS = {
+    "split by expert": lambda h, x: _split_by_expert(h),
     "expert blocks": lambda h, x: _expert_blocks(h),
     "gelu": lambda h, x: F.gelu(h),
     "cast": lambda h, x: h.double().float(),

@@ -15,11 +15,16 @@ over experts. A router's ``F.linear(rows, self.weight)`` is the same with one ex
 What must be known is ``s(r)``. ``RowLabels`` follows it through the module's forward (inside the
 generic route's recorder, a torch-function mode): the module's first input has rows ``0 .. N-1``,
 which the tracker has proven sample-major (``rows.flattened_samples``: row ``i`` belongs to sample
-``i // T``) or which are the samples themselves. Gathers (``x[idx]``, ``index_select``,
-``repeat_interleave``) give each picked row the label of its source row; row-wise ops
-(activations, casts, splits and cats along other dims, reshapes that keep or split rows,
-elementwise arithmetic of rows with the same labels, or with tensors that carry no gradient or are
-made of parameters alone) keep the labels; any other op's output has none. A product of an own
+``i // T``), or whose samples it read from the graph in another order (``rows.row_samples``:
+Llama 4's experts get every token once per expert, JetMoE's ``rows[batch_index]``), or which are
+the samples themselves. Gathers (``x[idx]``, ``index_select``, ``repeat_interleave``) give each
+picked row the label of its source row, a split of the rows (JetMoE's ``rows.split(expert_size)``)
+each piece its rows' labels; row-wise ops (activations, casts, splits and cats along other dims,
+reshapes that keep or split rows, elementwise arithmetic of rows with the same labels, or with
+tensors that carry no gradient or are made of parameters alone) keep the labels; any other op's
+output has none. Rows viewed as expert blocks ``[E, M, d]`` (Llama 4's ``bmm`` with the whole
+``[E, d, o]`` weight: block ``e`` through expert ``e``) carry ``[E, M]`` labels through ops that
+keep both leading dims, and back to rows. A product of an own
 weight with rows that have no labels falls back to the generic route's replay, and an in-place op
 that may move values between the rows of a labelled tensor's storage stops the recording.
 
@@ -203,6 +208,8 @@ class RowLabels:
             if lab is not None and not _is_rows_dim(_dim_arg(args, kwargs, position, 0), x.dim()):
                 for piece in out:
                     self._keep(piece, x, lab)
+            elif lab is not None and func not in (torch.Tensor.unbind, torch.unbind):
+                self._split_rows(func, x, args, kwargs, lab, out)
         elif func in _FOREIGN_PRODUCTS:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             if (lab is not None and len(labelled) == 1 and isinstance(weight, torch.Tensor) and weight.dim() <= 2
@@ -239,6 +246,25 @@ class RowLabels:
                     self.set(out, lab)
                 elif out.dim() >= 1 and out.shape[0] == lab.numel() and out.shape[1:] == x.shape[lab.dim():]:
                     self.set(out, lab.reshape(-1))  # the blocks' rows merged back
+
+    def _split_rows(self, func, x, args, kwargs, lab, out) -> None:
+        """Pieces of a split along the rows (JetMoE's experts: ``rows.split(expert_size)``): the same
+        split of the labels, so piece ``i`` keeps the labels of its rows."""
+        how = args[1] if len(args) > 1 else kwargs.get(
+            "chunks", kwargs.get("split_size_or_sections", kwargs.get("split_size", kwargs.get("sections"))))
+        if isinstance(how, torch.Tensor) or not isinstance(out, (tuple, list)):
+            return
+        split = {torch.Tensor.chunk: torch.chunk, torch.chunk: torch.chunk, torch.Tensor.split: torch.split,
+                 torch.split: torch.split, torch.Tensor.tensor_split: torch.tensor_split,
+                 torch.tensor_split: torch.tensor_split}[func]
+        try:
+            pieces = split(lab, how, 0)
+        except (RuntimeError, TypeError, ValueError):
+            return
+        if len(pieces) == len(out):
+            for piece, piece_lab in zip(out, pieces):
+                if isinstance(piece, torch.Tensor) and piece.dim() == x.dim() and piece.shape[0] == piece_lab.shape[0]:
+                    self.set(piece, piece_lab)
 
     def _keep(self, out, x, lab) -> None:
         """Label ``out`` as ``x`` if it has ``x``'s rank and rows (a row-wise op's result)."""

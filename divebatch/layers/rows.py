@@ -201,9 +201,10 @@ def row_samples(x: torch.Tensor) -> tuple[int, torch.Tensor] | None:
     The general form of ``flattened_samples`` for rows in any order, e.g. a mixture of experts that
     runs every token through every expert (Llama 4: ``rows.repeat(E, 1) * scores.T.reshape(-1, 1)``,
     row ``e*N + n`` is token ``n``'s). It walks the graph as ``flattened_samples`` does, and also
-    through repeats, transposes and permutes, expands, slices, reshapes of any kind, products with
-    parameters (``x @ W``), and ops within rows (top-k, scatter, gather, softmax along a dim), with a
-    label per element (kept as a broadcastable tensor, a singleton where constant). Every operand
+    through repeats, transposes and permutes, expands, slices, splits and cats, gathers of rows
+    (``x[index]``, ``index_select``: JetMoE's experts get ``rows[batch_index]``), reshapes of any
+    kind, products with parameters (``x @ W``), and ops within rows (top-k, scatter, gather,
+    softmax along a dim), with a label per element (kept as a broadcastable tensor, a singleton where constant). Every operand
     with a gradient must carry the same labels elementwise, or be made of parameters alone. The
     terminal is the same: a view merging the leading dims of a ``[B, T, ...]`` tensor, whose
     first dim is the samples. An answer needs every row to be one sample's.
@@ -279,8 +280,19 @@ def _labels(walk: _LabelWalk, node, index: int, shape: tuple[int, ...]):
             repeats = tuple(int(r) for r in node._saved_repeats)
             lab = _fit(found[1], len(repeats))
             return _valid(lab.repeat([r if lab.shape[i] > 1 else 1 for i, r in enumerate(repeats)]), shape)
+        if name == "CatBackward0":
+            dim = _signed(int(node._saved_dim)) % len(shape)
+            parts = [child_labels(position) for position in range(len(children))]
+            if not parts or any(part is None or part[1] is None for part in parts):
+                return None  # (a piece made of parameters alone belongs to no sample)
+            labs = [_fit(lab, len(shape)) for _, lab in parts]
+            wide = [max(lab.shape[i] for lab in labs) if i != dim else -1 for i in range(len(shape))]
+            labs = [lab.expand(*(part_shape[dim] if i == dim else n for i, n in enumerate(wide)))
+                    for (part_shape, _), lab in zip(parts, labs)]
+            return _valid(torch.cat(labs, dim), shape)
         if name in ("TransposeBackward0", "PermuteBackward0", "TBackward0", "ExpandBackward0", "UnsqueezeBackward0",
-                    "SliceBackward0", "SplitBackward0"):
+                    "SliceBackward0", "SplitBackward0", "SplitWithSizesBackward0", "IndexBackward0",
+                    "IndexSelectBackward0"):
             found = child_labels(0)
             if found is None or found[1] is None:
                 return None
@@ -371,6 +383,14 @@ def _moved(node, name: str, index: int, source: tuple[int, ...], lab: torch.Tens
         return lab  # the new and widened dims repeat the same elements
     if name == "UnsqueezeBackward0":
         return lab.unsqueeze(_signed(int(node._saved_dim)) % (rank + 1))
+    if name == "IndexBackward0":  # ``x[index]``: one index tensor, on the first dim only
+        indices = list(node._saved_indices)
+        first = indices[0] if indices else None
+        if (not isinstance(first, torch.Tensor) or first.dim() != 1 or first.is_floating_point()
+                or any(i is not None for i in indices[1:])):
+            return None
+        picked = first.nonzero().squeeze(1) if first.dtype == torch.bool else first.long()
+        return lab if lab.shape[0] == 1 else lab.index_select(0, picked.to(lab.device))
     dim = _signed(int(node._saved_dim)) % rank
     if lab.shape[dim] == 1:
         return lab  # slicing along a dim where the labels are constant
@@ -378,5 +398,10 @@ def _moved(node, name: str, index: int, source: tuple[int, ...], lab: torch.Tens
         start, end, step = (getattr(node, f"_saved_{f}") for f in ("start", "end", "step"))
         start, end = (None if v is None else _signed(int(v)) for v in (start, end))
         return lab.index_select(dim, torch.arange(source[dim], device=lab.device)[start:end:int(step)])
+    if name == "IndexSelectBackward0":
+        return lab.index_select(dim, node._saved_index.long().to(lab.device))
+    if name == "SplitWithSizesBackward0":
+        sizes = [int(s) for s in node._saved_split_sizes]
+        return lab.narrow(dim, sum(sizes[:index]), sizes[index])
     size = int(node._saved_split_size)
     return lab.narrow(dim, index * size, min(size, source[dim] - index * size))
