@@ -601,7 +601,7 @@ class GradNormTracker:
         if lead is None and isinstance(first, torch.Tensor) and self._rows_may_be_flattened(first):
             # Rows of samples in another order (every token once per expert): usable only if every
             # use of the module's weights is a product of those rows (see _on_forward).
-            found = row_samples(first)
+            found = row_samples(first, self._last_batch or None)
             if found is not None and found[0] != first.shape[0]:
                 ctx.input_batch, ctx.input_samples = found
         return ctx

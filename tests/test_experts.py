@@ -84,20 +84,21 @@ def test_routers_flattening_inside_match_torch_func(arch):
     assert routes["net.model.layers.1.mlp.gate"] == routes["net.model.layers.1.mlp.experts"] == "generic (row uses)"
 
 
-@pytest.mark.parametrize("top_k", [1, 2])
-def test_every_token_through_every_expert_matches_torch_func(top_k):
+@pytest.mark.parametrize("top_k, T", [(1, 7), (2, 7), (2, 1)])
+def test_every_token_through_every_expert_matches_torch_func(top_k, T):
     """Llama 4 runs every token through every expert as one batch: the experts' input is
     ``rows.repeat(E, 1) * scores.T.reshape(-1, 1)`` (row ``e*N + n`` is token ``n``'s, scaled by
     its score for expert ``e``), viewed as ``[E, N, d]`` blocks for ``bmm`` with the whole
     ``[E, d, 2I]`` weight. Which sample each row is comes from the graph (``rows.row_samples``),
-    the blocks' products are read per (expert, sample): no replay. Refused before."""
+    the blocks' products are read per (expert, sample): no replay. Refused before. (T = 1: no
+    positions are merged; the ``[B, 1, d]`` tensor viewed as rows is taken to be the samples.)"""
     config = transformers.Llama4TextConfig(vocab_size=97, hidden_size=16, intermediate_size=24,
                                            intermediate_size_mlp=24, num_hidden_layers=2, num_attention_heads=2,
                                            num_key_value_heads=1, head_dim=8, num_local_experts=3,
                                            num_experts_per_tok=top_k, max_position_embeddings=16)
     torch.manual_seed(0)
     model = Logits(transformers.Llama4ForCausalLM(config), "input_ids")
-    tokens, targets = torch.randint(0, 97, (3, 7)), torch.randint(0, 97, (3, 7))
+    tokens, targets = torch.randint(0, 97, (3, T)), torch.randint(0, 97, (3, T))
     routes = tracked_and_checked(model, token_loss, tokens, targets, fused=True)
     moe = {name: route for name, route in routes.items() if name.endswith((".experts", ".router"))}
     assert len(moe) == 4 and set(moe.values()) == {"generic (row uses)"}

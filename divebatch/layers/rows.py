@@ -194,7 +194,7 @@ _NORM_NODES = frozenset({"NativeLayerNormBackward0", "FusedRmsNormBackward0"})
 _MAX_LABEL_ELEMENTS = 1 << 20
 
 
-def row_samples(x: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+def row_samples(x: torch.Tensor, batch: int | None = None) -> tuple[int, torch.Tensor] | None:
     """``(B, samples)``: the sample (of ``B``) each row of ``x [N, ...]`` is made of, int64 ``[N]``,
     or None.
 
@@ -204,31 +204,37 @@ def row_samples(x: torch.Tensor) -> tuple[int, torch.Tensor] | None:
     through repeats, transposes and permutes, expands, slices, splits and cats, gathers of rows
     (``x[index]``, ``index_select``: JetMoE's experts get ``rows[batch_index]``), reshapes of any
     kind, products with parameters (``x @ W``), and ops within rows (top-k, scatter, gather,
-    softmax along a dim), with a label per element (kept as a broadcastable tensor, a singleton where constant). Every operand
-    with a gradient must carry the same labels elementwise, or be made of parameters alone. The
-    terminal is the same: a view merging the leading dims of a ``[B, T, ...]`` tensor, whose
-    first dim is the samples. An answer needs every row to be one sample's.
+    softmax along a dim), with a label per element (kept as a broadcastable tensor, a singleton
+    where constant). Every operand with a gradient must carry the same labels elementwise, or be
+    made of parameters alone. The terminal is the same: a view merging the leading dims of a
+    ``[B, T, ...]`` tensor, whose first dim is the samples. Where that finds none and ``batch`` (the
+    samples the tracker's other layers saw) is given, a second walk also ends at a view that only
+    drops singleton dims of a ``[batch, 1, ...]`` tensor (``T = 1``: its rows taken to be the
+    samples in order, the assumption every layer's input is under). An answer needs every row to
+    be one sample's.
     """
     node = x.grad_fn
     if node is None or x.dim() < 1:
         return None
-    batches: set[int] = set()
-    walk = _LabelWalk(batches, x.device)
-    labels = walk.labels(node, 0, tuple(x.shape))
-    if labels is None or len(batches) != 1:
-        return None
-    labels = _fit(labels, x.dim())
-    if any(s != 1 for s in labels.shape[1:]):
-        return None  # some row holds elements of several samples
-    return batches.pop(), labels.reshape(-1).expand(x.shape[0]).contiguous()
+    for singleton_batch in (None, batch) if batch else (None,):
+        batches: set[int] = set()
+        labels = _LabelWalk(batches, x.device, singleton_batch).labels(node, 0, tuple(x.shape))
+        if labels is None or len(batches) != 1:
+            continue
+        labels = _fit(labels, x.dim())
+        if any(s != 1 for s in labels.shape[1:]):
+            return None  # some row holds elements of several samples
+        return batches.pop(), labels.reshape(-1).expand(x.shape[0]).contiguous()
+    return None
 
 
 class _LabelWalk:
     """One ``row_samples`` walk: the samples found at its terminals (``batches``), a node budget, and
     each visited node output's labels (a graph that uses a tensor twice is walked once)."""
 
-    def __init__(self, batches: set[int], device):
+    def __init__(self, batches: set[int], device, singleton_batch: int | None = None):
         self.batches, self.device, self.budget = batches, device, [_MAX_NODES]
+        self.singleton_batch = singleton_batch  # a [batch, 1, ...] view is a terminal too
         self.seen: dict[tuple[int, int], tuple[object, torch.Tensor | None]] = {}
 
     def labels(self, node, index: int, shape: tuple[int, ...]):
@@ -267,7 +273,8 @@ def _labels(walk: _LabelWalk, node, index: int, shape: tuple[int, ...]):
             if source is None or not children:
                 return None
             lead = _merged_lead(node, shape) if source != shape else None
-            if lead is not None and math.prod(lead[1:]) > 1:  # the terminal: rows of a [B, T, ...] merge
+            if lead is not None and (math.prod(lead[1:]) > 1 or lead[0] == walk.singleton_batch):
+                # The terminal: rows of a [B, T, ...] merge (or of [batch, 1, ...]: the samples)
                 batches.add(lead[0])
                 lab = torch.arange(lead[0], device=device).repeat_interleave(math.prod(lead[1:]))
                 return _valid(lab.view(-1, *(1,) * (len(shape) - 1)), shape)
