@@ -212,6 +212,26 @@ class MixtralLogits(nn.Module):
         return self.lm(input_ids=idx).logits
 
 
+class Llama4Logits(nn.Module):
+    """Hugging Face Llama4ForCausalLM (text only): every token runs through every expert as
+    ``[E, tokens, d]`` blocks scaled by its top-1 router score, plus a shared expert; returning
+    logits."""
+
+    def __init__(self, vocab=1000, dim=256, n_layer=2, n_head=4, n_kv_head=2, hidden=512, experts=4, T=128):
+        super().__init__()
+        import transformers  # only this workload needs it
+
+        config = transformers.Llama4TextConfig(vocab_size=vocab, hidden_size=dim, num_hidden_layers=n_layer,
+                                               num_attention_heads=n_head, num_key_value_heads=n_kv_head,
+                                               head_dim=dim // n_head, intermediate_size=hidden,
+                                               intermediate_size_mlp=hidden, num_local_experts=experts,
+                                               num_experts_per_tok=1, max_position_embeddings=T)
+        self.lm = transformers.Llama4ForCausalLM(config)
+
+    def forward(self, idx):
+        return self.lm(input_ids=idx).logits
+
+
 class LSTMModel(nn.Module):
     """Embedding(1000, 128) -> 2-layer nn.LSTM(128, 256) -> Linear(256, 1000): a recurrent
     language model (token cross-entropy)."""
@@ -264,6 +284,10 @@ WORKLOADS = {
     # 512, top-2; experts and routers on flattened rows).
     "mixtral": Workload("mixtral", MixtralLogits, _tokens(16, 128, 1000), lambda x, y: 1.0 / y.numel(),
                         token_level=True),
+    # Not in BENCHMARKS.md: Llama 4's layout at the same size (4 experts of 512, top-1, a shared expert;
+    # every token through every expert).
+    "llama4": Workload("llama4", Llama4Logits, _tokens(16, 128, 1000), lambda x, y: 1.0 / y.numel(),
+                       token_level=True),
     # Not in BENCHMARKS.md: recurrent language models (2 layers of 256, batch 16 x 64 tokens).
     "lstm": Workload("lstm", LSTMModel, _tokens(16, 64, 1000), lambda x, y: 1.0 / y.numel(), token_level=True),
     "gru": Workload("gru", lambda: LSTMModel(cell=nn.GRU), _tokens(16, 64, 1000), lambda x, y: 1.0 / y.numel(),
