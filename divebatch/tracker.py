@@ -27,6 +27,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._norms import squared_norm
@@ -493,7 +494,8 @@ class GradNormTracker:
                               if isinstance(x, torch.Tensor) and x.dim() > 0), None)
                 recorder = DirectUseRecorder(owner.tracked, first)
                 recorder.__enter__()
-            owner.pre_states.append(([inner.forward_calls for inner in owner.descendants], recorder))
+            owner.pre_states.append(([inner.forward_calls for inner in owner.descendants], recorder,
+                                     _parametrization_state(module)))
         else:
             owner.pre_states.append(owner.rule.before_forward(module, args, kwargs) if capturing else None)
         return None
@@ -504,9 +506,16 @@ class GradNormTracker:
         pre_state = owner.pre_states.pop() if owner.pre_states else None
         recorder = None
         if owner.rule is GENERIC and pre_state is not None:
-            pre_state, recorder = pre_state
+            pre_state, recorder, parametrization_state = pre_state
             if recorder is not None:
                 self._exit_recorder(recorder)
+            if parametrization_state and any(b._version != v for b, v in parametrization_state):
+                raise ValueError(
+                    f"module '{owner.name}' ({type(module).__name__}): a parametrization of its "
+                    f"{', '.join(repr(n) for n in module.parametrizations)} changed its buffers during the forward "
+                    "(e.g. spectral_norm's power iteration in training mode). Its per-sample gradients come from "
+                    "replaying the forward, which must compute the same tensor again: put the parametrization in "
+                    "eval mode (module.parametrizations.<name>.eval() keeps its current estimate), or freeze it")
         if owner.skip_hooks:
             owner.skip_hooks -= 1
             return None
@@ -1024,6 +1033,14 @@ def _relative_name(parent: str, name: str) -> str:
     return name[len(parent) + 1:] if parent else name
 
 
+def _parametrization_state(module: nn.Module) -> list[tuple[torch.Tensor, int]] | None:
+    """``(buffer, version)`` of each buffer of ``module``'s parametrizations, or None: a forward that
+    changes one computes a tensor that no replay computes again."""
+    if not parametrize.is_parametrized(module):
+        return None
+    return [(b, b._version) for b in module.parametrizations.buffers()]
+
+
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
@@ -1050,6 +1067,16 @@ def _assign_owners(model: nn.Module) -> tuple[list[_Owner], list[TiedEmbeddingLi
         # `self.decoder.bias = self.bias`) is the submodule's: it is the one that uses it.
         below = {id(p) for child in module.children() for p in child.parameters()}
         own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad and id(p) not in below}
+        if parametrize.is_parametrized(module):
+            # weight_norm, orthogonal, a user's parametrization: the module uses g(original), which
+            # its ParametrizationList computes on each access (no batched input of its own). The
+            # originals are the module's; the generic route replays its forward per sample, which
+            # computes g again (the tracker refuses a g that changes state, spectral_norm's power
+            # iteration in training mode: see _on_forward).
+            visited.update(id(m) for m in module.parametrizations.modules())
+            own.update({f"parametrizations.{n}": p for n, p in module.parametrizations.named_parameters()
+                        if p.requires_grad})
+            rule = None  # the generic route below
         if rule is not None:
             if own:
                 owners.append(_Owner(name, module, rule, own))

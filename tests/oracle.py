@@ -49,7 +49,7 @@ def per_sample_grads(model, loss_fn, inputs, targets, batch_dim=0):
 def reference_norms(model, loss_fn, inputs, targets, batch_dim=0):
     """(per_sample [B], per_param {name: [B]}, batch_grad_sq scalar), float64."""
     grads = per_sample_grads(model, loss_fn, inputs, targets, batch_dim)
-    per_param = {n: g.double().flatten(1).square().sum(1) for n, g in grads.items()}
+    per_param = {n: g.double().reshape(g.shape[0], -1).square().sum(1) for n, g in grads.items()}  # (0-d params too)
     per_sample = sum(per_param.values())
     batch = sum(g.double().sum(0).square().sum() for g in grads.values())
     return per_sample, per_param, batch

@@ -239,6 +239,37 @@ class TensordotLike(MatmulLike):
         return torch.tensordot(x, self.weight, dims=([2], [0])) * self.gain
 
 
+class FunctionsOfParameters(nn.Module):
+    """Elementwise functions of parameters broadcast over the samples (Mamba's ``-exp(A_log)``, a
+    softplus scale, a sigmoid gate, a squared gain, a log and a sqrt): each reaches its parameter
+    times the function's derivative, with no replay."""
+
+    def __init__(self, d=5):
+        super().__init__()
+        self.log_decay = nn.Parameter(torch.randn(d, 1) * 0.3)
+        self.raw_scale = nn.Parameter(torch.randn(d))
+        self.gate = nn.Parameter(torch.randn(d))
+        self.gain = nn.Parameter(torch.randn(d))
+        self.positive = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):  # x: [B, T, d]
+        decay = -torch.exp(self.log_decay.float())  # [d, 1]
+        h = x * decay[None, None, :, 0] + F.softplus(self.raw_scale, beta=2.0) * torch.tanh(x)
+        h = h * torch.sigmoid(self.gate) + self.gain.square()
+        return h * torch.log(self.positive) + torch.sqrt(self.positive)
+
+
+class FunctionInProduct(nn.Module):
+    """A function of a weight matrix in a product (``x @ tanh(W)``): not read, replayed."""
+
+    def __init__(self, d=5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d, d))
+
+    def forward(self, x):
+        return x @ torch.tanh(self.weight)
+
+
 class Raising(nn.Module):
     def __init__(self):
         super().__init__()
@@ -257,7 +288,10 @@ class Raising(nn.Module):
     (MatmulLike, (3, 4, 5), "generic (row uses)"),
     (EinsumLike, (3, 4, 5), "generic (row uses)"),
     (TensordotLike, (3, 4, 5), "generic (vmap vjp)"),
-], ids=["root-tokens", "signed", "functional-layer-norm", "product", "einsum", "replayed"])
+    (FunctionsOfParameters, (3, 4, 5), "generic (broadcast uses)"),
+    (FunctionInProduct, (3, 4, 5), "generic (vmap vjp)"),
+], ids=["root-tokens", "signed", "functional-layer-norm", "product", "einsum", "replayed", "functions-of-parameters",
+        "function-in-product"])
 def test_broadcast_uses_match_torch_func(make, shape, route, fused):
     torch.manual_seed(0)
     model, x = make(), torch.randn(*shape)

@@ -438,7 +438,8 @@ class ExpertUses:
         if entry is not None and entry[0] is x:
             return entry[1]
         alias = aliases.get(id(x))
-        if alias is not None and alias[1] is x and x.shape == self.shapes[alias[0]]:
+        if (alias is not None and alias[1] is x and x.shape == self.shapes[alias[0]]
+                and not isinstance(alias[2], torch.Tensor)):  # (a function of the weight: replayed)
             return _Weight(alias[0], None, False, alias[2])
         return None
 

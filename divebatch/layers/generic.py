@@ -99,6 +99,9 @@ class DirectUse:
     out_shape: torch.Size
     param_shape: torch.Size   # the operand's shape: the parameter's, or a view of it with singleton dims
     sink: Any = None
+    # For an operand that is an elementwise function of the parameter (``-exp(A_log)``, Mamba's):
+    # the derivative, in the parameter's shape, that each per-sample gradient is multiplied by.
+    factor: torch.Tensor | None = None
 
 
 _DIRECT_KINDS = {
@@ -116,6 +119,23 @@ _ALIAS_OPS = {
     torch.Tensor.unsqueeze, torch.unsqueeze, torch.Tensor.squeeze, torch.squeeze, torch.Tensor.__getitem__,
     torch.Tensor.to, torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.double,
     torch.Tensor.type_as, torch.Tensor.type,
+}
+
+
+def _softplus_derivative(x, y, beta=1.0, threshold=20.0):
+    return torch.where(x * beta > threshold, torch.ones_like(x), torch.sigmoid(x * beta))
+
+
+# Elementwise functions of a parameter (``A = -torch.exp(self.A_log)``): their result is treated as
+# the parameter with a factor, the function's derivative at it, given by (input, output, *numbers).
+_DERIVATIVES = {
+    **dict.fromkeys((torch.exp, torch.Tensor.exp), lambda x, y: y),
+    **dict.fromkeys((torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid), lambda x, y: y * (1 - y)),
+    **dict.fromkeys((torch.tanh, torch.Tensor.tanh, F.tanh), lambda x, y: 1 - y * y),
+    **dict.fromkeys((torch.sqrt, torch.Tensor.sqrt), lambda x, y: 0.5 / y),
+    **dict.fromkeys((torch.log, torch.Tensor.log), lambda x, y: 1 / x),
+    **dict.fromkeys((torch.square, torch.Tensor.square), lambda x, y: 2 * x),
+    F.softplus: _softplus_derivative,
 }
 
 
@@ -187,8 +207,11 @@ class DirectUseRecorder(TorchFunctionMode):
     def __init__(self, params: dict[str, torch.Tensor], first_input: torch.Tensor | None = None):
         super().__init__()
         # id -> (name, tensor, scale): the parameters, and tensors derived from one of them as
-        # ``scale * p + constant`` (views, dtype casts, ``1.0 + p``, ``-p``, ``p / 2``).
+        # ``scale * p + constant`` (views, dtype casts, ``1.0 + p``, ``-p``, ``p / 2``), or as an
+        # elementwise function of it (``-exp(p)``: ``scale`` is then the derivative, a tensor of
+        # the parameter's shape).
         self.params = {id(p): (name, p, 1.0) for name, p in params.items()}
+        self.shapes = {name: p.shape for name, p in params.items()}
         self.uses: list[DirectUse] | None = []
         # Own weights applied to rows (experts, routers, ``x @ self.weight``): only for a module
         # with a matrix or a stack of them, followed from the rows of its first input.
@@ -239,6 +262,8 @@ class DirectUseRecorder(TorchFunctionMode):
             return out
         if not kwargs and len(hits) == 1 and self._affine_alias(func, args, hits[0], out):
             return out
+        if func in _DERIVATIVES and hits == [0] and self._function_alias(func, args, kwargs, out):
+            return out
         kind = _DIRECT_KINDS.get(func)
         binary = kind in ("add", "sub", "rsub", "mul") and len(args) == 2
         if (kind is None or kwargs or len(hits) != 1 or not isinstance(out, torch.Tensor) or not out.requires_grad
@@ -257,8 +282,9 @@ class DirectUseRecorder(TorchFunctionMode):
         if isinstance(other, torch.Tensor):
             other = other.detach()
         name, _, scale = self.params[id(operand)]
-        self._add(DirectUse(name, kind, sign * scale, other, out.shape,
-                            operand.shape if operand_shape is None else operand_shape), out)
+        factor = scale if isinstance(scale, torch.Tensor) else None
+        self._add(DirectUse(name, kind, sign * (1.0 if factor is not None else scale), other, out.shape,
+                            operand.shape if operand_shape is None else operand_shape, factor=factor), out)
 
     def _record_rows(self, weight, product, out) -> None:
         """Record a product of an own weight with labelled rows (``experts.RowProduct``)."""
@@ -313,6 +339,22 @@ class DirectUseRecorder(TorchFunctionMode):
             return False
         name, _, scale = self.params[id(args[index])]
         self.params[id(out)] = (name, out, scale * factor)
+        return True
+
+    def _function_alias(self, func, args, kwargs, out) -> bool:
+        """Register ``out = f(p)`` for an elementwise ``f`` of ``_DERIVATIVES`` (numbers as its other
+        arguments) as derived from the parameter: its gradient reaches ``p`` times ``f'(p)``."""
+        x = args[0]
+        numbers = list(args[1:]) + list(kwargs.values())
+        if (any(isinstance(a, bool) or not isinstance(a, (int, float)) for a in numbers)
+                or not isinstance(out, torch.Tensor) or out.shape != x.shape or not out.requires_grad):
+            return False
+        name, _, scale = self.params[id(x)]
+        try:
+            derivative = _DERIVATIVES[func](x.detach().float(), out.detach().float(), *args[1:], **kwargs)
+        except TypeError:
+            return False  # an argument this derivative does not take
+        self.params[id(out)] = (name, out, scale * derivative.reshape(self.shapes[name]))
         return True
 
     def _normalisation(self, func, args, kwargs):
@@ -422,13 +464,14 @@ def _direct_per_sample(uses: list[DirectUse], grads, tracked, batch_size: int,
         contrib = g.float() * use.sign
         if use.kind == "embedding":
             per_sample = _lookup_per_sample(use, contrib, batch_size)
-            total[use.name] = per_sample if use.name not in total else total[use.name] + per_sample
-            continue
-        if use.kind == "mul":
-            contrib = contrib * (use.other.float() if isinstance(use.other, torch.Tensor) else use.other)
-        pad = len(use.out_shape) - len(use.param_shape)
-        target = (batch_size,) + ((1,) * pad + tuple(use.param_shape))[1:]
-        per_sample = contrib.sum_to_size(target).reshape(batch_size, *tracked[use.name].shape)
+        else:
+            if use.kind == "mul":
+                contrib = contrib * (use.other.float() if isinstance(use.other, torch.Tensor) else use.other)
+            pad = len(use.out_shape) - len(use.param_shape)
+            target = (batch_size,) + ((1,) * pad + tuple(use.param_shape))[1:]
+            per_sample = contrib.sum_to_size(target).reshape(batch_size, *tracked[use.name].shape)
+        if use.factor is not None:
+            per_sample = per_sample * use.factor
         total[use.name] = per_sample if use.name not in total else total[use.name] + per_sample
     count = batch_size if samples is None else samples.stop - samples.start
     for name, p in tracked.items():
