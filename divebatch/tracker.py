@@ -448,6 +448,7 @@ class GradNormTracker:
         if ((kwargs and not getattr(rule, "fused_kwargs", False)) or not isinstance(x, torch.Tensor)
                 or capture_suspended() or not torch.is_grad_enabled()
                 or _inside_functorch() or torch.is_autocast_enabled(x.device.type)
+                or (x.dim() > 1 and x.shape[0] == 1 and self._last_batch > 1)  # shared: see _on_forward
                 or not rule.fuse_call(module, x)):
             # Not fusable here: the module's own forward, with the hook path capturing.
             return type(module).forward(module, *args, **kwargs)
@@ -588,10 +589,11 @@ class GradNormTracker:
             else:
                 base.register_hook(partial(self._on_base_grad, call, i, t.shape))
         if n_grads == 1 and self._last_batch != 1 and (
-                (batch_size == 1 and (isinstance(owner.rule, EmbeddingRule) or owner.rule is GENERIC))
+                (batch_size == 1 and (isinstance(owner.rule, (EmbeddingRule, LinearRule)) or owner.rule is GENERIC))
                 or (isinstance(owner.rule, EmbeddingRule) and 1 < self._last_batch != batch_size)):
             # Looked up once for all samples: [1, T] ids, or ids with no batch dim (their first dim
-            # differs from the batch of the calls before it).
+            # differs from the batch of the calls before it); or a Linear given a [1, K, d] input
+            # shared by the samples (DeBERTa's relative position embeddings).
             self._watch_shared_output(call, leaves[0])
         else:
             self._last_batch = batch_size
@@ -627,12 +629,13 @@ class GradNormTracker:
 
     def _watch_shared_output(self, call: _Call, output: torch.Tensor) -> None:
         """An Embedding looked up once for all samples (``[1, T]`` position ids, GPT-2's and BART's
-        default) while the forward has ``B`` samples: its output is broadcast over them later, and
+        default), or a Linear given a ``[1, K, d]`` input shared by the samples (DeBERTa's relative
+        position embeddings), while the forward has ``B`` samples: its output is broadcast over them later, and
         autograd sums the samples' parts before its own output grad. A watcher follows the output
         to the end of the tracked model's forward, hooking the ops that broadcast it; where they
         account for the whole output grad, the call takes the per-sample grads (an Embedding's
-        indices expanded to B rows; a generic-route module replays each sample with its own output
-        grad). Not where every call so far had one sample (batches of 1 need none of this)."""
+        indices, a Linear's input expanded to B rows; a generic-route module replays each sample with
+        its own output grad). Not where every call so far had one sample (batches of 1 need none of this)."""
         if output.dim() < 2 or _called_from_compiled_code():
             return
         call.watcher = SharedOutputWatcher(output)
@@ -681,6 +684,8 @@ class GradNormTracker:
                 ctx.indices = ctx.indices.expand(B, *ctx.indices.shape[1:])
             else:  # looked up with no batch dim at all (T5's [q, k] relative positions)
                 ctx.indices = ctx.indices.unsqueeze(0).expand(B, *ctx.indices.shape)
+        elif batch_of_one and isinstance(ctx, torch.Tensor) and isinstance(call.owner.rule, LinearRule):
+            call.ctx = ctx.expand(B, *ctx.shape[1:])  # every sample's input (a view: no copy)
         elif batch_of_one:  # generic route: inputs without the B samples are shared by all in the replay
             ctx.in_dims = [d if d is not None and ctx.leaves[i].shape[d] == B else None for i, d in enumerate(ctx.in_dims)]
             ctx.batch_size = B
@@ -988,12 +993,13 @@ def _own_product(output: torch.Tensor, args: tuple) -> torch.Tensor | None:
     autograd then sends the gradient straight to the product. A hook on the product gets it
     always, as the gradient of the value the layer returned.
     """
-    base = output._base
-    if (base is None or base.numel() != output.numel() or base.grad_fn is None or output.grad_fn is None
-            or not output.grad_fn.next_functions or output.grad_fn.next_functions[0][0] is not base.grad_fn
-            or any(base is a for a in args)):
-        return None
-    return base
+    with torch._C.DisableTorchFunction():  # (a watcher following ``output`` must not see these reads)
+        base = output._base
+        if (base is None or base.numel() != output.numel() or base.grad_fn is None or output.grad_fn is None
+                or not output.grad_fn.next_functions or output.grad_fn.next_functions[0][0] is not base.grad_fn
+                or any(base is a for a in args)):
+            return None
+        return base
 
 
 def _inside_functorch() -> bool:

@@ -24,7 +24,8 @@ def per_sample_grads(model, loss_fn, inputs, targets, batch_dim=0):
         return vmap(grad(one), in_dims=(None, batch_dim, 0))(params, inputs, targets)
     except RuntimeError as err:
         if not any(s in str(err) for s in ("dynamic shape", "data-dependent", "functorch transforms",
-                                            "doesn't have storage")):  # (``.tolist()`` under vmap)
+                                            "doesn't have storage",  # (``.tolist()`` under vmap)
+                                            "in-place operation")):  # (a captured tensor mutated)
             raise
     # Data-dependent shapes or control flow (a mixture of experts gathering each expert's tokens,
     # GPT-2's mask code) have no batching rule: the same gradients one sample at a time, with
@@ -34,7 +35,7 @@ def per_sample_grads(model, loss_fn, inputs, targets, batch_dim=0):
     try:
         rows = [grad(one)(params, inputs.select(batch_dim, b), targets[b]) for b in samples]
     except RuntimeError as err:
-        if "functorch transforms" not in str(err):
+        if "functorch transforms" not in str(err) and "in-place operation" not in str(err):
             raise
         names = list(params)
         live = [dict(model.named_parameters())[n] for n in names]

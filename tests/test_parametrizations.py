@@ -95,29 +95,3 @@ def test_tracking_leaves_the_parametrized_forward_unchanged():
         out = model(x)
         sample_loss(out, torch.zeros_like(out)).backward()
     assert torch.equal(out, expected)
-
-
-def test_hugging_face_wav2vec2_matches_torch_func():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.Wav2Vec2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                         intermediate_size=24, conv_dim=(8, 8), conv_stride=(5, 2),
-                                         conv_kernel=(10, 3), num_conv_pos_embeddings=4,
-                                         num_conv_pos_embedding_groups=2, vocab_size=12, final_dropout=0.0,
-                                         hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-                                         feat_proj_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0)
-    torch.manual_seed(0)
-    net = transformers.Wav2Vec2ForCTC(config).train()
-
-    class Logits(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            return self.net(input_values=x).logits
-
-    model, x = Logits(), torch.randn(3, 400)
-    with torch.no_grad():
-        y = torch.randn_like(model(x))
-    routes = tracked_and_checked(model, sample_loss, x, y, fused=True)
-    assert routes["net.wav2vec2.encoder.pos_conv_embed.conv"] == "generic (vmap vjp)"

@@ -122,6 +122,21 @@ _ALIAS_OPS = {
 }
 
 
+# Products a shared output may meet broadcast over the samples (see SharedOutputWatcher._product).
+_MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
+
+
+def _out_of_place(func):
+    """``func``, or the out-of-place op of an in-place tensor method (``div_`` -> ``div``,
+    ``__itruediv__`` -> ``__truediv__``); None for an in-place op without one."""
+    name = getattr(func, "__name__", "")
+    if name.startswith("__i") and name.endswith("__") and name[3:-2]:
+        return getattr(torch.Tensor, f"__{name[3:-2]}__", None)
+    if name.endswith("_") and not name.endswith("__") and getattr(torch.Tensor, name, None) is func:
+        return getattr(torch.Tensor, name[:-1], None)
+    return func
+
+
 def _softplus_derivative(x, y, beta=1.0, threshold=20.0):
     return torch.where(x * beta > threshold, torch.ones_like(x), torch.sigmoid(x * beta))
 
@@ -810,10 +825,15 @@ class SharedOutputWatcher(TorchFunctionMode):
         if (not hits and not inside) or self.unknown_use or not _carries_grad(out):
             return out
         if (len(hits) == 1 and not inside and isinstance(out, torch.Tensor) and self._still_shared(func, args, kwargs, out)
-                and len(self.aliases[id(args[hits[0]])][1]) < _MAX_CHAIN):
+                and len(self.aliases[id(args[hits[0]])][1]) < _MAX_CHAIN and _out_of_place(func) is not None):
             template = tuple(_HOLE if i == hits[0] else a for i, a in enumerate(args))
-            chain = self.aliases[id(args[hits[0]])][1] + ((func, template, kwargs),)
+            # (replayed out of place: ``pos /= scale`` on the alias is ``pos / scale`` in the vjp)
+            chain = self.aliases[id(args[hits[0]])][1] + ((_out_of_place(func), template, kwargs),)
             self.aliases[id(out)] = (out, chain)
+            return out
+        if func is torch.Tensor.repeat and hits == [0] and not inside and self._repeat(args, kwargs, out):
+            return out
+        if func in _MATMULS and len(hits) == 1 and len(args) == 2 and not inside and self._product(args, hits[0], out):
             return out
         kind = _DIRECT_KINDS.get(func)
         sign = _IN_PLACE_SIGNS.get(func)
@@ -834,6 +854,53 @@ class SharedOutputWatcher(TorchFunctionMode):
         out.register_hook(partial(self._collect, sign, factor, alias.shape, self.aliases[id(alias)][1]))
         self.broadcasts += 1
         return out
+
+    def _repeat(self, args, kwargs, out) -> bool:
+        """``alias.repeat(B, 1, ...)``: B copies along its first dim, copy ``b`` for sample ``b``
+        (DeBERTa's relative-position projections, ``[H, 2k, dh]`` repeated to meet the ``[B*H, T, dh]``
+        queries). Its output grad, viewed ``[B, *alias.shape]``, is each sample's grad of the alias."""
+        alias = args[0]
+        repeats = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)) else args[1:]
+        if (kwargs or not isinstance(out, torch.Tensor) or len(repeats) != alias.dim()
+                or any(isinstance(r, bool) or not isinstance(r, int) for r in repeats)
+                or repeats[0] < 2 or any(r != 1 for r in repeats[1:])):
+            return False
+        if self.batch_size is None:
+            self.batch_size = repeats[0]
+        if repeats[0] != self.batch_size:
+            return False
+        out.register_hook(partial(self._collect_copies, alias.shape, self.aliases[id(alias)][1]))
+        self.broadcasts += 1
+        return True
+
+    def _product(self, args, position: int, out) -> bool:
+        """``x @ alias`` or ``alias @ x`` with ``x [B, ..., m, k]`` and the alias ``[1, ..., k, n]``
+        broadcast over the samples (a Conformer's or DeBERTa's projected relative positions against
+        the queries): sample ``b``'s grad of the alias is ``x[b]^T @ grad[b]`` (or ``grad[b] @ x[b]^T``)."""
+        alias, other = args[position], args[1 - position]
+        if (not isinstance(other, torch.Tensor) or not isinstance(out, torch.Tensor) or alias.dim() < 3
+                or other.dim() != alias.dim() or alias.shape[0] != 1 or other.shape[0] < 2):
+            return False
+        if self.batch_size is None:
+            self.batch_size = other.shape[0]
+        if other.shape[0] != self.batch_size:
+            return False
+        out.register_hook(partial(self._collect_product, position, other.detach(), alias.shape,
+                                  self.aliases[id(alias)][1]))
+        self.broadcasts += 1
+        return True
+
+    def _collect_product(self, position, other, alias_shape, chain, grad: torch.Tensor) -> None:
+        other = other.float()
+        g = grad.float()
+        alias_grad = other.transpose(-2, -1) @ g if position == 1 else g @ other.transpose(-2, -1)
+        self._collect(1.0, None, alias_shape, chain, alias_grad)
+
+    def _collect_copies(self, alias_shape, chain, grad: torch.Tensor) -> None:
+        part = grad.float().reshape(self.batch_size, *alias_shape)  # [B, *alias.shape]
+        if chain:
+            part = vmap(partial(self._pull_back, chain, batch_of_one=False))(part)
+        self.per_sample = part if self.per_sample is None else self.per_sample + part
 
     def _is_alias(self, x) -> bool:
         entry = self.aliases.get(id(x)) if isinstance(x, torch.Tensor) else None
@@ -884,15 +951,16 @@ class SharedOutputWatcher(TorchFunctionMode):
             part = part.unsqueeze(1)  # the output itself, [1, ...]: sample b's grad is row b
         self.per_sample = part if self.per_sample is None else self.per_sample + part
 
-    def _pull_back(self, chain, alias_grad: torch.Tensor) -> torch.Tensor:
-        """One sample's grad of the output, from its grad of the rearranged output."""
+    def _pull_back(self, chain, alias_grad: torch.Tensor, batch_of_one: bool = True) -> torch.Tensor:
+        """One sample's grad of the output, from its grad of the rearranged output (without the
+        alias's leading dim of 1 where ``batch_of_one``)."""
         def rearrange(y):
             for func, template, kwargs in chain:
                 y = func(*(y if a is _HOLE else a for a in template), **kwargs)
             return y
 
         _, pull = vjp(rearrange, self.output.detach().float())
-        return pull(alias_grad.unsqueeze(0))[0]
+        return pull(alias_grad.unsqueeze(0) if batch_of_one else alias_grad)[0]
 
     def complete(self, own_grad: torch.Tensor) -> bool:
         """Whether the recorded uses account for the module output's whole gradient ``own_grad``."""
