@@ -170,6 +170,8 @@ class RowLabels:
         if any(other.dim() > 1 for other in labelled):
             self._observe_blocks(func, args, kwargs, out, x, lab, len(tensors), labelled)
             return
+        if self._row_wise(func, args, kwargs, out, x, lab, len(tensors), labelled):
+            return
         if func in _GATHERS:
             if lab is not None:
                 self._gather(func, x, args[1:], kwargs, lab, out)
@@ -178,19 +180,6 @@ class RowLabels:
             if (lab is not None and isinstance(repeats, int) and _is_rows_dim(_dim_arg(args, kwargs, 2), x.dim())
                     and isinstance(out, torch.Tensor)):
                 self.set(out, lab.repeat_interleave(repeats))
-        elif func in _ELEMENTWISE_UNARY:
-            if lab is not None and len(labelled) == 1 and (func in (torch.Tensor.type_as, torch.Tensor.to)
-                                                          or len(tensors) == 1):
-                self._keep(out, x, lab)
-        elif func in _ALONG_DIM:
-            dim = _dim_arg(args, kwargs, *_ALONG_DIM[func])
-            if lab is not None and len(tensors) == 1 and isinstance(dim, int) and not _is_rows_dim(dim, x.dim()):
-                self._keep(out, x, lab)
-        elif func in _ELEMENTWISE_BINARY:
-            first = labelled[0]
-            if self._row_wise_operands(args, kwargs, first):
-                ref = next(a for a in args if self.of(a) is first)
-                self._keep(out, ref, first)
         elif func in _RESHAPES:
             if lab is not None and isinstance(out, torch.Tensor) and out.dim() > 0 and x.dim() > 0:
                 if out.shape[0] == x.shape[0]:
@@ -204,11 +193,8 @@ class RowLabels:
             if lab is not None and isinstance(out, torch.Tensor) and _keeps_first_dim(func, args, kwargs, x.dim()):
                 self.set(out, lab)
         elif func in _SPLITS:
-            position = 1 if func in (torch.Tensor.unbind, torch.unbind) else 2
-            if lab is not None and not _is_rows_dim(_dim_arg(args, kwargs, position, 0), x.dim()):
-                for piece in out:
-                    self._keep(piece, x, lab)
-            elif lab is not None and func not in (torch.Tensor.unbind, torch.unbind):
+            if lab is not None and not self._split_along_later_dim(func, args, kwargs, out, x, lab) \
+                    and func not in (torch.Tensor.unbind, torch.unbind):
                 self._split_rows(func, x, args, kwargs, lab, out)
         elif func in _FOREIGN_PRODUCTS:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
@@ -221,6 +207,22 @@ class RowLabels:
         run through every expert as one batch, as Llama 4's experts): only ops that keep both
         leading dims (elementwise ops, ops and splits along a later dim), and the reshape back to
         rows. Anything else gives no labels."""
+        if self._row_wise(func, args, kwargs, out, x, lab, n_tensors, labelled):
+            return
+        if func in _SPLITS:
+            if lab is not None:
+                self._split_along_later_dim(func, args, kwargs, out, x, lab)
+        elif func in _RESHAPES and func not in (torch.Tensor.expand, torch.Tensor.expand_as):
+            if lab is not None and isinstance(out, torch.Tensor):
+                if out.dim() >= lab.dim() and out.shape[:lab.dim()] == x.shape[:lab.dim()]:
+                    self.set(out, lab)
+                elif out.dim() >= 1 and out.shape[0] == lab.numel() and out.shape[1:] == x.shape[lab.dim():]:
+                    self.set(out, lab.reshape(-1))  # the blocks' rows merged back
+
+    def _row_wise(self, func, args, kwargs, out, x, lab, n_tensors, labelled) -> bool:
+        """Whether ``func`` is an op that leaves every row (every expert block's row, for ``[E, M]``
+        labels) where it is: an elementwise op, or one along a dim after the labelled ones. Its
+        output gets the labels where its operands allow."""
         if func in _ELEMENTWISE_UNARY:
             if lab is not None and len(labelled) == 1 and (func in (torch.Tensor.type_as, torch.Tensor.to)
                                                           or n_tensors == 1):
@@ -234,18 +236,19 @@ class RowLabels:
             if self._row_wise_operands(args, kwargs, first):
                 ref = next(a for a in args if self.of(a) is first)
                 self._keep(out, ref, first)
-        elif func in _SPLITS:
-            position = 1 if func in (torch.Tensor.unbind, torch.unbind) else 2
-            dim = _dim_arg(args, kwargs, position, 0)
-            if lab is not None and isinstance(dim, int) and dim % x.dim() >= lab.dim():
-                for piece in out:
-                    self._keep(piece, x, lab)
-        elif func in _RESHAPES and func not in (torch.Tensor.expand, torch.Tensor.expand_as):
-            if lab is not None and isinstance(out, torch.Tensor):
-                if out.dim() >= lab.dim() and out.shape[:lab.dim()] == x.shape[:lab.dim()]:
-                    self.set(out, lab)
-                elif out.dim() >= 1 and out.shape[0] == lab.numel() and out.shape[1:] == x.shape[lab.dim():]:
-                    self.set(out, lab.reshape(-1))  # the blocks' rows merged back
+        else:
+            return False
+        return True
+
+    def _split_along_later_dim(self, func, args, kwargs, out, x, lab) -> bool:
+        """Pieces of a split along a dim after the labelled ones keep the labels; False for a split
+        along a labelled dim."""
+        dim = _dim_arg(args, kwargs, 1 if func in (torch.Tensor.unbind, torch.unbind) else 2, 0)
+        if not isinstance(dim, int) or dim % x.dim() < lab.dim():
+            return False
+        for piece in out:
+            self._keep(piece, x, lab)
+        return True
 
     def _split_rows(self, func, x, args, kwargs, lab, out) -> None:
         """Pieces of a split along the rows (JetMoE's experts: ``rows.split(expert_size)``): the same
