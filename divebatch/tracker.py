@@ -593,7 +593,7 @@ class GradNormTracker:
                 or (isinstance(owner.rule, EmbeddingRule) and 1 < self._last_batch != batch_size)):
             # Looked up once for all samples: [1, T] ids, or ids with no batch dim (their first dim
             # differs from the batch of the calls before it); or a Linear given a [1, K, d] input
-            # shared by the samples (DeBERTa's relative position embeddings).
+            # shared by the samples (a Conformer's relative positions).
             self._watch_shared_output(call, leaves[0])
         else:
             self._last_batch = batch_size
@@ -629,8 +629,8 @@ class GradNormTracker:
 
     def _watch_shared_output(self, call: _Call, output: torch.Tensor) -> None:
         """An Embedding looked up once for all samples (``[1, T]`` position ids, GPT-2's and BART's
-        default), or a Linear given a ``[1, K, d]`` input shared by the samples (DeBERTa's relative
-        position embeddings), while the forward has ``B`` samples: its output is broadcast over them later, and
+        default), or a Linear given a ``[1, K, d]`` input shared by the samples (a Conformer's
+        relative position embeddings), while the forward has ``B`` samples: its output is broadcast over them later, and
         autograd sums the samples' parts before its own output grad. A watcher follows the output
         to the end of the tracked model's forward, hooking the ops that broadcast it; where they
         account for the whole output grad, the call takes the per-sample grads (an Embedding's
