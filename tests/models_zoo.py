@@ -294,6 +294,16 @@ def experts_on_every_token():
                        torch.randn(3, 5, 4))
 
 
+def parametrized():
+    """Parametrized weights (``torch.nn.utils.parametrize``): weight_norm on a Linear over tokens,
+    then an orthogonal square Linear (the generic route with the originals)."""
+    from torch.nn.utils import parametrizations
+
+    return _regression(nn.Sequential(nn.Linear(4, 6), parametrizations.weight_norm(nn.Linear(6, 5)), nn.Tanh(),
+                                     parametrizations.orthogonal(nn.Linear(5, 5)), nn.Linear(5, 2)),
+                       torch.randn(3, 4, 4))
+
+
 class RecurrentStack(nn.Module):
     """A bidirectional batch-first LSTM over a 2-layer seq-first LSTM with a given initial state
     (LSTMs only: torch.func, the reference, cannot vmap GRU's and RNN's forward)."""
@@ -327,5 +337,5 @@ ZOO = {f.__name__: f for f in [linear_2d, linear_3d, linear_4d, conv1d, conv2d, 
                               conv_transpose, embedding, embedding_no_pad,
                               norms, conv_norms_eval, batchnorm1d_eval, batchnorm3d_eval, attention_batch_first, attention_seq_first,
                               functional_norms, flattened_tokens, inplace_residuals, mixture_of_experts,
-                              experts_on_every_token, recurrent,
+                              experts_on_every_token, parametrized, recurrent,
                               custom_module, reused_module]}

@@ -464,7 +464,8 @@ def _assert_step_leaves_nothing(case, fused):
 
     def remember(module, args, output):
         for t in (*args, output):
-            if isinstance(t, torch.Tensor):
+            # (a parametrization's inputs are the model's parameters: they live as long as it does)
+            if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):
                 seen.append(weakref.ref(t))
         if isinstance(output, torch.Tensor) and output.requires_grad:
             output.register_hook(remember_grad)
