@@ -897,10 +897,7 @@ class SharedOutputWatcher(TorchFunctionMode):
         self._collect(1.0, None, alias_shape, chain, alias_grad)
 
     def _collect_copies(self, alias_shape, chain, grad: torch.Tensor) -> None:
-        part = grad.float().reshape(self.batch_size, *alias_shape)  # [B, *alias.shape]
-        if chain:
-            part = vmap(partial(self._pull_back, chain, batch_of_one=False))(part)
-        self.per_sample = part if self.per_sample is None else self.per_sample + part
+        self._accumulate(grad.float().reshape(self.batch_size, *alias_shape), chain, batch_of_one=False)
 
     def _is_alias(self, x) -> bool:
         entry = self.aliases.get(id(x)) if isinstance(x, torch.Tensor) else None
@@ -945,9 +942,14 @@ class SharedOutputWatcher(TorchFunctionMode):
         if factor is not None:
             g = g * factor.float()
         part = g.sum_to_size((self.batch_size, *alias_shape[1:]))  # [B, ...]: sample b's grad of the alias
+        self._accumulate(part, chain, batch_of_one=True)
+
+    def _accumulate(self, part: torch.Tensor, chain, batch_of_one: bool) -> None:
+        """Add each sample's grad of an alias (``part [B, ...]``, without the alias's leading dim of 1
+        where ``batch_of_one``), taken back through ``chain`` to the output, to ``per_sample``."""
         if chain:
-            part = vmap(partial(self._pull_back, chain))(part)
-        else:
+            part = vmap(partial(self._pull_back, chain, batch_of_one=batch_of_one))(part)
+        elif batch_of_one:
             part = part.unsqueeze(1)  # the output itself, [1, ...]: sample b's grad is row b
         self.per_sample = part if self.per_sample is None else self.per_sample + part
 
