@@ -52,7 +52,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .base import PerSampleGradsRule, RoutePlan, RuleError, per_sample_sq, suspend_capture
-from .experts import ExpertUses, rows_grad_sum, rows_norms, rows_per_sample
+from .experts import _MATMULS, ExpertUses, rows_grad_sum, rows_norms, rows_per_sample
 from .routes import MAX_EXTRA_BYTES
 
 
@@ -120,10 +120,6 @@ _ALIAS_OPS = {
     torch.Tensor.to, torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.double,
     torch.Tensor.type_as, torch.Tensor.type,
 }
-
-
-# Products a shared output may meet broadcast over the samples (see SharedOutputWatcher._product).
-_MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
 
 
 def _out_of_place(func):
