@@ -58,9 +58,11 @@ EXTRA = {"deepseek_v2": {**_DEEPSEEK, **_LATENT}, "deepseek_v3": {**_DEEPSEEK, *
 
 def tiny_model(name: str) -> nn.Module:
     config = transformers.AutoConfig.for_model(name)
-    for key, value in {**TINY, **EXTRA.get(name, {})}.items():
+    for key, value in TINY.items():
         if hasattr(config, key):
             setattr(config, key, value)
+    for key, value in EXTRA.get(name, {}).items():  # set even where the config class has no default (DeBERTa's)
+        setattr(config, key, value)
     auto = (transformers.AutoModelForSeq2SeqLM if name in SEQ2SEQ else
             transformers.AutoModelForMaskedLM if name in MASKED else transformers.AutoModelForCausalLM)
     return auto.from_config(config).train()

@@ -115,6 +115,7 @@ class _Call:
     pending: int
     fused: bool = False
     watcher: SharedOutputWatcher | None = None  # an output shared by all samples, see _watch_shared_output
+    unbatched: bool = False  # input (or table) shared by the samples, without a batch dim: see _on_table_read
 
 
 @dataclass
@@ -247,6 +248,10 @@ class GradNormTracker:
         self._last_plans: dict[str, RoutePlan] = {}
         self._error: Exception | None = None
         self._watchers: list[SharedOutputWatcher] = []  # entered, not yet left (see _watch_shared_output)
+        # Embedding weights a tracked module may be called on directly (see _on_table_read).
+        self._tables = {id(owner.module.weight): owner for owner in self._owners
+                        if isinstance(owner.rule, EmbeddingRule) and owner.tie is None and not owner.aliases
+                        and owner.tracked.get("weight") is owner.module.weight}
         self._last_batch = 0  # the batch size of the last call captured that was not watched
         self._closed = False
         self._enabled = False
@@ -366,6 +371,9 @@ class GradNormTracker:
             if owner.fused:
                 owner.module.forward = partial(self._fused_call, owner)
             generic = owner.rule is GENERIC
+            if self._tables and owner.rule.rows_independent:
+                self._handles.append(owner.module.register_forward_pre_hook(
+                    partial(self._on_table_read, owner), prepend=True, with_kwargs=True))
             if owner.rule.rows_independent:
                 # First of the pre-hooks, so every other hook and the fused forward see [B, T, ...].
                 self._handles.append(owner.module.register_forward_pre_hook(
@@ -449,6 +457,7 @@ class GradNormTracker:
                 or capture_suspended() or not torch.is_grad_enabled()
                 or _inside_functorch() or torch.is_autocast_enabled(x.device.type)
                 or (x.dim() > 1 and x.shape[0] == 1 and self._last_batch > 1)  # shared: see _on_forward
+                or self._follows(x)  # a shared tensor without a batch dim (see _on_table_read)
                 or not rule.fuse_call(module, x)):
             # Not fusable here: the module's own forward, with the hook path capturing.
             return type(module).forward(module, *args, **kwargs)
@@ -588,16 +597,50 @@ class GradNormTracker:
                 t.register_hook(partial(self._on_output_grad, call, i))
             else:
                 base.register_hook(partial(self._on_base_grad, call, i, t.shape))
+        # A row-wise layer on a tensor shared by the samples without a batch dim (a normalised table,
+        # see _on_table_read): each of its rows is every sample's.
+        call.unbatched = (n_grads == 1 and owner.rule.rows_independent and isinstance(ctx, torch.Tensor)
+                          and bool(args) and self._follows(args[0]) and args[0].shape[0] != 1)
         if n_grads == 1 and self._last_batch != 1 and (
-                (batch_size == 1 and (isinstance(owner.rule, (EmbeddingRule, LinearRule)) or owner.rule is GENERIC))
+                call.unbatched
+                or (batch_size == 1 and (isinstance(owner.rule, (EmbeddingRule, LinearRule)) or owner.rule is GENERIC))
                 or (isinstance(owner.rule, EmbeddingRule) and 1 < self._last_batch != batch_size)):
             # Looked up once for all samples: [1, T] ids, or ids with no batch dim (their first dim
             # differs from the batch of the calls before it); or a Linear given a [1, K, d] input
             # shared by the samples (a Conformer's relative positions).
             self._watch_shared_output(call, leaves[0])
-        else:
+        elif not call.unbatched:
             self._last_batch = batch_size
         return separated
+
+    @torch.compiler.disable
+    def _on_table_read(self, owner: _Owner, module, args, kwargs):
+        """A row-wise layer called on a tracked Embedding's whole weight (DeBERTa normalises its
+        relative-position table, ``LayerNorm(rel_embeddings.weight)``, without calling the
+        Embedding): the read becomes a call of that Embedding on every index, with no batch dim
+        (T5's relative positions are looked up so), whose output is a view of the weight given to
+        the layer instead. Its output is shared by the samples: watched as any such output, the
+        layer's own output too (see _on_forward), each sample's grads of the table come from where
+        the samples meet it. Where every call had one sample, the whole grad is that sample's."""
+        x = args[0] if args else None
+        table = self._tables.get(id(x)) if isinstance(x, nn.Parameter) else None
+        if (table is None or table is owner or capture_suspended() or not torch.is_grad_enabled()
+                or _inside_functorch() or _called_from_compiled_code() or x.dim() != 2):
+            return None
+        rows = x.view_as(x)  # a node of this graph to hook (a hook on the weight would outlive the step)
+        # Every row as it is: no padding row, no scale (the weight is read, not looked up).
+        ctx = EmbeddingCall(torch.arange(x.shape[0], device=x.device), None, None)
+        call = _Call(table, ctx, x.shape[0], [None], 1, unbatched=True)
+        table.forward_calls += 1
+        rows.register_hook(partial(self._on_output_grad, call, 0))
+        # Watched even where every call so far had one sample: the layers called on the table learn
+        # from the watcher that their input is shared (_follows).
+        self._watch_shared_output(call, rows)
+        return (rows, *args[1:]), kwargs
+
+    def _follows(self, x) -> bool:
+        """Whether a watcher follows ``x`` as its output or a rearrangement of it (shared by the samples)."""
+        return any(watcher._is_alias(x) for watcher in self._watchers)
 
     def _generic_rows(self, ctx, args, kwargs):
         """A generic-route call whose first batched input is samples and tokens flattened into rows
@@ -671,12 +714,13 @@ class GradNormTracker:
                 return
             self._watchers.pop().__exit__(None, None, None)
 
-    @staticmethod
-    def _shared_output_grad(call: _Call, grad: torch.Tensor) -> torch.Tensor:
+    def _shared_output_grad(self, call: _Call, grad: torch.Tensor) -> torch.Tensor:
         """The per-sample grads of a shared output where its watcher saw every use, else ``grad``."""
         watcher, call.watcher = call.watcher, None
         if watcher.batch_size is None or not watcher.complete(grad):
-            return grad  # refused by the batch check, with its hint (or a batch of 1 everywhere)
+            # Refused by the batch check, with its hint (or a batch of 1 everywhere, where the whole
+            # grad is the sample's).
+            return self._one_sample(call, grad) if call.unbatched else grad
         B, ctx, per_sample = watcher.batch_size, call.ctx, watcher.per_sample  # [B, *output.shape]
         batch_of_one = grad.shape[0] == 1 and call.batch_size == 1  # a [1, T] lookup: its row 0 is every sample's
         if isinstance(ctx, EmbeddingCall):
@@ -689,10 +733,22 @@ class GradNormTracker:
         elif batch_of_one:  # generic route: inputs without the B samples are shared by all in the replay
             ctx.in_dims = [d if d is not None and ctx.leaves[i].shape[d] == B else None for i, d in enumerate(ctx.in_dims)]
             ctx.batch_size = B
+        elif call.unbatched and isinstance(ctx, torch.Tensor):  # a row-wise layer on a shared table
+            call.ctx = ctx.unsqueeze(0).expand(B, *ctx.shape)
         else:
             return grad
         call.batch_size = B
         return per_sample.squeeze(1) if batch_of_one else per_sample
+
+    @staticmethod
+    def _one_sample(call: _Call, grad: torch.Tensor) -> torch.Tensor:
+        """An unbatched call's grad where every call had one sample: that sample's."""
+        if isinstance(call.ctx, EmbeddingCall):
+            call.ctx.indices = call.ctx.indices.unsqueeze(0)
+        else:
+            call.ctx = call.ctx.unsqueeze(0)
+        call.batch_size = 1
+        return grad.unsqueeze(0)
 
     def _current_backward(self) -> _Backward:
         if self._backward is None:
@@ -710,6 +766,8 @@ class GradNormTracker:
         step = self._current_backward()
         if call.watcher is not None:
             grad = self._shared_output_grad(call, grad)
+        elif call.unbatched:  # not watched: every call had one sample
+            grad = self._one_sample(call, grad)
         call.grads[index] = grad.detach()
         call.pending -= 1
         owner = call.owner

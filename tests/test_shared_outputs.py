@@ -124,6 +124,64 @@ def test_shared_outputs_match_torch_func(make, table, fused):
     assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
 
 
+class NormalisedTable(nn.Module):
+    """DeBERTa's relative attention (v2/v3 with ``norm_rel_ebd="layer_norm"``): the position table's
+    weight is read whole (its Embedding is never called), normalised by a LayerNorm on that
+    ``[2k, d]`` tensor, cut to the span, and projected by the key Linear (``share_att_key``: also
+    called on the samples) on a ``[1, 2k', d]`` view, repeated to meet the ``[B*H, T, dh]`` queries
+    by ``bmm``. ``unbatched``: the Linear gets the ``[2k', d]`` table itself (DeBERTa v1's
+    ``pos_proj``), and the heads are met by a broadcasting ``matmul``."""
+
+    def __init__(self, unbatched=False, vocab=11, dim=8, heads=2, span=3):
+        super().__init__()
+        self.unbatched, self.heads, self.span = unbatched, heads, span
+        self.tokens, self.table = nn.Embedding(vocab, dim), nn.Embedding(2 * span + 2, dim)
+        self.table_norm = nn.LayerNorm(dim)
+        self.query, self.key = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, idx):
+        B, T = idx.shape
+        H, dh = self.heads, self.tokens.embedding_dim // self.heads
+        h = self.tokens(idx)
+        rel = self.table_norm(self.table.weight)[: 2 * self.span]  # [2k', d], shared by the samples
+        q = self.query(h).view(B, T, H, dh).transpose(1, 2)
+        k = self.key(h).view(B, T, H, dh).transpose(1, 2)
+        if self.unbatched:
+            pos = self.key(rel).view(2 * self.span, H, dh).transpose(0, 1).unsqueeze(0)  # [1, H, 2k', dh]
+            rel_scores = q @ pos.transpose(-1, -2)  # [B, H, T, 2k']
+        else:
+            pos = self.key(rel.unsqueeze(0)).view(1, 2 * self.span, H, dh).transpose(1, 2)
+            pos = pos.reshape(H, 2 * self.span, dh).repeat(B, 1, 1)  # copy b for sample b
+            rel_scores = torch.bmm(q.reshape(B * H, T, dh), pos.transpose(1, 2)).view(B, H, T, -1)
+        scores = q @ k.transpose(-1, -2) + rel_scores[..., :T] / dh ** 0.5
+        out = (scores.softmax(-1) @ k).transpose(1, 2).reshape(B, T, -1)
+        return self.head(torch.tanh(h + out))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("unbatched", [False, True], ids=["repeat", "unbatched-matmul"])
+@pytest.mark.parametrize("batch", [3, 1])
+def test_a_table_read_whole_and_normalised_matches_torch_func(unbatched, fused, batch):
+    torch.manual_seed(0)
+    model = NormalisedTable(unbatched)
+    tokens, targets = torch.randint(0, 11, (batch, 3)), torch.randint(0, 11, (batch, 3))
+    with GradNormTracker(model, "sum", fused=fused) as tracker:
+        for _ in range(2):  # the second forward starts from the first one's state
+            token_loss(model(tokens), targets).backward()
+            stats = tracker.collect()
+            model.zero_grad()
+        assert torch._C._len_torch_function_stack() == 0
+        routes = {plan.module: plan.route for plan in tracker.plan()}
+    per_sample, per_param, batch_sq = reference_norms(model, token_loss, tokens, targets)
+    for layer in ("table", "table_norm", "key"):
+        own = sum(v for name, v in per_param.items() if name.startswith(f"{layer}."))
+        assert rel_err(stats.per_layer[layer], own) <= 1e-5, layer
+    assert rel_err(stats.per_sample, per_sample) <= 1e-5
+    assert rel_err(stats.batch_grad_sq, batch_sq) <= 1e-5
+    assert routes["table"] == "embedding" and "generic" not in routes["table_norm"]
+
+
 def test_a_use_that_cannot_be_split_is_refused_with_the_hint():
     torch.manual_seed(0)
     model = SharedPositions(extra_use=True)

@@ -827,6 +827,8 @@ class SharedOutputWatcher(TorchFunctionMode):
             chain = self.aliases[id(args[hits[0]])][1] + ((_out_of_place(func), template, kwargs),)
             self.aliases[id(out)] = (out, chain)
             return out
+        if func is F.dropout and hits == [0] and not inside and self._dropout(args, kwargs, out):
+            return out
         if func is torch.Tensor.repeat and hits == [0] and not inside and self._repeat(args, kwargs, out):
             return out
         if func in _MATMULS and len(hits) == 1 and len(args) == 2 and not inside and self._product(args, hits[0], out):
@@ -850,6 +852,28 @@ class SharedOutputWatcher(TorchFunctionMode):
         out.register_hook(partial(self._collect, sign, factor, alias.shape, self.aliases[id(alias)][1]))
         self.broadcasts += 1
         return out
+
+    def _dropout(self, args, kwargs, out) -> bool:
+        """``F.dropout`` of the alias (DeBERTa drops out its relative-position table in each layer):
+        one mask for all samples, so the output is still shared. The vjp must use this forward's
+        mask, not draw another: the output is followed as the alias times ``out / alias`` (the kept
+        entries' ``1 / (1 - p)``, else 0), which is exact where no entry of the alias is 0 (an entry
+        that is could have been kept or dropped: then the use is not followed)."""
+        bound = dict(zip(("input", "p", "training", "inplace"), args), **kwargs)
+        alias = args[0]
+        if out is alias:  # p = 0 or eval mode: the alias itself
+            return True
+        if not isinstance(out, torch.Tensor) or bound.get("inplace", False) or out.shape != alias.shape:
+            return False
+        if not bound.get("training", True) or bound.get("p", 0.5) == 0:
+            step = (F.dropout, (_HOLE,), {"p": 0.0, "training": False})  # the identity
+        else:
+            kept = alias.detach()
+            if bool((kept == 0).any()):
+                return False
+            step = (torch.mul, (_HOLE, out.detach() / kept), {})
+        self.aliases[id(out)] = (out, self.aliases[id(alias)][1] + (step,))
+        return True
 
     def _repeat(self, args, kwargs, out) -> bool:
         """``alias.repeat(B, 1, ...)``: B copies along its first dim, copy ``b`` for sample ``b``
@@ -906,6 +930,8 @@ class SharedOutputWatcher(TorchFunctionMode):
         others = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor) and not self._is_alias(a)]
         if func in _SHAPE_OPS and not others:
             return True
+        if others and all(isinstance(t, nn.Parameter) for t in others):
+            return True  # a function of parameters and the alias (DeBERTa's LayerNorm of its table, a Linear of it)
         return out.dim() > 0 and out.shape[0] == 1 and all(t.dim() < out.dim() or t.shape[0] == 1 for t in others)
 
     def _attention_mask(self, func, args, kwargs):
