@@ -13,7 +13,7 @@ from torch import nn
 
 from divebatch import GradNormTracker
 
-from .oracle import reference_norms, rel_err
+from .oracle import reference_norms, rel_err, same_forward_norms
 
 
 def token_loss(out, y):
@@ -130,11 +130,13 @@ class NormalisedTable(nn.Module):
     ``[2k, d]`` tensor, cut to the span, and projected by the key Linear (``share_att_key``: also
     called on the samples) on a ``[1, 2k', d]`` view, repeated to meet the ``[B*H, T, dh]`` queries
     by ``bmm``. ``unbatched``: the Linear gets the ``[2k', d]`` table itself (DeBERTa v1's
-    ``pos_proj``), and the heads are met by a broadcasting ``matmul``."""
+    ``pos_proj``), and the heads are met by a broadcasting ``matmul``. ``dropout``: the normalised
+    table is dropped out (one mask for all samples, as DeBERTa's ``pos_dropout``)."""
 
-    def __init__(self, unbatched=False, vocab=11, dim=8, heads=2, span=3):
+    def __init__(self, unbatched=False, dropout=0.0, vocab=11, dim=8, heads=2, span=3):
         super().__init__()
         self.unbatched, self.heads, self.span = unbatched, heads, span
+        self.drop = nn.Dropout(dropout)
         self.tokens, self.table = nn.Embedding(vocab, dim), nn.Embedding(2 * span + 2, dim)
         self.table_norm = nn.LayerNorm(dim)
         self.query, self.key = nn.Linear(dim, dim), nn.Linear(dim, dim)
@@ -144,7 +146,7 @@ class NormalisedTable(nn.Module):
         B, T = idx.shape
         H, dh = self.heads, self.tokens.embedding_dim // self.heads
         h = self.tokens(idx)
-        rel = self.table_norm(self.table.weight)[: 2 * self.span]  # [2k', d], shared by the samples
+        rel = self.drop(self.table_norm(self.table.weight))[: 2 * self.span]  # [2k', d], shared by the samples
         q = self.query(h).view(B, T, H, dh).transpose(1, 2)
         k = self.key(h).view(B, T, H, dh).transpose(1, 2)
         if self.unbatched:
@@ -180,6 +182,32 @@ def test_a_table_read_whole_and_normalised_matches_torch_func(unbatched, fused, 
     assert rel_err(stats.per_sample, per_sample) <= 1e-5
     assert rel_err(stats.batch_grad_sq, batch_sq) <= 1e-5
     assert routes["table"] == "embedding" and "generic" not in routes["table_norm"]
+
+
+@pytest.mark.parametrize("unbatched", [False, True], ids=["repeat", "unbatched-matmul"])
+def test_a_dropped_out_table_keeps_this_forwards_mask(unbatched):
+    torch.manual_seed(0)
+    model = NormalisedTable(unbatched, dropout=0.4)
+    tokens, targets = torch.randint(0, 11, (3, 3)), torch.randint(0, 11, (3, 3))
+    with GradNormTracker(model, "sum") as tracker:
+        torch.manual_seed(5)
+        token_loss(model(tokens), targets).backward()
+        stats = tracker.collect()
+    reference = same_forward_norms(model, token_loss, tokens, targets, 5)
+    assert rel_err(stats.per_sample, reference) <= 1e-5
+
+
+def test_a_dropped_out_table_with_a_zero_entry_is_refused():
+    """A zero entry's mask cannot be read off the output (0 either way): not guessed."""
+    torch.manual_seed(0)
+    model = NormalisedTable(dropout=0.4)
+    with torch.no_grad():
+        model.table_norm.weight[0] = 0.0  # column 0 of the normalised table is exactly 0
+    tokens, targets = torch.randint(0, 11, (3, 3)), torch.randint(0, 11, (3, 3))
+    with GradNormTracker(model, "sum") as tracker:
+        with pytest.raises(ValueError, match=r"table.* saw a batch of 1 samples but other layers .* saw 3"):
+            token_loss(model(tokens), targets).backward()
+            tracker.collect()
 
 
 def test_a_use_that_cannot_be_split_is_refused_with_the_hint():

@@ -261,6 +261,58 @@ def test_t5_relative_position_bias_matches_torch_func(fused):
     assert len(biases) == 2 and all(routes[name] == "embedding" for name in biases)  # encoder, decoder
 
 
+def deberta_v3(dropout=0.0, **overrides):
+    """A tiny DeBERTa-v3 masked LM (the layout of microsoft/deberta-v3-*: relative attention with
+    log buckets, the position table normalised by the encoder's LayerNorm, keys shared with the
+    positions' projections, no absolute positions)."""
+    settings = dict(
+        vocab_size=97, hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=32, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+        relative_attention=True, position_buckets=4, max_relative_positions=-1, norm_rel_ebd="layer_norm",
+        share_att_key=True, pos_att_type=["p2c", "c2p"], position_biased_input=False)
+    config = transformers.DebertaV2Config(**{**settings, **overrides})
+    return MaskedLogits(transformers.DebertaV2ForMaskedLM(config))
+
+
+class MaskedLogits(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, tokens):
+        return self.net(input_ids=tokens).logits
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("overrides", [{}, {"share_att_key": False}, {"position_buckets": -1}],
+                         ids=["v3", "own-position-projections", "no-buckets"])
+def test_deberta_relative_attention_matches_torch_func_without_replay(fused, overrides):
+    """DeBERTa-v2/v3: the encoder reads ``rel_embeddings.weight`` whole and normalises it with its
+    LayerNorm (a ``[2k, d]`` tensor shared by the samples); every layer projects it by Linears on a
+    ``[1, 2k, d]`` view and meets the queries through ``repeat`` and ``bmm``."""
+    torch.manual_seed(0)
+    model = deberta_v3(**overrides)
+    tokens, targets = torch.randint(3, 97, (3, 9)), torch.randint(0, 97, (3, 9))
+    routes = tracked_and_checked(model, token_loss, tokens, targets, fused)
+    assert routes["net.deberta.encoder.rel_embeddings"] == "embedding"
+    assert not any(route.startswith("generic") for route in routes.values())
+
+
+def test_deberta_with_dropout_matches_the_same_forward():
+    """Training-mode dropout, on the shared position table in every layer too (one mask for all
+    samples): the per-sample gradients of that forward."""
+    from .oracle import same_forward_norms
+
+    torch.manual_seed(0)
+    model = deberta_v3(dropout=0.2).train()
+    tokens, targets = torch.randint(3, 97, (3, 9)), torch.randint(0, 97, (3, 9))
+    with GradNormTracker(model, "sum") as tracker:
+        torch.manual_seed(3)
+        token_loss(model(tokens), targets).backward()
+        stats = tracker.collect()
+    assert rel_err(stats.per_sample, same_forward_norms(model, token_loss, tokens, targets, 3)) <= RTOL
+
+
 @pytest.mark.parametrize("pre_norm", [True, False], ids=["pre-norm", "post-norm"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
 def test_opt_flattened_mlp_matches_torch_func(fused, pre_norm):
