@@ -232,6 +232,28 @@ class Llama4Logits(nn.Module):
         return self.lm(input_ids=idx).logits
 
 
+class DebertaV3Logits(nn.Module):
+    """Hugging Face DebertaV2ForMaskedLM with microsoft/deberta-v3-*'s layout (relative attention
+    over 2x64 log-bucketed positions, the position table read whole and normalised by the encoder's
+    LayerNorm, keys shared with the positions' projections, no absolute positions; dropout 0, so
+    that torch.func can be the reference) returning logits."""
+
+    def __init__(self, vocab=1000, dim=256, n_layer=2, n_head=4, hidden=1024, T=128):
+        super().__init__()
+        import transformers  # only this workload needs it
+
+        config = transformers.DebertaV2Config(
+            vocab_size=vocab, hidden_size=dim, num_hidden_layers=n_layer, num_attention_heads=n_head,
+            intermediate_size=hidden, max_position_embeddings=T, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0, relative_attention=True, position_buckets=64,
+            max_relative_positions=-1, norm_rel_ebd="layer_norm", share_att_key=True,
+            pos_att_type=["p2c", "c2p"], position_biased_input=False)
+        self.lm = transformers.DebertaV2ForMaskedLM(config)
+
+    def forward(self, idx):
+        return self.lm(input_ids=idx).logits
+
+
 class LSTMModel(nn.Module):
     """Embedding(1000, 128) -> 2-layer nn.LSTM(128, 256) -> Linear(256, 1000): a recurrent
     language model (token cross-entropy)."""
@@ -288,6 +310,10 @@ WORKLOADS = {
     # every token through every expert).
     "llama4": Workload("llama4", Llama4Logits, _tokens(16, 128, 1000), lambda x, y: 1.0 / y.numel(),
                        token_level=True),
+    # Not in BENCHMARKS.md: DeBERTa-v3's layout at the same size (relative attention through a table
+    # shared by the samples).
+    "deberta": Workload("deberta", DebertaV3Logits, _tokens(16, 128, 1000), lambda x, y: 1.0 / y.numel(),
+                        token_level=True),
     # Not in BENCHMARKS.md: recurrent language models (2 layers of 256, batch 16 x 64 tokens).
     "lstm": Workload("lstm", LSTMModel, _tokens(16, 64, 1000), lambda x, y: 1.0 / y.numel(), token_level=True),
     "gru": Workload("gru", lambda: LSTMModel(cell=nn.GRU), _tokens(16, 64, 1000), lambda x, y: 1.0 / y.numel(),

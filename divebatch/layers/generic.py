@@ -970,21 +970,19 @@ class SharedOutputWatcher(TorchFunctionMode):
         """Add each sample's grad of an alias (``part [B, ...]``, without the alias's leading dim of 1
         where ``batch_of_one``), taken back through ``chain`` to the output, to ``per_sample``."""
         if chain:
-            part = vmap(partial(self._pull_back, chain, batch_of_one=batch_of_one))(part)
+            # The chain is replayed once, unbatched; only its vjp runs over the samples.
+            _, pull = vjp(partial(self._rearrange, chain), self.output.detach().float())
+            part = vmap(lambda g: pull(g.unsqueeze(0) if batch_of_one else g)[0])(part)
         elif batch_of_one:
             part = part.unsqueeze(1)  # the output itself, [1, ...]: sample b's grad is row b
         self.per_sample = part if self.per_sample is None else self.per_sample + part
 
-    def _pull_back(self, chain, alias_grad: torch.Tensor, batch_of_one: bool = True) -> torch.Tensor:
-        """One sample's grad of the output, from its grad of the rearranged output (without the
-        alias's leading dim of 1 where ``batch_of_one``)."""
-        def rearrange(y):
-            for func, template, kwargs in chain:
-                y = func(*(y if a is _HOLE else a for a in template), **kwargs)
-            return y
-
-        _, pull = vjp(rearrange, self.output.detach().float())
-        return pull(alias_grad.unsqueeze(0) if batch_of_one else alias_grad)[0]
+    @staticmethod
+    def _rearrange(chain, y: torch.Tensor) -> torch.Tensor:
+        """The output ``y`` taken through ``chain``, the ops from the output to an alias."""
+        for func, template, kwargs in chain:
+            y = func(*(y if a is _HOLE else a for a in template), **kwargs)
+        return y
 
     def complete(self, own_grad: torch.Tensor) -> bool:
         """Whether the recorded uses account for the module output's whole gradient ``own_grad``."""
