@@ -304,6 +304,29 @@ def parametrized():
                        torch.randn(3, 4, 4))
 
 
+class NormalisedTable(nn.Module):
+    """DeBERTa-v3's relative positions: a table's weight read whole (its Embedding never called),
+    normalised by a LayerNorm on that ``[K, d]`` tensor shared by the samples, projected by the key
+    Linear on a ``[1, K, d]`` view (the same Linear is called on the samples) and repeated per
+    sample to meet the queries by ``bmm``."""
+
+    def __init__(self, dim=6, positions=4):
+        super().__init__()
+        self.table, self.norm = nn.Embedding(positions, dim), nn.LayerNorm(dim)
+        self.query, self.key = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.head = nn.Linear(positions, 2)
+
+    def forward(self, x):  # [B, T, d]
+        rel = self.norm(self.table.weight)
+        pos = self.key(rel.unsqueeze(0)).repeat(x.shape[0], 1, 1)  # [B, K, d]
+        scores = torch.bmm(self.query(x), pos.transpose(1, 2)) + torch.bmm(self.key(x), pos.transpose(1, 2))
+        return self.head(torch.tanh(scores))
+
+
+def normalised_table():
+    return _regression(NormalisedTable(), torch.randn(3, 5, 6))
+
+
 class RecurrentStack(nn.Module):
     """A bidirectional batch-first LSTM over a 2-layer seq-first LSTM with a given initial state
     (LSTMs only: torch.func, the reference, cannot vmap GRU's and RNN's forward)."""
@@ -337,5 +360,5 @@ ZOO = {f.__name__: f for f in [linear_2d, linear_3d, linear_4d, conv1d, conv2d, 
                               conv_transpose, embedding, embedding_no_pad,
                               norms, conv_norms_eval, batchnorm1d_eval, batchnorm3d_eval, attention_batch_first, attention_seq_first,
                               functional_norms, flattened_tokens, inplace_residuals, mixture_of_experts,
-                              experts_on_every_token, parametrized, recurrent,
+                              experts_on_every_token, parametrized, normalised_table, recurrent,
                               custom_module, reused_module]}
