@@ -42,7 +42,8 @@ CAUSAL = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi"
           "mamba", "deepseek_v2", "deepseek_v3", "glm4_moe", "dots1", "ernie4_5_moe", "minimax", "exaone_moe",
           "flex_olmo", "hunyuan_v1_moe", "llama4_text", "jetmoe", "afmoe", "cohere2_moe", "granitemoeshared",
           "granitemoe_swa", "minimax_m2", "sarvam_moe", "solar_open", "glm4_moe_lite"]
-MASKED = ["bert", "roberta", "distilbert", "albert", "electra", "mobilebert", "modernbert", "xlm-roberta", "roformer"]
+MASKED = ["bert", "roberta", "distilbert", "albert", "electra", "mobilebert", "modernbert", "xlm-roberta", "roformer",
+          "deberta-v2", "deberta"]
 SEQ2SEQ = ["t5", "bart", "mbart", "pegasus", "marian"]
 
 
@@ -53,7 +54,13 @@ _DEEPSEEK = dict(n_routed_experts=4, moe_intermediate_size=16, n_shared_experts=
 _LATENT = dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, head_dim=4, v_head_dim=8, qk_nope_head_dim=4)
 EXTRA = {"deepseek_v2": {**_DEEPSEEK, **_LATENT}, "deepseek_v3": {**_DEEPSEEK, **_LATENT}, "glm4_moe": _DEEPSEEK, "glm4_moe_lite": {**_DEEPSEEK, **_LATENT},
          "dots1": _DEEPSEEK, "hunyuan_v1_moe": dict(num_experts=4, moe_topk=2),
-         "llama4_text": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size_mlp=48)}
+         "llama4_text": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size_mlp=48),
+         # microsoft/deberta-v3-*'s layout (model type deberta-v2), and DeBERTa v1's relative attention.
+         "deberta-v2": dict(relative_attention=True, position_buckets=4, max_relative_positions=-1,
+                            norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type=["p2c", "c2p"],
+                            position_biased_input=False),
+         "deberta": dict(relative_attention=True, max_relative_positions=-1, pos_att_type=["p2c", "c2p"],
+                         position_biased_input=False)}
 
 
 def tiny_model(name: str) -> nn.Module:

@@ -210,6 +210,36 @@ def test_a_dropped_out_table_with_a_zero_entry_is_refused():
             tracker.collect()
 
 
+class LookedUpAndReadWhole(nn.Module):
+    """One table both looked up per token and read whole (normalised, projected, met by the
+    lookups): the two calls' per-sample gradients of the table are summed before squaring."""
+
+    def __init__(self, vocab=7, dim=6):
+        super().__init__()
+        self.table, self.norm, self.key = nn.Embedding(vocab, dim), nn.LayerNorm(dim), nn.Linear(dim, dim)
+        self.head = nn.Linear(vocab, 2)
+
+    def forward(self, idx):
+        h = self.table(idx)
+        pos = self.key(self.norm(self.table.weight).unsqueeze(0)).repeat(idx.shape[0], 1, 1)
+        return self.head(torch.tanh(torch.bmm(h, pos.transpose(1, 2))))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+def test_a_table_looked_up_and_read_whole_matches_torch_func(fused):
+    torch.manual_seed(0)
+    model = LookedUpAndReadWhole()
+    idx, y = torch.randint(0, 7, (3, 5)), torch.randn(3, 5, 2)
+    loss = lambda out, target: ((out - target) ** 2).sum()  # noqa: E731
+    with GradNormTracker(model, "sum", fused=fused) as tracker:
+        loss(model(idx), y).backward()
+        stats = tracker.collect()
+    per_sample, per_param, batch = reference_norms(model, loss, idx, y)
+    assert rel_err(stats.per_layer["table"], per_param["table.weight"]) <= 1e-5
+    assert rel_err(stats.per_sample, per_sample) <= 1e-5
+    assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
+
+
 def test_a_use_that_cannot_be_split_is_refused_with_the_hint():
     torch.manual_seed(0)
     model = SharedPositions(extra_use=True)

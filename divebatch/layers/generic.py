@@ -808,6 +808,7 @@ class SharedOutputWatcher(TorchFunctionMode):
         self.per_sample: torch.Tensor | None = None
         self.unknown_use = False
         self.broadcasts = 0  # ops seen broadcasting the output over the samples
+        self.unreadable_masks: list[torch.Tensor] = []  # 0-d: a dropout whose mask has entries it cannot read
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -858,7 +859,8 @@ class SharedOutputWatcher(TorchFunctionMode):
         one mask for all samples, so the output is still shared. The vjp must use this forward's
         mask, not draw another: the output is followed as the alias times ``out / alias`` (the kept
         entries' ``1 / (1 - p)``, else 0), which is exact where no entry of the alias is 0 (an entry
-        that is could have been kept or dropped: then the use is not followed)."""
+        that is could have been kept or dropped: then the watcher's grads are not used, see
+        ``complete``; checked there, so the forward does not wait for the device)."""
         bound = dict(zip(("input", "p", "training", "inplace"), args), **kwargs)
         alias = args[0]
         if out is alias:  # p = 0 or eval mode: the alias itself
@@ -869,9 +871,9 @@ class SharedOutputWatcher(TorchFunctionMode):
             step = (F.dropout, (_HOLE,), {"p": 0.0, "training": False})  # the identity
         else:
             kept = alias.detach()
-            if bool((kept == 0).any()):
-                return False
-            step = (torch.mul, (_HOLE, out.detach() / kept), {})
+            zero = kept == 0
+            self.unreadable_masks.append(zero.any())
+            step = (torch.mul, (_HOLE, torch.where(zero, 0.0, out.detach() / kept)), {})
         self.aliases[id(out)] = (out, self.aliases[id(alias)][1] + (step,))
         return True
 
@@ -987,6 +989,8 @@ class SharedOutputWatcher(TorchFunctionMode):
     def complete(self, own_grad: torch.Tensor) -> bool:
         """Whether the recorded uses account for the module output's whole gradient ``own_grad``."""
         if self.per_sample is None or self.unknown_use:
+            return False
+        if self.unreadable_masks and bool(torch.stack(self.unreadable_masks).any()):
             return False
         total = self.per_sample.sum(dim=0)
         scale = own_grad.float().abs().max().clamp_min(1e-30)
