@@ -232,23 +232,28 @@ class Llama4Logits(nn.Module):
         return self.lm(input_ids=idx).logits
 
 
-class DebertaV3Logits(nn.Module):
-    """Hugging Face DebertaV2ForMaskedLM with microsoft/deberta-v3-*'s layout (relative attention
-    over 2x64 log-bucketed positions, the position table read whole and normalised by the encoder's
-    LayerNorm, keys shared with the positions' projections, no absolute positions; dropout 0, so
-    that torch.func can be the reference) returning logits."""
+class DebertaLogits(nn.Module):
+    """A Hugging Face DeBERTa masked LM with relative attention, returning logits; dropout 0, so
+    that torch.func can be the reference. ``version=3``: DebertaV2ForMaskedLM with
+    microsoft/deberta-v3-*'s layout (2x64 log-bucketed positions, the position table read whole and
+    normalised by the encoder's LayerNorm, keys shared with the positions' projections).
+    ``version=1``: DebertaForMaskedLM with microsoft/deberta-*'s (2T positions; the table's weight
+    handed to every layer, sliced and projected there). No absolute positions in either."""
 
-    def __init__(self, vocab=1000, dim=256, n_layer=2, n_head=4, hidden=1024, T=128):
+    def __init__(self, version=3, vocab=1000, dim=256, n_layer=2, n_head=4, hidden=1024, T=128):
         super().__init__()
-        import transformers  # only this workload needs it
+        import transformers  # only these workloads need it
 
-        config = transformers.DebertaV2Config(
-            vocab_size=vocab, hidden_size=dim, num_hidden_layers=n_layer, num_attention_heads=n_head,
-            intermediate_size=hidden, max_position_embeddings=T, hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0, relative_attention=True, position_buckets=64,
-            max_relative_positions=-1, norm_rel_ebd="layer_norm", share_att_key=True,
-            pos_att_type=["p2c", "c2p"], position_biased_input=False)
-        self.lm = transformers.DebertaV2ForMaskedLM(config)
+        sizes = dict(vocab_size=vocab, hidden_size=dim, num_hidden_layers=n_layer, num_attention_heads=n_head,
+                     intermediate_size=hidden, max_position_embeddings=T, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, relative_attention=True, max_relative_positions=-1,
+                     pos_att_type=["p2c", "c2p"], position_biased_input=False)
+        if version == 1:
+            self.lm = transformers.DebertaForMaskedLM(transformers.DebertaConfig(**sizes))
+        else:
+            config = transformers.DebertaV2Config(**sizes, position_buckets=64, norm_rel_ebd="layer_norm",
+                                                  share_att_key=True)
+            self.lm = transformers.DebertaV2ForMaskedLM(config)
 
     def forward(self, idx):
         return self.lm(input_ids=idx).logits
@@ -312,8 +317,11 @@ WORKLOADS = {
                        token_level=True),
     # Not in BENCHMARKS.md: DeBERTa-v3's layout at the same size (relative attention through a table
     # shared by the samples).
-    "deberta": Workload("deberta", DebertaV3Logits, _tokens(16, 128, 1000), lambda x, y: 1.0 / y.numel(),
+    "deberta": Workload("deberta", DebertaLogits, _tokens(16, 128, 1000), lambda x, y: 1.0 / y.numel(),
                         token_level=True),
+    # Not in BENCHMARKS.md: DeBERTa v1's layout at the same size (the table handed to every layer).
+    "deberta-v1": Workload("deberta-v1", lambda: DebertaLogits(version=1), _tokens(16, 128, 1000),
+                           lambda x, y: 1.0 / y.numel(), token_level=True),
     # Not in BENCHMARKS.md: recurrent language models (2 layers of 256, batch 16 x 64 tokens).
     "lstm": Workload("lstm", LSTMModel, _tokens(16, 64, 1000), lambda x, y: 1.0 / y.numel(), token_level=True),
     "gru": Workload("gru", lambda: LSTMModel(cell=nn.GRU), _tokens(16, 64, 1000), lambda x, y: 1.0 / y.numel(),

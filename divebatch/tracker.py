@@ -367,6 +367,14 @@ class GradNormTracker:
     # ------------------------------------------------------------------ hooks
     def _attach(self) -> None:
         hooked: set[int] = set()
+        # Modules that may be handed a tracked Embedding's weight to pass on (see _on_table_passed):
+        # those with children (few: leaves are most calls), and generic-route owners (below).
+        table_modules = {id(owner.module) for owner in self._tables.values()}
+        passers = {id(m): m for m in self.model.modules()
+                   if self._tables and id(m) not in table_modules and next(m.children(), None) is not None}
+        for owner in self._owners:
+            if owner.rule.rows_independent:
+                passers.pop(id(owner.module), None)
         for owner in self._owners:
             if owner.fused:
                 owner.module.forward = partial(self._fused_call, owner)
@@ -374,6 +382,10 @@ class GradNormTracker:
             if self._tables and owner.rule.rows_independent:
                 self._handles.append(owner.module.register_forward_pre_hook(
                     partial(self._on_table_read, owner), prepend=True, with_kwargs=True))
+            elif self._tables and id(owner.module) not in table_modules:
+                passers.pop(id(owner.module), None)
+                self._handles.append(owner.module.register_forward_pre_hook(
+                    self._on_table_passed, prepend=True, with_kwargs=True))
             if owner.rule.rows_independent:
                 # First of the pre-hooks, so every other hook and the fused forward see [B, T, ...].
                 self._handles.append(owner.module.register_forward_pre_hook(
@@ -397,6 +409,9 @@ class GradNormTracker:
                 hooked.add(id(p))
                 self._handles.append(p.register_hook(partial(self._on_param_grad, owner, _join(owner.name, name),
                                                              id(p))))
+        for module in passers.values():
+            self._handles.append(module.register_forward_pre_hook(
+                self._on_table_passed, prepend=True, with_kwargs=True))
         # Registered last, so it runs after the root's own hooks: watchers end with the tracked
         # model's forward (a mode a caller enters around the model call must find its own on top).
         self._handles.append(self.model.register_forward_hook(self._on_model_forward, always_call=True))
@@ -615,28 +630,59 @@ class GradNormTracker:
 
     @torch.compiler.disable
     def _on_table_read(self, owner: _Owner, module, args, kwargs):
-        """A row-wise layer called on a tracked Embedding's whole weight (DeBERTa normalises its
-        relative-position table, ``LayerNorm(rel_embeddings.weight)``, without calling the
-        Embedding): the read becomes a call of that Embedding on every index, with no batch dim
-        (T5's relative positions are looked up so), whose output is a view of the weight given to
-        the layer instead. Its output is shared by the samples: watched as any such output, the
-        layer's own output too (see _on_forward), each sample's grads of the table come from where
-        the samples meet it. Where every call had one sample, the whole grad is that sample's."""
+        """A row-wise layer called on a tracked Embedding's whole weight (DeBERTa-v2/v3 normalise
+        their relative-position table, ``LayerNorm(rel_embeddings.weight)``, without calling the
+        Embedding): the layer gets the table's rows instead (``_table_rows``). Its output is shared
+        by the samples and watched (see _on_forward)."""
         x = args[0] if args else None
-        table = self._tables.get(id(x)) if isinstance(x, nn.Parameter) else None
-        if (table is None or table is owner or capture_suspended() or not torch.is_grad_enabled()
-                or _inside_functorch() or _called_from_compiled_code() or x.dim() != 2):
+        table = self._table_of(x)
+        if table is None or table is owner or not self._may_read_tables() or x.dim() != 2:
             return None
-        rows = x.view_as(x)  # a node of this graph to hook (a hook on the weight would outlive the step)
+        return (self._table_rows(table, x), *args[1:]), kwargs
+
+    @torch.compiler.disable
+    def _on_table_passed(self, module, args, kwargs):
+        """A module handed a tracked Embedding's whole weight as an argument (DeBERTa v1 passes
+        ``rel_embeddings.weight`` down its layers, whose attention drops it out, slices it and
+        projects it), which it may read in any way: it gets the table's rows instead
+        (``_table_rows``), followed by their watcher as any shared output."""
+        if not any(self._table_of(a) is not None for a in (*args, *kwargs.values())) or not self._may_read_tables():
+            return None
+        rows = {}  # one lookup for a table passed twice to the same call
+        def swap(a):
+            table = self._table_of(a)
+            if table is None or a.dim() != 2:
+                return a
+            if id(a) not in rows:
+                rows[id(a)] = self._table_rows(table, a)
+            return rows[id(a)]
+        return tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}
+
+    def _table_of(self, x) -> _Owner | None:
+        """The owner of the tracked Embedding whose weight ``x`` is, if any."""
+        table = self._tables.get(id(x)) if isinstance(x, nn.Parameter) else None
+        return table if table is not None and table.module.weight is x else None
+
+    def _may_read_tables(self) -> bool:
+        return not (capture_suspended() or not torch.is_grad_enabled() or _inside_functorch()
+                    or _called_from_compiled_code())
+
+    def _table_rows(self, table: _Owner, weight: nn.Parameter) -> torch.Tensor:
+        """A read of ``table``'s whole weight as a call of that Embedding on every index, with no
+        batch dim (T5's relative positions are looked up so), whose output, a view of the weight,
+        is read instead. It is shared by the samples: watched as any such output, each sample's
+        grads of the table come from where the samples meet it. Where every call had one sample,
+        the whole grad is that sample's."""
+        rows = weight.view_as(weight)  # a node of this graph to hook (a hook on the weight would outlive the step)
         # Every row as it is: no padding row, no scale (the weight is read, not looked up).
-        ctx = EmbeddingCall(torch.arange(x.shape[0], device=x.device), None, None)
-        call = _Call(table, ctx, x.shape[0], [None], 1, unbatched=True)
+        ctx = EmbeddingCall(torch.arange(weight.shape[0], device=weight.device), None, None)
+        call = _Call(table, ctx, weight.shape[0], [None], 1, unbatched=True)
         table.forward_calls += 1
         rows.register_hook(partial(self._on_output_grad, call, 0))
         # Watched even where every call so far had one sample: the layers called on the table learn
         # from the watcher that their input is shared (_follows).
         self._watch_shared_output(call, rows)
-        return (rows, *args[1:]), kwargs
+        return rows
 
     def _follows(self, x) -> bool:
         """Whether a watcher follows ``x`` as its output or a rearrangement of it (shared by the samples)."""

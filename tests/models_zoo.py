@@ -327,6 +327,45 @@ def normalised_table():
     return _regression(NormalisedTable(), torch.randn(3, 5, 6))
 
 
+class TableLayer(nn.Module):
+    """DeBERTa v1's attention, reduced: handed a table's weight, it slices it, projects it on a
+    ``[1, K, d]`` view and meets the queries, whose bias is split into heads, by a batched matmul."""
+
+    def __init__(self, dim, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.query, self.pos = nn.Linear(dim, dim), nn.Linear(dim, dim, bias=False)
+        self.q_bias = nn.Parameter(torch.randn(dim))
+
+    def forward(self, x, rel):  # x: [B, T, d]; rel: [K, d], the table's weight itself
+        B, T, d = x.shape
+        q = self.query(x).view(B, T, self.heads, -1).permute(0, 2, 1, 3)
+        q = q + self.q_bias[None, None, :].view(1, 1, self.heads, -1).permute(0, 2, 1, 3)
+        pos = self.pos(rel[1:].unsqueeze(0)).view(1, -1, self.heads, d // self.heads).permute(0, 2, 1, 3)
+        scores = torch.matmul(q, pos.transpose(-1, -2))  # [B, H, T, K - 1]
+        return x + torch.tanh(scores).permute(0, 2, 1, 3).reshape(B, T, -1)
+
+
+class PassedTable(nn.Module):
+    """DeBERTa v1's relative positions: the table's weight handed to every layer (its Embedding
+    never called)."""
+
+    def __init__(self, dim=6, positions=4):
+        super().__init__()
+        self.table = nn.Embedding(positions, dim)
+        self.layers = nn.ModuleList([TableLayer(dim), TableLayer(dim)])
+        self.head = nn.Linear(dim, 2)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x, rel=self.table.weight)
+        return self.head(x)
+
+
+def passed_table():
+    return _regression(PassedTable(), torch.randn(3, 5, 6))
+
+
 class RecurrentStack(nn.Module):
     """A bidirectional batch-first LSTM over a 2-layer seq-first LSTM with a given initial state
     (LSTMs only: torch.func, the reference, cannot vmap GRU's and RNN's forward)."""
@@ -360,5 +399,5 @@ ZOO = {f.__name__: f for f in [linear_2d, linear_3d, linear_4d, conv1d, conv2d, 
                               conv_transpose, embedding, embedding_no_pad,
                               norms, conv_norms_eval, batchnorm1d_eval, batchnorm3d_eval, attention_batch_first, attention_seq_first,
                               functional_norms, flattened_tokens, inplace_residuals, mixture_of_experts,
-                              experts_on_every_token, parametrized, normalised_table, recurrent,
+                              experts_on_every_token, parametrized, normalised_table, passed_table, recurrent,
                               custom_module, reused_module]}

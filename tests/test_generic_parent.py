@@ -5,6 +5,8 @@ weight-normalised projection) are covered by that call's per-sample gradients in
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -270,6 +272,43 @@ class FunctionInProduct(nn.Module):
         return x @ torch.tanh(self.weight)
 
 
+class HeadBiases(nn.Module):
+    """Biases split into heads before they are added (DeBERTa v1's ``q_bias``): ``view`` to
+    ``[1, 1, H, d/H]`` and ``permute`` of the dims of 1 keep the values' order, so the sums stay
+    broadcast uses."""
+
+    def __init__(self, d=6, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.q_bias = nn.Parameter(torch.randn(d))
+        self.k_bias = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):  # x: [B, T, d] -> [B, H, T, d/H]
+        B, T, d = x.shape
+        x = x.view(B, T, self.heads, -1).permute(0, 2, 1, 3)
+        q = self.q_bias[None, None, :].view(1, 1, self.heads, -1).permute(0, 2, 1, 3)
+        k = self.k_bias.reshape(self.heads, 1, -1).unsqueeze(0).transpose(0, 2)  # [1, H, 1, d/H]
+        return torch.tanh(x + q) * (x - k)
+
+
+class ReorderedParameter(nn.Module):
+    """A parameter whose values are reordered before a broadcast use (a square weight transposed,
+    a vector indexed by a permutation): not the parameter itself, so replayed, never misread."""
+
+    def __init__(self, how, d=5):
+        super().__init__()
+        self.how = how
+        self.weight = nn.Parameter(torch.randn(d) if how == "index" else torch.randn(d, d))
+        self.register_buffer("order", torch.arange(d).flip(0))
+
+    def forward(self, x):  # x: [B, d, d]
+        if self.how == "transpose":
+            return x * self.weight.transpose(0, 1)
+        if self.how == "permute":
+            return x * self.weight.permute(1, 0)[None]
+        return x * self.weight[self.order]
+
+
 class Raising(nn.Module):
     def __init__(self):
         super().__init__()
@@ -290,8 +329,12 @@ class Raising(nn.Module):
     (TensordotLike, (3, 4, 5), "generic (vmap vjp)"),
     (FunctionsOfParameters, (3, 4, 5), "generic (broadcast uses)"),
     (FunctionInProduct, (3, 4, 5), "generic (vmap vjp)"),
+    (HeadBiases, (3, 4, 6), "generic (broadcast uses)"),
+    (partial(ReorderedParameter, "transpose"), (3, 5, 5), "generic (vmap vjp)"),
+    (partial(ReorderedParameter, "permute"), (3, 5, 5), "generic (vmap vjp)"),
+    (partial(ReorderedParameter, "index"), (3, 5, 5), "generic (vmap vjp)"),
 ], ids=["root-tokens", "signed", "functional-layer-norm", "product", "einsum", "replayed", "functions-of-parameters",
-        "function-in-product"])
+        "function-in-product", "head-biases", "transposed", "permuted", "indexed"])
 def test_broadcast_uses_match_torch_func(make, shape, route, fused):
     torch.manual_seed(0)
     model, x = make(), torch.randn(*shape)

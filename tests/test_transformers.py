@@ -274,6 +274,20 @@ def deberta_v3(dropout=0.0, **overrides):
     return MaskedLogits(transformers.DebertaV2ForMaskedLM(config))
 
 
+def deberta_v1(dropout=0.0, **overrides):
+    """A tiny DeBERTa (v1, microsoft/deberta-*) masked LM with relative attention: the encoder
+    passes ``rel_embeddings.weight`` itself down to every layer, whose attention drops it out,
+    slices it and projects it (``pos_proj``, ``pos_q_proj``); its query and value biases are
+    split into heads by ``view`` and ``permute``."""
+    settings = dict(
+        vocab_size=97, hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=32, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+        relative_attention=True, max_relative_positions=-1, pos_att_type=["p2c", "c2p"],
+        position_biased_input=False)
+    config = transformers.DebertaConfig(**{**settings, **overrides})
+    return MaskedLogits(transformers.DebertaForMaskedLM(config))
+
+
 class MaskedLogits(nn.Module):
     def __init__(self, net):
         super().__init__()
@@ -298,13 +312,27 @@ def test_deberta_relative_attention_matches_torch_func_without_replay(fused, ove
     assert not any(route.startswith("generic") for route in routes.values())
 
 
-def test_deberta_with_dropout_matches_the_same_forward():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("version", ["v1", "v2-table-not-normalised"])
+def test_deberta_table_passed_to_the_layers_matches_torch_func_without_replay(fused, version):
+    """DeBERTa v1, and v2 with ``norm_rel_ebd="none"``: ``rel_embeddings.weight`` is handed to each
+    layer as an argument and sliced there before its first layer (the Embedding is never called)."""
+    torch.manual_seed(0)
+    model = deberta_v1() if version == "v1" else deberta_v3(norm_rel_ebd="none")
+    tokens, targets = torch.randint(3, 97, (3, 9)), torch.randint(0, 97, (3, 9))
+    routes = tracked_and_checked(model, token_loss, tokens, targets, fused)
+    assert routes["net.deberta.encoder.rel_embeddings"] == "embedding"
+    assert not any(route == "generic (vmap vjp)" for route in routes.values())
+
+
+@pytest.mark.parametrize("make", [deberta_v3, deberta_v1], ids=["v3", "v1"])
+def test_deberta_with_dropout_matches_the_same_forward(make):
     """Training-mode dropout, on the shared position table in every layer too (one mask for all
     samples): the per-sample gradients of that forward."""
     from .oracle import same_forward_norms
 
     torch.manual_seed(0)
-    model = deberta_v3(dropout=0.2).train()
+    model = make(dropout=0.2).train()
     tokens, targets = torch.randint(3, 97, (3, 9)), torch.randint(0, 97, (3, 9))
     with GradNormTracker(model, "sum") as tracker:
         torch.manual_seed(3)

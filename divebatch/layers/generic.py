@@ -121,6 +121,33 @@ _ALIAS_OPS = {
     torch.Tensor.type_as, torch.Tensor.type,
 }
 
+# Of _ALIAS_OPS, those whose output may have any shape of the same numel, in the same row-major order.
+_RESHAPES = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.view_as, torch.Tensor.reshape_as}
+
+
+def _keeps_order(index) -> bool:
+    """Whether ``t[index]`` only adds, removes or keeps dims (``None``, ``...``, full slices,
+    integers): with the numel unchanged, the values in the same order."""
+    items = index if isinstance(index, tuple) else (index,)
+    return all(i is None or i is Ellipsis or (isinstance(i, int) and not isinstance(i, bool))
+               or (isinstance(i, slice) and i == slice(None)) for i in items)
+
+_PERMUTES = {torch.permute, torch.Tensor.permute, torch.transpose, torch.Tensor.transpose}
+
+
+def _moves_only_singletons(func, x: torch.Tensor, dims) -> bool:
+    """Whether ``permute``/``transpose`` of ``x`` keeps its dims of size > 1 in their order (heads
+    moved past a dim of 1): its values then stay in the same row-major order."""
+    try:
+        if func in (torch.transpose, torch.Tensor.transpose):
+            d0, d1 = (d % x.dim() for d in dims[:2])
+            return x.shape[d0] == 1 or x.shape[d1] == 1
+        order = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+        kept = [d % x.dim() for d in order if x.shape[d] != 1]
+    except (TypeError, ValueError, IndexError):
+        return False
+    return kept == sorted(kept)
+
 
 def _out_of_place(func):
     """``func``, or the out-of-place op of an in-place tensor method (``div_`` -> ``div``,
@@ -267,7 +294,7 @@ class DirectUseRecorder(TorchFunctionMode):
             if sliced:
                 self.uses = None  # another use of a slice of an own weight
                 return out
-        if func in _ALIAS_OPS and hits == [0] and self._alias(args[0], out):
+        if (func in _ALIAS_OPS or func in _PERMUTES) and hits == [0] and self._alias(func, args, out):
             return out
         if func is F.embedding and hits == [1] and self._lookup(args, kwargs, out):
             return out
@@ -322,12 +349,20 @@ class DirectUseRecorder(TorchFunctionMode):
         self._record(weight, "embedding", 1.0, (ids, padding_idx), out)
         return True
 
-    def _alias(self, param, out) -> bool:
-        """Register ``out`` as the parameter itself if it holds the same values in the same order
-        with only singleton dims added or removed (a dtype change allowed)."""
+    def _alias(self, func, args, out) -> bool:
+        """Register ``out`` as the parameter ``args[0]`` itself if it holds the same values in the
+        same (row-major) order: a view or reshape of any shape (``transpose_for_scores`` splits a
+        bias into heads), or only singleton dims added or removed (a dtype change allowed), by an
+        index of ``None``, ``...``, full slices and integers alone (not one that reorders)."""
+        param = args[0]
         if (not isinstance(out, torch.Tensor) or not out.requires_grad or out.numel() != param.numel()
-                or out.device != param.device
-                or [n for n in out.shape if n != 1] != [n for n in param.shape if n != 1]):
+                or out.device != param.device):
+            return False
+        if func is torch.Tensor.__getitem__ and not _keeps_order(args[1]):
+            return False
+        if func in _PERMUTES and not _moves_only_singletons(func, param, args[1:]):
+            return False
+        if func not in _RESHAPES and [n for n in out.shape if n != 1] != [n for n in param.shape if n != 1]:
             return False
         name, _, scale = self.params[id(param)]
         self.params[id(out)] = (name, out, scale)
