@@ -22,7 +22,7 @@ import os
 import sys
 import weakref
 from dataclasses import dataclass, field, replace
-from functools import partial
+from functools import partial, wraps
 from typing import Iterator
 
 import torch
@@ -116,6 +116,7 @@ class _Call:
     fused: bool = False
     watcher: SharedOutputWatcher | None = None  # an output shared by all samples, see _watch_shared_output
     unbatched: bool = False  # input (or table) shared by the samples, without a batch dim: see _on_table_read
+    refusal: str = ""  # why its shared output could not be split per sample (unbatched calls): the error's hint
 
 
 @dataclass
@@ -168,6 +169,20 @@ def _check_reduction(loss_reduction) -> None:
             return
     raise ValueError(f"loss_reduction={loss_reduction!r} is not supported: pass 'sum' (L = sum_i l_i), "
                      "'mean' (L = mean_i l_i) or a positive finite float c for L = c * sum_i l_i")
+
+
+def _abandons_backward_on_error(hook):
+    """A backward hook that raises ends its backward, and the engine then never runs the callback
+    that closes the record (``_finish_backward``): the record is dropped here, lest the next
+    backward add to it."""
+    @wraps(hook)
+    def wrapper(self, *args):
+        try:
+            return hook(self, *args)
+        except BaseException:
+            self._abandon_backward()
+            raise
+    return wrapper
 
 
 def _sink(call_ref, on_output_grad, index: int, grad: torch.Tensor):
@@ -766,7 +781,10 @@ class GradNormTracker:
         if watcher.batch_size is None or not watcher.complete(grad):
             # Refused by the batch check, with its hint (or a batch of 1 everywhere, where the whole
             # grad is the sample's).
-            return self._one_sample(call, grad) if call.unbatched else grad
+            if call.unbatched:
+                call.refusal = self._unbatched_refusal(call, watcher)
+                return self._one_sample(call, grad)
+            return grad
         B, ctx, per_sample = watcher.batch_size, call.ctx, watcher.per_sample  # [B, *output.shape]
         batch_of_one = grad.shape[0] == 1 and call.batch_size == 1  # a [1, T] lookup: its row 0 is every sample's
         if isinstance(ctx, EmbeddingCall):
@@ -785,6 +803,16 @@ class GradNormTracker:
             return grad
         call.batch_size = B
         return per_sample.squeeze(1) if batch_of_one else per_sample
+
+    @staticmethod
+    def _unbatched_refusal(call: _Call, watcher: SharedOutputWatcher) -> str:
+        what = ("its weight is read whole (not looked up) by the forward, and that read"
+                if isinstance(call.ctx, EmbeddingCall) else "its input")
+        return (f" Here {what} is shared by the samples (it has no batch dim). Its per-sample gradients "
+                "are followed only through rearranging ops, dropout, functions of it and parameters (a "
+                "LayerNorm, a Linear) to ops that broadcast it over the batch (`+`, `-`, `*`, a matmul with "
+                f"[B, ...] queries, `repeat(B, ...)`); {watcher.failure()}. Use it only through those ops (see the "
+                "README, 'What is covered').")
 
     @staticmethod
     def _one_sample(call: _Call, grad: torch.Tensor) -> torch.Tensor:
@@ -806,6 +834,13 @@ class GradNormTracker:
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
         return self._backward
 
+    def _abandon_backward(self) -> None:
+        """Forget the backward in progress and the calls waiting in it (see _abandons_backward_on_error)."""
+        self._backward = None
+        for owner in self._owners:
+            owner.ready = []
+
+    @_abandons_backward_on_error
     def _on_output_grad(self, call: _Call, index: int, grad: torch.Tensor):
         if not self._enabled:
             return None
@@ -838,6 +873,7 @@ class GradNormTracker:
         """The output grad of a call whose output is a reshape of its own product (see _own_product)."""
         return self._on_output_grad(call, index, grad.reshape(shape))
 
+    @_abandons_backward_on_error
     def _on_param_grad(self, owner: _Owner, name: str, param_id: int, grad: torch.Tensor):
         if not self._enabled:
             return None
@@ -918,7 +954,9 @@ class GradNormTracker:
                 step.batch_size = call.batch_size
             elif call.batch_size != step.batch_size:
                 hint = ""
-                if 1 in (call.batch_size, step.batch_size):
+                if call.refusal:
+                    hint = call.refusal
+                elif 1 in (call.batch_size, step.batch_size):
                     hint = (" A batch of 1 is usually an input shared by all samples whose output is broadcast "
                             "over the batch later (e.g. position ids of shape [1, T]): broadcasting sums the "
                             "samples' gradients before the module sees them. Give it one row per sample, e.g. "

@@ -205,7 +205,8 @@ def test_a_dropped_out_table_with_a_zero_entry_is_refused():
         model.table_norm.weight[0] = 0.0  # column 0 of the normalised table is exactly 0
     tokens, targets = torch.randint(0, 11, (3, 3)), torch.randint(0, 11, (3, 3))
     with GradNormTracker(model, "sum") as tracker:
-        with pytest.raises(ValueError, match=r"table.* saw a batch of 1 samples but other layers .* saw 3"):
+        with pytest.raises(ValueError, match=r"table.* saw a batch of 1 samples but other layers .* saw 3.*"
+                                             r"dropout of it kept or dropped entries of 0"):
             token_loss(model(tokens), targets).backward()
             tracker.collect()
 
@@ -244,9 +245,55 @@ def test_a_use_that_cannot_be_split_is_refused_with_the_hint():
     torch.manual_seed(0)
     model = SharedPositions(extra_use=True)
     tokens, targets = torch.randint(0, 11, (3, 5)), torch.randint(0, 11, (3, 5))
-    with GradNormTracker(model, "sum"):
+    with GradNormTracker(model, "sum") as tracker:
         with pytest.raises(ValueError, match=r"positions.*batch of 1 .*position_ids=torch\.arange\(T\)\.expand\(B, T\)"):
             token_loss(model(tokens), targets).backward()
+        # The refused backward's record and waiting calls are dropped: the next step stands alone.
+        model.extra_use = False
+        model.zero_grad()
+        token_loss(model(tokens), targets).backward()
+        stats = tracker.collect()
+    per_sample, _, batch = reference_norms(model, token_loss, tokens, targets)
+    assert stats.backwards == 1
+    assert rel_err(stats.per_sample, per_sample) <= 1e-5
+    assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
+
+
+class EinsumWithTable(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.layer = nn.Linear(dim, dim)
+
+    def forward(self, x, rel):
+        return torch.einsum("btd,kd->btk", self.layer(x), rel)
+
+
+class TableInEinsum(nn.Module):
+    """A table's weight handed to a layer that multiplies by it through ``einsum``, which the
+    watcher does not split per sample."""
+
+    def __init__(self, dim=6, positions=4):
+        super().__init__()
+        self.table, self.inner, self.head = nn.Embedding(positions, dim), EinsumWithTable(dim), nn.Linear(positions, 2)
+
+    def forward(self, x):
+        return self.head(self.inner(x, self.table.weight))
+
+
+def test_a_table_read_whole_in_an_op_that_cannot_be_split_is_refused_naming_the_op():
+    """Refused naming the op; the refused backward leaves nothing behind, so the next one (one
+    sample: exact) is tracked on its own."""
+    torch.manual_seed(0)
+    model, x = TableInEinsum(), torch.randn(3, 5, 6)
+    with GradNormTracker(model, "sum") as tracker:
+        with pytest.raises(ValueError, match=r"'table'.* batch of 1 .*weight is read whole.*met `einsum`"):
+            model(x).square().sum().backward()
+            tracker.collect()
+        model.zero_grad()
+        model(x[:1]).square().sum().backward()  # one sample: its whole gradient is that sample's
+        stats = tracker.collect()
+    per_sample, _, _ = reference_norms(model, lambda out, y: out.square().sum(), x[:1], torch.zeros(1))
+    assert rel_err(stats.per_sample, per_sample) <= 1e-5
 
 
 class GainedRoot(nn.Module):

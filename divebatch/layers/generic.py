@@ -842,6 +842,7 @@ class SharedOutputWatcher(TorchFunctionMode):
         self.aliases: dict[int, tuple[torch.Tensor, tuple]] = {id(output): (output, ())}
         self.per_sample: torch.Tensor | None = None
         self.unknown_use = False
+        self.unknown_op: str | None = None  # the first use it could not split, named in errors
         self.broadcasts = 0  # ops seen broadcasting the output over the samples
         self.unreadable_masks: list[torch.Tensor] = []  # 0-d: a dropout whose mask has entries it cannot read
 
@@ -883,6 +884,7 @@ class SharedOutputWatcher(TorchFunctionMode):
                 or not isinstance(out, torch.Tensor) or out.dim() == 0 or out.dim() != alias.dim()
                 or alias.shape[0] != 1 or out.shape[0] != self.batch_size):
             self.unknown_use = True
+            self.unknown_op = getattr(func, "__name__", None) or repr(func)
             return out
         factor = other.detach() if kind == "mul" else None
         out.register_hook(partial(self._collect, sign, factor, alias.shape, self.aliases[id(alias)][1]))
@@ -1020,6 +1022,17 @@ class SharedOutputWatcher(TorchFunctionMode):
         for func, template, kwargs in chain:
             y = func(*(y if a is _HOLE else a for a in template), **kwargs)
         return y
+
+    def failure(self) -> str:
+        """Why ``complete`` was false, for an error message."""
+        if self.unknown_op is not None:
+            return f"it met `{self.unknown_op}`, which it cannot split per sample"
+        if self.unreadable_masks and bool(torch.stack(self.unreadable_masks).any()):
+            return "a dropout of it kept or dropped entries of 0, whose mask cannot be read"
+        if self.per_sample is None:
+            return "no op broadcast it over the samples before the end of the tracked model's forward"
+        return ("the uses seen do not add up to its gradient (a use after the tracked model's forward, "
+                "e.g. in the loss, or through more than 16 rearranging ops)")
 
     def complete(self, own_grad: torch.Tensor) -> bool:
         """Whether the recorded uses account for the module output's whole gradient ``own_grad``."""
