@@ -100,6 +100,18 @@ class ProjectedPositions(nn.Module):
         return self.head(torch.tanh(h + out))
 
 
+def tracked_twice(model, tokens, targets, fused):
+    """The stats and routes of the second of two tracked steps (it starts from the first one's
+    state); no torch-function mode may be left after them."""
+    with GradNormTracker(model, "sum", fused=fused) as tracker:
+        for _ in range(2):
+            token_loss(model(tokens), targets).backward()
+            stats = tracker.collect()
+            model.zero_grad()
+        assert torch._C._len_torch_function_stack() == 0
+        return stats, {plan.module: plan.route for plan in tracker.plan()}
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
 @pytest.mark.parametrize("make, table", [
     (SharedPositions, "positions"), (RelativeBias, "bias"),
@@ -111,12 +123,7 @@ def test_shared_outputs_match_torch_func(make, table, fused):
     torch.manual_seed(0)
     model = make()
     tokens, targets = torch.randint(0, 11, (3, 5)), torch.randint(0, 11, (3, 5))
-    with GradNormTracker(model, "sum", fused=fused) as tracker:
-        for _ in range(2):  # the second forward starts from the first one's state
-            token_loss(model(tokens), targets).backward()
-            stats = tracker.collect()
-            model.zero_grad()
-        assert torch._C._len_torch_function_stack() == 0
+    stats, _ = tracked_twice(model, tokens, targets, fused)
     per_sample, per_param, batch = reference_norms(model, token_loss, tokens, targets)
     own = sum(v for name, v in per_param.items() if name.startswith(f"{table}."))
     assert rel_err(stats.per_layer[table], own) <= 1e-5
@@ -168,13 +175,7 @@ def test_a_table_read_whole_and_normalised_matches_torch_func(unbatched, fused, 
     torch.manual_seed(0)
     model = NormalisedTable(unbatched)
     tokens, targets = torch.randint(0, 11, (batch, 3)), torch.randint(0, 11, (batch, 3))
-    with GradNormTracker(model, "sum", fused=fused) as tracker:
-        for _ in range(2):  # the second forward starts from the first one's state
-            token_loss(model(tokens), targets).backward()
-            stats = tracker.collect()
-            model.zero_grad()
-        assert torch._C._len_torch_function_stack() == 0
-        routes = {plan.module: plan.route for plan in tracker.plan()}
+    stats, routes = tracked_twice(model, tokens, targets, fused)
     per_sample, per_param, batch_sq = reference_norms(model, token_loss, tokens, targets)
     for layer in ("table", "table_norm", "key"):
         own = sum(v for name, v in per_param.items() if name.startswith(f"{layer}."))

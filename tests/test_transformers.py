@@ -261,15 +261,20 @@ def test_t5_relative_position_bias_matches_torch_func(fused):
     assert len(biases) == 2 and all(routes[name] == "embedding" for name in biases)  # encoder, decoder
 
 
+def _deberta_settings(dropout):
+    """Tiny sizes and relative attention, without absolute positions (DeBERTa v1 and v2/v3)."""
+    return dict(
+        vocab_size=97, hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=32, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+        relative_attention=True, max_relative_positions=-1, pos_att_type=["p2c", "c2p"],
+        position_biased_input=False)
+
+
 def deberta_v3(dropout=0.0, **overrides):
     """A tiny DeBERTa-v3 masked LM (the layout of microsoft/deberta-v3-*: relative attention with
     log buckets, the position table normalised by the encoder's LayerNorm, keys shared with the
     positions' projections, no absolute positions)."""
-    settings = dict(
-        vocab_size=97, hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-        max_position_embeddings=32, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-        relative_attention=True, position_buckets=4, max_relative_positions=-1, norm_rel_ebd="layer_norm",
-        share_att_key=True, pos_att_type=["p2c", "c2p"], position_biased_input=False)
+    settings = dict(_deberta_settings(dropout), position_buckets=4, norm_rel_ebd="layer_norm", share_att_key=True)
     config = transformers.DebertaV2Config(**{**settings, **overrides})
     return MaskedLogits(transformers.DebertaV2ForMaskedLM(config))
 
@@ -279,12 +284,7 @@ def deberta_v1(dropout=0.0, **overrides):
     passes ``rel_embeddings.weight`` itself down to every layer, whose attention drops it out,
     slices it and projects it (``pos_proj``, ``pos_q_proj``); its query and value biases are
     split into heads by ``view`` and ``permute``."""
-    settings = dict(
-        vocab_size=97, hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-        max_position_embeddings=32, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-        relative_attention=True, max_relative_positions=-1, pos_att_type=["p2c", "c2p"],
-        position_biased_input=False)
-    config = transformers.DebertaConfig(**{**settings, **overrides})
+    config = transformers.DebertaConfig(**{**_deberta_settings(dropout), **overrides})
     return MaskedLogits(transformers.DebertaForMaskedLM(config))
 
 
