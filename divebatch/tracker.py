@@ -382,14 +382,6 @@ class GradNormTracker:
     # ------------------------------------------------------------------ hooks
     def _attach(self) -> None:
         hooked: set[int] = set()
-        # Modules that may be handed a tracked Embedding's weight to pass on (see _on_table_passed):
-        # those with children (few: leaves are most calls), and generic-route owners (below).
-        table_modules = {id(owner.module) for owner in self._tables.values()}
-        passers = {id(m): m for m in self.model.modules()
-                   if self._tables and id(m) not in table_modules and next(m.children(), None) is not None}
-        for owner in self._owners:
-            if owner.rule.rows_independent:
-                passers.pop(id(owner.module), None)
         for owner in self._owners:
             if owner.fused:
                 owner.module.forward = partial(self._fused_call, owner)
@@ -397,10 +389,6 @@ class GradNormTracker:
             if self._tables and owner.rule.rows_independent:
                 self._handles.append(owner.module.register_forward_pre_hook(
                     partial(self._on_table_read, owner), prepend=True, with_kwargs=True))
-            elif self._tables and id(owner.module) not in table_modules:
-                passers.pop(id(owner.module), None)
-                self._handles.append(owner.module.register_forward_pre_hook(
-                    self._on_table_passed, prepend=True, with_kwargs=True))
             if owner.rule.rows_independent:
                 # First of the pre-hooks, so every other hook and the fused forward see [B, T, ...].
                 self._handles.append(owner.module.register_forward_pre_hook(
@@ -424,9 +412,18 @@ class GradNormTracker:
                 hooked.add(id(p))
                 self._handles.append(p.register_hook(partial(self._on_param_grad, owner, _join(owner.name, name),
                                                              id(p))))
-        for module in passers.values():
-            self._handles.append(module.register_forward_pre_hook(
-                self._on_table_passed, prepend=True, with_kwargs=True))
+        # Modules that may be handed a tracked Embedding's weight (see _on_table_passed): those with
+        # children (few: leaves make most calls) and owners other than row-wise layers (which take
+        # _on_table_read) and the tables themselves. First of their pre-hooks.
+        if self._tables:
+            owners = {id(owner.module): owner for owner in self._owners}
+            tables = {id(owner.module) for owner in self._tables.values()}
+            for module in self.model.modules():
+                owner = owners.get(id(module))
+                if (id(module) not in tables and not (owner is not None and owner.rule.rows_independent)
+                        and (owner is not None or next(module.children(), None) is not None)):
+                    self._handles.append(module.register_forward_pre_hook(
+                        self._on_table_passed, prepend=True, with_kwargs=True))
         # Registered last, so it runs after the root's own hooks: watchers end with the tracked
         # model's forward (a mode a caller enters around the model call must find its own on top).
         self._handles.append(self.model.register_forward_hook(self._on_model_forward, always_call=True))
