@@ -31,6 +31,7 @@ import os
 import pickle
 import socket
 import tempfile
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -255,9 +256,11 @@ def _launched(rank: int, fn: Callable, world_size: int, port: int, backend: str,
     try:
         out = fn(*args)
         # a file, not a queue: a large result in a pipe would block this process while the
-        # parent waits in join()
-        with open(os.path.join(result_dir, f"rank{rank}.pkl"), "wb") as f:
+        # parent waits in join(); written whole, then renamed, so a file that exists is complete
+        path = os.path.join(result_dir, f"rank{rank}.pkl")
+        with open(path + ".part", "wb") as f:
             pickle.dump(out, f)
+        os.replace(path + ".part", path)
     finally:
         dist.destroy_process_group()
 
@@ -281,8 +284,18 @@ def launch(fn: Callable, nproc: int, args: Sequence = (), backend: str = "gloo",
         threads = max(1, (os.cpu_count() or 1) // nproc)
     timeout_s = default_timeout().total_seconds() if timeout_s is None else float(timeout_s)
     with tempfile.TemporaryDirectory(prefix="divebatch-launch-") as result_dir:
-        mp.start_processes(_launched, nprocs=nproc, join=True, start_method="spawn",
-                           args=(fn, nproc, free_port(), backend, timeout_s, threads, tuple(args), result_dir))
+        try:
+            mp.start_processes(_launched, nprocs=nproc, join=True, start_method="spawn",
+                               args=(fn, nproc, free_port(), backend, timeout_s, threads, tuple(args), result_dir))
+        except mp.ProcessExitedException as err:
+            # Killed by a signal after every rank returned and wrote its result: the crash was in
+            # the process group's teardown (gloo has aborted there, rarely, with "terminate called
+            # without an active exception"), the work is done. Anything earlier is an error.
+            if err.signal_name is None or not all(
+                    os.path.exists(os.path.join(result_dir, f"rank{rank}.pkl")) for rank in range(nproc)):
+                raise
+            warnings.warn(f"launch: every rank returned, but process {err.error_index} then died with "
+                          f"{err.signal_name} while shutting down; its result stands", RuntimeWarning)
         out = []
         for rank in range(nproc):
             with open(os.path.join(result_dir, f"rank{rank}.pkl"), "rb") as f:

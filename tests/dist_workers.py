@@ -137,3 +137,16 @@ def user_loop_worker(epochs: int) -> dict:
     # ---
     return {"seen": seen, "batch_sizes": sizes_log, "lr": opt.param_groups[0]["lr"],
             "decisions": policy.history}
+
+
+def aborting_worker(when: str) -> int:
+    """Return this rank's number, with rank 1 dying by SIGABRT ``"before"`` returning, or
+    ``"after"`` (at process exit, after ``launch`` has written its result: as a crash in the
+    process group's teardown)."""
+    import multiprocessing.util
+
+    if dist.get_rank() == 1:
+        if when == "before":
+            os.abort()
+        multiprocessing.util.Finalize(None, os.abort, exitpriority=0)
+    return dist.get_rank()

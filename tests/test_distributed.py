@@ -307,3 +307,12 @@ def test_three_processes_with_uneven_shares_give_the_global_numbers():
     for out in outs:
         assert rel_err(torch.tensor(out["s1"]), ref_ps.sum()) <= 1e-5
         assert rel_err(torch.tensor(out["s2"]), ref_batch) <= 1e-5
+
+
+def test_a_crash_after_every_rank_returned_keeps_the_results_and_one_before_raises():
+    """A rank killed by a signal once every rank has written its result (gloo has aborted in its
+    teardown) loses nothing, with a warning; killed before its result, the launch raises."""
+    with pytest.warns(RuntimeWarning, match="process 1 then died with SIGABRT while shutting down"):
+        assert launch(dist_workers.aborting_worker, 2, args=("after",), threads=1) == [0, 1]
+    with pytest.raises(torch.multiprocessing.ProcessExitedException, match="SIGABRT"):
+        launch(dist_workers.aborting_worker, 2, args=("before",), threads=1)
