@@ -26,6 +26,7 @@ others instead of a hang.
 from __future__ import annotations
 
 import datetime
+import gc
 import hashlib
 import os
 import pickle
@@ -262,6 +263,9 @@ def _launched(rank: int, fn: Callable, world_size: int, port: int, backend: str,
             pickle.dump(out, f)
         os.replace(path + ".part", path)
     finally:
+        # Free what the work left in reference cycles (a DistributedDataParallel reducer and its
+        # pending work) while the interpreter is whole, not during its teardown.
+        gc.collect()
         dist.destroy_process_group()
 
 
