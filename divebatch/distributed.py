@@ -243,6 +243,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _result_path(result_dir: str, rank: int) -> str:
+    return os.path.join(result_dir, f"rank{rank}.pkl")
+
+
 def _launched(rank: int, fn: Callable, world_size: int, port: int, backend: str, timeout_s: float,
               threads: int | None, args: tuple, result_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
@@ -258,7 +262,7 @@ def _launched(rank: int, fn: Callable, world_size: int, port: int, backend: str,
         out = fn(*args)
         # a file, not a queue: a large result in a pipe would block this process while the
         # parent waits in join(); written whole, then renamed, so a file that exists is complete
-        path = os.path.join(result_dir, f"rank{rank}.pkl")
+        path = _result_path(result_dir, rank)
         with open(path + ".part", "wb") as f:
             pickle.dump(out, f)
         os.replace(path + ".part", path)
@@ -277,7 +281,8 @@ def launch(fn: Callable, nproc: int, args: Sequence = (), backend: str = "gloo",
     ``fn`` must be importable by name (a module-level function): processes are started with
     ``spawn``. ``threads``: torch intra-op threads per process (default: cores // nproc, at least
     1). If any process raises, the others are stopped and the error (with the failing rank's
-    traceback) is raised here. ``timeout_s`` bounds each collective (default
+    traceback) is raised here; a process killed by a signal after every rank returned and wrote its
+    result (gloo's rare abort at teardown) only warns. ``timeout_s`` bounds each collective (default
     :func:`default_timeout`).
     """
     import torch.multiprocessing as mp
@@ -296,12 +301,12 @@ def launch(fn: Callable, nproc: int, args: Sequence = (), backend: str = "gloo",
             # the process group's teardown (gloo has aborted there, rarely, with "terminate called
             # without an active exception"), the work is done. Anything earlier is an error.
             if err.signal_name is None or not all(
-                    os.path.exists(os.path.join(result_dir, f"rank{rank}.pkl")) for rank in range(nproc)):
+                    os.path.exists(_result_path(result_dir, rank)) for rank in range(nproc)):
                 raise
             warnings.warn(f"launch: every rank returned, but process {err.error_index} then died with "
                           f"{err.signal_name} while shutting down; its result stands", RuntimeWarning)
         out = []
         for rank in range(nproc):
-            with open(os.path.join(result_dir, f"rank{rank}.pkl"), "rb") as f:
+            with open(_result_path(result_dir, rank), "rb") as f:
                 out.append(pickle.load(f))
     return out

@@ -23,7 +23,7 @@ import sys
 import weakref
 from dataclasses import dataclass, field, replace
 from functools import partial, wraps
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -116,7 +116,9 @@ class _Call:
     fused: bool = False
     watcher: SharedOutputWatcher | None = None  # an output shared by all samples, see _watch_shared_output
     unbatched: bool = False  # input (or table) shared by the samples, without a batch dim: see _on_table_read
-    refusal: str = ""  # why its shared output could not be split per sample (unbatched calls): the error's hint
+    # Why its shared output could not be split per sample (unbatched calls): the batch error's hint,
+    # built only if that error is raised (a batch of 1 every step takes the same path, correctly).
+    refusal: Callable[[], str] | None = None
 
 
 @dataclass
@@ -779,7 +781,7 @@ class GradNormTracker:
             # Refused by the batch check, with its hint (or a batch of 1 everywhere, where the whole
             # grad is the sample's).
             if call.unbatched:
-                call.refusal = self._unbatched_refusal(call, watcher)
+                call.refusal = partial(self._unbatched_refusal, call, watcher)
                 return self._one_sample(call, grad)
             return grad
         B, ctx, per_sample = watcher.batch_size, call.ctx, watcher.per_sample  # [B, *output.shape]
@@ -951,8 +953,8 @@ class GradNormTracker:
                 step.batch_size = call.batch_size
             elif call.batch_size != step.batch_size:
                 hint = ""
-                if call.refusal:
-                    hint = call.refusal
+                if call.refusal is not None:
+                    hint = call.refusal()
                 elif 1 in (call.batch_size, step.batch_size):
                     hint = (" A batch of 1 is usually an input shared by all samples whose output is broadcast "
                             "over the batch later (e.g. position ids of shape [1, T]): broadcasting sums the "

@@ -132,6 +132,7 @@ def _keeps_order(index) -> bool:
     return all(i is None or i is Ellipsis or (isinstance(i, int) and not isinstance(i, bool))
                or (isinstance(i, slice) and i == slice(None)) for i in items)
 
+
 _PERMUTES = {torch.permute, torch.Tensor.permute, torch.transpose, torch.Tensor.transpose}
 
 
