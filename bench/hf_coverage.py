@@ -8,6 +8,15 @@ encoder-decoder models get the tokens on both sides. Prints a Markdown table.
 
     python bench/hf_coverage.py --out bench/results/hf_coverage.md
     python bench/hf_coverage.py llama gemma t5          # some architectures only
+
+``--padded`` checks the way a fine-tuning loop calls the model instead: sequences of 8, 5 and 3
+tokens padded to 8, ``model(input_ids, attention_mask=..., labels=...)`` with ``-100`` labels on
+the padding, and the model's own loss (a mean over the labelled tokens, so ``loss_reduction`` is
+``1 / n_labelled``). ``--dropout P`` trains with every dropout of the config at ``P``. Both take
+as reference the per-sample gradients of the tracked forward itself (a backward of each sample's
+summed token loss over the same logits, seeded alike), which holds for any random draws.
+
+    python bench/hf_coverage.py --padded --dropout 0.1 --out bench/results/hf_coverage_padded.md
 """
 
 from __future__ import annotations
@@ -35,7 +44,9 @@ TINY = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_he
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, dropout=0.0, attention_dropout=0.0,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, hidden_dropout=0.0, activation_dropout=0.0,
             head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=0,
-            embedding_size=32, word_embed_proj_dim=32, rotary_dim=8, dropout_rate=0.0, classifier_dropout=0.0)
+            embedding_size=32, word_embed_proj_dim=32, rotary_dim=8, dropout_rate=0.0, classifier_dropout=0.0,
+            decoder_vocab_size=97)
+DROPOUTS = [key for key in TINY if "drop" in key]
 CAUSAL = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "gpt_neox", "opt",
           "bloom", "gptj", "stablelm", "olmo", "olmo2", "cohere", "starcoder2", "granite", "smollm3", "mixtral",
           "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "gemma3_text", "mpt", "codegen", "xglm",
@@ -51,7 +62,10 @@ SEQ2SEQ = ["t5", "bart", "mbart", "pegasus", "marian"]
 # group, the first layer dense and the second a mixture.
 _DEEPSEEK = dict(n_routed_experts=4, moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
                  topk_group=1, num_experts_per_tok=2)
-_LATENT = dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, head_dim=4, v_head_dim=8, qk_nope_head_dim=4)
+# (Latent attention has as many key/value heads as query heads: the eager and masked SDPA paths
+# repeat the keys by num_attention_heads / num_key_value_heads.)
+_LATENT = dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, head_dim=4, v_head_dim=8, qk_nope_head_dim=4,
+               num_key_value_heads=4)
 EXTRA = {"deepseek_v2": {**_DEEPSEEK, **_LATENT}, "deepseek_v3": {**_DEEPSEEK, **_LATENT}, "glm4_moe": _DEEPSEEK, "glm4_moe_lite": {**_DEEPSEEK, **_LATENT},
          "dots1": _DEEPSEEK, "hunyuan_v1_moe": dict(num_experts=4, moe_topk=2),
          "llama4_text": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size_mlp=48),
@@ -140,18 +154,90 @@ def check(name: str) -> dict:
     return row
 
 
+def padded_batch(name: str):
+    """Token ids [3, 8] with padded tails (lengths 8, 5, 3), the attention mask, and labels with
+    -100 on the padding (and on the first token of a sequence-to-sequence target, as if cut)."""
+    tokens = torch.randint(3, 97, (3, 8))
+    mask = torch.ones_like(tokens)
+    mask[1, 5:] = mask[2, 3:] = 0
+    tokens = tokens.masked_fill(mask == 0, TINY["pad_token_id"])
+    labels = tokens.masked_fill(mask == 0, -100)
+    return tokens, mask, labels
+
+
+def sample_token_losses(name: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B]: each sample's summed token loss, as transformers' loss counts them (causal LMs
+    predict the next token; masked and sequence-to-sequence LMs the labelled ones)."""
+    if name in CAUSAL:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                             ignore_index=-100, reduction="none")
+    return losses.view(labels.shape[0], -1).sum(1)
+
+
+def check_padded(name: str) -> dict:
+    """A padded batch through the model's own ``labels=`` loss (see the module docstring)."""
+    torch.manual_seed(0)
+    try:
+        net = tiny_model(name)
+    except Exception as err:  # noqa: BLE001 - a config this script cannot shrink
+        return {"arch": name, "result": "not built", "detail": f"{type(err).__name__}: {str(err)[:120]}"}
+    tokens, mask, labels = padded_batch(name)
+    inputs = dict(input_ids=tokens, attention_mask=mask)
+    if name in SEQ2SEQ:
+        inputs["decoder_input_ids"] = tokens
+    labelled = int((labels[:, 1:] if name in CAUSAL else labels).ne(-100).sum())
+    try:
+        net(**inputs)  # the model itself (a tiny config that does not fit the mask fails here)
+    except Exception as err:  # noqa: BLE001
+        return {"arch": name, "result": "not run", "detail": f"the model fails alone: {type(err).__name__}: "
+                                                             f"{str(err)[:120]}"}
+    net.zero_grad()
+    try:
+        with GradNormTracker(net, 1.0 / labelled) as tracker:
+            torch.manual_seed(1)
+            net(**inputs, labels=labels).loss.backward()
+            stats = tracker.collect()
+            plans = tracker.plan()
+    except (ValueError, RuntimeError, TypeError) as err:
+        return {"arch": name, "result": "refused", "detail": f"{type(err).__name__}: {str(err)[:160]}"}
+    net.zero_grad()
+    params = [p for p in net.parameters() if p.requires_grad]
+    torch.manual_seed(1)
+    losses = sample_token_losses(name, net(**inputs).logits, labels)
+    reference = torch.stack([
+        sum(g.double().square().sum() for g in torch.autograd.grad(
+            losses[b], params, retain_graph=True, allow_unused=True, materialize_grads=True))
+        for b in range(losses.shape[0])])
+    routes = collections.Counter(plan.route for plan in plans)
+    replayed = sorted({type(net.get_submodule(p.module)).__name__ for p in plans if p.route == "generic (vmap vjp)"})
+    err = rel_err(stats.per_sample, reference)
+    result = ("exact" if err <= 1e-4 else "WRONG") + (", replays " + ", ".join(replayed) if replayed else "")
+    return {"arch": name, "result": result,
+            "detail": f"err {err:.1e}; " + ", ".join(f"{k} {v}" for k, v in sorted(routes.items()))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("archs", nargs="*", help="model types (default: a list of popular ones)")
     parser.add_argument("--out", help="write the Markdown table here too")
+    parser.add_argument("--padded", action="store_true",
+                        help="padded sequences, attention mask and the model's own labels= loss")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="every dropout probability of the config (with --padded)")
     args = parser.parse_args()
+    if args.dropout and not args.padded:
+        parser.error("--dropout needs --padded (its reference is the tracked forward's own draws)")
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
-    lines = [f"transformers {transformers.__version__}, torch {torch.__version__}", "",
+    for key in DROPOUTS:
+        TINY[key] = args.dropout
+    setting = f"; padded batch, the model's own loss, dropout {args.dropout}" if args.padded else ""
+    lines = [f"transformers {transformers.__version__}, torch {torch.__version__}{setting}", "",
              "| architecture | result | detail |", "|---|---|---|"]
     print("\n".join(lines), flush=True)
     for name in args.archs or CAUSAL + MASKED + SEQ2SEQ:
-        row = check(name)
+        row = check_padded(name) if args.padded else check(name)
         line = f"| {row['arch']} | {row['result']} | {row['detail'].replace('|', '/')} |"
         print(line, flush=True)
         lines.append(line)

@@ -42,11 +42,15 @@ class SharedPositions(nn.Module):
 class RelativeBias(nn.Module):
     """T5's pattern: a bias table looked up with ``[q, k]`` buckets, permuted to ``[1, H, q, k]``,
     masked by ``torch.where`` with a one-sample causal mask, and used as the additive attention
-    mask of ``F.scaled_dot_product_attention`` in two layers."""
+    mask of ``F.scaled_dot_product_attention`` in two layers. ``padding``: token 0 is padding, and
+    each sample's ``[B, 1, 1, k]`` key mask selects the bias (``where``: transformers' SDPA path
+    for T5 under an attention mask, ``torch.where(mask, bias, min)``; ``where-method``:
+    ``bias.where(mask, min)``; ``masked_fill``: ``bias.masked_fill(~mask, min)``), broadcasting it
+    over the samples before the attention."""
 
-    def __init__(self, vocab=11, dim=8, heads=2, buckets=5):
+    def __init__(self, vocab=11, dim=8, heads=2, buckets=5, padding=None):
         super().__init__()
-        self.heads, self.buckets = heads, buckets
+        self.heads, self.buckets, self.padding = heads, buckets, padding
         self.tokens = nn.Embedding(vocab, dim)
         self.bias = nn.Embedding(buckets, heads)
         self.qkv = nn.ModuleList([nn.Linear(dim, 3 * dim) for _ in range(2)])
@@ -59,6 +63,13 @@ class RelativeBias(nn.Module):
         buckets = (position[:, None] - position[None, :]).clamp(0, self.buckets - 1)  # [q, k]: distance back
         causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()[None, None]
         bias = torch.where(causal, self.bias(buckets).permute(2, 0, 1).unsqueeze(0), -1e4)
+        keep = (idx != 0)[:, None, None, :]  # [B, 1, 1, k]
+        if self.padding == "where":
+            bias = torch.where(keep, bias, -1e4)
+        elif self.padding == "where-method":
+            bias = bias.where(keep, -1e4)
+        elif self.padding == "masked_fill":
+            bias = bias.masked_fill(~keep, -1e4)
         for qkv in self.qkv:
             q, k, v = qkv(h).view(B, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
@@ -118,11 +129,15 @@ def tracked_twice(model, tokens, targets, fused):
     (lambda: ProjectedPositions("matmul"), "pos_proj"), (lambda: ProjectedPositions("repeat"), "pos_proj"),
     (lambda: ProjectedPositions("matmul", shared_proj=True), "key"),
     (lambda: ProjectedPositions("repeat", shared_proj=True), "key"),
-], ids=["positions", "relative-bias", "projected-matmul", "projected-repeat", "shared-key-matmul", "shared-key-repeat"])
+    (lambda: RelativeBias(padding="where"), "bias"), (lambda: RelativeBias(padding="where-method"), "bias"),
+    (lambda: RelativeBias(padding="masked_fill"), "bias"),
+], ids=["positions", "relative-bias", "projected-matmul", "projected-repeat", "shared-key-matmul", "shared-key-repeat",
+        "padded-where", "padded-where-method", "padded-masked-fill"])
 def test_shared_outputs_match_torch_func(make, table, fused):
     torch.manual_seed(0)
     model = make()
-    tokens, targets = torch.randint(0, 11, (3, 5)), torch.randint(0, 11, (3, 5))
+    tokens, targets = torch.randint(1, 11, (3, 5)), torch.randint(0, 11, (3, 5))
+    tokens[1, 3:] = tokens[2, 2:] = 0  # padded tails (token 0) where a model masks them
     stats, _ = tracked_twice(model, tokens, targets, fused)
     per_sample, per_param, batch = reference_norms(model, token_loss, tokens, targets)
     own = sum(v for name, v in per_param.items() if name.startswith(f"{table}."))

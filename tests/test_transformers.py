@@ -261,6 +261,57 @@ def test_t5_relative_position_bias_matches_torch_func(fused):
     assert len(biases) == 2 and all(routes[name] == "embedding" for name in biases)  # encoder, decoder
 
 
+def _padded_models():
+    """Tiny configs of a causal LM, a masked LM and an encoder-decoder, with dropout 0.1."""
+    return {
+        "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=97, n_positions=16, n_embd=24, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)),
+        "bert": lambda: transformers.BertForMaskedLM(transformers.BertConfig(
+            vocab_size=97, hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
+            max_position_embeddings=16, pad_token_id=0)),
+        "t5": lambda: transformers.T5ForConditionalGeneration(transformers.T5Config(
+            vocab_size=97, d_model=16, d_kv=8, d_ff=24, num_layers=2, num_decoder_layers=2, num_heads=2,
+            relative_attention_num_buckets=8, dropout_rate=0.1, decoder_start_token_id=0, pad_token_id=0)),
+    }
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("kind", ["gpt2", "bert", "t5"])
+def test_padded_batch_through_the_models_own_loss_matches_the_same_forward(kind, fused):
+    """How a fine-tuning loop calls the model: sequences padded to one length, the attention
+    mask, ``labels`` with -100 on the padding, the model's own loss (a mean over the labelled
+    tokens, so c = 1 / n_labelled), dropout in training mode. T5 then meets its relative-position
+    bias with each sample's padding mask (``torch.where(mask, bias, min)``): it broadcasts the
+    shared bias over the samples. Reference: each sample's summed token loss backpropagated
+    through the same forward (same dropout draws)."""
+    torch.manual_seed(0)
+    net = _padded_models()[kind]().train()
+    tokens = torch.randint(3, 97, (3, 9))
+    mask = torch.ones_like(tokens)
+    mask[1, 6:] = mask[2, 3:] = 0
+    tokens = tokens.masked_fill(mask == 0, 0)
+    labels = tokens.masked_fill(mask == 0, -100)
+    inputs = dict(input_ids=tokens, attention_mask=mask)
+    if kind == "t5":
+        inputs["decoder_input_ids"] = tokens
+    causal = kind == "gpt2"
+    targets = labels[:, 1:] if causal else labels
+    with GradNormTracker(net, 1.0 / int(targets.ne(-100).sum()), fused=fused) as tracker:
+        torch.manual_seed(3)
+        net(**inputs, labels=labels).loss.backward()
+        stats = tracker.collect()
+    net.zero_grad()
+    torch.manual_seed(3)
+    logits = net(**inputs).logits
+    logits = logits[:, :-1] if causal else logits
+    losses = F.cross_entropy(logits.reshape(-1, 97), targets.reshape(-1), reduction="none").view(3, -1).sum(1)
+    params = [p for p in net.parameters() if p.requires_grad]
+    expected = torch.stack([sum(g.double().square().sum() for g in torch.autograd.grad(
+        losses[b], params, retain_graph=True, allow_unused=True, materialize_grads=True)) for b in range(3)])
+    assert rel_err(stats.per_sample, expected) <= RTOL
+    assert max(stats.unaccounted.values()) <= 1e-5
+
+
 def _deberta_settings(dropout):
     """Tiny sizes and relative attention, without absolute positions (DeBERTa v1 and v2/v3)."""
     return dict(

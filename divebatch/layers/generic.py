@@ -815,6 +815,12 @@ _SHAPE_OPS = _ALIAS_OPS | {
 }
 
 
+# Ops that pick each entry from one tensor or another by a mask: with a [B, ...] mask they
+# broadcast a shared output over the samples (see SharedOutputWatcher._selected).
+_WHERES = {torch.where}
+_WHERE_METHODS = {torch.Tensor.where}
+_SELECTIONS = _WHERES | _WHERE_METHODS | {torch.masked_fill, torch.Tensor.masked_fill}
+
 _HOLE = object()  # where a recorded op took the followed tensor
 _MAX_CHAIN = 16  # ops followed from the shared output to one use (then the use is not split)
 
@@ -870,6 +876,8 @@ class SharedOutputWatcher(TorchFunctionMode):
         if func is torch.Tensor.repeat and hits == [0] and not inside and self._repeat(args, kwargs, out):
             return out
         if func in _MATMULS and len(hits) == 1 and len(args) == 2 and not inside and self._product(args, hits[0], out):
+            return out
+        if func in _SELECTIONS and len(hits) == 1 and not inside and self._selected(func, args, kwargs, hits[0], out):
             return out
         kind = _DIRECT_KINDS.get(func)
         sign = _IN_PLACE_SIGNS.get(func)
@@ -947,6 +955,39 @@ class SharedOutputWatcher(TorchFunctionMode):
             return False
         out.register_hook(partial(self._collect_product, position, other.detach(), alias.shape,
                                   self.aliases[id(alias)][1]))
+        self.broadcasts += 1
+        return True
+
+    def _selected(self, func, args, kwargs, position: int, out) -> bool:
+        """``torch.where(mask, alias, x)``, ``torch.where(mask, x, alias)`` or
+        ``alias.masked_fill(mask, value)`` with a ``[B, ...]`` mask (or ``x``): the alias broadcast
+        over the samples, each taking it where its mask selects it (T5's position bias under a
+        padding mask, ``torch.where(attention_mask, position_bias, min)`` in transformers' SDPA
+        path). Sample ``b``'s grad of the alias is its output grad where the alias was selected."""
+        alias = args[position]
+        if kwargs or not isinstance(out, torch.Tensor):
+            return False
+        if func in _WHERES:
+            if len(args) != 3 or position == 0:
+                return False
+            mask, takes_alias = args[0], position == 1
+        elif func in _WHERE_METHODS:  # alias.where(mask, x) / x.where(mask, alias)
+            if len(args) != 3 or position == 1:
+                return False
+            mask, takes_alias = args[1], position == 0
+        else:  # masked_fill: the alias where the mask is False
+            if len(args) != 3 or position != 0:
+                return False
+            mask, takes_alias = args[1], False
+        if (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or out.dim() != alias.dim()
+                or out.dim() == 0 or alias.shape[0] != 1 or out.shape[0] < 2):
+            return False
+        if self.batch_size is None:
+            self.batch_size = out.shape[0]
+        if out.shape[0] != self.batch_size:
+            return False
+        selected = (mask if takes_alias else ~mask).detach()
+        out.register_hook(partial(self._collect, 1.0, selected, alias.shape, self.aliases[id(alias)][1]))
         self.broadcasts += 1
         return True
 
