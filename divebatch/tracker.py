@@ -783,6 +783,8 @@ class GradNormTracker:
             if call.unbatched:
                 call.refusal = partial(self._unbatched_refusal, call, watcher)
                 return self._one_sample(call, grad)
+            if watcher.recomputed or watcher.used_without_grad:
+                call.refusal = partial(self._checkpoint_refusal, watcher)
             return grad
         B, ctx, per_sample = watcher.batch_size, call.ctx, watcher.per_sample  # [B, *output.shape]
         batch_of_one = grad.shape[0] == 1 and call.batch_size == 1  # a [1, T] lookup: its row 0 is every sample's
@@ -812,6 +814,11 @@ class GradNormTracker:
                 "LayerNorm, a Linear) to ops that broadcast it over the batch (`+`, `-`, `*`, a matmul with "
                 f"[B, ...] queries, `repeat(B, ...)`); {watcher.failure()}. Use it only through those ops (see the "
                 "README, 'What is covered').")
+
+    @staticmethod
+    def _checkpoint_refusal(watcher: SharedOutputWatcher) -> str:
+        return (" Its output is shared by the samples and split per sample only where every use of it is "
+                f"followed; {watcher.failure()}.")
 
     @staticmethod
     def _one_sample(call: _Call, grad: torch.Tensor) -> torch.Tensor:

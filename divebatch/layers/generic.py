@@ -121,6 +121,9 @@ _ALIAS_OPS = {
     torch.Tensor.type_as, torch.Tensor.type,
 }
 
+# Of _ALIAS_OPS, those whose second argument only gives a shape or dtype.
+_LIKE_OPS = {torch.Tensor.view_as, torch.Tensor.reshape_as, torch.Tensor.type_as}
+
 # Of _ALIAS_OPS, those whose output may have any shape of the same numel, in the same row-major order.
 _RESHAPES = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.view_as, torch.Tensor.reshape_as}
 
@@ -852,6 +855,10 @@ class SharedOutputWatcher(TorchFunctionMode):
         self.unknown_op: str | None = None  # the first use it could not split, named in errors
         self.broadcasts = 0  # ops seen broadcasting the output over the samples
         self.unreadable_masks: list[torch.Tensor] = []  # 0-d: a dropout whose mask has entries it cannot read
+        # Signs of a reentrant activation checkpoint, named in errors: its first forward runs under
+        # no_grad, and its blocks recompute in the backward on detached copies of their inputs.
+        self.used_without_grad = False
+        self.recomputed = torch._C._current_graph_task_id() != -1  # created inside a backward
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -861,7 +868,11 @@ class SharedOutputWatcher(TorchFunctionMode):
                 return out
         out = func(*args, **kwargs)
         hits = _hits(args, self._is_alias)
+        if hits == [0, 1] and func in _LIKE_OPS:
+            hits = [0]  # ``alias.view_as(alias)`` (an autograd.Function returning its input): args[1] gives a shape
         inside = _nested(args, kwargs, self._is_alias)
+        if (hits or inside) and not torch.is_grad_enabled():
+            self.used_without_grad = True
         if (not hits and not inside) or self.unknown_use or not _carries_grad(out):
             return out
         if (len(hits) == 1 and not inside and isinstance(out, torch.Tensor) and self._still_shared(func, args, kwargs, out)
@@ -1069,6 +1080,16 @@ class SharedOutputWatcher(TorchFunctionMode):
         """Why ``complete`` was false, for an error message."""
         if self.unknown_op is not None:
             return f"it met `{self.unknown_op}`, which it cannot split per sample"
+        checkpoint = ("use_reentrant=False (with transformers: model.gradient_checkpointing_enable("
+                      "gradient_checkpointing_kwargs={'use_reentrant': False}), its default)")
+        if self.recomputed:
+            return ("it was computed again in the backward, as a reentrant activation checkpoint "
+                    "(torch.utils.checkpoint with use_reentrant=True) recomputes its block, and the blocks after "
+                    "it get it as a detached copy whose uses cannot be followed; checkpoint with " + checkpoint)
+        if self.used_without_grad:
+            return ("it was used under torch.no_grad(), as a reentrant activation checkpoint (torch.utils.checkpoint "
+                    "with use_reentrant=True) runs its block before recomputing it in the backward on a detached "
+                    "copy whose uses cannot be followed; checkpoint with " + checkpoint)
         if self.unreadable_masks and bool(torch.stack(self.unreadable_masks).any()):
             return "a dropout of it kept or dropped entries of 0, whose mask cannot be read"
         if self.per_sample is None:
