@@ -58,8 +58,9 @@ class GradNormStats:
         backwards: tracked backward passes since the previous ``collect()``; only the last one is
             in these stats (more than 1 means gradient accumulation went uncollected).
         unaccounted: on a verified backward (see ``GradNormTracker``'s ``verify_every``), module
-            name -> ``||grad - accounted|| / ||grad||`` over the module's parameters: the part of
-            autograd's gradient that the module's forward calls do not account for (float32
+            name -> ``||grad - accounted|| / max(||grad||, sqrt(sum_i ||g_i||^2))`` over the
+            module's parameters: the part of autograd's gradient that the module's forward calls do
+            not account for, relative to the larger of that gradient and the samples' own (float32
             rounding when all is well; above the tolerance ``collect()`` raises instead). None
             on backwards that were not verified.
     """
@@ -150,15 +151,21 @@ class _Verified:
     owner: _Owner
     diff_sq: float = 0.0    # ||autograd's grad - accounted||^2
     grad_sq: float = 0.0    # ||autograd's grad||^2
+    # sum_i ||g_i||^2 of the module's calls: where the samples' gradients cancel (a BatchNorm
+    # followed by a per-channel op and another BatchNorm: ~1e-17), both sides of the comparison
+    # are rounding of sums of terms of this size, so the difference is judged against it too.
+    samples_sq: float = 0.0
+    compared: bool = False  # at least one of its parameters' gradients was compared
     worst: str = ""         # the parameter with the largest difference (named in the error)
     worst_diff_sq: float = -1.0
     exact: bool = True      # every gradient float32/64 on CPU (the tight tolerance applies)
 
     @property
     def relative(self) -> float:
-        """``sqrt(diff_sq / grad_sq)``; 0 for 0/0, inf for a difference on a zero gradient."""
-        if self.grad_sq > 0:
-            return math.sqrt(self.diff_sq / self.grad_sq)
+        """``sqrt(diff_sq / max(grad_sq, samples_sq))``; 0 for 0/0, inf for a difference on zeros."""
+        scale = max(self.grad_sq, self.samples_sq)
+        if scale > 0:
+            return math.sqrt(self.diff_sq / scale)
         return 0.0 if self.diff_sq == 0 else math.inf
 
 
@@ -926,6 +933,7 @@ class GradNormTracker:
             grad = grad.to_dense()
         diff_sq = squared_norm(grad.float() - accounted).item()
         entry = step.verified.setdefault(id(owner), _Verified(owner))
+        entry.compared = True
         entry.diff_sq += diff_sq
         entry.grad_sq += squared_norm(grad).item()
         entry.exact = entry.exact and grad.dtype in (torch.float32, torch.float64) and grad.device.type == "cpu"
@@ -982,6 +990,8 @@ class GradNormTracker:
             sq = owner.rule.norms(owner.module, [(c.ctx, c.grads) for c in calls], owner.tracked)
         if step.verify:
             self._add_accounted(step, owner, calls)
+            entry = step.verified.setdefault(id(owner), _Verified(owner))
+            entry.samples_sq += float(sq.float().sum())
         prev = step.per_layer.get(owner.name)
         step.per_layer[owner.name] = sq if prev is None else prev + sq
         step.contributed.add(id(owner))
@@ -1083,7 +1093,7 @@ class GradNormTracker:
             batch_sq = (step.batch_grad_sq if step.batch_grad_sq is not None else per_sample.new_zeros(())) * inv_c2
         unaccounted = None
         if step.verify:
-            unaccounted = {entry.owner.name: entry.relative for entry in step.verified.values()}
+            unaccounted = {entry.owner.name: entry.relative for entry in step.verified.values() if entry.compared}
         return GradNormStats(per_sample, batch_sq, per_layer, B, c, unaccounted=unaccounted)
 
 

@@ -156,3 +156,23 @@ def test_aliased_bias_also_used_by_the_parent_is_refused():
     model, x, y = AliasedBiasHead(use_bias_directly=True), torch.randn(3, 4, 6), torch.randint(0, 5, (3, 4))
     with pytest.raises(RuntimeError, match=r"'decoder\.bias'.*outside that module's forward"):
         tracked_collect(model, x, y, token_loss)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+def test_a_gradient_that_cancels_over_the_samples_is_not_taken_for_an_outside_use(fused):
+    """A BatchNorm followed by another one in training mode (EfficientNet's expansion BatchNorm
+    at 1x1 resolution before a depthwise convolution and its BatchNorm): the second normalises
+    away any per-channel shift, so the first one's bias gradient is rounding (~1e-17), while
+    each sample's share of it is not. Judged against that gradient alone the rounding looked like
+    an outside use; it is judged against the samples' shares too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    with GradNormTracker(model, "sum", fused=fused) as tracker:
+        sample_loss(model(x), y).backward()
+        stats = tracker.collect()
+    bias_grad = model[1].bias.grad.norm()
+    assert bias_grad < 1e-6 * stats.per_layer["1"].sum().sqrt()  # the regime under test
+    assert stats.unaccounted["1"] <= 1e-5
+    batch = sum(p.grad.double().square().sum() for p in model.parameters())
+    assert rel_err(stats.batch_grad_sq, batch) <= 1e-4
