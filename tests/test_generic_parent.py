@@ -309,6 +309,24 @@ class ReorderedParameter(nn.Module):
         return x * self.weight[self.order]
 
 
+class OptionalMaskToken(nn.Module):
+    """DINOv2's embeddings: a class token and a position table broadcast over the samples, and a
+    mask token used only when a mask is given (none here). A parameter this call does not use
+    has per-sample gradients of 0: the call is still read from its uses, not replayed (a replay
+    would refuse the dropout these embeddings have in training mode)."""
+
+    def __init__(self, d=5, T=4):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 1, d))
+        self.mask_token = nn.Parameter(torch.randn(1, d))
+        self.position = nn.Parameter(torch.randn(1, T + 1, d))
+
+    def forward(self, x, mask=None):  # x: [B, T, d]
+        if mask is not None:
+            x = torch.where(mask[..., None], self.mask_token, x)
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.position
+
+
 class Raising(nn.Module):
     def __init__(self):
         super().__init__()
@@ -333,8 +351,9 @@ class Raising(nn.Module):
     (partial(ReorderedParameter, "transpose"), (3, 5, 5), "generic (vmap vjp)"),
     (partial(ReorderedParameter, "permute"), (3, 5, 5), "generic (vmap vjp)"),
     (partial(ReorderedParameter, "index"), (3, 5, 5), "generic (vmap vjp)"),
+    (OptionalMaskToken, (3, 4, 5), "generic (broadcast uses)"),
 ], ids=["root-tokens", "signed", "functional-layer-norm", "product", "einsum", "replayed", "functions-of-parameters",
-        "function-in-product", "head-biases", "transposed", "permuted", "indexed"])
+        "function-in-product", "head-biases", "transposed", "permuted", "indexed", "unused-parameter"])
 def test_broadcast_uses_match_torch_func(make, shape, route, fused):
     torch.manual_seed(0)
     model, x = make(), torch.randn(*shape)

@@ -461,14 +461,16 @@ class DirectUseRecorder(TorchFunctionMode):
 def usable_direct_uses(uses: list[DirectUse] | None, tracked: dict, batch_size: int,
                        rows: tuple[int, ...] | None = None,
                        input_samples: torch.Tensor | None = None) -> list[DirectUse] | None:
-    """``uses`` if they cover every tracked parameter and each broadcasts the parameter over the
-    ``batch_size`` samples of dim 0 (so per-sample gradients are a reduction of its output grad),
-    or is a product with rows of the module's first input, whose ``rows`` (the merged leading
+    """``uses`` if each broadcasts its parameter over the ``batch_size`` samples of dim 0 (so
+    per-sample gradients are a reduction of its output grad), or is a product with rows of the module's first input, whose ``rows`` (the merged leading
     sizes, if samples and tokens were flattened) say which sample each row belongs to. With
     ``input_samples`` (the sample of each of the first input's rows, in any order) only products
     qualify; they are given that map."""
-    if uses is None or {use.name for use in uses} != set(tracked):
+    if uses is None:
         return None
+    # A tracked parameter with no recorded use was not used by this call (every op on a tensor
+    # passes the recorder, which gives up at any use it cannot read): its per-sample gradients
+    # are 0 (DINOv2's mask_token without a mask). The accounting check compares that with autograd.
     if input_samples is not None:
         if not all(use.kind == "rows" and use.other.n_input == input_samples.shape[0] for use in uses):
             return None
