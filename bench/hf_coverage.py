@@ -17,6 +17,13 @@ as reference the per-sample gradients of the tracked forward itself (a backward 
 summed token loss over the same logits, seeded alike), which holds for any random draws.
 
     python bench/hf_coverage.py --padded --dropout 0.1 --out bench/results/hf_coverage_padded.md
+
+``--vision`` checks image classifiers (``AutoModelForImageClassification``, 3 images of 32x32,
+the model's own ``labels=`` loss, dropout and stochastic depth at ``--dropout``) the same way; their BatchNorm layers run
+in eval mode, where a sample's gradient is defined (in training mode divebatch gives the batch
+decomposition the README describes).
+
+    python bench/hf_coverage.py --vision --dropout 0.1 --out bench/results/hf_coverage_vision.md
 """
 
 from __future__ import annotations
@@ -202,9 +209,55 @@ def check_padded(name: str) -> dict:
     except (ValueError, RuntimeError, TypeError) as err:
         return {"arch": name, "result": "refused", "detail": f"{type(err).__name__}: {str(err)[:160]}"}
     net.zero_grad()
-    params = [p for p in net.parameters() if p.requires_grad]
     torch.manual_seed(1)
-    losses = sample_token_losses(name, net(**inputs).logits, labels)
+    return _compared(net, stats, plans, sample_token_losses(name, net(**inputs).logits, labels))
+
+
+VISION = ["vit", "beit", "data2vec-vision", "vit_msn", "dinov2", "convnext", "convnextv2", "focalnet", "swin",
+          "swinv2", "resnet", "regnet", "mobilenet_v2", "efficientnet"]
+VISION_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=32,
+                   patch_size=8, num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], embed_dim=16, num_heads=[2, 2],
+                   window_size=2, embedding_size=8, num_labels=3)
+
+
+def check_vision(name: str, dropout: float) -> dict:
+    """An image classifier through its own ``labels=`` loss (see the module docstring)."""
+    torch.manual_seed(0)
+    try:
+        config = transformers.AutoConfig.for_model(name)
+        for key, value in VISION_TINY.items():
+            if hasattr(config, key):
+                setattr(config, key, value)
+        for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout_rate", "classifier_dropout_prob",
+                    "drop_path_rate"):  # (stochastic depth: one draw per sample)
+            if hasattr(config, key):
+                setattr(config, key, dropout)
+        net = transformers.AutoModelForImageClassification.from_config(config).train()
+    except Exception as err:  # noqa: BLE001 - a config this script cannot shrink
+        return {"arch": name, "result": "not built", "detail": f"{type(err).__name__}: {str(err)[:120]}"}
+    batch_norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in batch_norms:
+        m.eval()
+    images, labels = torch.randn(3, 3, 32, 32), torch.tensor([0, 2, 1])
+    try:
+        with GradNormTracker(net, "mean") as tracker:
+            torch.manual_seed(1)
+            net(pixel_values=images, labels=labels).loss.backward()
+            stats = tracker.collect()
+            plans = tracker.plan()
+    except (ValueError, RuntimeError, TypeError) as err:
+        return {"arch": name, "result": "refused", "detail": f"{type(err).__name__}: {str(err)[:160]}"}
+    net.zero_grad()
+    torch.manual_seed(1)
+    losses = F.cross_entropy(net(pixel_values=images).logits.float(), labels, reduction="none")
+    detail = f"{len(batch_norms)} BatchNorm in eval mode; " if batch_norms else ""
+    return _compared(net, stats, plans, losses, detail)
+
+
+def _compared(net, stats, plans, losses: torch.Tensor, detail: str = "") -> dict:
+    """The table row: ``stats.per_sample`` against each sample's loss ``losses[b]`` backpropagated
+    through the same forward, and the routes taken."""
+    params = [p for p in net.parameters() if p.requires_grad]
     reference = torch.stack([
         sum(g.double().square().sum() for g in torch.autograd.grad(
             losses[b], params, retain_graph=True, allow_unused=True, materialize_grads=True))
@@ -213,8 +266,8 @@ def check_padded(name: str) -> dict:
     replayed = sorted({type(net.get_submodule(p.module)).__name__ for p in plans if p.route == "generic (vmap vjp)"})
     err = rel_err(stats.per_sample, reference)
     result = ("exact" if err <= 1e-4 else "WRONG") + (", replays " + ", ".join(replayed) if replayed else "")
-    return {"arch": name, "result": result,
-            "detail": f"err {err:.1e}; " + ", ".join(f"{k} {v}" for k, v in sorted(routes.items()))}
+    return {"result": result,
+            "detail": f"{detail}err {err:.1e}; " + ", ".join(f"{k} {v}" for k, v in sorted(routes.items()))}
 
 
 def main() -> None:
@@ -223,21 +276,26 @@ def main() -> None:
     parser.add_argument("--out", help="write the Markdown table here too")
     parser.add_argument("--padded", action="store_true",
                         help="padded sequences, attention mask and the model's own labels= loss")
+    parser.add_argument("--vision", action="store_true",
+                        help="image classifiers through their own labels= loss")
     parser.add_argument("--dropout", type=float, default=0.0,
-                        help="every dropout probability of the config (with --padded)")
+                        help="every dropout probability of the config (with --padded or --vision)")
     args = parser.parse_args()
-    if args.dropout and not args.padded:
-        parser.error("--dropout needs --padded (its reference is the tracked forward's own draws)")
+    if args.dropout and not (args.padded or args.vision):
+        parser.error("--dropout needs --padded or --vision (their reference is the tracked forward's own draws)")
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
     for key in DROPOUTS:
         TINY[key] = args.dropout
-    setting = f"; padded batch, the model's own loss, dropout {args.dropout}" if args.padded else ""
+    setting = (f"; padded batch, the model's own loss, dropout {args.dropout}" if args.padded else
+               f"; image classifiers, the model's own loss, dropout {args.dropout}" if args.vision else "")
     lines = [f"transformers {transformers.__version__}, torch {torch.__version__}{setting}", "",
              "| architecture | result | detail |", "|---|---|---|"]
     print("\n".join(lines), flush=True)
-    for name in args.archs or CAUSAL + MASKED + SEQ2SEQ:
-        row = check_padded(name) if args.padded else check(name)
+    for name in args.archs or (VISION if args.vision else CAUSAL + MASKED + SEQ2SEQ):
+        row = (check_vision(name, args.dropout) if args.vision else check_padded(name) if args.padded
+               else check(name))
+        row["arch"] = name
         line = f"| {row['arch']} | {row['result']} | {row['detail'].replace('|', '/')} |"
         print(line, flush=True)
         lines.append(line)
