@@ -216,7 +216,7 @@ def check_padded(name: str) -> dict:
 VISION = ["vit", "beit", "data2vec-vision", "vit_msn", "dinov2", "convnext", "convnextv2", "focalnet", "swin",
           "swinv2", "resnet", "regnet", "mobilenet_v2", "efficientnet"]
 VISION_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=32,
-                   patch_size=8, num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], embed_dim=16, num_heads=[2, 2],
+                   patch_size=8, num_channels=3, hidden_sizes=[8, 16], depths=[2, 2], embed_dim=16, num_heads=[2, 2],
                    window_size=2, embedding_size=8, num_labels=3)
 
 

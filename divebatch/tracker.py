@@ -748,7 +748,7 @@ class GradNormTracker:
         its own output grad). Not where every call so far had one sample (batches of 1 need none of this)."""
         if output.dim() < 2 or _called_from_compiled_code():
             return
-        call.watcher = SharedOutputWatcher(output)
+        call.watcher = SharedOutputWatcher(output, batch_hint=self._last_batch or None)
         call.watcher.__enter__()
         self._watchers.append(call.watcher)
 
@@ -1101,7 +1101,13 @@ def _shape_key(ctx) -> tuple:
     key = getattr(ctx, "shape_key", None)
     if key is not None:
         return key
-    tensor = ctx[0] if isinstance(ctx, tuple) else getattr(ctx, "leaves", [ctx])[0]
+    if isinstance(ctx, tuple):
+        tensor = ctx[0]
+    else:
+        leaves = getattr(ctx, "leaves", [ctx])
+        if not leaves:  # a generic-route call without inputs (its samples come from a watcher)
+            return (ctx.batch_size, *(tuple(shape) for shape, _ in ctx.outputs))
+        tensor = leaves[0]
     return tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else (id(ctx),)
 
 

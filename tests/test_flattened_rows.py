@@ -67,11 +67,13 @@ def test_rows_of_unknown_order_are_not_assigned(name):
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(1, 4), min_size=2, max_size=4), st.integers(1, 3), st.integers(1, 3))
 def test_any_merge_of_leading_dims(lead, n_merged, width):
-    """Merging the first ``k`` dims of ``[*lead, width]`` gives exactly those sizes (when T > 1)."""
+    """Merging the first ``k`` dims of ``[*lead, width]`` gives ``(B, T)``: the samples and the rows
+    of each (when T > 1)."""
     k = min(n_merged + 1, len(lead))
     h = _h(*lead, width)
     rows = h.reshape(-1, *h.shape[k:])
-    expected = tuple(lead[:k]) if len(lead[:k]) >= 2 and torch.Size(lead[1:k]).numel() > 1 else None
+    T = torch.Size(lead[1:k]).numel()
+    expected = (lead[0], T) if len(lead[:k]) >= 2 and T > 1 else None
     assert flattened_samples(rows) == expected
 
 

@@ -54,6 +54,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .base import PerSampleGradsRule, RoutePlan, RuleError, per_sample_sq, suspend_capture
 from .experts import _MATMULS, ExpertUses, rows_grad_sum, rows_norms, rows_per_sample
 from .routes import MAX_EXTRA_BYTES
+from .rows import flattened_samples
 
 
 @dataclass
@@ -591,13 +592,19 @@ class GenericRule(PerSampleGradsRule):
         tensors = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
         dims = {i: self._leaf_dim(module, k) for k, i in enumerate(tensors)}
         sizes = [leaves[i].shape[dims[i]] for i in tensors if leaves[i].dim() > dims[i]]
+        out_leaves, _ = tree_flatten(output)
         if not sizes:
-            raise RuleError(f"{type(module).__name__} got no tensor input with a batch dimension "
-                            f"(dim {bdim}); divebatch needs batched inputs to split the gradient per sample")
+            # No input at all (Swin's relative-position bias: a lookup in its own table): an output
+            # of one row, broadcast over the samples later, is shared by them (the tracker watches it).
+            shared = [o for o in out_leaves if isinstance(o, torch.Tensor) and o.requires_grad]
+            if not shared or any(o.dim() <= bdim or o.shape[bdim] != 1 for o in shared):
+                raise RuleError(f"{type(module).__name__} got no tensor input with a batch dimension (dim {bdim}), "
+                                "and its output has no batch dimension of 1 to be shared by the samples; divebatch "
+                                "needs batched inputs to split the gradient per sample")
+            sizes = [1]
         B = sizes[0]
         in_dims = [dims[i] if i in dims and leaves[i].dim() > dims[i] and leaves[i].shape[dims[i]] == B else None
                    for i in range(len(leaves))]
-        out_leaves, _ = tree_flatten(output)
         out_tensors = [i for i, o in enumerate(out_leaves) if isinstance(o, torch.Tensor)]
         index = [i for i in out_tensors if out_leaves[i].requires_grad]
         outputs = [(out_leaves[i].shape, out_leaves[i].dtype) for i in index]
@@ -826,6 +833,10 @@ _WHERES = {torch.where}
 _WHERE_METHODS = {torch.Tensor.where}
 _SELECTIONS = _WHERES | _WHERE_METHODS | {torch.masked_fill, torch.Tensor.masked_fill}
 
+# Ops that change neither the shape nor the place of any value (a row-expanded alias may pass them).
+_KEEPS_LAYOUT = {torch.Tensor.contiguous, torch.Tensor.to, torch.Tensor.float, torch.Tensor.half,
+                 torch.Tensor.bfloat16, torch.Tensor.type_as}
+
 _HOLE = object()  # where a recorded op took the followed tensor
 _MAX_CHAIN = 16  # ops followed from the shared output to one use (then the use is not split)
 
@@ -846,10 +857,17 @@ class SharedOutputWatcher(TorchFunctionMode):
     module's own output grad, never to a partial sum. B is read off the first op whose output has
     more than one row; the tracker's batch check compares it with the other layers'."""
 
-    def __init__(self, output: torch.Tensor):
+    def __init__(self, output: torch.Tensor, batch_hint: int | None = None):
         super().__init__()
         self.output = output
         self.batch_size: int | None = None
+        # The tracker's batch so far: rows of another number (each image's windows folded into the
+        # batch dim, Swin's [B * windows, N, C]) are grouped by sample where the graph proves them so.
+        self.batch_hint = batch_hint
+        # id -> (sign, shape of the shared alias): ``alias + c`` with a constant ``c`` of several rows
+        # (Swin's shifted-window mask, [B * windows, 1, N, N]): the alias repeated over those rows,
+        # whose samples are known only where they meet a tensor whose rows the graph proves.
+        self.row_expanded: dict[int, tuple[float, torch.Size]] = {}
         # id -> (tensor, the shape ops from ``output`` to it: (func, args after the tensor, kwargs))
         self.aliases: dict[int, tuple[torch.Tensor, tuple]] = {id(output): (output, ())}
         self.per_sample: torch.Tensor | None = None
@@ -903,16 +921,33 @@ class SharedOutputWatcher(TorchFunctionMode):
             sign = None  # ``p += x`` changes the shared output itself
         alias = args[hits[0]] if len(hits) == 1 else None
         other = args[1 - hits[0]] if len(args) == 2 and len(hits) == 1 else None
-        if self.batch_size is None and isinstance(out, torch.Tensor) and out.dim() > 0 and out.shape[0] > 1:
+        expanded = self.row_expanded.get(id(alias)) if alias is not None else None
+        if (sign is not None and kind in ("add", "sub", "rsub") and expanded is None and not inside and not kwargs
+                and isinstance(other, torch.Tensor) and not other.requires_grad and isinstance(out, torch.Tensor)
+                and out.dim() == alias.dim() and alias.shape[0] == 1 and out.shape[0] > 1
+                and other.shape[0] == out.shape[0] and out.shape[0] != self.batch_hint):
+            # ``alias + c`` with a constant of several rows that are not the samples: which sample each
+            # row is for is known where it meets rows the graph proves (the attention's queries).
+            self.aliases[id(out)] = (out, self.aliases[id(alias)][1])
+            self.row_expanded[id(out)] = (sign, alias.shape)
+            return out
+        samples = None
+        if (sign is not None and not inside and not kwargs and isinstance(other, torch.Tensor)
+                and isinstance(out, torch.Tensor) and out.dim() > 0 and out.dim() == alias.dim()
+                and alias.shape[0] in (1, out.shape[0]) and (alias.shape[0] == 1 or expanded is not None)):
+            samples = self._samples(other, out.shape[0])
+        elif self.batch_size is None and isinstance(out, torch.Tensor) and out.dim() > 0 and out.shape[0] > 1:
             self.batch_size = out.shape[0]
-        if (sign is None or inside or kwargs or not isinstance(other, torch.Tensor)
-                or not isinstance(out, torch.Tensor) or out.dim() == 0 or out.dim() != alias.dim()
-                or alias.shape[0] != 1 or out.shape[0] != self.batch_size):
+        if samples is None:
             self.unknown_use = True
             self.unknown_op = getattr(func, "__name__", None) or repr(func)
             return out
         factor = other.detach() if kind == "mul" else None
-        out.register_hook(partial(self._collect, sign, factor, alias.shape, self.aliases[id(alias)][1]))
+        if expanded is not None:
+            sign, alias_shape = sign * expanded[0], expanded[1]
+        else:
+            alias_shape = alias.shape
+        out.register_hook(partial(self._collect, sign, factor, alias_shape, self.aliases[id(alias)][1]))
         self.broadcasts += 1
         return out
 
@@ -1025,6 +1060,12 @@ class SharedOutputWatcher(TorchFunctionMode):
         op whose output and other tensor inputs have a leading dim of 1 (T5's ``torch.where(mask,
         bias, -inf)`` with a ``[1, 1, q, k]`` mask). Its gradient then reaches the alias by its vjp."""
         others = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor) and not self._is_alias(a)]
+        source = next((a for a in args if self._is_alias(a)), None)
+        if id(source) in self.row_expanded:
+            if func in _KEEPS_LAYOUT and not others and out.shape == source.shape:
+                self.row_expanded[id(out)] = self.row_expanded[id(source)]
+                return True
+            return False
         if func in _SHAPE_OPS and not others:
             return True
         if others and all(isinstance(t, nn.Parameter) for t in others):
@@ -1040,14 +1081,15 @@ class SharedOutputWatcher(TorchFunctionMode):
         bound.update(kwargs)
         mask, query = bound.get("attn_mask"), bound.get("query")
         if not (self._is_alias(mask) and isinstance(query, torch.Tensor) and query.dim() == mask.dim()
-                and mask.shape[0] == 1 and query.shape[0] > 1 and mask.dtype != torch.bool):
+                and query.shape[0] > 1 and mask.dtype != torch.bool):
             return None
-        if self.batch_size is None:
-            self.batch_size = query.shape[0]
-        if query.shape[0] != self.batch_size:
+        sign, shape = self.row_expanded.get(id(mask), (1.0, mask.shape))
+        rows = query.shape[0]
+        if mask.shape[0] not in (1, rows) or self._samples(query, rows) is None:
             return None
-        expanded = mask.expand(self.batch_size, *mask.shape[1:])
-        expanded.register_hook(partial(self._collect, 1.0, None, mask.shape, self.aliases[id(mask)][1]))
+        # (a fresh view of a row-expanded mask: only this use's gradient reaches the hook)
+        expanded = mask.expand(rows, *mask.shape[1:])
+        expanded.register_hook(partial(self._collect, sign, None, shape, self.aliases[id(mask)][1]))
         self.broadcasts += 1
         call_args = list(args)
         if len(call_args) > 3:
@@ -1056,11 +1098,28 @@ class SharedOutputWatcher(TorchFunctionMode):
             kwargs = dict(kwargs, attn_mask=expanded)
         return func(*call_args, **kwargs)
 
+    def _samples(self, rows_of: torch.Tensor | None, rows: int) -> int | None:
+        """The samples that ``rows`` rows of a use of the alias belong to, fixing ``batch_size`` at
+        the first use: ``rows`` itself, or, where they are not the tracker's batch and the graph of
+        ``rows_of`` (the tensor the alias meets) proves them sample-major groups (Swin's windows),
+        the samples of those groups (see ``_collect``). None where it disagrees with the first."""
+        samples = rows
+        if (rows > 1 and rows != self.batch_hint and isinstance(rows_of, torch.Tensor)
+                and rows_of.grad_fn is not None):
+            lead = flattened_samples(rows_of)
+            if lead is not None and lead[0] * lead[1] == rows:
+                samples = lead[0]
+        if self.batch_size is None:
+            self.batch_size = samples
+        return samples if samples == self.batch_size else None
+
     def _collect(self, sign: float, factor, alias_shape, chain, grad: torch.Tensor) -> None:
         g = grad.float() * sign
         if factor is not None:
             g = g * factor.float()
-        part = g.sum_to_size((self.batch_size, *alias_shape[1:]))  # [B, ...]: sample b's grad of the alias
+        part = g.sum_to_size((g.shape[0], *alias_shape[1:]))  # row r's grad of the alias
+        if part.shape[0] != self.batch_size:  # rows proven sample-major groups (see _samples)
+            part = part.view(self.batch_size, -1, *alias_shape[1:]).sum(dim=1)  # [B, ...]: sample b's
         self._accumulate(part, chain, batch_of_one=True)
 
     def _accumulate(self, part: torch.Tensor, chain, batch_of_one: bool) -> None:

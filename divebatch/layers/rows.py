@@ -45,56 +45,151 @@ _ROW_WISE = frozenset({
 _VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
 
 #: How many nodes one walk may visit before it gives up (no answer).
-_MAX_NODES = 64
+_MAX_NODES = 160
 
 
 def flattened_samples(x: torch.Tensor) -> tuple[int, ...] | None:
-    """The leading sizes ``(B, T1, ...)`` whose merge gave ``x``'s rows, or None.
+    """``(B, N // B)``: the samples whose rows, sample-major, make ``x``'s ``N`` rows, or None.
 
-    ``x`` is a layer input ``[N, *rest]`` with ``N = B * T1 * ...``; the answer is given only where
-    the autograd graph proves the rows sample-major (see the module docstring) and ``T1 * ... > 1``.
-    Costs a walk over a few graph nodes; None for a tensor without ``grad_fn``.
+    ``x`` is a layer input ``[N, *rest]``; the answer is given only where the autograd graph proves
+    the rows sample-major (see the module docstring) and ``N // B > 1``. Costs a walk over a few
+    graph nodes; None for a tensor without ``grad_fn``.
     """
     node = x.grad_fn
     if node is None or x.dim() < 2:
         return None
     budget = [_MAX_NODES]
-    lead = _walk(node, tuple(x.shape), budget)
-    return lead if lead and math.prod(lead[1:]) > 1 else None
+    samples = _walk(node, tuple(x.shape), budget)
+    return (samples, x.shape[0] // samples) if samples and samples > 0 and x.shape[0] // samples > 1 else None
 
 
-def _walk(node, shape: tuple[int, ...], budget: list[int]) -> tuple[int, ...] | None:
-    """Leading sizes merged into the rows of the tensor of ``shape`` that ``node`` produced."""
+#: Backward nodes of batched products and attention: output row ``i`` is made of row ``i`` of
+#: each operand (``torch.bmm``; ``F.scaled_dot_product_attention``'s fused kernels; its math
+#: path is the same products and a softmax). Their operands are followed like a row-wise op's.
+_PER_ROW = frozenset({
+    "BmmBackward0", "ScaledDotProductFlashAttentionForCpuBackward0", "ScaledDotProductFlashAttentionBackward0",
+    "ScaledDotProductEfficientAttentionBackward0", "ScaledDotProductCudnnAttentionBackward0",
+})
+#: Ops along one dim (``_saved_dim``): within each row where that dim is not the first.
+_ALONG_DIM = frozenset({"SoftmaxBackward0", "SafeSoftmaxBackward0", "LogSoftmaxBackward0"})
+
+
+#: ``_walk``'s answer where the rows cannot be a merge's samples by assumption: they trace back to a
+#: dim other than the first (a transpose moved them), or are mixed or reordered along the rows.
+_NOT_NATIVE = -1
+
+
+def _walk(node, shape: tuple[int, ...], budget: list[int], dim: int = 0) -> int | None:
+    """The number of samples ``B`` whose rows, sample-major, make the rows (along ``dim``) of the
+    tensor of ``shape`` that ``node`` produced: row ``r`` is sample ``r // (shape[dim] // B)``.
+    None where the graph does not tell (then, along the first dim, that dim may be the samples'
+    by the usual assumption); ``_NOT_NATIVE`` where it may not be.
+
+    Views keep the row-major order of the elements, so sample-major rows stay sample-major under
+    any view whose first dim is a multiple of ``B`` (windows folded into the batch dim, heads
+    merged into it and split again by the attention's math path); permutations move the rows to
+    another dim and back (q, k and v unbound from one projection), and ops that map each row to the
+    same row keep them."""
     budget[0] -= 1
+    unknown = None if dim == 0 else _NOT_NATIVE
     if budget[0] < 0 or node is None:
-        return None
+        return unknown
     name = type(node).__name__
     if name in _VIEWS:
-        if _view_source(node) == shape and node.next_functions:
-            # A view to the same shape (``rows.reshape(-1, d)`` of rows already [N, d], as a router
-            # given the flattened rows does): the rows are its input's.
-            return _walk(node.next_functions[0][0], shape, budget)
-        return _merged_lead(node, shape)
-    if name not in _ROW_WISE:
+        source = _view_source(node)
+        if dim != 0 or source is None or not source or not node.next_functions:
+            return unknown
+        samples = _walk(node.next_functions[0][0], source, budget)
+        if samples == _NOT_NATIVE or (samples is not None and shape[0] % samples):
+            return _NOT_NATIVE
+        if samples is not None:
+            return samples
+        if any(math.prod(source[:k]) == shape[0] for k in range(2, len(source) + 1)):
+            # Leading dims of a [B, T, ...] tensor merged, whose own rows the graph does not prove:
+            # its first dim is the samples' (as everywhere), unless a permutation moved it there.
+            return _NOT_NATIVE if _first_dim_moved(node, len(source)) else source[0]
         return None
-    found: tuple[int, ...] | None = None
+    if name in ("TransposeBackward0", "PermuteBackward0", "ExpandBackward0"):
+        source = _moved_source(node, name, shape)
+        if source is None or not node.next_functions:
+            return unknown
+        source_dim = _moved_dim(node, name, dim, len(shape))
+        if name == "ExpandBackward0" and source[source_dim] != shape[dim]:
+            return _NOT_NATIVE  # the rows broadcast from fewer
+        return _walk(node.next_functions[0][0], source, budget, source_dim)
+    if name in ("UnbindBackward0", "SelectBackward0"):
+        # One piece along another dim (``q, k, v = qkv.permute(2, 0, ...)``): the rows one dim further
+        # in the source where the piece's dim came before them.
+        cut = int(node._saved_dim)
+        child, index = node.next_functions[0] if node.next_functions else (None, 0)
+        try:
+            source = tuple(child._input_metadata[index].shape)
+        except (AttributeError, IndexError, RuntimeError):
+            return unknown
+        cut %= len(source)
+        source_dim = dim + 1 if cut <= dim else dim
+        return _walk(child, source, budget, source_dim)
+    if name in _ALONG_DIM and int(node._saved_dim) % len(shape) == dim:
+        return _NOT_NATIVE  # a softmax over the rows mixes them
+    if name in _PER_ROW and dim != 0:
+        return unknown
+    if name not in _ROW_WISE and name not in _PER_ROW and name not in _ALONG_DIM:
+        return unknown
+    found: int | None = None
+    unproven = False
     for child, index in node.next_functions:
         if child is None:
             continue  # an operand that carries no gradient (a constant, a scalar)
         try:
             child_shape = tuple(child._input_metadata[index].shape)
         except (AttributeError, IndexError, RuntimeError):
-            return None
-        if child_shape == shape:
-            lead = _walk(child, shape, budget)
-            if lead is None or (found is not None and lead != found):
-                return None  # a same-shape operand whose rows are not proven to be the same rows
-            found = lead
-        elif (len(child_shape) < len(shape) or child_shape[0] == 1) and _from_parameters(child, budget):
-            continue  # broadcast over the rows: the same value for every row, made of parameters alone
+            return unknown
+        if len(child_shape) == len(shape) and child_shape[dim] == shape[dim]:
+            samples = _walk(child, child_shape, budget, dim)
+            if (samples is None or samples == _NOT_NATIVE) and _from_parameters(child, budget):
+                continue  # parameters and constants (a per-row table, an expanded bias): no sample's data
+            if samples == _NOT_NATIVE or (samples is not None and found is not None and samples != found):
+                return _NOT_NATIVE  # rows of another order, or of other samples, in the same op
+            if samples is None:
+                unproven = True
+                continue
+            found = samples
+        elif _from_parameters(child, budget):
+            continue  # parameters and constants broadcast over the rows: no sample's data
         else:
-            return None  # e.g. a statistic over all rows (``rows - rows.mean(0)``) mixes the samples
-    return found
+            return _NOT_NATIVE  # e.g. a statistic over all rows (``rows - rows.mean(0)``) mixes the samples
+    return unknown if unproven else (found if found is not None else unknown)
+
+
+def _moved_source(node, name: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The input shape of a transpose, permute or expand node whose output has ``shape``."""
+    try:
+        if name == "ExpandBackward0":
+            source = tuple(int(s) for s in node._saved_self_sym_sizes)
+            return source if len(source) == len(shape) else None
+        rank = len(shape)
+        if name == "TransposeBackward0":
+            d0, d1 = int(node._saved_dim0) % rank, int(node._saved_dim1) % rank
+            source = list(shape)
+            source[d0], source[d1] = shape[d1], shape[d0]
+            return tuple(source)
+        dims = [int(d) % rank for d in node._saved_dims]
+        source = [0] * rank
+        for j, d in enumerate(dims):
+            source[d] = shape[j]
+        return tuple(source)
+    except (AttributeError, TypeError, RuntimeError):
+        return None
+
+
+def _moved_dim(node, name: str, dim: int, rank: int) -> int:
+    """The input dim of a transpose, permute or expand that became output dim ``dim``."""
+    if name == "TransposeBackward0":
+        d0, d1 = int(node._saved_dim0) % rank, int(node._saved_dim1) % rank
+        return d1 if dim == d0 else d0 if dim == d1 else dim
+    if name == "PermuteBackward0":
+        return int(node._saved_dims[dim]) % rank
+    return dim
 
 
 #: Nodes whose operand without gradient may be a constant: added (``1 + w``), or, where the saved

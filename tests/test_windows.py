@@ -1,0 +1,128 @@
+"""Windowed attention (Swin's layout): each image's tokens are partitioned into windows folded
+into the batch dim (``[B * windows, N, C]``). Which image each window row belongs to is read from
+the autograd graph (``divebatch/layers/rows.py``: views that keep the rows sample-major, the
+attention's products), and the relative-position bias, a module called with no input whose
+``[1, H, N, N]`` output every window of every image adds to its scores, is split per image by
+grouping the windows' rows. Exact against torch.func; graphs the proof cannot follow are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from divebatch import GradNormTracker
+from divebatch.layers.rows import flattened_samples
+
+from .oracle import reference_norms, rel_err, same_forward_norms
+
+RTOL = 1e-4
+
+
+def partition(h: torch.Tensor, ws: int) -> torch.Tensor:
+    """``[B, H, W, C]`` -> ``[B * windows, ws * ws, C]`` (transformers' ``window_partition``)."""
+    B, H, W, C = h.shape
+    windows = h.view(B, H // ws, ws, W // ws, ws, C).transpose(2, 3).contiguous()
+    return windows.view(-1, ws, ws, C).view(-1, ws * ws, C)
+
+
+class RelativeBiasTable(nn.Module):
+    """Swin's relative-position bias: a lookup in its own table, called with no input."""
+
+    def __init__(self, heads: int, ws: int):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn((2 * ws - 1) ** 2, heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)
+        relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (ws - 1)
+        self.register_buffer("index", (relative[..., 0] * (2 * ws - 1) + relative[..., 1]).view(-1))
+        self.ws = ws
+
+    def forward(self):
+        N = self.ws * self.ws
+        return self.table[self.index].view(N, N, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+
+
+class WindowAttention(nn.Module):
+    """A tiny Swin block: tokens of a ``[B, H, W, 3]`` image embedded, (cyclically shifted,)
+    partitioned into windows, q/k/v and output projections on the windows' rows, the bias as the
+    attention mask (plus, shifted, a constant ``[B * windows, 1, N, N]`` mask, as transformers'
+    SwinAttention expands it), windows merged back, a head on the mean token."""
+
+    def __init__(self, shift=False, dropout=0.0, dim=8, heads=2, ws=2):
+        super().__init__()
+        self.shift, self.dropout, self.heads, self.ws = shift, dropout, heads, ws
+        self.embed, self.qkv, self.proj = nn.Linear(3, dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.bias = RelativeBiasTable(heads, ws)
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, x):
+        B, H, W, _ = x.shape
+        ws, N = self.ws, self.ws * self.ws
+        h = self.embed(x)
+        C = h.shape[-1]
+        if self.shift:
+            h = torch.roll(h, shifts=(-1, -1), dims=(1, 2))
+        windows = partition(h, ws)
+        q, k, v = self.qkv(windows).view(-1, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        mask = self.bias()
+        if self.shift:
+            regions = (torch.arange(H)[:, None] >= H - ws).long() * 2 + (torch.arange(W)[None, :] >= W - ws).long()
+            region_windows = partition(regions[None, :, :, None].float(), ws).view(-1, N)
+            constant = (region_windows[:, None, :] != region_windows[:, :, None]).float() * -100.0
+            mask = mask + constant[:, None].unsqueeze(0).expand(B, -1, -1, -1, -1).reshape(-1, 1, N, N)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        out = self.proj(out.transpose(1, 2).reshape(-1, N, C))
+        merged = out.view(B, H // ws, W // ws, ws, ws, C).transpose(2, 3).contiguous().view(B, H * W, C)
+        return self.head(torch.tanh(merged).mean(1))
+
+
+def test_windows_are_rows_of_their_image():
+    """The windows of a partition, and the attention's output over them (fused kernel; math path
+    with a mask and dropout), are each image's rows, sample-major."""
+    h = torch.randn(2, 4, 4, 6, requires_grad=True) * 1.0
+    windows = partition(h, 2)  # [8, 4, 6]
+    assert flattened_samples(windows) == (2, 4)
+    q = k = v = (windows * 2.0).view(8, 4, 2, 3).transpose(1, 2)
+    bias = nn.Parameter(torch.randn(1, 2, 4, 4))
+    for mask, p in ((None, 0.0), (bias, 0.0), (bias + torch.zeros(8, 1, 4, 4), 0.5)):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        assert flattened_samples(out.transpose(1, 2).reshape(8, 4, 6)) == (2, 4)
+
+
+@pytest.mark.parametrize("make", [
+    lambda h: partition(h.transpose(0, 1), 2),  # images and rows swapped before the partition
+    lambda h: torch.softmax(partition(h, 2), dim=0),  # a softmax over the windows of all images
+    lambda h: partition(h, 2).flip(0),  # windows reversed
+], ids=["batch dim moved", "softmax over rows", "rows reversed"])
+def test_windows_of_unknown_order_are_not_assigned(make):
+    assert flattened_samples(make(torch.randn(2, 4, 4, 6, requires_grad=True) * 1.0)) is None
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("shift", [False, True], ids=["windows", "shifted-windows"])
+def test_window_attention_matches_torch_func(shift, fused):
+    torch.manual_seed(0)
+    model, x, y = WindowAttention(shift=shift), torch.randn(3, 4, 4, 3), torch.randn(3, 4)
+    loss = lambda out, target: (out - target).square().sum()  # noqa: E731
+    with GradNormTracker(model, "sum", fused=fused) as tracker:
+        loss(model(x), y).backward()
+        stats = tracker.collect()
+        routes = {plan.module: plan.route for plan in tracker.plan()}
+    per_sample, per_param, batch = reference_norms(model, loss, x, y)
+    assert rel_err(stats.per_sample, per_sample) <= RTOL
+    assert rel_err(stats.per_layer["bias"], per_param["bias.table"]) <= RTOL
+    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+    assert max(stats.unaccounted.values()) <= 1e-5
+    assert routes["bias"] == "generic (vmap vjp)"  # its 1-row output replayed with each image's grad
+
+
+def test_window_attention_with_dropout_matches_the_same_forward():
+    torch.manual_seed(0)
+    model, x, y = WindowAttention(shift=True, dropout=0.3).train(), torch.randn(3, 4, 4, 3), torch.randn(3, 4)
+    loss = lambda out, target: (out - target).square().sum()  # noqa: E731
+    with GradNormTracker(model, "sum") as tracker:
+        torch.manual_seed(5)
+        loss(model(x), y).backward()
+        stats = tracker.collect()
+    assert rel_err(stats.per_sample, same_forward_norms(model, loss, x, y, 5)) <= RTOL
