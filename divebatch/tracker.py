@@ -503,6 +503,8 @@ class GradNormTracker:
             raise ValueError(f"module '{owner.name}' ({type(module).__name__}) got an empty batch (0 samples); "
                              "skip empty batches before the forward pass")
         call = _Call(owner, None, batch_size, [None], 1, fused=True)
+        # (the batch so far, as the hook path keeps it: a later [1, K, d] input is then known shared)
+        self._last_batch = batch_size
         out = rule.fused_forward(module, args, kwargs, partial(self._fused_sink, call))
         owner.forward_calls += 1
         owner.skip_hooks += 1
@@ -731,7 +733,13 @@ class GradNormTracker:
         """``flattened_samples(x)``, where ``x``'s rows may be samples and tokens merged: not when
         they are as many as the last call's samples (the common case: one comparison, no graph
         walk), nor in code torch.compile traces (its graph holds no views to read)."""
-        return flattened_samples(x) if self._rows_may_be_flattened(x) else None
+        return (flattened_samples(x, self._shared_nodes(), self._last_batch or None)
+                if self._rows_may_be_flattened(x) else None)
+
+    def _shared_nodes(self) -> frozenset:
+        """Graph nodes of the outputs the watchers follow: shared by all samples (see flattened_samples)."""
+        return frozenset(alias.grad_fn for watcher in self._watchers for alias, _ in watcher.aliases.values()
+                         if alias.grad_fn is not None)
 
     def _rows_may_be_flattened(self, x: torch.Tensor) -> bool:
         return not (x.grad_fn is None or x.dim() < 2 or x.shape[0] == self._last_batch
@@ -748,7 +756,7 @@ class GradNormTracker:
         its own output grad). Not where every call so far had one sample (batches of 1 need none of this)."""
         if output.dim() < 2 or _called_from_compiled_code():
             return
-        call.watcher = SharedOutputWatcher(output, batch_hint=self._last_batch or None)
+        call.watcher = SharedOutputWatcher(output, batch_hint=self._last_batch or None, shared_nodes=self._shared_nodes)
         call.watcher.__enter__()
         self._watchers.append(call.watcher)
 

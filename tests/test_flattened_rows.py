@@ -36,6 +36,10 @@ PROVEN = {
     "layer norm": (lambda h, w: torch.nn.functional.layer_norm(h.reshape(-1, 5), (5,), w), (3, 4)),
     "inner dims swapped": (lambda h, w: h.transpose(1, 2).reshape(-1, 4), (3, 5)),
     "viewed again as rows": (lambda h, w: h.view(12, 5).view(12, 5).reshape(-1, 5) * 2.0, (3, 4)),
+    "a per-row reduction in between": (lambda h, w: h.reshape(-1, 5) * h.reshape(-1, 5).sum(-1, keepdim=True),
+                                       (3, 4)),
+    "a per-row norm (F.normalize)": (lambda h, w: torch.nn.functional.normalize(h.reshape(-1, 5), dim=-1), (3, 4)),
+    "negative dims": (lambda h, w: h.transpose(-2, -1).transpose(-1, -2).reshape(-1, 5), (3, 4)),
 }
 REFUSED = {
     "positions first (transpose)": lambda h, w: h.transpose(0, 1).reshape(-1, 5),
@@ -45,7 +49,7 @@ REFUSED = {
     "rows reversed": lambda h, w: h.reshape(-1, 5).flip(0),
     "rows gathered": lambda h, w: h.reshape(-1, 5)[torch.tensor([0, 2, 5])],
     "rows mixed by a matmul": lambda h, w: torch.ones(12, 12) @ h.reshape(-1, 5),
-    "a per-row reduction in between": lambda h, w: h.reshape(-1, 5) * h.reshape(-1, 5).sum(-1, keepdim=True),
+    "a reduction over the rows, kept": lambda h, w: h.reshape(-1, 5) * h.reshape(-1, 5).sum(0, keepdim=True),
     "a statistic over all rows": lambda h, w: h.reshape(-1, 5) - h.reshape(-1, 5).mean(0),
     "an input that requires grad, broadcast": lambda h, w: h.reshape(-1, 5) * h.detach()[0, 0].requires_grad_(),
     "no positions (T = 1)": lambda h, w: h[:, :1].reshape(-1, 5),

@@ -364,3 +364,60 @@ def test_watchers_end_with_the_tracked_model_forward():
         stats = tracker.collect()
     per_sample, _, _ = reference_norms(model, token_loss, tokens, targets)
     assert rel_err(stats.per_sample, per_sample) <= 1e-5
+
+
+class ProjectedConstantPositions(nn.Module):
+    """A Conformer's pattern without an Embedding in front: the first tracked layers are Linears on
+    the samples (fused), then a Linear projects a constant ``[1, T, d]`` position table shared by
+    the samples, and the projection is added to every sample."""
+
+    def __init__(self, dim=6, T=5):
+        super().__init__()
+        self.inp, self.pos_proj, self.out = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, 3)
+        self.register_buffer("positions", torch.randn(1, T, dim))
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.inp(x) + self.pos_proj(self.positions)))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+def test_a_shared_input_after_fused_layers_is_known_shared(fused):
+    """The fused layers before it keep the batch size the tracker compares a ``[1, T, d]`` input
+    with (it was left 0, so the projection was fused as a batch of 1 and refused)."""
+    torch.manual_seed(0)
+    model, x, y = ProjectedConstantPositions(), torch.randn(3, 5, 6), torch.randn(3, 5, 3)
+    loss = lambda out, target: (out - target).square().sum()  # noqa: E731
+    with GradNormTracker(model, "sum", fused=fused) as tracker:
+        loss(model(x), y).backward()
+        stats = tracker.collect()
+    per_sample, per_param, batch = reference_norms(model, loss, x, y)
+    assert rel_err(stats.per_sample, per_sample) <= 1e-5
+    assert rel_err(stats.per_layer["pos_proj"], per_param["pos_proj.weight"] + per_param["pos_proj.bias"]) <= 1e-5
+    assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
+
+
+class DroppedOutPositions(nn.Module):
+    """Dropout on a ``[1, T]`` position lookup before it is added to the samples (one mask for all)."""
+
+    def __init__(self, vocab=11, dim=4):
+        super().__init__()
+        self.tokens, self.positions, self.head = nn.Embedding(vocab, dim), nn.Embedding(6, dim), nn.Linear(dim, vocab)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True))
+
+    def forward(self, idx):
+        positions = F.dropout(self.positions(torch.arange(idx.shape[1])[None]), 0.5, self.training)
+        return self.head(torch.tanh(self.tokens(idx) + self.mlp(positions)))
+
+
+def test_a_shared_output_dropped_out_and_through_an_in_place_relu_matches_the_same_forward():
+    """The dropout's mask is this forward's (not a new draw in the vjp, which made the parts not add
+    up and the table refused), and ``F.relu(x, inplace=True)`` is replayed out of place (it raised
+    in the backward)."""
+    torch.manual_seed(0)
+    model = DroppedOutPositions().train()
+    tokens, targets = torch.randint(0, 11, (3, 5)), torch.randint(0, 11, (3, 5))
+    with GradNormTracker(model, "sum") as tracker:
+        torch.manual_seed(4)
+        token_loss(model(tokens), targets).backward()
+        stats = tracker.collect()
+    assert rel_err(stats.per_sample, same_forward_norms(model, token_loss, tokens, targets, 4)) <= 1e-5

@@ -322,15 +322,21 @@ def test_padded_batch_through_the_models_own_loss_matches_the_same_forward(kind,
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
-def test_swin_windowed_attention_matches_the_same_forward(fused):
-    """Swin: each image's windows folded into the batch dim (shifted every other block), the
-    relative-position bias a module called with no input; dropout and stochastic depth in
-    training mode. Reference: each image's loss backpropagated through the same forward."""
+@pytest.mark.parametrize("version", [1, 2], ids=["swin", "swinv2"])
+def test_swin_windowed_attention_matches_the_same_forward(version, fused):
+    """Swin: each image's windows folded into the batch dim (shifted every other block); v1's
+    relative-position bias a module called with no input (replayed per image: it is tiny), v2's
+    an MLP of a constant table, its attention's own logit scale clamped and broadcast over every
+    window (nothing replayed). Dropout and stochastic depth in training mode. Reference: each
+    image's loss backpropagated through the same forward."""
     torch.manual_seed(0)
-    config = transformers.SwinConfig(image_size=32, patch_size=8, num_channels=3, embed_dim=16, depths=[2, 2],
-                                     num_heads=[2, 2], window_size=2, num_labels=3, hidden_dropout_prob=0.1,
-                                     attention_probs_dropout_prob=0.1, drop_path_rate=0.1)
-    net = transformers.SwinForImageClassification(config).train()
+    settings = dict(image_size=32, patch_size=8, num_channels=3, embed_dim=16, depths=[2, 2], num_heads=[2, 2],
+                    window_size=2, num_labels=3, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+                    drop_path_rate=0.1)
+    if version == 1:
+        net = transformers.SwinForImageClassification(transformers.SwinConfig(**settings)).train()
+    else:
+        net = transformers.Swinv2ForImageClassification(transformers.Swinv2Config(**settings)).train()
     images, labels = torch.randn(3, 3, 32, 32), torch.tensor([0, 2, 1])
     with GradNormTracker(net, "mean", fused=fused) as tracker:
         torch.manual_seed(3)
@@ -346,7 +352,8 @@ def test_swin_windowed_attention_matches_the_same_forward(fused):
     assert rel_err(stats.per_sample, expected) <= RTOL
     assert max(stats.unaccounted.values()) <= 1e-5
     replayed = {name for name, route in routes.items() if route == "generic (vmap vjp)"}
-    assert replayed == {name for name in routes if name.endswith("relative_position_bias")}  # only the 1-row bias
+    bias_modules = {name for name in routes if name.endswith("relative_position_bias")}  # v1's 1-row bias
+    assert replayed == (bias_modules if version == 1 else set()) and bool(bias_modules) == (version == 1)
 
 
 def _deberta_settings(dropout):

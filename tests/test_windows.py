@@ -126,3 +126,63 @@ def test_window_attention_with_dropout_matches_the_same_forward():
         loss(model(x), y).backward()
         stats = tracker.collect()
     assert rel_err(stats.per_sample, same_forward_norms(model, loss, x, y, 5)) <= RTOL
+
+
+class CosineWindowAttention(nn.Module):
+    """SwinV2's layout: the attention module owns a logit scale (``clamp(scale, max).exp()``,
+    broadcast over every window of every image), scores are cosine similarities (``F.normalize``),
+    and the position bias is an MLP (in-place ReLU) of a constant coordinates table, gathered by a
+    relative index, ``16 * sigmoid`` of it added to the scores: outputs shared by the samples,
+    followed through the MLP, the gather and the sigmoid, with no replay."""
+
+    def __init__(self, dim=8, heads=2, ws=2):
+        super().__init__()
+        self.heads, self.ws = heads, ws
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.rand(heads, 1, 1) + 1))
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, 16), nn.ReLU(inplace=True), nn.Linear(16, heads, bias=False))
+        span = torch.arange(-(ws - 1), ws, dtype=torch.float32) / (ws - 1)
+        self.register_buffer("coords", torch.stack(torch.meshgrid(span, span, indexing="ij"), -1).unsqueeze(0))
+        self.register_buffer("index", RelativeBiasTable(heads, ws).index)
+
+    def forward(self, windows):  # [B * windows, N, C]
+        rows, N, C = windows.shape
+        q, k, v = self.qkv(windows).view(rows, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        scores = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        scores = scores * torch.clamp(self.logit_scale, max=4.6).exp()
+        table = self.cpb_mlp(self.coords).view(-1, self.heads)
+        bias = table[self.index].view(N, N, -1).permute(2, 0, 1).contiguous()
+        scores = scores + 16 * torch.sigmoid(bias).unsqueeze(0)
+        out = scores.softmax(-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(rows, N, C))
+
+
+class CosineWindowModel(nn.Module):
+    def __init__(self, dim=8, ws=2):
+        super().__init__()
+        self.ws = ws
+        self.embed, self.attention, self.head = nn.Linear(3, dim), CosineWindowAttention(dim, ws=ws), nn.Linear(dim, 4)
+
+    def forward(self, x):
+        B, H, W, _ = x.shape
+        h = self.embed(x)
+        out = self.attention(partition(h, self.ws))
+        return self.head(torch.tanh(out).reshape(B, -1, out.shape[-1]).mean(1))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+def test_cosine_window_attention_matches_torch_func_without_replay(fused):
+    torch.manual_seed(0)
+    model, x, y = CosineWindowModel(), torch.randn(3, 4, 4, 3), torch.randn(3, 4)
+    loss = lambda out, target: (out - target).square().sum()  # noqa: E731
+    with GradNormTracker(model, "sum", fused=fused) as tracker:
+        loss(model(x), y).backward()
+        stats = tracker.collect()
+        routes = {plan.module: plan.route for plan in tracker.plan()}
+    per_sample, per_param, batch = reference_norms(model, loss, x, y)
+    assert rel_err(stats.per_sample, per_sample) <= RTOL
+    assert rel_err(stats.per_layer["attention"], per_param["attention.logit_scale"]) <= RTOL
+    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+    assert max(stats.unaccounted.values()) <= 1e-5
+    assert routes["attention"] == "generic (broadcast uses)"  # the scale read over the windows' rows
+    assert routes["attention.proj"] != "generic (vmap vjp)"

@@ -160,8 +160,11 @@ def _out_of_place(func):
     name = getattr(func, "__name__", "")
     if name.startswith("__i") and name.endswith("__") and name[3:-2]:
         return getattr(torch.Tensor, f"__{name[3:-2]}__", None)
-    if name.endswith("_") and not name.endswith("__") and getattr(torch.Tensor, name, None) is func:
-        return getattr(torch.Tensor, name[:-1], None)
+    if name.endswith("_") and not name.endswith("__"):
+        # ``x.relu_()``, and the functional ``torch.relu_`` that ``F.relu(x, inplace=True)`` calls
+        for space in (torch.Tensor, torch, F):
+            if getattr(space, name, None) is func:
+                return getattr(space, name[:-1], None)
     return func
 
 
@@ -171,8 +174,21 @@ def _softplus_derivative(x, y, beta=1.0, threshold=20.0):
 
 # Elementwise functions of a parameter (``A = -torch.exp(self.A_log)``): their result is treated as
 # the parameter with a factor, the function's derivative at it, given by (input, output, *numbers).
+def _clamp_derivative(x, y, min=None, max=None):
+    """1 where ``clamp`` passed ``x`` through (its bounds included, as autograd's), else 0."""
+    kept = torch.ones_like(x, dtype=torch.bool)
+    if min is not None:
+        kept &= x >= min
+    if max is not None:
+        kept &= x <= max
+    return kept.to(x.dtype)
+
+
 _DERIVATIVES = {
     **dict.fromkeys((torch.exp, torch.Tensor.exp), lambda x, y: y),
+    **dict.fromkeys((torch.clamp, torch.Tensor.clamp, torch.clip, torch.Tensor.clip), _clamp_derivative),
+    **dict.fromkeys((torch.clamp_min, torch.Tensor.clamp_min), lambda x, y, min: _clamp_derivative(x, y, min=min)),
+    **dict.fromkeys((torch.clamp_max, torch.Tensor.clamp_max), lambda x, y, max: _clamp_derivative(x, y, max=max)),
     **dict.fromkeys((torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid), lambda x, y: y * (1 - y)),
     **dict.fromkeys((torch.tanh, torch.Tensor.tanh, F.tanh), lambda x, y: 1 - y * y),
     **dict.fromkeys((torch.sqrt, torch.Tensor.sqrt), lambda x, y: 0.5 / y),
@@ -498,7 +514,9 @@ def usable_direct_uses(uses: list[DirectUse] | None, tracked: dict, batch_size: 
                 return None
             continue
         pad = len(oshape) - len(pshape)
-        if pad < 0 or not oshape or oshape[0] != batch_size or ((1,) * pad + tuple(pshape))[0] != 1:
+        # (over rows proven sample-major, ``per_sample`` of them each: a window attention's scale)
+        if (pad < 0 or not oshape or oshape[0] not in (batch_size, batch_size * per_sample)
+                or ((1,) * pad + tuple(pshape))[0] != 1):
             return None
     return uses
 
@@ -522,6 +540,8 @@ def _direct_per_sample(uses: list[DirectUse], grads, tracked, batch_size: int,
                 contrib = contrib * (use.other.float() if isinstance(use.other, torch.Tensor) else use.other)
             pad = len(use.out_shape) - len(use.param_shape)
             target = (batch_size,) + ((1,) * pad + tuple(use.param_shape))[1:]
+            if contrib.shape[0] != batch_size:  # rows proven sample-major (see usable_direct_uses)
+                contrib = contrib.reshape(batch_size, -1, *contrib.shape[1:]).sum(dim=1)
             per_sample = contrib.sum_to_size(target).reshape(batch_size, *tracked[use.name].shape)
         if use.factor is not None:
             per_sample = per_sample * use.factor
@@ -833,6 +853,10 @@ _WHERES = {torch.where}
 _WHERE_METHODS = {torch.Tensor.where}
 _SELECTIONS = _WHERES | _WHERE_METHODS | {torch.masked_fill, torch.Tensor.masked_fill}
 
+# Ops that draw random numbers: a replay in the vjp would draw others (dropout has its own rule).
+_RANDOM_OPS = {F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, F.rrelu,
+               torch.rrelu, torch.bernoulli, torch.Tensor.bernoulli}
+
 # Ops that change neither the shape nor the place of any value (a row-expanded alias may pass them).
 _KEEPS_LAYOUT = {torch.Tensor.contiguous, torch.Tensor.to, torch.Tensor.float, torch.Tensor.half,
                  torch.Tensor.bfloat16, torch.Tensor.type_as}
@@ -857,8 +881,9 @@ class SharedOutputWatcher(TorchFunctionMode):
     module's own output grad, never to a partial sum. B is read off the first op whose output has
     more than one row; the tracker's batch check compares it with the other layers'."""
 
-    def __init__(self, output: torch.Tensor, batch_hint: int | None = None):
+    def __init__(self, output: torch.Tensor, batch_hint: int | None = None, shared_nodes=frozenset):
         super().__init__()
+        self.shared_nodes = shared_nodes  # () -> graph nodes of every watched output (for flattened_samples)
         self.output = output
         self.batch_size: int | None = None
         # The tracker's batch so far: rows of another number (each image's windows folded into the
@@ -898,14 +923,16 @@ class SharedOutputWatcher(TorchFunctionMode):
             self.used_without_grad = True
         if (not hits and not inside) or self.unknown_use or not _carries_grad(out):
             return out
+        if func is F.dropout and hits == [0] and not inside and self._dropout(args, kwargs, out):
+            return out  # (before the rearrangements: a replay of the dropout would draw another mask)
         if (len(hits) == 1 and not inside and isinstance(out, torch.Tensor) and self._still_shared(func, args, kwargs, out)
                 and len(self.aliases[id(args[hits[0]])][1]) < _MAX_CHAIN and _out_of_place(func) is not None):
             template = tuple(_HOLE if i == hits[0] else a for i, a in enumerate(args))
-            # (replayed out of place: ``pos /= scale`` on the alias is ``pos / scale`` in the vjp)
-            chain = self.aliases[id(args[hits[0]])][1] + ((_out_of_place(func), template, kwargs),)
+            # (replayed out of place: ``pos /= scale`` on the alias is ``pos / scale`` in the vjp,
+            # ``F.relu(pos, inplace=True)`` is ``F.relu(pos)``)
+            replay_kwargs = dict(kwargs, inplace=False) if kwargs.get("inplace") else kwargs
+            chain = self.aliases[id(args[hits[0]])][1] + ((_out_of_place(func), template, replay_kwargs),)
             self.aliases[id(out)] = (out, chain)
-            return out
-        if func is F.dropout and hits == [0] and not inside and self._dropout(args, kwargs, out):
             return out
         if func is torch.Tensor.repeat and hits == [0] and not inside and self._repeat(args, kwargs, out):
             return out
@@ -1066,8 +1093,10 @@ class SharedOutputWatcher(TorchFunctionMode):
                 self.row_expanded[id(out)] = self.row_expanded[id(source)]
                 return True
             return False
-        if func in _SHAPE_OPS and not others:
-            return True
+        if func in _SHAPE_OPS and all(not (t.is_floating_point() or t.is_complex() or t.requires_grad) for t in others):
+            return True  # (an index tensor picks values of the alias: SwinV2 gathers its bias table)
+        if not others and func not in _RANDOM_OPS and source is not None and out.shape == source.shape:
+            return True  # an elementwise function of the alias alone (``16 * torch.sigmoid(bias)``)
         if others and all(isinstance(t, nn.Parameter) for t in others):
             return True  # a function of parameters and the alias (DeBERTa's LayerNorm of its table, a Linear of it)
         return out.dim() > 0 and out.shape[0] == 1 and all(t.dim() < out.dim() or t.shape[0] == 1 for t in others)
@@ -1106,7 +1135,7 @@ class SharedOutputWatcher(TorchFunctionMode):
         samples = rows
         if (rows > 1 and rows != self.batch_hint and isinstance(rows_of, torch.Tensor)
                 and rows_of.grad_fn is not None):
-            lead = flattened_samples(rows_of)
+            lead = flattened_samples(rows_of, self.shared_nodes(), self.batch_hint)
             if lead is not None and lead[0] * lead[1] == rows:
                 samples = lead[0]
         if self.batch_size is None:

@@ -23,6 +23,7 @@ As everywhere in divebatch, the first dim of the merged tensor is taken to be th
 
 from __future__ import annotations
 
+import contextvars
 import math
 
 import torch
@@ -39,27 +40,39 @@ _ROW_WISE = frozenset({
     "AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1", "RsubBackward0", "RsubBackward1",
     "MulBackward0", "MulBackward1", "DivBackward0", "DivBackward1", "WhereBackward0",
     "NativeLayerNormBackward0", "FusedRmsNormBackward0",
+    "ClampMinBackward0", "ClampMaxBackward0", "ClampBackward0", "ClampBackward1",
 })
 
 #: Backward nodes of a view/reshape (the merge the walk looks for).
 _VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
 
+#: Graph nodes of tensors shared by all samples, during one ``flattened_samples`` walk.
+_SHARED: contextvars.ContextVar[tuple] = contextvars.ContextVar("divebatch_shared_nodes", default=(frozenset(), None))
+
 #: How many nodes one walk may visit before it gives up (no answer).
 _MAX_NODES = 160
 
 
-def flattened_samples(x: torch.Tensor) -> tuple[int, ...] | None:
+def flattened_samples(x: torch.Tensor, shared: frozenset = frozenset(),
+                      batch: int | None = None) -> tuple[int, ...] | None:
     """``(B, N // B)``: the samples whose rows, sample-major, make ``x``'s ``N`` rows, or None.
 
     ``x`` is a layer input ``[N, *rest]``; the answer is given only where the autograd graph proves
-    the rows sample-major (see the module docstring) and ``N // B > 1``. Costs a walk over a few
-    graph nodes; None for a tensor without ``grad_fn``.
+    the rows sample-major (see the module docstring) and ``N // B > 1``. ``shared``: graph nodes of
+    tensors known to be shared by all samples (outputs the tracker watches: SwinV2's position bias,
+    an MLP of a constant table), which, like parameters, carry no sample's data. ``batch``: the
+    batch the tracker knows, whose merges need no walk further back (see ``_walk``). Costs a walk
+    over a few graph nodes; None for a tensor without ``grad_fn``.
     """
     node = x.grad_fn
     if node is None or x.dim() < 2:
         return None
     budget = [_MAX_NODES]
-    samples = _walk(node, tuple(x.shape), budget)
+    token = _SHARED.set((shared, batch))
+    try:
+        samples = _walk(node, tuple(x.shape), budget)
+    finally:
+        _SHARED.reset(token)
     return (samples, x.shape[0] // samples) if samples and samples > 0 and x.shape[0] // samples > 1 else None
 
 
@@ -72,6 +85,9 @@ _PER_ROW = frozenset({
 })
 #: Ops along one dim (``_saved_dim``): within each row where that dim is not the first.
 _ALONG_DIM = frozenset({"SoftmaxBackward0", "SafeSoftmaxBackward0", "LogSoftmaxBackward0"})
+#: Reductions over dims (``_saved_dim``) kept as size 1 (``_saved_keepdim``; ``F.normalize``'s
+#: norm): within each row where the rows' dim is not reduced.
+_REDUCTIONS = frozenset({"LinalgVectorNormBackward0", "NormBackward1", "SumBackward1", "MeanBackward1"})
 
 
 #: ``_walk``'s answer where the rows cannot be a merge's samples by assumption: they trace back to a
@@ -99,12 +115,17 @@ def _walk(node, shape: tuple[int, ...], budget: list[int], dim: int = 0) -> int 
         source = _view_source(node)
         if dim != 0 or source is None or not source or not node.next_functions:
             return unknown
+        merge = any(math.prod(source[:k]) == shape[0] for k in range(2, len(source) + 1))
+        if merge and source[0] == _SHARED.get()[1]:
+            # The tracker's batch merged with tokens (OPT's MLP rows): the usual case, no walk back
+            # (through a model's whole residual stream) to prove what the assumption gives.
+            return _NOT_NATIVE if _first_dim_moved(node, len(source)) else source[0]
         samples = _walk(node.next_functions[0][0], source, budget)
         if samples == _NOT_NATIVE or (samples is not None and shape[0] % samples):
             return _NOT_NATIVE
         if samples is not None:
             return samples
-        if any(math.prod(source[:k]) == shape[0] for k in range(2, len(source) + 1)):
+        if merge:
             # Leading dims of a [B, T, ...] tensor merged, whose own rows the graph does not prove:
             # its first dim is the samples' (as everywhere), unless a permutation moved it there.
             return _NOT_NATIVE if _first_dim_moved(node, len(source)) else source[0]
@@ -120,7 +141,7 @@ def _walk(node, shape: tuple[int, ...], budget: list[int], dim: int = 0) -> int 
     if name in ("UnbindBackward0", "SelectBackward0"):
         # One piece along another dim (``q, k, v = qkv.permute(2, 0, ...)``): the rows one dim further
         # in the source where the piece's dim came before them.
-        cut = int(node._saved_dim)
+        cut = _signed(int(node._saved_dim))
         child, index = node.next_functions[0] if node.next_functions else (None, 0)
         try:
             source = tuple(child._input_metadata[index].shape)
@@ -129,11 +150,21 @@ def _walk(node, shape: tuple[int, ...], budget: list[int], dim: int = 0) -> int 
         cut %= len(source)
         source_dim = dim + 1 if cut <= dim else dim
         return _walk(child, source, budget, source_dim)
-    if name in _ALONG_DIM and int(node._saved_dim) % len(shape) == dim:
+    if name in _ALONG_DIM and _signed(int(node._saved_dim)) % len(shape) == dim:
         return _NOT_NATIVE  # a softmax over the rows mixes them
+    if name in _REDUCTIONS:
+        try:
+            reduced = [_signed(int(d)) % len(shape) for d in (node._saved_dim or range(len(shape)))]
+            kept = bool(node._saved_keepdim)
+        except (AttributeError, TypeError, RuntimeError):
+            return unknown
+        if not kept:
+            return unknown
+        if dim in reduced:
+            return _NOT_NATIVE  # a statistic over the rows mixes them
     if name in _PER_ROW and dim != 0:
         return unknown
-    if name not in _ROW_WISE and name not in _PER_ROW and name not in _ALONG_DIM:
+    if name not in _ROW_WISE and name not in _PER_ROW and name not in _ALONG_DIM and name not in _REDUCTIONS:
         return unknown
     found: int | None = None
     unproven = False
@@ -148,6 +179,8 @@ def _walk(node, shape: tuple[int, ...], budget: list[int], dim: int = 0) -> int 
             samples = _walk(child, child_shape, budget, dim)
             if (samples is None or samples == _NOT_NATIVE) and _from_parameters(child, budget):
                 continue  # parameters and constants (a per-row table, an expanded bias): no sample's data
+            if budget[0] < 0:
+                return unknown  # (out of budget: nothing is known, nor disproved)
             if samples == _NOT_NATIVE or (samples is not None and found is not None and samples != found):
                 return _NOT_NATIVE  # rows of another order, or of other samples, in the same op
             if samples is None:
@@ -156,6 +189,8 @@ def _walk(node, shape: tuple[int, ...], budget: list[int], dim: int = 0) -> int 
             found = samples
         elif _from_parameters(child, budget):
             continue  # parameters and constants broadcast over the rows: no sample's data
+        elif budget[0] < 0:
+            return unknown
         else:
             return _NOT_NATIVE  # e.g. a statistic over all rows (``rows - rows.mean(0)``) mixes the samples
     return unknown if unproven else (found if found is not None else unknown)
@@ -169,11 +204,11 @@ def _moved_source(node, name: str, shape: tuple[int, ...]) -> tuple[int, ...] | 
             return source if len(source) == len(shape) else None
         rank = len(shape)
         if name == "TransposeBackward0":
-            d0, d1 = int(node._saved_dim0) % rank, int(node._saved_dim1) % rank
+            d0, d1 = _signed(int(node._saved_dim0)) % rank, _signed(int(node._saved_dim1)) % rank
             source = list(shape)
             source[d0], source[d1] = shape[d1], shape[d0]
             return tuple(source)
-        dims = [int(d) % rank for d in node._saved_dims]
+        dims = [_signed(int(d)) % rank for d in node._saved_dims]
         source = [0] * rank
         for j, d in enumerate(dims):
             source[d] = shape[j]
@@ -185,10 +220,10 @@ def _moved_source(node, name: str, shape: tuple[int, ...]) -> tuple[int, ...] | 
 def _moved_dim(node, name: str, dim: int, rank: int) -> int:
     """The input dim of a transpose, permute or expand that became output dim ``dim``."""
     if name == "TransposeBackward0":
-        d0, d1 = int(node._saved_dim0) % rank, int(node._saved_dim1) % rank
+        d0, d1 = _signed(int(node._saved_dim0)) % rank, _signed(int(node._saved_dim1)) % rank
         return d1 if dim == d0 else d0 if dim == d1 else dim
     if name == "PermuteBackward0":
-        return int(node._saved_dims[dim]) % rank
+        return _signed(int(node._saved_dims[dim])) % rank
     return dim
 
 
@@ -202,13 +237,17 @@ _SCALAR_OPERAND = {"MulBackward0": ("_saved_self", "_saved_other"), "DivBackward
 def _from_parameters(node, budget: list[int]) -> bool:
     """Whether the tensor ``node`` produced is made of parameters and constants alone: ``w``,
     ``w.view(1, -1)``, ``1 + w``, ``w * 2``, but not ``rows.mean(0)`` (nor ``inp(x).mean(0)``, whose
-    graph hides the data ``x``, nor anything made of an input tensor that requires grad)."""
+    graph hides the data ``x``, nor anything made of an input tensor that requires grad), or of
+    tensors shared by all samples (``flattened_samples``' ``shared``)."""
+    shared = _SHARED.get()[0]
     stack = [node]
     while stack:
         budget[0] -= 1
         node = stack.pop()
         if budget[0] < 0:
             return False
+        if node in shared:
+            continue
         name = type(node).__name__
         if name == "AccumulateGrad":
             if not isinstance(getattr(node, "variable", None), torch.nn.Parameter):
@@ -269,9 +308,9 @@ def _first_dim_moved(view_node, rank: int) -> bool:
     if name == "TBackward0":
         return True
     if name == "TransposeBackward0":
-        return 0 in (int(node._saved_dim0) % rank, int(node._saved_dim1) % rank)
+        return 0 in (_signed(int(node._saved_dim0)) % rank, _signed(int(node._saved_dim1)) % rank)
     if name == "PermuteBackward0":
-        return int(node._saved_dims[0]) % rank != 0
+        return _signed(int(node._saved_dims[0])) % rank != 0
     return False
 
 
