@@ -259,6 +259,24 @@ class DebertaLogits(nn.Module):
         return self.lm(input_ids=idx).logits
 
 
+class SwinLogits(nn.Module):
+    """A Hugging Face Swin image classifier returning logits (dropout 0, so that torch.func can be
+    the reference): windows of 4x4 patches folded into the batch dim, shifted every other block."""
+
+    def __init__(self, image=64, classes=10):
+        super().__init__()
+        import transformers  # only these workloads need it
+
+        config = transformers.SwinConfig(image_size=image, patch_size=4, num_channels=3, embed_dim=48,
+                                         depths=[2, 2], num_heads=[3, 6], window_size=4, num_labels=classes,
+                                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                         drop_path_rate=0.0)
+        self.net = transformers.SwinForImageClassification(config)
+
+    def forward(self, x):
+        return self.net(pixel_values=x).logits
+
+
 class LSTMModel(nn.Module):
     """Embedding(1000, 128) -> 2-layer nn.LSTM(128, 256) -> Linear(256, 1000): a recurrent
     language model (token cross-entropy)."""
@@ -322,6 +340,8 @@ WORKLOADS = {
     # Not in BENCHMARKS.md: DeBERTa v1's layout at the same size (the table handed to every layer).
     "deberta-v1": Workload("deberta-v1", lambda: DebertaLogits(version=1), _tokens(16, 128, 1000),
                            lambda x, y: 1.0 / y.numel(), token_level=True),
+    # Not in BENCHMARKS.md: a small Hugging Face Swin (windowed attention) on 64x64 images, batch 32.
+    "swin": Workload("swin", SwinLogits, _images(32, (3, 64, 64)), lambda x, y: 1.0 / x.shape[0]),
     # Not in BENCHMARKS.md: recurrent language models (2 layers of 256, batch 16 x 64 tokens).
     "lstm": Workload("lstm", LSTMModel, _tokens(16, 64, 1000), lambda x, y: 1.0 / y.numel(), token_level=True),
     "gru": Workload("gru", lambda: LSTMModel(cell=nn.GRU), _tokens(16, 64, 1000), lambda x, y: 1.0 / y.numel(),

@@ -241,6 +241,23 @@ def _nested(args, kwargs, follows) -> bool:
         isinstance(a, (list, tuple)) and any(follows(t) for t in a) for a in args)
 
 
+def _touches(args, kwargs, table: dict) -> bool:
+    """Whether an op's arguments (or a list among them) may hold a tensor whose ``id`` is in
+    ``table``: a cheap first test, before ``_hits`` and ``_nested`` check identities."""
+    for a in args:
+        if id(a) in table:
+            return True
+        if type(a) in (list, tuple):
+            for t in a:
+                if id(t) in table:
+                    return True
+    if kwargs:
+        for v in kwargs.values():
+            if id(v) in table:
+                return True
+    return False
+
+
 def _carries_grad(out) -> bool:
     """Whether a gradient can flow back through an op's output (not ``p.shape``, ``p.detach()``)."""
     return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(out)[0])
@@ -909,6 +926,8 @@ class SharedOutputWatcher(TorchFunctionMode):
         self.low_precision = output.dtype in _HALF or any(map(torch.is_autocast_enabled, ("cpu", "cuda")))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if not _touches(args, kwargs, self.aliases):
+            return func(*args, **(kwargs or {}))  # (most ops: this mode is on for the rest of the forward)
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention and not self.unknown_use:
             out = self._attention_mask(func, args, kwargs)
