@@ -277,6 +277,7 @@ class GradNormTracker:
                         if isinstance(owner.rule, EmbeddingRule) and owner.tie is None and not owner.aliases
                         and owner.tracked.get("weight") is owner.module.weight}
         self._last_batch = 0  # the batch size of the last call captured that was not watched
+        self._model_input_shape: tuple | None = None  # of the tracked model's last forward (_close_record)
         self._closed = False
         self._enabled = False
         self.enabled = enabled
@@ -436,6 +437,14 @@ class GradNormTracker:
         # Registered last, so it runs after the root's own hooks: watchers end with the tracked
         # model's forward (a mode a caller enters around the model call must find its own on top).
         self._handles.append(self.model.register_forward_hook(self._on_model_forward, always_call=True))
+        self._handles.append(self.model.register_forward_pre_hook(self._on_model_pre_forward, with_kwargs=True))
+
+    @torch.compiler.disable
+    def _on_model_pre_forward(self, module, args, kwargs):
+        # The shape of the model's first tensor input: its dim 0 is the samples (see _close_record).
+        first = next((x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)), None)
+        self._model_input_shape = tuple(first.shape) if first is not None else None
+        return None
 
     @torch.compiler.disable
     def _on_model_forward(self, module, args, output):
@@ -1090,6 +1099,19 @@ class GradNormTracker:
         if B is None:
             raise RuntimeError("the last backward reached no tracked layer through its outputs (is the loss "
                                "computed from the model's output, outside torch.no_grad()?)")
+        shape = self._model_input_shape
+        if shape and len(shape) >= 2 and shape[0] < B and any(math.prod(shape[:k]) == B for k in range(2, len(shape) + 1)):
+            # Every layer saw the input's leading dims merged (a multiple-choice head: [B, C, T] ->
+            # [B*C, T] before the embeddings): each row would be taken for a sample, silently.
+            k = next(k for k in range(2, len(shape) + 1) if math.prod(shape[:k]) == B)
+            raise ValueError(
+                f"the tracked model's input has shape {list(shape)}, but every tracked layer in this backward saw "
+                f"{B} = {' x '.join(map(str, shape[:k]))} rows: the model merges its input's leading dims into "
+                "the batch before any tracked layer (as a multiple-choice head does: [B, C, T] -> [B*C, T]), so "
+                f"each row would be taken for a sample: its norms would be per row, not per sample of the input, "
+                f"and loss_reduction='mean' would be scaled for {B} samples. Per-sample norms of such a model are "
+                "not supported; for per-row norms, merge the dims yourself before calling the model (each row is "
+                "then a sample, and the loss's reduction must count rows).")
         c = 1.0 / B if self.loss_reduction == "mean" else (1.0 if self.loss_reduction == "sum"
                                                             else float(self.loss_reduction))
         inv_c2 = 1.0 / (c * c)

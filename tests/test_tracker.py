@@ -205,6 +205,29 @@ def test_autocast_bf16_cpu():
 
 
 # ---------------------------------------------------------------- errors
+class MultipleChoice(nn.Module):
+    """A multiple-choice head's layout: ``[B, C, T]`` token ids merged into ``[B*C, T]`` before the
+    embedding, one score per choice, the loss over the B questions."""
+
+    def __init__(self, vocab=11, dim=4):
+        super().__init__()
+        self.embed, self.score = nn.Embedding(vocab, dim), nn.Linear(dim, 1)
+
+    def forward(self, ids):
+        B, C, T = ids.shape
+        return self.score(torch.tanh(self.embed(ids.view(B * C, T))).mean(1)).view(B, C)
+
+
+def test_a_model_merging_its_input_dims_into_the_batch_is_refused():
+    """Every layer sees B*C rows: the norms would be per choice and 'mean' scaled for B*C samples,
+    with nothing to tell (``batch_grad_sq`` came out C^2 too large). Refused, naming the shapes."""
+    model, ids = MultipleChoice(), torch.randint(0, 11, (3, 4, 5))
+    with GradNormTracker(model, "mean") as tracker:
+        F.cross_entropy(model(ids), torch.tensor([0, 3, 1])).backward()
+        with pytest.raises(ValueError, match=r"input has shape \[3, 4, 5\].* saw 12 = 3 x 4 rows.*multiple-choice"):
+            tracker.collect()
+
+
 def test_batch_dimension_disagreement_names_the_module():
     class Folding(nn.Module):
         def __init__(self):
