@@ -896,7 +896,11 @@ class SharedOutputWatcher(TorchFunctionMode):
     therefore serves as the check: ``per_sample`` stands only if its sum over samples equals it
     (``complete``), so a use the watcher did not see or could not split falls back to the
     module's own output grad, never to a partial sum. B is read off the first op whose output has
-    more than one row; the tracker's batch check compares it with the other layers'."""
+    more than one row; the tracker's batch check compares it with the other layers'. Rows that are
+    not the tracker's batch (each image's windows, Swin's ``[B * windows, ...]``) are grouped by
+    the samples the graph of the tensor they meet proves them to be (``_samples``); an ``alias + c``
+    with a constant of such rows (a shifted-window mask) is followed to where it meets them
+    (``row_expanded``)."""
 
     def __init__(self, output: torch.Tensor, batch_hint: int | None = None, shared_nodes=frozenset):
         super().__init__()

@@ -9,10 +9,24 @@ casts, elementwise arithmetic whose other operands are the same rows or are broa
 a normalisation over the trailing dims) to the ``view``/``reshape`` that merged the leading dims of
 a ``[B, T, ...]`` tensor. An operand broadcast over the rows must be made of parameters alone (a
 layer scale, a bias), not of the rows themselves (``rows - rows.mean(0)`` mixes the samples).
-Rows of such a view are sample-major: row ``r`` belongs to sample ``r // T``. Every branch must reach a merge of the same sizes; anything else (a gather, a
-permutation of rows, a matmul, an unknown op, a merge whose source had its first dim moved) gives
-no answer, and the layer keeps the batch of its input's first dim (and is refused by the batch
-check when that disagrees with the other layers).
+Rows of such a view are sample-major: row ``r`` belongs to sample ``r // T``. Every branch must
+reach a merge of the same samples; anything else (a gather, a permutation of rows, a matmul over
+the rows, an unknown op, a merge whose source had its first dim moved) gives no answer, and the
+layer keeps the batch of its input's first dim (and is refused by the batch check when that
+disagrees with the other layers).
+
+Windows folded into the batch dim (Swin's ``[B * windows, N, C]``) need more than the first merge:
+the walk carries the dim that holds the rows through transposes, permutes and ``unbind``/``select``
+(``q, k, v = qkv.view(...).permute(2, 0, ...)``), follows views that keep or split the first dim
+(a view keeps the elements' row-major order, so rows that were sample-major stay so under any view
+whose first dim is a multiple of B), per-row reductions kept as size 1 (``F.normalize``'s norm),
+and the attention's products (``bmm``, the SDPA kernels, a softmax over another dim). At a merge it
+first tries to prove the merged tensor's own rows (the attention's ``[windows, heads]`` merge is
+then the images', not the windows'), and only where the graph does not tell falls back on the
+assumption below; where the walk shows the rows came from another dim (``_NOT_NATIVE``), it does
+not. A merge of the batch the tracker already knows needs no such walk.
+Tensors the tracker knows to be shared by all samples (the outputs its watchers follow) count, like
+parameters, as carrying no sample's data.
 
 The tracker then calls a row-wise layer (Linear, LayerNorm, RMSNorm: ``LayerRule.rows_independent``)
 with the input viewed as ``[B, T, ...]`` and views the output back to ``[B*T, ...]``: the layer
