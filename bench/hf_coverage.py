@@ -114,12 +114,19 @@ def token_loss(out, y):
     return F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1), reduction="sum")
 
 
-def check(name: str) -> dict:
+def built(name: str):
+    """``(tiny_model(name), None)``, or ``(None, row)`` with the table's row where it cannot be built."""
     torch.manual_seed(0)
     try:
-        net = tiny_model(name)
+        return tiny_model(name), None
     except Exception as err:  # noqa: BLE001 - a config this script cannot shrink
-        return {"arch": name, "result": "not built", "detail": f"{type(err).__name__}: {str(err)[:120]}"}
+        return None, {"arch": name, "result": "not built", "detail": f"{type(err).__name__}: {str(err)[:120]}"}
+
+
+def check(name: str) -> dict:
+    net, row = built(name)
+    if net is None:
+        return row
     tokens, targets = torch.randint(3, 97, (3, 8)), torch.randint(3, 97, (3, 8))
     modes = ["seq2seq"] if name in SEQ2SEQ else ["positions", "default"]
     row = {}
@@ -184,11 +191,9 @@ def sample_token_losses(name: str, logits: torch.Tensor, labels: torch.Tensor) -
 
 def check_padded(name: str) -> dict:
     """A padded batch through the model's own ``labels=`` loss (see the module docstring)."""
-    torch.manual_seed(0)
-    try:
-        net = tiny_model(name)
-    except Exception as err:  # noqa: BLE001 - a config this script cannot shrink
-        return {"arch": name, "result": "not built", "detail": f"{type(err).__name__}: {str(err)[:120]}"}
+    net, row = built(name)
+    if net is None:
+        return row
     tokens, mask, labels = padded_batch(name)
     inputs = dict(input_ids=tokens, attention_mask=mask)
     if name in SEQ2SEQ:
@@ -200,17 +205,24 @@ def check_padded(name: str) -> dict:
         return {"arch": name, "result": "not run", "detail": f"the model fails alone: {type(err).__name__}: "
                                                              f"{str(err)[:120]}"}
     net.zero_grad()
-    try:
-        with GradNormTracker(net, 1.0 / labelled) as tracker:
-            torch.manual_seed(1)
-            net(**inputs, labels=labels).loss.backward()
-            stats = tracker.collect()
-            plans = tracker.plan()
-    except (ValueError, RuntimeError, TypeError) as err:
-        return {"arch": name, "result": "refused", "detail": f"{type(err).__name__}: {str(err)[:160]}"}
+    stats, plans, refused = _own_loss_tracked(name, net, 1.0 / labelled, dict(inputs, labels=labels))
+    if refused is not None:
+        return refused
     net.zero_grad()
     torch.manual_seed(1)
     return _compared(net, stats, plans, sample_token_losses(name, net(**inputs).logits, labels))
+
+
+def _own_loss_tracked(name: str, net, loss_reduction, inputs: dict):
+    """One tracked backward of ``net(**inputs).loss``, seeded as the reference's forward:
+    ``(stats, plans, None)``, or ``(None, None, row)`` with the table's row where it is refused."""
+    try:
+        with GradNormTracker(net, loss_reduction) as tracker:
+            torch.manual_seed(1)
+            net(**inputs).loss.backward()
+            return tracker.collect(), tracker.plan(), None
+    except (ValueError, RuntimeError, TypeError) as err:
+        return None, None, {"arch": name, "result": "refused", "detail": f"{type(err).__name__}: {str(err)[:160]}"}
 
 
 VISION = ["vit", "beit", "data2vec-vision", "vit_msn", "dinov2", "convnext", "convnextv2", "focalnet", "swin",
@@ -239,14 +251,9 @@ def check_vision(name: str, dropout: float) -> dict:
     for m in batch_norms:
         m.eval()
     images, labels = torch.randn(3, 3, 32, 32), torch.tensor([0, 2, 1])
-    try:
-        with GradNormTracker(net, "mean") as tracker:
-            torch.manual_seed(1)
-            net(pixel_values=images, labels=labels).loss.backward()
-            stats = tracker.collect()
-            plans = tracker.plan()
-    except (ValueError, RuntimeError, TypeError) as err:
-        return {"arch": name, "result": "refused", "detail": f"{type(err).__name__}: {str(err)[:160]}"}
+    stats, plans, refused = _own_loss_tracked(name, net, "mean", dict(pixel_values=images, labels=labels))
+    if refused is not None:
+        return refused
     net.zero_grad()
     torch.manual_seed(1)
     losses = F.cross_entropy(net(pixel_values=images).logits.float(), labels, reduction="none")

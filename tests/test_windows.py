@@ -99,33 +99,43 @@ def test_windows_of_unknown_order_are_not_assigned(make):
     assert flattened_samples(make(torch.randn(2, 4, 4, 6, requires_grad=True) * 1.0)) is None
 
 
+def square_loss(out, target):
+    return (out - target).square().sum()
+
+
+def checked_against_torch_func(model, fused):
+    """Track one backward on 3 images of 4x4; check the norms against torch.func and that every
+    gradient was accounted for. The per-parameter reference norms and the routes taken."""
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 4, 4, 3), torch.randn(3, 4)
+    with GradNormTracker(model, "sum", fused=fused) as tracker:
+        square_loss(model(x), y).backward()
+        stats = tracker.collect()
+        routes = {plan.module: plan.route for plan in tracker.plan()}
+    per_sample, per_param, batch = reference_norms(model, square_loss, x, y)
+    assert rel_err(stats.per_sample, per_sample) <= RTOL
+    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+    assert max(stats.unaccounted.values()) <= 1e-5
+    return stats, per_param, routes
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
 @pytest.mark.parametrize("shift", [False, True], ids=["windows", "shifted-windows"])
 def test_window_attention_matches_torch_func(shift, fused):
     torch.manual_seed(0)
-    model, x, y = WindowAttention(shift=shift), torch.randn(3, 4, 4, 3), torch.randn(3, 4)
-    loss = lambda out, target: (out - target).square().sum()  # noqa: E731
-    with GradNormTracker(model, "sum", fused=fused) as tracker:
-        loss(model(x), y).backward()
-        stats = tracker.collect()
-        routes = {plan.module: plan.route for plan in tracker.plan()}
-    per_sample, per_param, batch = reference_norms(model, loss, x, y)
-    assert rel_err(stats.per_sample, per_sample) <= RTOL
+    stats, per_param, routes = checked_against_torch_func(WindowAttention(shift=shift), fused)
     assert rel_err(stats.per_layer["bias"], per_param["bias.table"]) <= RTOL
-    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
-    assert max(stats.unaccounted.values()) <= 1e-5
     assert routes["bias"] == "generic (vmap vjp)"  # its 1-row output replayed with each image's grad
 
 
 def test_window_attention_with_dropout_matches_the_same_forward():
     torch.manual_seed(0)
     model, x, y = WindowAttention(shift=True, dropout=0.3).train(), torch.randn(3, 4, 4, 3), torch.randn(3, 4)
-    loss = lambda out, target: (out - target).square().sum()  # noqa: E731
     with GradNormTracker(model, "sum") as tracker:
         torch.manual_seed(5)
-        loss(model(x), y).backward()
+        square_loss(model(x), y).backward()
         stats = tracker.collect()
-    assert rel_err(stats.per_sample, same_forward_norms(model, loss, x, y, 5)) <= RTOL
+    assert rel_err(stats.per_sample, same_forward_norms(model, square_loss, x, y, 5)) <= RTOL
 
 
 class CosineWindowAttention(nn.Module):
@@ -173,16 +183,7 @@ class CosineWindowModel(nn.Module):
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
 def test_cosine_window_attention_matches_torch_func_without_replay(fused):
     torch.manual_seed(0)
-    model, x, y = CosineWindowModel(), torch.randn(3, 4, 4, 3), torch.randn(3, 4)
-    loss = lambda out, target: (out - target).square().sum()  # noqa: E731
-    with GradNormTracker(model, "sum", fused=fused) as tracker:
-        loss(model(x), y).backward()
-        stats = tracker.collect()
-        routes = {plan.module: plan.route for plan in tracker.plan()}
-    per_sample, per_param, batch = reference_norms(model, loss, x, y)
-    assert rel_err(stats.per_sample, per_sample) <= RTOL
+    stats, per_param, routes = checked_against_torch_func(CosineWindowModel(), fused)
     assert rel_err(stats.per_layer["attention"], per_param["attention.logit_scale"]) <= RTOL
-    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
-    assert max(stats.unaccounted.values()) <= 1e-5
     assert routes["attention"] == "generic (broadcast uses)"  # the scale read over the windows' rows
     assert routes["attention.proj"] != "generic (vmap vjp)"
