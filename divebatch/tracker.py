@@ -278,6 +278,7 @@ class GradNormTracker:
                         and owner.tracked.get("weight") is owner.module.weight}
         self._last_batch = 0  # the batch size of the last call captured that was not watched
         self._model_input_shape: tuple | None = None  # of the tracked model's last forward (_close_record)
+        self._model_inputs: list[torch.Tensor] = []  # its tensor inputs, while its forward runs
         self._closed = False
         self._enabled = False
         self.enabled = enabled
@@ -399,7 +400,7 @@ class GradNormTracker:
             if self._tables and owner.rule.rows_independent:
                 self._handles.append(owner.module.register_forward_pre_hook(
                     partial(self._on_table_read, owner), prepend=True, with_kwargs=True))
-            if owner.rule.rows_independent:
+            if owner.rule.rows_independent or isinstance(owner.rule, EmbeddingRule):
                 # First of the pre-hooks, so every other hook and the fused forward see [B, T, ...].
                 self._handles.append(owner.module.register_forward_pre_hook(
                     partial(self._on_rows_pre_forward, owner), prepend=True))
@@ -410,7 +411,7 @@ class GradNormTracker:
             # even when the forward raises.
             self._handles.append(owner.module.register_forward_hook(
                 partial(self._on_forward, owner), with_kwargs=True, always_call=generic))
-            if owner.rule.rows_independent:
+            if owner.rule.rows_independent or isinstance(owner.rule, EmbeddingRule):
                 # After _on_forward, which hooks the [B, T, ...] output the rule's grads arrive for.
                 self._handles.append(owner.module.register_forward_hook(
                     partial(self._on_rows_forward, owner), always_call=True))
@@ -442,13 +443,15 @@ class GradNormTracker:
     @torch.compiler.disable
     def _on_model_pre_forward(self, module, args, kwargs):
         # The shape of the model's first tensor input: its dim 0 is the samples (see _close_record).
-        first = next((x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)), None)
-        self._model_input_shape = tuple(first.shape) if first is not None else None
+        inputs = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
+        self._model_input_shape = tuple(inputs[0].shape) if inputs else None
+        self._model_inputs = inputs  # (until the forward ends: ids merged from them, see _input_rows)
         return None
 
     @torch.compiler.disable
     def _on_model_forward(self, module, args, output):
         self._leave_watchers(all_of_them=True)
+        self._model_inputs = []
         for owner in self._owners:
             owner.row_views.clear()  # left by a forward that raised
 
@@ -463,7 +466,17 @@ class GradNormTracker:
         if (not isinstance(x, torch.Tensor) or capture_suspended() or not torch.is_grad_enabled()
                 or _inside_functorch()):
             return None
-        lead = self._proven_rows(x)
+        if x.is_floating_point():
+            lead = self._proven_rows(x)
+        elif (x.dim() >= 2 and x.shape[0] > 1 and x.stride(0) == 0 and 1 < self._last_batch != x.shape[0]
+              and self._model_inputs):
+            # Ids expanded over rows that are not the samples (BERT's token types: a [1, T] buffer
+            # expanded to a multiple-choice head's merged [B*C, T] ids): one lookup shared by the
+            # samples, expanded back afterwards. (Expanded to the B samples, each row is a sample's.)
+            owner.row_views.append((x[:1], x.shape[0], None))
+            return (owner.row_views[-1][0], *args[1:])
+        else:
+            lead = self._input_rows(x)
         if lead is None:
             return None
         view = x.reshape(*lead, *x.shape[1:])
@@ -477,7 +490,26 @@ class GradNormTracker:
         _, rows, n_lead = owner.row_views.pop()
         if not isinstance(output, torch.Tensor):
             return None
+        if n_lead is None:  # a shared lookup of ids expanded over the rows (see _on_rows_pre_forward)
+            watcher = self._watchers[-1] if self._watchers and self._watchers[-1].output is output else None
+            if watcher is None:
+                return output.expand(rows, *output.shape[1:])  # (not followed: refused as a batch of 1)
+            return watcher.expanded_over_rows(output, rows)
         return output.reshape(rows, *output.shape[n_lead:])
+
+    def _input_rows(self, ids: torch.Tensor) -> tuple[int, int] | None:
+        """``(B, N // B)`` where token ids ``[N, ...]`` are the tracked model's input ``[B, C, ...]``
+        with its leading dims merged (a multiple-choice head's ``input_ids.view(-1, T)``): the same
+        memory, contiguous, so row ``r`` is sample ``r // C``. None otherwise."""
+        for inp in self._model_inputs:
+            shape = tuple(inp.shape)
+            if (inp.data_ptr() != ids.data_ptr() or inp.numel() != ids.numel() or not inp.is_contiguous()
+                    or not ids.is_contiguous() or len(shape) < 2 or inp.dtype != ids.dtype):
+                continue
+            for k in range(2, len(shape) + 1):
+                if math.prod(shape[:k]) == ids.shape[0] and tuple(ids.shape[1:]) == shape[k:] and shape[0] > 0:
+                    return (shape[0], ids.shape[0] // shape[0]) if ids.shape[0] > shape[0] else None
+        return None
 
     def _detach(self) -> None:
         self._leave_watchers(all_of_them=True)

@@ -207,21 +207,43 @@ def test_autocast_bf16_cpu():
 # ---------------------------------------------------------------- errors
 class MultipleChoice(nn.Module):
     """A multiple-choice head's layout: ``[B, C, T]`` token ids merged into ``[B*C, T]`` before the
-    embedding, one score per choice, the loss over the B questions."""
+    embedding, one score per choice, the loss over the B questions. ``copied``: the merged ids are
+    a computed copy (``ids.view(-1, T) % vocab``), not the input's memory."""
 
-    def __init__(self, vocab=11, dim=4):
+    def __init__(self, copied=False, vocab=11, dim=4):
         super().__init__()
+        self.copied, self.vocab = copied, vocab
         self.embed, self.score = nn.Embedding(vocab, dim), nn.Linear(dim, 1)
 
     def forward(self, ids):
         B, C, T = ids.shape
-        return self.score(torch.tanh(self.embed(ids.view(B * C, T))).mean(1)).view(B, C)
+        rows = ids.view(B * C, T) % self.vocab if self.copied else ids.view(B * C, T)
+        return self.score(torch.tanh(self.embed(rows)).mean(1)).view(B, C)
 
 
-def test_a_model_merging_its_input_dims_into_the_batch_is_refused():
-    """Every layer sees B*C rows: the norms would be per choice and 'mean' scaled for B*C samples,
-    with nothing to tell (``batch_grad_sq`` came out C^2 too large). Refused, naming the shapes."""
-    model, ids = MultipleChoice(), torch.randint(0, 11, (3, 4, 5))
+def choice_loss(out, y):
+    return F.cross_entropy(out, y, reduction="sum")
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+def test_a_model_merging_its_input_dims_gets_the_samples_of_its_input(fused):
+    """The embedding's ids are the model's input with its leading dims merged (the same memory):
+    row r is question r // C, and every layer after is proven from the graph (one per question)."""
+    model, ids, y = MultipleChoice(), torch.randint(0, 11, (3, 4, 5)), torch.tensor([0, 3, 1])
+    with GradNormTracker(model, "sum", fused=fused) as tracker:
+        choice_loss(model(ids), y).backward()
+        stats = tracker.collect()
+    per_sample, _, batch = reference_norms(model, choice_loss, ids, y)
+    assert stats.per_sample.shape == (3,)
+    assert rel_err(stats.per_sample, per_sample) <= RTOL
+    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+
+
+def test_a_model_merging_its_input_dims_unprovably_is_refused():
+    """Merged ids the tracker cannot trace to the input: every layer sees B*C rows, so the norms
+    would be per choice and 'mean' scaled for B*C samples, with nothing to tell (``batch_grad_sq``
+    came out C^2 too large). Refused, naming the shapes."""
+    model, ids = MultipleChoice(copied=True), torch.randint(0, 11, (3, 4, 5))
     with GradNormTracker(model, "mean") as tracker:
         F.cross_entropy(model(ids), torch.tensor([0, 3, 1])).backward()
         with pytest.raises(ValueError, match=r"input has shape \[3, 4, 5\].* saw 12 = 3 x 4 rows.*multiple-choice"):

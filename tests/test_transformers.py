@@ -356,6 +356,40 @@ def test_swin_windowed_attention_matches_the_same_forward(version, fused):
     assert replayed == (bias_modules if version == 1 else set()) and bool(bias_modules) == (version == 1)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("kind", ["bert", "electra"])
+def test_multiple_choice_heads_match_the_same_forward(kind, fused):
+    """A multiple-choice head merges [B, C, T] into [B*C, T] before the encoder: the embedding's ids
+    are the input's memory (its questions), the token types a [1, T] buffer expanded over the rows
+    (a shared lookup), and every layer after is proven from the graph; one norm per question.
+    Padding and dropout 0.1. Reference: each question's loss backpropagated through the same forward."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=97, hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
+                  max_position_embeddings=16, pad_token_id=0)
+    if kind == "bert":
+        net = transformers.BertForMultipleChoice(transformers.BertConfig(**common))
+    else:
+        net = transformers.ElectraForMultipleChoice(transformers.ElectraConfig(embedding_size=16, **common))
+    net.train()
+    ids = torch.randint(3, 97, (3, 4, 6))
+    mask = torch.ones_like(ids)
+    mask[1, :, 4:] = mask[2, 2, 3:] = 0
+    labels = torch.tensor([0, 3, 1])
+    with GradNormTracker(net, "mean", fused=fused) as tracker:
+        torch.manual_seed(3)
+        net(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        stats = tracker.collect()
+    net.zero_grad()
+    torch.manual_seed(3)
+    losses = F.cross_entropy(net(input_ids=ids, attention_mask=mask).logits, labels, reduction="none")
+    params = [p for p in net.parameters() if p.requires_grad]
+    expected = torch.stack([sum(g.double().square().sum() for g in torch.autograd.grad(
+        losses[b], params, retain_graph=True, allow_unused=True, materialize_grads=True)) for b in range(3)])
+    assert stats.per_sample.shape == (3,)
+    assert rel_err(stats.per_sample, expected) <= RTOL
+    assert max(stats.unaccounted.values()) <= 1e-5
+
+
 def _deberta_settings(dropout):
     """Tiny sizes and relative attention, without absolute positions (DeBERTa v1 and v2/v3)."""
     return dict(

@@ -914,6 +914,7 @@ class SharedOutputWatcher(TorchFunctionMode):
         # (Swin's shifted-window mask, [B * windows, 1, N, N]): the alias repeated over those rows,
         # whose samples are known only where they meet a tensor whose rows the graph proves.
         self.row_expanded: dict[int, tuple[float, torch.Size]] = {}
+        self.passing = False  # an op of the tracker's own (expanded_over_rows): not a use
         # id -> (tensor, the shape ops from ``output`` to it: (func, args after the tensor, kwargs))
         self.aliases: dict[int, tuple[torch.Tensor, tuple]] = {id(output): (output, ())}
         self.per_sample: torch.Tensor | None = None
@@ -929,8 +930,20 @@ class SharedOutputWatcher(TorchFunctionMode):
         # LayerNorm's): autograd's sum of their parts is rounded at that precision.
         self.low_precision = output.dtype in _HALF or any(map(torch.is_autocast_enabled, ("cpu", "cuda")))
 
+    def expanded_over_rows(self, output: torch.Tensor, rows: int) -> torch.Tensor:
+        """``output`` (``[1, ...]``, the watched output) expanded to ``rows`` rows that are not known
+        to be the samples (a lookup of ids expanded over merged rows), followed as ``alias + c`` is."""
+        self.passing = True
+        try:
+            out = output.expand(rows, *output.shape[1:])
+        finally:
+            self.passing = False
+        self.aliases[id(out)] = (out, self.aliases[id(output)][1])
+        self.row_expanded[id(out)] = (1.0, output.shape)
+        return out
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if not _touches(args, kwargs, self.aliases):
+        if self.passing or not _touches(args, kwargs, self.aliases):
             return func(*args, **(kwargs or {}))  # (most ops: this mode is on for the rest of the forward)
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention and not self.unknown_use:

@@ -99,8 +99,8 @@ _PER_ROW = frozenset({
 })
 #: Ops along one dim (``_saved_dim``): within each row where that dim is not the first.
 _ALONG_DIM = frozenset({"SoftmaxBackward0", "SafeSoftmaxBackward0", "LogSoftmaxBackward0"})
-#: Reductions over dims (``_saved_dim``) kept as size 1 (``_saved_keepdim``; ``F.normalize``'s
-#: norm): within each row where the rows' dim is not reduced.
+#: Reductions over dims (``_saved_dim``), kept as size 1 or not (``_saved_keepdim``; ``F.normalize``'s
+#: norm, a mean over tokens): within each row where the rows' dim is not reduced.
 _REDUCTIONS = frozenset({"LinalgVectorNormBackward0", "NormBackward1", "SumBackward1", "MeanBackward1"})
 
 
@@ -167,15 +167,19 @@ def _walk(node, shape: tuple[int, ...], budget: list[int], dim: int = 0) -> int 
     if name in _ALONG_DIM and _signed(int(node._saved_dim)) % len(shape) == dim:
         return _NOT_NATIVE  # a softmax over the rows mixes them
     if name in _REDUCTIONS:
+        # (over dims of the input: with keepdim they keep their places, without it the rest close up)
+        child, index = node.next_functions[0] if node.next_functions else (None, 0)
         try:
-            reduced = [_signed(int(d)) % len(shape) for d in (node._saved_dim or range(len(shape)))]
+            source = tuple(child._input_metadata[index].shape)
+            dims = node._saved_dim
+            reduced = {_signed(int(d)) % len(source) for d in (dims if dims else range(len(source)))}
             kept = bool(node._saved_keepdim)
-        except (AttributeError, TypeError, RuntimeError):
+        except (AttributeError, TypeError, RuntimeError, IndexError):
             return unknown
-        if not kept:
-            return unknown
-        if dim in reduced:
+        places = list(range(len(source))) if kept else [i for i in range(len(source)) if i not in reduced]
+        if dim >= len(places) or places[dim] in reduced:
             return _NOT_NATIVE  # a statistic over the rows mixes them
+        return _walk(child, source, budget, places[dim])
     if name in _PER_ROW and dim != 0:
         return unknown
     if name not in _ROW_WISE and name not in _PER_ROW and name not in _ALONG_DIM and name not in _REDUCTIONS:
