@@ -24,6 +24,12 @@ in eval mode, where a sample's gradient is defined (in training mode divebatch g
 decomposition the README describes).
 
     python bench/hf_coverage.py --vision --dropout 0.1 --out bench/results/hf_coverage_vision.md
+
+``--choices`` checks the masked-LM architectures' multiple-choice heads
+(``AutoModelForMultipleChoice``: 3 questions of 4 padded choices of 6 tokens, merged into 12 rows
+by the model) the same way, one norm per question.
+
+    python bench/hf_coverage.py --choices --dropout 0.1 --out bench/results/hf_coverage_choices.md
 """
 
 from __future__ import annotations
@@ -232,6 +238,31 @@ VISION_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, i
                    window_size=2, embedding_size=8, num_labels=3)
 
 
+def check_choices(name: str) -> dict:
+    """A multiple-choice head through its own ``labels=`` loss (see the module docstring)."""
+    torch.manual_seed(0)
+    try:
+        config = transformers.AutoConfig.for_model(name)
+        for key, value in {**TINY, **EXTRA.get(name, {})}.items():
+            if hasattr(config, key) or key in EXTRA.get(name, {}):
+                setattr(config, key, value)
+        config.pooler_hidden_size = config.hidden_size  # (DeBERTa's pooler: its default is not TINY's)
+        net = transformers.AutoModelForMultipleChoice.from_config(config).train()
+    except Exception as err:  # noqa: BLE001 - an architecture without such a head, or a config it cannot shrink to
+        return {"arch": name, "result": "not built", "detail": f"{type(err).__name__}: {str(err)[:120]}"}
+    ids = torch.randint(3, 97, (3, 4, 6))
+    mask = torch.ones_like(ids)
+    mask[1, :, 4:] = mask[2, 2, 3:] = 0
+    labels = torch.tensor([0, 3, 1])
+    stats, plans, refused = _own_loss_tracked(name, net, "mean", dict(input_ids=ids, attention_mask=mask, labels=labels))
+    if refused is not None:
+        return refused
+    net.zero_grad()
+    torch.manual_seed(1)
+    losses = F.cross_entropy(net(input_ids=ids, attention_mask=mask).logits.float(), labels, reduction="none")
+    return _compared(net, stats, plans, losses)
+
+
 def check_vision(name: str, dropout: float) -> dict:
     """An image classifier through its own ``labels=`` loss (see the module docstring)."""
     torch.manual_seed(0)
@@ -285,23 +316,27 @@ def main() -> None:
                         help="padded sequences, attention mask and the model's own labels= loss")
     parser.add_argument("--vision", action="store_true",
                         help="image classifiers through their own labels= loss")
+    parser.add_argument("--choices", action="store_true",
+                        help="multiple-choice heads of the masked LMs through their own labels= loss")
     parser.add_argument("--dropout", type=float, default=0.0,
                         help="every dropout probability of the config (with --padded or --vision)")
     args = parser.parse_args()
-    if args.dropout and not (args.padded or args.vision):
-        parser.error("--dropout needs --padded or --vision (their reference is the tracked forward's own draws)")
+    if args.dropout and not (args.padded or args.vision or args.choices):
+        parser.error("--dropout needs --padded, --vision or --choices (their reference is the tracked forward's "
+                     "own draws)")
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
     for key in DROPOUTS:
         TINY[key] = args.dropout
     setting = (f"; padded batch, the model's own loss, dropout {args.dropout}" if args.padded else
-               f"; image classifiers, the model's own loss, dropout {args.dropout}" if args.vision else "")
+               f"; image classifiers, the model's own loss, dropout {args.dropout}" if args.vision else
+               f"; multiple-choice heads, the model's own loss, dropout {args.dropout}" if args.choices else "")
     lines = [f"transformers {transformers.__version__}, torch {torch.__version__}{setting}", "",
              "| architecture | result | detail |", "|---|---|---|"]
     print("\n".join(lines), flush=True)
-    for name in args.archs or (VISION if args.vision else CAUSAL + MASKED + SEQ2SEQ):
-        row = (check_vision(name, args.dropout) if args.vision else check_padded(name) if args.padded
-               else check(name))
+    for name in args.archs or (VISION if args.vision else MASKED if args.choices else CAUSAL + MASKED + SEQ2SEQ):
+        row = (check_vision(name, args.dropout) if args.vision else check_choices(name) if args.choices
+               else check_padded(name) if args.padded else check(name))
         row["arch"] = name
         line = f"| {row['arch']} | {row['result']} | {row['detail'].replace('|', '/')} |"
         print(line, flush=True)
