@@ -279,6 +279,7 @@ class GradNormTracker:
         self._last_batch = 0  # the batch size of the last call captured that was not watched
         self._model_input_shape: tuple | None = None  # of the tracked model's last forward (_close_record)
         self._model_inputs: list[torch.Tensor] = []  # its tensor inputs, while its forward runs
+        self._input_batch: int | None = None  # dim 0 of its first input (the samples, as everywhere)
         self._closed = False
         self._enabled = False
         self.enabled = enabled
@@ -438,14 +439,24 @@ class GradNormTracker:
         # Registered last, so it runs after the root's own hooks: watchers end with the tracked
         # model's forward (a mode a caller enters around the model call must find its own on top).
         self._handles.append(self.model.register_forward_hook(self._on_model_forward, always_call=True))
-        self._handles.append(self.model.register_forward_pre_hook(self._on_model_pre_forward, with_kwargs=True))
+        # First of all pre-hooks (the root may be an owner too): its rows hook reads this forward's batch.
+        self._handles.append(self.model.register_forward_pre_hook(self._on_model_pre_forward, with_kwargs=True,
+                                                                  prepend=True))
 
     @torch.compiler.disable
     def _on_model_pre_forward(self, module, args, kwargs):
         # The shape of the model's first tensor input: its dim 0 is the samples (see _close_record).
+        if capture_suspended() or not torch.is_grad_enabled() or _inside_functorch():
+            self._input_batch = None  # (a reference's per-sample call: no forward of the tracker's)
+            return None
         inputs = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
         self._model_input_shape = tuple(inputs[0].shape) if inputs else None
         self._model_inputs = inputs  # (until the forward ends: ids merged from them, see _input_rows)
+        self._input_batch = inputs[0].shape[0] if inputs and inputs[0].dim() > 0 else None
+        if self._input_batch:
+            # This forward's batch, before its first tracked call (not the previous forward's: an
+            # epoch's last, smaller batch would meet a stale size).
+            self._last_batch = self._input_batch
         return None
 
     @torch.compiler.disable
@@ -466,7 +477,12 @@ class GradNormTracker:
         if (not isinstance(x, torch.Tensor) or capture_suspended() or not torch.is_grad_enabled()
                 or _inside_functorch()):
             return None
-        if x.is_floating_point():
+        if (self._input_batch == 1 and x.dim() > 0 and x.shape[0] > 1 and not _called_from_compiled_code()
+                and (not x.is_floating_point() or (x.grad_fn is not None and not self._follows(x)))):
+            # One sample: every row is its own (T5's [q, k] buckets, a window's rows); not a table's
+            # weight or a tensor followed as shared by the samples (see _on_table_read).
+            lead = (1, x.shape[0])
+        elif x.is_floating_point():
             lead = self._proven_rows(x)
         elif (x.dim() >= 2 and x.shape[0] > 1 and x.stride(0) == 0 and 1 < self._last_batch != x.shape[0]
               and self._model_inputs):

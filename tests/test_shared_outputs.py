@@ -421,3 +421,48 @@ def test_a_shared_output_dropped_out_and_through_an_in_place_relu_matches_the_sa
         token_loss(model(tokens), targets).backward()
         stats = tracker.collect()
     assert rel_err(stats.per_sample, same_forward_norms(model, token_loss, tokens, targets, 4)) <= 1e-5
+
+
+class PositionsOnRawFeatures(nn.Module):
+    """A position table looked up with ``[1, T]`` ids, added to the model's input features (data
+    that needs no gradient) before any other tracked layer: the first call the tracker sees."""
+
+    def __init__(self, dim=4, T=5):
+        super().__init__()
+        self.positions, self.head = nn.Embedding(T, dim), nn.Linear(dim, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(x + self.positions(torch.arange(x.shape[1])[None])))
+
+
+def test_a_shared_output_added_to_raw_input_features_first_matches_torch_func():
+    torch.manual_seed(0)
+    model, x, y = PositionsOnRawFeatures(), torch.randn(3, 5, 4), torch.randn(3, 5, 3)
+    loss = lambda out, target: (out - target).square().sum()  # noqa: E731
+    with GradNormTracker(model, "sum") as tracker:
+        for _ in range(2):  # the first step has no batch size yet when the positions are looked up
+            model.zero_grad()
+            loss(model(x), y).backward()
+            stats = tracker.collect()
+            per_sample, _, batch = reference_norms(model, loss, x, y)
+            assert rel_err(stats.per_sample, per_sample) <= 1e-5
+            assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
+
+
+@pytest.mark.parametrize("make, data", [
+    (lambda: RelativeBias(padding="where"), lambda B: (torch.randint(0, 11, (B, 5)), torch.randint(0, 11, (B, 5)))),
+    (PositionsOnRawFeatures, lambda B: (torch.randn(B, 5, 4), torch.randn(B, 5, 3))),
+], ids=["relative-bias", "raw-features"])
+def test_batch_sizes_that_change_between_steps(make, data):
+    """An epoch's smaller last batch, and a batch of 1 (whose rows are all its own): each step is
+    judged by its own input's batch, not the previous step's."""
+    torch.manual_seed(0)
+    model = make()
+    loss = token_loss if isinstance(model, RelativeBias) else (lambda out, target: (out - target).square().sum())
+    with GradNormTracker(model, "sum") as tracker:
+        for B in (3, 2, 1, 3):
+            x, y = data(B)
+            model.zero_grad()
+            loss(model(x), y).backward()
+            stats = tracker.collect()
+            assert rel_err(stats.per_sample, reference_norms(model, loss, x, y)[0]) <= 1e-5, B

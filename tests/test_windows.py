@@ -187,3 +187,17 @@ def test_cosine_window_attention_matches_torch_func_without_replay(fused):
     assert rel_err(stats.per_layer["attention"], per_param["attention.logit_scale"]) <= RTOL
     assert routes["attention"] == "generic (broadcast uses)"  # the scale read over the windows' rows
     assert routes["attention.proj"] != "generic (vmap vjp)"
+
+
+@pytest.mark.parametrize("make", [lambda: WindowAttention(shift=True), CosineWindowModel], ids=["shifted", "cosine"])
+def test_batch_sizes_that_change_between_steps(make):
+    """A batch of 1 (every window is the one image's) between batches of 3 and 2."""
+    torch.manual_seed(0)
+    model = make()
+    with GradNormTracker(model, "sum") as tracker:
+        for B in (3, 1, 2):
+            x, y = torch.randn(B, 4, 4, 3), torch.randn(B, 4)
+            model.zero_grad()
+            square_loss(model(x), y).backward()
+            stats = tracker.collect()
+            assert rel_err(stats.per_sample, reference_norms(model, square_loss, x, y)[0]) <= RTOL, B

@@ -988,7 +988,7 @@ class SharedOutputWatcher(TorchFunctionMode):
         if (sign is not None and kind in ("add", "sub", "rsub") and expanded is None and not inside and not kwargs
                 and isinstance(other, torch.Tensor) and not other.requires_grad and isinstance(out, torch.Tensor)
                 and out.dim() == alias.dim() and alias.shape[0] == 1 and out.shape[0] > 1
-                and other.shape[0] == out.shape[0] and out.shape[0] != self.batch_hint):
+                and other.shape[0] == out.shape[0] and self.batch_hint is not None and out.shape[0] != self.batch_hint):
             # ``alias + c`` with a constant of several rows that are not the samples: which sample each
             # row is for is known where it meets rows the graph proves (the attention's queries).
             self.aliases[id(out)] = (out, self.aliases[id(alias)][1])
