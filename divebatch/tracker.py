@@ -1147,19 +1147,21 @@ class GradNormTracker:
         if B is None:
             raise RuntimeError("the last backward reached no tracked layer through its outputs (is the loss "
                                "computed from the model's output, outside torch.no_grad()?)")
-        shape = self._model_input_shape
-        if shape and len(shape) >= 2 and shape[0] < B and any(math.prod(shape[:k]) == B for k in range(2, len(shape) + 1)):
+        shape = self._model_input_shape or ()
+        merged = next((k for k in range(2, len(shape) + 1) if math.prod(shape[:k]) == B), None)
+        if merged is not None and shape[0] < B:
             # Every layer saw the input's leading dims merged (a multiple-choice head: [B, C, T] ->
-            # [B*C, T] before the embeddings): each row would be taken for a sample, silently.
-            k = next(k for k in range(2, len(shape) + 1) if math.prod(shape[:k]) == B)
+            # [B*C, T] before the embeddings), untraced: each row would be taken for a sample, silently.
             raise ValueError(
                 f"the tracked model's input has shape {list(shape)}, but every tracked layer in this backward saw "
-                f"{B} = {' x '.join(map(str, shape[:k]))} rows: the model merges its input's leading dims into "
-                "the batch before any tracked layer (as a multiple-choice head does: [B, C, T] -> [B*C, T]), so "
-                f"each row would be taken for a sample: its norms would be per row, not per sample of the input, "
-                f"and loss_reduction='mean' would be scaled for {B} samples. Per-sample norms of such a model are "
-                "not supported; for per-row norms, merge the dims yourself before calling the model (each row is "
-                "then a sample, and the loss's reduction must count rows).")
+                f"{B} = {' x '.join(map(str, shape[:merged]))} rows: the model merges its input's leading dims into "
+                "the batch before any tracked layer (as a multiple-choice head does: [B, C, T] -> [B*C, T]) in a "
+                "way the tracker cannot trace to the input (merged ids that are the input's own memory, "
+                "input_ids.view(-1, T), are followed; a copy, or ids computed from them, are not). Each row would "
+                f"be taken for a sample: its norms would be per row, not per sample of the input, and "
+                f"loss_reduction='mean' would be scaled for {B} samples. Look the merged ids up directly, or, for "
+                "per-row norms, merge the dims yourself before calling the model (each row is then a sample, and "
+                "the loss's reduction must count rows).")
         c = 1.0 / B if self.loss_reduction == "mean" else (1.0 if self.loss_reduction == "sum"
                                                             else float(self.loss_reduction))
         inv_c2 = 1.0 / (c * c)

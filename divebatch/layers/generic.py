@@ -172,8 +172,6 @@ def _softplus_derivative(x, y, beta=1.0, threshold=20.0):
     return torch.where(x * beta > threshold, torch.ones_like(x), torch.sigmoid(x * beta))
 
 
-# Elementwise functions of a parameter (``A = -torch.exp(self.A_log)``): their result is treated as
-# the parameter with a factor, the function's derivative at it, given by (input, output, *numbers).
 def _clamp_derivative(x, y, min=None, max=None):
     """1 where ``clamp`` passed ``x`` through (its bounds included, as autograd's), else 0."""
     kept = torch.ones_like(x, dtype=torch.bool)
@@ -184,6 +182,8 @@ def _clamp_derivative(x, y, min=None, max=None):
     return kept.to(x.dtype)
 
 
+# Elementwise functions of a parameter (``A = -torch.exp(self.A_log)``): their result is treated as
+# the parameter with a factor, the function's derivative at it, given by (input, output, *numbers).
 _DERIVATIVES = {
     **dict.fromkeys((torch.exp, torch.Tensor.exp), lambda x, y: y),
     **dict.fromkeys((torch.clamp, torch.Tensor.clamp, torch.clip, torch.Tensor.clip), _clamp_derivative),
@@ -496,8 +496,9 @@ def usable_direct_uses(uses: list[DirectUse] | None, tracked: dict, batch_size: 
                        rows: tuple[int, ...] | None = None,
                        input_samples: torch.Tensor | None = None) -> list[DirectUse] | None:
     """``uses`` if each broadcasts its parameter over the ``batch_size`` samples of dim 0 (so
-    per-sample gradients are a reduction of its output grad), or is a product with rows of the module's first input, whose ``rows`` (the merged leading
-    sizes, if samples and tokens were flattened) say which sample each row belongs to. With
+    per-sample gradients are a reduction of its output grad), or is a product with rows of the
+    module's first input, whose ``rows`` (the merged leading sizes, if samples and tokens were
+    flattened) say which sample each row belongs to. With
     ``input_samples`` (the sample of each of the first input's rows, in any order) only products
     qualify; they are given that map."""
     if uses is None:
@@ -1047,9 +1048,7 @@ class SharedOutputWatcher(TorchFunctionMode):
                 or any(isinstance(r, bool) or not isinstance(r, int) for r in repeats)
                 or repeats[0] < 2 or any(r != 1 for r in repeats[1:])):
             return False
-        if self.batch_size is None:
-            self.batch_size = repeats[0]
-        if repeats[0] != self.batch_size:
+        if self._samples(None, repeats[0]) is None:
             return False
         out.register_hook(partial(self._collect_copies, alias.shape, self.aliases[id(alias)][1]))
         self.broadcasts += 1
@@ -1063,9 +1062,7 @@ class SharedOutputWatcher(TorchFunctionMode):
         if (not isinstance(other, torch.Tensor) or not isinstance(out, torch.Tensor) or alias.dim() < 3
                 or other.dim() != alias.dim() or alias.shape[0] != 1 or other.shape[0] < 2):
             return False
-        if self.batch_size is None:
-            self.batch_size = other.shape[0]
-        if other.shape[0] != self.batch_size:
+        if self._samples(None, other.shape[0]) is None:
             return False
         out.register_hook(partial(self._collect_product, position, other.detach(), alias.shape,
                                   self.aliases[id(alias)][1]))
@@ -1096,9 +1093,7 @@ class SharedOutputWatcher(TorchFunctionMode):
         if (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or out.dim() != alias.dim()
                 or out.dim() == 0 or alias.shape[0] != 1 or out.shape[0] < 2):
             return False
-        if self.batch_size is None:
-            self.batch_size = out.shape[0]
-        if out.shape[0] != self.batch_size:
+        if self._samples(None, out.shape[0]) is None:
             return False
         selected = (mask if takes_alias else ~mask).detach()
         out.register_hook(partial(self._collect, 1.0, selected, alias.shape, self.aliases[id(alias)][1]))
@@ -1150,7 +1145,8 @@ class SharedOutputWatcher(TorchFunctionMode):
             return None
         sign, shape = self.row_expanded.get(id(mask), (1.0, mask.shape))
         rows = query.shape[0]
-        if mask.shape[0] not in (1, rows) or self._samples(query, rows) is None:
+        if (mask.shape[0] != 1 and not (id(mask) in self.row_expanded and mask.shape[0] == rows)
+                or self._samples(query, rows) is None):
             return None
         # (a fresh view of a row-expanded mask: only this use's gradient reaches the hook)
         expanded = mask.expand(rows, *mask.shape[1:])

@@ -130,51 +130,44 @@ def _walk(node, shape: tuple[int, ...], budget: list[int], dim: int = 0) -> int 
         if dim != 0 or source is None or not source or not node.next_functions:
             return unknown
         merge = any(math.prod(source[:k]) == shape[0] for k in range(2, len(source) + 1))
+        # Leading dims of a [B, T, ...] tensor merged: its first dim is the samples' (as everywhere),
+        # unless a permutation moved it there. Taken where the graph does not prove the merged
+        # tensor's own rows, and at once for the tracker's batch (OPT's MLP rows: no walk back
+        # through a model's whole residual stream to prove what the assumption gives).
+        assumed = (_NOT_NATIVE if _first_dim_moved(node, len(source)) else source[0]) if merge else None
         if merge and source[0] == _SHARED.get()[1]:
-            # The tracker's batch merged with tokens (OPT's MLP rows): the usual case, no walk back
-            # (through a model's whole residual stream) to prove what the assumption gives.
-            return _NOT_NATIVE if _first_dim_moved(node, len(source)) else source[0]
+            return assumed
         samples = _walk(node.next_functions[0][0], source, budget)
         if samples == _NOT_NATIVE or (samples is not None and shape[0] % samples):
             return _NOT_NATIVE
-        if samples is not None:
-            return samples
-        if merge:
-            # Leading dims of a [B, T, ...] tensor merged, whose own rows the graph does not prove:
-            # its first dim is the samples' (as everywhere), unless a permutation moved it there.
-            return _NOT_NATIVE if _first_dim_moved(node, len(source)) else source[0]
-        return None
+        return samples if samples is not None else assumed
     if name in ("TransposeBackward0", "PermuteBackward0", "ExpandBackward0"):
-        source = _moved_source(node, name, shape)
-        if source is None or not node.next_functions:
+        moved = _moved_rows(node, name, shape, dim)
+        if moved is None or not node.next_functions:
             return unknown
-        source_dim = _moved_dim(node, name, dim, len(shape))
+        source, source_dim = moved
         if name == "ExpandBackward0" and source[source_dim] != shape[dim]:
             return _NOT_NATIVE  # the rows broadcast from fewer
         return _walk(node.next_functions[0][0], source, budget, source_dim)
     if name in ("UnbindBackward0", "SelectBackward0"):
         # One piece along another dim (``q, k, v = qkv.permute(2, 0, ...)``): the rows one dim further
         # in the source where the piece's dim came before them.
-        cut = _signed(int(node._saved_dim))
-        child, index = node.next_functions[0] if node.next_functions else (None, 0)
-        try:
-            source = tuple(child._input_metadata[index].shape)
-        except (AttributeError, IndexError, RuntimeError):
+        child, source = _operand(node, 0)
+        if source is None:
             return unknown
-        cut %= len(source)
+        cut = _signed(int(node._saved_dim)) % len(source)
         source_dim = dim + 1 if cut <= dim else dim
         return _walk(child, source, budget, source_dim)
     if name in _ALONG_DIM and _signed(int(node._saved_dim)) % len(shape) == dim:
         return _NOT_NATIVE  # a softmax over the rows mixes them
     if name in _REDUCTIONS:
         # (over dims of the input: with keepdim they keep their places, without it the rest close up)
-        child, index = node.next_functions[0] if node.next_functions else (None, 0)
+        child, source = _operand(node, 0)
         try:
-            source = tuple(child._input_metadata[index].shape)
             dims = node._saved_dim
             reduced = {_signed(int(d)) % len(source) for d in (dims if dims else range(len(source)))}
             kept = bool(node._saved_keepdim)
-        except (AttributeError, TypeError, RuntimeError, IndexError):
+        except (AttributeError, TypeError, RuntimeError):
             return unknown
         places = list(range(len(source))) if kept else [i for i in range(len(source)) if i not in reduced]
         if dim >= len(places) or places[dim] in reduced:
@@ -186,12 +179,11 @@ def _walk(node, shape: tuple[int, ...], budget: list[int], dim: int = 0) -> int 
         return unknown
     found: int | None = None
     unproven = False
-    for child, index in node.next_functions:
+    for position, (child, _) in enumerate(node.next_functions):
         if child is None:
             continue  # an operand that carries no gradient (a constant, a scalar)
-        try:
-            child_shape = tuple(child._input_metadata[index].shape)
-        except (AttributeError, IndexError, RuntimeError):
+        _, child_shape = _operand(node, position)
+        if child_shape is None:
             return unknown
         if len(child_shape) == len(shape) and child_shape[dim] == shape[dim]:
             samples = _walk(child, child_shape, budget, dim)
@@ -214,35 +206,36 @@ def _walk(node, shape: tuple[int, ...], budget: list[int], dim: int = 0) -> int 
     return unknown if unproven else (found if found is not None else unknown)
 
 
-def _moved_source(node, name: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
-    """The input shape of a transpose, permute or expand node whose output has ``shape``."""
+def _operand(node, position: int):
+    """``(child node, shape)`` of ``node``'s operand at ``position`` (the tensor that child made);
+    ``(child, None)`` where that is not known (a source without gradient, missing metadata)."""
+    child, index = node.next_functions[position] if position < len(node.next_functions) else (None, 0)
+    try:
+        return child, tuple(child._input_metadata[index].shape)
+    except (AttributeError, IndexError, RuntimeError):
+        return child, None
+
+
+def _moved_rows(node, name: str, shape: tuple[int, ...], dim: int) -> tuple[tuple[int, ...], int] | None:
+    """For a transpose, permute or expand node whose output has ``shape``: its input's shape, and
+    the input dim that became output dim ``dim``; None where the node's saved sizes are unreadable."""
+    rank = len(shape)
     try:
         if name == "ExpandBackward0":
             source = tuple(int(s) for s in node._saved_self_sym_sizes)
-            return source if len(source) == len(shape) else None
-        rank = len(shape)
+            return (source, dim) if len(source) == rank else None
         if name == "TransposeBackward0":
             d0, d1 = _signed(int(node._saved_dim0)) % rank, _signed(int(node._saved_dim1)) % rank
             source = list(shape)
             source[d0], source[d1] = shape[d1], shape[d0]
-            return tuple(source)
+            return tuple(source), (d1 if dim == d0 else d0 if dim == d1 else dim)
         dims = [_signed(int(d)) % rank for d in node._saved_dims]
         source = [0] * rank
         for j, d in enumerate(dims):
             source[d] = shape[j]
-        return tuple(source)
+        return tuple(source), dims[dim]
     except (AttributeError, TypeError, RuntimeError):
         return None
-
-
-def _moved_dim(node, name: str, dim: int, rank: int) -> int:
-    """The input dim of a transpose, permute or expand that became output dim ``dim``."""
-    if name == "TransposeBackward0":
-        d0, d1 = _signed(int(node._saved_dim0)) % rank, _signed(int(node._saved_dim1)) % rank
-        return d1 if dim == d0 else d0 if dim == d1 else dim
-    if name == "PermuteBackward0":
-        return _signed(int(node._saved_dims[dim])) % rank
-    return dim
 
 
 #: Nodes whose operand without gradient may be a constant: added (``1 + w``), or, where the saved
