@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._norms import squared_norm
 from .layers import GENERIC, LayerRule, RoutePlan, rule_for
-from .layers.generic import DirectUseRecorder, SharedOutputWatcher, usable_direct_uses
+from .layers.generic import DirectUseRecorder, SharedOutputWatcher, SharedOutputWatchers, usable_direct_uses
 from .layers.rows import flattened_samples, row_samples
 from .layers.base import capture_suspended
 from .layers.embedding import EmbeddingCall, EmbeddingRule
@@ -271,7 +271,10 @@ class GradNormTracker:
         self._uncollected = 0  # backwards closed since the last collect()
         self._last_plans: dict[str, RoutePlan] = {}
         self._error: Exception | None = None
-        self._watchers: list[SharedOutputWatcher] = []  # entered, not yet left (see _watch_shared_output)
+        self._watchers: list[SharedOutputWatcher] = []  # following their outputs (see _watch_shared_output)
+        # The torch-function mode they see the forward through: entered with the first, left once
+        # none is left and it is the innermost mode.
+        self._watching: SharedOutputWatchers | None = None
         # Embedding weights a tracked module may be called on directly (see _on_table_read).
         self._tables = {id(owner.module.weight): owner for owner in self._owners
                         if isinstance(owner.rule, EmbeddingRule) and owner.tie is None and not owner.aliases
@@ -814,37 +817,42 @@ class GradNormTracker:
         if output.dim() < 2 or _called_from_compiled_code():
             return
         call.watcher = SharedOutputWatcher(output, batch_hint=self._last_batch or None, shared_nodes=self._shared_nodes)
-        call.watcher.__enter__()
+        if self._watching is None:
+            self._watching = SharedOutputWatchers()
+            self._watching.__enter__()
+        self._watching.watchers.append(call.watcher)
         self._watchers.append(call.watcher)
 
+    @staticmethod
+    def _innermost_mode():
+        depth = torch._C._len_torch_function_stack()
+        return torch._C._get_function_stack_at(depth - 1) if depth else None
+
     def _exit_recorder(self, recorder: DirectUseRecorder) -> None:
-        """Leave a generic module's recorder. Watchers entered during its forward sit above it on
-        the torch-function mode stack (a mode's exit pops the innermost one): they are stepped out
-        of and back into around it, so they keep following their outputs."""
-        above = []
-        while self._watchers:
-            depth = torch._C._len_torch_function_stack()
-            top = torch._C._get_function_stack_at(depth - 1) if depth else None
-            if top is recorder or top not in self._watchers:
-                break
-            top.__exit__(None, None, None)
-            above.append(top)
+        """Leave a generic module's recorder. The watchers' mode, entered during its forward, sits
+        above it on the torch-function mode stack (a mode's exit pops the innermost one): it is
+        stepped out of and back into around it, so the watchers keep following their outputs."""
+        above = self._watching is not None and self._innermost_mode() is self._watching
+        if above:
+            self._watching.__exit__(None, None, None)
         recorder.__exit__(None, None, None)
-        for watcher in reversed(above):
-            watcher.__enter__()
+        if above:
+            self._watching.__enter__()
 
     def _leave_watchers(self, all_of_them: bool = False) -> None:
         # A watcher follows its output to the end of the tracked model's forward (T5 adds its
         # position bias in every layer), or of the backward's start where a submodule was called on
-        # its own; earlier at a tracked module's hook once it has seen a use it cannot split. Innermost first, each only once it is the innermost torch-function mode
-        # (a generic module's recorder entered after it is left by that module's forward hook).
-        while self._watchers:
-            watcher, depth = self._watchers[-1], torch._C._len_torch_function_stack()
-            if depth == 0 or torch._C._get_function_stack_at(depth - 1) is not watcher:
-                return
-            if not (all_of_them or watcher.unknown_use):
-                return
-            self._watchers.pop().__exit__(None, None, None)
+        # its own. One that has seen a use it cannot split stops looking at ops at the next tracked
+        # module's hook, but its aliases stay known as shared (_follows) to the forward's end.
+        if all_of_them:
+            self._watchers = []
+        if self._watching is not None:
+            self._watching.watchers = [w for w in self._watchers if not w.unknown_use]
+        # Its mode is left once it is the innermost one (a generic module's recorder entered after it
+        # is left by that module's forward hook; a mode the caller entered inside the model, by the caller).
+        if self._watching is not None and not self._watchers and self._innermost_mode() is self._watching:
+            self._watching.__exit__(None, None, None)
+            self._watching = None
 
     def _shared_output_grad(self, call: _Call, grad: torch.Tensor) -> torch.Tensor:
         """The per-sample grads of a shared output where its watcher saw every use, else ``grad``."""

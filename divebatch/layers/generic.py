@@ -883,7 +883,7 @@ _HOLE = object()  # where a recorded op took the followed tensor
 _MAX_CHAIN = 16  # ops followed from the shared output to one use (then the use is not split)
 
 
-class SharedOutputWatcher(TorchFunctionMode):
+class SharedOutputWatcher:
     """Follows the output of a module called once for all samples (an Embedding looked up with
     ``[1, T]`` position ids, as GPT-2 and BART do by default, or with no batch dim at all, as T5's
     relative-position bias) while the forward goes on. Ops that only rearrange it (``.to``,
@@ -901,10 +901,12 @@ class SharedOutputWatcher(TorchFunctionMode):
     not the tracker's batch (each image's windows, Swin's ``[B * windows, ...]``) are grouped by
     the samples the graph of the tensor they meet proves them to be (``_samples``); an ``alias + c``
     with a constant of such rows (a shifted-window mask) is followed to where it meets them
-    (``row_expanded``)."""
+    (``row_expanded``).
+
+    It sees the forward's ops through a ``SharedOutputWatchers`` mode, which hands it those that
+    touch a tensor it follows (``handle``)."""
 
     def __init__(self, output: torch.Tensor, batch_hint: int | None = None, shared_nodes=frozenset):
-        super().__init__()
         self.shared_nodes = shared_nodes  # () -> graph nodes of every watched output (for flattened_samples)
         self.output = output
         self.batch_size: int | None = None
@@ -943,15 +945,18 @@ class SharedOutputWatcher(TorchFunctionMode):
         self.row_expanded[id(out)] = (1.0, output.shape)
         return out
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if self.passing or not _touches(args, kwargs, self.aliases):
-            return func(*args, **(kwargs or {}))  # (most ops: this mode is on for the rest of the forward)
-        kwargs = kwargs or {}
+    def touches(self, args, kwargs) -> bool:
+        """Whether an op's arguments may hold a tensor this watcher follows (a cheap first test)."""
+        return not self.passing and _touches(args, kwargs, self.aliases)
+
+    def handle(self, run, func, args, kwargs):
+        """An op ``func`` of the forward that ``touches`` a followed tensor: runs it by ``run(*args,
+        **kwargs)`` (the op itself, or the next watcher's ``handle`` of it) and follows or hooks its output."""
         if func is F.scaled_dot_product_attention and not self.unknown_use:
-            out = self._attention_mask(func, args, kwargs)
+            out = self._attention_mask(run, args, kwargs)
             if out is not None:
                 return out
-        out = func(*args, **kwargs)
+        out = run(*args, **kwargs)
         hits = _hits(args, self._is_alias)
         if hits == [0, 1] and func in _LIKE_OPS:
             hits = [0]  # ``alias.view_as(alias)`` (an autograd.Function returning its input): args[1] gives a shape
@@ -1132,7 +1137,7 @@ class SharedOutputWatcher(TorchFunctionMode):
             return True  # a function of parameters and the alias (DeBERTa's LayerNorm of its table, a Linear of it)
         return out.dim() > 0 and out.shape[0] == 1 and all(t.dim() < out.dim() or t.shape[0] == 1 for t in others)
 
-    def _attention_mask(self, func, args, kwargs):
+    def _attention_mask(self, run, args, kwargs):
         """``F.scaled_dot_product_attention`` with a ``[1, ...]`` alias as its additive ``attn_mask``
         (T5's position bias): the mask is expanded to the B samples of the query, which broadcasting
         does anyway, so its gradient arrives per sample."""
@@ -1157,7 +1162,7 @@ class SharedOutputWatcher(TorchFunctionMode):
             call_args[3] = expanded
         else:
             kwargs = dict(kwargs, attn_mask=expanded)
-        return func(*call_args, **kwargs)
+        return run(*call_args, **kwargs)
 
     def _samples(self, rows_of: torch.Tensor | None, rows: int) -> int | None:
         """The samples that ``rows`` rows of a use of the alias belong to, fixing ``batch_size`` at
@@ -1233,3 +1238,33 @@ class SharedOutputWatcher(TorchFunctionMode):
         # Autograd sums the same parts (rounded in the grad's dtype): float32 rounding apart.
         tolerance = 1e-2 if own_grad.dtype in _HALF or self.low_precision else 1e-5
         return bool(((total - own_grad.float()).abs().max() / scale) <= tolerance)
+
+
+class SharedOutputWatchers(TorchFunctionMode):
+    """The one torch-function mode through which every ``SharedOutputWatcher`` of a forward sees
+    its ops (DeBERTa has six, one per layer's relative-position table and projections).
+
+    Each op costs one Python call here, however many watchers there are, and reaches only the
+    watchers whose followed tensors it touches: a mode per watcher cost a call per op and watcher
+    (DeBERTa's forward made ~4,400 such calls for ~1,000 ops). An op touching several watchers is
+    handed to them as nested modes would: the latest watcher first, each running the op through
+    the one before it (``handle``'s ``run``). ``watchers`` may change while the mode is entered."""
+
+    def __init__(self):
+        super().__init__()
+        self.watchers: list[SharedOutputWatcher] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        run = func
+        for watcher in self.watchers:
+            if watcher.touches(args, kwargs):
+                run = partial(_handled, watcher, run, func)
+        return run(*args, **kwargs)
+
+
+def _handled(watcher: SharedOutputWatcher, run, func, *args, **kwargs):
+    # (``touches`` is asked again: a watcher handing the op on may have changed its arguments.)
+    if watcher.touches(args, kwargs):
+        return watcher.handle(run, func, args, kwargs)
+    return run(*args, **kwargs)

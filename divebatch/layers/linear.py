@@ -234,10 +234,5 @@ def fused_linear_route(B: int, T: int, d: int, p: int, device_type: str = "cpu")
         return plan
     return RoutePlan("fused-instantiate", inst.shape, tiles if device_type == "cpu" else 0.3 * inst.flops,
                      inst.extra_bytes, plan.alternatives)
-    inst = linear_route(B, T, d, p, force="instantiate")
-    if inst.extra_bytes <= MAX_EXTRA_BYTES:
-        # Measured on CPU: per-sample tiles run ~30% slower than one batch GEMM, the only extra.
-        return RoutePlan("fused-instantiate", inst.shape, 0.3 * inst.flops, inst.extra_bytes, plan.alternatives)
-    return plan
 
 
