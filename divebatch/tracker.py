@@ -100,6 +100,9 @@ class _Owner:
     # Generic route: owners inside this module (they account for their own parameters when called;
     # a call that does not call one accounts for its parameters itself, see _on_forward).
     descendants: list = field(default_factory=list)
+    # Calls of an enclosing generic owner that accounted for this owner's parameters (it was not
+    # called): an owner enclosing that one then counts it as covered, not as uncalled.
+    covered_calls: int = 0
     # Other modules whose calls this owner accounts for: embeddings sharing its weight.
     aliases: list = field(default_factory=list)
     # Calls in progress given a [B*T, ...] input as [B, T, ...]: (that view, B*T, len((B, T, ...))),
@@ -378,7 +381,7 @@ class GradNormTracker:
         for owner in self._owners:
             owner.ready.clear()
             owner.pre_states.clear()
-            owner.forward_calls = 0
+            owner.forward_calls = owner.covered_calls = 0
         for tie in self._ties:
             tie.embedding_calls.clear()
 
@@ -602,7 +605,7 @@ class GradNormTracker:
                               if isinstance(x, torch.Tensor) and x.dim() > 0), None)
                 recorder = DirectUseRecorder(owner.tracked, first)
                 recorder.__enter__()
-            owner.pre_states.append(([inner.forward_calls for inner in owner.descendants], recorder,
+            owner.pre_states.append(([inner.forward_calls + inner.covered_calls for inner in owner.descendants], recorder,
                                      _parametrization_state(module)))
         else:
             owner.pre_states.append(owner.rule.before_forward(module, args, kwargs) if capturing else None)
@@ -646,8 +649,12 @@ class GradNormTracker:
             ctx = owner.rule.capture(module, args, kwargs, output)
         if owner.descendants and pre_state is not None:
             # Inner owners this call did not call (their parameters used directly, or not at all):
-            # this call's per-sample gradients cover their parameters too.
-            uncalled = [inner for inner, before in zip(owner.descendants, pre_state) if inner.forward_calls == before]
+            # this call's per-sample gradients cover their parameters too. Not those covered by a
+            # generic owner inside this one (a block's attention using its qkv Linear's weight itself).
+            uncalled = [inner for inner, before in zip(owner.descendants, pre_state)
+                        if inner.forward_calls + inner.covered_calls == before]
+            for inner in uncalled:
+                inner.covered_calls += 1
             ctx.extra_params = tuple(_join(_relative_name(owner.name, inner.name), pname)
                                      for inner in uncalled for pname in inner.tracked)
             ctx.extra_owners = tuple(uncalled)
@@ -1146,7 +1153,7 @@ class GradNormTracker:
             self._error = err
         finally:
             for owner in self._owners:
-                owner.forward_calls = 0
+                owner.forward_calls = owner.covered_calls = 0
             for tie in self._ties:
                 tie.embedding_calls.clear()
 

@@ -90,6 +90,52 @@ class SometimesCalled(nn.Module):
         return self.extra(h) if self.use_extra else h
 
 
+class ScaledWeightNormed(nn.Module):
+    """A layer-scale block around ``WeightNormed`` (timm's BEiT block around its attention, which
+    uses its qkv Linear's weight itself): the uncalled Linear is covered by the inner call only."""
+
+    def __init__(self, d=5):
+        super().__init__()
+        self.inner = WeightNormed(d, d)
+        self.gamma = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        return x + self.gamma * self.inner(x)
+
+
+class BiasedAttention(nn.Module):
+    """A learned relative-position table gathered into ``F.scaled_dot_product_attention``'s
+    ``attn_mask`` (timm's BEiT): the gather is no broadcast use, so the call is replayed."""
+
+    def __init__(self, d=4, heads=2, T=5):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.table = nn.Parameter(torch.randn(2 * T - 1, heads))
+        self.register_buffer("index", torch.arange(T)[:, None] - torch.arange(T)[None, :] + T - 1)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        bias = self.table[self.index].permute(2, 0, 1).unsqueeze(0)  # [1, heads, T, T]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(B, T, d)
+
+
+class AroundBiasedAttention(nn.Module):
+    """Replayed (it uses its child ``skip``'s weight itself) around a ``BiasedAttention``: the replay
+    runs the attention with its table a real parameter needing a gradient, for which SDPA's fused
+    CPU kernel, chosen under torch.func, refuses the mask."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.attn = BiasedAttention(d)
+        self.skip = nn.Linear(d, d)
+        self.gamma = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        return x + self.gamma * self.attn(x) + F.linear(x, self.skip.weight)
+
+
 def image_model():
     return nn.Sequential(LayerScaleBlock(), LayerScaleBlock(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
 
@@ -102,6 +148,12 @@ CASES = {
     "layer-scale": (image_model, lambda: torch.randn(3, 4, 4, 4)),
     "patch-embedding": (vit_model, lambda: torch.randn(3, 3, 4, 4)),
     "weight-normed": (lambda: nn.Sequential(WeightNormed(), nn.Tanh(), nn.Linear(3, 2)), lambda: torch.randn(3, 4, 5)),
+    "nested-weight-normed": (lambda: nn.Sequential(ScaledWeightNormed(), ScaledWeightNormed(), nn.Linear(5, 2)),
+                             lambda: torch.randn(3, 4, 5)),
+    "biased-attention": (lambda: nn.Sequential(BiasedAttention(), BiasedAttention(), nn.Linear(4, 2)),
+                         lambda: torch.randn(3, 5, 4)),
+    "replayed-around-attention": (lambda: nn.Sequential(AroundBiasedAttention(), nn.Linear(16, 2)),
+                                  lambda: torch.randn(3, 5, 16)),
 }
 
 
@@ -149,6 +201,19 @@ def test_uncalled_inner_module_entry_matches_its_parameters():
     _, per_param, _ = reference_norms(model, loss_fn, x, y)
     expected = per_param["0.scale"] + per_param["0.proj.weight"] + per_param["0.proj.bias"]
     assert rel_err(stats.per_layer["0"], expected) <= 1e-5
+
+
+def test_uncalled_inner_module_is_covered_by_the_innermost_call_only():
+    torch.manual_seed(0)
+    model = nn.Sequential(ScaledWeightNormed(), ScaledWeightNormed(), nn.Linear(5, 2))
+    x, y = torch.randn(3, 4, 5), torch.randn(3, 4, 2)
+    stats, routes = run(model, x, y)
+    _, per_param, _ = reference_norms(model, loss_fn, x, y)
+    for block in ("0", "1"):
+        assert rel_err(stats.per_layer[block], per_param[f"{block}.gamma"]) <= 1e-5
+        expected = sum(per_param[f"{block}.inner.{name}"] for name in ("scale", "proj.weight", "proj.bias"))
+        assert rel_err(stats.per_layer[f"{block}.inner"], expected) <= 1e-5
+    assert routes["0"] == "generic (broadcast uses)"
 
 
 def test_inner_module_called_and_its_weight_reused_is_refused():

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -779,7 +780,10 @@ class GenericRule(PerSampleGradsRule):
             args, kwargs = tree_unflatten(leaves, call.spec)
 
             def forward(p):
-                out_leaves, _ = tree_flatten(functional_call(module, (p, buffers), args, kwargs))
+                # SDPA's math kernel: under torch.func the fused CPU kernel is chosen even for an
+                # attn_mask that needs a gradient (a relative-position bias: timm's BEiT), and refuses it.
+                with sdpa_kernel(SDPBackend.MATH):
+                    out_leaves, _ = tree_flatten(functional_call(module, (p, buffers), args, kwargs))
                 return [out_leaves[i] for i in call.output_index]
 
             _, pullback = vjp(forward, params)
