@@ -1,6 +1,6 @@
 """Generic-route modules that normalise with functional ops or views of their own parameters
-(Hugging Face's channels-first ``ConvNextLayerNorm``, timm's ``LayerNorm2d``, ``F.group_norm``
-with a module's own weight, ``w[:, None, None] * x``) take the broadcast-uses route: the
+(Hugging Face's channels-first ``ConvNextLayerNorm``, timm's ``LayerNorm2d`` and
+``BatchNormAct2d``, ``F.group_norm`` with a module's own weight, ``w[:, None, None] * x``) take the broadcast-uses route: the
 recorder computes ``norm(x) * weight + bias`` itself and records the product and the sum, so
 nothing is replayed. Exact against torch.func; the forward's values are unchanged."""
 
@@ -79,6 +79,15 @@ class OnePlusWeight(nn.Module):
         return torch.tanh(h) * (-(-self.scale) * 0.5)[:, None, None]
 
 
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: ``F.batch_norm`` with its own weight and bias, then an activation,
+    in a subclass's own forward (so no BatchNorm rule: the generic route)."""
+
+    def forward(self, x):
+        return F.relu(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                                   self.momentum, self.eps))
+
+
 def conv_model(norm):
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), norm, nn.GELU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 2))
 
@@ -90,6 +99,7 @@ NORMS = {
     "rms-norm": FunctionalRMSNorm,
     "hand-written": HandWrittenChannelsFirst,
     "one-plus-weight": OnePlusWeight,
+    "batch-norm-act": lambda: BatchNormAct(4).eval(),  # (in eval mode a sample's gradient is defined)
 }
 
 
@@ -118,7 +128,7 @@ def test_matches_torch_func_without_replay(norm, fused):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("norm", ["channels-first-layer-norm", "group-norm", "rms-norm"])
+@pytest.mark.parametrize("norm", ["channels-first-layer-norm", "group-norm", "rms-norm", "batch-norm-act"])
 def test_forward_values_are_unchanged(norm, dtype):
     """The recorded form computes in float32 for half-precision inputs, as the fused kernels do,
     so the output matches the untracked module's (rounded once, not twice)."""
@@ -133,9 +143,36 @@ def test_forward_values_are_unchanged(norm, dtype):
     assert (actual.float() - expected.float()).abs().max().item() <= tol * expected.abs().max().item()
 
 
-def test_autocast_output_dtype_is_unchanged():
+def test_batch_norm_subclass_in_training_mode_matches_the_batch_norm_rule():
+    """In training mode the batch statistics mix the samples; the recorded form gives the same
+    decomposition as nn.BatchNorm2d's own rule, and the running statistics move once, as untracked."""
     torch.manual_seed(0)
-    model = conv_model(ChannelsFirstLayerNorm(4))
+    model = conv_model(BatchNormAct(4))
+    plain = conv_model(nn.BatchNorm2d(4))
+    plain.load_state_dict(model.state_dict())
+    untracked = conv_model(BatchNormAct(4))
+    untracked.load_state_dict(model.state_dict())
+    plain[2] = nn.Sequential(nn.ReLU(), nn.GELU())  # BatchNormAct's ReLU, then the GELU
+    x, y = torch.randn(3, 3, 5, 5), torch.randn(3, 2)
+    untracked(x)
+    results = []
+    for net in (model, plain):
+        with GradNormTracker(net, "sum") as tracker:
+            loss_fn(net(x), y).backward()
+            results.append((tracker.collect(), {plan.module: plan.route for plan in tracker.plan()}["1"]))
+    (stats, route), (expected, _) = results
+    assert route == "generic (broadcast uses)"
+    assert rel_err(stats.per_sample, expected.per_sample) <= 1e-5
+    assert rel_err(stats.per_layer["1"], expected.per_layer["1"]) <= 1e-5
+    assert torch.allclose(model[1].running_mean, untracked[1].running_mean)
+    assert torch.allclose(model[1].running_var, untracked[1].running_var)
+    assert model[1].num_batches_tracked == untracked[1].num_batches_tracked
+
+
+@pytest.mark.parametrize("norm", ["channels-first-layer-norm", "batch-norm-act"])
+def test_autocast_output_dtype_is_unchanged(norm):
+    torch.manual_seed(0)
+    model = conv_model(NORMS[norm]())
     x, y = torch.randn(3, 3, 5, 5), torch.randn(3, 2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = model[:2](x)

@@ -214,10 +214,18 @@ def _bind_norm(signature_names, defaults):
 _layer_norm = _bind_norm(("input", "normalized_shape", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5})
 _group_norm = _bind_norm(("input", "num_groups", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5})
 _rms_norm = _bind_norm(("input", "normalized_shape", "weight", "eps"), {"weight": None, "eps": None})
+_batch_norm = _bind_norm(("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+                         {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5})
 _NORMS = {
     F.layer_norm: (_layer_norm, "normalized_shape", None), torch.layer_norm: (_layer_norm, "normalized_shape", None),
     F.group_norm: (_group_norm, "num_groups", 1), torch.group_norm: (_group_norm, "num_groups", 1),
+    # timm's BatchNormAct2d (batch norm, activation and dropout in one subclass's forward). In
+    # training mode the batch statistics mix the samples: the weight's and bias's "per-sample"
+    # gradients are then the decomposition nn.BatchNorm's rule gives (see the README).
+    F.batch_norm: (_batch_norm, "input", 1),
 }
+# Normalisations that update running statistics: run once, never probed for their dtype.
+_STATEFUL_NORMS = {F.batch_norm}
 if hasattr(F, "rms_norm"):
     _NORMS[F.rms_norm] = (_rms_norm, "normalized_shape", None)
 if hasattr(torch, "rms_norm"):
@@ -276,8 +284,8 @@ class DirectUseRecorder(TorchFunctionMode):
     recorded op's output gets a gradient hook that forwards to ``DirectUse.sink``.
 
     A functional normalisation given the module's parameters (``F.layer_norm``, ``F.group_norm``,
-    ``F.rms_norm``: Hugging Face's channels-first ``ConvNextLayerNorm``, timm's ``LayerNorm2d``)
-    is computed as the normalisation without affine parameters, then ``* weight + bias``, in
+    ``F.rms_norm``, ``F.batch_norm``: Hugging Face's channels-first
+    ``ConvNextLayerNorm``, timm's ``LayerNorm2d`` and ``BatchNormAct2d``) is computed as the normalisation without affine parameters, then ``* weight + bias``, in
     float32 for float16/bfloat16 inputs as the fused kernels do, so the output is the same to
     rounding and both parameters become recorded broadcast uses."""
 
@@ -461,9 +469,12 @@ class DirectUseRecorder(TorchFunctionMode):
         # The fused kernels compute in float32 and round once; a bfloat16 norm(x) multiplied
         # afterwards would round twice. Under autocast the op's own output dtype decides.
         out_dtype = x.dtype
-        if torch.is_autocast_enabled(device_type):
+        if torch.is_autocast_enabled(device_type) and func not in _STATEFUL_NORMS:
             out_dtype = func(x[:1], **plain).dtype
         if out_dtype in _HALF:
+            if func in _STATEFUL_NORMS and any(isinstance(t, torch.Tensor) and t.dtype != torch.float32 for t in
+                                               (plain.get("running_mean"), plain.get("running_var"))):
+                return None  # half-precision running statistics: the float32 form cannot update them
             with torch.autocast(device_type, enabled=False):
                 normed = func(x.float(), **plain)
         else:
