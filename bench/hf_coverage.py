@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+from functools import partial
 import sys
 import warnings
 from pathlib import Path
@@ -333,16 +334,23 @@ def main() -> None:
                f"; multiple-choice heads, the model's own loss, dropout {args.dropout}" if args.choices else "")
     lines = [f"transformers {transformers.__version__}, torch {torch.__version__}{setting}", "",
              "| architecture | result | detail |", "|---|---|---|"]
+    names = args.archs or (VISION if args.vision else MASKED if args.choices else CAUSAL + MASKED + SEQ2SEQ)
+    check_one = (partial(check_vision, dropout=args.dropout) if args.vision else check_choices if args.choices
+                 else check_padded if args.padded else check)
+    write_table(lines, names, check_one, args.out)
+
+
+def write_table(lines: list[str], names, check_one, out: str | None) -> None:
+    """Print the header ``lines``, then one row per name as it is checked (``check_one(name)``
+    returns ``{"result", "detail"}``); write the whole table to ``out`` too if given."""
     print("\n".join(lines), flush=True)
-    for name in args.archs or (VISION if args.vision else MASKED if args.choices else CAUSAL + MASKED + SEQ2SEQ):
-        row = (check_vision(name, args.dropout) if args.vision else check_choices(name) if args.choices
-               else check_padded(name) if args.padded else check(name))
-        row["arch"] = name
-        line = f"| {row['arch']} | {row['result']} | {row['detail'].replace('|', '/')} |"
+    for name in names:
+        row = check_one(name)
+        line = f"| {name} | {row['result']} | {row['detail'].replace('|', '/')} |"
         print(line, flush=True)
         lines.append(line)
-    if args.out:
-        Path(args.out).write_text("\n".join(lines) + "\n")
+    if out:
+        Path(out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
