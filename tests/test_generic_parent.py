@@ -392,6 +392,21 @@ class OptionalMaskToken(nn.Module):
         return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.position
 
 
+class AddcmulAffine(nn.Module):
+    """timm's ResMLP affine and ConvNeXt-V2's global response norm: ``torch.addcmul(bias, weight, x)``
+    with views of the parameters, and the method form with a ``value``."""
+
+    def __init__(self, d=5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+        self.bias = nn.Parameter(torch.randn(d))
+        self.gain = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):  # x: [B, T, d]
+        h = torch.addcmul(self.bias.view(1, 1, -1), self.weight.view(1, 1, -1), x)
+        return x.addcmul(self.gain, torch.tanh(h), value=0.5)
+
+
 class Raising(nn.Module):
     def __init__(self):
         super().__init__()
@@ -417,8 +432,9 @@ class Raising(nn.Module):
     (partial(ReorderedParameter, "permute"), (3, 5, 5), "generic (vmap vjp)"),
     (partial(ReorderedParameter, "index"), (3, 5, 5), "generic (vmap vjp)"),
     (OptionalMaskToken, (3, 4, 5), "generic (broadcast uses)"),
+    (AddcmulAffine, (3, 4, 5), "generic (broadcast uses)"),
 ], ids=["root-tokens", "signed", "functional-layer-norm", "product", "einsum", "replayed", "functions-of-parameters",
-        "function-in-product", "head-biases", "transposed", "permuted", "indexed", "unused-parameter"])
+        "function-in-product", "head-biases", "transposed", "permuted", "indexed", "unused-parameter", "addcmul"])
 def test_broadcast_uses_match_torch_func(make, shape, route, fused):
     torch.manual_seed(0)
     model, x = make(), torch.randn(*shape)

@@ -226,6 +226,9 @@ _NORMS = {
 }
 # Normalisations that update running statistics: run once, never probed for their dtype.
 _STATEFUL_NORMS = {F.batch_norm}
+# ``input + value * tensor1 * tensor2`` in one op (timm's ResMLP affine, ConvNeXt-V2's global
+# response norm: ``torch.addcmul(bias, weight, x)``).
+_ADDCMULS = {torch.addcmul, torch.Tensor.addcmul}
 if hasattr(F, "rms_norm"):
     _NORMS[F.rms_norm] = (_rms_norm, "normalized_shape", None)
 if hasattr(torch, "rms_norm"):
@@ -312,6 +315,10 @@ class DirectUseRecorder(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.uses is not None and func in _NORMS:
             out = self._normalisation(func, args, kwargs)
+            if out is not None:
+                return out
+        if self.uses is not None and func in _ADDCMULS and _hits(args, self._follows):
+            out = self._addcmul(args, kwargs)
             if out is not None:
                 return out
         out = func(*args, **kwargs)
@@ -495,6 +502,20 @@ class DirectUseRecorder(TorchFunctionMode):
                 self._record(bias, "add", 1.0, None, summed, b.shape)
             out = summed
         return out.to(out_dtype) if out.dtype != out_dtype else out
+
+    def _addcmul(self, args, kwargs):
+        """``torch.addcmul(b, w, x, value=v)`` as ``b + v * (w * x)``, each op taken through this
+        recorder (so a parameter among them becomes a recorded broadcast use); the same to
+        rounding. None where the call has other arguments."""
+        if len(args) != 3 or set(kwargs) - {"value"}:
+            return None
+        value = kwargs.get("value", 1)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        product = self.__torch_function__(torch.mul, (), (args[1], args[2]))
+        if value != 1:
+            product = self.__torch_function__(torch.mul, (), (product, value))
+        return self.__torch_function__(torch.add, (), (args[0], product))
 
     def _follows(self, x) -> bool:
         return self._param_name(x) is not None
