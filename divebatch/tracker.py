@@ -35,6 +35,7 @@ from .layers import GENERIC, LayerRule, RoutePlan, rule_for
 from .layers.generic import DirectUseRecorder, SharedOutputWatcher, SharedOutputWatchers, usable_direct_uses
 from .layers.rows import flattened_samples, row_samples
 from .layers.base import capture_suspended
+from .layers.conv import ConvRule
 from .layers.embedding import EmbeddingCall, EmbeddingRule
 from .layers.linear import LinearRule, linear_factors
 from .layers.tied import TiedEmbeddingLinear, tied_cross, tied_rows
@@ -708,11 +709,13 @@ class GradNormTracker:
                           and bool(args) and self._follows(args[0]) and args[0].shape[0] != 1)
         if n_grads == 1 and self._last_batch != 1 and (
                 call.unbatched
-                or (batch_size == 1 and (isinstance(owner.rule, (EmbeddingRule, LinearRule)) or owner.rule is GENERIC))
+                or (batch_size == 1 and (isinstance(owner.rule, (EmbeddingRule, LinearRule, ConvRule))
+                                         or owner.rule is GENERIC))
                 or (isinstance(owner.rule, EmbeddingRule) and 1 < self._last_batch != batch_size)):
             # Looked up once for all samples: [1, T] ids, or ids with no batch dim (their first dim
             # differs from the batch of the calls before it); or a Linear given a [1, K, d] input
-            # shared by the samples (a Conformer's relative positions).
+            # shared by the samples (a Conformer's relative positions), or a convolution given a
+            # [1, C, H, W] one (XCiT's projected Fourier position grid).
             self._watch_shared_output(call, leaves[0])
         elif not call.unbatched:
             self._last_batch = batch_size
@@ -880,7 +883,7 @@ class GradNormTracker:
                 ctx.indices = ctx.indices.expand(B, *ctx.indices.shape[1:])
             else:  # looked up with no batch dim at all (T5's [q, k] relative positions)
                 ctx.indices = ctx.indices.unsqueeze(0).expand(B, *ctx.indices.shape)
-        elif batch_of_one and isinstance(ctx, torch.Tensor) and isinstance(call.owner.rule, LinearRule):
+        elif batch_of_one and isinstance(ctx, torch.Tensor) and isinstance(call.owner.rule, (LinearRule, ConvRule)):
             call.ctx = ctx.expand(B, *ctx.shape[1:])  # every sample's input (a view: no copy)
         elif batch_of_one:  # generic route: inputs without the B samples are shared by all in the replay
             ctx.in_dims = [d if d is not None and ctx.leaves[i].shape[d] == B else None for i, d in enumerate(ctx.in_dims)]

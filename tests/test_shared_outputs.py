@@ -396,6 +396,41 @@ def test_a_shared_input_after_fused_layers_is_known_shared(fused):
     assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
 
 
+class ProjectedPositionGrid(nn.Module):
+    """XCiT's positional encoding: a convolution projects a constant ``[1, C, H, W]`` grid (no batch
+    dim), and the projection meets the images repeated (``repeat(B, 1, 1, 1)``) or broadcast."""
+
+    def __init__(self, repeat: bool, channels=4, side=4):
+        super().__init__()
+        self.repeat = repeat
+        self.stem, self.project, self.head = nn.Conv2d(3, channels, 3, padding=1), nn.Conv2d(6, channels, 1), nn.Linear(
+            channels * side * side, 2)
+        self.register_buffer("grid", torch.randn(1, 6, side, side))
+
+    def forward(self, x):
+        positions = self.project(self.grid)
+        if self.repeat:
+            positions = positions.repeat(x.shape[0], 1, 1, 1)
+        return self.head(torch.tanh(self.stem(x) + positions).flatten(1))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("repeat", [True, False], ids=["repeated", "broadcast"])
+def test_convolution_of_a_constant_grid(repeat, fused):
+    """A convolution's input shared by the samples: each sample's part of its output grad, with the
+    grid as every sample's input (it was refused as a batch of 1)."""
+    torch.manual_seed(0)
+    model, x, y = ProjectedPositionGrid(repeat), torch.randn(3, 3, 4, 4), torch.randn(3, 2)
+    loss = lambda out, target: (out - target).square().sum()  # noqa: E731
+    with GradNormTracker(model, "sum", fused=fused) as tracker:
+        loss(model(x), y).backward()
+        stats = tracker.collect()
+    per_sample, per_param, batch = reference_norms(model, loss, x, y)
+    assert rel_err(stats.per_sample, per_sample) <= 1e-5
+    assert rel_err(stats.per_layer["project"], per_param["project.weight"] + per_param["project.bias"]) <= 1e-5
+    assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
+
+
 class DroppedOutPositions(nn.Module):
     """Dropout on a ``[1, T]`` position lookup before it is added to the samples (one mask for all)."""
 
