@@ -45,6 +45,30 @@ def _cnn():
                          nn.Linear(3136, 10))
 
 
+class StandardizedConv2d(nn.Conv2d):
+    """A weight-standardised convolution as NF-ResNets and NFNets use it (timm's ScaledStdConv2d):
+    each output channel's weight normalised to zero mean and unit variance by ``F.batch_norm`` over
+    the weight, times a learned gain and ``fan_in ** -0.5``, in the module's own forward."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.ones(self.out_channels, 1, 1, 1))
+        self.scale = self.weight[0].numel() ** -0.5
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                              weight=(self.gain * self.scale).view(-1), training=True, momentum=0.0,
+                              eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _cnn_ws():
+    return nn.Sequential(StandardizedConv2d(1, 32, 3, padding=1), nn.ReLU(),
+                         StandardizedConv2d(32, 64, 3, padding=1, stride=2), nn.ReLU(),
+                         StandardizedConv2d(64, 64, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(3136, 10))
+
+
 class Block(nn.Module):
     """Pre-norm residual MLP block of the seq workload."""
 
@@ -309,6 +333,9 @@ def _tokens(batch, T, vocab):
 WORKLOADS = {
     "mlp": Workload("mlp", _mlp, _images(256, (1, 28, 28)), lambda x, y: 1.0 / x.shape[0]),
     "cnn": Workload("cnn", _cnn, _images(128, (1, 28, 28)), lambda x, y: 1.0 / x.shape[0]),
+    # Not in BENCHMARKS.md: the cnn workload with weight-standardised convolutions (NF-ResNets'):
+    # modules with their own forward, whose weight is computed from their parameters.
+    "cnn-ws": Workload("cnn-ws", _cnn_ws, _images(128, (1, 28, 28)), lambda x, y: 1.0 / x.shape[0]),
     "seq": Workload("seq", SeqModel, _tokens(16, 128, 1000), lambda x, y: 1.0 / y.numel(), token_level=True),
     # Not in BENCHMARKS.md: seq with the embedding tied to the head (the cross term's cost).
     "seq-tied": Workload("seq-tied", lambda: SeqModel(tied=True), _tokens(16, 128, 1000),

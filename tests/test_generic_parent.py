@@ -407,6 +407,61 @@ class AddcmulAffine(nn.Module):
         return x.addcmul(self.gain, torch.tanh(h), value=0.5)
 
 
+class StandardizedConv(nn.Conv2d):
+    """timm's ScaledStdConv2d (NF-ResNets, NFNets): the weight standardised per output channel by
+    ``F.batch_norm`` over the weight itself, scaled by a gain, then ``F.conv2d``; grouped and strided."""
+
+    def __init__(self, cin=4, cout=6, k=3, **kwargs):
+        super().__init__(cin, cout, k, **kwargs)
+        self.gain = nn.Parameter(torch.rand(cout, 1, 1, 1) + 0.5)
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                              weight=(self.gain * 0.5).view(-1), training=True, momentum=0.0,
+                              eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class InlineWeightNorm(nn.Module):
+    """A weight norm written in the forward: ``F.linear(x, g * v / ||v||, b)``."""
+
+    def __init__(self, d=5, p=4):
+        super().__init__()
+        self.v = nn.Parameter(torch.randn(p, d))
+        self.g = nn.Parameter(torch.rand(p, 1) + 0.5)
+        self.b = nn.Parameter(torch.randn(p))
+
+    def forward(self, x):
+        return F.linear(x, self.g * self.v / self.v.norm(dim=1, keepdim=True), self.b)
+
+
+class InPlaceGain(nn.Module):
+    """NFNets' ``out.mul_(self.skipinit_gain)``, and ``out += self.bias``."""
+
+    def __init__(self, d=5):
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(0.0))  # (NFNets start it at 0)
+        self.bias = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        out = torch.tanh(x)
+        out.mul_(self.gain)
+        out += self.bias
+        return x + out
+
+
+class FromBatchedConstant(nn.Module):
+    """A tensor computed from a parameter and the input (which needs no gradient here) alone, then
+    returned: its gradient would reach the parameter unseen, so the call is replayed."""
+
+    def __init__(self, d=5):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return torch.tanh(self.w.sum() * x)
+
+
 class Raising(nn.Module):
     def __init__(self):
         super().__init__()
@@ -433,8 +488,15 @@ class Raising(nn.Module):
     (partial(ReorderedParameter, "index"), (3, 5, 5), "generic (vmap vjp)"),
     (OptionalMaskToken, (3, 4, 5), "generic (broadcast uses)"),
     (AddcmulAffine, (3, 4, 5), "generic (broadcast uses)"),
+    (StandardizedConv, (3, 4, 5, 5), "generic (computed weights)"),
+    (partial(StandardizedConv, stride=2, groups=2, padding=1), (3, 4, 5, 5), "generic (computed weights)"),
+    (InlineWeightNorm, (3, 4, 5), "generic (computed weights)"),
+    (InPlaceGain, (3, 4, 5), "generic (broadcast uses)"),
+    (FromBatchedConstant, (3, 4, 5), "generic (vmap vjp)"),
 ], ids=["root-tokens", "signed", "functional-layer-norm", "product", "einsum", "replayed", "functions-of-parameters",
-        "function-in-product", "head-biases", "transposed", "permuted", "indexed", "unused-parameter", "addcmul"])
+        "function-in-product", "head-biases", "transposed", "permuted", "indexed", "unused-parameter", "addcmul",
+        "standardized-conv", "standardized-grouped-conv", "inline-weight-norm", "in-place-gain",
+        "from-batched-constant"])
 def test_broadcast_uses_match_torch_func(make, shape, route, fused):
     torch.manual_seed(0)
     model, x = make(), torch.randn(*shape)

@@ -1,8 +1,10 @@
 """Parametrized tensors (``torch.nn.utils.parametrize``: weight_norm, orthogonal, a user's own): the
 module uses ``g(original)``, computed by its ParametrizationList on each access. The originals are
-the module's parameters on the generic route (a per-sample replay of its forward); a
-parametrization that changes its buffers in the forward (spectral_norm's power iteration in
-training mode) is refused, since no replay computes that tensor again. Checked against torch.func.
+the module's parameters on the generic route, read from the product of the input with the
+computed weight (each sample's vjp of that op, taken back through the parametrization: route
+"generic (computed weights)", no replay of the module's forward); a parametrization that changes
+its buffers in the forward (spectral_norm's power iteration in training mode) is refused, since no
+replay computes that tensor again. Checked against torch.func.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def test_parametrized_linear_matches_torch_func(name, tokens, fused):
     model = nn.Sequential(nn.Linear(3, layer.in_features), layer, nn.Linear(layer.out_features, 2))
     shape = (4,) if tokens is None else (4, tokens)
     routes = tracked_and_checked(model, sample_loss, torch.randn(*shape, 3), torch.randn(*shape, 2), fused=fused)
-    assert routes["1"] == "generic (vmap vjp)"
+    assert routes["1"] == "generic (computed weights)"
 
 
 def test_weight_norm_convolution_as_wav2vec2_positions():
@@ -61,7 +63,7 @@ def test_weight_norm_convolution_as_wav2vec2_positions():
     conv = parametrizations.weight_norm(nn.Conv1d(4, 4, 5, padding=2, groups=2), name="weight", dim=2)
     model = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), conv, nn.Conv1d(4, 2, 1))
     routes = tracked_and_checked(model, sample_loss, torch.randn(3, 2, 7), torch.randn(3, 2, 7), fused=True)
-    assert routes["1"] == "generic (vmap vjp)"
+    assert routes["1"] == "generic (computed weights)"
 
 
 def test_spectral_norm_in_training_mode_is_refused():
@@ -82,7 +84,7 @@ def test_spectral_norm_in_eval_mode_is_exact_and_keeps_its_estimate():
     layer.parametrizations.weight.eval()
     u = layer.parametrizations.weight[0]._u.clone()
     routes = tracked_and_checked(model, sample_loss, torch.randn(4, 3), torch.randn(4, 2), fused=True)
-    assert routes["1"] == "generic (vmap vjp)"
+    assert routes["1"] == "generic (computed weights)"
     assert torch.equal(layer.parametrizations.weight[0]._u, u)
 
 

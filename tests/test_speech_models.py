@@ -54,4 +54,5 @@ def test_speech_encoders_match_torch_func(arch):
     if arch == "wav2vec2-conformer":  # the Linear on the shared positions keeps its own route
         assert routes["net.wav2vec2_conformer.encoder.layers.0.self_attn.linear_pos"] in ("ghost", "instantiate")
     else:
-        assert routes[f"net.{arch}.encoder.pos_conv_embed.conv"] == "generic (vmap vjp)"
+        # (the weight-normed positional convolution: its product with the input, no replay)
+        assert routes[f"net.{arch}.encoder.pos_conv_embed.conv"] == "generic (computed weights)"

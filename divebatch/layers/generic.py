@@ -229,6 +229,80 @@ _STATEFUL_NORMS = {F.batch_norm}
 # ``input + value * tensor1 * tensor2`` in one op (timm's ResMLP affine, ConvNeXt-V2's global
 # response norm: ``torch.addcmul(bias, weight, x)``).
 _ADDCMULS = {torch.addcmul, torch.Tensor.addcmul}
+# In-place arithmetic with a parameter (NFNets' ``out.mul_(self.skipinit_gain)``).
+_IN_PLACE_ARITHMETIC = {torch.Tensor.mul_, torch.Tensor.__imul__, torch.Tensor.add_, torch.Tensor.__iadd__,
+                        torch.Tensor.sub_, torch.Tensor.__isub__}
+
+# Products of a batched input with a weight and bias, sample by sample along dim 0: (argument
+# names, defaults after the input and weight).
+_CONV_ARGS = (("input", "weight", "bias", "stride", "padding", "dilation", "groups"), (None, 1, 0, 1, 1))
+_PRODUCT_OPS = {F.linear: (("input", "weight", "bias"), (None,)),
+                F.conv1d: _CONV_ARGS, F.conv2d: _CONV_ARGS, F.conv3d: _CONV_ARGS}
+
+
+class WeightRecipe:
+    """The ops that computed a product's weight (and bias) from the module's parameters, to run
+    again from other values of them (``recipe({name: tensor})`` -> ``(weight, bias)``). It holds the
+    forward's tensors by identity, not the recorder (whose uses hold it: no reference cycle)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight, self.bias = weight, bias
+        self.leaves: dict[int, tuple[str, torch.Tensor]] = {}  # id -> (name, parameter)
+        self.steps: dict[int, tuple] = {}                       # id -> (tensor, func, args, kwargs)
+
+    def __call__(self, values: dict) -> tuple:
+        memo: dict = {}
+        return (self._value(self.weight, values, memo),
+                None if self.bias is None else self._value(self.bias, values, memo))
+
+    def _known(self, a) -> bool:
+        if not isinstance(a, torch.Tensor):
+            return False
+        leaf, step = self.leaves.get(id(a)), self.steps.get(id(a))
+        return (leaf is not None and leaf[1] is a) or (step is not None and step[0] is a)
+
+    def _value(self, t: torch.Tensor, values: dict, memo: dict):
+        key = id(t)
+        if key not in memo:
+            leaf = self.leaves.get(key)
+            if leaf is not None and leaf[1] is t:
+                memo[key] = values[leaf[0]]
+            else:
+                _, func, args, kwargs = self.steps[key]
+                flat, spec = tree_flatten((args, kwargs))
+                args, kwargs = tree_unflatten([self._value(a, values, memo) if self._known(a) else a for a in flat],
+                                              spec)
+                memo[key] = func(*args, **kwargs)
+        return memo[key]
+
+
+@dataclass(eq=False)
+class ProductUse:
+    """A convolution or ``F.linear`` of a batched input with a weight (and bias) computed from the
+    module's own parameters alone: weight standardisation (timm's ``StdConv2d`` and
+    ``ScaledStdConv2d``, as NF-ResNets and BiT use them), a weight norm written inline. Sample
+    ``b``'s gradients of those parameters are the vjp of that one op on sample ``b`` alone, taken
+    back through the ops that computed the weight from the parameters (``replay``), vmapped over
+    the samples: the module's other ops are not replayed."""
+
+    func: Any
+    x: torch.Tensor                    # the batched input (dim 0: samples), detached
+    arguments: list                    # the op's positional arguments after input, weight, bias
+    params: dict[str, torch.Tensor]    # the parameters the weight and bias are computed from, detached
+    replay: WeightRecipe               # params -> (weight, bias)
+    out_dtype: torch.dtype
+
+    def per_sample(self, grad: torch.Tensor, samples: slice) -> dict[str, torch.Tensor]:
+        """``{name: [samples, *shape]}`` float32."""
+        def one(x, g):
+            def op(params):
+                weight, bias = self.replay(params)
+                return self.func(x.unsqueeze(0), weight, bias, *self.arguments)
+            _, pull = vjp(op, self.params)
+            return pull(g.unsqueeze(0))[0]
+
+        grads = vmap(one)(self.x[samples], grad[samples].to(self.out_dtype))
+        return {name: g.float() for name, g in grads.items()}
 if hasattr(F, "rms_norm"):
     _NORMS[F.rms_norm] = (_rms_norm, "normalized_shape", None)
 if hasattr(torch, "rms_norm"):
@@ -290,7 +364,12 @@ class DirectUseRecorder(TorchFunctionMode):
     ``F.rms_norm``, ``F.batch_norm``: Hugging Face's channels-first
     ``ConvNextLayerNorm``, timm's ``LayerNorm2d`` and ``BatchNormAct2d``) is computed as the normalisation without affine parameters, then ``* weight + bias``, in
     float32 for float16/bfloat16 inputs as the fused kernels do, so the output is the same to
-    rounding and both parameters become recorded broadcast uses."""
+    rounding and both parameters become recorded broadcast uses.
+
+    Tensors computed from the parameters alone (and constants) are kept with the ops that gave
+    them (``derived``); a convolution or ``F.linear`` of the input with such a weight is recorded
+    as a ``ProductUse``. One that no such op took by the end of the forward sends the call to the
+    replay (its gradient would reach the parameters unseen)."""
 
     def __init__(self, params: dict[str, torch.Tensor], first_input: torch.Tensor | None = None):
         super().__init__()
@@ -300,6 +379,15 @@ class DirectUseRecorder(TorchFunctionMode):
         # the parameter's shape).
         self.params = {id(p): (name, p, 1.0) for name, p in params.items()}
         self.shapes = {name: p.shape for name, p in params.items()}
+        self.leaves = {id(p): (name, p) for name, p in params.items()}
+        # id -> (tensor, func, args, kwargs): tensors computed from the parameters alone (and
+        # constants), aliases of them included, each with the op that gave it, to be replayed (see
+        # ProductUse). Not those whose output is a recorded use (broadcast over the samples).
+        self.derived: dict[int, tuple] = {}
+        # ids of those an op of theirs or a product took: one left untaken when the forward ends was
+        # returned, kept for later, or computed from batched constants (``x @ w.t()``, an input
+        # without grad), and its gradient would reach the parameters unseen (then: replayed).
+        self.taken: set[int] = set()
         self.uses: list[DirectUse] | None = []
         # Own weights applied to rows (experts, routers, ``x @ self.weight``): only for a module
         # with a matrix or a stack of them, followed from the rows of its first input.
@@ -309,6 +397,9 @@ class DirectUseRecorder(TorchFunctionMode):
     def __exit__(self, *exc):
         if self.experts is not None:
             self.experts.clear()  # the labels hold the forward's tensors
+        if self.uses is not None and any(key not in self.taken and self._param_name(t) is None
+                                         for key, (t, *_) in self.derived.items()):
+            self.uses = None
         return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -321,6 +412,9 @@ class DirectUseRecorder(TorchFunctionMode):
             out = self._addcmul(args, kwargs)
             if out is not None:
                 return out
+        if (self.uses is not None and func in _IN_PLACE_ARITHMETIC and not kwargs and len(args) == 2
+                and _hits(args, self._follows) == [1] and isinstance(args[0], torch.Tensor)):
+            return self._in_place(func, args)
         out = func(*args, **kwargs)
         if self.uses is None:
             return out
@@ -332,10 +426,15 @@ class DirectUseRecorder(TorchFunctionMode):
                 return out
         hits = _hits(args, self._follows)
         sliced = experts is not None and experts.touches(args, kwargs)
-        if not hits and not sliced and not _nested(args, kwargs, self._follows):
+        derived = bool(self.derived) and (bool(_hits(args, self._is_derived)) or _nested(args, kwargs, self._is_derived))
+        if not hits and not sliced and not derived and not _nested(args, kwargs, self._follows):
             return out
         if not _carries_grad(out):
             return out  # ``w.dtype``, ``w.shape``, ``w.detach()``
+        if derived:  # a tensor computed from the parameters, not one of their aliases
+            if not self._product(func, args, kwargs, out) and not self._derive(func, args, kwargs, out):
+                self.uses = None
+            return out
         if experts is not None:
             records = experts.handle(func, args, kwargs, out, self.params)
             if experts.refused:
@@ -348,19 +447,19 @@ class DirectUseRecorder(TorchFunctionMode):
             if sliced:
                 self.uses = None  # another use of a slice of an own weight
                 return out
-        if (func in _ALIAS_OPS or func in _PERMUTES) and hits == [0] and self._alias(func, args, out):
+        if (((func in _ALIAS_OPS or func in _PERMUTES) and hits == [0] and self._alias(func, args, out))
+                or (not kwargs and len(hits) == 1 and self._affine_alias(func, args, hits[0], out))
+                or (func in _DERIVATIVES and hits == [0] and self._function_alias(func, args, kwargs, out))):
+            self._derive(func, args, kwargs, out)  # (its recipe, should a product's weight come from it)
             return out
         if func is F.embedding and hits == [1] and self._lookup(args, kwargs, out):
-            return out
-        if not kwargs and len(hits) == 1 and self._affine_alias(func, args, hits[0], out):
-            return out
-        if func in _DERIVATIVES and hits == [0] and self._function_alias(func, args, kwargs, out):
             return out
         kind = _DIRECT_KINDS.get(func)
         binary = kind in ("add", "sub", "rsub", "mul") and len(args) == 2
         if (kind is None or kwargs or len(hits) != 1 or not isinstance(out, torch.Tensor) or not out.requires_grad
                 or not (binary or kind == "expand")):
-            self.uses = None  # e.g. F.linear(x, self.weight): replayed instead
+            if not self._product(func, args, kwargs, out) and not self._derive(func, args, kwargs, out):
+                self.uses = None  # e.g. F.linear(x, self.weight): replayed instead
             return out
         index = hits[0]
         other = args[1 - index] if kind == "mul" else None  # only a product's gradient needs it
@@ -517,6 +616,89 @@ class DirectUseRecorder(TorchFunctionMode):
             product = self.__torch_function__(torch.mul, (), (product, value))
         return self.__torch_function__(torch.add, (), (args[0], product))
 
+    def _in_place(self, func, args):
+        """``x.mul_(p)`` (``x *= p``, ``add_``, ``sub_``) as ``x.copy_(kept * p)`` with ``kept`` a
+        copy of ``x``: the out-of-place op is a recorded use whose other factor (``kept``) the
+        in-place write does not change; the same values, and ``x`` is still the one written."""
+        x, param = args
+        kept = x.clone()
+        result = self.__torch_function__(_out_of_place(func), (), (kept, param))
+        return x.copy_(result)
+
+    def _is_derived(self, x) -> bool:
+        """A tensor computed from the parameters alone that is not one of their aliases."""
+        entry = self.derived.get(id(x)) if isinstance(x, torch.Tensor) else None
+        return entry is not None and entry[0] is x and self._param_name(x) is None
+
+    def _in_graph(self, x) -> bool:
+        """A parameter, one of its aliases, or a tensor computed from the parameters alone."""
+        return self._param_name(x) is not None or self._is_derived(x)
+
+    def _derive(self, func, args, kwargs, out) -> bool:
+        """Keep ``out`` as computed from the parameters alone if every tensor the op takes that
+        needs a gradient is (the others are constants: buffers, index tensors), and the op can be
+        replayed to the same value: not random, not in place, no running statistics to update."""
+        if (not isinstance(out, torch.Tensor) or not out.requires_grad or func in _RANDOM_OPS
+                or func is F.dropout or _out_of_place(func) is not func or kwargs.get("out") is not None):
+            return False
+        if func in _STATEFUL_NORMS:
+            bound = _NORMS[func][0](args, kwargs) or {}
+            if bound.get("training") and (bound.get("running_mean") is not None or bound.get("running_var") is not None):
+                return False  # a replay would update the running statistics again
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if any(t.requires_grad and not self._in_graph(t) for t in tensors):
+            return False
+        self.derived[id(out)] = (out, func, args, kwargs)
+        self.taken.update(id(t) for t in tensors if self._in_graph(t))
+        return True
+
+    def _sources(self, t, recipe: "WeightRecipe") -> bool:
+        """Add the parameters ``t`` is computed from, and the ops that computed it, to ``recipe``;
+        False if some step has no recipe to replay."""
+        leaf = self.leaves.get(id(t))
+        if leaf is not None and leaf[1] is t:
+            recipe.leaves[id(t)] = leaf
+            return True
+        entry = self.derived.get(id(t))
+        if entry is None or entry[0] is not t:
+            return False
+        recipe.steps[id(t)] = entry
+        return all(self._sources(a, recipe) for a in tree_flatten(entry[2:])[0]
+                   if isinstance(a, torch.Tensor) and (self._in_graph(a) or id(a) in self.leaves))
+
+    def _product(self, func, args, kwargs, out) -> bool:
+        """Record ``F.conv2d(x, weight, bias, ...)`` or ``F.linear(x, weight, bias)`` of a batched
+        input ``x`` with a weight computed from the parameters alone (and a bias that is too, or
+        none) as a ``ProductUse``."""
+        spec = _PRODUCT_OPS.get(func)
+        if spec is None or not isinstance(out, torch.Tensor) or not out.requires_grad or out.dim() < 2:
+            return False
+        names, defaults = spec
+        if len(args) > len(names) or set(kwargs) - set(names):
+            return False
+        bound = dict(zip(names[2:], defaults))
+        bound.update(zip(names, args))
+        bound.update(kwargs)
+        x, weight, bias = bound.get("input"), bound.get("weight"), bound["bias"]
+        if (not isinstance(x, torch.Tensor) or x.dim() < 2 or self._in_graph(x) or not isinstance(weight, torch.Tensor)
+                or not self._in_graph(weight) or (bias is not None and not self._in_graph(bias))):
+            return False
+        ops = [t for t in tree_flatten([bound[n] for n in names[3:]])[0] if isinstance(t, torch.Tensor)]
+        if ops:
+            return False  # (strides and paddings are numbers)
+        recipe = WeightRecipe(weight, bias)
+        if not all(self._sources(t, recipe) for t in (weight, bias) if t is not None):
+            return False
+        if (self._param_name(weight) is not None and self.leaves.get(id(weight), (None, None))[1] is weight
+                and (bias is None or self.leaves.get(id(bias), (None, None))[1] is bias)):
+            return False  # the parameters themselves: the experts' row products, or the replay, read them
+
+        self.taken.update(id(t) for t in (weight, bias) if t is not None)
+        params = {name: p.detach() for name, p in recipe.leaves.values()}
+        use = ProductUse(func, x.detach(), [bound[n] for n in names[3:]], params, recipe, out.dtype)
+        self._add(DirectUse(next(iter(params)), "product", 1.0, use, out.shape, x.shape), out)
+        return True
+
     def _follows(self, x) -> bool:
         return self._param_name(x) is not None
 
@@ -548,13 +730,18 @@ def usable_direct_uses(uses: list[DirectUse] | None, tracked: dict, batch_size: 
     per_sample = math.prod(rows[1:]) if rows else 1
     kinds: dict[str, set[bool]] = {}
     for use in uses:
-        kinds.setdefault(use.name, set()).add(use.kind == "rows")
+        for name in (use.other.params if use.kind == "product" else (use.name,)):
+            kinds.setdefault(name, set()).add(use.kind == "rows")
     if any(len(k) > 1 for k in kinds.values()):
         return None  # one parameter both in products and broadcast: not combined
     for use in uses:
         pshape, oshape = use.param_shape, use.out_shape
         if use.kind == "rows":
             if use.other.n_input != batch_size * per_sample:
+                return None
+            continue
+        if use.kind == "product":
+            if rows or use.other.x.shape[0] != batch_size or not oshape or oshape[0] != batch_size:
                 return None
             continue
         if use.kind == "embedding":
@@ -580,7 +767,13 @@ def _direct_per_sample(uses: list[DirectUse], grads, tracked, batch_size: int,
     rows = {name: entries for name, entries in _rows_entries([(uses, grads)]).items() if name in tracked}
     for name, entries in rows.items():
         total[name] = rows_per_sample(entries, batch_size, tracked[name].shape, samples or slice(0, batch_size))
+    products: dict[str, torch.Tensor] = {}  # computed for ``samples`` only
     for use, g in zip(uses, grads):
+        if g is not None and use.kind == "product":
+            for name, t in use.other.per_sample(g, samples or slice(0, batch_size)).items():
+                if name in tracked:
+                    products[name] = t if name not in products else products[name] + t
+            continue
         if g is None or use.kind == "rows" or use.name not in tracked:
             continue
         contrib = g.float() * use.sign
@@ -603,6 +796,8 @@ def _direct_per_sample(uses: list[DirectUse], grads, tracked, batch_size: int,
             total[name] = torch.zeros(count, *p.shape, dtype=torch.float32, device=p.device)
         elif samples is not None and name not in rows:
             total[name] = total[name][samples]
+    for name, t in products.items():
+        total[name] = total[name] + t
     return total
 
 
@@ -638,8 +833,11 @@ class GenericRule(PerSampleGradsRule):
     layer scale), the per-sample gradients are reductions of those ops' output grads, recorded by
     ``DirectUseRecorder`` (route "generic (broadcast uses)"). Where some are products of a weight
     with rows whose samples the recorder followed (experts, routers), their norms come from the
-    products ("generic (row uses)", ``experts.rows_norms``). Otherwise the module's forward is
-    replayed per sample with ``vmap(vjp(functional_call))`` ("generic (vmap vjp)").
+    products ("generic (row uses)", ``experts.rows_norms``). Where a convolution or ``F.linear``
+    takes the input and a weight computed from the parameters alone (weight standardisation, a
+    parametrization), each sample's vjp of that op is taken back through the weight's ops
+    (``ProductUse``, "generic (computed weights)"). Otherwise the module's forward is replayed per
+    sample with ``vmap(vjp(functional_call))`` ("generic (vmap vjp)").
     """
 
     param_names = ()
@@ -859,6 +1057,10 @@ class GenericRule(PerSampleGradsRule):
             products = sum(u.kind == "rows" for u in ctx.direct_uses)
             return RoutePlan("generic (row uses)", f"B={ctx.batch_size} params={numel} products={products}",
                              float("nan"), float("nan"))
+        if ctx.direct_uses is not None and not ctx.extra_params and any(u.kind == "product" for u in ctx.direct_uses):
+            products = sum(u.kind == "product" for u in ctx.direct_uses)
+            return RoutePlan("generic (computed weights)", f"B={ctx.batch_size} params={numel} products={products}",
+                             float("nan"), 4.0 * min(_samples_per_chunk(numel), ctx.batch_size) * numel)
         if ctx.direct_uses is not None and not ctx.extra_params:
             return RoutePlan("generic (broadcast uses)", f"B={ctx.batch_size} params={numel} uses={len(ctx.direct_uses)}",
                              float(2 * ctx.batch_size * numel), 4.0 * ctx.batch_size * numel)
