@@ -490,12 +490,13 @@ class Raising(nn.Module):
     (AddcmulAffine, (3, 4, 5), "generic (broadcast uses)"),
     (StandardizedConv, (3, 4, 5, 5), "generic (computed weights)"),
     (partial(StandardizedConv, stride=2, groups=2, padding=1), (3, 4, 5, 5), "generic (computed weights)"),
+    (partial(StandardizedConv, padding="same", dilation=2), (3, 4, 5, 5), "generic (computed weights)"),
     (InlineWeightNorm, (3, 4, 5), "generic (computed weights)"),
     (InPlaceGain, (3, 4, 5), "generic (broadcast uses)"),
     (FromBatchedConstant, (3, 4, 5), "generic (vmap vjp)"),
 ], ids=["root-tokens", "signed", "functional-layer-norm", "product", "einsum", "replayed", "functions-of-parameters",
         "function-in-product", "head-biases", "transposed", "permuted", "indexed", "unused-parameter", "addcmul",
-        "standardized-conv", "standardized-grouped-conv", "inline-weight-norm", "in-place-gain",
+        "standardized-conv", "standardized-grouped-conv", "standardized-same-padding", "inline-weight-norm", "in-place-gain",
         "from-batched-constant"])
 def test_broadcast_uses_match_torch_func(make, shape, route, fused):
     torch.manual_seed(0)

@@ -261,14 +261,19 @@ class _FusedConv(torch.autograd.Function):
 
 def per_sample_conv_weight_grads(module, x, padding, g) -> torch.Tensor:
     """``[B, Cout, Cin/groups, *kernel]`` per-sample weight gradients of one call (float32)."""
-    B = x.shape[0]
-    groups = module.groups * B
-    weight_shape = (B * module.out_channels, module.in_channels // module.groups, *module.kernel_size)
+    return conv_weight_grads(x, g, module.weight.shape, module.stride, padding, module.dilation, module.groups)
+
+
+def conv_weight_grads(x, g, weight_shape, stride, padding, dilation, groups: int) -> torch.Tensor:
+    """``[B, *weight_shape]`` per-sample weight gradients of a convolution of ``x [B, Cin, ...]``
+    with output grad ``g``: one grouped weight-gradient convolution with the batch folded into
+    the groups. ``stride``, ``padding`` and ``dilation`` have one entry per spatial dim."""
+    B, out_channels = x.shape[0], weight_shape[0]
     grads = torch.ops.aten.convolution_backward(
-        g.reshape(1, B * module.out_channels, *g.shape[2:]), x.reshape(1, B * module.in_channels, *x.shape[2:]),
-        torch.empty(weight_shape, dtype=x.dtype, device=x.device), None, module.stride, padding, module.dilation,
-        False, [0] * len(padding), groups, [False, True, False])[1]
-    return grads.view(B, *module.weight.shape)
+        g.reshape(1, B * out_channels, *g.shape[2:]), x.reshape(1, B * x.shape[1], *x.shape[2:]),
+        torch.empty((B * out_channels, *weight_shape[1:]), dtype=x.dtype, device=x.device), None, list(stride),
+        list(padding), list(dilation), False, [0] * len(padding), groups * B, [False, True, False])[1]
+    return grads.view(B, *weight_shape)
 
 
 def fused_chunk(module, x, g) -> int:

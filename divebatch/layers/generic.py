@@ -53,6 +53,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .base import PerSampleGradsRule, RoutePlan, RuleError, per_sample_sq, suspend_capture
+from .conv import conv_weight_grads
 from .experts import _MATMULS, ExpertUses, rows_grad_sum, rows_norms, rows_per_sample
 from .routes import MAX_EXTRA_BYTES
 from .rows import flattened_samples
@@ -294,15 +295,39 @@ class ProductUse:
 
     def per_sample(self, grad: torch.Tensor, samples: slice) -> dict[str, torch.Tensor]:
         """``{name: [samples, *shape]}`` float32."""
-        def one(x, g):
-            def op(params):
-                weight, bias = self.replay(params)
-                return self.func(x.unsqueeze(0), weight, bias, *self.arguments)
-            _, pull = vjp(op, self.params)
-            return pull(g.unsqueeze(0))[0]
+        x, g = self.x[samples], grad[samples].to(self.out_dtype)
+        operands = self._operand_grads(x, g)
+        if operands is None:  # (a padding given as a string): the op's own vjp, vmapped
+            def one(x, g):
+                def op(params):
+                    weight, bias = self.replay(params)
+                    return self.func(x.unsqueeze(0), weight, bias, *self.arguments)
+                _, pull = vjp(op, self.params)
+                return pull(g.unsqueeze(0))[0]
 
-        grads = vmap(one)(self.x[samples], grad[samples].to(self.out_dtype))
-        return {name: g.float() for name, g in grads.items()}
+            grads = vmap(one)(x, g)
+        else:
+            # Each sample's grads of the weight and bias, taken back through the ops that computed them.
+            _, pull = vjp(lambda params: tuple(t for t in self.replay(params) if t is not None), self.params)
+            grads = vmap(lambda *parts: pull(parts)[0])(*operands)
+        return {name: t.float() for name, t in grads.items()}
+
+    def _operand_grads(self, x: torch.Tensor, g: torch.Tensor) -> tuple | None:
+        """Per-sample grads of the op's weight (and bias, if any) ``[B, *shape]``."""
+        with_bias = self.replay.bias is not None
+        weight_shape = self.replay.weight.shape
+        if self.func is F.linear:
+            rows_x, rows_g = x.reshape(x.shape[0], -1, x.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1])
+            weight = torch.bmm(rows_g.transpose(1, 2), rows_x)
+            return (weight, rows_g.sum(dim=1)) if with_bias else (weight,)
+        n = x.dim() - 2
+        stride, padding, dilation, groups = self.arguments
+        if isinstance(padding, str):
+            return None
+        stride, padding, dilation = (tuple(a) if isinstance(a, (tuple, list)) else (a,) * n
+                                     for a in (stride, padding, dilation))
+        weight = conv_weight_grads(x, g, weight_shape, stride, padding, dilation, groups)
+        return (weight, g.sum(dim=tuple(range(2, g.dim())))) if with_bias else (weight,)
 if hasattr(F, "rms_norm"):
     _NORMS[F.rms_norm] = (_rms_norm, "normalized_shape", None)
 if hasattr(torch, "rms_norm"):
@@ -792,12 +817,12 @@ def _direct_per_sample(uses: list[DirectUse], grads, tracked, batch_size: int,
         total[use.name] = per_sample if use.name not in total else total[use.name] + per_sample
     count = batch_size if samples is None else samples.stop - samples.start
     for name, p in tracked.items():
-        if name not in total:
-            total[name] = torch.zeros(count, *p.shape, dtype=torch.float32, device=p.device)
-        elif samples is not None and name not in rows:
+        if name in total and samples is not None and name not in rows:
             total[name] = total[name][samples]
-    for name, t in products.items():
-        total[name] = total[name] + t
+        if name in products:
+            total[name] = products[name] if name not in total else total[name] + products[name]
+        elif name not in total:
+            total[name] = torch.zeros(count, *p.shape, dtype=torch.float32, device=p.device)
     return total
 
 
