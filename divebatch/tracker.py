@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ._norms import squared_norm
 from .layers import GENERIC, LayerRule, RoutePlan, rule_for
 from .layers.generic import DirectUseRecorder, SharedOutputWatcher, SharedOutputWatchers, usable_direct_uses
-from .layers.rows import flattened_samples, row_samples
+from .layers.rows import MergedIdsFollower, flattened_samples, row_samples
 from .layers.base import capture_suspended
 from .layers.conv import ConvRule
 from .layers.embedding import EmbeddingCall, EmbeddingRule
@@ -286,6 +286,8 @@ class GradNormTracker:
         self._last_batch = 0  # the batch size of the last call captured that was not watched
         self._model_input_shape: tuple | None = None  # of the tracked model's last forward (_close_record)
         self._model_inputs: list[torch.Tensor] = []  # its tensor inputs, while its forward runs
+        # Integer tensors computed row by row from multiple-choice ids, while the forward runs (_input_rows).
+        self._ids_follower: MergedIdsFollower | None = None
         self._input_batch: int | None = None  # dim 0 of its first input (the samples, as everywhere)
         self._closed = False
         self._enabled = False
@@ -459,6 +461,12 @@ class GradNormTracker:
         inputs = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
         self._model_input_shape = tuple(inputs[0].shape) if inputs else None
         self._model_inputs = inputs  # (until the forward ends: ids merged from them, see _input_rows)
+        if (inputs and inputs[0].dim() > 2 and not inputs[0].is_floating_point() and self._ids_follower is None
+                and not _called_from_compiled_code()):
+            # [B, C, T] ids (a multiple-choice head): the ids computed from their merged rows are
+            # followed too (RoBERTa's position ids), until the forward ends.
+            self._ids_follower = MergedIdsFollower(self._merged_input_rows)
+            self._ids_follower.__enter__()
         self._input_batch = inputs[0].shape[0] if inputs and inputs[0].dim() > 0 else None
         if self._input_batch:
             # This forward's batch, before its first tracked call (not the previous forward's: an
@@ -469,6 +477,7 @@ class GradNormTracker:
     @torch.compiler.disable
     def _on_model_forward(self, module, args, output):
         self._leave_watchers(all_of_them=True)
+        self._leave_ids_follower()
         self._model_inputs = []
         for owner in self._owners:
             owner.row_views.clear()  # left by a forward that raised
@@ -520,7 +529,20 @@ class GradNormTracker:
             return watcher.expanded_over_rows(output, rows)
         return output.reshape(rows, *output.shape[n_lead:])
 
+    def _leave_ids_follower(self) -> None:
+        if self._ids_follower is not None and self._innermost_mode() is self._ids_follower:
+            self._ids_follower.__exit__(None, None, None)
+            self._ids_follower = None
+
     def _input_rows(self, ids: torch.Tensor) -> tuple[int, int] | None:
+        """``(B, N // B)`` where token ids ``[N, ...]`` are the tracked model's input ``[B, C, ...]``
+        with its leading dims merged, or were computed from those row by row (``MergedIdsFollower``:
+        RoBERTa's position ids). None otherwise."""
+        if self._ids_follower is not None:
+            return self._ids_follower.rows(ids)
+        return self._merged_input_rows(ids)
+
+    def _merged_input_rows(self, ids: torch.Tensor) -> tuple[int, int] | None:
         """``(B, N // B)`` where token ids ``[N, ...]`` are the tracked model's input ``[B, C, ...]``
         with its leading dims merged (a multiple-choice head's ``input_ids.view(-1, T)``): the same
         memory, contiguous, so row ``r`` is sample ``r // C``. None otherwise."""
@@ -536,6 +558,7 @@ class GradNormTracker:
 
     def _detach(self) -> None:
         self._leave_watchers(all_of_them=True)
+        self._leave_ids_follower()
         for owner in self._owners:
             forward = owner.module.__dict__.get("forward")
             if isinstance(forward, partial) and forward.func == self._fused_call:

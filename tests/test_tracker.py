@@ -239,6 +239,53 @@ def test_a_model_merging_its_input_dims_gets_the_samples_of_its_input(fused):
     assert rel_err(stats.batch_grad_sq, batch) <= RTOL
 
 
+class PositionsFromChoices(MultipleChoice):
+    """RoBERTa's multiple-choice layout: position ids computed row by row from the merged ids
+    (``cumsum(ids != pad, dim=1) * (ids != pad) + pad``), and token types gathered from a buffer
+    expanded over the rows. ``flipped``: the position ids' rows reversed first (not the rows' own)."""
+
+    def __init__(self, flipped=False, vocab=11, dim=4, T=5):
+        super().__init__(vocab=vocab, dim=dim)
+        self.flipped = flipped
+        self.positions, self.types = nn.Embedding(T + 2, dim), nn.Embedding(2, dim)
+        self.register_buffer("type_ids", torch.zeros(1, T + 2, dtype=torch.long))
+
+    def forward(self, ids):
+        B, C, T = ids.shape
+        rows = ids.view(B * C, T)
+        mask = rows.ne(1).int()
+        positions = (torch.cumsum(mask, dim=1).type_as(mask) * mask).long() + 1
+        if self.flipped:
+            positions = positions.flip(0)
+        types = torch.gather(self.type_ids.expand(B * C, -1), 1, positions).expand(B * C, T)
+        h = self.embed(rows) + self.positions(positions) + self.types(types)
+        return self.score(torch.tanh(h).mean(1)).view(B, C)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+def test_ids_computed_from_the_merged_input_get_its_samples(fused):
+    """Ids computed row by row from the merged input (RoBERTa's position ids, its gathered token
+    types) are looked up per question too (they were refused with B*C rows)."""
+    torch.manual_seed(0)
+    model, ids, y = PositionsFromChoices(), torch.randint(0, 11, (3, 4, 5)), torch.tensor([0, 3, 1])
+    ids[1, :, 3:] = 1  # padding
+    with GradNormTracker(model, "sum", fused=fused) as tracker:
+        choice_loss(model(ids), y).backward()
+        stats = tracker.collect()
+    per_sample, _, batch = reference_norms(model, choice_loss, ids, y)
+    assert stats.per_sample.shape == (3,)
+    assert rel_err(stats.per_sample, per_sample) <= RTOL
+    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+
+
+def test_ids_whose_rows_were_reordered_are_refused():
+    model, ids = PositionsFromChoices(flipped=True), torch.randint(0, 11, (3, 4, 5))
+    with GradNormTracker(model, "sum") as tracker:
+        with pytest.raises(ValueError, match=r"'(positions|types)'.* saw a batch of 12 samples"):
+            choice_loss(model(ids), torch.tensor([0, 3, 1])).backward()
+            tracker.collect()
+
+
 def test_a_model_merging_its_input_dims_unprovably_is_refused():
     """Merged ids the tracker cannot trace to the input: every layer sees B*C rows, so the norms
     would be per choice and 'mean' scaled for B*C samples, with nothing to tell (``batch_grad_sq``

@@ -357,19 +357,22 @@ def test_swin_windowed_attention_matches_the_same_forward(version, fused):
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
-@pytest.mark.parametrize("kind", ["bert", "electra"])
+@pytest.mark.parametrize("kind", ["bert", "electra", "roberta"])
 def test_multiple_choice_heads_match_the_same_forward(kind, fused):
     """A multiple-choice head merges [B, C, T] into [B*C, T] before the encoder: the embedding's ids
     are the input's memory (its questions), the token types a [1, T] buffer expanded over the rows
-    (a shared lookup), and every layer after is proven from the graph; one norm per question.
+    (a shared lookup; RoBERTa gathers them, and computes its position ids, from the merged ids row
+    by row), and every layer after is proven from the graph; one norm per question.
     Padding and dropout 0.1. Reference: each question's loss backpropagated through the same forward."""
     torch.manual_seed(0)
     common = dict(vocab_size=97, hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
                   max_position_embeddings=16, pad_token_id=0)
     if kind == "bert":
         net = transformers.BertForMultipleChoice(transformers.BertConfig(**common))
-    else:
+    elif kind == "electra":
         net = transformers.ElectraForMultipleChoice(transformers.ElectraConfig(embedding_size=16, **common))
+    else:
+        net = transformers.RobertaForMultipleChoice(transformers.RobertaConfig(**dict(common, pad_token_id=1)))
     net.train()
     ids = torch.randint(3, 97, (3, 4, 6))
     mask = torch.ones_like(ids)

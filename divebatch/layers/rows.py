@@ -41,6 +41,8 @@ import contextvars
 import math
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 #: Backward nodes of ops that map each row of their input(s) to the same row of the output, with
 #: the output's shape (elementwise ops, possibly broadcasting other operands, and norms over the
@@ -557,3 +559,69 @@ def _moved(node, name: str, index: int, source: tuple[int, ...], lab: torch.Tens
         return lab.narrow(dim, sum(sizes[:index]), sizes[index])
     size = int(node._saved_split_size)
     return lab.narrow(dim, index * size, min(size, source[dim] - index * size))
+
+
+# Ops whose output row ``r`` is computed from row ``r`` of each operand that has the rows (and from
+# operands broadcast over them): comparisons, integer arithmetic, casts, selections.
+_ROW_BY_ROW_IDS = frozenset({
+    torch.ne, torch.Tensor.ne, torch.Tensor.__ne__, torch.eq, torch.Tensor.eq, torch.Tensor.__eq__,
+    torch.lt, torch.Tensor.lt, torch.Tensor.__lt__, torch.gt, torch.Tensor.gt, torch.Tensor.__gt__,
+    torch.le, torch.Tensor.le, torch.Tensor.__le__, torch.ge, torch.Tensor.ge, torch.Tensor.__ge__,
+    torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__,
+    torch.sub, torch.Tensor.sub, torch.Tensor.__sub__, torch.Tensor.__rsub__,
+    torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__,
+    torch.Tensor.__and__, torch.Tensor.__or__, torch.logical_and, torch.logical_or, torch.logical_not,
+    torch.Tensor.int, torch.Tensor.long, torch.Tensor.bool, torch.Tensor.to, torch.Tensor.type_as,
+    torch.Tensor.type, torch.Tensor.masked_fill, torch.where, torch.clamp, torch.Tensor.clamp,
+    torch.Tensor.expand, torch.Tensor.expand_as, torch.Tensor.contiguous, torch.Tensor.clone, torch.clone,
+})
+# Ops along a dim (``dim``, their second argument): row by row where it is not the first.
+_CUMULATIVE = frozenset({torch.cumsum, torch.Tensor.cumsum, torch.cumprod, torch.Tensor.cumprod,
+                         torch.gather, torch.Tensor.gather})
+
+
+class MergedIdsFollower(TorchFunctionMode):
+    """Active during the forward of a model whose input is integer ids with more than two dims (a
+    multiple-choice head's ``[B, C, T]``): follows the integer tensors computed row by row from the
+    input's merged rows (``rows_of``: the input itself with its leading dims merged, the same
+    memory), such as RoBERTa's position ids (``cumsum(ids.ne(pad), dim=1) * mask + pad``), so a
+    lookup of them is assigned to samples as one of the merged ids is. ``rows(t)``: ``(B, N // B)``
+    for such a tensor ``t`` of ``N`` rows, else None. Only ops in ``_ROW_BY_ROW_IDS`` (and
+    cumulative sums along another dim) are followed; their other operands must not have the rows
+    (numbers, ``[1, T]`` buffers, or those expanded over the rows: RoBERTa gathers its token types
+    from one by the position ids)."""
+
+    def __init__(self, rows_of):
+        super().__init__()
+        self.rows_of = rows_of
+        self.followed: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
+
+    def rows(self, t: torch.Tensor) -> tuple[int, int] | None:
+        entry = self.followed.get(id(t))
+        if entry is not None and entry[0] is t:
+            return entry[1]
+        return self.rows_of(t)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if (not isinstance(out, torch.Tensor) or out.is_floating_point() or out.dim() < 2
+                or not (func in _ROW_BY_ROW_IDS or func in _CUMULATIVE)):
+            return out
+        if func in _CUMULATIVE:
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            if not isinstance(dim, int) or dim % out.dim() == 0:
+                return out
+        lead = None
+        for a in tree_flatten((args, kwargs))[0]:
+            if not isinstance(a, torch.Tensor) or a.dim() == 0:
+                continue
+            if a.dim() < out.dim() or (a.dim() == out.dim() and (a.shape[0] == 1 or a.stride(0) == 0)):
+                continue  # broadcast over the rows (or expanded to them): the same for every row
+            rows = self.rows(a) if a.dim() == out.dim() and a.shape[0] == out.shape[0] else None
+            if rows is None or (lead is not None and rows != lead):
+                return out  # an operand with rows not known to be the input's
+            lead = rows
+        if lead is not None:
+            self.followed[id(out)] = (out, lead)
+        return out
