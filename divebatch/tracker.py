@@ -500,11 +500,12 @@ class GradNormTracker:
             lead = (1, x.shape[0])
         elif x.is_floating_point():
             lead = self._proven_rows(x)
-        elif (x.dim() >= 2 and x.shape[0] > 1 and x.stride(0) == 0 and 1 < self._last_batch != x.shape[0]
-              and self._model_inputs):
+        elif (x.dim() >= 2 and x.shape[0] > 1 and 1 < self._last_batch != x.shape[0] and self._model_inputs
+              and (x.stride(0) == 0 or (self._ids_follower is not None and self._ids_follower.constant_rows(x)))):
             # Ids expanded over rows that are not the samples (BERT's token types: a [1, T] buffer
-            # expanded to a multiple-choice head's merged [B*C, T] ids): one lookup shared by the
-            # samples, expanded back afterwards. (Expanded to the B samples, each row is a sample's.)
+            # expanded to a multiple-choice head's merged [B*C, T] ids; RoFormer's, made as zeros of
+            # that shape): one lookup shared by the samples, expanded back afterwards. (Expanded to
+            # the B samples, each row is a sample's.)
             owner.row_views.append((x[:1], x.shape[0], None))
             return (owner.row_views[-1][0], *args[1:])
         else:

@@ -40,6 +40,9 @@ PROVEN = {
                                        (3, 4)),
     "a per-row norm (F.normalize)": (lambda h, w: torch.nn.functional.normalize(h.reshape(-1, 5), dim=-1), (3, 4)),
     "negative dims": (lambda h, w: h.transpose(-2, -1).transpose(-1, -2).reshape(-1, 5), (3, 4)),
+    "rotated halves (RoFormer: a stack of slices)": (lambda h, w: _rotated(h.reshape(-1, 5)[..., :4]), (3, 4)),
+    "stacked along another dim": (lambda h, w: torch.stack([h.reshape(-1, 5), -h.reshape(-1, 5)], 1).reshape(-1, 5),
+                                  (3, 8)),
 }
 REFUSED = {
     "positions first (transpose)": lambda h, w: h.transpose(0, 1).reshape(-1, 5),
@@ -54,7 +57,14 @@ REFUSED = {
     "an input that requires grad, broadcast": lambda h, w: h.reshape(-1, 5) * h.detach()[0, 0].requires_grad_(),
     "no positions (T = 1)": lambda h, w: h[:, :1].reshape(-1, 5),
     "no graph": lambda h, w: h.detach().reshape(-1, 5),
+    "rows sliced": lambda h, w: h.reshape(-1, 5)[2:],
+    "stacked along the rows": lambda h, w: torch.stack([h.reshape(-1, 5), h.reshape(-1, 5)], 0).reshape(-1, 5),
 }
+
+
+def _rotated(x):
+    """RoFormer's ``rotate_half``: ``[-x1, x0, -x3, x2, ...]``."""
+    return torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).reshape_as(x)
 
 
 @pytest.mark.parametrize("name", sorted(PROVEN))

@@ -357,12 +357,13 @@ def test_swin_windowed_attention_matches_the_same_forward(version, fused):
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
-@pytest.mark.parametrize("kind", ["bert", "electra", "roberta"])
+@pytest.mark.parametrize("kind", ["bert", "electra", "roberta", "roformer"])
 def test_multiple_choice_heads_match_the_same_forward(kind, fused):
     """A multiple-choice head merges [B, C, T] into [B*C, T] before the encoder: the embedding's ids
     are the input's memory (its questions), the token types a [1, T] buffer expanded over the rows
     (a shared lookup; RoBERTa gathers them, and computes its position ids, from the merged ids row
-    by row), and every layer after is proven from the graph; one norm per question.
+    by row; RoFormer makes them as zeros of the merged shape), and every layer after is proven from
+    the graph (through RoFormer's rotation: a stack of slices); one norm per question.
     Padding and dropout 0.1. Reference: each question's loss backpropagated through the same forward."""
     torch.manual_seed(0)
     common = dict(vocab_size=97, hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
@@ -371,8 +372,10 @@ def test_multiple_choice_heads_match_the_same_forward(kind, fused):
         net = transformers.BertForMultipleChoice(transformers.BertConfig(**common))
     elif kind == "electra":
         net = transformers.ElectraForMultipleChoice(transformers.ElectraConfig(embedding_size=16, **common))
-    else:
+    elif kind == "roberta":
         net = transformers.RobertaForMultipleChoice(transformers.RobertaConfig(**dict(common, pad_token_id=1)))
+    else:
+        net = transformers.RoFormerForMultipleChoice(transformers.RoFormerConfig(embedding_size=24, **common))
     net.train()
     ids = torch.randint(3, 97, (3, 4, 6))
     mask = torch.ones_like(ids)

@@ -175,10 +175,39 @@ def _walk(node, shape: tuple[int, ...], budget: list[int], dim: int = 0) -> int 
         if dim >= len(places) or places[dim] in reduced:
             return _NOT_NATIVE  # a statistic over the rows mixes them
         return _walk(child, source, budget, places[dim])
+    if name == "SliceBackward0":
+        # A slice along another dim (RoFormer's rotation, ``q[..., 1::2]``) keeps every row.
+        child, source = _operand(node, 0)
+        try:
+            sliced = _signed(int(node._saved_dim)) % len(shape)
+        except (AttributeError, TypeError, RuntimeError):
+            return unknown
+        if source is None or sliced == dim:
+            return unknown if source is None else _NOT_NATIVE
+        return _walk(child, source, budget, dim)
+    if name == "StackBackward0":
+        # Pieces stacked along a new dim other than the rows' (``torch.stack([-q[..., 1::2],
+        # q[..., ::2]], dim=-1)``): each piece's rows, one dim nearer where the new dim came before.
+        try:
+            inserted = _signed(int(node._saved_dim)) % len(shape)
+        except (AttributeError, TypeError, RuntimeError):
+            return unknown
+        if inserted == dim:
+            return _NOT_NATIVE
+        return _same_samples(node, shape, budget, dim, dim - 1 if inserted < dim else dim, stacked=True)
     if name in _PER_ROW and dim != 0:
         return unknown
     if name not in _ROW_WISE and name not in _PER_ROW and name not in _ALONG_DIM and name not in _REDUCTIONS:
         return unknown
+    return _same_samples(node, shape, budget, dim, dim)
+
+
+def _same_samples(node, shape: tuple[int, ...], budget: list[int], dim: int, operand_dim: int,
+                  stacked: bool = False) -> int | None:
+    """The samples of ``node``'s rows (along ``dim``) where each operand with them (along
+    ``operand_dim``) has the same (see ``_walk``); operands broadcast over them must be made of
+    parameters and constants. ``stacked``: every operand is one piece of a stack (rank one less)."""
+    unknown = None if dim == 0 else _NOT_NATIVE
     found: int | None = None
     unproven = False
     for position, (child, _) in enumerate(node.next_functions):
@@ -187,8 +216,9 @@ def _walk(node, shape: tuple[int, ...], budget: list[int], dim: int = 0) -> int 
         _, child_shape = _operand(node, position)
         if child_shape is None:
             return unknown
-        if len(child_shape) == len(shape) and child_shape[dim] == shape[dim]:
-            samples = _walk(child, child_shape, budget, dim)
+        rank = len(shape) - 1 if stacked else len(shape)
+        if len(child_shape) == rank and child_shape[operand_dim] == shape[dim]:
+            samples = _walk(child, child_shape, budget, operand_dim)
             if (samples is None or samples == _NOT_NATIVE) and _from_parameters(child, budget):
                 continue  # parameters and constants (a per-row table, an expanded bias): no sample's data
             if budget[0] < 0:
@@ -576,6 +606,8 @@ _ROW_BY_ROW_IDS = frozenset({
     torch.Tensor.expand, torch.Tensor.expand_as, torch.Tensor.contiguous, torch.Tensor.clone, torch.clone,
 })
 # Ops along a dim (``dim``, their second argument): row by row where it is not the first.
+# Factories of tensors whose rows are all the same (RoFormer's token types: ``torch.zeros(input_shape)``).
+_CONSTANT_ROWS = frozenset({torch.zeros, torch.ones, torch.full, torch.zeros_like, torch.ones_like, torch.full_like})
 _CUMULATIVE = frozenset({torch.cumsum, torch.Tensor.cumsum, torch.cumprod, torch.Tensor.cumprod,
                          torch.gather, torch.Tensor.gather})
 
@@ -595,6 +627,12 @@ class MergedIdsFollower(TorchFunctionMode):
         super().__init__()
         self.rows_of = rows_of
         self.followed: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
+        self.constant: dict[int, torch.Tensor] = {}  # integer tensors made with every row the same
+
+    def constant_rows(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` was made by a factory with every row the same (a lookup of it is one lookup
+        shared by the samples, as of a ``[1, T]`` buffer expanded over the rows)."""
+        return self.constant.get(id(t)) is t
 
     def rows(self, t: torch.Tensor) -> tuple[int, int] | None:
         entry = self.followed.get(id(t))
@@ -605,8 +643,12 @@ class MergedIdsFollower(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if (not isinstance(out, torch.Tensor) or out.is_floating_point() or out.dim() < 2
-                or not (func in _ROW_BY_ROW_IDS or func in _CUMULATIVE)):
+        if not isinstance(out, torch.Tensor) or out.is_floating_point() or out.dim() < 2:
+            return out
+        if func in _CONSTANT_ROWS and out.shape[0] > 1:
+            self.constant[id(out)] = out
+            return out
+        if not (func in _ROW_BY_ROW_IDS or func in _CUMULATIVE):
             return out
         if func in _CUMULATIVE:
             dim = args[1] if len(args) > 1 else kwargs.get("dim")
