@@ -385,14 +385,18 @@ def test_a_shared_input_after_fused_layers_is_known_shared(fused):
     """The fused layers before it keep the batch size the tracker compares a ``[1, T, d]`` input
     with (it was left 0, so the projection was fused as a batch of 1 and refused)."""
     torch.manual_seed(0)
-    model, x, y = ProjectedConstantPositions(), torch.randn(3, 5, 6), torch.randn(3, 5, 3)
+    _check_shared_projection(ProjectedConstantPositions(), torch.randn(3, 5, 6), torch.randn(3, 5, 3), "pos_proj", fused)
+
+
+def _check_shared_projection(model, x, y, layer: str, fused: bool) -> None:
+    """Per-sample, per-layer (``layer``, the one given the shared input) and batch norms against torch.func."""
     loss = lambda out, target: (out - target).square().sum()  # noqa: E731
     with GradNormTracker(model, "sum", fused=fused) as tracker:
         loss(model(x), y).backward()
         stats = tracker.collect()
     per_sample, per_param, batch = reference_norms(model, loss, x, y)
     assert rel_err(stats.per_sample, per_sample) <= 1e-5
-    assert rel_err(stats.per_layer["pos_proj"], per_param["pos_proj.weight"] + per_param["pos_proj.bias"]) <= 1e-5
+    assert rel_err(stats.per_layer[layer], per_param[f"{layer}.weight"] + per_param[f"{layer}.bias"]) <= 1e-5
     assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
 
 
@@ -420,15 +424,7 @@ def test_convolution_of_a_constant_grid(repeat, fused):
     """A convolution's input shared by the samples: each sample's part of its output grad, with the
     grid as every sample's input (it was refused as a batch of 1)."""
     torch.manual_seed(0)
-    model, x, y = ProjectedPositionGrid(repeat), torch.randn(3, 3, 4, 4), torch.randn(3, 2)
-    loss = lambda out, target: (out - target).square().sum()  # noqa: E731
-    with GradNormTracker(model, "sum", fused=fused) as tracker:
-        loss(model(x), y).backward()
-        stats = tracker.collect()
-    per_sample, per_param, batch = reference_norms(model, loss, x, y)
-    assert rel_err(stats.per_sample, per_sample) <= 1e-5
-    assert rel_err(stats.per_layer["project"], per_param["project.weight"] + per_param["project.bias"]) <= 1e-5
-    assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
+    _check_shared_projection(ProjectedPositionGrid(repeat), torch.randn(3, 3, 4, 4), torch.randn(3, 2), "project", fused)
 
 
 class DroppedOutPositions(nn.Module):

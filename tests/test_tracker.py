@@ -225,20 +225,6 @@ def choice_loss(out, y):
     return F.cross_entropy(out, y, reduction="sum")
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
-def test_a_model_merging_its_input_dims_gets_the_samples_of_its_input(fused):
-    """The embedding's ids are the model's input with its leading dims merged (the same memory):
-    row r is question r // C, and every layer after is proven from the graph (one per question)."""
-    model, ids, y = MultipleChoice(), torch.randint(0, 11, (3, 4, 5)), torch.tensor([0, 3, 1])
-    with GradNormTracker(model, "sum", fused=fused) as tracker:
-        choice_loss(model(ids), y).backward()
-        stats = tracker.collect()
-    per_sample, _, batch = reference_norms(model, choice_loss, ids, y)
-    assert stats.per_sample.shape == (3,)
-    assert rel_err(stats.per_sample, per_sample) <= RTOL
-    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
-
-
 class PositionsFromChoices(MultipleChoice):
     """RoBERTa's multiple-choice layout: position ids computed row by row from the merged ids
     (``cumsum(ids != pad, dim=1) * (ids != pad) + pad``), and token types gathered from a buffer
@@ -263,12 +249,15 @@ class PositionsFromChoices(MultipleChoice):
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
-def test_ids_computed_from_the_merged_input_get_its_samples(fused):
-    """Ids computed row by row from the merged input (RoBERTa's position ids, its gathered token
-    types) are looked up per question too (they were refused with B*C rows)."""
+@pytest.mark.parametrize("make", [MultipleChoice, PositionsFromChoices], ids=["merged-ids", "ids-from-merged-ids"])
+def test_a_model_merging_its_input_dims_gets_the_samples_of_its_input(make, fused):
+    """The embedding's ids are the model's input with its leading dims merged (the same memory), or
+    computed from those row by row (RoBERTa's position ids, its gathered token types; they were
+    refused with B*C rows): row r is question r // C, and every layer after is proven from the
+    graph (one per question)."""
     torch.manual_seed(0)
-    model, ids, y = PositionsFromChoices(), torch.randint(0, 11, (3, 4, 5)), torch.tensor([0, 3, 1])
-    ids[1, :, 3:] = 1  # padding
+    model, ids, y = make(), torch.randint(0, 11, (3, 4, 5)), torch.tensor([0, 3, 1])
+    ids[1, :, 3:] = 1  # (padding, for the position ids)
     with GradNormTracker(model, "sum", fused=fused) as tracker:
         choice_loss(model(ids), y).backward()
         stats = tracker.collect()
