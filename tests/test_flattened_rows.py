@@ -43,6 +43,8 @@ PROVEN = {
     "rotated halves (RoFormer: a stack of slices)": (lambda h, w: _rotated(h.reshape(-1, 5)[..., :4]), (3, 4)),
     "stacked along another dim": (lambda h, w: torch.stack([h.reshape(-1, 5), -h.reshape(-1, 5)], 1).reshape(-1, 5),
                                   (3, 8)),
+    "shifted windows (MobileBERT: pads and a cat along another dim)": (lambda h, w: _trigram(h.reshape(-1, 5, 1)),
+                                                                       (3, 4)),
 }
 REFUSED = {
     "positions first (transpose)": lambda h, w: h.transpose(0, 1).reshape(-1, 5),
@@ -59,7 +61,15 @@ REFUSED = {
     "no graph": lambda h, w: h.detach().reshape(-1, 5),
     "rows sliced": lambda h, w: h.reshape(-1, 5)[2:],
     "stacked along the rows": lambda h, w: torch.stack([h.reshape(-1, 5), h.reshape(-1, 5)], 0).reshape(-1, 5),
+    "rows joined": lambda h, w: torch.cat([h.reshape(-1, 5)[:6], h.reshape(-1, 5)[6:]], 0),
+    "rows padded": lambda h, w: torch.nn.functional.pad(h.reshape(-1, 5), (0, 0, 1, 0))[1:],
 }
+
+
+def _trigram(x):
+    """MobileBERT's embedding windows: each token beside its right and left neighbours, zero-padded."""
+    pad = torch.nn.functional.pad
+    return torch.cat([pad(x[:, 1:], [0, 0, 0, 1]), x, pad(x[:, :-1], [0, 0, 1, 0])], dim=2)
 
 
 def _rotated(x):

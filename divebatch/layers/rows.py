@@ -185,6 +185,26 @@ def _walk(node, shape: tuple[int, ...], budget: list[int], dim: int = 0) -> int 
         if source is None or sliced == dim:
             return unknown if source is None else _NOT_NATIVE
         return _walk(child, source, budget, dim)
+    if name == "ConstantPadNdBackward0":
+        # Padding of other dims (MobileBERT's shifted token windows, ``F.pad(x[:, 1:], [0, 0, 0, 1])``).
+        child, source = _operand(node, 0)
+        try:
+            pad = [int(p) for p in node._saved_pad]
+        except (AttributeError, TypeError, RuntimeError):
+            return unknown
+        padded_dims = {len(shape) - 1 - i // 2 for i, p in enumerate(pad) if p}
+        if source is None or dim in padded_dims:
+            return unknown if source is None else _NOT_NATIVE
+        return _walk(child, source, budget, dim)
+    if name == "CatBackward0":
+        # Pieces joined along another dim than the rows' (each piece has the same rows).
+        try:
+            joined = _signed(int(node._saved_dim)) % len(shape)
+        except (AttributeError, TypeError, RuntimeError):
+            return unknown
+        if joined == dim:
+            return _NOT_NATIVE
+        return _same_samples(node, shape, budget, dim, dim, joined=joined)
     if name == "StackBackward0":
         # Pieces stacked along a new dim other than the rows' (``torch.stack([-q[..., 1::2],
         # q[..., ::2]], dim=-1)``): each piece's rows, one dim nearer where the new dim came before.
@@ -203,10 +223,11 @@ def _walk(node, shape: tuple[int, ...], budget: list[int], dim: int = 0) -> int 
 
 
 def _same_samples(node, shape: tuple[int, ...], budget: list[int], dim: int, operand_dim: int,
-                  stacked: bool = False) -> int | None:
+                  stacked: bool = False, joined: int | None = None) -> int | None:
     """The samples of ``node``'s rows (along ``dim``) where each operand with them (along
     ``operand_dim``) has the same (see ``_walk``); operands broadcast over them must be made of
-    parameters and constants. ``stacked``: every operand is one piece of a stack (rank one less)."""
+    parameters and constants. ``stacked``: every operand is one piece of a stack (rank one less);
+    ``joined``: the dim along which the operands are concatenated (their sizes there differ)."""
     unknown = None if dim == 0 else _NOT_NATIVE
     found: int | None = None
     unproven = False
@@ -217,6 +238,8 @@ def _same_samples(node, shape: tuple[int, ...], budget: list[int], dim: int, ope
         if child_shape is None:
             return unknown
         rank = len(shape) - 1 if stacked else len(shape)
+        if joined is not None and len(child_shape) != rank:
+            return unknown  # (an empty piece, as ``torch.cat`` allows)
         if len(child_shape) == rank and child_shape[operand_dim] == shape[dim]:
             samples = _walk(child, child_shape, budget, operand_dim)
             if (samples is None or samples == _NOT_NATIVE) and _from_parameters(child, budget):
