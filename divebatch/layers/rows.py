@@ -178,13 +178,10 @@ def _walk(node, shape: tuple[int, ...], budget: list[int], dim: int = 0) -> int 
     if name == "SliceBackward0":
         # A slice along another dim (RoFormer's rotation, ``q[..., 1::2]``) keeps every row.
         child, source = _operand(node, 0)
-        try:
-            sliced = _signed(int(node._saved_dim)) % len(shape)
-        except (AttributeError, TypeError, RuntimeError):
+        sliced = _op_dim(node, len(shape))
+        if source is None or sliced is None:
             return unknown
-        if source is None or sliced == dim:
-            return unknown if source is None else _NOT_NATIVE
-        return _walk(child, source, budget, dim)
+        return _NOT_NATIVE if sliced == dim else _walk(child, source, budget, dim)
     if name == "ConstantPadNdBackward0":
         # Padding of other dims (MobileBERT's shifted token windows, ``F.pad(x[:, 1:], [0, 0, 0, 1])``).
         child, source = _operand(node, 0)
@@ -192,34 +189,35 @@ def _walk(node, shape: tuple[int, ...], budget: list[int], dim: int = 0) -> int 
             pad = [int(p) for p in node._saved_pad]
         except (AttributeError, TypeError, RuntimeError):
             return unknown
+        if source is None:
+            return unknown
         padded_dims = {len(shape) - 1 - i // 2 for i, p in enumerate(pad) if p}
-        if source is None or dim in padded_dims:
-            return unknown if source is None else _NOT_NATIVE
-        return _walk(child, source, budget, dim)
-    if name == "CatBackward0":
-        # Pieces joined along another dim than the rows' (each piece has the same rows).
-        try:
-            joined = _signed(int(node._saved_dim)) % len(shape)
-        except (AttributeError, TypeError, RuntimeError):
+        return _NOT_NATIVE if dim in padded_dims else _walk(child, source, budget, dim)
+    if name in ("CatBackward0", "StackBackward0"):
+        # Pieces joined along, or stacked in a new dim at, another dim than the rows' (``torch.stack(
+        # [-q[..., 1::2], q[..., ::2]], dim=-1)``): each piece has the same rows, one dim nearer in a
+        # stack's pieces where the new dim came before them.
+        along = _op_dim(node, len(shape))
+        if along is None:
             return unknown
-        if joined == dim:
+        if along == dim:
             return _NOT_NATIVE
-        return _same_samples(node, shape, budget, dim, dim, joined=joined)
-    if name == "StackBackward0":
-        # Pieces stacked along a new dim other than the rows' (``torch.stack([-q[..., 1::2],
-        # q[..., ::2]], dim=-1)``): each piece's rows, one dim nearer where the new dim came before.
-        try:
-            inserted = _signed(int(node._saved_dim)) % len(shape)
-        except (AttributeError, TypeError, RuntimeError):
-            return unknown
-        if inserted == dim:
-            return _NOT_NATIVE
-        return _same_samples(node, shape, budget, dim, dim - 1 if inserted < dim else dim, stacked=True)
+        if name == "CatBackward0":
+            return _same_samples(node, shape, budget, dim, dim, joined=along)
+        return _same_samples(node, shape, budget, dim, dim - 1 if along < dim else dim, stacked=True)
     if name in _PER_ROW and dim != 0:
         return unknown
     if name not in _ROW_WISE and name not in _PER_ROW and name not in _ALONG_DIM and name not in _REDUCTIONS:
         return unknown
     return _same_samples(node, shape, budget, dim, dim)
+
+
+def _op_dim(node, rank: int) -> int | None:
+    """The dim an op worked along (its saved ``dim``), in ``[0, rank)``; None where not saved."""
+    try:
+        return _signed(int(node._saved_dim)) % rank
+    except (AttributeError, TypeError, RuntimeError):
+        return None
 
 
 def _same_samples(node, shape: tuple[int, ...], budget: list[int], dim: int, operand_dim: int,
