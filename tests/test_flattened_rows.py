@@ -45,6 +45,9 @@ PROVEN = {
                                   (3, 8)),
     "shifted windows (MobileBERT: pads and a cat along another dim)": (lambda h, w: _trigram(h.reshape(-1, 5, 1)),
                                                                        (3, 4)),
+    "gathered along another dim (DeBERTa's relative positions)": (
+        lambda h, w: torch.gather(h.reshape(-1, 5), 1, torch.randint(0, 5, (12, 3))), (3, 4)),
+    "a constant mask filled in": (lambda h, w: h.reshape(-1, 5).masked_fill(torch.rand(12, 5) > 0.5, -1.0), (3, 4)),
 }
 REFUSED = {
     "positions first (transpose)": lambda h, w: h.transpose(0, 1).reshape(-1, 5),
@@ -63,6 +66,7 @@ REFUSED = {
     "stacked along the rows": lambda h, w: torch.stack([h.reshape(-1, 5), h.reshape(-1, 5)], 0).reshape(-1, 5),
     "rows joined": lambda h, w: torch.cat([h.reshape(-1, 5)[:6], h.reshape(-1, 5)[6:]], 0),
     "rows padded": lambda h, w: torch.nn.functional.pad(h.reshape(-1, 5), (0, 0, 1, 0))[1:],
+    "gathered along the rows": lambda h, w: torch.gather(h.reshape(-1, 5), 0, torch.randint(0, 12, (12, 5))),
 }
 
 

@@ -57,6 +57,7 @@ _ROW_WISE = frozenset({
     "MulBackward0", "MulBackward1", "DivBackward0", "DivBackward1", "WhereBackward0",
     "NativeLayerNormBackward0", "FusedRmsNormBackward0",
     "ClampMinBackward0", "ClampMaxBackward0", "ClampBackward0", "ClampBackward1",
+    "MaskedFillBackward0",  # (a constant mask: DeBERTa's attention scores)
 })
 
 #: Backward nodes of a view/reshape (the merge the walk looks for).
@@ -182,6 +183,14 @@ def _walk(node, shape: tuple[int, ...], budget: list[int], dim: int = 0) -> int 
         if source is None or sliced is None:
             return unknown
         return _NOT_NATIVE if sliced == dim else _walk(child, source, budget, dim)
+    if name == "GatherBackward0":
+        # ``torch.gather`` along another dim (DeBERTa's relative positions picked per query): each
+        # output row reads only the same row of the input.
+        child, source = _operand(node, 0)
+        along = _op_dim(node, len(shape))
+        if source is None or along is None or len(source) != len(shape):
+            return unknown
+        return _NOT_NATIVE if along == dim or source[dim] != shape[dim] else _walk(child, source, budget, dim)
     if name == "ConstantPadNdBackward0":
         # Padding of other dims (MobileBERT's shifted token windows, ``F.pad(x[:, 1:], [0, 0, 0, 1])``).
         child, source = _operand(node, 0)
