@@ -427,6 +427,52 @@ def test_convolution_of_a_constant_grid(repeat, fused):
     _check_shared_projection(ProjectedPositionGrid(repeat), torch.randn(3, 3, 4, 4), torch.randn(3, 2), "project", fused)
 
 
+class RepeatedPerChoice(nn.Module):
+    """DeBERTa-v2's pattern in a multiple-choice layout: a position table shared by the samples,
+    projected, repeated once per merged row (``repeat(B*C, 1, 1)``) and multiplied row by row with
+    the choices' rows (``bmm``). ``added``: the copies added to the rows instead, a use the watcher
+    cannot give samples to."""
+
+    def __init__(self, added=False, vocab=11, dim=5, T=5):
+        super().__init__()
+        self.added = added
+        self.embed, self.table, self.proj = nn.Embedding(vocab, dim), nn.Embedding(T, dim), nn.Linear(dim, dim)
+        self.score = nn.Linear(dim, 1)
+
+    def forward(self, ids):
+        B, C, T = ids.shape
+        rows = self.embed(ids.view(B * C, T))
+        copies = self.proj(self.table(torch.arange(T)[None])).repeat(B * C, 1, 1)
+        mixed = rows + copies if self.added else torch.bmm(rows, copies.transpose(-1, -2))
+        return self.score(torch.tanh(mixed).mean(1)).view(B, C)
+
+
+def _choice_loss(out, y):
+    return F.cross_entropy(out, y, reduction="sum")
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+def test_copies_repeated_per_merged_row_get_their_rows_samples(fused):
+    torch.manual_seed(0)
+    model, ids, y = RepeatedPerChoice(), torch.randint(0, 11, (3, 4, 5)), torch.tensor([0, 3, 1])
+    with GradNormTracker(model, "sum", fused=fused) as tracker:
+        _choice_loss(model(ids), y).backward()
+        stats = tracker.collect()
+    per_sample, per_param, batch = reference_norms(model, _choice_loss, ids, y)
+    assert stats.per_sample.shape == (3,)
+    assert rel_err(stats.per_sample, per_sample) <= 1e-5
+    assert rel_err(stats.per_layer["table"], per_param["table.weight"]) <= 1e-5
+    assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
+
+
+def test_copies_used_other_than_in_a_product_are_refused():
+    model, ids = RepeatedPerChoice(added=True), torch.randint(0, 11, (3, 4, 5))
+    with GradNormTracker(model, "sum") as tracker:
+        with pytest.raises(ValueError, match=r"'(proj|table)' \((Linear|Embedding)\) saw a batch of 1 samples"):
+            _choice_loss(model(ids), torch.tensor([0, 3, 1])).backward()
+            tracker.collect()
+
+
 class DroppedOutPositions(nn.Module):
     """Dropout on a ``[1, T]`` position lookup before it is added to the samples (one mask for all)."""
 

@@ -357,13 +357,15 @@ def test_swin_windowed_attention_matches_the_same_forward(version, fused):
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
-@pytest.mark.parametrize("kind", ["bert", "electra", "roberta", "roformer"])
+@pytest.mark.parametrize("kind", ["bert", "electra", "roberta", "roformer", "deberta-v3"])
 def test_multiple_choice_heads_match_the_same_forward(kind, fused):
     """A multiple-choice head merges [B, C, T] into [B*C, T] before the encoder: the embedding's ids
     are the input's memory (its questions), the token types a [1, T] buffer expanded over the rows
     (a shared lookup; RoBERTa gathers them, and computes its position ids, from the merged ids row
     by row; RoFormer makes them as zeros of the merged shape), and every layer after is proven from
-    the graph (through RoFormer's rotation: a stack of slices); one norm per question.
+    the graph (through RoFormer's rotation: a stack of slices); DeBERTa-v3's shared relative-position
+    projections, repeated once per merged row (``repeat(B*C, 1, 1)``), are grouped by the question of
+    the rows they meet in ``bmm``; one norm per question.
     Padding and dropout 0.1. Reference: each question's loss backpropagated through the same forward."""
     torch.manual_seed(0)
     common = dict(vocab_size=97, hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
@@ -374,8 +376,12 @@ def test_multiple_choice_heads_match_the_same_forward(kind, fused):
         net = transformers.ElectraForMultipleChoice(transformers.ElectraConfig(embedding_size=16, **common))
     elif kind == "roberta":
         net = transformers.RobertaForMultipleChoice(transformers.RobertaConfig(**dict(common, pad_token_id=1)))
-    else:
+    elif kind == "roformer":
         net = transformers.RoFormerForMultipleChoice(transformers.RoFormerConfig(embedding_size=24, **common))
+    else:
+        settings = dict(_deberta_settings(0.1), position_buckets=4, norm_rel_ebd="layer_norm", share_att_key=True,
+                        pad_token_id=0, pooler_hidden_size=24)
+        net = transformers.DebertaV2ForMultipleChoice(transformers.DebertaV2Config(**settings))
     net.train()
     ids = torch.randint(3, 97, (3, 4, 6))
     mask = torch.ones_like(ids)

@@ -1143,6 +1143,8 @@ _KEEPS_LAYOUT = {torch.Tensor.contiguous, torch.Tensor.to, torch.Tensor.float, t
                  torch.Tensor.bfloat16, torch.Tensor.type_as}
 
 _HOLE = object()  # where a recorded op took the followed tensor
+# Products of ``[rows, m, k]`` by ``[rows, k, n]``, row by row (repeated copies meet their rows there).
+_BATCHED_PRODUCTS = {torch.bmm, torch.Tensor.bmm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
 _MAX_CHAIN = 16  # ops followed from the shared output to one use (then the use is not split)
 
 
@@ -1184,6 +1186,11 @@ class SharedOutputWatcher:
         # id -> (tensor, the shape ops from ``output`` to it: (func, args after the tensor, kwargs))
         self.aliases: dict[int, tuple[torch.Tensor, tuple]] = {id(output): (output, ())}
         self.per_sample: torch.Tensor | None = None
+        # id -> (tensor, copies n, the alias's shape, chain to the alias, shape ops after the repeat,
+        # the repeat's output shape): ``alias.repeat(n, 1, ...)`` with n a multiple of the batch (a
+        # multiple-choice head's merged rows, DeBERTa-v2's ``repeat(B*C, 1, 1)``), whose copies are
+        # given samples only where a product pairs them with rows the graph proves (``_copies_use``).
+        self.copies: dict[int, tuple] = {}
         self.unknown_use = False
         self.unknown_op: str | None = None  # the first use it could not split, named in errors
         self.broadcasts = 0  # ops seen broadcasting the output over the samples
@@ -1210,7 +1217,8 @@ class SharedOutputWatcher:
 
     def touches(self, args, kwargs) -> bool:
         """Whether an op's arguments may hold a tensor this watcher follows (a cheap first test)."""
-        return not self.passing and _touches(args, kwargs, self.aliases)
+        return not self.passing and (_touches(args, kwargs, self.aliases)
+                                     or (bool(self.copies) and _touches(args, kwargs, self.copies)))
 
     def handle(self, run, func, args, kwargs):
         """An op ``func`` of the forward that ``touches`` a followed tensor: runs it by ``run(*args,
@@ -1220,6 +1228,11 @@ class SharedOutputWatcher:
             if out is not None:
                 return out
         out = run(*args, **kwargs)
+        if self.copies and (_hits(args, self._is_copies) or _nested(args, kwargs, self._is_copies)):
+            if not self.unknown_use and _carries_grad(out) and not self._copies_use(func, args, kwargs, out):
+                self.unknown_use = True
+                self.unknown_op = getattr(func, "__name__", None) or repr(func)
+            return out
         hits = _hits(args, self._is_alias)
         if hits == [0, 1] and func in _LIKE_OPS:
             hits = [0]  # ``alias.view_as(alias)`` (an autograd.Function returning its input): args[1] gives a shape
@@ -1316,11 +1329,66 @@ class SharedOutputWatcher:
                 or any(isinstance(r, bool) or not isinstance(r, int) for r in repeats)
                 or repeats[0] < 2 or any(r != 1 for r in repeats[1:])):
             return False
-        if self._samples(None, repeats[0]) is None:
+        n, hint = repeats[0], self.batch_hint
+        if hint and n != hint and n % hint == 0 and self.batch_size in (None, hint):
+            self.copies[id(out)] = (out, n, alias.shape, self.aliases[id(alias)][1], (), out.shape)
+            return True
+        if self._samples(None, n) is None:
             return False
         out.register_hook(partial(self._collect_copies, alias.shape, self.aliases[id(alias)][1]))
         self.broadcasts += 1
         return True
+
+    def _is_copies(self, x) -> bool:
+        entry = self.copies.get(id(x)) if isinstance(x, torch.Tensor) else None
+        return entry is not None and entry[0] is x
+
+    def _copies_use(self, func, args, kwargs, out) -> bool:
+        """A use of repeated copies of the alias (see ``copies``): a transpose or permute that keeps
+        the first dim, followed; or a batched product (``bmm``) with a tensor of as many rows, whose
+        rows the graph proves sample-major: row ``j`` of the product meets row ``j`` of the copies,
+        so copy ``c`` is for the sample of the rows it meets."""
+        hits = _hits(args, self._is_copies)
+        if len(hits) != 1 or kwargs or not isinstance(out, torch.Tensor) or _nested({}, kwargs, self._is_copies):
+            return False
+        source = args[hits[0]]
+        tensor, n, block, chain, after, repeated = self.copies[id(source)]
+        if func in _PERMUTES and hits == [0]:
+            dims = args[1:]
+            try:
+                if func in (torch.transpose, torch.Tensor.transpose):
+                    keeps = all(int(d) % source.dim() != 0 for d in dims[:2])
+                else:
+                    order = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+                    keeps = int(order[0]) % source.dim() == 0
+            except (TypeError, ValueError, IndexError):
+                return False
+            if not keeps:
+                return False
+            step = (func, (_HOLE, *args[1:]), {})
+            self.copies[id(out)] = (out, n, block, chain, after + (step,), repeated)
+            return True
+        other = args[1 - hits[0]] if len(args) == 2 else None
+        if (func not in _BATCHED_PRODUCTS or not isinstance(other, torch.Tensor) or other.dim() != 3
+                or source.dim() != 3 or other.shape[0] != source.shape[0]):
+            return False
+        if self._samples(other, other.shape[0]) is None or n % self.batch_size:
+            return False
+        out.register_hook(partial(self._collect_copies_product, hits[0], other.detach(), self.copies[id(source)]))
+        self.broadcasts += 1
+        return True
+
+    def _collect_copies_product(self, position, other, entry, grad: torch.Tensor) -> None:
+        _, n, block, chain, after, repeated = entry
+        other = other.float()
+        g = grad.float()
+        rows = other.transpose(-2, -1) @ g if position == 1 else g @ other.transpose(-2, -1)  # the copies' grad
+        if after:  # back through the transposes after the repeat
+            _, pull = vjp(partial(self._rearrange, after), torch.zeros(repeated, dtype=rows.dtype, device=rows.device))
+            rows = pull(rows)[0]
+        copies = rows.reshape(n, *block)
+        self._accumulate(copies.view(self.batch_size, n // self.batch_size, *block).sum(dim=1), chain,
+                         batch_of_one=False)
 
     def _product(self, args, position: int, out) -> bool:
         """``x @ alias`` or ``alias @ x`` with ``x [B, ..., m, k]`` and the alias ``[1, ..., k, n]``
