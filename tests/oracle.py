@@ -95,6 +95,19 @@ def tracked_and_checked(model, loss, x, y, fused, rtol=1e-4) -> dict[str, str]:
     return routes
 
 
+def assert_refused(model, loss, x, y, match: str) -> None:
+    """One tracked backward (``loss_reduction="sum"``) is refused with a ValueError matching ``match``
+    (raised in the backward or at ``collect()``)."""
+    import pytest
+
+    from divebatch import GradNormTracker
+
+    with GradNormTracker(model, "sum") as tracker:
+        with pytest.raises(ValueError, match=match):
+            loss(model(x), y).backward()
+            tracker.collect()
+
+
 def per_layer_reference(per_param: dict, layer_names) -> dict:
     """Group per-parameter norms by the tracked module that owns them (longest name prefix)."""
     out = {}
