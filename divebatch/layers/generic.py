@@ -234,6 +234,11 @@ _ADDCMULS = {torch.addcmul, torch.Tensor.addcmul}
 _IN_PLACE_ARITHMETIC = {torch.Tensor.mul_, torch.Tensor.__imul__, torch.Tensor.add_, torch.Tensor.__iadd__,
                         torch.Tensor.sub_, torch.Tensor.__isub__}
 
+if hasattr(F, "rms_norm"):
+    _NORMS[F.rms_norm] = (_rms_norm, "normalized_shape", None)
+if hasattr(torch, "rms_norm"):
+    _NORMS[torch.rms_norm] = (_rms_norm, "normalized_shape", None)
+
 # Products of a batched input with a weight and bias, sample by sample along dim 0: (argument
 # names, defaults after the input and weight).
 _CONV_ARGS = (("input", "weight", "bias", "stride", "padding", "dilation", "groups"), (None, 1, 0, 1, 1))
@@ -328,10 +333,7 @@ class ProductUse:
                                      for a in (stride, padding, dilation))
         weight = conv_weight_grads(x, g, weight_shape, stride, padding, dilation, groups)
         return (weight, g.sum(dim=tuple(range(2, g.dim())))) if with_bias else (weight,)
-if hasattr(F, "rms_norm"):
-    _NORMS[F.rms_norm] = (_rms_norm, "normalized_shape", None)
-if hasattr(torch, "rms_norm"):
-    _NORMS[torch.rms_norm] = (_rms_norm, "normalized_shape", None)
+
 
 _NEGATIONS = {torch.neg, torch.Tensor.neg, torch.Tensor.__neg__}
 _DIVISIONS = {torch.div, torch.Tensor.div, torch.Tensor.__truediv__, torch.true_divide, torch.Tensor.true_divide}
@@ -688,8 +690,7 @@ class DirectUseRecorder(TorchFunctionMode):
         if entry is None or entry[0] is not t:
             return False
         recipe.steps[id(t)] = entry
-        return all(self._sources(a, recipe) for a in tree_flatten(entry[2:])[0]
-                   if isinstance(a, torch.Tensor) and (self._in_graph(a) or id(a) in self.leaves))
+        return all(self._sources(a, recipe) for a in tree_flatten(entry[2:])[0] if self._in_graph(a))
 
     def _product(self, func, args, kwargs, out) -> bool:
         """Record ``F.conv2d(x, weight, bias, ...)`` or ``F.linear(x, weight, bias)`` of a batched
@@ -714,8 +715,7 @@ class DirectUseRecorder(TorchFunctionMode):
         recipe = WeightRecipe(weight, bias)
         if not all(self._sources(t, recipe) for t in (weight, bias) if t is not None):
             return False
-        if (self._param_name(weight) is not None and self.leaves.get(id(weight), (None, None))[1] is weight
-                and (bias is None or self.leaves.get(id(bias), (None, None))[1] is bias)):
+        if not recipe.steps:
             return False  # the parameters themselves: the experts' row products, or the replay, read them
 
         self.taken.update(id(t) for t in (weight, bias) if t is not None)
@@ -1349,10 +1349,10 @@ class SharedOutputWatcher:
         rows the graph proves sample-major: row ``j`` of the product meets row ``j`` of the copies,
         so copy ``c`` is for the sample of the rows it meets."""
         hits = _hits(args, self._is_copies)
-        if len(hits) != 1 or kwargs or not isinstance(out, torch.Tensor) or _nested({}, kwargs, self._is_copies):
+        if len(hits) != 1 or kwargs or not isinstance(out, torch.Tensor):
             return False
         source = args[hits[0]]
-        tensor, n, block, chain, after, repeated = self.copies[id(source)]
+        _, n, block, chain, after, repeated = self.copies[id(source)]
         if func in _PERMUTES and hits == [0]:
             dims = args[1:]
             try:
@@ -1380,9 +1380,7 @@ class SharedOutputWatcher:
 
     def _collect_copies_product(self, position, other, entry, grad: torch.Tensor) -> None:
         _, n, block, chain, after, repeated = entry
-        other = other.float()
-        g = grad.float()
-        rows = other.transpose(-2, -1) @ g if position == 1 else g @ other.transpose(-2, -1)  # the copies' grad
+        rows = _operand_grad(position, other, grad)  # the copies' grad
         if after:  # back through the transposes after the repeat
             _, pull = vjp(partial(self._rearrange, after), torch.zeros(repeated, dtype=rows.dtype, device=rows.device))
             rows = pull(rows)[0]
@@ -1437,10 +1435,7 @@ class SharedOutputWatcher:
         return True
 
     def _collect_product(self, position, other, alias_shape, chain, grad: torch.Tensor) -> None:
-        other = other.float()
-        g = grad.float()
-        alias_grad = other.transpose(-2, -1) @ g if position == 1 else g @ other.transpose(-2, -1)
-        self._collect(1.0, None, alias_shape, chain, alias_grad)
+        self._collect(1.0, None, alias_shape, chain, _operand_grad(position, other, grad))
 
     def _collect_copies(self, alias_shape, chain, grad: torch.Tensor) -> None:
         self._accumulate(grad.float().reshape(self.batch_size, *alias_shape), chain, batch_of_one=False)
@@ -1569,6 +1564,12 @@ class SharedOutputWatcher:
         # Autograd sums the same parts (rounded in the grad's dtype): float32 rounding apart.
         tolerance = 1e-2 if own_grad.dtype in _HALF or self.low_precision else 1e-5
         return bool(((total - own_grad.float()).abs().max() / scale) <= tolerance)
+
+
+def _operand_grad(position: int, other: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The grad (float32) of operand ``position`` of ``a @ b`` with the other operand ``other``."""
+    other, grad = other.float(), grad.float()
+    return other.transpose(-2, -1) @ grad if position == 1 else grad @ other.transpose(-2, -1)
 
 
 class SharedOutputWatchers(TorchFunctionMode):

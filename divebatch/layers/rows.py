@@ -635,9 +635,9 @@ _ROW_BY_ROW_IDS = frozenset({
     torch.Tensor.type, torch.Tensor.masked_fill, torch.where, torch.clamp, torch.Tensor.clamp,
     torch.Tensor.expand, torch.Tensor.expand_as, torch.Tensor.contiguous, torch.Tensor.clone, torch.clone,
 })
-# Ops along a dim (``dim``, their second argument): row by row where it is not the first.
 # Factories of tensors whose rows are all the same (RoFormer's token types: ``torch.zeros(input_shape)``).
 _CONSTANT_ROWS = frozenset({torch.zeros, torch.ones, torch.full, torch.zeros_like, torch.ones_like, torch.full_like})
+# Ops along a dim (``dim``, their second argument): row by row where it is not the first.
 _CUMULATIVE = frozenset({torch.cumsum, torch.Tensor.cumsum, torch.cumprod, torch.Tensor.cumprod,
                          torch.gather, torch.Tensor.gather})
 
@@ -648,8 +648,8 @@ class MergedIdsFollower(TorchFunctionMode):
     input's merged rows (``rows_of``: the input itself with its leading dims merged, the same
     memory), such as RoBERTa's position ids (``cumsum(ids.ne(pad), dim=1) * mask + pad``), so a
     lookup of them is assigned to samples as one of the merged ids is. ``rows(t)``: ``(B, N // B)``
-    for such a tensor ``t`` of ``N`` rows, else None. Only ops in ``_ROW_BY_ROW_IDS`` (and
-    cumulative sums along another dim) are followed; their other operands must not have the rows
+    for such a tensor ``t`` of ``N`` rows, else None. Only ops in ``_ROW_BY_ROW_IDS`` (and cumulative
+    sums and gathers along another dim) are followed; their other operands must not have the rows
     (numbers, ``[1, T]`` buffers, or those expanded over the rows: RoBERTa gathers its token types
     from one by the position ids)."""
 
