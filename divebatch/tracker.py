@@ -104,6 +104,12 @@ class _Owner:
     # Calls of an enclosing generic owner that accounted for this owner's parameters (it was not
     # called): an owner enclosing that one then counts it as covered, not as uncalled.
     covered_calls: int = 0
+    # Calls of this module's forward in progress, counted for owners inside a generic owner: while
+    # one runs, an enclosing generic owner's recorder leaves this owner's parameters to it.
+    in_forward: int = 0
+    # Generic owners: the parameters of owners inside, ``{id: (relative name, parameter, the owners
+    # from the inner one's outermost enclosing owner inside this one down to it)}`` (built once).
+    inner_params: dict | None = None
     # Other modules whose calls this owner accounts for: embeddings sharing its weight.
     aliases: list = field(default_factory=list)
     # Calls in progress given a [B*T, ...] input as [B, T, ...]: (that view, B*T, len((B, T, ...))),
@@ -384,7 +390,7 @@ class GradNormTracker:
         for owner in self._owners:
             owner.ready.clear()
             owner.pre_states.clear()
-            owner.forward_calls = owner.covered_calls = 0
+            owner.forward_calls = owner.covered_calls = owner.in_forward = 0
         for tie in self._ties:
             tie.embedding_calls.clear()
 
@@ -403,7 +409,14 @@ class GradNormTracker:
     # ------------------------------------------------------------------ hooks
     def _attach(self) -> None:
         hooked: set[int] = set()
+        inside_generic = {id(inner) for owner in self._owners if owner.rule is GENERIC for inner in owner.descendants}
         for owner in self._owners:
+            if id(owner) in inside_generic:
+                # First of its pre-hooks and last of its hooks: the whole call counts as in its forward.
+                self._handles.append(owner.module.register_forward_pre_hook(partial(_enter_forward, owner),
+                                                                            prepend=True))
+                self._handles.append(owner.module.register_forward_hook(partial(_leave_forward, owner),
+                                                                        always_call=True))
             if owner.fused:
                 owner.module.forward = partial(self._fused_call, owner)
             generic = owner.rule is GENERIC
@@ -626,9 +639,9 @@ class GradNormTracker:
             if (capturing and owner.rule.batch_dim(module) == 0 and not isinstance(module, nn.RNNBase)
                     and not _called_from_compiled_code()):
                 # The rows the experts' products are followed from: the first batched input, as in capture().
-                first = next((x for x in tree_flatten((args, kwargs))[0]
-                              if isinstance(x, torch.Tensor) and x.dim() > 0), None)
-                recorder = DirectUseRecorder(owner.tracked, first)
+                inputs = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
+                first = next((x for x in inputs if x.dim() > 0), None)
+                recorder = DirectUseRecorder(owner.tracked, first, self._inner_params(owner), inputs)
                 recorder.__enter__()
             owner.pre_states.append(([inner.forward_calls + inner.covered_calls for inner in owner.descendants], recorder,
                                      _parametrization_state(module)))
@@ -683,6 +696,8 @@ class GradNormTracker:
             ctx.extra_params = tuple(_join(_relative_name(owner.name, inner.name), pname)
                                      for inner in uncalled for pname in inner.tracked)
             ctx.extra_owners = tuple(uncalled)
+        if recorder is not None and recorder.adopted - set(getattr(ctx, "extra_params", ())):
+            recorder.uses = None  # an inner module's parameter used here and by that module's own calls
         if owner.rule is GENERIC:
             ctx = self._generic_rows(ctx, args, kwargs)
         batch_size = owner.rule.batch_size(module, ctx)
@@ -856,6 +871,19 @@ class GradNormTracker:
             self._watching.__enter__()
         self._watching.watchers.append(call.watcher)
         self._watchers.append(call.watcher)
+
+    @staticmethod
+    def _inner_params(owner: _Owner) -> dict:
+        """``owner.inner_params``, built on first use (see _Owner)."""
+        if owner.inner_params is None:
+            owner.inner_params = {}
+            for inner in owner.descendants:
+                chain = tuple(o for o in owner.descendants
+                              if o.name == inner.name or inner.name.startswith(o.name + "."))
+                for pname, p in inner.tracked.items():
+                    owner.inner_params[id(p)] = (_join(_relative_name(owner.name, inner.name), pname), p,
+                                                 partial(_any_in_forward, chain))
+        return owner.inner_params
 
     @staticmethod
     def _innermost_mode():
@@ -1318,6 +1346,18 @@ def _called_from_compiled_code() -> bool:
 
 
 _DYNAMO_DIR = os.path.join("torch", "_dynamo", "")
+
+
+def _enter_forward(owner: _Owner, module, args) -> None:
+    owner.in_forward += 1
+
+
+def _leave_forward(owner: _Owner, module, args, output) -> None:
+    owner.in_forward = max(0, owner.in_forward - 1)
+
+
+def _any_in_forward(owners: tuple) -> bool:
+    return any(o.in_forward for o in owners)
 
 
 def _relative_name(parent: str, name: str) -> str:

@@ -105,7 +105,7 @@ class ScaledWeightNormed(nn.Module):
 
 class BiasedAttention(nn.Module):
     """A learned relative-position table gathered into ``F.scaled_dot_product_attention``'s
-    ``attn_mask`` (timm's BEiT): the gather is no broadcast use, so the call is replayed."""
+    ``attn_mask`` (timm's BEiT): a tensor computed from the table, broadcast over the samples."""
 
     def __init__(self, d=4, heads=2, T=5):
         super().__init__()
@@ -122,9 +122,7 @@ class BiasedAttention(nn.Module):
 
 
 class AroundBiasedAttention(nn.Module):
-    """Replayed (it uses its child ``skip``'s weight itself) around a ``BiasedAttention``: the replay
-    runs the attention with its table a real parameter needing a gradient, for which SDPA's fused
-    CPU kernel, chosen under torch.func, refuses the mask."""
+    """Uses its child ``skip``'s weight itself, around a ``BiasedAttention``."""
 
     def __init__(self, d=16):
         super().__init__()
@@ -134,6 +132,25 @@ class AroundBiasedAttention(nn.Module):
 
     def forward(self, x):
         return x + self.gamma * self.attn(x) + F.linear(x, self.skip.weight)
+
+
+class ConcatenatedBiasAttention(BiasedAttention):
+    """timm's BEiT and EVA attention: q and v biases of its own and a constant zero k bias,
+    concatenated into the bias of ``F.linear`` with its ``qkv`` Linear's weight (that Linear never
+    called), and the relative-position table gathered into SDPA's mask."""
+
+    def __init__(self, d=4, heads=2, T=5):
+        super().__init__(d, heads, T)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(d)), nn.Parameter(torch.randn(d))
+        self.register_buffer("k_bias", torch.zeros(d))
+
+    def forward(self, x):
+        B, T, d = x.shape
+        qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+        q, k, v = qkv.view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        bias = self.table[self.index].permute(2, 0, 1).unsqueeze(0)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(B, T, d)
 
 
 def image_model():
@@ -152,8 +169,10 @@ CASES = {
                              lambda: torch.randn(3, 4, 5)),
     "biased-attention": (lambda: nn.Sequential(BiasedAttention(), BiasedAttention(), nn.Linear(4, 2)),
                          lambda: torch.randn(3, 5, 4)),
-    "replayed-around-attention": (lambda: nn.Sequential(AroundBiasedAttention(), nn.Linear(16, 2)),
-                                  lambda: torch.randn(3, 5, 16)),
+    "around-attention": (lambda: nn.Sequential(AroundBiasedAttention(), nn.Linear(16, 2)),
+                         lambda: torch.randn(3, 5, 16)),
+    "concatenated-bias-attention": (lambda: nn.Sequential(ConcatenatedBiasAttention(), nn.Linear(4, 2)),
+                                    lambda: torch.randn(3, 5, 4)),
 }
 
 
@@ -181,6 +200,20 @@ def test_matches_torch_func(case, fused):
     assert rel_err(stats.per_sample, per_sample) <= 1e-5
     assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
     assert max(stats.unaccounted.values()) <= 1e-5
+
+
+@pytest.mark.parametrize("case, module", [
+    ("biased-attention", "0"), ("around-attention", "0"), ("around-attention", "0.attn"),
+    ("concatenated-bias-attention", "0")])
+def test_attention_biases_and_inner_weights_are_read_without_replay(case, module):
+    """A gathered table as SDPA's mask, and an inner Linear's weight the module applies itself
+    (``F.linear(x, self.skip.weight)``, BEiT's ``qkv.weight`` with a concatenated bias): products
+    and broadcast uses read from their ops, no replay of the forward."""
+    torch.manual_seed(0)
+    make_model, make_x = CASES[case]
+    model, x = make_model(), make_x()
+    _, routes = run(model, x, torch.randn(*model(x).shape))
+    assert routes[module] == "generic (computed weights)"
 
 
 def test_inner_modules_keep_their_rules():
@@ -358,7 +391,8 @@ class HeadBiases(nn.Module):
 
 class ReorderedParameter(nn.Module):
     """A parameter whose values are reordered before a broadcast use (a square weight transposed,
-    a vector indexed by a permutation): not the parameter itself, so replayed, never misread."""
+    a vector indexed by a permutation): not the parameter itself, never misread as it; a tensor
+    computed from it, whose per-sample gradients are taken back through the reordering."""
 
     def __init__(self, how, d=5):
         super().__init__()
@@ -451,8 +485,21 @@ class InPlaceGain(nn.Module):
 
 
 class FromBatchedConstant(nn.Module):
-    """A tensor computed from a parameter and the input (which needs no gradient here) alone, then
-    returned: its gradient would reach the parameter unseen, so the call is replayed."""
+    """A tensor computed from a parameter and the input (which needs no gradient here) by an op the
+    recorder cannot split (a matrix product), then returned: its gradient would reach the parameter
+    unseen, so the call is replayed."""
+
+    def __init__(self, d=5):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return torch.tanh(x @ self.w.exp().diag())
+
+
+class ComputedTimesInput(nn.Module):
+    """A tensor computed from a parameter times the input (which needs no gradient here): a
+    broadcast use of the computed tensor, the input's rows the samples."""
 
     def __init__(self, d=5):
         super().__init__()
@@ -460,6 +507,20 @@ class FromBatchedConstant(nn.Module):
 
     def forward(self, x):
         return torch.tanh(self.w.sum() * x)
+
+
+class ScaledBuffer(nn.Module):
+    """A parameter times a buffer with as many rows as there are samples (3), the product then
+    broadcast along the last dim of the input: the buffer's rows are not samples, so the product
+    is no per-sample use, and the call is replayed."""
+
+    def __init__(self, d=3):
+        super().__init__()
+        self.g = nn.Parameter(torch.tensor([1.5]))
+        self.register_buffer("freqs", torch.randn(d))
+
+    def forward(self, x):  # x: [B, T, d] with B == d
+        return torch.tanh(x * (self.g * self.freqs))
 
 
 class Raising(nn.Module):
@@ -483,9 +544,9 @@ class Raising(nn.Module):
     (FunctionsOfParameters, (3, 4, 5), "generic (broadcast uses)"),
     (FunctionInProduct, (3, 4, 5), "generic (vmap vjp)"),
     (HeadBiases, (3, 4, 6), "generic (broadcast uses)"),
-    (partial(ReorderedParameter, "transpose"), (3, 5, 5), "generic (vmap vjp)"),
-    (partial(ReorderedParameter, "permute"), (3, 5, 5), "generic (vmap vjp)"),
-    (partial(ReorderedParameter, "index"), (3, 5, 5), "generic (vmap vjp)"),
+    (partial(ReorderedParameter, "transpose"), (3, 5, 5), "generic (computed weights)"),
+    (partial(ReorderedParameter, "permute"), (3, 5, 5), "generic (computed weights)"),
+    (partial(ReorderedParameter, "index"), (3, 5, 5), "generic (computed weights)"),
     (OptionalMaskToken, (3, 4, 5), "generic (broadcast uses)"),
     (AddcmulAffine, (3, 4, 5), "generic (broadcast uses)"),
     (StandardizedConv, (3, 4, 5, 5), "generic (computed weights)"),
@@ -494,10 +555,12 @@ class Raising(nn.Module):
     (InlineWeightNorm, (3, 4, 5), "generic (computed weights)"),
     (InPlaceGain, (3, 4, 5), "generic (broadcast uses)"),
     (FromBatchedConstant, (3, 4, 5), "generic (vmap vjp)"),
+    (ComputedTimesInput, (3, 4, 5), "generic (computed weights)"),
+    (ScaledBuffer, (3, 4, 3), "generic (vmap vjp)"),
 ], ids=["root-tokens", "signed", "functional-layer-norm", "product", "einsum", "replayed", "functions-of-parameters",
         "function-in-product", "head-biases", "transposed", "permuted", "indexed", "unused-parameter", "addcmul",
         "standardized-conv", "standardized-grouped-conv", "standardized-same-padding", "inline-weight-norm", "in-place-gain",
-        "from-batched-constant"])
+        "from-batched-constant", "computed-times-input", "buffer-rows-not-samples"])
 def test_broadcast_uses_match_torch_func(make, shape, route, fused):
     torch.manual_seed(0)
     model, x = make(), torch.randn(*shape)

@@ -189,7 +189,66 @@ def test_cosine_window_attention_matches_torch_func_without_replay(fused):
     assert routes["attention.proj"] != "generic (vmap vjp)"
 
 
-@pytest.mark.parametrize("make", [lambda: WindowAttention(shift=True), CosineWindowModel], ids=["shifted", "cosine"])
+class OwnTableWindowAttention(nn.Module):
+    """timm's Swin ``WindowAttention``: the relative-position table is the attention's own
+    parameter, gathered into a ``[1, H, N, N]`` bias; a shifted block passes its constant
+    ``[windows, N, N]`` mask in, expanded over the images and added to the bias. The bias is SDPA's
+    ``attn_mask`` (or, ``explicit``, added to the scores written out)."""
+
+    def __init__(self, dim=8, heads=2, ws=2, explicit=False):
+        super().__init__()
+        self.heads, self.explicit = heads, explicit
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.table = nn.Parameter(torch.randn((2 * ws - 1) ** 2, heads))
+        self.register_buffer("index", RelativeBiasTable(heads, ws).index)
+
+    def forward(self, windows, mask=None):  # [B * windows, N, C], [windows, N, N]
+        rows, N, C = windows.shape
+        q, k, v = self.qkv(windows).view(rows, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        bias = self.table[self.index].view(N, N, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+        if mask is not None:
+            n = mask.shape[0]
+            bias = bias + mask.view(1, n, 1, N, N).expand(rows // n, -1, self.heads, -1, -1).reshape(-1, self.heads, N, N)
+        if self.explicit:
+            out = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5 + bias).softmax(-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(out.transpose(1, 2).reshape(rows, N, C))
+
+
+class OwnTableWindowModel(nn.Module):
+    def __init__(self, shift=False, explicit=False, dim=8, ws=2):
+        super().__init__()
+        self.ws, self.shift = ws, shift
+        self.embed, self.head = nn.Linear(3, dim), nn.Linear(dim, 4)
+        self.attention = OwnTableWindowAttention(dim, ws=ws, explicit=explicit)
+
+    def forward(self, x):
+        B, H, W, _ = x.shape
+        ws, N = self.ws, self.ws * self.ws
+        h = self.embed(x)
+        mask = None
+        if self.shift:
+            h = torch.roll(h, shifts=(-1, -1), dims=(1, 2))
+            regions = (torch.arange(H)[:, None] >= H - ws).long() * 2 + (torch.arange(W)[None, :] >= W - ws).long()
+            region_windows = partition(regions[None, :, :, None].float(), ws).view(-1, N)
+            mask = (region_windows[:, None, :] != region_windows[:, :, None]).float() * -100.0
+        out = self.attention(partition(h, ws), mask)
+        return self.head(torch.tanh(out).reshape(B, -1, out.shape[-1]).mean(1))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("shift", [False, True], ids=["windows", "shifted-windows"])
+@pytest.mark.parametrize("explicit", [False, True], ids=["sdpa", "explicit-scores"])
+def test_own_table_window_attention_matches_torch_func_without_replay(explicit, shift, fused):
+    torch.manual_seed(0)
+    stats, per_param, routes = checked_against_torch_func(OwnTableWindowModel(shift, explicit), fused)
+    assert rel_err(stats.per_layer["attention"], per_param["attention.table"]) <= RTOL
+    assert routes["attention"] == "generic (computed weights)"  # the gathered bias, taken back to its table
+
+
+@pytest.mark.parametrize("make", [lambda: WindowAttention(shift=True), CosineWindowModel,
+                                  lambda: OwnTableWindowModel(shift=True)], ids=["shifted", "cosine", "own-table"])
 def test_batch_sizes_that_change_between_steps(make):
     """A batch of 1 (every window is the one image's) between batches of 3 and 2."""
     torch.manual_seed(0)

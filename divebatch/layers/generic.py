@@ -105,6 +105,9 @@ class DirectUse:
     # For an operand that is an elementwise function of the parameter (``-exp(A_log)``, Mamba's):
     # the derivative, in the parameter's shape, that each per-sample gradient is multiplied by.
     factor: torch.Tensor | None = None
+    # For an operand computed from the parameters (``param_shape`` is then its shape): the ops that
+    # take its per-sample gradients back to theirs.
+    computed: "ComputedUse | None" = None
 
 
 _DIRECT_KINDS = {
@@ -335,6 +338,25 @@ class ProductUse:
         return (weight, g.sum(dim=tuple(range(2, g.dim())))) if with_bias else (weight,)
 
 
+@dataclass(eq=False)
+class ComputedUse:
+    """A tensor computed from the module's parameters alone (and constants), broadcast over the
+    samples by its use: a relative-position bias gathered from its table and added to the
+    attention logits (``x + bias``) or given as SDPA's ``attn_mask`` (timm's BEiT and Swin), or
+    ``x * t``. Its per-sample gradients are read from the use's output grad as a parameter's are
+    (``DirectUse``); the parameters' are their vjp back through the ops that computed it
+    (``replay``), vmapped over the samples: the module's other ops are not replayed."""
+
+    params: dict[str, torch.Tensor]    # the parameters it is computed from, detached
+    replay: WeightRecipe               # params -> (tensor, None)
+    dtype: torch.dtype
+
+    def per_sample(self, grads: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``grads``: ``[b, *shape]``, the tensor's per-sample gradients -> ``{name: [b, *shape]}`` float32."""
+        _, pull = vjp(lambda params: self.replay(params)[0], self.params)
+        return {name: t.float() for name, t in vmap(lambda g: pull(g)[0])(grads.to(self.dtype)).items()}
+
+
 _NEGATIONS = {torch.neg, torch.Tensor.neg, torch.Tensor.__neg__}
 _DIVISIONS = {torch.div, torch.Tensor.div, torch.Tensor.__truediv__, torch.true_divide, torch.Tensor.true_divide}
 
@@ -396,10 +418,30 @@ class DirectUseRecorder(TorchFunctionMode):
     Tensors computed from the parameters alone (and constants) are kept with the ops that gave
     them (``derived``); a convolution or ``F.linear`` of the input with such a weight is recorded
     as a ``ProductUse``. One that no such op took by the end of the forward sends the call to the
-    replay (its gradient would reach the parameters unseen)."""
+    replay (its gradient would reach the parameters unseen).
 
-    def __init__(self, params: dict[str, torch.Tensor], first_input: torch.Tensor | None = None):
+    ``inner`` (``{id: (name, parameter, busy)}``): the parameters of tracked modules inside this one.
+    One used here while ``busy()`` is false (its module, and every tracked module between, outside
+    their forwards: timm's BEiT attention applying its ``qkv`` Linear's weight itself) is followed as
+    the module's own from then on (``adopted``); the tracker checks that its module was not called."""
+
+    def __init__(self, params: dict[str, torch.Tensor], first_input: torch.Tensor | None = None,
+                 inner: dict | None = None, inputs: tuple = ()):
         super().__init__()
+        self.inner = inner or {}
+        self.adopted: set[str] = set()
+        # The call's tensor inputs, and tensors computed from them that need no gradient (a mask
+        # expanded to the windows, an input reshaped): batched as the inputs are (see _batched).
+        self.from_inputs = {id(t): t for t in inputs if isinstance(t, torch.Tensor)}
+        # id -> output of a recorded ``+``/``*`` whose other operand is a constant with more than one
+        # row (a buffer, a mask): whether its dim 0 is the samples is proven only where it meets a
+        # batched tensor (see _pair); one that does not by the end of the forward sends the call to
+        # the replay (a [d] buffer times a parameter, with d == B, is no per-sample use).
+        self.unproven: dict[int, torch.Tensor] = {}
+        # id -> (tensor, func, args, kwargs): slices and transposes of own weights the experts'
+        # follower took (``W[e]``), kept to become tensors computed from the parameters (``derived``)
+        # where an op other than a product with rows takes them.
+        self.slices: dict[int, tuple] = {}
         # id -> (name, tensor, scale): the parameters, and tensors derived from one of them as
         # ``scale * p + constant`` (views, dtype casts, ``1.0 + p``, ``-p``, ``p / 2``), or as an
         # elementwise function of it (``-exp(p)``: ``scale`` is then the derivative, a tensor of
@@ -424,13 +466,24 @@ class DirectUseRecorder(TorchFunctionMode):
     def __exit__(self, *exc):
         if self.experts is not None:
             self.experts.clear()  # the labels hold the forward's tensors
-        if self.uses is not None and any(key not in self.taken and self._param_name(t) is None
-                                         for key, (t, *_) in self.derived.items()):
+        if self.uses is not None and (self.unproven or any(key not in self.taken and self._param_name(t) is None
+                                                           for key, (t, *_) in self.derived.items())):
             self.uses = None
+        self.unproven.clear()
+        self.from_inputs.clear()
+        self.slices.clear()
         return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.inner and self.uses is not None and _touches(args, kwargs, self.inner):
+            self._adopt(args, kwargs)
+        if self.unproven and self.uses is not None and _touches(args, kwargs, self.unproven):
+            self._pair(func, args, kwargs)
+        if self.uses is not None and func is F.scaled_dot_product_attention:
+            out = self._attention_mask(args, kwargs)
+            if out is not None:
+                return out
         if self.uses is not None and func in _NORMS:
             out = self._normalisation(func, args, kwargs)
             if out is not None:
@@ -445,6 +498,9 @@ class DirectUseRecorder(TorchFunctionMode):
         out = func(*args, **kwargs)
         if self.uses is None:
             return out
+        if (isinstance(out, torch.Tensor) and not out.requires_grad and self.from_inputs
+                and _touches(args, kwargs, self.from_inputs)):
+            self.from_inputs[id(out)] = out
         experts = self.experts
         if experts is not None:
             experts.labels.observe(func, args, kwargs, out)
@@ -459,7 +515,8 @@ class DirectUseRecorder(TorchFunctionMode):
         if not _carries_grad(out):
             return out  # ``w.dtype``, ``w.shape``, ``w.detach()``
         if derived:  # a tensor computed from the parameters, not one of their aliases
-            if not self._product(func, args, kwargs, out) and not self._derive(func, args, kwargs, out):
+            if not (self._product(func, args, kwargs, out) or self._computed_use(func, args, kwargs, out)
+                    or self._derive(func, args, kwargs, out)):
                 self.uses = None
             return out
         if experts is not None:
@@ -468,11 +525,18 @@ class DirectUseRecorder(TorchFunctionMode):
                 self.uses = None  # an own weight applied to rows of unknown samples: replayed
                 return out
             if records is not None:
+                if not records:  # a slice or transpose of an own weight (see _promote)
+                    self.slices[id(out)] = (out, func, args, kwargs)
                 for weight, product, target in records:
                     self._record_rows(weight, product, target)
                 return out
             if sliced:
-                self.uses = None  # another use of a slice of an own weight
+                # Another use of a slice of an own weight (a relative-position table gathered at its
+                # index): a tensor computed from the parameters, if that use is one of those.
+                if not (self._promote(args, kwargs) and (self._product(func, args, kwargs, out)
+                                                         or self._computed_use(func, args, kwargs, out)
+                                                         or self._derive(func, args, kwargs, out))):
+                    self.uses = None
                 return out
         if (((func in _ALIAS_OPS or func in _PERMUTES) and hits == [0] and self._alias(func, args, out))
                 or (not kwargs and len(hits) == 1 and self._affine_alias(func, args, hits[0], out))
@@ -489,10 +553,44 @@ class DirectUseRecorder(TorchFunctionMode):
                 self.uses = None  # e.g. F.linear(x, self.weight): replayed instead
             return out
         index = hits[0]
+        if binary:
+            self._check_rows(args[1 - index], out)
         other = args[1 - index] if kind == "mul" else None  # only a product's gradient needs it
         self._record(args[index], "mul" if kind == "mul" else ("expand" if kind == "expand" else "add"),
                      _sign(kind, index), other, out)
         return out
+
+    def _batched(self, x, rows: int, dims: int) -> bool:
+        """Whether ``x``'s dim 0 holds the samples (or their rows) of a ``rows x ...`` tensor of
+        ``dims`` dims it meets: it is computed from the inputs (it needs a gradient and is not
+        computed from the parameters alone, or is an input or computed from them without one), and
+        has that dim."""
+        return (isinstance(x, torch.Tensor) and x.dim() == dims and x.shape[0] == rows
+                and (self.from_inputs.get(id(x)) is x or (x.requires_grad and not self._in_graph(x))))
+
+    def _check_rows(self, other, out) -> None:
+        """A use's output ``out`` with rows from its ``other`` operand: unproven unless that is batched."""
+        if out.dim() > 0 and out.shape[0] > 1 and not self._batched(other, out.shape[0], out.dim()):
+            self.unproven[id(out)] = out
+
+    def _pair(self, func, args, kwargs) -> None:
+        """An op on an unproven use's output: proven where it meets a batched tensor of its rows
+        (``x + out``, ``x * out``, SDPA's ``attn_mask`` of a batched query); else the call is replayed."""
+        for t in tree_flatten((args, kwargs))[0]:
+            if not isinstance(t, torch.Tensor) or self.unproven.get(id(t)) is not t:
+                continue
+            if func is F.scaled_dot_product_attention:
+                bound = dict(zip(("query", "key", "value", "attn_mask"), args), **kwargs)
+                partner = bound.get("query") if bound.get("attn_mask") is t else None
+            elif _DIRECT_KINDS.get(func) in ("add", "sub", "rsub", "mul") and len(args) == 2 and not kwargs:
+                partner = args[1] if args[0] is t else args[0]
+            else:
+                partner = None
+            if self._batched(partner, t.shape[0], t.dim()):
+                del self.unproven[id(t)]
+            else:
+                self.uses = None
+                return
 
     def _record(self, operand, kind, sign, other, out, operand_shape=None):
         """Record a use of ``operand`` (a parameter or a tensor derived from one) whose output is
@@ -648,7 +746,7 @@ class DirectUseRecorder(TorchFunctionMode):
         copy of ``x``: the out-of-place op is a recorded use whose other factor (``kept``) the
         in-place write does not change; the same values, and ``x`` is still the one written."""
         x, param = args
-        kept = x.clone()
+        kept = self.__torch_function__(torch.Tensor.clone, (), (x,))
         result = self.__torch_function__(_out_of_place(func), (), (kept, param))
         return x.copy_(result)
 
@@ -715,13 +813,104 @@ class DirectUseRecorder(TorchFunctionMode):
         recipe = WeightRecipe(weight, bias)
         if not all(self._sources(t, recipe) for t in (weight, bias) if t is not None):
             return False
-        if not recipe.steps:
+        if not recipe.steps and not any(name in self.adopted for name, _ in recipe.leaves.values()):
             return False  # the parameters themselves: the experts' row products, or the replay, read them
 
         self.taken.update(id(t) for t in (weight, bias) if t is not None)
         params = {name: p.detach() for name, p in recipe.leaves.values()}
         use = ProductUse(func, x.detach(), [bound[n] for n in names[3:]], params, recipe, out.dtype)
         self._add(DirectUse(next(iter(params)), "product", 1.0, use, out.shape, x.shape), out)
+        return True
+
+    def _computed_use(self, func, args, kwargs, out) -> bool:
+        """Record ``x + t``, ``x - t``, ``x * t`` or ``t.expand(B, ...)`` of a tensor ``t`` computed
+        from the parameters alone, whose output broadcasts it over dim 0 (the samples, or rows of
+        them), as a use with a ``ComputedUse``. Where ``t`` already has that dim (a constant's rows
+        added to it, B=1) the output is computed from the parameters and constants still."""
+        kind = _DIRECT_KINDS.get(func)
+        if (kind is None or kwargs or not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] < 2
+                or (kind != "expand" and len(args) != 2)):
+            return False
+        hits = _hits(args, self._is_derived)
+        if kind == "expand":
+            if hits != [0]:
+                return False
+        elif len(hits) != 1 or self._in_graph(args[1 - hits[0]]):
+            return False
+        t = args[hits[0]]
+        if t.dim() > out.dim() or ((1,) * (out.dim() - t.dim()) + tuple(t.shape))[0] != 1:
+            return False
+        recipe = WeightRecipe(t, None)
+        if not self._sources(t, recipe):
+            return False
+        self.taken.add(id(t))
+        if kind != "expand":
+            self._check_rows(args[1 - hits[0]], out)
+        other = args[1 - hits[0]] if kind == "mul" else None
+        if isinstance(other, torch.Tensor):
+            other = other.detach()
+        params = {name: p.detach() for name, p in recipe.leaves.values()}
+        self._add(DirectUse(next(iter(params)), "mul" if kind == "mul" else ("expand" if kind == "expand" else "add"),
+                            _sign(kind, hits[0]), other, out.shape, t.shape,
+                            computed=ComputedUse(params, recipe, t.dtype)), out)
+        return True
+
+    def _attention_mask(self, args, kwargs):
+        """``F.scaled_dot_product_attention`` with an additive ``attn_mask`` computed from the
+        parameters (or one of them), broadcast over the query's samples: the mask is expanded to
+        them first, which broadcasting does anyway (the same kernel and values), so that the
+        ``expand`` is the recorded use and the mask's gradient arrives per sample. None where the
+        call is not of that form."""
+        bound = dict(zip(("query", "key", "value", "attn_mask"), args))
+        bound.update(kwargs)
+        mask, query = bound.get("attn_mask"), bound.get("query")
+        if (not isinstance(query, torch.Tensor) or not self._in_graph(mask) or mask.dtype == torch.bool
+                or not 0 < mask.dim() <= query.dim() or query.shape[0] < 2
+                or any(self._in_graph(bound.get(name)) for name in ("query", "key", "value"))):
+            return None
+        shape = (1,) * (query.dim() - mask.dim()) + tuple(mask.shape)
+        if shape[0] != 1:
+            return None
+        if len(shape) != mask.dim():
+            mask = self.__torch_function__(torch.Tensor.reshape, (), (mask, shape))
+        expanded = self.__torch_function__(torch.Tensor.expand, (), (mask, (query.shape[0], *shape[1:])))
+        args = list(args)
+        if len(args) > 3:
+            args[3] = expanded
+        else:
+            kwargs = dict(kwargs, attn_mask=expanded)
+        return F.scaled_dot_product_attention(*args, **kwargs)
+
+    def _adopt(self, args, kwargs) -> None:
+        """Follow the inner modules' parameters among an op's arguments as the module's own, where
+        their modules are outside their forwards; give up where one already followed is used inside."""
+        for t in tree_flatten((args, kwargs))[0]:
+            entry = self.inner.get(id(t))
+            if entry is None or entry[1] is not t:
+                continue
+            name, p, busy = entry
+            if busy():
+                if id(p) in self.leaves:
+                    self.uses = None  # used here and by its own module: neither alone sees every use
+            elif id(p) not in self.leaves:
+                self.params[id(p)] = (name, p, 1.0)
+                self.leaves[id(p)] = (name, p)
+                self.shapes[name] = p.shape
+                self.adopted.add(name)
+
+    def _promote(self, args, kwargs) -> bool:
+        """Make the experts' slices among an op's arguments (and those they were sliced from)
+        tensors computed from the parameters; False if one is not known here."""
+        pending = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+                   and self.experts.weights.get(id(t), (None,))[0] is t]
+        while pending:
+            t = pending.pop()
+            entry = self.slices.get(id(t))
+            if entry is None or entry[0] is not t:
+                return False
+            self.derived[id(t)] = entry
+            pending += [a for a in tree_flatten(entry[2:])[0] if isinstance(a, torch.Tensor)
+                        and self.experts.weights.get(id(a), (None,))[0] is a and id(a) not in self.derived]
         return True
 
     def _follows(self, x) -> bool:
@@ -755,7 +944,8 @@ def usable_direct_uses(uses: list[DirectUse] | None, tracked: dict, batch_size: 
     per_sample = math.prod(rows[1:]) if rows else 1
     kinds: dict[str, set[bool]] = {}
     for use in uses:
-        for name in (use.other.params if use.kind == "product" else (use.name,)):
+        for name in (use.other.params if use.kind == "product" else
+                     use.computed.params if use.computed is not None else (use.name,)):
             kinds.setdefault(name, set()).add(use.kind == "rows")
     if any(len(k) > 1 for k in kinds.values()):
         return None  # one parameter both in products and broadcast: not combined
@@ -811,7 +1001,14 @@ def _direct_per_sample(uses: list[DirectUse], grads, tracked, batch_size: int,
             target = (batch_size,) + ((1,) * pad + tuple(use.param_shape))[1:]
             if contrib.shape[0] != batch_size:  # rows proven sample-major (see usable_direct_uses)
                 contrib = contrib.reshape(batch_size, -1, *contrib.shape[1:]).sum(dim=1)
-            per_sample = contrib.sum_to_size(target).reshape(batch_size, *tracked[use.name].shape)
+            per_sample = contrib.sum_to_size(target)
+            if use.computed is not None:  # the computed tensor's, taken back to the parameters'
+                per_sample = per_sample.reshape(batch_size, *use.param_shape)[samples or slice(0, batch_size)]
+                for name, t in use.computed.per_sample(per_sample).items():
+                    if name in tracked:
+                        products[name] = t if name not in products else products[name] + t
+                continue
+            per_sample = per_sample.reshape(batch_size, *tracked[use.name].shape)
         if use.factor is not None:
             per_sample = per_sample * use.factor
         total[use.name] = per_sample if use.name not in total else total[use.name] + per_sample
@@ -996,11 +1193,12 @@ class GenericRule(PerSampleGradsRule):
         buffers = dict(module.named_buffers())
         total: dict[str, torch.Tensor] = {}
         for call, grads in calls:
-            if call.direct_uses is not None and not call.extra_params:
-                # Every use of the module's own parameters broadcast them over the samples: their
-                # per-sample gradients are reductions of those ops' output grads (no replay).
+            if call.direct_uses is not None:
+                # Every use of the module's own parameters (and of those of inner modules it did not
+                # call) was read: their per-sample gradients come from those ops' output grads (no replay).
                 uses_grads = list(grads[len(call.outputs):])
-                for name, g in _direct_per_sample(call.direct_uses, uses_grads, tracked, call.batch_size,
+                params = dict(tracked, **{name: module.get_parameter(name) for name in call.extra_params})
+                for name, g in _direct_per_sample(call.direct_uses, uses_grads, params, call.batch_size,
                                                   samples).items():
                     total[name] = g if name not in total else total[name] + g
                 continue
@@ -1078,15 +1276,15 @@ class GenericRule(PerSampleGradsRule):
 
     def plan(self, module, ctx, grad, tracked) -> RoutePlan:
         numel = sum(p.numel() for p in tracked.values())
-        if ctx.direct_uses is not None and not ctx.extra_params and any(u.kind == "rows" for u in ctx.direct_uses):
+        if ctx.direct_uses is not None and any(u.kind == "rows" for u in ctx.direct_uses):
             products = sum(u.kind == "rows" for u in ctx.direct_uses)
             return RoutePlan("generic (row uses)", f"B={ctx.batch_size} params={numel} products={products}",
                              float("nan"), float("nan"))
-        if ctx.direct_uses is not None and not ctx.extra_params and any(u.kind == "product" for u in ctx.direct_uses):
-            products = sum(u.kind == "product" for u in ctx.direct_uses)
+        if ctx.direct_uses is not None and any(u.kind == "product" or u.computed is not None for u in ctx.direct_uses):
+            products = sum(u.kind == "product" or u.computed is not None for u in ctx.direct_uses)
             return RoutePlan("generic (computed weights)", f"B={ctx.batch_size} params={numel} products={products}",
                              float("nan"), 4.0 * min(_samples_per_chunk(numel), ctx.batch_size) * numel)
-        if ctx.direct_uses is not None and not ctx.extra_params:
+        if ctx.direct_uses is not None:
             return RoutePlan("generic (broadcast uses)", f"B={ctx.batch_size} params={numel} uses={len(ctx.direct_uses)}",
                              float(2 * ctx.batch_size * numel), 4.0 * ctx.batch_size * numel)
         chunk = _samples_per_chunk(numel)
