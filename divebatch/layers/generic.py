@@ -357,6 +357,28 @@ class ComputedUse:
         return {name: t.float() for name, t in vmap(lambda g: pull(g)[0])(grads.to(self.dtype)).items()}
 
 
+def _rows_gathered(source: torch.Tensor, flat_index: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``source[index]`` (rows of ``source`` at an integer index) as a gather from the flattened
+    tensor at ``flat_index``: the same values, and a backward that stays fast under ``vmap``
+    (each sample's rows added by one ``index_add`` over a flat tensor, ~7x faster on CPU than the
+    row-wise index_put of ``source[index]``'s backward for a table of few columns: timm's
+    relative-position tables)."""
+    return torch.index_select(source.reshape(-1), 0, flat_index).view(shape)
+
+
+def _replay_step(out, func, args, kwargs) -> tuple:
+    """The ``(out, func, args, kwargs)`` a ``WeightRecipe`` replays for the op that gave ``out``:
+    the op itself, or for a gather of rows ``t[index]`` the same gather as ``_rows_gathered``."""
+    if (func is torch.Tensor.__getitem__ and len(args) == 2 and not kwargs and isinstance(args[1], torch.Tensor)
+            and not args[1].is_floating_point() and args[1].dtype != torch.bool and args[0].dim() >= 2):
+        source, index = args
+        inner = math.prod(source.shape[1:])
+        flat = ((index.reshape(-1, 1) % source.shape[0]) * inner
+                + torch.arange(inner, device=index.device)).reshape(-1)
+        return out, _rows_gathered, (source, flat, out.shape), {}
+    return out, func, args, kwargs
+
+
 _NEGATIONS = {torch.neg, torch.Tensor.neg, torch.Tensor.__neg__}
 _DIVISIONS = {torch.div, torch.Tensor.div, torch.Tensor.__truediv__, torch.true_divide, torch.Tensor.true_divide}
 
@@ -773,7 +795,7 @@ class DirectUseRecorder(TorchFunctionMode):
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         if any(t.requires_grad and not self._in_graph(t) for t in tensors):
             return False
-        self.derived[id(out)] = (out, func, args, kwargs)
+        self.derived[id(out)] = _replay_step(out, func, args, kwargs)
         self.taken.update(id(t) for t in tensors if self._in_graph(t))
         return True
 
@@ -908,7 +930,7 @@ class DirectUseRecorder(TorchFunctionMode):
             entry = self.slices.get(id(t))
             if entry is None or entry[0] is not t:
                 return False
-            self.derived[id(t)] = entry
+            self.derived[id(t)] = _replay_step(*entry)
             pending += [a for a in tree_flatten(entry[2:])[0] if isinstance(a, torch.Tensor)
                         and self.experts.weights.get(id(a), (None,))[0] is a and id(a) not in self.derived]
         return True
