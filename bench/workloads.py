@@ -330,6 +330,21 @@ def _tokens(batch, T, vocab):
     return make
 
 
+def _timm(name: str, **kwargs):
+    """A factory of a randomly initialised timm model (10 classes, no dropout or stochastic depth)."""
+    def make():
+        try:
+            import timm
+        except ImportError as err:
+            raise RuntimeError("the timm-* workloads need timm, which needs torchvision: it has no build for the "
+                               "torch of ./run setup, so use a venv with `pip install torch==2.14.1 "
+                               "torchvision==0.29.1 timm` and this tree on PYTHONPATH (see the README)") from err
+        return timm.create_model(name, pretrained=False, num_classes=10, drop_rate=0.0, drop_path_rate=0.0, **kwargs)
+    return make
+
+
+_SMALL_TIMM_VIT = dict(depth=3, embed_dim=192, num_heads=3)
+
 WORKLOADS = {
     "mlp": Workload("mlp", _mlp, _images(256, (1, 28, 28)), lambda x, y: 1.0 / x.shape[0]),
     "cnn": Workload("cnn", _cnn, _images(128, (1, 28, 28)), lambda x, y: 1.0 / x.shape[0]),
@@ -377,6 +392,16 @@ WORKLOADS = {
     # training needs) at a CPU-sized 112x112, batch 16: its deep layers have 512 channels at 4x4.
     "resnet": Workload("resnet", lambda: resnet18(10, lambda c: nn.GroupNorm(32, c)), _images(16, (3, 112, 112)),
                        lambda x, y: 1.0 / x.shape[0]),
+    # Not in BENCHMARKS.md: timm image models at 224x224, batch 8, cut to 3 blocks of width 192 (ViT,
+    # and BEiT: relative-position tables gathered into SDPA's mask, q/v biases concatenated into the
+    # qkv Linear's bias) or to Swin-T's layout at width 48 (window attention with its own tables).
+    "timm-vit": Workload("timm-vit", _timm("vit_small_patch16_224", **_SMALL_TIMM_VIT), _images(8, (3, 224, 224)),
+                         lambda x, y: 1.0 / x.shape[0]),
+    "timm-beit": Workload("timm-beit", _timm("beit_base_patch16_224", **_SMALL_TIMM_VIT), _images(8, (3, 224, 224)),
+                          lambda x, y: 1.0 / x.shape[0]),
+    "timm-swin": Workload("timm-swin", _timm("swin_tiny_patch4_window7_224", embed_dim=48, depths=(2, 2, 2, 2),
+                                             num_heads=(2, 2, 4, 4)), _images(8, (3, 224, 224)),
+                          lambda x, y: 1.0 / x.shape[0]),
     # GPU only (bf16 there): a large transformer-MLP stack and ResNet-18-sized convolutions.
     "seq-large": Workload("seq-large", lambda: SeqModel(32000, 4096, 16384, 2), _tokens(8, 2048, 32000),
                           lambda x, y: 1.0 / y.numel(), token_level=True),
