@@ -48,6 +48,10 @@ PROVEN = {
     "gathered along another dim (DeBERTa's relative positions)": (
         lambda h, w: torch.gather(h.reshape(-1, 5), 1, torch.randint(0, 5, (12, 3))), (3, 4)),
     "a constant mask filled in": (lambda h, w: h.reshape(-1, 5).masked_fill(torch.rand(12, 5) > 0.5, -1.0), (3, 4)),
+    "F.linear with parameters, its bias concatenated with a constant (timm's SwinV2 qkv)": (
+        lambda h, w: torch.nn.functional.linear(h.reshape(-1, 5), nn.Parameter(torch.randn(10, 5)),
+                                                torch.cat([w, torch.zeros(5)])), (3, 4)),
+    "a matmul with a parameter": (lambda h, w: h.reshape(-1, 5) @ nn.Parameter(torch.randn(5, 2)), (3, 4)),
 }
 REFUSED = {
     "positions first (transpose)": lambda h, w: h.transpose(0, 1).reshape(-1, 5),
@@ -67,6 +71,9 @@ REFUSED = {
     "rows joined": lambda h, w: torch.cat([h.reshape(-1, 5)[:6], h.reshape(-1, 5)[6:]], 0),
     "rows padded": lambda h, w: torch.nn.functional.pad(h.reshape(-1, 5), (0, 0, 1, 0))[1:],
     "gathered along the rows": lambda h, w: torch.gather(h.reshape(-1, 5), 0, torch.randint(0, 12, (12, 5))),
+    "F.linear with a bias made of the rows": lambda h, w: torch.nn.functional.linear(
+        h.reshape(-1, 5), nn.Parameter(torch.randn(5, 5)), h.reshape(-1, 5).mean(0)),
+    "a matmul with a matrix made of the rows": lambda h, w: h.reshape(-1, 5) @ h.reshape(-1, 5)[:5],
 }
 
 

@@ -153,6 +153,19 @@ class ConcatenatedBiasAttention(BiasedAttention):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(B, T, d)
 
 
+class ReadsInnerDtype(nn.Module):
+    """Reads its inner Linear's weight's dtype (as Hugging Face's DINOv2 and Data2Vec-vision
+    embeddings do) before calling it: no use of the weight."""
+
+    def __init__(self, d=5):
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+        self.gamma = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        return self.gamma * self.proj(x.to(self.proj.weight.dtype))
+
+
 def image_model():
     return nn.Sequential(LayerScaleBlock(), LayerScaleBlock(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
 
@@ -557,10 +570,12 @@ class Raising(nn.Module):
     (FromBatchedConstant, (3, 4, 5), "generic (vmap vjp)"),
     (ComputedTimesInput, (3, 4, 5), "generic (computed weights)"),
     (ScaledBuffer, (3, 4, 3), "generic (vmap vjp)"),
+    (ReadsInnerDtype, (3, 4, 5), "generic (broadcast uses)"),
 ], ids=["root-tokens", "signed", "functional-layer-norm", "product", "einsum", "replayed", "functions-of-parameters",
         "function-in-product", "head-biases", "transposed", "permuted", "indexed", "unused-parameter", "addcmul",
         "standardized-conv", "standardized-grouped-conv", "standardized-same-padding", "inline-weight-norm", "in-place-gain",
-        "from-batched-constant", "computed-times-input", "buffer-rows-not-samples"])
+        "from-batched-constant", "computed-times-input", "buffer-rows-not-samples",
+        "reads-inner-dtype"])
 def test_broadcast_uses_match_torch_func(make, shape, route, fused):
     torch.manual_seed(0)
     model, x = make(), torch.randn(*shape)

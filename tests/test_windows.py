@@ -157,7 +157,7 @@ class CosineWindowAttention(nn.Module):
 
     def forward(self, windows):  # [B * windows, N, C]
         rows, N, C = windows.shape
-        q, k, v = self.qkv(windows).view(rows, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = self.project(windows).view(rows, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         scores = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
         scores = scores * torch.clamp(self.logit_scale, max=4.6).exp()
         table = self.cpb_mlp(self.coords).view(-1, self.heads)
@@ -166,12 +166,30 @@ class CosineWindowAttention(nn.Module):
         out = scores.softmax(-1) @ v
         return self.proj(out.transpose(1, 2).reshape(rows, N, C))
 
+    def project(self, windows):
+        return self.qkv(windows)
+
+
+class ConcatenatedBiasCosineAttention(CosineWindowAttention):
+    """timm's SwinV2 attention: as above, with q and v biases of its own and a constant zero k bias
+    concatenated into the bias of ``F.linear`` with its ``qkv`` Linear's weight (that Linear never
+    called): a product with the windows' rows, inside the module."""
+
+    def __init__(self, dim=8, heads=2, ws=2):
+        super().__init__(dim, heads, ws)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(dim)), nn.Parameter(torch.randn(dim))
+        self.register_buffer("k_bias", torch.zeros(dim))
+
+    def project(self, windows):
+        return F.linear(windows, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+
 
 class CosineWindowModel(nn.Module):
-    def __init__(self, dim=8, ws=2):
+    def __init__(self, dim=8, ws=2, attention=CosineWindowAttention):
         super().__init__()
         self.ws = ws
-        self.embed, self.attention, self.head = nn.Linear(3, dim), CosineWindowAttention(dim, ws=ws), nn.Linear(dim, 4)
+        self.embed, self.attention, self.head = nn.Linear(3, dim), attention(dim, ws=ws), nn.Linear(dim, 4)
 
     def forward(self, x):
         B, H, W, _ = x.shape
@@ -187,6 +205,17 @@ def test_cosine_window_attention_matches_torch_func_without_replay(fused):
     assert rel_err(stats.per_layer["attention"], per_param["attention.logit_scale"]) <= RTOL
     assert routes["attention"] == "generic (broadcast uses)"  # the scale read over the windows' rows
     assert routes["attention.proj"] != "generic (vmap vjp)"
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+def test_qkv_applied_inside_the_window_attention_matches_torch_func_without_replay(fused):
+    torch.manual_seed(0)
+    model = CosineWindowModel(attention=ConcatenatedBiasCosineAttention)
+    stats, per_param, routes = checked_against_torch_func(model, fused)
+    own = ("logit_scale", "q_bias", "v_bias", "qkv.weight")  # (the bias MLP has its own entries)
+    assert routes["attention"] == "generic (computed weights)"  # the qkv product read over each image's windows
+    assert rel_err(stats.per_layer["attention"], sum(per_param[f"attention.{n}"] for n in own)) <= RTOL
+    assert routes["attention.proj"] != "generic (vmap vjp)"  # its input's windows proven through the product
 
 
 class OwnTableWindowAttention(nn.Module):

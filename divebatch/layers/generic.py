@@ -300,10 +300,17 @@ class ProductUse:
     params: dict[str, torch.Tensor]    # the parameters the weight and bias are computed from, detached
     replay: WeightRecipe               # params -> (weight, bias)
     out_dtype: torch.dtype
+    # Rows of ``x`` (dim 0) per sample, sample-major (an ``F.linear`` of windows folded into the
+    # batch dim, SwinV2's qkv): set by ``usable_direct_uses``.
+    group: int = 1
 
     def per_sample(self, grad: torch.Tensor, samples: slice) -> dict[str, torch.Tensor]:
         """``{name: [samples, *shape]}`` float32."""
-        x, g = self.x[samples], grad[samples].to(self.out_dtype)
+        x, g = self.x, grad
+        if self.group > 1:  # (F.linear: each row on its own) each sample's rows as one
+            x = x.reshape(x.shape[0] // self.group, -1, x.shape[-1])
+            g = g.reshape(g.shape[0] // self.group, -1, g.shape[-1])
+        x, g = x[samples], g[samples].to(self.out_dtype)
         operands = self._operand_grads(x, g)
         if operands is None:  # (a padding given as a string): the op's own vjp, vmapped
             def one(x, g):
@@ -498,8 +505,11 @@ class DirectUseRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.inner and self.uses is not None and _touches(args, kwargs, self.inner):
-            self._adopt(args, kwargs)
+        adopting = self.inner and self.uses is not None and _touches(args, kwargs, self.inner)
+        if adopting and (func is F.scaled_dot_product_attention or func in _NORMS or func in _ADDCMULS
+                         or func in _IN_PLACE_ARITHMETIC):
+            self._adopt(args, kwargs)  # (ops taken apart below, before they run)
+            adopting = False
         if self.unproven and self.uses is not None and _touches(args, kwargs, self.unproven):
             self._pair(func, args, kwargs)
         if self.uses is not None and func is F.scaled_dot_product_attention:
@@ -518,6 +528,8 @@ class DirectUseRecorder(TorchFunctionMode):
                 and _hits(args, self._follows) == [1] and isinstance(args[0], torch.Tensor)):
             return self._in_place(func, args)
         out = func(*args, **kwargs)
+        if adopting and _carries_grad(out):  # (not ``w.dtype``, ``w.shape``)
+            self._adopt(args, kwargs)
         if self.uses is None:
             return out
         if (isinstance(out, torch.Tensor) and not out.requires_grad and self.from_inputs
@@ -978,8 +990,12 @@ def usable_direct_uses(uses: list[DirectUse] | None, tracked: dict, batch_size: 
                 return None
             continue
         if use.kind == "product":
-            if rows or use.other.x.shape[0] != batch_size or not oshape or oshape[0] != batch_size:
+            n = use.other.x.shape[0]
+            group = n // batch_size if n % batch_size == 0 else 0
+            if (group not in (1, per_sample) or (group > 1 and use.other.func is not F.linear)
+                    or not oshape or oshape[0] != n):
                 return None
+            use.other.group = group
             continue
         if use.kind == "embedding":
             # Per-sample ids, and [B, V, d] per-sample gradients of a bounded size (a position

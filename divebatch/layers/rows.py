@@ -214,6 +214,19 @@ def _walk(node, shape: tuple[int, ...], budget: list[int], dim: int = 0) -> int 
         if name == "CatBackward0":
             return _same_samples(node, shape, budget, dim, dim, joined=along)
         return _same_samples(node, shape, budget, dim, dim - 1 if along < dim else dim, stacked=True)
+    if name in _PRODUCT_NODES and dim == 0 and len(shape) == 2:
+        # ``F.linear(rows, w, b)`` written in a module's own forward (timm's SwinV2 attention, its
+        # qkv bias concatenated from its own biases): each output row is its input row times
+        # parameters, plus a bias of parameters and constants.
+        rows_at, weight_at = _PRODUCT_NODES[name]
+        child, source = _operand(node, rows_at)
+        weight = node.next_functions[weight_at][0]
+        bias, bias_shape = _operand(node, 0) if name == "AddmmBackward0" else (None, None)
+        if (child is None or source is None or weight is None or not _from_parameters(weight, budget)
+                or not (bias is None or (bias_shape is not None and (len(bias_shape) == 1 or bias_shape[0] == 1)
+                                         and _bias_from_parameters(bias, budget)))):
+            return unknown
+        return _walk(child, source, budget, 0)
     if name in _PER_ROW and dim != 0:
         return unknown
     if name not in _ROW_WISE and name not in _PER_ROW and name not in _ALONG_DIM and name not in _REDUCTIONS:
@@ -336,6 +349,16 @@ def _from_parameters(node, budget: list[int]) -> bool:
             return False  # a graph we cannot see into
         stack.extend(children)
     return True
+
+
+def _bias_from_parameters(node, budget: list[int]) -> bool:
+    """Whether a product's bias is made of parameters and constants: as ``_from_parameters``, or
+    parameters concatenated with pieces that need no gradient (timm's ``cat((q_bias, zeros_k_bias,
+    v_bias))``: a bias vector has no rows to hold samples' data)."""
+    if type(node).__name__ != "CatBackward0":
+        return _from_parameters(node, budget)
+    pieces = [child for child, _ in node.next_functions if child is not None]
+    return bool(pieces) and all(_from_parameters(child, budget) for child in pieces)
 
 
 def _saved_scalar(node, name: str, position: int) -> bool:
