@@ -446,8 +446,13 @@ class DirectUseRecorder(TorchFunctionMode):
 
     Tensors computed from the parameters alone (and constants) are kept with the ops that gave
     them (``derived``); a convolution or ``F.linear`` of the input with such a weight is recorded
-    as a ``ProductUse``. One that no such op took by the end of the forward sends the call to the
-    replay (its gradient would reach the parameters unseen).
+    as a ``ProductUse``; one broadcast over the samples (``x + t``, ``x * t``, SDPA's ``attn_mask``)
+    as a use with a ``ComputedUse``. One that no such op took by the end of the forward sends the
+    call to the replay (its gradient would reach the parameters unseen).
+
+    A broadcast use's output is taken to have the samples (or rows of them) in dim 0 where its
+    other operand is computed from the call's inputs; where that is a constant (a buffer), only
+    once the output meets such a tensor (``unproven``, ``_pair``).
 
     ``inner`` (``{id: (name, parameter, busy)}``): the parameters of tracked modules inside this one.
     One used here while ``busy()`` is false (its module, and every tracked module between, outside
