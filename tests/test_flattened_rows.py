@@ -52,6 +52,10 @@ PROVEN = {
         lambda h, w: torch.nn.functional.linear(h.reshape(-1, 5), nn.Parameter(torch.randn(10, 5)),
                                                 torch.cat([w, torch.zeros(5)])), (3, 4)),
     "a matmul with a parameter": (lambda h, w: h.reshape(-1, 5) @ nn.Parameter(torch.randn(5, 2)), (3, 4)),
+    "a batch norm in eval mode": (lambda h, w: torch.nn.functional.batch_norm(
+        h.reshape(-1, 5), torch.zeros(5), torch.ones(5), w, None, training=False), (3, 4)),
+    "split along another dim (LeViT's keys and values)": (lambda h, w: h.reshape(-1, 5).split([2, 3], dim=1)[1],
+                                                          (3, 4)),
 }
 REFUSED = {
     "positions first (transpose)": lambda h, w: h.transpose(0, 1).reshape(-1, 5),
@@ -74,6 +78,9 @@ REFUSED = {
     "F.linear with a bias made of the rows": lambda h, w: torch.nn.functional.linear(
         h.reshape(-1, 5), nn.Parameter(torch.randn(5, 5)), h.reshape(-1, 5).mean(0)),
     "a matmul with a matrix made of the rows": lambda h, w: h.reshape(-1, 5) @ h.reshape(-1, 5)[:5],
+    "a batch norm in training mode": lambda h, w: torch.nn.functional.batch_norm(
+        h.reshape(-1, 5), None, None, w, None, training=True),
+    "split along the rows": lambda h, w: h.reshape(-1, 5).split([4, 8], dim=0)[1],
 }
 
 

@@ -60,6 +60,9 @@ _ROW_WISE = frozenset({
     "MaskedFillBackward0",  # (a constant mask: DeBERTa's attention scores)
 })
 
+#: Backward nodes of batch norms (row-wise in eval mode only).
+_BATCH_NORMS = frozenset({"NativeBatchNormBackward0", "CudnnBatchNormBackward0", "MiopenBatchNormBackward0"})
+
 #: Backward nodes of a view/reshape (the merge the walk looks for).
 _VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
 
@@ -176,8 +179,9 @@ def _walk(node, shape: tuple[int, ...], budget: list[int], dim: int = 0) -> int 
         if dim >= len(places) or places[dim] in reduced:
             return _NOT_NATIVE  # a statistic over the rows mixes them
         return _walk(child, source, budget, places[dim])
-    if name == "SliceBackward0":
-        # A slice along another dim (RoFormer's rotation, ``q[..., 1::2]``) keeps every row.
+    if name in ("SliceBackward0", "SplitWithSizesBackward0", "SplitBackward0"):
+        # A slice or split along another dim (RoFormer's rotation, ``q[..., 1::2]``; LeViT's keys and
+        # values split from one projection) keeps every row.
         child, source = _operand(node, 0)
         sliced = _op_dim(node, len(shape))
         if source is None or sliced is None:
@@ -227,6 +231,14 @@ def _walk(node, shape: tuple[int, ...], budget: list[int], dim: int = 0) -> int 
                                          and _bias_from_parameters(bias, budget)))):
             return unknown
         return _walk(child, source, budget, 0)
+    if name in _BATCH_NORMS:
+        # In eval mode a per-channel affine map of each element (LeViT's BatchNorm1d on flattened
+        # rows); in training mode a statistic over the rows, which mixes them.
+        try:
+            training = bool(node._saved_training)
+        except (AttributeError, RuntimeError):
+            return unknown
+        return _NOT_NATIVE if training else _same_samples(node, shape, budget, dim, dim)
     if name in _PER_ROW and dim != 0:
         return unknown
     if name not in _ROW_WISE and name not in _PER_ROW and name not in _ALONG_DIM and name not in _REDUCTIONS:
