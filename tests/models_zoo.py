@@ -401,3 +401,17 @@ ZOO = {f.__name__: f for f in [linear_2d, linear_3d, linear_4d, conv1d, conv2d, 
                               functional_norms, flattened_tokens, inplace_residuals, mixture_of_experts,
                               experts_on_every_token, parametrized, normalised_table, passed_table, recurrent,
                               custom_module, reused_module]}
+
+
+def add_concatenated_qkv(module: nn.Module, dim: int) -> None:
+    """timm's BEiT, EVA and SwinV2 attention layout on ``module``: a bias-free ``qkv`` Linear whose
+    weight the module applies itself (the Linear never called), q and v biases of its own and a
+    constant zero k bias between them (see ``concatenated_qkv``)."""
+    module.qkv = nn.Linear(dim, 3 * dim, bias=False)
+    module.q_bias, module.v_bias = nn.Parameter(torch.randn(dim)), nn.Parameter(torch.randn(dim))
+    module.register_buffer("k_bias", torch.zeros(dim))
+
+
+def concatenated_qkv(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, qkv.weight, cat((q_bias, k_bias, v_bias)))`` of a module set up by ``add_concatenated_qkv``."""
+    return F.linear(x, module.qkv.weight, torch.cat((module.q_bias, module.k_bias, module.v_bias)))

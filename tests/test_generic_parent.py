@@ -16,7 +16,7 @@ from torch import nn
 
 from divebatch import GradNormTracker
 
-from .models_zoo import sample_loss
+from .models_zoo import add_concatenated_qkv, concatenated_qkv, sample_loss
 from .oracle import reference_norms, rel_err, tracked_and_checked
 
 
@@ -141,13 +141,11 @@ class ConcatenatedBiasAttention(BiasedAttention):
 
     def __init__(self, d=4, heads=2, T=5):
         super().__init__(d, heads, T)
-        self.qkv = nn.Linear(d, 3 * d, bias=False)
-        self.q_bias, self.v_bias = nn.Parameter(torch.randn(d)), nn.Parameter(torch.randn(d))
-        self.register_buffer("k_bias", torch.zeros(d))
+        add_concatenated_qkv(self, d)
 
     def forward(self, x):
         B, T, d = x.shape
-        qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+        qkv = concatenated_qkv(self, x)
         q, k, v = qkv.view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         bias = self.table[self.index].permute(2, 0, 1).unsqueeze(0)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(B, T, d)

@@ -15,6 +15,7 @@ from torch import nn
 from divebatch import GradNormTracker
 from divebatch.layers.rows import flattened_samples
 
+from .models_zoo import add_concatenated_qkv, concatenated_qkv
 from .oracle import reference_norms, rel_err, same_forward_norms
 
 RTOL = 1e-4
@@ -177,12 +178,10 @@ class ConcatenatedBiasCosineAttention(CosineWindowAttention):
 
     def __init__(self, dim=8, heads=2, ws=2):
         super().__init__(dim, heads, ws)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.q_bias, self.v_bias = nn.Parameter(torch.randn(dim)), nn.Parameter(torch.randn(dim))
-        self.register_buffer("k_bias", torch.zeros(dim))
+        add_concatenated_qkv(self, dim)
 
     def project(self, windows):
-        return F.linear(windows, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+        return concatenated_qkv(self, windows)
 
 
 class CosineWindowModel(nn.Module):
