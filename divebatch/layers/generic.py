@@ -546,8 +546,11 @@ class DirectUseRecorder(TorchFunctionMode):
             if experts.labels.broken and any(use.kind == "rows" for use in self.uses):
                 self.uses = None  # rows already recorded may have been moved between samples
                 return out
-        hits = _hits(args, self._follows)
         sliced = experts is not None and experts.touches(args, kwargs)
+        if not sliced and not _touches(args, kwargs, self.params) and not (
+                self.derived and _touches(args, kwargs, self.derived)):
+            return out  # (most ops: a cheap look at ids before the checks of identity below)
+        hits = _hits(args, self._follows)
         derived = bool(self.derived) and (bool(_hits(args, self._is_derived)) or _nested(args, kwargs, self._is_derived))
         if not hits and not sliced and not derived and not _nested(args, kwargs, self._follows):
             return out
