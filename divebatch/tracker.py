@@ -373,9 +373,13 @@ class GradNormTracker:
 
     def format_plan(self) -> str:
         """``plan()`` as a text table: module, type, route, shape, MFLOP, extra MiB."""
-        lines = [f"{'module':<28} {'route':<20} {'MFLOP':>10} {'extra MiB':>10}  shape"]
-        for plan in self.plan():
-            lines.append(f"{plan.module:<28} {plan.route:<20} {plan.flops / 1e6:>10.2f} "
+        plans = self.plan()
+        # Columns as wide as their longest entry ("generic (computed weights)", a nested module's path).
+        width = max([28] + [len(plan.module) for plan in plans])
+        route = max([20] + [len(plan.route) for plan in plans])
+        lines = [f"{'module':<{width}} {'route':<{route}} {'MFLOP':>10} {'extra MiB':>10}  shape"]
+        for plan in plans:
+            lines.append(f"{plan.module:<{width}} {plan.route:<{route}} {plan.flops / 1e6:>10.2f} "
                          f"{plan.extra_bytes / 2**20:>10.2f}  {plan.shape}")
         return "\n".join(lines)
 

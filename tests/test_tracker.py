@@ -482,6 +482,28 @@ def test_plan_lists_every_layer_with_a_route():
         assert "route" in tracker.format_plan()
 
 
+def test_plan_table_columns_stay_aligned_for_long_routes_and_names():
+    """A route as long as "generic (computed weights)" and a module path longer than the default
+    column keep every row's MFLOP figure under its header."""
+    torch.manual_seed(0)
+    inner = nn.Linear(4, 4)
+    model = nn.Sequential(nn.Sequential(nn.Sequential(inner)), nn.Linear(4, 2))
+    model.add_module("a_module_with_a_rather_long_name", nn.Linear(2, 2))
+    model.gain = nn.Parameter(torch.rand(2, 2))  # (a generic route for the root: x * gain.t())
+    forward = model.forward
+    model.forward = lambda x: forward(x) * model.gain.t()[0]
+    x = torch.randn(3, 4)
+    with GradNormTracker(model) as tracker:
+        model(x).square().sum().backward()
+        lines = tracker.format_plan().splitlines()
+    end = lines[0].index("MFLOP") + len("MFLOP")
+    routes = {line.split()[0] if not line.startswith(" ") else "" for line in lines[1:]}
+    assert "a_module_with_a_rather_long_name" in routes
+    assert any("generic (computed weights)" in line for line in lines)
+    for line in lines[1:]:
+        assert line[end - 1] != " " and line[end] == " ", line  # (a figure or nan, right-aligned)
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
 @pytest.mark.parametrize("case", sorted(ZOO))
 def test_no_activation_outlives_its_step(case, fused):

@@ -1321,7 +1321,8 @@ class GenericRule(PerSampleGradsRule):
         return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
 
     def plan(self, module, ctx, grad, tracked) -> RoutePlan:
-        numel = sum(p.numel() for p in tracked.values())
+        numel = (sum(p.numel() for p in tracked.values())
+                 + sum(module.get_parameter(name).numel() for name in getattr(ctx, "extra_params", ())))
         if ctx.direct_uses is not None and any(u.kind == "rows" for u in ctx.direct_uses):
             products = sum(u.kind == "rows" for u in ctx.direct_uses)
             return RoutePlan("generic (row uses)", f"B={ctx.batch_size} params={numel} products={products}",
