@@ -413,14 +413,7 @@ class GradNormTracker:
     # ------------------------------------------------------------------ hooks
     def _attach(self) -> None:
         hooked: set[int] = set()
-        inside_generic = {id(inner) for owner in self._owners if owner.rule is GENERIC for inner in owner.descendants}
         for owner in self._owners:
-            if id(owner) in inside_generic:
-                # First of its pre-hooks and last of its hooks: the whole call counts as in its forward.
-                self._handles.append(owner.module.register_forward_pre_hook(partial(_enter_forward, owner),
-                                                                            prepend=True))
-                self._handles.append(owner.module.register_forward_hook(partial(_leave_forward, owner),
-                                                                        always_call=True))
             if owner.fused:
                 owner.module.forward = partial(self._fused_call, owner)
             generic = owner.rule is GENERIC
@@ -462,6 +455,16 @@ class GradNormTracker:
                         and (owner is not None or next(module.children(), None) is not None)):
                     self._handles.append(module.register_forward_pre_hook(
                         self._on_table_passed, prepend=True, with_kwargs=True))
+        # The owners inside a generic owner count their calls in progress (see _Owner.in_forward):
+        # registered after their other hooks, first of the pre-hooks and last of the hooks, so that
+        # the whole call, hooks included, counts as in its forward.
+        inside_generic = {id(inner) for owner in self._owners if owner.rule is GENERIC for inner in owner.descendants}
+        for owner in self._owners:
+            if id(owner) in inside_generic:
+                self._handles.append(owner.module.register_forward_pre_hook(partial(_enter_forward, owner),
+                                                                            prepend=True))
+                self._handles.append(owner.module.register_forward_hook(partial(_leave_forward, owner),
+                                                                        always_call=True))
         # Registered last, so it runs after the root's own hooks: watchers end with the tracked
         # model's forward (a mode a caller enters around the model call must find its own on top).
         self._handles.append(self.model.register_forward_hook(self._on_model_forward, always_call=True))
