@@ -705,6 +705,11 @@ class GradNormTracker:
             ctx.extra_owners = tuple(uncalled)
         if recorder is not None and recorder.adopted - set(getattr(ctx, "extra_params", ())):
             recorder.uses = None  # an inner module's parameter used here and by that module's own calls
+        if (recorder is not None and recorder.uses is None and ctx.batch_size == 1 and not getattr(ctx, "extra_params", ())
+                and all(d is None for d in ctx.in_dims)):
+            # No batched input, every output computed from the parameters alone (Swin's bias table):
+            # the outputs' per-sample grads (from their watcher) are taken back through that computation.
+            ctx.computed_outputs = recorder.computed_outputs(leaves)
         if owner.rule is GENERIC:
             ctx = self._generic_rows(ctx, args, kwargs)
         batch_size = owner.rule.batch_size(module, ctx)

@@ -73,6 +73,9 @@ class GenericCall:
     extra_params: tuple = ()  # names of inner modules' parameters this call accounts for (tracker)
     extra_owners: tuple = ()  # the tracker's owners of those inner modules
     direct_uses: list | None = None  # the module's own parameters' uses, when all were understood
+    # A call with no batched input whose every output was computed from its parameters alone (Swin's
+    # relative-position bias, a lookup in its own table): those outputs' ``ComputedUse``s, in order.
+    computed_outputs: list | None = None
     # Samples and tokens flattened into rows: the merged leading sizes (B, T, ...) of the batched
     # leaves and outputs, which are kept as [B, T, ..., *rest] (see GenericRule.as_rows).
     rows: tuple[int, ...] | None = None
@@ -500,8 +503,11 @@ class DirectUseRecorder(TorchFunctionMode):
     def __exit__(self, *exc):
         if self.experts is not None:
             self.experts.clear()  # the labels hold the forward's tensors
-        if self.uses is not None and (self.unproven or any(key not in self.taken and self._param_name(t) is None
-                                                           for key, (t, *_) in self.derived.items())):
+        # Computed tensors no op took: returned or kept (see ``computed_outputs``), or made from batched
+        # constants; their gradient would reach the parameters unseen.
+        self.untaken = [t for key, (t, *_) in self.derived.items() if key not in self.taken and self._param_name(t) is None]
+        self.only_untaken = self.uses is not None and not self.unproven and bool(self.untaken)
+        if self.uses is not None and (self.unproven or self.untaken):
             self.uses = None
         self.unproven.clear()
         self.from_inputs.clear()
@@ -955,6 +961,21 @@ class DirectUseRecorder(TorchFunctionMode):
                         and self.experts.weights.get(id(a), (None,))[0] is a and id(a) not in self.derived]
         return True
 
+    def computed_outputs(self, outputs: list) -> list | None:
+        """``ComputedUse``s of ``outputs`` (the call's outputs that need a gradient, in order) where
+        the recorder gave up only because those tensors, computed from the parameters alone, were
+        returned untaken; else None. Call after the recorder has exited."""
+        if not getattr(self, "only_untaken", False) or len(outputs) != len(self.untaken) or not all(
+                any(o is t for t in self.untaken) for o in outputs):
+            return None
+        uses = []
+        for out in outputs:
+            recipe = WeightRecipe(out, None)
+            if not self._sources(out, recipe):
+                return None
+            uses.append(ComputedUse({name: p.detach() for name, p in recipe.leaves.values()}, recipe, out.dtype))
+        return uses
+
     def _follows(self, x) -> bool:
         return self._param_name(x) is not None
 
@@ -1257,6 +1278,16 @@ class GenericRule(PerSampleGradsRule):
         return total
 
     def _per_sample_grads(self, module, call: GenericCall, grads, params, buffers, bdim, samples=None):
+        if call.computed_outputs is not None:
+            # Outputs computed from the parameters alone: each sample's output grads taken back through
+            # that computation (no replay of the forward).
+            total = {name: torch.zeros(call.batch_size if samples is None else samples.stop - samples.start,
+                                       *p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
+            for use, g, (shape, _) in zip(call.computed_outputs, grads, call.outputs):
+                g = g if samples is None else g[samples]
+                for name, t in use.per_sample(g.reshape(g.shape[0], *shape)).items():
+                    total[name] = total[name] + t
+            return total
         batched_leaves = [x for x, d in zip(call.leaves, call.in_dims) if d is not None]
         leaf_dims = [d for d in call.in_dims if d is not None]
         if call.rows is None:
@@ -1335,6 +1366,9 @@ class GenericRule(PerSampleGradsRule):
             return RoutePlan("generic (broadcast uses)", f"B={ctx.batch_size} params={numel} uses={len(ctx.direct_uses)}",
                              float(2 * ctx.batch_size * numel), 4.0 * ctx.batch_size * numel)
         chunk = _samples_per_chunk(numel)
+        if ctx.computed_outputs is not None:
+            return RoutePlan("generic (computed weights)", f"B={ctx.batch_size} params={numel} outputs="
+                             f"{len(ctx.computed_outputs)}", float("nan"), 4.0 * numel * min(chunk, ctx.batch_size))
         return RoutePlan("generic (vmap vjp)", f"B={ctx.batch_size} params={numel}", float("nan"),
                          4.0 * numel * min(chunk, ctx.batch_size))
 
