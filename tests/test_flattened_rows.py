@@ -54,6 +54,8 @@ PROVEN = {
     "a matmul with a parameter": (lambda h, w: h.reshape(-1, 5) @ nn.Parameter(torch.randn(5, 2)), (3, 4)),
     "a batch norm in eval mode": (lambda h, w: torch.nn.functional.batch_norm(
         h.reshape(-1, 5), torch.zeros(5), torch.ones(5), w, None, training=False), (3, 4)),
+    "merged after a batch norm in training mode (the merge's assumption)": (
+        lambda h, w: torch.nn.functional.batch_norm(h, None, None, training=True).reshape(-1, 5), (3, 4)),
     "split along another dim (LeViT's keys and values)": (lambda h, w: h.reshape(-1, 5).split([2, 3], dim=1)[1],
                                                           (3, 4)),
 }

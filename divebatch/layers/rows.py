@@ -233,12 +233,13 @@ def _walk(node, shape: tuple[int, ...], budget: list[int], dim: int = 0) -> int 
         return _walk(child, source, budget, 0)
     if name in _BATCH_NORMS:
         # In eval mode a per-channel affine map of each element (LeViT's BatchNorm1d on flattened
-        # rows); in training mode a statistic over the rows, which mixes them.
+        # rows). In training mode its statistics couple the rows: nothing is proven through it (as
+        # before eval mode was followed: a merge above it keeps its assumption).
         try:
             training = bool(node._saved_training)
         except (AttributeError, RuntimeError):
             return unknown
-        return _NOT_NATIVE if training else _same_samples(node, shape, budget, dim, dim)
+        return unknown if training else _same_samples(node, shape, budget, dim, dim)
     if name in _PER_ROW and dim != 0:
         return unknown
     if name not in _ROW_WISE and name not in _PER_ROW and name not in _ALONG_DIM and name not in _REDUCTIONS:
