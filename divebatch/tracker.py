@@ -420,7 +420,7 @@ class GradNormTracker:
             if self._tables and owner.rule.rows_independent:
                 self._handles.append(owner.module.register_forward_pre_hook(
                     partial(self._on_table_read, owner), prepend=True, with_kwargs=True))
-            if owner.rule.rows_independent or isinstance(owner.rule, EmbeddingRule):
+            if owner.rule.rows_independent or owner.rule.rows_regrouped or isinstance(owner.rule, EmbeddingRule):
                 # First of the pre-hooks, so every other hook and the fused forward see [B, T, ...].
                 self._handles.append(owner.module.register_forward_pre_hook(
                     partial(self._on_rows_pre_forward, owner), prepend=True))
@@ -431,7 +431,7 @@ class GradNormTracker:
             # even when the forward raises.
             self._handles.append(owner.module.register_forward_hook(
                 partial(self._on_forward, owner), with_kwargs=True, always_call=generic))
-            if owner.rule.rows_independent or isinstance(owner.rule, EmbeddingRule):
+            if owner.rule.rows_independent or owner.rule.rows_regrouped or isinstance(owner.rule, EmbeddingRule):
                 # After _on_forward, which hooks the [B, T, ...] output the rule's grads arrive for.
                 self._handles.append(owner.module.register_forward_hook(
                     partial(self._on_rows_forward, owner), always_call=True))
@@ -532,7 +532,9 @@ class GradNormTracker:
             lead = self._input_rows(x)
         if lead is None:
             return None
-        view = x.reshape(*lead, *x.shape[1:])
+        view = owner.rule.rows_view(x, lead)
+        if view is None:
+            return None
         owner.row_views.append((view, x.shape[0], len(lead)))
         return (view, *args[1:])
 
@@ -548,7 +550,7 @@ class GradNormTracker:
             if watcher is None:
                 return output.expand(rows, *output.shape[1:])  # (not followed: refused as a batch of 1)
             return watcher.expanded_over_rows(output, rows)
-        return output.reshape(rows, *output.shape[n_lead:])
+        return owner.rule.rows_unview(output, rows, n_lead)
 
     def _leave_ids_follower(self) -> None:
         if self._ids_follower is not None and self._innermost_mode() is self._ids_follower:

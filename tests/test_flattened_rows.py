@@ -200,11 +200,49 @@ class ImageRows(nn.Module):
         return self.fc(self.norm(h.reshape(-1, 6))).view(*h.shape[:3], 2)
 
 
+class PointRows(nn.Module):
+    """PointNet's and LeViT's layout: a BatchNorm1d on the points' (tokens') rows flattened to ``[B*N, C]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.bn, self.out = nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Linear(6, 2)
+
+    def forward(self, x):  # [B, N, 3]
+        h = self.inp(x)
+        return self.out(torch.relu(self.bn(h.reshape(-1, 6))).view(*h.shape[:2], 6))
+
+
+class FrameRows(nn.Module):
+    """A video's frames folded into the batch (``[B*T, C, H, W]``) before a BatchNorm2d."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.bn, self.fc = nn.Linear(3, 4), nn.BatchNorm2d(4), nn.Linear(4, 2)
+
+    def forward(self, x):  # [B, T, H, W, 3]
+        B, T, H, W, _ = x.shape
+        frames = self.embed(x).permute(0, 1, 4, 2, 3).reshape(B * T, 4, H, W)
+        return self.fc(torch.tanh(self.bn(frames)).mean((2, 3)).view(B, T, 4))
+
+
+def _eval_batch_norms(model):
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.eval()
+    return model
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
-@pytest.mark.parametrize("make, shape", [(InPlaceResidual, (3, 5, 4)), (ImageRows, (2, 3, 6, 7)),
-                                         (lambda: nn.Sequential(nn.Linear(4, 4), FlattenedTokensBlock(4, 8)), (3, 5, 4))],
-                         ids=["in-place residual", "image rows", "pre-norm block"])
-def test_flattened_models_match_torch_func(make, shape, fused):
+@pytest.mark.parametrize("make, shape, bitwise", [
+    (InPlaceResidual, (3, 5, 4), True), (ImageRows, (2, 3, 6, 7), True),
+    (lambda: nn.Sequential(nn.Linear(4, 4), FlattenedTokensBlock(4, 8)), (3, 5, 4), True),
+    # (a batch norm regrouped to [B, C, T] computes each element as before, to rounding)
+    (lambda: _eval_batch_norms(PointRows()), (3, 5, 3), False), (lambda: _eval_batch_norms(FrameRows()), (3, 2, 4, 5, 3), False)],
+                         ids=["in-place residual", "image rows", "pre-norm block", "point rows, batch norm",
+                              "frame rows, batch norm"])
+def test_flattened_models_match_torch_func(make, shape, bitwise, fused):
     """(The rows are followed from a view in the graph: a model whose input is flattened before any
     layer has no graph there, and its layers all see B*T samples.)"""
     torch.manual_seed(0)
@@ -214,12 +252,36 @@ def test_flattened_models_match_torch_func(make, shape, fused):
     y = torch.randn_like(untracked)
     with GradNormTracker(model, "sum", fused=fused) as tracker:
         out = model(x)
-        assert torch.equal(out, untracked) and out.shape == untracked.shape  # same numbers, same shape
+        assert out.shape == untracked.shape  # same shape, same numbers
+        assert torch.equal(out, untracked) if bitwise else torch.allclose(out, untracked, rtol=0, atol=1e-6)
         sample_loss(out, y).backward()
         stats = tracker.collect()
     per_sample, _, batch = reference_norms(model, sample_loss, x, y)
     assert rel_err(stats.per_sample, per_sample) <= RTOL
     assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+
+
+@pytest.mark.parametrize("make, shape", [(PointRows, (3, 5, 3)), (FrameRows, (3, 2, 4, 5, 3))], ids=["points", "frames"])
+def test_batch_norm_on_flattened_rows_in_training_mode_decomposes_per_sample(make, shape):
+    """In training mode the statistics are over the same elements whichever way the rows are
+    grouped, so the output and the running statistics are those of the untracked module, and the
+    per-sample shares (each sample's rows together) add up to the batch gradient."""
+    torch.manual_seed(0)
+    model, x = make(), torch.randn(*shape)
+    plain = make()
+    plain.load_state_dict(model.state_dict())
+    y = torch.randn(*shape[:2], 2)
+    with GradNormTracker(model, "sum") as tracker:
+        out = model(x)
+        sample_loss(out, y).backward()
+        stats = tracker.collect()
+        routes = {p.module: (p.route, p.shape) for p in tracker.plan()}
+    assert torch.allclose(out, plain(x), atol=1e-6)
+    assert torch.allclose(model.bn.running_var, plain.bn.running_var, atol=1e-6)
+    assert stats.per_sample.shape == (shape[0],) and max(stats.unaccounted.values()) <= 1e-5
+    batch = sum(p.grad.double().square().sum() for p in model.parameters())
+    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+    assert routes["bn"][0] == "instantiate"
 
 
 def test_positions_first_rows_are_refused_with_a_hint():

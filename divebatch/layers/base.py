@@ -62,6 +62,18 @@ class LayerRule:
     #: together may be given to it as ``[B, T, ...]`` instead (see ``layers/rows.py``).
     rows_independent: bool = False
 
+    #: The module can be called on flattened rows regrouped by ``rows_view`` (a batch norm, whose
+    #: statistics per channel are over the same elements either way), though it is not row-wise.
+    rows_regrouped: bool = False
+
+    def rows_view(self, x: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor | None:
+        """``x`` (``[B*T, ...]``, rows proven sample-major) as this module takes samples: ``[B, T, ...]``."""
+        return x.reshape(*lead, *x.shape[1:])
+
+    def rows_unview(self, output: torch.Tensor, rows: int, n_lead: int) -> torch.Tensor:
+        """The module's output on ``rows_view``'s input, back in the caller's ``[B*T, ...]`` rows."""
+        return output.reshape(rows, *output.shape[n_lead:])
+
     def batch_dim(self, module: nn.Module) -> int:
         """The dimension of the captured inputs and output grads that indexes samples."""
         return 0

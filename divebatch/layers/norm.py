@@ -121,6 +121,27 @@ class BatchNormRule(_AffineNormRule):
     See the module docstring for what a per-sample number means in training mode.
     """
 
+    rows_regrouped = True
+
+    def rows_view(self, x, lead):
+        """``[B*T, C, *S]`` rows (LeViT's and PointNet-style ``BatchNorm1d`` on flattened tokens, a
+        ``BatchNorm2d`` on frames folded into the batch) as ``[B, C, T*S0, *S[1:]]`` (``[B, C, T]``
+        for 2-D rows): the same elements per channel, so the same statistics and running-statistics
+        update, and each sample's positions are its rows'."""
+        if len(lead) != 2 or x.dim() < 2:
+            return None
+        B, T = lead
+        moved = x.reshape(B, T, *x.shape[1:]).movedim(1, 2)  # [B, C, T, *S]
+        return moved.reshape(B, x.shape[1], T * x.shape[2], *x.shape[3:]) if x.dim() > 2 else moved
+
+    def rows_unview(self, output, rows, n_lead):
+        B, C = output.shape[:2]
+        T = rows // B
+        if output.dim() == 3 and output.shape[2] == T:  # (from 2-D rows)
+            return output.transpose(1, 2).reshape(rows, C)
+        first = output.shape[2] // T
+        return output.reshape(B, C, T, first, *output.shape[3:]).movedim(2, 1).reshape(rows, C, first, *output.shape[3:])
+
     def capture(self, module, args, kwargs, output):
         x = args[0].detach()
         batch_stats = module.training or module.running_mean is None
