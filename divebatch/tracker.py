@@ -112,8 +112,8 @@ class _Owner:
     inner_params: dict | None = None
     # Other modules whose calls this owner accounts for: embeddings sharing its weight.
     aliases: list = field(default_factory=list)
-    # Calls in progress given a [B*T, ...] input as [B, T, ...]: (that view, B*T, len((B, T, ...))),
-    # see _on_rows_pre_forward.
+    # Calls in progress given a [B*T, ...] input as [B, T, ...]: (that view, B*T, len((B, T, ...)),
+    # the input's shape), see _on_rows_pre_forward.
     row_views: list = field(default_factory=list)
 
 
@@ -526,7 +526,7 @@ class GradNormTracker:
             # expanded to a multiple-choice head's merged [B*C, T] ids; RoFormer's, made as zeros of
             # that shape): one lookup shared by the samples, expanded back afterwards. (Expanded to
             # the B samples, each row is a sample's.)
-            owner.row_views.append((x[:1], x.shape[0], None))
+            owner.row_views.append((x[:1], x.shape[0], None, x.shape))
             return (owner.row_views[-1][0], *args[1:])
         else:
             lead = self._input_rows(x)
@@ -535,14 +535,14 @@ class GradNormTracker:
         view = owner.rule.rows_view(x, lead)
         if view is None:
             return None
-        owner.row_views.append((view, x.shape[0], len(lead)))
+        owner.row_views.append((view, x.shape[0], len(lead), x.shape))
         return (view, *args[1:])
 
     @torch.compiler.disable
     def _on_rows_forward(self, owner: _Owner, module, args, output):
         if not (owner.row_views and args and owner.row_views[-1][0] is args[0]):
             return None
-        _, rows, n_lead = owner.row_views.pop()
+        _, rows, n_lead, shape = owner.row_views.pop()
         if not isinstance(output, torch.Tensor):
             return None
         if n_lead is None:  # a shared lookup of ids expanded over the rows (see _on_rows_pre_forward)
@@ -550,7 +550,7 @@ class GradNormTracker:
             if watcher is None:
                 return output.expand(rows, *output.shape[1:])  # (not followed: refused as a batch of 1)
             return watcher.expanded_over_rows(output, rows)
-        return owner.rule.rows_unview(output, rows, n_lead)
+        return owner.rule.rows_unview(output, rows, n_lead, shape)
 
     def _leave_ids_follower(self) -> None:
         if self._ids_follower is not None and self._innermost_mode() is self._ids_follower:

@@ -201,15 +201,21 @@ class ImageRows(nn.Module):
 
 
 class PointRows(nn.Module):
-    """PointNet's and LeViT's layout: a BatchNorm1d on the points' (tokens') rows flattened to ``[B*N, C]``."""
+    """PointNet's and LeViT's layout: a BatchNorm1d on the points' (tokens') rows flattened to
+    ``[B*N, C]`` (or ``[B*N, C, 1]``)."""
 
-    def __init__(self):
+    def __init__(self, length_one=False):
         super().__init__()
+        self.length_one = length_one
         self.inp, self.bn, self.out = nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Linear(6, 2)
 
     def forward(self, x):  # [B, N, 3]
         h = self.inp(x)
-        return self.out(torch.relu(self.bn(h.reshape(-1, 6))).view(*h.shape[:2], 6))
+        if self.length_one:
+            normed = self.bn(h.reshape(-1, 6, 1))[..., 0]  # (a [B*N, C, 1] output, or an error)
+        else:
+            normed = self.bn(h.reshape(-1, 6))
+        return self.out(torch.relu(normed).view(*h.shape[:2], 6))
 
 
 class FrameRows(nn.Module):
@@ -261,7 +267,8 @@ def test_flattened_models_match_torch_func(make, shape, bitwise, fused):
     assert rel_err(stats.batch_grad_sq, batch) <= RTOL
 
 
-@pytest.mark.parametrize("make, shape", [(PointRows, (3, 5, 3)), (FrameRows, (3, 2, 4, 5, 3))], ids=["points", "frames"])
+@pytest.mark.parametrize("make, shape", [(PointRows, (3, 5, 3)), (lambda: PointRows(length_one=True), (3, 5, 3)),
+                                         (FrameRows, (3, 2, 4, 5, 3))], ids=["points", "points of length 1", "frames"])
 def test_batch_norm_on_flattened_rows_in_training_mode_decomposes_per_sample(make, shape):
     """In training mode the statistics are over the same elements whichever way the rows are
     grouped, so the output and the running statistics are those of the untracked module, and the

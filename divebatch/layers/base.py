@@ -70,8 +70,9 @@ class LayerRule:
         """``x`` (``[B*T, ...]``, rows proven sample-major) as this module takes samples: ``[B, T, ...]``."""
         return x.reshape(*lead, *x.shape[1:])
 
-    def rows_unview(self, output: torch.Tensor, rows: int, n_lead: int) -> torch.Tensor:
-        """The module's output on ``rows_view``'s input, back in the caller's ``[B*T, ...]`` rows."""
+    def rows_unview(self, output: torch.Tensor, rows: int, n_lead: int, shape: torch.Size) -> torch.Tensor:
+        """The module's output on ``rows_view``'s input (made from an input of ``shape``), back in
+        the caller's ``[B*T, ...]`` rows."""
         return output.reshape(rows, *output.shape[n_lead:])
 
     def batch_dim(self, module: nn.Module) -> int:

@@ -134,13 +134,9 @@ class BatchNormRule(_AffineNormRule):
         moved = x.reshape(B, T, *x.shape[1:]).movedim(1, 2)  # [B, C, T, *S]
         return moved.reshape(B, x.shape[1], T * x.shape[2], *x.shape[3:]) if x.dim() > 2 else moved
 
-    def rows_unview(self, output, rows, n_lead):
+    def rows_unview(self, output, rows, n_lead, shape):
         B, C = output.shape[:2]
-        T = rows // B
-        if output.dim() == 3 and output.shape[2] == T:  # (from 2-D rows)
-            return output.transpose(1, 2).reshape(rows, C)
-        first = output.shape[2] // T
-        return output.reshape(B, C, T, first, *output.shape[3:]).movedim(2, 1).reshape(rows, C, first, *output.shape[3:])
+        return output.reshape(B, C, rows // B, *shape[2:]).movedim(2, 1).reshape(rows, C, *shape[2:])
 
     def capture(self, module, args, kwargs, output):
         x = args[0].detach()
