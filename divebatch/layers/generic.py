@@ -479,6 +479,9 @@ class DirectUseRecorder(TorchFunctionMode):
         # follower took (``W[e]``), kept to become tensors computed from the parameters (``derived``)
         # where an op other than a product with rows takes them.
         self.slices: dict[int, tuple] = {}
+        # Set at exit: computed tensors no op took, and whether they alone sent the call to the replay.
+        self.untaken: list[torch.Tensor] = []
+        self.only_untaken = False
         # id -> (name, tensor, scale): the parameters, and tensors derived from one of them as
         # ``scale * p + constant`` (views, dtype casts, ``1.0 + p``, ``-p``, ``p / 2``), or as an
         # elementwise function of it (``-exp(p)``: ``scale`` is then the derivative, a tensor of
@@ -504,7 +507,7 @@ class DirectUseRecorder(TorchFunctionMode):
         if self.experts is not None:
             self.experts.clear()  # the labels hold the forward's tensors
         # Computed tensors no op took: returned or kept (see ``computed_outputs``), or made from batched
-        # constants; their gradient would reach the parameters unseen.
+        # constants; their gradient would reach the parameters unseen, unless they are the outputs.
         self.untaken = [t for key, (t, *_) in self.derived.items() if key not in self.taken and self._param_name(t) is None]
         self.only_untaken = self.uses is not None and not self.unproven and bool(self.untaken)
         if self.uses is not None and (self.unproven or self.untaken):
@@ -965,7 +968,7 @@ class DirectUseRecorder(TorchFunctionMode):
         """``ComputedUse``s of ``outputs`` (the call's outputs that need a gradient, in order) where
         the recorder gave up only because those tensors, computed from the parameters alone, were
         returned untaken; else None. Call after the recorder has exited."""
-        if not getattr(self, "only_untaken", False) or len(outputs) != len(self.untaken) or not all(
+        if not self.only_untaken or len(outputs) != len(self.untaken) or not all(
                 any(o is t for t in self.untaken) for o in outputs):
             return None
         uses = []
