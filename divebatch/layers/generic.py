@@ -425,6 +425,28 @@ def _touches(args, kwargs, table: dict) -> bool:
     return False
 
 
+def _sdpa_arguments(args, kwargs) -> dict:
+    """``F.scaled_dot_product_attention``'s query, key, value and attn_mask by name."""
+    bound = dict(zip(("query", "key", "value", "attn_mask"), args))
+    bound.update(kwargs)
+    return bound
+
+
+def _with_attn_mask(args, kwargs, mask) -> tuple[list, dict]:
+    """An SDPA call's arguments with ``mask`` as its ``attn_mask``, positional or keyword as given."""
+    args = list(args)
+    if len(args) > 3:
+        args[3] = mask
+    else:
+        kwargs = dict(kwargs, attn_mask=mask)
+    return args, kwargs
+
+
+def _use_kind(kind: str) -> str:
+    """The ``DirectUse`` kind of a ``_DIRECT_KINDS`` op: a product, an expand, or a sum (``+``, ``-``)."""
+    return kind if kind in ("mul", "expand") else "add"
+
+
 def _carries_grad(out) -> bool:
     """Whether a gradient can flow back through an op's output (not ``p.shape``, ``p.detach()``)."""
     return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(out)[0])
@@ -607,8 +629,7 @@ class DirectUseRecorder(TorchFunctionMode):
         if binary:
             self._check_rows(args[1 - index], out)
         other = args[1 - index] if kind == "mul" else None  # only a product's gradient needs it
-        self._record(args[index], "mul" if kind == "mul" else ("expand" if kind == "expand" else "add"),
-                     _sign(kind, index), other, out)
+        self._record(args[index], _use_kind(kind), _sign(kind, index), other, out)
         return out
 
     def _batched(self, x, rows: int, dims: int) -> bool:
@@ -631,7 +652,7 @@ class DirectUseRecorder(TorchFunctionMode):
             if not isinstance(t, torch.Tensor) or self.unproven.get(id(t)) is not t:
                 continue
             if func is F.scaled_dot_product_attention:
-                bound = dict(zip(("query", "key", "value", "attn_mask"), args), **kwargs)
+                bound = _sdpa_arguments(args, kwargs)
                 partner = bound.get("query") if bound.get("attn_mask") is t else None
             elif _DIRECT_KINDS.get(func) in ("add", "sub", "rsub", "mul") and len(args) == 2 and not kwargs:
                 partner = args[1] if args[0] is t else args[0]
@@ -901,8 +922,7 @@ class DirectUseRecorder(TorchFunctionMode):
         if isinstance(other, torch.Tensor):
             other = other.detach()
         params = {name: p.detach() for name, p in recipe.leaves.values()}
-        self._add(DirectUse(next(iter(params)), "mul" if kind == "mul" else ("expand" if kind == "expand" else "add"),
-                            _sign(kind, hits[0]), other, out.shape, t.shape,
+        self._add(DirectUse(next(iter(params)), _use_kind(kind), _sign(kind, hits[0]), other, out.shape, t.shape,
                             computed=ComputedUse(params, recipe, t.dtype)), out)
         return True
 
@@ -912,8 +932,7 @@ class DirectUseRecorder(TorchFunctionMode):
         them first, which broadcasting does anyway (the same kernel and values), so that the
         ``expand`` is the recorded use and the mask's gradient arrives per sample. None where the
         call is not of that form."""
-        bound = dict(zip(("query", "key", "value", "attn_mask"), args))
-        bound.update(kwargs)
+        bound = _sdpa_arguments(args, kwargs)
         mask, query = bound.get("attn_mask"), bound.get("query")
         if (not isinstance(query, torch.Tensor) or not self._in_graph(mask) or mask.dtype == torch.bool
                 or not 0 < mask.dim() <= query.dim() or query.shape[0] < 2
@@ -925,11 +944,7 @@ class DirectUseRecorder(TorchFunctionMode):
         if len(shape) != mask.dim():
             mask = self.__torch_function__(torch.Tensor.reshape, (), (mask, shape))
         expanded = self.__torch_function__(torch.Tensor.expand, (), (mask, (query.shape[0], *shape[1:])))
-        args = list(args)
-        if len(args) > 3:
-            args[3] = expanded
-        else:
-            kwargs = dict(kwargs, attn_mask=expanded)
+        args, kwargs = _with_attn_mask(args, kwargs, expanded)
         return F.scaled_dot_product_attention(*args, **kwargs)
 
     def _adopt(self, args, kwargs) -> None:
@@ -1749,9 +1764,7 @@ class SharedOutputWatcher:
         """``F.scaled_dot_product_attention`` with a ``[1, ...]`` alias as its additive ``attn_mask``
         (T5's position bias): the mask is expanded to the B samples of the query, which broadcasting
         does anyway, so its gradient arrives per sample."""
-        names = ("query", "key", "value", "attn_mask")
-        bound = dict(zip(names, args))
-        bound.update(kwargs)
+        bound = _sdpa_arguments(args, kwargs)
         mask, query = bound.get("attn_mask"), bound.get("query")
         if not (self._is_alias(mask) and isinstance(query, torch.Tensor) and query.dim() == mask.dim()
                 and query.shape[0] > 1 and mask.dtype != torch.bool):
@@ -1765,12 +1778,8 @@ class SharedOutputWatcher:
         expanded = mask.expand(rows, *mask.shape[1:])
         expanded.register_hook(partial(self._collect, sign, None, shape, self.aliases[id(mask)][1]))
         self.broadcasts += 1
-        call_args = list(args)
-        if len(call_args) > 3:
-            call_args[3] = expanded
-        else:
-            kwargs = dict(kwargs, attn_mask=expanded)
-        return run(*call_args, **kwargs)
+        args, kwargs = _with_attn_mask(args, kwargs, expanded)
+        return run(*args, **kwargs)
 
     def _samples(self, rows_of: torch.Tensor | None, rows: int) -> int | None:
         """The samples that ``rows`` rows of a use of the alias belong to, fixing ``batch_size`` at
