@@ -11,7 +11,7 @@ gradient is defined. Prints a Markdown table.
     python bench/timm_coverage.py resnet18 vit_tiny_patch16_224        # some models only
 
 timm needs torchvision, which has no build for the torch of ``./run setup``: run it in a venv with
-``pip install torch==2.14.1 torchvision==0.29.1 timm`` (see the README's figures).
+``pip install torch==2.14.1 torchvision==0.29.1 timm`` (see docs/figures.md, 'timm image models').
 """
 
 from __future__ import annotations

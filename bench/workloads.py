@@ -338,7 +338,7 @@ def _timm(name: str, **kwargs):
         except ImportError as err:
             raise RuntimeError("the timm-* workloads need timm, which needs torchvision: it has no build for the "
                                "torch of ./run setup, so use a venv with `pip install torch==2.14.1 "
-                               "torchvision==0.29.1 timm` and this tree on PYTHONPATH (see the README)") from err
+                               "torchvision==0.29.1 timm` and this tree on PYTHONPATH (see docs/figures.md)") from err
         return timm.create_model(name, pretrained=False, num_classes=10, drop_rate=0.0, drop_path_rate=0.0, **kwargs)
     return make
 

@@ -968,8 +968,8 @@ class GradNormTracker:
         return (f" Here {what} is shared by the samples (it has no batch dim). Its per-sample gradients "
                 "are followed only through rearranging ops, dropout, functions of it and parameters (a "
                 "LayerNorm, a Linear) to ops that broadcast it over the batch (`+`, `-`, `*`, a matmul with "
-                f"[B, ...] queries, `repeat(B, ...)`); {watcher.failure()}. Use it only through those ops (see the "
-                "README, 'What is covered').")
+                f"[B, ...] queries, `repeat(B, ...)`); {watcher.failure()}. Use it only through those ops (see "
+                "docs/coverage.md).")
 
     @staticmethod
     def _checkpoint_refusal(watcher: SharedOutputWatcher) -> str:

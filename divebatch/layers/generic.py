@@ -228,7 +228,7 @@ _NORMS = {
     F.group_norm: (_group_norm, "num_groups", 1), torch.group_norm: (_group_norm, "num_groups", 1),
     # timm's BatchNormAct2d (batch norm, activation and dropout in one subclass's forward). In
     # training mode the batch statistics mix the samples: the weight's and bias's "per-sample"
-    # gradients are then the decomposition nn.BatchNorm's rule gives (see the README).
+    # gradients are then the decomposition nn.BatchNorm's rule gives (see docs/coverage.md).
     F.batch_norm: (_batch_norm, "input", 1),
 }
 # Normalisations that update running statistics: run once, never probed for their dtype.
