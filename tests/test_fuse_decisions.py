@@ -77,3 +77,52 @@ def test_routes_and_numbers_in_one_model():
     per_sample, _, batch = reference_norms(model, loss_fn, x, y)
     assert rel_err(stats.per_sample, per_sample) <= 1e-5
     assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
+
+
+class Patches(nn.Module):
+    """A non-overlapping convolution (stride = kernel: a ViT's patch embedding) with a tail of
+    input the kernel does not reach, then a Linear over the patches."""
+
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self.conv, self.head = conv, nn.LazyLinear(1)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x)).flatten(2).transpose(1, 2)  # [B, T, Cout]
+        return self.head(h).sum(dim=(1, 2))
+
+
+@pytest.mark.parametrize("conv, shape, route", [
+    (lambda: nn.Conv2d(16, 64, 4, 4), (3, 16, 18, 17), "fused-unfold-instantiate"),
+    (lambda: nn.Conv2d(16, 64, 4, 4, bias=False), (1, 16, 32, 32), "fused-unfold-instantiate"),
+    (lambda: nn.Conv1d(32, 64, 8, 8, padding="valid"), (3, 32, 260), "fused-unfold-instantiate"),
+    (lambda: nn.Conv3d(4, 128, (2, 4, 4), (2, 4, 4)), (2, 4, 8, 17, 16), "fused-unfold-instantiate"),
+    # Each sample's gradient below UNFOLDED_TILE_ELEMENTS: the grouped convolution; padded or
+    # overlapping windows: the cost model between it and the hooks.
+    (lambda: nn.Conv2d(3, 32, 4, 4), (3, 3, 16, 16), "fused-per-sample-conv"),
+    (lambda: nn.Conv2d(16, 64, 4, 4, padding=1), (3, 16, 18, 17), "ghost"),
+    (lambda: nn.Conv2d(16, 64, 4, 2), (3, 16, 18, 17), "fused-per-sample-conv"),
+])
+def test_non_overlapping_convolution_takes_the_unfolded_tile_route(conv, shape, route):
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    model = Patches(conv())
+    model(x)  # (materialises the lazy head)
+    y = torch.randn(shape[0])
+    plain = Patches(conv())
+    plain.load_state_dict(model.state_dict())
+
+    def loss_fn(out, target):
+        return 0.5 * (out - target).square().sum()
+
+    loss_fn(plain(x), y).backward()
+    with GradNormTracker(model, "sum") as tracker:
+        loss_fn(model(x), y).backward()
+        stats = tracker.collect()
+        assert {plan.module: plan.route for plan in tracker.plan()}["conv"] == route
+    per_sample, _, batch = reference_norms(model, loss_fn, x, y)
+    assert rel_err(stats.per_sample, per_sample) <= 1e-5
+    assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
+    for name, p in model.conv.named_parameters():  # the weight gradient comes from the per-sample tiles
+        expected = dict(plain.conv.named_parameters())[name].grad
+        torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
