@@ -16,6 +16,7 @@ norms of that gradient; the tracker divides by ``c**2`` (DESIGN §2).
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 
 from dataclasses import dataclass, field
@@ -223,5 +224,17 @@ def capture_suspended() -> bool:
 
 
 def per_sample_sq(t: torch.Tensor) -> torch.Tensor:
-    """Squared norm per sample of ``t [B, ...]``, float32 [B]."""
-    return t.float().reshape(t.shape[0], -1).square().sum(dim=1)
+    """Squared norm per sample of ``t [B, ...]``, float32 [B].
+
+    Rows whose length has a power-of-two factor of 256 to 4096 (most parameters' sizes) go through
+    one batched dot product per block of that many elements, the blocks' sums added in float64,
+    rather than ``square().sum()``: no temporary the size of ``t``, whose fresh allocation of a few
+    MB costs its page faults on every call (2.2 ms against 0.13 ms for a ``[8, 110592]`` per-sample
+    gradient inside a ViT's step on 2 cores). Each float32 dot adds at most 4096 terms."""
+    rows = t.float().reshape(t.shape[0], -1)
+    block = math.gcd(rows.shape[1], 4096)
+    if block < 256 or rows.shape[1] == block or not rows.is_contiguous():
+        return rows.square().sum(dim=1)
+    head = rows.view(-1, 1, block)
+    sums = torch.bmm(head, head.transpose(1, 2)).view(rows.shape[0], -1).sum(dim=1, dtype=torch.float64)
+    return sums.float()

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .base import LayerRule, RoutePlan, RuleError, register
+from .base import LayerRule, RoutePlan, RuleError, per_sample_sq, register
 from .linear import fused_linear_route, linear_norms
 from .routes import MAX_EXTRA_BYTES, linear_route
 
@@ -347,7 +347,7 @@ def fused_conv_grads(module, ctx, g, tracked):
         step = fused_chunk(module, x, g)
         for start in range(0, B, step):
             psg = per_sample_conv_weight_grads(module, x[start:start + step], padding, g[start:start + step]).float()
-            sq.append(psg.reshape(psg.shape[0], -1).square().sum(dim=1))
+            sq.append(per_sample_sq(psg))
             part = psg.sum(dim=0)
             grad_w = part if grad_w is None else grad_w + part
     sq = torch.cat(sq)

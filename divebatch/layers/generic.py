@@ -1076,7 +1076,8 @@ def _direct_per_sample(uses: list[DirectUse], grads, tracked, batch_size: int,
             continue
         if g is None or use.kind == "rows" or use.name not in tracked:
             continue
-        contrib = g.float() * use.sign
+        # The sign is applied to the per-sample result, not to the (larger) output grad: each step is linear.
+        contrib = g.float()
         if use.kind == "embedding":
             per_sample = _lookup_per_sample(use, contrib, batch_size)
         else:
@@ -1087,6 +1088,8 @@ def _direct_per_sample(uses: list[DirectUse], grads, tracked, batch_size: int,
             if contrib.shape[0] != batch_size:  # rows proven sample-major (see usable_direct_uses)
                 contrib = contrib.reshape(batch_size, -1, *contrib.shape[1:]).sum(dim=1)
             per_sample = contrib.sum_to_size(target)
+            if use.sign != 1.0:
+                per_sample = per_sample * use.sign
             if use.computed is not None:  # the computed tensor's, taken back to the parameters'
                 per_sample = per_sample.reshape(batch_size, *use.param_shape)[samples or slice(0, batch_size)]
                 for name, t in use.computed.per_sample(per_sample).items():
@@ -1094,6 +1097,8 @@ def _direct_per_sample(uses: list[DirectUse], grads, tracked, batch_size: int,
                         products[name] = t if name not in products else products[name] + t
                 continue
             per_sample = per_sample.reshape(batch_size, *tracked[use.name].shape)
+        if use.kind == "embedding" and use.sign != 1.0:
+            per_sample = per_sample * use.sign
         if use.factor is not None:
             per_sample = per_sample * use.factor
         total[use.name] = per_sample if use.name not in total else total[use.name] + per_sample
@@ -1797,10 +1802,12 @@ class SharedOutputWatcher:
         return samples if samples == self.batch_size else None
 
     def _collect(self, sign: float, factor, alias_shape, chain, grad: torch.Tensor) -> None:
-        g = grad.float() * sign
+        g = grad.float()
         if factor is not None:
             g = g * factor.float()
         part = g.sum_to_size((g.shape[0], *alias_shape[1:]))  # row r's grad of the alias
+        if sign != 1.0:  # (linear: on the summed part, the smaller tensor)
+            part = part * sign
         if part.shape[0] != self.batch_size:  # rows proven sample-major groups (see _samples)
             part = part.view(self.batch_size, -1, *alias_shape[1:]).sum(dim=1)  # [B, ...]: sample b's
         self._accumulate(part, chain, batch_of_one=True)
