@@ -376,9 +376,29 @@ def _rows_gathered(source: torch.Tensor, flat_index: torch.Tensor, shape: torch.
     return torch.index_select(source.reshape(-1), 0, flat_index).view(shape)
 
 
-def _replay_step(out, func, args, kwargs) -> tuple:
+#: Ops that only rearrange their input's elements (or repeat them): applied to a gather's result,
+#: the same op on the gather's index gives an index that gathers the result directly.
+_REARRANGES = _PERMUTES | _RESHAPES | {
+    torch.Tensor.contiguous, torch.Tensor.unsqueeze, torch.unsqueeze, torch.Tensor.squeeze, torch.squeeze,
+    torch.Tensor.flatten, torch.flatten, torch.Tensor.t, torch.t, torch.Tensor.expand}
+
+
+def _replay_step(out, func, args, kwargs, derived: dict | None = None) -> tuple:
     """The ``(out, func, args, kwargs)`` a ``WeightRecipe`` replays for the op that gave ``out``:
-    the op itself, or for a gather of rows ``t[index]`` the same gather as ``_rows_gathered``."""
+    the op itself, or for a gather of rows ``t[index]`` the same gather as ``_rows_gathered``.
+
+    A rearrangement of a gather's result (``derived``: the steps recorded so far) is folded into
+    the gather: timm's relative-position bias, ``table[index].view(N, N, -1).permute(2, 0, 1)``,
+    becomes one gather in the permuted order, whose backward under ``vmap`` adds each sample's
+    grad into the table as it lies, without first copying it back into the gathered order (a
+    ``[B, N*N, heads]`` copy per attention layer)."""
+    if func in _REARRANGES and derived is not None and args and isinstance(args[0], torch.Tensor):
+        entry = derived.get(id(args[0]))
+        if entry is not None and entry[0] is args[0] and entry[1] is _rows_gathered:
+            source, flat, _ = entry[2]
+            index = func(flat.view(args[0].shape), *args[1:], **kwargs)
+            if index.shape == out.shape:
+                return out, _rows_gathered, (source, index.reshape(-1), out.shape), {}
     if (func is torch.Tensor.__getitem__ and len(args) == 2 and not kwargs and isinstance(args[1], torch.Tensor)
             and not args[1].is_floating_point() and args[1].dtype != torch.bool and args[0].dim() >= 2):
         source, index = args
@@ -845,7 +865,7 @@ class DirectUseRecorder(TorchFunctionMode):
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         if any(t.requires_grad and not self._in_graph(t) for t in tensors):
             return False
-        self.derived[id(out)] = _replay_step(out, func, args, kwargs)
+        self.derived[id(out)] = _replay_step(out, func, args, kwargs, self.derived)
         self.taken.update(id(t) for t in tensors if self._in_graph(t))
         return True
 
