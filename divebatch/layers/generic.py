@@ -469,6 +469,8 @@ def _use_kind(kind: str) -> str:
 
 def _carries_grad(out) -> bool:
     """Whether a gradient can flow back through an op's output (not ``p.shape``, ``p.detach()``)."""
+    if isinstance(out, torch.Tensor):  # (most ops: no tree to flatten)
+        return out.requires_grad
     return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(out)[0])
 
 
