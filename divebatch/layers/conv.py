@@ -237,11 +237,12 @@ def _fused_conv_pays(B: int, groups: int, T: int, d: int, p: int, threads: int) 
 #: this many elements (``d * p``). Unfolding such a convolution copies the input once, in another
 #: order, without duplicating it, and the tile route runs at GEMM speed, while the grouped
 #: per-sample convolution writes every per-sample gradient and runs slowly with large kernels.
-#: Timed on 22 shapes (2 threads; kernels 2, 4, 8 and 16, Cin 3-384, Cout 32-768, B 8-64): with the
-#: bound, the faster of the two was taken on 20, the 2 misses within 1.1x; a ViT-B/16-style patch
-#: embedding (B = 8, 3 -> 192 channels, 16x16 at 224x224) took 4.2 ms against 6.5 ms grouped and
-#: 5.2 ms for autograd's weight gradient alone. Below the bound (3 input channels at kernel 2 or 4)
-#: the grouped convolution was as fast or up to 2x faster.
+#: Timed on 19 shapes (``bench/conv_patch_routes.py``, recorded in bench/results/; 2 threads; kernels
+#: 2, 4, 8 and 16, Cin 3-192, Cout 32-768, B 8-64): the bound picked the faster route on 16, the 3
+#: misses within 1.1x. A ViT-B/16-style patch embedding (B = 8, 3 -> 192 channels, 16x16 at 224x224)
+#: took 6.9 ms unfolded against 11.7 ms grouped (5.3 ms for autograd's weight gradient alone, which
+#: the fused route replaces); a 2x2 downsampling from 192 to 384 channels, 35 ms against 84 ms. Below
+#: the bound (3 input channels at kernel 2 or 4) the two are within 1.1x or the grouped one is faster.
 UNFOLDED_TILE_ELEMENTS = 16384
 
 

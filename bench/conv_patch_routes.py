@@ -1,0 +1,98 @@
+"""Non-overlapping convolutions (stride = kernel): the fused path's two ways to per-sample norms.
+
+For each shape, times side by side (median of ``--reps``, after warm-up): autograd's own
+weight-gradient convolution (for scale), the grouped per-sample convolution
+(``fused-per-sample-conv``) and the unfolded patches through ``instantiate_norm``
+(``fused-unfold-instantiate``), and says which one ``divebatch.layers.conv`` picks
+(``UNFOLDED_TILE_ELEMENTS``) and whether that was the faster. Both give the norms and the weight
+gradient; their agreement is printed too.
+
+    python bench/conv_patch_routes.py [--reps 10] [--out bench/results/conv_patch_routes.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from divebatch import ops  # noqa: E402
+from divebatch.layers.base import per_sample_sq  # noqa: E402
+from divebatch.layers.conv import (  # noqa: E402
+    UNFOLDED_TILE_ELEMENTS, _unfolded_fused_route, grouped_grad, per_sample_conv_weight_grads, unfold_patches)
+
+#: (B, Cin, H = W, Cout, kernel = stride): patch embeddings (ViT, Swin, ConvNeXt stems) and
+#: ConvNeXt-style 2x2 downsampling, on both sides of the bound.
+SHAPES = [
+    (8, 3, 224, 192, 16), (8, 3, 224, 768, 16), (16, 3, 224, 384, 16), (32, 3, 64, 192, 8), (16, 3, 224, 96, 8),
+    (32, 3, 224, 96, 4), (16, 3, 224, 48, 4), (8, 3, 224, 128, 4), (32, 3, 32, 192, 4),
+    (32, 96, 56, 192, 2), (32, 192, 28, 384, 2), (32, 64, 32, 128, 2), (32, 128, 16, 256, 2), (16, 64, 28, 128, 2),
+    (16, 64, 28, 64, 2), (8, 48, 56, 96, 2), (16, 32, 64, 64, 2), (64, 16, 32, 32, 2), (64, 3, 32, 64, 2),
+]
+
+
+def _median_ms(fn, reps: int) -> float:
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _unfolded(module, x, g):
+    """Per-sample squared norms [B] and weight gradient of the unfolded route."""
+    w_sq, _, grad_w = ops.instantiate_norm(unfold_patches(module, x), grouped_grad(module, g), False)
+    return w_sq, grad_w.view(module.weight.shape)
+
+
+def _grouped(module, x, g):
+    """Per-sample squared norms [B] and weight gradient of the grouped per-sample convolution."""
+    per_sample = per_sample_conv_weight_grads(module, x, [0] * x[0, 0].dim(), g)
+    return per_sample_sq(per_sample), per_sample.sum(dim=0)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=None, help="write the Markdown table here too")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads; bound d*p >= {UNFOLDED_TILE_ELEMENTS}",
+             "", "| B, Cin, H, Cout, k | d*p | autograd wgrad ms | grouped ms | unfolded ms | picked | faster picked | "
+             "rel. diff (norms, grad) |", "|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for B, cin, size, cout, k in SHAPES:
+        module = nn.Conv2d(cin, cout, k, k)
+        x, g = torch.randn(B, cin, size, size), torch.randn(B, cout, size // k, size // k)
+        wgrad = _median_ms(lambda: torch.ops.aten.convolution_backward(
+            g, x, module.weight, None, module.stride, [0, 0], module.dilation, False, [0, 0], 1,
+            [False, True, False]), args.reps)
+        grouped = _median_ms(lambda: _grouped(module, x, g), args.reps)
+        unfolded = _median_ms(lambda: _unfolded(module, x, g), args.reps)
+        d, p, T = cin * k * k, cout, (size // k) ** 2
+        picked = "unfolded" if _unfolded_fused_route(module, True, B, T, d, p, "cpu") else "grouped"
+        faster = (picked == "unfolded") == (unfolded <= grouped)
+        (sq_a, w_a), (sq_b, w_b) = _grouped(module, x, g), _unfolded(module, x, g)
+        diff = ((sq_a - sq_b).abs() / sq_a).max().item()
+        diff_w = ((w_a - w_b).abs().max() / w_a.abs().max()).item()
+        line = (f"| {B}, {cin}, {size}, {cout}, {k} | {d * p} | {wgrad:.2f} | {grouped:.2f} | {unfolded:.2f} | "
+                f"{picked} | {'yes' if faster else 'no'} | {diff:.1e}, {diff_w:.1e} |")
+        lines.append(line)
+        print(line, flush=True)
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
