@@ -54,3 +54,23 @@ def test_squared_norm_of_a_large_tensor_stays_accurate(bf16_values):
     ref = t.double().square().sum()
     assert abs(squared_norm(t).double() - ref) / ref <= 1e-6
     assert abs(squared_norm(t.bfloat16()).double() - t.bfloat16().double().square().sum()) / ref <= 1e-6
+
+
+@pytest.mark.parametrize("shape, make", [
+    ((3, 12288), lambda t: t),                    # blocks of 4096
+    ((2, 110592), lambda t: t),                   # blocks of 4096 (a [576, 192] weight per sample)
+    ((4, 768), lambda t: t),                      # one block per row: summed directly
+    ((5, 1000), lambda t: t),                     # no power-of-two block
+    ((4, 64, 48), lambda t: t.transpose(1, 2)),   # a non-contiguous per-sample gradient
+    ((3, 8192), lambda t: t.half()),              # float16: squared in float32
+])
+def test_per_sample_sq_is_each_rows_squared_norm(shape, make):
+    from divebatch.layers.base import per_sample_sq
+
+    g = torch.Generator().manual_seed(0)
+    # Rows of very different scales, so a sum that mixed rows or dropped a block would show.
+    t = make(torch.randn(shape, generator=g) * torch.logspace(-2, 2, shape[0]).view(-1, *[1] * (len(shape) - 1)))
+    ref = t.double().reshape(shape[0], -1).square().sum(dim=1)
+    got = per_sample_sq(t)
+    assert got.dtype == torch.float32 and got.shape == (shape[0],)
+    assert ((got.double() - ref).abs() / ref).max() <= 1e-6

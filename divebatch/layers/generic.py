@@ -376,11 +376,12 @@ def _rows_gathered(source: torch.Tensor, flat_index: torch.Tensor, shape: torch.
     return torch.index_select(source.reshape(-1), 0, flat_index).view(shape)
 
 
-#: Ops that only rearrange their input's elements (or repeat them): applied to a gather's result,
-#: the same op on the gather's index gives an index that gathers the result directly.
+#: Ops that only rearrange their input's elements: applied to a gather's result, the same op on the
+#: gather's index gives an index that gathers the result directly. (Not ``expand``: its index would
+#: be as large as the expanded view, which costs nothing.)
 _REARRANGES = _PERMUTES | _RESHAPES | {
     torch.Tensor.contiguous, torch.Tensor.unsqueeze, torch.unsqueeze, torch.Tensor.squeeze, torch.squeeze,
-    torch.Tensor.flatten, torch.flatten, torch.Tensor.t, torch.t, torch.Tensor.expand}
+    torch.Tensor.flatten, torch.flatten, torch.Tensor.t, torch.t}
 
 
 def _replay_step(out, func, args, kwargs, derived: dict | None = None) -> tuple:
