@@ -4,7 +4,8 @@ For each shape, times side by side (median of ``--reps``, after warm-up): autogr
 weight-gradient convolution (for scale), the grouped per-sample convolution
 (``fused-per-sample-conv``) and the unfolded patches through ``instantiate_norm``
 (``fused-unfold-instantiate``), and says which one ``divebatch.layers.conv`` picks
-(``UNFOLDED_TILE_ELEMENTS``) and whether that was the faster. Both give the norms and the weight
+(``UNFOLDED_TILE_ELEMENTS``; "hooks" where neither: autograd's weight gradient plus the unfolded
+routes) and whether that was the faster of the two. Both give the norms and the weight
 gradient; their agreement is printed too.
 
     python bench/conv_patch_routes.py [--reps 10] [--out bench/results/conv_patch_routes.md]
@@ -26,15 +27,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from divebatch import ops  # noqa: E402
 from divebatch.layers.base import per_sample_sq  # noqa: E402
 from divebatch.layers.conv import (  # noqa: E402
-    UNFOLDED_TILE_ELEMENTS, _unfolded_fused_route, grouped_grad, per_sample_conv_weight_grads, unfold_patches)
+    UNFOLDED_TILE_ELEMENTS, _unfolded_fused_route, fused_conv_pays, grouped_grad, per_sample_conv_weight_grads, unfold_patches)
 
-#: (B, Cin, H = W, Cout, kernel = stride): patch embeddings (ViT, Swin, ConvNeXt stems) and
-#: ConvNeXt-style 2x2 downsampling, on both sides of the bound.
+#: (B, Cin, H = W, Cout, kernel = stride): patch embeddings (ViT, Swin, ConvNeXt stems),
+#: ConvNeXt-style 2x2 downsampling and 1x1 convolutions, on both sides of the bound.
 SHAPES = [
     (8, 3, 224, 192, 16), (8, 3, 224, 768, 16), (16, 3, 224, 384, 16), (32, 3, 64, 192, 8), (16, 3, 224, 96, 8),
     (32, 3, 224, 96, 4), (16, 3, 224, 48, 4), (8, 3, 224, 128, 4), (32, 3, 32, 192, 4),
     (32, 96, 56, 192, 2), (32, 192, 28, 384, 2), (32, 64, 32, 128, 2), (32, 128, 16, 256, 2), (16, 64, 28, 128, 2),
     (16, 64, 28, 64, 2), (8, 48, 56, 96, 2), (16, 32, 64, 64, 2), (64, 16, 32, 32, 2), (64, 3, 32, 64, 2),
+    # 1x1 convolutions (stride 1: also non-overlapping), as in ResNet bottlenecks and inverted residuals.
+    (32, 64, 56, 256, 1), (32, 256, 56, 64, 1), (32, 128, 28, 512, 1), (32, 256, 14, 1024, 1), (32, 512, 7, 2048, 1),
+    (32, 1024, 7, 512, 1), (64, 96, 28, 384, 1), (32, 64, 56, 64, 1), (32, 32, 56, 96, 1),
 ]
 
 
@@ -64,6 +68,7 @@ def _grouped(module, x, g):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--kernels", default="1,2,4,8,16", help="comma-separated kernel sizes to time")
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown table here too")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -71,7 +76,8 @@ def main(argv=None) -> int:
              "", "| B, Cin, H, Cout, k | d*p | autograd wgrad ms | grouped ms | unfolded ms | picked | faster picked | "
              "rel. diff (norms, grad) |", "|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
-    for B, cin, size, cout, k in SHAPES:
+    kernels = {int(k) for k in args.kernels.split(",")}
+    for B, cin, size, cout, k in [shape for shape in SHAPES if shape[-1] in kernels]:
         module = nn.Conv2d(cin, cout, k, k)
         x, g = torch.randn(B, cin, size, size), torch.randn(B, cout, size // k, size // k)
         wgrad = _median_ms(lambda: torch.ops.aten.convolution_backward(
@@ -80,13 +86,16 @@ def main(argv=None) -> int:
         grouped = _median_ms(lambda: _grouped(module, x, g), args.reps)
         unfolded = _median_ms(lambda: _unfolded(module, x, g), args.reps)
         d, p, T = cin * k * k, cout, (size // k) ** 2
-        picked = "unfolded" if _unfolded_fused_route(module, True, B, T, d, p, "cpu") else "grouped"
-        faster = (picked == "unfolded") == (unfolded <= grouped)
+        if _unfolded_fused_route(module, True, B, T, d, p, "cpu"):
+            picked = "unfolded"
+        else:  # (the hooks: autograd's weight gradient plus the unfolded Gram or instantiate route)
+            picked = "grouped" if fused_conv_pays(B, 1, T, d, p) else "hooks"
+        faster = "-" if picked == "hooks" else ("yes" if (picked == "unfolded") == (unfolded <= grouped) else "no")
         (sq_a, w_a), (sq_b, w_b) = _grouped(module, x, g), _unfolded(module, x, g)
         diff = ((sq_a - sq_b).abs() / sq_a).max().item()
         diff_w = ((w_a - w_b).abs().max() / w_a.abs().max()).item()
         line = (f"| {B}, {cin}, {size}, {cout}, {k} | {d * p} | {wgrad:.2f} | {grouped:.2f} | {unfolded:.2f} | "
-                f"{picked} | {'yes' if faster else 'no'} | {diff:.1e}, {diff_w:.1e} |")
+                f"{picked} | {faster} | {diff:.1e}, {diff_w:.1e} |")
         lines.append(line)
         print(line, flush=True)
     if args.out:

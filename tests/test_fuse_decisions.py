@@ -97,6 +97,7 @@ class Patches(nn.Module):
     (lambda: nn.Conv2d(16, 64, 4, 4, bias=False), (1, 16, 32, 32), "fused-unfold-instantiate"),
     (lambda: nn.Conv1d(32, 64, 8, 8, padding="valid"), (3, 32, 260), "fused-unfold-instantiate"),
     (lambda: nn.Conv3d(4, 128, (2, 4, 4), (2, 4, 4)), (2, 4, 8, 17, 16), "fused-unfold-instantiate"),
+    (lambda: nn.Conv2d(8, 16, 1), (3, 8, 12, 11), "fused-unfold-instantiate"),  # 1x1: at any size
     # Each sample's gradient below UNFOLDED_TILE_ELEMENTS: the grouped convolution; padded or
     # overlapping windows: the cost model between it and the hooks.
     (lambda: nn.Conv2d(3, 32, 4, 4), (3, 3, 16, 16), "fused-per-sample-conv"),

@@ -237,12 +237,15 @@ def _fused_conv_pays(B: int, groups: int, T: int, d: int, p: int, threads: int) 
 #: this many elements (``d * p``). Unfolding such a convolution copies the input once, in another
 #: order, without duplicating it, and the tile route runs at GEMM speed, while the grouped
 #: per-sample convolution writes every per-sample gradient and runs slowly with large kernels.
-#: Timed on 19 shapes (``bench/conv_patch_routes.py``, recorded in bench/results/; 2 threads; kernels
-#: 2, 4, 8 and 16, Cin 3-192, Cout 32-768, B 8-64): the bound picked the faster route on 16, the 3
-#: misses within 1.1x. A ViT-B/16-style patch embedding (B = 8, 3 -> 192 channels, 16x16 at 224x224)
-#: took 6.9 ms unfolded against 11.7 ms grouped (5.3 ms for autograd's weight gradient alone, which
-#: the fused route replaces); a 2x2 downsampling from 192 to 384 channels, 35 ms against 84 ms. Below
-#: the bound (3 input channels at kernel 2 or 4) the two are within 1.1x or the grouped one is faster.
+#: Timed on 28 shapes (``bench/conv_patch_routes.py``, recorded in bench/results/; 2 threads; kernels
+#: 1, 2, 4, 8 and 16, Cin 3-1024, Cout 32-2048, B 8-64): of the 27 where one of the two is picked, the
+#: faster on 20; the 7 misses cost 1.02-1.2x, on layers of 0.8-14 ms at kernels 2-8 near the bound,
+#: where the two routes are within this VM's run-to-run noise. The wins are large: a ViT-B/16-style
+#: patch embedding (B = 8, 3 -> 192 channels, 16x16 at 224x224) took 4.3 ms against 8.7 ms grouped,
+#: a 2x2 downsampling from 192 to 384 channels 35 ms against 89 ms. A 1x1 convolution (a Linear over
+#: positions: ResNet bottlenecks, inverted residuals) takes the unfolded route at any size: the grouped
+#: 1x1 convolution ran 2.6-6.5x slower on all 8 such shapes compared (64 -> 256 channels at 56x56,
+#: B = 32: 23 ms against 98 ms; autograd's weight gradient alone took 83 ms there).
 UNFOLDED_TILE_ELEMENTS = 16384
 
 
@@ -250,7 +253,8 @@ def _unfolded_fused_route(module, unpadded: bool, B: int, T: int, d: int, p: int
     """Whether the fused path unfolds this call and takes the fused linear route (see
     ``UNFOLDED_TILE_ELEMENTS``); ``unpadded``: the convolution reads its input without padding."""
     return (unpadded and module.groups == 1 and tuple(module.stride) == tuple(module.kernel_size)
-            and all(dil == 1 for dil in module.dilation) and d * p >= UNFOLDED_TILE_ELEMENTS
+            and all(dil == 1 for dil in module.dilation)
+            and (d * p >= UNFOLDED_TILE_ELEMENTS or all(k == 1 for k in module.kernel_size))
             and fused_linear_route(B, T, d, p, device_type).route == "fused-instantiate")
 
 
