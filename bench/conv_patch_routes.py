@@ -3,9 +3,9 @@
 For each shape, times side by side (median of ``--reps``, after warm-up): autograd's own
 weight-gradient convolution (for scale), the grouped per-sample convolution
 (``fused-per-sample-conv``) and the unfolded patches through ``instantiate_norm``
-(``fused-unfold-instantiate``), and says which one ``divebatch.layers.conv`` picks
-(``UNFOLDED_TILE_ELEMENTS``; "hooks" where neither: autograd's weight gradient plus the unfolded
-routes) and whether that was the faster of the two. Both give the norms and the weight
+(``fused-unfold-instantiate``), and says which one ``divebatch.layers.conv`` picks where it fuses
+(``UNFOLDED_TILE_ELEMENTS``; "hooks" where its cost model does not fuse the layer: autograd's weight
+gradient plus the unfolded routes) and whether that was the faster of the two. Both give the norms and the weight
 gradient; their agreement is printed too.
 
     python bench/conv_patch_routes.py [--reps 10] [--out bench/results/conv_patch_routes.md]
@@ -86,10 +86,10 @@ def main(argv=None) -> int:
         grouped = _median_ms(lambda: _grouped(module, x, g), args.reps)
         unfolded = _median_ms(lambda: _unfolded(module, x, g), args.reps)
         d, p, T = cin * k * k, cout, (size // k) ** 2
-        if _unfolded_fused_route(module, True, B, T, d, p, "cpu"):
-            picked = "unfolded"
-        else:  # (the hooks: autograd's weight gradient plus the unfolded Gram or instantiate route)
-            picked = "grouped" if fused_conv_pays(B, 1, T, d, p) else "hooks"
+        if not fused_conv_pays(B, 1, T, d, p):
+            picked = "hooks"  # (autograd's weight gradient plus the unfolded Gram or instantiate route)
+        else:
+            picked = "unfolded" if _unfolded_fused_route(module, True, B, T, d, p, "cpu") else "grouped"
         faster = "-" if picked == "hooks" else ("yes" if (picked == "unfolded") == (unfolded <= grouped) else "no")
         (sq_a, w_a), (sq_b, w_b) = _grouped(module, x, g), _unfolded(module, x, g)
         diff = ((sq_a - sq_b).abs() / sq_a).max().item()

@@ -93,7 +93,7 @@ class Patches(nn.Module):
 
 
 @pytest.mark.parametrize("conv, shape, route", [
-    (lambda: nn.Conv2d(16, 64, 4, 4), (3, 16, 18, 17), "fused-unfold-instantiate"),
+    (lambda: nn.Conv2d(16, 64, 4, 4), (3, 16, 34, 33), "fused-unfold-instantiate"),
     (lambda: nn.Conv2d(16, 64, 4, 4, bias=False), (1, 16, 32, 32), "fused-unfold-instantiate"),
     (lambda: nn.Conv1d(32, 64, 8, 8, padding="valid"), (3, 32, 260), "fused-unfold-instantiate"),
     (lambda: nn.Conv3d(4, 128, (2, 4, 4), (2, 4, 4)), (2, 4, 8, 17, 16), "fused-unfold-instantiate"),

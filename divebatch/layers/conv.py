@@ -163,10 +163,7 @@ class ConvRule(LayerRule):
             span = module.dilation[i] * (module.kernel_size[i] - 1) + 1
             T *= max(0, (n + pads[2 * i] + pads[2 * i + 1] - span) // module.stride[i] + 1)
         d = module.in_channels // module.groups * math.prod(module.kernel_size)
-        p = module.out_channels // module.groups
-        if _unfolded_fused_route(module, not any(pads), x.shape[0], T, d, p, x.device.type):
-            return True  # the fused linear route replaces autograd's weight gradient; the hooks add to it
-        return fused_conv_pays(x.shape[0], module.groups, T, d, p)
+        return fused_conv_pays(x.shape[0], module.groups, T, d, module.out_channels // module.groups)
 
     def fused_forward(self, module, args, kwargs, sink):
         x = args[0]
@@ -230,22 +227,23 @@ def _fused_conv_pays(B: int, groups: int, T: int, d: int, p: int, threads: int) 
     return FUSED_PER_SAMPLE_GRAD_COST * per_sample_grads < hook_route
 
 
-#: The fused path of a non-overlapping convolution (stride equal to the kernel, no dilation, no
-#: padding, one group: a ViT's or Swin's patch embedding, ConvNeXt's downsampling) takes its unfolded
+#: Where a non-overlapping convolution (stride equal to the kernel, no dilation, no padding, one
+#: group: a ViT's or Swin's patch embedding, ConvNeXt's downsampling, a 1x1 convolution) is fused
+#: (``fused_conv_pays``: the choice between fused and hooks is the fitted model's), the fused path takes its unfolded
 #: patches through the fused linear route (``instantiate_norm``: each sample's ``p x d`` tile squared
 #: and summed into the weight gradient, never written whole) where a sample's gradient has at least
 #: this many elements (``d * p``). Unfolding such a convolution copies the input once, in another
 #: order, without duplicating it, and the tile route runs at GEMM speed, while the grouped
 #: per-sample convolution writes every per-sample gradient and runs slowly with large kernels.
 #: Timed on 28 shapes (``bench/conv_patch_routes.py``, recorded in bench/results/; 2 threads; kernels
-#: 1, 2, 4, 8 and 16, Cin 3-1024, Cout 32-2048, B 8-64): of the 27 where one of the two is picked, the
-#: faster on 20; the 7 misses cost 1.02-1.2x, on layers of 0.8-14 ms at kernels 2-8 near the bound,
-#: where the two routes are within this VM's run-to-run noise. The wins are large: a ViT-B/16-style
-#: patch embedding (B = 8, 3 -> 192 channels, 16x16 at 224x224) took 4.3 ms against 8.7 ms grouped,
-#: a 2x2 downsampling from 192 to 384 channels 35 ms against 89 ms. A 1x1 convolution (a Linear over
-#: positions: ResNet bottlenecks, inverted residuals) takes the unfolded route at any size: the grouped
-#: 1x1 convolution ran 2.6-6.5x slower on all 8 such shapes compared (64 -> 256 channels at 56x56,
-#: B = 32: 23 ms against 98 ms; autograd's weight gradient alone took 83 ms there).
+#: 1, 2, 4, 8 and 16, Cin 3-1024, Cout 32-2048, B 8-64): of the 25 the cost model fuses, the faster of
+#: the two was taken on 22; the 3 misses (3-channel 4x4 stems under 5 ms, below the bound) cost
+#: 1.02-1.36x. The wins are large: a ViT-B/16-style patch embedding (B = 8, 3 -> 192 channels, 16x16
+#: at 224x224) took 4.3 ms against 9.1 ms grouped, a 2x2 downsampling from 192 to 384 channels 25 ms
+#: against 69 ms. A 1x1 convolution (a Linear over positions: ResNet bottlenecks, inverted residuals)
+#: takes the unfolded route at any size: the grouped 1x1 convolution ran 1.6-4x slower on all 7 such
+#: shapes fused (64 -> 256 channels at 56x56, B = 32: 23 ms against 74 ms). End to end, a timm
+#: ResNet-50 in eval mode (B = 16, 128x128) measured 1.23-1.25x a plain step against 1.32-1.34x before.
 UNFOLDED_TILE_ELEMENTS = 16384
 
 
