@@ -402,6 +402,10 @@ WORKLOADS = {
     "timm-swin": Workload("timm-swin", _timm("swin_tiny_patch4_window7_224", embed_dim=48, depths=(2, 2, 2, 2),
                                              num_heads=(2, 2, 4, 4)), _images(8, (3, 224, 224)),
                           lambda x, y: 1.0 / x.shape[0]),
+    # timm's ResNet-50 (bottlenecks of 1x1 convolutions) in eval mode, where its BatchNorm layers use
+    # their running statistics and every sample's gradient is its own; 128x128, batch 16.
+    "timm-resnet50": Workload("timm-resnet50", lambda: _timm("resnet50")().eval(), _images(16, (3, 128, 128)),
+                              lambda x, y: 1.0 / x.shape[0]),
     # GPU only (bf16 there): a large transformer-MLP stack and ResNet-18-sized convolutions.
     "seq-large": Workload("seq-large", lambda: SeqModel(32000, 4096, 16384, 2), _tokens(8, 2048, 32000),
                           lambda x, y: 1.0 / y.numel(), token_level=True),
