@@ -651,6 +651,7 @@ class GradNormTracker:
                 inputs = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
                 first = next((x for x in inputs if x.dim() > 0), None)
                 recorder = DirectUseRecorder(owner.tracked, first, self._inner_params(owner), inputs)
+                recorder.batch_size = self._input_batch
                 recorder.__enter__()
             owner.pre_states.append(([inner.forward_calls + inner.covered_calls for inner in owner.descendants], recorder,
                                      _parametrization_state(module)))

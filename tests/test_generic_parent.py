@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from divebatch import GradNormTracker
 
@@ -225,6 +226,48 @@ def test_attention_biases_and_inner_weights_are_read_without_replay(case, module
     model, x = make_model(), make_x()
     _, routes = run(model, x, torch.randn(*model(x).shape))
     assert routes[module] == "generic (computed weights)"
+
+
+class _WeightGradGemms(TorchDispatchMode):
+    """Counts the backward's GEMMs (``mm``/``addmm``) whose output has a given shape."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.count = tuple(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) and tuple(out.shape) == self.shape:
+            self.count += 1
+        return out
+
+
+def test_concatenated_bias_product_takes_its_weight_gradient_from_the_per_sample_ones():
+    """BEiT's and EVA's ``F.linear(x, qkv.weight, cat(q_bias, k_bias, v_bias))``: its per-sample
+    weight gradients are formed anyway, so their sum is the weight's gradient and autograd's own
+    weight-gradient GEMM is not run again. (With windows folded into the batch, SwinV2, the op stays
+    ``F.linear``, whose autograd node the row proof reads: ``tests/test_windows.py``.)"""
+    torch.manual_seed(0)
+    d = 8
+    model = nn.Sequential(ConcatenatedBiasAttention(d), nn.Linear(d, 2))
+    plain = nn.Sequential(ConcatenatedBiasAttention(d), nn.Linear(d, 2))
+    plain.load_state_dict(model.state_dict())
+    x, y = torch.randn(3, 5, d), torch.randn(3, 5, 2)
+    gemms = _WeightGradGemms(model[0].qkv.weight.shape)
+    with gemms:
+        loss_fn(plain(x), y).backward()
+    assert gemms.count == 1  # autograd's, untracked
+    gemms.count = 0
+    with GradNormTracker(model, "sum") as tracker:
+        with gemms:
+            loss_fn(model(x), y).backward()
+        stats = tracker.collect()
+    assert gemms.count == 0
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    per_sample, _, batch = reference_norms(model, loss_fn, x, y)
+    assert rel_err(stats.per_sample, per_sample) <= 1e-5
+    assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
 
 
 def test_inner_modules_keep_their_rules():

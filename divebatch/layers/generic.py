@@ -40,7 +40,7 @@ broadcast it over the batch, where its per-sample gradients can still be read.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -55,6 +55,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .base import PerSampleGradsRule, RoutePlan, RuleError, per_sample_sq, suspend_capture
 from .conv import conv_weight_grads
 from .experts import _MATMULS, ExpertUses, rows_grad_sum, rows_norms, rows_per_sample
+from .linear import fused_linear
 from .routes import MAX_EXTRA_BYTES
 from .rows import flattened_samples
 
@@ -306,6 +307,12 @@ class ProductUse:
     # Rows of ``x`` (dim 0) per sample, sample-major (an ``F.linear`` of windows folded into the
     # batch dim, SwinV2's qkv): set by ``usable_direct_uses``.
     group: int = 1
+    # The name of a weight that is a parameter itself (not computed), where the recorder ran the op
+    # through ``fused_linear``: the sums over samples of its per-sample gradients (``weight_sums``,
+    # per slice of samples) become its batch gradient (``take_weight_grad``), so autograd does not
+    # compute that GEMM again.
+    fused_weight: str | None = None
+    weight_sums: dict = field(default_factory=dict)
 
     def per_sample(self, grad: torch.Tensor, samples: slice) -> dict[str, torch.Tensor]:
         """``{name: [samples, *shape]}`` float32."""
@@ -328,7 +335,21 @@ class ProductUse:
             # Each sample's grads of the weight and bias, taken back through the ops that computed them.
             _, pull = vjp(lambda params: tuple(t for t in self.replay(params) if t is not None), self.params)
             grads = vmap(lambda *parts: pull(parts)[0])(*operands)
-        return {name: t.float() for name, t in grads.items()}
+        grads = {name: t.float() for name, t in grads.items()}
+        if self.fused_weight is not None and self.fused_weight in grads:
+            self.weight_sums[(samples.start, samples.stop)] = grads[self.fused_weight].sum(dim=0)
+        return grads
+
+    def take_weight_grad(self) -> torch.Tensor | None:
+        """The batch gradient of ``fused_weight`` through this op (in its dtype), once per backward,
+        where ``per_sample`` saw every sample exactly once since the last call; else None."""
+        sums, self.weight_sums = self.weight_sums, {}
+        if not sums or sum(stop - start for start, stop in sums) != self.x.shape[0]:
+            return None
+        total = None
+        for part in sums.values():
+            total = part if total is None else total + part
+        return total.to(self.replay.weight.dtype)
 
     def _operand_grads(self, x: torch.Tensor, g: torch.Tensor) -> tuple | None:
         """Per-sample grads of the op's weight (and bias, if any) ``[B, *shape]``."""
@@ -346,6 +367,19 @@ class ProductUse:
                                      for a in (stride, padding, dilation))
         weight = conv_weight_grads(x, g, weight_shape, stride, padding, dilation, groups)
         return (weight, g.sum(dim=tuple(range(2, g.dim())))) if with_bias else (weight,)
+
+
+class _WeightGradFromUse:
+    """The ``sink`` of an ``F.linear`` that a recorder runs through ``fused_linear`` (a parameter
+    weight with a computed bias: timm's BEiT and EVA qkv): its backward takes the weight's batch
+    gradient from the ``ProductUse``'s per-sample gradients where they were computed before it (the
+    call's other uses' grads arrived first, as in the attention), else computes it as autograd does."""
+
+    def __init__(self):
+        self.use: ProductUse | None = None
+
+    def __call__(self, x, g) -> tuple:
+        return (self.use.take_weight_grad() if self.use is not None else None), None
 
 
 @dataclass(eq=False)
@@ -444,6 +478,13 @@ def _touches(args, kwargs, table: dict) -> bool:
             if id(v) in table:
                 return True
     return False
+
+
+def _linear_arguments(args, kwargs) -> tuple:
+    """``F.linear``'s ``(input, weight, bias)``."""
+    bound = dict(zip(("input", "weight", "bias"), args))
+    bound.update(kwargs)
+    return bound.get("input"), bound.get("weight"), bound.get("bias")
 
 
 def _sdpa_arguments(args, kwargs) -> dict:
@@ -547,6 +588,10 @@ class DirectUseRecorder(TorchFunctionMode):
         # with a matrix or a stack of them, followed from the rows of its first input.
         self.experts = (ExpertUses(params, first_input) if first_input is not None and first_input.dim() > 0
                         and any(p.dim() >= 2 and p.shape[0] > 1 for p in params.values()) else None)
+        # The tracked model's batch (set by the tracker), and the last F.linear run through
+        # fused_linear as (output, sink), for ``_product`` to link to its use.
+        self.batch_size: int | None = None
+        self.fused_product: tuple | None = None
 
     def __exit__(self, *exc):
         if self.experts is not None:
@@ -586,7 +631,12 @@ class DirectUseRecorder(TorchFunctionMode):
         if (self.uses is not None and func in _IN_PLACE_ARITHMETIC and not kwargs and len(args) == 2
                 and _hits(args, self._follows) == [1] and isinstance(args[0], torch.Tensor)):
             return self._in_place(func, args)
-        out = func(*args, **kwargs)
+        sink = self._weight_grad_sink(args, kwargs) if func is F.linear and self.uses is not None else None
+        if sink is None:
+            out = func(*args, **kwargs)
+        else:  # the same product; its backward may take the weight gradient from the per-sample ones
+            out = fused_linear(*_linear_arguments(args, kwargs), sink)
+            self.fused_product = (out, sink)
         if adopting and _carries_grad(out):  # (not ``w.dtype``, ``w.shape``)
             self._adopt(args, kwargs)
         if self.uses is None:
@@ -914,8 +964,34 @@ class DirectUseRecorder(TorchFunctionMode):
         self.taken.update(id(t) for t in (weight, bias) if t is not None)
         params = {name: p.detach() for name, p in recipe.leaves.values()}
         use = ProductUse(func, x.detach(), [bound[n] for n in names[3:]], params, recipe, out.dtype)
+        if self.fused_product is not None and self.fused_product[0] is out:
+            leaf = recipe.leaves.get(id(weight))
+            if leaf is not None and leaf[1] is weight:
+                use.fused_weight = leaf[0]
+                self.fused_product[1].use = use
+            self.fused_product = None
         self._add(DirectUse(next(iter(params)), "product", 1.0, use, out.shape, x.shape), out)
         return True
+
+    def _weight_grad_sink(self, args, kwargs) -> _WeightGradFromUse | None:
+        """A sink for ``F.linear(x, w, b)`` run through ``fused_linear``, where ``w`` is one of the
+        module's parameters itself (or an inner module's, to be adopted), ``b`` a tensor computed from
+        its parameters without ``w``, and ``x`` has the model's samples in dim 0 (not windows folded
+        into it: the row proof walks through ``F.linear``'s own autograd node there); else None."""
+        x, weight, bias = _linear_arguments(args, kwargs)
+        if (self.batch_size is None or not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] != self.batch_size
+                or not isinstance(weight, torch.Tensor) or not weight.requires_grad or not isinstance(bias, torch.Tensor)):
+            return None
+        own, inner = self.leaves.get(id(weight)), self.inner.get(id(weight))
+        if not ((own is not None and own[1] is weight) or (inner is not None and inner[1] is weight and not inner[2]())):
+            return None
+        entry = self.derived.get(id(bias))
+        if entry is None or entry[0] is not bias:
+            return None
+        sources = WeightRecipe(bias, None)
+        if not self._sources(bias, sources) or any(p is weight for _, p in sources.leaves.values()):
+            return None
+        return _WeightGradFromUse()
 
     def _computed_use(self, func, args, kwargs, out) -> bool:
         """Record ``x + t``, ``x - t``, ``x * t`` or ``t.expand(B, ...)`` of a tensor ``t`` computed
