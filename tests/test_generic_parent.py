@@ -228,6 +228,28 @@ def test_attention_biases_and_inner_weights_are_read_without_replay(case, module
     assert routes[module] == "generic (computed weights)"
 
 
+def test_concatenated_bias_product_under_autocast():
+    """The product with a computed bias under ``torch.autocast`` (a float32 input, a bfloat16
+    output grad: the per-sample products ran on both and failed with a dtype error). Against each
+    sample's own backward through the same autocast forward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(ConcatenatedBiasAttention(8), nn.Linear(8, 2))
+    x = torch.randn(3, 5, 8)
+    with GradNormTracker(model, "sum") as tracker:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().sum().backward()
+        per_sample = tracker.collect().per_sample
+    expected = []
+    for i in range(3):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x[i:i + 1])
+        out.float().square().sum().backward()
+        expected.append(sum(p.grad.double().square().sum() for p in model.parameters()))
+    assert rel_err(per_sample, torch.stack(expected).float()) <= 2e-2
+
+
 class _WeightGradGemms(TorchDispatchMode):
     """Counts the backward's GEMMs (``mm``/``addmm``) whose output has a given shape."""
 

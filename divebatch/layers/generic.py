@@ -320,7 +320,10 @@ class ProductUse:
         if self.group > 1:  # (F.linear: each row on its own) each sample's rows as one
             x = x.reshape(x.shape[0] // self.group, -1, x.shape[-1])
             g = g.reshape(g.shape[0] // self.group, -1, g.shape[-1])
-        x, g = x[samples], g[samples].to(self.out_dtype)
+        # Under autocast the op ran in half precision on a float32 input (its output dtype): the
+        # per-sample products run in the wider of the two, as the replay below runs without autocast.
+        dtype = torch.promote_types(x.dtype, self.out_dtype)
+        x, g = x[samples].to(dtype), g[samples].to(dtype)
         operands = self._operand_grads(x, g)
         if operands is None:  # (a padding given as a string): the op's own vjp, vmapped
             def one(x, g):
@@ -980,7 +983,8 @@ class DirectUseRecorder(TorchFunctionMode):
         into it: the row proof walks through ``F.linear``'s own autograd node there); else None."""
         x, weight, bias = _linear_arguments(args, kwargs)
         if (self.batch_size is None or not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] != self.batch_size
-                or not isinstance(weight, torch.Tensor) or not weight.requires_grad or not isinstance(bias, torch.Tensor)):
+                or not isinstance(weight, torch.Tensor) or not weight.requires_grad or not isinstance(bias, torch.Tensor)
+                or torch.is_autocast_enabled(x.device.type)):  # (as the fused nn.Linear: dtypes are autocast's)
             return None
         own, inner = self.leaves.get(id(weight)), self.inner.get(id(weight))
         if not ((own is not None and own[1] is weight) or (inner is not None and inner[1] is weight and not inner[2]())):
