@@ -217,6 +217,29 @@ def test_qkv_applied_inside_the_window_attention_matches_torch_func_without_repl
     assert routes["attention.proj"] != "generic (vmap vjp)"  # its input's windows proven through the product
 
 
+def test_qkv_inside_the_window_attention_under_cpu_autocast():
+    """Under ``torch.autocast`` the concatenated qkv bias reaches ``F.linear`` through a cast to
+    bfloat16: the row proof still reads it as made of parameters, so ``proj``'s windows are assigned
+    to their images (it saw 12 samples instead of 3). Against each image's own backward through
+    the same autocast forward."""
+    torch.manual_seed(0)
+    model = CosineWindowModel(attention=ConcatenatedBiasCosineAttention)
+    x, y = torch.randn(3, 4, 4, 3), torch.randn(3, 4)
+    with GradNormTracker(model, "sum") as tracker:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        square_loss(out.float(), y).backward()
+        per_sample = tracker.collect().per_sample
+    expected = []
+    for i in range(3):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x[i:i + 1])
+        square_loss(out.float(), y[i:i + 1]).backward()
+        expected.append(sum(p.grad.double().square().sum() for p in model.parameters() if p.grad is not None))
+    assert rel_err(per_sample, torch.stack(expected).float()) <= 2e-2
+
+
 class OwnTableWindowAttention(nn.Module):
     """timm's Swin ``WindowAttention``: the relative-position table is the attention's own
     parameter, gathered into a ``[1, H, N, N]`` bias; a shifted block passes its constant

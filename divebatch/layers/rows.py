@@ -367,7 +367,11 @@ def _from_parameters(node, budget: list[int]) -> bool:
 def _bias_from_parameters(node, budget: list[int]) -> bool:
     """Whether a product's bias is made of parameters and constants: as ``_from_parameters``, or
     parameters concatenated with pieces that need no gradient (timm's ``cat((q_bias, zeros_k_bias,
-    v_bias))``: a bias vector has no rows to hold samples' data)."""
+    v_bias))``: a bias vector has no rows to hold samples' data), also cast to autocast's dtype."""
+    while node is not None and type(node).__name__ in ("ToCopyBackward0", "CloneBackward0"):
+        node = node.next_functions[0][0]
+    if node is None:
+        return False
     if type(node).__name__ != "CatBackward0":
         return _from_parameters(node, budget)
     pieces = [child for child, _ in node.next_functions if child is not None]
