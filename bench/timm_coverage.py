@@ -9,6 +9,7 @@ gradient is defined. Prints a Markdown table.
 
     python bench/timm_coverage.py --dropout 0.1 --out bench/results/timm_coverage.md
     python bench/timm_coverage.py resnet18 vit_tiny_patch16_224        # some models only
+    python bench/timm_coverage.py --autocast --out bench/results/timm_coverage_autocast.md  # CPU bf16 autocast
 
 timm needs torchvision, which has no build for the torch of ``./run setup``: run it in a venv with
 ``pip install torch==2.14.1 torchvision==0.29.1 timm`` (see docs/figures.md, 'timm image models').
@@ -26,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.hf_coverage import _compared, write_table  # noqa: E402
+import bench.hf_coverage as hf_coverage  # noqa: E402
+from bench.hf_coverage import _compared, _precision, write_table  # noqa: E402
 from divebatch import GradNormTracker  # noqa: E402
 
 _SMALL_VIT = dict(depth=2, embed_dim=64, num_heads=2)
@@ -92,20 +94,25 @@ def check(name: str, dropout: float) -> dict:
         m.eval()
     images, labels = torch.randn(3, 3, side, side), torch.tensor([0, 2, 1])
     try:
-        net(images)  # untracked: does the model take this size?
+        with _precision():
+            net(images)  # untracked: does the model take this size?
     except Exception as err:  # noqa: BLE001
         return {"result": "not built", "detail": f"untracked forward: {type(err).__name__}: {str(err)[:120]}"}
     try:
         with GradNormTracker(net, "sum") as tracker:
             torch.manual_seed(1)
-            F.cross_entropy(net(images), labels, reduction="sum").backward()
+            with _precision():
+                logits = net(images)
+            F.cross_entropy(logits.float(), labels, reduction="sum").backward()
             stats = tracker.collect()
             plans = tracker.plan()
     except (ValueError, RuntimeError, TypeError) as err:
         return {"result": "refused", "detail": f"{type(err).__name__}: {str(err)[:200]}"}
     net.zero_grad()
     torch.manual_seed(1)
-    losses = F.cross_entropy(net(images), labels, reduction="none")
+    with _precision():
+        logits = net(images)
+    losses = F.cross_entropy(logits.float(), labels, reduction="none")
     detail = f"{len(batch_norms)} BatchNorm in eval mode; " if batch_norms else ""
     return _compared(net, stats, plans, losses, detail)
 
@@ -115,12 +122,16 @@ def main() -> None:
     parser.add_argument("models", nargs="*", help="timm model names (default: the list above)")
     parser.add_argument("--dropout", type=float, default=0.0, help="drop_rate and drop_path_rate")
     parser.add_argument("--out", help="write the Markdown table here too")
+    parser.add_argument("--autocast", action="store_true",
+                        help="forwards under CPU autocast to bfloat16 ('exact': within 2e-2 of the reference)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    hf_coverage.AUTOCAST = torch.bfloat16 if args.autocast else None
     import timm
 
     lines = [f"timm {timm.__version__}, torch {torch.__version__}; 3 images, dropout and stochastic depth "
-             f"{args.dropout}", "", "| model | result | detail |", "|---|---|---|"]
+             f"{args.dropout}" + ("; CPU autocast to bfloat16" if args.autocast else ""), "",
+             "| model | result | detail |", "|---|---|---|"]
     write_table(lines, args.models or MODELS, lambda name: check(name, args.dropout), args.out)
 
 
