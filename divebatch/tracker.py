@@ -38,6 +38,7 @@ from .layers.base import capture_suspended
 from .layers.conv import ConvRule
 from .layers.embedding import EmbeddingCall, EmbeddingRule
 from .layers.linear import LinearRule, linear_factors
+from .layers.norm import AffineNormRule
 from .layers.tied import TiedEmbeddingLinear, tied_cross, tied_rows
 
 
@@ -152,6 +153,9 @@ class _Backward:
     delivered: dict = field(default_factory=dict)  # param id -> (full name, owner, grad)
     unverifiable: set = field(default_factory=set)
     verified: dict = field(default_factory=dict)  # owner id -> _Verified
+    # owner id -> terms summed into each parameter entry by autograd's own backward of a norm layer
+    # after a CPU bfloat16 autocast forward (its rounding grows with their number: _verification_error)
+    rounded_terms: dict = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -1111,6 +1115,12 @@ class GradNormTracker:
         """
         for entry in step.verified.values():
             tol = 1e-3 if entry.exact and not self._low_precision_forward else 2e-2
+            terms = step.rounded_terms.get(id(entry.owner))
+            if terms:
+                # PyTorch's CPU norm backward in bfloat16 rounds its parameter gradients like a
+                # bfloat16 sum of ``terms`` terms: ~2^-8 sqrt(terms) at worst (measured: a quarter of
+                # that for LayerNorm, 1.9% over 392 rows to 30% over 100,352).
+                tol = max(tol, 2.0 ** -8 * math.sqrt(terms))
             rel, owner, name = entry.relative, entry.owner, entry.worst
             if rel > tol:
                 return RuntimeError(
@@ -1155,6 +1165,10 @@ class GradNormTracker:
             self._add_accounted(step, owner, calls)
             entry = step.verified.setdefault(id(owner), _Verified(owner))
             entry.samples_sq += float(sq.float().sum())
+            if self._cpu_bfloat16_forward and isinstance(owner.rule, AffineNormRule):
+                entries = max(1, max(p.numel() for p in owner.tracked.values()))
+                step.rounded_terms[id(owner)] = step.rounded_terms.get(id(owner), 0) + sum(
+                    c.grads[0].numel() // entries for c in calls if c.grads and c.grads[0] is not None)
         prev = step.per_layer.get(owner.name)
         step.per_layer[owner.name] = sq if prev is None else prev + sq
         step.contributed.add(id(owner))

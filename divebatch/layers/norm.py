@@ -27,7 +27,7 @@ from .base import PerSampleGradsRule, RoutePlan, register, register_matcher, sam
 _CHUNK_BYTES = 4 * 2**20
 
 
-class _AffineNormRule(PerSampleGradsRule):
+class AffineNormRule(PerSampleGradsRule):
     """Shared sum-and-square logic; subclasses say how to normalise and which dims share a param."""
 
     def normalized(self, module, ctx) -> torch.Tensor:
@@ -76,7 +76,7 @@ class _AffineNormRule(PerSampleGradsRule):
 
 
 @register(nn.LayerNorm)
-class LayerNormRule(_AffineNormRule):
+class LayerNormRule(AffineNormRule):
     """``nn.LayerNorm``: per-sample grads summed over all non-normalised, non-batch dims."""
 
     rows_independent = True
@@ -89,7 +89,7 @@ class LayerNormRule(_AffineNormRule):
 
 
 @register(nn.RMSNorm)
-class RMSNormRule(_AffineNormRule):
+class RMSNormRule(AffineNormRule):
     """``nn.RMSNorm`` (weight only)."""
 
     param_names = ("weight",)
@@ -104,7 +104,7 @@ class RMSNormRule(_AffineNormRule):
 
 
 @register(nn.GroupNorm)
-class GroupNormRule(_AffineNormRule):
+class GroupNormRule(AffineNormRule):
     """``nn.GroupNorm``: per-channel parameters, summed over spatial positions."""
 
     def normalized(self, module, x):
@@ -115,7 +115,7 @@ class GroupNormRule(_AffineNormRule):
 
 
 @register(nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)  # SyncBatchNorm has its own forward
-class BatchNormRule(_AffineNormRule):
+class BatchNormRule(AffineNormRule):
     """``nn.BatchNorm{1,2,3}d`` (and SyncBatchNorm): the decomposition of the batch gradient.
 
     See the module docstring for what a per-sample number means in training mode.
@@ -182,7 +182,7 @@ def _is_llama_rms_norm(module: nn.Module) -> bool:
 
 
 @register_matcher(_is_llama_rms_norm)
-class LlamaRMSNormRule(_AffineNormRule):
+class LlamaRMSNormRule(AffineNormRule):
     """Hugging Face's RMSNorm classes that share ``LlamaRMSNorm``'s forward (Llama, Mistral, Qwen2/3
     and most others: 140 of the 204 RMSNorm classes in transformers 5.24), matched by the code of
     their forward rather than by name, so no import of ``transformers`` and no list to keep up;
