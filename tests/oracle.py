@@ -73,6 +73,30 @@ def same_forward_norms(model, loss_fn, inputs, targets, seed: int) -> torch.Tens
     return torch.stack(rows)
 
 
+def autocast_checked(model, loss_fn, x, y, samples: int | None = None, dtype=torch.bfloat16, rtol=2e-2):
+    """Track one backward of ``loss_fn(model(x).float(), y)`` (``loss_reduction="sum"``) with the
+    forward under CPU autocast to ``dtype``, and check the norms of the first ``samples`` samples
+    against each one's own forward and backward under the same autocast (``rtol``: the reference's
+    gradients are ``dtype`` products too). Returns the tracked per-sample norms."""
+    from divebatch import GradNormTracker
+
+    with GradNormTracker(model, "sum") as tracker:
+        with torch.autocast("cpu", dtype=dtype):
+            out = model(x)
+        loss_fn(out.float(), y).backward()
+        per_sample = tracker.collect().per_sample
+    count = x.shape[0] if samples is None else samples
+    expected = []
+    for i in range(count):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=dtype):
+            out = model(x[i:i + 1])
+        loss_fn(out.float(), y[i:i + 1]).backward()
+        expected.append(sum(p.grad.double().square().sum() for p in model.parameters() if p.grad is not None))
+    assert rel_err(per_sample[:count], torch.stack(expected)) <= rtol
+    return per_sample
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected| (scale-aware relative error)."""
     actual, expected = actual.double(), expected.double()

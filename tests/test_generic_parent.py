@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from divebatch import GradNormTracker
 
 from .models_zoo import add_concatenated_qkv, concatenated_qkv, sample_loss
-from .oracle import reference_norms, rel_err, tracked_and_checked
+from .oracle import autocast_checked, reference_norms, rel_err, tracked_and_checked
 
 
 class LayerScaleBlock(nn.Module):
@@ -234,20 +234,7 @@ def test_concatenated_bias_product_under_autocast():
     sample's own backward through the same autocast forward."""
     torch.manual_seed(0)
     model = nn.Sequential(ConcatenatedBiasAttention(8), nn.Linear(8, 2))
-    x = torch.randn(3, 5, 8)
-    with GradNormTracker(model, "sum") as tracker:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(x)
-        out.float().square().sum().backward()
-        per_sample = tracker.collect().per_sample
-    expected = []
-    for i in range(3):
-        model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(x[i:i + 1])
-        out.float().square().sum().backward()
-        expected.append(sum(p.grad.double().square().sum() for p in model.parameters()))
-    assert rel_err(per_sample, torch.stack(expected).float()) <= 2e-2
+    autocast_checked(model, lambda out, y: out.square().sum(), torch.randn(3, 5, 8), torch.zeros(3))
 
 
 class _WeightGradGemms(TorchDispatchMode):

@@ -16,7 +16,7 @@ from torch import nn
 from divebatch import GradNormTracker
 
 from .models_zoo import ZOO, sample_loss
-from .oracle import reference_norms, rel_err
+from .oracle import autocast_checked, reference_norms, rel_err
 
 
 class ChildWeightReused(nn.Module):
@@ -117,20 +117,7 @@ def test_layer_norm_under_cpu_bfloat16_autocast_is_judged_by_its_rounding():
     match each sample's own backward through the same autocast forward."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 64), nn.LayerNorm(64), nn.Linear(64, 4))
-    x = torch.randn(8, 392, 16) * 3
-    with GradNormTracker(model, "sum") as tracker:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(x)
-        out.float().square().sum().backward()
-        per_sample = tracker.collect().per_sample
-    expected = []
-    for i in range(2):
-        model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(x[i:i + 1])
-        out.float().square().sum().backward()
-        expected.append(sum(p.grad.double().square().sum() for p in model.parameters()))
-    assert rel_err(per_sample[:2], torch.stack(expected).float()) <= 2e-2
+    autocast_checked(model, lambda out, y: out.square().sum(), torch.randn(8, 392, 16) * 3, torch.zeros(8), samples=2)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
