@@ -349,10 +349,7 @@ class ProductUse:
         sums, self.weight_sums = self.weight_sums, {}
         if not sums or sum(stop - start for start, stop in sums) != self.x.shape[0]:
             return None
-        total = None
-        for part in sums.values():
-            total = part if total is None else total + part
-        return total.to(self.replay.weight.dtype)
+        return sum(sums.values()).to(self.replay.weight.dtype)
 
     def _operand_grads(self, x: torch.Tensor, g: torch.Tensor) -> tuple | None:
         """Per-sample grads of the op's weight (and bias, if any) ``[B, *shape]``."""
