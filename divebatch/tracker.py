@@ -1166,7 +1166,7 @@ class GradNormTracker:
             entry = step.verified.setdefault(id(owner), _Verified(owner))
             entry.samples_sq += float(sq.float().sum())
             if self._cpu_bfloat16_forward and isinstance(owner.rule, AffineNormRule):
-                entries = max(1, max(p.numel() for p in owner.tracked.values()))
+                entries = max((p.numel() for p in owner.tracked.values()), default=1)
                 step.rounded_terms[id(owner)] = step.rounded_terms.get(id(owner), 0) + sum(
                     c.grads[0].numel() // entries for c in calls if c.grads and c.grads[0] is not None)
         prev = step.per_layer.get(owner.name)
