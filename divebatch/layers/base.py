@@ -223,6 +223,18 @@ def capture_suspended() -> bool:
     return getattr(_SUSPENDED, "depth", 0) > 0
 
 
+def fused_sink_grads(sink, *args) -> tuple:
+    """Call a fused backward's ``sink`` (which records the norms) and return its ``(grad_weight,
+    grad_bias)``; ``(None, None)`` under ``create_graph=True``, where the backward must compute the
+    gradients with differentiable ops instead: the sink's come from non-differentiable operators
+    (``instantiate_norm``, a grouped convolution on detached inputs), and a second-order gradient
+    through them would be silently missing its weight terms."""
+    differentiable = torch.is_grad_enabled()  # (inside a backward: create_graph)
+    with torch.no_grad():
+        grads = sink(*args)
+    return (None, None) if differentiable else grads
+
+
 def per_sample_sq(t: torch.Tensor) -> torch.Tensor:
     """Squared norm per sample of ``t [B, ...]``, float32 [B].
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .base import LayerRule, RoutePlan, RuleError, per_sample_sq, register
+from .base import LayerRule, RoutePlan, RuleError, fused_sink_grads, per_sample_sq, register
 from .linear import fused_linear_route, linear_norms
 from .routes import MAX_EXTRA_BYTES, linear_route
 
@@ -300,7 +300,7 @@ class _FusedConv(torch.autograd.Function):
             grad_x = torch.ops.aten.convolution_backward(
                 g, x, weight, None, m.stride, padding, m.dilation, False, [0] * len(padding), m.groups,
                 [True, False, False])[0]
-        grad_w, grad_b = ctx.sink((x, padding), g)
+        grad_w, grad_b = fused_sink_grads(ctx.sink, (x, padding), g)
         if grad_w is None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
             _, grad_w, grad_b = torch.ops.aten.convolution_backward(
                 g, x, weight, [weight.shape[0]] if ctx.has_bias else None, m.stride, padding, m.dilation, False,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .base import LayerRule, RoutePlan, register
+from .base import LayerRule, RoutePlan, fused_sink_grads, register
 from .routes import MAX_EXTRA_BYTES, linear_route, linear_route_name
 
 
@@ -181,7 +181,7 @@ class _FusedLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         g = g.reshape(*x.shape[:-1], g.shape[-1])  # the product's grad, as the [B, T, p] output's
         grad_x = g.matmul(weight) if ctx.needs_input_grad[0] else None
-        grad_w, grad_b = ctx.sink(x, g)
+        grad_w, grad_b = fused_sink_grads(ctx.sink, x, g)
         if grad_w is None and ctx.needs_input_grad[1]:
             grad_w = g.reshape(-1, g.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
         if grad_b is None and ctx.has_bias and ctx.needs_input_grad[2]:
