@@ -535,5 +535,7 @@ def test_row_samples_agree_with_the_jacobian(B, T, steps, mixing):
         (g,) = torch.autograd.grad((rows[r] * probe).sum(), h, retain_graph=True)
         depends = set(g.abs().flatten(1).sum(1).nonzero().flatten().tolist())
         assert depends <= {int(samples[r])}, (steps, mixing, r, depends, int(samples[r]))
-        if mixing is None:
-            assert depends == {int(samples[r])}, (steps, r)  # (every op here is smooth: no dead rows)
+        if mixing is None and bool(rows[r].detach().abs().max() > 0):
+            # (every op here is smooth: no dead rows, except one whose values underflowed to exactly
+            # zero, e.g. a sigmoid score of a large negative logit in "per-row scores")
+            assert depends == {int(samples[r])}, (steps, r)
