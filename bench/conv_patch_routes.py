@@ -24,10 +24,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from divebatch import ops  # noqa: E402
-from divebatch.layers.base import per_sample_sq  # noqa: E402
 from divebatch.layers.conv import (  # noqa: E402
-    UNFOLDED_TILE_ELEMENTS, _unfolded_fused_route, fused_conv_pays, grouped_grad, per_sample_conv_weight_grads, unfold_patches)
+    UNFOLDED_TILE_ELEMENTS, _unfolded_fused_route, fused_conv_pays, grouped_weight_norms, unfolded_weight_norms)
 
 #: (B, Cin, H = W, Cout, kernel = stride): patch embeddings (ViT, Swin, ConvNeXt stems),
 #: ConvNeXt-style 2x2 downsampling and 1x1 convolutions, on both sides of the bound.
@@ -53,18 +51,6 @@ def _median_ms(fn, reps: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def _unfolded(module, x, g):
-    """Per-sample squared norms [B] and weight gradient of the unfolded route."""
-    w_sq, _, grad_w = ops.instantiate_norm(unfold_patches(module, x), grouped_grad(module, g), False)
-    return w_sq, grad_w.view(module.weight.shape)
-
-
-def _grouped(module, x, g):
-    """Per-sample squared norms [B] and weight gradient of the grouped per-sample convolution."""
-    per_sample = per_sample_conv_weight_grads(module, x, [0] * x[0, 0].dim(), g)
-    return per_sample_sq(per_sample), per_sample.sum(dim=0)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=10)
@@ -83,15 +69,15 @@ def main(argv=None) -> int:
         wgrad = _median_ms(lambda: torch.ops.aten.convolution_backward(
             g, x, module.weight, None, module.stride, [0, 0], module.dilation, False, [0, 0], 1,
             [False, True, False]), args.reps)
-        grouped = _median_ms(lambda: _grouped(module, x, g), args.reps)
-        unfolded = _median_ms(lambda: _unfolded(module, x, g), args.reps)
+        grouped = _median_ms(lambda: grouped_weight_norms(module, x, [0, 0], g), args.reps)
+        unfolded = _median_ms(lambda: unfolded_weight_norms(module, x, g), args.reps)
         d, p, T = cin * k * k, cout, (size // k) ** 2
         if not fused_conv_pays(B, 1, T, d, p):
             picked = "hooks"  # (autograd's weight gradient plus the unfolded Gram or instantiate route)
         else:
             picked = "unfolded" if _unfolded_fused_route(module, True, B, T, d, p, "cpu") else "grouped"
         faster = "-" if picked == "hooks" else ("yes" if (picked == "unfolded") == (unfolded <= grouped) else "no")
-        (sq_a, w_a), (sq_b, w_b) = _grouped(module, x, g), _unfolded(module, x, g)
+        (sq_a, w_a), (sq_b, w_b) = grouped_weight_norms(module, x, [0, 0], g), unfolded_weight_norms(module, x, g)
         diff = ((sq_a - sq_b).abs() / sq_a).max().item()
         diff_w = ((w_a - w_b).abs().max() / w_a.abs().max()).item()
         line = (f"| {B}, {cin}, {size}, {cout}, {k} | {d * p} | {wgrad:.2f} | {grouped:.2f} | {unfolded:.2f} | "

@@ -157,11 +157,8 @@ class ConvRule(LayerRule):
         (few positions, many channels), whose per-sample gradients are large and slow to write."""
         if x.device.type != "cpu" or x.dim() != len(module.kernel_size) + 2:
             return True  # the cost model is fitted on CPU; unbatched input is refused by the forward
-        T = 1
         pads = module._reversed_padding_repeated_twice[::-1]  # (right, left) pairs, first dim first
-        for i, n in enumerate(x.shape[2:]):
-            span = module.dilation[i] * (module.kernel_size[i] - 1) + 1
-            T *= max(0, (n + pads[2 * i] + pads[2 * i + 1] - span) // module.stride[i] + 1)
+        T = _output_positions(module, x.shape[2:], [pads[2 * i] + pads[2 * i + 1] for i in range(x.dim() - 2)])
         d = module.in_channels // module.groups * math.prod(module.kernel_size)
         return fused_conv_pays(x.shape[0], module.groups, T, d, module.out_channels // module.groups)
 
@@ -179,7 +176,7 @@ class ConvRule(LayerRule):
 
     def fused_plan(self, module, ctx, tracked) -> RoutePlan:
         x, padding = ctx
-        B, T = x.shape[0], _output_positions(module, x, padding)
+        B, T = x.shape[0], _output_positions(module, x.shape[2:], [2 * pad for pad in padding])
         d = module.in_channels // module.groups * math.prod(module.kernel_size)
         if _unfolded_fused_route(module, not any(padding), B, T, d, module.out_channels, x.device.type):
             plan = fused_linear_route(B, T, d, module.out_channels, x.device.type)
@@ -236,14 +233,16 @@ def _fused_conv_pays(B: int, groups: int, T: int, d: int, p: int, threads: int) 
 #: order, without duplicating it, and the tile route runs at GEMM speed, while the grouped
 #: per-sample convolution writes every per-sample gradient and runs slowly with large kernels.
 #: Timed on 28 shapes (``bench/conv_patch_routes.py``, recorded in bench/results/; 2 threads; kernels
-#: 1, 2, 4, 8 and 16, Cin 3-1024, Cout 32-2048, B 8-64): of the 25 the cost model fuses, the faster of
-#: the two was taken on 22; the 3 misses (3-channel 4x4 stems under 5 ms, below the bound) cost
-#: 1.02-1.36x. The wins are large: a ViT-B/16-style patch embedding (B = 8, 3 -> 192 channels, 16x16
-#: at 224x224) took 4.3 ms against 9.1 ms grouped, a 2x2 downsampling from 192 to 384 channels 25 ms
-#: against 69 ms. A 1x1 convolution (a Linear over positions: ResNet bottlenecks, inverted residuals)
-#: takes the unfolded route at any size: the grouped 1x1 convolution ran 1.6-4x slower on all 7 such
-#: shapes fused (64 -> 256 channels at 56x56, B = 32: 23 ms against 74 ms). End to end, a timm
-#: ResNet-50 in eval mode (B = 16, 128x128) measured 1.23-1.25x a plain step against 1.32-1.34x before.
+#: 1, 2, 4, 8 and 16, Cin 3-1024, Cout 32-2048, B 8-64), each route as the fused path runs it: of
+#: the 25 the cost model fuses, the faster of the two was taken on 19; the 6 misses cost 1.02-1.14x
+#: (3-channel 4x4 stems and small 2x2 layers, within this VM's run-to-run noise). The wins are
+#: larger: a ViT-B/16-style patch embedding (B = 8, 3 -> 192 channels, 16x16 at 224x224) took 5.8 ms
+#: against 6.4 ms grouped (4.3 against 9.1 in another run), a 2x2 downsampling from 192 to 384
+#: channels 32 ms against 48 ms. A 1x1 convolution (a Linear over positions: ResNet bottlenecks,
+#: inverted residuals) takes the unfolded route at any size: the grouped 1x1 convolution ran
+#: 1.7-2x slower on all 7 such shapes fused (64 -> 256 channels at 56x56, B = 32: 46 ms against
+#: 77 ms). End to end, a timm ResNet-50 in eval mode (B = 16, 128x128) measured 1.23-1.25x a plain
+#: step against 1.32-1.34x before.
 UNFOLDED_TILE_ELEMENTS = 16384
 
 
@@ -256,11 +255,12 @@ def _unfolded_fused_route(module, unpadded: bool, B: int, T: int, d: int, p: int
             and fused_linear_route(B, T, d, p, device_type).route == "fused-instantiate")
 
 
-def _output_positions(module, x: torch.Tensor, padding) -> int:
-    """Output positions per sample of the fused call of ``x`` (padded by ``padding`` per dim)."""
+def _output_positions(module, sizes, padding_totals) -> int:
+    """Output positions per sample of the convolution of an input of spatial ``sizes``, padded by
+    ``padding_totals`` elements per dim (both sides together)."""
     T = 1
-    for n, k, s, dil, pad in zip(x.shape[2:], module.kernel_size, module.stride, module.dilation, padding):
-        T *= max(0, (n + 2 * pad - dil * (k - 1) - 1) // s + 1)
+    for n, k, s, dil, pad in zip(sizes, module.kernel_size, module.stride, module.dilation, padding_totals):
+        T *= max(0, (n + pad - dil * (k - 1) - 1) // s + 1)
     return T
 
 
@@ -337,23 +337,10 @@ def fused_conv_grads(module, ctx, g, tracked):
     x, padding = ctx
     B = x.shape[0]
     T, d = g[0].numel() // module.out_channels, module.in_channels // module.groups * math.prod(module.kernel_size)
-    sq, grad_w = [], None
     if _unfolded_fused_route(module, not any(padding), B, T, d, module.out_channels, x.device.type):
-        step = _unfold_chunk(B, module.groups * T * d)
-        for start in range(0, B, step):
-            a = unfold_patches(module, x[start:start + step])
-            w_sq, _, part = ops.instantiate_norm(a, grouped_grad(module, g[start:start + step]), False)
-            sq.append(w_sq)
-            grad_w = part if grad_w is None else grad_w + part
-        grad_w = grad_w.view(module.weight.shape)
+        sq, grad_w = unfolded_weight_norms(module, x, g)
     else:
-        step = fused_chunk(module, x, g)
-        for start in range(0, B, step):
-            psg = per_sample_conv_weight_grads(module, x[start:start + step], padding, g[start:start + step]).float()
-            sq.append(per_sample_sq(psg))
-            part = psg.sum(dim=0)
-            grad_w = part if grad_w is None else grad_w + part
-    sq = torch.cat(sq)
+        sq, grad_w = grouped_weight_norms(module, x, padding, g)
     grad_b = None
     if module.bias is not None:
         per_sample_bias = g.float().reshape(B, module.out_channels, -1).sum(dim=2)
@@ -361,6 +348,34 @@ def fused_conv_grads(module, ctx, g, tracked):
             sq = sq + per_sample_bias.square().sum(dim=1)
         grad_b = per_sample_bias.sum(dim=0).to(module.bias.dtype)
     return sq, grad_w.to(module.weight.dtype), grad_b
+
+
+def unfolded_weight_norms(module, x, g) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(per-sample squared weight-gradient norms [B], weight gradient)`` of a non-overlapping,
+    unpadded convolution (see ``UNFOLDED_TILE_ELEMENTS``): its unfolded patches through
+    ``instantiate_norm``, a bounded chunk of samples at a time."""
+    B = x.shape[0]
+    T, d = g[0].numel() // module.out_channels, module.in_channels * math.prod(module.kernel_size)
+    step, sq, grad_w = _unfold_chunk(B, T * d), [], None
+    for start in range(0, B, step):
+        w_sq, _, part = ops.instantiate_norm(unfold_patches(module, x[start:start + step]),
+                                             grouped_grad(module, g[start:start + step]), False)
+        sq.append(w_sq)
+        grad_w = part if grad_w is None else grad_w + part
+    return torch.cat(sq), grad_w.view(module.weight.shape)
+
+
+def grouped_weight_norms(module, x, padding, g) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(per-sample squared weight-gradient norms [B], weight gradient)`` from the per-sample weight
+    gradients of one grouped convolution with the batch folded into the groups, a bounded chunk of
+    samples at a time (``fused_chunk``)."""
+    step, sq, grad_w = fused_chunk(module, x, g), [], None
+    for start in range(0, x.shape[0], step):
+        psg = per_sample_conv_weight_grads(module, x[start:start + step], padding, g[start:start + step]).float()
+        sq.append(per_sample_sq(psg))
+        part = psg.sum(dim=0)
+        grad_w = part if grad_w is None else grad_w + part
+    return torch.cat(sq), grad_w
 
 
 def _common_dtype(x: torch.Tensor, g: torch.Tensor) -> torch.dtype:
