@@ -605,6 +605,7 @@ class DirectUseRecorder(TorchFunctionMode):
         self.unproven.clear()
         self.from_inputs.clear()
         self.slices.clear()
+        self.fused_product = None  # (an F.linear output no product took: not kept past the forward)
         return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
