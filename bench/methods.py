@@ -23,6 +23,7 @@ class Method:
     def __init__(self, workload, model):
         self.workload = workload
         self.model = model
+        self.forward = model  # what the step calls: the model, or its torch.compile'd wrapper
 
     def step(self, x, y):
         raise NotImplementedError
@@ -38,7 +39,7 @@ class Plain(Method):
 
     def step(self, x, y):
         self.model.zero_grad(set_to_none=True)
-        self.workload.loss(self.model(x), y).backward()
+        self.workload.loss(self.forward(x), y).backward()
         return None
 
 
@@ -56,7 +57,7 @@ class DiveBatch(Method):
         if self.tracker is None:
             self.tracker = GradNormTracker(self.model, loss_reduction=self.workload.scale(x, y), fused=self.fused)
         self.model.zero_grad(set_to_none=True)
-        self.workload.loss(self.model(x), y).backward()
+        self.workload.loss(self.forward(x), y).backward()
         stats = self.tracker.collect()
         return stats.per_sample
 
@@ -87,6 +88,27 @@ class DiveBatchReplay(DiveBatch):
             return super().step(x, y)
         finally:
             generic.ExpertUses = reader
+
+
+class PlainCompiled(Plain):
+    """The plain step through ``torch.compile(model)`` (inductor): the floor for divebatch-compiled."""
+
+    name = "plain-compiled"
+
+    def __init__(self, workload, model):
+        super().__init__(workload, model)
+        self.forward = torch.compile(model)
+
+
+class DiveBatchCompiled(DiveBatch):
+    """divebatch tracking the model that ``torch.compile`` runs (tracked modules run eagerly at graph
+    breaks; the code between them is compiled)."""
+
+    name = "divebatch-compiled"
+
+    def __init__(self, workload, model):
+        super().__init__(workload, model)
+        self.forward = torch.compile(model)
 
 
 class TorchFunc(Method):
@@ -185,7 +207,8 @@ class BackPACK(Method):
         return sum(parts) / c2
 
 
-METHODS = [Plain, DiveBatch, TorchFunc, OpacusHooks, OpacusGhost, BackPACK, DiveBatchUnfused, DiveBatchReplay]
+METHODS = [Plain, DiveBatch, TorchFunc, OpacusHooks, OpacusGhost, BackPACK, DiveBatchUnfused, DiveBatchReplay,
+           PlainCompiled, DiveBatchCompiled]
 
 
 def build(method_cls, workload, seed=0, device="cpu", dtype=None):

@@ -9,6 +9,8 @@ peak, in this process).
     python bench/run_table.py                       # mlp, cnn, seq on CPU
     python bench/run_table.py --workloads seq --reps 30 --out bench/results/cpu_table.json
     python bench/run_table.py --device cuda --dtype bfloat16 --workloads seq-large,conv-large
+    python bench/run_table.py --workloads vit,gpt2 --methods divebatch,plain-compiled,divebatch-compiled --no-memory
+        (torch.compile: divebatch-compiled's ratio is also given to plain-compiled's step)
 """
 
 from __future__ import annotations
@@ -134,6 +136,8 @@ def run_workload(name: str, method_names: list[str], reps: int, device: str, mem
         if mem.get(method_name) and plain_mem:
             row["extra_mb"] = (mem[method_name]["peak_kb"] - plain_mem["peak_kb"]) / 1024
             row["plain_step_mb"] = (plain_mem["peak_kb"] - plain_mem["before_kb"]) / 1024
+        if method_name != "plain-compiled" and method_name.endswith("-compiled") and times.get("plain-compiled"):
+            row["ratio_to_compiled_plain"] = ms / (statistics.median(times["plain-compiled"]) * 1e3)
         rows[method_name] = row
         methods[method_name].close()
     return [rows[m] for m in method_names if m in rows]
@@ -148,15 +152,18 @@ def to_markdown(rows: list[dict]) -> str:
             continue
         err = f"{r['max_rel_err']:.1e}" if "max_rel_err" in r else "-"
         mem = f"{r['extra_mb']:+.0f} (plain step {r['plain_step_mb']:.0f})" if "extra_mb" in r else "-"
-        lines.append(f"| {r['workload']} | {r['method']} | {r['median_ms']:.1f} | {r['ratio']:.2f}x | {err} | {mem} |")
+        ratio = f"{r['ratio']:.2f}x"
+        if "ratio_to_compiled_plain" in r:
+            ratio += f" ({r['ratio_to_compiled_plain']:.2f}x plain-compiled)"
+        lines.append(f"| {r['workload']} | {r['method']} | {r['median_ms']:.1f} | {ratio} | {err} | {mem} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default="mlp,cnn,seq", help="comma-separated names of bench/workloads.py")
-    parser.add_argument("--methods", default=",".join(m for m in BY_NAME if m not in ("divebatch-unfused",
-                                                                                      "divebatch-replay")),
+    parser.add_argument("--methods", default=",".join(m for m in BY_NAME if m not in (
+                            "divebatch-unfused", "divebatch-replay", "plain-compiled", "divebatch-compiled")),
                         help=f"comma-separated methods (plain is always run) of: {', '.join(BY_NAME)}")
     parser.add_argument("--reps", type=int, default=20, help="timed steps per method (round-robin)")
     parser.add_argument("--device", default="cpu")

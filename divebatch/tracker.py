@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import threading
 import weakref
 from dataclasses import dataclass, field, replace
 from functools import partial, wraps
@@ -431,6 +432,8 @@ class GradNormTracker:
             if owner.fused:
                 owner.module.forward = partial(self._fused_call, owner)
             generic = owner.rule is GENERIC
+            if generic:
+                owner.module.forward = _EagerForward(owner.module)
             if self._tables and owner.rule.rows_independent:
                 self._handles.append(owner.module.register_forward_pre_hook(
                     partial(self._on_table_read, owner), prepend=True, with_kwargs=True))
@@ -600,6 +603,8 @@ class GradNormTracker:
             forward = owner.module.__dict__.get("forward")
             if isinstance(forward, partial) and forward.func == self._fused_call:
                 del owner.module.forward
+            elif isinstance(forward, _EagerForward):
+                forward.restore()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -660,7 +665,7 @@ class GradNormTracker:
             # Which inner owners this call calls, and how it uses its own parameters (see _on_forward).
             recorder = None
             if (capturing and owner.rule.batch_dim(module) == 0 and not isinstance(module, nn.RNNBase)
-                    and not _called_from_compiled_code()):
+                    and (isinstance(module.__dict__.get("forward"), _EagerForward) or not _called_from_compiled_code())):
                 # The rows the experts' products are followed from: the first batched input, as in capture().
                 inputs = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
                 first = next((x for x in inputs if x.dim() > 0), None)
@@ -1373,6 +1378,8 @@ def _called_from_compiled_code() -> bool:
     """Whether a ``torch.compile``d function is on the Python stack (this hook runs eagerly at a
     graph break, but the module's forward after it is traced; a torch-function mode entered here
     would be traced into the graph, which dynamo does not support)."""
+    if getattr(_EagerForward.depth, "value", 0):
+        return False
     try:  # a torch.compile'd module sets this private flag of dynamo's while it runs
         if torch._dynamo.eval_frame._is_in_optimized_module():
             return True
@@ -1388,6 +1395,39 @@ def _called_from_compiled_code() -> bool:
 
 
 _DYNAMO_DIR = os.path.join("torch", "_dynamo", "")
+
+
+class _EagerForward:
+    """A generic-route module's forward, run eagerly under ``torch.compile`` (a graph break):
+    the recorder that reads how the forward uses the module's parameters is a torch-function
+    mode, which sees nothing of a traced forward (the call would be replayed per sample). The code
+    around the module stays compiled. Installed on the instance; ``restore`` puts back what was there."""
+
+    depth = threading.local()  # eager forwards in progress on this thread (see _called_from_compiled_code)
+
+    def __init__(self, module: nn.Module):
+        self.module_ref = weakref.ref(module)
+        self.own = module.__dict__.get("forward")  # an instance's own forward (e.g. a wrapper's), if any
+        self.forward = module.forward
+
+    @torch.compiler.disable
+    def __call__(self, *args, **kwargs):
+        _EagerForward.depth.value = getattr(_EagerForward.depth, "value", 0) + 1
+        try:
+            return self.forward(*args, **kwargs)
+        finally:
+            _EagerForward.depth.value -= 1
+
+    def restore(self) -> None:
+        module = self.module_ref()
+        if module is None or module.__dict__.get("forward") is not self:
+            return
+        if self.own is None:
+            del module.forward
+        else:
+            module.forward = self.own
+
+
 
 
 def _enter_forward(owner: _Owner, module, args) -> None:

@@ -54,3 +54,64 @@ def test_zoo_compiled_matches_torch_func(case):
     per_sample, _, batch = reference_norms(model, sample_loss, x, y)
     assert rel_err(stats.per_sample, per_sample) <= RTOL
     assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+
+
+class TokenAndScale(torch.nn.Module):
+    """Parameters of a parent used in its own forward (a class token and a layer scale, as a ViT's),
+    around child layers with rules of their own: the generic route, read from a recorded forward."""
+
+    def __init__(self, dim=8, classes=3):
+        super().__init__()
+        self.token = torch.nn.Parameter(torch.randn(1, 1, dim))
+        self.scale = torch.nn.Parameter(torch.rand(dim) + 0.5)
+        self.mlp = torch.nn.Linear(dim, dim)
+        self.head = torch.nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = torch.cat([self.token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + self.scale * torch.relu(self.mlp(x))
+        return self.head(x[:, 0])
+
+
+@pytest.mark.parametrize("compile_first", [True, False])
+def test_generic_route_compiled_reads_the_forward_instead_of_replaying(compile_first):
+    """A generic-route module runs its forward eagerly under compile, so its parameters' uses are
+    read as in eager mode (route "generic (broadcast uses)"), not replayed per sample."""
+    torch.manual_seed(0)
+    model, x, y = TokenAndScale(), torch.randn(5, 4, 8), torch.randn(5, 3)
+    compiled = torch.compile(model, backend="aot_eager") if compile_first else None
+    tracker = GradNormTracker(model, "mean")
+    if compiled is None:
+        compiled = torch.compile(model, backend="aot_eager")
+    for _ in range(2):
+        (sample_loss(compiled(x), y) / x.shape[0]).backward()
+        stats = tracker.collect()
+    per_sample, _, batch = reference_norms(model, sample_loss, x, y)
+    assert rel_err(stats.per_sample, per_sample) <= RTOL
+    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+    routes = {plan.module: plan.route for plan in tracker.plan()}
+    assert routes[""] == "generic (broadcast uses)", routes
+    tracker.close()
+    assert "forward" not in model.__dict__  # the instance is as it was
+
+
+def test_close_puts_back_an_instance_forward():
+    """A forward set on the instance (as accelerate's hooks do) is what the tracked call runs, and
+    is put back by close()."""
+    torch.manual_seed(0)
+    model, x, y = TokenAndScale(), torch.randn(5, 4, 8), torch.randn(5, 3)
+    plain_forward = model.forward
+    calls = []
+
+    def own_forward(*args, **kwargs):
+        calls.append(1)
+        return plain_forward(*args, **kwargs)
+
+    model.forward = own_forward
+    with GradNormTracker(model, "mean") as tracker:
+        (sample_loss(model(x), y) / x.shape[0]).backward()
+        stats = tracker.collect()
+    assert calls == [1]
+    assert model.__dict__["forward"] is own_forward
+    per_sample, _, _ = reference_norms(model, sample_loss, x, y)
+    assert rel_err(stats.per_sample, per_sample) <= RTOL
