@@ -73,16 +73,19 @@ class TokenAndScale(torch.nn.Module):
         return self.head(x[:, 0])
 
 
-@pytest.mark.parametrize("compile_first", [True, False])
-def test_generic_route_compiled_reads_the_forward_instead_of_replaying(compile_first):
+@pytest.mark.parametrize("how", ["compile, then track", "track, then compile", "Module.compile"])
+def test_generic_route_compiled_reads_the_forward_instead_of_replaying(how):
     """A generic-route module runs its forward eagerly under compile, so its parameters' uses are
     read as in eager mode (route "generic (broadcast uses)"), not replayed per sample."""
     torch.manual_seed(0)
     model, x, y = TokenAndScale(), torch.randn(5, 4, 8), torch.randn(5, 3)
-    compiled = torch.compile(model, backend="aot_eager") if compile_first else None
+    compiled = torch.compile(model, backend="aot_eager") if how == "compile, then track" else None
     tracker = GradNormTracker(model, "mean")
-    if compiled is None:
+    if how == "track, then compile":
         compiled = torch.compile(model, backend="aot_eager")
+    elif how == "Module.compile":
+        model.compile(backend="aot_eager")  # (compiles the module's own call in place)
+        compiled = model
     for _ in range(2):
         (sample_loss(compiled(x), y) / x.shape[0]).backward()
         stats = tracker.collect()
