@@ -738,3 +738,19 @@ def test_generic_outputs_used_inside_are_counted_once(masks, weights):
 
     torch.manual_seed(0)
     tracked_and_checked(Net(), sample_loss, torch.randn(3, 4), torch.randn(3), fused=True)
+
+
+def test_metadata_reads_carry_no_gradient():
+    """The reads the torch-function modes pass on unseen (METADATA_READS) give no tensor a gradient
+    could flow through: one that did (``w.T``, ``w.data``) would be a use of a parameter left unrecorded."""
+    from divebatch.layers.base import METADATA_READS
+
+    w = torch.randn(3, 4, requires_grad=True)
+    assert torch.Tensor.dim in METADATA_READS and torch.Tensor.shape.__get__ in METADATA_READS
+    assert torch.Tensor.T.__get__ not in METADATA_READS and torch.Tensor.data.__get__ not in METADATA_READS
+    for read in METADATA_READS:
+        if read is torch.Tensor.register_hook:
+            out = read(w.view(3, 4), lambda g: g)
+        else:
+            out = read(w)
+        assert not any(isinstance(t, torch.Tensor) for t in torch.utils._pytree.tree_flatten(out)[0]), read

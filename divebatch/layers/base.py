@@ -129,6 +129,23 @@ class PerSampleGradsRule(LayerRule):
         return {name: t.sum(dim=0) for name, t in self.per_sample_grads(module, calls, tracked).items()}
 
 
+def _metadata_reads() -> frozenset:
+    getters = ("shape", "dtype", "device", "layout", "requires_grad", "grad_fn", "is_leaf", "ndim", "_version",
+               "output_nr", "is_cuda", "is_cpu", "is_meta", "is_sparse", "is_quantized", "is_nested", "retains_grad")
+    methods = ("dim", "ndimension", "numel", "nelement", "size", "stride", "storage_offset", "is_contiguous",
+               "is_floating_point", "is_complex", "is_signed", "is_inference", "data_ptr", "untyped_storage",
+               "element_size", "get_device", "register_hook", "__len__")
+    return frozenset([getattr(torch.Tensor, name).__get__ for name in getters if hasattr(torch.Tensor, name)]
+                     + [getattr(torch.Tensor, name) for name in methods if hasattr(torch.Tensor, name)])
+
+
+#: Tensor attribute reads and methods whose results are no tensors (shapes, flags, pointers, a hook
+#: handle): no gradient flows through them, so the torch-function modes that follow tensors pass them
+#: on at once. They are most of what reaches such a mode: ~2,300 of the ~3,000 calls of a timm BEiT
+#: forward (the model's ``x.shape``, and the hooks' own reads while a mode is active).
+METADATA_READS = _metadata_reads()
+
+
 def _shape(x: Any) -> str:
     return "x".join(map(str, x.shape)) if isinstance(x, torch.Tensor) else "?"
 

@@ -52,7 +52,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .base import PerSampleGradsRule, RoutePlan, RuleError, per_sample_sq, suspend_capture
+from .base import METADATA_READS, PerSampleGradsRule, RoutePlan, RuleError, per_sample_sq, suspend_capture
 from .conv import conv_weight_grads
 from .experts import _MATMULS, ExpertUses, rows_grad_sum, rows_norms, rows_per_sample
 from .linear import fused_linear
@@ -609,6 +609,8 @@ class DirectUseRecorder(TorchFunctionMode):
         return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in METADATA_READS:  # (no use: nothing a gradient flows through, see METADATA_READS)
+            return func(*args, **(kwargs or {}))
         kwargs = kwargs or {}
         adopting = self.inner and self.uses is not None and _touches(args, kwargs, self.inner)
         if adopting and (func is F.scaled_dot_product_attention or func in _NORMS or func in _ADDCMULS
@@ -1987,6 +1989,8 @@ class SharedOutputWatchers(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in METADATA_READS:
+            return func(*args, **kwargs)
         run = func
         for watcher in self.watchers:
             if watcher.touches(args, kwargs):
