@@ -36,6 +36,13 @@ by the model) the same way, one norm per question.
 whose autograd gradients are themselves bfloat16 products.
 
     python bench/hf_coverage.py --padded --autocast --out bench/results/hf_coverage_autocast.md
+
+``--compile`` runs the tracked forward through ``torch.compile`` (backend ``aot_eager`` unless
+``--compile-backend`` names another: dynamo's graph breaks and AOTAutograd's compiled backward, which are what the tracker's
+hooks meet, without inductor's minutes of C++ compilation for 66 models); the reference runs
+eagerly.
+
+    python bench/hf_coverage.py --compile --out bench/results/hf_coverage_compile.md
 """
 
 from __future__ import annotations
@@ -149,7 +156,7 @@ def check(name: str) -> dict:
         try:
             with GradNormTracker(model, "sum") as tracker:
                 torch.manual_seed(1)  # the same draws as same_forward_norms (PhiMoE's router jitter)
-                token_loss(model(tokens), targets).backward()
+                token_loss(_compiled(model)(tokens), targets).backward()
                 stats = tracker.collect()
                 plans = tracker.plan()
         except TypeError as err:  # e.g. a forward that takes no position_ids
@@ -239,6 +246,19 @@ def _precision():
     return torch.autocast("cpu", dtype=AUTOCAST) if AUTOCAST is not None else contextlib.nullcontext()
 
 
+#: The ``torch.compile`` backend of the tracked forwards (``--compile``), or None: eager.
+COMPILE: str | None = None
+
+
+def _compiled(model: nn.Module):
+    """``model``, or ``torch.compile(model)`` under ``--compile`` (dynamo's caches reset first: 66
+    architectures calling one wrapper's forward would pass its recompile limit and run eagerly)."""
+    if COMPILE is None:
+        return model
+    torch._dynamo.reset()
+    return torch.compile(model, backend=COMPILE)
+
+
 def _own_loss_tracked(name: str, net, loss_reduction, inputs: dict):
     """One tracked backward of ``net(**inputs).loss``, seeded as the reference's forward:
     ``(stats, plans, None)``, or ``(None, None, row)`` with the table's row where it is refused."""
@@ -246,7 +266,7 @@ def _own_loss_tracked(name: str, net, loss_reduction, inputs: dict):
         with GradNormTracker(net, loss_reduction) as tracker:
             torch.manual_seed(1)
             with _precision():
-                loss = net(**inputs).loss
+                loss = _compiled(net)(**inputs).loss
             loss.float().backward()
             return tracker.collect(), tracker.plan(), None
     except (ValueError, RuntimeError, TypeError) as err:
@@ -347,7 +367,14 @@ def main() -> None:
                         help="every dropout probability of the config (with --padded or --vision)")
     parser.add_argument("--autocast", action="store_true",
                         help="forwards under CPU autocast to bfloat16 (with --padded or --vision)")
+    parser.add_argument("--compile", action="store_true",
+                        help="the tracked forward through torch.compile (not with --vision or --choices)")
+    parser.add_argument("--compile-backend", default="aot_eager", help="torch.compile's backend (default aot_eager)")
     args = parser.parse_args()
+    if args.compile and (args.vision or args.choices):
+        parser.error("--compile is for the default and --padded checks")
+    global COMPILE
+    COMPILE = args.compile_backend if args.compile else None
     if args.autocast and not (args.padded or args.vision):
         parser.error("--autocast needs --padded or --vision (their reference is the tracked forward's own)")
     global AUTOCAST
@@ -360,6 +387,7 @@ def main() -> None:
     for key in DROPOUTS:
         TINY[key] = args.dropout
     setting = "; CPU autocast to bfloat16" if args.autocast else ""
+    setting += f"; tracked forward through torch.compile (backend {COMPILE})" if args.compile else ""
     setting += (f"; padded batch, the model's own loss, dropout {args.dropout}" if args.padded else
                f"; image classifiers, the model's own loss, dropout {args.dropout}" if args.vision else
                f"; multiple-choice heads, the model's own loss, dropout {args.dropout}" if args.choices else "")

@@ -900,7 +900,10 @@ class GradNormTracker:
         account for the whole output grad, the call takes the per-sample grads (an Embedding's
         indices, a Linear's input expanded to B rows; a generic-route module replays each sample with
         its own output grad). Not where every call so far had one sample (batches of 1 need none of this)."""
-        if output.dim() < 2 or _called_from_compiled_code():
+        if output.dim() < 2:
+            return
+        if _called_from_compiled_code():
+            call.refusal = _COMPILED_SHARED_OUTPUT
             return
         call.watcher = SharedOutputWatcher(output, batch_hint=self._last_batch or None, shared_nodes=self._shared_nodes)
         if self._watching is None:
@@ -1395,6 +1398,13 @@ def _called_from_compiled_code() -> bool:
 
 
 _DYNAMO_DIR = os.path.join("torch", "_dynamo", "")
+
+
+def _COMPILED_SHARED_OUTPUT() -> str:
+    return (" It was called under torch.compile with an input shared by all samples (position ids of shape "
+            "[1, T], T5's relative-position buckets): its output is used in compiled code, where the tracker "
+            "cannot follow it to the ops that broadcast it over the samples (it does without compile). Give it "
+            "one row per sample (e.g. position_ids=torch.arange(T).expand(B, T)), or track the model uncompiled.")
 
 
 class _EagerForward:

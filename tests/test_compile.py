@@ -118,3 +118,37 @@ def test_close_puts_back_an_instance_forward():
     assert model.__dict__["forward"] is own_forward
     per_sample, _, _ = reference_norms(model, sample_loss, x, y)
     assert rel_err(stats.per_sample, per_sample) <= RTOL
+
+
+class LearnedPositions(torch.nn.Module):
+    """Token and learned position embeddings (GPT-2's layout), positions ``[1, T]`` unless given."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens, self.positions = torch.nn.Embedding(11, 8), torch.nn.Embedding(6, 8)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, ids, position_ids=None):
+        if position_ids is None:
+            position_ids = torch.arange(ids.shape[1]).unsqueeze(0)
+        return self.head(self.tokens(ids) + self.positions(position_ids)).sum(1)
+
+
+def test_shared_position_ids_under_compile_are_refused_with_the_fix():
+    """``[1, T]`` position ids are followed to their broadcast in eager mode only; compiled, the
+    lookup is refused with an error that says so and how to fix it, and the fix is exact."""
+    torch.manual_seed(0)
+    model, ids, y = LearnedPositions(), torch.randint(0, 11, (4, 5)), torch.randn(4, 3)
+    compiled = torch.compile(model, backend="aot_eager")
+    with GradNormTracker(model, "sum") as tracker:
+        with pytest.raises(ValueError, match=r"under torch.compile.*position_ids=torch.arange\(T\).expand\(B, T\)"):
+            sample_loss(compiled(ids), y).backward()
+            tracker.collect()
+    positions = torch.arange(5).expand(4, 5)
+    with GradNormTracker(model, "sum") as tracker:
+        model.zero_grad()
+        sample_loss(compiled(ids, positions), y).backward()
+        stats = tracker.collect()
+    per_sample, _, batch = reference_norms(model, sample_loss, ids, y)  # (one sample: [1, T] ids are its own)
+    assert rel_err(stats.per_sample, per_sample) <= RTOL
+    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
