@@ -291,6 +291,7 @@ class GradNormTracker:
             can_fuse = getattr(owner.rule, "can_fuse", None)
             owner.fused = bool(fused and can_fuse is not None and can_fuse(owner.module, owner.tracked))
         self._handles: list = []
+        self._eager_forwards: list[_EagerForward] = []  # forwards run eagerly under torch.compile
         self._backward: _Backward | None = None
         self._last: GradNormStats | None = None
         self._uncollected = 0  # backwards closed since the last collect()
@@ -433,7 +434,13 @@ class GradNormTracker:
                 owner.module.forward = partial(self._fused_call, owner)
             generic = owner.rule is GENERIC
             if generic:
-                owner.module.forward = _EagerForward(owner.module)
+                self._run_eagerly(owner.module)
+                if owner.name and any(p.dim() >= 3 and p.shape[0] > 1 for p in owner.tracked.values()):
+                    # Mixture-of-experts experts (a stack of matrices): their rows are assigned to samples
+                    # by reading the graph from the block that calls them, which flattens the tokens
+                    # (and routes them); under compile that graph would be a compiled node, so the
+                    # block runs eagerly too (dynamo breaks its graph at the data-dependent routing anyway).
+                    self._run_eagerly(self.model.get_submodule(owner.name.rpartition(".")[0]))
             if self._tables and owner.rule.rows_independent:
                 self._handles.append(owner.module.register_forward_pre_hook(
                     partial(self._on_table_read, owner), prepend=True, with_kwargs=True))
@@ -596,6 +603,12 @@ class GradNormTracker:
                     return (shape[0], ids.shape[0] // shape[0]) if ids.shape[0] > shape[0] else None
         return None
 
+    def _run_eagerly(self, module: nn.Module) -> None:
+        """Run ``module``'s forward eagerly under ``torch.compile`` (see ``_EagerForward``)."""
+        if not isinstance(module.__dict__.get("forward"), _EagerForward):
+            self._eager_forwards.append(_EagerForward(module))
+            module.forward = self._eager_forwards[-1]
+
     def _detach(self) -> None:
         self._leave_watchers(all_of_them=True)
         self._leave_ids_follower()
@@ -603,8 +616,9 @@ class GradNormTracker:
             forward = owner.module.__dict__.get("forward")
             if isinstance(forward, partial) and forward.func == self._fused_call:
                 del owner.module.forward
-            elif isinstance(forward, _EagerForward):
-                forward.restore()
+        for forward in reversed(self._eager_forwards):
+            forward.restore()
+        self._eager_forwards.clear()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -888,8 +902,7 @@ class GradNormTracker:
                          if alias.grad_fn is not None)
 
     def _rows_may_be_flattened(self, x: torch.Tensor) -> bool:
-        return not (x.grad_fn is None or x.dim() < 2 or x.shape[0] == self._last_batch
-                    or _called_from_compiled_code())
+        return not (x.grad_fn is None or x.dim() < 2 or x.shape[0] == self._last_batch)
 
     def _watch_shared_output(self, call: _Call, output: torch.Tensor) -> None:
         """An Embedding looked up once for all samples (``[1, T]`` position ids, GPT-2's and BART's
@@ -1160,8 +1173,10 @@ class GradNormTracker:
                     hint = (f" {call.batch_size} = {step.batch_size} x {call.batch_size // step.batch_size}: were "
                             "samples and tokens flattened into rows? Rows are assigned to samples only for a "
                             "Linear/LayerNorm/RMSNorm whose input comes from a view merging [B, T, ...] through "
-                            "elementwise ops and such layers (not under torch.compile, not through gathers or "
-                            "permutations of rows); see divebatch/layers/rows.py.")
+                            "elementwise ops and such layers (not through gathers or permutations of rows); see "
+                            "divebatch/layers/rows.py. Under torch.compile the view must be made in eager code: "
+                            "exclude the module that flattens from compilation, e.g. "
+                            "block.forward = torch.compiler.disable(block.forward).")
                 raise ValueError(
                     f"module '{owner.name}' ({type(owner.module).__name__}) saw a batch of {call.batch_size} samples "
                     f"but other layers in this backward saw {step.batch_size}; per-sample gradients need one "

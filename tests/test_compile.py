@@ -152,3 +152,28 @@ def test_shared_position_ids_under_compile_are_refused_with_the_fix():
     per_sample, _, batch = reference_norms(model, sample_loss, ids, y)  # (one sample: [1, T] ids are its own)
     assert rel_err(stats.per_sample, per_sample) <= RTOL
     assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+
+
+def test_flattened_rows_under_compile_need_the_flattening_module_eager():
+    """OPT's MLP block flattens samples and tokens into rows: compiled, the graph that proves the
+    rows sample-major is a compiled node, so the Linears on them are refused with a hint; with that
+    block's forward excluded from compilation (as the hint says) the numbers are exact."""
+    from .models_zoo import FlattenedTokensBlock
+
+    model, x, y = ZOO["flattened_tokens"]()
+    compiled = torch.compile(model, backend="aot_eager")
+    with GradNormTracker(model, "sum") as tracker:
+        with pytest.raises(ValueError, match=r"torch\.compiler\.disable"):
+            sample_loss(compiled(x), y).backward()
+            tracker.collect()
+    torch._dynamo.reset()
+    model.zero_grad()
+    for block in model.modules():
+        if isinstance(block, FlattenedTokensBlock):
+            block.forward = torch.compiler.disable(block.forward)
+    with GradNormTracker(model, "sum") as tracker:
+        sample_loss(compiled(x), y).backward()
+        stats = tracker.collect()
+    per_sample, _, batch = reference_norms(model, sample_loss, x, y)
+    assert rel_err(stats.per_sample, per_sample) <= RTOL
+    assert rel_err(stats.batch_grad_sq, batch) <= RTOL

@@ -14,11 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from divebatch import GradNormTracker
 from divebatch.layers import experts as experts_module
 from divebatch.layers.experts import RowProduct, rows_grad_sum, rows_norms, rows_per_sample
 
 from .models_zoo import ZOO, sample_loss
-from .oracle import tracked_and_checked
+from .oracle import reference_norms, rel_err, tracked_and_checked
 
 transformers = pytest.importorskip("transformers")
 from .test_transformers import Logits, token_loss  # noqa: E402
@@ -340,3 +341,23 @@ def test_einsum_is_read_only_as_a_matrix_product(equation, operands, how):
         assert found[0] is x and found[1] is w
 
 
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_hugging_face_experts_compiled_match_torch_func(arch):
+    """Under torch.compile the block that calls the experts runs eagerly (it flattens and routes the
+    tokens, and the experts' rows are read from that graph), so the numbers are eager mode's; Qwen2-MoE's
+    shared expert and its gate are Linears on the flattened rows."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _moe_model(arch, "eager")
+    compiled = torch.compile(model, backend="aot_eager")
+    tokens, targets = torch.randint(0, 97, (3, 6)), torch.randint(0, 97, (3, 6))
+    with GradNormTracker(model, "sum") as tracker:
+        token_loss(compiled(tokens), targets).backward()
+        stats = tracker.collect()
+        routes = {plan.module: plan.route for plan in tracker.plan()}
+    per_sample, _, batch = reference_norms(model, token_loss, tokens, targets)
+    assert rel_err(stats.per_sample, per_sample) <= 1e-4 and rel_err(stats.batch_grad_sq, batch) <= 1e-4
+    assert routes["net.model.layers.0.mlp.experts"] == "generic (row uses)", routes
+    torch._dynamo.reset()
