@@ -10,6 +10,7 @@ gradient is defined. Prints a Markdown table.
     python bench/timm_coverage.py --dropout 0.1 --out bench/results/timm_coverage.md
     python bench/timm_coverage.py resnet18 vit_tiny_patch16_224        # some models only
     python bench/timm_coverage.py --autocast --out bench/results/timm_coverage_autocast.md  # CPU bf16 autocast
+    python bench/timm_coverage.py --compile --out bench/results/timm_coverage_compile.md    # torch.compile
 
 timm needs torchvision, which has no build for the torch of ``./run setup``: run it in a venv with
 ``pip install torch==2.14.1 torchvision==0.29.1 timm`` (see docs/figures.md, 'timm image models').
@@ -28,7 +29,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench.hf_coverage as hf_coverage  # noqa: E402
-from bench.hf_coverage import _compared, _precision, write_table  # noqa: E402
+from bench.hf_coverage import _compared, _compiled, _precision, write_table  # noqa: E402
 from divebatch import GradNormTracker  # noqa: E402
 
 _SMALL_VIT = dict(depth=2, embed_dim=64, num_heads=2)
@@ -102,7 +103,7 @@ def check(name: str, dropout: float) -> dict:
         with GradNormTracker(net, "sum") as tracker:
             torch.manual_seed(1)
             with _precision():
-                logits = net(images)
+                logits = _compiled(net)(images)
             F.cross_entropy(logits.float(), labels, reduction="sum").backward()
             stats = tracker.collect()
             plans = tracker.plan()
@@ -124,13 +125,18 @@ def main() -> None:
     parser.add_argument("--out", help="write the Markdown table here too")
     parser.add_argument("--autocast", action="store_true",
                         help="forwards under CPU autocast to bfloat16 ('exact': within 2e-2 of the reference)")
+    parser.add_argument("--compile", action="store_true",
+                        help="the tracked forward through torch.compile (the reference runs eagerly)")
+    parser.add_argument("--compile-backend", default="aot_eager", help="torch.compile's backend (default aot_eager)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     hf_coverage.AUTOCAST = torch.bfloat16 if args.autocast else None
+    hf_coverage.COMPILE = args.compile_backend if args.compile else None
     import timm
 
     lines = [f"timm {timm.__version__}, torch {torch.__version__}; 3 images, dropout and stochastic depth "
-             f"{args.dropout}" + ("; CPU autocast to bfloat16" if args.autocast else ""), "",
+             f"{args.dropout}" + ("; CPU autocast to bfloat16" if args.autocast else "")
+             + (f"; tracked forward through torch.compile (backend {args.compile_backend})" if args.compile else ""), "",
              "| model | result | detail |", "|---|---|---|"]
     write_table(lines, args.models or MODELS, lambda name: check(name, args.dropout), args.out)
 

@@ -103,13 +103,14 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
 
-def tracked_and_checked(model, loss, x, y, fused, rtol=1e-4) -> dict[str, str]:
+def tracked_and_checked(model, loss, x, y, fused=True, rtol=1e-4, forward=None) -> dict[str, str]:
     """Track one backward (``loss_reduction="sum"``), check the per-sample and batch norms against
-    torch.func and that every gradient was accounted for; the route the tracker took per module."""
+    torch.func and that every gradient was accounted for; the route the tracker took per module.
+    ``forward``: what the tracked step calls instead of ``model`` (its ``torch.compile`` wrapper)."""
     from divebatch import GradNormTracker
 
     with GradNormTracker(model, "sum", fused=fused) as tracker:
-        loss(model(x), y).backward()
+        loss((model if forward is None else forward)(x), y).backward()
         stats = tracker.collect()
         routes = {plan.module: plan.route for plan in tracker.plan()}
     per_sample, _, batch = reference_norms(model, loss, x, y)

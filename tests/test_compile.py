@@ -13,7 +13,7 @@ import torch
 from divebatch import GradNormTracker
 
 from .models_zoo import ZOO, sample_loss
-from .oracle import reference_norms, rel_err
+from .oracle import reference_norms, rel_err, tracked_and_checked
 from .test_tied import make_case, token_loss
 
 RTOL = 1e-4
@@ -171,9 +171,4 @@ def test_flattened_rows_under_compile_need_the_flattening_module_eager():
     for block in model.modules():
         if isinstance(block, FlattenedTokensBlock):
             block.forward = torch.compiler.disable(block.forward)
-    with GradNormTracker(model, "sum") as tracker:
-        sample_loss(compiled(x), y).backward()
-        stats = tracker.collect()
-    per_sample, _, batch = reference_norms(model, sample_loss, x, y)
-    assert rel_err(stats.per_sample, per_sample) <= RTOL
-    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+    tracked_and_checked(model, sample_loss, x, y, forward=compiled)
