@@ -292,6 +292,7 @@ class GradNormTracker:
             owner.fused = bool(fused and can_fuse is not None and can_fuse(owner.module, owner.tracked))
         self._handles: list = []
         self._eager_forwards: list[_EagerForward] = []  # forwards run eagerly under torch.compile
+        self._tables_read_in_compiled_code: set[str] = set()  # Embeddings whose weight compiled code read
         self._backward: _Backward | None = None
         self._last: GradNormStats | None = None
         self._uncollected = 0  # backwards closed since the last collect()
@@ -819,7 +820,7 @@ class GradNormTracker:
         by the samples and watched (see _on_forward)."""
         x = args[0] if args else None
         table = self._table_of(x)
-        if table is None or table is owner or not self._may_read_tables() or x.dim() != 2:
+        if table is None or table is owner or not self._may_read_tables(table) or x.dim() != 2:
             return None
         return (self._table_rows(table, x), *args[1:]), kwargs
 
@@ -829,7 +830,8 @@ class GradNormTracker:
         ``rel_embeddings.weight`` down its layers, whose attention drops it out, slices it and
         projects it), which it may read in any way: it gets the table's rows instead
         (``_table_rows``), followed by their watcher as any shared output."""
-        if not any(self._table_of(a) is not None for a in (*args, *kwargs.values())) or not self._may_read_tables():
+        tables = [t for t in map(self._table_of, (*args, *kwargs.values())) if t is not None]
+        if not tables or not all([self._may_read_tables(table) for table in tables]):  # (each: see _may_read_tables)
             return None
         rows = {}  # one lookup for a table passed twice to the same call
         def swap(a):
@@ -846,9 +848,13 @@ class GradNormTracker:
         table = self._tables.get(id(x)) if isinstance(x, nn.Parameter) else None
         return table if table is not None and table.module.weight is x else None
 
-    def _may_read_tables(self) -> bool:
-        return not (capture_suspended() or not torch.is_grad_enabled() or _inside_functorch()
-                    or _called_from_compiled_code())
+    def _may_read_tables(self, table: _Owner) -> bool:
+        if capture_suspended() or not torch.is_grad_enabled() or _inside_functorch():
+            return False
+        if _called_from_compiled_code():
+            self._tables_read_in_compiled_code.add(table.name)  # (for the error that follows, see _finish)
+            return False
+        return True
 
     def _table_rows(self, table: _Owner, weight: nn.Parameter) -> torch.Tensor:
         """A read of ``table``'s whole weight as a call of that Embedding on every index, with no
@@ -916,7 +922,7 @@ class GradNormTracker:
         if output.dim() < 2:
             return
         if _called_from_compiled_code():
-            call.refusal = _COMPILED_SHARED_OUTPUT
+            call.refusal = _compiled_shared_output_hint
             return
         call.watcher = SharedOutputWatcher(output, batch_hint=self._last_batch or None, shared_nodes=self._shared_nodes)
         if self._watching is None:
@@ -1265,7 +1271,12 @@ class GradNormTracker:
                     f"parameter '{missing[0]}' received a gradient but its module '{owner.name}' "
                     f"({type(owner.module).__name__}) was not called through its forward in this backward (a parent "
                     "module used the parameter directly?), so its per-sample gradients are unknown. Wrap the "
-                    "computation in a module that owns the parameter, or freeze it")
+                    "computation in a module that owns the parameter, or freeze it"
+                    + (". It was read whole in code that torch.compile traces (DeBERTa's relative-position "
+                       "table), where the tracker cannot follow it (it does without compile): track the model "
+                       "uncompiled, or exclude the module that reads it from compilation "
+                       "(module.forward = torch.compiler.disable(module.forward))"
+                       if owner.name in self._tables_read_in_compiled_code else ""))
             self._last = self._close_record(step)
             self._uncollected += 1
             self._last_plans.update(step.plans)
@@ -1415,7 +1426,7 @@ def _called_from_compiled_code() -> bool:
 _DYNAMO_DIR = os.path.join("torch", "_dynamo", "")
 
 
-def _COMPILED_SHARED_OUTPUT() -> str:
+def _compiled_shared_output_hint() -> str:
     return (" It was called under torch.compile with an input shared by all samples (position ids of shape "
             "[1, T], T5's relative-position buckets): its output is used in compiled code, where the tracker "
             "cannot follow it to the ops that broadcast it over the samples (it does without compile). Give it "
@@ -1423,9 +1434,12 @@ def _COMPILED_SHARED_OUTPUT() -> str:
 
 
 class _EagerForward:
-    """A generic-route module's forward, run eagerly under ``torch.compile`` (a graph break):
-    the recorder that reads how the forward uses the module's parameters is a torch-function
-    mode, which sees nothing of a traced forward (the call would be replayed per sample). The code
+    """A module's forward, run eagerly under ``torch.compile`` (a graph break; no cost without compile).
+
+    For a generic-route module: the recorder that reads how its forward uses its parameters is a
+    torch-function mode, which sees nothing of a traced forward (the call would be replayed per
+    sample). For the block that calls mixture-of-experts experts: the rows' samples are read from
+    the autograd graph of its flattening and routing, which a compiled forward would hide. The code
     around the module stays compiled. Installed on the instance; ``restore`` puts back what was there."""
 
     depth = threading.local()  # eager forwards in progress on this thread (see _called_from_compiled_code)

@@ -172,3 +172,15 @@ def test_flattened_rows_under_compile_need_the_flattening_module_eager():
         if isinstance(block, FlattenedTokensBlock):
             block.forward = torch.compiler.disable(block.forward)
     tracked_and_checked(model, sample_loss, x, y, forward=compiled)
+
+
+@pytest.mark.parametrize("case", ["passed_table", "normalised_table"])
+def test_table_read_whole_under_compile_is_refused_naming_compile(case):
+    """A tracked Embedding's weight read whole (DeBERTa's relative-position table: handed to the
+    layers, or normalised) is followed in eager mode only; compiled, the error says so."""
+    model, x, y = ZOO[case]()
+    compiled = torch.compile(model, backend="aot_eager")
+    with GradNormTracker(model, "sum") as tracker:
+        with pytest.raises((RuntimeError, ValueError), match="torch.compile"):
+            sample_loss(compiled(x), y).backward()
+            tracker.collect()
