@@ -852,7 +852,7 @@ class GradNormTracker:
         if capture_suspended() or not torch.is_grad_enabled() or _inside_functorch():
             return False
         if _called_from_compiled_code():
-            self._tables_read_in_compiled_code.add(table.name)  # (for the error that follows, see _finish)
+            self._tables_read_in_compiled_code.add(table.name)  # (for the error that follows, see _finish_backward)
             return False
         return True
 
@@ -1406,7 +1406,8 @@ def _sharers(owner: _Owner) -> tuple[_Owner, ...]:
 def _called_from_compiled_code() -> bool:
     """Whether a ``torch.compile``d function is on the Python stack (this hook runs eagerly at a
     graph break, but the module's forward after it is traced; a torch-function mode entered here
-    would be traced into the graph, which dynamo does not support)."""
+    would be traced into the graph, which dynamo does not support). False inside a forward the
+    tracker runs eagerly (``_EagerForward``), whose code is not traced."""
     if getattr(_EagerForward.depth, "value", 0):
         return False
     try:  # a torch.compile'd module sets this private flag of dynamo's while it runs
@@ -1434,7 +1435,8 @@ def _compiled_shared_output_hint() -> str:
 
 
 class _EagerForward:
-    """A module's forward, run eagerly under ``torch.compile`` (a graph break; no cost without compile).
+    """A module's forward, run eagerly under ``torch.compile`` (a graph break; without compile, one
+    wrapper call).
 
     For a generic-route module: the recorder that reads how its forward uses its parameters is a
     torch-function mode, which sees nothing of a traced forward (the call would be replayed per
