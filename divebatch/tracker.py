@@ -680,7 +680,8 @@ class GradNormTracker:
             # Which inner owners this call calls, and how it uses its own parameters (see _on_forward).
             recorder = None
             if (capturing and owner.rule.batch_dim(module) == 0 and not isinstance(module, nn.RNNBase)
-                    and (isinstance(module.__dict__.get("forward"), _EagerForward) or not _called_from_compiled_code())):
+                    and (isinstance(module.__dict__.get("forward"), _EagerForward)
+                         or not _called_from_compiled_code())):
                 # The rows the experts' products are followed from: the first batched input, as in capture().
                 inputs = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
                 first = next((x for x in inputs if x.dim() > 0), None)
