@@ -211,11 +211,12 @@ def _abandons_backward_on_error(hook):
 
 #: Added to the accounting error after a forward under CPU autocast to bfloat16.
 _CPU_BFLOAT16_HINT = (
-    " Under CPU autocast to bfloat16 the gradient autograd computes can itself be this far off: PyTorch's "
-    "CPU LayerNorm backward in bfloat16 rounds its weight and bias gradients by 5% over 3,000 rows and 30% "
-    "over 100,000 (measured against float64 sums of the same output grads), while divebatch sums in "
-    "float32. If nothing uses the parameter outside its module, run the normalisation layers in float32 "
-    "(`with torch.autocast('cpu', enabled=False):` around them, on a float32 input).")
+    " In bfloat16 on CPU (autocast, or a bfloat16 model) the gradient autograd computes can itself be this far "
+    "off: PyTorch's CPU LayerNorm backward in bfloat16 rounds its weight and bias gradients by 5% over 3,000 "
+    "rows and 30% over 100,000 (measured against float64 sums of the same output grads), while divebatch sums "
+    "in float32. If nothing uses the parameter outside its module, run the normalisation layers in float32 "
+    "(keep their parameters float32, and under autocast `with torch.autocast('cpu', enabled=False):` around "
+    "them, on a float32 input).")
 
 
 def _sink(call_ref, on_output_grad, index: int, grad: torch.Tensor):
@@ -285,7 +286,7 @@ class GradNormTracker:
         self.verify_every = verify_every
         self._backwards_started = 0
         self._low_precision_forward = False  # an autocast forward was captured (looser verification)
-        self._cpu_bfloat16_forward = False  # ... under CPU autocast to bfloat16 (see _verification_error)
+        self._cpu_bfloat16_forward = False  # ... in bfloat16 on CPU: autocast or a bf16 norm (see _verification_error)
         self._owners, self._ties = _assign_owners(model)
         for owner in self._owners:
             can_fuse = getattr(owner.rule, "can_fuse", None)
@@ -726,8 +727,10 @@ class GradNormTracker:
                 leaves = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
         if not self._low_precision_forward and any(map(torch.is_autocast_enabled, ("cpu", "cuda"))):
             self._low_precision_forward = True
-        if (not self._cpu_bfloat16_forward and torch.is_autocast_enabled("cpu")
-                and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+        if not self._cpu_bfloat16_forward and (
+                (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+                or (isinstance(owner.rule, AffineNormRule)  # a bfloat16 model's norm, on CPU
+                    and any(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in owner.tracked.values()))):
             self._cpu_bfloat16_forward = True
         if hasattr(owner.rule, "before_forward"):
             ctx = owner.rule.capture(module, args, kwargs, output, pre_state)

@@ -121,6 +121,24 @@ def test_layer_norm_under_cpu_bfloat16_autocast_is_judged_by_its_rounding():
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+def test_layer_norm_of_a_bfloat16_model_on_cpu_is_judged_by_its_rounding(fused):
+    """The same for a model in bfloat16 (no autocast): its CPU LayerNorm backward rounds alike, and
+    it was refused as an outside use; the norms match each sample's own backward in bfloat16."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.LayerNorm(64), nn.Linear(64, 4)).to(torch.bfloat16)
+    x = (torch.randn(8, 392, 16) * 3).to(torch.bfloat16)
+    with GradNormTracker(model, "sum", fused=fused) as tracker:
+        model(x).float().square().sum().backward()
+        per_sample = tracker.collect().per_sample
+    expected = []
+    for i in range(2):
+        model.zero_grad()
+        model(x[i:i + 1]).float().square().sum().backward()
+        expected.append(sum(p.grad.double().square().sum() for p in model.parameters()))
+    assert rel_err(per_sample[:2], torch.stack(expected)) <= 2e-2
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
 @pytest.mark.parametrize("case", sorted(ZOO))
 def test_zoo_gradients_fully_accounted(case, fused):
     """What each rule says its calls account for equals autograd's gradient, module by module."""

@@ -7,7 +7,8 @@
 #      (bench/gpu/bench_kernels.py, triton.testing.do_bench, autotuned), table + JSON;
 #   3. if present, the end-to-end table (bench/run_table.py) on seq-large, conv-large, then transformer
 #      (nn.MultiheadAttention's fused rule on CUDA), divebatch fused and unfused side by side; the
-#      JSON is rewritten after each workload.
+#      JSON is rewritten after each workload;
+#   4. if time is left, the transformer workload under torch.compile, tracked against plain.
 # Results (JSON, junit XML, logs) go to $OUT if set, else bench/results/.
 # Usage: bash bench/gpu/run_gpu_checks.sh        (PYTHON=... to pick the interpreter)
 # Needs a CUDA build of torch and triton; nothing is installed or downloaded.
@@ -96,6 +97,18 @@ if [ -f bench/run_table.py ] && [ "$left" -gt 30 ]; then
         --workloads seq-large,conv-large,transformer --out "$RESULTS/gpu_table.json"
 else
     SUMMARY+=("run_table: skipped (bench/run_table.py missing or ${left}s left)")
+fi
+
+# 4. if time is left: a tracked step under torch.compile (inductor) against a compiled plain one,
+#    on the transformer workload (each tracked module is a graph break; on a GPU inductor fuses the
+#    elementwise ops between them, which the CPU figures cannot show). Compiling takes ~1 min.
+left=$(( 290 - ($(date +%s) - START) ))
+if [ "$left" -gt 90 ]; then
+    step compile "$left" "$PY" bench/run_table.py --device cuda --dtype bfloat16 --reps 5 --no-memory \
+        --methods divebatch,plain-compiled,divebatch-compiled --workloads transformer \
+        --out "$RESULTS/gpu_table_compile.json"
+else
+    SUMMARY+=("compile: skipped (${left}s left)")
 fi
 
 echo "=== summary ($(( $(date +%s) - START ))s total)"
