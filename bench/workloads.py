@@ -314,6 +314,30 @@ class LSTMModel(nn.Module):
         return self.head(self.rnn(self.emb(idx))[0])
 
 
+class BagRecommender(nn.Module):
+    """A DLRM-style click model: ``features`` sparse features, each a bag of ids pooled by its own
+    ``EmbeddingBag(vocab, dim, mode="sum")``, concatenated into an MLP with 2 outputs. Input: ids
+    ``[B, features, L]``."""
+
+    def __init__(self, features=8, vocab=10_000, dim=32, hidden=256):
+        super().__init__()
+        self.tables = nn.ModuleList(nn.EmbeddingBag(vocab, dim, mode="sum") for _ in range(features))
+        self.mlp = nn.Sequential(nn.Linear(features * dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, 2))
+
+    def forward(self, ids):
+        return self.mlp(torch.cat([table(ids[:, f]) for f, table in enumerate(self.tables)], dim=1))
+
+
+def _bags(batch, features, L, vocab):
+    """Ids drawn with a power-law skew (popular ids repeat within and across bags), and click labels."""
+    def make(device):
+        g = torch.Generator().manual_seed(1)
+        ids = (torch.rand(batch, features, L, generator=g) ** 3 * vocab).long()
+        return ids.to(device), torch.randint(0, 2, (batch,), generator=g).to(device)
+    return make
+
+
 def _images(batch, shape):
     def make(device):
         g = torch.Generator().manual_seed(1)
@@ -406,6 +430,9 @@ WORKLOADS = {
     # their running statistics and every sample's gradient is its own; 128x128, batch 16.
     "timm-resnet50": Workload("timm-resnet50", lambda: _timm("resnet50")().eval(), _images(16, (3, 128, 128)),
                               lambda x, y: 1.0 / x.shape[0]),
+    # Not in BENCHMARKS.md: a recommender's sparse features, 8 EmbeddingBag tables of 10,000 x 32
+    # (bags of 20 ids, sum) into an MLP, batch 256, click labels.
+    "dlrm": Workload("dlrm", BagRecommender, _bags(256, 8, 20, 10_000), lambda x, y: 1.0 / x.shape[0]),
     # GPU only (bf16 there): a large transformer-MLP stack and ResNet-18-sized convolutions.
     "seq-large": Workload("seq-large", lambda: SeqModel(32000, 4096, 16384, 2), _tokens(8, 2048, 32000),
                           lambda x, y: 1.0 / y.numel(), token_level=True),

@@ -37,7 +37,7 @@ from .layers.generic import DirectUseRecorder, SharedOutputWatcher, SharedOutput
 from .layers.rows import MergedIdsFollower, flattened_samples, row_samples
 from .layers.base import capture_suspended
 from .layers.conv import ConvRule
-from .layers.embedding import EmbeddingCall, EmbeddingRule
+from .layers.embedding import EmbeddingBagCall, EmbeddingCall, EmbeddingRule
 from .layers.linear import LinearRule, linear_factors
 from .layers.norm import AffineNormRule
 from .layers.tied import TiedEmbeddingLinear, tied_cross, tied_rows
@@ -757,6 +757,9 @@ class GradNormTracker:
         if owner.rule is GENERIC:
             ctx = self._generic_rows(ctx, args, kwargs)
         batch_size = owner.rule.batch_size(module, ctx)
+        if isinstance(ctx, EmbeddingBagCall) and args and self._model_inputs and args[0] is self._model_inputs[0]:
+            # The model's input is 1-D ids with offsets: its samples are the bags, not the ids.
+            self._input_batch = batch_size
         if batch_size == 0:
             raise ValueError(f"module '{owner.name}' ({type(module).__name__}) got an empty batch (0 samples); "
                              "skip empty batches before the forward pass")

@@ -125,6 +125,27 @@ def embedding_no_pad():
     return _regression(nn.Sequential(nn.Embedding(5, 4), nn.Flatten(), nn.Linear(12, 2)), torch.randint(0, 5, (6, 3)))
 
 
+class BagFeatures(nn.Module):
+    """A recommender's sparse features: bags of ids pooled by two EmbeddingBags (one reading a
+    hashed copy of the ids), concatenated into a small MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.mean_bag = nn.EmbeddingBag(9, 4, mode="mean", padding_idx=0)
+        self.max_bag = nn.EmbeddingBag(5, 3, mode="max")
+        self.head = nn.Linear(7, 2)
+
+    def forward(self, ids):
+        return self.head(torch.cat([self.mean_bag(ids), self.max_bag(ids % 5)], dim=1))
+
+
+def embedding_bags():
+    x = torch.randint(0, 9, (5, 6))
+    x[1] = 0  # a bag of padding only: no gradient
+    x[2, :4] = 0
+    return _regression(BagFeatures(), x)
+
+
 def norms():
     model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 8), nn.RMSNorm(8), nn.Linear(8, 3))
     return _regression(model, torch.randn(4, 5, 6))
@@ -396,7 +417,7 @@ def reused_module():
 
 
 ZOO = {f.__name__: f for f in [linear_2d, linear_3d, linear_4d, conv1d, conv2d, conv3d, conv_deep, conv3d_deep,
-                              conv_transpose, embedding, embedding_no_pad,
+                              conv_transpose, embedding, embedding_no_pad, embedding_bags,
                               norms, conv_norms_eval, batchnorm1d_eval, batchnorm3d_eval, attention_batch_first, attention_seq_first,
                               functional_norms, flattened_tokens, inplace_residuals, mixture_of_experts,
                               experts_on_every_token, parametrized, normalised_table, passed_table, recurrent,

@@ -177,7 +177,7 @@ def test_batchnorm_training_mode_is_the_decomposition_of_the_batch_gradient():
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
 @pytest.mark.parametrize("dtype,rtol", [(torch.float16, 2e-2), (torch.bfloat16, 8e-2)])
-@pytest.mark.parametrize("case", ["linear_3d", "conv2d", "embedding", "norms"])
+@pytest.mark.parametrize("case", ["linear_3d", "conv2d", "embedding", "embedding_bags", "norms"])
 def test_low_precision_inputs(case, dtype, rtol, fused):
     """Low-precision models: float32 results within ``rtol`` of the float64 oracle of the same model.
 

@@ -1,12 +1,17 @@
-"""nn.Embedding: per-sample norms from indices and output grads, never the [V, p] gradient.
+"""nn.Embedding and nn.EmbeddingBag: per-sample norms from indices and output grads, never the [V, p] gradient.
 
 The gradient of sample b is ``sum_t onehot(idx_t) g_t``: rows of equal index add up, so its
 squared norm is ``sum_{s,t: idx_s = idx_t} <g_s, g_t>`` (operator ``embedding_norm``). Rows at
 ``padding_idx`` get no gradient, as in ``nn.Embedding``.
+
+An ``nn.EmbeddingBag`` reduces each bag of rows to one output row, so its samples are its bags and
+bag ``b``'s gradient is rank one, ``c_b g_bᵀ`` (sum, mean): its squared norm ``||c_b||² ||g_b||²``
+needs only the entries' indices and the output grads (see ``EmbeddingBagRule``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +19,7 @@ from torch import nn
 
 from .. import ops
 from .base import LayerRule, RoutePlan, register, register_matcher, same_code
+from .routes import MAX_EXTRA_BYTES
 
 
 @dataclass
@@ -129,3 +135,180 @@ class ScaledEmbeddingRule(EmbeddingRule):
     by the code of its forward, not by name: the rows' gradient is the output grad times that
     constant (``EmbeddingCall.scale``), and the rest is ``nn.Embedding``'s rule (tied heads and
     weights shared with other embeddings included)."""
+
+
+@dataclass
+class EmbeddingBagCall:
+    """What one forward call of an ``nn.EmbeddingBag`` leaves for its rule: its bags' entries as
+    ``[B, L]`` (1-D ids with offsets and nested inputs padded to the longest bag), and what each
+    entry's row is multiplied by in its bag's output (computed in the backward, ``scales``). A bag is
+    a sample: output row ``b`` is bag ``b``'s."""
+
+    indices: torch.Tensor  # [B, L] int64: the row each entry looks up
+    weights: torch.Tensor | None  # [B, L] per_sample_weights (sum mode), or None
+    filled: torch.Tensor | None  # [B, L] bool: the entries that exist (padded layouts), or None: all
+    mode: str
+    padding_idx: int | None
+    max_indices: torch.Tensor | None = None  # max mode: [B, p] the row each output entry was taken from
+    nonempty: torch.Tensor | None = None  # max mode: [B] bool, the bags with an entry other than padding
+
+    @property
+    def batch_size(self) -> int:
+        return self.indices.shape[0]
+
+    def scales(self) -> torch.Tensor:
+        """``[B, L]`` float32: an entry's row times this is its share of its bag's output (sum: its
+        per_sample_weight or 1; mean: 1 / the bag's entries other than padding; 0 at ``padding_idx``
+        and where no entry is)."""
+        kept = torch.ones(self.indices.shape, dtype=torch.bool, device=self.indices.device)
+        if self.filled is not None:
+            kept &= self.filled
+        if self.padding_idx is not None:
+            kept &= self.indices != self.padding_idx
+        if self.mode == "mean":
+            return kept / kept.sum(1, keepdim=True).clamp_min(1)
+        return kept * self.weights.float() if self.weights is not None else kept.float()
+
+
+def _bag_entries(module: nn.EmbeddingBag, args: tuple, kwargs: dict):
+    """``(ids, offsets, include_last_offset, per_sample_weights)`` of one call: ``[B, L]`` ids with
+    offsets None, or 1-D ids with offsets, as ``F.embedding_bag`` reads its arguments (nested inputs
+    as their values and offsets)."""
+    names = ("input", "offsets", "per_sample_weights")
+    given = dict(zip(names, args))
+    given.update({k: v for k, v in kwargs.items() if k in names})
+    inp, offsets, weights = given.get("input"), given.get("offsets"), given.get("per_sample_weights")
+    include_last = module.include_last_offset
+    if not isinstance(inp, torch.Tensor):
+        raise ValueError(f"{type(module).__name__} got no tensor input; pass the bags' indices")
+    if inp.is_nested:
+        return inp.values(), inp.offsets(), True, weights.values() if weights is not None else None
+    if inp.dim() == 2:
+        return inp, None, False, weights
+    if inp.dim() != 1 or not isinstance(offsets, torch.Tensor):
+        raise ValueError(f"{type(module).__name__} needs [B, L] indices, or 1-D indices with offsets [B] "
+                         f"(one bag per sample); got input of shape {tuple(inp.shape)}")
+    return inp, offsets, include_last, weights
+
+
+def _padded_bags(flat: torch.Tensor, offsets: torch.Tensor, include_last: bool, weights: torch.Tensor | None):
+    """1-D ids with offsets as ``([B, L] ids, [B, L] weights or None, [B, L] bool: entries that exist)``."""
+    B = offsets.numel() - 1 if include_last else offsets.numel()
+    end = offsets[B:B + 1] if include_last else offsets.new_tensor([flat.numel()])
+    starts = offsets[:B]
+    counts = (torch.cat([offsets[1:B], end]) - starts).clamp_min(0)
+    L = int(counts.max()) if B else 0
+    pos = torch.arange(L, device=flat.device)
+    filled = pos < counts[:, None]
+    where = (starts[:, None] + pos).clamp_max(max(flat.numel() - 1, 0))
+    ids = flat[where].masked_fill(~filled, 0) if flat.numel() else flat.new_zeros(B, L)
+    if weights is not None:
+        weights = weights[where].masked_fill(~filled, 0) if flat.numel() else weights.new_zeros(B, L)
+    return ids, weights, filled
+
+
+@register(nn.EmbeddingBag)
+class EmbeddingBagRule(LayerRule):
+    """Rule for ``nn.EmbeddingBag`` (modes sum, mean and max; ``per_sample_weights``,
+    ``padding_idx``, offsets with or without ``include_last_offset``, 2-D and nested inputs,
+    ``sparse`` gradients): each bag is a sample, whose gradient is never formed.
+
+    Sum and mean: bag ``b``'s gradient is ``c_b g_bᵀ``, with ``g_b`` its output grad and ``c_b`` the
+    vector over rows of its entries' scales added per row, so its squared norm is
+    ``||c_b||² ||g_b||²``, and over several calls ``sum_{k,l} <c_b^k, c_b^l> <g_b^k, g_b^l>``, where
+    ``<c_b^k, c_b^l>`` sums the products of the scales of entries with the same row (found by
+    sorting each bag's entries): work of the size of the bags' entries and the forward's output,
+    whatever the table's size. Max: each output entry ``(b, j)`` sends
+    ``g_b[j]`` to one row, so the norm is ``||g_b||²`` for a bag with entries (over several calls,
+    products of output entries taken from the same row)."""
+
+    param_names = ("weight",)
+
+    def capture(self, module, args, kwargs, output):
+        if module.scale_grad_by_freq:
+            raise ValueError(
+                f"{type(module).__name__} with scale_grad_by_freq=True scales each row's gradient by its "
+                "frequency in the whole batch, so per-sample gradients are not defined; set "
+                "scale_grad_by_freq=False or freeze the embedding to track this model")
+        ids, offsets, include_last, weights = _bag_entries(module, args, kwargs)
+        filled = None
+        if offsets is not None:
+            ids, weights, filled = _padded_bags(ids.detach(), offsets.detach(), include_last,
+                                                weights.detach() if weights is not None else None)
+        call = EmbeddingBagCall(ids.detach(), weights.detach() if weights is not None else None, filled,
+                                module.mode, module.padding_idx)
+        if module.mode == "max":
+            with torch.no_grad():  # which entry each output entry was taken from: PyTorch's own choice
+                flat = ids.reshape(-1) if filled is None else ids[filled]
+                starts = torch.arange(0, ids.numel(), max(ids.shape[1], 1), device=ids.device) if filled is None \
+                    else (filled.sum(1).cumsum(0) - filled.sum(1))
+                _, _, bag_size, call.max_indices = torch.embedding_bag(
+                    module.weight, flat, starts[:call.batch_size], False, 2, False, None, False, module.padding_idx)
+            call.nonempty = bag_size > 0
+        return call
+
+    def batch_size(self, module, ctx):
+        return ctx.batch_size
+
+    def norms(self, module, calls, tracked):
+        grads = [grads[0].float() for _, grads in calls]  # [B, p] per call
+        ctxs = [ctx for ctx, _ in calls]
+        B = ctxs[0].batch_size
+        total = grads[0].new_zeros(B)
+        if ctxs[0].mode == "max":
+            for k, m in _pairs(len(calls)):
+                same = (ctxs[k].max_indices == ctxs[m].max_indices) & (ctxs[k].nonempty & ctxs[m].nonempty)[:, None]
+                total += (2 - (k == m)) * (grads[k] * grads[m] * same).sum(1)
+            return total
+        overlap = _scale_overlaps(ctxs)  # [B, K, K]
+        for k, m in _pairs(len(calls)):
+            total += (2 - (k == m)) * overlap[:, k, m] * (grads[k] * grads[m]).sum(1)
+        return total
+
+    def grad_sums(self, module, calls, tracked):
+        total = torch.zeros(module.weight.shape, dtype=torch.float32, device=module.weight.device)
+        p = total.shape[1]
+        for ctx, grads in calls:
+            g = grads[0].float()
+            if ctx.max_indices is not None:
+                cols = torch.arange(p, device=g.device)
+                keep = ctx.nonempty[:, None].expand_as(g)
+                total.view(-1).index_add_(0, (ctx.max_indices * p + cols)[keep], g[keep])
+                continue
+            scales = ctx.scales()
+            step = max(1, int(MAX_EXTRA_BYTES) // (4 * p * max(ctx.indices.shape[1], 1)))  # bags' rows at a time
+            for start in range(0, ctx.batch_size, step):
+                part = slice(start, start + step)
+                rows = g[part, None, :] * scales[part, :, None]
+                total.index_add_(0, ctx.indices[part].reshape(-1), rows.reshape(-1, p))
+        return {"weight": total}
+
+    def plan(self, module, ctx, grad, tracked) -> RoutePlan:
+        B, L = ctx.indices.shape
+        p = module.embedding_dim
+        return RoutePlan("embedding-bag", f"B={B} L={L} p={p}", 2.0 * B * p + 2.0 * B * L * math.log2(max(L, 2)),
+                         32.0 * B * L)
+
+
+def _pairs(n: int):
+    """Index pairs ``k <= l`` of ``n`` calls (the products of a symmetric sum, off-diagonal ones twice)."""
+    return [(k, m) for k in range(n) for m in range(k, n)]
+
+
+def _scale_overlaps(ctxs: list[EmbeddingBagCall]) -> torch.Tensor:
+    """``[B, K, K]``: ``<c_b^k, c_b^m>`` of the calls' bags, the sums of ``s_i s_j`` over pairs of
+    entries ``i`` of call ``k``'s bag ``b`` and ``j`` of call ``m``'s that look up the same row. Each
+    bag's entries (of every call) are sorted by row, so entries of one row are adjacent; their
+    scales are added per (row, call), and those sums multiplied: ``O(B L log L)``, no ``L x L``."""
+    ids = torch.cat([ctx.indices for ctx in ctxs], dim=1)
+    scales = torch.cat([ctx.scales() for ctx in ctxs], dim=1)
+    B, L, K = ids.shape[0], ids.shape[1], len(ctxs)
+    ids, order = ids.sort(dim=1)
+    first = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)  # the first entry of its row
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    slot = first.cumsum(1) - 1  # [B, L]: which distinct row of its bag
+    if K > 1:
+        calls = torch.cat([torch.full(ctx.indices.shape, k, device=ids.device) for k, ctx in enumerate(ctxs)], dim=1)
+        slot = slot * K + calls.gather(1, order)
+    sums = scales.new_zeros(B, L * K).scatter_add_(1, slot, scales.gather(1, order)).view(B, L, K)
+    return sums.transpose(1, 2) @ sums
