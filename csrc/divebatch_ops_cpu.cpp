@@ -138,6 +138,13 @@ inline float dot_f32(const float* x, const float* y, int64_t n) {
 DIVEBATCH_MULTIVERSION
 float sum_sq_f32(const float* x, int64_t n) {
   constexpr int64_t kLanes = 32;
+  if (n < kLanes) {  // short rows (an EmbeddingBag's per-entry scales, p = 1): no lanes to set up and add
+    float s = 0.f;
+    for (int64_t k = 0; k < n; ++k) {
+      s += x[k] * x[k];
+    }
+    return s;
+  }
   float lanes[kLanes] = {0.f};
   int64_t k = 0;
   for (; k + kLanes <= n; k += kLanes) {

@@ -78,7 +78,7 @@ def embedding_norm(indices: torch.Tensor, g: torch.Tensor, padding_idx: int) -> 
     (a non-negative row, or -1 for none) contribute nothing, as in ``nn.Embedding``.
     """
     B, T = indices.shape
-    g32 = _f32(g).reshape(B * T, -1)
+    g32 = _f32(g).reshape(B * T, g.shape[-1])  # (T = 0: an EmbeddingBag's empty bags)
     sample = torch.arange(B, device=g.device).repeat_interleave(T)
     idx = indices.reshape(-1).long()
     keep = idx != padding_idx if padding_idx >= 0 else torch.ones_like(idx, dtype=torch.bool)

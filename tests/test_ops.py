@@ -167,6 +167,13 @@ def test_embedding_norm_float32(B, T, p, vocab, layout, padding_idx):
         assert rel_err(got, reference.embedding_norm(idx, g, padding_idx)) <= 1e-4
 
 
+def test_embedding_norm_of_no_positions_is_zero():
+    """T = 0 (an EmbeddingBag's batch of empty bags): zeros from the reference and the dispatched kernel."""
+    idx, g = torch.zeros(3, 0, dtype=torch.long), torch.zeros(3, 0, 2)
+    for got in (reference.embedding_norm(idx, g, -1), D.embedding_norm(idx, g, -1)):
+        assert got.dtype == torch.float32 and torch.equal(got, torch.zeros(3))
+
+
 @requires_cpp
 def test_embedding_norm_int32_indices_and_padding_only():
     g = torch.randn(3, 10, 4)

@@ -215,10 +215,10 @@ class EmbeddingBagRule(LayerRule):
 
     Sum and mean: bag ``b``'s gradient is ``c_b g_bᵀ``, with ``g_b`` its output grad and ``c_b`` the
     vector over rows of its entries' scales added per row, so its squared norm is
-    ``||c_b||² ||g_b||²``, and over several calls ``sum_{k,l} <c_b^k, c_b^l> <g_b^k, g_b^l>``, where
-    ``<c_b^k, c_b^l>`` sums the products of the scales of entries with the same row (found by
-    sorting each bag's entries): work of the size of the bags' entries and the forward's output,
-    whatever the table's size. Max: each output entry ``(b, j)`` sends
+    ``||c_b||² ||g_b||²``; ``||c_b||²`` is the operator ``embedding_norm`` of the entries' indices with
+    their scales as one-column rows (entries of one row add up). Over several calls, the rows of
+    the bag's gradient are each entry's scale times its call's ``g_b``, given to ``embedding_norm``
+    whole. Work of the size of the bags' entries and the forward's output, whatever the table's size. Max: each output entry ``(b, j)`` sends
     ``g_b[j]`` to one row, so the norm is ``||g_b||²`` for a bag with entries (over several calls,
     products of output entries taken from the same row)."""
 
@@ -256,13 +256,24 @@ class EmbeddingBagRule(LayerRule):
         B = ctxs[0].batch_size
         total = grads[0].new_zeros(B)
         if ctxs[0].mode == "max":
-            for k, m in _pairs(len(calls)):
+            pairs = [(k, m) for k in range(len(calls)) for m in range(k, len(calls))]  # off-diagonal: twice
+            for k, m in pairs:
                 same = (ctxs[k].max_indices == ctxs[m].max_indices) & (ctxs[k].nonempty & ctxs[m].nonempty)[:, None]
                 total += (2 - (k == m)) * (grads[k] * grads[m] * same).sum(1)
             return total
-        overlap = _scale_overlaps(ctxs)  # [B, K, K]
-        for k, m in _pairs(len(calls)):
-            total += (2 - (k == m)) * overlap[:, k, m] * (grads[k] * grads[m]).sum(1)
+        if len(calls) == 1:  # ||c_b||² from the entries' scales as one-column rows, times ||g_b||²
+            ctx = ctxs[0]
+            return ops.embedding_norm(ctx.indices, ctx.scales()[..., None], -1) * grads[0].square().sum(1)
+        # Several calls: each entry's row of the bag's gradient is its scale times its call's g_b, and
+        # entries of the same row add up, as an Embedding's rows (chunks of bags, bounded memory).
+        ids = torch.cat([ctx.indices for ctx in ctxs], dim=1)
+        scales = torch.cat([ctx.scales() for ctx in ctxs], dim=1)
+        step = max(1, int(MAX_EXTRA_BYTES) // (4 * max(ids.shape[1] * grads[0].shape[1], 1)))
+        for start in range(0, B, step):
+            part = slice(start, start + step)
+            rows = torch.cat([gk[part, None, :].expand(-1, ctx.indices.shape[1], -1) for ctx, gk in zip(ctxs, grads)],
+                             dim=1) * scales[part, :, None]
+            total[part] = ops.embedding_norm(ids[part], rows, -1)
         return total
 
     def grad_sums(self, module, calls, tracked):
@@ -287,28 +298,4 @@ class EmbeddingBagRule(LayerRule):
         B, L = ctx.indices.shape
         p = module.embedding_dim
         return RoutePlan("embedding-bag", f"B={B} L={L} p={p}", 2.0 * B * p + 2.0 * B * L * math.log2(max(L, 2)),
-                         32.0 * B * L)
-
-
-def _pairs(n: int):
-    """Index pairs ``k <= l`` of ``n`` calls (the products of a symmetric sum, off-diagonal ones twice)."""
-    return [(k, m) for k in range(n) for m in range(k, n)]
-
-
-def _scale_overlaps(ctxs: list[EmbeddingBagCall]) -> torch.Tensor:
-    """``[B, K, K]``: ``<c_b^k, c_b^m>`` of the calls' bags, the sums of ``s_i s_j`` over pairs of
-    entries ``i`` of call ``k``'s bag ``b`` and ``j`` of call ``m``'s that look up the same row. Each
-    bag's entries (of every call) are sorted by row, so entries of one row are adjacent; their
-    scales are added per (row, call), and those sums multiplied: ``O(B L log L)``, no ``L x L``."""
-    ids = torch.cat([ctx.indices for ctx in ctxs], dim=1)
-    scales = torch.cat([ctx.scales() for ctx in ctxs], dim=1)
-    B, L, K = ids.shape[0], ids.shape[1], len(ctxs)
-    ids, order = ids.sort(dim=1)
-    first = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)  # the first entry of its row
-    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    slot = first.cumsum(1) - 1  # [B, L]: which distinct row of its bag
-    if K > 1:
-        calls = torch.cat([torch.full(ctx.indices.shape, k, device=ids.device) for k, ctx in enumerate(ctxs)], dim=1)
-        slot = slot * K + calls.gather(1, order)
-    sums = scales.new_zeros(B, L * K).scatter_add_(1, slot, scales.gather(1, order)).view(B, L, K)
-    return sums.transpose(1, 2) @ sums
+                         8.0 * B * L)
