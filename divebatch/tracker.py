@@ -312,6 +312,7 @@ class GradNormTracker:
         self._model_inputs: list[torch.Tensor] = []  # its tensor inputs, while its forward runs
         # Integer tensors computed row by row from multiple-choice ids, while the forward runs (_input_rows).
         self._ids_follower: MergedIdsFollower | None = None
+        self._looks_up_ids = any(isinstance(owner.rule, EmbeddingRule) for owner in self._owners)
         self._input_batch: int | None = None  # dim 0 of its first input (the samples, as everywhere)
         self._closed = False
         self._enabled = False
@@ -508,9 +509,10 @@ class GradNormTracker:
         self._model_input_shape = tuple(inputs[0].shape) if inputs else None
         self._model_inputs = inputs  # (until the forward ends: ids merged from them, see _input_rows)
         if (inputs and inputs[0].dim() > 2 and not inputs[0].is_floating_point() and self._ids_follower is None
-                and not _called_from_compiled_code()):
+                and self._looks_up_ids and not _called_from_compiled_code()):
             # [B, C, T] ids (a multiple-choice head): the ids computed from their merged rows are
-            # followed too (RoBERTa's position ids), until the forward ends.
+            # followed too (RoBERTa's position ids), until the forward ends. Only for an Embedding to
+            # look up: a recommender's [B, features, L] bags need no torch-function mode on every op.
             self._ids_follower = MergedIdsFollower(self._merged_input_rows)
             self._ids_follower.__enter__()
         self._input_batch = inputs[0].shape[0] if inputs and inputs[0].dim() > 0 else None

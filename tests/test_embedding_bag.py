@@ -17,7 +17,7 @@ from torch.func import functional_call, jacrev
 from divebatch import GradNormTracker
 
 from .models_zoo import ZOO, sample_loss
-from .oracle import autocast_checked, rel_err, tracked_and_checked
+from .oracle import autocast_checked, reference_norms, rel_err, tracked_and_checked
 
 RTOL = 1e-4
 LAYOUTS = ["2d", "offsets", "offsets-last", "nested"]
@@ -220,3 +220,27 @@ def test_bags_under_cpu_autocast():
     """Bags pooled under CPU autocast to bfloat16: within its rounding of each bag's own backward."""
     model, x, y = ZOO["embedding_bags"]()
     autocast_checked(model, sample_loss, x, y)
+
+
+def test_bags_of_features_run_without_a_torch_function_mode():
+    """``[B, features, L]`` ids into EmbeddingBags only: the multiple-choice ids follower (a
+    torch-function mode on every op, for Embedding lookups of merged rows) stays out of the forward."""
+    seen = []
+
+    class Features(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tables = nn.ModuleList(nn.EmbeddingBag(9, 3) for _ in range(2))
+
+        def forward(self, ids):
+            seen.append(torch._C._len_torch_function_stack())
+            return torch.cat([table(ids[:, f]) for f, table in enumerate(self.tables)], dim=1)
+
+    model = Features()
+    ids = torch.randint(0, 9, (4, 2, 5))
+    with GradNormTracker(model, "sum") as tracker:
+        model(ids).square().sum().backward()
+        stats = tracker.collect()
+    assert seen == [0]
+    per_bag, _, _ = reference_norms(model, lambda out, y: out.square().sum(), ids, torch.zeros(4))
+    assert rel_err(stats.per_sample, per_bag) <= RTOL
