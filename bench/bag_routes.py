@@ -87,7 +87,8 @@ def main() -> None:
             with GradNormTracker(model, "mean") as tracker:
                 theirs = _step(model, x, y, tracker)
                 routes = {plan.route for plan in tracker.plan() if plan.module.startswith("tables.")}
-                generic = f"{_median_ms(lambda: _step(model, x, y, tracker), args.generic_reps):.0f} ms ({', '.join(routes)})"
+                ms = _median_ms(lambda: _step(model, x, y, tracker), args.generic_reps)
+                generic = f"{ms:.0f} ms ({', '.join(routes)})"
         finally:
             base._REGISTRY[nn.EmbeddingBag] = rule
         agree = f"{((ours - theirs).abs().max() / theirs.abs().max()).item():.1e}"

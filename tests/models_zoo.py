@@ -146,6 +146,22 @@ def embedding_bags():
     return _regression(BagFeatures(), x)
 
 
+def instance_norms():
+    """InstanceNorm with each sample's own statistics, and one normalising by running statistics (eval)."""
+    running = nn.InstanceNorm2d(4, affine=True, track_running_stats=True).eval()
+    with torch.no_grad():
+        running.running_mean.uniform_(-0.5, 0.5)
+        running.running_var.uniform_(0.5, 2.0)
+    # No bias before a norm with the sample's own statistics: its gradient is zero (only rounding).
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.InstanceNorm2d(4, affine=True), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3), running, nn.Flatten(), nn.Linear(64, 2))
+    with torch.no_grad():  # affine parameters away from their (1, 0) initialisation
+        for norm in (model[1], running):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    return _regression(model, torch.randn(5, 3, 8, 8))
+
+
 def norms():
     model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 8), nn.RMSNorm(8), nn.Linear(8, 3))
     return _regression(model, torch.randn(4, 5, 6))
@@ -417,7 +433,7 @@ def reused_module():
 
 
 ZOO = {f.__name__: f for f in [linear_2d, linear_3d, linear_4d, conv1d, conv2d, conv3d, conv_deep, conv3d_deep,
-                              conv_transpose, embedding, embedding_no_pad, embedding_bags,
+                              conv_transpose, embedding, embedding_no_pad, embedding_bags, instance_norms,
                               norms, conv_norms_eval, batchnorm1d_eval, batchnorm3d_eval, attention_batch_first, attention_seq_first,
                               functional_norms, flattened_tokens, inplace_residuals, mixture_of_experts,
                               experts_on_every_token, parametrized, normalised_table, passed_table, recurrent,

@@ -177,7 +177,7 @@ def test_batchnorm_training_mode_is_the_decomposition_of_the_batch_gradient():
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
 @pytest.mark.parametrize("dtype,rtol", [(torch.float16, 2e-2), (torch.bfloat16, 8e-2)])
-@pytest.mark.parametrize("case", ["linear_3d", "conv2d", "embedding", "embedding_bags", "norms"])
+@pytest.mark.parametrize("case", ["linear_3d", "conv2d", "embedding", "embedding_bags", "instance_norms", "norms"])
 def test_low_precision_inputs(case, dtype, rtol, fused):
     """Low-precision models: float32 results within ``rtol`` of the float64 oracle of the same model.
 
@@ -396,6 +396,21 @@ def test_dropout_around_a_recorded_use_is_exact(make):
                                 torch.autograd.grad(out[b].square().sum(), params, retain_graph=True))
                             for b in range(3)])
     assert rel_err(stats.per_sample, expected) <= 1e-5
+
+
+def test_instance_norms_take_the_norm_rule():
+    """InstanceNorm (own statistics, and running ones in eval mode): formed per sample like GroupNorm,
+    not replayed per sample on the generic route."""
+    model, x, y = ZOO["instance_norms"]()
+    routes = tracked_and_checked(model, sample_loss, x, y)
+    assert routes["1"] == routes["4"] == "instantiate"
+
+
+def test_unbatched_instance_norm_is_refused():
+    norm = nn.InstanceNorm1d(3, affine=True)
+    with GradNormTracker(norm, "sum"):
+        with pytest.raises(ValueError, match="without a batch dim"):
+            norm(torch.randn(3, 7))
 
 
 def test_scale_grad_by_freq_embedding_is_refused():

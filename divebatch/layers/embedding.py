@@ -218,9 +218,9 @@ class EmbeddingBagRule(LayerRule):
     ``||c_b||² ||g_b||²``; ``||c_b||²`` is the operator ``embedding_norm`` of the entries' indices with
     their scales as one-column rows (entries of one row add up). Over several calls, the rows of
     the bag's gradient are each entry's scale times its call's ``g_b``, given to ``embedding_norm``
-    whole. Work of the size of the bags' entries and the forward's output, whatever the table's size. Max: each output entry ``(b, j)`` sends
-    ``g_b[j]`` to one row, so the norm is ``||g_b||²`` for a bag with entries (over several calls,
-    products of output entries taken from the same row)."""
+    whole. Work of the size of the bags' entries and the forward's output, whatever the table's
+    size. Max: each output entry ``(b, j)`` sends ``g_b[j]`` to one row, so the norm is ``||g_b||²``
+    for a bag with entries (over several calls, products of output entries taken from the same row)."""
 
     param_names = ("weight",)
 

@@ -1,4 +1,4 @@
-"""LayerNorm, RMSNorm, GroupNorm, BatchNorm{1,2,3}d: instantiate the (small) per-sample grads.
+"""LayerNorm, RMSNorm, GroupNorm, BatchNorm and InstanceNorm{1,2,3}d: instantiate the (small) per-sample grads.
 
 With ``x_hat`` the normalised input and ``G`` the output grad, an affine normalisation layer's
 per-sample gradients are ``sum (x_hat * G)`` (weight) and ``sum G`` (bias), summed over every
@@ -157,6 +157,38 @@ class BatchNormRule(AffineNormRule):
         x, mean, var = ctx
         return F.batch_norm(x.float(), None if mean is None else mean.float(), None if var is None else var.float(),
                             None, None, mean is None, 0.0, module.eps)
+
+    def reduce(self, module, t):
+        return t.reshape(t.shape[0], t.shape[1], -1).sum(dim=2)
+
+
+@register(nn.modules.instancenorm._InstanceNorm)
+class InstanceNormRule(AffineNormRule):
+    """``nn.InstanceNorm{1,2,3}d`` with ``affine=True``: per-channel parameters, summed over spatial
+    positions. Each sample is normalised by its own statistics (or, with ``track_running_stats``
+    in eval mode, by the running ones), so the per-sample gradients are exact, unlike BatchNorm's."""
+
+    def capture(self, module, args, kwargs, output):
+        x = args[0].detach()
+        if x.dim() == module._get_no_batch_dim():
+            raise ValueError(f"{type(module).__name__} got an input of shape {tuple(x.shape)} without a batch "
+                             "dim, so it has no samples; give it [B, C, ...] inputs")
+        if module.training or not module.track_running_stats:
+            return x, None, None
+        # Running statistics: remember the ones the forward used (a later train step changes them).
+        return x, module.running_mean.detach().clone(), module.running_var.detach().clone()
+
+    def batch_size(self, module, ctx):
+        return ctx[0].shape[0]
+
+    def rows(self, module, ctx, start, stop):
+        x, mean, var = ctx
+        return x[start:stop], mean, var
+
+    def normalized(self, module, ctx):
+        x, mean, var = ctx
+        return F.instance_norm(x.float(), None if mean is None else mean.float(),
+                               None if var is None else var.float(), None, None, mean is None, 0.0, module.eps)
 
     def reduce(self, module, t):
         return t.reshape(t.shape[0], t.shape[1], -1).sum(dim=2)
