@@ -162,6 +162,13 @@ def instance_norms():
     return _regression(model, torch.randn(5, 3, 8, 8))
 
 
+def prelu():
+    """A slope per channel after a convolution, one shared slope after a Linear."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.PReLU(3, init=0.1), nn.Flatten(), nn.Linear(48, 5),
+                          nn.PReLU(init=0.3), nn.Linear(5, 2))
+    return _regression(model, torch.randn(6, 2, 6, 6))
+
+
 def norms():
     model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 8), nn.RMSNorm(8), nn.Linear(8, 3))
     return _regression(model, torch.randn(4, 5, 6))
@@ -433,7 +440,7 @@ def reused_module():
 
 
 ZOO = {f.__name__: f for f in [linear_2d, linear_3d, linear_4d, conv1d, conv2d, conv3d, conv_deep, conv3d_deep,
-                              conv_transpose, embedding, embedding_no_pad, embedding_bags, instance_norms,
+                              conv_transpose, embedding, embedding_no_pad, embedding_bags, instance_norms, prelu,
                               norms, conv_norms_eval, batchnorm1d_eval, batchnorm3d_eval, attention_batch_first, attention_seq_first,
                               functional_norms, flattened_tokens, inplace_residuals, mixture_of_experts,
                               experts_on_every_token, parametrized, normalised_table, passed_table, recurrent,

@@ -406,6 +406,14 @@ def test_instance_norms_take_the_norm_rule():
     assert routes["1"] == routes["4"] == "instantiate"
 
 
+def test_prelu_takes_its_rule():
+    """PReLU's slopes (per channel, and one shared): their per-sample grads formed from the input and
+    output grad, not replayed per sample on the generic route."""
+    model, x, y = ZOO["prelu"]()
+    routes = tracked_and_checked(model, sample_loss, x, y)
+    assert routes["1"] == routes["4"] == "instantiate"
+
+
 def test_unbatched_instance_norm_is_refused():
     norm = nn.InstanceNorm1d(3, affine=True)
     with GradNormTracker(norm, "sum"):

@@ -9,7 +9,7 @@ combined in ``tied``.
 """
 
 from .base import LayerRule, RoutePlan, RuleError, register, registered_types, rule_for
-from . import linear, conv, embedding, norm, attention, recurrent  # noqa: F401  (registration side effects)
+from . import linear, conv, embedding, norm, activation, attention, recurrent  # noqa: F401  (registration side effects)
 from .generic import GENERIC, GenericRule
 
 __all__ = ["LayerRule", "RoutePlan", "RuleError", "register", "registered_types", "rule_for",
