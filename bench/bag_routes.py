@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from conv_patch_routes import median_ms  # noqa: E402
 from divebatch import GradNormTracker  # noqa: E402
 from divebatch.layers import base  # noqa: E402
 from workloads import WORKLOADS, BagRecommender, _bags  # noqa: E402
@@ -36,15 +36,6 @@ def _step(model, x, y, tracker=None):
     return tracker.collect().per_sample if tracker is not None else None
 
 
-def _median_ms(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
 def _plain_and_tracked(model, x, y, reps: int, rounds: int = 3) -> tuple[float, float]:
     """Medians over ``rounds`` alternating rounds of ``reps`` plain and ``reps`` tracked steps."""
     tracker = GradNormTracker(model, "mean")
@@ -54,9 +45,9 @@ def _plain_and_tracked(model, x, y, reps: int, rounds: int = 3) -> tuple[float, 
             _step(model, x, y, tracker)
         for _ in range(rounds):
             tracker.enabled = False
-            plain.append(_median_ms(lambda: _step(model, x, y), reps))
+            plain.append(median_ms(lambda: _step(model, x, y), reps))
             tracker.enabled = True
-            tracked.append(_median_ms(lambda: _step(model, x, y, tracker), reps))
+            tracked.append(median_ms(lambda: _step(model, x, y, tracker), reps))
     finally:
         tracker.close()
     return statistics.median(plain), statistics.median(tracked)
@@ -87,7 +78,7 @@ def main() -> None:
             with GradNormTracker(model, "mean") as tracker:
                 theirs = _step(model, x, y, tracker)
                 routes = {plan.route for plan in tracker.plan() if plan.module.startswith("tables.")}
-                ms = _median_ms(lambda: _step(model, x, y, tracker), args.generic_reps)
+                ms = median_ms(lambda: _step(model, x, y, tracker), args.generic_reps)
                 generic = f"{ms:.0f} ms ({', '.join(routes)})"
         finally:
             base._REGISTRY[nn.EmbeddingBag] = rule

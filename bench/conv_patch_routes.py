@@ -40,7 +40,8 @@ SHAPES = [
 ]
 
 
-def _median_ms(fn, reps: int) -> float:
+def median_ms(fn, reps: int) -> float:
+    """Median milliseconds of ``reps`` calls of ``fn`` after two warm-up calls."""
     for _ in range(2):
         fn()
     times = []
@@ -66,11 +67,11 @@ def main(argv=None) -> int:
     for B, cin, size, cout, k in [shape for shape in SHAPES if shape[-1] in kernels]:
         module = nn.Conv2d(cin, cout, k, k)
         x, g = torch.randn(B, cin, size, size), torch.randn(B, cout, size // k, size // k)
-        wgrad = _median_ms(lambda: torch.ops.aten.convolution_backward(
+        wgrad = median_ms(lambda: torch.ops.aten.convolution_backward(
             g, x, module.weight, None, module.stride, [0, 0], module.dilation, False, [0, 0], 1,
             [False, True, False]), args.reps)
-        grouped = _median_ms(lambda: grouped_weight_norms(module, x, [0, 0], g), args.reps)
-        unfolded = _median_ms(lambda: unfolded_weight_norms(module, x, g), args.reps)
+        grouped = median_ms(lambda: grouped_weight_norms(module, x, [0, 0], g), args.reps)
+        unfolded = median_ms(lambda: unfolded_weight_norms(module, x, g), args.reps)
         d, p, T = cin * k * k, cout, (size // k) ** 2
         if not fused_conv_pays(B, 1, T, d, p):
             picked = "hooks"  # (autograd's weight gradient plus the unfolded Gram or instantiate route)

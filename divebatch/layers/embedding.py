@@ -41,6 +41,14 @@ class EmbeddingCall:
         return grad if self.scale is None else grad * self.scale
 
 
+def _refuse_scale_grad_by_freq(module: nn.Module) -> None:
+    if module.scale_grad_by_freq:
+        raise ValueError(
+            f"{type(module).__name__} with scale_grad_by_freq=True scales each row's gradient by its "
+            "frequency in the whole batch, so per-sample gradients are not defined; set "
+            "scale_grad_by_freq=False or freeze the embedding to track this model")
+
+
 @register(nn.Embedding)
 class EmbeddingRule(LayerRule):
     """Rule for ``nn.Embedding`` (with or without ``padding_idx``; ``sparse`` gradients too).
@@ -52,11 +60,7 @@ class EmbeddingRule(LayerRule):
     param_names = ("weight",)
 
     def capture(self, module, args, kwargs, output):
-        if module.scale_grad_by_freq:
-            raise ValueError(
-                f"{type(module).__name__} with scale_grad_by_freq=True scales each row's gradient by its "
-                "frequency in the whole batch, so per-sample gradients are not defined; set "
-                "scale_grad_by_freq=False or freeze the embedding to track this model")
+        _refuse_scale_grad_by_freq(module)
         idx = args[0] if args else next(iter(kwargs.values()), None)
         if not isinstance(idx, torch.Tensor) or idx.dim() < 1:
             raise ValueError("an Embedding input without a batch dimension has no samples; pass [B, ...] indices")
@@ -225,11 +229,7 @@ class EmbeddingBagRule(LayerRule):
     param_names = ("weight",)
 
     def capture(self, module, args, kwargs, output):
-        if module.scale_grad_by_freq:
-            raise ValueError(
-                f"{type(module).__name__} with scale_grad_by_freq=True scales each row's gradient by its "
-                "frequency in the whole batch, so per-sample gradients are not defined; set "
-                "scale_grad_by_freq=False or freeze the embedding to track this model")
+        _refuse_scale_grad_by_freq(module)
         ids, offsets, include_last, weights = _bag_entries(module, args, kwargs)
         filled = None
         if offsets is not None:

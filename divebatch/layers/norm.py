@@ -114,8 +114,26 @@ class GroupNormRule(AffineNormRule):
         return t.reshape(t.shape[0], t.shape[1], -1).sum(dim=2)
 
 
+class RunningStatsNormRule(AffineNormRule):
+    """A norm with per-channel parameters that normalises by statistics of its input, or by running
+    ones (eval mode): ``ctx`` is ``(x, mean, var)``, ``mean`` None for the input's own statistics."""
+
+    @staticmethod
+    def stats_ctx(module, x, input_stats: bool):
+        if input_stats:
+            return x, None, None
+        # Running statistics: remember the ones the forward used (a later train step changes them).
+        return x, module.running_mean.detach().clone(), module.running_var.detach().clone()
+
+    def batch_size(self, module, ctx):
+        return ctx[0].shape[0]
+
+    def reduce(self, module, t):
+        return t.reshape(t.shape[0], t.shape[1], -1).sum(dim=2)
+
+
 @register(nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)  # SyncBatchNorm has its own forward
-class BatchNormRule(AffineNormRule):
+class BatchNormRule(RunningStatsNormRule):
     """``nn.BatchNorm{1,2,3}d`` (and SyncBatchNorm): the decomposition of the batch gradient.
 
     See the module docstring for what a per-sample number means in training mode.
@@ -139,15 +157,7 @@ class BatchNormRule(AffineNormRule):
         return output.reshape(B, C, rows // B, *shape[2:]).movedim(2, 1).reshape(rows, C, *shape[2:])
 
     def capture(self, module, args, kwargs, output):
-        x = args[0].detach()
-        batch_stats = module.training or module.running_mean is None
-        if batch_stats:
-            return x, None, None
-        # Eval mode: remember the statistics the forward used (a later train step changes them).
-        return x, module.running_mean.detach().clone(), module.running_var.detach().clone()
-
-    def batch_size(self, module, ctx):
-        return ctx[0].shape[0]
+        return self.stats_ctx(module, args[0].detach(), module.training or module.running_mean is None)
 
     def rows(self, module, ctx, start, stop):
         x, mean, var = ctx
@@ -158,12 +168,9 @@ class BatchNormRule(AffineNormRule):
         return F.batch_norm(x.float(), None if mean is None else mean.float(), None if var is None else var.float(),
                             None, None, mean is None, 0.0, module.eps)
 
-    def reduce(self, module, t):
-        return t.reshape(t.shape[0], t.shape[1], -1).sum(dim=2)
-
 
 @register(nn.modules.instancenorm._InstanceNorm)
-class InstanceNormRule(AffineNormRule):
+class InstanceNormRule(RunningStatsNormRule):
     """``nn.InstanceNorm{1,2,3}d`` with ``affine=True``: per-channel parameters, summed over spatial
     positions. Each sample is normalised by its own statistics (or, with ``track_running_stats``
     in eval mode, by the running ones), so the per-sample gradients are exact, unlike BatchNorm's."""
@@ -173,13 +180,7 @@ class InstanceNormRule(AffineNormRule):
         if x.dim() == module._get_no_batch_dim():
             raise ValueError(f"{type(module).__name__} got an input of shape {tuple(x.shape)} without a batch "
                              "dim, so it has no samples; give it [B, C, ...] inputs")
-        if module.training or not module.track_running_stats:
-            return x, None, None
-        # Running statistics: remember the ones the forward used (a later train step changes them).
-        return x, module.running_mean.detach().clone(), module.running_var.detach().clone()
-
-    def batch_size(self, module, ctx):
-        return ctx[0].shape[0]
+        return self.stats_ctx(module, x, module.training or not module.track_running_stats)
 
     def rows(self, module, ctx, start, stop):
         x, mean, var = ctx
@@ -189,9 +190,6 @@ class InstanceNormRule(AffineNormRule):
         x, mean, var = ctx
         return F.instance_norm(x.float(), None if mean is None else mean.float(),
                                None if var is None else var.float(), None, None, mean is None, 0.0, module.eps)
-
-    def reduce(self, module, t):
-        return t.reshape(t.shape[0], t.shape[1], -1).sum(dim=2)
 
 
 def _llama_rms_norm_forward(self, hidden_states):
