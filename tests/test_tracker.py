@@ -414,6 +414,29 @@ def test_prelu_takes_its_rule():
     assert routes["1"] == routes["4"] == "instantiate"
 
 
+@pytest.mark.parametrize("dims", [1, 3])
+@pytest.mark.parametrize("running", [False, True], ids=["own-stats", "running-stats"])
+def test_instance_norm_1d_3d_and_prelu_on_sequences(dims, running):
+    """InstanceNorm1d/3d (own or running statistics) and PReLU on [B, C, L] and [B, C, D, H, W] inputs."""
+    torch.manual_seed(dims)
+    conv, norm = {1: (nn.Conv1d, nn.InstanceNorm1d), 3: (nn.Conv3d, nn.InstanceNorm3d)}[dims]
+    inorm = norm(3, affine=True, track_running_stats=running)
+    if running:
+        inorm.eval()
+        with torch.no_grad():
+            inorm.running_mean.uniform_(-0.5, 0.5)
+            inorm.running_var.uniform_(0.5, 2.0)
+    with torch.no_grad():
+        inorm.weight.uniform_(0.5, 1.5)
+        inorm.bias.uniform_(-0.5, 0.5)
+    model = nn.Sequential(conv(2, 3, 3, bias=False), inorm, nn.PReLU(3, init=0.2), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(4, 2, *([6] * dims))
+    y = torch.randn(4, 2)
+    model(x)  # (materialises the LazyLinear)
+    routes = tracked_and_checked(model, sample_loss, x, y)
+    assert routes["1"] == routes["2"] == "instantiate"
+
+
 def test_unbatched_instance_norm_is_refused():
     norm = nn.InstanceNorm1d(3, affine=True)
     with GradNormTracker(norm, "sum"):
