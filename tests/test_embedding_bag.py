@@ -17,7 +17,7 @@ from torch.func import functional_call, jacrev
 from divebatch import GradNormTracker
 
 from .models_zoo import ZOO, sample_loss
-from .oracle import autocast_checked, reference_norms, rel_err, tracked_and_checked
+from .oracle import autocast_checked, reference_norms, rel_err, same_forward_norms, tracked_and_checked
 
 RTOL = 1e-4
 LAYOUTS = ["2d", "offsets", "offsets-last", "nested"]
@@ -244,3 +244,19 @@ def test_bags_of_features_run_without_a_torch_function_mode():
     assert seen == [0]
     per_bag, _, _ = reference_norms(model, lambda out, y: out.square().sum(), ids, torch.zeros(4))
     assert rel_err(stats.per_sample, per_bag) <= RTOL
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_max_norm_table(mode):
+    """``max_norm`` renormalises looked-up rows in place in the forward (not differentiated): the norms
+    are each bag's own backward over that forward (torch.func's vmap cannot run the in-place renorm)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.EmbeddingBag(12, 4, mode=mode, max_norm=0.5), nn.Linear(4, 2))
+    ids = torch.randint(0, 12, (5, 6))
+    y = torch.randn(5, 2)
+    with GradNormTracker(model, "sum") as tracker:
+        sample_loss(model(ids), y).backward()
+        stats = tracker.collect()
+    expected = same_forward_norms(model, sample_loss, ids, y, seed=0)
+    assert rel_err(stats.per_sample, expected) <= RTOL
+    assert stats.unaccounted["0"] <= 1e-5
