@@ -169,6 +169,22 @@ def prelu():
     return _regression(model, torch.randn(6, 2, 6, 6))
 
 
+class BilinearPairs(nn.Module):
+    """``nn.Bilinear`` on two parts of each token (any leading dims), its output through a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.pair = nn.Bilinear(3, 4, 5)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.pair(x[..., :3], x[..., 3:])))
+
+
+def bilinear():
+    return _regression(BilinearPairs(), torch.randn(4, 3, 7))
+
+
 def norms():
     model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 8), nn.RMSNorm(8), nn.Linear(8, 3))
     return _regression(model, torch.randn(4, 5, 6))
@@ -441,7 +457,8 @@ def reused_module():
 
 ZOO = {f.__name__: f for f in [linear_2d, linear_3d, linear_4d, conv1d, conv2d, conv3d, conv_deep, conv3d_deep,
                               conv_transpose, embedding, embedding_no_pad, embedding_bags, instance_norms, prelu,
-                              norms, conv_norms_eval, batchnorm1d_eval, batchnorm3d_eval, attention_batch_first, attention_seq_first,
+                              bilinear, norms, conv_norms_eval, batchnorm1d_eval, batchnorm3d_eval,
+                              attention_batch_first, attention_seq_first,
                               functional_norms, flattened_tokens, inplace_residuals, mixture_of_experts,
                               experts_on_every_token, parametrized, normalised_table, passed_table, recurrent,
                               custom_module, reused_module]}

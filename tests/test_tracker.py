@@ -437,6 +437,27 @@ def test_instance_norm_1d_3d_and_prelu_on_sequences(dims, running):
     assert routes["1"] == routes["2"] == "instantiate"
 
 
+@pytest.mark.parametrize("tokens", [None, 1, 5])
+def test_bilinear_takes_its_rule(tokens):
+    """nn.Bilinear on [B, in] and [B, T, in] inputs, without a bias and called twice: exact, from the
+    inputs and output grads (no per-sample [out, in1, in2] gradient, no replay)."""
+    torch.manual_seed(0)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pair = nn.Bilinear(3, 4, 2, bias=tokens != 1)
+
+        def forward(self, x):
+            return self.pair(x[..., :3], x[..., 3:]) + self.pair(x[..., 4:], x[..., 1:5]).square()
+
+    shape = (5, 7) if tokens is None else (5, tokens, 7)
+    model, x = Twice(), torch.randn(*shape)
+    y = torch.randn(*shape[:-1], 2)
+    routes = tracked_and_checked(model, sample_loss, x, y)
+    assert routes["pair"] in ("outer", "ghost")
+
+
 def test_unbatched_instance_norm_is_refused():
     norm = nn.InstanceNorm1d(3, affine=True)
     with GradNormTracker(norm, "sum"):

@@ -9,7 +9,8 @@ combined in ``tied``.
 """
 
 from .base import LayerRule, RoutePlan, RuleError, register, registered_types, rule_for
-from . import linear, conv, embedding, norm, activation, attention, recurrent  # noqa: F401  (registration side effects)
+# Imported for their registrations.
+from . import linear, bilinear, conv, embedding, norm, activation, attention, recurrent  # noqa: F401
 from .generic import GENERIC, GenericRule
 
 __all__ = ["LayerRule", "RoutePlan", "RuleError", "register", "registered_types", "rule_for",
