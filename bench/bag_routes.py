@@ -4,7 +4,9 @@ In one process, on the same model and batch: a plain step, a tracked step with t
 ``nn.EmbeddingBag`` rule, and (``--generic-reps`` > 0) a tracked step with that rule unregistered,
 so the tables take the generic route (a ``vmap`` replay per chunk of samples) they took before the
 rule existed; the per-sample norms of the two routes are compared. Then the plain and tracked steps
-at larger batches (the tracker's cost per module and step is fixed, the step's is not). Medians of
+at larger batches (the tracker's cost per module and step is fixed, the step's is not), and one
+large table with dense and sparse gradients (the batch gradient's norm reads the whole dense
+``[V, p]`` gradient; a sparse one is coalesced first). Medians of
 ``--reps`` steps, plain and tracked alternating in rounds.
 
     python bench/bag_routes.py [--reps 15] [--generic-reps 3] [--batches 256,1024,4096]
@@ -91,6 +93,16 @@ def main() -> None:
         x, y = _bags(batch, 8, 20, 10_000)(torch.device("cpu"))
         plain, tracked = _plain_and_tracked(model, x, y, args.reps)
         lines.append(f"| {batch} | {plain:.1f} ms | {tracked:.1f} ms | {tracked / plain:.2f}x |")
+    lines += ["", "| one EmbeddingBag(1,000,000, 64) + Linear(64, 2), batch 256 | plain | tracked | ratio |",
+              "|---|---|---|---|"]
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.EmbeddingBag(1_000_000, 64, mode="sum", sparse=sparse), nn.Linear(64, 2))
+        x = (torch.rand(256, 20) ** 3 * 1_000_000).long()
+        y = torch.randint(0, 2, (256,))
+        plain, tracked = _plain_and_tracked(model, x, y, args.reps)
+        lines.append(f"| {'sparse' if sparse else 'dense'} gradient | {plain:.1f} ms | {tracked:.1f} ms | "
+                     f"{tracked / plain:.2f}x |")
     text = "\n".join(lines)
     print(text)
     if args.out:
