@@ -175,9 +175,9 @@ class EmbeddingBagCall:
 
 
 def _bag_entries(module: nn.EmbeddingBag, args: tuple, kwargs: dict):
-    """``(ids, offsets, include_last_offset, per_sample_weights)`` of one call: ``[B, L]`` ids with
-    offsets None, or 1-D ids with offsets, as ``F.embedding_bag`` reads its arguments (nested inputs
-    as their values and offsets)."""
+    """``(ids, offsets, include_last_offset, per_sample_weights)`` of one call, detached: ``[B, L]`` ids
+    with offsets None, or 1-D ids with offsets, as ``F.embedding_bag`` reads its arguments (nested
+    inputs as their values and offsets)."""
     names = ("input", "offsets", "per_sample_weights")
     given = dict(zip(names, args))
     given.update({k: v for k, v in kwargs.items() if k in names})
@@ -186,13 +186,15 @@ def _bag_entries(module: nn.EmbeddingBag, args: tuple, kwargs: dict):
     if not isinstance(inp, torch.Tensor):
         raise ValueError(f"{type(module).__name__} got no tensor input; pass the bags' indices")
     if inp.is_nested:
-        return inp.values(), inp.offsets(), True, weights.values() if weights is not None else None
-    if inp.dim() == 2:
-        return inp, None, False, weights
-    if inp.dim() != 1 or not isinstance(offsets, torch.Tensor):
+        inp, offsets, include_last = inp.values(), inp.offsets(), True
+        weights = weights.values() if weights is not None else None
+    elif inp.dim() == 2:
+        offsets, include_last = None, False
+    elif inp.dim() != 1 or not isinstance(offsets, torch.Tensor):
         raise ValueError(f"{type(module).__name__} needs [B, L] indices, or 1-D indices with offsets [B] "
                          f"(one bag per sample); got input of shape {tuple(inp.shape)}")
-    return inp, offsets, include_last, weights
+    detached = [t.detach() if t is not None else None for t in (inp, offsets, weights)]
+    return detached[0], detached[1], include_last, detached[2]
 
 
 def _padded_bags(flat: torch.Tensor, offsets: torch.Tensor, include_last: bool, weights: torch.Tensor | None):
@@ -233,10 +235,8 @@ class EmbeddingBagRule(LayerRule):
         ids, offsets, include_last, weights = _bag_entries(module, args, kwargs)
         filled = None
         if offsets is not None:
-            ids, weights, filled = _padded_bags(ids.detach(), offsets.detach(), include_last,
-                                                weights.detach() if weights is not None else None)
-        call = EmbeddingBagCall(ids.detach(), weights.detach() if weights is not None else None, filled,
-                                module.mode, module.padding_idx)
+            ids, weights, filled = _padded_bags(ids, offsets, include_last, weights)
+        call = EmbeddingBagCall(ids, weights, filled, module.mode, module.padding_idx)
         if module.mode == "max":
             with torch.no_grad():  # which entry each output entry was taken from: PyTorch's own choice
                 flat = ids.reshape(-1) if filled is None else ids[filled]
