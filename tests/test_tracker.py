@@ -458,6 +458,18 @@ def test_bilinear_takes_its_rule(tokens):
     assert routes["pair"] in ("outer", "ghost")
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("layer, inputs", [
+    (nn.Linear(4, 2), (torch.randn(4),)),
+    (nn.Bilinear(3, 4, 2), (torch.randn(3), torch.randn(4))),
+    (nn.PReLU(), (torch.randn(5),)),
+], ids=["linear", "bilinear", "prelu"])
+def test_unbatched_inputs_are_refused(layer, inputs, fused):
+    with GradNormTracker(layer, "sum", fused=fused):
+        with pytest.raises(ValueError, match="unbatched input of shape .* has no sample dimension"):
+            layer(*inputs)
+
+
 def test_unbatched_instance_norm_is_refused():
     norm = nn.InstanceNorm1d(3, affine=True)
     with GradNormTracker(norm, "sum"):

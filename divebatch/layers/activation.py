@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import PerSampleGradsRule, RoutePlan, register
+from .base import PerSampleGradsRule, RoutePlan, batched_input, register
 
 
 @register(nn.PReLU)
@@ -19,11 +19,7 @@ class PReLURule(PerSampleGradsRule):
     param_names = ("weight",)
 
     def capture(self, module, args, kwargs, output):
-        x = args[0].detach()
-        if x.dim() < 2:
-            raise ValueError(f"{type(module).__name__} got an input of shape {tuple(x.shape)}: with no "
-                             "dim after the batch it has no channels per sample; give it [B, C, ...] inputs")
-        return x
+        return batched_input(args[0], "input [B, C, ...]")
 
     def per_sample_grads(self, module, calls, tracked):
         total = None

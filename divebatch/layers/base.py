@@ -235,6 +235,15 @@ def suspend_capture():
         _SUSPENDED.depth = depth
 
 
+def batched_input(x: torch.Tensor, expected: str) -> torch.Tensor:
+    """``x`` detached, refused where it has no dim beyond the samples' (an unbatched input);
+    ``expected`` names the input shape the layer takes, for the error."""
+    if x.dim() < 2:
+        raise ValueError(f"an unbatched input of shape {tuple(x.shape)} has no sample dimension; "
+                         f"give the layer a batch: {expected}")
+    return x.detach()
+
+
 def capture_suspended() -> bool:
     """True inside ``suspend_capture()`` on this thread."""
     return getattr(_SUSPENDED, "depth", 0) > 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import LayerRule, RoutePlan, register
+from .base import LayerRule, RoutePlan, batched_input, register
 from .routes import MAX_EXTRA_BYTES
 
 
@@ -26,10 +26,8 @@ class BilinearRule(LayerRule):
 
     def capture(self, module, args, kwargs, output):
         x1, x2 = (args[0], args[1]) if len(args) > 1 else (kwargs["input1"], kwargs["input2"])
-        if x1.dim() < 2:
-            raise ValueError(f"an unbatched input of shape {tuple(x1.shape)} has no sample dimension; "
-                             "give the layer a batch: inputs [B, ..., in1_features] and [B, ..., in2_features]")
-        return x1.detach(), x2.detach()
+        expected = "inputs [B, ..., in1_features] and [B, ..., in2_features]"
+        return batched_input(x1, expected), batched_input(x2, expected)
 
     def batch_size(self, module, ctx):
         return ctx[0].shape[0]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .base import LayerRule, RoutePlan, fused_sink_grads, register
+from .base import LayerRule, RoutePlan, batched_input, fused_sink_grads, register
 from .routes import MAX_EXTRA_BYTES, linear_route, linear_route_name
 
 
@@ -69,11 +69,7 @@ class LinearRule(LayerRule):
         return ctx.shape[0] if ctx.dim() > 1 else 1
 
     def capture(self, module, args, kwargs, output):
-        x = args[0].detach()
-        if x.dim() < 2:
-            raise ValueError(f"an unbatched input of shape {tuple(x.shape)} has no sample dimension; "
-                             "give the layer a batch: input [B, ..., in_features]")
-        return x
+        return batched_input(args[0], "input [B, ..., in_features]")
 
     def norms(self, module, calls, tracked):
         a, g = linear_factors(calls)
