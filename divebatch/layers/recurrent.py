@@ -175,7 +175,7 @@ def _replay(module, ctx: RecurrentCall, grads):
     params = {name: p.detach().float() for name, p in module.named_parameters()}
     factors, pre = [], []  # pre: the tensors whose gradients are wanted, in factor order
     with torch.enable_grad():
-        layer_input = ctx.x.float().detach().requires_grad_()  # (a new tensor: ctx.x stays as it is)
+        layer_input = ctx.x.float().detach()
         finals_h, finals_c = [], []
         for layer in range(module.num_layers):
             directions = []
@@ -189,11 +189,16 @@ def _replay(module, ctx: RecurrentCall, grads):
                 if module.mode == "LSTM":
                     c = ctx.c0[index].float() if ctx.c0 is not None else layer_input.new_zeros(B, H)
                 gi = F.linear(layer_input, params[w_ih], params.get(b_ih))
+                if not gi.requires_grad:  # the first layer: its input's gradient is not wanted
+                    gi.requires_grad_()
+                # One view per step: indexing gi[:, t] would give each step's backward a zeroed
+                # [B, T, gates] buffer to add into (quadratic in T); unbind's backward is one stack.
+                gi_steps = gi.unbind(1)
                 outs, gh_steps, h_prev = [None] * T, [None] * T, [None] * T
                 unprojected, projected = [None] * T, [None] * T
                 for t in (reversed(range(T)) if d == 1 else range(T)):
                     gh = F.linear(h, params[w_hh], params.get(b_hh))
-                    h_new, c_new = _cell(module, gi[:, t], gh, h, c)
+                    h_new, c_new = _cell(module, gi_steps[t], gh, h, c)
                     if w_hr is not None:
                         unprojected[t] = h_new.detach()
                         h_new = projected[t] = F.linear(h_new, params[w_hr])
