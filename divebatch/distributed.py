@@ -13,6 +13,11 @@ How the statistics stay exact under ``DistributedDataParallel`` (DDP) with a glo
 * ``||Σ_i g_i||²`` of the global batch is read from the all-reduced ``.grad`` that DDP leaves on
   every rank (no extra communication; exact to float rounding, and correct with ``no_sync()``
   accumulation since it is read after the synchronising backward).
+* Under FSDP2 (``fully_shard``) the same holds with a sharded ``.grad``: it is reduce-scattered
+  with the same average over ranks, each rank squares its shard, and the shares ride in the same
+  all-reduce. The tracker hooks the unsharded parameters that ``fully_shard`` swaps in for the
+  forward and backward (``divebatch/_fsdp.py``); each rank's per-sample norms are of its own
+  samples, as under DDP.
 * Every rank then feeds identical numbers to an identical policy, so every rank makes the same
   decision; :func:`check_same_decision` verifies it at each epoch end (one tiny all-reduce per
   epoch) and fails on every rank at once if it ever does not hold.
@@ -39,6 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import _fsdp
 from ._norms import squared_norm
 
 __all__ = [
@@ -111,48 +117,90 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _grad_sq_parts(params, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(Σ ||p.grad||² over whole gradients, this rank's share of Σ over sharded ones)`` in float64:
+    the second is None where no gradient is a DTensor (FSDP2's shards, see ``_fsdp.sharded_sq_norm``)
+    and must be summed over ranks otherwise."""
+    whole, shares = [], []
+    for p in params:
+        if p.grad is None:
+            continue
+        if _fsdp.is_dtensor(p.grad):
+            mesh_ranks = p.grad.device_mesh.size()
+            if mesh_ranks != rank_and_world()[1]:
+                raise ValueError(f"a gradient sharded over {mesh_ranks} of {rank_and_world()[1]} ranks: the norm of "
+                                 "gradients sharded over a mesh that is not the whole default process group is not "
+                                 "supported (shard with fully_shard over all ranks)")
+            shares.append(_fsdp.sharded_sq_norm(p.grad))
+        else:
+            whole.append(squared_norm(p.grad.detach()).double())
+    first = (whole or shares or [None])[0]
+    device = device if device is not None else (first.device if first is not None else None)
+    total = (torch.stack([s.to(device) for s in whole]).sum() if whole
+             else torch.zeros((), dtype=torch.float64, device=device))
+    share = torch.stack([s.to(device) for s in shares]).sum() if shares else None
+    return total, share
+
+
 def grad_sq_norm(params, device: torch.device | None = None) -> torch.Tensor:
-    """``Σ_p ||p.grad||²`` over ``params`` as a float32 scalar tensor on ``device`` (no host sync)."""
-    sq = [squared_norm(p.grad.detach()) for p in params if p.grad is not None]
-    if not sq:
-        return torch.zeros((), dtype=torch.float32, device=device)
-    device = sq[0].device if device is None else device
-    return torch.stack([s.to(device) for s in sq]).sum()
+    """``Σ_p ||p.grad||²`` over ``params`` as a float32 scalar tensor on ``device``.
+
+    Gradients that FSDP2 (``fully_shard``) left sharded across ranks count whole: each rank
+    squares its shards and one all-reduce of a scalar adds them up (so under FSDP2 every rank must
+    call this together); otherwise no collective and no host sync.
+    """
+    total, share = _grad_sq_parts(params, device)
+    if share is not None and is_distributed() and dist.get_world_size() > 1:
+        share = share.to(collective_device())
+        dist.all_reduce(share, op=dist.ReduceOp.SUM)
+    if share is not None:
+        total = total + share.to(total.device)
+    return total.float()
 
 
 def global_step_sums(per_sample_sq: torch.Tensor, batch_size: int, params, loss_scale: float
                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(Σ_i ||g_i||², ||Σ_i g_i||², B)`` over the global batch of one DDP optimizer step.
+    """``(Σ_i ||g_i||², ||Σ_i g_i||², B)`` over the global batch of one DDP or FSDP2 optimizer step.
 
     Call on every rank after the step's last (synchronising) backward.
 
     Args:
         per_sample_sq: this rank's unscaled ``Σ_{i∈rank} ||g_i||²`` (a ``[B_r]`` tensor or its sum).
         batch_size: this rank's samples ``B_r`` in the step (over all its micro-batches).
-        params: the parameters whose ``.grad`` DDP all-reduced (the tracker's).
+        params: the parameters whose ``.grad`` DDP all-reduced or FSDP2 reduce-scattered (the
+            tracker's; under FSDP2 each rank holds a shard, and their squares are summed in the
+            same all-reduce).
         loss_scale: ``c`` of this rank's loss ``c·Σ_{i∈rank} ℓ_i`` (times a GradScaler's scale).
             It must be the same on every rank — then ``.grad = (c/W)·Σ_i g_i`` everywhere and
             ``||Σ_i g_i||² = ||.grad||²·W²/c²`` exactly; ranks with different ``c`` (a per-rank
             mean over unequal shares) are refused, since their averaged gradient is no multiple
             of ``Σ_i g_i``.
 
-    One all-reduce of four numbers (``Σ||g_i||²``, ``B_r``, ``c``, ``c²``); without a process
-    group (or with one rank) none, and the result is the local one.
+    One all-reduce of five numbers (``Σ||g_i||²``, ``B_r``, ``c``, ``c²`` and the rank's share of
+    the sharded gradients' squared norm); without a process group (or with one rank) none, and the
+    result is the local one.
     """
     s1 = per_sample_sq.sum() if per_sample_sq.dim() > 0 else per_sample_sq
     s1 = s1.to(torch.float64)
     world = rank_and_world()[1]
     c = float(loss_scale)
     B = int(batch_size)
+    params = list(params)
+    sharded = [p for p in params if p.grad is not None and _fsdp.is_dtensor(p.grad)]
+    whole = [p for p in params if p.grad is not None and not _fsdp.is_dtensor(p.grad)]
+    # FSDP2's shards: each rank's share of their squared norm rides in the same all-reduce
+    share = _grad_sq_parts(sharded, s1.device)[1] if sharded else None
     if world > 1:
-        packed = torch.stack([s1, s1.new_tensor(float(batch_size)), s1.new_tensor(c), s1.new_tensor(c * c)])
+        packed = torch.stack([s1, s1.new_tensor(float(batch_size)), s1.new_tensor(c), s1.new_tensor(c * c),
+                              share.to(s1.device) if share is not None else s1.new_zeros(())])
         packed = packed.to(collective_device())
         # in flight while this rank reads its gradient: the all-reduce is latency, the norm is work
         pending = dist.all_reduce(packed, op=dist.ReduceOp.SUM, async_op=True)
-    grad_sq = grad_sq_norm(params, s1.device).to(torch.float64)
+    grad_sq = _grad_sq_parts(whole, s1.device)[0]
     if world > 1:
         pending.wait()
         packed = packed.to(s1.device)
+        grad_sq = grad_sq + packed[4]
         s1, B = packed[0], int(round(float(packed[1])))
         c_mean = float(packed[2]) / world
         spread = float(packed[3]) / world - c_mean * c_mean
@@ -162,6 +210,8 @@ def global_step_sums(per_sample_sq: torch.Tensor, batch_size: int, params, loss_
                              "be recovered exactly. Scale every rank's loss by the same c, e.g. "
                              "world_size / global_batch_size (divebatch.train.accumulate_step does this)")
         c = c_mean
+    if world == 1 and share is not None:
+        grad_sq = grad_sq + share
     return s1, grad_sq * (world / c) ** 2, B
 
 

@@ -39,6 +39,10 @@ import math
 from typing import Iterable, Sequence
 
 import torch
+import torch.distributed as dist
+
+from . import _fsdp
+from .distributed import collective_device
 
 __all__ = ["EpochDiversity", "NoiseScale", "noise_scale_terms"]
 
@@ -99,7 +103,9 @@ class EpochDiversity:
     Args:
         params: the tracked parameters, in the tracker's order (``tracker.parameters()``); ``A``
             gets one float32 buffer per parameter, on that parameter's device, allocated on the
-            first update.
+            first update. Under FSDP2 (``fully_shard``) each rank keeps ``A`` for its shards only,
+            and ``||A||²`` adds the ranks' parts with one all-reduce, so every rank must read it
+            (:meth:`value`, the policy's decision) together.
 
     Units: ``S`` and ``||A||²`` are squared gradient norms of the unscaled per-sample loss;
     ``Δ̂`` is dimensionless (``1/n ≤ Δ̂`` when the measured samples number n, up to drift).
@@ -144,11 +150,11 @@ class EpochDiversity:
             ok = ok & torch.isfinite(_as_tensor(batch_grad_sq, self._device))
         inv = 1.0 / _as_tensor(scale, self._device)
         if self._A is None:
-            self._A = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+            self._A = [torch.zeros_like(_fsdp.local_part(p), dtype=torch.float32) for p in self.params]
         for a, g in zip(self._A, grads):
             if g is None:
                 continue
-            gi = g.detach()
+            gi = _fsdp.local_part(g.detach())
             okd = ok if ok.device == gi.device else ok.to(gi.device)
             invd = inv.to(device=gi.device, dtype=torch.float32)
             a.add_(torch.where(okd, gi.to(torch.float32) * invd, torch.zeros((), device=gi.device)))
@@ -185,8 +191,19 @@ class EpochDiversity:
         if self._A is None:
             return torch.zeros((), dtype=torch.float64, device=self._device)
         tot = torch.zeros((), dtype=torch.float64, device=self._device)
-        for a in self._A:
-            tot = tot + a.double().pow(2).sum().to(self._device)
+        share = None  # FSDP2: this rank's part of the sharded parameters' ||A||²
+        for a, p in zip(self._A, self.params):
+            sq = a.double().pow(2).sum().to(self._device)
+            if _fsdp.is_dtensor(p):
+                share = sq / _fsdp.copies(p) if share is None else share + sq / _fsdp.copies(p)
+            else:
+                tot = tot + sq
+        if share is not None:
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                summed = share.to(collective_device())
+                dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+                share = summed.to(self._device)
+            tot = tot + share
         return tot
 
     def diversity_tensor(self) -> torch.Tensor:

@@ -17,6 +17,7 @@ number reported is about the **unscaled** per-sample losses ``l_i``: ``||g_i||^2
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -31,6 +32,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from . import _fsdp
 from ._norms import squared_norm
 from .layers import GENERIC, LayerRule, RoutePlan, rule_for
 from .layers.generic import DirectUseRecorder, SharedOutputWatcher, SharedOutputWatchers, usable_direct_uses
@@ -117,6 +119,16 @@ class _Owner:
     # Calls in progress given a [B*T, ...] input as [B, T, ...]: (that view, B*T, len((B, T, ...)),
     # the input's shape), see _on_rows_pre_forward.
     row_views: list = field(default_factory=list)
+    # Names of the tracked parameters that FSDP2's fully_shard shards: ``tracked`` holds the shards
+    # (what the optimizer steps), the forward and backward use unsharded stand-ins (see _fsdp).
+    sharded: tuple = ()
+    # A tracked parameter to check, after each forward, is still the module's (see _on_forward).
+    probe: tuple | None = None
+    # Under FSDP2: the gradient hooks of a call's outputs, registered after fully_shard's own
+    # (see _on_sharded_forward_end).
+    deferred_hooks: list = field(default_factory=list)
+    # Under FSDP2: the fully_shard modules that gather the sharded parameters (see _gathered).
+    shard_units: list = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -288,6 +300,7 @@ class GradNormTracker:
         self._low_precision_forward = False  # an autocast forward was captured (looser verification)
         self._cpu_bfloat16_forward = False  # ... in bfloat16 on CPU: autocast or a bf16 norm (see _verification_error)
         self._owners, self._ties = _assign_owners(model)
+        self._mark_sharded()
         for owner in self._owners:
             can_fuse = getattr(owner.rule, "can_fuse", None)
             owner.fused = bool(fused and can_fuse is not None and can_fuse(owner.module, owner.tracked))
@@ -295,6 +308,7 @@ class GradNormTracker:
         self._eager_forwards: list[_EagerForward] = []  # forwards run eagerly under torch.compile
         self._tables_read_in_compiled_code: set[str] = set()  # Embeddings whose weight compiled code read
         self._backward: _Backward | None = None
+        self._hooked_stand_ins: set[int] = set()  # FSDP2's unsharded parameters, see _on_unsharded
         self._last: GradNormStats | None = None
         self._uncollected = 0  # backwards closed since the last collect()
         self._last_plans: dict[str, RoutePlan] = {}
@@ -447,21 +461,33 @@ class GradNormTracker:
             if self._tables and owner.rule.rows_independent:
                 self._handles.append(owner.module.register_forward_pre_hook(
                     partial(self._on_table_read, owner), prepend=True, with_kwargs=True))
+            if owner.sharded:
+                # After fully_shard's own pre-hook (it prepends it), which swaps in the unsharded parameters.
+                self._handles.append(owner.module.register_forward_pre_hook(partial(self._on_unsharded, owner)))
             if owner.rule.rows_independent or owner.rule.rows_regrouped or isinstance(owner.rule, EmbeddingRule):
-                # First of the pre-hooks, so every other hook and the fused forward see [B, T, ...].
+                # First of the pre-hooks, so every other hook and the fused forward see [B, T, ...]; under
+                # FSDP2 after fully_shard's, which hands the forward new tensors for its inputs.
                 self._handles.append(owner.module.register_forward_pre_hook(
-                    partial(self._on_rows_pre_forward, owner), prepend=True))
+                    partial(self._on_rows_pre_forward, owner), prepend=not owner.sharded))
             if hasattr(owner.rule, "before_forward") or generic:
                 self._handles.append(owner.module.register_forward_pre_hook(
                     partial(self._on_pre_forward, owner), with_kwargs=True))
             # always_call: a generic owner's pre-hook enters a torch-function mode that must be left
             # even when the forward raises.
-            self._handles.append(owner.module.register_forward_hook(
-                partial(self._on_forward, owner), with_kwargs=True, always_call=generic))
+            hooks = [(partial(self._on_forward, owner), dict(with_kwargs=True, always_call=generic))]
             if owner.rule.rows_independent or owner.rule.rows_regrouped or isinstance(owner.rule, EmbeddingRule):
                 # After _on_forward, which hooks the [B, T, ...] output the rule's grads arrive for.
+                hooks.append((partial(self._on_rows_forward, owner), dict(always_call=True)))
+            if owner.sharded:
+                # Before fully_shard's post-forward hook, which puts the shards back (a capture may read
+                # the parameters, e.g. EmbeddingBag's max mode): prepended, in reverse, keeping their order.
+                for hook, kwargs in reversed(hooks):
+                    self._handles.append(owner.module.register_forward_hook(hook, prepend=True, **kwargs))
                 self._handles.append(owner.module.register_forward_hook(
-                    partial(self._on_rows_forward, owner), always_call=True))
+                    partial(self._on_sharded_forward_end, owner), always_call=True))
+            else:
+                for hook, kwargs in hooks:
+                    self._handles.append(owner.module.register_forward_hook(hook, **kwargs))
             for alias in owner.aliases:
                 self._handles.append(alias.register_forward_hook(partial(self._on_forward, owner), with_kwargs=True))
             for name, p in owner.tracked.items():
@@ -626,6 +652,67 @@ class GradNormTracker:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._hooked_stand_ins.clear()
+
+    def _mark_sharded(self) -> None:
+        """Note which tracked parameters FSDP2 shards; refuse other DTensor parameters."""
+        managed = _fsdp.managed_parameters(self.model)
+        for owner in self._owners:
+            owner.sharded = tuple(name for name, p in owner.tracked.items() if id(p) in managed)
+            owner.shard_units = _fsdp.shard_units(self.model, owner.module, owner.sharded)
+            other = [name for name, p in owner.tracked.items() if id(p) not in managed and _fsdp.is_dtensor(p)]
+            if other:
+                raise ValueError(
+                    f"module '{owner.name}' ({type(owner.module).__name__}): parameter '{other[0]}' is a DTensor that "
+                    "torch.distributed.fsdp.fully_shard does not manage (tensor parallelism?). Per-sample norms "
+                    "need each rank's forward to use whole weights: shard the model with fully_shard only, "
+                    "or freeze that parameter")
+            if owner.tracked and not owner.sharded:
+                owner.probe = next(iter(owner.tracked.items()))
+
+    def _live(self, owner: _Owner) -> dict[str, nn.Parameter]:
+        """The owner's tracked parameters as its forward and backward use them: under FSDP2, the
+        unsharded stand-ins the module holds at that time (``owner.tracked`` keeps the shards)."""
+        if not owner.sharded:
+            return owner.tracked
+        live = dict(owner.tracked)
+        for name in owner.sharded:
+            live[name] = owner.module.get_parameter(name)
+        return live
+
+    def _gathered(self, owner: _Owner):
+        """Calls accounted once the backward is over (an output whose gradient never came, e.g. an
+        LSTM's ``h_n``): fully_shard has put the shards back by then, so their parameters are
+        gathered again for the rule (a collective: every rank accounts the same modules here)."""
+        if owner.sharded and _fsdp.is_dtensor(owner.module.get_parameter(owner.sharded[0])):
+            return _fsdp.gathered(owner.shard_units)
+        return contextlib.nullcontext()
+
+    def _on_unsharded(self, owner: _Owner, module, args):
+        """FSDP2 has swapped in the unsharded parameters: hook each stand-in once (fully_shard
+        reuses the same object every step), reporting under its shard's identity."""
+        for name in owner.sharded:
+            stand_in = module.get_parameter(name)
+            if _fsdp.is_dtensor(stand_in):
+                raise RuntimeError(
+                    f"module '{owner.name}' ({type(module).__name__}): parameter '{name}' is still a sharded DTensor "
+                    "when its forward runs, so its gradient would not reach divebatch. Call the module through "
+                    "its fully_shard parent's forward (not a method of it that bypasses it), and shard with "
+                    "fully_shard alone (2-D parallelism with DTensor weights is not supported)")
+            if id(stand_in) not in self._hooked_stand_ins:
+                self._hooked_stand_ins.add(id(stand_in))
+                self._handles.append(stand_in.register_hook(
+                    partial(self._on_param_grad, owner, _join(owner.name, name), id(owner.tracked[name]))))
+        return None
+
+    def _on_sharded_forward_end(self, owner: _Owner, module, args, output):
+        """After fully_shard's post-forward hook: hook this call's outputs now, so that in the backward
+        fully_shard's hook (registered on them just before) gathers the parameters before the rule
+        reads them (tensor hooks run in the order they were registered)."""
+        hooks, owner.deferred_hooks = owner.deferred_hooks, []
+        for target, hook in hooks:
+            target.register_hook(hook)
+        return None
 
     # Excluded from torch.compile: dynamo breaks the graph here and runs the tracked module
     # eagerly, so the hooks see real tensors and register real gradient hooks.
@@ -665,7 +752,7 @@ class GradNormTracker:
         owner = call.owner
         call.ctx, call.grads, call.pending = ctx, [grad], 0
         if owner.forward_calls <= 1 and not owner.ready:
-            sq, grad_w, grad_b = owner.rule.fused_grads(owner.module, ctx, grad, owner.tracked)
+            sq, grad_w, grad_b = owner.rule.fused_grads(owner.module, ctx, grad, self._live(owner))
             self._account(step, owner, [call], sq)
             return grad_w, grad_b
         owner.ready.append(call)  # several calls: combined before squaring, plain gradients
@@ -688,7 +775,7 @@ class GradNormTracker:
                 # The rows the experts' products are followed from: the first batched input, as in capture().
                 inputs = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
                 first = next((x for x in inputs if x.dim() > 0), None)
-                recorder = DirectUseRecorder(owner.tracked, first, self._inner_params(owner), inputs)
+                recorder = DirectUseRecorder(self._live(owner), first, self._inner_params(owner), inputs)
                 recorder.batch_size = self._input_batch
                 recorder.__enter__()
             owner.pre_states.append(([inner.forward_calls + inner.covered_calls for inner in owner.descendants], recorder,
@@ -713,6 +800,13 @@ class GradNormTracker:
                     "(e.g. spectral_norm's power iteration in training mode). Its per-sample gradients come from "
                     "replaying the forward, which must compute the same tensor again: put the parametrization in "
                     "eval mode (module.parametrizations.<name>.eval() keeps its current estimate), or freeze it")
+        if (owner.probe is not None and _attribute(owner.module, owner.probe[0]) is not owner.probe[1]
+                and not (capture_suspended() or not torch.is_grad_enabled() or _inside_functorch())):
+            raise RuntimeError(
+                f"module '{owner.name}' ({type(module).__name__}): its parameter '{owner.probe[0]}' is not the one "
+                "the GradNormTracker was created with (replaced since: fully_shard, load_state_dict(assign=True), "
+                "or an assignment), so its gradients would not reach the tracker. Create the tracker after the "
+                "model's parameters are final, e.g. after fully_shard(...)")
         if owner.skip_hooks:
             owner.skip_hooks -= 1
             return None
@@ -732,7 +826,7 @@ class GradNormTracker:
         if not self._cpu_bfloat16_forward and (
                 (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
                 or (isinstance(owner.rule, AffineNormRule)  # a bfloat16 model's norm, on CPU
-                    and any(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in owner.tracked.values()))):
+                    and any(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in self._live(owner).values()))):
             self._cpu_bfloat16_forward = True
         if hasattr(owner.rule, "before_forward"):
             ctx = owner.rule.capture(module, args, kwargs, output, pre_state)
@@ -769,17 +863,17 @@ class GradNormTracker:
         if recorder is not None and samples is not None:
             # The first input's rows are samples' rows in another order (Llama 4's experts get every
             # token once per expert): only products of those rows can use that order.
-            uses = usable_direct_uses(recorder.uses, owner.tracked, ctx.input_batch, input_samples=samples)
+            uses = usable_direct_uses(recorder.uses, self._live(owner), ctx.input_batch, input_samples=samples)
             if uses is not None:
                 ctx.batch_size = batch_size = ctx.input_batch
         else:
-            uses = (usable_direct_uses(recorder.uses, owner.tracked, batch_size, getattr(ctx, "rows", None))
+            uses = (usable_direct_uses(recorder.uses, self._live(owner), batch_size, getattr(ctx, "rows", None))
                     if recorder is not None else None)
         if uses is None and recorder is not None and samples is None and getattr(ctx, "input_batch", None):
             # Outputs flattened inside the module ([B*T, E] router logits from a [B, T, d] input):
             # where every use was read as a product of its input's rows, the call has its inputs'
             # samples (the outputs' grads are not needed).
-            uses = usable_direct_uses(recorder.uses, owner.tracked, ctx.input_batch)
+            uses = usable_direct_uses(recorder.uses, self._live(owner), ctx.input_batch)
             if uses is not None and all(use.kind == "rows" for use in uses):
                 ctx.batch_size = batch_size = ctx.input_batch
             else:
@@ -800,9 +894,13 @@ class GradNormTracker:
         for i, t in enumerate(leaves):
             base = _own_product(t, args) if owner.rule.rows_independent else None
             if base is None:
-                t.register_hook(partial(self._on_output_grad, call, i))
+                target, hook = t, partial(self._on_output_grad, call, i)
             else:
-                base.register_hook(partial(self._on_base_grad, call, i, t.shape))
+                target, hook = base, partial(self._on_base_grad, call, i, t.shape)
+            if owner.sharded:
+                owner.deferred_hooks.append((target, hook))
+            else:
+                target.register_hook(hook)
         # A row-wise layer on a tensor shared by the samples without a batch dim (a normalised table,
         # see _on_table_read): each of its rows is every sample's.
         call.unbatched = (n_grads == 1 and owner.rule.rows_independent and isinstance(ctx, torch.Tensor)
@@ -940,15 +1038,15 @@ class GradNormTracker:
         self._watching.watchers.append(call.watcher)
         self._watchers.append(call.watcher)
 
-    @staticmethod
-    def _inner_params(owner: _Owner) -> dict:
-        """``owner.inner_params``, built on first use (see _Owner)."""
-        if owner.inner_params is None:
+    def _inner_params(self, owner: _Owner) -> dict:
+        """``owner.inner_params``, built on first use (see _Owner); under FSDP2, every call, from the
+        parameters the inner modules hold then (unsharded stand-ins, or shards not gathered yet)."""
+        if owner.inner_params is None or any(inner.sharded for inner in owner.descendants):
             owner.inner_params = {}
             for inner in owner.descendants:
                 chain = tuple(o for o in owner.descendants
                               if o.name == inner.name or inner.name.startswith(o.name + "."))
-                for pname, p in inner.tracked.items():
+                for pname, p in self._live(inner).items():
                     owner.inner_params[id(p)] = (_join(_relative_name(owner.name, inner.name), pname), p,
                                                  partial(_any_in_forward, chain))
         return owner.inner_params
@@ -1109,7 +1207,7 @@ class GradNormTracker:
     # ------------------------------------------------------------------ verification
     def _add_accounted(self, step: _Backward, owner: _Owner, calls: list[_Call]) -> None:
         """Add the gradient these calls account for to each of the owner's parameters."""
-        sums = owner.rule.grad_sums(owner.module, [(c.ctx, c.grads) for c in calls], owner.tracked)
+        sums = owner.rule.grad_sums(owner.module, [(c.ctx, c.grads) for c in calls], self._live(owner))
         for name, p in owner.tracked.items():
             if sums is None or name not in sums:
                 step.unverifiable.add(id(p))
@@ -1198,7 +1296,7 @@ class GradNormTracker:
                     "sample dimension shared by every tracked layer (dim 0, or dim 1 for batch_first=False "
                     f"modules). Reshape so samples stay in the batch dimension, or freeze that module.{hint}")
         if sq is None:
-            sq = owner.rule.norms(owner.module, [(c.ctx, c.grads) for c in calls], owner.tracked)
+            sq = owner.rule.norms(owner.module, [(c.ctx, c.grads) for c in calls], self._live(owner))
         if step.verify:
             self._add_accounted(step, owner, calls)
             entry = step.verified.setdefault(id(owner), _Verified(owner))
@@ -1219,10 +1317,10 @@ class GradNormTracker:
             owner.plan_key = key
             first = calls[0]
             if first.fused and len(calls) == 1:
-                step.plans[owner.name] = owner.rule.fused_plan(owner.module, first.ctx, owner.tracked)
+                step.plans[owner.name] = owner.rule.fused_plan(owner.module, first.ctx, self._live(owner))
             else:
                 grad = next((g for g in first.grads if g is not None), None)
-                step.plans[owner.name] = owner.rule.plan(owner.module, first.ctx, grad, owner.tracked)
+                step.plans[owner.name] = owner.rule.plan(owner.module, first.ctx, grad, self._live(owner))
 
     @staticmethod
     def _keep_tied_part(step: _Backward, owner: _Owner, calls: list[_Call]) -> None:
@@ -1265,7 +1363,8 @@ class GradNormTracker:
                     pending.setdefault(id(owner), (owner, []))[1].extend(owner.ready)
                     owner.ready = []
             for owner, calls in pending.values():
-                self._account(step, owner, calls)
+                with self._gathered(owner):
+                    self._account(step, owner, calls)
             self._add_tied_cross_terms(step)
             for param_id in list(step.delivered):
                 self._verify_param(step, param_id)
@@ -1507,6 +1606,13 @@ def _parametrization_state(module: nn.Module) -> list[tuple[torch.Tensor, int]] 
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
+
+
+def _attribute(module: nn.Module, name: str):
+    """``module``'s attribute at the dotted ``name`` (a parameter, or what replaced it), or None."""
+    for part in name.split("."):
+        module = getattr(module, part, None)
+    return module
 
 
 def _assign_owners(model: nn.Module) -> tuple[list[_Owner], list[TiedEmbeddingLinear]]:

@@ -39,6 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from . import _fsdp
 from .data import DataBundle
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import (all_reduce_sum, check_same_decision, check_same_model, global_step_sums,
@@ -111,15 +112,17 @@ def accumulate_step(model: nn.Module, micro_batches: Sequence[tuple[torch.Tensor
 
     Call ``optimizer.zero_grad()`` before and ``optimizer.step()`` (or ``scaler.step``) after.
 
-    Under ``DistributedDataParallel`` (``model`` is the DDP wrapper) the logical batch is the
+    Under ``DistributedDataParallel`` (``model`` is the DDP wrapper), or FSDP2 (``model`` was
+    passed to ``fully_shard``, and its submodules as you choose), the logical batch is the
     *global* one, spread over the ranks: pass its size as ``global_batch_size``. Each rank's loss
-    is then ``(W/B)·Σ ℓ_i`` so that DDP's average over ``W`` ranks is the global mean; micro-
-    batches before the last run under ``no_sync()`` (one gradient all-reduce per step, DDP's
-    own); on measured steps ``Σ||g_i||²`` is summed over ranks with one all-reduce of a scalar
-    and ``||Σ g_i||²`` is read from the all-reduced ``.grad`` (see :mod:`divebatch.distributed`).
+    is then ``(W/B)·Σ ℓ_i`` so that the average over ``W`` ranks is the global mean; micro-
+    batches before the last run without gradient sync (``no_sync()``; FSDP2:
+    ``set_requires_gradient_sync(False)``), so there is one gradient reduction per step; on
+    measured steps ``Σ||g_i||²`` is summed over ranks with one small all-reduce and ``||Σ g_i||²``
+    is read from the reduced ``.grad`` (see :mod:`divebatch.distributed`).
 
     Args:
-        model: the model, or its DDP wrapper.
+        model: the model, its DDP wrapper, or the model after ``fully_shard``.
         micro_batches: ``[(x, y), …]`` — together this rank's part of one logical batch.
         loss_fn: ``(output, target) → [b]`` per-sample losses (reduction none).
         tracker: a ``GradNormTracker`` on the (unwrapped) model, enabled on measured steps; its
@@ -136,11 +139,13 @@ def accumulate_step(model: nn.Module, micro_batches: Sequence[tuple[torch.Tensor
     if B_local == 0:
         raise ValueError("accumulate_step got an empty logical batch")
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-    world = rank_and_world()[1] if ddp else 1
+    sharded = _fsdp.is_fully_sharded(model)
+    world = rank_and_world()[1] if ddp or sharded else 1
     if global_batch_size is None:
         if world > 1:
-            raise ValueError("under DistributedDataParallel pass global_batch_size= (samples in the logical batch over "
-                             "all ranks); the local batch alone cannot give the mean over the global batch")
+            raise ValueError(f"under {'fully_shard' if sharded else 'DistributedDataParallel'} pass global_batch_size= "
+                             "(samples in the logical batch over all ranks); the local batch alone cannot give the "
+                             "mean over the global batch")
         global_batch_size = B_local
     B = int(global_batch_size)
     if B < B_local:
@@ -159,7 +164,9 @@ def accumulate_step(model: nn.Module, micro_batches: Sequence[tuple[torch.Tensor
     s2 = None
     last = len(micro_batches) - 1
     for j, (x, y) in enumerate(micro_batches):
-        with (model.no_sync() if ddp and j < last else nullcontext()):
+        deferred_sync = ((model.no_sync() if ddp else _fsdp.no_gradient_sync(model)) if (ddp or sharded) and j < last
+                         else nullcontext())
+        with deferred_sync:
             with ctx():
                 out = model(x)
                 losses = loss_fn(out, y)

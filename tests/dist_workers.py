@@ -79,9 +79,10 @@ def train_worker(cfg_kwargs: dict, run_dir: str | None, resume: bool = False, di
             "params": [p.detach().clone() for p in tr.model.parameters()]}
 
 
-def observe_worker(x: torch.Tensor, y: torch.Tensor, estimator: str) -> dict:
-    """A user's own DDP loop: per-rank mean loss, ``loss.backward()``, ``policy.observe()``.
-    Returns what the policy's estimator accumulated (or the error it raised)."""
+def observe_worker(x: torch.Tensor, y: torch.Tensor, estimator: str, sharded: bool = False) -> dict:
+    """A user's own DDP loop (``sharded``: FSDP2's ``fully_shard`` instead): per-rank mean loss,
+    ``loss.backward()``, ``policy.observe()``. Returns what the policy's estimator accumulated
+    (or the error it raised); sharded, the epoch estimator's ``||A||²`` instead of its shards of A."""
     import torch.nn.functional as F
 
     from divebatch.schedule import DiveBatch
@@ -89,15 +90,21 @@ def observe_worker(x: torch.Tensor, y: torch.Tensor, estimator: str) -> dict:
     mine = shard_slice(len(y), dist.get_world_size(), dist.get_rank())
     xs, ys = x[mine], y[mine]
     model = norms_model()
+    if sharded:
+        model = wrapped = _fully_shard_children(model)
     tracker = GradNormTracker(model, loss_reduction="mean")
-    ddp = nn.parallel.DistributedDataParallel(model)
+    if not sharded:
+        wrapped = nn.parallel.DistributedDataParallel(model)
     policy = DiveBatch(None, len(y), 4, 64, estimator=estimator, tracker=tracker, measure_every=1, resize_every=1)
-    F.cross_entropy(ddp(xs), ys).backward()
+    F.cross_entropy(wrapped(xs), ys).backward()
     try:
         policy.observe()
     except ValueError as e:
         return {"error": str(e)}
-    return {"state": policy.estimator.state_dict()}
+    state = policy.estimator.state_dict()
+    if sharded and "A" in state:
+        state["A"] = policy.estimator.grad_sum_sq()  # (every rank together: an all-reduce)
+    return {"state": state}
 
 
 def user_loop_worker(epochs: int) -> dict:
@@ -150,3 +157,75 @@ def aborting_worker(when: str) -> int:
             os.abort()
         multiprocessing.util.Finalize(None, os.abort, exitpriority=0)
     return dist.get_rank()
+
+
+def _fully_shard_children(model: nn.Module, bf16: bool = False) -> nn.Module:
+    """FSDP2 over all ranks as a user would apply it: each child with parameters and a forward of
+    its own is a unit (``fully_shard`` refuses bare containers), then the model (the rest).
+    ``bf16``: forward and backward with bfloat16 copies of the parameters, gradients reduced in
+    float32 (``MixedPrecisionPolicy``)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    kwargs = {"mesh": mesh, **({"mp_policy": policy} if policy is not None else {})}
+    for child in model.children():
+        if any(True for _ in child.parameters()) and type(child).forward is not nn.Module.forward:
+            fully_shard(child, **kwargs)
+    return fully_shard(model, **kwargs)
+
+
+def fsdp_norms_worker(x: torch.Tensor, y: torch.Tensor, micro: int) -> dict:
+    """``norms_worker`` under FSDP2 instead of DDP: the tracker on the sharded model, the global
+    statistics from ``accumulate_step``, and the gradient each rank's shards add up to."""
+    mine = shard_slice(len(y), dist.get_world_size(), dist.get_rank())
+    model = _fully_shard_children(norms_model())
+    tracker = GradNormTracker(model, loss_reduction="sum")
+    chunks = [(a, b) for a, b in zip(x[mine].tensor_split(micro), y[mine].tensor_split(micro)) if len(b)]
+    res = accumulate_step(model, chunks, tracker=tracker, measure=True, global_batch_size=len(y))
+    out = {"s1": float(res.per_sample_sq), "s2": float(res.batch_grad_sq),
+           "grads": [p.grad.full_tensor().detach().clone() for p in model.parameters()],
+           "sharded": all(type(p).__name__ == "DTensor" for p in model.parameters())}
+    if micro == 1:
+        stats = tracker.collect()
+        out["per_sample"] = gather_per_sample(stats.per_sample)
+        out["verified"] = sorted(stats.unaccounted or {})
+    return out
+
+
+def fsdp_zoo_worker(names: list[str], bf16: bool = False) -> dict:
+    """Each of ``tests.models_zoo``'s ``names`` under FSDP2 (its children units, then the model):
+    per zoo entry, the per-sample norms of all ranks' samples in rank order, and the modules whose
+    gradients the verification compared (``stats.unaccounted``); or the error."""
+    from .models_zoo import ZOO, sample_loss
+
+    out = {}
+    for name in names:
+        torch.manual_seed(0)
+        model, x, y = ZOO[name]()
+        mine = shard_slice(len(y), dist.get_world_size(), dist.get_rank())
+        model = _fully_shard_children(model, bf16)
+        tracker = GradNormTracker(model, loss_reduction="sum", verify_every=1)
+        try:
+            sample_loss(model(x[mine]), y[mine]).backward()
+            stats = tracker.collect()
+            out[name] = {"per_sample": gather_per_sample(stats.per_sample), "verified": sorted(stats.unaccounted or {})}
+        except Exception as err:  # noqa: BLE001 - reported to the test, which names the model
+            out[name] = {"error": f"{type(err).__name__}: {err}"}
+        finally:
+            tracker.close()
+    return out
+
+
+def fsdp_tracker_first_worker() -> str:
+    """A tracker created *before* ``fully_shard`` (which replaces the parameters): the error."""
+    model = norms_model()
+    tracker = GradNormTracker(model, loss_reduction="sum")
+    model = _fully_shard_children(model)
+    try:
+        model(torch.randn(2, 1, 8, 8)).sum().backward()
+        tracker.collect()
+    except RuntimeError as err:
+        return str(err)
+    return "no error"

@@ -66,6 +66,11 @@ _BATCH_NORMS = frozenset({"NativeBatchNormBackward0", "CudnnBatchNormBackward0",
 #: Backward nodes of a view/reshape (the merge the walk looks for).
 _VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
 
+#: Backward nodes of autograd Functions that return their tensor inputs unchanged, output ``i``
+#: being input ``i`` (FSDP2's ``fully_shard`` puts one on each sharded module's inputs, to learn
+#: when that module's backward is over).
+_PASS_THROUGH = frozenset({"RegisterPostBackwardFunctionBackward"})
+
 #: Graph nodes of tensors shared by all samples, during one ``flattened_samples`` walk.
 _SHARED: contextvars.ContextVar[tuple] = contextvars.ContextVar("divebatch_shared_nodes", default=(frozenset(), None))
 
@@ -131,6 +136,9 @@ def _walk(node, shape: tuple[int, ...], budget: list[int], dim: int = 0) -> int 
     if budget[0] < 0 or node is None:
         return unknown
     name = type(node).__name__
+    if name in _PASS_THROUGH:
+        # (which output the walk came from is not known here: followed where there is one)
+        return _walk(node.next_functions[0][0], shape, budget, dim) if len(node.next_functions) == 1 else unknown
     if name in _VIEWS:
         source = _view_source(node)
         if dim != 0 or source is None or not source or not node.next_functions:
@@ -515,6 +523,9 @@ def _labels(walk: _LabelWalk, node, index: int, shape: tuple[int, ...]):
         return child_shape, walk.labels(child, out_index, child_shape)
 
     try:
+        if name in _PASS_THROUGH:
+            found = child_labels(index)
+            return None if found is None or found[1] is None else _valid(found[1], shape)
         if name in _VIEWS:
             source = _view_source(node)
             if source is None or not children:

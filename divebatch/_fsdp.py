@@ -1,0 +1,121 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``): which parameters it shards, and the squared
+norm of gradients left sharded across ranks.
+
+``fully_shard`` keeps each parameter as a ``DTensor`` shard (what ``model.parameters()`` and the
+optimizer see) and, around each forward and backward, swaps the module's attribute for a full,
+unsharded ``nn.Parameter`` (one object per parameter, reused every step) that autograd then
+differentiates. The tracker therefore hooks that unsharded object the first time a forward runs
+with it, and reads parameter values from the module at that time (see
+``GradNormTracker._live``); after the backward, ``.grad`` of the shard holds this rank's slice of
+the gradient averaged over ranks, like DDP's ``.grad`` (see :func:`sharded_sq_norm`).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ._norms import squared_norm
+
+try:  # torch.distributed is optional in some builds
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # pragma: no cover - a build without torch.distributed
+    DTensor = Replicate = Shard = FSDPModule = None
+
+
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (e.g. a parameter shard of FSDP2)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def managed_parameters(model: nn.Module) -> set[int]:
+    """``id``s of the parameters that ``fully_shard`` manages in ``model`` (empty without FSDP2)."""
+    if FSDPModule is None:
+        return set()
+    return {id(p) for m in model.modules() if isinstance(m, FSDPModule) for p in m.parameters()}
+
+
+def sharded_sq_norm(grad: torch.Tensor) -> torch.Tensor:
+    """This rank's share of ``||grad||²`` for a ``DTensor`` gradient, in float64: the local shard's
+    squared norm divided by the number of ranks holding a copy of it (``Replicate`` mesh dims),
+    so that the sum over all ranks of the mesh is the squared norm of the whole gradient.
+
+    Raises for a ``Partial`` placement (a gradient not yet reduced: its norm is not the sum of the
+    ranks' parts).
+    """
+    for placement in grad.placements:
+        if not isinstance(placement, (Replicate, Shard)):
+            raise ValueError(f"a gradient with placement {placement} (not reduced over ranks yet) has no squared norm "
+                             "from its shards; read it after the backward that reduce-scatters it (FSDP's last "
+                             "micro-batch, with gradient sync on)")
+    return squared_norm(grad.to_local().detach()).double() / copies(grad)
+
+
+def shard_units(model: nn.Module, module: nn.Module, names) -> list[nn.Module]:
+    """The ``fully_shard`` modules that gather the parameters ``names`` of ``module`` (a submodule
+    of ``model``): for each, the innermost ``FSDPModule`` whose subtree holds the module owning it."""
+    if FSDPModule is None:
+        return []
+    holders = {id(module.get_submodule(name.rpartition(".")[0])) for name in names}
+    units: list[nn.Module] = []
+    for holder in holders:
+        best, best_depth = None, -1
+        for unit_name, unit in model.named_modules():
+            if not isinstance(unit, FSDPModule):
+                continue
+            if any(m is not None and id(m) == holder for m in unit.modules()):
+                depth = unit_name.count(".") + (unit_name != "")
+                if depth > best_depth:
+                    best, best_depth = unit, depth
+        if best is not None and all(best is not u for u in units):
+            units.append(best)
+    return units
+
+
+@contextmanager
+def gathered(units):
+    """The parameters of ``units`` (``FSDPModule``s) unsharded while the block runs: an all-gather
+    on every rank of their mesh, so every rank must enter it for the same units."""
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+
+
+def is_fully_sharded(model) -> bool:
+    """Whether ``model`` itself was passed to ``fully_shard`` (the root of an FSDP2 model)."""
+    return FSDPModule is not None and isinstance(model, FSDPModule)
+
+
+@contextmanager
+def no_gradient_sync(model):
+    """FSDP2's ``no_sync()``: backwards in the block keep their unsharded gradients (accumulated,
+    not reduce-scattered), for the micro-batches before a step's last."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a ``DTensor`` (``to_local()``), any other tensor itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def copies(t: torch.Tensor) -> int:
+    """How many ranks hold each element of ``t``'s local part: the sizes of its ``Replicate``
+    mesh dims (1 for a tensor that is not a DTensor, or is sharded over every mesh dim)."""
+    if not is_dtensor(t):
+        return 1
+    n = 1
+    for dim, placement in enumerate(t.placements):
+        if isinstance(placement, Replicate):
+            n *= t.device_mesh.size(dim)
+    return n
