@@ -1,4 +1,4 @@
-"""Cost of divebatch's tracking in a multi-process DistributedDataParallel training step.
+"""Cost of divebatch's tracking in a multi-process DistributedDataParallel (or FSDP2) training step.
 
 Two (``--nproc``) gloo processes on this machine train the mlp workload of
 ../shared/BENCHMARKS.md (784-1024-1024-10, global batch 256 split 128/128) with SGD. Blocks of
@@ -9,11 +9,16 @@ Two (``--nproc``) gloo processes on this machine train the mlp workload of
 * ``divebatch``: the same step measured — the tracker's per-sample norms on every rank, one
   all-reduce of ``Σ||g_i||²``, ``||Σ g_i||²`` from the all-reduced gradient.
 
+With ``--sharding fsdp`` the model is sharded with FSDP2 instead of DDP (each Linear its own
+``fully_shard`` unit, then the model), the tracker created after: parameters all-gathered for
+each layer's forward and backward, gradients reduce-scattered, ``||Σ g_i||²`` from the shards.
+
 Ranks start every block together (a barrier) and rank 0's wall time per block is recorded;
 the ratio is median(divebatch) / median(plain). ``amortised`` is the cost with the default
 policy, which measures one step in ``measure_every`` (16): ``1 + (ratio − 1)/16``.
 
     python bench/ddp_step.py --out bench/results/ddp_mlp.json
+    python bench/ddp_step.py --sharding fsdp --out bench/results/fsdp_mlp.json
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from divebatch.distributed import launch  # noqa: E402
 from divebatch.schedule import DEFAULT_POLICY  # noqa: E402
 
 
-def _rank_main(workload: str, steps: int, reps: int) -> dict:
+def _rank_main(workload: str, steps: int, reps: int, sharding: str = "ddp") -> dict:
     import torch.distributed as dist
     from torch import nn
 
@@ -52,8 +57,19 @@ def _rank_main(workload: str, steps: int, reps: int) -> dict:
     x, y = wl.make_batch(torch.device("cpu"))
     mine = shard_slice(len(y), world, rank)
     micro = [(x[mine], y[mine])]
-    tracker = GradNormTracker(model, loss_reduction="sum", enabled=False)
-    ddp = nn.parallel.DistributedDataParallel(model)
+    if sharding == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.modules():
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        ddp = model = fully_shard(model, mesh=mesh)  # (the tracker comes after: it hooks the shards' stand-ins)
+        tracker = GradNormTracker(model, loss_reduction="sum", enabled=False)
+    else:
+        tracker = GradNormTracker(model, loss_reduction="sum", enabled=False)
+        ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     stat: dict = {}
 
@@ -83,18 +99,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workload", default="mlp")
     p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--sharding", choices=("ddp", "fsdp"), default="ddp",
+                   help="DistributedDataParallel, or FSDP2's fully_shard on each Linear and the model")
     p.add_argument("--steps", type=int, default=5, help="optimizer steps per timed block")
     p.add_argument("--reps", type=int, default=50, help="rounds of (plain, divebatch) blocks")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: cores // nproc)")
     p.add_argument("--out", default=None, help="write the JSON here and a table beside it (.md)")
     args = p.parse_args(argv)
-    outs = launch(_rank_main, args.nproc, args=(args.workload, args.steps, args.reps), threads=args.threads)
+    outs = launch(_rank_main, args.nproc, args=(args.workload, args.steps, args.reps, args.sharding),
+                  threads=args.threads)
     r0 = outs[0]
     med = {k: statistics.median(v) / args.steps for k, v in r0["times"].items()}
     ratio = med["divebatch"] / med["plain"]
     every = DEFAULT_POLICY["measure_every"]
     result = {
-        "workload": args.workload, "nproc": args.nproc, "backend": "gloo", "threads_per_process": r0["threads"],
+        "workload": args.workload, "nproc": args.nproc, "sharding": args.sharding, "backend": "gloo", "threads_per_process": r0["threads"],
         "steps_per_block": args.steps, "reps": args.reps,
         "plain_step_ms": 1e3 * med["plain"], "divebatch_step_ms": 1e3 * med["divebatch"],
         "ratio": ratio, "amortised_ratio": 1 + (ratio - 1) / every, "measure_every": every,
@@ -104,15 +123,18 @@ def main(argv=None) -> int:
     }
     table = ("| workload | processes | plain step | measured step | ratio | default policy (1 in "
              f"{every} measured) |\n|---|---|---|---|---|---|\n"
-             f"| {args.workload} | {args.nproc} × gloo, {r0['threads']} thread(s) | {result['plain_step_ms']:.1f} ms | "
+             f"| {args.workload} | {args.nproc} × gloo, {'FSDP2' if args.sharding == 'fsdp' else 'DDP'}, "
+             f"{r0['threads']} thread(s) | {result['plain_step_ms']:.1f} ms | "
              f"{result['divebatch_step_ms']:.1f} ms | {ratio:.3f}× | {result['amortised_ratio']:.3f}× |")
     print(table)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
-        out.with_suffix(".md").write_text(f"# DDP step cost ({args.workload})\n\n`python bench/ddp_step.py "
-                                          f"--nproc {args.nproc} --steps {args.steps} --reps {args.reps}`\n\n"
+        title = "FSDP2" if args.sharding == "fsdp" else "DDP"
+        out.with_suffix(".md").write_text(f"# {title} step cost ({args.workload})\n\n`python bench/ddp_step.py "
+                                          f"--sharding {args.sharding} --nproc {args.nproc} --steps {args.steps} "
+                                          f"--reps {args.reps}`\n\n"
                                           f"{table}\n")
     return 0
 

@@ -259,8 +259,9 @@ class GradNormTracker:
             forward and backward untouched.
         track_batch_grad: compute ``||sum_i g_i||^2`` of each backward in the parameter hooks (one
             pass over the gradients). Turn off (also settable later) when it is read elsewhere,
-            e.g. from the all-reduced ``.grad`` under DistributedDataParallel, where each rank's
-            hooks only see its local part; ``stats.batch_grad_sq`` is then None.
+            e.g. from the all-reduced ``.grad`` under DistributedDataParallel (or the
+            reduce-scattered shards under FSDP2), where each rank's hooks only see its local
+            part; ``stats.batch_grad_sq`` is then None.
         verify_every: on the first tracked backward and every ``verify_every``-th after it (0:
             the first only), check that each parameter's gradient is fully accounted for by its
             module's forward calls: the rules form the gradient of their calls (summed over
