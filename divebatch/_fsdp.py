@@ -119,3 +119,13 @@ def copies(t: torch.Tensor) -> int:
         if isinstance(placement, Replicate):
             n *= t.device_mesh.size(dim)
     return n
+
+
+def legacy_wrapped(model: nn.Module) -> str | None:
+    """The name of the first ``FullyShardedDataParallel`` (FSDP1) module in ``model``, or None."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - a build without torch.distributed
+        return None
+    return next((name or "<the model>" for name, m in model.named_modules() if isinstance(m, FullyShardedDataParallel)),
+                None)

@@ -656,7 +656,14 @@ class GradNormTracker:
         self._hooked_stand_ins.clear()
 
     def _mark_sharded(self) -> None:
-        """Note which tracked parameters FSDP2 shards; refuse other DTensor parameters."""
+        """Note which tracked parameters FSDP2 shards; refuse other DTensor parameters and FSDP1."""
+        legacy = _fsdp.legacy_wrapped(self.model)
+        if legacy is not None:
+            raise ValueError(
+                f"'{legacy}' is a FullyShardedDataParallel (FSDP1) wrapper: it runs the forward and backward on flat "
+                "buffers that stand in for the parameters, so the per-parameter gradients divebatch reads and checks "
+                "never reach them. Shard with FSDP2 instead (torch.distributed.fsdp.fully_shard, then create the "
+                "GradNormTracker), or use DistributedDataParallel")
         managed = _fsdp.managed_parameters(self.model)
         for owner in self._owners:
             owner.sharded = tuple(name for name, p in owner.tracked.items() if id(p) in managed)

@@ -159,15 +159,17 @@ def aborting_worker(when: str) -> int:
     return dist.get_rank()
 
 
-def _fully_shard_children(model: nn.Module, bf16: bool = False) -> nn.Module:
+def _fully_shard_children(model: nn.Module, bf16: bool = False, replicate: bool = False) -> nn.Module:
     """FSDP2 over all ranks as a user would apply it: each child with parameters and a forward of
     its own is a unit (``fully_shard`` refuses bare containers), then the model (the rest).
     ``bf16``: forward and backward with bfloat16 copies of the parameters, gradients reduced in
-    float32 (``MixedPrecisionPolicy``)."""
+    float32 (``MixedPrecisionPolicy``). ``replicate``: HSDP on a 2-D mesh, every rank a replica
+    (``(world, 1)``: the parameters' placements are Replicate, Shard)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    mesh = (init_device_mesh("cpu", (dist.get_world_size(), 1), mesh_dim_names=("replicate", "shard")) if replicate
+            else init_device_mesh("cpu", (dist.get_world_size(),)))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     kwargs = {"mesh": mesh, **({"mp_policy": policy} if policy is not None else {})}
     for child in model.children():
@@ -176,11 +178,11 @@ def _fully_shard_children(model: nn.Module, bf16: bool = False) -> nn.Module:
     return fully_shard(model, **kwargs)
 
 
-def fsdp_norms_worker(x: torch.Tensor, y: torch.Tensor, micro: int) -> dict:
+def fsdp_norms_worker(x: torch.Tensor, y: torch.Tensor, micro: int, replicate: bool = False) -> dict:
     """``norms_worker`` under FSDP2 instead of DDP: the tracker on the sharded model, the global
     statistics from ``accumulate_step``, and the gradient each rank's shards add up to."""
     mine = shard_slice(len(y), dist.get_world_size(), dist.get_rank())
-    model = _fully_shard_children(norms_model())
+    model = _fully_shard_children(norms_model(), replicate=replicate)
     tracker = GradNormTracker(model, loss_reduction="sum")
     chunks = [(a, b) for a, b in zip(x[mine].tensor_split(micro), y[mine].tensor_split(micro)) if len(b)]
     res = accumulate_step(model, chunks, tracker=tracker, measure=True, global_batch_size=len(y))
@@ -227,5 +229,17 @@ def fsdp_tracker_first_worker() -> str:
         model(torch.randn(2, 1, 8, 8)).sum().backward()
         tracker.collect()
     except RuntimeError as err:
+        return str(err)
+    return "no error"
+
+
+def fsdp1_worker() -> str:
+    """A tracker on a model wrapped in the older ``FullyShardedDataParallel`` (FSDP1): the error."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = FullyShardedDataParallel(norms_model(), use_orig_params=True, device_id=torch.device("cpu"))
+    try:
+        GradNormTracker(model, loss_reduction="sum")
+    except ValueError as err:
         return str(err)
     return "no error"

@@ -36,11 +36,13 @@ FSDP_ZOO = ["linear_3d", "conv2d", "conv_transpose", "norms", "functional_norms"
 
 @pytest.fixture(scope="module")
 def fsdp_norms():
-    """Global batch of 13 (shares 7 and 6): one micro-batch per rank, and 3 per rank (no gradient sync)."""
+    """Global batch of 13 (shares 7 and 6): one micro-batch per rank, and 3 per rank (no gradient
+    sync); and HSDP (a 2-D mesh whose replicas hold whole gradients: counted once, not twice)."""
     x, y = _digits_batch(13)
     one = launch(dist_workers.fsdp_norms_worker, 2, args=(x, y, 1), threads=1)
     three = launch(dist_workers.fsdp_norms_worker, 2, args=(x, y, 3), threads=1)
-    return x, y, one, three
+    replicated = launch(dist_workers.fsdp_norms_worker, 2, args=(x, y, 1, True), threads=1)
+    return x, y, one + replicated, three
 
 
 def test_fully_sharded_model_gives_the_global_per_sample_norms_and_batch_gradient(fsdp_norms):
@@ -119,3 +121,8 @@ def test_policy_observe_in_a_users_fsdp_loop_sees_the_global_batch(estimator):
                 assert rel_err(got[k], v) <= 1e-5, k
             else:
                 assert got[k] == v, k
+
+
+def test_fsdp1_wrapper_is_refused_with_the_way_out():
+    for message in launch(dist_workers.fsdp1_worker, 2, threads=1):
+        assert "FullyShardedDataParallel (FSDP1)" in message and "fully_shard" in message
