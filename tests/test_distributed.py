@@ -257,18 +257,23 @@ def test_cli_train_nproc_2_and_resume(tmp_path):
     assert json.loads((out / "summary.json").read_text())["final_test_acc"] == summary["final_test_acc"]
 
 
-@pytest.mark.parametrize("estimator", ["noise-scale", "epoch"])
-def test_policy_observe_in_a_users_ddp_loop_sees_the_global_batch(estimator):
+def single_process_policy(estimator: str, x, y):
+    """The reference for a user's loop: one process, the whole batch, one observed step."""
     from divebatch.schedule import DiveBatch
 
-    x, y = _digits_batch(12)
-    outs = launch(dist_workers.observe_worker, 2, args=(x, y, estimator), threads=1)
     single = dist_workers.norms_model()
-    policy = DiveBatch(None, 12, 4, 64, estimator=estimator, tracker=GradNormTracker(single, loss_reduction="mean"),
+    policy = DiveBatch(None, len(y), 4, 64, estimator=estimator, tracker=GradNormTracker(single, loss_reduction="mean"),
                        measure_every=1, resize_every=1)
     F.cross_entropy(single(x), y).backward()
     policy.observe()
-    ref = policy.estimator.state_dict()
+    return policy
+
+
+@pytest.mark.parametrize("estimator", ["noise-scale", "epoch"])
+def test_policy_observe_in_a_users_ddp_loop_sees_the_global_batch(estimator):
+    x, y = _digits_batch(12)
+    outs = launch(dist_workers.observe_worker, 2, args=(x, y, estimator), threads=1)
+    ref = single_process_policy(estimator, x, y).estimator.state_dict()
     assert ref["steps"] == 1 and ref["samples"] == 12
     for out in outs:
         got = out["state"]

@@ -14,7 +14,7 @@ from divebatch.train import accumulate_step
 from . import dist_workers
 from .models_zoo import ZOO, sample_loss
 from .oracle import reference_norms, rel_err
-from .test_distributed import _digits_batch
+from .test_distributed import _digits_batch, single_process_policy
 
 try:
     from torch.distributed.fsdp import fully_shard  # noqa: F401
@@ -99,15 +99,9 @@ def test_tracker_created_before_fully_shard_is_refused():
 
 @pytest.mark.parametrize("estimator", ["noise-scale", "epoch"])
 def test_policy_observe_in_a_users_fsdp_loop_sees_the_global_batch(estimator):
-    from divebatch.schedule import DiveBatch
-
     x, y = _digits_batch(12)
     outs = launch(dist_workers.observe_worker, 2, args=(x, y, estimator, True), threads=1)
-    single = dist_workers.norms_model()
-    policy = DiveBatch(None, 12, 4, 64, estimator=estimator, tracker=GradNormTracker(single, loss_reduction="mean"),
-                       measure_every=1, resize_every=1)
-    F.cross_entropy(single(x), y).backward()
-    policy.observe()
+    policy = single_process_policy(estimator, x, y)
     ref = policy.estimator.state_dict()
     if "A" in ref:  # each rank holds A for its shards: compared through ||A||², summed over ranks
         ref["A"] = policy.estimator.grad_sum_sq()
