@@ -159,9 +159,9 @@ def aborting_worker(when: str) -> int:
     return dist.get_rank()
 
 
-def _fully_shard_children(model: nn.Module, bf16: bool = False, replicate: bool = False) -> nn.Module:
-    """FSDP2 over all ranks as a user would apply it: each child with parameters and a forward of
-    its own is a unit (``fully_shard`` refuses bare containers), then the model (the rest).
+def _fully_shard_children(model: nn.Module, bf16: bool = False, replicate: bool = False, units=None) -> nn.Module:
+    """FSDP2 over all ranks as a user would apply it: each of ``units`` (default: each child with
+    parameters and a forward of its own; ``fully_shard`` refuses bare containers), then the model.
     ``bf16``: forward and backward with bfloat16 copies of the parameters, gradients reduced in
     float32 (``MixedPrecisionPolicy``). ``replicate``: HSDP on a 2-D mesh, every rank a replica
     (``(world, 1)``: the parameters' placements are Replicate, Shard)."""
@@ -172,9 +172,11 @@ def _fully_shard_children(model: nn.Module, bf16: bool = False, replicate: bool 
             else init_device_mesh("cpu", (dist.get_world_size(),)))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     kwargs = {"mesh": mesh, **({"mp_policy": policy} if policy is not None else {})}
-    for child in model.children():
-        if any(True for _ in child.parameters()) and type(child).forward is not nn.Module.forward:
-            fully_shard(child, **kwargs)
+    if units is None:
+        units = [child for child in model.children()
+                 if any(True for _ in child.parameters()) and type(child).forward is not nn.Module.forward]
+    for unit in units:
+        fully_shard(unit, **kwargs)
     return fully_shard(model, **kwargs)
 
 
@@ -243,3 +245,21 @@ def fsdp1_worker() -> str:
     except ValueError as err:
         return str(err)
     return "no error"
+
+
+def fsdp_gpt2_worker(x: torch.Tensor, y: torch.Tensor) -> dict:
+    """A tiny Hugging Face GPT-2 (its head tied to the token embedding, ``Conv1D`` layers) with a
+    ``fully_shard`` unit per transformer block, as large models are sharded: two tracked steps;
+    the second's per-sample norms of all ranks' samples, and the modules the check compared."""
+    from .test_transformers import GPT2Logits, token_loss
+
+    torch.manual_seed(0)
+    model = GPT2Logits()
+    model = _fully_shard_children(model, units=list(model.lm.transformer.h))
+    tracker = GradNormTracker(model, loss_reduction="sum", verify_every=1)
+    mine = shard_slice(len(y), dist.get_world_size(), dist.get_rank())
+    for _ in range(2):  # (the second step: the stand-ins hooked in the first are reused)
+        model.zero_grad()
+        token_loss(model(x[mine]), y[mine]).backward()
+        stats = tracker.collect()
+    return {"per_sample": gather_per_sample(stats.per_sample), "verified": sorted(stats.unaccounted or {})}
