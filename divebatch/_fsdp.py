@@ -129,3 +129,37 @@ def legacy_wrapped(model: nn.Module) -> str | None:
         return None
     return next((name or "<the model>" for name, m in model.named_modules() if isinstance(m, FullyShardedDataParallel)),
                 None)
+
+
+def whole(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A tensor laid out like ``param``'s local shard, made whole (an all-gather on every rank of
+    the mesh); ``local`` itself where ``param`` is not a DTensor."""
+    if not is_dtensor(param):
+        return local
+    return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape,
+                              stride=param.stride()).full_tensor()
+
+
+def local_slice(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``full`` (shaped like ``param``) as ``param`` is laid out: no
+    communication, every rank holds ``full``; ``full`` itself where ``param`` is not a DTensor."""
+    if not is_dtensor(param):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+
+
+def shard_children(model: nn.Module, device: torch.device) -> nn.Module:
+    """FSDP2 over every rank of the default process group: each child of ``model`` that has
+    parameters and a forward of its own becomes a ``fully_shard`` unit, then the model (the rest).
+    Returns ``model`` (``fully_shard`` changes it in place)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for child in model.children():
+        if any(True for _ in child.parameters()) and type(child).forward is not nn.Module.forward:
+            fully_shard(child, mesh=mesh)
+    return fully_shard(model, mesh=mesh)

@@ -30,8 +30,8 @@ data: Fashion-MNIST from Debian's dataset-fashion-mnist (/usr/share/datasets/fas
 or --data-dir; otherwise scikit-learn's digits. --dataset synthetic: logistic regression,
 n=1000, d=512, features uniform in (-1, 1), generated from --seed.
 
-several processes: --nproc N starts N local processes (DistributedDataParallel, gloo on CPU);
-batch sizes stay global and are split across processes. Across machines use torchrun:
+several processes: --nproc N starts N local processes (DistributedDataParallel, gloo on CPU;
+--sharding fsdp: FSDP2); batch sizes stay global and are split across processes. Across machines use torchrun:
   torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
       -m divebatch train --device cuda --out /shared/run --resume
 <out>/checkpoint.pt is replaced atomically every epoch (and every --checkpoint-every steps);
@@ -177,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train with N local processes (DistributedDataParallel, gloo on CPU, nccl on CUDA); "
                         "batch sizes are global, split across processes (default: 1). Under torchrun leave it "
                         "at 1: the world comes from torchrun's environment")
+    g.add_argument("--sharding", choices=("ddp", "fsdp"), default="ddp",
+                   help="with several processes: replicate the model (DistributedDataParallel, default) or shard "
+                        "it with FSDP2 (fully_shard on each child with parameters, then the model); checkpoints "
+                        "hold whole tensors either way, so a run may resume with the other")
     g.add_argument("--checkpoint-every", type=_positive_int("checkpoint-every"), default=None, metavar="STEPS",
                    help="also checkpoint every STEPS optimizer steps (always: at every epoch end), atomically, "
                         "to <out>/checkpoint.pt")
@@ -307,7 +311,7 @@ def _train_config(args: argparse.Namespace, common: dict):
 
     return TrainConfig(policy=args.policy, seed=args.seed, delta=args.delta, estimator=args.estimator,
                        lr_scaling=args.lr_scaling, measure_every=args.measure_every, max_growth=args.max_growth,
-                       checkpoint_every=args.checkpoint_every, **common)
+                       checkpoint_every=args.checkpoint_every, sharding=args.sharding, **common)
 
 
 def _common_settings(args: argparse.Namespace) -> dict:

@@ -228,10 +228,11 @@ class EpochDiversity:
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything needed to resume a measurement window (tensors stay on their device)."""
+        """Everything needed to resume a measurement window (tensors stay on their device). Under
+        FSDP2 ``A`` is gathered whole for every parameter (an all-gather: every rank calls this)."""
         return {
             "S": self._S.clone(),
-            "A": None if self._A is None else [a.clone() for a in self._A],
+            "A": None if self._A is None else [_fsdp.whole(a, p).clone() for a, p in zip(self._A, self.params)],
             "skipped": self._skipped.clone(),
             "steps": self.steps,
             "samples": self.samples,
@@ -245,7 +246,8 @@ class EpochDiversity:
         else:
             if len(state["A"]) != len(self.params):
                 raise ValueError(f"state has {len(state['A'])} buffers for {len(self.params)} parameters")
-            self._A = [a.to(p.device, torch.float32).clone() for a, p in zip(state["A"], self.params)]
+            self._A = [_fsdp.local_slice(a.to(p.device, torch.float32), p).clone()
+                       for a, p in zip(state["A"], self.params)]
         self._skipped = state["skipped"].to(self._device).clone()
         self.steps = int(state["steps"])
         self.samples = int(state["samples"])

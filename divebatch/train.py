@@ -294,6 +294,9 @@ class TrainConfig:
     name: str | None = None
     checkpoint: bool = True         # write run_dir/checkpoint.pt at every epoch end
     checkpoint_every: int | None = None  # and every N optimizer steps (None: epoch ends only)
+    # Several processes: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2: each child of the model
+    # with parameters a fully_shard unit, then the model; checkpoints hold whole tensors either way).
+    sharding: str = "ddp"
 
     def validate(self) -> None:
         """Raise ValueError with one clear line for a bad setting."""
@@ -324,6 +327,8 @@ class TrainConfig:
             raise ValueError(f"checkpoint-every must be a positive integer (optimizer steps), got {self.checkpoint_every}")
         if self.amp not in (None, "bf16", "fp16"):
             raise ValueError(f"amp must be bf16 or fp16, got {self.amp}")
+        if self.sharding not in ("ddp", "fsdp"):
+            raise ValueError(f"sharding must be ddp or fsdp, got {self.sharding!r}")
 
     @property
     def label(self) -> str:
@@ -336,7 +341,7 @@ class TrainConfig:
 
 
 #: Settings that may differ between a run and its resumption: they do not change the trajectory.
-_RESUMABLE_CHANGES = ("device", "eval_batch_size", "name", "checkpoint", "checkpoint_every")
+_RESUMABLE_CHANGES = ("device", "eval_batch_size", "name", "checkpoint", "checkpoint_every", "sharding")
 #: Version of the checkpoint layout written by :meth:`Trainer.state_dict`.
 CHECKPOINT_FORMAT = 1
 
@@ -371,7 +376,8 @@ class Trainer:
 
     **Several processes.** When a ``torch.distributed`` process group is initialised (torchrun,
     ``divebatch train --nproc N``, :func:`divebatch.distributed.launch`), the Trainer wraps the
-    model in ``DistributedDataParallel``, each rank trains on its share of every global batch
+    model in ``DistributedDataParallel`` (or, with ``cfg.sharding="fsdp"``, shards it with FSDP2:
+    each child with parameters a ``fully_shard`` unit, then the model), each rank trains on its share of every global batch
     (``cfg.batch_size`` and the policy's sizes are global; see :mod:`divebatch.sampler` for the
     split), the statistics are global (:mod:`divebatch.distributed`), and only rank 0 writes the
     run folder and logs. Records are identical on every rank (losses are all-reduced per epoch).
@@ -409,10 +415,14 @@ class Trainer:
         self.model = (model if model is not None else
                       build_model(cfg.model, data.input_shape, data.num_classes, data.task, seed=cfg.seed)).to(self.device)
         self.train_model: nn.Module = self.model
+        self.sharded = self.world_size > 1 and cfg.sharding == "fsdp"
         if self.world_size > 1:
             check_same_model(self.model, extra=_trajectory_settings(cfg))
-            self.train_model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if self.sharded:  # before the optimizer and the tracker, which must see the shards
+                self.model = self.train_model = _fsdp.shard_children(self.model, self.device)
+            else:
+                self.train_model = nn.parallel.DistributedDataParallel(
+                    self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.total_samples = cfg.epochs * self.n
@@ -588,8 +598,7 @@ class Trainer:
             "format": CHECKPOINT_FORMAT,
             "config": asdict(self.cfg),
             "world_size": self.world_size,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **self._model_and_optimizer_state(),
             "lr_schedule": self.lr_schedule.state_dict(),
             "policy": self.policy.state_dict(),
             "sampler": self.sampler.state_dict(),
@@ -599,6 +608,27 @@ class Trainer:
                         "train_time": self.train_time, "partial": dict(self._partial) if self._partial else None,
                         "records": _jsonable(self.records)},
         }
+
+    def _model_and_optimizer_state(self) -> dict:
+        """Their state dicts; under FSDP2 with whole tensors, gathered from the shards (a collective)."""
+        if not self.sharded:
+            return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model, optimizer = get_state_dict(self.model, self.optimizer,
+                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {"model": model, "optimizer": optimizer}
+
+    def _load_model_and_optimizer_state(self, model: dict, optimizer: dict) -> None:
+        if not self.sharded:
+            self.model.load_state_dict(model)
+            self.optimizer.load_state_dict(optimizer)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        # (every rank read the whole checkpoint: each keeps its shards of it)
+        set_state_dict(self.model, self.optimizer, model_state_dict=model, optim_state_dict=optimizer,
+                       options=StateDictOptions(full_state_dict=True))
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path | None:
         """Write :meth:`state_dict` atomically to ``path`` (default :attr:`checkpoint_path`); only
@@ -622,8 +652,7 @@ class Trainer:
             detail = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
             raise CheckpointError(f"the checkpoint is of a run with other settings ({detail}); resume with the "
                                   "settings it was started with (see config.json in its run folder)")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_model_and_optimizer_state(state["model"], state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.policy.load_state_dict(state["policy"])
         self.sampler.load_state_dict(state["sampler"])

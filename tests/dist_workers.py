@@ -76,7 +76,8 @@ def train_worker(cfg_kwargs: dict, run_dir: str | None, resume: bool = False, di
     summary = tr.fit(plots=False)
     lrs = [g["lr"] for g in tr.optimizer.param_groups]
     return {"records": tr.records, "seen": seen, "summary_epochs": summary["epochs"], "final_lrs": lrs,
-            "params": [p.detach().clone() for p in tr.model.parameters()]}
+            "params": [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()  # (FSDP2: whole)
+                       for p in tr.model.parameters()]}
 
 
 def observe_worker(x: torch.Tensor, y: torch.Tensor, estimator: str, sharded: bool = False) -> dict:

@@ -7,14 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from divebatch.checkpoint import load_checkpoint
+from divebatch.data import load_digits
 from divebatch.distributed import launch
 from divebatch.tracker import GradNormTracker
-from divebatch.train import accumulate_step
+from divebatch.train import TrainConfig, Trainer, accumulate_step
 
 from . import dist_workers
 from .models_zoo import ZOO, sample_loss
 from .oracle import reference_norms, rel_err
-from .test_distributed import _digits_batch, single_process_policy
+from .test_distributed import _TRAIN, _digits_batch, single_process_policy
 
 try:
     from torch.distributed.fsdp import fully_shard  # noqa: F401
@@ -132,3 +134,49 @@ def test_gpt2_sharded_per_block_matches_torch_func():
         assert rel_err(out["per_sample"], ref) <= 1e-5
         # every module compared, the tied token table (and head) too
         assert len(out["verified"]) == 15 and "lm.transformer.wte" in out["verified"]
+
+
+# -- the Trainer (divebatch train --sharding fsdp) -------------------------------------------
+# The paper's policy: its epoch estimator keeps A = Σ g_i per shard, gathered whole into checkpoints.
+_FSDP_TRAIN = dict(_TRAIN, policy="paper", measure_every=1, sharding="fsdp", checkpoint_every=7)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("fsdp_full")
+    return run_dir, launch(dist_workers.train_worker, 2, args=(_FSDP_TRAIN, str(run_dir)), threads=1)
+
+
+def test_sharded_training_follows_the_one_process_trajectory(fsdp_run):
+    run_dir, (r0, r1) = fsdp_run
+    keys = ("batch_size", "next_batch_size", "lr", "lr_end", "train_loss", "steps", "samples_seen")
+    assert [{k: r[k] for k in keys} for r in r0["records"]] == [{k: r[k] for k in keys} for r in r1["records"]]
+    tr = Trainer(TrainConfig(**dict(_FSDP_TRAIN, sharding="ddp", checkpoint_every=None)), load_digits())
+    tr.fit(plots=False)
+    assert [r["batch_size"] for r in tr.records] == [r["batch_size"] for r in r0["records"]]
+    assert len({r["batch_size"] for r in tr.records}) > 1  # (a decision was made)
+    for a, b in zip(tr.records, r0["records"]):
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-12)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+    for p, q in zip(r0["params"], tr.model.parameters()):
+        torch.testing.assert_close(p, q.detach(), rtol=1e-3, atol=1e-4)
+    # the checkpoint holds whole tensors, as a one-process run's
+    state = load_checkpoint(run_dir / "checkpoint.pt")
+    assert {k: tuple(v.shape) for k, v in state["model"].items()} == {
+        k: tuple(v.shape) for k, v in tr.model.state_dict().items()}
+
+
+def test_sharded_run_resumes_after_a_kill_on_the_same_trajectory(fsdp_run, tmp_path):
+    _, (full, _) = fsdp_run
+    with pytest.raises(Exception, match="exit|3|SIGABRT"):
+        launch(dist_workers.train_worker, 2, args=(_FSDP_TRAIN, str(tmp_path), False, 60), threads=1)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert 0 < state["trainer"]["steps"] < 60 and state["trainer"]["partial"] is not None  # mid-epoch
+    resumed = launch(dist_workers.train_worker, 2, args=(_FSDP_TRAIN, str(tmp_path), True), threads=1)
+    keys = ("epoch", "batch_size", "next_batch_size", "lr", "lr_end", "steps", "total_steps", "samples_seen")
+    for out in resumed:
+        assert [{k: r[k] for k in keys} for r in out["records"]] == [{k: r[k] for k in keys} for r in full["records"]]
+        for a, b in zip(out["records"], full["records"]):
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+        for p, q in zip(out["params"], full["params"]):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
