@@ -179,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "at 1: the world comes from torchrun's environment")
     g.add_argument("--sharding", choices=("ddp", "fsdp"), default="ddp",
                    help="with several processes: replicate the model (DistributedDataParallel, default) or shard "
-                        "it with FSDP2 (fully_shard on each child with parameters, then the model); checkpoints "
-                        "hold whole tensors either way, so a run may resume with the other")
+                        "it with FSDP2 (fully_shard on each child with parameters, then the model, checkpoints "
+                        "of whole tensors); resume with the same choice")
     g.add_argument("--checkpoint-every", type=_positive_int("checkpoint-every"), default=None, metavar="STEPS",
                    help="also checkpoint every STEPS optimizer steps (always: at every epoch end), atomically, "
                         "to <out>/checkpoint.pt")

@@ -295,7 +295,7 @@ class TrainConfig:
     checkpoint: bool = True         # write run_dir/checkpoint.pt at every epoch end
     checkpoint_every: int | None = None  # and every N optimizer steps (None: epoch ends only)
     # Several processes: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2: each child of the model
-    # with parameters a fully_shard unit, then the model; checkpoints hold whole tensors either way).
+    # with parameters a fully_shard unit, then the model; its checkpoints hold whole tensors).
     sharding: str = "ddp"
 
     def validate(self) -> None:
@@ -341,7 +341,7 @@ class TrainConfig:
 
 
 #: Settings that may differ between a run and its resumption: they do not change the trajectory.
-_RESUMABLE_CHANGES = ("device", "eval_batch_size", "name", "checkpoint", "checkpoint_every", "sharding")
+_RESUMABLE_CHANGES = ("device", "eval_batch_size", "name", "checkpoint", "checkpoint_every")
 #: Version of the checkpoint layout written by :meth:`Trainer.state_dict`.
 CHECKPOINT_FORMAT = 1
 
