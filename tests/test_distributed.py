@@ -238,10 +238,12 @@ def test_a_damaged_checkpoint_is_refused_with_its_path(tmp_path):
 
 
 # -- command line ----------------------------------------------------------------------------
-def test_cli_train_nproc_2_and_resume(tmp_path):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_cli_train_nproc_2_and_resume(tmp_path, sharding):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "divebatch", "train", "--nproc", "2", "--dataset", "digits", "--epochs", "2",
-           "--batch-size", "64", "--max-batch-size", "256", "--out", str(out), "--quiet", "--no-progress"]
+    cmd = [sys.executable, "-m", "divebatch", "train", "--nproc", "2", "--sharding", sharding, "--dataset", "digits",
+           "--epochs", "2", "--batch-size", "64", "--max-batch-size", "256", "--out", str(out), "--quiet",
+           "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
@@ -255,6 +257,11 @@ def test_cli_train_nproc_2_and_resume(tmp_path):
                            timeout=300, env=env)
     assert again.returncode == 0, again.stderr
     assert json.loads((out / "summary.json").read_text())["final_test_acc"] == summary["final_test_acc"]
+    assert json.loads((out / "config.json").read_text())["sharding"] == sharding
+    if sharding == "fsdp":  # the other sharding cannot load its checkpoint: refused, naming the setting
+        other = [a if a != "fsdp" else "ddp" for a in cmd[:-2]] + ["--resume", "--quiet", "--no-progress"]
+        refused = subprocess.run(other, capture_output=True, text=True, timeout=300, env=env)
+        assert refused.returncode != 0 and "sharding: checkpoint 'fsdp', now 'ddp'" in refused.stderr
 
 
 def single_process_policy(estimator: str, x, y):
