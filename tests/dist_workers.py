@@ -248,10 +248,11 @@ def fsdp1_worker() -> str:
     return "no error"
 
 
-def fsdp_gpt2_worker(x: torch.Tensor, y: torch.Tensor) -> dict:
+def fsdp_gpt2_worker(x: torch.Tensor, y: torch.Tensor, compiled: bool = False) -> dict:
     """A tiny Hugging Face GPT-2 (its head tied to the token embedding, ``Conv1D`` layers) with a
     ``fully_shard`` unit per transformer block, as large models are sharded: two tracked steps;
-    the second's per-sample norms of all ranks' samples, and the modules the check compared."""
+    the second's per-sample norms of all ranks' samples, and the modules the check compared.
+    ``compiled``: the steps run ``torch.compile(model, backend="aot_eager")``."""
     from .test_transformers import GPT2Logits, token_loss
 
     torch.manual_seed(0)
@@ -259,8 +260,9 @@ def fsdp_gpt2_worker(x: torch.Tensor, y: torch.Tensor) -> dict:
     model = _fully_shard_children(model, units=list(model.lm.transformer.h))
     tracker = GradNormTracker(model, loss_reduction="sum", verify_every=1)
     mine = shard_slice(len(y), dist.get_world_size(), dist.get_rank())
+    run = torch.compile(model, backend="aot_eager") if compiled else model
     for _ in range(2):  # (the second step: the stand-ins hooked in the first are reused)
         model.zero_grad()
-        token_loss(model(x[mine]), y[mine]).backward()
+        token_loss(run(x[mine]), y[mine]).backward()
         stats = tracker.collect()
     return {"per_sample": gather_per_sample(stats.per_sample), "verified": sorted(stats.unaccounted or {})}
