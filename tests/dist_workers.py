@@ -248,11 +248,12 @@ def fsdp1_worker() -> str:
     return "no error"
 
 
-def fsdp_gpt2_worker(x: torch.Tensor, y: torch.Tensor, compiled: bool = False) -> dict:
+def fsdp_gpt2_worker(x: torch.Tensor, y: torch.Tensor, mode: str = "eager") -> dict:
     """A tiny Hugging Face GPT-2 (its head tied to the token embedding, ``Conv1D`` layers) with a
     ``fully_shard`` unit per transformer block, as large models are sharded: two tracked steps;
     the second's per-sample norms of all ranks' samples, and the modules the check compared.
-    ``compiled``: the steps run ``torch.compile(model, backend="aot_eager")``."""
+    ``mode``: ``"compiled"`` runs ``torch.compile(model, backend="aot_eager")``; ``"checkpointed"``
+    recomputes each block in the backward (non-reentrant activation checkpointing)."""
     from .test_transformers import GPT2Logits, token_loss
 
     torch.manual_seed(0)
@@ -260,7 +261,10 @@ def fsdp_gpt2_worker(x: torch.Tensor, y: torch.Tensor, compiled: bool = False) -
     model = _fully_shard_children(model, units=list(model.lm.transformer.h))
     tracker = GradNormTracker(model, loss_reduction="sum", verify_every=1)
     mine = shard_slice(len(y), dist.get_world_size(), dist.get_rank())
-    run = torch.compile(model, backend="aot_eager") if compiled else model
+    if mode == "checkpointed":
+        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+    run = torch.compile(model, backend="aot_eager") if mode == "compiled" else model
     for _ in range(2):  # (the second step: the stand-ins hooked in the first are reused)
         model.zero_grad()
         token_loss(run(x[mine]), y[mine]).backward()

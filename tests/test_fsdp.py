@@ -124,14 +124,14 @@ def test_fsdp1_wrapper_is_refused_with_the_way_out():
         assert "FullyShardedDataParallel (FSDP1)" in message and "fully_shard" in message
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_gpt2_sharded_per_block_matches_torch_func(compiled):
+@pytest.mark.parametrize("mode", ["eager", "compiled", "checkpointed"])
+def test_gpt2_sharded_per_block_matches_torch_func(mode):
     transformers_tests = pytest.importorskip("tests.test_transformers")
     torch.manual_seed(1)
     x, y = torch.randint(0, 97, (5, 9)), torch.randint(0, 97, (5, 9))
     torch.manual_seed(0)
     ref, _, _ = reference_norms(transformers_tests.GPT2Logits(), transformers_tests.token_loss, x, y)
-    for out in launch(dist_workers.fsdp_gpt2_worker, 2, args=(x, y, compiled), threads=1):
+    for out in launch(dist_workers.fsdp_gpt2_worker, 2, args=(x, y, mode), threads=1):
         assert rel_err(out["per_sample"], ref) <= 1e-5
         # every module compared, the tied token table (and head) too
         assert len(out["verified"]) == 15 and "lm.transformer.wte" in out["verified"]
