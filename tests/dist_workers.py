@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from divebatch.data import load_digits
-from divebatch.distributed import gather_per_sample
+from divebatch.distributed import gather_per_sample, global_step_sums
 from divebatch.sampler import shard_slice
 from divebatch.tracker import GradNormTracker
 from divebatch.train import TrainConfig, Trainer, accumulate_step
@@ -215,7 +215,10 @@ def fsdp_zoo_worker(names: list[str], bf16: bool = False) -> dict:
         try:
             sample_loss(model(x[mine]), y[mine]).backward()
             stats = tracker.collect()
-            out[name] = {"per_sample": gather_per_sample(stats.per_sample), "verified": sorted(stats.unaccounted or {})}
+            # (every rank's loss is its own samples' sum, c = 1: the shards hold (1/W) Σ_i g_i)
+            _, batch_grad_sq, _ = global_step_sums(stats.per_sample, stats.batch_size, tracker.parameters(), 1.0)
+            out[name] = {"per_sample": gather_per_sample(stats.per_sample), "verified": sorted(stats.unaccounted or {}),
+                         "batch_grad_sq": float(batch_grad_sq)}
         except Exception as err:  # noqa: BLE001 - reported to the test, which names the model
             out[name] = {"error": f"{type(err).__name__}: {err}"}
         finally:

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(not HAVE_FSDP2, reason="torch.distributed.fsdp.f
 #: unit (the row proof walks through fully_shard's hook on the unit's inputs), a recurrent layer
 #: whose unused outputs are accounted after the backward (parameters gathered again), the
 #: generic route with direct uses, experts, parametrizations.
-FSDP_ZOO = ["linear_3d", "conv2d", "conv_transpose", "norms", "functional_norms", "instance_norms", "embedding",
+FSDP_ZOO = ["linear_2d", "linear_3d", "conv2d", "conv_transpose", "norms", "functional_norms", "instance_norms", "embedding",
             "embedding_bags", "attention_batch_first", "flattened_tokens", "inplace_residuals", "recurrent",
             "custom_module", "reused_module", "mixture_of_experts", "parametrized", "bilinear", "prelu"]
 
@@ -71,11 +71,13 @@ def _check_zoo(results, names, tol):
     for name in names:
         torch.manual_seed(0)
         model, x, y = ZOO[name]()
-        ref, _, _ = reference_norms(model, sample_loss, x, y)
+        ref, _, ref_batch = reference_norms(model, sample_loss, x, y)
         for rank, out in enumerate(results):
             got = out[name]
             assert "error" not in got, f"{name} on rank {rank}: {got.get('error')}"
             assert rel_err(got["per_sample"], ref) <= tol, name
+            # ||Σ g_i||² from the shards, uneven ones too (9 rows over 2 ranks: 5 and 4)
+            assert rel_err(torch.tensor(got["batch_grad_sq"]), ref_batch) <= tol, name
             assert got["verified"], f"{name}: no gradient was compared (the unsharded parameters' hooks did not run)"
 
 
