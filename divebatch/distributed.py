@@ -8,8 +8,9 @@ How the statistics stay exact under ``DistributedDataParallel`` (DDP) with a glo
   rank's ``.grad`` ends up ``(1/B)·Σ_{all i} g_i`` — the gradient of the mean loss over the
   global batch, whatever the shares ``B_r``.
 * ``Σ_i ||g_i||²`` adds up over ranks: each rank's tracker gives its local sum and **one
-  all-reduce of four scalars per measured step** (:func:`global_step_sums`: the sum, the
-  local batch size and the loss scale, checked equal on all ranks) makes it global.
+  all-reduce of five scalars per measured step** (:func:`global_step_sums`: the sum, the
+  local batch size, the loss scale, checked equal on all ranks, and FSDP2's shard norms, 0
+  under DDP) makes it global.
 * ``||Σ_i g_i||²`` of the global batch is read from the all-reduced ``.grad`` that DDP leaves on
   every rank (no extra communication; exact to float rounding, and correct with ``no_sync()``
   accumulation since it is read after the synchronising backward).
