@@ -114,17 +114,17 @@ def test_two_process_run_matches_one_process_trajectory(two_rank_run):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
 
 
-def test_multi_process_resume_after_kill_follows_the_same_trajectory(two_rank_run, tmp_path):
-    _, (full, _) = two_rank_run
-    cfg = dict(_TRAIN, checkpoint_every=7)
+def kill_and_resume(cfg: dict, run_dir, full: dict) -> None:
+    """Train ``cfg`` on 2 processes that die hard mid-run, resume from the checkpoint, and check that
+    the resumed run follows ``full`` (rank 0's output of the same run uninterrupted)."""
     # Both ranks die hard (os._exit(3)) in epoch 2, between checkpoints; a rank still inside a gloo
     # collective when its peer is gone may be aborted by gloo first (SIGABRT): the same hard death.
     with pytest.raises(Exception, match="exit|3|SIGABRT"):
-        launch(dist_workers.train_worker, 2, args=(cfg, str(tmp_path), False, 60), threads=1)
-    state = load_checkpoint(tmp_path / "checkpoint.pt")
+        launch(dist_workers.train_worker, 2, args=(cfg, str(run_dir), False, 60), threads=1)
+    state = load_checkpoint(run_dir / "checkpoint.pt")
     assert state["world_size"] == 2 and 0 < state["trainer"]["steps"] < 60
     assert state["trainer"]["partial"] is not None  # taken mid-epoch
-    resumed = launch(dist_workers.train_worker, 2, args=(cfg, str(tmp_path), True), threads=1)
+    resumed = launch(dist_workers.train_worker, 2, args=(cfg, str(run_dir), True), threads=1)
     keys = ("epoch", "batch_size", "next_batch_size", "lr", "lr_end", "steps", "total_steps", "samples_seen")
     for out in resumed:
         assert [{k: r[k] for k in keys} for r in out["records"]] == [{k: r[k] for k in keys} for r in full["records"]]
@@ -132,6 +132,11 @@ def test_multi_process_resume_after_kill_follows_the_same_trajectory(two_rank_ru
             assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
         for p, q in zip(out["params"], full["params"]):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_multi_process_resume_after_kill_follows_the_same_trajectory(two_rank_run, tmp_path):
+    _, (full, _) = two_rank_run
+    kill_and_resume(dict(_TRAIN, checkpoint_every=7), tmp_path, full)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(s)["epoch"] for s in lines] == list(range(1, _TRAIN["epochs"] + 1))
 

@@ -16,7 +16,7 @@ from divebatch.train import TrainConfig, Trainer, accumulate_step
 from . import dist_workers
 from .models_zoo import ZOO, sample_loss
 from .oracle import reference_norms, rel_err
-from .test_distributed import _TRAIN, _digits_batch, single_process_policy
+from .test_distributed import _TRAIN, _digits_batch, kill_and_resume, single_process_policy
 
 try:
     from torch.distributed.fsdp import fully_shard  # noqa: F401
@@ -171,15 +171,4 @@ def test_sharded_training_follows_the_one_process_trajectory(fsdp_run):
 
 def test_sharded_run_resumes_after_a_kill_on_the_same_trajectory(fsdp_run, tmp_path):
     _, (full, _) = fsdp_run
-    with pytest.raises(Exception, match="exit|3|SIGABRT"):
-        launch(dist_workers.train_worker, 2, args=(_FSDP_TRAIN, str(tmp_path), False, 60), threads=1)
-    state = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert 0 < state["trainer"]["steps"] < 60 and state["trainer"]["partial"] is not None  # mid-epoch
-    resumed = launch(dist_workers.train_worker, 2, args=(_FSDP_TRAIN, str(tmp_path), True), threads=1)
-    keys = ("epoch", "batch_size", "next_batch_size", "lr", "lr_end", "steps", "total_steps", "samples_seen")
-    for out in resumed:
-        assert [{k: r[k] for k in keys} for r in out["records"]] == [{k: r[k] for k in keys} for r in full["records"]]
-        for a, b in zip(out["records"], full["records"]):
-            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
-        for p, q in zip(out["params"], full["params"]):
-            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    kill_and_resume(_FSDP_TRAIN, tmp_path, full)
