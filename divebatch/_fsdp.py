@@ -54,24 +54,20 @@ def sharded_sq_norm(grad: torch.Tensor) -> torch.Tensor:
     return squared_norm(grad.to_local().detach()).double() / copies(grad)
 
 
-def shard_units(model: nn.Module, module: nn.Module, names) -> list[nn.Module]:
-    """The ``fully_shard`` modules that gather the parameters ``names`` of ``module`` (a submodule
-    of ``model``): for each, the innermost ``FSDPModule`` whose subtree holds the module owning it."""
-    if FSDPModule is None:
-        return []
-    holders = {id(module.get_submodule(name.rpartition(".")[0])) for name in names}
-    units: list[nn.Module] = []
-    for holder in holders:
-        best, best_depth = None, -1
-        for unit_name, unit in model.named_modules():
-            if not isinstance(unit, FSDPModule):
-                continue
-            if any(m is not None and id(m) == holder for m in unit.modules()):
-                depth = unit_name.count(".") + (unit_name != "")
-                if depth > best_depth:
-                    best, best_depth = unit, depth
-        if best is not None and all(best is not u for u in units):
-            units.append(best)
+def innermost_units(model: nn.Module) -> dict[int, nn.Module]:
+    """``id(module) -> the innermost fully_shard module whose subtree holds it`` for every module
+    of ``model`` under one (the one that gathers its parameters); one walk over the tree."""
+    units: dict[int, nn.Module] = {}
+
+    def visit(module: nn.Module, unit: nn.Module | None) -> None:
+        if FSDPModule is not None and isinstance(module, FSDPModule):
+            unit = module
+        if unit is not None:
+            units.setdefault(id(module), unit)
+        for child in module.children():
+            visit(child, unit)
+
+    visit(model, None)
     return units
 
 

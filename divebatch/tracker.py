@@ -665,9 +665,11 @@ class GradNormTracker:
                 "never reach them. Shard with FSDP2 instead (torch.distributed.fsdp.fully_shard, then create the "
                 "GradNormTracker), or use DistributedDataParallel")
         managed = _fsdp.managed_parameters(self.model)
+        units = _fsdp.innermost_units(self.model) if managed else {}
         for owner in self._owners:
             owner.sharded = tuple(name for name, p in owner.tracked.items() if id(p) in managed)
-            owner.shard_units = _fsdp.shard_units(self.model, owner.module, owner.sharded)
+            holders = {id(owner.module.get_submodule(name.rpartition(".")[0])) for name in owner.sharded}
+            owner.shard_units = list({id(units[h]): units[h] for h in holders if h in units}.values())
             other = [name for name, p in owner.tracked.items() if id(p) not in managed and _fsdp.is_dtensor(p)]
             if other:
                 raise ValueError(
