@@ -108,14 +108,14 @@ def collective_device() -> torch.device:
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    """Sum of ``value`` over ranks (a new tensor; ``value`` itself is left alone). Identity
-    without a process group. (The Trainer's per-epoch loss; a measured step uses
-    :func:`global_step_sums`.)"""
+    """Sum of ``value`` over ranks (a new tensor on ``value``'s device; ``value`` itself is left
+    alone). Identity without a process group. (The Trainer's per-epoch loss, FSDP2's shard norms;
+    a measured step uses :func:`global_step_sums`.)"""
     if not is_distributed() or dist.get_world_size() == 1:
         return value
-    out = value.detach().clone()
+    out = value.detach().to(collective_device(), copy=True)
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+    return out.to(value.device)
 
 
 def _grad_sq_parts(params, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -151,11 +151,8 @@ def grad_sq_norm(params, device: torch.device | None = None) -> torch.Tensor:
     call this together); otherwise no collective and no host sync.
     """
     total, share = _grad_sq_parts(params, device)
-    if share is not None and is_distributed() and dist.get_world_size() > 1:
-        share = share.to(collective_device())
-        dist.all_reduce(share, op=dist.ReduceOp.SUM)
     if share is not None:
-        total = total + share.to(total.device)
+        total = total + all_reduce_sum(share).to(total.device)
     return total.float()
 
 

@@ -39,10 +39,8 @@ import math
 from typing import Iterable, Sequence
 
 import torch
-import torch.distributed as dist
-
 from . import _fsdp
-from .distributed import collective_device
+from .distributed import all_reduce_sum
 
 __all__ = ["EpochDiversity", "NoiseScale", "noise_scale_terms"]
 
@@ -199,11 +197,7 @@ class EpochDiversity:
             else:
                 tot = tot + sq
         if share is not None:
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                summed = share.to(collective_device())
-                dist.all_reduce(summed, op=dist.ReduceOp.SUM)
-                share = summed.to(self._device)
-            tot = tot + share
+            tot = tot + all_reduce_sum(share)
         return tot
 
     def diversity_tensor(self) -> torch.Tensor:
