@@ -47,7 +47,9 @@ def _rank_main(workload: str, steps: int, reps: int, sharding: str = "ddp") -> d
 
     from divebatch.sampler import shard_slice
     from divebatch.tracker import GradNormTracker
-    from divebatch.train import accumulate_step
+    import torch.nn.functional as F
+
+    from divebatch.train import accumulate_step, per_sample_loss
     from workloads import WORKLOADS
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -72,6 +74,11 @@ def _rank_main(workload: str, steps: int, reps: int, sharding: str = "ddp") -> d
         ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     stat: dict = {}
+    loss_fn = per_sample_loss
+    if wl.token_level:  # a sample's loss: its tokens' summed cross-entropy
+        def loss_fn(out, y):
+            return F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1), reduction="none").view(
+                y.shape).sum(dim=1)
 
     def block(measure: bool) -> float:
         tracker.enabled = measure
@@ -79,8 +86,8 @@ def _rank_main(workload: str, steps: int, reps: int, sharding: str = "ddp") -> d
         t0 = time.perf_counter()
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
-            res = accumulate_step(ddp, micro, tracker=tracker if measure else None, measure=measure,
-                                  global_batch_size=len(y))
+            res = accumulate_step(ddp, micro, loss_fn=loss_fn, tracker=tracker if measure else None,
+                                  measure=measure, global_batch_size=len(y))
             if measure:
                 stat["diversity"] = float(res.per_sample_sq / res.batch_grad_sq)
             opt.step()
