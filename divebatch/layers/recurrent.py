@@ -159,23 +159,27 @@ def _cell(module, gi, gh, h, c):
     return act(gi + gh), None
 
 
-def _replay(module, ctx: RecurrentCall, grads):
-    """The recurrence replayed for the whole batch, unrolled, in float32; returns
-    ``((weight name, bias name), A, G)`` for every ``W_ih`` (A: the layer's input) and ``W_hh``
-    (A: the previous hidden state), G the gradient of that weight's pre-activation."""
-    B, T, _ = ctx.x.shape
+def _unroll(module, x: torch.Tensor, h0: torch.Tensor | None, c0: torch.Tensor | None,
+            lengths: torch.Tensor | None):
+    """The recurrence for the whole batch, unrolled in float32 PyTorch ops under grad mode, from
+    ``x [B, T, input_size]`` and the initial states (a graph only where they require a gradient).
+
+    The weights take no part in the graph: the pre-activations carry it instead (their gradients
+    are what the norms need, and a weight's gradient from them is one product over every step,
+    where autograd would make one per step). Returns ``(out [B, T, D*P], h_n, c_n, factors, pre)``:
+    ``factors`` lists ``((weight name, bias name), A)`` for every ``W_ih`` (A: the layer's
+    input), ``W_hh`` (A: the previous hidden state) and ``W_hr``; ``pre`` the tensor (or per-step
+    list) whose gradient is that weight's G, in the same order."""
+    B, T, _ = x.shape
     H, D = module.hidden_size, 2 if module.bidirectional else 1
     P = getattr(module, "proj_size", 0) or H  # the width of h (an LSTM's projection, else H)
-    device = ctx.x.device
-    grads = {name: g for name, g in zip(ctx.outputs, grads) if g is not None}  # (unused outputs: none)
+    device = x.device
     steps = torch.arange(T, device=device)
-    valid = None if ctx.lengths is None else (steps[None, :] < ctx.lengths[:, None])  # [B, T]
-    # The weights need no gradient here: the input and initial states carry the graph instead
-    # (their gradients are two small products; the weights' would be one per step).
+    valid = None if lengths is None else (steps[None, :] < lengths[:, None])  # [B, T]
     params = {name: p.detach().float() for name, p in module.named_parameters()}
-    factors, pre = [], []  # pre: the tensors whose gradients are wanted, in factor order
+    factors, pre = [], []
     with torch.enable_grad():
-        layer_input = ctx.x.float().detach()
+        layer_input = x
         finals_h, finals_c = [], []
         for layer in range(module.num_layers):
             directions = []
@@ -183,11 +187,12 @@ def _replay(module, ctx: RecurrentCall, grads):
                 w_ih, w_hh, b_ih, b_hh = _names(layer, d == 1)
                 w_hr = _projection(layer, d == 1) if getattr(module, "proj_size", 0) else None
                 index = layer * D + d
-                h = (ctx.h0[index].float().detach() if ctx.h0 is not None
-                     else layer_input.new_zeros(B, P)).requires_grad_()
+                h = h0[index] if h0 is not None else layer_input.new_zeros(B, P)
+                if not h.requires_grad:  # (the first step's W_hh pre-activation needs a graph)
+                    h = h.detach().requires_grad_()
                 c = None
                 if module.mode == "LSTM":
-                    c = ctx.c0[index].float() if ctx.c0 is not None else layer_input.new_zeros(B, H)
+                    c = c0[index] if c0 is not None else layer_input.new_zeros(B, H)
                 gi = F.linear(layer_input, params[w_ih], params.get(b_ih))
                 if not gi.requires_grad:  # the first layer: its input's gradient is not wanted
                     gi.requires_grad_()
@@ -214,14 +219,42 @@ def _replay(module, ctx: RecurrentCall, grads):
                 finals_h.append(h)
                 finals_c.append(c)
                 directions.append(torch.stack(outs, 1))
-                factors.append(((w_ih, b_ih), layer_input.detach(), None))
+                factors.append(((w_ih, b_ih), layer_input.detach()))
                 pre.append(gi)
-                factors.append(((w_hh, b_hh), torch.stack(h_prev, 1), None))
+                factors.append(((w_hh, b_hh), torch.stack(h_prev, 1)))
                 pre.append(gh_steps)
                 if w_hr is not None:
-                    factors.append(((w_hr, None), torch.stack(unprojected, 1), None))
+                    factors.append(((w_hr, None), torch.stack(unprojected, 1)))
                     pre.append(projected)
             layer_input = torch.cat(directions, -1) if D > 1 else directions[0]
+        h_n = torch.stack(finals_h)
+        c_n = torch.stack(finals_c) if module.mode == "LSTM" else None
+    return layer_input, h_n, c_n, factors, pre
+
+
+def _factor_grads(factors, pre, got) -> list:
+    """``((weight name, bias name), A, G)`` from ``_unroll``'s factors and the gradients ``got``
+    of its flattened ``pre`` (None where none arrived: zero)."""
+    flat = [t for p in pre for t in (p if isinstance(p, list) else [p])]
+    got = [g if g is not None else torch.zeros_like(t) for g, t in zip(got, flat)]
+    out, at = [], 0
+    for (names, a), p in zip(factors, pre):
+        n = len(p) if isinstance(p, list) else 1
+        g = torch.stack(got[at:at + n], 1) if isinstance(p, list) else got[at]
+        at += n
+        out.append((names, a, g))
+    return out
+
+
+def _replay(module, ctx: RecurrentCall, grads):
+    """The recurrence replayed from a captured call (``_unroll``) and taken back from its outputs'
+    grads: ``((weight name, bias name), A, G)`` per weight."""
+    T = ctx.x.shape[1]
+    grads = {name: g for name, g in zip(ctx.outputs, grads) if g is not None}  # (unused outputs: none)
+    h0 = None if ctx.h0 is None else ctx.h0.float()
+    c0 = None if ctx.c0 is None else ctx.c0.float()
+    out, h_n, c_n, factors, pre = _unroll(module, ctx.x.float().detach(), h0, c0, ctx.lengths)
+    with torch.enable_grad():
         results, wanted = [], []
         if "out" in grads:
             g = grads["out"]
@@ -229,24 +262,14 @@ def _replay(module, ctx: RecurrentCall, grads):
                 g = pad_packed_sequence(ctx.packed._replace(data=g), batch_first=True, total_length=T)[0]
             elif not module.batch_first:
                 g = g.transpose(0, 1)
-            results.append(layer_input)
+            results.append(out)
             wanted.append(g.float())
         if "h" in grads:
-            results.append(torch.stack(finals_h))
+            results.append(h_n)
             wanted.append(grads["h"].float())
         if "c" in grads:
-            results.append(torch.stack(finals_c))
+            results.append(c_n)
             wanted.append(grads["c"].float())
         flat = [t for p in pre for t in (p if isinstance(p, list) else [p])]
         got = torch.autograd.grad(results, flat, wanted, allow_unused=True)
-    got = [g if g is not None else torch.zeros_like(t) for g, t in zip(got, flat)]
-    out, at = [], 0
-    for (names, a, _), p in zip(factors, pre):
-        if isinstance(p, list):
-            g = torch.stack(got[at:at + len(p)], 1)
-            at += len(p)
-        else:
-            g = got[at]
-            at += 1
-        out.append((names, a, g))
-    return out
+    return _factor_grads(factors, pre, got)
