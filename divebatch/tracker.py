@@ -692,7 +692,7 @@ class GradNormTracker:
 
     def _gathered(self, owner: _Owner):
         """Calls accounted once the backward is over (an output whose gradient never came, e.g. an
-        LSTM's ``h_n``): fully_shard has put the shards back by then, so their parameters are
+        LSTM's ``h_n`` on the replay path): fully_shard has put the shards back by then, so their parameters are
         gathered again for the rule (a collective: every rank accounts the same modules here)."""
         if owner.sharded and _fsdp.is_dtensor(owner.module.get_parameter(owner.sharded[0])):
             return _fsdp.gathered(owner.shard_units)

@@ -1,5 +1,6 @@
-"""nn.LSTM / nn.GRU / nn.RNN (``divebatch/layers/recurrent.py``: one batched replay of the
-recurrence gives every step's gate gradients, then the linear routes over time steps).
+"""nn.LSTM / nn.GRU / nn.RNN (``divebatch/layers/recurrent.py``: the unrolled recurrence, as the
+layer's fused forward or one batched replay, gives every step's gate gradients, then the linear
+routes over time steps).
 Reference: the definition (one backward per sample's loss
 over one batched forward)."""
 
@@ -53,26 +54,38 @@ def brute_force(model, x):
     return torch.stack(rows), sum(g.double().square().sum() for g in total)
 
 
-def checked_route(model, x) -> str:
-    """Track one backward, check the per-sample and batch norms against the definition, and
-    return the route the recurrent layer ``model.rnn`` took."""
+def checked_route(model, x, fused: bool = True) -> str:
+    """Track one backward, check the per-sample and batch norms against the definition and the
+    parameters' gradients against autograd's without tracking, and return the route the recurrent
+    layer ``model.rnn`` took."""
     expected, batch = brute_force(model, x)
-    with GradNormTracker(model, "sum") as tracker:
+    model.zero_grad(set_to_none=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    plain = torch.autograd.grad(per_sample_losses(model(x)).sum(), params)
+    with GradNormTracker(model, "sum", fused=fused) as tracker:
         per_sample_losses(model(x)).sum().backward()
         stats = tracker.collect()
         routes = {p.module: p.route for p in tracker.plan()}
     assert rel_err(stats.per_sample, expected) <= RTOL
     assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+    for p, g in zip(params, plain):  # (the fused backward forms the weights' gradients itself)
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
     return routes["rnn"]
 
 
+#: The route of a tensor input: the unrolled recurrence in place of the layer's forward (fused), or
+#: a replay of it after the layer's own forward (hooks, and PackedSequence inputs always).
+ROUTES = {True: "recurrent (fused unrolled)", False: "recurrent (batched replay)"}
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
 @pytest.mark.parametrize("with_h0", [False, True], ids=["no-h0", "h0"])
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
 @pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN], ids=lambda c: c.__name__)
-def test_recurrent_layers_are_exact(cls, batch_first, with_h0):
+def test_recurrent_layers_are_exact(cls, batch_first, with_h0, fused):
     torch.manual_seed(0)
     model = Recurrent(cls, batch_first, with_h0, bidirectional=cls is nn.GRU)
-    assert checked_route(model, torch.randn(4, 5, 6)) == "recurrent (batched replay)"
+    assert checked_route(model, torch.randn(4, 5, 6), fused) == ROUTES[fused]
 
 
 class Packed(nn.Module):
@@ -116,16 +129,18 @@ class TwoCalls(nn.Module):
         return (self.rnn(x)[0].sum(1) * self.rnn(x.flip(1) * 0.5)[1][0]).sum(1, keepdim=True)
 
 
-def test_a_layer_called_twice_without_bias_is_exact():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+def test_a_layer_called_twice_without_bias_is_exact(fused):
     torch.manual_seed(0)
-    assert checked_route(TwoCalls(), torch.randn(4, 5, 6)) == "recurrent (batched replay)"
+    assert checked_route(TwoCalls(), torch.randn(4, 5, 6), fused) == ROUTES[fused]
 
 
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["one-way", "bidirectional"])
 def test_lstm_projections_are_exact(bidirectional):
     torch.manual_seed(0)
     model = Recurrent(nn.LSTM, True, False, proj_size=4, bidirectional=bidirectional)
-    assert checked_route(model, torch.randn(3, 5, 6)) == "recurrent (batched replay)"
+    assert checked_route(model, torch.randn(3, 5, 6)) == ROUTES[True]
+    assert checked_route(model, torch.randn(3, 5, 6), fused=False) == ROUTES[False]
     model = Packed(nn.LSTM, False, proj_size=4, bidirectional=bidirectional)
     assert checked_route(model, torch.randn(5, 6, 6)) == "recurrent (batched replay)"
 
@@ -147,3 +162,25 @@ def test_dropout_between_recurrent_layers_is_refused(cls):
             # (an unused output: LSTM's c_n).
             per_sample_losses(model(torch.randn(3, 4, 6))).sum().backward()
             tracker.collect()
+
+
+def test_second_order_gradients_through_a_fused_layer_are_refused_and_exact_unfused():
+    """``create_graph=True`` (a gradient penalty): the fused backward's graph has no weights, so it
+    refuses, saying to use ``fused=False``, whose replay leaves the layer's own backward alone."""
+    torch.manual_seed(0)
+    model, plain = nn.GRU(6, 8, batch_first=True), nn.GRU(6, 8, batch_first=True)
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(3, 5, 6)
+
+    def penalty(m):
+        grads = torch.autograd.grad(m(x)[0].square().sum(), list(m.parameters()), create_graph=True)
+        return sum(g.square().sum() for g in grads)
+
+    with GradNormTracker(model, "sum"):
+        with pytest.raises(RuntimeError, match="create_graph=True.*fused=False"):
+            penalty(model)
+    penalty(plain).backward()
+    with GradNormTracker(model, "sum", fused=False):
+        penalty(model).backward()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)

@@ -15,6 +15,14 @@ one replay *per sample* on the generic route before (``vmap`` has no batching ru
 RNN's fused backward). Any number of layers, bidirectional, ``batch_first`` or not, a given
 ``h_0``/``c_0``, and ``PackedSequence`` inputs (a sample's steps after its length are masked).
 
+With the tracker's ``fused=True`` (the default) and a float32 tensor input, the layer's forward
+itself is that unrolled recurrence (``_FusedRecurrence``): its backward takes the gate gradients
+from the graph it built and forms the weights' gradients as one product each, so nothing is
+replayed (measured in-process: LSTM step 2.7x -> 1.4x a plain step, GRU 1.8x -> 1.1x). Its
+outputs equal the native kernel's to float32 rounding; a backward with ``create_graph=True``
+through it is refused (``fused=False`` replays instead). PackedSequence inputs, other dtypes and
+autocast take the replay.
+
 An LSTM with projections (``proj_size > 0``: ``h_t = W_hr (o_t * tanh(c_t))``) adds the factor
 pair of ``W_hr``: the unprojected state and the gradient of the projected one. Inter-layer
 dropout in training mode draws masks inside the fused kernel that no replay can repeat: refused
@@ -120,9 +128,52 @@ class RecurrentRule(LayerRule):
         return sums
 
     def plan(self, module, ctx, grad, tracked) -> RoutePlan:
+        if isinstance(ctx, FusedRecurrentCall):  # (fused calls of a layer called several times)
+            return self.fused_plan(module, ctx, tracked)
         B, T, _ = ctx.x.shape
         inner = linear_route(B, T, module.hidden_size, module.hidden_size * _gates(module))
         return RoutePlan("recurrent (batched replay)", f"B={B} T={T} H={module.hidden_size} "
+                         f"layers={module.num_layers} ({inner.route} per weight)", float("nan"), float("nan"))
+
+    # ------------------------------------------------------------------ fused path
+    def can_fuse(self, module, tracked) -> bool:
+        """The stock ``nn.RNN``/``nn.LSTM``/``nn.GRU`` forward only."""
+        return type(module).forward in (nn.RNN.forward, nn.LSTM.forward, nn.GRU.forward)
+
+    def fuse_call(self, module, x) -> bool:
+        """A float32 ``[B, T, in]`` (or ``[T, B, in]``) input to a float32 layer, without dropout
+        between layers in training mode (PackedSequence inputs are not tensors: the hooks' path)."""
+        return (x.dim() == 3 and x.dtype == torch.float32
+                and all(p.dtype == torch.float32 for p in module.parameters())
+                and not (module.training and module.dropout > 0 and module.num_layers > 1))
+
+    def fused_batch_size(self, module, x) -> int:
+        return x.shape[0] if module.batch_first else x.shape[1]
+
+    def fused_forward(self, module, args, kwargs, sink):
+        """The layer's forward as the unrolled recurrence of the replay (``_unroll``), in place of
+        the native kernel: its backward takes the pre-activations' gradients from that graph, hands
+        them to ``sink`` for the norms and forms the weights' gradients as one product each, so
+        nothing is replayed. Outputs equal the native kernel's to float32 rounding."""
+        x = args[0]
+        hx = args[1] if len(args) > 1 else None
+        h0, c0 = (hx if isinstance(hx, tuple) else (hx, None)) if hx is not None else (None, None)
+        names = [name for name, _ in module.named_parameters()]
+        params = [p for _, p in module.named_parameters()]
+        seq = x if module.batch_first else x.transpose(0, 1)
+        out, h_n, c_n = _FusedRecurrence.apply(module, names, sink, seq, h0, c0, *params)
+        if not module.batch_first:
+            out = out.transpose(0, 1)
+        return out, ((h_n, c_n) if module.mode == "LSTM" else h_n)
+
+    def fused_grads(self, module, ctx, factors, tracked):
+        """Norms only: the weights' gradients are formed by the fused backward itself."""
+        return self.norms(module, [(ctx, [factors])], tracked), None, None
+
+    def fused_plan(self, module, ctx, tracked) -> RoutePlan:
+        B, T, _ = ctx.x.shape
+        inner = linear_route(B, T, module.hidden_size, module.hidden_size * _gates(module))
+        return RoutePlan("recurrent (fused unrolled)", f"B={B} T={T} H={module.hidden_size} "
                          f"layers={module.num_layers} ({inner.route} per weight)", float("nan"), float("nan"))
 
     def _factors(self, module, calls):
@@ -130,13 +181,72 @@ class RecurrentRule(LayerRule):
         time steps concatenated (several calls: their per-sample gradients add up)."""
         parts: dict[tuple[str, str], list] = {}
         for ctx, grads in calls:
-            for names, a, g in _replay(module, ctx, grads):
+            factors = grads[0] if isinstance(ctx, FusedRecurrentCall) else _replay(module, ctx, grads)
+            for names, a, g in factors:
                 parts.setdefault(names, []).append((a, g))
         for names, pairs in parts.items():
             if len(pairs) == 1:
                 yield names, pairs[0][0], pairs[0][1]
             else:
                 yield names, torch.cat([a for a, _ in pairs], 1), torch.cat([g for _, g in pairs], 1)
+
+
+@dataclass
+class FusedRecurrentCall:
+    """A fused call (``RecurrentRule.fused_forward``): its batch-first input, for the plan; its
+    factors arrive with the gradients."""
+
+    x: torch.Tensor
+
+
+class _FusedRecurrence(torch.autograd.Function):
+    """``(out, h_n, c_n)`` of the unrolled recurrence; the backward hands the weights' factors
+    ``((weight name, bias name), A, G)`` to the tracker's sink and returns the weights' gradients
+    as one product each. Once differentiable: its backward runs on a graph built in the forward
+    without the weights, so a backward with ``create_graph=True`` is refused."""
+
+    @staticmethod
+    def forward(ctx, module, names, sink, x, h0, c0, *params):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() if t is not None and t.requires_grad else
+                      (t.detach() if t is not None else None) for t in (x, h0, c0)]
+            out, h_n, c_n, factors, pre = _unroll(module, *leaves, None)
+        ctx.graph = (out, h_n, c_n, factors, pre, leaves)
+        ctx.names, ctx.sink, ctx.call = names, sink, FusedRecurrentCall(x.detach())
+        ctx.set_materialize_grads(False)
+        outputs = (out.detach(), h_n.detach(), c_n.detach() if c_n is not None else None)
+        return outputs
+
+    @staticmethod
+    def backward(ctx, g_out, g_h, g_c):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "a backward with create_graph=True (a gradient penalty, second-order gradients) through an "
+                "nn.RNN/LSTM/GRU whose forward the tracker fused: its gradients come from a graph without the "
+                "weights, so their own gradients would be wrong. Create the GradNormTracker with fused=False "
+                "for such steps (the layer then runs its own forward and is replayed for the norms)")
+        out, h_n, c_n, factors, pre, leaves = ctx.graph
+        del ctx.graph  # (the graph is used once)
+        pairs = [(t, g) for t, g in ((out, g_out), (h_n, g_h), (c_n, g_c)) if t is not None and g is not None]
+        flat = [t for p in pre for t in (p if isinstance(p, list) else [p])]
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        if pairs:
+            with torch.enable_grad():
+                got = torch.autograd.grad([t for t, _ in pairs], flat + wanted, [g for _, g in pairs],
+                                          allow_unused=True)
+        else:
+            got = [None] * (len(flat) + len(wanted))
+        weights = _factor_grads(factors, pre, got[:len(flat)])
+        ctx.sink(ctx.call, weights)
+        input_grads = iter(got[len(flat):])
+        x_g, h0_g, c0_g = (next(input_grads) if t is not None and t.requires_grad else None for t in leaves)
+        by_name = {}
+        for (w, b), a, g in weights:
+            g2, a2 = g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1])
+            by_name[w] = g2.t() @ a2
+            if b is not None:
+                by_name[b] = g2.sum(dim=0)
+        return (None, None, None, x_g, h0_g, c0_g, *(by_name.get(name) for name in ctx.names))
 
 
 def _gates(module) -> int:
