@@ -26,7 +26,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conv_patch_routes import median_ms  # noqa: E402
+from conv_patch_routes import emit, median_ms  # noqa: E402
 from divebatch import GradNormTracker  # noqa: E402
 from divebatch.layers import base  # noqa: E402
 from workloads import WORKLOADS, BagRecommender, _bags  # noqa: E402
@@ -103,10 +103,7 @@ def main() -> None:
         plain, tracked = _plain_and_tracked(model, x, y, args.reps)
         lines.append(f"| {'sparse' if sparse else 'dense'} gradient | {plain:.1f} ms | {tracked:.1f} ms | "
                      f"{tracked / plain:.2f}x |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

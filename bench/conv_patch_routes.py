@@ -52,6 +52,14 @@ def median_ms(fn, reps: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def emit(lines: list[str], out) -> None:
+    """Print the report's Markdown lines and, given a path, write them there."""
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=10)

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conv_patch_routes import median_ms  # noqa: E402
+from conv_patch_routes import emit, median_ms  # noqa: E402
 from divebatch import GradNormTracker  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 
@@ -68,10 +68,7 @@ def main() -> None:
                      f"{replay:.1f} ms ({replay / plain:.2f}x) | {agree:.1e} |")
         for tracker in trackers.values():
             tracker.close()
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":
