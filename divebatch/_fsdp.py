@@ -146,16 +146,22 @@ def local_slice(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
 
 
-def shard_children(model: nn.Module, device: torch.device) -> nn.Module:
-    """FSDP2 over every rank of the default process group: each child of ``model`` that has
-    parameters and a forward of its own becomes a ``fully_shard`` unit, then the model (the rest).
-    Returns ``model`` (``fully_shard`` changes it in place)."""
+def shard_children(model: nn.Module, device: torch.device | None = None, *, mesh=None, units=None,
+                   **fully_shard_kwargs) -> nn.Module:
+    """FSDP2: each of ``units`` (default: each child of ``model`` that has parameters and a forward
+    of its own; ``fully_shard`` refuses bare containers) becomes a ``fully_shard`` unit, then the
+    model (the rest). ``mesh`` defaults to every rank of the default process group on ``device``'s
+    type; ``fully_shard_kwargs`` (e.g. ``mp_policy``) go to every call. Returns ``model``
+    (``fully_shard`` changes it in place)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for child in model.children():
-        if any(True for _ in child.parameters()) and type(child).forward is not nn.Module.forward:
-            fully_shard(child, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
+    if mesh is None:
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    if units is None:
+        units = [child for child in model.children()
+                 if any(True for _ in child.parameters()) and type(child).forward is not nn.Module.forward]
+    for unit in units:
+        fully_shard(unit, mesh=mesh, **fully_shard_kwargs)
+    return fully_shard(model, mesh=mesh, **fully_shard_kwargs)

@@ -831,12 +831,13 @@ class GradNormTracker:
             if separated is not None:
                 output = separated
                 leaves = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+        live = self._live(owner)  # (under FSDP2 the unsharded stand-ins, until fully_shard's post-forward)
         if not self._low_precision_forward and any(map(torch.is_autocast_enabled, ("cpu", "cuda"))):
             self._low_precision_forward = True
         if not self._cpu_bfloat16_forward and (
                 (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
                 or (isinstance(owner.rule, AffineNormRule)  # a bfloat16 model's norm, on CPU
-                    and any(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in self._live(owner).values()))):
+                    and any(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in live.values()))):
             self._cpu_bfloat16_forward = True
         if hasattr(owner.rule, "before_forward"):
             ctx = owner.rule.capture(module, args, kwargs, output, pre_state)
@@ -873,17 +874,17 @@ class GradNormTracker:
         if recorder is not None and samples is not None:
             # The first input's rows are samples' rows in another order (Llama 4's experts get every
             # token once per expert): only products of those rows can use that order.
-            uses = usable_direct_uses(recorder.uses, self._live(owner), ctx.input_batch, input_samples=samples)
+            uses = usable_direct_uses(recorder.uses, live, ctx.input_batch, input_samples=samples)
             if uses is not None:
                 ctx.batch_size = batch_size = ctx.input_batch
         else:
-            uses = (usable_direct_uses(recorder.uses, self._live(owner), batch_size, getattr(ctx, "rows", None))
+            uses = (usable_direct_uses(recorder.uses, live, batch_size, getattr(ctx, "rows", None))
                     if recorder is not None else None)
         if uses is None and recorder is not None and samples is None and getattr(ctx, "input_batch", None):
             # Outputs flattened inside the module ([B*T, E] router logits from a [B, T, d] input):
             # where every use was read as a product of its input's rows, the call has its inputs'
             # samples (the outputs' grads are not needed).
-            uses = usable_direct_uses(recorder.uses, self._live(owner), ctx.input_batch)
+            uses = usable_direct_uses(recorder.uses, live, ctx.input_batch)
             if uses is not None and all(use.kind == "rows" for use in uses):
                 ctx.batch_size = batch_size = ctx.input_batch
             else:
@@ -1215,9 +1216,11 @@ class GradNormTracker:
         return None
 
     # ------------------------------------------------------------------ verification
-    def _add_accounted(self, step: _Backward, owner: _Owner, calls: list[_Call]) -> None:
-        """Add the gradient these calls account for to each of the owner's parameters."""
-        sums = owner.rule.grad_sums(owner.module, [(c.ctx, c.grads) for c in calls], self._live(owner))
+    @staticmethod
+    def _add_accounted(step: _Backward, owner: _Owner, calls: list[_Call], live: dict) -> None:
+        """Add the gradient these calls account for to each of the owner's parameters (``live``:
+        its parameters as the rule reads them, see _live)."""
+        sums = owner.rule.grad_sums(owner.module, [(c.ctx, c.grads) for c in calls], live)
         for name, p in owner.tracked.items():
             if sums is None or name not in sums:
                 step.unverifiable.add(id(p))
@@ -1305,10 +1308,11 @@ class GradNormTracker:
                     f"but other layers in this backward saw {step.batch_size}; per-sample gradients need one "
                     "sample dimension shared by every tracked layer (dim 0, or dim 1 for batch_first=False "
                     f"modules). Reshape so samples stay in the batch dimension, or freeze that module.{hint}")
+        live = self._live(owner)
         if sq is None:
-            sq = owner.rule.norms(owner.module, [(c.ctx, c.grads) for c in calls], self._live(owner))
+            sq = owner.rule.norms(owner.module, [(c.ctx, c.grads) for c in calls], live)
         if step.verify:
-            self._add_accounted(step, owner, calls)
+            self._add_accounted(step, owner, calls, live)
             entry = step.verified.setdefault(id(owner), _Verified(owner))
             entry.samples_sq += float(sq.float().sum())
             if self._cpu_bfloat16_forward and isinstance(owner.rule, AffineNormRule):
@@ -1327,10 +1331,10 @@ class GradNormTracker:
             owner.plan_key = key
             first = calls[0]
             if first.fused and len(calls) == 1:
-                step.plans[owner.name] = owner.rule.fused_plan(owner.module, first.ctx, self._live(owner))
+                step.plans[owner.name] = owner.rule.fused_plan(owner.module, first.ctx, live)
             else:
                 grad = next((g for g in first.grads if g is not None), None)
-                step.plans[owner.name] = owner.rule.plan(owner.module, first.ctx, grad, self._live(owner))
+                step.plans[owner.name] = owner.rule.plan(owner.module, first.ctx, grad, live)
 
     @staticmethod
     def _keep_tied_part(step: _Backward, owner: _Owner, calls: list[_Call]) -> None:

@@ -167,18 +167,14 @@ def _fully_shard_children(model: nn.Module, bf16: bool = False, replicate: bool 
     float32 (``MixedPrecisionPolicy``). ``replicate``: HSDP on a 2-D mesh, every rank a replica
     (``(world, 1)``: the parameters' placements are Replicate, Shard)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from divebatch._fsdp import shard_children
 
     mesh = (init_device_mesh("cpu", (dist.get_world_size(), 1), mesh_dim_names=("replicate", "shard")) if replicate
             else init_device_mesh("cpu", (dist.get_world_size(),)))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-    kwargs = {"mesh": mesh, **({"mp_policy": policy} if policy is not None else {})}
-    if units is None:
-        units = [child for child in model.children()
-                 if any(True for _ in child.parameters()) and type(child).forward is not nn.Module.forward]
-    for unit in units:
-        fully_shard(unit, **kwargs)
-    return fully_shard(model, **kwargs)
+    kwargs = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} if bf16 else {}
+    return shard_children(model, mesh=mesh, units=units, **kwargs)
 
 
 def fsdp_norms_worker(x: torch.Tensor, y: torch.Tensor, micro: int, replicate: bool = False) -> dict:

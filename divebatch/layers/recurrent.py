@@ -119,14 +119,7 @@ class RecurrentRule(LayerRule):
         return sq if sq is not None else torch.zeros(calls[0][0].x.shape[0], device=calls[0][0].x.device)
 
     def grad_sums(self, module, calls, tracked):
-        sums = {}
-        for (w, b), a, g in self._factors(module, calls):
-            g2, a2 = g.reshape(-1, g.shape[-1]).float(), a.reshape(-1, a.shape[-1]).float()
-            if w in tracked:
-                sums[w] = g2.t() @ a2
-            if b in tracked:
-                sums[b] = g2.sum(dim=0)
-        return sums
+        return _weight_grads(self._factors(module, calls), tracked)
 
     def plan(self, module, ctx, grad, tracked) -> RoutePlan:
         if isinstance(ctx, FusedRecurrentCall):  # (fused calls of a layer called several times)
@@ -241,13 +234,21 @@ class _FusedRecurrence(torch.autograd.Function):
         ctx.sink(ctx.call, weights)
         input_grads = iter(got[len(flat):])
         x_g, h0_g, c0_g = (next(input_grads) if t is not None and t.requires_grad else None for t in leaves)
-        by_name = {}
-        for (w, b), a, g in weights:
-            g2, a2 = g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1])
-            by_name[w] = g2.t() @ a2
-            if b is not None:
-                by_name[b] = g2.sum(dim=0)
+        by_name = _weight_grads(weights, ctx.names)
         return (None, None, None, x_g, h0_g, c0_g, *(by_name.get(name) for name in ctx.names))
+
+
+def _weight_grads(factors, wanted) -> dict[str, torch.Tensor]:
+    """``{name: gradient}`` of the weights and biases among ``wanted`` from their factors
+    ``((weight name, bias name), A, G)``: ``Σ G^T A`` over samples and steps, and ``Σ G``."""
+    grads = {}
+    for (w, b), a, g in factors:
+        g2, a2 = g.reshape(-1, g.shape[-1]).float(), a.reshape(-1, a.shape[-1]).float()
+        if w in wanted:
+            grads[w] = g2.t() @ a2
+        if b is not None and b in wanted:
+            grads[b] = g2.sum(dim=0)
+    return grads
 
 
 def _gates(module) -> int:
