@@ -5,7 +5,8 @@
   ``CompositeExplicitAutograd`` kernel so any device without a dedicated kernel runs it;
 * CPU: the C++ kernels of ``csrc/`` (``TORCH_LIBRARY_IMPL(divebatch, CPU, m)``), loaded from the
   ahead-of-time build ``divebatch._C`` or JIT-built on first use (see ``divebatch._build``);
-* CUDA: the Triton kernels of ``kernels/`` (shipped as ``divebatch._kernels``) when triton imports;
+* CUDA: the Triton kernels of ``kernels/`` (shipped as ``divebatch._kernels``) when triton imports
+  (the recurrent scans have none: their reference runs there, its per-step GEMMs on the GPU);
 * Meta/fake: shape functions, so the operators trace under ``torch.compile(fullgraph=True)``.
 
 ``DIVEBATCH_BACKEND`` (``auto`` | ``reference`` | ``cpp`` | ``triton``) forces one
@@ -27,6 +28,11 @@ SCHEMAS = {
     "instantiate_norm": "instantiate_norm(Tensor a, Tensor g, bool with_bias) -> (Tensor, Tensor, Tensor)",
     "outer_norm": "outer_norm(Tensor a, Tensor g, bool with_bias) -> (Tensor, Tensor)",
     "embedding_norm": "embedding_norm(Tensor indices, Tensor g, int padding_idx) -> Tensor",
+    "recurrent_scan": "recurrent_scan(Tensor gi, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? c0, str mode, "
+                      "bool reverse) -> (Tensor, Tensor, Tensor)",
+    "recurrent_scan_backward": "recurrent_scan_backward(Tensor grad_out, Tensor? grad_h_n, Tensor? grad_c_n, "
+                               "Tensor w_hh, Tensor h0, Tensor? c0, Tensor out, Tensor cells, Tensor saved, str mode, "
+                               "bool reverse) -> (Tensor, Tensor, Tensor, Tensor)",
 }
 
 BACKENDS = ("auto", "reference", "cpp", "triton")
@@ -62,6 +68,23 @@ def _embedding_norm_fake(indices, g, padding_idx):
     return _per_sample(indices)
 
 
+@torch.library.register_fake("divebatch::recurrent_scan")
+def _recurrent_scan_fake(gi, w_hh, b_hh, h0, c0, mode, reverse):
+    B, T, _ = gi.shape
+    H = w_hh.shape[1]
+    cells = reference.time_major(gi, B, T, H) if mode == "LSTM" else gi.new_empty((0,))
+    return reference.time_major(gi, B, T, H), cells, reference.time_major(gi, B, T, reference.SCAN_SAVED[mode] * H)
+
+
+@torch.library.register_fake("divebatch::recurrent_scan_backward")
+def _recurrent_scan_backward_fake(grad_out, grad_h_n, grad_c_n, w_hh, h0, c0, out, cells, saved, mode, reverse):
+    B, T, H = out.shape
+    G = w_hh.shape[0]
+    grad_gh = reference.time_major(out, B, T, G) if mode == "GRU" else out.new_empty((0,))
+    return (reference.time_major(out, B, T, G), grad_gh, out.new_empty((B, H)),
+            out.new_empty((B, H) if mode == "LSTM" else (0,)))
+
+
 # ---------------------------------------------------------------- device kernels
 from ._build import import_kernels, load_cpu_extension  # noqa: E402  (needs the schemas above)
 
@@ -93,7 +116,7 @@ def _call(name: str, *args):
     forced = backend()
     if forced == "reference":
         return getattr(reference, name)(*args)
-    if forced == "triton":
+    if forced == "triton" and hasattr(_kernels, f"{name}_triton"):  # (the scans have no Triton kernel)
         return getattr(_kernels, f"{name}_triton")(*args)
     return getattr(torch.ops.divebatch, name)(*args)
 
@@ -116,3 +139,18 @@ def outer_norm(a: torch.Tensor, g: torch.Tensor, with_bias: bool = False):
 def embedding_norm(indices: torch.Tensor, g: torch.Tensor, padding_idx: int = -1) -> torch.Tensor:
     """Per-sample squared norm [B] of an embedding gradient, ``indices [B, T]``, ``g [B, T, p]``."""
     return _call("embedding_norm", indices, g, padding_idx)
+
+
+def recurrent_scan(gi: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor | None, h0: torch.Tensor,
+                   c0: torch.Tensor | None, mode: str, reverse: bool = False):
+    """One direction of one recurrent layer from its input pre-activations ``gi [B, T, G]``:
+    ``(out [B, T, H], cells, saved)`` (see ``divebatch.reference.recurrent_scan``); no autograd."""
+    return _call("recurrent_scan", gi, w_hh, b_hh, h0, c0, mode, reverse)
+
+
+def recurrent_scan_backward(grad_out, grad_h_n, grad_c_n, w_hh, h0, c0, out, cells, saved, mode: str,
+                            reverse: bool = False):
+    """``(grad_gi, grad_gh, grad_h0, grad_c0)`` of ``recurrent_scan`` (see
+    ``divebatch.reference.recurrent_scan_backward``)."""
+    return _call("recurrent_scan_backward", grad_out, grad_h_n, grad_c_n, w_hh, h0, c0, out, cells, saved, mode,
+                 reverse)

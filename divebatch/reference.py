@@ -91,3 +91,114 @@ def embedding_norm(indices: torch.Tensor, g: torch.Tensor, padding_idx: int) -> 
     out = torch.zeros(B, dtype=torch.float32, device=g.device)
     out.index_add_(0, unique_pairs[:, 0], rows.square().sum(dim=1))
     return out
+
+
+# ---------------------------------------------------------------- recurrent scans
+#: Activations kept per step for the backward, in multiples of the hidden size H: an LSTM's
+#: gates i, f, g, o and tanh(c_t); a GRU's r, z, n and W_hn h + b_hn; nothing for nn.RNN (its
+#: output is the activation).
+SCAN_SAVED = {"LSTM": 5, "GRU": 4, "RNN_TANH": 0, "RNN_RELU": 0}
+
+
+def time_major(like: torch.Tensor, B: int, T: int, n: int) -> torch.Tensor:
+    """An empty ``[B, T, n]`` view of a ``[T, B, n]`` buffer: the scans' results are time-major,
+    so that each step's slice is contiguous (the C++ kernel's layout, which the fakes declare)."""
+    return like.new_empty(T, B, n).transpose(0, 1)
+
+
+def _scan_steps(T: int, reverse: bool) -> range:
+    return range(T - 1, -1, -1) if reverse else range(T)
+
+
+def recurrent_scan(gi, w_hh, b_hh, h0, c0, mode: str, reverse: bool):
+    """One direction of one layer of ``nn.RNN``/``nn.LSTM``/``nn.GRU``, given its input projection.
+
+    ``gi [B, T, G]`` is ``x W_ih^T + b_ih`` for every step (``G`` = 4H for an LSTM, 3H for a GRU,
+    H for an RNN), ``w_hh [G, H]``, ``b_hh [G]`` or None, ``h0 [B, H]``, ``c0 [B, H]`` (LSTM only,
+    else None); ``mode`` is the module's ``mode`` ("LSTM", "GRU", "RNN_TANH", "RNN_RELU") and
+    ``reverse`` runs the steps from ``T - 1`` down (a bidirectional layer's second direction).
+    PyTorch's gate order and formulas. Returns ``(out [B, T, H], cells [B, T, H], saved
+    [B, T, k H])``, views of time-major buffers: the hidden state after every step, an LSTM's cell state after every step (an
+    empty tensor otherwise) and the activations ``recurrent_scan_backward`` needs
+    (``SCAN_SAVED``). Computed in ``gi``'s dtype; nothing is scaled.
+    """
+    B, T, _ = gi.shape
+    H = w_hh.shape[1]
+    out, saved = time_major(gi, B, T, H), time_major(gi, B, T, SCAN_SAVED[mode] * H)
+    cells = time_major(gi, B, T, H) if mode == "LSTM" else gi.new_empty(0)
+    h, c = h0, c0
+    for t in _scan_steps(T, reverse):
+        gh = h @ w_hh.t() if b_hh is None else torch.addmm(b_hh, h, w_hh.t())
+        if mode == "LSTM":
+            pre = gi[:, t] + gh
+            i, f, o = torch.sigmoid(pre[:, :H]), torch.sigmoid(pre[:, H:2 * H]), torch.sigmoid(pre[:, 3 * H:])
+            g = torch.tanh(pre[:, 2 * H:3 * H])
+            c = f * c + i * g
+            tanh_c = torch.tanh(c)
+            h = o * tanh_c
+            saved[:, t] = torch.cat([i, f, g, o, tanh_c], dim=1)
+            cells[:, t] = c
+        elif mode == "GRU":
+            r = torch.sigmoid(gi[:, t, :H] + gh[:, :H])
+            z = torch.sigmoid(gi[:, t, H:2 * H] + gh[:, H:2 * H])
+            n = torch.tanh(gi[:, t, 2 * H:] + r * gh[:, 2 * H:])
+            h = (1 - z) * n + z * h
+            saved[:, t] = torch.cat([r, z, n, gh[:, 2 * H:]], dim=1)
+        else:
+            h = torch.tanh(gi[:, t] + gh) if mode == "RNN_TANH" else torch.relu(gi[:, t] + gh)
+        out[:, t] = h
+    return out, cells, saved
+
+
+def recurrent_scan_backward(grad_out, grad_h_n, grad_c_n, w_hh, h0, c0, out, cells, saved, mode: str,
+                            reverse: bool):
+    """The gradients of ``recurrent_scan`` from those of its outputs.
+
+    ``grad_out [B, T, H]`` is the gradient of ``out``, ``grad_h_n``/``grad_c_n [B, H]`` those of
+    the final states (None: zero); the rest is the forward's inputs and results. Returns
+    ``(grad_gi [B, T, G], grad_gh, grad_h0 [B, H], grad_c0)``: the gradients of the input
+    pre-activations ``gi`` and of the hidden ones ``gh = h_{t-1} W_hh^T + b_hh`` at every step
+    (equal to ``grad_gi`` except for a GRU, whose ``r`` multiplies ``gh``'s n part; so
+    ``grad_gh`` is returned for a GRU only, an empty tensor otherwise), and of the initial
+    states (``grad_c0`` empty except for an LSTM). A weight's gradient is ``grad^T A`` summed
+    over steps and samples: ``A`` is the layer input for ``W_ih`` and the previous hidden state
+    for ``W_hh``.
+    """
+    B, T, H = out.shape
+    G = w_hh.shape[0]
+    grad_gi = time_major(out, B, T, G)
+    grad_gh = time_major(out, B, T, G) if mode == "GRU" else out.new_empty(0)
+    dh = grad_h_n.clone() if grad_h_n is not None else out.new_zeros(B, H)
+    dc = None
+    if mode == "LSTM":
+        dc = grad_c_n.clone() if grad_c_n is not None else out.new_zeros(B, H)
+    for t in _scan_steps(T, not reverse):
+        prev = t + 1 if reverse else t - 1
+        first = prev < 0 or prev >= T
+        dh = dh + grad_out[:, t]
+        if mode == "LSTM":
+            i, f, g, o, tanh_c = saved[:, t].split(H, dim=1)
+            c_prev = c0 if first else cells[:, prev]
+            d_o = dh * tanh_c * o * (1 - o)
+            dc = dc + dh * o * (1 - tanh_c * tanh_c)
+            d_i = dc * g * i * (1 - i)
+            d_f = dc * c_prev * f * (1 - f)
+            d_g = dc * i * (1 - g * g)
+            grad_gi[:, t] = torch.cat([d_i, d_f, d_g, d_o], dim=1)
+            dc = dc * f
+            dh = grad_gi[:, t] @ w_hh
+        elif mode == "GRU":
+            r, z, n, hn = saved[:, t].split(H, dim=1)
+            h_prev = h0 if first else out[:, prev]
+            d_n = dh * (1 - z) * (1 - n * n)
+            d_z = dh * (h_prev - n) * z * (1 - z)
+            d_r = d_n * hn * r * (1 - r)
+            grad_gi[:, t] = torch.cat([d_r, d_z, d_n], dim=1)
+            grad_gh[:, t] = torch.cat([d_r, d_z, d_n * r], dim=1)
+            dh = dh * z + grad_gh[:, t] @ w_hh
+        else:
+            h = out[:, t]
+            d_pre = dh * (1 - h * h) if mode == "RNN_TANH" else dh * (h > 0)
+            grad_gi[:, t] = d_pre
+            dh = d_pre @ w_hh
+    return grad_gi, grad_gh, dh, dc if dc is not None else out.new_empty(0)

@@ -8,21 +8,25 @@ instantiate, ``linear_norms``), with the biases' ``sum_t dgi_t`` and ``sum_t dgh
 
 The layer's own forward is a fused kernel whose gate gradients autograd never exposes. Once its
 output grads arrive (the output sequence, ``h_n`` and, for an LSTM, ``c_n``), the rule replays
-the recurrence once, unrolled in PyTorch ops for the whole batch from the captured input and
-initial state, and takes ``dgi``/``dgh`` for every layer, direction and step with one
-``torch.autograd.grad``: about the cost of the layer's own forward and backward again, against
-one replay *per sample* on the generic route before (``vmap`` has no batching rule for GRU's and
-RNN's fused backward). Any number of layers, bidirectional, ``batch_first`` or not, a given
+the recurrence once for the whole batch from the captured input and initial state, and takes
+``dgi``/``dgh`` for every layer, direction and step: about the cost of the layer's own forward
+and backward again, against one replay *per sample* on the generic route before (``vmap`` has no
+batching rule for GRU's and RNN's fused backward). Any number of layers, bidirectional, ``batch_first`` or not, a given
 ``h_0``/``c_0``, and ``PackedSequence`` inputs (a sample's steps after its length are masked).
 
 With the tracker's ``fused=True`` (the default) and a float32 tensor input, the layer's forward
-itself is that unrolled recurrence (``_FusedRecurrence``): its backward takes the gate gradients
-from the graph it built and forms the weights' gradients as one product each, so nothing is
-replayed (``bench/recurrent_routes.py``: LSTM step 2.39x -> 1.66x a plain step, GRU 1.93x ->
-1.23x). Its
-outputs equal the native kernel's to float32 rounding; a backward with ``create_graph=True``
-through it is refused (``fused=False`` replays instead). PackedSequence inputs, other dtypes and
-autocast take the replay.
+itself is the recurrence stepped by the ``divebatch::recurrent_scan`` operator, one direction of
+one layer at a time (``_ScannedRecurrence``; C++ on CPU: a step is one GEMM and ATen's
+elementwise kernels, no Python and no autograd node per step). Its backward steps back with
+``recurrent_scan_backward``, which returns every step's pre-activation gradients, and forms the
+weights' gradients as one product each, so nothing is replayed. The replay (``fused=False``, other
+dtypes, autocast) uses the same two operators. ``bench/recurrent_routes.py`` measures the routes.
+Outputs equal the native kernel's to float32 rounding; a backward with ``create_graph=True``
+through the fused forward is refused (``fused=False`` replays instead).
+
+LSTMs with projections and PackedSequence inputs (a sample's steps after its length are
+masked) run the recurrence unrolled in PyTorch ops instead (``_unroll``): as the fused forward
+(``_FusedRecurrence``, gate gradients from the graph it built) or as the replay.
 
 An LSTM with projections (``proj_size > 0``: ``h_t = W_hr (o_t * tanh(c_t))``) adds the factor
 pair of ``W_hr``: the unprojected state and the gradient of the projected one. Inter-layer
@@ -39,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from .. import ops
 from .base import LayerRule, RoutePlan, RuleError, register
 from .linear import linear_norms
 from .routes import linear_route
@@ -155,7 +160,8 @@ class RecurrentRule(LayerRule):
         names = [name for name, _ in module.named_parameters()]
         params = [p for _, p in module.named_parameters()]
         seq = x if module.batch_first else x.transpose(0, 1)
-        out, h_n, c_n = _FusedRecurrence.apply(module, names, sink, seq, h0, c0, *params)
+        function = _ScannedRecurrence if _can_scan(module, None) else _FusedRecurrence
+        out, h_n, c_n = function.apply(module, names, sink, seq, h0, c0, *params)
         if not module.batch_first:
             out = out.transpose(0, 1)
         return out, ((h_n, c_n) if module.mode == "LSTM" else h_n)
@@ -167,7 +173,8 @@ class RecurrentRule(LayerRule):
     def fused_plan(self, module, ctx, tracked) -> RoutePlan:
         B, T, _ = ctx.x.shape
         inner = linear_route(B, T, module.hidden_size, module.hidden_size * _gates(module))
-        return RoutePlan("recurrent (fused unrolled)", f"B={B} T={T} H={module.hidden_size} "
+        how = "scan" if _can_scan(module, None) else "unrolled"
+        return RoutePlan(f"recurrent (fused {how})", f"B={B} T={T} H={module.hidden_size} "
                          f"layers={module.num_layers} ({inner.route} per weight)", float("nan"), float("nan"))
 
     def _factors(self, module, calls):
@@ -213,12 +220,7 @@ class _FusedRecurrence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_out, g_h, g_c):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "a backward with create_graph=True (a gradient penalty, second-order gradients) through an "
-                "nn.RNN/LSTM/GRU whose forward the tracker fused: its gradients come from a graph without the "
-                "weights, so their own gradients would be wrong. Create the GradNormTracker with fused=False "
-                "for such steps (the layer then runs its own forward and is replayed for the norms)")
+        _refuse_create_graph()
         out, h_n, c_n, factors, pre, leaves = ctx.graph
         del ctx.graph  # (the graph is used once)
         pairs = [(t, g) for t, g in ((out, g_out), (h_n, g_h), (c_n, g_c)) if t is not None and g is not None]
@@ -238,12 +240,156 @@ class _FusedRecurrence(torch.autograd.Function):
         return (None, None, None, x_g, h0_g, c0_g, *(by_name.get(name) for name in ctx.names))
 
 
+class _ScannedRecurrence(torch.autograd.Function):
+    """``(out, h_n, c_n)`` of the layer stepped by ``divebatch::recurrent_scan`` (C++ on CPU), one
+    direction of one layer at a time; the backward steps back with ``recurrent_scan_backward``,
+    hands the weights' factors to the tracker's sink and returns the weights' gradients as one
+    product each. Once differentiable, as ``_FusedRecurrence``."""
+
+    @staticmethod
+    def forward(ctx, module, names, sink, x, h0, c0, *params):
+        weights = dict(zip(names, (p.detach() for p in params)))
+        out, h_n, c_n, scans = _scan_forward(module, weights, x.detach(), _detached(h0), _detached(c0))
+        ctx.state = (weights, scans)
+        ctx.wants = tuple(t is not None and t.requires_grad for t in (x, h0, c0))
+        ctx.names, ctx.sink, ctx.call = names, sink, FusedRecurrentCall(x.detach())
+        ctx.set_materialize_grads(False)
+        return out, h_n, c_n
+
+    @staticmethod
+    def backward(ctx, g_out, g_h, g_c):
+        _refuse_create_graph()
+        weights, scans = ctx.state
+        del ctx.state  # (used once)
+        factors, x_g, h0_g, c0_g = _scan_backward(ctx.call.x.shape, weights, scans, g_out, g_h, g_c, ctx.wants)
+        ctx.sink(ctx.call, factors)
+        by_name = _weight_grads(factors, ctx.names)
+        return (None, None, None, x_g, h0_g, c0_g, *(by_name.get(name) for name in ctx.names))
+
+
+@dataclass
+class _Scan:
+    """One direction of one layer as ``recurrent_scan`` ran it: what its backward needs."""
+
+    mode: str                         # the module's mode: "LSTM", "GRU", "RNN_TANH", "RNN_RELU"
+    names: tuple[str, str, str, str]  # weight_ih, weight_hh, bias_ih, bias_hh
+    index: int                        # layer * directions + direction: its row of h_0 / h_n
+    reverse: bool
+    layer_input: torch.Tensor         # [B, T, in]
+    h0: torch.Tensor                  # [B, H]
+    c0: torch.Tensor | None
+    results: tuple                    # (out, cells, saved) of recurrent_scan
+
+
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
+
+
+def _can_scan(module, lengths) -> bool:
+    """The scans step unprojected layers over whole sequences (no PackedSequence masks)."""
+    return lengths is None and not getattr(module, "proj_size", 0)
+
+
+def _scan_forward(module, weights: dict, x: torch.Tensor, h0, c0):
+    """The layer's forward on ``x [B, T, in]`` (float32, batch first) through ``recurrent_scan``:
+    ``(out [B, T, D*H], h_n, c_n, scans)``, no autograd graph."""
+    B, T, _ = x.shape
+    H, D = module.hidden_size, 2 if module.bidirectional else 1
+    lstm = module.mode == "LSTM"
+    layer_input, scans, finals_h, finals_c = x, [], [], []
+    for layer in range(module.num_layers):
+        outs = []
+        for d in range(D):
+            names = _names(layer, d == 1)
+            w_ih, w_hh, b_ih, b_hh = names
+            index = layer * D + d
+            h_init = h0[index] if h0 is not None else x.new_zeros(B, H)
+            c_init = (c0[index] if c0 is not None else x.new_zeros(B, H)) if lstm else None
+            gi = F.linear(layer_input, weights[w_ih], weights.get(b_ih))
+            results = ops.recurrent_scan(gi, weights[w_hh], weights.get(b_hh), h_init, c_init, module.mode, d == 1)
+            scans.append(_Scan(module.mode, names, index, d == 1, layer_input, h_init, c_init, results))
+            out, cells, _ = results
+            last = 0 if d == 1 else T - 1  # (a reversed direction ends at the first step)
+            finals_h.append(out[:, last])
+            finals_c.append(cells[:, last] if lstm else None)
+            outs.append(out)
+        layer_input = torch.cat(outs, -1) if D > 1 else outs[0]
+    c_n = torch.stack(finals_c) if lstm else None
+    return layer_input, torch.stack(finals_h), c_n, scans
+
+
+def _scan_backward(x_shape, weights: dict, scans: list, g_out, g_h, g_c, wants=(False, False, False)):
+    """Step ``scans`` back from the outputs' grads (None: zero): ``(factors, x_g, h0_g, c0_g)``,
+    ``factors`` as ``_factor_grads``'s and the input and initial states' grads where ``wants``."""
+    B, T, _ = x_shape
+    D = 1 + max(scan.reverse for scan in scans)
+    H = scans[0].h0.shape[-1]
+    above = g_out  # the gradient of the current layer's output [B, T, D*H]
+    factors, h0_g, c0_g = [], [None] * len(scans), [None] * len(scans)
+    x_g = None
+    for layer in reversed(range(len(scans) // D)):
+        below = None
+        for scan in scans[layer * D:(layer + 1) * D]:
+            w_ih, w_hh, b_ih, b_hh = scan.names
+            out, cells, saved = scan.results
+            g_d = above if above is None or D == 1 else above[..., (int(scan.reverse)) * H:(int(scan.reverse) + 1) * H]
+            grad_gi, grad_gh, h0_g[scan.index], c0_g[scan.index] = ops.recurrent_scan_backward(
+                g_d if g_d is not None else out.new_zeros(B, T, H),
+                None if g_h is None else g_h[scan.index], None if g_c is None else g_c[scan.index],
+                weights[w_hh], scan.h0, scan.c0, out, cells, saved, scan.mode, scan.reverse)
+            if grad_gh.numel() == 0:  # (LSTM, RNN: the two pre-activations' gradients are one)
+                grad_gh = grad_gi
+            factors.append(((w_ih, b_ih), scan.layer_input, grad_gi))
+            factors.append(((w_hh, b_hh), _previous_states(out, scan.h0, scan.reverse), grad_gh))
+            if layer > 0 or wants[0]:
+                part = _rows_times(grad_gi, weights[w_ih])
+                below = part if below is None else below + part
+        above = below
+        if layer == 0:
+            x_g = below
+    h0_g = torch.stack(h0_g) if wants[1] else None
+    c0_g = torch.stack(c0_g) if wants[2] else None
+    return factors, x_g, h0_g, c0_g
+
+
+def _previous_states(out: torch.Tensor, h0: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """``[B, T, H]``: the hidden state each step started from (W_hh's input)."""
+    if reverse:
+        return torch.cat([out[:, 1:], h0[:, None]], 1)
+    return torch.cat([h0[:, None], out[:, :-1]], 1)
+
+
+def _rows_times(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``g [B, T, G] @ w [G, k]`` as one GEMM over the rows in their stored order (the scans'
+    results are time-major views), without a copy of ``g``."""
+    if g.transpose(0, 1).is_contiguous():
+        return (g.transpose(0, 1) @ w).transpose(0, 1)
+    return g @ w
+
+
+def _row_pair(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a [B, T, k]``, ``g [B, T, G]`` as ``[B*T, k]``, ``[B*T, G]`` row matrices in one shared row
+    order: time-major when ``g`` is stored so (only ``a``, the narrower, is then copied)."""
+    if g.transpose(0, 1).is_contiguous() and not g.is_contiguous():
+        a, g = a.transpose(0, 1), g.transpose(0, 1)
+    return a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+
+
+def _refuse_create_graph():
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "a backward with create_graph=True (a gradient penalty, second-order gradients) through an "
+            "nn.RNN/LSTM/GRU whose forward the tracker fused: its gradients come from a graph without the "
+            "weights, so their own gradients would be wrong. Create the GradNormTracker with fused=False "
+            "for such steps (the layer then runs its own forward and is replayed for the norms)")
+
+
 def _weight_grads(factors, wanted) -> dict[str, torch.Tensor]:
     """``{name: gradient}`` of the weights and biases among ``wanted`` from their factors
     ``((weight name, bias name), A, G)``: ``Σ G^T A`` over samples and steps, and ``Σ G``."""
     grads = {}
     for (w, b), a, g in factors:
-        g2, a2 = g.reshape(-1, g.shape[-1]).float(), a.reshape(-1, a.shape[-1]).float()
+        a2, g2 = _row_pair(a.float(), g.float())
         if w in wanted:
             grads[w] = g2.t() @ a2
         if b is not None and b in wanted:
@@ -365,15 +511,20 @@ def _replay(module, ctx: RecurrentCall, grads):
     grads = {name: g for name, g in zip(ctx.outputs, grads) if g is not None}  # (unused outputs: none)
     h0 = None if ctx.h0 is None else ctx.h0.float()
     c0 = None if ctx.c0 is None else ctx.c0.float()
-    out, h_n, c_n, factors, pre = _unroll(module, ctx.x.float().detach(), h0, c0, ctx.lengths)
+    x = ctx.x.float().detach()
+    if "out" in grads and ctx.packed is None and not module.batch_first:
+        grads["out"] = grads["out"].transpose(0, 1)
+    if _can_scan(module, ctx.lengths):
+        weights = {name: p.detach().float() for name, p in module.named_parameters()}
+        scans = _scan_forward(module, weights, x, h0, c0)[3]
+        return _scan_backward(x.shape, weights, scans, *(_float(grads.get(k)) for k in ("out", "h", "c")))[0]
+    out, h_n, c_n, factors, pre = _unroll(module, x, h0, c0, ctx.lengths)
     with torch.enable_grad():
         results, wanted = [], []
         if "out" in grads:
             g = grads["out"]
             if ctx.packed is not None:
                 g = pad_packed_sequence(ctx.packed._replace(data=g), batch_first=True, total_length=T)[0]
-            elif not module.batch_first:
-                g = g.transpose(0, 1)
             results.append(out)
             wanted.append(g.float())
         if "h" in grads:
@@ -385,3 +536,7 @@ def _replay(module, ctx: RecurrentCall, grads):
         flat = [t for p in pre for t in (p if isinstance(p, list) else [p])]
         got = torch.autograd.grad(results, flat, wanted, allow_unused=True)
     return _factor_grads(factors, pre, got)
+
+
+def _float(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
