@@ -189,17 +189,34 @@ def fused_linear_grads(module: nn.Linear, x: torch.Tensor, g: torch.Tensor, trac
     """``(per-sample sq [B], grad_weight, grad_bias)`` of one call, sharing work between them."""
     a = x.reshape(x.shape[0], -1, x.shape[-1])
     gg = g.reshape(g.shape[0], -1, g.shape[-1])
-    with_bias = "bias" in tracked
-    plan = fused_linear_route(a.shape[0], a.shape[1], a.shape[2], gg.shape[2], a.device.type)
-    if plan.route == "fused-instantiate":
-        w_sq, b_sq, grad_w = ops.instantiate_norm(a, gg, with_bias)
-        grad_w = grad_w.to(module.weight.dtype)
-    else:
-        w_sq, b_sq = (ops.outer_norm(a[:, 0], gg[:, 0], with_bias) if plan.route == "outer"
-                      else ops.ghost_norm(a, gg, with_bias))
-        grad_w = gg.reshape(-1, gg.shape[-1]).t().matmul(a.reshape(-1, a.shape[-1]))
+    sq, grad_w = linear_norms_and_weight_grad(a, gg, "bias" in tracked)
     grad_b = gg.sum(dim=(0, 1)).to(module.bias.dtype) if module.bias is not None else None
-    return w_sq + b_sq, grad_w, grad_b
+    return sq, grad_w.to(module.weight.dtype), grad_b
+
+
+def linear_norms_and_weight_grad(a: torch.Tensor, g: torch.Tensor, with_bias: bool) -> tuple:
+    """``(per-sample sq [B], Σ_b G_b^T A_b [p, d])`` of a linear map's weight (and bias) gradient
+    from ``A [B, T, d]``, ``G [B, T, p]``, for a backward that forms the weight gradient itself: the
+    fused instantiate route's per-sample tiles add up to it (``fused_linear_route``), otherwise it is
+    one GEMM (in the inputs' dtype, as autograd's) beside the norms' route."""
+    plan = fused_linear_route(a.shape[0], a.shape[1], a.shape[2], g.shape[2], a.device.type)
+    if plan.route == "fused-instantiate":
+        w_sq, b_sq, grad_w = ops.instantiate_norm(a, g, with_bias)
+    else:
+        w_sq, b_sq = (ops.outer_norm(a[:, 0], g[:, 0], with_bias) if plan.route == "outer"
+                      else ops.ghost_norm(a, g, with_bias))
+        a2, g2 = row_matrices(a, g)
+        grad_w = g2.t().matmul(a2)
+    return w_sq + b_sq, grad_w
+
+
+def row_matrices(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A [B, T, d]``, ``G [B, T, p]`` as ``[B*T, d]``, ``[B*T, p]`` row matrices in one shared row
+    order: time-major when ``G`` is stored so (a recurrent scan's gradients), so that only ``A``,
+    the narrower, may be copied."""
+    if not g.is_contiguous() and g.transpose(0, 1).is_contiguous():
+        a, g = a.transpose(0, 1), g.transpose(0, 1)
+    return a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
 
 
 #: Cost on CPU of one per-sample gradient element in the fused instantiate route, in the ghost

@@ -45,7 +45,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .. import ops
 from .base import LayerRule, RoutePlan, RuleError, register
-from .linear import linear_norms
+from .linear import linear_norms, linear_norms_and_weight_grad, row_matrices
 from .routes import linear_route
 
 _MAX_LAYERS = 16
@@ -167,8 +167,18 @@ class RecurrentRule(LayerRule):
         return out, ((h_n, c_n) if module.mode == "LSTM" else h_n)
 
     def fused_grads(self, module, ctx, factors, tracked):
-        """Norms only: the weights' gradients are formed by the fused backward itself."""
-        return self.norms(module, [(ctx, [factors])], tracked), None, None
+        """The norms and ``{name: gradient}`` of the tracked weights whose norms' route formed it
+        (the fused instantiate route's tiles sum to it); the fused backward forms the rest."""
+        sq, grads = None, {}
+        for (w, b), a, g in factors:
+            if w in tracked:
+                part, grads[w] = linear_norms_and_weight_grad(a, g, b in tracked)
+            elif b in tracked:
+                part = linear_norms(a, g, False, True)
+            else:
+                continue
+            sq = part if sq is None else sq + part
+        return (sq if sq is not None else torch.zeros(ctx.x.shape[0], device=ctx.x.device)), grads, None
 
     def fused_plan(self, module, ctx, tracked) -> RoutePlan:
         B, T, _ = ctx.x.shape
@@ -233,11 +243,9 @@ class _FusedRecurrence(torch.autograd.Function):
         else:
             got = [None] * (len(flat) + len(wanted))
         weights = _factor_grads(factors, pre, got[:len(flat)])
-        ctx.sink(ctx.call, weights)
         input_grads = iter(got[len(flat):])
         x_g, h0_g, c0_g = (next(input_grads) if t is not None and t.requires_grad else None for t in leaves)
-        by_name = _weight_grads(weights, ctx.names)
-        return (None, None, None, x_g, h0_g, c0_g, *(by_name.get(name) for name in ctx.names))
+        return (None, None, None, x_g, h0_g, c0_g, *_sink_and_weight_grads(ctx, weights))
 
 
 class _ScannedRecurrence(torch.autograd.Function):
@@ -262,9 +270,16 @@ class _ScannedRecurrence(torch.autograd.Function):
         weights, scans = ctx.state
         del ctx.state  # (used once)
         factors, x_g, h0_g, c0_g = _scan_backward(ctx.call.x.shape, weights, scans, g_out, g_h, g_c, ctx.wants)
-        ctx.sink(ctx.call, factors)
-        by_name = _weight_grads(factors, ctx.names)
-        return (None, None, None, x_g, h0_g, c0_g, *(by_name.get(name) for name in ctx.names))
+        return (None, None, None, x_g, h0_g, c0_g, *_sink_and_weight_grads(ctx, factors))
+
+
+def _sink_and_weight_grads(ctx, factors) -> list:
+    """Hand ``factors`` to the tracker's sink; the gradients of ``ctx.names`` in order: those the
+    norms' route formed (returned by the sink) and the rest from the factors."""
+    formed = ctx.sink(ctx.call, factors)[0] or {}
+    by_name = _weight_grads(factors, [name for name in ctx.names if name not in formed])
+    by_name.update(formed)
+    return [by_name.get(name) for name in ctx.names]
 
 
 @dataclass
@@ -367,14 +382,6 @@ def _rows_times(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return g @ w
 
 
-def _row_pair(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``a [B, T, k]``, ``g [B, T, G]`` as ``[B*T, k]``, ``[B*T, G]`` row matrices in one shared row
-    order: time-major when ``g`` is stored so (only ``a``, the narrower, is then copied)."""
-    if g.transpose(0, 1).is_contiguous() and not g.is_contiguous():
-        a, g = a.transpose(0, 1), g.transpose(0, 1)
-    return a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
-
-
 def _refuse_create_graph():
     if torch.is_grad_enabled():
         raise RuntimeError(
@@ -389,7 +396,7 @@ def _weight_grads(factors, wanted) -> dict[str, torch.Tensor]:
     ``((weight name, bias name), A, G)``: ``Σ G^T A`` over samples and steps, and ``Σ G``."""
     grads = {}
     for (w, b), a, g in factors:
-        a2, g2 = _row_pair(a.float(), g.float())
+        a2, g2 = row_matrices(a.float(), g.float())
         if w in wanted:
             grads[w] = g2.t() @ a2
         if b is not None and b in wanted:
