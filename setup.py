@@ -20,6 +20,9 @@ except ImportError as exc:  # an isolated build environment: it has no (or the w
 ROOT = Path(__file__).resolve().parent
 # at::parallel_for is serial unless the extension is both compiled and linked with OpenMP.
 OPENMP = ["-fopenmp"]
+# The recurrent cells' loops pick between two computed values per element; GCC vectorises that only
+# when it may assume floating-point ops do not trap (PyTorch builds with it too; no value changes).
+NO_TRAPS = ["-fno-trapping-math"]
 
 packages = ["divebatch", "divebatch.layers"]
 package_dir = {}
@@ -32,7 +35,7 @@ ext = CppExtension(
     name="divebatch._C",
     sources=sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp")),
     include_dirs=[str(ROOT / "csrc")],
-    extra_compile_args=["-O3", "-g0", *OPENMP],  # -g0: Python's default -g makes a 7 MB .so
+    extra_compile_args=["-O3", "-g0", *NO_TRAPS, *OPENMP],  # -g0: Python's default -g makes a 7 MB .so
     extra_link_args=OPENMP,
 )
 

@@ -8,6 +8,7 @@
 // what we want, and it beats hand-written loops at every size that matters. Low-precision
 // inputs are converted to float32 one work item at a time, never as a whole tensor.
 #include "divebatch_ops.h"
+#include "multiversion.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -111,14 +112,7 @@ void check_a_g(const at::Tensor& a, const at::Tensor& g, int64_t ndim, const cha
 
 // ------------------------------------------------------------------ small loops
 
-// The loops that stream whole rows or GEMM outputs are compiled for AVX-512, AVX2 and baseline
-// x86-64 and picked at load time (GCC/Clang function multiversioning): the package is built
-// for baseline x86-64, where `omp simd` alone would only get 4-wide SSE.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__INTEL_COMPILER)
-#define DIVEBATCH_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define DIVEBATCH_MULTIVERSION
-#endif
+// The loops that stream whole rows or GEMM outputs are DIVEBATCH_MULTIVERSION (multiversion.h).
 
 // `omp simd reduction` lets the compiler reorder the float sums into vector lanes (it will not
 // otherwise without -ffast-math); the sums stay float32 but become lane-wise, i.e. more accurate.

@@ -27,7 +27,7 @@ KERNELS = Path(__file__).resolve().parent.parent / "kernels"
 #: Module name of the JIT build (the ahead-of-time one is ``divebatch._C``).
 JIT_NAME = "divebatch_C"
 #: at::parallel_for is serial unless both compiled and linked with OpenMP.
-CFLAGS = ["-O3", "-fopenmp"]
+CFLAGS = ["-O3", "-fno-trapping-math", "-fopenmp"]  # (as setup.py: see there)
 LDFLAGS = ["-fopenmp"]
 
 _FIX_BUILD = ("Fix: run `pip install --no-build-isolation -e .` in the divebatch checkout (needs a C++ "

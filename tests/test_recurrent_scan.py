@@ -145,6 +145,24 @@ def test_cpp_random_shapes(mode, B, T, H, reverse, seed):
     compare_cpp_to_reference(mode, gi, w, b, h0, c0, reverse, output_grads(mode, B, T, H, torch.float64, seed + 1))
 
 
+@requires_cpp
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 40.0], ids=["tiny", "unit", "saturating"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cpp_float32_cell_math_against_float64(mode, scale):
+    """The float32 kernel's own exp/tanh (vectorised; within ~1 ulp) against the float64 reference
+    on the same inputs: relative accuracy at tiny pre-activations (tanh x ~ x), saturation at large.
+    One step from h0 = 0 without bias, so that the gates are the activations of gi alone: no GEMM
+    rounding and no cancellation (the LSTM's f c0 + i g) in what is compared."""
+    gi, w, _, h0, c0 = scan_inputs(mode, 64, 1, 33, bias=False)
+    gi, h0 = gi * scale, torch.zeros_like(h0)
+    got = D.recurrent_scan(gi, w, None, h0, c0, mode, False)
+    want = reference.recurrent_scan(*(None if t is None else t.double() for t in (gi, w, None, h0, c0)), mode, False)
+    gates = MODES[mode][2] * 33  # LSTM: i, f, g, o; GRU: r, z, n (its W_hn h is 0 here)
+    pairs = [(got[0], want[0])] if mode.startswith("RNN") else [(got[2][..., :gates], want[2][..., :gates])]
+    for x, y in pairs:
+        torch.testing.assert_close(x.double(), y, rtol=4 * 2**-24, atol=1e-30)
+
+
 def test_results_are_time_major_views():
     """Each step's slice is contiguous (what the per-step kernels and the weights' GEMMs read), on
     every implementation and in the fake kernel's declaration alike."""
