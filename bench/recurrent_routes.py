@@ -1,4 +1,4 @@
-"""The lstm and gru workloads' recurrent layers: the fused forward against the replay, in one process.
+"""The lstm, gru and lstm-packed workloads' recurrent layers: the fused forward against the replay, in one process.
 
 On the same model and batch, rounds of ``--reps`` steps each: a plain step (tracking off), a
 tracked step with ``fused=True`` (the layer's forward is the unrolled recurrence, nothing replayed)
@@ -36,7 +36,7 @@ def main() -> None:
              f"{args.reps} steps", "",
              "| workload | plain step | fused (no replay) | replay (`fused=False`) | norms agree to |",
              "|---|---|---|---|---|"]
-    for name in ("lstm", "gru"):
+    for name in ("lstm", "gru", "lstm-packed"):
         workload = WORKLOADS[name]
         torch.manual_seed(0)
         model = workload.make_model()

@@ -314,6 +314,19 @@ class LSTMModel(nn.Module):
         return self.head(self.rnn(self.emb(idx))[0])
 
 
+class PackedLSTMModel(LSTMModel):
+    """``LSTMModel`` on sequences of different lengths through ``pack_padded_sequence``: sample b
+    keeps ``T - 4 (b % 8)`` tokens (the padding's outputs are zeros, as ``pad_packed_sequence``
+    gives them)."""
+
+    def forward(self, idx):
+        B, T = idx.shape
+        lengths = torch.tensor([T - 4 * (b % 8) for b in range(B)])
+        packed = nn.utils.rnn.pack_padded_sequence(self.emb(idx), lengths, batch_first=True, enforce_sorted=False)
+        out, _ = nn.utils.rnn.pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=T)
+        return self.head(out)
+
+
 class BagRecommender(nn.Module):
     """A DLRM-style click model: ``features`` sparse features, each a bag of ids pooled by its own
     ``EmbeddingBag(vocab, dim, mode="sum")``, concatenated into an MLP with 2 outputs. Input: ids
@@ -412,6 +425,9 @@ WORKLOADS = {
     "lstm": Workload("lstm", LSTMModel, _tokens(16, 64, 1000), lambda x, y: 1.0 / y.numel(), token_level=True),
     "gru": Workload("gru", lambda: LSTMModel(cell=nn.GRU), _tokens(16, 64, 1000), lambda x, y: 1.0 / y.numel(),
                     token_level=True),
+    # The lstm workload with PackedSequence inputs of 36-64 tokens.
+    "lstm-packed": Workload("lstm-packed", PackedLSTMModel, _tokens(16, 64, 1000), lambda x, y: 1.0 / y.numel(),
+                            token_level=True),
     # Not in BENCHMARKS.md: ResNet-18 with GroupNorm (per-sample gradients are defined, as DP
     # training needs) at a CPU-sized 112x112, batch 16: its deep layers have 512 channels at 4x4.
     "resnet": Workload("resnet", lambda: resnet18(10, lambda c: nn.GroupNorm(32, c)), _images(16, (3, 112, 112)),

@@ -113,46 +113,79 @@ inline float tanh_of(float x) {
 inline double tanh_of(double x) { return std::tanh(x); }
 
 // ------------------------------------------------------------------ one step's cell, row by row
-// Every buffer is a contiguous [rows, width] slice of a time-major result; rows [r0, r1) of the
-// batch. PyTorch's gate orders: LSTM i, f, g, o; GRU r, z, n.
+// Buffers are contiguous [B, width] slices of the time-major results, or the [B, H] states carried
+// from step to step; rows [r0, r1) of the batch. PyTorch's gate orders: LSTM i, f, g, o; GRU r, z,
+// n. `lengths` (null: every step counts) marks sample b's steps t >= lengths[b] as padding, as in
+// a PackedSequence: output and kept activations 0, the carried state (and, backwards, its
+// gradient) passed through unchanged.
+
+inline bool counts(const int64_t* lengths, int64_t b, int64_t t) { return lengths == nullptr || t < lengths[b]; }
+
+// The row of the state a step started from: the previous step's result where that step counted,
+// else the initial state (a reversed direction starts at each sample's own last step).
+template <typename T>
+inline const T* start_row(const T* previous, const T* initial, const int64_t* lengths, int64_t b, int64_t prev,
+                          int64_t H) {
+  return previous != nullptr && counts(lengths, b, prev) ? previous + b * H : initial + b * H;
+}
 
 template <typename T>
-inline __attribute__((always_inline)) void lstm_forward(const T* pre, T* saved, const T* c_prev, T* c, T* h,
-                                                             int64_t r0, int64_t r1, int64_t H) {
+inline void zero_row(T* row, int64_t n) {
+  std::fill(row, row + n, T(0));
+}
+
+// pre = gi + b_hh + h W_hh^T; updates h_state and c_state in place.
+template <typename T>
+inline __attribute__((always_inline)) void lstm_forward(const T* pre, T* saved, T* cells, T* out, T* h_state,
+                                                        T* c_state, const int64_t* lengths, int64_t t, int64_t r0,
+                                                        int64_t r1, int64_t H) {
   for (int64_t b = r0; b < r1; ++b) {
     const T* p = pre + b * 4 * H;
     T* s = saved + b * 5 * H;  // i, f, g, o, tanh(c)
-    const T* cp = c_prev + b * H;
-    T* cb = c + b * H;
-    T* hb = h + b * H;
+    T* cb = cells + b * H;
+    T* ob = out + b * H;
+    T* hs = h_state + b * H;
+    T* cs = c_state + b * H;
+    if (!counts(lengths, b, t)) {
+      zero_row(s, 5 * H);
+      zero_row(ob, H);
+      std::copy(cs, cs + H, cb);
+      continue;
+    }
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
       const T i = sigmoid_of(p[j]), f = sigmoid_of(p[H + j]), g = tanh_of(p[2 * H + j]), o = sigmoid_of(p[3 * H + j]);
-      const T cn = f * cp[j] + i * g;
+      const T cn = f * cs[j] + i * g;
       const T tc = tanh_of(cn);
       s[j] = i;
       s[H + j] = f;
       s[2 * H + j] = g;
       s[3 * H + j] = o;
       s[4 * H + j] = tc;
-      cb[j] = cn;
-      hb[j] = o * tc;
+      cb[j] = cs[j] = cn;
+      ob[j] = hs[j] = o * tc;
     }
   }
 }
 
-// dh (in: the carried gradient of h_t; grad_out's row is added here) and dc (in/out: carried
-// through c) are [B, H]; writes the gate pre-activations' gradient dg [B, 4H].
+// dh (the carried gradient of h; grad_out's row is added here) and dc (carried through c) are
+// [B, H]; writes the gate pre-activations' gradient dg [B, 4H] and leaves dh = 0 on counted rows
+// (the caller adds dg W_hh).
 template <typename T>
-inline __attribute__((always_inline)) void lstm_backward(const T* grad_out, const T* saved, const T* c_prev, T* dh,
-                                                              T* dc, T* dg, int64_t r0, int64_t r1, int64_t H) {
+inline __attribute__((always_inline)) void lstm_backward(const T* grad_out, const T* saved, const T* cells_prev,
+                                                         const T* c0, T* dh, T* dc, T* dg, const int64_t* lengths,
+                                                         int64_t t, int64_t prev, int64_t r0, int64_t r1, int64_t H) {
   for (int64_t b = r0; b < r1; ++b) {
+    T* d = dg + b * 4 * H;
+    if (!counts(lengths, b, t)) {
+      zero_row(d, 4 * H);
+      continue;
+    }
     const T* s = saved + b * 5 * H;
     const T* go = grad_out + b * H;
-    const T* cp = c_prev + b * H;
+    const T* cp = start_row(cells_prev, c0, lengths, b, prev, H);
     T* dhb = dh + b * H;
     T* dcb = dc + b * H;
-    T* d = dg + b * 4 * H;
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
       const T i = s[j], f = s[H + j], g = s[2 * H + j], o = s[3 * H + j], tc = s[4 * H + j];
@@ -163,20 +196,27 @@ inline __attribute__((always_inline)) void lstm_backward(const T* grad_out, cons
       d[2 * H + j] = dcv * i * (1 - g * g);
       d[3 * H + j] = dhv * tc * o * (1 - o);
       dcb[j] = dcv * f;
+      dhb[j] = 0;
     }
   }
 }
 
-// gi: the input pre-activations [B, 3H]; gh = W_hh h + b_hh [B, 3H].
+// gi: the input pre-activations [B, 3H]; gh = W_hh h + b_hh [B, 3H]; updates h_state in place.
 template <typename T>
-inline __attribute__((always_inline)) void gru_forward(const T* gi, const T* gh, const T* h_prev, T* saved, T* h,
-                                                            int64_t r0, int64_t r1, int64_t H) {
+inline __attribute__((always_inline)) void gru_forward(const T* gi, const T* gh, T* saved, T* out, T* h_state,
+                                                       const int64_t* lengths, int64_t t, int64_t r0, int64_t r1,
+                                                       int64_t H) {
   for (int64_t b = r0; b < r1; ++b) {
+    T* s = saved + b * 4 * H;  // r, z, n, W_hn h + b_hn
+    T* ob = out + b * H;
+    if (!counts(lengths, b, t)) {
+      zero_row(s, 4 * H);
+      zero_row(ob, H);
+      continue;
+    }
     const T* x = gi + b * 3 * H;
     const T* y = gh + b * 3 * H;
-    const T* hp = h_prev + b * H;
-    T* s = saved + b * 4 * H;  // r, z, n, W_hn h + b_hn
-    T* hb = h + b * H;
+    T* hs = h_state + b * H;
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
       const T r = sigmoid_of(x[j] + y[j]), z = sigmoid_of(x[H + j] + y[H + j]), hn = y[2 * H + j];
@@ -185,23 +225,29 @@ inline __attribute__((always_inline)) void gru_forward(const T* gi, const T* gh,
       s[H + j] = z;
       s[2 * H + j] = n;
       s[3 * H + j] = hn;
-      hb[j] = n + z * (hp[j] - n);
+      ob[j] = hs[j] = n + z * (hs[j] - n);
     }
   }
 }
 
-// Writes dgi, dgh [B, 3H] and leaves in dh the part of h_{t-1}'s gradient through z (the caller
-// adds dgh W_hh).
+// Writes dgi, dgh [B, 3H] and leaves in dh the part of h_{t-1}'s gradient through z on counted
+// rows (the caller adds dgh W_hh).
 template <typename T>
-inline __attribute__((always_inline)) void gru_backward(const T* grad_out, const T* saved, const T* h_prev, T* dh,
-                                                             T* dgi, T* dgh, int64_t r0, int64_t r1, int64_t H) {
+inline __attribute__((always_inline)) void gru_backward(const T* grad_out, const T* saved, const T* out_prev,
+                                                        const T* h0, T* dh, T* dgi, T* dgh, const int64_t* lengths,
+                                                        int64_t t, int64_t prev, int64_t r0, int64_t r1, int64_t H) {
   for (int64_t b = r0; b < r1; ++b) {
-    const T* s = saved + b * 4 * H;
-    const T* go = grad_out + b * H;
-    const T* hp = h_prev + b * H;
-    T* dhb = dh + b * H;
     T* di = dgi + b * 3 * H;
     T* dj = dgh + b * 3 * H;
+    if (!counts(lengths, b, t)) {
+      zero_row(di, 3 * H);
+      zero_row(dj, 3 * H);
+      continue;
+    }
+    const T* s = saved + b * 4 * H;
+    const T* go = grad_out + b * H;
+    const T* hp = start_row(out_prev, h0, lengths, b, prev, H);
+    T* dhb = dh + b * H;
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
       const T r = s[j], z = s[H + j], n = s[2 * H + j], hn = s[3 * H + j];
@@ -219,54 +265,98 @@ inline __attribute__((always_inline)) void gru_backward(const T* grad_out, const
 }
 
 template <typename T>
-inline __attribute__((always_inline)) void rnn_forward(const T* pre, T* h, bool relu, int64_t r0, int64_t r1,
-                                                            int64_t H) {
+inline __attribute__((always_inline)) void rnn_forward(const T* pre, T* out, T* h_state, bool relu,
+                                                       const int64_t* lengths, int64_t t, int64_t r0, int64_t r1,
+                                                       int64_t H) {
+  for (int64_t b = r0; b < r1; ++b) {
+    T* ob = out + b * H;
+    if (!counts(lengths, b, t)) {
+      zero_row(ob, H);
+      continue;
+    }
+    const T* p = pre + b * H;
+    T* hs = h_state + b * H;
 #pragma omp simd
-  for (int64_t k = r0 * H; k < r1 * H; ++k) {  // (NaN stays NaN through the ReLU, as torch.relu)
-    h[k] = relu ? (pre[k] < 0 ? T(0) : pre[k]) : tanh_of(pre[k]);
+    for (int64_t j = 0; j < H; ++j) {  // (NaN stays NaN through the ReLU, as torch.relu)
+      ob[j] = hs[j] = relu ? (p[j] < 0 ? T(0) : p[j]) : tanh_of(p[j]);
+    }
   }
 }
 
+// Writes dg [B, H] and leaves dh = 0 on counted rows (the caller adds dg W_hh).
 template <typename T>
-inline __attribute__((always_inline)) void rnn_backward(const T* grad_out, const T* h, const T* dh, T* dg,
-                                                             bool relu, int64_t r0, int64_t r1, int64_t H) {
+inline __attribute__((always_inline)) void rnn_backward(const T* grad_out, const T* out, T* dh, T* dg, bool relu,
+                                                        const int64_t* lengths, int64_t t, int64_t r0, int64_t r1,
+                                                        int64_t H) {
+  for (int64_t b = r0; b < r1; ++b) {
+    T* d = dg + b * H;
+    if (!counts(lengths, b, t)) {
+      zero_row(d, H);
+      continue;
+    }
+    const T* go = grad_out + b * H;
+    const T* h = out + b * H;
+    T* dhb = dh + b * H;
 #pragma omp simd
-  for (int64_t k = r0 * H; k < r1 * H; ++k) {
-    const T dhv = dh[k] + grad_out[k];
-    dg[k] = relu ? (h[k] > 0 ? dhv : T(0)) : dhv * (1 - h[k] * h[k]);
+    for (int64_t j = 0; j < H; ++j) {
+      const T dhv = dhb[j] + go[j];
+      d[j] = relu ? (h[j] > 0 ? dhv : T(0)) : dhv * (1 - h[j] * h[j]);
+      dhb[j] = 0;
+    }
   }
 }
 
 // float32: an overload per cell compiled per instruction set (multiversion.h), preferred over the
 // templates above, which float64 (tests, oracles) runs as they are.
-DIVEBATCH_MULTIVERSION void lstm_forward(const float* pre, float* saved, const float* c_prev, float* c, float* h,
-                                         int64_t r0, int64_t r1, int64_t H) {
-  lstm_forward<float>(pre, saved, c_prev, c, h, r0, r1, H);
+DIVEBATCH_MULTIVERSION void lstm_forward(const float* pre, float* saved, float* cells, float* out, float* h_state,
+                                         float* c_state, const int64_t* lengths, int64_t t, int64_t r0, int64_t r1,
+                                         int64_t H) {
+  lstm_forward<float>(pre, saved, cells, out, h_state, c_state, lengths, t, r0, r1, H);
 }
-DIVEBATCH_MULTIVERSION void lstm_backward(const float* grad_out, const float* saved, const float* c_prev, float* dh,
-                                          float* dc, float* dg, int64_t r0, int64_t r1, int64_t H) {
-  lstm_backward<float>(grad_out, saved, c_prev, dh, dc, dg, r0, r1, H);
+DIVEBATCH_MULTIVERSION void lstm_backward(const float* grad_out, const float* saved, const float* cells_prev,
+                                          const float* c0, float* dh, float* dc, float* dg, const int64_t* lengths,
+                                          int64_t t, int64_t prev, int64_t r0, int64_t r1, int64_t H) {
+  lstm_backward<float>(grad_out, saved, cells_prev, c0, dh, dc, dg, lengths, t, prev, r0, r1, H);
 }
-DIVEBATCH_MULTIVERSION void gru_forward(const float* gi, const float* gh, const float* h_prev, float* saved, float* h,
-                                        int64_t r0, int64_t r1, int64_t H) {
-  gru_forward<float>(gi, gh, h_prev, saved, h, r0, r1, H);
+DIVEBATCH_MULTIVERSION void gru_forward(const float* gi, const float* gh, float* saved, float* out, float* h_state,
+                                        const int64_t* lengths, int64_t t, int64_t r0, int64_t r1, int64_t H) {
+  gru_forward<float>(gi, gh, saved, out, h_state, lengths, t, r0, r1, H);
 }
-DIVEBATCH_MULTIVERSION void gru_backward(const float* grad_out, const float* saved, const float* h_prev, float* dh,
-                                         float* dgi, float* dgh, int64_t r0, int64_t r1, int64_t H) {
-  gru_backward<float>(grad_out, saved, h_prev, dh, dgi, dgh, r0, r1, H);
+DIVEBATCH_MULTIVERSION void gru_backward(const float* grad_out, const float* saved, const float* out_prev,
+                                         const float* h0, float* dh, float* dgi, float* dgh, const int64_t* lengths,
+                                         int64_t t, int64_t prev, int64_t r0, int64_t r1, int64_t H) {
+  gru_backward<float>(grad_out, saved, out_prev, h0, dh, dgi, dgh, lengths, t, prev, r0, r1, H);
 }
-DIVEBATCH_MULTIVERSION void rnn_forward(const float* pre, float* h, bool relu, int64_t r0, int64_t r1, int64_t H) {
-  rnn_forward<float>(pre, h, relu, r0, r1, H);
+DIVEBATCH_MULTIVERSION void rnn_forward(const float* pre, float* out, float* h_state, bool relu,
+                                        const int64_t* lengths, int64_t t, int64_t r0, int64_t r1, int64_t H) {
+  rnn_forward<float>(pre, out, h_state, relu, lengths, t, r0, r1, H);
 }
-DIVEBATCH_MULTIVERSION void rnn_backward(const float* grad_out, const float* h, const float* dh, float* dg, bool relu,
-                                         int64_t r0, int64_t r1, int64_t H) {
-  rnn_backward<float>(grad_out, h, dh, dg, relu, r0, r1, H);
+DIVEBATCH_MULTIVERSION void rnn_backward(const float* grad_out, const float* out, float* dh, float* dg, bool relu,
+                                         const int64_t* lengths, int64_t t, int64_t r0, int64_t r1, int64_t H) {
+  rnn_backward<float>(grad_out, out, dh, dg, relu, lengths, t, r0, r1, H);
 }
 
 // The batch rows of a step's cell split over threads only when there is enough of it: waking the
 // threads costs more than a 16 x 256 LSTM cell (fwd + bwd of 64 steps took 19.4 ms split in two,
 // 16.9 ms on one thread, against 12-13 ms for the step GEMMs alone).
 constexpr int64_t kCellGrain = 16384;
+
+// A PyTorch-style lengths vector [B] (int64, 0 <= lengths[b] <= T) as a contiguous CPU tensor,
+// or an undefined tensor when none was given.
+at::Tensor checked_lengths(const std::optional<at::Tensor>& lengths, int64_t B, int64_t T, const char* op) {
+  if (!lengths.has_value() || !lengths->defined()) return at::Tensor();
+  const at::Tensor& l = *lengths;
+  TORCH_CHECK(l.device().is_cpu() && l.scalar_type() == at::kLong && l.dim() == 1 && l.size(0) == B, "divebatch::",
+              op, ": lengths must be an int64 CPU tensor of shape [B] = [", B, "] (each sample's number of steps, "
+              "as pad_packed_sequence returns it), got ", l.scalar_type(), " ", l.sizes(), " on ", l.device());
+  at::Tensor c = l.contiguous();
+  const int64_t* p = c.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(p[b] >= 0 && p[b] <= T, "divebatch::", op, ": lengths[", b, "] = ", p[b],
+                " is outside [0, T] = [0, ", T, "]");
+  }
+  return c;
+}
 
 template <typename F>
 void over_rows(int64_t B, int64_t H, const F& f) {
@@ -275,11 +365,10 @@ void over_rows(int64_t B, int64_t H, const F& f) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent_scan_cpu(const at::Tensor& gi, const at::Tensor& w_hh,
-                                                                  const std::optional<at::Tensor>& b_hh,
-                                                                  const at::Tensor& h0,
-                                                                  const std::optional<at::Tensor>& c0,
-                                                                  c10::string_view mode_view, bool reverse) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_scan_cpu(
+    const at::Tensor& gi, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh, const at::Tensor& h0,
+    const std::optional<at::Tensor>& c0, const std::optional<at::Tensor>& lengths, c10::string_view mode_view,
+    bool reverse) {
   constexpr const char* op = "recurrent_scan";
   const std::string mode(mode_view);
   const CellInfo info = cell_info(mode, op);
@@ -296,11 +385,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent_scan_cpu(const at::Tens
   if (has_bias) check_tensor(*b_hh, gi, {G}, op, "b_hh", "[G]");
   check_tensor(h0, gi, {B, H}, op, "h0", "[B, H]");
   check_optional(c0, info.cell == Cell::kLSTM, gi, {B, H}, op, "c0", "[B, H]", mode);
+  const at::Tensor steps_of = checked_lengths(lengths, B, T, op);
+  const int64_t* len = steps_of.defined() ? steps_of.const_data_ptr<int64_t>() : nullptr;
 
   BelowAutograd guard;
   const auto opts = gi.options();
-  // Every buffer is time-major ([T, B, *], returned as [B, T, *] views) so that each step's
-  // slice is contiguous: the step GEMM and the elementwise kernels run fastest on those.
+  // Every result is time-major ([T, B, *], returned as [B, T, *] views) so that each step's slice
+  // is contiguous: the step GEMM and the cell loops run fastest on those.
   at::Tensor out = at::empty({T, B, H}, opts);
   at::Tensor cells = at::empty(info.cell == Cell::kLSTM ? at::IntArrayRef{T, B, H} : at::IntArrayRef{0}, opts);
   at::Tensor saved = at::empty({T, B, info.saved * H}, opts);
@@ -315,25 +406,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent_scan_cpu(const at::Tens
     pre.copy_(gi.transpose(0, 1));
   }
   at::Tensor gh = info.cell == Cell::kGRU ? at::empty({B, G}, opts) : at::Tensor();
-  at::Tensor h = h0.contiguous(), c = info.cell == Cell::kLSTM ? c0->contiguous() : at::Tensor();
+  // The carried states (a padded step leaves them as they are; they end as h_n, c_n).
+  at::Tensor h = h0.clone(at::MemoryFormat::Contiguous);
+  at::Tensor c = info.cell == Cell::kLSTM ? c0->clone(at::MemoryFormat::Contiguous) : at::empty({0}, opts);
 
   AT_DISPATCH_FLOATING_TYPES(gi.scalar_type(), "recurrent_scan", [&] {
+    scalar_t* h_state = h.mutable_data_ptr<scalar_t>();
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = reverse ? T - 1 - s : s;
       at::Tensor pre_t = pre.select(0, t);
-      at::Tensor h_t = out.select(0, t);
-      const scalar_t* h_prev = h.const_data_ptr<scalar_t>();
+      const scalar_t* pre_rows = pre_t.const_data_ptr<scalar_t>();
+      scalar_t* out_t = out.select(0, t).mutable_data_ptr<scalar_t>();
       scalar_t* saved_t = saved.select(0, t).mutable_data_ptr<scalar_t>();
       switch (info.cell) {
         case Cell::kLSTM: {
           pre_t.addmm_(h, wt);
-          at::Tensor c_t = cells.select(0, t);
-          const scalar_t* c_prev = c.const_data_ptr<scalar_t>();
+          scalar_t* cells_t = cells.select(0, t).mutable_data_ptr<scalar_t>();
+          scalar_t* c_state = c.mutable_data_ptr<scalar_t>();
           over_rows(B, H, [&](int64_t r0, int64_t r1) {
-            lstm_forward(pre_t.const_data_ptr<scalar_t>(), saved_t, c_prev,
-                           c_t.mutable_data_ptr<scalar_t>(), h_t.mutable_data_ptr<scalar_t>(), r0, r1, H);
+            lstm_forward(pre_rows, saved_t, cells_t, out_t, h_state, c_state, len, t, r0, r1, H);
           });
-          c = c_t;
           break;
         }
         case Cell::kGRU:
@@ -343,29 +435,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent_scan_cpu(const at::Tens
             at::mm_out(gh, h, wt);
           }
           over_rows(B, H, [&](int64_t r0, int64_t r1) {
-            gru_forward(pre_t.const_data_ptr<scalar_t>(), gh.const_data_ptr<scalar_t>(),
-                           h_prev, saved_t, h_t.mutable_data_ptr<scalar_t>(), r0, r1, H);
+            gru_forward(pre_rows, gh.const_data_ptr<scalar_t>(), saved_t, out_t, h_state, len, t, r0, r1, H);
           });
           break;
         case Cell::kTanh:
         case Cell::kReLU:
           pre_t.addmm_(h, wt);
           over_rows(B, H, [&](int64_t r0, int64_t r1) {
-            rnn_forward(pre_t.const_data_ptr<scalar_t>(), h_t.mutable_data_ptr<scalar_t>(),
-                           info.cell == Cell::kReLU, r0, r1, H);
+            rnn_forward(pre_rows, out_t, h_state, info.cell == Cell::kReLU, len, t, r0, r1, H);
           });
           break;
       }
-      h = h_t;
     }
   });
-  return {out.transpose(0, 1), info.cell == Cell::kLSTM ? cells.transpose(0, 1) : cells, saved.transpose(0, 1)};
+  return {out.transpose(0, 1), info.cell == Cell::kLSTM ? cells.transpose(0, 1) : cells, saved.transpose(0, 1), h,
+          c};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_scan_backward_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_h_n, const std::optional<at::Tensor>& grad_c_n,
     const at::Tensor& w_hh, const at::Tensor& h0, const std::optional<at::Tensor>& c0, const at::Tensor& out,
-    const at::Tensor& cells, const at::Tensor& saved, c10::string_view mode_view, bool reverse) {
+    const at::Tensor& cells, const at::Tensor& saved, const std::optional<at::Tensor>& lengths,
+    c10::string_view mode_view, bool reverse) {
   constexpr const char* op = "recurrent_scan_backward";
   const std::string mode(mode_view);
   const CellInfo info = cell_info(mode, op);
@@ -390,75 +481,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_scan_backwa
     check_tensor(cells, out, {B, T, H}, op, "cells", "[B, T, H]");
   }
   check_tensor(saved, out, {B, T, info.saved * H}, op, "saved", "[B, T, k H]");
+  const at::Tensor steps_of = checked_lengths(lengths, B, T, op);
+  const int64_t* len = steps_of.defined() ? steps_of.const_data_ptr<int64_t>() : nullptr;
 
   BelowAutograd guard;
   const auto opts = out.options();
-  // Time-major, as in the forward: every step's slice of the results is contiguous (and so are
-  // the forward's, when they come from recurrent_scan_cpu).
-  // (The cell loops read raw rows: the forward's results are made contiguous time-major, a no-op
-  // for recurrent_scan_cpu's own.)
+  // Time-major, as in the forward, so each step's rows are contiguous for the cell loops: no copy
+  // for recurrent_scan_cpu's own results, nor for an incoming gradient that already is (the
+  // next layer's input gradient).
   const at::Tensor out_steps = out.transpose(0, 1).contiguous(), saved_steps = saved.transpose(0, 1).contiguous();
   const at::Tensor cells_steps = info.cell == Cell::kLSTM ? cells.transpose(0, 1).contiguous() : cells;
-  const at::Tensor grad_out_tb = grad_out.transpose(0, 1);
+  const at::Tensor grad_out_steps = grad_out.transpose(0, 1).contiguous();
   const at::Tensor h_init = h0.contiguous();
   const at::Tensor c_init = info.cell == Cell::kLSTM ? c0->contiguous() : at::Tensor();
   at::Tensor grad_gi = at::empty({T, B, G}, opts);
   at::Tensor grad_gh = at::empty(info.cell == Cell::kGRU ? at::IntArrayRef{T, B, G} : at::IntArrayRef{0}, opts);
   at::Tensor dh = grad_h_n.has_value() && grad_h_n->defined() ? grad_h_n->clone(at::MemoryFormat::Contiguous)
                                                               : at::zeros({B, H}, opts);
-  at::Tensor dc;
+  at::Tensor dc = at::empty({0}, opts);
   if (info.cell == Cell::kLSTM) {
     dc = grad_c_n.has_value() && grad_c_n->defined() ? grad_c_n->clone(at::MemoryFormat::Contiguous)
                                                      : at::zeros({B, H}, opts);
   }
-  // The incoming gradient time-major too, so each step's rows are contiguous (no copy when it
-  // already is, e.g. the next layer's input gradient).
-  const at::Tensor grad_out_steps = grad_out_tb.contiguous();
 
   // The steps in the opposite order of the forward; `prev` is the step before t in the forward.
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "recurrent_scan_backward", [&] {
+    scalar_t* dh_rows = dh.mutable_data_ptr<scalar_t>();
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = reverse ? s : T - 1 - s;
       const int64_t prev = reverse ? t + 1 : t - 1;
-      const bool first = prev < 0 || prev >= T;
+      const bool has_prev = prev >= 0 && prev < T;
       const scalar_t* go = grad_out_steps.select(0, t).const_data_ptr<scalar_t>();
       const scalar_t* saved_t = saved_steps.select(0, t).const_data_ptr<scalar_t>();
       at::Tensor dg = grad_gi.select(0, t);
+      scalar_t* dg_rows = dg.mutable_data_ptr<scalar_t>();
       switch (info.cell) {
         case Cell::kLSTM: {
-          const scalar_t* c_prev = (first ? c_init : cells_steps.select(0, prev)).const_data_ptr<scalar_t>();
+          const scalar_t* cells_prev = has_prev ? cells_steps.select(0, prev).const_data_ptr<scalar_t>() : nullptr;
           over_rows(B, H, [&](int64_t r0, int64_t r1) {
-            lstm_backward(go, saved_t, c_prev, dh.mutable_data_ptr<scalar_t>(),
-                           dc.mutable_data_ptr<scalar_t>(), dg.mutable_data_ptr<scalar_t>(), r0, r1, H);
+            lstm_backward(go, saved_t, cells_prev, c_init.const_data_ptr<scalar_t>(), dh_rows,
+                          dc.mutable_data_ptr<scalar_t>(), dg_rows, len, t, prev, r0, r1, H);
           });
-          at::mm_out(dh, dg, w_hh);
+          dh.addmm_(dg, w_hh);
           break;
         }
         case Cell::kGRU: {
-          const scalar_t* h_prev = (first ? h_init : out_steps.select(0, prev)).const_data_ptr<scalar_t>();
+          const scalar_t* out_prev = has_prev ? out_steps.select(0, prev).const_data_ptr<scalar_t>() : nullptr;
           at::Tensor dgh = grad_gh.select(0, t);
           over_rows(B, H, [&](int64_t r0, int64_t r1) {
-            gru_backward(go, saved_t, h_prev, dh.mutable_data_ptr<scalar_t>(),
-                           dg.mutable_data_ptr<scalar_t>(), dgh.mutable_data_ptr<scalar_t>(), r0, r1, H);
+            gru_backward(go, saved_t, out_prev, h_init.const_data_ptr<scalar_t>(), dh_rows, dg_rows,
+                         dgh.mutable_data_ptr<scalar_t>(), len, t, prev, r0, r1, H);
           });
           dh.addmm_(dgh, w_hh);
           break;
         }
         case Cell::kTanh:
         case Cell::kReLU: {
-          const scalar_t* h_t = out_steps.select(0, t).const_data_ptr<scalar_t>();
+          const scalar_t* out_t = out_steps.select(0, t).const_data_ptr<scalar_t>();
           over_rows(B, H, [&](int64_t r0, int64_t r1) {
-            rnn_backward(go, h_t, dh.const_data_ptr<scalar_t>(),
-                           dg.mutable_data_ptr<scalar_t>(), info.cell == Cell::kReLU, r0, r1, H);
+            rnn_backward(go, out_t, dh_rows, dg_rows, info.cell == Cell::kReLU, len, t, r0, r1, H);
           });
-          at::mm_out(dh, dg, w_hh);
+          dh.addmm_(dg, w_hh);
           break;
         }
       }
     }
   });
-  at::Tensor grad_c0 = info.cell == Cell::kLSTM ? dc : at::empty({0}, opts);
-  return {grad_gi.transpose(0, 1), info.cell == Cell::kGRU ? grad_gh.transpose(0, 1) : grad_gh, dh, grad_c0};
+  return {grad_gi.transpose(0, 1), info.cell == Cell::kGRU ? grad_gh.transpose(0, 1) : grad_gh, dh, dc};
 }
 
 }  // namespace divebatch

@@ -110,47 +110,71 @@ def _scan_steps(T: int, reverse: bool) -> range:
     return range(T - 1, -1, -1) if reverse else range(T)
 
 
-def recurrent_scan(gi, w_hh, b_hh, h0, c0, mode: str, reverse: bool):
+def _counted(lengths, B: int, T: int, device):
+    """``[B, T]`` bool: which steps count (all without ``lengths``), and a row lookup ``[B, 1]``."""
+    steps = torch.arange(T, device=device)
+    return None if lengths is None else steps[None, :] < lengths.to(device)[:, None]
+
+
+def recurrent_scan(gi, w_hh, b_hh, h0, c0, lengths, mode: str, reverse: bool):
     """One direction of one layer of ``nn.RNN``/``nn.LSTM``/``nn.GRU``, given its input projection.
 
     ``gi [B, T, G]`` is ``x W_ih^T + b_ih`` for every step (``G`` = 4H for an LSTM, 3H for a GRU,
     H for an RNN), ``w_hh [G, H]``, ``b_hh [G]`` or None, ``h0 [B, H]``, ``c0 [B, H]`` (LSTM only,
-    else None); ``mode`` is the module's ``mode`` ("LSTM", "GRU", "RNN_TANH", "RNN_RELU") and
-    ``reverse`` runs the steps from ``T - 1`` down (a bidirectional layer's second direction).
-    PyTorch's gate order and formulas. Returns ``(out [B, T, H], cells [B, T, H], saved
-    [B, T, k H])``, views of time-major buffers: the hidden state after every step, an LSTM's cell state after every step (an
-    empty tensor otherwise) and the activations ``recurrent_scan_backward`` needs
-    (``SCAN_SAVED``). Computed in ``gi``'s dtype; nothing is scaled.
+    else None); ``lengths [B]`` (int64) or None: sample ``b``'s steps ``t >= lengths[b]`` are
+    padding, as in a ``PackedSequence``: its output there is 0 and its state is carried unchanged
+    (so a reversed direction starts at the sample's own last step). ``mode`` is the module's
+    ``mode`` ("LSTM", "GRU", "RNN_TANH", "RNN_RELU") and ``reverse`` runs the steps from ``T - 1``
+    down (a bidirectional layer's second direction). PyTorch's gate order and formulas. Returns
+    ``(out [B, T, H], cells [B, T, H], saved [B, T, k H], h_n [B, H], c_n [B, H])``, the first
+    three views of time-major buffers: the hidden state after every step, an LSTM's cell state
+    after every step (an empty tensor otherwise), the activations ``recurrent_scan_backward`` needs
+    (``SCAN_SAVED``; 0 on padded steps), and the final states (``c_n`` empty except for an LSTM).
+    Computed in ``gi``'s dtype; nothing is scaled.
     """
     B, T, _ = gi.shape
     H = w_hh.shape[1]
     out, saved = time_major(gi, B, T, H), time_major(gi, B, T, SCAN_SAVED[mode] * H)
     cells = time_major(gi, B, T, H) if mode == "LSTM" else gi.new_empty(0)
+    counted = _counted(lengths, B, T, gi.device)
     h, c = h0, c0
     for t in _scan_steps(T, reverse):
         gh = h @ w_hh.t() if b_hh is None else torch.addmm(b_hh, h, w_hh.t())
+        c_new = None
         if mode == "LSTM":
             pre = gi[:, t] + gh
             i, f, o = torch.sigmoid(pre[:, :H]), torch.sigmoid(pre[:, H:2 * H]), torch.sigmoid(pre[:, 3 * H:])
             g = torch.tanh(pre[:, 2 * H:3 * H])
-            c = f * c + i * g
-            tanh_c = torch.tanh(c)
-            h = o * tanh_c
-            saved[:, t] = torch.cat([i, f, g, o, tanh_c], dim=1)
-            cells[:, t] = c
+            c_new = f * c + i * g
+            tanh_c = torch.tanh(c_new)
+            h_new = o * tanh_c
+            kept = torch.cat([i, f, g, o, tanh_c], dim=1)
         elif mode == "GRU":
             r = torch.sigmoid(gi[:, t, :H] + gh[:, :H])
             z = torch.sigmoid(gi[:, t, H:2 * H] + gh[:, H:2 * H])
             n = torch.tanh(gi[:, t, 2 * H:] + r * gh[:, 2 * H:])
-            h = (1 - z) * n + z * h
-            saved[:, t] = torch.cat([r, z, n, gh[:, 2 * H:]], dim=1)
+            h_new = (1 - z) * n + z * h
+            kept = torch.cat([r, z, n, gh[:, 2 * H:]], dim=1)
         else:
-            h = torch.tanh(gi[:, t] + gh) if mode == "RNN_TANH" else torch.relu(gi[:, t] + gh)
-        out[:, t] = h
-    return out, cells, saved
+            h_new = torch.tanh(gi[:, t] + gh) if mode == "RNN_TANH" else torch.relu(gi[:, t] + gh)
+            kept = None
+        if counted is not None:  # a padded step: output 0, state carried
+            keep = counted[:, t, None]
+            out[:, t] = torch.where(keep, h_new, 0)
+            h_new = torch.where(keep, h_new, h)
+            c_new = torch.where(keep, c_new, c) if c_new is not None else None
+            kept = torch.where(keep, kept, 0) if kept is not None else None
+        else:
+            out[:, t] = h_new
+        if kept is not None:
+            saved[:, t] = kept
+        if c_new is not None:
+            cells[:, t] = c_new
+        h, c = h_new, c_new
+    return out, cells, saved, h, c if mode == "LSTM" else gi.new_empty(0)
 
 
-def recurrent_scan_backward(grad_out, grad_h_n, grad_c_n, w_hh, h0, c0, out, cells, saved, mode: str,
+def recurrent_scan_backward(grad_out, grad_h_n, grad_c_n, w_hh, h0, c0, out, cells, saved, lengths, mode: str,
                             reverse: bool):
     """The gradients of ``recurrent_scan`` from those of its outputs.
 
@@ -158,11 +182,11 @@ def recurrent_scan_backward(grad_out, grad_h_n, grad_c_n, w_hh, h0, c0, out, cel
     the final states (None: zero); the rest is the forward's inputs and results. Returns
     ``(grad_gi [B, T, G], grad_gh, grad_h0 [B, H], grad_c0)``: the gradients of the input
     pre-activations ``gi`` and of the hidden ones ``gh = h_{t-1} W_hh^T + b_hh`` at every step
-    (equal to ``grad_gi`` except for a GRU, whose ``r`` multiplies ``gh``'s n part; so
-    ``grad_gh`` is returned for a GRU only, an empty tensor otherwise), and of the initial
+    (0 on padded steps; equal to ``grad_gi`` except for a GRU, whose ``r`` multiplies ``gh``'s n
+    part; so ``grad_gh`` is returned for a GRU only, an empty tensor otherwise), and of the initial
     states (``grad_c0`` empty except for an LSTM). A weight's gradient is ``grad^T A`` summed
-    over steps and samples: ``A`` is the layer input for ``W_ih`` and the previous hidden state
-    for ``W_hh``.
+    over steps and samples: ``A`` is the layer input for ``W_ih`` and the state each step started
+    from for ``W_hh``.
     """
     B, T, H = out.shape
     G = w_hh.shape[0]
@@ -172,33 +196,52 @@ def recurrent_scan_backward(grad_out, grad_h_n, grad_c_n, w_hh, h0, c0, out, cel
     dc = None
     if mode == "LSTM":
         dc = grad_c_n.clone() if grad_c_n is not None else out.new_zeros(B, H)
+    counted = _counted(lengths, B, T, out.device)
     for t in _scan_steps(T, not reverse):
         prev = t + 1 if reverse else t - 1
-        first = prev < 0 or prev >= T
-        dh = dh + grad_out[:, t]
+        keep = None if counted is None else counted[:, t, None]
+        # The state step t started from: the previous step's where that one counted, else the initial.
+        if 0 <= prev < T:
+            from_prev = None if counted is None else counted[:, prev, None]
+            h_prev = out[:, prev] if from_prev is None else torch.where(from_prev, out[:, prev], h0)
+            c_prev = None
+            if mode == "LSTM":
+                c_prev = cells[:, prev] if from_prev is None else torch.where(from_prev, cells[:, prev], c0)
+        else:
+            h_prev, c_prev = h0, c0
+        d_in = dh + grad_out[:, t]
         if mode == "LSTM":
             i, f, g, o, tanh_c = saved[:, t].split(H, dim=1)
-            c_prev = c0 if first else cells[:, prev]
-            d_o = dh * tanh_c * o * (1 - o)
-            dc = dc + dh * o * (1 - tanh_c * tanh_c)
-            d_i = dc * g * i * (1 - i)
-            d_f = dc * c_prev * f * (1 - f)
-            d_g = dc * i * (1 - g * g)
-            grad_gi[:, t] = torch.cat([d_i, d_f, d_g, d_o], dim=1)
-            dc = dc * f
-            dh = grad_gi[:, t] @ w_hh
+            d_o = d_in * tanh_c * o * (1 - o)
+            dc_t = dc + d_in * o * (1 - tanh_c * tanh_c)
+            d_i = dc_t * g * i * (1 - i)
+            d_f = dc_t * c_prev * f * (1 - f)
+            d_g = dc_t * i * (1 - g * g)
+            d_gates = torch.cat([d_i, d_f, d_g, d_o], dim=1)
+            dc_new, dh_new = dc_t * f, d_gates @ w_hh
         elif mode == "GRU":
             r, z, n, hn = saved[:, t].split(H, dim=1)
-            h_prev = h0 if first else out[:, prev]
-            d_n = dh * (1 - z) * (1 - n * n)
-            d_z = dh * (h_prev - n) * z * (1 - z)
+            d_n = d_in * (1 - z) * (1 - n * n)
+            d_z = d_in * (h_prev - n) * z * (1 - z)
             d_r = d_n * hn * r * (1 - r)
-            grad_gi[:, t] = torch.cat([d_r, d_z, d_n], dim=1)
-            grad_gh[:, t] = torch.cat([d_r, d_z, d_n * r], dim=1)
-            dh = dh * z + grad_gh[:, t] @ w_hh
+            d_gates = torch.cat([d_r, d_z, d_n], dim=1)
+            d_hidden = torch.cat([d_r, d_z, d_n * r], dim=1)
+            dh_new = d_in * z + d_hidden @ w_hh
         else:
             h = out[:, t]
-            d_pre = dh * (1 - h * h) if mode == "RNN_TANH" else dh * (h > 0)
-            grad_gi[:, t] = d_pre
-            dh = d_pre @ w_hh
+            d_gates = d_in * (1 - h * h) if mode == "RNN_TANH" else d_in * (h > 0)
+            dh_new = d_gates @ w_hh
+        if keep is not None:  # a padded step: no gradient to its gates, the carried ones pass
+            d_gates = torch.where(keep, d_gates, 0)
+            dh_new = torch.where(keep, dh_new, dh)
+            if mode == "LSTM":
+                dc_new = torch.where(keep, dc_new, dc)
+            if mode == "GRU":
+                d_hidden = torch.where(keep, d_hidden, 0)
+        grad_gi[:, t] = d_gates
+        if mode == "GRU":
+            grad_gh[:, t] = d_hidden
+        dh = dh_new
+        if mode == "LSTM":
+            dc = dc_new
     return grad_gi, grad_gh, dh, dc if dc is not None else out.new_empty(0)

@@ -733,17 +733,20 @@ class GradNormTracker:
         rule = owner.rule
         if x is None and getattr(rule, "fused_kwargs", False):
             x = kwargs.get("query")
-        if ((kwargs and not getattr(rule, "fused_kwargs", False)) or not isinstance(x, torch.Tensor)
+        # The tensor the checks below read: the input itself, or what stands for a structured one
+        # (a PackedSequence's data, for the recurrent rule).
+        probe = rule.fused_input_tensor(x) if hasattr(rule, "fused_input_tensor") else x
+        if ((kwargs and not getattr(rule, "fused_kwargs", False)) or not isinstance(probe, torch.Tensor)
                 or capture_suspended() or not torch.is_grad_enabled()
-                or _inside_functorch() or torch.is_autocast_enabled(x.device.type)
-                or (x.dim() > 1 and x.shape[0] == 1 and self._last_batch > 1)  # shared: see _on_forward
-                or self._follows(x)  # a shared tensor without a batch dim (see _on_table_read)
+                or _inside_functorch() or torch.is_autocast_enabled(probe.device.type)
+                or (probe is x and x.dim() > 1 and x.shape[0] == 1 and self._last_batch > 1)  # shared: see _on_forward
+                or self._follows(probe)  # a shared tensor without a batch dim (see _on_table_read)
                 or not rule.fuse_call(module, x)):
             # Not fusable here: the module's own forward, with the hook path capturing.
             return type(module).forward(module, *args, **kwargs)
         batch_size = rule.fused_batch_size(module, x) if hasattr(rule, "fused_batch_size") else (
             x.shape[0] if x.dim() > 1 else 1)
-        if x.dim() > 0 and (x.shape[0] == 0 or batch_size == 0):
+        if probe.dim() > 0 and (probe.shape[0] == 0 or batch_size == 0):
             raise ValueError(f"module '{owner.name}' ({type(module).__name__}) got an empty batch (0 samples); "
                              "skip empty batches before the forward pass")
         call = _Call(owner, None, batch_size, [None], 1, fused=True)

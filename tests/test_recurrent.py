@@ -126,13 +126,40 @@ class Packed(nn.Module):
         return self.head(out).flatten(1).sum(1, keepdim=True) + h_n.sum(dim=(0, 2))[:, None]
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["one-way", "bidirectional"])
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
 @pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN], ids=lambda c: c.__name__)
-def test_packed_sequences_are_exact(cls, batch_first, bidirectional):
+def test_packed_sequences_are_exact(cls, batch_first, bidirectional, fused):
+    """Fused: the scans run the padded batch with its padded steps masked and the output is packed
+    as the input was; hooks: the layer's own forward, then the masked scans as the replay."""
     torch.manual_seed(0)
     model = Packed(cls, batch_first, bidirectional=bidirectional)
-    assert checked_route(model, torch.randn(5, 6, 6)) == "recurrent (batched replay)"
+    assert checked_route(model, torch.randn(5, 6, 6), fused) == ROUTES[fused]
+
+
+class SortedPacked(nn.Module):
+    """``pack_sequence`` of sequences already sorted by length (no sorted_indices), with a given
+    per-sample initial state."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(6, 8, num_layers=2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):  # x: [B, T, 6]; sample b has T - b steps
+        packed = nn.utils.rnn.pack_sequence([x[b, :x.shape[1] - b] for b in range(x.shape[0])])
+        h0 = x[:, 0, :1].expand(-1, 8)[None].repeat(2, 1, 1)
+        out, (h_n, _) = self.rnn(packed, (h0, torch.zeros_like(h0)))
+        assert out.sorted_indices is None
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        return self.head(out).flatten(1).sum(1, keepdim=True) + h_n.sum(dim=(0, 2))[:, None]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+def test_sorted_packed_sequences_with_an_initial_state_are_exact(fused):
+    torch.manual_seed(0)
+    assert checked_route(SortedPacked(), torch.randn(4, 5, 6), fused) == ROUTES[fused]
 
 
 class TwoCalls(nn.Module):
@@ -160,7 +187,8 @@ def test_lstm_projections_are_exact(bidirectional):
     assert checked_route(model, torch.randn(3, 5, 6)) == "recurrent (fused unrolled)"
     assert checked_route(model, torch.randn(3, 5, 6), fused=False) == ROUTES[False]
     model = Packed(nn.LSTM, False, proj_size=4, bidirectional=bidirectional)
-    assert checked_route(model, torch.randn(5, 6, 6)) == "recurrent (batched replay)"
+    assert checked_route(model, torch.randn(5, 6, 6)) == "recurrent (fused unrolled)"
+    assert checked_route(model, torch.randn(5, 6, 6), fused=False) == ROUTES[False]
 
 
 def test_an_unbatched_sequence_is_refused():

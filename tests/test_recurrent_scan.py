@@ -75,13 +75,15 @@ def test_reference_matches_the_module_and_autograd(mode, reverse):
 
     with torch.no_grad():
         gi = x @ module.weight_ih_l0.t() + module.bias_ih_l0
-        out, cells, saved = reference.recurrent_scan(gi, module.weight_hh_l0, module.bias_hh_l0, h0,
-                                                     c0, mode, reverse)
+        out, cells, saved, h_n, c_n = reference.recurrent_scan(gi, module.weight_hh_l0, module.bias_hh_l0, h0,
+                                                               c0, None, mode, reverse)
         torch.testing.assert_close(out, out_ref)
+        torch.testing.assert_close(h_n, finals[0])
         if mode == "LSTM":
             torch.testing.assert_close(cells[:, 0 if reverse else -1], hidden[1][0])
+            torch.testing.assert_close(c_n, hidden[1][0])
         grad_gi, grad_gh, grad_h0, grad_c0 = reference.recurrent_scan_backward(
-            g_out, g_h, g_c, module.weight_hh_l0, h0, c0, out, cells, saved, mode, reverse)
+            g_out, g_h, g_c, module.weight_hh_l0, h0, c0, out, cells, saved, None, mode, reverse)
         assert (grad_gh.numel() > 0) == (mode == "GRU")
         grad_gh = grad_gh if mode == "GRU" else grad_gi
         h_prev = torch.cat([out[:, 1:], h0[:, None]], 1) if reverse else torch.cat([h0[:, None], out[:, :-1]], 1)
@@ -92,14 +94,14 @@ def test_reference_matches_the_module_and_autograd(mode, reverse):
 
 
 # ---------------------------------------------------------------- C++ against the reference
-def compare_cpp_to_reference(mode, gi, w, b, h0, c0, reverse, grads):
-    got = D.recurrent_scan(gi, w, b, h0, c0, mode, reverse)
-    want = reference.recurrent_scan(gi, w, b, h0, c0, mode, reverse)
-    for name, x, y in zip(("out", "cells", "saved"), got, want):
+def compare_cpp_to_reference(mode, gi, w, b, h0, c0, reverse, grads, lengths=None):
+    got = D.recurrent_scan(gi, w, b, h0, c0, lengths, mode, reverse)
+    want = reference.recurrent_scan(gi, w, b, h0, c0, lengths, mode, reverse)
+    for name, x, y in zip(("out", "cells", "saved", "h_n", "c_n"), got, want):
         torch.testing.assert_close(x, y, msg=lambda m, name=name: f"{name}: {m}")
     g_out, g_h, g_c = grads
-    got_b = D.recurrent_scan_backward(g_out, g_h, g_c, w, h0, c0, *want, mode, reverse)
-    want_b = reference.recurrent_scan_backward(g_out, g_h, g_c, w, h0, c0, *want, mode, reverse)
+    got_b = D.recurrent_scan_backward(g_out, g_h, g_c, w, h0, c0, *want[:3], lengths, mode, reverse)
+    want_b = reference.recurrent_scan_backward(g_out, g_h, g_c, w, h0, c0, *want[:3], lengths, mode, reverse)
     for name, x, y in zip(("grad_gi", "grad_gh", "grad_h0", "grad_c0"), got_b, want_b):
         torch.testing.assert_close(x, y, msg=lambda m, name=name: f"{name}: {m}")
 
@@ -137,12 +139,61 @@ def test_cpp_strided_inputs(mode):
 
 
 @requires_cpp
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cpp_padded_steps_match_reference(mode, reverse):
+    B, T, H = 5, 6, 4
+    gi, w, b, h0, c0 = scan_inputs(mode, B, T, H)
+    lengths = torch.tensor([6, 1, 3, 0, 5])
+    compare_cpp_to_reference(mode, gi, w, b, h0, c0, reverse, output_grads(mode, B, T, H, torch.float32), lengths)
+
+
+@requires_cpp
 @settings(max_examples=25, deadline=None)
 @given(mode=st.sampled_from(list(MODES)), B=st.integers(1, 5), T=st.integers(1, 9), H=st.integers(1, 7),
-       reverse=st.booleans(), seed=st.integers(0, 2**16))
-def test_cpp_random_shapes(mode, B, T, H, reverse, seed):
+       reverse=st.booleans(), padded=st.booleans(), seed=st.integers(0, 2**16))
+def test_cpp_random_shapes(mode, B, T, H, reverse, padded, seed):
     gi, w, b, h0, c0 = scan_inputs(mode, B, T, H, torch.float64, seed=seed)
-    compare_cpp_to_reference(mode, gi, w, b, h0, c0, reverse, output_grads(mode, B, T, H, torch.float64, seed + 1))
+    lengths = torch.randint(0, T + 1, (B,), generator=torch.Generator().manual_seed(seed)) if padded else None
+    compare_cpp_to_reference(mode, gi, w, b, h0, c0, reverse, output_grads(mode, B, T, H, torch.float64, seed + 1),
+                             lengths)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_padded_steps_are_the_sequence_cut_at_its_length(mode, reverse):
+    """With ``lengths``, each sample's results are those of its own sequence cut at its length (the
+    reference without lengths, one sample at a time): 0 output and gradients on padded steps, h_n
+    the state after its last step, a reversed direction starting from that step; a sample without
+    steps keeps its initial state."""
+    B, T, H = 4, 6, 5
+    gi, w, b, h0, c0 = scan_inputs(mode, B, T, H, torch.float64)
+    lengths = torch.tensor([6, 1, 3, 0])
+    g_out, g_h, g_c = output_grads(mode, B, T, H, torch.float64)
+    out, cells, saved, h_n, c_n = reference.recurrent_scan(gi, w, b, h0, c0, lengths, mode, reverse)
+    grad_gi, grad_gh, grad_h0, grad_c0 = reference.recurrent_scan_backward(g_out, g_h, g_c, w, h0, c0, out, cells,
+                                                                           saved, lengths, mode, reverse)
+    lstm, gru = mode == "LSTM", mode == "GRU"
+    for s, L in enumerate(lengths.tolist()):
+        row = slice(s, s + 1)
+        assert (out[s, L:] == 0).all() and (grad_gi[s, L:] == 0).all()
+        if L == 0:
+            torch.testing.assert_close(h_n[s], h0[s])
+            torch.testing.assert_close(grad_h0[s], g_h[s])
+            continue
+        c0_s, g_c_s = (c0[row], g_c[row]) if lstm else (None, None)
+        o, c, sv, hn, cn = reference.recurrent_scan(gi[row, :L], w, b, h0[row], c0_s, None, mode, reverse)
+        want = reference.recurrent_scan_backward(g_out[row, :L], g_h[row], g_c_s, w, h0[row], c0_s, o, c, sv, None,
+                                                 mode, reverse)
+        torch.testing.assert_close(out[s, :L], o[0])
+        torch.testing.assert_close(h_n[s], hn[0])
+        torch.testing.assert_close(grad_gi[s, :L], want[0][0])
+        torch.testing.assert_close(grad_h0[s], want[2][0])
+        if lstm:
+            torch.testing.assert_close(c_n[s], cn[0])
+            torch.testing.assert_close(grad_c0[s], want[3][0])
+        if gru:
+            torch.testing.assert_close(grad_gh[s, :L], want[1][0])
 
 
 @requires_cpp
@@ -155,8 +206,9 @@ def test_cpp_float32_cell_math_against_float64(mode, scale):
     rounding and no cancellation (the LSTM's f c0 + i g) in what is compared."""
     gi, w, _, h0, c0 = scan_inputs(mode, 64, 1, 33, bias=False)
     gi, h0 = gi * scale, torch.zeros_like(h0)
-    got = D.recurrent_scan(gi, w, None, h0, c0, mode, False)
-    want = reference.recurrent_scan(*(None if t is None else t.double() for t in (gi, w, None, h0, c0)), mode, False)
+    got = D.recurrent_scan(gi, w, None, h0, c0, None, mode, False)
+    want = reference.recurrent_scan(*(None if t is None else t.double() for t in (gi, w, None, h0, c0)), None, mode,
+                                    False)
     gates = MODES[mode][2] * 33  # LSTM: i, f, g, o; GRU: r, z, n (its W_hn h is 0 here)
     pairs = [(got[0], want[0])] if mode.startswith("RNN") else [(got[2][..., :gates], want[2][..., :gates])]
     for x, y in pairs:
@@ -169,7 +221,7 @@ def test_results_are_time_major_views():
     gi, w, b, h0, c0 = scan_inputs("LSTM", 3, 4, 5)
     impls = [reference.recurrent_scan] + ([D.recurrent_scan] if ops.CPP_AVAILABLE else [])
     for impl in impls:
-        for result in impl(gi, w, b, h0, c0, "LSTM", False):
+        for result in impl(gi, w, b, h0, c0, None, "LSTM", False)[:3]:
             assert result.transpose(0, 1).is_contiguous(), impl
 
 
@@ -177,17 +229,18 @@ def test_results_are_time_major_views():
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
 def test_opcheck(mode):
     gi, w, b, h0, c0 = scan_inputs(mode, 2, 3, 4)
-    torch.library.opcheck(D.recurrent_scan.default, (gi, w, b, h0, c0, mode, True))
-    out, cells, saved = reference.recurrent_scan(gi, w, b, h0, c0, mode, True)
+    lengths = torch.tensor([3, 1])
+    torch.library.opcheck(D.recurrent_scan.default, (gi, w, b, h0, c0, lengths, mode, True))
+    out, cells, saved, _, _ = reference.recurrent_scan(gi, w, b, h0, c0, lengths, mode, True)
     g_out, g_h, g_c = output_grads(mode, 2, 3, 4, torch.float32)
-    torch.library.opcheck(D.recurrent_scan_backward.default, (g_out, g_h, g_c, w, h0, c0, out, cells, saved, mode,
-                                                              True))
+    torch.library.opcheck(D.recurrent_scan_backward.default, (g_out, g_h, g_c, w, h0, c0, out, cells, saved, lengths,
+                                                              mode, True))
 
 
 # ---------------------------------------------------------------- input validation
 def _bad(cell="LSTM", **changes):
     gi, w, b, h0, c0 = scan_inputs(cell, 2, 3, 4)
-    args = {"gi": gi, "w_hh": w, "b_hh": b, "h0": h0, "c0": c0, "mode": cell, "reverse": False}
+    args = {"gi": gi, "w_hh": w, "b_hh": b, "h0": h0, "c0": c0, "lengths": None, "mode": cell, "reverse": False}
     args.update(changes)
     return tuple(args.values())
 
@@ -201,6 +254,8 @@ BAD_SCANS = [
     (_bad(b_hh=torch.randn(16, dtype=torch.float64)), r"b_hh must have the dtype of gi"),
     (_bad(gi=torch.randn(2, 3, 16).half()), r"gi must be float32 or float64"),
     (_bad(gi=torch.randn(6, 16)), r"gi must be 3-D \[B, T, G\]"),
+    (_bad(lengths=torch.tensor([3, 1], dtype=torch.int32)), r"lengths must be an int64 CPU tensor of shape \[B\]"),
+    (_bad(lengths=torch.tensor([3, 4])), r"lengths\[1\] = 4 is outside \[0, T\] = \[0, 3\]"),
 ]
 
 
@@ -214,8 +269,8 @@ def test_bad_inputs_name_the_argument(args, message):
 @requires_cpp
 def test_backward_bad_inputs_name_the_argument():
     gi, w, b, h0, c0 = scan_inputs("GRU", 2, 3, 4)
-    out, cells, saved = D.recurrent_scan(gi, w, b, h0, c0, "GRU", False)
+    out, cells, saved, _, _ = D.recurrent_scan(gi, w, b, h0, c0, None, "GRU", False)
     with pytest.raises(RuntimeError, match=r"saved must have shape \[B, T, k H\] = \[2, 3, 16\]"):
-        D.recurrent_scan_backward(out, None, None, w, h0, None, out, cells, saved[..., :-1], "GRU", False)
+        D.recurrent_scan_backward(out, None, None, w, h0, None, out, cells, saved[..., :-1], None, "GRU", False)
     with pytest.raises(RuntimeError, match=r"grad_c_n is for an LSTM only"):
-        D.recurrent_scan_backward(out, None, h0, w, h0, None, out, cells, saved, "GRU", False)
+        D.recurrent_scan_backward(out, None, h0, w, h0, None, out, cells, saved, None, "GRU", False)

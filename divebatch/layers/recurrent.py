@@ -1,4 +1,4 @@
-"""nn.RNN, nn.LSTM and nn.GRU: per-sample norms from one batched replay of the recurrence.
+"""nn.RNN, nn.LSTM and nn.GRU: per-sample norms from every step's pre-activation gradients.
 
 A recurrent layer applies its weights to every time step: ``gi_t = W_ih x_t + b_ih`` and
 ``gh_t = W_hh h_{t-1} + b_hh``, then a cell (tanh/ReLU for ``nn.RNN``; the LSTM and GRU gates)
@@ -6,32 +6,31 @@ combines them. Sample ``b``'s gradient of ``W_ih`` is therefore ``sum_t dgi_t x_
 ``W_hh`` ``sum_t dgh_t h_{t-1}^T``: the ``nn.Linear`` routes over time steps (ghost or
 instantiate, ``linear_norms``), with the biases' ``sum_t dgi_t`` and ``sum_t dgh_t``.
 
-The layer's own forward is a fused kernel whose gate gradients autograd never exposes. Once its
-output grads arrive (the output sequence, ``h_n`` and, for an LSTM, ``c_n``), the rule replays
-the recurrence once for the whole batch from the captured input and initial state, and takes
-``dgi``/``dgh`` for every layer, direction and step: about the cost of the layer's own forward
-and backward again, against one replay *per sample* on the generic route before (``vmap`` has no
-batching rule for GRU's and RNN's fused backward). Any number of layers, bidirectional, ``batch_first`` or not, a given
-``h_0``/``c_0``, and ``PackedSequence`` inputs (a sample's steps after its length are masked).
-
-With the tracker's ``fused=True`` (the default) and a float32 tensor input, the layer's forward
-itself is the recurrence stepped by the ``divebatch::recurrent_scan`` operator, one direction of
-one layer at a time (``_ScannedRecurrence``; C++ on CPU: a step is one GEMM and ATen's
-elementwise kernels, no Python and no autograd node per step). Its backward steps back with
+The layer's own forward is a fused kernel whose gate gradients autograd never exposes. With the
+tracker's ``fused=True`` (the default) and float32 inputs, the layer's forward is replaced by the
+recurrence stepped by the ``divebatch::recurrent_scan`` operator, one direction of one layer at a
+time (``_ScannedRecurrence``; C++ on CPU: a step is one GEMM and one vectorised loop over the
+cell, no Python and no autograd node per step). Its backward steps back with
 ``recurrent_scan_backward``, which returns every step's pre-activation gradients, and forms the
-weights' gradients as one product each, so nothing is replayed. The replay (``fused=False``, other
-dtypes, autocast) uses the same two operators. ``bench/recurrent_routes.py`` measures the routes.
-Outputs equal the native kernel's to float32 rounding; a backward with ``create_graph=True``
-through the fused forward is refused (``fused=False`` replays instead).
+weights' gradients as one product each, so nothing is replayed. A ``PackedSequence`` runs padded to
+its longest sequence, its padded steps masked (a sample's state passes through them unchanged),
+and comes out packed as it came. Outputs equal the native kernel's to float32 rounding; a
+backward with ``create_graph=True`` through the fused forward is refused (``fused=False``
+instead). ``bench/recurrent_routes.py`` measures the routes.
 
-LSTMs with projections and PackedSequence inputs (a sample's steps after its length are
-masked) run the recurrence unrolled in PyTorch ops instead (``_unroll``): as the fused forward
-(``_FusedRecurrence``, gate gradients from the graph it built) or as the replay.
+Otherwise (``fused=False``, other dtypes, autocast) the layer runs its own forward; once its
+output grads arrive (the output sequence, ``h_n`` and, for an LSTM, ``c_n``), the rule replays the
+recurrence once for the whole batch from the captured input and initial state through the same
+two operators: about the cost of the layer's forward and backward again, against one replay *per
+sample* on the generic route before (``vmap`` has no batching rule for GRU's and RNN's fused
+backward). Any number of layers, bidirectional, ``batch_first`` or not, a given ``h_0``/``c_0``.
 
 An LSTM with projections (``proj_size > 0``: ``h_t = W_hr (o_t * tanh(c_t))``) adds the factor
-pair of ``W_hr``: the unprojected state and the gradient of the projected one. Inter-layer
-dropout in training mode draws masks inside the fused kernel that no replay can repeat: refused
-with a clear error.
+pair of ``W_hr``: the unprojected state and the gradient of the projected one. The scans do not
+project, so such a layer runs the recurrence unrolled in PyTorch ops (``_unroll``), as the fused
+forward (``_FusedRecurrence``, the gate gradients from the graph it built) or as the replay.
+Inter-layer dropout in training mode draws masks inside the fused kernel that no replay can
+repeat: refused with a clear error.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .. import ops
 from .base import LayerRule, RoutePlan, RuleError, register
@@ -140,29 +139,44 @@ class RecurrentRule(LayerRule):
         return type(module).forward in (nn.RNN.forward, nn.LSTM.forward, nn.GRU.forward)
 
     def fuse_call(self, module, x) -> bool:
-        """A float32 ``[B, T, in]`` (or ``[T, B, in]``) input to a float32 layer, without dropout
-        between layers in training mode (PackedSequence inputs are not tensors: the hooks' path)."""
-        return (x.dim() == 3 and x.dtype == torch.float32
+        """A float32 ``[B, T, in]`` (or ``[T, B, in]``) input, or a PackedSequence of float32 data,
+        to a float32 layer, without dropout between layers in training mode."""
+        data = self.fused_input_tensor(x)
+        return ((isinstance(x, PackedSequence) or data.dim() == 3) and data.dtype == torch.float32
                 and all(p.dtype == torch.float32 for p in module.parameters())
                 and not (module.training and module.dropout > 0 and module.num_layers > 1))
 
+    def fused_input_tensor(self, x):
+        """What the tracker's checks read of the input: a PackedSequence's data, else the input."""
+        return x.data if isinstance(x, PackedSequence) else x
+
     def fused_batch_size(self, module, x) -> int:
+        if isinstance(x, PackedSequence):
+            return int(x.batch_sizes[0])
         return x.shape[0] if module.batch_first else x.shape[1]
 
     def fused_forward(self, module, args, kwargs, sink):
-        """The layer's forward as the unrolled recurrence of the replay (``_unroll``), in place of
-        the native kernel: its backward takes the pre-activations' gradients from that graph, hands
-        them to ``sink`` for the norms and forms the weights' gradients as one product each, so
-        nothing is replayed. Outputs equal the native kernel's to float32 rounding."""
+        """The layer's forward as the recurrence stepped by the scan operators (``_ScannedRecurrence``;
+        an LSTM with projections: unrolled in PyTorch ops, ``_FusedRecurrence``), in place of the
+        native kernel: its backward gives the pre-activations' gradients, hands them to ``sink`` for
+        the norms and forms the weights' gradients as one product each, so nothing is replayed. A
+        PackedSequence runs padded, its padded steps masked, and comes out packed as the input was.
+        Outputs equal the native kernel's to float32 rounding."""
         x = args[0]
         hx = args[1] if len(args) > 1 else None
         h0, c0 = (hx if isinstance(hx, tuple) else (hx, None)) if hx is not None else (None, None)
         names = [name for name, _ in module.named_parameters()]
         params = [p for _, p in module.named_parameters()]
-        seq = x if module.batch_first else x.transpose(0, 1)
-        function = _ScannedRecurrence if _can_scan(module, None) else _FusedRecurrence
-        out, h_n, c_n = function.apply(module, names, sink, seq, h0, c0, *params)
-        if not module.batch_first:
+        lengths = None
+        if isinstance(x, PackedSequence):
+            seq, lengths = pad_packed_sequence(x, batch_first=True)  # (the samples in their own order)
+        else:
+            seq = x if module.batch_first else x.transpose(0, 1)
+        function = _ScannedRecurrence if _can_scan(module) else _FusedRecurrence
+        out, h_n, c_n = function.apply(module, names, sink, seq, h0, c0, lengths, *params)
+        if lengths is not None:
+            out = _packed_like(out, x, lengths)
+        elif not module.batch_first:
             out = out.transpose(0, 1)
         return out, ((h_n, c_n) if module.mode == "LSTM" else h_n)
 
@@ -183,7 +197,7 @@ class RecurrentRule(LayerRule):
     def fused_plan(self, module, ctx, tracked) -> RoutePlan:
         B, T, _ = ctx.x.shape
         inner = linear_route(B, T, module.hidden_size, module.hidden_size * _gates(module))
-        how = "scan" if _can_scan(module, None) else "unrolled"
+        how = "scan" if _can_scan(module) else "unrolled"
         return RoutePlan(f"recurrent (fused {how})", f"B={B} T={T} H={module.hidden_size} "
                          f"layers={module.num_layers} ({inner.route} per weight)", float("nan"), float("nan"))
 
@@ -217,11 +231,11 @@ class _FusedRecurrence(torch.autograd.Function):
     without the weights, so a backward with ``create_graph=True`` is refused."""
 
     @staticmethod
-    def forward(ctx, module, names, sink, x, h0, c0, *params):
+    def forward(ctx, module, names, sink, x, h0, c0, lengths, *params):
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_() if t is not None and t.requires_grad else
                       (t.detach() if t is not None else None) for t in (x, h0, c0)]
-            out, h_n, c_n, factors, pre = _unroll(module, *leaves, None)
+            out, h_n, c_n, factors, pre = _unroll(module, *leaves, lengths)
         ctx.graph = (out, h_n, c_n, factors, pre, leaves)
         ctx.names, ctx.sink, ctx.call = names, sink, FusedRecurrentCall(x.detach())
         ctx.set_materialize_grads(False)
@@ -245,7 +259,7 @@ class _FusedRecurrence(torch.autograd.Function):
         weights = _factor_grads(factors, pre, got[:len(flat)])
         input_grads = iter(got[len(flat):])
         x_g, h0_g, c0_g = (next(input_grads) if t is not None and t.requires_grad else None for t in leaves)
-        return (None, None, None, x_g, h0_g, c0_g, *_sink_and_weight_grads(ctx, weights))
+        return (None, None, None, x_g, h0_g, c0_g, None, *_sink_and_weight_grads(ctx, weights))
 
 
 class _ScannedRecurrence(torch.autograd.Function):
@@ -255,9 +269,9 @@ class _ScannedRecurrence(torch.autograd.Function):
     product each. Once differentiable, as ``_FusedRecurrence``."""
 
     @staticmethod
-    def forward(ctx, module, names, sink, x, h0, c0, *params):
+    def forward(ctx, module, names, sink, x, h0, c0, lengths, *params):
         weights = dict(zip(names, (p.detach() for p in params)))
-        out, h_n, c_n, scans = _scan_forward(module, weights, x.detach(), _detached(h0), _detached(c0))
+        out, h_n, c_n, scans = _scan_forward(module, weights, x.detach(), _detached(h0), _detached(c0), lengths)
         ctx.state = (weights, scans)
         ctx.wants = tuple(t is not None and t.requires_grad for t in (x, h0, c0))
         ctx.names, ctx.sink, ctx.call = names, sink, FusedRecurrentCall(x.detach())
@@ -270,7 +284,7 @@ class _ScannedRecurrence(torch.autograd.Function):
         weights, scans = ctx.state
         del ctx.state  # (used once)
         factors, x_g, h0_g, c0_g = _scan_backward(ctx.call.x.shape, weights, scans, g_out, g_h, g_c, ctx.wants)
-        return (None, None, None, x_g, h0_g, c0_g, *_sink_and_weight_grads(ctx, factors))
+        return (None, None, None, x_g, h0_g, c0_g, None, *_sink_and_weight_grads(ctx, factors))
 
 
 def _sink_and_weight_grads(ctx, factors) -> list:
@@ -294,20 +308,31 @@ class _Scan:
     h0: torch.Tensor                  # [B, H]
     c0: torch.Tensor | None
     results: tuple                    # (out, cells, saved) of recurrent_scan
+    lengths: torch.Tensor | None      # [B] steps per sample (a PackedSequence's), or None: all
+
+
+def _packed_like(out: torch.Tensor, like: PackedSequence, lengths: torch.Tensor) -> PackedSequence:
+    """The padded batch-first ``out`` packed with ``like``'s layout (its batch sizes and sample
+    order, whatever made it), differentiably."""
+    if like.sorted_indices is not None:
+        out, lengths = out.index_select(0, like.sorted_indices), lengths[like.sorted_indices.cpu()]
+    data = pack_padded_sequence(out, lengths, batch_first=True, enforce_sorted=True).data
+    return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
 
 
 def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
 
-def _can_scan(module, lengths) -> bool:
-    """The scans step unprojected layers over whole sequences (no PackedSequence masks)."""
-    return lengths is None and not getattr(module, "proj_size", 0)
+def _can_scan(module) -> bool:
+    """The scans step the layers without projections (an LSTM's ``proj_size``)."""
+    return not getattr(module, "proj_size", 0)
 
 
-def _scan_forward(module, weights: dict, x: torch.Tensor, h0, c0):
-    """The layer's forward on ``x [B, T, in]`` (float32, batch first) through ``recurrent_scan``:
-    ``(out [B, T, D*H], h_n, c_n, scans)``, no autograd graph."""
+def _scan_forward(module, weights: dict, x: torch.Tensor, h0, c0, lengths=None):
+    """The layer's forward on ``x [B, T, in]`` (float32, batch first; with ``lengths [B]``, sample
+    b's steps from ``lengths[b]`` on are padding) through ``recurrent_scan``: ``(out [B, T, D*H],
+    h_n, c_n, scans)``, no autograd graph."""
     B, T, _ = x.shape
     H, D = module.hidden_size, 2 if module.bidirectional else 1
     lstm = module.mode == "LSTM"
@@ -321,12 +346,12 @@ def _scan_forward(module, weights: dict, x: torch.Tensor, h0, c0):
             h_init = h0[index] if h0 is not None else x.new_zeros(B, H)
             c_init = (c0[index] if c0 is not None else x.new_zeros(B, H)) if lstm else None
             gi = F.linear(layer_input, weights[w_ih], weights.get(b_ih))
-            results = ops.recurrent_scan(gi, weights[w_hh], weights.get(b_hh), h_init, c_init, module.mode, d == 1)
-            scans.append(_Scan(module.mode, names, index, d == 1, layer_input, h_init, c_init, results))
-            out, cells, _ = results
-            last = 0 if d == 1 else T - 1  # (a reversed direction ends at the first step)
-            finals_h.append(out[:, last])
-            finals_c.append(cells[:, last] if lstm else None)
+            out, cells, saved, h_n, c_n = ops.recurrent_scan(gi, weights[w_hh], weights.get(b_hh), h_init, c_init,
+                                                             module.mode, d == 1, lengths)
+            scans.append(_Scan(module.mode, names, index, d == 1, layer_input, h_init, c_init, (out, cells, saved),
+                               lengths))
+            finals_h.append(h_n)
+            finals_c.append(c_n)
             outs.append(out)
         layer_input = torch.cat(outs, -1) if D > 1 else outs[0]
     c_n = torch.stack(finals_c) if lstm else None
@@ -351,11 +376,11 @@ def _scan_backward(x_shape, weights: dict, scans: list, g_out, g_h, g_c, wants=(
             grad_gi, grad_gh, h0_g[scan.index], c0_g[scan.index] = ops.recurrent_scan_backward(
                 g_d if g_d is not None else out.new_zeros(B, T, H),
                 None if g_h is None else g_h[scan.index], None if g_c is None else g_c[scan.index],
-                weights[w_hh], scan.h0, scan.c0, out, cells, saved, scan.mode, scan.reverse)
+                weights[w_hh], scan.h0, scan.c0, out, cells, saved, scan.mode, scan.reverse, scan.lengths)
             if grad_gh.numel() == 0:  # (LSTM, RNN: the two pre-activations' gradients are one)
                 grad_gh = grad_gi
             factors.append(((w_ih, b_ih), scan.layer_input, grad_gi))
-            factors.append(((w_hh, b_hh), _previous_states(out, scan.h0, scan.reverse), grad_gh))
+            factors.append(((w_hh, b_hh), _previous_states(out, scan.h0, scan.reverse, scan.lengths), grad_gh))
             if layer > 0 or wants[0]:
                 part = _rows_times(grad_gi, weights[w_ih])
                 below = part if below is None else below + part
@@ -367,11 +392,17 @@ def _scan_backward(x_shape, weights: dict, scans: list, g_out, g_h, g_c, wants=(
     return factors, x_g, h0_g, c0_g
 
 
-def _previous_states(out: torch.Tensor, h0: torch.Tensor, reverse: bool) -> torch.Tensor:
-    """``[B, T, H]``: the hidden state each step started from (W_hh's input)."""
-    if reverse:
-        return torch.cat([out[:, 1:], h0[:, None]], 1)
-    return torch.cat([h0[:, None], out[:, :-1]], 1)
+def _previous_states(out: torch.Tensor, h0: torch.Tensor, reverse: bool, lengths=None) -> torch.Tensor:
+    """``[B, T, H]``: the hidden state each step started from (W_hh's input): the previous step's
+    output, or ``h0`` where there is none or it was padding (a reversed direction starts at each
+    sample's own last step)."""
+    shifted = torch.cat([out[:, 1:], h0[:, None]], 1) if reverse else torch.cat([h0[:, None], out[:, :-1]], 1)
+    if lengths is None:
+        return shifted
+    T = out.shape[1]
+    previous = torch.arange(T, device=out.device) + (1 if reverse else -1)
+    counted = previous[None, :] < lengths.to(out.device)[:, None]  # (a step without a previous one reads h0 either way)
+    return torch.where(counted[..., None], shifted, h0[:, None])
 
 
 def _rows_times(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -519,19 +550,21 @@ def _replay(module, ctx: RecurrentCall, grads):
     h0 = None if ctx.h0 is None else ctx.h0.float()
     c0 = None if ctx.c0 is None else ctx.c0.float()
     x = ctx.x.float().detach()
-    if "out" in grads and ctx.packed is None and not module.batch_first:
-        grads["out"] = grads["out"].transpose(0, 1)
-    if _can_scan(module, ctx.lengths):
+    if "out" in grads:  # batch first and padded, as x
+        if ctx.packed is not None:
+            grads["out"] = pad_packed_sequence(ctx.packed._replace(data=grads["out"]), batch_first=True,
+                                               total_length=T)[0]
+        elif not module.batch_first:
+            grads["out"] = grads["out"].transpose(0, 1)
+    if _can_scan(module):
         weights = {name: p.detach().float() for name, p in module.named_parameters()}
-        scans = _scan_forward(module, weights, x, h0, c0)[3]
+        scans = _scan_forward(module, weights, x, h0, c0, ctx.lengths)[3]
         return _scan_backward(x.shape, weights, scans, *(_float(grads.get(k)) for k in ("out", "h", "c")))[0]
     out, h_n, c_n, factors, pre = _unroll(module, x, h0, c0, ctx.lengths)
     with torch.enable_grad():
         results, wanted = [], []
         if "out" in grads:
             g = grads["out"]
-            if ctx.packed is not None:
-                g = pad_packed_sequence(ctx.packed._replace(data=g), batch_first=True, total_length=T)[0]
             results.append(out)
             wanted.append(g.float())
         if "h" in grads:
