@@ -1,9 +1,9 @@
 """The lstm, gru and lstm-packed workloads' recurrent layers: the fused forward against the replay, in one process.
 
 On the same model and batch, rounds of ``--reps`` steps each: a plain step (tracking off), a
-tracked step with ``fused=True`` (the layer's forward is the unrolled recurrence, nothing replayed)
-and one with ``fused=False`` (the layer's own forward, then one batched replay of the recurrence
-for the gate gradients). Medians over ``--rounds`` rounds, as ratios to the plain step; the two
+tracked step with ``fused=True`` (the layer's forward is the recurrence stepped by divebatch's
+scans, nothing replayed) and one with ``fused=False`` (the layer's own forward, then one batched
+replay of the recurrence for the gate gradients). Medians over ``--rounds`` rounds, as ratios to the plain step; the two
 tracked routes' per-sample norms are compared.
 
     python bench/recurrent_routes.py [--reps 5] [--rounds 5] [--out bench/results/recurrent_routes.md]

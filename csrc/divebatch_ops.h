@@ -40,28 +40,30 @@ std::tuple<at::Tensor, at::Tensor> outer_norm_cpu(const at::Tensor& a, const at:
 at::Tensor embedding_norm_cpu(const at::Tensor& indices, const at::Tensor& g, int64_t padding_idx);
 
 // One direction of one nn.RNN / nn.LSTM / nn.GRU layer (recurrent_scan_cpu.cpp). gi [B, T, G] is
-// the input projection x W_ih^T + b_ih of every step (G = 4H LSTM, 3H GRU, H RNN), w_hh [G, H],
-// b_hh [G] or none, h0 [B, H], c0 [B, H] for an LSTM only; lengths [B] (int64) or none: sample
-// b's steps t >= lengths[b] are padding (a PackedSequence's), its output there 0 and its state
-// carried unchanged; mode is the module's .mode ("LSTM", "GRU", "RNN_TANH", "RNN_RELU"); reverse
-// steps from T - 1 down. float32 or float64, computed in that dtype. Returns (out [B, T, H]: h
-// after every step; cells [B, T, H]: an LSTM's c after every step, else empty; saved [B, T, k H]:
-// the activations the backward needs, k = 5 LSTM (i, f, g, o, tanh c), 4 GRU (r, z, n,
-// W_hn h + b_hn), 0 RNN; h_n [B, H]; c_n [B, H] for an LSTM, else empty), the first three as
+// the input projection x W_ih^T + b_ih of every step (G = 4H LSTM, 3H GRU, H RNN), w_hh [G, P],
+// b_hh [G] or none, h0 [B, P], c0 [B, H] for an LSTM only, w_hr [P, H] an LSTM's projection
+// (h = W_hr (o * tanh c); none: P = H); lengths [B] (int64) or none: sample b's steps
+// t >= lengths[b] are padding (a PackedSequence's), its output there 0 and its state carried
+// unchanged; mode is the module's .mode ("LSTM", "GRU", "RNN_TANH", "RNN_RELU"); reverse steps
+// from T - 1 down. float32 or float64, computed in that dtype. Returns (out [B, T, P]: h after
+// every step; cells [B, T, H]: an LSTM's c after every step, else empty; saved [B, T, k H]: the
+// activations the backward needs, k = 5 LSTM (i, f, g, o, tanh c), 4 GRU (r, z, n,
+// W_hn h + b_hn), 0 RNN; h_n [B, P]; c_n [B, H] for an LSTM, else empty), the first three as
 // views of time-major buffers.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_scan_cpu(
     const at::Tensor& gi, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh, const at::Tensor& h0,
-    const std::optional<at::Tensor>& c0, const std::optional<at::Tensor>& lengths, c10::string_view mode,
-    bool reverse);
+    const std::optional<at::Tensor>& c0, const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
+    c10::string_view mode, bool reverse);
 
-// The gradients of recurrent_scan from those of out [B, T, H] and the final states (grad_h_n,
-// grad_c_n [B, H], none meaning zero): (grad_gi [B, T, G], grad_gh [B, T, G] for a GRU (the
-// gradient of W_hh h + b_hh; for LSTM and RNN it equals grad_gi and is returned empty),
-// grad_h0 [B, H], grad_c0 [B, H] for an LSTM, else empty). Padded steps get zero gradients.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_scan_backward_cpu(
+// The gradients of recurrent_scan from those of out [B, T, P] and the final states (grad_h_n
+// [B, P], grad_c_n [B, H], none meaning zero): (grad_gi [B, T, G], grad_gh [B, T, G] for a GRU
+// (the gradient of W_hh h + b_hh; for LSTM and RNN it equals grad_gi and is returned empty),
+// grad_h0 [B, P], grad_c0 [B, H] for an LSTM, else empty, grad_projected [B, T, P]: with w_hr,
+// the gradient of every step's projected h, else empty). Padded steps get zero gradients.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_scan_backward_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_h_n, const std::optional<at::Tensor>& grad_c_n,
-    const at::Tensor& w_hh, const at::Tensor& h0, const std::optional<at::Tensor>& c0, const at::Tensor& out,
-    const at::Tensor& cells, const at::Tensor& saved, const std::optional<at::Tensor>& lengths, c10::string_view mode,
-    bool reverse);
+    const at::Tensor& w_hh, const at::Tensor& h0, const std::optional<at::Tensor>& c0,
+    const std::optional<at::Tensor>& w_hr, const at::Tensor& out, const at::Tensor& cells, const at::Tensor& saved,
+    const std::optional<at::Tensor>& lengths, c10::string_view mode, bool reverse);
 
 }  // namespace divebatch

@@ -341,6 +341,38 @@ DIVEBATCH_MULTIVERSION void rnn_backward(const float* grad_out, const float* out
 // 16.9 ms on one thread, against 12-13 ms for the step GEMMs alone).
 constexpr int64_t kCellGrain = 16384;
 
+// A projected LSTM step's h: the projection's rows become the output and the carried state on the
+// rows whose step counts; a padded step's output is 0 and its state stays.
+template <typename T>
+void commit_rows(const T* projection, T* out, T* h_state, const int64_t* lengths, int64_t t, int64_t B, int64_t P) {
+  for (int64_t b = 0; b < B; ++b) {
+    if (counts(lengths, b, t)) {
+      std::copy(projection + b * P, projection + (b + 1) * P, out + b * P);
+      std::copy(projection + b * P, projection + (b + 1) * P, h_state + b * P);
+    } else {
+      zero_row(out + b * P, P);
+    }
+  }
+}
+
+// Backwards through a projected LSTM step: total = grad_out + the carried dh on counted rows (the
+// gradient of the projected h, W_hr's factor), 0 on padded ones; dh's counted rows are reset (the
+// caller adds their part through W_hh), its padded rows carried on.
+template <typename T>
+void take_rows(const T* grad_out, T* dh, T* total, const int64_t* lengths, int64_t t, int64_t B, int64_t P) {
+  for (int64_t b = 0; b < B; ++b) {
+    T* row = total + b * P;
+    if (!counts(lengths, b, t)) {
+      zero_row(row, P);
+      continue;
+    }
+    for (int64_t j = 0; j < P; ++j) {
+      row[j] = dh[b * P + j] + grad_out[b * P + j];
+      dh[b * P + j] = 0;
+    }
+  }
+}
+
 // A PyTorch-style lengths vector [B] (int64, 0 <= lengths[b] <= T) as a contiguous CPU tensor,
 // or an undefined tensor when none was given.
 at::Tensor checked_lengths(const std::optional<at::Tensor>& lengths, int64_t B, int64_t T, const char* op) {
@@ -367,24 +399,29 @@ void over_rows(int64_t B, int64_t H, const F& f) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_scan_cpu(
     const at::Tensor& gi, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh, const at::Tensor& h0,
-    const std::optional<at::Tensor>& c0, const std::optional<at::Tensor>& lengths, c10::string_view mode_view,
-    bool reverse) {
+    const std::optional<at::Tensor>& c0, const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
+    c10::string_view mode_view, bool reverse) {
   constexpr const char* op = "recurrent_scan";
   const std::string mode(mode_view);
   const CellInfo info = cell_info(mode, op);
+  const bool lstm = info.cell == Cell::kLSTM;
   TORCH_CHECK(gi.device().is_cpu(), "divebatch::", op, ": gi must be a CPU tensor, got device ", gi.device());
   TORCH_CHECK(gi.scalar_type() == at::kFloat || gi.scalar_type() == at::kDouble, "divebatch::", op,
               ": gi must be float32 or float64 (the recurrence is stepped in its dtype), got ", gi.scalar_type());
   TORCH_CHECK(gi.dim() == 3, "divebatch::", op, ": gi must be 3-D [B, T, G], got shape ", gi.sizes());
-  TORCH_CHECK(w_hh.dim() == 2, "divebatch::", op, ": w_hh must be 2-D [G, H], got shape ", w_hh.sizes());
-  const int64_t B = gi.size(0), T = gi.size(1), G = gi.size(2), H = w_hh.size(1);
-  TORCH_CHECK(G == info.gates * H, "divebatch::", op, ": gi's last dim must be ", info.gates, " x H = ",
-              info.gates * H, " for mode \"", mode, "\" (H = w_hh.size(1)), got ", G);
-  check_tensor(w_hh, gi, {G, H}, op, "w_hh", "[G, H]");
+  const int64_t B = gi.size(0), T = gi.size(1), G = gi.size(2), H = G / info.gates;
+  TORCH_CHECK(G % info.gates == 0, "divebatch::", op, ": gi's last dim must be ", info.gates,
+              " x the hidden size for mode \"", mode, "\", got ", G);
+  const bool projected = w_hr.has_value() && w_hr->defined();
+  TORCH_CHECK(!projected || lstm, "divebatch::", op, ": w_hr (a projection) is for an LSTM only; pass None for mode \"",
+              mode, "\"");
+  const int64_t P = projected ? w_hr->size(0) : H;  // the width of h
+  if (projected) check_tensor(*w_hr, gi, {P, H}, op, "w_hr", "[P, H]");
+  check_tensor(w_hh, gi, {G, P}, op, "w_hh", projected ? "[G, P]" : "[G, H]");
   const bool has_bias = b_hh.has_value() && b_hh->defined();
   if (has_bias) check_tensor(*b_hh, gi, {G}, op, "b_hh", "[G]");
-  check_tensor(h0, gi, {B, H}, op, "h0", "[B, H]");
-  check_optional(c0, info.cell == Cell::kLSTM, gi, {B, H}, op, "c0", "[B, H]", mode);
+  check_tensor(h0, gi, {B, P}, op, "h0", projected ? "[B, P]" : "[B, H]");
+  check_optional(c0, lstm, gi, {B, H}, op, "c0", "[B, H]", mode);
   const at::Tensor steps_of = checked_lengths(lengths, B, T, op);
   const int64_t* len = steps_of.defined() ? steps_of.const_data_ptr<int64_t>() : nullptr;
 
@@ -392,11 +429,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent
   const auto opts = gi.options();
   // Every result is time-major ([T, B, *], returned as [B, T, *] views) so that each step's slice
   // is contiguous: the step GEMM and the cell loops run fastest on those.
-  at::Tensor out = at::empty({T, B, H}, opts);
-  at::Tensor cells = at::empty(info.cell == Cell::kLSTM ? at::IntArrayRef{T, B, H} : at::IntArrayRef{0}, opts);
+  at::Tensor out = at::empty({T, B, P}, opts);
+  at::Tensor cells = at::empty(lstm ? at::IntArrayRef{T, B, H} : at::IntArrayRef{0}, opts);
   at::Tensor saved = at::empty({T, B, info.saved * H}, opts);
   // The step GEMM reads W_hh^T row by row: one transposed copy, not a strided read every step.
   const at::Tensor wt = w_hh.t().contiguous();
+  const at::Tensor w_hr_t = projected ? w_hr->t().contiguous() : at::Tensor();
   // The input pre-activations, time-major and owned: LSTM and RNN add the step GEMM into them in
   // place, with b_hh folded in once (a GRU keeps W_hh h + b_hh apart: r multiplies its n part).
   at::Tensor pre = at::empty({T, B, G}, opts);
@@ -408,7 +446,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent
   at::Tensor gh = info.cell == Cell::kGRU ? at::empty({B, G}, opts) : at::Tensor();
   // The carried states (a padded step leaves them as they are; they end as h_n, c_n).
   at::Tensor h = h0.clone(at::MemoryFormat::Contiguous);
-  at::Tensor c = info.cell == Cell::kLSTM ? c0->clone(at::MemoryFormat::Contiguous) : at::empty({0}, opts);
+  at::Tensor c = lstm ? c0->clone(at::MemoryFormat::Contiguous) : at::empty({0}, opts);
+  // A projected LSTM's cell output o * tanh(c) before W_hr, and its projection.
+  at::Tensor unprojected = projected ? at::empty({B, H}, opts) : at::Tensor();
+  at::Tensor scratch = projected ? at::empty({B, H}, opts) : at::Tensor();
+  at::Tensor projection = projected ? at::empty({B, P}, opts) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(gi.scalar_type(), "recurrent_scan", [&] {
     scalar_t* h_state = h.mutable_data_ptr<scalar_t>();
@@ -423,9 +465,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent
           pre_t.addmm_(h, wt);
           scalar_t* cells_t = cells.select(0, t).mutable_data_ptr<scalar_t>();
           scalar_t* c_state = c.mutable_data_ptr<scalar_t>();
+          // (projected: the cell's output goes to a scratch, projected and committed below)
+          scalar_t* cell_out = projected ? unprojected.mutable_data_ptr<scalar_t>() : out_t;
+          scalar_t* cell_state = projected ? scratch.mutable_data_ptr<scalar_t>() : h_state;
           over_rows(B, H, [&](int64_t r0, int64_t r1) {
-            lstm_forward(pre_rows, saved_t, cells_t, out_t, h_state, c_state, len, t, r0, r1, H);
+            lstm_forward(pre_rows, saved_t, cells_t, cell_out, cell_state, c_state, len, t, r0, r1, H);
           });
+          if (projected) {
+            at::mm_out(projection, unprojected, w_hr_t);
+            commit_rows(projection.const_data_ptr<scalar_t>(), out_t, h_state, len, t, B, P);
+          }
           break;
         }
         case Cell::kGRU:
@@ -448,36 +497,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent
       }
     }
   });
-  return {out.transpose(0, 1), info.cell == Cell::kLSTM ? cells.transpose(0, 1) : cells, saved.transpose(0, 1), h,
-          c};
+  return {out.transpose(0, 1), lstm ? cells.transpose(0, 1) : cells, saved.transpose(0, 1), h, c};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_scan_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_scan_backward_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_h_n, const std::optional<at::Tensor>& grad_c_n,
-    const at::Tensor& w_hh, const at::Tensor& h0, const std::optional<at::Tensor>& c0, const at::Tensor& out,
-    const at::Tensor& cells, const at::Tensor& saved, const std::optional<at::Tensor>& lengths,
-    c10::string_view mode_view, bool reverse) {
+    const at::Tensor& w_hh, const at::Tensor& h0, const std::optional<at::Tensor>& c0,
+    const std::optional<at::Tensor>& w_hr, const at::Tensor& out, const at::Tensor& cells, const at::Tensor& saved,
+    const std::optional<at::Tensor>& lengths, c10::string_view mode_view, bool reverse) {
   constexpr const char* op = "recurrent_scan_backward";
   const std::string mode(mode_view);
   const CellInfo info = cell_info(mode, op);
+  const bool lstm = info.cell == Cell::kLSTM;
   TORCH_CHECK(out.device().is_cpu(), "divebatch::", op, ": out must be a CPU tensor, got device ", out.device());
   TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble, "divebatch::", op,
               ": out must be float32 or float64, got ", out.scalar_type());
   TORCH_CHECK(out.dim() == 3, "divebatch::", op, ": out must be 3-D [B, T, H], got shape ", out.sizes());
-  const int64_t B = out.size(0), T = out.size(1), H = out.size(2), G = info.gates * H;
-  check_tensor(grad_out, out, {B, T, H}, op, "grad_out", "[B, T, H]");
-  if (grad_h_n.has_value() && grad_h_n->defined()) check_tensor(*grad_h_n, out, {B, H}, op, "grad_h_n", "[B, H]");
-  if (info.cell == Cell::kLSTM) {
+  const bool projected = w_hr.has_value() && w_hr->defined();
+  TORCH_CHECK(!projected || lstm, "divebatch::", op, ": w_hr (a projection) is for an LSTM only; pass None for mode \"",
+              mode, "\"");
+  const int64_t B = out.size(0), T = out.size(1), P = out.size(2);
+  const int64_t H = projected ? w_hr->size(1) : P, G = info.gates * H;
+  if (projected) check_tensor(*w_hr, out, {P, H}, op, "w_hr", "[P, H]");
+  check_tensor(grad_out, out, {B, T, P}, op, "grad_out", "[B, T, H]");
+  if (grad_h_n.has_value() && grad_h_n->defined()) check_tensor(*grad_h_n, out, {B, P}, op, "grad_h_n", "[B, H]");
+  if (lstm) {
     if (grad_c_n.has_value() && grad_c_n->defined()) {
       check_tensor(*grad_c_n, out, {B, H}, op, "grad_c_n", "[B, H]");
     }
   } else {
     check_optional(grad_c_n, false, out, {B, H}, op, "grad_c_n", "[B, H]", mode);
   }
-  check_tensor(w_hh, out, {G, H}, op, "w_hh", "[G, H]");
-  check_tensor(h0, out, {B, H}, op, "h0", "[B, H]");
-  check_optional(c0, info.cell == Cell::kLSTM, out, {B, H}, op, "c0", "[B, H]", mode);
-  if (info.cell == Cell::kLSTM) {
+  check_tensor(w_hh, out, {G, P}, op, "w_hh", projected ? "[G, P]" : "[G, H]");
+  check_tensor(h0, out, {B, P}, op, "h0", "[B, H]");
+  check_optional(c0, lstm, out, {B, H}, op, "c0", "[B, H]", mode);
+  if (lstm) {
     check_tensor(cells, out, {B, T, H}, op, "cells", "[B, T, H]");
   }
   check_tensor(saved, out, {B, T, info.saved * H}, op, "saved", "[B, T, k H]");
@@ -490,19 +544,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_scan_backwa
   // for recurrent_scan_cpu's own results, nor for an incoming gradient that already is (the
   // next layer's input gradient).
   const at::Tensor out_steps = out.transpose(0, 1).contiguous(), saved_steps = saved.transpose(0, 1).contiguous();
-  const at::Tensor cells_steps = info.cell == Cell::kLSTM ? cells.transpose(0, 1).contiguous() : cells;
+  const at::Tensor cells_steps = lstm ? cells.transpose(0, 1).contiguous() : cells;
   const at::Tensor grad_out_steps = grad_out.transpose(0, 1).contiguous();
   const at::Tensor h_init = h0.contiguous();
-  const at::Tensor c_init = info.cell == Cell::kLSTM ? c0->contiguous() : at::Tensor();
+  const at::Tensor c_init = lstm ? c0->contiguous() : at::Tensor();
   at::Tensor grad_gi = at::empty({T, B, G}, opts);
   at::Tensor grad_gh = at::empty(info.cell == Cell::kGRU ? at::IntArrayRef{T, B, G} : at::IntArrayRef{0}, opts);
   at::Tensor dh = grad_h_n.has_value() && grad_h_n->defined() ? grad_h_n->clone(at::MemoryFormat::Contiguous)
-                                                              : at::zeros({B, H}, opts);
+                                                              : at::zeros({B, P}, opts);
   at::Tensor dc = at::empty({0}, opts);
-  if (info.cell == Cell::kLSTM) {
+  if (lstm) {
     dc = grad_c_n.has_value() && grad_c_n->defined() ? grad_c_n->clone(at::MemoryFormat::Contiguous)
                                                      : at::zeros({B, H}, opts);
   }
+  // A projected LSTM: the gradient of every step's projected h (W_hr's factor), that of the
+  // cell's output before W_hr, and a zero carry for the cell loop (the carry lives in dh).
+  at::Tensor grad_projected = at::empty(projected ? at::IntArrayRef{T, B, P} : at::IntArrayRef{0}, opts);
+  at::Tensor d_cell = projected ? at::empty({B, H}, opts) : at::Tensor();
+  at::Tensor no_carry = projected ? at::zeros({B, H}, opts) : at::Tensor();
 
   // The steps in the opposite order of the forward; `prev` is the step before t in the forward.
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "recurrent_scan_backward", [&] {
@@ -518,8 +577,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_scan_backwa
       switch (info.cell) {
         case Cell::kLSTM: {
           const scalar_t* cells_prev = has_prev ? cells_steps.select(0, prev).const_data_ptr<scalar_t>() : nullptr;
+          const scalar_t* cell_grad = go;  // the gradient arriving at the cell's output this step
+          scalar_t* carry = dh_rows;
+          if (projected) {  // through W_hr first: d(o tanh c) = (dh + grad_out) W_hr
+            at::Tensor total = grad_projected.select(0, t);
+            take_rows(go, dh_rows, total.mutable_data_ptr<scalar_t>(), len, t, B, P);
+            at::mm_out(d_cell, total, *w_hr);
+            cell_grad = d_cell.const_data_ptr<scalar_t>();
+            carry = no_carry.mutable_data_ptr<scalar_t>();
+          }
           over_rows(B, H, [&](int64_t r0, int64_t r1) {
-            lstm_backward(go, saved_t, cells_prev, c_init.const_data_ptr<scalar_t>(), dh_rows,
+            lstm_backward(cell_grad, saved_t, cells_prev, c_init.const_data_ptr<scalar_t>(), carry,
                           dc.mutable_data_ptr<scalar_t>(), dg_rows, len, t, prev, r0, r1, H);
           });
           dh.addmm_(dg, w_hh);
@@ -547,7 +615,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrent_scan_backwa
       }
     }
   });
-  return {grad_gi.transpose(0, 1), info.cell == Cell::kGRU ? grad_gh.transpose(0, 1) : grad_gh, dh, dc};
+  return {grad_gi.transpose(0, 1), info.cell == Cell::kGRU ? grad_gh.transpose(0, 1) : grad_gh, dh, dc,
+          projected ? grad_projected.transpose(0, 1) : grad_projected};
 }
 
 }  // namespace divebatch

@@ -28,11 +28,12 @@ SCHEMAS = {
     "instantiate_norm": "instantiate_norm(Tensor a, Tensor g, bool with_bias) -> (Tensor, Tensor, Tensor)",
     "outer_norm": "outer_norm(Tensor a, Tensor g, bool with_bias) -> (Tensor, Tensor)",
     "embedding_norm": "embedding_norm(Tensor indices, Tensor g, int padding_idx) -> Tensor",
-    "recurrent_scan": "recurrent_scan(Tensor gi, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? c0, Tensor? lengths, "
-                      "str mode, bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "recurrent_scan": "recurrent_scan(Tensor gi, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? c0, Tensor? w_hr, "
+                      "Tensor? lengths, str mode, bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     "recurrent_scan_backward": "recurrent_scan_backward(Tensor grad_out, Tensor? grad_h_n, Tensor? grad_c_n, "
-                               "Tensor w_hh, Tensor h0, Tensor? c0, Tensor out, Tensor cells, Tensor saved, "
-                               "Tensor? lengths, str mode, bool reverse) -> (Tensor, Tensor, Tensor, Tensor)",
+                               "Tensor w_hh, Tensor h0, Tensor? c0, Tensor? w_hr, Tensor out, Tensor cells, "
+                               "Tensor saved, Tensor? lengths, str mode, bool reverse) "
+                               "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 }
 
 BACKENDS = ("auto", "reference", "cpp", "triton")
@@ -69,23 +70,26 @@ def _embedding_norm_fake(indices, g, padding_idx):
 
 
 @torch.library.register_fake("divebatch::recurrent_scan")
-def _recurrent_scan_fake(gi, w_hh, b_hh, h0, c0, lengths, mode, reverse):
-    B, T, _ = gi.shape
-    H = w_hh.shape[1]
+def _recurrent_scan_fake(gi, w_hh, b_hh, h0, c0, w_hr, lengths, mode, reverse):
+    B, T, G = gi.shape
+    H = G // reference.SCAN_GATES[mode]
+    P = h0.shape[-1]
     lstm = mode == "LSTM"
     cells = reference.time_major(gi, B, T, H) if lstm else gi.new_empty((0,))
-    return (reference.time_major(gi, B, T, H), cells, reference.time_major(gi, B, T, reference.SCAN_SAVED[mode] * H),
-            gi.new_empty((B, H)), gi.new_empty((B, H) if lstm else (0,)))
+    return (reference.time_major(gi, B, T, P), cells, reference.time_major(gi, B, T, reference.SCAN_SAVED[mode] * H),
+            gi.new_empty((B, P)), gi.new_empty((B, H) if lstm else (0,)))
 
 
 @torch.library.register_fake("divebatch::recurrent_scan_backward")
-def _recurrent_scan_backward_fake(grad_out, grad_h_n, grad_c_n, w_hh, h0, c0, out, cells, saved, lengths, mode,
+def _recurrent_scan_backward_fake(grad_out, grad_h_n, grad_c_n, w_hh, h0, c0, w_hr, out, cells, saved, lengths, mode,
                                   reverse):
-    B, T, H = out.shape
+    B, T, P = out.shape
     G = w_hh.shape[0]
+    H = G // reference.SCAN_GATES[mode]
     grad_gh = reference.time_major(out, B, T, G) if mode == "GRU" else out.new_empty((0,))
-    return (reference.time_major(out, B, T, G), grad_gh, out.new_empty((B, H)),
-            out.new_empty((B, H) if mode == "LSTM" else (0,)))
+    grad_projected = reference.time_major(out, B, T, P) if w_hr is not None else out.new_empty((0,))
+    return (reference.time_major(out, B, T, G), grad_gh, out.new_empty((B, P)),
+            out.new_empty((B, H) if mode == "LSTM" else (0,)), grad_projected)
 
 
 # ---------------------------------------------------------------- device kernels
@@ -145,16 +149,18 @@ def embedding_norm(indices: torch.Tensor, g: torch.Tensor, padding_idx: int = -1
 
 
 def recurrent_scan(gi: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor | None, h0: torch.Tensor,
-                   c0: torch.Tensor | None, mode: str, reverse: bool = False, lengths: torch.Tensor | None = None):
+                   c0: torch.Tensor | None, mode: str, reverse: bool = False, lengths: torch.Tensor | None = None,
+                   w_hr: torch.Tensor | None = None):
     """One direction of one recurrent layer from its input pre-activations ``gi [B, T, G]``:
-    ``(out [B, T, H], cells, saved, h_n, c_n)`` (see ``divebatch.reference.recurrent_scan``); no
+    ``(out [B, T, P], cells, saved, h_n, c_n)`` (see ``divebatch.reference.recurrent_scan``); no
     autograd."""
-    return _call("recurrent_scan", gi, w_hh, b_hh, h0, c0, lengths, mode, reverse)
+    return _call("recurrent_scan", gi, w_hh, b_hh, h0, c0, w_hr, lengths, mode, reverse)
 
 
 def recurrent_scan_backward(grad_out, grad_h_n, grad_c_n, w_hh, h0, c0, out, cells, saved, mode: str,
-                            reverse: bool = False, lengths: torch.Tensor | None = None):
-    """``(grad_gi, grad_gh, grad_h0, grad_c0)`` of ``recurrent_scan`` (see
+                            reverse: bool = False, lengths: torch.Tensor | None = None,
+                            w_hr: torch.Tensor | None = None):
+    """``(grad_gi, grad_gh, grad_h0, grad_c0, grad_projected)`` of ``recurrent_scan`` (see
     ``divebatch.reference.recurrent_scan_backward``)."""
-    return _call("recurrent_scan_backward", grad_out, grad_h_n, grad_c_n, w_hh, h0, c0, out, cells, saved, lengths,
-                 mode, reverse)
+    return _call("recurrent_scan_backward", grad_out, grad_h_n, grad_c_n, w_hh, h0, c0, w_hr, out, cells, saved,
+                 lengths, mode, reverse)

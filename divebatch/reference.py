@@ -98,6 +98,8 @@ def embedding_norm(indices: torch.Tensor, g: torch.Tensor, padding_idx: int) -> 
 #: gates i, f, g, o and tanh(c_t); a GRU's r, z, n and W_hn h + b_hn; nothing for nn.RNN (its
 #: output is the activation).
 SCAN_SAVED = {"LSTM": 5, "GRU": 4, "RNN_TANH": 0, "RNN_RELU": 0}
+#: Pre-activations per hidden unit: G = SCAN_GATES[mode] * H.
+SCAN_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
 
 def time_major(like: torch.Tensor, B: int, T: int, n: int) -> torch.Tensor:
@@ -116,25 +118,26 @@ def _counted(lengths, B: int, T: int, device):
     return None if lengths is None else steps[None, :] < lengths.to(device)[:, None]
 
 
-def recurrent_scan(gi, w_hh, b_hh, h0, c0, lengths, mode: str, reverse: bool):
+def recurrent_scan(gi, w_hh, b_hh, h0, c0, w_hr, lengths, mode: str, reverse: bool):
     """One direction of one layer of ``nn.RNN``/``nn.LSTM``/``nn.GRU``, given its input projection.
 
     ``gi [B, T, G]`` is ``x W_ih^T + b_ih`` for every step (``G`` = 4H for an LSTM, 3H for a GRU,
-    H for an RNN), ``w_hh [G, H]``, ``b_hh [G]`` or None, ``h0 [B, H]``, ``c0 [B, H]`` (LSTM only,
-    else None); ``lengths [B]`` (int64) or None: sample ``b``'s steps ``t >= lengths[b]`` are
+    H for an RNN), ``w_hh [G, P]``, ``b_hh [G]`` or None, ``h0 [B, P]``, ``c0 [B, H]`` (LSTM only,
+    else None), ``w_hr [P, H]`` an LSTM's projection (``h = W_hr (o * tanh c)``; None: P = H);
+    ``lengths [B]`` (int64) or None: sample ``b``'s steps ``t >= lengths[b]`` are
     padding, as in a ``PackedSequence``: its output there is 0 and its state is carried unchanged
     (so a reversed direction starts at the sample's own last step). ``mode`` is the module's
     ``mode`` ("LSTM", "GRU", "RNN_TANH", "RNN_RELU") and ``reverse`` runs the steps from ``T - 1``
     down (a bidirectional layer's second direction). PyTorch's gate order and formulas. Returns
-    ``(out [B, T, H], cells [B, T, H], saved [B, T, k H], h_n [B, H], c_n [B, H])``, the first
+    ``(out [B, T, P], cells [B, T, H], saved [B, T, k H], h_n [B, P], c_n [B, H])``, the first
     three views of time-major buffers: the hidden state after every step, an LSTM's cell state
     after every step (an empty tensor otherwise), the activations ``recurrent_scan_backward`` needs
     (``SCAN_SAVED``; 0 on padded steps), and the final states (``c_n`` empty except for an LSTM).
     Computed in ``gi``'s dtype; nothing is scaled.
     """
-    B, T, _ = gi.shape
-    H = w_hh.shape[1]
-    out, saved = time_major(gi, B, T, H), time_major(gi, B, T, SCAN_SAVED[mode] * H)
+    B, T, G = gi.shape
+    H, P = G // SCAN_GATES[mode], h0.shape[-1]
+    out, saved = time_major(gi, B, T, P), time_major(gi, B, T, SCAN_SAVED[mode] * H)
     cells = time_major(gi, B, T, H) if mode == "LSTM" else gi.new_empty(0)
     counted = _counted(lengths, B, T, gi.device)
     h, c = h0, c0
@@ -147,7 +150,7 @@ def recurrent_scan(gi, w_hh, b_hh, h0, c0, lengths, mode: str, reverse: bool):
             g = torch.tanh(pre[:, 2 * H:3 * H])
             c_new = f * c + i * g
             tanh_c = torch.tanh(c_new)
-            h_new = o * tanh_c
+            h_new = o * tanh_c if w_hr is None else (o * tanh_c) @ w_hr.t()
             kept = torch.cat([i, f, g, o, tanh_c], dim=1)
         elif mode == "GRU":
             r = torch.sigmoid(gi[:, t, :H] + gh[:, :H])
@@ -174,25 +177,28 @@ def recurrent_scan(gi, w_hh, b_hh, h0, c0, lengths, mode: str, reverse: bool):
     return out, cells, saved, h, c if mode == "LSTM" else gi.new_empty(0)
 
 
-def recurrent_scan_backward(grad_out, grad_h_n, grad_c_n, w_hh, h0, c0, out, cells, saved, lengths, mode: str,
-                            reverse: bool):
+def recurrent_scan_backward(grad_out, grad_h_n, grad_c_n, w_hh, h0, c0, w_hr, out, cells, saved, lengths,
+                            mode: str, reverse: bool):
     """The gradients of ``recurrent_scan`` from those of its outputs.
 
     ``grad_out [B, T, H]`` is the gradient of ``out``, ``grad_h_n``/``grad_c_n [B, H]`` those of
     the final states (None: zero); the rest is the forward's inputs and results. Returns
-    ``(grad_gi [B, T, G], grad_gh, grad_h0 [B, H], grad_c0)``: the gradients of the input
+    ``(grad_gi [B, T, G], grad_gh, grad_h0 [B, P], grad_c0, grad_projected)``: the gradients of the input
     pre-activations ``gi`` and of the hidden ones ``gh = h_{t-1} W_hh^T + b_hh`` at every step
     (0 on padded steps; equal to ``grad_gi`` except for a GRU, whose ``r`` multiplies ``gh``'s n
     part; so ``grad_gh`` is returned for a GRU only, an empty tensor otherwise), and of the initial
-    states (``grad_c0`` empty except for an LSTM). A weight's gradient is ``grad^T A`` summed
-    over steps and samples: ``A`` is the layer input for ``W_ih`` and the state each step started
-    from for ``W_hh``.
+    states (``grad_c0`` empty except for an LSTM), and with ``w_hr`` the gradient of every step's
+    projected ``h`` (empty otherwise). A weight's gradient is ``grad^T A`` summed over steps and
+    samples: ``A`` is the layer input for ``W_ih``, the state each step started from for ``W_hh``,
+    and ``o * tanh c`` for ``W_hr`` (with ``grad_projected``).
     """
-    B, T, H = out.shape
+    B, T, P = out.shape
     G = w_hh.shape[0]
+    H = G // SCAN_GATES[mode]
+    grad_projected = time_major(out, B, T, P) if w_hr is not None else out.new_empty(0)
     grad_gi = time_major(out, B, T, G)
     grad_gh = time_major(out, B, T, G) if mode == "GRU" else out.new_empty(0)
-    dh = grad_h_n.clone() if grad_h_n is not None else out.new_zeros(B, H)
+    dh = grad_h_n.clone() if grad_h_n is not None else out.new_zeros(B, P)
     dc = None
     if mode == "LSTM":
         dc = grad_c_n.clone() if grad_c_n is not None else out.new_zeros(B, H)
@@ -210,6 +216,9 @@ def recurrent_scan_backward(grad_out, grad_h_n, grad_c_n, w_hh, h0, c0, out, cel
         else:
             h_prev, c_prev = h0, c0
         d_in = dh + grad_out[:, t]
+        if w_hr is not None:  # the projected h's gradient, then the cell output's through W_hr
+            grad_projected[:, t] = d_in if keep is None else torch.where(keep, d_in, 0)
+            d_in = d_in @ w_hr
         if mode == "LSTM":
             i, f, g, o, tanh_c = saved[:, t].split(H, dim=1)
             d_o = d_in * tanh_c * o * (1 - o)
@@ -244,4 +253,4 @@ def recurrent_scan_backward(grad_out, grad_h_n, grad_c_n, w_hh, h0, c0, out, cel
         dh = dh_new
         if mode == "LSTM":
             dc = dc_new
-    return grad_gi, grad_gh, dh, dc if dc is not None else out.new_empty(0)
+    return grad_gi, grad_gh, dh, dc if dc is not None else out.new_empty(0), grad_projected

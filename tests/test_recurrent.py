@@ -1,5 +1,5 @@
 """nn.LSTM / nn.GRU / nn.RNN (``divebatch/layers/recurrent.py``: the recurrence stepped by the
-``recurrent_scan`` operators, or unrolled in PyTorch ops for projections and packed sequences, as
+``recurrent_scan`` operators (padded steps of packed sequences masked, projections stepped too), as
 the layer's fused forward or one batched replay, gives every step's gate gradients, then the linear
 routes over time steps).
 Reference: the definition (one backward per sample's loss
@@ -75,8 +75,8 @@ def checked_route(model, x, fused: bool = True) -> str:
     return routes["rnn"]
 
 
-#: The route of a tensor input: the unrolled recurrence in place of the layer's forward (fused), or
-#: a replay of it after the layer's own forward (hooks, and PackedSequence inputs always).
+#: The route: the scans in place of the layer's forward (fused), or a replay through them after
+#: the layer's own forward (hooks).
 ROUTES = {True: "recurrent (fused scan)", False: "recurrent (batched replay)"}
 
 
@@ -184,10 +184,10 @@ def test_a_layer_called_twice_without_bias_is_exact(fused):
 def test_lstm_projections_are_exact(bidirectional):
     torch.manual_seed(0)
     model = Recurrent(nn.LSTM, True, False, proj_size=4, bidirectional=bidirectional)
-    assert checked_route(model, torch.randn(3, 5, 6)) == "recurrent (fused unrolled)"
+    assert checked_route(model, torch.randn(3, 5, 6)) == ROUTES[True]
     assert checked_route(model, torch.randn(3, 5, 6), fused=False) == ROUTES[False]
     model = Packed(nn.LSTM, False, proj_size=4, bidirectional=bidirectional)
-    assert checked_route(model, torch.randn(5, 6, 6)) == "recurrent (fused unrolled)"
+    assert checked_route(model, torch.randn(5, 6, 6)) == ROUTES[True]
     assert checked_route(model, torch.randn(5, 6, 6), fused=False) == ROUTES[False]
 
 

@@ -25,12 +25,10 @@ two operators: about the cost of the layer's forward and backward again, against
 sample* on the generic route before (``vmap`` has no batching rule for GRU's and RNN's fused
 backward). Any number of layers, bidirectional, ``batch_first`` or not, a given ``h_0``/``c_0``.
 
-An LSTM with projections (``proj_size > 0``: ``h_t = W_hr (o_t * tanh(c_t))``) adds the factor
-pair of ``W_hr``: the unprojected state and the gradient of the projected one. The scans do not
-project, so such a layer runs the recurrence unrolled in PyTorch ops (``_unroll``), as the fused
-forward (``_FusedRecurrence``, the gate gradients from the graph it built) or as the replay.
-Inter-layer dropout in training mode draws masks inside the fused kernel that no replay can
-repeat: refused with a clear error.
+An LSTM with projections (``proj_size > 0``: ``h_t = W_hr (o_t * tanh(c_t))``; the scans project
+each step) adds the factor pair of ``W_hr``: the unprojected output ``o_t * tanh(c_t)`` and the
+gradient of the projected state. Inter-layer dropout in training mode draws masks inside the fused
+kernel that no replay can repeat: refused with a clear error.
 """
 
 from __future__ import annotations
@@ -156,9 +154,8 @@ class RecurrentRule(LayerRule):
         return x.shape[0] if module.batch_first else x.shape[1]
 
     def fused_forward(self, module, args, kwargs, sink):
-        """The layer's forward as the recurrence stepped by the scan operators (``_ScannedRecurrence``;
-        an LSTM with projections: unrolled in PyTorch ops, ``_FusedRecurrence``), in place of the
-        native kernel: its backward gives the pre-activations' gradients, hands them to ``sink`` for
+        """The layer's forward as the recurrence stepped by the scan operators (``_ScannedRecurrence``),
+        in place of the native kernel: its backward gives the pre-activations' gradients, hands them to ``sink`` for
         the norms and forms the weights' gradients as one product each, so nothing is replayed. A
         PackedSequence runs padded, its padded steps masked, and comes out packed as the input was.
         Outputs equal the native kernel's to float32 rounding."""
@@ -172,8 +169,7 @@ class RecurrentRule(LayerRule):
             seq, lengths = pad_packed_sequence(x, batch_first=True)  # (the samples in their own order)
         else:
             seq = x if module.batch_first else x.transpose(0, 1)
-        function = _ScannedRecurrence if _can_scan(module) else _FusedRecurrence
-        out, h_n, c_n = function.apply(module, names, sink, seq, h0, c0, lengths, *params)
+        out, h_n, c_n = _ScannedRecurrence.apply(module, names, sink, seq, h0, c0, lengths, *params)
         if lengths is not None:
             out = _packed_like(out, x, lengths)
         elif not module.batch_first:
@@ -197,8 +193,7 @@ class RecurrentRule(LayerRule):
     def fused_plan(self, module, ctx, tracked) -> RoutePlan:
         B, T, _ = ctx.x.shape
         inner = linear_route(B, T, module.hidden_size, module.hidden_size * _gates(module))
-        how = "scan" if _can_scan(module) else "unrolled"
-        return RoutePlan(f"recurrent (fused {how})", f"B={B} T={T} H={module.hidden_size} "
+        return RoutePlan("recurrent (fused scan)", f"B={B} T={T} H={module.hidden_size} "
                          f"layers={module.num_layers} ({inner.route} per weight)", float("nan"), float("nan"))
 
     def _factors(self, module, calls):
@@ -224,49 +219,12 @@ class FusedRecurrentCall:
     x: torch.Tensor
 
 
-class _FusedRecurrence(torch.autograd.Function):
-    """``(out, h_n, c_n)`` of the unrolled recurrence; the backward hands the weights' factors
-    ``((weight name, bias name), A, G)`` to the tracker's sink and returns the weights' gradients
-    as one product each. Once differentiable: its backward runs on a graph built in the forward
-    without the weights, so a backward with ``create_graph=True`` is refused."""
-
-    @staticmethod
-    def forward(ctx, module, names, sink, x, h0, c0, lengths, *params):
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_() if t is not None and t.requires_grad else
-                      (t.detach() if t is not None else None) for t in (x, h0, c0)]
-            out, h_n, c_n, factors, pre = _unroll(module, *leaves, lengths)
-        ctx.graph = (out, h_n, c_n, factors, pre, leaves)
-        ctx.names, ctx.sink, ctx.call = names, sink, FusedRecurrentCall(x.detach())
-        ctx.set_materialize_grads(False)
-        outputs = (out.detach(), h_n.detach(), c_n.detach() if c_n is not None else None)
-        return outputs
-
-    @staticmethod
-    def backward(ctx, g_out, g_h, g_c):
-        _refuse_create_graph()
-        out, h_n, c_n, factors, pre, leaves = ctx.graph
-        del ctx.graph  # (the graph is used once)
-        pairs = [(t, g) for t, g in ((out, g_out), (h_n, g_h), (c_n, g_c)) if t is not None and g is not None]
-        flat = [t for p in pre for t in (p if isinstance(p, list) else [p])]
-        wanted = [t for t in leaves if t is not None and t.requires_grad]
-        if pairs:
-            with torch.enable_grad():
-                got = torch.autograd.grad([t for t, _ in pairs], flat + wanted, [g for _, g in pairs],
-                                          allow_unused=True)
-        else:
-            got = [None] * (len(flat) + len(wanted))
-        weights = _factor_grads(factors, pre, got[:len(flat)])
-        input_grads = iter(got[len(flat):])
-        x_g, h0_g, c0_g = (next(input_grads) if t is not None and t.requires_grad else None for t in leaves)
-        return (None, None, None, x_g, h0_g, c0_g, None, *_sink_and_weight_grads(ctx, weights))
-
-
 class _ScannedRecurrence(torch.autograd.Function):
     """``(out, h_n, c_n)`` of the layer stepped by ``divebatch::recurrent_scan`` (C++ on CPU), one
     direction of one layer at a time; the backward steps back with ``recurrent_scan_backward``,
     hands the weights' factors to the tracker's sink and returns the weights' gradients as one
-    product each. Once differentiable, as ``_FusedRecurrence``."""
+    product each. Once differentiable: the scans' backward is no graph, so a backward with
+    ``create_graph=True`` is refused."""
 
     @staticmethod
     def forward(ctx, module, names, sink, x, h0, c0, lengths, *params):
@@ -309,6 +267,7 @@ class _Scan:
     c0: torch.Tensor | None
     results: tuple                    # (out, cells, saved) of recurrent_scan
     lengths: torch.Tensor | None      # [B] steps per sample (a PackedSequence's), or None: all
+    w_hr: torch.Tensor | None         # an LSTM's projection [P, H], or None
 
 
 def _packed_like(out: torch.Tensor, like: PackedSequence, lengths: torch.Tensor) -> PackedSequence:
@@ -324,17 +283,13 @@ def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
 
-def _can_scan(module) -> bool:
-    """The scans step the layers without projections (an LSTM's ``proj_size``)."""
-    return not getattr(module, "proj_size", 0)
-
-
 def _scan_forward(module, weights: dict, x: torch.Tensor, h0, c0, lengths=None):
     """The layer's forward on ``x [B, T, in]`` (float32, batch first; with ``lengths [B]``, sample
     b's steps from ``lengths[b]`` on are padding) through ``recurrent_scan``: ``(out [B, T, D*H],
     h_n, c_n, scans)``, no autograd graph."""
     B, T, _ = x.shape
     H, D = module.hidden_size, 2 if module.bidirectional else 1
+    P = getattr(module, "proj_size", 0) or H  # the width of h (an LSTM's projection, else H)
     lstm = module.mode == "LSTM"
     layer_input, scans, finals_h, finals_c = x, [], [], []
     for layer in range(module.num_layers):
@@ -343,13 +298,14 @@ def _scan_forward(module, weights: dict, x: torch.Tensor, h0, c0, lengths=None):
             names = _names(layer, d == 1)
             w_ih, w_hh, b_ih, b_hh = names
             index = layer * D + d
-            h_init = h0[index] if h0 is not None else x.new_zeros(B, H)
+            h_init = h0[index] if h0 is not None else x.new_zeros(B, P)
             c_init = (c0[index] if c0 is not None else x.new_zeros(B, H)) if lstm else None
             gi = F.linear(layer_input, weights[w_ih], weights.get(b_ih))
+            w_hr = weights.get(_projection(layer, d == 1))
             out, cells, saved, h_n, c_n = ops.recurrent_scan(gi, weights[w_hh], weights.get(b_hh), h_init, c_init,
-                                                             module.mode, d == 1, lengths)
+                                                             module.mode, d == 1, lengths, w_hr)
             scans.append(_Scan(module.mode, names, index, d == 1, layer_input, h_init, c_init, (out, cells, saved),
-                               lengths))
+                               lengths, w_hr))
             finals_h.append(h_n)
             finals_c.append(c_n)
             outs.append(out)
@@ -360,7 +316,8 @@ def _scan_forward(module, weights: dict, x: torch.Tensor, h0, c0, lengths=None):
 
 def _scan_backward(x_shape, weights: dict, scans: list, g_out, g_h, g_c, wants=(False, False, False)):
     """Step ``scans`` back from the outputs' grads (None: zero): ``(factors, x_g, h0_g, c0_g)``,
-    ``factors`` as ``_factor_grads``'s and the input and initial states' grads where ``wants``."""
+    ``factors`` as ``((weight name, bias name or None), A, G)`` per weight, and the input and
+    initial states' grads where ``wants``."""
     B, T, _ = x_shape
     D = 1 + max(scan.reverse for scan in scans)
     H = scans[0].h0.shape[-1]
@@ -373,14 +330,18 @@ def _scan_backward(x_shape, weights: dict, scans: list, g_out, g_h, g_c, wants=(
             w_ih, w_hh, b_ih, b_hh = scan.names
             out, cells, saved = scan.results
             g_d = above if above is None or D == 1 else above[..., (int(scan.reverse)) * H:(int(scan.reverse) + 1) * H]
-            grad_gi, grad_gh, h0_g[scan.index], c0_g[scan.index] = ops.recurrent_scan_backward(
+            grad_gi, grad_gh, h0_g[scan.index], c0_g[scan.index], grad_projected = ops.recurrent_scan_backward(
                 g_d if g_d is not None else out.new_zeros(B, T, H),
                 None if g_h is None else g_h[scan.index], None if g_c is None else g_c[scan.index],
-                weights[w_hh], scan.h0, scan.c0, out, cells, saved, scan.mode, scan.reverse, scan.lengths)
+                weights[w_hh], scan.h0, scan.c0, out, cells, saved, scan.mode, scan.reverse, scan.lengths, scan.w_hr)
             if grad_gh.numel() == 0:  # (LSTM, RNN: the two pre-activations' gradients are one)
                 grad_gh = grad_gi
             factors.append(((w_ih, b_ih), scan.layer_input, grad_gi))
             factors.append(((w_hh, b_hh), _previous_states(out, scan.h0, scan.reverse, scan.lengths), grad_gh))
+            if scan.w_hr is not None:  # W_hr's input: the cell's output o * tanh(c), from what was kept
+                hidden = scan.w_hr.shape[1]
+                cell_out = saved[..., 3 * hidden:4 * hidden] * saved[..., 4 * hidden:]
+                factors.append(((_projection(layer, scan.reverse), None), cell_out, grad_projected))
             if layer > 0 or wants[0]:
                 part = _rows_times(grad_gi, weights[w_ih])
                 below = part if below is None else below + part
@@ -439,112 +400,9 @@ def _gates(module) -> int:
     return {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
 
 
-def _cell(module, gi, gh, h, c):
-    """One step of the layer's cell from the two pre-activations ``gi``, ``gh``."""
-    if module.mode == "LSTM":
-        i, f, g, o = (gi + gh).chunk(4, dim=-1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
-    if module.mode == "GRU":
-        ir, iz, in_ = gi.chunk(3, dim=-1)
-        hr, hz, hn = gh.chunk(3, dim=-1)
-        r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
-        n = torch.tanh(in_ + r * hn)
-        return (1 - z) * n + z * h, None
-    act = torch.tanh if module.mode == "RNN_TANH" else torch.relu
-    return act(gi + gh), None
-
-
-def _unroll(module, x: torch.Tensor, h0: torch.Tensor | None, c0: torch.Tensor | None,
-            lengths: torch.Tensor | None):
-    """The recurrence for the whole batch, unrolled in float32 PyTorch ops under grad mode, from
-    ``x [B, T, input_size]`` and the initial states (a graph only where they require a gradient).
-
-    The weights take no part in the graph: the pre-activations carry it instead (their gradients
-    are what the norms need, and a weight's gradient from them is one product over every step,
-    where autograd would make one per step). Returns ``(out [B, T, D*P], h_n, c_n, factors, pre)``:
-    ``factors`` lists ``((weight name, bias name), A)`` for every ``W_ih`` (A: the layer's
-    input), ``W_hh`` (A: the previous hidden state) and ``W_hr``; ``pre`` the tensor (or per-step
-    list) whose gradient is that weight's G, in the same order."""
-    B, T, _ = x.shape
-    H, D = module.hidden_size, 2 if module.bidirectional else 1
-    P = getattr(module, "proj_size", 0) or H  # the width of h (an LSTM's projection, else H)
-    device = x.device
-    steps = torch.arange(T, device=device)
-    valid = None if lengths is None else (steps[None, :] < lengths[:, None])  # [B, T]
-    params = {name: p.detach().float() for name, p in module.named_parameters()}
-    factors, pre = [], []
-    with torch.enable_grad():
-        layer_input = x
-        finals_h, finals_c = [], []
-        for layer in range(module.num_layers):
-            directions = []
-            for d in range(D):
-                w_ih, w_hh, b_ih, b_hh = _names(layer, d == 1)
-                w_hr = _projection(layer, d == 1) if getattr(module, "proj_size", 0) else None
-                index = layer * D + d
-                h = h0[index] if h0 is not None else layer_input.new_zeros(B, P)
-                if not h.requires_grad:  # (the first step's W_hh pre-activation needs a graph)
-                    h = h.detach().requires_grad_()
-                c = None
-                if module.mode == "LSTM":
-                    c = c0[index] if c0 is not None else layer_input.new_zeros(B, H)
-                gi = F.linear(layer_input, params[w_ih], params.get(b_ih))
-                if not gi.requires_grad:  # the first layer: its input's gradient is not wanted
-                    gi.requires_grad_()
-                # One view per step: indexing gi[:, t] would give each step's backward a zeroed
-                # [B, T, gates] buffer to add into (quadratic in T); unbind's backward is one stack.
-                gi_steps = gi.unbind(1)
-                outs, gh_steps, h_prev = [None] * T, [None] * T, [None] * T
-                unprojected, projected = [None] * T, [None] * T
-                for t in (reversed(range(T)) if d == 1 else range(T)):
-                    gh = F.linear(h, params[w_hh], params.get(b_hh))
-                    h_new, c_new = _cell(module, gi_steps[t], gh, h, c)
-                    if w_hr is not None:
-                        unprojected[t] = h_new.detach()
-                        h_new = projected[t] = F.linear(h_new, params[w_hr])
-                    h_prev[t], gh_steps[t] = h.detach(), gh
-                    if valid is not None:  # a packed sample's state stops at its length
-                        keep = valid[:, t, None]
-                        h_new = torch.where(keep, h_new, h)
-                        c_new = torch.where(keep, c_new, c) if c is not None else None
-                        outs[t] = torch.where(keep, h_new, torch.zeros_like(h_new))
-                    else:
-                        outs[t] = h_new
-                    h, c = h_new, c_new
-                finals_h.append(h)
-                finals_c.append(c)
-                directions.append(torch.stack(outs, 1))
-                factors.append(((w_ih, b_ih), layer_input.detach()))
-                pre.append(gi)
-                factors.append(((w_hh, b_hh), torch.stack(h_prev, 1)))
-                pre.append(gh_steps)
-                if w_hr is not None:
-                    factors.append(((w_hr, None), torch.stack(unprojected, 1)))
-                    pre.append(projected)
-            layer_input = torch.cat(directions, -1) if D > 1 else directions[0]
-        h_n = torch.stack(finals_h)
-        c_n = torch.stack(finals_c) if module.mode == "LSTM" else None
-    return layer_input, h_n, c_n, factors, pre
-
-
-def _factor_grads(factors, pre, got) -> list:
-    """``((weight name, bias name), A, G)`` from ``_unroll``'s factors and the gradients ``got``
-    of its flattened ``pre`` (None where none arrived: zero)."""
-    flat = [t for p in pre for t in (p if isinstance(p, list) else [p])]
-    got = [g if g is not None else torch.zeros_like(t) for g, t in zip(got, flat)]
-    out, at = [], 0
-    for (names, a), p in zip(factors, pre):
-        n = len(p) if isinstance(p, list) else 1
-        g = torch.stack(got[at:at + n], 1) if isinstance(p, list) else got[at]
-        at += n
-        out.append((names, a, g))
-    return out
-
-
 def _replay(module, ctx: RecurrentCall, grads):
-    """The recurrence replayed from a captured call (``_unroll``) and taken back from its outputs'
-    grads: ``((weight name, bias name), A, G)`` per weight."""
+    """The recurrence replayed from a captured call through the scans and stepped back from its
+    outputs' grads: ``((weight name, bias name), A, G)`` per weight."""
     T = ctx.x.shape[1]
     grads = {name: g for name, g in zip(ctx.outputs, grads) if g is not None}  # (unused outputs: none)
     h0 = None if ctx.h0 is None else ctx.h0.float()
@@ -556,26 +414,9 @@ def _replay(module, ctx: RecurrentCall, grads):
                                                total_length=T)[0]
         elif not module.batch_first:
             grads["out"] = grads["out"].transpose(0, 1)
-    if _can_scan(module):
-        weights = {name: p.detach().float() for name, p in module.named_parameters()}
-        scans = _scan_forward(module, weights, x, h0, c0, ctx.lengths)[3]
-        return _scan_backward(x.shape, weights, scans, *(_float(grads.get(k)) for k in ("out", "h", "c")))[0]
-    out, h_n, c_n, factors, pre = _unroll(module, x, h0, c0, ctx.lengths)
-    with torch.enable_grad():
-        results, wanted = [], []
-        if "out" in grads:
-            g = grads["out"]
-            results.append(out)
-            wanted.append(g.float())
-        if "h" in grads:
-            results.append(h_n)
-            wanted.append(grads["h"].float())
-        if "c" in grads:
-            results.append(c_n)
-            wanted.append(grads["c"].float())
-        flat = [t for p in pre for t in (p if isinstance(p, list) else [p])]
-        got = torch.autograd.grad(results, flat, wanted, allow_unused=True)
-    return _factor_grads(factors, pre, got)
+    weights = {name: p.detach().float() for name, p in module.named_parameters()}
+    scans = _scan_forward(module, weights, x, h0, c0, ctx.lengths)[3]
+    return _scan_backward(x.shape, weights, scans, *(_float(grads.get(k)) for k in ("out", "h", "c")))[0]
 
 
 def _float(t: torch.Tensor | None) -> torch.Tensor | None:
