@@ -113,7 +113,7 @@ def _scan_steps(T: int, reverse: bool) -> range:
 
 
 def _counted(lengths, B: int, T: int, device):
-    """``[B, T]`` bool: which steps count (all without ``lengths``), and a row lookup ``[B, 1]``."""
+    """``[B, T]`` bool: which steps count, or None without ``lengths`` (all do)."""
     steps = torch.arange(T, device=device)
     return None if lengths is None else steps[None, :] < lengths.to(device)[:, None]
 

@@ -238,7 +238,13 @@ class _ScannedRecurrence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_out, g_h, g_c):
-        _refuse_create_graph()
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "a backward with create_graph=True (a gradient penalty, second-order gradients) through an "
+                "nn.RNN/LSTM/GRU whose forward the tracker fused: its gradients come from divebatch's scan "
+                "kernels, which record no graph, so their own gradients would be wrong. Create the "
+                "GradNormTracker with fused=False for such steps (the layer then runs its own forward and is "
+                "replayed for the norms)")
         weights, scans = ctx.state
         del ctx.state  # (used once)
         factors, x_g, h0_g, c0_g = _scan_backward(ctx.call.x.shape, weights, scans, g_out, g_h, g_c, ctx.wants)
@@ -263,7 +269,7 @@ class _Scan:
     index: int                        # layer * directions + direction: its row of h_0 / h_n
     reverse: bool
     layer_input: torch.Tensor         # [B, T, in]
-    h0: torch.Tensor                  # [B, H]
+    h0: torch.Tensor                  # [B, P] (P: an LSTM's proj_size, else H)
     c0: torch.Tensor | None
     results: tuple                    # (out, cells, saved) of recurrent_scan
     lengths: torch.Tensor | None      # [B] steps per sample (a PackedSequence's), or None: all
@@ -286,7 +292,7 @@ def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
 def _scan_forward(module, weights: dict, x: torch.Tensor, h0, c0, lengths=None):
     """The layer's forward on ``x [B, T, in]`` (float32, batch first; with ``lengths [B]``, sample
     b's steps from ``lengths[b]`` on are padding) through ``recurrent_scan``: ``(out [B, T, D*H],
-    h_n, c_n, scans)``, no autograd graph."""
+    h_n, c_n, scans)`` (``D*P`` wide with a projection), no autograd graph."""
     B, T, _ = x.shape
     H, D = module.hidden_size, 2 if module.bidirectional else 1
     P = getattr(module, "proj_size", 0) or H  # the width of h (an LSTM's projection, else H)
@@ -320,8 +326,8 @@ def _scan_backward(x_shape, weights: dict, scans: list, g_out, g_h, g_c, wants=(
     initial states' grads where ``wants``."""
     B, T, _ = x_shape
     D = 1 + max(scan.reverse for scan in scans)
-    H = scans[0].h0.shape[-1]
-    above = g_out  # the gradient of the current layer's output [B, T, D*H]
+    P = scans[0].h0.shape[-1]  # the width of h
+    above = g_out  # the gradient of the current layer's output [B, T, D*P]
     factors, h0_g, c0_g = [], [None] * len(scans), [None] * len(scans)
     x_g = None
     for layer in reversed(range(len(scans) // D)):
@@ -329,9 +335,9 @@ def _scan_backward(x_shape, weights: dict, scans: list, g_out, g_h, g_c, wants=(
         for scan in scans[layer * D:(layer + 1) * D]:
             w_ih, w_hh, b_ih, b_hh = scan.names
             out, cells, saved = scan.results
-            g_d = above if above is None or D == 1 else above[..., (int(scan.reverse)) * H:(int(scan.reverse) + 1) * H]
+            g_d = above if above is None or D == 1 else above[..., int(scan.reverse) * P:(int(scan.reverse) + 1) * P]
             grad_gi, grad_gh, h0_g[scan.index], c0_g[scan.index], grad_projected = ops.recurrent_scan_backward(
-                g_d if g_d is not None else out.new_zeros(B, T, H),
+                g_d if g_d is not None else out.new_zeros(B, T, P),
                 None if g_h is None else g_h[scan.index], None if g_c is None else g_c[scan.index],
                 weights[w_hh], scan.h0, scan.c0, out, cells, saved, scan.mode, scan.reverse, scan.lengths, scan.w_hr)
             if grad_gh.numel() == 0:  # (LSTM, RNN: the two pre-activations' gradients are one)
@@ -372,15 +378,6 @@ def _rows_times(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if g.transpose(0, 1).is_contiguous():
         return (g.transpose(0, 1) @ w).transpose(0, 1)
     return g @ w
-
-
-def _refuse_create_graph():
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "a backward with create_graph=True (a gradient penalty, second-order gradients) through an "
-            "nn.RNN/LSTM/GRU whose forward the tracker fused: its gradients come from a graph without the "
-            "weights, so their own gradients would be wrong. Create the GradNormTracker with fused=False "
-            "for such steps (the layer then runs its own forward and is replayed for the norms)")
 
 
 def _weight_grads(factors, wanted) -> dict[str, torch.Tensor]:
