@@ -46,7 +46,7 @@ def linear_norms(a: torch.Tensor, g: torch.Tensor, with_weight: bool, with_bias:
 
 def linear_grad_sums(a: torch.Tensor, g: torch.Tensor, with_weight: bool, with_bias: bool) -> dict:
     """``{"weight": sum_b G_b^T A_b [p, d], "bias": sum_b,t G_b[t] [p]}`` in float32 (what is tracked)."""
-    g2, a2 = g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1])
+    a2, g2 = row_matrices(a, g)
     if g2.dtype != a2.dtype:  # autocast: a float32 input with a half output grad
         g2, a2 = g2.float(), a2.float()
     sums = {}

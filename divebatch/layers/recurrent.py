@@ -42,7 +42,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .. import ops
 from .base import LayerRule, RoutePlan, RuleError, register
-from .linear import linear_norms, linear_norms_and_weight_grad, row_matrices
+from .linear import linear_grad_sums, linear_norms, linear_norms_and_weight_grad
 from .routes import linear_route
 
 _MAX_LAYERS = 16
@@ -385,11 +385,8 @@ def _weight_grads(factors, wanted) -> dict[str, torch.Tensor]:
     ``((weight name, bias name), A, G)``: ``Σ G^T A`` over samples and steps, and ``Σ G``."""
     grads = {}
     for (w, b), a, g in factors:
-        a2, g2 = row_matrices(a.float(), g.float())
-        if w in wanted:
-            grads[w] = g2.t() @ a2
-        if b is not None and b in wanted:
-            grads[b] = g2.sum(dim=0)
+        sums = linear_grad_sums(a, g, w in wanted, b is not None and b in wanted)
+        grads.update({name: sums[kind] for name, kind in ((w, "weight"), (b, "bias")) if kind in sums})
     return grads
 
 
