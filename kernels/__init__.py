@@ -13,6 +13,7 @@ from .embedding_norm import embedding_norm_triton
 from .ghost_norm import ghost_norm_triton
 from .instantiate_norm import instantiate_norm_triton
 from .outer_norm import outer_norm_triton
+from .recurrent_scan import recurrent_scan_backward_triton, recurrent_scan_triton
 
 __all__ = [
     "INTERPRET",
@@ -21,6 +22,8 @@ __all__ = [
     "instantiate_norm_triton",
     "outer_norm_triton",
     "embedding_norm_triton",
+    "recurrent_scan_triton",
+    "recurrent_scan_backward_triton",
 ]
 
 #: operator name -> Triton implementation, registered for the CUDA dispatch key.
@@ -29,6 +32,8 @@ TRITON_OPS = {
     "instantiate_norm": instantiate_norm_triton,
     "outer_norm": outer_norm_triton,
     "embedding_norm": embedding_norm_triton,
+    "recurrent_scan": recurrent_scan_triton,
+    "recurrent_scan_backward": recurrent_scan_backward_triton,
 }
 
 

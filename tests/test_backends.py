@@ -8,7 +8,7 @@ from divebatch import GradNormTracker, ops
 from .models_zoo import ZOO, sample_loss
 from .oracle import rel_err
 
-FAMILIES = ["linear_2d", "linear_3d", "conv2d", "conv1d", "embedding", "embedding_bags", "norms"]
+FAMILIES = ["linear_2d", "linear_3d", "conv2d", "conv1d", "embedding", "embedding_bags", "norms", "recurrent"]
 
 
 def _stats(case, backend, monkeypatch):

@@ -437,24 +437,157 @@ def test_autotune_key_rounds_lengths_and_batch_sizes(monkeypatch, op):
     assert len({keys[0], keys[3], keys[4]}) == 3, "T=65 or B=5 fell into the key of T<=64, B<=4"
     assert K._common.tuning_size(1) == 1 and K._common.tuning_size(64) == 64 and K._common.tuning_size(65) == 128
 
+# --------------------------------------------------------------------------- recurrent scans
+SCAN_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+# (mode, B, T, H, P): H = 45 and P = 40 span two of the interpreter's 32-wide tiles, B = 17 two
+# programs of 16 samples; T = 1 and B = 1; P != H only for a projected LSTM.
+SCAN_SHAPES = [("LSTM", 3, 5, 20, 20), ("LSTM", 17, 4, 45, 45), ("LSTM", 2, 4, 20, 7), ("LSTM", 3, 3, 12, 40),
+               ("GRU", 3, 5, 20, 20), ("GRU", 17, 3, 45, 45), ("GRU", 1, 1, 9, 9),
+               ("RNN_TANH", 3, 5, 20, 20), ("RNN_TANH", 17, 2, 33, 33), ("RNN_RELU", 3, 6, 20, 20)]
+if DEVICE == "cuda":
+    SCAN_SHAPES += [("LSTM", 40, 64, 256, 256), ("GRU", 40, 64, 256, 256), ("LSTM", 20, 30, 200, 64)]
+
+
+def _scan_args(mode, B, T, H, P, seed, dtype=torch.float32, bias=True, layout="contig", lengths=None):
+    """float32 CPU arguments of ``recurrent_scan`` (weights scaled so the states stay O(1)), and the
+    same rounded to ``dtype`` on the device, ``gi`` in ``layout``."""
+    G = SCAN_GATES[mode] * H
+    gi = _rand((B, T, G), seed, layout)
+    w_hh = _rand((G, P), seed + 1, scale=P ** -0.5)
+    b_hh = _rand((G,), seed + 2) if bias else None
+    h0 = _rand((B, P), seed + 3)
+    c0 = _rand((B, H), seed + 4) if mode == "LSTM" else None
+    w_hr = _rand((P, H), seed + 5, scale=H ** -0.5) if P != H or (mode == "LSTM" and seed % 2) else None
+    if w_hr is None and P != H:
+        raise ValueError("P != H needs a projection")
+    args = [gi, w_hh, b_hh, h0, c0, w_hr, lengths]
+    rounded = [_like_layout(x, dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in args]
+    rounded = [x.to(DEVICE) if isinstance(x, torch.Tensor) else x for x in rounded]
+    return args, rounded
+
+
+def _assert_close_scans(outs, refs, what, tol):
+    for i, (o, r) in enumerate(zip(_cpu(outs), refs)):
+        assert o.shape == r.shape, f"{what}[{i}]: shape {tuple(o.shape)} vs {tuple(r.shape)}"
+        err = _rel_err(o.float(), r.float()) if r.numel() else 0.0
+        assert err <= tol, f"{what}[{i}]: error {err:.3g} (relative to the largest entry) > {tol}"
+
+
+def _scan_cases():
+    out = []
+    for i, (mode, B, T, H, P) in enumerate(SCAN_SHAPES):
+        for reverse in (False, True):
+            out.append((mode, B, T, H, P, reverse, i % 3 != 1, i % 2 == 0, "contig" if i % 4 else "strided"))
+    return out
+
+
+@pytest.mark.parametrize("mode,B,T,H,P,reverse,bias,padded,layout", _scan_cases(),
+                         ids=lambda v: str(v) if not isinstance(v, bool) else ("T" if v else "F"))
+def test_recurrent_scan_forward_and_backward(mode, B, T, H, P, reverse, bias, padded, layout):
+    """Forward and backward against the reference in float32: every result (outputs, cell states, saved
+    activations, final states; every gradient), with lengths (padded steps, zero-length samples),
+    both directions, projections, strided ``gi`` and ``grad_out`` (no copies)."""
+    seed = B * 100 + T * 10 + H
+    lengths = torch.randint(0, T + 1, (B,), generator=_gen(seed)) if padded else None
+    if padded and B > 1:
+        lengths[0] = T
+    args, dev = _scan_args(mode, B, T, H, P, seed, bias=bias, layout=layout, lengths=lengths)
+    ref = R.recurrent_scan(*args, mode, reverse)
+    out = K.recurrent_scan_triton(*dev, mode, reverse)
+    _assert_close_scans(out, ref, f"recurrent_scan {mode}", 2e-6)
+    assert out[0].transpose(0, 1).is_contiguous(), "out is not time-major"
+    grad_out = _rand((B, T, P), seed + 7, layout)
+    grad_h_n = _rand((B, P), seed + 8)
+    grad_c_n = _rand((B, H), seed + 9) if mode == "LSTM" else None
+    gi, w_hh, b_hh, h0, c0, w_hr, _ = args
+    ref_b = R.recurrent_scan_backward(grad_out, grad_h_n, grad_c_n, w_hh, h0, c0, w_hr, *ref[:3], lengths, mode,
+                                      reverse)
+    dev_saved = [x.to(DEVICE) for x in ref[:3]]
+    out_b = K.recurrent_scan_backward_triton(_like_layout(grad_out, torch.float32), grad_h_n.to(DEVICE),
+                                             grad_c_n.to(DEVICE) if grad_c_n is not None else None, *dev[1:2],
+                                             *dev[3:6], *dev_saved, lengths, mode, reverse)
+    _assert_close_scans(out_b, ref_b, f"recurrent_scan_backward {mode}", 5e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_recurrent_scan_low_precision(mode, dtype):
+    """16-bit inputs: the states are carried and the cells computed in float32, results rounded to the
+    input dtype; against the float32 reference on the rounded inputs."""
+    B, T, H = 5, 4, 20
+    args, dev = _scan_args(mode, B, T, H, H, 31, dtype=dtype)
+    out = K.recurrent_scan_triton(*dev, mode, False)
+    assert all(o.dtype == dtype for o in out if o.numel())
+    rounded = [x.to(dtype).float() if isinstance(x, torch.Tensor) else x for x in args]
+    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    _assert_close_scans(out, R.recurrent_scan(*rounded, mode, False), f"recurrent_scan {mode} {dtype}", tol)
+    grad_out = _rand((B, T, H), 32).to(dtype)
+    saved = [o.float().cpu() if o.numel() else o.cpu().float() for o in out[:3]]
+    ref_b = R.recurrent_scan_backward(grad_out.float(), None, None, rounded[1], rounded[3], rounded[4], None,
+                                      *saved, None, mode, False)
+    out_b = K.recurrent_scan_backward_triton(grad_out.to(DEVICE), None, None, dev[1], dev[3], dev[4], None, *out[:3],
+                                             None, mode, False)
+    _assert_close_scans(out_b, ref_b, f"recurrent_scan_backward {mode} {dtype}", tol)
+
+
+def test_recurrent_scan_empty_and_float64():
+    """No samples or no steps: empty results and the initial states carried through; float64 runs the
+    reference (the kernels step float32 and 16-bit tensors)."""
+    for B, T in ((0, 4), (3, 0)):
+        args, dev = _scan_args("LSTM", B, T, 8, 8, 2)
+        out = K.recurrent_scan_triton(*dev, "LSTM", False)
+        for o, r in zip(_cpu(out), R.recurrent_scan(*args, "LSTM", False)):
+            assert o.shape == r.shape and bool((o == r).all())
+    args, _ = _scan_args("GRU", 3, 4, 8, 8, 3)
+    dev64 = [x.to(DEVICE, torch.float64) if isinstance(x, torch.Tensor) else x for x in args]
+    for o, r in zip(_cpu(K.recurrent_scan_triton(*dev64, "GRU", True)),
+                    R.recurrent_scan(*[x.double() if isinstance(x, torch.Tensor) else x for x in args], "GRU", True)):
+        assert o.dtype == torch.float64 and bool((o == r).all())
+
+
+def test_recurrent_scan_errors_name_the_argument():
+    args, dev = _scan_args("LSTM", 3, 4, 8, 8, 4)
+    gi, w_hh, b_hh, h0, c0, w_hr, lengths = dev
+    with pytest.raises(ValueError, match="mode"):
+        K.recurrent_scan_triton(gi, w_hh, b_hh, h0, c0, w_hr, lengths, "lstm", False)
+    with pytest.raises(TypeError, match="`h0`"):
+        K.recurrent_scan_triton(gi, w_hh, b_hh, h0.double(), c0, w_hr, lengths, "LSTM", False)
+    with pytest.raises(ValueError, match="`c0`"):
+        K.recurrent_scan_triton(gi, w_hh, b_hh, h0, None, w_hr, lengths, "LSTM", False)
+    with pytest.raises(ValueError, match="`gi`"):
+        K.recurrent_scan_triton(gi[..., 1:], w_hh, b_hh, h0, c0, w_hr, lengths, "LSTM", False)
+    with pytest.raises(ValueError, match="`h0`"):
+        K.recurrent_scan_triton(gi, w_hh, b_hh, h0[1:], c0, w_hr, lengths, "LSTM", False)
+    with pytest.raises(ValueError, match="`lengths`"):
+        K.recurrent_scan_triton(gi, w_hh, b_hh, h0, c0, w_hr, torch.tensor([1, 5, 2]), "LSTM", False)
+    with pytest.raises(ValueError, match="`w_hr`"):
+        K.recurrent_scan_triton(gi[..., :24], w_hh[:24], b_hh[:24], h0, None, torch.randn(8, 8, device=DEVICE),
+                                None, "GRU", False)
+    with pytest.raises(ValueError, match="`grad_out`"):
+        out = K.recurrent_scan_triton(gi, w_hh, b_hh, h0, c0, w_hr, lengths, "LSTM", False)
+        K.recurrent_scan_backward_triton(torch.randn(3, 5, 8, device=DEVICE), None, None, w_hh, h0, c0, w_hr,
+                                         *out[:3], None, "LSTM", False)
+
+
 # --------------------------------------------------------------------------- registration
-_SCHEMAS = {  # the schema lines of divebatch/ops.py (SCHEMAS), used on a scratch namespace
-    "ghost_norm": "ghost_norm(Tensor a, Tensor g, bool with_bias) -> (Tensor, Tensor)",
-    "instantiate_norm": "instantiate_norm(Tensor a, Tensor g, bool with_bias) -> (Tensor, Tensor, Tensor)",
-    "outer_norm": "outer_norm(Tensor a, Tensor g, bool with_bias) -> (Tensor, Tensor)",
-    "embedding_norm": "embedding_norm(Tensor indices, Tensor g, int padding_idx) -> Tensor",
-}
 _LIBS = []  # keep the scratch libraries alive for the whole session
 
 
 def test_register_cuda_on_a_scratch_library():
+    """Every operator of ``divebatch.ops.SCHEMAS`` gets its Triton kernel as the CUDA implementation
+    (defined again on a scratch namespace, so the real library is left alone)."""
+    try:
+        schemas = importlib.import_module("divebatch.ops").SCHEMAS
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"divebatch.ops does not import here: {exc!r}")
+    assert set(K.TRITON_OPS) == set(schemas), "an operator without a Triton kernel, or a kernel without a schema"
     ns = f"divebatch_kernels_test_{os.getpid()}"
     lib = torch.library.Library(ns, "DEF")  # noqa: TOR901
     _LIBS.append(lib)
-    for name, schema in _SCHEMAS.items():
+    for name, schema in schemas.items():
         lib.define(schema)
     K.register_cuda(lib)
-    for name in _SCHEMAS:
+    for name in schemas:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"{ns}::{name}", "CUDA"), name
     if DEVICE == "cuda":
         a32, g32 = _seq_inputs((2, 40, 24, 20), "contig", seed=60)

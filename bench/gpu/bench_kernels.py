@@ -58,6 +58,10 @@ WORKLOADS = {
     "mlp-T1-bf16":    ("outer", 4096, 1, 4096, 4096, torch.bfloat16, None),
     "seq-embedding":  ("embedding", 16, 128, 0, 256, torch.float32, 1000),
     "seq-large-embedding": ("embedding", 8, 2048, 0, 4096, torch.bfloat16, 32000),
+    # recurrent scans (d = p = H; extra = mode): the lstm / gru workloads of the CPU table, and a wider batch
+    "lstm-scan":      ("scan", 16, 64, 256, 256, torch.float32, "LSTM"),
+    "gru-scan":       ("scan", 16, 64, 256, 256, torch.float32, "GRU"),
+    "lstm-scan-wide": ("scan", 128, 64, 512, 512, torch.float32, "LSTM"),
 }
 
 
@@ -93,6 +97,9 @@ def bench_workload(name, spec, K, R, rounds, rep_ms, dev="cuda"):
         out, ref = K.outer_norm_triton(a, g, True), R.outer_norm(a, g, True)
         errors["triton outer_norm"] = max(rel_err(o, r) for o, r in zip(out, ref))
         bytes_moved = (a.numel() + g.numel()) * a.element_size()
+    elif op == "scan":
+        methods, errors = _scan_methods(B, T, d, dtype, extra, K, R, dev, gen)
+        bytes_moved = 0
     elif op == "embedding":
         vocab = extra
         idx = torch.randint(0, vocab, (B, T), device=dev, generator=gen)
@@ -151,6 +158,40 @@ def bench_workload(name, spec, K, R, rounds, rep_ms, dev="cuda"):
             "rows": rows, "extra_errors": extra_err}
 
 
+def _scan_methods(B, T, H, dtype, mode, K, R, dev, gen):
+    """One recurrent layer's forward and backward scans (what a tracked nn.LSTM/nn.GRU runs per
+    direction), Triton against the PyTorch reference, beside the untracked layer's own forward and
+    backward (cuDNN on a GPU: the floor; it also does the input projection the scans are given)."""
+    gates = {"LSTM": 4, "GRU": 3}[mode]
+    G = gates * H
+    gi = torch.randn(B, T, G, device=dev, generator=gen).to(dtype)
+    w_hh = (torch.randn(G, H, device=dev, generator=gen) * H ** -0.5).to(dtype)
+    b_hh = torch.randn(G, device=dev, generator=gen).to(dtype)
+    h0 = torch.randn(B, H, device=dev, generator=gen).to(dtype)
+    c0 = torch.randn(B, H, device=dev, generator=gen).to(dtype) if mode == "LSTM" else None
+    grad_out = torch.randn(B, T, H, device=dev, generator=gen).to(dtype)
+
+    def run(scan, backward):
+        out, cells, saved, _, _ = scan(gi, w_hh, b_hh, h0, c0, None, None, mode, False)
+        return backward(grad_out, None, None, w_hh, h0, c0, None, out, cells, saved, None, mode, False)
+
+    layer = getattr(torch.nn, mode)(H, H, batch_first=True).to(dev, dtype)
+    x = torch.randn(B, T, H, device=dev, generator=gen).to(dtype)
+
+    def plain():
+        layer(x)[0].backward(grad_out)
+
+    methods = {
+        f"nn.{mode} fwd+bwd (floor)": plain,
+        "triton scan fwd+bwd": lambda: run(K.recurrent_scan_triton, K.recurrent_scan_backward_triton),
+        "reference scan fwd+bwd": lambda: run(R.recurrent_scan, R.recurrent_scan_backward),
+    }
+    ours = run(K.recurrent_scan_triton, K.recurrent_scan_backward_triton)
+    ref = run(R.recurrent_scan, R.recurrent_scan_backward)
+    errors = {"triton scan fwd+bwd": max(rel_err(o, r) for o, r in zip(ours, ref) if r.numel())}
+    return methods, errors
+
+
 def print_table(results):
     print(f"\n{'workload':22} {'method':30} {'ms':>9} {'x floor':>8} {'TFLOP/s':>8} {'rel err':>9}")
     for res in results:
@@ -181,7 +222,7 @@ def main(argv=None):
             sys.exit("--cpu-smoke needs TRITON_INTERPRET=1")
         for key, (op, B, T, d, p, dtype, extra) in list(WORKLOADS.items()):
             WORKLOADS[key] = (op, min(B, 2), min(T, 20), min(d, 24) if d else 0, min(p, 20), dtype,
-                              min(extra, 7) if extra else extra)
+                              min(extra, 7) if isinstance(extra, int) else extra)
     elif interpret:
         sys.exit("bench_kernels.py times GPU kernels: unset TRITON_INTERPRET (or pass --cpu-smoke)")
     elif not torch.cuda.is_available():

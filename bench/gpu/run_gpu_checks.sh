@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared check for a GPU machine (written for one H200; total < 5 minutes):
-#   1. the Triton kernel tests natively on CUDA (tests/test_triton_kernels.py with
+#   1. the Triton kernel tests natively on CUDA (5 concurrent shards; the recurrent scans one of them) (tests/test_triton_kernels.py with
 #      DIVEBATCH_TRITON_TEST_DEVICE=cuda; first config of each list, no autotuning: fast start);
 #   1b. bench/gpu/check_engine.py: every layer rule through the tracker vs torch.func on CUDA (fp32);
 #   2. kernel timings vs the PyTorch reference and the plain weight-gradient GEMM
@@ -52,12 +52,12 @@ fi
 
 # 1. correctness on the GPU. The file launches ~130 distinct kernel specialisations (dtypes x
 #    divisibility of sizes and strides), each compiled once (1-3 s of one CPU core), so it runs as
-#    four concurrent pytest shards (the machine has 16 cores; the kernels are small).
+#    five concurrent pytest shards (the machine has 16 cores; the kernels are small).
 run_test_shards() {  # run_test_shards LIMIT_S
     local limit="$1" pids=() rc=0 i=0 t0=$(date +%s)
-    local shards=("ghost and not instantiate" "instantiate" "outer"
-                  "not ghost and not instantiate and not outer")
-    echo "=== [tests] 4 shards (limit ${limit}s each)"
+    local shards=("ghost and not instantiate" "instantiate" "outer" "recurrent_scan"
+                  "not ghost and not instantiate and not outer and not recurrent_scan")
+    echo "=== [tests] 5 shards (limit ${limit}s each)"
     for expr in "${shards[@]}"; do
         i=$((i + 1))
         timeout --signal=INT --kill-after=10 "$limit" \
@@ -85,7 +85,7 @@ step engine 60 "$PY" bench/gpu/check_engine.py --device cuda --out "$RESULTS/che
 
 # 2. kernel benchmarks (~1.5-2 min including autotuning; the JSON is rewritten after each workload).
 step bench 150 "$PY" bench/gpu/bench_kernels.py --out "$RESULTS/bench_kernels.json" --rounds 3 --rep-ms 50 \
-    --workloads seq-large-up,seq-large-down,seq-up-bf16,conv-layer1,conv-layer4,mlp-T1-bf16,seq-embedding,seq-large-embedding
+    --workloads seq-large-up,seq-large-down,seq-up-bf16,conv-layer1,conv-layer4,mlp-T1-bf16,seq-embedding,seq-large-embedding,lstm-scan,gru-scan,lstm-scan-wide
 
 # 3. the end-to-end per-sample-norm table, only if another engineer's script exists and time is left.
 left=$(( 290 - ($(date +%s) - START) ))
