@@ -163,10 +163,11 @@ def _recurrent_scan_kernel(
         h_next = (1 - cur) * B * P + rows64 * P
         c_row = cur * B * H + rows64 * H
         c_next = (1 - cur) * B * H + rows64 * H
-        gi_row = rows64 * stride_gb + t * stride_gt
-        out_row = (t * B + rows64) * P
-        step_row = (t * B + rows64) * H
-        saved_row = (t * B + rows64) * (SAVED * H)
+        t64 = tl.cast(t, tl.int64)  # (offsets of tensors over 2^31 elements)
+        gi_row = rows64 * stride_gb + t64 * stride_gt
+        out_row = (t64 * B + rows64) * P
+        step_row = (t64 * B + rows64) * H
+        saved_row = (t64 * B + rows64) * (SAVED * H)
         for j0 in range(0, H, BLOCK_H):
             cols = j0 + offs_h
             cmask = cols < H
@@ -287,14 +288,15 @@ def _recurrent_scan_backward_kernel(
         if HAS_LENGTHS:
             keep = keep & (t < steps_of)
             prev_counted = prev_counted & (prev < steps_of)
-        prev = tl.where(has_prev, prev, t)  # (an address inside the buffers when there is none)
+        prev = tl.cast(tl.where(has_prev, prev, t), tl.int64)  # (an address inside the buffers when there is none)
+        t64 = tl.cast(t, tl.int64)
         dh_row = cur * B * P + rows64 * P
         dh_next = (1 - cur) * B * P + rows64 * P
         dc_row = cur * B * H + rows64 * H
         dc_next = (1 - cur) * B * H + rows64 * H
-        gout_row = rows64 * stride_ob + t * stride_ot
-        step_row = (t * B + rows64)
-        saved_row = rows64 * stride_sb + t * stride_st
+        gout_row = rows64 * stride_ob + t64 * stride_ot
+        step_row = t64 * B + rows64
+        saved_row = rows64 * stride_sb + t64 * stride_st
         if PROJECTED:  # the projected state's gradient, kept for W_hr and pulled back through it below
             for j0 in range(0, P, BLOCK_H):
                 cols = j0 + offs_h
@@ -359,7 +361,7 @@ def _recurrent_scan_backward_kernel(
                 _store_cols(ggh_ptr, g_row, cols + H, m2, tl.where(kept, d_z, 0.0))
                 _store_cols(ggh_ptr, g_row, cols + 2 * H, m2, tl.where(kept, d_n * r, 0.0))
             else:
-                h = _load_cols(out_ptr, rows64 * stride_yb + t * stride_yt, cols.to(tl.int64) * stride_yp, m2)
+                h = _load_cols(out_ptr, rows64 * stride_yb + t64 * stride_yt, cols.to(tl.int64) * stride_yp, m2)
                 if MODE == 2:
                     d = d_in * (1.0 - h * h)
                 else:

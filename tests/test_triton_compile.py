@@ -16,16 +16,20 @@ the first config of each list; ``DIVEBATCH_COMPILE_SWEEP=all`` compiles everythi
 ``DIVEBATCH_COMPILE_SWEEP=quick`` only the first config of every list (48 compilations).
 The wheel's ``cuobjdump --dump-resource-usage`` gives registers and the stack / local bytes;
 where those are non-zero, spill stores / loads are counted as the ``STL`` / ``LDL`` instructions
-of ``cuobjdump -sass`` (Triton kernels have no local arrays; a spill needs a stack frame). A spill fails the test unless listed in ``ACCEPTED_SPILLS`` with a reason.
+of ``cuobjdump -sass`` (Triton kernels have no local arrays; a spill needs a stack frame), with
+the loop depth of the deepest one. A spill fails the test unless listed in ``ACCEPTED_SPILLS``
+with a reason, or, in a recurrent scan kernel, a small one outside the loops nested in the step
+loop (``SCAN_SPILL_BYTES``: at most a reload per time step).
 The PTX is also read for the two premises of the kernels' speed: every ``tl.dot`` runs on tensor
 cores (``wgmma.mma_async`` on sm_90, ``mma.sync`` on sm_80) and, for contiguous inputs, the
 loads are the asynchronous copies (``cp.async``) of Triton's software pipeline.
 Shared memory above a GPU's limit is not an error (the autotuner drops such a config on that GPU
 at launch) as long as some config of the (kernel, dtype, arch) fits.
 
-Run: ``pytest tests/test_triton_compile.py -s`` (the table goes to stdout). 80 compilations,
-~75 s of CPU with a cold Triton cache (~100 s wall on two shared, busy cores), ~20 s when the
-cache (``~/.triton/cache`` or ``$TRITON_CACHE_DIR``) is warm.
+Run: ``pytest tests/test_triton_compile.py -s`` (the table goes to stdout). 152 compilations (72
+of them the recurrent scans: the LSTM with a projection, the GRU and the tanh RNN, forward and
+backward), ~90 s of CPU with a cold Triton cache (~50 s wall on two cores), ~8 s when the cache
+(``~/.triton/cache`` or ``$TRITON_CACHE_DIR``) is warm.
 """
 
 from __future__ import annotations
@@ -48,18 +52,15 @@ DTYPES = ("fp32", "fp16", "bf16")
 #: Max dynamic shared memory per block (opt-in), bytes: A100 (sm_80), H100/H200 (sm_90).
 SHARED_LIMIT = {80: 166912, 90: 232448}
 
-_SCAN_CONFIG = "BLOCK_B=16,BLOCK_H=32,BLOCK_K=32,w4,s1"
-_SCAN_SLOT = ("ptxas keeps one 64-bit value of the step loop in an 8-16 byte stack slot although the kernel "
-              "uses 64-168 of 255 registers: one store before the loop and one reload per time step (read in "
-              "the SASS: outside the tile loops), not per element")
-#: (kernel, dtype, arch, config label, variant) -> why this spill is acceptable.
-ACCEPTED_SPILLS: dict[tuple[str, str, int, str, str], str] = {
-    (f"_recurrent_scan_kernel[{mode}]", dtype, arch, _SCAN_CONFIG, variant): _SCAN_SLOT
-    for mode, arch, variant in (("LSTM", 90, "strided"), ("GRU", 80, "contig"), ("GRU", 90, "strided"),
-                                ("RNN_TANH", 90, "contig"))
-    for dtype in ("fp16", "bf16")
-    if (mode, dtype, arch) != ("GRU", "bf16", 90)
-}
+#: (kernel, dtype, arch, config label, variant) -> why this spill is acceptable. Empty: none is.
+ACCEPTED_SPILLS: dict[tuple[str, str, int, str, str], str] = {}
+
+#: Spills accepted by rule, not by key: in a recurrent scan kernel (``SCAN_PREFIX``), local stores and
+#: loads of at most ``SCAN_SPILL_BYTES`` of stack that lie outside every loop nested in the step loop
+#: (loop depth <= 1 in the SASS, ``spill_depth``): at most one reload per time step, never per tile or
+#: element. Why: ptxas parks one or two long-lived 64-bit values (row offsets) in a stack slot at
+#: 64-168 of 255 registers, and which (kernel, dtype, arch) it does so for changes with any edit.
+SCAN_SPILL_BYTES = 32
 
 _TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -214,9 +215,28 @@ def _resource_usage(cubin: bytes, name: str) -> dict:
             sass = subprocess.run([str(tool), "-sass", path], capture_output=True, text=True, check=True).stdout
             record["spill_stores"] = len(re.findall(r"\bSTL(?:\.[A-Z0-9]+)*\s", sass))
             record["spill_loads"] = len(re.findall(r"\bLDL(?:\.[A-Z0-9]+)*\s", sass))
+            record["spill_depth"] = _spill_loop_depth(sass)
     finally:
         os.unlink(path)
     return record
+
+
+def _spill_loop_depth(sass: str) -> int:
+    """The deepest loop nesting of any local store / load (``STL``/``LDL``) in ``sass``: every backward
+    branch ``BRA`` from address a to t < a closes a loop [t, a]; an instruction's depth is the number
+    of such intervals holding its address (0: straight-line code)."""
+    loops, spills = [], []
+    for line in sass.splitlines():
+        at = re.search(r"/\*([0-9a-f]{4,})\*/\s+(.*)", line)
+        if not at:
+            continue
+        address, text = int(at.group(1), 16), at.group(2)
+        branch = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if branch and int(branch.group(1), 16) < address:
+            loops.append((int(branch.group(1), 16), address))
+        if re.search(r"\b(?:STL|LDL)(?:\.[A-Z0-9]+)*\s", text):
+            spills.append(address)
+    return max((sum(lo <= a <= hi for lo, hi in loops) for a in spills), default=0)
 
 
 def _compile_one(job) -> dict:
@@ -292,7 +312,7 @@ def _spill(r: dict) -> bool:
 
 def _table(records: list[dict]) -> str:
     head = (f"{'kernel':26} {'dt':4} {'sm':>3} {'variant':8} {'regs':>4} {'stack':>5} {'stl':>4} {'ldl':>4} "
-            f"{'smem':>7}  config")
+            f"{'depth':>5} {'smem':>7}  config")
     rows = [head]
     for r in records:
         if "error" in r:
@@ -300,7 +320,7 @@ def _table(records: list[dict]) -> str:
             continue
         rows.append(f"{r['kernel']:26} {r['dtype']:4} {r['arch']:>3} {r['variant']:8} {r.get('regs', -1):>4} "
                     f"{r.get('stack', -1):>5} {r.get('spill_stores', -1):>4} {r.get('spill_loads', -1):>4} "
-                    f"{r.get('shared', -1):>7}  {r['config']}")
+                    f"{r.get('spill_depth', 0):>5} {r.get('shared', -1):>7}  {r['config']}")
     return "\n".join(rows)
 
 
@@ -378,10 +398,30 @@ def test_register_use_is_read(records):
         assert 0 < r["regs"] <= 255, f"no register count parsed for {r}: {r.get('usage_line')!r}"
 
 
+def _scan_spill_accepted(r: dict) -> bool:
+    return (r["kernel"].startswith(SCAN_PREFIX) and r.get("stack", 0) <= SCAN_SPILL_BYTES
+            and r.get("spill_depth", 99) <= 1)
+
+
 def test_no_unaccepted_spills(records):
-    bad = [r for r in records if _spill(r)
+    bad = [r for r in records if _spill(r) and not _scan_spill_accepted(r)
            and (r["kernel"], r["dtype"], r["arch"], r["config"], r["variant"]) not in ACCEPTED_SPILLS]
     assert not bad, "register spills (fix the config or add to ACCEPTED_SPILLS with a reason):\n" + _table(bad)
+
+
+def test_spill_loop_depth_reads_nested_loops():
+    """The SASS reading behind the scans' spill rule: a spill in straight-line code is depth 0, in the
+    step loop 1, in a tile loop nested in it 2 (back-edges, predicated or not, close loops)."""
+    def sass(*lines):
+        return "\n".join(f"        /*{a:04x}*/   {text} ;" for a, text in lines)
+
+    body = [(0x10, "STL.64 [R1], R4"), (0x20, "IMAD R2, R3, R4, RZ"), (0x30, "LDL.64 R14, [R1]"),
+            (0x40, "BAR.SYNC.DEFER_BLOCKING 0x0"), (0x50, "LDL R7, [R1+0x8]"), (0x60, "@P0 BRA 0x40"),
+            (0x70, "BRA 0x20"), (0x80, "EXIT")]
+    assert _spill_loop_depth(sass(*body)) == 2
+    assert _spill_loop_depth(sass(*body[:4], *body[5:])) == 1
+    assert _spill_loop_depth(sass(body[0], *body[6:])) == 0
+    assert _spill_loop_depth(sass(*body[1:2], *body[3:4], *body[5:])) == 0  # no spill at all
 
 
 def test_accepted_spills_are_still_real(records):
