@@ -28,6 +28,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
@@ -448,16 +450,20 @@ if DEVICE == "cuda":
     SCAN_SHAPES += [("LSTM", 40, 64, 256, 256), ("GRU", 40, 64, 256, 256), ("LSTM", 20, 30, 200, 64)]
 
 
-def _scan_args(mode, B, T, H, P, seed, dtype=torch.float32, bias=True, layout="contig", lengths=None):
+def _scan_args(mode, B, T, H, P, seed, dtype=torch.float32, bias=True, layout="contig", lengths=None,
+               projected=None):
     """float32 CPU arguments of ``recurrent_scan`` (weights scaled so the states stay O(1)), and the
-    same rounded to ``dtype`` on the device, ``gi`` in ``layout``."""
+    same rounded to ``dtype`` on the device, ``gi`` in ``layout``; a projection where P != H, or
+    (``projected=None``) for an LSTM with an odd seed."""
     G = SCAN_GATES[mode] * H
     gi = _rand((B, T, G), seed, layout)
     w_hh = _rand((G, P), seed + 1, scale=P ** -0.5)
     b_hh = _rand((G,), seed + 2) if bias else None
     h0 = _rand((B, P), seed + 3)
     c0 = _rand((B, H), seed + 4) if mode == "LSTM" else None
-    w_hr = _rand((P, H), seed + 5, scale=H ** -0.5) if P != H or (mode == "LSTM" and seed % 2) else None
+    if projected is None:
+        projected = P != H or (mode == "LSTM" and seed % 2 == 1)
+    w_hr = _rand((P, H), seed + 5, scale=H ** -0.5) if projected else None
     if w_hr is None and P != H:
         raise ValueError("P != H needs a projection")
     args = [gi, w_hh, b_hh, h0, c0, w_hr, lengths]
@@ -506,6 +512,27 @@ def test_recurrent_scan_forward_and_backward(mode, B, T, H, P, reverse, bias, pa
     out_b = K.recurrent_scan_backward_triton(_like_layout(grad_out, torch.float32), grad_h_n.to(DEVICE),
                                              grad_c_n.to(DEVICE) if grad_c_n is not None else None, *dev[1:2],
                                              *dev[3:6], *dev_saved, lengths, mode, reverse)
+    _assert_close_scans(out_b, ref_b, f"recurrent_scan_backward {mode}", 5e-6)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(mode=st.sampled_from(sorted(SCAN_GATES)), B=st.integers(1, 20), T=st.integers(0, 5),
+       H=st.integers(1, 40), projected=st.booleans(), P=st.integers(1, 40), reverse=st.booleans(),
+       bias=st.booleans(), padded=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_recurrent_scan_random_shapes(mode, B, T, H, projected, P, reverse, bias, padded, seed):
+    """Randomly drawn shapes (sizes below, at and above the tiles, H = 1, T = 0), against the reference."""
+    P = P if mode == "LSTM" and projected else H
+    lengths = torch.randint(0, T + 1, (B,), generator=_gen(seed)) if padded else None
+    args, dev = _scan_args(mode, B, T, H, P, seed, bias=bias, lengths=lengths,
+                           projected=mode == "LSTM" and projected)
+    ref = R.recurrent_scan(*args, mode, reverse)
+    out = K.recurrent_scan_triton(*dev, mode, reverse)
+    _assert_close_scans(out, ref, f"recurrent_scan {mode}", 2e-6)
+    grad_out = _rand((B, T, P), seed + 1)
+    ref_b = R.recurrent_scan_backward(grad_out, None, None, args[1], args[3], args[4], args[5], *ref[:3], lengths,
+                                      mode, reverse)
+    out_b = K.recurrent_scan_backward_triton(grad_out.to(DEVICE), None, None, dev[1], dev[3], dev[4], dev[5],
+                                             *out[:3], lengths, mode, reverse)
     _assert_close_scans(out_b, ref_b, f"recurrent_scan_backward {mode}", 5e-6)
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared check for a GPU machine (written for one H200; total < 5 minutes):
-#   1. the Triton kernel tests natively on CUDA (5 concurrent shards; the recurrent scans one of them) (tests/test_triton_kernels.py with
+#   1. the Triton kernel tests natively on CUDA (6 concurrent shards; the recurrent scans two of them) (tests/test_triton_kernels.py with
 #      DIVEBATCH_TRITON_TEST_DEVICE=cuda; first config of each list, no autotuning: fast start);
 #   1b. bench/gpu/check_engine.py: every layer rule through the tracker vs torch.func on CUDA (fp32);
 #   2. kernel timings vs the PyTorch reference and the plain weight-gradient GEMM
@@ -52,12 +52,13 @@ fi
 
 # 1. correctness on the GPU. The file launches ~130 distinct kernel specialisations (dtypes x
 #    divisibility of sizes and strides), each compiled once (1-3 s of one CPU core), so it runs as
-#    five concurrent pytest shards (the machine has 16 cores; the kernels are small).
+#    six concurrent pytest shards (the machine has 16 cores; the kernels are small).
 run_test_shards() {  # run_test_shards LIMIT_S
     local limit="$1" pids=() rc=0 i=0 t0=$(date +%s)
-    local shards=("ghost and not instantiate" "instantiate" "outer" "recurrent_scan"
-                  "not ghost and not instantiate and not outer and not recurrent_scan")
-    echo "=== [tests] 5 shards (limit ${limit}s each)"
+    # (the scans' cases compile ~50 specialisations of two large kernels: two shards of their own)
+    local shards=("ghost and not instantiate" "instantiate" "outer" "recurrent_scan and LSTM"
+                  "recurrent_scan and not LSTM" "not ghost and not instantiate and not outer and not recurrent_scan")
+    echo "=== [tests] ${#shards[@]} shards (limit ${limit}s each)"
     for expr in "${shards[@]}"; do
         i=$((i + 1))
         timeout --signal=INT --kill-after=10 "$limit" \
@@ -81,7 +82,7 @@ run_test_shards 120
 
 # 1b. the whole engine (every rule: zoo, tied head, attention fused and replayed) against
 #     torch.func on the GPU in float32; Triton compiles each new shape once, hence the limit.
-step engine 60 "$PY" bench/gpu/check_engine.py --device cuda --out "$RESULTS/check_engine.json"
+step engine 75 "$PY" bench/gpu/check_engine.py --device cuda --out "$RESULTS/check_engine.json"
 
 # 2. kernel benchmarks (~1.5-2 min including autotuning; the JSON is rewritten after each workload).
 step bench 150 "$PY" bench/gpu/bench_kernels.py --out "$RESULTS/bench_kernels.json" --rounds 3 --rep-ms 50 \
