@@ -905,8 +905,11 @@ class GradNormTracker:
         if owner.tie is not None and owner is owner.tie.embedding:
             # Weak: a forward whose graph is dropped without a backward must not keep its indices.
             owner.tie.embedding_calls.append(weakref.ref(call))
+        expanded = self._expand_shared_compiled_output(call, output, leaves)
+        if expanded is not None:
+            leaves = [expanded]
         for i, t in enumerate(leaves):
-            base = _own_product(t, args) if owner.rule.rows_independent else None
+            base = _own_product(t, args) if owner.rule.rows_independent and expanded is None else None
             if base is None:
                 target, hook = t, partial(self._on_output_grad, call, i)
             else:
@@ -919,6 +922,8 @@ class GradNormTracker:
         # see _on_table_read): each of its rows is every sample's.
         call.unbatched = (n_grads == 1 and owner.rule.rows_independent and isinstance(ctx, torch.Tensor)
                           and bool(args) and self._follows(args[0]) and args[0].shape[0] != 1)
+        if expanded is not None:
+            return expanded
         if n_grads == 1 and self._last_batch != 1 and (
                 call.unbatched
                 or (batch_size == 1 and (isinstance(owner.rule, (EmbeddingRule, LinearRule, ConvRule))
@@ -932,6 +937,29 @@ class GradNormTracker:
         elif not call.unbatched:
             self._last_batch = batch_size
         return separated
+
+    def _expand_shared_compiled_output(self, call: _Call, output, leaves: list) -> torch.Tensor | None:
+        """Under torch.compile, a lookup shared by all samples (``[1, T]`` position ids; a Linear or
+        convolution given a ``[1, ...]`` input) while the forward has ``B > 1`` samples: its output,
+        expanded to ``[B, ...]`` (a view, the same values), to be returned in place of the output, and
+        its call made the B samples' (their inputs expanded alike). Its grad then arrives per sample,
+        before autograd sums the expansion. (Eager code keeps the output as it is and follows it to
+        the ops that broadcast it, see _watch_shared_output; compiled code cannot be followed.)
+        None where this does not apply."""
+        B, ctx, rule = self._last_batch, call.ctx, call.owner.rule
+        if not (call.batch_size == 1 and B and B > 1 and len(leaves) == 1 and output is leaves[0]
+                and output.dim() >= 2 and output.shape[0] == 1 and not getattr(ctx, "direct_uses", None)
+                and (isinstance(ctx, EmbeddingCall) and ctx.indices.dim() >= 1 and ctx.indices.shape[0] == 1
+                     or isinstance(rule, (LinearRule, ConvRule)) and isinstance(ctx, torch.Tensor)
+                     and ctx.dim() >= 2 and ctx.shape[0] == 1)
+                and _called_from_compiled_code()):
+            return None
+        if isinstance(ctx, EmbeddingCall):
+            ctx.indices = ctx.indices.expand(B, *ctx.indices.shape[1:])
+        else:
+            call.ctx = ctx.expand(B, *ctx.shape[1:])  # every sample's input (a view: no copy)
+        call.batch_size = B
+        return output.expand(B, *output.shape[1:])
 
     @torch.compiler.disable
     def _on_table_read(self, owner: _Owner, module, args, kwargs):
@@ -1553,10 +1581,12 @@ _DYNAMO_DIR = os.path.join("torch", "_dynamo", "")
 
 
 def _compiled_shared_output_hint() -> str:
-    return (" It was called under torch.compile with an input shared by all samples (position ids of shape "
-            "[1, T], T5's relative-position buckets): its output is used in compiled code, where the tracker "
-            "cannot follow it to the ops that broadcast it over the samples (it does without compile). Give it "
-            "one row per sample (e.g. position_ids=torch.arange(T).expand(B, T)), or track the model uncompiled.")
+    return (" It was called under torch.compile with an input shared by all samples that has no batch dim "
+            "of 1 to expand (T5's [q, k] relative-position buckets), or on the generic route: its output is "
+            "used in compiled code, where the tracker cannot follow it to the ops that broadcast it over the "
+            "samples (it does without compile). Give it one row per sample (e.g. for position ids, "
+            "position_ids=torch.arange(T).expand(B, T)), exclude that module from compilation, or track the "
+            "model uncompiled.")
 
 
 class _EagerForward:
