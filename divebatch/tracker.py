@@ -939,25 +939,22 @@ class GradNormTracker:
         return separated
 
     def _expand_shared_compiled_output(self, call: _Call, output, leaves: list) -> torch.Tensor | None:
-        """Under torch.compile, a lookup shared by all samples (``[1, T]`` position ids; a Linear or
-        convolution given a ``[1, ...]`` input) while the forward has ``B > 1`` samples: its output,
-        expanded to ``[B, ...]`` (a view, the same values), to be returned in place of the output, and
-        its call made the B samples' (their inputs expanded alike). Its grad then arrives per sample,
-        before autograd sums the expansion. (Eager code keeps the output as it is and follows it to
-        the ops that broadcast it, see _watch_shared_output; compiled code cannot be followed.)
-        None where this does not apply."""
-        B, ctx, rule = self._last_batch, call.ctx, call.owner.rule
-        if not (call.batch_size == 1 and B and B > 1 and len(leaves) == 1 and output is leaves[0]
-                and output.dim() >= 2 and output.shape[0] == 1 and not getattr(ctx, "direct_uses", None)
-                and (isinstance(ctx, EmbeddingCall) and ctx.indices.dim() >= 1 and ctx.indices.shape[0] == 1
-                     or isinstance(rule, (LinearRule, ConvRule)) and isinstance(ctx, torch.Tensor)
-                     and ctx.dim() >= 2 and ctx.shape[0] == 1)
-                and _called_from_compiled_code()):
+        """Under torch.compile, an ``nn.Embedding`` looked up with ids ``[1, T]`` shared by all
+        samples (GPT-2's and BERT's default position ids) while the forward has ``B > 1`` samples:
+        its output expanded to ``[B, T, d]`` (a view, the same values), to be returned in place of
+        the ``[1, T, d]`` output, and its call made the B samples' (the ids expanded alike). Its grad
+        then arrives per sample, before autograd sums the expansion. (Eager code keeps the output as
+        it is and follows it to the ops that broadcast it, see _watch_shared_output; compiled code
+        cannot be followed.) A position table's output is added to the tokens' [B, T, d], so the
+        expansion changes nothing downstream; a Linear's or convolution's output of a shared input
+        is not expanded (DeBERTa computes per-head tensors of its projected relative positions
+        whose shapes depend on that batch of 1). None where this does not apply."""
+        B, ctx = self._last_batch, call.ctx
+        if not (isinstance(ctx, EmbeddingCall) and call.batch_size == 1 and B and B > 1 and len(leaves) == 1
+                and output is leaves[0] and output.dim() == 3 and ctx.indices.dim() == 2
+                and ctx.indices.shape[0] == 1 and _called_from_compiled_code()):
             return None
-        if isinstance(ctx, EmbeddingCall):
-            ctx.indices = ctx.indices.expand(B, *ctx.indices.shape[1:])
-        else:
-            call.ctx = ctx.expand(B, *ctx.shape[1:])  # every sample's input (a view: no copy)
+        ctx.indices = ctx.indices.expand(B, *ctx.indices.shape[1:])
         call.batch_size = B
         return output.expand(B, *output.shape[1:])
 
@@ -1581,12 +1578,12 @@ _DYNAMO_DIR = os.path.join("torch", "_dynamo", "")
 
 
 def _compiled_shared_output_hint() -> str:
-    return (" It was called under torch.compile with an input shared by all samples that has no batch dim "
-            "of 1 to expand (T5's [q, k] relative-position buckets), or on the generic route: its output is "
-            "used in compiled code, where the tracker cannot follow it to the ops that broadcast it over the "
-            "samples (it does without compile). Give it one row per sample (e.g. for position ids, "
-            "position_ids=torch.arange(T).expand(B, T)), exclude that module from compilation, or track the "
-            "model uncompiled.")
+    return (" It was called under torch.compile with an input shared by all samples (T5's [q, k] "
+            "relative-position buckets, a [1, K, d] input to a Linear; an nn.Embedding's [1, T] ids are "
+            "expanded to the batch instead): its output is used in compiled code, where the tracker cannot "
+            "follow it to the ops that broadcast it over the samples (it does without compile). Give it one "
+            "row per sample, exclude the code that uses its output from compilation, or track the model "
+            "uncompiled.")
 
 
 class _EagerForward:
