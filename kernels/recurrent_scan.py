@@ -39,17 +39,23 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, configs, dot_options
+from ._common import check_device, config_table, dot_options
 
 #: mode name -> (kernel MODE id, gates per hidden unit, activations saved per hidden unit).
 _MODES = {"LSTM": (0, 4, 5), "GRU": (1, 3, 4), "RNN_TANH": (2, 1, 0), "RNN_RELU": (3, 1, 0)}
 
-# BLOCK_B >= 16: tl.dot's smallest M. One config: a scan is latency bound, and timing configs
-# would run the whole sequence once per config.
-_CONFIGS = configs(
-    triton.Config({"BLOCK_B": 16, "BLOCK_H": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1),  # interpreter
-    [triton.Config({"BLOCK_B": 16, "BLOCK_H": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)],
-)
+# BLOCK_B >= 16: tl.dot's smallest M. One config per layout, nothing timed: a scan is latency
+# bound, and timing configs would run the whole sequence once per config. Unit inner strides:
+# 8 warps, BLOCK_H = 64 and two stages (the dots' loads pipelined with cp.async) halve the
+# iterations a step takes against 4 warps and 32 x 32 tiles; strided inputs (64-bit addresses
+# per element) spilled in their loops with those tiles, so they get the smaller ones.
+_INTERPRETER = triton.Config({"BLOCK_B": 16, "BLOCK_H": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+_UNIT = [triton.Config({"BLOCK_B": 16, "BLOCK_H": 64, "BLOCK_K": 32}, num_warps=8, num_stages=2)]
+_STRIDED = [triton.Config({"BLOCK_B": 16, "BLOCK_H": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+_TABLE = {(width, "unit"): _UNIT for width in ("16", "32")} | {(width, "strided"): _STRIDED for width in ("16", "32")}
+_CONFIGS, _PRUNE = config_table(_INTERPRETER, _TABLE, tensor_args=("gi_ptr",), inner_strides=("stride_gg",))
+_BACKWARD_CONFIGS, _BACKWARD_PRUNE = config_table(
+    _INTERPRETER, _TABLE, tensor_args=("gout_ptr",), inner_strides=("stride_op", "stride_yp", "stride_ch", "stride_sk"))
 
 
 # ------------------------------------------------------------------ device helpers
@@ -107,13 +113,13 @@ def _store_cols(ptr, row, col, mask, value):
 
 
 @triton.jit
-def _hidden_preact(gate, H, P, w_ptr, stride_w0, stride_w1, b_ptr, h_ptr, h_row, rmask, cols, cmask,
+def _hidden_preact(gate, H, P, w_ptr, stride_w0, b_ptr, h_ptr, h_row, rmask, cols, cmask,
                    HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """``h_{t-1} W_hh[gate]^T + b_hh[gate]`` for the tile's columns, float32 ``[BLOCK_B, BLOCK_H]``."""
     w_rows = (gate * H + cols).to(tl.int64)
     acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc = _accumulate(acc, h_ptr, h_row, rmask, 1, P, w_ptr, stride_w1, w_rows * stride_w0, cmask,
+    acc = _accumulate(acc, h_ptr, h_row, rmask, 1, P, w_ptr, 1, w_rows * stride_w0, cmask,
                       BLOCK_K, UPCAST, DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + gate * H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -121,11 +127,11 @@ def _hidden_preact(gate, H, P, w_ptr, stride_w0, stride_w1, b_ptr, h_ptr, h_row,
 
 
 # ------------------------------------------------------------------ forward
-@triton.autotune(configs=_CONFIGS, key=["H", "P"])
+@triton.autotune(configs=_CONFIGS, key=["H", "P", "stride_gg"], prune_configs_by=_PRUNE)
 @triton.jit
 def _recurrent_scan_kernel(
-    # inputs: gi [B, T, G] (any strides), w_hh [G, P], b_hh [G], w_hr [P, H] (flags below say which
-    # are present), lengths [B] int64
+    # inputs: gi [B, T, G] (any strides), w_hh [G, P], b_hh [G], w_hr [P, H] (rows of unit stride;
+    # flags below say which are present), lengths [B] int64
     gi_ptr, w_ptr, b_ptr, wr_ptr, len_ptr,
     # results, contiguous: out [T, B, P], cells [T, B, H], saved [T, B, S H]
     out_ptr, cells_ptr, saved_ptr,
@@ -135,7 +141,7 @@ def _recurrent_scan_kernel(
     h_scr, c_scr, m_scr,
     B, T, H, P,
     stride_gb, stride_gt, stride_gg,
-    stride_w0, stride_w1, stride_r0, stride_r1,
+    stride_w0, stride_r0,
     MODE: tl.constexpr, REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     PROJECTED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -175,20 +181,20 @@ def _recurrent_scan_kernel(
             kept = keep[:, None] & cmask[None, :]
             gi_cols = cols.to(tl.int64) * stride_gg
             pre0 = _load_cols(gi_ptr, gi_row, gi_cols, m2)
-            gh0 = _hidden_preact(0, H, P, w_ptr, stride_w0, stride_w1, b_ptr, h_scr, h_row, rmask, cols, cmask,
+            gh0 = _hidden_preact(0, H, P, w_ptr, stride_w0, b_ptr, h_scr, h_row, rmask, cols, cmask,
                                  HAS_BIAS, BLOCK_B, BLOCK_H, BLOCK_K, UPCAST, DOT_PRECISION)
             if LSTM:
                 i = _sigmoid(pre0 + gh0)
                 f = _sigmoid(_load_cols(gi_ptr, gi_row, gi_cols + H * stride_gg, m2)
-                             + _hidden_preact(1, H, P, w_ptr, stride_w0, stride_w1, b_ptr, h_scr, h_row, rmask,
+                             + _hidden_preact(1, H, P, w_ptr, stride_w0, b_ptr, h_scr, h_row, rmask,
                                               cols, cmask, HAS_BIAS, BLOCK_B, BLOCK_H, BLOCK_K, UPCAST,
                                               DOT_PRECISION))
                 g = _tanh(_load_cols(gi_ptr, gi_row, gi_cols + 2 * H * stride_gg, m2)
-                          + _hidden_preact(2, H, P, w_ptr, stride_w0, stride_w1, b_ptr, h_scr, h_row, rmask,
+                          + _hidden_preact(2, H, P, w_ptr, stride_w0, b_ptr, h_scr, h_row, rmask,
                                            cols, cmask, HAS_BIAS, BLOCK_B, BLOCK_H, BLOCK_K, UPCAST,
                                            DOT_PRECISION))
                 o = _sigmoid(_load_cols(gi_ptr, gi_row, gi_cols + 3 * H * stride_gg, m2)
-                             + _hidden_preact(3, H, P, w_ptr, stride_w0, stride_w1, b_ptr, h_scr, h_row, rmask,
+                             + _hidden_preact(3, H, P, w_ptr, stride_w0, b_ptr, h_scr, h_row, rmask,
                                               cols, cmask, HAS_BIAS, BLOCK_B, BLOCK_H, BLOCK_K, UPCAST,
                                               DOT_PRECISION))
                 c_prev = _load_cols(c_scr, c_row, cols, m2)
@@ -206,10 +212,10 @@ def _recurrent_scan_kernel(
             elif GRU:
                 r = _sigmoid(pre0 + gh0)
                 z = _sigmoid(_load_cols(gi_ptr, gi_row, gi_cols + H * stride_gg, m2)
-                             + _hidden_preact(1, H, P, w_ptr, stride_w0, stride_w1, b_ptr, h_scr, h_row, rmask,
+                             + _hidden_preact(1, H, P, w_ptr, stride_w0, b_ptr, h_scr, h_row, rmask,
                                               cols, cmask, HAS_BIAS, BLOCK_B, BLOCK_H, BLOCK_K, UPCAST,
                                               DOT_PRECISION))
-                hn = _hidden_preact(2, H, P, w_ptr, stride_w0, stride_w1, b_ptr, h_scr, h_row, rmask, cols, cmask,
+                hn = _hidden_preact(2, H, P, w_ptr, stride_w0, b_ptr, h_scr, h_row, rmask, cols, cmask,
                                     HAS_BIAS, BLOCK_B, BLOCK_H, BLOCK_K, UPCAST, DOT_PRECISION)
                 n = _tanh(_load_cols(gi_ptr, gi_row, gi_cols + 2 * H * stride_gg, m2) + r * hn)
                 h_new = (1.0 - z) * n + z * _load_cols(h_scr, h_row, cols, m2)
@@ -234,7 +240,7 @@ def _recurrent_scan_kernel(
                 m2 = rmask[:, None] & cmask[None, :]
                 kept = keep[:, None] & cmask[None, :]
                 acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-                acc = _accumulate(acc, m_scr, rows64 * H, rmask, 1, H, wr_ptr, stride_r1,
+                acc = _accumulate(acc, m_scr, rows64 * H, rmask, 1, H, wr_ptr, 1,
                                   cols.to(tl.int64) * stride_r0, cmask, BLOCK_K, UPCAST, DOT_PRECISION)
                 _store_cols(out_ptr, out_row, cols, m2, tl.where(kept, acc, 0.0))
                 _store_cols(h_scr, h_next, cols, m2, tl.where(kept, acc, _load_cols(h_scr, h_row, cols, m2)))
@@ -242,11 +248,12 @@ def _recurrent_scan_kernel(
 
 
 # ------------------------------------------------------------------ backward
-@triton.autotune(configs=_CONFIGS, key=["H", "P"])
+@triton.autotune(configs=_BACKWARD_CONFIGS, key=["H", "P", "stride_op", "stride_yp", "stride_ch", "stride_sk"],
+                 prune_configs_by=_BACKWARD_PRUNE)
 @triton.jit
 def _recurrent_scan_backward_kernel(
-    # inputs: grad_out [B, T, P] (any strides); w_hh [G, P], h0 [B, P], c0 [B, H], w_hr [P, H]
-    # (contiguous); the forward's out [B, T, P], cells [B, T, H], saved [B, T, S H] (any strides);
+    # inputs: grad_out [B, T, P] (any strides); w_hh [G, P], w_hr [P, H] (rows of unit stride),
+    # h0 [B, P], c0 [B, H] (contiguous); the forward's out [B, T, P], cells [B, T, H], saved [B, T, S H] (any strides);
     # lengths [B] int64
     gout_ptr, w_ptr, h0_ptr, c0_ptr, wr_ptr, out_ptr, cells_ptr, saved_ptr, len_ptr,
     # results, contiguous: grad_gi [T, B, G], grad_gh [T, B, G] (GRU), grad_projected [T, B, P] (w_hr)
@@ -259,7 +266,7 @@ def _recurrent_scan_backward_kernel(
     stride_yb, stride_yt, stride_yp,
     stride_cb, stride_ct, stride_ch,
     stride_sb, stride_st, stride_sk,
-    stride_w0, stride_w1, stride_r0, stride_r1,
+    stride_w0, stride_r0,
     MODE: tl.constexpr, REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr, PROJECTED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -314,7 +321,7 @@ def _recurrent_scan_backward_kernel(
             if PROJECTED:  # d(o * tanh c) = d_h W_hr
                 d_in = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
                 d_in = _accumulate(d_in, gproj_ptr, step_row * P, rmask, 1, P, wr_ptr, stride_r0,
-                                   cols.to(tl.int64) * stride_r1, cmask, BLOCK_K, UPCAST, DOT_PRECISION)
+                                   cols.to(tl.int64), cmask, BLOCK_K, UPCAST, DOT_PRECISION)
             else:
                 d_in = _load_cols(dh_scr, dh_row, cols, m2) + _load_cols(gout_ptr, gout_row,
                                                                            cols.to(tl.int64) * stride_op, m2)
@@ -376,13 +383,13 @@ def _recurrent_scan_backward_kernel(
             acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
             if GRU:
                 acc = _accumulate(acc, ggh_ptr, step_row * G, rmask, 1, G, w_ptr, stride_w0,
-                                  cols.to(tl.int64) * stride_w1, cmask, BLOCK_K, UPCAST, DOT_PRECISION)
+                                  cols.to(tl.int64), cmask, BLOCK_K, UPCAST, DOT_PRECISION)
                 d_in = _load_cols(dh_scr, dh_row, cols, m2) + _load_cols(gout_ptr, gout_row,
                                                                            cols.to(tl.int64) * stride_op, m2)
                 acc += d_in * _load_cols(saved_ptr, saved_row, (cols + H).to(tl.int64) * stride_sk, m2)
             else:
                 acc = _accumulate(acc, ggi_ptr, step_row * G, rmask, 1, G, w_ptr, stride_w0,
-                                  cols.to(tl.int64) * stride_w1, cmask, BLOCK_K, UPCAST, DOT_PRECISION)
+                                  cols.to(tl.int64), cmask, BLOCK_K, UPCAST, DOT_PRECISION)
             _store_cols(dh_scr, dh_next, cols, m2, tl.where(kept, acc, _load_cols(dh_scr, dh_row, cols, m2)))
         tl.debug_barrier()
 
@@ -484,7 +491,7 @@ def recurrent_scan_triton(gi, w_hh, b_hh, h0, c0, w_hr, lengths, mode: str, reve
         h_scr, c_scr, m_scr,
         B, T, H, P,
         gi.stride(0), gi.stride(1), gi.stride(2),
-        w.stride(0), w.stride(1), wr.stride(0), wr.stride(1),
+        w.stride(0), wr.stride(0),
         MODE=mode_id, REVERSE=bool(reverse), HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None,
         PROJECTED=w_hr is not None, **_launch_options(gi.dtype),
     )
@@ -542,7 +549,7 @@ def recurrent_scan_backward_triton(grad_out, grad_h_n, grad_c_n, w_hh, h0, c0, w
         out.stride(0), out.stride(1), out.stride(2),
         cells_arg.stride(0), cells_arg.stride(1), cells_arg.stride(2),
         saved_arg.stride(0), saved_arg.stride(1), saved_arg.stride(2),
-        w.stride(0), w.stride(1), wr.stride(0), wr.stride(1),
+        w.stride(0), wr.stride(0),
         MODE=mode_id, REVERSE=bool(reverse), HAS_LENGTHS=lengths is not None, PROJECTED=w_hr is not None, **_launch_options(grad_out.dtype),
     )
     grad_h0 = dh_scr[T % 2].to(grad_out.dtype)

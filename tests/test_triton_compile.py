@@ -117,18 +117,18 @@ def _specs():
             pointers={**dict.fromkeys(("gi_ptr", "w_ptr", "b_ptr", "wr_ptr", "out_ptr", "cells_ptr", "saved_ptr")),
                       "len_ptr": "i64", "h_scr": "fp32", "c_scr": "fp32", "m_scr": "fp32"},
             tensor_args=("gi_ptr",),
-            inner_strides=("stride_gg", "stride_w1", "stride_r1"),
+            inner_strides=("stride_gg",),
             aligned_ints=("H", "P", "stride_gb", "stride_gt", "stride_w0", "stride_r0"),
             constexprs={"MODE": mode_id, "REVERSE": False, "HAS_BIAS": True, "HAS_LENGTHS": True,
                         "PROJECTED": mode == "LSTM"},
         ) for mode, mode_id in _SCAN_MODES},
         **{f"_recurrent_scan_backward_kernel[{mode}]": dict(
-            module="recurrent_scan", function="_recurrent_scan_backward_kernel",
+            module="recurrent_scan", function="_recurrent_scan_backward_kernel", prune="_BACKWARD_PRUNE",
             pointers={**dict.fromkeys(("gout_ptr", "w_ptr", "h0_ptr", "c0_ptr", "wr_ptr", "out_ptr", "cells_ptr",
                                        "saved_ptr", "ggi_ptr", "ggh_ptr", "gproj_ptr")),
                       "len_ptr": "i64", "dh_scr": "fp32", "dc_scr": "fp32"},
             tensor_args=("gout_ptr",),
-            inner_strides=("stride_op", "stride_yp", "stride_ch", "stride_sk", "stride_w1", "stride_r1"),
+            inner_strides=("stride_op", "stride_yp", "stride_ch", "stride_sk"),
             aligned_ints=("H", "P", "stride_ob", "stride_ot", "stride_yb", "stride_yt", "stride_cb", "stride_ct",
                           "stride_sb", "stride_st", "stride_w0", "stride_r0"),
             constexprs={"MODE": mode_id, "REVERSE": True, "HAS_LENGTHS": True, "PROJECTED": mode == "LSTM"},
@@ -166,7 +166,8 @@ def _configs(kernel: str, dtype: str, variant: str):
     tdtype = getattr(torch, _TORCH_DTYPE_NAMES[dtype])
     named = {n: torch.empty(0, dtype=tdtype) for n in spec["tensor_args"]}
     named.update({n: 1 if variant == "contig" else 2 for n in spec["inner_strides"]})
-    return autotuner.fn, K._common.configs_for(autotuner.configs, getattr(module, "_PRUNE", {}), named)
+    prune = getattr(module, spec.get("prune", "_PRUNE"), {})
+    return autotuner.fn, K._common.configs_for(autotuner.configs, prune, named)
 
 
 def _jobs():
@@ -381,6 +382,10 @@ def test_scan_dots_run_on_tensor_cores(records):
     off = [f"{r['kernel']} {r['dtype']} sm_{r['arch']} {r['variant']}: mma.sync={r.get('mma_sync')}"
            for r in scans if r.get("mma_sync", 0) == 0]
     assert not off, "scan dots not on tensor cores:\n" + "\n".join(off)
+    # Unit inner strides: two stages, so the step's dot loads (W_hh from L2) are cp.async-pipelined.
+    plain = [f"{r['kernel']} {r['dtype']} sm_{r['arch']}" for r in scans
+             if r["variant"] == "contig" and r.get("cp_async", 0) == 0]
+    assert not plain, "contiguous scan builds without cp.async pipelining:\n" + "\n".join(plain)
 
 
 def test_contiguous_loads_are_pipelined(records):
