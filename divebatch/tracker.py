@@ -940,21 +940,32 @@ class GradNormTracker:
 
     def _expand_shared_compiled_output(self, call: _Call, output, leaves: list) -> torch.Tensor | None:
         """Under torch.compile, an ``nn.Embedding`` looked up with ids ``[1, T]`` shared by all
-        samples (GPT-2's and BERT's default position ids) while the forward has ``B > 1`` samples:
-        its output expanded to ``[B, T, d]`` (a view, the same values), to be returned in place of
-        the ``[1, T, d]`` output, and its call made the B samples' (the ids expanded alike). Its grad
-        then arrives per sample, before autograd sums the expansion. (Eager code keeps the output as
+        samples (GPT-2's and BERT's default position ids; BART's, through an Embedding subclass with
+        its own forward on the generic route) while the forward has ``B > 1`` samples: its output
+        expanded to ``[B, T, d]`` (a view, the same values), to be returned in place of the
+        ``[1, T, d]`` output, and its call made the B samples' (the ids expanded alike; a generic
+        call replays each sample with its own output grad, its inputs without the B samples shared,
+        as after a watcher, see _shared_output_grad). Its grad then arrives per sample, before
+        autograd sums the expansion. (Eager code keeps the output as
         it is and follows it to the ops that broadcast it, see _watch_shared_output; compiled code
         cannot be followed.) A position table's output is added to the tokens' [B, T, d], so the
         expansion changes nothing downstream; a Linear's or convolution's output of a shared input
         is not expanded (DeBERTa computes per-head tensors of its projected relative positions
         whose shapes depend on that batch of 1). None where this does not apply."""
         B, ctx = self._last_batch, call.ctx
-        if not (isinstance(ctx, EmbeddingCall) and call.batch_size == 1 and B and B > 1 and len(leaves) == 1
-                and output is leaves[0] and output.dim() == 3 and ctx.indices.dim() == 2
-                and ctx.indices.shape[0] == 1 and _called_from_compiled_code()):
+        lookup = isinstance(ctx, EmbeddingCall) and ctx.indices.dim() == 2 and ctx.indices.shape[0] == 1
+        subclass = (call.owner.rule is GENERIC and isinstance(call.owner.module, nn.Embedding)
+                    and not getattr(ctx, "direct_uses", None))  # an Embedding with its own forward (BART's)
+        if not ((lookup or subclass) and call.batch_size == 1 and B and B > 1 and len(leaves) == 1
+                and output is leaves[0] and output.dim() == 3 and output.shape[0] == 1
+                and _called_from_compiled_code()):
             return None
-        ctx.indices = ctx.indices.expand(B, *ctx.indices.shape[1:])
+        if lookup:
+            ctx.indices = ctx.indices.expand(B, *ctx.indices.shape[1:])
+        else:  # replayed per sample with its own output grad; inputs without the B samples shared by all
+            ctx.in_dims = [d if d is not None and ctx.leaves[i].shape[d] == B else None
+                           for i, d in enumerate(ctx.in_dims)]
+            ctx.batch_size = B
         call.batch_size = B
         return output.expand(B, *output.shape[1:])
 

@@ -120,14 +120,23 @@ def test_close_puts_back_an_instance_forward():
     assert rel_err(stats.per_sample, per_sample) <= RTOL
 
 
+class OffsetPositions(torch.nn.Embedding):
+    """An Embedding with its own forward (BART's learned positions: the ids shifted by 2), which
+    takes the generic route."""
+
+    def forward(self, position_ids):
+        return super().forward(position_ids + 2)
+
+
 class LearnedPositions(torch.nn.Module):
     """Token and learned position embeddings (GPT-2's layout), positions ``[1, T]`` unless given;
-    with ``relative``, a Linear of a ``[1, T, 8]`` input shared by the samples (a Conformer's
-    relative positions) added too."""
+    ``subclass``: the positions' Embedding has its own forward (BART's); with ``relative``, a
+    Linear of a ``[1, T, 8]`` input shared by the samples (a Conformer's relative positions) added too."""
 
-    def __init__(self, relative=False):
+    def __init__(self, relative=False, subclass=False):
         super().__init__()
-        self.tokens, self.positions = torch.nn.Embedding(11, 8), torch.nn.Embedding(6, 8)
+        self.tokens = torch.nn.Embedding(11, 8)
+        self.positions = OffsetPositions(8, 8) if subclass else torch.nn.Embedding(6, 8)
         self.relative = torch.nn.Linear(8, 8) if relative else None
         self.head = torch.nn.Linear(8, 3)
 
@@ -140,14 +149,16 @@ class LearnedPositions(torch.nn.Module):
         return self.head(h).sum(1)
 
 
-@pytest.mark.parametrize("positions", ["shared", "per sample"])
+@pytest.mark.parametrize("positions", ["shared", "per sample", "shared, own forward"])
 def test_shared_position_ids_under_compile(positions):
-    """``[1, T]`` position ids (GPT-2's, BERT's default) under torch.compile: the compiled code cannot
-    be followed to the broadcast over the samples (eager code is, without changing the output), so
-    the lookup's output is returned expanded to ``[B, T, d]`` (a view, the same values) and its grads
-    arrive per sample: exact, with the model's output and gradients unchanged."""
+    """``[1, T]`` position ids (GPT-2's, BERT's default; BART's, through an Embedding with its own
+    forward) under torch.compile: the compiled code cannot be followed to the broadcast over the
+    samples (eager code is, without changing the output), so the lookup's output is returned expanded
+    to ``[B, T, d]`` (a view, the same values) and its grads arrive per sample: exact, with the
+    model's output and gradients unchanged."""
     torch.manual_seed(0)
-    model, ids, y = LearnedPositions(), torch.randint(0, 11, (4, 5)), torch.randn(4, 3)
+    model = LearnedPositions(subclass=positions.endswith("own forward"))
+    ids, y = torch.randint(0, 11, (4, 5)), torch.randn(4, 3)
     given = torch.arange(5).expand(4, 5) if positions == "per sample" else None
     compiled = torch.compile(model, backend="aot_eager")
     expected_out = model(ids, given)
