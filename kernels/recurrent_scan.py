@@ -113,6 +113,25 @@ def _store_cols(ptr, row, col, mask, value):
 
 
 @triton.jit
+def _program_rows(len_ptr, B, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """This program's samples: ``(rows, rows < B, rows as int64, their lengths)`` (lengths 0 without
+    ``lengths``: not read then)."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    if HAS_LENGTHS:
+        steps_of = tl.load(len_ptr + rows, mask=rmask, other=0)
+    else:
+        steps_of = tl.zeros((BLOCK_B,), dtype=tl.int64)
+    return rows, rmask, rows.to(tl.int64), steps_of
+
+
+@triton.jit
+def _output_grad(dh_ptr, dh_row, gout_ptr, gout_row, stride_op, cols, mask):
+    """The gradient of the (projected) state a step wrote: the carried ``dh`` plus ``grad_out[t]``."""
+    return _load_cols(dh_ptr, dh_row, cols, mask) + _load_cols(gout_ptr, gout_row, cols.to(tl.int64) * stride_op, mask)
+
+
+@triton.jit
 def _hidden_preact(gate, H, P, w_ptr, stride_w0, b_ptr, h_ptr, h_row, rmask, cols, cmask,
                    HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -149,12 +168,8 @@ def _recurrent_scan_kernel(
     LSTM: tl.constexpr = MODE == 0
     GRU: tl.constexpr = MODE == 1
     SAVED: tl.constexpr = 5 if MODE == 0 else (4 if MODE == 1 else 1)
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    rmask = rows < B
-    rows64 = rows.to(tl.int64)
+    rows, rmask, rows64, steps_of = _program_rows(len_ptr, B, HAS_LENGTHS, BLOCK_B)
     offs_h = tl.arange(0, BLOCK_H)
-    if HAS_LENGTHS:
-        steps_of = tl.load(len_ptr + rows, mask=rmask, other=0)
 
     for s in range(0, T):
         if REVERSE:
@@ -274,12 +289,8 @@ def _recurrent_scan_backward_kernel(
     GRU: tl.constexpr = MODE == 1
     NG: tl.constexpr = 4 if MODE == 0 else (3 if MODE == 1 else 1)
     G = NG * H
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    rmask = rows < B
-    rows64 = rows.to(tl.int64)
+    rows, rmask, rows64, steps_of = _program_rows(len_ptr, B, HAS_LENGTHS, BLOCK_B)
     offs_h = tl.arange(0, BLOCK_H)
-    if HAS_LENGTHS:
-        steps_of = tl.load(len_ptr + rows, mask=rmask, other=0)
 
     for s in range(0, T):  # the forward's steps, last first
         if REVERSE:
@@ -309,8 +320,7 @@ def _recurrent_scan_backward_kernel(
                 cols = j0 + offs_h
                 m2 = rmask[:, None] & (cols < P)[None, :]
                 kept = keep[:, None] & (cols < P)[None, :]
-                d_in = _load_cols(dh_scr, dh_row, cols, m2) + _load_cols(gout_ptr, gout_row,
-                                                                           cols.to(tl.int64) * stride_op, m2)
+                d_in = _output_grad(dh_scr, dh_row, gout_ptr, gout_row, stride_op, cols, m2)
                 _store_cols(gproj_ptr, step_row * P, cols, m2, tl.where(kept, d_in, 0.0))
             tl.debug_barrier()
         for j0 in range(0, H, BLOCK_H):
@@ -323,8 +333,7 @@ def _recurrent_scan_backward_kernel(
                 d_in = _accumulate(d_in, gproj_ptr, step_row * P, rmask, 1, P, wr_ptr, stride_r0,
                                    cols.to(tl.int64), cmask, BLOCK_K, UPCAST, DOT_PRECISION)
             else:
-                d_in = _load_cols(dh_scr, dh_row, cols, m2) + _load_cols(gout_ptr, gout_row,
-                                                                           cols.to(tl.int64) * stride_op, m2)
+                d_in = _output_grad(dh_scr, dh_row, gout_ptr, gout_row, stride_op, cols, m2)
             s_cols = cols.to(tl.int64) * stride_sk
             g_row = step_row * G
             if LSTM:
@@ -384,8 +393,7 @@ def _recurrent_scan_backward_kernel(
             if GRU:
                 acc = _accumulate(acc, ggh_ptr, step_row * G, rmask, 1, G, w_ptr, stride_w0,
                                   cols.to(tl.int64), cmask, BLOCK_K, UPCAST, DOT_PRECISION)
-                d_in = _load_cols(dh_scr, dh_row, cols, m2) + _load_cols(gout_ptr, gout_row,
-                                                                           cols.to(tl.int64) * stride_op, m2)
+                d_in = _output_grad(dh_scr, dh_row, gout_ptr, gout_row, stride_op, cols, m2)
                 acc += d_in * _load_cols(saved_ptr, saved_row, (cols + H).to(tl.int64) * stride_sk, m2)
             else:
                 acc = _accumulate(acc, ggi_ptr, step_row * G, rmask, 1, G, w_ptr, stride_w0,
