@@ -113,6 +113,24 @@ def _store_cols(ptr, row, col, mask, value):
 
 
 @triton.jit
+def _gate_parts(gate, H, P, gi_ptr, gi_row, gi_cols, stride_gg, w_ptr, stride_w0, b_ptr, h_ptr, h_row, rmask, cols,
+                cmask, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Gate ``gate``'s input and hidden pre-activations for the tile's columns, float32."""
+    m2 = rmask[:, None] & cmask[None, :]
+    return (_load_cols(gi_ptr, gi_row, gi_cols + gate * H * stride_gg, m2),
+            _hidden_preact(gate, H, P, w_ptr, stride_w0, b_ptr, h_ptr, h_row, rmask, cols, cmask, HAS_BIAS,
+                           BLOCK_B, BLOCK_H, BLOCK_K, UPCAST, DOT_PRECISION))
+
+
+@triton.jit
+def _store_part(ptr, row, k, H, cols, mask, kept, value):
+    """Part ``k`` (columns ``k H + cols``) of a step's row of saved activations or gate gradients:
+    ``value`` where the step counts, 0 on padded steps."""
+    _store_cols(ptr, row, cols + k * H, mask, tl.where(kept, value, 0.0))
+
+
+@triton.jit
 def _program_rows(len_ptr, B, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr):
     """This program's samples: ``(rows, rows < B, rows as int64, their lengths)`` (lengths 0 without
     ``lengths``: not read then)."""
@@ -195,23 +213,22 @@ def _recurrent_scan_kernel(
             m2 = rmask[:, None] & cmask[None, :]
             kept = keep[:, None] & cmask[None, :]
             gi_cols = cols.to(tl.int64) * stride_gg
-            pre0 = _load_cols(gi_ptr, gi_row, gi_cols, m2)
-            gh0 = _hidden_preact(0, H, P, w_ptr, stride_w0, b_ptr, h_scr, h_row, rmask, cols, cmask,
-                                 HAS_BIAS, BLOCK_B, BLOCK_H, BLOCK_K, UPCAST, DOT_PRECISION)
+            # (gate k's input and hidden pre-activations: gi[:, t, kH + cols] and h W_hh[kH + cols]^T + b_hh)
+            gi0, gh0 = _gate_parts(0, H, P, gi_ptr, gi_row, gi_cols, stride_gg, w_ptr, stride_w0, b_ptr, h_scr, h_row,
+                                   rmask, cols, cmask, HAS_BIAS, BLOCK_B, BLOCK_H, BLOCK_K, UPCAST, DOT_PRECISION)
+            if LSTM or GRU:
+                gi1, gh1 = _gate_parts(1, H, P, gi_ptr, gi_row, gi_cols, stride_gg, w_ptr, stride_w0, b_ptr, h_scr,
+                                       h_row, rmask, cols, cmask, HAS_BIAS, BLOCK_B, BLOCK_H, BLOCK_K, UPCAST,
+                                       DOT_PRECISION)
+                gi2, gh2 = _gate_parts(2, H, P, gi_ptr, gi_row, gi_cols, stride_gg, w_ptr, stride_w0, b_ptr, h_scr,
+                                       h_row, rmask, cols, cmask, HAS_BIAS, BLOCK_B, BLOCK_H, BLOCK_K, UPCAST,
+                                       DOT_PRECISION)
             if LSTM:
-                i = _sigmoid(pre0 + gh0)
-                f = _sigmoid(_load_cols(gi_ptr, gi_row, gi_cols + H * stride_gg, m2)
-                             + _hidden_preact(1, H, P, w_ptr, stride_w0, b_ptr, h_scr, h_row, rmask,
-                                              cols, cmask, HAS_BIAS, BLOCK_B, BLOCK_H, BLOCK_K, UPCAST,
-                                              DOT_PRECISION))
-                g = _tanh(_load_cols(gi_ptr, gi_row, gi_cols + 2 * H * stride_gg, m2)
-                          + _hidden_preact(2, H, P, w_ptr, stride_w0, b_ptr, h_scr, h_row, rmask,
-                                           cols, cmask, HAS_BIAS, BLOCK_B, BLOCK_H, BLOCK_K, UPCAST,
-                                           DOT_PRECISION))
-                o = _sigmoid(_load_cols(gi_ptr, gi_row, gi_cols + 3 * H * stride_gg, m2)
-                             + _hidden_preact(3, H, P, w_ptr, stride_w0, b_ptr, h_scr, h_row, rmask,
-                                              cols, cmask, HAS_BIAS, BLOCK_B, BLOCK_H, BLOCK_K, UPCAST,
-                                              DOT_PRECISION))
+                gi3, gh3 = _gate_parts(3, H, P, gi_ptr, gi_row, gi_cols, stride_gg, w_ptr, stride_w0, b_ptr, h_scr,
+                                       h_row, rmask, cols, cmask, HAS_BIAS, BLOCK_B, BLOCK_H, BLOCK_K, UPCAST,
+                                       DOT_PRECISION)
+                i, f = _sigmoid(gi0 + gh0), _sigmoid(gi1 + gh1)
+                g, o = _tanh(gi2 + gh2), _sigmoid(gi3 + gh3)
                 c_prev = _load_cols(c_scr, c_row, cols, m2)
                 c_new = f * c_prev + i * g
                 tanh_c = _tanh(c_new)
@@ -219,29 +236,23 @@ def _recurrent_scan_kernel(
                 c_carried = tl.where(kept, c_new, c_prev)
                 _store_cols(c_scr, c_next, cols, m2, c_carried)
                 _store_cols(cells_ptr, step_row, cols, m2, c_carried)
-                _store_cols(saved_ptr, saved_row, cols, m2, tl.where(kept, i, 0.0))
-                _store_cols(saved_ptr, saved_row, cols + H, m2, tl.where(kept, f, 0.0))
-                _store_cols(saved_ptr, saved_row, cols + 2 * H, m2, tl.where(kept, g, 0.0))
-                _store_cols(saved_ptr, saved_row, cols + 3 * H, m2, tl.where(kept, o, 0.0))
-                _store_cols(saved_ptr, saved_row, cols + 4 * H, m2, tl.where(kept, tanh_c, 0.0))
+                _store_part(saved_ptr, saved_row, 0, H, cols, m2, kept, i)
+                _store_part(saved_ptr, saved_row, 1, H, cols, m2, kept, f)
+                _store_part(saved_ptr, saved_row, 2, H, cols, m2, kept, g)
+                _store_part(saved_ptr, saved_row, 3, H, cols, m2, kept, o)
+                _store_part(saved_ptr, saved_row, 4, H, cols, m2, kept, tanh_c)
             elif GRU:
-                r = _sigmoid(pre0 + gh0)
-                z = _sigmoid(_load_cols(gi_ptr, gi_row, gi_cols + H * stride_gg, m2)
-                             + _hidden_preact(1, H, P, w_ptr, stride_w0, b_ptr, h_scr, h_row, rmask,
-                                              cols, cmask, HAS_BIAS, BLOCK_B, BLOCK_H, BLOCK_K, UPCAST,
-                                              DOT_PRECISION))
-                hn = _hidden_preact(2, H, P, w_ptr, stride_w0, b_ptr, h_scr, h_row, rmask, cols, cmask,
-                                    HAS_BIAS, BLOCK_B, BLOCK_H, BLOCK_K, UPCAST, DOT_PRECISION)
-                n = _tanh(_load_cols(gi_ptr, gi_row, gi_cols + 2 * H * stride_gg, m2) + r * hn)
+                r, z = _sigmoid(gi0 + gh0), _sigmoid(gi1 + gh1)
+                n = _tanh(gi2 + r * gh2)
                 h_new = (1.0 - z) * n + z * _load_cols(h_scr, h_row, cols, m2)
-                _store_cols(saved_ptr, saved_row, cols, m2, tl.where(kept, r, 0.0))
-                _store_cols(saved_ptr, saved_row, cols + H, m2, tl.where(kept, z, 0.0))
-                _store_cols(saved_ptr, saved_row, cols + 2 * H, m2, tl.where(kept, n, 0.0))
-                _store_cols(saved_ptr, saved_row, cols + 3 * H, m2, tl.where(kept, hn, 0.0))
+                _store_part(saved_ptr, saved_row, 0, H, cols, m2, kept, r)
+                _store_part(saved_ptr, saved_row, 1, H, cols, m2, kept, z)
+                _store_part(saved_ptr, saved_row, 2, H, cols, m2, kept, n)
+                _store_part(saved_ptr, saved_row, 3, H, cols, m2, kept, gh2)
             elif MODE == 2:
-                h_new = _tanh(pre0 + gh0)
+                h_new = _tanh(gi0 + gh0)
             else:
-                h_new = tl.maximum(pre0 + gh0, 0.0)
+                h_new = tl.maximum(gi0 + gh0, 0.0)
             if PROJECTED:
                 _store_cols(m_scr, rows64 * H, cols, m2, h_new)
             else:
@@ -353,10 +364,10 @@ def _recurrent_scan_backward_kernel(
                 d_i = dc_t * g * i * (1.0 - i)
                 d_f = dc_t * c_prev * f * (1.0 - f)
                 d_g = dc_t * i * (1.0 - g * g)
-                _store_cols(ggi_ptr, g_row, cols, m2, tl.where(kept, d_i, 0.0))
-                _store_cols(ggi_ptr, g_row, cols + H, m2, tl.where(kept, d_f, 0.0))
-                _store_cols(ggi_ptr, g_row, cols + 2 * H, m2, tl.where(kept, d_g, 0.0))
-                _store_cols(ggi_ptr, g_row, cols + 3 * H, m2, tl.where(kept, d_o, 0.0))
+                _store_part(ggi_ptr, g_row, 0, H, cols, m2, kept, d_i)
+                _store_part(ggi_ptr, g_row, 1, H, cols, m2, kept, d_f)
+                _store_part(ggi_ptr, g_row, 2, H, cols, m2, kept, d_g)
+                _store_part(ggi_ptr, g_row, 3, H, cols, m2, kept, d_o)
                 _store_cols(dc_scr, dc_next, cols, m2, tl.where(kept, dc_t * f, dc))
             elif GRU:
                 r = _load_cols(saved_ptr, saved_row, s_cols, m2)
@@ -370,19 +381,19 @@ def _recurrent_scan_backward_kernel(
                 d_n = d_in * (1.0 - z) * (1.0 - n * n)
                 d_z = d_in * (h_prev - n) * z * (1.0 - z)
                 d_r = d_n * hn * r * (1.0 - r)
-                _store_cols(ggi_ptr, g_row, cols, m2, tl.where(kept, d_r, 0.0))
-                _store_cols(ggi_ptr, g_row, cols + H, m2, tl.where(kept, d_z, 0.0))
-                _store_cols(ggi_ptr, g_row, cols + 2 * H, m2, tl.where(kept, d_n, 0.0))
-                _store_cols(ggh_ptr, g_row, cols, m2, tl.where(kept, d_r, 0.0))
-                _store_cols(ggh_ptr, g_row, cols + H, m2, tl.where(kept, d_z, 0.0))
-                _store_cols(ggh_ptr, g_row, cols + 2 * H, m2, tl.where(kept, d_n * r, 0.0))
+                _store_part(ggi_ptr, g_row, 0, H, cols, m2, kept, d_r)
+                _store_part(ggi_ptr, g_row, 1, H, cols, m2, kept, d_z)
+                _store_part(ggi_ptr, g_row, 2, H, cols, m2, kept, d_n)
+                _store_part(ggh_ptr, g_row, 0, H, cols, m2, kept, d_r)
+                _store_part(ggh_ptr, g_row, 1, H, cols, m2, kept, d_z)
+                _store_part(ggh_ptr, g_row, 2, H, cols, m2, kept, d_n * r)
             else:
                 h = _load_cols(out_ptr, rows64 * stride_yb + t64 * stride_yt, cols.to(tl.int64) * stride_yp, m2)
                 if MODE == 2:
                     d = d_in * (1.0 - h * h)
                 else:
                     d = tl.where(h > 0, d_in, 0.0)
-                _store_cols(ggi_ptr, g_row, cols, m2, tl.where(kept, d, 0.0))
+                _store_part(ggi_ptr, g_row, 0, H, cols, m2, kept, d)
         tl.debug_barrier()
         for j0 in range(0, P, BLOCK_H):  # dh_{t-1} = d_gates W_hh (a GRU's with r on its n part), + d_in z
             cols = j0 + offs_h
