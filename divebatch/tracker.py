@@ -946,12 +946,12 @@ class GradNormTracker:
         ``[1, T, d]`` output, and its call made the B samples' (the ids expanded alike; a generic
         call replays each sample with its own output grad, its inputs without the B samples shared,
         as after a watcher, see _shared_output_grad). Its grad then arrives per sample, before
-        autograd sums the expansion. (Eager code keeps the output as
-        it is and follows it to the ops that broadcast it, see _watch_shared_output; compiled code
-        cannot be followed.) A position table's output is added to the tokens' [B, T, d], so the
-        expansion changes nothing downstream; a Linear's or convolution's output of a shared input
-        is not expanded (DeBERTa computes per-head tensors of its projected relative positions
-        whose shapes depend on that batch of 1). None where this does not apply."""
+        autograd sums the expansion. (Eager code keeps the output as it is and follows it to the
+        ops that broadcast it, see _watch_shared_output; compiled code cannot be followed.) A
+        position table's output is added to the tokens' [B, T, d], so the expansion changes nothing
+        downstream; a Linear's or convolution's output of a shared input is not expanded (DeBERTa
+        computes per-head tensors of its projected relative positions whose shapes depend on that
+        batch of 1). None where this does not apply."""
         B, ctx = self._last_batch, call.ctx
         lookup = isinstance(ctx, EmbeddingCall) and ctx.indices.dim() == 2 and ctx.indices.shape[0] == 1
         subclass = (call.owner.rule is GENERIC and isinstance(call.owner.module, nn.Embedding)
