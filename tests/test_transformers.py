@@ -74,6 +74,33 @@ def test_gpt2_matches_torch_func(reduction, fused, monkeypatch):
         assert rel_err(param.grad, plain_grads[name]) <= 1e-5, name
 
 
+def test_gpt2_default_positions_under_compile():
+    """GPT-2 called as a user calls it (default ``[1, T]`` position ids) through ``torch.compile``: its
+    position lookup runs in compiled code, where it cannot be followed to its broadcast, so its output
+    is returned expanded to the batch; the logits, autograd's gradients and the norms stay exact."""
+    torch._dynamo.reset()
+    model, tokens, targets = gpt2_case(per_sample_positions=False)
+    expected = model(tokens)
+    token_loss(expected, targets).backward()
+    plain_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    compiled = torch.compile(model, backend="aot_eager")
+    try:
+        with GradNormTracker(model, "sum") as tracker:
+            logits = compiled(tokens)
+            token_loss(logits, targets).backward()
+            stats = tracker.collect()
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(logits, expected)
+    per_sample, _, batch = reference_norms(model, token_loss, tokens, targets)
+    assert rel_err(stats.per_sample, per_sample) <= RTOL
+    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+    assert stats.per_layer["lm.transformer.wpe"].shape == (3,)
+    for name, param in model.named_parameters():
+        assert rel_err(param.grad, plain_grads[name]) <= 1e-5, name
+
+
 def test_gpt2_conv1d_weight_norms_per_layer():
     model, tokens, targets = gpt2_case(seed=1)
     with GradNormTracker(model, "sum") as tracker:
