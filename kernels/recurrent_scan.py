@@ -293,7 +293,8 @@ def _recurrent_scan_backward_kernel(
     stride_cb, stride_ct, stride_ch,
     stride_sb, stride_st, stride_sk,
     stride_w0, stride_r0,
-    MODE: tl.constexpr, REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr, PROJECTED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MODE: tl.constexpr, REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr, PROJECTED: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     LSTM: tl.constexpr = MODE == 0
@@ -473,8 +474,10 @@ def _grid(B: int):
     return lambda meta: (triton.cdiv(B, meta["BLOCK_B"]),)
 
 
-def _time_major(like: torch.Tensor, B: int, T: int, n: int, dtype=None) -> torch.Tensor:
-    return torch.empty(T, B, n, dtype=dtype or like.dtype, device=like.device).transpose(0, 1)
+def _time_major(like: torch.Tensor, B: int, T: int, n: int) -> torch.Tensor:
+    """An empty ``[B, T, n]`` view of a ``[T, B, n]`` buffer (the reference's ``time_major``; this
+    package imports without divebatch)."""
+    return like.new_empty(T, B, n).transpose(0, 1)
 
 
 def recurrent_scan_triton(gi, w_hh, b_hh, h0, c0, w_hr, lengths, mode: str, reverse: bool):
@@ -569,7 +572,8 @@ def recurrent_scan_backward_triton(grad_out, grad_h_n, grad_c_n, w_hh, h0, c0, w
         cells_arg.stride(0), cells_arg.stride(1), cells_arg.stride(2),
         saved_arg.stride(0), saved_arg.stride(1), saved_arg.stride(2),
         w.stride(0), wr.stride(0),
-        MODE=mode_id, REVERSE=bool(reverse), HAS_LENGTHS=lengths is not None, PROJECTED=w_hr is not None, **_launch_options(grad_out.dtype),
+        MODE=mode_id, REVERSE=bool(reverse), HAS_LENGTHS=lengths is not None, PROJECTED=w_hr is not None,
+        **_launch_options(grad_out.dtype),
     )
     grad_h0 = dh_scr[T % 2].to(grad_out.dtype)
     grad_c0 = dc_scr[T % 2].to(grad_out.dtype) if lstm else grad_out.new_empty(0)
