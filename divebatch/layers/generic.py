@@ -58,6 +58,7 @@ from .experts import _MATMULS, ExpertUses, rows_grad_sum, rows_norms, rows_per_s
 from .linear import fused_linear
 from .routes import MAX_EXTRA_BYTES
 from .rows import flattened_samples
+from .standardised import StandardisedWeight, standardised_product
 
 
 @dataclass
@@ -84,6 +85,8 @@ class GenericCall:
     # first input's rows are samples' rows in another order (``input_samples``: each row's sample).
     input_batch: int | None = None
     input_samples: torch.Tensor | None = None
+    # Set by GenericRule.norms: some standardised product's norms came in closed form (for plan).
+    standardised: bool = False
 
 
 @dataclass(eq=False)
@@ -313,6 +316,9 @@ class ProductUse:
     # compute that GEMM again.
     fused_weight: str | None = None
     weight_sums: dict = field(default_factory=dict)
+    # Where the weight is a standardisation of one parameter (``_standardisation``): per-sample
+    # norms in closed form, where no other use shares its parameters (``GenericRule.norms``).
+    standardised: StandardisedWeight | None = None
 
     def per_sample(self, grad: torch.Tensor, samples: slice) -> dict[str, torch.Tensor]:
         """``{name: [samples, *shape]}`` float32."""
@@ -367,6 +373,83 @@ class ProductUse:
                                      for a in (stride, padding, dilation))
         weight = conv_weight_grads(x, g, weight_shape, stride, padding, dilation, groups)
         return (weight, g.sum(dim=tuple(range(2, g.dim())))) if with_bias else (weight,)
+
+
+_RESHAPES = frozenset({torch.Tensor.reshape, torch.Tensor.reshape_as, torch.Tensor.view, torch.Tensor.view_as,
+                       torch.reshape})
+
+
+def _standardisation(recipe: WeightRecipe) -> StandardisedWeight | None:
+    """The weight standardisation ``recipe`` is, if that is all it is (``standardised.py``):
+    ``F.batch_norm`` in training mode without running statistics over one parameter ``θ``
+    reshaped to ``[1, O, K]``, reshaped back to ``θ``'s shape, with an affine weight and shift
+    computed from parameters other than ``θ`` (and each other's), constants, or none; the
+    product's bias a parameter of its own, or none. Else None."""
+    def step(t, funcs):
+        entry = recipe.steps.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return entry if entry is not None and entry[0] is t and entry[1] in funcs else None
+
+    def leaf(t):
+        entry = recipe.leaves.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return entry[0] if entry is not None and entry[1] is t else None
+
+    def sources(t) -> set[str]:
+        name = leaf(t)
+        if name is not None:
+            return {name}
+        _, _, args, kwargs = recipe.steps[id(t)]
+        return set().union(*(sources(a) for a in tree_flatten((args, kwargs))[0] if recipe._known(a)))
+
+    back = step(recipe.weight, _RESHAPES)
+    norm = back and step(back[2][0], {F.batch_norm})
+    bound = norm and _batch_norm(norm[2], norm[3])
+    if (not bound or bound["training"] is not True or bound["running_mean"] is not None
+            or bound["running_var"] is not None):
+        return None
+    flat = step(bound["input"], _RESHAPES)
+    theta_name = flat and leaf(flat[2][0])
+    if not theta_name:
+        return None
+    theta = flat[2][0]
+    if (theta.dim() < 2 or theta.dtype not in (torch.float32, torch.float64) or recipe.weight.shape != theta.shape
+            or tuple(bound["input"].shape) != (1, theta.shape[0], theta[0].numel())):
+        return None
+    pulls, used = {}, {theta_name}
+    for key in ("weight", "bias"):
+        t = bound[key]
+        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != (theta.shape[0],)):
+            return None
+        if t is None or not recipe._known(t):  # (none, or a constant: a frozen gain)
+            pulls[key] = None
+            continue
+        names = sources(t)
+        if names & used:
+            return None  # (θ in its own affine weight, or weight and shift sharing a parameter: cross terms)
+        used |= names
+        pulls[key] = _affine_pull(recipe, t, names)
+    bias = None
+    if recipe.bias is not None:
+        bias = leaf(recipe.bias)
+        if bias is None or bias in used:
+            return None
+    return StandardisedWeight(theta_name, float(bound["eps"]), None if bound["weight"] is None
+                              else bound["weight"].detach(), pulls["weight"], pulls["bias"], bias)
+
+
+def _affine_pull(recipe: WeightRecipe, t: torch.Tensor, names: set[str]):
+    """``[B, *t.shape]`` per-sample gradients of ``t`` -> ``{name: [B, *shape]}`` of the parameters
+    ``names`` it was computed from (directly, where ``t`` is one of them)."""
+    leaf = recipe.leaves.get(id(t))
+    if leaf is not None and leaf[1] is t:
+        return lambda grads: {leaf[0]: grads}
+    part = WeightRecipe(t, None)
+    part.leaves, part.steps = recipe.leaves, recipe.steps
+    params = {name: p.detach() for name, p in recipe.leaves.values() if name in names}
+
+    def pull(grads):
+        _, back = vjp(lambda p: part(p)[0], params)
+        return vmap(lambda g: back(g.to(t.dtype))[0])(grads)
+    return pull
 
 
 class _WeightGradFromUse:
@@ -967,6 +1050,8 @@ class DirectUseRecorder(TorchFunctionMode):
         self.taken.update(id(t) for t in (weight, bias) if t is not None)
         params = {name: p.detach() for name, p in recipe.leaves.values()}
         use = ProductUse(func, x.detach(), [bound[n] for n in names[3:]], params, recipe, out.dtype)
+        if standardised_product(func, use.arguments):
+            use.standardised = _standardisation(recipe)
         if self.fused_product is not None and self.fused_product[0] is out:
             leaf = recipe.leaves.get(id(weight))
             if leaf is not None and leaf[1] is weight:
@@ -1172,7 +1257,7 @@ def _direct_per_sample(uses: list[DirectUse], grads, tracked, batch_size: int,
         total[name] = rows_per_sample(entries, batch_size, tracked[name].shape, samples or slice(0, batch_size))
     products: dict[str, torch.Tensor] = {}  # computed for ``samples`` only
     for use, g in zip(uses, grads):
-        if g is not None and use.kind == "product":
+        if g is not None and use.kind == "product" and not tracked.keys().isdisjoint(use.other.params):
             for name, t in use.other.per_sample(g, samples or slice(0, batch_size)).items():
                 if name in tracked:
                     products[name] = t if name not in products else products[name] + t
@@ -1332,7 +1417,24 @@ class GenericRule(PerSampleGradsRule):
         (a mixture of experts' weights, replayed one sample at a time, would hold ``B`` of them).
         Where every call's uses were recorded and some are products with rows (experts, routers),
         those parameters' norms come from the products (``experts.rows_norms``), never from
-        per-sample gradients."""
+        per-sample gradients; so do those of a standardised weight's parameters
+        (``standardised.py``)."""
+        standardised = []
+        if len(calls) == 1:
+            call, grads = calls[0]
+            uses_grads = grads[len(call.outputs):]
+            standardised = [(call.direct_uses[i], uses_grads[i]) for i in self._standardised(call, tracked)
+                            if uses_grads[i] is not None]
+        calls[0][0].standardised = False
+        if standardised:
+            sq = sum(use.other.standardised.norms(use.other.func, use.other.x, g, use.other.arguments,
+                                                  use.other.params, tracked, call.batch_size)
+                     for use, g in standardised)
+            covered = {name for use, _ in standardised for name in use.other.params}
+            rest = {name: p for name, p in tracked.items() if name not in covered}
+            sq = sq + self.norms(module, calls, rest) if rest else sq
+            calls[0][0].standardised = True
+            return sq
         rows = self._rows_only(calls)
         if rows is not None:
             B = calls[0][0].batch_size
@@ -1344,6 +1446,20 @@ class GenericRule(PerSampleGradsRule):
             return sq
         return torch.cat([sum(per_sample_sq(t) for t in chunk.values())
                           for chunk in self._sample_chunks(module, calls, tracked)])
+
+    @staticmethod
+    def _standardised(call: GenericCall, tracked) -> list[int]:
+        """Indices of the call's standardised products whose norms come in closed form (where the
+        module is called once): every use was recorded, and no other use shares their parameters
+        (some tracked), whose per-sample gradients would add before squaring."""
+        uses = call.direct_uses
+        if uses is None or call.extra_params:
+            return []
+        names = [set(use.other.params) if use.kind == "product" else
+                 set(use.computed.params) if use.computed is not None else {use.name} for use in uses]
+        return [i for i, use in enumerate(uses)
+                if use.kind == "product" and use.other.standardised is not None and names[i] & set(tracked)
+                and not any(names[i] & other for j, other in enumerate(names) if j != i)]
 
     @staticmethod
     def _rows_only(calls) -> dict[str, list] | None:
@@ -1483,6 +1599,10 @@ class GenericRule(PerSampleGradsRule):
         if ctx.direct_uses is not None and any(u.kind == "rows" for u in ctx.direct_uses):
             products = sum(u.kind == "rows" for u in ctx.direct_uses)
             return RoutePlan("generic (row uses)", f"B={ctx.batch_size} params={numel} products={products}",
+                             float("nan"), float("nan"))
+        if ctx.standardised:
+            products = sum(u.kind == "product" for u in ctx.direct_uses)
+            return RoutePlan("generic (standardised weights)", f"B={ctx.batch_size} params={numel} products={products}",
                              float("nan"), float("nan"))
         if ctx.direct_uses is not None and any(u.kind == "product" or u.computed is not None for u in ctx.direct_uses):
             products = sum(u.kind == "product" or u.computed is not None for u in ctx.direct_uses)
