@@ -90,6 +90,24 @@ class DiveBatchReplay(DiveBatch):
             generic.ExpertUses = reader
 
 
+class DiveBatchVmappedStandardisation(DiveBatch):
+    """divebatch with weight-standardised products left to the generic computed-weights route
+    (``layers/standardised.py`` off): each sample's weight gradient pulled back through
+    ``batch_norm`` under ``vmap``, as before the closed form."""
+
+    name = "divebatch-vmap-ws"
+
+    def step(self, x, y):
+        from divebatch.layers import generic
+
+        recognise = generic.standardised_product
+        generic.standardised_product = lambda *args: False
+        try:
+            return super().step(x, y)
+        finally:
+            generic.standardised_product = recognise
+
+
 class PlainCompiled(Plain):
     """The plain step through ``torch.compile(model)`` (inductor): the floor for divebatch-compiled."""
 
@@ -208,7 +226,7 @@ class BackPACK(Method):
 
 
 METHODS = [Plain, DiveBatch, TorchFunc, OpacusHooks, OpacusGhost, BackPACK, DiveBatchUnfused, DiveBatchReplay,
-           PlainCompiled, DiveBatchCompiled]
+           DiveBatchVmappedStandardisation, PlainCompiled, DiveBatchCompiled]
 
 
 def build(method_cls, workload, seed=0, device="cpu", dtype=None):

@@ -69,6 +69,18 @@ def _cnn_ws():
                          nn.Linear(3136, 10))
 
 
+def _nf_bottleneck():
+    """NF-ResNet-style stages of weight-standardised convolutions on 32x32 colour images: a strided
+    stem, then bottlenecks whose 1x1 convolutions widen to 1024 channels at 8x8 and 4x4 positions,
+    where each sample's weight gradient (up to 1024 x 1024) is far larger than its rows."""
+    def bottleneck(cin, mid, cout, stride):
+        return [StandardizedConv2d(cin, mid, 1), nn.ReLU(), StandardizedConv2d(mid, mid, 3, stride=stride, padding=1),
+                nn.ReLU(), StandardizedConv2d(mid, cout, 1), nn.ReLU()]
+    return nn.Sequential(StandardizedConv2d(3, 64, 3, stride=2, padding=1), nn.ReLU(),
+                         *bottleneck(64, 128, 512, 2), *bottleneck(512, 256, 1024, 2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1024, 10))
+
+
 class Block(nn.Module):
     """Pre-norm residual MLP block of the seq workload."""
 
@@ -388,6 +400,7 @@ WORKLOADS = {
     # Not in BENCHMARKS.md: the cnn workload with weight-standardised convolutions (NF-ResNets'):
     # modules with their own forward, whose weight is computed from their parameters.
     "cnn-ws": Workload("cnn-ws", _cnn_ws, _images(128, (1, 28, 28)), lambda x, y: 1.0 / x.shape[0]),
+    "nf-bottleneck": Workload("nf-bottleneck", _nf_bottleneck, _images(32, (3, 32, 32)), lambda x, y: 1.0 / x.shape[0]),
     "seq": Workload("seq", SeqModel, _tokens(16, 128, 1000), lambda x, y: 1.0 / y.numel(), token_level=True),
     # Not in BENCHMARKS.md: seq with the embedding tied to the head (the cross term's cost).
     "seq-tied": Workload("seq-tied", lambda: SeqModel(tied=True), _tokens(16, 128, 1000),

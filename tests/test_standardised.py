@@ -191,3 +191,16 @@ def test_the_closed_form_forms_no_per_sample_weight_gradient(monkeypatch):
     per_sample, _, _ = reference_norms(model, loss_fn, x, y)
     assert rel_err(stats.per_sample, per_sample) <= 1e-5
     assert max(largest) < 8 * 96 * 64
+
+
+def test_norms_where_the_gradient_lies_along_the_weight(branch):
+    """A sample whose weight gradient lies almost wholly along ``ŵ`` (here 99.8% of its squared
+    norm), which standardisation removes: the closed form's float32 terms cancel (an error of
+    8e-5 without the fallback), so the samples it cannot read to float32 are formed in float64."""
+    torch.manual_seed(10)
+    model = StdConv(3, 1, 1, gain=False, bias=False)
+    x = torch.randn(1, 3, 5, 4)
+    y = torch.randn_like(model(x))
+    stats, _ = tracked(model, x, y)
+    per_sample, _, _ = reference_norms(copy.deepcopy(model).double(), loss_fn, x.double(), y.double())
+    assert rel_err(stats.per_sample, per_sample) <= 1e-5

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import per_sample_sq
-from .conv import grouped_grad, unfold_patches
+from .conv import conv_weight_grads, grouped_grad, unfold_patches
 from .linear import linear_norms
 from .routes import MAX_EXTRA_BYTES, linear_route_name
 
@@ -76,36 +76,23 @@ class StandardisedWeight:
         scale = (self.gamma.detach().double() if self.gamma is not None else torch.ones_like(sigma)) / sigma
         dtype = torch.promote_types(torch.promote_types(x.dtype, grad.dtype), torch.float32)
 
-        w_hat32, scale32 = w_hat.to(dtype), scale.to(dtype)
-        theta_sq, s1, sx = [], [], []
-        for a, g, groups in _rows(func, x.detach(), grad.detach(), arguments, theta.shape, batch_size, dtype):
-            n, T, p = a.shape[0] // groups, a.shape[1], O // groups
-            g_t = g.transpose(1, 2)  # [n * groups, p, T]: positions last, as a convolution's output grad lies
-            # Where the linear routes would take the ghost route (per-sample gradients large against
-            # the rows; measured: also where the closed form's product then costs as much as the
-            # per-sample gradients', it is faster than writing and reading them): the closed form.
-            if linear_route_name(n * groups, T, K, p) == "ghost":
-                # Σ_o (γ_o / σ_o)² ||g_o||² from the linear routes, the output grad's columns scaled:
-                scaled = (g_t * scale32.view(groups, p, 1).repeat(n, 1, 1)).transpose(1, 2)
-                weighted = linear_norms(a, scaled, True, False).view(n, groups).sum(dim=1)
-                # ŵ A_bᵀ per group (one product of the forward's size) and A_b 1.
-                projected = torch.matmul(w_hat32.view(groups, p, K), a.transpose(1, 2).reshape(n, groups, K, T))
-                sx.append((g_t.reshape(n, groups, p, T) * projected).sum(dim=3).reshape(n, O))
-                s1.append(torch.bmm(g_t, a.sum(dim=2, keepdim=True)).reshape(n, O))
-                correction = (scale.square() / K) * (s1[-1].double().square()
-                                                     + (2 - var / (var + self.eps)) * sx[-1].double().square())
-                # (rounding can take an exactly vanishing gradient's norm a hair below 0)
-                theta_sq.append((weighted.double() - correction.sum(dim=1)).clamp_min(0))
-            else:
-                # Each sample's weight gradient, then batch norm's backward of it, formed outright.
-                per_sample = torch.bmm(g_t, a).view(n, O, K)
-                s1.append(per_sample.sum(dim=2))
-                sx.append((per_sample * w_hat32).sum(dim=2))
-                theta_grad = (per_sample - s1[-1].unsqueeze(2) / K - w_hat32 * (sx[-1] / K).unsqueeze(2))
-                theta_sq.append(per_sample_sq(theta_grad * scale32.view(O, 1)).double())
-        s1, sx = torch.cat(s1), torch.cat(sx)
-
-        total = torch.cat(theta_sq) if self.theta in tracked else torch.zeros(batch_size, dtype=torch.float64,
+        r = var / (var + self.eps)
+        groups = 1 if func is F.linear else arguments[3]
+        T = grad.numel() // (batch_size * O)  # rows (output positions) per sample and group
+        # Where the linear routes would take the ghost route (per-sample gradients large against
+        # the rows; measured: also where the closed form's product then costs as much as the
+        # per-sample gradients', it is faster than writing and reading them): the closed form.
+        closed = linear_route_name(batch_size * groups, T, K, O // groups) == "ghost"
+        x, grad = x.detach(), grad.detach()
+        if closed or func is F.linear or _non_overlapping(theta.shape, *_conv_arguments(func, arguments)):
+            chunks = _from_rows(func, x, grad, arguments, theta.shape, batch_size, dtype, closed, w_hat, scale, r)
+        else:
+            # Overlapping kernels: each sample's weight gradient from one grouped convolution, as
+            # the convolution rule's fused route takes them (faster than unfolding the patches).
+            chunks = _convolved(func, x, grad, arguments, theta.shape, batch_size, dtype, w_hat.to(dtype),
+                                scale.to(dtype))
+        theta_sq, s1, sx = (torch.cat(parts) for parts in zip(*chunks))
+        total = theta_sq if self.theta in tracked else torch.zeros(batch_size, dtype=torch.float64,
                                                                                device=x.device)
         for pull, part in ((self.gamma_grads, sx), (self.beta_grads, s1)):
             if pull is not None:
@@ -118,27 +105,114 @@ class StandardisedWeight:
         return total.float()
 
 
-def _rows(func, x, grad, arguments, weight_shape, batch_size: int, dtype):
-    """``(A [n * groups, T, K], G [n * groups, T, O / groups], groups)`` in ``dtype``, for chunks of
+def _from_rows(func, x, grad, arguments, weight_shape, batch_size: int, dtype, closed: bool, w_hat, scale, r):
+    """``(||∂θ_b||² [n] float64, S1 [n, O], Sx [n, O])`` of chunks of samples from their rows
+    (``_rows``): by the closed form (``closed``), or each sample's weight gradient formed outright."""
+    O, K = w_hat.shape
+    groups = 1 if func is F.linear else arguments[3]
+    T = grad.numel() // (batch_size * O)
+    sample_bytes = 4 * (groups * T * K + (2 * O * T if closed else 3 * O * K))
+    for a, g in _rows(func, x, grad, arguments, weight_shape, batch_size, dtype, sample_bytes):
+        g_t = g.transpose(1, 2)  # [n * groups, p, T]: positions last, as a convolution's output grad lies
+        if not closed:
+            yield _formed(a, g_t, w_hat.to(dtype), scale.to(dtype))
+            continue
+        sq, s1, sx, weighted = _closed_form(a, g_t, groups, w_hat.to(dtype), scale, r)
+        # Where the subtraction cancelled (most of a gradient along 1 or ŵ_o: float32's rounding
+        # of the terms, amplified), those samples again, formed outright in float64.
+        unsure = (weighted > _CANCELLATION * sq).nonzero().squeeze(1)
+        step = max(1, int(MAX_EXTRA_BYTES // (8 * 3 * O * K)))
+        for part in unsure.split(step) if unsure.numel() else ():
+            rows = (part.unsqueeze(1) * groups + torch.arange(groups, device=a.device)).reshape(-1)
+            sq[part] = _formed(a[rows].double(), g_t[rows].double(), w_hat, scale)[0]
+        yield sq, s1, sx
+
+
+# The amplification of rounding (the closed form's terms against what is left of them) above
+# which a sample is computed again in float64: float32's ~1e-7 becomes at most ~2e-6.
+_CANCELLATION = 16.0
+
+
+def _closed_form(a, g_t, groups: int, w_hat, scale, r) -> tuple:
+    """``(||∂θ_b||² [n] float64, S1 [n, O], Sx [n, O], Σ_o (γ_o/σ_o)² ||g_o||² [n] float64)`` by
+    the closed form (module docstring), with no per-sample weight gradient formed."""
+    n, T, K = a.shape[0] // groups, a.shape[1], a.shape[2]
+    O = w_hat.shape[0]
+    p = O // groups
+    # Σ_o (γ_o / σ_o)² ||g_o||² from the linear routes, the output grad's columns scaled.
+    scaled = (g_t * scale.to(a.dtype).view(groups, p, 1).repeat(n, 1, 1)).transpose(1, 2)
+    weighted = linear_norms(a, scaled, True, False).view(n, groups).sum(dim=1).double()
+    # ŵ A_bᵀ per group (one product of the forward's size) and A_b 1.
+    cols = a.transpose(1, 2)  # [n * groups, K, T]
+    projected = torch.matmul(w_hat.view(groups, p, K), cols.reshape(n, groups, K, T))
+    sx = (g_t.reshape(n, groups, p, T) * projected).sum(dim=3).reshape(n, O)
+    s1 = torch.bmm(g_t, cols.sum(dim=1).unsqueeze(2)).reshape(n, O)
+    correction = (scale.square() / K) * (s1.double().square() + (2 - r) * sx.double().square())
+    # (rounding can take an exactly vanishing gradient's norm a hair below 0)
+    return (weighted - correction.sum(dim=1)).clamp_min(0), s1, sx, weighted
+
+
+def _formed(a, g_t, w_hat, scale) -> tuple:
+    """``(||∂θ_b||² [n] float64, S1 [n, O], Sx [n, O])`` from each sample's weight gradient formed
+    outright from its rows (``[n, O, K]``, in ``a``'s dtype) and batch norm's backward of it."""
+    return _statistics(torch.bmm(g_t, a).view(-1, *w_hat.shape), w_hat, scale)
+
+
+def _convolved(func, x, grad, arguments, weight_shape, batch_size: int, dtype, w_hat, scale):
+    """``_statistics`` of chunks of samples whose weight gradients come from one grouped
+    weight-gradient convolution each (``conv_weight_grads``), within ``MAX_EXTRA_BYTES``."""
+    O, K = w_hat.shape
+    stride, padding, dilation, groups = _conv_arguments(func, arguments)
+    step = max(1, min(batch_size, int(MAX_EXTRA_BYTES // (4 * (3 * O * K + x[0].numel() + grad[0].numel())))))
+    for start in range(0, batch_size, step):
+        per_sample = conv_weight_grads(x[start:start + step].to(dtype), grad[start:start + step].to(dtype),
+                                       weight_shape, stride, padding, dilation, groups)
+        yield _statistics(per_sample.view(-1, O, K), w_hat, scale)
+
+
+def _statistics(per_sample, w_hat, scale) -> tuple:
+    """``(||∂θ_b||² [n] float64, S1 [n, O], Sx [n, O])`` of per-sample weight gradients ``[n, O, K]``."""
+    O, K = w_hat.shape
+    s1 = per_sample.sum(dim=2)
+    sx = (per_sample * w_hat).sum(dim=2)
+    theta_grad = (per_sample - s1.unsqueeze(2) / K - w_hat * (sx / K).unsqueeze(2)) * scale.view(O, 1)
+    sq = (theta_grad.reshape(theta_grad.shape[0], -1).square().sum(dim=1) if per_sample.dtype == torch.float64
+          else per_sample_sq(theta_grad).double())
+    return sq, s1, sx
+
+
+def _rows(func, x, grad, arguments, weight_shape, batch_size: int, dtype, sample_bytes: int):
+    """``(A [n * groups, T, K], G [n * groups, T, O / groups])`` in ``dtype``, for chunks of
     samples: an ``F.linear``'s rows per sample, or a convolution's unfolded patches per sample and
-    group; a chunk's patches and per-sample weight gradients stay under ``MAX_EXTRA_BYTES``."""
+    group; ``n * sample_bytes`` (what a chunk costs the caller) stays under ``MAX_EXTRA_BYTES``."""
     O, K = weight_shape[0], math.prod(weight_shape[1:])
     if func is F.linear:
-        x, grad, groups, layout = x.reshape(batch_size, -1, K), grad.reshape(batch_size, -1, O), 1, None
+        x, grad, layout = x.reshape(batch_size, -1, K), grad.reshape(batch_size, -1, O), None
     else:
-        dims = _CONVS[func]
-        stride, padding, dilation, groups = arguments
-        stride, padding, dilation = (tuple(a) if isinstance(a, (tuple, list)) else (a,) * dims
-                                     for a in (stride, padding, dilation))
+        stride, padding, dilation, groups = _conv_arguments(func, arguments)
         if any(padding):
             x = F.pad(x, [p for p in reversed(padding) for _ in (0, 1)])
         layout = SimpleNamespace(kernel_size=tuple(weight_shape[2:]), stride=stride, dilation=dilation,
                                  groups=groups)
-    T = grad[0].numel() // O
-    step = max(1, min(batch_size, int(MAX_EXTRA_BYTES // (4 * (groups * T * K + 3 * O * K)))))
+    step = max(1, min(batch_size, int(MAX_EXTRA_BYTES // sample_bytes)))
     for start in range(0, batch_size, step):
         a, g = x[start:start + step].to(dtype), grad[start:start + step].to(dtype)
-        yield (a, g, 1) if layout is None else (unfold_patches(layout, a), grouped_grad(layout, g), groups)
+        yield (a, g) if layout is None else (unfold_patches(layout, a), grouped_grad(layout, g))
+
+
+def _conv_arguments(func, arguments) -> tuple:
+    """A convolution's ``(stride, padding, dilation, groups)``, the first three one entry per dim."""
+    dims = _CONVS[func]
+    stride, padding, dilation, groups = arguments
+    return (*(tuple(a) if isinstance(a, (tuple, list)) else (a,) * dims for a in (stride, padding, dilation)), groups)
+
+
+def _non_overlapping(weight_shape, stride, padding, dilation, groups) -> bool:
+    """Windows that tile the input (a 1x1 convolution, a patch embedding): unfolding them copies the
+    input once, in another order, and the rows' product runs at GEMM speed (see
+    ``conv.UNFOLDED_TILE_ELEMENTS``)."""
+    return (groups == 1 and tuple(stride) == tuple(weight_shape[2:]) and not any(padding)
+            and all(d == 1 for d in dilation))
 
 
 def standardised_product(func, arguments) -> bool:
