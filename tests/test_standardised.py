@@ -204,3 +204,38 @@ def test_norms_where_the_gradient_lies_along_the_weight(branch):
     stats, _ = tracked(model, x, y)
     per_sample, _, _ = reference_norms(copy.deepcopy(model).double(), loss_fn, x.double(), y.double())
     assert rel_err(stats.per_sample, per_sample) <= 1e-5
+
+
+@pytest.mark.parametrize("make, x_shape", [
+    (lambda: StdConv(3, 4, 3, padding=1), (3, 3, 6, 6)),
+    (lambda: StdConv(4, 6, 3, stride=2, groups=2), (3, 4, 7, 7)),
+    (lambda: StdConv(3, 4, 1, bias=False), (3, 3, 4, 4)),
+], ids=["padded", "grouped-strided", "1x1-no-bias"])
+def test_weight_gradient_comes_from_the_per_sample_ones(make, x_shape, branch):
+    """The convolution's backward takes the standardised weight's gradient from the per-sample
+    gradients the norms formed (no weight-gradient convolution of autograd's), the same gradients
+    as an untracked step; in the closed form's branch nothing is formed, and autograd's is run."""
+    torch.manual_seed(0)
+    model, x = make(), torch.randn(*x_shape)
+    y = torch.randn_like(model(x))
+    loss_fn(model(x), y).backward()
+    untracked = {name: p.grad.clone() for name, p in model.named_parameters()}
+    weight_grads = []
+
+    class WeightGradients(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution_backward.default and args[-1][1]:
+                weight_grads.append(args[2].shape[0])  # (the per-sample ones: B x out channels)
+            return func(*args, **(kwargs or {}))
+
+    with GradNormTracker(model, "sum", verify_every=0) as tracker:
+        for step in range(2):  # (the first backward is verified; the second is counted)
+            model.zero_grad()
+            weight_grads.clear()
+            with WeightGradients():
+                loss_fn(model(x), y).backward()
+            tracker.collect()
+    for name, p in model.named_parameters():
+        assert rel_err(p.grad, untracked[name]) <= 1e-5, name
+    autograds = weight_grads.count(model.out_channels)
+    assert autograds == (1 if branch == "ghost" else 0)

@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from functools import partial
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -53,12 +54,12 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .base import METADATA_READS, PerSampleGradsRule, RoutePlan, RuleError, per_sample_sq, suspend_capture
-from .conv import conv_weight_grads
+from .conv import _FusedConv, conv_weight_grads
 from .experts import _MATMULS, ExpertUses, rows_grad_sum, rows_norms, rows_per_sample
 from .linear import fused_linear
 from .routes import MAX_EXTRA_BYTES
 from .rows import flattened_samples
-from .standardised import StandardisedWeight, standardised_product
+from .standardised import CONV_DIMS, StandardisedWeight, conv_arguments, standardised_product
 
 
 @dataclass
@@ -319,6 +320,9 @@ class ProductUse:
     # Where the weight is a standardisation of one parameter (``_standardisation``): per-sample
     # norms in closed form, where no other use shares its parameters (``GenericRule.norms``).
     standardised: StandardisedWeight | None = None
+    # Run through ``conv._FusedConv`` (``_ConvGradsFromUse``): the standardised weight's gradient
+    # from the closed form's per-sample ones (``weight_sums``, set by GenericRule.norms).
+    fused_standardised: bool = False
 
     def per_sample(self, grad: torch.Tensor, samples: slice) -> dict[str, torch.Tensor]:
         """``{name: [samples, *shape]}`` float32."""
@@ -463,6 +467,32 @@ class _WeightGradFromUse:
 
     def __call__(self, x, g) -> tuple:
         return (self.use.take_weight_grad() if self.use is not None else None), None
+
+
+class _ConvGradsFromUse(_WeightGradFromUse):
+    """The ``sink`` of a convolution that a recorder runs through ``conv._FusedConv``, whose weight is
+    a standardisation (``DirectUseRecorder._standardised_sink``): its backward takes the weight
+    gradient from the per-sample ones where ``GenericRule.norms`` formed them before it (the
+    bias's, then, is the output grad's sum), else computes both as autograd does."""
+
+    def __init__(self, func, x, weight, bias, arguments):
+        super().__init__()
+        self.call = (func, x, weight, bias, arguments)
+
+    def run(self) -> torch.Tensor:
+        """The convolution, through ``_FusedConv`` (the same numbers), once."""
+        func, x, weight, bias, arguments = self.call
+        self.call = None  # (the forward's tensors are not kept past it)
+        stride, padding, dilation, groups = conv_arguments(func, arguments)
+        layout = SimpleNamespace(stride=stride, dilation=dilation, groups=groups)
+        return _FusedConv.apply(x, weight, bias, list(padding), layout, self)
+
+    def __call__(self, x, g) -> tuple:
+        weight, _ = super().__call__(x, g)
+        if weight is None:
+            return None, None
+        bias = g.sum(dim=(0, *range(2, g.dim()))) if self.use.replay.bias is not None else None
+        return weight, bias
 
 
 @dataclass(eq=False)
@@ -717,11 +747,15 @@ class DirectUseRecorder(TorchFunctionMode):
         if (self.uses is not None and func in _IN_PLACE_ARITHMETIC and not kwargs and len(args) == 2
                 and _hits(args, self._follows) == [1] and isinstance(args[0], torch.Tensor)):
             return self._in_place(func, args)
-        sink = self._weight_grad_sink(args, kwargs) if func is F.linear and self.uses is not None else None
+        sink = None
+        if self.uses is not None and func is F.linear:
+            sink = self._weight_grad_sink(args, kwargs)
+        elif self.uses is not None and func in CONV_DIMS:
+            sink = self._standardised_sink(func, args, kwargs)
         if sink is None:
             out = func(*args, **kwargs)
         else:  # the same product; its backward may take the weight gradient from the per-sample ones
-            out = fused_linear(*_linear_arguments(args, kwargs), sink)
+            out = fused_linear(*_linear_arguments(args, kwargs), sink) if func is F.linear else sink.run()
             self.fused_product = (out, sink)
         if adopting and _carries_grad(out):  # (not ``w.dtype``, ``w.shape``)
             self._adopt(args, kwargs)
@@ -1057,6 +1091,9 @@ class DirectUseRecorder(TorchFunctionMode):
             if leaf is not None and leaf[1] is weight:
                 use.fused_weight = leaf[0]
                 self.fused_product[1].use = use
+            elif use.standardised is not None:  # (its norms give the weight gradient: GenericRule.norms)
+                use.fused_standardised = True
+                self.fused_product[1].use = use
             self.fused_product = None
         self._add(DirectUse(next(iter(params)), "product", 1.0, use, out.shape, x.shape), out)
         return True
@@ -1081,6 +1118,32 @@ class DirectUseRecorder(TorchFunctionMode):
         if not self._sources(bias, sources) or any(p is weight for _, p in sources.leaves.values()):
             return None
         return _WeightGradFromUse()
+
+    def _standardised_sink(self, func, args, kwargs) -> "_ConvGradsFromUse | None":
+        """A sink to run a convolution through (``sink.run()``) whose weight is a standardisation
+        of the module's parameters (``_standardisation``) applied to the model's samples, so that
+        its backward takes the weight gradient from the per-sample ones the closed form's norms
+        form (``standardised.py``) where they were formed first; else None."""
+        names, defaults = _CONV_ARGS
+        if len(args) > len(names) or set(kwargs) - set(names):
+            return None
+        bound = dict(zip(names[2:], defaults))
+        bound.update(zip(names, args))
+        bound.update(kwargs)
+        x, weight, bias = bound["input"], bound["weight"], bound["bias"]
+        arguments = [bound[n] for n in names[3:]]
+        if (self.batch_size is None or not isinstance(x, torch.Tensor) or x.dim() != CONV_DIMS[func] + 2
+                or x.shape[0] != self.batch_size or self._in_graph(x) or not isinstance(weight, torch.Tensor)
+                or not self._is_derived(weight) or (bias is not None and self._param_name(bias) is None)
+                or torch.is_autocast_enabled(x.device.type) or not standardised_product(func, arguments)
+                or any(isinstance(a, torch.Tensor) for a in tree_flatten(arguments)[0])):
+            return None
+        recipe = WeightRecipe(weight, bias)
+        if not all(self._sources(t, recipe) for t in (weight, bias) if t is not None):
+            return None
+        if _standardisation(recipe) is None:
+            return None
+        return _ConvGradsFromUse(func, x, weight, bias, arguments)
 
     def _computed_use(self, func, args, kwargs, out) -> bool:
         """Record ``x + t``, ``x - t``, ``x * t`` or ``t.expand(B, ...)`` of a tensor ``t`` computed
@@ -1427,9 +1490,13 @@ class GenericRule(PerSampleGradsRule):
                             if uses_grads[i] is not None]
         calls[0][0].standardised = False
         if standardised:
-            sq = sum(use.other.standardised.norms(use.other.func, use.other.x, g, use.other.arguments,
-                                                  use.other.params, tracked, call.batch_size)
-                     for use, g in standardised)
+            sq = 0
+            for use, g in standardised:
+                part, weight_grad = use.other.standardised.norms(use.other.func, use.other.x, g, use.other.arguments,
+                                                                 use.other.params, tracked, call.batch_size)
+                sq = sq + part
+                if weight_grad is not None and use.other.fused_standardised:
+                    use.other.weight_sums[(0, call.batch_size)] = weight_grad
             covered = {name for use, _ in standardised for name in use.other.params}
             rest = {name: p for name, p in tracked.items() if name not in covered}
             sq = sq + self.norms(module, calls, rest) if rest else sq

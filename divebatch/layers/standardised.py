@@ -45,7 +45,8 @@ from .conv import conv_weight_grads, grouped_grad, unfold_patches
 from .linear import linear_norms
 from .routes import MAX_EXTRA_BYTES, linear_route_name
 
-_CONVS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+# The convolutions a standardised product may be, and their spatial dims.
+CONV_DIMS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 
 
 @dataclass(eq=False)
@@ -64,9 +65,11 @@ class StandardisedWeight:
 
     def norms(self, func, x: torch.Tensor, grad: torch.Tensor, arguments: list, params: dict,
               tracked, batch_size: int) -> torch.Tensor:
-        """Per-sample squared norms ``[B]`` (float32) of the ``tracked`` parameters among this
-        product's, from its input ``x`` and output grad ``grad`` (rows of a sample consecutive in
-        dim 0 where ``x`` has ``batch_size * n`` rows)."""
+        """``(per-sample squared norms [B] float32, weight gradient or None)``: the norms of the
+        ``tracked`` parameters among this product's, from its input ``x`` and output grad ``grad``
+        (rows of a sample consecutive in dim 0 where ``x`` has ``batch_size * n`` rows); the
+        gradient of the standardised weight (the product's, summed over the samples, in the
+        weight's shape) where each sample's was formed, else None."""
         theta = params[self.theta].detach()
         O, K = theta.shape[0], theta[0].numel()
         flat = theta.double().reshape(O, K)
@@ -84,14 +87,17 @@ class StandardisedWeight:
         # per-sample gradients', it is faster than writing and reading them): the closed form.
         closed = linear_route_name(batch_size * groups, T, K, O // groups) == "ghost"
         x, grad = x.detach(), grad.detach()
-        if closed or func is F.linear or _non_overlapping(theta.shape, *_conv_arguments(func, arguments)):
+        if closed or func is F.linear or _non_overlapping(theta.shape, *conv_arguments(func, arguments)):
             chunks = _from_rows(func, x, grad, arguments, theta.shape, batch_size, dtype, closed, w_hat, scale, r)
         else:
             # Overlapping kernels: each sample's weight gradient from one grouped convolution, as
             # the convolution rule's fused route takes them (faster than unfolding the patches).
             chunks = _convolved(func, x, grad, arguments, theta.shape, batch_size, dtype, w_hat.to(dtype),
                                 scale.to(dtype))
-        theta_sq, s1, sx = (torch.cat(parts) for parts in zip(*chunks))
+        theta_sq, s1, sx, sums = zip(*chunks)
+        theta_sq, s1, sx = torch.cat(theta_sq), torch.cat(s1), torch.cat(sx)
+        # (formed per-sample gradients add up to the batch's weight gradient: ``take_weight_grad``)
+        weight_grad = None if any(t is None for t in sums) else sum(sums).view(theta.shape)
         total = theta_sq if self.theta in tracked else torch.zeros(batch_size, dtype=torch.float64,
                                                                                device=x.device)
         for pull, part in ((self.gamma_grads, sx), (self.beta_grads, s1)):
@@ -102,12 +108,12 @@ class StandardisedWeight:
             per_sample = (grad.double().reshape(batch_size, -1, O).sum(dim=1) if func is F.linear
                           else grad.double().reshape(batch_size, O, -1).sum(dim=2))
             total = total + per_sample.square().sum(dim=1)
-        return total.float()
+        return total.float(), weight_grad
 
 
 def _from_rows(func, x, grad, arguments, weight_shape, batch_size: int, dtype, closed: bool, w_hat, scale, r):
-    """``(||∂θ_b||² [n] float64, S1 [n, O], Sx [n, O])`` of chunks of samples from their rows
-    (``_rows``): by the closed form (``closed``), or each sample's weight gradient formed outright."""
+    """``_statistics`` of chunks of samples from their rows (``_rows``): by the closed form
+    (``closed``; no weight gradient: None), or each sample's weight gradient formed outright."""
     O, K = w_hat.shape
     groups = 1 if func is F.linear else arguments[3]
     T = grad.numel() // (batch_size * O)
@@ -125,7 +131,7 @@ def _from_rows(func, x, grad, arguments, weight_shape, batch_size: int, dtype, c
         for part in unsure.split(step) if unsure.numel() else ():
             rows = (part.unsqueeze(1) * groups + torch.arange(groups, device=a.device)).reshape(-1)
             sq[part] = _formed(a[rows].double(), g_t[rows].double(), w_hat, scale)[0]
-        yield sq, s1, sx
+        yield sq, s1, sx, None
 
 
 # The amplification of rounding (the closed form's terms against what is left of them) above
@@ -153,8 +159,7 @@ def _closed_form(a, g_t, groups: int, w_hat, scale, r) -> tuple:
 
 
 def _formed(a, g_t, w_hat, scale) -> tuple:
-    """``(||∂θ_b||² [n] float64, S1 [n, O], Sx [n, O])`` from each sample's weight gradient formed
-    outright from its rows (``[n, O, K]``, in ``a``'s dtype) and batch norm's backward of it."""
+    """``_statistics`` of each sample's weight gradient formed outright from its rows (``[n, O, K]``, in ``a``'s dtype) and batch norm's backward of it."""
     return _statistics(torch.bmm(g_t, a).view(-1, *w_hat.shape), w_hat, scale)
 
 
@@ -162,7 +167,7 @@ def _convolved(func, x, grad, arguments, weight_shape, batch_size: int, dtype, w
     """``_statistics`` of chunks of samples whose weight gradients come from one grouped
     weight-gradient convolution each (``conv_weight_grads``), within ``MAX_EXTRA_BYTES``."""
     O, K = w_hat.shape
-    stride, padding, dilation, groups = _conv_arguments(func, arguments)
+    stride, padding, dilation, groups = conv_arguments(func, arguments)
     step = max(1, min(batch_size, int(MAX_EXTRA_BYTES // (4 * (3 * O * K + x[0].numel() + grad[0].numel())))))
     for start in range(0, batch_size, step):
         per_sample = conv_weight_grads(x[start:start + step].to(dtype), grad[start:start + step].to(dtype),
@@ -171,14 +176,15 @@ def _convolved(func, x, grad, arguments, weight_shape, batch_size: int, dtype, w
 
 
 def _statistics(per_sample, w_hat, scale) -> tuple:
-    """``(||∂θ_b||² [n] float64, S1 [n, O], Sx [n, O])`` of per-sample weight gradients ``[n, O, K]``."""
+    """``(||∂θ_b||² [n] float64, S1 [n, O], Sx [n, O], their sum [O, K])`` of per-sample weight
+    gradients ``[n, O, K]``."""
     O, K = w_hat.shape
     s1 = per_sample.sum(dim=2)
     sx = (per_sample * w_hat).sum(dim=2)
     theta_grad = (per_sample - s1.unsqueeze(2) / K - w_hat * (sx / K).unsqueeze(2)) * scale.view(O, 1)
     sq = (theta_grad.reshape(theta_grad.shape[0], -1).square().sum(dim=1) if per_sample.dtype == torch.float64
           else per_sample_sq(theta_grad).double())
-    return sq, s1, sx
+    return sq, s1, sx, per_sample.sum(dim=0)
 
 
 def _rows(func, x, grad, arguments, weight_shape, batch_size: int, dtype, sample_bytes: int):
@@ -189,7 +195,7 @@ def _rows(func, x, grad, arguments, weight_shape, batch_size: int, dtype, sample
     if func is F.linear:
         x, grad, layout = x.reshape(batch_size, -1, K), grad.reshape(batch_size, -1, O), None
     else:
-        stride, padding, dilation, groups = _conv_arguments(func, arguments)
+        stride, padding, dilation, groups = conv_arguments(func, arguments)
         if any(padding):
             x = F.pad(x, [p for p in reversed(padding) for _ in (0, 1)])
         layout = SimpleNamespace(kernel_size=tuple(weight_shape[2:]), stride=stride, dilation=dilation,
@@ -200,9 +206,9 @@ def _rows(func, x, grad, arguments, weight_shape, batch_size: int, dtype, sample
         yield (a, g) if layout is None else (unfold_patches(layout, a), grouped_grad(layout, g))
 
 
-def _conv_arguments(func, arguments) -> tuple:
+def conv_arguments(func, arguments) -> tuple:
     """A convolution's ``(stride, padding, dilation, groups)``, the first three one entry per dim."""
-    dims = _CONVS[func]
+    dims = CONV_DIMS[func]
     stride, padding, dilation, groups = arguments
     return (*(tuple(a) if isinstance(a, (tuple, list)) else (a,) * dims for a in (stride, padding, dilation)), groups)
 
@@ -220,4 +226,4 @@ def standardised_product(func, arguments) -> bool:
     padding (a string's is left to the generic route)."""
     if func is F.linear:
         return True
-    return func in _CONVS and not isinstance(arguments[1], str)
+    return func in CONV_DIMS and not isinstance(arguments[1], str)
