@@ -364,6 +364,30 @@ def parametrized():
                        torch.randn(3, 4, 4))
 
 
+class StdConv(nn.Conv2d):
+    """timm's ``StdConv2d`` (``gain=False``: BiT) and ``ScaledStdConv2d`` (``gain=True``: NF-ResNets,
+    NFNets): the weight standardised per output channel by ``F.batch_norm`` over the weight."""
+
+    def __init__(self, *args, gain=True, eps=1e-6, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5) if gain else None
+        self.scale, self.eps = self.weight[0].numel() ** -0.5, eps
+
+    def forward(self, x):
+        affine = None if self.gain is None else (self.gain * self.scale).view(-1)
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, weight=affine,
+                              training=True, momentum=0.0, eps=self.eps).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def standardised_convs():
+    """Weight-standardised convolutions (``layers/standardised.py``): a 3x3 one whose per-sample
+    weight gradients are formed (and fused), then a wide 1x1 one at 2x2 positions, read in closed
+    form over the ghost route."""
+    return _regression(nn.Sequential(StdConv(3, 8, 3, padding=1), nn.ReLU(), StdConv(8, 32, 1, stride=3),
+                                     nn.Flatten(), nn.Linear(128, 2)), torch.randn(4, 3, 6, 6))
+
+
 class NormalisedTable(nn.Module):
     """DeBERTa-v3's relative positions: a table's weight read whole (its Embedding never called),
     normalised by a LayerNorm on that ``[K, d]`` tensor shared by the samples, projected by the key
@@ -461,7 +485,7 @@ ZOO = {f.__name__: f for f in [linear_2d, linear_3d, linear_4d, conv1d, conv2d, 
                               attention_batch_first, attention_seq_first,
                               functional_norms, flattened_tokens, inplace_residuals, mixture_of_experts,
                               experts_on_every_token, parametrized, normalised_table, passed_table, recurrent,
-                              custom_module, reused_module]}
+                              custom_module, reused_module, standardised_convs]}
 
 
 def add_concatenated_qkv(module: nn.Module, dim: int) -> None:

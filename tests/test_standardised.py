@@ -17,26 +17,11 @@ from torch import nn
 import divebatch.layers.standardised as standardised
 from divebatch import GradNormTracker
 
+from .models_zoo import StdConv
 from .oracle import reference_norms, rel_err
 
 CLOSED = "generic (standardised weights)"
 GENERIC = "generic (computed weights)"
-
-
-class StdConv(nn.Conv2d):
-    """timm's ``StdConv2d`` (``gain=False``: BiT) and ``ScaledStdConv2d`` (``gain=True``: NF-ResNets,
-    NFNets): the weight standardised per output channel by ``F.batch_norm`` over the weight."""
-
-    def __init__(self, *args, gain=True, eps=1e-6, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5) if gain else None
-        self.scale, self.eps = self.weight[0].numel() ** -0.5, eps
-
-    def forward(self, x):
-        affine = None if self.gain is None else (self.gain * self.scale).view(-1)
-        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, weight=affine,
-                              training=True, momentum=0.0, eps=self.eps).reshape_as(self.weight)
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class StdLinear(nn.Linear):

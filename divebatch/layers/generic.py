@@ -397,13 +397,6 @@ def _standardisation(recipe: WeightRecipe) -> StandardisedWeight | None:
         entry = recipe.leaves.get(id(t)) if isinstance(t, torch.Tensor) else None
         return entry[0] if entry is not None and entry[1] is t else None
 
-    def sources(t) -> set[str]:
-        name = leaf(t)
-        if name is not None:
-            return {name}
-        _, _, args, kwargs = recipe.steps[id(t)]
-        return set().union(*(sources(a) for a in tree_flatten((args, kwargs))[0] if recipe._known(a)))
-
     back = step(recipe.weight, _RESHAPES)
     norm = back and step(back[2][0], {F.batch_norm})
     bound = norm and _batch_norm(norm[2], norm[3])
@@ -426,7 +419,7 @@ def _standardisation(recipe: WeightRecipe) -> StandardisedWeight | None:
         if t is None or not recipe._known(t):  # (none, or a constant: a frozen gain)
             pulls[key] = None
             continue
-        names = sources(t)
+        names = _recipe_sources(recipe, t)
         if names & used:
             return None  # (θ in its own affine weight, or weight and shift sharing a parameter: cross terms)
         used |= names
@@ -438,6 +431,16 @@ def _standardisation(recipe: WeightRecipe) -> StandardisedWeight | None:
             return None
     return StandardisedWeight(theta_name, float(bound["eps"]), None if bound["weight"] is None
                               else bound["weight"].detach(), pulls["weight"], pulls["bias"], bias)
+
+
+def _recipe_sources(recipe: WeightRecipe, t: torch.Tensor) -> set[str]:
+    """The names of the parameters ``recipe`` computes ``t`` from. (Not a closure: a recursive one
+    is a reference cycle, which would keep the forward's tensors until the cycle collector runs.)"""
+    entry = recipe.leaves.get(id(t))
+    if entry is not None and entry[1] is t:
+        return {entry[0]}
+    _, _, args, kwargs = recipe.steps[id(t)]
+    return set().union(*(_recipe_sources(recipe, a) for a in tree_flatten((args, kwargs))[0] if recipe._known(a)))
 
 
 def _affine_pull(recipe: WeightRecipe, t: torch.Tensor, names: set[str]):

@@ -1,5 +1,5 @@
-"""Weight standardisation in closed form: per-sample squared norms of the parameters behind a
-standardised convolution or ``F.linear`` weight, with no per-sample gradient formed.
+"""Weight standardisation: per-sample squared norms of the parameters behind a standardised
+convolution or ``F.linear`` weight, without ``vmap`` pull-backs through the standardisation.
 
 A weight-standardised layer (timm's ``StdConv2d`` and ``ScaledStdConv2d``, as BiT, NF-ResNets and
 NFNets use them) computes its weight per output channel ``o`` from a parameter ``θ [O, ...]`` with
@@ -8,26 +8,37 @@ NFNets use them) computes its weight per output channel ``o`` from a parameter `
     W_o = γ_o ŵ_o + β_o,   ŵ_o = (θ_o - mean(θ_o)) / σ_o,   σ_o² = var(θ_o) + eps   (K entries each)
 
 with an affine weight ``γ`` and shift ``β`` computed from other parameters (a learned gain times
-``fan_in ** -0.5``), or none. Sample b's gradient of ``θ_o`` is batch norm's backward of its
-gradient ``g = ∂W_o`` (a K-vector)::
+``fan_in ** -0.5``), constants, or none. Sample b's gradient of ``θ_o`` is batch norm's backward
+of its gradient ``g = ∂W_o`` (a K-vector)::
 
     ∂θ_o = (γ_o / σ_o) (g - mean(g) - ŵ_o mean(g ⊙ ŵ_o))
 
-and, as ``ŵ_o`` sums to 0 and ``||ŵ_o||² = K r_o`` with ``r_o = var / (var + eps)``::
+while ``∂γ_o = Sx = ⟨g, ŵ_o⟩`` and ``∂β_o = S1 = Σ_k g_k``. Two ways, chosen per layer by the
+linear routes' cost model (``linear_route_name``) for its rows ``A_b [T, K]`` (a convolution's
+unfolded patches, per group) and output grad ``G_b [T, O]``:
 
-    ||∂θ_o||² = (γ_o / σ_o)² (||g||² - S1² / K - (2 - r_o) Sx² / K),   S1 = Σ_k g_k,   Sx = ⟨g, ŵ_o⟩
+* formed (where the linear routes would instantiate): each sample's ``[O, K]`` weight gradient,
+  from one grouped weight-gradient convolution (overlapping kernels) or ``G_bᵀ A_b``
+  (non-overlapping ones, ``F.linear``), then the formula above on it, a bounded chunk of samples
+  at a time. Their sum is the batch's weight gradient: the recorder runs such a convolution
+  through ``conv._FusedConv``, whose backward takes it from there instead of computing it again
+  (``generic._ConvGradsFromUse``), so tracking costs about what a plain convolution's fused route
+  does.
+* closed form (where they would take the ghost route: per-sample gradients large against the
+  rows, as a 1x1 convolution of many channels at few positions). As ``ŵ_o`` sums to 0 and
+  ``||ŵ_o||² = K r_o`` with ``r_o = var / (var + eps)``::
 
-while ``∂γ_o = Sx`` and ``∂β_o = S1``. With the layer's input as rows ``A_b [T, K]`` (a
-convolution's unfolded patches, per group) and its output grad ``G_b [T, O]``, ``g = A_bᵀ G_b[:, o]``,
-so ``S1 = Σ_t G_b[t, o] (A_b 1)[t]`` and ``Sx = Σ_t G_b[t, o] (A_b ŵ_oᵀ)[t]`` take one product the
-size of the layer's forward, and ``Σ_o (γ_o / σ_o)² ||g_o||²`` is the linear routes' norm (ghost or
-instantiate, ``linear_norms``) of ``A_b`` with ``G_b``'s columns scaled by ``γ_o / σ_o``. The
-generic route instead forms every sample's ``[O, K]`` weight gradient and pulls it back through
-``batch_norm`` under ``vmap``.
+      ||∂θ_o||² = (γ_o / σ_o)² (||g||² - S1² / K - (2 - r_o) Sx² / K)
 
-The subtraction cancels where most of a sample's ``g`` lies along ``1`` or ``ŵ_o``: the result's
-relative rounding error is float32's times ``||g||² / ||∂θ||²`` (the corrections themselves are
-formed in float64).
+  where ``Σ_o (γ_o / σ_o)² ||g_o||²`` is the linear routes' norm of ``A_b`` with ``G_b``'s columns
+  scaled by ``γ_o / σ_o``, ``S1 = Σ_t G_b[t, o] (A_b 1)[t]`` and ``Sx = Σ_t G_b[t, o] (A_b ŵ_oᵀ)[t]``
+  (one product of the size of the layer's forward): no per-sample weight gradient at all. The
+  subtraction cancels where most of a sample's ``g`` lies along ``1`` or ``ŵ_o`` (float32's
+  rounding of the terms amplified by ``||g||² / ||∂θ||²``): samples whose terms exceed what is left
+  ``_CANCELLATION`` times over are formed again, in float64.
+
+The generic route (``generic.ProductUse``) instead forms every sample's weight gradient and pulls
+it back through ``batch_norm`` under ``vmap``, and autograd computes the weight gradient again.
 """
 
 from __future__ import annotations
