@@ -13,6 +13,7 @@ from divebatch import GradNormTracker
 from divebatch.layers.conv import fused_conv_pays
 from divebatch.layers.linear import fused_linear_route
 
+from .models_zoo import StdConv
 from .oracle import reference_norms, rel_err
 
 
@@ -154,6 +155,8 @@ class _Attention(nn.Module):
     (lambda: nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)), (4, 32, 8), {"fused-instantiate"}),
     (_Convs, (3, 3, 32, 32), {"fused-per-sample-conv", "fused-unfold-instantiate"}),
     (_Attention, (3, 12, 16), {"fused attention"}),
+    (lambda: nn.Sequential(StdConv(3, 4, 3, padding=1), nn.Tanh(), StdConv(4, 4, 1)), (3, 3, 8, 8),
+     {"generic (standardised weights)"}),
 ])
 def test_second_order_gradients_through_fused_backwards(make, shape, fused_routes):
     """``torch.autograd.grad(..., create_graph=True)`` then a penalty on those gradients (gradient
