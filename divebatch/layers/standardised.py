@@ -129,12 +129,14 @@ def _from_rows(func, x, grad, arguments, weight_shape, batch_size: int, dtype, c
     groups = 1 if func is F.linear else arguments[3]
     T = grad.numel() // (batch_size * O)
     sample_bytes = 4 * (groups * T * K + (2 * O * T if closed else 3 * O * K))
-    for a, g in _rows(func, x, grad, arguments, weight_shape, batch_size, dtype, sample_bytes):
+    for start, a, g in _rows(func, x, grad, arguments, weight_shape, batch_size, dtype, sample_bytes):
         g_t = g.transpose(1, 2)  # [n * groups, p, T]: positions last, as a convolution's output grad lies
         if not closed:
             yield _formed(a, g_t, w_hat.to(dtype), scale.to(dtype))
             continue
-        sq, s1, sx, weighted = _closed_form(a, g_t, groups, w_hat.to(dtype), scale, r)
+        samples = slice(start, start + a.shape[0] // groups)
+        sx = _along_weight(func, x, grad, arguments, w_hat.to(dtype).view(weight_shape), batch_size, samples)
+        sq, s1, weighted = _closed_form(a, g_t, groups, scale, r, sx)
         # Where the subtraction cancelled (most of a gradient along 1 or ŵ_o: float32's rounding
         # of the terms, amplified), those samples again, formed outright in float64.
         unsure = (weighted > _CANCELLATION * sq).nonzero().squeeze(1)
@@ -150,23 +152,32 @@ def _from_rows(func, x, grad, arguments, weight_shape, batch_size: int, dtype, c
 _CANCELLATION = 16.0
 
 
-def _closed_form(a, g_t, groups: int, w_hat, scale, r) -> tuple:
-    """``(||∂θ_b||² [n] float64, S1 [n, O], Sx [n, O], Σ_o (γ_o/σ_o)² ||g_o||² [n] float64)`` by
-    the closed form (module docstring), with no per-sample weight gradient formed."""
-    n, T, K = a.shape[0] // groups, a.shape[1], a.shape[2]
-    O = w_hat.shape[0]
+def _closed_form(a, g_t, groups: int, scale, r, sx) -> tuple:
+    """``(||∂θ_b||² [n] float64, S1 [n, O], Σ_o (γ_o/σ_o)² ||g_o||² [n] float64)`` by the closed
+    form (module docstring) from the rows, with no per-sample weight gradient formed; ``sx``:
+    ``Sx [n, O]`` (``_along_weight``)."""
+    n, K = a.shape[0] // groups, a.shape[2]
+    O = sx.shape[1]
     p = O // groups
     # Σ_o (γ_o / σ_o)² ||g_o||² from the linear routes, the output grad's columns scaled.
     scaled = (g_t * scale.to(a.dtype).view(groups, p, 1).repeat(n, 1, 1)).transpose(1, 2)
     weighted = linear_norms(a, scaled, True, False).view(n, groups).sum(dim=1).double()
-    # ŵ A_bᵀ per group (one product of the forward's size) and A_b 1.
-    cols = a.transpose(1, 2)  # [n * groups, K, T]
-    projected = torch.matmul(w_hat.view(groups, p, K), cols.reshape(n, groups, K, T))
-    sx = (g_t.reshape(n, groups, p, T) * projected).sum(dim=3).reshape(n, O)
-    s1 = torch.bmm(g_t, cols.sum(dim=1).unsqueeze(2)).reshape(n, O)
+    s1 = torch.bmm(g_t, a.sum(dim=2, keepdim=True)).reshape(n, O)  # (A_b 1: each row's sum)
     correction = (scale.square() / K) * (s1.double().square() + (2 - r) * sx.double().square())
     # (rounding can take an exactly vanishing gradient's norm a hair below 0)
-    return (weighted - correction.sum(dim=1)).clamp_min(0), s1, sx, weighted
+    return (weighted - correction.sum(dim=1)).clamp_min(0), s1, weighted
+
+
+def _along_weight(func, x, grad, arguments, w_hat, batch_size: int, samples: slice) -> torch.Tensor:
+    """``Sx [n, O]`` of the ``samples``: ``Σ_t G_b[t, o] (A_b ŵ_oᵀ)[t]``, the product itself run on
+    their input with the weight ``ŵ`` (``w_hat``, in the weight's shape and the rows' dtype): the
+    library's convolution, faster than a product of the unfolded patches at few positions."""
+    O = w_hat.shape[0]
+    if func is F.linear:
+        rows = x.reshape(batch_size, -1, x.shape[-1])[samples].to(w_hat.dtype)
+        return (grad.reshape(batch_size, -1, O)[samples].to(w_hat.dtype) * F.linear(rows, w_hat)).sum(dim=1)
+    projected = func(x[samples].to(w_hat.dtype), w_hat, None, *arguments)
+    return (grad[samples].to(w_hat.dtype) * projected).flatten(2).sum(dim=2)
 
 
 def _formed(a, g_t, w_hat, scale) -> tuple:
@@ -199,8 +210,8 @@ def _statistics(per_sample, w_hat, scale) -> tuple:
 
 
 def _rows(func, x, grad, arguments, weight_shape, batch_size: int, dtype, sample_bytes: int):
-    """``(A [n * groups, T, K], G [n * groups, T, O / groups])`` in ``dtype``, for chunks of
-    samples: an ``F.linear``'s rows per sample, or a convolution's unfolded patches per sample and
+    """``(first sample, A [n * groups, T, K], G [n * groups, T, O / groups])`` in ``dtype``, for
+    chunks of samples: an ``F.linear``'s rows per sample, or a convolution's unfolded patches per sample and
     group; ``n * sample_bytes`` (what a chunk costs the caller) stays under ``MAX_EXTRA_BYTES``."""
     O, K = weight_shape[0], math.prod(weight_shape[1:])
     if func is F.linear:
@@ -214,7 +225,7 @@ def _rows(func, x, grad, arguments, weight_shape, batch_size: int, dtype, sample
     step = max(1, min(batch_size, int(MAX_EXTRA_BYTES // sample_bytes)))
     for start in range(0, batch_size, step):
         a, g = x[start:start + step].to(dtype), grad[start:start + step].to(dtype)
-        yield (a, g) if layout is None else (unfold_patches(layout, a), grouped_grad(layout, g))
+        yield (start, a, g) if layout is None else (start, unfold_patches(layout, a), grouped_grad(layout, g))
 
 
 def conv_arguments(func, arguments) -> tuple:
