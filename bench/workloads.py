@@ -459,6 +459,9 @@ WORKLOADS = {
     # their running statistics and every sample's gradient is its own; 128x128, batch 16.
     "timm-resnet50": Workload("timm-resnet50", lambda: _timm("resnet50")().eval(), _images(16, (3, 128, 128)),
                               lambda x, y: 1.0 / x.shape[0]),
+    # timm's NF-ResNet-26 (ScaledStdConv2d everywhere: layers/standardised.py), 64x64, batch 16.
+    "timm-nf-resnet26": Workload("timm-nf-resnet26", _timm("nf_resnet26"), _images(16, (3, 64, 64)),
+                                 lambda x, y: 1.0 / x.shape[0]),
     # Not in BENCHMARKS.md: a recommender's sparse features, 8 EmbeddingBag tables of 10,000 x 32
     # (bags of 20 ids, sum) into an MLP, batch 256, click labels.
     "dlrm": Workload("dlrm", BagRecommender, _bags(256, 8, 20, 10_000), lambda x, y: 1.0 / x.shape[0]),

@@ -32,7 +32,8 @@ unfolded patches, per group) and output grad ``G_b [T, O]``:
 
   where ``Σ_o (γ_o / σ_o)² ||g_o||²`` is the linear routes' norm of ``A_b`` with ``G_b``'s columns
   scaled by ``γ_o / σ_o``, ``S1 = Σ_t G_b[t, o] (A_b 1)[t]`` and ``Sx = Σ_t G_b[t, o] (A_b ŵ_oᵀ)[t]``
-  (one product of the size of the layer's forward): no per-sample weight gradient at all. The
+  (the layer's own product run again with the weight ``ŵ``: a forward's cost): no per-sample
+  weight gradient at all. The
   subtraction cancels where most of a sample's ``g`` lies along ``1`` or ``ŵ_o`` (float32's
   rounding of the terms amplified by ``||g||² / ||∂θ||²``): samples whose terms exceed what is left
   ``_CANCELLATION`` times over are formed again, in float64.
