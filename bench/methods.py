@@ -73,39 +73,41 @@ class DiveBatchUnfused(DiveBatch):
     fused = False
 
 
-class DiveBatchReplay(DiveBatch):
-    """divebatch with products of a module's own weights on rows left unread (``layers/experts.py``
-    off): mixture-of-experts experts and routers replayed per sample, as before that route."""
+class _DiveBatchWithout(DiveBatch):
+    """divebatch with one of ``divebatch.layers.generic``'s names (``patched``) replaced by
+    ``replacement`` during each step: a route switched off, measured side by side."""
 
-    name = "divebatch-replay"
+    patched = ""
+    replacement = None
 
     def step(self, x, y):
         from divebatch.layers import generic
 
-        reader = generic.ExpertUses
-        generic.ExpertUses = lambda *args: None
+        original = getattr(generic, self.patched)
+        setattr(generic, self.patched, self.replacement)
         try:
             return super().step(x, y)
         finally:
-            generic.ExpertUses = reader
+            setattr(generic, self.patched, original)
 
 
-class DiveBatchVmappedStandardisation(DiveBatch):
+class DiveBatchReplay(_DiveBatchWithout):
+    """divebatch with products of a module's own weights on rows left unread (``layers/experts.py``
+    off): mixture-of-experts experts and routers replayed per sample, as before that route."""
+
+    name = "divebatch-replay"
+    patched = "ExpertUses"
+    replacement = staticmethod(lambda *args: None)
+
+
+class DiveBatchVmappedStandardisation(_DiveBatchWithout):
     """divebatch with weight-standardised products left to the generic computed-weights route
     (``layers/standardised.py`` off): each sample's weight gradient pulled back through
     ``batch_norm`` under ``vmap``, as before the closed form."""
 
     name = "divebatch-vmap-ws"
-
-    def step(self, x, y):
-        from divebatch.layers import generic
-
-        recognise = generic.standardised_product
-        generic.standardised_product = lambda *args: False
-        try:
-            return super().step(x, y)
-        finally:
-            generic.standardised_product = recognise
+    patched = "standardised_product"
+    replacement = staticmethod(lambda *args: False)
 
 
 class PlainCompiled(Plain):

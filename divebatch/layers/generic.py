@@ -379,6 +379,21 @@ class ProductUse:
         return (weight, g.sum(dim=tuple(range(2, g.dim())))) if with_bias else (weight,)
 
 
+def _bind_product(func, args, kwargs) -> dict | None:
+    """``{argument name: value}`` of a call of one of ``_PRODUCT_OPS`` (defaults filled in), or
+    None for another op or arguments it does not take."""
+    spec = _PRODUCT_OPS.get(func)
+    if spec is None:
+        return None
+    names, defaults = spec
+    if len(args) > len(names) or set(kwargs) - set(names):
+        return None
+    bound = dict(zip(names[2:], defaults))
+    bound.update(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
 _RESHAPES = frozenset({torch.Tensor.reshape, torch.Tensor.reshape_as, torch.Tensor.view, torch.Tensor.view_as,
                        torch.reshape})
 
@@ -1062,15 +1077,10 @@ class DirectUseRecorder(TorchFunctionMode):
         """Record ``F.conv2d(x, weight, bias, ...)`` or ``F.linear(x, weight, bias)`` of a batched
         input ``x`` with a weight computed from the parameters alone (and a bias that is too, or
         none) as a ``ProductUse``."""
-        spec = _PRODUCT_OPS.get(func)
-        if spec is None or not isinstance(out, torch.Tensor) or not out.requires_grad or out.dim() < 2:
+        bound = _bind_product(func, args, kwargs)
+        if bound is None or not isinstance(out, torch.Tensor) or not out.requires_grad or out.dim() < 2:
             return False
-        names, defaults = spec
-        if len(args) > len(names) or set(kwargs) - set(names):
-            return False
-        bound = dict(zip(names[2:], defaults))
-        bound.update(zip(names, args))
-        bound.update(kwargs)
+        names = _PRODUCT_OPS[func][0]
         x, weight, bias = bound.get("input"), bound.get("weight"), bound["bias"]
         if (not isinstance(x, torch.Tensor) or x.dim() < 2 or self._in_graph(x) or not isinstance(weight, torch.Tensor)
                 or not self._in_graph(weight) or (bias is not None and not self._in_graph(bias))):
@@ -1127,14 +1137,11 @@ class DirectUseRecorder(TorchFunctionMode):
         of the module's parameters (``_standardisation``) applied to the model's samples, so that
         its backward takes the weight gradient from the per-sample ones the closed form's norms
         form (``standardised.py``) where they were formed first; else None."""
-        names, defaults = _CONV_ARGS
-        if len(args) > len(names) or set(kwargs) - set(names):
+        bound = _bind_product(func, args, kwargs)
+        if bound is None:
             return None
-        bound = dict(zip(names[2:], defaults))
-        bound.update(zip(names, args))
-        bound.update(kwargs)
         x, weight, bias = bound["input"], bound["weight"], bound["bias"]
-        arguments = [bound[n] for n in names[3:]]
+        arguments = [bound[n] for n in _CONV_ARGS[0][3:]]
         if (self.batch_size is None or not isinstance(x, torch.Tensor) or x.dim() != CONV_DIMS[func] + 2
                 or x.shape[0] != self.batch_size or self._in_graph(x) or not isinstance(weight, torch.Tensor)
                 or not self._is_derived(weight) or (bias is not None and self._param_name(bias) is None)
