@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared check for a GPU machine (written for one H200; total < 5 minutes):
+# One prepared check for a GPU machine (written for one H200; total <= BUDGET_S, 290 s by default):
 #   1. the Triton kernel tests natively on CUDA (6 concurrent shards; the recurrent scans two of them) (tests/test_triton_kernels.py with
 #      DIVEBATCH_TRITON_TEST_DEVICE=cuda; first config of each list, no autotuning: fast start);
 #   1b. bench/gpu/check_engine.py: every layer rule through the tracker vs torch.func on CUDA (fp32);
@@ -9,15 +9,17 @@
 #      (nn.MultiheadAttention's fused rule on CUDA), divebatch fused and unfused side by side; the
 #      JSON is rewritten after each workload;
 #   4. if time is left, the transformer workload under torch.compile, tracked against plain.
-# Results (JSON, junit XML, logs) go to $OUT if set, else bench/results/.
+# Results (JSON, junit XML, logs) go to bench/results/gpu/, or, where $OUT is set (the workplace's
+# device tool, which returns at most 8 files), to a scratch folder packed into $OUT/gpu_results.tgz
+# with the JSON tables copied beside it.
 # Usage: bash bench/gpu/run_gpu_checks.sh        (PYTHON=... to pick the interpreter)
 # Needs a CUDA build of torch and triton; nothing is installed or downloaded.
 # The compile/spill test (tests/test_triton_compile.py) needs no GPU and is not rerun here.
 set -uo pipefail
 
 cd "$(dirname "$0")/../.." || exit 2
-PY="${PYTHON:-python}"
-RESULTS="${OUT:-bench/results}"
+PY="${PYTHON:-python3}"
+if [ -n "${OUT:-}" ]; then RESULTS=/tmp/divebatch-gpu-results; else RESULTS=bench/results/gpu; fi
 mkdir -p "$RESULTS"
 # An explicit 0 (not unset): a conftest.py may setdefault TRITON_INTERPRET=1 for the CPU tests.
 export TRITON_INTERPRET=0
@@ -26,6 +28,8 @@ export PYTHONUNBUFFERED=1
 # divebatch/_build.py): do not spend the GPU minutes JIT-compiling the C++ CPU kernels.
 export DIVEBATCH_NO_JIT=1
 START=$(date +%s)
+# The whole script's wall-clock budget: steps 3 and 4 get what steps 1-2 leave of it.
+BUDGET_S="${BUDGET_S:-290}"
 status=0
 declare -a SUMMARY=()
 
@@ -89,7 +93,7 @@ step bench 150 "$PY" bench/gpu/bench_kernels.py --out "$RESULTS/bench_kernels.js
     --workloads seq-large-up,seq-large-down,seq-up-bf16,conv-layer1,conv-layer4,mlp-T1-bf16,seq-embedding,seq-large-embedding,lstm-scan,gru-scan,lstm-scan-wide
 
 # 3. the end-to-end per-sample-norm table, only if another engineer's script exists and time is left.
-left=$(( 290 - ($(date +%s) - START) ))
+left=$(( BUDGET_S - ($(date +%s) - START) ))
 if [ -f bench/run_table.py ] && [ "$left" -gt 30 ]; then
     # divebatch-unfused beside divebatch: the hook routes' cost next to the fused ones, the
     # measurement the CUDA fuse decisions (always fuse conv; fused instantiate where it fits) lack.
@@ -103,7 +107,7 @@ fi
 # 4. if time is left: a tracked step under torch.compile (inductor) against a compiled plain one,
 #    on the transformer workload (each tracked module is a graph break; on a GPU inductor fuses the
 #    elementwise ops between them, which the CPU figures cannot show). Compiling takes ~1 min.
-left=$(( 290 - ($(date +%s) - START) ))
+left=$(( BUDGET_S - ($(date +%s) - START) ))
 if [ "$left" -gt 90 ]; then
     step compile "$left" "$PY" bench/run_table.py --device cuda --dtype bfloat16 --reps 5 --no-memory \
         --methods divebatch,plain-compiled,divebatch-compiled --workloads transformer \
@@ -115,4 +119,8 @@ fi
 echo "=== summary ($(( $(date +%s) - START ))s total)"
 for line in "${SUMMARY[@]}"; do echo "  $line"; done
 echo "  results in $RESULTS"
+if [ -n "${OUT:-}" ]; then
+    tar czf "$OUT/gpu_results.tgz" -C "$RESULTS" . && cp "$RESULTS"/*.json "$OUT"/ 2>/dev/null
+    echo "  packed into $OUT/gpu_results.tgz (+ the JSON tables)"
+fi
 exit $status
