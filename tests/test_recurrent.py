@@ -180,6 +180,41 @@ def test_a_layer_called_twice_without_bias_is_exact(fused):
     assert checked_route(TwoCalls(), torch.randn(4, 5, 6), fused) == ROUTES[fused]
 
 
+class _OneNode(torch.autograd.Function):
+    """Identity on (out, h_n, c_n) as one autograd node, as cuDNN's LSTM backward is on CUDA: the
+    engine then calls the hook of an output the loss does not reach (c_n here) with None."""
+
+    generate_vmap_rule = True  # (the batched replay runs the layer's forward under torch.func)
+
+    @staticmethod
+    def forward(*outputs):
+        return tuple(t.clone() for t in outputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return grads
+
+
+class OneNodeLSTM(nn.LSTM):
+    def forward(self, x, hx=None):
+        out, (h_n, c_n) = super().forward(x, hx)
+        out, h_n, c_n = _OneNode.apply(out, h_n, c_n)
+        return out, (h_n, c_n)
+
+
+def test_outputs_of_one_node_that_the_loss_does_not_reach_are_exact():
+    """An output whose gradient arrives as None (cuDNN's LSTM, c_n unused) counts as a zero gradient."""
+    torch.manual_seed(0)
+    model = Recurrent(nn.LSTM, True, False)
+    model.rnn = OneNodeLSTM(6, 8, num_layers=2, batch_first=True)
+    # (a subclass with its own forward takes the generic route; the None reaches the tracker's hook all the same)
+    assert checked_route(model, torch.randn(4, 5, 6), fused=False) == "generic (vmap vjp)"
+
+
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["one-way", "bidirectional"])
 def test_lstm_projections_are_exact(bidirectional):
     torch.manual_seed(0)

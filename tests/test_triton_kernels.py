@@ -569,7 +569,10 @@ def test_recurrent_scan_empty_and_float64():
     dev64 = [x.to(DEVICE, torch.float64) if isinstance(x, torch.Tensor) else x for x in args]
     for o, r in zip(_cpu(K.recurrent_scan_triton(*dev64, "GRU", True)),
                     R.recurrent_scan(*[x.double() if isinstance(x, torch.Tensor) else x for x in args], "GRU", True)):
-        assert o.dtype == torch.float64 and bool((o == r).all())
+        # (the reference on the kernels' device against the reference on CPU: the same arithmetic,
+        # summed in another order on a GPU)
+        assert o.dtype == torch.float64
+        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
 
 
 def test_recurrent_scan_errors_name_the_argument():
