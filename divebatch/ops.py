@@ -5,8 +5,9 @@
   ``CompositeExplicitAutograd`` kernel so any device without a dedicated kernel runs it;
 * CPU: the C++ kernels of ``csrc/`` (``TORCH_LIBRARY_IMPL(divebatch, CPU, m)``), loaded from the
   ahead-of-time build ``divebatch._C`` or JIT-built on first use (see ``divebatch._build``);
-* CUDA: the Triton kernels of ``kernels/`` (shipped as ``divebatch._kernels``) when triton imports
-  (the recurrent scans have none: their reference runs there, its per-step GEMMs on the GPU);
+* CUDA: the Triton kernels of ``kernels/`` (shipped as ``divebatch._kernels``) when triton imports,
+  except the recurrent scans (wrong on an H200, see ``kernels.UNVERIFIED_ON_GPU``; opt in with
+  ``DIVEBATCH_TRITON_SCANS=1``): their reference runs there, its per-step GEMMs on the GPU;
 * Meta/fake: shape functions, so the operators trace under ``torch.compile(fullgraph=True)``.
 
 ``DIVEBATCH_BACKEND`` (``auto`` | ``reference`` | ``cpp`` | ``triton``) forces one

@@ -8,6 +8,8 @@ declared in ``divebatch.ops``. Importing this package never queries CUDA; with
 
 from __future__ import annotations
 
+import os
+
 from ._common import INTERPRET
 from .embedding_norm import embedding_norm_triton
 from .ghost_norm import ghost_norm_triton
@@ -17,7 +19,9 @@ from .recurrent_scan import recurrent_scan_backward_triton, recurrent_scan_trito
 
 __all__ = [
     "INTERPRET",
+    "UNVERIFIED_ON_GPU",
     "register_cuda",
+    "scans_enabled",
     "ghost_norm_triton",
     "instantiate_norm_triton",
     "outer_norm_triton",
@@ -37,7 +41,23 @@ TRITON_OPS = {
 }
 
 
+#: Operators whose kernels are not the CUDA implementation unless ``DIVEBATCH_TRITON_SCANS=1``:
+#: on an H200 (triton 3.6, bench/results/gpu/) the recurrent scans gave wrong results wherever a
+#: scan steps forward in time, while they pass under the interpreter. Their CUDA dispatch runs the
+#: PyTorch reference (exact, its per-step GEMMs on the GPU) until a GPU run clears them
+#: (``bench/gpu/diagnose_scan.py`` prints the error per time step).
+UNVERIFIED_ON_GPU = ("recurrent_scan", "recurrent_scan_backward")
+
+
+def scans_enabled() -> bool:
+    """Whether ``DIVEBATCH_TRITON_SCANS=1`` opts in to the recurrent scan kernels on CUDA."""
+    return os.environ.get("DIVEBATCH_TRITON_SCANS", "0").strip() == "1"
+
+
 def register_cuda(lib) -> None:
-    """Register every ``<op>_triton`` as the ``CUDA`` kernel of ``lib``'s operator of that name."""
+    """Register every ``<op>_triton`` as the ``CUDA`` kernel of ``lib``'s operator of that name,
+    except those of ``UNVERIFIED_ON_GPU`` unless ``scans_enabled()``."""
     for name, fn in TRITON_OPS.items():
+        if name in UNVERIFIED_ON_GPU and not scans_enabled():
+            continue
         lib.impl(name, fn, "CUDA")

@@ -35,6 +35,8 @@ float64 is not stepped here: the wrapper runs the reference for it.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -433,6 +435,12 @@ def _check_scan(op: str, mode: str, gi_name: str, first: torch.Tensor, w_hh, w_h
             raise TypeError(f"divebatch.{op}: `{name}` must have the dtype of `{gi_name}` ({first.dtype}), "
                             f"got {t.dtype}")
     device = check_device(op, **tensors)
+    if device.type == "cuda" and os.environ.get("DIVEBATCH_TRITON_SCANS", "0").strip() != "1":
+        raise RuntimeError(
+            f"divebatch.{op}: the Triton recurrent scans gave wrong results on an H200 (every scan stepping "
+            "forward in time; see kernels/__init__.py UNVERIFIED_ON_GPU), so they do not run on CUDA: call "
+            f"divebatch.reference.{op} (what the dispatcher runs on CUDA), or set DIVEBATCH_TRITON_SCANS=1 "
+            "to run them anyway while investigating (bench/gpu/diagnose_scan.py)")
     if first.dim() != 3:
         raise ValueError(f"divebatch.{op}: `{gi_name}` must be 3-D [B, T, *], got shape {tuple(first.shape)}")
     B, T = first.shape[:2]

@@ -272,6 +272,54 @@ def test_instantiate_matches_ghost():
     _assert_fp32(ib, gb, "instantiate vs ghost bias")
 
 
+# --------------------------------------------------------------------------- every GPU config, large shapes
+#: Shapes where the autotuned kernels of an H200 run (bench/results/gpu/2026-12-04-h200) left the
+#: float32 reference by more than rounding (ghost 3.2e-3 at T = 2048, 8.4e-2 at T = 3136; the
+#: instantiate weight gradient 1.6e-2 at p x d = 2^26), while the GPU tests above ran the first
+#: config of each list at small shapes: each config here, alone, in bfloat16, against the reference.
+_LARGE = {"ghost": [(2, 3136, 576, 64), (1, 2048, 1024, 4096)], "instantiate": [(2, 512, 4096, 4096)]}
+
+
+def _each_gpu_config(kernel):
+    return [pytest.param(i, id=f"config{i}") for i in range(len(kernel.configs))] if DEVICE == "cuda" else [0]
+
+
+def _only_config(monkeypatch, kernel, index):
+    """Make the autotuner try nothing but ``kernel.configs[index]`` (the prune keeps it where it belongs
+    to the inputs' (width, layout) list; other configs are skipped)."""
+    monkeypatch.setattr(kernel, "configs", [kernel.configs[index]])
+    monkeypatch.setattr(kernel, "cache", {})
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="GPU configs: the interpreter has one")
+@pytest.mark.parametrize("shape", _LARGE["ghost"], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("index", _each_gpu_config(K.ghost_norm._ghost_norm_kernel))
+def test_ghost_every_gpu_config_at_large_t(index, shape, monkeypatch):
+    kernel = K.ghost_norm._ghost_norm_kernel
+    _only_config(monkeypatch, kernel, index)
+    a, g = (x.to(DEVICE, torch.bfloat16) for x in _seq_inputs(shape, "contig", seed=70))
+    ref = R.ghost_norm(a, g, True)
+    out = K.ghost_norm_triton(a, g, True)
+    for o, r, what in zip(out, ref, ("weight", "bias")):
+        _assert_fp32(o.cpu(), r.cpu(), f"ghost_norm {what} with {kernel.configs[0]}")
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="GPU configs: the interpreter has one")
+@pytest.mark.parametrize("shape", _LARGE["instantiate"], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("index", _each_gpu_config(K.instantiate_norm._instantiate_norm_kernel))
+def test_instantiate_every_gpu_config_at_large_shapes(index, shape, monkeypatch):
+    kernel = K.instantiate_norm._instantiate_norm_kernel
+    _only_config(monkeypatch, kernel, index)
+    a, g = (x.to(DEVICE, torch.bfloat16) for x in _seq_inputs(shape, "contig", seed=71))
+    out = K.instantiate_norm_triton(a, g, True)
+    ref_sq, ref_bias = R.ghost_norm(a, g, True)  # (the instantiate reference would hold B x p x d)
+    wgrad = g.reshape(-1, shape[3]).float().t() @ a.reshape(-1, shape[2]).float()
+    what = f"instantiate_norm with {kernel.configs[0]}"
+    _assert_fp32(out[0].cpu(), ref_sq.cpu(), what + " weight")
+    _assert_fp32(out[1].cpu(), ref_bias.cpu(), what + " bias")
+    _assert_fp32(out[2].cpu(), wgrad.cpu(), what + " weight grad")
+
+
 # --------------------------------------------------------------------------- outer_norm
 OUTER_SHAPES = [(5, 37, 29), (1, 1, 1), (3, 300, 70), (9, 64, 128)]
 if DEVICE == "cuda":
@@ -575,6 +623,15 @@ def test_recurrent_scan_empty_and_float64():
         torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="the refusal is for CUDA tensors")
+def test_recurrent_scans_refuse_cuda_unless_opted_in(monkeypatch):
+    """On CUDA the scans refuse (naming the opt-in) until a GPU run clears them (UNVERIFIED_ON_GPU)."""
+    monkeypatch.setenv("DIVEBATCH_TRITON_SCANS", "0")
+    _, dev = _scan_args("GRU", 3, 4, 8, 8, 3)
+    with pytest.raises(RuntimeError, match="DIVEBATCH_TRITON_SCANS=1"):
+        K.recurrent_scan_triton(*dev, "GRU", False)
+
+
 def test_recurrent_scan_errors_name_the_argument():
     args, dev = _scan_args("LSTM", 3, 4, 8, 8, 4)
     gi, w_hh, b_hh, h0, c0, w_hr, lengths = dev
@@ -603,22 +660,26 @@ def test_recurrent_scan_errors_name_the_argument():
 _LIBS = []  # keep the scratch libraries alive for the whole session
 
 
-def test_register_cuda_on_a_scratch_library():
+@pytest.mark.parametrize("scans_opted_in", [False, True], ids=["default", "DIVEBATCH_TRITON_SCANS=1"])
+def test_register_cuda_on_a_scratch_library(scans_opted_in, monkeypatch):
     """Every operator of ``divebatch.ops.SCHEMAS`` gets its Triton kernel as the CUDA implementation
-    (defined again on a scratch namespace, so the real library is left alone)."""
+    (defined again on a scratch namespace, so the real library is left alone), except the scans not
+    yet right on a GPU (``UNVERIFIED_ON_GPU``: the reference runs there) unless opted in."""
     try:
         schemas = importlib.import_module("divebatch.ops").SCHEMAS
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"divebatch.ops does not import here: {exc!r}")
     assert set(K.TRITON_OPS) == set(schemas), "an operator without a Triton kernel, or a kernel without a schema"
-    ns = f"divebatch_kernels_test_{os.getpid()}"
+    monkeypatch.setenv("DIVEBATCH_TRITON_SCANS", "1" if scans_opted_in else "0")
+    ns = f"divebatch_kernels_test_{os.getpid()}_{int(scans_opted_in)}"
     lib = torch.library.Library(ns, "DEF")  # noqa: TOR901
     _LIBS.append(lib)
     for name, schema in schemas.items():
         lib.define(schema)
     K.register_cuda(lib)
     for name in schemas:
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"{ns}::{name}", "CUDA"), name
+        expected = scans_opted_in or name not in K.UNVERIFIED_ON_GPU
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"{ns}::{name}", "CUDA") == expected, name
     if DEVICE == "cuda":
         a32, g32 = _seq_inputs((2, 40, 24, 20), "contig", seed=60)
         w, b = getattr(torch.ops, ns).ghost_norm(a32.cuda(), g32.cuda(), True)

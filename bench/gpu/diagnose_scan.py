@@ -9,12 +9,14 @@ PTX and TTGIR of every specialisation the launches compiled to ``--asm-dir`` for
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+os.environ.setdefault("DIVEBATCH_TRITON_SCANS", "1")  # (the kernels under investigation refuse CUDA otherwise)
 
 from divebatch import reference as R  # noqa: E402
 from divebatch._build import import_kernels  # noqa: E402
