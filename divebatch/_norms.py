@@ -61,3 +61,43 @@ def squared_norm(t: torch.Tensor) -> torch.Tensor:
     for chunk in flat.split(_CHUNK):
         total += _blocked_sq_f64(chunk.float())
     return total.float()
+
+
+def _one_launch_per_tensor(device: torch.device) -> bool:
+    """Whether ``SquaredNormSum`` takes each tensor's norm in one reduction (CUDA) instead of the
+    blocked float64 path of ``squared_norm``."""
+    return device.type == "cuda"
+
+
+class SquaredNormSum:
+    """``Σ ||t||²`` over tensors added one at a time (a backward's parameter gradients, as they
+    arrive), read once as a float32 0-dim tensor; nothing is scaled.
+
+    On CPU each tensor goes through ``squared_norm`` (blocked, float64 block sums: a CPU float32
+    reduction loses ~2e-5 over a million elements) and the parts are added as they come. On CUDA
+    that path is about nine small kernels per tensor, and a small model's step on a GPU is bound
+    by launches: there each tensor's norm is one ``torch.linalg.vector_norm`` reduction in float32
+    (a tree over thread blocks, accurate in float32), kept as a 0-dim tensor, and ``total()``
+    squares and sums them in float64 in three launches. No tensor is held past ``add``.
+    """
+
+    def __init__(self) -> None:
+        self._sum: torch.Tensor | None = None
+        self._norms: list[torch.Tensor] = []
+
+    def add(self, t: torch.Tensor) -> None:
+        if _one_launch_per_tensor(t.device):
+            # (float64 cannot be reduced into float32 by vector_norm: its norm is cast after)
+            self._norms.append(torch.linalg.vector_norm(t).float() if t.dtype == torch.float64
+                               else torch.linalg.vector_norm(t, dtype=torch.float32))
+            return
+        sq = squared_norm(t)
+        self._sum = sq if self._sum is None else self._sum + sq
+
+    def total(self) -> torch.Tensor | None:
+        """The float32 sum of squares, or None when nothing was added."""
+        if self._norms:
+            part = torch.stack(self._norms).double().square().sum().float()
+            self._sum = part if self._sum is None else self._sum + part
+            self._norms = []
+        return self._sum

@@ -33,7 +33,7 @@ from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import _fsdp
-from ._norms import squared_norm
+from ._norms import SquaredNormSum, squared_norm
 from .layers import GENERIC, LayerRule, RoutePlan, rule_for
 from .layers.generic import DirectUseRecorder, SharedOutputWatcher, SharedOutputWatchers, usable_direct_uses
 from .layers.rows import MergedIdsFollower, flattened_samples, row_samples
@@ -151,7 +151,7 @@ class _Backward:
     """Accumulators of the backward pass in progress."""
 
     per_layer: dict = field(default_factory=dict)
-    batch_grad_sq: torch.Tensor | None = None
+    batch_grad_sq: SquaredNormSum = field(default_factory=SquaredNormSum)
     batch_size: int | None = None
     incomplete: list = field(default_factory=list)
     params_with_grad: dict = field(default_factory=dict)  # param full name -> owner
@@ -1254,8 +1254,7 @@ class GradNormTracker:
         if self.track_batch_grad:
             if grad.is_sparse:
                 grad = grad.coalesce().values()
-            sq = squared_norm(grad.detach())
-            step.batch_grad_sq = sq if step.batch_grad_sq is None else step.batch_grad_sq + sq
+            step.batch_grad_sq.add(grad.detach() if grad.requires_grad else grad)  # (create_graph=True only)
         step.params_with_grad[name] = owner
         return None
 
@@ -1477,12 +1476,15 @@ class GradNormTracker:
         c = 1.0 / B if self.loss_reduction == "mean" else (1.0 if self.loss_reduction == "sum"
                                                             else float(self.loss_reduction))
         inv_c2 = 1.0 / (c * c)
-        per_layer = {name: v * inv_c2 for name, v in step.per_layer.items()}
-        per_sample = torch.stack(list(per_layer.values())).sum(dim=0)
+        # One product for every layer (a step on a GPU is bound by launches), then views per layer.
+        layers = torch.stack(list(step.per_layer.values())) * inv_c2
+        per_layer = dict(zip(step.per_layer, layers.unbind(0)))
+        per_sample = layers.sum(dim=0)
         if not self.track_batch_grad:
             batch_sq = None
         else:
-            batch_sq = (step.batch_grad_sq if step.batch_grad_sq is not None else per_sample.new_zeros(())) * inv_c2
+            batch_sq = step.batch_grad_sq.total()
+            batch_sq = (batch_sq if batch_sq is not None else per_sample.new_zeros(())) * inv_c2
         unaccounted = None
         if step.verify:
             unaccounted = {entry.owner.name: entry.relative for entry in step.verified.values() if entry.compared}

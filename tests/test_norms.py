@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from divebatch._norms import squared_norm
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from divebatch import GradNormTracker, _norms
+from divebatch._norms import SquaredNormSum, squared_norm
 from divebatch.distributed import grad_sq_norm
 
 LAYOUTS = {
@@ -74,3 +77,54 @@ def test_per_sample_sq_is_each_rows_squared_norm(shape, make):
     got = per_sample_sq(t)
     assert got.dtype == torch.float32 and got.shape == (shape[0],)
     assert ((got.double() - ref).abs() / ref).max() <= 1e-6
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("one_launch", [False, True], ids=["blocked (CPU)", "one reduction each (CUDA)"])
+def test_squared_norm_sum_adds_every_tensor(one_launch, monkeypatch):
+    """Both strategies give sum ||t||^2 over tensors of mixed sizes and dtypes; the CUDA one (forced
+    here on CPU) dispatches one op per tensor, the launch-bound case it is for."""
+    monkeypatch.setattr(_norms, "_one_launch_per_tensor", lambda device: one_launch)
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(7, generator=g), torch.randn(64, 33, generator=g).t(),
+               torch.randn(3000, generator=g).to(torch.bfloat16), torch.randn(5, 5, generator=g).double()]
+    acc = SquaredNormSum()
+    assert acc.total() is None
+    counter = _CountOps()
+    with counter:
+        for t in tensors:
+            acc.add(t)
+    if one_launch:  # (the float64 tensor's norm is cast to float32: one more)
+        assert counter.ops == len(tensors) + 1
+    ref = sum(t.double().square().sum() for t in tensors)
+    got = acc.total()
+    assert got.dtype == torch.float32 and got.dim() == 0
+    assert abs(got.double() - ref) / ref <= 1e-6
+    assert acc.total() is got or float(acc.total()) == float(got)  # reading twice gives the same sum
+
+
+def test_tracked_batch_gradient_norm_is_the_same_either_way(monkeypatch):
+    """The tracker's batch-gradient norm through the one-reduction-per-tensor path matches the
+    blocked path and the definition."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    x, y = torch.randn(5, 6), torch.randn(5, 3)
+    results = []
+    for one_launch in (False, True):
+        monkeypatch.setattr(_norms, "_one_launch_per_tensor", lambda device, v=one_launch: v)
+        model.zero_grad(set_to_none=True)
+        with GradNormTracker(model, "sum") as tracker:
+            (model(x) - y).square().sum().backward()
+            results.append(tracker.collect().batch_grad_sq)
+    ref = sum(p.grad.double().square().sum() for p in model.parameters())
+    for got in results:
+        assert abs(got.double() - ref) / ref <= 1e-6
