@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # One prepared check for a GPU machine (written for one H200; total <= BUDGET_S, 290 s by default):
-#   1. the Triton kernel tests natively on CUDA (6 concurrent shards; the recurrent scans two of them) (tests/test_triton_kernels.py with
-#      DIVEBATCH_TRITON_TEST_DEVICE=cuda; first config of each list, no autotuning: fast start);
-#   1a. bench/gpu/diagnose_scan.py: the recurrent scans' error per time step (off on CUDA until clean);
-#   1b. bench/gpu/check_engine.py: every layer rule through the tracker vs torch.func on CUDA (fp32);
+#   1. at once (correctness, nothing timed): the Triton kernel tests natively on CUDA (6 pytest shards
+#      of tests/test_triton_kernels.py with DIVEBATCH_TRITON_TEST_DEVICE=cuda; first config of each
+#      list, except the sweeps of every config at large shapes); 1a. bench/gpu/diagnose_scan.py, the
+#      recurrent scans' error per time step (off on CUDA until clean); 1b. bench/gpu/check_engine.py,
+#      every layer rule through the tracker vs torch.func on CUDA (fp32);
 #   2. kernel timings vs the PyTorch reference and the plain weight-gradient GEMM
 #      (bench/gpu/bench_kernels.py, triton.testing.do_bench, autotuned), table + JSON;
-#   3. if present, the end-to-end table (bench/run_table.py) on seq-large, conv-large, then transformer
+#   2b. bench/gpu/profile_step.py: torch.profiler on seq-large, the ops the tracked step adds;
+#   3. if present, the end-to-end table (bench/run_table.py) on conv-large, seq-large, then transformer
 #      (nn.MultiheadAttention's fused rule on CUDA), divebatch fused and unfused side by side; the
 #      JSON is rewritten after each workload;
 #   4. if time is left, the transformer workload under torch.compile, tracked against plain.
@@ -20,7 +22,7 @@ set -uo pipefail
 
 cd "$(dirname "$0")/../.." || exit 2
 PY="${PYTHON:-python3}"
-if [ -n "${OUT:-}" ]; then RESULTS=/tmp/divebatch-gpu-results; else RESULTS=bench/results/gpu; fi
+if [ -n "${OUT:-}" ]; then RESULTS=/tmp/divebatch-gpu-results; rm -rf "$RESULTS"; else RESULTS=bench/results/gpu; fi
 mkdir -p "$RESULTS"
 # An explicit 0 (not unset): a conftest.py may setdefault TRITON_INTERPRET=1 for the CPU tests.
 export TRITON_INTERPRET=0
@@ -55,47 +57,46 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton._
     exit 2
 fi
 
-# 1. correctness on the GPU. The file launches ~130 distinct kernel specialisations (dtypes x
-#    divisibility of sizes and strides), each compiled once (1-3 s of one CPU core), so it runs as
-#    six concurrent pytest shards (the machine has 16 cores; the kernels are small).
-run_test_shards() {  # run_test_shards LIMIT_S
-    local limit="$1" pids=() rc=0 i=0 t0=$(date +%s)
-    # (the scans' cases compile ~50 specialisations of two large kernels: two shards of their own)
-    local shards=("ghost and not instantiate" "instantiate" "outer" "recurrent_scan and LSTM"
-                  "recurrent_scan and not LSTM" "not ghost and not instantiate and not outer and not recurrent_scan")
-    echo "=== [tests] ${#shards[@]} shards (limit ${limit}s each)"
-    for expr in "${shards[@]}"; do
-        i=$((i + 1))
-        timeout --signal=INT --kill-after=10 "$limit" \
-            env DIVEBATCH_TRITON_TEST_DEVICE=cuda DIVEBATCH_TRITON_AUTOTUNE=0 DIVEBATCH_TRITON_SCANS=1 \
-            "$PY" -m pytest tests/test_triton_kernels.py -q -p no:cacheprovider -k "$expr" \
-            --junitxml="$RESULTS/gpu_triton_kernels_$i.xml" > "$RESULTS/gpu_tests_shard$i.log" 2>&1 &
-        pids+=($!)
-    done
-    i=0
-    for pid in "${pids[@]}"; do
-        i=$((i + 1))
-        wait "$pid" || rc=$?
-        echo "--- shard $i (-k '${shards[$((i - 1))]}'):"
-        tail -n 25 "$RESULTS/gpu_tests_shard$i.log"
-    done
-    SUMMARY+=("tests: rc=$rc in $(( $(date +%s) - t0 ))s (logs: $RESULTS/gpu_tests_shard*.log)")
-    [ "$rc" -ne 0 ] && status=1
-    return 0
+# 1. correctness, all at once (nothing here is timed): the Triton kernel tests as six pytest
+#    shards (~130 kernel specialisations, each compiled once on one CPU core: the machine has 16),
+#    the recurrent scans' error per time step (1a; off on CUDA until clean, see kernels/__init__.py
+#    UNVERIFIED_ON_GPU, with the PTX/TTGIR the launches compiled), and the whole engine against
+#    torch.func in float32 (1b; every rule: zoo, tied head, attention fused and replayed).
+declare -a JOB_PIDS=() JOB_NAMES=() JOB_LOGS=()
+start_job() {  # start_job NAME LIMIT_S CMD...: in the background, output to $RESULTS/gpu_NAME.log
+    local name="$1" limit="$2"; shift 2
+    timeout --signal=INT --kill-after=10 "$limit" "$@" > "$RESULTS/gpu_$name.log" 2>&1 &
+    JOB_PIDS+=($!); JOB_NAMES+=("$name"); JOB_LOGS+=("$RESULTS/gpu_$name.log")
 }
-run_test_shards 120
-
-# 1a. the recurrent scans' error per time step (they are off on CUDA until this comes back clean,
-#     see kernels/__init__.py UNVERIFIED_ON_GPU), with the PTX/TTGIR the launches compiled.
-step diagnose_scan 60 "$PY" bench/gpu/diagnose_scan.py --asm-dir "$RESULTS/scan_asm"
-
-# 1b. the whole engine (every rule: zoo, tied head, attention fused and replayed) against
-#     torch.func on the GPU in float32; Triton compiles each new shape once, hence the limit.
-step engine 120 "$PY" bench/gpu/check_engine.py --device cuda --out "$RESULTS/check_engine.json"
+t0=$(date +%s)
+# (the scans' cases compile ~50 specialisations of two large kernels: two shards of their own)
+shards=("ghost and not instantiate" "instantiate" "outer" "recurrent_scan and LSTM"
+        "recurrent_scan and not LSTM" "not ghost and not instantiate and not outer and not recurrent_scan")
+for i in "${!shards[@]}"; do
+    start_job "tests_shard$((i + 1))" 150 env DIVEBATCH_TRITON_TEST_DEVICE=cuda DIVEBATCH_TRITON_AUTOTUNE=0 \
+        DIVEBATCH_TRITON_SCANS=1 "$PY" -m pytest tests/test_triton_kernels.py -q -p no:cacheprovider \
+        -k "${shards[$i]}" --junitxml="$RESULTS/gpu_triton_kernels_$((i + 1)).xml"
+done
+start_job diagnose_scan 60 "$PY" bench/gpu/diagnose_scan.py --asm-dir "$RESULTS/scan_asm"
+start_job engine 150 "$PY" bench/gpu/check_engine.py --device cuda --out "$RESULTS/check_engine.json"
+echo "=== [correctness] ${#JOB_PIDS[@]} jobs at once: ${JOB_NAMES[*]}"
+for j in "${!JOB_PIDS[@]}"; do
+    rc=0
+    wait "${JOB_PIDS[$j]}" || rc=$?
+    echo "--- ${JOB_NAMES[$j]} (rc=$rc):"
+    tail -n 25 "${JOB_LOGS[$j]}"
+    SUMMARY+=("${JOB_NAMES[$j]}: rc=$rc")
+    [ "$rc" -ne 0 ] && status=1
+done
+SUMMARY+=("correctness jobs: $(( $(date +%s) - t0 ))s together")
 
 # 2. kernel benchmarks (~1.5-2 min including autotuning; the JSON is rewritten after each workload).
 step bench 150 env DIVEBATCH_TRITON_SCANS=1 "$PY" bench/gpu/bench_kernels.py --out "$RESULTS/bench_kernels.json" --rounds 3 --rep-ms 50 \
     --workloads seq-large-up,seq-large-down,seq-up-bf16,conv-layer1,conv-layer4,mlp-T1-bf16,seq-embedding,seq-large-embedding,lstm-scan,gru-scan,lstm-scan-wide
+
+# 2b. where the tracked seq-large step's extra time goes (torch.profiler, plain vs divebatch).
+step profile 60 "$PY" bench/gpu/profile_step.py --device cuda --dtype bfloat16 --workload seq-large \
+    --out "$RESULTS/profile_seq_large.json"
 
 # 3. the end-to-end per-sample-norm table, only if another engineer's script exists and time is left.
 left=$(( BUDGET_S - ($(date +%s) - START) ))
@@ -104,7 +105,7 @@ if [ -f bench/run_table.py ] && [ "$left" -gt 30 ]; then
     # measurement the CUDA fuse decisions (always fuse conv; fused instantiate where it fits) lack.
     step run_table "$left" "$PY" bench/run_table.py --device cuda --dtype bfloat16 --reps 5 \
         --methods divebatch,divebatch-unfused,torch.func,opacus,opacus-ghost,backpack \
-        --workloads seq-large,conv-large,transformer --out "$RESULTS/gpu_table.json"
+        --workloads conv-large,seq-large,transformer --out "$RESULTS/gpu_table.json"
 else
     SUMMARY+=("run_table: skipped (bench/run_table.py missing or ${left}s left)")
 fi
