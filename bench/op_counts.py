@@ -42,7 +42,7 @@ class _OpsByName(TorchDispatchMode):
 
 def count(workload: W.Workload, cuda_norm_path: bool) -> dict:
     original = _norms._one_launch_per_tensor
-    _norms._one_launch_per_tensor = lambda device: cuda_norm_path
+    _norms._one_launch_per_tensor = lambda t: cuda_norm_path
     try:
         torch.manual_seed(0)
         model = workload.make_model()

@@ -63,10 +63,10 @@ def squared_norm(t: torch.Tensor) -> torch.Tensor:
     return total.float()
 
 
-def _one_launch_per_tensor(device: torch.device) -> bool:
-    """Whether ``SquaredNormSum`` takes each tensor's norm in one reduction (CUDA) instead of the
-    blocked float64 path of ``squared_norm``."""
-    return device.type == "cuda"
+def _one_launch_per_tensor(t: torch.Tensor) -> bool:
+    """Whether ``SquaredNormSum`` takes ``t``'s norm in one reduction (CUDA) instead of the blocked
+    float64 path of ``squared_norm``."""
+    return t.is_cuda
 
 
 class SquaredNormSum:
@@ -86,7 +86,7 @@ class SquaredNormSum:
         self._norms: list[torch.Tensor] = []
 
     def add(self, t: torch.Tensor) -> None:
-        if _one_launch_per_tensor(t.device):
+        if _one_launch_per_tensor(t):
             # (float64 cannot be reduced into float32 by vector_norm: its norm is cast after)
             self._norms.append(torch.linalg.vector_norm(t).float() if t.dtype == torch.float64
                                else torch.linalg.vector_norm(t, dtype=torch.float32))

@@ -93,7 +93,7 @@ class _CountOps(TorchDispatchMode):
 def test_squared_norm_sum_adds_every_tensor(one_launch, monkeypatch):
     """Both strategies give sum ||t||^2 over tensors of mixed sizes and dtypes; the CUDA one (forced
     here on CPU) dispatches one op per tensor, the launch-bound case it is for."""
-    monkeypatch.setattr(_norms, "_one_launch_per_tensor", lambda device: one_launch)
+    monkeypatch.setattr(_norms, "_one_launch_per_tensor", lambda t: one_launch)
     g = torch.Generator().manual_seed(3)
     tensors = [torch.randn(7, generator=g), torch.randn(64, 33, generator=g).t(),
                torch.randn(3000, generator=g).to(torch.bfloat16), torch.randn(5, 5, generator=g).double()]
@@ -120,7 +120,7 @@ def test_tracked_batch_gradient_norm_is_the_same_either_way(monkeypatch):
     x, y = torch.randn(5, 6), torch.randn(5, 3)
     results = []
     for one_launch in (False, True):
-        monkeypatch.setattr(_norms, "_one_launch_per_tensor", lambda device, v=one_launch: v)
+        monkeypatch.setattr(_norms, "_one_launch_per_tensor", lambda t, v=one_launch: v)
         model.zero_grad(set_to_none=True)
         with GradNormTracker(model, "sum") as tracker:
             (model(x) - y).square().sum().backward()
