@@ -104,16 +104,22 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
 
-def tracked_and_checked(model, loss, x, y, fused=True, rtol=1e-4, forward=None) -> dict[str, str]:
-    """Track one backward (``loss_reduction="sum"``), check the per-sample and batch norms against
-    torch.func and that every gradient was accounted for; the route the tracker took per module.
-    ``forward``: what the tracked step calls instead of ``model`` (its ``torch.compile`` wrapper)."""
+def tracked_step(model, loss, x, y, fused=True, forward=None):
+    """Track one backward of ``loss(model(x), y)`` (``loss_reduction="sum"``): ``(stats, {module:
+    route})``. ``forward``: what the step calls instead of ``model`` (its ``torch.compile`` wrapper)."""
     from divebatch import GradNormTracker
 
     with GradNormTracker(model, "sum", fused=fused) as tracker:
         loss((model if forward is None else forward)(x), y).backward()
         stats = tracker.collect()
         routes = {plan.module: plan.route for plan in tracker.plan()}
+    return stats, routes
+
+
+def tracked_and_checked(model, loss, x, y, fused=True, rtol=1e-4, forward=None) -> dict[str, str]:
+    """Track one backward (``tracked_step``), check the per-sample and batch norms against torch.func
+    and that every gradient was accounted for; the route the tracker took per module."""
+    stats, routes = tracked_step(model, loss, x, y, fused, forward)
     per_sample, _, batch = reference_norms(model, loss, x, y)
     assert rel_err(stats.per_sample, per_sample) <= rtol
     assert rel_err(stats.batch_grad_sq, batch) <= rtol

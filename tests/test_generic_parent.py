@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from divebatch import GradNormTracker
 
 from .models_zoo import add_concatenated_qkv, concatenated_qkv, sample_loss
-from .oracle import autocast_checked, reference_norms, rel_err, tracked_and_checked
+from .oracle import autocast_checked, reference_norms, rel_err, tracked_and_checked, tracked_step
 
 
 class LayerScaleBlock(nn.Module):
@@ -192,14 +192,6 @@ def loss_fn(out, y):
     return 0.5 * (out - y).square().sum()
 
 
-def run(model, x, y, fused=True):
-    with GradNormTracker(model, "sum", fused=fused) as tracker:
-        loss_fn(model(x), y).backward()
-        stats = tracker.collect()
-        routes = {plan.module: plan.route for plan in tracker.plan()}
-    return stats, routes
-
-
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_torch_func(case, fused):
@@ -207,7 +199,7 @@ def test_matches_torch_func(case, fused):
     make_model, make_x = CASES[case]
     model, x = make_model(), make_x()
     y = torch.randn(*model(x).shape)
-    stats, routes = run(model, x, y, fused)
+    stats, routes = tracked_step(model, loss_fn, x, y, fused)
     per_sample, _, batch = reference_norms(model, loss_fn, x, y)
     assert rel_err(stats.per_sample, per_sample) <= 1e-5
     assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
@@ -224,7 +216,7 @@ def test_attention_biases_and_inner_weights_are_read_without_replay(case, module
     torch.manual_seed(0)
     make_model, make_x = CASES[case]
     model, x = make_model(), make_x()
-    _, routes = run(model, x, torch.randn(*model(x).shape))
+    _, routes = tracked_step(model, loss_fn, x, torch.randn(*model(x).shape))
     assert routes[module] == "generic (computed weights)"
 
 
@@ -282,7 +274,7 @@ def test_concatenated_bias_product_takes_its_weight_gradient_from_the_per_sample
 def test_inner_modules_keep_their_rules():
     torch.manual_seed(0)
     model, x = image_model(), torch.randn(3, 4, 4, 4)
-    _, routes = run(model, x, torch.randn(3, 3))
+    _, routes = tracked_step(model, loss_fn, x, torch.randn(3, 3))
     assert routes["0"] == routes["1"] == "generic (broadcast uses)"  # gamma only
     assert routes["0.dwconv"] != "generic (vmap vjp)" and routes["0.norm"] == "instantiate"
     assert routes["0.up"] != "generic (vmap vjp)"
@@ -292,7 +284,7 @@ def test_uncalled_inner_module_entry_matches_its_parameters():
     torch.manual_seed(0)
     model, x = nn.Sequential(WeightNormed(), nn.Tanh(), nn.Linear(3, 2)), torch.randn(3, 4, 5)
     y = torch.randn(3, 4, 2)
-    stats, _ = run(model, x, y)
+    stats, _ = tracked_step(model, loss_fn, x, y)
     assert "0.proj" not in stats.per_layer  # its part is in the caller's entry
     _, per_param, _ = reference_norms(model, loss_fn, x, y)
     expected = per_param["0.scale"] + per_param["0.proj.weight"] + per_param["0.proj.bias"]
@@ -303,7 +295,7 @@ def test_uncalled_inner_module_is_covered_by_the_innermost_call_only():
     torch.manual_seed(0)
     model = nn.Sequential(ScaledWeightNormed(), ScaledWeightNormed(), nn.Linear(5, 2))
     x, y = torch.randn(3, 4, 5), torch.randn(3, 4, 2)
-    stats, routes = run(model, x, y)
+    stats, routes = tracked_step(model, loss_fn, x, y)
     _, per_param, _ = reference_norms(model, loss_fn, x, y)
     for block in ("0", "1"):
         assert rel_err(stats.per_layer[block], per_param[f"{block}.gamma"]) <= 1e-5
@@ -316,7 +308,7 @@ def test_inner_module_called_and_its_weight_reused_is_refused():
     torch.manual_seed(0)
     model, x = CallsAndReuses(), torch.randn(3, 4, 5)
     with pytest.raises(RuntimeError, match=r"'proj\.weight'.*outside that module's forward"):
-        run(model, x, torch.randn(3, 4, 5))
+        tracked_step(model, loss_fn, x, torch.randn(3, 4, 5))
 
 
 @pytest.mark.parametrize("use_extra", [False, True])
@@ -324,7 +316,7 @@ def test_inner_module_called_on_some_steps(use_extra):
     torch.manual_seed(0)
     model, x, y = SometimesCalled(), torch.randn(3, 4, 5), torch.randn(3, 4, 5)
     model.use_extra = use_extra
-    stats, routes = run(model, x, y)
+    stats, routes = tracked_step(model, loss_fn, x, y)
     per_sample, _, batch = reference_norms(model, loss_fn, x, y)
     assert rel_err(stats.per_sample, per_sample) <= 1e-5
     assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
@@ -630,7 +622,7 @@ def test_broadcast_uses_match_torch_func(make, shape, route, fused):
     torch.manual_seed(0)
     model, x = make(), torch.randn(*shape)
     y = torch.randn(*model(x).shape)
-    stats, routes = run(model, x, y, fused)
+    stats, routes = tracked_step(model, loss_fn, x, y, fused)
     per_sample, per_param, batch = reference_norms(model, loss_fn, x, y)
     assert routes[""] == route
     assert rel_err(stats.per_sample, per_sample) <= 1e-5
@@ -642,9 +634,9 @@ def test_broadcast_uses_match_torch_func(make, shape, route, fused):
 
 def test_layer_scale_and_patch_embedding_take_the_broadcast_route():
     torch.manual_seed(0)
-    _, routes = run(image_model(), torch.randn(3, 4, 4, 4), torch.randn(3, 3))
+    _, routes = tracked_step(image_model(), loss_fn, torch.randn(3, 4, 4, 4), torch.randn(3, 3))
     assert routes["0"] == routes["1"] == "generic (broadcast uses)"
-    _, routes = run(vit_model(), torch.randn(3, 3, 4, 4), torch.randn(3, 3))
+    _, routes = tracked_step(vit_model(), loss_fn, torch.randn(3, 3, 4, 4), torch.randn(3, 3))
     assert routes["0"] == "generic (broadcast uses)"
 
 
@@ -674,7 +666,7 @@ def test_a_use_inside_a_list_is_seen_and_replayed():
     torch.manual_seed(0)
     model, x = CatAndExpand(), torch.randn(3, 4, 6)
     y = torch.randn(*model(x).shape)
-    stats, routes = run(model, x, y)
+    stats, routes = tracked_step(model, loss_fn, x, y)
     per_sample, _, batch = reference_norms(model, loss_fn, x, y)
     assert routes[""] == "generic (vmap vjp)"
     assert rel_err(stats.per_sample, per_sample) <= 1e-5

@@ -18,7 +18,7 @@ import divebatch.layers.standardised as standardised
 from divebatch import GradNormTracker
 
 from .models_zoo import StdConv
-from .oracle import reference_norms, rel_err
+from .oracle import reference_norms, rel_err, tracked_step
 
 CLOSED = "generic (standardised weights)"
 GENERIC = "generic (computed weights)"
@@ -50,19 +50,11 @@ def loss_fn(out, y):
     return 0.5 * (out - y).square().sum()
 
 
-def tracked(model, x, y, fused=True):
-    with GradNormTracker(model, "sum", fused=fused) as tracker:
-        loss_fn(model(x), y).backward()
-        stats = tracker.collect()
-        routes = {plan.module: plan.route for plan in tracker.plan()}
-    return stats, routes
-
-
 def check(model, x, fused=True, rtol=1e-5, float64_reference=False):
     """Track one backward; per-sample, per-module and batch norms against torch.func (on a float64
     copy of the model, with ``float64_reference``). The routes."""
     y = torch.randn_like(model(x))
-    stats, routes = tracked(model, x, y, fused)
+    stats, routes = tracked_step(model, loss_fn, x, y, fused)
     reference = (copy.deepcopy(model).double(), x.double(), y.double()) if float64_reference else (model, x, y)
     per_sample, per_param, batch = reference_norms(reference[0], loss_fn, *reference[1:])
     assert rel_err(stats.per_sample, per_sample) <= rtol
@@ -186,7 +178,7 @@ def test_norms_where_the_gradient_lies_along_the_weight(branch):
     model = StdConv(3, 1, 1, gain=False, bias=False)
     x = torch.randn(1, 3, 5, 4)
     y = torch.randn_like(model(x))
-    stats, _ = tracked(model, x, y)
+    stats, _ = tracked_step(model, loss_fn, x, y)
     per_sample, _, _ = reference_norms(copy.deepcopy(model).double(), loss_fn, x.double(), y.double())
     assert rel_err(stats.per_sample, per_sample) <= 1e-5
 
