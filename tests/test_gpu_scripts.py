@@ -1,0 +1,85 @@
+"""The GPU machine's scripts (bench/gpu/, bench/op_counts.py) on this CPU: a GPU is lent rarely and
+for minutes, so a script that broke since its last run must fail here, not there. Each check reads
+a value: the op counts' ordering, the profile's ops, the scan diagnosis' errors (interpreter), and
+the control flow of run_gpu_checks.sh with a stand-in interpreter."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "bench" / "gpu"))
+
+import diagnose_scan  # noqa: E402
+import op_counts  # noqa: E402
+import profile_step  # noqa: E402
+import workloads  # noqa: E402
+from methods import build  # noqa: E402
+from run_table import BY_NAME, _batch  # noqa: E402
+
+
+def test_op_counts_order_plain_cuda_path_cpu_path():
+    """A tracked step dispatches more ops than a plain one, and fewer on the CUDA norm path (one
+    reduction per gradient) than on the CPU one (blocked float64 sums)."""
+    spec = workloads.WORKLOADS["mlp"]
+    cpu, cuda = op_counts.count(spec, False), op_counts.count(spec, True)
+    assert cpu["plain"] == cuda["plain"] < cuda["tracked"] < cpu["tracked"]
+    assert dict(cuda["most_added"]).get("linalg_vector_norm") == 6  # (3 Linear layers: weight and bias)
+
+
+def test_profile_step_sees_the_tracked_ops():
+    spec = workloads.WORKLOADS["mlp"]
+    x, y = _batch(spec, "cpu", None)
+    out = {}
+    for name in ("plain", "divebatch"):
+        method = build(BY_NAME[name], spec)
+        out[name] = profile_step.profile_method(method, x, y, steps=1, device="cpu")
+        method.close()
+    assert out["plain"]["wall_ms"] > 0 and out["divebatch"]["wall_ms"] > 0
+    assert "divebatch::outer_norm" in out["divebatch"]["ops"] and "divebatch::outer_norm" not in out["plain"]["ops"]
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward in time", "backward in time"])
+@pytest.mark.parametrize("mode", ["GRU", "LSTM"])
+def test_diagnose_scan_case_reports_each_step(mode, reverse):
+    """Under the interpreter the scans are right at every step: the diagnosis' per-step errors are
+    those of float32 rounding (on the H200 the ascending ones were not)."""
+    from divebatch._build import import_kernels
+
+    per_step, h_err = diagnose_scan.case(import_kernels(), mode, reverse, 2, 4, 16, False, "cpu")
+    assert per_step.shape == (4,)
+    assert float(per_step.max()) < 1e-5 and h_err < 1e-5
+
+
+def test_run_gpu_checks_control_flow(tmp_path):
+    """The script with a stand-in interpreter that records its arguments: every step is started,
+    a failing job fails the script, and under $OUT the results are packed for the device tool."""
+    log = tmp_path / "calls.log"
+    fake = tmp_path / "fakepy"
+    fake.write_text(f"#!/bin/bash\necho \"$*\" >> {log}\ncase \"$*\" in *check_engine*) exit 1;; esac\nexit 0\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, PYTHON=str(fake), OUT=str(out), BUDGET_S="200")
+    proc = subprocess.run(["bash", str(ROOT / "bench/gpu/run_gpu_checks.sh")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout[-2000:]  # the engine job "failed"
+    calls = log.read_text()
+    for script in ("tests/test_triton_kernels.py", "diagnose_scan.py", "check_engine.py", "bench_kernels.py",
+                   "profile_step.py", "run_table.py"):
+        assert script in calls, script
+    assert calls.count("-m pytest tests/test_triton_kernels.py") == 6
+    assert "engine: rc=1" in proc.stdout
+    with tarfile.open(out / "gpu_results.tgz") as tar:
+        names = tar.getnames()
+    assert any(n.endswith("gpu_engine.log") for n in names)
+    assert len(list(out.iterdir())) <= 8  # what the device tool returns
+
