@@ -65,6 +65,12 @@ WORKLOADS = {
 }
 
 
+def _chosen(kernel) -> str | None:
+    """The config an autotuned kernel ran with last (its ``best_config``), as text."""
+    config = getattr(kernel, "best_config", None)
+    return None if config is None else str(config)
+
+
 def rel_err(out, ref) -> float:
     out, ref = out.double(), ref.double()
     if ref.dim() > 1:
@@ -86,7 +92,7 @@ def bench_workload(name, spec, K, R, rounds, rep_ms, dev="cuda"):
         do_bench = _cpu_timer
     op, B, T, d, p, dtype, extra = spec
     gen = torch.Generator(device=dev).manual_seed(0)
-    methods, flops, errors = {}, {}, {}
+    methods, flops, errors, chosen = {}, {}, {}, {}
     if op == "outer":
         a = torch.randn(B, d, device=dev, generator=gen).to(dtype)
         g = (0.1 * torch.randn(B, p, device=dev, generator=gen)).to(dtype)
@@ -130,6 +136,9 @@ def bench_workload(name, spec, K, R, rounds, rep_ms, dev="cuda"):
         errors["triton instantiate_norm"] = max(rel_err(inst[0], ref[0]), rel_err(inst[1], ref[1]))
         wgrad_ref = (g2.float().t() @ a2.float())
         errors["triton instantiate_norm (weight grad)"] = rel_err(inst[2], wgrad_ref)
+        # The configs these first calls tuned to (the errors above are theirs: a deviation names its config).
+        chosen["triton ghost_norm"] = _chosen(K.ghost_norm._ghost_norm_kernel)
+        chosen["triton instantiate_norm"] = _chosen(K.instantiate_norm._instantiate_norm_kernel)
         del inst, wgrad_ref
         bytes_moved = (a.numel() + g.numel()) * a.element_size()
     if dev == "cuda":
@@ -150,6 +159,8 @@ def bench_workload(name, spec, K, R, rounds, rep_ms, dev="cuda"):
             row["ratio_to_floor"] = ms / statistics.median(times[floor])
         if m in errors:
             row["max_rel_err_vs_reference"] = errors[m]
+        if chosen.get(m):
+            row["config"] = chosen[m]
         if m.startswith("triton") and op in ("outer", "embedding"):
             row["GB_per_s"] = bytes_moved / ms / 1e6
         rows.append(row)
