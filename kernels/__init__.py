@@ -8,9 +8,7 @@ declared in ``divebatch.ops``. Importing this package never queries CUDA; with
 
 from __future__ import annotations
 
-import os
-
-from ._common import INTERPRET
+from ._common import INTERPRET, scans_enabled
 from .embedding_norm import embedding_norm_triton
 from .ghost_norm import ghost_norm_triton
 from .instantiate_norm import instantiate_norm_triton
@@ -47,11 +45,6 @@ TRITON_OPS = {
 #: PyTorch reference (exact, its per-step GEMMs on the GPU) until a GPU run clears them
 #: (``bench/gpu/diagnose_scan.py`` prints the error per time step).
 UNVERIFIED_ON_GPU = ("recurrent_scan", "recurrent_scan_backward")
-
-
-def scans_enabled() -> bool:
-    """Whether ``DIVEBATCH_TRITON_SCANS=1`` opts in to the recurrent scan kernels on CUDA."""
-    return os.environ.get("DIVEBATCH_TRITON_SCANS", "0").strip() == "1"
 
 
 def register_cuda(lib) -> None:

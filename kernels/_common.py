@@ -53,6 +53,12 @@ if FP32_DOT_PRECISION not in ("tf32", "tf32x3", "ieee"):
     raise ValueError(f"DIVEBATCH_TRITON_FP32_DOT={FP32_DOT_PRECISION!r} is not one of tf32, tf32x3, ieee")
 
 
+def scans_enabled() -> bool:
+    """Whether ``DIVEBATCH_TRITON_SCANS=1`` opts in to the recurrent scan kernels on CUDA (see
+    ``UNVERIFIED_ON_GPU`` in this package's ``__init__``); read at each call, so tests can set it."""
+    return os.environ.get("DIVEBATCH_TRITON_SCANS", "0").strip() == "1"
+
+
 def configs(interpret: triton.Config, gpu: list[triton.Config]) -> list[triton.Config]:
     """The autotune list: ``gpu`` on a GPU, the single ``interpret`` config under the interpreter."""
     if INTERPRET:

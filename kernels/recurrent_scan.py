@@ -35,13 +35,11 @@ float64 is not stepped here: the wrapper runs the reference for it.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, config_table, dot_options
+from ._common import check_device, config_table, dot_options, scans_enabled
 
 #: mode name -> (kernel MODE id, gates per hidden unit, activations saved per hidden unit).
 _MODES = {"LSTM": (0, 4, 5), "GRU": (1, 3, 4), "RNN_TANH": (2, 1, 0), "RNN_RELU": (3, 1, 0)}
@@ -435,7 +433,7 @@ def _check_scan(op: str, mode: str, gi_name: str, first: torch.Tensor, w_hh, w_h
             raise TypeError(f"divebatch.{op}: `{name}` must have the dtype of `{gi_name}` ({first.dtype}), "
                             f"got {t.dtype}")
     device = check_device(op, **tensors)
-    if device.type == "cuda" and os.environ.get("DIVEBATCH_TRITON_SCANS", "0").strip() != "1":
+    if device.type == "cuda" and not scans_enabled():
         raise RuntimeError(
             f"divebatch.{op}: the Triton recurrent scans gave wrong results on an H200 (every scan stepping "
             "forward in time; see kernels/__init__.py UNVERIFIED_ON_GPU), so they do not run on CUDA: call "

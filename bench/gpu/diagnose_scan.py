@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-os.environ.setdefault("DIVEBATCH_TRITON_SCANS", "1")  # (the kernels under investigation refuse CUDA otherwise)
 
 from divebatch import reference as R  # noqa: E402
 from divebatch._build import import_kernels  # noqa: E402
@@ -47,6 +46,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--asm-dir", type=Path, default=None)
     args = parser.parse_args()
+    os.environ.setdefault("DIVEBATCH_TRITON_SCANS", "1")  # (the kernels under investigation refuse CUDA otherwise)
     K = import_kernels()
     device = "cuda" if torch.cuda.is_available() else "cpu"  # (cpu: under TRITON_INTERPRET=1)
     bad = 0
