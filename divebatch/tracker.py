@@ -1209,16 +1209,16 @@ class GradNormTracker:
         if not self._enabled:
             return None
         step = self._current_backward()
-        if grad is None:
-            # An output of a node with several outputs (cuDNN's LSTM: out, h_n, c_n) that the loss
-            # does not reach: the engine calls its hook with None. Kept as None, as for an output
-            # whose hook never runs (the rules read a missing output grad as zero).
-            pass
-        elif call.watcher is not None:
-            grad = self._shared_output_grad(call, grad)
-        elif call.unbatched:  # not watched: every call had one sample
-            grad = self._one_sample(call, grad)
-        call.grads[index] = None if grad is None else grad.detach()
+        # None: an output of a node with several outputs (cuDNN's LSTM: out, h_n, c_n) that the loss
+        # does not reach, whose hook the engine calls with None. Kept as None, as for an output whose
+        # hook never runs (the rules read a missing output grad as zero).
+        if grad is not None:
+            if call.watcher is not None:
+                grad = self._shared_output_grad(call, grad)
+            elif call.unbatched:  # not watched: every call had one sample
+                grad = self._one_sample(call, grad)
+            grad = grad.detach()
+        call.grads[index] = grad
         call.pending -= 1
         owner = call.owner
         if call.pending > 0:
