@@ -5,11 +5,15 @@ stage). Either way the numbers are exact; these tests pin which route each shape
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
-from divebatch import GradNormTracker
+from divebatch import GradNormTracker, ops
 from divebatch.layers.conv import fused_conv_pays
 from divebatch.layers.linear import fused_linear_route
 
@@ -29,15 +33,61 @@ def test_conv_fuses_where_the_cost_model_measured_it_faster(B, groups, T, d, p, 
     assert fused_conv_pays(B, groups, T, d, p) is fuse
 
 
-@pytest.mark.parametrize("B, T, d, p, cpu_route, cuda_route", [
-    (16, 256, 32, 128, "fused-instantiate", "fused-instantiate"),
-    (16, 128, 256, 1024, "fused-instantiate", "fused-instantiate"),
-    (16, 4, 256, 1024, "ghost", "fused-instantiate"),  # CPU: 1.7 ms fused against 0.25 ms by the hooks
-    (16, 2, 512, 2048, "ghost", "ghost"),  # the per-thread 2048 x 512 tile exceeds the 8 MB bound
+@pytest.mark.parametrize("B, T, d, p, route", [
+    (16, 256, 32, 128, "fused-instantiate"),
+    (16, 128, 256, 1024, "fused-instantiate"),
+    (16, 4, 256, 1024, "ghost"),  # 1.7 ms fused against 0.25 ms by the hooks
+    (16, 2, 512, 2048, "ghost"),  # the per-thread 2048 x 512 tile exceeds the 8 MB bound
 ])
-def test_linear_fuses_where_writing_tiles_pays(B, T, d, p, cpu_route, cuda_route):
-    assert fused_linear_route(B, T, d, p, "cpu").route == cpu_route
-    assert fused_linear_route(B, T, d, p, "cuda").route == cuda_route  # tiles stay in registers there
+def test_linear_fuses_on_cpu_where_writing_tiles_pays(B, T, d, p, route):
+    assert fused_linear_route(B, T, d, p, "cpu").route == route
+
+
+@pytest.fixture
+def triton_on_cuda(monkeypatch):
+    """The route model as on a GPU machine: the Triton kernels registered, no backend forced."""
+    monkeypatch.setattr(ops, "TRITON_AVAILABLE", True)
+    monkeypatch.delenv("DIVEBATCH_BACKEND", raising=False)
+
+
+@pytest.mark.parametrize("B, T, d, p, route", [
+    (16, 256, 32, 128, "fused-instantiate"),
+    (8, 4096, 1024, 1024, "fused-instantiate"),  # long sequences, a 1M weight: the GEMM's cost + 0.6
+    (16, 4, 256, 1024, "ghost"),        # few positions: the Gram products cost less than 0.6 GEMM
+    (16, 2, 512, 2048, "ghost"),
+    (8, 2048, 4096, 16384, "ghost"),    # above FUSED_CUDA_MAX_WEIGHT (and slower there)
+])
+def test_linear_fuses_on_cuda_where_the_h200_model_says(triton_on_cuda, B, T, d, p, route):
+    plan = fused_linear_route(B, T, d, p, "cuda")
+    assert plan.route == route
+    if route == "fused-instantiate":  # the float32 weight gradient, no per-thread buffer
+        assert plan.extra_bytes == 4.0 * p * d
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _h200_kernel_timings():
+    sys.path.insert(0, str(ROOT / "bench" / "gpu"))
+    from bench_kernels import measured_faster_route
+
+    path = ROOT / "bench/results/gpu/2026-12-04-h200/bench_kernels.json"
+    for result in json.loads(path.read_text())["results"]:
+        if result.get("op") == "ghost+instantiate":
+            yield pytest.param(result["B"], result["T"], result["d"], result["p"], measured_faster_route(result),
+                               id=result["workload"])
+
+
+@pytest.mark.parametrize("B, T, d, p, faster", list(_h200_kernel_timings()))
+def test_cuda_fused_route_agrees_with_the_h200_timings(triton_on_cuda, B, T, d, p, faster):
+    """The CUDA model picks, on each shape the H200 timed, the route that ran faster there."""
+    assert fused_linear_route(B, T, d, p, "cuda").route == faster
+
+
+def test_cuda_without_triton_keeps_the_buffer_bound(monkeypatch):
+    monkeypatch.setattr(ops, "TRITON_AVAILABLE", False)  # the reference materialises the tiles
+    assert fused_linear_route(16, 2, 512, 2048, "cuda").route == "ghost"
+    assert fused_linear_route(16, 128, 256, 1024, "cuda").route == "fused-instantiate"
 
 
 class WideAndNarrow(nn.Module):

@@ -169,8 +169,24 @@ def bench_workload(name, spec, K, R, rounds, rep_ms, dev="cuda"):
             row["GB_per_s"] = bytes_moved / ms / 1e6
         rows.append(row)
     extra_err = {k: v for k, v in errors.items() if k not in methods}
-    return {"workload": name, "op": op, "B": B, "T": T, "d": d, "p": p, "dtype": str(dtype).split(".")[-1],
-            "rows": rows, "extra_errors": extra_err}
+    result = {"workload": name, "op": op, "B": B, "T": T, "d": d, "p": p, "dtype": str(dtype).split(".")[-1],
+              "rows": rows, "extra_errors": extra_err}
+    if op == "ghost+instantiate":
+        from divebatch.layers.linear import fused_linear_route
+
+        # Does the engine's CUDA cost model (FUSED_CUDA_EXTRA_COST) pick the route that ran faster?
+        result["route"] = {"model": fused_linear_route(B, T, d, p, "cuda").route,
+                           "faster": measured_faster_route(result)}
+    return result
+
+
+def measured_faster_route(result) -> str:
+    """Of the fused instantiate route (its kernel in place of the weight-gradient GEMM, so it costs
+    its time beyond the GEMM's) and the ghost route (its kernel beside the GEMM), the faster one
+    in a ``ghost+instantiate`` result of this script."""
+    ms = {row["method"]: row["ms"] for row in result["rows"]}
+    extra = ms["triton instantiate_norm"] - ms["gemm g^T a (floor)"]
+    return "fused-instantiate" if extra < ms["triton ghost_norm"] else "ghost"
 
 
 def _scan_methods(B, T, H, dtype, mode, K, R, dev, gen):
@@ -220,6 +236,8 @@ def print_table(results):
             print(f"{res['workload']:22} {r['method']:30} {r['ms']:9.3f} {ratio:>8} {tf:>8} {err:>9}")
         for k, v in res.get("extra_errors", {}).items():
             print(f"{res['workload']:22} {k:30} {'':9} {'':>8} {'':>8} {v:9.1e}")
+        if "route" in res:
+            print(f"{res['workload']:22} route: model {res['route']['model']}, faster {res['route']['faster']}")
 
 
 def main(argv=None):

@@ -230,22 +230,51 @@ def row_matrices(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.
 FUSED_TILE_COST = 5.0
 
 
+#: Extra cost on CUDA of the fused instantiate route (Triton) per flop of the weight-gradient GEMM
+#: it replaces, in the ghost route's flop units (``B T^2 (d + p)``). The first H200 run
+#: (``bench/results/gpu/2026-12-04-h200/bench_kernels.json``, bfloat16) measured, per shape, the
+#: fused kernel's time beyond the GEMM's against the ghost kernel's; in these units that ratio was
+#: 0.52 and 0.70 (seq-large up and down), 0.34 (B 16, T 128, 256 -> 1024), 2.5 (conv-layer1) and
+#: 0.23 (conv-layer4). This is their geometric mean; any value in (0.31, 27) picks the faster
+#: route on all five (``test_cuda_fused_route_agrees_with_the_h200_timings``).
+FUSED_CUDA_EXTRA_COST = 0.6
+
+#: Largest weight (``p x d`` entries) the fused route takes on CUDA: the largest whose weight
+#: gradient the H200 run verified at full size (conv-layer4, 4608 x 512, within 3e-7). At p x d
+#: = 2^26 the kernel's weight gradient deviated by 1.6e-2 (cause open, docs/kernels.md), so larger
+#: layers keep autograd's GEMM and take the ghost route until a GPU run clears them.
+FUSED_CUDA_MAX_WEIGHT = 4608 * 512
+
+
+def _fused_runs_triton(device_type: str) -> bool:
+    """Whether ``ops.instantiate_norm`` runs the Triton kernel (tile in registers) for this device."""
+    return device_type == "cuda" and ops.TRITON_AVAILABLE and ops.backend() != "reference"
+
+
 def fused_linear_route(B: int, T: int, d: int, p: int, device_type: str = "cpu") -> RoutePlan:
-    """Route for the fused path: instantiating replaces the weight-gradient GEMM, so it wins over
-    the Gram route where its per-thread ``p x d`` buffer fits and, on CPU, where writing the
-    per-sample tiles (``FUSED_TILE_COST`` each) costs less than the Gram route (few positions
-    ``T`` against wide layers favour the Gram route; see ``linear_route``). On CUDA the Triton
-    kernel keeps each tile in registers, so only the buffer bound applies."""
+    """Route for the fused path: instantiating replaces the weight-gradient GEMM, so it costs only
+    what it adds to that GEMM.
+
+    On CPU (and on CUDA without Triton) it wins over the hook route where its per-thread ``p x d``
+    buffer fits ``MAX_EXTRA_BYTES`` and, on CPU, where writing the per-sample tiles
+    (``FUSED_TILE_COST`` each) costs less than the Gram route (few positions ``T`` against wide
+    layers favour the Gram route; see ``linear_route``). On CUDA the Triton kernel keeps each tile
+    in registers: it wins up to ``FUSED_CUDA_MAX_WEIGHT`` where ``FUSED_CUDA_EXTRA_COST`` per GEMM
+    flop undercuts the ghost route; its extra memory is the float32 weight gradient."""
     plan = linear_route(B, T, d, p)
     if plan.route == "outer":
         return plan
     inst = linear_route(B, T, d, p, force="instantiate")
+    if _fused_runs_triton(device_type):
+        extra = FUSED_CUDA_EXTRA_COST * inst.flops
+        if d * p > FUSED_CUDA_MAX_WEIGHT or extra >= plan.alternatives["ghost"]:
+            return plan
+        return RoutePlan("fused-instantiate", inst.shape, extra, 4.0 * p * d, plan.alternatives)
     if inst.extra_bytes > MAX_EXTRA_BYTES:
         return plan
     tiles = FUSED_TILE_COST * B * d * p
-    if device_type == "cpu" and plan.route == "ghost" and tiles >= plan.flops:
+    if plan.route == "ghost" and tiles >= plan.flops:
         return plan
-    return RoutePlan("fused-instantiate", inst.shape, tiles if device_type == "cpu" else 0.3 * inst.flops,
-                     inst.extra_bytes, plan.alternatives)
+    return RoutePlan("fused-instantiate", inst.shape, tiles, inst.extra_bytes, plan.alternatives)
 
 
