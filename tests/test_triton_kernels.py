@@ -255,6 +255,24 @@ def test_instantiate_norm_sample_split(n_split, dtype):
     _check("instantiate_norm split", outs, a32, g32, (a, g), dtype, R.instantiate_norm, (True,))
 
 
+@pytest.mark.parametrize("n_split", [1, 3])
+@pytest.mark.parametrize("group_p, sum_in_output", [(3, True), (1, True), (4, False)])
+def test_instantiate_norm_order_and_running_sum_knobs(group_p, sum_in_output, n_split, monkeypatch):
+    """The autotuner's knobs change speed, not numbers: the grouped program order (here with a short
+    last group: 4 p-tiles in groups of 3) and the running sum kept in the output tile, either grid."""
+    kernel = K.instantiate_norm._instantiate_norm_kernel
+    base = kernel.configs[0]
+    config = triton.Config(dict(base.kwargs, GROUP_P=group_p, SUM_IN_OUTPUT=sum_in_output),
+                           num_warps=base.num_warps, num_stages=base.num_stages)
+    _only_config(monkeypatch, kernel, 0)
+    monkeypatch.setattr(kernel, "configs", [config])
+    shape = (3, 21, 2 * base.kwargs["BLOCK_D"] + 3, 3 * base.kwargs["BLOCK_P"] + 5)
+    a32, g32 = _seq_inputs(shape, "contig", seed=14)
+    a, g = _like_layout(a32, torch.bfloat16), _like_layout(g32, torch.bfloat16)
+    outs = K.instantiate_norm_triton(a, g, True, _n_split_override=n_split)
+    _check("instantiate_norm knobs", outs, a32, g32, (a, g), torch.bfloat16, R.instantiate_norm, (True,))
+
+
 def test_instantiate_norm_mixed_dtypes():
     a32, g32 = _seq_inputs((3, 17, 33, 18), "contig", seed=12)
     a, g = _like_layout(a32, torch.float16), _like_layout(g32, torch.float32)

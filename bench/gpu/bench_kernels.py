@@ -71,6 +71,12 @@ def _chosen(kernel) -> str | None:
     return None if config is None else str(config)
 
 
+def _config_timings(kernel) -> dict[str, float]:
+    """Each config's time (ms, the autotuner's median) at the shape it tuned last: which knob paid."""
+    timings = getattr(kernel, "configs_timings", None) or {}
+    return {str(config): (t[0] if isinstance(t, (list, tuple)) else t) for config, t in timings.items()}
+
+
 def rel_err(out, ref) -> float:
     out, ref = out.double(), ref.double()
     if ref.dim() > 1:
@@ -92,7 +98,7 @@ def bench_workload(name, spec, K, R, rounds, rep_ms, dev="cuda"):
         do_bench = _cpu_timer
     op, B, T, d, p, dtype, extra = spec
     gen = torch.Generator(device=dev).manual_seed(0)
-    methods, flops, errors, chosen = {}, {}, {}, {}
+    methods, flops, errors, chosen, tuned = {}, {}, {}, {}, {}
     if op == "outer":
         a = torch.randn(B, d, device=dev, generator=gen).to(dtype)
         g = (0.1 * torch.randn(B, p, device=dev, generator=gen)).to(dtype)
@@ -143,6 +149,8 @@ def bench_workload(name, spec, K, R, rounds, rep_ms, dev="cuda"):
         # The configs these first calls tuned to (the errors above are theirs: a deviation names its config).
         chosen["triton ghost_norm"] = _chosen(K.ghost_norm._ghost_norm_kernel)
         chosen["triton instantiate_norm"] = _chosen(K.instantiate_norm._instantiate_norm_kernel)
+        tuned["triton ghost_norm"] = _config_timings(K.ghost_norm._ghost_norm_kernel)
+        tuned["triton instantiate_norm"] = _config_timings(K.instantiate_norm._instantiate_norm_kernel)
         del inst, wgrad_ref
         bytes_moved = (a.numel() + g.numel()) * a.element_size()
     if dev == "cuda":
@@ -165,6 +173,8 @@ def bench_workload(name, spec, K, R, rounds, rep_ms, dev="cuda"):
             row["max_rel_err_vs_reference"] = errors[m]
         if chosen.get(m):
             row["config"] = chosen[m]
+        if tuned.get(m):
+            row["config_ms"] = tuned[m]
         if m.startswith("triton") and op in ("outer", "embedding"):
             row["GB_per_s"] = bytes_moved / ms / 1e6
         rows.append(row)
