@@ -67,7 +67,8 @@ def configs(interpret: triton.Config, gpu: list[triton.Config]) -> list[triton.C
 
 
 def config_table(interpret: triton.Config, table: dict[tuple[str, str], list[triton.Config]],
-                 tensor_args: tuple[str, ...], inner_strides: tuple[str, ...]):
+                 tensor_args: tuple[str, ...], inner_strides: tuple[str, ...],
+                 sm90_table: dict[tuple[str, str], list[triton.Config]] | None = None):
     """Autotune configs by operand width and layout, and the ``early_config_prune`` picking one list.
 
     ``table`` maps ``(width, layout)`` to configs: width ``"16"`` (float16/bfloat16 operands) or
@@ -76,32 +77,39 @@ def config_table(interpret: triton.Config, table: dict[tuple[str, str], list[tri
     ``inner_strides`` argument is 1, so loads vectorise) or ``"strided"`` (some inner stride is
     not 1: one 64-bit address per element, so smaller tiles). Every list was chosen so that
     nothing spills on sm_80 and sm_90 (tests/test_triton_compile.py checks). The inner strides
-    belong in the autotune key so the two layouts are tuned apart. Returns ``(configs, prune)``;
-    under the interpreter ``([interpret], {})``.
+    belong in the autotune key so the two layouts are tuned apart. ``sm90_table`` adds configs
+    tried only on compute capability 9.0 and above (Hopper's register file and warpgroup MMA hold
+    tiles that spill on sm_80). Returns ``(configs, prune)``; under the interpreter
+    ``([interpret], {})``. ``configs_for`` shows what the prune keeps for given inputs and arch.
     """
     if INTERPRET:
         return [interpret], {}
     all_configs: list[triton.Config] = []
     ids: dict[tuple[str, str], set[int]] = {}
-    for key, configs in table.items():
-        ids[key] = {id(c) for c in configs}
-        all_configs += [c for c in configs if all(c is not seen for seen in all_configs)]
+    sm90_ids: dict[tuple[str, str], set[int]] = {}
+    for target, listed in ((ids, table), (sm90_ids, sm90_table or {})):
+        for key, configs in listed.items():
+            target[key] = {id(c) for c in configs}
+            all_configs += [c for c in configs if all(c is not seen for seen in all_configs)]
 
-    def prune(configs, named_args, **kwargs):
+    def prune(configs, named_args, divebatch_arch=None, **kwargs):
         dtypes = {named_args[name].dtype for name in tensor_args}
         width = "32" if torch.float32 in dtypes or len(dtypes) > 1 else "16"
         layout = "unit" if all(named_args[name] == 1 for name in inner_strides) else "strided"
-        kept = [c for c in configs if id(c) in ids[(width, layout)]] or list(configs)
+        arch = divebatch_arch if divebatch_arch is not None else cuda_arch(named_args[tensor_args[0]].device)
+        wanted = ids[(width, layout)] | (sm90_ids.get((width, layout), set()) if arch >= 90 else set())
+        kept = [c for c in configs if id(c) in wanted] or list(configs)
         return kept if AUTOTUNE else kept[:1]
 
     return all_configs, {"early_config_prune": prune}
 
 
-def configs_for(configs: list[triton.Config], prune: dict, named_args: dict) -> list[triton.Config]:
-    """The configs the autotuner would try for ``named_args`` (used by the compile test)."""
+def configs_for(configs: list[triton.Config], prune: dict, named_args: dict, arch: int = 80) -> list[triton.Config]:
+    """The configs the autotuner would try for ``named_args`` on compute capability ``arch`` (e.g.
+    80, 90; used by the compile test)."""
     if not prune:
         return list(configs)
-    return prune["early_config_prune"](configs, named_args)
+    return prune["early_config_prune"](configs, named_args, divebatch_arch=arch)
 
 
 def dot_options(*dtypes: torch.dtype) -> tuple[bool, str]:
@@ -156,6 +164,19 @@ def check_a_g(op: str, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.device, 
         raise ValueError(f"divebatch.{op}: `g` must be [B, T, p] = [{B}, {T}, p] to match `a` "
                          f"{tuple(a.shape)}, got {tuple(g.shape)}")
     return device, B, T, d, g.shape[2]
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def cuda_arch(device: torch.device) -> int:
+    """Compute capability of ``device`` as ``10 * major + minor`` (90 for an H100/H200); 0 off CUDA."""
+    if device.type != "cuda":
+        return 0
+    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)

@@ -155,8 +155,9 @@ _FIRST_CONFIG_ONLY_DTYPES = ("fp16",)
 _FIRST_CONFIG_ONLY_KERNELS = ("_outer_norm_kernel",)
 
 
-def _configs(kernel: str, dtype: str, variant: str):
-    """The autotune configs the kernel would try for inputs of ``dtype`` in the ``variant`` layout."""
+def _configs(kernel: str, dtype: str, variant: str, arch: int):
+    """The autotune configs the kernel would try for inputs of ``dtype`` in the ``variant`` layout on
+    compute capability ``arch``."""
     import torch
 
     K = _load_kernels()
@@ -167,7 +168,7 @@ def _configs(kernel: str, dtype: str, variant: str):
     named = {n: torch.empty(0, dtype=tdtype) for n in spec["tensor_args"]}
     named.update({n: 1 if variant == "contig" else 2 for n in spec["inner_strides"]})
     prune = getattr(module, spec.get("prune", "_PRUNE"), {})
-    return autotuner.fn, K._common.configs_for(autotuner.configs, prune, named)
+    return autotuner.fn, K._common.configs_for(autotuner.configs, prune, named, arch)
 
 
 def _jobs():
@@ -178,11 +179,12 @@ def _jobs():
     for kernel in _specs():
         for dtype in DTYPES:
             for variant in ("contig", "strided"):
-                _, configs = _configs(kernel, dtype, variant)
-                first_only = dtype in _FIRST_CONFIG_ONLY_DTYPES or kernel in _FIRST_CONFIG_ONLY_KERNELS
-                if sweep == "quick" or (sweep == "default" and first_only):
-                    configs = configs[:1]
-                jobs += [(kernel, dtype, arch, i, variant) for arch in ARCHS for i in range(len(configs))]
+                for arch in ARCHS:
+                    _, configs = _configs(kernel, dtype, variant, arch)
+                    first_only = dtype in _FIRST_CONFIG_ONLY_DTYPES or kernel in _FIRST_CONFIG_ONLY_KERNELS
+                    if sweep == "quick" or (sweep == "default" and first_only):
+                        configs = configs[:1]
+                    jobs += [(kernel, dtype, arch, i, variant) for i in range(len(configs))]
     return jobs
 
 
@@ -249,7 +251,7 @@ def _compile_one(job) -> dict:
     kernel, dtype, arch, index, variant = job
     spec = _specs()[kernel]
     K = _load_kernels()
-    fn, configs = _configs(kernel, dtype, variant)
+    fn, configs = _configs(kernel, dtype, variant, arch)
     cfg = configs[index]
     upcast, precision = K._common.dot_options(getattr(torch, _TORCH_DTYPE_NAMES[dtype]))
 
@@ -442,6 +444,17 @@ def test_some_config_fits_shared_memory(records):
     none_fit = {k: v for k, v in groups.items() if min(v) > SHARED_LIMIT[k[2]]}
     assert not none_fit, f"no config fits shared memory: {none_fit}"
 
+
+def test_hopper_configs_are_compiled_for_sm90_only(records):
+    """``sm90_table`` configs (tiles that spill on sm_80) join the 16-bit contiguous list on sm_90 only."""
+    def labels(arch, variant):
+        return {r["config"] for r in records if r["kernel"] == "_instantiate_norm_kernel" and r["dtype"] == "bf16"
+                and r["arch"] == arch and r["variant"] == variant}
+
+    extra = labels(90, "contig") - labels(80, "contig")
+    assert extra and labels(80, "contig") < labels(90, "contig")
+    assert all("BLOCK_D=256" in label or "BLOCK_P=256" in label for label in extra)
+    assert not extra & labels(90, "strided")
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
