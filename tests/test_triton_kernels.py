@@ -256,17 +256,22 @@ def test_instantiate_norm_sample_split(n_split, dtype):
 
 
 @pytest.mark.parametrize("n_split", [1, 3])
-@pytest.mark.parametrize("group_p, sum_in_output", [(3, True), (1, True), (4, False)])
-def test_instantiate_norm_order_and_running_sum_knobs(group_p, sum_in_output, n_split, monkeypatch):
+@pytest.mark.parametrize("group_p, sum_in_output, blocks", [
+    (3, True, None), (1, True, None), (4, False, None),
+    (8, True, (128, 256, 32)),  # the sm_90 tile (kernels/instantiate_norm.py, sm90_table)
+], ids=["group3-sum", "group1-sum", "group4-registers", "hopper-tile"])
+def test_instantiate_norm_order_and_running_sum_knobs(group_p, sum_in_output, blocks, n_split, monkeypatch):
     """The autotuner's knobs change speed, not numbers: the grouped program order (here with a short
-    last group: 4 p-tiles in groups of 3) and the running sum kept in the output tile, either grid."""
+    last group, e.g. 4 p-tiles in groups of 3) and the running sum kept in the output tile, either grid."""
     kernel = K.instantiate_norm._instantiate_norm_kernel
     base = kernel.configs[0]
-    config = triton.Config(dict(base.kwargs, GROUP_P=group_p, SUM_IN_OUTPUT=sum_in_output),
-                           num_warps=base.num_warps, num_stages=base.num_stages)
+    meta = dict(base.kwargs, GROUP_P=group_p, SUM_IN_OUTPUT=sum_in_output)
+    if blocks is not None:
+        meta.update(BLOCK_P=blocks[0], BLOCK_D=blocks[1], BLOCK_T=blocks[2])
+    config = triton.Config(meta, num_warps=base.num_warps, num_stages=base.num_stages)
     _only_config(monkeypatch, kernel, 0)
     monkeypatch.setattr(kernel, "configs", [config])
-    shape = (3, 21, 2 * base.kwargs["BLOCK_D"] + 3, 3 * base.kwargs["BLOCK_P"] + 5)
+    shape = (3, 21 if blocks is None else 45, 2 * meta["BLOCK_D"] + 3, 3 * meta["BLOCK_P"] + 5)
     a32, g32 = _seq_inputs(shape, "contig", seed=14)
     a, g = _like_layout(a32, torch.bfloat16), _like_layout(g32, torch.bfloat16)
     outs = K.instantiate_norm_triton(a, g, True, _n_split_override=n_split)
