@@ -38,6 +38,12 @@ std::tuple<at::Tensor, at::Tensor> outer_norm_cpu(const at::Tensor& a, const at:
 // g [B, T, p]: sum over distinct indices u != padding_idx of ||sum_{t: idx_t = u} g_b[t]||^2.
 // padding_idx < 0 means no padding row.
 at::Tensor embedding_norm_cpu(const at::Tensor& indices, const at::Tensor& g, int64_t padding_idx);
+// Per-sample gradients of a LayerNorm's (rms false) or RMSNorm's (rms true) affine parameters,
+// x and g [B, R, d] normalised over d: x_hat = (x - mean) / sqrt(var + eps) (biased variance) or
+// x / sqrt(mean(x^2) + eps), in float32 from statistics taken in double. Returns
+// (weight [B, d] = sum_r x_hat[b, r] * g[b, r], bias [B, d] = sum_r g[b, r], zeros without bias).
+std::tuple<at::Tensor, at::Tensor> affine_norm_grads_cpu(const at::Tensor& x, const at::Tensor& g, bool rms,
+                                                         double eps, bool with_bias);
 
 // One direction of one nn.RNN / nn.LSTM / nn.GRU layer (recurrent_scan_cpu.cpp). gi [B, T, G] is
 // the input projection x W_ih^T + b_ih of every step (G = 4H LSTM, 3H GRU, H RNN), w_hh [G, P],

@@ -19,6 +19,7 @@
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <type_traits>
 
 #include <algorithm>
@@ -301,6 +302,65 @@ struct TilePair {
 
 at::Tensor zeros_b(const at::Tensor& like, int64_t B) { return at::zeros({B}, like.options().dtype(at::kFloat)); }
 
+// One row of a LayerNorm / RMSNorm input, float32 `row[d]`, normalised in place: the mean (not for
+// RMSNorm) and the mean square of what is left are taken in double, as two passes, so a row whose
+// mean is large against its spread keeps its precision.
+DIVEBATCH_MULTIVERSION
+void normalise_row(float* row, int64_t d, bool rms, double eps) {
+  double mean = 0.0;
+  if (!rms) {
+    double s = 0.0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < d; ++k) {
+      s += row[k];
+    }
+    mean = s / static_cast<double>(d);
+  }
+  double ss = 0.0;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t k = 0; k < d; ++k) {
+    const double c = row[k] - mean;
+    ss += c * c;
+  }
+  const float m = static_cast<float>(mean);
+  const float rstd = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(d) + eps));
+#pragma omp simd
+  for (int64_t k = 0; k < d; ++k) {
+    row[k] = (row[k] - m) * rstd;
+  }
+}
+
+// acc_w += x_hat * g and (with_bias) acc_b += g over one row; double accumulators, so a sum over
+// thousands of rows keeps float32 precision whatever the order.
+DIVEBATCH_MULTIVERSION
+void accumulate_norm_row(double* acc_w, double* acc_b, const float* x_hat, const float* g, int64_t d,
+                         bool with_bias) {
+#pragma omp simd
+  for (int64_t k = 0; k < d; ++k) {
+    acc_w[k] += static_cast<double>(x_hat[k] * g[k]);
+  }
+  if (with_bias) {
+#pragma omp simd
+    for (int64_t k = 0; k < d; ++k) {
+      acc_b[k] += static_cast<double>(g[k]);
+    }
+  }
+}
+
+template <typename scalar_t>
+void load_row_f32(float* out, const scalar_t* x, int64_t n, int64_t stride) {
+  if (stride == 1) {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) {
+      out[k] = static_cast<float>(x[k]);
+    }
+    return;
+  }
+  for (int64_t k = 0; k < n; ++k) {
+    out[k] = static_cast<float>(x[k * stride]);
+  }
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------ ghost_norm
@@ -530,6 +590,75 @@ at::Tensor embedding_norm_cpu(const at::Tensor& indices_in, const at::Tensor& g,
   return out;
 }
 
+// ------------------------------------------------------------------ affine_norm_grads
+
+std::tuple<at::Tensor, at::Tensor> affine_norm_grads_cpu(const at::Tensor& x, const at::Tensor& g, bool rms, double eps,
+                                                         bool with_bias) {
+  constexpr const char* op = "affine_norm_grads";
+  check_cpu(x, op, "x");
+  check_same_device(x, g, op, "x", "g");
+  check_float(x, op, "x");
+  check_float(g, op, "g");
+  check_dim(x, 3, op, "x", "[B, R, d]");
+  check_dim(g, 3, op, "g", "[B, R, d]");
+  for (int64_t dim = 0; dim < 3; ++dim) {
+    check_size_match(x, g, dim, op, "x", "g", dim == 0 ? "batch size B" : (dim == 1 ? "rows R" : "width d"));
+  }
+  const int64_t B = x.size(0), R = x.size(1), d = x.size(2);
+  auto weight = at::zeros({B, d}, x.options().dtype(at::kFloat));
+  auto bias = at::zeros({B, d}, x.options().dtype(at::kFloat));
+  if (B == 0 || R == 0 || d == 0) {
+    return {weight, bias};
+  }
+  // Work items: (sample, block of rows); blocks only when the batch alone leaves threads idle.
+  // Each item sums into its own double partials, added per sample in a fixed order afterwards,
+  // so the result does not depend on the thread count.
+  const int64_t threads = at::get_num_threads();
+  const int64_t blocks = B >= threads ? 1 : std::min<int64_t>(R, ceil_div(threads, B));
+  const int64_t rows_per_block = ceil_div(R, blocks);
+  std::vector<double> partial_w(static_cast<size_t>(B * blocks * d), 0.0);
+  std::vector<double> partial_b(with_bias ? static_cast<size_t>(B * blocks * d) : 0, 0.0);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "divebatch_affine_norm_x", [&] {
+    using x_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "divebatch_affine_norm_g", [&] {
+      const x_t* px = x.const_data_ptr<x_t>();
+      const scalar_t* pg = g.const_data_ptr<scalar_t>();
+      at::parallel_for(0, B * blocks, grain_for(rows_per_block * d), [&](int64_t i0, int64_t i1) {
+        std::vector<float> row(d), grow(d);
+        for (int64_t item = i0; item < i1; ++item) {
+          const int64_t b = item / blocks, first = (item % blocks) * rows_per_block;
+          const int64_t last = std::min(R, first + rows_per_block);
+          double* acc_w = partial_w.data() + item * d;
+          double* acc_b = with_bias ? partial_b.data() + item * d : nullptr;
+          for (int64_t r = first; r < last; ++r) {
+            load_row_f32(row.data(), px + b * x.stride(0) + r * x.stride(1), d, x.stride(2));
+            load_row_f32(grow.data(), pg + b * g.stride(0) + r * g.stride(1), d, g.stride(2));
+            normalise_row(row.data(), d, rms, eps);
+            accumulate_norm_row(acc_w, acc_b, row.data(), grow.data(), d, with_bias);
+          }
+        }
+      });
+    });
+  });
+  float* pw = weight.data_ptr<float>();
+  float* pb = bias.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t k = 0; k < d; ++k) {
+      double sw = 0.0, sb = 0.0;
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        sw += partial_w[(b * blocks + blk) * d + k];
+        if (with_bias) {
+          sb += partial_b[(b * blocks + blk) * d + k];
+        }
+      }
+      pw[b * d + k] = static_cast<float>(sw);
+      pb[b * d + k] = static_cast<float>(sb);
+    }
+  }
+  return {weight, bias};
+}
+
 }  // namespace divebatch
 
 // The schemas live in divebatch/ops.py (torch.library); here only the CPU implementations.
@@ -538,4 +667,5 @@ TORCH_LIBRARY_IMPL(divebatch, CPU, m) {
   m.impl("instantiate_norm", &divebatch::instantiate_norm_cpu);
   m.impl("outer_norm", &divebatch::outer_norm_cpu);
   m.impl("embedding_norm", &divebatch::embedding_norm_cpu);
+  m.impl("affine_norm_grads", &divebatch::affine_norm_grads_cpu);
 }

@@ -29,6 +29,7 @@ SCHEMAS = {
     "instantiate_norm": "instantiate_norm(Tensor a, Tensor g, bool with_bias) -> (Tensor, Tensor, Tensor)",
     "outer_norm": "outer_norm(Tensor a, Tensor g, bool with_bias) -> (Tensor, Tensor)",
     "embedding_norm": "embedding_norm(Tensor indices, Tensor g, int padding_idx) -> Tensor",
+    "affine_norm_grads": "affine_norm_grads(Tensor x, Tensor g, bool rms, float eps, bool with_bias) -> (Tensor, Tensor)",
     "recurrent_scan": "recurrent_scan(Tensor gi, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? c0, Tensor? w_hr, "
                       "Tensor? lengths, str mode, bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     "recurrent_scan_backward": "recurrent_scan_backward(Tensor grad_out, Tensor? grad_h_n, Tensor? grad_c_n, "
@@ -68,6 +69,12 @@ def _outer_norm_fake(a, g, with_bias):
 @torch.library.register_fake("divebatch::embedding_norm")
 def _embedding_norm_fake(indices, g, padding_idx):
     return _per_sample(indices)
+
+
+@torch.library.register_fake("divebatch::affine_norm_grads")
+def _affine_norm_grads_fake(x, g, rms, eps, with_bias):
+    rows = x.new_empty((x.shape[0], x.shape[-1]), dtype=torch.float32)
+    return rows, torch.empty_like(rows)
 
 
 @torch.library.register_fake("divebatch::recurrent_scan")
@@ -147,6 +154,23 @@ def outer_norm(a: torch.Tensor, g: torch.Tensor, with_bias: bool = False):
 def embedding_norm(indices: torch.Tensor, g: torch.Tensor, padding_idx: int = -1) -> torch.Tensor:
     """Per-sample squared norm [B] of an embedding gradient, ``indices [B, T]``, ``g [B, T, p]``."""
     return _call("embedding_norm", indices, g, padding_idx)
+
+
+def affine_norm_grads(x: torch.Tensor, g: torch.Tensor, rms: bool, eps: float, with_bias: bool = True):
+    """Per-sample LayerNorm (``rms=False``) / RMSNorm (``rms=True``) weight and bias gradients
+    ``[B, d]`` each, float32, for ``x, g [B, R, d]`` normalised over ``d`` (see
+    ``divebatch.reference.affine_norm_grads``)."""
+    return _call("affine_norm_grads", x, g, rms, float(eps), with_bias)
+
+
+def triton_serves(device: torch.device) -> bool:
+    """Whether the operators above run their Triton kernels for tensors on ``device``: forced by
+    ``DIVEBATCH_BACKEND=triton`` (any device; CPU tensors through the interpreter), or on CUDA when
+    the kernels are registered and no backend is forced."""
+    forced = backend()
+    if forced == "triton":
+        return True
+    return device.type == "cuda" and TRITON_AVAILABLE and forced == "auto"
 
 
 def recurrent_scan(gi: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor | None, h0: torch.Tensor,

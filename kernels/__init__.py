@@ -9,6 +9,7 @@ declared in ``divebatch.ops``. Importing this package never queries CUDA; with
 from __future__ import annotations
 
 from ._common import INTERPRET, scans_enabled
+from .affine_norm_grads import affine_norm_grads_triton
 from .embedding_norm import embedding_norm_triton
 from .ghost_norm import ghost_norm_triton
 from .instantiate_norm import instantiate_norm_triton
@@ -24,6 +25,7 @@ __all__ = [
     "instantiate_norm_triton",
     "outer_norm_triton",
     "embedding_norm_triton",
+    "affine_norm_grads_triton",
     "recurrent_scan_triton",
     "recurrent_scan_backward_triton",
 ]
@@ -34,6 +36,7 @@ TRITON_OPS = {
     "instantiate_norm": instantiate_norm_triton,
     "outer_norm": outer_norm_triton,
     "embedding_norm": embedding_norm_triton,
+    "affine_norm_grads": affine_norm_grads_triton,
     "recurrent_scan": recurrent_scan_triton,
     "recurrent_scan_backward": recurrent_scan_backward_triton,
 }

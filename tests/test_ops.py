@@ -29,7 +29,7 @@ requires_cpp = pytest.mark.skipif(
 )
 
 D = torch.ops.divebatch
-OPS = ("ghost_norm", "instantiate_norm", "outer_norm", "embedding_norm")
+OPS = ("ghost_norm", "instantiate_norm", "outer_norm", "embedding_norm", "affine_norm_grads")
 ROOT = Path(__file__).resolve().parent.parent
 
 # (B, T, d, p): T = 1; B = 1; T odd and crossing the 256-row Gram tile; B = 1 with T crossing
@@ -260,17 +260,61 @@ def test_embedding_norm_random_shapes(B, T, p, vocab, padding_idx, seed):
     assert rel_err(D.embedding_norm(idx, g, padding_idx), oracle_embedding(idx, g, padding_idx)) <= 1e-4
 
 
+# ---------------------------------------------------------------- affine_norm_grads
+def oracle_affine_norm(x: torch.Tensor, g: torch.Tensor, rms: bool, eps: float):
+    """float64: the normalised rows by F.layer_norm / F.rms_norm, then the per-sample sums."""
+    x64, g64 = x.double(), g.double()
+    d = x.shape[-1]
+    x_hat = (torch.nn.functional.rms_norm(x64, (d,), None, eps) if rms
+             else torch.nn.functional.layer_norm(x64, (d,), None, None, eps))
+    return (x_hat * g64).sum(dim=1), g64.sum(dim=1)
+
+
+# (B, R, d): one row of one element; rows wider than the SIMD lanes; more rows than threads with
+# B = 1 (the row blocks); many samples; an empty batch; no rows.
+NORM_SHAPES = [(3, 7, 5), (1, 1, 1), (2, 9, 67), (1, 301, 12), (40, 3, 33), (0, 4, 3), (2, 0, 3)]
+
+
+@requires_cpp
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", NORM_SHAPES, ids=lambda s: "B{}_R{}_d{}".format(*s))
+def test_affine_norm_grads_float32(shape, layout, rms):
+    x = make(shape, layout) * 3 + 5  # a mean large against the spread: the two-pass statistics
+    g = make(shape, "contiguous" if layout == "expanded" else layout)
+    weight, bias = D.affine_norm_grads(x, g, rms, 1e-5, True)
+    want_w, want_b = oracle_affine_norm(x, g, rms, 1e-5)
+    assert weight.dtype == bias.dtype == torch.float32 and weight.shape == bias.shape == (shape[0], shape[2])
+    assert rel_err(weight, want_w) <= 1e-5 and rel_err(bias, want_b) <= 1e-5
+    ref_w, ref_b = reference.affine_norm_grads(x, g, rms, 1e-5, True)
+    assert rel_err(weight, ref_w) <= 1e-5 and rel_err(bias, ref_b) <= 1e-5
+    assert bool((D.affine_norm_grads(x, g, rms, 1e-5, False)[1] == 0).all())
+
+
+@requires_cpp
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_affine_norm_grads_low_precision(dtype):
+    """16-bit inputs are read as they are (no rounding beyond theirs) and computed in float32."""
+    x, g = make((3, 50, 24), "contiguous", dtype), make((3, 50, 24), "transposed", dtype)
+    for rms in (False, True):
+        weight, bias = D.affine_norm_grads(x, g, rms, 1e-6, True)
+        want_w, want_b = oracle_affine_norm(x, g, rms, 1e-6)
+        assert rel_err(weight, want_w) <= 1e-5 and rel_err(bias, want_b) <= 1e-5
+
+
 # ---------------------------------------------------------------- threads and determinism
 @requires_cpp
 def test_results_deterministic_and_thread_count_independent():
     a, g = torch.randn(3, 300, 16), torch.randn(3, 300, 80)  # B < 2 x threads: the split paths
-    first = D.ghost_norm(a, g, True) + D.instantiate_norm(a, g, True)
-    again = D.ghost_norm(a, g, True) + D.instantiate_norm(a, g, True)
+    x = torch.randn(1, 300, 80)  # B = 1: the norm rows split into blocks
+    first = D.ghost_norm(a, g, True) + D.instantiate_norm(a, g, True) + D.affine_norm_grads(x, g[:1], False, 1e-5, True)
+    again = D.ghost_norm(a, g, True) + D.instantiate_norm(a, g, True) + D.affine_norm_grads(x, g[:1], False, 1e-5, True)
     assert all(torch.equal(x, y) for x, y in zip(first, again))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        serial = D.ghost_norm(a, g, True) + D.instantiate_norm(a, g, True)
+        serial = (D.ghost_norm(a, g, True) + D.instantiate_norm(a, g, True)
+                  + D.affine_norm_grads(x, g[:1], False, 1e-5, True))
     finally:
         torch.set_num_threads(threads)
     assert all(rel_err(x, y) <= 1e-5 for x, y in zip(first, serial))
@@ -297,6 +341,7 @@ def _samples():
         "instantiate_norm": [(a, g, True), (at, gt, False)],
         "outer_norm": [(a[:, 0], g[:, 0], True), (at[:, 0].bfloat16(), gt[:, 0], False)],
         "embedding_norm": [(random_indices(3, 7, 4), g, 1), (random_indices(2, 9, 3).int(), gt, -1)],
+        "affine_norm_grads": [(a, torch.randn(3, 7, 5), False, 1e-5, True), (at, gt[..., :4].bfloat16(), True, 1e-6, False)],
     }
 
 
@@ -314,7 +359,8 @@ def test_torch_compile_fullgraph_matches_eager():
         wi, _, s = D.instantiate_norm(a, g, False)
         wo, bo = D.outer_norm(a[:, 0], g[:, 0], True)
         e = D.embedding_norm(idx, g, 0)
-        return w + 2 * b - wi + wo * bo + e, s * 3
+        nw, nb = D.affine_norm_grads(g, g, False, 1e-5, True)
+        return w + 2 * b - wi + wo * bo + e + nw.sum(1) * nb.sum(1), s * 3
 
     a, g, idx = torch.randn(3, 9, 5), torch.randn(3, 9, 4), random_indices(3, 9, 4)
     torch._dynamo.reset()
@@ -339,6 +385,11 @@ BAD_INPUTS = [
     ("embedding_norm", (torch.zeros(3, 5, dtype=torch.long), torch.randn(4, 5, 2), -1),
      r"g must have the same batch size B"),
     ("embedding_norm", (torch.zeros(4, 5, 1, dtype=torch.long), torch.randn(4, 5, 2), -1), r"indices must be 2-D"),
+    ("affine_norm_grads", (torch.randn(4, 5, 3), torch.randn(4, 5, 2), False, 1e-5, True), r"g must have the same width d"),
+    ("affine_norm_grads", (torch.randn(4, 5, 3), torch.randn(4, 6, 3), False, 1e-5, True), r"g must have the same rows R"),
+    ("affine_norm_grads", (torch.randn(4, 3), torch.randn(4, 3), False, 1e-5, True), r"x must be 3-D"),
+    ("affine_norm_grads", (torch.randn(4, 5, 3), torch.ones(4, 5, 3, dtype=torch.long), True, 1e-5, True),
+     r"g must be a floating-point"),
 ]
 
 

@@ -366,6 +366,36 @@ def test_outer_norm(case):
         assert bool((_cpu(outs[1]) == 0).all())
 
 
+# --------------------------------------------------------------------------- affine_norm_grads
+#: (B, R, d): the interpreter's BLOCK_D is the next power of two (partial rows: 37, 45, 70, 200);
+#: R > 8 takes two row blocks there (their sum); on a GPU every config of the width table.
+NORM_SHAPES = [(2, 37, 45), (1, 1, 1), (3, 16, 32), (1, 50, 70), (4, 3, 200)]
+if DEVICE == "cuda":
+    NORM_SHAPES += [(3, 300, 1000), (2, 129, 4096), (1, 40, 8192), (5, 17, 3000), (64, 49, 256)]
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("case", _params(NORM_SHAPES), ids=_id)
+def test_affine_norm_grads(case, rms):
+    shape, dtype, layout = case
+    x32 = _rand(shape, 30, layout, scale=2.0).add_(1.0)  # (in place: keeps the layout)
+    g32 = _rand(shape, 31, layout)
+    x, g = _like_layout(x32, dtype), _like_layout(g32, dtype)
+    with_bias = not rms or layout != "contig"
+    outs = K.affine_norm_grads_triton(x, g, rms, 1e-5, with_bias)
+    _check("affine_norm_grads", outs, x32, g32, (x, g), dtype, R.affine_norm_grads, (rms, 1e-5, with_bias))
+    if not with_bias:
+        assert bool((_cpu(outs[1]) == 0).all())
+
+
+def test_affine_norm_grads_refuses_rows_wider_than_a_program():
+    x = torch.zeros(1, 1, K.affine_norm_grads.MAX_D + 1, device=DEVICE)
+    with pytest.raises(ValueError, match="d=8193 > 8192"):
+        K.affine_norm_grads_triton(x, x, False, 1e-5, True)
+    with pytest.raises(ValueError, match="`g` must have the shape of `x`"):
+        K.affine_norm_grads_triton(x[..., :4], x[..., :5], False, 1e-5, True)
+
+
 # --------------------------------------------------------------------------- embedding_norm
 EMB_SHAPES = [(2, 37, 29), (1, 1, 5), (3, 16, 32), (2, 50, 45)]
 if DEVICE == "cuda":

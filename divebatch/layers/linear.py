@@ -247,8 +247,8 @@ FUSED_CUDA_MAX_WEIGHT = 4608 * 512
 
 
 def _fused_runs_triton(device_type: str) -> bool:
-    """Whether ``ops.instantiate_norm`` runs the Triton kernel (tile in registers) for this device."""
-    return device_type == "cuda" and ops.TRITON_AVAILABLE and ops.backend() != "reference"
+    """Whether ``ops.instantiate_norm`` runs the Triton kernel (tile in registers) on a CUDA device."""
+    return device_type == "cuda" and ops.triton_serves(torch.device("cuda"))
 
 
 def fused_linear_route(B: int, T: int, d: int, p: int, device_type: str = "cpu") -> RoutePlan:

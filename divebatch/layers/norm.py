@@ -16,10 +16,13 @@ per-sample map and the numbers are exact per-sample gradients.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from .base import PerSampleGradsRule, RoutePlan, register, register_matcher, same_code
 
 
@@ -75,32 +78,69 @@ class AffineNormRule(PerSampleGradsRule):
         return RoutePlan("instantiate", "x".join(map(str, x.shape)), 4.0 * x.numel(), 4.0 * x.numel())
 
 
-@register(nn.LayerNorm)
-class LayerNormRule(AffineNormRule):
-    """``nn.LayerNorm``: per-sample grads summed over all non-normalised, non-batch dims."""
+def _kernel_serves(x: torch.Tensor, d: int) -> bool:
+    """Whether ``ops.affine_norm_grads`` runs a compiled kernel for ``x`` (C++ on CPU, Triton where
+    it serves, for rows up to its ``MAX_D``). Elsewhere the op would be its reference, which holds
+    all of ``x_hat`` at once; ``AffineNormRule``'s chunked path gives the same numbers in less memory."""
+    forced = ops.backend()
+    if forced == "reference":
+        return False
+    if ops.triton_serves(x.device):
+        return d <= ops._kernels.affine_norm_grads.MAX_D
+    return x.device.type == "cpu" and ops.CPP_AVAILABLE
+
+
+class RowNormRule(AffineNormRule):
+    """A norm over the trailing ``normalized_shape`` dims with one affine entry per normalised
+    element (LayerNorm, RMSNorm): where a compiled kernel serves, the per-sample sums come from
+    ``ops.affine_norm_grads`` in one pass over the input and output grad, ``x_hat`` never written
+    (CPU: ~2x faster than the PyTorch path at 16 x 256 x 1024, bench/results/affine_norm_cpu.json)."""
 
     rows_independent = True
+    rms = False
+
+    def eps(self, module, x: torch.Tensor) -> float:
+        return module.eps
+
+    def reduce(self, module, t):
+        return t.reshape(t.shape[0], -1, *module.normalized_shape).sum(dim=1)
+
+    def per_sample_grads(self, module, calls, tracked) -> dict[str, torch.Tensor]:
+        d = math.prod(module.normalized_shape)
+        if not all(_kernel_serves(ctx, d) for ctx, _ in calls):
+            return super().per_sample_grads(module, calls, tracked)
+        total: dict[str, torch.Tensor] = {}
+        for x, grads in calls:
+            B = x.shape[0]
+            weight, bias = ops.affine_norm_grads(x.reshape(B, -1, d), grads[0].reshape(B, -1, d), self.rms,
+                                                 self.eps(module, x), "bias" in tracked)
+            for name, part in (("weight", weight), ("bias", bias)):
+                if name in tracked:
+                    part = part.reshape(B, *module.normalized_shape)
+                    total[name] = part if name not in total else total[name] + part
+        return total
+
+
+@register(nn.LayerNorm)
+class LayerNormRule(RowNormRule):
+    """``nn.LayerNorm``: per-sample grads summed over all non-normalised, non-batch dims."""
 
     def normalized(self, module, x):
         return F.layer_norm(x.float(), module.normalized_shape, None, None, module.eps)
 
-    def reduce(self, module, t):
-        return t.reshape(t.shape[0], -1, *module.normalized_shape).sum(dim=1)
-
 
 @register(nn.RMSNorm)
-class RMSNormRule(AffineNormRule):
+class RMSNormRule(RowNormRule):
     """``nn.RMSNorm`` (weight only)."""
 
     param_names = ("weight",)
-    rows_independent = True
+    rms = True
+
+    def eps(self, module, x):
+        return module.eps if module.eps is not None else torch.finfo(x.dtype).eps
 
     def normalized(self, module, x):
-        eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
-        return F.rms_norm(x.float(), module.normalized_shape, None, eps)
-
-    def reduce(self, module, t):
-        return t.reshape(t.shape[0], -1, *module.normalized_shape).sum(dim=1)
+        return F.rms_norm(x.float(), module.normalized_shape, None, self.eps(module, x))
 
 
 @register(nn.GroupNorm)

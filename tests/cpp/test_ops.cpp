@@ -182,6 +182,52 @@ void test_embedding(int64_t B, int64_t T, int64_t p, int64_t vocab, int64_t padd
   expect_close(divebatch::embedding_norm_cpu(idx, g, padding_idx), naive_embedding(idx, g, padding_idx), name);
 }
 
+// Naive float64 loop: each row normalised by its mean and biased variance (LayerNorm) or its root
+// mean square (RMSNorm), multiplied by its output grad, summed over the rows of each sample.
+std::pair<at::Tensor, at::Tensor> naive_affine_norm(const at::Tensor& x_in, const at::Tensor& g_in, bool rms,
+                                                    double eps) {
+  const at::Tensor x = x_in.to(at::kDouble).contiguous(), g = g_in.to(at::kDouble).contiguous();
+  const int64_t B = x.size(0), R = x.size(1), d = x.size(2);
+  at::Tensor weight = at::zeros({B, d}, at::kDouble), bias = at::zeros({B, d}, at::kDouble);
+  const double* px = x.const_data_ptr<double>();
+  const double* pg = g.const_data_ptr<double>();
+  double* pw = weight.data_ptr<double>();
+  double* pb = bias.data_ptr<double>();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t r = 0; r < R; ++r) {
+      const double* row = px + (b * R + r) * d;
+      const double* grow = pg + (b * R + r) * d;
+      double mean = 0.0, ss = 0.0;
+      if (!rms) {
+        for (int64_t k = 0; k < d; ++k) mean += row[k] / d;
+      }
+      for (int64_t k = 0; k < d; ++k) ss += (row[k] - mean) * (row[k] - mean) / d;
+      for (int64_t k = 0; k < d; ++k) {
+        pw[b * d + k] += (row[k] - mean) / std::sqrt(ss + eps) * grow[k];
+        pb[b * d + k] += grow[k];
+      }
+    }
+  }
+  return {weight, bias};
+}
+
+void test_affine_norm(int64_t B, int64_t R, int64_t d, bool rms, at::ScalarType dtype, bool transposed) {
+  at::Tensor x = (at::randn({B, R, d}) * 3 + 2).to(dtype), g = at::randn({B, R, d}).to(dtype);
+  if (transposed) {  // inner stride != 1
+    x = x.transpose(1, 2).contiguous().transpose(1, 2);
+  }
+  const std::string name = std::string(rms ? "rmsnorm" : "layernorm") + " B=" + std::to_string(B) +
+                           " R=" + std::to_string(R) + " d=" + std::to_string(d) + " " + c10::toString(dtype) +
+                           (transposed ? " transposed" : "");
+  const auto [weight, bias] = divebatch::affine_norm_grads_cpu(x, g, rms, 1e-5, true);
+  const auto [want_w, want_b] = naive_affine_norm(x, g, rms, 1e-5);
+  expect_close(weight, want_w, "affine_norm_grads weight " + name, 1e-5);
+  expect_close(bias, want_b, "affine_norm_grads bias " + name, 1e-5);
+  expect(B * d == 0 ||
+             std::get<1>(divebatch::affine_norm_grads_cpu(x, g, rms, 1e-5, false)).abs().max().item<double>() == 0.0,
+         "affine_norm_grads without bias gives zeros " + name);
+}
+
 void test_bad_inputs() {
   const at::Tensor a = at::randn({4, 5, 3}), g = at::randn({4, 5, 2});
   expect_throws([&] { divebatch::ghost_norm_cpu(a, at::randn({3, 5, 2}), false); }, "batch size B",
@@ -202,6 +248,8 @@ void test_bad_inputs() {
                 "ghost_norm rejects g on another device");
   expect_throws([&] { divebatch::instantiate_norm_cpu(a.to(at::kMeta), g_meta, false); }, "a must be a CPU tensor",
                 "instantiate_norm rejects non-CPU a");
+  expect_throws([&] { divebatch::affine_norm_grads_cpu(a, g, false, 1e-5, true); }, "g must have the same width d",
+                "affine_norm_grads rejects g of another width");
 }
 
 }  // namespace
@@ -228,6 +276,16 @@ int main() {
   test_embedding(2, 64, 8, 1000, 7, at::kHalf, at::kInt);
   test_embedding(5, 40, 6, 3, 1, at::kBFloat16, at::kLong);
   test_embedding(0, 4, 3, 2, -1, at::kFloat, at::kLong);
+
+  // (B, R, d): one element; rows wider than the SIMD lanes; B = 1 with rows split into blocks.
+  for (const bool rms : {false, true}) {
+    test_affine_norm(3, 7, 5, rms, at::kFloat, false);
+    test_affine_norm(1, 1, 1, rms, at::kFloat, false);
+    test_affine_norm(2, 9, 67, rms, at::kFloat, true);
+    test_affine_norm(1, 301, 12, rms, at::kFloat, false);
+    test_affine_norm(4, 20, 33, rms, at::kBFloat16, false);
+    test_affine_norm(0, 4, 3, rms, at::kFloat, false);
+  }
 
   test_bad_inputs();
 
