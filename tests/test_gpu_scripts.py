@@ -47,6 +47,26 @@ def test_profile_step_sees_the_tracked_ops():
     assert "divebatch::outer_norm" in out["divebatch"]["ops"] and "divebatch::outer_norm" not in out["plain"]["ops"]
 
 
+def test_bench_kernels_cpu_smoke_run(tmp_path):
+    """bench_kernels.py on tiny shapes under the interpreter: every kind of workload produces its
+    rows, the kernels agree with the reference, and the CUDA route model's pick is recorded."""
+    import json
+
+    import bench_kernels
+
+    out = tmp_path / "bench.json"
+    names = "seq-up-bf16,mlp-T1-bf16,seq-embedding,layernorm-seq-large,rmsnorm-llama"
+    assert bench_kernels.main(["--cpu-smoke", "--rounds", "1", "--workloads", names, "--out", str(out)]) == 0
+    results = {r["workload"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(results) == set(names.split(","))
+    for result in results.values():
+        errors = [row["max_rel_err_vs_reference"] for row in result["rows"] if "max_rel_err_vs_reference" in row]
+        assert errors and max(errors) < 1e-4, result
+    route = results["seq-up-bf16"]["route"]
+    assert route["model"] in ("ghost", "fused-instantiate") and route["faster"] in ("ghost", "fused-instantiate")
+    assert any(row["method"] == "torch rule path" for row in results["layernorm-seq-large"]["rows"])
+
+
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward in time", "backward in time"])
 @pytest.mark.parametrize("mode", ["GRU", "LSTM"])
 def test_diagnose_scan_case_reports_each_step(mode, reverse):

@@ -58,6 +58,9 @@ WORKLOADS = {
     "mlp-T1-bf16":    ("outer", 4096, 1, 4096, 4096, torch.bfloat16, None),
     "seq-embedding":  ("embedding", 16, 128, 0, 256, torch.float32, 1000),
     "seq-large-embedding": ("embedding", 8, 2048, 0, 4096, torch.bfloat16, 32000),
+    # LayerNorm per-sample sums (d = the row width, p unused; extra = rms): seq-large's norm layers
+    "layernorm-seq-large": ("affine_norm", 8, 2048, 4096, 0, torch.bfloat16, False),
+    "rmsnorm-llama":       ("affine_norm", 4, 4096, 4096, 0, torch.bfloat16, True),
     # recurrent scans (d = p = H; extra = mode): the lstm / gru workloads of the CPU table, and a wider batch
     "lstm-scan":      ("scan", 16, 64, 256, 256, torch.float32, "LSTM"),
     "gru-scan":       ("scan", 16, 64, 256, 256, torch.float32, "GRU"),
@@ -112,6 +115,9 @@ def bench_workload(name, spec, K, R, rounds, rep_ms, dev="cuda"):
     elif op == "scan":
         methods, errors = _scan_methods(B, T, d, dtype, extra, K, R, dev, gen)
         bytes_moved = 0
+    elif op == "affine_norm":
+        methods, errors = _affine_norm_methods(B, T, d, dtype, extra, K, R, dev, gen)
+        bytes_moved = 2 * B * T * d * torch.tensor([], dtype=dtype).element_size()
     elif op == "embedding":
         vocab = extra
         idx = torch.randint(0, vocab, (B, T), device=dev, generator=gen)
@@ -175,7 +181,7 @@ def bench_workload(name, spec, K, R, rounds, rep_ms, dev="cuda"):
             row["config"] = chosen[m]
         if tuned.get(m):
             row["config_ms"] = tuned[m]
-        if m.startswith("triton") and op in ("outer", "embedding"):
+        if m.startswith("triton") and op in ("outer", "embedding", "affine_norm"):
             row["GB_per_s"] = bytes_moved / ms / 1e6
         rows.append(row)
     extra_err = {k: v for k, v in errors.items() if k not in methods}
@@ -197,6 +203,29 @@ def measured_faster_route(result) -> str:
     ms = {row["method"]: row["ms"] for row in result["rows"]}
     extra = ms["triton instantiate_norm"] - ms["gemm g^T a (floor)"]
     return "fused-instantiate" if extra < ms["triton ghost_norm"] else "ghost"
+
+
+def _affine_norm_methods(B, R_rows, d, dtype, rms, K, R, dev, gen):
+    """A LayerNorm's (RMSNorm's) per-sample weight and bias sums: the Triton kernel against the
+    norm rule's PyTorch path (what runs without it) and the layer's own backward (the floor: it
+    reads the same x and g)."""
+    from divebatch.layers import norm
+
+    x = (torch.randn(B, R_rows, d, device=dev, generator=gen) + 0.5).to(dtype)
+    g = torch.randn(B, R_rows, d, device=dev, generator=gen).to(dtype)
+    module = (torch.nn.RMSNorm(d) if rms else torch.nn.LayerNorm(d)).to(dev, dtype)
+    rule = norm.RMSNormRule() if rms else norm.LayerNormRule()
+    tracked = {"weight"} if rms else {"weight", "bias"}
+    xr = x.detach().requires_grad_()
+    out = module(xr)
+    methods = {
+        "layer backward (floor)": lambda: torch.autograd.grad(out, (xr, *module.parameters()), g, retain_graph=True),
+        "triton affine_norm_grads": lambda: K.affine_norm_grads_triton(x, g, rms, 1e-5, not rms),
+        "torch rule path": lambda: norm.AffineNormRule.per_sample_grads(rule, module, [(x, (g,))], tracked),
+    }
+    ours, ref = K.affine_norm_grads_triton(x, g, rms, 1e-5, not rms), R.affine_norm_grads(x, g, rms, 1e-5, not rms)
+    errors = {"triton affine_norm_grads": max(rel_err(o, r) for o, r in zip(ours, ref) if r.abs().max() > 0)}
+    return methods, errors
 
 
 def _scan_methods(B, T, H, dtype, mode, K, R, dev, gen):
@@ -265,7 +294,7 @@ def main(argv=None):
             sys.exit("--cpu-smoke needs TRITON_INTERPRET=1")
         for key, (op, B, T, d, p, dtype, extra) in list(WORKLOADS.items()):
             WORKLOADS[key] = (op, min(B, 2), min(T, 20), min(d, 24) if d else 0, min(p, 20), dtype,
-                              min(extra, 7) if isinstance(extra, int) else extra)
+                              min(extra, 7) if isinstance(extra, int) and not isinstance(extra, bool) else extra)
     elif interpret:
         sys.exit("bench_kernels.py times GPU kernels: unset TRITON_INTERPRET (or pass --cpu-smoke)")
     elif not torch.cuda.is_available():

@@ -92,7 +92,7 @@ SUMMARY+=("correctness jobs: $(( $(date +%s) - t0 ))s together")
 
 # 2. kernel benchmarks (~1.5-2 min including autotuning; the JSON is rewritten after each workload).
 step bench 150 env DIVEBATCH_TRITON_SCANS=1 "$PY" bench/gpu/bench_kernels.py --out "$RESULTS/bench_kernels.json" --rounds 3 --rep-ms 50 \
-    --workloads seq-large-up,seq-large-down,seq-up-bf16,conv-layer1,conv-layer4,mlp-T1-bf16,seq-embedding,seq-large-embedding,lstm-scan,gru-scan,lstm-scan-wide
+    --workloads seq-large-up,seq-large-down,seq-up-bf16,conv-layer1,conv-layer4,mlp-T1-bf16,seq-embedding,seq-large-embedding,layernorm-seq-large,rmsnorm-llama,lstm-scan,gru-scan,lstm-scan-wide
 
 # 2b. where the tracked seq-large step's extra time goes (torch.profiler, plain vs divebatch).
 step profile 60 "$PY" bench/gpu/profile_step.py --device cuda --dtype bfloat16 --workload seq-large \
