@@ -31,7 +31,7 @@ SHAPES = [
     ("seq LayerNorm", nn.LayerNorm(256), 32, 64, torch.float32),
     ("transformer LayerNorm", nn.LayerNorm(128), 32, 128, torch.float32),
     ("ViT-B LayerNorm", nn.LayerNorm(768), 16, 197, torch.float32),
-    ("Llama-style RMSNorm", nn.RMSNorm(2048), 4, 512, torch.float32),
+    ("RMSNorm, 2048 wide", nn.RMSNorm(2048), 4, 512, torch.float32),
     ("ViT-B LayerNorm, bf16", nn.LayerNorm(768), 16, 197, torch.bfloat16),
 ]
 

@@ -42,8 +42,9 @@ at::Tensor embedding_norm_cpu(const at::Tensor& indices, const at::Tensor& g, in
 // x and g [B, R, d] normalised over d: x_hat = (x - mean) / sqrt(var + eps) (biased variance) or
 // x / sqrt(mean(x^2) + eps), in float32 from statistics taken in double. Returns
 // (weight [B, d] = sum_r x_hat[b, r] * g[b, r], bias [B, d] = sum_r g[b, r], zeros without bias).
+// round_x_hat: x_hat rounded to x's dtype first (Hugging Face's Llama RMSNorm casts it back).
 std::tuple<at::Tensor, at::Tensor> affine_norm_grads_cpu(const at::Tensor& x, const at::Tensor& g, bool rms,
-                                                         double eps, bool with_bias);
+                                                         double eps, bool with_bias, bool round_x_hat);
 
 // One direction of one nn.RNN / nn.LSTM / nn.GRU layer (recurrent_scan_cpu.cpp). gi [B, T, G] is
 // the input projection x W_ih^T + b_ih of every step (G = 4H LSTM, 3H GRU, H RNN), w_hh [G, P],

@@ -593,7 +593,7 @@ at::Tensor embedding_norm_cpu(const at::Tensor& indices_in, const at::Tensor& g,
 // ------------------------------------------------------------------ affine_norm_grads
 
 std::tuple<at::Tensor, at::Tensor> affine_norm_grads_cpu(const at::Tensor& x, const at::Tensor& g, bool rms, double eps,
-                                                         bool with_bias) {
+                                                         bool with_bias, bool round_x_hat) {
   constexpr const char* op = "affine_norm_grads";
   check_cpu(x, op, "x");
   check_same_device(x, g, op, "x", "g");
@@ -635,6 +635,11 @@ std::tuple<at::Tensor, at::Tensor> affine_norm_grads_cpu(const at::Tensor& x, co
             load_row_f32(row.data(), px + b * x.stride(0) + r * x.stride(1), d, x.stride(2));
             load_row_f32(grow.data(), pg + b * g.stride(0) + r * g.stride(1), d, g.stride(2));
             normalise_row(row.data(), d, rms, eps);
+            if (round_x_hat && !std::is_same_v<x_t, float>) {  // Llama RMSNorm: x_hat in the input dtype
+              for (int64_t k = 0; k < d; ++k) {
+                row[k] = static_cast<float>(static_cast<x_t>(row[k]));
+              }
+            }
             accumulate_norm_row(acc_w, acc_b, row.data(), grow.data(), d, with_bias);
           }
         }

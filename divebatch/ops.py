@@ -29,7 +29,8 @@ SCHEMAS = {
     "instantiate_norm": "instantiate_norm(Tensor a, Tensor g, bool with_bias) -> (Tensor, Tensor, Tensor)",
     "outer_norm": "outer_norm(Tensor a, Tensor g, bool with_bias) -> (Tensor, Tensor)",
     "embedding_norm": "embedding_norm(Tensor indices, Tensor g, int padding_idx) -> Tensor",
-    "affine_norm_grads": "affine_norm_grads(Tensor x, Tensor g, bool rms, float eps, bool with_bias) -> (Tensor, Tensor)",
+    "affine_norm_grads": "affine_norm_grads(Tensor x, Tensor g, bool rms, float eps, bool with_bias, "
+                         "bool round_x_hat=False) -> (Tensor, Tensor)",
     "recurrent_scan": "recurrent_scan(Tensor gi, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? c0, Tensor? w_hr, "
                       "Tensor? lengths, str mode, bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     "recurrent_scan_backward": "recurrent_scan_backward(Tensor grad_out, Tensor? grad_h_n, Tensor? grad_c_n, "
@@ -72,7 +73,7 @@ def _embedding_norm_fake(indices, g, padding_idx):
 
 
 @torch.library.register_fake("divebatch::affine_norm_grads")
-def _affine_norm_grads_fake(x, g, rms, eps, with_bias):
+def _affine_norm_grads_fake(x, g, rms, eps, with_bias, round_x_hat=False):
     rows = x.new_empty((x.shape[0], x.shape[-1]), dtype=torch.float32)
     return rows, torch.empty_like(rows)
 
@@ -156,11 +157,13 @@ def embedding_norm(indices: torch.Tensor, g: torch.Tensor, padding_idx: int = -1
     return _call("embedding_norm", indices, g, padding_idx)
 
 
-def affine_norm_grads(x: torch.Tensor, g: torch.Tensor, rms: bool, eps: float, with_bias: bool = True):
+def affine_norm_grads(x: torch.Tensor, g: torch.Tensor, rms: bool, eps: float, with_bias: bool = True,
+                      round_x_hat: bool = False):
     """Per-sample LayerNorm (``rms=False``) / RMSNorm (``rms=True``) weight and bias gradients
-    ``[B, d]`` each, float32, for ``x, g [B, R, d]`` normalised over ``d`` (see
+    ``[B, d]`` each, float32, for ``x, g [B, R, d]`` normalised over ``d``; ``round_x_hat``: the
+    normalised input rounded to ``x``'s dtype first, as Hugging Face's Llama RMSNorm does (see
     ``divebatch.reference.affine_norm_grads``)."""
-    return _call("affine_norm_grads", x, g, rms, float(eps), with_bias)
+    return _call("affine_norm_grads", x, g, rms, float(eps), with_bias, round_x_hat)
 
 
 def triton_serves(device: torch.device) -> bool:

@@ -97,18 +97,22 @@ def embedding_norm(indices: torch.Tensor, g: torch.Tensor, padding_idx: int) -> 
 #: Activations kept per step for the backward, in multiples of the hidden size H: an LSTM's
 #: gates i, f, g, o and tanh(c_t); a GRU's r, z, n and W_hn h + b_hn; nothing for nn.RNN (its
 #: output is the activation).
-def affine_norm_grads(x: torch.Tensor, g: torch.Tensor, rms: bool, eps: float, with_bias: bool):
+def affine_norm_grads(x: torch.Tensor, g: torch.Tensor, rms: bool, eps: float, with_bias: bool,
+                      round_x_hat: bool = False):
     """Per-sample gradients of a LayerNorm's (``rms=False``) or RMSNorm's (``rms=True``) affine
     parameters, normalising over the last dim of ``x [B, R, d]`` with output grad ``g [B, R, d]``.
 
     ``x_hat`` is ``x`` normalised in float32 (mean and biased variance, or root mean square, over
-    ``d``, plus ``eps``). Returns ``(weight [B, d] = sum_r x_hat[b, r] * g[b, r],
+    ``d``, plus ``eps``), rounded to ``x``'s dtype when ``round_x_hat`` (Hugging Face's Llama
+    RMSNorm casts it back before the weight multiplies it). Returns ``(weight [B, d] = sum_r x_hat[b, r] * g[b, r],
     bias [B, d] = sum_r g[b, r])``, both float32; ``bias`` is zeros when ``with_bias`` is False.
     """
     d = x.shape[-1]
     x32 = _f32(x)
     x_hat = (torch.nn.functional.rms_norm(x32, (d,), None, eps) if rms
              else torch.nn.functional.layer_norm(x32, (d,), None, None, eps))
+    if round_x_hat and x.dtype != torch.float32:
+        x_hat = x_hat.to(x.dtype).float()
     weight = x_hat.mul_(_f32(g)).sum(dim=1)
     bias = _f32(g).sum(dim=1) if with_bias else torch.zeros_like(weight)
     return weight, bias

@@ -5,6 +5,8 @@
     weight[b]   = sum_r x_hat[b, r] * g[b, r]             [B, d] float32
     bias[b]     = sum_r g[b, r]                           [B, d] float32 (``WITH_BIAS``)
 
+(``ROUND_X_HAT``: x_hat rounded to x's dtype first, as Hugging Face's Llama RMSNorm computes it.)
+
 ``x, g [B, R, d]`` (float32/float16/bfloat16, any strides). The PyTorch path (``layers/norm.py``)
 writes ``x_hat`` in float32, multiplies it by ``g`` in place and reduces: about five passes over
 an activation-sized float32 tensor and six launches. Here each row is read once from ``x`` and
@@ -46,6 +48,16 @@ def config_for(d: int) -> triton.Config:
 
 
 @triton.jit
+def _round_to_bfloat16(x):
+    """float32 ``x`` rounded to the nearest bfloat16 (ties to even), as float32: the bits of
+    ``x.to(torch.bfloat16)``. Written out because the interpreter's float32 -> bfloat16 cast
+    truncates (and its "rtne" mode carries no overflow into the exponent)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _affine_norm_grads_kernel(
     # inputs: x [B, R, d], g [B, R, d]
     x_ptr, g_ptr,
@@ -54,7 +66,7 @@ def _affine_norm_grads_kernel(
     R, d, rows_per_program, eps,
     stride_xb, stride_xr, stride_xd,
     stride_gb, stride_gr, stride_gd,
-    RMS: tl.constexpr, WITH_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
+    RMS: tl.constexpr, WITH_BIAS: tl.constexpr, ROUND_X_HAT: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
@@ -75,6 +87,11 @@ def _affine_norm_grads_kernel(
         else:
             centred = tl.where(mask, x - tl.sum(x, axis=0) / d, 0.0)
             x_hat = centred / tl.sqrt_rn(tl.sum(centred * centred, axis=0) / d + eps)
+        if ROUND_X_HAT:  # (Hugging Face's Llama RMSNorm: x_hat cast back to the input dtype)
+            if x_ptr.dtype.element_ty == tl.bfloat16:
+                x_hat = _round_to_bfloat16(x_hat)
+            else:
+                x_hat = x_hat.to(x_ptr.dtype.element_ty).to(tl.float32)
         acc_w += x_hat * g
         if WITH_BIAS:
             acc_b += g
@@ -92,7 +109,8 @@ def _blocks(B: int, R: int, device: torch.device) -> int:
     return max(1, min(wanted, triton.cdiv(R, 8)))
 
 
-def affine_norm_grads_triton(x: torch.Tensor, g: torch.Tensor, rms: bool, eps: float, with_bias: bool):
+def affine_norm_grads_triton(x: torch.Tensor, g: torch.Tensor, rms: bool, eps: float, with_bias: bool,
+                             round_x_hat: bool = False):
     """``(weight [B, d], bias [B, d])`` float32; see the module docstring. No copies of x or g."""
     op = "affine_norm_grads"
     check_float(op, "x", x, 3)
@@ -115,7 +133,8 @@ def affine_norm_grads_triton(x: torch.Tensor, g: torch.Tensor, rms: bool, eps: f
             R, d, rows_per_program, float(eps),
             x.stride(0), x.stride(1), x.stride(2),
             g.stride(0), g.stride(1), g.stride(2),
-            RMS=bool(rms), WITH_BIAS=bool(with_bias), BLOCK_D=config.kwargs["BLOCK_D"],
+            RMS=bool(rms), WITH_BIAS=bool(with_bias), ROUND_X_HAT=bool(round_x_hat) and x.dtype != torch.float32,
+            BLOCK_D=config.kwargs["BLOCK_D"],
             num_warps=config.num_warps,
         )
     weight = weight[:, 0] if n_blocks == 1 else weight.sum(dim=1)

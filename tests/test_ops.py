@@ -302,6 +302,32 @@ def test_affine_norm_grads_low_precision(dtype):
         assert rel_err(weight, want_w) <= 1e-5 and rel_err(bias, want_b) <= 1e-5
 
 
+def llama_rms_oracle(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    """Hugging Face's LlamaRMSNorm: x_hat in float32, cast back to x's dtype, times the weight."""
+    h = x.float()
+    x_hat = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return (x_hat.double() * g.double()).sum(dim=1)
+
+
+def share_matching(out: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5) -> float:
+    """The share of entries within ``rtol`` (of the largest) of ``want``."""
+    return float(((out.double() - want).abs() <= rtol * want.abs().max()).double().mean())
+
+
+@requires_cpp
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_affine_norm_grads_rounds_x_hat_like_llama(dtype):
+    """Rounded, nearly every entry matches Llama's own computation; the rare exception is an x_hat
+    within one float32 ulp of a rounding boundary of ``dtype``, which two float32 computations of
+    the root mean square may round either way. Unrounded, few entries match."""
+    x, g = make((3, 40, 48), "contiguous", dtype), make((3, 40, 48), "contiguous", dtype)
+    want = llama_rms_oracle(x, g, 1e-6)
+    assert share_matching(D.affine_norm_grads(x, g, True, 1e-6, False, True)[0], want) >= 0.97
+    assert share_matching(D.affine_norm_grads(x, g, True, 1e-6, False)[0], want) < 0.5
+    assert torch.equal(D.affine_norm_grads(x.float(), g, True, 1e-6, False, True)[0],
+                       D.affine_norm_grads(x.float(), g, True, 1e-6, False)[0])  # float32: nothing to round
+
+
 # ---------------------------------------------------------------- threads and determinism
 @requires_cpp
 def test_results_deterministic_and_thread_count_independent():

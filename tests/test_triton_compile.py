@@ -146,7 +146,7 @@ def _specs():
             inner_strides=("stride_xd", "stride_gd"),
             aligned_ints=("d", "stride_xb", "stride_xr", "stride_gb", "stride_gr"),
             floats=("eps",),
-            constexprs={"RMS": False, "WITH_BIAS": True},
+            constexprs={"RMS": False, "WITH_BIAS": True, "ROUND_X_HAT": True},  # (all the code there is)
         ),
         "_embedding_norm_kernel": dict(
             module="embedding_norm",

@@ -388,6 +388,19 @@ def test_affine_norm_grads(case, rms):
         assert bool((_cpu(outs[1]) == 0).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_affine_norm_grads_rounds_x_hat_like_llama(dtype):
+    x32, g32 = _rand((3, 40, 48), 32), _rand((3, 40, 48), 33)
+    x, g = _like_layout(x32, dtype), _like_layout(g32, dtype)
+    want = R.affine_norm_grads(x.cpu(), g.cpu(), True, 1e-6, False, True)[0].double()
+
+    def share_matching(out):  # (an x_hat within a float32 ulp of a rounding boundary may round either way)
+        return float(((_cpu(out).double() - want).abs() <= 1e-5 * want.abs().max()).double().mean())
+
+    assert share_matching(K.affine_norm_grads_triton(x, g, True, 1e-6, False, True)[0]) >= 0.97
+    assert share_matching(K.affine_norm_grads_triton(x, g, True, 1e-6, False)[0]) < 0.5
+
+
 def test_affine_norm_grads_refuses_rows_wider_than_a_program():
     x = torch.zeros(1, 1, K.affine_norm_grads.MAX_D + 1, device=DEVICE)
     with pytest.raises(ValueError, match="d=8193 > 8192"):

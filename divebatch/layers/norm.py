@@ -94,30 +94,36 @@ class RowNormRule(AffineNormRule):
     """A norm over the trailing ``normalized_shape`` dims with one affine entry per normalised
     element (LayerNorm, RMSNorm): where a compiled kernel serves, the per-sample sums come from
     ``ops.affine_norm_grads`` in one pass over the input and output grad, ``x_hat`` never written
-    (CPU, 2 threads: 1.2-2.5x faster than the PyTorch path in float32, 6.5x in bfloat16;
-    ``bench/norm_routes.py``, bench/results/norm_routes.md)."""
+    (CPU, 2 threads, three runs: 1.0-2.5x as fast as the PyTorch path in float32, 2.3-6.5x in
+    bfloat16; ``bench/norm_routes.py``, bench/results/norm_routes.md)."""
 
     rows_independent = True
     rms = False
+    #: x_hat rounded to the input's dtype before the weight multiplies it (Llama's RMSNorm).
+    round_x_hat = False
 
     def eps(self, module, x: torch.Tensor) -> float:
         return module.eps
 
+    def normalized_shape(self, module) -> tuple[int, ...]:
+        return tuple(module.normalized_shape)
+
     def reduce(self, module, t):
-        return t.reshape(t.shape[0], -1, *module.normalized_shape).sum(dim=1)
+        return t.reshape(t.shape[0], -1, *self.normalized_shape(module)).sum(dim=1)
 
     def per_sample_grads(self, module, calls, tracked) -> dict[str, torch.Tensor]:
-        d = math.prod(module.normalized_shape)
+        shape = self.normalized_shape(module)
+        d = math.prod(shape)
         if not all(_kernel_serves(ctx, d) for ctx, _ in calls):
             return super().per_sample_grads(module, calls, tracked)
         total: dict[str, torch.Tensor] = {}
         for x, grads in calls:
             B = x.shape[0]
             weight, bias = ops.affine_norm_grads(x.reshape(B, -1, d), grads[0].reshape(B, -1, d), self.rms,
-                                                 self.eps(module, x), "bias" in tracked)
+                                                 self.eps(module, x), "bias" in tracked, self.round_x_hat)
             for name, part in (("weight", weight), ("bias", bias)):
                 if name in tracked:
-                    part = part.reshape(B, *module.normalized_shape)
+                    part = part.reshape(B, *shape)
                     total[name] = part if name not in total else total[name] + part
         return total
 
@@ -253,7 +259,7 @@ def _is_llama_rms_norm(module: nn.Module) -> bool:
 
 
 @register_matcher(_is_llama_rms_norm)
-class LlamaRMSNormRule(AffineNormRule):
+class LlamaRMSNormRule(RowNormRule):
     """Hugging Face's RMSNorm classes that share ``LlamaRMSNorm``'s forward (Llama, Mistral, Qwen2/3
     and most others: 140 of the 204 RMSNorm classes in transformers 5.24), matched by the code of
     their forward rather than by name, so no import of ``transformers`` and no list to keep up;
@@ -261,14 +267,17 @@ class LlamaRMSNormRule(AffineNormRule):
     ``x_hat = x * rsqrt(mean(x^2) + eps)`` in float32, casts it back to the input's dtype and
     multiplies by the weight, so the weight's per-sample gradient is ``sum_t x_hat_t * g_t``."""
 
-    rows_independent = True
-
     param_names = ("weight",)
+    rms = True
+    round_x_hat = True
+
+    def eps(self, module, x):
+        return module.variance_epsilon
+
+    def normalized_shape(self, module):
+        return tuple(module.weight.shape)
 
     def normalized(self, module, x):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
         return h.to(x.dtype)
-
-    def reduce(self, module, t):
-        return t.reshape(t.shape[0], -1, t.shape[-1]).sum(dim=1)

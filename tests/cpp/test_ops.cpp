@@ -219,12 +219,12 @@ void test_affine_norm(int64_t B, int64_t R, int64_t d, bool rms, at::ScalarType 
   const std::string name = std::string(rms ? "rmsnorm" : "layernorm") + " B=" + std::to_string(B) +
                            " R=" + std::to_string(R) + " d=" + std::to_string(d) + " " + c10::toString(dtype) +
                            (transposed ? " transposed" : "");
-  const auto [weight, bias] = divebatch::affine_norm_grads_cpu(x, g, rms, 1e-5, true);
+  const auto [weight, bias] = divebatch::affine_norm_grads_cpu(x, g, rms, 1e-5, true, false);
   const auto [want_w, want_b] = naive_affine_norm(x, g, rms, 1e-5);
   expect_close(weight, want_w, "affine_norm_grads weight " + name, 1e-5);
   expect_close(bias, want_b, "affine_norm_grads bias " + name, 1e-5);
   expect(B * d == 0 ||
-             std::get<1>(divebatch::affine_norm_grads_cpu(x, g, rms, 1e-5, false)).abs().max().item<double>() == 0.0,
+             std::get<1>(divebatch::affine_norm_grads_cpu(x, g, rms, 1e-5, false, false)).abs().max().item<double>() == 0.0,
          "affine_norm_grads without bias gives zeros " + name);
 }
 
@@ -248,7 +248,7 @@ void test_bad_inputs() {
                 "ghost_norm rejects g on another device");
   expect_throws([&] { divebatch::instantiate_norm_cpu(a.to(at::kMeta), g_meta, false); }, "a must be a CPU tensor",
                 "instantiate_norm rejects non-CPU a");
-  expect_throws([&] { divebatch::affine_norm_grads_cpu(a, g, false, 1e-5, true); }, "g must have the same width d",
+  expect_throws([&] { divebatch::affine_norm_grads_cpu(a, g, false, 1e-5, true, false); }, "g must have the same width d",
                 "affine_norm_grads rejects g of another width");
 }
 
