@@ -367,7 +367,8 @@ def _samples():
         "instantiate_norm": [(a, g, True), (at, gt, False)],
         "outer_norm": [(a[:, 0], g[:, 0], True), (at[:, 0].bfloat16(), gt[:, 0], False)],
         "embedding_norm": [(random_indices(3, 7, 4), g, 1), (random_indices(2, 9, 3).int(), gt, -1)],
-        "affine_norm_grads": [(a, torch.randn(3, 7, 5), False, 1e-5, True), (at, gt[..., :4].bfloat16(), True, 1e-6, False)],
+        "affine_norm_grads": [(a, torch.randn(3, 7, 5), False, 1e-5, True), (at, gt[..., :4].bfloat16(), True, 1e-6, False),
+                              (at.bfloat16(), gt[..., :4], True, 1e-6, False, True)],
     }
 
 

@@ -57,7 +57,7 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton._
     exit 2
 fi
 
-# 1. correctness, all at once (nothing here is timed): the Triton kernel tests as six pytest
+# 1. correctness, all at once (nothing here is timed): the Triton kernel tests as seven pytest
 #    shards (~130 kernel specialisations, each compiled once on one CPU core: the machine has 16),
 #    the recurrent scans' error per time step (1a; off on CUDA until clean, see kernels/__init__.py
 #    UNVERIFIED_ON_GPU, with the PTX/TTGIR the launches compiled), and the whole engine against
@@ -70,8 +70,10 @@ start_job() {  # start_job NAME LIMIT_S CMD...: in the background, output to $RE
 }
 t0=$(date +%s)
 # (the scans' cases compile ~50 specialisations of two large kernels: two shards of their own)
+# (affine_norm_grads: ~100 cases over 4 row widths, 3 dtypes and the layouts: a shard of its own)
 shards=("ghost and not instantiate" "instantiate" "outer" "recurrent_scan and LSTM"
-        "recurrent_scan and not LSTM" "not ghost and not instantiate and not outer and not recurrent_scan")
+        "recurrent_scan and not LSTM" "affine_norm_grads"
+        "not ghost and not instantiate and not outer and not recurrent_scan and not affine_norm_grads")
 for i in "${!shards[@]}"; do
     start_job "tests_shard$((i + 1))" 150 env DIVEBATCH_TRITON_TEST_DEVICE=cuda DIVEBATCH_TRITON_AUTOTUNE=0 \
         DIVEBATCH_TRITON_SCANS=1 "$PY" -m pytest tests/test_triton_kernels.py -q -p no:cacheprovider \
