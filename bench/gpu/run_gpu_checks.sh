@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared check for a GPU machine (written for one H200; total <= BUDGET_S, 290 s by default):
-#   1. at once (correctness, nothing timed): the Triton kernel tests natively on CUDA (6 pytest shards
+#   1. at once (correctness, nothing timed): the Triton kernel tests natively on CUDA (7 pytest shards
 #      of tests/test_triton_kernels.py with DIVEBATCH_TRITON_TEST_DEVICE=cuda; first config of each
 #      list, except the sweeps of every config at large shapes); 1a. bench/gpu/diagnose_scan.py, the
 #      recurrent scans' error per time step (off on CUDA until clean); 1b. bench/gpu/check_engine.py,
