@@ -81,7 +81,9 @@ class EmbeddingRule(LayerRule):
             idx.append(i)
             g.append(rows)
         padding_idx = next(iter(pads)) if len(pads) == 1 else None
-        return torch.cat(idx, dim=1), torch.cat(g, dim=1), -1 if padding_idx is None else padding_idx
+        if len(calls) > 1:  # (one call: its own tensors, not a copy of its output grad)
+            idx, g = [torch.cat(idx, dim=1)], [torch.cat(g, dim=1)]
+        return idx[0], g[0], -1 if padding_idx is None else padding_idx
 
     def norms(self, module, calls, tracked):
         return ops.embedding_norm(*self._factors(calls))
