@@ -123,9 +123,13 @@ def affine_norm_grads_triton(x: torch.Tensor, g: torch.Tensor, rms: bool, eps: f
         raise ValueError(f"divebatch.{op}: rows of d={d} > {MAX_D} do not fit one program; "
                          "use divebatch.reference.affine_norm_grads (the norm rule does so itself)")
     n_blocks = _blocks(B, R, device)
-    weight = torch.zeros((B, n_blocks, d), dtype=torch.float32, device=device)
-    bias = torch.zeros((B, n_blocks, d) if with_bias else (1, 1, 1), dtype=torch.float32, device=device)
-    if B > 0 and R > 0 and d > 0:
+    # Every (sample, block) row is stored by its program (zeros where a block has no rows), so
+    # the partials need no zero fill; only an empty launch leaves them unwritten.
+    launch = B > 0 and R > 0 and d > 0
+    alloc = torch.empty if launch else torch.zeros
+    weight = alloc((B, n_blocks, d), dtype=torch.float32, device=device)
+    bias = alloc((B, n_blocks, d) if with_bias else (1, 1, 1), dtype=torch.float32, device=device)
+    if launch:
         rows_per_program = triton.cdiv(R, n_blocks)
         config = config_for(d)
         _affine_norm_grads_kernel[(B, n_blocks)](

@@ -401,6 +401,20 @@ def test_affine_norm_grads_rounds_x_hat_like_llama(dtype):
     assert share_matching(K.affine_norm_grads_triton(x, g, True, 1e-6, False)[0]) < 0.5
 
 
+def test_affine_norm_grads_writes_every_partial(monkeypatch):
+    """The partial sums are allocated unfilled: with every fresh buffer NaN, no NaN comes out."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        return real_empty(*args, **kwargs).fill_(float("nan"))
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    x32, g32 = _rand((3, 30, 21), 34), _rand((3, 30, 21), 35)
+    outs = K.affine_norm_grads_triton(x32.to(DEVICE), g32.to(DEVICE), False, 1e-5, True)
+    for o, r in zip(_cpu(outs), R.affine_norm_grads(x32, g32, False, 1e-5, True)):
+        _assert_fp32(o, r, "affine_norm_grads over NaN-filled partials")
+
+
 def test_affine_norm_grads_refuses_rows_wider_than_a_program():
     x = torch.zeros(1, 1, K.affine_norm_grads.MAX_D + 1, device=DEVICE)
     with pytest.raises(ValueError, match="d=8193 > 8192"):
