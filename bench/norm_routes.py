@@ -1,6 +1,6 @@
-"""LayerNorm / RMSNorm per-sample gradients on CPU: the ``affine_norm_grads`` C++ kernel against the
-chunked PyTorch path (``AffineNormRule``: ``x_hat`` in float32, multiplied in place, reduced), in
-one process.
+"""Norm layers' per-sample gradients on CPU: the ``affine_norm_grads`` (LayerNorm, RMSNorm) and
+``group_norm_grads`` (GroupNorm, InstanceNorm) C++ kernels against the chunked PyTorch path
+(``AffineNormRule``: ``x_hat`` in float32, multiplied in place, reduced), in one process.
 
 For each shape both paths run the norm rule's ``per_sample_grads`` on the same input and output
 grad, alternating, ``--rounds`` rounds of ``--reps`` calls; the table gives medians, their ratio
@@ -12,6 +12,7 @@ and the largest relative difference of the two results.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -21,19 +22,27 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The kernel column runs the C++ operators whatever the size (the rules' own size cut-offs off).
+os.environ["DIVEBATCH_BACKEND"] = "cpp"
 
 from conv_patch_routes import emit, median_ms  # noqa: E402
 from divebatch import ops  # noqa: E402
 from divebatch.layers import norm  # noqa: E402
 
-#: (name, module, B, rows per sample, dtype): the norm layers of the workloads and of larger models.
+#: (name, module, input shape, dtype): the norm layers of the workloads and of larger models.
 SHAPES = [
-    ("seq LayerNorm", nn.LayerNorm(256), 32, 64, torch.float32),
-    ("transformer LayerNorm", nn.LayerNorm(128), 32, 128, torch.float32),
-    ("ViT-B LayerNorm", nn.LayerNorm(768), 16, 197, torch.float32),
-    ("RMSNorm, 2048 wide", nn.RMSNorm(2048), 4, 512, torch.float32),
-    ("ViT-B LayerNorm, bf16", nn.LayerNorm(768), 16, 197, torch.bfloat16),
+    ("seq LayerNorm", nn.LayerNorm(256), (32, 64, 256), torch.float32),
+    ("transformer LayerNorm", nn.LayerNorm(128), (32, 128, 128), torch.float32),
+    ("ViT-B LayerNorm", nn.LayerNorm(768), (16, 197, 768), torch.float32),
+    ("RMSNorm, 2048 wide", nn.RMSNorm(2048), (4, 512, 2048), torch.float32),
+    ("ViT-B LayerNorm, bf16", nn.LayerNorm(768), (16, 197, 768), torch.bfloat16),
+    ("ResNet GroupNorm(32, 64) at 56x56", nn.GroupNorm(32, 64), (16, 64, 56, 56), torch.float32),
+    ("ResNet GroupNorm(32, 256) at 14x14", nn.GroupNorm(32, 256), (16, 256, 14, 14), torch.float32),
+    ("InstanceNorm2d(64) at 56x56", nn.InstanceNorm2d(64, affine=True), (16, 64, 56, 56), torch.float32),
 ]
+
+_RULES = {nn.LayerNorm: norm.LayerNormRule, nn.RMSNorm: norm.RMSNormRule, nn.GroupNorm: norm.GroupNormRule,
+          nn.InstanceNorm2d: norm.InstanceNormRule}
 
 
 def main(argv=None) -> int:
@@ -46,16 +55,15 @@ def main(argv=None) -> int:
         sys.exit("the C++ extension is not built: `pip install --no-build-isolation -e .`")
     lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {args.rounds} rounds of "
              f"{args.reps} calls of the rule's per_sample_grads", "",
-             "| layer | B x rows x d | PyTorch path (chunked) | affine_norm_grads (C++) | ratio | max rel diff |",
+             "| layer | input | PyTorch path (chunked) | C++ kernel | ratio | max rel diff |",
              "|---|---|---|---|---|---|"]
-    for name, module, B, rows, dtype in SHAPES:
+    for name, module, shape, dtype in SHAPES:
         torch.manual_seed(0)
-        d = module.normalized_shape[0]
-        x = (torch.randn(B, rows, d) * 2 + 1).to(dtype)
-        g = torch.randn(B, rows, d).to(dtype)
-        rule = norm.RMSNormRule() if isinstance(module, nn.RMSNorm) else norm.LayerNormRule()
+        x = (torch.randn(shape) * 2 + 1).to(dtype)
+        g = torch.randn(shape).to(dtype)
+        rule = _RULES[type(module)]()
         tracked = {"weight", "bias"} if getattr(module, "bias", None) is not None else {"weight"}
-        calls = [(x, (g,))]
+        calls = [((x, None, None) if isinstance(module, nn.InstanceNorm2d) else x, (g,))]
 
         def chunked():
             return norm.AffineNormRule.per_sample_grads(rule, module, calls, tracked)
@@ -70,7 +78,7 @@ def main(argv=None) -> int:
         slow, fast = statistics.median(times["chunked"]), statistics.median(times["kernel"])
         a, b = chunked(), kernel()
         diff = max(float((a[k].double() - b[k].double()).abs().max() / a[k].double().abs().max()) for k in a)
-        lines.append(f"| {name} | {B} x {rows} x {d} | {slow:.2f} ms | {fast:.2f} ms | {slow / fast:.2f}x | "
+        lines.append(f"| {name} | {' x '.join(map(str, shape))} | {slow:.2f} ms | {fast:.2f} ms | {slow / fast:.2f}x | "
                      f"{diff:.1e} |")
     emit(lines, args.out)
     return 0

@@ -45,6 +45,12 @@ at::Tensor embedding_norm_cpu(const at::Tensor& indices, const at::Tensor& g, in
 // round_x_hat: x_hat rounded to x's dtype first (Hugging Face's Llama RMSNorm casts it back).
 std::tuple<at::Tensor, at::Tensor> affine_norm_grads_cpu(const at::Tensor& x, const at::Tensor& g, bool rms,
                                                          double eps, bool with_bias, bool round_x_hat);
+// Per-sample gradients of a GroupNorm's affine parameters (an InstanceNorm's with groups = C),
+// x and g [B, C, S] (S the positions, flattened): x_hat normalised by the mean and biased variance
+// of each sample's group of C / groups channels over all positions (taken in double). Returns
+// (weight [B, C] = sum_s x_hat * g, bias [B, C] = sum_s g, zeros without bias).
+std::tuple<at::Tensor, at::Tensor> group_norm_grads_cpu(const at::Tensor& x, const at::Tensor& g, int64_t groups,
+                                                        double eps, bool with_bias);
 
 // One direction of one nn.RNN / nn.LSTM / nn.GRU layer (recurrent_scan_cpu.cpp). gi [B, T, G] is
 // the input projection x W_ih^T + b_ih of every step (G = 4H LSTM, 3H GRU, H RNN), w_hh [G, P],

@@ -347,6 +347,58 @@ void accumulate_norm_row(double* acc_w, double* acc_b, const float* x_hat, const
   }
 }
 
+// Row sums for group_norm_grads: float32 SIMD lanes over chunks of kSumChunk elements (so no lane
+// adds more than a few dozen terms), the chunks' sums added in double.
+constexpr int64_t kSumChunk = 1024;
+
+DIVEBATCH_MULTIVERSION
+double chunked_sum(const float* x, int64_t n) {
+  double total = 0.0;
+  for (int64_t k0 = 0; k0 < n; k0 += kSumChunk) {
+    const int64_t k1 = std::min(n, k0 + kSumChunk);
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = k0; k < k1; ++k) {
+      s += x[k];
+    }
+    total += s;
+  }
+  return total;
+}
+
+// sum_k (x[k] - shift)^2
+DIVEBATCH_MULTIVERSION
+double chunked_sq_dev(const float* x, int64_t n, float shift) {
+  double total = 0.0;
+  for (int64_t k0 = 0; k0 < n; k0 += kSumChunk) {
+    const int64_t k1 = std::min(n, k0 + kSumChunk);
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = k0; k < k1; ++k) {
+      const float c = x[k] - shift;
+      s += c * c;
+    }
+    total += s;
+  }
+  return total;
+}
+
+// sum_k (x[k] - shift) * g[k]
+DIVEBATCH_MULTIVERSION
+double chunked_dot_dev(const float* x, const float* g, int64_t n, float shift) {
+  double total = 0.0;
+  for (int64_t k0 = 0; k0 < n; k0 += kSumChunk) {
+    const int64_t k1 = std::min(n, k0 + kSumChunk);
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = k0; k < k1; ++k) {
+      s += (x[k] - shift) * g[k];
+    }
+    total += s;
+  }
+  return total;
+}
+
 template <typename scalar_t>
 void load_row_f32(float* out, const scalar_t* x, int64_t n, int64_t stride) {
   if (stride == 1) {
@@ -664,6 +716,60 @@ std::tuple<at::Tensor, at::Tensor> affine_norm_grads_cpu(const at::Tensor& x, co
   return {weight, bias};
 }
 
+// ------------------------------------------------------------------ group_norm_grads
+
+std::tuple<at::Tensor, at::Tensor> group_norm_grads_cpu(const at::Tensor& x, const at::Tensor& g, int64_t groups,
+                                                        double eps, bool with_bias) {
+  constexpr const char* op = "group_norm_grads";
+  check_cpu(x, op, "x");
+  check_same_device(x, g, op, "x", "g");
+  check_float(x, op, "x");
+  check_float(g, op, "g");
+  check_dim(x, 3, op, "x", "[B, C, S]");
+  check_dim(g, 3, op, "g", "[B, C, S]");
+  for (int64_t dim = 0; dim < 3; ++dim) {
+    check_size_match(x, g, dim, op, "x", "g", dim == 0 ? "batch size B" : (dim == 1 ? "channels C" : "positions S"));
+  }
+  const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
+  TORCH_CHECK(groups >= 1 && C % groups == 0, "divebatch::", op, ": groups=", groups, " must divide the ", C,
+              " channels of x");
+  auto weight = at::zeros({B, C}, x.options().dtype(at::kFloat));
+  auto bias = at::zeros({B, C}, x.options().dtype(at::kFloat));
+  if (B == 0 || C == 0 || S == 0) {
+    return {weight, bias};
+  }
+  const int64_t per_group = C / groups;
+  float* pw = weight.data_ptr<float>();
+  float* pb = bias.data_ptr<float>();
+  // One work item per (sample, group): its channels' rows converted to float32 once, then the
+  // mean and the mean squared deviation in double, then each channel's sums in double.
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "divebatch_group_norm_x", [&] {
+    using x_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "divebatch_group_norm_g", [&] {
+      const x_t* px = x.const_data_ptr<x_t>();
+      const scalar_t* pg = g.const_data_ptr<scalar_t>();
+      at::parallel_for(0, B * groups, grain_for(per_group * S), [&](int64_t i0, int64_t i1) {
+        std::vector<float> rows(per_group * S), grow(S);
+        for (int64_t item = i0; item < i1; ++item) {
+          const int64_t b = item / groups, c0 = (item % groups) * per_group;
+          for (int64_t c = 0; c < per_group; ++c) {
+            load_row_f32(rows.data() + c * S, px + b * x.stride(0) + (c0 + c) * x.stride(1), S, x.stride(2));
+          }
+          const int64_t count = per_group * S;
+          const float mean = static_cast<float>(chunked_sum(rows.data(), count) / static_cast<double>(count));
+          const double rstd = 1.0 / std::sqrt(chunked_sq_dev(rows.data(), count, mean) / count + eps);
+          for (int64_t c = 0; c < per_group; ++c) {
+            load_row_f32(grow.data(), pg + b * g.stride(0) + (c0 + c) * g.stride(1), S, g.stride(2));
+            pw[b * C + c0 + c] = static_cast<float>(chunked_dot_dev(rows.data() + c * S, grow.data(), S, mean) * rstd);
+            pb[b * C + c0 + c] = with_bias ? static_cast<float>(chunked_sum(grow.data(), S)) : 0.f;
+          }
+        }
+      });
+    });
+  });
+  return {weight, bias};
+}
+
 }  // namespace divebatch
 
 // The schemas live in divebatch/ops.py (torch.library); here only the CPU implementations.
@@ -673,4 +779,5 @@ TORCH_LIBRARY_IMPL(divebatch, CPU, m) {
   m.impl("outer_norm", &divebatch::outer_norm_cpu);
   m.impl("embedding_norm", &divebatch::embedding_norm_cpu);
   m.impl("affine_norm_grads", &divebatch::affine_norm_grads_cpu);
+  m.impl("group_norm_grads", &divebatch::group_norm_grads_cpu);
 }

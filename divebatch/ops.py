@@ -31,6 +31,7 @@ SCHEMAS = {
     "embedding_norm": "embedding_norm(Tensor indices, Tensor g, int padding_idx) -> Tensor",
     "affine_norm_grads": "affine_norm_grads(Tensor x, Tensor g, bool rms, float eps, bool with_bias, "
                          "bool round_x_hat=False) -> (Tensor, Tensor)",
+    "group_norm_grads": "group_norm_grads(Tensor x, Tensor g, int groups, float eps, bool with_bias) -> (Tensor, Tensor)",
     "recurrent_scan": "recurrent_scan(Tensor gi, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? c0, Tensor? w_hr, "
                       "Tensor? lengths, str mode, bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     "recurrent_scan_backward": "recurrent_scan_backward(Tensor grad_out, Tensor? grad_h_n, Tensor? grad_c_n, "
@@ -76,6 +77,12 @@ def _embedding_norm_fake(indices, g, padding_idx):
 def _affine_norm_grads_fake(x, g, rms, eps, with_bias, round_x_hat=False):
     rows = x.new_empty((x.shape[0], x.shape[-1]), dtype=torch.float32)
     return rows, torch.empty_like(rows)
+
+
+@torch.library.register_fake("divebatch::group_norm_grads")
+def _group_norm_grads_fake(x, g, groups, eps, with_bias):
+    channels = x.new_empty(x.shape[:2], dtype=torch.float32)
+    return channels, torch.empty_like(channels)
 
 
 @torch.library.register_fake("divebatch::recurrent_scan")
@@ -164,6 +171,12 @@ def affine_norm_grads(x: torch.Tensor, g: torch.Tensor, rms: bool, eps: float, w
     normalised input rounded to ``x``'s dtype first, as Hugging Face's Llama RMSNorm does (see
     ``divebatch.reference.affine_norm_grads``)."""
     return _call("affine_norm_grads", x, g, rms, float(eps), with_bias, round_x_hat)
+
+
+def group_norm_grads(x: torch.Tensor, g: torch.Tensor, groups: int, eps: float, with_bias: bool = True):
+    """Per-sample GroupNorm (InstanceNorm: ``groups = C``) weight and bias gradients ``[B, C]``
+    each, float32, for ``x, g [B, C, S]`` (see ``divebatch.reference.group_norm_grads``)."""
+    return _call("group_norm_grads", x, g, int(groups), float(eps), with_bias)
 
 
 def triton_serves(device: torch.device) -> bool:

@@ -12,6 +12,8 @@ whatever the input dtype. No scaling is applied: the caller divides by ``c**2`` 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 _TILE = 256
@@ -115,6 +117,23 @@ def affine_norm_grads(x: torch.Tensor, g: torch.Tensor, rms: bool, eps: float, w
         x_hat = x_hat.to(x.dtype).float()
     weight = x_hat.mul_(_f32(g)).sum(dim=1)
     bias = _f32(g).sum(dim=1) if with_bias else torch.zeros_like(weight)
+    return weight, bias
+
+
+def group_norm_grads(x: torch.Tensor, g: torch.Tensor, groups: int, eps: float, with_bias: bool):
+    """Per-sample gradients of a GroupNorm's affine parameters (an InstanceNorm's with
+    ``groups = C``) for ``x, g [B, C, S]`` (``S``: the positions, flattened): ``x_hat`` is ``x``
+    normalised in float32 by the mean and biased variance of each sample's group of ``C / groups``
+    channels over all positions, plus ``eps``. Returns ``(weight [B, C] = sum_s x_hat * g,
+    bias [B, C] = sum_s g)``, float32; ``bias`` is zeros when ``with_bias`` is False.
+    """
+    B, C = x.shape[:2]
+    # (by hand: F.group_norm refuses a group of one value, whose x_hat is simply 0)
+    grouped = _f32(x).reshape(B, groups, math.prod(x.shape[1:]) // max(groups, 1))
+    centred = grouped - grouped.mean(dim=2, keepdim=True)
+    x_hat = (centred * torch.rsqrt(centred.square().mean(dim=2, keepdim=True) + eps)).reshape(x.shape)
+    weight = x_hat.mul_(_f32(g)).sum(dim=2)
+    bias = _f32(g).sum(dim=2) if with_bias else torch.zeros_like(weight)
     return weight, bias
 
 

@@ -12,6 +12,7 @@ from ._common import INTERPRET, scans_enabled
 from .affine_norm_grads import affine_norm_grads_triton
 from .embedding_norm import embedding_norm_triton
 from .ghost_norm import ghost_norm_triton
+from .group_norm_grads import group_norm_grads_triton
 from .instantiate_norm import instantiate_norm_triton
 from .outer_norm import outer_norm_triton
 from .recurrent_scan import recurrent_scan_backward_triton, recurrent_scan_triton
@@ -26,6 +27,7 @@ __all__ = [
     "outer_norm_triton",
     "embedding_norm_triton",
     "affine_norm_grads_triton",
+    "group_norm_grads_triton",
     "recurrent_scan_triton",
     "recurrent_scan_backward_triton",
 ]
@@ -37,6 +39,7 @@ TRITON_OPS = {
     "outer_norm": outer_norm_triton,
     "embedding_norm": embedding_norm_triton,
     "affine_norm_grads": affine_norm_grads_triton,
+    "group_norm_grads": group_norm_grads_triton,
     "recurrent_scan": recurrent_scan_triton,
     "recurrent_scan_backward": recurrent_scan_backward_triton,
 }

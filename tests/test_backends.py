@@ -8,8 +8,8 @@ from divebatch import GradNormTracker, ops
 from .models_zoo import ZOO, sample_loss
 from .oracle import rel_err
 
-FAMILIES = ["linear_2d", "linear_3d", "conv2d", "conv1d", "embedding", "embedding_bags", "norms", "recurrent",
-            "standardised_convs"]
+FAMILIES = ["linear_2d", "linear_3d", "conv2d", "conv1d", "embedding", "embedding_bags", "norms", "conv_norms_eval",
+            "instance_norms", "recurrent", "standardised_convs"]
 
 
 def _stats(case, backend, monkeypatch):

@@ -229,3 +229,17 @@ def test_second_order_gradients_through_fused_backwards(make, shape, fused_route
     assert fused_routes <= routes
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 * q.grad.abs().max().item(), msg=name)
+
+
+def test_group_norm_takes_the_cpu_kernel_from_many_positions(monkeypatch):
+    """bench/norm_routes.py: the C++ group_norm_grads beat the PyTorch path at 56 x 56, not at 14 x 14."""
+    from divebatch.layers import norm
+
+    if not ops.CPP_AVAILABLE:
+        pytest.skip("the C++ extension is not built here")
+    monkeypatch.delenv("DIVEBATCH_BACKEND", raising=False)
+    assert norm._kernel_serves(torch.zeros(2, 64, 56, 56))
+    assert not norm._kernel_serves(torch.zeros(2, 256, 14, 14))
+    assert norm._kernel_serves(torch.zeros(2, 197, 768), 768)  # LayerNorm rows: always
+    monkeypatch.setenv("DIVEBATCH_BACKEND", "cpp")
+    assert norm._kernel_serves(torch.zeros(2, 256, 14, 14))

@@ -55,7 +55,7 @@ def test_bench_kernels_cpu_smoke_run(tmp_path):
     import bench_kernels
 
     out = tmp_path / "bench.json"
-    names = "seq-up-bf16,mlp-T1-bf16,seq-embedding,layernorm-seq-large,rmsnorm-llama"
+    names = "seq-up-bf16,mlp-T1-bf16,seq-embedding,layernorm-seq-large,rmsnorm-llama,groupnorm-conv-large"
     assert bench_kernels.main(["--cpu-smoke", "--rounds", "1", "--workloads", names, "--out", str(out)]) == 0
     results = {r["workload"]: r for r in json.loads(out.read_text())["results"]}
     assert set(results) == set(names.split(","))

@@ -29,7 +29,7 @@ requires_cpp = pytest.mark.skipif(
 )
 
 D = torch.ops.divebatch
-OPS = ("ghost_norm", "instantiate_norm", "outer_norm", "embedding_norm", "affine_norm_grads")
+OPS = ("ghost_norm", "instantiate_norm", "outer_norm", "embedding_norm", "affine_norm_grads", "group_norm_grads")
 ROOT = Path(__file__).resolve().parent.parent
 
 # (B, T, d, p): T = 1; B = 1; T odd and crossing the 256-row Gram tile; B = 1 with T crossing
@@ -328,6 +328,46 @@ def test_affine_norm_grads_rounds_x_hat_like_llama(dtype):
                        D.affine_norm_grads(x.float(), g, True, 1e-6, False)[0])  # float32: nothing to round
 
 
+# ---------------------------------------------------------------- group_norm_grads
+def oracle_group_norm(x: torch.Tensor, g: torch.Tensor, groups: int, eps: float):
+    """float64, by hand: each sample's group normalised by its own mean and biased variance."""
+    B, C, S = x.shape
+    grouped = x.double().reshape(B, groups, C // groups * S)
+    centred = grouped - grouped.mean(dim=2, keepdim=True)
+    x_hat = (centred / torch.sqrt(centred.square().mean(dim=2, keepdim=True) + eps)).reshape(B, C, S)
+    return (x_hat * g.double()).sum(dim=2), g.double().sum(dim=2)
+
+
+# (B, C, S, groups): one position; one channel a group (InstanceNorm); one group (all channels);
+# many positions; an empty batch.
+GROUP_SHAPES = [(3, 8, 37, 2), (2, 4, 1, 2), (2, 6, 70, 6), (1, 6, 300, 1), (4, 32, 49, 8), (0, 4, 3, 2)]
+
+
+@requires_cpp
+@pytest.mark.parametrize("layout", ("contiguous", "transposed", "sliced"))
+@pytest.mark.parametrize("shape", GROUP_SHAPES, ids=lambda s: "B{}_C{}_S{}_G{}".format(*s))
+def test_group_norm_grads_float32(shape, layout):
+    B, C, S, groups = shape
+    x = make((B, C, S), layout) * 3 + 5
+    g = make((B, C, S), layout)
+    weight, bias = D.group_norm_grads(x, g, groups, 1e-5, True)
+    want_w, want_b = oracle_group_norm(x, g, groups, 1e-5)
+    assert weight.dtype == bias.dtype == torch.float32 and weight.shape == bias.shape == (B, C)
+    assert rel_err(weight, want_w) <= 1e-5 and rel_err(bias, want_b) <= 1e-5
+    ref_w, ref_b = reference.group_norm_grads(x, g, groups, 1e-5, True)
+    assert rel_err(weight, ref_w) <= 1e-5 and rel_err(bias, ref_b) <= 1e-5
+    assert bool((D.group_norm_grads(x, g, groups, 1e-5, False)[1] == 0).all())
+
+
+@requires_cpp
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_group_norm_grads_low_precision(dtype):
+    x, g = make((3, 8, 50), "contiguous", dtype), make((3, 8, 50), "transposed", dtype)
+    weight, bias = D.group_norm_grads(x, g, 4, 1e-6, True)
+    want_w, want_b = oracle_group_norm(x, g, 4, 1e-6)
+    assert rel_err(weight, want_w) <= 1e-5 and rel_err(bias, want_b) <= 1e-5
+
+
 # ---------------------------------------------------------------- threads and determinism
 @requires_cpp
 def test_results_deterministic_and_thread_count_independent():
@@ -369,6 +409,7 @@ def _samples():
         "embedding_norm": [(random_indices(3, 7, 4), g, 1), (random_indices(2, 9, 3).int(), gt, -1)],
         "affine_norm_grads": [(a, torch.randn(3, 7, 5), False, 1e-5, True), (at, gt[..., :4].bfloat16(), True, 1e-6, False),
                               (at.bfloat16(), gt[..., :4], True, 1e-6, False, True)],
+        "group_norm_grads": [(a, torch.randn(3, 7, 5), 7, 1e-5, True), (at, gt[..., :4].half(), 3, 1e-6, False)],
     }
 
 
@@ -417,6 +458,8 @@ BAD_INPUTS = [
     ("affine_norm_grads", (torch.randn(4, 3), torch.randn(4, 3), False, 1e-5, True), r"x must be 3-D"),
     ("affine_norm_grads", (torch.randn(4, 5, 3), torch.ones(4, 5, 3, dtype=torch.long), True, 1e-5, True),
      r"g must be a floating-point"),
+    ("group_norm_grads", (torch.randn(4, 6, 3), torch.randn(4, 6, 3), 4, 1e-5, True), r"groups=4 must divide the 6"),
+    ("group_norm_grads", (torch.randn(4, 6, 3), torch.randn(4, 6, 2), 3, 1e-5, True), r"g must have the same positions S"),
 ]
 
 

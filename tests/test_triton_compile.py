@@ -148,6 +148,15 @@ def _specs():
             floats=("eps",),
             constexprs={"RMS": False, "WITH_BIAS": True, "ROUND_X_HAT": True},  # (all the code there is)
         ),
+        "_group_norm_grads_kernel": dict(
+            module="group_norm_grads", configs="_CONFIGS",  # not autotuned: the positions pick the config
+            pointers={"x_ptr": None, "g_ptr": None, "weight_ptr": "fp32", "bias_ptr": "fp32"},
+            tensor_args=("x_ptr", "g_ptr"),
+            inner_strides=("stride_xs", "stride_gs"),
+            aligned_ints=("S", "stride_xb", "stride_xc", "stride_gb", "stride_gc"),
+            floats=("eps",),
+            constexprs={"WITH_BIAS": True},
+        ),
         "_embedding_norm_kernel": dict(
             module="embedding_norm",
             pointers={"idx_ptr": "i64", "g_ptr": None, "out_ptr": "fp32"},

@@ -401,6 +401,32 @@ def test_affine_norm_grads_rounds_x_hat_like_llama(dtype):
     assert share_matching(K.affine_norm_grads_triton(x, g, True, 1e-6, False)[0]) < 0.5
 
 
+#: (B, C, S, groups): partial BLOCK_S chunks (the interpreter's 32 lanes), one position, one channel
+#: a group (InstanceNorm), one group of all channels.
+GROUP_SHAPES = [(3, 8, 37, 2), (2, 4, 1, 2), (2, 6, 70, 6), (1, 6, 65, 1)]
+if DEVICE == "cuda":
+    GROUP_SHAPES += [(16, 64, 3136, 32), (4, 512, 49, 32), (2, 3, 50176, 3)]
+
+
+@pytest.mark.parametrize("case", [(s, dt, lay) for s in GROUP_SHAPES for dt in DTYPES for lay in ("contig", "transposed")
+                                  if lay == "contig" or dt == torch.float32],
+                         ids=lambda c: f"{'x'.join(map(str, c[0]))}-{str(c[1]).split('.')[-1]}-{c[2]}")
+def test_group_norm_grads(case):
+    (B, C, S, groups), dtype, layout = case
+    x32 = _rand((B, C, S), 36, layout, scale=2.0).add_(1.0)
+    g32 = _rand((B, C, S), 37, layout)
+    x, g = _like_layout(x32, dtype), _like_layout(g32, dtype)
+    outs = K.group_norm_grads_triton(x, g, groups, 1e-5, True)
+    _check("group_norm_grads", outs, x32, g32, (x, g), dtype, R.group_norm_grads, (groups, 1e-5, True))
+    assert bool((_cpu(K.group_norm_grads_triton(x, g, groups, 1e-5, False)[1]) == 0).all())
+
+
+def test_group_norm_grads_refuses_groups_that_do_not_divide_the_channels():
+    x = torch.zeros(2, 6, 5, device=DEVICE)
+    with pytest.raises(ValueError, match="groups=4 must divide the 6 channels"):
+        K.group_norm_grads_triton(x, x, 4, 1e-5, True)
+
+
 def test_affine_norm_grads_writes_every_partial(monkeypatch):
     """The partial sums are allocated unfilled: with every fresh buffer NaN, no NaN comes out."""
     real_empty = torch.empty

@@ -61,6 +61,8 @@ WORKLOADS = {
     # LayerNorm per-sample sums (d = the row width, p unused; extra = rms): seq-large's norm layers
     "layernorm-seq-large": ("affine_norm", 8, 2048, 4096, 0, torch.bfloat16, False),
     "rmsnorm-llama":       ("affine_norm", 4, 4096, 4096, 0, torch.bfloat16, True),
+    # GroupNorm(32) per-sample sums (T = positions, d = channels; extra = groups): conv-large's layer1
+    "groupnorm-conv-large": ("group_norm", 32, 3136, 64, 0, torch.bfloat16, 32),
     # recurrent scans (d = p = H; extra = mode): the lstm / gru workloads of the CPU table, and a wider batch
     "lstm-scan":      ("scan", 16, 64, 256, 256, torch.float32, "LSTM"),
     "gru-scan":       ("scan", 16, 64, 256, 256, torch.float32, "GRU"),
@@ -115,6 +117,9 @@ def bench_workload(name, spec, K, R, rounds, rep_ms, dev="cuda"):
     elif op == "scan":
         methods, errors = _scan_methods(B, T, d, dtype, extra, K, R, dev, gen)
         bytes_moved = 0
+    elif op == "group_norm":
+        methods, errors = _group_norm_methods(B, T, d, dtype, extra, K, R, dev, gen)
+        bytes_moved = 2 * B * T * d * torch.tensor([], dtype=dtype).element_size()
     elif op == "affine_norm":
         methods, errors = _affine_norm_methods(B, T, d, dtype, extra, K, R, dev, gen)
         bytes_moved = 2 * B * T * d * torch.tensor([], dtype=dtype).element_size()
@@ -186,7 +191,7 @@ def bench_workload(name, spec, K, R, rounds, rep_ms, dev="cuda"):
             row["config"] = chosen[m]
         if tuned.get(m):
             row["config_ms"] = tuned[m]
-        if m.startswith("triton") and op in ("outer", "embedding", "affine_norm"):
+        if m.startswith("triton") and op in ("outer", "embedding", "affine_norm", "group_norm"):
             row["GB_per_s"] = bytes_moved / ms / 1e6
         rows.append(row)
     extra_err = {k: v for k, v in errors.items() if k not in methods}
@@ -231,6 +236,26 @@ def _affine_norm_methods(B, R_rows, d, dtype, rms, K, R, dev, gen):
     ours, ref = K.affine_norm_grads_triton(x, g, rms, 1e-5, not rms), R.affine_norm_grads(x, g, rms, 1e-5, not rms)
     errors = {"triton affine_norm_grads": max(rel_err(o, r) for o, r in zip(ours, ref) if r.abs().max() > 0)}
     return methods, errors
+
+
+def _group_norm_methods(B, S, C, dtype, groups, K, R, dev, gen):
+    """A GroupNorm's per-sample weight and bias sums over ``[B, C, S]``: the Triton kernel against the
+    rule's PyTorch path and the layer's own backward (the floor)."""
+    from divebatch.layers import norm
+
+    x = (torch.randn(B, C, S, device=dev, generator=gen) + 0.5).to(dtype)
+    g = torch.randn(B, C, S, device=dev, generator=gen).to(dtype)
+    module = torch.nn.GroupNorm(groups, C).to(dev, dtype)
+    rule = norm.GroupNormRule()
+    xr = x.detach().requires_grad_()
+    out = module(xr)
+    methods = {
+        "layer backward (floor)": lambda: torch.autograd.grad(out, (xr, *module.parameters()), g, retain_graph=True),
+        "triton group_norm_grads": lambda: K.group_norm_grads_triton(x, g, groups, 1e-5, True),
+        "torch rule path": lambda: norm.AffineNormRule.per_sample_grads(rule, module, [(x, (g,))], {"weight", "bias"}),
+    }
+    ours, ref = K.group_norm_grads_triton(x, g, groups, 1e-5, True), R.group_norm_grads(x, g, groups, 1e-5, True)
+    return methods, {"triton group_norm_grads": max(rel_err(o, r) for o, r in zip(ours, ref))}
 
 
 def _scan_methods(B, T, H, dtype, mode, K, R, dev, gen):
@@ -300,6 +325,8 @@ def main(argv=None):
         for key, (op, B, T, d, p, dtype, extra) in list(WORKLOADS.items()):
             WORKLOADS[key] = (op, min(B, 2), min(T, 20), min(d, 24) if d else 0, min(p, 20), dtype,
                               min(extra, 7) if isinstance(extra, int) and not isinstance(extra, bool) else extra)
+            if op == "group_norm":  # (groups must divide the channels)
+                WORKLOADS[key] = (op, 2, 20, 24, 0, dtype, 4)
     elif interpret:
         sys.exit("bench_kernels.py times GPU kernels: unset TRITON_INTERPRET (or pass --cpu-smoke)")
     elif not torch.cuda.is_available():

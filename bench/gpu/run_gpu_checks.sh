@@ -72,8 +72,8 @@ t0=$(date +%s)
 # (the scans' cases compile ~50 specialisations of two large kernels: two shards of their own)
 # (affine_norm_grads: ~100 cases over 4 row widths, 3 dtypes and the layouts: a shard of its own)
 shards=("ghost and not instantiate" "instantiate" "outer" "recurrent_scan and LSTM"
-        "recurrent_scan and not LSTM" "affine_norm_grads"
-        "not ghost and not instantiate and not outer and not recurrent_scan and not affine_norm_grads")
+        "recurrent_scan and not LSTM" "affine_norm_grads or group_norm_grads"
+        "not ghost and not instantiate and not outer and not recurrent_scan and not affine_norm_grads and not group_norm_grads")
 for i in "${!shards[@]}"; do
     start_job "tests_shard$((i + 1))" 150 env DIVEBATCH_TRITON_TEST_DEVICE=cuda DIVEBATCH_TRITON_AUTOTUNE=0 \
         DIVEBATCH_TRITON_SCANS=1 "$PY" -m pytest tests/test_triton_kernels.py -q -p no:cacheprovider \
@@ -94,7 +94,7 @@ SUMMARY+=("correctness jobs: $(( $(date +%s) - t0 ))s together")
 
 # 2. kernel benchmarks (~1.5-2 min including autotuning; the JSON is rewritten after each workload).
 step bench 150 env DIVEBATCH_TRITON_SCANS=1 "$PY" bench/gpu/bench_kernels.py --out "$RESULTS/bench_kernels.json" --rounds 3 --rep-ms 50 \
-    --workloads seq-large-up,seq-large-down,seq-up-bf16,conv-layer1,conv-layer4,mlp-T1-bf16,seq-embedding,seq-large-embedding,layernorm-seq-large,rmsnorm-llama,lstm-scan,gru-scan,lstm-scan-wide
+    --workloads seq-large-up,seq-large-down,seq-up-bf16,conv-layer1,conv-layer4,mlp-T1-bf16,seq-embedding,seq-large-embedding,layernorm-seq-large,rmsnorm-llama,groupnorm-conv-large,lstm-scan,gru-scan,lstm-scan-wide
 
 # 2b. where the tracked seq-large step's extra time goes (torch.profiler, plain vs divebatch).
 step profile 60 "$PY" bench/gpu/profile_step.py --device cuda --dtype bfloat16 --workload seq-large \

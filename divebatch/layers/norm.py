@@ -78,16 +78,41 @@ class AffineNormRule(PerSampleGradsRule):
         return RoutePlan("instantiate", "x".join(map(str, x.shape)), 4.0 * x.numel(), 4.0 * x.numel())
 
 
-def _kernel_serves(x: torch.Tensor, d: int) -> bool:
-    """Whether ``ops.affine_norm_grads`` runs a compiled kernel for ``x`` (C++ on CPU, Triton where
-    it serves, for rows up to its ``MAX_D``). Elsewhere the op would be its reference, which holds
-    all of ``x_hat`` at once; ``AffineNormRule``'s chunked path gives the same numbers in less memory."""
+#: On CPU, ``group_norm_grads`` (C++) beat the chunked PyTorch path only with many positions per
+#: channel (``bench/norm_routes.py``, 2 threads: 1.12x at 56 x 56, 0.82x at 14 x 14; InstanceNorm
+#: at 56 x 56 2.4-3.0x), so smaller feature maps keep that path there.
+GROUP_NORM_CPU_MIN_POSITIONS = 1024
+
+
+def _kernel_serves(x: torch.Tensor, d: int | None = None) -> bool:
+    """Whether ``ops.affine_norm_grads`` (given the row width ``d``) or ``ops.group_norm_grads``
+    (``d`` None) runs a compiled kernel for ``x`` where it pays: C++ on CPU (group norms from
+    ``GROUP_NORM_CPU_MIN_POSITIONS`` positions), Triton where it serves (rows up to its ``MAX_D``).
+    Elsewhere the op would be its reference, which holds all of ``x_hat`` at once;
+    ``AffineNormRule``'s chunked path gives the same numbers in less memory."""
     forced = ops.backend()
     if forced == "reference":
         return False
     if ops.triton_serves(x.device):
-        return d <= ops._kernels.affine_norm_grads.MAX_D
+        return d is None or d <= ops._kernels.affine_norm_grads.MAX_D
+    if d is None and math.prod(x.shape[2:]) < GROUP_NORM_CPU_MIN_POSITIONS and forced != "cpp":
+        return False
     return x.device.type == "cpu" and ops.CPP_AVAILABLE
+
+
+def _group_norm_grads(x: torch.Tensor, g: torch.Tensor, groups: int, eps: float, tracked) -> dict[str, torch.Tensor]:
+    """``{name: [B, C]}`` of a group-normalised call by ``ops.group_norm_grads`` (positions flattened)."""
+    B, C = x.shape[:2]
+    weight, bias = ops.group_norm_grads(x.reshape(B, C, -1), g.reshape(B, C, -1), groups, eps, "bias" in tracked)
+    return {name: part for name, part in (("weight", weight), ("bias", bias)) if name in tracked}
+
+
+def _sum_calls(parts) -> dict[str, torch.Tensor]:
+    total: dict[str, torch.Tensor] = {}
+    for part in parts:
+        for name, value in part.items():
+            total[name] = value if name not in total else total[name] + value
+    return total
 
 
 class RowNormRule(AffineNormRule):
@@ -156,6 +181,12 @@ class GroupNormRule(AffineNormRule):
 
     def normalized(self, module, x):
         return F.group_norm(x.float(), module.num_groups, None, None, module.eps)
+
+    def per_sample_grads(self, module, calls, tracked) -> dict[str, torch.Tensor]:
+        """By ``ops.group_norm_grads`` where a compiled kernel serves (one pass, ``x_hat`` never written)."""
+        if not all(_kernel_serves(x) for x, _ in calls):
+            return super().per_sample_grads(module, calls, tracked)
+        return _sum_calls(_group_norm_grads(x, grads[0], module.num_groups, module.eps, tracked) for x, grads in calls)
 
     def reduce(self, module, t):
         return t.reshape(t.shape[0], t.shape[1], -1).sum(dim=2)
@@ -237,6 +268,15 @@ class InstanceNormRule(RunningStatsNormRule):
         x, mean, var = ctx
         return F.instance_norm(x.float(), None if mean is None else mean.float(),
                                None if var is None else var.float(), None, None, mean is None, 0.0, module.eps)
+
+    def per_sample_grads(self, module, calls, tracked) -> dict[str, torch.Tensor]:
+        """Normalised by each sample's own statistics: a GroupNorm of one channel a group, by
+        ``ops.group_norm_grads`` where a compiled kernel serves; running statistics take the
+        chunked path."""
+        if not all(ctx[1] is None and _kernel_serves(ctx[0]) for ctx, _ in calls):
+            return super().per_sample_grads(module, calls, tracked)
+        return _sum_calls(_group_norm_grads(x, grads[0], x.shape[1], module.eps, tracked)
+                          for (x, _, _), grads in calls)
 
 
 def _llama_rms_norm_forward(self, hidden_states):

@@ -228,6 +228,30 @@ void test_affine_norm(int64_t B, int64_t R, int64_t d, bool rms, at::ScalarType 
          "affine_norm_grads without bias gives zeros " + name);
 }
 
+// Naive float64 loop: each sample's group of channels normalised by its mean and biased variance.
+void test_group_norm(int64_t B, int64_t C, int64_t S, int64_t groups, at::ScalarType dtype) {
+  const at::Tensor x = (at::randn({B, C, S}) * 3 + 2).to(dtype), g = at::randn({B, C, S}).to(dtype);
+  const at::Tensor xd = x.to(at::kDouble), gd = g.to(at::kDouble);
+  at::Tensor want_w = at::zeros({B, C}, at::kDouble), want_b = at::zeros({B, C}, at::kDouble);
+  const int64_t per = C / groups;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t q = 0; q < groups; ++q) {
+      const at::Tensor part = xd[b].narrow(0, q * per, per);
+      const double mean = part.mean().item<double>();
+      const double var = (part - mean).pow(2).mean().item<double>();
+      for (int64_t c = q * per; c < (q + 1) * per; ++c) {
+        want_w[b][c] = ((xd[b][c] - mean) / std::sqrt(var + 1e-5) * gd[b][c]).sum();
+        want_b[b][c] = gd[b][c].sum();
+      }
+    }
+  }
+  const std::string name = "group_norm_grads B=" + std::to_string(B) + " C=" + std::to_string(C) + " S=" +
+                           std::to_string(S) + " groups=" + std::to_string(groups) + " " + c10::toString(dtype);
+  const auto [weight, bias] = divebatch::group_norm_grads_cpu(x, g, groups, 1e-5, true);
+  expect_close(weight, want_w, name + " weight", 1e-5);
+  expect_close(bias, want_b, name + " bias", 1e-5);
+}
+
 void test_bad_inputs() {
   const at::Tensor a = at::randn({4, 5, 3}), g = at::randn({4, 5, 2});
   expect_throws([&] { divebatch::ghost_norm_cpu(a, at::randn({3, 5, 2}), false); }, "batch size B",
@@ -250,6 +274,8 @@ void test_bad_inputs() {
                 "instantiate_norm rejects non-CPU a");
   expect_throws([&] { divebatch::affine_norm_grads_cpu(a, g, false, 1e-5, true, false); }, "g must have the same width d",
                 "affine_norm_grads rejects g of another width");
+  expect_throws([&] { divebatch::group_norm_grads_cpu(a, a, 2, 1e-5, true); }, "groups=2 must divide the 5 channels",
+                "group_norm_grads rejects groups that do not divide C");
 }
 
 }  // namespace
@@ -286,6 +312,11 @@ int main() {
     test_affine_norm(4, 20, 33, rms, at::kBFloat16, false);
     test_affine_norm(0, 4, 3, rms, at::kFloat, false);
   }
+
+  test_group_norm(3, 8, 37, 2, at::kFloat);
+  test_group_norm(2, 6, 1, 6, at::kFloat);
+  test_group_norm(1, 4, 300, 1, at::kFloat);
+  test_group_norm(2, 8, 20, 4, at::kBFloat16);
 
   test_bad_inputs();
 
