@@ -111,6 +111,21 @@ void check_a_g(const at::Tensor& a, const at::Tensor& g, int64_t ndim, const cha
   }
 }
 
+// The checks shared by the norm ops: x and g floating-point CPU tensors of one 3-D shape.
+void check_norm_x_g(const at::Tensor& x, const at::Tensor& g, const char* op, const char* layout, const char* dim1,
+                    const char* dim2) {
+  check_cpu(x, op, "x");
+  check_same_device(x, g, op, "x", "g");
+  check_float(x, op, "x");
+  check_float(g, op, "g");
+  check_dim(x, 3, op, "x", layout);
+  check_dim(g, 3, op, "g", layout);
+  const char* names[3] = {"batch size B", dim1, dim2};
+  for (int64_t dim = 0; dim < 3; ++dim) {
+    check_size_match(x, g, dim, op, "x", "g", names[dim]);
+  }
+}
+
 // ------------------------------------------------------------------ small loops
 
 // The loops that stream whole rows or GEMM outputs are DIVEBATCH_MULTIVERSION (multiversion.h).
@@ -646,16 +661,7 @@ at::Tensor embedding_norm_cpu(const at::Tensor& indices_in, const at::Tensor& g,
 
 std::tuple<at::Tensor, at::Tensor> affine_norm_grads_cpu(const at::Tensor& x, const at::Tensor& g, bool rms, double eps,
                                                          bool with_bias, bool round_x_hat) {
-  constexpr const char* op = "affine_norm_grads";
-  check_cpu(x, op, "x");
-  check_same_device(x, g, op, "x", "g");
-  check_float(x, op, "x");
-  check_float(g, op, "g");
-  check_dim(x, 3, op, "x", "[B, R, d]");
-  check_dim(g, 3, op, "g", "[B, R, d]");
-  for (int64_t dim = 0; dim < 3; ++dim) {
-    check_size_match(x, g, dim, op, "x", "g", dim == 0 ? "batch size B" : (dim == 1 ? "rows R" : "width d"));
-  }
+  check_norm_x_g(x, g, "affine_norm_grads", "[B, R, d]", "rows R", "width d");
   const int64_t B = x.size(0), R = x.size(1), d = x.size(2);
   auto weight = at::zeros({B, d}, x.options().dtype(at::kFloat));
   auto bias = at::zeros({B, d}, x.options().dtype(at::kFloat));
@@ -721,15 +727,7 @@ std::tuple<at::Tensor, at::Tensor> affine_norm_grads_cpu(const at::Tensor& x, co
 std::tuple<at::Tensor, at::Tensor> group_norm_grads_cpu(const at::Tensor& x, const at::Tensor& g, int64_t groups,
                                                         double eps, bool with_bias) {
   constexpr const char* op = "group_norm_grads";
-  check_cpu(x, op, "x");
-  check_same_device(x, g, op, "x", "g");
-  check_float(x, op, "x");
-  check_float(g, op, "g");
-  check_dim(x, 3, op, "x", "[B, C, S]");
-  check_dim(g, 3, op, "g", "[B, C, S]");
-  for (int64_t dim = 0; dim < 3; ++dim) {
-    check_size_match(x, g, dim, op, "x", "g", dim == 0 ? "batch size B" : (dim == 1 ? "channels C" : "positions S"));
-  }
+  check_norm_x_g(x, g, op, "[B, C, S]", "channels C", "positions S");
   const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
   TORCH_CHECK(groups >= 1 && C % groups == 0, "divebatch::", op, ": groups=", groups, " must divide the ", C,
               " channels of x");

@@ -136,6 +136,17 @@ def check_float(op: str, name: str, x, ndim: int) -> None:
         raise TypeError(f"divebatch.{op}: `{name}` must be float32, float16 or bfloat16, got {x.dtype}")
 
 
+def check_x_g(op: str, x: torch.Tensor, g: torch.Tensor) -> torch.device:
+    """Checks shared by the norm ops: ``x`` and ``g`` floating-point 3-D tensors of one shape, on
+    one device (returned)."""
+    check_float(op, "x", x, 3)
+    check_float(op, "g", g, 3)
+    device = check_device(op, x=x, g=g)
+    if g.shape != x.shape:
+        raise ValueError(f"divebatch.{op}: `g` must have the shape of `x` {tuple(x.shape)}, got {tuple(g.shape)}")
+    return device
+
+
 def check_device(op: str, **tensors: torch.Tensor) -> torch.device:
     """All tensors on one device; CUDA, or CPU under ``TRITON_INTERPRET=1``."""
     devices = {name: t.device for name, t in tensors.items()}

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_device, check_float, sm_count
+from ._common import INTERPRET, check_x_g, sm_count
 
 #: Widest row (``d``) one program holds in registers (16 warps, 16 float32 per thread per tensor).
 MAX_D = 8192
@@ -113,11 +113,7 @@ def affine_norm_grads_triton(x: torch.Tensor, g: torch.Tensor, rms: bool, eps: f
                              round_x_hat: bool = False):
     """``(weight [B, d], bias [B, d])`` float32; see the module docstring. No copies of x or g."""
     op = "affine_norm_grads"
-    check_float(op, "x", x, 3)
-    check_float(op, "g", g, 3)
-    device = check_device(op, x=x, g=g)
-    if g.shape != x.shape:
-        raise ValueError(f"divebatch.{op}: `g` must have the shape of `x` {tuple(x.shape)}, got {tuple(g.shape)}")
+    device = check_x_g(op, x, g)
     B, R, d = x.shape
     if d > MAX_D:
         raise ValueError(f"divebatch.{op}: rows of d={d} > {MAX_D} do not fit one program; "

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_device, check_float
+from ._common import INTERPRET, check_x_g
 
 #: (BLOCK_S, warps) by the number of positions S: the narrowest that holds a channel's positions.
 _CONFIGS = [triton.Config({"BLOCK_S": width}, num_warps=warps) for width, warps in ((256, 2), (1024, 4))]
@@ -95,11 +95,7 @@ def _group_norm_grads_kernel(
 def group_norm_grads_triton(x: torch.Tensor, g: torch.Tensor, groups: int, eps: float, with_bias: bool):
     """``(weight [B, C], bias [B, C])`` float32; see the module docstring. No copies of x or g."""
     op = "group_norm_grads"
-    check_float(op, "x", x, 3)
-    check_float(op, "g", g, 3)
-    device = check_device(op, x=x, g=g)
-    if g.shape != x.shape:
-        raise ValueError(f"divebatch.{op}: `g` must have the shape of `x` {tuple(x.shape)}, got {tuple(g.shape)}")
+    device = check_x_g(op, x, g)
     B, C, S = x.shape
     if groups < 1 or C % groups:
         raise ValueError(f"divebatch.{op}: groups={groups} must divide the {C} channels")
