@@ -243,3 +243,15 @@ def test_group_norm_takes_the_cpu_kernel_from_many_positions(monkeypatch):
     assert norm._kernel_serves(torch.zeros(2, 197, 768), 768)  # LayerNorm rows: always
     monkeypatch.setenv("DIVEBATCH_BACKEND", "cpp")
     assert norm._kernel_serves(torch.zeros(2, 256, 14, 14))
+
+
+def test_memoised_route_name_follows_the_model_and_its_constants(monkeypatch):
+    from divebatch.layers import linear
+
+    shapes = [(16, 256, 32, 128), (16, 4, 256, 1024), (16, 2, 512, 2048), (8, 1, 64, 64)]
+    for shape in shapes:
+        for device_type in ("cpu", "cuda"):
+            assert linear.fused_linear_route_name(*shape, device_type) == fused_linear_route(*shape, device_type).route
+    assert linear.fused_linear_route_name(16, 4, 256, 1024, "cpu") == "ghost"
+    monkeypatch.setattr(linear, "FUSED_TILE_COST", 0.0)  # a changed constant is a new key, not a stale answer
+    assert linear.fused_linear_route_name(16, 4, 256, 1024, "cpu") == "fused-instantiate"

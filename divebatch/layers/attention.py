@@ -37,7 +37,7 @@ from torch import nn
 
 from .base import LayerRule, RoutePlan, RuleError, register, suspend_capture
 from .. import ops
-from .linear import fused_linear, fused_linear_route, linear_grad_sums, linear_norms
+from .linear import fused_linear, fused_linear_route_name, linear_grad_sums, linear_norms
 
 _FORWARD_PARAMS = list(inspect.signature(nn.MultiheadAttention.forward).parameters)[1:]
 _FORWARD_DEFAULTS = {name: p.default for name, p in inspect.signature(nn.MultiheadAttention.forward).parameters.items()
@@ -325,7 +325,7 @@ def _projection_params(module, name: str) -> tuple[str, str]:
 def _fused_instantiate(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the fused-instantiate route applies to a projection of ``x [T, B, d]``."""
     T, B, d = x.shape
-    return fused_linear_route(B, T, d, weight.shape[0], x.device.type).route == "fused-instantiate"
+    return fused_linear_route_name(B, T, d, weight.shape[0], x.device.type) == "fused-instantiate"
 
 
 def _options(bound: dict) -> dict:

@@ -28,7 +28,7 @@ from torch import nn
 
 from .. import ops
 from .base import LayerRule, RoutePlan, RuleError, fused_sink_grads, per_sample_sq, register
-from .linear import fused_linear_route, linear_norms
+from .linear import fused_linear_route, fused_linear_route_name, linear_norms
 from .routes import MAX_EXTRA_BYTES, linear_route
 
 
@@ -252,7 +252,7 @@ def _unfolded_fused_route(module, unpadded: bool, B: int, T: int, d: int, p: int
     return (unpadded and module.groups == 1 and tuple(module.stride) == tuple(module.kernel_size)
             and all(dil == 1 for dil in module.dilation)
             and (d * p >= UNFOLDED_TILE_ELEMENTS or all(k == 1 for k in module.kernel_size))
-            and fused_linear_route(B, T, d, p, device_type).route == "fused-instantiate")
+            and fused_linear_route_name(B, T, d, p, device_type) == "fused-instantiate")
 
 
 def _output_positions(module, sizes, padding_totals) -> int:

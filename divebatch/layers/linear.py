@@ -7,6 +7,8 @@ concatenating the calls along T (``sum_k G_k^T A_k = [G_1..G_K]^T [A_1..A_K]``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -107,7 +109,7 @@ class LinearRule(LayerRule):
         p = self.out_features(module)
         if T == 1 or linear_route_name(B, T, d, p) == "outer":
             return False
-        return fused_linear_route(B, T, d, p, x.device.type).route == "fused-instantiate"
+        return fused_linear_route_name(B, T, d, p, x.device.type) == "fused-instantiate"
 
     def fused_forward(self, module, args, kwargs, sink):
         return fused_linear(args[0], self.weight_out_in(module), module.bias, sink)
@@ -199,11 +201,11 @@ def linear_norms_and_weight_grad(a: torch.Tensor, g: torch.Tensor, with_bias: bo
     from ``A [B, T, d]``, ``G [B, T, p]``, for a backward that forms the weight gradient itself: the
     fused instantiate route's per-sample tiles add up to it (``fused_linear_route``), otherwise it is
     one GEMM (in the inputs' dtype, as autograd's) beside the norms' route."""
-    plan = fused_linear_route(a.shape[0], a.shape[1], a.shape[2], g.shape[2], a.device.type)
-    if plan.route == "fused-instantiate":
+    route = fused_linear_route_name(a.shape[0], a.shape[1], a.shape[2], g.shape[2], a.device.type)
+    if route == "fused-instantiate":
         w_sq, b_sq, grad_w = ops.instantiate_norm(a, g, with_bias)
     else:
-        w_sq, b_sq = (ops.outer_norm(a[:, 0], g[:, 0], with_bias) if plan.route == "outer"
+        w_sq, b_sq = (ops.outer_norm(a[:, 0], g[:, 0], with_bias) if route == "outer"
                       else ops.ghost_norm(a, g, with_bias))
         a2, g2 = row_matrices(a, g)
         grad_w = g2.t().matmul(a2)
@@ -276,5 +278,17 @@ def fused_linear_route(B: int, T: int, d: int, p: int, device_type: str = "cpu")
     if plan.route == "ghost" and tiles >= plan.flops:
         return plan
     return RoutePlan("fused-instantiate", inst.shape, tiles, inst.extra_bytes, plan.alternatives)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fused_route_name(B: int, T: int, d: int, p: int, device_type: str, *model_state) -> str:
+    return fused_linear_route(B, T, d, p, device_type).route
+
+
+def fused_linear_route_name(B: int, T: int, d: int, p: int, device_type: str = "cpu") -> str:
+    """``fused_linear_route(...).route``, memoised (asked at every call of every fusable layer);
+    the key holds all the model reads besides the shape, so a changed constant or backend counts."""
+    return _fused_route_name(B, T, d, p, device_type, _fused_runs_triton(device_type), torch.get_num_threads(),
+                             FUSED_TILE_COST, FUSED_CUDA_EXTRA_COST, FUSED_CUDA_MAX_WEIGHT, MAX_EXTRA_BYTES)
 
 
