@@ -108,6 +108,7 @@ def _group_norm_grads(x: torch.Tensor, g: torch.Tensor, groups: int, eps: float,
 
 
 def _sum_calls(parts) -> dict[str, torch.Tensor]:
+    """The per-sample gradients of several calls of one module, added per parameter."""
     total: dict[str, torch.Tensor] = {}
     for part in parts:
         for name, value in part.items():
@@ -119,8 +120,9 @@ class RowNormRule(AffineNormRule):
     """A norm over the trailing ``normalized_shape`` dims with one affine entry per normalised
     element (LayerNorm, RMSNorm): where a compiled kernel serves, the per-sample sums come from
     ``ops.affine_norm_grads`` in one pass over the input and output grad, ``x_hat`` never written
-    (CPU, 2 threads, three runs: 1.0-2.5x as fast as the PyTorch path in float32, 2.3-6.5x in
-    bfloat16; ``bench/norm_routes.py``, bench/results/norm_routes.md)."""
+    (CPU, 2 threads, five runs of ``bench/norm_routes.py``: LayerNorms 1.2-1.6x as fast as the
+    PyTorch path in float32, 2.0-6.5x in bfloat16; a 2048-wide float32 RMSNorm, memory-bound
+    either way, 0.9-2.5x; bench/results/norm_routes.md)."""
 
     rows_independent = True
     rms = False
@@ -141,16 +143,15 @@ class RowNormRule(AffineNormRule):
         d = math.prod(shape)
         if not all(_kernel_serves(ctx, d) for ctx, _ in calls):
             return super().per_sample_grads(module, calls, tracked)
-        total: dict[str, torch.Tensor] = {}
-        for x, grads in calls:
+
+        def call_grads(x, g):
             B = x.shape[0]
-            weight, bias = ops.affine_norm_grads(x.reshape(B, -1, d), grads[0].reshape(B, -1, d), self.rms,
+            weight, bias = ops.affine_norm_grads(x.reshape(B, -1, d), g.reshape(B, -1, d), self.rms,
                                                  self.eps(module, x), "bias" in tracked, self.round_x_hat)
-            for name, part in (("weight", weight), ("bias", bias)):
-                if name in tracked:
-                    part = part.reshape(B, *shape)
-                    total[name] = part if name not in total else total[name] + part
-        return total
+            return {name: part.reshape(B, *shape) for name, part in (("weight", weight), ("bias", bias))
+                    if name in tracked}
+
+        return _sum_calls(call_grads(x, grads[0]) for x, grads in calls)
 
 
 @register(nn.LayerNorm)
