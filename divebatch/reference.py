@@ -95,10 +95,7 @@ def embedding_norm(indices: torch.Tensor, g: torch.Tensor, padding_idx: int) -> 
     return out
 
 
-# ---------------------------------------------------------------- recurrent scans
-#: Activations kept per step for the backward, in multiples of the hidden size H: an LSTM's
-#: gates i, f, g, o and tanh(c_t); a GRU's r, z, n and W_hn h + b_hn; nothing for nn.RNN (its
-#: output is the activation).
+# ---------------------------------------------------------------- norm layers
 def affine_norm_grads(x: torch.Tensor, g: torch.Tensor, rms: bool, eps: float, with_bias: bool,
                       round_x_hat: bool = False):
     """Per-sample gradients of a LayerNorm's (``rms=False``) or RMSNorm's (``rms=True``) affine
@@ -137,6 +134,10 @@ def group_norm_grads(x: torch.Tensor, g: torch.Tensor, groups: int, eps: float, 
     return weight, bias
 
 
+# ---------------------------------------------------------------- recurrent scans
+#: Activations kept per step for the backward, in multiples of the hidden size H: an LSTM's
+#: gates i, f, g, o and tanh(c_t); a GRU's r, z, n and W_hn h + b_hn; nothing for nn.RNN (its
+#: output is the activation).
 SCAN_SAVED = {"LSTM": 5, "GRU": 4, "RNN_TANH": 0, "RNN_RELU": 0}
 #: Pre-activations per hidden unit: G = SCAN_GATES[mode] * H.
 SCAN_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}

@@ -427,8 +427,9 @@ def test_group_norm_grads_refuses_groups_that_do_not_divide_the_channels():
         K.group_norm_grads_triton(x, x, 4, 1e-5, True)
 
 
-def test_affine_norm_grads_writes_every_partial(monkeypatch):
-    """The partial sums are allocated unfilled: with every fresh buffer NaN, no NaN comes out."""
+def test_norm_kernels_write_every_output(monkeypatch):
+    """Both norm kernels' outputs (affine: the row blocks' partial sums) are allocated unfilled:
+    with every fresh buffer NaN, no NaN comes out."""
     real_empty = torch.empty
 
     def nan_empty(*args, **kwargs):
@@ -439,6 +440,9 @@ def test_affine_norm_grads_writes_every_partial(monkeypatch):
     outs = K.affine_norm_grads_triton(x32.to(DEVICE), g32.to(DEVICE), False, 1e-5, True)
     for o, r in zip(_cpu(outs), R.affine_norm_grads(x32, g32, False, 1e-5, True)):
         _assert_fp32(o, r, "affine_norm_grads over NaN-filled partials")
+    outs = K.group_norm_grads_triton(x32.to(DEVICE), g32.to(DEVICE), 3, 1e-5, True)
+    for o, r in zip(_cpu(outs), R.group_norm_grads(x32, g32, 3, 1e-5, True)):
+        _assert_fp32(o, r, "group_norm_grads over NaN-filled outputs")
 
 
 def test_affine_norm_grads_refuses_rows_wider_than_a_program():

@@ -117,11 +117,9 @@ def bench_workload(name, spec, K, R, rounds, rep_ms, dev="cuda"):
     elif op == "scan":
         methods, errors = _scan_methods(B, T, d, dtype, extra, K, R, dev, gen)
         bytes_moved = 0
-    elif op == "group_norm":
-        methods, errors = _group_norm_methods(B, T, d, dtype, extra, K, R, dev, gen)
-        bytes_moved = 2 * B * T * d * torch.tensor([], dtype=dtype).element_size()
-    elif op == "affine_norm":
-        methods, errors = _affine_norm_methods(B, T, d, dtype, extra, K, R, dev, gen)
+    elif op in ("affine_norm", "group_norm"):  # (reads x and g once)
+        methods_of = _affine_norm_methods if op == "affine_norm" else _group_norm_methods
+        methods, errors = methods_of(B, T, d, dtype, extra, K, R, dev, gen)
         bytes_moved = 2 * B * T * d * torch.tensor([], dtype=dtype).element_size()
     elif op == "embedding":
         vocab = extra
@@ -215,47 +213,46 @@ def measured_faster_route(result) -> str:
     return "fused-instantiate" if extra < ms["triton ghost_norm"] else "ghost"
 
 
+def _norm_methods(name, module, rule, tracked, x, g, ours, reference):
+    """A norm layer's per-sample weight and bias sums: the Triton kernel (``ours()``) against the
+    rule's PyTorch path (what runs without it) and the layer's own backward (the floor: it reads
+    the same x and g); the kernel's error against ``reference()``."""
+    from divebatch.layers import norm
+
+    xr = x.detach().requires_grad_()
+    out = module(xr)
+    methods = {
+        "layer backward (floor)": lambda: torch.autograd.grad(out, (xr, *module.parameters()), g, retain_graph=True),
+        f"triton {name}": ours,
+        "torch rule path": lambda: norm.AffineNormRule.per_sample_grads(rule, module, [(x, (g,))], tracked),
+    }
+    errors = {f"triton {name}": max(rel_err(o, r) for o, r in zip(ours(), reference()) if r.abs().max() > 0)}
+    return methods, errors
+
+
 def _affine_norm_methods(B, R_rows, d, dtype, rms, K, R, dev, gen):
-    """A LayerNorm's (RMSNorm's) per-sample weight and bias sums: the Triton kernel against the
-    norm rule's PyTorch path (what runs without it) and the layer's own backward (the floor: it
-    reads the same x and g)."""
+    """A LayerNorm's (RMSNorm's) per-sample sums over ``[B, R_rows, d]`` (see ``_norm_methods``)."""
     from divebatch.layers import norm
 
     x = (torch.randn(B, R_rows, d, device=dev, generator=gen) + 0.5).to(dtype)
     g = torch.randn(B, R_rows, d, device=dev, generator=gen).to(dtype)
     module = (torch.nn.RMSNorm(d) if rms else torch.nn.LayerNorm(d)).to(dev, dtype)
     rule = norm.RMSNormRule() if rms else norm.LayerNormRule()
-    tracked = {"weight"} if rms else {"weight", "bias"}
-    xr = x.detach().requires_grad_()
-    out = module(xr)
-    methods = {
-        "layer backward (floor)": lambda: torch.autograd.grad(out, (xr, *module.parameters()), g, retain_graph=True),
-        "triton affine_norm_grads": lambda: K.affine_norm_grads_triton(x, g, rms, 1e-5, not rms),
-        "torch rule path": lambda: norm.AffineNormRule.per_sample_grads(rule, module, [(x, (g,))], tracked),
-    }
-    ours, ref = K.affine_norm_grads_triton(x, g, rms, 1e-5, not rms), R.affine_norm_grads(x, g, rms, 1e-5, not rms)
-    errors = {"triton affine_norm_grads": max(rel_err(o, r) for o, r in zip(ours, ref) if r.abs().max() > 0)}
-    return methods, errors
+    return _norm_methods("affine_norm_grads", module, rule, {"weight"} if rms else {"weight", "bias"}, x, g,
+                         lambda: K.affine_norm_grads_triton(x, g, rms, 1e-5, not rms),
+                         lambda: R.affine_norm_grads(x, g, rms, 1e-5, not rms))
 
 
 def _group_norm_methods(B, S, C, dtype, groups, K, R, dev, gen):
-    """A GroupNorm's per-sample weight and bias sums over ``[B, C, S]``: the Triton kernel against the
-    rule's PyTorch path and the layer's own backward (the floor)."""
+    """A GroupNorm's per-sample sums over ``[B, C, S]`` (see ``_norm_methods``)."""
     from divebatch.layers import norm
 
     x = (torch.randn(B, C, S, device=dev, generator=gen) + 0.5).to(dtype)
     g = torch.randn(B, C, S, device=dev, generator=gen).to(dtype)
     module = torch.nn.GroupNorm(groups, C).to(dev, dtype)
-    rule = norm.GroupNormRule()
-    xr = x.detach().requires_grad_()
-    out = module(xr)
-    methods = {
-        "layer backward (floor)": lambda: torch.autograd.grad(out, (xr, *module.parameters()), g, retain_graph=True),
-        "triton group_norm_grads": lambda: K.group_norm_grads_triton(x, g, groups, 1e-5, True),
-        "torch rule path": lambda: norm.AffineNormRule.per_sample_grads(rule, module, [(x, (g,))], {"weight", "bias"}),
-    }
-    ours, ref = K.group_norm_grads_triton(x, g, groups, 1e-5, True), R.group_norm_grads(x, g, groups, 1e-5, True)
-    return methods, {"triton group_norm_grads": max(rel_err(o, r) for o, r in zip(ours, ref))}
+    return _norm_methods("group_norm_grads", module, norm.GroupNormRule(), {"weight", "bias"}, x, g,
+                         lambda: K.group_norm_grads_triton(x, g, groups, 1e-5, True),
+                         lambda: R.group_norm_grads(x, g, groups, 1e-5, True))
 
 
 def _scan_methods(B, T, H, dtype, mode, K, R, dev, gen):
