@@ -1,6 +1,8 @@
-"""Norm layers' per-sample gradients on CPU: the ``affine_norm_grads`` (LayerNorm, RMSNorm) and
-``group_norm_grads`` (GroupNorm, InstanceNorm) C++ kernels against the chunked PyTorch path
-(``AffineNormRule``: ``x_hat`` in float32, multiplied in place, reduced), in one process.
+"""Norm layers' per-sample gradients on CPU: the ``affine_norm_grads`` (LayerNorm, RMSNorm),
+``group_norm_grads`` (GroupNorm, InstanceNorm) and ``channel_norm_grads`` (BatchNorm in training
+and eval mode) C++ kernels against the chunked PyTorch path (``AffineNormRule``: ``x_hat`` in
+float32, multiplied in place, reduced; for BatchNorm in training mode the whole batch at once),
+in one process.
 
 For each shape both paths run the norm rule's ``per_sample_grads`` on the same input and output
 grad, alternating, ``--rounds`` rounds of ``--reps`` calls; the table gives medians, their ratio
@@ -39,10 +41,20 @@ SHAPES = [
     ("ResNet GroupNorm(32, 64) at 56x56", nn.GroupNorm(32, 64), (16, 64, 56, 56), torch.float32),
     ("ResNet GroupNorm(32, 256) at 14x14", nn.GroupNorm(32, 256), (16, 256, 14, 14), torch.float32),
     ("InstanceNorm2d(64) at 56x56", nn.InstanceNorm2d(64, affine=True), (16, 64, 56, 56), torch.float32),
+    ("ResNet BatchNorm2d(64) at 56x56, train", nn.BatchNorm2d(64), (16, 64, 56, 56), torch.float32),
+    ("ResNet BatchNorm2d(256) at 14x14, train", nn.BatchNorm2d(256), (16, 256, 14, 14), torch.float32),
+    ("ResNet BatchNorm2d(512) at 7x7, train", nn.BatchNorm2d(512), (16, 512, 7, 7), torch.float32),
+    ("ResNet BatchNorm2d(64) at 56x56, eval", nn.BatchNorm2d(64).eval(), (16, 64, 56, 56), torch.float32),
+    ("ResNet BatchNorm2d(256) at 14x14, eval", nn.BatchNorm2d(256).eval(), (16, 256, 14, 14), torch.float32),
+    ("BatchNorm2d(64) at 56x56, train, channels-last", nn.BatchNorm2d(64), (16, 64, 56, 56), "channels_last"),
+    ("MLP BatchNorm1d(256), train", nn.BatchNorm1d(256), (64, 256), torch.float32),
+    ("ResNet BatchNorm2d(512) at 7x7, bf16, train", nn.BatchNorm2d(512), (16, 512, 7, 7), torch.bfloat16),
+    ("InstanceNorm2d(256) at 14x14", nn.InstanceNorm2d(256, affine=True), (16, 256, 14, 14), torch.float32),
 ]
 
 _RULES = {nn.LayerNorm: norm.LayerNormRule, nn.RMSNorm: norm.RMSNormRule, nn.GroupNorm: norm.GroupNormRule,
-          nn.InstanceNorm2d: norm.InstanceNormRule}
+          nn.InstanceNorm2d: norm.InstanceNormRule, nn.BatchNorm2d: norm.BatchNormRule,
+          nn.BatchNorm1d: norm.BatchNormRule}
 
 
 def main(argv=None) -> int:
@@ -59,11 +71,16 @@ def main(argv=None) -> int:
              "|---|---|---|---|---|---|"]
     for name, module, shape, dtype in SHAPES:
         torch.manual_seed(0)
-        x = (torch.randn(shape) * 2 + 1).to(dtype)
-        g = torch.randn(shape).to(dtype)
+        memory_format = torch.channels_last if dtype == "channels_last" else torch.contiguous_format
+        dtype = torch.float32 if dtype == "channels_last" else dtype
+        x = (torch.randn(shape) * 2 + 1).to(dtype=dtype, memory_format=memory_format)
+        g = torch.randn(shape).to(dtype=dtype, memory_format=memory_format)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training:
+            module.running_mean.uniform_(0.5, 1.5)
+            module.running_var.uniform_(3, 5)
         rule = _RULES[type(module)]()
         tracked = {"weight", "bias"} if getattr(module, "bias", None) is not None else {"weight"}
-        calls = [((x, None, None) if isinstance(module, nn.InstanceNorm2d) else x, (g,))]
+        calls = [(rule.capture(module, (x,), {}, None), (g,))]
 
         def chunked():
             return norm.AffineNormRule.per_sample_grads(rule, module, calls, tracked)

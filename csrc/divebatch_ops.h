@@ -51,6 +51,15 @@ std::tuple<at::Tensor, at::Tensor> affine_norm_grads_cpu(const at::Tensor& x, co
 // (weight [B, C] = sum_s x_hat * g, bias [B, C] = sum_s g, zeros without bias).
 std::tuple<at::Tensor, at::Tensor> group_norm_grads_cpu(const at::Tensor& x, const at::Tensor& g, int64_t groups,
                                                         double eps, bool with_bias);
+// Per-sample gradients of a BatchNorm's affine parameters (an InstanceNorm's with running
+// statistics), x and g [B, C, S]: x_hat = (x - mean[c]) / sqrt(var[c] + eps) with mean and var
+// [C] given (running statistics) or, both none, the batch's (over samples and positions, biased
+// variance, taken in double). Returns (weight [B, C] = sum_s x_hat * g, bias [B, C] = sum_s g,
+// zeros without bias); sums in float32 chunks added in double.
+std::tuple<at::Tensor, at::Tensor> channel_norm_grads_cpu(const at::Tensor& x, const at::Tensor& g,
+                                                          const std::optional<at::Tensor>& mean,
+                                                          const std::optional<at::Tensor>& var, double eps,
+                                                          bool with_bias);
 
 // One direction of one nn.RNN / nn.LSTM / nn.GRU layer (recurrent_scan_cpu.cpp). gi [B, T, G] is
 // the input projection x W_ih^T + b_ih of every step (G = 4H LSTM, 3H GRU, H RNN), w_hh [G, P],

@@ -381,20 +381,25 @@ double chunked_sum(const float* x, int64_t n) {
   return total;
 }
 
-// sum_k (x[k] - shift)^2
+// sum_k (x[k] - shift)^2, and sum_k (x[k] - shift) into *dev_sum: with shift a first estimate of
+// the mean, dev_sum / n corrects it (the corrected two-pass algorithm: the float32 lane sums that
+// gave the estimate lose digits when the mean is far from zero against the spread).
 DIVEBATCH_MULTIVERSION
-double chunked_sq_dev(const float* x, int64_t n, float shift) {
-  double total = 0.0;
+double chunked_sq_dev(const float* x, int64_t n, float shift, double* dev_sum) {
+  double total = 0.0, dev_total = 0.0;
   for (int64_t k0 = 0; k0 < n; k0 += kSumChunk) {
     const int64_t k1 = std::min(n, k0 + kSumChunk);
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
+    float s = 0.f, d = 0.f;
+#pragma omp simd reduction(+ : s, d)
     for (int64_t k = k0; k < k1; ++k) {
       const float c = x[k] - shift;
       s += c * c;
+      d += c;
     }
     total += s;
+    dev_total += d;
   }
+  *dev_sum = dev_total;
   return total;
 }
 
@@ -426,6 +431,19 @@ void load_row_f32(float* out, const scalar_t* x, int64_t n, int64_t stride) {
   for (int64_t k = 0; k < n; ++k) {
     out[k] = static_cast<float>(x[k * stride]);
   }
+}
+
+// The row as float32: in place where it already is contiguous float32, else converted into buf.
+template <typename scalar_t>
+const float* row_as_f32(const scalar_t* x, int64_t n, int64_t stride, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (stride == 1) {
+      return x;
+    }
+  }
+  buf.resize(n);
+  load_row_f32(buf.data(), x, n, stride);
+  return buf.data();
 }
 
 }  // namespace
@@ -753,16 +771,228 @@ std::tuple<at::Tensor, at::Tensor> group_norm_grads_cpu(const at::Tensor& x, con
           for (int64_t c = 0; c < per_group; ++c) {
             load_row_f32(rows.data() + c * S, px + b * x.stride(0) + (c0 + c) * x.stride(1), S, x.stride(2));
           }
-          const int64_t count = per_group * S;
-          const float mean = static_cast<float>(chunked_sum(rows.data(), count) / static_cast<double>(count));
-          const double rstd = 1.0 / std::sqrt(chunked_sq_dev(rows.data(), count, mean) / count + eps);
+          const double count = static_cast<double>(per_group * S);
+          // The rows are centred by a float32 estimate of the mean; mean_dev is what it lacks.
+          const float mean = static_cast<float>(chunked_sum(rows.data(), per_group * S) / count);
+          double dev_sum = 0.0;
+          const double sq_dev = chunked_sq_dev(rows.data(), per_group * S, mean, &dev_sum);
+          const double mean_dev = dev_sum / count;
+          const double rstd = 1.0 / std::sqrt(sq_dev / count - mean_dev * mean_dev + eps);
           for (int64_t c = 0; c < per_group; ++c) {
             load_row_f32(grow.data(), pg + b * g.stride(0) + (c0 + c) * g.stride(1), S, g.stride(2));
-            pw[b * C + c0 + c] = static_cast<float>(chunked_dot_dev(rows.data() + c * S, grow.data(), S, mean) * rstd);
-            pb[b * C + c0 + c] = with_bias ? static_cast<float>(chunked_sum(grow.data(), S)) : 0.f;
+            const double g_sum = chunked_sum(grow.data(), S);
+            const double dot = chunked_dot_dev(rows.data() + c * S, grow.data(), S, mean) - mean_dev * g_sum;
+            pw[b * C + c0 + c] = static_cast<float>(dot * rstd);
+            pb[b * C + c0 + c] = with_bias ? static_cast<float>(g_sum) : 0.f;
           }
         }
       });
+    });
+  });
+  return {weight, bias};
+}
+
+// ------------------------------------------------------------------ channel_norm_grads
+
+// For channels-last inputs (channels contiguous): one position's C values added into per-channel
+// float lanes, so the loops run along memory instead of striding by C per (sample, channel) row.
+DIVEBATCH_MULTIVERSION
+void add_lanes(float* acc, const float* x, int64_t n) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) {
+    acc[c] += x[c];
+  }
+}
+
+DIVEBATCH_MULTIVERSION
+void add_sq_dev_lanes(float* acc, float* acc_dev, const float* x, const float* centre, int64_t n) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) {
+    const float v = x[c] - centre[c];
+    acc[c] += v * v;
+    acc_dev[c] += v;
+  }
+}
+
+DIVEBATCH_MULTIVERSION
+void add_dot_dev_lanes(float* acc, const float* x, const float* g, const float* centre, int64_t n) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) {
+    acc[c] += (x[c] - centre[c]) * g[c];
+  }
+}
+
+// Positions per float32 partial sum in the channels-last loops (each channel's lane adds one term
+// per position, so fewer than the row loops' kSumChunk, whose terms spread over SIMD lanes).
+constexpr int64_t kPositionChunk = 128;
+
+// out[c] += acc[c], then acc[c] = 0: a chunk's float32 partial sums moved into the double totals.
+DIVEBATCH_MULTIVERSION
+void flush_lanes(double* out, float* acc, int64_t n) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) {
+    out[c] += static_cast<double>(acc[c]);
+    acc[c] = 0.f;
+  }
+}
+
+enum class ChannelPass { kSum, kSqDev, kDotDev };
+
+// Scratch for sample_channel_sums: float32 lanes (zero between calls) and conversion buffers.
+struct ChannelLanes {
+  explicit ChannelLanes(int64_t C) : acc(C, 0.f), acc_g(C, 0.f) {}
+  std::vector<float> acc, acc_g, xbuf, gbuf;
+};
+
+// One sample's per-channel sums over its S positions for channels-last x, g (stride 1 along C),
+// added into out (and out_g): kSum: sum_s x; kSqDev: sum_s (x - centre[c])^2 (and sum_s (x - centre[c]));
+// kDotDev: sum_s (x - centre[c]) g (and sum_s g). Float32 lanes over kPositionChunk positions, the
+// chunks added in double.
+template <ChannelPass pass, typename x_t, typename g_t>
+void sample_channel_sums(const x_t* x, int64_t x_stride_s, const g_t* g, int64_t g_stride_s, int64_t S, int64_t C,
+                         const float* centre, double* out, double* out_g, ChannelLanes& lanes) {
+  std::vector<float>&acc = lanes.acc, &acc_g = lanes.acc_g, &xbuf = lanes.xbuf, &gbuf = lanes.gbuf;
+  for (int64_t s0 = 0; s0 < S; s0 += kPositionChunk) {
+    for (int64_t s = s0; s < std::min(S, s0 + kPositionChunk); ++s) {
+      const float* xs = row_as_f32(x + s * x_stride_s, C, 1, xbuf);
+      if constexpr (pass == ChannelPass::kSum) {
+        add_lanes(acc.data(), xs, C);
+      } else if constexpr (pass == ChannelPass::kSqDev) {
+        add_sq_dev_lanes(acc.data(), acc_g.data(), xs, centre, C);
+      } else {
+        const float* gs = row_as_f32(g + s * g_stride_s, C, 1, gbuf);
+        add_dot_dev_lanes(acc.data(), xs, gs, centre, C);
+        add_lanes(acc_g.data(), gs, C);
+      }
+    }
+    flush_lanes(out, acc.data(), C);
+    if constexpr (pass != ChannelPass::kSum) {
+      flush_lanes(out_g, acc_g.data(), C);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> channel_norm_grads_cpu(const at::Tensor& x, const at::Tensor& g,
+                                                          const std::optional<at::Tensor>& mean,
+                                                          const std::optional<at::Tensor>& var, double eps,
+                                                          bool with_bias) {
+  constexpr const char* op = "channel_norm_grads";
+  check_norm_x_g(x, g, op, "[B, C, S]", "channels C", "positions S");
+  const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
+  TORCH_CHECK(mean.has_value() == var.has_value(), "divebatch::", op,
+              ": give both mean and var (running statistics) or neither (the batch's), got only ",
+              mean.has_value() ? "mean" : "var");
+  if (mean.has_value()) {
+    for (const auto& [stat, name] : {std::pair{&*mean, "mean"}, std::pair{&*var, "var"}}) {
+      check_same_device(x, *stat, op, "x", name);
+      check_float(*stat, op, name);
+      TORCH_CHECK(stat->dim() == 1 && stat->size(0) == C, "divebatch::", op, ": ", name,
+                  " must be 1-D with one entry per channel of x (", C, "), got shape ", stat->sizes());
+    }
+  }
+  auto weight = at::zeros({B, C}, x.options().dtype(at::kFloat));
+  auto bias = at::zeros({B, C}, x.options().dtype(at::kFloat));
+  if (B == 0 || C == 0 || S == 0) {
+    return {weight, bias};
+  }
+  // Per channel: the mean as float (what the float32 lanes centre the rows by), what that float
+  // lacks of the mean (added back as shortfall * sum_s g), and 1 / sqrt(var + eps).
+  std::vector<float> centre(C);
+  std::vector<double> shortfall(C, 0.0), rstd(C);
+  if (mean.has_value()) {
+    const at::Tensor m = mean->to(at::kDouble).contiguous(), v = var->to(at::kDouble).contiguous();
+    for (int64_t c = 0; c < C; ++c) {
+      centre[c] = static_cast<float>(m.const_data_ptr<double>()[c]);
+      rstd[c] = 1.0 / std::sqrt(v.const_data_ptr<double>()[c] + eps);
+    }
+  }
+  float* pw = weight.data_ptr<float>();
+  float* pb = bias.data_ptr<float>();
+  // Work items are (sample, channel) rows, or whole samples for channels-last inputs, each summed
+  // by one thread; the batch statistics are added over samples per channel in a fixed order:
+  // deterministic. Data already contiguous float32 is read in place, else converted per pass.
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "divebatch_channel_norm_x", [&] {
+    using x_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "divebatch_channel_norm_g", [&] {
+      const x_t* px = x.const_data_ptr<x_t>();
+      const scalar_t* pg = g.const_data_ptr<scalar_t>();
+      // Channels-last rows stride by C (and [B, C] inputs have rows of one value): there each
+      // sample's channels are summed together instead.
+      const bool channels_last = x.stride(1) == 1 && g.stride(1) == 1 && C > 1;
+      std::vector<double> row_total(B * C, 0.0), row_total_g(B * C, 0.0);
+      // One pass's per-(sample, channel) sums into row_total (and row_total_g; see sample_channel_sums).
+      const auto run_pass = [&](auto pass_tag) {
+        constexpr ChannelPass pass = decltype(pass_tag)::value;
+        std::fill(row_total.begin(), row_total.end(), 0.0);
+        std::fill(row_total_g.begin(), row_total_g.end(), 0.0);
+        if (channels_last) {
+          at::parallel_for(0, B, grain_for(S * C), [&](int64_t b0, int64_t b1) {
+            ChannelLanes lanes(C);
+            for (int64_t b = b0; b < b1; ++b) {
+              sample_channel_sums<pass>(px + b * x.stride(0), x.stride(2), pg + b * g.stride(0), g.stride(2), S, C,
+                                        centre.data(), row_total.data() + b * C, row_total_g.data() + b * C, lanes);
+            }
+          });
+          return;
+        }
+        at::parallel_for(0, B * C, grain_for(S), [&](int64_t i0, int64_t i1) {
+          std::vector<float> xbuf, gbuf;
+          for (int64_t item = i0; item < i1; ++item) {
+            const int64_t b = item / C, c = item % C;
+            const float* xr = row_as_f32(px + b * x.stride(0) + c * x.stride(1), S, x.stride(2), xbuf);
+            if constexpr (pass == ChannelPass::kSum) {
+              row_total[item] = chunked_sum(xr, S);
+            } else if constexpr (pass == ChannelPass::kSqDev) {
+              row_total[item] = chunked_sq_dev(xr, S, centre[c], &row_total_g[item]);
+            } else {
+              const float* gr = row_as_f32(pg + b * g.stride(0) + c * g.stride(1), S, g.stride(2), gbuf);
+              row_total[item] = chunked_dot_dev(xr, gr, S, centre[c]);
+              row_total_g[item] = chunked_sum(gr, S);
+            }
+          }
+        });
+      };
+      // Per channel, the rows' totals (of row_total and row_total_g) added over samples in a fixed order.
+      std::vector<double> channel_total(C), channel_total_g(C);
+      const auto total_over_samples = [&] {
+        std::fill(channel_total.begin(), channel_total.end(), 0.0);
+        std::fill(channel_total_g.begin(), channel_total_g.end(), 0.0);
+        for (int64_t b = 0; b < B; ++b) {
+          for (int64_t c = 0; c < C; ++c) {
+            channel_total[c] += row_total[b * C + c];
+            channel_total_g[c] += row_total_g[b * C + c];
+          }
+        }
+      };
+      if (!mean.has_value()) {
+        // The batch's statistics, two passes (so no two large sums are subtracted): the rows'
+        // sums give a first estimate of each channel's mean, the centre (a float, which the lanes
+        // subtract); the deviations from it give the variance and what the centre lacks of the
+        // mean (shortfall = centre - mean, put back as shortfall * sum_s g below).
+        const double count = static_cast<double>(B) * static_cast<double>(S);
+        run_pass(std::integral_constant<ChannelPass, ChannelPass::kSum>{});
+        total_over_samples();
+        for (int64_t c = 0; c < C; ++c) {
+          centre[c] = static_cast<float>(channel_total[c] / count);
+        }
+        run_pass(std::integral_constant<ChannelPass, ChannelPass::kSqDev>{});
+        total_over_samples();
+        for (int64_t c = 0; c < C; ++c) {
+          const double mean_dev = channel_total_g[c] / count;
+          shortfall[c] = -mean_dev;
+          rstd[c] = 1.0 / std::sqrt(channel_total[c] / count - mean_dev * mean_dev + eps);
+        }
+      }
+      run_pass(std::integral_constant<ChannelPass, ChannelPass::kDotDev>{});
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t item = b * C + c;
+          pw[item] = static_cast<float>((row_total[item] + shortfall[c] * row_total_g[item]) * rstd[c]);
+        }
+      }
+      if (with_bias) {
+        std::transform(row_total_g.begin(), row_total_g.end(), pb, [](double v) { return static_cast<float>(v); });
+      }
     });
   });
   return {weight, bias};
@@ -778,4 +1008,5 @@ TORCH_LIBRARY_IMPL(divebatch, CPU, m) {
   m.impl("embedding_norm", &divebatch::embedding_norm_cpu);
   m.impl("affine_norm_grads", &divebatch::affine_norm_grads_cpu);
   m.impl("group_norm_grads", &divebatch::group_norm_grads_cpu);
+  m.impl("channel_norm_grads", &divebatch::channel_norm_grads_cpu);
 }

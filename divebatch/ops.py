@@ -32,6 +32,8 @@ SCHEMAS = {
     "affine_norm_grads": "affine_norm_grads(Tensor x, Tensor g, bool rms, float eps, bool with_bias, "
                          "bool round_x_hat=False) -> (Tensor, Tensor)",
     "group_norm_grads": "group_norm_grads(Tensor x, Tensor g, int groups, float eps, bool with_bias) -> (Tensor, Tensor)",
+    "channel_norm_grads": "channel_norm_grads(Tensor x, Tensor g, Tensor? mean, Tensor? var, float eps, "
+                          "bool with_bias) -> (Tensor, Tensor)",
     "recurrent_scan": "recurrent_scan(Tensor gi, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? c0, Tensor? w_hr, "
                       "Tensor? lengths, str mode, bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     "recurrent_scan_backward": "recurrent_scan_backward(Tensor grad_out, Tensor? grad_h_n, Tensor? grad_c_n, "
@@ -79,10 +81,19 @@ def _affine_norm_grads_fake(x, g, rms, eps, with_bias, round_x_hat=False):
     return rows, torch.empty_like(rows)
 
 
-@torch.library.register_fake("divebatch::group_norm_grads")
-def _group_norm_grads_fake(x, g, groups, eps, with_bias):
+def _per_channel(x: torch.Tensor):
     channels = x.new_empty(x.shape[:2], dtype=torch.float32)
     return channels, torch.empty_like(channels)
+
+
+@torch.library.register_fake("divebatch::group_norm_grads")
+def _group_norm_grads_fake(x, g, groups, eps, with_bias):
+    return _per_channel(x)
+
+
+@torch.library.register_fake("divebatch::channel_norm_grads")
+def _channel_norm_grads_fake(x, g, mean, var, eps, with_bias):
+    return _per_channel(x)
 
 
 @torch.library.register_fake("divebatch::recurrent_scan")
@@ -177,6 +188,14 @@ def group_norm_grads(x: torch.Tensor, g: torch.Tensor, groups: int, eps: float, 
     """Per-sample GroupNorm (InstanceNorm: ``groups = C``) weight and bias gradients ``[B, C]``
     each, float32, for ``x, g [B, C, S]`` (see ``divebatch.reference.group_norm_grads``)."""
     return _call("group_norm_grads", x, g, int(groups), float(eps), with_bias)
+
+
+def channel_norm_grads(x: torch.Tensor, g: torch.Tensor, mean: torch.Tensor | None, var: torch.Tensor | None,
+                       eps: float, with_bias: bool = True):
+    """Per-sample BatchNorm (or running-statistics InstanceNorm) weight and bias gradients
+    ``[B, C]`` each, float32, for ``x, g [B, C, S]`` normalised per channel by running statistics
+    ``mean, var [C]`` or, both None, by the batch's (see ``divebatch.reference.channel_norm_grads``)."""
+    return _call("channel_norm_grads", x, g, mean, var, float(eps), with_bias)
 
 
 def triton_serves(device: torch.device) -> bool:

@@ -134,6 +134,28 @@ def group_norm_grads(x: torch.Tensor, g: torch.Tensor, groups: int, eps: float, 
     return weight, bias
 
 
+def channel_norm_grads(x: torch.Tensor, g: torch.Tensor, mean: torch.Tensor | None, var: torch.Tensor | None,
+                       eps: float, with_bias: bool):
+    """Per-sample gradients of a BatchNorm's affine parameters (an InstanceNorm's with running
+    statistics) for ``x, g [B, C, S]`` (``S``: the positions, flattened), normalised per channel as
+    ``F.batch_norm`` does: ``x_hat = (x - mean[c]) / sqrt(var[c] + eps)`` in float32, with ``mean,
+    var [C]`` the running statistics (eval mode) or, both None, the batch's: over all samples and
+    positions, biased variance (training mode; then the per-sample numbers are the decomposition of
+    the batch gradient, see ``divebatch.layers.norm``). Returns ``(weight [B, C] = sum_s x_hat * g,
+    bias [B, C] = sum_s g)``, float32; ``bias`` is zeros when ``with_bias`` is False.
+    """
+    if (mean is None) != (var is None):
+        raise ValueError("divebatch.channel_norm_grads: give both `mean` and `var` (running statistics) or "
+                         f"neither (the batch's), got only {'mean' if var is None else 'var'}")
+    x32 = _f32(x)
+    if mean is None:
+        var, mean = torch.var_mean(x32, dim=(0, 2), correction=0)
+    x_hat = (x32 - _f32(mean)[:, None]).mul_(torch.rsqrt(_f32(var) + eps)[:, None])
+    weight = x_hat.mul_(_f32(g)).sum(dim=2)
+    bias = _f32(g).sum(dim=2) if with_bias else torch.zeros_like(weight)
+    return weight, bias
+
+
 # ---------------------------------------------------------------- recurrent scans
 #: Activations kept per step for the backward, in multiples of the hidden size H: an LSTM's
 #: gates i, f, g, o and tanh(c_t); a GRU's r, z, n and W_hn h + b_hn; nothing for nn.RNN (its

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ._common import INTERPRET, scans_enabled
 from .affine_norm_grads import affine_norm_grads_triton
+from .channel_norm_grads import channel_norm_grads_triton
 from .embedding_norm import embedding_norm_triton
 from .ghost_norm import ghost_norm_triton
 from .group_norm_grads import group_norm_grads_triton
@@ -28,6 +29,7 @@ __all__ = [
     "embedding_norm_triton",
     "affine_norm_grads_triton",
     "group_norm_grads_triton",
+    "channel_norm_grads_triton",
     "recurrent_scan_triton",
     "recurrent_scan_backward_triton",
 ]
@@ -40,6 +42,7 @@ TRITON_OPS = {
     "embedding_norm": embedding_norm_triton,
     "affine_norm_grads": affine_norm_grads_triton,
     "group_norm_grads": group_norm_grads_triton,
+    "channel_norm_grads": channel_norm_grads_triton,
     "recurrent_scan": recurrent_scan_triton,
     "recurrent_scan_backward": recurrent_scan_backward_triton,
 }

@@ -10,9 +10,10 @@ and biased variance over the group's ``C / groups`` channels and all positions. 
 here nothing activation-sized is written.
 
 Grid: ``(B, groups)``, one program per (sample, group): it streams the group's elements three
-times in BLOCK_S chunks (the sum for the mean; the squared deviations, so the variance never
-subtracts two large numbers; then per channel ``sum_s x_hat g`` and ``sum_s g``), holding only
-BLOCK_S float32 lanes. Not autotuned: BLOCK_S follows the number of positions (``config_for``).
+times in BLOCK_S chunks (the sum for a first estimate of the mean; the deviations from it and
+their squares, for the variance and the estimate's error, so the variance never subtracts two
+large numbers; then per channel ``sum_s (x - estimate) g`` and ``sum_s g``, from which ``sum_s
+x_hat g``), holding only BLOCK_S float32 lanes. Not autotuned: BLOCK_S follows the number of positions (``config_for``).
 """
 
 from __future__ import annotations
@@ -61,7 +62,10 @@ def _group_norm_grads_kernel(
             lanes += tl.load(row + s.to(tl.int64) * stride_xs, mask=s < S, other=0.0).to(tl.float32)
     mean = tl.sum(lanes, axis=0) / count
 
+    # The deviations from that first estimate give the variance and what the estimate lacks of
+    # the mean (mean_dev), so a mean far from zero against the spread loses no digits.
     lanes = tl.zeros((BLOCK_S,), dtype=tl.float32)
+    dev_lanes = tl.zeros((BLOCK_S,), dtype=tl.float32)
     for c in range(first, last):
         row = x_base + tl.cast(c, tl.int64) * stride_xc
         for s0 in range(0, S, BLOCK_S):
@@ -70,7 +74,9 @@ def _group_norm_grads_kernel(
             v = tl.load(row + s.to(tl.int64) * stride_xs, mask=mask, other=0.0).to(tl.float32)
             centred = tl.where(mask, v - mean, 0.0)
             lanes += centred * centred
-    rstd = 1.0 / tl.sqrt_rn(tl.sum(lanes, axis=0) / count + eps)
+            dev_lanes += centred
+    mean_dev = tl.sum(dev_lanes, axis=0) / count
+    rstd = 1.0 / tl.sqrt_rn(tl.sum(lanes, axis=0) / count - mean_dev * mean_dev + eps)
 
     for c in range(first, last):
         c64 = tl.cast(c, tl.int64)
@@ -84,12 +90,12 @@ def _group_norm_grads_kernel(
             s64 = s.to(tl.int64)
             v = tl.load(row + s64 * stride_xs, mask=mask, other=0.0).to(tl.float32)
             gv = tl.load(grow + s64 * stride_gs, mask=mask, other=0.0).to(tl.float32)
-            acc_w += tl.where(mask, (v - mean) * rstd, 0.0) * gv
-            if WITH_BIAS:
-                acc_b += gv
-        tl.store(weight_ptr + b * C + c64, tl.sum(acc_w, axis=0))
+            acc_w += (v - mean) * gv  # masked entries load g = 0
+            acc_b += gv
+        g_sum = tl.sum(acc_b, axis=0)
+        tl.store(weight_ptr + b * C + c64, (tl.sum(acc_w, axis=0) - mean_dev * g_sum) * rstd)
         if WITH_BIAS:
-            tl.store(bias_ptr + b * C + c64, tl.sum(acc_b, axis=0))
+            tl.store(bias_ptr + b * C + c64, g_sum)
 
 
 def group_norm_grads_triton(x: torch.Tensor, g: torch.Tensor, groups: int, eps: float, with_bias: bool):

@@ -210,6 +210,16 @@ def batchnorm3d_eval():
     return _regression(model.eval(), torch.randn(3, 2, 4, 4, 4))
 
 
+def batchnorm_train():
+    """BatchNorm in training mode (no per-sample gradient exists: the numbers are the decomposition
+    of the batch gradient, so no torch.func oracle; not in ``ZOO``): a BatchNorm2d on channels-last
+    feature maps, a BatchNorm1d on ``[B, C]``."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 6),
+                          nn.BatchNorm1d(6), nn.Linear(6, 2))
+    return _regression(model.to(memory_format=torch.channels_last),
+                       torch.randn(5, 3, 7, 7).to(memory_format=torch.channels_last))
+
+
 def attention_batch_first():
     return _regression(nn.Sequential(SelfAttention(8, 2, True), nn.Linear(8, 2)), torch.randn(3, 5, 8))
 
@@ -486,6 +496,10 @@ ZOO = {f.__name__: f for f in [linear_2d, linear_3d, linear_4d, conv1d, conv2d, 
                               functional_norms, flattened_tokens, inplace_residuals, mixture_of_experts,
                               experts_on_every_token, parametrized, normalised_table, passed_table, recurrent,
                               custom_module, reused_module, standardised_convs]}
+
+#: Models whose per-sample numbers are a decomposition of the batch gradient, not per-sample
+#: gradients (BatchNorm in training mode): the engine's own checks apply, torch.func's do not.
+DECOMPOSED = {f.__name__: f for f in [batchnorm_train]}
 
 
 def add_concatenated_qkv(module: nn.Module, dim: int) -> None:

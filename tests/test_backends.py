@@ -5,17 +5,17 @@ import torch
 
 from divebatch import GradNormTracker, ops
 
-from .models_zoo import ZOO, sample_loss
+from .models_zoo import DECOMPOSED, ZOO, sample_loss
 from .oracle import rel_err
 
 FAMILIES = ["linear_2d", "linear_3d", "conv2d", "conv1d", "embedding", "embedding_bags", "norms", "conv_norms_eval",
-            "instance_norms", "recurrent", "standardised_convs"]
+            "instance_norms", "batchnorm_train", "recurrent", "standardised_convs"]
 
 
 def _stats(case, backend, monkeypatch):
     monkeypatch.setenv("DIVEBATCH_BACKEND", backend)
     torch.manual_seed(0)
-    model, x, y = ZOO[case]()
+    model, x, y = {**ZOO, **DECOMPOSED}[case]()
     with GradNormTracker(model, "mean") as tracker:
         (sample_loss(model(x), y) / x.shape[0]).backward()
         return tracker.collect()

@@ -29,7 +29,8 @@ requires_cpp = pytest.mark.skipif(
 )
 
 D = torch.ops.divebatch
-OPS = ("ghost_norm", "instantiate_norm", "outer_norm", "embedding_norm", "affine_norm_grads", "group_norm_grads")
+OPS = ("ghost_norm", "instantiate_norm", "outer_norm", "embedding_norm", "affine_norm_grads", "group_norm_grads",
+       "channel_norm_grads")
 ROOT = Path(__file__).resolve().parent.parent
 
 # (B, T, d, p): T = 1; B = 1; T odd and crossing the 256-row Gram tile; B = 1 with T crossing
@@ -360,6 +361,23 @@ def test_group_norm_grads_float32(shape, layout):
 
 
 @requires_cpp
+@pytest.mark.parametrize("op", ("group_norm_grads", "channel_norm_grads"))
+def test_norm_statistics_keep_their_digits_far_from_zero(op):
+    """Inputs whose mean is 80 times their spread: the float32 lane sums of a mean lose digits
+    there; both ops correct the estimate from the deviations (the corrected two-pass algorithm)
+    and stay at float32 accuracy against a float64 oracle."""
+    torch.manual_seed(0)
+    x, g = torch.randn(3, 6, 2000) * 0.5 + 40, torch.randn(3, 6, 2000)
+    if op == "group_norm_grads":
+        weight, _ = D.group_norm_grads(x, g, 3, 1e-5, False)
+        want, _ = oracle_group_norm(x, g, 3, 1e-5)
+    else:
+        weight, _ = D.channel_norm_grads(x, g, None, None, 1e-5, False)
+        want, _ = oracle_channel_norm(x, g, None, None, 1e-5)
+    assert rel_err(weight, want) <= 1e-6
+
+
+@requires_cpp
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_group_norm_grads_low_precision(dtype):
     x, g = make((3, 8, 50), "contiguous", dtype), make((3, 8, 50), "transposed", dtype)
@@ -368,21 +386,93 @@ def test_group_norm_grads_low_precision(dtype):
     assert rel_err(weight, want_w) <= 1e-5 and rel_err(bias, want_b) <= 1e-5
 
 
+# ---------------------------------------------------------------- channel_norm_grads
+def oracle_channel_norm(x: torch.Tensor, g: torch.Tensor, mean, var, eps: float):
+    """float64, by hand: each channel normalised by the given statistics or, both None, by the
+    mean and biased variance over the whole batch and all positions."""
+    x64 = x.double()
+    if mean is None:
+        mean = x64.mean(dim=(0, 2))
+        var = (x64 - mean[:, None]).square().mean(dim=(0, 2))
+    x_hat = (x64 - mean.double()[:, None]) / torch.sqrt(var.double()[:, None] + eps)
+    return (x_hat * g.double()).sum(dim=2), g.double().sum(dim=2)
+
+
+def channel_stats(C: int, dtype=torch.float32):
+    """Running statistics as a BatchNorm holds them: means off zero, variances well off one."""
+    return (torch.randn(C) * 2 + 4).to(dtype), (torch.rand(C) * 8 + 0.5).to(dtype)
+
+
+# (B, C, S): one position (BatchNorm1d on [B, C]); one channel; positions crossing the
+# channels-last loop's 128-position chunk and the row loop's 1024-element chunk; many samples
+# of one position; an empty batch.
+CHANNEL_SHAPES = [(3, 8, 37), (5, 6, 1), (4, 1, 50), (2, 5, 300), (2, 3, 1100), (64, 16, 1), (0, 4, 3)]
+
+
+@requires_cpp
+@pytest.mark.parametrize("stats", ("batch", "running"))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", CHANNEL_SHAPES, ids=lambda s: "B{}_C{}_S{}".format(*s))
+def test_channel_norm_grads_float32(shape, layout, stats):
+    B, C, S = shape
+    # Offset far from zero against the spread: a sum of x * g less mean * sum g would lose digits.
+    x = make((B, C, S), layout) * 0.5 + 40
+    g = make((B, C, S), layout)
+    mean, var = channel_stats(C) if stats == "running" else (None, None)
+    weight, bias = D.channel_norm_grads(x, g, mean, var, 1e-5, True)
+    want_w, want_b = oracle_channel_norm(x, g, mean, var, 1e-5)
+    assert weight.dtype == bias.dtype == torch.float32 and weight.shape == bias.shape == (B, C)
+    assert rel_err(weight, want_w) <= 1e-5 and rel_err(bias, want_b) <= 1e-5
+    ref_w, ref_b = reference.channel_norm_grads(x, g, mean, var, 1e-5, True)
+    assert rel_err(weight, ref_w) <= 1e-5 and rel_err(bias, ref_b) <= 1e-5
+    assert bool((D.channel_norm_grads(x, g, mean, var, 1e-5, False)[1] == 0).all())
+
+
+@requires_cpp
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_channel_norm_grads_low_precision(dtype):
+    x, g = make((3, 8, 50), "contiguous", dtype), make((3, 8, 50), "transposed", dtype)
+    for mean, var in ((None, None), channel_stats(8, torch.float64), channel_stats(8, dtype)):
+        weight, bias = D.channel_norm_grads(x, g, mean, var, 1e-6, True)
+        want_w, want_b = oracle_channel_norm(x, g, mean, var, 1e-6)
+        assert rel_err(weight, want_w) <= 1e-5 and rel_err(bias, want_b) <= 1e-5
+
+
+@requires_cpp
+def test_channel_norm_grads_in_training_mode_decompose_batch_norms_gradient():
+    """With the batch's statistics the per-sample sums are BatchNorm's own decomposition: they add
+    up to the weight and bias gradients autograd gives the layer in training mode."""
+    module = torch.nn.BatchNorm2d(6)
+    x = torch.randn(5, 6, 7, 3) * 2 + 1
+    out = module(x)
+    g = torch.randn_like(out)
+    out.backward(g)
+    weight, bias = D.channel_norm_grads(x.reshape(5, 6, -1), g.reshape(5, 6, -1), None, None, module.eps, True)
+    torch.testing.assert_close(weight.sum(0), module.weight.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bias.sum(0), module.bias.grad, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- threads and determinism
 @requires_cpp
 def test_results_deterministic_and_thread_count_independent():
     a, g = torch.randn(3, 300, 16), torch.randn(3, 300, 80)  # B < 2 x threads: the split paths
     x = torch.randn(1, 300, 80)  # B = 1: the norm rows split into blocks
-    first = D.ghost_norm(a, g, True) + D.instantiate_norm(a, g, True) + D.affine_norm_grads(x, g[:1], False, 1e-5, True)
-    again = D.ghost_norm(a, g, True) + D.instantiate_norm(a, g, True) + D.affine_norm_grads(x, g[:1], False, 1e-5, True)
+    cl = torch.randn(3, 80, 16).transpose(1, 2)  # channels-last: the batch statistics summed per sample
+
+    def results():
+        return (D.ghost_norm(a, g, True) + D.instantiate_norm(a, g, True)
+                + D.affine_norm_grads(x, g[:1], False, 1e-5, True)
+                + D.channel_norm_grads(a, a, None, None, 1e-5, True) + D.channel_norm_grads(cl, cl, None, None, 1e-5, True))
+
+    first, again = results(), results()
     assert all(torch.equal(x, y) for x, y in zip(first, again))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        serial = (D.ghost_norm(a, g, True) + D.instantiate_norm(a, g, True)
-                  + D.affine_norm_grads(x, g[:1], False, 1e-5, True))
+        serial = results()
     finally:
         torch.set_num_threads(threads)
+    assert all(torch.equal(x, y) for x, y in zip(first[-4:], serial[-4:]))  # channel_norm_grads: fixed order
     assert all(rel_err(x, y) <= 1e-5 for x, y in zip(first, serial))
 
 
@@ -410,6 +500,8 @@ def _samples():
         "affine_norm_grads": [(a, torch.randn(3, 7, 5), False, 1e-5, True), (at, gt[..., :4].bfloat16(), True, 1e-6, False),
                               (at.bfloat16(), gt[..., :4], True, 1e-6, False, True)],
         "group_norm_grads": [(a, torch.randn(3, 7, 5), 7, 1e-5, True), (at, gt[..., :4].half(), 3, 1e-6, False)],
+        "channel_norm_grads": [(a, torch.randn(3, 7, 5), None, None, 1e-5, True),
+                               (at, gt[..., :4].half(), *channel_stats(9), 1e-6, False)],
     }
 
 
@@ -428,7 +520,8 @@ def test_torch_compile_fullgraph_matches_eager():
         wo, bo = D.outer_norm(a[:, 0], g[:, 0], True)
         e = D.embedding_norm(idx, g, 0)
         nw, nb = D.affine_norm_grads(g, g, False, 1e-5, True)
-        return w + 2 * b - wi + wo * bo + e + nw.sum(1) * nb.sum(1), s * 3
+        cw, cb = D.channel_norm_grads(a, a, None, None, 1e-5, True)
+        return w + 2 * b - wi + wo * bo + e + nw.sum(1) * nb.sum(1) + cw.sum(1) - cb.sum(1), s * 3
 
     a, g, idx = torch.randn(3, 9, 5), torch.randn(3, 9, 4), random_indices(3, 9, 4)
     torch._dynamo.reset()
@@ -460,6 +553,14 @@ BAD_INPUTS = [
      r"g must be a floating-point"),
     ("group_norm_grads", (torch.randn(4, 6, 3), torch.randn(4, 6, 3), 4, 1e-5, True), r"groups=4 must divide the 6"),
     ("group_norm_grads", (torch.randn(4, 6, 3), torch.randn(4, 6, 2), 3, 1e-5, True), r"g must have the same positions S"),
+    ("channel_norm_grads", (torch.randn(4, 6, 3), torch.randn(4, 5, 3), None, None, 1e-5, True),
+     r"g must have the same channels C"),
+    ("channel_norm_grads", (torch.randn(4, 6, 3), torch.randn(4, 6, 3), torch.zeros(6), None, 1e-5, True),
+     r"give both mean and var .* got only mean"),
+    ("channel_norm_grads", (torch.randn(4, 6, 3), torch.randn(4, 6, 3), torch.zeros(6), torch.ones(5), 1e-5, True),
+     r"var must be 1-D with one entry per channel of x \(6\)"),
+    ("channel_norm_grads", (torch.randn(4, 6, 3), torch.randn(4, 6, 3), torch.zeros(6, dtype=torch.long), torch.ones(6),
+                            1e-5, True), r"mean must be a floating-point"),
 ]
 
 

@@ -157,6 +157,15 @@ def _specs():
             floats=("eps",),
             constexprs={"WITH_BIAS": True},
         ),
+        "_channel_norm_grads_kernel": dict(
+            module="channel_norm_grads", configs="_CONFIGS",  # not autotuned: layout and positions pick it
+            pointers={"x_ptr": None, "g_ptr": None, "mean_ptr": "fp32", "rstd_ptr": "fp32", "weight_ptr": "fp32",
+                      "bias_ptr": "fp32"},
+            tensor_args=("x_ptr", "g_ptr"),
+            inner_strides=("stride_xs", "stride_gs"),
+            aligned_ints=("S", "stride_xb", "stride_xc", "stride_gb", "stride_gc"),
+            constexprs={"WITH_BIAS": True},
+        ),
         "_embedding_norm_kernel": dict(
             module="embedding_norm",
             pointers={"idx_ptr": "i64", "g_ptr": None, "out_ptr": "fp32"},

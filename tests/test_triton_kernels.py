@@ -427,6 +427,59 @@ def test_group_norm_grads_refuses_groups_that_do_not_divide_the_channels():
         K.group_norm_grads_triton(x, x, 4, 1e-5, True)
 
 
+#: (B, C, S): partial channel blocks and position chunks (the interpreter's 4 x 16 tile), one
+#: position (BatchNorm1d), one sample.
+CHANNEL_SHAPES = [(3, 8, 37), (5, 6, 1), (2, 5, 70), (1, 3, 20)]
+if DEVICE == "cuda":
+    CHANNEL_SHAPES += [(16, 64, 3136), (16, 512, 49), (64, 256, 1), (2, 3, 50176)]
+
+
+def _running_stats(C: int, seed: int):
+    """A BatchNorm's running mean and variance, float32 on the CPU."""
+    gen = _gen(seed)
+    return torch.randn(C, generator=gen) + 1.0, torch.rand(C, generator=gen) * 3.0 + 0.5
+
+
+@pytest.mark.parametrize("stats", ("batch", "running"))
+@pytest.mark.parametrize("case", [(s, dt, lay) for s in CHANNEL_SHAPES for dt in DTYPES for lay in ("contig", "transposed")
+                                  if lay == "contig" or dt == torch.float32],
+                         ids=lambda c: f"{'x'.join(map(str, c[0]))}-{str(c[1]).split('.')[-1]}-{c[2]}")
+def test_channel_norm_grads(case, stats):
+    (B, C, S), dtype, layout = case
+    x32 = _rand((B, C, S), 38, layout, scale=2.0).add_(1.0)
+    g32 = _rand((B, C, S), 39, layout)  # transposed: channels-last, the other config on a GPU
+    x, g = _like_layout(x32, dtype), _like_layout(g32, dtype)
+    mean, var = _running_stats(C, 40) if stats == "running" else (None, None)
+    on_device = (None, None) if mean is None else (mean.to(DEVICE), var.to(DEVICE))
+    outs = K.channel_norm_grads_triton(x, g, *on_device, 1e-5, True)
+    _check("channel_norm_grads", outs, x32, g32, (x, g), dtype, R.channel_norm_grads, (mean, var, 1e-5, True))
+    assert bool((_cpu(K.channel_norm_grads_triton(x, g, *on_device, 1e-5, False)[1]) == 0).all())
+
+
+def test_channel_norm_grads_refuses_half_the_statistics_and_wrong_sizes():
+    x = torch.zeros(2, 6, 5, device=DEVICE)
+    with pytest.raises(ValueError, match="give both `mean` and `var`.*got only mean"):
+        K.channel_norm_grads_triton(x, x, torch.zeros(6, device=DEVICE), None, 1e-5, True)
+    with pytest.raises(ValueError, match=r"`var` must have one entry per channel of `x` \(6\), got shape \(5,\)"):
+        K.channel_norm_grads_triton(x, x, torch.zeros(6, device=DEVICE), torch.ones(5, device=DEVICE), 1e-5, True)
+
+
+def test_group_norm_grads_keeps_its_digits_far_from_zero():
+    """Inputs whose mean is 80 times their spread: the float32 lane sums of the mean lose digits
+    there; the group kernel corrects its estimate from the deviations (the corrected two-pass
+    algorithm) and stays at float32 accuracy against a float64 oracle."""
+    B, C, S, groups = 3, 6, 70, 3
+    x32 = _rand((B, C, S), 41, scale=0.5).add_(40.0)
+    g32 = _rand((B, C, S), 42)
+    grouped = x32.double().reshape(B, groups, -1)
+    centred = grouped - grouped.mean(dim=2, keepdim=True)
+    x_hat = (centred / torch.sqrt(centred.square().mean(dim=2, keepdim=True) + 1e-5)).reshape(B, C, S)
+    want = (x_hat * g32.double()).sum(dim=2)
+    got = _cpu(K.group_norm_grads_triton(x32.to(DEVICE), g32.to(DEVICE), groups, 1e-5, True))[0]
+    err = float((got.double() - want).abs().max() / want.abs().max())
+    assert err <= 1e-6, f"group_norm_grads far from zero: relative error {err:.1e}"
+
+
 def test_norm_kernels_write_every_output(monkeypatch):
     """Both norm kernels' outputs (affine: the row blocks' partial sums) are allocated unfilled:
     with every fresh buffer NaN, no NaN comes out."""
@@ -443,6 +496,9 @@ def test_norm_kernels_write_every_output(monkeypatch):
     outs = K.group_norm_grads_triton(x32.to(DEVICE), g32.to(DEVICE), 3, 1e-5, True)
     for o, r in zip(_cpu(outs), R.group_norm_grads(x32, g32, 3, 1e-5, True)):
         _assert_fp32(o, r, "group_norm_grads over NaN-filled outputs")
+    outs = K.channel_norm_grads_triton(x32.to(DEVICE), g32.to(DEVICE), None, None, 1e-5, True)
+    for o, r in zip(_cpu(outs), R.channel_norm_grads(x32, g32, None, None, 1e-5, True)):
+        _assert_fp32(o, r, "channel_norm_grads over NaN-filled outputs")
 
 
 def test_affine_norm_grads_refuses_rows_wider_than_a_program():

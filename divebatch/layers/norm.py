@@ -84,27 +84,35 @@ class AffineNormRule(PerSampleGradsRule):
 GROUP_NORM_CPU_MIN_POSITIONS = 1024
 
 
-def _kernel_serves(x: torch.Tensor, d: int | None = None) -> bool:
-    """Whether ``ops.affine_norm_grads`` (given the row width ``d``) or ``ops.group_norm_grads``
-    (``d`` None) runs a compiled kernel for ``x`` where it pays: C++ on CPU (group norms from
-    ``GROUP_NORM_CPU_MIN_POSITIONS`` positions), Triton where it serves (rows up to its ``MAX_D``).
-    Elsewhere the op would be its reference, which holds all of ``x_hat`` at once;
+def _kernel_serves(x: torch.Tensor, d: int | None = None, cpu_min_positions: int = 0) -> bool:
+    """Whether ``ops.affine_norm_grads`` (given the row width ``d``), ``ops.group_norm_grads`` or
+    ``ops.channel_norm_grads`` (``d`` None) runs a compiled kernel for ``x`` where it pays: C++ on
+    CPU (from ``cpu_min_positions`` positions per channel), Triton where it serves (rows up to its
+    ``MAX_D``). Elsewhere the op would be its reference, which holds all of ``x_hat`` at once;
     ``AffineNormRule``'s chunked path gives the same numbers in less memory."""
     forced = ops.backend()
     if forced == "reference":
         return False
     if ops.triton_serves(x.device):
         return d is None or d <= ops._kernels.affine_norm_grads.MAX_D
-    if d is None and math.prod(x.shape[2:]) < GROUP_NORM_CPU_MIN_POSITIONS and forced != "cpp":
+    if d is None and math.prod(x.shape[2:]) < cpu_min_positions and forced != "cpp":
         return False
     return x.device.type == "cpu" and ops.CPP_AVAILABLE
 
 
-def _group_norm_grads(x: torch.Tensor, g: torch.Tensor, groups: int, eps: float, tracked) -> dict[str, torch.Tensor]:
-    """``{name: [B, C]}`` of a group-normalised call by ``ops.group_norm_grads`` (positions flattened)."""
+def _per_channel_grads(op, x: torch.Tensor, g: torch.Tensor, tracked, *args) -> dict[str, torch.Tensor]:
+    """``{name: [B, C]}`` of one call by ``op`` (``ops.group_norm_grads`` or
+    ``ops.channel_norm_grads``, given ``args`` between ``g`` and ``with_bias``), positions flattened."""
     B, C = x.shape[:2]
-    weight, bias = ops.group_norm_grads(x.reshape(B, C, -1), g.reshape(B, C, -1), groups, eps, "bias" in tracked)
+    weight, bias = op(x.reshape(B, C, -1), g.reshape(B, C, -1), *args, "bias" in tracked)
     return {name: part for name, part in (("weight", weight), ("bias", bias)) if name in tracked}
+
+
+def _group_norm_grads(x: torch.Tensor, g: torch.Tensor, groups: int, eps: float, tracked) -> dict[str, torch.Tensor]:
+    """``{name: [B, C]}`` of a group-normalised call by ``ops.group_norm_grads``."""
+    return _per_channel_grads(ops.group_norm_grads, x, g, tracked, groups, eps)
+
+
 
 
 def _sum_calls(parts) -> dict[str, torch.Tensor]:
@@ -185,7 +193,7 @@ class GroupNormRule(AffineNormRule):
 
     def per_sample_grads(self, module, calls, tracked) -> dict[str, torch.Tensor]:
         """By ``ops.group_norm_grads`` where a compiled kernel serves (one pass, ``x_hat`` never written)."""
-        if not all(_kernel_serves(x) for x, _ in calls):
+        if not all(_kernel_serves(x, cpu_min_positions=GROUP_NORM_CPU_MIN_POSITIONS) for x, _ in calls):
             return super().per_sample_grads(module, calls, tracked)
         return _sum_calls(_group_norm_grads(x, grads[0], module.num_groups, module.eps, tracked) for x, grads in calls)
 
@@ -209,6 +217,29 @@ class RunningStatsNormRule(AffineNormRule):
 
     def reduce(self, module, t):
         return t.reshape(t.shape[0], t.shape[1], -1).sum(dim=2)
+
+    def input_stats_grads(self, module, x, g, tracked) -> dict[str, torch.Tensor]:
+        """A call normalised by statistics of its input, by a compiled kernel."""
+        raise NotImplementedError
+
+    def kernel_serves(self, ctx) -> bool:
+        """Whether a compiled kernel takes this call (``ops.channel_norm_grads`` beat the PyTorch
+        path on CPU at every size measured, ``bench/results/norm_routes.md``)."""
+        return _kernel_serves(ctx[0])
+
+    def per_sample_grads(self, module, calls, tracked) -> dict[str, torch.Tensor]:
+        """Where a compiled kernel serves: by ``ops.channel_norm_grads`` for running statistics,
+        by ``input_stats_grads`` for the input's own; ``x_hat`` is never written."""
+        if not all(self.kernel_serves(ctx) for ctx, _ in calls):
+            return super().per_sample_grads(module, calls, tracked)
+
+        def call_grads(ctx, g):
+            x, mean, var = ctx
+            if mean is None:
+                return self.input_stats_grads(module, x, g, tracked)
+            return _per_channel_grads(ops.channel_norm_grads, x, g, tracked, mean, var, module.eps)
+
+        return _sum_calls(call_grads(ctx, grads[0]) for ctx, grads in calls)
 
 
 @register(nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)  # SyncBatchNorm has its own forward
@@ -247,6 +278,10 @@ class BatchNormRule(RunningStatsNormRule):
         return F.batch_norm(x.float(), None if mean is None else mean.float(), None if var is None else var.float(),
                             None, None, mean is None, 0.0, module.eps)
 
+    def input_stats_grads(self, module, x, g, tracked):
+        """Training mode: normalised by the batch's statistics, by ``ops.channel_norm_grads``."""
+        return _per_channel_grads(ops.channel_norm_grads, x, g, tracked, None, None, module.eps)
+
 
 @register(nn.modules.instancenorm._InstanceNorm)
 class InstanceNormRule(RunningStatsNormRule):
@@ -270,14 +305,13 @@ class InstanceNormRule(RunningStatsNormRule):
         return F.instance_norm(x.float(), None if mean is None else mean.float(),
                                None if var is None else var.float(), None, None, mean is None, 0.0, module.eps)
 
-    def per_sample_grads(self, module, calls, tracked) -> dict[str, torch.Tensor]:
-        """Normalised by each sample's own statistics: a GroupNorm of one channel a group, by
-        ``ops.group_norm_grads`` where a compiled kernel serves; running statistics take the
-        chunked path."""
-        if not all(ctx[1] is None and _kernel_serves(ctx[0]) for ctx, _ in calls):
-            return super().per_sample_grads(module, calls, tracked)
-        return _sum_calls(_group_norm_grads(x, grads[0], x.shape[1], module.eps, tracked)
-                          for (x, _, _), grads in calls)
+    def input_stats_grads(self, module, x, g, tracked):
+        """Normalised by each sample's own statistics: a GroupNorm of one channel a group."""
+        return _group_norm_grads(x, g, x.shape[1], module.eps, tracked)
+
+    def kernel_serves(self, ctx):
+        """Own statistics go to ``ops.group_norm_grads``, with GroupNorm's size cut-off on CPU."""
+        return _kernel_serves(ctx[0], cpu_min_positions=GROUP_NORM_CPU_MIN_POSITIONS if ctx[1] is None else 0)
 
 
 def _llama_rms_norm_forward(self, hidden_states):

@@ -252,6 +252,28 @@ void test_group_norm(int64_t B, int64_t C, int64_t S, int64_t groups, at::Scalar
   expect_close(bias, want_b, name + " bias", 1e-5);
 }
 
+// Naive float64 loop: each channel normalised by the running statistics given or, without them,
+// by the mean and biased variance over the whole batch; channels_last stores x and g [B, S, C].
+void test_channel_norm(int64_t B, int64_t C, int64_t S, bool running, bool channels_last, at::ScalarType dtype) {
+  const auto make = [&](double scale, double shift) {
+    const at::Tensor t = channels_last ? at::randn({B, S, C}).transpose(1, 2) : at::randn({B, C, S});
+    return (t * scale + shift).to(dtype);
+  };
+  const at::Tensor x = make(0.5, 40.0), g = make(1.0, 0.0);  // mean 80 times the spread
+  const at::Tensor xd = x.to(at::kDouble), gd = g.to(at::kDouble);
+  const at::Tensor mean = running ? at::randn({C}) + 39.5 : xd.mean({0, 2});
+  const at::Tensor var = running ? at::rand({C}) * 0.5 + 0.1 : (xd - mean.view({1, C, 1})).pow(2).mean({0, 2});
+  const at::Tensor x_hat = (xd - mean.to(at::kDouble).view({1, C, 1})) / (var.to(at::kDouble).view({1, C, 1}) + 1e-5).sqrt();
+  const at::Tensor want_w = (x_hat * gd).sum(2), want_b = gd.sum(2);
+  const std::string name = "channel_norm_grads B=" + std::to_string(B) + " C=" + std::to_string(C) + " S=" +
+                           std::to_string(S) + (running ? " running" : " batch") +
+                           (channels_last ? " channels-last " : " ") + c10::toString(dtype);
+  const auto [weight, bias] = running ? divebatch::channel_norm_grads_cpu(x, g, mean, var, 1e-5, true)
+                                      : divebatch::channel_norm_grads_cpu(x, g, std::nullopt, std::nullopt, 1e-5, true);
+  expect_close(weight, want_w, name + " weight", 1e-5);
+  expect_close(bias, want_b, name + " bias", 1e-5);
+}
+
 void test_bad_inputs() {
   const at::Tensor a = at::randn({4, 5, 3}), g = at::randn({4, 5, 2});
   expect_throws([&] { divebatch::ghost_norm_cpu(a, at::randn({3, 5, 2}), false); }, "batch size B",
@@ -276,6 +298,10 @@ void test_bad_inputs() {
                 "affine_norm_grads rejects g of another width");
   expect_throws([&] { divebatch::group_norm_grads_cpu(a, a, 2, 1e-5, true); }, "groups=2 must divide the 5 channels",
                 "group_norm_grads rejects groups that do not divide C");
+  expect_throws([&] { divebatch::channel_norm_grads_cpu(a, a, at::zeros({5}), std::nullopt, 1e-5, true); },
+                "give both mean and var", "channel_norm_grads rejects a mean without a var");
+  expect_throws([&] { divebatch::channel_norm_grads_cpu(a, a, at::zeros({5}), at::ones({4}), 1e-5, true); },
+                "var must be 1-D with one entry per channel of x (5)", "channel_norm_grads rejects a var of 4");
 }
 
 }  // namespace
@@ -317,6 +343,14 @@ int main() {
   test_group_norm(2, 6, 1, 6, at::kFloat);
   test_group_norm(1, 4, 300, 1, at::kFloat);
   test_group_norm(2, 8, 20, 4, at::kBFloat16);
+  // (B, C, S): rows crossing the 1024-element chunk; one position (BatchNorm1d); channels-last
+  // crossing the 128-position chunk; 16-bit.
+  for (const bool running : {false, true}) {
+    test_channel_norm(3, 5, 1100, running, false, at::kFloat);
+    test_channel_norm(16, 7, 1, running, false, at::kFloat);
+    test_channel_norm(2, 9, 300, running, true, at::kFloat);
+    test_channel_norm(2, 6, 40, running, true, at::kBFloat16);
+  }
 
   test_bad_inputs();
 
