@@ -55,7 +55,8 @@ def test_bench_kernels_cpu_smoke_run(tmp_path):
     import bench_kernels
 
     out = tmp_path / "bench.json"
-    names = "seq-up-bf16,mlp-T1-bf16,seq-embedding,layernorm-seq-large,rmsnorm-llama,groupnorm-conv-large"
+    names = ("seq-up-bf16,mlp-T1-bf16,seq-embedding,layernorm-seq-large,rmsnorm-llama,groupnorm-conv-large,"
+             "batchnorm-conv-large-cl,batchnorm-layer4-eval")
     assert bench_kernels.main(["--cpu-smoke", "--rounds", "1", "--workloads", names, "--out", str(out)]) == 0
     results = {r["workload"]: r for r in json.loads(out.read_text())["results"]}
     assert set(results) == set(names.split(","))
@@ -64,7 +65,8 @@ def test_bench_kernels_cpu_smoke_run(tmp_path):
         assert errors and max(errors) < 1e-4, result
     route = results["seq-up-bf16"]["route"]
     assert route["model"] in ("ghost", "fused-instantiate") and route["faster"] in ("ghost", "fused-instantiate")
-    assert any(row["method"] == "torch rule path" for row in results["layernorm-seq-large"]["rows"])
+    for name in ("layernorm-seq-large", "batchnorm-conv-large-cl", "batchnorm-layer4-eval"):
+        assert any(row["method"] == "torch rule path" for row in results[name]["rows"]), name
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward in time", "backward in time"])

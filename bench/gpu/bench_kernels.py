@@ -63,6 +63,11 @@ WORKLOADS = {
     "rmsnorm-llama":       ("affine_norm", 4, 4096, 4096, 0, torch.bfloat16, True),
     # GroupNorm(32) per-sample sums (T = positions, d = channels; extra = groups): conv-large's layer1
     "groupnorm-conv-large": ("group_norm", 32, 3136, 64, 0, torch.bfloat16, 32),
+    # BatchNorm per-sample sums (T = positions, d = channels; extra = mode and layout): ResNet-18's
+    # layer1 in training mode (batch statistics), NCHW and channels-last, and its layer4 in eval mode
+    "batchnorm-conv-large": ("batch_norm", 64, 3136, 64, 0, torch.bfloat16, "train"),
+    "batchnorm-conv-large-cl": ("batch_norm", 64, 3136, 64, 0, torch.bfloat16, "train-channels-last"),
+    "batchnorm-layer4-eval": ("batch_norm", 64, 49, 512, 0, torch.bfloat16, "eval"),
     # recurrent scans (d = p = H; extra = mode): the lstm / gru workloads of the CPU table, and a wider batch
     "lstm-scan":      ("scan", 16, 64, 256, 256, torch.float32, "LSTM"),
     "gru-scan":       ("scan", 16, 64, 256, 256, torch.float32, "GRU"),
@@ -117,8 +122,9 @@ def bench_workload(name, spec, K, R, rounds, rep_ms, dev="cuda"):
     elif op == "scan":
         methods, errors = _scan_methods(B, T, d, dtype, extra, K, R, dev, gen)
         bytes_moved = 0
-    elif op in ("affine_norm", "group_norm"):  # (reads x and g once)
-        methods_of = _affine_norm_methods if op == "affine_norm" else _group_norm_methods
+    elif op in ("affine_norm", "group_norm", "batch_norm"):  # (reads x and g once)
+        methods_of = {"affine_norm": _affine_norm_methods, "group_norm": _group_norm_methods,
+                      "batch_norm": _batch_norm_methods}[op]
         methods, errors = methods_of(B, T, d, dtype, extra, K, R, dev, gen)
         bytes_moved = 2 * B * T * d * torch.tensor([], dtype=dtype).element_size()
     elif op == "embedding":
@@ -189,7 +195,7 @@ def bench_workload(name, spec, K, R, rounds, rep_ms, dev="cuda"):
             row["config"] = chosen[m]
         if tuned.get(m):
             row["config_ms"] = tuned[m]
-        if m.startswith("triton") and op in ("outer", "embedding", "affine_norm", "group_norm"):
+        if m.startswith("triton") and op in ("outer", "embedding", "affine_norm", "group_norm", "batch_norm"):
             row["GB_per_s"] = bytes_moved / ms / 1e6
         rows.append(row)
     extra_err = {k: v for k, v in errors.items() if k not in methods}
@@ -213,18 +219,20 @@ def measured_faster_route(result) -> str:
     return "fused-instantiate" if extra < ms["triton ghost_norm"] else "ghost"
 
 
-def _norm_methods(name, module, rule, tracked, x, g, ours, reference):
+def _norm_methods(name, module, rule, tracked, x, g, ours, reference, ctx=None):
     """A norm layer's per-sample weight and bias sums: the Triton kernel (``ours()``) against the
-    rule's PyTorch path (what runs without it) and the layer's own backward (the floor: it reads
-    the same x and g); the kernel's error against ``reference()``."""
+    rule's PyTorch path (what runs without it; on the captured ``ctx``, default ``x``) and the
+    layer's own backward (the floor: it reads the same x and g); the kernel's error against
+    ``reference()``."""
     from divebatch.layers import norm
 
     xr = x.detach().requires_grad_()
     out = module(xr)
+    ctx = x if ctx is None else ctx
     methods = {
         "layer backward (floor)": lambda: torch.autograd.grad(out, (xr, *module.parameters()), g, retain_graph=True),
         f"triton {name}": ours,
-        "torch rule path": lambda: norm.AffineNormRule.per_sample_grads(rule, module, [(x, (g,))], tracked),
+        "torch rule path": lambda: norm.AffineNormRule.per_sample_grads(rule, module, [(ctx, (g,))], tracked),
     }
     errors = {f"triton {name}": max(rel_err(o, r) for o, r in zip(ours(), reference()) if r.abs().max() > 0)}
     return methods, errors
@@ -253,6 +261,31 @@ def _group_norm_methods(B, S, C, dtype, groups, K, R, dev, gen):
     return _norm_methods("group_norm_grads", module, norm.GroupNormRule(), {"weight", "bias"}, x, g,
                          lambda: K.group_norm_grads_triton(x, g, groups, 1e-5, True),
                          lambda: R.group_norm_grads(x, g, groups, 1e-5, True))
+
+
+def _batch_norm_methods(B, S, C, dtype, mode, K, R, dev, gen):
+    """A BatchNorm2d's per-sample sums over ``[B, C, S]`` feature maps (``S`` a square), in
+    training mode (the batch's statistics) or eval mode (running ones), NCHW or channels-last
+    (see ``_norm_methods``); the module keeps float32 parameters, as under autocast."""
+    from divebatch.layers import norm
+
+    side = int(round(S ** 0.5))
+    layout = torch.channels_last if mode.endswith("channels-last") else torch.contiguous_format
+    x = (torch.randn(B, C, side, side, device=dev, generator=gen) + 0.5).to(dtype=dtype, memory_format=layout)
+    g = torch.randn(B, C, side, side, device=dev, generator=gen).to(dtype=dtype, memory_format=layout)
+    module = torch.nn.BatchNorm2d(C).to(dev)
+    if mode == "eval":
+        with torch.no_grad():
+            module.running_mean.uniform_(0.0, 1.0)
+            module.running_var.uniform_(0.5, 2.0)
+        module.eval()
+    rule = norm.BatchNormRule()
+    ctx = rule.capture(module, (x,), {}, None)
+    mean, var = ctx[1:]
+    x3, g3 = x.reshape(B, C, -1), g.reshape(B, C, -1)
+    return _norm_methods("channel_norm_grads", module, rule, {"weight", "bias"}, x, g,
+                         lambda: K.channel_norm_grads_triton(x3, g3, mean, var, module.eps, True),
+                         lambda: R.channel_norm_grads(x3, g3, mean, var, module.eps, True), ctx=ctx)
 
 
 def _scan_methods(B, T, H, dtype, mode, K, R, dev, gen):
@@ -324,6 +357,8 @@ def main(argv=None):
                               min(extra, 7) if isinstance(extra, int) and not isinstance(extra, bool) else extra)
             if op == "group_norm":  # (groups must divide the channels)
                 WORKLOADS[key] = (op, 2, 20, 24, 0, dtype, 4)
+            if op == "batch_norm":  # (a square feature map)
+                WORKLOADS[key] = (op, 2, 16, 24, 0, dtype, extra)
     elif interpret:
         sys.exit("bench_kernels.py times GPU kernels: unset TRITON_INTERPRET (or pass --cpu-smoke)")
     elif not torch.cuda.is_available():

@@ -70,10 +70,10 @@ start_job() {  # start_job NAME LIMIT_S CMD...: in the background, output to $RE
 }
 t0=$(date +%s)
 # (the scans' cases compile ~50 specialisations of two large kernels: two shards of their own)
-# (affine_norm_grads: ~100 cases over 4 row widths, 3 dtypes and the layouts: a shard of its own)
+# (the norm kernels: ~200 cases over their widths, 3 dtypes and the layouts: a shard of their own)
 shards=("ghost and not instantiate" "instantiate" "outer" "recurrent_scan and LSTM"
-        "recurrent_scan and not LSTM" "affine_norm_grads or group_norm_grads"
-        "not ghost and not instantiate and not outer and not recurrent_scan and not affine_norm_grads and not group_norm_grads")
+        "recurrent_scan and not LSTM" "affine_norm_grads or group_norm_grads or channel_norm_grads"
+        "not ghost and not instantiate and not outer and not recurrent_scan and not affine_norm_grads and not group_norm_grads and not channel_norm_grads")
 for i in "${!shards[@]}"; do
     start_job "tests_shard$((i + 1))" 150 env DIVEBATCH_TRITON_TEST_DEVICE=cuda DIVEBATCH_TRITON_AUTOTUNE=0 \
         DIVEBATCH_TRITON_SCANS=1 "$PY" -m pytest tests/test_triton_kernels.py -q -p no:cacheprovider \
