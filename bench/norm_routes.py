@@ -40,6 +40,8 @@ SHAPES = [
     ("ViT-B LayerNorm, bf16", nn.LayerNorm(768), (16, 197, 768), torch.bfloat16),
     ("ResNet GroupNorm(32, 64) at 56x56", nn.GroupNorm(32, 64), (16, 64, 56, 56), torch.float32),
     ("ResNet GroupNorm(32, 256) at 14x14", nn.GroupNorm(32, 256), (16, 256, 14, 14), torch.float32),
+    ("ResNet GroupNorm(32, 512) at 7x7", nn.GroupNorm(32, 512), (16, 512, 7, 7), torch.float32),
+    ("GroupNorm(32, 64) at 56x56, channels-last", nn.GroupNorm(32, 64), (16, 64, 56, 56), "channels_last"),
     ("InstanceNorm2d(64) at 56x56", nn.InstanceNorm2d(64, affine=True), (16, 64, 56, 56), torch.float32),
     ("ResNet BatchNorm2d(64) at 56x56, train", nn.BatchNorm2d(64), (16, 64, 56, 56), torch.float32),
     ("ResNet BatchNorm2d(256) at 14x14, train", nn.BatchNorm2d(256), (16, 256, 14, 14), torch.float32),

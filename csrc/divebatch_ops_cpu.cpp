@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <numeric>
 #include <utility>
 #include <vector>
 
@@ -740,59 +741,8 @@ std::tuple<at::Tensor, at::Tensor> affine_norm_grads_cpu(const at::Tensor& x, co
   return {weight, bias};
 }
 
-// ------------------------------------------------------------------ group_norm_grads
-
-std::tuple<at::Tensor, at::Tensor> group_norm_grads_cpu(const at::Tensor& x, const at::Tensor& g, int64_t groups,
-                                                        double eps, bool with_bias) {
-  constexpr const char* op = "group_norm_grads";
-  check_norm_x_g(x, g, op, "[B, C, S]", "channels C", "positions S");
-  const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
-  TORCH_CHECK(groups >= 1 && C % groups == 0, "divebatch::", op, ": groups=", groups, " must divide the ", C,
-              " channels of x");
-  auto weight = at::zeros({B, C}, x.options().dtype(at::kFloat));
-  auto bias = at::zeros({B, C}, x.options().dtype(at::kFloat));
-  if (B == 0 || C == 0 || S == 0) {
-    return {weight, bias};
-  }
-  const int64_t per_group = C / groups;
-  float* pw = weight.data_ptr<float>();
-  float* pb = bias.data_ptr<float>();
-  // One work item per (sample, group): its channels' rows converted to float32 once, then the
-  // mean and the mean squared deviation in double, then each channel's sums in double.
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "divebatch_group_norm_x", [&] {
-    using x_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "divebatch_group_norm_g", [&] {
-      const x_t* px = x.const_data_ptr<x_t>();
-      const scalar_t* pg = g.const_data_ptr<scalar_t>();
-      at::parallel_for(0, B * groups, grain_for(per_group * S), [&](int64_t i0, int64_t i1) {
-        std::vector<float> rows(per_group * S), grow(S);
-        for (int64_t item = i0; item < i1; ++item) {
-          const int64_t b = item / groups, c0 = (item % groups) * per_group;
-          for (int64_t c = 0; c < per_group; ++c) {
-            load_row_f32(rows.data() + c * S, px + b * x.stride(0) + (c0 + c) * x.stride(1), S, x.stride(2));
-          }
-          const double count = static_cast<double>(per_group * S);
-          // The rows are centred by a float32 estimate of the mean; mean_dev is what it lacks.
-          const float mean = static_cast<float>(chunked_sum(rows.data(), per_group * S) / count);
-          double dev_sum = 0.0;
-          const double sq_dev = chunked_sq_dev(rows.data(), per_group * S, mean, &dev_sum);
-          const double mean_dev = dev_sum / count;
-          const double rstd = 1.0 / std::sqrt(sq_dev / count - mean_dev * mean_dev + eps);
-          for (int64_t c = 0; c < per_group; ++c) {
-            load_row_f32(grow.data(), pg + b * g.stride(0) + (c0 + c) * g.stride(1), S, g.stride(2));
-            const double g_sum = chunked_sum(grow.data(), S);
-            const double dot = chunked_dot_dev(rows.data() + c * S, grow.data(), S, mean) - mean_dev * g_sum;
-            pw[b * C + c0 + c] = static_cast<float>(dot * rstd);
-            pb[b * C + c0 + c] = with_bias ? static_cast<float>(g_sum) : 0.f;
-          }
-        }
-      });
-    });
-  });
-  return {weight, bias};
-}
-
-// ------------------------------------------------------------------ channel_norm_grads
+// ------------------------------------------------------------------ channels-last sums
+// (group_norm_grads, channel_norm_grads)
 
 // For channels-last inputs (channels contiguous): one position's C values added into per-channel
 // float lanes, so the loops run along memory instead of striding by C per (sample, channel) row.
@@ -871,6 +821,110 @@ void sample_channel_sums(const x_t* x, int64_t x_stride_s, const g_t* g, int64_t
     }
   }
 }
+
+// ------------------------------------------------------------------ group_norm_grads
+
+std::tuple<at::Tensor, at::Tensor> group_norm_grads_cpu(const at::Tensor& x, const at::Tensor& g, int64_t groups,
+                                                        double eps, bool with_bias) {
+  constexpr const char* op = "group_norm_grads";
+  check_norm_x_g(x, g, op, "[B, C, S]", "channels C", "positions S");
+  const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
+  TORCH_CHECK(groups >= 1 && C % groups == 0, "divebatch::", op, ": groups=", groups, " must divide the ", C,
+              " channels of x");
+  auto weight = at::zeros({B, C}, x.options().dtype(at::kFloat));
+  auto bias = at::zeros({B, C}, x.options().dtype(at::kFloat));
+  if (B == 0 || C == 0 || S == 0) {
+    return {weight, bias};
+  }
+  const int64_t per_group = C / groups;
+  float* pw = weight.data_ptr<float>();
+  float* pb = bias.data_ptr<float>();
+  // One work item per (sample, group): its channels' rows as float32 (read in place where the
+  // group is one contiguous float32 block, else converted once), then the mean and the mean
+  // squared deviation in double, then each channel's sums in double.
+  // Channels-last inputs (channels contiguous, several positions) instead go one sample at a time,
+  // its channels summed together in per-channel lanes (sample_channel_sums), three passes, the
+  // groups' statistics from their channels' sums.
+  const bool contiguous_groups = x.stride(2) == 1 && x.stride(1) == S;
+  const bool channels_last = x.stride(1) == 1 && g.stride(1) == 1 && C > 1 && S > 1;
+  const double count = static_cast<double>(per_group * S);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "divebatch_group_norm_x", [&] {
+    using x_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "divebatch_group_norm_g", [&] {
+      const x_t* px = x.const_data_ptr<x_t>();
+      const scalar_t* pg = g.const_data_ptr<scalar_t>();
+      if (channels_last) {
+        at::parallel_for(0, B, grain_for(C * S), [&](int64_t b0, int64_t b1) {
+          ChannelLanes lanes(C);
+          std::vector<double> sums(C), sums_g(C), mean_dev(groups), rstd(groups);
+          std::vector<float> centre(C);
+          const auto group_total = [&](const std::vector<double>& v, int64_t q) {
+            return std::accumulate(v.begin() + q * per_group, v.begin() + (q + 1) * per_group, 0.0);
+          };
+          for (int64_t b = b0; b < b1; ++b) {
+            const x_t* xb = px + b * x.stride(0);
+            const scalar_t* gb = pg + b * g.stride(0);
+            const auto pass = [&](auto pass_tag) {
+              std::fill(sums.begin(), sums.end(), 0.0);
+              std::fill(sums_g.begin(), sums_g.end(), 0.0);
+              sample_channel_sums<decltype(pass_tag)::value>(xb, x.stride(2), gb, g.stride(2), S, C, centre.data(),
+                                                             sums.data(), sums_g.data(), lanes);
+            };
+            pass(std::integral_constant<ChannelPass, ChannelPass::kSum>{});
+            for (int64_t q = 0; q < groups; ++q) {  // a float32 estimate of each group's mean
+              std::fill_n(centre.begin() + q * per_group, per_group, static_cast<float>(group_total(sums, q) / count));
+            }
+            pass(std::integral_constant<ChannelPass, ChannelPass::kSqDev>{});
+            for (int64_t q = 0; q < groups; ++q) {  // what the estimate lacks, and the variance
+              mean_dev[q] = group_total(sums_g, q) / count;
+              rstd[q] = 1.0 / std::sqrt(group_total(sums, q) / count - mean_dev[q] * mean_dev[q] + eps);
+            }
+            pass(std::integral_constant<ChannelPass, ChannelPass::kDotDev>{});
+            for (int64_t c = 0; c < C; ++c) {
+              const int64_t q = c / per_group;
+              pw[b * C + c] = static_cast<float>((sums[c] - mean_dev[q] * sums_g[c]) * rstd[q]);
+              pb[b * C + c] = with_bias ? static_cast<float>(sums_g[c]) : 0.f;
+            }
+          }
+        });
+        return;
+      }
+      at::parallel_for(0, B * groups, grain_for(per_group * S), [&](int64_t i0, int64_t i1) {
+        std::vector<float> buf, gbuf;
+        for (int64_t item = i0; item < i1; ++item) {
+          const int64_t b = item / groups, c0 = (item % groups) * per_group;
+          const x_t* first = px + b * x.stride(0) + c0 * x.stride(1);
+          const float* rows = nullptr;
+          if (contiguous_groups) {
+            rows = row_as_f32(first, per_group * S, 1, buf);
+          } else {
+            buf.resize(per_group * S);
+            for (int64_t c = 0; c < per_group; ++c) {
+              load_row_f32(buf.data() + c * S, first + c * x.stride(1), S, x.stride(2));
+            }
+            rows = buf.data();
+          }
+          // The rows are centred by a float32 estimate of the mean; mean_dev is what it lacks.
+          const float mean = static_cast<float>(chunked_sum(rows, per_group * S) / count);
+          double dev_sum = 0.0;
+          const double sq_dev = chunked_sq_dev(rows, per_group * S, mean, &dev_sum);
+          const double mean_dev = dev_sum / count;
+          const double rstd = 1.0 / std::sqrt(sq_dev / count - mean_dev * mean_dev + eps);
+          for (int64_t c = 0; c < per_group; ++c) {
+            const float* grow = row_as_f32(pg + b * g.stride(0) + (c0 + c) * g.stride(1), S, g.stride(2), gbuf);
+            const double g_sum = chunked_sum(grow, S);
+            const double dot = chunked_dot_dev(rows + c * S, grow, S, mean) - mean_dev * g_sum;
+            pw[b * C + c0 + c] = static_cast<float>(dot * rstd);
+            pb[b * C + c0 + c] = with_bias ? static_cast<float>(g_sum) : 0.f;
+          }
+        }
+      });
+    });
+  });
+  return {weight, bias};
+}
+
+// ------------------------------------------------------------------ channel_norm_grads
 
 std::tuple<at::Tensor, at::Tensor> channel_norm_grads_cpu(const at::Tensor& x, const at::Tensor& g,
                                                           const std::optional<at::Tensor>& mean,

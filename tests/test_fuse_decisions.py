@@ -232,19 +232,19 @@ def test_second_order_gradients_through_fused_backwards(make, shape, fused_route
 
 
 def test_group_norm_takes_the_cpu_kernel_from_many_positions(monkeypatch):
-    """bench/norm_routes.py: the C++ group_norm_grads beat the PyTorch path at 56 x 56, not at
-    14 x 14; channel_norm_grads (BatchNorm, running-statistics InstanceNorm) beat it at every size."""
+    """bench/norm_routes.py: the C++ group_norm_grads beat the PyTorch path at 14 x 14, not at
+    7 x 7; channel_norm_grads (BatchNorm, running-statistics InstanceNorm) beat it at every size."""
     from divebatch.layers import norm
 
     if not ops.CPP_AVAILABLE:
         pytest.skip("the C++ extension is not built here")
     monkeypatch.delenv("DIVEBATCH_BACKEND", raising=False)
-    large, small = torch.zeros(2, 64, 56, 56), torch.zeros(2, 256, 14, 14)
+    large, small = torch.zeros(2, 256, 14, 14), torch.zeros(2, 512, 7, 7)
     cut_off = norm.GROUP_NORM_CPU_MIN_POSITIONS
     assert norm._kernel_serves(large, cpu_min_positions=cut_off)
     assert not norm._kernel_serves(small, cpu_min_positions=cut_off)
     assert norm._kernel_serves(torch.zeros(2, 197, 768), 768)  # LayerNorm rows: always
-    own_stats, running = (small, None, None), (small, torch.zeros(256), torch.ones(256))
+    own_stats, running = (small, None, None), (small, torch.zeros(512), torch.ones(512))
     assert not norm.InstanceNormRule().kernel_serves(own_stats)  # group_norm_grads, one channel a group
     assert norm.InstanceNormRule().kernel_serves(running)
     assert norm.BatchNormRule().kernel_serves(own_stats) and norm.BatchNormRule().kernel_serves(running)

@@ -361,13 +361,14 @@ def test_group_norm_grads_float32(shape, layout):
 
 
 @requires_cpp
+@pytest.mark.parametrize("layout", ("contiguous", "transposed"))  # (transposed: channels-last lanes)
 @pytest.mark.parametrize("op", ("group_norm_grads", "channel_norm_grads"))
-def test_norm_statistics_keep_their_digits_far_from_zero(op):
+def test_norm_statistics_keep_their_digits_far_from_zero(op, layout):
     """Inputs whose mean is 80 times their spread: the float32 lane sums of a mean lose digits
     there; both ops correct the estimate from the deviations (the corrected two-pass algorithm)
     and stay at float32 accuracy against a float64 oracle."""
     torch.manual_seed(0)
-    x, g = torch.randn(3, 6, 2000) * 0.5 + 40, torch.randn(3, 6, 2000)
+    x, g = make((3, 6, 2000), layout) * 0.5 + 40, make((3, 6, 2000), layout)
     if op == "group_norm_grads":
         weight, _ = D.group_norm_grads(x, g, 3, 1e-5, False)
         want, _ = oracle_group_norm(x, g, 3, 1e-5)

@@ -78,10 +78,10 @@ class AffineNormRule(PerSampleGradsRule):
         return RoutePlan("instantiate", "x".join(map(str, x.shape)), 4.0 * x.numel(), 4.0 * x.numel())
 
 
-#: On CPU, ``group_norm_grads`` (C++) beat the chunked PyTorch path only with many positions per
-#: channel (``bench/norm_routes.py``, 2 threads: 1.12x at 56 x 56, 0.82x at 14 x 14; InstanceNorm
-#: at 56 x 56 2.4-3.0x), so smaller feature maps keep that path there.
-GROUP_NORM_CPU_MIN_POSITIONS = 1024
+#: On CPU, ``group_norm_grads`` (C++) beat the chunked PyTorch path from about a hundred positions
+#: per channel (``bench/norm_routes.py``, 2 threads: GroupNorm(32, C) 0.89x at 7 x 7, 1.2x at
+#: 14 x 14, 1.9-2.2x at 56 x 56; InstanceNorm 3.3x at 14 x 14), so smaller maps keep that path there.
+GROUP_NORM_CPU_MIN_POSITIONS = 100
 
 
 def _kernel_serves(x: torch.Tensor, d: int | None = None, cpu_min_positions: int = 0) -> bool:

@@ -228,9 +228,12 @@ void test_affine_norm(int64_t B, int64_t R, int64_t d, bool rms, at::ScalarType 
          "affine_norm_grads without bias gives zeros " + name);
 }
 
-// Naive float64 loop: each sample's group of channels normalised by its mean and biased variance.
-void test_group_norm(int64_t B, int64_t C, int64_t S, int64_t groups, at::ScalarType dtype) {
-  const at::Tensor x = (at::randn({B, C, S}) * 3 + 2).to(dtype), g = at::randn({B, C, S}).to(dtype);
+// Naive float64 loop: each sample's group of channels normalised by its mean and biased variance;
+// channels_last stores x and g [B, S, C].
+void test_group_norm(int64_t B, int64_t C, int64_t S, int64_t groups, at::ScalarType dtype,
+                     bool channels_last = false) {
+  const auto make = [&] { return channels_last ? at::randn({B, S, C}).transpose(1, 2) : at::randn({B, C, S}); };
+  const at::Tensor x = (make() * 3 + 2).to(dtype), g = make().to(dtype);
   const at::Tensor xd = x.to(at::kDouble), gd = g.to(at::kDouble);
   at::Tensor want_w = at::zeros({B, C}, at::kDouble), want_b = at::zeros({B, C}, at::kDouble);
   const int64_t per = C / groups;
@@ -246,7 +249,8 @@ void test_group_norm(int64_t B, int64_t C, int64_t S, int64_t groups, at::Scalar
     }
   }
   const std::string name = "group_norm_grads B=" + std::to_string(B) + " C=" + std::to_string(C) + " S=" +
-                           std::to_string(S) + " groups=" + std::to_string(groups) + " " + c10::toString(dtype);
+                           std::to_string(S) + " groups=" + std::to_string(groups) +
+                           (channels_last ? " channels-last " : " ") + c10::toString(dtype);
   const auto [weight, bias] = divebatch::group_norm_grads_cpu(x, g, groups, 1e-5, true);
   expect_close(weight, want_w, name + " weight", 1e-5);
   expect_close(bias, want_b, name + " bias", 1e-5);
@@ -343,6 +347,8 @@ int main() {
   test_group_norm(2, 6, 1, 6, at::kFloat);
   test_group_norm(1, 4, 300, 1, at::kFloat);
   test_group_norm(2, 8, 20, 4, at::kBFloat16);
+  test_group_norm(3, 8, 300, 2, at::kFloat, true);  // channels-last lanes, crossing 128 positions
+  test_group_norm(2, 6, 9, 6, at::kHalf, true);
   // (B, C, S): rows crossing the 1024-element chunk; one position (BatchNorm1d); channels-last
   // crossing the 128-position chunk; 16-bit.
   for (const bool running : {false, true}) {
