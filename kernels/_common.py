@@ -200,3 +200,15 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def per_channel_outputs(x: torch.Tensor, with_bias: bool) -> tuple[bool, torch.Tensor, torch.Tensor]:
+    """``(launch, weight, bias)`` for the per-channel norm kernels of ``x [B, C, S]``: whether there
+    is anything to launch, and float32 ``[B, C]`` outputs, left unfilled where a launch stores
+    every entry (zeros otherwise); without bias a ``[1, 1]`` stand-in the kernel never writes."""
+    B, C, S = x.shape
+    launch = B > 0 and C > 0 and S > 0
+    alloc = torch.empty if launch else torch.zeros
+    weight = alloc((B, C), dtype=torch.float32, device=x.device)
+    bias = alloc((B, C) if with_bias else (1, 1), dtype=torch.float32, device=x.device)
+    return launch, weight, bias

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_float, check_x_g
+from ._common import INTERPRET, check_float, check_x_g, per_channel_outputs
 
 #: (BLOCK_C, BLOCK_S, warps): the first three for contiguous positions, by the number of positions
 #: (the narrowest that holds a channel's row); then channels-last inputs; then at most 4 positions
@@ -115,11 +115,7 @@ def channel_norm_grads_triton(x: torch.Tensor, g: torch.Tensor, mean: torch.Tens
                              f"got shape {tuple(stat.shape)}")
         if stat.device != device:
             raise ValueError(f"divebatch.{op}: `{name}` must be on the device of `x` ({device}), got {stat.device}")
-    launch = B > 0 and C > 0 and S > 0
-    # Every (sample, channel) entry is stored by its program.
-    alloc = torch.empty if launch else torch.zeros
-    weight = alloc((B, C), dtype=torch.float32, device=device)
-    bias = alloc((B, C) if with_bias else (1, 1), dtype=torch.float32, device=device)
+    launch, weight, bias = per_channel_outputs(x, with_bias)  # each entry stored by its program
     if launch:
         stats = _float32_stats(x, mean, var, eps)
         config = config_for(S, x.stride(1) == 1)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_x_g
+from ._common import INTERPRET, check_x_g, per_channel_outputs
 
 #: (BLOCK_S, warps) by the number of positions S: the narrowest that holds a channel's positions.
 _CONFIGS = [triton.Config({"BLOCK_S": width}, num_warps=warps) for width, warps in ((256, 2), (1024, 4))]
@@ -101,15 +101,11 @@ def _group_norm_grads_kernel(
 def group_norm_grads_triton(x: torch.Tensor, g: torch.Tensor, groups: int, eps: float, with_bias: bool):
     """``(weight [B, C], bias [B, C])`` float32; see the module docstring. No copies of x or g."""
     op = "group_norm_grads"
-    device = check_x_g(op, x, g)
+    check_x_g(op, x, g)
     B, C, S = x.shape
     if groups < 1 or C % groups:
         raise ValueError(f"divebatch.{op}: groups={groups} must divide the {C} channels")
-    launch = B > 0 and C > 0 and S > 0
-    # Every (sample, channel) entry is stored by its group's program.
-    alloc = torch.empty if launch else torch.zeros
-    weight = alloc((B, C), dtype=torch.float32, device=device)
-    bias = alloc((B, C) if with_bias else (1, 1), dtype=torch.float32, device=device)
+    launch, weight, bias = per_channel_outputs(x, with_bias)  # each entry stored by its group's program
     if launch:
         config = config_for(S)
         _group_norm_grads_kernel[(B, groups)](
