@@ -69,6 +69,29 @@ def test_bench_kernels_cpu_smoke_run(tmp_path):
         assert any(row["method"] == "torch rule path" for row in results[name]["rows"]), name
 
 
+def test_check_engine_compares_a_decomposition_with_the_reference_operators(monkeypatch):
+    """BatchNorm in training mode has no torch.func oracle: check_engine.py compares the engine on
+    the compiled norm kernels with the engine on the PyTorch reference operators; here (CPU) the
+    C++ kernel against the chunked path. A deliberately wrong kernel is caught before that, by the
+    tracker's own check that the per-sample parts add up to autograd's gradient."""
+    import check_engine
+    import torch
+
+    from divebatch.layers import norm
+    from tests.models_zoo import DECOMPOSED
+
+    monkeypatch.delenv("DIVEBATCH_BACKEND", raising=False)
+    make = check_engine.cases()["decomposed/batchnorm_train"]
+    row = check_engine.check(make, torch.device("cpu"), True, decomposed=True)
+    assert row["per_sample_err"] <= 1e-5 and row["batch_err"] <= 1e-6
+    assert "DIVEBATCH_BACKEND" not in os.environ  # put back as it was
+    assert set(DECOMPOSED) == {"batchnorm_train"}
+    real = norm.ops.channel_norm_grads
+    monkeypatch.setattr(norm.ops, "channel_norm_grads", lambda *args: tuple(1.1 * t for t in real(*args)))
+    with pytest.raises(RuntimeError, match="do not account for"):
+        check_engine.check(make, torch.device("cpu"), True, decomposed=True)
+
+
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward in time", "backward in time"])
 @pytest.mark.parametrize("mode", ["GRU", "LSTM"])
 def test_diagnose_scan_case_reports_each_step(mode, reverse):

@@ -2,7 +2,9 @@
 samples and tokens flattened into rows, and outputs modified in place), the tied Embedding/Linear
 head, embeddings sharing one weight, outputs shared by all samples ([1, T] positions, a T5-style
 relative bias as an attention mask), a mixture of experts on rows and every
-nn.MultiheadAttention configuration, fused and not.
+nn.MultiheadAttention configuration, fused and not. Models whose per-sample numbers are a
+decomposition (BatchNorm in training mode: no torch.func oracle) are checked against the same
+engine with the PyTorch reference operators (``DIVEBATCH_BACKEND=reference``) instead.
 
 The CPU test suite proves these rules on CPU; this runs the same models on a GPU (float32, TF32
 off, so the reference is exact), where the operators dispatch to the Triton kernels and the
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -30,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from divebatch import GradNormTracker  # noqa: E402
 from tests import test_attention, test_flattened_rows, test_shared_outputs, test_tied  # noqa: E402
-from tests.models_zoo import ZOO, sample_loss  # noqa: E402
+from tests.models_zoo import DECOMPOSED, ZOO, sample_loss  # noqa: E402
 from tests.oracle import reference_norms, rel_err  # noqa: E402
 
 RTOL = 1e-4
@@ -39,6 +42,7 @@ RTOL = 1e-4
 def cases():
     """``name -> () -> (model, inputs, targets, loss)`` with everything on the default device."""
     out = {f"zoo/{name}": (lambda make=make: (*make(), sample_loss)) for name, make in ZOO.items()}
+    out.update({f"decomposed/{name}": (lambda make=make: (*make(), sample_loss)) for name, make in DECOMPOSED.items()})
     out["tied/pad"] = lambda: (*test_tied.make_case(padding_idx=3), test_tied.token_loss)
     out["tied/both-twice"] = lambda: (*test_tied.make_case(reuse_embedding=True, reuse_head=True),
                                       test_tied.token_loss)
@@ -57,16 +61,33 @@ def cases():
     return out
 
 
-def check(make, device: torch.device, fused: bool) -> dict:
+def _tracked(model, x, y, loss, fused: bool):
+    with GradNormTracker(model, "sum", fused=fused) as tracker:
+        loss(model(x), y).backward()
+        return tracker.collect(), sorted({plan.route for plan in tracker.plan()})
+
+
+def check(make, device: torch.device, fused: bool, decomposed: bool = False) -> dict:
+    """Relative errors of the per-sample and batch-gradient norms against torch.func, or, for a
+    ``decomposed`` model, against the engine on the PyTorch reference operators."""
     with torch.device(device):
         model, x, y, loss = make()
         model, x = model.to(device), x.to(device)
         y = torch.zeros(x.shape[0], device=device) if y is None else y.to(device)
-        with GradNormTracker(model, "sum", fused=fused) as tracker:
-            loss(model(x), y).backward()
-            stats = tracker.collect()
-            routes = sorted({plan.route for plan in tracker.plan()})
-        per_sample, _, batch = reference_norms(model, loss, x, y)
+        stats, routes = _tracked(model, x, y, loss, fused)
+        if decomposed:
+            previous = os.environ.get("DIVEBATCH_BACKEND")
+            os.environ["DIVEBATCH_BACKEND"] = "reference"
+            try:
+                expected, _ = _tracked(model, x, y, loss, fused)
+            finally:
+                if previous is None:
+                    del os.environ["DIVEBATCH_BACKEND"]
+                else:
+                    os.environ["DIVEBATCH_BACKEND"] = previous
+            per_sample, batch = expected.per_sample, expected.batch_grad_sq
+        else:
+            per_sample, _, batch = reference_norms(model, loss, x, y)
     return {"per_sample_err": rel_err(stats.per_sample, per_sample), "batch_err": rel_err(stats.batch_grad_sq, batch),
             "routes": routes}
 
@@ -109,7 +130,7 @@ def main(argv=None) -> int:
         for fused in (True, False):
             t0 = time.perf_counter()
             try:
-                row = {"case": name, "fused": fused, **check(make, device, fused)}
+                row = {"case": name, "fused": fused, **check(make, device, fused, name.startswith("decomposed/"))}
                 ok = row["per_sample_err"] <= RTOL and row["batch_err"] <= RTOL
                 print(f"| {name} | {fused} | {row['per_sample_err']:.1e} | {row['batch_err']:.1e} | "
                       f"{', '.join(row['routes'])} |", flush=True)
