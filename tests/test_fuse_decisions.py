@@ -84,6 +84,23 @@ def test_cuda_fused_route_agrees_with_the_h200_timings(triton_on_cuda, B, T, d, 
     assert fused_linear_route(B, T, d, p, "cuda").route == faster
 
 
+def test_hook_route_memory_on_cuda_is_the_triton_kernels(triton_on_cuda, monkeypatch):
+    """The hook (unfused) route on CUDA: the Triton kernels hold their tiles in registers, so the
+    per-CPU-thread buffers of the C++ kernels do not bound it there; what remains is instantiate's
+    float32 ``[p, d]`` sum and ghost's ``[B, p]`` column sums."""
+    from divebatch.layers import routes
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)  # a GPU machine's host
+    shape = (16, 2048, 1024, 1024)  # long sequences: instantiate's flops are half ghost's
+    cpu, cuda = routes.linear_route(*shape), routes.linear_route(*shape, device_type="cuda")
+    assert cpu.route == "ghost" and cpu.alternatives["instantiate"] < cpu.alternatives["ghost"]  # 17 buffers of 4 MB
+    assert cuda.route == "instantiate" and cuda.extra_bytes == 4.0 * 1024 * 1024
+    assert routes.linear_route_name(*shape) == "ghost" and routes.linear_route_name(*shape, "cuda") == "instantiate"
+    assert routes.linear_route(16, 2048, 2048, 2048, device_type="cuda").route == "ghost"  # 16 MB > 8 MB
+    monkeypatch.setattr(ops, "TRITON_AVAILABLE", False)  # the reference: the memory bound as on CPU
+    assert routes.linear_route_name(*shape, "cuda") == "ghost"
+
+
 def test_cuda_without_triton_keeps_the_buffer_bound(monkeypatch):
     monkeypatch.setattr(ops, "TRITON_AVAILABLE", False)  # the reference materialises the tiles
     assert fused_linear_route(16, 2, 512, 2048, "cuda").route == "ghost"

@@ -126,7 +126,7 @@ def test_both_linear_routes_agree_with_oracle(route, monkeypatch):
     from divebatch.layers import linear
 
     monkeypatch.setattr(linear, "linear_route",
-                        lambda B, T, d, p, force=None, _r=linear.linear_route: _r(B, T, d, p, force=route))
+                        lambda B, T, d, p, force=None, _r=linear.linear_route, **kw: _r(B, T, d, p, force=route, **kw))
     model, x, y = ZOO["linear_3d"]()
     assert_matches_oracle(model, x, y, tracked_step(model, x, y, "mean"))
 

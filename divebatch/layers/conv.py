@@ -191,7 +191,7 @@ class ConvRule(LayerRule):
     def plan(self, module, ctx, grad, tracked) -> RoutePlan:
         d, T, p = self._dims(module, grad, grad)
         chunk = self.chunk_size(module, grad, grad)
-        plan = linear_route(grad.shape[0] * module.groups, T, d, p)
+        plan = linear_route(grad.shape[0] * module.groups, T, d, p, device_type=grad.device.type)
         plan.extra_bytes += chunk * module.groups * T * d * 4
         plan.shape = f"{plan.shape} (unfold chunk {chunk})"
         return plan
@@ -556,7 +556,7 @@ class ConvTransposeRule(LayerRule):
         if self.force_route == PER_SAMPLE_CONV:
             route = PER_SAMPLE_CONV
         elif self.force_route == "unfolded":
-            route = linear_route(x.shape[0] * module.groups, sum(Ts), d, p).route
+            route = linear_route(x.shape[0] * module.groups, sum(Ts), d, p, device_type=x.device.type).route
         elif self.force_route is not None:
             raise ValueError(f"force_route={self.force_route!r}: use None, {PER_SAMPLE_CONV!r} or 'unfolded'")
         return route, dict(costs)
@@ -620,7 +620,7 @@ class ConvTransposeRule(LayerRule):
                              float(self._sample_bytes(module, ctx, grad) * chunk), alternatives=costs)
         T, d, p = self._dims(module, ctx)
         chunk = self.chunk_size(module, ctx, grad)
-        plan = linear_route(ctx.shape[0] * module.groups, T, d, p)
+        plan = linear_route(ctx.shape[0] * module.groups, T, d, p, device_type=ctx.device.type)
         plan.extra_bytes += 4.0 * chunk * (module.groups * T * d + grad[0].numel())
         plan.shape = f"{plan.shape} (transposed conv: unfolded output grad, chunk {chunk})"
         plan.alternatives = costs

@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import ops
 from .base import LayerRule, RoutePlan, batched_input, fused_sink_grads, register
-from .routes import MAX_EXTRA_BYTES, linear_route, linear_route_name
+from .routes import MAX_EXTRA_BYTES, linear_route, linear_route_name, triton_kernels
 
 
 def linear_factors(calls) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,7 +36,8 @@ def linear_norms(a: torch.Tensor, g: torch.Tensor, with_weight: bool, with_bias:
     B, T, d = a.shape
     if not with_weight:
         return g.float().sum(dim=1).square().sum(dim=1) if with_bias else g.new_zeros(B, dtype=torch.float32)
-    route = linear_route(B, T, d, g.shape[-1], force).route if force else linear_route_name(B, T, d, g.shape[-1])
+    route = (linear_route(B, T, d, g.shape[-1], force).route if force
+             else linear_route_name(B, T, d, g.shape[-1], a.device.type))
     if route == "outer":
         w, b = ops.outer_norm(a[:, 0], g[:, 0], with_bias)
     elif route == "ghost":
@@ -85,7 +86,7 @@ class LinearRule(LayerRule):
 
     def plan(self, module, ctx, grad, tracked) -> RoutePlan:
         a, g = linear_factors([(ctx, (grad,))])
-        return linear_route(a.shape[0], a.shape[1], a.shape[2], g.shape[2])
+        return linear_route(a.shape[0], a.shape[1], a.shape[2], g.shape[2], device_type=a.device.type)
 
     def can_fuse(self, module, tracked) -> bool:
         """The fused path needs the weight tracked and a plain ``nn.Linear`` forward."""
@@ -107,7 +108,7 @@ class LinearRule(LayerRule):
         B, d = x.shape[0], x.shape[-1]
         T = x.numel() // max(1, B * d)
         p = self.out_features(module)
-        if T == 1 or linear_route_name(B, T, d, p) == "outer":
+        if T == 1 or linear_route_name(B, T, d, p, x.device.type) == "outer":
             return False
         return fused_linear_route_name(B, T, d, p, x.device.type) == "fused-instantiate"
 
@@ -248,11 +249,6 @@ FUSED_CUDA_EXTRA_COST = 0.6
 FUSED_CUDA_MAX_WEIGHT = 4608 * 512
 
 
-def _fused_runs_triton(device_type: str) -> bool:
-    """Whether ``ops.instantiate_norm`` runs the Triton kernel (tile in registers) on a CUDA device."""
-    return device_type == "cuda" and ops.triton_serves(torch.device("cuda"))
-
-
 def fused_linear_route(B: int, T: int, d: int, p: int, device_type: str = "cpu") -> RoutePlan:
     """Route for the fused path: instantiating replaces the weight-gradient GEMM, so it costs only
     what it adds to that GEMM.
@@ -263,11 +259,11 @@ def fused_linear_route(B: int, T: int, d: int, p: int, device_type: str = "cpu")
     layers favour the Gram route; see ``linear_route``). On CUDA the Triton kernel keeps each tile
     in registers: it wins up to ``FUSED_CUDA_MAX_WEIGHT`` where ``FUSED_CUDA_EXTRA_COST`` per GEMM
     flop undercuts the ghost route; its extra memory is the float32 weight gradient."""
-    plan = linear_route(B, T, d, p)
+    plan = linear_route(B, T, d, p, device_type=device_type)
     if plan.route == "outer":
         return plan
-    inst = linear_route(B, T, d, p, force="instantiate")
-    if _fused_runs_triton(device_type):
+    inst = linear_route(B, T, d, p, force="instantiate", device_type=device_type)
+    if triton_kernels(device_type):
         extra = FUSED_CUDA_EXTRA_COST * inst.flops
         if d * p > FUSED_CUDA_MAX_WEIGHT or extra >= plan.alternatives["ghost"]:
             return plan
@@ -288,7 +284,7 @@ def _fused_route_name(B: int, T: int, d: int, p: int, device_type: str, *model_s
 def fused_linear_route_name(B: int, T: int, d: int, p: int, device_type: str = "cpu") -> str:
     """``fused_linear_route(...).route``, memoised (asked at every call of every fusable layer);
     the key holds all the model reads besides the shape, so a changed constant or backend counts."""
-    return _fused_route_name(B, T, d, p, device_type, _fused_runs_triton(device_type), torch.get_num_threads(),
+    return _fused_route_name(B, T, d, p, device_type, triton_kernels(device_type), torch.get_num_threads(),
                              FUSED_TILE_COST, FUSED_CUDA_EXTRA_COST, FUSED_CUDA_MAX_WEIGHT, MAX_EXTRA_BYTES)
 
 

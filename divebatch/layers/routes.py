@@ -8,7 +8,9 @@ gradient ``G_b^T A_b`` has squared norm computable three ways:
   about ``B T^2 (d + p)`` flops (half of two full Grams), a tile pair of buffer per thread;
 * ``instantiate``: form ``G_b^T A_b`` -- ``2 B T d p`` flops, a ``p x d`` buffer per thread.
 
-The cheaper in flops wins unless its buffer exceeds ``MAX_EXTRA_BYTES``.
+The cheaper in flops wins unless its buffer exceeds ``MAX_EXTRA_BYTES``. The buffers are the C++
+kernels' (per CPU thread); on CUDA, where the Triton kernels run (``triton_kernels``), tiles stay
+in registers and the buffers are ghost's ``[B, p]`` column sums and instantiate's ``[p, d]`` sum.
 """
 
 from __future__ import annotations
@@ -26,18 +28,29 @@ MAX_EXTRA_BYTES = float(os.environ.get("DIVEBATCH_MAX_EXTRA_MB", "8")) * 2**20
 _GHOST_TILE = 64
 
 
-def linear_route(B: int, T: int, d: int, p: int, force: str | None = None) -> RoutePlan:
-    """Pick ``outer``, ``ghost`` or ``instantiate`` for ``A [B,T,d]``, ``G [B,T,p]``.
+def triton_kernels(device_type: str) -> bool:
+    """Whether the operators run their Triton kernels for tensors of ``device_type`` (CUDA, where
+    Triton serves; ``DIVEBATCH_BACKEND`` may force another implementation)."""
+    from .. import ops
+
+    return device_type == "cuda" and ops.triton_serves(torch.device("cuda"))
+
+
+def linear_route(B: int, T: int, d: int, p: int, force: str | None = None, device_type: str = "cpu") -> RoutePlan:
+    """Pick ``outer``, ``ghost`` or ``instantiate`` for ``A [B,T,d]``, ``G [B,T,p]`` on ``device_type``.
 
     ``force`` (``"ghost"`` or ``"instantiate"``) overrides the choice for tests and benchmarks.
     """
     shape = f"B={B} T={T} d={d} p={p}"
     if T == 1 and force is None:
         return RoutePlan("outer", shape, 2.0 * B * (d + p), 0.0)
-    threads = torch.get_num_threads()
-    tile = min(T, _GHOST_TILE)
     costs = {"ghost": float(B) * T * T * (d + p) + 2.0 * B * T * T, "instantiate": 2.0 * B * T * d * p}
-    memory = {"ghost": 2.0 * tile * tile * 4 * threads, "instantiate": float(p) * d * 4 * (threads + 1)}
+    if triton_kernels(device_type):
+        memory = {"ghost": 4.0 * B * p, "instantiate": 4.0 * p * d}
+    else:
+        threads = torch.get_num_threads()
+        tile = min(T, _GHOST_TILE)
+        memory = {"ghost": 2.0 * tile * tile * 4 * threads, "instantiate": float(p) * d * 4 * (threads + 1)}
     if force is not None:
         route = force
     else:
@@ -47,10 +60,12 @@ def linear_route(B: int, T: int, d: int, p: int, force: str | None = None) -> Ro
 
 
 @functools.lru_cache(maxsize=4096)
-def _route_name(B: int, T: int, d: int, p: int, threads: int) -> str:
-    return linear_route(B, T, d, p).route
+def _route_name(B: int, T: int, d: int, p: int, device_type: str, *model_state) -> str:
+    return linear_route(B, T, d, p, device_type=device_type).route
 
 
-def linear_route_name(B: int, T: int, d: int, p: int) -> str:
-    """``linear_route(...).route``, memoised: the hot path asks it on every call of every layer."""
-    return _route_name(B, T, d, p, torch.get_num_threads())
+def linear_route_name(B: int, T: int, d: int, p: int, device_type: str = "cpu") -> str:
+    """``linear_route(...).route``, memoised: the hot path asks it on every call of every layer
+    (the key holds what the model reads besides the shape: threads, kernels, the memory bound)."""
+    return _route_name(B, T, d, p, device_type, torch.get_num_threads(), triton_kernels(device_type),
+                       MAX_EXTRA_BYTES)

@@ -97,7 +97,7 @@ class StandardisedWeight:
         # Where the linear routes would take the ghost route (per-sample gradients large against
         # the rows; measured: also where the closed form's product then costs as much as the
         # per-sample gradients', it is faster than writing and reading them): the closed form.
-        closed = linear_route_name(batch_size * groups, T, K, O // groups) == "ghost"
+        closed = linear_route_name(batch_size * groups, T, K, O // groups, x.device.type) == "ghost"
         x, grad = x.detach(), grad.detach()
         if closed or func is F.linear or _non_overlapping(theta.shape, *conv_arguments(func, arguments)):
             chunks = _from_rows(func, x, grad, arguments, theta.shape, batch_size, dtype, closed, w_hat, scale, r)
