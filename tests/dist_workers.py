@@ -269,3 +269,16 @@ def fsdp_gpt2_worker(x: torch.Tensor, y: torch.Tensor, mode: str = "eager") -> d
         token_loss(run(x[mine]), y[mine]).backward()
         stats = tracker.collect()
     return {"per_sample": gather_per_sample(stats.per_sample), "verified": sorted(stats.unaccounted or {})}
+
+
+def sync_batch_norm_worker(x: torch.Tensor, g: torch.Tensor) -> dict:
+    """This rank's share of ``x, g [B, C, H, W]`` through the BatchNorm rule of an nn.SyncBatchNorm
+    in training mode (its rule only: SyncBatchNorm's own forward needs a GPU): the statistics it
+    gathers and this rank's per-sample weight and bias gradients."""
+    from divebatch.layers.norm import BatchNormRule
+
+    mine = shard_slice(len(x), dist.get_world_size(), dist.get_rank())
+    module, rule = nn.SyncBatchNorm(x.shape[1]).train(), BatchNormRule()
+    ctx = rule.capture(module, (x[mine],), {}, None)
+    grads = rule.per_sample_grads(module, [(ctx, (g[mine],))], {"weight", "bias"})
+    return {"mean": ctx[1], "var": ctx[2], **grads}

@@ -37,6 +37,28 @@ def _digits_batch(n: int, seed: int = 0):
 
 
 # -- statistics ------------------------------------------------------------------------------
+def test_sync_batch_norm_shares_are_the_global_batch_decomposition():
+    """A SyncBatchNorm over 2 processes normalises by the whole batch's statistics: its rule gathers
+    them, and each rank's per-sample shares are those a BatchNorm gives on the concatenated batch
+    (per sample, not only in sum)."""
+    torch.manual_seed(0)
+    x, g = torch.randn(7, 3, 4, 5) * 2 + 1, torch.randn(7, 3, 4, 5)
+    ranks = launch(dist_workers.sync_batch_norm_worker, 2, args=(x, g), threads=1)
+    from divebatch.layers.norm import BatchNormRule
+
+    module, rule = torch.nn.BatchNorm2d(3), BatchNormRule()
+    want = rule.per_sample_grads(module, [(rule.capture(module, (x,), {}, None), (g,))], {"weight", "bias"})
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    for out in ranks:
+        assert rel_err(out["mean"], mean) <= 1e-6 and rel_err(out["var"], var) <= 1e-6
+    for name in ("weight", "bias"):
+        assert rel_err(torch.cat([out[name] for out in ranks]), want[name]) <= 1e-5
+    # (each rank's own statistics alone would give other shares: the gathering is what matters)
+    local = rule.per_sample_grads(module, [(rule.capture(module, (x[:4],), {}, None), (g[:4],))], {"weight"})
+    assert rel_err(local["weight"], want["weight"][:4]) > 1e-2
+
+
+
 @pytest.fixture(scope="module")
 def two_rank_norms():
     """Global batch of 13 (shares 7 and 6): one micro-batch per rank, and 3 per rank (no_sync)."""

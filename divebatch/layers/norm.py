@@ -242,11 +242,49 @@ class RunningStatsNormRule(AffineNormRule):
         return _sum_calls(call_grads(ctx, grads[0]) for ctx, grads in calls)
 
 
+def _syncs_statistics(module: nn.SyncBatchNorm) -> bool:
+    """Whether a SyncBatchNorm's forward normalises by statistics gathered over its process group
+    (training mode, more than one process), as ``nn.SyncBatchNorm.forward`` decides."""
+    import torch.distributed as dist
+
+    if not (module.training and dist.is_available() and dist.is_initialized()):
+        return False
+    return dist.get_world_size(module.process_group or dist.group.WORLD) > 1
+
+
+def _global_batch_stats(x: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 per-channel mean and biased variance of ``x [B, C, ...]`` over every rank's batch and
+    positions: each rank's count, mean and sum of squared deviations gathered, combined in float64
+    (Chan et al.'s pairwise formula, so no rank's sums are subtracted from another's)."""
+    import torch.distributed as dist
+
+    x3 = x.reshape(x.shape[0], x.shape[1], -1)
+    var, mean = torch.var_mean(x3 if x3.dtype in (torch.float32, torch.float64) else x3.float(), dim=(0, 2),
+                               correction=0)
+    var, mean = var.double(), mean.double()
+    count = float(x3.shape[0] * x3.shape[2])
+    local = torch.cat([mean.new_tensor([count]), mean, var * count])  # [1 + 2C] float64
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, local, group=group)
+    parts = torch.stack(gathered)
+    counts, means, sq_devs = parts[:, :1], parts[:, 1:1 + x3.shape[1]], parts[:, 1 + x3.shape[1]:]
+    total = counts.sum()
+    if total == 0:
+        raise ValueError(f"SyncBatchNorm got no values on any rank (input {tuple(x.shape)}): no statistics to "
+                         "normalise by")
+    global_mean = (counts * means).sum(0) / total
+    sq_dev = (sq_devs + counts * (means - global_mean).square()).sum(0)
+    return global_mean.float(), (sq_dev / total).float()
+
+
 @register(nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)  # SyncBatchNorm has its own forward
 class BatchNormRule(RunningStatsNormRule):
     """``nn.BatchNorm{1,2,3}d`` (and SyncBatchNorm): the decomposition of the batch gradient.
 
-    See the module docstring for what a per-sample number means in training mode.
+    See the module docstring for what a per-sample number means in training mode. A SyncBatchNorm
+    synchronising over several processes normalises by the statistics of every rank's batch: they
+    are gathered when the forward is captured (a collective on every rank) and used as given
+    statistics, so each rank's shares are those of the global batch's decomposition.
     """
 
     rows_regrouped = True
@@ -267,7 +305,12 @@ class BatchNormRule(RunningStatsNormRule):
         return output.reshape(B, C, rows // B, *shape[2:]).movedim(2, 1).reshape(rows, C, *shape[2:])
 
     def capture(self, module, args, kwargs, output):
-        return self.stats_ctx(module, args[0].detach(), module.training or module.running_mean is None)
+        x = args[0].detach()
+        if isinstance(module, nn.SyncBatchNorm) and _syncs_statistics(module):
+            # Normalised by the statistics of every rank's batch: gather them now, as the forward
+            # did (each rank makes this collective in the same order), and use them as given ones.
+            return (x, *_global_batch_stats(x, module.process_group))
+        return self.stats_ctx(module, x, module.training or module.running_mean is None)
 
     def rows(self, module, ctx, start, stop):
         x, mean, var = ctx
