@@ -113,8 +113,6 @@ def _group_norm_grads(x: torch.Tensor, g: torch.Tensor, groups: int, eps: float,
     return _per_channel_grads(ops.group_norm_grads, x, g, tracked, groups, eps)
 
 
-
-
 def _sum_calls(parts) -> dict[str, torch.Tensor]:
     """The per-sample gradients of several calls of one module, added per parameter."""
     total: dict[str, torch.Tensor] = {}
@@ -261,8 +259,8 @@ def _global_batch_stats(x: torch.Tensor, group) -> tuple[torch.Tensor, torch.Ten
     x3 = x.reshape(x.shape[0], x.shape[1], -1)
     var, mean = torch.var_mean(x3 if x3.dtype in (torch.float32, torch.float64) else x3.float(), dim=(0, 2),
                                correction=0)
-    var, mean = var.double(), mean.double()
     count = float(x3.shape[0] * x3.shape[2])
+    var, mean = (var.double(), mean.double()) if count else (torch.zeros_like(var, dtype=torch.float64),) * 2
     local = torch.cat([mean.new_tensor([count]), mean, var * count])  # [1 + 2C] float64
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, local, group=group)
