@@ -106,7 +106,8 @@ def _add_common(p: argparse.ArgumentParser, compare: bool) -> None:
                    help="auto: Fashion-MNIST when installed (or --data-dir given), else digits (default: auto)")
     g.add_argument("--data-dir", metavar="DIR", help="folder with the Fashion-MNIST IDX files (.gz or plain)")
     g.add_argument("--model", choices=MODELS, default=None,
-                   help="default: mlp (784-256-10; its throughput grows with the batch on CPU), logistic for synthetic")
+                   help="default: mlp (784-256-10; its throughput grows with the batch on CPU), logistic for "
+                        "synthetic; cnn and resnet (a CIFAR ResNet-20 with BatchNorm) for GPUs")
     g.add_argument("--limit", type=_positive_int("limit"), default=None, metavar="N",
                    help="use only the first N Fashion-MNIST train/test samples (smoke tests)")
 

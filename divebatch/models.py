@@ -12,8 +12,10 @@ the model the reference DiveBatch measurements in BENCHMARKS.md used, and its pe
 are cheap (Linear with T = 1: ``||a||²·||g||²``), so measuring costs little.
 
 ``--model cnn`` (the BENCHMARKS.md ``cnn``: three 3×3 convolutions, no BatchNorm) is there
-for GPU runs, where the trade-off reverses. For the synthetic dataset the model is the
-authors' prototype: ``Linear(d, 1, bias=False)`` (logistic regression, one logit).
+for GPU runs, where the trade-off reverses, and ``--model resnet``, He et al.'s CIFAR ResNet-20
+with BatchNorm, the kind of network the DiveBatch paper trained on CIFAR-10/100 (in training mode
+its per-sample numbers are the decomposition of the batch gradient, see ``divebatch.layers.norm``). For the synthetic dataset
+the model is the authors' prototype: ``Linear(d, 1, bias=False)`` (logistic regression, one logit).
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "build_model", "mlp", "cnn", "logistic"]
+__all__ = ["MODELS", "build_model", "mlp", "cnn", "resnet", "logistic"]
 
 #: Model names accepted by :func:`build_model`.
-MODELS = ("mlp", "cnn", "logistic")
+MODELS = ("mlp", "cnn", "resnet", "logistic")
 
 
 def mlp(input_shape: tuple[int, ...], num_classes: int = 10, hidden: int = 256) -> nn.Module:
@@ -51,6 +53,42 @@ def cnn(input_shape: tuple[int, ...], num_classes: int = 10) -> nn.Module:
         nn.Conv2d(64, 64, 3, padding=1, stride=2), nn.ReLU(),
         nn.Flatten(), nn.Linear(64 * h4 * w4, num_classes),
     )
+
+
+class _BasicBlock(nn.Module):
+    """Two 3×3 convolutions with BatchNorm and a residual: the identity, or a 1×1 convolution with
+    BatchNorm where the width or the resolution changes (He et al. 2016's option B)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet(input_shape: tuple[int, ...], num_classes: int = 10, depth: int = 20) -> nn.Module:
+    """The CIFAR ResNet of He et al. (2016), ResNet-20 by default:
+    Conv(C→16, 3×3)–BatchNorm–ReLU, three stages of ``(depth − 2) / 6`` basic blocks of 16, 32 and
+    64 channels (stride 2 into the second and third), global average pooling, Linear(64 → classes)."""
+    if len(input_shape) != 3:
+        raise ValueError(f"resnet needs image inputs [C, H, W], got sample shape {tuple(input_shape)}")
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"resnet depth must be 6n + 2 (8, 14, 20, 32, ...), got {depth}")
+    blocks, layers, c_in = (depth - 2) // 6, [], 16
+    for stage, width in enumerate((16, 32, 64)):
+        for i in range(blocks):
+            layers.append(_BasicBlock(c_in, width, 2 if stage > 0 and i == 0 else 1))
+            c_in = width
+    return nn.Sequential(nn.Conv2d(input_shape[0], 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                         *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
 
 
 def logistic(input_shape: tuple[int, ...], num_classes: int = 2) -> nn.Module:
@@ -85,5 +123,7 @@ def build_model(name: str | None, input_shape: tuple[int, ...], num_classes: int
             return mlp(input_shape, num_out)
         if name == "cnn":
             return cnn(input_shape, num_out)
+        if name == "resnet":
+            return resnet(input_shape, num_out)
         return logistic(input_shape, num_classes)
 

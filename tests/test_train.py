@@ -105,6 +105,25 @@ def test_divebatch_grows_the_batch_on_digits(digits):
 
 
 @needs_tracker
+def test_resnet_with_batch_norm_trains_and_its_shares_add_up(digits):
+    """The CIFAR ResNet-20 (BatchNorm in training mode: the batch gradient's decomposition). Every
+    tracked backward is verified (the shares of every layer must add up to autograd's gradient, or
+    the tracker raises); its per-sample numbers reach the trainer, which measures a diversity."""
+    from divebatch.models import build_model
+
+    model = build_model("resnet", digits.input_shape, digits.num_classes, seed=0)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 21  # 19 in the blocks and stem, 2 shortcuts
+    x, y = digits.x_train[:24].reshape(24, *digits.input_shape), digits.y_train[:24]
+    with GradNormTracker(model, "mean", verify_every=1) as tracker:
+        res = accumulate_step(model, [(x[:16], y[:16]), (x[16:], y[16:])], tracker=tracker, measure=True)
+    assert res.per_sample_sq > 0 and res.batch_grad_sq > 0
+    cfg = TrainConfig(policy="divebatch", model="resnet", epochs=1, batch_size=64, max_batch_size=256, resize_every=1,
+                      lr=0.05)
+    summary = Trainer(cfg, digits).fit()
+    assert summary["model"] == "resnet" and math.isfinite(summary["final_test_acc"])
+
+
+@needs_tracker
 def test_trainer_writes_a_run_folder_and_micro_batches(digits, tmp_path):
     cfg = TrainConfig(policy="paper", epochs=2, batch_size=32, max_batch_size=1024, resize_every=1,
                       max_micro_batch=40)
