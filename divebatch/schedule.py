@@ -51,6 +51,13 @@ LR_SCALINGS = ("none", "linear", "sqrt")
 #: Estimators accepted by :class:`DiveBatch`.
 ESTIMATORS = ("epoch", "noise-scale")
 
+
+def _batch_norm_in_training(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds a BatchNorm module that normalises by its batch's statistics now."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+               for m in model.modules())
+
+
 #: divebatch's default policy, as keyword arguments of :class:`DiveBatch` (docs/training.md explains
 #: the choice and the measurements): the noise-scale estimator on one optimizer step in 16, after every
 #: epoch ``m ← min(max(B_noise + 1, m), 2m, m_max)`` (δ = 1: grow to the measured critical batch, at
@@ -375,6 +382,14 @@ class DiveBatch(BatchSizePolicy):
             est = estimator
             self.estimator_name = "epoch" if isinstance(est, EpochDiversity) else "noise-scale"
         self.estimator = est
+        model = getattr(tracker, "model", None)  # (a GradNormTracker's; any object with .enabled may stand in)
+        if self.estimator_name == "noise-scale" and model is not None and _batch_norm_in_training(model):
+            warnings.warn(
+                "the tracked model has BatchNorm in training mode: its per-sample numbers are a decomposition of the "
+                "batch gradient whose shares are anti-correlated by construction (BatchNorm's backward centres the "
+                "output grads over the batch), so the noise-scale estimate can read the gradient as pure noise "
+                "(B_noise = inf) and grow the batch at its limit rate; the paper's epoch estimator "
+                "(estimator='epoch', --policy paper) stays finite there. See the README's limits.", stacklevel=2)
         if self.estimator_name == "epoch":
             if self.measure_every != 1:
                 raise ValueError("the epoch estimator measures every step of its epoch: measure_every must be 1")

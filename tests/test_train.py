@@ -119,8 +119,23 @@ def test_resnet_with_batch_norm_trains_and_its_shares_add_up(digits):
     assert res.per_sample_sq > 0 and res.batch_grad_sq > 0
     cfg = TrainConfig(policy="divebatch", model="resnet", epochs=1, batch_size=64, max_batch_size=256, resize_every=1,
                       lr=0.05)
-    summary = Trainer(cfg, digits).fit()
+    with pytest.warns(UserWarning, match="BatchNorm in training mode.*noise-scale estimate"):
+        trainer = Trainer(cfg, digits)
+    summary = trainer.fit()
     assert summary["model"] == "resnet" and math.isfinite(summary["final_test_acc"])
+
+
+@needs_tracker
+def test_no_batch_norm_warning_for_the_epoch_estimator_or_eval_mode(digits, recwarn):
+    from divebatch.models import build_model
+
+    model = build_model("resnet", digits.input_shape, digits.num_classes, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with GradNormTracker(model, "mean") as tracker:
+        DiveBatch(opt, 100, 8, 64, tracker=tracker, estimator="epoch")
+        model.eval()  # running statistics: per-sample gradients, no decomposition
+        DiveBatch(opt, 100, 8, 64, tracker=tracker, estimator="noise-scale")
+    assert not [w for w in recwarn if "BatchNorm" in str(w.message)]
 
 
 @needs_tracker
