@@ -91,7 +91,9 @@ def _float32_stats(x: torch.Tensor, mean: torch.Tensor | None, var: torch.Tensor
     if mean is not None:
         return mean.to(torch.float32).contiguous(), torch.rsqrt(var.to(torch.float32) + eps).contiguous()
     if x.is_cuda:
-        return torch.batch_norm_stats(x, eps)
+        # As [B, C, S, 1]: a channels-last [B, C, S] view is then a channels-last 4-D tensor, which
+        # ATen reduces in place (a 3-D one it might first copy to contiguous).
+        return torch.batch_norm_stats(x.unsqueeze(-1), eps)
     # The interpreter's CPU tensors (ATen has no CPU batch_norm_stats): the reference's statistics.
     var, mean = torch.var_mean(x.float(), dim=(0, 2), correction=0)
     return mean, torch.rsqrt(var + eps)
