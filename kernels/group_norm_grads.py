@@ -10,10 +10,13 @@ and biased variance over the group's ``C / groups`` channels and all positions. 
 here nothing activation-sized is written.
 
 Grid: ``(B, groups)``, one program per (sample, group): it streams the group's elements three
-times in BLOCK_S chunks (the sum for a first estimate of the mean; the deviations from it and
-their squares, for the variance and the estimate's error, so the variance never subtracts two
-large numbers; then per channel ``sum_s (x - estimate) g`` and ``sum_s g``, from which ``sum_s
-x_hat g``), holding only BLOCK_S float32 lanes. Not autotuned: BLOCK_S follows the number of positions (``config_for``).
+times in ``BLOCK_C x BLOCK_S`` tiles (``BLOCK_C`` of the group's channels at a time: a small
+feature map, e.g. 16 channels of 7 x 7, is one tile instead of 16 mostly masked rows): the sum
+for a first estimate of the mean; the deviations from it and their squares, for the variance and
+the estimate's error, so the variance never subtracts two large numbers; then per channel
+``sum_s (x - estimate) g`` and ``sum_s g``, from which ``sum_s x_hat g``. One number per channel
+is stored, no atomics. Not autotuned: the group's width and the positions pick the tile
+(``config_for``).
 """
 
 from __future__ import annotations
@@ -24,15 +27,29 @@ import triton.language as tl
 
 from ._common import INTERPRET, check_x_g, per_channel_outputs
 
-#: (BLOCK_S, warps) by the number of positions S: the narrowest that holds a channel's positions.
-_CONFIGS = [triton.Config({"BLOCK_S": width}, num_warps=warps) for width, warps in ((256, 2), (1024, 4))]
+#: Elements of a (channels x positions) tile: 16 float32 per thread and accumulator at 4 warps.
+_TILE = 2048
+#: Positions of the narrow tiles, for maps of at most that many positions (7 x 7, 8 x 8).
+_NARROW_S = 64
+
+def _warps(elements: int) -> int:
+    """Warps for a tile: about 8 elements per thread, 1 to 4 warps."""
+    return max(1, min(4, elements // 256))
 
 
-def config_for(S: int) -> triton.Config:
-    """The config that streams ``S`` positions per channel (under the interpreter, 32 lanes)."""
+#: (BLOCK_C, BLOCK_S): per channel block, a tile as wide as ``_TILE`` allows and a narrow one.
+_CONFIGS = [triton.Config({"BLOCK_C": c, "BLOCK_S": s}, num_warps=_warps(c * s))
+            for c in (1, 2, 4, 8, 16, 32) for s in sorted({_NARROW_S, _TILE // c})]
+
+
+def config_for(S: int, channels_per_group: int) -> triton.Config:
+    """The tile for a group of ``channels_per_group`` channels of ``S`` positions (under the
+    interpreter a small one, so tests cross both masks and the channel-block loop)."""
     if INTERPRET:
-        return triton.Config({"BLOCK_S": 32}, num_warps=1)
-    return next((c for c in _CONFIGS if c.kwargs["BLOCK_S"] >= S), _CONFIGS[-1])
+        return triton.Config({"BLOCK_C": 4, "BLOCK_S": 16}, num_warps=1)
+    block_c = min(triton.next_power_of_2(channels_per_group), 32)
+    block_s = _NARROW_S if S <= _NARROW_S else _TILE // block_c
+    return next(c for c in _CONFIGS if c.kwargs == {"BLOCK_C": block_c, "BLOCK_S": block_s})
 
 
 @triton.jit
@@ -44,58 +61,63 @@ def _group_norm_grads_kernel(
     C, S, channels_per_group, eps,
     stride_xb, stride_xc, stride_xs,
     stride_gb, stride_gc, stride_gs,
-    WITH_BIAS: tl.constexpr, BLOCK_S: tl.constexpr,
+    WITH_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     first = tl.program_id(1) * channels_per_group
-    last = first + channels_per_group
-    offs = tl.arange(0, BLOCK_S)
+    c_offs = tl.arange(0, BLOCK_C)
+    s_offs = tl.arange(0, BLOCK_S)
     count = tl.cast(channels_per_group * S, tl.float32)
     x_base = x_ptr + b * stride_xb
     g_base = g_ptr + b * stride_gb
 
-    lanes = tl.zeros((BLOCK_S,), dtype=tl.float32)
-    for c in range(first, last):
-        row = x_base + tl.cast(c, tl.int64) * stride_xc
+    lanes = tl.zeros((BLOCK_C, BLOCK_S), dtype=tl.float32)
+    for c0 in range(0, channels_per_group, BLOCK_C):
+        c64 = (first + c0 + c_offs).to(tl.int64)
+        c_mask = c0 + c_offs < channels_per_group
         for s0 in range(0, S, BLOCK_S):
-            s = s0 + offs
-            lanes += tl.load(row + s.to(tl.int64) * stride_xs, mask=s < S, other=0.0).to(tl.float32)
-    mean = tl.sum(lanes, axis=0) / count
+            s = s0 + s_offs
+            mask = c_mask[:, None] & (s < S)[None, :]
+            at = x_base + c64[:, None] * stride_xc + s.to(tl.int64)[None, :] * stride_xs
+            lanes += tl.load(at, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(tl.sum(lanes, axis=1), axis=0) / count
 
     # The deviations from that first estimate give the variance and what the estimate lacks of
     # the mean (mean_dev), so a mean far from zero against the spread loses no digits.
-    lanes = tl.zeros((BLOCK_S,), dtype=tl.float32)
-    dev_lanes = tl.zeros((BLOCK_S,), dtype=tl.float32)
-    for c in range(first, last):
-        row = x_base + tl.cast(c, tl.int64) * stride_xc
+    lanes = tl.zeros((BLOCK_C, BLOCK_S), dtype=tl.float32)
+    dev_lanes = tl.zeros((BLOCK_C, BLOCK_S), dtype=tl.float32)
+    for c0 in range(0, channels_per_group, BLOCK_C):
+        c64 = (first + c0 + c_offs).to(tl.int64)
+        c_mask = c0 + c_offs < channels_per_group
         for s0 in range(0, S, BLOCK_S):
-            s = s0 + offs
-            mask = s < S
-            v = tl.load(row + s.to(tl.int64) * stride_xs, mask=mask, other=0.0).to(tl.float32)
-            centred = tl.where(mask, v - mean, 0.0)
+            s = s0 + s_offs
+            mask = c_mask[:, None] & (s < S)[None, :]
+            at = x_base + c64[:, None] * stride_xc + s.to(tl.int64)[None, :] * stride_xs
+            centred = tl.where(mask, tl.load(at, mask=mask, other=0.0).to(tl.float32) - mean, 0.0)
             lanes += centred * centred
             dev_lanes += centred
-    mean_dev = tl.sum(dev_lanes, axis=0) / count
-    rstd = 1.0 / tl.sqrt_rn(tl.sum(lanes, axis=0) / count - mean_dev * mean_dev + eps)
+    mean_dev = tl.sum(tl.sum(dev_lanes, axis=1), axis=0) / count
+    rstd = 1.0 / tl.sqrt_rn(tl.sum(tl.sum(lanes, axis=1), axis=0) / count - mean_dev * mean_dev + eps)
 
-    for c in range(first, last):
-        c64 = tl.cast(c, tl.int64)
-        row = x_base + c64 * stride_xc
-        grow = g_base + c64 * stride_gc
-        acc_w = tl.zeros((BLOCK_S,), dtype=tl.float32)
-        acc_b = tl.zeros((BLOCK_S,), dtype=tl.float32)
+    for c0 in range(0, channels_per_group, BLOCK_C):
+        c64 = (first + c0 + c_offs).to(tl.int64)
+        c_mask = c0 + c_offs < channels_per_group
+        acc_w = tl.zeros((BLOCK_C, BLOCK_S), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_C, BLOCK_S), dtype=tl.float32)
         for s0 in range(0, S, BLOCK_S):
-            s = s0 + offs
-            mask = s < S
+            s = s0 + s_offs
             s64 = s.to(tl.int64)
-            v = tl.load(row + s64 * stride_xs, mask=mask, other=0.0).to(tl.float32)
-            gv = tl.load(grow + s64 * stride_gs, mask=mask, other=0.0).to(tl.float32)
+            mask = c_mask[:, None] & (s < S)[None, :]
+            v = tl.load(x_base + c64[:, None] * stride_xc + s64[None, :] * stride_xs, mask=mask,
+                        other=0.0).to(tl.float32)
+            gv = tl.load(g_base + c64[:, None] * stride_gc + s64[None, :] * stride_gs, mask=mask,
+                         other=0.0).to(tl.float32)
             acc_w += (v - mean) * gv  # masked entries load g = 0
             acc_b += gv
-        g_sum = tl.sum(acc_b, axis=0)
-        tl.store(weight_ptr + b * C + c64, (tl.sum(acc_w, axis=0) - mean_dev * g_sum) * rstd)
+        g_sum = tl.sum(acc_b, axis=1)
+        tl.store(weight_ptr + b * C + c64, (tl.sum(acc_w, axis=1) - mean_dev * g_sum) * rstd, mask=c_mask)
         if WITH_BIAS:
-            tl.store(bias_ptr + b * C + c64, g_sum)
+            tl.store(bias_ptr + b * C + c64, g_sum, mask=c_mask)
 
 
 def group_norm_grads_triton(x: torch.Tensor, g: torch.Tensor, groups: int, eps: float, with_bias: bool):
@@ -107,12 +129,12 @@ def group_norm_grads_triton(x: torch.Tensor, g: torch.Tensor, groups: int, eps: 
         raise ValueError(f"divebatch.{op}: groups={groups} must divide the {C} channels")
     launch, weight, bias = per_channel_outputs(x, with_bias)  # each entry stored by its group's program
     if launch:
-        config = config_for(S)
+        config = config_for(S, C // groups)
         _group_norm_grads_kernel[(B, groups)](
             x, g, weight, bias,
             C, S, C // groups, float(eps),
             x.stride(0), x.stride(1), x.stride(2),
             g.stride(0), g.stride(1), g.stride(2),
-            WITH_BIAS=bool(with_bias), BLOCK_S=config.kwargs["BLOCK_S"], num_warps=config.num_warps,
+            WITH_BIAS=bool(with_bias), **config.kwargs, num_warps=config.num_warps,
         )
     return weight, (bias if with_bias else torch.zeros_like(weight))

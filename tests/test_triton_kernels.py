@@ -405,7 +405,7 @@ def test_affine_norm_grads_rounds_x_hat_like_llama(dtype):
 #: a group (InstanceNorm), one group of all channels.
 GROUP_SHAPES = [(3, 8, 37, 2), (2, 4, 1, 2), (2, 6, 70, 6), (1, 6, 65, 1)]
 if DEVICE == "cuda":
-    GROUP_SHAPES += [(16, 64, 3136, 32), (4, 512, 49, 32), (2, 3, 50176, 3)]
+    GROUP_SHAPES += [(16, 64, 3136, 32), (4, 512, 49, 32), (2, 3, 50176, 3), (2, 256, 196, 1)]
 
 
 @pytest.mark.parametrize("case", [(s, dt, lay) for s in GROUP_SHAPES for dt in DTYPES for lay in ("contig", "transposed")
@@ -419,6 +419,19 @@ def test_group_norm_grads(case):
     outs = K.group_norm_grads_triton(x, g, groups, 1e-5, True)
     _check("group_norm_grads", outs, x32, g32, (x, g), dtype, R.group_norm_grads, (groups, 1e-5, True))
     assert bool((_cpu(K.group_norm_grads_triton(x, g, groups, 1e-5, False)[1]) == 0).all())
+
+
+def test_group_norm_tiles_follow_the_group_and_the_map(monkeypatch):
+    """On a GPU a group's channels share a tile: 16 channels of 7 x 7 are one 16 x 64 tile (not 16
+    rows of mostly masked lanes); an InstanceNorm's channel at 56 x 56 streams 2048 positions; a
+    group of 256 channels goes 32 at a time. Every pick is a config the compile test builds."""
+    module = K.group_norm_grads
+    monkeypatch.setattr(module, "INTERPRET", False)
+    for (S, cpg), tile in {(49, 16): (16, 64), (3136, 1): (1, 2048), (3136, 2): (2, 1024), (196, 256): (32, 64),
+                           (64, 3): (4, 64), (196, 8): (8, 256)}.items():
+        config = module.config_for(S, cpg)
+        assert (config.kwargs["BLOCK_C"], config.kwargs["BLOCK_S"]) == tile, (S, cpg)
+        assert config in module._CONFIGS
 
 
 def test_group_norm_grads_refuses_groups_that_do_not_divide_the_channels():
