@@ -14,6 +14,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "off", "no")
 
@@ -212,3 +213,22 @@ def per_channel_outputs(x: torch.Tensor, with_bias: bool) -> tuple[bool, torch.T
     weight = alloc((B, C), dtype=torch.float32, device=x.device)
     bias = alloc((B, C) if with_bias else (1, 1), dtype=torch.float32, device=x.device)
     return launch, weight, bias
+
+
+@triton.jit
+def centred_row_sums(x_rows, g_rows, c_mask, centre, S, stride_xs, stride_gs,
+                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """For ``BLOCK_C`` rows of ``S`` positions (row pointers ``x_rows``, ``g_rows`` ``[BLOCK_C, 1]``,
+    rows past ``c_mask`` skipped): ``(sum_s (x - centre) g, sum_s g)`` per row in float32,
+    accumulated in ``BLOCK_C x BLOCK_S`` lanes; ``centre`` a scalar or ``[BLOCK_C, 1]``. The norm
+    kernels' last pass, which turns these into ``sum_s x_hat g`` and the bias sums."""
+    acc_w = tl.zeros((BLOCK_C, BLOCK_S), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_C, BLOCK_S), dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        s = (s0 + tl.arange(0, BLOCK_S)).to(tl.int64)
+        mask = c_mask[:, None] & (s < S)[None, :]
+        v = tl.load(x_rows + s[None, :] * stride_xs, mask=mask, other=0.0).to(tl.float32)
+        gv = tl.load(g_rows + s[None, :] * stride_gs, mask=mask, other=0.0).to(tl.float32)
+        acc_w += (v - centre) * gv  # masked entries load g = 0: they add nothing
+        acc_g += gv
+    return tl.sum(acc_w, axis=1), tl.sum(acc_g, axis=1)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_float, check_x_g, per_channel_outputs
+from ._common import INTERPRET, centred_row_sums, check_float, check_x_g, per_channel_outputs
 
 #: (BLOCK_C, BLOCK_S, warps): the first three for contiguous positions, by the number of positions
 #: (the narrowest that holds a channel's row); then channels-last inputs; then at most 4 positions
@@ -63,26 +63,13 @@ def _channel_norm_grads_kernel(
     c_mask = c < C
     c64 = c.to(tl.int64)
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
-    x_rows = x_ptr + b * stride_xb + c64[:, None] * stride_xc
-    g_rows = g_ptr + b * stride_gb + c64[:, None] * stride_gc
-    offs = tl.arange(0, BLOCK_S)
-
-    acc_w = tl.zeros((BLOCK_C, BLOCK_S), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_C, BLOCK_S), dtype=tl.float32)
-    for s0 in range(0, S, BLOCK_S):
-        s = s0 + offs
-        s64 = s.to(tl.int64)
-        mask = c_mask[:, None] & (s < S)[None, :]
-        v = tl.load(x_rows + s64[None, :] * stride_xs, mask=mask, other=0.0).to(tl.float32)
-        gv = tl.load(g_rows + s64[None, :] * stride_gs, mask=mask, other=0.0).to(tl.float32)
-        # masked entries load g = 0, so they add nothing whatever v - mean is
-        acc_w += (v - mean[:, None]) * gv
-        if WITH_BIAS:
-            acc_b += gv
+    dot, g_sum = centred_row_sums(x_ptr + b * stride_xb + c64[:, None] * stride_xc,
+                                  g_ptr + b * stride_gb + c64[:, None] * stride_gc, c_mask, mean[:, None], S,
+                                  stride_xs, stride_gs, BLOCK_C, BLOCK_S)
     rstd = tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
-    tl.store(weight_ptr + b * C + c64, tl.sum(acc_w, axis=1) * rstd, mask=c_mask)
+    tl.store(weight_ptr + b * C + c64, dot * rstd, mask=c_mask)
     if WITH_BIAS:
-        tl.store(bias_ptr + b * C + c64, tl.sum(acc_b, axis=1), mask=c_mask)
+        tl.store(bias_ptr + b * C + c64, g_sum, mask=c_mask)
 
 
 def _float32_stats(x: torch.Tensor, mean: torch.Tensor | None, var: torch.Tensor | None, eps: float):

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_x_g, per_channel_outputs
+from ._common import INTERPRET, centred_row_sums, check_x_g, per_channel_outputs
 
 #: Elements of a (channels x positions) tile: 16 float32 per thread and accumulator at 4 warps.
 _TILE = 2048
@@ -102,20 +102,9 @@ def _group_norm_grads_kernel(
     for c0 in range(0, channels_per_group, BLOCK_C):
         c64 = (first + c0 + c_offs).to(tl.int64)
         c_mask = c0 + c_offs < channels_per_group
-        acc_w = tl.zeros((BLOCK_C, BLOCK_S), dtype=tl.float32)
-        acc_b = tl.zeros((BLOCK_C, BLOCK_S), dtype=tl.float32)
-        for s0 in range(0, S, BLOCK_S):
-            s = s0 + s_offs
-            s64 = s.to(tl.int64)
-            mask = c_mask[:, None] & (s < S)[None, :]
-            v = tl.load(x_base + c64[:, None] * stride_xc + s64[None, :] * stride_xs, mask=mask,
-                        other=0.0).to(tl.float32)
-            gv = tl.load(g_base + c64[:, None] * stride_gc + s64[None, :] * stride_gs, mask=mask,
-                         other=0.0).to(tl.float32)
-            acc_w += (v - mean) * gv  # masked entries load g = 0
-            acc_b += gv
-        g_sum = tl.sum(acc_b, axis=1)
-        tl.store(weight_ptr + b * C + c64, (tl.sum(acc_w, axis=1) - mean_dev * g_sum) * rstd, mask=c_mask)
+        dot, g_sum = centred_row_sums(x_base + c64[:, None] * stride_xc, g_base + c64[:, None] * stride_gc, c_mask,
+                                      mean, S, stride_xs, stride_gs, BLOCK_C, BLOCK_S)
+        tl.store(weight_ptr + b * C + c64, (dot - mean_dev * g_sum) * rstd, mask=c_mask)
         if WITH_BIAS:
             tl.store(bias_ptr + b * C + c64, g_sum, mask=c_mask)
 
