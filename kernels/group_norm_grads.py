@@ -53,6 +53,26 @@ def config_for(S: int, channels_per_group: int) -> triton.Config:
 
 
 @triton.jit
+def _group_moments(x_base, first, channels_per_group, S, stride_xc, stride_xs, centre,
+                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """``(sum (x - centre), sum (x - centre)^2)`` over one sample's group (channels ``first`` on)."""
+    c_offs = tl.arange(0, BLOCK_C)
+    lanes = tl.zeros((BLOCK_C, BLOCK_S), dtype=tl.float32)
+    sq_lanes = tl.zeros((BLOCK_C, BLOCK_S), dtype=tl.float32)
+    for c0 in range(0, channels_per_group, BLOCK_C):
+        c64 = (first + c0 + c_offs).to(tl.int64)
+        c_mask = c0 + c_offs < channels_per_group
+        for s0 in range(0, S, BLOCK_S):
+            s = (s0 + tl.arange(0, BLOCK_S)).to(tl.int64)
+            mask = c_mask[:, None] & (s < S)[None, :]
+            at = x_base + c64[:, None] * stride_xc + s[None, :] * stride_xs
+            centred = tl.where(mask, tl.load(at, mask=mask, other=0.0).to(tl.float32) - centre, 0.0)
+            lanes += centred
+            sq_lanes += centred * centred
+    return tl.sum(tl.sum(lanes, axis=1), axis=0), tl.sum(tl.sum(sq_lanes, axis=1), axis=0)
+
+
+@triton.jit
 def _group_norm_grads_kernel(
     # inputs: x [B, C, S], g [B, C, S]
     x_ptr, g_ptr,
@@ -66,38 +86,17 @@ def _group_norm_grads_kernel(
     b = tl.program_id(0).to(tl.int64)
     first = tl.program_id(1) * channels_per_group
     c_offs = tl.arange(0, BLOCK_C)
-    s_offs = tl.arange(0, BLOCK_S)
     count = tl.cast(channels_per_group * S, tl.float32)
     x_base = x_ptr + b * stride_xb
     g_base = g_ptr + b * stride_gb
 
-    lanes = tl.zeros((BLOCK_C, BLOCK_S), dtype=tl.float32)
-    for c0 in range(0, channels_per_group, BLOCK_C):
-        c64 = (first + c0 + c_offs).to(tl.int64)
-        c_mask = c0 + c_offs < channels_per_group
-        for s0 in range(0, S, BLOCK_S):
-            s = s0 + s_offs
-            mask = c_mask[:, None] & (s < S)[None, :]
-            at = x_base + c64[:, None] * stride_xc + s.to(tl.int64)[None, :] * stride_xs
-            lanes += tl.load(at, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(tl.sum(lanes, axis=1), axis=0) / count
-
+    total, _ = _group_moments(x_base, first, channels_per_group, S, stride_xc, stride_xs, 0.0, BLOCK_C, BLOCK_S)
+    mean = total / count
     # The deviations from that first estimate give the variance and what the estimate lacks of
     # the mean (mean_dev), so a mean far from zero against the spread loses no digits.
-    lanes = tl.zeros((BLOCK_C, BLOCK_S), dtype=tl.float32)
-    dev_lanes = tl.zeros((BLOCK_C, BLOCK_S), dtype=tl.float32)
-    for c0 in range(0, channels_per_group, BLOCK_C):
-        c64 = (first + c0 + c_offs).to(tl.int64)
-        c_mask = c0 + c_offs < channels_per_group
-        for s0 in range(0, S, BLOCK_S):
-            s = s0 + s_offs
-            mask = c_mask[:, None] & (s < S)[None, :]
-            at = x_base + c64[:, None] * stride_xc + s.to(tl.int64)[None, :] * stride_xs
-            centred = tl.where(mask, tl.load(at, mask=mask, other=0.0).to(tl.float32) - mean, 0.0)
-            lanes += centred * centred
-            dev_lanes += centred
-    mean_dev = tl.sum(tl.sum(dev_lanes, axis=1), axis=0) / count
-    rstd = 1.0 / tl.sqrt_rn(tl.sum(tl.sum(lanes, axis=1), axis=0) / count - mean_dev * mean_dev + eps)
+    dev, sq_dev = _group_moments(x_base, first, channels_per_group, S, stride_xc, stride_xs, mean, BLOCK_C, BLOCK_S)
+    mean_dev = dev / count
+    rstd = 1.0 / tl.sqrt_rn(sq_dev / count - mean_dev * mean_dev + eps)
 
     for c0 in range(0, channels_per_group, BLOCK_C):
         c64 = (first + c0 + c_offs).to(tl.int64)
