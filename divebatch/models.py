@@ -13,8 +13,8 @@ are cheap (Linear with T = 1: ``||a||²·||g||²``), so measuring costs little.
 
 ``--model cnn`` (the BENCHMARKS.md ``cnn``: three 3×3 convolutions, no BatchNorm) is there
 for GPU runs, where the trade-off reverses, and ``--model resnet``, He et al.'s CIFAR ResNet-20
-with BatchNorm, the kind of network the DiveBatch paper trained on CIFAR-10/100 (in training mode
-its per-sample numbers are the decomposition of the batch gradient, see ``divebatch.layers.norm``). For the synthetic dataset
+with BatchNorm, a network of the CIFAR image classification the paper evaluated on (in training
+mode its per-sample numbers are the decomposition of the batch gradient, see ``divebatch.layers.norm``). For the synthetic dataset
 the model is the authors' prototype: ``Linear(d, 1, bias=False)`` (logistic regression, one logit).
 """
 
