@@ -35,32 +35,55 @@ _BLOCK = 1 << 10
 _CHUNK = 1 << 22
 
 
-def _blocked_sq_f64(flat: torch.Tensor) -> torch.Tensor:
-    """``||flat||²`` of a 1-D float32 tensor as a float64 0-dim tensor (see the module docstring)."""
+def _block_sums(flat: torch.Tensor) -> list[torch.Tensor]:
+    """The squares of a 1-D float32 tensor summed in float32 over blocks of at most ``_BLOCK``
+    elements: a list of one 0-dim tensor (``n <= _BLOCK``) or of that and a ``[blocks, 1, 1]``
+    tensor; their float64 sum is ``||flat||²`` (see the module docstring)."""
     n = flat.numel()
+    if n <= _BLOCK:  # the common small tensor (a bias, a norm's weight): one op
+        return [torch.dot(flat, flat)]
     blocks = n // _BLOCK
+    head = flat[: blocks * _BLOCK].view(blocks, 1, _BLOCK)
     tail = flat[blocks * _BLOCK:]
-    total = torch.dot(tail, tail).double()
-    if blocks:
-        head = flat[: blocks * _BLOCK].view(blocks, 1, _BLOCK)
-        total = total + torch.bmm(head, head.transpose(1, 2)).sum(dtype=torch.float64)
-    return total
+    return [torch.dot(tail, tail), torch.bmm(head, head.transpose(1, 2))]
+
+
+def _f64_total(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The float64 sum of every element of ``parts`` (float32 partial sums), a 0-dim tensor."""
+    scalars = [t for t in parts if t.dim() == 0]
+    blocks = [t.reshape(-1) for t in parts if t.dim() > 0]
+    if scalars:
+        blocks.append(torch.stack(scalars) if len(scalars) > 1 else scalars[0].reshape(1))
+    flat = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+    return flat.sum(dtype=torch.float64)
+
+
+def _partial_sums(t: torch.Tensor) -> list[torch.Tensor] | None:
+    """``t``'s squares as float32 partial sums for ``_f64_total`` (float16/bfloat16: converted to
+    float32 in chunks of ``_CHUNK``, never whole), or None for a float64 tensor or a strided view
+    with no flat storage, which ``squared_norm`` reduces in float64 instead."""
+    if t.dtype == torch.float64:
+        return None
+    flat = _dense_flat(t)
+    if flat is None:
+        return None
+    if flat.dtype == torch.float32:
+        return _block_sums(flat)
+    return [part for chunk in flat.split(_CHUNK) for part in _block_sums(chunk.float())]
+
+
+def _f64_squared_norm(t: torch.Tensor) -> torch.Tensor:
+    """``||t||²`` in float64 (0-dim) for the tensors ``_partial_sums`` leaves out."""
+    if t.dtype == torch.float64:  # vector_norm refuses to downcast; keep float64 until the end
+        return torch.linalg.vector_norm(t).square()
+    return torch.linalg.vector_norm(t, dtype=torch.float64).square()
 
 
 def squared_norm(t: torch.Tensor) -> torch.Tensor:
     """``||t||²`` as a float32 0-dim tensor, accurate to float32 rounding at any size (float16/
     bfloat16: converted to float32 in bounded chunks, never whole)."""
-    if t.dtype == torch.float64:  # vector_norm refuses to downcast; keep float64 until the end
-        return torch.linalg.vector_norm(t).square().float()
-    flat = _dense_flat(t)
-    if flat is None:  # a strided view: no flat storage to run dot over
-        return torch.linalg.vector_norm(t, dtype=torch.float64).square().float()
-    if flat.dtype == torch.float32:
-        return _blocked_sq_f64(flat).float()
-    total = torch.zeros((), dtype=torch.float64, device=t.device)
-    for chunk in flat.split(_CHUNK):
-        total += _blocked_sq_f64(chunk.float())
-    return total.float()
+    parts = _partial_sums(t)
+    return (_f64_squared_norm(t) if parts is None else _f64_total(parts)).float()
 
 
 def _one_launch_per_tensor(t: torch.Tensor) -> bool:
@@ -73,17 +96,20 @@ class SquaredNormSum:
     """``Σ ||t||²`` over tensors added one at a time (a backward's parameter gradients, as they
     arrive), read once as a float32 0-dim tensor; nothing is scaled.
 
-    On CPU each tensor goes through ``squared_norm`` (blocked, float64 block sums: a CPU float32
-    reduction loses ~2e-5 over a million elements) and the parts are added as they come. On CUDA
-    that path is about nine small kernels per tensor, and a small model's step on a GPU is bound
-    by launches: there each tensor's norm is one ``torch.linalg.vector_norm`` reduction in float32
-    (a tree over thread blocks, accurate in float32), kept as a 0-dim tensor, and ``total()``
-    squares and sums them in float64 in three launches. No tensor is held past ``add``.
+    A small model's step is bound by the ops dispatched per parameter (launches on a GPU, the
+    dispatcher on a CPU), so ``add`` takes as few as it can and ``total()`` adds everything up in
+    a few ops. On CPU, ``add`` keeps each tensor's float32 block partial sums (one ``dot`` for a
+    tensor of at most ``_BLOCK`` elements; a CPU float32 reduction over a million elements would
+    lose ~2e-5) and ``total()`` sums them all in float64. On CUDA each tensor's norm is one
+    ``torch.linalg.vector_norm`` reduction in float32 (a tree over thread blocks, accurate in
+    float32), and ``total()`` squares and sums them in float64. No tensor is held past ``add``:
+    what is kept is a few scalars per tensor (``numel / _BLOCK`` of them for large ones).
     """
 
     def __init__(self) -> None:
         self._sum: torch.Tensor | None = None
-        self._norms: list[torch.Tensor] = []
+        self._norms: list[torch.Tensor] = []  # CUDA: float32 norms (not squared)
+        self._partials: list[torch.Tensor] = []  # CPU: float32 partial sums of squares
 
     def add(self, t: torch.Tensor) -> None:
         if _one_launch_per_tensor(t):
@@ -91,13 +117,22 @@ class SquaredNormSum:
             self._norms.append(torch.linalg.vector_norm(t).float() if t.dtype == torch.float64
                                else torch.linalg.vector_norm(t, dtype=torch.float32))
             return
-        sq = squared_norm(t)
-        self._sum = sq if self._sum is None else self._sum + sq
+        parts = _partial_sums(t)
+        if parts is None:
+            self._partials.append(_f64_squared_norm(t).float())
+        else:
+            self._partials.extend(parts)
 
     def total(self) -> torch.Tensor | None:
         """The float32 sum of squares, or None when nothing was added."""
+        parts = []
         if self._norms:
-            part = torch.stack(self._norms).double().square().sum().float()
-            self._sum = part if self._sum is None else self._sum + part
+            parts.append(torch.stack(self._norms).double().square().sum())
             self._norms = []
+        if self._partials:
+            parts.append(_f64_total(self._partials))
+            self._partials = []
+        if parts:
+            part = (parts[0] if len(parts) == 1 else parts[0] + parts[1]).float()
+            self._sum = part if self._sum is None else self._sum + part
         return self._sum

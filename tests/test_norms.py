@@ -105,6 +105,12 @@ def test_squared_norm_sum_adds_every_tensor(one_launch, monkeypatch):
             acc.add(t)
     if one_launch:  # (the float64 tensor's norm is cast to float32: one more)
         assert counter.ops == len(tensors) + 1
+    small = torch.randn(1024, generator=g)  # a bias: at most _BLOCK elements, one dot on CPU too
+    counter = _CountOps()
+    with counter:
+        acc.add(small)
+    assert counter.ops <= 2  # (a view, the reduction)
+    tensors.append(small)
     ref = sum(t.double().square().sum() for t in tensors)
     got = acc.total()
     assert got.dtype == torch.float32 and got.dim() == 0

@@ -31,9 +31,11 @@ _GHOST_TILE = 64
 def triton_kernels(device_type: str) -> bool:
     """Whether the operators run their Triton kernels for tensors of ``device_type`` (CUDA, where
     Triton serves; ``DIVEBATCH_BACKEND`` may force another implementation)."""
+    if device_type != "cuda":  # (asked on every call of every layer: no import on the CPU path)
+        return False
     from .. import ops
 
-    return device_type == "cuda" and ops.triton_serves(torch.device("cuda"))
+    return ops.triton_serves(torch.device("cuda"))
 
 
 def linear_route(B: int, T: int, d: int, p: int, force: str | None = None, device_type: str = "cpu") -> RoutePlan:
