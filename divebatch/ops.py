@@ -146,13 +146,21 @@ def backend() -> str:
     return name
 
 
+#: The registered operators by name, resolved to their one overload once (called for every layer
+#: in every backward: the packet's overload lookup is a few microseconds each time).
+_OVERLOADS: dict = {}
+
+
 def _call(name: str, *args):
     forced = backend()
     if forced == "reference":
         return getattr(reference, name)(*args)
     if forced == "triton":
         return getattr(_kernels, f"{name}_triton")(*args)
-    return getattr(torch.ops.divebatch, name)(*args)
+    op = _OVERLOADS.get(name)
+    if op is None:
+        op = _OVERLOADS[name] = getattr(torch.ops.divebatch, name).default
+    return op(*args)
 
 
 def ghost_norm(a: torch.Tensor, g: torch.Tensor, with_bias: bool = False):

@@ -532,7 +532,7 @@ class GradNormTracker:
         if capture_suspended() or not torch.is_grad_enabled() or _inside_functorch():
             self._input_batch = None  # (a reference's per-sample call: no forward of the tracker's)
             return None
-        inputs = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
+        inputs = _tensors((args, kwargs))
         self._model_input_shape = tuple(inputs[0].shape) if inputs else None
         self._model_inputs = inputs  # (until the forward ends: ids merged from them, see _input_rows)
         if (inputs and inputs[0].dim() > 2 and not inputs[0].is_floating_point() and self._ids_follower is None
@@ -825,7 +825,7 @@ class GradNormTracker:
             return None
         if capture_suspended() or not torch.is_grad_enabled() or _inside_functorch():
             return None
-        leaves = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+        leaves = [t for t in _tensors(output) if t.requires_grad]
         if not leaves:  # e.g. frozen layer on a no-grad input: nothing will flow back
             return None
         separated = None
@@ -1489,6 +1489,18 @@ class GradNormTracker:
         if step.verify:
             unaccounted = {entry.owner.name: entry.relative for entry in step.verified.values() if entry.compared}
         return GradNormStats(per_sample, batch_sq, per_layer, B, c, unaccounted=unaccounted)
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    """The tensors among the leaves of ``tree`` (a module's output, its ``(args, kwargs)``), in
+    ``tree_flatten`` order; a lone tensor or a ``((x,), {})`` call skips the flattening, which for
+    a small layer costs as much as the rest of its forward hook."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if (isinstance(tree, tuple) and len(tree) == 2 and isinstance(tree[1], dict) and not tree[1]
+            and isinstance(tree[0], tuple) and len(tree[0]) == 1 and isinstance(tree[0][0], torch.Tensor)):
+        return [tree[0][0]]
+    return [x for x in tree_flatten(tree)[0] if isinstance(x, torch.Tensor)]
 
 
 def _shape_key(ctx) -> tuple:
