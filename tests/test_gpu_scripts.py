@@ -1,4 +1,5 @@
-"""The GPU machine's scripts (bench/gpu/, bench/op_counts.py) on this CPU: a GPU is lent rarely and
+"""The GPU machine's scripts (bench/gpu/, and bench/op_counts.py and bench/host_overhead.py, its
+host-cost proxies) on this CPU: a GPU is lent rarely and
 for minutes, so a script that broke since its last run must fail here, not there. Each check reads
 a value: the op counts' ordering, the profile's ops, the scan diagnosis' errors (interpreter), and
 the control flow of run_gpu_checks.sh with a stand-in interpreter."""
@@ -33,6 +34,18 @@ def test_op_counts_order_plain_cuda_path_cpu_path():
     cpu, cuda = op_counts.count(spec, False), op_counts.count(spec, True)
     assert cpu["plain"] == cuda["plain"] < cuda["tracked"] < cpu["tracked"]
     assert dict(cuda["most_added"]).get("linalg_vector_norm") == 6  # (3 Linear layers: weight and bias)
+
+
+def test_host_overhead_counts_the_tracked_modules_and_the_added_time():
+    import host_overhead
+
+    row = host_overhead.measure("mlp", steps=2, rounds=1)
+    assert (row["tracked_modules"], row["params"]) == (4, 8)  # 4 Linear layers, weight and bias each
+    assert row["added_us"] == pytest.approx(row["tracked_us"] - row["plain_us"])
+    assert row["added_us_per_module"] == pytest.approx(row["added_us"] / 4)
+    assert "| mlp | 4 / 8 |" in host_overhead.to_markdown([row])
+    with pytest.raises(SystemExit):  # an unknown model is named, not skipped
+        host_overhead.main(["--models", "mlp,nope"])
 
 
 def test_profile_step_sees_the_tracked_ops():
