@@ -42,6 +42,9 @@ constexpr int64_t kMinRowBlock = 64;
 // per-thread scratch such a batched call writes into.
 constexpr int64_t kItemWork = int64_t{1} << 21;
 constexpr int64_t kItemScratch = int64_t{1} << 20;
+// Multiply-adds of a whole call below which every sample goes into one work item: ~10 us of
+// arithmetic, less than the ATen calls and the thread wake-up that more items cost.
+constexpr int64_t kSmallCallWork = int64_t{1} << 17;
 // Elements of work per parallel chunk below which threading costs more than it saves.
 constexpr int64_t kGrainElems = 32768;
 
@@ -251,6 +254,12 @@ double accumulate_sq(const float* m, float* acc, int64_t rows, int64_t cols) {
 
 at::Tensor as_f32(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
 
+// t.narrow(dim, start, length), or t itself where that is all of it (an ATen call saved: a small
+// layer's whole call costs a few dozen of them).
+at::Tensor narrowed(const at::Tensor& t, int64_t dim, int64_t start, int64_t length) {
+  return start == 0 && length == t.size(dim) ? t : t.narrow(dim, start, length);
+}
+
 // A contiguous view of the given shape on the front of a per-thread scratch buffer, so
 // at::bmm_out writes into it without allocating.
 at::Tensor scratch_view(const at::Tensor& buffer, at::IntArrayRef sizes) {
@@ -261,7 +270,9 @@ at::Tensor scratch_view(const at::Tensor& buffer, at::IntArrayRef sizes) {
 // (small T), few enough that every thread still gets several items, and a bounded scratch.
 int64_t samples_per_item(int64_t B, int64_t threads, int64_t work_per_sample, int64_t scratch_per_sample) {
   int64_t n = kItemWork / std::max<int64_t>(1, work_per_sample);
-  n = std::min(n, ceil_div(B, 4 * threads));
+  if (B * work_per_sample > kSmallCallWork) {  // (else one item: see kSmallCallWork)
+    n = std::min(n, ceil_div(B, 4 * threads));
+  }
   n = std::min(n, kItemScratch / std::max<int64_t>(1, scratch_per_sample));
   return std::max<int64_t>(1, n);
 }
@@ -501,7 +512,7 @@ std::tuple<at::Tensor, at::Tensor> ghost_norm_cpu(const at::Tensor& a_in, const 
   std::vector<double> item_sum(B * npairs, 0.0);
   std::atomic<int64_t> next_item{0};
 
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, std::min(threads, nitems), 1, [&](int64_t, int64_t) {
     const auto f32 = a.options().dtype(at::kFloat);
     const at::Tensor gram_a_buf = at::empty({chunk * edge * edge}, f32);
     const at::Tensor gram_g_buf = at::empty({chunk * edge * edge}, f32);
@@ -511,10 +522,10 @@ std::tuple<at::Tensor, at::Tensor> ghost_norm_cpu(const at::Tensor& a_in, const 
       const int64_t b0 = (item % nchunks) * chunk, nb = std::min(chunk, B - b0);
       const TilePair& q = pairs[pair];
       const bool diagonal = q.i0 == q.j0;
-      const at::Tensor ab = a.narrow(0, b0, nb), gb = g.narrow(0, b0, nb);
-      const at::Tensor ai = as_f32(ab.narrow(1, q.i0, q.ti)), gi = as_f32(gb.narrow(1, q.i0, q.ti));
-      const at::Tensor aj = diagonal ? ai : as_f32(ab.narrow(1, q.j0, q.tj));
-      const at::Tensor gj = diagonal ? gi : as_f32(gb.narrow(1, q.j0, q.tj));
+      const at::Tensor ab = narrowed(a, 0, b0, nb), gb = narrowed(g, 0, b0, nb);
+      const at::Tensor ai = as_f32(narrowed(ab, 1, q.i0, q.ti)), gi = as_f32(narrowed(gb, 1, q.i0, q.ti));
+      const at::Tensor aj = diagonal ? ai : as_f32(narrowed(ab, 1, q.j0, q.tj));
+      const at::Tensor gj = diagonal ? gi : as_f32(narrowed(gb, 1, q.j0, q.tj));
       at::Tensor gram_a = scratch_view(gram_a_buf, {nb, q.ti, q.tj});
       at::Tensor gram_g = scratch_view(gram_g_buf, {nb, q.ti, q.tj});
       at::bmm_out(gram_a, ai, aj.transpose(1, 2));
@@ -576,8 +587,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instantiate_norm_cpu(const at::Te
       const int64_t b0 = (item / nblocks) * chunk, nb = std::min(chunk, B - b0);
       const int64_t block = item % nblocks, r0 = block * rows_per_block;
       const int64_t rows = std::min(rows_per_block, p - r0);
-      const at::Tensor ab = as_f32(a.narrow(0, b0, nb));
-      const at::Tensor gb = as_f32(g.narrow(0, b0, nb).narrow(2, r0, rows));
+      const at::Tensor ab = as_f32(narrowed(a, 0, b0, nb));
+      const at::Tensor gb = as_f32(narrowed(narrowed(g, 0, b0, nb), 2, r0, rows));
       at::Tensor m = scratch_view(m_buf, {nb, rows, d});
       at::bmm_out(m, gb.transpose(1, 2), ab);
       const float* pm = m.const_data_ptr<float>();

@@ -34,8 +34,9 @@ OPS = ("ghost_norm", "instantiate_norm", "outer_norm", "embedding_norm", "affine
 ROOT = Path(__file__).resolve().parent.parent
 
 # (B, T, d, p): T = 1; B = 1; T odd and crossing the 256-row Gram tile; B = 1 with T crossing
-# the smaller tiles used when the batch alone cannot keep the threads busy; many short samples
-# (several per batched GEMM call); an empty batch.
+# the smaller tiles used when the batch alone cannot keep the threads busy; many short samples,
+# all in one batched GEMM call (a small call: below the C++ kSmallCallWork) or several per call in
+# several calls; an empty batch.
 SHAPES = [
     (3, 7, 5, 4),
     (4, 1, 6, 3),
@@ -44,6 +45,7 @@ SHAPES = [
     (1, 301, 12, 10),
     (5, 130, 7, 33),
     (300, 6, 5, 4),
+    (600, 6, 8, 8),
     (0, 5, 3, 2),
 ]
 LAYOUTS = ("contiguous", "transposed", "sliced", "expanded")
