@@ -49,10 +49,11 @@ TRITON_OPS = {
 
 
 #: Operators whose kernels are not the CUDA implementation unless ``DIVEBATCH_TRITON_SCANS=1``:
-#: on an H200 (triton 3.6, bench/results/gpu/) the recurrent scans gave wrong results wherever a
-#: scan steps forward in time, while they pass under the interpreter. Their CUDA dispatch runs the
-#: PyTorch reference (exact, its per-step GEMMs on the GPU) until a GPU run clears them
-#: (``bench/gpu/diagnose_scan.py`` prints the error per time step).
+#: on an H200 (triton 3.6, bench/results/gpu/) the recurrent scans gave wrong results, since traced
+#: to the autotuner timing them on the state they carry (fixed in ``recurrent_scan.py``, reproduced
+#: and tested under the interpreter). Their CUDA dispatch runs the PyTorch reference (exact, its
+#: per-step GEMMs on the GPU) until a GPU run confirms the fix (the GPU check's scan shards and
+#: ``bench/gpu/diagnose_scan.py``).
 UNVERIFIED_ON_GPU = ("recurrent_scan", "recurrent_scan_backward")
 
 

@@ -46,6 +46,12 @@ def _skip_bench(kernel_call, quantiles=(0.5, 0.2, 0.8), **kwargs):
 #: Extra ``triton.autotune`` arguments: with autotuning off the single pruned config is not timed.
 AUTOTUNE_KWARGS = {} if AUTOTUNE else {"do_bench": _skip_bench}
 
+#: ``triton.autotune`` arguments of a kernel that must never be timed, whatever ``AUTOTUNE`` says:
+#: one whose launch is not repeatable because it updates state it was handed (the recurrent scans).
+#: The autotuner times a kernel whenever it has more than one config *before* pruning, even if the
+#: prune leaves one, by launching it ~100 times ahead of the real launch.
+UNTIMED_KWARGS = {"do_bench": _skip_bench}
+
 #: ``tl.dot`` input precision for float32 operands on GPU. ``tf32x3`` (three TF32 products,
 #: the lost low bits recovered) keeps ~fp32 accuracy (rel. err ~1e-6) on tensor cores;
 #: ``ieee`` is exact fp32 FMA (slower), ``tf32`` is fastest (rel. err ~1e-3).

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, config_table, dot_options, scans_enabled
+from ._common import UNTIMED_KWARGS, check_device, config_table, dot_options, scans_enabled
 
 #: mode name -> (kernel MODE id, gates per hidden unit, activations saved per hidden unit).
 _MODES = {"LSTM": (0, 4, 5), "GRU": (1, 3, 4), "RNN_TANH": (2, 1, 0), "RNN_RELU": (3, 1, 0)}
@@ -56,6 +56,18 @@ _TABLE = {(width, "unit"): _UNIT for width in ("16", "32")} | {(width, "strided"
 _CONFIGS, _PRUNE = config_table(_INTERPRETER, _TABLE, tensor_args=("gi_ptr",), inner_strides=("stride_gg",))
 _BACKWARD_CONFIGS, _BACKWARD_PRUNE = config_table(
     _INTERPRETER, _TABLE, tensor_args=("gout_ptr",), inner_strides=("stride_op", "stride_yp", "stride_ch", "stride_sk"))
+
+# A scan's launch is not repeatable: it carries its state in the two scratch slots it is handed,
+# slot 0 holding h0 / c0 (the backward: grad_h_n / grad_c_n) at launch and overwritten at every
+# odd step. On a GPU the layouts' two configs make the autotuner time the one its prune keeps
+# (it times whenever a kernel has more than one config before pruning), launching the scan ~100
+# times before the real launch, which then started from the state those runs left: the wrong
+# results of every first call per autotune key on the H200 (2026-12-04), which looked like "the
+# direction stepping forward in time fails" only because each test ran that direction first.
+# So the scans are never timed (UNTIMED_KWARGS), and should anything time them, the autotuner
+# restores the slots around each timed launch (restore_value).
+_FORWARD_TUNING = dict(restore_value=["h_scr", "c_scr"], **UNTIMED_KWARGS)
+_BACKWARD_TUNING = dict(restore_value=["dh_scr", "dc_scr"], **UNTIMED_KWARGS)
 
 
 # ------------------------------------------------------------------ device helpers
@@ -164,7 +176,7 @@ def _hidden_preact(gate, H, P, w_ptr, stride_w0, b_ptr, h_ptr, h_row, rmask, col
 
 
 # ------------------------------------------------------------------ forward
-@triton.autotune(configs=_CONFIGS, key=["H", "P", "stride_gg"], prune_configs_by=_PRUNE)
+@triton.autotune(configs=_CONFIGS, key=["H", "P", "stride_gg"], prune_configs_by=_PRUNE, **_FORWARD_TUNING)
 @triton.jit
 def _recurrent_scan_kernel(
     # inputs: gi [B, T, G] (any strides), w_hh [G, P], b_hh [G], w_hr [P, H] (rows of unit stride;
@@ -275,7 +287,7 @@ def _recurrent_scan_kernel(
 
 # ------------------------------------------------------------------ backward
 @triton.autotune(configs=_BACKWARD_CONFIGS, key=["H", "P", "stride_op", "stride_yp", "stride_ch", "stride_sk"],
-                 prune_configs_by=_BACKWARD_PRUNE)
+                 prune_configs_by=_BACKWARD_PRUNE, **_BACKWARD_TUNING)
 @triton.jit
 def _recurrent_scan_backward_kernel(
     # inputs: grad_out [B, T, P] (any strides); w_hh [G, P], w_hr [P, H] (rows of unit stride),

@@ -746,6 +746,45 @@ def test_recurrent_scan_forward_and_backward(mode, B, T, H, P, reverse, bias, pa
     _assert_close_scans(out_b, ref_b, f"recurrent_scan_backward {mode}", 5e-6)
 
 
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_recurrent_scans_survive_an_autotuner_that_times_them(mode, monkeypatch):
+    """A scan carries its state in the scratch slots it is handed (slot 0: h0, or grad_h_n, at launch;
+    overwritten at odd steps), so a launch is not repeatable. On the H200 (2026-12-04) the autotuner
+    timed the scans before each first launch per key (it times whenever a kernel has more than one
+    config, even if its prune keeps one), and the real launch started from the state the timing runs
+    left: wrong. The scans are never timed; and under an autotuner that does launch them while timing
+    (two configs, each launched three times), the slots are restored and the results stay exact."""
+    scan = K.recurrent_scan
+    kernels = (scan._recurrent_scan_kernel, scan._recurrent_scan_backward_kernel)
+    launched = []
+    for kernel in kernels:
+        kernel.do_bench(lambda: launched.append(1), quantiles=(0.5, 0.2, 0.8))
+    assert not launched, "the autotuner times a recurrent scan (launching it)"
+
+    def timing(kernel_call, quantiles):  # what a real timing does: launch it, again and again
+        for _ in range(3):
+            kernel_call()
+        return [1.0] * len(quantiles)
+
+    for kernel in kernels:
+        monkeypatch.setattr(kernel, "configs", list(kernel.configs) * 2)  # more than one: timed
+        monkeypatch.setattr(kernel, "cache", {})
+        monkeypatch.setattr(kernel, "do_bench", timing)
+    B, T, H = 3, 5, 20
+    args, dev = _scan_args(mode, B, T, H, H, 7, projected=False)
+    ref = R.recurrent_scan(*args, mode, False)
+    out = K.recurrent_scan_triton(*dev, mode, False)
+    _assert_close_scans(out, ref, f"recurrent_scan {mode}, timed first", 2e-6)
+    grad_out, grad_h_n = _rand((B, T, H), 8), _rand((B, H), 9)
+    grad_c_n = _rand((B, H), 10) if mode == "LSTM" else None
+    gi, w_hh, b_hh, h0, c0, w_hr, lengths = args
+    ref_b = R.recurrent_scan_backward(grad_out, grad_h_n, grad_c_n, w_hh, h0, c0, w_hr, *ref[:3], lengths, mode, False)
+    out_b = K.recurrent_scan_backward_triton(grad_out.to(DEVICE), grad_h_n.to(DEVICE),
+                                             grad_c_n.to(DEVICE) if grad_c_n is not None else None, dev[1], *dev[3:6],
+                                             *[x.to(DEVICE) for x in ref[:3]], lengths, mode, False)
+    _assert_close_scans(out_b, ref_b, f"recurrent_scan_backward {mode}, timed first", 5e-6)
+
+
 @settings(max_examples=12, deadline=None, derandomize=True)
 @given(mode=st.sampled_from(sorted(SCAN_GATES)), B=st.integers(1, 20), T=st.integers(0, 5),
        H=st.integers(1, 40), projected=st.booleans(), P=st.integers(1, 40), reverse=st.booleans(),
