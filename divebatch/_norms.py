@@ -15,6 +15,8 @@ flat storage is accumulated in float64.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -37,11 +39,16 @@ _CHUNK = 1 << 22
 
 def _block_sums(flat: torch.Tensor) -> list[torch.Tensor]:
     """The squares of a 1-D float32 tensor summed in float32 over blocks of at most ``_BLOCK``
-    elements: a list of one 0-dim tensor (``n <= _BLOCK``) or of that and a ``[blocks, 1, 1]``
-    tensor; their float64 sum is ``||flat||²`` (see the module docstring)."""
+    elements: a list of a 0-dim tensor (``n <= _BLOCK``), of a ``[blocks, 1, 1]`` tensor (``n`` a
+    multiple of 256), or of both (the blocks and a shorter tail); their float64 sum is ``||flat||²``
+    (see the module docstring)."""
     n = flat.numel()
     if n <= _BLOCK:  # the common small tensor (a bias, a norm's weight): one op
         return [torch.dot(flat, flat)]
+    block = math.gcd(n, _BLOCK)
+    if block >= _BLOCK // 4:  # (most weights) equal blocks of 256-1024 elements, no tail: one product
+        head = flat.view(n // block, 1, block)
+        return [torch.bmm(head, head.transpose(1, 2))]
     blocks = n // _BLOCK
     head = flat[: blocks * _BLOCK].view(blocks, 1, _BLOCK)
     tail = flat[blocks * _BLOCK:]
