@@ -3,9 +3,10 @@ small that the arithmetic costs nothing, i.e. the Python hooks, the rules' bookk
 fixed cost of every op the tracker dispatches. On a GPU a small model's step is bound by exactly
 this (the H200 ran the transformer workload's 4.4 ms step 3.28x tracked,
 bench/results/gpu/2026-12-04-h200), so it is measured here, on one CPU thread, as microseconds per
-step and per tracked module.
+step and per tracked module; with ``--device cuda`` the same steps on a GPU, where they are the
+launch-bound regime itself (bench/gpu/run_gpu_checks.sh runs it there).
 
-    python bench/host_overhead.py [--models mlp,transformer,seq,cnn] [--rounds 7] [--out bench/results/host_overhead.md]
+    python bench/host_overhead.py [--models mlp,transformer,seq,cnn] [--rounds 7] [--device cpu] [--out bench/results/host_overhead.md]
 
 Each round times ``--steps`` plain steps, then as many tracked ones (``collect()`` included), on
 the same model; the table gives the medians over rounds.
@@ -55,9 +56,11 @@ def _cnn():
 MODELS = {"mlp": _mlp, "transformer": _transformer, "seq": _seq, "cnn": _cnn}
 
 
-def measure(name: str, steps: int, rounds: int) -> dict:
+def measure(name: str, steps: int, rounds: int, device: str = "cpu") -> dict:
     torch.manual_seed(0)
     model, x, y = MODELS[name]()
+    model, x, y = model.to(device), x.to(device), y.to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -72,11 +75,13 @@ def measure(name: str, steps: int, rounds: int) -> dict:
             step()
             if tracked:
                 tracker.collect()
+        sync()
         start = time.perf_counter()
         for _ in range(steps):
             step()
             if tracked:
                 tracker.collect()
+        sync()
         return (time.perf_counter() - start) / steps * 1e6
 
     plain, tracked = [], []
@@ -104,15 +109,17 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--steps", type=int, default=200, help="steps per timing")
     parser.add_argument("--rounds", type=int, default=7, help="alternating plain/tracked timings (median)")
+    parser.add_argument("--device", default="cpu", help="cpu (one thread) or cuda")
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown table here")
     args = parser.parse_args(argv)
     unknown = [m for m in args.models.split(",") if m not in MODELS]
     if unknown:
         parser.error(f"unknown models {unknown}; pick from {sorted(MODELS)}")
     torch.set_num_threads(1)  # host overhead, not parallel arithmetic
-    rows = [measure(name, args.steps, args.rounds) for name in args.models.split(",")]
+    rows = [measure(name, args.steps, args.rounds, args.device) for name in args.models.split(",")]
     table = to_markdown(rows)
-    header = (f"torch {torch.__version__}, 1 thread, median of {args.rounds} rounds of {args.steps} steps "
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else "1 CPU thread"
+    header = (f"torch {torch.__version__}, {where}, median of {args.rounds} rounds of {args.steps} steps "
               f"({time.strftime('%Y-%m-%d')})\n\n")
     print(header + table)
     if args.out is not None:

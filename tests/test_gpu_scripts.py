@@ -132,7 +132,7 @@ def test_run_gpu_checks_control_flow(tmp_path):
     assert proc.returncode == 1, proc.stdout[-2000:]  # the engine job "failed"
     calls = log.read_text()
     for script in ("tests/test_triton_kernels.py", "diagnose_scan.py", "check_engine.py", "bench_kernels.py",
-                   "profile_step.py", "run_table.py"):
+                   "profile_step.py", "host_overhead.py --device cuda", "run_table.py"):
         assert script in calls, script
     assert calls.count("-m pytest tests/test_triton_kernels.py") == 7  # the shards
     assert "engine: rc=1" in proc.stdout

@@ -8,6 +8,7 @@
 #   2. kernel timings vs the PyTorch reference and the plain weight-gradient GEMM
 #      (bench/gpu/bench_kernels.py, triton.testing.do_bench, autotuned), table + JSON;
 #   2b. bench/gpu/profile_step.py: torch.profiler on seq-large, the ops the tracked step adds;
+#   2c. bench/host_overhead.py on CUDA: tiny models, where a step is bound by launches and hooks;
 #   3. if present, the end-to-end table (bench/run_table.py) on conv-large, seq-large, then transformer
 #      (nn.MultiheadAttention's fused rule on CUDA), divebatch fused and unfused side by side; the
 #      JSON is rewritten after each workload;
@@ -100,6 +101,16 @@ step bench 210 env DIVEBATCH_TRITON_SCANS=1 "$PY" bench/gpu/bench_kernels.py --o
 # 2b. where the tracked seq-large step's extra time goes (torch.profiler, plain vs divebatch).
 step profile 60 "$PY" bench/gpu/profile_step.py --device cuda --dtype bfloat16 --workload seq-large \
     --out "$RESULTS/profile_seq_large.json"
+
+# 2c. the host overhead of tracking, where a GPU step is bound by it: tiny models on CUDA (the first
+#     config of each kernel, untimed: few compiles).
+left=$(( BUDGET_S - ($(date +%s) - START) ))
+if [ "$left" -gt 150 ]; then
+    step host 60 env DIVEBATCH_TRITON_AUTOTUNE=0 "$PY" bench/host_overhead.py --device cuda --rounds 3 --steps 100 \
+        --out "$RESULTS/host_overhead.md"
+else
+    SUMMARY+=("host: skipped (${left}s left)")
+fi
 
 # 3. the end-to-end per-sample-norm table, only if another engineer's script exists and time is left.
 left=$(( BUDGET_S - ($(date +%s) - START) ))
