@@ -36,6 +36,11 @@ _BLOCK = 1 << 10
 #: Elements converted to float32 at a time for float16/bfloat16 inputs (16 MiB of scratch).
 _CHUNK = 1 << 22
 
+#: Most float32 partial sums ``SquaredNormSum`` keeps of one tensor until ``total()``; a larger
+#: tensor's are added up in float64 at once (one op more, next to its size nothing), so what is
+#: kept stays a few KiB per parameter whatever the model's size.
+_KEPT_PARTIALS = 4096
+
 
 def _block_sums(flat: torch.Tensor) -> list[torch.Tensor]:
     """The squares of a 1-D float32 tensor summed in float32 over blocks of at most ``_BLOCK``
@@ -110,13 +115,14 @@ class SquaredNormSum:
     lose ~2e-5) and ``total()`` sums them all in float64. On CUDA each tensor's norm is one
     ``torch.linalg.vector_norm`` reduction in float32 (a tree over thread blocks, accurate in
     float32), and ``total()`` squares and sums them in float64. No tensor is held past ``add``:
-    what is kept is a few scalars per tensor (``numel / _BLOCK`` of them for large ones).
+    what is kept is at most ``_KEPT_PARTIALS`` scalars per tensor.
     """
 
     def __init__(self) -> None:
         self._sum: torch.Tensor | None = None
         self._norms: list[torch.Tensor] = []  # CUDA: float32 norms (not squared)
         self._partials: list[torch.Tensor] = []  # CPU: float32 partial sums of squares
+        self._large: list[torch.Tensor] = []  # CPU: float64 sums of squares of large tensors
 
     def add(self, t: torch.Tensor) -> None:
         if _one_launch_per_tensor(t):
@@ -126,7 +132,9 @@ class SquaredNormSum:
             return
         parts = _partial_sums(t)
         if parts is None:
-            self._partials.append(_f64_squared_norm(t).float())
+            self._large.append(_f64_squared_norm(t))
+        elif sum(part.numel() for part in parts) > _KEPT_PARTIALS:
+            self._large.append(_f64_total(parts))
         else:
             self._partials.extend(parts)
 
@@ -139,7 +147,10 @@ class SquaredNormSum:
         if self._partials:
             parts.append(_f64_total(self._partials))
             self._partials = []
+        if self._large:
+            parts.append(torch.stack(self._large).sum() if len(self._large) > 1 else self._large[0])
+            self._large = []
         if parts:
-            part = (parts[0] if len(parts) == 1 else parts[0] + parts[1]).float()
+            part = (parts[0] if len(parts) == 1 else torch.stack(parts).sum()).float()
             self._sum = part if self._sum is None else self._sum + part
         return self._sum

@@ -97,6 +97,8 @@ def test_squared_norm_sum_adds_every_tensor(one_launch, monkeypatch):
     g = torch.Generator().manual_seed(3)
     tensors = [torch.randn(7, generator=g), torch.randn(64, 33, generator=g).t(),
                torch.randn(3000, generator=g).to(torch.bfloat16), torch.randn(5, 5, generator=g).double()]
+    if not one_launch:  # more block sums than the CPU path keeps (a CPU float32 vector_norm would drift here)
+        tensors.append(torch.randn(5000, 1024, generator=g))
     acc = SquaredNormSum()
     assert acc.total() is None
     counter = _CountOps()
