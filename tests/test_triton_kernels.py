@@ -746,6 +746,50 @@ def test_recurrent_scan_forward_and_backward(mode, B, T, H, P, reverse, bias, pa
     _assert_close_scans(out_b, ref_b, f"recurrent_scan_backward {mode}", 5e-6)
 
 
+def _timed_first(monkeypatch, kernel):
+    """Make ``kernel``'s autotuner time its configs at the next call, as on a GPU: two configs (so it
+    times, whatever the prune keeps) and a timing that launches each three times on the real
+    arguments. Under the interpreter there is one config and nothing is ever timed."""
+    def timing(kernel_call, quantiles):
+        for _ in range(3):
+            kernel_call()
+        return [1.0] * len(quantiles)
+
+    monkeypatch.setattr(kernel, "configs", list(kernel.configs) * 2)
+    monkeypatch.setattr(kernel, "cache", {})
+    # (in the instance's dict, where the cached_property keeps it: reading the default would look
+    # for a GPU driver)
+    monkeypatch.setitem(vars(kernel), "do_bench", timing)
+
+
+@pytest.mark.parametrize("op", ["ghost", "instantiate", "instantiate-split", "outer", "embedding"])
+def test_kernels_are_exact_after_the_autotuner_times_them(op, monkeypatch):
+    """The first call of an autotuned kernel per key runs it many times while timing, on the real
+    outputs; those that accumulate with atomics must be zeroed before each run and before the real
+    one (``reset_to_zero``), or the result is several times the answer. (The recurrent scans, which
+    also read state they were handed, are never timed: next test.)"""
+    a, g = _rand((3, 37, 20), 41), _rand((3, 37, 24), 42)
+    if op == "embedding":
+        _timed_first(monkeypatch, K.embedding_norm._embedding_norm_kernel)
+        ids = torch.randint(0, 11, (3, 37), generator=_gen(43))
+        got, ref = K.embedding_norm_triton(ids.to(DEVICE), g.to(DEVICE), 2), R.embedding_norm(ids, g, 2)
+        assert _rel_err(_cpu(got), ref) <= 1e-5
+        return
+    if op == "outer":
+        _timed_first(monkeypatch, K.outer_norm._outer_norm_kernel)
+        got, ref = K.outer_norm_triton(a[:, 0].to(DEVICE), g[:, 0].to(DEVICE), True), R.outer_norm(a[:, 0], g[:, 0], True)
+    elif op == "ghost":
+        _timed_first(monkeypatch, K.ghost_norm._ghost_norm_kernel)
+        got, ref = K.ghost_norm_triton(a.to(DEVICE), g.to(DEVICE), True), R.ghost_norm(a, g, True)
+    else:
+        _timed_first(monkeypatch, K.instantiate_norm._instantiate_norm_kernel)
+        split = 2 if op == "instantiate-split" else 1  # (the split grid adds the weight gradient with atomics)
+        got = K.instantiate_norm_triton(a.to(DEVICE), g.to(DEVICE), True, _n_split_override=split)
+        ref = R.instantiate_norm(a, g, True)
+    for o, r in zip(_cpu(got), ref):
+        assert _rel_err(o, r) <= 1e-5
+
+
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
 def test_recurrent_scans_survive_an_autotuner_that_times_them(mode, monkeypatch):
     """A scan carries its state in the scratch slots it is handed (slot 0: h0, or grad_h_n, at launch;
@@ -760,16 +804,8 @@ def test_recurrent_scans_survive_an_autotuner_that_times_them(mode, monkeypatch)
     for kernel in kernels:
         kernel.do_bench(lambda: launched.append(1), quantiles=(0.5, 0.2, 0.8))
     assert not launched, "the autotuner times a recurrent scan (launching it)"
-
-    def timing(kernel_call, quantiles):  # what a real timing does: launch it, again and again
-        for _ in range(3):
-            kernel_call()
-        return [1.0] * len(quantiles)
-
     for kernel in kernels:
-        monkeypatch.setattr(kernel, "configs", list(kernel.configs) * 2)  # more than one: timed
-        monkeypatch.setattr(kernel, "cache", {})
-        monkeypatch.setattr(kernel, "do_bench", timing)
+        _timed_first(monkeypatch, kernel)
     B, T, H = 3, 5, 20
     args, dev = _scan_args(mode, B, T, H, H, 7, projected=False)
     ref = R.recurrent_scan(*args, mode, False)
