@@ -73,6 +73,17 @@ def configs(interpret: triton.Config, gpu: list[triton.Config]) -> list[triton.C
     return list(gpu) if AUTOTUNE else list(gpu[:1])
 
 
+def gpu_configs(table: dict[tuple[str, str], list[triton.Config]],
+                sm90_table: dict[tuple[str, str], list[triton.Config]] | None = None) -> list[triton.Config]:
+    """Every distinct config of ``config_table``'s tables, in order: what a GPU may run (the tests run
+    each under the interpreter too, where ``config_table`` keeps only the interpreter's)."""
+    found: list[triton.Config] = []
+    for listed in (table, sm90_table or {}):
+        for configs in listed.values():
+            found += [c for c in configs if all(c is not seen for seen in found)]
+    return found
+
+
 def config_table(interpret: triton.Config, table: dict[tuple[str, str], list[triton.Config]],
                  tensor_args: tuple[str, ...], inner_strides: tuple[str, ...],
                  sm90_table: dict[tuple[str, str], list[triton.Config]] | None = None):
@@ -91,13 +102,9 @@ def config_table(interpret: triton.Config, table: dict[tuple[str, str], list[tri
     """
     if INTERPRET:
         return [interpret], {}
-    all_configs: list[triton.Config] = []
-    ids: dict[tuple[str, str], set[int]] = {}
-    sm90_ids: dict[tuple[str, str], set[int]] = {}
-    for target, listed in ((ids, table), (sm90_ids, sm90_table or {})):
-        for key, configs in listed.items():
-            target[key] = {id(c) for c in configs}
-            all_configs += [c for c in configs if all(c is not seen for seen in all_configs)]
+    all_configs = gpu_configs(table, sm90_table)
+    ids = {key: {id(c) for c in configs} for key, configs in table.items()}
+    sm90_ids = {key: {id(c) for c in configs} for key, configs in (sm90_table or {}).items()}
 
     def prune(configs, named_args, divebatch_arch=None, **kwargs):
         dtypes = {named_args[name].dtype for name in tensor_args}

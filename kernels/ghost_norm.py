@@ -30,21 +30,23 @@ _F32_CONFIGS = [  # float32 operands (tf32x3), any layout
     triton.Config({"BLOCK_T": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_T": 64, "BLOCK_K": 16}, num_warps=4, num_stages=4),
 ]
+#: The GPU configs by (operand width, layout) (see ``config_table``).
+_TABLE = {
+    ("16", "unit"): [
+        triton.Config({"BLOCK_T": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_T": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_T": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    ],
+    ("16", "strided"): [
+        triton.Config({"BLOCK_T": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_T": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    ],
+    ("32", "unit"): _F32_CONFIGS,
+    ("32", "strided"): _F32_CONFIGS,
+}
 _CONFIGS, _PRUNE = config_table(
     triton.Config({"BLOCK_T": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1),  # interpreter
-    {
-        ("16", "unit"): [
-            triton.Config({"BLOCK_T": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_T": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_T": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        ],
-        ("16", "strided"): [
-            triton.Config({"BLOCK_T": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_T": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        ],
-        ("32", "unit"): _F32_CONFIGS,
-        ("32", "strided"): _F32_CONFIGS,
-    },
+    _TABLE,
     tensor_args=("a_ptr", "g_ptr"),
     inner_strides=("stride_ad", "stride_gp"),
 )

@@ -44,43 +44,46 @@ def _config(block_p, block_d, block_t, warps, stages, group_p=1, sum_in_output=F
                           "SUM_IN_OUTPUT": sum_in_output}, num_warps=warps, num_stages=stages)
 
 
+#: The GPU configs by (operand width, layout), and those for sm_90 and above (see ``config_table``).
+_TABLE = {
+    ("16", "unit"): [
+        _config(128, 128, 32, 8, 3),
+        _config(128, 128, 32, 8, 4),
+        _config(128, 64, 64, 8, 3),
+        _config(64, 64, 32, 4, 4),
+        # The running sum in the output frees ~27 registers (223 -> 196 on sm_90), room for a
+        # 64-deep T chunk (246-255 registers, no spill on sm_80 or sm_90). Not timed yet.
+        _config(128, 128, 32, 8, 3, group_p=8, sum_in_output=True),
+        _config(128, 128, 64, 8, 3, group_p=8, sum_in_output=True),
+        _config(128, 128, 64, 8, 4, group_p=8, sum_in_output=True),
+    ],
+    ("16", "strided"): [
+        _config(128, 64, 32, 8, 3),
+        _config(64, 128, 32, 8, 3),
+        _config(64, 64, 32, 4, 4),
+    ],
+    ("32", "unit"): [
+        _config(128, 64, 32, 8, 3),
+        _config(64, 64, 32, 8, 3),
+        _config(64, 64, 16, 4, 4),
+    ],
+    ("32", "strided"): [
+        _config(64, 64, 16, 8, 3),
+        _config(64, 32, 16, 4, 3),
+    ],
+}
+_SM90_TABLE = {
+    # A 128 x 256 tile reads a third fewer bytes per flop than 128 x 128 (L2 -> SM traffic,
+    # which the H200 timings suggest bounds both dot kernels); it fits Hopper's registers only
+    # with the running sum in the output and two stages (255 registers; spills on sm_80).
+    ("16", "unit"): [_config(128, 256, 32, 8, 2, group_p=8, sum_in_output=True)],
+}
 _CONFIGS, _PRUNE = config_table(
     _config(32, 32, 16, 4, 1, group_p=2),  # interpreter (GROUP_P 2: the CPU tests cover the grouped order)
-    {
-        ("16", "unit"): [
-            _config(128, 128, 32, 8, 3),
-            _config(128, 128, 32, 8, 4),
-            _config(128, 64, 64, 8, 3),
-            _config(64, 64, 32, 4, 4),
-            # The running sum in the output frees ~27 registers (223 -> 196 on sm_90), room for a
-            # 64-deep T chunk (246-255 registers, no spill on sm_80 or sm_90). Not timed yet.
-            _config(128, 128, 32, 8, 3, group_p=8, sum_in_output=True),
-            _config(128, 128, 64, 8, 3, group_p=8, sum_in_output=True),
-            _config(128, 128, 64, 8, 4, group_p=8, sum_in_output=True),
-        ],
-        ("16", "strided"): [
-            _config(128, 64, 32, 8, 3),
-            _config(64, 128, 32, 8, 3),
-            _config(64, 64, 32, 4, 4),
-        ],
-        ("32", "unit"): [
-            _config(128, 64, 32, 8, 3),
-            _config(64, 64, 32, 8, 3),
-            _config(64, 64, 16, 4, 4),
-        ],
-        ("32", "strided"): [
-            _config(64, 64, 16, 8, 3),
-            _config(64, 32, 16, 4, 3),
-        ],
-    },
+    _TABLE,
     tensor_args=("a_ptr", "g_ptr"),
     inner_strides=("stride_ad", "stride_gp"),
-    sm90_table={
-        # A 128 x 256 tile reads a third fewer bytes per flop than 128 x 128 (L2 -> SM traffic,
-        # which the H200 timings suggest bounds both dot kernels); it fits Hopper's registers only
-        # with the running sum in the output and two stages (255 registers; spills on sm_80).
-        ("16", "unit"): [_config(128, 256, 32, 8, 2, group_p=8, sum_in_output=True)],
-    },
+    sm90_table=_SM90_TABLE,
 )
 #: Tile size (p x d entries) ``_n_split`` plans with: the 128 x 128 tile of the first 16-bit config.
 _SPLIT_TILE = 128 * 128

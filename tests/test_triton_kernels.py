@@ -347,6 +347,43 @@ def test_instantiate_every_gpu_config_at_large_shapes(index, n_split, shape, mon
     _assert_fp32(out[2].cpu(), wgrad.cpu(), what + " weight grad")
 
 
+def _gpu_configs(module) -> list:
+    """Every config a GPU may run for the kernel of ``module`` (ghost_norm, instantiate_norm)."""
+    return K._common.gpu_configs(module._TABLE, getattr(module, "_SM90_TABLE", None))
+
+
+def _with_config(monkeypatch, kernel, config):
+    monkeypatch.setattr(kernel, "configs", [config])  # (one config: nothing is timed)
+    monkeypatch.setattr(kernel, "cache", {})
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the sweeps above run every config natively")
+@pytest.mark.parametrize("index", range(len(_gpu_configs(K.ghost_norm))), ids=lambda i: f"config{i}")
+def test_ghost_each_gpu_config_under_the_interpreter(index, monkeypatch):
+    """The interpreter's list holds one config, so the GPU configs' block sizes run nowhere else on
+    CPU: each here, float32, T crossing several of its tiles with a partial last one, K chunks too."""
+    config = _gpu_configs(K.ghost_norm)[index]
+    _with_config(monkeypatch, K.ghost_norm._ghost_norm_kernel, config)
+    a, g = _rand((2, 300, 70), 60), _rand((2, 300, 90), 61)
+    for o, r, what in zip(K.ghost_norm_triton(a, g, True), R.ghost_norm(a, g, True), ("weight", "bias")):
+        _assert_fp32(o, r, f"ghost_norm {what} with {config}")
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the sweeps above run every config natively")
+@pytest.mark.parametrize("n_split", [1, 2], ids=["stored", "atomic"])
+@pytest.mark.parametrize("index", range(len(_gpu_configs(K.instantiate_norm))), ids=lambda i: f"config{i}")
+def test_instantiate_each_gpu_config_under_the_interpreter(index, n_split, monkeypatch):
+    """As above for instantiate_norm: p and d cross several tiles of every config (partial last
+    ones, a GROUP_P = 8 group cut short), the running sum in registers or in the output
+    (SUM_IN_OUTPUT), stored or added atomically over sample splits."""
+    config = _gpu_configs(K.instantiate_norm)[index]
+    _with_config(monkeypatch, K.instantiate_norm._instantiate_norm_kernel, config)
+    a, g = _rand((3, 45, 300), 62), _rand((3, 45, 270), 63)
+    out = K.instantiate_norm_triton(a, g, True, _n_split_override=n_split)
+    for o, r, what in zip(out, R.instantiate_norm(a, g, True), ("weight", "bias", "weight grad")):
+        _assert_fp32(o, r, f"instantiate_norm {what} with {config}")
+
+
 # --------------------------------------------------------------------------- outer_norm
 OUTER_SHAPES = [(5, 37, 29), (1, 1, 1), (3, 300, 70), (9, 64, 128)]
 if DEVICE == "cuda":
