@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 import workloads as W  # noqa: E402
+from conv_patch_routes import emit  # noqa: E402
 from divebatch import GradNormTracker  # noqa: E402
 
 
@@ -120,10 +121,8 @@ def main(argv=None) -> int:
     table = to_markdown(rows)
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else "1 CPU thread"
     header = (f"torch {torch.__version__}, {where}, median of {args.rounds} rounds of {args.steps} steps "
-              f"({time.strftime('%Y-%m-%d')})\n\n")
-    print(header + table)
-    if args.out is not None:
-        args.out.write_text(header + table + "\n")
+              f"({time.strftime('%Y-%m-%d')})")
+    emit([header, "", table], args.out)
     return 0
 
 

@@ -308,11 +308,15 @@ def _each_gpu_config(kernel):
     return [pytest.param(i, id=f"config{i}") for i in range(len(kernel.configs))] if DEVICE == "cuda" else [0]
 
 
+def _with_config(monkeypatch, kernel, config):
+    monkeypatch.setattr(kernel, "configs", [config])  # (one config: nothing is timed)
+    monkeypatch.setattr(kernel, "cache", {})
+
+
 def _only_config(monkeypatch, kernel, index):
     """Make the autotuner try nothing but ``kernel.configs[index]`` (the prune keeps it where it belongs
     to the inputs' (width, layout) list; other configs are skipped)."""
-    monkeypatch.setattr(kernel, "configs", [kernel.configs[index]])
-    monkeypatch.setattr(kernel, "cache", {})
+    _with_config(monkeypatch, kernel, kernel.configs[index])
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="GPU configs: the interpreter has one")
@@ -350,11 +354,6 @@ def test_instantiate_every_gpu_config_at_large_shapes(index, n_split, shape, mon
 def _gpu_configs(module) -> list:
     """Every config a GPU may run for the kernel of ``module`` (ghost_norm, instantiate_norm)."""
     return K._common.gpu_configs(module._TABLE, getattr(module, "_SM90_TABLE", None))
-
-
-def _with_config(monkeypatch, kernel, config):
-    monkeypatch.setattr(kernel, "configs", [config])  # (one config: nothing is timed)
-    monkeypatch.setattr(kernel, "cache", {})
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the sweeps above run every config natively")
