@@ -12,8 +12,9 @@ the GPU. Program (b, i, j) loops over d in BLOCK_K chunks to build the BLOCK_T x
 (``tl.dot``), multiplies them elementwise, sums, doubles off-diagonal pairs and atomically adds
 the number into ``weight_sq[b]``. The Grams are never written to memory.
 
-Bias, same pass: the diagonal program (b, i, i) already streams every row of tile i of g; it adds
-those rows' column sums into a float32 scratch ``colsum [B, p]`` (atomics, one per row tile);
+Bias, same launch: the diagonal program (b, i, i) has just streamed every row of tile i of g for
+its Gram; it reads them again (from L2, in a loop of its own: see the comment there) and adds
+their column sums into a float32 scratch ``colsum [B, p]`` (atomics, one per row tile);
 the wrapper finishes with ``colsum.square().sum(1)`` (O(B p), negligible). Summing the Gram
 ``Gg`` instead would be free but loses accuracy to cancellation when sum_t g_t is small.
 """
@@ -138,14 +139,23 @@ def _ghost_norm_kernel(
         col = kk.to(tl.int64) * stride_gp
         y_i = tl.load(g_base + row_i[:, None] + col[None, :], mask=mask_i[:, None] & k_mask[None, :], other=0.0)
         y_jt = tl.load(g_base + col[:, None] + row_j[None, :], mask=k_mask[:, None] & mask_j[None, :], other=0.0)
-        if WITH_BIAS:
-            if diagonal:
-                col_sum = tl.sum(y_i.to(tl.float32), axis=0)
-                tl.atomic_add(colsum_ptr + b64 * p + kk, col_sum, mask=k_mask)
         if UPCAST:
             y_i = y_i.to(tl.float32)
             y_jt = y_jt.to(tl.float32)
         gram_g = tl.dot(y_i, y_jt, gram_g, input_precision=DOT_PRECISION)
+    if WITH_BIAS:
+        if diagonal:
+            # A pass of its own over the rows of tile i just streamed (in L2), not a sum of y_i in the
+            # loop above: Triton 3.7 gives a tile that feeds both an asynchronous sm_90 MMA and a
+            # register reduction one shared-memory slot too few, so the pipeline's next loads
+            # overwrite it while the MMA still reads it (triton-lang/triton#6691: the H200's
+            # large-T deviations; the compile test checks every MMA operand's slots).
+            for k0 in range(0, p, BLOCK_K):
+                kk = k0 + offs_k
+                k_mask = kk < p
+                y_i = tl.load(g_base + row_i[:, None] + (kk.to(tl.int64) * stride_gp)[None, :],
+                              mask=mask_i[:, None] & k_mask[None, :], other=0.0)
+                tl.atomic_add(colsum_ptr + b64 * p + kk, tl.sum(y_i.to(tl.float32), axis=0), mask=k_mask)
 
     w = tl.sum(tl.sum(gram_a * gram_g, axis=1), axis=0)
     # An off-diagonal pair (i, j) also stands for (j, i).

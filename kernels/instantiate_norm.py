@@ -26,8 +26,10 @@ Two knobs the autotuner chooses between (configs), for speed, not results:
   register accumulator. That frees a quarter to a half of the registers (the two accumulators
   held the 8-warp 128 x 128 configs at 254-255) for larger tiles or a deeper T chunk, at the
   cost of one atomic pass over the tile per sample (in L2: the tile is the program's own).
-Bias: the programs of the first d-tile (D = 0) also sum their g chunks over T; each p-tile adds
-``||colsum_P||^2`` to ``bias_sq[b]`` (the p-tiles partition p, so the parts add up exactly).
+Bias: the programs of the first d-tile (D = 0) also sum their g columns over T, in a loop of their
+own after the dot's (see the comment there: on sm_90 a tile feeding both would be raced); each
+p-tile adds ``||colsum_P||^2`` to ``bias_sq[b]`` (the p-tiles partition p, so the parts add up
+exactly).
 """
 
 from __future__ import annotations
@@ -141,7 +143,6 @@ def _instantiate_norm_kernel(
         a_base = a_ptr + b64 * stride_ab
         g_base = g_ptr + b64 * stride_gb
         tile = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
-        col_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
         for t0 in range(0, T, BLOCK_T):
             tt = t0 + offs_t
             t_mask = tt < T
@@ -151,9 +152,6 @@ def _instantiate_norm_kernel(
                           mask=mask_p[:, None] & t_mask[None, :], other=0.0)
             x = tl.load(a_base + (tt64 * stride_at)[:, None] + col_a[None, :],
                         mask=t_mask[:, None] & mask_d[None, :], other=0.0)
-            if WITH_BIAS:
-                if first_d_tile:
-                    col_sum += tl.sum(g_t.to(tl.float32), axis=1)
             if UPCAST:
                 g_t = g_t.to(tl.float32)
                 x = x.to(tl.float32)
@@ -161,6 +159,17 @@ def _instantiate_norm_kernel(
         tl.atomic_add(weight_sq_ptr + b, tl.sum(tl.sum(tile * tile, axis=1), axis=0))
         if WITH_BIAS:
             if first_d_tile:
+                # A pass of its own over the g chunks just streamed (in L2), not a sum of the tiles fed
+                # to tl.dot above: Triton 3.7 gives a tile that feeds both an asynchronous sm_90 MMA
+                # and a register reduction one shared-memory slot too few, so the pipeline's next
+                # loads overwrite it while the MMA still reads it (triton-lang/triton#6691; the
+                # compile test checks every MMA operand's slots).
+                col_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
+                for t0 in range(0, T, BLOCK_T):
+                    tt = t0 + offs_t
+                    rows = g_base + (tt.to(tl.int64) * stride_gt)[:, None] + col_g[None, :]
+                    chunk = tl.load(rows, mask=(tt < T)[:, None] & mask_p[None, :], other=0.0)
+                    col_sum += tl.sum(chunk.to(tl.float32), axis=0)
                 tl.atomic_add(bias_sq_ptr + b, tl.sum(col_sum * col_sum, axis=0))
         if SUM_IN_OUTPUT:
             # Only the sum is read, after the kernel: no ordering needed between these atomics.

@@ -277,6 +277,57 @@ def _spill_loop_depth(sass: str) -> int:
     return max((sum(lo <= a <= hi for lo, hi in loops) for a in spills), default=0)
 
 
+_SSA_DEF = re.compile(r"^\s*(%[\w#.]+)(?::\d+)?\s*=\s*(\S+)\s*(.*)$")
+_SSA_NAME = re.compile(r"%[\w#.]+")
+
+
+def async_mma_buffer_hazards(ttgir: str, num_stages: int) -> list[str]:
+    """Shared-memory buffers that an asynchronous warpgroup MMA (sm_90 ``warp_group_dot`` with
+    ``isAsync``) reads while the software pipeline may already be refilling them.
+
+    The pipeline loads ``num_stages - 1`` iterations ahead and lets one MMA stay in flight past the
+    next iteration's start, so a buffer an async MMA reads needs ``num_stages`` slots; with fewer, the
+    copy for iteration k + num_stages - 1 overwrites the slot MMA k is still reading (a race: wrong
+    sums now and then, more often the more programs run). Triton 3.7 allocates one slot too few when
+    the loaded tile is also read into registers (e.g. ``tl.sum`` of a tile that also feeds ``tl.dot``;
+    triton-lang/triton#6691), so that co-use is named in the finding. Returns one line per hazard.
+    """
+    slots: dict[str, int] = {}
+    parent: dict[str, str] = {}
+    dot_operands: set[str] = set()
+    register_reads: set[str] = set()
+    for line in ttgir.splitlines():
+        match = _SSA_DEF.match(line)
+        if not match:
+            continue
+        name, op, rest = match.groups()
+        source = _SSA_NAME.match(rest)
+        if op == "ttg.local_alloc" and "mutable" in rest:
+            shape = re.search(r"!ttg\.memdesc<((?:\d+x)+)[a-z]", rest)
+            if shape:
+                dims = shape.group(1).rstrip("x").split("x")
+                slots[name] = int(dims[0]) if len(dims) >= 3 else 1
+        elif op.startswith("ttg.memdesc_") and source:  # a view (slot index, transpose, slice)
+            parent[name] = source.group(0)
+        elif op == "ttg.local_load" and source:
+            register_reads.add(source.group(0))
+        elif op == "ttng.warp_group_dot" and "isAsync = true" in rest:
+            dot_operands.update(_SSA_NAME.findall(rest.split("{")[0])[:2])
+
+    def root(value: str) -> str:
+        while value in parent:
+            value = parent[value]
+        return value
+
+    read_into_registers = {root(v) for v in register_reads}
+    hazards = []
+    for alloc in sorted({root(v) for v in dot_operands} & slots.keys()):
+        if slots[alloc] < num_stages:
+            also = ", also read into registers" if alloc in read_into_registers else ""
+            hazards.append(f"{alloc}: {slots[alloc]} slot(s) for num_stages={num_stages}{also}")
+    return hazards
+
+
 def _compile_one(job) -> dict:
     import torch
     import triton
@@ -325,6 +376,7 @@ def _compile_one(job) -> dict:
             mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
             # Asynchronous global->shared copies: the software pipeline of num_stages > 1.
             cp_async=len(re.findall(r"\bcp\.async\.c[ag]\b", ptx)),
+            mma_buffer_hazards=async_mma_buffer_hazards(compiled.asm.get("ttgir", ""), cfg.num_stages),
         )
         if record["has_cubin"]:
             record.update(_resource_usage(cubin, kernel))
@@ -435,6 +487,41 @@ def test_contiguous_loads_are_pipelined(records):
              if r["kernel"] in DOT_KERNELS and r["variant"] == "contig" and "error" not in r
              and r.get("cp_async", 0) == 0]
     assert not plain, "contiguous inputs without cp.async pipelining:\n" + "\n".join(plain)
+
+
+def test_async_mma_operands_have_a_slot_per_stage(records):
+    """No shared-memory buffer read by an asynchronous warpgroup MMA can be refilled while that MMA
+    is in flight (``async_mma_buffer_hazards``): the race gave the ghost kernel its large-T
+    deviations on the H200 and the fused kernel its weight-gradient ones."""
+    bad = [f"{r['kernel']} {r['dtype']} sm_{r['arch']} {r['variant']} {r['config']}: {hazard}"
+           for r in records if "error" not in r for hazard in r.get("mma_buffer_hazards", ())]
+    assert not bad, "async MMA operands overwritten in flight:\n" + "\n".join(bad)
+
+
+def test_async_mma_buffer_hazards_reads_the_pipeline():
+    """The TTGIR reading behind the test above, on the shape of the ghost kernel's loop before its
+    fix: the g tile summed into registers and fed to the MMA had 2 slots at num_stages = 3."""
+    def ttgir(g_slots: int, register_read: bool) -> str:
+        lines = [
+            f"%y_i = ttg.local_alloc : () -> !ttg.memdesc<{g_slots}x64x64xbf16, #shared, #smem, mutable>",
+            "%y_jt = ttg.local_alloc : () -> !ttg.memdesc<3x64x64xbf16, #shared1, #smem, mutable>",
+            "%acc:9 = scf.for %k = %c0 to %p step %c64 iter_args(%arg14 = %cst) -> (tensor<64x64xf32, #mma>) {",
+            "  %y_i_187 = ttg.memdesc_index %y_i[%i] : !ttg.memdesc<2x64x64xbf16> -> !ttg.memdesc<64x64xbf16>",
+            "  %y_jt_189 = ttg.memdesc_index %y_jt[%j] : !ttg.memdesc<3x64x64xbf16> -> !ttg.memdesc<64x64xbf16>",
+            "  %t = ttg.memdesc_trans %y_jt_189 {order = array<i32: 1, 0>} : !ttg.memdesc<64x64xbf16>",
+            "  %g = ttng.warp_group_dot %y_i_187, %t, %arg14 {inputPrecision = 0 : i32, isAsync = true} : x",
+        ]
+        if register_read:
+            lines.append("  %y_i_188 = ttg.local_load %y_i_187 token %tok : !ttg.memdesc<64x64xbf16> -> tensor")
+        return "\n".join(lines)
+
+    assert async_mma_buffer_hazards(ttgir(2, True), 3) == ["%y_i: 2 slot(s) for num_stages=3, also read into registers"]
+    assert async_mma_buffer_hazards(ttgir(2, False), 3) == ["%y_i: 2 slot(s) for num_stages=3"]
+    assert async_mma_buffer_hazards(ttgir(3, True), 3) == []
+    assert async_mma_buffer_hazards(ttgir(3, True), 4) == ["%y_i: 3 slot(s) for num_stages=4, also read into registers",
+                                                           "%y_jt: 3 slot(s) for num_stages=4"]
+    # A synchronous MMA (sm_80's path) reads its operands before the loop moves on.
+    assert async_mma_buffer_hazards(ttgir(2, True).replace("isAsync = true", "isAsync = false"), 3) == []
 
 
 def test_register_use_is_read(records):
