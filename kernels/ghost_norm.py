@@ -143,13 +143,18 @@ def _ghost_norm_kernel(
             y_i = y_i.to(tl.float32)
             y_jt = y_jt.to(tl.float32)
         gram_g = tl.dot(y_i, y_jt, gram_g, input_precision=DOT_PRECISION)
+    w = tl.sum(tl.sum(gram_a * gram_g, axis=1), axis=0)
+    # An off-diagonal pair (i, j) also stands for (j, i).
+    w = tl.where(diagonal, w, 2.0 * w)
+    tl.atomic_add(weight_sq_ptr + b, w)
     if WITH_BIAS:
         if diagonal:
             # A pass of its own over the rows of tile i just streamed (in L2), not a sum of y_i in the
             # loop above: Triton 3.7 gives a tile that feeds both an asynchronous sm_90 MMA and a
             # register reduction one shared-memory slot too few, so the pipeline's next loads
             # overwrite it while the MMA still reads it (triton-lang/triton#6691: the H200's
-            # large-T deviations; the compile test checks every MMA operand's slots).
+            # large-T deviations; the compile test checks every MMA operand's slots). Last, so that
+            # the two Gram tiles are no longer held in registers.
             for k0 in range(0, p, BLOCK_K):
                 kk = k0 + offs_k
                 k_mask = kk < p
@@ -157,10 +162,6 @@ def _ghost_norm_kernel(
                               mask=mask_i[:, None] & k_mask[None, :], other=0.0)
                 tl.atomic_add(colsum_ptr + b64 * p + kk, tl.sum(y_i.to(tl.float32), axis=0), mask=k_mask)
 
-    w = tl.sum(tl.sum(gram_a * gram_g, axis=1), axis=0)
-    # An off-diagonal pair (i, j) also stands for (j, i).
-    w = tl.where(diagonal, w, 2.0 * w)
-    tl.atomic_add(weight_sq_ptr + b, w)
 
 
 def ghost_norm_triton(a: torch.Tensor, g: torch.Tensor, with_bias: bool):

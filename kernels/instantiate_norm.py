@@ -157,13 +157,19 @@ def _instantiate_norm_kernel(
                 x = x.to(tl.float32)
             tile = tl.dot(g_t, x, tile, input_precision=DOT_PRECISION)
         tl.atomic_add(weight_sq_ptr + b, tl.sum(tl.sum(tile * tile, axis=1), axis=0))
+        if SUM_IN_OUTPUT:
+            # Only the sum is read, after the kernel: no ordering needed between these atomics.
+            tl.atomic_add(out, tile, mask=out_mask, sem="relaxed")
+        else:
+            total += tile
         if WITH_BIAS:
             if first_d_tile:
                 # A pass of its own over the g chunks just streamed (in L2), not a sum of the tiles fed
                 # to tl.dot above: Triton 3.7 gives a tile that feeds both an asynchronous sm_90 MMA
                 # and a register reduction one shared-memory slot too few, so the pipeline's next
                 # loads overwrite it while the MMA still reads it (triton-lang/triton#6691; the
-                # compile test checks every MMA operand's slots).
+                # compile test checks every MMA operand's slots). After the tile's last use, so
+                # that it is no longer held in registers.
                 col_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
                 for t0 in range(0, T, BLOCK_T):
                     tt = t0 + offs_t
@@ -171,11 +177,6 @@ def _instantiate_norm_kernel(
                     chunk = tl.load(rows, mask=(tt < T)[:, None] & mask_p[None, :], other=0.0)
                     col_sum += tl.sum(chunk.to(tl.float32), axis=0)
                 tl.atomic_add(bias_sq_ptr + b, tl.sum(col_sum * col_sum, axis=0))
-        if SUM_IN_OUTPUT:
-            # Only the sum is read, after the kernel: no ordering needed between these atomics.
-            tl.atomic_add(out, tile, mask=out_mask, sem="relaxed")
-        else:
-            total += tile
 
     if not SUM_IN_OUTPUT:
         if ATOMIC_WGRAD:
