@@ -16,7 +16,7 @@ Grid: ``(n_p_tiles * n_d_tiles, n_split)``. Program (P, D, s) loops over samples
 layers of a small model) the samples are split over ``n_split`` programs and the weight gradient
 is accumulated with float32 atomics instead of a plain store (``ATOMIC_WGRAD``).
 
-Two knobs the autotuner chooses between (configs), for speed, not results:
+Three knobs the autotuner chooses between (configs), for speed, not results:
 
 * ``GROUP_P``: programs are numbered in groups of GROUP_P p-tiles that walk the d-tiles together
   (the grouped order of Triton's matmul tutorial), so the programs resident at one time share
@@ -25,9 +25,14 @@ Two knobs the autotuner chooses between (configs), for speed, not results:
   sample's tile is added with relaxed float32 atomics, instead of a second BLOCK_P x BLOCK_D
   register accumulator. That frees a quarter to a half of the registers (the two accumulators
   held the 8-warp 128 x 128 configs at 254-255) for larger tiles or a deeper T chunk, at the
-  cost of one atomic pass over the tile per sample (in L2: the tile is the program's own).
-Bias: the programs of the first d-tile (D = 0) also sum their g columns over T, in a loop of their
-own after the dot's (see the comment there: on sm_90 a tile feeding both would be raced); each
+  cost of one atomic pass over the tile per sample (in L2: the tile is the program's own);
+* ``FLATTEN``: the loop over samples and the T loop inside it become one loop (``tl.range(...,
+  flatten=True)``), so the software pipeline is not drained and refilled at every sample: the
+  next sample's first chunks load while this sample's tile is reduced (the epilogue of the
+  flattened loop; 219 -> 184 registers on sm_90 at 128 x 128, which makes room for the
+  128 x 256 three-stage config).
+Bias: the programs of the first d-tile (D = 0) also sum their g columns over T, in a loop nest of
+their own after the samples' (see the comment there: on sm_90 a tile feeding both would be raced); each
 p-tile adds ``||colsum_P||^2`` to ``bias_sq[b]`` (the p-tiles partition p, so the parts add up
 exactly).
 """
@@ -41,9 +46,9 @@ import triton.language as tl
 from ._common import (AUTOTUNE_KWARGS, INTERPRET, check_a_g, config_table, dot_options,
                       sm_count, tuning_size)
 
-def _config(block_p, block_d, block_t, warps, stages, group_p=1, sum_in_output=False) -> triton.Config:
+def _config(block_p, block_d, block_t, warps, stages, group_p=1, sum_in_output=False, flatten=False) -> triton.Config:
     return triton.Config({"BLOCK_P": block_p, "BLOCK_D": block_d, "BLOCK_T": block_t, "GROUP_P": group_p,
-                          "SUM_IN_OUTPUT": sum_in_output}, num_warps=warps, num_stages=stages)
+                          "SUM_IN_OUTPUT": sum_in_output, "FLATTEN": flatten}, num_warps=warps, num_stages=stages)
 
 
 #: The GPU configs by (operand width, layout), and those for sm_90 and above (see ``config_table``).
@@ -53,11 +58,14 @@ _TABLE = {
         _config(128, 128, 32, 8, 4),
         _config(128, 64, 64, 8, 3),
         _config(64, 64, 32, 4, 4),
-        # The running sum in the output frees ~27 registers (223 -> 196 on sm_90), room for a
+        # The running sum in the output frees ~27-39 registers (219 -> 180 on sm_90), room for a
         # 64-deep T chunk (246-255 registers, no spill on sm_80 or sm_90). Not timed yet.
         _config(128, 128, 32, 8, 3, group_p=8, sum_in_output=True),
         _config(128, 128, 64, 8, 3, group_p=8, sum_in_output=True),
         _config(128, 128, 64, 8, 4, group_p=8, sum_in_output=True),
+        # One flattened loop over (sample, T chunk): no pipeline restart per sample. Not timed yet.
+        _config(128, 128, 32, 8, 3, flatten=True),
+        _config(128, 128, 32, 8, 3, group_p=8, sum_in_output=True, flatten=True),
     ],
     ("16", "strided"): [
         _config(128, 64, 32, 8, 3),
@@ -77,8 +85,10 @@ _TABLE = {
 _SM90_TABLE = {
     # A 128 x 256 tile reads a third fewer bytes per flop than 128 x 128 (L2 -> SM traffic,
     # which the H200 timings suggest bounds both dot kernels); it fits Hopper's registers only
-    # with the running sum in the output and two stages (255 registers; spills on sm_80).
-    ("16", "unit"): [_config(128, 256, 32, 8, 2, group_p=8, sum_in_output=True)],
+    # with the running sum in the output and two stages (255 registers; spills on sm_80), or three
+    # with the flattened loop (253 registers, 200 KiB of shared memory).
+    ("16", "unit"): [_config(128, 256, 32, 8, 2, group_p=8, sum_in_output=True),
+                     _config(128, 256, 32, 8, 3, group_p=8, sum_in_output=True, flatten=True)],
 }
 _CONFIGS, _PRUNE = config_table(
     _config(32, 32, 16, 4, 1, group_p=2),  # interpreter (GROUP_P 2: the CPU tests cover the grouped order)
@@ -110,7 +120,7 @@ def _instantiate_norm_kernel(
     # meta
     WITH_BIAS: tl.constexpr, ATOMIC_WGRAD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-    GROUP_P: tl.constexpr, SUM_IN_OUTPUT: tl.constexpr,
+    GROUP_P: tl.constexpr, SUM_IN_OUTPUT: tl.constexpr, FLATTEN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_d_tiles = tl.cdiv(d, BLOCK_D)
@@ -138,7 +148,7 @@ def _instantiate_norm_kernel(
     out_mask = mask_p[:, None] & mask_d[None, :]
     if not SUM_IN_OUTPUT:
         total = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
-    for b in range(split, B, n_split):
+    for b in tl.range(split, B, n_split, flatten=FLATTEN):
         b64 = tl.cast(b, tl.int64)  # (a Python int under the interpreter, an i32 on GPU)
         a_base = a_ptr + b64 * stride_ab
         g_base = g_ptr + b64 * stride_gb
@@ -162,14 +172,16 @@ def _instantiate_norm_kernel(
             tl.atomic_add(out, tile, mask=out_mask, sem="relaxed")
         else:
             total += tile
-        if WITH_BIAS:
-            if first_d_tile:
-                # A pass of its own over the g chunks just streamed (in L2), not a sum of the tiles fed
-                # to tl.dot above: Triton 3.7 gives a tile that feeds both an asynchronous sm_90 MMA
-                # and a register reduction one shared-memory slot too few, so the pipeline's next
-                # loads overwrite it while the MMA still reads it (triton-lang/triton#6691; the
-                # compile test checks every MMA operand's slots). After the tile's last use, so
-                # that it is no longer held in registers.
+    if WITH_BIAS:
+        if first_d_tile:
+            # Bias: a loop nest of its own over the g columns streamed above (in L2), not a sum of
+            # the tiles fed to tl.dot: Triton 3.7 gives a tile that feeds both an asynchronous sm_90
+            # MMA and a register reduction one shared-memory slot too few, so the pipeline's next
+            # loads overwrite it while the MMA still reads it (triton-lang/triton#6691; the compile
+            # test checks every MMA operand's slots). Outside the samples' loop, which stays a plain
+            # nest the compiler can flatten (FLATTEN).
+            for b in range(split, B, n_split):
+                g_base = g_ptr + tl.cast(b, tl.int64) * stride_gb
                 col_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
                 for t0 in range(0, T, BLOCK_T):
                     tt = t0 + offs_t

@@ -301,6 +301,9 @@ def test_instantiate_matches_ghost():
 #: float32 reference by more than rounding (ghost 3.2e-3 at T = 2048, 8.4e-2 at T = 3136; the
 #: instantiate weight gradient 1.6e-2 at p x d = 2^26), while the GPU tests above ran the first
 #: config of each list at small shapes: each config here, alone, in bfloat16, against the reference.
+#: Traced since to a shared-memory race of the compiled sm_90 pipeline (triton-lang/triton#6691:
+#: the bias sums read a tile that also fed an asynchronous MMA; see docs/kernels.md), fixed and
+#: guarded by tests/test_triton_compile.py; these sweeps are the check on a GPU.
 _LARGE = {"ghost": [(2, 3136, 576, 64), (1, 2048, 1024, 4096)], "instantiate": [(2, 512, 4096, 4096)]}
 
 
@@ -337,8 +340,9 @@ def test_ghost_every_gpu_config_at_large_t(index, shape, monkeypatch):
 @pytest.mark.parametrize("n_split", [1, 4], ids=["stored", "atomic"])
 @pytest.mark.parametrize("index", _each_gpu_config(K.instantiate_norm._instantiate_norm_kernel))
 def test_instantiate_every_gpu_config_at_large_shapes(index, n_split, shape, monkeypatch):
-    """(On the H200 every weight gradient within 3.5e-6 came from the split grid's atomics; the one
-    at 1.6e-2, seq-large, from the plain store of an unsplit grid: both, for every config.)"""
+    """Both grids (stored and split over samples) for every config, the flattened sample loops
+    (FLATTEN) included: their pipeline runs on from one sample into the next, which only a GPU
+    build does (the interpreter runs the nest as written)."""
     kernel = K.instantiate_norm._instantiate_norm_kernel
     _only_config(monkeypatch, kernel, index)
     a, g = (x.to(DEVICE, torch.bfloat16) for x in _seq_inputs(shape, "contig", seed=71))
