@@ -377,6 +377,8 @@ def _compile_one(job) -> dict:
             # Asynchronous global->shared copies: the software pipeline of num_stages > 1.
             cp_async=len(re.findall(r"\bcp\.async\.c[ag]\b", ptx)),
             mma_buffer_hazards=async_mma_buffer_hazards(compiled.asm.get("ttgir", ""), cfg.num_stages),
+            # Shared-memory tiles read into registers (the MMA reads its operands itself on sm_90).
+            local_loads=len(re.findall(r"\bttg\.local_load\b", compiled.asm.get("ttgir", ""))),
         )
         if record["has_cubin"]:
             record.update(_resource_usage(cubin, kernel))
@@ -496,6 +498,17 @@ def test_async_mma_operands_have_a_slot_per_stage(records):
     bad = [f"{r['kernel']} {r['dtype']} sm_{r['arch']} {r['variant']} {r['config']}: {hazard}"
            for r in records if "error" not in r for hazard in r.get("mma_buffer_hazards", ())]
     assert not bad, "async MMA operands overwritten in flight:\n" + "\n".join(bad)
+
+
+def test_sm90_dot_loops_keep_their_tiles_out_of_registers(records):
+    """On sm_90 a 16-bit dot kernel's loop feeds the warpgroup MMA straight from shared memory; a
+    tile also read into registers (``ttg.local_load``) costs shared-memory bandwidth in every
+    program and chunk, and was the trigger of the race above: the bias column sums of ghost and
+    instantiate loaded theirs in every program before the branch that used it."""
+    loaded = [f"{r['kernel']} {r['dtype']} {r['variant']} {r['config']}: {r['local_loads']} local_load"
+              for r in records if r["kernel"] in DOT_KERNELS and r["arch"] == 90 and r["dtype"] != "fp32"
+              and r["variant"] == "contig" and "error" not in r and r.get("local_loads", 0)]
+    assert not loaded, "sm_90 dot kernels reading shared-memory tiles into registers:\n" + "\n".join(loaded)
 
 
 def test_async_mma_buffer_hazards_reads_the_pipeline():
