@@ -22,7 +22,11 @@ with a reason, or, in a recurrent scan kernel, a small one outside the loops nes
 loop (``SCAN_SPILL_BYTES``: at most a reload per time step).
 The PTX is also read for the two premises of the kernels' speed: every ``tl.dot`` runs on tensor
 cores (``wgmma.mma_async`` on sm_90, ``mma.sync`` on sm_80) and, for contiguous inputs, the
-loads are the asynchronous copies (``cp.async``) of Triton's software pipeline.
+loads are the asynchronous copies (``cp.async``) of Triton's software pipeline. The TTGIR is
+read for the sm_90 pipeline's safety and cost: every shared-memory buffer an asynchronous
+warpgroup MMA reads has ``num_stages`` slots (with fewer, the next loads overwrite a tile the MMA
+is still reading: the H200's large-shape deviations, triton-lang/triton#6691), and the 16-bit dot
+loops read no tile into registers.
 Shared memory above a GPU's limit is not an error (the autotuner drops such a config on that GPU
 at launch) as long as some config of the (kernel, dtype, arch) fits.
 
