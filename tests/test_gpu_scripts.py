@@ -69,7 +69,7 @@ def test_bench_kernels_cpu_smoke_run(tmp_path):
 
     out = tmp_path / "bench.json"
     names = ("seq-up-bf16,mlp-T1-bf16,seq-embedding,layernorm-seq-large,rmsnorm-llama,groupnorm-conv-large,"
-             "batchnorm-conv-large-cl,batchnorm-layer4-eval")
+             "groupnorm-conv-large-cl,batchnorm-conv-large-cl,batchnorm-layer4-eval")
     assert bench_kernels.main(["--cpu-smoke", "--rounds", "1", "--workloads", names, "--out", str(out)]) == 0
     results = {r["workload"]: r for r in json.loads(out.read_text())["results"]}
     assert set(results) == set(names.split(","))
@@ -78,7 +78,7 @@ def test_bench_kernels_cpu_smoke_run(tmp_path):
         assert errors and max(errors) < 1e-4, result
     route = results["seq-up-bf16"]["route"]
     assert route["model"] in ("ghost", "fused-instantiate") and route["faster"] in ("ghost", "fused-instantiate")
-    for name in ("layernorm-seq-large", "batchnorm-conv-large-cl", "batchnorm-layer4-eval"):
+    for name in ("layernorm-seq-large", "groupnorm-conv-large-cl", "batchnorm-conv-large-cl", "batchnorm-layer4-eval"):
         assert any(row["method"] == "torch rule path" for row in results[name]["rows"]), name
 
 

@@ -63,6 +63,9 @@ WORKLOADS = {
     "rmsnorm-llama":       ("affine_norm", 4, 4096, 4096, 0, torch.bfloat16, True),
     # GroupNorm(32) per-sample sums (T = positions, d = channels; extra = groups): conv-large's layer1
     "groupnorm-conv-large": ("group_norm", 32, 3136, 64, 0, torch.bfloat16, 32),
+    # the same maps channels-last (a diffusion UNet's layout): the kernel's loads then stride over
+    # positions by C, with only a group's channels contiguous (extra = (groups, layout))
+    "groupnorm-conv-large-cl": ("group_norm", 32, 3136, 64, 0, torch.bfloat16, (32, "channels-last")),
     # BatchNorm per-sample sums (T = positions, d = channels; extra = mode and layout): ResNet-18's
     # layer1 in training mode (batch statistics), NCHW and channels-last, and its layer4 in eval mode
     "batchnorm-conv-large": ("batch_norm", 64, 3136, 64, 0, torch.bfloat16, "train"),
@@ -251,16 +254,26 @@ def _affine_norm_methods(B, R_rows, d, dtype, rms, K, R, dev, gen):
                          lambda: R.affine_norm_grads(x, g, rms, 1e-5, not rms))
 
 
-def _group_norm_methods(B, S, C, dtype, groups, K, R, dev, gen):
-    """A GroupNorm's per-sample sums over ``[B, C, S]`` (see ``_norm_methods``)."""
+def _group_norm_methods(B, S, C, dtype, extra, K, R, dev, gen):
+    """A GroupNorm's per-sample sums over ``[B, C, S]`` (see ``_norm_methods``); ``extra`` is the
+    number of groups, or ``(groups, "channels-last")`` for ``[B, C, side, side]`` maps in that
+    layout (the kernel gets their ``[B, C, S]`` view: positions strided by C)."""
     from divebatch.layers import norm
 
-    x = (torch.randn(B, C, S, device=dev, generator=gen) + 0.5).to(dtype)
-    g = torch.randn(B, C, S, device=dev, generator=gen).to(dtype)
+    groups, layout = extra if isinstance(extra, tuple) else (extra, "contiguous")
+    if layout == "channels-last":
+        side = int(round(S ** 0.5))
+        x = (torch.randn(B, C, side, side, device=dev, generator=gen) + 0.5).to(
+            dtype=dtype, memory_format=torch.channels_last)
+        g = torch.randn(B, C, side, side, device=dev, generator=gen).to(dtype=dtype, memory_format=torch.channels_last)
+    else:
+        x = (torch.randn(B, C, S, device=dev, generator=gen) + 0.5).to(dtype)
+        g = torch.randn(B, C, S, device=dev, generator=gen).to(dtype)
+    x3, g3 = x.reshape(B, C, -1), g.reshape(B, C, -1)  # (views in both layouts)
     module = torch.nn.GroupNorm(groups, C).to(dev, dtype)
     return _norm_methods("group_norm_grads", module, norm.GroupNormRule(), {"weight", "bias"}, x, g,
-                         lambda: K.group_norm_grads_triton(x, g, groups, 1e-5, True),
-                         lambda: R.group_norm_grads(x, g, groups, 1e-5, True))
+                         lambda: K.group_norm_grads_triton(x3, g3, groups, 1e-5, True),
+                         lambda: R.group_norm_grads(x3, g3, groups, 1e-5, True))
 
 
 def _batch_norm_methods(B, S, C, dtype, mode, K, R, dev, gen):
@@ -355,8 +368,8 @@ def main(argv=None):
         for key, (op, B, T, d, p, dtype, extra) in list(WORKLOADS.items()):
             WORKLOADS[key] = (op, min(B, 2), min(T, 20), min(d, 24) if d else 0, min(p, 20), dtype,
                               min(extra, 7) if isinstance(extra, int) and not isinstance(extra, bool) else extra)
-            if op == "group_norm":  # (groups must divide the channels)
-                WORKLOADS[key] = (op, 2, 20, 24, 0, dtype, 4)
+            if op == "group_norm":  # (groups must divide the channels; a square map for channels-last)
+                WORKLOADS[key] = (op, 2, 16, 24, 0, dtype, (4, extra[1]) if isinstance(extra, tuple) else 4)
             if op == "batch_norm":  # (a square feature map)
                 WORKLOADS[key] = (op, 2, 16, 24, 0, dtype, extra)
     elif interpret:
