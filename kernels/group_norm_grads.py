@@ -9,7 +9,7 @@ and biased variance over the group's ``C / groups`` channels and all positions. 
 (``layers/norm.py``) writes ``x_hat`` in float32, multiplies it by ``g`` in place and reduces;
 here nothing activation-sized is written.
 
-Grid: ``(B, groups)``, one program per (sample, group): it streams the group's elements three
+Grid: ``B * groups`` programs, one per (sample, group), a sample's groups consecutive: it streams the group's elements three
 times in ``BLOCK_C x BLOCK_S`` tiles (``BLOCK_C`` of the group's channels at a time: a small
 feature map, e.g. 16 channels of 7 x 7, is one tile instead of 16 mostly masked rows): the sum
 for a first estimate of the mean; the deviations from it and their squares, for the variance and
@@ -83,8 +83,12 @@ def _group_norm_grads_kernel(
     stride_gb, stride_gc, stride_gs,
     WITH_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    first = tl.program_id(1) * channels_per_group
+    # One sample's groups are consecutive programs, so they run side by side: on channels-last maps
+    # a memory line holds every group's channels of a few positions, and the groups share it in L2.
+    groups = C // channels_per_group
+    pid = tl.program_id(0)
+    b = (pid // groups).to(tl.int64)
+    first = (pid % groups) * channels_per_group
     c_offs = tl.arange(0, BLOCK_C)
     count = tl.cast(channels_per_group * S, tl.float32)
     x_base = x_ptr + b * stride_xb
@@ -118,7 +122,7 @@ def group_norm_grads_triton(x: torch.Tensor, g: torch.Tensor, groups: int, eps: 
     launch, weight, bias = per_channel_outputs(x, with_bias)  # each entry stored by its group's program
     if launch:
         config = config_for(S, C // groups)
-        _group_norm_grads_kernel[(B, groups)](
+        _group_norm_grads_kernel[(B * groups,)](
             x, g, weight, bias,
             C, S, C // groups, float(eps),
             x.stride(0), x.stride(1), x.stride(2),
