@@ -7,14 +7,22 @@ step and per tracked module; with ``--device cuda`` the same steps on a GPU, whe
 launch-bound regime itself (bench/gpu/run_gpu_checks.sh runs it there).
 
     python bench/host_overhead.py [--models mlp,transformer,seq,cnn] [--rounds 7] [--device cpu] [--out bench/results/host_overhead.md]
+    python bench/host_overhead.py --models transformer --profile 20   # + where the host time goes
 
 Each round times ``--steps`` plain steps, then as many tracked ones (``collect()`` included), on
-the same model; the table gives the medians over rounds.
+the same model; the table gives the medians over rounds. ``--profile N`` adds, per model, the N
+functions with the most own time in a ``cProfile`` of tracked steps (its per-call cost inflates
+Python functions against C ones, so read it for what is called how often and where, not for
+exact shares): on a GPU the place to look for a launch, a synchronisation or a lookup that costs
+more there than on this CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import statistics
 import sys
 import time
@@ -57,7 +65,7 @@ def _cnn():
 MODELS = {"mlp": _mlp, "transformer": _transformer, "seq": _seq, "cnn": _cnn}
 
 
-def measure(name: str, steps: int, rounds: int, device: str = "cpu") -> dict:
+def measure(name: str, steps: int, rounds: int, device: str = "cpu", profile_top: int = 0) -> dict:
     torch.manual_seed(0)
     model, x, y = MODELS[name]()
     model, x, y = model.to(device), x.to(device), y.to(device)
@@ -90,10 +98,29 @@ def measure(name: str, steps: int, rounds: int, device: str = "cpu") -> dict:
         plain.append(timed(False))
         tracked.append(timed(True))
     owners = len(tracker.plan())  # (the modules of the last tracked backward)
+    profiled = _profile(lambda: (step(), tracker.collect()), steps, profile_top, sync) if profile_top else ""
     tracker.close()
     p, t = statistics.median(plain), statistics.median(tracked)
     return {"model": name, "tracked_modules": owners, "params": sum(1 for q in model.parameters()),
-            "plain_us": p, "tracked_us": t, "added_us": t - p, "added_us_per_module": (t - p) / owners}
+            "plain_us": p, "tracked_us": t, "added_us": t - p, "added_us_per_module": (t - p) / owners,
+            "profile": profiled}
+
+
+def _profile(tracked_step, steps: int, top: int, sync) -> str:
+    """The ``top`` functions by own time over ``steps`` tracked steps (cProfile), per step."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        tracked_step()
+    sync()
+    profiler.disable()
+    stats = pstats.Stats(profiler, stream=io.StringIO())
+    rows = sorted(stats.stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
+    lines = ["| own us/step | calls/step | function |", "|---|---|---|"]
+    for (path, line, func), (_, calls, own, _, _) in rows:
+        where = f"{Path(path).parent.name}/{Path(path).name}:{line}" if path != "~" else "(built-in)"
+        lines.append(f"| {own / steps * 1e6:.1f} | {calls / steps:.1f} | `{func}` {where} |")
+    return "\n".join(lines)
 
 
 def to_markdown(rows: list[dict]) -> str:
@@ -112,17 +139,20 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=7, help="alternating plain/tracked timings (median)")
     parser.add_argument("--device", default="cpu", help="cpu (one thread) or cuda")
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown table here")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also list, per model, the N functions with the most own time in tracked steps")
     args = parser.parse_args(argv)
     unknown = [m for m in args.models.split(",") if m not in MODELS]
     if unknown:
         parser.error(f"unknown models {unknown}; pick from {sorted(MODELS)}")
     torch.set_num_threads(1)  # host overhead, not parallel arithmetic
-    rows = [measure(name, args.steps, args.rounds, args.device) for name in args.models.split(",")]
+    rows = [measure(name, args.steps, args.rounds, args.device, args.profile) for name in args.models.split(",")]
     table = to_markdown(rows)
+    profiles = [f"\n### {r['model']}: own time in tracked steps (cProfile)\n\n{r['profile']}" for r in rows if r["profile"]]
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else "1 CPU thread"
     header = (f"torch {torch.__version__}, {where}, median of {args.rounds} rounds of {args.steps} steps "
               f"({time.strftime('%Y-%m-%d')})")
-    emit([header, "", table], args.out)
+    emit([header, "", table, *profiles], args.out)
     return 0
 
 

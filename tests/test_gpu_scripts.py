@@ -44,6 +44,10 @@ def test_host_overhead_counts_the_tracked_modules_and_the_added_time():
     assert row["added_us"] == pytest.approx(row["tracked_us"] - row["plain_us"])
     assert row["added_us_per_module"] == pytest.approx(row["added_us"] / 4)
     assert "| mlp | 4 / 8 |" in host_overhead.to_markdown([row])
+    assert row["profile"] == ""  # (only with --profile)
+    profiled = host_overhead.measure("mlp", steps=2, rounds=1, profile_top=40)["profile"]
+    # The tracker's hooks are there, called once per tracked module per step (4 Linear layers).
+    assert "| 4.0 | `linear_norms` layers/linear.py:" in profiled and len(profiled.splitlines()) == 42
     with pytest.raises(SystemExit):  # an unknown model is named, not skipped
         host_overhead.main(["--models", "mlp,nope"])
 
