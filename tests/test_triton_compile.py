@@ -285,17 +285,11 @@ _SSA_DEF = re.compile(r"^\s*(%[\w#.]+)(?::\d+)?\s*=\s*(\S+)\s*(.*)$")
 _SSA_NAME = re.compile(r"%[\w#.]+")
 
 
-def async_mma_buffer_hazards(ttgir: str, num_stages: int) -> list[str]:
-    """Shared-memory buffers that an asynchronous warpgroup MMA (sm_90 ``warp_group_dot`` with
-    ``isAsync``) reads while the software pipeline may already be refilling them.
-
-    The pipeline loads ``num_stages - 1`` iterations ahead and lets one MMA stay in flight past the
-    next iteration's start, so a buffer an async MMA reads needs ``num_stages`` slots; with fewer, the
-    copy for iteration k + num_stages - 1 overwrites the slot MMA k is still reading (a race: wrong
-    sums now and then, more often the more programs run). Triton 3.7 allocates one slot too few when
-    the loaded tile is also read into registers (e.g. ``tl.sum`` of a tile that also feeds ``tl.dot``;
-    triton-lang/triton#6691), so that co-use is named in the finding. Returns one line per hazard.
-    """
+def _shared_buffers(ttgir: str) -> tuple[dict[str, int], set[str], set[str]]:
+    """``(slots, async_mma_buffers, register_read_buffers)`` of a TTGIR listing: each mutable
+    shared-memory allocation's number of slots (pipeline stages), the allocations an asynchronous
+    warpgroup MMA (sm_90 ``warp_group_dot`` with ``isAsync``) reads, and those ``ttg.local_load``
+    reads into registers, each traced back through its views (slot index, transpose, slice)."""
     slots: dict[str, int] = {}
     parent: dict[str, str] = {}
     dot_operands: set[str] = set()
@@ -323,13 +317,34 @@ def async_mma_buffer_hazards(ttgir: str, num_stages: int) -> list[str]:
             value = parent[value]
         return value
 
-    read_into_registers = {root(v) for v in register_reads}
+    return slots, {root(v) for v in dot_operands} & slots.keys(), {root(v) for v in register_reads}
+
+
+def async_mma_buffer_hazards(ttgir: str, num_stages: int) -> list[str]:
+    """Shared-memory buffers that an asynchronous warpgroup MMA reads while the software pipeline
+    may already be refilling them.
+
+    The pipeline loads ``num_stages - 1`` iterations ahead and lets one MMA stay in flight past the
+    next iteration's start, so a buffer an async MMA reads needs ``num_stages`` slots; with fewer, the
+    copy for iteration k + num_stages - 1 overwrites the slot MMA k is still reading (a race: wrong
+    sums now and then, more often the more programs run). Triton 3.7 allocates one slot too few when
+    the loaded tile is also read into registers (e.g. ``tl.sum`` of a tile that also feeds ``tl.dot``;
+    triton-lang/triton#6691), so that co-use is named in the finding. Returns one line per hazard.
+    """
+    slots, mma_buffers, read_into_registers = _shared_buffers(ttgir)
     hazards = []
-    for alloc in sorted({root(v) for v in dot_operands} & slots.keys()):
+    for alloc in sorted(mma_buffers):
         if slots[alloc] < num_stages:
             also = ", also read into registers" if alloc in read_into_registers else ""
             hazards.append(f"{alloc}: {slots[alloc]} slot(s) for num_stages={num_stages}{also}")
     return hazards
+
+
+def mma_tiles_read_into_registers(ttgir: str) -> list[str]:
+    """The shared-memory buffers an asynchronous MMA reads that are also loaded into registers (a
+    second read of every tile, in every program that runs the loop)."""
+    _, mma_buffers, read_into_registers = _shared_buffers(ttgir)
+    return sorted(mma_buffers & read_into_registers)
 
 
 def _compile_one(job) -> dict:
@@ -381,8 +396,7 @@ def _compile_one(job) -> dict:
             # Asynchronous global->shared copies: the software pipeline of num_stages > 1.
             cp_async=len(re.findall(r"\bcp\.async\.c[ag]\b", ptx)),
             mma_buffer_hazards=async_mma_buffer_hazards(compiled.asm.get("ttgir", ""), cfg.num_stages),
-            # Shared-memory tiles read into registers (the MMA reads its operands itself on sm_90).
-            local_loads=len(re.findall(r"\bttg\.local_load\b", compiled.asm.get("ttgir", ""))),
+            mma_tiles_in_registers=mma_tiles_read_into_registers(compiled.asm.get("ttgir", "")),
         )
         if record["has_cubin"]:
             record.update(_resource_usage(cubin, kernel))
@@ -505,13 +519,14 @@ def test_async_mma_operands_have_a_slot_per_stage(records):
 
 
 def test_sm90_dot_loops_keep_their_tiles_out_of_registers(records):
-    """On sm_90 a 16-bit dot kernel's loop feeds the warpgroup MMA straight from shared memory; a
-    tile also read into registers (``ttg.local_load``) costs shared-memory bandwidth in every
+    """On sm_90 a 16-bit dot kernel's loop feeds the warpgroup MMA straight from shared memory; an
+    MMA tile also read into registers (``ttg.local_load``) costs shared-memory bandwidth in every
     program and chunk, and was the trigger of the race above: the bias column sums of ghost and
-    instantiate loaded theirs in every program before the branch that used it."""
-    loaded = [f"{r['kernel']} {r['dtype']} {r['variant']} {r['config']}: {r['local_loads']} local_load"
+    instantiate loaded theirs in every program before the branch that used it. (A loop of loads
+    of its own may read its own buffers into registers: no MMA reads them.)"""
+    loaded = [f"{r['kernel']} {r['dtype']} {r['variant']} {r['config']}: {r['mma_tiles_in_registers']}"
               for r in records if r["kernel"] in DOT_KERNELS and r["arch"] == 90 and r["dtype"] != "fp32"
-              and r["variant"] == "contig" and "error" not in r and r.get("local_loads", 0)]
+              and r["variant"] == "contig" and "error" not in r and r.get("mma_tiles_in_registers")]
     assert not loaded, "sm_90 dot kernels reading shared-memory tiles into registers:\n" + "\n".join(loaded)
 
 
@@ -539,6 +554,14 @@ def test_async_mma_buffer_hazards_reads_the_pipeline():
                                                            "%y_jt: 3 slot(s) for num_stages=4"]
     # A synchronous MMA (sm_80's path) reads its operands before the loop moves on.
     assert async_mma_buffer_hazards(ttgir(2, True).replace("isAsync = true", "isAsync = false"), 3) == []
+    assert mma_tiles_read_into_registers(ttgir(3, True)) == ["%y_i"]
+    assert mma_tiles_read_into_registers(ttgir(3, False)) == []
+    # A buffer of its own, read into registers and by no MMA (the bias loops' pipelined loads).
+    own = "\n%bias = ttg.local_alloc : () -> !ttg.memdesc<2x64x64xbf16, #shared2, #smem, mutable>" \
+          "\n%b_1 = ttg.memdesc_index %bias[%k] : !ttg.memdesc<2x64x64xbf16> -> !ttg.memdesc<64x64xbf16>" \
+          "\n%b_2 = ttg.local_load %b_1 token %t : !ttg.memdesc<64x64xbf16> -> tensor<64x64xbf16>"
+    assert mma_tiles_read_into_registers(ttgir(3, False) + own) == []
+    assert async_mma_buffer_hazards(ttgir(3, False) + own, 3) == []
 
 
 def test_register_use_is_read(records):
