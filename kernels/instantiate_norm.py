@@ -86,9 +86,12 @@ _SM90_TABLE = {
     # A 128 x 256 tile reads a third fewer bytes per flop than 128 x 128 (L2 -> SM traffic,
     # which the H200 timings suggest bounds both dot kernels); it fits Hopper's registers only
     # with the running sum in the output and two stages (255 registers; spills on sm_80), or three
-    # with the flattened loop (253 registers, 200 KiB of shared memory).
+    # with the flattened loop (253 registers, 200 KiB of shared memory); 256 x 128 fits a 64-deep
+    # T chunk that way (255 registers, 208 KiB; 128 x 256 x 64 needs 272 KiB, more than the 227 an
+    # H100/H200 block may have: the flattened loop's epilogue stages the tile in shared memory).
     ("16", "unit"): [_config(128, 256, 32, 8, 2, group_p=8, sum_in_output=True),
-                     _config(128, 256, 32, 8, 3, group_p=8, sum_in_output=True, flatten=True)],
+                     _config(128, 256, 32, 8, 3, group_p=8, sum_in_output=True, flatten=True),
+                     _config(256, 128, 64, 8, 3, group_p=8, sum_in_output=True, flatten=True)],
 }
 _CONFIGS, _PRUNE = config_table(
     _config(32, 32, 16, 4, 1, group_p=2),  # interpreter (GROUP_P 2: the CPU tests cover the grouped order)
