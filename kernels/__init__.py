@@ -8,7 +8,7 @@ declared in ``divebatch.ops``. Importing this package never queries CUDA; with
 
 from __future__ import annotations
 
-from ._common import INTERPRET, scans_enabled
+from ._common import INTERPRET, scans_enabled, unverified_configs_enabled
 from .affine_norm_grads import affine_norm_grads_triton
 from .channel_norm_grads import channel_norm_grads_triton
 from .embedding_norm import embedding_norm_triton
@@ -23,6 +23,7 @@ __all__ = [
     "UNVERIFIED_ON_GPU",
     "register_cuda",
     "scans_enabled",
+    "unverified_configs_enabled",
     "ghost_norm_triton",
     "instantiate_norm_triton",
     "outer_norm_triton",

@@ -60,6 +60,15 @@ if FP32_DOT_PRECISION not in ("tf32", "tf32x3", "ieee"):
     raise ValueError(f"DIVEBATCH_TRITON_FP32_DOT={FP32_DOT_PRECISION!r} is not one of tf32, tf32x3, ieee")
 
 
+def unverified_configs_enabled() -> bool:
+    """Whether ``DIVEBATCH_TRITON_UNVERIFIED_CONFIGS=1`` lets the autotuner try the configs a kernel
+    lists as not yet run on a GPU (``config_table``'s ``unverified``); read at each prune, so the
+    GPU check and tests can set it. Their logic is exact under the interpreter, but what the
+    compiler makes of them (pipelining, flattened loops, atomics) only a GPU run shows, and the
+    fused route hands its weight gradient to autograd as the gradient itself."""
+    return os.environ.get("DIVEBATCH_TRITON_UNVERIFIED_CONFIGS", "0").strip() == "1"
+
+
 def scans_enabled() -> bool:
     """Whether ``DIVEBATCH_TRITON_SCANS=1`` opts in to the recurrent scan kernels on CUDA (see
     ``UNVERIFIED_ON_GPU`` in this package's ``__init__``); read at each call, so tests can set it."""
@@ -86,7 +95,8 @@ def gpu_configs(table: dict[tuple[str, str], list[triton.Config]],
 
 def config_table(interpret: triton.Config, table: dict[tuple[str, str], list[triton.Config]],
                  tensor_args: tuple[str, ...], inner_strides: tuple[str, ...],
-                 sm90_table: dict[tuple[str, str], list[triton.Config]] | None = None):
+                 sm90_table: dict[tuple[str, str], list[triton.Config]] | None = None,
+                 unverified: tuple[triton.Config, ...] = ()):
     """Autotune configs by operand width and layout, and the ``early_config_prune`` picking one list.
 
     ``table`` maps ``(width, layout)`` to configs: width ``"16"`` (float16/bfloat16 operands) or
@@ -97,7 +107,9 @@ def config_table(interpret: triton.Config, table: dict[tuple[str, str], list[tri
     nothing spills on sm_80 and sm_90 (tests/test_triton_compile.py checks). The inner strides
     belong in the autotune key so the two layouts are tuned apart. ``sm90_table`` adds configs
     tried only on compute capability 9.0 and above (Hopper's register file and warpgroup MMA hold
-    tiles that spill on sm_80). Returns ``(configs, prune)``; under the interpreter
+    tiles that spill on sm_80). ``unverified`` names configs of the tables that have not run on a
+    GPU yet: the prune leaves them out unless ``unverified_configs_enabled()`` (the first config of
+    each list must be a verified one). Returns ``(configs, prune)``; under the interpreter
     ``([interpret], {})``. ``configs_for`` shows what the prune keeps for given inputs and arch.
     """
     if INTERPRET:
@@ -105,6 +117,10 @@ def config_table(interpret: triton.Config, table: dict[tuple[str, str], list[tri
     all_configs = gpu_configs(table, sm90_table)
     ids = {key: {id(c) for c in configs} for key, configs in table.items()}
     sm90_ids = {key: {id(c) for c in configs} for key, configs in (sm90_table or {}).items()}
+    unverified_ids = {id(c) for c in unverified}
+    for configs in table.values():
+        if configs and id(configs[0]) in unverified_ids:
+            raise ValueError("config_table: the first config of a list is the fallback and must have run on a GPU")
 
     def prune(configs, named_args, divebatch_arch=None, **kwargs):
         dtypes = {named_args[name].dtype for name in tensor_args}
@@ -113,6 +129,8 @@ def config_table(interpret: triton.Config, table: dict[tuple[str, str], list[tri
         arch = divebatch_arch if divebatch_arch is not None else cuda_arch(named_args[tensor_args[0]].device)
         wanted = ids[(width, layout)] | (sm90_ids.get((width, layout), set()) if arch >= 90 else set())
         kept = [c for c in configs if id(c) in wanted] or list(configs)
+        if not unverified_configs_enabled():
+            kept = [c for c in kept if id(c) not in unverified_ids] or kept
         return kept if AUTOTUNE else kept[:1]
 
     return all_configs, {"early_config_prune": prune}

@@ -387,6 +387,33 @@ def test_instantiate_each_gpu_config_under_the_interpreter(index, n_split, monke
         _assert_fp32(o, r, f"instantiate_norm {what} with {config}")
 
 
+def test_configs_not_yet_run_on_a_gpu_wait_for_the_opt_in(monkeypatch):
+    """``config_table``'s prune (pure Python, here with the GPU path forced) leaves out the configs a
+    kernel lists as not yet run on a GPU unless ``DIVEBATCH_TRITON_UNVERIFIED_CONFIGS=1``: their
+    logic passes under the interpreter (above), what the compiler makes of them only a GPU shows,
+    and the fused route's weight gradient becomes autograd's gradient."""
+    import triton
+
+    common = K._common
+    monkeypatch.setattr(common, "INTERPRET", False)
+    monkeypatch.setattr(common, "AUTOTUNE", True)
+    ran, new = triton.Config({"X": 1}), triton.Config({"X": 2})
+    table = {(width, layout): [ran, new] for width in ("16", "32") for layout in ("unit", "strided")}
+    configs, prune = common.config_table(triton.Config({"X": 0}), table, ("a",), ("s",), unverified=(new,))
+    named = {"a": torch.empty(0, dtype=torch.bfloat16), "s": 1}
+    monkeypatch.delenv("DIVEBATCH_TRITON_UNVERIFIED_CONFIGS", raising=False)
+    assert common.configs_for(configs, prune, named, 90) == [ran]
+    monkeypatch.setenv("DIVEBATCH_TRITON_UNVERIFIED_CONFIGS", "1")
+    assert common.configs_for(configs, prune, named, 90) == [ran, new]
+    with pytest.raises(ValueError, match="first config"):  # the fallback must be one that ran
+        common.config_table(triton.Config({"X": 0}), {("16", "unit"): [new, ran]}, ("a",), ("s",), unverified=(new,))
+    # instantiate_norm: every config with a knob added after the H200 run waits for the opt-in.
+    module = K.instantiate_norm
+    knobbed = {id(c) for c in _gpu_configs(module)
+               if c.kwargs["FLATTEN"] or c.kwargs["SUM_IN_OUTPUT"] or c.kwargs["GROUP_P"] > 1}
+    assert knobbed and knobbed <= {id(c) for c in module._UNVERIFIED}
+
+
 # --------------------------------------------------------------------------- outer_norm
 OUTER_SHAPES = [(5, 37, 29), (1, 1, 1), (3, 300, 70), (9, 64, 128)]
 if DEVICE == "cuda":

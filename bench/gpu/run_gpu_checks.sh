@@ -31,6 +31,9 @@ export PYTHONUNBUFFERED=1
 # The tree may arrive without `pip install` (divebatch._kernels then loads from kernels/, see
 # divebatch/_build.py): do not spend the GPU minutes JIT-compiling the C++ CPU kernels.
 export DIVEBATCH_NO_JIT=1
+# The autotune configs added after the last GPU run are tried here (they wait for this opt-in in
+# use): the tests sweep them, the bench times them, the engine checks run on them.
+export DIVEBATCH_TRITON_UNVERIFIED_CONFIGS=1
 START=$(date +%s)
 # The whole script's wall-clock budget: steps 3 and 4 get what steps 1-2 leave of it.
 BUDGET_S="${BUDGET_S:-290}"
