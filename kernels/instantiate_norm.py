@@ -16,7 +16,7 @@ Grid: ``(n_p_tiles * n_d_tiles, n_split)``. Program (P, D, s) loops over samples
 layers of a small model) the samples are split over ``n_split`` programs and the weight gradient
 is accumulated with float32 atomics instead of a plain store (``ATOMIC_WGRAD``).
 
-Three knobs the autotuner chooses between (configs), for speed, not results:
+Four knobs the autotuner chooses between (configs), for speed, not results:
 
 * ``GROUP_P``: programs are numbered in groups of GROUP_P p-tiles that walk the d-tiles together
   (the grouped order of Triton's matmul tutorial), so the programs resident at one time share
@@ -30,7 +30,13 @@ Three knobs the autotuner chooses between (configs), for speed, not results:
   flatten=True)``), so the software pipeline is not drained and refilled at every sample: the
   next sample's first chunks load while this sample's tile is reduced (the epilogue of the
   flattened loop; 219 -> 184 registers on sm_90 at 128 x 128, which makes room for the
-  128 x 256 three-stage config).
+  128 x 256 three-stage config);
+* ``USE_TMA`` (sm_90 configs): the g and a chunks are loaded by Hopper's tensor memory
+  accelerator from device-side descriptors (``tl.make_tensor_descriptor``: bulk copies into
+  shared memory, no per-element address in registers; 253 -> 224 registers at 128 x 256 x 32), where
+  ``_tma_ok`` says the inputs allow it (``TMA_OK``, in the autotune key); otherwise the same config
+  loads by pointers. The descriptors need a workspace allocator, set around the launch when the
+  caller has set none (``triton.set_allocator``).
 Bias: the programs of the first d-tile (D = 0) also sum their g columns over T, in a loop nest of
 their own after the samples' (see the comment there: on sm_90 a tile feeding both would be raced); each
 p-tile adds ``||colsum_P||^2`` to ``bias_sq[b]`` (the p-tiles partition p, so the parts add up
@@ -46,9 +52,11 @@ import triton.language as tl
 from ._common import (AUTOTUNE_KWARGS, INTERPRET, check_a_g, config_table, dot_options,
                       sm_count, tuning_size)
 
-def _config(block_p, block_d, block_t, warps, stages, group_p=1, sum_in_output=False, flatten=False) -> triton.Config:
+def _config(block_p, block_d, block_t, warps, stages, group_p=1, sum_in_output=False, flatten=False,
+            tma=False) -> triton.Config:
     return triton.Config({"BLOCK_P": block_p, "BLOCK_D": block_d, "BLOCK_T": block_t, "GROUP_P": group_p,
-                          "SUM_IN_OUTPUT": sum_in_output, "FLATTEN": flatten}, num_warps=warps, num_stages=stages)
+                          "SUM_IN_OUTPUT": sum_in_output, "FLATTEN": flatten, "USE_TMA": tma},
+                         num_warps=warps, num_stages=stages)
 
 
 #: The GPU configs by (operand width, layout), and those for sm_90 and above (see ``config_table``).
@@ -91,7 +99,11 @@ _SM90_TABLE = {
     # H100/H200 block may have: the flattened loop's epilogue stages the tile in shared memory).
     ("16", "unit"): [_config(128, 256, 32, 8, 2, group_p=8, sum_in_output=True),
                      _config(128, 256, 32, 8, 3, group_p=8, sum_in_output=True, flatten=True),
-                     _config(256, 128, 64, 8, 3, group_p=8, sum_in_output=True, flatten=True)],
+                     _config(256, 128, 64, 8, 3, group_p=8, sum_in_output=True, flatten=True),
+                     # The same tiles loaded by TMA (where the inputs allow: see _tma_ok).
+                     _config(128, 256, 32, 8, 3, group_p=8, sum_in_output=True, flatten=True, tma=True),
+                     _config(256, 128, 64, 8, 3, group_p=8, sum_in_output=True, flatten=True, tma=True),
+                     _config(128, 128, 64, 8, 4, group_p=8, sum_in_output=True, flatten=True, tma=True)],
 }
 #: Configs added after the only GPU run (an H200, 2026-12-04): tried only with
 #: ``DIVEBATCH_TRITON_UNVERIFIED_CONFIGS=1`` (see ``unverified_configs_enabled``) until a GPU run's
@@ -109,7 +121,8 @@ _CONFIGS, _PRUNE = config_table(
 _SPLIT_TILE = 128 * 128
 
 
-@triton.autotune(configs=_CONFIGS, key=["T_TUNE", "B_TUNE", "d", "p", "WITH_BIAS", "ATOMIC_WGRAD", "stride_ad", "stride_gp"],
+@triton.autotune(configs=_CONFIGS, key=["T_TUNE", "B_TUNE", "d", "p", "WITH_BIAS", "ATOMIC_WGRAD", "stride_ad", "stride_gp",
+                                        "TMA_OK"],
                  prune_configs_by=_PRUNE, reset_to_zero=["weight_sq_ptr", "bias_sq_ptr", "wgrad_ptr"],
                  **AUTOTUNE_KWARGS)
 @triton.jit
@@ -129,6 +142,7 @@ def _instantiate_norm_kernel(
     WITH_BIAS: tl.constexpr, ATOMIC_WGRAD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     GROUP_P: tl.constexpr, SUM_IN_OUTPUT: tl.constexpr, FLATTEN: tl.constexpr,
+    USE_TMA: tl.constexpr, TMA_OK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_d_tiles = tl.cdiv(d, BLOCK_D)
@@ -156,20 +170,32 @@ def _instantiate_norm_kernel(
     out_mask = mask_p[:, None] & mask_d[None, :]
     if not SUM_IN_OUTPUT:
         total = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+    if USE_TMA and TMA_OK:
+        # Hopper's tensor memory accelerator: one descriptor per operand, each chunk one bulk copy
+        # into shared memory (no per-element addresses in registers); rows past T (or columns past
+        # p, d) arrive as zeros, so the masks above are not needed.
+        g_desc = tl.make_tensor_descriptor(g_ptr, shape=[B, T, p], strides=[stride_gb, stride_gt, 1],
+                                           block_shape=[1, BLOCK_T, BLOCK_P])
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[B, T, d], strides=[stride_ab, stride_at, 1],
+                                           block_shape=[1, BLOCK_T, BLOCK_D])
     for b in tl.range(split, B, n_split, flatten=FLATTEN):
         b64 = tl.cast(b, tl.int64)  # (a Python int under the interpreter, an i32 on GPU)
         a_base = a_ptr + b64 * stride_ab
         g_base = g_ptr + b64 * stride_gb
         tile = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
         for t0 in range(0, T, BLOCK_T):
-            tt = t0 + offs_t
-            t_mask = tt < T
-            tt64 = tt.to(tl.int64)
-            # g chunk loaded transposed, [BLOCK_P, BLOCK_T]; masked entries are 0 and add nothing.
-            g_t = tl.load(g_base + col_g[:, None] + (tt64 * stride_gt)[None, :],
-                          mask=mask_p[:, None] & t_mask[None, :], other=0.0)
-            x = tl.load(a_base + (tt64 * stride_at)[:, None] + col_a[None, :],
-                        mask=t_mask[:, None] & mask_d[None, :], other=0.0)
+            if USE_TMA and TMA_OK:
+                g_t = tl.trans(g_desc.load([b, t0, pid_p * BLOCK_P]).reshape(BLOCK_T, BLOCK_P))
+                x = a_desc.load([b, t0, pid_d * BLOCK_D]).reshape(BLOCK_T, BLOCK_D)
+            else:
+                tt = t0 + offs_t
+                t_mask = tt < T
+                tt64 = tt.to(tl.int64)
+                # g chunk loaded transposed, [BLOCK_P, BLOCK_T]; masked entries are 0 and add nothing.
+                g_t = tl.load(g_base + col_g[:, None] + (tt64 * stride_gt)[None, :],
+                              mask=mask_p[:, None] & t_mask[None, :], other=0.0)
+                x = tl.load(a_base + (tt64 * stride_at)[:, None] + col_a[None, :],
+                            mask=t_mask[:, None] & mask_d[None, :], other=0.0)
             if UPCAST:
                 g_t = g_t.to(tl.float32)
                 x = x.to(tl.float32)
@@ -213,6 +239,35 @@ def _n_split(B: int, p: int, d: int, device: torch.device) -> int:
     return max(1, min(B, triton.cdiv(2 * sm_count(device), tiles)))
 
 
+def _tma_ok(a: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether the ``USE_TMA`` configs may load ``a`` and ``g`` by descriptor: unit inner strides,
+    the other strides and both base addresses multiples of 16 bytes (TMA's rules), and a workspace
+    allocator for the descriptors. (Only the 16-bit sm_90 list has such configs.)"""
+    if _workspace_scope is None:
+        return False
+    return all(x.stride(2) == 1 and x.data_ptr() % 16 == 0
+               and x.stride(0) * x.element_size() % 16 == 0 and x.stride(1) * x.element_size() % 16 == 0
+               for x in (a, g))
+
+
+try:  # the context variable behind triton.set_allocator (private; without it no TMA config runs)
+    from triton.runtime._allocation import NullAllocator as _NullAllocator
+    from triton.runtime._allocation import _allocator as _allocator_var
+
+    def _workspace_scope(device: torch.device):
+        """``(set, reset)``: a torch workspace allocator for device-side TMA descriptors, set for
+        this call only and only where the caller has set none (theirs is left in place)."""
+        if not isinstance(_allocator_var.get(), _NullAllocator):
+            return lambda: None, lambda token: None
+
+        def allocate(size: int, alignment: int, stream):
+            return torch.empty(size, dtype=torch.int8, device=device)
+
+        return (lambda: _allocator_var.set(allocate)), (lambda token: token is not None and _allocator_var.reset(token))
+except ImportError:  # another triton: the TMA configs fall back to pointer loads
+    _workspace_scope = None
+
+
 def instantiate_norm_triton(a: torch.Tensor, g: torch.Tensor, with_bias: bool, *, _n_split_override=None):
     """``(weight_sq [B], bias_sq [B], weight_grad_sum [p, d])`` float32; see the module docstring.
 
@@ -231,14 +286,21 @@ def instantiate_norm_triton(a: torch.Tensor, g: torch.Tensor, with_bias: bool, *
         def grid(meta):
             return (triton.cdiv(p, meta["BLOCK_P"]) * triton.cdiv(d, meta["BLOCK_D"]), n_split)
 
-        _instantiate_norm_kernel[grid](
-            a, g, weight_sq, bias_sq, wgrad,
-            B, T, d, p,
-            a.stride(0), a.stride(1), a.stride(2),
-            g.stride(0), g.stride(1), g.stride(2),
-            tuning_size(T), tuning_size(B),
-            WITH_BIAS=bool(with_bias), ATOMIC_WGRAD=n_split > 1, UPCAST=upcast, DOT_PRECISION=precision,
-        )
+        tma_ok = _tma_ok(a, g)
+        set_workspace, reset_workspace = _workspace_scope(device) if tma_ok else (lambda: None, lambda token: None)
+        token = set_workspace()
+        try:
+            _instantiate_norm_kernel[grid](
+                a, g, weight_sq, bias_sq, wgrad,
+                B, T, d, p,
+                a.stride(0), a.stride(1), a.stride(2),
+                g.stride(0), g.stride(1), g.stride(2),
+                tuning_size(T), tuning_size(B),
+                WITH_BIAS=bool(with_bias), ATOMIC_WGRAD=n_split > 1, UPCAST=upcast, DOT_PRECISION=precision,
+                TMA_OK=tma_ok,
+            )
+        finally:
+            reset_workspace(token)
     elif with_bias and B > 0 and T > 0 and p > 0:  # d == 0: no weight, but the bias still has a gradient
         bias_sq = g.sum(dim=1, dtype=torch.float32).square().sum(dim=1)
     return weight_sq, bias_sq, wgrad

@@ -363,6 +363,8 @@ def _compile_one(job) -> dict:
     constexprs = dict(spec["constexprs"], **cfg.kwargs)
     if "UPCAST" in fn.arg_names:
         constexprs.update(UPCAST=upcast, DOT_PRECISION=precision)
+    if "TMA_OK" in fn.arg_names:  # (the wrapper's _tma_ok: aligned unit-stride inputs, i.e. "contig")
+        constexprs["TMA_OK"] = variant == "contig"
     signature, attrs = {}, {}
     for i, arg in enumerate(fn.arg_names):
         if arg in constexprs:
@@ -395,6 +397,8 @@ def _compile_one(job) -> dict:
             mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
             # Asynchronous global->shared copies: the software pipeline of num_stages > 1.
             cp_async=len(re.findall(r"\bcp\.async\.c[ag]\b", ptx)),
+            # Hopper's tensor memory accelerator: bulk copies by descriptor (the USE_TMA configs).
+            tma=len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)),
             mma_buffer_hazards=async_mma_buffer_hazards(compiled.asm.get("ttgir", ""), cfg.num_stages),
             mma_tiles_in_registers=mma_tiles_read_into_registers(compiled.asm.get("ttgir", "")),
         )
@@ -502,12 +506,14 @@ def test_scan_dots_run_on_tensor_cores(records):
 
 def test_contiguous_loads_are_pipelined(records):
     """With unit inner strides and 16-byte alignment (what a contiguous activation gives the JIT),
-    the dot kernels' loads are asynchronous copies into shared memory (``cp.async``), i.e. the
-    num_stages software pipeline is in place; strided inputs fall back to plain loads."""
+    the dot kernels' loads are asynchronous copies into shared memory (``cp.async``; the USE_TMA
+    configs' bulk tensor copies, and those only), i.e. the num_stages software pipeline is in
+    place; strided inputs fall back to plain loads (and a USE_TMA config to the pointer loads)."""
     plain = [f"{r['kernel']} {r['dtype']} sm_{r['arch']} {r['config']}" for r in records
              if r["kernel"] in DOT_KERNELS and r["variant"] == "contig" and "error" not in r
-             and r.get("cp_async", 0) == 0]
-    assert not plain, "contiguous inputs without cp.async pipelining:\n" + "\n".join(plain)
+             and (r.get("tma", 0) == 0 if "USE_TMA=True" in r["config"] else r.get("cp_async", 0) == 0)]
+    assert not plain, "contiguous inputs without asynchronous copies:\n" + "\n".join(plain)
+    assert not [r for r in records if r.get("tma") and ("USE_TMA=True" not in r["config"] or r["variant"] != "contig")]
 
 
 def test_async_mma_operands_have_a_slot_per_stage(records):
@@ -611,14 +617,15 @@ def test_some_config_fits_shared_memory(records):
 
 
 def test_hopper_configs_are_compiled_for_sm90_only(records):
-    """``sm90_table`` configs (tiles that spill on sm_80) join the 16-bit contiguous list on sm_90 only."""
+    """``sm90_table`` configs (tiles that spill on sm_80, and the TMA loads sm_80 lacks) join the
+    16-bit contiguous list on sm_90 only."""
     def labels(arch, variant):
         return {r["config"] for r in records if r["kernel"] == "_instantiate_norm_kernel" and r["dtype"] == "bf16"
                 and r["arch"] == arch and r["variant"] == variant}
 
     extra = labels(90, "contig") - labels(80, "contig")
     assert extra and labels(80, "contig") < labels(90, "contig")
-    assert all("BLOCK_D=256" in label or "BLOCK_P=256" in label for label in extra)
+    assert all("BLOCK_D=256" in label or "BLOCK_P=256" in label or "USE_TMA=True" in label for label in extra)
     assert not extra & labels(90, "strided")
 
 if __name__ == "__main__":

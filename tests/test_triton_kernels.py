@@ -378,13 +378,18 @@ def test_ghost_each_gpu_config_under_the_interpreter(index, monkeypatch):
 def test_instantiate_each_gpu_config_under_the_interpreter(index, n_split, monkeypatch):
     """As above for instantiate_norm: p and d cross several tiles of every config (partial last
     ones, a GROUP_P = 8 group cut short), the running sum in registers or in the output
-    (SUM_IN_OUTPUT), stored or added atomically over sample splits."""
+    (SUM_IN_OUTPUT), stored or added atomically over sample splits; the USE_TMA configs load by
+    descriptor (the strides are multiples of 16 bytes) and, given a g whose start is not 16-byte
+    aligned, fall back to pointer loads."""
     config = _gpu_configs(K.instantiate_norm)[index]
     _with_config(monkeypatch, K.instantiate_norm._instantiate_norm_kernel, config)
-    a, g = _rand((3, 45, 300), 62), _rand((3, 45, 270), 63)
-    out = K.instantiate_norm_triton(a, g, True, _n_split_override=n_split)
-    for o, r, what in zip(out, R.instantiate_norm(a, g, True), ("weight", "bias", "weight grad")):
-        _assert_fp32(o, r, f"instantiate_norm {what} with {config}")
+    a, g = _rand((3, 45, 300), 62), _rand((3, 45, 260), 63)
+    unaligned = torch.zeros(3 * 45 * 260 + 1)[1:].view(3, 45, 260).copy_(g)
+    assert K.instantiate_norm._tma_ok(a, g) and not K.instantiate_norm._tma_ok(a, unaligned)
+    for g_in in (g, unaligned) if config.kwargs["USE_TMA"] else (g,):
+        out = K.instantiate_norm_triton(a, g_in, True, _n_split_override=n_split)
+        for o, r, what in zip(out, R.instantiate_norm(a, g, True), ("weight", "bias", "weight grad")):
+            _assert_fp32(o, r, f"instantiate_norm {what} with {config}")
 
 
 def test_configs_not_yet_run_on_a_gpu_wait_for_the_opt_in(monkeypatch):
@@ -410,7 +415,7 @@ def test_configs_not_yet_run_on_a_gpu_wait_for_the_opt_in(monkeypatch):
     # instantiate_norm: every config with a knob added after the H200 run waits for the opt-in.
     module = K.instantiate_norm
     knobbed = {id(c) for c in _gpu_configs(module)
-               if c.kwargs["FLATTEN"] or c.kwargs["SUM_IN_OUTPUT"] or c.kwargs["GROUP_P"] > 1}
+               if c.kwargs["FLATTEN"] or c.kwargs["SUM_IN_OUTPUT"] or c.kwargs["GROUP_P"] > 1 or c.kwargs["USE_TMA"]}
     assert knobbed and knobbed <= {id(c) for c in module._UNVERIFIED}
 
 
