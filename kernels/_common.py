@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -58,6 +59,39 @@ UNTIMED_KWARGS = {"do_bench": _skip_bench}
 FP32_DOT_PRECISION = os.environ.get("DIVEBATCH_TRITON_FP32_DOT", "tf32x3")
 if FP32_DOT_PRECISION not in ("tf32", "tf32x3", "ieee"):
     raise ValueError(f"DIVEBATCH_TRITON_FP32_DOT={FP32_DOT_PRECISION!r} is not one of tf32, tf32x3, ieee")
+
+
+try:  # the context variable behind triton.set_allocator (private; without it no USE_TMA config loads by TMA)
+    from triton.runtime._allocation import NullAllocator as _NullAllocator
+    from triton.runtime._allocation import _allocator as _ALLOCATOR
+except ImportError:  # another triton
+    _NullAllocator, _ALLOCATOR = None, None
+
+
+def tma_ok(*tensors: torch.Tensor) -> bool:
+    """Whether a kernel's ``USE_TMA`` configs may load these ``[B, T, n]`` tensors by device-side
+    descriptor (``TMA_OK``): unit inner strides, the other strides and the base addresses multiples
+    of 16 bytes (TMA's rules), and triton's allocator hook for the descriptors' workspace."""
+    if _ALLOCATOR is None:
+        return False
+    return all(x.stride(2) == 1 and x.data_ptr() % 16 == 0
+               and x.stride(0) * x.element_size() % 16 == 0 and x.stride(1) * x.element_size() % 16 == 0
+               for x in tensors)
+
+
+@contextlib.contextmanager
+def tma_workspace(device: torch.device, wanted: bool = True):
+    """Around a launch that may build TMA descriptors: a torch allocator for their workspace, set
+    only where the caller has set none with ``triton.set_allocator`` (theirs stays in place), and
+    only for this call (a context variable, reset after)."""
+    if not wanted or _ALLOCATOR is None or not isinstance(_ALLOCATOR.get(), _NullAllocator):
+        yield
+        return
+    token = _ALLOCATOR.set(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
+    try:
+        yield
+    finally:
+        _ALLOCATOR.reset(token)
 
 
 def unverified_configs_enabled() -> bool:

@@ -34,7 +34,7 @@ Four knobs the autotuner chooses between (configs), for speed, not results:
 * ``USE_TMA`` (sm_90 configs): the g and a chunks are loaded by Hopper's tensor memory
   accelerator from device-side descriptors (``tl.make_tensor_descriptor``: bulk copies into
   shared memory, no per-element address in registers; 253 -> 224 registers at 128 x 256 x 32), where
-  ``_tma_ok`` says the inputs allow it (``TMA_OK``, in the autotune key); otherwise the same config
+  ``tma_ok`` says the inputs allow it (``TMA_OK``, in the autotune key); otherwise the same config
   loads by pointers. The descriptors need a workspace allocator, set around the launch when the
   caller has set none (``triton.set_allocator``).
 Bias: the programs of the first d-tile (D = 0) also sum their g columns over T, in a loop nest of
@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from ._common import (AUTOTUNE_KWARGS, INTERPRET, check_a_g, config_table, dot_options,
-                      sm_count, tuning_size)
+                      sm_count, tma_ok, tma_workspace, tuning_size)
 
 def _config(block_p, block_d, block_t, warps, stages, group_p=1, sum_in_output=False, flatten=False,
             tma=False) -> triton.Config:
@@ -100,7 +100,7 @@ _SM90_TABLE = {
     ("16", "unit"): [_config(128, 256, 32, 8, 2, group_p=8, sum_in_output=True),
                      _config(128, 256, 32, 8, 3, group_p=8, sum_in_output=True, flatten=True),
                      _config(256, 128, 64, 8, 3, group_p=8, sum_in_output=True, flatten=True),
-                     # The same tiles loaded by TMA (where the inputs allow: see _tma_ok).
+                     # The same tiles loaded by TMA (where the inputs allow: see tma_ok in _common).
                      _config(128, 256, 32, 8, 3, group_p=8, sum_in_output=True, flatten=True, tma=True),
                      _config(256, 128, 64, 8, 3, group_p=8, sum_in_output=True, flatten=True, tma=True),
                      _config(128, 128, 64, 8, 4, group_p=8, sum_in_output=True, flatten=True, tma=True)],
@@ -239,35 +239,6 @@ def _n_split(B: int, p: int, d: int, device: torch.device) -> int:
     return max(1, min(B, triton.cdiv(2 * sm_count(device), tiles)))
 
 
-def _tma_ok(a: torch.Tensor, g: torch.Tensor) -> bool:
-    """Whether the ``USE_TMA`` configs may load ``a`` and ``g`` by descriptor: unit inner strides,
-    the other strides and both base addresses multiples of 16 bytes (TMA's rules), and a workspace
-    allocator for the descriptors. (Only the 16-bit sm_90 list has such configs.)"""
-    if _workspace_scope is None:
-        return False
-    return all(x.stride(2) == 1 and x.data_ptr() % 16 == 0
-               and x.stride(0) * x.element_size() % 16 == 0 and x.stride(1) * x.element_size() % 16 == 0
-               for x in (a, g))
-
-
-try:  # the context variable behind triton.set_allocator (private; without it no TMA config runs)
-    from triton.runtime._allocation import NullAllocator as _NullAllocator
-    from triton.runtime._allocation import _allocator as _allocator_var
-
-    def _workspace_scope(device: torch.device):
-        """``(set, reset)``: a torch workspace allocator for device-side TMA descriptors, set for
-        this call only and only where the caller has set none (theirs is left in place)."""
-        if not isinstance(_allocator_var.get(), _NullAllocator):
-            return lambda: None, lambda token: None
-
-        def allocate(size: int, alignment: int, stream):
-            return torch.empty(size, dtype=torch.int8, device=device)
-
-        return (lambda: _allocator_var.set(allocate)), (lambda token: token is not None and _allocator_var.reset(token))
-except ImportError:  # another triton: the TMA configs fall back to pointer loads
-    _workspace_scope = None
-
-
 def instantiate_norm_triton(a: torch.Tensor, g: torch.Tensor, with_bias: bool, *, _n_split_override=None):
     """``(weight_sq [B], bias_sq [B], weight_grad_sum [p, d])`` float32; see the module docstring.
 
@@ -286,10 +257,8 @@ def instantiate_norm_triton(a: torch.Tensor, g: torch.Tensor, with_bias: bool, *
         def grid(meta):
             return (triton.cdiv(p, meta["BLOCK_P"]) * triton.cdiv(d, meta["BLOCK_D"]), n_split)
 
-        tma_ok = _tma_ok(a, g)
-        set_workspace, reset_workspace = _workspace_scope(device) if tma_ok else (lambda: None, lambda token: None)
-        token = set_workspace()
-        try:
+        use_tma = tma_ok(a, g)
+        with tma_workspace(device, use_tma):
             _instantiate_norm_kernel[grid](
                 a, g, weight_sq, bias_sq, wgrad,
                 B, T, d, p,
@@ -297,10 +266,8 @@ def instantiate_norm_triton(a: torch.Tensor, g: torch.Tensor, with_bias: bool, *
                 g.stride(0), g.stride(1), g.stride(2),
                 tuning_size(T), tuning_size(B),
                 WITH_BIAS=bool(with_bias), ATOMIC_WGRAD=n_split > 1, UPCAST=upcast, DOT_PRECISION=precision,
-                TMA_OK=tma_ok,
+                TMA_OK=use_tma,
             )
-        finally:
-            reset_workspace(token)
     elif with_bias and B > 0 and T > 0 and p > 0:  # d == 0: no weight, but the bias still has a gradient
         bias_sq = g.sum(dim=1, dtype=torch.float32).square().sum(dim=1)
     return weight_sq, bias_sq, wgrad

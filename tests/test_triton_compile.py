@@ -363,7 +363,7 @@ def _compile_one(job) -> dict:
     constexprs = dict(spec["constexprs"], **cfg.kwargs)
     if "UPCAST" in fn.arg_names:
         constexprs.update(UPCAST=upcast, DOT_PRECISION=precision)
-    if "TMA_OK" in fn.arg_names:  # (the wrapper's _tma_ok: aligned unit-stride inputs, i.e. "contig")
+    if "TMA_OK" in fn.arg_names:  # (the wrappers' tma_ok: aligned unit-stride inputs, i.e. "contig")
         constexprs["TMA_OK"] = variant == "contig"
     signature, attrs = {}, {}
     for i, arg in enumerate(fn.arg_names):
