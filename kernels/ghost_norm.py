@@ -10,7 +10,9 @@ Grid: one program per (sample, upper-triangular tile pair (i, j), i <= j), flatt
 the GPU. Program (b, i, j) loops over d in BLOCK_K chunks to build the BLOCK_T x BLOCK_T tile
 ``Ga_ij = a_b[i-rows] a_b[j-rows]^T`` and over p for ``Gg_ij``, both in float32 registers
 (``tl.dot``), multiplies them elementwise, sums, doubles off-diagonal pairs and atomically adds
-the number into ``weight_sq[b]``. The Grams are never written to memory.
+the number into ``weight_sq[b]``. The Grams are never written to memory. The ``USE_TMA`` configs
+(sm_90) load the chunks by Hopper's tensor memory accelerator from device-side descriptors where
+``tma_ok`` allows (else by pointers, as the others).
 
 Bias, same launch: the diagonal program (b, i, i) has just streamed every row of tile i of g for
 its Gram; it reads them again (from L2, in a loop of its own: see the comment there) and adds
@@ -25,31 +27,35 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AUTOTUNE_KWARGS, check_a_g, config_table, dot_options, tuning_size
+from ._common import (AUTOTUNE_KWARGS, check_a_g, config_table, dot_options, tma_ok, tma_workspace,
+                      tuning_size)
 
-_F32_CONFIGS = [  # float32 operands (tf32x3), any layout
-    triton.Config({"BLOCK_T": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_T": 64, "BLOCK_K": 16}, num_warps=4, num_stages=4),
-]
+
+def _config(block_t, block_k, warps, stages, tma=False) -> triton.Config:
+    return triton.Config({"BLOCK_T": block_t, "BLOCK_K": block_k, "USE_TMA": tma}, num_warps=warps, num_stages=stages)
+
+
+_F32_CONFIGS = [_config(64, 32, 8, 3), _config(64, 16, 4, 4)]  # float32 operands (tf32x3), any layout
 #: The GPU configs by (operand width, layout) (see ``config_table``).
 _TABLE = {
-    ("16", "unit"): [
-        triton.Config({"BLOCK_T": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_T": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_T": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    ],
-    ("16", "strided"): [
-        triton.Config({"BLOCK_T": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_T": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    ],
+    ("16", "unit"): [_config(64, 64, 4, 3), _config(128, 32, 8, 3), _config(128, 64, 8, 3)],
+    ("16", "strided"): [_config(128, 32, 8, 3), _config(64, 64, 8, 3)],
     ("32", "unit"): _F32_CONFIGS,
     ("32", "strided"): _F32_CONFIGS,
 }
+#: sm_90: the 16-bit tiles loaded by Hopper's tensor memory accelerator (``USE_TMA``: bulk copies by
+#: descriptor where ``tma_ok`` allows, else the same config loads by pointers). Added after the
+#: only GPU run, so tried only with ``DIVEBATCH_TRITON_UNVERIFIED_CONFIGS=1`` until a GPU clears them.
+_SM90_TABLE = {("16", "unit"): [_config(64, 64, 4, 3, tma=True), _config(128, 64, 8, 3, tma=True),
+                                _config(128, 64, 8, 4, tma=True)]}
+_UNVERIFIED = tuple(_SM90_TABLE[("16", "unit")])
 _CONFIGS, _PRUNE = config_table(
-    triton.Config({"BLOCK_T": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1),  # interpreter
+    _config(16, 32, 4, 1),  # interpreter
     _TABLE,
     tensor_args=("a_ptr", "g_ptr"),
     inner_strides=("stride_ad", "stride_gp"),
+    sm90_table=_SM90_TABLE,
+    unverified=_UNVERIFIED,
 )
 
 
@@ -90,7 +96,23 @@ def _gram_tile(base, row_i, mask_i, row_j, mask_j, K, stride_k,
     return acc
 
 
-@triton.autotune(configs=_CONFIGS, key=["T_TUNE", "B_TUNE", "d", "p", "WITH_BIAS", "stride_ad", "stride_gp"],
+@triton.jit
+def _gram_tile_tma(desc, b, first_i, first_j, K, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``_gram_tile`` from a ``[B, T, K]`` tensor descriptor: rows past T and columns past K arrive
+    as zeros (the descriptor's bounds), so nothing is masked."""
+    acc = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x_i = desc.load([b, first_i, k0]).reshape(BLOCK_T, BLOCK_K)
+        x_jt = tl.trans(desc.load([b, first_j, k0]).reshape(BLOCK_T, BLOCK_K))
+        if UPCAST:
+            x_i = x_i.to(tl.float32)
+            x_jt = x_jt.to(tl.float32)
+        acc = tl.dot(x_i, x_jt, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.autotune(configs=_CONFIGS, key=["T_TUNE", "B_TUNE", "d", "p", "WITH_BIAS", "stride_ad", "stride_gp", "TMA_OK"],
                  prune_configs_by=_PRUNE, reset_to_zero=["weight_sq_ptr", "colsum_ptr"], **AUTOTUNE_KWARGS)
 @triton.jit
 def _ghost_norm_kernel(
@@ -99,7 +121,7 @@ def _ghost_norm_kernel(
     # outputs, float32, zero-initialised, accumulated with atomics: weight_sq [B], colsum [B, p]
     weight_sq_ptr, colsum_ptr,
     # sizes
-    T, d, p,
+    B, T, d, p,
     # strides, in elements
     stride_ab, stride_at, stride_ad,
     stride_gb, stride_gt, stride_gp,
@@ -107,7 +129,7 @@ def _ghost_norm_kernel(
     T_TUNE, B_TUNE,
     # meta
     WITH_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, TMA_OK: tl.constexpr,
 ):
     n_tiles = tl.cdiv(T, BLOCK_T)
     n_pairs = n_tiles * (n_tiles + 1) // 2
@@ -121,28 +143,27 @@ def _ghost_norm_kernel(
     mask_j = offs_j < T
     b64 = b.to(tl.int64)
 
-    # Gram tile of a over d.
-    a_base = a_ptr + b64 * stride_ab
-    gram_a = _gram_tile(a_base, offs_i.to(tl.int64) * stride_at, mask_i, offs_j.to(tl.int64) * stride_at, mask_j,
-                        d, stride_ad, UPCAST, DOT_PRECISION, BLOCK_T, BLOCK_K)
-
-    # Gram tile of g over p (inlined: the diagonal programs also take column sums for the bias).
-    g_base = g_ptr + b64 * stride_gb
-    row_i = offs_i.to(tl.int64) * stride_gt
-    row_j = offs_j.to(tl.int64) * stride_gt
     diagonal = ti == tj
-    gram_g = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+    g_base = g_ptr + b64 * stride_gb
+    row_i = offs_i.to(tl.int64) * stride_gt  # (also the bias pass's rows, below)
     offs_k = tl.arange(0, BLOCK_K)
-    for k0 in range(0, p, BLOCK_K):
-        kk = k0 + offs_k
-        k_mask = kk < p
-        col = kk.to(tl.int64) * stride_gp
-        y_i = tl.load(g_base + row_i[:, None] + col[None, :], mask=mask_i[:, None] & k_mask[None, :], other=0.0)
-        y_jt = tl.load(g_base + col[:, None] + row_j[None, :], mask=k_mask[:, None] & mask_j[None, :], other=0.0)
-        if UPCAST:
-            y_i = y_i.to(tl.float32)
-            y_jt = y_jt.to(tl.float32)
-        gram_g = tl.dot(y_i, y_jt, gram_g, input_precision=DOT_PRECISION)
+    if USE_TMA and TMA_OK:
+        # Hopper's tensor memory accelerator: each chunk one bulk copy by descriptor (no per-element
+        # addresses in registers); rows past T and columns past d, p arrive as zeros.
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[B, T, d], strides=[stride_ab, stride_at, 1],
+                                           block_shape=[1, BLOCK_T, BLOCK_K])
+        g_desc = tl.make_tensor_descriptor(g_ptr, shape=[B, T, p], strides=[stride_gb, stride_gt, 1],
+                                           block_shape=[1, BLOCK_T, BLOCK_K])
+        gram_a = _gram_tile_tma(a_desc, b, ti * BLOCK_T, tj * BLOCK_T, d, UPCAST, DOT_PRECISION, BLOCK_T, BLOCK_K)
+        gram_g = _gram_tile_tma(g_desc, b, ti * BLOCK_T, tj * BLOCK_T, p, UPCAST, DOT_PRECISION, BLOCK_T, BLOCK_K)
+    else:
+        # The Gram tiles of a over d and of g over p.
+        gram_a = _gram_tile(a_ptr + b64 * stride_ab, offs_i.to(tl.int64) * stride_at, mask_i,
+                            offs_j.to(tl.int64) * stride_at, mask_j, d, stride_ad, UPCAST, DOT_PRECISION,
+                            BLOCK_T, BLOCK_K)
+        gram_g = _gram_tile(g_base, row_i, mask_i, offs_j.to(tl.int64) * stride_gt, mask_j, p, stride_gp, UPCAST,
+                            DOT_PRECISION, BLOCK_T, BLOCK_K)
+
     w = tl.sum(tl.sum(gram_a * gram_g, axis=1), axis=0)
     # An off-diagonal pair (i, j) also stands for (j, i).
     w = tl.where(diagonal, w, 2.0 * w)
@@ -186,14 +207,16 @@ def ghost_norm_triton(a: torch.Tensor, g: torch.Tensor, with_bias: bool):
                                  "(> 2^31); use instantiate_norm for such long sequences")
             return (programs,)
 
-        _ghost_norm_kernel[grid](
-            a, g, weight_sq, colsum,
-            T, d, p,
-            a.stride(0), a.stride(1), a.stride(2),
-            g.stride(0), g.stride(1), g.stride(2),
-            tuning_size(T), tuning_size(B),
-            WITH_BIAS=bool(with_bias), UPCAST=upcast, DOT_PRECISION=precision,
-        )
+        use_tma = tma_ok(a, g)
+        with tma_workspace(device, use_tma):
+            _ghost_norm_kernel[grid](
+                a, g, weight_sq, colsum,
+                B, T, d, p,
+                a.stride(0), a.stride(1), a.stride(2),
+                g.stride(0), g.stride(1), g.stride(2),
+                tuning_size(T), tuning_size(B),
+                WITH_BIAS=bool(with_bias), UPCAST=upcast, DOT_PRECISION=precision, TMA_OK=use_tma,
+            )
     if with_bias:
         bias_sq = colsum.square().sum(dim=1)
     else:

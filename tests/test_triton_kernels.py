@@ -367,9 +367,13 @@ def test_ghost_each_gpu_config_under_the_interpreter(index, monkeypatch):
     CPU: each here, float32, T crossing several of its tiles with a partial last one, K chunks too."""
     config = _gpu_configs(K.ghost_norm)[index]
     _with_config(monkeypatch, K.ghost_norm._ghost_norm_kernel, config)
-    a, g = _rand((2, 300, 70), 60), _rand((2, 300, 90), 61)
-    for o, r, what in zip(K.ghost_norm_triton(a, g, True), R.ghost_norm(a, g, True), ("weight", "bias")):
-        _assert_fp32(o, r, f"ghost_norm {what} with {config}")
+    a, g = _rand((2, 300, 72), 60), _rand((2, 300, 92), 61)
+    # (the USE_TMA configs: by descriptor, and by pointers for a g whose start is not 16-byte aligned)
+    unaligned = torch.zeros(2 * 300 * 92 + 1)[1:].view(2, 300, 92).copy_(g)
+    assert K._common.tma_ok(a, g) and not K._common.tma_ok(a, unaligned)
+    for g_in in (g, unaligned) if config.kwargs["USE_TMA"] else (g,):
+        for o, r, what in zip(K.ghost_norm_triton(a, g_in, True), R.ghost_norm(a, g, True), ("weight", "bias")):
+            _assert_fp32(o, r, f"ghost_norm {what} with {config}")
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the sweeps above run every config natively")
@@ -412,11 +416,13 @@ def test_configs_not_yet_run_on_a_gpu_wait_for_the_opt_in(monkeypatch):
     assert common.configs_for(configs, prune, named, 90) == [ran, new]
     with pytest.raises(ValueError, match="first config"):  # the fallback must be one that ran
         common.config_table(triton.Config({"X": 0}), {("16", "unit"): [new, ran]}, ("a",), ("s",), unverified=(new,))
-    # instantiate_norm: every config with a knob added after the H200 run waits for the opt-in.
+    # Every config with a knob added after the H200 run waits for the opt-in.
     module = K.instantiate_norm
     knobbed = {id(c) for c in _gpu_configs(module)
                if c.kwargs["FLATTEN"] or c.kwargs["SUM_IN_OUTPUT"] or c.kwargs["GROUP_P"] > 1 or c.kwargs["USE_TMA"]}
     assert knobbed and knobbed <= {id(c) for c in module._UNVERIFIED}
+    tma = {id(c) for c in _gpu_configs(K.ghost_norm) if c.kwargs["USE_TMA"]}
+    assert tma and tma <= {id(c) for c in K.ghost_norm._UNVERIFIED}
 
 
 # --------------------------------------------------------------------------- outer_norm
