@@ -107,6 +107,17 @@ def _short(exc: BaseException, limit: int = 1500) -> str:
     return text if len(text) <= limit else text[:300] + "\n...\n" + text[-(limit - 300):]
 
 
+def foreign_builds(package_dir: Path) -> list[str]:
+    """The ahead-of-time builds in ``package_dir`` (``_C.*.so``/``.pyd``) that this interpreter cannot
+    import: compiled for another Python (``_C.cpython-311-...so`` under Python 3.12), e.g. a tree
+    built on one machine and run on another. Python then reports only "cannot import name '_C'"."""
+    import importlib.machinery
+
+    return sorted(path.name for path in Path(package_dir).glob("_C.*")
+                  if path.suffix in (".so", ".pyd")
+                  and not any(path.name == "_C" + suffix for suffix in importlib.machinery.EXTENSION_SUFFIXES))
+
+
 def load_cpu_extension() -> bool:
     """Load the C++ CPU kernels; True if they are registered, False (with one warning) if not.
 
@@ -123,7 +134,14 @@ def load_cpu_extension() -> bool:
     except ModuleNotFoundError:
         aot_problem = ""
     except ImportError as exc:  # built, but not loadable (e.g. against another torch): say so
-        aot_problem = f"; divebatch._C exists but does not load: {_short(exc, 500)}"
+        foreign = foreign_builds(Path(__file__).resolve().parent)
+        if foreign:
+            import importlib.machinery
+
+            aot_problem = (f"; {', '.join(foreign)} was built for another Python (this one loads "
+                           f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}): rebuild it with this interpreter")
+        else:
+            aot_problem = f"; divebatch._C exists but does not load: {_short(exc, 500)}"
     if os.environ.get("DIVEBATCH_NO_JIT", "") == "1":
         reason = "divebatch._C is not built and DIVEBATCH_NO_JIT=1 disables the JIT build"
         fix = f"{_FIX_BUILD}, {_FIX_JIT}."

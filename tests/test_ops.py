@@ -597,3 +597,18 @@ def test_no_extension_falls_back_to_reference_with_one_warning():
     result = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_build_for_another_python_is_named(tmp_path):
+    """A tree built under one Python and run under another (the GPU machine's 3.12 with this
+    machine's 3.11 build) gets only "cannot import name '_C'" from Python; the warning names the
+    file and the cause instead."""
+    import importlib.machinery
+
+    ours = "_C" + importlib.machinery.EXTENSION_SUFFIXES[0]
+    other = "_C.cpython-27-x86_64-linux-gnu.so" if "cpython-27" not in ours else "_C.cpython-399-x86_64-linux-gnu.so"
+    (tmp_path / other).write_bytes(b"")
+    (tmp_path / "_C.py").write_text("")  # (not a build)
+    assert _build.foreign_builds(tmp_path) == [other]
+    (tmp_path / other).rename(tmp_path / ours)
+    assert _build.foreign_builds(tmp_path) == []
