@@ -170,8 +170,8 @@ def _ghost_norm_kernel(
     tl.atomic_add(weight_sq_ptr + b, w)
     if WITH_BIAS:
         if diagonal:
-            # A pass of its own over the rows of tile i just streamed (in L2), not a sum of y_i in the
-            # loop above: Triton 3.7 gives a tile that feeds both an asynchronous sm_90 MMA and a
+            # A pass of its own over the rows of tile i just streamed (in L2), not a sum of the tiles
+            # the Gram loop feeds to tl.dot: Triton 3.7 gives a tile that feeds both an asynchronous sm_90 MMA and a
             # register reduction one shared-memory slot too few, so the pipeline's next loads
             # overwrite it while the MMA still reads it (triton-lang/triton#6691: the H200's
             # large-T deviations; the compile test checks every MMA operand's slots). Last, so that
@@ -182,7 +182,6 @@ def _ghost_norm_kernel(
                 y_i = tl.load(g_base + row_i[:, None] + (kk.to(tl.int64) * stride_gp)[None, :],
                               mask=mask_i[:, None] & k_mask[None, :], other=0.0)
                 tl.atomic_add(colsum_ptr + b64 * p + kk, tl.sum(y_i.to(tl.float32), axis=0), mask=k_mask)
-
 
 
 def ghost_norm_triton(a: torch.Tensor, g: torch.Tensor, with_bias: bool):
