@@ -425,6 +425,34 @@ def test_configs_not_yet_run_on_a_gpu_wait_for_the_opt_in(monkeypatch):
     assert tma and tma <= {id(c) for c in K.ghost_norm._UNVERIFIED}
 
 
+def test_tma_workspace_is_scoped_and_leaves_a_callers_allocator(monkeypatch):
+    """The descriptors' workspace allocator is set for the launch only, and only where the caller set
+    none with ``triton.set_allocator`` (a context variable: reset after, theirs never replaced)."""
+    import triton
+    from triton.runtime import _allocation
+
+    common = K._common
+    before = _allocation._allocator.get()
+    assert isinstance(before, _allocation.NullAllocator)
+    with common.tma_workspace(torch.device("cpu")):
+        ours = _allocation._allocator.get()
+        assert ours is not before and ours(64, 16, None).numel() == 64
+    assert _allocation._allocator.get() is before
+    with common.tma_workspace(torch.device("cpu"), wanted=False):
+        assert _allocation._allocator.get() is before
+
+    def theirs(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8)
+
+    token = _allocation._allocator.set(theirs)
+    try:
+        with common.tma_workspace(torch.device("cpu")):
+            assert _allocation._allocator.get() is theirs
+    finally:
+        _allocation._allocator.reset(token)
+    assert triton.set_allocator  # (the public setter of that variable)
+
+
 # --------------------------------------------------------------------------- outer_norm
 OUTER_SHAPES = [(5, 37, 29), (1, 1, 1), (3, 300, 70), (9, 64, 128)]
 if DEVICE == "cuda":
