@@ -126,7 +126,8 @@ def test_run_gpu_checks_control_flow(tmp_path):
     a failing job fails the script, and under $OUT the results are packed for the device tool."""
     log = tmp_path / "calls.log"
     fake = tmp_path / "fakepy"
-    fake.write_text(f"#!/bin/bash\necho \"$*\" >> {log}\ncase \"$*\" in *check_engine*) exit 1;; esac\nexit 0\n")
+    fake.write_text(f"#!/bin/bash\necho \"$* [unverified=$DIVEBATCH_TRITON_UNVERIFIED_CONFIGS]\" >> {log}\n"
+                    "case \"$*\" in *check_engine*) exit 1;; esac\nexit 0\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     out = tmp_path / "out"
     out.mkdir()
@@ -138,7 +139,9 @@ def test_run_gpu_checks_control_flow(tmp_path):
     for script in ("tests/test_triton_kernels.py", "diagnose_scan.py", "check_engine.py", "bench_kernels.py",
                    "profile_step.py", "host_overhead.py --device cuda", "run_table.py"):
         assert script in calls, script
-    assert calls.count("-m pytest tests/test_triton_kernels.py") == 7  # the shards
+    assert calls.count("-m pytest tests/test_triton_kernels.py") == 10  # the shards
+    # Every step runs with the configs added since the last GPU run in play (tested, timed).
+    assert all(line.endswith("[unverified=1]") for line in calls.splitlines())
     assert "engine: rc=1" in proc.stdout
     with tarfile.open(out / "gpu_results.tgz") as tar:
         names = tar.getnames()
