@@ -70,12 +70,13 @@ except ImportError:  # another triton
 
 def tma_ok(*tensors: torch.Tensor) -> bool:
     """Whether a kernel's ``USE_TMA`` configs may load these ``[B, T, n]`` tensors by device-side
-    descriptor (``TMA_OK``): unit inner strides, the other strides and the base addresses multiples
-    of 16 bytes (TMA's rules), and triton's allocator hook for the descriptors' workspace."""
+    descriptor (``TMA_OK``): unit inner strides, the other strides positive (not expanded) and,
+    like the base addresses, multiples of 16 bytes (TMA's rules), and triton's allocator hook for
+    the descriptors' workspace."""
     if _ALLOCATOR is None:
         return False
     return all(x.stride(2) == 1 and x.data_ptr() % 16 == 0
-               and x.stride(0) * x.element_size() % 16 == 0 and x.stride(1) * x.element_size() % 16 == 0
+               and all(x.stride(i) > 0 and x.stride(i) * x.element_size() % 16 == 0 for i in (0, 1))
                for x in tensors)
 
 

@@ -390,6 +390,7 @@ def test_instantiate_each_gpu_config_under_the_interpreter(index, n_split, monke
     a, g = _rand((3, 45, 300), 62), _rand((3, 45, 260), 63)
     unaligned = torch.zeros(3 * 45 * 260 + 1)[1:].view(3, 45, 260).copy_(g)
     assert K._common.tma_ok(a, g) and not K._common.tma_ok(a, unaligned)
+    assert not K._common.tma_ok(a[:1].expand(3, -1, -1))  # (a stride 0: no descriptor)
     for g_in in (g, unaligned) if config.kwargs["USE_TMA"] else (g,):
         out = K.instantiate_norm_triton(a, g_in, True, _n_split_override=n_split)
         for o, r, what in zip(out, R.instantiate_norm(a, g, True), ("weight", "bias", "weight grad")):
