@@ -81,7 +81,8 @@ def _rand(shape, seed, layout="contig", scale=1.0):
 
     contig: plain; transposed: last two dims swapped in memory (inner stride != 1);
     strided: every other element of a wider tensor in the last dim and every other sample;
-    sliced: a window with a storage offset of a larger tensor.
+    sliced: a window with a storage offset of a larger tensor;
+    offset: contiguous strides, but the start one element past a 16-byte boundary (no TMA).
     """
     x = torch.randn(*shape, generator=_gen(seed)) * scale
     if layout == "contig" or x.dim() < 2:
@@ -93,6 +94,8 @@ def _rand(shape, seed, layout="contig", scale=1.0):
         view = big[::2, ..., ::2]
         view.copy_(x)
         return view
+    if layout == "offset":
+        return torch.zeros(x.numel() + 1)[1:].view(shape).copy_(x)
     if layout == "sliced":
         big = torch.zeros(shape[0] + 1, *[s + 3 for s in shape[1:]])
         view = big[(slice(1, None), *[slice(2, 2 + s) for s in shape[1:]])]
@@ -369,7 +372,7 @@ def test_ghost_each_gpu_config_under_the_interpreter(index, monkeypatch):
     _with_config(monkeypatch, K.ghost_norm._ghost_norm_kernel, config)
     a, g = _rand((2, 300, 72), 60), _rand((2, 300, 92), 61)
     # (the USE_TMA configs: by descriptor, and by pointers for a g whose start is not 16-byte aligned)
-    unaligned = torch.zeros(2 * 300 * 92 + 1)[1:].view(2, 300, 92).copy_(g)
+    unaligned = _rand((2, 300, 92), 61, "offset")
     assert K._common.tma_ok(a, g) and not K._common.tma_ok(a, unaligned)
     for g_in in (g, unaligned) if config.kwargs["USE_TMA"] else (g,):
         for o, r, what in zip(K.ghost_norm_triton(a, g_in, True), R.ghost_norm(a, g, True), ("weight", "bias")):
@@ -388,7 +391,7 @@ def test_instantiate_each_gpu_config_under_the_interpreter(index, n_split, monke
     config = _gpu_configs(K.instantiate_norm)[index]
     _with_config(monkeypatch, K.instantiate_norm._instantiate_norm_kernel, config)
     a, g = _rand((3, 45, 300), 62), _rand((3, 45, 260), 63)
-    unaligned = torch.zeros(3 * 45 * 260 + 1)[1:].view(3, 45, 260).copy_(g)
+    unaligned = _rand((3, 45, 260), 63, "offset")
     assert K._common.tma_ok(a, g) and not K._common.tma_ok(a, unaligned)
     assert not K._common.tma_ok(a[:1].expand(3, -1, -1))  # (a stride 0: no descriptor)
     for g_in in (g, unaligned) if config.kwargs["USE_TMA"] else (g,):
