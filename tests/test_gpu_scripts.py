@@ -14,6 +14,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -62,6 +63,11 @@ def test_profile_step_sees_the_tracked_ops():
         method.close()
     assert out["plain"]["wall_ms"] > 0 and out["divebatch"]["wall_ms"] > 0
     assert "divebatch::outer_norm" in out["divebatch"]["ops"] and "divebatch::outer_norm" not in out["plain"]["ops"]
+    added = {row["op"]: row for row in profile_step.added_ops(out["plain"], out["divebatch"])}
+    norm = added["divebatch::outer_norm"]
+    assert norm["calls"] == sum(isinstance(m, torch.nn.Linear) for m in spec.make_model().modules())  # T = 1 each
+    assert norm["host_us"] > 0 and norm["us"] == norm["host_us"]  # (CPU: the host time is the op's time)
+    assert added["aten::addmm"]["calls"] == 0  # the plain step's ops are there in both
 
 
 def test_bench_kernels_cpu_smoke_run(tmp_path):
@@ -92,7 +98,6 @@ def test_check_engine_compares_a_decomposition_with_the_reference_operators(monk
     C++ kernel against the chunked path. A deliberately wrong kernel is caught before that, by the
     tracker's own check that the per-sample parts add up to autograd's gradient."""
     import check_engine
-    import torch
 
     from divebatch.layers import norm
     from tests.models_zoo import DECOMPOSED
@@ -126,7 +131,9 @@ def test_run_gpu_checks_control_flow(tmp_path):
     a failing job fails the script, and under $OUT the results are packed for the device tool."""
     log = tmp_path / "calls.log"
     fake = tmp_path / "fakepy"
+    # (it writes each --out file, as the real scripts do: what comes back must fit the tool's 8 files)
     fake.write_text(f"#!/bin/bash\necho \"$* [unverified=$DIVEBATCH_TRITON_UNVERIFIED_CONFIGS]\" >> {log}\n"
+                    "prev=; for a in \"$@\"; do [ \"$prev\" = --out ] && echo '{}' > \"$a\"; prev=$a; done\n"
                     "case \"$*\" in *check_engine*) exit 1;; esac\nexit 0\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     out = tmp_path / "out"
@@ -137,7 +144,7 @@ def test_run_gpu_checks_control_flow(tmp_path):
     assert proc.returncode == 1, proc.stdout[-2000:]  # the engine job "failed"
     calls = log.read_text()
     for script in ("tests/test_triton_kernels.py", "diagnose_scan.py", "check_engine.py", "bench_kernels.py",
-                   "profile_step.py", "host_overhead.py --device cuda", "run_table.py"):
+                   "--workload seq-large", "--workload transformer", "host_overhead.py --device cuda", "run_table.py"):
         assert script in calls, script
     assert calls.count("-m pytest tests/test_triton_kernels.py") == 10  # the shards
     # Every step runs with the configs added since the last GPU run in play (tested, timed).
@@ -146,5 +153,8 @@ def test_run_gpu_checks_control_flow(tmp_path):
     with tarfile.open(out / "gpu_results.tgz") as tar:
         names = tar.getnames()
     assert any(n.endswith("gpu_engine.log") for n in names)
-    assert len(list(out.iterdir())) <= 8  # what the device tool returns
+    assert any(n.endswith("profile_transformer.json") for n in names)
+    returned = sorted(f.name for f in out.iterdir())
+    # What the device tool returns (8 files), with one left for the caller's console log.
+    assert returned == ["bench_kernels.json", "check_engine.json", "gpu_results.tgz", "gpu_table.json"]
 
