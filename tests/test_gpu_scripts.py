@@ -86,6 +86,11 @@ def test_bench_kernels_cpu_smoke_run(tmp_path):
     for result in results.values():
         errors = [row["max_rel_err_vs_reference"] for row in result["rows"] if "max_rel_err_vs_reference" in row]
         assert errors and max(errors) < 1e-4, result
+    # The instantiate kernel on the same rows as 2 samples: the same weight gradient, its own row.
+    rows = {row["method"]: row for row in results["seq-up-bf16"]["rows"]}
+    two = rows[bench_kernels.INSTANTIATE_TWO_SAMPLES]
+    assert two["max_rel_err_vs_reference"] < 1e-4 and two["tflops"] * two["ms"] == pytest.approx(
+        rows["triton instantiate_norm"]["tflops"] * rows["triton instantiate_norm"]["ms"])  # (same flops)
     route = results["seq-up-bf16"]["route"]
     assert route["model"] in ("ghost", "fused-instantiate") and route["faster"] in ("ghost", "fused-instantiate")
     for name in ("layernorm-seq-large", "groupnorm-conv-large-cl", "batchnorm-conv-large-cl", "batchnorm-layer4-eval"):
