@@ -7,7 +7,9 @@
   ahead-of-time build ``divebatch._C`` or JIT-built on first use (see ``divebatch._build``);
 * CUDA: the Triton kernels of ``kernels/`` (shipped as ``divebatch._kernels``) when triton imports,
   except the recurrent scans (wrong on an H200, see ``kernels.UNVERIFIED_ON_GPU``; opt in with
-  ``DIVEBATCH_TRITON_SCANS=1``): their reference runs there, its per-step GEMMs on the GPU;
+  ``DIVEBATCH_TRITON_SCANS=1``): their reference runs there, its per-step GEMMs on the GPU. The
+  first call of each kernel per kind of input is checked against the reference on that GPU
+  (``divebatch._selfcheck``; ``DIVEBATCH_TRITON_SELFCHECK=0`` skips it);
 * Meta/fake: shape functions, so the operators trace under ``torch.compile(fullgraph=True)``.
 
 ``DIVEBATCH_BACKEND`` (``auto`` | ``reference`` | ``cpp`` | ``triton``) forces one
@@ -21,7 +23,7 @@ import os
 
 import torch
 
-from . import reference
+from . import _selfcheck, reference
 
 #: One schema line per operator; the only place an operator's signature is written.
 SCHEMAS = {
@@ -126,7 +128,8 @@ CPP_AVAILABLE = load_cpu_extension()
 
 try:  # Triton is optional: CPU-only installs and the interpreter work without a GPU.
     _kernels = import_kernels()
-    _kernels.register_cuda(_lib)
+    # Each kernel's first call per kind of input is checked against the reference (see _selfcheck).
+    _kernels.register_cuda(_lib, wrap=_selfcheck.checked)
     TRITON_AVAILABLE = True
 except ImportError:  # pragma: no cover - depends on the install
     _kernels = None

@@ -58,10 +58,12 @@ TRITON_OPS = {
 UNVERIFIED_ON_GPU = ("recurrent_scan", "recurrent_scan_backward")
 
 
-def register_cuda(lib) -> None:
+def register_cuda(lib, wrap=None) -> None:
     """Register every ``<op>_triton`` as the ``CUDA`` kernel of ``lib``'s operator of that name,
-    except those of ``UNVERIFIED_ON_GPU`` unless ``scans_enabled()``."""
+    except those of ``UNVERIFIED_ON_GPU`` unless ``scans_enabled()``; ``wrap(name, fn)``, if given,
+    is registered in ``fn``'s place (divebatch wraps them in its first-call check against the
+    reference, ``divebatch._selfcheck.checked``)."""
     for name, fn in TRITON_OPS.items():
         if name in UNVERIFIED_ON_GPU and not scans_enabled():
             continue
-        lib.impl(name, fn, "CUDA")
+        lib.impl(name, wrap(name, fn) if wrap is not None else fn, "CUDA")

@@ -1,0 +1,247 @@
+"""A first-call check of the Triton kernels against the PyTorch reference, on the GPU at hand.
+
+The kernels are proven on CPU (Triton's interpreter, exact against the reference) and compiled for
+sm_80/sm_90 in CI, but what a compiler makes of them on a given GPU is only seen by running them
+there: on the one GPU they have met (an H200), a shared-memory race in Triton's sm_90 pipeline put
+the ghost kernel 3e-3 to 8e-2 off at large shapes while every interpreter run was exact (fixed
+since, see docs/kernels.md). A per-sample norm that is silently wrong is worse than none, so every
+Triton implementation registered for CUDA (``kernels.register_cuda``) runs wrapped by ``checked``:
+the first time an operator sees a new kind of input (its dtypes, layout, alignment, the exact
+widths and the lengths rounded up to a power of two, as the autotuner keys its configs), the
+reference computes the same numbers and the kernel's must agree within ``TOLERANCE`` of the
+largest; otherwise the call raises ``KernelCheckError`` naming the operator, the config and the
+error, instead of returning them.
+
+What it costs, once per kind of input: per-sample operators are checked on their first and last
+sample (the reference on two samples; at seq-large's widest layer a few ms and ~0.4 GB of float32
+copies), the fused weight gradient of ``instantiate_norm`` in full (a float32 product over row
+chunks of at most ``CHUNK_BYTES``), and ``channel_norm_grads`` (whose batch statistics couple the
+samples) on the whole batch. The references run at full float32 precision whatever
+``torch.backends.cuda.matmul.allow_tf32`` says. ``DIVEBATCH_TRITON_SELFCHECK=0`` turns the check off;
+a call made while a CUDA graph is being captured is not checked (nor counted as checked).
+The recurrent scans (off on CUDA unless ``DIVEBATCH_TRITON_SCANS=1``) are not wrapped: their
+numbers are checked by the GPU check's own scan tests (``bench/gpu/run_gpu_checks.sh``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+from typing import Callable
+
+import torch
+
+from . import reference
+
+#: Largest deviation accepted, relative to the largest magnitude of the reference's output (per
+#: output tensor). Race-free kernels agreed with the reference to 1e-6-4e-6 on the H200 at every
+#: shape; the race gave 8.6e-4 to 8.4e-2.
+TOLERANCE = 5e-4
+
+#: For numbers that legitimately differ by more: float32 dots in plain TF32
+#: (``DIVEBATCH_TRITON_FP32_DOT=tf32``, ~1e-3), and an RMSNorm's x_hat rounded to a 16-bit dtype
+#: (``round_x_hat``: a value within a float32 ulp of a rounding boundary rounds either way).
+LOOSE_TOLERANCE = 2e-2
+
+#: Float32 copies of row chunks the weight-gradient check makes at a time.
+CHUNK_BYTES = 256 << 20
+
+#: The operators checked here; the scans are not (see the module docstring).
+CHECKED_OPS = ("ghost_norm", "instantiate_norm", "outer_norm", "embedding_norm", "affine_norm_grads",
+               "group_norm_grads", "channel_norm_grads")
+
+_checked: set[tuple] = set()
+
+
+class KernelCheckError(RuntimeError):
+    """A Triton kernel's numbers left the reference's on this GPU: they are refused."""
+
+
+def enabled() -> bool:
+    """Whether ``DIVEBATCH_TRITON_SELFCHECK`` (default ``1``) asks for the check; read at each call."""
+    return os.environ.get("DIVEBATCH_TRITON_SELFCHECK", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def forget() -> None:
+    """Check every kind of input again at its next call (tests; a new process starts empty too)."""
+    _checked.clear()
+
+
+def _rounded(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _specialised(n: int) -> tuple[bool, bool]:
+    """How Triton specialises an integer argument of a kernel: equal to 1, a multiple of 16."""
+    return n == 1, n % 16 == 0
+
+
+def input_kind(name: str, args: tuple) -> tuple:
+    """What decides which compiled kernel (and autotuned config) a call runs: per tensor its dtype
+    and device, the sizes of its first two dims rounded up to a power of two (samples and lengths,
+    which vary from batch to batch; the kernels' autotune keys round them alike) and the others
+    exact, how Triton specialises each size and stride (1, a multiple of 16) and whether its start
+    is 16-byte aligned; the other arguments as they are."""
+    kind = [name]
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            sizes = tuple((_rounded(n), *_specialised(n)) if i < 2 else int(n) for i, n in enumerate(arg.shape))
+            kind.append((str(arg.dtype), str(arg.device), sizes, tuple(map(_specialised, arg.stride())),
+                         arg.data_ptr() % 16 == 0))
+        else:
+            kind.append(arg)
+    return tuple(kind)
+
+
+@contextlib.contextmanager
+def _full_float32():
+    """Reference products in full float32 (a user's TF32 setting would put them ~1e-3 off)."""
+    before_matmul = torch.backends.cuda.matmul.allow_tf32
+    before_cudnn = torch.backends.cudnn.allow_tf32
+    before_precision = torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before_matmul
+        torch.backends.cudnn.allow_tf32 = before_cudnn
+        torch.set_float32_matmul_precision(before_precision)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max |out - ref| / max |ref|`` in float64 (``max |out|`` where the reference is all zeros)."""
+    out, ref = out.double(), ref.double()
+    if ref.numel() == 0:
+        return 0.0
+    scale = float(ref.abs().max())
+    err = float((out - ref).abs().max())
+    return err / scale if scale > 0 else err
+
+
+def _samples(batch: int, device: torch.device) -> torch.Tensor:
+    """The samples a per-sample operator is checked on: the first and the last."""
+    return torch.tensor(sorted({0, batch - 1}), device=device)
+
+
+def _per_sample_check(reference_fn: Callable, n_outputs: int, per_sample_args: int = 2):
+    """A check for an operator whose first ``per_sample_args`` arguments and first ``n_outputs``
+    outputs have the samples in dim 0 and are independent per sample."""
+
+    def check(args: tuple, outputs: tuple) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        batch = args[0].shape[0]
+        if batch == 0:
+            return []
+        pick = _samples(batch, args[0].device)
+        picked = tuple(a.index_select(0, pick) for a in args[:per_sample_args]) + tuple(args[per_sample_args:])
+        refs = reference_fn(*picked)
+        refs = refs if isinstance(refs, tuple) else (refs,)
+        return [(f"output {i} (samples {pick.tolist()})", outputs[i].index_select(0, pick), refs[i])
+                for i in range(n_outputs)]
+
+    return check
+
+
+def _instantiate_check(args: tuple, outputs: tuple) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """The per-sample norms on two samples (by the reference's Gram identity, which holds at most
+    256 x 256 float32 tiles), and the weight gradient ``sum_b g_b^T a_b`` in full."""
+    a, g, with_bias = args
+    found = _per_sample_check(reference.ghost_norm, 2)((a, g, with_bias), outputs)
+    rows_a, rows_g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+    grad = torch.zeros(g.shape[-1], a.shape[-1], dtype=torch.float32, device=a.device)
+    step = max(1, CHUNK_BYTES // (4 * max(1, a.shape[-1] + g.shape[-1])))
+    for start in range(0, rows_a.shape[0], step):
+        grad.addmm_(rows_g[start:start + step].float().t(), rows_a[start:start + step].float())
+    return found + [("weight gradient", outputs[2], grad)]
+
+
+def _whole_batch_check(reference_fn: Callable):
+    def check(args: tuple, outputs: tuple) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        return [(f"output {i}", out, ref) for i, (out, ref) in enumerate(zip(outputs, reference_fn(*args)))]
+
+    return check
+
+
+#: How each operator is checked: ``check(args, outputs) -> [(what, kernel's, reference's)]``.
+CHECKS: dict[str, Callable] = {
+    "ghost_norm": _per_sample_check(reference.ghost_norm, 2),
+    "instantiate_norm": _instantiate_check,
+    "outer_norm": _per_sample_check(reference.outer_norm, 2),
+    "embedding_norm": _per_sample_check(reference.embedding_norm, 1),
+    "affine_norm_grads": _per_sample_check(reference.affine_norm_grads, 2),
+    "group_norm_grads": _per_sample_check(reference.group_norm_grads, 2),
+    "channel_norm_grads": _whole_batch_check(reference.channel_norm_grads),  # (batch statistics)
+}
+
+
+def tolerance(name: str, args: tuple) -> float:
+    """``TOLERANCE``, or ``LOOSE_TOLERANCE`` where the kernel's numbers may differ more by design."""
+    if name == "affine_norm_grads" and len(args) > 5 and args[5] and args[0].dtype != torch.float32:
+        return LOOSE_TOLERANCE
+    if name in ("ghost_norm", "instantiate_norm", "outer_norm") and any(
+            isinstance(a, torch.Tensor) and a.dtype == torch.float32 for a in args):
+        from ._build import import_kernels
+
+        if import_kernels()._common.FP32_DOT_PRECISION == "tf32":
+            return LOOSE_TOLERANCE
+    return TOLERANCE
+
+
+def _capturing(args: tuple) -> bool:
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    return device is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def verify(name: str, args: tuple, outputs, config: str | None = None) -> None:
+    """Compare one call's ``outputs`` with the reference's on ``args``; raise ``KernelCheckError``
+    where they differ by more than ``tolerance``."""
+    outs = outputs if isinstance(outputs, tuple) else (outputs,)
+    with torch.no_grad(), _full_float32():
+        compared = CHECKS[name](args, outs)
+    limit = tolerance(name, args)
+    for what, out, ref in compared:
+        err = relative_error(out, ref)
+        if not err <= limit:  # (NaN fails too)
+            shapes = ", ".join(f"{tuple(a.shape)} {str(a.dtype).split('.')[-1]}" for a in args
+                               if isinstance(a, torch.Tensor))
+            device = next(a.device for a in args if isinstance(a, torch.Tensor))
+            where = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+            raise KernelCheckError(
+                f"divebatch: the Triton kernel of {name} disagrees with the PyTorch reference on {where} "
+                f"(inputs {shapes}; {what}: relative error {err:.2e} > {limit:.0e}"
+                + (f"; config {config}" if config else "") + "). Its numbers would be wrong, so they are refused. "
+                "Run with DIVEBATCH_BACKEND=reference (exact, slower) or report it with the output of "
+                "bench/gpu/run_gpu_checks.sh; DIVEBATCH_TRITON_SELFCHECK=0 skips this check at your own risk.")
+
+
+def _last_config(kernel: Callable) -> str | None:
+    """The config the autotuned kernel of ``kernel``'s module ran with last, as text (for the error)."""
+    module = sys.modules.get(getattr(kernel, "__module__", None) or "")
+    for value in vars(module).values() if module is not None else ():
+        config = getattr(value, "best_config", None)
+        if config is not None:
+            return str(config)
+    return None
+
+
+def checked(name: str, kernel: Callable) -> Callable:
+    """``kernel`` (a Triton operator's wrapper) with the first-call check of this module; operators
+    not in ``CHECKED_OPS`` are returned as they are."""
+    if name not in CHECKS:
+        return kernel
+
+    @functools.wraps(kernel)
+    def run(*args):
+        outputs = kernel(*args)
+        if not enabled() or _capturing(args):
+            return outputs
+        kind = input_kind(name, args)
+        if kind not in _checked:
+            verify(name, args, outputs, _last_config(kernel))
+            _checked.add(kind)
+        return outputs
+
+    return run

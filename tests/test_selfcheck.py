@@ -1,0 +1,187 @@
+"""The first-call check of the Triton kernels against the reference (``divebatch._selfcheck``), run
+here on the kernels under Triton's interpreter (CPU tensors): a right kernel passes and is checked
+once per kind of input, a kernel whose numbers leave the reference's is refused with an error
+naming what was off, and ``register_cuda`` installs the check on every operator it covers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from divebatch import _selfcheck, ops
+from divebatch._selfcheck import KernelCheckError, checked
+
+pytestmark = pytest.mark.skipif(ops._kernels is None or not ops._kernels.INTERPRET,
+                                reason="needs the Triton kernels under TRITON_INTERPRET=1")
+
+
+def _inputs(name: str, dtype=torch.float32, T: int = 40, B: int = 3) -> tuple:
+    """Small arguments of operator ``name``, in its schema's order; ``T`` sets the size that varies
+    (the length, or for the operators without one the batch: ``T // 8`` samples)."""
+    gen = torch.Generator().manual_seed(hash((name, T, B)) % 1000)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    if name in ("ghost_norm", "instantiate_norm"):
+        return rand(B, T, 24), 0.1 * rand(B, T, 20), True
+    if name == "outer_norm":
+        return rand(T // 8, 24), rand(T // 8, 20), True
+    if name == "embedding_norm":
+        return torch.randint(0, 10, (B, T), generator=gen), rand(B, T, 16), 2
+    if name == "affine_norm_grads":
+        return rand(B, T, 32) + 1.0, rand(B, T, 32), False, 1e-5, True, False
+    if name == "group_norm_grads":
+        return rand(T // 8, 8, 12), rand(T // 8, 8, 12), 4, 1e-5, True
+    if name == "channel_norm_grads":
+        return rand(T // 8, 8, 12), rand(T // 8, 8, 12), None, None, 1e-5, True
+    raise KeyError(name)
+
+
+def _kernel(name: str):
+    return getattr(ops._kernels, f"{name}_triton")
+
+
+@pytest.fixture(autouse=True)
+def _fresh(monkeypatch):
+    monkeypatch.delenv("DIVEBATCH_TRITON_SELFCHECK", raising=False)
+    _selfcheck.forget()
+    yield
+    _selfcheck.forget()
+
+
+def _counting_checks(monkeypatch) -> dict:
+    """Count the reference comparisons each operator runs."""
+    counts = {}
+    for name, check in dict(_selfcheck.CHECKS).items():
+        def counted(args, outputs, name=name, check=check):
+            counts[name] = counts.get(name, 0) + 1
+            return check(args, outputs)
+        monkeypatch.setitem(_selfcheck.CHECKS, name, counted)
+    return counts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", _selfcheck.CHECKED_OPS)
+def test_right_kernels_pass_and_are_checked_once_per_kind_of_input(name, dtype, monkeypatch):
+    counts = _counting_checks(monkeypatch)
+    run = checked(name, _kernel(name))
+    args = _inputs(name, dtype)
+    outputs, plain = run(*args), _kernel(name)(*args)
+    for out, want in zip(outputs if isinstance(outputs, tuple) else (outputs,),
+                         plain if isinstance(plain, tuple) else (plain,)):
+        assert torch.equal(out, want)  # the kernel's own numbers, untouched
+    assert counts == {name: 1}
+    run(*_inputs(name, dtype, T=60))  # (40, 60 -> 64; 5, 7 samples -> 8: the same compiled kernel)
+    assert counts == {name: 1}
+    run(*_inputs(name, dtype, T=140))
+    assert counts == {name: 2}
+
+
+def _scaled(kernel, output: int, factor: float, sample: int | None = None):
+    """``kernel`` with one output scaled by ``factor`` (only at ``sample`` if given)."""
+    def wrong(*args):
+        outs = list(kernel(*args))
+        if sample is None:
+            outs[output] = outs[output] * factor
+        else:
+            outs[output] = outs[output].clone()
+            outs[output][sample] *= factor
+        return tuple(outs)
+    return wrong
+
+
+def test_a_kernel_off_by_more_than_the_tolerance_is_refused():
+    args = _inputs("ghost_norm")
+    # (off at the last sample only, as a race in one program would be: the last sample is checked)
+    with pytest.raises(KernelCheckError, match=r"ghost_norm .*output 0 \(samples \[0, 2\]\): relative error [\d.]+e-03 >"):
+        checked("ghost_norm", _scaled(_kernel("ghost_norm"), 0, 1.002, sample=2))(*args)
+    checked("ghost_norm", _scaled(_kernel("ghost_norm"), 0, 1 + 1e-5))(*args)  # float32 rounding's order: kept
+
+
+def test_a_fused_weight_gradient_off_is_refused_while_its_norms_are_right():
+    """The H200's pattern: the fused kernel's per-sample norms right, its weight gradient off."""
+    kernel = _kernel("instantiate_norm")
+
+    def one_tile_off(*args):
+        weight_sq, bias_sq, grad = kernel(*args)
+        grad = grad.clone()
+        grad[:4, :4] += 1e-2 * grad.abs().max()
+        return weight_sq, bias_sq, grad
+
+    with pytest.raises(KernelCheckError, match="instantiate_norm .*weight gradient: relative error 1.00e-02"):
+        checked("instantiate_norm", one_tile_off)(*_inputs("instantiate_norm", torch.bfloat16))
+
+
+def test_the_weight_gradient_check_adds_its_row_chunks(monkeypatch):
+    """The reference weight gradient is built over bounded row chunks: with chunks of a few rows it
+    is still the whole product (a right kernel passes, a wrong one is caught)."""
+    monkeypatch.setattr(_selfcheck, "CHUNK_BYTES", 4 * 44 * 7)  # 7 rows of d + p = 44 at a time
+    args = _inputs("instantiate_norm")
+    checked("instantiate_norm", _kernel("instantiate_norm"))(*args)
+    _selfcheck.forget()
+    with pytest.raises(KernelCheckError, match="weight gradient"):
+        checked("instantiate_norm", _scaled(_kernel("instantiate_norm"), 2, 1.01))(*args)
+
+
+def test_the_check_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("DIVEBATCH_TRITON_SELFCHECK", "0")
+    wrong = _scaled(_kernel("outer_norm"), 1, 2.0)
+    assert checked("outer_norm", wrong)(*_inputs("outer_norm"))[1].abs().sum() > 0  # (not refused)
+    monkeypatch.setenv("DIVEBATCH_TRITON_SELFCHECK", "1")
+    with pytest.raises(KernelCheckError, match="outer_norm"):
+        checked("outer_norm", wrong)(*_inputs("outer_norm"))
+
+
+def test_input_kinds_follow_the_compiled_kernel():
+    a, g, bias = _inputs("ghost_norm")
+    kind = _selfcheck.input_kind("ghost_norm", (a, g, bias))
+    assert kind == _selfcheck.input_kind("ghost_norm", (a[:, :33], g[:, :33], bias))  # (33, 40 -> 64)
+    assert kind == _selfcheck.input_kind("ghost_norm", _inputs("ghost_norm", B=4, T=56))  # (3 -> 4, 40 -> 64)
+    assert kind != _selfcheck.input_kind("ghost_norm", (a[..., :23], g, bias))  # a width: exact
+    assert kind != _selfcheck.input_kind("ghost_norm", (a[:, :32], g[:, :32], bias))  # (32 % 16 == 0)
+    wide = torch.zeros(3, 40, 32)[..., :24]  # (a sample's stride 1280 and a row's 32: multiples of 16)
+    assert kind != _selfcheck.input_kind("ghost_norm", (wide, g, bias))
+    assert kind != _selfcheck.input_kind("ghost_norm", (a.to(torch.float16), g, bias))
+    assert kind != _selfcheck.input_kind("ghost_norm", (a, g, False))
+
+
+def test_references_run_in_full_float32_and_the_callers_settings_stay(monkeypatch):
+    seen = []
+    check = _selfcheck.CHECKS["outer_norm"]
+
+    def recording(args, outputs):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()))
+        return check(args, outputs)
+
+    monkeypatch.setitem(_selfcheck.CHECKS, "outer_norm", recording)
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+        checked("outer_norm", _kernel("outer_norm"))(*_inputs("outer_norm"))
+        assert seen == [(False, "highest")]
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()) == (True, "high")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before[0]
+        torch.set_float32_matmul_precision(before[1])
+
+
+def test_register_cuda_installs_the_check_on_the_norm_operators():
+    wrapped = []
+
+    class Recorder:
+        def impl(self, name, fn, key):
+            wrapped.append((name, fn, key))
+
+    ops._kernels.register_cuda(Recorder(), wrap=checked)
+    by_name = {name: fn for name, fn, key in wrapped}
+    assert {key for _, _, key in wrapped} == {"CUDA"}
+    for name in _selfcheck.CHECKED_OPS:
+        assert by_name[name] is not _kernel(name) and by_name[name].__wrapped__ is _kernel(name), name
+    for name in set(by_name) - set(_selfcheck.CHECKED_OPS):  # (the scans, where opted in: left as they are)
+        assert by_name[name] is _kernel(name)
+    if not os.environ.get("DIVEBATCH_TRITON_SCANS"):
+        assert set(by_name) == set(_selfcheck.CHECKED_OPS)
