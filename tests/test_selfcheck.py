@@ -185,3 +185,25 @@ def test_register_cuda_installs_the_check_on_the_norm_operators():
         assert by_name[name] is _kernel(name)
     if not os.environ.get("DIVEBATCH_TRITON_SCANS"):
         assert set(by_name) == set(_selfcheck.CHECKED_OPS)
+
+
+_LIBS = []  # (scratch libraries live for the session)
+
+
+def test_checked_kernels_run_through_the_dispatcher(monkeypatch):
+    """As ``register_cuda`` installs them, called through ``torch.ops`` (here as the CPU kernels of
+    a scratch namespace, the interpreter running them): the check sees the arguments as the
+    dispatcher hands them (the schema's defaults included) and passes right kernels."""
+    counts = _counting_checks(monkeypatch)
+    ns = f"divebatch_selfcheck_test_{os.getpid()}"
+    lib = torch.library.Library(ns, "DEF")  # noqa: TOR901
+    _LIBS.append(lib)
+    for name in _selfcheck.CHECKED_OPS:
+        lib.define(ops.SCHEMAS[name])
+        lib.impl(name, checked(name, _kernel(name)), "CPU")
+    for name in _selfcheck.CHECKED_OPS:
+        args = _inputs(name, torch.bfloat16)
+        if name == "affine_norm_grads":
+            args = args[:5]  # (round_x_hat left to the schema's default)
+        getattr(torch.ops, ns).__getattr__(name)(*args)
+    assert counts == {name: 1 for name in _selfcheck.CHECKED_OPS}
