@@ -37,6 +37,13 @@ def _inputs(name: str, dtype=torch.float32, T: int = 40, B: int = 3) -> tuple:
         return rand(T // 8, 8, 12), rand(T // 8, 8, 12), 4, 1e-5, True
     if name == "channel_norm_grads":
         return rand(T // 8, 8, 12), rand(T // 8, 8, 12), None, None, 1e-5, True
+    if name in ("recurrent_scan", "recurrent_scan_backward"):  # (an LSTM of T // 8 steps, H = 8)
+        B, T, H = 3, T // 8, 8
+        scan = (rand(B, T, 4 * H), 0.3 * rand(4 * H, H), rand(4 * H), rand(B, H), rand(B, H), None, None, "LSTM", False)
+        if name == "recurrent_scan":
+            return scan
+        out, cells, saved = _kernel("recurrent_scan")(*scan)[:3]
+        return rand(B, T, H), None, None, scan[1], scan[3], scan[4], None, out, cells, saved, None, "LSTM", False
     raise KeyError(name)
 
 
@@ -126,6 +133,20 @@ def test_the_weight_gradient_check_adds_its_row_chunks(monkeypatch):
         checked("instantiate_norm", _scaled(_kernel("instantiate_norm"), 2, 1.01))(*args)
 
 
+def test_a_scan_wrong_after_its_first_step_is_refused():
+    """The H200's scans: right at the first step, off after it (the state carried wrongly)."""
+    kernel = _kernel("recurrent_scan")
+
+    def drifting(*args):
+        out, cells, saved, h_n, c_n = kernel(*args)
+        out = out.clone()
+        out[:, 1:] *= 1.01
+        return out, cells, saved, h_n, c_n
+
+    with pytest.raises(KernelCheckError, match=r"recurrent_scan .*output 0: relative error"):
+        checked("recurrent_scan", drifting)(*_inputs("recurrent_scan"))
+
+
 def test_the_check_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("DIVEBATCH_TRITON_SELFCHECK", "0")
     wrong = _scaled(_kernel("outer_norm"), 1, 2.0)
@@ -169,7 +190,9 @@ def test_references_run_in_full_float32_and_the_callers_settings_stay(monkeypatc
         torch.set_float32_matmul_precision(before[1])
 
 
-def test_register_cuda_installs_the_check_on_the_norm_operators():
+@pytest.mark.parametrize("scans", ["0", "1"], ids=["default", "DIVEBATCH_TRITON_SCANS=1"])
+def test_register_cuda_installs_the_check_on_every_kernel(scans, monkeypatch):
+    monkeypatch.setenv("DIVEBATCH_TRITON_SCANS", scans)
     wrapped = []
 
     class Recorder:
@@ -179,12 +202,10 @@ def test_register_cuda_installs_the_check_on_the_norm_operators():
     ops._kernels.register_cuda(Recorder(), wrap=checked)
     by_name = {name: fn for name, fn, key in wrapped}
     assert {key for _, _, key in wrapped} == {"CUDA"}
-    for name in _selfcheck.CHECKED_OPS:
-        assert by_name[name] is not _kernel(name) and by_name[name].__wrapped__ is _kernel(name), name
-    for name in set(by_name) - set(_selfcheck.CHECKED_OPS):  # (the scans, where opted in: left as they are)
-        assert by_name[name] is _kernel(name)
-    if not os.environ.get("DIVEBATCH_TRITON_SCANS"):
-        assert set(by_name) == set(_selfcheck.CHECKED_OPS)
+    expected = set(ops._kernels.TRITON_OPS) - (set() if scans == "1" else set(ops._kernels.UNVERIFIED_ON_GPU))
+    assert set(by_name) == expected and expected <= set(_selfcheck.CHECKED_OPS)
+    for name, fn in by_name.items():
+        assert fn is not _kernel(name) and fn.__wrapped__ is _kernel(name), name
 
 
 _LIBS = []  # (scratch libraries live for the session)
