@@ -5,6 +5,7 @@ naming what was off, and ``register_cuda`` installs the check on every operator 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -89,6 +90,7 @@ def test_right_kernels_pass_and_are_checked_once_per_kind_of_input(name, dtype, 
 
 def _scaled(kernel, output: int, factor: float, sample: int | None = None):
     """``kernel`` with one output scaled by ``factor`` (only at ``sample`` if given)."""
+    @functools.wraps(kernel)  # (its module: where the check finds the kernel's config)
     def wrong(*args):
         outs = list(kernel(*args))
         if sample is None:
@@ -103,7 +105,8 @@ def _scaled(kernel, output: int, factor: float, sample: int | None = None):
 def test_a_kernel_off_by_more_than_the_tolerance_is_refused():
     args = _inputs("ghost_norm")
     # (off at the last sample only, as a race in one program would be: the last sample is checked)
-    with pytest.raises(KernelCheckError, match=r"ghost_norm .*output 0 \(samples \[0, 2\]\): relative error [\d.]+e-03 >"):
+    with pytest.raises(KernelCheckError, match=r"ghost_norm .*output 0 \(samples \[0, 2\]\): relative error [\d.]+e-03 >"
+                       r".*; config BLOCK_T: \d+, BLOCK_K"):  # (the autotuned config that ran)
         checked("ghost_norm", _scaled(_kernel("ghost_norm"), 0, 1.002, sample=2))(*args)
     checked("ghost_norm", _scaled(_kernel("ghost_norm"), 0, 1 + 1e-5))(*args)  # float32 rounding's order: kept
 
