@@ -231,3 +231,18 @@ def test_checked_kernels_run_through_the_dispatcher(monkeypatch):
             args = args[:5]  # (round_x_hat left to the schema's default)
         getattr(torch.ops, ns).__getattr__(name)(*args)
     assert counts == {name: 1 for name in _selfcheck.CHECKED_OPS}
+
+
+def test_repeated_inputs_skip_the_kind_computation(monkeypatch):
+    """Every call of a checked kernel pays a lookup; the same inputs again (a training loop) find
+    their exact shapes, strides and alignment seen, without working out their kind."""
+    kinds = []
+    input_kind = _selfcheck.input_kind
+    monkeypatch.setattr(_selfcheck, "input_kind", lambda name, args: kinds.append(name) or input_kind(name, args))
+    run = checked("outer_norm", _kernel("outer_norm"))
+    args = _inputs("outer_norm")
+    for _ in range(3):
+        run(*args)
+    assert kinds == ["outer_norm"]
+    run(*_inputs("outer_norm", T=60))  # (new exact shapes, a kind already checked)
+    assert kinds == ["outer_norm"] * 2
