@@ -14,9 +14,9 @@ error, instead of returning them.
 
 What it costs, once per kind of input: per-sample operators are checked on their first and last
 sample (the reference on two samples; at seq-large's widest layer a few ms and ~0.4 GB of float32
-copies), the fused weight gradient of ``instantiate_norm`` in full (a float32 product over row
-chunks of at most ``CHUNK_BYTES``), and ``channel_norm_grads`` (whose batch statistics couple the
-samples) and the recurrent scans (registered on CUDA only with ``DIVEBATCH_TRITON_SCANS=1``: the
+copies), the fused weight gradient of ``instantiate_norm`` in full (a float32 product over
+chunks of samples of at most ``CHUNK_BYTES``), and ``channel_norm_grads`` (whose batch statistics
+couple the samples) and the recurrent scans (registered on CUDA only with ``DIVEBATCH_TRITON_SCANS=1``: the
 kernels the H200 found wrong, fixed since but not rerun on a GPU) on the whole batch. The references
 run at full float32 precision whatever ``torch.backends.cuda.matmul.allow_tf32`` says.
 ``DIVEBATCH_TRITON_SELFCHECK=0`` turns the check off; a call made while a CUDA graph is being
@@ -46,7 +46,7 @@ TOLERANCE = 5e-4
 #: a 16-bit recurrent scan's outputs (rounded to the input dtype at every step; its tests allow 2e-2).
 LOOSE_TOLERANCE = 2e-2
 
-#: Float32 copies of row chunks the weight-gradient check makes at a time.
+#: Float32 copies of inputs the weight-gradient check makes at a time (whole samples, at least one).
 CHUNK_BYTES = 256 << 20
 
 #: The operators checked here: every one with a Triton kernel.
@@ -146,11 +146,13 @@ def _instantiate_check(args: tuple, outputs: tuple) -> list[tuple[str, torch.Ten
     256 x 256 float32 tiles), and the weight gradient ``sum_b g_b^T a_b`` in full."""
     a, g, with_bias = args
     found = _per_sample_check(reference.ghost_norm, 2)((a, g, with_bias), outputs)
-    rows_a, rows_g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
-    grad = torch.zeros(g.shape[-1], a.shape[-1], dtype=torch.float32, device=a.device)
-    step = max(1, CHUNK_BYTES // (4 * max(1, a.shape[-1] + g.shape[-1])))
-    for start in range(0, rows_a.shape[0], step):
-        grad.addmm_(rows_g[start:start + step].float().t(), rows_a[start:start + step].float())
+    B, T, d = a.shape
+    grad = torch.zeros(g.shape[-1], d, dtype=torch.float32, device=a.device)
+    # (by samples: a strided view, such as a convolution's unfolded patches, is copied a chunk at a time)
+    step = max(1, CHUNK_BYTES // (4 * max(1, T * (d + g.shape[-1]))))
+    for start in range(0, B, step):
+        chunk_a, chunk_g = a[start:start + step].float(), g[start:start + step].float()
+        grad.addmm_(chunk_g.reshape(-1, chunk_g.shape[-1]).t(), chunk_a.reshape(-1, d))
     return found + [("weight gradient", outputs[2], grad)]
 
 

@@ -126,9 +126,9 @@ def test_a_fused_weight_gradient_off_is_refused_while_its_norms_are_right():
 
 
 def test_the_weight_gradient_check_adds_its_row_chunks(monkeypatch):
-    """The reference weight gradient is built over bounded row chunks: with chunks of a few rows it
-    is still the whole product (a right kernel passes, a wrong one is caught)."""
-    monkeypatch.setattr(_selfcheck, "CHUNK_BYTES", 4 * 44 * 7)  # 7 rows of d + p = 44 at a time
+    """The reference weight gradient is built over bounded chunks of samples: one sample at a time
+    it is still the whole product (a right kernel passes, a wrong one is caught)."""
+    monkeypatch.setattr(_selfcheck, "CHUNK_BYTES", 4 * 40 * 44)  # one sample of T = 40, d + p = 44
     args = _inputs("instantiate_norm")
     checked("instantiate_norm", _kernel("instantiate_norm"))(*args)
     _selfcheck.forget()
