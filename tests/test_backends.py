@@ -40,6 +40,34 @@ def test_backend_matches_reference(case, backend, monkeypatch):
     assert rel_err(actual.batch_grad_sq, expected.batch_grad_sq) <= 1e-6
 
 
+@pytest.mark.parametrize("case", FAMILIES)
+def test_the_first_call_checks_pass_the_whole_engine(case, monkeypatch):
+    """The Triton kernels wrapped in the first-call check against the reference (as they are
+    registered on CUDA; here under the interpreter, forced): no family's inputs (unfolded patches,
+    bags, batch statistics, scans) are refused, and every kernel the engine called was checked."""
+    _available("triton")
+    from divebatch import _selfcheck
+
+    called = set()
+    for name in _selfcheck.CHECKED_OPS:
+        kernel = getattr(ops._kernels, f"{name}_triton")
+
+        def counted(*args, kernel=kernel, name=name):
+            called.add(name)
+            return kernel(*args)
+
+        monkeypatch.setattr(ops._kernels, f"{name}_triton", _selfcheck.checked(name, counted))
+    _selfcheck.forget()
+    try:
+        expected = _stats(case, "reference", monkeypatch)
+        actual = _stats(case, "triton", monkeypatch)
+        assert {kind[0] for kind in _selfcheck._checked} == called  # (the conv families call none here)
+    finally:
+        _selfcheck.forget()
+    for name in expected.per_layer:
+        assert rel_err(actual.per_layer[name], expected.per_layer[name]) <= 1e-5, name
+
+
 def test_unknown_backend_is_refused(monkeypatch):
     monkeypatch.setenv("DIVEBATCH_BACKEND", "fortran")
     with pytest.raises(ValueError, match="DIVEBATCH_BACKEND"):
