@@ -246,3 +246,29 @@ def test_repeated_inputs_skip_the_kind_computation(monkeypatch):
     assert kinds == ["outer_norm"]
     run(*_inputs("outer_norm", T=60))  # (new exact shapes, a kind already checked)
     assert kinds == ["outer_norm"] * 2
+
+
+def test_inputs_with_nan_are_not_taken_for_a_wrong_kernel(monkeypatch):
+    """A diverged step's NaN reaches kernel and reference alike: not refused, and the kind of input
+    is checked again at its next (finite) call; a NaN only the kernel gives is refused."""
+    counts = _counting_checks(monkeypatch)
+    run = checked("ghost_norm", _kernel("ghost_norm"))
+    a, g, bias = _inputs("ghost_norm")
+    a_nan = a.clone()
+    a_nan[0, 3, 5] = float("nan")
+    w, _ = run(a_nan, g, bias)
+    assert bool(torch.isnan(w[0])) and bool(torch.isfinite(w[1:]).all())  # (the NaN stays in its sample)
+    run(a, g, bias)
+    assert counts == {"ghost_norm": 2}  # (the first, NaN-holding call settled nothing)
+    _selfcheck.forget()
+    for _ in range(_selfcheck.MAX_INCONCLUSIVE + 2):  # (a diverged run: its checks stop, not its steps)
+        run(a_nan, g, bias)
+    assert counts == {"ghost_norm": 2 + _selfcheck.MAX_INCONCLUSIVE}
+    _selfcheck.forget()
+
+    def nan_at_last(*args):
+        w, b = _kernel("ghost_norm")(*args)
+        return torch.cat([w[:-1], w.new_full((1,), float("nan"))]), b
+
+    with pytest.raises(KernelCheckError, match="relative error inf"):
+        checked("ghost_norm", nan_at_last)(a, g, bias)
