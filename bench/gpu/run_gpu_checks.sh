@@ -110,7 +110,7 @@ step bench 210 env DIVEBATCH_TRITON_SCANS=1 "$PY" bench/gpu/bench_kernels.py --o
 #     host time per op, and how busy the device is, say whether launches or kernels add the 10 ms).
 step profile 60 "$PY" bench/gpu/profile_step.py --device cuda --dtype bfloat16 --workload seq-large \
     --out "$RESULTS/profile_seq_large.json"
-step profile_transformer 40 "$PY" bench/gpu/profile_step.py --device cuda --dtype bfloat16 --workload transformer \
+step profile_transformer 60 "$PY" bench/gpu/profile_step.py --device cuda --dtype bfloat16 --workload transformer \
     --steps 10 --top 40 --out "$RESULTS/profile_transformer.json"
 
 # 2c. the host overhead of tracking, where a GPU step is bound by it: tiny models on CUDA (the first
