@@ -3,8 +3,8 @@
 For every workload and method, side by side in one process (round-robin, so drift hits every
 method alike): median ms per step, ratio to plain, max relative error of the per-sample norms
 against torch.func, and peak extra memory over plain (on CPU the peak RSS of a fresh child
-process per method, since the CPU allocator keeps no peak statistics; on CUDA the allocator's
-peak, in this process).
+process per method, since the CPU allocator keeps no peak statistics, with glibc's mmap threshold
+fixed, see ``PROBE_ENV``; on CUDA the allocator's peak, in this process).
 
     python bench/run_table.py                       # mlp, cnn, seq on CPU
     python bench/run_table.py --workloads seq --reps 30 --out bench/results/cpu_table.json
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -62,12 +63,22 @@ def memory_probe(workload_name: str, method_name: str, device: str) -> dict:
     return {"before_kb": before, "peak_kb": _status_kb("VmHWM")}
 
 
+#: The memory probes' environment. glibc raises its mmap threshold each time a large block is freed
+#: (up to 32 MiB); blocks of that size then come from the heap, whose top cannot shrink past a live
+#: small block, so by default the peak RSS depends on the order of allocations as much as on their
+#: sizes: the seq workload's plain step peaked 114-122 MB above its start by default (±15 MB from run
+#: to run), 80 MB in every run with the threshold fixed at glibc's initial 128 KiB, where a block
+#: above it is mapped when allocated and unmapped when freed and the peak RSS is the peak of the
+#: memory in use (divebatch: 131-159 MB by default, 93 MB fixed).
+PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
+
+
 def measure_memory(workload: str, method: str, device: str, repeats: int = 3) -> dict | None:
-    """Median over ``repeats`` fresh child processes (peak RSS varies by ~15 MB run to run)."""
+    """Median over ``repeats`` fresh child processes, each run with ``PROBE_ENV``."""
     cmd = [sys.executable, __file__, "--memory-probe", workload, method, "--device", device]
     probes = []
     for _ in range(repeats):
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **PROBE_ENV})
         if done.returncode != 0:
             return None
         probes.append(json.loads(done.stdout.strip().splitlines()[-1]))

@@ -163,3 +163,17 @@ def test_run_gpu_checks_control_flow(tmp_path):
     # What the device tool returns (8 files), with one left for the caller's console log.
     assert returned == ["bench_kernels.json", "check_engine.json", "gpu_results.tgz", "gpu_table.json"]
 
+
+
+def test_memory_probes_run_with_a_fixed_mmap_threshold():
+    """The CPU memory column: each probe is a fresh process under ``PROBE_ENV`` (glibc's mmap threshold
+    fixed, so its peak RSS is the peak of memory in use, not of the heap's fragmentation), and two
+    probes of one method agree (by default the same step's peak varied by ~15 MB)."""
+    import run_table
+
+    assert run_table.PROBE_ENV == {"MALLOC_MMAP_THRESHOLD_": "131072"}
+    first = run_table.measure_memory("mlp", "plain", "cpu", repeats=1)
+    second = run_table.measure_memory("mlp", "plain", "cpu", repeats=1)
+    peak = lambda probe: probe["peak_kb"] - probe["before_kb"]  # noqa: E731
+    assert peak(first) > 8 * 1024  # (the mlp's step: its 7 MB of gradients and the activations)
+    assert abs(peak(first) - peak(second)) <= 2 * 1024
