@@ -80,17 +80,27 @@ def forget() -> None:
     _inconclusive.clear()
 
 
+@functools.cache
+def _kernel_settings():
+    """The Triton kernels' shared launch helpers (``kernels/_common.py``): how their autotune keys
+    round lengths, and their float32 dot precision. (Only reached where the kernels import.)"""
+    from ._build import import_kernels
+
+    return import_kernels()._common
+
+
 def input_kind(name: str, args: tuple) -> tuple:
     """What decides which compiled kernel (and autotuned config) a call runs: per tensor its dtype
     and device, the sizes of its first two dims rounded up to a power of two (samples and lengths,
     which vary from batch to batch; the kernels' autotune keys round them alike) and the others
     exact, how Triton specialises each size and stride (1, a multiple of 16) and whether its start
     is 16-byte aligned; the other arguments as they are."""
+    rounded = _kernel_settings().tuning_size
     kind = [name]
     for arg in args:
         if isinstance(arg, torch.Tensor):
             shape = arg.shape
-            lead = tuple((1 << max(n - 1, 0).bit_length(), n == 1, n % 16 == 0) for n in shape[:2])
+            lead = tuple((rounded(n), n == 1, n % 16 == 0) for n in shape[:2])
             kind.append((arg.dtype, arg.device, lead, shape[2:], tuple((s == 1, s % 16 == 0) for s in arg.stride()),
                          arg.data_ptr() % 16 == 0))
         else:
@@ -154,11 +164,15 @@ def _per_sample_check(reference_fn: Callable, n_outputs: int, per_sample_args: i
     return check
 
 
+#: ``ghost_norm``'s check; ``instantiate_norm``'s norms are checked the same way.
+_ghost_check = _per_sample_check(reference.ghost_norm, 2)
+
+
 def _instantiate_check(args: tuple, outputs: tuple) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """The per-sample norms on two samples (by the reference's Gram identity, which holds at most
     256 x 256 float32 tiles), and the weight gradient ``sum_b g_b^T a_b`` in full."""
     a, g, with_bias = args
-    found = _per_sample_check(reference.ghost_norm, 2)((a, g, with_bias), outputs)
+    found = _ghost_check((a, g, with_bias), outputs)
     B, T, d = a.shape
     grad = torch.zeros(g.shape[-1], d, dtype=torch.float32, device=a.device)
     # (by samples: a strided view, such as a convolution's unfolded patches, is copied a chunk at a time)
@@ -183,7 +197,7 @@ def _whole_batch_check(reference_fn: Callable, in_float32: bool = False):
 
 #: How each operator is checked: ``check(args, outputs) -> [(what, kernel's, reference's)]``.
 CHECKS: dict[str, Callable] = {
-    "ghost_norm": _per_sample_check(reference.ghost_norm, 2),
+    "ghost_norm": _ghost_check,
     "instantiate_norm": _instantiate_check,
     "outer_norm": _per_sample_check(reference.outer_norm, 2),
     "embedding_norm": _per_sample_check(reference.embedding_norm, 1),
@@ -206,9 +220,7 @@ def tolerance(name: str, args: tuple) -> float:
         return LOOSE_TOLERANCE
     if name in ("ghost_norm", "instantiate_norm", "outer_norm") and any(
             isinstance(a, torch.Tensor) and a.dtype == torch.float32 for a in args):
-        from ._build import import_kernels
-
-        if import_kernels()._common.FP32_DOT_PRECISION == "tf32":
+        if _kernel_settings().FP32_DOT_PRECISION == "tf32":
             return LOOSE_TOLERANCE
     return TOLERANCE
 
