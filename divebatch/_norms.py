@@ -94,8 +94,26 @@ def _f64_squared_norm(t: torch.Tensor) -> torch.Tensor:
 def squared_norm(t: torch.Tensor) -> torch.Tensor:
     """``||t||²`` as a float32 0-dim tensor, accurate to float32 rounding at any size (float16/
     bfloat16: converted to float32 in bounded chunks, never whole)."""
+    return _f64_sum_of_squares(t).float()
+
+
+def _f64_sum_of_squares(t: torch.Tensor) -> torch.Tensor:
+    """``||t||²`` as a float64 0-dim tensor (``squared_norm`` before its rounding to float32)."""
     parts = _partial_sums(t)
-    return (_f64_squared_norm(t) if parts is None else _f64_total(parts)).float()
+    return _f64_squared_norm(t) if parts is None else _f64_total(parts)
+
+
+def squared_distance(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``||t - ref||²`` as a float32 0-dim tensor (``t`` of any floating dtype, ``ref`` float32 of
+    its shape), accurate as ``squared_norm``, with no ``t``-sized temporary: the difference is
+    taken over slices of at most ``_CHUNK`` elements along the first dimension. The tracker's
+    check of a whole gradient runs while the model's gradients are live, where a float32 copy of
+    the largest weight could be the step's peak (a 32000 x 4096 head: 512 MiB)."""
+    if t.dim() == 0 or t.numel() <= _CHUNK or t.shape != ref.shape:
+        return squared_norm(t.float() - ref)
+    rows = max(1, _CHUNK // max(1, t[0].numel()))
+    parts = [_f64_sum_of_squares(a.float() - b) for a, b in zip(t.split(rows), ref.split(rows))]
+    return torch.stack(parts).sum().float()
 
 
 def _one_launch_per_tensor(t: torch.Tensor) -> bool:

@@ -33,7 +33,7 @@ from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import _fsdp
-from ._norms import SquaredNormSum, squared_norm
+from ._norms import SquaredNormSum, squared_distance, squared_norm
 from .layers import GENERIC, LayerRule, RoutePlan, rule_for
 from .layers.generic import DirectUseRecorder, SharedOutputWatcher, SharedOutputWatchers, usable_direct_uses
 from .layers.rows import MergedIdsFollower, flattened_samples, row_samples
@@ -1288,7 +1288,7 @@ class GradNormTracker:
             return  # not accounted at all: the end-of-backward check names it
         if grad.is_sparse:
             grad = grad.to_dense()
-        diff_sq = squared_norm(grad.float() - accounted).item()
+        diff_sq = squared_distance(grad, accounted).item()
         entry = step.verified.setdefault(id(owner), _Verified(owner))
         entry.compared = True
         entry.diff_sq += diff_sq

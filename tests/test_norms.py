@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from divebatch import GradNormTracker, _norms
-from divebatch._norms import SquaredNormSum, squared_norm
+from divebatch._norms import SquaredNormSum, squared_distance, squared_norm
 from divebatch.distributed import grad_sq_norm
 
 LAYOUTS = {
@@ -136,3 +136,43 @@ def test_tracked_batch_gradient_norm_is_the_same_either_way(monkeypatch):
     ref = sum(p.grad.double().square().sum() for p in model.parameters())
     for got in results:
         assert abs(got.double() - ref) / ref <= 1e-6
+
+
+class _LargestOutput(TorchDispatchMode):
+    """The most elements any op's tensor output held."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and func.overloadpacket not in _VIEWS:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+_VIEWS = {torch.ops.aten.view, torch.ops.aten.split, torch.ops.aten.split_with_sizes, torch.ops.aten.slice,
+          torch.ops.aten.select, torch.ops.aten.transpose, torch.ops.aten.permute, torch.ops.aten.t,
+          torch.ops.aten.unsqueeze, torch.ops.aten.squeeze, torch.ops.aten._unsafe_view, torch.ops.aten.expand,
+          torch.ops.aten.as_strided, torch.ops.aten.detach, torch.ops.aten.alias}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_squared_distance_is_exact_without_a_full_size_temporary(dtype, layout, monkeypatch):
+    """The tracker's check of a whole gradient against what the rules account for: exact as
+    squared_norm, and never a temporary the size of the gradient (a float32 copy of an LLM head's
+    gradient would be the verified step's peak)."""
+    monkeypatch.setattr(_norms, "_CHUNK", 1 << 12)
+    g = torch.Generator().manual_seed(3)
+    t, ref = torch.randn(300, 70, generator=g).to(dtype), torch.randn(300, 70, generator=g)
+    if layout == "transposed":
+        t, ref = t.t(), ref.t()
+    exact = (t.double() - ref.double()).square().sum()
+    with _LargestOutput() as seen:
+        got = squared_distance(t, ref)
+    assert got.dtype == torch.float32 and got.dim() == 0
+    assert abs(got.double() - exact) / exact <= 1e-6
+    assert seen.largest <= 1 << 12, f"a temporary of {seen.largest} elements (gradient: {t.numel()})"
