@@ -101,6 +101,33 @@ def test_hook_route_memory_on_cuda_is_the_triton_kernels(triton_on_cuda, monkeyp
     assert routes.linear_route_name(*shape, "cuda") == "ghost"
 
 
+@pytest.mark.parametrize("conv, shape, fused", [
+    (nn.Conv2d(64, 64, 3, padding=1), (64, 64, 56, 56), False),   # ResNet-18 layer1 at 224 x 224
+    (nn.Conv2d(512, 512, 3, padding=1), (64, 512, 7, 7), False),  # layer4
+    (nn.Conv2d(64, 256, 1), (32, 64, 56, 56), True),              # a bottleneck's 1 x 1: unfolded, fused kernel
+], ids=["3x3-56", "3x3-7", "1x1-56"])
+def test_convolutions_on_cuda_take_the_kernels_on_unfolded_patches(triton_on_cuda, conv, shape, fused):
+    """On CUDA a convolution fuses only where its unfolded patches take the fused instantiate kernel
+    (non-overlapping windows); the others keep autograd's weight gradient and the hook route's
+    kernels, never the grouped per-sample convolution (every per-sample gradient written, chunk by
+    chunk: ~9000 ops a step for a ResNet-18 at 224 x 224)."""
+    from divebatch.layers.conv import conv_fuses
+
+    assert conv_fuses(conv, torch.Size(shape), "cuda") is fused
+
+
+def test_unfolded_patches_come_in_large_chunks_on_cuda(triton_on_cuda, monkeypatch):
+    """Each chunk of unfolded patches costs its launches: on CUDA chunks take up to
+    ``CUDA_CHUNK_BYTES``, on CPU (and CUDA without Triton) ``MAX_EXTRA_BYTES``."""
+    from divebatch.layers import conv, routes
+
+    patches = 3136 * 576  # ResNet-18 layer1 at 224 x 224: 7 MB of float32 patches a sample
+    assert conv._unfold_chunk(64, patches, "cpu") == 1
+    assert conv._unfold_chunk(64, patches, "cuda") == int(routes.CUDA_CHUNK_BYTES // (4 * patches)) > 30
+    monkeypatch.setattr(ops, "TRITON_AVAILABLE", False)
+    assert conv._unfold_chunk(64, patches, "cuda") == 1
+
+
 def test_cuda_without_triton_keeps_the_buffer_bound(monkeypatch):
     monkeypatch.setattr(ops, "TRITON_AVAILABLE", False)  # the reference materialises the tiles
     assert fused_linear_route(16, 2, 512, 2048, "cuda").route == "ghost"

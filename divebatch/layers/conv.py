@@ -29,7 +29,8 @@ from torch import nn
 from .. import ops
 from .base import LayerRule, RoutePlan, RuleError, fused_sink_grads, per_sample_sq, register
 from .linear import fused_linear_route, fused_linear_route_name, linear_norms
-from .routes import MAX_EXTRA_BYTES, linear_route
+from . import routes
+from .routes import MAX_EXTRA_BYTES, chunk_bytes, linear_route
 
 
 def _padded(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
@@ -74,9 +75,10 @@ def unfold_patches(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Te
     return cols.view(B * groups, cols.shape[1] // groups, cols.shape[2]).transpose(1, 2)
 
 
-def _unfold_chunk(B: int, patch_elements: int) -> int:
-    """Samples per chunk of unfolded patches (``patch_elements`` per sample), within ``MAX_EXTRA_BYTES``."""
-    return max(1, min(B, int(MAX_EXTRA_BYTES // max(4 * patch_elements, 1))))
+def _unfold_chunk(B: int, patch_elements: int, device_type: str) -> int:
+    """Samples per chunk of unfolded patches (``patch_elements`` per sample), within
+    ``routes.chunk_bytes`` (``MAX_EXTRA_BYTES``; more on CUDA, where chunks cost launches)."""
+    return max(1, min(B, int(chunk_bytes(device_type) // max(4 * patch_elements, 1))))
 
 
 def grouped_grad(module: nn.modules.conv._ConvNd, g: torch.Tensor) -> torch.Tensor:
@@ -115,7 +117,7 @@ class ConvRule(LayerRule):
     def chunk_size(self, module, x, g) -> int:
         """Samples per unfold chunk so the patch buffer stays under ``MAX_EXTRA_BYTES``."""
         d, T, _ = self._dims(module, x, g)
-        return _unfold_chunk(x.shape[0], module.groups * T * d)
+        return _unfold_chunk(x.shape[0], module.groups * T * d, x.device.type)
 
     def norms(self, module, calls, tracked):
         with_weight, with_bias = "weight" in tracked, "bias" in tracked
@@ -152,15 +154,10 @@ class ConvRule(LayerRule):
         return "weight" in tracked and type(module).forward in _PLAIN_FORWARDS
 
     def fuse_call(self, module, x) -> bool:
-        """Fuse where the grouped per-sample weight gradient beats autograd's weight gradient plus
-        the unfolded route (``fused_conv_pays``): most layers, but not the deep layers of a CNN
-        (few positions, many channels), whose per-sample gradients are large and slow to write."""
-        if x.device.type != "cpu" or x.dim() != len(module.kernel_size) + 2:
-            return True  # the cost model is fitted on CPU; unbatched input is refused by the forward
-        pads = module._reversed_padding_repeated_twice[::-1]  # (right, left) pairs, first dim first
-        T = _output_positions(module, x.shape[2:], [pads[2 * i] + pads[2 * i + 1] for i in range(x.dim() - 2)])
-        d = module.in_channels // module.groups * math.prod(module.kernel_size)
-        return fused_conv_pays(x.shape[0], module.groups, T, d, module.out_channels // module.groups)
+        """See ``conv_fuses``."""
+        if x.dim() != len(module.kernel_size) + 2:
+            return True  # unbatched input: refused by the fused forward with its message
+        return conv_fuses(module, x.shape, x.device.type)
 
     def fused_forward(self, module, args, kwargs, sink):
         x = args[0]
@@ -181,7 +178,7 @@ class ConvRule(LayerRule):
         if _unfolded_fused_route(module, not any(padding), B, T, d, module.out_channels, x.device.type):
             plan = fused_linear_route(B, T, d, module.out_channels, x.device.type)
             plan.route = "fused-unfold-instantiate"
-            plan.extra_bytes += 4.0 * _unfold_chunk(B, T * d) * T * d
+            plan.extra_bytes += 4.0 * _unfold_chunk(B, T * d, x.device.type) * T * d
             return plan
         flops = 2.0 * B * module.weight.numel() * T
         step = fused_chunk(module, x, x)
@@ -195,6 +192,28 @@ class ConvRule(LayerRule):
         plan.extra_bytes += chunk * module.groups * T * d * 4
         plan.shape = f"{plan.shape} (unfold chunk {chunk})"
         return plan
+
+
+def conv_fuses(module: nn.modules.conv._ConvNd, shape: torch.Size, device_type: str) -> bool:
+    """Whether a call of ``module`` on an input of ``shape`` (batched) takes the fused path.
+
+    On CPU where the grouped per-sample weight gradient beats autograd's weight gradient plus the
+    unfolded route (``fused_conv_pays``): most layers, but not the deep layers of a CNN (few
+    positions, many channels), whose per-sample gradients are large and slow to write. On CUDA with
+    the Triton kernels only a non-overlapping convolution whose patches take the fused instantiate
+    kernel (``_unfolded_fused_route``): the grouped per-sample convolution writes every sample's
+    weight gradient, a few samples per chunk and launches per chunk (a ResNet-18 at 224 x 224, batch
+    64: ~500 grouped convolutions and ~9000 ops a step), where the kernels on unfolded patches keep
+    them in registers (the others keep autograd's weight gradient and take the hook route). On
+    CUDA without Triton (the reference's Gram products would run in float32) the grouped convolution."""
+    pads = module._reversed_padding_repeated_twice[::-1]  # (right, left) pairs, first dim first
+    T = _output_positions(module, shape[2:], [pads[2 * i] + pads[2 * i + 1] for i in range(len(shape) - 2)])
+    d = module.in_channels // module.groups * math.prod(module.kernel_size)
+    if routes.triton_kernels(device_type):
+        return _unfolded_fused_route(module, not any(pads), shape[0], T, d, module.out_channels, device_type)
+    if device_type != "cpu":
+        return True
+    return fused_conv_pays(shape[0], module.groups, T, d, module.out_channels // module.groups)
 
 
 #: When to fuse a convolution (CPU), in flop equivalents fitted to 87 layer shapes (2 threads; 3x3
@@ -356,7 +375,7 @@ def unfolded_weight_norms(module, x, g) -> tuple[torch.Tensor, torch.Tensor]:
     ``instantiate_norm``, a bounded chunk of samples at a time."""
     B = x.shape[0]
     T, d = g[0].numel() // module.out_channels, module.in_channels * math.prod(module.kernel_size)
-    step, sq, grad_w = _unfold_chunk(B, T * d), [], None
+    step, sq, grad_w = _unfold_chunk(B, T * d, x.device.type), [], None
     for start in range(0, B, step):
         w_sq, _, part = ops.instantiate_norm(unfold_patches(module, x[start:start + step]),
                                              grouped_grad(module, g[start:start + step]), False)

@@ -15,7 +15,8 @@ from torch import nn
 
 from .. import ops
 from .base import LayerRule, RoutePlan, batched_input, fused_sink_grads, register
-from .routes import MAX_EXTRA_BYTES, linear_route, linear_route_name, triton_kernels
+from . import routes
+from .routes import MAX_EXTRA_BYTES, linear_route, linear_route_name
 
 
 def linear_factors(calls) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,7 +264,7 @@ def fused_linear_route(B: int, T: int, d: int, p: int, device_type: str = "cpu")
     if plan.route == "outer":
         return plan
     inst = linear_route(B, T, d, p, force="instantiate", device_type=device_type)
-    if triton_kernels(device_type):
+    if routes.triton_kernels(device_type):
         extra = FUSED_CUDA_EXTRA_COST * inst.flops
         if d * p > FUSED_CUDA_MAX_WEIGHT or extra >= plan.alternatives["ghost"]:
             return plan
@@ -284,7 +285,7 @@ def _fused_route_name(B: int, T: int, d: int, p: int, device_type: str, *model_s
 def fused_linear_route_name(B: int, T: int, d: int, p: int, device_type: str = "cpu") -> str:
     """``fused_linear_route(...).route``, memoised (asked at every call of every fusable layer);
     the key holds all the model reads besides the shape, so a changed constant or backend counts."""
-    return _fused_route_name(B, T, d, p, device_type, triton_kernels(device_type), torch.get_num_threads(),
+    return _fused_route_name(B, T, d, p, device_type, routes.triton_kernels(device_type), torch.get_num_threads(),
                              FUSED_TILE_COST, FUSED_CUDA_EXTRA_COST, FUSED_CUDA_MAX_WEIGHT, MAX_EXTRA_BYTES)
 
 
