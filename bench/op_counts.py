@@ -4,18 +4,30 @@ that a CPU can take for a GPU. On the H200 the transformer workload's plain step
 small model's step there is bound by launches, so each op the tracker adds costs about as much as
 one of the model's own.
 
-    python bench/op_counts.py [--workloads transformer,seq,mlp] [--out bench/results/op_counts.json]
+    python bench/op_counts.py [--workloads transformer,seq,mlp,conv-large,seq-large] [--out bench/results/op_counts.json]
 
-Counts one step after three warm-up steps (plans are made, caches filled) with a
-``TorchDispatchMode`` (every aten op, including views that launch nothing), for the batch-gradient
-norm's CPU path (blocked, float64 sums) and its CUDA path (one reduction per gradient, forced here),
-and reports the ops by name that the tracker adds most.
+Two counts per workload, each of one step after warm-up steps (plans are made, caches filled)
+with a ``TorchDispatchMode`` (every aten op, including views that launch nothing):
+
+* **CPU**: the workload's batch on CPU tensors, every route as on this machine;
+* **CUDA routes**: the workload at its full size on ``meta`` tensors (shapes only: nothing is
+  computed, so seq-large's and conv-large's steps trace in a second here) with the routes, operators
+  and norm paths divebatch takes on a GPU with its Triton kernels (``cuda_routes_on_meta``). Besides
+  the ops, the *launches* (ops other than views and allocations) and the bytes those launches
+  write, tracked minus plain: where the tracker's work on a GPU goes, without a GPU. Workloads whose
+  steps read data (mixture-of-experts routing, packed sequences) cannot run on meta tensors and
+  are reported as such.
+
+It found the convolutions' GPU path taking the grouped per-sample convolution in chunks of a few
+samples: conv-large's tracked step issued 9234 ops (503 grouped convolutions) against the plain
+step's 333 (fixed; see ``divebatch.layers.conv.conv_fuses``).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -27,68 +39,144 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 import workloads as W  # noqa: E402
-from divebatch import GradNormTracker, _norms  # noqa: E402
+from divebatch import GradNormTracker, _norms, ops  # noqa: E402
+from divebatch.layers import routes  # noqa: E402
+
+#: Non-view ops that allocate without launching anything.
+_ALLOCATIONS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "_unsafe_view"}
 
 
-class _OpsByName(TorchDispatchMode):
+class StepOps(TorchDispatchMode):
+    """Every aten (and divebatch) op of a step: counts by name, launches, bytes the launches write."""
+
     def __init__(self):
         super().__init__()
         self.counts = collections.Counter()
+        self.launches = collections.Counter()
+        self.bytes_written = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        self.counts[name] += 1
+        if not func.is_view and name not in _ALLOCATIONS:
+            self.launches[name] += 1
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.bytes_written += t.numel() * t.element_size()
+        return out
 
 
-def count(workload: W.Workload, cuda_norm_path: bool) -> dict:
-    original = _norms._one_launch_per_tensor
-    _norms._one_launch_per_tensor = lambda t: cuda_norm_path
+@contextlib.contextmanager
+def cuda_routes_on_meta():
+    """Make divebatch take, for ``meta`` tensors, the routes and paths it takes on CUDA with its
+    Triton kernels (the operators' fake kernels stand in for the kernels): the route models, the
+    operators' dispatch checks and the batch-gradient norm's one-reduction-per-tensor path."""
+    serves, kernels, one_launch = ops.triton_serves, routes.triton_kernels, _norms._one_launch_per_tensor
+    autocast = torch.is_autocast_enabled
+    ops.triton_serves = lambda device: device.type == "meta" or serves(device)
+    routes.triton_kernels = lambda device_type: device_type in ("meta", "cuda") and kernels("cuda")
+    _norms._one_launch_per_tensor = lambda t: t.is_meta or one_launch(t)
+    # (autocast has no meta device: asked for one, torch raises)
+    torch.is_autocast_enabled = lambda *device: (False if device and device[0] == "meta" else autocast(*device))
     try:
-        torch.manual_seed(0)
-        model = workload.make_model()
-        x, y = workload.make_batch(torch.device("cpu"))
-        tracker = GradNormTracker(model, loss_reduction=workload.scale(x, y))
-
-        def step():
-            model.zero_grad(set_to_none=True)
-            workload.loss(model(x), y).backward()
-            if tracker.enabled:
-                tracker.collect()
-
-        for _ in range(3):
-            step()
-        tracked = _OpsByName()
-        with tracked:
-            step()
-        tracker.enabled = False
-        plain = _OpsByName()
-        with plain:
-            step()
-        tracker.close()
+        yield
     finally:
-        _norms._one_launch_per_tensor = original
-    added = tracked.counts.copy()
-    added.subtract(plain.counts)
-    return {"tracked": sum(tracked.counts.values()), "plain": sum(plain.counts.values()),
-            "most_added": [(k, v) for k, v in added.most_common(8) if v > 0]}
+        ops.triton_serves, routes.triton_kernels, _norms._one_launch_per_tensor = serves, kernels, one_launch
+        torch.is_autocast_enabled = autocast
+
+
+def _step(workload, model, x, y, tracker):
+    model.zero_grad(set_to_none=True)
+    workload.loss(model(x), y).backward()
+    if tracker is not None and tracker.enabled:
+        tracker.collect()
+
+
+def _count(workload: W.Workload, device: str, dtype: torch.dtype | None, warmup: int) -> tuple[StepOps, StepOps]:
+    """(plain, tracked) ops of one step of ``workload`` on ``device`` after ``warmup`` steps."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = workload.make_model()
+    if dtype is not None:
+        model = model.to(dtype)
+    x, y = workload.make_batch(torch.device(device))
+    if dtype is not None and x.is_floating_point():
+        x = x.to(dtype)
+    plain = StepOps()
+    with plain:
+        _step(workload, model, x, y, None)
+    # On meta tensors the first backward's check against autograd cannot read its numbers; it is
+    # once per 1000 steps anyway: count a step it does not check.
+    tracker = GradNormTracker(model, loss_reduction=workload.scale(x, y), verify_every=0)
+    if device == "meta":
+        tracker._backwards_started = 1
+    for _ in range(warmup):
+        _step(workload, model, x, y, tracker)
+    tracked = StepOps()
+    with tracked:
+        _step(workload, model, x, y, tracker)
+    tracker.close()
+    return plain, tracked
+
+
+def _added(plain: collections.Counter, tracked: collections.Counter, n: int = 8) -> list:
+    added = tracked.copy()
+    added.subtract(plain)
+    return [(k, v) for k, v in added.most_common(n) if v > 0]
+
+
+def count_cpu(workload: W.Workload) -> dict:
+    """The workload's step on CPU tensors."""
+    plain, tracked = _count(workload, "cpu", None, warmup=3)
+    return {"plain": sum(plain.counts.values()), "tracked": sum(tracked.counts.values()),
+            "most_added": _added(plain.counts, tracked.counts)}
+
+
+def count_cuda_routes(workload: W.Workload, dtype: torch.dtype | None) -> dict:
+    """The workload's step at full size on meta tensors with the CUDA routes (see the module doc)."""
+    try:
+        with cuda_routes_on_meta():
+            plain, tracked = _count(workload, "meta", dtype, warmup=1)
+    except (NotImplementedError, RuntimeError) as err:  # data-dependent steps
+        return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"}
+    return {"plain": sum(plain.counts.values()), "tracked": sum(tracked.counts.values()),
+            "plain_launches": sum(plain.launches.values()), "tracked_launches": sum(tracked.launches.values()),
+            "added_mb_written": (tracked.bytes_written - plain.bytes_written) / 2**20,
+            "plain_mb_written": plain.bytes_written / 2**20,
+            "most_added_launches": _added(plain.launches, tracked.launches)}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workloads", default="transformer,seq,mlp")
+    parser.add_argument("--workloads", default="transformer,seq,mlp,vit,resnet,conv-large,seq-large")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16",
+                        help="dtype of the CUDA-routes trace (the GPU table's)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
     rows = []
-    print("| workload | plain ops | tracked, CPU norm path | tracked, CUDA norm path | most added (CUDA path) |")
-    print("|---|---|---|---|---|")
+    print("| workload | CPU: plain ops | CPU: tracked | CUDA routes: plain launches | tracked launches | "
+          "added MB written (plain's) | most added launches |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.workloads.split(","):
-        cpu, cuda = count(W.WORKLOADS[name], False), count(W.WORKLOADS[name], True)
-        rows.append({"workload": name, "cpu_norm_path": cpu, "cuda_norm_path": cuda})
-        added = ", ".join(f"{k} {v}" for k, v in cuda["most_added"][:5])
-        print(f"| {name} | {cpu['plain']} | {cpu['tracked']} ({cpu['tracked'] / cpu['plain']:.2f}x) | "
-              f"{cuda['tracked']} ({cuda['tracked'] / cuda['plain']:.2f}x) | {added} |", flush=True)
+        workload = W.WORKLOADS[name]
+        cpu = count_cpu(workload) if "large" not in name else None  # (the large ones are GPU-sized)
+        cuda = count_cuda_routes(workload, dtype)
+        rows.append({"workload": name, "cpu": cpu, "cuda_routes": cuda})
+        cpu_cells = (f"{cpu['plain']} | {cpu['tracked']} ({cpu['tracked'] / cpu['plain']:.2f}x)" if cpu
+                     else "- | -")
+        if "error" in cuda:
+            cuda_cells = f"{cuda['error']} | | | "
+        else:
+            added = ", ".join(f"{k} {v}" for k, v in cuda["most_added_launches"][:5])
+            cuda_cells = (f"{cuda['plain_launches']} | {cuda['tracked_launches']} "
+                          f"({cuda['tracked_launches'] / cuda['plain_launches']:.2f}x) | "
+                          f"{cuda['added_mb_written']:+.1f} ({cuda['plain_mb_written']:.0f}) | {added}")
+        print(f"| {name} | {cpu_cells} | {cuda_cells} |", flush=True)
     if args.out is not None:
-        args.out.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
+        args.out.write_text(json.dumps({"torch": torch.__version__, "cuda_routes_dtype": args.dtype, "rows": rows},
+                                       indent=1))
     return 0
 
 

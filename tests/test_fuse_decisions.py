@@ -102,18 +102,67 @@ def test_hook_route_memory_on_cuda_is_the_triton_kernels(triton_on_cuda, monkeyp
 
 
 @pytest.mark.parametrize("conv, shape, fused", [
-    (nn.Conv2d(64, 64, 3, padding=1), (64, 64, 56, 56), False),   # ResNet-18 layer1 at 224 x 224
-    (nn.Conv2d(512, 512, 3, padding=1), (64, 512, 7, 7), False),  # layer4
+    (nn.Conv2d(64, 64, 3, padding=1), (64, 64, 56, 56), True),    # ResNet-18 layer1 at 224 x 224
+    (nn.Conv2d(512, 512, 3, padding=1), (64, 512, 7, 7), False),  # layer4: the ghost kernel by the hooks
     (nn.Conv2d(64, 256, 1), (32, 64, 56, 56), True),              # a bottleneck's 1 x 1: unfolded, fused kernel
 ], ids=["3x3-56", "3x3-7", "1x1-56"])
 def test_convolutions_on_cuda_take_the_kernels_on_unfolded_patches(triton_on_cuda, conv, shape, fused):
     """On CUDA a convolution fuses only where its unfolded patches take the fused instantiate kernel
-    (non-overlapping windows); the others keep autograd's weight gradient and the hook route's
+    (many positions, few channels); the others keep autograd's weight gradient and the hook route's
     kernels, never the grouped per-sample convolution (every per-sample gradient written, chunk by
     chunk: ~9000 ops a step for a ResNet-18 at 224 x 224)."""
     from divebatch.layers.conv import conv_fuses
 
     assert conv_fuses(conv, torch.Size(shape), "cuda") is fused
+
+
+class Convolutions(nn.Module):
+    """Padded, strided, dilated, reflect-padded and grouped convolutions with many positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.padded = nn.Conv2d(3, 8, 3, padding=1)
+        self.strided = nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False)
+        self.dilated = nn.Conv2d(8, 8, 3, dilation=2, padding=2)
+        self.reflect = nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.line = nn.Conv1d(8, 4, 5, padding="same")
+
+    def forward(self, x):
+        h = torch.tanh(self.strided(torch.tanh(self.padded(x))))
+        h = self.grouped(torch.tanh(self.reflect(torch.tanh(self.dilated(h)))))
+        return self.line(h.flatten(2)).square().sum(dim=(1, 2))
+
+
+def test_cuda_routes_fuse_overlapping_convolutions_exactly(monkeypatch):
+    """The routes a GPU takes, run here with the C++ operators standing in for the Triton kernels:
+    every one-group convolution whose patches the fused instantiate kernel takes is fused through
+    its unfolded (padded, strided, dilated) patches, whose tiles give the weight gradient too; the
+    grouped one takes the hook route; the norms and gradients are torch.func's."""
+    from divebatch.layers import routes
+
+    monkeypatch.setattr(routes, "triton_kernels", lambda device_type: True)
+    torch.manual_seed(0)
+    model, x, y = Convolutions(), torch.randn(4, 3, 16, 16), torch.randn(4)
+    plain = Convolutions()
+    plain.load_state_dict(model.state_dict())
+
+    def loss_fn(out, target):
+        return 0.5 * (out - target).square().sum()
+
+    loss_fn(plain(x), y).backward()
+    with GradNormTracker(model, "sum") as tracker:
+        loss_fn(model(x), y).backward()
+        stats = tracker.collect()
+        taken = {plan.module: plan.route for plan in tracker.plan()}
+    assert taken == {"padded": "fused-unfold-instantiate", "strided": "fused-unfold-instantiate",
+                     "dilated": "fused-unfold-instantiate", "reflect": "fused-unfold-instantiate",
+                     "grouped": "instantiate", "line": "fused-unfold-instantiate"}
+    per_sample, _, batch = reference_norms(model, loss_fn, x, y)
+    assert rel_err(stats.per_sample, per_sample) <= 1e-5
+    assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        assert rel_err(p.grad, q.grad) <= 1e-5, name
 
 
 def test_unfolded_patches_come_in_large_chunks_on_cuda(triton_on_cuda, monkeypatch):

@@ -28,13 +28,45 @@ from methods import build  # noqa: E402
 from run_table import BY_NAME, _batch  # noqa: E402
 
 
-def test_op_counts_order_plain_cuda_path_cpu_path():
-    """A tracked step dispatches more ops than a plain one, and fewer on the CUDA norm path (one
-    reduction per gradient) than on the CPU one (blocked float64 sums)."""
+def test_op_counts_order_plain_cuda_routes_cpu_routes():
+    """A tracked step dispatches more ops than a plain one, and fewer on the CUDA routes (one
+    reduction per gradient for the batch-gradient norm) than on the CPU ones (blocked float64 sums)."""
     spec = workloads.WORKLOADS["mlp"]
-    cpu, cuda = op_counts.count(spec, False), op_counts.count(spec, True)
+    cpu, cuda = op_counts.count_cpu(spec), op_counts.count_cuda_routes(spec, None)
     assert cpu["plain"] == cuda["plain"] < cuda["tracked"] < cpu["tracked"]
-    assert dict(cuda["most_added"]).get("linalg_vector_norm") == 6  # (3 Linear layers: weight and bias)
+    assert cuda["plain_launches"] < cuda["tracked_launches"]
+    assert dict(cuda["most_added_launches"]).get("linalg_vector_norm") == 6  # (3 Linear layers: weight and bias)
+    assert dict(cuda["most_added_launches"]).get("outer_norm") == 3  # (T = 1: the outer route's kernel)
+
+
+def _cuda_route_steps(name):
+    with op_counts.cuda_routes_on_meta():
+        return op_counts._count(workloads.WORKLOADS[name], "meta", torch.bfloat16, warmup=1)
+
+
+def test_conv_large_on_the_cuda_routes_takes_the_kernels_not_the_grouped_convolution():
+    """ResNet-18 at 224 x 224, batch 64, as on a GPU (full size, meta tensors): the convolutions'
+    per-sample norms come from the Triton kernels on unfolded patches (the early layers' fused
+    with their weight gradient); the grouped per-sample
+    convolution (every per-sample gradient written, a few samples a call: 503 more convolution
+    backwards and ~9000 ops a step before) is not called."""
+    plain, tracked = _cuda_route_steps("conv-large")
+    # (one per convolution or fewer: a fused convolution's tiles give its weight gradient, and the
+    # stem's input needs none)
+    assert tracked.launches["convolution_backward"] <= plain.launches["convolution_backward"] == 20
+    assert tracked.launches["ghost_norm"] + tracked.launches["instantiate_norm"] >= 20
+    assert tracked.launches["group_norm_grads"] == 20
+
+
+def test_seq_large_on_the_cuda_routes_writes_nothing_the_size_of_an_activation():
+    """seq-large as on a GPU (full size, bfloat16, meta tensors): the tracker's launches write
+    under 0.1% of what the plain step's write (per-sample norms, no per-sample gradient, no float32
+    copy of an activation: one [8, 2048, 4096] copy would be 1.2%), and the batch-gradient norm
+    takes one reduction per parameter."""
+    plain, tracked = _cuda_route_steps("seq-large")
+    assert tracked.bytes_written - plain.bytes_written < 1e-3 * plain.bytes_written
+    assert tracked.launches["ghost_norm"] == 5  # up and down of both blocks, the head
+    assert tracked.launches["linalg_vector_norm"] == 15  # every parameter
 
 
 def test_host_overhead_counts_the_tracked_modules_and_the_added_time():

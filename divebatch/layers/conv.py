@@ -200,8 +200,8 @@ def conv_fuses(module: nn.modules.conv._ConvNd, shape: torch.Size, device_type: 
     On CPU where the grouped per-sample weight gradient beats autograd's weight gradient plus the
     unfolded route (``fused_conv_pays``): most layers, but not the deep layers of a CNN (few
     positions, many channels), whose per-sample gradients are large and slow to write. On CUDA with
-    the Triton kernels only a non-overlapping convolution whose patches take the fused instantiate
-    kernel (``_unfolded_fused_route``): the grouped per-sample convolution writes every sample's
+    the Triton kernels only a one-group convolution whose unfolded patches take the fused
+    instantiate kernel (``_unfolded_fused_route``): the grouped per-sample convolution writes every sample's
     weight gradient, a few samples per chunk and launches per chunk (a ResNet-18 at 224 x 224, batch
     64: ~500 grouped convolutions and ~9000 ops a step), where the kernels on unfolded patches keep
     them in registers (the others keep autograd's weight gradient and take the hook route). On
@@ -267,7 +267,14 @@ UNFOLDED_TILE_ELEMENTS = 16384
 
 def _unfolded_fused_route(module, unpadded: bool, B: int, T: int, d: int, p: int, device_type: str) -> bool:
     """Whether the fused path unfolds this call and takes the fused linear route (see
-    ``UNFOLDED_TILE_ELEMENTS``); ``unpadded``: the convolution reads its input without padding."""
+    ``UNFOLDED_TILE_ELEMENTS``); ``unpadded``: the convolution reads its input without padding.
+
+    On CUDA with the Triton kernels any one-group convolution whose unfolded patches the fused
+    linear route takes (many positions against few channels: a CNN's early layers): the hook route
+    would unfold its input too, so fusing only swaps autograd's weight-gradient convolution for
+    the sum of the tiles the kernel forms anyway."""
+    if routes.triton_kernels(device_type):
+        return module.groups == 1 and fused_linear_route_name(B, T, d, p, device_type) == "fused-instantiate"
     return (unpadded and module.groups == 1 and tuple(module.stride) == tuple(module.kernel_size)
             and all(dil == 1 for dil in module.dilation)
             and (d * p >= UNFOLDED_TILE_ELEMENTS or all(k == 1 for k in module.kernel_size))
@@ -357,7 +364,7 @@ def fused_conv_grads(module, ctx, g, tracked):
     B = x.shape[0]
     T, d = g[0].numel() // module.out_channels, module.in_channels // module.groups * math.prod(module.kernel_size)
     if _unfolded_fused_route(module, not any(padding), B, T, d, module.out_channels, x.device.type):
-        sq, grad_w = unfolded_weight_norms(module, x, g)
+        sq, grad_w = unfolded_weight_norms(module, padded_input(module, ctx), g)
     else:
         sq, grad_w = grouped_weight_norms(module, x, padding, g)
     grad_b = None
@@ -370,9 +377,9 @@ def fused_conv_grads(module, ctx, g, tracked):
 
 
 def unfolded_weight_norms(module, x, g) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(per-sample squared weight-gradient norms [B], weight gradient)`` of a non-overlapping,
-    unpadded convolution (see ``UNFOLDED_TILE_ELEMENTS``): its unfolded patches through
-    ``instantiate_norm``, a bounded chunk of samples at a time."""
+    """``(per-sample squared weight-gradient norms [B], weight gradient)`` of a one-group
+    convolution of the padded input ``x`` (see ``_unfolded_fused_route``): its unfolded patches
+    through ``instantiate_norm``, a bounded chunk of samples at a time."""
     B = x.shape[0]
     T, d = g[0].numel() // module.out_channels, module.in_channels * math.prod(module.kernel_size)
     step, sq, grad_w = _unfold_chunk(B, T * d, x.device.type), [], None
