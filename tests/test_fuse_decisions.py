@@ -87,7 +87,7 @@ def test_cuda_fused_route_agrees_with_the_h200_timings(triton_on_cuda, B, T, d, 
 def test_hook_route_memory_on_cuda_is_the_triton_kernels(triton_on_cuda, monkeypatch):
     """The hook (unfused) route on CUDA: the Triton kernels hold their tiles in registers, so the
     per-CPU-thread buffers of the C++ kernels do not bound it there; what remains is instantiate's
-    float32 ``[p, d]`` sum and ghost's ``[B, p]`` column sums."""
+    float32 ``[p, d]`` sum and ghost's ``[B, p]`` column sums, under ``CUDA_MAX_EXTRA_BYTES``."""
     from divebatch.layers import routes
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 16)  # a GPU machine's host
@@ -96,7 +96,12 @@ def test_hook_route_memory_on_cuda_is_the_triton_kernels(triton_on_cuda, monkeyp
     assert cpu.route == "ghost" and cpu.alternatives["instantiate"] < cpu.alternatives["ghost"]  # 17 buffers of 4 MB
     assert cuda.route == "instantiate" and cuda.extra_bytes == 4.0 * 1024 * 1024
     assert routes.linear_route_name(*shape) == "ghost" and routes.linear_route_name(*shape, "cuda") == "instantiate"
-    assert routes.linear_route(16, 2048, 2048, 2048, device_type="cuda").route == "ghost"  # 16 MB > 8 MB
+    assert routes.linear_route(16, 2048, 2048, 2048, device_type="cuda").route == "instantiate"  # 16 MB: fits
+    assert routes.linear_route_name(16, 2048, 2048, 2048, "cuda") == "instantiate"
+    assert routes.linear_route(16, 2048, 2048, 2048).route == "ghost"  # (CPU: over the 8 MB bound)
+    monkeypatch.setattr(routes, "CUDA_MAX_EXTRA_BYTES", 8 * 2**20)  # DIVEBATCH_CUDA_MAX_EXTRA_MB=8
+    assert routes.linear_route(16, 2048, 2048, 2048, device_type="cuda").route == "ghost"
+    assert routes.linear_route_name(16, 2048, 2048, 2048, "cuda") == "ghost"  # (the memo keys on the bound)
     monkeypatch.setattr(ops, "TRITON_AVAILABLE", False)  # the reference: the memory bound as on CPU
     assert routes.linear_route_name(*shape, "cuda") == "ghost"
 
@@ -167,12 +172,12 @@ def test_cuda_routes_fuse_overlapping_convolutions_exactly(monkeypatch):
 
 def test_unfolded_patches_come_in_large_chunks_on_cuda(triton_on_cuda, monkeypatch):
     """Each chunk of unfolded patches costs its launches: on CUDA chunks take up to
-    ``CUDA_CHUNK_BYTES``, on CPU (and CUDA without Triton) ``MAX_EXTRA_BYTES``."""
+    ``CUDA_MAX_EXTRA_BYTES``, on CPU (and CUDA without Triton) ``MAX_EXTRA_BYTES``."""
     from divebatch.layers import conv, routes
 
     patches = 3136 * 576  # ResNet-18 layer1 at 224 x 224: 7 MB of float32 patches a sample
     assert conv._unfold_chunk(64, patches, "cpu") == 1
-    assert conv._unfold_chunk(64, patches, "cuda") == int(routes.CUDA_CHUNK_BYTES // (4 * patches)) > 30
+    assert conv._unfold_chunk(64, patches, "cuda") == int(routes.CUDA_MAX_EXTRA_BYTES // (4 * patches)) > 30
     monkeypatch.setattr(ops, "TRITON_AVAILABLE", False)
     assert conv._unfold_chunk(64, patches, "cuda") == 1
 

@@ -30,7 +30,7 @@ from .. import ops
 from .base import LayerRule, RoutePlan, RuleError, fused_sink_grads, per_sample_sq, register
 from .linear import fused_linear_route, fused_linear_route_name, linear_norms
 from . import routes
-from .routes import MAX_EXTRA_BYTES, chunk_bytes, linear_route
+from .routes import MAX_EXTRA_BYTES, linear_route, max_extra_bytes
 
 
 def _padded(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
@@ -77,8 +77,8 @@ def unfold_patches(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Te
 
 def _unfold_chunk(B: int, patch_elements: int, device_type: str) -> int:
     """Samples per chunk of unfolded patches (``patch_elements`` per sample), within
-    ``routes.chunk_bytes`` (``MAX_EXTRA_BYTES``; more on CUDA, where chunks cost launches)."""
-    return max(1, min(B, int(chunk_bytes(device_type) // max(4 * patch_elements, 1))))
+    ``routes.max_extra_bytes`` (``MAX_EXTRA_BYTES``; more on CUDA, where chunks cost launches)."""
+    return max(1, min(B, int(max_extra_bytes(device_type) // max(4 * patch_elements, 1))))
 
 
 def grouped_grad(module: nn.modules.conv._ConvNd, g: torch.Tensor) -> torch.Tensor:

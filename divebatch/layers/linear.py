@@ -286,6 +286,7 @@ def fused_linear_route_name(B: int, T: int, d: int, p: int, device_type: str = "
     """``fused_linear_route(...).route``, memoised (asked at every call of every fusable layer);
     the key holds all the model reads besides the shape, so a changed constant or backend counts."""
     return _fused_route_name(B, T, d, p, device_type, routes.triton_kernels(device_type), torch.get_num_threads(),
-                             FUSED_TILE_COST, FUSED_CUDA_EXTRA_COST, FUSED_CUDA_MAX_WEIGHT, MAX_EXTRA_BYTES)
+                             FUSED_TILE_COST, FUSED_CUDA_EXTRA_COST, FUSED_CUDA_MAX_WEIGHT, MAX_EXTRA_BYTES,
+                             routes.CUDA_MAX_EXTRA_BYTES)
 
 

@@ -10,7 +10,8 @@ gradient ``G_b^T A_b`` has squared norm computable three ways:
 
 The cheaper in flops wins unless its buffer exceeds ``MAX_EXTRA_BYTES``. The buffers are the C++
 kernels' (per CPU thread); on CUDA, where the Triton kernels run (``triton_kernels``), tiles stay
-in registers and the buffers are ghost's ``[B, p]`` column sums and instantiate's ``[p, d]`` sum.
+in registers, the buffers are ghost's ``[B, p]`` column sums and instantiate's ``[p, d]`` sum, and
+the bound is ``CUDA_MAX_EXTRA_BYTES`` (``max_extra_bytes``).
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from .base import RoutePlan
 #: Largest temporary buffer a route may allocate (bytes); override with DIVEBATCH_MAX_EXTRA_MB.
 MAX_EXTRA_BYTES = float(os.environ.get("DIVEBATCH_MAX_EXTRA_MB", "8")) * 2**20
 
-#: On CUDA, where the Triton kernels run, the largest buffer a route cuts a batch into chunks of
-#: samples for (a convolution's unfolded patches); override with DIVEBATCH_CUDA_CHUNK_MB. Each chunk
-#: costs its own launches (an unfold, a kernel, sums), which on a GPU cost more than the memory:
-#: under the CPU's ``MAX_EXTRA_BYTES`` a ResNet-18 at 224 x 224, batch 64, took its unfolded
-#: patches one to nine samples at a time, hundreds of launches a layer.
-CUDA_CHUNK_BYTES = float(os.environ.get("DIVEBATCH_CUDA_CHUNK_MB", "256")) * 2**20
+#: On CUDA, where the Triton kernels run, the largest temporary buffer a route may allocate
+#: (bytes; override with DIVEBATCH_CUDA_MAX_EXTRA_MB): ``MAX_EXTRA_BYTES`` bounds the C++ kernels'
+#: per-thread buffers and chunks on a CPU, and on a GPU it would cost launches and flops instead of
+#: memory: chunks of unfolded patches each cost an unfold, a kernel and sums (under 8 MiB a
+#: ResNet-18 at 224 x 224, batch 64, took them one to nine samples at a time, hundreds of launches
+#: a layer), and the instantiate route's float32 ``[p, d]`` sum over 8 MiB would leave long
+#: sequences to the ghost route at up to twice its flops.
+CUDA_MAX_EXTRA_BYTES = float(os.environ.get("DIVEBATCH_CUDA_MAX_EXTRA_MB", "256")) * 2**20
 
 _GHOST_TILE = 64
 
@@ -45,10 +48,11 @@ def triton_kernels(device_type: str) -> bool:
     return ops.triton_serves(torch.device("cuda"))
 
 
-def chunk_bytes(device_type: str) -> float:
-    """Largest buffer (bytes) that a route fills a chunk of samples at a time on ``device_type``:
-    ``MAX_EXTRA_BYTES``, or on CUDA with the Triton kernels the larger ``CUDA_CHUNK_BYTES``."""
-    return max(MAX_EXTRA_BYTES, CUDA_CHUNK_BYTES) if triton_kernels(device_type) else MAX_EXTRA_BYTES
+def max_extra_bytes(device_type: str) -> float:
+    """Largest temporary buffer (bytes) of the linear routes and of chunks of unfolded patches on
+    ``device_type``: ``MAX_EXTRA_BYTES``, or on CUDA with the Triton kernels the larger
+    ``CUDA_MAX_EXTRA_BYTES``."""
+    return max(MAX_EXTRA_BYTES, CUDA_MAX_EXTRA_BYTES) if triton_kernels(device_type) else MAX_EXTRA_BYTES
 
 
 def linear_route(B: int, T: int, d: int, p: int, force: str | None = None, device_type: str = "cpu") -> RoutePlan:
@@ -69,7 +73,8 @@ def linear_route(B: int, T: int, d: int, p: int, force: str | None = None, devic
     if force is not None:
         route = force
     else:
-        fits = [r for r in costs if memory[r] <= MAX_EXTRA_BYTES] or ["ghost"]
+        bound = max_extra_bytes(device_type)
+        fits = [r for r in costs if memory[r] <= bound] or ["ghost"]
         route = min(fits, key=costs.__getitem__)
     return RoutePlan(route, shape, costs[route], memory[route], alternatives=costs)
 
@@ -83,4 +88,4 @@ def linear_route_name(B: int, T: int, d: int, p: int, device_type: str = "cpu") 
     """``linear_route(...).route``, memoised: the hot path asks it on every call of every layer
     (the key holds what the model reads besides the shape: threads, kernels, the memory bound)."""
     return _route_name(B, T, d, p, device_type, torch.get_num_threads(), triton_kernels(device_type),
-                       MAX_EXTRA_BYTES)
+                       MAX_EXTRA_BYTES, CUDA_MAX_EXTRA_BYTES)
