@@ -122,7 +122,8 @@ def test_convolutions_on_cuda_take_the_kernels_on_unfolded_patches(triton_on_cud
 
 
 class Convolutions(nn.Module):
-    """Padded, strided, dilated, reflect-padded and grouped convolutions with many positions."""
+    """Padded (the test's input channels-last), strided, dilated, reflect-padded, grouped, 1-d and 3-d
+    convolutions with many positions."""
 
     def __init__(self):
         super().__init__()
@@ -132,11 +133,13 @@ class Convolutions(nn.Module):
         self.reflect = nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")
         self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
         self.line = nn.Conv1d(8, 4, 5, padding="same")
+        self.volume = nn.Conv3d(2, 3, 3, padding=(1, 0, 1), stride=(1, 2, 1))
 
     def forward(self, x):
         h = torch.tanh(self.strided(torch.tanh(self.padded(x))))
         h = self.grouped(torch.tanh(self.reflect(torch.tanh(self.dilated(h)))))
-        return self.line(h.flatten(2)).square().sum(dim=(1, 2))
+        v = self.volume(h.reshape(h.shape[0], 2, 4, 8, 8))
+        return self.line(h.flatten(2)).square().sum(dim=(1, 2)) + v.square().sum(dim=(1, 2, 3, 4))
 
 
 def test_cuda_routes_fuse_overlapping_convolutions_exactly(monkeypatch):
@@ -148,7 +151,8 @@ def test_cuda_routes_fuse_overlapping_convolutions_exactly(monkeypatch):
 
     monkeypatch.setattr(routes, "triton_kernels", lambda device_type: True)
     torch.manual_seed(0)
-    model, x, y = Convolutions(), torch.randn(4, 3, 16, 16), torch.randn(4)
+    model, y = Convolutions(), torch.randn(4)
+    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
     plain = Convolutions()
     plain.load_state_dict(model.state_dict())
 
@@ -162,7 +166,8 @@ def test_cuda_routes_fuse_overlapping_convolutions_exactly(monkeypatch):
         taken = {plan.module: plan.route for plan in tracker.plan()}
     assert taken == {"padded": "fused-unfold-instantiate", "strided": "fused-unfold-instantiate",
                      "dilated": "fused-unfold-instantiate", "reflect": "fused-unfold-instantiate",
-                     "grouped": "instantiate", "line": "fused-unfold-instantiate"}
+                     "grouped": "instantiate", "line": "fused-unfold-instantiate",
+                     "volume": "fused-unfold-instantiate"}
     per_sample, _, batch = reference_norms(model, loss_fn, x, y)
     assert rel_err(stats.per_sample, per_sample) <= 1e-5
     assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
