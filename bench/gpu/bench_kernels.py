@@ -54,6 +54,10 @@ WORKLOADS = {
     "seq-up-bf16":    ("ghost+instantiate", 16, 128, 256, 1024, torch.bfloat16, None),
     "conv-layer1":    ("ghost+instantiate", 64, 3136, 576, 64, torch.bfloat16, None),
     "conv-layer4":    ("ghost+instantiate", 64, 49, 4608, 512, torch.bfloat16, None),
+    # the same as the convolution routes hand them to the kernels: views of positions-last
+    # buffers (``unfold_patches``' im2col, ``grouped_grad``), so both inner strides are T
+    "conv-layer1-unfolded": ("ghost+instantiate", 64, 3136, 576, 64, torch.bfloat16, "positions-last"),
+    "conv-layer4-unfolded": ("ghost+instantiate", 64, 49, 4608, 512, torch.bfloat16, "positions-last"),
     "mlp-T1":         ("outer", 256, 1, 1024, 1024, torch.float32, None),
     "mlp-T1-bf16":    ("outer", 4096, 1, 4096, 4096, torch.bfloat16, None),
     "seq-embedding":  ("embedding", 16, 128, 0, 256, torch.float32, 1000),
@@ -143,7 +147,9 @@ def bench_workload(name, spec, K, R, rounds, rep_ms, dev="cuda"):
     else:
         a = torch.randn(B, T, d, device=dev, generator=gen).to(dtype)
         g = (0.1 * torch.randn(B, T, p, device=dev, generator=gen)).to(dtype)
-        a2, g2 = a.reshape(B * T, d), g.reshape(B * T, p)
+        if extra == "positions-last":
+            a, g = a.transpose(1, 2).contiguous().transpose(1, 2), g.transpose(1, 2).contiguous().transpose(1, 2)
+        a2, g2 = a.reshape(B * T, d), g.reshape(B * T, p)  # (the floor's GEMM on contiguous rows)
         methods["gemm g^T a (floor)"] = lambda: g2.t() @ a2
         methods["triton ghost_norm"] = lambda: K.ghost_norm_triton(a, g, True)
         methods["triton instantiate_norm"] = lambda: K.instantiate_norm_triton(a, g, True)

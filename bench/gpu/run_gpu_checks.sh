@@ -103,7 +103,7 @@ SUMMARY+=("correctness jobs: $(( $(date +%s) - t0 ))s together")
 # 2. kernel benchmarks (~2-3 min including autotuning: 8 instantiate configs to compile per shape on sm_90;
 #    the JSON is rewritten after each workload, so a cut run keeps what it timed).
 step bench 210 env DIVEBATCH_TRITON_SCANS=1 "$PY" bench/gpu/bench_kernels.py --out "$RESULTS/bench_kernels.json" --rounds 3 --rep-ms 50 \
-    --workloads seq-large-up,seq-large-down,seq-up-bf16,conv-layer1,conv-layer4,mlp-T1-bf16,seq-embedding,seq-large-embedding,layernorm-seq-large,rmsnorm-llama,groupnorm-conv-large,lstm-scan,gru-scan,lstm-scan-wide
+    --workloads seq-large-up,seq-large-down,seq-up-bf16,conv-layer1,conv-layer4,conv-layer1-unfolded,conv-layer4-unfolded,mlp-T1-bf16,seq-embedding,seq-large-embedding,layernorm-seq-large,rmsnorm-llama,groupnorm-conv-large,lstm-scan,gru-scan,lstm-scan-wide
 
 # 2b. where the tracked seq-large step's extra time goes (torch.profiler, plain vs divebatch), and
 #     the transformer workload's (3.28x on a 4.4 ms step on the H200: device time per op beside
