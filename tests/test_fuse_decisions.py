@@ -175,6 +175,33 @@ def test_cuda_routes_fuse_overlapping_convolutions_exactly(monkeypatch):
         assert rel_err(p.grad, q.grad) <= 1e-5, name
 
 
+def test_cuda_routes_take_transposed_convolutions_to_the_kernels_exactly(monkeypatch):
+    """A transposed convolution on CUDA: the Triton kernels on its unfolded output grad, not the
+    grouped per-sample convolution the CPU-fitted model picks for these shapes (C++ operators
+    standing in for the kernels here); the norms are torch.func's."""
+    from divebatch.layers import routes
+
+    def loss_fn(out, target):
+        return 0.5 * (out.square().sum(dim=(1, 2, 3)) - target).square().sum()
+
+    def step(model, x, y):
+        with GradNormTracker(model, "sum") as tracker:
+            loss_fn(model(x), y).backward()
+            return tracker.collect(), {plan.module: plan.route for plan in tracker.plan()}
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose2d(8, 16, 4, 2, 1), nn.Tanh(), nn.ConvTranspose2d(16, 4, 3, 1, 1, groups=2))
+    x, y = torch.randn(4, 8, 8, 8), torch.randn(4)
+    assert set(step(model, x, y)[1].values()) == {"per-sample conv"}  # (CPU)
+    monkeypatch.setattr(routes, "triton_kernels", lambda device_type: True)
+    model.zero_grad()
+    stats, taken = step(model, x, y)
+    assert set(taken.values()) <= {"ghost", "instantiate"}
+    per_sample, _, batch = reference_norms(model, loss_fn, x, y)
+    assert rel_err(stats.per_sample, per_sample) <= 1e-5
+    assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
+
+
 def test_unfolded_patches_come_in_large_chunks_on_cuda(triton_on_cuda, monkeypatch):
     """Each chunk of unfolded patches costs its launches: on CUDA chunks take up to
     ``CUDA_MAX_EXTRA_BYTES``, on CPU (and CUDA without Triton) ``MAX_EXTRA_BYTES``."""

@@ -534,15 +534,16 @@ class ConvTransposeRule(LayerRule):
         return x[0, 0].numel(), d, module.in_channels // module.groups
 
     def chunk_size(self, module, x, g) -> int:
-        """Samples per chunk so the patches and the padded output grad stay under ``MAX_EXTRA_BYTES``."""
+        """Samples per chunk so the patches and the padded output grad stay under
+        ``routes.max_extra_bytes`` (``MAX_EXTRA_BYTES``; more on CUDA)."""
         T, d, _ = self._dims(module, x)
         per_sample = 4 * (module.groups * T * d + g[0].numel())
-        return max(1, min(x.shape[0], int(MAX_EXTRA_BYTES // per_sample)))
+        return max(1, min(x.shape[0], int(max_extra_bytes(x.device.type) // per_sample)))
 
     def conv_chunk_size(self, module, x, g) -> int:
         """Samples per grouped convolution so their per-sample gradients and the copies of input and
-        output grad the convolution makes stay under ``MAX_EXTRA_BYTES``."""
-        return max(1, min(x.shape[0], int(MAX_EXTRA_BYTES // self._sample_bytes(module, x, g))))
+        output grad the convolution makes stay under ``routes.max_extra_bytes``."""
+        return max(1, min(x.shape[0], int(max_extra_bytes(x.device.type) // self._sample_bytes(module, x, g))))
 
     def _sample_bytes(self, module, x, g) -> int:
         return 4 * (module.weight.numel() + x[0].numel() + g[0].numel())
@@ -577,8 +578,14 @@ class ConvTransposeRule(LayerRule):
         _, d, p = self._dims(module, x)
         Ts = tuple(c[0][0, 0].numel() for c in calls)
         sample_bytes = max(self._sample_bytes(module, c[0], c[1][0]) for c in calls)
-        route, costs = _transpose_costs(x.shape[0], module.groups, Ts, d, p, sample_bytes, MAX_EXTRA_BYTES,
-                                        torch.get_num_threads())
+        if routes.triton_kernels(x.device.type):
+            # CUDA: the Triton kernels on the unfolded output grad, as for convolutions (see
+            # ``conv_fuses``), not the grouped per-sample convolution the CPU-fitted model may pick.
+            linear = linear_route(x.shape[0] * module.groups, sum(Ts), d, p, device_type=x.device.type)
+            route, costs = linear.route, tuple(linear.alternatives.items())
+        else:
+            route, costs = _transpose_costs(x.shape[0], module.groups, Ts, d, p, sample_bytes, MAX_EXTRA_BYTES,
+                                            torch.get_num_threads())
         if self.force_route == PER_SAMPLE_CONV:
             route = PER_SAMPLE_CONV
         elif self.force_route == "unfolded":
