@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from divebatch import GradNormTracker
-from divebatch.layers import RuleError, base, conv, rule_for
+from divebatch.layers import RuleError, base, conv, routes, rule_for
 
 from .oracle import reference_norms, rel_err
 from .test_tracker import assert_matches_oracle, tracked_step
@@ -139,10 +139,16 @@ def test_forward_with_output_size(dims, route):
     assert_matches_oracle(model, x, y, tracked_step(model, x, y, "sum"), rtol=RTOL)
 
 
+def _limit_buffers(monkeypatch, max_bytes: float) -> None:
+    """DIVEBATCH_MAX_EXTRA_MB as read at import: the route model's bound (conv) and the chunks' (routes)."""
+    monkeypatch.setattr(conv, "MAX_EXTRA_BYTES", max_bytes)
+    monkeypatch.setattr(routes, "MAX_EXTRA_BYTES", max_bytes)
+
+
 @pytest.mark.parametrize("forced", ROUTES)
 def test_chunks_of_one_sample(monkeypatch, forced):
     """A buffer limit below one sample's patches: one sample per chunk, the same numbers."""
-    monkeypatch.setattr(conv, "MAX_EXTRA_BYTES", 1.0)
+    _limit_buffers(monkeypatch, 1.0)
     monkeypatch.setattr(conv.ConvTransposeRule, "force_route", forced)
     module, x, y = make(2, 4, 6, 3, dict(stride=2, padding=1, groups=2), (5, 4), 4)
     assert conv.ConvTransposeRule().chunk_size(module, x, y) == 1
@@ -156,7 +162,7 @@ def test_per_sample_conv_chunks_of_several_samples(monkeypatch):
     model = Twice()
     x = torch.randn(5, 3, 5, 4)
     per_sample = 4 * (model.up.weight.numel() + x[0].numel() + 3 * 10 * 7)
-    monkeypatch.setattr(conv, "MAX_EXTRA_BYTES", 2.5 * per_sample)
+    _limit_buffers(monkeypatch, 2.5 * per_sample)
     assert conv.ConvTransposeRule().conv_chunk_size(model.up, x, torch.empty(5, 3, 10, 7)) == 2
     y = torch.randn(5, 2)
     assert_matches_oracle(model, x, y, tracked_step(model, x, y, "sum"), rtol=RTOL)
@@ -192,7 +198,7 @@ def test_per_sample_gradient_above_the_buffer_limit_takes_the_unfolded_route(mon
         g = torch.randn_like(module(x))
     rule = conv.ConvTransposeRule()
     assert rule.plan(module, x, g, {"weight": module.weight}).route == conv.PER_SAMPLE_CONV
-    monkeypatch.setattr(conv, "MAX_EXTRA_BYTES", 4.0 * module.weight.numel())  # less than one sample's
+    _limit_buffers(monkeypatch, 4.0 * module.weight.numel())  # less than one sample's
     plan = rule.plan(module, x, g, {"weight": module.weight})
     assert plan.route in {"ghost", "instantiate"} and conv.PER_SAMPLE_CONV not in plan.alternatives
 
