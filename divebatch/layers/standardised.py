@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from .base import per_sample_sq
 from .conv import conv_weight_grads, grouped_grad, unfold_patches
 from .linear import linear_norms
-from .routes import MAX_EXTRA_BYTES, linear_route_name
+from .routes import linear_route_name, max_extra_bytes
 
 # The convolutions a standardised product may be, and their spatial dims.
 CONV_DIMS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
@@ -141,7 +141,7 @@ def _from_rows(func, x, grad, arguments, weight_shape, batch_size: int, dtype, c
         # Where the subtraction cancelled (most of a gradient along 1 or ŵ_o: float32's rounding
         # of the terms, amplified), those samples again, formed outright in float64.
         unsure = (weighted > _CANCELLATION * sq).nonzero().squeeze(1)
-        step = max(1, int(MAX_EXTRA_BYTES // (8 * 3 * O * K)))
+        step = max(1, int(max_extra_bytes(a.device.type) // (8 * 3 * O * K)))
         for part in unsure.split(step) if unsure.numel() else ():
             rows = (part.unsqueeze(1) * groups + torch.arange(groups, device=a.device)).reshape(-1)
             sq[part] = _formed(a[rows].double(), g_t[rows].double(), w_hat, scale)[0]
@@ -188,10 +188,11 @@ def _formed(a, g_t, w_hat, scale) -> tuple:
 
 def _convolved(func, x, grad, arguments, weight_shape, batch_size: int, dtype, w_hat, scale):
     """``_statistics`` of chunks of samples whose weight gradients come from one grouped
-    weight-gradient convolution each (``conv_weight_grads``), within ``MAX_EXTRA_BYTES``."""
+    weight-gradient convolution each (``conv_weight_grads``), within ``routes.max_extra_bytes``."""
     O, K = w_hat.shape
     stride, padding, dilation, groups = conv_arguments(func, arguments)
-    step = max(1, min(batch_size, int(MAX_EXTRA_BYTES // (4 * (3 * O * K + x[0].numel() + grad[0].numel())))))
+    step = max(1, min(batch_size, int(max_extra_bytes(x.device.type) // (4 * (3 * O * K + x[0].numel()
+                                                                           + grad[0].numel())))))
     for start in range(0, batch_size, step):
         per_sample = conv_weight_grads(x[start:start + step].to(dtype), grad[start:start + step].to(dtype),
                                        weight_shape, stride, padding, dilation, groups)
@@ -213,7 +214,8 @@ def _statistics(per_sample, w_hat, scale) -> tuple:
 def _rows(func, x, grad, arguments, weight_shape, batch_size: int, dtype, sample_bytes: int):
     """``(first sample, A [n * groups, T, K], G [n * groups, T, O / groups])`` in ``dtype``, for
     chunks of samples: an ``F.linear``'s rows per sample, or a convolution's unfolded patches per sample and
-    group; ``n * sample_bytes`` (what a chunk costs the caller) stays under ``MAX_EXTRA_BYTES``."""
+    group; ``n * sample_bytes`` (what a chunk costs the caller) stays under ``routes.max_extra_bytes``
+    (``MAX_EXTRA_BYTES``; more on CUDA, where each chunk costs launches)."""
     O, K = weight_shape[0], math.prod(weight_shape[1:])
     if func is F.linear:
         x, grad, layout = x.reshape(batch_size, -1, K), grad.reshape(batch_size, -1, O), None
@@ -223,7 +225,7 @@ def _rows(func, x, grad, arguments, weight_shape, batch_size: int, dtype, sample
             x = F.pad(x, [p for p in reversed(padding) for _ in (0, 1)])
         layout = SimpleNamespace(kernel_size=tuple(weight_shape[2:]), stride=stride, dilation=dilation,
                                  groups=groups)
-    step = max(1, min(batch_size, int(MAX_EXTRA_BYTES // sample_bytes)))
+    step = max(1, min(batch_size, int(max_extra_bytes(x.device.type) // sample_bytes)))
     for start in range(0, batch_size, step):
         a, g = x[start:start + step].to(dtype), grad[start:start + step].to(dtype)
         yield (start, a, g) if layout is None else (start, unfold_patches(layout, a), grouped_grad(layout, g))
