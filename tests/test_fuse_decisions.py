@@ -121,6 +121,25 @@ def test_convolutions_on_cuda_take_the_kernels_on_unfolded_patches(triton_on_cud
     assert conv_fuses(conv, torch.Size(shape), "cuda") is fused
 
 
+def _squared_error(out, target):
+    return 0.5 * (out - target).square().sum()
+
+
+def _step_beside_plain(model, plain, x, y):
+    """Backward of ``_squared_error`` through ``plain`` (same weights, untracked) and through
+    ``model`` tracked: ``(stats, {module: route})``."""
+    _squared_error(plain(x), y).backward()
+    with GradNormTracker(model, "sum") as tracker:
+        _squared_error(model(x), y).backward()
+        return tracker.collect(), {plan.module: plan.route for plan in tracker.plan()}
+
+
+def _assert_exact(model, stats, x, y):
+    per_sample, _, batch = reference_norms(model, _squared_error, x, y)
+    assert rel_err(stats.per_sample, per_sample) <= 1e-5
+    assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
+
+
 class Convolutions(nn.Module):
     """Padded (the test's input channels-last), strided, dilated, reflect-padded, grouped, 1-d and 3-d
     convolutions with many positions."""
@@ -155,22 +174,12 @@ def test_cuda_routes_fuse_overlapping_convolutions_exactly(monkeypatch):
     x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
     plain = Convolutions()
     plain.load_state_dict(model.state_dict())
-
-    def loss_fn(out, target):
-        return 0.5 * (out - target).square().sum()
-
-    loss_fn(plain(x), y).backward()
-    with GradNormTracker(model, "sum") as tracker:
-        loss_fn(model(x), y).backward()
-        stats = tracker.collect()
-        taken = {plan.module: plan.route for plan in tracker.plan()}
+    stats, taken = _step_beside_plain(model, plain, x, y)
     assert taken == {"padded": "fused-unfold-instantiate", "strided": "fused-unfold-instantiate",
                      "dilated": "fused-unfold-instantiate", "reflect": "fused-unfold-instantiate",
                      "grouped": "instantiate", "line": "fused-unfold-instantiate",
                      "volume": "fused-unfold-instantiate"}
-    per_sample, _, batch = reference_norms(model, loss_fn, x, y)
-    assert rel_err(stats.per_sample, per_sample) <= 1e-5
-    assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
+    _assert_exact(model, stats, x, y)
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
         assert rel_err(p.grad, q.grad) <= 1e-5, name
 
@@ -293,18 +302,9 @@ def test_non_overlapping_convolution_takes_the_unfolded_tile_route(conv, shape, 
     y = torch.randn(shape[0])
     plain = Patches(conv())
     plain.load_state_dict(model.state_dict())
-
-    def loss_fn(out, target):
-        return 0.5 * (out - target).square().sum()
-
-    loss_fn(plain(x), y).backward()
-    with GradNormTracker(model, "sum") as tracker:
-        loss_fn(model(x), y).backward()
-        stats = tracker.collect()
-        assert {plan.module: plan.route for plan in tracker.plan()}["conv"] == route
-    per_sample, _, batch = reference_norms(model, loss_fn, x, y)
-    assert rel_err(stats.per_sample, per_sample) <= 1e-5
-    assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
+    stats, taken = _step_beside_plain(model, plain, x, y)
+    assert taken["conv"] == route
+    _assert_exact(model, stats, x, y)
     for name, p in model.conv.named_parameters():  # the weight gradient comes from the per-sample tiles
         expected = dict(plain.conv.named_parameters())[name].grad
         torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
