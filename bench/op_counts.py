@@ -4,7 +4,7 @@ that a CPU can take for a GPU. On the H200 the transformer workload's plain step
 small model's step there is bound by launches, so each op the tracker adds costs about as much as
 one of the model's own.
 
-    python bench/op_counts.py [--workloads transformer,seq,mlp,conv-large,seq-large] [--out bench/results/op_counts.json]
+    python bench/op_counts.py [--workloads transformer,seq-large,...] [--out bench/results/op_counts.json]
 
 Two counts per workload, each of one step after warm-up steps (plans are made, caches filled)
 with a ``TorchDispatchMode`` (every aten op, including views that launch nothing):

@@ -110,8 +110,8 @@ def test_bench_kernels_cpu_smoke_run(tmp_path):
     import bench_kernels
 
     out = tmp_path / "bench.json"
-    names = ("seq-up-bf16,conv-layer1-unfolded,mlp-T1-bf16,seq-embedding,layernorm-seq-large,rmsnorm-llama,groupnorm-conv-large,"
-             "groupnorm-conv-large-cl,batchnorm-conv-large-cl,batchnorm-layer4-eval")
+    names = ("seq-up-bf16,conv-layer1-unfolded,mlp-T1-bf16,seq-embedding,layernorm-seq-large,rmsnorm-llama,"
+             "groupnorm-conv-large,groupnorm-conv-large-cl,batchnorm-conv-large-cl,batchnorm-layer4-eval")
     assert bench_kernels.main(["--cpu-smoke", "--rounds", "1", "--workloads", names, "--out", str(out)]) == 0
     results = {r["workload"]: r for r in json.loads(out.read_text())["results"]}
     assert set(results) == set(names.split(","))

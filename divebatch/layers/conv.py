@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from . import routes
 from .base import LayerRule, RoutePlan, RuleError, fused_sink_grads, per_sample_sq, register
 from .linear import fused_linear_route, fused_linear_route_name, linear_norms
-from . import routes
 from .routes import MAX_EXTRA_BYTES, linear_route, max_extra_bytes
 
 
@@ -115,7 +115,7 @@ class ConvRule(LayerRule):
         return d, g[0].numel() // module.out_channels, module.out_channels // module.groups
 
     def chunk_size(self, module, x, g) -> int:
-        """Samples per unfold chunk so the patch buffer stays under ``MAX_EXTRA_BYTES``."""
+        """Samples per unfold chunk so the patch buffer stays under ``routes.max_extra_bytes``."""
         d, T, _ = self._dims(module, x, g)
         return _unfold_chunk(x.shape[0], module.groups * T * d, x.device.type)
 
@@ -201,10 +201,11 @@ def conv_fuses(module: nn.modules.conv._ConvNd, shape: torch.Size, device_type: 
     unfolded route (``fused_conv_pays``): most layers, but not the deep layers of a CNN (few
     positions, many channels), whose per-sample gradients are large and slow to write. On CUDA with
     the Triton kernels only a one-group convolution whose unfolded patches take the fused
-    instantiate kernel (``_unfolded_fused_route``): the grouped per-sample convolution writes every sample's
-    weight gradient, a few samples per chunk and launches per chunk (a ResNet-18 at 224 x 224, batch
-    64: ~500 grouped convolutions and ~9000 ops a step), where the kernels on unfolded patches keep
-    them in registers (the others keep autograd's weight gradient and take the hook route). On
+    instantiate kernel (``_unfolded_fused_route``): the grouped per-sample convolution writes every
+    sample's weight gradient, a few samples per chunk and launches per chunk (a ResNet-18 at
+    224 x 224, batch 64: ~500 grouped convolutions and ~9000 ops a step), where the kernels on
+    unfolded patches keep them in registers (the others keep autograd's weight gradient and take
+    the hook route). On
     CUDA without Triton (the reference's Gram products would run in float32) the grouped convolution."""
     pads = module._reversed_padding_repeated_twice[::-1]  # (right, left) pairs, first dim first
     T = _output_positions(module, shape[2:], [pads[2 * i] + pads[2 * i + 1] for i in range(len(shape) - 2)])

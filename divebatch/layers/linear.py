@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .base import LayerRule, RoutePlan, batched_input, fused_sink_grads, register
 from . import routes
+from .base import LayerRule, RoutePlan, batched_input, fused_sink_grads, register
 from .routes import MAX_EXTRA_BYTES, linear_route, linear_route_name
 
 
