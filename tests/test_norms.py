@@ -176,3 +176,35 @@ def test_squared_distance_is_exact_without_a_full_size_temporary(dtype, layout, 
     assert got.dtype == torch.float32 and got.dim() == 0
     assert abs(got.double() - exact) / exact <= 1e-6
     assert seen.largest <= 1 << 12, f"a temporary of {seen.largest} elements (gradient: {t.numel()})"
+
+
+class _Launches(TorchDispatchMode):
+    """Ops other than views (what a GPU would launch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_short_per_sample_gradients_are_reduced_side_by_side():
+    """A norm layer's weight and bias rows (and any other short per-sample gradients) are squared
+    and summed in one reduction: three launches for any number of them; long ones as
+    ``per_sample_sq``; the sum exact to float32 rounding."""
+    from divebatch.layers.base import per_sample_sq_sum
+
+    g = torch.Generator().manual_seed(4)
+    short = [torch.randn(5, 64, generator=g), torch.randn(5, 64, generator=g), torch.randn(5, 3, 4, generator=g)]
+    long = torch.randn(5, 3, 4096, generator=g)
+    for tensors in (short, [*short, long]):
+        exact = sum(t.double().reshape(5, -1).square().sum(dim=1) for t in tensors)
+        got = per_sample_sq_sum(tensors)
+        assert got.dtype == torch.float32 and got.shape == (5,)
+        assert ((got.double() - exact).abs() / exact).max() <= 1e-6
+    with _Launches() as launches:
+        per_sample_sq_sum(short)
+    assert len(launches.names) <= 3, launches.names  # one by one: 2 each and 2 adds

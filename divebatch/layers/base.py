@@ -125,8 +125,7 @@ class PerSampleGradsRule(LayerRule):
         raise NotImplementedError
 
     def norms(self, module, calls, tracked):
-        # (not sum(): its start, 0, would cost one more op per layer and backward)
-        return functools.reduce(operator.add, map(per_sample_sq, self.per_sample_grads(module, calls, tracked).values()))
+        return per_sample_sq_sum(self.per_sample_grads(module, calls, tracked).values())
 
     def grad_sums(self, module, calls, tracked):
         return {name: t.sum(dim=0) for name, t in self.per_sample_grads(module, calls, tracked).items()}
@@ -279,3 +278,22 @@ def per_sample_sq(t: torch.Tensor) -> torch.Tensor:
     head = rows.view(-1, 1, block)
     sums = torch.bmm(head, head.transpose(1, 2)).view(rows.shape[0], -1).sum(dim=1, dtype=torch.float64)
     return sums.float()
+
+
+#: Per-sample gradients of at most this many elements a sample are reduced side by side.
+SIDE_BY_SIDE_ELEMENTS = 4096
+
+
+def per_sample_sq_sum(tensors) -> torch.Tensor:
+    """``Σ_t per_sample_sq(t)`` over per-sample gradients ``[B, ...]``, float32 ``[B]``.
+
+    The short ones (at most ``SIDE_BY_SIDE_ELEMENTS`` a sample: a norm layer's weight and bias,
+    a PReLU's slopes) are put side by side and squared and summed at once: three ops for any
+    number of them, where one by one costs two each and an add between (on a GPU, where a small
+    model's step is bound by launches, each op is a launch)."""
+    rows = [t.float().reshape(t.shape[0], -1) for t in tensors]
+    short = [r for r in rows if r.shape[1] <= SIDE_BY_SIDE_ELEMENTS]
+    parts = [per_sample_sq(r) for r in rows if r.shape[1] > SIDE_BY_SIDE_ELEMENTS]
+    if short:
+        parts.append((short[0] if len(short) == 1 else torch.cat(short, dim=1)).square().sum(dim=1))
+    return functools.reduce(operator.add, parts)

@@ -81,6 +81,11 @@ def _unfold_chunk(B: int, patch_elements: int, device_type: str) -> int:
     return max(1, min(B, int(max_extra_bytes(device_type) // max(4 * patch_elements, 1))))
 
 
+def _joined(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """The chunks' per-sample norms in one ``[B]`` tensor (a batch in one chunk: no copy, no launch)."""
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+
 def grouped_grad(module: nn.modules.conv._ConvNd, g: torch.Tensor) -> torch.Tensor:
     """Output grad ``[B, Cout, *out]`` as ``[B * groups, T, Cout/groups]`` (a transposed view)."""
     B, Cout = g.shape[:2]
@@ -142,7 +147,7 @@ class ConvRule(LayerRule):
             # and the groups' channel sets are disjoint, so group bias norms add up too.
             per_group = linear_norms(a, g, True, with_bias)
             out.append(per_group.view(stop - start, groups).sum(dim=1))
-        return torch.cat(out)
+        return _joined(out)
 
     def grad_sums(self, module, calls, tracked):
         zeros = [0] * len(module.kernel_size)
@@ -389,7 +394,7 @@ def unfolded_weight_norms(module, x, g) -> tuple[torch.Tensor, torch.Tensor]:
                                              grouped_grad(module, g[start:start + step]), False)
         sq.append(w_sq)
         grad_w = part if grad_w is None else grad_w + part
-    return torch.cat(sq), grad_w.view(module.weight.shape)
+    return _joined(sq), grad_w.view(module.weight.shape)
 
 
 def grouped_weight_norms(module, x, padding, g) -> tuple[torch.Tensor, torch.Tensor]:
@@ -402,7 +407,7 @@ def grouped_weight_norms(module, x, padding, g) -> tuple[torch.Tensor, torch.Ten
         sq.append(per_sample_sq(psg))
         part = psg.sum(dim=0)
         grad_w = part if grad_w is None else grad_w + part
-    return torch.cat(sq), grad_w
+    return _joined(sq), grad_w
 
 
 def _common_dtype(x: torch.Tensor, g: torch.Tensor) -> torch.dtype:
@@ -618,7 +623,7 @@ class ConvTransposeRule(LayerRule):
             g = [grouped_grad(module, x[rows]) for x, _ in calls]
             a, g = (a[0], g[0]) if len(calls) == 1 else (torch.cat(a, dim=1), torch.cat(g, dim=1))
             out.append(linear_norms(a, g, True, False).view(-1, module.groups).sum(dim=1))
-        return torch.cat(out)
+        return _joined(out)
 
     def per_sample_conv_norms(self, module, calls) -> torch.Tensor:
         """Per-sample squared weight-gradient norms [B] from per-sample gradients (batch in the groups);
@@ -636,7 +641,7 @@ class ConvTransposeRule(LayerRule):
             # psg is this loop's own buffer: squared in place, no second buffer of its size. (Not
             # vector_norm: its float32 accumulation lost 7e-5 relative on 2M-element gradients.)
             out.append(psg.square_().reshape(psg.shape[0], -1).sum(dim=1))
-        return torch.cat(out)
+        return _joined(out)
 
     def grad_sums(self, module, calls, tracked):
         parts = [(x, grads[0], list(module.padding), self.output_padding(module, x.shape[2:], grads[0]))

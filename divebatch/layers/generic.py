@@ -53,7 +53,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .base import METADATA_READS, PerSampleGradsRule, RoutePlan, RuleError, per_sample_sq, suspend_capture
+from .base import METADATA_READS, PerSampleGradsRule, RoutePlan, RuleError, per_sample_sq_sum, suspend_capture
 from .conv import _FusedConv, conv_weight_grads
 from .experts import _MATMULS, ExpertUses, rows_grad_sum, rows_norms, rows_per_sample
 from .linear import fused_linear
@@ -1519,9 +1519,9 @@ class GenericRule(PerSampleGradsRule):
                      for name, entries in rows.items())
             rest = {name: p for name, p in tracked.items() if name not in rows}
             if rest:
-                sq = sq + sum(per_sample_sq(t) for t in self.per_sample_grads(module, calls, rest).values())
+                sq = sq + per_sample_sq_sum(self.per_sample_grads(module, calls, rest).values())
             return sq
-        return torch.cat([sum(per_sample_sq(t) for t in chunk.values())
+        return torch.cat([per_sample_sq_sum(chunk.values())
                           for chunk in self._sample_chunks(module, calls, tracked)])
 
     @staticmethod
