@@ -161,13 +161,18 @@ class Convolutions(nn.Module):
         return self.line(h.flatten(2)).square().sum(dim=(1, 2)) + v.square().sum(dim=(1, 2, 3, 4))
 
 
-def test_cuda_routes_fuse_overlapping_convolutions_exactly(monkeypatch):
-    """The routes a GPU takes, run here with the C++ operators standing in for the Triton kernels:
-    every one-group convolution whose patches the fused instantiate kernel takes is fused through
-    its unfolded (padded, strided, dilated) patches, whose tiles give the weight gradient too; the
-    grouped one takes the hook route; the norms and gradients are torch.func's."""
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_cuda_routes_fuse_overlapping_convolutions_exactly(monkeypatch, backend):
+    """The routes a GPU takes, run here with the C++ operators or the Triton kernels (under the
+    interpreter, on the same strided views of unfolded patches a GPU gets): every one-group
+    convolution whose patches the fused instantiate kernel takes is fused through its unfolded
+    (padded, strided, dilated) patches, whose tiles give the weight gradient too; the grouped one
+    takes the hook route; the norms and gradients are torch.func's."""
     from divebatch.layers import routes
 
+    if backend == "triton" and not ops.TRITON_AVAILABLE:
+        pytest.skip("triton (divebatch._kernels) does not import here")
+    monkeypatch.setenv("DIVEBATCH_BACKEND", backend)
     monkeypatch.setattr(routes, "triton_kernels", lambda device_type: True)
     torch.manual_seed(0)
     model, y = Convolutions(), torch.randn(4)
