@@ -189,11 +189,16 @@ def test_cuda_routes_fuse_overlapping_convolutions_exactly(monkeypatch, backend)
         assert rel_err(p.grad, q.grad) <= 1e-5, name
 
 
-def test_cuda_routes_take_transposed_convolutions_to_the_kernels_exactly(monkeypatch):
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_cuda_routes_take_transposed_convolutions_to_the_kernels_exactly(monkeypatch, backend):
     """A transposed convolution on CUDA: the Triton kernels on its unfolded output grad, not the
-    grouped per-sample convolution the CPU-fitted model picks for these shapes (C++ operators
-    standing in for the kernels here); the norms are torch.func's."""
+    grouped per-sample convolution the CPU-fitted model picks for these shapes (the C++ operators
+    or the Triton kernels under the interpreter here); the norms are torch.func's."""
     from divebatch.layers import routes
+
+    if backend == "triton" and not ops.TRITON_AVAILABLE:
+        pytest.skip("triton (divebatch._kernels) does not import here")
+    monkeypatch.setenv("DIVEBATCH_BACKEND", backend)
 
     def loss_fn(out, target):
         return 0.5 * (out.square().sum(dim=(1, 2, 3)) - target).square().sum()
