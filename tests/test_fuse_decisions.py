@@ -402,3 +402,26 @@ def test_memoised_route_name_follows_the_model_and_its_constants(monkeypatch):
     assert linear.fused_linear_route_name(16, 4, 256, 1024, "cpu") == "ghost"
     monkeypatch.setattr(linear, "FUSED_TILE_COST", 0.0)  # a changed constant is a new key, not a stale answer
     assert linear.fused_linear_route_name(16, 4, 256, 1024, "cpu") == "fused-instantiate"
+
+
+def test_a_bad_buffer_bound_in_the_environment_is_refused_at_import_by_name():
+    import os
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", "import divebatch"], capture_output=True, text=True,
+                          env={**os.environ, "DIVEBATCH_CUDA_MAX_EXTRA_MB": "lots"}, cwd=ROOT)
+    assert done.returncode != 0
+    assert "DIVEBATCH_CUDA_MAX_EXTRA_MB='lots' is not a size in MiB" in done.stderr
+
+
+@pytest.mark.parametrize("value", ["lots", "-1", "nan", "inf"])
+def test_buffer_bounds_read_from_the_environment(monkeypatch, value):
+    from divebatch.layers import routes
+
+    monkeypatch.setenv("DIVEBATCH_MAX_EXTRA_MB", value)
+    with pytest.raises(ValueError, match=f"DIVEBATCH_MAX_EXTRA_MB='{value}' is not a size in MiB"):
+        routes._megabytes_from_env("DIVEBATCH_MAX_EXTRA_MB", "8")
+    monkeypatch.setenv("DIVEBATCH_CUDA_MAX_EXTRA_MB", "0.5")
+    assert routes._megabytes_from_env("DIVEBATCH_CUDA_MAX_EXTRA_MB", "256") == 0.5 * 2**20
+    monkeypatch.delenv("DIVEBATCH_CUDA_MAX_EXTRA_MB")
+    assert routes._megabytes_from_env("DIVEBATCH_CUDA_MAX_EXTRA_MB", "256") == 256 * 2**20

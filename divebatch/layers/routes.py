@@ -23,8 +23,21 @@ import torch
 
 from .base import RoutePlan
 
+def _megabytes_from_env(name: str, default: str) -> float:
+    """Bytes from the environment variable ``name`` given in MiB (``default`` where unset)."""
+    text = os.environ.get(name, default)
+    try:
+        mib = float(text)
+    except ValueError:
+        mib = -1.0
+    if not mib >= 0 or mib == float("inf"):
+        raise ValueError(f"{name}={text!r} is not a size in MiB: set it to a number >= 0 (default {default}) "
+                         "or unset it")
+    return mib * 2**20
+
+
 #: Largest temporary buffer a route may allocate (bytes); override with DIVEBATCH_MAX_EXTRA_MB.
-MAX_EXTRA_BYTES = float(os.environ.get("DIVEBATCH_MAX_EXTRA_MB", "8")) * 2**20
+MAX_EXTRA_BYTES = _megabytes_from_env("DIVEBATCH_MAX_EXTRA_MB", "8")
 
 #: On CUDA, where the Triton kernels run, the largest temporary buffer a route may allocate
 #: (bytes; override with DIVEBATCH_CUDA_MAX_EXTRA_MB): ``MAX_EXTRA_BYTES`` bounds the C++ kernels'
@@ -33,7 +46,7 @@ MAX_EXTRA_BYTES = float(os.environ.get("DIVEBATCH_MAX_EXTRA_MB", "8")) * 2**20
 #: ResNet-18 at 224 x 224, batch 64, took them one to nine samples at a time, hundreds of launches
 #: a layer), and the instantiate route's float32 ``[p, d]`` sum over 8 MiB would leave long
 #: sequences to the ghost route at up to twice its flops.
-CUDA_MAX_EXTRA_BYTES = float(os.environ.get("DIVEBATCH_CUDA_MAX_EXTRA_MB", "256")) * 2**20
+CUDA_MAX_EXTRA_BYTES = _megabytes_from_env("DIVEBATCH_CUDA_MAX_EXTRA_MB", "256")
 
 _GHOST_TILE = 64
 
