@@ -31,6 +31,13 @@ std::tuple<at::Tensor, at::Tensor> ghost_norm_cpu(const at::Tensor& a, const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor> instantiate_norm_cpu(const at::Tensor& a, const at::Tensor& g,
                                                                     bool with_bias);
 
+// instantiate_norm of a one-group convolution of x [B, C, *in] (1-3 spatial dims, zero padding)
+// with output grad g [B, O, *out]: (weight_sq [B], weight_grad_sum [O, C * prod(kernel_size)]), the
+// patches unfolded on CPU.
+std::tuple<at::Tensor, at::Tensor> conv_instantiate_norm_cpu(const at::Tensor& x, const at::Tensor& g,
+                                                             at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                                             at::IntArrayRef padding, at::IntArrayRef dilation);
+
 // T = 1 closed form for a [B, d], g [B, p]: (||a_b||^2 ||g_b||^2 [B], ||g_b||^2 or zeros [B]).
 std::tuple<at::Tensor, at::Tensor> outer_norm_cpu(const at::Tensor& a, const at::Tensor& g, bool with_bias);
 

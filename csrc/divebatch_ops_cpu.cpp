@@ -13,6 +13,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/bmm.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
@@ -25,6 +26,7 @@
 #include <algorithm>
 #include <atomic>
 #include <numeric>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -608,6 +610,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instantiate_norm_cpu(const at::Te
   return {weight_sq, bias_sq, grad_sum};
 }
 
+// ------------------------------------------------------------------ conv_instantiate_norm
+
+// instantiate_norm of a one-group convolution's zero-padded patches. On CPU the patches are
+// unfolded (one copy, positions last, as divebatch.reference.conv_patches writes them) and the
+// instantiate kernel above takes them; the Triton kernel reads them from x in place.
+std::tuple<at::Tensor, at::Tensor> conv_instantiate_norm_cpu(const at::Tensor& x_in, const at::Tensor& g_in,
+                                                             at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                                             at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const char* op = "conv_instantiate_norm";
+  check_cpu(x_in, op, "x");
+  check_same_device(x_in, g_in, op, "x", "g");
+  check_float(x_in, op, "x");
+  check_float(g_in, op, "g");
+  const int64_t n = x_in.dim() - 2;
+  TORCH_CHECK(n >= 1 && n <= 3 && g_in.dim() == x_in.dim(), "divebatch::", op,
+              ": x must be [B, C, *spatial] with 1-3 spatial dims and g [B, O, *out] of as many dims, got x of ",
+              x_in.dim(), " dims and g of ", g_in.dim());
+  const std::pair<const char*, at::IntArrayRef> geometry[] = {
+      {"kernel_size", kernel_size}, {"stride", stride}, {"padding", padding}, {"dilation", dilation}};
+  for (const auto& [name, values] : geometry) {
+    TORCH_CHECK(static_cast<int64_t>(values.size()) == n, "divebatch::", op, ": ", name,
+                " needs one entry per spatial dim (", n, "), got ", values);
+    const int64_t lowest = std::string(name) == "padding" ? 0 : 1;
+    for (const int64_t v : values) {
+      TORCH_CHECK(v >= lowest, "divebatch::", op, ": ", name, " entries must be >= ", lowest, ", got ", values);
+    }
+  }
+  check_size_match(x_in, g_in, 0, op, "x", "g", "batch size B");
+  const at::Tensor x = x_in.detach(), g = g_in.detach();  // see ghost_norm_cpu
+  std::vector<int64_t> pads;  // constant_pad_nd's order: last dim first, (left, right) each
+  for (int64_t i = n - 1; i >= 0; --i) {
+    pads.insert(pads.end(), {padding[i], padding[i]});
+  }
+  at::Tensor patches = at::constant_pad_nd(x, pads, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t out = (x.size(2 + i) + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1) / stride[i] + 1;
+    TORCH_CHECK(out >= 1 && g.size(2 + i) == out, "divebatch::", op, ": g must have ", out,
+                " output positions in spatial dim ", i, " for x of shape ", x.sizes(), " and this geometry, got g of shape ",
+                g.sizes());
+    // A dilated window is a contiguous window of span dil*(k-1)+1 read every dil-th element.
+    patches = patches.unfold(2 + i, dilation[i] * (kernel_size[i] - 1) + 1, stride[i]);
+    if (dilation[i] > 1) {
+      patches = patches.slice(-1, 0, c10::nullopt, dilation[i]);
+    }
+  }
+  // [B, C, o_1..o_n, k_1..k_n] -> [B, C, k_1..k_n, o_1..o_n]: positions last, columns in weight order.
+  std::vector<int64_t> order = {0, 1};
+  for (int64_t i = 0; i < n; ++i) order.push_back(2 + n + i);
+  for (int64_t i = 0; i < n; ++i) order.push_back(2 + i);
+  const int64_t B = x.size(0), O = g.size(1);
+  int64_t T = 1, columns = x.size(1);
+  for (int64_t i = 0; i < n; ++i) {
+    T *= g.size(2 + i);
+    columns *= kernel_size[i];
+  }
+  const at::Tensor a = patches.permute(order).reshape({B, columns, T}).transpose(1, 2);
+  auto [weight_sq, bias_sq, grad_sum] = instantiate_norm_cpu(a, g.reshape({B, O, T}).transpose(1, 2), false);
+  return {weight_sq, grad_sum};
+}
+
 // ------------------------------------------------------------------ outer_norm
 
 std::tuple<at::Tensor, at::Tensor> outer_norm_cpu(const at::Tensor& a, const at::Tensor& g, bool with_bias) {
@@ -1069,6 +1131,7 @@ std::tuple<at::Tensor, at::Tensor> channel_norm_grads_cpu(const at::Tensor& x, c
 TORCH_LIBRARY_IMPL(divebatch, CPU, m) {
   m.impl("ghost_norm", &divebatch::ghost_norm_cpu);
   m.impl("instantiate_norm", &divebatch::instantiate_norm_cpu);
+  m.impl("conv_instantiate_norm", &divebatch::conv_instantiate_norm_cpu);
   m.impl("outer_norm", &divebatch::outer_norm_cpu);
   m.impl("embedding_norm", &divebatch::embedding_norm_cpu);
   m.impl("affine_norm_grads", &divebatch::affine_norm_grads_cpu);

@@ -51,7 +51,7 @@ LOOSE_TOLERANCE = 2e-2
 CHUNK_BYTES = 256 << 20
 
 #: The operators checked here: every one with a Triton kernel.
-CHECKED_OPS = ("ghost_norm", "instantiate_norm", "outer_norm", "embedding_norm", "affine_norm_grads",
+CHECKED_OPS = ("ghost_norm", "instantiate_norm", "conv_instantiate_norm", "outer_norm", "embedding_norm", "affine_norm_grads",
                "group_norm_grads", "channel_norm_grads", "recurrent_scan", "recurrent_scan_backward")
 
 _checked: set[tuple] = set()  # input kinds checked
@@ -104,7 +104,7 @@ def input_kind(name: str, args: tuple) -> tuple:
             kind.append((arg.dtype, arg.device, lead, shape[2:], tuple((s == 1, s % 16 == 0) for s in arg.stride()),
                          arg.data_ptr() % 16 == 0))
         else:
-            kind.append(arg)
+            kind.append(tuple(arg) if isinstance(arg, list) else arg)  # (a convolution's geometry)
     return tuple(kind)
 
 
@@ -183,6 +183,19 @@ def _instantiate_check(args: tuple, outputs: tuple) -> list[tuple[str, torch.Ten
     return found + [("weight gradient", outputs[2], grad)]
 
 
+def _conv_instantiate_check(args: tuple, outputs: tuple) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """The per-sample norms on two samples and the weight gradient in full, by the reference (which
+    unfolds the patches) over chunks of samples whose patches take at most ``CHUNK_BYTES``."""
+    x, g, *geometry = args
+    found = _per_sample_check(reference.conv_instantiate_norm, 1)(args, outputs)
+    B, T = x.shape[0], math.prod(g.shape[2:])
+    step = max(1, CHUNK_BYTES // (4 * max(1, T * (outputs[1].shape[1] + g.shape[1]))))
+    grad = sum(reference.conv_instantiate_norm(x[start:start + step], g[start:start + step], *geometry)[1]
+               for start in range(0, B, step))
+    grad = grad if isinstance(grad, torch.Tensor) else torch.zeros_like(outputs[1])  # (no samples)
+    return found + [("weight gradient", outputs[1], grad)]
+
+
 def _whole_batch_check(reference_fn: Callable, in_float32: bool = False):
     """A check on the whole batch; ``in_float32``: the reference on float32 copies of the inputs
     (for an operator whose reference computes in its inputs' dtype while the kernel carries float32)."""
@@ -199,6 +212,7 @@ def _whole_batch_check(reference_fn: Callable, in_float32: bool = False):
 CHECKS: dict[str, Callable] = {
     "ghost_norm": _ghost_check,
     "instantiate_norm": _instantiate_check,
+    "conv_instantiate_norm": _conv_instantiate_check,
     "outer_norm": _per_sample_check(reference.outer_norm, 2),
     "embedding_norm": _per_sample_check(reference.embedding_norm, 1),
     "affine_norm_grads": _per_sample_check(reference.affine_norm_grads, 2),
@@ -218,7 +232,7 @@ def tolerance(name: str, args: tuple) -> float:
     if name.startswith("recurrent_scan") and any(
             isinstance(a, torch.Tensor) and a.dtype in (torch.float16, torch.bfloat16) for a in args):
         return LOOSE_TOLERANCE
-    if name in ("ghost_norm", "instantiate_norm", "outer_norm") and any(
+    if name in ("ghost_norm", "instantiate_norm", "conv_instantiate_norm", "outer_norm") and any(
             isinstance(a, torch.Tensor) and a.dtype == torch.float32 for a in args):
         if _kernel_settings().FP32_DOT_PRECISION == "tf32":
             return LOOSE_TOLERANCE
@@ -277,8 +291,8 @@ def checked(name: str, kernel: Callable) -> Callable:
     def run(*args):
         outputs = kernel(*args)
         # (the exact inputs first: ~1 us against input_kind's ~5 at every call)
-        exact = (name, *((a.shape, a.stride(), a.dtype, a.device, a.data_ptr() & 15)
-                         if isinstance(a, torch.Tensor) else a for a in args))
+        exact = (name, *((a.shape, a.stride(), a.dtype, a.device, a.data_ptr() & 15) if isinstance(a, torch.Tensor)
+                         else tuple(a) if isinstance(a, list) else a for a in args))
         if exact in _seen or not enabled() or _capturing(args):
             return outputs
         kind = input_kind(name, args)

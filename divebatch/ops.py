@@ -19,6 +19,7 @@ and unscaled (DESIGN §2): the tracker applies the loss-reduction factor.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -29,6 +30,8 @@ from . import _selfcheck, reference
 SCHEMAS = {
     "ghost_norm": "ghost_norm(Tensor a, Tensor g, bool with_bias) -> (Tensor, Tensor)",
     "instantiate_norm": "instantiate_norm(Tensor a, Tensor g, bool with_bias) -> (Tensor, Tensor, Tensor)",
+    "conv_instantiate_norm": "conv_instantiate_norm(Tensor x, Tensor g, int[] kernel_size, int[] stride, "
+                             "int[] padding, int[] dilation) -> (Tensor, Tensor)",
     "outer_norm": "outer_norm(Tensor a, Tensor g, bool with_bias) -> (Tensor, Tensor)",
     "embedding_norm": "embedding_norm(Tensor indices, Tensor g, int padding_idx) -> Tensor",
     "affine_norm_grads": "affine_norm_grads(Tensor x, Tensor g, bool rms, float eps, bool with_bias, "
@@ -65,6 +68,12 @@ def _ghost_norm_fake(a, g, with_bias):
 @torch.library.register_fake("divebatch::instantiate_norm")
 def _instantiate_norm_fake(a, g, with_bias):
     return _per_sample(a), _per_sample(a), a.new_empty((g.shape[-1], a.shape[-1]), dtype=torch.float32)
+
+
+@torch.library.register_fake("divebatch::conv_instantiate_norm")
+def _conv_instantiate_norm_fake(x, g, kernel_size, stride, padding, dilation):
+    columns = x.shape[1] * math.prod(kernel_size)
+    return _per_sample(x), x.new_empty((g.shape[1], columns), dtype=torch.float32)
 
 
 @torch.library.register_fake("divebatch::outer_norm")
@@ -174,6 +183,15 @@ def ghost_norm(a: torch.Tensor, g: torch.Tensor, with_bias: bool = False):
 def instantiate_norm(a: torch.Tensor, g: torch.Tensor, with_bias: bool = False):
     """Per-sample ``||g_b^T a_b||^2`` [B], bias norms [B] and ``sum_b g_b^T a_b`` [p, d]; float32."""
     return _call("instantiate_norm", a, g, with_bias)
+
+
+def conv_instantiate_norm(x: torch.Tensor, g: torch.Tensor, kernel_size, stride, padding, dilation):
+    """``instantiate_norm`` of a one-group convolution of ``x [B, C, *in]`` (1-3 spatial dims, zero
+    ``padding``) with output grad ``g [B, O, *out]``: per-sample squared weight-gradient norms [B]
+    and the weight gradient ``[O, C * prod(kernel)]`` of the unscaled summed loss, float32. The
+    Triton kernel reads the patches from ``x`` in place; elsewhere they are unfolded."""
+    return _call("conv_instantiate_norm", x, g, [int(v) for v in kernel_size], [int(v) for v in stride],
+                 [int(v) for v in padding], [int(v) for v in dilation])
 
 
 def outer_norm(a: torch.Tensor, g: torch.Tensor, with_bias: bool = False):

@@ -61,6 +61,61 @@ def instantiate_norm(a: torch.Tensor, g: torch.Tensor, with_bias: bool):
     return weight_sq, _bias_sq(g, with_bias), per_sample.sum(dim=0)
 
 
+def conv_output_sizes(op: str, x: torch.Tensor, g: torch.Tensor, kernel_size, stride, padding,
+                      dilation) -> list[int]:
+    """The output sizes of a one-group convolution of ``x [B, C, *in]`` (1-3 spatial dims) with
+    ``kernel_size``, ``stride``, ``padding`` (zeros, both sides) and ``dilation`` (one int per
+    spatial dim each), checked against its output grad ``g [B, O, *out]``; a ValueError names
+    what does not fit."""
+    n = x.dim() - 2
+    if not 1 <= n <= 3 or g.dim() != x.dim():
+        raise ValueError(f"divebatch.{op}: `x` must be [B, C, *spatial] with 1-3 spatial dims and `g` "
+                         f"[B, O, *out] of as many dims, got {tuple(x.shape)} and {tuple(g.shape)}")
+    geometry = {"kernel_size": kernel_size, "stride": stride, "padding": padding, "dilation": dilation}
+    for name, values in geometry.items():
+        if len(values) != n:
+            raise ValueError(f"divebatch.{op}: `{name}` needs one entry per spatial dim ({n}), got {list(values)}")
+    lowest = {"kernel_size": 1, "stride": 1, "padding": 0, "dilation": 1}
+    for name, values in geometry.items():
+        if any(int(v) < lowest[name] for v in values):
+            raise ValueError(f"divebatch.{op}: `{name}` entries must be >= {lowest[name]}, got {list(values)}")
+    out = [(size + 2 * pad - dil * (k - 1) - 1) // s + 1
+           for size, k, s, pad, dil in zip(x.shape[2:], kernel_size, stride, padding, dilation)]
+    if g.shape[0] != x.shape[0] or list(g.shape[2:]) != out:
+        raise ValueError(f"divebatch.{op}: `g` must be [B, O, *out] = [{x.shape[0]}, O, {', '.join(map(str, out))}] "
+                         f"for `x` {tuple(x.shape)} and this geometry, got {tuple(g.shape)}")
+    return out
+
+
+def conv_patches(x: torch.Tensor, kernel_size, stride, dilation) -> torch.Tensor:
+    """The patches of an (already padded) input ``x [B, C, *spatial]`` as ``[B, C * prod(kernel),
+    T]``, positions last (what im2col writes fastest), columns in ``weight.view(O, -1)``'s order;
+    the one copy is the final reshape."""
+    n = len(kernel_size)
+    for i, (k, s, dil) in enumerate(zip(kernel_size, stride, dilation)):
+        # A dilated window is a contiguous window of span dil*(k-1)+1 read every dil-th element.
+        x = x.unfold(2 + i, dil * (k - 1) + 1, s)
+        if dil > 1:
+            x = x[..., ::dil]
+    # x: [B, C, o_1..o_n, k_1..k_n] -> [B, C, k_1..k_n, o_1..o_n], positions last.
+    x = x.permute(0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n))
+    return x.reshape(x.shape[0], x.shape[1] * math.prod(kernel_size), math.prod(x.shape[2 + n:]))
+
+
+def conv_instantiate_norm(x: torch.Tensor, g: torch.Tensor, kernel_size, stride, padding, dilation):
+    """``instantiate_norm`` of a one-group convolution read from its input: the per-sample
+    ``||g_b^T a_b||^2`` [B] and ``sum_b g_b^T a_b`` [O, C * prod(kernel)] (the weight gradient of
+    the unscaled summed loss, ``weight.view(O, -1)``'s layout), float32, where ``a_b [T, C *
+    prod(kernel)]`` are the zero-padded patches of ``x [B, C, *in]`` and ``g [B, O, *out]`` is the
+    output grad. Here the patches are unfolded; the Triton kernel reads them from ``x`` in place."""
+    conv_output_sizes("conv_instantiate_norm", x, g, kernel_size, stride, padding, dilation)
+    if any(padding):
+        x = torch.nn.functional.pad(x, [int(p) for p in reversed(padding) for _ in (0, 1)])
+    a = conv_patches(x, kernel_size, stride, dilation).transpose(1, 2)
+    weight_sq, _, grad = instantiate_norm(a, g.reshape(*g.shape[:2], a.shape[1]).transpose(1, 2), False)
+    return weight_sq, grad
+
+
 def outer_norm(a: torch.Tensor, g: torch.Tensor, with_bias: bool):
     """T = 1 closed form: ``||g_b a_b^T||^2 = ||a_b||^2 ||g_b||^2`` for ``a [B, d]``, ``g [B, p]``.
 

@@ -14,7 +14,7 @@ from .channel_norm_grads import channel_norm_grads_triton
 from .embedding_norm import embedding_norm_triton
 from .ghost_norm import ghost_norm_triton
 from .group_norm_grads import group_norm_grads_triton
-from .instantiate_norm import instantiate_norm_triton
+from .instantiate_norm import conv_instantiate_norm_triton, instantiate_norm_triton
 from .outer_norm import outer_norm_triton
 from .recurrent_scan import recurrent_scan_backward_triton, recurrent_scan_triton
 
@@ -26,6 +26,7 @@ __all__ = [
     "unverified_configs_enabled",
     "ghost_norm_triton",
     "instantiate_norm_triton",
+    "conv_instantiate_norm_triton",
     "outer_norm_triton",
     "embedding_norm_triton",
     "affine_norm_grads_triton",
@@ -39,6 +40,7 @@ __all__ = [
 TRITON_OPS = {
     "ghost_norm": ghost_norm_triton,
     "instantiate_norm": instantiate_norm_triton,
+    "conv_instantiate_norm": conv_instantiate_norm_triton,
     "outer_norm": outer_norm_triton,
     "embedding_norm": embedding_norm_triton,
     "affine_norm_grads": affine_norm_grads_triton,

@@ -45,12 +45,14 @@ exactly).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (AUTOTUNE_KWARGS, INTERPRET, check_a_g, config_table, dot_options,
-                      sm_count, tma_ok, tma_workspace, tuning_size)
+from ._common import (AUTOTUNE_KWARGS, INTERPRET, check_a_g, check_device, check_float, config_table,
+                      dot_options, sm_count, tma_ok, tma_workspace, tuning_size)
 
 def _config(block_p, block_d, block_t, warps, stages, group_p=1, sum_in_output=False, flatten=False,
             tma=False) -> triton.Config:
@@ -121,8 +123,32 @@ _CONFIGS, _PRUNE = config_table(
 _SPLIT_TILE = 128 * 128
 
 
+@triton.jit
+def _patch_chunk(x_base, tt, t_mask, mask_d, col_off, win_d, win_h, win_w, XD, XH, XW, OH, OW,
+                 sd, sh, sw, pd, ph, pw, stride_xd, stride_xh, stride_xw, PADDED: tl.constexpr):
+    """A ``[BLOCK_T, BLOCK_D]`` chunk of a convolution's patches read from its input ``x`` in place
+    (implicit GEMM): rows are the positions ``tt``, columns the kernel offsets whose part of the
+    address is ``col_off`` and whose window offsets are ``win_*``; entries in the zero padding
+    (``PADDED``) or past T and d are 0."""
+    ow = tt % OW
+    rest = tt // OW
+    # Each position's window corner in the unpadded input (negative inside the padding).
+    at_d = (rest // OH) * sd - pd
+    at_h = (rest % OH) * sh - ph
+    at_w = ow * sw - pw
+    row = at_d.to(tl.int64) * stride_xd + at_h.to(tl.int64) * stride_xh + at_w.to(tl.int64) * stride_xw
+    mask = t_mask[:, None] & mask_d[None, :]
+    if PADDED:
+        # One unsigned comparison per dim: an index inside the left padding is negative, i.e. huge.
+        inside_d = (at_d[:, None] + win_d[None, :]).to(tl.uint32) < XD
+        inside_h = (at_h[:, None] + win_h[None, :]).to(tl.uint32) < XH
+        inside_w = (at_w[:, None] + win_w[None, :]).to(tl.uint32) < XW
+        mask = mask & inside_d & inside_h & inside_w
+    return tl.load(x_base + row[:, None] + col_off[None, :], mask=mask, other=0.0)
+
+
 @triton.autotune(configs=_CONFIGS, key=["T_TUNE", "B_TUNE", "d", "p", "WITH_BIAS", "ATOMIC_WGRAD", "stride_ad", "stride_gp",
-                                        "TMA_OK"],
+                                        "TMA_OK", "IMPLICIT", "PADDED"],
                  prune_configs_by=_PRUNE, reset_to_zero=["weight_sq_ptr", "bias_sq_ptr", "wgrad_ptr"],
                  **AUTOTUNE_KWARGS)
 @triton.jit
@@ -136,6 +162,12 @@ def _instantiate_norm_kernel(
     # strides, in elements
     stride_ab, stride_at, stride_ad,
     stride_gb, stride_gt, stride_gp,
+    # IMPLICIT only (else unused): a_ptr is a convolution's input x [B, C, XD, XH, XW] (batch stride
+    # stride_ab), its output is OD x OH x OW = T positions, and a_b[t, k] is the entry of the
+    # zero-padded patch at t under kernel offset k = ((c KD + kd) KH + kh) KW + kw (d = C KD KH KW)
+    XD, XH, XW, OH, OW, KD, KH, KW,
+    conv_sd, conv_sh, conv_sw, conv_pd, conv_ph, conv_pw, conv_dd, conv_dh, conv_dw,
+    stride_xc, stride_xd, stride_xh, stride_xw,
     # autotune key only (tuning_size of T and B): not read by the kernel
     T_TUNE, B_TUNE,
     # meta
@@ -143,6 +175,7 @@ def _instantiate_norm_kernel(
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     GROUP_P: tl.constexpr, SUM_IN_OUTPUT: tl.constexpr, FLATTEN: tl.constexpr,
     USE_TMA: tl.constexpr, TMA_OK: tl.constexpr,
+    IMPLICIT: tl.constexpr = False, PADDED: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     n_d_tiles = tl.cdiv(d, BLOCK_D)
@@ -162,7 +195,20 @@ def _instantiate_norm_kernel(
     mask_p = offs_p < p
     mask_d = offs_d < d
     col_g = offs_p.to(tl.int64) * stride_gp  # [BLOCK_P]
-    col_a = offs_d.to(tl.int64) * stride_ad  # [BLOCK_D]
+    if IMPLICIT:
+        # The d-tile's kernel offsets, once per program: each column's channel and window position;
+        # a chunk's positions add their own part (_patch_chunk).
+        k_w = offs_d % KW
+        rest = offs_d // KW
+        k_h = rest % KH
+        rest = rest // KH
+        win_d = (rest % KD) * conv_dd
+        win_h = k_h * conv_dh
+        win_w = k_w * conv_dw
+        col_a = ((rest // KD).to(tl.int64) * stride_xc + win_d.to(tl.int64) * stride_xd
+                 + win_h.to(tl.int64) * stride_xh + win_w.to(tl.int64) * stride_xw)  # [BLOCK_D]
+    else:
+        col_a = offs_d.to(tl.int64) * stride_ad  # [BLOCK_D]
     offs_t = tl.arange(0, BLOCK_T)
     first_d_tile = pid_d == 0
 
@@ -194,8 +240,13 @@ def _instantiate_norm_kernel(
                 # g chunk loaded transposed, [BLOCK_P, BLOCK_T]; masked entries are 0 and add nothing.
                 g_t = tl.load(g_base + col_g[:, None] + (tt64 * stride_gt)[None, :],
                               mask=mask_p[:, None] & t_mask[None, :], other=0.0)
-                x = tl.load(a_base + (tt64 * stride_at)[:, None] + col_a[None, :],
-                            mask=t_mask[:, None] & mask_d[None, :], other=0.0)
+                if IMPLICIT:
+                    x = _patch_chunk(a_base, tt, t_mask, mask_d, col_a, win_d, win_h, win_w, XD, XH, XW, OH, OW,
+                                     conv_sd, conv_sh, conv_sw, conv_pd, conv_ph, conv_pw,
+                                     stride_xd, stride_xh, stride_xw, PADDED)
+                else:
+                    x = tl.load(a_base + (tt64 * stride_at)[:, None] + col_a[None, :],
+                                mask=t_mask[:, None] & mask_d[None, :], other=0.0)
             if UPCAST:
                 g_t = g_t.to(tl.float32)
                 x = x.to(tl.float32)
@@ -239,15 +290,19 @@ def _n_split(B: int, p: int, d: int, device: torch.device) -> int:
     return max(1, min(B, triton.cdiv(2 * sm_count(device), tiles)))
 
 
-def instantiate_norm_triton(a: torch.Tensor, g: torch.Tensor, with_bias: bool, *, _n_split_override=None):
-    """``(weight_sq [B], bias_sq [B], weight_grad_sum [p, d])`` float32; see the module docstring.
+#: The IMPLICIT arguments of a call on materialised ``a`` (unused there).
+_NO_CONVOLUTION = (1,) * 21
 
-    ``_n_split_override`` (tests only) forces the number of sample splits of the grid.
-    """
-    device, B, T, d, p = check_a_g("instantiate_norm", a, g)
+
+def _launch(a, g, B: int, T: int, d: int, p: int, a_strides, convolution, with_bias: bool, n_split,
+            implicit: bool = False, padded: bool = False):
+    """``(weight_sq [B], bias_sq [B], weight_grad_sum [p, d])`` of one launch; ``a`` is the patches'
+    storage (``a`` itself, or a convolution's input under ``implicit``) with ``a_strides`` for its
+    batch, position and column dims; ``convolution``: the IMPLICIT arguments."""
+    device = g.device
     weight_sq = torch.zeros(B, dtype=torch.float32, device=device)
     bias_sq = torch.zeros(B, dtype=torch.float32, device=device)
-    n_split = _n_split_override if _n_split_override is not None else _n_split(B, p, d, device)
+    n_split = n_split if n_split is not None else _n_split(B, p, d, device)
     n_split = max(1, min(int(n_split), max(B, 1), 65535))  # grid axis 1 holds at most 65535
     # Zeroed always: the split grid and the SUM_IN_OUTPUT configs add into it.
     wgrad = torch.zeros((p, d), dtype=torch.float32, device=device)
@@ -257,17 +312,54 @@ def instantiate_norm_triton(a: torch.Tensor, g: torch.Tensor, with_bias: bool, *
         def grid(meta):
             return (triton.cdiv(p, meta["BLOCK_P"]) * triton.cdiv(d, meta["BLOCK_D"]), n_split)
 
-        use_tma = tma_ok(a, g)
+        use_tma = not implicit and tma_ok(a, g)
         with tma_workspace(device, use_tma):
             _instantiate_norm_kernel[grid](
                 a, g, weight_sq, bias_sq, wgrad,
                 B, T, d, p,
-                a.stride(0), a.stride(1), a.stride(2),
+                *a_strides,
                 g.stride(0), g.stride(1), g.stride(2),
+                *convolution,
                 tuning_size(T), tuning_size(B),
                 WITH_BIAS=bool(with_bias), ATOMIC_WGRAD=n_split > 1, UPCAST=upcast, DOT_PRECISION=precision,
-                TMA_OK=use_tma,
+                TMA_OK=use_tma, IMPLICIT=implicit, PADDED=padded,
             )
     elif with_bias and B > 0 and T > 0 and p > 0:  # d == 0: no weight, but the bias still has a gradient
         bias_sq = g.sum(dim=1, dtype=torch.float32).square().sum(dim=1)
     return weight_sq, bias_sq, wgrad
+
+
+def instantiate_norm_triton(a: torch.Tensor, g: torch.Tensor, with_bias: bool, *, _n_split_override=None):
+    """``(weight_sq [B], bias_sq [B], weight_grad_sum [p, d])`` float32; see the module docstring.
+
+    ``_n_split_override`` (tests only) forces the number of sample splits of the grid.
+    """
+    _, B, T, d, p = check_a_g("instantiate_norm", a, g)
+    return _launch(a, g, B, T, d, p, a.stride(), _NO_CONVOLUTION, with_bias, _n_split_override)
+
+
+def conv_instantiate_norm_triton(x: torch.Tensor, g: torch.Tensor, kernel_size, stride, padding, dilation, *,
+                                 _n_split_override=None):
+    """``(weight_sq [B], weight_grad_sum [O, C * prod(kernel)])`` float32 of a one-group convolution
+    of ``x [B, C, *in]`` (1-3 spatial dims, zero ``padding``) with output grad ``g [B, O, *out]``:
+    ``instantiate_norm`` of its patches, read from ``x`` in place (implicit GEMM; see
+    ``divebatch.reference.conv_instantiate_norm``), so no unfolded copy is written."""
+    from divebatch.reference import conv_output_sizes  # (the kernels package imports without divebatch)
+
+    op = "conv_instantiate_norm"
+    check_float(op, "x", x, x.dim() if 3 <= x.dim() <= 5 else 5)
+    check_float(op, "g", g, g.dim() if 3 <= g.dim() <= 5 else 5)
+    check_device(op, x=x, g=g)
+    out = conv_output_sizes(op, x, g, kernel_size, stride, padding, dilation)
+    missing = 3 - len(out)  # (1-d and 2-d convolutions as 3-d ones with unit leading dims)
+    x3 = x.view(*x.shape[:2], *([1] * missing), *x.shape[2:])
+    kernel, strides, dilations = ([1] * missing + [int(v) for v in values] for values in (kernel_size, stride, dilation))
+    pads = [0] * missing + [int(v) for v in padding]
+    B, C, O = x.shape[0], x.shape[1], g.shape[1]
+    T, d = math.prod(out), C * math.prod(kernel)
+    g_rows = g.reshape(B, O, T).transpose(1, 2)  # (a view for contiguous and channels-last grads)
+    convolution = (*x3.shape[2:], *([1] * missing + out)[1:], *kernel, *strides, *pads, *dilations, *x3.stride()[1:])
+    # (the key's inner stride: patches are gathered, never unit-stride rows)
+    weight_sq, _, grad = _launch(x3, g_rows, B, T, d, O, (x3.stride(0), 0, 0), convolution, False,
+                                 _n_split_override, implicit=True, padded=any(pads))
+    return weight_sq, grad

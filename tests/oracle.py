@@ -151,3 +151,20 @@ def per_layer_reference(per_param: dict, layer_names) -> dict:
         owner = max(owners, key=len)
         out[owner] = out.get(owner, 0) + v
     return out
+
+
+def conv_weight_oracle(x, g, kernel_size, stride, padding, dilation):
+    """float64 per-sample squared weight-gradient norms ``[B]`` and the summed weight gradient
+    ``[O, C * prod(kernel)]`` of a one-group convolution of ``x [B, C, *in]`` (zero ``padding``)
+    whose output grad is ``g [B, O, *out]``, from torch.func's per-sample gradients."""
+    conv = (None, torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[x.dim() - 2]
+    x64, g64 = x.detach().double().cpu(), g.detach().double().cpu()
+    weight = torch.zeros(g.shape[1], x.shape[1], *kernel_size, dtype=torch.float64)
+
+    def loss(w, xb, gb):
+        return (conv(xb[None], w, None, list(stride), list(padding), list(dilation)) * gb[None]).sum()
+
+    if x.shape[0] == 0:  # (no samples: nothing to vmap over)
+        return torch.zeros(0, dtype=torch.float64), torch.zeros(weight.shape[0], weight[0].numel(), dtype=torch.float64)
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(weight, x64, g64).flatten(2)
+    return per_sample.square().sum((1, 2)), per_sample.sum(0).flatten(1)

@@ -162,17 +162,21 @@ class Convolutions(nn.Module):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
-def test_cuda_routes_fuse_overlapping_convolutions_exactly(monkeypatch, backend):
+@pytest.mark.parametrize("implicit", [False, True], ids=["unfolded", "implicit"])
+def test_cuda_routes_fuse_overlapping_convolutions_exactly(monkeypatch, backend, implicit):
     """The routes a GPU takes, run here with the C++ operators or the Triton kernels (under the
     interpreter, on the same strided views of unfolded patches a GPU gets): every one-group
     convolution whose patches the fused instantiate kernel takes is fused through its unfolded
-    (padded, strided, dilated) patches, whose tiles give the weight gradient too; the grouped one
-    takes the hook route; the norms and gradients are torch.func's."""
+    (padded, strided, dilated) patches, or with ``DIVEBATCH_TRITON_IMPLICIT_CONV=1`` through
+    ``conv_instantiate_norm``, which reads them from the input in place (the kernel's implicit
+    GEMM under the interpreter), whose tiles give the weight gradient too; the grouped one takes
+    the hook route; the norms and gradients are torch.func's."""
     from divebatch.layers import routes
 
     if backend == "triton" and not ops.TRITON_AVAILABLE:
         pytest.skip("triton (divebatch._kernels) does not import here")
     monkeypatch.setenv("DIVEBATCH_BACKEND", backend)
+    monkeypatch.setenv("DIVEBATCH_TRITON_IMPLICIT_CONV", "1" if implicit else "0")
     monkeypatch.setattr(routes, "triton_kernels", lambda device_type: True)
     torch.manual_seed(0)
     model, y = Convolutions(), torch.randn(4)
@@ -180,10 +184,9 @@ def test_cuda_routes_fuse_overlapping_convolutions_exactly(monkeypatch, backend)
     plain = Convolutions()
     plain.load_state_dict(model.state_dict())
     stats, taken = _step_beside_plain(model, plain, x, y)
-    assert taken == {"padded": "fused-unfold-instantiate", "strided": "fused-unfold-instantiate",
-                     "dilated": "fused-unfold-instantiate", "reflect": "fused-unfold-instantiate",
-                     "grouped": "instantiate", "line": "fused-unfold-instantiate",
-                     "volume": "fused-unfold-instantiate"}
+    fused = "fused-implicit-instantiate" if implicit else "fused-unfold-instantiate"
+    assert taken == {"padded": fused, "strided": fused, "dilated": fused, "reflect": fused,
+                     "grouped": "instantiate", "line": fused, "volume": fused}
     _assert_exact(model, stats, x, y)
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
         assert rel_err(p.grad, q.grad) <= 1e-5, name

@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 
 from divebatch import _build, ops, reference
 
+from .oracle import conv_weight_oracle
+
 requires_cpp = pytest.mark.skipif(
     not ops.CPP_AVAILABLE,
     reason="divebatch C++ extension not loaded (no compiler, or DIVEBATCH_NO_JIT=1); build it with "
@@ -29,7 +31,7 @@ requires_cpp = pytest.mark.skipif(
 )
 
 D = torch.ops.divebatch
-OPS = ("ghost_norm", "instantiate_norm", "outer_norm", "embedding_norm", "affine_norm_grads", "group_norm_grads",
+OPS = ("ghost_norm", "instantiate_norm", "conv_instantiate_norm", "outer_norm", "embedding_norm", "affine_norm_grads", "group_norm_grads",
        "channel_norm_grads")
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -480,6 +482,29 @@ def test_results_deterministic_and_thread_count_independent():
 
 
 @requires_cpp
+@pytest.mark.parametrize("shape, kernel, stride, padding, dilation, out_channels", [
+    ((3, 4, 9, 7), (3, 3), (1, 1), (1, 1), (1, 1), 5),
+    ((2, 3, 11, 10), (3, 2), (2, 1), (2, 1), (1, 2), 6),
+    ((2, 5, 13), (3,), (2,), (1,), (2,), 4),
+    ((2, 2, 5, 6, 4), (2, 3, 2), (1, 2, 1), (1, 0, 1), (2, 1, 1), 3),
+    ((0, 3, 6, 6), (3, 3), (1, 1), (1, 1), (1, 1), 2),
+], ids=["padded", "strided-dilated", "1d", "3d", "no samples"])
+def test_conv_instantiate_norm_is_exact(shape, kernel, stride, padding, dilation, out_channels):
+    """The C++ kernel (and the reference) of ``conv_instantiate_norm`` against torch.func's per-sample
+    convolution weight gradients, on a channels-last input where it has one."""
+    x = torch.randn(shape)
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in zip(shape[2:], kernel, stride, padding, dilation)]
+    g = torch.randn(shape[0], out_channels, *out)
+    want = conv_weight_oracle(x, g, kernel, stride, padding, dilation)
+    for got in (D.conv_instantiate_norm(x, g, kernel, stride, padding, dilation),
+                reference.conv_instantiate_norm(x, g, kernel, stride, padding, dilation)):
+        assert got[0].dtype == got[1].dtype == torch.float32 and got[1].shape == want[1].shape
+        assert rel_err(got[0], want[0].float()) <= 1e-5 and rel_err(got[1], want[1].float()) <= 1e-5
+
+
+@requires_cpp
 def test_inputs_requiring_grad():
     # The kernels run below autograd, but their worker threads do not inherit that state: they
     # must work on detached views (no graph, no error) and give the same numbers.
@@ -498,6 +523,9 @@ def _samples():
     return {
         "ghost_norm": [(a, g, True), (at, gt.half(), False)],
         "instantiate_norm": [(a, g, True), (at, gt, False)],
+        "conv_instantiate_norm": [(torch.randn(2, 3, 6, 5), torch.randn(2, 4, 6, 5), [3, 3], [1, 1], [1, 1], [1, 1]),
+                                  (torch.randn(2, 9, 3).transpose(1, 2).bfloat16(), torch.randn(2, 4, 5), [2], [2],
+                                   [1], [1])],
         "outer_norm": [(a[:, 0], g[:, 0], True), (at[:, 0].bfloat16(), gt[:, 0], False)],
         "embedding_norm": [(random_indices(3, 7, 4), g, 1), (random_indices(2, 9, 3).int(), gt, -1)],
         "affine_norm_grads": [(a, torch.randn(3, 7, 5), False, 1e-5, True), (at, gt[..., :4].bfloat16(), True, 1e-6, False),
@@ -541,6 +569,16 @@ BAD_INPUTS = [
     ("ghost_norm", (torch.randn(4, 5, 3), torch.ones(4, 5, 2, dtype=torch.long), True), r"g must be a floating-point"),
     ("instantiate_norm", (torch.randn(4, 5, 3), torch.randn(4, 5), False), r"g must be 3-D"),
     ("instantiate_norm", (torch.randn(2, 5, 3), torch.randn(4, 5, 2), False), r"g must have the same batch size B"),
+    ("conv_instantiate_norm", (torch.randn(2, 3, 8, 8), torch.randn(2, 4, 7, 8), [3, 3], [1, 1], [1, 1], [1, 1]),
+     r"g must have 8 output positions in spatial dim 0"),
+    ("conv_instantiate_norm", (torch.randn(2, 3, 8, 8), torch.randn(2, 4, 8, 8), [3, 3, 3], [1, 1], [1, 1], [1, 1]),
+     r"kernel_size needs one entry per spatial dim \(2\)"),
+    ("conv_instantiate_norm", (torch.randn(2, 3, 8, 8), torch.randn(2, 4, 8, 8), [3, 3], [1, 1], [-1, 1], [1, 1]),
+     r"padding entries must be >= 0"),
+    ("conv_instantiate_norm", (torch.randn(2, 3, 8, 8), torch.randn(3, 4, 8, 8), [3, 3], [1, 1], [1, 1], [1, 1]),
+     r"g must have the same batch size B"),
+    ("conv_instantiate_norm", (torch.randn(2, 8), torch.randn(2, 8), [1], [1], [0], [1]),
+     r"1-3 spatial dims"),
     ("outer_norm", (torch.randn(4, 1, 3), torch.randn(4, 2), False), r"a must be 2-D"),
     ("outer_norm", (torch.randn(4, 3), torch.randn(5, 2), False), r"g must have the same batch size B"),
     ("embedding_norm", (torch.zeros(4, 5), torch.randn(4, 5, 2), -1), r"indices must be an integer"),

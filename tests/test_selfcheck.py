@@ -31,6 +31,8 @@ def _inputs(name: str, dtype=torch.float32, T: int = 40, B: int = 3) -> tuple:
         return rand(B, T, 24), 0.1 * rand(B, T, 20), True
     if name == "outer_norm":
         return rand(T // 8, 24), rand(T // 8, 20), True
+    if name == "conv_instantiate_norm":  # (a padded 3 x 3 convolution of T // 8 samples, 3 -> 4 channels)
+        return rand(T // 8, 3, 6, 5), rand(T // 8, 4, 6, 5), [3, 3], [1, 1], [1, 1], [1, 1]
     if name == "embedding_norm":
         return torch.randint(0, 10, (B, T), generator=gen), rand(B, T, 16), 2
     if name == "affine_norm_grads":
@@ -124,6 +126,28 @@ def test_a_fused_weight_gradient_off_is_refused_while_its_norms_are_right():
 
     with pytest.raises(KernelCheckError, match="instantiate_norm .*weight gradient: relative error 1.00e-02"):
         checked("instantiate_norm", one_tile_off)(*_inputs("instantiate_norm", torch.bfloat16))
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 4 * 30 * (27 + 4)], ids=["whole batch", "a sample at a time"])
+def test_a_convolution_weight_gradient_off_is_refused(chunk_bytes, monkeypatch):
+    """``conv_instantiate_norm``'s weight gradient is checked in full against the reference (over
+    chunks of samples when their unfolded patches are large): a right kernel passes, a tile off
+    by 1e-2 is refused while its norms are right."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(_selfcheck, "CHUNK_BYTES", chunk_bytes)  # (T = 30 positions, d + p = 27 + 4)
+    kernel = _kernel("conv_instantiate_norm")
+    args = _inputs("conv_instantiate_norm")
+    checked("conv_instantiate_norm", kernel)(*args)
+    _selfcheck.forget()
+
+    def one_tile_off(*args):
+        weight_sq, grad = kernel(*args)
+        grad = grad.clone()
+        grad[:2, :2] += 1e-2 * grad.abs().max()
+        return weight_sq, grad
+
+    with pytest.raises(KernelCheckError, match="conv_instantiate_norm .*weight gradient: relative error 1.00e-02"):
+        checked("conv_instantiate_norm", one_tile_off)(*args)
 
 
 def test_the_weight_gradient_check_adds_its_row_chunks(monkeypatch):

@@ -112,7 +112,18 @@ def _specs():
             tensor_args=("a_ptr", "g_ptr"),
             inner_strides=("stride_ad", "stride_gp"),
             aligned_ints=("d", "p", "stride_ab", "stride_at", "stride_gb", "stride_gt"),
-            constexprs={"WITH_BIAS": True, "ATOMIC_WGRAD": False},
+            constexprs={"WITH_BIAS": True, "ATOMIC_WGRAD": False, "IMPLICIT": False, "PADDED": False},
+        ),
+        # The convolution's patches read from its input in place (IMPLICIT: pointer loads by computed
+        # addresses, never TMA); the strided layout only, as the wrapper keys it.
+        "_instantiate_norm_kernel[implicit]": dict(
+            module="instantiate_norm", function="_instantiate_norm_kernel", variants=("strided",),
+            pointers={"a_ptr": None, "g_ptr": None, "weight_sq_ptr": "fp32", "bias_sq_ptr": "fp32",
+                      "wgrad_ptr": "fp32"},
+            tensor_args=("a_ptr", "g_ptr"),
+            inner_strides=("stride_ad", "stride_gp"),
+            aligned_ints=(),
+            constexprs={"WITH_BIAS": False, "ATOMIC_WGRAD": False, "IMPLICIT": True, "PADDED": True},
         ),
         "_outer_norm_kernel": dict(
             module="outer_norm",
@@ -217,7 +228,7 @@ def _jobs():
     jobs = []
     for kernel in _specs():
         for dtype in DTYPES:
-            for variant in ("contig", "strided"):
+            for variant in _specs()[kernel].get("variants", ("contig", "strided")):
                 for arch in ARCHS:
                     _, configs = _configs(kernel, dtype, variant, arch)
                     first_only = dtype in _FIRST_CONFIG_ONLY_DTYPES or kernel in _FIRST_CONFIG_ONLY_KERNELS
@@ -466,7 +477,8 @@ def test_every_kernel_compiles_to_ptx_and_cubin(records):
 
 
 #: Kernels whose inner loop is a ``tl.dot`` (the outer-product kernel has none).
-DOT_KERNELS = ("_ghost_norm_kernel", "_instantiate_norm_kernel", "_embedding_norm_kernel")
+DOT_KERNELS = ("_ghost_norm_kernel", "_instantiate_norm_kernel", "_instantiate_norm_kernel[implicit]",
+               "_embedding_norm_kernel")
 
 
 def test_dots_run_on_tensor_cores(records):

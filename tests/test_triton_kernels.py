@@ -22,6 +22,7 @@ if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib  # noqa: E402
+import math  # noqa: E402
 import importlib.util  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -34,6 +35,8 @@ from hypothesis import strategies as st  # noqa: E402
 triton = pytest.importorskip("triton")
 
 from divebatch._build import load_file_package  # noqa: E402
+
+from .oracle import conv_weight_oracle  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 INTERPRETED = DEVICE == "cpu"
@@ -379,6 +382,80 @@ def test_ghost_each_gpu_config_under_the_interpreter(index, monkeypatch):
             _assert_fp32(o, r, f"ghost_norm {what} with {config}")
 
 
+# --------------------------------------------------------------------------- conv_instantiate_norm
+#: (x shape [B, C, *in], kernel, stride, padding, dilation, out channels): zero padding, strides,
+#: dilations, 1-3 spatial dims, a 1 x 1 kernel, one sample, positions and columns crossing the
+#: interpreter's 32 x 32 x 16 blocks with partial last ones.
+CONV_CASES = [
+    ((2, 3, 9, 7), (3, 3), (1, 1), (1, 1), (1, 1), 5),
+    ((2, 4, 11, 10), (3, 2), (2, 1), (1, 2), (1, 2), 6),
+    ((1, 5, 13), (3,), (2,), (2,), (2,), 35),
+    ((2, 2, 5, 6, 4), (2, 3, 2), (1, 2, 1), (1, 0, 1), (2, 1, 1), 3),
+    ((3, 6, 8, 8), (1, 1), (1, 1), (0, 0), (1, 1), 7),
+    ((2, 4, 12, 12), (4, 4), (4, 4), (0, 0), (1, 1), 9),
+]
+CONV_LAYOUTS = ("contig", "channels_last", "sliced")
+
+
+def _conv_inputs(case, layout, dtype, seed):
+    """``x`` in ``layout`` and an output grad ``g`` (channels-last with a channels-last ``x``, as a
+    convolution library returns it) on the device, and their float32 values."""
+    shape, kernel, stride, padding, dilation, out_channels = case
+    x32 = _rand(shape, seed, "sliced" if layout == "sliced" else "contig")
+    out = [(n + 2 * pad - dil * (k - 1) - 1) // s + 1
+           for n, k, s, pad, dil in zip(shape[2:], kernel, stride, padding, dilation)]
+    g32 = _rand((shape[0], out_channels, *out), seed + 1, scale=0.1)
+    x, g = _like_layout(x32, dtype), g32.to(device=DEVICE, dtype=dtype)
+    if layout == "channels_last" and x.dim() in (4, 5):
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        x, g = x.contiguous(memory_format=fmt), g.contiguous(memory_format=fmt)
+    return x, g, x32, g32
+
+
+def _conv_params():
+    out = [(case, dt, "contig") for case in CONV_CASES for dt in DTYPES]
+    out += [(case, dt, lay) for lay in CONV_LAYOUTS[1:] for case in (CONV_CASES[0], CONV_CASES[3]) for dt in DTYPES]
+    return out
+
+
+@pytest.mark.parametrize("case", _conv_params(),
+                         ids=lambda c: f"{'x'.join(map(str, c[0][0]))}-k{''.join(map(str, c[0][1]))}-"
+                                       f"s{''.join(map(str, c[0][2]))}-{str(c[1]).split('.')[-1]}-{c[2]}")
+def test_conv_instantiate_norm(case):
+    """The patches read from the input in place (implicit GEMM) give torch.func's per-sample norms
+    and the weight gradient: zero padding, strides, dilation, 1-3 spatial dims, channels-last and
+    sliced inputs, each dtype (16-bit: within twice the rounding of the inputs, as elsewhere)."""
+    geometry, dtype, layout = case
+    x, g, x32, g32 = _conv_inputs(geometry, layout, dtype, seed=70)
+    conv = geometry[1:5]
+    outs = K.conv_instantiate_norm_triton(x, g, *conv)
+    assert outs[1].shape == (g.shape[1], x.shape[1] * math.prod(conv[0])) and outs[1].is_contiguous()
+    _check("conv_instantiate_norm", outs, x32, g32, (x, g), dtype, R.conv_instantiate_norm, conv)
+    if dtype == torch.float32:
+        for o, r, what in zip(_cpu(outs), conv_weight_oracle(x32, g32, *conv), ("norms", "weight gradient")):
+            _assert_fp32(o, r.float(), f"conv_instantiate_norm {what} vs torch.func")
+
+
+@pytest.mark.parametrize("n_split", [1, 2, 3])
+def test_conv_instantiate_norm_sample_split(n_split):
+    """The grid split over samples (float32 atomics into the weight gradient) reads the same patches."""
+    x, g, x32, g32 = _conv_inputs(CONV_CASES[1], "contig", torch.float32, seed=71)
+    outs = K.conv_instantiate_norm_triton(x, g, *CONV_CASES[1][1:5], _n_split_override=n_split)
+    for o, r, what in zip(_cpu(outs), conv_weight_oracle(x32, g32, *CONV_CASES[1][1:5]), ("norms", "weight gradient")):
+        _assert_fp32(o, r.float(), f"conv_instantiate_norm split {n_split} {what}")
+
+
+@pytest.mark.parametrize("args, message", [
+    ((torch.randn(2, 3, 8, 8), torch.randn(2, 4, 7, 8), [3, 3], [1, 1], [1, 1], [1, 1]), r"`g` must be \[B, O, \*out\]"),
+    ((torch.randn(2, 3, 8, 8), torch.randn(2, 4, 8, 8), [3], [1, 1], [1, 1], [1, 1]), r"`kernel_size` needs one entry"),
+    ((torch.randn(2, 3, 8, 8), torch.randn(2, 4, 8, 8), [3, 3], [0, 1], [1, 1], [1, 1]), r"`stride` entries must be >= 1"),
+    ((torch.randn(2, 3, 8), torch.randn(2, 4, 8, 1), [3], [1], [1], [1]), r"1-3 spatial dims and `g`"),
+], ids=["output size", "kernel dims", "stride", "dims"])
+def test_conv_instantiate_norm_refuses_bad_geometry(args, message):
+    with pytest.raises(ValueError, match=message):
+        K.conv_instantiate_norm_triton(*[a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args])
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the sweeps above run every config natively")
 @pytest.mark.parametrize("n_split", [1, 2], ids=["stored", "atomic"])
 @pytest.mark.parametrize("index", range(len(_gpu_configs(K.instantiate_norm))), ids=lambda i: f"config{i}")
@@ -398,6 +475,13 @@ def test_instantiate_each_gpu_config_under_the_interpreter(index, n_split, monke
         out = K.instantiate_norm_triton(a, g_in, True, _n_split_override=n_split)
         for o, r, what in zip(out, R.instantiate_norm(a, g, True), ("weight", "bias", "weight grad")):
             _assert_fp32(o, r, f"instantiate_norm {what} with {config}")
+    # The implicit convolution patches (pointer loads under every config, TMA ones included): a
+    # padded, strided 3 x 3 convolution whose d = 306 and p = 260 cross several tiles.
+    conv = ((3, 3), (1, 2), (1, 1), (1, 1))
+    x, g_conv = _rand((2, 34, 5, 17), 64), _rand((2, 260, 5, 9), 65)
+    out = K.conv_instantiate_norm_triton(x, g_conv, *conv, _n_split_override=n_split)
+    for o, r, what in zip(out, R.conv_instantiate_norm(x, g_conv, *conv), ("norms", "weight grad")):
+        _assert_fp32(o, r, f"conv_instantiate_norm {what} with {config}")
 
 
 def test_configs_not_yet_run_on_a_gpu_wait_for_the_opt_in(monkeypatch):

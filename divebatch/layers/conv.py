@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from .. import ops, reference
 from . import routes
 from .base import LayerRule, RoutePlan, RuleError, fused_sink_grads, per_sample_sq, register
 from .linear import fused_linear_route, fused_linear_route_name, linear_norms
@@ -60,18 +61,10 @@ def unfold_patches(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Te
     transposed view of a positions-last buffer (what im2col writes fastest); the operators
     take any strides, so it is never copied again.
     """
-    n = len(module.kernel_size)
     B, groups = x.shape[0], module.groups
-    for i, (k, s, dil) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
-        # A dilated window is a contiguous window of span dil*(k-1)+1 read every dil-th element.
-        x = x.unfold(2 + i, dil * (k - 1) + 1, s)
-        if dil > 1:
-            x = x[..., ::dil]
-    # x: [B, Cin, o_1..o_n, k_1..k_n] -> [B, Cin, k_1..k_n, o_1..o_n], positions last; the reshape
-    # is the one copy (im2col). Measured on 2 cores it runs 2-2.5x faster than F.unfold, which
-    # writes the same [B, Cin * prod(k), T] layout.
-    x = x.permute(0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n))
-    cols = x.reshape(B, x.shape[1] * math.prod(module.kernel_size), -1)
+    # (im2col by views and one reshape: measured on 2 cores 2-2.5x faster than F.unfold, which
+    # writes the same [B, Cin * prod(k), T] layout)
+    cols = reference.conv_patches(x, module.kernel_size, module.stride, module.dilation)
     return cols.view(B * groups, cols.shape[1] // groups, cols.shape[2]).transpose(1, 2)
 
 
@@ -182,8 +175,11 @@ class ConvRule(LayerRule):
         d = module.in_channels // module.groups * math.prod(module.kernel_size)
         if _unfolded_fused_route(module, not any(padding), B, T, d, module.out_channels, x.device.type):
             plan = fused_linear_route(B, T, d, module.out_channels, x.device.type)
-            plan.route = "fused-unfold-instantiate"
-            plan.extra_bytes += 4.0 * _unfold_chunk(B, T * d, x.device.type) * T * d
+            if implicit_patches(x.device):
+                plan.route = "fused-implicit-instantiate"
+            else:
+                plan.route = "fused-unfold-instantiate"
+                plan.extra_bytes += 4.0 * _unfold_chunk(B, T * d, x.device.type) * T * d
             return plan
         flops = 2.0 * B * module.weight.numel() * T
         step = fused_chunk(module, x, x)
@@ -287,6 +283,19 @@ def _unfolded_fused_route(module, unpadded: bool, B: int, T: int, d: int, p: int
             and fused_linear_route_name(B, T, d, p, device_type) == "fused-instantiate")
 
 
+def implicit_patches(device: torch.device) -> bool:
+    """Whether the fused route reads a convolution's patches from its input in place
+    (``ops.conv_instantiate_norm``: implicit GEMM, no unfolded copy, no padded copy) instead of
+    unfolding them for ``ops.instantiate_norm``: where the Triton kernels serve ``device`` and
+    ``DIVEBATCH_TRITON_IMPLICIT_CONV=1`` (read at each call). Off by default until a GPU has timed
+    it against the unfolded route (``bench/gpu/bench_kernels.py``'s ``conv-*-implicit`` rows): it
+    saves writing and reading the patches (~2 GB a step at conv-large) but gathers its loads by
+    computed addresses, which no GPU has run yet."""
+    if os.environ.get("DIVEBATCH_TRITON_IMPLICIT_CONV", "0").strip() != "1":
+        return False
+    return routes.triton_kernels(device.type)
+
+
 def _output_positions(module, sizes, padding_totals) -> int:
     """Output positions per sample of the convolution of an input of spatial ``sizes``, padded by
     ``padding_totals`` elements per dim (both sides together)."""
@@ -370,7 +379,11 @@ def fused_conv_grads(module, ctx, g, tracked):
     B = x.shape[0]
     T, d = g[0].numel() // module.out_channels, module.in_channels // module.groups * math.prod(module.kernel_size)
     if _unfolded_fused_route(module, not any(padding), B, T, d, module.out_channels, x.device.type):
-        sq, grad_w = unfolded_weight_norms(module, padded_input(module, ctx), g)
+        if implicit_patches(x.device):
+            sq, grad_w = ops.conv_instantiate_norm(x, g, module.kernel_size, module.stride, padding, module.dilation)
+            grad_w = grad_w.view(module.weight.shape)
+        else:
+            sq, grad_w = unfolded_weight_norms(module, padded_input(module, ctx), g)
     else:
         sq, grad_w = grouped_weight_norms(module, x, padding, g)
     grad_b = None
