@@ -7,6 +7,8 @@ table and pytest-benchmark skip them cleanly.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch.func import functional_call, grad, vmap
 
@@ -108,6 +110,25 @@ class DiveBatchVmappedStandardisation(_DiveBatchWithout):
     name = "divebatch-vmap-ws"
     patched = "standardised_product"
     replacement = staticmethod(lambda *args: False)
+
+
+class DiveBatchImplicitConv(DiveBatch):
+    """divebatch with ``DIVEBATCH_TRITON_IMPLICIT_CONV=1`` during each step: on CUDA the fused
+    convolution route reads its patches from the input in place (``ops.conv_instantiate_norm``)
+    instead of unfolding them; elsewhere the same as divebatch."""
+
+    name = "divebatch-implicit-conv"
+
+    def step(self, x, y):
+        before = os.environ.get("DIVEBATCH_TRITON_IMPLICIT_CONV")
+        os.environ["DIVEBATCH_TRITON_IMPLICIT_CONV"] = "1"
+        try:
+            return super().step(x, y)
+        finally:
+            if before is None:
+                del os.environ["DIVEBATCH_TRITON_IMPLICIT_CONV"]
+            else:
+                os.environ["DIVEBATCH_TRITON_IMPLICIT_CONV"] = before
 
 
 class PlainCompiled(Plain):
@@ -228,7 +249,7 @@ class BackPACK(Method):
 
 
 METHODS = [Plain, DiveBatch, TorchFunc, OpacusHooks, OpacusGhost, BackPACK, DiveBatchUnfused, DiveBatchReplay,
-           DiveBatchVmappedStandardisation, PlainCompiled, DiveBatchCompiled]
+           DiveBatchVmappedStandardisation, DiveBatchImplicitConv, PlainCompiled, DiveBatchCompiled]
 
 
 def build(method_cls, workload, seed=0, device="cpu", dtype=None):

@@ -110,7 +110,7 @@ def test_bench_kernels_cpu_smoke_run(tmp_path):
     import bench_kernels
 
     out = tmp_path / "bench.json"
-    names = ("seq-up-bf16,conv-layer1-unfolded,mlp-T1-bf16,seq-embedding,layernorm-seq-large,rmsnorm-llama,"
+    names = ("seq-up-bf16,conv-layer1-unfolded,conv-layer1-implicit,conv-stem-implicit,mlp-T1-bf16,seq-embedding,layernorm-seq-large,rmsnorm-llama,"
              "groupnorm-conv-large,groupnorm-conv-large-cl,batchnorm-conv-large-cl,batchnorm-layer4-eval")
     assert bench_kernels.main(["--cpu-smoke", "--rounds", "1", "--workloads", names, "--out", str(out)]) == 0
     results = {r["workload"]: r for r in json.loads(out.read_text())["results"]}
@@ -125,6 +125,10 @@ def test_bench_kernels_cpu_smoke_run(tmp_path):
         rows["triton instantiate_norm"]["tflops"] * rows["triton instantiate_norm"]["ms"])  # (same flops)
     route = results["seq-up-bf16"]["route"]
     assert route["model"] in ("ghost", "fused-instantiate") and route["faster"] in ("ghost", "fused-instantiate")
+    # The convolution's fused route both ways: unfolded patches and the implicit kernel, beside cuDNN.
+    for name in ("conv-layer1-implicit", "conv-stem-implicit"):
+        rows = {row["method"] for row in results[name]["rows"]}
+        assert {"cudnn weight grad (floor)", "unfold + triton instantiate_norm", bench_kernels.IMPLICIT} <= rows
     for name in ("layernorm-seq-large", "groupnorm-conv-large-cl", "batchnorm-conv-large-cl", "batchnorm-layer4-eval"):
         assert any(row["method"] == "torch rule path" for row in results[name]["rows"]), name
 

@@ -58,6 +58,13 @@ WORKLOADS = {
     # buffers (``unfold_patches``' im2col, ``grouped_grad``), so both inner strides are T
     "conv-layer1-unfolded": ("ghost+instantiate", 64, 3136, 576, 64, torch.bfloat16, "positions-last"),
     "conv-layer4-unfolded": ("ghost+instantiate", 64, 49, 4608, 512, torch.bfloat16, "positions-last"),
+    # the fused convolution route (conv-large's early layers): the patches unfolded for the
+    # instantiate kernel (what runs by default) against the same kernel reading them from the input
+    # in place (conv_instantiate_norm, DIVEBATCH_TRITON_IMPLICIT_CONV=1), beside cuDNN's weight
+    # gradient (the floor the fused route replaces); extra = (C, size, kernel, stride, padding)
+    "conv-stem-implicit":   ("conv", 64, 12544, 147, 64, torch.bfloat16, (3, 224, 7, 2, 3)),
+    "conv-layer1-implicit": ("conv", 64, 3136, 576, 64, torch.bfloat16, (64, 56, 3, 1, 1)),
+    "conv-layer2-implicit": ("conv", 64, 784, 1152, 128, torch.bfloat16, (128, 28, 3, 1, 1)),
     "mlp-T1":         ("outer", 256, 1, 1024, 1024, torch.float32, None),
     "mlp-T1-bf16":    ("outer", 4096, 1, 4096, 4096, torch.bfloat16, None),
     "seq-embedding":  ("embedding", 16, 128, 0, 256, torch.float32, 1000),
@@ -128,6 +135,11 @@ def bench_workload(name, spec, K, R, rounds, rep_ms, dev="cuda"):
         bytes_moved = (a.numel() + g.numel()) * a.element_size()
     elif op == "scan":
         methods, errors = _scan_methods(B, T, d, dtype, extra, K, R, dev, gen)
+        bytes_moved = 0
+    elif op == "conv":
+        methods, errors, flops = _conv_methods(B, p, dtype, extra, K, R, dev, gen)
+        chosen[IMPLICIT] = _chosen(K.instantiate_norm._instantiate_norm_kernel)
+        tuned[IMPLICIT] = _config_timings(K.instantiate_norm._instantiate_norm_kernel)
         bytes_moved = 0
     elif op in ("affine_norm", "group_norm", "batch_norm"):  # (reads x and g once)
         methods_of = {"affine_norm": _affine_norm_methods, "group_norm": _group_norm_methods,
@@ -242,6 +254,44 @@ def measured_faster_route(result) -> str:
     ms = {row["method"]: row["ms"] for row in result["rows"]}
     extra = ms["triton instantiate_norm"] - ms["gemm g^T a (floor)"]
     return "fused-instantiate" if extra < ms["triton ghost_norm"] else "ghost"
+
+
+#: The ``conv`` row of the instantiate kernel reading the patches from the input in place.
+IMPLICIT = "triton conv_instantiate_norm (implicit)"
+
+
+def _conv_methods(B, O, dtype, geometry, K, R, dev, gen):
+    """A one-group 2-d convolution's fused route (``geometry``: channels, side, kernel, stride and
+    padding): ``unfold + triton instantiate_norm`` (the patches of the padded input unfolded, as
+    ``layers.conv.unfolded_weight_norms`` does in one chunk) against ``IMPLICIT``, beside cuDNN's
+    weight gradient (the floor); each kernel's norms and weight gradient against the reference's."""
+    C, side, k, stride, pad = geometry
+    conv = ([k, k], [stride, stride], [pad, pad], [1, 1])
+    x = torch.randn(B, C, side, side, device=dev, generator=gen).to(dtype)
+    weight = torch.randn(O, C, k, k, device=dev, generator=gen).to(dtype)
+    out = torch.nn.functional.conv2d(x, weight, None, stride, pad)
+    g = (0.1 * torch.randn(out.shape, device=dev, generator=gen)).to(dtype)
+    unfolded = "unfold + triton instantiate_norm"
+
+    def unfold_route():
+        padded = torch.nn.functional.pad(x, [pad] * 4) if pad else x
+        patches = R.conv_patches(padded, conv[0], conv[1], conv[3]).transpose(1, 2)
+        return K.instantiate_norm_triton(patches, g.reshape(B, O, -1).transpose(1, 2), False)
+
+    methods = {
+        "cudnn weight grad (floor)": lambda: torch.ops.aten.convolution_backward(
+            g, x, weight, None, conv[1], conv[2], conv[3], False, [0, 0], 1, [False, True, False]),
+        unfolded: unfold_route,
+        IMPLICIT: lambda: K.conv_instantiate_norm_triton(x, g, *conv),
+    }
+    T = out.shape[2] * out.shape[3]
+    flops = dict.fromkeys(methods, 2 * B * T * C * k * k * O)
+    want = R.conv_instantiate_norm(x.float(), g.float(), *conv)
+    implicit = K.conv_instantiate_norm_triton(x, g, *conv)
+    by_unfolding = unfold_route()
+    errors = {IMPLICIT: max(rel_err(implicit[0], want[0]), rel_err(implicit[1], want[1])),
+              unfolded: max(rel_err(by_unfolding[0], want[0]), rel_err(by_unfolding[2], want[1]))}
+    return methods, errors, flops
 
 
 def _norm_methods(name, module, rule, tracked, x, g, ours, reference, ctx=None):
@@ -396,6 +446,8 @@ def main(argv=None):
                 WORKLOADS[key] = (op, 2, 16, 24, 0, dtype, extra)
             if op == "ghost+instantiate":  # (4 samples: the instantiate kernel regrouped as 2 runs too)
                 WORKLOADS[key] = (op, min(B, 4), *WORKLOADS[key][2:])
+            if op == "conv":  # (3 channels of 9 x 9, the workload's kernel, stride and padding)
+                WORKLOADS[key] = (op, 2, 0, 0, 5, dtype, (3, 9, *extra[2:]))
     elif interpret:
         sys.exit("bench_kernels.py times GPU kernels: unset TRITON_INTERPRET (or pass --cpu-smoke)")
     elif not torch.cuda.is_available():

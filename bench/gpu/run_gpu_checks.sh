@@ -103,7 +103,7 @@ SUMMARY+=("correctness jobs: $(( $(date +%s) - t0 ))s together")
 # 2. kernel benchmarks (~2-3 min including autotuning: 8 instantiate configs to compile per shape on sm_90;
 #    the JSON is rewritten after each workload, so a cut run keeps what it timed).
 step bench 210 env DIVEBATCH_TRITON_SCANS=1 "$PY" bench/gpu/bench_kernels.py --out "$RESULTS/bench_kernels.json" --rounds 3 --rep-ms 50 \
-    --workloads seq-large-up,seq-large-down,seq-up-bf16,conv-layer1,conv-layer4,conv-layer1-unfolded,conv-layer4-unfolded,mlp-T1-bf16,seq-embedding,seq-large-embedding,layernorm-seq-large,rmsnorm-llama,groupnorm-conv-large,lstm-scan,gru-scan,lstm-scan-wide
+    --workloads seq-large-up,seq-large-down,seq-up-bf16,conv-layer1,conv-layer4,conv-layer1-unfolded,conv-layer4-unfolded,conv-stem-implicit,conv-layer1-implicit,conv-layer2-implicit,mlp-T1-bf16,seq-embedding,seq-large-embedding,layernorm-seq-large,rmsnorm-llama,groupnorm-conv-large,lstm-scan,gru-scan,lstm-scan-wide
 
 # 2b. where the tracked seq-large step's extra time goes (torch.profiler, plain vs divebatch), and
 #     the transformer workload's (3.28x on a 4.4 ms step on the H200: device time per op beside
@@ -128,9 +128,10 @@ fi
 left=$(( BUDGET_S - ($(date +%s) - START) ))
 if [ -f bench/run_table.py ] && [ "$left" -gt 30 ]; then
     # divebatch-unfused beside divebatch: the hook routes' cost next to the fused ones, the
-    # measurement the CUDA fuse decisions (always fuse conv; fused instantiate where it fits) lack.
+    # measurement the CUDA fuse decisions (always fuse conv; fused instantiate where it fits) lack;
+    # divebatch-implicit-conv: conv-large's fused convolutions reading their patches in place.
     step run_table "$left" "$PY" bench/run_table.py --device cuda --dtype bfloat16 --reps 5 \
-        --methods divebatch,divebatch-unfused,torch.func,opacus,opacus-ghost,backpack \
+        --methods divebatch,divebatch-unfused,divebatch-implicit-conv,torch.func,opacus,opacus-ghost,backpack \
         --workloads conv-large,seq-large,transformer --out "$RESULTS/gpu_table.json"
 else
     SUMMARY+=("run_table: skipped (bench/run_table.py missing or ${left}s left)")
