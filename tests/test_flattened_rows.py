@@ -426,6 +426,7 @@ def test_generic_replays_hold_one_chunk_of_per_sample_gradients(monkeypatch):
         return out
 
     monkeypatch.setattr(generic, "MAX_EXTRA_BYTES", 1)
+    monkeypatch.setattr(generic, "max_extra_bytes", lambda device_type: 1)
     monkeypatch.setattr(generic.GenericRule, "_per_sample_grads", counting)
     torch.manual_seed(0)
     tracked_and_checked(TinyMoE(aux=0.1, unread=True), sample_loss, torch.randn(3, 5, 4), torch.randn(3, 5, 2),

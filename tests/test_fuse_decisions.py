@@ -5,6 +5,7 @@ stage). Either way the numbers are exact; these tests pin which route each shape
 
 from __future__ import annotations
 
+import collections
 import json
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from divebatch import GradNormTracker, ops
 from divebatch.layers.conv import fused_conv_pays
@@ -234,6 +236,43 @@ def test_unfolded_patches_come_in_large_chunks_on_cuda(triton_on_cuda, monkeypat
     assert conv._unfold_chunk(64, patches, "cuda") == int(routes.CUDA_MAX_EXTRA_BYTES // (4 * patches)) > 30
     monkeypatch.setattr(ops, "TRITON_AVAILABLE", False)
     assert conv._unfold_chunk(64, patches, "cuda") == 1
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the aten ops run under it by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["cpu bound", "cuda bound"])
+def test_the_other_chunked_routes_take_the_cuda_bound_there(kernels, monkeypatch):
+    """Tied heads' gathered rows, Bilinear's Grams, the generic route's per-sample gradients and
+    mixtures of experts' padded groups come in sample chunks under ``routes.max_extra_bytes``:
+    where the Triton kernels run (here ``meta`` tensors made to look so) the larger CUDA bound,
+    since each chunk costs launches there. A GPT-2-sized tied head at T = 1024 gathers 4 MiB of
+    float32 a sample: two samples a chunk under 8 MiB, all eight under 256 MiB."""
+    from divebatch.layers import bilinear, generic, routes, tied
+
+    monkeypatch.setattr(routes, "triton_kernels", lambda device_type: kernels and device_type == "meta")
+    meta = torch.device("meta")
+    a = torch.empty(8, 1024, 768, device=meta, dtype=torch.bfloat16)
+    g = torch.empty(8, 1024, 50257, device=meta, dtype=torch.bfloat16)
+    with _CountOps() as ops_run:
+        tied.tied_rows(a, g, torch.zeros(8, 1024, dtype=torch.long, device=meta), padding_idx=None)
+    assert ops_run.counts["bmm"] == (1 if kernels else 4)
+    rows = torch.empty(8, 600, 32, device=meta)  # three [600, 600] float32 Grams: 4.1 MiB a sample
+    with _CountOps() as ops_run:
+        bilinear.BilinearRule().norms(nn.Bilinear(32, 32, 32), [((rows, rows), (rows,))], {"weight"})
+    assert ops_run.counts["bmm"] == 3 * (1 if kernels else 8)
+    per_sample = int(routes.max_extra_bytes("meta") // (4 * 10**6))
+    assert generic._samples_per_chunk(10**6, "meta") == per_sample == (67 if kernels else 2)
+    assert generic._samples_per_chunk(10**6, "cpu") == 2
 
 
 def test_cuda_without_triton_keeps_the_buffer_bound(monkeypatch):

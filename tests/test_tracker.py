@@ -667,5 +667,6 @@ def test_generic_route_one_sample_at_a_time(case, monkeypatch):
     from divebatch.layers import generic
 
     monkeypatch.setattr(generic, "MAX_EXTRA_BYTES", 1)
+    monkeypatch.setattr(generic, "max_extra_bytes", lambda device_type: 1)
     model, x, y = ZOO[case]()
     assert_matches_oracle(model, x, y, tracked_step(model, x, y, "mean"))

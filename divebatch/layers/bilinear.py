@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .base import LayerRule, RoutePlan, batched_input, register
-from .routes import MAX_EXTRA_BYTES
+from .routes import max_extra_bytes
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -46,7 +46,8 @@ class BilinearRule(LayerRule):
             if T == 1:
                 total += g[:, 0].square().sum(1) * x1[:, 0].square().sum(1) * x2[:, 0].square().sum(1)
             else:
-                step = max(1, int(MAX_EXTRA_BYTES) // (12 * T * T))  # three [step, T, T] Grams at a time
+                # three [step, T, T] Grams at a time (more on CUDA, where each chunk costs launches)
+                step = max(1, int(max_extra_bytes(g.device.type)) // (12 * T * T))
                 for start in range(0, B, step):
                     part = slice(start, start + step)
                     grams = [f[part] @ f[part].transpose(1, 2) for f in (g, x1, x2)]

@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import ops
 from .base import LayerRule, RoutePlan, register, register_matcher, same_code
-from .routes import MAX_EXTRA_BYTES
+from .routes import max_extra_bytes
 
 
 @dataclass
@@ -270,7 +270,7 @@ class EmbeddingBagRule(LayerRule):
         # entries of the same row add up, as an Embedding's rows (chunks of bags, bounded memory).
         ids = torch.cat([ctx.indices for ctx in ctxs], dim=1)
         scales = torch.cat([ctx.scales() for ctx in ctxs], dim=1)
-        step = max(1, int(MAX_EXTRA_BYTES) // (4 * max(ids.shape[1] * grads[0].shape[1], 1)))
+        step = max(1, int(max_extra_bytes(ids.device.type)) // (4 * max(ids.shape[1] * grads[0].shape[1], 1)))
         for start in range(0, B, step):
             part = slice(start, start + step)
             rows = torch.cat([gk[part, None, :].expand(-1, ctx.indices.shape[1], -1) for ctx, gk in zip(ctxs, grads)],
@@ -289,7 +289,7 @@ class EmbeddingBagRule(LayerRule):
                 total.view(-1).index_add_(0, (ctx.max_indices * p + cols)[keep], g[keep])
                 continue
             scales = ctx.scales()
-            step = max(1, int(MAX_EXTRA_BYTES) // (4 * p * max(ctx.indices.shape[1], 1)))  # bags' rows at a time
+            step = max(1, int(max_extra_bytes(g.device.type)) // (4 * p * max(ctx.indices.shape[1], 1)))  # bags' rows
             for start in range(0, ctx.batch_size, step):
                 part = slice(start, start + step)
                 rows = g[part, None, :] * scales[part, :, None]

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .linear import linear_norms
-from .routes import MAX_EXTRA_BYTES
+from .routes import max_extra_bytes
 from .rows import _MAX_NODES, _from_parameters
 
 
@@ -681,7 +681,7 @@ def rows_norms(entries, batch_size: int, n_experts: int) -> torch.Tensor:
     Each (expert, sample) group's gradient is ``left_g^T right_g`` over its rows. Groups of
     similar sizes (within ``_BUCKET_RATIO``) are padded with zero rows (which add nothing) into
     one ``[groups, n_max, .]`` batch for ``linear_norms``, which picks the ghost or instantiate
-    route; a batch holds at most ``MAX_EXTRA_BYTES`` of padded rows (one group at least). The
+    route; a batch holds at most ``routes.max_extra_bytes`` of padded rows (one group at least). The
     groups' norms are summed per sample."""
     left, right, group = _groups(entries, batch_size, n_experts)
     sq = torch.zeros(batch_size, dtype=torch.float32, device=left.device)
@@ -695,11 +695,12 @@ def rows_norms(entries, batch_size: int, n_experts: int) -> torch.Tensor:
     by_size = torch.argsort(counts, descending=True)
     sizes = counts[by_size].tolist()
     row_bytes = (left.shape[1] + right.shape[1]) * left.element_size()
+    bound = max_extra_bytes(left.device.type)
     buckets, first = [], 0
     while first < n_groups and sizes[first] > 0:
         width, last = sizes[first], first + 1
         while (last < n_groups and sizes[last] > 0 and sizes[last] >= _BUCKET_RATIO * width
-               and (last + 1 - first) * width * row_bytes <= MAX_EXTRA_BYTES):
+               and (last + 1 - first) * width * row_bytes <= bound):
             last += 1
         buckets.append((first, last, width))
         first = last

@@ -57,7 +57,7 @@ from .base import METADATA_READS, PerSampleGradsRule, RoutePlan, RuleError, per_
 from .conv import _FusedConv, conv_weight_grads
 from .experts import _MATMULS, ExpertUses, rows_grad_sum, rows_norms, rows_per_sample
 from .linear import fused_linear
-from .routes import MAX_EXTRA_BYTES
+from .routes import MAX_EXTRA_BYTES, max_extra_bytes
 from .rows import flattened_samples
 from .standardised import CONV_DIMS, StandardisedWeight, conv_arguments, standardised_product
 
@@ -1568,7 +1568,7 @@ class GenericRule(PerSampleGradsRule):
         """``per_sample_grads`` for consecutive slices of the samples, bounded in memory."""
         params = list(tracked.values()) + [module.get_parameter(name) for call, _ in calls
                                            for name in call.extra_params]
-        chunk = _samples_per_chunk(sum(p.numel() for p in params))
+        chunk = _samples_per_chunk(sum(p.numel() for p in params), params[0].device.type if params else "cpu")
         B = calls[0][0].batch_size
         for start in range(0, B, chunk):
             yield self.per_sample_grads(module, calls, tracked, slice(start, min(B, start + chunk)))
@@ -1638,7 +1638,8 @@ class GenericRule(PerSampleGradsRule):
             _, pullback = vjp(forward, params)
             return pullback([one_call(g, d) for g, d in zip(sample_grads, call.out_dims)])[0]
 
-        chunk = _samples_per_chunk(sum(p.numel() for p in params.values()))
+        chunk = _samples_per_chunk(sum(p.numel() for p in params.values()),
+                                   next(iter(params.values())).device.type if params else "cpu")
         try:
             # A second guard beside randomness="error", for draws it may not see (ops that vmap
             # runs through its per-sample fallback): a changed CPU RNG state.
@@ -1684,11 +1685,11 @@ class GenericRule(PerSampleGradsRule):
         if ctx.direct_uses is not None and any(u.kind == "product" or u.computed is not None for u in ctx.direct_uses):
             products = sum(u.kind == "product" or u.computed is not None for u in ctx.direct_uses)
             return RoutePlan("generic (computed weights)", f"B={ctx.batch_size} params={numel} products={products}",
-                             float("nan"), 4.0 * min(_samples_per_chunk(numel), ctx.batch_size) * numel)
+                             float("nan"), 4.0 * min(_samples_per_chunk(numel, grad.device.type), ctx.batch_size) * numel)
         if ctx.direct_uses is not None:
             return RoutePlan("generic (broadcast uses)", f"B={ctx.batch_size} params={numel} uses={len(ctx.direct_uses)}",
                              float(2 * ctx.batch_size * numel), 4.0 * ctx.batch_size * numel)
-        chunk = _samples_per_chunk(numel)
+        chunk = _samples_per_chunk(numel, grad.device.type)
         if ctx.computed_outputs is not None:
             return RoutePlan("generic (computed weights)", f"B={ctx.batch_size} params={numel} outputs="
                              f"{len(ctx.computed_outputs)}", float("nan"), 4.0 * numel * min(chunk, ctx.batch_size))
@@ -1696,9 +1697,10 @@ class GenericRule(PerSampleGradsRule):
                          4.0 * numel * min(chunk, ctx.batch_size))
 
 
-def _samples_per_chunk(numel: int) -> int:
-    """Samples whose per-sample gradients (``numel`` float32 each) fit ``MAX_EXTRA_BYTES``; at least 1."""
-    return max(1, int(MAX_EXTRA_BYTES // max(1, 4 * numel)))
+def _samples_per_chunk(numel: int, device_type: str) -> int:
+    """Samples whose per-sample gradients (``numel`` float32 each) fit ``routes.max_extra_bytes``
+    on ``device_type`` (``MAX_EXTRA_BYTES``; more on CUDA, where each chunk costs launches); at least 1."""
+    return max(1, int(max_extra_bytes(device_type) // max(1, 4 * numel)))
 
 
 def _random_forward(module) -> RuleError:

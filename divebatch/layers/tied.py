@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .routes import MAX_EXTRA_BYTES
+from .routes import max_extra_bytes
 
 
 @dataclass(eq=False)
@@ -60,13 +60,14 @@ def tied_rows(a: torch.Tensor, g: torch.Tensor, indices: torch.Tensor, padding_i
 
     Returns:
         float32 ``[B, T_e, d]``: row t of sample b is ``L_b[idx_bt] = sum_s g[b, s, idx_bt] a[b, s]``.
-        Computed in sample chunks whose ``T_h x T_e`` gather fits ``DIVEBATCH_MAX_EXTRA_MB``.
+        Computed in sample chunks whose ``T_h x T_e`` gather fits ``routes.max_extra_bytes``
+        (``DIVEBATCH_MAX_EXTRA_MB``; on CUDA ``DIVEBATCH_CUDA_MAX_EXTRA_MB``).
     """
     B, T_h, d = a.shape
     idx = indices.reshape(B, -1).long()
     T_e = idx.shape[1]
     rows = torch.empty(B, T_e, d, dtype=torch.float32, device=a.device)
-    chunk = max(1, int(MAX_EXTRA_BYTES // max(1, 4 * T_h * T_e)))
+    chunk = max(1, int(max_extra_bytes(a.device.type) // max(1, 4 * T_h * T_e)))
     for start in range(0, B, chunk):
         stop = min(B, start + chunk)
         picked = g[start:stop].gather(2, idx[start:stop, None, :].expand(-1, T_h, -1))  # [b, T_h, T_e]
