@@ -361,6 +361,25 @@ def test_instantiate_every_gpu_config_at_large_shapes(index, n_split, shape, mon
     _assert_fp32(out[2].cpu(), wgrad.cpu(), what + " weight grad")
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="GPU configs: the interpreter has one")
+@pytest.mark.parametrize("geometry", [((8, 64, 56, 56), (3, 3), (1, 1), (1, 1), (1, 1), 64),
+                                      ((4, 3, 224, 224), (7, 7), (2, 2), (3, 3), (1, 1), 64)],
+                         ids=["resnet-layer1", "resnet-stem"])
+@pytest.mark.parametrize("n_split", [1, 4], ids=["stored", "atomic"])
+@pytest.mark.parametrize("index", range(len(K.instantiate_norm._TABLE[("16", "strided")])), ids=lambda i: f"config{i}")
+def test_conv_instantiate_every_gpu_config_at_large_shapes(index, n_split, geometry, monkeypatch):
+    """The implicit convolution patches under each config the 16-bit gathered loads tune over (the
+    "strided" list), both grids, at ResNet-18's layer1 and stem shapes (padded, strided, 7 x 7)."""
+    kernel = K.instantiate_norm._instantiate_norm_kernel
+    _with_config(monkeypatch, kernel, K.instantiate_norm._TABLE[("16", "strided")][index])
+    x, g, x32, g32 = _conv_inputs(geometry, "contig", torch.bfloat16, seed=72)
+    conv = geometry[1:5]
+    out = K.conv_instantiate_norm_triton(x, g, *conv, _n_split_override=n_split)
+    want = R.conv_instantiate_norm(x.float(), g.float(), *conv)
+    for o, r, what in zip(out, want, ("norms", "weight grad")):
+        _assert_fp32(o.cpu(), r.cpu(), f"conv_instantiate_norm {what} with {kernel.configs[0]}")
+
+
 def _gpu_configs(module) -> list:
     """Every config a GPU may run for the kernel of ``module`` (ghost_norm, instantiate_norm)."""
     return K._common.gpu_configs(module._TABLE, getattr(module, "_SM90_TABLE", None))
