@@ -155,6 +155,28 @@ def test_check_engine_compares_a_decomposition_with_the_reference_operators(monk
         check_engine.check(make, torch.device("cpu"), True, decomposed=True)
 
 
+def test_check_engine_runs_the_implicit_convolution_cases_with_their_variable(monkeypatch):
+    """The engine check's ``implicit-conv/*`` cases come first and run with
+    ``DIVEBATCH_TRITON_IMPLICIT_CONV=1`` set (and put back): on the CUDA routes (here the route
+    model made to believe it, the C++ operators doing the work) their fused convolutions take
+    ``conv_instantiate_norm`` and stay exact."""
+    import check_engine
+
+    from divebatch.layers import routes
+
+    names = list(check_engine.cases())
+    implicit = [n for n in names if n.startswith("implicit-conv/")]
+    assert implicit and names[:len(implicit)] == implicit
+    monkeypatch.setenv("DIVEBATCH_BACKEND", "cpp")
+    monkeypatch.delenv("DIVEBATCH_TRITON_IMPLICIT_CONV", raising=False)
+    monkeypatch.setattr(routes, "triton_kernels", lambda device_type: True)
+    with check_engine._env(check_engine.CASE_ENV["implicit-conv/"]):
+        row = check_engine.check(check_engine.cases()["implicit-conv/convolutions"], torch.device("cpu"), True)
+    assert "DIVEBATCH_TRITON_IMPLICIT_CONV" not in os.environ
+    assert "fused-implicit-instantiate" in row["routes"]
+    assert row["per_sample_err"] <= 1e-5 and row["batch_err"] <= 1e-5
+
+
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward in time", "backward in time"])
 @pytest.mark.parametrize("mode", ["GRU", "LSTM"])
 def test_diagnose_scan_case_reports_each_step(mode, reverse):

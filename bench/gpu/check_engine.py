@@ -19,6 +19,7 @@ Prints a table, writes JSON, exits 1 if any relative error exceeds 1e-4 or a cas
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -32,16 +33,42 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from divebatch import GradNormTracker  # noqa: E402
-from tests import test_attention, test_flattened_rows, test_shared_outputs, test_tied  # noqa: E402
+from tests import (test_attention, test_flattened_rows, test_fuse_decisions,  # noqa: E402
+                   test_shared_outputs, test_tied)
 from tests.models_zoo import DECOMPOSED, ZOO, sample_loss  # noqa: E402
 from tests.oracle import reference_norms, rel_err  # noqa: E402
 
 RTOL = 1e-4
 
 
+#: Case-name prefixes run with these environment variables set: the fused convolutions reading
+#: their patches in place (``conv_instantiate_norm``, opt-in until a GPU has timed it).
+CASE_ENV = {"implicit-conv/": {"DIVEBATCH_TRITON_IMPLICIT_CONV": "1"}}
+
+
+@contextlib.contextmanager
+def _env(variables: dict):
+    """``os.environ`` with ``variables`` set, put back as it was afterwards."""
+    previous = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
 def cases():
     """``name -> () -> (model, inputs, targets, loss)`` with everything on the default device."""
-    out = {f"zoo/{name}": (lambda make=make: (*make(), sample_loss)) for name, make in ZOO.items()}
+    # (first: convolutions with enough positions for the CUDA route model to fuse them, padded,
+    #  strided, dilated, reflect-padded, 1-3-d, on a channels-last input, their patches read in place)
+    out = {"implicit-conv/convolutions": lambda: (
+        test_fuse_decisions.Convolutions(), torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last),
+        torch.randn(4), test_fuse_decisions._squared_error)}
+    out.update({f"zoo/{name}": (lambda make=make: (*make(), sample_loss)) for name, make in ZOO.items()})
     out.update({f"decomposed/{name}": (lambda make=make: (*make(), sample_loss)) for name, make in DECOMPOSED.items()})
     out["tied/pad"] = lambda: (*test_tied.make_case(padding_idx=3), test_tied.token_loss)
     out["tied/both-twice"] = lambda: (*test_tied.make_case(reuse_embedding=True, reuse_head=True),
@@ -76,15 +103,8 @@ def check(make, device: torch.device, fused: bool, decomposed: bool = False) -> 
         y = torch.zeros(x.shape[0], device=device) if y is None else y.to(device)
         stats, routes = _tracked(model, x, y, loss, fused)
         if decomposed:
-            previous = os.environ.get("DIVEBATCH_BACKEND")
-            os.environ["DIVEBATCH_BACKEND"] = "reference"
-            try:
+            with _env({"DIVEBATCH_BACKEND": "reference"}):
                 expected, _ = _tracked(model, x, y, loss, fused)
-            finally:
-                if previous is None:
-                    del os.environ["DIVEBATCH_BACKEND"]
-                else:
-                    os.environ["DIVEBATCH_BACKEND"] = previous
             per_sample, batch = expected.per_sample, expected.batch_grad_sq
         else:
             per_sample, _, batch = reference_norms(model, loss, x, y)
@@ -130,7 +150,9 @@ def main(argv=None) -> int:
         for fused in (True, False):
             t0 = time.perf_counter()
             try:
-                row = {"case": name, "fused": fused, **check(make, device, fused, name.startswith("decomposed/"))}
+                variables = next((v for prefix, v in CASE_ENV.items() if name.startswith(prefix)), {})
+                with _env(variables):
+                    row = {"case": name, "fused": fused, **check(make, device, fused, name.startswith("decomposed/"))}
                 ok = row["per_sample_err"] <= RTOL and row["batch_err"] <= RTOL
                 print(f"| {name} | {fused} | {row['per_sample_err']:.1e} | {row['batch_err']:.1e} | "
                       f"{', '.join(row['routes'])} |", flush=True)
