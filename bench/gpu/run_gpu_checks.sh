@@ -7,12 +7,13 @@
 #      every layer rule through the tracker vs torch.func on CUDA (fp32);
 #   2. kernel timings vs the PyTorch reference and the plain weight-gradient GEMM
 #      (bench/gpu/bench_kernels.py, triton.testing.do_bench, autotuned), table + JSON;
-#   2b. bench/gpu/profile_step.py: torch.profiler on seq-large and transformer, the ops the tracked
-#       step adds (device and host time);
-#   2c. bench/host_overhead.py on CUDA: tiny models, where a step is bound by launches and hooks;
-#   3. if present, the end-to-end table (bench/run_table.py) on conv-large, seq-large, then transformer
-#      (nn.MultiheadAttention's fused rule on CUDA), divebatch fused and unfused side by side; the
-#      JSON is rewritten after each workload;
+#   2b. if present, the end-to-end table (bench/run_table.py) on conv-large, seq-large, then transformer
+#      (nn.MultiheadAttention's fused rule on CUDA), divebatch fused, unfused and with the implicit
+#      convolution kernel side by side; the JSON is rewritten after each workload; it leaves
+#      PROFILE_RESERVE_S (100 s) of the budget to
+#   3. bench/gpu/profile_step.py: torch.profiler on seq-large and transformer, the ops the tracked
+#      step adds (device and host time); 3b. bench/host_overhead.py on CUDA: tiny models, where a
+#      step is bound by launches and hooks;
 #   4. if time is left, the transformer workload under torch.compile, tracked against plain.
 # Results (JSON, junit XML, logs) go to bench/results/gpu/, or, where $OUT is set (the workplace's
 # device tool, which returns at most 8 files), to a scratch folder packed into $OUT/gpu_results.tgz
@@ -105,27 +106,10 @@ SUMMARY+=("correctness jobs: $(( $(date +%s) - t0 ))s together")
 step bench 210 env DIVEBATCH_TRITON_SCANS=1 "$PY" bench/gpu/bench_kernels.py --out "$RESULTS/bench_kernels.json" --rounds 3 --rep-ms 50 \
     --workloads seq-large-up,seq-large-down,seq-up-bf16,conv-layer1,conv-layer4,conv-layer1-unfolded,conv-layer4-unfolded,conv-stem-implicit,conv-layer1-implicit,conv-layer2-implicit,mlp-T1-bf16,seq-embedding,seq-large-embedding,layernorm-seq-large,rmsnorm-llama,groupnorm-conv-large,lstm-scan,gru-scan,lstm-scan-wide
 
-# 2b. where the tracked seq-large step's extra time goes (torch.profiler, plain vs divebatch), and
-#     the transformer workload's (3.28x on a 4.4 ms step on the H200: device time per op beside
-#     host time per op, and how busy the device is, say whether launches or kernels add the 10 ms).
-step profile 60 "$PY" bench/gpu/profile_step.py --device cuda --dtype bfloat16 --workload seq-large \
-    --out "$RESULTS/profile_seq_large.json"
-step profile_transformer 60 "$PY" bench/gpu/profile_step.py --device cuda --dtype bfloat16 --workload transformer \
-    --steps 10 --top 40 --out "$RESULTS/profile_transformer.json"
-
-# 2c. the host overhead of tracking, where a GPU step is bound by it: tiny models on CUDA (the first
-#     config of each kernel, untimed: few compiles), with the functions taking the host's time
-#     (the H200 ran the transformer workload 3.28x: ~10 ms added to a 4.4 ms step, unexplained).
-left=$(( BUDGET_S - ($(date +%s) - START) ))
-if [ "$left" -gt 150 ]; then
-    step host 60 env DIVEBATCH_TRITON_AUTOTUNE=0 "$PY" bench/host_overhead.py --device cuda --rounds 3 --steps 100 \
-        --profile 25 --out "$RESULTS/host_overhead.md"
-else
-    SUMMARY+=("host: skipped (${left}s left)")
-fi
-
-# 3. the end-to-end per-sample-norm table, only if another engineer's script exists and time is left.
-left=$(( BUDGET_S - ($(date +%s) - START) ))
+# 2b. the end-to-end per-sample-norm table, only if another engineer's script exists and time is left.
+#    Before the profiles (twenty-sixth session): the table is the step's target figure, so it gets
+#    what is left but PROFILE_RESERVE_S, which keeps room for the two profiles below.
+left=$(( BUDGET_S - ($(date +%s) - START) - ${PROFILE_RESERVE_S:-100} ))
 if [ -f bench/run_table.py ] && [ "$left" -gt 30 ]; then
     # divebatch-unfused beside divebatch: the hook routes' cost next to the fused ones, the
     # measurement the CUDA fuse decisions (always fuse conv; fused instantiate where it fits) lack;
@@ -135,6 +119,35 @@ if [ -f bench/run_table.py ] && [ "$left" -gt 30 ]; then
         --workloads conv-large,seq-large,transformer --out "$RESULTS/gpu_table.json"
 else
     SUMMARY+=("run_table: skipped (bench/run_table.py missing or ${left}s left)")
+fi
+
+# 3. where the tracked seq-large step's extra time goes (torch.profiler, plain vs divebatch), and
+#     the transformer workload's (3.28x on a 4.4 ms step on the H200: device time per op beside
+#     host time per op, and how busy the device is, say whether launches or kernels add the 10 ms).
+left=$(( BUDGET_S - ($(date +%s) - START) ))
+if [ "$left" -gt 20 ]; then
+    step profile $(( left < 60 ? left : 60 )) "$PY" bench/gpu/profile_step.py --device cuda --dtype bfloat16 \
+        --workload seq-large --out "$RESULTS/profile_seq_large.json"
+else
+    SUMMARY+=("profile: skipped (${left}s left)")
+fi
+left=$(( BUDGET_S - ($(date +%s) - START) ))
+if [ "$left" -gt 20 ]; then
+    step profile_transformer $(( left < 60 ? left : 60 )) "$PY" bench/gpu/profile_step.py --device cuda \
+        --dtype bfloat16 --workload transformer --steps 10 --top 40 --out "$RESULTS/profile_transformer.json"
+else
+    SUMMARY+=("profile_transformer: skipped (${left}s left)")
+fi
+
+# 3b. the host overhead of tracking, where a GPU step is bound by it: tiny models on CUDA (the first
+#     config of each kernel, untimed: few compiles), with the functions taking the host's time
+#     (the H200 ran the transformer workload 3.28x: ~10 ms added to a 4.4 ms step, unexplained).
+left=$(( BUDGET_S - ($(date +%s) - START) ))
+if [ "$left" -gt 150 ]; then
+    step host 60 env DIVEBATCH_TRITON_AUTOTUNE=0 "$PY" bench/host_overhead.py --device cuda --rounds 3 --steps 100 \
+        --profile 25 --out "$RESULTS/host_overhead.md"
+else
+    SUMMARY+=("host: skipped (${left}s left)")
 fi
 
 # 4. if time is left: a tracked step under torch.compile (inductor) against a compiled plain one,
