@@ -171,12 +171,13 @@ def config_table(interpret: triton.Config, table: dict[tuple[str, str], list[tri
     return all_configs, {"early_config_prune": prune}
 
 
-def configs_for(configs: list[triton.Config], prune: dict, named_args: dict, arch: int = 80) -> list[triton.Config]:
-    """The configs the autotuner would try for ``named_args`` on compute capability ``arch`` (e.g.
-    80, 90; used by the compile test)."""
+def configs_for(configs: list[triton.Config], prune: dict, named_args: dict, arch: int = 80,
+                **constexprs) -> list[triton.Config]:
+    """The configs the autotuner would try for ``named_args`` (and the launch's ``constexprs``, which
+    reach the prune as keywords) on compute capability ``arch`` (e.g. 80, 90; used by the compile test)."""
     if not prune:
         return list(configs)
-    return prune["early_config_prune"](configs, named_args, divebatch_arch=arch)
+    return prune["early_config_prune"](configs, named_args, divebatch_arch=arch, **constexprs)
 
 
 def dot_options(*dtypes: torch.dtype) -> tuple[bool, str]:

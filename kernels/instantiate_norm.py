@@ -111,7 +111,7 @@ _SM90_TABLE = {
 #: ``DIVEBATCH_TRITON_UNVERIFIED_CONFIGS=1`` (see ``unverified_configs_enabled``) until a GPU run's
 #: config sweep (tests/test_triton_kernels.py) and timings clear them; then empty this.
 _UNVERIFIED = (*_TABLE[("16", "unit")][4:], *_SM90_TABLE[("16", "unit")])
-_CONFIGS, _PRUNE = config_table(
+_CONFIGS, _TABLE_PRUNE = config_table(
     _config(32, 32, 16, 4, 1, group_p=2),  # interpreter (GROUP_P 2: the CPU tests cover the grouped order)
     _TABLE,
     tensor_args=("a_ptr", "g_ptr"),
@@ -119,36 +119,70 @@ _CONFIGS, _PRUNE = config_table(
     sm90_table=_SM90_TABLE,
     unverified=_UNVERIFIED,
 )
+
+
+def _prune(configs, named_args, **kwargs):
+    """``config_table``'s prune, and for a convolution's patches read in place (``IMPLICIT``, whose
+    address and mask arithmetic takes 15-40 registers more than the loads it replaces) only the
+    first config of the strided list where the others spill: float32 operands (8 bytes on sm_80
+    with triton 3.7), a 3-d convolution or int64 offsets (in the T loop with triton 3.6, the GPU
+    image's). The 16-bit 2-d int32 builds of all three fit in both versions (tests/test_triton_compile.py)."""
+    kept = _TABLE_PRUNE["early_config_prune"](configs, named_args, **kwargs)
+    wide_build = kwargs.get("DEPTH") or kwargs.get("WIDE") or torch.float32 in (
+        named_args["a_ptr"].dtype, named_args["g_ptr"].dtype)
+    return kept[:1] if kwargs.get("IMPLICIT") and wide_build else kept
+
+
+_PRUNE = {"early_config_prune": _prune} if _TABLE_PRUNE else {}
 #: Tile size (p x d entries) ``_n_split`` plans with: the 128 x 128 tile of the first 16-bit config.
 _SPLIT_TILE = 128 * 128
 
 
 @triton.jit
+def _offsets(v, WIDE: tl.constexpr):
+    """``v`` as the type of in-sample offsets: int64 where a sample's may pass 2^31 (``WIDE``),
+    else int32 (half the registers per element)."""
+    if WIDE:
+        out = v.to(tl.int64)
+    else:
+        out = v
+    return out
+
+
+@triton.jit
 def _patch_chunk(x_base, tt, t_mask, mask_d, col_off, win_d, win_h, win_w, XD, XH, XW, OH, OW,
-                 sd, sh, sw, pd, ph, pw, stride_xd, stride_xh, stride_xw, PADDED: tl.constexpr):
+                 sd, sh, sw, pd, ph, pw, stride_xd, stride_xh, stride_xw,
+                 PADDED: tl.constexpr, DEPTH: tl.constexpr, WIDE: tl.constexpr):
     """A ``[BLOCK_T, BLOCK_D]`` chunk of a convolution's patches read from its input ``x`` in place
     (implicit GEMM): rows are the positions ``tt``, columns the kernel offsets whose part of the
     address is ``col_off`` and whose window offsets are ``win_*``; entries in the zero padding
-    (``PADDED``) or past T and d are 0."""
+    (``PADDED``) or past T and d are 0. ``DEPTH``: a 3-d convolution (1-d and 2-d ones leave the
+    depth terms out, registers the 2-d loads need)."""
     ow = tt % OW
     rest = tt // OW
     # Each position's window corner in the unpadded input (negative inside the padding).
-    at_d = (rest // OH) * sd - pd
-    at_h = (rest % OH) * sh - ph
+    if DEPTH:
+        at_d = (rest // OH) * sd - pd
+        at_h = (rest % OH) * sh - ph
+    else:  # (one output plane: rest < OH)
+        at_h = rest * sh - ph
     at_w = ow * sw - pw
-    row = at_d.to(tl.int64) * stride_xd + at_h.to(tl.int64) * stride_xh + at_w.to(tl.int64) * stride_xw
+    row = _offsets(at_h, WIDE) * stride_xh + _offsets(at_w, WIDE) * stride_xw
+    if DEPTH:
+        row += _offsets(at_d, WIDE) * stride_xd
     mask = t_mask[:, None] & mask_d[None, :]
     if PADDED:
         # One unsigned comparison per dim: an index inside the left padding is negative, i.e. huge.
-        inside_d = (at_d[:, None] + win_d[None, :]).to(tl.uint32) < XD
         inside_h = (at_h[:, None] + win_h[None, :]).to(tl.uint32) < XH
         inside_w = (at_w[:, None] + win_w[None, :]).to(tl.uint32) < XW
-        mask = mask & inside_d & inside_h & inside_w
+        mask = mask & inside_h & inside_w
+        if DEPTH:
+            mask = mask & ((at_d[:, None] + win_d[None, :]).to(tl.uint32) < XD)
     return tl.load(x_base + row[:, None] + col_off[None, :], mask=mask, other=0.0)
 
 
 @triton.autotune(configs=_CONFIGS, key=["T_TUNE", "B_TUNE", "d", "p", "WITH_BIAS", "ATOMIC_WGRAD", "stride_ad", "stride_gp",
-                                        "TMA_OK", "IMPLICIT", "PADDED"],
+                                        "TMA_OK", "IMPLICIT", "PADDED", "DEPTH", "WIDE"],
                  prune_configs_by=_PRUNE, reset_to_zero=["weight_sq_ptr", "bias_sq_ptr", "wgrad_ptr"],
                  **AUTOTUNE_KWARGS)
 @triton.jit
@@ -175,7 +209,8 @@ def _instantiate_norm_kernel(
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     GROUP_P: tl.constexpr, SUM_IN_OUTPUT: tl.constexpr, FLATTEN: tl.constexpr,
     USE_TMA: tl.constexpr, TMA_OK: tl.constexpr,
-    IMPLICIT: tl.constexpr = False, PADDED: tl.constexpr = False,
+    IMPLICIT: tl.constexpr = False, PADDED: tl.constexpr = False, DEPTH: tl.constexpr = False,
+    WIDE: tl.constexpr = True,
 ):
     pid = tl.program_id(0)
     n_d_tiles = tl.cdiv(d, BLOCK_D)
@@ -200,13 +235,18 @@ def _instantiate_norm_kernel(
         # a chunk's positions add their own part (_patch_chunk).
         k_w = offs_d % KW
         rest = offs_d // KW
-        k_h = rest % KH
-        rest = rest // KH
-        win_d = (rest % KD) * conv_dd
-        win_h = k_h * conv_dh
+        win_h = (rest % KH) * conv_dh
         win_w = k_w * conv_dw
-        col_a = ((rest // KD).to(tl.int64) * stride_xc + win_d.to(tl.int64) * stride_xd
-                 + win_h.to(tl.int64) * stride_xh + win_w.to(tl.int64) * stride_xw)  # [BLOCK_D]
+        rest = rest // KH
+        if DEPTH:
+            win_d = (rest % KD) * conv_dd
+            rest = rest // KD
+        else:
+            win_d = win_h  # (unread: no depth terms)
+        col_a = (_offsets(rest, WIDE) * stride_xc + _offsets(win_h, WIDE) * stride_xh
+                 + _offsets(win_w, WIDE) * stride_xw)  # [BLOCK_D]
+        if DEPTH:
+            col_a += _offsets(win_d, WIDE) * stride_xd
     else:
         col_a = offs_d.to(tl.int64) * stride_ad  # [BLOCK_D]
     offs_t = tl.arange(0, BLOCK_T)
@@ -243,7 +283,7 @@ def _instantiate_norm_kernel(
                 if IMPLICIT:
                     x = _patch_chunk(a_base, tt, t_mask, mask_d, col_a, win_d, win_h, win_w, XD, XH, XW, OH, OW,
                                      conv_sd, conv_sh, conv_sw, conv_pd, conv_ph, conv_pw,
-                                     stride_xd, stride_xh, stride_xw, PADDED)
+                                     stride_xd, stride_xh, stride_xw, PADDED, DEPTH, WIDE)
                 else:
                     x = tl.load(a_base + (tt64 * stride_at)[:, None] + col_a[None, :],
                                 mask=t_mask[:, None] & mask_d[None, :], other=0.0)
@@ -295,7 +335,7 @@ _NO_CONVOLUTION = (1,) * 21
 
 
 def _launch(a, g, B: int, T: int, d: int, p: int, a_strides, convolution, with_bias: bool, n_split,
-            implicit: bool = False, padded: bool = False):
+            implicit: bool = False, padded: bool = False, depth: bool = False, wide: bool = True):
     """``(weight_sq [B], bias_sq [B], weight_grad_sum [p, d])`` of one launch; ``a`` is the patches'
     storage (``a`` itself, or a convolution's input under ``implicit``) with ``a_strides`` for its
     batch, position and column dims; ``convolution``: the IMPLICIT arguments."""
@@ -322,7 +362,7 @@ def _launch(a, g, B: int, T: int, d: int, p: int, a_strides, convolution, with_b
                 *convolution,
                 tuning_size(T), tuning_size(B),
                 WITH_BIAS=bool(with_bias), ATOMIC_WGRAD=n_split > 1, UPCAST=upcast, DOT_PRECISION=precision,
-                TMA_OK=use_tma, IMPLICIT=implicit, PADDED=padded,
+                TMA_OK=use_tma, IMPLICIT=implicit, PADDED=padded, DEPTH=depth, WIDE=wide,
             )
     elif with_bias and B > 0 and T > 0 and p > 0:  # d == 0: no weight, but the bias still has a gradient
         bias_sq = g.sum(dim=1, dtype=torch.float32).square().sum(dim=1)
@@ -339,11 +379,14 @@ def instantiate_norm_triton(a: torch.Tensor, g: torch.Tensor, with_bias: bool, *
 
 
 def conv_instantiate_norm_triton(x: torch.Tensor, g: torch.Tensor, kernel_size, stride, padding, dilation, *,
-                                 _n_split_override=None):
+                                 _n_split_override=None, _wide_override=None):
     """``(weight_sq [B], weight_grad_sum [O, C * prod(kernel)])`` float32 of a one-group convolution
     of ``x [B, C, *in]`` (1-3 spatial dims, zero ``padding``) with output grad ``g [B, O, *out]``:
     ``instantiate_norm`` of its patches, read from ``x`` in place (implicit GEMM; see
-    ``divebatch.reference.conv_instantiate_norm``), so no unfolded copy is written."""
+    ``divebatch.reference.conv_instantiate_norm``), so no unfolded copy is written.
+
+    ``_n_split_override`` and ``_wide_override`` (tests only) force the sample splits of the grid and
+    the int64 in-sample offsets."""
     from divebatch.reference import conv_output_sizes  # (the kernels package imports without divebatch)
 
     op = "conv_instantiate_norm"
@@ -360,6 +403,10 @@ def conv_instantiate_norm_triton(x: torch.Tensor, g: torch.Tensor, kernel_size, 
     g_rows = g.reshape(B, O, T).transpose(1, 2)  # (a view for contiguous and channels-last grads)
     convolution = (*x3.shape[2:], *([1] * missing + out)[1:], *kernel, *strides, *pads, *dilations, *x3.stride()[1:])
     # (the key's inner stride: patches are gathered, never unit-stride rows)
+    # In-sample offsets in int32 unless one (padding and a chunk's overrun included) could pass 2^31.
+    reach = sum((size + 2 * pad + k * dil) * abs(stride) for size, pad, k, dil, stride
+                in zip(x3.shape[1:], [0, *pads], [1, *kernel], [1, *dilations], x3.stride()[1:]))
     weight_sq, _, grad = _launch(x3, g_rows, B, T, d, O, (x3.stride(0), 0, 0), convolution, False,
-                                 _n_split_override, implicit=True, padded=any(pads))
+                                 _n_split_override, implicit=True, padded=any(pads), depth=missing == 0,
+                                 wide=reach >= 2**31 if _wide_override is None else _wide_override)
     return weight_sq, grad

@@ -112,19 +112,23 @@ def _specs():
             tensor_args=("a_ptr", "g_ptr"),
             inner_strides=("stride_ad", "stride_gp"),
             aligned_ints=("d", "p", "stride_ab", "stride_at", "stride_gb", "stride_gt"),
-            constexprs={"WITH_BIAS": True, "ATOMIC_WGRAD": False, "IMPLICIT": False, "PADDED": False},
+            constexprs={"WITH_BIAS": True, "ATOMIC_WGRAD": False, "IMPLICIT": False, "PADDED": False, "DEPTH": False,
+                        "WIDE": True},
         ),
         # The convolution's patches read from its input in place (IMPLICIT: pointer loads by computed
-        # addresses, never TMA); the strided layout only, as the wrapper keys it.
-        "_instantiate_norm_kernel[implicit]": dict(
+        # addresses, never TMA); the strided layout only, as the wrapper keys it. A padded 2-d one with
+        # int32 in-sample offsets (the common case) and a padded 3-d one with int64 offsets (the most
+        # registers).
+        **{f"_instantiate_norm_kernel[implicit{suffix}]": dict(
             module="instantiate_norm", function="_instantiate_norm_kernel", variants=("strided",),
             pointers={"a_ptr": None, "g_ptr": None, "weight_sq_ptr": "fp32", "bias_sq_ptr": "fp32",
                       "wgrad_ptr": "fp32"},
             tensor_args=("a_ptr", "g_ptr"),
             inner_strides=("stride_ad", "stride_gp"),
             aligned_ints=(),
-            constexprs={"WITH_BIAS": False, "ATOMIC_WGRAD": False, "IMPLICIT": True, "PADDED": True},
-        ),
+            constexprs={"WITH_BIAS": False, "ATOMIC_WGRAD": False, "IMPLICIT": True, "PADDED": True, "DEPTH": depth,
+                        "WIDE": depth},
+        ) for suffix, depth in (("", False), ("-3d-wide", True))},
         "_outer_norm_kernel": dict(
             module="outer_norm",
             pointers={"a_ptr": None, "g_ptr": None, "weight_sq_ptr": "fp32", "bias_sq_ptr": "fp32"},
@@ -218,7 +222,7 @@ def _configs(kernel: str, dtype: str, variant: str, arch: int):
     named = {n: torch.empty(0, dtype=tdtype) for n in spec["tensor_args"]}
     named.update({n: 1 if variant == "contig" else 2 for n in spec["inner_strides"]})
     prune = getattr(module, spec.get("prune", "_PRUNE"), {})
-    return autotuner.fn, K._common.configs_for(autotuner.configs, prune, named, arch)
+    return autotuner.fn, K._common.configs_for(autotuner.configs, prune, named, arch, **spec["constexprs"])
 
 
 def _jobs():
@@ -478,7 +482,7 @@ def test_every_kernel_compiles_to_ptx_and_cubin(records):
 
 #: Kernels whose inner loop is a ``tl.dot`` (the outer-product kernel has none).
 DOT_KERNELS = ("_ghost_norm_kernel", "_instantiate_norm_kernel", "_instantiate_norm_kernel[implicit]",
-               "_embedding_norm_kernel")
+               "_instantiate_norm_kernel[implicit-3d-wide]", "_embedding_norm_kernel")
 
 
 def test_dots_run_on_tensor_cores(records):

@@ -455,12 +455,16 @@ def test_conv_instantiate_norm(case):
             _assert_fp32(o, r.float(), f"conv_instantiate_norm {what} vs torch.func")
 
 
+@pytest.mark.parametrize("wide", [False, True], ids=["int32 offsets", "int64 offsets"])
+@pytest.mark.parametrize("case", [1, 3], ids=["2d", "3d"])
 @pytest.mark.parametrize("n_split", [1, 2, 3])
-def test_conv_instantiate_norm_sample_split(n_split):
-    """The grid split over samples (float32 atomics into the weight gradient) reads the same patches."""
-    x, g, x32, g32 = _conv_inputs(CONV_CASES[1], "contig", torch.float32, seed=71)
-    outs = K.conv_instantiate_norm_triton(x, g, *CONV_CASES[1][1:5], _n_split_override=n_split)
-    for o, r, what in zip(_cpu(outs), conv_weight_oracle(x32, g32, *CONV_CASES[1][1:5]), ("norms", "weight gradient")):
+def test_conv_instantiate_norm_sample_split(n_split, case, wide):
+    """The grid split over samples (float32 atomics into the weight gradient) reads the same patches,
+    with in-sample offsets in int32 (what the wrapper picks below 2^31) or int64."""
+    x, g, x32, g32 = _conv_inputs(CONV_CASES[case], "contig", torch.float32, seed=71)
+    conv = CONV_CASES[case][1:5]
+    outs = K.conv_instantiate_norm_triton(x, g, *conv, _n_split_override=n_split, _wide_override=wide)
+    for o, r, what in zip(_cpu(outs), conv_weight_oracle(x32, g32, *conv), ("norms", "weight gradient")):
         _assert_fp32(o, r.float(), f"conv_instantiate_norm split {n_split} {what}")
 
 
@@ -501,6 +505,33 @@ def test_instantiate_each_gpu_config_under_the_interpreter(index, n_split, monke
     out = K.conv_instantiate_norm_triton(x, g_conv, *conv, _n_split_override=n_split)
     for o, r, what in zip(out, R.conv_instantiate_norm(x, g_conv, *conv), ("norms", "weight grad")):
         _assert_fp32(o, r, f"conv_instantiate_norm {what} with {config}")
+
+
+def test_implicit_convolutions_tune_over_the_configs_that_fit(monkeypatch):
+    """The implicit patches' address arithmetic costs registers: 16-bit 2-d convolutions with int32
+    offsets tune over the whole strided list (spill-free with triton 3.6 and 3.7), float32 ones,
+    3-d ones and int64 offsets take its first config only (the others spill; the compile test
+    builds what this prune keeps)."""
+    import triton
+
+    common, module = K._common, K.instantiate_norm
+    monkeypatch.setattr(common, "INTERPRET", False)
+    monkeypatch.setattr(common, "AUTOTUNE", True)
+    configs, prune = common.config_table(triton.Config({}), module._TABLE, ("a_ptr", "g_ptr"),
+                                         ("stride_ad", "stride_gp"), sm90_table=module._SM90_TABLE)
+    monkeypatch.setattr(module, "_TABLE_PRUNE", prune)
+
+    def kept(dtype, **constexprs):
+        named = {"a_ptr": torch.empty(0, dtype=dtype), "g_ptr": torch.empty(0, dtype=dtype),
+                 "stride_ad": 0, "stride_gp": 7}
+        return module._prune(configs, named, divebatch_arch=90, **constexprs)
+
+    strided16, strided32 = module._TABLE[("16", "strided")], module._TABLE[("32", "strided")]
+    assert kept(torch.bfloat16, IMPLICIT=True, DEPTH=False, WIDE=False) == strided16
+    assert kept(torch.bfloat16, IMPLICIT=True, DEPTH=True, WIDE=False) == strided16[:1]
+    assert kept(torch.bfloat16, IMPLICIT=True, DEPTH=False, WIDE=True) == strided16[:1]
+    assert kept(torch.float32, IMPLICIT=True, DEPTH=False, WIDE=False) == strided32[:1]
+    assert kept(torch.float32, IMPLICIT=False, DEPTH=False, WIDE=True) == strided32  # (materialised patches)
 
 
 def test_configs_not_yet_run_on_a_gpu_wait_for_the_opt_in(monkeypatch):
