@@ -183,11 +183,14 @@ def _instantiate_check(args: tuple, outputs: tuple) -> list[tuple[str, torch.Ten
     return found + [("weight gradient", outputs[2], grad)]
 
 
+_conv_norms_check = _per_sample_check(reference.conv_instantiate_norm, 1)
+
+
 def _conv_instantiate_check(args: tuple, outputs: tuple) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """The per-sample norms on two samples and the weight gradient in full, by the reference (which
     unfolds the patches) over chunks of samples whose patches take at most ``CHUNK_BYTES``."""
     x, g, *geometry = args
-    found = _per_sample_check(reference.conv_instantiate_norm, 1)(args, outputs)
+    found = _conv_norms_check(args, outputs)
     B, T = x.shape[0], math.prod(g.shape[2:])
     step = max(1, CHUNK_BYTES // (4 * max(1, T * (outputs[1].shape[1] + g.shape[1]))))
     grad = sum(reference.conv_instantiate_norm(x[start:start + step], g[start:start + step], *geometry)[1]

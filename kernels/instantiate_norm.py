@@ -390,10 +390,13 @@ def conv_instantiate_norm_triton(x: torch.Tensor, g: torch.Tensor, kernel_size, 
     from divebatch.reference import conv_output_sizes  # (the kernels package imports without divebatch)
 
     op = "conv_instantiate_norm"
-    check_float(op, "x", x, x.dim() if 3 <= x.dim() <= 5 else 5)
-    check_float(op, "g", g, g.dim() if 3 <= g.dim() <= 5 else 5)
+    for name, t in (("x", x), ("g", g)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"divebatch.{op}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+    out = conv_output_sizes(op, x, g, kernel_size, stride, padding, dilation)  # (dims and geometry)
+    check_float(op, "x", x, x.dim())
+    check_float(op, "g", g, g.dim())
     check_device(op, x=x, g=g)
-    out = conv_output_sizes(op, x, g, kernel_size, stride, padding, dilation)
     missing = 3 - len(out)  # (1-d and 2-d convolutions as 3-d ones with unit leading dims)
     x3 = x.view(*x.shape[:2], *([1] * missing), *x.shape[2:])
     kernel, strides, dilations = ([1] * missing + [int(v) for v in values] for values in (kernel_size, stride, dilation))

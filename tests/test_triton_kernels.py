@@ -473,9 +473,11 @@ def test_conv_instantiate_norm_sample_split(n_split, case, wide):
     ((torch.randn(2, 3, 8, 8), torch.randn(2, 4, 8, 8), [3], [1, 1], [1, 1], [1, 1]), r"`kernel_size` needs one entry"),
     ((torch.randn(2, 3, 8, 8), torch.randn(2, 4, 8, 8), [3, 3], [0, 1], [1, 1], [1, 1]), r"`stride` entries must be >= 1"),
     ((torch.randn(2, 3, 8), torch.randn(2, 4, 8, 1), [3], [1], [1], [1]), r"1-3 spatial dims and `g`"),
-], ids=["output size", "kernel dims", "stride", "dims"])
+    ((torch.randn(2, 3, 8, 8).long(), torch.randn(2, 4, 8, 8), [3, 3], [1, 1], [1, 1], [1, 1]),
+     r"`x` must be float32, float16 or bfloat16"),
+], ids=["output size", "kernel dims", "stride", "dims", "dtype"])
 def test_conv_instantiate_norm_refuses_bad_geometry(args, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, TypeError), match=message):
         K.conv_instantiate_norm_triton(*[a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args])
 
 
