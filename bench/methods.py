@@ -8,6 +8,7 @@ table and pytest-benchmark skip them cleanly.
 from __future__ import annotations
 
 import os
+from unittest import mock
 
 import torch
 from torch.func import functional_call, grad, vmap
@@ -120,15 +121,8 @@ class DiveBatchImplicitConv(DiveBatch):
     name = "divebatch-implicit-conv"
 
     def step(self, x, y):
-        before = os.environ.get("DIVEBATCH_TRITON_IMPLICIT_CONV")
-        os.environ["DIVEBATCH_TRITON_IMPLICIT_CONV"] = "1"
-        try:
+        with mock.patch.dict(os.environ, {"DIVEBATCH_TRITON_IMPLICIT_CONV": "1"}):
             return super().step(x, y)
-        finally:
-            if before is None:
-                del os.environ["DIVEBATCH_TRITON_IMPLICIT_CONV"]
-            else:
-                os.environ["DIVEBATCH_TRITON_IMPLICIT_CONV"] = before
 
 
 class PlainCompiled(Plain):

@@ -19,13 +19,13 @@ Prints a table, writes JSON, exits 1 if any relative error exceeds 1e-4 or a cas
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 import time
 import traceback
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -46,19 +46,9 @@ RTOL = 1e-4
 CASE_ENV = {"implicit-conv/": {"DIVEBATCH_TRITON_IMPLICIT_CONV": "1"}}
 
 
-@contextlib.contextmanager
 def _env(variables: dict):
     """``os.environ`` with ``variables`` set, put back as it was afterwards."""
-    previous = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = value
+    return mock.patch.dict(os.environ, variables)
 
 
 def cases():
