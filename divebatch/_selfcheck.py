@@ -51,8 +51,9 @@ LOOSE_TOLERANCE = 2e-2
 CHUNK_BYTES = 256 << 20
 
 #: The operators checked here: every one with a Triton kernel.
-CHECKED_OPS = ("ghost_norm", "instantiate_norm", "conv_instantiate_norm", "outer_norm", "embedding_norm", "affine_norm_grads",
-               "group_norm_grads", "channel_norm_grads", "recurrent_scan", "recurrent_scan_backward")
+CHECKED_OPS = ("ghost_norm", "instantiate_norm", "conv_instantiate_norm", "outer_norm", "embedding_norm",
+               "affine_norm_grads", "group_norm_grads", "channel_norm_grads", "recurrent_scan",
+               "recurrent_scan_backward")
 
 _checked: set[tuple] = set()  # input kinds checked
 _seen: set[tuple] = set()  # exact inputs whose kind was checked (a cheaper key to look up first)

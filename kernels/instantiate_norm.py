@@ -399,7 +399,8 @@ def conv_instantiate_norm_triton(x: torch.Tensor, g: torch.Tensor, kernel_size, 
     check_device(op, x=x, g=g)
     missing = 3 - len(out)  # (1-d and 2-d convolutions as 3-d ones with unit leading dims)
     x3 = x.view(*x.shape[:2], *([1] * missing), *x.shape[2:])
-    kernel, strides, dilations = ([1] * missing + [int(v) for v in values] for values in (kernel_size, stride, dilation))
+    kernel, strides, dilations = ([1] * missing + [int(v) for v in values]
+                                  for values in (kernel_size, stride, dilation))
     pads = [0] * missing + [int(v) for v in padding]
     B, C, O = x.shape[0], x.shape[1], g.shape[1]
     T, d = math.prod(out), C * math.prod(kernel)

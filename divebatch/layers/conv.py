@@ -124,7 +124,7 @@ class ConvRule(LayerRule):
         if not with_weight:
             total = 0
             for _, grads in calls:
-                total = total + grads[0].float().reshape(B, module.out_channels, -1).sum(dim=2)
+                total = total + grads[0].reshape(B, module.out_channels, -1).sum(dim=2, dtype=torch.float32)
             return total.square().sum(dim=1)
         step = min(self.chunk_size(module, grads[0], grads[0]) for _, grads in calls)
         out = []
@@ -388,7 +388,8 @@ def fused_conv_grads(module, ctx, g, tracked):
         sq, grad_w = grouped_weight_norms(module, x, padding, g)
     grad_b = None
     if module.bias is not None:
-        per_sample_bias = g.float().reshape(B, module.out_channels, -1).sum(dim=2)
+        # (summed in float32 straight from g: no float32 copy of a 16-bit output grad)
+        per_sample_bias = g.reshape(B, module.out_channels, -1).sum(dim=2, dtype=torch.float32)
         if "bias" in tracked:
             sq = sq + per_sample_bias.square().sum(dim=1)
         grad_b = per_sample_bias.sum(dim=0).to(module.bias.dtype)
@@ -448,7 +449,7 @@ def conv_grad_sums(module, parts, tracked, transposed: bool) -> dict[str, torch.
                 module.groups, [False, True, False])[1].float()
             sums["weight"] = part if "weight" not in sums else sums["weight"] + part
         if "bias" in tracked:
-            part = g.float().sum(dim=[0, *range(2, g.dim())])
+            part = g.sum(dim=[0, *range(2, g.dim())], dtype=torch.float32)
             sums["bias"] = part if "bias" not in sums else sums["bias"] + part
     return sums
 
@@ -617,7 +618,8 @@ class ConvTransposeRule(LayerRule):
         B = calls[0][0].shape[0]
         total = torch.zeros(B, dtype=torch.float32, device=calls[0][0].device)
         if "bias" in tracked:
-            bias = sum(grads[0].float().reshape(B, module.out_channels, -1).sum(dim=2) for _, grads in calls)
+            bias = sum(grads[0].reshape(B, module.out_channels, -1).sum(dim=2, dtype=torch.float32)
+                       for _, grads in calls)
             total = total + bias.square().sum(dim=1)
         if "weight" not in tracked:
             return total

@@ -36,7 +36,9 @@ def linear_norms(a: torch.Tensor, g: torch.Tensor, with_weight: bool, with_bias:
     """Per-sample squared norm [B] of a linear map's weight (and bias) gradient from A, G."""
     B, T, d = a.shape
     if not with_weight:
-        return g.float().sum(dim=1).square().sum(dim=1) if with_bias else g.new_zeros(B, dtype=torch.float32)
+        if not with_bias:
+            return g.new_zeros(B, dtype=torch.float32)
+        return g.sum(dim=1, dtype=torch.float32).square().sum(dim=1)
     route = (linear_route(B, T, d, g.shape[-1], force).route if force
              else linear_route_name(B, T, d, g.shape[-1], a.device.type))
     if route == "outer":
