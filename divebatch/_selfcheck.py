@@ -177,11 +177,16 @@ def _instantiate_check(args: tuple, outputs: tuple) -> list[tuple[str, torch.Ten
     B, T, d = a.shape
     grad = torch.zeros(g.shape[-1], d, dtype=torch.float32, device=a.device)
     # (by samples: a strided view, such as a convolution's unfolded patches, is copied a chunk at a time)
-    step = max(1, CHUNK_BYTES // (4 * max(1, T * (d + g.shape[-1]))))
+    step = _samples_per_chunk(T, d + g.shape[-1])
     for start in range(0, B, step):
         chunk_a, chunk_g = a[start:start + step].float(), g[start:start + step].float()
         grad.addmm_(chunk_g.reshape(-1, chunk_g.shape[-1]).t(), chunk_a.reshape(-1, d))
     return found + [("weight gradient", outputs[2], grad)]
+
+
+def _samples_per_chunk(rows: int, width: int) -> int:
+    """Samples whose float32 copies of ``rows x width`` inputs take at most ``CHUNK_BYTES`` (at least 1)."""
+    return max(1, CHUNK_BYTES // (4 * max(1, rows * width)))
 
 
 _conv_norms_check = _per_sample_check(reference.conv_instantiate_norm, 1)
@@ -192,11 +197,10 @@ def _conv_instantiate_check(args: tuple, outputs: tuple) -> list[tuple[str, torc
     unfolds the patches) over chunks of samples whose patches take at most ``CHUNK_BYTES``."""
     x, g, *geometry = args
     found = _conv_norms_check(args, outputs)
-    B, T = x.shape[0], math.prod(g.shape[2:])
-    step = max(1, CHUNK_BYTES // (4 * max(1, T * (outputs[1].shape[1] + g.shape[1]))))
-    grad = sum(reference.conv_instantiate_norm(x[start:start + step], g[start:start + step], *geometry)[1]
-               for start in range(0, B, step))
-    grad = grad if isinstance(grad, torch.Tensor) else torch.zeros_like(outputs[1])  # (no samples)
+    step = _samples_per_chunk(math.prod(g.shape[2:]), outputs[1].shape[1] + g.shape[1])
+    grad = torch.zeros_like(outputs[1])
+    for start in range(0, x.shape[0], step):
+        grad += reference.conv_instantiate_norm(x[start:start + step], g[start:start + step], *geometry)[1]
     return found + [("weight gradient", outputs[1], grad)]
 
 

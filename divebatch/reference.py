@@ -87,6 +87,12 @@ def conv_output_sizes(op: str, x: torch.Tensor, g: torch.Tensor, kernel_size, st
     return out
 
 
+def zero_padded(x: torch.Tensor, padding) -> torch.Tensor:
+    """``x [B, C, *spatial]`` with ``padding[i]`` zeros on both sides of spatial dim ``i`` (``x``
+    itself where there is none)."""
+    return torch.nn.functional.pad(x, [int(p) for p in reversed(padding) for _ in (0, 1)]) if any(padding) else x
+
+
 def conv_patches(x: torch.Tensor, kernel_size, stride, dilation) -> torch.Tensor:
     """The patches of an (already padded) input ``x [B, C, *spatial]`` as ``[B, C * prod(kernel),
     T]``, positions last (what im2col writes fastest), columns in ``weight.view(O, -1)``'s order;
@@ -109,9 +115,7 @@ def conv_instantiate_norm(x: torch.Tensor, g: torch.Tensor, kernel_size, stride,
     prod(kernel)]`` are the zero-padded patches of ``x [B, C, *in]`` and ``g [B, O, *out]`` is the
     output grad. Here the patches are unfolded; the Triton kernel reads them from ``x`` in place."""
     conv_output_sizes("conv_instantiate_norm", x, g, kernel_size, stride, padding, dilation)
-    if any(padding):
-        x = torch.nn.functional.pad(x, [int(p) for p in reversed(padding) for _ in (0, 1)])
-    a = conv_patches(x, kernel_size, stride, dilation).transpose(1, 2)
+    a = conv_patches(zero_padded(x, padding), kernel_size, stride, dilation).transpose(1, 2)
     weight_sq, _, grad = instantiate_norm(a, g.reshape(*g.shape[:2], a.shape[1]).transpose(1, 2), False)
     return weight_sq, grad
 

@@ -49,8 +49,7 @@ def padded_input(module: nn.modules.conv._ConvNd, ctx) -> torch.Tensor:
     input already carries any non-zero-mode padding.
     """
     if isinstance(ctx, tuple):
-        x, pad = ctx
-        return F.pad(x, [p for p in reversed(pad) for _ in (0, 1)]) if any(pad) else x
+        return reference.zero_padded(*ctx)
     return _padded(module, ctx)
 
 
