@@ -274,8 +274,7 @@ def _conv_methods(B, O, dtype, geometry, K, R, dev, gen):
     unfolded = "unfold + triton instantiate_norm"
 
     def unfold_route():
-        padded = torch.nn.functional.pad(x, [pad] * 4) if pad else x
-        patches = R.conv_patches(padded, conv[0], conv[1], conv[3]).transpose(1, 2)
+        patches = R.conv_patches(R.zero_padded(x, conv[2]), conv[0], conv[1], conv[3]).transpose(1, 2)
         return K.instantiate_norm_triton(patches, g.reshape(B, O, -1).transpose(1, 2), False)
 
     methods = {
