@@ -37,6 +37,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instantiate_norm_cpu(const at::Te
 std::tuple<at::Tensor, at::Tensor> conv_instantiate_norm_cpu(const at::Tensor& x, const at::Tensor& g,
                                                              at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                                              at::IntArrayRef padding, at::IntArrayRef dilation);
+// ghost_norm of the same convolution's patches: weight_sq [B] (unfolded on CPU).
+at::Tensor conv_ghost_norm_cpu(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kernel_size,
+                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation);
 
 // T = 1 closed form for a [B, d], g [B, p]: (||a_b||^2 ||g_b||^2 [B], ||g_b||^2 or zeros [B]).
 std::tuple<at::Tensor, at::Tensor> outer_norm_cpu(const at::Tensor& a, const at::Tensor& g, bool with_bias);

@@ -610,15 +610,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instantiate_norm_cpu(const at::Te
   return {weight_sq, bias_sq, grad_sum};
 }
 
-// ------------------------------------------------------------------ conv_instantiate_norm
+// ------------------------------------------------------------------ conv_instantiate_norm, conv_ghost_norm
 
-// instantiate_norm of a one-group convolution's zero-padded patches. On CPU the patches are
-// unfolded (one copy, positions last, as divebatch.reference.conv_patches writes them) and the
-// instantiate kernel above takes them; the Triton kernel reads them from x in place.
-std::tuple<at::Tensor, at::Tensor> conv_instantiate_norm_cpu(const at::Tensor& x_in, const at::Tensor& g_in,
-                                                             at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                                             at::IntArrayRef padding, at::IntArrayRef dilation) {
-  const char* op = "conv_instantiate_norm";
+namespace {
+
+// The zero-padded patches of a one-group convolution of x [B, C, *in] as a [B, T, C * prod(kernel)]
+// view (a transposed positions-last buffer, as divebatch.reference.conv_patches writes it: the one
+// copy), and g [B, O, *out] as [B, T, O]; checks the geometry against g, naming `op` in errors.
+// On CPU the convolution operators unfold (the Triton kernels read the patches from x in place).
+std::pair<at::Tensor, at::Tensor> conv_patches_cpu(const at::Tensor& x_in, const at::Tensor& g_in,
+                                                   at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                                   at::IntArrayRef padding, at::IntArrayRef dilation, const char* op) {
   check_cpu(x_in, op, "x");
   check_same_device(x_in, g_in, op, "x", "g");
   check_float(x_in, op, "x");
@@ -665,9 +667,25 @@ std::tuple<at::Tensor, at::Tensor> conv_instantiate_norm_cpu(const at::Tensor& x
     T *= g.size(2 + i);
     columns *= kernel_size[i];
   }
-  const at::Tensor a = patches.permute(order).reshape({B, columns, T}).transpose(1, 2);
-  auto [weight_sq, bias_sq, grad_sum] = instantiate_norm_cpu(a, g.reshape({B, O, T}).transpose(1, 2), false);
+  return {patches.permute(order).reshape({B, columns, T}).transpose(1, 2), g.reshape({B, O, T}).transpose(1, 2)};
+}
+
+}  // namespace
+
+// instantiate_norm of a one-group convolution's zero-padded patches: (weight_sq [B], weight grad sum).
+std::tuple<at::Tensor, at::Tensor> conv_instantiate_norm_cpu(const at::Tensor& x, const at::Tensor& g,
+                                                             at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                                             at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const auto [a, rows] = conv_patches_cpu(x, g, kernel_size, stride, padding, dilation, "conv_instantiate_norm");
+  auto [weight_sq, bias_sq, grad_sum] = instantiate_norm_cpu(a, rows, false);
   return {weight_sq, grad_sum};
+}
+
+// ghost_norm of a one-group convolution's zero-padded patches: weight_sq [B].
+at::Tensor conv_ghost_norm_cpu(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kernel_size,
+                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const auto [a, rows] = conv_patches_cpu(x, g, kernel_size, stride, padding, dilation, "conv_ghost_norm");
+  return std::get<0>(ghost_norm_cpu(a, rows, false));
 }
 
 // ------------------------------------------------------------------ outer_norm
@@ -1132,6 +1150,7 @@ TORCH_LIBRARY_IMPL(divebatch, CPU, m) {
   m.impl("ghost_norm", &divebatch::ghost_norm_cpu);
   m.impl("instantiate_norm", &divebatch::instantiate_norm_cpu);
   m.impl("conv_instantiate_norm", &divebatch::conv_instantiate_norm_cpu);
+  m.impl("conv_ghost_norm", &divebatch::conv_ghost_norm_cpu);
   m.impl("outer_norm", &divebatch::outer_norm_cpu);
   m.impl("embedding_norm", &divebatch::embedding_norm_cpu);
   m.impl("affine_norm_grads", &divebatch::affine_norm_grads_cpu);

@@ -51,7 +51,8 @@ LOOSE_TOLERANCE = 2e-2
 CHUNK_BYTES = 256 << 20
 
 #: The operators checked here: every one with a Triton kernel.
-CHECKED_OPS = ("ghost_norm", "instantiate_norm", "conv_instantiate_norm", "outer_norm", "embedding_norm",
+CHECKED_OPS = ("ghost_norm", "instantiate_norm", "conv_instantiate_norm", "conv_ghost_norm", "outer_norm",
+               "embedding_norm",
                "affine_norm_grads", "group_norm_grads", "channel_norm_grads", "recurrent_scan",
                "recurrent_scan_backward")
 
@@ -221,6 +222,7 @@ CHECKS: dict[str, Callable] = {
     "ghost_norm": _ghost_check,
     "instantiate_norm": _instantiate_check,
     "conv_instantiate_norm": _conv_instantiate_check,
+    "conv_ghost_norm": _per_sample_check(reference.conv_ghost_norm, 1),
     "outer_norm": _per_sample_check(reference.outer_norm, 2),
     "embedding_norm": _per_sample_check(reference.embedding_norm, 1),
     "affine_norm_grads": _per_sample_check(reference.affine_norm_grads, 2),
@@ -240,7 +242,7 @@ def tolerance(name: str, args: tuple) -> float:
     if name.startswith("recurrent_scan") and any(
             isinstance(a, torch.Tensor) and a.dtype in (torch.float16, torch.bfloat16) for a in args):
         return LOOSE_TOLERANCE
-    if name in ("ghost_norm", "instantiate_norm", "conv_instantiate_norm", "outer_norm") and any(
+    if name in ("ghost_norm", "instantiate_norm", "conv_instantiate_norm", "conv_ghost_norm", "outer_norm") and any(
             isinstance(a, torch.Tensor) and a.dtype == torch.float32 for a in args):
         if _kernel_settings().FP32_DOT_PRECISION == "tf32":
             return LOOSE_TOLERANCE

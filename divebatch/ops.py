@@ -32,6 +32,8 @@ SCHEMAS = {
     "instantiate_norm": "instantiate_norm(Tensor a, Tensor g, bool with_bias) -> (Tensor, Tensor, Tensor)",
     "conv_instantiate_norm": "conv_instantiate_norm(Tensor x, Tensor g, int[] kernel_size, int[] stride, "
                              "int[] padding, int[] dilation) -> (Tensor, Tensor)",
+    "conv_ghost_norm": "conv_ghost_norm(Tensor x, Tensor g, int[] kernel_size, int[] stride, int[] padding, "
+                       "int[] dilation) -> Tensor",
     "outer_norm": "outer_norm(Tensor a, Tensor g, bool with_bias) -> (Tensor, Tensor)",
     "embedding_norm": "embedding_norm(Tensor indices, Tensor g, int padding_idx) -> Tensor",
     "affine_norm_grads": "affine_norm_grads(Tensor x, Tensor g, bool rms, float eps, bool with_bias, "
@@ -74,6 +76,11 @@ def _instantiate_norm_fake(a, g, with_bias):
 def _conv_instantiate_norm_fake(x, g, kernel_size, stride, padding, dilation):
     columns = x.shape[1] * math.prod(kernel_size)
     return _per_sample(x), x.new_empty((g.shape[1], columns), dtype=torch.float32)
+
+
+@torch.library.register_fake("divebatch::conv_ghost_norm")
+def _conv_ghost_norm_fake(x, g, kernel_size, stride, padding, dilation):
+    return _per_sample(x)
 
 
 @torch.library.register_fake("divebatch::outer_norm")
@@ -191,6 +198,15 @@ def conv_instantiate_norm(x: torch.Tensor, g: torch.Tensor, kernel_size, stride,
     and the weight gradient ``[O, C * prod(kernel)]`` of the unscaled summed loss, float32. The
     Triton kernel reads the patches from ``x`` in place; elsewhere they are unfolded."""
     return _call("conv_instantiate_norm", x, g, [int(v) for v in kernel_size], [int(v) for v in stride],
+                 [int(v) for v in padding], [int(v) for v in dilation])
+
+
+def conv_ghost_norm(x: torch.Tensor, g: torch.Tensor, kernel_size, stride, padding, dilation) -> torch.Tensor:
+    """``ghost_norm`` of a one-group convolution of ``x [B, C, *in]`` (1-3 spatial dims, zero
+    ``padding``) with output grad ``g [B, O, *out]``: per-sample squared weight-gradient norms [B],
+    float32, from the Grams of its patches. The Triton kernel reads the patches from ``x`` in
+    place; elsewhere they are unfolded."""
+    return _call("conv_ghost_norm", x, g, [int(v) for v in kernel_size], [int(v) for v in stride],
                  [int(v) for v in padding], [int(v) for v in dilation])
 
 

@@ -120,6 +120,16 @@ def conv_instantiate_norm(x: torch.Tensor, g: torch.Tensor, kernel_size, stride,
     return weight_sq, grad
 
 
+def conv_ghost_norm(x: torch.Tensor, g: torch.Tensor, kernel_size, stride, padding, dilation) -> torch.Tensor:
+    """``ghost_norm`` of a one-group convolution read from its input: the per-sample
+    ``||g_b^T a_b||^2`` [B], float32, where ``a_b [T, C * prod(kernel)]`` are the zero-padded patches
+    of ``x [B, C, *in]`` and ``g [B, O, *out]`` is the output grad. Here the patches are unfolded;
+    the Triton kernel reads them from ``x`` in place."""
+    conv_output_sizes("conv_ghost_norm", x, g, kernel_size, stride, padding, dilation)
+    a = conv_patches(zero_padded(x, padding), kernel_size, stride, dilation).transpose(1, 2)
+    return ghost_norm(a, g.reshape(*g.shape[:2], a.shape[1]).transpose(1, 2), False)[0]
+
+
 def outer_norm(a: torch.Tensor, g: torch.Tensor, with_bias: bool):
     """T = 1 closed form: ``||g_b a_b^T||^2 = ||a_b||^2 ||g_b||^2`` for ``a [B, d]``, ``g [B, p]``.
 

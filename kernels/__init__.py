@@ -12,7 +12,7 @@ from ._common import INTERPRET, scans_enabled, unverified_configs_enabled
 from .affine_norm_grads import affine_norm_grads_triton
 from .channel_norm_grads import channel_norm_grads_triton
 from .embedding_norm import embedding_norm_triton
-from .ghost_norm import ghost_norm_triton
+from .ghost_norm import conv_ghost_norm_triton, ghost_norm_triton
 from .group_norm_grads import group_norm_grads_triton
 from .instantiate_norm import conv_instantiate_norm_triton, instantiate_norm_triton
 from .outer_norm import outer_norm_triton
@@ -27,6 +27,7 @@ __all__ = [
     "ghost_norm_triton",
     "instantiate_norm_triton",
     "conv_instantiate_norm_triton",
+    "conv_ghost_norm_triton",
     "outer_norm_triton",
     "embedding_norm_triton",
     "affine_norm_grads_triton",
@@ -41,6 +42,7 @@ TRITON_OPS = {
     "ghost_norm": ghost_norm_triton,
     "instantiate_norm": instantiate_norm_triton,
     "conv_instantiate_norm": conv_instantiate_norm_triton,
+    "conv_ghost_norm": conv_ghost_norm_triton,
     "outer_norm": outer_norm_triton,
     "embedding_norm": embedding_norm_triton,
     "affine_norm_grads": affine_norm_grads_triton,

@@ -4,6 +4,8 @@
     bias_sq[b]   = ||sum_t g_b[t]||^2
 
 ``a [B, T, d]``, ``g [B, T, p]`` (float32/float16/bfloat16, any strides); outputs float32 ``[B]``.
+``conv_ghost_norm``: ``a`` is a one-group convolution's patches, read from its input ``x`` in place
+(``IMPLICIT``, see ``_patches.py``), so no unfolded copy is written; the weight only.
 
 Grid: one program per (sample, upper-triangular tile pair (i, j), i <= j), flattened to 1-D
 (``B * n_tiles * (n_tiles + 1) / 2`` programs), so a small batch with long sequences still fills
@@ -29,6 +31,7 @@ import triton.language as tl
 
 from ._common import (AUTOTUNE_KWARGS, check_a_g, config_table, dot_options, tma_ok, tma_workspace,
                       tuning_size)
+from ._patches import NO_CONVOLUTION, conv_patches_of, patch_chunk, patch_columns
 
 
 def _config(block_t, block_k, warps, stages, tma=False) -> triton.Config:
@@ -112,7 +115,33 @@ def _gram_tile_tma(desc, b, first_i, first_j, K, UPCAST: tl.constexpr, DOT_PRECI
     return acc
 
 
-@triton.autotune(configs=_CONFIGS, key=["T_TUNE", "B_TUNE", "d", "p", "WITH_BIAS", "stride_ad", "stride_gp", "TMA_OK"],
+@triton.jit
+def _patch_gram_tile(x_base, offs_i, mask_i, offs_j, mask_j, K, XD, XH, XW, OH, OW, KD, KH, KW,
+                     sd, sh, sw, pd, ph, pw, dd, dh, dw, stride_xc, stride_xd, stride_xh, stride_xw,
+                     PADDED: tl.constexpr, DEPTH: tl.constexpr, WIDE: tl.constexpr,
+                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``_gram_tile`` of a convolution's patches (positions ``offs_i`` with ``offs_j``, over the
+    ``K`` kernel offsets in BLOCK_K chunks) read from its input in place (``_patches.py``)."""
+    acc = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < K
+        col_off, win_d, win_h, win_w = patch_columns(kk, KD, KH, KW, dd, dh, dw, stride_xc, stride_xd, stride_xh,
+                                                     stride_xw, DEPTH, WIDE)
+        x_i = patch_chunk(x_base, offs_i, mask_i, k_mask, col_off, win_d, win_h, win_w, XD, XH, XW, OH, OW,
+                          sd, sh, sw, pd, ph, pw, stride_xd, stride_xh, stride_xw, PADDED, DEPTH, WIDE)
+        x_j = patch_chunk(x_base, offs_j, mask_j, k_mask, col_off, win_d, win_h, win_w, XD, XH, XW, OH, OW,
+                          sd, sh, sw, pd, ph, pw, stride_xd, stride_xh, stride_xw, PADDED, DEPTH, WIDE)
+        if UPCAST:
+            x_i = x_i.to(tl.float32)
+            x_j = x_j.to(tl.float32)
+        acc = tl.dot(x_i, tl.trans(x_j), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.autotune(configs=_CONFIGS, key=["T_TUNE", "B_TUNE", "d", "p", "WITH_BIAS", "stride_ad", "stride_gp", "TMA_OK",
+                                        "IMPLICIT", "PADDED", "DEPTH", "WIDE"],
                  prune_configs_by=_PRUNE, reset_to_zero=["weight_sq_ptr", "colsum_ptr"], **AUTOTUNE_KWARGS)
 @triton.jit
 def _ghost_norm_kernel(
@@ -125,11 +154,18 @@ def _ghost_norm_kernel(
     # strides, in elements
     stride_ab, stride_at, stride_ad,
     stride_gb, stride_gt, stride_gp,
+    # IMPLICIT only (else unused): a_ptr is a convolution's input x [B, C, XD, XH, XW] (batch stride
+    # stride_ab) whose patches are a (see _patches.py; d = C KD KH KW, T = OD OH OW positions)
+    XD, XH, XW, OH, OW, KD, KH, KW,
+    conv_sd, conv_sh, conv_sw, conv_pd, conv_ph, conv_pw, conv_dd, conv_dh, conv_dw,
+    stride_xc, stride_xd, stride_xh, stride_xw,
     # autotune key only (tuning_size of T and B): not read by the kernel
     T_TUNE, B_TUNE,
     # meta
     WITH_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, TMA_OK: tl.constexpr,
+    IMPLICIT: tl.constexpr = False, PADDED: tl.constexpr = False, DEPTH: tl.constexpr = False,
+    WIDE: tl.constexpr = True,
 ):
     n_tiles = tl.cdiv(T, BLOCK_T)
     n_pairs = n_tiles * (n_tiles + 1) // 2
@@ -158,9 +194,15 @@ def _ghost_norm_kernel(
         gram_g = _gram_tile_tma(g_desc, b, ti * BLOCK_T, tj * BLOCK_T, p, UPCAST, DOT_PRECISION, BLOCK_T, BLOCK_K)
     else:
         # The Gram tiles of a over d and of g over p.
-        gram_a = _gram_tile(a_ptr + b64 * stride_ab, offs_i.to(tl.int64) * stride_at, mask_i,
-                            offs_j.to(tl.int64) * stride_at, mask_j, d, stride_ad, UPCAST, DOT_PRECISION,
-                            BLOCK_T, BLOCK_K)
+        if IMPLICIT:
+            gram_a = _patch_gram_tile(a_ptr + b64 * stride_ab, offs_i, mask_i, offs_j, mask_j, d, XD, XH, XW, OH, OW,
+                                      KD, KH, KW, conv_sd, conv_sh, conv_sw, conv_pd, conv_ph, conv_pw,
+                                      conv_dd, conv_dh, conv_dw, stride_xc, stride_xd, stride_xh, stride_xw,
+                                      PADDED, DEPTH, WIDE, UPCAST, DOT_PRECISION, BLOCK_T, BLOCK_K)
+        else:
+            gram_a = _gram_tile(a_ptr + b64 * stride_ab, offs_i.to(tl.int64) * stride_at, mask_i,
+                                offs_j.to(tl.int64) * stride_at, mask_j, d, stride_ad, UPCAST, DOT_PRECISION,
+                                BLOCK_T, BLOCK_K)
         gram_g = _gram_tile(g_base, row_i, mask_i, offs_j.to(tl.int64) * stride_gt, mask_j, p, stride_gp, UPCAST,
                             DOT_PRECISION, BLOCK_T, BLOCK_K)
 
@@ -184,9 +226,12 @@ def _ghost_norm_kernel(
                 tl.atomic_add(colsum_ptr + b64 * p + kk, tl.sum(y_i.to(tl.float32), axis=0), mask=k_mask)
 
 
-def ghost_norm_triton(a: torch.Tensor, g: torch.Tensor, with_bias: bool):
-    """``(weight_sq [B], bias_sq [B])`` float32; see the module docstring. No copies of a or g."""
-    device, B, T, d, p = check_a_g("ghost_norm", a, g)
+def _launch(a, g, B: int, T: int, d: int, p: int, a_strides, convolution, with_bias: bool,
+            implicit: bool = False, padded: bool = False, depth: bool = False, wide: bool = True):
+    """``(weight_sq [B], bias_sq [B])`` of one launch; ``a`` is the patches' storage (``a`` itself,
+    or a convolution's input under ``implicit``) with ``a_strides`` for its batch, position and
+    column dims; ``convolution``: the IMPLICIT arguments."""
+    device = g.device
     weight_sq = torch.zeros(B, dtype=torch.float32, device=device)
     colsum = torch.zeros((B, p) if with_bias else (1, 1), dtype=torch.float32, device=device)
     if B > 0 and T > 0 and d == 0 and p > 0 and with_bias:
@@ -206,18 +251,39 @@ def ghost_norm_triton(a: torch.Tensor, g: torch.Tensor, with_bias: bool):
                                  "(> 2^31); use instantiate_norm for such long sequences")
             return (programs,)
 
-        use_tma = tma_ok(a, g)
+        use_tma = not implicit and tma_ok(a, g)
         with tma_workspace(device, use_tma):
             _ghost_norm_kernel[grid](
                 a, g, weight_sq, colsum,
                 B, T, d, p,
-                a.stride(0), a.stride(1), a.stride(2),
+                *a_strides,
                 g.stride(0), g.stride(1), g.stride(2),
+                *convolution,
                 tuning_size(T), tuning_size(B),
                 WITH_BIAS=bool(with_bias), UPCAST=upcast, DOT_PRECISION=precision, TMA_OK=use_tma,
+                IMPLICIT=implicit, PADDED=padded, DEPTH=depth, WIDE=wide,
             )
     if with_bias:
         bias_sq = colsum.square().sum(dim=1)
     else:
         bias_sq = torch.zeros(B, dtype=torch.float32, device=device)
     return weight_sq, bias_sq
+
+
+def ghost_norm_triton(a: torch.Tensor, g: torch.Tensor, with_bias: bool):
+    """``(weight_sq [B], bias_sq [B])`` float32; see the module docstring. No copies of a or g."""
+    _, B, T, d, p = check_a_g("ghost_norm", a, g)
+    return _launch(a, g, B, T, d, p, a.stride(), NO_CONVOLUTION, with_bias)
+
+
+def conv_ghost_norm_triton(x: torch.Tensor, g: torch.Tensor, kernel_size, stride, padding, dilation, *,
+                           _wide_override=None) -> torch.Tensor:
+    """Per-sample squared weight-gradient norms ``[B]`` (float32) of a one-group convolution of
+    ``x [B, C, *in]`` (1-3 spatial dims, zero ``padding``) with output grad ``g [B, O, *out]``:
+    ``ghost_norm`` of its patches, read from ``x`` in place (see ``divebatch.reference.conv_ghost_norm``),
+    so no unfolded copy is written. ``_wide_override`` (tests only) forces int64 in-sample offsets."""
+    c = conv_patches_of("conv_ghost_norm", x, g, kernel_size, stride, padding, dilation, _wide_override)
+    # (the key's inner stride 0: patches are gathered, never unit-stride rows)
+    weight_sq, _ = _launch(c.x, c.g_rows, c.B, c.T, c.d, c.O, (c.x.stride(0), 0, 0), c.geometry, False,
+                           implicit=True, padded=c.padded, depth=c.depth, wide=c.wide)
+    return weight_sq

@@ -45,14 +45,14 @@ exactly).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (AUTOTUNE_KWARGS, INTERPRET, check_a_g, check_device, check_float, config_table,
-                      dot_options, sm_count, tma_ok, tma_workspace, tuning_size)
+from ._common import (AUTOTUNE_KWARGS, INTERPRET, check_a_g, config_table, dot_options, sm_count, tma_ok,
+                      tma_workspace, tuning_size)
+from ._patches import NO_CONVOLUTION, conv_patches_of, patch_chunk, patch_columns
+
 
 def _config(block_p, block_d, block_t, warps, stages, group_p=1, sum_in_output=False, flatten=False,
             tma=False) -> triton.Config:
@@ -138,49 +138,6 @@ _PRUNE = {"early_config_prune": _prune} if _TABLE_PRUNE else {}
 _SPLIT_TILE = 128 * 128
 
 
-@triton.jit
-def _offsets(v, WIDE: tl.constexpr):
-    """``v`` as the type of in-sample offsets: int64 where a sample's may pass 2^31 (``WIDE``),
-    else int32 (half the registers per element)."""
-    if WIDE:
-        out = v.to(tl.int64)
-    else:
-        out = v
-    return out
-
-
-@triton.jit
-def _patch_chunk(x_base, tt, t_mask, mask_d, col_off, win_d, win_h, win_w, XD, XH, XW, OH, OW,
-                 sd, sh, sw, pd, ph, pw, stride_xd, stride_xh, stride_xw,
-                 PADDED: tl.constexpr, DEPTH: tl.constexpr, WIDE: tl.constexpr):
-    """A ``[BLOCK_T, BLOCK_D]`` chunk of a convolution's patches read from its input ``x`` in place
-    (implicit GEMM): rows are the positions ``tt``, columns the kernel offsets whose part of the
-    address is ``col_off`` and whose window offsets are ``win_*``; entries in the zero padding
-    (``PADDED``) or past T and d are 0. ``DEPTH``: a 3-d convolution (1-d and 2-d ones leave the
-    depth terms out, registers the 2-d loads need)."""
-    ow = tt % OW
-    rest = tt // OW
-    # Each position's window corner in the unpadded input (negative inside the padding).
-    if DEPTH:
-        at_d = (rest // OH) * sd - pd
-        at_h = (rest % OH) * sh - ph
-    else:  # (one output plane: rest < OH)
-        at_h = rest * sh - ph
-    at_w = ow * sw - pw
-    row = _offsets(at_h, WIDE) * stride_xh + _offsets(at_w, WIDE) * stride_xw
-    if DEPTH:
-        row += _offsets(at_d, WIDE) * stride_xd
-    mask = t_mask[:, None] & mask_d[None, :]
-    if PADDED:
-        # One unsigned comparison per dim: an index inside the left padding is negative, i.e. huge.
-        inside_h = (at_h[:, None] + win_h[None, :]).to(tl.uint32) < XH
-        inside_w = (at_w[:, None] + win_w[None, :]).to(tl.uint32) < XW
-        mask = mask & inside_h & inside_w
-        if DEPTH:
-            mask = mask & ((at_d[:, None] + win_d[None, :]).to(tl.uint32) < XD)
-    return tl.load(x_base + row[:, None] + col_off[None, :], mask=mask, other=0.0)
-
-
 @triton.autotune(configs=_CONFIGS, key=["T_TUNE", "B_TUNE", "d", "p", "WITH_BIAS", "ATOMIC_WGRAD", "stride_ad", "stride_gp",
                                         "TMA_OK", "IMPLICIT", "PADDED", "DEPTH", "WIDE"],
                  prune_configs_by=_PRUNE, reset_to_zero=["weight_sq_ptr", "bias_sq_ptr", "wgrad_ptr"],
@@ -232,21 +189,9 @@ def _instantiate_norm_kernel(
     col_g = offs_p.to(tl.int64) * stride_gp  # [BLOCK_P]
     if IMPLICIT:
         # The d-tile's kernel offsets, once per program: each column's channel and window position;
-        # a chunk's positions add their own part (_patch_chunk).
-        k_w = offs_d % KW
-        rest = offs_d // KW
-        win_h = (rest % KH) * conv_dh
-        win_w = k_w * conv_dw
-        rest = rest // KH
-        if DEPTH:
-            win_d = (rest % KD) * conv_dd
-            rest = rest // KD
-        else:
-            win_d = win_h  # (unread: no depth terms)
-        col_a = (_offsets(rest, WIDE) * stride_xc + _offsets(win_h, WIDE) * stride_xh
-                 + _offsets(win_w, WIDE) * stride_xw)  # [BLOCK_D]
-        if DEPTH:
-            col_a += _offsets(win_d, WIDE) * stride_xd
+        # a chunk's positions add their own part (patch_chunk).
+        col_a, win_d, win_h, win_w = patch_columns(offs_d, KD, KH, KW, conv_dd, conv_dh, conv_dw, stride_xc,
+                                                   stride_xd, stride_xh, stride_xw, DEPTH, WIDE)  # [BLOCK_D]
     else:
         col_a = offs_d.to(tl.int64) * stride_ad  # [BLOCK_D]
     offs_t = tl.arange(0, BLOCK_T)
@@ -281,7 +226,7 @@ def _instantiate_norm_kernel(
                 g_t = tl.load(g_base + col_g[:, None] + (tt64 * stride_gt)[None, :],
                               mask=mask_p[:, None] & t_mask[None, :], other=0.0)
                 if IMPLICIT:
-                    x = _patch_chunk(a_base, tt, t_mask, mask_d, col_a, win_d, win_h, win_w, XD, XH, XW, OH, OW,
+                    x = patch_chunk(a_base, tt, t_mask, mask_d, col_a, win_d, win_h, win_w, XD, XH, XW, OH, OW,
                                      conv_sd, conv_sh, conv_sw, conv_pd, conv_ph, conv_pw,
                                      stride_xd, stride_xh, stride_xw, PADDED, DEPTH, WIDE)
                 else:
@@ -330,10 +275,6 @@ def _n_split(B: int, p: int, d: int, device: torch.device) -> int:
     return max(1, min(B, triton.cdiv(2 * sm_count(device), tiles)))
 
 
-#: The IMPLICIT arguments of a call on materialised ``a`` (unused there).
-_NO_CONVOLUTION = (1,) * 21
-
-
 def _launch(a, g, B: int, T: int, d: int, p: int, a_strides, convolution, with_bias: bool, n_split,
             implicit: bool = False, padded: bool = False, depth: bool = False, wide: bool = True):
     """``(weight_sq [B], bias_sq [B], weight_grad_sum [p, d])`` of one launch; ``a`` is the patches'
@@ -375,7 +316,7 @@ def instantiate_norm_triton(a: torch.Tensor, g: torch.Tensor, with_bias: bool, *
     ``_n_split_override`` (tests only) forces the number of sample splits of the grid.
     """
     _, B, T, d, p = check_a_g("instantiate_norm", a, g)
-    return _launch(a, g, B, T, d, p, a.stride(), _NO_CONVOLUTION, with_bias, _n_split_override)
+    return _launch(a, g, B, T, d, p, a.stride(), NO_CONVOLUTION, with_bias, _n_split_override)
 
 
 def conv_instantiate_norm_triton(x: torch.Tensor, g: torch.Tensor, kernel_size, stride, padding, dilation, *,
@@ -387,30 +328,8 @@ def conv_instantiate_norm_triton(x: torch.Tensor, g: torch.Tensor, kernel_size, 
 
     ``_n_split_override`` and ``_wide_override`` (tests only) force the sample splits of the grid and
     the int64 in-sample offsets."""
-    from divebatch.reference import conv_output_sizes  # (the kernels package imports without divebatch)
-
-    op = "conv_instantiate_norm"
-    for name, t in (("x", x), ("g", g)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"divebatch.{op}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
-    out = conv_output_sizes(op, x, g, kernel_size, stride, padding, dilation)  # (dims and geometry)
-    check_float(op, "x", x, x.dim())
-    check_float(op, "g", g, g.dim())
-    check_device(op, x=x, g=g)
-    missing = 3 - len(out)  # (1-d and 2-d convolutions as 3-d ones with unit leading dims)
-    x3 = x.view(*x.shape[:2], *([1] * missing), *x.shape[2:])
-    kernel, strides, dilations = ([1] * missing + [int(v) for v in values]
-                                  for values in (kernel_size, stride, dilation))
-    pads = [0] * missing + [int(v) for v in padding]
-    B, C, O = x.shape[0], x.shape[1], g.shape[1]
-    T, d = math.prod(out), C * math.prod(kernel)
-    g_rows = g.reshape(B, O, T).transpose(1, 2)  # (a view for contiguous and channels-last grads)
-    convolution = (*x3.shape[2:], *([1] * missing + out)[1:], *kernel, *strides, *pads, *dilations, *x3.stride()[1:])
-    # (the key's inner stride: patches are gathered, never unit-stride rows)
-    # In-sample offsets in int32 unless one (padding and a chunk's overrun included) could pass 2^31.
-    reach = sum((size + 2 * pad + k * dil) * abs(stride) for size, pad, k, dil, stride
-                in zip(x3.shape[1:], [0, *pads], [1, *kernel], [1, *dilations], x3.stride()[1:]))
-    weight_sq, _, grad = _launch(x3, g_rows, B, T, d, O, (x3.stride(0), 0, 0), convolution, False,
-                                 _n_split_override, implicit=True, padded=any(pads), depth=missing == 0,
-                                 wide=reach >= 2**31 if _wide_override is None else _wide_override)
+    c = conv_patches_of("conv_instantiate_norm", x, g, kernel_size, stride, padding, dilation, _wide_override)
+    # (the key's inner stride 0: patches are gathered, never unit-stride rows)
+    weight_sq, _, grad = _launch(c.x, c.g_rows, c.B, c.T, c.d, c.O, (c.x.stride(0), 0, 0), c.geometry, False,
+                                 _n_split_override, implicit=True, padded=c.padded, depth=c.depth, wide=c.wide)
     return weight_sq, grad

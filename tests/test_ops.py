@@ -31,8 +31,8 @@ requires_cpp = pytest.mark.skipif(
 )
 
 D = torch.ops.divebatch
-OPS = ("ghost_norm", "instantiate_norm", "conv_instantiate_norm", "outer_norm", "embedding_norm", "affine_norm_grads", "group_norm_grads",
-       "channel_norm_grads")
+OPS = ("ghost_norm", "instantiate_norm", "conv_instantiate_norm", "conv_ghost_norm", "outer_norm", "embedding_norm",
+       "affine_norm_grads", "group_norm_grads", "channel_norm_grads")
 ROOT = Path(__file__).resolve().parent.parent
 
 # (B, T, d, p): T = 1; B = 1; T odd and crossing the 256-row Gram tile; B = 1 with T crossing
@@ -489,9 +489,10 @@ def test_results_deterministic_and_thread_count_independent():
     ((2, 2, 5, 6, 4), (2, 3, 2), (1, 2, 1), (1, 0, 1), (2, 1, 1), 3),
     ((0, 3, 6, 6), (3, 3), (1, 1), (1, 1), (1, 1), 2),
 ], ids=["padded", "strided-dilated", "1d", "3d", "no samples"])
-def test_conv_instantiate_norm_is_exact(shape, kernel, stride, padding, dilation, out_channels):
-    """The C++ kernel (and the reference) of ``conv_instantiate_norm`` against torch.func's per-sample
-    convolution weight gradients, on a channels-last input where it has one."""
+def test_conv_operators_are_exact(shape, kernel, stride, padding, dilation, out_channels):
+    """The C++ kernels (and the references) of ``conv_instantiate_norm`` and ``conv_ghost_norm``
+    against torch.func's per-sample convolution weight gradients, on a channels-last input where it
+    has one."""
     x = torch.randn(shape)
     if x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -502,6 +503,10 @@ def test_conv_instantiate_norm_is_exact(shape, kernel, stride, padding, dilation
                 reference.conv_instantiate_norm(x, g, kernel, stride, padding, dilation)):
         assert got[0].dtype == got[1].dtype == torch.float32 and got[1].shape == want[1].shape
         assert rel_err(got[0], want[0].float()) <= 1e-5 and rel_err(got[1], want[1].float()) <= 1e-5
+    for got in (D.conv_ghost_norm(x, g, kernel, stride, padding, dilation),
+                reference.conv_ghost_norm(x, g, kernel, stride, padding, dilation)):
+        assert got.dtype == torch.float32 and got.shape == (shape[0],)
+        assert rel_err(got, want[0].float()) <= 1e-5
 
 
 @requires_cpp
@@ -526,6 +531,8 @@ def _samples():
         "conv_instantiate_norm": [(torch.randn(2, 3, 6, 5), torch.randn(2, 4, 6, 5), [3, 3], [1, 1], [1, 1], [1, 1]),
                                   (torch.randn(2, 9, 3).transpose(1, 2).bfloat16(), torch.randn(2, 4, 5), [2], [2],
                                    [1], [1])],
+        "conv_ghost_norm": [(torch.randn(2, 3, 6, 5), torch.randn(2, 4, 3, 5), [3, 3], [2, 1], [1, 1], [1, 1]),
+                            (torch.randn(2, 9, 3).transpose(1, 2).half(), torch.randn(2, 4, 5), [2], [2], [1], [1])],
         "outer_norm": [(a[:, 0], g[:, 0], True), (at[:, 0].bfloat16(), gt[:, 0], False)],
         "embedding_norm": [(random_indices(3, 7, 4), g, 1), (random_indices(2, 9, 3).int(), gt, -1)],
         "affine_norm_grads": [(a, torch.randn(3, 7, 5), False, 1e-5, True), (at, gt[..., :4].bfloat16(), True, 1e-6, False),
@@ -579,6 +586,12 @@ BAD_INPUTS = [
      r"g must have the same batch size B"),
     ("conv_instantiate_norm", (torch.randn(2, 8), torch.randn(2, 8), [1], [1], [0], [1]),
      r"1-3 spatial dims"),
+    ("conv_ghost_norm", (torch.randn(2, 3, 8, 8), torch.randn(2, 4, 8, 7), [3, 3], [1, 1], [1, 1], [1, 1]),
+     r"conv_ghost_norm: g must have 8 output positions in spatial dim 1"),
+    ("conv_ghost_norm", (torch.randn(2, 3, 8, 8), torch.randn(2, 4, 8, 8), [3, 3], [1, 1], [1, 1], [0, 1]),
+     r"conv_ghost_norm: dilation entries must be >= 1"),
+    ("conv_ghost_norm", (torch.randn(2, 3, 8, 8).int(), torch.randn(2, 4, 8, 8), [3, 3], [1, 1], [1, 1], [1, 1]),
+     r"conv_ghost_norm: x must be a floating-point"),
     ("outer_norm", (torch.randn(4, 1, 3), torch.randn(4, 2), False), r"a must be 2-D"),
     ("outer_norm", (torch.randn(4, 3), torch.randn(5, 2), False), r"g must have the same batch size B"),
     ("embedding_norm", (torch.zeros(4, 5), torch.randn(4, 5, 2), -1), r"indices must be an integer"),

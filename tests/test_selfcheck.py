@@ -31,7 +31,7 @@ def _inputs(name: str, dtype=torch.float32, T: int = 40, B: int = 3) -> tuple:
         return rand(B, T, 24), 0.1 * rand(B, T, 20), True
     if name == "outer_norm":
         return rand(T // 8, 24), rand(T // 8, 20), True
-    if name == "conv_instantiate_norm":  # (a padded 3 x 3 convolution of T // 8 samples, 3 -> 4 channels)
+    if name in ("conv_instantiate_norm", "conv_ghost_norm"):  # (a padded 3 x 3 convolution of T // 8 samples, 3 -> 4 channels)
         return rand(T // 8, 3, 6, 5), rand(T // 8, 4, 6, 5), [3, 3], [1, 1], [1, 1], [1, 1]
     if name == "embedding_norm":
         return torch.randint(0, 10, (B, T), generator=gen), rand(B, T, 16), 2

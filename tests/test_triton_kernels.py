@@ -380,6 +380,23 @@ def test_conv_instantiate_every_gpu_config_at_large_shapes(index, n_split, geome
         _assert_fp32(o.cpu(), r.cpu(), f"conv_instantiate_norm {what} with {kernel.configs[0]}")
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="GPU configs: the interpreter has one")
+@pytest.mark.parametrize("geometry", [((8, 256, 14, 14), (3, 3), (1, 1), (1, 1), (1, 1), 256),
+                                      ((8, 512, 7, 7), (3, 3), (1, 1), (1, 1), (1, 1), 512),
+                                      ((8, 128, 28, 28), (1, 1), (2, 2), (0, 0), (1, 1), 256)],
+                         ids=["resnet-layer3", "resnet-layer4", "resnet-downsample"])
+@pytest.mark.parametrize("index", range(len(K.ghost_norm._TABLE[("16", "strided")])), ids=lambda i: f"config{i}")
+def test_conv_ghost_every_gpu_config_at_large_shapes(index, geometry, monkeypatch):
+    """The implicit convolution patches' Grams under each config the 16-bit gathered loads tune over
+    (the "strided" list) at the ResNet-18 shapes the hook route gives the ghost kernel."""
+    kernel = K.ghost_norm._ghost_norm_kernel
+    _with_config(monkeypatch, kernel, K.ghost_norm._TABLE[("16", "strided")][index])
+    x, g, _, _ = _conv_inputs(geometry, "contig", torch.bfloat16, seed=73)
+    conv = geometry[1:5]
+    want = R.conv_ghost_norm(x.float(), g.float(), *conv)
+    _assert_fp32(K.conv_ghost_norm_triton(x, g, *conv).cpu(), want.cpu(), f"conv_ghost_norm with {kernel.configs[0]}")
+
+
 def _gpu_configs(module) -> list:
     """Every config a GPU may run for the kernel of ``module`` (ghost_norm, instantiate_norm)."""
     return K._common.gpu_configs(module._TABLE, getattr(module, "_SM90_TABLE", None))
@@ -399,6 +416,12 @@ def test_ghost_each_gpu_config_under_the_interpreter(index, monkeypatch):
     for g_in in (g, unaligned) if config.kwargs["USE_TMA"] else (g,):
         for o, r, what in zip(K.ghost_norm_triton(a, g_in, True), R.ghost_norm(a, g, True), ("weight", "bias")):
             _assert_fp32(o, r, f"ghost_norm {what} with {config}")
+    # The implicit convolution patches (pointer loads under every config, TMA ones included): a
+    # padded, strided 3 x 3 convolution with T = 153 positions and d = 45 columns, crossing tiles.
+    conv = ((3, 3), (1, 2), (1, 1), (1, 1))
+    x, g_conv = _rand((2, 5, 9, 33), 66), _rand((2, 7, 9, 17), 67)
+    _assert_fp32(K.conv_ghost_norm_triton(x, g_conv, *conv), R.conv_ghost_norm(x, g_conv, *conv),
+                 f"conv_ghost_norm with {config}")
 
 
 # --------------------------------------------------------------------------- conv_instantiate_norm
@@ -455,6 +478,32 @@ def test_conv_instantiate_norm(case):
             _assert_fp32(o, r.float(), f"conv_instantiate_norm {what} vs torch.func")
 
 
+@pytest.mark.parametrize("case", _conv_params(),
+                         ids=lambda c: f"{'x'.join(map(str, c[0][0]))}-k{''.join(map(str, c[0][1]))}-"
+                                       f"s{''.join(map(str, c[0][2]))}-{str(c[1]).split('.')[-1]}-{c[2]}")
+def test_conv_ghost_norm(case):
+    """The Grams of the patches read from the input in place give torch.func's per-sample norms:
+    the cases of ``test_conv_instantiate_norm``."""
+    geometry, dtype, layout = case
+    x, g, x32, g32 = _conv_inputs(geometry, layout, dtype, seed=74)
+    conv = geometry[1:5]
+    out = K.conv_ghost_norm_triton(x, g, *conv)
+    assert out.shape == (x.shape[0],) and out.dtype == torch.float32
+    _check("conv_ghost_norm", out, x32, g32, (x, g), dtype, R.conv_ghost_norm, conv)
+    if dtype == torch.float32:
+        _assert_fp32(out.cpu(), conv_weight_oracle(x32, g32, *conv)[0].float(), "conv_ghost_norm vs torch.func")
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["int32 offsets", "int64 offsets"])
+@pytest.mark.parametrize("case", [1, 3], ids=["2d", "3d"])
+def test_conv_ghost_norm_offsets(case, wide):
+    """In-sample offsets in int32 (what the wrapper picks below 2^31) or int64 read the same patches."""
+    x, g, x32, g32 = _conv_inputs(CONV_CASES[case], "contig", torch.float32, seed=75)
+    conv = CONV_CASES[case][1:5]
+    out = K.conv_ghost_norm_triton(x, g, *conv, _wide_override=wide)
+    _assert_fp32(out.cpu(), conv_weight_oracle(x32, g32, *conv)[0].float(), f"conv_ghost_norm wide={wide}")
+
+
 @pytest.mark.parametrize("wide", [False, True], ids=["int32 offsets", "int64 offsets"])
 @pytest.mark.parametrize("case", [1, 3], ids=["2d", "3d"])
 @pytest.mark.parametrize("n_split", [1, 2, 3])
@@ -476,9 +525,10 @@ def test_conv_instantiate_norm_sample_split(n_split, case, wide):
     ((torch.randn(2, 3, 8, 8).long(), torch.randn(2, 4, 8, 8), [3, 3], [1, 1], [1, 1], [1, 1]),
      r"`x` must be float32, float16 or bfloat16"),
 ], ids=["output size", "kernel dims", "stride", "dims", "dtype"])
-def test_conv_instantiate_norm_refuses_bad_geometry(args, message):
-    with pytest.raises((ValueError, TypeError), match=message):
-        K.conv_instantiate_norm_triton(*[a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args])
+@pytest.mark.parametrize("op", ["conv_instantiate_norm", "conv_ghost_norm"])
+def test_conv_operators_refuse_bad_geometry(op, args, message):
+    with pytest.raises((ValueError, TypeError), match=rf"divebatch.{op}: .*{message}"):
+        getattr(K, f"{op}_triton")(*[a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args])
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the sweeps above run every config natively")
