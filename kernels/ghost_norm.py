@@ -52,7 +52,7 @@ _TABLE = {
 _SM90_TABLE = {("16", "unit"): [_config(64, 64, 4, 3, tma=True), _config(128, 64, 8, 3, tma=True),
                                 _config(128, 64, 8, 4, tma=True)]}
 _UNVERIFIED = tuple(_SM90_TABLE[("16", "unit")])
-_CONFIGS, _PRUNE = config_table(
+_CONFIGS, _TABLE_PRUNE = config_table(
     _config(16, 32, 4, 1),  # interpreter
     _TABLE,
     tensor_args=("a_ptr", "g_ptr"),
@@ -60,6 +60,27 @@ _CONFIGS, _PRUNE = config_table(
     sm90_table=_SM90_TABLE,
     unverified=_UNVERIFIED,
 )
+#: The config of a convolution's patches read in place (IMPLICIT) with depth terms or int64 offsets
+#: and 16-bit operands: the strided list's spilled there with triton 3.7 (128 x 32: 128-216 bytes,
+#: 64 x 64: 24 on sm_80; none with 3.6, the GPU image's); this one fits both (204-239 registers).
+_IMPLICIT_WIDE_CONFIG = _config(128, 16, 8, 3)
+#: Configs outside the tables (the GPU config sweeps run them too).
+_EXTRA_CONFIGS = (_IMPLICIT_WIDE_CONFIG,)
+if _TABLE_PRUNE:
+    _CONFIGS = [*_CONFIGS, *_EXTRA_CONFIGS]
+
+
+def _prune(configs, named_args, **kwargs):
+    """``config_table``'s prune, but ``_IMPLICIT_WIDE_CONFIG`` alone for the implicit patches of a
+    3-d convolution or with int64 offsets in 16 bits (float32 and 2-d int32 builds fit the lists)."""
+    kept = _TABLE_PRUNE["early_config_prune"](configs, named_args, **kwargs)
+    sixteen = torch.float32 not in (named_args["a_ptr"].dtype, named_args["g_ptr"].dtype)
+    if kwargs.get("IMPLICIT") and (kwargs.get("DEPTH") or kwargs.get("WIDE")) and sixteen:
+        return [_IMPLICIT_WIDE_CONFIG]
+    return kept
+
+
+_PRUNE = {"early_config_prune": _prune} if _TABLE_PRUNE else {}
 
 
 @triton.jit

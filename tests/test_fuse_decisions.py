@@ -195,6 +195,61 @@ def test_cuda_routes_fuse_overlapping_convolutions_exactly(monkeypatch, backend,
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_cuda_hook_routes_read_convolution_patches_in_place_exactly(monkeypatch, backend):
+    """Unfused, with ``DIVEBATCH_TRITON_IMPLICIT_CONV=1`` on the routes a GPU takes (the C++ operators
+    or the Triton kernels under the interpreter here), each one-group convolution's norms come from
+    ``conv_instantiate_norm`` (many positions) or ``conv_ghost_norm`` (few positions, many weights:
+    a ResNet's deep layers), zero and reflect padded, strided, biased or not, with no patches
+    unfolded; the grouped one unfolds; a convolution called twice a step unfolds its calls'
+    patches together; the norms are torch.func's."""
+    from divebatch.layers import routes
+
+    if backend == "triton" and not ops.TRITON_AVAILABLE:
+        pytest.skip("triton (divebatch._kernels) does not import here")
+    monkeypatch.setenv("DIVEBATCH_BACKEND", backend)
+    monkeypatch.setenv("DIVEBATCH_TRITON_IMPLICIT_CONV", "1")
+    monkeypatch.setattr(routes, "triton_kernels", lambda device_type: True)
+
+    class Deepening(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wide = nn.Conv2d(3, 16, 3, padding=1)
+            self.strided = nn.Conv2d(16, 64, 3, stride=2, padding=1, bias=False)
+            self.deep = nn.Conv2d(64, 64, 3, stride=2, padding=1, padding_mode="reflect")
+            self.grouped = nn.Conv2d(64, 8, 1, groups=2)
+            self.twice = nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            h = torch.tanh(self.deep(torch.tanh(self.strided(torch.tanh(self.wide(x))))))
+            h = self.twice(torch.tanh(self.twice(self.grouped(h))))
+            return h.square().sum(dim=(1, 2, 3))
+
+    torch.manual_seed(0)
+    model, x, y = Deepening(), torch.randn(4, 3, 8, 8), torch.randn(4)
+    calls = collections.Counter()
+    for name in ("conv_ghost_norm", "conv_instantiate_norm", "ghost_norm", "instantiate_norm"):
+        monkeypatch.setattr(ops, name, _counted(calls, name, getattr(ops, name)))
+    with GradNormTracker(model, "sum", fused=False) as tracker:
+        _squared_error(model(x), y).backward()
+        stats = tracker.collect()
+        taken = {plan.module: plan.route for plan in tracker.plan()}
+    del taken["twice"]  # (a plan describes one call)
+    assert taken == {"wide": "implicit-instantiate", "strided": "implicit-ghost", "deep": "implicit-ghost",
+                     "grouped": "ghost"}
+    # (grouped: ghost_norm on its unfolded patches; twice: its two calls' patches side by side)
+    assert calls == {"conv_instantiate_norm": 1, "conv_ghost_norm": 2, "ghost_norm": 1, "instantiate_norm": 1}
+    _assert_exact(model, stats, x, y)
+
+
+def _counted(calls: collections.Counter, name: str, fn):
+    def run(*args, **kwargs):
+        calls[name] += 1
+        return fn(*args, **kwargs)
+
+    return run
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_cuda_routes_take_transposed_convolutions_to_the_kernels_exactly(monkeypatch, backend):
     """A transposed convolution on CUDA: the Triton kernels on its unfolded output grad, not the
     grouped per-sample convolution the CPU-fitted model picks for these shapes (the C++ operators

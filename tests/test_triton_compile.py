@@ -103,7 +103,7 @@ def _specs():
             tensor_args=("a_ptr", "g_ptr"),
             inner_strides=("stride_ad", "stride_gp"),
             aligned_ints=("d", "p", "stride_ab", "stride_at", "stride_gb", "stride_gt"),
-            constexprs={"WITH_BIAS": True},
+            constexprs={"WITH_BIAS": True, "IMPLICIT": False, "PADDED": False, "DEPTH": False, "WIDE": True},
         ),
         "_instantiate_norm_kernel": dict(
             module="instantiate_norm",
@@ -128,6 +128,15 @@ def _specs():
             aligned_ints=(),
             constexprs={"WITH_BIAS": False, "ATOMIC_WGRAD": False, "IMPLICIT": True, "PADDED": True, "DEPTH": depth,
                         "WIDE": depth},
+        ) for suffix, depth in (("", False), ("-3d-wide", True))},
+        # The Grams of a convolution's patches read from its input in place (as above).
+        **{f"_ghost_norm_kernel[implicit{suffix}]": dict(
+            module="ghost_norm", function="_ghost_norm_kernel", variants=("strided",),
+            pointers={"a_ptr": None, "g_ptr": None, "weight_sq_ptr": "fp32", "colsum_ptr": "fp32"},
+            tensor_args=("a_ptr", "g_ptr"),
+            inner_strides=("stride_ad", "stride_gp"),
+            aligned_ints=(),
+            constexprs={"WITH_BIAS": False, "IMPLICIT": True, "PADDED": True, "DEPTH": depth, "WIDE": depth},
         ) for suffix, depth in (("", False), ("-3d-wide", True))},
         "_outer_norm_kernel": dict(
             module="outer_norm",
@@ -481,7 +490,8 @@ def test_every_kernel_compiles_to_ptx_and_cubin(records):
 
 
 #: Kernels whose inner loop is a ``tl.dot`` (the outer-product kernel has none).
-DOT_KERNELS = ("_ghost_norm_kernel", "_instantiate_norm_kernel", "_instantiate_norm_kernel[implicit]",
+DOT_KERNELS = ("_ghost_norm_kernel", "_ghost_norm_kernel[implicit]", "_ghost_norm_kernel[implicit-3d-wide]",
+               "_instantiate_norm_kernel", "_instantiate_norm_kernel[implicit]",
                "_instantiate_norm_kernel[implicit-3d-wide]", "_embedding_norm_kernel")
 
 

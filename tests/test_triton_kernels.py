@@ -385,12 +385,14 @@ def test_conv_instantiate_every_gpu_config_at_large_shapes(index, n_split, geome
                                       ((8, 512, 7, 7), (3, 3), (1, 1), (1, 1), (1, 1), 512),
                                       ((8, 128, 28, 28), (1, 1), (2, 2), (0, 0), (1, 1), 256)],
                          ids=["resnet-layer3", "resnet-layer4", "resnet-downsample"])
-@pytest.mark.parametrize("index", range(len(K.ghost_norm._TABLE[("16", "strided")])), ids=lambda i: f"config{i}")
-def test_conv_ghost_every_gpu_config_at_large_shapes(index, geometry, monkeypatch):
+@pytest.mark.parametrize("config", [*K.ghost_norm._TABLE[("16", "strided")], K.ghost_norm._IMPLICIT_WIDE_CONFIG],
+                         ids=lambda c: f"{c.kwargs['BLOCK_T']}x{c.kwargs['BLOCK_K']}")
+def test_conv_ghost_every_gpu_config_at_large_shapes(config, geometry, monkeypatch):
     """The implicit convolution patches' Grams under each config the 16-bit gathered loads tune over
-    (the "strided" list) at the ResNet-18 shapes the hook route gives the ghost kernel."""
+    (the "strided" list, and the 3-d / int64 one) at the ResNet-18 shapes the hook route gives the
+    ghost kernel."""
     kernel = K.ghost_norm._ghost_norm_kernel
-    _with_config(monkeypatch, kernel, K.ghost_norm._TABLE[("16", "strided")][index])
+    _with_config(monkeypatch, kernel, config)
     x, g, _, _ = _conv_inputs(geometry, "contig", torch.bfloat16, seed=73)
     conv = geometry[1:5]
     want = R.conv_ghost_norm(x.float(), g.float(), *conv)
@@ -399,7 +401,8 @@ def test_conv_ghost_every_gpu_config_at_large_shapes(index, geometry, monkeypatc
 
 def _gpu_configs(module) -> list:
     """Every config a GPU may run for the kernel of ``module`` (ghost_norm, instantiate_norm)."""
-    return K._common.gpu_configs(module._TABLE, getattr(module, "_SM90_TABLE", None))
+    return [*K._common.gpu_configs(module._TABLE, getattr(module, "_SM90_TABLE", None)),
+            *getattr(module, "_EXTRA_CONFIGS", ())]
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the sweeps above run every config natively")
@@ -560,10 +563,10 @@ def test_instantiate_each_gpu_config_under_the_interpreter(index, n_split, monke
 
 
 def test_implicit_convolutions_tune_over_the_configs_that_fit(monkeypatch):
-    """The implicit patches' address arithmetic costs registers: 16-bit 2-d convolutions with int32
-    offsets tune over the whole strided list (spill-free with triton 3.6 and 3.7), float32 ones,
-    3-d ones and int64 offsets take its first config only (the others spill; the compile test
-    builds what this prune keeps)."""
+    """The implicit patches' address arithmetic costs registers: for instantiate_norm, 16-bit 2-d
+    convolutions with int32 offsets tune over the whole strided list (spill-free with triton 3.6
+    and 3.7), float32 ones, 3-d ones and int64 offsets take its first config only (the others
+    spill; the compile test builds what this prune keeps); ghost_norm's below."""
     import triton
 
     common, module = K._common, K.instantiate_norm
@@ -584,6 +587,19 @@ def test_implicit_convolutions_tune_over_the_configs_that_fit(monkeypatch):
     assert kept(torch.bfloat16, IMPLICIT=True, DEPTH=False, WIDE=True) == strided16[:1]
     assert kept(torch.float32, IMPLICIT=True, DEPTH=False, WIDE=False) == strided32[:1]
     assert kept(torch.float32, IMPLICIT=False, DEPTH=False, WIDE=True) == strided32  # (materialised patches)
+    # ghost_norm: the 2-d int32 and float32 builds fit the lists; 16-bit 3-d or int64 ones take one
+    # config of their own (the lists' spilled there with triton 3.7).
+    module = K.ghost_norm
+    configs, prune = common.config_table(triton.Config({}), module._TABLE, ("a_ptr", "g_ptr"),
+                                         ("stride_ad", "stride_gp"), sm90_table=module._SM90_TABLE)
+    monkeypatch.setattr(module, "_TABLE_PRUNE", prune)
+    configs = [*configs, *module._EXTRA_CONFIGS]
+    strided16, strided32 = module._TABLE[("16", "strided")], module._TABLE[("32", "strided")]
+    assert kept(torch.bfloat16, IMPLICIT=True, DEPTH=False, WIDE=False) == strided16
+    assert kept(torch.bfloat16, IMPLICIT=True, DEPTH=True, WIDE=False) == [module._IMPLICIT_WIDE_CONFIG]
+    assert kept(torch.float16, IMPLICIT=True, DEPTH=False, WIDE=True) == [module._IMPLICIT_WIDE_CONFIG]
+    assert kept(torch.float32, IMPLICIT=True, DEPTH=True, WIDE=True) == strided32
+    assert kept(torch.bfloat16, IMPLICIT=False, DEPTH=False, WIDE=True) == strided16  # (materialised patches)
 
 
 def test_configs_not_yet_run_on_a_gpu_wait_for_the_opt_in(monkeypatch):

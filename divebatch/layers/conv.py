@@ -6,7 +6,11 @@ weight gradient is ``G^T A`` with ``A = U^T`` and ``G`` the output grad flattene
 Padding of every mode ('zeros', 'reflect', 'replicate', 'circular', and the strings 'same' /
 'valid') is applied exactly as the module's forward does, from
 ``module._reversed_padding_repeated_twice``. The unfolded buffer is built for a bounded number of
-samples at a time (``routes.MAX_EXTRA_BYTES``), so it never costs a whole batch of patches.
+samples at a time (``routes.MAX_EXTRA_BYTES``), so it never costs a whole batch of patches. On
+CUDA with the Triton kernels and ``DIVEBATCH_TRITON_IMPLICIT_CONV=1`` a one-group convolution's
+patches are not unfolded at all: its kernels read them from the input in place
+(``implicit_patches``: ``conv_instantiate_norm`` for the fused route, ``conv_ghost_norm`` or
+``conv_instantiate_norm`` for the hooks' norms).
 
 nn.ConvTranspose1d/2d/3d take the same routes through the adjoint convolution (the output grad
 is unfolded and the layer input plays the output grad's part), or, where a cost model fitted to CPU
@@ -31,7 +35,7 @@ from .. import ops, reference
 from . import routes
 from .base import LayerRule, RoutePlan, RuleError, fused_sink_grads, per_sample_sq, register
 from .linear import fused_linear_route, fused_linear_route_name, linear_norms
-from .routes import MAX_EXTRA_BYTES, linear_route, max_extra_bytes
+from .routes import MAX_EXTRA_BYTES, linear_route, linear_route_name, max_extra_bytes
 
 
 def _padded(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
@@ -125,6 +129,8 @@ class ConvRule(LayerRule):
             for _, grads in calls:
                 total = total + grads[0].reshape(B, module.out_channels, -1).sum(dim=2, dtype=torch.float32)
             return total.square().sum(dim=1)
+        if len(calls) == 1 and _implicit_hook_route(module, calls[0][1][0]):
+            return implicit_norms(module, calls[0][0], calls[0][1][0], with_bias)
         step = min(self.chunk_size(module, grads[0], grads[0]) for _, grads in calls)
         out = []
         for start in range(0, B, step):
@@ -187,8 +193,11 @@ class ConvRule(LayerRule):
 
     def plan(self, module, ctx, grad, tracked) -> RoutePlan:
         d, T, p = self._dims(module, grad, grad)
-        chunk = self.chunk_size(module, grad, grad)
         plan = linear_route(grad.shape[0] * module.groups, T, d, p, device_type=grad.device.type)
+        if _implicit_hook_route(module, grad):
+            plan.route = f"implicit-{plan.route}"
+            return plan
+        chunk = self.chunk_size(module, grad, grad)
         plan.extra_bytes += chunk * module.groups * T * d * 4
         plan.shape = f"{plan.shape} (unfold chunk {chunk})"
         return plan
@@ -285,7 +294,8 @@ def _unfolded_fused_route(module, unpadded: bool, B: int, T: int, d: int, p: int
 def implicit_patches(device: torch.device) -> bool:
     """Whether the fused route reads a convolution's patches from its input in place
     (``ops.conv_instantiate_norm``: implicit GEMM, no unfolded copy, no padded copy) instead of
-    unfolding them for ``ops.instantiate_norm``: where the Triton kernels serve ``device`` and
+    unfolding them for ``ops.instantiate_norm``, and the hooks' norms of the others (one group)
+    likewise (``implicit_norms``: ``ops.conv_ghost_norm``): where the Triton kernels serve ``device`` and
     ``DIVEBATCH_TRITON_IMPLICIT_CONV=1`` (read at each call). Off by default until a GPU has timed
     it against the unfolded route (``bench/gpu/bench_kernels.py``'s ``conv-*-implicit`` rows): it
     saves writing and reading the patches (~2 GB a step at conv-large) but gathers its loads by
@@ -293,6 +303,38 @@ def implicit_patches(device: torch.device) -> bool:
     if os.environ.get("DIVEBATCH_TRITON_IMPLICIT_CONV", "0").strip() != "1":
         return False
     return routes.triton_kernels(device.type)
+
+
+def _implicit_hook_route(module: nn.modules.conv._ConvNd, g: torch.Tensor) -> bool:
+    """Whether the hooks' norms of a one-group convolution with output grad ``g`` read its patches
+    from the input in place (``implicit_norms``) instead of unfolding them: where ``implicit_patches``
+    and the linear route model picks the Gram or instantiate route (T = 1's outer route reads one
+    patch per sample: nothing to save)."""
+    if module.groups != 1 or not implicit_patches(g.device):
+        return False
+    T = g[0].numel() // module.out_channels
+    d = module.in_channels * math.prod(module.kernel_size)
+    return linear_route_name(g.shape[0], T, d, module.out_channels, g.device.type) in ("ghost", "instantiate")
+
+
+def implicit_norms(module: nn.modules.conv._ConvNd, x: torch.Tensor, g: torch.Tensor, with_bias: bool) -> torch.Tensor:
+    """Per-sample squared gradient norms [B] of one call of a one-group convolution (input ``x`` as
+    the module received it, output grad ``g``) with its patches read from ``x`` in place:
+    ``ops.conv_ghost_norm`` or ``ops.conv_instantiate_norm`` by the linear route model, no unfolded
+    copy, no chunks (only a non-zero padding mode pads a copy of ``x``)."""
+    padding = _symmetric_padding(module)
+    if padding is None:
+        x, padding = _padded(module, x), [0] * len(module.kernel_size)
+    B, O = g.shape[0], module.out_channels
+    T, d = g[0].numel() // O, module.in_channels * math.prod(module.kernel_size)
+    geometry = (module.kernel_size, module.stride, padding, module.dilation)
+    if linear_route_name(B, T, d, O, g.device.type) == "ghost":
+        sq = ops.conv_ghost_norm(x, g, *geometry)
+    else:
+        sq = ops.conv_instantiate_norm(x, g, *geometry)[0]
+    if with_bias:
+        sq = sq + g.reshape(B, O, -1).sum(dim=2, dtype=torch.float32).square().sum(dim=1)
+    return sq
 
 
 def _output_positions(module, sizes, padding_totals) -> int:
