@@ -194,6 +194,25 @@ def test_cuda_routes_fuse_overlapping_convolutions_exactly(monkeypatch, backend,
         assert rel_err(p.grad, q.grad) <= 1e-5, name
 
 
+class Deepening(nn.Module):
+    """Convolutions from many positions and few channels to few positions and many channels (a
+    ResNet's stages in miniature: the hooks' norms take instantiate, then the Grams), zero and
+    reflect padded, strided, a grouped one and one called twice; for an 8 x 8 input."""
+
+    def __init__(self):
+        super().__init__()
+        self.wide = nn.Conv2d(3, 16, 3, padding=1)
+        self.strided = nn.Conv2d(16, 64, 3, stride=2, padding=1, bias=False)
+        self.deep = nn.Conv2d(64, 64, 3, stride=2, padding=1, padding_mode="reflect")
+        self.grouped = nn.Conv2d(64, 8, 1, groups=2)
+        self.twice = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.deep(torch.tanh(self.strided(torch.tanh(self.wide(x))))))
+        h = self.twice(torch.tanh(self.twice(self.grouped(h))))
+        return h.square().sum(dim=(1, 2, 3))
+
+
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_cuda_hook_routes_read_convolution_patches_in_place_exactly(monkeypatch, backend):
     """Unfused, with ``DIVEBATCH_TRITON_IMPLICIT_CONV=1`` on the routes a GPU takes (the C++ operators
@@ -209,21 +228,6 @@ def test_cuda_hook_routes_read_convolution_patches_in_place_exactly(monkeypatch,
     monkeypatch.setenv("DIVEBATCH_BACKEND", backend)
     monkeypatch.setenv("DIVEBATCH_TRITON_IMPLICIT_CONV", "1")
     monkeypatch.setattr(routes, "triton_kernels", lambda device_type: True)
-
-    class Deepening(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.wide = nn.Conv2d(3, 16, 3, padding=1)
-            self.strided = nn.Conv2d(16, 64, 3, stride=2, padding=1, bias=False)
-            self.deep = nn.Conv2d(64, 64, 3, stride=2, padding=1, padding_mode="reflect")
-            self.grouped = nn.Conv2d(64, 8, 1, groups=2)
-            self.twice = nn.Conv2d(8, 8, 1)
-
-        def forward(self, x):
-            h = torch.tanh(self.deep(torch.tanh(self.strided(torch.tanh(self.wide(x))))))
-            h = self.twice(torch.tanh(self.twice(self.grouped(h))))
-            return h.square().sum(dim=(1, 2, 3))
-
     torch.manual_seed(0)
     model, x, y = Deepening(), torch.randn(4, 3, 8, 8), torch.randn(4)
     calls = collections.Counter()

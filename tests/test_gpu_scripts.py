@@ -110,7 +110,8 @@ def test_bench_kernels_cpu_smoke_run(tmp_path):
     import bench_kernels
 
     out = tmp_path / "bench.json"
-    names = ("seq-up-bf16,conv-layer1-unfolded,conv-layer1-implicit,conv-stem-implicit,mlp-T1-bf16,seq-embedding,layernorm-seq-large,rmsnorm-llama,"
+    names = ("seq-up-bf16,conv-layer1-unfolded,conv-layer1-implicit,conv-stem-implicit,conv-layer4-implicit-ghost,"
+             "conv-layer4-down-implicit-ghost,mlp-T1-bf16,seq-embedding,layernorm-seq-large,rmsnorm-llama,"
              "groupnorm-conv-large,groupnorm-conv-large-cl,batchnorm-conv-large-cl,batchnorm-layer4-eval")
     assert bench_kernels.main(["--cpu-smoke", "--rounds", "1", "--workloads", names, "--out", str(out)]) == 0
     results = {r["workload"]: r for r in json.loads(out.read_text())["results"]}
@@ -129,6 +130,9 @@ def test_bench_kernels_cpu_smoke_run(tmp_path):
     for name in ("conv-layer1-implicit", "conv-stem-implicit"):
         rows = {row["method"] for row in results[name]["rows"]}
         assert {"cudnn weight grad (floor)", "unfold + triton instantiate_norm", bench_kernels.IMPLICIT} <= rows
+    for name in ("conv-layer4-implicit-ghost", "conv-layer4-down-implicit-ghost"):  # (the hook route's Grams)
+        rows = {row["method"] for row in results[name]["rows"]}
+        assert {"cudnn weight grad (floor)", "unfold + triton ghost_norm", bench_kernels.IMPLICIT_GHOST} <= rows
     for name in ("layernorm-seq-large", "groupnorm-conv-large-cl", "batchnorm-conv-large-cl", "batchnorm-layer4-eval"):
         assert any(row["method"] == "torch rule path" for row in results[name]["rows"]), name
 
@@ -172,9 +176,12 @@ def test_check_engine_runs_the_implicit_convolution_cases_with_their_variable(mo
     monkeypatch.setattr(routes, "triton_kernels", lambda device_type: True)
     with check_engine._env(check_engine.CASE_ENV["implicit-conv/"]):
         row = check_engine.check(check_engine.cases()["implicit-conv/convolutions"], torch.device("cpu"), True)
+        unfused = check_engine.check(check_engine.cases()["implicit-conv/deepening"], torch.device("cpu"), False)
     assert "DIVEBATCH_TRITON_IMPLICIT_CONV" not in os.environ
     assert "fused-implicit-instantiate" in row["routes"]
-    assert row["per_sample_err"] <= 1e-5 and row["batch_err"] <= 1e-5
+    assert {"implicit-ghost", "implicit-instantiate"} <= set(unfused["routes"])
+    for checked in (row, unfused):
+        assert checked["per_sample_err"] <= 1e-5 and checked["batch_err"] <= 1e-5
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward in time", "backward in time"])

@@ -65,6 +65,11 @@ WORKLOADS = {
     "conv-stem-implicit":   ("conv", 64, 12544, 147, 64, torch.bfloat16, (3, 224, 7, 2, 3)),
     "conv-layer1-implicit": ("conv", 64, 3136, 576, 64, torch.bfloat16, (64, 56, 3, 1, 1)),
     "conv-layer2-implicit": ("conv", 64, 784, 1152, 128, torch.bfloat16, (128, 28, 3, 1, 1)),
+    # the hook route's Gram kernel (conv-large's deep layers): unfolded patches for ghost_norm (what
+    # runs by default) against conv_ghost_norm reading them in place, beside cuDNN's weight gradient
+    "conv-layer3-implicit-ghost": ("conv-ghost", 64, 196, 2304, 256, torch.bfloat16, (256, 14, 3, 1, 1)),
+    "conv-layer4-implicit-ghost": ("conv-ghost", 64, 49, 4608, 512, torch.bfloat16, (512, 7, 3, 1, 1)),
+    "conv-layer4-down-implicit-ghost": ("conv-ghost", 64, 49, 256, 512, torch.bfloat16, (256, 14, 1, 2, 0)),
     "mlp-T1":         ("outer", 256, 1, 1024, 1024, torch.float32, None),
     "mlp-T1-bf16":    ("outer", 4096, 1, 4096, 4096, torch.bfloat16, None),
     "seq-embedding":  ("embedding", 16, 128, 0, 256, torch.float32, 1000),
@@ -136,10 +141,12 @@ def bench_workload(name, spec, K, R, rounds, rep_ms, dev="cuda"):
     elif op == "scan":
         methods, errors = _scan_methods(B, T, d, dtype, extra, K, R, dev, gen)
         bytes_moved = 0
-    elif op == "conv":
-        methods, errors, flops = _conv_methods(B, p, dtype, extra, K, R, dev, gen)
-        chosen[IMPLICIT] = _chosen(K.instantiate_norm._instantiate_norm_kernel)
-        tuned[IMPLICIT] = _config_timings(K.instantiate_norm._instantiate_norm_kernel)
+    elif op in ("conv", "conv-ghost"):
+        ghost = op == "conv-ghost"
+        methods, errors, flops = _conv_methods(B, p, dtype, extra, K, R, dev, gen, ghost)
+        kernel = K.ghost_norm._ghost_norm_kernel if ghost else K.instantiate_norm._instantiate_norm_kernel
+        chosen[IMPLICIT_GHOST if ghost else IMPLICIT] = _chosen(kernel)
+        tuned[IMPLICIT_GHOST if ghost else IMPLICIT] = _config_timings(kernel)
         bytes_moved = 0
     elif op in ("affine_norm", "group_norm", "batch_norm"):  # (reads x and g once)
         methods_of = {"affine_norm": _affine_norm_methods, "group_norm": _group_norm_methods,
@@ -256,34 +263,52 @@ def measured_faster_route(result) -> str:
     return "fused-instantiate" if extra < ms["triton ghost_norm"] else "ghost"
 
 
-#: The ``conv`` row of the instantiate kernel reading the patches from the input in place.
+#: The ``conv`` row of the instantiate kernel reading the patches from the input in place, and the
+#: ``conv-ghost`` row of the Gram kernel.
 IMPLICIT = "triton conv_instantiate_norm (implicit)"
+IMPLICIT_GHOST = "triton conv_ghost_norm (implicit)"
 
 
-def _conv_methods(B, O, dtype, geometry, K, R, dev, gen):
+def _conv_methods(B, O, dtype, geometry, K, R, dev, gen, ghost=False):
     """A one-group 2-d convolution's fused route (``geometry``: channels, side, kernel, stride and
     padding): ``unfold + triton instantiate_norm`` (the patches of the padded input unfolded, as
     ``layers.conv.unfolded_weight_norms`` does in one chunk) against ``IMPLICIT``, beside cuDNN's
-    weight gradient (the floor); each kernel's norms and weight gradient against the reference's."""
+    weight gradient (the floor); each kernel's norms and weight gradient against the reference's.
+    ``ghost``: the hook route's norms instead, ``unfold + triton ghost_norm`` against
+    ``IMPLICIT_GHOST`` (norms only; cuDNN's weight gradient runs beside them there)."""
     C, side, k, stride, pad = geometry
     conv = ([k, k], [stride, stride], [pad, pad], [1, 1])
     x = torch.randn(B, C, side, side, device=dev, generator=gen).to(dtype)
     weight = torch.randn(O, C, k, k, device=dev, generator=gen).to(dtype)
     out = torch.nn.functional.conv2d(x, weight, None, stride, pad)
     g = (0.1 * torch.randn(out.shape, device=dev, generator=gen)).to(dtype)
-    unfolded = "unfold + triton instantiate_norm"
+    unfolded = "unfold + triton ghost_norm" if ghost else "unfold + triton instantiate_norm"
 
     def unfold_route():
         patches = R.conv_patches(R.zero_padded(x, conv[2]), conv[0], conv[1], conv[3]).transpose(1, 2)
-        return K.instantiate_norm_triton(patches, g.reshape(B, O, -1).transpose(1, 2), False)
+        kernel = K.ghost_norm_triton if ghost else K.instantiate_norm_triton
+        return kernel(patches, g.reshape(B, O, -1).transpose(1, 2), False)
 
+    T = out.shape[2] * out.shape[3]
+    if ghost:
+        methods = {
+            "cudnn weight grad (floor)": lambda: torch.ops.aten.convolution_backward(
+                g, x, weight, None, conv[1], conv[2], conv[3], False, [0, 0], 1, [False, True, False]),
+            unfolded: unfold_route,
+            IMPLICIT_GHOST: lambda: K.conv_ghost_norm_triton(x, g, *conv),
+        }
+        flops = {name: 2 * B * T * C * k * k * O for name in methods}
+        flops[unfolded] = flops[IMPLICIT_GHOST] = B * (T * T + T) * (C * k * k + O)  # (as "triton ghost_norm")
+        want = R.conv_ghost_norm(x.float(), g.float(), *conv)
+        errors = {IMPLICIT_GHOST: rel_err(K.conv_ghost_norm_triton(x, g, *conv), want),
+                  unfolded: rel_err(unfold_route()[0], want)}
+        return methods, errors, flops
     methods = {
         "cudnn weight grad (floor)": lambda: torch.ops.aten.convolution_backward(
             g, x, weight, None, conv[1], conv[2], conv[3], False, [0, 0], 1, [False, True, False]),
         unfolded: unfold_route,
         IMPLICIT: lambda: K.conv_instantiate_norm_triton(x, g, *conv),
     }
-    T = out.shape[2] * out.shape[3]
     flops = dict.fromkeys(methods, 2 * B * T * C * k * k * O)
     want = R.conv_instantiate_norm(x.float(), g.float(), *conv)
     implicit = K.conv_instantiate_norm_triton(x, g, *conv)
@@ -445,7 +470,7 @@ def main(argv=None):
                 WORKLOADS[key] = (op, 2, 16, 24, 0, dtype, extra)
             if op == "ghost+instantiate":  # (4 samples: the instantiate kernel regrouped as 2 runs too)
                 WORKLOADS[key] = (op, min(B, 4), *WORKLOADS[key][2:])
-            if op == "conv":  # (3 channels of 9 x 9, the workload's kernel, stride and padding)
+            if op in ("conv", "conv-ghost"):  # (3 channels of 9 x 9, the workload's kernel, stride and padding)
                 WORKLOADS[key] = (op, 2, 0, 0, 5, dtype, (3, 9, *extra[2:]))
     elif interpret:
         sys.exit("bench_kernels.py times GPU kernels: unset TRITON_INTERPRET (or pass --cpu-smoke)")
