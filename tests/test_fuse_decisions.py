@@ -254,15 +254,20 @@ def _counted(calls: collections.Counter, name: str, fn):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
-def test_cuda_routes_take_transposed_convolutions_to_the_kernels_exactly(monkeypatch, backend):
+@pytest.mark.parametrize("implicit", [False, True], ids=["unfolded", "implicit"])
+def test_cuda_routes_take_transposed_convolutions_to_the_kernels_exactly(monkeypatch, backend, implicit):
     """A transposed convolution on CUDA: the Triton kernels on its unfolded output grad, not the
     grouped per-sample convolution the CPU-fitted model picks for these shapes (the C++ operators
-    or the Triton kernels under the interpreter here); the norms are torch.func's."""
+    or the Triton kernels under the interpreter here), or with ``DIVEBATCH_TRITON_IMPLICIT_CONV=1``
+    the one-group ones' adjoint patches read from the output grad in place (``conv_ghost_norm`` /
+    ``conv_instantiate_norm`` with the roles swapped; an output_padding below the stride crops
+    nothing there, one past it, or a grouped layer, keeps unfolding); the norms are torch.func's."""
     from divebatch.layers import routes
 
     if backend == "triton" and not ops.TRITON_AVAILABLE:
         pytest.skip("triton (divebatch._kernels) does not import here")
     monkeypatch.setenv("DIVEBATCH_BACKEND", backend)
+    monkeypatch.setenv("DIVEBATCH_TRITON_IMPLICIT_CONV", "1" if implicit else "0")
 
     def loss_fn(out, target):
         return 0.5 * (out.square().sum(dim=(1, 2, 3)) - target).square().sum()
@@ -273,13 +278,21 @@ def test_cuda_routes_take_transposed_convolutions_to_the_kernels_exactly(monkeyp
             return tracker.collect(), {plan.module: plan.route for plan in tracker.plan()}
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.ConvTranspose2d(8, 16, 4, 2, 1), nn.Tanh(), nn.ConvTranspose2d(16, 4, 3, 1, 1, groups=2))
+    model = nn.Sequential(nn.ConvTranspose2d(8, 16, 4, 2, 1, output_padding=1), nn.Tanh(),
+                          nn.ConvTranspose2d(16, 4, 3, 1, 1, groups=2), nn.Tanh(),
+                          nn.ConvTranspose2d(4, 4, 3, 1, 1, output_padding=1, dilation=2))
     x, y = torch.randn(4, 8, 8, 8), torch.randn(4)
     assert set(step(model, x, y)[1].values()) == {"per-sample conv"}  # (CPU)
     monkeypatch.setattr(routes, "triton_kernels", lambda device_type: True)
     model.zero_grad()
+    calls = collections.Counter()
+    for name in ("conv_ghost_norm", "conv_instantiate_norm"):
+        monkeypatch.setattr(ops, name, _counted(calls, name, getattr(ops, name)))
     stats, taken = step(model, x, y)
-    assert set(taken.values()) <= {"ghost", "instantiate"}
+    # (grouped, and an output_padding past the stride: unfolded either way)
+    assert taken["2"] in {"ghost", "instantiate"} and taken["4"] in {"ghost", "instantiate"}
+    assert taken["0"] in ({"implicit-ghost", "implicit-instantiate"} if implicit else {"ghost", "instantiate"})
+    assert sum(calls.values()) == (1 if implicit else 0)
     per_sample, _, batch = reference_norms(model, loss_fn, x, y)
     assert rel_err(stats.per_sample, per_sample) <= 1e-5
     assert rel_err(stats.batch_grad_sq, batch) <= 1e-5

@@ -568,6 +568,9 @@ class ConvTransposeRule(LayerRule):
       past what the adjoint reads for ``in`` positions (into the zero padding, or positions no input
       reaches), so ``pad(g)`` is cropped there: the patches then have exactly ``prod(in)`` positions
       (uncropped, an output_padding >= stride, which torch allows below the dilation, would add one).
+      On CUDA with ``implicit_patches`` a one-group layer's patches are read from ``g`` in place
+      instead (``conv_ghost_norm`` / ``conv_instantiate_norm`` of the adjoint convolution, input
+      ``g`` and output grad ``x``), where its output_padding is below the stride.
     * ``per-sample conv``: every sample's weight gradient from one transposed-convolution weight
       gradient with the batch folded into the groups (``per_sample_conv_transpose_weight_grads``),
       in chunks of samples whose gradients stay under ``MAX_EXTRA_BYTES``, then squared and summed.
@@ -664,9 +667,25 @@ class ConvTransposeRule(LayerRule):
             total = total + bias.square().sum(dim=1)
         if "weight" not in tracked:
             return total
-        if self._costs(module, calls)[0] == PER_SAMPLE_CONV:
+        route = self._costs(module, calls)[0]
+        if route == PER_SAMPLE_CONV:
             return total + self.per_sample_conv_norms(module, calls)
+        if len(calls) == 1 and self._implicit(module, calls[0][0], calls[0][1][0], route):
+            x, g = calls[0][0], calls[0][1][0]
+            geometry = (module.kernel_size, module.stride, module.padding, module.dilation)
+            # (the adjoint convolution's weight gradient: its input is g, its output grad x)
+            sq = (ops.conv_ghost_norm(g, x, *geometry) if route == "ghost"
+                  else ops.conv_instantiate_norm(g, x, *geometry)[0])
+            return total + sq
         return total + self.unfolded_norms(module, calls)
+
+    def _implicit(self, module, x, g, route: str) -> bool:
+        """Whether the unfolded route's ``route`` reads the adjoint convolution's patches from ``g``
+        in place (``implicit_patches``): one group, the Gram or instantiate route, and an
+        ``output_padding`` below the stride (a longer one would give the adjoint an extra position
+        the cropped patches leave out)."""
+        return (module.groups == 1 and route in ("ghost", "instantiate") and implicit_patches(g.device)
+                and all(op < s for op, s in zip(self.output_padding(module, x.shape[2:], g), module.stride)))
 
     def unfolded_norms(self, module, calls) -> torch.Tensor:
         """Per-sample squared weight-gradient norms [B] by the unfolded output grad and a linear route."""
@@ -714,8 +733,13 @@ class ConvTransposeRule(LayerRule):
                              2.0 * ctx.shape[0] * module.weight.numel() * (T + 1),
                              float(self._sample_bytes(module, ctx, grad) * chunk), alternatives=costs)
         T, d, p = self._dims(module, ctx)
-        chunk = self.chunk_size(module, ctx, grad)
         plan = linear_route(ctx.shape[0] * module.groups, T, d, p, device_type=ctx.device.type)
+        if self._implicit(module, ctx, grad, route):
+            plan.route = f"implicit-{plan.route}"
+            plan.shape = f"{plan.shape} (transposed conv: output grad's patches read in place)"
+            plan.alternatives = costs
+            return plan
+        chunk = self.chunk_size(module, ctx, grad)
         plan.extra_bytes += 4.0 * chunk * (module.groups * T * d + grad[0].numel())
         plan.shape = f"{plan.shape} (transposed conv: unfolded output grad, chunk {chunk})"
         plan.alternatives = costs
