@@ -7,6 +7,11 @@ the zero padding. ``conv_instantiate_norm`` and ``conv_ghost_norm`` load ``[rows
 them straight from ``x`` (``patch_columns`` once per column set, ``patch_chunk`` per chunk), so no
 unfolded ``[B, T, d]`` copy is written. 1-d and 2-d convolutions run as 3-d ones with unit leading
 dims; ``DEPTH`` leaves the depth terms out where they are constant (registers the 2-d loads need).
+A channels-last input (channels in multiples of 8) numbers its columns channel-fastest instead
+(``CHANNELS_FASTEST``), so each row of a chunk is a contiguous run of channels: 16-byte vector loads
+the software pipeline copies asynchronously, where the weight's order gathers single elements
+(no ``cp.async`` for 16-bit ones: tests/test_triton_compile.py). The norms do not depend on the
+column order; ``conv_instantiate_norm`` stores its weight gradient at the weight's columns.
 """
 
 from __future__ import annotations
@@ -33,22 +38,42 @@ def offsets(v, WIDE: tl.constexpr):
 
 
 @triton.jit
-def patch_columns(kk, KD, KH, KW, dil_d, dil_h, dil_w, stride_xc, stride_xd, stride_xh, stride_xw,
-                  DEPTH: tl.constexpr, WIDE: tl.constexpr):
+def patch_columns(kk, XC, KD, KH, KW, dil_d, dil_h, dil_w, stride_xc, stride_xd, stride_xh, stride_xw,
+                  DEPTH: tl.constexpr, WIDE: tl.constexpr, CHANNELS_FASTEST: tl.constexpr):
     """Columns ``kk`` (kernel offsets) of the patches: ``(col_off, win_d, win_h, win_w)``, the part
     of each column's address that does not depend on the position (channel and window offset) and
-    its window offsets per dim (for the padding masks; ``win_d`` is ``win_h`` where not ``DEPTH``)."""
-    k_w = kk % KW
-    rest = kk // KW
-    win_h = (rest % KH) * dil_h
-    win_w = k_w * dil_w
-    rest = rest // KH
-    if DEPTH:
-        win_d = (rest % KD) * dil_d
-        rest = rest // KD
+    its window offsets per dim (for the padding masks; ``win_d`` is ``win_h`` where not ``DEPTH``).
+
+    Columns are numbered in the weight's order, ``k = ((c KD + kd) KH + kh) KW + kw``, or with
+    ``CHANNELS_FASTEST`` in a channels-last input's, ``k = ((kd KH + kh) KW + kw) C + c``: there
+    consecutive columns are consecutive channels, contiguous in memory, so (with ``XC`` and the
+    strides divisible by 8) a chunk's rows load as 16-byte vectors, which the software pipeline
+    copies asynchronously (``cp.async``); gathered one element at a time they are not pipelined."""
+    if CHANNELS_FASTEST:
+        channel = kk % XC
+        rest = kk // XC
+        win_w = (rest % KW) * dil_w
+        rest = rest // KW
+        if DEPTH:
+            win_h = (rest % KH) * dil_h
+            win_d = (rest // KH) * dil_d
+        else:  # (rest < KH)
+            win_h = rest * dil_h
+            win_d = win_h  # (unread: no depth terms)
     else:
-        win_d = win_h  # (unread: no depth terms)
-    col_off = offsets(rest, WIDE) * stride_xc + offsets(win_h, WIDE) * stride_xh + offsets(win_w, WIDE) * stride_xw
+        k_w = kk % KW
+        rest = kk // KW
+        win_h = (rest % KH) * dil_h
+        win_w = k_w * dil_w
+        rest = rest // KH
+        if DEPTH:
+            win_d = (rest % KD) * dil_d
+            rest = rest // KD
+        else:
+            win_d = win_h  # (unread: no depth terms)
+        channel = rest
+    col_off = (offsets(channel, WIDE) * stride_xc + offsets(win_h, WIDE) * stride_xh
+               + offsets(win_w, WIDE) * stride_xw)
     if DEPTH:
         col_off += offsets(win_d, WIDE) * stride_xd
     return col_off, win_d, win_h, win_w
@@ -94,24 +119,29 @@ class ConvPatches(NamedTuple):
     T: int
     d: int
     O: int
-    #: The kernels' geometry arguments: XD, XH, XW, OH, OW, KD, KH, KW, the strides, paddings and
-    #: dilations per dim (d, h, w), then x's strides of C, D, H, W.
+    #: The kernels' geometry arguments: XC, XD, XH, XW, OH, OW, KD, KH, KW, the strides, paddings
+    #: and dilations per dim (d, h, w), then x's strides of C, D, H, W.
     geometry: tuple
     padded: bool
     depth: bool
     wide: bool
+    #: Columns numbered channel-fastest (``patch_columns``): a channels-last input whose channels
+    #: come in multiples of 8.
+    channels_fastest: bool
 
 
 #: The geometry arguments of a call on materialised patches (unused there).
-NO_CONVOLUTION = (1,) * 21
+NO_CONVOLUTION = (1,) * 22
 
 
 def conv_patches_of(op: str, x: torch.Tensor, g: torch.Tensor, kernel_size, stride, padding, dilation,
-                    wide_override=None) -> ConvPatches:
+                    wide_override=None, channels_override=None) -> ConvPatches:
     """Checks a one-group convolution's ``x [B, C, *in]`` (1-3 spatial dims), output grad
     ``g [B, O, *out]`` and geometry (errors name ``divebatch.<op>``) and returns the views and
     arguments its kernels read the patches by. In-sample offsets are int32 unless one (padding and
-    a chunk's overrun included) could pass 2^31 (``wide``; ``wide_override``: tests only)."""
+    a chunk's overrun included) could pass 2^31 (``wide``); columns are numbered channel-fastest
+    where ``x`` is channels-last with channels in multiples of 8 (``channels_fastest``). The
+    overrides force either (tests only)."""
     from divebatch.reference import conv_output_sizes  # (the kernels package imports without divebatch)
 
     for name, t in (("x", x), ("g", g)):
@@ -128,9 +158,11 @@ def conv_patches_of(op: str, x: torch.Tensor, g: torch.Tensor, kernel_size, stri
     pads = [0] * missing + [int(v) for v in padding]
     B, C, O = x.shape[0], x.shape[1], g.shape[1]
     T = math.prod(out)
-    geometry = (*x3.shape[2:], *([1] * missing + out)[1:], *kernel, *strides, *pads, *dilations, *x3.stride()[1:])
+    geometry = (C, *x3.shape[2:], *([1] * missing + out)[1:], *kernel, *strides, *pads, *dilations, *x3.stride()[1:])
     reach = sum((size + 2 * pad + k * dil) * abs(step) for size, pad, k, dil, step
                 in zip(x3.shape[1:], [0, *pads], [1, *kernel], [1, *dilations], x3.stride()[1:]))
     return ConvPatches(x3, g.reshape(B, O, T).transpose(1, 2), B, T, C * math.prod(kernel), O, geometry,
                        padded=any(pads), depth=missing == 0,
-                       wide=reach >= 2**31 if wide_override is None else bool(wide_override))
+                       wide=reach >= 2**31 if wide_override is None else bool(wide_override),
+                       channels_fastest=x.stride(1) == 1 and C % 8 == 0 if channels_override is None
+                       else bool(channels_override))

@@ -71,11 +71,16 @@ if _TABLE_PRUNE:
 
 
 def _prune(configs, named_args, **kwargs):
-    """``config_table``'s prune, but ``_IMPLICIT_WIDE_CONFIG`` alone for the implicit patches of a
-    3-d convolution or with int64 offsets in 16 bits (float32 and 2-d int32 builds fit the lists)."""
+    """``config_table``'s prune, but for the implicit patches (``IMPLICIT``) of a 3-d convolution or
+    with int64 offsets in 16 bits ``_IMPLICIT_WIDE_CONFIG`` alone, and in float32 the list's 64 x 16
+    config alone (64 x 32 spilled 24 bytes on sm_80 with triton 3.7); 16-bit 2-d int32 builds fit
+    the whole list."""
     kept = _TABLE_PRUNE["early_config_prune"](configs, named_args, **kwargs)
-    sixteen = torch.float32 not in (named_args["a_ptr"].dtype, named_args["g_ptr"].dtype)
-    if kwargs.get("IMPLICIT") and (kwargs.get("DEPTH") or kwargs.get("WIDE")) and sixteen:
+    if not kwargs.get("IMPLICIT"):
+        return kept
+    if torch.float32 in (named_args["a_ptr"].dtype, named_args["g_ptr"].dtype):
+        return [_F32_CONFIGS[1]]
+    if kwargs.get("DEPTH") or kwargs.get("WIDE"):
         return [_IMPLICIT_WIDE_CONFIG]
     return kept
 
@@ -137,9 +142,9 @@ def _gram_tile_tma(desc, b, first_i, first_j, K, UPCAST: tl.constexpr, DOT_PRECI
 
 
 @triton.jit
-def _patch_gram_tile(x_base, offs_i, mask_i, offs_j, mask_j, K, XD, XH, XW, OH, OW, KD, KH, KW,
+def _patch_gram_tile(x_base, offs_i, mask_i, offs_j, mask_j, K, XC, XD, XH, XW, OH, OW, KD, KH, KW,
                      sd, sh, sw, pd, ph, pw, dd, dh, dw, stride_xc, stride_xd, stride_xh, stride_xw,
-                     PADDED: tl.constexpr, DEPTH: tl.constexpr, WIDE: tl.constexpr,
+                     PADDED: tl.constexpr, DEPTH: tl.constexpr, WIDE: tl.constexpr, CHANNELS_FASTEST: tl.constexpr,
                      UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     """``_gram_tile`` of a convolution's patches (positions ``offs_i`` with ``offs_j``, over the
     ``K`` kernel offsets in BLOCK_K chunks) read from its input in place (``_patches.py``)."""
@@ -148,8 +153,8 @@ def _patch_gram_tile(x_base, offs_i, mask_i, offs_j, mask_j, K, XD, XH, XW, OH, 
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         k_mask = kk < K
-        col_off, win_d, win_h, win_w = patch_columns(kk, KD, KH, KW, dd, dh, dw, stride_xc, stride_xd, stride_xh,
-                                                     stride_xw, DEPTH, WIDE)
+        col_off, win_d, win_h, win_w = patch_columns(kk, XC, KD, KH, KW, dd, dh, dw, stride_xc, stride_xd, stride_xh,
+                                                     stride_xw, DEPTH, WIDE, CHANNELS_FASTEST)
         x_i = patch_chunk(x_base, offs_i, mask_i, k_mask, col_off, win_d, win_h, win_w, XD, XH, XW, OH, OW,
                           sd, sh, sw, pd, ph, pw, stride_xd, stride_xh, stride_xw, PADDED, DEPTH, WIDE)
         x_j = patch_chunk(x_base, offs_j, mask_j, k_mask, col_off, win_d, win_h, win_w, XD, XH, XW, OH, OW,
@@ -162,7 +167,7 @@ def _patch_gram_tile(x_base, offs_i, mask_i, offs_j, mask_j, K, XD, XH, XW, OH, 
 
 
 @triton.autotune(configs=_CONFIGS, key=["T_TUNE", "B_TUNE", "d", "p", "WITH_BIAS", "stride_ad", "stride_gp", "TMA_OK",
-                                        "IMPLICIT", "PADDED", "DEPTH", "WIDE"],
+                                        "IMPLICIT", "PADDED", "DEPTH", "WIDE", "CHANNELS_FASTEST"],
                  prune_configs_by=_PRUNE, reset_to_zero=["weight_sq_ptr", "colsum_ptr"], **AUTOTUNE_KWARGS)
 @triton.jit
 def _ghost_norm_kernel(
@@ -175,9 +180,9 @@ def _ghost_norm_kernel(
     # strides, in elements
     stride_ab, stride_at, stride_ad,
     stride_gb, stride_gt, stride_gp,
-    # IMPLICIT only (else unused): a_ptr is a convolution's input x [B, C, XD, XH, XW] (batch stride
-    # stride_ab) whose patches are a (see _patches.py; d = C KD KH KW, T = OD OH OW positions)
-    XD, XH, XW, OH, OW, KD, KH, KW,
+    # IMPLICIT only (else unused): a_ptr is a convolution's input x [B, XC, XD, XH, XW] (batch stride
+    # stride_ab) whose patches are a (see _patches.py; d = XC KD KH KW, T = OD OH OW positions)
+    XC, XD, XH, XW, OH, OW, KD, KH, KW,
     conv_sd, conv_sh, conv_sw, conv_pd, conv_ph, conv_pw, conv_dd, conv_dh, conv_dw,
     stride_xc, stride_xd, stride_xh, stride_xw,
     # autotune key only (tuning_size of T and B): not read by the kernel
@@ -186,7 +191,7 @@ def _ghost_norm_kernel(
     WITH_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, TMA_OK: tl.constexpr,
     IMPLICIT: tl.constexpr = False, PADDED: tl.constexpr = False, DEPTH: tl.constexpr = False,
-    WIDE: tl.constexpr = True,
+    WIDE: tl.constexpr = True, CHANNELS_FASTEST: tl.constexpr = False,
 ):
     n_tiles = tl.cdiv(T, BLOCK_T)
     n_pairs = n_tiles * (n_tiles + 1) // 2
@@ -216,10 +221,10 @@ def _ghost_norm_kernel(
     else:
         # The Gram tiles of a over d and of g over p.
         if IMPLICIT:
-            gram_a = _patch_gram_tile(a_ptr + b64 * stride_ab, offs_i, mask_i, offs_j, mask_j, d, XD, XH, XW, OH, OW,
-                                      KD, KH, KW, conv_sd, conv_sh, conv_sw, conv_pd, conv_ph, conv_pw,
+            gram_a = _patch_gram_tile(a_ptr + b64 * stride_ab, offs_i, mask_i, offs_j, mask_j, d, XC, XD, XH, XW,
+                                      OH, OW, KD, KH, KW, conv_sd, conv_sh, conv_sw, conv_pd, conv_ph, conv_pw,
                                       conv_dd, conv_dh, conv_dw, stride_xc, stride_xd, stride_xh, stride_xw,
-                                      PADDED, DEPTH, WIDE, UPCAST, DOT_PRECISION, BLOCK_T, BLOCK_K)
+                                      PADDED, DEPTH, WIDE, CHANNELS_FASTEST, UPCAST, DOT_PRECISION, BLOCK_T, BLOCK_K)
         else:
             gram_a = _gram_tile(a_ptr + b64 * stride_ab, offs_i.to(tl.int64) * stride_at, mask_i,
                                 offs_j.to(tl.int64) * stride_at, mask_j, d, stride_ad, UPCAST, DOT_PRECISION,
@@ -248,7 +253,8 @@ def _ghost_norm_kernel(
 
 
 def _launch(a, g, B: int, T: int, d: int, p: int, a_strides, convolution, with_bias: bool,
-            implicit: bool = False, padded: bool = False, depth: bool = False, wide: bool = True):
+            implicit: bool = False, padded: bool = False, depth: bool = False, wide: bool = True,
+            channels_fastest: bool = False):
     """``(weight_sq [B], bias_sq [B])`` of one launch; ``a`` is the patches' storage (``a`` itself,
     or a convolution's input under ``implicit``) with ``a_strides`` for its batch, position and
     column dims; ``convolution``: the IMPLICIT arguments."""
@@ -282,7 +288,7 @@ def _launch(a, g, B: int, T: int, d: int, p: int, a_strides, convolution, with_b
                 *convolution,
                 tuning_size(T), tuning_size(B),
                 WITH_BIAS=bool(with_bias), UPCAST=upcast, DOT_PRECISION=precision, TMA_OK=use_tma,
-                IMPLICIT=implicit, PADDED=padded, DEPTH=depth, WIDE=wide,
+                IMPLICIT=implicit, PADDED=padded, DEPTH=depth, WIDE=wide, CHANNELS_FASTEST=channels_fastest,
             )
     if with_bias:
         bias_sq = colsum.square().sum(dim=1)
@@ -298,13 +304,16 @@ def ghost_norm_triton(a: torch.Tensor, g: torch.Tensor, with_bias: bool):
 
 
 def conv_ghost_norm_triton(x: torch.Tensor, g: torch.Tensor, kernel_size, stride, padding, dilation, *,
-                           _wide_override=None) -> torch.Tensor:
+                           _wide_override=None, _channels_override=None) -> torch.Tensor:
     """Per-sample squared weight-gradient norms ``[B]`` (float32) of a one-group convolution of
     ``x [B, C, *in]`` (1-3 spatial dims, zero ``padding``) with output grad ``g [B, O, *out]``:
     ``ghost_norm`` of its patches, read from ``x`` in place (see ``divebatch.reference.conv_ghost_norm``),
-    so no unfolded copy is written. ``_wide_override`` (tests only) forces int64 in-sample offsets."""
-    c = conv_patches_of("conv_ghost_norm", x, g, kernel_size, stride, padding, dilation, _wide_override)
+    so no unfolded copy is written. ``_wide_override`` and ``_channels_override`` (tests only) force
+    int64 in-sample offsets and the channel-fastest column order."""
+    c = conv_patches_of("conv_ghost_norm", x, g, kernel_size, stride, padding, dilation, _wide_override,
+                        _channels_override)
     # (the key's inner stride 0: patches are gathered, never unit-stride rows)
     weight_sq, _ = _launch(c.x, c.g_rows, c.B, c.T, c.d, c.O, (c.x.stride(0), 0, 0), c.geometry, False,
-                           implicit=True, padded=c.padded, depth=c.depth, wide=c.wide)
+                           implicit=True, padded=c.padded, depth=c.depth, wide=c.wide,
+                           channels_fastest=c.channels_fastest)
     return weight_sq

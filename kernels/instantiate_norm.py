@@ -119,18 +119,29 @@ _CONFIGS, _TABLE_PRUNE = config_table(
     sm90_table=_SM90_TABLE,
     unverified=_UNVERIFIED,
 )
+#: The config of a convolution's float32 patches read in place (IMPLICIT): the float32 lists'
+#: spilled 8-40 bytes on sm_80 in some of the builds (2-d / 3-d, weight / channel-fastest column
+#: order) with triton 3.6 or 3.7; this two-stage one fits all of them with both (196-252 registers).
+_IMPLICIT_F32_CONFIG = _config(64, 64, 16, 8, 2)
+#: Configs outside the tables (the GPU config sweeps run them too).
+_EXTRA_CONFIGS = (_IMPLICIT_F32_CONFIG,)
+if _TABLE_PRUNE:
+    _CONFIGS = [*_CONFIGS, *_EXTRA_CONFIGS]
 
 
 def _prune(configs, named_args, **kwargs):
     """``config_table``'s prune, and for a convolution's patches read in place (``IMPLICIT``, whose
     address and mask arithmetic takes 15-40 registers more than the loads it replaces) only the
-    first config of the strided list where the others spill: float32 operands (8 bytes on sm_80
-    with triton 3.7), a 3-d convolution or int64 offsets (in the T loop with triton 3.6, the GPU
-    image's). The 16-bit 2-d int32 builds of all three fit in both versions (tests/test_triton_compile.py)."""
+    first config of the strided list where the others spill: a 3-d convolution or int64 offsets
+    (in the T loop with triton 3.6, the GPU
+    image's). The 16-bit 2-d int32 builds of all three fit in both versions (tests/test_triton_compile.py).
+    Float32 patches take ``_IMPLICIT_F32_CONFIG`` alone."""
     kept = _TABLE_PRUNE["early_config_prune"](configs, named_args, **kwargs)
-    wide_build = kwargs.get("DEPTH") or kwargs.get("WIDE") or torch.float32 in (
-        named_args["a_ptr"].dtype, named_args["g_ptr"].dtype)
-    return kept[:1] if kwargs.get("IMPLICIT") and wide_build else kept
+    if not kwargs.get("IMPLICIT"):
+        return kept
+    if torch.float32 in (named_args["a_ptr"].dtype, named_args["g_ptr"].dtype):
+        return [_IMPLICIT_F32_CONFIG]
+    return kept[:1] if kwargs.get("DEPTH") or kwargs.get("WIDE") else kept
 
 
 _PRUNE = {"early_config_prune": _prune} if _TABLE_PRUNE else {}
@@ -139,7 +150,7 @@ _SPLIT_TILE = 128 * 128
 
 
 @triton.autotune(configs=_CONFIGS, key=["T_TUNE", "B_TUNE", "d", "p", "WITH_BIAS", "ATOMIC_WGRAD", "stride_ad", "stride_gp",
-                                        "TMA_OK", "IMPLICIT", "PADDED", "DEPTH", "WIDE"],
+                                        "TMA_OK", "IMPLICIT", "PADDED", "DEPTH", "WIDE", "CHANNELS_FASTEST"],
                  prune_configs_by=_PRUNE, reset_to_zero=["weight_sq_ptr", "bias_sq_ptr", "wgrad_ptr"],
                  **AUTOTUNE_KWARGS)
 @triton.jit
@@ -153,10 +164,11 @@ def _instantiate_norm_kernel(
     # strides, in elements
     stride_ab, stride_at, stride_ad,
     stride_gb, stride_gt, stride_gp,
-    # IMPLICIT only (else unused): a_ptr is a convolution's input x [B, C, XD, XH, XW] (batch stride
+    # IMPLICIT only (else unused): a_ptr is a convolution's input x [B, XC, XD, XH, XW] (batch stride
     # stride_ab), its output is OD x OH x OW = T positions, and a_b[t, k] is the entry of the
-    # zero-padded patch at t under kernel offset k = ((c KD + kd) KH + kh) KW + kw (d = C KD KH KW)
-    XD, XH, XW, OH, OW, KD, KH, KW,
+    # zero-padded patch at t under kernel offset k = ((c KD + kd) KH + kh) KW + kw (d = XC KD KH KW;
+    # CHANNELS_FASTEST: k = ((kd KH + kh) KW + kw) XC + c, stored at its weight-order column)
+    XC, XD, XH, XW, OH, OW, KD, KH, KW,
     conv_sd, conv_sh, conv_sw, conv_pd, conv_ph, conv_pw, conv_dd, conv_dh, conv_dw,
     stride_xc, stride_xd, stride_xh, stride_xw,
     # autotune key only (tuning_size of T and B): not read by the kernel
@@ -167,7 +179,7 @@ def _instantiate_norm_kernel(
     GROUP_P: tl.constexpr, SUM_IN_OUTPUT: tl.constexpr, FLATTEN: tl.constexpr,
     USE_TMA: tl.constexpr, TMA_OK: tl.constexpr,
     IMPLICIT: tl.constexpr = False, PADDED: tl.constexpr = False, DEPTH: tl.constexpr = False,
-    WIDE: tl.constexpr = True,
+    WIDE: tl.constexpr = True, CHANNELS_FASTEST: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     n_d_tiles = tl.cdiv(d, BLOCK_D)
@@ -190,14 +202,20 @@ def _instantiate_norm_kernel(
     if IMPLICIT:
         # The d-tile's kernel offsets, once per program: each column's channel and window position;
         # a chunk's positions add their own part (patch_chunk).
-        col_a, win_d, win_h, win_w = patch_columns(offs_d, KD, KH, KW, conv_dd, conv_dh, conv_dw, stride_xc,
-                                                   stride_xd, stride_xh, stride_xw, DEPTH, WIDE)  # [BLOCK_D]
+        col_a, win_d, win_h, win_w = patch_columns(offs_d, XC, KD, KH, KW, conv_dd, conv_dh, conv_dw, stride_xc,
+                                                   stride_xd, stride_xh, stride_xw, DEPTH, WIDE,
+                                                   CHANNELS_FASTEST)  # [BLOCK_D]
     else:
         col_a = offs_d.to(tl.int64) * stride_ad  # [BLOCK_D]
     offs_t = tl.arange(0, BLOCK_T)
     first_d_tile = pid_d == 0
 
-    out = wgrad_ptr + offs_p.to(tl.int64)[:, None] * d + offs_d[None, :]
+    if IMPLICIT and CHANNELS_FASTEST:
+        # (column (kernel offset o, channel c) of the loop is the weight's column c * (d / XC) + o)
+        out_col = (offs_d % XC) * (d // XC) + offs_d // XC
+    else:
+        out_col = offs_d
+    out = wgrad_ptr + offs_p.to(tl.int64)[:, None] * d + out_col[None, :]
     out_mask = mask_p[:, None] & mask_d[None, :]
     if not SUM_IN_OUTPUT:
         total = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
@@ -276,7 +294,8 @@ def _n_split(B: int, p: int, d: int, device: torch.device) -> int:
 
 
 def _launch(a, g, B: int, T: int, d: int, p: int, a_strides, convolution, with_bias: bool, n_split,
-            implicit: bool = False, padded: bool = False, depth: bool = False, wide: bool = True):
+            implicit: bool = False, padded: bool = False, depth: bool = False, wide: bool = True,
+            channels_fastest: bool = False):
     """``(weight_sq [B], bias_sq [B], weight_grad_sum [p, d])`` of one launch; ``a`` is the patches'
     storage (``a`` itself, or a convolution's input under ``implicit``) with ``a_strides`` for its
     batch, position and column dims; ``convolution``: the IMPLICIT arguments."""
@@ -304,6 +323,7 @@ def _launch(a, g, B: int, T: int, d: int, p: int, a_strides, convolution, with_b
                 tuning_size(T), tuning_size(B),
                 WITH_BIAS=bool(with_bias), ATOMIC_WGRAD=n_split > 1, UPCAST=upcast, DOT_PRECISION=precision,
                 TMA_OK=use_tma, IMPLICIT=implicit, PADDED=padded, DEPTH=depth, WIDE=wide,
+                CHANNELS_FASTEST=channels_fastest,
             )
     elif with_bias and B > 0 and T > 0 and p > 0:  # d == 0: no weight, but the bias still has a gradient
         bias_sq = g.sum(dim=1, dtype=torch.float32).square().sum(dim=1)
@@ -320,16 +340,18 @@ def instantiate_norm_triton(a: torch.Tensor, g: torch.Tensor, with_bias: bool, *
 
 
 def conv_instantiate_norm_triton(x: torch.Tensor, g: torch.Tensor, kernel_size, stride, padding, dilation, *,
-                                 _n_split_override=None, _wide_override=None):
+                                 _n_split_override=None, _wide_override=None, _channels_override=None):
     """``(weight_sq [B], weight_grad_sum [O, C * prod(kernel)])`` float32 of a one-group convolution
     of ``x [B, C, *in]`` (1-3 spatial dims, zero ``padding``) with output grad ``g [B, O, *out]``:
     ``instantiate_norm`` of its patches, read from ``x`` in place (implicit GEMM; see
     ``divebatch.reference.conv_instantiate_norm``), so no unfolded copy is written.
 
-    ``_n_split_override`` and ``_wide_override`` (tests only) force the sample splits of the grid and
-    the int64 in-sample offsets."""
-    c = conv_patches_of("conv_instantiate_norm", x, g, kernel_size, stride, padding, dilation, _wide_override)
+    ``_n_split_override``, ``_wide_override`` and ``_channels_override`` (tests only) force the sample
+    splits of the grid, the int64 in-sample offsets and the channel-fastest column order."""
+    c = conv_patches_of("conv_instantiate_norm", x, g, kernel_size, stride, padding, dilation, _wide_override,
+                        _channels_override)
     # (the key's inner stride 0: patches are gathered, never unit-stride rows)
     weight_sq, _, grad = _launch(c.x, c.g_rows, c.B, c.T, c.d, c.O, (c.x.stride(0), 0, 0), c.geometry, False,
-                                 _n_split_override, implicit=True, padded=c.padded, depth=c.depth, wide=c.wide)
+                                 _n_split_override, implicit=True, padded=c.padded, depth=c.depth, wide=c.wide,
+                                 channels_fastest=c.channels_fastest)
     return weight_sq, grad

@@ -111,7 +111,8 @@ def test_bench_kernels_cpu_smoke_run(tmp_path):
 
     out = tmp_path / "bench.json"
     names = ("seq-up-bf16,conv-layer1-unfolded,conv-layer1-implicit,conv-stem-implicit,conv-layer4-implicit-ghost,"
-             "conv-layer4-down-implicit-ghost,mlp-T1-bf16,seq-embedding,layernorm-seq-large,rmsnorm-llama,"
+             "conv-layer4-down-implicit-ghost,conv-layer1-implicit-cl,conv-layer3-implicit-ghost-cl,mlp-T1-bf16,seq-embedding,"
+             "layernorm-seq-large,rmsnorm-llama,"
              "groupnorm-conv-large,groupnorm-conv-large-cl,batchnorm-conv-large-cl,batchnorm-layer4-eval")
     assert bench_kernels.main(["--cpu-smoke", "--rounds", "1", "--workloads", names, "--out", str(out)]) == 0
     results = {r["workload"]: r for r in json.loads(out.read_text())["results"]}
@@ -127,10 +128,10 @@ def test_bench_kernels_cpu_smoke_run(tmp_path):
     route = results["seq-up-bf16"]["route"]
     assert route["model"] in ("ghost", "fused-instantiate") and route["faster"] in ("ghost", "fused-instantiate")
     # The convolution's fused route both ways: unfolded patches and the implicit kernel, beside cuDNN.
-    for name in ("conv-layer1-implicit", "conv-stem-implicit"):
+    for name in ("conv-layer1-implicit", "conv-stem-implicit", "conv-layer1-implicit-cl"):
         rows = {row["method"] for row in results[name]["rows"]}
         assert {"cudnn weight grad (floor)", "unfold + triton instantiate_norm", bench_kernels.IMPLICIT} <= rows
-    for name in ("conv-layer4-implicit-ghost", "conv-layer4-down-implicit-ghost"):  # (the hook route's Grams)
+    for name in ("conv-layer4-implicit-ghost", "conv-layer4-down-implicit-ghost", "conv-layer3-implicit-ghost-cl"):
         rows = {row["method"] for row in results[name]["rows"]}
         assert {"cudnn weight grad (floor)", "unfold + triton ghost_norm", bench_kernels.IMPLICIT_GHOST} <= rows
     for name in ("layernorm-seq-large", "groupnorm-conv-large-cl", "batchnorm-conv-large-cl", "batchnorm-layer4-eval"):

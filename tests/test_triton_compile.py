@@ -116,11 +116,12 @@ def _specs():
                         "WIDE": True},
         ),
         # The convolution's patches read from its input in place (IMPLICIT: pointer loads by computed
-        # addresses, never TMA); the strided layout only, as the wrapper keys it. A padded 2-d one with
-        # int32 in-sample offsets (the common case) and a padded 3-d one with int64 offsets (the most
-        # registers).
+        # addresses, never TMA); the strided layout, as the wrapper keys it, and a channels-last
+        # input (CHANNELS_FASTEST, channel and output-channel strides 1, sizes and strides divisible
+        # by 16). A padded 2-d one with int32 in-sample offsets (the common case) and a padded 3-d
+        # one with int64 offsets (the most registers).
         **{f"_instantiate_norm_kernel[implicit{suffix}]": dict(
-            module="instantiate_norm", function="_instantiate_norm_kernel", variants=("strided",),
+            module="instantiate_norm", function="_instantiate_norm_kernel", variants=("strided", "channels-last"),
             pointers={"a_ptr": None, "g_ptr": None, "weight_sq_ptr": "fp32", "bias_sq_ptr": "fp32",
                       "wgrad_ptr": "fp32"},
             tensor_args=("a_ptr", "g_ptr"),
@@ -131,7 +132,7 @@ def _specs():
         ) for suffix, depth in (("", False), ("-3d-wide", True))},
         # The Grams of a convolution's patches read from its input in place (as above).
         **{f"_ghost_norm_kernel[implicit{suffix}]": dict(
-            module="ghost_norm", function="_ghost_norm_kernel", variants=("strided",),
+            module="ghost_norm", function="_ghost_norm_kernel", variants=("strided", "channels-last"),
             pointers={"a_ptr": None, "g_ptr": None, "weight_sq_ptr": "fp32", "colsum_ptr": "fp32"},
             tensor_args=("a_ptr", "g_ptr"),
             inner_strides=("stride_ad", "stride_gp"),
@@ -205,6 +206,13 @@ def _specs():
     }
 
 
+#: The ``channels-last`` variant of the implicit convolution kernels: what a channels-last input
+#: (and output grad) with channel counts divisible by 16 gives the JIT.
+CHANNELS_LAST = dict(constexprs={"CHANNELS_FASTEST": True}, unit_ints=("stride_xc", "stride_gp"),
+                     aligned_ints=("XC", "d", "p", "stride_ab", "stride_gb", "stride_gt", "stride_xd", "stride_xh",
+                                   "stride_xw"))
+
+
 def _config_label(cfg) -> str:
     meta = ",".join(f"{k}={v}" for k, v in sorted(cfg.kwargs.items()))
     return f"{meta},w{cfg.num_warps},s{cfg.num_stages}"
@@ -231,7 +239,8 @@ def _configs(kernel: str, dtype: str, variant: str, arch: int):
     named = {n: torch.empty(0, dtype=tdtype) for n in spec["tensor_args"]}
     named.update({n: 1 if variant == "contig" else 2 for n in spec["inner_strides"]})
     prune = getattr(module, spec.get("prune", "_PRUNE"), {})
-    return autotuner.fn, K._common.configs_for(autotuner.configs, prune, named, arch, **spec["constexprs"])
+    constexprs = dict(spec["constexprs"], **(CHANNELS_LAST["constexprs"] if variant == "channels-last" else {}))
+    return autotuner.fn, K._common.configs_for(autotuner.configs, prune, named, arch, **constexprs)
 
 
 def _jobs():
@@ -385,6 +394,8 @@ def _compile_one(job) -> dict:
     upcast, precision = K._common.dot_options(getattr(torch, _TORCH_DTYPE_NAMES[dtype]))
 
     constexprs = dict(spec["constexprs"], **cfg.kwargs)
+    if variant == "channels-last":
+        constexprs.update(CHANNELS_LAST["constexprs"])
     if "UPCAST" in fn.arg_names:
         constexprs.update(UPCAST=upcast, DOT_PRECISION=precision)
     if "TMA_OK" in fn.arg_names:  # (the wrappers' tma_ok: aligned unit-stride inputs, i.e. "contig")
@@ -395,8 +406,11 @@ def _compile_one(job) -> dict:
             signature[arg] = "constexpr"
         elif arg in spec["pointers"]:
             signature[arg] = "*" + (spec["pointers"][arg] or dtype)
-            if variant == "contig":
+            if variant in ("contig", "channels-last"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
+        elif variant == "channels-last" and arg in CHANNELS_LAST["unit_ints"]:
+            signature[arg] = "constexpr"
+            constexprs[arg] = 1
         elif arg in spec.get("floats", ()):
             signature[arg] = "fp32"
         elif arg in spec["inner_strides"] and variant == "contig":
@@ -404,7 +418,8 @@ def _compile_one(job) -> dict:
             constexprs[arg] = 1
         else:
             signature[arg] = "i32"
-            if variant == "contig" and arg in spec["aligned_ints"]:
+            if (variant == "contig" and arg in spec["aligned_ints"]
+                    or variant == "channels-last" and arg in CHANNELS_LAST["aligned_ints"]):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     record = {"kernel": kernel, "dtype": dtype, "arch": arch, "config": _config_label(cfg), "variant": variant}
     try:
@@ -540,6 +555,19 @@ def test_contiguous_loads_are_pipelined(records):
              and (r.get("tma", 0) == 0 if "USE_TMA=True" in r["config"] else r.get("cp_async", 0) == 0)]
     assert not plain, "contiguous inputs without asynchronous copies:\n" + "\n".join(plain)
     assert not [r for r in records if r.get("tma") and ("USE_TMA=True" not in r["config"] or r["variant"] != "contig")]
+
+
+def test_channels_last_implicit_loads_are_pipelined(records):
+    """The implicit convolution kernels on a channels-last input number their columns channel-fastest,
+    so a chunk's rows are contiguous 16-byte runs: every load is an asynchronous copy (``cp.async``)
+    in the software pipeline, as for contiguous inputs. In the weight's column order (any other
+    layout) they are gathered one element at a time and not pipelined (the strided builds)."""
+    implicit = [r for r in records if "[implicit" in r["kernel"] and "error" not in r]
+    assert {r["variant"] for r in implicit} == {"strided", "channels-last"}
+    plain = [f"{r['kernel']} {r['dtype']} sm_{r['arch']} {r['config']}" for r in implicit
+             if r["variant"] == "channels-last" and r.get("cp_async", 0) == 0]
+    assert not plain, "channels-last implicit builds without asynchronous copies:\n" + "\n".join(plain)
+    assert all(r.get("cp_async", 0) == 0 for r in implicit if r["variant"] == "strided" and r["dtype"] != "fp32")
 
 
 def test_async_mma_operands_have_a_slot_per_stage(records):

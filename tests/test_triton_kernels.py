@@ -367,12 +367,14 @@ def test_instantiate_every_gpu_config_at_large_shapes(index, n_split, shape, mon
                          ids=["resnet-layer1", "resnet-stem"])
 @pytest.mark.parametrize("n_split", [1, 4], ids=["stored", "atomic"])
 @pytest.mark.parametrize("index", range(len(K.instantiate_norm._TABLE[("16", "strided")])), ids=lambda i: f"config{i}")
-def test_conv_instantiate_every_gpu_config_at_large_shapes(index, n_split, geometry, monkeypatch):
+@pytest.mark.parametrize("layout", ["contig", "channels_last"])
+def test_conv_instantiate_every_gpu_config_at_large_shapes(index, n_split, geometry, layout, monkeypatch):
     """The implicit convolution patches under each config the 16-bit gathered loads tune over (the
-    "strided" list), both grids, at ResNet-18's layer1 and stem shapes (padded, strided, 7 x 7)."""
+    "strided" list), both grids, at ResNet-18's layer1 and stem shapes (padded, strided, 7 x 7), in
+    the weight's column order and (layer1 channels-last) channel-fastest."""
     kernel = K.instantiate_norm._instantiate_norm_kernel
     _with_config(monkeypatch, kernel, K.instantiate_norm._TABLE[("16", "strided")][index])
-    x, g, x32, g32 = _conv_inputs(geometry, "contig", torch.bfloat16, seed=72)
+    x, g, x32, g32 = _conv_inputs(geometry, layout, torch.bfloat16, seed=72)
     conv = geometry[1:5]
     out = K.conv_instantiate_norm_triton(x, g, *conv, _n_split_override=n_split)
     want = R.conv_instantiate_norm(x.float(), g.float(), *conv)
@@ -387,13 +389,14 @@ def test_conv_instantiate_every_gpu_config_at_large_shapes(index, n_split, geome
                          ids=["resnet-layer3", "resnet-layer4", "resnet-downsample"])
 @pytest.mark.parametrize("config", [*K.ghost_norm._TABLE[("16", "strided")], K.ghost_norm._IMPLICIT_WIDE_CONFIG],
                          ids=lambda c: f"{c.kwargs['BLOCK_T']}x{c.kwargs['BLOCK_K']}")
-def test_conv_ghost_every_gpu_config_at_large_shapes(config, geometry, monkeypatch):
+@pytest.mark.parametrize("layout", ["contig", "channels_last"])
+def test_conv_ghost_every_gpu_config_at_large_shapes(config, geometry, layout, monkeypatch):
     """The implicit convolution patches' Grams under each config the 16-bit gathered loads tune over
     (the "strided" list, and the 3-d / int64 one) at the ResNet-18 shapes the hook route gives the
-    ghost kernel."""
+    ghost kernel, in the weight's column order and channel-fastest (a channels-last input)."""
     kernel = K.ghost_norm._ghost_norm_kernel
     _with_config(monkeypatch, kernel, config)
-    x, g, _, _ = _conv_inputs(geometry, "contig", torch.bfloat16, seed=73)
+    x, g, _, _ = _conv_inputs(geometry, layout, torch.bfloat16, seed=73)
     conv = geometry[1:5]
     want = R.conv_ghost_norm(x.float(), g.float(), *conv)
     _assert_fp32(K.conv_ghost_norm_triton(x, g, *conv).cpu(), want.cpu(), f"conv_ghost_norm with {kernel.configs[0]}")
@@ -423,8 +426,9 @@ def test_ghost_each_gpu_config_under_the_interpreter(index, monkeypatch):
     # padded, strided 3 x 3 convolution with T = 153 positions and d = 45 columns, crossing tiles.
     conv = ((3, 3), (1, 2), (1, 1), (1, 1))
     x, g_conv = _rand((2, 5, 9, 33), 66), _rand((2, 7, 9, 17), 67)
-    _assert_fp32(K.conv_ghost_norm_triton(x, g_conv, *conv), R.conv_ghost_norm(x, g_conv, *conv),
-                 f"conv_ghost_norm with {config}")
+    for channels_fastest in (False, True):
+        _assert_fp32(K.conv_ghost_norm_triton(x, g_conv, *conv, _channels_override=channels_fastest),
+                     R.conv_ghost_norm(x, g_conv, *conv), f"conv_ghost_norm with {config}")
 
 
 # --------------------------------------------------------------------------- conv_instantiate_norm
@@ -497,6 +501,35 @@ def test_conv_ghost_norm(case):
         _assert_fp32(out.cpu(), conv_weight_oracle(x32, g32, *conv)[0].float(), "conv_ghost_norm vs torch.func")
 
 
+@pytest.mark.parametrize("op", ["conv_instantiate_norm", "conv_ghost_norm"])
+@pytest.mark.parametrize("case", range(len(CONV_CASES)), ids=lambda i: f"case{i}")
+def test_conv_operators_number_columns_channel_fastest(case, op):
+    """The channel-fastest column order (what a channels-last input with channels in multiples of
+    8 takes, for vector loads) gives torch.func's norms, and the weight gradient in the weight's
+    order, on every geometry (forced here, on contiguous and channels-last inputs alike)."""
+    x, g, x32, g32 = _conv_inputs(CONV_CASES[case], "contig", torch.float32, seed=76)
+    conv = CONV_CASES[case][1:5]
+    outs = getattr(K, f"{op}_triton")(x, g, *conv, _channels_override=True)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    for o, r, what in zip(_cpu(outs), conv_weight_oracle(x32, g32, *conv), ("norms", "weight gradient")):
+        _assert_fp32(o, r.float(), f"{op} channel-fastest {what}")
+
+
+@pytest.mark.parametrize("op", ["conv_instantiate_norm", "conv_ghost_norm"])
+@pytest.mark.parametrize("layout", ["channels_last", "contig"])
+def test_channels_last_inputs_take_the_channel_fastest_order(layout, op):
+    """A channels-last input with 16 channels takes the channel-fastest order by itself (a
+    contiguous one does not), and its numbers are torch.func's."""
+    case = ((2, 16, 7, 6), (3, 3), (1, 2), (1, 1), (1, 1), 5)
+    x, g, x32, g32 = _conv_inputs(case, layout, torch.float32, seed=77)
+    patches = K._patches.conv_patches_of(op, x, g, *case[1:5])
+    assert patches.channels_fastest is (layout == "channels_last")
+    outs = getattr(K, f"{op}_triton")(x, g, *case[1:5])
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    for o, r, what in zip(_cpu(outs), conv_weight_oracle(x32, g32, *case[1:5]), ("norms", "weight gradient")):
+        _assert_fp32(o, r.float(), f"{op} {layout} {what}")
+
+
 @pytest.mark.parametrize("wide", [False, True], ids=["int32 offsets", "int64 offsets"])
 @pytest.mark.parametrize("case", [1, 3], ids=["2d", "3d"])
 def test_conv_ghost_norm_offsets(case, wide):
@@ -557,16 +590,19 @@ def test_instantiate_each_gpu_config_under_the_interpreter(index, n_split, monke
     # padded, strided 3 x 3 convolution whose d = 306 and p = 260 cross several tiles.
     conv = ((3, 3), (1, 2), (1, 1), (1, 1))
     x, g_conv = _rand((2, 34, 5, 17), 64), _rand((2, 260, 5, 9), 65)
-    out = K.conv_instantiate_norm_triton(x, g_conv, *conv, _n_split_override=n_split)
-    for o, r, what in zip(out, R.conv_instantiate_norm(x, g_conv, *conv), ("norms", "weight grad")):
-        _assert_fp32(o, r, f"conv_instantiate_norm {what} with {config}")
+    for channels_fastest in (False, True):
+        out = K.conv_instantiate_norm_triton(x, g_conv, *conv, _n_split_override=n_split,
+                                             _channels_override=channels_fastest)
+        for o, r, what in zip(out, R.conv_instantiate_norm(x, g_conv, *conv), ("norms", "weight grad")):
+            _assert_fp32(o, r, f"conv_instantiate_norm {what} with {config}")
 
 
 def test_implicit_convolutions_tune_over_the_configs_that_fit(monkeypatch):
     """The implicit patches' address arithmetic costs registers: for instantiate_norm, 16-bit 2-d
     convolutions with int32 offsets tune over the whole strided list (spill-free with triton 3.6
-    and 3.7), float32 ones, 3-d ones and int64 offsets take its first config only (the others
-    spill; the compile test builds what this prune keeps); ghost_norm's below."""
+    and 3.7), 3-d ones and int64 offsets take its first config only, float32 ones a config of
+    their own (the others spill; the compile test builds what this prune keeps); ghost_norm's
+    below."""
     import triton
 
     common, module = K._common, K.instantiate_norm
@@ -575,6 +611,7 @@ def test_implicit_convolutions_tune_over_the_configs_that_fit(monkeypatch):
     configs, prune = common.config_table(triton.Config({}), module._TABLE, ("a_ptr", "g_ptr"),
                                          ("stride_ad", "stride_gp"), sm90_table=module._SM90_TABLE)
     monkeypatch.setattr(module, "_TABLE_PRUNE", prune)
+    configs = [*configs, *module._EXTRA_CONFIGS]
 
     def kept(dtype, **constexprs):
         named = {"a_ptr": torch.empty(0, dtype=dtype), "g_ptr": torch.empty(0, dtype=dtype),
@@ -585,10 +622,12 @@ def test_implicit_convolutions_tune_over_the_configs_that_fit(monkeypatch):
     assert kept(torch.bfloat16, IMPLICIT=True, DEPTH=False, WIDE=False) == strided16
     assert kept(torch.bfloat16, IMPLICIT=True, DEPTH=True, WIDE=False) == strided16[:1]
     assert kept(torch.bfloat16, IMPLICIT=True, DEPTH=False, WIDE=True) == strided16[:1]
-    assert kept(torch.float32, IMPLICIT=True, DEPTH=False, WIDE=False) == strided32[:1]
+    assert kept(torch.float32, IMPLICIT=True, DEPTH=False, WIDE=False) == [module._IMPLICIT_F32_CONFIG]
+    assert kept(torch.float32, IMPLICIT=True, DEPTH=False, WIDE=False, CHANNELS_FASTEST=True) == [
+        module._IMPLICIT_F32_CONFIG]
     assert kept(torch.float32, IMPLICIT=False, DEPTH=False, WIDE=True) == strided32  # (materialised patches)
-    # ghost_norm: the 2-d int32 and float32 builds fit the lists; 16-bit 3-d or int64 ones take one
-    # config of their own (the lists' spilled there with triton 3.7).
+    # ghost_norm: the 16-bit 2-d int32 builds fit the list; 16-bit 3-d or int64 ones take one config
+    # of their own, float32 ones the list's 64 x 16 (the others spilled there with triton 3.7).
     module = K.ghost_norm
     configs, prune = common.config_table(triton.Config({}), module._TABLE, ("a_ptr", "g_ptr"),
                                          ("stride_ad", "stride_gp"), sm90_table=module._SM90_TABLE)
@@ -598,7 +637,8 @@ def test_implicit_convolutions_tune_over_the_configs_that_fit(monkeypatch):
     assert kept(torch.bfloat16, IMPLICIT=True, DEPTH=False, WIDE=False) == strided16
     assert kept(torch.bfloat16, IMPLICIT=True, DEPTH=True, WIDE=False) == [module._IMPLICIT_WIDE_CONFIG]
     assert kept(torch.float16, IMPLICIT=True, DEPTH=False, WIDE=True) == [module._IMPLICIT_WIDE_CONFIG]
-    assert kept(torch.float32, IMPLICIT=True, DEPTH=True, WIDE=True) == strided32
+    assert kept(torch.float32, IMPLICIT=True, DEPTH=True, WIDE=True) == strided32[1:2]
+    assert kept(torch.float32, IMPLICIT=True, DEPTH=False, WIDE=False) == strided32[1:2]
     assert kept(torch.bfloat16, IMPLICIT=False, DEPTH=False, WIDE=True) == strided16  # (materialised patches)
 
 

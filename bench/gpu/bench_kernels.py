@@ -70,6 +70,11 @@ WORKLOADS = {
     "conv-layer3-implicit-ghost": ("conv-ghost", 64, 196, 2304, 256, torch.bfloat16, (256, 14, 3, 1, 1)),
     "conv-layer4-implicit-ghost": ("conv-ghost", 64, 49, 4608, 512, torch.bfloat16, (512, 7, 3, 1, 1)),
     "conv-layer4-down-implicit-ghost": ("conv-ghost", 64, 49, 256, 512, torch.bfloat16, (256, 14, 1, 2, 0)),
+    # the same on channels-last maps: the implicit kernels then number their columns channel-fastest
+    # and their loads are 16-byte vectors in the software pipeline (tests/test_triton_compile.py)
+    "conv-layer1-implicit-cl": ("conv", 64, 3136, 576, 64, torch.bfloat16, (64, 56, 3, 1, 1, "channels_last")),
+    "conv-layer3-implicit-ghost-cl": ("conv-ghost", 64, 196, 2304, 256, torch.bfloat16,
+                                      (256, 14, 3, 1, 1, "channels_last")),
     "mlp-T1":         ("outer", 256, 1, 1024, 1024, torch.float32, None),
     "mlp-T1-bf16":    ("outer", 4096, 1, 4096, 4096, torch.bfloat16, None),
     "seq-embedding":  ("embedding", 16, 128, 0, 256, torch.float32, 1000),
@@ -275,13 +280,15 @@ def _conv_methods(B, O, dtype, geometry, K, R, dev, gen, ghost=False):
     ``layers.conv.unfolded_weight_norms`` does in one chunk) against ``IMPLICIT``, beside cuDNN's
     weight gradient (the floor); each kernel's norms and weight gradient against the reference's.
     ``ghost``: the hook route's norms instead, ``unfold + triton ghost_norm`` against
-    ``IMPLICIT_GHOST`` (norms only; cuDNN's weight gradient runs beside them there)."""
-    C, side, k, stride, pad = geometry
+    ``IMPLICIT_GHOST`` (norms only; cuDNN's weight gradient runs beside them there). A sixth
+    ``geometry`` entry ``"channels_last"`` gives input and output grad in that memory format."""
+    C, side, k, stride, pad, *layout = geometry
     conv = ([k, k], [stride, stride], [pad, pad], [1, 1])
-    x = torch.randn(B, C, side, side, device=dev, generator=gen).to(dtype)
-    weight = torch.randn(O, C, k, k, device=dev, generator=gen).to(dtype)
+    fmt = torch.channels_last if layout == ["channels_last"] else torch.contiguous_format
+    x = torch.randn(B, C, side, side, device=dev, generator=gen).to(dtype).contiguous(memory_format=fmt)
+    weight = torch.randn(O, C, k, k, device=dev, generator=gen).to(dtype).contiguous(memory_format=fmt)
     out = torch.nn.functional.conv2d(x, weight, None, stride, pad)
-    g = (0.1 * torch.randn(out.shape, device=dev, generator=gen)).to(dtype)
+    g = (0.1 * torch.randn(out.shape, device=dev, generator=gen)).to(dtype).contiguous(memory_format=fmt)
     unfolded = "unfold + triton ghost_norm" if ghost else "unfold + triton instantiate_norm"
 
     def unfold_route():
@@ -470,8 +477,9 @@ def main(argv=None):
                 WORKLOADS[key] = (op, 2, 16, 24, 0, dtype, extra)
             if op == "ghost+instantiate":  # (4 samples: the instantiate kernel regrouped as 2 runs too)
                 WORKLOADS[key] = (op, min(B, 4), *WORKLOADS[key][2:])
-            if op in ("conv", "conv-ghost"):  # (3 channels of 9 x 9, the workload's kernel, stride and padding)
-                WORKLOADS[key] = (op, 2, 0, 0, 5, dtype, (3, 9, *extra[2:]))
+            if op in ("conv", "conv-ghost"):  # (9 x 9 maps of 3 channels, 8 channels-last, and the
+                # workload's kernel, stride, padding and layout)
+                WORKLOADS[key] = (op, 2, 0, 0, 5, dtype, (8 if extra[5:] else 3, 9, *extra[2:]))
     elif interpret:
         sys.exit("bench_kernels.py times GPU kernels: unset TRITON_INTERPRET (or pass --cpu-smoke)")
     elif not torch.cuda.is_available():

@@ -104,7 +104,7 @@ SUMMARY+=("correctness jobs: $(( $(date +%s) - t0 ))s together")
 # 2. kernel benchmarks (~2-3 min including autotuning: 8 instantiate configs to compile per shape on sm_90;
 #    the JSON is rewritten after each workload, so a cut run keeps what it timed).
 step bench 210 env DIVEBATCH_TRITON_SCANS=1 "$PY" bench/gpu/bench_kernels.py --out "$RESULTS/bench_kernels.json" --rounds 3 --rep-ms 50 \
-    --workloads seq-large-up,seq-large-down,seq-up-bf16,conv-layer1,conv-layer4,conv-layer1-unfolded,conv-layer4-unfolded,conv-stem-implicit,conv-layer1-implicit,conv-layer2-implicit,conv-layer3-implicit-ghost,conv-layer4-implicit-ghost,mlp-T1-bf16,seq-embedding,seq-large-embedding,layernorm-seq-large,rmsnorm-llama,groupnorm-conv-large,lstm-scan,gru-scan,lstm-scan-wide
+    --workloads seq-large-up,seq-large-down,seq-up-bf16,conv-layer1,conv-layer4,conv-layer1-unfolded,conv-layer4-unfolded,conv-stem-implicit,conv-layer1-implicit,conv-layer2-implicit,conv-layer3-implicit-ghost,conv-layer4-implicit-ghost,conv-layer1-implicit-cl,conv-layer3-implicit-ghost-cl,mlp-T1-bf16,seq-embedding,seq-large-embedding,layernorm-seq-large,rmsnorm-llama,groupnorm-conv-large,lstm-scan,gru-scan,lstm-scan-wide
 
 # 2b. the end-to-end per-sample-norm table, only if another engineer's script exists and time is left.
 #    Before the profiles (twenty-sixth session): the table is the step's target figure, so it gets
