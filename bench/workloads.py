@@ -363,10 +363,10 @@ def _bags(batch, features, L, vocab):
     return make
 
 
-def _images(batch, shape):
+def _images(batch, shape, memory_format=torch.contiguous_format):
     def make(device):
         g = torch.Generator().manual_seed(1)
-        return (torch.randn(batch, *shape, generator=g).to(device),
+        return (torch.randn(batch, *shape, generator=g).to(device).contiguous(memory_format=memory_format),
                 torch.randint(0, 10, (batch,), generator=g).to(device))
     return make
 
@@ -472,4 +472,9 @@ WORKLOADS = {
     # samples, so no per-sample gradient exists for torch.func to check against.
     "conv-large": Workload("conv-large", lambda: resnet18(1000, lambda c: nn.GroupNorm(32, c)),
                            _images(64, (3, 224, 224)), lambda x, y: 1.0 / x.shape[0]),
+    # Not in BENCHMARKS.md: conv-large in channels-last memory (model and input), the layout GPU
+    # convolutions prefer, where the implicit convolution kernels load their patches as vectors.
+    "conv-large-cl": Workload(
+        "conv-large-cl", lambda: resnet18(1000, lambda c: nn.GroupNorm(32, c)).to(memory_format=torch.channels_last),
+        _images(64, (3, 224, 224), torch.channels_last), lambda x, y: 1.0 / x.shape[0]),
 }

@@ -116,7 +116,7 @@ if [ -f bench/run_table.py ] && [ "$left" -gt 30 ]; then
     # divebatch-implicit-conv: conv-large's fused convolutions reading their patches in place.
     step run_table "$left" "$PY" bench/run_table.py --device cuda --dtype bfloat16 --reps 5 \
         --methods divebatch,divebatch-unfused,divebatch-implicit-conv,torch.func,opacus,opacus-ghost,backpack \
-        --workloads conv-large,seq-large,transformer --out "$RESULTS/gpu_table.json"
+        --workloads conv-large,seq-large,transformer,conv-large-cl --out "$RESULTS/gpu_table.json"
 else
     SUMMARY+=("run_table: skipped (bench/run_table.py missing or ${left}s left)")
 fi
