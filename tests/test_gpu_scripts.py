@@ -217,7 +217,7 @@ def test_run_gpu_checks_control_flow(tmp_path):
     for script in ("tests/test_triton_kernels.py", "diagnose_scan.py", "check_engine.py", "bench_kernels.py",
                    "--workload seq-large", "--workload transformer", "host_overhead.py --device cuda", "run_table.py"):
         assert script in calls, script
-    assert calls.count("-m pytest tests/test_triton_kernels.py") == 10  # the shards
+    assert calls.count("-m pytest tests/test_triton_kernels.py") == 11  # the shards
     # The end-to-end table (the step's target figure) before the profiles, which get what it leaves.
     assert calls.index("bench/run_table.py --device cuda") < calls.index("profile_step.py")
     # Every step runs with the configs added since the last GPU run in play (tested, timed).

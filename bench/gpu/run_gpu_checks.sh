@@ -63,7 +63,7 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton._
     exit 2
 fi
 
-# 1. correctness, all at once (nothing here is timed): the Triton kernel tests as ten pytest
+# 1. correctness, all at once (nothing here is timed): the Triton kernel tests as eleven pytest
 #    shards (~170 kernel specialisations, each compiled once on one CPU core: the machine has 16),
 #    the recurrent scans' error per time step (1a; off on CUDA until clean, see kernels/__init__.py
 #    UNVERIFIED_ON_GPU, with the PTX/TTGIR the launches compiled), and the whole engine against
@@ -78,11 +78,14 @@ t0=$(date +%s)
 # (the scans' cases compile ~50 specialisations of two large kernels: two shards of their own)
 # (the norm kernels: ~200 cases over their widths, 3 dtypes and the layouts: a shard of their own)
 # (the sweeps of every ghost / instantiate config at large shapes compile one specialisation per
-#  config and grid, ~40 with the configs added after the first run: three shards of their own)
+#  config and grid, ~40 with the configs added after the first run: three shards of their own, and
+#  a fourth for the implicit convolution kernels' sweeps, both column orders)
 shards=("ghost and not instantiate and not every_gpu_config" "instantiate and not every_gpu_config" "outer"
         "recurrent_scan and LSTM" "recurrent_scan and not LSTM" "affine_norm_grads or group_norm_grads or channel_norm_grads"
         "not ghost and not instantiate and not outer and not recurrent_scan and not affine_norm_grads and not group_norm_grads and not channel_norm_grads"
-        "ghost_every_gpu_config" "instantiate_every_gpu_config and stored" "instantiate_every_gpu_config and atomic")
+        "ghost_every_gpu_config and not conv_" "instantiate_every_gpu_config and stored and not conv_"
+        "instantiate_every_gpu_config and atomic and not conv_"
+        "conv_ghost_every_gpu_config or conv_instantiate_every_gpu_config")
 for i in "${!shards[@]}"; do
     start_job "tests_shard$((i + 1))" 150 env DIVEBATCH_TRITON_TEST_DEVICE=cuda DIVEBATCH_TRITON_AUTOTUNE=0 \
         DIVEBATCH_TRITON_SCANS=1 "$PY" -m pytest tests/test_triton_kernels.py -q -p no:cacheprovider \
