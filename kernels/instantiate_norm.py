@@ -133,9 +133,9 @@ def _prune(configs, named_args, **kwargs):
     """``config_table``'s prune, and for a convolution's patches read in place (``IMPLICIT``, whose
     address and mask arithmetic takes 15-40 registers more than the loads it replaces) only the
     first config of the strided list where the others spill: a 3-d convolution or int64 offsets
-    (in the T loop with triton 3.6, the GPU
-    image's). The 16-bit 2-d int32 builds of all three fit in both versions (tests/test_triton_compile.py).
-    Float32 patches take ``_IMPLICIT_F32_CONFIG`` alone."""
+    (in the T loop with triton 3.6, the GPU image's). The 16-bit 2-d int32 builds of all three fit
+    in both versions (tests/test_triton_compile.py). Float32 patches take ``_IMPLICIT_F32_CONFIG``
+    alone."""
     kept = _TABLE_PRUNE["early_config_prune"](configs, named_args, **kwargs)
     if not kwargs.get("IMPLICIT"):
         return kept
