@@ -296,27 +296,22 @@ def _conv_methods(B, O, dtype, geometry, K, R, dev, gen, ghost=False):
         kernel = K.ghost_norm_triton if ghost else K.instantiate_norm_triton
         return kernel(patches, g.reshape(B, O, -1).transpose(1, 2), False)
 
-    T = out.shape[2] * out.shape[3]
-    if ghost:
-        methods = {
-            "cudnn weight grad (floor)": lambda: torch.ops.aten.convolution_backward(
-                g, x, weight, None, conv[1], conv[2], conv[3], False, [0, 0], 1, [False, True, False]),
-            unfolded: unfold_route,
-            IMPLICIT_GHOST: lambda: K.conv_ghost_norm_triton(x, g, *conv),
-        }
-        flops = {name: 2 * B * T * C * k * k * O for name in methods}
-        flops[unfolded] = flops[IMPLICIT_GHOST] = B * (T * T + T) * (C * k * k + O)  # (as "triton ghost_norm")
-        want = R.conv_ghost_norm(x.float(), g.float(), *conv)
-        errors = {IMPLICIT_GHOST: rel_err(K.conv_ghost_norm_triton(x, g, *conv), want),
-                  unfolded: rel_err(unfold_route()[0], want)}
-        return methods, errors, flops
+    implicit_name = IMPLICIT_GHOST if ghost else IMPLICIT
+    implicit_kernel = K.conv_ghost_norm_triton if ghost else K.conv_instantiate_norm_triton
     methods = {
         "cudnn weight grad (floor)": lambda: torch.ops.aten.convolution_backward(
             g, x, weight, None, conv[1], conv[2], conv[3], False, [0, 0], 1, [False, True, False]),
         unfolded: unfold_route,
-        IMPLICIT: lambda: K.conv_instantiate_norm_triton(x, g, *conv),
+        implicit_name: lambda: implicit_kernel(x, g, *conv),
     }
+    T = out.shape[2] * out.shape[3]
     flops = dict.fromkeys(methods, 2 * B * T * C * k * k * O)
+    if ghost:
+        flops[unfolded] = flops[IMPLICIT_GHOST] = B * (T * T + T) * (C * k * k + O)  # (as "triton ghost_norm")
+        want = R.conv_ghost_norm(x.float(), g.float(), *conv)
+        errors = {IMPLICIT_GHOST: rel_err(implicit_kernel(x, g, *conv), want),
+                  unfolded: rel_err(unfold_route()[0], want)}
+        return methods, errors, flops
     want = R.conv_instantiate_norm(x.float(), g.float(), *conv)
     implicit = K.conv_instantiate_norm_triton(x, g, *conv)
     by_unfolding = unfold_route()

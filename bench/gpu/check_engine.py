@@ -60,7 +60,8 @@ def cases():
         torch.randn(4), test_fuse_decisions._squared_error),
         # (convolutions a ResNet's stages in miniature: unfused, the hooks' Grams read in place)
         "implicit-conv/deepening": lambda: (
-            test_fuse_decisions.Deepening(), torch.randn(4, 3, 8, 8), torch.randn(4), test_fuse_decisions._squared_error)}
+            test_fuse_decisions.Deepening(), torch.randn(4, 3, 8, 8), torch.randn(4),
+            test_fuse_decisions._squared_error)}
     out.update({f"zoo/{name}": (lambda make=make: (*make(), sample_loss)) for name, make in ZOO.items()})
     out.update({f"decomposed/{name}": (lambda make=make: (*make(), sample_loss)) for name, make in DECOMPOSED.items()})
     out["tied/pad"] = lambda: (*test_tied.make_case(padding_idx=3), test_tied.token_loss)

@@ -129,8 +129,9 @@ class ConvRule(LayerRule):
             for _, grads in calls:
                 total = total + grads[0].reshape(B, module.out_channels, -1).sum(dim=2, dtype=torch.float32)
             return total.square().sum(dim=1)
-        if len(calls) == 1 and _implicit_hook_route(module, calls[0][1][0]):
-            return implicit_norms(module, calls[0][0], calls[0][1][0], with_bias)
+        route = _implicit_hook_route(module, calls[0][1][0]) if len(calls) == 1 else None
+        if route is not None:
+            return implicit_norms(module, calls[0][0], calls[0][1][0], with_bias, route)
         step = min(self.chunk_size(module, grads[0], grads[0]) for _, grads in calls)
         out = []
         for start in range(0, B, step):
@@ -194,7 +195,7 @@ class ConvRule(LayerRule):
     def plan(self, module, ctx, grad, tracked) -> RoutePlan:
         d, T, p = self._dims(module, grad, grad)
         plan = linear_route(grad.shape[0] * module.groups, T, d, p, device_type=grad.device.type)
-        if _implicit_hook_route(module, grad):
+        if _implicit_hook_route(module, grad) is not None:
             plan.route = f"implicit-{plan.route}"
             return plan
         chunk = self.chunk_size(module, grad, grad)
@@ -305,36 +306,40 @@ def implicit_patches(device: torch.device) -> bool:
     return routes.triton_kernels(device.type)
 
 
-def _implicit_hook_route(module: nn.modules.conv._ConvNd, g: torch.Tensor) -> bool:
-    """Whether the hooks' norms of a one-group convolution with output grad ``g`` read its patches
-    from the input in place (``implicit_norms``) instead of unfolding them: where ``implicit_patches``
-    and the linear route model picks the Gram or instantiate route (T = 1's outer route reads one
+def _implicit_hook_route(module: nn.modules.conv._ConvNd, g: torch.Tensor) -> str | None:
+    """The linear route (``"ghost"`` or ``"instantiate"``) by which the hooks' norms of a one-group
+    convolution with output grad ``g`` read its patches from the input in place (``implicit_norms``),
+    or None where they unfold them: without ``implicit_patches``, or for T = 1's outer route (one
     patch per sample: nothing to save)."""
     if module.groups != 1 or not implicit_patches(g.device):
-        return False
+        return None
     T = g[0].numel() // module.out_channels
     d = module.in_channels * math.prod(module.kernel_size)
-    return linear_route_name(g.shape[0], T, d, module.out_channels, g.device.type) in ("ghost", "instantiate")
+    route = linear_route_name(g.shape[0], T, d, module.out_channels, g.device.type)
+    return route if route in ("ghost", "instantiate") else None
 
 
-def implicit_norms(module: nn.modules.conv._ConvNd, x: torch.Tensor, g: torch.Tensor, with_bias: bool) -> torch.Tensor:
+def implicit_norms(module: nn.modules.conv._ConvNd, x: torch.Tensor, g: torch.Tensor, with_bias: bool,
+                   route: str) -> torch.Tensor:
     """Per-sample squared gradient norms [B] of one call of a one-group convolution (input ``x`` as
     the module received it, output grad ``g``) with its patches read from ``x`` in place:
-    ``ops.conv_ghost_norm`` or ``ops.conv_instantiate_norm`` by the linear route model, no unfolded
-    copy, no chunks (only a non-zero padding mode pads a copy of ``x``)."""
+    ``ops.conv_ghost_norm`` or ``ops.conv_instantiate_norm`` as ``route`` says (see
+    ``_implicit_hook_route``), no unfolded copy, no chunks (only a non-zero padding mode pads a
+    copy of ``x``)."""
     padding = _symmetric_padding(module)
     if padding is None:
         x, padding = _padded(module, x), [0] * len(module.kernel_size)
-    B, O = g.shape[0], module.out_channels
-    T, d = g[0].numel() // O, module.in_channels * math.prod(module.kernel_size)
-    geometry = (module.kernel_size, module.stride, padding, module.dilation)
-    if linear_route_name(B, T, d, O, g.device.type) == "ghost":
-        sq = ops.conv_ghost_norm(x, g, *geometry)
-    else:
-        sq = ops.conv_instantiate_norm(x, g, *geometry)[0]
+    sq = in_place_weight_norms(x, g, (module.kernel_size, module.stride, padding, module.dilation), route)
     if with_bias:
-        sq = sq + g.reshape(B, O, -1).sum(dim=2, dtype=torch.float32).square().sum(dim=1)
+        sq = sq + g.reshape(g.shape[0], module.out_channels, -1).sum(dim=2, dtype=torch.float32).square().sum(dim=1)
     return sq
+
+
+def in_place_weight_norms(x: torch.Tensor, g: torch.Tensor, geometry: tuple, route: str) -> torch.Tensor:
+    """Per-sample squared weight-gradient norms [B] of the one-group convolution of ``x`` with output
+    grad ``g`` and ``geometry`` (kernel size, stride, zero padding, dilation): ``ops.conv_ghost_norm``
+    for the ``"ghost"`` route, else the norms of ``ops.conv_instantiate_norm``."""
+    return ops.conv_ghost_norm(x, g, *geometry) if route == "ghost" else ops.conv_instantiate_norm(x, g, *geometry)[0]
 
 
 def _output_positions(module, sizes, padding_totals) -> int:
@@ -674,9 +679,7 @@ class ConvTransposeRule(LayerRule):
             x, g = calls[0][0], calls[0][1][0]
             geometry = (module.kernel_size, module.stride, module.padding, module.dilation)
             # (the adjoint convolution's weight gradient: its input is g, its output grad x)
-            sq = (ops.conv_ghost_norm(g, x, *geometry) if route == "ghost"
-                  else ops.conv_instantiate_norm(g, x, *geometry)[0])
-            return total + sq
+            return total + in_place_weight_norms(g, x, geometry, route)
         return total + self.unfolded_norms(module, calls)
 
     def _implicit(self, module, x, g, route: str) -> bool:
