@@ -134,6 +134,20 @@ class ConvPatches(NamedTuple):
 NO_CONVOLUTION = (1,) * 22
 
 
+def launch_args(a: torch.Tensor, patches: ConvPatches | None) -> tuple[tuple, tuple, dict]:
+    """``(a_strides, geometry, constexprs)`` of a dot kernel's launch on ``a``: materialised patches
+    (``patches`` None: ``a``'s own strides, no geometry, ``IMPLICIT`` off), or a convolution's input
+    read in place (its batch stride, and 0 for positions and columns, which are gathered: the
+    autotune key's inner stride then never reads as unit; the geometry; ``IMPLICIT`` and its flags).
+    Every constexpr of the autotune key is passed either way, not left to its default."""
+    if patches is None:
+        return a.stride(), NO_CONVOLUTION, {"IMPLICIT": False, "PADDED": False, "DEPTH": False, "WIDE": True,
+                                            "CHANNELS_FASTEST": False}
+    return ((patches.x.stride(0), 0, 0), patches.geometry,
+            {"IMPLICIT": True, "PADDED": patches.padded, "DEPTH": patches.depth, "WIDE": patches.wide,
+             "CHANNELS_FASTEST": patches.channels_fastest})
+
+
 def conv_patches_of(op: str, x: torch.Tensor, g: torch.Tensor, kernel_size, stride, padding, dilation,
                     wide_override=None, channels_override=None) -> ConvPatches:
     """Checks a one-group convolution's ``x [B, C, *in]`` (1-3 spatial dims), output grad

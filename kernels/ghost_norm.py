@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ._common import (AUTOTUNE_KWARGS, check_a_g, config_table, dot_options, tma_ok, tma_workspace,
                       tuning_size)
-from ._patches import NO_CONVOLUTION, conv_patches_of, patch_chunk, patch_columns
+from ._patches import ConvPatches, conv_patches_of, launch_args, patch_chunk, patch_columns
 
 
 def _config(block_t, block_k, warps, stages, tma=False) -> triton.Config:
@@ -252,12 +252,10 @@ def _ghost_norm_kernel(
                 tl.atomic_add(colsum_ptr + b64 * p + kk, tl.sum(y_i.to(tl.float32), axis=0), mask=k_mask)
 
 
-def _launch(a, g, B: int, T: int, d: int, p: int, a_strides, convolution, with_bias: bool,
-            implicit: bool = False, padded: bool = False, depth: bool = False, wide: bool = True,
-            channels_fastest: bool = False):
-    """``(weight_sq [B], bias_sq [B])`` of one launch; ``a`` is the patches' storage (``a`` itself,
-    or a convolution's input under ``implicit``) with ``a_strides`` for its batch, position and
-    column dims; ``convolution``: the IMPLICIT arguments."""
+def _launch(a, g, B: int, T: int, d: int, p: int, with_bias: bool, patches: ConvPatches | None = None):
+    """``(weight_sq [B], bias_sq [B])`` of one launch; ``a`` is the patches' storage: ``a`` itself,
+    or with ``patches`` a convolution's input read in place (``launch_args``)."""
+    a_strides, convolution, implicit = launch_args(a, patches)
     device = g.device
     weight_sq = torch.zeros(B, dtype=torch.float32, device=device)
     colsum = torch.zeros((B, p) if with_bias else (1, 1), dtype=torch.float32, device=device)
@@ -278,7 +276,7 @@ def _launch(a, g, B: int, T: int, d: int, p: int, a_strides, convolution, with_b
                                  "(> 2^31); use instantiate_norm for such long sequences")
             return (programs,)
 
-        use_tma = not implicit and tma_ok(a, g)
+        use_tma = patches is None and tma_ok(a, g)
         with tma_workspace(device, use_tma):
             _ghost_norm_kernel[grid](
                 a, g, weight_sq, colsum,
@@ -287,8 +285,7 @@ def _launch(a, g, B: int, T: int, d: int, p: int, a_strides, convolution, with_b
                 g.stride(0), g.stride(1), g.stride(2),
                 *convolution,
                 tuning_size(T), tuning_size(B),
-                WITH_BIAS=bool(with_bias), UPCAST=upcast, DOT_PRECISION=precision, TMA_OK=use_tma,
-                IMPLICIT=implicit, PADDED=padded, DEPTH=depth, WIDE=wide, CHANNELS_FASTEST=channels_fastest,
+                WITH_BIAS=bool(with_bias), UPCAST=upcast, DOT_PRECISION=precision, TMA_OK=use_tma, **implicit,
             )
     if with_bias:
         bias_sq = colsum.square().sum(dim=1)
@@ -300,7 +297,7 @@ def _launch(a, g, B: int, T: int, d: int, p: int, a_strides, convolution, with_b
 def ghost_norm_triton(a: torch.Tensor, g: torch.Tensor, with_bias: bool):
     """``(weight_sq [B], bias_sq [B])`` float32; see the module docstring. No copies of a or g."""
     _, B, T, d, p = check_a_g("ghost_norm", a, g)
-    return _launch(a, g, B, T, d, p, a.stride(), NO_CONVOLUTION, with_bias)
+    return _launch(a, g, B, T, d, p, with_bias)
 
 
 def conv_ghost_norm_triton(x: torch.Tensor, g: torch.Tensor, kernel_size, stride, padding, dilation, *,
@@ -312,8 +309,4 @@ def conv_ghost_norm_triton(x: torch.Tensor, g: torch.Tensor, kernel_size, stride
     int64 in-sample offsets and the channel-fastest column order."""
     c = conv_patches_of("conv_ghost_norm", x, g, kernel_size, stride, padding, dilation, _wide_override,
                         _channels_override)
-    # (the key's inner stride 0: patches are gathered, never unit-stride rows)
-    weight_sq, _ = _launch(c.x, c.g_rows, c.B, c.T, c.d, c.O, (c.x.stride(0), 0, 0), c.geometry, False,
-                           implicit=True, padded=c.padded, depth=c.depth, wide=c.wide,
-                           channels_fastest=c.channels_fastest)
-    return weight_sq
+    return _launch(c.x, c.g_rows, c.B, c.T, c.d, c.O, False, c)[0]

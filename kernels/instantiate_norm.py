@@ -51,7 +51,7 @@ import triton.language as tl
 
 from ._common import (AUTOTUNE_KWARGS, INTERPRET, check_a_g, config_table, dot_options, sm_count, tma_ok,
                       tma_workspace, tuning_size)
-from ._patches import NO_CONVOLUTION, conv_patches_of, patch_chunk, patch_columns
+from ._patches import ConvPatches, conv_patches_of, launch_args, patch_chunk, patch_columns
 
 
 def _config(block_p, block_d, block_t, warps, stages, group_p=1, sum_in_output=False, flatten=False,
@@ -293,12 +293,10 @@ def _n_split(B: int, p: int, d: int, device: torch.device) -> int:
     return max(1, min(B, triton.cdiv(2 * sm_count(device), tiles)))
 
 
-def _launch(a, g, B: int, T: int, d: int, p: int, a_strides, convolution, with_bias: bool, n_split,
-            implicit: bool = False, padded: bool = False, depth: bool = False, wide: bool = True,
-            channels_fastest: bool = False):
+def _launch(a, g, B: int, T: int, d: int, p: int, with_bias: bool, n_split, patches: ConvPatches | None = None):
     """``(weight_sq [B], bias_sq [B], weight_grad_sum [p, d])`` of one launch; ``a`` is the patches'
-    storage (``a`` itself, or a convolution's input under ``implicit``) with ``a_strides`` for its
-    batch, position and column dims; ``convolution``: the IMPLICIT arguments."""
+    storage: ``a`` itself, or with ``patches`` a convolution's input read in place (``launch_args``)."""
+    a_strides, convolution, implicit = launch_args(a, patches)
     device = g.device
     weight_sq = torch.zeros(B, dtype=torch.float32, device=device)
     bias_sq = torch.zeros(B, dtype=torch.float32, device=device)
@@ -312,7 +310,7 @@ def _launch(a, g, B: int, T: int, d: int, p: int, a_strides, convolution, with_b
         def grid(meta):
             return (triton.cdiv(p, meta["BLOCK_P"]) * triton.cdiv(d, meta["BLOCK_D"]), n_split)
 
-        use_tma = not implicit and tma_ok(a, g)
+        use_tma = patches is None and tma_ok(a, g)
         with tma_workspace(device, use_tma):
             _instantiate_norm_kernel[grid](
                 a, g, weight_sq, bias_sq, wgrad,
@@ -322,8 +320,7 @@ def _launch(a, g, B: int, T: int, d: int, p: int, a_strides, convolution, with_b
                 *convolution,
                 tuning_size(T), tuning_size(B),
                 WITH_BIAS=bool(with_bias), ATOMIC_WGRAD=n_split > 1, UPCAST=upcast, DOT_PRECISION=precision,
-                TMA_OK=use_tma, IMPLICIT=implicit, PADDED=padded, DEPTH=depth, WIDE=wide,
-                CHANNELS_FASTEST=channels_fastest,
+                TMA_OK=use_tma, **implicit,
             )
     elif with_bias and B > 0 and T > 0 and p > 0:  # d == 0: no weight, but the bias still has a gradient
         bias_sq = g.sum(dim=1, dtype=torch.float32).square().sum(dim=1)
@@ -336,7 +333,7 @@ def instantiate_norm_triton(a: torch.Tensor, g: torch.Tensor, with_bias: bool, *
     ``_n_split_override`` (tests only) forces the number of sample splits of the grid.
     """
     _, B, T, d, p = check_a_g("instantiate_norm", a, g)
-    return _launch(a, g, B, T, d, p, a.stride(), NO_CONVOLUTION, with_bias, _n_split_override)
+    return _launch(a, g, B, T, d, p, with_bias, _n_split_override)
 
 
 def conv_instantiate_norm_triton(x: torch.Tensor, g: torch.Tensor, kernel_size, stride, padding, dilation, *,
@@ -350,8 +347,5 @@ def conv_instantiate_norm_triton(x: torch.Tensor, g: torch.Tensor, kernel_size, 
     splits of the grid, the int64 in-sample offsets and the channel-fastest column order."""
     c = conv_patches_of("conv_instantiate_norm", x, g, kernel_size, stride, padding, dilation, _wide_override,
                         _channels_override)
-    # (the key's inner stride 0: patches are gathered, never unit-stride rows)
-    weight_sq, _, grad = _launch(c.x, c.g_rows, c.B, c.T, c.d, c.O, (c.x.stride(0), 0, 0), c.geometry, False,
-                                 _n_split_override, implicit=True, padded=c.padded, depth=c.depth, wide=c.wide,
-                                 channels_fastest=c.channels_fastest)
+    weight_sq, _, grad = _launch(c.x, c.g_rows, c.B, c.T, c.d, c.O, False, _n_split_override, c)
     return weight_sq, grad
