@@ -52,8 +52,7 @@ CHUNK_BYTES = 256 << 20
 
 #: The operators checked here: every one with a Triton kernel.
 CHECKED_OPS = ("ghost_norm", "instantiate_norm", "conv_instantiate_norm", "conv_ghost_norm", "outer_norm",
-               "embedding_norm",
-               "affine_norm_grads", "group_norm_grads", "channel_norm_grads", "recurrent_scan",
+               "embedding_norm", "affine_norm_grads", "group_norm_grads", "channel_norm_grads", "recurrent_scan",
                "recurrent_scan_backward")
 
 _checked: set[tuple] = set()  # input kinds checked

@@ -197,8 +197,7 @@ def conv_instantiate_norm(x: torch.Tensor, g: torch.Tensor, kernel_size, stride,
     ``padding``) with output grad ``g [B, O, *out]``: per-sample squared weight-gradient norms [B]
     and the weight gradient ``[O, C * prod(kernel)]`` of the unscaled summed loss, float32. The
     Triton kernel reads the patches from ``x`` in place; elsewhere they are unfolded."""
-    return _call("conv_instantiate_norm", x, g, [int(v) for v in kernel_size], [int(v) for v in stride],
-                 [int(v) for v in padding], [int(v) for v in dilation])
+    return _call("conv_instantiate_norm", x, g, *_int_lists(kernel_size, stride, padding, dilation))
 
 
 def conv_ghost_norm(x: torch.Tensor, g: torch.Tensor, kernel_size, stride, padding, dilation) -> torch.Tensor:
@@ -206,8 +205,13 @@ def conv_ghost_norm(x: torch.Tensor, g: torch.Tensor, kernel_size, stride, paddi
     ``padding``) with output grad ``g [B, O, *out]``: per-sample squared weight-gradient norms [B],
     float32, from the Grams of its patches. The Triton kernel reads the patches from ``x`` in
     place; elsewhere they are unfolded."""
-    return _call("conv_ghost_norm", x, g, [int(v) for v in kernel_size], [int(v) for v in stride],
-                 [int(v) for v in padding], [int(v) for v in dilation])
+    return _call("conv_ghost_norm", x, g, *_int_lists(kernel_size, stride, padding, dilation))
+
+
+def _int_lists(*geometry) -> list[list[int]]:
+    """A convolution's kernel size, stride, padding and dilation as the ``int[]`` lists the schemas
+    take (from tuples, lists or tensors of ints)."""
+    return [[int(v) for v in values] for values in geometry]
 
 
 def outer_norm(a: torch.Tensor, g: torch.Tensor, with_bias: bool = False):

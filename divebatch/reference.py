@@ -114,10 +114,17 @@ def conv_instantiate_norm(x: torch.Tensor, g: torch.Tensor, kernel_size, stride,
     the unscaled summed loss, ``weight.view(O, -1)``'s layout), float32, where ``a_b [T, C *
     prod(kernel)]`` are the zero-padded patches of ``x [B, C, *in]`` and ``g [B, O, *out]`` is the
     output grad. Here the patches are unfolded; the Triton kernel reads them from ``x`` in place."""
-    conv_output_sizes("conv_instantiate_norm", x, g, kernel_size, stride, padding, dilation)
-    a = conv_patches(zero_padded(x, padding), kernel_size, stride, dilation).transpose(1, 2)
-    weight_sq, _, grad = instantiate_norm(a, g.reshape(*g.shape[:2], a.shape[1]).transpose(1, 2), False)
+    weight_sq, _, grad = instantiate_norm(*_conv_rows("conv_instantiate_norm", x, g, kernel_size, stride, padding,
+                                                      dilation), False)
     return weight_sq, grad
+
+
+def _conv_rows(op: str, x: torch.Tensor, g: torch.Tensor, kernel_size, stride, padding, dilation):
+    """``(a [B, T, C * prod(kernel)], g [B, T, O])``: a convolution's zero-padded patches, unfolded,
+    and its output grad as rows, after ``conv_output_sizes``' checks (errors name ``op``)."""
+    conv_output_sizes(op, x, g, kernel_size, stride, padding, dilation)
+    a = conv_patches(zero_padded(x, padding), kernel_size, stride, dilation).transpose(1, 2)
+    return a, g.reshape(*g.shape[:2], a.shape[1]).transpose(1, 2)
 
 
 def conv_ghost_norm(x: torch.Tensor, g: torch.Tensor, kernel_size, stride, padding, dilation) -> torch.Tensor:
@@ -125,9 +132,7 @@ def conv_ghost_norm(x: torch.Tensor, g: torch.Tensor, kernel_size, stride, paddi
     ``||g_b^T a_b||^2`` [B], float32, where ``a_b [T, C * prod(kernel)]`` are the zero-padded patches
     of ``x [B, C, *in]`` and ``g [B, O, *out]`` is the output grad. Here the patches are unfolded;
     the Triton kernel reads them from ``x`` in place."""
-    conv_output_sizes("conv_ghost_norm", x, g, kernel_size, stride, padding, dilation)
-    a = conv_patches(zero_padded(x, padding), kernel_size, stride, dilation).transpose(1, 2)
-    return ghost_norm(a, g.reshape(*g.shape[:2], a.shape[1]).transpose(1, 2), False)[0]
+    return ghost_norm(*_conv_rows("conv_ghost_norm", x, g, kernel_size, stride, padding, dilation), False)[0]
 
 
 def outer_norm(a: torch.Tensor, g: torch.Tensor, with_bias: bool):
