@@ -461,15 +461,19 @@ def _conv_inputs(case, layout, dtype, seed):
     return x, g, x32, g32
 
 
+def _conv_param_id(param) -> str:
+    (shape, kernel, stride, *_), dtype, layout = param
+    return (f"{'x'.join(map(str, shape))}-k{''.join(map(str, kernel))}-s{''.join(map(str, stride))}-"
+            f"{str(dtype).split('.')[-1]}-{layout}")
+
+
 def _conv_params():
     out = [(case, dt, "contig") for case in CONV_CASES for dt in DTYPES]
     out += [(case, dt, lay) for lay in CONV_LAYOUTS[1:] for case in (CONV_CASES[0], CONV_CASES[3]) for dt in DTYPES]
     return out
 
 
-@pytest.mark.parametrize("case", _conv_params(),
-                         ids=lambda c: f"{'x'.join(map(str, c[0][0]))}-k{''.join(map(str, c[0][1]))}-"
-                                       f"s{''.join(map(str, c[0][2]))}-{str(c[1]).split('.')[-1]}-{c[2]}")
+@pytest.mark.parametrize("case", _conv_params(), ids=_conv_param_id)
 def test_conv_instantiate_norm(case):
     """The patches read from the input in place (implicit GEMM) give torch.func's per-sample norms
     and the weight gradient: zero padding, strides, dilation, 1-3 spatial dims, channels-last and
@@ -485,9 +489,7 @@ def test_conv_instantiate_norm(case):
             _assert_fp32(o, r.float(), f"conv_instantiate_norm {what} vs torch.func")
 
 
-@pytest.mark.parametrize("case", _conv_params(),
-                         ids=lambda c: f"{'x'.join(map(str, c[0][0]))}-k{''.join(map(str, c[0][1]))}-"
-                                       f"s{''.join(map(str, c[0][2]))}-{str(c[1]).split('.')[-1]}-{c[2]}")
+@pytest.mark.parametrize("case", _conv_params(), ids=_conv_param_id)
 def test_conv_ghost_norm(case):
     """The Grams of the patches read from the input in place give torch.func's per-sample norms:
     the cases of ``test_conv_instantiate_norm``."""
