@@ -1376,8 +1376,7 @@ class GradNormTracker:
             if first.fused and len(calls) == 1:
                 step.plans[owner.name] = owner.rule.fused_plan(owner.module, first.ctx, live)
             else:
-                grad = next((g for g in first.grads if g is not None), None)
-                step.plans[owner.name] = owner.rule.plan(owner.module, first.ctx, grad, live)
+                step.plans[owner.name] = owner.rule.plan_calls(owner.module, [(c.ctx, c.grads) for c in calls], live)
 
     @staticmethod
     def _keep_tied_part(step: _Backward, owner: _Owner, calls: list[_Call]) -> None:

@@ -114,6 +114,13 @@ class LayerRule:
         """The route this rule takes for one call of these shapes."""
         return RoutePlan("instantiate", _shape(ctx), float("nan"), float("nan"))
 
+    def plan_calls(self, module: nn.Module, calls: list[Call], tracked: dict[str, nn.Parameter]) -> RoutePlan:
+        """The route ``norms`` takes for these calls of one backward (what ``tracker.plan()``
+        reports): ``plan`` of the first call, for the rules whose route does not depend on how many
+        calls a backward combines; a rule whose route does overrides this."""
+        ctx, grads = calls[0]
+        return self.plan(module, ctx, next((g for g in grads if g is not None), None), tracked)
+
 
 class PerSampleGradsRule(LayerRule):
     """A rule that forms its (small) per-sample gradients outright: ``per_sample_grads`` gives

@@ -193,12 +193,18 @@ class ConvRule(LayerRule):
                          0.3 * flops, 4.0 * (module.weight.numel() + 2 * x[0].numel()) * step)
 
     def plan(self, module, ctx, grad, tracked) -> RoutePlan:
-        d, T, p = self._dims(module, grad, grad)
-        plan = linear_route(grad.shape[0] * module.groups, T, d, p, device_type=grad.device.type)
-        if _implicit_hook_route(module, grad) is not None:
+        return self.plan_calls(module, [(ctx, [grad])], tracked)
+
+    def plan_calls(self, module, calls, tracked) -> RoutePlan:
+        # (several calls' patches are unfolded side by side, T positions in all, see norms)
+        grads = [grads[0] for _, grads in calls]
+        d, _, p = self._dims(module, grads[0], grads[0])
+        T = sum(self._dims(module, g, g)[1] for g in grads)
+        plan = linear_route(grads[0].shape[0] * module.groups, T, d, p, device_type=grads[0].device.type)
+        if len(calls) == 1 and _implicit_hook_route(module, grads[0]) is not None:
             plan.route = f"implicit-{plan.route}"
             return plan
-        chunk = self.chunk_size(module, grad, grad)
+        chunk = min(self.chunk_size(module, g, g) for g in grads)
         plan.extra_bytes += chunk * module.groups * T * d * 4
         plan.shape = f"{plan.shape} (unfold chunk {chunk})"
         return plan
@@ -727,7 +733,13 @@ class ConvTransposeRule(LayerRule):
         return conv_grad_sums(module, parts, tracked, transposed=True)
 
     def plan(self, module, ctx, grad, tracked) -> RoutePlan:
-        route, costs = self._costs(module, [(ctx, [grad])])
+        return self.plan_calls(module, [(ctx, [grad])], tracked)
+
+    def plan_calls(self, module, calls, tracked) -> RoutePlan:
+        # (the route is chosen for all the calls together, as norms does; several calls' output
+        #  grads are unfolded together; the shapes shown are the first call's)
+        route, costs = self._costs(module, calls)
+        ctx, grad = calls[0][0], calls[0][1][0]
         if route == PER_SAMPLE_CONV:
             chunk = self.conv_chunk_size(module, ctx, grad)
             T = ctx[0, 0].numel()
@@ -737,7 +749,7 @@ class ConvTransposeRule(LayerRule):
                              float(self._sample_bytes(module, ctx, grad) * chunk), alternatives=costs)
         T, d, p = self._dims(module, ctx)
         plan = linear_route(ctx.shape[0] * module.groups, T, d, p, device_type=ctx.device.type)
-        if self._implicit(module, ctx, grad, route):
+        if len(calls) == 1 and self._implicit(module, ctx, grad, route):
             plan.route = f"implicit-{plan.route}"
             plan.shape = f"{plan.shape} (transposed conv: output grad's patches read in place)"
             plan.alternatives = costs
