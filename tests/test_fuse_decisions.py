@@ -164,15 +164,18 @@ class Convolutions(nn.Module):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
-@pytest.mark.parametrize("implicit", [False, True], ids=["unfolded", "implicit"])
-def test_cuda_routes_fuse_overlapping_convolutions_exactly(monkeypatch, backend, implicit):
+@pytest.mark.parametrize("implicit,layout", [(False, torch.channels_last), (True, torch.channels_last),
+                                             (True, torch.contiguous_format)],
+                         ids=["unfolded", "implicit", "implicit-nchw"])
+def test_cuda_routes_fuse_overlapping_convolutions_exactly(monkeypatch, backend, implicit, layout):
     """The routes a GPU takes, run here with the C++ operators or the Triton kernels (under the
     interpreter, on the same strided views of unfolded patches a GPU gets): every one-group
     convolution whose patches the fused instantiate kernel takes is fused through its unfolded
     (padded, strided, dilated) patches, or with ``DIVEBATCH_TRITON_IMPLICIT_CONV=1`` through
     ``conv_instantiate_norm``, which reads them from the input in place (the kernel's implicit
-    GEMM under the interpreter), whose tiles give the weight gradient too; the grouped one takes
-    the hook route; the norms and gradients are torch.func's."""
+    GEMM under the interpreter), whose tiles give the weight gradient too, from a channels-last copy
+    of an NCHW input of 8 channels (``channels_last_patches``); the grouped one takes the hook route;
+    the norms and gradients are torch.func's."""
     from divebatch.layers import routes
 
     if backend == "triton" and not ops.TRITON_AVAILABLE:
@@ -182,13 +185,20 @@ def test_cuda_routes_fuse_overlapping_convolutions_exactly(monkeypatch, backend,
     monkeypatch.setattr(routes, "triton_kernels", lambda device_type: True)
     torch.manual_seed(0)
     model, y = Convolutions(), torch.randn(4)
-    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=layout)
     plain = Convolutions()
     plain.load_state_dict(model.state_dict())
+    read = []  # (channels, channels contiguous) of each conv_instantiate_norm input
+    inner = ops.conv_instantiate_norm
+    monkeypatch.setattr(ops, "conv_instantiate_norm", lambda x, *args: read.append((x.shape[1], x.stride(1) == 1))
+                        or inner(x, *args))
     stats, taken = _step_beside_plain(model, plain, x, y)
     fused = "fused-implicit-instantiate" if implicit else "fused-unfold-instantiate"
     assert taken == {"padded": fused, "strided": fused, "dilated": fused, "reflect": fused,
                      "grouped": "instantiate", "line": fused, "volume": fused}
+    # (padded: 3 channels, volume: 2, as they came; every input of 8 channels channels-last)
+    assert len(read) == (6 if implicit else 0) and all(contiguous for channels, contiguous in read if channels == 8)
+    assert sum(channels == 8 for channels, _ in read) == (4 if implicit else 0)
     _assert_exact(model, stats, x, y)
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
         assert rel_err(p.grad, q.grad) <= 1e-5, name
@@ -220,7 +230,8 @@ def test_cuda_hook_routes_read_convolution_patches_in_place_exactly(monkeypatch,
     ``conv_instantiate_norm`` (many positions) or ``conv_ghost_norm`` (few positions, many weights:
     a ResNet's deep layers), zero and reflect padded, strided, biased or not, with no patches
     unfolded; the grouped one unfolds; a convolution called twice a step unfolds its calls'
-    patches together, and ``tracker.plan()`` says so; the norms are torch.func's."""
+    patches together, and ``tracker.plan()`` says so; an NCHW input of 16 or 64 channels reaches
+    the operators as a channels-last copy, one of 3 channels as it is; the norms are torch.func's."""
     from divebatch.layers import routes
 
     if backend == "triton" and not ops.TRITON_AVAILABLE:
@@ -230,26 +241,51 @@ def test_cuda_hook_routes_read_convolution_patches_in_place_exactly(monkeypatch,
     monkeypatch.setattr(routes, "triton_kernels", lambda device_type: True)
     torch.manual_seed(0)
     model, x, y = Deepening(), torch.randn(4, 3, 8, 8), torch.randn(4)
-    calls = collections.Counter()
+    calls, channels_last = collections.Counter(), collections.defaultdict(list)
     for name in ("conv_ghost_norm", "conv_instantiate_norm", "ghost_norm", "instantiate_norm"):
-        monkeypatch.setattr(ops, name, _counted(calls, name, getattr(ops, name)))
+        monkeypatch.setattr(ops, name, _counted(calls, name, getattr(ops, name), channels_last))
     with GradNormTracker(model, "sum", fused=False) as tracker:
         _squared_error(model(x), y).backward()
         stats = tracker.collect()
-        taken = {plan.module: plan.route for plan in tracker.plan()}
-    assert taken == {"wide": "implicit-instantiate", "strided": "implicit-ghost", "deep": "implicit-ghost",
-                     "grouped": "ghost", "twice": "instantiate"}
+        plans = {plan.module: plan for plan in tracker.plan()}
+    assert {name: plan.route for name, plan in plans.items()} == {
+        "wide": "implicit-instantiate", "strided": "implicit-ghost", "deep": "implicit-ghost", "grouped": "ghost",
+        "twice": "instantiate"}
     # (grouped: ghost_norm on its unfolded patches; twice: its two calls' patches side by side)
     assert calls == {"conv_instantiate_norm": 1, "conv_ghost_norm": 2, "ghost_norm": 1, "instantiate_norm": 1}
+    # (wide: 3 input channels; strided, deep: 16 and 64, copied channels-last, as their plans say)
+    assert channels_last["conv_instantiate_norm"] == [False] and channels_last["conv_ghost_norm"] == [True, True]
+    assert {name for name, plan in plans.items() if "channels-last copy" in plan.shape} == {"strided", "deep"}
     _assert_exact(model, stats, x, y)
 
 
-def _counted(calls: collections.Counter, name: str, fn):
+def _counted(calls: collections.Counter, name: str, fn, channels_last: dict | None = None):
+    """``fn`` counting its calls in ``calls[name]`` (and, given ``channels_last``, appending whether
+    its first argument's channels were contiguous to ``channels_last[name]``)."""
     def run(*args, **kwargs):
         calls[name] += 1
+        if channels_last is not None:
+            channels_last[name].append(args[0].stride(1) == 1)
         return fn(*args, **kwargs)
 
     return run
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 9), (2, 16, 5, 7), (2, 8, 3, 4, 5)], ids=["1d", "2d", "3d"])
+def test_implicit_patches_read_a_channels_last_copy_of_nchw_inputs(monkeypatch, shape):
+    """``channels_last_patches``: an NCHW input whose channels come in multiples of 8 becomes a
+    channels-last copy (the implicit kernels' vector loads), equal to it; a channels-last input,
+    one of 3 channels, and one whose copy would pass the memory bound are handed on as they are."""
+    from divebatch.layers import conv
+
+    x = torch.randn(shape)
+    copy = conv.channels_last_patches(x)
+    assert copy.stride(1) == 1 and copy.data_ptr() != x.data_ptr() and torch.equal(copy, x)
+    assert conv.channels_last_patches(copy) is copy
+    few = torch.randn(2, 3, *shape[2:])
+    assert conv.channels_last_patches(few) is few
+    monkeypatch.setattr(conv, "max_extra_bytes", lambda device_type: x.numel() * x.element_size() - 1)
+    assert conv.channels_last_patches(x) is x
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])

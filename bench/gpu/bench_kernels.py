@@ -272,6 +272,9 @@ def measured_faster_route(result) -> str:
 #: ``conv-ghost`` row of the Gram kernel.
 IMPLICIT = "triton conv_instantiate_norm (implicit)"
 IMPLICIT_GHOST = "triton conv_ghost_norm (implicit)"
+#: The same kernels as the engine hands them an NCHW map of channels in multiples of 8: a
+#: channels-last copy first (``layers.conv.channels_last_patches``; the copy is in the time).
+COPIED = " from a channels-last copy"
 
 
 def _conv_methods(B, O, dtype, geometry, K, R, dev, gen, ghost=False):
@@ -281,7 +284,12 @@ def _conv_methods(B, O, dtype, geometry, K, R, dev, gen, ghost=False):
     weight gradient (the floor); each kernel's norms and weight gradient against the reference's.
     ``ghost``: the hook route's norms instead, ``unfold + triton ghost_norm`` against
     ``IMPLICIT_GHOST`` (norms only; cuDNN's weight gradient runs beside them there). A sixth
-    ``geometry`` entry ``"channels_last"`` gives input and output grad in that memory format."""
+    ``geometry`` entry ``"channels_last"`` gives input and output grad in that memory format; an
+    NCHW input of channels in multiples of 8 also gets the implicit kernel from the channels-last
+    copy the engine makes (``+ COPIED``, timed before the plain implicit row, whose config
+    ``chosen`` then records)."""
+    from divebatch.layers.conv import channels_last_patches
+
     C, side, k, stride, pad, *layout = geometry
     conv = ([k, k], [stride, stride], [pad, pad], [1, 1])
     fmt = torch.channels_last if layout == ["channels_last"] else torch.contiguous_format
@@ -302,21 +310,28 @@ def _conv_methods(B, O, dtype, geometry, K, R, dev, gen, ghost=False):
         "cudnn weight grad (floor)": lambda: torch.ops.aten.convolution_backward(
             g, x, weight, None, conv[1], conv[2], conv[3], False, [0, 0], 1, [False, True, False]),
         unfolded: unfold_route,
-        implicit_name: lambda: implicit_kernel(x, g, *conv),
     }
+    implicit_inputs = {implicit_name: lambda: x}
+    if channels_last_patches(x) is not x:
+        implicit_inputs = {implicit_name + COPIED: lambda: channels_last_patches(x), **implicit_inputs}
+    for name, input_of in implicit_inputs.items():
+        methods[name] = lambda input_of=input_of: implicit_kernel(input_of(), g, *conv)
     T = out.shape[2] * out.shape[3]
     flops = dict.fromkeys(methods, 2 * B * T * C * k * k * O)
     if ghost:
-        flops[unfolded] = flops[IMPLICIT_GHOST] = B * (T * T + T) * (C * k * k + O)  # (as "triton ghost_norm")
+        flops[unfolded] = B * (T * T + T) * (C * k * k + O)  # (as "triton ghost_norm")
+        flops.update(dict.fromkeys(implicit_inputs, flops[unfolded]))
         want = R.conv_ghost_norm(x.float(), g.float(), *conv)
-        errors = {IMPLICIT_GHOST: rel_err(implicit_kernel(x, g, *conv), want),
-                  unfolded: rel_err(unfold_route()[0], want)}
+        errors = {name: rel_err(implicit_kernel(input_of(), g, *conv), want) for name, input_of in implicit_inputs.items()}
+        errors[unfolded] = rel_err(unfold_route()[0], want)
         return methods, errors, flops
     want = R.conv_instantiate_norm(x.float(), g.float(), *conv)
-    implicit = K.conv_instantiate_norm_triton(x, g, *conv)
+    errors = {}
+    for name, input_of in implicit_inputs.items():
+        implicit = K.conv_instantiate_norm_triton(input_of(), g, *conv)
+        errors[name] = max(rel_err(implicit[0], want[0]), rel_err(implicit[1], want[1]))
     by_unfolding = unfold_route()
-    errors = {IMPLICIT: max(rel_err(implicit[0], want[0]), rel_err(implicit[1], want[1])),
-              unfolded: max(rel_err(by_unfolding[0], want[0]), rel_err(by_unfolding[2], want[1]))}
+    errors[unfolded] = max(rel_err(by_unfolding[0], want[0]), rel_err(by_unfolding[2], want[1]))
     return methods, errors, flops
 
 
@@ -472,9 +487,9 @@ def main(argv=None):
                 WORKLOADS[key] = (op, 2, 16, 24, 0, dtype, extra)
             if op == "ghost+instantiate":  # (4 samples: the instantiate kernel regrouped as 2 runs too)
                 WORKLOADS[key] = (op, min(B, 4), *WORKLOADS[key][2:])
-            if op in ("conv", "conv-ghost"):  # (9 x 9 maps of 3 channels, 8 channels-last, and the
-                # workload's kernel, stride, padding and layout)
-                WORKLOADS[key] = (op, 2, 0, 0, 5, dtype, (8 if extra[5:] else 3, 9, *extra[2:]))
+            if op in ("conv", "conv-ghost"):  # (9 x 9 maps of 8 channels, 3 where the workload's are
+                # not a multiple of 8, and the workload's kernel, stride, padding and layout)
+                WORKLOADS[key] = (op, 2, 0, 0, 5, dtype, (8 if extra[0] % 8 == 0 else 3, 9, *extra[2:]))
     elif interpret:
         sys.exit("bench_kernels.py times GPU kernels: unset TRITON_INTERPRET (or pass --cpu-smoke)")
     elif not torch.cuda.is_available():

@@ -10,7 +10,9 @@ samples at a time (``routes.MAX_EXTRA_BYTES``), so it never costs a whole batch 
 CUDA with the Triton kernels and ``DIVEBATCH_TRITON_IMPLICIT_CONV=1`` a one-group convolution's
 patches are not unfolded at all: its kernels read them from the input in place
 (``implicit_patches``: ``conv_instantiate_norm`` for the fused route, ``conv_ghost_norm`` or
-``conv_instantiate_norm`` for the hooks' norms).
+``conv_instantiate_norm`` for the hooks' norms), from a channels-last copy of an NCHW input whose
+channels come in multiples of 8 (``channels_last_patches``: vector loads, at a ninth of the
+unfolded copy's bytes for a 3x3 kernel).
 
 nn.ConvTranspose1d/2d/3d take the same routes through the adjoint convolution (the output grad
 is unfolded and the layer input plays the output grad's part), or, where a cost model fitted to CPU
@@ -183,6 +185,7 @@ class ConvRule(LayerRule):
             plan = fused_linear_route(B, T, d, module.out_channels, x.device.type)
             if implicit_patches(x.device):
                 plan.route = "fused-implicit-instantiate"
+                _with_patch_layout(plan, x)
             else:
                 plan.route = "fused-unfold-instantiate"
                 plan.extra_bytes += 4.0 * _unfold_chunk(B, T * d, x.device.type) * T * d
@@ -203,7 +206,7 @@ class ConvRule(LayerRule):
         plan = linear_route(grads[0].shape[0] * module.groups, T, d, p, device_type=grads[0].device.type)
         if len(calls) == 1 and _implicit_hook_route(module, grads[0]) is not None:
             plan.route = f"implicit-{plan.route}"
-            return plan
+            return _with_patch_layout(plan, calls[0][0])
         chunk = min(self.chunk_size(module, g, g) for g in grads)
         plan.extra_bytes += chunk * module.groups * T * d * 4
         plan.shape = f"{plan.shape} (unfold chunk {chunk})"
@@ -306,7 +309,8 @@ def implicit_patches(device: torch.device) -> bool:
     ``DIVEBATCH_TRITON_IMPLICIT_CONV=1`` (read at each call). Off by default until a GPU has timed
     it against the unfolded route (``bench/gpu/bench_kernels.py``'s ``conv-*-implicit`` rows): it
     saves writing and reading the patches (~2 GB a step at conv-large) but gathers its loads by
-    computed addresses, which no GPU has run yet."""
+    computed addresses, which no GPU has run yet (from a channels-last copy of an NCHW input:
+    ``channels_last_patches``)."""
     if os.environ.get("DIVEBATCH_TRITON_IMPLICIT_CONV", "0").strip() != "1":
         return False
     return routes.triton_kernels(device.type)
@@ -344,8 +348,38 @@ def implicit_norms(module: nn.modules.conv._ConvNd, x: torch.Tensor, g: torch.Te
 def in_place_weight_norms(x: torch.Tensor, g: torch.Tensor, geometry: tuple, route: str) -> torch.Tensor:
     """Per-sample squared weight-gradient norms [B] of the one-group convolution of ``x`` with output
     grad ``g`` and ``geometry`` (kernel size, stride, zero padding, dilation): ``ops.conv_ghost_norm``
-    for the ``"ghost"`` route, else the norms of ``ops.conv_instantiate_norm``."""
+    for the ``"ghost"`` route, else the norms of ``ops.conv_instantiate_norm``; ``x`` as
+    ``channels_last_patches`` gives it."""
+    x = channels_last_patches(x)
     return ops.conv_ghost_norm(x, g, *geometry) if route == "ghost" else ops.conv_instantiate_norm(x, g, *geometry)[0]
+
+
+def channels_last_patches(x: torch.Tensor) -> torch.Tensor:
+    """``x [B, C, *spatial]`` laid out for the implicit convolution kernels: a channels-last copy
+    where its channels are not contiguous (an NCHW map) and come in multiples of 8, else ``x``.
+
+    The kernels number a channels-last input's patch columns channel-fastest, so each row of a
+    chunk loads as 16-byte vectors that the software pipeline copies asynchronously; from an NCHW
+    map they gather single elements outside the pipeline (``kernels/_patches.py``). The copy writes
+    ``B C prod(spatial)`` elements once, against the ``B T C prod(kernel)`` an unfolded route writes
+    (a ninth for a 3x3 kernel at stride 1). A copy past ``routes.max_extra_bytes`` is not made (the
+    kernels read ``x`` as it is: exact, slower), nor one of fewer channels (no vectors either way)."""
+    return x.movedim(1, -1).contiguous().movedim(-1, 1) if _copies_to_channels_last(x) else x
+
+
+def _copies_to_channels_last(x: torch.Tensor) -> bool:
+    """Whether ``channels_last_patches`` copies ``x``."""
+    return (x.dim() >= 3 and x.shape[1] % 8 == 0 and x.stride(1) != 1
+            and x.numel() * x.element_size() <= max_extra_bytes(x.device.type))
+
+
+def _with_patch_layout(plan: RoutePlan, x: torch.Tensor) -> RoutePlan:
+    """An implicit route's ``plan`` with the channels-last copy ``channels_last_patches`` makes of
+    ``x`` (the input whose patches the kernel reads), if it makes one, in its bytes and shape."""
+    if _copies_to_channels_last(x):
+        plan.extra_bytes += x.numel() * x.element_size()
+        plan.shape = f"{plan.shape} (channels-last copy of the patches' input)"
+    return plan
 
 
 def _output_positions(module, sizes, padding_totals) -> int:
@@ -432,7 +466,8 @@ def fused_conv_grads(module, ctx, g, tracked):
     T, d = g[0].numel() // module.out_channels, module.in_channels // module.groups * math.prod(module.kernel_size)
     if _unfolded_fused_route(module, not any(padding), B, T, d, module.out_channels, x.device.type):
         if implicit_patches(x.device):
-            sq, grad_w = ops.conv_instantiate_norm(x, g, module.kernel_size, module.stride, padding, module.dilation)
+            sq, grad_w = ops.conv_instantiate_norm(channels_last_patches(x), g, module.kernel_size, module.stride,
+                                                   padding, module.dilation)
             grad_w = grad_w.view(module.weight.shape)
         else:
             sq, grad_w = unfolded_weight_norms(module, padded_input(module, ctx), g)
@@ -753,7 +788,7 @@ class ConvTransposeRule(LayerRule):
             plan.route = f"implicit-{plan.route}"
             plan.shape = f"{plan.shape} (transposed conv: output grad's patches read in place)"
             plan.alternatives = costs
-            return plan
+            return _with_patch_layout(plan, grad)
         chunk = self.chunk_size(module, ctx, grad)
         plan.extra_bytes += 4.0 * chunk * (module.groups * T * d + grad[0].numel())
         plan.shape = f"{plan.shape} (transposed conv: unfolded output grad, chunk {chunk})"
