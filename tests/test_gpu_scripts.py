@@ -221,7 +221,8 @@ def test_run_gpu_checks_control_flow(tmp_path):
     assert proc.returncode == 1, proc.stdout[-2000:]  # the engine job "failed"
     calls = log.read_text()
     for script in ("tests/test_triton_kernels.py", "diagnose_scan.py", "check_engine.py", "bench_kernels.py",
-                   "--workload seq-large", "--workload transformer", "host_overhead.py --device cuda", "run_table.py"):
+                   "--workload seq-large", "--workload transformer", "host_overhead.py --device cuda", "run_table.py",
+                   "verdicts.py"):
         assert script in calls, script
     assert calls.count("-m pytest tests/test_triton_kernels.py") == 11  # the shards
     # The end-to-end table (the step's target figure) before the profiles, which get what it leaves.
@@ -235,7 +236,7 @@ def test_run_gpu_checks_control_flow(tmp_path):
     assert any(n.endswith("profile_transformer.json") for n in names)
     returned = sorted(f.name for f in out.iterdir())
     # What the device tool returns (8 files), with one left for the caller's console log.
-    assert returned == ["bench_kernels.json", "check_engine.json", "gpu_results.tgz", "gpu_table.json"]
+    assert returned == ["bench_kernels.json", "check_engine.json", "gpu_results.tgz", "gpu_table.json", "verdicts.md"]
 
 
 
@@ -251,3 +252,84 @@ def test_memory_probes_run_with_a_fixed_mmap_threshold():
     peak = lambda probe: probe["peak_kb"] - probe["before_kb"]  # noqa: E731
     assert peak(first) > 8 * 1024  # (the mlp's step: its 7 MB of gradients and the activations)
     assert abs(peak(first) - peak(second)) <= 2 * 1024
+
+
+def test_verdicts_read_the_first_gpu_run():
+    """verdicts.py on the H200 run's committed results: the figures docs/kernels.md took from them
+    (fused instantiate 2.21x the GEMM, ghost 38% and 50% of the measured peak, seq-large 1.44x),
+    the failing scans, and the questions that run could not answer (no sweeps, no engine JSON)."""
+    import verdicts
+
+    found = {v.topic: v for v in verdicts.verdicts(ROOT / "bench/results/gpu/2026-12-04-h200")}
+    up = found[f"fused instantiate / GEMM, seq-large-up (target <= {verdicts.FUSED_OVER_GEMM}x)"]
+    assert up.verdict == "missed" and "= 2.21x" in up.measured
+    ghost = "ghost kernel share of the bf16 peak, seq-large-{} (target >= 50%)"
+    assert found[ghost.format("up")].verdict == "missed" and "= 38%" in found[ghost.format("up")].measured
+    assert found[ghost.format("down")].verdict == "met"
+    assert found["recurrent scans"].verdict == "failing" and "28 failed" in found["recurrent scans"].measured
+    assert found["config sweeps (ghost, instantiate)"].verdict == "not run"
+    assert found["engine against torch.func on CUDA (check_engine.json)"].verdict == "not run"
+    errors = found["kernel errors at large shapes (<= 1e-05)"]
+    assert errors.verdict == "off" and "conv-layer1 triton ghost_norm 8.4e-02" in errors.measured
+    step = found["seq-large step with norms (target <= 1.05x)"]
+    assert step.verdict == "missed" and "divebatch 1.44x" in step.measured
+
+
+def _results_folder(folder: Path, implicit_ms: dict, error: float, sweep_failed: bool) -> Path:
+    """A results folder with one sweep and one scan test, a seq-large kernel workload (errors
+    ``error``) and convolution rows: the unfolded route at 1 ms beside ``implicit_ms`` {method: ms}."""
+    import json
+
+    import bench_kernels
+
+    folder.mkdir()
+    failure = "<failure message='off'/>" if sweep_failed else ""
+    (folder / "gpu_triton_kernels_1.xml").write_text(
+        "<testsuites><testsuite>"
+        f"<testcase classname='t' name='test_ghost_every_gpu_config_at_large_t[a]'>{failure}</testcase>"
+        "<testcase classname='t' name='test_recurrent_scan_forward_and_backward[b]'/>"
+        "</testsuite></testsuites>")
+    seq = {"workload": "seq-large-up", "op": "ghost+instantiate", "rows": [
+        {"method": "gemm g^T a (floor)", "ms": 3.0, "tflops": 700.0},
+        {"method": "triton ghost_norm", "ms": 2.0, "tflops": 420.0, "max_rel_err_vs_reference": error},
+        {"method": "triton instantiate_norm", "ms": 3.3, "max_rel_err_vs_reference": 1e-6}],
+        "extra_errors": {"triton instantiate_norm (weight grad)": 2e-6},
+        "route": {"model": "fused-instantiate", "faster": "fused-instantiate"}}
+    convs = [{"workload": name, "op": "conv", "rows": [
+        {"method": "unfold + triton instantiate_norm", "ms": 1.0},
+        *({"method": method, "ms": ms} for method, ms in rows.items())]} for name, rows in implicit_ms.items()]
+    meta = {"device": "NVIDIA H100 80GB HBM3", "bf16_gemm_tflops": 800.0}
+    (folder / "bench_kernels.json").write_text(json.dumps({"meta": meta, "results": [seq, *convs]}))
+    assert bench_kernels.IMPLICIT == "triton conv_instantiate_norm (implicit)"  # (the names read below)
+    return folder
+
+
+@pytest.mark.parametrize("copy_ms,cl_ms,default", [(0.6, 0.5, "on"), (1.2, 0.5, "channels-last only"),
+                                                   (1.2, 1.1, "off")])
+def test_verdicts_say_what_each_measurement_calls_for(tmp_path, copy_ms, cl_ms, default):
+    """verdicts.py on a made-up run: the implicit convolution's default follows which rows beat the
+    unfolded route (from the channels-last copy: on; channels-last maps only: on for those, copy
+    dropped; neither: off); the targets against their thresholds and the measured peak; the sweep
+    and scan tests clear their lists when they pass and name the failing test when not; an error
+    past float32 rounding is named."""
+    import bench_kernels
+    import verdicts
+
+    implicit = {"conv-layer1-implicit": {bench_kernels.IMPLICIT + bench_kernels.COPIED: copy_ms,
+                                         bench_kernels.IMPLICIT: 3.0},
+                "conv-layer1-implicit-cl": {bench_kernels.IMPLICIT: cl_ms}}
+    clean = {v.topic: v for v in verdicts.verdicts(_results_folder(tmp_path / "a", implicit, 1e-6, False))}
+    assert clean["implicit convolutions: the default"].verdict == default
+    assert clean["implicit convolution, conv-layer1-implicit"].verdict == ("faster" if copy_ms < 1 else "slower")
+    assert clean["fused instantiate / GEMM, seq-large-up (target <= 1.15x)"].verdict == "met"  # (3.3 / 3.0)
+    assert clean["ghost kernel share of the bf16 peak, seq-large-up (target >= 50%)"].verdict == "met"  # (420/800)
+    assert clean["kernel errors at large shapes (<= 1e-05)"].verdict == "clean"
+    assert clean["CUDA route model (fused instantiate or ghost)"].verdict == "right"
+    sweeps, scans = clean["config sweeps (ghost, instantiate)"], clean["recurrent scans"]
+    assert sweeps.verdict == "clean" and "_UNVERIFIED" in sweeps.action
+    assert scans.verdict == "clean" and "UNVERIFIED_ON_GPU" in scans.action
+    off = {v.topic: v for v in verdicts.verdicts(_results_folder(tmp_path / "b", implicit, 3e-5, True))}
+    assert off["kernel errors at large shapes (<= 1e-05)"].verdict == "off"
+    assert "seq-large-up triton ghost_norm 3.0e-05" in off["kernel errors at large shapes (<= 1e-05)"].measured
+    sweeps = off["config sweeps (ghost, instantiate)"]
+    assert sweeps.verdict == "failing" and "test_ghost_every_gpu_config_at_large_t[a]" in sweeps.action

@@ -448,6 +448,18 @@ def _scan_methods(B, T, H, dtype, mode, K, R, dev, gen):
     return methods, errors
 
 
+def measured_bf16_peak(n: int = 8192) -> float:
+    """TFLOP/s of an ``n``-cube bfloat16 matrix product on random data (``do_bench`` median): the
+    tensor-core peak the ghost kernel's share is read against (``bench/gpu/verdicts.py``; ~790 on
+    the H100 and H200 here, below the datasheet's 990)."""
+    from triton.testing import do_bench
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = do_bench(lambda: a @ b, warmup=10, rep=100, return_mode="median")
+    return 2 * n**3 / ms / 1e9
+
+
 def print_table(results):
     print(f"\n{'workload':22} {'method':30} {'ms':>9} {'x floor':>8} {'TFLOP/s':>8} {'rel err':>9}")
     for res in results:
@@ -516,6 +528,7 @@ def main(argv=None):
         "kernels_from": getattr(K, "__name__", "?"), "autotune": bool(K._common.AUTOTUNE),
         "fp32_dot_precision": K._common.FP32_DOT_PRECISION, "rounds": args.rounds, "rep_ms": args.rep_ms,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "bf16_gemm_tflops": measured_bf16_peak() if dev == "cuda" else None,
     }
 
     results, start = [], time.time()

@@ -14,7 +14,9 @@
 #   3. bench/gpu/profile_step.py: torch.profiler on seq-large and transformer, the ops the tracked
 #      step adds (device and host time); 3b. bench/host_overhead.py on CUDA: tiny models, where a
 #      step is bound by launches and hooks;
-#   4. if time is left, the transformer workload under torch.compile, tracked against plain.
+#   4. if time is left, the transformer workload under torch.compile, tracked against plain;
+#   5. bench/gpu/verdicts.py: the results read against the targets and docs/kernels.md's open
+#      questions, one line each with the change it calls for (verdicts.md; seconds, nothing timed).
 # Results (JSON, junit XML, logs) go to bench/results/gpu/, or, where $OUT is set (the workplace's
 # device tool, which returns at most 8 files), to a scratch folder packed into $OUT/gpu_results.tgz
 # with the JSON tables copied beside it.
@@ -165,16 +167,20 @@ else
     SUMMARY+=("compile: skipped (${left}s left)")
 fi
 
+# 5. what the run answered (reads the files above): printed, and kept as verdicts.md.
+echo "=== verdicts"
+"$PY" bench/gpu/verdicts.py "$RESULTS" --out "$RESULTS/verdicts.md" || SUMMARY+=("verdicts: failed")
+
 echo "=== summary ($(( $(date +%s) - START ))s total)"
 for line in "${SUMMARY[@]}"; do echo "  $line"; done
 echo "  results in $RESULTS"
 if [ -n "${OUT:-}" ]; then
-    # (the device tool returns at most 8 files: the archive, the three tables read first, and
-    #  room for the caller's console log)
+    # (the device tool returns at most 8 files: the archive, the verdicts and the three tables read
+    #  first, and room for the caller's console log)
     tar czf "$OUT/gpu_results.tgz" -C "$RESULTS" .
-    for table in bench_kernels.json gpu_table.json check_engine.json; do
+    for table in verdicts.md bench_kernels.json gpu_table.json check_engine.json; do
         [ -f "$RESULTS/$table" ] && cp "$RESULTS/$table" "$OUT"/
     done
-    echo "  packed into $OUT/gpu_results.tgz (+ bench_kernels.json, gpu_table.json, check_engine.json)"
+    echo "  packed into $OUT/gpu_results.tgz (+ verdicts.md, bench_kernels.json, gpu_table.json, check_engine.json)"
 fi
 exit $status
