@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <type_traits>
 
 #include <algorithm>
@@ -614,13 +615,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instantiate_norm_cpu(const at::Te
 
 namespace {
 
-// The zero-padded patches of a one-group convolution of x [B, C, *in] as a [B, T, C * prod(kernel)]
-// view (a transposed positions-last buffer, as divebatch.reference.conv_patches writes it: the one
-// copy), and g [B, O, *out] as [B, T, O]; checks the geometry against g, naming `op` in errors.
-// On CPU the convolution operators unfold (the Triton kernels read the patches from x in place).
+// The bound on a temporary buffer in bytes: DIVEBATCH_MAX_EXTRA_MB (MiB, default 8), read once, as
+// divebatch.layers.routes reads it at import (which also refuses a malformed value, naming it).
+int64_t max_extra_bytes() {
+  static const int64_t bytes = [] {
+    const char* text = std::getenv("DIVEBATCH_MAX_EXTRA_MB");
+    char* end = nullptr;
+    const double mib = text != nullptr && *text != '\0' ? std::strtod(text, &end) : 8.0;
+    const bool valid = text == nullptr || *text == '\0' || (end != text && *end == '\0' && mib >= 0 && std::isfinite(mib));
+    return static_cast<int64_t>((valid ? mib : 8.0) * 1048576.0);
+  }();
+  return bytes;
+}
+
+// The zero-padded patches of samples [start, start + count) of a one-group convolution of
+// x [B, C, *in] as a [count, T, C * prod(kernel)] view (a transposed positions-last buffer, as
+// divebatch.reference.conv_patches writes it: the one copy), and g [B, O, *out]'s same samples as
+// [count, T, O]; checks the geometry against g, naming `op` in errors. On CPU the convolution
+// operators unfold, a bounded chunk of samples at a time (the Triton kernels read the patches from
+// x in place).
 std::pair<at::Tensor, at::Tensor> conv_patches_cpu(const at::Tensor& x_in, const at::Tensor& g_in,
                                                    at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                                   at::IntArrayRef padding, at::IntArrayRef dilation, const char* op) {
+                                                   at::IntArrayRef padding, at::IntArrayRef dilation, const char* op,
+                                                   int64_t start, int64_t count) {
   check_cpu(x_in, op, "x");
   check_same_device(x_in, g_in, op, "x", "g");
   check_float(x_in, op, "x");
@@ -640,7 +657,8 @@ std::pair<at::Tensor, at::Tensor> conv_patches_cpu(const at::Tensor& x_in, const
     }
   }
   check_size_match(x_in, g_in, 0, op, "x", "g", "batch size B");
-  const at::Tensor x = x_in.detach(), g = g_in.detach();  // see ghost_norm_cpu
+  // (see ghost_norm_cpu for the detach)
+  const at::Tensor x = narrowed(x_in.detach(), 0, start, count), g = narrowed(g_in.detach(), 0, start, count);
   std::vector<int64_t> pads;  // constant_pad_nd's order: last dim first, (left, right) each
   for (int64_t i = n - 1; i >= 0; --i) {
     pads.insert(pads.end(), {padding[i], padding[i]});
@@ -661,13 +679,35 @@ std::pair<at::Tensor, at::Tensor> conv_patches_cpu(const at::Tensor& x_in, const
   std::vector<int64_t> order = {0, 1};
   for (int64_t i = 0; i < n; ++i) order.push_back(2 + n + i);
   for (int64_t i = 0; i < n; ++i) order.push_back(2 + i);
-  const int64_t B = x.size(0), O = g.size(1);
+  const int64_t O = g.size(1);
   int64_t T = 1, columns = x.size(1);
   for (int64_t i = 0; i < n; ++i) {
     T *= g.size(2 + i);
     columns *= kernel_size[i];
   }
-  return {patches.permute(order).reshape({B, columns, T}).transpose(1, 2), g.reshape({B, O, T}).transpose(1, 2)};
+  return {patches.permute(order).reshape({count, columns, T}).transpose(1, 2), g.reshape({count, O, T}).transpose(1, 2)};
+}
+
+// Calls norms(a, rows, start, count) on the unfolded patches of consecutive chunks of samples, each
+// chunk's patches within max_extra_bytes() (at least one sample a chunk; one call for an empty batch).
+template <typename Norms>
+void for_patch_chunks(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, const char* op, Norms norms) {
+  // (an empty chunk first: it checks every argument before any size is read here, and gives T and
+  //  the columns of a sample's patches)
+  const auto [no_patches, no_rows] = conv_patches_cpu(x, g, kernel_size, stride, padding, dilation, op, 0, 0);
+  const int64_t B = x.size(0);
+  if (B == 0) {
+    norms(no_patches, no_rows, 0, 0);
+    return;
+  }
+  const int64_t sample_bytes = no_patches.size(1) * no_patches.size(2) * x.element_size();
+  const int64_t step = std::clamp<int64_t>(max_extra_bytes() / std::max<int64_t>(1, sample_bytes), 1, B);
+  for (int64_t start = 0; start < B; start += step) {
+    const int64_t count = std::min(step, B - start);
+    const auto [a, rows] = conv_patches_cpu(x, g, kernel_size, stride, padding, dilation, op, start, count);
+    norms(a, rows, start, count);
+  }
 }
 
 }  // namespace
@@ -676,16 +716,34 @@ std::pair<at::Tensor, at::Tensor> conv_patches_cpu(const at::Tensor& x_in, const
 std::tuple<at::Tensor, at::Tensor> conv_instantiate_norm_cpu(const at::Tensor& x, const at::Tensor& g,
                                                              at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                                              at::IntArrayRef padding, at::IntArrayRef dilation) {
-  const auto [a, rows] = conv_patches_cpu(x, g, kernel_size, stride, padding, dilation, "conv_instantiate_norm");
-  auto [weight_sq, bias_sq, grad_sum] = instantiate_norm_cpu(a, rows, false);
+  at::Tensor weight_sq, grad_sum;
+  for_patch_chunks(x, g, kernel_size, stride, padding, dilation, "conv_instantiate_norm",
+                   [&](const at::Tensor& a, const at::Tensor& rows, int64_t start, int64_t count) {
+                     auto [sq, bias_sq, part] = instantiate_norm_cpu(a, rows, false);
+                     if (!weight_sq.defined()) {
+                       weight_sq = at::empty({x.size(0)}, sq.options());
+                       grad_sum = part;
+                     } else {
+                       grad_sum.add_(part);
+                     }
+                     weight_sq.narrow(0, start, count).copy_(sq);
+                   });
   return {weight_sq, grad_sum};
 }
 
 // ghost_norm of a one-group convolution's zero-padded patches: weight_sq [B].
 at::Tensor conv_ghost_norm_cpu(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kernel_size,
                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
-  const auto [a, rows] = conv_patches_cpu(x, g, kernel_size, stride, padding, dilation, "conv_ghost_norm");
-  return std::get<0>(ghost_norm_cpu(a, rows, false));
+  at::Tensor weight_sq;
+  for_patch_chunks(x, g, kernel_size, stride, padding, dilation, "conv_ghost_norm",
+                   [&](const at::Tensor& a, const at::Tensor& rows, int64_t start, int64_t count) {
+                     const at::Tensor sq = std::get<0>(ghost_norm_cpu(a, rows, false));
+                     if (!weight_sq.defined()) {
+                       weight_sq = at::empty({x.size(0)}, sq.options());
+                     }
+                     weight_sq.narrow(0, start, count).copy_(sq);
+                   });
+  return weight_sq;
 }
 
 // ------------------------------------------------------------------ outer_norm

@@ -509,6 +509,41 @@ def test_conv_operators_are_exact(shape, kernel, stride, padding, dilation, out_
         assert rel_err(got, want[0].float()) <= 1e-5
 
 
+#: Run in a fresh process with glibc's mmap threshold fixed (each large buffer its own mapping,
+#: returned when freed), so the peak RSS a call adds is the most memory it held at once (MiB).
+_CONV_PEAK_PROBE = """
+import resource, torch
+from divebatch import ops, reference
+torch.manual_seed(0)
+x, g = torch.randn(64, 64, 16, 16), torch.randn(64, 8, 16, 16)
+geometry = ([3, 3], [1, 1], [1, 1], [1, 1])
+op = getattr(ops, "conv_{name}_norm")
+op(x[:2], g[:2], *geometry)  # (threads and BLAS buffers first)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+got = op(x, g, *geometry)
+added = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+want = getattr(reference, "conv_{name}_norm")(x, g, *geometry)
+got, want = (got[0], want[0]) if isinstance(got, tuple) else (got, want)
+print(added, float(((got - want).abs() / want.abs()).max()))
+"""
+
+
+@requires_cpp
+@pytest.mark.parametrize("name", ["instantiate", "ghost"])
+def test_conv_operators_unfold_a_bounded_chunk_of_samples(name):
+    """The C++ convolution operators unfold at most ``DIVEBATCH_MAX_EXTRA_MB`` (8 MiB by default) of
+    patches at a time: a batch whose patches take 36 MiB raises the peak memory of a call by less
+    than 24 MiB (patches, padded input and per-thread scratch; unfolded whole, 36 MiB and more),
+    and the chunks' norms are the reference's."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
+    env.pop("DIVEBATCH_MAX_EXTRA_MB", None)
+    done = subprocess.run([sys.executable, "-c", _CONV_PEAK_PROBE.format(name=name)], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    added_mib, err = map(float, done.stdout.split())
+    assert added_mib < 24 and err <= 1e-5
+
+
 @requires_cpp
 def test_inputs_requiring_grad():
     # The kernels run below autograd, but their worker threads do not inherit that state: they
