@@ -148,18 +148,18 @@ class Convolutions(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.padded = nn.Conv2d(3, 8, 3, padding=1)
-        self.strided = nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False)
-        self.dilated = nn.Conv2d(8, 8, 3, dilation=2, padding=2)
-        self.reflect = nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")
-        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
-        self.line = nn.Conv1d(8, 4, 5, padding="same")
+        self.padded = nn.Conv2d(3, 16, 3, padding=1)
+        self.strided = nn.Conv2d(16, 16, 3, stride=2, padding=1, bias=False)
+        self.dilated = nn.Conv2d(16, 16, 3, dilation=2, padding=2)
+        self.reflect = nn.Conv2d(16, 16, 3, padding=1, padding_mode="reflect")
+        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=2)
+        self.line = nn.Conv1d(16, 4, 5, padding="same")
         self.volume = nn.Conv3d(2, 3, 3, padding=(1, 0, 1), stride=(1, 2, 1))
 
     def forward(self, x):
         h = torch.tanh(self.strided(torch.tanh(self.padded(x))))
         h = self.grouped(torch.tanh(self.reflect(torch.tanh(self.dilated(h)))))
-        v = self.volume(h.reshape(h.shape[0], 2, 4, 8, 8))
+        v = self.volume(h.reshape(h.shape[0], 2, 8, 8, 8))
         return self.line(h.flatten(2)).square().sum(dim=(1, 2)) + v.square().sum(dim=(1, 2, 3, 4))
 
 
@@ -174,7 +174,7 @@ def test_cuda_routes_fuse_overlapping_convolutions_exactly(monkeypatch, backend,
     (padded, strided, dilated) patches, or with ``DIVEBATCH_TRITON_IMPLICIT_CONV=1`` through
     ``conv_instantiate_norm``, which reads them from the input in place (the kernel's implicit
     GEMM under the interpreter), whose tiles give the weight gradient too, from a channels-last copy
-    of an NCHW input of 8 channels (``channels_last_patches``); the grouped one takes the hook route;
+    of an NCHW input of 16 channels (``vector_layouts``); the grouped one takes the hook route;
     the norms and gradients are torch.func's."""
     from divebatch.layers import routes
 
@@ -196,9 +196,9 @@ def test_cuda_routes_fuse_overlapping_convolutions_exactly(monkeypatch, backend,
     fused = "fused-implicit-instantiate" if implicit else "fused-unfold-instantiate"
     assert taken == {"padded": fused, "strided": fused, "dilated": fused, "reflect": fused,
                      "grouped": "instantiate", "line": fused, "volume": fused}
-    # (padded: 3 channels, volume: 2, as they came; every input of 8 channels channels-last)
-    assert len(read) == (6 if implicit else 0) and all(contiguous for channels, contiguous in read if channels == 8)
-    assert sum(channels == 8 for channels, _ in read) == (4 if implicit else 0)
+    # (padded: 3 channels, volume: 2, as they came; every input of 16 channels channels-last)
+    assert len(read) == (6 if implicit else 0) and all(contiguous for channels, contiguous in read if channels == 16)
+    assert sum(channels == 16 for channels, _ in read) == (4 if implicit else 0)
     _assert_exact(model, stats, x, y)
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
         assert rel_err(p.grad, q.grad) <= 1e-5, name
@@ -231,7 +231,9 @@ def test_cuda_hook_routes_read_convolution_patches_in_place_exactly(monkeypatch,
     a ResNet's deep layers), zero and reflect padded, strided, biased or not, with no patches
     unfolded; the grouped one unfolds; a convolution called twice a step unfolds its calls'
     patches together, and ``tracker.plan()`` says so; an NCHW input of 16 or 64 channels reaches
-    the operators as a channels-last copy, one of 3 channels as it is; the norms are torch.func's."""
+    the operators as a channels-last copy, one of 3 channels as it is, and the output grad of 2 x 2
+    positions as a copy, those of 8 x 8 and 4 x 4 as they are (``vector_layouts``); the norms are
+    torch.func's."""
     from divebatch.layers import routes
 
     if backend == "triton" and not ops.TRITON_AVAILABLE:
@@ -253,39 +255,52 @@ def test_cuda_hook_routes_read_convolution_patches_in_place_exactly(monkeypatch,
         "twice": "instantiate"}
     # (grouped: ghost_norm on its unfolded patches; twice: its two calls' patches side by side)
     assert calls == {"conv_instantiate_norm": 1, "conv_ghost_norm": 2, "ghost_norm": 1, "instantiate_norm": 1}
-    # (wide: 3 input channels; strided, deep: 16 and 64, copied channels-last, as their plans say)
-    assert channels_last["conv_instantiate_norm"] == [False] and channels_last["conv_ghost_norm"] == [True, True]
-    assert {name for name, plan in plans.items() if "channels-last copy" in plan.shape} == {"strided", "deep"}
+    # ((input, output grad) channels-last: wide's 3 input channels and 8 x 8 positions, strided's 16
+    #  channels and 4 x 4 positions, deep's 64 channels and 2 x 2 positions; as their plans say)
+    assert channels_last["conv_instantiate_norm"] == [(False, False)]
+    assert sorted(channels_last["conv_ghost_norm"]) == [(True, False), (True, True)]
+    assert "copy of the patches' input)" in plans["strided"].shape
+    assert "copy of the patches' input and output grad)" in plans["deep"].shape
+    assert "copy" not in plans["wide"].shape
     _assert_exact(model, stats, x, y)
 
 
 def _counted(calls: collections.Counter, name: str, fn, channels_last: dict | None = None):
     """``fn`` counting its calls in ``calls[name]`` (and, given ``channels_last``, appending whether
-    its first argument's channels were contiguous to ``channels_last[name]``)."""
+    its first two arguments' channels were contiguous to ``channels_last[name]``)."""
     def run(*args, **kwargs):
         calls[name] += 1
         if channels_last is not None:
-            channels_last[name].append(args[0].stride(1) == 1)
+            channels_last[name].append((args[0].stride(1) == 1, args[1].stride(1) == 1))
         return fn(*args, **kwargs)
 
     return run
 
 
-@pytest.mark.parametrize("shape", [(2, 16, 9), (2, 16, 5, 7), (2, 8, 3, 4, 5)], ids=["1d", "2d", "3d"])
-def test_implicit_patches_read_a_channels_last_copy_of_nchw_inputs(monkeypatch, shape):
-    """``channels_last_patches``: an NCHW input whose channels come in multiples of 8 becomes a
-    channels-last copy (the implicit kernels' vector loads), equal to it; a channels-last input,
-    one of 3 channels, and one whose copy would pass the memory bound are handed on as they are."""
+@pytest.mark.parametrize("spatial", [(9,), (5, 7), (3, 4, 5)], ids=["1d", "2d", "3d"])
+def test_vector_layouts_copy_what_would_load_element_by_element(monkeypatch, spatial):
+    """``vector_layouts``: an NCHW input of 16 channels becomes a channels-last copy equal to it; an
+    NCHW output grad too where its positions are not a multiple of 16 (these are not), but not where
+    they are; a channels-last tensor, one of 8 channels (no vector loads either way) and one whose
+    copy would pass the memory bound are handed on as they are."""
     from divebatch.layers import conv
 
-    x = torch.randn(shape)
-    copy = conv.channels_last_patches(x)
-    assert copy.stride(1) == 1 and copy.data_ptr() != x.data_ptr() and torch.equal(copy, x)
-    assert conv.channels_last_patches(copy) is copy
-    few = torch.randn(2, 3, *shape[2:])
-    assert conv.channels_last_patches(few) is few
+    def channels_last(t):  # (for any number of spatial dims)
+        return t.movedim(1, -1).contiguous().movedim(-1, 1)
+
+    x, g = torch.randn(2, 16, *spatial), torch.randn(2, 32, *spatial)
+    x_copy, g_copy = conv.vector_layouts(x, g)
+    for copy, t in ((x_copy, x), (g_copy, g)):
+        assert copy.stride(1) == 1 and copy.data_ptr() != t.data_ptr() and torch.equal(copy, t)
+    assert all(a is b for a, b in zip(conv.vector_layouts(x_copy, g_copy), (x_copy, g_copy)))
+    g16 = torch.randn(2, 32, *spatial[:-1], 16)  # (16 positions a channel, contiguous: runs of positions)
+    assert conv.vector_layouts(x, g16)[1] is g16
+    cl_x = channels_last(torch.randn(2, 16, *spatial))
+    assert conv.vector_layouts(cl_x, g16)[0] is cl_x
+    few, few_g = torch.randn(2, 8, *spatial), torch.randn(2, 8, *spatial)
+    assert all(a is b for a, b in zip(conv.vector_layouts(few, few_g), (few, few_g)))
     monkeypatch.setattr(conv, "max_extra_bytes", lambda device_type: x.numel() * x.element_size() - 1)
-    assert conv.channels_last_patches(x) is x
+    assert all(a is b for a, b in zip(conv.vector_layouts(x, g), (x, g)))
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])

@@ -121,7 +121,7 @@ def _specs():
         # by 16). A padded 2-d one with int32 in-sample offsets (the common case) and a padded 3-d
         # one with int64 offsets (the most registers).
         **{f"_instantiate_norm_kernel[implicit{suffix}]": dict(
-            module="instantiate_norm", function="_instantiate_norm_kernel", variants=("strided", "channels-last"),
+            module="instantiate_norm", function="_instantiate_norm_kernel", variants=("strided", *LAYOUTS),
             pointers={"a_ptr": None, "g_ptr": None, "weight_sq_ptr": "fp32", "bias_sq_ptr": "fp32",
                       "wgrad_ptr": "fp32"},
             tensor_args=("a_ptr", "g_ptr"),
@@ -132,7 +132,7 @@ def _specs():
         ) for suffix, depth in (("", False), ("-3d-wide", True))},
         # The Grams of a convolution's patches read from its input in place (as above).
         **{f"_ghost_norm_kernel[implicit{suffix}]": dict(
-            module="ghost_norm", function="_ghost_norm_kernel", variants=("strided", "channels-last"),
+            module="ghost_norm", function="_ghost_norm_kernel", variants=("strided", *LAYOUTS),
             pointers={"a_ptr": None, "g_ptr": None, "weight_sq_ptr": "fp32", "colsum_ptr": "fp32"},
             tensor_args=("a_ptr", "g_ptr"),
             inner_strides=("stride_ad", "stride_gp"),
@@ -206,11 +206,19 @@ def _specs():
     }
 
 
-#: The ``channels-last`` variant of the implicit convolution kernels: what a channels-last input
-#: (and output grad) with channel counts divisible by 16 gives the JIT.
-CHANNELS_LAST = dict(constexprs={"CHANNELS_FASTEST": True}, unit_ints=("stride_xc", "stride_gp"),
-                     aligned_ints=("XC", "d", "p", "stride_ab", "stride_gb", "stride_gt", "stride_xd", "stride_xh",
-                                   "stride_xw"))
+#: The layout variants of the implicit convolution kernels beyond ``strided``: what the JIT is given
+#: for a channels-last input (channel stride 1, sizes and strides divisible by 16) with a channels-last
+#: output grad (``channels-last``), or with an NCHW output grad whose positions come in multiples of 16
+#: (``channels-last-x``: the engine's channels-last copy of an NCHW input beside its own output grad,
+#: ``layers.conv.vector_layouts``; rows contiguous along positions).
+LAYOUTS = {
+    "channels-last": dict(constexprs={"CHANNELS_FASTEST": True}, unit_ints=("stride_xc", "stride_gp"),
+                          aligned_ints=("XC", "d", "p", "stride_ab", "stride_gb", "stride_gt", "stride_xd",
+                                        "stride_xh", "stride_xw")),
+    "channels-last-x": dict(constexprs={"CHANNELS_FASTEST": True}, unit_ints=("stride_xc", "stride_gt"),
+                            aligned_ints=("T", "XC", "d", "p", "stride_ab", "stride_gb", "stride_gp", "stride_xd",
+                                          "stride_xh", "stride_xw")),
+}
 
 
 def _config_label(cfg) -> str:
@@ -239,7 +247,7 @@ def _configs(kernel: str, dtype: str, variant: str, arch: int):
     named = {n: torch.empty(0, dtype=tdtype) for n in spec["tensor_args"]}
     named.update({n: 1 if variant == "contig" else 2 for n in spec["inner_strides"]})
     prune = getattr(module, spec.get("prune", "_PRUNE"), {})
-    constexprs = dict(spec["constexprs"], **(CHANNELS_LAST["constexprs"] if variant == "channels-last" else {}))
+    constexprs = dict(spec["constexprs"], **(LAYOUTS[variant]["constexprs"] if variant in LAYOUTS else {}))
     return autotuner.fn, K._common.configs_for(autotuner.configs, prune, named, arch, **constexprs)
 
 
@@ -394,8 +402,8 @@ def _compile_one(job) -> dict:
     upcast, precision = K._common.dot_options(getattr(torch, _TORCH_DTYPE_NAMES[dtype]))
 
     constexprs = dict(spec["constexprs"], **cfg.kwargs)
-    if variant == "channels-last":
-        constexprs.update(CHANNELS_LAST["constexprs"])
+    if variant in LAYOUTS:
+        constexprs.update(LAYOUTS[variant]["constexprs"])
     if "UPCAST" in fn.arg_names:
         constexprs.update(UPCAST=upcast, DOT_PRECISION=precision)
     if "TMA_OK" in fn.arg_names:  # (the wrappers' tma_ok: aligned unit-stride inputs, i.e. "contig")
@@ -406,9 +414,9 @@ def _compile_one(job) -> dict:
             signature[arg] = "constexpr"
         elif arg in spec["pointers"]:
             signature[arg] = "*" + (spec["pointers"][arg] or dtype)
-            if variant in ("contig", "channels-last"):
+            if variant == "contig" or variant in LAYOUTS:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-        elif variant == "channels-last" and arg in CHANNELS_LAST["unit_ints"]:
+        elif variant in LAYOUTS and arg in LAYOUTS[variant]["unit_ints"]:
             signature[arg] = "constexpr"
             constexprs[arg] = 1
         elif arg in spec.get("floats", ()):
@@ -419,7 +427,7 @@ def _compile_one(job) -> dict:
         else:
             signature[arg] = "i32"
             if (variant == "contig" and arg in spec["aligned_ints"]
-                    or variant == "channels-last" and arg in CHANNELS_LAST["aligned_ints"]):
+                    or variant in LAYOUTS and arg in LAYOUTS[variant]["aligned_ints"]):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     record = {"kernel": kernel, "dtype": dtype, "arch": arch, "config": _config_label(cfg), "variant": variant}
     try:
@@ -436,6 +444,8 @@ def _compile_one(job) -> dict:
             mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
             # Asynchronous global->shared copies: the software pipeline of num_stages > 1.
             cp_async=len(re.findall(r"\bcp\.async\.c[ag]\b", ptx)),
+            # Loads from global memory into registers: outside the software pipeline.
+            ld_global=len(re.findall(r"\bld\.global\b", ptx)),
             # Hopper's tensor memory accelerator: bulk copies by descriptor (the USE_TMA configs).
             tma=len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)),
             mma_buffer_hazards=async_mma_buffer_hazards(compiled.asm.get("ttgir", ""), cfg.num_stages),
@@ -559,14 +569,17 @@ def test_contiguous_loads_are_pipelined(records):
 
 def test_channels_last_implicit_loads_are_pipelined(records):
     """The implicit convolution kernels on a channels-last input number their columns channel-fastest,
-    so a chunk's rows are contiguous 16-byte runs: every load is an asynchronous copy (``cp.async``)
-    in the software pipeline, as for contiguous inputs. In the weight's column order (any other
-    layout) they are gathered one element at a time and not pipelined (the strided builds)."""
+    so a chunk's rows are contiguous 16-byte runs: every 16-bit load is an asynchronous copy
+    (``cp.async``) in the software pipeline, none a load into registers, with the output grad
+    channels-last or NCHW with positions in multiples of 16 (the layouts ``layers.conv.vector_layouts``
+    hands them; an NCHW output grad of other sizes loaded element by element, hence its copy there).
+    In the weight's column order (any other layout) they are gathered one element at a time and not
+    pipelined (the strided builds)."""
     implicit = [r for r in records if "[implicit" in r["kernel"] and "error" not in r]
-    assert {r["variant"] for r in implicit} == {"strided", "channels-last"}
-    plain = [f"{r['kernel']} {r['dtype']} sm_{r['arch']} {r['config']}" for r in implicit
-             if r["variant"] == "channels-last" and r.get("cp_async", 0) == 0]
-    assert not plain, "channels-last implicit builds without asynchronous copies:\n" + "\n".join(plain)
+    assert {r["variant"] for r in implicit} == {"strided", *LAYOUTS}
+    plain = [f"{r['kernel']} {r['dtype']} sm_{r['arch']} {r['config']} {r['variant']}" for r in implicit
+             if r["variant"] in LAYOUTS and (r.get("cp_async", 0) == 0 or r["dtype"] != "fp32" and r["ld_global"])]
+    assert not plain, "channels-last implicit builds with loads outside the pipeline:\n" + "\n".join(plain)
     assert all(r.get("cp_async", 0) == 0 for r in implicit if r["variant"] == "strided" and r["dtype"] != "fp32")
 
 

@@ -272,8 +272,9 @@ def measured_faster_route(result) -> str:
 #: ``conv-ghost`` row of the Gram kernel.
 IMPLICIT = "triton conv_instantiate_norm (implicit)"
 IMPLICIT_GHOST = "triton conv_ghost_norm (implicit)"
-#: The same kernels as the engine hands them an NCHW map of channels in multiples of 8: a
-#: channels-last copy first (``layers.conv.channels_last_patches``; the copy is in the time).
+#: The same kernels as the engine hands them an NCHW map of channels in multiples of 16: channels-last
+#: copies first (``layers.conv.vector_layouts``: the input, and an output grad whose positions are not
+#: a multiple of 16; the copies are in the time).
 COPIED = " from a channels-last copy"
 
 
@@ -285,10 +286,10 @@ def _conv_methods(B, O, dtype, geometry, K, R, dev, gen, ghost=False):
     ``ghost``: the hook route's norms instead, ``unfold + triton ghost_norm`` against
     ``IMPLICIT_GHOST`` (norms only; cuDNN's weight gradient runs beside them there). A sixth
     ``geometry`` entry ``"channels_last"`` gives input and output grad in that memory format; an
-    NCHW input of channels in multiples of 8 also gets the implicit kernel from the channels-last
-    copy the engine makes (``+ COPIED``, timed before the plain implicit row, whose config
+    NCHW input of channels in multiples of 16 also gets the implicit kernel from the channels-last
+    copies the engine makes (``+ COPIED``, timed before the plain implicit row, whose config
     ``chosen`` then records)."""
-    from divebatch.layers.conv import channels_last_patches
+    from divebatch.layers.conv import vector_layouts
 
     C, side, k, stride, pad, *layout = geometry
     conv = ([k, k], [stride, stride], [pad, pad], [1, 1])
@@ -311,24 +312,24 @@ def _conv_methods(B, O, dtype, geometry, K, R, dev, gen, ghost=False):
             g, x, weight, None, conv[1], conv[2], conv[3], False, [0, 0], 1, [False, True, False]),
         unfolded: unfold_route,
     }
-    implicit_inputs = {implicit_name: lambda: x}
-    if channels_last_patches(x) is not x:
-        implicit_inputs = {implicit_name + COPIED: lambda: channels_last_patches(x), **implicit_inputs}
+    implicit_inputs = {implicit_name: lambda: (x, g)}
+    if any(laid is not given for laid, given in zip(vector_layouts(x, g), (x, g))):
+        implicit_inputs = {implicit_name + COPIED: lambda: vector_layouts(x, g), **implicit_inputs}
     for name, input_of in implicit_inputs.items():
-        methods[name] = lambda input_of=input_of: implicit_kernel(input_of(), g, *conv)
+        methods[name] = lambda input_of=input_of: implicit_kernel(*input_of(), *conv)
     T = out.shape[2] * out.shape[3]
     flops = dict.fromkeys(methods, 2 * B * T * C * k * k * O)
     if ghost:
         flops[unfolded] = B * (T * T + T) * (C * k * k + O)  # (as "triton ghost_norm")
         flops.update(dict.fromkeys(implicit_inputs, flops[unfolded]))
         want = R.conv_ghost_norm(x.float(), g.float(), *conv)
-        errors = {name: rel_err(implicit_kernel(input_of(), g, *conv), want) for name, input_of in implicit_inputs.items()}
+        errors = {name: rel_err(implicit_kernel(*input_of(), *conv), want) for name, input_of in implicit_inputs.items()}
         errors[unfolded] = rel_err(unfold_route()[0], want)
         return methods, errors, flops
     want = R.conv_instantiate_norm(x.float(), g.float(), *conv)
     errors = {}
     for name, input_of in implicit_inputs.items():
-        implicit = K.conv_instantiate_norm_triton(input_of(), g, *conv)
+        implicit = K.conv_instantiate_norm_triton(*input_of(), *conv)
         errors[name] = max(rel_err(implicit[0], want[0]), rel_err(implicit[1], want[1]))
     by_unfolding = unfold_route()
     errors[unfolded] = max(rel_err(by_unfolding[0], want[0]), rel_err(by_unfolding[2], want[1]))

@@ -191,10 +191,10 @@ def implicit_convolutions(bench: dict) -> list[Verdict]:
     if not verdicts:
         return []
     if wins["copy"] and max(wins["copy"]) < 1 and (not wins["channels-last"] or max(wins["channels-last"]) < 1):
-        action, verdict = "default implicit_patches on (layers/conv.py), the channels-last copies kept", "on"
+        action, verdict = "default implicit_patches on (layers/conv.py), vector_layouts' copies kept", "on"
     elif wins["channels-last"] and max(wins["channels-last"]) < 1:
         action, verdict = ("default implicit_patches on for channels-last inputs only, and drop "
-                           "channels_last_patches' copy"), "channels-last only"
+                           "vector_layouts' copies"), "channels-last only"
     else:
         action, verdict = "keep DIVEBATCH_TRITON_IMPLICIT_CONV opt-in", "off"
     verdicts.append(Verdict("implicit convolutions: the default", "ratios to the unfolded route above", verdict, action))

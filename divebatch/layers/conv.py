@@ -11,7 +11,7 @@ CUDA with the Triton kernels and ``DIVEBATCH_TRITON_IMPLICIT_CONV=1`` a one-grou
 patches are not unfolded at all: its kernels read them from the input in place
 (``implicit_patches``: ``conv_instantiate_norm`` for the fused route, ``conv_ghost_norm`` or
 ``conv_instantiate_norm`` for the hooks' norms), from a channels-last copy of an NCHW input whose
-channels come in multiples of 8 (``channels_last_patches``: vector loads, at a ninth of the
+channels come in multiples of 16 (``vector_layouts``: vector loads, at a ninth of the
 unfolded copy's bytes for a 3x3 kernel).
 
 nn.ConvTranspose1d/2d/3d take the same routes through the adjoint convolution (the output grad
@@ -185,7 +185,7 @@ class ConvRule(LayerRule):
             plan = fused_linear_route(B, T, d, module.out_channels, x.device.type)
             if implicit_patches(x.device):
                 plan.route = "fused-implicit-instantiate"
-                _with_patch_layout(plan, x)
+                _with_copies(plan, x, None)
             else:
                 plan.route = "fused-unfold-instantiate"
                 plan.extra_bytes += 4.0 * _unfold_chunk(B, T * d, x.device.type) * T * d
@@ -206,7 +206,7 @@ class ConvRule(LayerRule):
         plan = linear_route(grads[0].shape[0] * module.groups, T, d, p, device_type=grads[0].device.type)
         if len(calls) == 1 and _implicit_hook_route(module, grads[0]) is not None:
             plan.route = f"implicit-{plan.route}"
-            return _with_patch_layout(plan, calls[0][0])
+            return _with_copies(plan, calls[0][0], grads[0])
         chunk = min(self.chunk_size(module, g, g) for g in grads)
         plan.extra_bytes += chunk * module.groups * T * d * 4
         plan.shape = f"{plan.shape} (unfold chunk {chunk})"
@@ -309,8 +309,8 @@ def implicit_patches(device: torch.device) -> bool:
     ``DIVEBATCH_TRITON_IMPLICIT_CONV=1`` (read at each call). Off by default until a GPU has timed
     it against the unfolded route (``bench/gpu/bench_kernels.py``'s ``conv-*-implicit`` rows): it
     saves writing and reading the patches (~2 GB a step at conv-large) but gathers its loads by
-    computed addresses, which no GPU has run yet (from a channels-last copy of an NCHW input:
-    ``channels_last_patches``)."""
+    computed addresses, which no GPU has run yet (from channels-last copies where an NCHW layout
+    would leave them unvectorised: ``vector_layouts``)."""
     if os.environ.get("DIVEBATCH_TRITON_IMPLICIT_CONV", "0").strip() != "1":
         return False
     return routes.triton_kernels(device.type)
@@ -348,37 +348,67 @@ def implicit_norms(module: nn.modules.conv._ConvNd, x: torch.Tensor, g: torch.Te
 def in_place_weight_norms(x: torch.Tensor, g: torch.Tensor, geometry: tuple, route: str) -> torch.Tensor:
     """Per-sample squared weight-gradient norms [B] of the one-group convolution of ``x`` with output
     grad ``g`` and ``geometry`` (kernel size, stride, zero padding, dilation): ``ops.conv_ghost_norm``
-    for the ``"ghost"`` route, else the norms of ``ops.conv_instantiate_norm``; ``x`` as
-    ``channels_last_patches`` gives it."""
-    x = channels_last_patches(x)
+    for the ``"ghost"`` route, else the norms of ``ops.conv_instantiate_norm``; ``x`` and ``g`` as
+    ``vector_layouts`` gives them."""
+    x, g = vector_layouts(x, g)
     return ops.conv_ghost_norm(x, g, *geometry) if route == "ghost" else ops.conv_instantiate_norm(x, g, *geometry)[0]
 
 
-def channels_last_patches(x: torch.Tensor) -> torch.Tensor:
-    """``x [B, C, *spatial]`` laid out for the implicit convolution kernels: a channels-last copy
-    where its channels are not contiguous (an NCHW map) and come in multiples of 8, else ``x``.
+def vector_layouts(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A one-group convolution's input ``x [B, C, *in]`` and output grad ``g [B, O, *out]`` laid out
+    for the implicit kernels' vector loads (16-byte runs that the software pipeline copies
+    asynchronously; what they cannot load in runs, they gather one element at a time outside the
+    pipeline: tests/test_triton_compile.py). A channels-last copy is made of
 
-    The kernels number a channels-last input's patch columns channel-fastest, so each row of a
-    chunk loads as 16-byte vectors that the software pipeline copies asynchronously; from an NCHW
-    map they gather single elements outside the pipeline (``kernels/_patches.py``). The copy writes
-    ``B C prod(spatial)`` elements once, against the ``B T C prod(kernel)`` an unfolded route writes
-    (a ninth for a 3x3 kernel at stride 1). A copy past ``routes.max_extra_bytes`` is not made (the
-    kernels read ``x`` as it is: exact, slower), nor one of fewer channels (no vectors either way)."""
-    return x.movedim(1, -1).contiguous().movedim(-1, 1) if _copies_to_channels_last(x) else x
+    * ``x`` where it is not channels-last and its channels come in multiples of 16: the kernels read
+      a channels-last input's patch columns channel-fastest, in runs of channels, and an NCHW map
+      cannot be read in runs (a padded window starts unaligned; ``% OW`` hides the positions'
+      contiguity). ``B C prod(in)`` elements written once, against the ``B T C prod(kernel)`` of an
+      unfolded route (a ninth for a 3 x 3 kernel at stride 1);
+    * ``g`` where its rows ``[T, O]`` load in neither channels (channels-last, ``O`` a multiple of 16)
+      nor positions (contiguous positions, ``T`` a multiple of 16), and ``O`` is a multiple of 16:
+      an NCHW output grad of 14 x 14 or 7 x 7 positions (a ResNet's deep layers).
+
+    (Multiples of 16, not 8: the compiler vectorises where it knows an integer argument divisible by
+    16.) No copy is made past ``routes.max_extra_bytes`` (the kernels then read the tensor as it is:
+    exact, slower)."""
+    return (_channels_last(x) if _copies(x, positions_serve=False) else x,
+            _channels_last(g) if _copies(g, positions_serve=True) else g)
 
 
-def _copies_to_channels_last(x: torch.Tensor) -> bool:
-    """Whether ``channels_last_patches`` copies ``x``."""
-    return (x.dim() >= 3 and x.shape[1] % 8 == 0 and x.stride(1) != 1
-            and x.numel() * x.element_size() <= max_extra_bytes(x.device.type))
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t.movedim(1, -1).contiguous().movedim(-1, 1)
 
 
-def _with_patch_layout(plan: RoutePlan, x: torch.Tensor) -> RoutePlan:
-    """An implicit route's ``plan`` with the channels-last copy ``channels_last_patches`` makes of
-    ``x`` (the input whose patches the kernel reads), if it makes one, in its bytes and shape."""
-    if _copies_to_channels_last(x):
-        plan.extra_bytes += x.numel() * x.element_size()
-        plan.shape = f"{plan.shape} (channels-last copy of the patches' input)"
+def _copies(t: torch.Tensor, positions_serve: bool) -> bool:
+    """Whether ``vector_layouts`` copies ``t`` (the output grad where ``positions_serve``: contiguous
+    positions in multiples of 16 load in runs as well)."""
+    if t.dim() < 3 or t.shape[1] % 16 != 0 or t.stride(1) == 1:
+        return False
+    if positions_serve and math.prod(t.shape[2:]) % 16 == 0 and _contiguous_positions(t):
+        return False
+    return t.numel() * t.element_size() <= max_extra_bytes(t.device.type)
+
+
+def _contiguous_positions(t: torch.Tensor) -> bool:
+    """Whether ``t [B, C, *spatial]``'s positions of a channel are one contiguous run."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[2:]), reversed(t.stride()[2:])):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _with_copies(plan: RoutePlan, x: torch.Tensor, g: torch.Tensor | None) -> RoutePlan:
+    """An implicit route's ``plan`` with the copies ``vector_layouts`` makes of the patches' input
+    ``x`` and the rows' output grad ``g`` (None: not known yet, the fused route's plan), in its
+    bytes and shape."""
+    copied = [(name, t) for name, t, rows in (("patches' input", x, False), ("output grad", g, True))
+              if t is not None and _copies(t, positions_serve=rows)]
+    if copied:
+        plan.extra_bytes += sum(t.numel() * t.element_size() for _, t in copied)
+        plan.shape = f"{plan.shape} (channels-last copy of the {' and '.join(name for name, _ in copied)})"
     return plan
 
 
@@ -466,8 +496,8 @@ def fused_conv_grads(module, ctx, g, tracked):
     T, d = g[0].numel() // module.out_channels, module.in_channels // module.groups * math.prod(module.kernel_size)
     if _unfolded_fused_route(module, not any(padding), B, T, d, module.out_channels, x.device.type):
         if implicit_patches(x.device):
-            sq, grad_w = ops.conv_instantiate_norm(channels_last_patches(x), g, module.kernel_size, module.stride,
-                                                   padding, module.dilation)
+            sq, grad_w = ops.conv_instantiate_norm(*vector_layouts(x, g), module.kernel_size, module.stride, padding,
+                                                   module.dilation)
             grad_w = grad_w.view(module.weight.shape)
         else:
             sq, grad_w = unfolded_weight_norms(module, padded_input(module, ctx), g)
@@ -788,7 +818,7 @@ class ConvTransposeRule(LayerRule):
             plan.route = f"implicit-{plan.route}"
             plan.shape = f"{plan.shape} (transposed conv: output grad's patches read in place)"
             plan.alternatives = costs
-            return _with_patch_layout(plan, grad)
+            return _with_copies(plan, grad, ctx)
         chunk = self.chunk_size(module, ctx, grad)
         plan.extra_bytes += 4.0 * chunk * (module.groups * T * d + grad[0].numel())
         plan.shape = f"{plan.shape} (transposed conv: unfolded output grad, chunk {chunk})"
