@@ -500,9 +500,9 @@ def main(argv=None):
                 WORKLOADS[key] = (op, 2, 16, 24, 0, dtype, extra)
             if op == "ghost+instantiate":  # (4 samples: the instantiate kernel regrouped as 2 runs too)
                 WORKLOADS[key] = (op, min(B, 4), *WORKLOADS[key][2:])
-            if op in ("conv", "conv-ghost"):  # (9 x 9 maps of 8 channels, 3 where the workload's are
-                # not a multiple of 8, and the workload's kernel, stride, padding and layout)
-                WORKLOADS[key] = (op, 2, 0, 0, 5, dtype, (8 if extra[0] % 8 == 0 else 3, 9, *extra[2:]))
+            if op in ("conv", "conv-ghost"):  # (9 x 9 maps of 16 channels, 3 where the workload's are
+                # not a multiple of 16, and the workload's kernel, stride, padding and layout)
+                WORKLOADS[key] = (op, 2, 0, 0, 5, dtype, (16 if extra[0] % 16 == 0 else 3, 9, *extra[2:]))
     elif interpret:
         sys.exit("bench_kernels.py times GPU kernels: unset TRITON_INTERPRET (or pass --cpu-smoke)")
     elif not torch.cuda.is_available():
