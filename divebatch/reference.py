@@ -98,14 +98,21 @@ def conv_patches(x: torch.Tensor, kernel_size, stride, dilation) -> torch.Tensor
     T]``, positions last (what im2col writes fastest), columns in ``weight.view(O, -1)``'s order;
     the one copy is the final reshape."""
     n = len(kernel_size)
+    x = conv_windows(x, kernel_size, stride, dilation)
+    # x: [B, C, o_1..o_n, k_1..k_n] -> [B, C, k_1..k_n, o_1..o_n], positions last.
+    x = x.permute(0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n))
+    return x.reshape(x.shape[0], x.shape[1] * math.prod(kernel_size), math.prod(x.shape[2 + n:]))
+
+
+def conv_windows(x: torch.Tensor, kernel_size, stride, dilation) -> torch.Tensor:
+    """The windows of an (already padded) input ``x [B, C, *spatial]`` as a view ``[B, C, o_1..o_n,
+    k_1..k_n]`` (output positions, then kernel offsets), nothing copied."""
     for i, (k, s, dil) in enumerate(zip(kernel_size, stride, dilation)):
         # A dilated window is a contiguous window of span dil*(k-1)+1 read every dil-th element.
         x = x.unfold(2 + i, dil * (k - 1) + 1, s)
         if dil > 1:
             x = x[..., ::dil]
-    # x: [B, C, o_1..o_n, k_1..k_n] -> [B, C, k_1..k_n, o_1..o_n], positions last.
-    x = x.permute(0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n))
-    return x.reshape(x.shape[0], x.shape[1] * math.prod(kernel_size), math.prod(x.shape[2 + n:]))
+    return x
 
 
 def conv_instantiate_norm(x: torch.Tensor, g: torch.Tensor, kernel_size, stride, padding, dilation):

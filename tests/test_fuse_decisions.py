@@ -265,6 +265,61 @@ def test_cuda_hook_routes_read_convolution_patches_in_place_exactly(monkeypatch,
     _assert_exact(model, stats, x, y)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_cuda_hook_routes_unfold_rows_where_positions_would_load_element_by_element(monkeypatch, backend):
+    """Unfused, on the routes a GPU takes with the implicit kernels off (the default), a
+    convolution's unfolded patches and output grad reach the kernels as positions-last views where
+    their positions come in multiples of 16 (8 x 8, 4 x 4: the kernels' vector loads run along
+    positions) and as contiguous rows where they do not (2 x 2, the grouped layer, the layer called
+    twice: runs of columns); the norms are torch.func's."""
+    from divebatch.layers import routes
+
+    if backend == "triton" and not ops.TRITON_AVAILABLE:
+        pytest.skip("triton (divebatch._kernels) does not import here")
+    monkeypatch.setenv("DIVEBATCH_BACKEND", backend)
+    monkeypatch.setenv("DIVEBATCH_TRITON_IMPLICIT_CONV", "0")
+    monkeypatch.setattr(routes, "triton_kernels", lambda device_type: True)
+    torch.manual_seed(0)
+    model, x, y = Deepening(), torch.randn(4, 3, 8, 8), torch.randn(4)
+    seen = []  # (positions, patches in rows, output grad in rows) of each kernel call
+
+    def recorded(fn):
+        def run(a, g, *args):
+            seen.append((a.shape[1], a.stride(2) == 1, g.stride(2) == 1))
+            return fn(a, g, *args)
+        return run
+
+    for name in ("ghost_norm", "instantiate_norm"):
+        monkeypatch.setattr(ops, name, recorded(getattr(ops, name)))
+    with GradNormTracker(model, "sum", fused=False) as tracker:
+        _squared_error(model(x), y).backward()
+        stats = tracker.collect()
+    # (wide 8 x 8, strided 4 x 4, deep and grouped 2 x 2, twice: two calls of 2 x 2 side by side)
+    assert sorted(seen) == [(4, True, True), (4, True, True), (8, True, True), (16, False, False),
+                            (64, False, False)]
+    _assert_exact(model, stats, x, y)
+
+
+@pytest.mark.parametrize("groups,kernel,stride,dilation,spatial", [
+    (1, (3, 3), (1, 1), (1, 1), (5, 6)), (2, (3, 2), (2, 1), (1, 2), (7, 6)), (4, (3,), (2,), (1,), (11,)),
+    (1, (2, 3, 2), (1, 2, 1), (1, 1, 2), (4, 6, 5))], ids=["2d", "2d-grouped-dilated", "1d-grouped", "3d"])
+def test_unfolded_rows_are_the_positions_last_patches(monkeypatch, groups, kernel, stride, dilation, spatial):
+    """``unfold_patches`` and ``grouped_grad`` in rows (``rows_layout``) give the same patches and
+    output grad rows as the positions-last views, as contiguous buffers."""
+    from divebatch.layers import conv
+
+    module = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(kernel)](8, 4, kernel, stride, dilation=dilation,
+                                                                       groups=groups)
+    x = torch.randn(3, 8, *spatial)
+    g = torch.randn_like(module(x))
+    monkeypatch.setattr(conv, "rows_layout", lambda T, device_type: False)
+    views = conv.unfold_patches(module, x), conv.grouped_grad(module, g)
+    monkeypatch.setattr(conv, "rows_layout", lambda T, device_type: True)
+    rows = conv.unfold_patches(module, x), conv.grouped_grad(module, g)
+    for view, row in zip(views, rows):
+        assert view.stride(1) == 1 and row.is_contiguous() and torch.equal(view, row)
+
+
 def _counted(calls: collections.Counter, name: str, fn, channels_last: dict | None = None):
     """``fn`` counting its calls in ``calls[name]`` (and, given ``channels_last``, appending whether
     its first two arguments' channels were contiguous to ``channels_last[name]``)."""

@@ -96,7 +96,7 @@ _SCAN_MODES = (("LSTM", 0), ("GRU", 1), ("RNN_TANH", 2))
 
 def _specs():
     """How to build a signature for each kernel: pointer dtypes, inner strides, fixed constexprs."""
-    return {
+    specs = {
         "_ghost_norm_kernel": dict(
             module="ghost_norm",
             pointers={"a_ptr": None, "g_ptr": None, "weight_sq_ptr": "fp32", "colsum_ptr": "fp32"},
@@ -204,6 +204,12 @@ def _specs():
             constexprs={},
         ),
     }
+    # A convolution's unfolded patches and output grad as positions-last views (positions
+    # contiguous), positions a multiple of 16 or not: what layers.conv.rows_layout decides by.
+    for kernel in ("_ghost_norm_kernel", "_instantiate_norm_kernel"):
+        specs[f"{kernel}[unfolded]"] = dict(specs[kernel], function=kernel, variants=tuple(UNFOLDED_LAYOUTS),
+                                             dtypes=("bf16",), first_config_only=True)
+    return specs
 
 
 #: The layout variants of the implicit convolution kernels beyond ``strided``: what the JIT is given
@@ -219,6 +225,20 @@ LAYOUTS = {
                             aligned_ints=("T", "XC", "d", "p", "stride_ab", "stride_gb", "stride_gp", "stride_xd",
                                           "stride_xh", "stride_xw")),
 }
+
+#: The plain dot kernels on positions-last views (a convolution's unfolded patches and output grad:
+#: inner strides 1 along positions, T along columns), with ``T`` divisible by 16 or not.
+UNFOLDED_LAYOUTS = {
+    "positions-last": dict(constexprs={}, unit_ints=("stride_at", "stride_gt"),
+                           aligned_ints=("T", "d", "p", "stride_ab", "stride_gb", "stride_ad", "stride_gp")),
+    "positions-last-odd-T": dict(constexprs={}, unit_ints=("stride_at", "stride_gt"),
+                                 aligned_ints=("d", "p", "stride_ab", "stride_gb")),
+}
+
+
+def _layout(variant: str) -> dict | None:
+    """The JIT's view of a named layout variant (None for ``contig`` and ``strided``)."""
+    return LAYOUTS.get(variant) or UNFOLDED_LAYOUTS.get(variant)
 
 
 def _config_label(cfg) -> str:
@@ -247,7 +267,7 @@ def _configs(kernel: str, dtype: str, variant: str, arch: int):
     named = {n: torch.empty(0, dtype=tdtype) for n in spec["tensor_args"]}
     named.update({n: 1 if variant == "contig" else 2 for n in spec["inner_strides"]})
     prune = getattr(module, spec.get("prune", "_PRUNE"), {})
-    constexprs = dict(spec["constexprs"], **(LAYOUTS[variant]["constexprs"] if variant in LAYOUTS else {}))
+    constexprs = dict(spec["constexprs"], **(_layout(variant) or {}).get("constexprs", {}))
     return autotuner.fn, K._common.configs_for(autotuner.configs, prune, named, arch, **constexprs)
 
 
@@ -256,12 +276,13 @@ def _jobs():
     if sweep not in ("default", "quick", "all"):
         raise ValueError(f"DIVEBATCH_COMPILE_SWEEP={sweep!r} is not one of default, quick, all")
     jobs = []
-    for kernel in _specs():
-        for dtype in DTYPES:
-            for variant in _specs()[kernel].get("variants", ("contig", "strided")):
+    for kernel, spec in _specs().items():
+        for dtype in spec.get("dtypes", DTYPES):
+            for variant in spec.get("variants", ("contig", "strided")):
                 for arch in ARCHS:
                     _, configs = _configs(kernel, dtype, variant, arch)
-                    first_only = dtype in _FIRST_CONFIG_ONLY_DTYPES or kernel in _FIRST_CONFIG_ONLY_KERNELS
+                    first_only = (dtype in _FIRST_CONFIG_ONLY_DTYPES or kernel in _FIRST_CONFIG_ONLY_KERNELS
+                                  or spec.get("first_config_only", False))
                     if sweep == "quick" or (sweep == "default" and first_only):
                         configs = configs[:1]
                     jobs += [(kernel, dtype, arch, i, variant) for i in range(len(configs))]
@@ -402,8 +423,9 @@ def _compile_one(job) -> dict:
     upcast, precision = K._common.dot_options(getattr(torch, _TORCH_DTYPE_NAMES[dtype]))
 
     constexprs = dict(spec["constexprs"], **cfg.kwargs)
-    if variant in LAYOUTS:
-        constexprs.update(LAYOUTS[variant]["constexprs"])
+    layout = _layout(variant)
+    if layout:
+        constexprs.update(layout["constexprs"])
     if "UPCAST" in fn.arg_names:
         constexprs.update(UPCAST=upcast, DOT_PRECISION=precision)
     if "TMA_OK" in fn.arg_names:  # (the wrappers' tma_ok: aligned unit-stride inputs, i.e. "contig")
@@ -414,9 +436,9 @@ def _compile_one(job) -> dict:
             signature[arg] = "constexpr"
         elif arg in spec["pointers"]:
             signature[arg] = "*" + (spec["pointers"][arg] or dtype)
-            if variant == "contig" or variant in LAYOUTS:
+            if variant == "contig" or layout:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-        elif variant in LAYOUTS and arg in LAYOUTS[variant]["unit_ints"]:
+        elif layout and arg in layout["unit_ints"]:
             signature[arg] = "constexpr"
             constexprs[arg] = 1
         elif arg in spec.get("floats", ()):
@@ -427,7 +449,7 @@ def _compile_one(job) -> dict:
         else:
             signature[arg] = "i32"
             if (variant == "contig" and arg in spec["aligned_ints"]
-                    or variant in LAYOUTS and arg in LAYOUTS[variant]["aligned_ints"]):
+                    or layout and arg in layout["aligned_ints"]):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     record = {"kernel": kernel, "dtype": dtype, "arch": arch, "config": _config_label(cfg), "variant": variant}
     try:
@@ -510,14 +532,13 @@ def test_every_kernel_compiles_to_ptx_and_cubin(records):
     assert not errors, "\n".join(f"{r['kernel']} {r['dtype']} sm_{r['arch']} {r['config']} {r['variant']}: "
                                  f"{r.get('error', 'no PTX/cubin')}" for r in errors)
     seen = {(r["kernel"], r["dtype"], r["arch"]) for r in records}
-    wanted = {(k, d, a) for k in _specs() for d in DTYPES for a in ARCHS}
+    wanted = {(k, d, a) for k, spec in _specs().items() for d in spec.get("dtypes", DTYPES) for a in ARCHS}
     assert wanted <= seen, f"not compiled: {sorted(wanted - seen)}"
 
 
 #: Kernels whose inner loop is a ``tl.dot`` (the outer-product kernel has none).
-DOT_KERNELS = ("_ghost_norm_kernel", "_ghost_norm_kernel[implicit]", "_ghost_norm_kernel[implicit-3d-wide]",
-               "_instantiate_norm_kernel", "_instantiate_norm_kernel[implicit]",
-               "_instantiate_norm_kernel[implicit-3d-wide]", "_embedding_norm_kernel")
+DOT_KERNELS = tuple(f"{kernel}{suffix}" for kernel in ("_ghost_norm_kernel", "_instantiate_norm_kernel")
+                    for suffix in ("", "[implicit]", "[implicit-3d-wide]", "[unfolded]")) + ("_embedding_norm_kernel",)
 
 
 def test_dots_run_on_tensor_cores(records):
@@ -581,6 +602,25 @@ def test_channels_last_implicit_loads_are_pipelined(records):
              if r["variant"] in LAYOUTS and (r.get("cp_async", 0) == 0 or r["dtype"] != "fp32" and r["ld_global"])]
     assert not plain, "channels-last implicit builds with loads outside the pipeline:\n" + "\n".join(plain)
     assert all(r.get("cp_async", 0) == 0 for r in implicit if r["variant"] == "strided" and r["dtype"] != "fp32")
+
+
+def test_positions_last_views_load_as_vectors_only_at_positions_in_multiples_of_16(records):
+    """The plain dot kernels on positions-last views (how a convolution's patches and output grad
+    are unfolded) load them as asynchronous vector copies where the compiler knows ``T`` divisible by
+    16, and element by element, none pipelined, where it does not: so the CUDA routes unfold 14 x 14
+    and 7 x 7 maps into contiguous rows instead (``layers.conv.rows_layout``; rows are the
+    ``contig`` builds, pipelined at any ``T``). Should a Triton release vectorise the second case,
+    this fails and ``rows_layout`` can go."""
+    unfolded = [r for r in records if r["kernel"].endswith("[unfolded]") and "error" not in r]
+    assert {(r["kernel"], r["variant"]) for r in unfolded} == {
+        (f"{kernel}[unfolded]", variant) for kernel in ("_ghost_norm_kernel", "_instantiate_norm_kernel")
+        for variant in UNFOLDED_LAYOUTS}
+    for r in unfolded:
+        label = f"{r['kernel']} sm_{r['arch']} {r['variant']}: {r.get('cp_async')} cp.async, {r['ld_global']} ld.global"
+        if r["variant"] == "positions-last":
+            assert r["cp_async"] > 0, label
+        else:
+            assert r["cp_async"] == 0 and r["ld_global"] >= 16, label
 
 
 def test_async_mma_operands_have_a_slot_per_stage(records):

@@ -54,8 +54,11 @@ WORKLOADS = {
     "seq-up-bf16":    ("ghost+instantiate", 16, 128, 256, 1024, torch.bfloat16, None),
     "conv-layer1":    ("ghost+instantiate", 64, 3136, 576, 64, torch.bfloat16, None),
     "conv-layer4":    ("ghost+instantiate", 64, 49, 4608, 512, torch.bfloat16, None),
-    # the same as the convolution routes hand them to the kernels: views of positions-last
-    # buffers (``unfold_patches``' im2col, ``grouped_grad``), so both inner strides are T
+    # the same as views of positions-last buffers (``unfold_patches``' im2col, ``grouped_grad``), both
+    # inner strides T: how the convolution routes hand them to the kernels at layer1 (T = 3136); at
+    # layer4 (T = 49, not a multiple of 16: loaded element by element) they have handed contiguous
+    # rows since the twenty-eighth session (``layers.conv.rows_layout``: the ``conv-layer4`` row), so
+    # ``conv-layer4-unfolded`` against ``conv-layer4`` is what that change gains
     "conv-layer1-unfolded": ("ghost+instantiate", 64, 3136, 576, 64, torch.bfloat16, "positions-last"),
     "conv-layer4-unfolded": ("ghost+instantiate", 64, 49, 4608, 512, torch.bfloat16, "positions-last"),
     # the fused convolution route (conv-large's early layers): the patches unfolded for the

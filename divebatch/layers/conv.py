@@ -63,14 +63,36 @@ def unfold_patches(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Te
     """Patches of the padded input ``x [B, Cin, *spatial]`` as ``[B * groups, T, Cin/groups * prod(kernel)]``.
 
     Column order matches ``module.weight.view(Cout, -1)`` within each group. The result is a
-    transposed view of a positions-last buffer (what im2col writes fastest); the operators
-    take any strides, so it is never copied again.
+    transposed view of a positions-last buffer (what im2col writes fastest), or, where
+    ``rows_layout`` says so, a contiguous buffer of rows; the operators take any strides, so it is
+    never copied again.
     """
-    B, groups = x.shape[0], module.groups
+    B, groups, n = x.shape[0], module.groups, len(module.kernel_size)
+    windows = reference.conv_windows(x, module.kernel_size, module.stride, module.dilation)
+    T, columns = math.prod(windows.shape[2:2 + n]), x.shape[1] // groups * math.prod(module.kernel_size)
+    if rows_layout(T, x.device.type):
+        # [B, G, C/G, o.., k..] -> [B, G, o.., C/G, k..]: each row a contiguous run of columns
+        windows = windows.reshape(B, groups, x.shape[1] // groups, *windows.shape[2:])
+        order = (0, 1, *range(3, 3 + n), 2, *range(3 + n, 3 + 2 * n))
+        # (.contiguous(): a 1 x 1 kernel's reshape is a view of x, positions-last)
+        return windows.permute(order).reshape(B * groups, T, columns).contiguous()
     # (im2col by views and one reshape: measured on 2 cores 2-2.5x faster than F.unfold, which
     # writes the same [B, Cin * prod(k), T] layout)
     cols = reference.conv_patches(x, module.kernel_size, module.stride, module.dilation)
     return cols.view(B * groups, cols.shape[1] // groups, cols.shape[2]).transpose(1, 2)
+
+
+def rows_layout(T: int, device_type: str) -> bool:
+    """Whether the unfolded routes hand the Triton kernels contiguous rows (``[B, T, d]`` patches,
+    ``[B, T, p]`` output grads, columns fastest) instead of positions-last views: where the kernels
+    serve ``device_type`` and ``T`` is not a multiple of 16. The kernels load a positions-last view
+    as vectors only where the compiler knows ``T`` divisible by 16; else element by element,
+    outside the software pipeline (sm_90 PTX of the ghost kernel at 128 x 32: 80 ``ld.global``, no
+    ``cp.async``, 216 registers; in rows, 24 ``cp.async``: tests/test_triton_compile.py's
+    ``positions-last`` variant), which a ResNet's 14 x 14 and 7 x 7 maps would get. Rows cost the
+    same unfold (another order of the one copy) and a copy of the output grad. On CPU the C++
+    kernels take either at the same speed and the positions-last copy is the faster unfold."""
+    return T % 16 != 0 and routes.triton_kernels(device_type)
 
 
 def _unfold_chunk(B: int, patch_elements: int, device_type: str) -> int:
@@ -85,9 +107,11 @@ def _joined(chunks: list[torch.Tensor]) -> torch.Tensor:
 
 
 def grouped_grad(module: nn.modules.conv._ConvNd, g: torch.Tensor) -> torch.Tensor:
-    """Output grad ``[B, Cout, *out]`` as ``[B * groups, T, Cout/groups]`` (a transposed view)."""
+    """Output grad ``[B, Cout, *out]`` as ``[B * groups, T, Cout/groups]``: a transposed view, or
+    contiguous rows (a copy) where ``rows_layout`` says so."""
     B, Cout = g.shape[:2]
-    return g.reshape(B * module.groups, Cout // module.groups, -1).transpose(1, 2)
+    rows = g.reshape(B * module.groups, Cout // module.groups, -1).transpose(1, 2)
+    return rows.contiguous() if rows_layout(rows.shape[1], g.device.type) else rows
 
 
 def _unbatched(module, x):
