@@ -97,11 +97,15 @@ def conv_patches(x: torch.Tensor, kernel_size, stride, dilation) -> torch.Tensor
     """The patches of an (already padded) input ``x [B, C, *spatial]`` as ``[B, C * prod(kernel),
     T]``, positions last (what im2col writes fastest), columns in ``weight.view(O, -1)``'s order;
     the one copy is the final reshape."""
-    n = len(kernel_size)
-    x = conv_windows(x, kernel_size, stride, dilation)
-    # x: [B, C, o_1..o_n, k_1..k_n] -> [B, C, k_1..k_n, o_1..o_n], positions last.
-    x = x.permute(0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n))
-    return x.reshape(x.shape[0], x.shape[1] * math.prod(kernel_size), math.prod(x.shape[2 + n:]))
+    return windows_as_patches(conv_windows(x, kernel_size, stride, dilation), len(kernel_size))
+
+
+def windows_as_patches(windows: torch.Tensor, n: int) -> torch.Tensor:
+    """``conv_windows``' view of ``n`` spatial dims as the patches ``[B, C * prod(kernel), T]``,
+    positions last (the one copy)."""
+    # [B, C, o_1..o_n, k_1..k_n] -> [B, C, k_1..k_n, o_1..o_n], positions last.
+    x = windows.permute(0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n))
+    return x.reshape(x.shape[0], x.shape[1] * math.prod(x.shape[2:2 + n]), math.prod(x.shape[2 + n:]))
 
 
 def conv_windows(x: torch.Tensor, kernel_size, stride, dilation) -> torch.Tensor:

@@ -78,7 +78,7 @@ def unfold_patches(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Te
         return windows.permute(order).reshape(B * groups, T, columns).contiguous()
     # (im2col by views and one reshape: measured on 2 cores 2-2.5x faster than F.unfold, which
     # writes the same [B, Cin * prod(k), T] layout)
-    cols = reference.conv_patches(x, module.kernel_size, module.stride, module.dilation)
+    cols = reference.windows_as_patches(windows, n)
     return cols.view(B * groups, cols.shape[1] // groups, cols.shape[2]).transpose(1, 2)
 
 
