@@ -176,14 +176,7 @@ def test_cuda_routes_fuse_overlapping_convolutions_exactly(monkeypatch, backend,
     GEMM under the interpreter), whose tiles give the weight gradient too, from a channels-last copy
     of an NCHW input of 16 channels (``vector_layouts``); the grouped one takes the hook route;
     the norms and gradients are torch.func's."""
-    from divebatch.layers import routes
-
-    if backend == "triton" and not ops.TRITON_AVAILABLE:
-        pytest.skip("triton (divebatch._kernels) does not import here")
-    monkeypatch.setenv("DIVEBATCH_BACKEND", backend)
-    monkeypatch.setenv("DIVEBATCH_TRITON_IMPLICIT_CONV", "1" if implicit else "0")
-    monkeypatch.setattr(routes, "triton_kernels", lambda device_type: True)
-    torch.manual_seed(0)
+    _on_cuda_routes(monkeypatch, backend, implicit)
     model, y = Convolutions(), torch.randn(4)
     x = torch.randn(4, 3, 16, 16).contiguous(memory_format=layout)
     plain = Convolutions()
@@ -234,14 +227,7 @@ def test_cuda_hook_routes_read_convolution_patches_in_place_exactly(monkeypatch,
     the operators as a channels-last copy, one of 3 channels as it is, and the output grad of 2 x 2
     positions as a copy, those of 8 x 8 and 4 x 4 as they are (``vector_layouts``); the norms are
     torch.func's."""
-    from divebatch.layers import routes
-
-    if backend == "triton" and not ops.TRITON_AVAILABLE:
-        pytest.skip("triton (divebatch._kernels) does not import here")
-    monkeypatch.setenv("DIVEBATCH_BACKEND", backend)
-    monkeypatch.setenv("DIVEBATCH_TRITON_IMPLICIT_CONV", "1")
-    monkeypatch.setattr(routes, "triton_kernels", lambda device_type: True)
-    torch.manual_seed(0)
+    _on_cuda_routes(monkeypatch, backend, implicit=True)
     model, x, y = Deepening(), torch.randn(4, 3, 8, 8), torch.randn(4)
     calls, channels_last = collections.Counter(), collections.defaultdict(list)
     for name in ("conv_ghost_norm", "conv_instantiate_norm", "ghost_norm", "instantiate_norm"):
@@ -272,14 +258,7 @@ def test_cuda_hook_routes_unfold_rows_where_positions_would_load_element_by_elem
     their positions come in multiples of 16 (8 x 8, 4 x 4: the kernels' vector loads run along
     positions) and as contiguous rows where they do not (2 x 2, the grouped layer, the layer called
     twice: runs of columns); the norms are torch.func's."""
-    from divebatch.layers import routes
-
-    if backend == "triton" and not ops.TRITON_AVAILABLE:
-        pytest.skip("triton (divebatch._kernels) does not import here")
-    monkeypatch.setenv("DIVEBATCH_BACKEND", backend)
-    monkeypatch.setenv("DIVEBATCH_TRITON_IMPLICIT_CONV", "0")
-    monkeypatch.setattr(routes, "triton_kernels", lambda device_type: True)
-    torch.manual_seed(0)
+    _on_cuda_routes(monkeypatch, backend, implicit=False)
     model, x, y = Deepening(), torch.randn(4, 3, 8, 8), torch.randn(4)
     seen = []  # (positions, patches in rows, output grad in rows) of each kernel call
 
@@ -318,6 +297,19 @@ def test_unfolded_rows_are_the_positions_last_patches(monkeypatch, groups, kerne
     rows = conv.unfold_patches(module, x), conv.grouped_grad(module, g)
     for view, row in zip(views, rows):
         assert view.stride(1) == 1 and row.is_contiguous() and torch.equal(view, row)
+
+
+def _on_cuda_routes(monkeypatch, backend: str, implicit: bool) -> None:
+    """The routes a GPU takes, on ``backend``'s operators (``cpp``, or ``triton`` under the
+    interpreter), the implicit convolution kernels on or off; the seed set."""
+    from divebatch.layers import routes
+
+    if backend == "triton" and not ops.TRITON_AVAILABLE:
+        pytest.skip("triton (divebatch._kernels) does not import here")
+    monkeypatch.setenv("DIVEBATCH_BACKEND", backend)
+    monkeypatch.setenv("DIVEBATCH_TRITON_IMPLICIT_CONV", "1" if implicit else "0")
+    monkeypatch.setattr(routes, "triton_kernels", lambda device_type: True)
+    torch.manual_seed(0)
 
 
 def _counted(calls: collections.Counter, name: str, fn, channels_last: dict | None = None):
