@@ -295,7 +295,10 @@ def _results_folder(folder: Path, implicit_ms: dict, error: float, sweep_failed:
         {"method": "triton instantiate_norm", "ms": 3.3, "max_rel_err_vs_reference": 1e-6}],
         "extra_errors": {"triton instantiate_norm (weight grad)": 2e-6},
         "route": {"model": "fused-instantiate", "faster": "fused-instantiate"}}
-    convs = [{"workload": name, "op": "conv", "rows": [
+    layer4 = [{"workload": name, "op": "ghost+instantiate", "T": 49, "rows": [
+        {"method": "triton ghost_norm", "ms": ms}, {"method": "triton instantiate_norm", "ms": 0.1}]}
+        for name, ms in (("conv-layer4", 0.2), ("conv-layer4-unfolded", 0.5))]
+    convs = layer4 + [{"workload": name, "op": "conv", "rows": [
         {"method": "unfold + triton instantiate_norm", "ms": 1.0},
         *({"method": method, "ms": ms} for method, ms in rows.items())]} for name, rows in implicit_ms.items()]
     meta = {"device": "NVIDIA H100 80GB HBM3", "bf16_gemm_tflops": 800.0}
@@ -325,6 +328,8 @@ def test_verdicts_say_what_each_measurement_calls_for(tmp_path, copy_ms, cl_ms, 
     assert clean["ghost kernel share of the bf16 peak, seq-large-up (target >= 50%)"].verdict == "met"  # (420/800)
     assert clean["kernel errors at large shapes (<= 1e-05)"].verdict == "clean"
     assert clean["CUDA route model (fused instantiate or ghost)"].verdict == "right"
+    rows = clean["unfolded patches as views over rows, conv-layer4 (T = 49)"]
+    assert rows.verdict == "rows pay" and "ghost_norm 2.50x" in rows.measured
     sweeps, scans = clean["config sweeps (ghost, instantiate)"], clean["recurrent scans"]
     assert sweeps.verdict == "clean" and "_UNVERIFIED" in sweeps.action
     assert scans.verdict == "clean" and "UNVERIFIED_ON_GPU" in scans.action

@@ -201,6 +201,35 @@ def implicit_convolutions(bench: dict) -> list[Verdict]:
     return verdicts
 
 
+def unfolded_layouts(bench: dict) -> list[Verdict]:
+    """The dot kernels on a convolution's unfolded patches as positions-last views (``X-unfolded``)
+    against contiguous rows (``X``): at positions not a multiple of 16 the CUDA routes hand them rows
+    (``layers.conv.rows_layout``), which should be faster there; at a multiple, views, which should
+    be as fast."""
+    results = {r["workload"]: r for r in bench["results"] if "error" not in r}
+    verdicts = []
+    for name, views in results.items():
+        rows = results.get(name.removesuffix("-unfolded")) if name.endswith("-unfolded") else None
+        if rows is None or rows is views:
+            continue
+        view_ms, row_ms = _rows(views), _rows(rows)
+        ratios = {k: view_ms[k]["ms"] / row_ms[k]["ms"] for k in (GHOST, INSTANTIATE) if k in view_ms and k in row_ms}
+        if not ratios:
+            continue
+        aligned = views.get("T", 0) % 16 == 0
+        slower = max(ratios.values()) > 1.05
+        measured = ", ".join(f"{k.removeprefix('triton ')} {r:.2f}x" for k, r in ratios.items())
+        if aligned:
+            verdict, action = ("views as fast", "") if not slower else (
+                "views slower", "rows_layout (layers/conv.py): rows at every T, not only T % 16 != 0")
+        else:
+            verdict, action = ("rows pay", "") if slower else (
+                "rows do not pay", "rows_layout: drop the rows (they cost a copy of the output grad)")
+        verdicts.append(Verdict(f"unfolded patches as views over rows, {rows['workload']} (T = {views.get('T')})",
+                                f"time of the views over the rows: {measured}", verdict, action))
+    return verdicts
+
+
 def norm_kernels(bench: dict) -> list[Verdict]:
     """Each norm kernel against the rule's PyTorch path (which runs where ``_kernel_serves`` says no)."""
     verdicts = []
@@ -268,7 +297,8 @@ def verdicts(folder: Path) -> list[Verdict]:
     if bench is None:
         out.append(Verdict("kernel timings (bench_kernels.json)", "", "not run"))
     else:
-        for question in (kernel_targets, large_shape_errors, route_model, implicit_convolutions, norm_kernels):
+        for question in (kernel_targets, large_shape_errors, route_model, implicit_convolutions, unfolded_layouts,
+                         norm_kernels):
             out += question(bench)
     out += engine_check(_read_json(folder / "check_engine.json"))
     out += end_to_end(_read_json(folder / "gpu_table.json"))
