@@ -58,8 +58,16 @@ def cases():
     out = {"implicit-conv/convolutions": lambda: (
         test_fuse_decisions.Convolutions(), torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last),
         torch.randn(4), test_fuse_decisions._squared_error),
+        # (the same on an NCHW input: the maps of 16 channels copied channels-last, layers.conv.vector_layouts)
+        "implicit-conv/convolutions-nchw": lambda: (
+            test_fuse_decisions.Convolutions(), torch.randn(4, 3, 16, 16), torch.randn(4),
+            test_fuse_decisions._squared_error),
         # (convolutions a ResNet's stages in miniature: unfused, the hooks' Grams read in place)
         "implicit-conv/deepening": lambda: (
+            test_fuse_decisions.Deepening(), torch.randn(4, 3, 8, 8), torch.randn(4),
+            test_fuse_decisions._squared_error),
+        # (the same by default: unfolded, 2 x 2 maps as contiguous rows, layers.conv.rows_layout)
+        "conv/deepening": lambda: (
             test_fuse_decisions.Deepening(), torch.randn(4, 3, 8, 8), torch.randn(4),
             test_fuse_decisions._squared_error)}
     out.update({f"zoo/{name}": (lambda make=make: (*make(), sample_loss)) for name, make in ZOO.items()})
