@@ -6,8 +6,9 @@ weight gradient is ``G^T A`` with ``A = U^T`` and ``G`` the output grad flattene
 Padding of every mode ('zeros', 'reflect', 'replicate', 'circular', and the strings 'same' /
 'valid') is applied exactly as the module's forward does, from
 ``module._reversed_padding_repeated_twice``. The unfolded buffer is built for a bounded number of
-samples at a time (``routes.MAX_EXTRA_BYTES``), so it never costs a whole batch of patches. On
-CUDA with the Triton kernels and ``DIVEBATCH_TRITON_IMPLICIT_CONV=1`` a one-group convolution's
+samples at a time (``routes.MAX_EXTRA_BYTES``), so it never costs a whole batch of patches; on
+CUDA, in contiguous rows where the positions are not a multiple of 16 (``rows_layout``: the
+kernels' vector loads). On CUDA with the Triton kernels and ``DIVEBATCH_TRITON_IMPLICIT_CONV=1`` a one-group convolution's
 patches are not unfolded at all: its kernels read them from the input in place
 (``implicit_patches``: ``conv_instantiate_norm`` for the fused route, ``conv_ghost_norm`` or
 ``conv_instantiate_norm`` for the hooks' norms), from a channels-last copy of an NCHW input whose
