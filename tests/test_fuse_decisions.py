@@ -159,15 +159,15 @@ class Convolutions(nn.Module):
     def forward(self, x):
         h = torch.tanh(self.strided(torch.tanh(self.padded(x))))
         h = self.grouped(torch.tanh(self.reflect(torch.tanh(self.dilated(h)))))
-        v = self.volume(h.reshape(h.shape[0], 2, 8, 8, 8))
+        v = self.volume(h.reshape(h.shape[0], 2, 8, *h.shape[2:]))
         return self.line(h.flatten(2)).square().sum(dim=(1, 2)) + v.square().sum(dim=(1, 2, 3, 4))
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
-@pytest.mark.parametrize("implicit,layout", [(False, torch.channels_last), (True, torch.channels_last),
-                                             (True, torch.contiguous_format)],
-                         ids=["unfolded", "implicit", "implicit-nchw"])
-def test_cuda_routes_fuse_overlapping_convolutions_exactly(monkeypatch, backend, implicit, layout):
+@pytest.mark.parametrize("implicit,layout,side", [(False, torch.channels_last, 16), (False, torch.contiguous_format, 14),
+                                                  (True, torch.channels_last, 16), (True, torch.contiguous_format, 16)],
+                         ids=["unfolded", "unfolded-rows", "implicit", "implicit-nchw"])
+def test_cuda_routes_fuse_overlapping_convolutions_exactly(monkeypatch, backend, implicit, layout, side):
     """The routes a GPU takes, run here with the C++ operators or the Triton kernels (under the
     interpreter, on the same strided views of unfolded patches a GPU gets): every one-group
     convolution whose patches the fused instantiate kernel takes is fused through its unfolded
@@ -175,16 +175,21 @@ def test_cuda_routes_fuse_overlapping_convolutions_exactly(monkeypatch, backend,
     ``conv_instantiate_norm``, which reads them from the input in place (the kernel's implicit
     GEMM under the interpreter), whose tiles give the weight gradient too, from a channels-last copy
     of an NCHW input of 16 channels (``vector_layouts``); the grouped one takes the hook route;
-    the norms and gradients are torch.func's."""
+    on a 14 x 14 input the unfolded patches of 196, 49 and 168 positions come as contiguous rows
+    (``rows_layout``); the norms and gradients are torch.func's."""
     _on_cuda_routes(monkeypatch, backend, implicit)
     model, y = Convolutions(), torch.randn(4)
-    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=layout)
+    x = torch.randn(4, 3, side, side).contiguous(memory_format=layout)
     plain = Convolutions()
     plain.load_state_dict(model.state_dict())
     read = []  # (channels, channels contiguous) of each conv_instantiate_norm input
     inner = ops.conv_instantiate_norm
     monkeypatch.setattr(ops, "conv_instantiate_norm", lambda x, *args: read.append((x.shape[1], x.stride(1) == 1))
                         or inner(x, *args))
+    unfolded = []  # (positions, patches in rows, output grad in rows) of each instantiate_norm call
+    instantiate = ops.instantiate_norm
+    monkeypatch.setattr(ops, "instantiate_norm", lambda a, g, *args: unfolded.append(
+        (a.shape[1], a.stride(2) == 1, g.stride(2) == 1)) or instantiate(a, g, *args))
     stats, taken = _step_beside_plain(model, plain, x, y)
     fused = "fused-implicit-instantiate" if implicit else "fused-unfold-instantiate"
     assert taken == {"padded": fused, "strided": fused, "dilated": fused, "reflect": fused,
@@ -192,6 +197,12 @@ def test_cuda_routes_fuse_overlapping_convolutions_exactly(monkeypatch, backend,
     # (padded: 3 channels, volume: 2, as they came; every input of 16 channels channels-last)
     assert len(read) == (6 if implicit else 0) and all(contiguous for channels, contiguous in read if channels == 16)
     assert sum(channels == 16 for channels, _ in read) == (4 if implicit else 0)
+    # (the fused unfolded layers and the grouped one's hooks: patches in rows exactly where T % 16 != 0,
+    #  the output grad there too; elsewhere the output grad as it came, rows when channels-last)
+    assert len(unfolded) == (1 if implicit else 7)
+    assert all(a_rows == (positions % 16 != 0) and (g_rows or not a_rows) for positions, a_rows, g_rows in unfolded), \
+        unfolded
+    assert any(positions % 16 for positions, _, _ in unfolded) == (side == 14)
     _assert_exact(model, stats, x, y)
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
         assert rel_err(p.grad, q.grad) <= 1e-5, name
