@@ -83,6 +83,12 @@ def unfold_patches(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Te
     return cols.view(B * groups, cols.shape[1] // groups, cols.shape[2]).transpose(1, 2)
 
 
+#: The Triton compiler vectorises a load along a dimension only where it knows the sizes and strides
+#: involved divisible by this (it specialises integer arguments divisible by 16, nothing finer): the
+#: multiple that ``rows_layout`` and ``vector_layouts`` test positions and channels against.
+VECTOR_DIVISOR = 16
+
+
 def rows_layout(T: int, device_type: str) -> bool:
     """Whether the unfolded routes hand the Triton kernels contiguous rows (``[B, T, d]`` patches,
     ``[B, T, p]`` output grads, columns fastest) instead of positions-last views: where the kernels
@@ -93,7 +99,7 @@ def rows_layout(T: int, device_type: str) -> bool:
     ``positions-last`` variant), which a ResNet's 14 x 14 and 7 x 7 maps would get. Rows cost the
     same unfold (another order of the one copy) and a copy of the output grad. On CPU the C++
     kernels take either at the same speed and the positions-last copy is the faster unfold."""
-    return T % 16 != 0 and routes.triton_kernels(device_type)
+    return T % VECTOR_DIVISOR != 0 and routes.triton_kernels(device_type)
 
 
 def _unfold_chunk(B: int, patch_elements: int, device_type: str) -> int:
@@ -394,8 +400,7 @@ def vector_layouts(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torc
       nor positions (contiguous positions, ``T`` a multiple of 16), and ``O`` is a multiple of 16:
       an NCHW output grad of 14 x 14 or 7 x 7 positions (a ResNet's deep layers).
 
-    (Multiples of 16, not 8: the compiler vectorises where it knows an integer argument divisible by
-    16.) No copy is made past ``routes.max_extra_bytes`` (the kernels then read the tensor as it is:
+    (Multiples of 16, not 8: ``VECTOR_DIVISOR``.) No copy is made past ``routes.max_extra_bytes`` (the kernels then read the tensor as it is:
     exact, slower)."""
     return (_channels_last(x) if _copies(x, positions_serve=False) else x,
             _channels_last(g) if _copies(g, positions_serve=True) else g)
@@ -408,9 +413,9 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
 def _copies(t: torch.Tensor, positions_serve: bool) -> bool:
     """Whether ``vector_layouts`` copies ``t`` (the output grad where ``positions_serve``: contiguous
     positions in multiples of 16 load in runs as well)."""
-    if t.dim() < 3 or t.shape[1] % 16 != 0 or t.stride(1) == 1:
+    if t.dim() < 3 or t.shape[1] % VECTOR_DIVISOR != 0 or t.stride(1) == 1:
         return False
-    if positions_serve and math.prod(t.shape[2:]) % 16 == 0 and _contiguous_positions(t):
+    if positions_serve and math.prod(t.shape[2:]) % VECTOR_DIVISOR == 0 and _contiguous_positions(t):
         return False
     return t.numel() * t.element_size() <= max_extra_bytes(t.device.type)
 
