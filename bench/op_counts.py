@@ -14,7 +14,12 @@ with a ``TorchDispatchMode`` (every aten op, including views that launch nothing
   computed, so seq-large's and conv-large's steps trace in a second here) with the routes, operators
   and norm paths divebatch takes on a GPU with its Triton kernels (``cuda_routes_on_meta``). Besides
   the ops, the *launches* (ops other than views and allocations) and the bytes those launches
-  write, tracked minus plain: where the tracker's work on a GPU goes, without a GPU. Workloads whose
+  write, tracked minus plain: where the tracker's work on a GPU goes, without a GPU. The operators
+  run their Triton wrappers (``DIVEBATCH_BACKEND=triton``) on the meta tensors with each kernel
+  launch counted instead of run (``triton:<kernel>``), so the launches a wrapper makes around its
+  kernel (zero-filled outputs, a finishing reduction) count too; the bytes are those of the torch
+  ops (a kernel writes float32 per-sample sums, or a fused weight gradient into a buffer the
+  wrapper zero-filled, which counts). Workloads whose
   steps read data (mixture-of-experts routing, packed sequences) cannot run on meta tensors and
   are reported as such.
 
@@ -29,7 +34,9 @@ import argparse
 import collections
 import contextlib
 import json
+import os
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -46,14 +53,36 @@ from divebatch.layers import routes  # noqa: E402
 _ALLOCATIONS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "_unsafe_view"}
 
 
+#: The StepOps modes entered (innermost last): where a counted Triton launch is recorded.
+_ACTIVE: list = []
+
+#: What the Triton wrappers are told of the (meta) device: an H100's / H200's streaming
+#: multiprocessors and compute capability, which size their grids and pick their configs.
+_META_SM_COUNT, _META_ARCH = 132, 90
+
+
 class StepOps(TorchDispatchMode):
-    """Every aten (and divebatch) op of a step: counts by name, launches, bytes the launches write."""
+    """Every aten (and divebatch) op of a step: counts by name, launches, bytes the launches write;
+    a Triton kernel's launch (``cuda_routes_on_meta``) counts as ``triton:<kernel>``."""
 
     def __init__(self):
         super().__init__()
         self.counts = collections.Counter()
         self.launches = collections.Counter()
         self.bytes_written = 0
+
+    def __enter__(self):
+        _ACTIVE.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _ACTIVE.remove(self)
+        return super().__exit__(*exc)
+
+    def record_kernel(self, name: str) -> None:
+        """A Triton kernel's launch (no aten op dispatches it)."""
+        self.counts[name] += 1
+        self.launches[name] += 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -67,23 +96,79 @@ class StepOps(TorchDispatchMode):
         return out
 
 
+def _counted_launch(kernel, grid):
+    """``kernel[grid]`` that records a launch in the innermost active ``StepOps`` and runs nothing."""
+    name = f"triton:{getattr(kernel, 'fn', kernel).__name__}"
+
+    def launch(*args, **kwargs):
+        for mode in _ACTIVE[-1:]:
+            mode.record_kernel(name)
+
+    return launch
+
+
 @contextlib.contextmanager
-def cuda_routes_on_meta():
-    """Make divebatch take, for ``meta`` tensors, the routes and paths it takes on CUDA with its
-    Triton kernels (the operators' fake kernels stand in for the kernels): the route models, the
-    operators' dispatch checks and the batch-gradient norm's one-reduction-per-tensor path."""
-    serves, kernels, one_launch = ops.triton_serves, routes.triton_kernels, _norms._one_launch_per_tensor
-    autocast = torch.is_autocast_enabled
-    ops.triton_serves = lambda device: device.type == "meta" or serves(device)
-    routes.triton_kernels = lambda device_type: device_type in ("meta", "cuda") and kernels("cuda")
-    _norms._one_launch_per_tensor = lambda t: t.is_meta or one_launch(t)
-    # (autocast has no meta device: asked for one, torch raises)
-    torch.is_autocast_enabled = lambda *device: (False if device and device[0] == "meta" else autocast(*device))
+def _patched(*replacements):
+    """``(owner, attribute, value)`` set for the block, the old values put back after."""
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in replacements]
+    for owner, name, value in replacements:
+        setattr(owner, name, value)
     try:
         yield
     finally:
-        ops.triton_serves, routes.triton_kernels, _norms._one_launch_per_tensor = serves, kernels, one_launch
-        torch.is_autocast_enabled = autocast
+        for owner, name, value in reversed(saved):
+            setattr(owner, name, value)
+
+
+@contextlib.contextmanager
+def cuda_routes_on_meta():
+    """Make divebatch take, for ``meta`` tensors, the routes and paths it takes on CUDA with its
+    Triton kernels: the route models, the operators' dispatch checks, the batch-gradient norm's
+    one-reduction-per-tensor path, and the operators' Triton wrappers, run on the meta tensors
+    (``DIVEBATCH_BACKEND=triton``; their device checks pass ``meta``, which they size for
+    ``_META_SM_COUNT`` multiprocessors of compute capability ``_META_ARCH``) with each kernel's
+    launch counted, not run (``_counted_launch``)."""
+    from triton.runtime.jit import KernelInterface
+
+    kernels_pkg = ops._kernels
+    if kernels_pkg is None:
+        raise RuntimeError("the CUDA-routes trace runs divebatch's Triton wrappers: install triton")
+    common = kernels_pkg._common
+    serves, kernels, one_launch = ops.triton_serves, routes.triton_kernels, _norms._one_launch_per_tensor
+    autocast = torch.is_autocast_enabled
+    check_device, sm_count, cuda_arch = common.check_device, common.sm_count, common.cuda_arch
+
+    def meta_check_device(op, **tensors):
+        if {t.device.type for t in tensors.values()} == {"meta"}:
+            return next(iter(tensors.values())).device
+        return check_device(op, **tensors)
+
+    helpers = {"check_device": meta_check_device,
+               "sm_count": lambda device: _META_SM_COUNT if device.type == "meta" else sm_count(device),
+               "cuda_arch": lambda device: _META_ARCH if device.type == "meta" else cuda_arch(device)}
+    replacements = [
+        (ops, "triton_serves", lambda device: device.type == "meta" or serves(device)),
+        (routes, "triton_kernels", lambda device_type: device_type in ("meta", "cuda") and kernels("cuda")),
+        (_norms, "_one_launch_per_tensor", lambda t: t.is_meta or one_launch(t)),
+        # (autocast has no meta device: asked for one, torch raises)
+        (torch, "is_autocast_enabled",
+         lambda *device: (False if device and device[0] == "meta" else autocast(*device))),
+        (KernelInterface, "__getitem__", _counted_launch),
+    ]
+    # The kernel modules' own names for the shared helpers (``from ._common import ...``) too.
+    modules = [m for m in vars(kernels_pkg).values() if isinstance(m, types.ModuleType)
+               and m.__name__.startswith(kernels_pkg.__name__ + ".")]
+    replacements += [(m, name, helper) for m in modules for name, helper in helpers.items() if hasattr(m, name)]
+    backend = os.environ.get("DIVEBATCH_BACKEND")
+    os.environ["DIVEBATCH_BACKEND"] = "triton"
+    try:
+        with _patched(*replacements):
+            yield
+    finally:
+        if backend is None:
+            os.environ.pop("DIVEBATCH_BACKEND", None)
+        else:
+            os.environ["DIVEBATCH_BACKEND"] = backend
 
 
 def _step(workload, model, x, y, tracker):

@@ -257,8 +257,14 @@ def _launch(a, g, B: int, T: int, d: int, p: int, with_bias: bool, patches: Conv
     or with ``patches`` a convolution's input read in place (``launch_args``)."""
     a_strides, convolution, implicit = launch_args(a, patches)
     device = g.device
-    weight_sq = torch.zeros(B, dtype=torch.float32, device=device)
-    colsum = torch.zeros((B, p) if with_bias else (1, 1), dtype=torch.float32, device=device)
+    # One zero fill per call (on a GPU a small layer's norms cost launches, not arithmetic): with
+    # a bias the column sums and the weight's sums, without one the weight's and the bias' zeros.
+    zeroed = torch.zeros(B * p + B if with_bias else 2 * B, dtype=torch.float32, device=device)
+    if with_bias:
+        colsum, weight_sq = zeroed[:B * p].view(B, p), zeroed[B * p:]
+    else:
+        weight_sq, bias_sq = zeroed[:B], zeroed[B:]
+        colsum = weight_sq  # (never read: WITH_BIAS is off)
     if B > 0 and T > 0 and d == 0 and p > 0 and with_bias:
         # No weight (an empty Gram), only a bias: one small reduction, no launch on an empty tensor.
         colsum = g.sum(dim=1, dtype=torch.float32)
@@ -289,8 +295,6 @@ def _launch(a, g, B: int, T: int, d: int, p: int, with_bias: bool, patches: Conv
             )
     if with_bias:
         bias_sq = colsum.square().sum(dim=1)
-    else:
-        bias_sq = torch.zeros(B, dtype=torch.float32, device=device)
     return weight_sq, bias_sq
 
 

@@ -298,8 +298,7 @@ def _launch(a, g, B: int, T: int, d: int, p: int, with_bias: bool, n_split, patc
     storage: ``a`` itself, or with ``patches`` a convolution's input read in place (``launch_args``)."""
     a_strides, convolution, implicit = launch_args(a, patches)
     device = g.device
-    weight_sq = torch.zeros(B, dtype=torch.float32, device=device)
-    bias_sq = torch.zeros(B, dtype=torch.float32, device=device)
+    weight_sq, bias_sq = torch.zeros(2, B, dtype=torch.float32, device=device)  # (one zero fill)
     n_split = n_split if n_split is not None else _n_split(B, p, d, device)
     n_split = max(1, min(int(n_split), max(B, 1), 65535))  # grid axis 1 holds at most 65535
     # Zeroed always: the split grid and the SUM_IN_OUTPUT configs add into it.

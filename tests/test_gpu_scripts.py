@@ -36,7 +36,7 @@ def test_op_counts_order_plain_cuda_routes_cpu_routes():
     assert cpu["plain"] == cuda["plain"] < cuda["tracked"] < cpu["tracked"]
     assert cuda["plain_launches"] < cuda["tracked_launches"]
     assert dict(cuda["most_added_launches"]).get("linalg_vector_norm") == 6  # (3 Linear layers: weight and bias)
-    assert dict(cuda["most_added_launches"]).get("outer_norm") == 3  # (T = 1: the outer route's kernel)
+    assert dict(cuda["most_added_launches"]).get("triton:_outer_norm_kernel") == 3  # (T = 1: the outer route's kernel)
 
 
 def _cuda_route_steps(name):
@@ -54,8 +54,8 @@ def test_conv_large_on_the_cuda_routes_takes_the_kernels_not_the_grouped_convolu
     # (one per convolution or fewer: a fused convolution's tiles give its weight gradient, and the
     # stem's input needs none)
     assert tracked.launches["convolution_backward"] <= plain.launches["convolution_backward"] == 20
-    assert tracked.launches["ghost_norm"] + tracked.launches["instantiate_norm"] >= 20
-    assert tracked.launches["group_norm_grads"] == 20
+    assert tracked.launches["triton:_ghost_norm_kernel"] + tracked.launches["triton:_instantiate_norm_kernel"] >= 20
+    assert tracked.launches["triton:_group_norm_grads_kernel"] == 20
 
 
 def test_seq_large_on_the_cuda_routes_writes_nothing_the_size_of_an_activation():
@@ -65,8 +65,48 @@ def test_seq_large_on_the_cuda_routes_writes_nothing_the_size_of_an_activation()
     takes one reduction per parameter."""
     plain, tracked = _cuda_route_steps("seq-large")
     assert tracked.bytes_written - plain.bytes_written < 1e-3 * plain.bytes_written
-    assert tracked.launches["ghost_norm"] == 5  # up and down of both blocks, the head
+    assert tracked.launches["triton:_ghost_norm_kernel"] == 5  # up and down of both blocks, the head
     assert tracked.launches["linalg_vector_norm"] == 15  # every parameter
+
+
+def _wrapper_launches(call) -> dict:
+    """What one operator call launches on the CUDA routes (meta tensors, kernels counted, not run)."""
+    with op_counts.cuda_routes_on_meta():
+        with op_counts.StepOps() as step:
+            call()
+    return dict(step.launches)
+
+
+def test_cuda_routes_count_the_launches_around_each_triton_kernel():
+    """The CUDA-routes trace runs the operators' Triton wrappers on meta tensors with each kernel's
+    launch counted: what a wrapper launches around its kernel counts too. On a GPU a small layer's
+    norms cost launches, not arithmetic, so each call zero-fills its outputs once, and a linear
+    layer without a bias adds no zero bias norm."""
+    from divebatch import ops
+    from divebatch.layers.linear import linear_norms
+
+    def meta(*shape):
+        return torch.empty(*shape, device="meta", dtype=torch.bfloat16)
+
+    a, g = meta(16, 128, 256), meta(16, 128, 1024)
+    ghost = "triton:_ghost_norm_kernel"
+    assert _wrapper_launches(lambda: ops.ghost_norm(a, g, False)) == {"zeros": 1, ghost: 1}
+    # (with a bias: the column sums squared and summed after the kernel)
+    assert _wrapper_launches(lambda: ops.ghost_norm(a, g, True)) == {"zeros": 1, ghost: 1, "pow": 1, "sum": 1}
+    # (the per-sample sums and the weight gradient)
+    assert _wrapper_launches(lambda: ops.instantiate_norm(a, g, True)) == {
+        "zeros": 2, "triton:_instantiate_norm_kernel": 1}
+    # A LayerNorm's weight and bias partials of several row blocks per sample: one reduction.
+    x = meta(16, 128, 256)
+    assert _wrapper_launches(lambda: ops.affine_norm_grads(x, x, False, 1e-5, True)) == {
+        "triton:_affine_norm_grads_kernel": 1, "sum": 1}
+    assert _wrapper_launches(lambda: linear_norms(a, g, True, False, "ghost")) == {"zeros": 1, ghost: 1}
+    assert _wrapper_launches(lambda: linear_norms(a, g, True, True, "ghost"))["add"] == 1
+    # The wrappers' outputs, shaped as on a GPU (their device checks pass meta tensors).
+    with op_counts.cuda_routes_on_meta():
+        outputs = [*ops.ghost_norm(a, g, False), *ops.ghost_norm(a, g, True), *ops.instantiate_norm(a, g, False)]
+    assert [tuple(t.shape) for t in outputs] == [(16,)] * 6 + [(1024, 256)]
+    assert all(t.device.type == "meta" and t.dtype == torch.float32 for t in outputs)
 
 
 def test_host_overhead_counts_the_tracked_modules_and_the_added_time():

@@ -47,7 +47,7 @@ def linear_norms(a: torch.Tensor, g: torch.Tensor, with_weight: bool, with_bias:
         w, b = ops.ghost_norm(a, g, with_bias)
     else:
         w, b, _ = ops.instantiate_norm(a, g, with_bias)
-    return w + b
+    return w + b if with_bias else w  # (b is zeros: on a GPU an add is a launch)
 
 
 def linear_grad_sums(a: torch.Tensor, g: torch.Tensor, with_weight: bool, with_bias: bool) -> dict:
@@ -213,7 +213,7 @@ def linear_norms_and_weight_grad(a: torch.Tensor, g: torch.Tensor, with_bias: bo
                       else ops.ghost_norm(a, g, with_bias))
         a2, g2 = row_matrices(a, g)
         grad_w = g2.t().matmul(a2)
-    return w_sq + b_sq, grad_w
+    return (w_sq + b_sq if with_bias else w_sq), grad_w
 
 
 def row_matrices(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
