@@ -83,6 +83,8 @@ def test_cuda_routes_count_the_launches_around_each_triton_kernel():
     norms cost launches, not arithmetic, so each call zero-fills its outputs once, and a linear
     layer without a bias adds no zero bias norm."""
     from divebatch import ops
+    from divebatch.layers import rule_for
+    from divebatch.layers.base import per_sample_sq_sum
     from divebatch.layers.linear import linear_norms
 
     def meta(*shape):
@@ -102,6 +104,16 @@ def test_cuda_routes_count_the_launches_around_each_triton_kernel():
         "triton:_affine_norm_grads_kernel": 1, "sum": 1}
     assert _wrapper_launches(lambda: linear_norms(a, g, True, False, "ghost")) == {"zeros": 1, ghost: 1}
     assert _wrapper_launches(lambda: linear_norms(a, g, True, True, "ghost"))["add"] == 1
+    # A GroupNorm's weight and bias sums come as the halves of one tensor, squared and summed without a cat.
+    maps = meta(16, 64, 196)
+    assert _wrapper_launches(lambda: per_sample_sq_sum(ops.group_norm_grads(maps, maps, 8, 1e-5, True))) == {
+        "triton:_group_norm_grads_kernel": 1, "pow": 1, "sum": 1}
+    # A one-group convolution's norms by the hooks: its patches and the kernel, no sum over one group.
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1, bias=False, device="meta", dtype=torch.bfloat16)
+    rule = rule_for(conv)
+    conv_launches = _wrapper_launches(lambda: rule.norms(conv, [(meta(16, 64, 14, 14), (meta(16, 64, 14, 14),))],
+                                                         {"weight": conv.weight}))
+    assert "sum" not in conv_launches and sum(v for k, v in conv_launches.items() if k.startswith("triton:")) == 1
     # The wrappers' outputs, shaped as on a GPU (their device checks pass meta tensors).
     with op_counts.cuda_routes_on_meta():
         outputs = [*ops.ghost_norm(a, g, False), *ops.ghost_norm(a, g, True), *ops.instantiate_norm(a, g, False)]

@@ -178,7 +178,7 @@ class ConvRule(LayerRule):
             # Per group and sample: weight norm; the bias norm is per sample over all channels,
             # and the groups' channel sets are disjoint, so group bias norms add up too.
             per_group = linear_norms(a, g, True, with_bias)
-            out.append(per_group.view(stop - start, groups).sum(dim=1))
+            out.append(per_group if groups == 1 else per_group.view(stop - start, groups).sum(dim=1))
         return _joined(out)
 
     def grad_sums(self, module, calls, tracked):
