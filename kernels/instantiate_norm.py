@@ -219,6 +219,11 @@ def _instantiate_norm_kernel(
     out_mask = mask_p[:, None] & mask_d[None, :]
     if not SUM_IN_OUTPUT:
         total = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+    elif not ATOMIC_WGRAD:
+        # The output tile is this program's alone, and the wrapper leaves it unfilled: zeroed here,
+        # the barrier ordering these stores before every thread's atomics into it below.
+        tl.store(out, tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32), mask=out_mask)
+        tl.debug_barrier()
     if USE_TMA and TMA_OK:
         # Hopper's tensor memory accelerator: one descriptor per operand, each chunk one bulk copy
         # into shared memory (no per-element addresses in registers); rows past T (or columns past
@@ -293,6 +298,10 @@ def _n_split(B: int, p: int, d: int, device: torch.device) -> int:
     return max(1, min(B, triton.cdiv(2 * sm_count(device), tiles)))
 
 
+#: How a weight gradient every program writes whole is allocated (tests fill it with NaN instead).
+_unfilled = torch.empty
+
+
 def _launch(a, g, B: int, T: int, d: int, p: int, with_bias: bool, n_split, patches: ConvPatches | None = None):
     """``(weight_sq [B], bias_sq [B], weight_grad_sum [p, d])`` of one launch; ``a`` is the patches'
     storage: ``a`` itself, or with ``patches`` a convolution's input read in place (``launch_args``)."""
@@ -301,9 +310,12 @@ def _launch(a, g, B: int, T: int, d: int, p: int, with_bias: bool, n_split, patc
     weight_sq, bias_sq = torch.zeros(2, B, dtype=torch.float32, device=device)  # (one zero fill)
     n_split = n_split if n_split is not None else _n_split(B, p, d, device)
     n_split = max(1, min(int(n_split), max(B, 1), 65535))  # grid axis 1 holds at most 65535
-    # Zeroed always: the split grid and the SUM_IN_OUTPUT configs add into it.
-    wgrad = torch.zeros((p, d), dtype=torch.float32, device=device)
-    if p > 0 and d > 0 and B > 0 and T > 0:
+    launch = p > 0 and d > 0 and B > 0 and T > 0
+    # Zero-filled only where programs add into one tile (the split grid): otherwise each program
+    # stores its tile whole, or zeroes it first (SUM_IN_OUTPUT), and a p x d memset (268 MB at
+    # 4096 x 16384, ~80 us of an H100) would be a launch and a pass for nothing.
+    wgrad = (_unfilled if launch and n_split == 1 else torch.zeros)((p, d), dtype=torch.float32, device=device)
+    if launch:
         upcast, precision = dot_options(a.dtype, g.dtype)
 
         def grid(meta):

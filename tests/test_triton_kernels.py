@@ -320,6 +320,10 @@ def _each_gpu_config(kernel):
 def _with_config(monkeypatch, kernel, config):
     monkeypatch.setattr(kernel, "configs", [config])  # (one config: nothing is timed)
     monkeypatch.setattr(kernel, "cache", {})
+    # A weight gradient the wrapper leaves unfilled for the kernel to write whole starts as NaN
+    # here: any entry a config leaves unwritten (or adds into unzeroed) shows.
+    monkeypatch.setattr(K.instantiate_norm, "_unfilled",
+                        lambda shape, **kw: torch.full(shape, float("nan"), **kw))
 
 
 def _only_config(monkeypatch, kernel, index):
