@@ -121,6 +121,40 @@ def test_cuda_routes_count_the_launches_around_each_triton_kernel():
     assert all(t.device.type == "meta" and t.dtype == torch.float32 for t in outputs)
 
 
+def test_cuda_routes_run_every_triton_wrapper_on_meta_tensors():
+    """Every operator's Triton wrapper runs on meta tensors under ``cuda_routes_on_meta`` (a wrapper
+    that queried CUDA, or checked its inputs' device otherwise, would break the trace): one kernel
+    launch each, outputs shaped as the reference's."""
+    from divebatch import ops, reference
+
+    def meta(*shape, dtype=torch.bfloat16):
+        return torch.empty(*shape, device="meta", dtype=dtype)
+
+    conv = ([3, 3], [1, 1], [1, 1], [1, 1])
+    stats = meta(64, dtype=torch.float32)
+    calls = {
+        "outer_norm": (meta(32, 48), meta(32, 24), True),
+        "embedding_norm": (torch.zeros(4, 16, dtype=torch.long, device="meta"), meta(4, 16, 24), -1),
+        "conv_instantiate_norm": (meta(4, 16, 14, 14), meta(4, 32, 14, 14), *conv),
+        "conv_ghost_norm": (meta(4, 16, 14, 14), meta(4, 32, 14, 14), *conv),
+        "channel_norm_grads": (meta(4, 64, 49), meta(4, 64, 49), None, None, 1e-5, True),
+        "channel_norm_grads(eval)": (meta(4, 64, 49), meta(4, 64, 49), stats, stats, 1e-5, True),
+    }
+    for name, args in calls.items():
+        op = name.split("(")[0]
+        with op_counts.cuda_routes_on_meta():
+            with op_counts.StepOps() as step:
+                outputs = getattr(ops, op)(*args)
+        kernels = {k: v for k, v in step.launches.items() if k.startswith("triton:")}
+        assert list(kernels.values()) == [1], (name, dict(step.launches))
+        cpu_args = [torch.zeros(a.shape, dtype=torch.float32 if a.is_floating_point() else a.dtype)
+                    if isinstance(a, torch.Tensor) else a for a in args]
+        expected = getattr(reference, op)(*cpu_args)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        assert [tuple(o.shape) for o in outputs] == [tuple(e.shape) for e in expected], name
+
+
 def test_host_overhead_counts_the_tracked_modules_and_the_added_time():
     import host_overhead
 
