@@ -270,20 +270,23 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def unfilled(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A new output that its kernel writes whole: no zero fill (on a GPU a launch). The kernel
+    tests make it NaN-filled instead, so that an entry a kernel leaves unwritten shows. Outputs
+    of one operator never share a buffer: torch.library requires the outputs of a custom operator
+    not to alias one another (torch.compile warns, and later releases refuse)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def per_channel_outputs(x: torch.Tensor, with_bias: bool) -> tuple[bool, torch.Tensor, torch.Tensor]:
     """``(launch, weight, bias)`` for the per-channel norm kernels of ``x [B, C, S]``: whether there
     is anything to launch, and float32 ``[B, C]`` outputs, left unfilled where a launch stores
-    every entry (zeros otherwise); without bias a ``[1, 1]`` stand-in the kernel never writes.
-    With a bias the two are the halves of one ``[2, B, C]`` tensor, so that the tracker squares
-    and sums them in one go (``layers.base.stacked_rows``)."""
+    every entry (zeros otherwise); without bias a ``[1, 1]`` stand-in the kernel never writes."""
     B, C, S = x.shape
     launch = B > 0 and C > 0 and S > 0
     alloc = torch.empty if launch else torch.zeros
-    if with_bias:
-        weight, bias = alloc((2, B, C), dtype=torch.float32, device=x.device)
-    else:
-        weight = alloc((B, C), dtype=torch.float32, device=x.device)
-        bias = alloc((1, 1), dtype=torch.float32, device=x.device)
+    weight = alloc((B, C), dtype=torch.float32, device=x.device)
+    bias = alloc((B, C) if with_bias else (1, 1), dtype=torch.float32, device=x.device)
     return launch, weight, bias
 
 

@@ -123,10 +123,8 @@ def affine_norm_grads_triton(x: torch.Tensor, g: torch.Tensor, rms: bool, eps: f
     # the partials need no zero fill; only an empty launch leaves them unwritten.
     launch = B > 0 and R > 0 and d > 0
     alloc = torch.empty if launch else torch.zeros
-    # With a bias, both partials in one tensor: their block sums are then one reduction.
-    partials = alloc((1 + bool(with_bias), B, n_blocks, d), dtype=torch.float32, device=device)
-    weight = partials[0]
-    bias = partials[1] if with_bias else weight  # (never written without a bias)
+    weight = alloc((B, n_blocks, d), dtype=torch.float32, device=device)
+    bias = alloc((B, n_blocks, d) if with_bias else (1, 1, 1), dtype=torch.float32, device=device)
     if launch:
         rows_per_program = triton.cdiv(R, n_blocks)
         config = config_for(d)
@@ -139,7 +137,7 @@ def affine_norm_grads_triton(x: torch.Tensor, g: torch.Tensor, rms: bool, eps: f
             BLOCK_D=config.kwargs["BLOCK_D"],
             num_warps=config.num_warps,
         )
-    sums = partials[:, :, 0] if n_blocks == 1 else partials.sum(dim=2)
+    weight = weight[:, 0] if n_blocks == 1 else weight.sum(dim=1)
     if not with_bias:
-        return sums[0], torch.zeros_like(sums[0])
-    return sums[0], sums[1]
+        return weight, torch.zeros_like(weight)
+    return weight, (bias[:, 0] if n_blocks == 1 else bias.sum(dim=1))

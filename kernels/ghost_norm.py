@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import (AUTOTUNE_KWARGS, check_a_g, config_table, dot_options, tma_ok, tma_workspace,
                       tuning_size)
 from ._patches import ConvPatches, conv_patches_of, launch_args, patch_chunk, patch_columns
@@ -174,6 +175,7 @@ def _ghost_norm_kernel(
     # inputs: a [B, T, d], g [B, T, p]
     a_ptr, g_ptr,
     # outputs, float32, zero-initialised, accumulated with atomics: weight_sq [B], colsum [B, p]
+    # (WITH_BIAS off: the [B] bias norms instead, unfilled, where the kernel stores zeros)
     weight_sq_ptr, colsum_ptr,
     # sizes
     B, T, d, p,
@@ -250,6 +252,10 @@ def _ghost_norm_kernel(
                 y_i = tl.load(g_base + row_i[:, None] + (kk.to(tl.int64) * stride_gp)[None, :],
                               mask=mask_i[:, None] & k_mask[None, :], other=0.0)
                 tl.atomic_add(colsum_ptr + b64 * p + kk, tl.sum(y_i.to(tl.float32), axis=0), mask=k_mask)
+    elif diagonal and ti == 0:
+        # No bias: colsum_ptr is the [B] bias norms, left unfilled by the wrapper (a zero fill is a
+        # launch); one program a sample stores its zero.
+        tl.store(colsum_ptr + b64, 0.0)
 
 
 def _launch(a, g, B: int, T: int, d: int, p: int, with_bias: bool, patches: ConvPatches | None = None):
@@ -257,18 +263,20 @@ def _launch(a, g, B: int, T: int, d: int, p: int, with_bias: bool, patches: Conv
     or with ``patches`` a convolution's input read in place (``launch_args``)."""
     a_strides, convolution, implicit = launch_args(a, patches)
     device = g.device
-    # One zero fill per call (on a GPU a small layer's norms cost launches, not arithmetic): with
-    # a bias the column sums and the weight's sums, without one the weight's and the bias' zeros.
-    zeroed = torch.zeros(B * p + B if with_bias else 2 * B, dtype=torch.float32, device=device)
+    # One zero fill per call (on a GPU a small layer's norms cost launches, not arithmetic): with a
+    # bias the weight's sums share it with the column sums (which are not returned); without one the
+    # zero bias norms are stored by the kernel (``colsum_ptr`` is then those [B]).
+    launch = B > 0 and T > 0 and d > 0 and p > 0
     if with_bias:
+        zeroed = torch.zeros(B * p + B, dtype=torch.float32, device=device)
         colsum, weight_sq = zeroed[:B * p].view(B, p), zeroed[B * p:]
     else:
-        weight_sq, bias_sq = zeroed[:B], zeroed[B:]
-        colsum = weight_sq  # (never read: WITH_BIAS is off)
+        weight_sq = torch.zeros(B, dtype=torch.float32, device=device)
+        bias_sq = colsum = (_common.unfilled if launch else torch.zeros)((B,), dtype=torch.float32, device=device)
     if B > 0 and T > 0 and d == 0 and p > 0 and with_bias:
         # No weight (an empty Gram), only a bias: one small reduction, no launch on an empty tensor.
         colsum = g.sum(dim=1, dtype=torch.float32)
-    elif B > 0 and T > 0 and d > 0 and p > 0:
+    elif launch:
         # The two Grams are separate dots (a with a, g with g), so a and g may differ in dtype.
         upcast, precision = dot_options(a.dtype)
         if g.dtype == torch.float32:

@@ -49,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import (AUTOTUNE_KWARGS, INTERPRET, check_a_g, config_table, dot_options, sm_count, tma_ok,
                       tma_workspace, tuning_size)
 from ._patches import ConvPatches, conv_patches_of, launch_args, patch_chunk, patch_columns
@@ -224,6 +225,12 @@ def _instantiate_norm_kernel(
         # the barrier ordering these stores before every thread's atomics into it below.
         tl.store(out, tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32), mask=out_mask)
         tl.debug_barrier()
+    if not WITH_BIAS and pid == 0:
+        # No bias: the [B] bias norms come unfilled (a zero fill is a launch); the first tile's
+        # program of each split stores its samples' zeros (here, before the loops: nothing of it
+        # stays live through them).
+        for b in range(split, B, n_split):
+            tl.store(bias_sq_ptr + b, 0.0)
     if USE_TMA and TMA_OK:
         # Hopper's tensor memory accelerator: one descriptor per operand, each chunk one bulk copy
         # into shared memory (no per-element addresses in registers); rows past T (or columns past
@@ -298,23 +305,22 @@ def _n_split(B: int, p: int, d: int, device: torch.device) -> int:
     return max(1, min(B, triton.cdiv(2 * sm_count(device), tiles)))
 
 
-#: How a weight gradient every program writes whole is allocated (tests fill it with NaN instead).
-_unfilled = torch.empty
-
-
 def _launch(a, g, B: int, T: int, d: int, p: int, with_bias: bool, n_split, patches: ConvPatches | None = None):
     """``(weight_sq [B], bias_sq [B], weight_grad_sum [p, d])`` of one launch; ``a`` is the patches'
     storage: ``a`` itself, or with ``patches`` a convolution's input read in place (``launch_args``)."""
     a_strides, convolution, implicit = launch_args(a, patches)
     device = g.device
-    weight_sq, bias_sq = torch.zeros(2, B, dtype=torch.float32, device=device)  # (one zero fill)
     n_split = n_split if n_split is not None else _n_split(B, p, d, device)
     n_split = max(1, min(int(n_split), max(B, 1), 65535))  # grid axis 1 holds at most 65535
     launch = p > 0 and d > 0 and B > 0 and T > 0
-    # Zero-filled only where programs add into one tile (the split grid): otherwise each program
-    # stores its tile whole, or zeroes it first (SUM_IN_OUTPUT), and a p x d memset (268 MB at
-    # 4096 x 16384, ~80 us of an H100) would be a launch and a pass for nothing.
-    wgrad = (_unfilled if launch and n_split == 1 else torch.zeros)((p, d), dtype=torch.float32, device=device)
+    weight_sq = torch.zeros(B, dtype=torch.float32, device=device)
+    # Zero fills only for what programs add into (on a GPU each is a launch): without a bias the
+    # kernel stores the zero bias norms itself; the weight gradient, unless the split grid's
+    # programs add into one tile, each program stores whole or zeroes first (SUM_IN_OUTPUT), so a
+    # p x d memset (268 MB at 4096 x 16384, ~80 us of an H100) would be a pass for nothing.
+    bias_sq = (torch.zeros if with_bias or not launch else _common.unfilled)((B,), dtype=torch.float32, device=device)
+    wgrad = (_common.unfilled if launch and n_split == 1 else torch.zeros)((p, d), dtype=torch.float32,
+                                                                          device=device)
     if launch:
         upcast, precision = dot_options(a.dtype, g.dtype)
 

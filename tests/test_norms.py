@@ -208,32 +208,3 @@ def test_short_per_sample_gradients_are_reduced_side_by_side():
     with _Launches() as launches:
         per_sample_sq_sum(short)
     assert len(launches.names) <= 3, launches.names  # one by one: 2 each and 2 adds
-
-
-def test_per_sample_gradients_in_one_allocation_are_reduced_without_a_copy():
-    """A norm kernel's weight and bias sums, the two halves of one ``[2, B, C]`` tensor, are squared
-    and summed over that tensor (no ``cat``: two launches); any other layout is joined by ``cat``,
-    the same numbers either way."""
-    from divebatch.layers.base import per_sample_sq_sum, stacked_rows
-
-    g = torch.Generator().manual_seed(5)
-    both = torch.randn(2, 5, 64, generator=g)
-    weight, bias = both
-    exact = both.double().square().sum(dim=(0, 2))
-    for rows in ([weight, bias], [bias, weight]):
-        assert stacked_rows(rows) is not None
-        with _Launches() as launches:
-            got = per_sample_sq_sum(rows)
-        assert launches.names == ["pow", "sum"]
-        assert ((got.double() - exact).abs() / exact).max() <= 1e-6
-    # Not the whole allocation, not its blocks, a repeated block, another allocation: joined.
-    three = torch.randn(3, 5, 64, generator=g)
-    other = torch.randn(5, 64, generator=g)
-    halves = torch.randn(5, 128, generator=g)
-    for rows in ([three[0], three[1]], [weight, weight], [weight, other], [halves[:, :64], halves[:, 64:]]):
-        assert stacked_rows(rows) is None
-        with _Launches() as launches:
-            got = per_sample_sq_sum(rows)
-        assert "cat" in launches.names
-        expected = sum(r.double().square().sum(dim=1) for r in rows)
-        assert ((got.double() - expected).abs() / expected).max() <= 1e-6

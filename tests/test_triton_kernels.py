@@ -74,6 +74,15 @@ if DEVICE == "cuda" and not torch.cuda.is_available():
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@pytest.fixture(autouse=True)
+def _nan_filled_outputs(monkeypatch):
+    """Outputs a wrapper leaves unfilled for its kernel to write whole (``_common.unfilled``: the
+    zero bias norms without a bias, an unsplit weight gradient) start as NaN in every test here, on
+    CPU and natively on a GPU: an entry a kernel or config leaves unwritten, or adds into unzeroed,
+    shows."""
+    monkeypatch.setattr(K._common, "unfilled", lambda shape, **kw: torch.full(shape, float("nan"), **kw))
+
+
 # --------------------------------------------------------------------------- helpers
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
@@ -320,10 +329,6 @@ def _each_gpu_config(kernel):
 def _with_config(monkeypatch, kernel, config):
     monkeypatch.setattr(kernel, "configs", [config])  # (one config: nothing is timed)
     monkeypatch.setattr(kernel, "cache", {})
-    # A weight gradient the wrapper leaves unfilled for the kernel to write whole starts as NaN
-    # here: any entry a config leaves unwritten (or adds into unzeroed) shows.
-    monkeypatch.setattr(K.instantiate_norm, "_unfilled",
-                        lambda shape, **kw: torch.full(shape, float("nan"), **kw))
 
 
 def _only_config(monkeypatch, kernel, index):

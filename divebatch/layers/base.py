@@ -297,38 +297,10 @@ def per_sample_sq_sum(tensors) -> torch.Tensor:
     The short ones (at most ``SIDE_BY_SIDE_ELEMENTS`` a sample: a norm layer's weight and bias,
     a PReLU's slopes) are put side by side and squared and summed at once: three ops for any
     number of them, where one by one costs two each and an add between (on a GPU, where a small
-    model's step is bound by launches, each op is a launch); two where they are the slices of one
-    tensor already (``stacked_rows``: the Triton norm kernels' weight and bias sums)."""
+    model's step is bound by launches, each op is a launch)."""
     rows = [t.float().reshape(t.shape[0], -1) for t in tensors]
     short = [r for r in rows if r.shape[1] <= SIDE_BY_SIDE_ELEMENTS]
     parts = [per_sample_sq(r) for r in rows if r.shape[1] > SIDE_BY_SIDE_ELEMENTS]
     if short:
-        stacked = stacked_rows(short)
-        if stacked is not None:
-            parts.append(stacked.square().sum(dim=(0, 2)))
-        else:
-            parts.append((short[0] if len(short) == 1 else torch.cat(short, dim=1)).square().sum(dim=1))
+        parts.append((short[0] if len(short) == 1 else torch.cat(short, dim=1)).square().sum(dim=1))
     return functools.reduce(operator.add, parts)
-
-
-def stacked_rows(rows: list[torch.Tensor]) -> torch.Tensor | None:
-    """``[k, B, n]``: the one allocation whose ``k`` consecutive contiguous blocks are exactly the
-    ``k`` tensors ``rows`` (``[B, n]`` each, in any order), as an operator that returns several
-    per-sample outputs from one buffer leaves them; None for anything else (then ``torch.cat``)."""
-    if len(rows) < 2:
-        return None
-    base = rows[0]._base
-    shape = rows[0].shape
-    if base is None or not base.is_contiguous() or base.numel() != len(rows) * rows[0].numel():
-        return None
-    offsets = set()
-    for r in rows:
-        if r._base is not base or r.shape != shape or not r.is_contiguous():
-            return None
-        offset = r.storage_offset() - base.storage_offset()
-        if offset % r.numel():
-            return None
-        offsets.add(offset // r.numel())
-    if offsets != set(range(len(rows))):
-        return None
-    return base.view(len(rows), *shape)
