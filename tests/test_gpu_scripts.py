@@ -137,6 +137,10 @@ def test_cuda_routes_run_every_triton_wrapper_on_meta_tensors():
         "conv_ghost_norm": (meta(4, 16, 14, 14), meta(4, 32, 14, 14), *conv),
         "channel_norm_grads": (meta(4, 64, 49), meta(4, 64, 49), None, None, 1e-5, True),
         "channel_norm_grads(eval)": (meta(4, 64, 49), meta(4, 64, 49), stats, stats, 1e-5, True),
+        "group_norm_grads": (meta(4, 64, 49), meta(4, 64, 49), 8, 1e-5, True),
+        "group_norm_grads(no bias)": (meta(4, 64, 49), meta(4, 64, 49), 8, 1e-5, False),
+        "affine_norm_grads": (meta(4, 16, 64), meta(4, 16, 64), False, 1e-5, True),
+        "affine_norm_grads(rms)": (meta(4, 16, 64), meta(4, 16, 64), True, 1e-5, False),
     }
     for name, args in calls.items():
         op = name.split("(")[0]
