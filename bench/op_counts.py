@@ -101,8 +101,8 @@ def _counted_launch(kernel, grid):
     name = f"triton:{getattr(kernel, 'fn', kernel).__name__}"
 
     def launch(*args, **kwargs):
-        for mode in _ACTIVE[-1:]:
-            mode.record_kernel(name)
+        if _ACTIVE:
+            _ACTIVE[-1].record_kernel(name)
 
     return launch
 

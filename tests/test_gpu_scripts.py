@@ -69,6 +69,11 @@ def test_seq_large_on_the_cuda_routes_writes_nothing_the_size_of_an_activation()
     assert tracked.launches["linalg_vector_norm"] == 15  # every parameter
 
 
+def _meta(*shape, dtype=torch.bfloat16):
+    """An uninitialised tensor on the meta device (shapes only), bfloat16 by default."""
+    return torch.empty(*shape, device="meta", dtype=dtype)
+
+
 def _wrapper_launches(call) -> dict:
     """What one operator call launches on the CUDA routes (meta tensors, kernels counted, not run)."""
     with op_counts.cuda_routes_on_meta():
@@ -86,10 +91,7 @@ def test_cuda_routes_count_the_launches_around_each_triton_kernel():
     from divebatch.layers import rule_for
     from divebatch.layers.linear import linear_norms
 
-    def meta(*shape):
-        return torch.empty(*shape, device="meta", dtype=torch.bfloat16)
-
-    a, g = meta(16, 128, 256), meta(16, 128, 1024)
+    a, g = _meta(16, 128, 256), _meta(16, 128, 1024)
     ghost = "triton:_ghost_norm_kernel"
     assert _wrapper_launches(lambda: ops.ghost_norm(a, g, False)) == {"zeros": 1, ghost: 1}
     # (with a bias: the column sums squared and summed after the kernel)
@@ -105,7 +107,7 @@ def test_cuda_routes_count_the_launches_around_each_triton_kernel():
     # A one-group convolution's norms by the hooks: its patches and the kernel, no sum over one group.
     conv = torch.nn.Conv2d(64, 64, 3, padding=1, bias=False, device="meta", dtype=torch.bfloat16)
     rule = rule_for(conv)
-    conv_launches = _wrapper_launches(lambda: rule.norms(conv, [(meta(16, 64, 14, 14), (meta(16, 64, 14, 14),))],
+    conv_launches = _wrapper_launches(lambda: rule.norms(conv, [(_meta(16, 64, 14, 14), (_meta(16, 64, 14, 14),))],
                                                          {"weight": conv.weight}))
     assert "sum" not in conv_launches and sum(v for k, v in conv_launches.items() if k.startswith("triton:")) == 1
     # The wrappers' outputs, shaped as on a GPU (their device checks pass meta tensors), and no two
@@ -125,22 +127,19 @@ def test_cuda_routes_run_every_triton_wrapper_on_meta_tensors():
     launch each, outputs shaped as the reference's, none sharing a buffer with another."""
     from divebatch import ops, reference
 
-    def meta(*shape, dtype=torch.bfloat16):
-        return torch.empty(*shape, device="meta", dtype=dtype)
-
     conv = ([3, 3], [1, 1], [1, 1], [1, 1])
-    stats = meta(64, dtype=torch.float32)
+    stats = _meta(64, dtype=torch.float32)
     calls = {
-        "outer_norm": (meta(32, 48), meta(32, 24), True),
-        "embedding_norm": (torch.zeros(4, 16, dtype=torch.long, device="meta"), meta(4, 16, 24), -1),
-        "conv_instantiate_norm": (meta(4, 16, 14, 14), meta(4, 32, 14, 14), *conv),
-        "conv_ghost_norm": (meta(4, 16, 14, 14), meta(4, 32, 14, 14), *conv),
-        "channel_norm_grads": (meta(4, 64, 49), meta(4, 64, 49), None, None, 1e-5, True),
-        "channel_norm_grads(eval)": (meta(4, 64, 49), meta(4, 64, 49), stats, stats, 1e-5, True),
-        "group_norm_grads": (meta(4, 64, 49), meta(4, 64, 49), 8, 1e-5, True),
-        "group_norm_grads(no bias)": (meta(4, 64, 49), meta(4, 64, 49), 8, 1e-5, False),
-        "affine_norm_grads": (meta(4, 16, 64), meta(4, 16, 64), False, 1e-5, True),
-        "affine_norm_grads(rms)": (meta(4, 16, 64), meta(4, 16, 64), True, 1e-5, False),
+        "outer_norm": (_meta(32, 48), _meta(32, 24), True),
+        "embedding_norm": (torch.zeros(4, 16, dtype=torch.long, device="meta"), _meta(4, 16, 24), -1),
+        "conv_instantiate_norm": (_meta(4, 16, 14, 14), _meta(4, 32, 14, 14), *conv),
+        "conv_ghost_norm": (_meta(4, 16, 14, 14), _meta(4, 32, 14, 14), *conv),
+        "channel_norm_grads": (_meta(4, 64, 49), _meta(4, 64, 49), None, None, 1e-5, True),
+        "channel_norm_grads(eval)": (_meta(4, 64, 49), _meta(4, 64, 49), stats, stats, 1e-5, True),
+        "group_norm_grads": (_meta(4, 64, 49), _meta(4, 64, 49), 8, 1e-5, True),
+        "group_norm_grads(no bias)": (_meta(4, 64, 49), _meta(4, 64, 49), 8, 1e-5, False),
+        "affine_norm_grads": (_meta(4, 16, 64), _meta(4, 16, 64), False, 1e-5, True),
+        "affine_norm_grads(rms)": (_meta(4, 16, 64), _meta(4, 16, 64), True, 1e-5, False),
     }
     for name, args in calls.items():
         op = name.split("(")[0]
