@@ -25,12 +25,14 @@ the wrapper finishes with ``colsum.square().sum(1)`` (O(B p), negligible). Summi
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from . import _common
-from ._common import (AUTOTUNE_KWARGS, check_a_g, config_table, dot_options, tma_ok, tma_workspace,
+from ._common import (AUTOTUNE_KWARGS, check_a_g, config_table, dot_options, sm_count, tma_ok, tma_workspace,
                       tuning_size)
 from ._patches import ConvPatches, conv_patches_of, launch_args, patch_chunk, patch_columns
 
@@ -258,6 +260,194 @@ def _ghost_norm_kernel(
         tl.store(colsum_ptr + b64, 0.0)
 
 
+def _wide_config(block_i, block_k, warps, stages, chunk=32, per_sm=1) -> triton.Config:
+    return triton.Config({"BLOCK_I": block_i, "BLOCK_K": block_k, "CHUNK_J": chunk, "PROGRAMS_PER_SM": per_sm},
+                         num_warps=warps, num_stages=stages)
+
+
+#: The wide kernel's configs (BLOCK_I rows against 2 * BLOCK_I columns), as ``_TABLE``: off sm_90
+#: 64 x 128 tiles (mma.sync holds its operands in registers), on sm_90 also the 128 x 256 ones
+#: the kernel is for, one program per SM (their pipeline buffers leave room for no second).
+_WIDE_F32_CONFIGS = [_wide_config(64, 16, 8, 3, per_sm=2)]
+_WIDE_TABLE = {
+    ("16", "unit"): [_wide_config(64, 64, 4, 3, per_sm=2)],
+    ("16", "strided"): [_wide_config(64, 32, 8, 3, per_sm=2)],
+    ("32", "unit"): _WIDE_F32_CONFIGS,
+    ("32", "strided"): _WIDE_F32_CONFIGS,
+}
+_WIDE_SM90_TABLE = {("16", "unit"): [_wide_config(128, 32, 8, 4), _wide_config(128, 32, 8, 3)]}
+_WIDE_CONFIGS, _WIDE_PRUNE = config_table(
+    _wide_config(16, 16, 4, 1, chunk=16),  # interpreter: two reduction chunks per tile
+    _WIDE_TABLE,
+    tensor_args=("a_ptr", "g_ptr"),
+    inner_strides=("stride_ad", "stride_gp"),
+    sm90_table=_WIDE_SM90_TABLE,
+)
+
+#: Shortest sequence the wide kernel is taken for by default (with ``DIVEBATCH_TRITON_UNVERIFIED_CONFIGS=1``
+#: on sm_90): below four 128-row blocks its 256-column tiles are mostly past T or under the diagonal.
+WIDE_MIN_T = 512
+
+
+def wide_ghost_wanted(a: torch.Tensor, g: torch.Tensor, T: int) -> bool:
+    """Whether ``ghost_norm`` runs ``_ghost_norm_wide_kernel`` for ``a``, ``g`` (of one dtype; the
+    kernel reads both through one pointer, so mixed dtypes always take ``_ghost_norm_kernel``):
+    ``DIVEBATCH_TRITON_GHOST_WIDE=1`` / ``0`` forces it on / off (read at each call; on also under
+    the interpreter, for the tests); unset, only where it is meant to pay and a GPU run may try
+    it: sm_90 or later, 16-bit operands, ``T >= WIDE_MIN_T``, and
+    ``DIVEBATCH_TRITON_UNVERIFIED_CONFIGS=1`` (no GPU has run it yet)."""
+    forced = os.environ.get("DIVEBATCH_TRITON_GHOST_WIDE", "").strip()
+    if forced not in ("", "0", "1"):
+        raise ValueError(f"DIVEBATCH_TRITON_GHOST_WIDE={forced!r} is not 0 or 1; unset it or pick one of those")
+    if a.dtype != g.dtype:
+        return False
+    if forced:
+        return forced == "1"
+    return (_common.unverified_configs_enabled() and _common.cuda_arch(a.device) >= 90
+            and a.dtype in (torch.float16, torch.bfloat16) and T >= WIDE_MIN_T)
+
+
+@triton.autotune(configs=_WIDE_CONFIGS, key=["T_TUNE", "B_TUNE", "d", "p", "WITH_BIAS", "stride_ad", "stride_gp"],
+                 prune_configs_by=_WIDE_PRUNE, reset_to_zero=["weight_sq_ptr", "colsum_ptr"], **AUTOTUNE_KWARGS)
+@triton.jit
+def _ghost_norm_wide_kernel(
+    # inputs of one dtype: a [B, T, d], g [B, T, p]
+    a_ptr, g_ptr,
+    # outputs as _ghost_norm_kernel's; scratch: float32, 2 BLOCK_I x 2 BLOCK_I per program, never
+    # read before the same program wrote it
+    weight_sq_ptr, colsum_ptr, scratch_ptr,
+    B, T, d, p,
+    stride_ab, stride_at, stride_ad,
+    stride_gb, stride_gt, stride_gp,
+    # autotune key only (tuning_size of T and B): not read by the kernel
+    T_TUNE, B_TUNE,
+    WITH_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_J: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr,  # (read by the wrapper's grid only)
+):
+    """``_ghost_norm_kernel`` on BLOCK_I x 2 BLOCK_I tiles: 85 flops per operand byte at 128 x 256
+    against the square tiles' 64, for the operand bandwidth from L2 that the square tiles seem to
+    run against on an H200 (docs/kernels.md). The two float32 Grams of such a tile do not both fit
+    in registers (128 a thread each at 8 warps), so each, once finished, is stored to this
+    program's slot of ``scratch`` (2 x 128 KiB, in L2, against ~16 MB of operands a tile pair's
+    dots read at seq-large), and their weighted product is summed from there in CHUNK_J-column
+    slices. The grid is persistent (about one program per SM, each looping over units) so the
+    scratch is a slot per program, not per unit.
+
+    One loop over (unit, chunk): a unit's d / BLOCK_K chunks of ``a``, then its p / BLOCK_K chunks
+    of ``g``, through one pointer and one accumulator reset after each Gram, the pattern of
+    Triton's persistent matmul. (Two loops, one per Gram, made ptxas keep both 128-register
+    accumulators: 330 spill stores on sm_90.) Rows past T are read as row T - 1, so the loads need
+    no per-element masks (which do not fit in registers beside the accumulator either); such
+    rows' and columns' Gram entries are weighed 0.
+
+    Units: the upper triangle of 2 BLOCK_I x 2 BLOCK_I super-tile pairs (si <= sj, ``_tile_pair``),
+    each in two halves: row block ti = 2 si + h (BLOCK_I rows) against the columns of super-tile
+    sj. Every entry (s, t) of the upper triangle lies in exactly one unit; it weighs 2 above the
+    diagonal (it stands for its mirror too), 1 on it and 0 below (the lower half of a diagonal
+    super-tile pair holds BLOCK_I x BLOCK_I entries under the diagonal: computed, weighed 0).
+    """
+    BLOCK_J: tl.constexpr = 2 * BLOCK_I
+    n_super = tl.cdiv(T, BLOCK_J)
+    n_pairs = n_super * (n_super + 1) // 2
+    units = B * n_pairs * 2
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    slot = scratch_ptr + pid.to(tl.int64) * (2 * BLOCK_I * BLOCK_J)
+    rows = tl.arange(0, BLOCK_I)
+    cols = tl.arange(0, BLOCK_J)
+    offs_k = tl.arange(0, BLOCK_K)
+    chunk_cols = tl.arange(0, CHUNK_J)
+    last = T - 1
+    n_a = tl.cdiv(d, BLOCK_K)
+    per_unit = n_a + tl.cdiv(p, BLOCK_K)
+
+    n_g = tl.cdiv(p, BLOCK_K)
+    for step in tl.range(0, tl.cdiv(units - pid, n_programs) * 2, flatten=True):
+        unit = pid + (step // 2) * n_programs
+        in_a = step % 2 == 0
+        b64 = (unit // (2 * n_pairs)).to(tl.int64)
+        si, sj = _tile_pair((unit // 2) % n_pairs, n_super)
+        first_i = (2 * si + unit % 2) * BLOCK_I
+        base = tl.where(in_a, a_ptr + b64 * stride_ab, g_ptr + b64 * stride_gb)
+        stride_t = tl.where(in_a, stride_at, stride_gt).to(tl.int64)
+        stride_k = tl.where(in_a, stride_ad, stride_gp).to(tl.int64)
+        K = tl.where(in_a, d, p)
+        row_i = tl.minimum(first_i + rows, last).to(tl.int64) * stride_t
+        row_j = tl.minimum(sj * BLOCK_J + cols, last).to(tl.int64) * stride_t
+        acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+        for kc in range(0, tl.where(in_a, n_a, n_g)):
+            kk = kc * BLOCK_K + offs_k
+            k_mask = kk < K
+            col = kk.to(tl.int64) * stride_k
+            x_i = tl.load(base + row_i[:, None] + col[None, :], mask=k_mask[None, :], other=0.0)
+            x_jt = tl.load(base + col[:, None] + row_j[None, :], mask=k_mask[:, None], other=0.0)
+            if UPCAST:
+                x_i = x_i.to(tl.float32)
+                x_jt = x_jt.to(tl.float32)
+            acc = tl.dot(x_i, x_jt, acc, input_precision=DOT_PRECISION)
+        # The Gram of a to the slot's first half, of g to its second.
+        tl.store(slot + (tl.where(in_a, 0, BLOCK_I) + rows)[:, None] * BLOCK_J + cols[None, :], acc)
+        if not in_a:  # both Grams stored: the unit's weighted sum
+            tl.debug_barrier()  # (bar.sync: the CTA's stores above are seen by its loads below)
+            offs_i = (first_i + rows)[:, None]
+            w = tl.zeros((BLOCK_I, CHUNK_J), dtype=tl.float32)
+            for c0 in tl.static_range(0, BLOCK_J, CHUNK_J):
+                at = rows[:, None] * BLOCK_J + (c0 + chunk_cols)[None, :]
+                product = tl.load(slot + at) * tl.load(slot + BLOCK_I * BLOCK_J + at)
+                t = (sj * BLOCK_J + c0 + chunk_cols)[None, :]
+                # (a row past T lies below every column < T; a column past T weighs 0)
+                w += tl.where((offs_i < t) & (t < T), 2.0 * product,
+                              tl.where((offs_i == t) & (t < T), product, 0.0))
+            tl.atomic_add(weight_sq_ptr + b64, tl.sum(tl.sum(w, axis=1), axis=0))
+        tl.debug_barrier()  # (the slot's loads and stores done before the next step's stores)
+
+    if WITH_BIAS:
+        # Column sums of g, each row block once (in its unit on the diagonal), after the Grams'
+        # loop, which a nested loop would keep Triton from pipelining.
+        for unit in range(pid, units, n_programs):
+            si, sj = _tile_pair((unit // 2) % n_pairs, n_super)
+            first_i = (2 * si + unit % 2) * BLOCK_I
+            if (sj == si) & (first_i < T):
+                b64 = (unit // (2 * n_pairs)).to(tl.int64)
+                offs_i = first_i + rows
+                row_i = offs_i.to(tl.int64) * stride_gt
+                for k0 in range(0, p, BLOCK_K):
+                    kk = k0 + offs_k
+                    k_mask = kk < p
+                    y_i = tl.load(g_ptr + b64 * stride_gb + row_i[:, None] + (kk.to(tl.int64) * stride_gp)[None, :],
+                                  mask=(offs_i < T)[:, None] & k_mask[None, :], other=0.0)
+                    tl.atomic_add(colsum_ptr + b64 * p + kk, tl.sum(y_i.to(tl.float32), axis=0), mask=k_mask)
+    elif pid == 0:
+        # No bias: colsum_ptr is the [B] bias norms, unfilled by the wrapper.
+        for b0 in range(0, B, BLOCK_K):
+            tl.store(colsum_ptr + b0 + offs_k, tl.zeros((BLOCK_K,), dtype=tl.float32), mask=b0 + offs_k < B)
+
+
+def _launch_wide(a, g, weight_sq, colsum, B: int, T: int, d: int, p: int, with_bias: bool, upcast: bool,
+                 precision: str, programs: int | None = None) -> None:
+    """``_ghost_norm_wide_kernel``'s launch: a persistent grid of ``PROGRAMS_PER_SM`` programs per
+    SM (three off CUDA, under the interpreter, so the tests see several slots), or ``programs``."""
+    resident = sm_count(g.device) if g.is_cuda else 3
+
+    def grid(meta):
+        n = triton.cdiv(T, 2 * meta["BLOCK_I"])
+        wanted = programs if programs is not None else resident * meta["PROGRAMS_PER_SM"]
+        return (max(1, min(B * n * (n + 1), wanted)),)
+
+    # A slot per program whichever config the autotuner picks (the most any config's grid needs).
+    scratch = torch.empty(max(grid(c.kwargs)[0] * 4 * c.kwargs["BLOCK_I"] ** 2
+                              for c in _ghost_norm_wide_kernel.configs), dtype=torch.float32, device=g.device)
+    _ghost_norm_wide_kernel[grid](
+        a, g, weight_sq, colsum, scratch,
+        B, T, d, p,
+        a.stride(0), a.stride(1), a.stride(2),
+        g.stride(0), g.stride(1), g.stride(2),
+        tuning_size(T), tuning_size(B),
+        WITH_BIAS=bool(with_bias), UPCAST=upcast, DOT_PRECISION=precision,
+    )
+
+
 def _launch(a, g, B: int, T: int, d: int, p: int, with_bias: bool, patches: ConvPatches | None = None):
     """``(weight_sq [B], bias_sq [B])`` of one launch; ``a`` is the patches' storage: ``a`` itself,
     or with ``patches`` a convolution's input read in place (``launch_args``)."""
@@ -291,16 +481,20 @@ def _launch(a, g, B: int, T: int, d: int, p: int, with_bias: bool, patches: Conv
             return (programs,)
 
         use_tma = patches is None and tma_ok(a, g)
-        with tma_workspace(device, use_tma):
-            _ghost_norm_kernel[grid](
-                a, g, weight_sq, colsum,
-                B, T, d, p,
-                *a_strides,
-                g.stride(0), g.stride(1), g.stride(2),
-                *convolution,
-                tuning_size(T), tuning_size(B),
-                WITH_BIAS=bool(with_bias), UPCAST=upcast, DOT_PRECISION=precision, TMA_OK=use_tma, **implicit,
-            )
+        if patches is None and wide_ghost_wanted(a, g, T):
+            _launch_wide(a, g, weight_sq, colsum, B, T, d, p, with_bias, upcast, precision)
+        else:
+            with tma_workspace(device, use_tma):
+                _ghost_norm_kernel[grid](
+                    a, g, weight_sq, colsum,
+                    B, T, d, p,
+                    *a_strides,
+                    g.stride(0), g.stride(1), g.stride(2),
+                    *convolution,
+                    tuning_size(T), tuning_size(B),
+                    WITH_BIAS=bool(with_bias), UPCAST=upcast, DOT_PRECISION=precision, TMA_OK=use_tma,
+                    **implicit,
+                )
     if with_bias:
         bias_sq = colsum.square().sum(dim=1)
     return weight_sq, bias_sq

@@ -198,7 +198,7 @@ def test_bench_kernels_cpu_smoke_run(tmp_path):
     import bench_kernels
 
     out = tmp_path / "bench.json"
-    names = ("seq-up-bf16,conv-layer1-unfolded,conv-layer1-implicit,conv-stem-implicit,conv-layer4-implicit-ghost,"
+    names = ("seq-up-bf16,seq-large-down,conv-layer1-unfolded,conv-layer1-implicit,conv-stem-implicit,conv-layer4-implicit-ghost,"
              "conv-layer4-down-implicit-ghost,conv-layer1-implicit-cl,conv-layer3-implicit-ghost-cl,mlp-T1-bf16,"
              "seq-embedding,"
              "layernorm-seq-large,rmsnorm-llama,"
@@ -214,6 +214,13 @@ def test_bench_kernels_cpu_smoke_run(tmp_path):
     two = rows[bench_kernels.INSTANTIATE_TWO_SAMPLES]
     assert two["max_rel_err_vs_reference"] < 1e-4 and two["tflops"] * two["ms"] == pytest.approx(
         rows["triton instantiate_norm"]["tflops"] * rows["triton instantiate_norm"]["ms"])  # (same flops)
+    # The Gram kernel on wide tiles beside the square one, exact and as many flops.
+    rows = {row["method"]: row for row in results["seq-large-down"]["rows"]}
+    wide = rows[bench_kernels.GHOST_WIDE]
+    assert wide["max_rel_err_vs_reference"] < 1e-4 and wide["tflops"] * wide["ms"] == pytest.approx(
+        rows["triton ghost_norm"]["tflops"] * rows["triton ghost_norm"]["ms"])
+    assert "BLOCK_I" in wide["config"]
+    assert os.environ.get("DIVEBATCH_TRITON_GHOST_WIDE") is None  # (set for its calls only)
     route = results["seq-up-bf16"]["route"]
     assert route["model"] in ("ghost", "fused-instantiate") and route["faster"] in ("ghost", "fused-instantiate")
     # The convolution's fused route both ways: unfolded patches and the implicit kernel, beside cuDNN.
@@ -312,7 +319,7 @@ def test_run_gpu_checks_control_flow(tmp_path):
                    "--workload seq-large", "--workload transformer", "host_overhead.py --device cuda", "run_table.py",
                    "verdicts.py"):
         assert script in calls, script
-    assert calls.count("-m pytest tests/test_triton_kernels.py") == 11  # the shards
+    assert calls.count("-m pytest tests/test_triton_kernels.py") == 12  # the shards
     # The end-to-end table (the step's target figure) before the profiles, which get what it leaves.
     assert calls.index("bench/run_table.py --device cuda") < calls.index("profile_step.py")
     # Every step runs with the configs added since the last GPU run in play (tested, timed).
@@ -326,6 +333,29 @@ def test_run_gpu_checks_control_flow(tmp_path):
     # What the device tool returns (8 files), with one left for the caller's console log.
     assert returned == ["bench_kernels.json", "check_engine.json", "gpu_results.tgz", "gpu_table.json", "verdicts.md"]
 
+
+
+def test_gpu_shards_run_every_kernel_test_once():
+    """The GPU check's pytest shards (``-k`` expressions in run_gpu_checks.sh) partition the kernel
+    tests: each test runs natively in exactly one shard (a new test no expression selects would
+    never meet a GPU; one in two shards costs its compilations twice)."""
+    import re
+    import shlex
+
+    from _pytest.mark.expression import Expression
+
+    script = (ROOT / "bench/gpu/run_gpu_checks.sh").read_text()
+    shards = shlex.split(re.search(r"^shards=\((.*?)\)$", script, re.S | re.M).group(1))
+    assert len(shards) == 12
+    listed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                             "tests/test_triton_kernels.py"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    names = [line.split("::", 1)[1] for line in listed.stdout.splitlines() if "::" in line]
+    assert len(names) > 500, listed.stdout[-2000:]
+    expressions = [Expression.compile(k) for k in shards]
+    for name in names:
+        # (-k matches a substring of the test's name, case-insensitively; the module's name holds no shard's word)
+        hits = [k for k, e in zip(shards, expressions) if e.evaluate(lambda word: word.lower() in name.lower())]
+        assert len(hits) == 1, (name, hits)
 
 
 def test_memory_probes_run_with_a_fixed_mmap_threshold():
@@ -363,9 +393,10 @@ def test_verdicts_read_the_first_gpu_run():
     assert step.verdict == "missed" and "divebatch 1.44x" in step.measured
 
 
-def _results_folder(folder: Path, implicit_ms: dict, error: float, sweep_failed: bool) -> Path:
+def _results_folder(folder: Path, implicit_ms: dict, error: float, sweep_failed: bool, wide_ratio: float = 0.8) -> Path:
     """A results folder with one sweep and one scan test, a seq-large kernel workload (errors
-    ``error``) and convolution rows: the unfolded route at 1 ms beside ``implicit_ms`` {method: ms}."""
+    ``error``; the wide-tile Gram kernel ``wide_ratio`` times the square one's time) and convolution
+    rows: the unfolded route at 1 ms beside ``implicit_ms`` {method: ms}."""
     import json
 
     import bench_kernels
@@ -380,6 +411,8 @@ def _results_folder(folder: Path, implicit_ms: dict, error: float, sweep_failed:
     seq = {"workload": "seq-large-up", "op": "ghost+instantiate", "rows": [
         {"method": "gemm g^T a (floor)", "ms": 3.0, "tflops": 700.0},
         {"method": "triton ghost_norm", "ms": 2.0, "tflops": 420.0, "max_rel_err_vs_reference": error},
+        {"method": bench_kernels.GHOST_WIDE, "ms": 2.0 * wide_ratio, "tflops": 420.0 / wide_ratio,
+         "max_rel_err_vs_reference": error},
         {"method": "triton instantiate_norm", "ms": 3.3, "max_rel_err_vs_reference": 1e-6}],
         "extra_errors": {"triton instantiate_norm (weight grad)": 2e-6},
         "route": {"model": "fused-instantiate", "faster": "fused-instantiate"}}
@@ -426,3 +459,10 @@ def test_verdicts_say_what_each_measurement_calls_for(tmp_path, copy_ms, cl_ms, 
     assert "seq-large-up triton ghost_norm 3.0e-05" in off["kernel errors at large shapes (<= 1e-05)"].measured
     sweeps = off["config sweeps (ghost, instantiate)"]
     assert sweeps.verdict == "failing" and "test_ghost_every_gpu_config_at_large_t[a]" in sweeps.action
+    # The Gram kernel on wide tiles: by default where faster and exact, opt-in where slower, off where off.
+    wide = "ghost on wide tiles, seq-large-up"
+    assert clean[wide].verdict == "faster" and "wide_ghost_wanted" in clean[wide].action
+    assert "66% of the peak" in clean[wide].measured  # (420 / 0.8 of 800)
+    assert off[wide].verdict == "off the reference"
+    slower = {v.topic: v for v in verdicts.verdicts(_results_folder(tmp_path / "c", implicit, 1e-6, False, 1.1))}
+    assert slower[wide].verdict == "slower" and slower[wide].action == "leave it opt-in"

@@ -105,6 +105,16 @@ def _specs():
             aligned_ints=("d", "p", "stride_ab", "stride_at", "stride_gb", "stride_gt"),
             constexprs={"WITH_BIAS": True, "IMPLICIT": False, "PADDED": False, "DEPTH": False, "WIDE": True},
         ),
+        # The 128 x 256 tiles of sm_90 (a 64 x 128 one elsewhere), Grams through a scratch slot.
+        "_ghost_norm_wide_kernel": dict(
+            module="ghost_norm", prune="_WIDE_PRUNE",
+            pointers={"a_ptr": None, "g_ptr": None, "weight_sq_ptr": "fp32", "colsum_ptr": "fp32",
+                      "scratch_ptr": "fp32"},
+            tensor_args=("a_ptr", "g_ptr"),
+            inner_strides=("stride_ad", "stride_gp"),
+            aligned_ints=("d", "p", "stride_ab", "stride_at", "stride_gb", "stride_gt"),
+            constexprs={"WITH_BIAS": True},
+        ),
         "_instantiate_norm_kernel": dict(
             module="instantiate_norm",
             pointers={"a_ptr": None, "g_ptr": None, "weight_sq_ptr": "fp32", "bias_sq_ptr": "fp32",
@@ -538,7 +548,8 @@ def test_every_kernel_compiles_to_ptx_and_cubin(records):
 
 #: Kernels whose inner loop is a ``tl.dot`` (the outer-product kernel has none).
 DOT_KERNELS = tuple(f"{kernel}{suffix}" for kernel in ("_ghost_norm_kernel", "_instantiate_norm_kernel")
-                    for suffix in ("", "[implicit]", "[implicit-3d-wide]", "[unfolded]")) + ("_embedding_norm_kernel",)
+                    for suffix in ("", "[implicit]", "[implicit-3d-wide]", "[unfolded]")) + (
+                        "_embedding_norm_kernel", "_ghost_norm_wide_kernel")
 
 
 def test_dots_run_on_tensor_cores(records):

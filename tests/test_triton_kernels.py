@@ -243,6 +243,90 @@ def test_ghost_norm_bias_flag_and_mixed_dtypes(with_bias):
         assert bool((_cpu(b) == 0).all())
 
 
+# --------------------------------------------------------------------------- ghost_norm, wide tiles
+#: Besides SEQ_SHAPES: T crossing four of the interpreter's 32-column super-tiles with a last one
+#: whose second half starts past T, and one whose second half holds one row.
+WIDE_SHAPES = [*SEQ_SHAPES, (2, 100, 21, 13), (1, 81, 9, 40)]
+
+
+def _wide_launches(monkeypatch, programs=None) -> list:
+    """Force ``_ghost_norm_wide_kernel`` (``DIVEBATCH_TRITON_GHOST_WIDE=1``) and record its launches
+    (run with ``programs`` programs if given)."""
+    monkeypatch.setenv("DIVEBATCH_TRITON_GHOST_WIDE", "1")
+    launches, launch = [], K.ghost_norm._launch_wide
+
+    def recorded(*args, **kwargs):
+        launches.append(args[4:8])  # (B, T, d, p)
+        return launch(*args, **kwargs, **({} if programs is None else {"programs": programs}))
+
+    monkeypatch.setattr(K.ghost_norm, "_launch_wide", recorded)
+    return launches
+
+
+@pytest.mark.parametrize("case", _params(WIDE_SHAPES), ids=_id)
+def test_ghost_norm_wide(case, monkeypatch):
+    shape, dtype, layout = case
+    launches = _wide_launches(monkeypatch)
+    a32, g32 = _seq_inputs(shape, layout, seed=3)
+    a, g = _like_layout(a32, dtype), _like_layout(g32, dtype)
+    with_bias = sum(shape) % 2 == 1 or layout != "contig"
+    outs = K.ghost_norm_triton(a, g, with_bias)
+    assert launches == [shape]
+    _check("ghost_norm (wide)", outs, a32, g32, (a, g), dtype, R.ghost_norm, (with_bias,))
+    if dtype == torch.float32:
+        w64, b64, _ = _oracle64(a32, g32, with_bias)
+        _assert_fp32(_cpu(outs[0]), w64.float(), "ghost_norm (wide) weight vs float64")
+        _assert_fp32(_cpu(outs[1]), b64.float(), "ghost_norm (wide) bias vs float64")
+
+
+@pytest.mark.parametrize("programs", [1, 2, 7, 1000])
+def test_ghost_norm_wide_persistent_grid(programs, monkeypatch):
+    """Any number of persistent programs, each looping over its share of the units with its own
+    scratch slot: one program doing all, a few sharing them unevenly, more programs than units."""
+    launches = _wide_launches(monkeypatch, programs)
+    a, g = (x.to(DEVICE) for x in _seq_inputs((3, 70, 24, 40), "contig", seed=4))
+    for with_bias in (True, False):
+        for o, r, what in zip(K.ghost_norm_triton(a, g, with_bias), R.ghost_norm(a, g, with_bias), ("weight", "bias")):
+            _assert_fp32(_cpu(o), _cpu(r), f"ghost_norm (wide, {programs} programs) {what}")
+    assert len(launches) == 2
+
+
+def test_ghost_norm_wide_is_chosen_only_where_asked(monkeypatch):
+    """Off by default here (CPU tensors; on CUDA only sm_90 with 16-bit operands, T >= WIDE_MIN_T and
+    ``DIVEBATCH_TRITON_UNVERIFIED_CONFIGS=1``); ``DIVEBATCH_TRITON_GHOST_WIDE`` forces it either way,
+    except for operands of two dtypes (one pointer reads both); anything else there is refused."""
+    wanted = K.ghost_norm.wide_ghost_wanted
+    a, g = torch.zeros(1, 1024, 4, dtype=torch.bfloat16), torch.zeros(1, 1024, 4, dtype=torch.bfloat16)
+    monkeypatch.delenv("DIVEBATCH_TRITON_GHOST_WIDE", raising=False)
+    monkeypatch.setenv("DIVEBATCH_TRITON_UNVERIFIED_CONFIGS", "1")
+    assert not wanted(a, g, 1024)  # (not a CUDA device of sm_90)
+    monkeypatch.setattr(K._common, "cuda_arch", lambda device: 90)
+    assert wanted(a, g, 1024) and wanted(a, g, K.ghost_norm.WIDE_MIN_T)
+    assert not wanted(a, g, K.ghost_norm.WIDE_MIN_T - 1) and not wanted(a.float(), g.float(), 1024)
+    monkeypatch.setattr(K._common, "cuda_arch", lambda device: 80)
+    assert not wanted(a, g, 1024)
+    monkeypatch.setattr(K._common, "cuda_arch", lambda device: 90)
+    monkeypatch.setenv("DIVEBATCH_TRITON_UNVERIFIED_CONFIGS", "0")
+    assert not wanted(a, g, 1024)
+    monkeypatch.setenv("DIVEBATCH_TRITON_GHOST_WIDE", "1")
+    assert wanted(a, g, 1024) and wanted(a.float(), g.float(), 3) and not wanted(a, g.float(), 1024)
+    monkeypatch.setenv("DIVEBATCH_TRITON_GHOST_WIDE", "0")
+    monkeypatch.setenv("DIVEBATCH_TRITON_UNVERIFIED_CONFIGS", "1")
+    assert not wanted(a, g, 1024)
+    monkeypatch.setenv("DIVEBATCH_TRITON_GHOST_WIDE", "yes")
+    with pytest.raises(ValueError, match="DIVEBATCH_TRITON_GHOST_WIDE='yes' is not 0 or 1"):
+        wanted(a, g, 1024)
+
+
+def test_ghost_norm_wide_falls_back_for_mixed_dtypes(monkeypatch):
+    launches = _wide_launches(monkeypatch)
+    a32, g32 = _seq_inputs((2, 40, 19, 35), "contig", seed=6)
+    a = _like_layout(a32, torch.bfloat16)
+    w, b = K.ghost_norm_triton(a, g32.to(DEVICE), True)
+    assert launches == []
+    _assert_fp32(_cpu(w), R.ghost_norm(a.cpu().float(), g32, True)[0], "ghost weight, a bf16 / g fp32")
+
+
 # --------------------------------------------------------------------------- instantiate_norm
 @pytest.mark.parametrize("case", _params(SEQ_SHAPES), ids=_id)
 def test_instantiate_norm(case):
@@ -411,6 +495,21 @@ def test_conv_ghost_every_gpu_config_at_large_shapes(config, geometry, layout, m
     _assert_fp32(K.conv_ghost_norm_triton(x, g, *conv).cpu(), want.cpu(), f"conv_ghost_norm with {kernel.configs[0]}")
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="GPU configs: the interpreter has one")
+@pytest.mark.parametrize("shape", _LARGE["ghost"], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("index", _each_gpu_config(K.ghost_norm._ghost_norm_wide_kernel))
+def test_ghost_norm_wide_every_gpu_config_at_large_t(index, shape, monkeypatch):
+    kernel = K.ghost_norm._ghost_norm_wide_kernel
+    _only_config(monkeypatch, kernel, index)
+    launches = _wide_launches(monkeypatch)
+    a, g = (x.to(DEVICE, torch.bfloat16) for x in _seq_inputs(shape, "contig", seed=71))
+    ref = R.ghost_norm(a, g, True)
+    out = K.ghost_norm_triton(a, g, True)
+    assert len(launches) == 1
+    for o, r, what in zip(out, ref, ("weight", "bias")):
+        _assert_fp32(o.cpu(), r.cpu(), f"ghost_norm (wide) {what} with {kernel.configs[0]}")
+
+
 def _gpu_configs(module) -> list:
     """Every config a GPU may run for the kernel of ``module`` (ghost_norm, instantiate_norm)."""
     return [*K._common.gpu_configs(module._TABLE, getattr(module, "_SM90_TABLE", None)),
@@ -438,6 +537,21 @@ def test_ghost_each_gpu_config_under_the_interpreter(index, monkeypatch):
     for channels_fastest in (False, True):
         _assert_fp32(K.conv_ghost_norm_triton(x, g_conv, *conv, _channels_override=channels_fastest),
                      R.conv_ghost_norm(x, g_conv, *conv), f"conv_ghost_norm with {config}")
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the sweep above runs every config natively")
+@pytest.mark.parametrize("index", range(len(K._common.gpu_configs(K.ghost_norm._WIDE_TABLE, K.ghost_norm._WIDE_SM90_TABLE))),
+                         ids=lambda i: f"config{i}")
+def test_ghost_norm_wide_each_gpu_config_under_the_interpreter(index, monkeypatch):
+    """The wide kernel's GPU block sizes (64 x 128, 128 x 256 tiles) on CPU, float32: T crossing two
+    super-tiles of the largest with a partial last one, K chunks partial too."""
+    config = K._common.gpu_configs(K.ghost_norm._WIDE_TABLE, K.ghost_norm._WIDE_SM90_TABLE)[index]
+    _with_config(monkeypatch, K.ghost_norm._ghost_norm_wide_kernel, config)
+    launches = _wide_launches(monkeypatch)
+    a, g = _rand((2, 300, 72), 62), _rand((2, 300, 92), 63)
+    for o, r, what in zip(K.ghost_norm_triton(a, g, True), R.ghost_norm(a, g, True), ("weight", "bias")):
+        _assert_fp32(o, r, f"ghost_norm (wide) {what} with {config}")
+    assert len(launches) == 1
 
 
 # --------------------------------------------------------------------------- conv_instantiate_norm

@@ -207,6 +207,17 @@ def bench_workload(name, spec, K, R, rounds, rep_ms, dev="cuda"):
         chosen["triton instantiate_norm"] = _chosen(K.instantiate_norm._instantiate_norm_kernel)
         tuned["triton ghost_norm"] = _config_timings(K.ghost_norm._ghost_norm_kernel)
         tuned["triton instantiate_norm"] = _config_timings(K.instantiate_norm._instantiate_norm_kernel)
+        if dtype != torch.float32 and (T >= K.ghost_norm.WIDE_MIN_T or dev != "cuda"):  # (the CPU smoke's T is short)
+            # The Gram kernel on 128 x 256 tiles (DIVEBATCH_TRITON_GHOST_WIDE=1; by default only with
+            # DIVEBATCH_TRITON_UNVERIFIED_CONFIGS=1 on sm_90): against "triton ghost_norm", whether the
+            # wider tiles' fewer operand bytes per flop pay for the Grams' trip through scratch.
+            wide = GHOST_WIDE
+            methods[wide] = lambda: _with_env("DIVEBATCH_TRITON_GHOST_WIDE", "1", K.ghost_norm_triton, a, g, True)
+            flops[wide] = flops["triton ghost_norm"]
+            errors[wide] = max(rel_err(o, r) for o, r in zip(methods[wide](), ref))
+            errors[f"{wide} (second call)"] = max(rel_err(o, r) for o, r in zip(methods[wide](), ref))
+            chosen[wide] = _chosen(K.ghost_norm._ghost_norm_wide_kernel)
+            tuned[wide] = _config_timings(K.ghost_norm._ghost_norm_wide_kernel)
         if B % 2 == 0 and B > 2:
             # The same weight gradient and flops as two "samples" of B*T/2 rows: the same kernel and
             # configs (B = 2 and 8 specialise alike, so nothing new compiles), with B/2 times fewer
@@ -260,6 +271,22 @@ def bench_workload(name, spec, K, R, rounds, rep_ms, dev="cuda"):
 
 #: The ``ghost+instantiate`` row of the instantiate kernel on the B samples' rows regrouped as two.
 INSTANTIATE_TWO_SAMPLES = "triton instantiate_norm as 2 samples (tile speed)"
+
+#: The ``ghost+instantiate`` row of the Gram kernel on wide tiles (``_ghost_norm_wide_kernel``).
+GHOST_WIDE = "triton ghost_norm (wide tiles)"
+
+
+def _with_env(name: str, value: str, fn, *args):
+    """``fn(*args)`` with the environment variable ``name`` set to ``value`` (put back after)."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        return fn(*args)
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 def measured_faster_route(result) -> str:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared check for a GPU machine (written for one H200; total <= BUDGET_S, 290 s by default):
-#   1. at once (correctness, nothing timed): the Triton kernel tests natively on CUDA (10 pytest shards
+#   1. at once (correctness, nothing timed): the Triton kernel tests natively on CUDA (12 pytest shards
 #      of tests/test_triton_kernels.py with DIVEBATCH_TRITON_TEST_DEVICE=cuda; first config of each
 #      list, except the sweeps of every config at large shapes); 1a. bench/gpu/diagnose_scan.py, the
 #      recurrent scans' error per time step (off on CUDA until clean); 1b. bench/gpu/check_engine.py,
@@ -65,7 +65,7 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton._
     exit 2
 fi
 
-# 1. correctness, all at once (nothing here is timed): the Triton kernel tests as eleven pytest
+# 1. correctness, all at once (nothing here is timed): the Triton kernel tests as twelve pytest
 #    shards (~170 kernel specialisations, each compiled once on one CPU core: the machine has 16),
 #    the recurrent scans' error per time step (1a; off on CUDA until clean, see kernels/__init__.py
 #    UNVERIFIED_ON_GPU, with the PTX/TTGIR the launches compiled), and the whole engine against
@@ -82,7 +82,8 @@ t0=$(date +%s)
 # (the sweeps of every ghost / instantiate config at large shapes compile one specialisation per
 #  config and grid, ~40 with the configs added after the first run: three shards of their own, and
 #  a fourth for the implicit convolution kernels' sweeps, both column orders)
-shards=("ghost and not instantiate and not every_gpu_config" "instantiate and not every_gpu_config" "outer"
+# (the Gram kernel on wide tiles, DIVEBATCH_TRITON_GHOST_WIDE, its cases and config sweep: a shard)
+shards=("ghost and not instantiate and not every_gpu_config and not ghost_norm_wide" "ghost_norm_wide" "instantiate and not every_gpu_config" "outer"
         "recurrent_scan and LSTM" "recurrent_scan and not LSTM" "affine_norm_grads or group_norm_grads or channel_norm_grads"
         "not ghost and not instantiate and not outer and not recurrent_scan and not affine_norm_grads and not group_norm_grads and not channel_norm_grads"
         "ghost_every_gpu_config and not conv_" "instantiate_every_gpu_config and stored and not conv_"

@@ -35,6 +35,7 @@ MEASURED_PEAK = {"H100": 790.0, "H200": 790.0}
 
 #: The instantiate / ghost rows of a ``ghost+instantiate`` workload, and the GEMM they are read against.
 GEMM, GHOST, INSTANTIATE = "gemm g^T a (floor)", "triton ghost_norm", "triton instantiate_norm"
+GHOST_WIDE = "triton ghost_norm (wide tiles)"
 
 
 @dataclass
@@ -66,6 +67,8 @@ def junit_outcomes(folder: Path) -> dict[str, str]:
 TEST_GROUPS = (
     ("recurrent scans", lambda n: "recurrent_scan" in n,
      "empty UNVERIFIED_ON_GPU in kernels/__init__.py (the scans run on CUDA again)"),
+    ("ghost on wide tiles", lambda n: "ghost_norm_wide" in n,
+     "exact on this GPU: its timing (below) decides the default"),
     ("config sweeps (ghost, instantiate)", lambda n: "every_gpu_config" in n and "conv_" not in n,
      "empty _UNVERIFIED in kernels/ghost_norm.py and kernels/instantiate_norm.py"),
     ("config sweeps (implicit convolutions)", lambda n: "every_gpu_config" in n and "conv_" in n, ""),
@@ -131,7 +134,26 @@ def kernel_targets(bench: dict) -> list[Verdict]:
                 f"ghost kernel share of the bf16 peak, {name} (target >= {GHOST_SHARE_OF_PEAK:.0%})",
                 f"{rows[GHOST]['tflops']:.0f} of {peak:.0f} TFLOP/s = {share:.0%}",
                 "met" if share >= GHOST_SHARE_OF_PEAK else "missed"))
+        if GHOST in rows and GHOST_WIDE in rows:
+            verdicts.append(wide_ghost_verdict(name, rows[GHOST], rows[GHOST_WIDE], peak))
     return verdicts
+
+
+def wide_ghost_verdict(name: str, square: dict, wide: dict, peak: float | None) -> Verdict:
+    """The Gram kernel on 128 x 256 tiles (``_ghost_norm_wide_kernel``) against the square one."""
+    exact = wide.get("max_rel_err_vs_reference", 1.0) <= ROUNDING
+    faster = wide["ms"] < square["ms"]
+    share = f", {wide['tflops'] / peak:.0%} of the peak" if peak and "tflops" in wide else ""
+    measured = (f"{wide['ms']:.2f} ms against {square['ms']:.2f} ms{share}; error "
+                f"{wide.get('max_rel_err_vs_reference', float('nan')):.1e}; config {wide.get('config', '?')}")
+    if not exact:
+        return Verdict(f"ghost on wide tiles, {name}", measured, "off the reference",
+                       "keep it off; see which config (config_ms) and whether the second call agrees")
+    if faster:
+        return Verdict(f"ghost on wide tiles, {name}", measured, "faster",
+                       "take it by default on sm_90 (drop the UNVERIFIED_CONFIGS condition of "
+                       "kernels/ghost_norm.py wide_ghost_wanted)")
+    return Verdict(f"ghost on wide tiles, {name}", measured, "slower", "leave it opt-in")
 
 
 def large_shape_errors(bench: dict) -> list[Verdict]:
