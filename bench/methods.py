@@ -113,16 +113,32 @@ class DiveBatchVmappedStandardisation(_DiveBatchWithout):
     replacement = staticmethod(lambda *args: False)
 
 
-class DiveBatchImplicitConv(DiveBatch):
+class _DiveBatchWithEnv(DiveBatch):
+    """divebatch with the environment variables ``env`` set during each step (opt-in kernels)."""
+
+    env: dict[str, str] = {}
+
+    def step(self, x, y):
+        with mock.patch.dict(os.environ, self.env):
+            return super().step(x, y)
+
+
+class DiveBatchImplicitConv(_DiveBatchWithEnv):
     """divebatch with ``DIVEBATCH_TRITON_IMPLICIT_CONV=1`` during each step: on CUDA the fused
     convolution route reads its patches from the input in place (``ops.conv_instantiate_norm``)
     instead of unfolding them; elsewhere the same as divebatch."""
 
     name = "divebatch-implicit-conv"
+    env = {"DIVEBATCH_TRITON_IMPLICIT_CONV": "1"}
 
-    def step(self, x, y):
-        with mock.patch.dict(os.environ, {"DIVEBATCH_TRITON_IMPLICIT_CONV": "1"}):
-            return super().step(x, y)
+
+class DiveBatchGhostWide(_DiveBatchWithEnv):
+    """divebatch with ``DIVEBATCH_TRITON_GHOST_WIDE=1`` during each step: on CUDA the Gram route's
+    kernel on 128 x 256 tiles (``kernels/ghost_norm.py``, ``_ghost_norm_wide_kernel``) instead of
+    128 x 128; elsewhere the same as divebatch."""
+
+    name = "divebatch-ghost-wide"
+    env = {"DIVEBATCH_TRITON_GHOST_WIDE": "1"}
 
 
 class PlainCompiled(Plain):
@@ -243,7 +259,8 @@ class BackPACK(Method):
 
 
 METHODS = [Plain, DiveBatch, TorchFunc, OpacusHooks, OpacusGhost, BackPACK, DiveBatchUnfused, DiveBatchReplay,
-           DiveBatchVmappedStandardisation, DiveBatchImplicitConv, PlainCompiled, DiveBatchCompiled]
+           DiveBatchVmappedStandardisation, DiveBatchImplicitConv, DiveBatchGhostWide, PlainCompiled,
+           DiveBatchCompiled]
 
 
 def build(method_cls, workload, seed=0, device="cpu", dtype=None):

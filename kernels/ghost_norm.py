@@ -284,27 +284,21 @@ _WIDE_CONFIGS, _WIDE_PRUNE = config_table(
     sm90_table=_WIDE_SM90_TABLE,
 )
 
-#: Shortest sequence the wide kernel is taken for by default (with ``DIVEBATCH_TRITON_UNVERIFIED_CONFIGS=1``
-#: on sm_90): below four 128-row blocks its 256-column tiles are mostly past T or under the diagonal.
+#: Shortest sequence the wide kernel is meant for (the GPU bench times it from there): below four
+#: 128-row blocks its 256-column tiles lie mostly past T or under the diagonal.
 WIDE_MIN_T = 512
 
 
-def wide_ghost_wanted(a: torch.Tensor, g: torch.Tensor, T: int) -> bool:
-    """Whether ``ghost_norm`` runs ``_ghost_norm_wide_kernel`` for ``a``, ``g`` (of one dtype; the
-    kernel reads both through one pointer, so mixed dtypes always take ``_ghost_norm_kernel``):
-    ``DIVEBATCH_TRITON_GHOST_WIDE=1`` / ``0`` forces it on / off (read at each call; on also under
-    the interpreter, for the tests); unset, only where it is meant to pay and a GPU run may try
-    it: sm_90 or later, 16-bit operands, ``T >= WIDE_MIN_T``, and
-    ``DIVEBATCH_TRITON_UNVERIFIED_CONFIGS=1`` (no GPU has run it yet)."""
-    forced = os.environ.get("DIVEBATCH_TRITON_GHOST_WIDE", "").strip()
-    if forced not in ("", "0", "1"):
+def wide_ghost_wanted(a: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether ``ghost_norm`` runs ``_ghost_norm_wide_kernel``: where ``DIVEBATCH_TRITON_GHOST_WIDE=1``
+    (read at each call) and ``a``, ``g`` share a dtype (the kernel reads both through one
+    pointer). Opt-in until a GPU has timed it against the square tiles (``bench/gpu/verdicts.py``
+    says whether to take it by default on sm_90 from ``WIDE_MIN_T``); it is exact under the
+    interpreter and compiles for sm_80 / sm_90 without spills."""
+    forced = os.environ.get("DIVEBATCH_TRITON_GHOST_WIDE", "0").strip()
+    if forced not in ("0", "1"):
         raise ValueError(f"DIVEBATCH_TRITON_GHOST_WIDE={forced!r} is not 0 or 1; unset it or pick one of those")
-    if a.dtype != g.dtype:
-        return False
-    if forced:
-        return forced == "1"
-    return (_common.unverified_configs_enabled() and _common.cuda_arch(a.device) >= 90
-            and a.dtype in (torch.float16, torch.bfloat16) and T >= WIDE_MIN_T)
+    return forced == "1" and a.dtype == g.dtype
 
 
 @triton.autotune(configs=_WIDE_CONFIGS, key=["T_TUNE", "B_TUNE", "d", "p", "WITH_BIAS", "stride_ad", "stride_gp"],
@@ -481,7 +475,7 @@ def _launch(a, g, B: int, T: int, d: int, p: int, with_bias: bool, patches: Conv
             return (programs,)
 
         use_tma = patches is None and tma_ok(a, g)
-        if patches is None and wide_ghost_wanted(a, g, T):
+        if patches is None and wide_ghost_wanted(a, g):
             _launch_wide(a, g, weight_sq, colsum, B, T, d, p, with_bias, upcast, precision)
         else:
             with tma_workspace(device, use_tma):

@@ -68,6 +68,32 @@ def test_the_first_call_checks_pass_the_whole_engine(case, monkeypatch):
         assert rel_err(actual.per_layer[name], expected.per_layer[name]) <= 1e-5, name
 
 
+def test_wide_ghost_kernel_through_the_engine(monkeypatch):
+    """The Gram route on the opt-in wide tiles (``DIVEBATCH_TRITON_GHOST_WIDE=1``): a two-layer MLP on
+    sequences long enough for the hooks' cost model to take the ghost route (``fused=False``) gives
+    the reference backend's numbers, and both layers went through the wide kernel."""
+    _available("triton")
+    launches, launch = [], ops._kernels.ghost_norm._launch_wide
+    monkeypatch.setattr(ops._kernels.ghost_norm, "_launch_wide",
+                        lambda *args, **kwargs: (launches.append(args[4:8]), launch(*args, **kwargs))[1])
+    monkeypatch.setenv("DIVEBATCH_TRITON_GHOST_WIDE", "1")
+
+    def stats(backend):
+        monkeypatch.setenv("DIVEBATCH_BACKEND", backend)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(96, 160), torch.nn.Tanh(), torch.nn.Linear(160, 96, bias=False))
+        with GradNormTracker(model, "sum", fused=False) as tracker:
+            model(torch.randn(3, 40, 96)).square().sum().backward()
+            assert {plan.route for plan in tracker.plan()} == {"ghost"}
+            return tracker.collect()
+
+    expected, actual = stats("reference"), stats("triton")
+    assert sorted(launches) == [(3, 40, 96, 160), (3, 40, 160, 96)]
+    for name in expected.per_layer:
+        assert rel_err(actual.per_layer[name], expected.per_layer[name]) <= 1e-5, name
+    assert rel_err(actual.batch_grad_sq, expected.batch_grad_sq) <= 1e-6
+
+
 def test_unknown_backend_is_refused(monkeypatch):
     monkeypatch.setenv("DIVEBATCH_BACKEND", "fortran")
     with pytest.raises(ValueError, match="DIVEBATCH_BACKEND"):

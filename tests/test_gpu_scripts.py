@@ -286,6 +286,26 @@ def test_check_engine_runs_the_implicit_convolution_cases_with_their_variable(mo
         assert checked["per_sample_err"] <= 1e-5 and checked["batch_err"] <= 1e-5
 
 
+def test_check_engine_runs_the_wide_ghost_case_on_the_wide_kernel(monkeypatch):
+    """The engine check's ``ghost-wide/*`` case runs with ``DIVEBATCH_TRITON_GHOST_WIDE=1`` set (and
+    put back): unfused, its Linear layers take the Gram route through the wide kernel (here under
+    the interpreter) and match torch.func."""
+    import check_engine
+
+    from divebatch import ops
+
+    launches, launch = [], ops._kernels.ghost_norm._launch_wide
+    monkeypatch.setattr(ops._kernels.ghost_norm, "_launch_wide",
+                        lambda *args, **kwargs: (launches.append(args[4:8]), launch(*args, **kwargs))[1])
+    monkeypatch.setenv("DIVEBATCH_BACKEND", "triton")
+    monkeypatch.delenv("DIVEBATCH_TRITON_GHOST_WIDE", raising=False)
+    with check_engine._env(check_engine.CASE_ENV["ghost-wide/"]):
+        row = check_engine.check(check_engine.cases()["ghost-wide/sequence-mlp"], torch.device("cpu"), False)
+    assert "DIVEBATCH_TRITON_GHOST_WIDE" not in os.environ
+    assert row["routes"] == ["ghost"] and len(launches) == 2
+    assert row["per_sample_err"] <= 1e-5 and row["batch_err"] <= 1e-5
+
+
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward in time", "backward in time"])
 @pytest.mark.parametrize("mode", ["GRU", "LSTM"])
 def test_diagnose_scan_case_reports_each_step(mode, reverse):

@@ -208,9 +208,9 @@ def bench_workload(name, spec, K, R, rounds, rep_ms, dev="cuda"):
         tuned["triton ghost_norm"] = _config_timings(K.ghost_norm._ghost_norm_kernel)
         tuned["triton instantiate_norm"] = _config_timings(K.instantiate_norm._instantiate_norm_kernel)
         if dtype != torch.float32 and (T >= K.ghost_norm.WIDE_MIN_T or dev != "cuda"):  # (the CPU smoke's T is short)
-            # The Gram kernel on 128 x 256 tiles (DIVEBATCH_TRITON_GHOST_WIDE=1; by default only with
-            # DIVEBATCH_TRITON_UNVERIFIED_CONFIGS=1 on sm_90): against "triton ghost_norm", whether the
-            # wider tiles' fewer operand bytes per flop pay for the Grams' trip through scratch.
+            # The Gram kernel on 128 x 256 tiles (opt-in: DIVEBATCH_TRITON_GHOST_WIDE=1): against
+            # "triton ghost_norm", whether the wider tiles' fewer operand bytes per flop pay for the
+            # Grams' trip through scratch.
             wide = GHOST_WIDE
             methods[wide] = lambda: _with_env("DIVEBATCH_TRITON_GHOST_WIDE", "1", K.ghost_norm_triton, a, g, True)
             flops[wide] = flops["triton ghost_norm"]

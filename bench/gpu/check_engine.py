@@ -43,7 +43,8 @@ RTOL = 1e-4
 
 #: Case-name prefixes run with these environment variables set: the fused convolutions reading
 #: their patches in place (``conv_instantiate_norm``, opt-in until a GPU has timed it).
-CASE_ENV = {"implicit-conv/": {"DIVEBATCH_TRITON_IMPLICIT_CONV": "1"}}
+CASE_ENV = {"implicit-conv/": {"DIVEBATCH_TRITON_IMPLICIT_CONV": "1"},
+            "ghost-wide/": {"DIVEBATCH_TRITON_GHOST_WIDE": "1"}}
 
 
 def _env(variables: dict):
@@ -66,6 +67,10 @@ def cases():
         "implicit-conv/deepening": lambda: (
             test_fuse_decisions.Deepening(), torch.randn(4, 3, 8, 8), torch.randn(4),
             test_fuse_decisions._squared_error),
+        # (a Linear pair on sequences: unfused, the Gram route, on the opt-in 128 x 256 tiles)
+        "ghost-wide/sequence-mlp": lambda: (
+            torch.nn.Sequential(torch.nn.Linear(96, 160), torch.nn.Tanh(), torch.nn.Linear(160, 96, bias=False)),
+            torch.randn(3, 40, 96), torch.randn(3, 40, 96), test_fuse_decisions._squared_error),
         # (the same by default: unfolded, 2 x 2 maps as contiguous rows, layers.conv.rows_layout)
         "conv/deepening": lambda: (
             test_fuse_decisions.Deepening(), torch.randn(4, 3, 8, 8), torch.randn(4),

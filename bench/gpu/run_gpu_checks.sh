@@ -119,9 +119,10 @@ left=$(( BUDGET_S - ($(date +%s) - START) - ${PROFILE_RESERVE_S:-100} ))
 if [ -f bench/run_table.py ] && [ "$left" -gt 30 ]; then
     # divebatch-unfused beside divebatch: the hook routes' cost next to the fused ones, the
     # measurement the CUDA fuse decisions (always fuse conv; fused instantiate where it fits) lack;
-    # divebatch-implicit-conv: conv-large's fused convolutions reading their patches in place.
+    # divebatch-implicit-conv: conv-large's fused convolutions reading their patches in place;
+    # divebatch-ghost-wide: the Gram route on 128 x 256 tiles (seq-large's Linear layers).
     step run_table "$left" "$PY" bench/run_table.py --device cuda --dtype bfloat16 --reps 5 \
-        --methods divebatch,divebatch-unfused,divebatch-implicit-conv,torch.func,opacus,opacus-ghost,backpack \
+        --methods divebatch,divebatch-unfused,divebatch-implicit-conv,divebatch-ghost-wide,torch.func,opacus,opacus-ghost,backpack \
         --workloads conv-large,seq-large,transformer,conv-large-cl --out "$RESULTS/gpu_table.json"
 else
     SUMMARY+=("run_table: skipped (bench/run_table.py missing or ${left}s left)")

@@ -151,8 +151,8 @@ def wide_ghost_verdict(name: str, square: dict, wide: dict, peak: float | None) 
                        "keep it off; see which config (config_ms) and whether the second call agrees")
     if faster:
         return Verdict(f"ghost on wide tiles, {name}", measured, "faster",
-                       "take it by default on sm_90 (drop the UNVERIFIED_CONFIGS condition of "
-                       "kernels/ghost_norm.py wide_ghost_wanted)")
+                       "take it by default on sm_90 from WIDE_MIN_T (kernels/ghost_norm.py wide_ghost_wanted), "
+                       "if divebatch-ghost-wide's seq-large step agrees")
     return Verdict(f"ghost on wide tiles, {name}", measured, "slower", "leave it opt-in")
 
 
