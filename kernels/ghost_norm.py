@@ -16,6 +16,9 @@ the number into ``weight_sq[b]``. The Grams are never written to memory. The ``U
 (sm_90) load the chunks by Hopper's tensor memory accelerator from device-side descriptors where
 ``tma_ok`` allows (else by pointers, as the others).
 
+``DIVEBATCH_TRITON_GHOST_WIDE=1`` (opt-in, untimed on a GPU): ``_ghost_norm_wide_kernel`` instead,
+on 128 x 256 tiles whose two Grams pass through a per-program scratch slot (see its docstring).
+
 Bias, same launch: the diagonal program (b, i, i) has just streamed every row of tile i of g for
 its Gram; it reads them again (from L2, in a loop of its own: see the comment there) and adds
 their column sums into a float32 scratch ``colsum [B, p]`` (atomics, one per row tile);
@@ -328,12 +331,12 @@ def _ghost_norm_wide_kernel(
     slices. The grid is persistent (about one program per SM, each looping over units) so the
     scratch is a slot per program, not per unit.
 
-    One loop over (unit, chunk): a unit's d / BLOCK_K chunks of ``a``, then its p / BLOCK_K chunks
-    of ``g``, through one pointer and one accumulator reset after each Gram, the pattern of
-    Triton's persistent matmul. (Two loops, one per Gram, made ptxas keep both 128-register
-    accumulators: 330 spill stores on sm_90.) Rows past T are read as row T - 1, so the loads need
-    no per-element masks (which do not fit in registers beside the accumulator either); such
-    rows' and columns' Gram entries are weighed 0.
+    One loop over (unit, which Gram) around one software-pipelined loop over that Gram's BLOCK_K
+    chunks, of ``a`` or of ``g`` through one pointer: a single MMA loop in the kernel. (The two
+    Grams as two loops in sequence made ptxas keep both 128-register accumulators, 330 spill
+    stores on sm_90; one flat loop over both with an in-loop reset was not pipelined.) Rows past T
+    are read as row T - 1, so the loads need no per-element masks (which do not fit in registers
+    beside the accumulator either); such rows' and columns' Gram entries are weighed 0.
 
     Units: the upper triangle of 2 BLOCK_I x 2 BLOCK_I super-tile pairs (si <= sj, ``_tile_pair``),
     each in two halves: row block ti = 2 si + h (BLOCK_I rows) against the columns of super-tile
@@ -354,10 +357,8 @@ def _ghost_norm_wide_kernel(
     chunk_cols = tl.arange(0, CHUNK_J)
     last = T - 1
     n_a = tl.cdiv(d, BLOCK_K)
-    per_unit = n_a + tl.cdiv(p, BLOCK_K)
-
     n_g = tl.cdiv(p, BLOCK_K)
-    for step in tl.range(0, tl.cdiv(units - pid, n_programs) * 2, flatten=True):
+    for step in range(0, tl.cdiv(units - pid, n_programs) * 2):
         unit = pid + (step // 2) * n_programs
         in_a = step % 2 == 0
         b64 = (unit // (2 * n_pairs)).to(tl.int64)
@@ -466,18 +467,18 @@ def _launch(a, g, B: int, T: int, d: int, p: int, with_bias: bool, patches: Conv
         if g.dtype == torch.float32:
             precision = dot_options(g.dtype)[1]
 
-        def grid(meta):
-            n = triton.cdiv(T, meta["BLOCK_T"])
-            programs = B * (n * (n + 1) // 2)
-            if programs >= 2**31:
-                raise ValueError(f"divebatch.ghost_norm: B={B}, T={T} needs {programs} tile-pair programs "
-                                 "(> 2^31); use instantiate_norm for such long sequences")
-            return (programs,)
-
-        use_tma = patches is None and tma_ok(a, g)
         if patches is None and wide_ghost_wanted(a, g):
             _launch_wide(a, g, weight_sq, colsum, B, T, d, p, with_bias, upcast, precision)
         else:
+            def grid(meta):
+                n = triton.cdiv(T, meta["BLOCK_T"])
+                programs = B * (n * (n + 1) // 2)
+                if programs >= 2**31:
+                    raise ValueError(f"divebatch.ghost_norm: B={B}, T={T} needs {programs} tile-pair programs "
+                                     "(> 2^31); use instantiate_norm for such long sequences")
+                return (programs,)
+
+            use_tma = patches is None and tma_ok(a, g)
             with tma_workspace(device, use_tma):
                 _ghost_norm_kernel[grid](
                     a, g, weight_sq, colsum,
