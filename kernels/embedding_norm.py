@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._common import AUTOTUNE_KWARGS, FLOAT_DTYPES, check_device, config_table, dot_options, tuning_size
-from .ghost_norm import _gram_tile, _tile_pair
+from .ghost_norm import _gram_tile, _tile_pair, tile_pair_grid
 
 _F32_CONFIGS = [  # float32 operands (tf32x3), any layout
     triton.Config({"BLOCK_T": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
@@ -121,15 +121,7 @@ def embedding_norm_triton(indices: torch.Tensor, g: torch.Tensor, padding_idx: i
         # A negative padding_idx means "none"; indices are non-negative, so -1 never matches.
         pad = int(padding_idx) if int(padding_idx) >= 0 else -1
 
-        def grid(meta):
-            n = triton.cdiv(T, meta["BLOCK_T"])
-            programs = B * (n * (n + 1) // 2)
-            if programs >= 2**31:
-                raise ValueError(f"divebatch.embedding_norm: B={B}, T={T} needs {programs} tile-pair programs "
-                                 "(> 2^31); use the reference path for such long sequences")
-            return (programs,)
-
-        _embedding_norm_kernel[grid](
+        _embedding_norm_kernel[tile_pair_grid("embedding_norm", B, T, "the reference path")](
             indices, g, out,
             T, p, pad,
             indices.stride(0), indices.stride(1),

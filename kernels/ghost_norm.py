@@ -263,6 +263,21 @@ def _ghost_norm_kernel(
         tl.store(colsum_ptr + b64, 0.0)
 
 
+def tile_pair_grid(op: str, B: int, T: int, instead: str):
+    """The launch grid of a kernel with one program per (sample, upper-triangular BLOCK_T tile
+    pair); more than 2^31 programs is refused with an error naming ``op`` and what to use
+    ``instead``."""
+    def grid(meta):
+        n = triton.cdiv(T, meta["BLOCK_T"])
+        programs = B * (n * (n + 1) // 2)
+        if programs >= 2**31:
+            raise ValueError(f"divebatch.{op}: B={B}, T={T} needs {programs} tile-pair programs "
+                             f"(> 2^31); use {instead} for such long sequences")
+        return (programs,)
+
+    return grid
+
+
 def _wide_config(block_i, block_k, warps, stages, chunk=32, per_sm=1) -> triton.Config:
     return triton.Config({"BLOCK_I": block_i, "BLOCK_K": block_k, "CHUNK_J": chunk, "PROGRAMS_PER_SM": per_sm},
                          num_warps=warps, num_stages=stages)
@@ -470,17 +485,9 @@ def _launch(a, g, B: int, T: int, d: int, p: int, with_bias: bool, patches: Conv
         if patches is None and wide_ghost_wanted(a, g):
             _launch_wide(a, g, weight_sq, colsum, B, T, d, p, with_bias, upcast, precision)
         else:
-            def grid(meta):
-                n = triton.cdiv(T, meta["BLOCK_T"])
-                programs = B * (n * (n + 1) // 2)
-                if programs >= 2**31:
-                    raise ValueError(f"divebatch.ghost_norm: B={B}, T={T} needs {programs} tile-pair programs "
-                                     "(> 2^31); use instantiate_norm for such long sequences")
-                return (programs,)
-
             use_tma = patches is None and tma_ok(a, g)
             with tma_workspace(device, use_tma):
-                _ghost_norm_kernel[grid](
+                _ghost_norm_kernel[tile_pair_grid("ghost_norm", B, T, "instantiate_norm")](
                     a, g, weight_sq, colsum,
                     B, T, d, p,
                     *a_strides,

@@ -243,6 +243,16 @@ def test_ghost_norm_bias_flag_and_mixed_dtypes(with_bias):
         assert bool((_cpu(b) == 0).all())
 
 
+def test_tile_pair_grids_past_2_to_the_31_programs_are_refused():
+    """The ghost and embedding kernels' grid, one program per (sample, tile pair): its size, and a
+    clear error where a grid dimension cannot hold it (T = 2^20 in 16-row tiles: 2^31 pairs)."""
+    grid = K.ghost_norm.tile_pair_grid("ghost_norm", 3, 37, "instantiate_norm")
+    assert grid({"BLOCK_T": 16}) == (3 * 6,)  # (3 tiles: 6 pairs i <= j)
+    with pytest.raises(ValueError, match=r"divebatch.ghost_norm: B=2, T=1048576 needs \d+ tile-pair programs "
+                                         r"\(> 2\^31\); use instantiate_norm"):
+        K.ghost_norm.tile_pair_grid("ghost_norm", 2, 1 << 20, "instantiate_norm")({"BLOCK_T": 16})
+
+
 # --------------------------------------------------------------------------- ghost_norm, wide tiles
 #: Besides SEQ_SHAPES: T crossing four of the interpreter's 32-column super-tiles with a last one
 #: whose second half starts past T, and one whose second half holds one row.
@@ -416,13 +426,18 @@ def _only_config(monkeypatch, kernel, index):
 @pytest.mark.parametrize("shape", _LARGE["ghost"], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("index", _each_gpu_config(K.ghost_norm._ghost_norm_kernel))
 def test_ghost_every_gpu_config_at_large_t(index, shape, monkeypatch):
-    kernel = K.ghost_norm._ghost_norm_kernel
+    _check_ghost_config_at_large_t(K.ghost_norm._ghost_norm_kernel, index, shape, monkeypatch)
+
+
+def _check_ghost_config_at_large_t(kernel, index, shape, monkeypatch):
+    """Config ``index`` of the ghost kernel ``kernel`` alone, bfloat16 ``[B, T, d]``, ``[B, T, p]``
+    ``shape`` inputs: weight and bias norms within float32 rounding of the reference's."""
     _only_config(monkeypatch, kernel, index)
     a, g = (x.to(DEVICE, torch.bfloat16) for x in _seq_inputs(shape, "contig", seed=70))
     ref = R.ghost_norm(a, g, True)
     out = K.ghost_norm_triton(a, g, True)
     for o, r, what in zip(out, ref, ("weight", "bias")):
-        _assert_fp32(o.cpu(), r.cpu(), f"ghost_norm {what} with {kernel.configs[0]}")
+        _assert_fp32(o.cpu(), r.cpu(), f"{kernel.fn.__name__} {what} with {kernel.configs[0]}")
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="GPU configs: the interpreter has one")
@@ -490,15 +505,9 @@ def test_conv_ghost_every_gpu_config_at_large_shapes(config, geometry, layout, m
 @pytest.mark.parametrize("shape", _LARGE["ghost"], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("index", _each_gpu_config(K.ghost_norm._ghost_norm_wide_kernel))
 def test_ghost_norm_wide_every_gpu_config_at_large_t(index, shape, monkeypatch):
-    kernel = K.ghost_norm._ghost_norm_wide_kernel
-    _only_config(monkeypatch, kernel, index)
     launches = _wide_launches(monkeypatch)
-    a, g = (x.to(DEVICE, torch.bfloat16) for x in _seq_inputs(shape, "contig", seed=71))
-    ref = R.ghost_norm(a, g, True)
-    out = K.ghost_norm_triton(a, g, True)
+    _check_ghost_config_at_large_t(K.ghost_norm._ghost_norm_wide_kernel, index, shape, monkeypatch)
     assert len(launches) == 1
-    for o, r, what in zip(out, ref, ("weight", "bias")):
-        _assert_fp32(o.cpu(), r.cpu(), f"ghost_norm (wide) {what} with {kernel.configs[0]}")
 
 
 def _gpu_configs(module) -> list:
