@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -212,7 +213,12 @@ def bench_workload(name, spec, K, R, rounds, rep_ms, dev="cuda"):
             # "triton ghost_norm", whether the wider tiles' fewer operand bytes per flop pay for the
             # Grams' trip through scratch.
             wide = GHOST_WIDE
-            methods[wide] = lambda: _with_env("DIVEBATCH_TRITON_GHOST_WIDE", "1", K.ghost_norm_triton, a, g, True)
+
+            def wide_ghost():
+                with mock.patch.dict(os.environ, {"DIVEBATCH_TRITON_GHOST_WIDE": "1"}):
+                    return K.ghost_norm_triton(a, g, True)
+
+            methods[wide] = wide_ghost
             flops[wide] = flops["triton ghost_norm"]
             errors[wide] = max(rel_err(o, r) for o, r in zip(methods[wide](), ref))
             errors[f"{wide} (second call)"] = max(rel_err(o, r) for o, r in zip(methods[wide](), ref))
@@ -274,19 +280,6 @@ INSTANTIATE_TWO_SAMPLES = "triton instantiate_norm as 2 samples (tile speed)"
 
 #: The ``ghost+instantiate`` row of the Gram kernel on wide tiles (``_ghost_norm_wide_kernel``).
 GHOST_WIDE = "triton ghost_norm (wide tiles)"
-
-
-def _with_env(name: str, value: str, fn, *args):
-    """``fn(*args)`` with the environment variable ``name`` set to ``value`` (put back after)."""
-    before = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        return fn(*args)
-    finally:
-        if before is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = before
 
 
 def measured_faster_route(result) -> str:
