@@ -141,6 +141,23 @@ class DiveBatchGhostWide(_DiveBatchWithEnv):
     env = {"DIVEBATCH_TRITON_GHOST_WIDE": "1"}
 
 
+class DiveBatchFusedEverywhere(DiveBatch):
+    """divebatch with the CUDA route model told to fuse every Linear it can (``FUSED_CUDA_EXTRA_COST``
+    0, ``FUSED_CUDA_MAX_WEIGHT`` unbounded, in ``divebatch/layers/linear.py``): on CUDA the fused
+    instantiate kernel replaces the weight-gradient GEMM of seq-large's 4096 x 16384 layers and head,
+    which the model leaves to the Gram route while that kernel runs 2.2x the GEMM (the first H200
+    run). Its step beside divebatch's says what the fused route's newer configs give end to end;
+    elsewhere (CPU) the same as divebatch."""
+
+    name = "divebatch-fused-everywhere"
+
+    def step(self, x, y):
+        from divebatch.layers import linear
+
+        with mock.patch.multiple(linear, FUSED_CUDA_EXTRA_COST=0.0, FUSED_CUDA_MAX_WEIGHT=float("inf")):
+            return super().step(x, y)
+
+
 class PlainCompiled(Plain):
     """The plain step through ``torch.compile(model)`` (inductor): the floor for divebatch-compiled."""
 
@@ -259,8 +276,8 @@ class BackPACK(Method):
 
 
 METHODS = [Plain, DiveBatch, TorchFunc, OpacusHooks, OpacusGhost, BackPACK, DiveBatchUnfused, DiveBatchReplay,
-           DiveBatchVmappedStandardisation, DiveBatchImplicitConv, DiveBatchGhostWide, PlainCompiled,
-           DiveBatchCompiled]
+           DiveBatchVmappedStandardisation, DiveBatchImplicitConv, DiveBatchGhostWide, DiveBatchFusedEverywhere,
+           PlainCompiled, DiveBatchCompiled]
 
 
 def build(method_cls, workload, seed=0, device="cpu", dtype=None):

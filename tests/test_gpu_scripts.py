@@ -378,6 +378,27 @@ def test_gpu_shards_run_every_kernel_test_once():
         assert len(hits) == 1, (name, hits)
 
 
+def test_fused_everywhere_method_fuses_the_seq_large_layers_on_cuda(monkeypatch):
+    """``divebatch-fused-everywhere`` (the GPU table's end-to-end figure for the fused instantiate
+    route at seq-large): during its step the CUDA route model fuses the 4096 x 16384 blocks and the
+    32000-wide head, which it leaves to the Gram route otherwise, and the model's constants are
+    put back after."""
+    import methods
+
+    from divebatch.layers import linear, routes
+
+    monkeypatch.setattr(routes, "triton_kernels", lambda device_type: True)
+    shapes = [(8, 2048, 4096, 16384), (8, 2048, 16384, 4096), (8, 2048, 4096, 32000)]
+    assert {linear.fused_linear_route_name(*shape, "cuda") for shape in shapes} == {"ghost"}
+    during = {}
+    monkeypatch.setattr(methods.DiveBatch, "step", lambda self, x, y: during.update(
+        {shape: linear.fused_linear_route_name(*shape, "cuda") for shape in shapes}))
+    methods.DiveBatchFusedEverywhere.step(object.__new__(methods.DiveBatchFusedEverywhere), None, None)
+    assert set(during.values()) == {"fused-instantiate"} and len(during) == 3
+    assert {linear.fused_linear_route_name(*shape, "cuda") for shape in shapes} == {"ghost"}
+    assert methods.DiveBatchFusedEverywhere in methods.METHODS
+
+
 def test_memory_probes_run_with_a_fixed_mmap_threshold():
     """The CPU memory column: each probe is a fresh process under ``PROBE_ENV`` (glibc's mmap threshold
     fixed, so its peak RSS is the peak of memory in use, not of the heap's fragmentation), and two

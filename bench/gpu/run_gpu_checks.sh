@@ -120,9 +120,11 @@ if [ -f bench/run_table.py ] && [ "$left" -gt 30 ]; then
     # divebatch-unfused beside divebatch: the hook routes' cost next to the fused ones, the
     # measurement the CUDA fuse decisions (always fuse conv; fused instantiate where it fits) lack;
     # divebatch-implicit-conv: conv-large's fused convolutions reading their patches in place;
-    # divebatch-ghost-wide: the Gram route on 128 x 256 tiles (seq-large's Linear layers).
+    # divebatch-ghost-wide: the Gram route on 128 x 256 tiles (seq-large's Linear layers);
+    # divebatch-fused-everywhere: the fused instantiate route on every Linear (seq-large's too,
+    # which the route model gives the Gram route): the one way to the 1.05x step, end to end.
     step run_table "$left" "$PY" bench/run_table.py --device cuda --dtype bfloat16 --reps 5 \
-        --methods divebatch,divebatch-unfused,divebatch-implicit-conv,divebatch-ghost-wide,torch.func,opacus,opacus-ghost,backpack \
+        --methods divebatch,divebatch-unfused,divebatch-implicit-conv,divebatch-ghost-wide,divebatch-fused-everywhere,torch.func,opacus,opacus-ghost,backpack \
         --workloads conv-large,seq-large,transformer,conv-large-cl --out "$RESULTS/gpu_table.json"
 else
     SUMMARY+=("run_table: skipped (bench/run_table.py missing or ${left}s left)")
