@@ -7,7 +7,8 @@
 #      every layer rule through the tracker vs torch.func on CUDA (fp32);
 #   2. kernel timings vs the PyTorch reference and the plain weight-gradient GEMM
 #      (bench/gpu/bench_kernels.py, triton.testing.do_bench, autotuned), table + JSON;
-#   2b. if present, the end-to-end table (bench/run_table.py) on conv-large, seq-large, then transformer
+#   2b. if present, the end-to-end table (bench/run_table.py) on seq-large (the end-to-end
+#      target, first since the thirtieth session: its fused and wide-tile variants), conv-large, then transformer
 #      (nn.MultiheadAttention's fused rule on CUDA), divebatch fused, unfused and with the implicit
 #      convolution kernel side by side; the JSON is rewritten after each workload; it leaves
 #      PROFILE_RESERVE_S (100 s) of the budget to
@@ -125,7 +126,7 @@ if [ -f bench/run_table.py ] && [ "$left" -gt 30 ]; then
     # which the route model gives the Gram route): the one way to the 1.05x step, end to end.
     step run_table "$left" "$PY" bench/run_table.py --device cuda --dtype bfloat16 --reps 5 \
         --methods divebatch,divebatch-unfused,divebatch-implicit-conv,divebatch-ghost-wide,divebatch-fused-everywhere,torch.func,opacus,opacus-ghost,backpack \
-        --workloads conv-large,seq-large,transformer,conv-large-cl --out "$RESULTS/gpu_table.json"
+        --workloads seq-large,conv-large,transformer,conv-large-cl --out "$RESULTS/gpu_table.json"
 else
     SUMMARY+=("run_table: skipped (bench/run_table.py missing or ${left}s left)")
 fi
