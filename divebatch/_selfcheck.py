@@ -95,9 +95,10 @@ def input_kind(name: str, args: tuple) -> tuple:
     and device, the sizes of its first two dims rounded up to a power of two (samples and lengths,
     which vary from batch to batch; the kernels' autotune keys round them alike) and the others
     exact, how Triton specialises each size and stride (1, a multiple of 16) and whether its start
-    is 16-byte aligned; the other arguments as they are."""
+    is 16-byte aligned; the other arguments as they are; and the environment switches that pick
+    between an operator's kernels (``KERNEL_SWITCHES`` of ``kernels/_common.py``)."""
     rounded = _kernel_settings().tuning_size
-    kind = [name]
+    kind = [name, _kernel_settings().kernel_switches()]
     for arg in args:
         if isinstance(arg, torch.Tensor):
             shape = arg.shape
@@ -274,20 +275,29 @@ def verify(name: str, args: tuple, outputs, config: str | None = None) -> bool:
             raise KernelCheckError(
                 f"divebatch: the Triton kernel of {name} disagrees with the PyTorch reference on {where} "
                 f"(inputs {shapes}; {what}: relative error {err:.2e} > {limit:.0e}"
-                + (f"; config {config}" if config else "") + "). Its numbers would be wrong, so they are refused. "
+                + (f"; config {config}" if config else "") + _switches_set()
+                + "). Its numbers would be wrong, so they are refused. "
                 "Run with DIVEBATCH_BACKEND=reference (exact, slower) or report it with the output of "
                 "bench/gpu/run_gpu_checks.sh; DIVEBATCH_TRITON_SELFCHECK=0 skips this check at your own risk.")
     return conclusive
 
 
+def _switches_set() -> str:
+    """The kernel switches set now (``KERNEL_SWITCHES``), as text for the error: which kernel ran."""
+    settings = _kernel_settings()
+    named = [f"{name}={value}" for name, value in zip(settings.KERNEL_SWITCHES, settings.kernel_switches())
+             if value is not None]
+    return f"; with {', '.join(named)}" if named else ""
+
+
 def _last_config(kernel: Callable) -> str | None:
-    """The config the autotuned kernel of ``kernel``'s module ran with last, as text (for the error)."""
+    """The configs the autotuned kernels of ``kernel``'s module ran with last, each after its name,
+    as text (for the error; where a module holds several, such as ghost_norm's square and wide
+    tiles, the kernel switches the error names say which one this call ran)."""
     module = sys.modules.get(getattr(kernel, "__module__", None) or "")
-    for value in vars(module).values() if module is not None else ():
-        config = getattr(value, "best_config", None)
-        if config is not None:
-            return str(config)
-    return None
+    found = [f"{name}: {value.best_config}" for name, value in (vars(module).items() if module is not None else ())
+             if getattr(value, "best_config", None) is not None]
+    return "; ".join(found) or None
 
 
 def checked(name: str, kernel: Callable) -> Callable:
@@ -300,8 +310,9 @@ def checked(name: str, kernel: Callable) -> Callable:
     def run(*args):
         outputs = kernel(*args)
         # (the exact inputs first: ~1 us against input_kind's ~5 at every call)
-        exact = (name, *((a.shape, a.stride(), a.dtype, a.device, a.data_ptr() & 15) if isinstance(a, torch.Tensor)
-                         else tuple(a) if isinstance(a, list) else a for a in args))
+        exact = (name, _kernel_settings().kernel_switches(),
+                 *((a.shape, a.stride(), a.dtype, a.device, a.data_ptr() & 15) if isinstance(a, torch.Tensor)
+                   else tuple(a) if isinstance(a, list) else a for a in args))
         if exact in _seen or not enabled() or _capturing(args):
             return outputs
         kind = input_kind(name, args)

@@ -95,6 +95,16 @@ def tma_workspace(device: torch.device, wanted: bool = True):
         _ALLOCATOR.reset(token)
 
 
+#: Environment variables that pick between the kernels of one operator, read at each call (the
+#: first-call check keys its kinds of input on them too: another kernel is another compilation).
+KERNEL_SWITCHES = ("DIVEBATCH_TRITON_GHOST_WIDE",)
+
+
+def kernel_switches() -> tuple:
+    """The values of ``KERNEL_SWITCHES`` now (unset: None)."""
+    return tuple(os.environ.get(name) for name in KERNEL_SWITCHES)
+
+
 def unverified_configs_enabled() -> bool:
     """Whether ``DIVEBATCH_TRITON_UNVERIFIED_CONFIGS=1`` lets the autotuner try the configs a kernel
     lists as not yet run on a GPU (``config_table``'s ``unverified``); read at each prune, so the

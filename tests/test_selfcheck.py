@@ -109,7 +109,7 @@ def test_a_kernel_off_by_more_than_the_tolerance_is_refused():
     args = _inputs("ghost_norm")
     # (off at the last sample only, as a race in one program would be: the last sample is checked)
     with pytest.raises(KernelCheckError, match=r"ghost_norm .*output 0 \(samples \[0, 2\]\): relative error [\d.]+e-03 >"
-                       r".*; config BLOCK_T: \d+, BLOCK_K"):  # (the autotuned config that ran)
+                       r".*; config _ghost_norm_kernel: BLOCK_T: \d+, BLOCK_K"):  # (the autotuned config that ran)
         checked("ghost_norm", _scaled(_kernel("ghost_norm"), 0, 1.002, sample=2))(*args)
     checked("ghost_norm", _scaled(_kernel("ghost_norm"), 0, 1 + 1e-5))(*args)  # float32 rounding's order: kept
 
@@ -195,6 +195,30 @@ def test_input_kinds_follow_the_compiled_kernel():
     assert kind != _selfcheck.input_kind("ghost_norm", (wide, g, bias))
     assert kind != _selfcheck.input_kind("ghost_norm", (a.to(torch.float16), g, bias))
     assert kind != _selfcheck.input_kind("ghost_norm", (a, g, False))
+
+
+def test_a_switch_to_another_kernel_of_the_operator_is_checked_again(monkeypatch):
+    """``DIVEBATCH_TRITON_GHOST_WIDE`` picks another kernel for the same ghost_norm inputs (another
+    compilation, which the first-call check exists for): the same inputs are checked again once it
+    is set, and only once."""
+    counts = _counting_checks(monkeypatch)
+    run = checked("ghost_norm", _kernel("ghost_norm"))
+    args = _inputs("ghost_norm")
+    monkeypatch.delenv("DIVEBATCH_TRITON_GHOST_WIDE", raising=False)
+    run(*args)
+    run(*args)
+    assert counts == {"ghost_norm": 1}
+    monkeypatch.setenv("DIVEBATCH_TRITON_GHOST_WIDE", "1")
+    run(*args)
+    run(*args)
+    assert counts == {"ghost_norm": 2}
+    # A disagreement names the switch and each of the module's kernels that ran with its config.
+    with pytest.raises(KernelCheckError, match=r"config _ghost_norm_kernel: BLOCK_T: \d+.*; "
+                       r"_ghost_norm_wide_kernel: BLOCK_I: \d+.*; with DIVEBATCH_TRITON_GHOST_WIDE=1\)"):
+        checked("ghost_norm", _scaled(_kernel("ghost_norm"), 0, 1.002))(*_inputs("ghost_norm", T=140))
+    wide = _selfcheck.input_kind("ghost_norm", args)
+    monkeypatch.setenv("DIVEBATCH_TRITON_GHOST_WIDE", "0")
+    assert _selfcheck.input_kind("ghost_norm", args) != wide
 
 
 def test_references_run_in_full_float32_and_the_callers_settings_stay(monkeypatch):
