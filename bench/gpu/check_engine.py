@@ -42,7 +42,8 @@ RTOL = 1e-4
 
 
 #: Case-name prefixes run with these environment variables set: the fused convolutions reading
-#: their patches in place (``conv_instantiate_norm``, opt-in until a GPU has timed it).
+#: their patches in place (``conv_instantiate_norm``) and the Gram route on wide tiles
+#: (``_ghost_norm_wide_kernel``), each opt-in until a GPU has timed it.
 CASE_ENV = {"implicit-conv/": {"DIVEBATCH_TRITON_IMPLICIT_CONV": "1"},
             "ghost-wide/": {"DIVEBATCH_TRITON_GHOST_WIDE": "1"}}
 
