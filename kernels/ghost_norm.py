@@ -172,6 +172,19 @@ def _patch_gram_tile(x_base, offs_i, mask_i, offs_j, mask_j, K, XC, XD, XH, XW, 
     return acc
 
 
+@triton.jit
+def _add_column_sums(g_base, row_i, mask_i, p, stride_gp, colsum, BLOCK_K: tl.constexpr):
+    """Atomically add the column sums of g's rows ``row_i`` (offsets; rows past ``mask_i`` skipped)
+    over its p columns, in BLOCK_K chunks, into ``colsum [p]`` (float32): a bias's sums."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, p, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < p
+        y_i = tl.load(g_base + row_i[:, None] + (kk.to(tl.int64) * stride_gp)[None, :],
+                      mask=mask_i[:, None] & k_mask[None, :], other=0.0)
+        tl.atomic_add(colsum + kk, tl.sum(y_i.to(tl.float32), axis=0), mask=k_mask)
+
+
 @triton.autotune(configs=_CONFIGS, key=["T_TUNE", "B_TUNE", "d", "p", "WITH_BIAS", "stride_ad", "stride_gp", "TMA_OK",
                                         "IMPLICIT", "PADDED", "DEPTH", "WIDE", "CHANNELS_FASTEST"],
                  prune_configs_by=_PRUNE, reset_to_zero=["weight_sq_ptr", "colsum_ptr"], **AUTOTUNE_KWARGS)
@@ -215,7 +228,6 @@ def _ghost_norm_kernel(
     diagonal = ti == tj
     g_base = g_ptr + b64 * stride_gb
     row_i = offs_i.to(tl.int64) * stride_gt  # (also the bias pass's rows, below)
-    offs_k = tl.arange(0, BLOCK_K)
     if USE_TMA and TMA_OK:
         # Hopper's tensor memory accelerator: each chunk one bulk copy by descriptor (no per-element
         # addresses in registers); rows past T and columns past d, p arrive as zeros.
@@ -251,12 +263,7 @@ def _ghost_norm_kernel(
             # overwrite it while the MMA still reads it (triton-lang/triton#6691: the H200's
             # large-T deviations; the compile test checks every MMA operand's slots). Last, so that
             # the two Gram tiles are no longer held in registers.
-            for k0 in range(0, p, BLOCK_K):
-                kk = k0 + offs_k
-                k_mask = kk < p
-                y_i = tl.load(g_base + row_i[:, None] + (kk.to(tl.int64) * stride_gp)[None, :],
-                              mask=mask_i[:, None] & k_mask[None, :], other=0.0)
-                tl.atomic_add(colsum_ptr + b64 * p + kk, tl.sum(y_i.to(tl.float32), axis=0), mask=k_mask)
+            _add_column_sums(g_base, row_i, mask_i, p, stride_gp, colsum_ptr + b64 * p, BLOCK_K)
     elif diagonal and ti == 0:
         # No bias: colsum_ptr is the [B] bias norms, left unfilled by the wrapper (a zero fill is a
         # launch); one program a sample stores its zero.
@@ -421,13 +428,8 @@ def _ghost_norm_wide_kernel(
             if (sj == si) & (first_i < T):
                 b64 = (unit // (2 * n_pairs)).to(tl.int64)
                 offs_i = first_i + rows
-                row_i = offs_i.to(tl.int64) * stride_gt
-                for k0 in range(0, p, BLOCK_K):
-                    kk = k0 + offs_k
-                    k_mask = kk < p
-                    y_i = tl.load(g_ptr + b64 * stride_gb + row_i[:, None] + (kk.to(tl.int64) * stride_gp)[None, :],
-                                  mask=(offs_i < T)[:, None] & k_mask[None, :], other=0.0)
-                    tl.atomic_add(colsum_ptr + b64 * p + kk, tl.sum(y_i.to(tl.float32), axis=0), mask=k_mask)
+                _add_column_sums(g_ptr + b64 * stride_gb, offs_i.to(tl.int64) * stride_gt, offs_i < T, p, stride_gp,
+                                 colsum_ptr + b64 * p, BLOCK_K)
     elif pid == 0:
         # No bias: colsum_ptr is the [B] bias norms, unfilled by the wrapper.
         for b0 in range(0, B, BLOCK_K):
