@@ -11,11 +11,18 @@ fixed, see ``PROBE_ENV``; on CUDA the allocator's peak, in this process).
     python bench/run_table.py --device cuda --dtype bfloat16 --workloads seq-large,conv-large
     python bench/run_table.py --workloads vit,gpt2 --methods divebatch,plain-compiled,divebatch-compiled --no-memory
         (torch.compile: divebatch-compiled's ratio is also given to plain-compiled's step)
+    python bench/run_table.py --device cuda --dtype bfloat16 --workloads conv-large --out T.json --append
+        (adds to T.json's rows; a workload already there is measured again and replaced)
+
+A workload that fails as a whole (its batch, its plain step, a GPU out of memory) is recorded as
+a row that says why, and the next one runs; where torch.func cannot give the reference norms,
+the methods are timed all the same and their error column says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -112,7 +119,10 @@ def run_workload(name: str, method_names: list[str], reps: int, device: str, mem
         except MethodUnavailable as err:
             rows[method_name] = {"workload": name, "method": method_name, "skipped": str(err)}
     # Correctness first (same weights, same batch): per-sample norms against torch.func.
-    reference = build(BY_NAME["torch.func"], workload, device=device, dtype=dtype).step(x, y)
+    try:
+        reference, no_reference = build(BY_NAME["torch.func"], workload, device=device, dtype=dtype).step(x, y), None
+    except Exception as err:  # noqa: BLE001 - the timings still stand without it
+        reference, no_reference = None, f"torch.func failed: {type(err).__name__}: {err}"
     norms = {}
     for method_name, method in list(methods.items()):
         try:
@@ -141,7 +151,9 @@ def run_workload(name: str, method_names: list[str], reps: int, device: str, mem
     for method_name in methods:
         ms = statistics.median(times[method_name]) * 1e3
         row = {"workload": name, "method": method_name, "median_ms": ms, "ratio": ms / plain_ms}
-        if norms.get(method_name) is not None:
+        if no_reference is not None:
+            row["no_reference"] = no_reference
+        elif norms.get(method_name) is not None:
             err = (norms[method_name].double() - reference.double()).abs().max() / reference.double().abs().max()
             row["max_rel_err"] = err.item()
         if mem.get(method_name) and plain_mem:
@@ -161,7 +173,7 @@ def to_markdown(rows: list[dict]) -> str:
         if "skipped" in r:
             lines.append(f"| {r['workload']} | {r['method']} | skipped: {r['skipped'][:60]} | | | |")
             continue
-        err = f"{r['max_rel_err']:.1e}" if "max_rel_err" in r else "-"
+        err = f"{r['max_rel_err']:.1e}" if "max_rel_err" in r else ("n/a (no torch.func)" if "no_reference" in r else "-")
         mem = f"{r['extra_mb']:+.0f} (plain step {r['plain_step_mb']:.0f})" if "extra_mb" in r else "-"
         ratio = f"{r['ratio']:.2f}x"
         if "ratio_to_compiled_plain" in r:
@@ -184,6 +196,8 @@ def main(argv=None) -> int:
                         help="model and input dtype (BENCHMARKS.md: bf16 for the GPU workloads; float64 shows "
                              "how much of an error is the float32 reference's own rounding)")
     parser.add_argument("--out", type=Path, default=None, help="write rows as JSON here and a .md beside it")
+    parser.add_argument("--append", action="store_true",
+                        help="add to the rows already in --out (those of the workloads rerun are replaced)")
     parser.add_argument("--memory-probe", nargs=2, metavar=("WORKLOAD", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
@@ -195,18 +209,28 @@ def main(argv=None) -> int:
     unknown = [m for m in methods if m not in BY_NAME] + [w for w in args.workloads.split(",") if w not in WORKLOADS]
     if unknown:
         parser.error(f"unknown method or workload: {', '.join(unknown)}")
-    rows = []
+    names = args.workloads.split(",")
+    earlier = json.loads(args.out.read_text()) if args.append and args.out and args.out.is_file() else {}
+    rows = [r for r in earlier.get("rows", []) if r.get("workload") not in names]
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device, "dtype": args.dtype,
             "reps": args.reps, "date": time.strftime("%Y-%m-%d %H:%M")}
-    for name in args.workloads.split(","):
+    failed = False
+    for name in names:
         dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
-        rows += run_workload(name, methods, args.reps, args.device, not args.no_memory, dtype)
+        try:
+            rows += run_workload(name, methods, args.reps, args.device, not args.no_memory, dtype)
+        except Exception as err:  # noqa: BLE001 - one workload's failure is a result; the next still runs
+            failed = True
+            rows.append({"workload": name, "method": "plain", "skipped": f"workload failed: {type(err).__name__}: {err}"})
+        gc.collect()  # (a failed workload's models, held by its traceback until now)
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
         print(to_markdown([r for r in rows if r["workload"] == name]), flush=True)
         if args.out:  # after every workload, so a run cut short by a time limit keeps what it measured
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
             args.out.with_suffix(".md").write_text(f"{meta}\n\n{to_markdown(rows)}\n")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

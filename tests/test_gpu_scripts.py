@@ -239,6 +239,28 @@ def test_bench_kernels_cpu_smoke_run(tmp_path):
         assert any(row["method"] == "torch rule path" for row in results[name]["rows"]), name
 
 
+def test_bench_kernels_appends_to_its_json(tmp_path):
+    """``--append`` (the GPU check times the target shapes first and the rest later, into one file):
+    the results of the workloads not rerun are kept, those rerun replaced, and the file's measured
+    peak is kept rather than measured again."""
+    import json
+
+    import bench_kernels
+
+    out = tmp_path / "bench.json"
+    common = ["--cpu-smoke", "--rounds", "1", "--out", str(out)]
+    assert bench_kernels.main([*common, "--workloads", "mlp-T1-bf16,seq-embedding"]) == 0
+    data = json.loads(out.read_text())
+    data["meta"]["bf16_gemm_tflops"] = 789.0  # (as a GPU run's first call leaves it)
+    out.write_text(json.dumps(data))
+    assert bench_kernels.main([*common, "--append", "--workloads", "seq-embedding,layernorm-seq-large"]) == 0
+    again = json.loads(out.read_text())
+    assert [r["workload"] for r in again["results"]] == ["mlp-T1-bf16", "seq-embedding", "layernorm-seq-large"]
+    assert again["results"][0] == data["results"][0] and again["meta"]["bf16_gemm_tflops"] == 789.0
+    assert bench_kernels.main([*common, "--workloads", "layernorm-seq-large"]) == 0  # (without: a new file)
+    assert [r["workload"] for r in json.loads(out.read_text())["results"]] == ["layernorm-seq-large"]
+
+
 def test_check_engine_compares_a_decomposition_with_the_reference_operators(monkeypatch):
     """BatchNorm in training mode has no torch.func oracle: check_engine.py compares the engine on
     the compiled norm kernels with the engine on the PyTorch reference operators; here (CPU) the
@@ -318,9 +340,9 @@ def test_diagnose_scan_case_reports_each_step(mode, reverse):
     assert float(per_step.max()) < 1e-5 and h_err < 1e-5
 
 
-def test_run_gpu_checks_control_flow(tmp_path):
-    """The script with a stand-in interpreter that records its arguments: every step is started,
-    a failing job fails the script, and under $OUT the results are packed for the device tool."""
+def _run_gpu_checks(tmp_path, budget_s: int):
+    """run_gpu_checks.sh with a stand-in interpreter that records its arguments and returns at once
+    (check_engine.py "fails"): (the finished process, the recorded calls, the $OUT folder)."""
     log = tmp_path / "calls.log"
     fake = tmp_path / "fakepy"
     # (it writes each --out file, as the real scripts do: what comes back must fit the tool's 8 files)
@@ -330,21 +352,35 @@ def test_run_gpu_checks_control_flow(tmp_path):
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     out = tmp_path / "out"
     out.mkdir()
-    env = dict(os.environ, PYTHON=str(fake), OUT=str(out), BUDGET_S="200")
+    env = dict(os.environ, PYTHON=str(fake), OUT=str(out), BUDGET_S=str(budget_s))
     proc = subprocess.run(["bash", str(ROOT / "bench/gpu/run_gpu_checks.sh")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
+    return proc, log.read_text(), out
+
+
+def test_run_gpu_checks_control_flow(tmp_path):
+    """The script with a stand-in interpreter: every step is started, the issue's three targets
+    measured first, a failing job fails the script, and under $OUT the results are packed for the
+    device tool."""
+    proc, calls, out = _run_gpu_checks(tmp_path, 450)
     assert proc.returncode == 1, proc.stdout[-2000:]  # the engine job "failed"
-    calls = log.read_text()
     for script in ("tests/test_triton_kernels.py", "diagnose_scan.py", "check_engine.py", "bench_kernels.py",
                    "--workload seq-large", "--workload transformer", "host_overhead.py --device cuda", "run_table.py",
                    "verdicts.py"):
         assert script in calls, script
     assert calls.count("-m pytest tests/test_triton_kernels.py") == 12  # the shards
-    # The end-to-end table (the step's target figure) before the profiles, which get what it leaves.
-    assert calls.index("bench/run_table.py --device cuda") < calls.index("profile_step.py")
+    # The measurements in the order of what they answer: the kernel targets at seq-large's shapes,
+    # the seq-large step, its profile; then the other kernels and workloads, appended to the same files.
+    lines = calls.splitlines()
+    order = [next(i for i, line in enumerate(lines) if all(word in line for word in words)) for words in (
+        ("bench_kernels.py", "seq-large-up"), ("run_table.py", "--workloads seq-large "),
+        ("profile_step.py", "seq-large"), ("bench_kernels.py", "--append"),
+        ("run_table.py", "--append", "conv-large"), ("profile_step.py", "transformer"), ("verdicts.py",))]
+    assert order == sorted(order), order
+    assert "--append" not in lines[order[0]] and "--append" not in lines[order[1]]
     # Every step runs with the configs added since the last GPU run in play (tested, timed).
-    assert all(line.endswith("[unverified=1]") for line in calls.splitlines())
-    assert "engine: rc=1" in proc.stdout
+    assert all(line.endswith("[unverified=1]") for line in lines)
+    assert "engine: rc=1" in proc.stdout and "skipped" not in proc.stdout
     with tarfile.open(out / "gpu_results.tgz") as tar:
         names = tar.getnames()
     assert any(n.endswith("gpu_engine.log") for n in names)
@@ -353,6 +389,30 @@ def test_run_gpu_checks_control_flow(tmp_path):
     # What the device tool returns (8 files), with one left for the caller's console log.
     assert returned == ["bench_kernels.json", "check_engine.json", "gpu_results.tgz", "gpu_table.json", "verdicts.md"]
 
+
+def test_run_gpu_checks_keeps_the_step_target_when_the_budget_is_short(tmp_path):
+    """With too little budget for the kernel timings and the seq-large table both, the timings are
+    skipped (and the summary says so), not the table: each step leaves the steps after it their time."""
+    proc, calls, _ = _run_gpu_checks(tmp_path, 170)
+    assert "bench: skipped" in proc.stdout, proc.stdout[-2000:]
+    assert "bench_kernels.py" in calls  # (the other kernels', later, with what is left)
+    assert "seq-large-up" not in calls
+    assert "--workloads seq-large " in calls and "profile_step.py --device cuda --dtype bfloat16 --workload seq-large" in calls
+
+
+def test_run_gpu_checks_times_every_kernel_workload():
+    """The two kernel-timing steps of run_gpu_checks.sh name every workload of bench_kernels.py once
+    (a workload added there and not here would never be timed), but the float32 twins of 16-bit
+    ones, which say nothing the 16-bit rows do not (float32 dots run as tf32x3)."""
+    import re
+
+    import bench_kernels
+
+    script = (ROOT / "bench/gpu/run_gpu_checks.sh").read_text()
+    named = [w for group in re.findall(r"--workloads ([\w,-]+)", script.split("TABLE=")[1].split("timed run_table_more")[0])
+             for w in group.split(",") if w in bench_kernels.WORKLOADS]
+    assert len(named) == len(set(named))
+    assert set(bench_kernels.WORKLOADS) - set(named) == {"seq-large-fp32", "seq-up", "mlp-T1"}
 
 
 def test_gpu_shards_run_every_kernel_test_once():
@@ -397,6 +457,54 @@ def test_fused_everywhere_method_fuses_the_seq_large_layers_on_cuda(monkeypatch)
     assert set(during.values()) == {"fused-instantiate"} and len(during) == 3
     assert {linear.fused_linear_route_name(*shape, "cuda") for shape in shapes} == {"ghost"}
     assert methods.DiveBatchFusedEverywhere in methods.METHODS
+
+
+def test_run_table_appends_and_goes_on_past_a_failing_workload(tmp_path, monkeypatch):
+    """bench/run_table.py as the GPU check runs it twice into one JSON: ``--append`` keeps the rows of
+    the workloads it does not rerun and replaces those it does; a workload that fails as a whole is
+    a row saying why (exit 1) and the next one runs; where torch.func fails the timings stand, their
+    error column saying there was no reference (on the H200 a torch.func failure on conv-large
+    ended the table before the transformer workload)."""
+    import dataclasses
+    import json
+
+    import methods
+    import run_table
+
+    tiny = dataclasses.replace(workloads.WORKLOADS["mlp"], name="tiny", make_model=lambda: torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(784, 8), torch.nn.ReLU(), torch.nn.Linear(8, 10)))
+
+    def no_batch(device):
+        raise RuntimeError("CUDA out of memory (stand-in)")
+
+    monkeypatch.setitem(run_table.WORKLOADS, "tiny", tiny)
+    monkeypatch.setitem(run_table.WORKLOADS, "broken", dataclasses.replace(tiny, name="broken", make_batch=no_batch))
+    monkeypatch.setitem(run_table.WORKLOADS, "tiny-unreferenced", dataclasses.replace(tiny, name="tiny-unreferenced"))
+    real_step = methods.TorchFunc.step
+
+    def step(self, x, y):
+        if self.workload.name == "tiny-unreferenced":
+            raise RuntimeError("no batching rule (stand-in)")
+        return real_step(self, x, y)
+
+    monkeypatch.setattr(methods.TorchFunc, "step", step)
+    out = tmp_path / "table.json"
+    common = ["--methods", "divebatch", "--reps", "2", "--no-memory", "--out", str(out)]
+    assert run_table.main(["--workloads", "tiny,broken,tiny-unreferenced", *common]) == 1
+    first = json.loads(out.read_text())["rows"]
+    by = {(r["workload"], r["method"]): r for r in first}
+    assert "CUDA out of memory" in by["broken", "plain"]["skipped"]
+    assert by["tiny", "divebatch"]["max_rel_err"] < 1e-5
+    unreferenced = by["tiny-unreferenced", "divebatch"]
+    assert "no batching rule" in unreferenced["no_reference"] and unreferenced["median_ms"] > 0
+    assert "max_rel_err" not in unreferenced and "n/a (no torch.func)" in out.with_suffix(".md").read_text()
+
+    assert run_table.main(["--workloads", "broken", "--append", *common]) == 1
+    assert run_table.main(["--workloads", "tiny", "--append", *common]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((r["workload"], r["method"]) for r in rows) == sorted(by)  # (replaced, not repeated)
+    assert [r["median_ms"] for r in rows if r["workload"] == "tiny-unreferenced"] == [
+        r["median_ms"] for r in first if r["workload"] == "tiny-unreferenced"]  # (kept as it was)
 
 
 def test_memory_probes_run_with_a_fixed_mmap_threshold():

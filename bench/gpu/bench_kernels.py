@@ -1,6 +1,6 @@
 """Time the Triton kernels against the PyTorch reference and the plain weight-gradient GEMM (GPU only).
 
-    python bench/gpu/bench_kernels.py [--out PATH] [--workloads a,b] [--rounds 3] [--rep-ms 60]
+    python bench/gpu/bench_kernels.py [--out PATH] [--workloads a,b] [--rounds 3] [--rep-ms 60] [--append]
 
 For every workload (a layer's ``a [B, T, d]`` and ``g [B, T, p]``, see ``WORKLOADS``) and every
 method, ``triton.testing.do_bench`` (L2 flushed before each call, median) is run in
@@ -12,7 +12,9 @@ relative error of the kernel against the reference on the same inputs.
 FLOP counts (multiply-add = 2): ghost ``B (T^2 + T)(d + p)`` (the upper-triangular tile pairs of
 the two Grams; doubled off-diagonal pairs are not recounted), instantiate and the GEMM
 ``2 B T d p``. Writes JSON to ``--out``, else ``$OUT/bench_kernels.json``, else
-``bench/results/gpu_kernels_<time>.json``.
+``bench/results/gpu_kernels_<time>.json``. ``--append`` keeps the results already in ``--out`` (of
+other workloads) and its measured peak: how the GPU check times the issue's target shapes first and
+the rest later, in one file.
 """
 
 from __future__ import annotations
@@ -509,6 +511,8 @@ def main(argv=None):
     parser.add_argument("--rep-ms", type=int, default=60)
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="check this script on CPU under TRITON_INTERPRET=1 with tiny shapes (no timing value)")
+    parser.add_argument("--append", action="store_true",
+                        help="add to the results already in --out (those of the workloads rerun are replaced)")
     args = parser.parse_args(argv)
     interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     if args.cpu_smoke:
@@ -546,16 +550,20 @@ def main(argv=None):
     else:
         out = REPO / "bench" / "results" / f"gpu_kernels_{time.strftime('%Y%m%d_%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    earlier = json.loads(out.read_text()) if args.append and out.is_file() else {}
     meta = {
         "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu (interpreter smoke run)",
         "torch": torch.__version__, "triton": triton.__version__,
         "kernels_from": getattr(K, "__name__", "?"), "autotune": bool(K._common.AUTOTUNE),
         "fp32_dot_precision": K._common.FP32_DOT_PRECISION, "rounds": args.rounds, "rep_ms": args.rep_ms,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "bf16_gemm_tflops": measured_bf16_peak() if dev == "cuda" else None,
     }
+    # (the peak measured by the run appended to, unless it had none: one measurement per file)
+    peak = earlier.get("meta", {}).get("bf16_gemm_tflops")
+    meta["bf16_gemm_tflops"] = peak if peak is not None or dev != "cuda" else measured_bf16_peak()
 
-    results, start = [], time.time()
+    results = [r for r in earlier.get("results", []) if r.get("workload") not in names]
+    start = time.time()
     for name in names:
         t0 = time.time()
         try:

@@ -1,27 +1,32 @@
 #!/usr/bin/env bash
-# One prepared check for a GPU machine (written for one H200; total <= BUDGET_S, 290 s by default):
+# One prepared check for a GPU machine (written for one H200; total <= BUDGET_S, 450 s by default):
 #   1. at once (correctness, nothing timed): the Triton kernel tests natively on CUDA (12 pytest shards
 #      of tests/test_triton_kernels.py with DIVEBATCH_TRITON_TEST_DEVICE=cuda; first config of each
 #      list, except the sweeps of every config at large shapes); 1a. bench/gpu/diagnose_scan.py, the
 #      recurrent scans' error per time step (off on CUDA until clean); 1b. bench/gpu/check_engine.py,
 #      every layer rule through the tracker vs torch.func on CUDA (fp32);
-#   2. kernel timings vs the PyTorch reference and the plain weight-gradient GEMM
-#      (bench/gpu/bench_kernels.py, triton.testing.do_bench, autotuned), table + JSON;
-#   2b. if present, the end-to-end table (bench/run_table.py) on seq-large (the issue's end-to-end
-#      target, first since the thirtieth session: its fused and wide-tile variants), conv-large, then transformer
-#      (nn.MultiheadAttention's fused rule on CUDA), divebatch fused, unfused and with the implicit
-#      convolution kernel side by side; the JSON is rewritten after each workload; it leaves
-#      PROFILE_RESERVE_S (100 s) of the budget to
-#   3. bench/gpu/profile_step.py: torch.profiler on seq-large and transformer, the ops the tracked
-#      step adds (device and host time); 3b. bench/host_overhead.py on CUDA: tiny models, where a
-#      step is bound by launches and hooks;
-#   4. if time is left, the transformer workload under torch.compile, tracked against plain;
-#   5. bench/gpu/verdicts.py: the results read against the issue's targets and docs/kernels.md's open
+#   then the measurements, the issue's three targets first (thirty-first session: before, a slow
+#   correctness phase and kernel bench could leave the end-to-end table no time at all), each step
+#   limited to what the budget leaves after the time kept for the steps after it:
+#   2. kernel timings at the target shapes (bench/gpu/bench_kernels.py: seq-large's two Linear
+#      shapes and conv-layer1/4; triton.testing.do_bench, autotuned) vs the PyTorch reference and the
+#      plain weight-gradient GEMM: the fused-instantiate and ghost targets;
+#   3. the end-to-end table (bench/run_table.py) on seq-large: the step target, divebatch fused,
+#      unfused, on wide tiles and fused everywhere beside torch.func, Opacus, BackPACK;
+#   4. bench/gpu/profile_step.py on seq-large: where the tracked step's extra time goes;
+#   5. the other kernel timings (--append to the same JSON: the implicit convolutions, layouts,
+#      T = 1, embeddings, norm layers, scans);
+#   6. the end-to-end table on conv-large, transformer (nn.MultiheadAttention's fused rule on CUDA)
+#      and conv-large-cl (--append), divebatch with the implicit convolution kernel beside it;
+#   7. profile_step.py on transformer; bench/host_overhead.py on CUDA (tiny models, where a step is
+#      bound by launches and hooks); the transformer workload under torch.compile;
+#   8. bench/gpu/verdicts.py: the results read against the issue's targets and docs/kernels.md's open
 #      questions, one line each with the change it calls for (verdicts.md; seconds, nothing timed).
+#   The JSON files are rewritten after each workload, so a step cut by its limit keeps what it measured.
 # Results (JSON, junit XML, logs) go to bench/results/gpu/, or, where $OUT is set (the workplace's
 # device tool, which returns at most 8 files), to a scratch folder packed into $OUT/gpu_results.tgz
 # with the JSON tables copied beside it.
-# Usage: bash bench/gpu/run_gpu_checks.sh        (PYTHON=... to pick the interpreter)
+# Usage: bash bench/gpu/run_gpu_checks.sh        (PYTHON=... to pick the interpreter, BUDGET_S=... the seconds)
 # Needs a CUDA build of torch and triton; nothing is installed or downloaded.
 # The compile/spill test (tests/test_triton_compile.py) needs no GPU and is not rerun here.
 set -uo pipefail
@@ -41,7 +46,7 @@ export DIVEBATCH_NO_JIT=1
 export DIVEBATCH_TRITON_UNVERIFIED_CONFIGS=1
 START=$(date +%s)
 # The whole script's wall-clock budget: steps 3 and 4 get what steps 1-2 leave of it.
-BUDGET_S="${BUDGET_S:-290}"
+BUDGET_S="${BUDGET_S:-450}"
 status=0
 declare -a SUMMARY=()
 
@@ -108,71 +113,63 @@ for j in "${!JOB_PIDS[@]}"; do
 done
 SUMMARY+=("correctness jobs: $(( $(date +%s) - t0 ))s together")
 
-# 2. kernel benchmarks (~2-3 min including autotuning: 8 instantiate configs to compile per shape on sm_90;
-#    the JSON is rewritten after each workload, so a cut run keeps what it timed).
-step bench 210 env DIVEBATCH_TRITON_SCANS=1 "$PY" bench/gpu/bench_kernels.py --out "$RESULTS/bench_kernels.json" --rounds 3 --rep-ms 50 \
-    --workloads seq-large-up,seq-large-down,seq-up-bf16,conv-layer1,conv-layer4,conv-layer1-unfolded,conv-layer4-unfolded,conv-stem-implicit,conv-layer1-implicit,conv-layer2-implicit,conv-layer3-implicit-ghost,conv-layer4-implicit-ghost,conv-layer1-implicit-cl,conv-layer3-implicit-ghost-cl,mlp-T1-bf16,seq-embedding,seq-large-embedding,layernorm-seq-large,rmsnorm-llama,groupnorm-conv-large,lstm-scan,gru-scan,lstm-scan-wide
+# What is left of the budget, less the seconds kept for later steps: left_after KEEP_S.
+left_after() { echo $(( BUDGET_S - ($(date +%s) - START) - $1 )); }
+# timed NAME CAP_S KEEP_S MIN_S CMD...: the step, limited to CAP_S and to what leaves KEEP_S for the
+# steps after it; skipped (and said so) when that is under MIN_S.
+timed() {
+    local name="$1" cap="$2" keep="$3" floor="$4"; shift 4
+    local limit; limit=$(left_after "$keep")
+    [ "$limit" -gt "$cap" ] && limit=$cap
+    if [ "$limit" -lt "$floor" ]; then
+        SUMMARY+=("$name: skipped (${limit}s of the budget left for it)")
+        return 0
+    fi
+    step "$name" "$limit" "$@"
+}
+BENCH=(env DIVEBATCH_TRITON_SCANS=1 "$PY" bench/gpu/bench_kernels.py --out "$RESULTS/bench_kernels.json" --rounds 3 --rep-ms 50)
+TABLE=("$PY" bench/run_table.py --device cuda --dtype bfloat16 --reps 5 --out "$RESULTS/gpu_table.json")
 
-# 2b. the end-to-end per-sample-norm table, only if another engineer's script exists and time is left.
-#    Before the profiles (twenty-sixth session): the table is the step's target figure, so it gets
-#    what is left but PROFILE_RESERVE_S, which keeps room for the two profiles below.
-left=$(( BUDGET_S - ($(date +%s) - START) - ${PROFILE_RESERVE_S:-100} ))
-if [ -f bench/run_table.py ] && [ "$left" -gt 30 ]; then
-    # divebatch-unfused beside divebatch: the hook routes' cost next to the fused ones, the
-    # measurement the CUDA fuse decisions (always fuse conv; fused instantiate where it fits) lack;
-    # divebatch-implicit-conv: conv-large's fused convolutions reading their patches in place;
-    # divebatch-ghost-wide: the Gram route on 128 x 256 tiles (seq-large's Linear layers);
-    # divebatch-fused-everywhere: the fused instantiate route on every Linear (seq-large's too,
-    # which the route model gives the Gram route): the one way to the 1.05x step, end to end.
-    step run_table "$left" "$PY" bench/run_table.py --device cuda --dtype bfloat16 --reps 5 \
-        --methods divebatch,divebatch-unfused,divebatch-implicit-conv,divebatch-ghost-wide,divebatch-fused-everywhere,torch.func,opacus,opacus-ghost,backpack \
-        --workloads seq-large,conv-large,transformer,conv-large-cl --out "$RESULTS/gpu_table.json"
-else
-    SUMMARY+=("run_table: skipped (bench/run_table.py missing or ${left}s left)")
-fi
+# 2. kernel timings at the target shapes (autotuned: every config compiles once per shape; the
+#    JSON is rewritten after each workload, so a cut run keeps what it timed). It keeps 150 s for the
+#    seq-large table and its profile.
+timed bench 150 150 30 "${BENCH[@]}" --workloads seq-large-up,seq-large-down,conv-layer1,conv-layer4
 
-# 3. where the tracked seq-large step's extra time goes (torch.profiler, plain vs divebatch), and
-#     the transformer workload's (3.28x on a 4.4 ms step on the H200: device time per op beside
-#     host time per op, and how busy the device is, say whether launches or kernels add the 10 ms).
-left=$(( BUDGET_S - ($(date +%s) - START) ))
-if [ "$left" -gt 20 ]; then
-    step profile $(( left < 60 ? left : 60 )) "$PY" bench/gpu/profile_step.py --device cuda --dtype bfloat16 \
-        --workload seq-large --out "$RESULTS/profile_seq_large.json"
-else
-    SUMMARY+=("profile: skipped (${left}s left)")
-fi
-left=$(( BUDGET_S - ($(date +%s) - START) ))
-if [ "$left" -gt 20 ]; then
-    step profile_transformer $(( left < 60 ? left : 60 )) "$PY" bench/gpu/profile_step.py --device cuda \
-        --dtype bfloat16 --workload transformer --steps 10 --top 40 --out "$RESULTS/profile_transformer.json"
-else
-    SUMMARY+=("profile_transformer: skipped (${left}s left)")
-fi
+# 3. the end-to-end table on seq-large (the step target). divebatch-unfused beside divebatch: the hook
+#    routes' cost next to the fused ones; divebatch-ghost-wide: the Gram route on 128 x 256 tiles;
+#    divebatch-fused-everywhere: the fused instantiate route on every Linear (seq-large's too, which
+#    the route model gives the Gram route): the one way to the 1.05x step, end to end.
+timed run_table 200 60 30 "${TABLE[@]}" --workloads seq-large \
+    --methods divebatch,divebatch-unfused,divebatch-ghost-wide,divebatch-fused-everywhere,torch.func,opacus,opacus-ghost,backpack
 
-# 3b. the host overhead of tracking, where a GPU step is bound by it: tiny models on CUDA (the first
-#     config of each kernel, untimed: few compiles), with the functions taking the host's time
-#     (the H200 ran the transformer workload 3.28x: ~10 ms added to a 4.4 ms step, unexplained).
-left=$(( BUDGET_S - ($(date +%s) - START) ))
-if [ "$left" -gt 150 ]; then
-    step host 60 env DIVEBATCH_TRITON_AUTOTUNE=0 "$PY" bench/host_overhead.py --device cuda --rounds 3 --steps 100 \
-        --profile 25 --out "$RESULTS/host_overhead.md"
-else
-    SUMMARY+=("host: skipped (${left}s left)")
-fi
+# 4. where the tracked seq-large step's extra time goes (torch.profiler, plain vs divebatch).
+timed profile 60 0 20 "$PY" bench/gpu/profile_step.py --device cuda --dtype bfloat16 \
+    --workload seq-large --out "$RESULTS/profile_seq_large.json"
 
-# 4. if time is left: a tracked step under torch.compile (inductor) against a compiled plain one,
-#    on the transformer workload (each tracked module is a graph break; on a GPU inductor fuses the
-#    elementwise ops between them, which the CPU figures cannot show). Compiling takes ~1 min.
-left=$(( BUDGET_S - ($(date +%s) - START) ))
-if [ "$left" -gt 90 ]; then
-    step compile "$left" "$PY" bench/run_table.py --device cuda --dtype bfloat16 --reps 5 --no-memory \
-        --methods divebatch,plain-compiled,divebatch-compiled --workloads transformer \
-        --out "$RESULTS/gpu_table_compile.json"
-else
-    SUMMARY+=("compile: skipped (${left}s left)")
-fi
+# 5. the other kernel timings, added to the same JSON (~2-3 min with autotuning).
+timed bench_more 210 90 30 "${BENCH[@]}" --append \
+    --workloads seq-up-bf16,conv-layer1-unfolded,conv-layer4-unfolded,conv-stem-implicit,conv-layer1-implicit,conv-layer2-implicit,conv-layer3-implicit-ghost,conv-layer4-implicit-ghost,conv-layer4-down-implicit-ghost,conv-layer1-implicit-cl,conv-layer3-implicit-ghost-cl,mlp-T1-bf16,seq-embedding,seq-large-embedding,layernorm-seq-large,rmsnorm-llama,groupnorm-conv-large,groupnorm-conv-large-cl,batchnorm-conv-large,batchnorm-conv-large-cl,batchnorm-layer4-eval,lstm-scan,gru-scan,lstm-scan-wide
 
-# 5. what the run answered (reads the files above): printed, and kept as verdicts.md.
+# 6. the end-to-end table on the other workloads, added to the same JSON. divebatch-implicit-conv:
+#    conv-large's fused convolutions reading their patches in place.
+timed run_table_more 300 60 30 "${TABLE[@]}" --append --workloads conv-large,transformer,conv-large-cl \
+    --methods divebatch,divebatch-unfused,divebatch-implicit-conv,torch.func,opacus,opacus-ghost,backpack
+
+# 7. the transformer workload's step (3.28x on a 4.4 ms step on the H200): device time per op beside
+#    host time per op, and how busy the device is, say whether launches or kernels add the 10 ms;
+#    then the host overhead of tracking on tiny models (the first config of each kernel, untimed: few
+#    compiles), with the functions taking the host's time; then, if time is left, a tracked step under
+#    torch.compile (inductor) against a compiled plain one (each tracked module is a graph break; on a
+#    GPU inductor fuses the elementwise ops between them, which the CPU figures cannot show; ~1 min).
+timed profile_transformer 60 0 20 "$PY" bench/gpu/profile_step.py --device cuda \
+    --dtype bfloat16 --workload transformer --steps 10 --top 40 --out "$RESULTS/profile_transformer.json"
+timed host 60 0 40 env DIVEBATCH_TRITON_AUTOTUNE=0 "$PY" bench/host_overhead.py --device cuda --rounds 3 --steps 100 \
+    --profile 25 --out "$RESULTS/host_overhead.md"
+timed compile 600 0 90 "$PY" bench/run_table.py --device cuda --dtype bfloat16 --reps 5 --no-memory \
+    --methods divebatch,plain-compiled,divebatch-compiled --workloads transformer \
+    --out "$RESULTS/gpu_table_compile.json"
+
+# 8. what the run answered (reads the files above): printed, and kept as verdicts.md.
 echo "=== verdicts"
 "$PY" bench/gpu/verdicts.py "$RESULTS" --out "$RESULTS/verdicts.md" || SUMMARY+=("verdicts: failed")
 

@@ -290,7 +290,9 @@ def end_to_end(table: dict | None) -> list[Verdict]:
     for workload, methods in by_workload.items():
         ours = methods.get("divebatch")
         if ours is None or "ratio" not in ours:
-            verdicts.append(Verdict(f"end to end, {workload}", str(ours.get("error", "")) if ours else "", "not run"))
+            # (why: divebatch's own row, or the row of a workload that failed as a whole)
+            why = (ours or methods.get("plain") or {}).get("skipped", "")
+            verdicts.append(Verdict(f"end to end, {workload}", why, "not run"))
             continue
         others = {m: r["ratio"] for m, r in methods.items()
                   if m not in ("plain", "divebatch") and not m.startswith("divebatch") and "ratio" in r}
