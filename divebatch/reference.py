@@ -232,6 +232,9 @@ def channel_norm_grads(x: torch.Tensor, g: torch.Tensor, mean: torch.Tensor | No
     if (mean is None) != (var is None):
         raise ValueError("divebatch.channel_norm_grads: give both `mean` and `var` (running statistics) or "
                          f"neither (the batch's), got only {'mean' if var is None else 'var'}")
+    if x.numel() == 0:  # (empty sums; the batch's statistics over no values would be NaN, with a warning)
+        weight = torch.zeros(x.shape[:2], dtype=torch.float32, device=x.device)
+        return weight, torch.zeros_like(weight)
     x32 = _f32(x)
     if mean is None:
         var, mean = torch.var_mean(x32, dim=(0, 2), correction=0)
