@@ -21,6 +21,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "bench" / "gpu"))
 
 import diagnose_scan  # noqa: E402
+
+from divebatch import ops  # noqa: E402
 import op_counts  # noqa: E402
 import profile_step  # noqa: E402
 import workloads  # noqa: E402
@@ -261,6 +263,11 @@ def test_bench_kernels_appends_to_its_json(tmp_path):
     assert [r["workload"] for r in json.loads(out.read_text())["results"]] == ["layernorm-seq-large"]
 
 
+#: (The C++ operators stand in for the CUDA kernels in some tests: skipped where the extension is not built.)
+requires_cpp = pytest.mark.skipif(not ops.CPP_AVAILABLE, reason="the C++ extension is not built (DIVEBATCH_NO_JIT)")
+
+
+@requires_cpp
 def test_check_engine_compares_a_decomposition_with_the_reference_operators(monkeypatch):
     """BatchNorm in training mode has no torch.func oracle: check_engine.py compares the engine on
     the compiled norm kernels with the engine on the PyTorch reference operators; here (CPU) the
@@ -283,6 +290,7 @@ def test_check_engine_compares_a_decomposition_with_the_reference_operators(monk
         check_engine.check(make, torch.device("cpu"), True, decomposed=True)
 
 
+@requires_cpp
 def test_check_engine_runs_the_implicit_convolution_cases_with_their_variable(monkeypatch):
     """The engine check's ``implicit-conv/*`` cases come first and run with
     ``DIVEBATCH_TRITON_IMPLICIT_CONV=1`` set (and put back): on the CUDA routes (here the route
