@@ -6,6 +6,7 @@ the control flow of run_gpu_checks.sh with a stand-in interpreter."""
 
 from __future__ import annotations
 
+import collections
 import os
 import stat
 import subprocess
@@ -406,6 +407,56 @@ def test_run_gpu_checks_keeps_the_step_target_when_the_budget_is_short(tmp_path)
     assert "bench_kernels.py" in calls  # (the other kernels', later, with what is left)
     assert "seq-large-up" not in calls
     assert "--workloads seq-large " in calls and "profile_step.py --device cuda --dtype bfloat16 --workload seq-large" in calls
+
+
+def test_run_gpu_checks_calls_each_script_with_arguments_it_takes(tmp_path, monkeypatch):
+    """Every Python call of run_gpu_checks.sh, as the stand-in interpreter recorded it, parsed by the
+    script's own argument parser (an unknown or misspelt option fails there), and each workload,
+    method and model it names known to the script: a call the GPU would refuse after minutes of
+    setup fails here instead."""
+    import argparse
+    import importlib
+    import shlex
+
+    import bench_kernels
+    import host_overhead
+    import run_table
+
+    _, calls, _ = _run_gpu_checks(tmp_path, 450)
+
+    class Parsed(Exception):
+        pass
+
+    real_parse = argparse.ArgumentParser.parse_args
+
+    def parse_and_stop(self, args=None, namespace=None):
+        raise Parsed(real_parse(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_and_stop)
+    checked = collections.Counter()
+    for line in calls.splitlines():
+        argv = shlex.split(line.rsplit(" [unverified=", 1)[0])
+        if argv[0] in ("-m", "-c"):  # (the pytest shards, whose -k expressions are checked above; the device probe)
+            continue
+        script = ROOT / argv[0]
+        assert script.parent in (ROOT / "bench", ROOT / "bench" / "gpu"), argv[0]  # (both on sys.path)
+        module = importlib.import_module(script.stem)
+        monkeypatch.setattr(sys, "argv", [str(script), *argv[1:]])
+        with pytest.raises(Parsed) as parsed:
+            module.main(*([argv[1:]] if "argv" in module.main.__code__.co_varnames else []))
+        args = vars(parsed.value.args[0])
+        names = lambda key: [n for n in args[key].split(",") if n]  # noqa: E731
+        if script.name == "run_table.py":
+            assert set(names("methods")) <= set(run_table.BY_NAME) and set(names("workloads")) <= set(run_table.WORKLOADS)
+        elif script.name == "bench_kernels.py":
+            assert set(names("workloads")) <= set(bench_kernels.WORKLOADS)
+        elif script.name == "profile_step.py":
+            assert args["workload"] in run_table.WORKLOADS and args["method"] in run_table.BY_NAME
+        elif script.name == "host_overhead.py":
+            assert set(names("models")) <= set(host_overhead.MODELS)
+        checked[script.name] += 1
+    assert checked == {"run_table.py": 3, "bench_kernels.py": 2, "profile_step.py": 2, "host_overhead.py": 1,
+                       "check_engine.py": 1, "diagnose_scan.py": 1, "verdicts.py": 1}
 
 
 def test_run_gpu_checks_times_every_kernel_workload():
