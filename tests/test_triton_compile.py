@@ -281,10 +281,16 @@ def _configs(kernel: str, dtype: str, variant: str, arch: int):
     return autotuner.fn, K._common.configs_for(autotuner.configs, prune, named, arch, **constexprs)
 
 
-def _jobs():
+def _sweep() -> str:
+    """``DIVEBATCH_COMPILE_SWEEP``: default, quick or all (see the module docstring)."""
     sweep = os.environ.get("DIVEBATCH_COMPILE_SWEEP", "default")
     if sweep not in ("default", "quick", "all"):
         raise ValueError(f"DIVEBATCH_COMPILE_SWEEP={sweep!r} is not one of default, quick, all")
+    return sweep
+
+
+def _jobs():
+    sweep = _sweep()
     jobs = []
     for kernel, spec in _specs().items():
         for dtype in spec.get("dtypes", DTYPES):
@@ -722,7 +728,8 @@ def test_spill_loop_depth_reads_nested_loops():
 
 def test_accepted_spills_are_still_real(records):
     by_key = {(r["kernel"], r["dtype"], r["arch"], r["config"], r["variant"]): r for r in records}
-    stale = [k for k in ACCEPTED_SPILLS if k not in by_key or not _spill(by_key[k])]
+    # (the quick sweep compiles the first config of each list only: an entry for a later one is not met)
+    stale = [k for k in ACCEPTED_SPILLS if (k in by_key and not _spill(by_key[k])) or (k not in by_key and _sweep() != "quick")]
     assert not stale, f"ACCEPTED_SPILLS entries that no longer spill or no longer exist: {stale}"
 
 
@@ -737,6 +744,9 @@ def test_some_config_fits_shared_memory(records):
 def test_hopper_configs_are_compiled_for_sm90_only(records):
     """``sm90_table`` configs (tiles that spill on sm_80, and the TMA loads sm_80 lacks) join the
     16-bit contiguous list on sm_90 only."""
+    if _sweep() == "quick":
+        pytest.skip("the quick sweep compiles the first config of each list, never an sm_90-only one")
+
     def labels(arch, variant):
         return {r["config"] for r in records if r["kernel"] == "_instantiate_norm_kernel" and r["dtype"] == "bf16"
                 and r["arch"] == arch and r["variant"] == variant}
