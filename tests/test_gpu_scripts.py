@@ -268,6 +268,36 @@ def test_bench_kernels_appends_to_its_json(tmp_path):
 requires_cpp = pytest.mark.skipif(not ops.CPP_AVAILABLE, reason="the C++ extension is not built (DIVEBATCH_NO_JIT)")
 
 
+def test_check_engine_keeps_its_rows_when_cut_short(tmp_path, monkeypatch):
+    """check_engine.py writes its JSON after every case (on the H200 its time limit cut it after 68
+    rows and the JSON, written at the end, was lost): a run interrupted mid-way leaves the rows done,
+    marked incomplete, and the verdict says so and what to do."""
+    import json
+
+    import check_engine
+    import verdicts
+
+    every = check_engine.cases()
+    kept = {name: every[name] for name in ("zoo/linear_2d", "zoo/conv2d")}
+
+    def interrupted():
+        raise KeyboardInterrupt  # (what `timeout --signal=INT` delivers)
+
+    monkeypatch.setattr(check_engine, "cases", lambda: {**kept, "zoo/cut-here": interrupted})
+    out = tmp_path / "check_engine.json"
+    with pytest.raises(KeyboardInterrupt):
+        check_engine.main(["--device", "cpu", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert [r["case"] for r in data["rows"]] == ["zoo/linear_2d"] * 2 + ["zoo/conv2d"] * 2
+    assert all(r["ok"] for r in data["rows"]) and data["meta"]["complete"] is False
+    (verdict,) = verdicts.engine_check(data)
+    assert verdict.verdict == "clean so far" and "zoo/conv2d" in verdict.measured and "rerun" in verdict.action
+    monkeypatch.setattr(check_engine, "cases", lambda: kept)
+    assert check_engine.main(["--device", "cpu", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["meta"]["complete"] is True
+    assert verdicts.engine_check(json.loads(out.read_text()))[0].verdict == "clean"
+
+
 @requires_cpp
 def test_check_engine_compares_a_decomposition_with_the_reference_operators(monkeypatch):
     """BatchNorm in training mode has no torch.func oracle: check_engine.py compares the engine on

@@ -153,6 +153,14 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     rows, failed = [], 0
+    meta = {"torch": torch.__version__, "device": str(device), "date": time.strftime("%Y-%m-%d %H:%M"),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "complete": False}
+
+    def write():  # after every row: a run cut by its time limit (the H200's, at 68 rows) keeps its rows
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
     print("| case | fused | per-sample rel err | batch rel err | routes |\n|---|---|---|---|---|")
     for name, make in cases().items():
         for fused in (True, False):
@@ -172,6 +180,7 @@ def main(argv=None) -> int:
             row["ok"] = ok
             failed += not ok
             rows.append(row)
+            write()
     print(f"{len(rows) - failed} of {len(rows)} within {RTOL} on {device}")
     if device.type == "cuda":
         print("\n| steady memory | bytes allocated after each step |\n|---|---|")
@@ -184,11 +193,9 @@ def main(argv=None) -> int:
             print(f"| {row['case']} | {row.get('allocated', row.get('error'))} {'' if row['ok'] else '(GROWS)'} |")
             failed += not row["ok"]
             rows.append(row)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"torch": torch.__version__, "device": str(device), "date": time.strftime("%Y-%m-%d %H:%M"),
-                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+            write()
+    meta["complete"] = True
+    write()
     return 1 if failed else 0
 
 

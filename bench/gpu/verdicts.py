@@ -274,9 +274,14 @@ def engine_check(engine: dict | None) -> list[Verdict]:
         return [Verdict("engine against torch.func on CUDA (check_engine.json)", "", "not run")]
     rows = engine["rows"]
     bad = [f"{r['case']}{'' if r.get('fused', True) else ' (unfused)'}" for r in rows if not r.get("ok")]
+    # (a file written before check_engine.py wrote as it went has no "complete": it was complete)
+    cut = not engine.get("meta", {}).get("complete", True)
+    verdict = "failing" if bad else ("clean so far" if cut else "clean")
     return [Verdict("engine against torch.func on CUDA (check_engine.json)",
                     f"{len(rows) - len(bad)} of {len(rows)} cases within tolerance"
-                    + (": off at " + ", ".join(bad[:6]) if bad else ""), "clean" if not bad else "failing")]
+                    + (": off at " + ", ".join(bad[:6]) if bad else "")
+                    + (f" (cut by its time limit after {rows[-1]['case'] if rows else 'no case'})" if cut else ""),
+                    verdict, "rerun the cases after it: `check_engine.py` was cut short" if cut else "")]
 
 
 def end_to_end(table: dict | None) -> list[Verdict]:
