@@ -631,10 +631,12 @@ def test_verdicts_read_the_first_gpu_run():
     assert step.verdict == "missed" and "divebatch 1.44x" in step.measured
 
 
-def _results_folder(folder: Path, implicit_ms: dict, error: float, sweep_failed: bool, wide_ratio: float = 0.8) -> Path:
+def _results_folder(folder: Path, implicit_ms: dict, error: float, sweep_failed: bool, wide_ratio: float = 0.8,
+                    narrow_wide_ratio: float = 1.3) -> Path:
     """A results folder with one sweep and one scan test, a seq-large kernel workload (errors
-    ``error``; the wide-tile Gram kernel ``wide_ratio`` times the square one's time) and convolution
-    rows: the unfolded route at 1 ms beside ``implicit_ms`` {method: ms}."""
+    ``error``; the wide-tile Gram kernel ``wide_ratio`` times the square one's time; conv-layer1's
+    640 columns ``narrow_wide_ratio``) and convolution rows: the unfolded route at 1 ms beside
+    ``implicit_ms`` {method: ms}."""
     import json
 
     import bench_kernels
@@ -646,7 +648,7 @@ def _results_folder(folder: Path, implicit_ms: dict, error: float, sweep_failed:
         f"<testcase classname='t' name='test_ghost_every_gpu_config_at_large_t[a]'>{failure}</testcase>"
         "<testcase classname='t' name='test_recurrent_scan_forward_and_backward[b]'/>"
         "</testsuite></testsuites>")
-    seq = {"workload": "seq-large-up", "op": "ghost+instantiate", "rows": [
+    seq = {"workload": "seq-large-up", "op": "ghost+instantiate", "d": 4096, "p": 16384, "rows": [
         {"method": "gemm g^T a (floor)", "ms": 3.0, "tflops": 700.0},
         {"method": "triton ghost_norm", "ms": 2.0, "tflops": 420.0, "max_rel_err_vs_reference": error},
         {"method": bench_kernels.GHOST_WIDE, "ms": 2.0 * wide_ratio, "tflops": 420.0 / wide_ratio,
@@ -657,7 +659,10 @@ def _results_folder(folder: Path, implicit_ms: dict, error: float, sweep_failed:
     layer4 = [{"workload": name, "op": "ghost+instantiate", "T": 49, "rows": [
         {"method": "triton ghost_norm", "ms": ms}, {"method": "triton instantiate_norm", "ms": 0.1}]}
         for name, ms in (("conv-layer4", 0.2), ("conv-layer4-unfolded", 0.5))]
-    convs = layer4 + [{"workload": name, "op": "conv", "rows": [
+    layer1 = {"workload": "conv-layer1", "op": "ghost+instantiate", "T": 3136, "d": 576, "p": 64, "rows": [
+        {"method": "triton ghost_norm", "ms": 1.0, "max_rel_err_vs_reference": 1e-6},
+        {"method": bench_kernels.GHOST_WIDE, "ms": narrow_wide_ratio, "max_rel_err_vs_reference": 1e-6}]}
+    convs = [layer1] + layer4 + [{"workload": name, "op": "conv", "rows": [
         {"method": "unfold + triton instantiate_norm", "ms": 1.0},
         *({"method": method, "ms": ms} for method, ms in rows.items())]} for name, rows in implicit_ms.items()]
     meta = {"device": "NVIDIA H100 80GB HBM3", "bf16_gemm_tflops": 800.0}
@@ -704,3 +709,11 @@ def test_verdicts_say_what_each_measurement_calls_for(tmp_path, copy_ms, cl_ms, 
     assert off[wide].verdict == "off the reference"
     slower = {v.topic: v for v in verdicts.verdicts(_results_folder(tmp_path / "c", implicit, 1e-6, False, 1.1))}
     assert slower[wide].verdict == "slower" and slower[wide].action == "leave it opt-in"
+    # ... and its default over every width timed: a d + p floor where one separates the two.
+    default = "ghost on wide tiles: the default"
+    assert clean[default].verdict == "faster from d + p = 20480" and "d + p >= 20480" in clean[default].action
+    assert "conv-layer1 (d + p = 640) 1.30x" in clean[default].measured
+    assert off[default].verdict == "off the reference" and "seq-large-up" in off[default].action
+    assert slower[default].verdict == "slower everywhere"
+    everywhere = {v.topic: v for v in verdicts.verdicts(_results_folder(tmp_path / "d", implicit, 1e-6, False, 0.9, 0.9))}
+    assert everywhere[default].verdict == "faster everywhere"

@@ -156,6 +156,39 @@ def wide_ghost_verdict(name: str, square: dict, wide: dict, peak: float | None) 
     return Verdict(f"ghost on wide tiles, {name}", measured, "slower", "leave it opt-in")
 
 
+def wide_ghost_default(bench: dict) -> list[Verdict]:
+    """Where the Gram kernel on 128 x 256 tiles should be the default: every workload timed with both
+    Gram kernels, read by its ``d + p`` (a unit's scratch round trip is fixed, its operand bytes grow
+    with ``d + p``, so the wide tiles are expected to pay from some width on): a width floor if one
+    separates the faster workloads from the slower ones."""
+    timed = []
+    for result in bench["results"]:
+        rows = _rows(result)
+        if GHOST in rows and GHOST_WIDE in rows and "d" in result and "p" in result:
+            exact = rows[GHOST_WIDE].get("max_rel_err_vs_reference", 1.0) <= ROUNDING
+            timed.append((result["d"] + result["p"], result["workload"], rows[GHOST_WIDE]["ms"] / rows[GHOST]["ms"], exact))
+    topic = "ghost on wide tiles: the default"
+    if not timed:
+        return [Verdict(topic, "", "not run")]
+    timed.sort()
+    measured = "; ".join(f"{name} (d + p = {width}) {ratio:.2f}x" for width, name, ratio, _ in timed)
+    off = [name for _, name, _, exact in timed if not exact]
+    if off:
+        return [Verdict(topic, measured, "off the reference", f"keep it off (off at {', '.join(off)})")]
+    faster = [width for width, _, ratio, _ in timed if ratio < 1]
+    slower = [width for width, _, ratio, _ in timed if ratio >= 1]
+    if not faster:
+        return [Verdict(topic, measured, "slower everywhere", "leave it opt-in")]
+    if not slower:
+        return [Verdict(topic, measured, "faster everywhere",
+                        "take it by default on sm_90 from WIDE_MIN_T (kernels/ghost_norm.py wide_ghost_wanted)")]
+    if min(faster) > max(slower):
+        return [Verdict(topic, measured, f"faster from d + p = {min(faster)}",
+                        f"take it by default on sm_90 from WIDE_MIN_T where d + p >= {min(faster)} "
+                        f"(slower at {max(slower)}; kernels/ghost_norm.py wide_ghost_wanted)")]
+    return [Verdict(topic, measured, "mixed", "no width separates where it pays: leave it opt-in")]
+
+
 def large_shape_errors(bench: dict) -> list[Verdict]:
     """Every Triton row's and extra error at the large shapes, against float32 rounding."""
     worst = {}
@@ -325,7 +358,7 @@ def verdicts(folder: Path) -> list[Verdict]:
     if bench is None:
         out.append(Verdict("kernel timings (bench_kernels.json)", "", "not run"))
     else:
-        for question in (kernel_targets, large_shape_errors, route_model, implicit_convolutions, unfolded_layouts,
+        for question in (kernel_targets, wide_ghost_default, large_shape_errors, route_model, implicit_convolutions, unfolded_layouts,
                          norm_kernels):
             out += question(bench)
     out += engine_check(_read_json(folder / "check_engine.json"))
