@@ -173,7 +173,8 @@ def to_markdown(rows: list[dict]) -> str:
         if "skipped" in r:
             lines.append(f"| {r['workload']} | {r['method']} | skipped: {r['skipped'][:60]} | | | |")
             continue
-        err = f"{r['max_rel_err']:.1e}" if "max_rel_err" in r else ("n/a (no torch.func)" if "no_reference" in r else "-")
+        err = (f"{r['max_rel_err']:.1e}" if "max_rel_err" in r
+               else "n/a (no torch.func)" if "no_reference" in r else "-")
         mem = f"{r['extra_mb']:+.0f} (plain step {r['plain_step_mb']:.0f})" if "extra_mb" in r else "-"
         ratio = f"{r['ratio']:.2f}x"
         if "ratio_to_compiled_plain" in r:
@@ -206,10 +207,10 @@ def main(argv=None) -> int:
         print(json.dumps(memory_probe(*args.memory_probe, args.device)))
         return 0
     methods = ["plain"] + [m for m in args.methods.split(",") if m and m != "plain"]
-    unknown = [m for m in methods if m not in BY_NAME] + [w for w in args.workloads.split(",") if w not in WORKLOADS]
+    names = args.workloads.split(",")
+    unknown = [m for m in methods if m not in BY_NAME] + [w for w in names if w not in WORKLOADS]
     if unknown:
         parser.error(f"unknown method or workload: {', '.join(unknown)}")
-    names = args.workloads.split(",")
     earlier = json.loads(args.out.read_text()) if args.append and args.out and args.out.is_file() else {}
     rows = [r for r in earlier.get("rows", []) if r.get("workload") not in names]
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device, "dtype": args.dtype,
@@ -221,7 +222,8 @@ def main(argv=None) -> int:
             rows += run_workload(name, methods, args.reps, args.device, not args.no_memory, dtype)
         except Exception as err:  # noqa: BLE001 - one workload's failure is a result; the next still runs
             failed = True
-            rows.append({"workload": name, "method": "plain", "skipped": f"workload failed: {type(err).__name__}: {err}"})
+            rows.append({"workload": name, "method": "plain",
+                         "skipped": f"workload failed: {type(err).__name__}: {err}"})
         gc.collect()  # (a failed workload's models, held by its traceback until now)
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()

@@ -436,7 +436,8 @@ def test_run_gpu_checks_keeps_the_step_target_when_the_budget_is_short(tmp_path)
     assert "bench: skipped" in proc.stdout, proc.stdout[-2000:]
     assert "bench_kernels.py" in calls  # (the other kernels', later, with what is left)
     assert "seq-large-up" not in calls
-    assert "--workloads seq-large " in calls and "profile_step.py --device cuda --dtype bfloat16 --workload seq-large" in calls
+    assert "--workloads seq-large " in calls
+    assert "profile_step.py --device cuda --dtype bfloat16 --workload seq-large" in calls
 
 
 def test_run_gpu_checks_calls_each_script_with_arguments_it_takes(tmp_path, monkeypatch):

@@ -729,7 +729,8 @@ def test_spill_loop_depth_reads_nested_loops():
 def test_accepted_spills_are_still_real(records):
     by_key = {(r["kernel"], r["dtype"], r["arch"], r["config"], r["variant"]): r for r in records}
     # (the quick sweep compiles the first config of each list only: an entry for a later one is not met)
-    stale = [k for k in ACCEPTED_SPILLS if (k in by_key and not _spill(by_key[k])) or (k not in by_key and _sweep() != "quick")]
+    stale = [k for k in ACCEPTED_SPILLS
+             if (k in by_key and not _spill(by_key[k])) or (k not in by_key and _sweep() != "quick")]
     assert not stale, f"ACCEPTED_SPILLS entries that no longer spill or no longer exist: {stale}"
 
 

@@ -166,7 +166,8 @@ def wide_ghost_default(bench: dict) -> list[Verdict]:
         rows = _rows(result)
         if GHOST in rows and GHOST_WIDE in rows and "d" in result and "p" in result:
             exact = rows[GHOST_WIDE].get("max_rel_err_vs_reference", 1.0) <= ROUNDING
-            timed.append((result["d"] + result["p"], result["workload"], rows[GHOST_WIDE]["ms"] / rows[GHOST]["ms"], exact))
+            ratio = rows[GHOST_WIDE]["ms"] / rows[GHOST]["ms"]
+            timed.append((result["d"] + result["p"], result["workload"], ratio, exact))
     topic = "ghost on wide tiles: the default"
     if not timed:
         return [Verdict(topic, "", "not run")]
@@ -358,8 +359,8 @@ def verdicts(folder: Path) -> list[Verdict]:
     if bench is None:
         out.append(Verdict("kernel timings (bench_kernels.json)", "", "not run"))
     else:
-        for question in (kernel_targets, wide_ghost_default, large_shape_errors, route_model, implicit_convolutions, unfolded_layouts,
-                         norm_kernels):
+        for question in (kernel_targets, wide_ghost_default, large_shape_errors, route_model, implicit_convolutions,
+                         unfolded_layouts, norm_kernels):
             out += question(bench)
     out += engine_check(_read_json(folder / "check_engine.json"))
     out += end_to_end(_read_json(folder / "gpu_table.json"))
