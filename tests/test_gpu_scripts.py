@@ -22,13 +22,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "bench" / "gpu"))
 
 import diagnose_scan  # noqa: E402
-
-from divebatch import ops  # noqa: E402
 import op_counts  # noqa: E402
 import profile_step  # noqa: E402
 import workloads  # noqa: E402
 from methods import build  # noqa: E402
 from run_table import BY_NAME, _batch  # noqa: E402
+
+from divebatch import ops  # noqa: E402
 
 
 def test_op_counts_order_plain_cuda_routes_cpu_routes():
