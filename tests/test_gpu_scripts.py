@@ -299,6 +299,48 @@ def test_check_engine_keeps_its_rows_when_cut_short(tmp_path, monkeypatch):
 
 
 @requires_cpp
+def test_check_engine_shards_join_into_the_unsharded_file(tmp_path, monkeypatch):
+    """The GPU check runs the engine cases in three shards at once and joins their files: each case
+    runs in exactly one shard, the joined rows are those of one unsharded run in its order, and a
+    shard cut short or never written leaves the joined file incomplete, which the verdict names."""
+    import json
+
+    import check_engine
+    import verdicts
+
+    every = check_engine.cases()
+    kept = {name: every[name] for name in ("zoo/linear_2d", "zoo/conv2d", "zoo/embedding", "zoo/norms")}
+    monkeypatch.setattr(check_engine, "cases", lambda: kept)
+    whole = tmp_path / "whole.json"
+    assert check_engine.main(["--device", "cpu", "--out", str(whole)]) == 0
+    parts = [tmp_path / f"part{k}.json" for k in (1, 2, 3)]
+    for k, part in enumerate(parts, 1):
+        assert check_engine.main(["--device", "cpu", "--shard", f"{k}/3", "--out", str(part)]) == 0
+    ran = [[row["case"] for row in json.loads(part.read_text())["rows"]] for part in parts]
+    assert ran[0] == ["zoo/linear_2d"] * 2 + ["zoo/norms"] * 2 and ran[1] == ["zoo/conv2d"] * 2
+    joined = tmp_path / "joined.json"
+    assert check_engine.main(["--merge", *map(str, parts[::-1]), "--out", str(joined)]) == 0
+    expected, got = json.loads(whole.read_text()), json.loads(joined.read_text())
+    # (the same rows but for their errors and seconds: each run draws its models anew)
+    strip = lambda rows: [(row["case"], row["fused"], row["routes"], row["ok"]) for row in rows]  # noqa: E731
+    assert strip(got["rows"]) == strip(expected["rows"]) and got["meta"]["complete"] is True
+    assert verdicts.engine_check(got)[0].verdict == "clean"
+
+    cut = json.loads(parts[0].read_text())
+    cut["rows"], cut["meta"]["complete"] = cut["rows"][:2], False
+    parts[0].write_text(json.dumps(cut))
+    parts[2].unlink()
+    assert check_engine.main(["--merge", *map(str, parts), "--out", str(joined)]) == 0
+    got = json.loads(joined.read_text())
+    assert got["meta"]["complete"] is False and got["meta"]["cut_after"] == ["zoo/linear_2d"]
+    assert got["meta"]["missing"] == [str(parts[2])]
+    (verdict,) = verdicts.engine_check(got)
+    assert verdict.verdict == "clean so far" and "after zoo/linear_2d" in verdict.measured
+    assert "part3.json" in verdict.measured
+    with pytest.raises(SystemExit):
+        check_engine.main(["--device", "cpu", "--shard", "4/3"])
+
+
 def test_check_engine_compares_a_decomposition_with_the_reference_operators(monkeypatch):
     """BatchNorm in training mode has no torch.func oracle: check_engine.py compares the engine on
     the compiled norm kernels with the engine on the PyTorch reference operators; here (CPU) the
@@ -379,9 +421,9 @@ def test_diagnose_scan_case_reports_each_step(mode, reverse):
     assert float(per_step.max()) < 1e-5 and h_err < 1e-5
 
 
-def _run_gpu_checks(tmp_path, budget_s: int):
+def _run_gpu_checks(tmp_path, budget_s: int, **env_vars):
     """run_gpu_checks.sh with a stand-in interpreter that records its arguments and returns at once
-    (check_engine.py "fails"): (the finished process, the recorded calls, the $OUT folder)."""
+    (check_engine.py "fails"), ``env_vars`` set: (the finished process, the recorded calls, the $OUT folder)."""
     log = tmp_path / "calls.log"
     fake = tmp_path / "fakepy"
     # (it writes each --out file, as the real scripts do: what comes back must fit the tool's 8 files)
@@ -390,8 +432,12 @@ def _run_gpu_checks(tmp_path, budget_s: int):
                     "case \"$*\" in *check_engine*) exit 1;; esac\nexit 0\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     out = tmp_path / "out"
-    out.mkdir()
-    env = dict(os.environ, PYTHON=str(fake), OUT=str(out), BUDGET_S=str(budget_s))
+    out.mkdir(exist_ok=True)
+    for name in out.iterdir():  # ($OUT is emptied before each command)
+        name.unlink()
+    log.write_text("")
+    env = {name: value for name, value in os.environ.items() if name != "STEPS"}
+    env.update(PYTHON=str(fake), OUT=str(out), BUDGET_S=str(budget_s), **env_vars)
     proc = subprocess.run(["bash", str(ROOT / "bench/gpu/run_gpu_checks.sh")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     return proc, log.read_text(), out
@@ -401,16 +447,22 @@ def test_run_gpu_checks_control_flow(tmp_path):
     """The script with a stand-in interpreter: every step is started, the issue's three targets
     measured first, a failing job fails the script, and under $OUT the results are packed for the
     device tool."""
-    proc, calls, out = _run_gpu_checks(tmp_path, 450)
-    assert proc.returncode == 1, proc.stdout[-2000:]  # the engine job "failed"
+    proc, calls, out = _run_gpu_checks(tmp_path, 290)
+    assert proc.returncode == 1, proc.stdout[-2000:]  # the engine jobs "failed"
     for script in ("tests/test_triton_kernels.py", "diagnose_scan.py", "check_engine.py", "bench_kernels.py",
                    "--workload seq-large", "--workload transformer", "host_overhead.py --device cuda", "run_table.py",
                    "verdicts.py"):
         assert script in calls, script
     assert calls.count("-m pytest tests/test_triton_kernels.py") == 12  # the shards
+    # The engine check in three shards at once, joined into one file before anything is timed.
+    lines = calls.splitlines()
+    shards = [i for i, line in enumerate(lines) if "check_engine.py --device cuda --shard" in line]
+    (joined,) = [i for i, line in enumerate(lines) if "check_engine.py --merge" in line]
+    assert sorted(lines[i].split("--shard ")[1].split()[0] for i in shards) == ["1/3", "2/3", "3/3"]  # (at once)
+    assert max(shards) < joined < next(i for i, line in enumerate(lines) if "bench_kernels.py" in line)
+    assert all(f"check_engine_{k}.json" in lines[joined] for k in (1, 2, 3))
     # The measurements in the order of what they answer: the kernel targets at seq-large's shapes,
     # the seq-large step, its profile; then the other kernels and workloads, appended to the same files.
-    lines = calls.splitlines()
     order = [next(i for i, line in enumerate(lines) if all(word in line for word in words)) for words in (
         ("bench_kernels.py", "seq-large-up"), ("run_table.py", "--workloads seq-large "),
         ("profile_step.py", "seq-large"), ("bench_kernels.py", "--append"),
@@ -419,10 +471,10 @@ def test_run_gpu_checks_control_flow(tmp_path):
     assert "--append" not in lines[order[0]] and "--append" not in lines[order[1]]
     # Every step runs with the configs added since the last GPU run in play (tested, timed).
     assert all(line.endswith("[unverified=1]") for line in lines)
-    assert "engine: rc=1" in proc.stdout and "skipped" not in proc.stdout
+    assert "engine2: rc=1" in proc.stdout and "skipped" not in proc.stdout and "unfinished" not in proc.stdout
     with tarfile.open(out / "gpu_results.tgz") as tar:
         names = tar.getnames()
-    assert any(n.endswith("gpu_engine.log") for n in names)
+    assert all(any(n.endswith(f"gpu_engine{k}.log") for n in names) for k in (1, 2, 3))
     assert any(n.endswith("profile_transformer.json") for n in names)
     returned = sorted(f.name for f in out.iterdir())
     # What the device tool returns (8 files), with one left for the caller's console log.
@@ -431,13 +483,33 @@ def test_run_gpu_checks_control_flow(tmp_path):
 
 def test_run_gpu_checks_keeps_the_step_target_when_the_budget_is_short(tmp_path):
     """With too little budget for the kernel timings and the seq-large table both, the timings are
-    skipped (and the summary says so), not the table: each step leaves the steps after it their time."""
-    proc, calls, _ = _run_gpu_checks(tmp_path, 170)
+    skipped (and the summary says so), not the table: each step leaves the steps after it their time.
+    The summary names the steps skipped, and a second pass with the STEPS it prints runs those alone,
+    adding to the first pass's results."""
+    proc, calls, out = _run_gpu_checks(tmp_path, 75)
     assert "bench: skipped" in proc.stdout, proc.stdout[-2000:]
     assert "bench_kernels.py" in calls  # (the other kernels', later, with what is left)
     assert "seq-large-up" not in calls
     assert "--workloads seq-large " in calls
     assert "profile_step.py --device cuda --dtype bfloat16 --workload seq-large" in calls
+    again = proc.stdout.split("to finish them: STEPS=")[1].split()[0]
+    assert again.split(",")[0] == "bench" and "run_table" not in again.split(","), again
+    assert set(again.split(",")) <= {"bench", "bench_more", "run_table_more", "profile_transformer", "host", "compile"}
+    results = Path("/tmp/divebatch-gpu-results")
+    (results / "kept-from-the-first-pass").write_text("")
+    # (on a fresh machine: the first pass's results, unpacked here, travel with the tree)
+    first_pass = tmp_path / "first-pass"
+    first_pass.mkdir()
+    (first_pass / "carried-from-the-first-pass.json").write_text("{}")
+    proc, calls, out = _run_gpu_checks(tmp_path, 290, STEPS=again, RESUME_FROM=str(first_pass))
+    assert "unfinished" not in proc.stdout, proc.stdout[-2000:]
+    with tarfile.open(out / "gpu_results.tgz") as tar:
+        packed = {Path(name).name for name in tar.getnames()}
+    assert {"kept-from-the-first-pass", "carried-from-the-first-pass.json"} <= packed
+    ran = [line.split(" [unverified")[0] for line in calls.splitlines()]
+    assert not any("pytest" in line or "check_engine" in line or "--workloads seq-large " in line for line in ran)
+    assert any("seq-large-up" in line for line in ran) and ran[-1].startswith("bench/gpu/verdicts.py")
+    assert sum("bench_kernels.py" in line for line in ran) == again.split(",").count("bench") + again.count("bench_more")
 
 
 def test_run_gpu_checks_calls_each_script_with_arguments_it_takes(tmp_path, monkeypatch):
@@ -453,7 +525,7 @@ def test_run_gpu_checks_calls_each_script_with_arguments_it_takes(tmp_path, monk
     import host_overhead
     import run_table
 
-    _, calls, _ = _run_gpu_checks(tmp_path, 450)
+    _, calls, _ = _run_gpu_checks(tmp_path, 290)
 
     class Parsed(Exception):
         pass
@@ -487,7 +559,7 @@ def test_run_gpu_checks_calls_each_script_with_arguments_it_takes(tmp_path, monk
             assert set(names("models")) <= set(host_overhead.MODELS)
         checked[script.name] += 1
     assert checked == {"run_table.py": 3, "bench_kernels.py": 2, "profile_step.py": 2, "host_overhead.py": 1,
-                       "check_engine.py": 1, "diagnose_scan.py": 1, "verdicts.py": 1}
+                       "check_engine.py": 4, "diagnose_scan.py": 1, "verdicts.py": 1}
 
 
 def test_run_gpu_checks_times_every_kernel_workload():

@@ -14,6 +14,12 @@ Prints a table, writes JSON, exits 1 if any relative error exceeds 1e-4 or a cas
 
     python bench/gpu/check_engine.py --device cuda --out bench/results/gpu/check_engine.json
     python bench/gpu/check_engine.py --device cpu     # the same check here (what CI covers anyway)
+    python bench/gpu/check_engine.py --shard 2/3 --out e2.json   # every third case, from the second
+    python bench/gpu/check_engine.py --merge e1.json e2.json e3.json --out check_engine.json
+
+A shard runs every N-th case (the GPU check runs three at once: each case's first call compiles its
+kernels, which one process does on one CPU core, so one process took 75 s for 68 of
+today's 120 rows on the H200); ``--merge`` joins their files into one, in the cases' order.
 """
 
 from __future__ import annotations
@@ -144,17 +150,66 @@ def steady_memory(name: str, device: torch.device, steps: int = 4) -> dict:
     return {"case": f"steady-memory/{name}", "allocated": allocated, "ok": len(set(allocated[1:])) == 1}
 
 
+def _shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` (1 <= I <= N) -> ``(I, N)``."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        index = count = 0
+    if not 1 <= index <= count:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: write I/N with 1 <= I <= N, e.g. 2/3")
+    return index, count
+
+
+def _in_shard(names, shard: tuple[int, int] | None) -> list:
+    """The ``names`` shard ``(I, N)`` runs: every N-th, from the I-th (all of them without a shard)."""
+    return list(names) if shard is None else [n for k, n in enumerate(names) if k % shard[1] == shard[0] - 1]
+
+
+def merge(paths: list[Path]) -> dict:
+    """The shards' files as one: rows in the order of ``cases()`` (then the steady-memory rows),
+    ``meta.complete`` only if every shard's file is there and complete; ``meta.cut_after`` names the
+    last case of each shard that was cut, ``meta.missing`` the files that were never written."""
+    order = {name: k for k, name in enumerate([*cases(), *(f"steady-memory/{n}" for n in STEADY_CASES)])}
+    rows, meta, cut_after, missing = [], {}, [], []
+    for path in paths:
+        if not path.is_file():
+            missing.append(str(path))
+            continue
+        shard = json.loads(path.read_text())
+        meta = meta or dict(shard["meta"])
+        rows += shard["rows"]
+        if not shard["meta"].get("complete", True):
+            cut_after.append(shard["rows"][-1]["case"] if shard["rows"] else "no case")
+    rows.sort(key=lambda row: order.get(row["case"], len(order)))  # (stable: fused before unfused)
+    meta.update(shard=None, shards=len(paths), complete=not (cut_after or missing), cut_after=cut_after,
+                missing=missing)
+    return {"meta": meta, "rows": rows}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                        help="run every N-th case from the I-th (and likewise of the steady-memory checks)")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="join these shards' files into --out (runs nothing)")
     args = parser.parse_args(argv)
+    if args.merge:
+        if args.out is None:
+            parser.error("--merge writes the joined file to --out: name it")
+        merged = merge(args.merge)
+        args.out.write_text(json.dumps(merged, indent=1))
+        print(f"merged {len(args.merge)} shards: {len(merged['rows'])} rows, complete={merged['meta']['complete']}")
+        return 0
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     rows, failed = [], 0
     meta = {"torch": torch.__version__, "device": str(device), "date": time.strftime("%Y-%m-%d %H:%M"),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "complete": False}
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "complete": False,
+            "shard": None if args.shard is None else "/".join(map(str, args.shard))}
 
     def write():  # after every row: a run cut by its time limit (the H200's, at 68 rows) keeps its rows
         if args.out:
@@ -162,7 +217,9 @@ def main(argv=None) -> int:
             args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
     print("| case | fused | per-sample rel err | batch rel err | routes |\n|---|---|---|---|---|")
-    for name, make in cases().items():
+    every = cases()
+    for name in _in_shard(every, args.shard):
+        make = every[name]
         for fused in (True, False):
             t0 = time.perf_counter()
             try:
@@ -184,7 +241,7 @@ def main(argv=None) -> int:
     print(f"{len(rows) - failed} of {len(rows)} within {RTOL} on {device}")
     if device.type == "cuda":
         print("\n| steady memory | bytes allocated after each step |\n|---|---|")
-        for name in STEADY_CASES:
+        for name in _in_shard(STEADY_CASES, args.shard):
             try:
                 row = steady_memory(name, device)
             except Exception as err:  # noqa: BLE001

@@ -309,12 +309,16 @@ def engine_check(engine: dict | None) -> list[Verdict]:
     rows = engine["rows"]
     bad = [f"{r['case']}{'' if r.get('fused', True) else ' (unfused)'}" for r in rows if not r.get("ok")]
     # (a file written before check_engine.py wrote as it went has no "complete": it was complete)
-    cut = not engine.get("meta", {}).get("complete", True)
+    meta = engine.get("meta", {})
+    cut = not meta.get("complete", True)
     verdict = "failing" if bad else ("clean so far" if cut else "clean")
+    # (shards joined by `check_engine.py --merge` name where each cut shard stopped, and the missing files)
+    where = meta.get("cut_after", [rows[-1]["case"] if rows else "no case"])
+    cut_text = (f" (cut by its time limit after {', '.join(where)})" if where else "") + (
+        f" ({len(meta['missing'])} shard file(s) missing: {', '.join(meta['missing'])})" if meta.get("missing") else "")
     return [Verdict("engine against torch.func on CUDA (check_engine.json)",
                     f"{len(rows) - len(bad)} of {len(rows)} cases within tolerance"
-                    + (": off at " + ", ".join(bad[:6]) if bad else "")
-                    + (f" (cut by its time limit after {rows[-1]['case'] if rows else 'no case'})" if cut else ""),
+                    + (": off at " + ", ".join(bad[:6]) if bad else "") + (cut_text if cut else ""),
                     verdict, "rerun the cases after it: `check_engine.py` was cut short" if cut else "")]
 
 
