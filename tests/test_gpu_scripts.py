@@ -337,6 +337,9 @@ def test_check_engine_shards_join_into_the_unsharded_file(tmp_path, monkeypatch)
     (verdict,) = verdicts.engine_check(got)
     assert verdict.verdict == "clean so far" and "after zoo/linear_2d" in verdict.measured
     assert "part3.json" in verdict.measured
+    check_engine.main(["--merge", str(tmp_path / "never-written.json"), "--out", str(joined)])
+    (verdict,) = verdicts.engine_check(json.loads(joined.read_text()))
+    assert verdict.verdict == "not run" and "1 shard file(s) missing" in verdict.measured
     with pytest.raises(SystemExit):
         check_engine.main(["--device", "cpu", "--shard", "4/3"])
 

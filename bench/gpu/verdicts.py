@@ -307,6 +307,11 @@ def engine_check(engine: dict | None) -> list[Verdict]:
     if engine is None:
         return [Verdict("engine against torch.func on CUDA (check_engine.json)", "", "not run")]
     rows = engine["rows"]
+    if not rows:  # (e.g. every shard failed before its first case: see the gpu_engine*.log files)
+        missing = engine.get("meta", {}).get("missing")
+        return [Verdict("engine against torch.func on CUDA (check_engine.json)",
+                        "no case ran" + (f" ({len(missing)} shard file(s) missing)" if missing else ""), "not run",
+                        "read the gpu_engine*.log files and rerun `check_engine.py`")]
     bad = [f"{r['case']}{'' if r.get('fused', True) else ' (unfused)'}" for r in rows if not r.get("ok")]
     # (a file written before check_engine.py wrote as it went has no "complete": it was complete)
     meta = engine.get("meta", {})
