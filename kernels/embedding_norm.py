@@ -94,7 +94,7 @@ def _embedding_norm_kernel(
                           UPCAST, DOT_PRECISION, BLOCK_T, BLOCK_K)
         w = tl.sum(tl.sum(tl.where(match, gram, 0.0), axis=1), axis=0)
         w = tl.where(ti == tj, w, 2.0 * w)  # (i, j) also stands for (j, i)
-        tl.atomic_add(out_ptr + b, w)
+        tl.atomic_add(out_ptr + b, w, sem="relaxed")
 
 
 def embedding_norm_triton(indices: torch.Tensor, g: torch.Tensor, padding_idx: int) -> torch.Tensor:

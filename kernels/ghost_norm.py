@@ -182,7 +182,7 @@ def _add_column_sums(g_base, row_i, mask_i, p, stride_gp, colsum, BLOCK_K: tl.co
         k_mask = kk < p
         y_i = tl.load(g_base + row_i[:, None] + (kk.to(tl.int64) * stride_gp)[None, :],
                       mask=mask_i[:, None] & k_mask[None, :], other=0.0)
-        tl.atomic_add(colsum + kk, tl.sum(y_i.to(tl.float32), axis=0), mask=k_mask)
+        tl.atomic_add(colsum + kk, tl.sum(y_i.to(tl.float32), axis=0), mask=k_mask, sem="relaxed")
 
 
 @triton.autotune(configs=_CONFIGS, key=["T_TUNE", "B_TUNE", "d", "p", "WITH_BIAS", "stride_ad", "stride_gp", "TMA_OK",
@@ -254,7 +254,7 @@ def _ghost_norm_kernel(
     w = tl.sum(tl.sum(gram_a * gram_g, axis=1), axis=0)
     # An off-diagonal pair (i, j) also stands for (j, i).
     w = tl.where(diagonal, w, 2.0 * w)
-    tl.atomic_add(weight_sq_ptr + b, w)
+    tl.atomic_add(weight_sq_ptr + b, w, sem="relaxed")
     if WITH_BIAS:
         if diagonal:
             # A pass of its own over the rows of tile i just streamed (in L2), not a sum of the tiles
@@ -416,7 +416,7 @@ def _ghost_norm_wide_kernel(
                 # (a row past T lies below every column < T; a column past T weighs 0)
                 w += tl.where((offs_i < t) & (t < T), 2.0 * product,
                               tl.where((offs_i == t) & (t < T), product, 0.0))
-            tl.atomic_add(weight_sq_ptr + b64, tl.sum(tl.sum(w, axis=1), axis=0))
+            tl.atomic_add(weight_sq_ptr + b64, tl.sum(tl.sum(w, axis=1), axis=0), sem="relaxed")
         tl.debug_barrier()  # (the slot's loads and stores done before the next step's stores)
 
     if WITH_BIAS:

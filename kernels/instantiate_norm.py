@@ -266,7 +266,7 @@ def _instantiate_norm_kernel(
                 g_t = g_t.to(tl.float32)
                 x = x.to(tl.float32)
             tile = tl.dot(g_t, x, tile, input_precision=DOT_PRECISION)
-        tl.atomic_add(weight_sq_ptr + b, tl.sum(tl.sum(tile * tile, axis=1), axis=0))
+        tl.atomic_add(weight_sq_ptr + b, tl.sum(tl.sum(tile * tile, axis=1), axis=0), sem="relaxed")
         if SUM_IN_OUTPUT:
             # Only the sum is read, after the kernel: no ordering needed between these atomics.
             tl.atomic_add(out, tile, mask=out_mask, sem="relaxed")
@@ -288,7 +288,7 @@ def _instantiate_norm_kernel(
                     rows = g_base + (tt.to(tl.int64) * stride_gt)[:, None] + col_g[None, :]
                     chunk = tl.load(rows, mask=(tt < T)[:, None] & mask_p[None, :], other=0.0)
                     col_sum += tl.sum(chunk.to(tl.float32), axis=0)
-                tl.atomic_add(bias_sq_ptr + b, tl.sum(col_sum * col_sum, axis=0))
+                tl.atomic_add(bias_sq_ptr + b, tl.sum(col_sum * col_sum, axis=0), sem="relaxed")
 
     if not SUM_IN_OUTPUT:
         if ATOMIC_WGRAD:
