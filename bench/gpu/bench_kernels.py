@@ -210,6 +210,16 @@ def bench_workload(name, spec, K, R, rounds, rep_ms, dev="cuda"):
         chosen["triton instantiate_norm"] = _chosen(K.instantiate_norm._instantiate_norm_kernel)
         tuned["triton ghost_norm"] = _config_timings(K.ghost_norm._ghost_norm_kernel)
         tuned["triton instantiate_norm"] = _config_timings(K.instantiate_norm._instantiate_norm_kernel)
+        if p >= 1024 or dev != "cuda":  # (the CPU smoke's p is short)
+            # The Gram kernel without its bias: the same Grams, no pass over g for the column sums
+            # (run by the diagonal programs alone, p / BLOCK_K chunks each). Against "triton
+            # ghost_norm", what the bias costs (seq-large up, p = 16384, ran at 38% of the peak on
+            # the H200 against down's 50% with the same flops; down's p is 4096).
+            no_bias = GHOST_NO_BIAS
+            methods[no_bias] = lambda: K.ghost_norm_triton(a, g, False)
+            flops[no_bias] = flops["triton ghost_norm"]
+            errors[no_bias] = rel_err(methods[no_bias]()[0], ref[0])
+            chosen[no_bias] = _chosen(K.ghost_norm._ghost_norm_kernel)
         if dtype != torch.float32 and (T >= K.ghost_norm.WIDE_MIN_T or dev != "cuda"):  # (the CPU smoke's T is short)
             # The Gram kernel on 128 x 256 tiles (opt-in: DIVEBATCH_TRITON_GHOST_WIDE=1): against
             # "triton ghost_norm", whether the wider tiles' fewer operand bytes per flop pay for the
@@ -282,6 +292,9 @@ INSTANTIATE_TWO_SAMPLES = "triton instantiate_norm as 2 samples (tile speed)"
 
 #: The ``ghost+instantiate`` row of the Gram kernel on wide tiles (``_ghost_norm_wide_kernel``).
 GHOST_WIDE = "triton ghost_norm (wide tiles)"
+
+#: The ``ghost+instantiate`` row of the Gram kernel without the bias's column sums (p >= 1024).
+GHOST_NO_BIAS = "triton ghost_norm (no bias)"
 
 
 def measured_faster_route(result) -> str:
