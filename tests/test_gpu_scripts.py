@@ -227,6 +227,7 @@ def test_bench_kernels_cpu_smoke_run(tmp_path):
     no_bias = rows[bench_kernels.GHOST_NO_BIAS]
     assert no_bias["max_rel_err_vs_reference"] < 1e-4 and no_bias["tflops"] == pytest.approx(
         rows["triton ghost_norm"]["tflops"] * rows["triton ghost_norm"]["ms"] / no_bias["ms"])
+    assert rows[bench_kernels.GHOST_BIAS_IN_WRAPPER]["max_rel_err_vs_reference"] < 1e-4  # (weight and bias)
     assert os.environ.get("DIVEBATCH_TRITON_GHOST_WIDE") is None  # (set for its calls only)
     route = results["seq-up-bf16"]["route"]
     assert route["model"] in ("ghost", "fused-instantiate") and route["faster"] in ("ghost", "fused-instantiate")
@@ -712,11 +713,12 @@ def test_verdicts_read_the_first_gpu_run():
 
 
 def _results_folder(folder: Path, implicit_ms: dict, error: float, sweep_failed: bool, wide_ratio: float = 0.8,
-                    narrow_wide_ratio: float = 1.3, no_bias_ms: float = 1.9) -> Path:
+                    narrow_wide_ratio: float = 1.3, no_bias_ms: float = 1.9, wrapper_bias_ms: float = 2.1) -> Path:
     """A results folder with one sweep and one scan test, a seq-large kernel workload (errors
     ``error``; the wide-tile Gram kernel ``wide_ratio`` times the square one's time; conv-layer1's
     640 columns ``narrow_wide_ratio``) and convolution rows: the unfolded route at 1 ms beside
-    ``implicit_ms`` {method: ms}; the Gram kernel without its bias at ``no_bias_ms`` against 2 ms."""
+    ``implicit_ms`` {method: ms}; the Gram kernel without its bias at ``no_bias_ms`` against 2 ms, and
+    with the bias from torch at ``wrapper_bias_ms``."""
     import json
 
     import bench_kernels
@@ -734,6 +736,7 @@ def _results_folder(folder: Path, implicit_ms: dict, error: float, sweep_failed:
         {"method": bench_kernels.GHOST_WIDE, "ms": 2.0 * wide_ratio, "tflops": 420.0 / wide_ratio,
          "max_rel_err_vs_reference": error},
         {"method": bench_kernels.GHOST_NO_BIAS, "ms": no_bias_ms, "tflops": 840.0 / no_bias_ms},
+        {"method": bench_kernels.GHOST_BIAS_IN_WRAPPER, "ms": wrapper_bias_ms, "max_rel_err_vs_reference": 1e-6},
         {"method": "triton instantiate_norm", "ms": 3.3, "max_rel_err_vs_reference": 1e-6}],
         "extra_errors": {"triton instantiate_norm (weight grad)": 2e-6},
         "route": {"model": "fused-instantiate", "faster": "fused-instantiate"}}
@@ -804,4 +807,8 @@ def test_verdicts_say_what_each_measurement_calls_for(tmp_path, copy_ms, cl_ms, 
     costly = {v.topic: v for v in verdicts.verdicts(_results_folder(tmp_path / "e", implicit, 1e-6, False,
                                                                         no_bias_ms=1.4))}
     assert costly[bias].verdict == "a limit" and "_add_column_sums" in costly[bias].action
+    torch_pass = {v.topic: v for v in verdicts.verdicts(_results_folder(tmp_path / "f", implicit, 1e-6, False,
+                                                                            no_bias_ms=1.4, wrapper_bias_ms=1.6))}
+    assert torch_pass[bias].verdict == "a limit; torch's pass is faster" and "g.sum(1)" in torch_pass[bias].action
+    assert "with the bias in torch 1.60 ms" in torch_pass[bias].measured
     assert everywhere[default].verdict == "faster everywhere"

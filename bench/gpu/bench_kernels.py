@@ -220,6 +220,15 @@ def bench_workload(name, spec, K, R, rounds, rep_ms, dev="cuda"):
             flops[no_bias] = flops["triton ghost_norm"]
             errors[no_bias] = rel_err(methods[no_bias]()[0], ref[0])
             chosen[no_bias] = _chosen(K.ghost_norm._ghost_norm_kernel)
+
+            def bias_in_wrapper():
+                # The alternative to the kernel's bias loop: one coalesced pass over g by torch.
+                weight_sq, _ = K.ghost_norm_triton(a, g, False)
+                return weight_sq, g.sum(dim=1, dtype=torch.float32).square().sum(dim=1)
+
+            methods[GHOST_BIAS_IN_WRAPPER] = bias_in_wrapper
+            flops[GHOST_BIAS_IN_WRAPPER] = flops["triton ghost_norm"]
+            errors[GHOST_BIAS_IN_WRAPPER] = max(rel_err(o, r) for o, r in zip(bias_in_wrapper(), ref))
         if dtype != torch.float32 and (T >= K.ghost_norm.WIDE_MIN_T or dev != "cuda"):  # (the CPU smoke's T is short)
             # The Gram kernel on 128 x 256 tiles (opt-in: DIVEBATCH_TRITON_GHOST_WIDE=1): against
             # "triton ghost_norm", whether the wider tiles' fewer operand bytes per flop pay for the
@@ -293,8 +302,10 @@ INSTANTIATE_TWO_SAMPLES = "triton instantiate_norm as 2 samples (tile speed)"
 #: The ``ghost+instantiate`` row of the Gram kernel on wide tiles (``_ghost_norm_wide_kernel``).
 GHOST_WIDE = "triton ghost_norm (wide tiles)"
 
-#: The ``ghost+instantiate`` row of the Gram kernel without the bias's column sums (p >= 1024).
+#: The ``ghost+instantiate`` rows of the Gram kernel without the bias's column sums (p >= 1024), and
+#: of the same with the bias's norms from ``g.sum(1)`` in torch instead.
 GHOST_NO_BIAS = "triton ghost_norm (no bias)"
+GHOST_BIAS_IN_WRAPPER = "triton ghost_norm (no bias) + torch bias"
 
 
 def measured_faster_route(result) -> str:
