@@ -349,6 +349,79 @@ def test_check_engine_shards_join_into_the_unsharded_file(tmp_path, monkeypatch)
         check_engine.main(["--device", "cpu", "--shard", "4/3"])
 
 
+#: An ncu ``--page raw --csv`` export as ncu writes it: quoted, a units row, thousands separators.
+_NCU_CSV = """==PROF== Disconnected from process 1
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC",\
+"gpu__time_duration.sum","sm__throughput.avg.pct_of_peak_sustained_elapsed",\
+"dram__throughput.avg.pct_of_peak_sustained_elapsed","launch__registers_per_thread",\
+"sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active",\
+"smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio",\
+"smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio",\
+"smsp__average_warps_issue_stalled_selected_per_issue_active.ratio",\
+"smsp__average_warps_issue_stalled_wait_per_issue_active.ratio",\
+"smsp__average_warps_issue_stalled_membar_per_issue_active.ratio"
+"","","","","","","","","","","","nsecond","%","%","register/thread","%","inst","inst","inst","inst","inst"
+"0","7","python3","h","_instantiate_norm_kernel","1","7","(256, 1, 1)","(4096, 1, 1)","0","9.0",\
+"6,990,000.00","45.2","12.5","240","41.0","3.10","0.40","1.00","0.90","0.05"
+"1","7","python3","h","nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_TNT","1","7","(384, 1, 1)","(132, 1, 1)","0","9.0",\
+"3,160,000.00","88.0","20.0","168","86.5","0.20","0.10","1.00","0.30","0.00"
+""".replace("\\\n", "")
+
+
+def test_ncu_summary_reads_the_raw_export(tmp_path, monkeypatch):
+    """ncu_kernels.py reads ncu's raw CSV (its own lines before the header, the units row, numbers
+    with thousands separators) into one summary per kernel: the duration in microseconds by its
+    unit, the throughputs, the tensor pipe and the largest stall reasons, "selected" (the issuing
+    warp) not counted as one; and runs the profile through an ``ncu`` command, here a stand-in."""
+    import json
+
+    import ncu_kernels
+
+    kernels = ncu_kernels.summarize(_NCU_CSV)
+    assert [k["kernel"] for k in kernels] == ["_instantiate_norm_kernel", "nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_TNT"]
+    fused, gemm = kernels
+    assert fused["duration_us"] == pytest.approx(6990.0) and gemm["duration_us"] == pytest.approx(3160.0)
+    assert fused["sm_pct"] == 45.2 and fused["registers"] == 240 and fused["tensor_pipe_pct"] == {"tensor_op_gmma": 41.0}
+    assert fused["top_stalls"] == [("barrier", 3.1), ("wait", 0.9), ("long_scoreboard", 0.4)]
+    assert "memory_pct" not in fused  # (absent from the export: left out, not guessed)
+    table = ncu_kernels.as_markdown(kernels)
+    assert "| _instantiate_norm_kernel | 6990.0 | 45 | - | 12 |" in table and "barrier 3.1" in table
+    with pytest.raises(ValueError, match="Kernel Name"):
+        ncu_kernels.summarize("no export here")
+
+    fake = tmp_path / "ncu"
+    fake.write_text("#!/bin/bash\n"
+                    "if [ \"$1\" = --import ]; then cat " + str(tmp_path / "export.csv") + "; exit 0; fi\n"
+                    "prev=; for a in \"$@\"; do [ \"$prev\" = --export ] && touch \"$a.ncu-rep\"; prev=$a; done\n"
+                    "echo \"$*\" > " + str(tmp_path / "ncu_args") + "\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    (tmp_path / "export.csv").write_text(_NCU_CSV)
+    out = tmp_path / "results"
+    assert ncu_kernels.main(["--out-dir", str(out), "--ncu", str(fake)]) == 0
+    args = (tmp_path / "ncu_args").read_text()
+    assert "--profile-from-start off" in args and "--clock-control none" in args and "--target" in args
+    assert json.loads((out / "ncu_kernels.json").read_text())["kernels"][0]["registers"] == 240
+    assert (out / "ncu_kernels.csv").read_text() == _NCU_CSV
+    assert ncu_kernels.main(["--out-dir", str(out), "--ncu", str(tmp_path / "no-such-ncu")]) == 2
+
+    # The verdicts name each target kernel's reading beside the GEMM's (the first launch profiled).
+    import verdicts
+
+    ghost_rows = _NCU_CSV.splitlines()[-2:]
+    with_ghosts = "\n".join([*_NCU_CSV.splitlines(), *(row.replace("_instantiate_norm_kernel", "_ghost_norm_kernel")
+                                                        .replace('"0","7"', f'"{k}","7"', 1)
+                                                        for k, row in zip((2, 3), ghost_rows[:1] * 2))])
+    found = {v.topic: v for v in verdicts.hardware_counters({"workload": "seq-large-up",
+                                                              "kernels": ncu_kernels.summarize(with_ghosts)})}
+    instantiate = found["instantiate under ncu, seq-large-up"]
+    assert instantiate.verdict == "profiled" and "tensor pipes 41%" in instantiate.measured
+    assert "stalls barrier 3.1" in instantiate.measured and "the GEMM: tensor pipes 86%" in instantiate.measured
+    assert {"ghost under ncu, seq-large-up", "ghost (no bias) under ncu, seq-large-up"} <= set(found)
+    (partial,) = verdicts.hardware_counters({"kernels": kernels})  # (no ghost profiled)
+    assert partial.verdict == "incomplete"
+    assert verdicts.hardware_counters(None)[0].verdict == "not run"
+
+
 def test_check_engine_compares_a_decomposition_with_the_reference_operators(monkeypatch):
     """BatchNorm in training mode has no torch.func oracle: check_engine.py compares the engine on
     the compiled norm kernels with the engine on the PyTorch reference operators; here (CPU) the
@@ -473,7 +546,7 @@ def test_run_gpu_checks_control_flow(tmp_path):
     # the seq-large step, its profile; then the other kernels and workloads, appended to the same files.
     order = [next(i for i, line in enumerate(lines) if all(word in line for word in words)) for words in (
         ("bench_kernels.py", "seq-large-up"), ("run_table.py", "--workloads seq-large "),
-        ("profile_step.py", "seq-large"), ("bench_kernels.py", "--append"),
+        ("profile_step.py", "seq-large"), ("ncu_kernels.py", "seq-large-up"), ("bench_kernels.py", "--append"),
         ("run_table.py", "--append", "conv-large"), ("profile_step.py", "transformer"), ("verdicts.py",))]
     assert order == sorted(order), order
     assert "--append" not in lines[order[0]] and "--append" not in lines[order[1]]
@@ -497,12 +570,13 @@ def test_run_gpu_checks_keeps_the_step_target_when_the_budget_is_short(tmp_path)
     proc, calls, out = _run_gpu_checks(tmp_path, 75)
     assert "bench: skipped" in proc.stdout, proc.stdout[-2000:]
     assert "bench_kernels.py" in calls  # (the other kernels', later, with what is left)
-    assert "seq-large-up" not in calls
+    assert "workloads seq-large-up" not in calls
     assert "--workloads seq-large " in calls
     assert "profile_step.py --device cuda --dtype bfloat16 --workload seq-large" in calls
     again = proc.stdout.split("to finish them: STEPS=")[1].split()[0]
     assert again.split(",")[0] == "bench" and "run_table" not in again.split(","), again
-    assert set(again.split(",")) <= {"bench", "bench_more", "run_table_more", "profile_transformer", "host", "compile"}
+    assert set(again.split(",")) <= {"bench", "ncu", "bench_more", "run_table_more", "profile_transformer", "host",
+                                     "compile"}
     results = Path("/tmp/divebatch-gpu-results")
     (results / "kept-from-the-first-pass").write_text("")
     # (on a fresh machine: the first pass's results, unpacked here, travel with the tree)
@@ -516,7 +590,7 @@ def test_run_gpu_checks_keeps_the_step_target_when_the_budget_is_short(tmp_path)
     assert {"kept-from-the-first-pass", "carried-from-the-first-pass.json"} <= packed
     ran = [line.split(" [unverified")[0] for line in calls.splitlines()]
     assert not any("pytest" in line or "check_engine" in line or "--workloads seq-large " in line for line in ran)
-    assert any("seq-large-up" in line for line in ran) and ran[-1].startswith("bench/gpu/verdicts.py")
+    assert any("workloads seq-large-up" in line for line in ran) and ran[-1].startswith("bench/gpu/verdicts.py")
     assert sum("bench_kernels.py" in line for line in ran) == again.split(",").count("bench") + again.count("bench_more")
 
 
@@ -563,10 +637,12 @@ def test_run_gpu_checks_calls_each_script_with_arguments_it_takes(tmp_path, monk
             assert set(names("workloads")) <= set(bench_kernels.WORKLOADS)
         elif script.name == "profile_step.py":
             assert args["workload"] in run_table.WORKLOADS and args["method"] in run_table.BY_NAME
+        elif script.name == "ncu_kernels.py":
+            assert args["workload"] in bench_kernels.WORKLOADS and args["summarize"] is None
         elif script.name == "host_overhead.py":
             assert set(names("models")) <= set(host_overhead.MODELS)
         checked[script.name] += 1
-    assert checked == {"run_table.py": 3, "bench_kernels.py": 2, "profile_step.py": 2, "host_overhead.py": 1,
+    assert checked == {"run_table.py": 3, "bench_kernels.py": 2, "profile_step.py": 2, "host_overhead.py": 1, "ncu_kernels.py": 1,
                        "check_engine.py": 4, "diagnose_scan.py": 1, "verdicts.py": 1}
 
 

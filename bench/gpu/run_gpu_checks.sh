@@ -14,6 +14,7 @@
 #   3. the end-to-end table (bench/run_table.py) on seq-large: the step target, divebatch fused,
 #      unfused, on wide tiles and fused everywhere beside torch.func, Opacus, BackPACK;
 #   4. bench/gpu/profile_step.py on seq-large: where the tracked step's extra time goes;
+#   4b. bench/gpu/ncu_kernels.py: Nsight Compute's counters of the GEMM, ghost and fused kernels there;
 #   5. the other kernel timings (--append to the same JSON: the implicit convolutions, layouts,
 #      T = 1, embeddings, norm layers, scans);
 #   6. the end-to-end table on conv-large, transformer (nn.MultiheadAttention's fused rule on CUDA)
@@ -29,7 +30,7 @@
 # Usage: bash bench/gpu/run_gpu_checks.sh        (PYTHON=... to pick the interpreter, BUDGET_S=... the seconds)
 #        STEPS=bench_more,run_table_more bash bench/gpu/run_gpu_checks.sh   (only those steps, keeping
 #        the results folder: a second pass for what the first skipped or cut, whose summary prints
-#        the STEPS= line to pass; names: correctness bench run_table profile bench_more run_table_more
+#        the STEPS= line to pass; names: correctness bench run_table profile ncu bench_more run_table_more
 #        profile_transformer host compile; the verdicts always run). RESUME_FROM=FOLDER copies an
 #        earlier pass's results (unpacked here, carried with the tree to a fresh machine) into the
 #        results folder first, so the appended JSON files and the verdicts hold both passes.
@@ -186,6 +187,11 @@ timed run_table 90 15 30 "${TABLE[@]}" --workloads seq-large \
 # 4. where the tracked seq-large step's extra time goes (torch.profiler, plain vs divebatch).
 timed profile 30 0 15 "$PY" bench/gpu/profile_step.py --device cuda --dtype bfloat16 \
     --workload seq-large --out "$RESULTS/profile_seq_large.json"
+
+# 4b. the hardware counters of those kernels at seq-large up (Nsight Compute, which reads them on the
+#     Firecracker machines, `--clock-control none`): why the fused kernel ran at 2.2x the GEMM and the
+#     ghost kernel at 38% of the peak; each kernel once, after tuning outside the profiled range.
+timed ncu 90 0 40 "$PY" bench/gpu/ncu_kernels.py --out-dir "$RESULTS" --workload seq-large-up
 
 # 5. the other kernel timings, added to the same JSON (~2 min with autotuning: in the default pass
 #    often cut, the JSON keeping the workloads it timed; STEPS=bench_more,... finishes them).

@@ -19,6 +19,10 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ncu_kernels import roles  # noqa: E402
+
 #: The issue's targets: fused instantiate time over the plain weight-gradient GEMM's, the ghost
 #: kernel's share of the bf16 tensor-core peak, and the seq-large training step with norms over plain.
 FUSED_OVER_GEMM = 1.15
@@ -391,6 +395,28 @@ def end_to_end(table: dict | None) -> list[Verdict]:
     return verdicts
 
 
+def hardware_counters(profile: dict | None) -> list[Verdict]:
+    """What Nsight Compute read of the target kernels (``ncu_kernels.py``), each beside the GEMM."""
+    topic = "hardware counters of the target kernels (ncu_kernels.json)"
+    if profile is None:
+        return [Verdict(topic, "", "not run")]
+    found = roles(profile.get("kernels", []))
+    if "instantiate" not in found or "ghost" not in found:
+        return [Verdict(topic, f"kernels read: {sorted(found)}", "incomplete", "see gpu_ncu.log")]
+
+    def reading(k: dict) -> str:
+        pipes = "/".join(f"{v:.0f}" for v in k.get("tensor_pipe_pct", {}).values()) or "?"
+        stalls = ", ".join(f"{name} {v:.1f}" for name, v in k.get("top_stalls", [])) or "?"
+        value = lambda field: f"{k[field]:.0f}" if field in k else "?"  # noqa: E731
+        return (f"tensor pipes {pipes}%, SM {value('sm_pct')}%, DRAM {value('dram_pct')}%, L2 {value('l2_pct')}%, "
+                f"{value('registers')} regs, stalls {stalls}")
+
+    return [Verdict(f"{name} under ncu, {profile.get('workload', '?')}",
+                    reading(found[name]) + (f"; the GEMM: {reading(found['gemm'])}" if name != "gemm" else ""),
+                    "profiled", "read against docs/kernels.md, 'Open questions': what each limit calls for")
+            for name in ("instantiate", "ghost", "ghost (no bias)") if name in found]
+
+
 def verdicts(folder: Path) -> list[Verdict]:
     """Every question this results folder answers (see the module docstring)."""
     bench = _read_json(folder / "bench_kernels.json")
@@ -401,6 +427,7 @@ def verdicts(folder: Path) -> list[Verdict]:
         for question in (kernel_targets, wide_ghost_default, large_shape_errors, route_model, implicit_convolutions,
                          unfolded_layouts, norm_kernels):
             out += question(bench)
+    out += hardware_counters(_read_json(folder / "ncu_kernels.json"))
     out += engine_check(_read_json(folder / "check_engine.json"))
     out += end_to_end(_read_json(folder / "gpu_table.json"))
     return out
