@@ -404,7 +404,25 @@ def test_ncu_summary_reads_the_raw_export(tmp_path, monkeypatch):
     assert (out / "ncu_kernels.csv").read_text() == _NCU_CSV
     assert ncu_kernels.main(["--out-dir", str(out), "--ncu", str(tmp_path / "no-such-ncu")]) == 2
 
-    # The verdicts name each target kernel's reading beside the GEMM's (the first launch profiled).
+    # The profiled program's calls, on tiny shapes under the interpreter: each kernel as the reference.
+    from divebatch import reference
+
+    import bench_kernels
+
+    monkeypatch.setitem(bench_kernels.WORKLOADS, "seq-large-up",
+                        ("ghost+instantiate", 2, 9, 12, 10, torch.bfloat16, None))
+    gemm, ghost, ghost_no_bias, fused = ncu_kernels.run_target("seq-large-up", device="cpu")
+    gen = torch.Generator().manual_seed(0)  # (the inputs run_target draws)
+    a = torch.randn(2, 9, 12, generator=gen).to(torch.bfloat16)
+    g = (0.1 * torch.randn(2, 9, 10, generator=gen)).to(torch.bfloat16)
+    weight_sq, bias_sq = reference.ghost_norm(a, g, True)
+    assert torch.allclose(ghost[0], weight_sq, rtol=1e-4) and torch.allclose(ghost[1], bias_sq, rtol=1e-4)
+    assert torch.allclose(ghost_no_bias[0], weight_sq, rtol=1e-4) and torch.allclose(fused[0], weight_sq, rtol=1e-4)
+    assert torch.allclose(fused[2], gemm.float(), rtol=2e-2, atol=1e-3)  # (the bf16 GEMM against float32 sums)
+    with pytest.raises(SystemExit, match="ghost\\+instantiate"):
+        ncu_kernels.run_target("mlp-T1-bf16", device="cpu")
+
+    # The verdicts name each target kernel's reading beside the GEMM's (the longest launch not ours).
     import verdicts
 
     ghost_rows = _NCU_CSV.splitlines()[-2:]

@@ -140,8 +140,9 @@ def as_markdown(kernels: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_target(workload: str) -> None:
-    """The profiled program: tune and compile outside the range, then each kernel once inside it."""
+def run_target(workload: str, device: str = "cuda") -> list:
+    """The profiled program: tune and compile outside the range, then each kernel once inside it
+    (``device="cpu"``: the same calls under the interpreter, for the tests); returns their outputs."""
     import torch
 
     import bench_kernels
@@ -150,20 +151,23 @@ def run_target(workload: str) -> None:
     if op != "ghost+instantiate":
         raise SystemExit(f"--workload {workload}: pick a ghost+instantiate workload of bench_kernels.WORKLOADS")
     K = bench_kernels.load_kernels()
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    a = torch.randn(B, T, d, device="cuda", generator=gen).to(dtype)
-    g = (0.1 * torch.randn(B, T, p, device="cuda", generator=gen)).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(B, T, d, device=device, generator=gen).to(dtype)
+    g = (0.1 * torch.randn(B, T, p, device=device, generator=gen)).to(dtype)
     a2, g2 = a.reshape(B * T, d), g.reshape(B * T, p)
     calls = [lambda: g2.t() @ a2, lambda: K.ghost_norm_triton(a, g, True), lambda: K.ghost_norm_triton(a, g, False),
              lambda: K.instantiate_norm_triton(a, g, True)]
+    on_gpu = device == "cuda"
     for call in calls:  # (autotuning: its timing launches stay outside the profiled range)
         call()
-    torch.cuda.synchronize()
-    torch.cuda.profiler.start()
-    for call in calls:
-        call()
-    torch.cuda.synchronize()
-    torch.cuda.profiler.stop()
+    if on_gpu:
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+    outputs = [call() for call in calls]
+    if on_gpu:
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+    return outputs
 
 
 def main(argv=None) -> int:
