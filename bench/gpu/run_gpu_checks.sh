@@ -34,8 +34,9 @@
 #        profile_transformer host compile; the verdicts always run). RESUME_FROM=FOLDER copies an
 #        earlier pass's results (unpacked here, carried with the tree to a fresh machine) into the
 #        results folder first, so the appended JSON files and the verdicts hold both passes.
-# Within 5 minutes the default pass measures the three targets whatever happens; on the H200 the
-# later steps (5-7) may be cut or skipped, hence the second pass (docs/kernels.md, "Running").
+# Within 5 minutes the default pass keeps the time of the three targets' measurements (steps 2-4)
+# whatever the correctness jobs take; the later steps (5-7) may be cut or skipped, hence the second
+# pass (docs/kernels.md, "Running").
 # Needs a CUDA build of torch and triton; nothing is installed or downloaded.
 # The compile/spill test (tests/test_triton_compile.py) needs no GPU and is not rerun here.
 set -uo pipefail
