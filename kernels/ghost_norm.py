@@ -175,14 +175,23 @@ def _patch_gram_tile(x_base, offs_i, mask_i, offs_j, mask_j, K, XC, XD, XH, XW, 
 @triton.jit
 def _add_column_sums(g_base, row_i, mask_i, p, stride_gp, colsum, BLOCK_K: tl.constexpr):
     """Atomically add the column sums of g's rows ``row_i`` (offsets; rows past ``mask_i`` skipped)
-    over its p columns, in BLOCK_K chunks, into ``colsum [p]`` (float32): a bias's sums."""
+    over its p columns, in BLOCK_K chunks, into ``colsum [p]`` (float32): a bias's sums.
+
+    Two chunks a step, both loads issued before either is reduced: nothing else hides this loop's
+    load latency (it is not software-pipelined: `num_stages` on it spilled on sm_80), so one chunk
+    at a time costs a round trip to L2 or DRAM each (at seq-large's p = 16384, 256 of them on each
+    diagonal program); two in flight halve that for 16 more live registers (the Grams are dead here)."""
     offs_k = tl.arange(0, BLOCK_K)
-    for k0 in range(0, p, BLOCK_K):
+    for k0 in range(0, p, 2 * BLOCK_K):
         kk = k0 + offs_k
-        k_mask = kk < p
-        y_i = tl.load(g_base + row_i[:, None] + (kk.to(tl.int64) * stride_gp)[None, :],
-                      mask=mask_i[:, None] & k_mask[None, :], other=0.0)
-        tl.atomic_add(colsum + kk, tl.sum(y_i.to(tl.float32), axis=0), mask=k_mask, sem="relaxed")
+        kk_next = kk + BLOCK_K
+        k_mask, next_mask = kk < p, kk_next < p
+        y = tl.load(g_base + row_i[:, None] + (kk.to(tl.int64) * stride_gp)[None, :],
+                    mask=mask_i[:, None] & k_mask[None, :], other=0.0)
+        y_next = tl.load(g_base + row_i[:, None] + (kk_next.to(tl.int64) * stride_gp)[None, :],
+                         mask=mask_i[:, None] & next_mask[None, :], other=0.0)
+        tl.atomic_add(colsum + kk, tl.sum(y.to(tl.float32), axis=0), mask=k_mask, sem="relaxed")
+        tl.atomic_add(colsum + kk_next, tl.sum(y_next.to(tl.float32), axis=0), mask=next_mask, sem="relaxed")
 
 
 @triton.autotune(configs=_CONFIGS, key=["T_TUNE", "B_TUNE", "d", "p", "WITH_BIAS", "stride_ad", "stride_gp", "TMA_OK",
