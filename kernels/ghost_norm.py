@@ -172,15 +172,39 @@ def _patch_gram_tile(x_base, offs_i, mask_i, offs_j, mask_j, K, XC, XD, XH, XW, 
     return acc
 
 
-@triton.jit
-def _add_column_sums(g_base, row_i, mask_i, p, stride_gp, colsum, BLOCK_K: tl.constexpr):
-    """Atomically add the column sums of g's rows ``row_i`` (offsets; rows past ``mask_i`` skipped)
-    over its p columns, in BLOCK_K chunks, into ``colsum [p]`` (float32): a bias's sums.
+#: The bias pass's step where each thread sums whole columns (``_column_sums_in_threads``): rows, columns.
+COLUMN_SUM_ROWS, COLUMN_SUM_COLS = 8, 2048
 
-    Two chunks a step, both loads issued before either is reduced: nothing else hides this loop's
-    load latency (it is not software-pipelined: `num_stages` on it spilled on sm_80), so one chunk
-    at a time costs a round trip to L2 or DRAM each (at seq-large's p = 16384, 256 of them on each
-    diagonal program); two in flight halve that for 16 more live registers (the Grams are dead here)."""
+
+def columns_in_threads(g: torch.Tensor) -> bool:
+    """Whether the bias pass over ``g`` may lay whole columns in each thread: a 16-bit ``g`` of unit
+    inner stride (its tile then costs 128-187 registers, no spill; strided or float32 tiles spilled)."""
+    return g.stride(2) == 1 and g.element_size() == 2
+
+
+@triton.jit
+def _add_column_sums(g_base, first_row, T, stride_gt, p, stride_gp, colsum, N_ROWS: tl.constexpr,
+                     BLOCK_K: tl.constexpr, IN_THREADS: tl.constexpr):
+    """Atomically add the column sums of g's rows ``first_row .. first_row + N_ROWS - 1`` (those
+    below ``T``) over its p columns into ``colsum [p]`` (float32): a bias's sums. The loop is not
+    software-pipelined (``num_stages`` on it spilled on sm_80), so each step waits for its loads,
+    and a step that sums across warps also waits for shared memory: ``IN_THREADS`` (see
+    ``columns_in_threads``) takes the layout with no cross-thread sums, else two chunks a step."""
+    if IN_THREADS:
+        _column_sums_in_threads(g_base, first_row, T, stride_gt, p, stride_gp, colsum, N_ROWS)
+    else:
+        _column_sums_in_chunks(g_base, first_row, T, stride_gt, p, stride_gp, colsum, N_ROWS, BLOCK_K)
+
+
+@triton.jit
+def _column_sums_in_chunks(g_base, first_row, T, stride_gt, p, stride_gp, colsum, N_ROWS: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+    """Two [N_ROWS, BLOCK_K] chunks a step, both loads issued before either is reduced (sm_90: 8
+    ``LDG.E.128`` in flight where one chunk had 4), each summed over its rows across the warps and
+    added with relaxed atomics (the acq_rel default fenced each: ``MEMBAR.ALL.GPU``, a wait for the
+    reply, ``CCTL.IVALL``)."""
+    offs_i = first_row + tl.arange(0, N_ROWS)
+    row_i, mask_i = offs_i.to(tl.int64) * stride_gt, offs_i < T
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, p, 2 * BLOCK_K):
         kk = k0 + offs_k
@@ -192,6 +216,29 @@ def _add_column_sums(g_base, row_i, mask_i, p, stride_gp, colsum, BLOCK_K: tl.co
                          mask=mask_i[:, None] & next_mask[None, :], other=0.0)
         tl.atomic_add(colsum + kk, tl.sum(y.to(tl.float32), axis=0), mask=k_mask, sem="relaxed")
         tl.atomic_add(colsum + kk_next, tl.sum(y_next.to(tl.float32), axis=0), mask=next_mask, sem="relaxed")
+
+
+@triton.jit
+def _column_sums_in_threads(g_base, first_row, T, stride_gt, p, stride_gp, colsum, N_ROWS: tl.constexpr,
+                            ROWS: tl.constexpr = COLUMN_SUM_ROWS, COLS: tl.constexpr = COLUMN_SUM_COLS):
+    """COLS columns at a time, ROWS rows a step: a [ROWS, COLS] tile of unit-stride 16-bit g is laid
+    out with each thread's 8-element vector along the columns and the threads, then the warps,
+    across them (2048 columns take all 8 warps' 256 lanes), so each thread holds whole columns of
+    the step and sums its rows in its own registers: no shuffles, no barriers. The sums go out once
+    per COLS columns, with relaxed atomics."""
+    rows = tl.arange(0, ROWS)
+    cols = tl.arange(0, COLS)
+    for c0 in range(0, p, COLS):
+        cc = c0 + cols
+        c_mask = cc < p
+        col_offsets = (cc.to(tl.int64) * stride_gp)[None, :]
+        sums = tl.zeros((COLS,), dtype=tl.float32)
+        for r0 in range(0, N_ROWS, ROWS):
+            rr = first_row + r0 + rows
+            y = tl.load(g_base + (rr.to(tl.int64) * stride_gt)[:, None] + col_offsets,
+                        mask=(rr < T)[:, None] & c_mask[None, :], other=0.0)
+            sums += tl.sum(y.to(tl.float32), axis=0)
+        tl.atomic_add(colsum + cc, sums, mask=c_mask, sem="relaxed")
 
 
 @triton.autotune(configs=_CONFIGS, key=["T_TUNE", "B_TUNE", "d", "p", "WITH_BIAS", "stride_ad", "stride_gp", "TMA_OK",
@@ -220,7 +267,7 @@ def _ghost_norm_kernel(
     WITH_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, TMA_OK: tl.constexpr,
     IMPLICIT: tl.constexpr = False, PADDED: tl.constexpr = False, DEPTH: tl.constexpr = False,
-    WIDE: tl.constexpr = True, CHANNELS_FASTEST: tl.constexpr = False,
+    WIDE: tl.constexpr = True, CHANNELS_FASTEST: tl.constexpr = False, COLUMNS_IN_THREADS: tl.constexpr = False,
 ):
     n_tiles = tl.cdiv(T, BLOCK_T)
     n_pairs = n_tiles * (n_tiles + 1) // 2
@@ -272,7 +319,8 @@ def _ghost_norm_kernel(
             # overwrite it while the MMA still reads it (triton-lang/triton#6691: the H200's
             # large-T deviations; the compile test checks every MMA operand's slots). Last, so that
             # the two Gram tiles are no longer held in registers.
-            _add_column_sums(g_base, row_i, mask_i, p, stride_gp, colsum_ptr + b64 * p, BLOCK_K)
+            _add_column_sums(g_base, ti * BLOCK_T, T, stride_gt, p, stride_gp, colsum_ptr + b64 * p, BLOCK_T, BLOCK_K,
+                             COLUMNS_IN_THREADS)
     elif diagonal and ti == 0:
         # No bias: colsum_ptr is the [B] bias norms, left unfilled by the wrapper (a zero fill is a
         # launch); one program a sample stores its zero.
@@ -352,6 +400,7 @@ def _ghost_norm_wide_kernel(
     WITH_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_J: tl.constexpr,
     PROGRAMS_PER_SM: tl.constexpr,  # (read by the wrapper's grid only)
+    COLUMNS_IN_THREADS: tl.constexpr = False,
 ):
     """``_ghost_norm_kernel`` on BLOCK_I x 2 BLOCK_I tiles: 85 flops per operand byte at 128 x 256
     against the square tiles' 64, for the operand bandwidth from L2 that the square tiles seem to
@@ -436,9 +485,8 @@ def _ghost_norm_wide_kernel(
             first_i = (2 * si + unit % 2) * BLOCK_I
             if (sj == si) & (first_i < T):
                 b64 = (unit // (2 * n_pairs)).to(tl.int64)
-                offs_i = first_i + rows
-                _add_column_sums(g_ptr + b64 * stride_gb, offs_i.to(tl.int64) * stride_gt, offs_i < T, p, stride_gp,
-                                 colsum_ptr + b64 * p, BLOCK_K)
+                _add_column_sums(g_ptr + b64 * stride_gb, first_i, T, stride_gt, p, stride_gp, colsum_ptr + b64 * p,
+                                 BLOCK_I, BLOCK_K, COLUMNS_IN_THREADS)
     elif pid == 0:
         # No bias: colsum_ptr is the [B] bias norms, unfilled by the wrapper.
         for b0 in range(0, B, BLOCK_K):
@@ -465,7 +513,7 @@ def _launch_wide(a, g, weight_sq, colsum, B: int, T: int, d: int, p: int, with_b
         a.stride(0), a.stride(1), a.stride(2),
         g.stride(0), g.stride(1), g.stride(2),
         tuning_size(T), tuning_size(B),
-        WITH_BIAS=bool(with_bias), UPCAST=upcast, DOT_PRECISION=precision,
+        WITH_BIAS=bool(with_bias), UPCAST=upcast, DOT_PRECISION=precision, COLUMNS_IN_THREADS=columns_in_threads(g),
     )
 
 
@@ -506,6 +554,7 @@ def _launch(a, g, B: int, T: int, d: int, p: int, with_bias: bool, patches: Conv
                     *convolution,
                     tuning_size(T), tuning_size(B),
                     WITH_BIAS=bool(with_bias), UPCAST=upcast, DOT_PRECISION=precision, TMA_OK=use_tma,
+                    COLUMNS_IN_THREADS=columns_in_threads(g),
                     **implicit,
                 )
     if with_bias:

@@ -446,6 +446,10 @@ def _compile_one(job) -> dict:
         constexprs.update(UPCAST=upcast, DOT_PRECISION=precision)
     if "TMA_OK" in fn.arg_names:  # (the wrappers' tma_ok: aligned unit-stride inputs, i.e. "contig")
         constexprs["TMA_OK"] = variant == "contig"
+    if "COLUMNS_IN_THREADS" in fn.arg_names:  # (ghost_norm.columns_in_threads: a 16-bit g of unit inner stride)
+        unit_gp = ((variant == "contig" and "stride_gp" in spec["inner_strides"])
+                   or bool(layout and "stride_gp" in layout["unit_ints"]))
+        constexprs["COLUMNS_IN_THREADS"] = unit_gp and dtype != "fp32"
     signature, attrs = {}, {}
     for i, arg in enumerate(fn.arg_names):
         if arg in constexprs:
