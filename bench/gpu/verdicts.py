@@ -169,8 +169,8 @@ def ghost_bias_verdict(name: str, with_bias: dict, no_bias: dict, peak: float | 
                        "take the bias from g.sum(1) in ghost_norm_triton from this p on (kernels/ghost_norm.py), "
                        "the kernel's loop below it")
     return Verdict(f"ghost kernel's bias cost, {name}", measured, "a limit",
-                   "widen the bias loop's chunks (kernels/ghost_norm.py _add_column_sums): more bytes in "
-                   "flight per L2 round trip")
+                   "read the bias loop's stalls under ncu (the with- and no-bias ghost rows of ncu_kernels.json; "
+                   "kernels/ghost_norm.py _add_column_sums) before reworking it")
 
 
 def wide_ghost_verdict(name: str, square: dict, wide: dict, peak: float | None) -> Verdict:
