@@ -279,15 +279,22 @@ def _instantiate_norm_kernel(
             # MMA and a register reduction one shared-memory slot too few, so the pipeline's next
             # loads overwrite it while the MMA still reads it (triton-lang/triton#6691; the compile
             # test checks every MMA operand's slots). Outside the samples' loop, which stays a plain
-            # nest the compiler can flatten (FLATTEN).
+            # nest the compiler can flatten (FLATTEN). The chunks are added element by element into
+            # a tile of their shape and summed over T once a sample: a sum over a chunk's rows
+            # crosses the warps (shuffles, shared memory, barriers) at every chunk. Two chunks a
+            # step, both loads issued before either is added: nothing else hides their latency.
             for b in range(split, B, n_split):
                 g_base = g_ptr + tl.cast(b, tl.int64) * stride_gb
-                col_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
-                for t0 in range(0, T, BLOCK_T):
+                acc = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)
+                for t0 in range(0, T, 2 * BLOCK_T):
                     tt = t0 + offs_t
-                    rows = g_base + (tt.to(tl.int64) * stride_gt)[:, None] + col_g[None, :]
-                    chunk = tl.load(rows, mask=(tt < T)[:, None] & mask_p[None, :], other=0.0)
-                    col_sum += tl.sum(chunk.to(tl.float32), axis=0)
+                    tt_next = tt + BLOCK_T
+                    chunk = tl.load(g_base + (tt.to(tl.int64) * stride_gt)[:, None] + col_g[None, :],
+                                    mask=(tt < T)[:, None] & mask_p[None, :], other=0.0)
+                    chunk_next = tl.load(g_base + (tt_next.to(tl.int64) * stride_gt)[:, None] + col_g[None, :],
+                                         mask=(tt_next < T)[:, None] & mask_p[None, :], other=0.0)
+                    acc += chunk.to(tl.float32) + chunk_next.to(tl.float32)
+                col_sum = tl.sum(acc, axis=0)
                 tl.atomic_add(bias_sq_ptr + b, tl.sum(col_sum * col_sum, axis=0), sem="relaxed")
 
     if not SUM_IN_OUTPUT:
