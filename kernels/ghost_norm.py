@@ -178,7 +178,7 @@ COLUMN_SUM_ROWS, COLUMN_SUM_COLS = 8, 2048
 
 def columns_in_threads(g: torch.Tensor) -> bool:
     """Whether the bias pass over ``g`` may lay whole columns in each thread: a 16-bit ``g`` of unit
-    inner stride (its tile then costs 128-187 registers, no spill; strided or float32 tiles spilled)."""
+    inner stride (no build of those spills with it; strided or float32 tiles of its size did)."""
     return g.stride(2) == 1 and g.element_size() == 2
 
 
@@ -283,7 +283,7 @@ def _ghost_norm_kernel(
 
     diagonal = ti == tj
     g_base = g_ptr + b64 * stride_gb
-    row_i = offs_i.to(tl.int64) * stride_gt  # (also the bias pass's rows, below)
+    row_i = offs_i.to(tl.int64) * stride_gt
     if USE_TMA and TMA_OK:
         # Hopper's tensor memory accelerator: each chunk one bulk copy by descriptor (no per-element
         # addresses in registers); rows past T and columns past d, p arrive as zeros.
