@@ -92,20 +92,22 @@ def summarize(text: str) -> list[dict]:
             if value is None:
                 continue
             if field == "duration":
-                unit = units.get(metric, "nsecond")
+                unit = units.get(metric)
                 if unit not in scale:
-                    continue  # (a unit not known here: left out rather than misread)
+                    continue  # (a unit absent or not known here: left out rather than misread)
                 field, value = "duration_us", value * scale[unit]
             summary[field] = value
         summary["tensor_pipe_pct"] = {}
         stalls = {}
-        for name, value in row.items():
-            pipe, stall = TENSOR_PIPE.match(name or ""), STALL.match(name or "")
-            if pipe and _number(value) is not None:
+        for name, text in row.items():
+            pipe, stall, value = TENSOR_PIPE.match(name or ""), STALL.match(name or ""), _number(text)
+            if value is None:
+                continue
+            if pipe:
                 summary["tensor_pipe_pct"][pipe.group(1)] = max(summary["tensor_pipe_pct"].get(pipe.group(1), 0.0),
-                                                                 _number(value))
-            if stall and _number(value) is not None and stall.group(1) not in NOT_STALLS:
-                stalls[stall.group(1)] = _number(value)
+                                                                 value)
+            if stall and stall.group(1) not in NOT_STALLS:
+                stalls[stall.group(1)] = value
         summary["top_stalls"] = sorted(stalls.items(), key=lambda item: -item[1])[:3]
         kernels.append(summary)
     return kernels

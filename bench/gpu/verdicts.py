@@ -352,7 +352,7 @@ def engine_check(engine: dict | None) -> list[Verdict]:
     cut = not meta.get("complete", True)
     verdict = "failing" if bad else ("clean so far" if cut else "clean")
     # (shards joined by `check_engine.py --merge` name where each cut shard stopped, and the missing files)
-    where = meta.get("cut_after", [rows[-1]["case"] if rows else "no case"])
+    where = meta.get("cut_after", [rows[-1]["case"]])
     cut_text = (f" (cut by its time limit after {', '.join(where)})" if where else "") + (
         f" ({len(meta['missing'])} shard file(s) missing: {', '.join(meta['missing'])})" if meta.get("missing") else "")
     return [Verdict("engine against torch.func on CUDA (check_engine.json)",
@@ -412,7 +412,7 @@ def hardware_counters(profile: dict | None) -> list[Verdict]:
                 f"{value('registers')} regs, stalls {stalls}")
 
     return [Verdict(f"{name} under ncu, {profile.get('workload', '?')}",
-                    reading(found[name]) + (f"; the GEMM: {reading(found['gemm'])}" if name != "gemm" else ""),
+                    reading(found[name]) + (f"; the GEMM: {reading(found['gemm'])}" if "gemm" in found else ""),
                     "profiled", "read against docs/kernels.md, 'Open questions': what each limit calls for")
             for name in ("instantiate", "ghost", "ghost (no bias)") if name in found]
 
