@@ -41,6 +41,8 @@ from .layers.base import capture_suspended
 from .layers.conv import ConvRule
 from .layers.embedding import EmbeddingBagCall, EmbeddingCall, EmbeddingRule
 from .layers.linear import LinearRule, linear_factors
+from .layers.activation import PReLURule
+from .layers.bilinear import BilinearRule
 from .layers.norm import AffineNormRule
 from .layers.tied import TiedEmbeddingLinear, tied_cross, tied_rows
 
@@ -231,6 +233,16 @@ _CPU_BFLOAT16_HINT = (
     "them, on a float32 input).")
 
 
+#: ``row_views``' mark of an input given as ``[B, T, ...]`` for a ``[T, B, ...]`` one (see _sequences_first_view).
+_SEQUENCES_FIRST = "sequences first"
+
+
+def _has_sequence_dim(x: torch.Tensor) -> bool:
+    """Under ``batch_first=False``, whether ``x`` is laid out ``[T, B, ...]``: ids of 2+ dims, floating
+    tensors of 3+ dims (see GradNormTracker)."""
+    return x.dim() >= (3 if x.is_floating_point() else 2)
+
+
 def _sink(call_ref, on_output_grad, index: int, grad: torch.Tensor):
     """A recorded use's output grad, for its call if the call still exists."""
     call = call_ref()
@@ -262,6 +274,21 @@ class GradNormTracker:
             e.g. from the all-reduced ``.grad`` under DistributedDataParallel (or the
             reduce-scattered shards under FSDP2), where each rank's hooks only see its local
             part; ``stats.batch_grad_sq`` is then None.
+        batch_first: ``True`` (default): samples along dim 0 of the model's first input and of
+            every layer's input. ``False``: the model takes sequences first (``[T, B, ...]``, the
+            layout of ``nn.Transformer`` and the RNNs by default): samples along dim 1 of every
+            tensor that has a sequence dim, which divebatch reads from the rank, as Opacus'
+            ``batch_first=False`` does: integer ids of 2+ dims and floating tensors of 3+ dims into
+            a Linear, LayerNorm, RMSNorm or Embedding (each is called on its input viewed
+            ``[B, T, ...]`` and its output is made ``[T, B, ...]`` again: one copy of the output),
+            and the model's first input. A tensor with no sequence dim (a pooled ``[B, d]`` into
+            a head) keeps samples in dim 0, as do convolutions, batch and group norms and
+            ``EmbeddingBag`` (always ``[B, C, ...]``); ``nn.MultiheadAttention`` and the RNNs follow
+            their own ``batch_first``. Any other module with parameters given a tensor with a
+            sequence dim must say where its samples are with a ``batch_first`` attribute, or it is
+            refused: its rule could not tell ``[T, B, d]`` from ``[B, C, L]``. Rows merged from a
+            ``[T, B, ...]`` tensor (``x.view(T * B, d)``) are refused (keep the leading dims). With
+            ``True`` such models are refused where T != B and would be misread where T == B.
         verify_every: on the first tracked backward and every ``verify_every``-th after it (0:
             the first only), check that each parameter's gradient is fully accounted for by its
             module's forward calls: the rules form the gradient of their calls (summed over
@@ -288,10 +315,15 @@ class GradNormTracker:
     """
 
     def __init__(self, model: nn.Module, loss_reduction: str | float = "mean", *, enabled: bool = True,
-                 fused: bool = True, track_batch_grad: bool = True, verify_every: int = 1000):
+                 fused: bool = True, track_batch_grad: bool = True, verify_every: int = 1000,
+                 batch_first: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradNormTracker needs an nn.Module, got {type(model).__name__}")
+        if not isinstance(batch_first, bool):
+            raise TypeError(f"batch_first={batch_first!r}: pass True (samples in dim 0) or False (sequences "
+                            "first: samples in dim 1 of [T, B, ...] tensors)")
         self.model = model
+        self.batch_first = batch_first
         self.loss_reduction = loss_reduction
         self.track_batch_grad = bool(track_batch_grad)
         if isinstance(verify_every, bool) or not isinstance(verify_every, int) or verify_every < 0:
@@ -490,7 +522,13 @@ class GradNormTracker:
                 for hook, kwargs in hooks:
                     self._handles.append(owner.module.register_forward_hook(hook, **kwargs))
             for alias in owner.aliases:
+                if not self.batch_first:  # (an Embedding sharing the owner's weight: [T, B] ids as the owner's)
+                    self._handles.append(alias.register_forward_pre_hook(partial(self._on_rows_pre_forward, owner),
+                                                                         prepend=True))
                 self._handles.append(alias.register_forward_hook(partial(self._on_forward, owner), with_kwargs=True))
+                if not self.batch_first:
+                    self._handles.append(alias.register_forward_hook(partial(self._on_rows_forward, owner),
+                                                                     always_call=True))
             for name, p in owner.tracked.items():
                 if id(p) in hooked:  # a tied weight: autograd hands its summed gradient to one hook
                     continue
@@ -528,21 +566,25 @@ class GradNormTracker:
 
     @torch.compiler.disable
     def _on_model_pre_forward(self, module, args, kwargs):
-        # The shape of the model's first tensor input: its dim 0 is the samples (see _close_record).
+        # The shape of the model's first tensor input, its samples' dim first (see _close_record).
         if capture_suspended() or not torch.is_grad_enabled() or _inside_functorch():
             self._input_batch = None  # (a reference's per-sample call: no forward of the tracker's)
             return None
         inputs = _tensors((args, kwargs))
         self._model_input_shape = tuple(inputs[0].shape) if inputs else None
+        sequence_first = bool(inputs) and not self.batch_first and _has_sequence_dim(inputs[0])
+        if sequence_first:  # ([T, B, ...]: the samples' dim first, as everywhere below)
+            shape = self._model_input_shape
+            self._model_input_shape = (shape[1], shape[0], *shape[2:])
         self._model_inputs = inputs  # (until the forward ends: ids merged from them, see _input_rows)
         if (inputs and inputs[0].dim() > 2 and not inputs[0].is_floating_point() and self._ids_follower is None
-                and self._looks_up_ids and not _called_from_compiled_code()):
+                and self.batch_first and self._looks_up_ids and not _called_from_compiled_code()):
             # [B, C, T] ids (a multiple-choice head): the ids computed from their merged rows are
             # followed too (RoBERTa's position ids), until the forward ends. Only for an Embedding to
             # look up: a recommender's [B, features, L] bags need no torch-function mode on every op.
             self._ids_follower = MergedIdsFollower(self._merged_input_rows)
             self._ids_follower.__enter__()
-        self._input_batch = inputs[0].shape[0] if inputs and inputs[0].dim() > 0 else None
+        self._input_batch = self._model_input_shape[0] if inputs and inputs[0].dim() > 0 else None
         if self._input_batch:
             # This forward's batch, before its first tracked call (not the previous forward's: an
             # epoch's last, smaller batch would meet a stale size).
@@ -568,6 +610,8 @@ class GradNormTracker:
         if (not isinstance(x, torch.Tensor) or capture_suspended() or not torch.is_grad_enabled()
                 or _inside_functorch()):
             return None
+        if not self.batch_first:
+            return self._sequences_first_view(owner, x, args)
         if (self._input_batch == 1 and x.dim() > 0 and x.shape[0] > 1 and not _called_from_compiled_code()
                 and (not x.is_floating_point() or (x.grad_fn is not None and not self._follows(x)))):
             # One sample: every row is its own (T5's [q, k] buckets, a window's rows); not a table's
@@ -593,6 +637,23 @@ class GradNormTracker:
         owner.row_views.append((view, x.shape[0], len(lead), x.shape))
         return (view, *args[1:])
 
+    def _sequences_first_view(self, owner: _Owner, x: torch.Tensor, args: tuple) -> tuple | None:
+        """Under ``batch_first=False``: a Linear, LayerNorm, RMSNorm or Embedding given a ``[T, B, ...]``
+        input is called on it viewed ``[B, T, ...]`` (the same numbers: each row is mapped on its
+        own), so every other hook, the fused forward and the rule see samples first, as always;
+        ``_on_rows_forward`` makes the output ``[T, B, ...]`` again. A batch norm takes ``[B, C, ...]``;
+        flattened rows (``[T*B, d]``) are left as they are, and the batch check refuses them."""
+        rule = owner.rule
+        if not (rule.rows_independent or isinstance(rule, EmbeddingRule)) or not _has_sequence_dim(x):
+            return None
+        if isinstance(rule, AffineNormRule):  # (two leading dims besides the normalised ones)
+            normalised = next(iter(owner.tracked.values())).dim()
+            if x.dim() - normalised < 2:
+                return None
+        view = x.transpose(0, 1)
+        owner.row_views.append((view, None, _SEQUENCES_FIRST, x.shape))
+        return (view, *args[1:])
+
     @torch.compiler.disable
     def _on_rows_forward(self, owner: _Owner, module, args, output):
         if not (owner.row_views and args and owner.row_views[-1][0] is args[0]):
@@ -600,6 +661,9 @@ class GradNormTracker:
         _, rows, n_lead, shape = owner.row_views.pop()
         if not isinstance(output, torch.Tensor):
             return None
+        if n_lead is _SEQUENCES_FIRST:
+            # Laid out as the layer's own output on [T, B, ...] would be (code after it may view it).
+            return output.transpose(0, 1).contiguous()
         if n_lead is None:  # a shared lookup of ids expanded over the rows (see _on_rows_pre_forward)
             watcher = self._watchers[-1] if self._watchers and self._watchers[-1].output is output else None
             if watcher is None:
@@ -828,6 +892,8 @@ class GradNormTracker:
         leaves = [t for t in _tensors(output) if t.requires_grad]
         if not leaves:  # e.g. frozen layer on a no-grad input: nothing will flow back
             return None
+        if not self.batch_first:
+            self._refuse_unknown_sample_dim(owner, args, kwargs)
         separated = None
         if owner.rule is GENERIC and len(leaves) > 1:
             separated = _separate_outputs(output, args, kwargs)
@@ -937,6 +1003,29 @@ class GradNormTracker:
         elif not call.unbatched:
             self._last_batch = batch_size
         return separated
+
+    @staticmethod
+    def _refuse_unknown_sample_dim(owner: _Owner, args: tuple, kwargs: dict) -> None:
+        """Under ``batch_first=False``: a module whose rule takes samples from dim 0 whatever the
+        layout (the generic route, Bilinear, PReLU), given a tensor with a sequence dim, which may
+        be ``[T, B, d]`` as well as ``[B, C, L]``: refused unless the module says where its samples
+        are with a ``batch_first`` attribute (the generic route reads it; the others take dim 0)."""
+        module = owner.module
+        if not (owner.rule is GENERIC or isinstance(owner.rule, (BilinearRule, PReLURule))):
+            return
+        declared = getattr(module, "batch_first", None)
+        if declared is True or (declared is False and owner.rule is GENERIC):
+            return
+        first = next((x for x in _tensors((args, kwargs)) if x.dim() > 0), None)
+        if first is None or not _has_sequence_dim(first):
+            return
+        fix = ("set `module.batch_first = False` if its samples are in dim 1 ([T, B, ...]), True if in dim 0"
+               if owner.rule is GENERIC else
+               "give it its input as [B, ...] (transpose(0, 1) around it) and set `module.batch_first = True`")
+        raise ValueError(
+            f"module '{owner.name}' ({type(module).__name__}) got a tensor of shape {list(first.shape)} while the "
+            "tracker was created with batch_first=False, and nothing says whether its samples are in dim 0 or in "
+            f"dim 1 (a [T, B, d] sequence or a [B, C, L] map look alike): {fix}.")
 
     def _expand_shared_compiled_output(self, call: _Call, output, leaves: list) -> torch.Tensor | None:
         """Under torch.compile, an ``nn.Embedding`` looked up with ids ``[1, T]`` shared by all
@@ -1075,8 +1164,11 @@ class GradNormTracker:
         to the end of the tracked model's forward, hooking the ops that broadcast it; where they
         account for the whole output grad, the call takes the per-sample grads (an Embedding's
         indices, a Linear's input expanded to B rows; a generic-route module replays each sample with
-        its own output grad). Not where every call so far had one sample (batches of 1 need none of this)."""
-        if output.dim() < 2:
+        its own output grad). Not where every call so far had one sample (batches of 1 need none of this),
+        nor under ``batch_first=False``: a watcher reads the samples of the tensors the output meets
+        from their dim 0, which there may be the sequence's (the call keeps its batch of 1, refused
+        by the batch check with a hint)."""
+        if output.dim() < 2 or not self.batch_first:
             return
         if _called_from_compiled_code():
             call.refusal = _compiled_shared_output_hint
@@ -1333,11 +1425,22 @@ class GradNormTracker:
                 hint = ""
                 if call.refusal is not None:
                     hint = call.refusal()
+                elif 1 in (call.batch_size, step.batch_size) and not self.batch_first:
+                    # (the watchers that follow a shared output to its broadcast read samples in dim 0)
+                    hint = (" A batch of 1 is usually an input shared by all samples whose output is broadcast "
+                            "over the batch later (e.g. position ids of shape [T, 1]): broadcasting sums the "
+                            "samples' gradients before the module sees them. With batch_first=False, give it one "
+                            "column per sample, e.g. position_ids=torch.arange(T)[:, None].expand(T, B).")
                 elif 1 in (call.batch_size, step.batch_size):
                     hint = (" A batch of 1 is usually an input shared by all samples whose output is broadcast "
                             "over the batch later (e.g. position ids of shape [1, T]): broadcasting sums the "
                             "samples' gradients before the module sees them. Give it one row per sample, e.g. "
                             "position_ids=torch.arange(T).expand(B, T).")
+                elif not self.batch_first:
+                    hint = (" With batch_first=False, the samples are dim 1 of tensors with a sequence dim and dim 0 "
+                            "of the others, and rows merged from a [T, B, ...] tensor (x.view(T * B, d)) are not "
+                            "followed: keep the leading dims into Linear/LayerNorm/Embedding layers, and see "
+                            "GradNormTracker's batch_first.")
                 elif call.batch_size > step.batch_size and call.batch_size % step.batch_size == 0:
                     hint = (f" {call.batch_size} = {step.batch_size} x {call.batch_size // step.batch_size}: were "
                             "samples and tokens flattened into rows? Rows are assigned to samples only for a "

@@ -1,0 +1,242 @@
+"""Models that take sequences first (``[T, B, ...]``, ``nn.Transformer``'s and the RNNs' default
+layout), tracked with ``GradNormTracker(model, batch_first=False)``: exact against torch.func
+per-sample gradients over dim 1, also where T == B (which no batch-size check can tell apart);
+what the tracker cannot place is refused with an error that says what to do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from divebatch import GradNormTracker
+
+from .oracle import reference_norms, rel_err
+
+RTOL = 1e-5
+VOCAB = 11
+
+
+class EncoderClassifier(nn.Module):
+    """``nn.TransformerEncoderLayer`` (batch_first=False) on ``[T, B, d]``, mean-pooled into a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.layer(x).mean(0))
+
+
+class RecurrentLM(nn.Module):
+    """PyTorch's word_language_model layout: ``[T, B]`` ids, a sequence-first LSTM, a decoder whose
+    ``[T, B, V]`` output is viewed ``[T*B, V]`` (so the tracked output must stay contiguous)."""
+
+    def __init__(self, tied=False):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.rnn = nn.LSTM(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.decoder = nn.Linear(8, VOCAB)
+        if tied:
+            self.decoder.weight = self.embed.weight
+
+    def forward(self, ids):
+        out, _ = self.rnn(self.embed(ids))
+        return self.decoder(self.norm(out)).view(-1, VOCAB)
+
+
+class TransformerLM(nn.Module):
+    """``nn.Transformer`` (encoder and decoder, causal mask) on embedded ``[T, B]`` ids."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.transformer = nn.Transformer(8, 2, 1, 1, 16, dropout=0.0)
+        self.head = nn.Linear(8, VOCAB)
+
+    def forward(self, ids):
+        src = self.embed(ids)
+        mask = nn.Transformer.generate_square_subsequent_mask(ids.shape[0])
+        return self.head(self.transformer(src, src, tgt_mask=mask))
+
+
+class ConvFrontEnd(nn.Module):
+    """A ``[B, C, L]`` convolution (samples in dim 0, as always) feeding a sequence-first encoder."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 8, 3, padding=1)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+        self.head = nn.Linear(8, VOCAB)
+
+    def forward(self, x):
+        return self.head(self.layer(self.conv(x).permute(2, 0, 1)))
+
+
+class LearnedPositions(nn.Module):
+    """A parameter added to ``[T, B, d]`` (generic route): its layout is declared by ``batch_first``."""
+
+    def __init__(self, length, batch_first=None):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(length, 1, 8))
+        if batch_first is not None:
+            self.batch_first = batch_first
+
+    def forward(self, x):
+        return x + self.table[: x.shape[0]]
+
+
+class PositionedLM(nn.Module):
+    def __init__(self, length, batch_first=None):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.positions = LearnedPositions(length, batch_first)
+        self.head = nn.Linear(8, VOCAB)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.positions(self.embed(ids))))
+
+
+def class_loss(out, y):
+    return F.cross_entropy(out, y, reduction="sum")
+
+
+def token_loss(out, y):
+    """``out``: ``[T, B, V]`` or ``[T*B, V]`` (time-major rows); ``y``: ``[B, T]`` targets."""
+    return F.cross_entropy(out.reshape(-1, VOCAB), y.transpose(0, 1).reshape(-1), reduction="sum")
+
+
+def make(name, T, B, gen):
+    ids = torch.randint(0, VOCAB, (T, B), generator=gen)
+    tokens = torch.randint(0, VOCAB, (B, T), generator=gen)
+    if name == "encoder-classifier":
+        return EncoderClassifier(), torch.randn(T, B, 8, generator=gen), torch.randint(0, 3, (B,), generator=gen), class_loss
+    if name == "conv-front-end":
+        return ConvFrontEnd(), torch.randn(B, 3, T, generator=gen), tokens, token_loss
+    model = {"recurrent-lm": RecurrentLM, "recurrent-lm-tied": lambda: RecurrentLM(tied=True),
+             "transformer-lm": TransformerLM, "learned-positions": lambda: PositionedLM(T, batch_first=False)}[name]()
+    return model, ids, tokens, token_loss
+
+
+def check(model, x, y, loss, fused=True, batch_dim=1):
+    ref, _, ref_batch = reference_norms(model, loss, x, y, batch_dim=batch_dim)
+    with GradNormTracker(model, "sum", fused=fused, batch_first=False) as tracker:
+        model.zero_grad()
+        loss(model(x), y).backward()
+        stats = tracker.collect()
+    assert stats.per_sample.shape == ref.shape
+    assert rel_err(stats.per_sample, ref) < RTOL
+    assert rel_err(stats.batch_grad_sq, ref_batch) < RTOL
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("T", [5, 4], ids=["T!=B", "T==B"])
+@pytest.mark.parametrize("name", ["encoder-classifier", "recurrent-lm", "recurrent-lm-tied", "transformer-lm",
+                                  "conv-front-end", "learned-positions"])
+def test_sequence_first_models_match_torch_func(name, T, fused):
+    torch.manual_seed(0)
+    model, x, y, loss = make(name, T, 4, torch.Generator().manual_seed(1))
+    check(model, x, y, loss, fused, batch_dim=0 if name == "conv-front-end" else 1)
+
+
+@settings(max_examples=12, deadline=None)
+@given(T=st.integers(1, 6), B=st.integers(1, 5), hidden=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_sequence_first_row_layers_any_shape(T, B, hidden, seed):
+    """Embedding -> Linear -> RMSNorm -> Linear on [T, B] ids, any T and B (equal or not, B = 1)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Embedding(VOCAB, 6), nn.Linear(6, hidden), nn.Tanh(), nn.RMSNorm(hidden),
+                          nn.Linear(hidden, VOCAB))
+    gen = torch.Generator().manual_seed(seed)
+    check(model, torch.randint(0, VOCAB, (T, B), generator=gen), torch.randint(0, VOCAB, (B, T), generator=gen),
+          token_loss)
+
+
+def test_tracked_output_is_laid_out_as_the_plain_one():
+    """Each sequence-first layer runs on its input viewed [B, T, ...]: the model's output (values, to
+    rounding: the products run on rows in another order, and strides) and its gradients must be
+    those of the untracked model."""
+    torch.manual_seed(0)
+    model, ids, tokens, loss = make("recurrent-lm", 5, 4, torch.Generator().manual_seed(1))
+    plain = model(ids)
+    loss(plain, tokens).backward()
+    plain_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with GradNormTracker(model, "sum", batch_first=False) as tracker:
+        tracked = model(ids)
+        loss(tracked, tokens).backward()
+        tracker.collect()
+    assert tracked.stride() == plain.stride()
+    torch.testing.assert_close(tracked, plain, rtol=1e-5, atol=1e-6)
+    for p, g in zip(model.parameters(), plain_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+
+
+def test_default_layout_refuses_a_sequence_first_model():
+    """Without batch_first=False, [T, B] ids with T != B meet the LSTM's own B: refused, naming the
+    mismatch (where T == B nothing could tell, which is why the option exists)."""
+    model, ids, tokens, loss = make("recurrent-lm", 5, 4, torch.Generator().manual_seed(1))
+    with GradNormTracker(model, "sum") as tracker:
+        with pytest.raises(ValueError, match="saw a batch of"):
+            loss(model(ids), tokens).backward()
+            tracker.collect()
+
+
+def test_module_with_unknown_layout_is_refused_until_declared():
+    model = PositionedLM(5)
+    gen = torch.Generator().manual_seed(1)
+    ids, tokens = torch.randint(0, VOCAB, (5, 4), generator=gen), torch.randint(0, VOCAB, (4, 5), generator=gen)
+    with GradNormTracker(model, "sum", batch_first=False):
+        with pytest.raises(ValueError, match=r"'positions'.*batch_first = False"):
+            model(ids)
+    model.positions.batch_first = False
+    check(model, ids, tokens, token_loss)
+
+
+def test_bilinear_on_a_sequence_is_refused():
+    bilinear = nn.Bilinear(4, 4, 2)
+    with GradNormTracker(bilinear, "sum", batch_first=False):
+        with pytest.raises(ValueError, match=r"Bilinear.*\[B, \.\.\.\]"):
+            bilinear(torch.randn(5, 3, 4), torch.randn(5, 3, 4))
+
+
+class Flattened(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.head = nn.Linear(8, VOCAB)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids).view(-1, 8))
+
+
+class SharedPositions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.positions = nn.Embedding(8, 8)
+        self.head = nn.Linear(8, VOCAB)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids) + self.positions(torch.arange(ids.shape[0])[:, None]))
+
+
+@pytest.mark.parametrize("model,match", [(Flattened, r"x\.view\(T \* B, d\)"), (SharedPositions, r"expand\(T, B\)")],
+                         ids=["flattened-rows", "shared-position-ids"])
+def test_what_cannot_be_placed_is_refused_with_a_hint(model, match):
+    model = model()
+    gen = torch.Generator().manual_seed(1)
+    ids, tokens = torch.randint(0, VOCAB, (5, 4), generator=gen), torch.randint(0, VOCAB, (4, 5), generator=gen)
+    with GradNormTracker(model, "sum", batch_first=False) as tracker:
+        with pytest.raises(ValueError, match=match):
+            token_loss(model(ids), tokens).backward()
+            tracker.collect()
+
+
+def test_batch_first_must_be_a_bool():
+    with pytest.raises(TypeError, match="batch_first=1"):
+        GradNormTracker(nn.Linear(2, 2), batch_first=1)
