@@ -36,7 +36,7 @@ from . import _fsdp
 from ._norms import SquaredNormSum, squared_distance, squared_norm
 from .layers import GENERIC, LayerRule, RoutePlan, rule_for
 from .layers.generic import DirectUseRecorder, SharedOutputWatcher, SharedOutputWatchers, usable_direct_uses
-from .layers.rows import MergedIdsFollower, flattened_samples, row_samples
+from .layers.rows import MergedIdsFollower, flattened_samples, row_samples, sequences_first_view
 from .layers.base import capture_suspended
 from .layers.conv import ConvRule
 from .layers.embedding import EmbeddingBagCall, EmbeddingCall, EmbeddingRule
@@ -280,8 +280,9 @@ class GradNormTracker:
             tensor that has a sequence dim, which divebatch reads from the rank, as Opacus'
             ``batch_first=False`` does: integer ids of 2+ dims and floating tensors of 3+ dims into
             a Linear, LayerNorm, RMSNorm or Embedding (each is called on its input viewed
-            ``[B, T, ...]`` and its output is made ``[T, B, ...]`` again: one copy of the output),
-            and the model's first input. A tensor with no sequence dim (a pooled ``[B, d]`` into
+            ``[B, T, ...]`` and its output is made ``[T, B, ...]`` and contiguous again: a copy,
+            except for the fused Linear, which multiplies the rows in their stored order), and
+            the model's first input. A tensor with no sequence dim (a pooled ``[B, d]`` into
             a head) keeps samples in dim 0, as do convolutions, batch and group norms and
             ``EmbeddingBag`` (always ``[B, C, ...]``); ``nn.MultiheadAttention`` and the RNNs follow
             their own ``batch_first``. Any other module with parameters given a tensor with a
@@ -650,7 +651,7 @@ class GradNormTracker:
             normalised = next(iter(owner.tracked.values())).dim()
             if x.dim() - normalised < 2:
                 return None
-        view = x.transpose(0, 1)
+        view = sequences_first_view(x)
         owner.row_views.append((view, None, _SEQUENCES_FIRST, x.shape))
         return (view, *args[1:])
 
@@ -662,7 +663,8 @@ class GradNormTracker:
         if not isinstance(output, torch.Tensor):
             return None
         if n_lead is _SEQUENCES_FIRST:
-            # Laid out as the layer's own output on [T, B, ...] would be (code after it may view it).
+            # Laid out as the layer's own output on [T, B, ...] would be (code after it may view it); no
+            # copy where the layer computed in that order (the fused Linear, see _FusedLinear).
             return output.transpose(0, 1).contiguous()
         if n_lead is None:  # a shared lookup of ids expanded over the rows (see _on_rows_pre_forward)
             watcher = self._watchers[-1] if self._watchers and self._watchers[-1].output is output else None

@@ -5,6 +5,9 @@ what the tracker cannot place is refused with an error that says what to do."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,6 +33,19 @@ class EncoderClassifier(nn.Module):
 
     def forward(self, x):
         return self.head(self.layer(x).mean(0))
+
+
+class ReusedLinear(nn.Module):
+    """One Linear called twice on ``[T, B, d]`` (its calls combined before squaring: the fused
+    backward then leaves the weight gradient to the plain product, on time-major rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.mix(torch.tanh(self.mix(x))).mean(0))
 
 
 class RecurrentLM(nn.Module):
@@ -116,6 +132,8 @@ def make(name, T, B, gen):
     tokens = torch.randint(0, VOCAB, (B, T), generator=gen)
     if name == "encoder-classifier":
         return EncoderClassifier(), torch.randn(T, B, 8, generator=gen), torch.randint(0, 3, (B,), generator=gen), class_loss
+    if name == "reused-linear":
+        return ReusedLinear(), torch.randn(T, B, 8, generator=gen), torch.randint(0, 3, (B,), generator=gen), class_loss
     if name == "conv-front-end":
         return ConvFrontEnd(), torch.randn(B, 3, T, generator=gen), tokens, token_loss
     model = {"recurrent-lm": RecurrentLM, "recurrent-lm-tied": lambda: RecurrentLM(tied=True),
@@ -136,7 +154,7 @@ def check(model, x, y, loss, fused=True, batch_dim=1):
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
 @pytest.mark.parametrize("T", [5, 4], ids=["T!=B", "T==B"])
-@pytest.mark.parametrize("name", ["encoder-classifier", "recurrent-lm", "recurrent-lm-tied", "transformer-lm",
+@pytest.mark.parametrize("name", ["encoder-classifier", "reused-linear", "recurrent-lm", "recurrent-lm-tied", "transformer-lm",
                                   "conv-front-end", "learned-positions"])
 def test_sequence_first_models_match_torch_func(name, T, fused):
     torch.manual_seed(0)
@@ -156,24 +174,55 @@ def test_sequence_first_row_layers_any_shape(T, B, hidden, seed):
           token_loss)
 
 
-def test_tracked_output_is_laid_out_as_the_plain_one():
-    """Each sequence-first layer runs on its input viewed [B, T, ...]: the model's output (values, to
-    rounding: the products run on rows in another order, and strides) and its gradients must be
-    those of the untracked model."""
+class NormedInput(nn.Module):
+    """A LayerNorm (its input gradient comes back through the [B, T, d] view) and a Linear; the
+    strides of the gradient reaching the op before the LayerNorm are kept in ``grad_strides``."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+        self.grad_strides = []
+
+    def forward(self, x):
+        h = torch.tanh(x)
+        h.register_hook(lambda grad: self.grad_strides.append(grad.stride()))
+        return self.head(self.norm(h)).sum(0)
+
+
+@pytest.mark.parametrize("name", ["recurrent-lm", "reused-linear", "normed-input"])
+def test_tracked_step_is_laid_out_as_the_plain_one(name):
+    """Each sequence-first layer runs on its input viewed [B, T, ...]: the model's output and the
+    gradients of the parameters and of a float input must be the untracked model's (to rounding),
+    and the output and the gradient reaching the op before a layer must have its strides (code
+    after a layer may view its output; an elementwise backward on a transposed gradient runs
+    several times slower)."""
     torch.manual_seed(0)
-    model, ids, tokens, loss = make("recurrent-lm", 5, 4, torch.Generator().manual_seed(1))
-    plain = model(ids)
-    loss(plain, tokens).backward()
-    plain_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    with GradNormTracker(model, "sum", batch_first=False) as tracker:
-        tracked = model(ids)
-        loss(tracked, tokens).backward()
-        tracker.collect()
-    assert tracked.stride() == plain.stride()
-    torch.testing.assert_close(tracked, plain, rtol=1e-5, atol=1e-6)
-    for p, g in zip(model.parameters(), plain_grads):
-        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+    if name == "normed-input":
+        gen = torch.Generator().manual_seed(1)
+        model, x, y, loss = NormedInput(), torch.randn(5, 4, 8, generator=gen), torch.randint(0, 3, (4,), generator=gen), class_loss
+    else:
+        model, x, y, loss = make(name, 5, 4, torch.Generator().manual_seed(1))
+    runs = []
+    for tracked in (False, True):
+        model.zero_grad()
+        inputs = x.clone().requires_grad_() if x.is_floating_point() else x
+        with GradNormTracker(model, "sum", batch_first=False, enabled=tracked) as tracker:
+            out = model(inputs)
+            loss(out, y).backward()
+            if tracked:
+                tracker.collect()
+        runs.append((out, [p.grad.clone() for p in model.parameters()], inputs.grad))
+    (plain, plain_grads, plain_input_grad), (out, grads, input_grad) = runs
+    assert out.stride() == plain.stride()
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-6)
+    for g, ref in zip(grads, plain_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-6)
+    if plain_input_grad is not None:
+        torch.testing.assert_close(input_grad, plain_input_grad, rtol=1e-5, atol=1e-6)
+    if name == "normed-input":
+        plain_strides, tracked_strides = model.grad_strides
+        assert tracked_strides == plain_strides
 
 
 def test_default_layout_refuses_a_sequence_first_model():
@@ -240,3 +289,36 @@ def test_what_cannot_be_placed_is_refused_with_a_hint(model, match):
 def test_batch_first_must_be_a_bool():
     with pytest.raises(TypeError, match="batch_first=1"):
         GradNormTracker(nn.Linear(2, 2), batch_first=1)
+
+
+def test_sequence_first_model_under_torch_compile():
+    """The tracked modules run eagerly under compile (graph breaks); their views to [B, T, ...] and
+    back are made there too, so the compiled step gives the eager numbers, twice (cached graphs)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, ids, tokens, loss = make("transformer-lm", 5, 4, torch.Generator().manual_seed(1))
+    ref, _, ref_batch = reference_norms(model, loss, ids, tokens, batch_dim=1)
+    compiled = torch.compile(model)
+    try:
+        with GradNormTracker(model, "sum", batch_first=False) as tracker:
+            for _ in range(2):
+                model.zero_grad()
+                loss(compiled(ids), tokens).backward()
+                stats = tracker.collect()
+                assert rel_err(stats.per_sample, ref) < RTOL
+                assert rel_err(stats.batch_grad_sq, ref_batch) < RTOL
+    finally:
+        torch._dynamo.reset()
+
+
+def test_benchmark_compares_the_layouts_on_the_same_samples(tmp_path, monkeypatch):
+    """``bench/sequence_first.py`` (one short round): both layouts' rows and per-sample norms that agree."""
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("sequence_first_bench", bench / "sequence_first.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--reps", "1", "--rounds", "1", "--out", str(tmp_path / "report.md")])
+    report = (tmp_path / "report.md").read_text()
+    assert "| batch first |" in report and "| sequence first |" in report
+    assert float(report.rsplit("agree to ", 1)[1]) < 1e-5

@@ -17,6 +17,7 @@ from .. import ops
 from . import routes
 from .base import LayerRule, RoutePlan, batched_input, fused_sink_grads, register
 from .routes import MAX_EXTRA_BYTES, linear_route, linear_route_name
+from .rows import is_time_major_view
 
 
 def linear_factors(calls) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,6 +157,8 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias, sink) -> torch.Ten
     ``nn.Linear``.
     """
     out = _FusedLinear.apply(x, weight, bias, sink)
+    if is_time_major_view(x):  # (the product of the stored [T, B, ...] rows, see _FusedLinear)
+        return out.view(x.shape[1], x.shape[0], *x.shape[2:-1], out.shape[-1]).transpose(0, 1)
     return out if out.dim() == x.dim() else out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -167,6 +170,10 @@ class _FusedLinear(torch.autograd.Function):
     not repeated. ``sink(x, g)`` (from the tracker) returns ``(grad_weight, grad_bias)``, or
     ``(None, None)`` when it wants the plain gradients (e.g. a module called several times).
     Returns ``F.linear``'s output, or the 2-D product it is a view of (see ``fused_linear``).
+
+    A ``[B, T, ...]`` view of a sequence-first ``[T, B, ...]`` input (``is_time_major_view``) is
+    multiplied in its stored row order, so neither it nor the output is copied: the product holds
+    the ``[T, B, ...]`` rows, and its gradient and the input's stay time-major too.
     """
 
     @staticmethod
@@ -174,20 +181,27 @@ class _FusedLinear(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.sink = sink
         ctx.has_bias = bias is not None
-        out = F.linear(x, weight, bias)
+        ctx.time_major = is_time_major_view(x)
+        out = F.linear(x.transpose(0, 1) if ctx.time_major else x, weight, bias)
         base = out._base
         return base if base is not None and base.numel() == out.numel() and base.is_contiguous() else out
 
     @staticmethod
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
-        g = g.reshape(*x.shape[:-1], g.shape[-1])  # the product's grad, as the [B, T, p] output's
-        grad_x = g.matmul(weight) if ctx.needs_input_grad[0] else None
+        if ctx.time_major:  # the product's rows are [T, B, ...]: its grad viewed as the [B, T, p] output's
+            rows = g.reshape(x.shape[1], x.shape[0], *x.shape[2:-1], g.shape[-1])
+            g = rows.transpose(0, 1)
+            grad_x = rows.matmul(weight).transpose(0, 1) if ctx.needs_input_grad[0] else None
+        else:
+            g = g.reshape(*x.shape[:-1], g.shape[-1])  # the product's grad, as the [B, T, p] output's
+            grad_x = g.matmul(weight) if ctx.needs_input_grad[0] else None
         grad_w, grad_b = fused_sink_grads(ctx.sink, x, g)
         if grad_w is None and ctx.needs_input_grad[1]:
-            grad_w = g.reshape(-1, g.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
+            x2, g2 = row_matrices(x, g)
+            grad_w = g2.t().matmul(x2)
         if grad_b is None and ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g.reshape(-1, g.shape[-1]).sum(dim=0)
+            grad_b = (rows if ctx.time_major else g).reshape(-1, g.shape[-1]).sum(dim=0)
         return grad_x, grad_w, grad_b, None
 
 

@@ -78,6 +78,41 @@ _SHARED: contextvars.ContextVar[tuple] = contextvars.ContextVar("divebatch_share
 _MAX_NODES = 160
 
 
+class _SamplesFirst(torch.autograd.Function):
+    """``x [T, B, ...]`` as ``[B, T, ...]`` (a view), whose gradient goes back contiguous in
+    ``[T, B, ...]``, as the layers before it produced theirs: an elementwise backward (GELU's) on a
+    transposed gradient ran 3.4x slower here (``bench/sequence_first.py``). Free where the layer's
+    input gradient is already stored time-major (the fused Linear's, see ``_FusedLinear``)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.transpose(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.transpose(0, 1).contiguous()
+
+
+#: The attribute that marks a ``sequences_first_view`` (see ``is_time_major_view``).
+_TIME_MAJOR = "_divebatch_time_major"
+
+
+def sequences_first_view(x: torch.Tensor) -> torch.Tensor:
+    """``x [T, B, ...]`` (under ``GradNormTracker(batch_first=False)``) as the ``[B, T, ...]`` input a
+    tracked row-wise layer is called on, marked so that the fused Linear computes in ``x``'s own
+    row order (``is_time_major_view``)."""
+    view = _SamplesFirst.apply(x) if x.requires_grad else x.transpose(0, 1)
+    setattr(view, _TIME_MAJOR, True)
+    return view
+
+
+def is_time_major_view(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a ``sequences_first_view`` of a tensor stored contiguous: a row-wise product
+    may then be computed on the stored ``[T, B, ...]`` rows and viewed ``[B, T, ...]``, which the
+    tracker turns back into that contiguous ``[T, B, ...]`` without a copy."""
+    return getattr(x, _TIME_MAJOR, False) and x.transpose(0, 1).is_contiguous()
+
+
 def flattened_samples(x: torch.Tensor, shared: frozenset = frozenset(),
                       batch: int | None = None) -> tuple[int, ...] | None:
     """``(B, N // B)``: the samples whose rows, sample-major, make ``x``'s ``N`` rows, or None.
