@@ -322,3 +322,24 @@ def test_benchmark_compares_the_layouts_on_the_same_samples(tmp_path, monkeypatc
     report = (tmp_path / "report.md").read_text()
     assert "| batch first |" in report and "| sequence first |" in report
     assert float(report.rsplit("agree to ", 1)[1]) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_sequence_first_model_on_every_backend(backend, monkeypatch):
+    """The operators get [B, T, ...] views of time-major rows (strided): each backend's numbers are
+    the reference's (Triton under its interpreter here)."""
+    from divebatch import ops
+
+    if not (ops.CPP_AVAILABLE if backend == "cpp" else ops.TRITON_AVAILABLE):
+        pytest.skip(f"the {backend} backend is not available here")
+    per_layer = {}
+    for name in ("reference", backend):
+        monkeypatch.setenv("DIVEBATCH_BACKEND", name)
+        torch.manual_seed(0)
+        model, ids, tokens, loss = make("transformer-lm", 5, 3, torch.Generator().manual_seed(1))
+        with GradNormTracker(model, "sum", batch_first=False) as tracker:
+            loss(model(ids), tokens).backward()
+            per_layer[name] = tracker.collect().per_layer
+    assert set(per_layer[backend]) == set(per_layer["reference"])
+    for layer, expected in per_layer["reference"].items():
+        assert rel_err(per_layer[backend][layer], expected) <= 1e-5, layer
