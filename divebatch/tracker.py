@@ -345,6 +345,9 @@ class GradNormTracker:
         self._hooked_stand_ins: set[int] = set()  # FSDP2's unsharded parameters, see _on_unsharded
         self._last: GradNormStats | None = None
         self._uncollected = 0  # backwards closed since the last collect()
+        # Where the tracked model's forwards since the last backward read their first input (see
+        # _refuse_parts_of_one_batch): (storage address, dim-0 stride, first row).
+        self._model_calls: list[tuple[int, int, int]] = []
         self._last_plans: dict[str, RoutePlan] = {}
         self._error: Exception | None = None
         self._watchers: list[SharedOutputWatcher] = []  # following their outputs (see _watch_shared_output)
@@ -578,6 +581,8 @@ class GradNormTracker:
             shape = self._model_input_shape
             self._model_input_shape = (shape[1], shape[0], *shape[2:])
         self._model_inputs = inputs  # (until the forward ends: ids merged from them, see _input_rows)
+        if inputs and inputs[0].dim() > 0 and not sequence_first:
+            self._refuse_parts_of_one_batch(inputs[0])
         if (inputs and inputs[0].dim() > 2 and not inputs[0].is_floating_point() and self._ids_follower is None
                 and self.batch_first and self._looks_up_ids and not _called_from_compiled_code()):
             # [B, C, T] ids (a multiple-choice head): the ids computed from their merged rows are
@@ -591,6 +596,30 @@ class GradNormTracker:
             # epoch's last, smaller batch would meet a stale size).
             self._last_batch = self._input_batch
         return None
+
+    def _refuse_parts_of_one_batch(self, x: torch.Tensor) -> None:
+        """The tracked model called again before a backward on other rows of the tensor it read
+        before (``x[:2]``, then ``x[2:]``): the calls of each module before a backward are combined
+        row by row, row ``i`` of every call being sample ``i`` (two augmentations of one batch, a
+        siamese pair), so parts of one batch would be added up as if they were the same samples.
+        Refused at that forward. (Parts that are not views of one tensor cannot be told from views
+        of one batch; see GradNormTracker.)"""
+        stride = x.stride(0)
+        if stride <= 0 or x.device.type == "meta":
+            return
+        try:
+            key = (x.untyped_storage().data_ptr(), stride, x.storage_offset() // stride)
+        except (RuntimeError, NotImplementedError):  # (a tensor without storage of its own)
+            return
+        for address, earlier_stride, first_row in self._model_calls:
+            if address == key[0] and earlier_stride == stride and first_row != key[2]:
+                raise ValueError(
+                    f"the tracked model was called on rows {key[2]}..{key[2] + x.shape[0] - 1} of a tensor whose "
+                    f"rows from {first_row} on it was called on earlier, before a backward. divebatch takes row i of "
+                    "every call before a backward for the same sample i (as for two augmentations of one batch), so "
+                    "the parts of one batch would be added up as if they were the same samples. Call the model once "
+                    "on the whole batch (torch.cat the parts), or call backward() and collect() after each part.")
+        self._model_calls = self._model_calls[-15:] + [key]
 
     @torch.compiler.disable
     def _on_model_forward(self, module, args, output):
@@ -1295,6 +1324,7 @@ class GradNormTracker:
     def _abandon_backward(self) -> None:
         """Forget the backward in progress and the calls waiting in it (see _abandons_backward_on_error)."""
         self._backward = None
+        self._model_calls = []
         for owner in self._owners:
             owner.ready = []
 
@@ -1556,6 +1586,7 @@ class GradNormTracker:
                 owner.forward_calls = owner.covered_calls = 0
             for tie in self._ties:
                 tie.embedding_calls.clear()
+            self._model_calls = []
 
     def _close_record(self, step: _Backward) -> GradNormStats:
         B = step.batch_size
