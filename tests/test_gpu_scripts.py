@@ -508,6 +508,24 @@ def test_check_engine_runs_the_wide_ghost_case_on_the_wide_kernel(monkeypatch):
     assert row["per_sample_err"] <= 1e-5 and row["batch_err"] <= 1e-5
 
 
+def test_check_engine_runs_the_sequence_first_cases_sequences_first(tmp_path, monkeypatch):
+    """The engine check's ``sequence-first/*`` cases ([T, B] inputs with T != B) are tracked with
+    ``batch_first=False`` and checked over dim 1: all exact here (on the default layout they would
+    be refused, and the run would fail)."""
+    import json
+
+    import check_engine
+
+    every = check_engine.cases()
+    kept = {name: make for name, make in every.items() if name.startswith(check_engine.SEQUENCE_FIRST)}
+    assert len(kept) == 4
+    monkeypatch.setattr(check_engine, "cases", lambda: kept)
+    out = tmp_path / "check_engine.json"
+    assert check_engine.main(["--device", "cpu", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 8 and all(row["ok"] for row in rows)
+
+
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward in time", "backward in time"])
 @pytest.mark.parametrize("mode", ["GRU", "LSTM"])
 def test_diagnose_scan_case_reports_each_step(mode, reverse):

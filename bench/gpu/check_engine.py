@@ -1,8 +1,10 @@
 """The whole engine on one device against torch.func: every layer family of the test zoo (with
 samples and tokens flattened into rows, and outputs modified in place), the tied Embedding/Linear
 head, embeddings sharing one weight, outputs shared by all samples ([1, T] positions, a T5-style
-relative bias as an attention mask), a mixture of experts on rows and every
-nn.MultiheadAttention configuration, fused and not. Models whose per-sample numbers are a
+relative bias as an attention mask), a mixture of experts on rows, every
+nn.MultiheadAttention configuration and models that take sequences first (``[T, B, ...]``,
+``GradNormTracker(batch_first=False)``: the kernels read ``[B, T, ...]`` views of time-major
+rows), fused and not. Models whose per-sample numbers are a
 decomposition (BatchNorm in training mode: no torch.func oracle) are checked against the same
 engine with the PyTorch reference operators (``DIVEBATCH_BACKEND=reference``) instead.
 
@@ -40,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from divebatch import GradNormTracker  # noqa: E402
 from tests import (test_attention, test_flattened_rows, test_fuse_decisions,  # noqa: E402
-                   test_shared_outputs, test_tied)
+                   test_sequence_first, test_shared_outputs, test_tied)
 from tests.models_zoo import DECOMPOSED, ZOO, sample_loss  # noqa: E402
 from tests.oracle import reference_norms, rel_err  # noqa: E402
 
@@ -52,6 +54,11 @@ RTOL = 1e-4
 #: (``_ghost_norm_wide_kernel``), each opt-in until a GPU has timed it.
 CASE_ENV = {"implicit-conv/": {"DIVEBATCH_TRITON_IMPLICIT_CONV": "1"},
             "ghost-wide/": {"DIVEBATCH_TRITON_GHOST_WIDE": "1"}}
+
+
+#: Case-name prefix of the models that take sequences first: tracked with ``batch_first=False``,
+#: their torch.func reference taken over dim 1 of the input.
+SEQUENCE_FIRST = "sequence-first/"
 
 
 def _env(variables: dict):
@@ -99,29 +106,33 @@ def cases():
     for name, config in test_attention.CONFIGS.items():
         out[f"attention/{name}"] = lambda config=config: (
             *test_attention.make(**config), None, test_attention.loss_fn)
+    for name in ("encoder-classifier", "reused-linear", "recurrent-lm-tied", "transformer-lm"):
+        out[f"{SEQUENCE_FIRST}{name}"] = lambda name=name: test_sequence_first.make(
+            name, 6, 4, torch.Generator().manual_seed(1))
     return out
 
 
-def _tracked(model, x, y, loss, fused: bool):
-    with GradNormTracker(model, "sum", fused=fused) as tracker:
+def _tracked(model, x, y, loss, fused: bool, batch_first: bool = True):
+    with GradNormTracker(model, "sum", fused=fused, batch_first=batch_first) as tracker:
         loss(model(x), y).backward()
         return tracker.collect(), sorted({plan.route for plan in tracker.plan()})
 
 
-def check(make, device: torch.device, fused: bool, decomposed: bool = False) -> dict:
+def check(make, device: torch.device, fused: bool, decomposed: bool = False, batch_first: bool = True) -> dict:
     """Relative errors of the per-sample and batch-gradient norms against torch.func, or, for a
-    ``decomposed`` model, against the engine on the PyTorch reference operators."""
+    ``decomposed`` model, against the engine on the PyTorch reference operators. ``batch_first``
+    False: the model takes ``[T, B, ...]`` (the reference's samples are the input's dim 1)."""
     with torch.device(device):
         model, x, y, loss = make()
         model, x = model.to(device), x.to(device)
         y = torch.zeros(x.shape[0], device=device) if y is None else y.to(device)
-        stats, routes = _tracked(model, x, y, loss, fused)
+        stats, routes = _tracked(model, x, y, loss, fused, batch_first)
         if decomposed:
             with _env({"DIVEBATCH_BACKEND": "reference"}):
                 expected, _ = _tracked(model, x, y, loss, fused)
             per_sample, batch = expected.per_sample, expected.batch_grad_sq
         else:
-            per_sample, _, batch = reference_norms(model, loss, x, y)
+            per_sample, _, batch = reference_norms(model, loss, x, y, batch_dim=0 if batch_first else 1)
     return {"per_sample_err": rel_err(stats.per_sample, per_sample), "batch_err": rel_err(stats.batch_grad_sq, batch),
             "routes": routes}
 
@@ -225,7 +236,8 @@ def main(argv=None) -> int:
             try:
                 variables = next((v for prefix, v in CASE_ENV.items() if name.startswith(prefix)), {})
                 with _env(variables):
-                    row = {"case": name, "fused": fused, **check(make, device, fused, name.startswith("decomposed/"))}
+                    row = {"case": name, "fused": fused, **check(make, device, fused, name.startswith("decomposed/"),
+                                                                 batch_first=not name.startswith(SEQUENCE_FIRST))}
                 ok = row["per_sample_err"] <= RTOL and row["batch_err"] <= RTOL
                 print(f"| {name} | {fused} | {row['per_sample_err']:.1e} | {row['batch_err']:.1e} | "
                       f"{', '.join(row['routes'])} |", flush=True)
