@@ -146,6 +146,8 @@ class _Call:
     # Why its shared output could not be split per sample (unbatched calls): the batch error's hint,
     # built only if that error is raised (a batch of 1 every step takes the same path, correctly).
     refusal: Callable[[], str] | None = None
+    # The rows of a tensor the tracked model's forward read as its samples, see _rows_read.
+    model_rows: tuple[int, int, int] | None = None
 
 
 @dataclass
@@ -160,6 +162,7 @@ class _Backward:
     contributed: set = field(default_factory=set)
     plans: dict = field(default_factory=dict)
     tie_rows: dict = field(default_factory=dict)   # Embedding _Call -> tied_rows of the Linear part
+    model_rows: dict = field(default_factory=dict)  # (storage, stride) -> first row, see _check_model_rows
     tie_grads: dict = field(default_factory=dict)  # Embedding _Call -> grad of its output
     # Verification (see GradNormTracker's verify_every): per parameter id, the gradient the rules
     # account for, and autograd's gradient waiting for the rules' part.
@@ -241,6 +244,19 @@ def _has_sequence_dim(x: torch.Tensor) -> bool:
     """Under ``batch_first=False``, whether ``x`` is laid out ``[T, B, ...]``: ids of 2+ dims, floating
     tensors of 3+ dims (see GradNormTracker)."""
     return x.dim() >= (3 if x.is_floating_point() else 2)
+
+
+def _rows_read(x: torch.Tensor) -> tuple[int, int, int] | None:
+    """``(storage address, dim-0 stride, first row)`` of the tracked model's first input: which rows
+    of which tensor a forward takes as its samples (see GradNormTracker._check_model_rows). None
+    where that cannot be read (no storage of its own, meta tensors, an expanded or empty dim 0)."""
+    stride = x.stride(0)
+    if stride <= 0 or x.device.type == "meta":
+        return None
+    try:
+        return x.untyped_storage().data_ptr(), stride, x.storage_offset() // stride
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def _sink(call_ref, on_output_grad, index: int, grad: torch.Tensor):
@@ -345,9 +361,8 @@ class GradNormTracker:
         self._hooked_stand_ins: set[int] = set()  # FSDP2's unsharded parameters, see _on_unsharded
         self._last: GradNormStats | None = None
         self._uncollected = 0  # backwards closed since the last collect()
-        # Where the tracked model's forwards since the last backward read their first input (see
-        # _refuse_parts_of_one_batch): (storage address, dim-0 stride, first row).
-        self._model_calls: list[tuple[int, int, int]] = []
+        # Where the tracked model's forward in progress reads its first input (see _rows_read).
+        self._model_rows: tuple[int, int, int] | None = None
         self._last_plans: dict[str, RoutePlan] = {}
         self._error: Exception | None = None
         self._watchers: list[SharedOutputWatcher] = []  # following their outputs (see _watch_shared_output)
@@ -581,8 +596,7 @@ class GradNormTracker:
             shape = self._model_input_shape
             self._model_input_shape = (shape[1], shape[0], *shape[2:])
         self._model_inputs = inputs  # (until the forward ends: ids merged from them, see _input_rows)
-        if inputs and inputs[0].dim() > 0 and not sequence_first:
-            self._refuse_parts_of_one_batch(inputs[0])
+        self._model_rows = _rows_read(inputs[0]) if inputs and inputs[0].dim() > 0 and not sequence_first else None
         if (inputs and inputs[0].dim() > 2 and not inputs[0].is_floating_point() and self._ids_follower is None
                 and self.batch_first and self._looks_up_ids and not _called_from_compiled_code()):
             # [B, C, T] ids (a multiple-choice head): the ids computed from their merged rows are
@@ -596,30 +610,6 @@ class GradNormTracker:
             # epoch's last, smaller batch would meet a stale size).
             self._last_batch = self._input_batch
         return None
-
-    def _refuse_parts_of_one_batch(self, x: torch.Tensor) -> None:
-        """The tracked model called again before a backward on other rows of the tensor it read
-        before (``x[:2]``, then ``x[2:]``): the calls of each module before a backward are combined
-        row by row, row ``i`` of every call being sample ``i`` (two augmentations of one batch, a
-        siamese pair), so parts of one batch would be added up as if they were the same samples.
-        Refused at that forward. (Parts that are not views of one tensor cannot be told from views
-        of one batch; see GradNormTracker.)"""
-        stride = x.stride(0)
-        if stride <= 0 or x.device.type == "meta":
-            return
-        try:
-            key = (x.untyped_storage().data_ptr(), stride, x.storage_offset() // stride)
-        except (RuntimeError, NotImplementedError):  # (a tensor without storage of its own)
-            return
-        for address, earlier_stride, first_row in self._model_calls:
-            if address == key[0] and earlier_stride == stride and first_row != key[2]:
-                raise ValueError(
-                    f"the tracked model was called on rows {key[2]}..{key[2] + x.shape[0] - 1} of a tensor whose "
-                    f"rows from {first_row} on it was called on earlier, before a backward. divebatch takes row i of "
-                    "every call before a backward for the same sample i (as for two augmentations of one batch), so "
-                    "the parts of one batch would be added up as if they were the same samples. Call the model once "
-                    "on the whole batch (torch.cat the parts), or call backward() and collect() after each part.")
-        self._model_calls = self._model_calls[-15:] + [key]
 
     @torch.compiler.disable
     def _on_model_forward(self, module, args, output):
@@ -844,7 +834,7 @@ class GradNormTracker:
         if probe.dim() > 0 and (probe.shape[0] == 0 or batch_size == 0):
             raise ValueError(f"module '{owner.name}' ({type(module).__name__}) got an empty batch (0 samples); "
                              "skip empty batches before the forward pass")
-        call = _Call(owner, None, batch_size, [None], 1, fused=True)
+        call = _Call(owner, None, batch_size, [None], 1, fused=True, model_rows=self._model_rows)
         # (the batch so far, as the hook path keeps it: a later [1, K, d] input is then known shared)
         self._last_batch = batch_size
         out = rule.fused_forward(module, args, kwargs, partial(self._fused_sink, call))
@@ -992,7 +982,7 @@ class GradNormTracker:
         if uses is not None:
             ctx.direct_uses = uses  # their output grads arrive after the module's outputs'
         n_grads = len(leaves) + (len(uses) if uses is not None else 0)
-        call = _Call(owner, ctx, batch_size, [None] * n_grads, n_grads)
+        call = _Call(owner, ctx, batch_size, [None] * n_grads, n_grads, model_rows=self._model_rows)
         for j, use in enumerate(uses or ()):
             # Weakly: the call holds its uses (ctx.direct_uses), and a strong sink would make a
             # cycle that keeps the uses' tensors (a product's rows, its output grad) alive until
@@ -1324,7 +1314,6 @@ class GradNormTracker:
     def _abandon_backward(self) -> None:
         """Forget the backward in progress and the calls waiting in it (see _abandons_backward_on_error)."""
         self._backward = None
-        self._model_calls = []
         for owner in self._owners:
             owner.ready = []
 
@@ -1449,8 +1438,30 @@ class GradNormTracker:
                     "the module's type.)" + (_CPU_BFLOAT16_HINT if self._cpu_bfloat16_forward else ""))
         return None
 
+    @staticmethod
+    def _check_model_rows(step: _Backward, call: _Call) -> None:
+        """The calls of a backward come from forwards of the tracked model that read the same rows
+        as their samples: row ``i`` of every forward before a backward is sample ``i`` (two
+        augmentations of one batch), so forwards on parts of one batch (``x[:2]``, then ``x[2:]``)
+        would have their samples added up as if they were the same. (Parts that are not views of
+        one tensor cannot be told from views of one batch.) Forwards that reach no backward (a
+        validation pass with gradients on) are never accounted, so they do not count."""
+        if call.model_rows is None:
+            return
+        address, stride, first_row = call.model_rows
+        earlier = step.model_rows.setdefault((address, stride), first_row)
+        if earlier != first_row:
+            raise ValueError(
+                f"module '{call.owner.name}' ({type(call.owner.module).__name__}): this backward reaches forwards of "
+                f"the tracked model on rows {min(earlier, first_row)}.. and {max(earlier, first_row)}.. of one "
+                "tensor (parts of one batch). divebatch takes row i of every forward before a backward for the same "
+                "sample i (as for two augmentations of one batch), so those parts' samples would be added up as if "
+                "they were the same. Call the model once on the whole batch (torch.cat the parts), or call "
+                "backward() and collect() after each part.")
+
     def _account(self, step: _Backward, owner: _Owner, calls: list[_Call], sq: torch.Tensor | None = None) -> None:
         for call in calls:
+            self._check_model_rows(step, call)
             if step.batch_size is None:
                 step.batch_size = call.batch_size
             elif call.batch_size != step.batch_size:
@@ -1586,7 +1597,6 @@ class GradNormTracker:
                 owner.forward_calls = owner.covered_calls = 0
             for tie in self._ties:
                 tie.embedding_calls.clear()
-            self._model_calls = []
 
     def _close_record(self, step: _Backward) -> GradNormStats:
         B = step.batch_size

@@ -47,15 +47,32 @@ def test_two_views_of_one_batch_are_the_same_samples(fused):
     assert rel_err(stats.batch_grad_sq, ref_batch) < 1e-5
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
 @pytest.mark.parametrize("parts", ["chunk", "slices", "overlapping"])
-def test_parts_of_one_batch_are_refused(parts):
-    model = make_model()
-    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+def test_parts_of_one_batch_are_refused(parts, fused):
+    # (Linear only, on sequences: with fused=True every call takes the fused forward)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(4, 5, 6)
     first, second = {"chunk": x.chunk(2), "slices": (x[:2], x[2:]), "overlapping": (x[:3], x[1:])}[parts]
-    with GradNormTracker(model, "sum"):
-        model(first)
-        with pytest.raises(ValueError, match=r"rows \d\.\.\d .*torch\.cat the parts"):
-            model(second)
+    with GradNormTracker(model, "sum", fused=fused) as tracker:
+        out = torch.cat([model(first), model(second)]).mean(1)
+        with pytest.raises(ValueError, match=r"rows 0\.\. and [12]\.\. of one tensor .*torch\.cat the parts"):
+            loss(out, torch.randint(0, 3, (out.shape[0],))).backward()
+            tracker.collect()
+
+
+def test_forwards_that_reach_no_backward_do_not_count():
+    """A validation pass with gradients on, over slices of one tensor and never backwarded, then a
+    step on another slice of it: exact (only the forwards a backward reaches are its samples)."""
+    model = make_model()
+    gen = torch.Generator().manual_seed(1)
+    data, targets = torch.randn(12, 6, generator=gen), torch.randint(0, 3, (12,), generator=gen)
+    ref, _, _ = reference_norms(model, loss, data[8:], targets[8:])
+    with GradNormTracker(model, "sum") as tracker:
+        for start in (0, 4):
+            model(data[start:start + 4])
+        loss(model(data[8:]), targets[8:]).backward()
+        assert rel_err(tracker.collect().per_sample, ref) < 1e-5
 
 
 def test_parts_with_a_backward_each_are_each_a_batch():
