@@ -1468,17 +1468,14 @@ class GradNormTracker:
                 hint = ""
                 if call.refusal is not None:
                     hint = call.refusal()
-                elif 1 in (call.batch_size, step.batch_size) and not self.batch_first:
-                    # (the watchers that follow a shared output to its broadcast read samples in dim 0)
-                    hint = (" A batch of 1 is usually an input shared by all samples whose output is broadcast "
-                            "over the batch later (e.g. position ids of shape [T, 1]): broadcasting sums the "
-                            "samples' gradients before the module sees them. With batch_first=False, give it one "
-                            "column per sample, e.g. position_ids=torch.arange(T)[:, None].expand(T, B).")
                 elif 1 in (call.batch_size, step.batch_size):
+                    # (with batch_first=False no watcher follows a shared output: they read samples in dim 0)
+                    shape, one, example = (("[1, T]", "row", "torch.arange(T).expand(B, T)") if self.batch_first else
+                                           ("[T, 1]", "column", "torch.arange(T)[:, None].expand(T, B)"))
                     hint = (" A batch of 1 is usually an input shared by all samples whose output is broadcast "
-                            "over the batch later (e.g. position ids of shape [1, T]): broadcasting sums the "
-                            "samples' gradients before the module sees them. Give it one row per sample, e.g. "
-                            "position_ids=torch.arange(T).expand(B, T).")
+                            f"over the batch later (e.g. position ids of shape {shape}): broadcasting sums the "
+                            f"samples' gradients before the module sees them. Give it one {one} per sample, e.g. "
+                            f"position_ids={example}.")
                 elif not self.batch_first:
                     hint = (" With batch_first=False, the samples are dim 1 of tensors with a sequence dim and dim 0 "
                             "of the others, and rows merged from a [T, B, ...] tensor (x.view(T * B, d)) are not "
