@@ -36,7 +36,8 @@ from . import _fsdp
 from ._norms import SquaredNormSum, squared_distance, squared_norm
 from .layers import GENERIC, LayerRule, RoutePlan, rule_for
 from .layers.generic import DirectUseRecorder, SharedOutputWatcher, SharedOutputWatchers, usable_direct_uses
-from .layers.rows import MergedIdsFollower, flattened_samples, row_samples, sequences_first_view
+from .layers.rows import (MergedIdsFollower, flattened_samples, merged_sequence_rows, row_samples,
+                          sequences_first_view)
 from .layers.base import capture_suspended
 from .layers.conv import ConvRule
 from .layers.embedding import EmbeddingBagCall, EmbeddingCall, EmbeddingRule
@@ -304,8 +305,10 @@ class GradNormTracker:
             their own ``batch_first``. Any other module with parameters given a tensor with a
             sequence dim must say where its samples are with a ``batch_first`` attribute, or it is
             refused: its rule could not tell ``[T, B, d]`` from ``[B, C, L]``. Rows merged from a
-            ``[T, B, ...]`` tensor (``x.view(T * B, d)``) are refused (keep the leading dims). With
-            ``True`` such models are refused where T != B and would be misread where T == B.
+            ``[T, B, ...]`` tensor (``output.view(T * B, d)`` before a decoder) are followed through
+            ops that map each row to the same row (an activation, dropout, a bias); other merged
+            rows are refused. With ``True`` such models are refused where T != B and would be
+            misread where T == B.
         verify_every: on the first tracked backward and every ``verify_every``-th after it (0:
             the first only), check that each parameter's gradient is fully accounted for by its
             module's forward calls: the rules form the gradient of their calls (summed over
@@ -661,17 +664,27 @@ class GradNormTracker:
         """Under ``batch_first=False``: a Linear, LayerNorm, RMSNorm or Embedding given a ``[T, B, ...]``
         input is called on it viewed ``[B, T, ...]`` (the same numbers: each row is mapped on its
         own), so every other hook, the fused forward and the rule see samples first, as always;
-        ``_on_rows_forward`` makes the output ``[T, B, ...]`` again. A batch norm takes ``[B, C, ...]``;
-        flattened rows (``[T*B, d]``) are left as they are, and the batch check refuses them."""
+        ``_on_rows_forward`` makes the output ``[T, B, ...]`` again. Rows merged from a ``[T, B, ...]``
+        tensor (``output.view(T * B, d)`` before a decoder), where the autograd graph shows them so
+        (``merged_sequence_rows``), are viewed ``[B, T, ...]`` the same way, and the output is merged back. A batch
+        norm takes ``[B, C, ...]``; other rows are left as they are (the batch check refuses them)."""
         rule = owner.rule
-        if not (rule.rows_independent or isinstance(rule, EmbeddingRule)) or not _has_sequence_dim(x):
+        if not (rule.rows_independent or isinstance(rule, EmbeddingRule)):
             return None
-        if isinstance(rule, AffineNormRule):  # (two leading dims besides the normalised ones)
-            normalised = next(iter(owner.tracked.values())).dim()
-            if x.dim() - normalised < 2:
+        # The trailing dims each row is mapped from: a norm's normalised ones, a Linear's features, none for ids.
+        normalised = (next(iter(owner.tracked.values())).dim() if isinstance(rule, AffineNormRule)
+                      else int(x.is_floating_point()))
+        if _has_sequence_dim(x):
+            if x.dim() - normalised < 2:  # (a norm's two leading dims besides the normalised ones)
                 return None
-        view = sequences_first_view(x)
-        owner.row_views.append((view, None, _SEQUENCES_FIRST, x.shape))
+            view, rows = sequences_first_view(x), None
+        else:
+            lead = (merged_sequence_rows(x, self._last_batch)
+                    if rule.rows_independent and x.dim() > normalised and self._rows_may_be_flattened(x) else None)
+            if lead is None:
+                return None
+            view, rows = sequences_first_view(x.view(*lead, *x.shape[1:])), x.shape[0]
+        owner.row_views.append((view, rows, _SEQUENCES_FIRST, x.shape))
         return (view, *args[1:])
 
     @torch.compiler.disable
@@ -682,9 +695,10 @@ class GradNormTracker:
         if not isinstance(output, torch.Tensor):
             return None
         if n_lead is _SEQUENCES_FIRST:
-            # Laid out as the layer's own output on [T, B, ...] would be (code after it may view it); no
-            # copy where the layer computed in that order (the fused Linear, see _FusedLinear).
-            return output.transpose(0, 1).contiguous()
+            # Laid out as the layer's own output on [T, B, ...] (or [T*B, ...]) would be (code after it
+            # may view it); no copy where the layer computed in that order (the fused Linear, see _FusedLinear).
+            out = output.transpose(0, 1)
+            return out.contiguous() if rows is None else out.reshape(rows, *out.shape[2:])
         if n_lead is None:  # a shared lookup of ids expanded over the rows (see _on_rows_pre_forward)
             watcher = self._watchers[-1] if self._watchers and self._watchers[-1].output is output else None
             if watcher is None:
@@ -1478,8 +1492,9 @@ class GradNormTracker:
                             f"position_ids={example}.")
                 elif not self.batch_first:
                     hint = (" With batch_first=False, the samples are dim 1 of tensors with a sequence dim and dim 0 "
-                            "of the others, and rows merged from a [T, B, ...] tensor (x.view(T * B, d)) are not "
-                            "followed: keep the leading dims into Linear/LayerNorm/Embedding layers, and see "
+                            "of the others, and rows merged from a [T, B, ...] tensor (x.view(T * B, d)) are followed "
+                            "only through ops that map each row to the same row (no gather, permutation or mixing "
+                            "of rows): keep the leading dims into Linear/LayerNorm/Embedding layers, and see "
                             "GradNormTracker's batch_first.")
                 elif call.batch_size > step.batch_size and call.batch_size % step.batch_size == 0:
                     hint = (f" {call.batch_size} = {step.batch_size} x {call.batch_size // step.batch_size}: were "

@@ -66,6 +66,24 @@ class RecurrentLM(nn.Module):
         return self.decoder(self.norm(out)).view(-1, VOCAB)
 
 
+class FlattenedDecoder(nn.Module):
+    """The word-language-model example's older decoder call: the LSTM's ``[T, B, H]`` output through
+    dropout, merged into ``[T*B, H]`` rows, then a LayerNorm and the decoder on those time-major rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.rnn = nn.LSTM(8, 8)
+        self.drop = nn.Dropout(0.0)
+        self.norm = nn.LayerNorm(8)
+        self.decoder = nn.Linear(8, VOCAB)
+
+    def forward(self, ids):
+        out, _ = self.rnn(self.embed(ids))
+        out = self.drop(out)
+        return self.decoder(torch.relu(self.norm(out.view(out.shape[0] * out.shape[1], out.shape[2]))))
+
+
 class TransformerLM(nn.Module):
     """``nn.Transformer`` (encoder and decoder, causal mask) on embedded ``[T, B]`` ids."""
 
@@ -137,7 +155,7 @@ def make(name, T, B, gen):
     if name == "conv-front-end":
         return ConvFrontEnd(), torch.randn(B, 3, T, generator=gen), tokens, token_loss
     model = {"recurrent-lm": RecurrentLM, "recurrent-lm-tied": lambda: RecurrentLM(tied=True),
-             "transformer-lm": TransformerLM, "learned-positions": lambda: PositionedLM(T, batch_first=False)}[name]()
+             "transformer-lm": TransformerLM, "flattened-decoder": FlattenedDecoder, "learned-positions": lambda: PositionedLM(T, batch_first=False)}[name]()
     return model, ids, tokens, token_loss
 
 
@@ -155,7 +173,7 @@ def check(model, x, y, loss, fused=True, batch_dim=1):
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
 @pytest.mark.parametrize("T", [5, 4], ids=["T!=B", "T==B"])
 @pytest.mark.parametrize("name", ["encoder-classifier", "reused-linear", "recurrent-lm", "recurrent-lm-tied", "transformer-lm",
-                                  "conv-front-end", "learned-positions"])
+                                  "flattened-decoder", "conv-front-end", "learned-positions"])
 def test_sequence_first_models_match_torch_func(name, T, fused):
     torch.manual_seed(0)
     model, x, y, loss = make(name, T, 4, torch.Generator().manual_seed(1))
@@ -190,7 +208,7 @@ class NormedInput(nn.Module):
         return self.head(self.norm(h)).sum(0)
 
 
-@pytest.mark.parametrize("name", ["recurrent-lm", "reused-linear", "normed-input"])
+@pytest.mark.parametrize("name", ["recurrent-lm", "reused-linear", "flattened-decoder", "normed-input"])
 def test_tracked_step_is_laid_out_as_the_plain_one(name):
     """Each sequence-first layer runs on its input viewed [B, T, ...]: the model's output and the
     gradients of the parameters and of a float input must be the untracked model's (to rounding),
@@ -253,14 +271,17 @@ def test_bilinear_on_a_sequence_is_refused():
             bilinear(torch.randn(5, 3, 4), torch.randn(5, 3, 4))
 
 
-class Flattened(nn.Module):
+class PermutedRows(nn.Module):
+    """Rows merged from [T, B, d] and then reordered: which sample each row is cannot be followed."""
+
     def __init__(self):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, 8)
         self.head = nn.Linear(8, VOCAB)
 
     def forward(self, ids):
-        return self.head(self.embed(ids).view(-1, 8))
+        rows = self.embed(ids).view(-1, 8)
+        return self.head(rows.flip(0)).flip(0)
 
 
 class SharedPositions(nn.Module):
@@ -274,8 +295,9 @@ class SharedPositions(nn.Module):
         return self.head(self.embed(ids) + self.positions(torch.arange(ids.shape[0])[:, None]))
 
 
-@pytest.mark.parametrize("model,match", [(Flattened, r"x\.view\(T \* B, d\)"), (SharedPositions, r"expand\(T, B\)")],
-                         ids=["flattened-rows", "shared-position-ids"])
+@pytest.mark.parametrize("model,match", [(PermutedRows, r"x\.view\(T \* B, d\)\) are followed only"),
+                                         (SharedPositions, r"expand\(T, B\)")],
+                         ids=["permuted-rows", "shared-position-ids"])
 def test_what_cannot_be_placed_is_refused_with_a_hint(model, match):
     model = model()
     gen = torch.Generator().manual_seed(1)

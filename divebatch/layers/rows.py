@@ -113,6 +113,36 @@ def is_time_major_view(x: torch.Tensor) -> bool:
     return getattr(x, _TIME_MAJOR, False) and x.transpose(0, 1).is_contiguous()
 
 
+def merged_sequence_rows(x: torch.Tensor, batch: int) -> tuple[int, int] | None:
+    """``(T, B)`` where ``x``'s ``N = T * B`` rows are a ``[T, B, ...]`` tensor's leading dims merged
+    (``output.view(T * B, d)`` before a decoder, in a model tracked with ``batch_first=False``): row
+    ``r`` is then sample ``r % B``. Read from the autograd graph: back from ``x`` through ops that
+    map each row to the same row, every other operand a parameter or a constant (an activation,
+    dropout, a bias), to the view that merged them. None otherwise. (``flattened_samples`` answers
+    for batch-first models; its walk takes a transposed source as moved rows, as it must there.)"""
+    node, shape = x.grad_fn, tuple(x.shape)
+    for _ in range(_MAX_NODES):
+        if node is None:
+            return None
+        name = type(node).__name__
+        if name in _VIEWS:
+            source = _view_source(node)
+            if (source is not None and len(source) == len(shape) + 1 and source[2:] == shape[1:]
+                    and source[1] == batch and source[0] * batch == shape[0]):
+                return source[0], batch
+            return None
+        if name not in _ROW_WISE:
+            return None
+        carriers = [k for k, (child, _) in enumerate(node.next_functions)
+                    if child is not None and type(child).__name__ != "AccumulateGrad"]
+        if len(carriers) != 1:
+            return None
+        node, operand_shape = _operand(node, carriers[0])
+        if operand_shape != shape:  # (broadcast from fewer rows, or shape unknown)
+            return None
+    return None
+
+
 def flattened_samples(x: torch.Tensor, shared: frozenset = frozenset(),
                       batch: int | None = None) -> tuple[int, ...] | None:
     """``(B, N // B)``: the samples whose rows, sample-major, make ``x``'s ``N`` rows, or None.
