@@ -1,4 +1,4 @@
-"""The seq workload taken sequences first (``[T, B]`` ids, ``GradNormTracker(batch_first=False)``) against batch first, in one process.
+"""The seq workload sequences first (``batch_first=False``, [T, B] ids) against batch first, in one process.
 
 The same model and tokens in both layouts (its blocks map each row on its own, so it runs on
 either): per layout a plain step and a tracked step, each timed in every round (round-robin,

@@ -666,8 +666,9 @@ class GradNormTracker:
         own), so every other hook, the fused forward and the rule see samples first, as always;
         ``_on_rows_forward`` makes the output ``[T, B, ...]`` again. Rows merged from a ``[T, B, ...]``
         tensor (``output.view(T * B, d)`` before a decoder), where the autograd graph shows them so
-        (``merged_sequence_rows``), are viewed ``[B, T, ...]`` the same way, and the output is merged back. A batch
-        norm takes ``[B, C, ...]``; other rows are left as they are (the batch check refuses them)."""
+        (``merged_sequence_rows``), are viewed ``[B, T, ...]`` the same way, and the output is merged
+        back. A batch norm takes ``[B, C, ...]``; other rows are left as they are (the batch check
+        refuses them)."""
         rule = owner.rule
         if not (rule.rows_independent or isinstance(rule, EmbeddingRule)):
             return None
@@ -683,7 +684,7 @@ class GradNormTracker:
                     if rule.rows_independent and x.dim() > normalised and self._rows_may_be_flattened(x) else None)
             if lead is None:
                 return None
-            view, rows = sequences_first_view(x.view(*lead, *x.shape[1:])), x.shape[0]
+            view, rows = sequences_first_view(x.reshape(*lead, *x.shape[1:])), x.shape[0]
         owner.row_views.append((view, rows, _SEQUENCES_FIRST, x.shape))
         return (view, *args[1:])
 

@@ -149,13 +149,15 @@ def make(name, T, B, gen):
     ids = torch.randint(0, VOCAB, (T, B), generator=gen)
     tokens = torch.randint(0, VOCAB, (B, T), generator=gen)
     if name == "encoder-classifier":
-        return EncoderClassifier(), torch.randn(T, B, 8, generator=gen), torch.randint(0, 3, (B,), generator=gen), class_loss
+        labels = torch.randint(0, 3, (B,), generator=gen)
+        return EncoderClassifier(), torch.randn(T, B, 8, generator=gen), labels, class_loss
     if name == "reused-linear":
         return ReusedLinear(), torch.randn(T, B, 8, generator=gen), torch.randint(0, 3, (B,), generator=gen), class_loss
     if name == "conv-front-end":
         return ConvFrontEnd(), torch.randn(B, 3, T, generator=gen), tokens, token_loss
     model = {"recurrent-lm": RecurrentLM, "recurrent-lm-tied": lambda: RecurrentLM(tied=True),
-             "transformer-lm": TransformerLM, "flattened-decoder": FlattenedDecoder, "learned-positions": lambda: PositionedLM(T, batch_first=False)}[name]()
+             "transformer-lm": TransformerLM, "flattened-decoder": FlattenedDecoder,
+             "learned-positions": lambda: PositionedLM(T, batch_first=False)}[name]()
     return model, ids, tokens, token_loss
 
 
@@ -172,8 +174,8 @@ def check(model, x, y, loss, fused=True, batch_dim=1):
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
 @pytest.mark.parametrize("T", [5, 4], ids=["T!=B", "T==B"])
-@pytest.mark.parametrize("name", ["encoder-classifier", "reused-linear", "recurrent-lm", "recurrent-lm-tied", "transformer-lm",
-                                  "flattened-decoder", "conv-front-end", "learned-positions"])
+@pytest.mark.parametrize("name", ["encoder-classifier", "reused-linear", "recurrent-lm", "recurrent-lm-tied",
+                                  "transformer-lm", "flattened-decoder", "conv-front-end", "learned-positions"])
 def test_sequence_first_models_match_torch_func(name, T, fused):
     torch.manual_seed(0)
     model, x, y, loss = make(name, T, 4, torch.Generator().manual_seed(1))
@@ -218,7 +220,8 @@ def test_tracked_step_is_laid_out_as_the_plain_one(name):
     torch.manual_seed(0)
     if name == "normed-input":
         gen = torch.Generator().manual_seed(1)
-        model, x, y, loss = NormedInput(), torch.randn(5, 4, 8, generator=gen), torch.randint(0, 3, (4,), generator=gen), class_loss
+        model, loss = NormedInput(), class_loss
+        x, y = torch.randn(5, 4, 8, generator=gen), torch.randint(0, 3, (4,), generator=gen)
     else:
         model, x, y, loss = make(name, 5, 4, torch.Generator().manual_seed(1))
     runs = []
