@@ -222,6 +222,31 @@ def fsdp_zoo_worker(names: list[str], bf16: bool = False) -> dict:
     return out
 
 
+def fsdp_sequence_first_worker(names: list[str]) -> dict:
+    """Models of ``tests.test_sequence_first`` that take ``[T, B]`` ids, under FSDP2 and tracked with
+    ``batch_first=False``: each rank gets its share of the samples (columns of the ids); per model,
+    all ranks' per-sample norms in rank order and ``||sum_i g_i||^2`` from the shards, or the error."""
+    from .test_sequence_first import make
+
+    out = {}
+    for name in names:
+        torch.manual_seed(0)
+        model, ids, tokens, loss = make(name, 5, 5, torch.Generator().manual_seed(1))
+        mine = shard_slice(len(tokens), dist.get_world_size(), dist.get_rank())
+        model = _fully_shard_children(model)
+        tracker = GradNormTracker(model, loss_reduction="sum", batch_first=False, verify_every=1)
+        try:
+            loss(model(ids[:, mine]), tokens[mine]).backward()
+            stats = tracker.collect()
+            _, batch_grad_sq, _ = global_step_sums(stats.per_sample, stats.batch_size, tracker.parameters(), 1.0)
+            out[name] = {"per_sample": gather_per_sample(stats.per_sample), "batch_grad_sq": float(batch_grad_sq)}
+        except Exception as err:  # noqa: BLE001 - reported to the test, which names the model
+            out[name] = {"error": f"{type(err).__name__}: {err}"}
+        finally:
+            tracker.close()
+    return out
+
+
 def fsdp_tracker_first_worker() -> str:
     """A tracker created *before* ``fully_shard`` (which replaces the parameters): the error."""
     model = norms_model()

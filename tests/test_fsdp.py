@@ -94,6 +94,23 @@ def test_zoo_under_fully_shard_with_bfloat16_parameters():
     _check_zoo(launch(dist_workers.fsdp_zoo_worker, 2, args=(names, True), threads=1), names, 2e-2)
 
 
+def test_sequence_first_models_under_fully_shard_match_torch_func():
+    """``batch_first=False`` on sharded models: [T, B] ids split by sample (columns) over 2 ranks."""
+    from .test_sequence_first import make
+
+    names = ["recurrent-lm", "transformer-lm", "flattened-decoder"]
+    results = launch(dist_workers.fsdp_sequence_first_worker, 2, args=(names,), threads=1)
+    for name in names:
+        torch.manual_seed(0)
+        model, ids, tokens, loss = make(name, 5, 5, torch.Generator().manual_seed(1))
+        ref, _, ref_batch = reference_norms(model, loss, ids, tokens, batch_dim=1)
+        for rank, out in enumerate(results):
+            got = out[name]
+            assert "error" not in got, f"{name} on rank {rank}: {got.get('error')}"
+            assert rel_err(got["per_sample"], ref) <= 1e-5, name
+            assert rel_err(torch.tensor(got["batch_grad_sq"]), ref_batch) <= 1e-5, name
+
+
 def test_tracker_created_before_fully_shard_is_refused():
     messages = launch(dist_workers.fsdp_tracker_first_worker, 2, threads=1)
     for message in messages:

@@ -118,7 +118,7 @@ def merged_sequence_rows(x: torch.Tensor, batch: int) -> tuple[int, int] | None:
     (``output.view(T * B, d)`` before a decoder, in a model tracked with ``batch_first=False``): row
     ``r`` is then sample ``r % B``. Read from the autograd graph: back from ``x`` through ops that
     map each row to the same row, every other operand a parameter or a constant (an activation,
-    dropout, a bias), to the view that merged them. None otherwise. (``flattened_samples`` answers
+    dropout, a bias), and through FSDP2's hook on a unit's input, to the view that merged them. None otherwise. (``flattened_samples`` answers
     for batch-first models; its walk takes a transposed source as moved rows, as it must there.)"""
     node, shape = x.grad_fn, tuple(x.shape)
     for _ in range(_MAX_NODES):
@@ -131,6 +131,9 @@ def merged_sequence_rows(x: torch.Tensor, batch: int) -> tuple[int, int] | None:
                     and source[1] == batch and source[0] * batch == shape[0]):
                 return source[0], batch
             return None
+        if name in _PASS_THROUGH and len(node.next_functions) == 1:  # (fully_shard's hook on a unit's input)
+            node = node.next_functions[0][0]
+            continue
         if name not in _ROW_WISE:
             return None
         carriers = [k for k, (child, _) in enumerate(node.next_functions)
