@@ -118,8 +118,9 @@ def merged_sequence_rows(x: torch.Tensor, batch: int) -> tuple[int, int] | None:
     (``output.view(T * B, d)`` before a decoder, in a model tracked with ``batch_first=False``): row
     ``r`` is then sample ``r % B``. Read from the autograd graph: back from ``x`` through ops that
     map each row to the same row, every other operand a parameter or a constant (an activation,
-    dropout, a bias), and through FSDP2's hook on a unit's input, to the view that merged them. None otherwise. (``flattened_samples`` answers
-    for batch-first models; its walk takes a transposed source as moved rows, as it must there.)"""
+    dropout, a bias), and through FSDP2's hook on a unit's input, to the view that merged them.
+    None otherwise. (``flattened_samples`` answers for batch-first models; its walk takes a
+    transposed source as moved rows, as it must there.)"""
     node, shape = x.grad_fn, tuple(x.shape)
     for _ in range(_MAX_NODES):
         if node is None:
