@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass, field, replace
 from functools import partial, wraps
@@ -132,6 +133,23 @@ class _Owner:
     deferred_hooks: list = field(default_factory=list)
     # Under FSDP2: the fully_shard modules that gather the sharded parameters (see _gathered).
     shard_units: list = field(default_factory=list)
+    # Replaced by a new plan (see GradNormTracker._replan): a forward still holding this owner's
+    # fused call hands it to the new plan's forward.
+    retired: bool = False
+
+
+@dataclass(eq=False)
+class _Plan:
+    """Owners chosen for one state of the model (see GradNormTracker._plan)."""
+
+    owners: list[_Owner]
+    ties: list[TiedEmbeddingLinear]
+    planned: list[tuple[str, nn.Parameter]]  # the model's parameters it was made from, frozen ones too
+    verified: bool = False  # a backward with it was verified
+
+
+_PLANS_KEPT = 4  # plans kept for states of the model seen before (see GradNormTracker._plan)
+_ENABLED_TRACKERS: "weakref.WeakSet[GradNormTracker]" = weakref.WeakSet()  # their hooks are attached
 
 
 @dataclass(eq=False)
@@ -275,7 +293,10 @@ class GradNormTracker:
             RMSNorm, BatchNorm, MultiheadAttention, Hugging Face's Conv1D and its RMSNorm
             copies of LlamaRMSNorm) use it;
             any other module that owns trainable parameters takes the exact generic route.
-            Frozen parameters (``requires_grad=False``) are skipped.
+            Frozen parameters (``requires_grad=False``) are skipped. The plan follows the model:
+            where parameters were frozen, unfrozen, added or replaced since it was made (layers
+            unfrozen as fine-tuning goes on, a new head), the next forward with gradients on
+            re-plans before it runs, and the first backward of a new plan is verified.
         loss_reduction: how the loss was reduced over the batch: ``"sum"`` (c = 1), ``"mean"``
             (c = 1/B) or a positive float c, for ``L = c * sum_i l_i``. Reported numbers are
             about the unscaled ``l_i`` (see the module docstring).
@@ -352,12 +373,19 @@ class GradNormTracker:
         self._backwards_started = 0
         self._low_precision_forward = False  # an autocast forward was captured (looser verification)
         self._cpu_bfloat16_forward = False  # ... in bfloat16 on CPU: autocast or a bf16 norm (see _verification_error)
-        self._owners, self._ties = _assign_owners(model)
-        self._mark_sharded()
-        for owner in self._owners:
-            can_fuse = getattr(owner.rule, "can_fuse", None)
-            owner.fused = bool(fused and can_fuse is not None and can_fuse(owner.module, owner.tracked))
+        self._fused_routes = bool(fused)
+        self._plans: dict[tuple, _Plan] = {}  # see _plan
+        self._plan()
+        self._verify_next = False  # (the first backward is verified anyway, see verify_every)
         self._handles: list = []
+        # Pre-hooks the tracked model's own module takes from the plan, run by _on_root_pre_forward
+        # (first of its pre-hooks) and _on_root_pre_forward_last (last): registered once per attach, so
+        # a new plan made as the model's forward starts applies to that forward too (a module's call
+        # runs the pre-hooks registered when it started).
+        self._root_pre_first: list[tuple[Callable, bool]] = []
+        self._root_pre_last: list[tuple[Callable, bool]] = []
+        self._root_handles: list = []  # of the two dispatchers
+        self._registration_hooks: list[tuple[dict, int]] = []  # global ones: (their dict, id)
         self._eager_forwards: list[_EagerForward] = []  # forwards run eagerly under torch.compile
         self._tables_read_in_compiled_code: set[str] = set()  # Embeddings whose weight compiled code read
         self._backward: _Backward | None = None
@@ -373,15 +401,11 @@ class GradNormTracker:
         # none is left and it is the innermost mode.
         self._watching: SharedOutputWatchers | None = None
         # Embedding weights a tracked module may be called on directly (see _on_table_read).
-        self._tables = {id(owner.module.weight): owner for owner in self._owners
-                        if isinstance(owner.rule, EmbeddingRule) and owner.tie is None and not owner.aliases
-                        and owner.tracked.get("weight") is owner.module.weight}
         self._last_batch = 0  # the batch size of the last call captured that was not watched
         self._model_input_shape: tuple | None = None  # of the tracked model's last forward (_close_record)
         self._model_inputs: list[torch.Tensor] = []  # its tensor inputs, while its forward runs
         # Integer tensors computed row by row from multiple-choice ids, while the forward runs (_input_rows).
         self._ids_follower: MergedIdsFollower | None = None
-        self._looks_up_ids = any(isinstance(owner.rule, EmbeddingRule) for owner in self._owners)
         self._input_batch: int | None = None  # dim 0 of its first input (the samples, as everywhere)
         self._closed = False
         self._enabled = False
@@ -411,9 +435,20 @@ class GradNormTracker:
             raise RuntimeError("this GradNormTracker was closed; create a new one to track again")
         value = bool(value)
         if value and not self._enabled:
+            others = [t for t in _ENABLED_TRACKERS if t.model is self.model and t is not self]
+            if others:
+                warnings.warn(
+                    "GradNormTracker: this model already has an enabled GradNormTracker that was not closed; its hooks "
+                    "still run in every step (time and memory). Close the old one (tracker.close(), or create it in "
+                    "a `with` block), or keep one tracker for the whole run", stacklevel=3)
+            if self._plan_outdated():  # (changed while detached, when no hook could see it)
+                self._retire()
+                self._plan()
             self._attach()
+            _ENABLED_TRACKERS.add(self)
         elif not value and self._enabled:
             self._detach()
+            _ENABLED_TRACKERS.discard(self)
         self._enabled = value
 
     def parameters(self) -> Iterator[nn.Parameter]:
@@ -474,6 +509,7 @@ class GradNormTracker:
     def close(self) -> None:
         """Remove every hook and stored tensor; the model behaves exactly as before."""
         self._detach()
+        _ENABLED_TRACKERS.discard(self)
         self._enabled = False
         self._closed = True
         self._backward = None
@@ -485,6 +521,7 @@ class GradNormTracker:
             owner.forward_calls = owner.covered_calls = owner.in_forward = 0
         for tie in self._ties:
             tie.embedding_calls.clear()
+        self._plans = {key: plan for key, plan in self._plans.items() if plan is self._current_plan}
 
     def __enter__(self) -> "GradNormTracker":
         return self
@@ -514,19 +551,16 @@ class GradNormTracker:
                     # block runs eagerly too (dynamo breaks its graph at the data-dependent routing anyway).
                     self._run_eagerly(self.model.get_submodule(owner.name.rpartition(".")[0]))
             if self._tables and owner.rule.rows_independent:
-                self._handles.append(owner.module.register_forward_pre_hook(
-                    partial(self._on_table_read, owner), prepend=True, with_kwargs=True))
+                self._add_pre_hook(owner.module, partial(self._on_table_read, owner), prepend=True, with_kwargs=True)
             if owner.sharded:
                 # After fully_shard's own pre-hook (it prepends it), which swaps in the unsharded parameters.
-                self._handles.append(owner.module.register_forward_pre_hook(partial(self._on_unsharded, owner)))
+                self._add_pre_hook(owner.module, partial(self._on_unsharded, owner))
             if owner.rule.rows_independent or owner.rule.rows_regrouped or isinstance(owner.rule, EmbeddingRule):
                 # First of the pre-hooks, so every other hook and the fused forward see [B, T, ...]; under
                 # FSDP2 after fully_shard's, which hands the forward new tensors for its inputs.
-                self._handles.append(owner.module.register_forward_pre_hook(
-                    partial(self._on_rows_pre_forward, owner), prepend=not owner.sharded))
+                self._add_pre_hook(owner.module, partial(self._on_rows_pre_forward, owner), prepend=not owner.sharded)
             if hasattr(owner.rule, "before_forward") or generic:
-                self._handles.append(owner.module.register_forward_pre_hook(
-                    partial(self._on_pre_forward, owner), with_kwargs=True))
+                self._add_pre_hook(owner.module, partial(self._on_pre_forward, owner), with_kwargs=True)
             # always_call: a generic owner's pre-hook enters a torch-function mode that must be left
             # even when the forward raises.
             hooks = [(partial(self._on_forward, owner), dict(with_kwargs=True, always_call=generic))]
@@ -567,8 +601,7 @@ class GradNormTracker:
                 owner = owners.get(id(module))
                 if (id(module) not in tables and not (owner is not None and owner.rule.rows_independent)
                         and (owner is not None or next(module.children(), None) is not None)):
-                    self._handles.append(module.register_forward_pre_hook(
-                        self._on_table_passed, prepend=True, with_kwargs=True))
+                    self._add_pre_hook(module, self._on_table_passed, prepend=True, with_kwargs=True)
         # The owners inside a generic owner count their calls in progress (see _Owner.in_forward):
         # registered after their other hooks, first of the pre-hooks and last of the hooks, so that
         # the whole call, hooks included, counts as in its forward.
@@ -582,9 +615,120 @@ class GradNormTracker:
         # Registered last, so it runs after the root's own hooks: watchers end with the tracked
         # model's forward (a mode a caller enters around the model call must find its own on top).
         self._handles.append(self.model.register_forward_hook(self._on_model_forward, always_call=True))
-        # First of all pre-hooks (the root may be an owner too): its rows hook reads this forward's batch.
-        self._handles.append(self.model.register_forward_pre_hook(self._on_model_pre_forward, with_kwargs=True,
-                                                                  prepend=True))
+        if not self._root_handles:
+            # First of all pre-hooks (the root may be an owner too): its rows hook reads this forward's
+            # batch. Kept while a new plan replaces every other hook: a call that has started runs the
+            # pre-hooks registered then, and torch reads whether one takes kwargs as it calls it.
+            self._root_handles = [
+                self.model.register_forward_pre_hook(self._on_root_pre_forward, with_kwargs=True, prepend=True),
+                self.model.register_forward_pre_hook(self._on_root_pre_forward_last, with_kwargs=True)]
+        # Parameters and modules registered on the model's modules from now on (a new head, LoRA
+        # adapters, load_state_dict(assign=True)): re-planned at the next forward (see _replan).
+        tracker = weakref.ref(self)  # (global hooks: they must not keep the tracker, and its model, alive)
+
+        def on_registration(module, name, value):
+            me = tracker()
+            if me is not None and id(module) in me._module_ids:
+                me._model_changed = True
+
+        for register in (nn.modules.module.register_module_module_registration_hook,
+                         nn.modules.module.register_module_parameter_registration_hook):
+            handle = register(on_registration)
+            # (removed from the global dict itself: a tracker collected with its model, in a cycle,
+            # finds its handles' weak references to that dict already cleared)
+            self._registration_hooks.append((handle.hooks_dict_ref(), handle.id))
+
+    def _add_pre_hook(self, module: nn.Module, hook: Callable, *, prepend: bool = False,
+                      with_kwargs: bool = False) -> None:
+        """``module.register_forward_pre_hook``, except on the tracked model itself, whose pre-hooks
+        from the plan are kept in lists its two dispatchers run (see ``_root_pre_first``)."""
+        if module is not self.model:
+            self._handles.append(module.register_forward_pre_hook(hook, prepend=prepend, with_kwargs=with_kwargs))
+        elif prepend:
+            self._root_pre_first.insert(0, (hook, with_kwargs))
+        else:
+            self._root_pre_last.append((hook, with_kwargs))
+
+    @torch.compiler.disable
+    def _on_root_pre_forward(self, module, args, kwargs):
+        """First of the tracked model's pre-hooks: re-plan if its parameters changed, read its
+        input, then run the plan's pre-hooks that go before the model's other ones."""
+        if (not (capture_suspended() or not torch.is_grad_enabled() or _inside_functorch())
+                and (self._model_changed or [p.requires_grad for p in self._planned_params] != self._planned_flags)):
+            self._replan()
+        self._on_model_pre_forward(module, args, kwargs)
+        return _run_pre_hooks(self._root_pre_first, module, args, kwargs)
+
+    @torch.compiler.disable
+    def _on_root_pre_forward_last(self, module, args, kwargs):
+        return _run_pre_hooks(self._root_pre_last, module, args, kwargs)
+
+    def _plan(self) -> None:
+        """Choose, from the model as it is now, the module and rule that account for each trainable
+        parameter (``_owners``), and note what the plan was made from (see ``_replan``). The last
+        few plans are kept by what they were made from, so a loop that switches between a few
+        states (an attack's steps with the model frozen, then the update) re-plans from them."""
+        planned = list(self.model.named_parameters())
+        key = tuple((name, id(p), p.requires_grad) for name, p in planned)
+        plan = self._plans.pop(key, None)
+        if plan is None:
+            self._owners, self._ties = _assign_owners(self.model)
+            self._mark_sharded()
+            for owner in self._owners:
+                can_fuse = getattr(owner.rule, "can_fuse", None)
+                owner.fused = bool(self._fused_routes and can_fuse is not None
+                                   and can_fuse(owner.module, owner.tracked))
+            plan = _Plan(self._owners, self._ties, planned)
+        for owner in plan.owners:
+            owner.retired = False
+        self._plans[key] = plan  # (the most recent last; the key's parameters are kept alive by the plan)
+        while len(self._plans) > _PLANS_KEPT:
+            self._plans.pop(next(iter(self._plans)))
+        self._current_plan = plan
+        self._owners, self._ties = plan.owners, plan.ties
+        self._tables = {id(owner.module.weight): owner for owner in self._owners
+                        if isinstance(owner.rule, EmbeddingRule) and owner.tie is None and not owner.aliases
+                        and owner.tracked.get("weight") is owner.module.weight}
+        self._looks_up_ids = any(isinstance(owner.rule, EmbeddingRule) for owner in self._owners)
+        self._planned = planned
+        self._planned_params = [p for _, p in planned]
+        self._planned_flags = [p.requires_grad for p in self._planned_params]
+        self._module_ids = {id(m) for m in self.model.modules()}
+        self._model_changed = False
+        # The first backward of a plan is verified: a parameter frozen when the tracker was made and
+        # used outside its module's forward would otherwise go unchecked once it is trained.
+        self._verify_next = not plan.verified
+
+    def _plan_outdated(self) -> bool:
+        """Whether the model's parameters (which, their names, which require grad) differ from the plan's."""
+        now = list(self.model.named_parameters())
+        return (len(now) != len(self._planned)
+                or any(name != old_name or p is not old for (name, p), (old_name, old) in zip(now, self._planned))
+                or [p.requires_grad for _, p in now] != self._planned_flags)
+
+    def _replan(self) -> None:
+        """Plan again where parameters were frozen, unfrozen, added or replaced since the plan was made
+        (fine-tuning that unfreezes layers as it goes, a new head): with the old plan, a parameter
+        unfrozen since would be left out of the norms and a frozen one counted. Called as the model's
+        forward starts, so that forward runs with the new plan: every hook is registered again, the
+        model's own pre-hooks through its dispatchers. The next backward is verified."""
+        self._model_changed = False
+        if not self._plan_outdated():
+            return
+        self._detach(keep_root_dispatchers=True)
+        self._retire()
+        self._plan()
+        self._attach()
+
+    def _retire(self) -> None:
+        """Mark the current plan's owners replaced, and forget what they held of calls in progress."""
+        for owner in self._owners:
+            owner.retired = True
+            owner.ready, owner.pre_states, owner.row_views, owner.deferred_hooks = [], [], [], []
+            owner.forward_calls = owner.covered_calls = owner.in_forward = owner.skip_hooks = 0
+        for tie in self._ties:
+            tie.embedding_calls.clear()
+        self._last_plans = {}
 
     @torch.compiler.disable
     def _on_model_pre_forward(self, module, args, kwargs):
@@ -740,7 +884,7 @@ class GradNormTracker:
             self._eager_forwards.append(_EagerForward(module))
             module.forward = self._eager_forwards[-1]
 
-    def _detach(self) -> None:
+    def _detach(self, keep_root_dispatchers: bool = False) -> None:
         self._leave_watchers(all_of_them=True)
         self._leave_ids_follower()
         for owner in self._owners:
@@ -753,6 +897,15 @@ class GradNormTracker:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._root_pre_first.clear()
+        self._root_pre_last.clear()
+        for hooks, hook_id in self._registration_hooks:
+            hooks.pop(hook_id, None)
+        self._registration_hooks.clear()
+        if not keep_root_dispatchers:
+            for handle in self._root_handles:
+                handle.remove()
+            self._root_handles.clear()
         self._hooked_stand_ins.clear()
 
     def _mark_sharded(self) -> None:
@@ -829,6 +982,8 @@ class GradNormTracker:
     @torch.compiler.disable
     def _fused_call(self, owner: _Owner, *args, **kwargs):
         module = owner.module
+        if owner.retired:  # (the tracked model's own forward, re-planned after its call had started)
+            return module.forward(*args, **kwargs)
         x = args[0] if args else None
         rule = owner.rule
         if x is None and getattr(rule, "fused_kwargs", False):
@@ -917,9 +1072,10 @@ class GradNormTracker:
                 and not (capture_suspended() or not torch.is_grad_enabled() or _inside_functorch())):
             raise RuntimeError(
                 f"module '{owner.name}' ({type(module).__name__}): its parameter '{owner.probe[0]}' is not the one "
-                "the GradNormTracker was created with (replaced since: fully_shard, load_state_dict(assign=True), "
-                "or an assignment), so its gradients would not reach the tracker. Create the tracker after the "
-                "model's parameters are final, e.g. after fully_shard(...)")
+                "the GradNormTracker planned for (put in place since without Module.register_parameter, which "
+                "the tracker would see and re-plan after: by fully_shard, or into the module's _parameters), so its "
+                "gradients would not reach the tracker. Create the tracker after fully_shard(...), or assign "
+                "parameters as attributes (module.weight = nn.Parameter(...))")
         if owner.skip_hooks:
             owner.skip_hooks -= 1
             return None
@@ -1320,7 +1476,10 @@ class GradNormTracker:
         if self._backward is None:
             self._leave_watchers(all_of_them=True)
             n, every = self._backwards_started, self.verify_every
-            self._backward = _Backward(verify=n == 0 or (every > 0 and n % every == 0))
+            self._backward = _Backward(verify=n == 0 or (every > 0 and n % every == 0) or self._verify_next)
+            self._verify_next = False
+            if self._backward.verify:
+                self._current_plan.verified = True
             self._backwards_started += 1
             # Runs once the engine finishes this backward: the place to close the record.
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
@@ -1809,6 +1968,24 @@ class _EagerForward:
             module.forward = self.own
 
 
+
+
+def _run_pre_hooks(hooks: list[tuple[Callable, bool]], module: nn.Module, args: tuple, kwargs: dict):
+    """Run forward pre-hooks ``(hook, with_kwargs)`` in order as ``nn.Module`` would, each seeing the
+    arguments the previous one returned; the final ``(args, kwargs)``, or None if none changed them."""
+    changed = False
+    for hook, with_kwargs in list(hooks):
+        if with_kwargs:
+            result = hook(module, args, kwargs)
+            if result is not None:
+                args, kwargs = result
+                changed = True
+        else:
+            result = hook(module, args)
+            if result is not None:
+                args = result if isinstance(result, tuple) else (result,)
+                changed = True
+    return (args, kwargs) if changed else None
 
 
 def _enter_forward(owner: _Owner, module, args) -> None:

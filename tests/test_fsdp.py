@@ -114,7 +114,7 @@ def test_sequence_first_models_under_fully_shard_match_torch_func():
 def test_tracker_created_before_fully_shard_is_refused():
     messages = launch(dist_workers.fsdp_tracker_first_worker, 2, threads=1)
     for message in messages:
-        assert "is not the one the GradNormTracker was created with" in message
+        assert "is not the one the GradNormTracker planned for" in message
         assert "after fully_shard" in message
 
 
