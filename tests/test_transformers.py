@@ -569,3 +569,28 @@ def test_lora_adapters_match_torch_func(fused):
     tokens, targets = torch.randint(0, 97, (3, 9)), torch.randint(0, 97, (3, 9))
     routes = tracked_and_checked(model, token_loss, tokens, targets, fused)
     assert len(routes) == 12 and all(".lora_A." in name or ".lora_B." in name for name in routes)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+def test_gpt2_resized_and_partly_frozen_after_the_tracker_was_made(fused):
+    """``resize_token_embeddings`` (new special tokens) puts a new, still tied, embedding and head in
+    place; then all but the last block is frozen: each step re-planned, exact (tests/test_replan.py)."""
+    model, tokens, targets = gpt2_case()
+    with GradNormTracker(model, "sum", fused=fused) as tracker:
+        token_loss(model(tokens), targets).backward()
+        tracker.collect()
+        model.lm.resize_token_embeddings(101, mean_resizing=False)
+        assert model.lm.lm_head.weight is model.lm.transformer.wte.weight
+        gen = torch.Generator().manual_seed(2)
+        tokens, targets = torch.randint(0, 101, (3, 9), generator=gen), torch.randint(0, 101, (3, 9), generator=gen)
+        for step in ("resized", "last block"):
+            if step == "last block":
+                model.requires_grad_(False)
+                model.lm.transformer.h[-1].requires_grad_(True)
+            model.zero_grad()
+            token_loss(model(tokens), targets).backward()
+            stats = tracker.collect()
+            ref, _, ref_batch = reference_norms(model, token_loss, tokens, targets)
+            assert rel_err(stats.per_sample, ref) <= RTOL, step
+            assert rel_err(stats.batch_grad_sq, ref_batch) <= RTOL, step
+        assert all(name.startswith("lm.transformer.h.1.") for name in stats.per_layer)
