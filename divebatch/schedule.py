@@ -448,7 +448,10 @@ class DiveBatch(BatchSizePolicy):
                 raise ValueError(f"{stats.backwards} backward passes since the last collect(): observe() reads one "
                                  "backward per optimizer step, so with gradient accumulation it would mix the last "
                                  "micro-batch's norms with the accumulated gradient. Use "
-                                 "divebatch.train.accumulate_step(..., measure=True) and policy.observe_sums(...)")
+                                 "divebatch.train.accumulate_step(..., measure=True) and policy.observe_sums(...). "
+                                 "(An input's gradient taken with loss.backward(), as an adversarial attack's step, "
+                                 "is a backward too: take it with torch.autograd.grad(loss, x), which forms no "
+                                 "parameter's gradient and is not counted)")
             world = rank_and_world()[1]
             if world > 1:  # DDP: the global batch's sums (one small all-reduce), as observe_sums takes them
                 loss_scale = float(stats.scale) * float(grad_scale)

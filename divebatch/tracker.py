@@ -193,6 +193,12 @@ class _Backward:
     # owner id -> terms summed into each parameter entry by autograd's own backward of a norm layer
     # after a CPU bfloat16 autocast forward (its rounding grows with their number: _verification_error)
     rounded_terms: dict = field(default_factory=dict)
+    # Ids of the tracked parameters whose gradient hooks ran: the gradients this backward formed
+    # (see GradNormTracker._drop_unformed).
+    grad_ids: set = field(default_factory=set)
+    # It differentiates through gradients an earlier backward made with create_graph=True (a
+    # gradient penalty): always verified, and refused where autograd's gradients differ.
+    second_order: bool = False
 
 
 @dataclass(eq=False)
@@ -377,6 +383,7 @@ class GradNormTracker:
         self._plans: dict[tuple, _Plan] = {}  # see _plan
         self._plan()
         self._verify_next = False  # (the first backward is verified anyway, see verify_every)
+        self._after_create_graph = False  # the last backward had create_graph=True (see _Backward.second_order)
         self._handles: list = []
         # Pre-hooks the tracked model's own module takes from the plan, run by _on_root_pre_forward
         # (first of its pre-hooks) and _on_root_pre_forward_last (last): registered once per attach, so
@@ -695,6 +702,7 @@ class GradNormTracker:
         self._planned_flags = [p.requires_grad for p in self._planned_params]
         self._module_ids = {id(m) for m in self.model.modules()}
         self._model_changed = False
+        self._n_tracked = len({id(p) for owner in self._owners for p in owner.tracked.values()})
         # The first backward of a plan is verified: a parameter frozen when the tracker was made and
         # used outside its module's forward would otherwise go unchecked once it is trained.
         self._verify_next = not plan.verified
@@ -1476,8 +1484,13 @@ class GradNormTracker:
         if self._backward is None:
             self._leave_watchers(all_of_them=True)
             n, every = self._backwards_started, self.verify_every
-            self._backward = _Backward(verify=n == 0 or (every > 0 and n % every == 0) or self._verify_next)
+            second_order = self._after_create_graph
+            self._backward = _Backward(verify=n == 0 or (every > 0 and n % every == 0) or self._verify_next
+                                       or second_order, second_order=second_order)
             self._verify_next = False
+            # (create_graph=True: the gradients it forms are differentiable, and a later backward may
+            # go through them; see _Backward.second_order)
+            self._after_create_graph = torch.is_grad_enabled()
             if self._backward.verify:
                 self._current_plan.verified = True
             self._backwards_started += 1
@@ -1534,6 +1547,7 @@ class GradNormTracker:
         if not self._enabled:
             return None
         step = self._current_backward()
+        step.grad_ids.add(param_id)
         if step.verify:
             step.delivered[param_id] = (name, owner, grad.detach())
             if self._accounted_in_full(step, owner):
@@ -1599,6 +1613,16 @@ class GradNormTracker:
                 # that for LayerNorm, 1.9% over 392 rows to 30% over 100,352).
                 tol = max(tol, 2.0 ** -8 * math.sqrt(terms))
             rel, owner, name = entry.relative, entry.owner, entry.worst
+            if rel > tol and step.second_order:
+                return RuntimeError(
+                    f"parameter '{name}' of module '{owner.name}' ({type(owner.module).__name__}) received a gradient "
+                    f"that its forward calls do not account for (relative difference {rel:.2g}): this backward goes "
+                    "through gradients an earlier backward formed with create_graph=True (a gradient penalty: R1, "
+                    "WGAN-GP, input-gradient regularisation), whose part of each parameter's gradient flows through "
+                    "the backward's own graph, where per-sample norms read from layer inputs and output grads do not "
+                    "see it. Per-sample norms of such a loss are not computed: track a backward of the loss without "
+                    "the penalty (backward, collect(), then the penalty's backward with tracker.enabled = False), or "
+                    "turn tracking off for these steps")
             if rel > tol:
                 return RuntimeError(
                     f"parameter '{name}' received a gradient that the forward calls of its module '{owner.name}' "
@@ -1740,6 +1764,7 @@ class GradNormTracker:
                 with self._gathered(owner):
                     self._account(step, owner, calls)
             self._add_tied_cross_terms(step)
+            self._drop_unformed(step)
             for param_id in list(step.delivered):
                 self._verify_param(step, param_id)
             outside_use = self._verification_error(step)
@@ -1759,6 +1784,8 @@ class GradNormTracker:
                        "uncompiled, or exclude the module that reads it from compilation "
                        "(module.forward = torch.compiler.disable(module.forward))"
                        if owner.name in self._tables_read_in_compiled_code else ""))
+            if not step.per_layer and not step.grad_ids:
+                return  # it formed no tracked parameter's gradient (an input's only): no step to report
             self._last = self._close_record(step)
             self._uncollected += 1
             self._last_plans.update(step.plans)
@@ -1769,6 +1796,34 @@ class GradNormTracker:
                 owner.forward_calls = owner.covered_calls = 0
             for tie in self._ties:
                 tie.embedding_calls.clear()
+
+    def _drop_unformed(self, step: _Backward) -> None:
+        """Leave out the modules none of whose parameters got a gradient in this backward: a backward
+        that forms only some gradients (``loss.backward(inputs=[...])``, ``torch.autograd.grad`` of
+        some parameters, or of the input only: an attack's step) goes through modules whose output
+        grads it needs but whose parameters' gradients it does not form. A module some of whose
+        parameters got one and others not is refused (its norms are computed for its parameters
+        together), except on the generic route, where a parameter without a gradient is one the call
+        did not use (its part is zero)."""
+        if len(step.grad_ids) == self._n_tracked:  # (every gradient formed: the usual backward)
+            return
+        for owner in self._owners:
+            if owner.name not in step.per_layer or id(owner) not in step.contributed:
+                continue
+            got = [name for name, p in owner.tracked.items() if id(p) in step.grad_ids]
+            if len(got) == len(owner.tracked):
+                continue
+            if got and owner.rule is not GENERIC:
+                missing = [name for name in owner.tracked if name not in got]
+                raise RuntimeError(
+                    f"module '{owner.name}' ({type(owner.module).__name__}): this backward formed the gradient of "
+                    f"{got} but not of {missing} (backward(inputs=...) or torch.autograd.grad with part of its "
+                    "parameters). Its per-sample norms are computed for its parameters together: ask for all of a "
+                    "module's parameters or none of them")
+            if not got:
+                step.per_layer.pop(owner.name, None)
+                if owner.tie is not None:
+                    step.per_layer.pop(owner.tie.key, None)
 
     def _close_record(self, step: _Backward) -> GradNormStats:
         B = step.batch_size
