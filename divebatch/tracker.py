@@ -536,6 +536,13 @@ class GradNormTracker:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def __getstate__(self) -> dict:
+        # A model saved whole (torch.save(model), copy.deepcopy) takes its hooks, so this tracker,
+        # along: not torch's global registration dicts, which hold other trackers' closures.
+        state = self.__dict__.copy()
+        state["_registration_hooks"] = []
+        return state
+
     def __del__(self):  # a forgotten tracker must not leave hooks on a model that outlives it
         try:
             self._detach()
@@ -678,6 +685,11 @@ class GradNormTracker:
         planned = list(self.model.named_parameters())
         key = tuple((name, id(p), p.requires_grad) for name, p in planned)
         plan = self._plans.pop(key, None)
+        # Plans made with parameters the model no longer has (a head replaced, an embedding resized)
+        # would keep those alive, and match no state of it again.
+        current = {id(p) for _, p in planned}
+        self._plans = {k: kept for k, kept in self._plans.items()
+                       if all(id(p) in current for _, p in kept.planned)}
         if plan is None:
             self._owners, self._ties = _assign_owners(self.model)
             self._mark_sharded()

@@ -6,7 +6,9 @@ norms and a frozen one counted, with no error)."""
 
 from __future__ import annotations
 
+import copy
 import gc
+import io
 import warnings
 import weakref
 
@@ -301,3 +303,33 @@ def test_a_second_tracker_on_a_model_warns_while_the_first_is_on():
         first.enabled = True
         GradNormTracker(make_mlp(), "sum").close()  # (another model)
     first.close()
+
+
+def test_plans_do_not_keep_replaced_parameters_alive():
+    model, (x, y) = make_mlp(), batch()
+    with GradNormTracker(model, "sum") as tracker:
+        assert_exact(tracker, model, x, y)
+        old_head = weakref.ref(model[4].weight)
+        model[4] = nn.Linear(8, 3)
+        assert_exact(tracker, model, x, y)
+        gc.collect()
+        assert old_head() is None
+
+
+def test_a_tracked_model_saves_and_copies_whole():
+    """torch.save(model) pickles its hooks, so the tracker: not the global registration hooks."""
+    model, (x, y) = make_mlp(), batch()
+    with GradNormTracker(model, "sum") as tracker:
+        assert_exact(tracker, model, x, y)
+        before = (dict(nn.modules.module._global_module_registration_hooks),
+                  dict(nn.modules.module._global_parameter_registration_hooks))
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        copied = copy.deepcopy(model)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        for other in (copied, loaded):
+            torch.testing.assert_close(other(x), model(x))
+        assert before == (dict(nn.modules.module._global_module_registration_hooks),
+                          dict(nn.modules.module._global_parameter_registration_hooks))
+        assert_exact(tracker, model, x, y)
