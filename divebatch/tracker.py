@@ -1092,10 +1092,11 @@ class GradNormTracker:
                 and not (capture_suspended() or not torch.is_grad_enabled() or _inside_functorch())):
             raise RuntimeError(
                 f"module '{owner.name}' ({type(module).__name__}): its parameter '{owner.probe[0]}' is not the one "
-                "the GradNormTracker planned for (put in place since without Module.register_parameter, which "
-                "the tracker would see and re-plan after: by fully_shard, or into the module's _parameters), so its "
-                "gradients would not reach the tracker. Create the tracker after fully_shard(...), or assign "
-                "parameters as attributes (module.weight = nn.Parameter(...))")
+                "the GradNormTracker planned for: it was swapped in without Module.register_parameter (by "
+                "fully_shard, torch.func.functional_call, or an assignment to the module's _parameters), so its "
+                "gradients would not reach the tracker. Create the tracker after fully_shard(...); call "
+                "functional_call with tracker.enabled = False; assign parameters as attributes "
+                "(module.weight = nn.Parameter(...)), which the tracker re-plans after")
         if owner.skip_hooks:
             owner.skip_hooks -= 1
             return None

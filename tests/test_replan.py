@@ -333,3 +333,17 @@ def test_a_tracked_model_saves_and_copies_whole():
         assert before == (dict(nn.modules.module._global_module_registration_hooks),
                           dict(nn.modules.module._global_parameter_registration_hooks))
         assert_exact(tracker, model, x, y)
+
+
+def test_functional_call_with_other_parameters_is_refused_and_leaves_the_plan():
+    """torch.func.functional_call swaps tensors in without registering them: refused, saying what to do;
+    the model's own next step is tracked as before."""
+    model, (x, y) = make_mlp(), batch()
+    params = {name: p.detach().clone().requires_grad_() for name, p in model.named_parameters()}
+    with GradNormTracker(model, "sum") as tracker:
+        with pytest.raises(RuntimeError, match="functional_call with tracker.enabled = False"):
+            torch.func.functional_call(model, params, (x,))
+        tracker.enabled = False
+        torch.func.functional_call(model, params, (x,))
+        tracker.enabled = True
+        assert_exact(tracker, model, x, y)
