@@ -574,7 +574,10 @@ class GradNormTracker:
                 # FSDP2 after fully_shard's, which hands the forward new tensors for its inputs.
                 self._add_pre_hook(owner.module, partial(self._on_rows_pre_forward, owner), prepend=not owner.sharded)
             if hasattr(owner.rule, "before_forward") or generic:
-                self._add_pre_hook(owner.module, partial(self._on_pre_forward, owner), with_kwargs=True)
+                # (before a pruning method's pre-hook, which computes the weight from weight_orig: the
+                # generic route's replay must compute it again, see _pruned)
+                self._add_pre_hook(owner.module, partial(self._on_pre_forward, owner), with_kwargs=True,
+                                   prepend=generic and _pruned(owner.module))
             # always_call: a generic owner's pre-hook enters a torch-function mode that must be left
             # even when the forward raises.
             hooks = [(partial(self._on_forward, owner), dict(with_kwargs=True, always_call=generic))]
@@ -2079,6 +2082,15 @@ def _parametrization_state(module: nn.Module) -> list[tuple[torch.Tensor, int]] 
     if not parametrize.is_parametrized(module):
         return None
     return [(b, b._version) for b in module.parametrizations.buffers()]
+
+
+def _pruned(module: nn.Module) -> bool:
+    """Whether ``torch.nn.utils.prune`` masks one of the module's parameters: a forward pre-hook sets
+    ``weight = weight_orig * weight_mask`` (a plain tensor), so the module's parameter is
+    ``weight_orig``, which no layer rule knows (``rule_for``: the generic route)."""
+    from torch.nn.utils.prune import BasePruningMethod
+
+    return any(isinstance(hook, BasePruningMethod) for hook in module._forward_pre_hooks.values())
 
 
 def _join(prefix: str, name: str) -> str:
