@@ -584,24 +584,25 @@ class GradNormTracker:
             if owner.rule.rows_independent or owner.rule.rows_regrouped or isinstance(owner.rule, EmbeddingRule):
                 # After _on_forward, which hooks the [B, T, ...] output the rule's grads arrive for.
                 hooks.append((partial(self._on_rows_forward, owner), dict(always_call=True)))
+            # First of the module's forward hooks (prepended, in reverse, keeping their order): the rule
+            # reads the module's own output, not one a hook registered before the tracker replaced (an
+            # output scaled by a user's hook: its norms were off, refused on verified backwards only),
+            # and such a hook sees the output the module returns (not a [B, T, ...] view of it). Under
+            # FSDP2 that also puts them before fully_shard's post-forward hook, which puts the shards
+            # back (a capture may read the parameters, e.g. EmbeddingBag's max mode).
+            for hook, kwargs in reversed(hooks):
+                self._handles.append(owner.module.register_forward_hook(hook, prepend=True, **kwargs))
             if owner.sharded:
-                # Before fully_shard's post-forward hook, which puts the shards back (a capture may read
-                # the parameters, e.g. EmbeddingBag's max mode): prepended, in reverse, keeping their order.
-                for hook, kwargs in reversed(hooks):
-                    self._handles.append(owner.module.register_forward_hook(hook, prepend=True, **kwargs))
                 self._handles.append(owner.module.register_forward_hook(
                     partial(self._on_sharded_forward_end, owner), always_call=True))
-            else:
-                for hook, kwargs in hooks:
-                    self._handles.append(owner.module.register_forward_hook(hook, **kwargs))
             for alias in owner.aliases:
                 if not self.batch_first:  # (an Embedding sharing the owner's weight: [T, B] ids as the owner's)
                     self._handles.append(alias.register_forward_pre_hook(partial(self._on_rows_pre_forward, owner),
                                                                          prepend=True))
-                self._handles.append(alias.register_forward_hook(partial(self._on_forward, owner), with_kwargs=True))
-                if not self.batch_first:
                     self._handles.append(alias.register_forward_hook(partial(self._on_rows_forward, owner),
-                                                                     always_call=True))
+                                                                     always_call=True, prepend=True))
+                self._handles.append(alias.register_forward_hook(partial(self._on_forward, owner), with_kwargs=True,
+                                                                 prepend=True))
             for name, p in owner.tracked.items():
                 if id(p) in hooked:  # a tied weight: autograd hands its summed gradient to one hook
                     continue
