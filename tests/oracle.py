@@ -127,6 +127,19 @@ def tracked_and_checked(model, loss, x, y, fused=True, rtol=1e-4, forward=None) 
     return routes
 
 
+def checked_step(tracker, model, loss, x, y, forward=None, rtol=1e-5):
+    """One step of ``loss(model(x), y)`` (or ``forward(x)``) with an existing tracker
+    (``loss_reduction="sum"``), its norms checked against torch.func over ``model``'s trainable
+    parameters as they are now; the stats."""
+    model.zero_grad()
+    loss((forward or model)(x), y).backward()
+    stats = tracker.collect()
+    per_sample, _, batch = reference_norms(model, loss, x, y)
+    assert rel_err(stats.per_sample, per_sample) < rtol
+    assert rel_err(stats.batch_grad_sq, batch) < rtol
+    return stats
+
+
 def assert_refused(model, loss, x, y, match: str) -> None:
     """One tracked backward (``loss_reduction="sum"``) is refused with a ValueError matching ``match``
     (raised in the backward or at ``collect()``)."""

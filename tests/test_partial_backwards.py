@@ -9,28 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from divebatch import DiveBatch, GradNormTracker
 
 from .oracle import reference_norms, rel_err
 
-HOOKS = ["fused", "hooks"]
-
-
-def loss(out, y):
-    return F.cross_entropy(out, y, reduction="sum")
-
-
-def make_model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 3))
-
-
-def batch():
-    gen = torch.Generator().manual_seed(1)
-    return torch.randn(5, 6, generator=gen), torch.randint(0, 3, (5,), generator=gen)
+from .test_replan import HOOKS, batch, loss
+from .test_replan import make_mlp as make_model
 
 
 def reference_over(names, x, y):

@@ -20,7 +20,7 @@ from torch import nn
 import divebatch.tracker as tracker_module
 from divebatch import GradNormTracker
 
-from .oracle import reference_norms, rel_err
+from .oracle import checked_step, reference_norms, rel_err
 
 HOOKS = ["fused", "hooks"]
 
@@ -41,13 +41,7 @@ def batch(samples=5, features=6):
 
 def assert_exact(tracker, model, x, y, forward=None):
     """One tracked step of ``model`` as it is now, against torch.func over its trainable parameters."""
-    model.zero_grad()
-    loss((forward or model)(x), y).backward()
-    stats = tracker.collect()
-    ref, per_param, ref_batch = reference_norms(model, loss, x, y)
-    assert rel_err(stats.per_sample, ref) < 1e-5
-    assert rel_err(stats.batch_grad_sq, ref_batch) < 1e-5
-    return stats
+    return checked_step(tracker, model, loss, x, y, forward)
 
 
 def set_trainable(module: nn.Module, trainable: bool) -> None:
