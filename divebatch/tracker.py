@@ -148,6 +148,12 @@ class _Plan:
     verified: bool = False  # a backward with it was verified
 
 
+def _state_key(named_parameters) -> tuple:
+    """What a plan is made from: each parameter's name, identity and ``requires_grad`` (the plan
+    that has this key keeps its parameters alive, so an id is not reused while it is kept)."""
+    return tuple((name, id(p), p.requires_grad) for name, p in named_parameters)
+
+
 _PLANS_KEPT = 4  # plans kept for states of the model seen before (see GradNormTracker._plan)
 _ENABLED_TRACKERS: "weakref.WeakSet[GradNormTracker]" = weakref.WeakSet()  # their hooks are attached
 
@@ -521,14 +527,8 @@ class GradNormTracker:
         self._closed = True
         self._backward = None
         self._last = None
-        self._last_plans = {}
-        for owner in self._owners:
-            owner.ready.clear()
-            owner.pre_states.clear()
-            owner.forward_calls = owner.covered_calls = owner.in_forward = 0
-        for tie in self._ties:
-            tie.embedding_calls.clear()
-        self._plans = {key: plan for key, plan in self._plans.items() if plan is self._current_plan}
+        self._retire()
+        self._plans = {}
 
     def __enter__(self) -> "GradNormTracker":
         return self
@@ -687,7 +687,7 @@ class GradNormTracker:
         few plans are kept by what they were made from, so a loop that switches between a few
         states (an attack's steps with the model frozen, then the update) re-plans from them."""
         planned = list(self.model.named_parameters())
-        key = tuple((name, id(p), p.requires_grad) for name, p in planned)
+        key = self._plan_key = _state_key(planned)
         plan = self._plans.pop(key, None)
         # Plans made with parameters the model no longer has (a head replaced, an embedding resized)
         # would keep those alive, and match no state of it again.
@@ -713,7 +713,6 @@ class GradNormTracker:
                         if isinstance(owner.rule, EmbeddingRule) and owner.tie is None and not owner.aliases
                         and owner.tracked.get("weight") is owner.module.weight}
         self._looks_up_ids = any(isinstance(owner.rule, EmbeddingRule) for owner in self._owners)
-        self._planned = planned
         self._planned_params = [p for _, p in planned]
         self._planned_flags = [p.requires_grad for p in self._planned_params]
         self._module_ids = {id(m) for m in self.model.modules()}
@@ -725,10 +724,7 @@ class GradNormTracker:
 
     def _plan_outdated(self) -> bool:
         """Whether the model's parameters (which, their names, which require grad) differ from the plan's."""
-        now = list(self.model.named_parameters())
-        return (len(now) != len(self._planned)
-                or any(name != old_name or p is not old for (name, p), (old_name, old) in zip(now, self._planned))
-                or [p.requires_grad for _, p in now] != self._planned_flags)
+        return _state_key(self.model.named_parameters()) != self._plan_key
 
     def _replan(self) -> None:
         """Plan again where parameters were frozen, unfrozen, added or replaced since the plan was made
