@@ -731,7 +731,8 @@ class GradNormTracker:
         (fine-tuning that unfreezes layers as it goes, a new head): with the old plan, a parameter
         unfrozen since would be left out of the norms and a frozen one counted. Called as the model's
         forward starts, so that forward runs with the new plan: every hook is registered again, the
-        model's own pre-hooks through its dispatchers. The next backward is verified."""
+        model's own pre-hooks through its dispatchers. The first backward of a plan is verified (a plan
+        kept from before, and verified then, is not again: see _plan)."""
         self._model_changed = False
         if not self._plan_outdated():
             return
