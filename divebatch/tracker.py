@@ -575,9 +575,9 @@ class GradNormTracker:
                 self._add_pre_hook(owner.module, partial(self._on_rows_pre_forward, owner), prepend=not owner.sharded)
             if hasattr(owner.rule, "before_forward") or generic:
                 # (before a pruning method's pre-hook, which computes the weight from weight_orig: the
-                # generic route's replay must compute it again, see _pruned)
+                # generic route's recorder must see it, its replay compute it again; _weight_from_pre_hook)
                 self._add_pre_hook(owner.module, partial(self._on_pre_forward, owner), with_kwargs=True,
-                                   prepend=generic and _pruned(owner.module))
+                                   prepend=generic and _weight_from_pre_hook(owner.module))
             # always_call: a generic owner's pre-hook enters a torch-function mode that must be left
             # even when the forward raises.
             hooks = [(partial(self._on_forward, owner), dict(with_kwargs=True, always_call=generic))]
@@ -607,8 +607,8 @@ class GradNormTracker:
                 if id(p) in hooked:  # a tied weight: autograd hands its summed gradient to one hook
                     continue
                 hooked.add(id(p))
-                self._handles.append(p.register_hook(partial(self._on_param_grad, owner, _join(owner.name, name),
-                                                             id(p))))
+                self._handles.append(_first_hook(p, partial(self._on_param_grad, owner, _join(owner.name, name),
+                                                            id(p))))
         # Modules that may be handed a tracked Embedding's weight (see _on_table_passed): those with
         # children (few: leaves make most calls) and owners other than row-wise layers (which take
         # _on_table_read) and the tables themselves. First of their pre-hooks.
@@ -1082,13 +1082,20 @@ class GradNormTracker:
             pre_state, recorder, parametrization_state = pre_state
             if recorder is not None:
                 self._exit_recorder(recorder)
-            if parametrization_state and any(b._version != v for b, v in parametrization_state):
+            # Where the recorder read every use (the weight computed from the parameters, then one
+            # product with the input), the per-sample vjps run back through the ops it recorded, with
+            # this forward's tensors: a power iteration that moved the estimate is no obstacle.
+            if (parametrization_state and (recorder is None or recorder.uses is None)
+                    and any(b._version != v for b, v in parametrization_state)):
+                which = (f"a parametrization of its {', '.join(repr(n) for n in module.parametrizations)}"
+                         if parametrize.is_parametrized(module) else "the forward pre-hook that computes its weight")
+                hint = ("put the parametrization in eval mode (module.parametrizations.<name>.eval() keeps its current "
+                        "estimate)" if parametrize.is_parametrized(module) else "call .eval() on the module")
                 raise ValueError(
-                    f"module '{owner.name}' ({type(module).__name__}): a parametrization of its "
-                    f"{', '.join(repr(n) for n in module.parametrizations)} changed its buffers during the forward "
-                    "(e.g. spectral_norm's power iteration in training mode). Its per-sample gradients come from "
-                    "replaying the forward, which must compute the same tensor again: put the parametrization in "
-                    "eval mode (module.parametrizations.<name>.eval() keeps its current estimate), or freeze it")
+                    f"module '{owner.name}' ({type(module).__name__}): {which} changed its buffers during the "
+                    "forward (e.g. spectral_norm's power iteration in training mode), and its per-sample gradients "
+                    "come from replaying the forward (an op of the module's forward the tracker cannot read), which "
+                    f"must compute the same tensor again: {hint}, or freeze it")
         if (owner.probe is not None and _attribute(owner.module, owner.probe[0]) is not owner.probe[1]
                 and not (capture_suspended() or not torch.is_grad_enabled() or _inside_functorch())):
             raise RuntimeError(
@@ -2075,20 +2082,48 @@ def _relative_name(parent: str, name: str) -> str:
 
 
 def _parametrization_state(module: nn.Module) -> list[tuple[torch.Tensor, int]] | None:
-    """``(buffer, version)`` of each buffer of ``module``'s parametrizations, or None: a forward that
-    changes one computes a tensor that no replay computes again."""
-    if not parametrize.is_parametrized(module):
-        return None
-    return [(b, b._version) for b in module.parametrizations.buffers()]
+    """``(buffer, version)`` of each buffer of ``module``'s parametrizations (or of the module itself,
+    where a pre-hook computes its weight: the hook-based ``spectral_norm``'s ``weight_u``), or None:
+    a forward that changes one (a power iteration in training mode) computes a tensor that no
+    replay computes again."""
+    if parametrize.is_parametrized(module):
+        return [(b, b._version) for b in module.parametrizations.buffers()]
+    if _weight_from_pre_hook(module):
+        return [(b, b._version) for b in module.buffers(recurse=False)]
+    return None
 
 
-def _pruned(module: nn.Module) -> bool:
-    """Whether ``torch.nn.utils.prune`` masks one of the module's parameters: a forward pre-hook sets
-    ``weight = weight_orig * weight_mask`` (a plain tensor), so the module's parameter is
-    ``weight_orig``, which no layer rule knows (``rule_for``: the generic route)."""
+def _first_hook(param: torch.Tensor, hook) -> "torch.utils.hooks.RemovableHandle":
+    """``param.register_hook(hook)``, run before the hooks registered on ``param`` earlier: a
+    user's hook that changes the gradient (``p.register_hook(lambda g: g * mask)`` to train some
+    rows only, a clip) must not change what the tracker reads, since the rules' per-sample
+    gradients, read from layer inputs and output grads, are the loss's own (as torch.func's and
+    Opacus' are); the batch-gradient norm and the accounting check read the same. Tensor hooks have
+    no ``prepend``: autograd calls them in the order of ``_backward_hooks``' underlying dict
+    (insertion order; ``OrderedDict.move_to_end`` does not change it), so the dict is refilled."""
+    handle = param.register_hook(hook)
+    hooks = param._backward_hooks
+    if isinstance(hooks, dict) and len(hooks) > 1:
+        earlier = [(key, h) for key, h in hooks.items() if key != handle.id]
+        hooks.clear()
+        hooks[handle.id] = hook
+        hooks.update(earlier)
+    return handle
+
+
+def _weight_from_pre_hook(module: nn.Module) -> bool:
+    """Whether a forward pre-hook computes one of the module's weights from its parameters before
+    each forward: ``torch.nn.utils.prune`` (``weight = weight_orig * weight_mask``), the hook-based
+    ``torch.nn.utils.weight_norm`` (``weight = g * v / ||v||``, HiFi-GAN's and WaveNet's vocoders)
+    and ``spectral_norm`` (``weight = weight_orig / sigma``, GAN discriminators). The weight is then
+    a plain tensor and the parameters are ``weight_orig``/``weight_g``, ``weight_v``, which no layer
+    rule knows (``rule_for``: the generic route); its recorder must see the hook's ops."""
     from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
 
-    return any(isinstance(hook, BasePruningMethod) for hook in module._forward_pre_hooks.values())
+    return any(isinstance(hook, (BasePruningMethod, WeightNorm, SpectralNorm))
+               for hook in module._forward_pre_hooks.values())
 
 
 def _join(prefix: str, name: str) -> str:

@@ -3,11 +3,16 @@ module uses ``g(original)``, computed by its ParametrizationList on each access.
 the module's parameters on the generic route, read from the product of the input with the
 computed weight (each sample's vjp of that op, taken back through the parametrization: route
 "generic (computed weights)", no replay of the module's forward); a parametrization that changes
-its buffers in the forward (spectral_norm's power iteration in training mode) is refused, since no
-replay computes that tensor again. Checked against torch.func.
+its buffers in the forward (spectral_norm's power iteration in training mode) is exact where the
+call is read that way, and refused where it must be replayed, since no replay computes that tensor
+again. The older hook-based ``torch.nn.utils.weight_norm`` and ``spectral_norm`` (a forward pre-hook
+computes the weight) take the same route. Checked against torch.func.
 """
 
 from __future__ import annotations
+
+import copy
+import warnings
 
 import pytest
 import torch
@@ -17,7 +22,7 @@ from torch.nn.utils import parametrizations, parametrize
 from divebatch import GradNormTracker
 
 from .models_zoo import sample_loss
-from .oracle import tracked_and_checked
+from .oracle import reference_norms, rel_err, tracked_and_checked
 
 
 class Positive(nn.Module):
@@ -66,14 +71,85 @@ def test_weight_norm_convolution_as_wav2vec2_positions():
     assert routes["1"] == "generic (computed weights)"
 
 
-def test_spectral_norm_in_training_mode_is_refused():
-    """Its power iteration updates ``_u``/``_v`` in every training-mode forward: a replay would
-    compute another weight (and advance the estimate again). Refused at the forward, by name."""
+SPECTRAL_NORMS = {
+    "parametrization": lambda layer: parametrizations.spectral_norm(layer),
+    "hook": lambda layer: nn.utils.spectral_norm(layer),  # (the older, hook-based one: weight_orig, weight_u)
+}
+
+
+def _estimate(layer) -> torch.Tensor:
+    return layer.parametrizations.weight[0]._u if parametrize.is_parametrized(layer) else layer.weight_u
+
+
+@pytest.mark.parametrize("style", sorted(SPECTRAL_NORMS))
+@pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv"])
+def test_spectral_norm_in_training_mode_is_exact(conv, style):
+    """A GAN discriminator's layers: the power iteration updates the estimate ``u`` in every
+    training-mode forward. The weight is read from the ops after it (``weight / sigma``, with this
+    forward's ``u`` and ``v``), so no replay computes another one: the norms are those of the weight
+    this forward used (torch.func in eval mode after it, which uses the same estimate), and the
+    estimate moves once per forward, as without the tracker. (A convolution's power iteration
+    transposes a view of its weight under no_grad, which says it requires grad: it used to send the
+    call to a replay, 26% off, refused on verified backwards only.)"""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), parametrizations.spectral_norm(nn.Linear(4, 5)), nn.Linear(5, 2))
+    first = nn.Conv2d(3, 4, 3, stride=2) if conv else nn.Linear(6, 4)
+    model = nn.Sequential(SPECTRAL_NORMS[style](first), nn.LeakyReLU(0.2), nn.Flatten(),
+                          SPECTRAL_NORMS[style](nn.Linear(36 if conv else 4, 2)))
+    x = torch.randn(5, 3, 7, 7) if conv else torch.randn(5, 6)
+    y = torch.randn(5, 2)
+    untracked = copy.deepcopy(model)
+    with GradNormTracker(model, "sum", verify_every=1) as tracker:
+        for _ in range(2):
+            model.zero_grad()
+            sample_loss(model(x), y).backward()
+            untracked(x)
+            stats = tracker.collect()
+            assert torch.equal(_estimate(model[0]), _estimate(untracked[0]))
+            model.eval()
+            per_sample, _, batch = reference_norms(model, sample_loss, x, y)
+            model.train()
+            assert rel_err(stats.per_sample, per_sample) < 1e-5
+            assert rel_err(stats.batch_grad_sq, batch) < 1e-5
+        assert {plan.route for plan in tracker.plan()} == {"generic (computed weights)"}
+
+
+class EinsumLayer(nn.Module):
+    """A weight applied by an op the recorder does not read (``einsum``): its call is replayed."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 3))
+
+    def forward(self, x):
+        return torch.einsum("bi,oi->bo", x, self.weight)
+
+
+@pytest.mark.parametrize("style", sorted(SPECTRAL_NORMS))
+def test_spectral_norm_in_training_mode_is_refused_where_replayed(style):
+    """Where the call must be replayed, the replay would run the power iteration again (another
+    weight, the estimate moved twice): refused at the forward, by name."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), SPECTRAL_NORMS[style](EinsumLayer()), nn.Linear(4, 2))
     with GradNormTracker(model, "sum"):
-        with pytest.raises(ValueError, match=r"module '1' .*changed its buffers.*eval mode"):
+        with pytest.raises(ValueError, match=r"module '1' .*changed its buffers.*replaying.*eval"):
             model(torch.randn(4, 3))
+    model.eval()
+    tracked_and_checked(model, sample_loss, torch.randn(4, 3), torch.randn(4, 2))
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv"])
+def test_hook_based_weight_norm(conv):
+    """``torch.nn.utils.weight_norm`` (deprecated, still in HiFi-GAN's and WaveNet's vocoders): a
+    forward pre-hook sets ``weight = g * v / ||v||``; the parameters are ``weight_g``, ``weight_v``."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        layer = nn.utils.weight_norm(nn.Conv1d(3, 4, 3, padding=1) if conv else nn.Linear(3, 4))
+    model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(5, 3, 6) if conv else torch.randn(5, 3)
+    model(x)
+    routes = tracked_and_checked(model, sample_loss, x, torch.randn(5, 2))
+    assert routes["0"] == "generic (computed weights)"
 
 
 def test_spectral_norm_in_eval_mode_is_exact_and_keeps_its_estimate():

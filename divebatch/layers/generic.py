@@ -647,6 +647,23 @@ def _carries_grad(out) -> bool:
     return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(out)[0])
 
 
+_FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__
+
+
+def _inside_autograd_function() -> bool:
+    """Whether the op running now is inside a custom ``torch.autograd.Function``'s forward (its
+    ``apply`` is on the stack): the gradient of what it computes from a parameter is that Function's
+    ``backward`` (a straight-through estimator's, a custom kernel's), which no recorded op models."""
+    import sys
+
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code is _FUNCTION_APPLY:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _sign(kind: str, index: int) -> float:
     """-1 where the followed tensor, argument ``index``, is subtracted: ``x - p``, ``rsub(p, x)``."""
     return -1.0 if (kind == "sub" and index == 1) or (kind == "rsub" and index == 0) else 1.0
@@ -795,6 +812,12 @@ class DirectUseRecorder(TorchFunctionMode):
         hits = _hits(args, self._follows)
         derived = bool(self.derived) and (bool(_hits(args, self._is_derived)) or _nested(args, kwargs, self._is_derived))
         if not hits and not sliced and not derived and not _nested(args, kwargs, self._follows):
+            return out
+        if not torch.is_grad_enabled():
+            if _inside_autograd_function():
+                self.uses = None  # replayed, through the Function's own backward
+            # Else no gradient passes (spectral_norm's power iteration), not even through a view,
+            # which says ``requires_grad`` when made under no_grad (``weight_mat.t()``).
             return out
         if not _carries_grad(out):
             return out  # ``w.dtype``, ``w.shape``, ``w.detach()``
@@ -1623,20 +1646,28 @@ class GenericRule(PerSampleGradsRule):
                               for x, d in zip(batched_leaves, leaf_dims)]
             grads = [g.narrow(d, samples.start, samples.stop - samples.start) for g, d in zip(grads, call.out_dims)]
 
-        def one_sample(sample_leaves, sample_grads):
+        def forward(p, sample_leaves):
             it = iter(sample_leaves)
             leaves = [one_call(next(it), d) if d is not None else x for x, d in zip(call.leaves, call.in_dims)]
             args, kwargs = tree_unflatten(leaves, call.spec)
+            # SDPA's math kernel: under torch.func the fused CPU kernel is chosen even for an
+            # attn_mask that needs a gradient (a relative-position bias: timm's BEiT), and refuses it.
+            with sdpa_kernel(SDPBackend.MATH):
+                out_leaves, _ = tree_flatten(functional_call(module, (p, buffers), args, kwargs))
+            return [out_leaves[i] for i in call.output_index]
 
-            def forward(p):
-                # SDPA's math kernel: under torch.func the fused CPU kernel is chosen even for an
-                # attn_mask that needs a gradient (a relative-position bias: timm's BEiT), and refuses it.
-                with sdpa_kernel(SDPBackend.MATH):
-                    out_leaves, _ = tree_flatten(functional_call(module, (p, buffers), args, kwargs))
-                return [out_leaves[i] for i in call.output_index]
-
-            _, pullback = vjp(forward, params)
+        def one_sample(sample_leaves, sample_grads):
+            _, pullback = vjp(partial(forward, sample_leaves=sample_leaves), params)
             return pullback([one_call(g, d) for g, d in zip(sample_grads, call.out_dims)])[0]
+
+        def one_sample_by_autograd(sample_leaves, sample_grads):
+            live = {name: p.detach().requires_grad_() for name, p in params.items()}
+            outs = forward(live, sample_leaves)
+            pairs = [(o, one_call(g, d)) for o, g, d in zip(outs, sample_grads, call.out_dims) if o.requires_grad]
+            grads = torch.autograd.grad([o for o, _ in pairs], list(live.values()), [g for _, g in pairs],
+                                        allow_unused=True, materialize_grads=True) if pairs else None
+            return {name: torch.zeros_like(p) if grads is None else g
+                    for (name, p), g in zip(live.items(), grads or [None] * len(live))}
 
         chunk = _samples_per_chunk(sum(p.numel() for p in params.values()),
                                    next(iter(params.values())).device.type if params else "cpu")
@@ -1656,8 +1687,11 @@ class GenericRule(PerSampleGradsRule):
             if "randomness" in str(err):
                 raise _random_forward(module) from err
             # Some backward formulas have no batching rule (GRU's and RNN's fused cells write in
-            # place): the same vector-Jacobian products, one sample at a time.
-            return self._per_sample_grads_looped(module, call, one_sample, batched_leaves, leaf_dims, grads)
+            # place), and an autograd.Function without ``setup_context`` (a straight-through
+            # estimator's, a custom kernel's) no torch.func transform at all: the same
+            # vector-Jacobian products, one sample at a time, by autograd.
+            return self._per_sample_grads_looped(module, call, one_sample_by_autograd, batched_leaves, leaf_dims,
+                                                 grads)
 
     @staticmethod
     def _per_sample_grads_looped(module, call, one_sample, batched_leaves, leaf_dims, grads):
