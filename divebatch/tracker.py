@@ -372,6 +372,8 @@ class GradNormTracker:
                  batch_first: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradNormTracker needs an nn.Module, got {type(model).__name__}")
+        if isinstance(model, torch.jit.ScriptModule):
+            raise ValueError(_scripted("the model"))
         if not isinstance(batch_first, bool):
             raise TypeError(f"batch_first={batch_first!r}: pass True (samples in dim 0) or False (sequences "
                             "first: samples in dim 1 of [T, B, ...] tensors)")
@@ -2191,6 +2193,8 @@ def _assign_owners(model: nn.Module) -> tuple[list[_Owner], list[TiedEmbeddingLi
             visit(child, _join(name, child_name))
 
     visit(model, "")
+    for owner in owners:
+        _check_trackable(owner)
     sharers: dict[int, list[tuple[_Owner, str]]] = {}
     for owner in owners:
         for pname, p in owner.tracked.items():
@@ -2209,6 +2213,27 @@ def _assign_owners(model: nn.Module) -> tuple[list[_Owner], list[TiedEmbeddingLi
         owner.descendants = [inner for inner in owner.descendants
                              if inner.tie is None and not inner.aliases and id(inner) not in merged]
     return owners, ties
+
+
+def _scripted(where: str) -> str:
+    return (f"{where} is a TorchScript module (torch.jit.script or torch.jit.trace): it runs no Python hooks, so "
+            "per-sample gradients cannot be read from it. Create the GradNormTracker on the eager module and train "
+            "that one (torch.compile is supported)")
+
+
+def _check_trackable(owner: _Owner) -> None:
+    """Refuse, before any hook is registered, what the rules cannot compute: a TorchScript module
+    (it runs no Python hooks) and complex parameters (each rule squares real gradients; a complex
+    one's norm needs conjugates no rule takes)."""
+    where = f"module '{owner.name}' ({type(owner.module).__name__})" if owner.name else "the model"
+    if isinstance(owner.module, torch.jit.ScriptModule):
+        raise ValueError(_scripted(where) + ", or freeze the scripted module's parameters")
+    for name, p in owner.tracked.items():
+        if p.is_complex():
+            raise ValueError(
+                f"parameter '{_join(owner.name, name)}' of {where} is complex ({p.dtype}): divebatch computes per-sample "
+                "norms of real parameters only. Hold it as a real parameter of shape [..., 2] and take "
+                "torch.view_as_complex(p) in the forward (its gradient is then real), or freeze this one")
 
 
 def _shared_embedding(group: list[tuple[_Owner, str]], merged: set[int]) -> TiedEmbeddingLinear | None:

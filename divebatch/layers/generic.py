@@ -819,6 +819,9 @@ class DirectUseRecorder(TorchFunctionMode):
             # Else no gradient passes (spectral_norm's power iteration), not even through a view,
             # which says ``requires_grad`` when made under no_grad (``weight_mat.t()``).
             return out
+        if isinstance(out, torch.Tensor) and out.is_complex():
+            self.uses = None  # (``torch.view_as_complex(p) * x``: its vjp takes conjugates no recorded use does)
+            return out
         if not _carries_grad(out):
             return out  # ``w.dtype``, ``w.shape``, ``w.detach()``
         if derived:  # a tensor computed from the parameters, not one of their aliases
