@@ -173,3 +173,41 @@ def test_tracking_leaves_the_parametrized_forward_unchanged():
         out = model(x)
         sample_loss(out, torch.zeros_like(out)).backward()
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv"])
+def test_eager_quantization_aware_training(conv):
+    """``torch.ao.quantization.prepare_qat``: each layer applies a fake-quantised weight (a
+    straight-through estimator inside a fused op) and fake-quantises its output in a forward hook.
+    The weight is read from the op after it ("computed weights"). With the observers on, the
+    quantisation parameters come from this batch, as a BatchNorm's statistics do: the reference
+    is each sample's own backward with the observers off afterwards (the parameters this forward
+    used)."""
+    import torch.ao.quantization as quantization
+
+    torch.manual_seed(0)
+    layers = ([nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(36, 3)] if conv
+              else [nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)])
+    model = nn.Sequential(quantization.QuantStub(), *layers, quantization.DeQuantStub())
+    model.qconfig = quantization.get_default_qat_qconfig("fbgemm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantization.prepare_qat(model, inplace=True)
+    x = torch.randn(5, 2, 5, 5) if conv else torch.randn(5, 6)
+    y = torch.randn(5, 3)
+    with GradNormTracker(model, "sum") as tracker:
+        for _ in range(2):
+            model.apply(quantization.enable_observer)
+            model.zero_grad()
+            sample_loss(model(x), y).backward()
+            stats = tracker.collect()
+            model.apply(quantization.disable_observer)
+            tracker.enabled = False
+            per_sample = []
+            for b in range(5):
+                model.zero_grad()
+                sample_loss(model(x[b:b + 1]), y[b:b + 1]).backward()
+                per_sample.append(sum(p.grad.double().square().sum() for p in model.parameters()))
+            assert rel_err(stats.per_sample, torch.stack(per_sample)) < 1e-5
+            tracker.enabled = True
+        assert {plan.route for plan in tracker.plan()} == {"generic (computed weights)"}
