@@ -1060,6 +1060,13 @@ class GradNormTracker:
         if owner.rule is GENERIC:
             # Which inner owners this call calls, and how it uses its own parameters (see _on_forward).
             recorder = None
+            if capturing and parametrize._cache_enabled and parametrize.is_parametrized(module):
+                # Under parametrize.cached() the parametrized tensor is computed at its first access and
+                # reused: a later call (an RNN's step) or a read before the call would apply a tensor
+                # whose computation no recorder saw, and its gradient would reach the originals unseen
+                # (refused, 79% off in an orthogonal RNN). Each tracked call computes it again.
+                for name in module.parametrizations:
+                    parametrize._cache.pop((id(module), name), None)
             if (capturing and owner.rule.batch_dim(module) == 0 and not isinstance(module, nn.RNNBase)
                     and (isinstance(module.__dict__.get("forward"), _EagerForward)
                          or not _called_from_compiled_code())):

@@ -211,3 +211,63 @@ def test_eager_quantization_aware_training(conv):
             assert rel_err(stats.per_sample, torch.stack(per_sample)) < 1e-5
             tracker.enabled = True
         assert {plan.route for plan in tracker.plan()} == {"generic (computed weights)"}
+
+
+class OrthogonalRNN(nn.Module):
+    """An orthogonal recurrence stepped in Python, run under ``parametrize.cached()`` (as the
+    parametrize tutorial advises, so the matrix exponential runs once per forward)."""
+
+    def __init__(self, recurrence: nn.Module, peek: bool):
+        super().__init__()
+        self.inp = nn.Linear(4, 6)
+        self.rec = parametrizations.orthogonal(recurrence)
+        self.out = nn.Linear(6, 3)
+        self.peek = peek
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], 6)
+        if self.peek:  # (the parametrized weight read, and cached, before any call of its module)
+            h = h + 0 * self.rec.weight.sum()
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.inp(x[:, t]) + self.rec(h))
+        return self.out(h)
+
+
+class EinsumSquare(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(6, 6))
+
+    def forward(self, h):
+        return torch.einsum("bi,oi->bo", h, self.weight)
+
+
+@pytest.mark.parametrize("backward_cached", [False, True], ids=["backward after", "backward inside"])
+@pytest.mark.parametrize("case", ["linear", "read first", "replayed"])
+def test_parametrizations_cached_over_a_recurrence(case, backward_cached):
+    """Under ``parametrize.cached()`` the weight is computed once and reused by every step: the
+    steps after the first (or all, where it was read before the first) applied a tensor whose
+    computation no recorder saw (refused, 79% off). Each tracked call computes it again; a replay
+    (a module the recorder cannot read) runs with the cache off, even inside the block."""
+    torch.manual_seed(0)
+    model = OrthogonalRNN(EinsumSquare() if case == "replayed" else nn.Linear(6, 6), peek=case == "read first")
+    x, y = torch.randn(5, 3, 4), torch.randint(0, 3, (5,))
+
+    def loss(out, target):
+        return nn.functional.cross_entropy(out, target, reduction="sum")
+
+    with GradNormTracker(model, "sum", verify_every=1) as tracker:
+        for _ in range(2):
+            model.zero_grad()
+            with parametrize.cached():
+                out = model(x)
+                if backward_cached:
+                    loss(out, y).backward()
+            if not backward_cached:
+                loss(out, y).backward()
+            stats = tracker.collect()
+        route = {plan.module: plan.route for plan in tracker.plan()}["rec"]
+    per_sample, _, batch = reference_norms(model, loss, x, y)
+    assert rel_err(stats.per_sample, per_sample) < 1e-5
+    assert rel_err(stats.batch_grad_sq, batch) < 1e-5
+    assert route == ("generic (vmap vjp)" if case == "replayed" else "generic (computed weights)")

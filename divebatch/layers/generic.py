@@ -39,6 +39,7 @@ broadcast it over the batch, where its per-sample gradients can still be read.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -1677,7 +1678,7 @@ class GenericRule(PerSampleGradsRule):
         try:
             # A second guard beside randomness="error", for draws it may not see (ops that vmap
             # runs through its per-sample fallback): a changed CPU RNG state.
-            with torch.enable_grad(), suspend_capture(), torch.random.fork_rng(devices=[]):
+            with torch.enable_grad(), suspend_capture(), torch.random.fork_rng(devices=[]), _parametrizations_uncached():
                 before = torch.get_rng_state()
                 result = vmap(one_sample, in_dims=(leaf_dims, list(call.out_dims)), randomness="error",
                               chunk_size=chunk)(batched_leaves, grads)
@@ -1699,7 +1700,7 @@ class GenericRule(PerSampleGradsRule):
     @staticmethod
     def _per_sample_grads_looped(module, call, one_sample, batched_leaves, leaf_dims, grads):
         rows = []
-        with torch.enable_grad(), suspend_capture(), torch.random.fork_rng(devices=[]):
+        with torch.enable_grad(), suspend_capture(), torch.random.fork_rng(devices=[]), _parametrizations_uncached():
             for b in range(batched_leaves[0].shape[leaf_dims[0]]):  # the samples of this chunk
                 before = torch.get_rng_state() if b == 0 else None
                 rows.append(one_sample([x.select(d, b) for x, d in zip(batched_leaves, leaf_dims)],
@@ -1732,6 +1733,20 @@ class GenericRule(PerSampleGradsRule):
                              f"{len(ctx.computed_outputs)}", float("nan"), 4.0 * numel * min(chunk, ctx.batch_size))
         return RoutePlan("generic (vmap vjp)", f"B={ctx.batch_size} params={numel}", float("nan"),
                          4.0 * numel * min(chunk, ctx.batch_size))
+
+
+@contextlib.contextmanager
+def _parametrizations_uncached():
+    """A replay inside ``parametrize.cached()`` (a backward run in that block) must compute each
+    parametrized tensor from the parameters it is given, not take the forward's from the cache
+    (nor leave its own there)."""
+    from torch.nn.utils import parametrize
+
+    enabled, parametrize._cache_enabled = parametrize._cache_enabled, 0
+    try:
+        yield
+    finally:
+        parametrize._cache_enabled = enabled
 
 
 def _samples_per_chunk(numel: int, device_type: str) -> int:
