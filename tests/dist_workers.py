@@ -307,3 +307,30 @@ def sync_batch_norm_worker(x: torch.Tensor, g: torch.Tensor) -> dict:
     ctx = rule.capture(module, (x[mine],), {}, None)
     grads = rule.per_sample_grads(module, [(ctx, (g[mine],))], {"weight", "bias"})
     return {"mean": ctx[1], "var": ctx[2], **grads}
+
+
+#: Trainable-parameter changes between the steps of ``fsdp_freeze_worker`` (names frozen per step).
+FROZEN_PER_STEP = [(), ("4.weight",), ("0.weight", "0.bias"), ()]
+
+
+def fsdp_freeze_worker(x: torch.Tensor, y: torch.Tensor) -> list[dict]:
+    """The tracker made once on a sharded ``norms_model``; before each step, the parameters in
+    ``FROZEN_PER_STEP`` frozen (on the sharded parameters, as a user would) and the others trained.
+    Per step: all ranks' per-sample norms and ``||sum_i g_i||^2``, or the error."""
+    mine = shard_slice(len(y), dist.get_world_size(), dist.get_rank())
+    model = _fully_shard_children(norms_model())
+    tracker = GradNormTracker(model, loss_reduction="sum", verify_every=1)
+    out = []
+    for frozen in FROZEN_PER_STEP:
+        for name, p in model.named_parameters():
+            p.requires_grad_(name not in frozen)
+        model.zero_grad()
+        try:
+            nn.functional.cross_entropy(model(x[mine]), y[mine], reduction="sum").backward()
+            stats = tracker.collect()
+            _, batch_grad_sq, _ = global_step_sums(stats.per_sample, stats.batch_size, tracker.parameters(), 1.0)
+            out.append({"per_sample": gather_per_sample(stats.per_sample), "batch_grad_sq": float(batch_grad_sq)})
+        except Exception as err:  # noqa: BLE001 - reported to the test, which names the step
+            out.append({"error": f"{type(err).__name__}: {err}"})
+    tracker.close()
+    return out

@@ -111,6 +111,23 @@ def test_sequence_first_models_under_fully_shard_match_torch_func():
             assert rel_err(torch.tensor(got["batch_grad_sq"]), ref_batch) <= 1e-5, name
 
 
+def test_parameters_frozen_and_unfrozen_after_fully_shard():
+    """A layer frozen, another frozen, all trained again, on the sharded parameters after the
+    tracker was made: it re-plans as each next forward starts, every step against torch.func."""
+    x, y = _digits_batch(9)
+    results = launch(dist_workers.fsdp_freeze_worker, 2, args=(x, y), threads=1)
+    model = dist_workers.norms_model()
+    for step, frozen in enumerate(dist_workers.FROZEN_PER_STEP):
+        for name, p in model.named_parameters():
+            p.requires_grad_(name not in frozen)
+        ref, _, ref_batch = reference_norms(model, lambda o, t: F.cross_entropy(o, t, reduction="sum"), x, y)
+        for rank, steps in enumerate(results):
+            got = steps[step]
+            assert "error" not in got, f"step {step} on rank {rank}: {got.get('error')}"
+            assert rel_err(got["per_sample"], ref) <= 1e-5, step
+            assert rel_err(torch.tensor(got["batch_grad_sq"]), ref_batch) <= 1e-5, step
+
+
 def test_tracker_created_before_fully_shard_is_refused():
     messages = launch(dist_workers.fsdp_tracker_first_worker, 2, threads=1)
     for message in messages:
