@@ -578,6 +578,27 @@ class ScaledBuffer(nn.Module):
         return torch.tanh(x * (self.g * self.freqs))
 
 
+class ComputedThenAssigned(nn.Module):
+    """A weight computed from a parameter, then changed by item assignment before the product
+    (``w[0] = 0``, or a constant's rows assigned from the parameter): ``__setitem__`` returns None,
+    so it looked like no use, and the product's recipe replayed the weight without the assignment
+    (110% off, refused on verified backwards only). Replayed now."""
+
+    def __init__(self, d=5, into_constant=False):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d, d))
+        self.into_constant = into_constant
+
+    def forward(self, x):
+        if self.into_constant:
+            w = torch.zeros_like(self.w)
+            w[:2] = self.w[:2]
+        else:
+            w = self.w * 1.0
+            w[0] = 0.0
+        return torch.tanh(F.linear(x, w))
+
+
 class Raising(nn.Module):
     def __init__(self):
         super().__init__()
@@ -613,11 +634,13 @@ class Raising(nn.Module):
     (ComputedTimesInput, (3, 4, 5), "generic (computed weights)"),
     (ScaledBuffer, (3, 4, 3), "generic (vmap vjp)"),
     (ReadsInnerDtype, (3, 4, 5), "generic (broadcast uses)"),
+    (ComputedThenAssigned, (3, 4, 5), "generic (vmap vjp)"),
+    (partial(ComputedThenAssigned, into_constant=True), (3, 4, 5), "generic (vmap vjp)"),
 ], ids=["root-tokens", "signed", "functional-layer-norm", "product", "einsum", "replayed", "functions-of-parameters",
         "function-in-product", "head-biases", "transposed", "permuted", "indexed", "unused-parameter", "addcmul",
         "standardized-conv", "standardized-grouped-conv", "standardized-same-padding", "inline-weight-norm", "in-place-gain",
         "from-batched-constant", "computed-times-input", "buffer-rows-not-samples",
-        "reads-inner-dtype"])
+        "reads-inner-dtype", "computed-then-assigned", "assigned-into-a-constant"])
 def test_broadcast_uses_match_torch_func(make, shape, route, fused):
     torch.manual_seed(0)
     model, x = make(), torch.randn(*shape)

@@ -820,6 +820,11 @@ class DirectUseRecorder(TorchFunctionMode):
             # Else no gradient passes (spectral_norm's power iteration), not even through a view,
             # which says ``requires_grad`` when made under no_grad (``weight_mat.t()``).
             return out
+        if func is torch.Tensor.__setitem__:
+            # (returns None: ``w = self.weight * 1; w[0] = 0`` changed a computed weight after the op
+            # that made it, which a recipe would replay without; 110% off, refused on verified backwards)
+            self.uses = None
+            return out
         if isinstance(out, torch.Tensor) and out.is_complex():
             self.uses = None  # (``torch.view_as_complex(p) * x``: its vjp takes conjugates no recorded use does)
             return out
