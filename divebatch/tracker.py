@@ -718,6 +718,7 @@ class GradNormTracker:
         self._planned_params = [p for _, p in planned]
         self._planned_flags = [p.requires_grad for p in self._planned_params]
         self._module_ids = {id(m) for m in self.model.modules()}
+        self._state_ids = {id(t) for t in (*self.model.parameters(), *self.model.buffers())}
         self._model_changed = False
         self._n_tracked = len({id(p) for owner in self._owners for p in owner.tracked.values()})
         # The first backward of a plan is verified: a parameter frozen when the tracker was made and
@@ -1215,9 +1216,12 @@ class GradNormTracker:
             else:
                 target.register_hook(hook)
         # A row-wise layer on a tensor shared by the samples without a batch dim (a normalised table,
-        # see _on_table_read): each of its rows is every sample's.
+        # see _on_table_read; a parameter or buffer of the model: a prototype network's class
+        # embeddings, projected as the samples are): each of its rows is every sample's. (Read as
+        # samples, a [K, d] parameter with K equal to the batch gave wrong norms with no error.)
         call.unbatched = (n_grads == 1 and owner.rule.rows_independent and isinstance(ctx, torch.Tensor)
-                          and bool(args) and self._follows(args[0]) and args[0].shape[0] != 1)
+                          and bool(args) and (self._follows(args[0]) or self._is_model_state(args[0]))
+                          and args[0].shape[0] != 1)
         if expanded is not None:
             return expanded
         if n_grads == 1 and self._last_batch != 1 and (
@@ -1348,6 +1352,11 @@ class GradNormTracker:
         # from the watcher that their input is shared (_follows).
         self._watch_shared_output(call, rows)
         return rows
+
+    def _is_model_state(self, x) -> bool:
+        """Whether ``x`` is a parameter or buffer of the tracked model, or a view of one (no samples in it)."""
+        return isinstance(x, torch.Tensor) and (id(x) in self._state_ids
+                                                or (x._base is not None and id(x._base) in self._state_ids))
 
     def _follows(self, x) -> bool:
         """Whether a watcher follows ``x`` as its output or a rearrangement of it (shared by the samples)."""

@@ -534,3 +534,50 @@ def test_batch_sizes_that_change_between_steps(make, data):
             loss(model(x), y).backward()
             stats = tracker.collect()
             assert rel_err(stats.per_sample, reference_norms(model, loss, x, y)[0]) <= 1e-5, B
+
+
+class Prototypes(nn.Module):
+    """A prototype network: class embeddings ``[K, d]`` (a parameter, or a buffer of fixed class
+    descriptions) go through the same projection and LayerNorm as the samples, and each sample is
+    scored against every class. The layers' calls on the classes have K rows that are no samples:
+    read as samples, K equal to the batch gave wrong norms with no error (232% off); K otherwise
+    was refused. They are now shared calls, split per sample where the scores meet the samples."""
+
+    def __init__(self, classes: int, buffer: bool, score: str):
+        super().__init__()
+        self.proj, self.norm = nn.Linear(4, 6), nn.LayerNorm(6)
+        table = torch.randn(classes, 4)
+        if buffer:
+            self.register_buffer("classes", table)
+        else:
+            self.classes = nn.Parameter(table)
+        self.score = score
+
+    def forward(self, x):
+        features = self.norm(self.proj(x))
+        classes = self.norm(self.proj(self.classes))
+        if self.score == "F.linear":
+            return F.linear(features, classes)
+        return features @ (classes.T if self.score == ".T" else classes.t())
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("score", [".T", ".t()", "F.linear"])
+@pytest.mark.parametrize("buffer", [False, True], ids=["parameter", "buffer"])
+@pytest.mark.parametrize("classes", [3, 5], ids=["K != B", "K == B"])
+def test_class_embeddings_through_the_samples_layers(classes, buffer, score, fused):
+    torch.manual_seed(0)
+    model = Prototypes(classes, buffer, score)
+    x, y = torch.randn(5, 4), torch.randint(0, classes, (5,))
+
+    def loss(out, target):
+        return F.cross_entropy(out, target, reduction="sum")
+
+    with GradNormTracker(model, "sum", fused=fused, verify_every=0) as tracker:
+        for _ in range(2):  # (the second backward is not verified)
+            model.zero_grad()
+            loss(model(x), y).backward()
+            stats = tracker.collect()
+    per_sample, _, batch = reference_norms(model, loss, x, y)
+    assert rel_err(stats.per_sample, per_sample) < 1e-5
+    assert rel_err(stats.batch_grad_sq, batch) < 1e-5

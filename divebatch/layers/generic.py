@@ -1786,6 +1786,8 @@ _IN_PLACE_SIGNS = {torch.Tensor.__iadd__: 1.0, torch.Tensor.add_: 1.0, torch.Ten
 _SHAPE_OPS = _ALIAS_OPS | {
     torch.permute, torch.Tensor.permute, torch.transpose, torch.Tensor.transpose, torch.Tensor.contiguous,
     torch.Tensor.t, torch.t, torch.flatten, torch.Tensor.flatten, torch.Tensor.unflatten,
+    # ``x.T``, ``x.mT``, ``x.H``, ``x.mH``: the getter arrives as the op (method-wrappers, equal to these)
+    torch.Tensor.T.__get__, torch.Tensor.mT.__get__, torch.Tensor.H.__get__, torch.Tensor.mH.__get__,
 }
 
 
@@ -1917,6 +1919,9 @@ class SharedOutputWatcher:
             return out
         if func in _MATMULS and len(hits) == 1 and len(args) == 2 and not inside and self._product(args, hits[0], out):
             return out
+        if (func is F.linear and hits == [1] and len(args) == 2 and not kwargs and not inside
+                and self._rows_product(args[0], args[1].mT, out)):
+            return out  # ``F.linear(x, alias)``: ``x @ alias.mT``
         if func in _SELECTIONS and len(hits) == 1 and not inside and self._selected(func, args, kwargs, hits[0], out):
             return out
         kind = _DIRECT_KINDS.get(func)
@@ -2054,6 +2059,8 @@ class SharedOutputWatcher:
         broadcast over the samples (a Conformer's or DeBERTa's projected relative positions against
         the queries): sample ``b``'s grad of the alias is ``x[b]^T @ grad[b]`` (or ``grad[b] @ x[b]^T``)."""
         alias, other = args[position], args[1 - position]
+        if position == 1 and alias.dim() == 2:
+            return self._rows_product(other, alias, out)
         if (not isinstance(other, torch.Tensor) or not isinstance(out, torch.Tensor) or alias.dim() < 3
                 or other.dim() != alias.dim() or alias.shape[0] != 1 or other.shape[0] < 2):
             return False
@@ -2063,6 +2070,27 @@ class SharedOutputWatcher:
                                   self.aliases[id(alias)][1]))
         self.broadcasts += 1
         return True
+
+    def _rows_product(self, x, alias_mat, out) -> bool:
+        """``x @ alias`` with ``x [B, k]`` (a row per sample) and a ``[k, n]`` alias shared by the
+        samples, no leading dim of 1 (class embeddings projected by the layers the samples go
+        through: a prototype network's, scored by ``features @ prototypes.T``): sample ``b``'s grad
+        of the alias is the outer product ``x[b] ⊗ grad[b]``. (``alias_mat`` may be a view of the
+        alias, ``alias.mT`` for ``F.linear(x, alias)``: its grad is taken back through that view.)"""
+        if (not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor) or x.dim() != 2
+                or alias_mat.dim() != 2 or x.shape[0] < 2 or self._samples(None, x.shape[0]) is None):
+            return False
+        alias = alias_mat if self._is_alias(alias_mat) else alias_mat._base
+        if alias is None or not self._is_alias(alias):
+            return False
+        out.register_hook(partial(self._collect_rows_product, x.detach(), alias_mat is not alias,
+                                  self.aliases[id(alias)][1]))
+        self.broadcasts += 1
+        return True
+
+    def _collect_rows_product(self, x, transposed: bool, chain, grad: torch.Tensor) -> None:
+        part = x.float().unsqueeze(-1) * grad.float().unsqueeze(-2)  # [B, k, n]
+        self._accumulate(part.mT if transposed else part, chain, batch_of_one=False)
 
     def _selected(self, func, args, kwargs, position: int, out) -> bool:
         """``torch.where(mask, alias, x)``, ``torch.where(mask, x, alias)`` or
