@@ -555,7 +555,10 @@ class ExpertUses:
     def _products(self, x, weights, out, offs=None):
         """Records for ``out = x (op) w`` for each own weight among ``weights`` (weight, tensor, how)."""
         own = [(w, t, how) for w, t, how in weights if w is not None]
-        if not own:
+        if not own or any(w is None and isinstance(t, torch.Tensor) and t.requires_grad for w, t, _ in weights):
+            # (an operand beside it computed from the parameters, ``F.linear(x, tanh(self.w), self.b)``,
+            # ``F.linear(x, self.w, tanh(self.b))``, whose use a recorded row product would leave out:
+            # 72% off, refused on verified backwards; the recorder takes the op as a computed product)
             return None
         lab = self.labels.of(x)
         if lab is None or lab.dim() != 1 or self.labels.broken or not isinstance(out, torch.Tensor) \
