@@ -1719,6 +1719,13 @@ class GradNormTracker:
                             "only through ops that map each row to the same row (no gather, permutation or mixing "
                             "of rows): keep the leading dims into Linear/LayerNorm/Embedding layers, and see "
                             "GradNormTracker's batch_first.")
+                elif (isinstance(call.ctx, torch.Tensor) and call.ctx.dim() >= 3
+                      and call.ctx.shape[1] == step.batch_size and call.ctx.shape[0] == call.batch_size):
+                    hint = (f" Its input, of shape {list(call.ctx.shape)}, looks sequences first ([T, B, ...]): for a "
+                            "model that works on [T, B, ...] tensors and takes them as inputs, create the tracker with "
+                            "batch_first=False. A model that takes [B, ...] inputs and works on [T, B, ...] inside (as "
+                            "fairseq's transformer does) is not supported: transpose to [B, T, ...] around the tracked "
+                            "layers (with T equal to B its norms would be wrong, with no error).")
                 elif call.batch_size > step.batch_size and call.batch_size % step.batch_size == 0:
                     hint = (f" {call.batch_size} = {step.batch_size} x {call.batch_size // step.batch_size}: were "
                             "samples and tokens flattened into rows? Rows are assigned to samples only for a "

@@ -256,6 +256,28 @@ def test_default_layout_refuses_a_sequence_first_model():
             tracker.collect()
 
 
+def test_batch_first_inputs_transposed_inside_are_refused_with_the_layouts_named():
+    """A model that takes ``[B, T]`` ids and works on ``[T, B, d]`` inside (fairseq's transformer):
+    neither layout option reads it, and with T == B the norms would be wrong with no error; with
+    T != B the batch check refuses it, and its hint names the sequence-first input it saw."""
+
+    class TransposedInside(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.proj, self.head = nn.Embedding(11, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, ids):
+            h = self.embed(ids).transpose(0, 1)  # [T, B, d]
+            return self.head(torch.tanh(self.proj(h)).mean(0))
+
+    model = TransposedInside()
+    ids, y = torch.randint(0, 11, (5, 4)), torch.randint(0, 3, (5,))
+    with GradNormTracker(model, "sum") as tracker:
+        with pytest.raises(ValueError, match=r"saw a batch of 4 .*\[4, 5, 6\], looks sequences first.*not supported"):
+            F.cross_entropy(model(ids), y, reduction="sum").backward()
+            tracker.collect()
+
+
 def test_module_with_unknown_layout_is_refused_until_declared():
     model = PositionedLM(5)
     gen = torch.Generator().manual_seed(1)
