@@ -183,6 +183,9 @@ class _Backward:
     batch_grad_sq: SquaredNormSum = field(default_factory=SquaredNormSum)
     batch_size: int | None = None
     incomplete: list = field(default_factory=list)
+    # param id -> (parameter, its value when its gradient was formed, version then): for an owner
+    # whose calls are accounted only at the backward's end (see _on_param_grad)
+    snapshots: dict = field(default_factory=dict)
     params_with_grad: dict = field(default_factory=dict)  # param full name -> owner
     contributed: set = field(default_factory=set)
     plans: dict = field(default_factory=dict)
@@ -1587,6 +1590,13 @@ class GradNormTracker:
             return None
         step = self._current_backward()
         step.grad_ids.add(param_id)
+        if (owner.ready or any(call.owner is owner for call in step.incomplete)) and not owner.sharded:
+            # Its calls are accounted once the backward is over (an LSTM's h_n got no gradient), and a
+            # rule may read the parameters then (a replay): an optimizer stepped in the backward
+            # (register_post_accumulate_grad_hook, torchtune's optimizer_in_bwd) changes them as soon
+            # as this gradient is accumulated. Their values as the forward used them are kept.
+            param = next(p for p in owner.tracked.values() if id(p) == param_id)
+            step.snapshots.setdefault(param_id, (param, param.detach().clone(), param._version))
         if step.verify:
             step.delivered[param_id] = (name, owner, grad.detach())
             if self._accounted_in_full(step, owner):
@@ -1807,7 +1817,7 @@ class GradNormTracker:
                     pending.setdefault(id(owner), (owner, []))[1].extend(owner.ready)
                     owner.ready = []
             for owner, calls in pending.values():
-                with self._gathered(owner):
+                with self._gathered(owner), _as_forwarded(step, owner):
                     self._account(step, owner, calls)
             self._add_tied_cross_terms(step)
             self._drop_unformed(step)
@@ -2116,6 +2126,28 @@ def _parametrization_state(module: nn.Module) -> list[tuple[torch.Tensor, int]] 
     if _weight_from_pre_hook(module):
         return [(b, b._version) for b in module.buffers(recurse=False)]
     return None
+
+
+@contextlib.contextmanager
+def _as_forwarded(step: _Backward, owner: _Owner):
+    """The owner's parameters that changed in place after their gradient was formed (an optimizer
+    step in the backward) hold the values the forward used, for the rule that accounts its calls
+    now; their new values are put back after."""
+    changed = [(p, old) for p, old, version in (step.snapshots.get(id(p), (None,) * 3) for p in owner.tracked.values())
+               if p is not None and p._version != version]
+    if not changed:
+        yield
+        return
+    new = [p.detach().clone() for p, _ in changed]
+    with torch.no_grad():
+        for p, old in changed:
+            p.copy_(old)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for (p, _), value in zip(changed, new):
+                p.copy_(value)
 
 
 def _first_hook(param: torch.Tensor, hook) -> "torch.utils.hooks.RemovableHandle":
