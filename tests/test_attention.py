@@ -256,3 +256,43 @@ def test_transformer_decoder_layer_with_causal_mask_and_dropout():
     per_sample, _, batch = reference_norms(model, loss_fn, x, torch.zeros(4))
     assert rel_err(stats.per_sample, per_sample) <= RTOL and rel_err(stats.batch_grad_sq, batch) <= RTOL
     assert routes["layer.self_attn"] == routes["layer.multihead_attn"] == "fused attention"
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+def test_half_precision_input_under_cpu_autocast(fused):
+    """Under autocast a Linear before the attention hands it a bfloat16 input: the replay of its
+    projections ran outside autocast and met the float32 weights (a dtype error in the backward).
+    It runs under the forward's autocast now. Against each sample's own backward through the same
+    autocast forward."""
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(6, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.inp(x)  # (bfloat16 under autocast)
+            return self.head(self.attn(h, h, h, need_weights=False)[0].mean(1))
+
+    model = Block()
+    x, y = torch.randn(5, 4, 6), torch.randint(0, 3, (5,))
+
+    def loss(out, target):
+        return F.cross_entropy(out.float(), target, reduction="sum")
+
+    with GradNormTracker(model, "sum", fused=fused) as tracker:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        loss(out, y).backward()
+        stats = tracker.collect()
+    expected = []
+    for b in range(5):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x[b:b + 1])
+        loss(out, y[b:b + 1]).backward()
+        expected.append(sum(p.grad.double().square().sum() for p in model.parameters()))
+    assert rel_err(stats.per_sample, torch.stack(expected)) < 2e-2

@@ -55,6 +55,9 @@ class AttentionCall:
     batch_first: bool
     self_attention: bool     # query, key and value were one tensor
     rng_state: tuple | None  # (cpu state, cuda device, cuda state) before the forward, when it drew
+    # (device type, dtype) of the autocast the forward ran under, which the replay runs under too
+    # (its products then have the forward's dtypes: a bfloat16 query meets float32 weights otherwise)
+    autocast: tuple | None = None
 
     @property
     def shape_key(self) -> tuple:
@@ -128,8 +131,10 @@ class MultiheadAttentionRule(LayerRule):
         if module.batch_first:  # the functional form takes [T, B, E]
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         options = {n: v.detach() if isinstance(v, torch.Tensor) else v for n, v in _options(bound).items()}
+        device = query.device.type
+        autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
         return AttentionCall(query.detach(), key.detach(), value.detach(), options, module.batch_first,
-                             self_attention, pre_state)
+                             self_attention, pre_state, autocast)
 
     def batch_size(self, module, ctx):
         return ctx.query.shape[1]
@@ -277,7 +282,9 @@ class MultiheadAttentionRule(LayerRule):
         """``{name: (A, G)}`` as ``[B, T, *]`` for the input projections (``"qkv"`` packed, or
         ``"q"``, ``"k"``, ``"v"``) and the output projection (``"out"``)."""
         E = module.embed_dim
-        with torch.no_grad():
+        autocast = (torch.autocast(ctx.autocast[0], dtype=ctx.autocast[1]) if ctx.autocast is not None
+                    else contextlib.nullcontext())
+        with torch.no_grad(), autocast:
             packed, projected = _project(module, ctx.query, ctx.key, ctx.value, ctx.self_attention)
         if packed is not None:
             leaves = [packed.requires_grad_()]
@@ -290,7 +297,7 @@ class MultiheadAttentionRule(LayerRule):
             g_out = torch.zeros(ctx.query.shape[:2] + (E,), dtype=ctx.query.dtype, device=ctx.query.device)
         elif ctx.batch_first:
             g_out = g_out.transpose(0, 1)
-        with torch.enable_grad(), suspend_capture(), _replayed_rng(ctx.rng_state):
+        with torch.enable_grad(), suspend_capture(), _replayed_rng(ctx.rng_state), autocast:
             context, weights = _attend(module, *projected, ctx.options)
         outputs, out_grads = [context], [g_out.matmul(module.out_proj.weight.detach().to(g_out.dtype))]
         if weights is not None and len(grads) > 1 and grads[1] is not None:

@@ -176,7 +176,10 @@ class RMSNormRule(RowNormRule):
     rms = True
 
     def eps(self, module, x):
-        return module.eps if module.eps is not None else torch.finfo(x.dtype).eps
+        # eps=None: PyTorch's default is the machine epsilon of the type it computes in (float32 for
+        # float16/bfloat16 inputs), not of the input's type: bfloat16's, 2^-7, changed the normalised
+        # input of small activations by up to 98% (4.6% off in a model's norms under autocast).
+        return module.eps if module.eps is not None else torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps
 
     def normalized(self, module, x):
         return F.rms_norm(x.float(), module.normalized_shape, None, self.eps(module, x))
