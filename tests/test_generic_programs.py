@@ -101,3 +101,40 @@ def test_random_forwards_match_torch_func(steps, seed, fused):
     per_sample, _, batch = reference_norms(model, loss, x, y)
     assert rel_err(stats.per_sample, per_sample) < 1e-4
     assert rel_err(stats.batch_grad_sq, batch) < 1e-4
+
+
+#: Under CPU autocast: ``torch.lerp`` refuses a low-precision input with a float32 end.
+AUTOCAST_STEP = st.one_of(
+    st.tuples(st.just("parameters"), st.sampled_from(sorted(OF_PARAMETERS)), st.sampled_from(["v", "m"])),
+    st.tuples(st.just("input"), st.sampled_from(sorted(OF_INPUT)), st.just("")),
+    st.tuples(st.just("both"), st.sampled_from(sorted(set(OF_BOTH) - {"lerp"})), st.just("")),
+)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.lists(AUTOCAST_STEP, min_size=2, max_size=5), st.sampled_from([torch.bfloat16, torch.float16]),
+       st.integers(0, 2**16), st.booleans())
+def test_random_forwards_under_cpu_autocast(steps, dtype, seed, fused):
+    """The same under ``torch.autocast("cpu", dtype)`` (the Linear before the module hands it a
+    low-precision input), against each sample's own backward through the same autocast forward.
+    It found the per-sample replay run outside autocast: its ops met a bfloat16 input with float32
+    parameters (a dtype error in the backward, 30 of 200 programs)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, D), Program(steps), nn.Linear(D, 3))
+    x, y = torch.randn(5, 3), torch.randint(0, 3, (5,))
+
+    def forward(inputs):
+        with torch.autocast("cpu", dtype=dtype):
+            return model(inputs).float()
+
+    with GradNormTracker(model, "sum", fused=fused, verify_every=0) as tracker:
+        for _ in range(2):
+            model.zero_grad()
+            loss(forward(x), y).backward()
+            stats = tracker.collect()
+    expected = []
+    for b in range(5):
+        model.zero_grad()
+        loss(forward(x[b:b + 1]), y[b:b + 1]).backward()
+        expected.append(sum(p.grad.double().square().sum() for p in model.parameters() if p.grad is not None))
+    assert rel_err(stats.per_sample, torch.stack(expected)) < 2e-2

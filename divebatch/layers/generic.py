@@ -89,6 +89,9 @@ class GenericCall:
     input_samples: torch.Tensor | None = None
     # Set by GenericRule.norms: some standardised product's norms came in closed form (for plan).
     standardised: bool = False
+    # (device type, dtype) of the autocast the forward ran under: a replay runs under it too, so its
+    # ops get the forward's dtypes (a bfloat16 input meets float32 parameters otherwise)
+    autocast: tuple | None = None
 
 
 @dataclass(eq=False)
@@ -1492,7 +1495,10 @@ class GenericRule(PerSampleGradsRule):
             # samples and tokens inside, a router's [B*T, E] logits, may still be read from its
             # products: see the tracker's _on_forward.)
             input_batch, B = B, min(out_sizes)
-        return GenericCall(leaves, spec, in_dims, B, outputs, index, out_dims, input_batch=input_batch)
+        device = leaves[tensors[0]].device.type if tensors else "cpu"
+        autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
+        return GenericCall(leaves, spec, in_dims, B, outputs, index, out_dims, input_batch=input_batch,
+                           autocast=autocast)
 
     def batch_size(self, module, ctx):
         return ctx.batch_size
@@ -1683,7 +1689,8 @@ class GenericRule(PerSampleGradsRule):
         try:
             # A second guard beside randomness="error", for draws it may not see (ops that vmap
             # runs through its per-sample fallback): a changed CPU RNG state.
-            with torch.enable_grad(), suspend_capture(), torch.random.fork_rng(devices=[]), _parametrizations_uncached():
+            with (torch.enable_grad(), suspend_capture(), torch.random.fork_rng(devices=[]), _parametrizations_uncached(),
+                  _forward_autocast(call)):
                 before = torch.get_rng_state()
                 result = vmap(one_sample, in_dims=(leaf_dims, list(call.out_dims)), randomness="error",
                               chunk_size=chunk)(batched_leaves, grads)
@@ -1699,8 +1706,9 @@ class GenericRule(PerSampleGradsRule):
             # place), and an autograd.Function without ``setup_context`` (a straight-through
             # estimator's, a custom kernel's) no torch.func transform at all: the same
             # vector-Jacobian products, one sample at a time, by autograd.
-            return self._per_sample_grads_looped(module, call, one_sample_by_autograd, batched_leaves, leaf_dims,
-                                                 grads)
+            with _forward_autocast(call):
+                return self._per_sample_grads_looped(module, call, one_sample_by_autograd, batched_leaves, leaf_dims,
+                                                     grads)
 
     @staticmethod
     def _per_sample_grads_looped(module, call, one_sample, batched_leaves, leaf_dims, grads):
@@ -1738,6 +1746,13 @@ class GenericRule(PerSampleGradsRule):
                              f"{len(ctx.computed_outputs)}", float("nan"), 4.0 * numel * min(chunk, ctx.batch_size))
         return RoutePlan("generic (vmap vjp)", f"B={ctx.batch_size} params={numel}", float("nan"),
                          4.0 * numel * min(chunk, ctx.batch_size))
+
+
+def _forward_autocast(call: GenericCall):
+    """The autocast the call's forward ran under (see ``GenericCall.autocast``), or none."""
+    if call.autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(call.autocast[0], dtype=call.autocast[1])
 
 
 @contextlib.contextmanager
