@@ -1653,7 +1653,15 @@ class GradNormTracker:
         Compared per module, relative to the norm of the module's whole gradient: a parameter
         whose true gradient vanishes (e.g. a key projection's bias under softmax) is all rounding.
         """
+        # A parameter whose gradient vanishes by construction (a bias added and subtracted, a gain
+        # before a normalisation that removes it) has both sides made of rounding of much larger
+        # terms: a difference below float32's rounding of the backward's largest module gradient
+        # (1e-6 of it; 1e-3 after a low-precision forward) is no use outside the module.
+        largest_sq = max((entry.grad_sq for entry in step.verified.values()), default=0.0)
         for entry in step.verified.values():
+            rounding = 1e-6 if entry.exact and not self._low_precision_forward else 1e-3
+            if entry.diff_sq <= rounding ** 2 * largest_sq:
+                continue
             tol = 1e-3 if entry.exact and not self._low_precision_forward else 2e-2
             terms = step.rounded_terms.get(id(entry.owner))
             if terms:
