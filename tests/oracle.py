@@ -181,3 +181,29 @@ def conv_weight_oracle(x, g, kernel_size, stride, padding, dilation):
         return torch.zeros(0, dtype=torch.float64), torch.zeros(weight.shape[0], weight[0].numel(), dtype=torch.float64)
     per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(weight, x64, g64).flatten(2)
     return per_sample.square().sum((1, 2)), per_sample.sum(0).flatten(1)
+
+
+def each_sample_backward(model, loss_fn, forward, inputs, targets) -> torch.Tensor:
+    """Per-sample squared gradient norms [B] (float64) by one backward per sample through
+    ``forward(inputs[b:b+1])`` (``forward`` may run ``model`` under autocast): the definition, where
+    torch.func cannot run the forward or where the reference must round as the forward does."""
+    rows = []
+    for b in range(targets.shape[0]):
+        model.zero_grad()
+        loss_fn(forward(inputs[b:b + 1]), targets[b:b + 1]).backward()
+        rows.append(sum(p.grad.double().square().sum() for p in model.parameters() if p.grad is not None))
+    return torch.stack(rows)
+
+
+def second_backward_stats(model, loss_fn, forward, inputs, targets, **tracker_options):
+    """The stats of the second of two tracked backwards of ``loss_fn(forward(inputs), targets)``
+    (``loss_reduction="sum"``, ``verify_every=0``): a backward that is not verified, so no
+    accounting check can catch a misread use there."""
+    from divebatch import GradNormTracker
+
+    with GradNormTracker(model, "sum", verify_every=0, **tracker_options) as tracker:
+        for _ in range(2):
+            model.zero_grad()
+            loss_fn(forward(inputs), targets).backward()
+            stats = tracker.collect()
+    return stats

@@ -14,9 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from divebatch import GradNormTracker
-
-from .oracle import reference_norms, rel_err, tracked_and_checked
+from .oracle import each_sample_backward, rel_err, second_backward_stats, tracked_and_checked
 
 
 class SignSTE(torch.autograd.Function):
@@ -117,17 +115,9 @@ def test_a_function_whose_backward_is_not_its_forward_math():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), Scaled(8), nn.Tanh(), nn.Linear(8, 3))
     x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
-    with GradNormTracker(model, "sum", verify_every=0) as tracker:
-        for _ in range(2):  # (the second backward is not verified)
-            model.zero_grad()
-            loss(model(x), y).backward()
-            stats = tracker.collect()
-    per_sample = []
-    for b in range(5):  # (each sample's backward through the Function: torch.func cannot run it)
-        model.zero_grad()
-        loss(model(x[b:b + 1]), y[b:b + 1]).backward()
-        per_sample.append(sum(p.grad.double().square().sum() for p in model.parameters()))
-    assert rel_err(stats.per_sample, torch.stack(per_sample)) < 1e-5
+    stats = second_backward_stats(model, loss, model, x, y)
+    # (each sample's backward through the Function: torch.func cannot run it)
+    assert rel_err(stats.per_sample, each_sample_backward(model, loss, model, x, y)) < 1e-5
 
 
 def test_gradient_reversal_between_tracked_layers():
@@ -144,11 +134,4 @@ def test_gradient_reversal_between_tracked_layers():
         def forward(self, x):
             return self.domain(GradReverse.apply(self.features(x)))
 
-    model = DomainAdversarial()
-    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
-    with GradNormTracker(model, "sum") as tracker:
-        loss(model(x), y).backward()
-        stats = tracker.collect()
-    per_sample, _, batch = reference_norms(model, loss, x, y)
-    assert rel_err(stats.per_sample, per_sample) < 1e-5
-    assert rel_err(stats.batch_grad_sq, batch) < 1e-5
+    tracked_and_checked(DomainAdversarial(), loss, torch.randn(5, 6), torch.randint(0, 3, (5,)), rtol=1e-5)

@@ -13,7 +13,8 @@ from torch import nn
 
 from divebatch import GradNormTracker
 
-from .oracle import assert_refused, reference_norms, rel_err, same_forward_norms, tracked_and_checked
+from .oracle import (assert_refused, reference_norms, rel_err, same_forward_norms, second_backward_stats,
+                     tracked_and_checked)
 
 
 def token_loss(out, y):
@@ -573,11 +574,7 @@ def test_class_embeddings_through_the_samples_layers(classes, buffer, score, fus
     def loss(out, target):
         return F.cross_entropy(out, target, reduction="sum")
 
-    with GradNormTracker(model, "sum", fused=fused, verify_every=0) as tracker:
-        for _ in range(2):  # (the second backward is not verified)
-            model.zero_grad()
-            loss(model(x), y).backward()
-            stats = tracker.collect()
+    stats = second_backward_stats(model, loss, model, x, y, fused=fused)
     per_sample, _, batch = reference_norms(model, loss, x, y)
     assert rel_err(stats.per_sample, per_sample) < 1e-5
     assert rel_err(stats.batch_grad_sq, batch) < 1e-5

@@ -110,6 +110,18 @@ class Replayed(nn.Module):
         return torch.einsum("bi,ij->bj", torch.sin(x), self.weight)
 
 
+def _step_in_the_backward(model, lr=0.5) -> None:
+    """An SGD step of each parameter as soon as its gradient is accumulated (optimizer in backward)."""
+    optimizers = {p: torch.optim.SGD([p], lr=lr) for p in model.parameters()}
+
+    def step(p):
+        optimizers[p].step()
+        optimizers[p].zero_grad()
+
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(step)
+
+
 @pytest.mark.parametrize("middle", [ComputedWeight, Replayed], ids=["computed weight", "replayed"])
 def test_optimizer_step_in_the_backward(middle):
     """The optimizer stepped inside the backward (``register_post_accumulate_grad_hook``, as
@@ -122,14 +134,7 @@ def test_optimizer_step_in_the_backward(middle):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), middle(8), nn.Tanh(), nn.Linear(8, 3))
     as_forwarded = copy.deepcopy(model)
-    optimizers = {p: torch.optim.SGD([p], lr=0.5) for p in model.parameters()}
-
-    def step(p):
-        optimizers[p].step()
-        optimizers[p].zero_grad()
-
-    for p in model.parameters():
-        p.register_post_accumulate_grad_hook(step)
+    _step_in_the_backward(model)
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     with GradNormTracker(model, "sum") as tracker:
         loss(model(x), y).backward()
@@ -163,14 +168,7 @@ def test_optimizer_step_in_the_backward_before_a_recurrent_layers_norms(kind, fu
 
     model = Tagger()
     as_forwarded = copy.deepcopy(model)
-    optimizers = {p: torch.optim.SGD([p], lr=0.5) for p in model.parameters()}
-
-    def step(p):
-        optimizers[p].step()
-        optimizers[p].zero_grad()
-
-    for p in model.parameters():
-        p.register_post_accumulate_grad_hook(step)
+    _step_in_the_backward(model)
     x, y = torch.randn(5, 3, 4), torch.randint(0, 3, (5,))
     with GradNormTracker(model, "sum", fused=fused) as tracker:
         loss(model(x), y).backward()
