@@ -123,3 +123,59 @@ def test_random_forwards_under_cpu_autocast(steps, dtype, seed, fused):
 
     stats = second_backward_stats(model, loss, forward, x, y, fused=fused)
     assert rel_err(stats.per_sample, each_sample_backward(model, loss, forward, x, y)) < 2e-2
+
+
+#: Functions of ``x [B, T, D]`` (samples and tokens), ``v`` and ``m``: rows flattened and viewed back,
+#: products over tokens, attention, a token of the module's own, convolutions written with its weight.
+OF_TOKENS = {
+    "linear on flattened rows": lambda x, v, m: F.linear(x.reshape(-1, D), m, v).view(x.shape),
+    "product on flattened rows": lambda x, v, m: (x.reshape(-1, D) * v).view(x.shape),
+    "mixed over tokens": lambda x, v, m: x + torch.einsum("btd,de->bte", x.mean(1, keepdim=True).expand_as(x), m),
+    "transposed product": lambda x, v, m: (x.transpose(1, 2) * v[:, None]).transpose(1, 2),
+    "attention": lambda x, v, m: F.scaled_dot_product_attention(x @ m, x, x * v),
+    "token weights": lambda x, v, m: x * F.softmax(x @ v, dim=1).unsqueeze(-1),
+    "own token": lambda x, v, m: torch.cat([v.expand(x.shape[0], 1, D), x], 1)[:, 1:] + v,
+    "cumulative": lambda x, v, m: torch.cumsum(x * v, 1) * 0.3,
+    "pointwise convolution": lambda x, v, m: F.conv1d(x.transpose(1, 2), m.unsqueeze(-1)).transpose(1, 2),
+    "batched product": lambda x, v, m: torch.bmm(x, m.expand(x.shape[0], D, D)),
+    "linear": lambda x, v, m: F.linear(x, m, v),
+    "heads": lambda x, v, m: (x.unflatten(-1, (2, D // 2)) * v.view(2, D // 2)).flatten(-2),
+}
+
+TOKEN_STEP = st.one_of(
+    st.tuples(st.just("parameters"), st.sampled_from(sorted(OF_PARAMETERS)), st.sampled_from(["v", "m"])),
+    st.tuples(st.just("tokens"), st.sampled_from(sorted(OF_TOKENS)), st.just("")),
+    st.tuples(st.just("both"), st.sampled_from(sorted(set(OF_BOTH) - {"linear", "matmul", "matmul by .T", "einsum",
+                                                                       "bmm", "gate"})), st.just("")),
+)
+
+
+class TokenProgram(Program):
+    def forward(self, x):
+        values = {"v": self.v, "m": self.m}
+        for kind, name, target in self.steps:
+            if kind == "parameters":
+                values[target] = OF_PARAMETERS[name](values[target])
+            elif kind == "tokens":
+                x = OF_TOKENS[name](x, values["v"], values["m"])
+            else:
+                x = OF_BOTH[name](x, values["v"], values["m"])
+        return x
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(TOKEN_STEP, min_size=2, max_size=5), st.integers(0, 2**16), st.booleans())
+def test_random_forwards_over_tokens_match_torch_func(steps, seed, fused):
+    """The same on ``[B, T, D]`` inputs: rows flattened and viewed back, products over tokens,
+    attention, a token of the module's own (the row products and the replay on rows)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, D), TokenProgram(steps), nn.Linear(D, 3))
+    x, y = torch.randn(5, 6, 3), torch.randint(0, 3, (5,))
+
+    def token_loss(out, target):
+        return loss(out.mean(1), target)
+
+    stats = second_backward_stats(model, token_loss, model, x, y, fused=fused)
+    per_sample, _, batch = reference_norms(model, token_loss, x, y)
+    assert rel_err(stats.per_sample, per_sample) < 1e-4
+    assert rel_err(stats.batch_grad_sq, batch) < 1e-4
