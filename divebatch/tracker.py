@@ -45,7 +45,7 @@ from .layers.embedding import EmbeddingBagCall, EmbeddingCall, EmbeddingRule
 from .layers.linear import LinearRule, linear_factors
 from .layers.activation import PReLURule
 from .layers.bilinear import BilinearRule
-from .layers.norm import AffineNormRule
+from .layers.norm import AffineNormRule, RowNormRule
 from .layers.tied import TiedEmbeddingLinear, tied_cross, tied_rows
 
 
@@ -1230,7 +1230,11 @@ class GradNormTracker:
         if n_grads == 1 and self._last_batch != 1 and (
                 call.unbatched
                 or (batch_size == 1 and (isinstance(owner.rule, (EmbeddingRule, LinearRule, ConvRule))
-                                         or owner.rule is GENERIC))
+                                         or owner.rule is GENERIC
+                                         # (a LayerNorm or RMSNorm of a [1, K, d] input followed as shared:
+                                         # class embeddings projected then normalised)
+                                         or (isinstance(owner.rule, RowNormRule) and bool(args)
+                                             and self._follows(args[0]))))
                 or (isinstance(owner.rule, EmbeddingRule) and 1 < self._last_batch != batch_size)):
             # Looked up once for all samples: [1, T] ids, or ids with no batch dim (their first dim
             # differs from the batch of the calls before it); or a Linear given a [1, K, d] input
@@ -1485,7 +1489,8 @@ class GradNormTracker:
                 ctx.indices = ctx.indices.expand(B, *ctx.indices.shape[1:])
             else:  # looked up with no batch dim at all (T5's [q, k] relative positions)
                 ctx.indices = ctx.indices.unsqueeze(0).expand(B, *ctx.indices.shape)
-        elif batch_of_one and isinstance(ctx, torch.Tensor) and isinstance(call.owner.rule, (LinearRule, ConvRule)):
+        elif batch_of_one and isinstance(ctx, torch.Tensor) and isinstance(call.owner.rule, (LinearRule, ConvRule,
+                                                                                             RowNormRule)):
             call.ctx = ctx.expand(B, *ctx.shape[1:])  # every sample's input (a view: no copy)
         elif batch_of_one:  # generic route: inputs without the B samples are shared by all in the replay
             ctx.in_dims = [d if d is not None and ctx.leaves[i].shape[d] == B else None for i, d in enumerate(ctx.in_dims)]

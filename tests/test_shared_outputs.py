@@ -544,10 +544,10 @@ class Prototypes(nn.Module):
     read as samples, K equal to the batch gave wrong norms with no error (232% off); K otherwise
     was refused. They are now shared calls, split per sample where the scores meet the samples."""
 
-    def __init__(self, classes: int, buffer: bool, score: str):
+    def __init__(self, classes: int, buffer: bool, score: str, leading_one: bool = False):
         super().__init__()
         self.proj, self.norm = nn.Linear(4, 6), nn.LayerNorm(6)
-        table = torch.randn(classes, 4)
+        table = torch.randn(1, classes, 4) if leading_one else torch.randn(classes, 4)
         if buffer:
             self.register_buffer("classes", table)
         else:
@@ -557,6 +557,8 @@ class Prototypes(nn.Module):
     def forward(self, x):
         features = self.norm(self.proj(x))
         classes = self.norm(self.proj(self.classes))
+        if classes.dim() == 3:  # ([1, K, d]: a LayerNorm's call shared the same way)
+            classes = classes[0]
         if self.score == "F.linear":
             return F.linear(features, classes)
         return features @ (classes.T if self.score == ".T" else classes.t())
@@ -565,10 +567,12 @@ class Prototypes(nn.Module):
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
 @pytest.mark.parametrize("score", [".T", ".t()", "F.linear"])
 @pytest.mark.parametrize("buffer", [False, True], ids=["parameter", "buffer"])
-@pytest.mark.parametrize("classes", [3, 5], ids=["K != B", "K == B"])
+@pytest.mark.parametrize("classes", [3, 5, (1, 3)], ids=["K != B", "K == B", "[1, K, d]"])
 def test_class_embeddings_through_the_samples_layers(classes, buffer, score, fused):
     torch.manual_seed(0)
-    model = Prototypes(classes, buffer, score)
+    leading_one = isinstance(classes, tuple)
+    classes = classes[1] if leading_one else classes
+    model = Prototypes(classes, buffer, score, leading_one)
     x, y = torch.randn(5, 4), torch.randint(0, classes, (5,))
 
     def loss(out, target):

@@ -1935,7 +1935,7 @@ class SharedOutputWatcher:
         if func in _MATMULS and len(hits) == 1 and len(args) == 2 and not inside and self._product(args, hits[0], out):
             return out
         if (func is F.linear and hits == [1] and len(args) == 2 and not kwargs and not inside
-                and self._rows_product(args[0], args[1].mT, out)):
+                and self._rows_product(args[0], args[1], out, transposed=True)):
             return out  # ``F.linear(x, alias)``: ``x @ alias.mT``
         if func in _SELECTIONS and len(hits) == 1 and not inside and self._selected(func, args, kwargs, hits[0], out):
             return out
@@ -2086,20 +2086,16 @@ class SharedOutputWatcher:
         self.broadcasts += 1
         return True
 
-    def _rows_product(self, x, alias_mat, out) -> bool:
+    def _rows_product(self, x, alias, out, transposed: bool = False) -> bool:
         """``x @ alias`` with ``x [B, k]`` (a row per sample) and a ``[k, n]`` alias shared by the
         samples, no leading dim of 1 (class embeddings projected by the layers the samples go
         through: a prototype network's, scored by ``features @ prototypes.T``): sample ``b``'s grad
-        of the alias is the outer product ``x[b] ⊗ grad[b]``. (``alias_mat`` may be a view of the
-        alias, ``alias.mT`` for ``F.linear(x, alias)``: its grad is taken back through that view.)"""
+        of the alias is the outer product ``x[b] ⊗ grad[b]``; ``transposed``: ``x @ alias.mT``
+        (``F.linear(x, alias)``), whose grad is that product's transpose."""
         if (not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor) or x.dim() != 2
-                or alias_mat.dim() != 2 or x.shape[0] < 2 or self._samples(None, x.shape[0]) is None):
+                or alias.dim() != 2 or x.shape[0] < 2 or self._samples(None, x.shape[0]) is None):
             return False
-        alias = alias_mat if self._is_alias(alias_mat) else alias_mat._base
-        if alias is None or not self._is_alias(alias):
-            return False
-        out.register_hook(partial(self._collect_rows_product, x.detach(), alias_mat is not alias,
-                                  self.aliases[id(alias)][1]))
+        out.register_hook(partial(self._collect_rows_product, x.detach(), transposed, self.aliases[id(alias)][1]))
         self.broadcasts += 1
         return True
 
