@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from dataclasses import dataclass, field, replace
 from functools import partial
 from types import SimpleNamespace
@@ -658,8 +659,6 @@ def _inside_autograd_function() -> bool:
     """Whether the op running now is inside a custom ``torch.autograd.Function``'s forward (its
     ``apply`` is on the stack): the gradient of what it computes from a parameter is that Function's
     ``backward`` (a straight-through estimator's, a custom kernel's), which no recorded op models."""
-    import sys
-
     frame = sys._getframe(2)
     while frame is not None:
         if frame.f_code is _FUNCTION_APPLY:
