@@ -76,8 +76,8 @@ class Program(nn.Module):
                 values[target] = OF_PARAMETERS[name](values[target])
             elif kind == "input":
                 x = OF_INPUT[name](x)
-            else:
-                x = OF_BOTH[name](x, values["v"], values["m"])
+            else:  # ("both", or "tokens" for [B, T, D] inputs)
+                x = (OF_TOKENS if kind == "tokens" else OF_BOTH)[name](x, values["v"], values["m"])
         return x
 
 
@@ -150,26 +150,13 @@ TOKEN_STEP = st.one_of(
 )
 
 
-class TokenProgram(Program):
-    def forward(self, x):
-        values = {"v": self.v, "m": self.m}
-        for kind, name, target in self.steps:
-            if kind == "parameters":
-                values[target] = OF_PARAMETERS[name](values[target])
-            elif kind == "tokens":
-                x = OF_TOKENS[name](x, values["v"], values["m"])
-            else:
-                x = OF_BOTH[name](x, values["v"], values["m"])
-        return x
-
-
 @settings(max_examples=80, deadline=None)
 @given(st.lists(TOKEN_STEP, min_size=2, max_size=5), st.integers(0, 2**16), st.booleans())
 def test_random_forwards_over_tokens_match_torch_func(steps, seed, fused):
     """The same on ``[B, T, D]`` inputs: rows flattened and viewed back, products over tokens,
     attention, a token of the module's own (the row products and the replay on rows)."""
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(3, D), TokenProgram(steps), nn.Linear(D, 3))
+    model = nn.Sequential(nn.Linear(3, D), Program(steps), nn.Linear(D, 3))
     x, y = torch.randn(5, 6, 3), torch.randint(0, 3, (5,))
 
     def token_loss(out, target):
