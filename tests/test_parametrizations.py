@@ -116,9 +116,9 @@ def test_spectral_norm_in_training_mode_is_exact(conv, style):
 class EinsumLayer(nn.Module):
     """A weight applied by an op the recorder does not read (``einsum``): its call is replayed."""
 
-    def __init__(self):
+    def __init__(self, out_features=4, in_features=3):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(4, 3))
+        self.weight = nn.Parameter(torch.randn(out_features, in_features))
 
     def forward(self, x):
         return torch.einsum("bi,oi->bo", x, self.weight)
@@ -233,15 +233,6 @@ class OrthogonalRNN(nn.Module):
         return self.out(h)
 
 
-class EinsumSquare(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(6, 6))
-
-    def forward(self, h):
-        return torch.einsum("bi,oi->bo", h, self.weight)
-
-
 @pytest.mark.parametrize("backward_cached", [False, True], ids=["backward after", "backward inside"])
 @pytest.mark.parametrize("case", ["linear", "read first", "replayed"])
 def test_parametrizations_cached_over_a_recurrence(case, backward_cached):
@@ -250,7 +241,7 @@ def test_parametrizations_cached_over_a_recurrence(case, backward_cached):
     computation no recorder saw (refused, 79% off). Each tracked call computes it again; a replay
     (a module the recorder cannot read) runs with the cache off, even inside the block."""
     torch.manual_seed(0)
-    model = OrthogonalRNN(EinsumSquare() if case == "replayed" else nn.Linear(6, 6), peek=case == "read first")
+    model = OrthogonalRNN(EinsumLayer(6, 6) if case == "replayed" else nn.Linear(6, 6), peek=case == "read first")
     x, y = torch.randn(5, 3, 4), torch.randint(0, 3, (5,))
 
     def loss(out, target):
