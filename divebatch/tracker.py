@@ -133,6 +133,9 @@ class _Owner:
     deferred_hooks: list = field(default_factory=list)
     # Under FSDP2: the fully_shard modules that gather the sharded parameters (see _gathered).
     shard_units: list = field(default_factory=list)
+    # Its tensors with a sequence dim are [T, B, ...]: the tracker's batch_first=False, or the
+    # nearest enclosing module that declares its layout says so (see _declared_batch_first).
+    sequences_first: bool = False
     # Replaced by a new plan (see GradNormTracker._replan): a forward still holding this owner's
     # fused call hands it to the new plan's forward.
     retired: bool = False
@@ -344,7 +347,12 @@ class GradNormTracker:
             ``[T, B, ...]`` tensor (``output.view(T * B, d)`` before a decoder) are followed through
             ops that map each row to the same row (an activation, dropout, a bias); other merged
             rows are refused. With ``True`` such models are refused where T != B and would be
-            misread where T == B.
+            misread where T == B. A module may declare the layout inside it with its own
+            ``batch_first`` attribute, which its layers follow over the tracker's (the nearest
+            declaration around a layer wins): ``nn.Transformer``, ``nn.TransformerEncoder``/
+            ``Decoder`` and their layers declare theirs (their attention's), so the default
+            ``batch_first=False`` transformer transposed around inside a ``[B, T]`` model is read as
+            ``[T, B, ...]``; give a block of your own ``block.batch_first = False`` likewise.
         verify_every: on the first tracked backward and every ``verify_every``-th after it (0:
             the first only), check that each parameter's gradient is fully accounted for by its
             module's forward calls: the rules form the gradient of their calls (summed over
@@ -601,7 +609,7 @@ class GradNormTracker:
                 self._handles.append(owner.module.register_forward_hook(
                     partial(self._on_sharded_forward_end, owner), always_call=True))
             for alias in owner.aliases:
-                if not self.batch_first:  # (an Embedding sharing the owner's weight: [T, B] ids as the owner's)
+                if owner.sequences_first:  # (an Embedding sharing the owner's weight: [T, B] ids as the owner's)
                     self._handles.append(alias.register_forward_pre_hook(partial(self._on_rows_pre_forward, owner),
                                                                          prepend=True))
                     self._handles.append(alias.register_forward_hook(partial(self._on_rows_forward, owner),
@@ -700,7 +708,7 @@ class GradNormTracker:
         self._plans = {k: kept for k, kept in self._plans.items()
                        if all(id(p) in current for _, p in kept.planned)}
         if plan is None:
-            self._owners, self._ties = _assign_owners(self.model)
+            self._owners, self._ties = _assign_owners(self.model, self.batch_first)
             self._mark_sharded()
             for owner in self._owners:
                 can_fuse = getattr(owner.rule, "can_fuse", None)
@@ -804,7 +812,7 @@ class GradNormTracker:
         if (not isinstance(x, torch.Tensor) or capture_suspended() or not torch.is_grad_enabled()
                 or _inside_functorch()):
             return None
-        if not self.batch_first:
+        if owner.sequences_first:
             return self._sequences_first_view(owner, x, args)
         if (self._input_batch == 1 and x.dim() > 0 and x.shape[0] > 1 and not _called_from_compiled_code()
                 and (not x.is_floating_point() or (x.grad_fn is not None and not self._follows(x)))):
@@ -1126,7 +1134,7 @@ class GradNormTracker:
         leaves = [t for t in _tensors(output) if t.requires_grad]
         if not leaves:  # e.g. frozen layer on a no-grad input: nothing will flow back
             return None
-        if not self.batch_first:
+        if owner.sequences_first:
             self._refuse_unknown_sample_dim(owner, args, kwargs)
         separated = None
         if owner.rule is GENERIC and len(leaves) > 1:
@@ -1265,8 +1273,8 @@ class GradNormTracker:
                "give it its input as [B, ...] (transpose(0, 1) around it) and set `module.batch_first = True`")
         raise ValueError(
             f"module '{owner.name}' ({type(module).__name__}) got a tensor of shape {list(first.shape)} while the "
-            "tracker was created with batch_first=False, and nothing says whether its samples are in dim 0 or in "
-            f"dim 1 (a [T, B, d] sequence or a [B, C, L] map look alike): {fix}.")
+            "tracker was created with batch_first=False (or a module around it declares batch_first=False), and "
+            f"nothing says whether its samples are in dim 0 or in dim 1 (a [T, B, d] sequence or a [B, C, L] map look alike): {fix}.")
 
     def _expand_shared_compiled_output(self, call: _Call, output, leaves: list) -> torch.Tensor | None:
         """Under torch.compile, an ``nn.Embedding`` looked up with ids ``[1, T]`` shared by all
@@ -1414,7 +1422,7 @@ class GradNormTracker:
         nor under ``batch_first=False``: a watcher reads the samples of the tensors the output meets
         from their dim 0, which there may be the sequence's (the call keeps its batch of 1, refused
         by the batch check with a hint)."""
-        if output.dim() < 2 or not self.batch_first:
+        if output.dim() < 2 or call.owner.sequences_first:
             return
         if _called_from_compiled_code():
             call.refusal = _compiled_shared_output_hint
@@ -1730,13 +1738,13 @@ class GradNormTracker:
                     hint = call.refusal()
                 elif 1 in (call.batch_size, step.batch_size):
                     # (with batch_first=False no watcher follows a shared output: they read samples in dim 0)
-                    shape, one, example = (("[1, T]", "row", "torch.arange(T).expand(B, T)") if self.batch_first else
+                    shape, one, example = (("[1, T]", "row", "torch.arange(T).expand(B, T)") if not owner.sequences_first else
                                            ("[T, 1]", "column", "torch.arange(T)[:, None].expand(T, B)"))
                     hint = (" A batch of 1 is usually an input shared by all samples whose output is broadcast "
                             f"over the batch later (e.g. position ids of shape {shape}): broadcasting sums the "
                             f"samples' gradients before the module sees them. Give it one {one} per sample, e.g. "
                             f"position_ids={example}.")
-                elif not self.batch_first:
+                elif owner.sequences_first:
                     hint = (" With batch_first=False, the samples are dim 1 of tensors with a sequence dim and dim 0 "
                             "of the others, and rows merged from a [T, B, ...] tensor (x.view(T * B, d)) are followed "
                             "only through ops that map each row to the same row (no gather, permutation or mixing "
@@ -1747,8 +1755,10 @@ class GradNormTracker:
                     hint = (f" Its input, of shape {list(call.ctx.shape)}, looks sequences first ([T, B, ...]): for a "
                             "model that works on [T, B, ...] tensors and takes them as inputs, create the tracker with "
                             "batch_first=False. A model that takes [B, ...] inputs and works on [T, B, ...] inside (as "
-                            "fairseq's transformer does) is not supported: transpose to [B, T, ...] around the tracked "
-                            "layers (with T equal to B its norms would be wrong, with no error).")
+                            "fairseq's transformer does) must say so: give the module that holds those layers a "
+                            "`batch_first = False` attribute (nn.Transformer and nn.TransformerEncoder/DecoderLayer "
+                            "declare theirs), or transpose to [B, T, ...] around the tracked layers (undeclared, with T "
+                            "equal to B its norms would be wrong, with no error).")
                 elif call.batch_size > step.batch_size and call.batch_size % step.batch_size == 0:
                     hint = (f" {call.batch_size} = {step.batch_size} x {call.batch_size // step.batch_size}: were "
                             "samples and tokens flattened into rows? Rows are assigned to samples only for a "
@@ -2207,13 +2217,43 @@ def _attribute(module: nn.Module, name: str):
     return module
 
 
-def _assign_owners(model: nn.Module) -> tuple[list[_Owner], list[TiedEmbeddingLinear]]:
+def _declared_batch_first(module: nn.Module) -> bool | None:
+    """The layout ``module`` declares for the tensors inside it: its ``batch_first`` (True: ``[B, T,
+    ...]``, False: ``[T, B, ...]``), where it has one. PyTorch's transformer layers and stacks keep it
+    on their attention only (``self_attn.batch_first``; ``nn.Transformer`` has its own)."""
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        module = module.self_attn
+    elif isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
+        module = module.layers[0].self_attn if len(module.layers) else None
+    declared = getattr(module, "batch_first", None)
+    return declared if isinstance(declared, bool) else None
+
+
+def _assign_owners(model: nn.Module, batch_first: bool = True) -> tuple[list[_Owner], list[TiedEmbeddingLinear]]:
     """Decide which rule accounts for each trainable parameter; pair an Embedding weight tied to
-    a Linear weight, refuse any other parameter shared by two modules."""
+    a Linear weight, refuse any other parameter shared by two modules. Each owner's layout
+    (``sequences_first``) is the tracker's ``batch_first``, unless the nearest module around it that
+    declares one says otherwise (an ``nn.TransformerEncoder`` built with the default
+    ``batch_first=False`` inside a model that takes ``[B, T]`` inputs and transposes around it)."""
     owners: list[_Owner] = []
     visited: set[int] = set()
+    layouts: list[bool] = [batch_first]  # the enclosing modules' layouts, innermost last
 
     def visit(module: nn.Module, name: str) -> None:
+        declared = _declared_batch_first(module)
+        layouts.append(layouts[-1] if declared is None else declared)
+        first = len(owners)
+        try:
+            _visit(module, name)
+        finally:
+            layouts.pop()
+        for owner in owners[first:]:
+            if owner.module is module:
+                # (a module's own declaration is its rule's business: MultiheadAttention and the RNNs
+                # read their batch_first themselves, the generic route reads it too)
+                owner.sequences_first = not layouts[-1]
+
+    def _visit(module: nn.Module, name: str) -> None:
         if id(module) in visited:  # the same module under two names: its calls are combined
             return
         visited.add(id(module))

@@ -161,9 +161,9 @@ def make(name, T, B, gen):
     return model, ids, tokens, token_loss
 
 
-def check(model, x, y, loss, fused=True, batch_dim=1):
+def check(model, x, y, loss, fused=True, batch_dim=1, batch_first=False):
     ref, _, ref_batch = reference_norms(model, loss, x, y, batch_dim=batch_dim)
-    with GradNormTracker(model, "sum", fused=fused, batch_first=False) as tracker:
+    with GradNormTracker(model, "sum", fused=fused, batch_first=batch_first) as tracker:
         model.zero_grad()
         loss(model(x), y).backward()
         stats = tracker.collect()
@@ -256,26 +256,113 @@ def test_default_layout_refuses_a_sequence_first_model():
             tracker.collect()
 
 
-def test_batch_first_inputs_transposed_inside_are_refused_with_the_layouts_named():
-    """A model that takes ``[B, T]`` ids and works on ``[T, B, d]`` inside (fairseq's transformer):
-    neither layout option reads it, and with T == B the norms would be wrong with no error; with
-    T != B the batch check refuses it, and its hint names the sequence-first input it saw."""
+class TransposedInside(nn.Module):
+    """``[B, T]`` ids worked on as ``[T, B, d]`` inside (fairseq's transformer), its projection in a
+    block that may declare that layout with a ``batch_first`` attribute."""
 
-    class TransposedInside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.block, self.head = nn.Embedding(11, 6), nn.Sequential(nn.Linear(6, 6)), nn.Linear(6, 3)
+
+    def forward(self, ids):
+        h = self.embed(ids).transpose(0, 1)  # [T, B, d]
+        return self.head(torch.tanh(self.block(h)).mean(0))
+
+
+def test_batch_first_inputs_transposed_inside_are_refused_until_declared():
+    """Undeclared, a model that takes ``[B, T]`` ids and works on ``[T, B, d]`` inside is refused by
+    the batch check where T != B, its hint naming the sequence-first input it saw and the
+    declaration (with T == B nothing could tell); declared on the block that holds the layers,
+    it is exact at T == B as at T != B."""
+    model = TransposedInside()
+    ids, y = torch.randint(0, 11, (4, 5)), torch.randint(0, 3, (4,))
+    with GradNormTracker(model, "sum") as tracker:
+        with pytest.raises(ValueError, match=r"saw a batch of 5 .*\[5, 4, 6\], looks sequences first.*"
+                                             r"`batch_first = False` attribute"):
+            class_loss(model(ids), y).backward()
+            tracker.collect()
+    model.block.batch_first = False
+    for T in (5, 4):
+        ids = torch.randint(0, 11, (4, T))
+        check(model, ids, y, class_loss, batch_dim=0, batch_first=True)
+
+
+class TransposedAround(nn.Module):
+    """A model on ``[B, T, 4]`` features (or, ``sequences_first``, ``[T, B, 4]``) whose PyTorch
+    transformer takes the other layout (its default ``batch_first=False``, or True): transposed
+    around it, as in many training scripts."""
+
+    def __init__(self, kind: str, sequences_first: bool = False):
+        super().__init__()
+        self.kind, self.inp, self.head = kind, nn.Linear(4, 8), nn.Linear(8, 3)
+        inner_batch_first, self.time_dim = sequences_first, 0 if sequences_first else 1
+        if kind == "encoder":
+            layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, norm_first=True, batch_first=inner_batch_first)
+            self.body = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(8), enable_nested_tensor=False)
+        elif kind == "decoder":
+            layer = nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0, batch_first=inner_batch_first)
+            self.body = nn.TransformerDecoder(layer, 1)
+        else:
+            self.body = nn.Transformer(8, 2, 1, 1, 16, dropout=0.0, batch_first=inner_batch_first)
+
+    def forward(self, x):
+        h = self.inp(x).transpose(0, 1)
+        if self.kind == "encoder":
+            h = self.body(h)
+        else:  # (a memory of other length: its own rows of the samples)
+            memory = torch.tanh(h[:2] if h.shape[0] > 2 and self.kind == "transformer" else h)
+            h = self.body(memory, h) if self.kind == "transformer" else self.body(h, memory)
+        return self.head(h.transpose(0, 1).mean(self.time_dim))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("T", [3, 5], ids=["T==B", "T!=B"])
+@pytest.mark.parametrize("kind", ["encoder", "decoder", "transformer"])
+def test_pytorch_transformers_in_the_other_layout_match_torch_func(kind, T, fused):
+    """``nn.TransformerEncoder``/``Decoder``/``nn.Transformer`` built with the default
+    ``batch_first=False`` in a model tracked batch first (the layers' inputs are ``[T, B, d]``:
+    read by the layout the transformer declares, where T == B misread them 21% off with no error
+    and T != B was refused)."""
+    torch.manual_seed(0)
+    model = TransposedAround(kind)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(3, T, 4, generator=gen), torch.randint(0, 3, (3,), generator=gen)
+    check(model, x, y, class_loss, fused, batch_dim=0, batch_first=True)
+
+
+@pytest.mark.parametrize("T", [3, 5], ids=["T==B", "T!=B"])
+def test_batch_first_transformer_in_a_sequence_first_model_matches_torch_func(T):
+    """The reverse: ``[T, B, 4]`` inputs (tracked ``batch_first=False``) transposed into an
+    ``nn.TransformerEncoder`` built ``batch_first=True``: its layers keep samples in dim 0."""
+    torch.manual_seed(0)
+    model = TransposedAround("encoder", sequences_first=True)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(T, 3, 4, generator=gen), torch.randint(0, 3, (3,), generator=gen)
+    check(model, x, y, class_loss, batch_dim=1)
+
+
+def test_module_without_layout_inside_a_declared_one_is_refused():
+    """A module of the generic route (its own parameter) inside a block that declares
+    ``batch_first=False`` reads samples from dim 0 unless it declares its own layout: refused,
+    naming the attribute to set; exact once set."""
+
+    class Gain(nn.Module):
         def __init__(self):
             super().__init__()
-            self.embed, self.proj, self.head = nn.Embedding(11, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+            self.gain = nn.Parameter(torch.rand(6) + 0.5)
 
-        def forward(self, ids):
-            h = self.embed(ids).transpose(0, 1)  # [T, B, d]
-            return self.head(torch.tanh(self.proj(h)).mean(0))
+        def forward(self, h):
+            return h * self.gain
 
     model = TransposedInside()
-    ids, y = torch.randint(0, 11, (5, 4)), torch.randint(0, 3, (5,))
-    with GradNormTracker(model, "sum") as tracker:
-        with pytest.raises(ValueError, match=r"saw a batch of 4 .*\[4, 5, 6\], looks sequences first.*not supported"):
-            F.cross_entropy(model(ids), y, reduction="sum").backward()
-            tracker.collect()
+    model.block.append(Gain())
+    model.block.batch_first = False
+    ids, y = torch.randint(0, 11, (4, 4)), torch.randint(0, 3, (4,))
+    with GradNormTracker(model, "sum"):
+        with pytest.raises(ValueError, match=r"'block\.1' \(Gain\).*`module\.batch_first = False`"):
+            model(ids)
+    model.block[1].batch_first = False
+    check(model, ids, y, class_loss, batch_dim=0, batch_first=True)
 
 
 def test_module_with_unknown_layout_is_refused_until_declared():
