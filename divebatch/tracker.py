@@ -36,7 +36,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from . import _fsdp
 from ._norms import SquaredNormSum, squared_distance, squared_norm
 from .layers import GENERIC, LayerRule, RoutePlan, rule_for
-from .layers.generic import DirectUseRecorder, SharedOutputWatcher, SharedOutputWatchers, usable_direct_uses
+from .layers.generic import (TRANSFORMER_MODULES, DirectUseRecorder, SharedOutputWatcher, SharedOutputWatchers,
+                             declared_batch_first, usable_direct_uses)
 from .layers.rows import (MergedIdsFollower, flattened_samples, merged_sequence_rows, row_samples,
                           sequences_first_view)
 from .layers.base import capture_suspended
@@ -134,7 +135,7 @@ class _Owner:
     # Under FSDP2: the fully_shard modules that gather the sharded parameters (see _gathered).
     shard_units: list = field(default_factory=list)
     # Its tensors with a sequence dim are [T, B, ...]: the tracker's batch_first=False, or the
-    # nearest enclosing module that declares its layout says so (see _declared_batch_first).
+    # nearest PyTorch transformer module around it says so (see _assign_owners).
     sequences_first: bool = False
     # Replaced by a new plan (see GradNormTracker._replan): a forward still holding this owner's
     # fused call hands it to the new plan's forward.
@@ -347,12 +348,11 @@ class GradNormTracker:
             ``[T, B, ...]`` tensor (``output.view(T * B, d)`` before a decoder) are followed through
             ops that map each row to the same row (an activation, dropout, a bias); other merged
             rows are refused. With ``True`` such models are refused where T != B and would be
-            misread where T == B. A module may declare the layout inside it with its own
-            ``batch_first`` attribute, which its layers follow over the tracker's (the nearest
-            declaration around a layer wins): ``nn.Transformer``, ``nn.TransformerEncoder``/
-            ``Decoder`` and their layers declare theirs (their attention's), so the default
-            ``batch_first=False`` transformer transposed around inside a ``[B, T]`` model is read as
-            ``[T, B, ...]``; give a block of your own ``block.batch_first = False`` likewise.
+            misread where T == B. The layers inside ``nn.Transformer``, ``nn.TransformerEncoder``/
+            ``Decoder`` and their layers follow that module's ``batch_first`` over the tracker's
+            (the nearest one around a layer wins), so the default ``batch_first=False``
+            transformer transposed around inside a ``[B, T]`` model is read as ``[T, B, ...]``
+            (and a ``batch_first=True`` one inside a sequence-first model as ``[B, T, ...]``).
         verify_every: on the first tracked backward and every ``verify_every``-th after it (0:
             the first only), check that each parameter's gradient is fully accounted for by its
             module's forward calls: the rules form the gradient of their calls (summed over
@@ -1262,7 +1262,7 @@ class GradNormTracker:
         module = owner.module
         if not (owner.rule is GENERIC or isinstance(owner.rule, (BilinearRule, PReLURule))):
             return
-        declared = getattr(module, "batch_first", None)
+        declared = declared_batch_first(module)
         if declared is True or (declared is False and owner.rule is GENERIC):
             return
         first = next((x for x in _tensors((args, kwargs)) if x.dim() > 0), None)
@@ -1273,7 +1273,7 @@ class GradNormTracker:
                "give it its input as [B, ...] (transpose(0, 1) around it) and set `module.batch_first = True`")
         raise ValueError(
             f"module '{owner.name}' ({type(module).__name__}) got a tensor of shape {list(first.shape)} while the "
-            "tracker was created with batch_first=False (or a module around it declares batch_first=False), and "
+            "tracker was created with batch_first=False (or a PyTorch transformer around it was), and "
             f"nothing says whether its samples are in dim 0 or in dim 1 (a [T, B, d] sequence or a [B, C, L] map look alike): {fix}.")
 
     def _expand_shared_compiled_output(self, call: _Call, output, leaves: list) -> torch.Tensor | None:
@@ -1755,10 +1755,9 @@ class GradNormTracker:
                     hint = (f" Its input, of shape {list(call.ctx.shape)}, looks sequences first ([T, B, ...]): for a "
                             "model that works on [T, B, ...] tensors and takes them as inputs, create the tracker with "
                             "batch_first=False. A model that takes [B, ...] inputs and works on [T, B, ...] inside (as "
-                            "fairseq's transformer does) must say so: give the module that holds those layers a "
-                            "`batch_first = False` attribute (nn.Transformer and nn.TransformerEncoder/DecoderLayer "
-                            "declare theirs), or transpose to [B, T, ...] around the tracked layers (undeclared, with T "
-                            "equal to B its norms would be wrong, with no error).")
+                            "fairseq's transformer does) is read right inside PyTorch's nn.Transformer* modules only "
+                            "(they declare their layout): elsewhere transpose to [B, T, ...] around the tracked "
+                            "layers (with T equal to B its norms would be wrong, with no error).")
                 elif call.batch_size > step.batch_size and call.batch_size % step.batch_size == 0:
                     hint = (f" {call.batch_size} = {step.batch_size} x {call.batch_size // step.batch_size}: were "
                             "samples and tokens flattened into rows? Rows are assigned to samples only for a "
@@ -2217,30 +2216,20 @@ def _attribute(module: nn.Module, name: str):
     return module
 
 
-def _declared_batch_first(module: nn.Module) -> bool | None:
-    """The layout ``module`` declares for the tensors inside it: its ``batch_first`` (True: ``[B, T,
-    ...]``, False: ``[T, B, ...]``), where it has one. PyTorch's transformer layers and stacks keep it
-    on their attention only (``self_attn.batch_first``; ``nn.Transformer`` has its own)."""
-    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
-        module = module.self_attn
-    elif isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
-        module = module.layers[0].self_attn if len(module.layers) else None
-    declared = getattr(module, "batch_first", None)
-    return declared if isinstance(declared, bool) else None
-
-
 def _assign_owners(model: nn.Module, batch_first: bool = True) -> tuple[list[_Owner], list[TiedEmbeddingLinear]]:
     """Decide which rule accounts for each trainable parameter; pair an Embedding weight tied to
     a Linear weight, refuse any other parameter shared by two modules. Each owner's layout
-    (``sequences_first``) is the tracker's ``batch_first``, unless the nearest module around it that
-    declares one says otherwise (an ``nn.TransformerEncoder`` built with the default
-    ``batch_first=False`` inside a model that takes ``[B, T]`` inputs and transposes around it)."""
+    (``sequences_first``) is the tracker's ``batch_first``, unless the nearest PyTorch transformer
+    module around it says otherwise (an ``nn.TransformerEncoder`` built with the default
+    ``batch_first=False`` inside a model that takes ``[B, T]`` inputs and transposes around it).
+    (Only those: another module's ``batch_first`` says how it takes its own inputs, not how the
+    layers inside it do; a model may keep its RNN's setting there and feed its head batch first.)"""
     owners: list[_Owner] = []
     visited: set[int] = set()
     layouts: list[bool] = [batch_first]  # the enclosing modules' layouts, innermost last
 
     def visit(module: nn.Module, name: str) -> None:
-        declared = _declared_batch_first(module)
+        declared = declared_batch_first(module) if isinstance(module, TRANSFORMER_MODULES) else None
         layouts.append(layouts[-1] if declared is None else declared)
         first = len(owners)
         try:

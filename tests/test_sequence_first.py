@@ -256,35 +256,28 @@ def test_default_layout_refuses_a_sequence_first_model():
             tracker.collect()
 
 
-class TransposedInside(nn.Module):
-    """``[B, T]`` ids worked on as ``[T, B, d]`` inside (fairseq's transformer), its projection in a
-    block that may declare that layout with a ``batch_first`` attribute."""
+def test_batch_first_inputs_transposed_inside_are_refused_with_the_layouts_named():
+    """A model that takes ``[B, T]`` ids and works on ``[T, B, d]`` in its own code (fairseq's
+    transformer): neither layout option reads it, and with T == B the norms would be wrong with no
+    error; with T != B the batch check refuses it, and its hint names the sequence-first input it
+    saw and what is read right (PyTorch's transformer modules, below)."""
 
-    def __init__(self):
-        super().__init__()
-        self.embed, self.block, self.head = nn.Embedding(11, 6), nn.Sequential(nn.Linear(6, 6)), nn.Linear(6, 3)
+    class TransposedInside(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.proj, self.head = nn.Embedding(11, 6), nn.Linear(6, 6), nn.Linear(6, 3)
 
-    def forward(self, ids):
-        h = self.embed(ids).transpose(0, 1)  # [T, B, d]
-        return self.head(torch.tanh(self.block(h)).mean(0))
+        def forward(self, ids):
+            h = self.embed(ids).transpose(0, 1)  # [T, B, d]
+            return self.head(torch.tanh(self.proj(h)).mean(0))
 
-
-def test_batch_first_inputs_transposed_inside_are_refused_until_declared():
-    """Undeclared, a model that takes ``[B, T]`` ids and works on ``[T, B, d]`` inside is refused by
-    the batch check where T != B, its hint naming the sequence-first input it saw and the
-    declaration (with T == B nothing could tell); declared on the block that holds the layers,
-    it is exact at T == B as at T != B."""
     model = TransposedInside()
-    ids, y = torch.randint(0, 11, (4, 5)), torch.randint(0, 3, (4,))
+    ids, y = torch.randint(0, 11, (5, 4)), torch.randint(0, 3, (5,))
     with GradNormTracker(model, "sum") as tracker:
-        with pytest.raises(ValueError, match=r"saw a batch of 5 .*\[5, 4, 6\], looks sequences first.*"
-                                             r"`batch_first = False` attribute"):
-            class_loss(model(ids), y).backward()
+        with pytest.raises(ValueError, match=r"saw a batch of 4 .*\[4, 5, 6\], looks sequences first.*"
+                                             r"nn\.Transformer\* modules only"):
+            F.cross_entropy(model(ids), y, reduction="sum").backward()
             tracker.collect()
-    model.block.batch_first = False
-    for T in (5, 4):
-        ids = torch.randint(0, 11, (4, T))
-        check(model, ids, y, class_loss, batch_dim=0, batch_first=True)
 
 
 class TransposedAround(nn.Module):
@@ -341,139 +334,65 @@ def test_batch_first_transformer_in_a_sequence_first_model_matches_torch_func(T)
     check(model, x, y, class_loss, batch_dim=1)
 
 
-def test_module_without_layout_inside_a_declared_one_is_refused():
-    """A module of the generic route (its own parameter) inside a block that declares
+class ScaledEncoderLayer(nn.TransformerEncoderLayer):
+    """A transformer layer with a learnt scale of its output (layer scale, as in CaiT): its own
+    parameter sends it to the generic route, which takes the samples from the dim its
+    ``self_attn.batch_first`` names."""
+
+    def __init__(self, d, batch_first=False):
+        super().__init__(d, 2, 16, dropout=0.0, batch_first=batch_first)
+        self.scale = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, src, *args, **kwargs):
+        return super().forward(src, *args, **kwargs) * self.scale
+
+
+class WithScaledLayers(nn.Module):
+    """``[B, T, 4]`` features into default (``batch_first=False``) scaled transformer layers, a
+    Linear of the model's own between them, transposed around."""
+
+    def __init__(self, stacked: bool):
+        super().__init__()
+        self.inp, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.body = (nn.TransformerEncoder(ScaledEncoderLayer(8), 2, enable_nested_tensor=False) if stacked
+                     else ScaledEncoderLayer(8))
+
+    def forward(self, x):
+        return self.head(self.body(self.inp(x).transpose(0, 1)).transpose(0, 1).mean(1))
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["layer", "in-encoder"])
+@pytest.mark.parametrize("T", [3, 5], ids=["T==B", "T!=B"])
+def test_a_transformer_layer_with_parameters_of_its_own_matches_torch_func(T, stacked):
+    torch.manual_seed(0)
+    model = WithScaledLayers(stacked)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(3, T, 4, generator=gen), torch.randint(0, 3, (3,), generator=gen)
+    check(model, x, y, class_loss, batch_dim=0, batch_first=True)
+
+
+def test_module_without_layout_inside_a_transformer_is_refused():
+    """A module of the generic route (its own parameter) given a sequence inside a transformer built
     ``batch_first=False`` reads samples from dim 0 unless it declares its own layout: refused,
     naming the attribute to set; exact once set."""
 
     class Gain(nn.Module):
         def __init__(self):
             super().__init__()
-            self.gain = nn.Parameter(torch.rand(6) + 0.5)
+            self.gain = nn.Parameter(torch.rand(8) + 0.5)
 
         def forward(self, h):
             return h * self.gain
 
-    model = TransposedInside()
-    model.block.append(Gain())
-    model.block.batch_first = False
-    ids, y = torch.randint(0, 11, (4, 4)), torch.randint(0, 3, (4,))
-    with GradNormTracker(model, "sum"):
-        with pytest.raises(ValueError, match=r"'block\.1' \(Gain\).*`module\.batch_first = False`"):
-            model(ids)
-    model.block[1].batch_first = False
-    check(model, ids, y, class_loss, batch_dim=0, batch_first=True)
-
-
-def test_module_with_unknown_layout_is_refused_until_declared():
-    model = PositionedLM(5)
-    gen = torch.Generator().manual_seed(1)
-    ids, tokens = torch.randint(0, VOCAB, (5, 4), generator=gen), torch.randint(0, VOCAB, (4, 5), generator=gen)
-    with GradNormTracker(model, "sum", batch_first=False):
-        with pytest.raises(ValueError, match=r"'positions'.*batch_first = False"):
-            model(ids)
-    model.positions.batch_first = False
-    check(model, ids, tokens, token_loss)
-
-
-def test_bilinear_on_a_sequence_is_refused():
-    bilinear = nn.Bilinear(4, 4, 2)
-    with GradNormTracker(bilinear, "sum", batch_first=False):
-        with pytest.raises(ValueError, match=r"Bilinear.*\[B, \.\.\.\]"):
-            bilinear(torch.randn(5, 3, 4), torch.randn(5, 3, 4))
-
-
-class PermutedRows(nn.Module):
-    """Rows merged from [T, B, d] and then reordered: which sample each row is cannot be followed."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, 8)
-        self.head = nn.Linear(8, VOCAB)
-
-    def forward(self, ids):
-        rows = self.embed(ids).view(-1, 8)
-        return self.head(rows.flip(0)).flip(0)
-
-
-class SharedPositions(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, 8)
-        self.positions = nn.Embedding(8, 8)
-        self.head = nn.Linear(8, VOCAB)
-
-    def forward(self, ids):
-        return self.head(self.embed(ids) + self.positions(torch.arange(ids.shape[0])[:, None]))
-
-
-@pytest.mark.parametrize("model,match", [(PermutedRows, r"x\.view\(T \* B, d\)\) are followed only"),
-                                         (SharedPositions, r"expand\(T, B\)")],
-                         ids=["permuted-rows", "shared-position-ids"])
-def test_what_cannot_be_placed_is_refused_with_a_hint(model, match):
-    model = model()
-    gen = torch.Generator().manual_seed(1)
-    ids, tokens = torch.randint(0, VOCAB, (5, 4), generator=gen), torch.randint(0, VOCAB, (4, 5), generator=gen)
-    with GradNormTracker(model, "sum", batch_first=False) as tracker:
-        with pytest.raises(ValueError, match=match):
-            token_loss(model(ids), tokens).backward()
-            tracker.collect()
-
-
-def test_batch_first_must_be_a_bool():
-    with pytest.raises(TypeError, match="batch_first=1"):
-        GradNormTracker(nn.Linear(2, 2), batch_first=1)
-
-
-def test_sequence_first_model_under_torch_compile():
-    """The tracked modules run eagerly under compile (graph breaks); their views to [B, T, ...] and
-    back are made there too, so the compiled step gives the eager numbers, twice (cached graphs)."""
-    torch._dynamo.reset()
     torch.manual_seed(0)
-    model, ids, tokens, loss = make("transformer-lm", 5, 4, torch.Generator().manual_seed(1))
-    ref, _, ref_batch = reference_norms(model, loss, ids, tokens, batch_dim=1)
-    compiled = torch.compile(model)
-    try:
-        with GradNormTracker(model, "sum", batch_first=False) as tracker:
-            for _ in range(2):
-                model.zero_grad()
-                loss(compiled(ids), tokens).backward()
-                stats = tracker.collect()
-                assert rel_err(stats.per_sample, ref) < RTOL
-                assert rel_err(stats.batch_grad_sq, ref_batch) < RTOL
-    finally:
-        torch._dynamo.reset()
-
-
-def test_benchmark_compares_the_layouts_on_the_same_samples(tmp_path, monkeypatch):
-    """``bench/sequence_first.py`` (one short round): both layouts' rows and per-sample norms that agree."""
-    bench = Path(__file__).resolve().parents[1] / "bench"
-    monkeypatch.syspath_prepend(str(bench))
-    spec = importlib.util.spec_from_file_location("sequence_first_bench", bench / "sequence_first.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(["--reps", "1", "--rounds", "1", "--out", str(tmp_path / "report.md")])
-    report = (tmp_path / "report.md").read_text()
-    assert "| batch first |" in report and "| sequence first |" in report
-    assert float(report.rsplit("agree to ", 1)[1]) < 1e-5
-
-
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
-def test_sequence_first_model_on_every_backend(backend, monkeypatch):
-    """The operators get [B, T, ...] views of time-major rows (strided): each backend's numbers are
-    the reference's (Triton under its interpreter here)."""
-    from divebatch import ops
-
-    if not (ops.CPP_AVAILABLE if backend == "cpp" else ops.TRITON_AVAILABLE):
-        pytest.skip(f"the {backend} backend is not available here")
-    per_layer = {}
-    for name in ("reference", backend):
-        monkeypatch.setenv("DIVEBATCH_BACKEND", name)
-        torch.manual_seed(0)
-        model, ids, tokens, loss = make("transformer-lm", 5, 3, torch.Generator().manual_seed(1))
-        with GradNormTracker(model, "sum", batch_first=False) as tracker:
-            loss(model(ids), tokens).backward()
-            per_layer[name] = tracker.collect().per_layer
-    assert set(per_layer[backend]) == set(per_layer["reference"])
-    for layer, expected in per_layer["reference"].items():
-        assert rel_err(per_layer[backend][layer], expected) <= 1e-5, layer
+    model = TransposedAround("encoder")
+    for layer in model.body.layers:
+        layer.dropout1 = Gain()  # (called on the attention's output)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(3, 3, 4, generator=gen), torch.randint(0, 3, (3,), generator=gen)
+    with GradNormTracker(model, "sum"):
+        with pytest.raises(ValueError, match=r"'body\.layers\.0\.dropout1' \(Gain\).*`module\.batch_first = False`"):
+            model(x)
+    for layer in model.body.layers:
+        layer.dropout1.batch_first = False
+    check(model, x, y, class_loss, batch_dim=0, batch_first=True)

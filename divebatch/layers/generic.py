@@ -1432,6 +1432,24 @@ def _lookup_per_sample(use: DirectUse, grad: torch.Tensor, batch_size: int) -> t
     return out.index_add_(0, flat, rows.reshape(-1, d)).reshape(batch_size, V, d)
 
 
+#: PyTorch's transformer modules: every tensor inside one is laid out as its ``batch_first`` says
+#: (they keep it on their attention, ``self_attn.batch_first``; ``nn.Transformer`` on itself).
+TRANSFORMER_MODULES = (nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder, nn.TransformerEncoderLayer,
+                       nn.TransformerDecoderLayer)
+
+
+def declared_batch_first(module: nn.Module) -> bool | None:
+    """The layout ``module`` declares for its inputs, PyTorch's way: its ``batch_first`` (True:
+    ``[B, T, ...]``, False: ``[T, B, ...]``), where it has one. PyTorch's transformer layers and
+    stacks declare theirs through their attention (``self_attn.batch_first``)."""
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        module = module.self_attn
+    elif isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
+        module = module.layers[0].self_attn if len(module.layers) else None
+    declared = getattr(module, "batch_first", None)
+    return declared if isinstance(declared, bool) else None
+
+
 class GenericRule(PerSampleGradsRule):
     """Exact per-sample gradients of an arbitrary module's own parameters.
 
@@ -1451,7 +1469,7 @@ class GenericRule(PerSampleGradsRule):
 
     def batch_dim(self, module: nn.Module) -> int:
         # Modules that follow PyTorch's batch_first convention put samples in dim 1 otherwise.
-        return 1 if getattr(module, "batch_first", True) is False else 0
+        return 1 if declared_batch_first(module) is False else 0
 
     def _leaf_dim(self, module, position: int) -> int:
         """The batch dimension of the ``position``-th tensor of a call's inputs or outputs. Recurrent
