@@ -594,3 +594,42 @@ def test_gpt2_resized_and_partly_frozen_after_the_tracker_was_made(fused):
             assert rel_err(stats.per_sample, ref) <= RTOL, step
             assert rel_err(stats.batch_grad_sq, ref_batch) <= RTOL, step
         assert all(name.startswith("lm.transformer.h.1.") for name in stats.per_layer)
+
+
+def tiny_jamba():
+    """A tiny Jamba (Mamba layers replayed per sample, attention, experts) with its default
+    ``use_cache=True``: a training forward creates a cache and hands it to every layer."""
+    torch.manual_seed(0)
+    config = transformers.JambaConfig(vocab_size=97, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, num_experts=2,
+                                      num_experts_per_tok=1, attn_layer_period=2, attn_layer_offset=1,
+                                      expert_layer_period=2, expert_layer_offset=1, mamba_d_state=4, mamba_d_conv=3,
+                                      mamba_expand=2, use_mamba_kernels=False, pad_token_id=0, bos_token_id=1,
+                                      eos_token_id=1)
+    assert config.use_cache
+    return transformers.JambaForCausalLM(config)
+
+
+def test_jamba_with_its_default_cache_matches_per_sample_autograd():
+    """The Mamba mixer takes the generic route's replay, which leaves the cache out (the forward
+    has filled it already: replaying into it failed on its sizes); each sample's replay must give
+    the forward's outputs again, and the norms are each sample's own backward's."""
+    from .oracle import each_sample_backward, second_backward_stats
+
+    model = Logits(tiny_jamba(), "input_ids")
+    tokens, targets = torch.randint(2, 97, (3, 7)), torch.randint(0, 97, (3, 7))
+    stats = second_backward_stats(model, token_loss, model, tokens, targets)
+    assert rel_err(stats.per_sample, each_sample_backward(model, token_loss, model, tokens, targets)) <= RTOL
+
+
+def test_a_cache_holding_earlier_tokens_is_refused():
+    """A forward continuing from a cache filled by an earlier one reads states the replay cannot
+    have: refused, naming the cache, rather than norms of another function."""
+    net = tiny_jamba()
+    tokens = torch.randint(2, 97, (3, 7))
+    with torch.no_grad():
+        cache = net(input_ids=tokens[:, :4]).past_key_values
+    with GradNormTracker(net, "sum") as tracker:
+        with pytest.raises(RuntimeError, match=r"JambaMambaMixer was given a cache .*use_cache=False"):
+            token_loss(net(input_ids=tokens[:, 4:], past_key_values=cache).logits, tokens[:, 4:]).backward()
+            tracker.collect()

@@ -93,6 +93,9 @@ class GenericCall:
     # (device type, dtype) of the autocast the forward ran under: a replay runs under it too, so its
     # ops get the forward's dtypes (a bfloat16 input meets float32 parameters otherwise)
     autocast: tuple | None = None
+    # A call given a key/value or state cache, which its replays leave out (see GenericRule.capture):
+    # its outputs (detached, those that need a grad), which each sample's replay must give again.
+    expected_outputs: list | None = None
 
 
 @dataclass(eq=False)
@@ -1432,6 +1435,12 @@ def _lookup_per_sample(use: DirectUse, grad: torch.Tensor, batch_size: int) -> t
     return out.index_add_(0, flat, rows.reshape(-1, d)).reshape(batch_size, V, d)
 
 
+def _is_cache(x) -> bool:
+    """Whether ``x`` is a Hugging Face ``Cache`` (``transformers.cache_utils``: the keys and values,
+    or a recurrence's states, a model keeps across calls)."""
+    return any(c.__name__ == "Cache" and c.__module__ == "transformers.cache_utils" for c in type(x).__mro__)
+
+
 #: PyTorch's transformer modules: every tensor inside one is laid out as its ``batch_first`` says
 #: (they keep it on their attention, ``self_attn.batch_first``; ``nn.Transformer`` on itself).
 TRANSFORMER_MODULES = (nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder, nn.TransformerEncoderLayer,
@@ -1482,7 +1491,15 @@ class GenericRule(PerSampleGradsRule):
     def capture(self, module, args, kwargs, output):
         bdim = self.batch_dim(module)
         leaves, spec = tree_flatten((args, kwargs))
-        leaves = [x.detach() if isinstance(x, torch.Tensor) else x for x in leaves]
+        # A key/value or state cache is left out of the replays: the forward has already written
+        # this call's states into it (a replay would write each sample's again, into the batch's
+        # cache, and fail on its sizes: Jamba's Mamba layers under the default use_cache=True).
+        # A training forward starts from an empty cache, where None computes the same; one that
+        # read states stored before (a continued sequence) is not replayed the same, which the
+        # first backward's check refuses as an unaccounted gradient.
+        caches = [i for i, x in enumerate(leaves) if _is_cache(x)]
+        leaves = [None if i in caches else x.detach() if isinstance(x, torch.Tensor) else x
+                  for i, x in enumerate(leaves)]
         tensors = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
         dims = {i: self._leaf_dim(module, k) for k, i in enumerate(tensors)}
         sizes = [leaves[i].shape[dims[i]] for i in tensors if leaves[i].dim() > dims[i]]
@@ -1514,8 +1531,9 @@ class GenericRule(PerSampleGradsRule):
             input_batch, B = B, min(out_sizes)
         device = leaves[tensors[0]].device.type if tensors else "cpu"
         autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
+        expected = [out_leaves[i].detach() for i in index] if caches else None
         return GenericCall(leaves, spec, in_dims, B, outputs, index, out_dims, input_batch=input_batch,
-                           autocast=autocast)
+                           autocast=autocast, expected_outputs=expected)
 
     def batch_size(self, module, ctx):
         return ctx.batch_size
@@ -1673,10 +1691,28 @@ class GenericRule(PerSampleGradsRule):
             def one_call(x, d):  # one sample's rows, as the module takes them: [T, ..., *rest] -> [T*..., *rest]
                 return x.flatten(0, len(call.rows) - 2)
 
+        # The outputs each sample's replay must give again (a call whose cache the replay leaves
+        # out), laid out as its output grads: compared after the replay (_check_replayed).
+        expected = call.expected_outputs or []
+        if call.rows is not None:
+            expected = [e.reshape(*call.rows, *e.shape[1:]) for e in expected]
         if samples is not None:
             batched_leaves = [x.narrow(d, samples.start, samples.stop - samples.start)
                               for x, d in zip(batched_leaves, leaf_dims)]
             grads = [g.narrow(d, samples.start, samples.stop - samples.start) for g, d in zip(grads, call.out_dims)]
+            expected = [e.narrow(d, samples.start, samples.stop - samples.start) for e, d in zip(expected, call.out_dims)]
+        n_grads = len(grads)
+        grads = grads + expected  # (vmapped alike: each sample's own rows)
+        grad_dims = list(call.out_dims) + (list(call.out_dims) if expected else [])
+
+        def replay_error(outs, sample_grads):
+            """Per sample: (largest difference between a replayed output and the forward's, largest
+            entry of the forward's), zeros where nothing is compared."""
+            pairs = [(o.detach().float(), one_call(e, d).float())
+                     for o, e, d in zip(outs, sample_grads[n_grads:], call.out_dims)]
+            zero = torch.zeros((), device=_device(call))
+            return (torch.stack([(o - e).abs().amax() for o, e in pairs]).amax() if pairs else zero,
+                    torch.stack([e.abs().amax() for _, e in pairs]).amax() if pairs else zero)
 
         def forward(p, sample_leaves):
             it = iter(sample_leaves)
@@ -1689,8 +1725,9 @@ class GenericRule(PerSampleGradsRule):
             return [out_leaves[i] for i in call.output_index]
 
         def one_sample(sample_leaves, sample_grads):
-            _, pullback = vjp(partial(forward, sample_leaves=sample_leaves), params)
-            return pullback([one_call(g, d) for g, d in zip(sample_grads, call.out_dims)])[0]
+            outs, pullback = vjp(partial(forward, sample_leaves=sample_leaves), params)
+            found = pullback([one_call(g, d) for g, d in zip(sample_grads[:n_grads], call.out_dims)])[0]
+            return found, replay_error(outs, sample_grads)
 
         def one_sample_by_autograd(sample_leaves, sample_grads):
             live = {name: p.detach().requires_grad_() for name, p in params.items()}
@@ -1698,8 +1735,9 @@ class GenericRule(PerSampleGradsRule):
             pairs = [(o, one_call(g, d)) for o, g, d in zip(outs, sample_grads, call.out_dims) if o.requires_grad]
             grads = torch.autograd.grad([o for o, _ in pairs], list(live.values()), [g for _, g in pairs],
                                         allow_unused=True, materialize_grads=True) if pairs else None
-            return {name: torch.zeros_like(p) if grads is None else g
-                    for (name, p), g in zip(live.items(), grads or [None] * len(live))}
+            return ({name: torch.zeros_like(p) if grads is None else g
+                     for (name, p), g in zip(live.items(), grads or [None] * len(live))},
+                    replay_error(outs, sample_grads))
 
         chunk = _samples_per_chunk(sum(p.numel() for p in params.values()),
                                    next(iter(params.values())).device.type if params else "cpu")
@@ -1709,11 +1747,11 @@ class GenericRule(PerSampleGradsRule):
             with (torch.enable_grad(), suspend_capture(), torch.random.fork_rng(devices=[]), _parametrizations_uncached(),
                   _forward_autocast(call)):
                 before = torch.get_rng_state()
-                result = vmap(one_sample, in_dims=(leaf_dims, list(call.out_dims)), randomness="error",
-                              chunk_size=chunk)(batched_leaves, grads)
+                result, errors = vmap(one_sample, in_dims=(leaf_dims, grad_dims), randomness="error",
+                                      chunk_size=chunk)(batched_leaves, grads)
                 if not torch.equal(before, torch.get_rng_state()):
                     raise _random_forward(module)
-                return result
+                return _check_replayed(module, call, result, errors)
         except RuleError:
             raise
         except RuntimeError as err:
@@ -1725,19 +1763,22 @@ class GenericRule(PerSampleGradsRule):
             # vector-Jacobian products, one sample at a time, by autograd.
             with _forward_autocast(call):
                 return self._per_sample_grads_looped(module, call, one_sample_by_autograd, batched_leaves, leaf_dims,
-                                                     grads)
+                                                     grads, grad_dims)
 
     @staticmethod
-    def _per_sample_grads_looped(module, call, one_sample, batched_leaves, leaf_dims, grads):
-        rows = []
+    def _per_sample_grads_looped(module, call, one_sample, batched_leaves, leaf_dims, grads, grad_dims):
+        rows, errors = [], []
         with torch.enable_grad(), suspend_capture(), torch.random.fork_rng(devices=[]), _parametrizations_uncached():
             for b in range(batched_leaves[0].shape[leaf_dims[0]]):  # the samples of this chunk
                 before = torch.get_rng_state() if b == 0 else None
-                rows.append(one_sample([x.select(d, b) for x, d in zip(batched_leaves, leaf_dims)],
-                                       [g.select(d, b) for g, d in zip(grads, call.out_dims)]))
+                row, error = one_sample([x.select(d, b) for x, d in zip(batched_leaves, leaf_dims)],
+                                        [g.select(d, b) for g, d in zip(grads, grad_dims)])
+                rows.append(row)
+                errors.append(error)
                 if before is not None and not torch.equal(before, torch.get_rng_state()):
                     raise _random_forward(module)
-        return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
+        result = {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
+        return _check_replayed(module, call, result, tuple(torch.stack(e) for e in zip(*errors)))
 
     def plan(self, module, ctx, grad, tracked) -> RoutePlan:
         numel = (sum(p.numel() for p in tracked.values())
@@ -1790,6 +1831,27 @@ def _samples_per_chunk(numel: int, device_type: str) -> int:
     """Samples whose per-sample gradients (``numel`` float32 each) fit ``routes.max_extra_bytes``
     on ``device_type`` (``MAX_EXTRA_BYTES``; more on CUDA, where each chunk costs launches); at least 1."""
     return max(1, int(max_extra_bytes(device_type) // max(1, 4 * numel)))
+
+
+def _check_replayed(module, call: GenericCall, result: dict, errors: tuple) -> dict:
+    """``result`` (the replay's per-sample gradients), once each sample's replayed outputs are the
+    forward's (``errors``: per sample, the largest difference and the outputs' largest entry) where
+    the replay left a cache out; a replay that computed other outputs is refused."""
+    if call.expected_outputs is None:
+        return result
+    differences, scales = errors
+    scale = scales.amax().clamp_min(torch.finfo(torch.float32).tiny)
+    relative = (differences.amax() / scale).item()
+    low_precision = call.autocast is not None or any(dtype not in (torch.float32, torch.float64)
+                                                     for _, dtype in call.outputs)
+    if relative > (3e-2 if low_precision else 1e-4):
+        raise RuleError(
+            f"{type(module).__name__} was given a cache (past_key_values, cache_params) that holds states from "
+            "before this forward (a continued sequence, a prefix): its per-sample gradients come from replaying "
+            "its forward without the cache, which gives other outputs here (largest difference "
+            f"{relative:.2g} of the outputs' scale). Pass no cache to tracked training steps (use_cache=False, no "
+            "past_key_values), or freeze this module's parameters")
+    return result
 
 
 def _random_forward(module) -> RuleError:
