@@ -1202,6 +1202,8 @@ class GradNormTracker:
                 uses = None
         if uses is not None:
             ctx.direct_uses = uses  # their output grads arrive after the module's outputs'
+        if owner.rule is GENERIC and (uses is not None or ctx.computed_outputs is not None):
+            ctx.expected_outputs = None  # (kept for a replay's check only)
         n_grads = len(leaves) + (len(uses) if uses is not None else 0)
         call = _Call(owner, ctx, batch_size, [None] * n_grads, n_grads, model_rows=self._model_rows)
         for j, use in enumerate(uses or ()):

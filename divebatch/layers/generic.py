@@ -93,9 +93,14 @@ class GenericCall:
     # (device type, dtype) of the autocast the forward ran under: a replay runs under it too, so its
     # ops get the forward's dtypes (a bfloat16 input meets float32 parameters otherwise)
     autocast: tuple | None = None
-    # A call given a key/value or state cache, which its replays leave out (see GenericRule.capture):
-    # its outputs (detached, those that need a grad), which each sample's replay must give again.
+    # Its outputs that need a grad (detached) and their versions then, which each sample's replay
+    # must give again (_check_replayed); None where the call is not replayed (the tracker drops them).
     expected_outputs: list | None = None
+    # It was given a key/value or state cache, which its replays leave out (see GenericRule.capture).
+    cache_left_out: bool = False
+    # Per leaf, the rows each sample has in its batch dim: 1, or k for a [B*k, ...] tensor merged
+    # from [B, k, ...] (WavLM's position bias, passed from layer to layer as [B*H, T, T]).
+    in_spans: list | None = None
 
 
 @dataclass(eq=False)
@@ -1498,6 +1503,7 @@ class GenericRule(PerSampleGradsRule):
         # read states stored before (a continued sequence) is not replayed the same, which the
         # first backward's check refuses as an unaccounted gradient.
         caches = [i for i, x in enumerate(leaves) if _is_cache(x)]
+        raw = leaves
         leaves = [None if i in caches else x.detach() if isinstance(x, torch.Tensor) else x
                   for i, x in enumerate(leaves)]
         tensors = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
@@ -1516,6 +1522,13 @@ class GenericRule(PerSampleGradsRule):
         B = sizes[0]
         in_dims = [dims[i] if i in dims and leaves[i].dim() > dims[i] and leaves[i].shape[dims[i]] == B else None
                    for i in range(len(leaves))]
+        in_spans = [1] * len(leaves)
+        for i in tensors:
+            if in_dims[i] is None and dims[i] == 0 and leaves[i].dim() > 0 and leaves[i].shape[0] > B > 0:
+                # [B*k, ...] rows the graph shows merged from [B, k, ...]: each sample's k rows.
+                lead = flattened_samples(raw[i], batch=B) if raw[i].requires_grad else None
+                if lead is not None and lead[0] == B and B * lead[1] == leaves[i].shape[0]:
+                    in_dims[i], in_spans[i] = 0, lead[1]
         out_tensors = [i for i, o in enumerate(out_leaves) if isinstance(o, torch.Tensor)]
         index = [i for i in out_tensors if out_leaves[i].requires_grad]
         outputs = [(out_leaves[i].shape, out_leaves[i].dtype) for i in index]
@@ -1531,9 +1544,12 @@ class GenericRule(PerSampleGradsRule):
             input_batch, B = B, min(out_sizes)
         device = leaves[tensors[0]].device.type if tensors else "cpu"
         autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
-        expected = [out_leaves[i].detach() for i in index] if caches else None
+        # (Not where the outputs do not have the inputs' samples: such calls are refused or read otherwise.)
+        expected = ([(out_leaves[i].detach(), out_leaves[i]._version) for i in index] if input_batch is None
+                    else None)
         return GenericCall(leaves, spec, in_dims, B, outputs, index, out_dims, input_batch=input_batch,
-                           autocast=autocast, expected_outputs=expected)
+                           autocast=autocast, expected_outputs=expected, cache_left_out=bool(caches),
+                           in_spans=in_spans if any(k > 1 for k in in_spans) else None)
 
     def batch_size(self, module, ctx):
         return ctx.batch_size
@@ -1551,7 +1567,8 @@ class GenericRule(PerSampleGradsRule):
         gradients whose sum differs from autograd's, which the tracker's accounting check refuses.
         """
         n = call.batch_size
-        if (len(lead) < 2 or call.rows is not None or any(d not in (None, 0) for d in call.in_dims)
+        if (len(lead) < 2 or call.rows is not None or call.in_spans is not None
+                or any(d not in (None, 0) for d in call.in_dims)
                 or any(d != 0 or not shape or shape[0] != n for (shape, _), d in zip(call.outputs, call.out_dims))):
             return None
         leaves = [x.reshape(*lead, *x.shape[1:]) if d is not None else x for x, d in zip(call.leaves, call.in_dims)]
@@ -1649,7 +1666,9 @@ class GenericRule(PerSampleGradsRule):
     def per_sample_grads(self, module, calls, tracked, samples: slice | None = None) -> dict[str, torch.Tensor]:
         """``{name: [B, *param_shape]}`` float32, summed over the calls (only ``samples``, if given)."""
         bdim = self.batch_dim(module)
-        buffers = dict(module.named_buffers())
+        # Copies: a replay must not change the module's state (a BatchNorm's running statistics, a
+        # counter); a replay whose outputs then differ from the forward's is refused (_check_replayed).
+        buffers = {name: b.clone() for name, b in module.named_buffers()}
         total: dict[str, torch.Tensor] = {}
         for call, grads in calls:
             if call.direct_uses is not None:
@@ -1680,7 +1699,9 @@ class GenericRule(PerSampleGradsRule):
                 for name, t in use.per_sample(g.reshape(g.shape[0], *shape)).items():
                     total[name] = total[name] + t
             return total
-        batched_leaves = [x for x, d in zip(call.leaves, call.in_dims) if d is not None]
+        spans_in = call.in_spans or [1] * len(call.leaves)
+        batched_leaves = [x.unflatten(d, (-1, k)) if k > 1 else x
+                          for x, d, k in zip(call.leaves, call.in_dims, spans_in) if d is not None]
         leaf_dims = [d for d in call.in_dims if d is not None]
         if call.rows is None:
             def one_call(x, d):  # one sample as a batch of one
@@ -1691,11 +1712,27 @@ class GenericRule(PerSampleGradsRule):
             def one_call(x, d):  # one sample's rows, as the module takes them: [T, ..., *rest] -> [T*..., *rest]
                 return x.flatten(0, len(call.rows) - 2)
 
-        # The outputs each sample's replay must give again (a call whose cache the replay leaves
-        # out), laid out as its output grads: compared after the replay (_check_replayed).
-        expected = call.expected_outputs or []
+        # The outputs each sample's replay must give again, laid out as its output grads: compared
+        # after the replay (_check_replayed). Not those changed in place since the forward (code after
+        # the module may scale its output in place), nor a call whose rows are other samples'.
+        expected = [e if e._version == version else None for e, version in call.expected_outputs or []]
+        if call.input_samples is not None or None in expected:
+            expected = []
         if call.rows is not None:
             expected = [e.reshape(*call.rows, *e.shape[1:]) for e in expected]
+        # An output whose batch dim holds k rows per sample ([B*H, T, T]: WavLM's position bias, made
+        # from [B, H, T, T] by a view, so sample-major): grouped [B, k, ...], each sample's replay
+        # gives its k rows (the check above refuses another order). (Its rows were sliced as if they
+        # were samples' before: wrong wherever its gradient was not zero.)
+        spans = [shape[d] // call.batch_size
+                 if call.rows is None and len(shape) > d and shape[d] != call.batch_size and shape[d] % call.batch_size == 0
+                 else 1 for (shape, _), d in zip(call.outputs, call.out_dims)]
+        grads = [g.unflatten(d, (-1, k)) if k > 1 else g for g, d, k in zip(grads, call.out_dims, spans)]
+        expected = [e.unflatten(d, (-1, k)) if k > 1 else e for e, d, k in zip(expected, call.out_dims, spans)]
+
+        def one_output(x, d, k):  # one sample's part of an output, as its replay gives it
+            return x if k > 1 else one_call(x, d)
+
         if samples is not None:
             batched_leaves = [x.narrow(d, samples.start, samples.stop - samples.start)
                               for x, d in zip(batched_leaves, leaf_dims)]
@@ -1708,15 +1745,16 @@ class GenericRule(PerSampleGradsRule):
         def replay_error(outs, sample_grads):
             """Per sample: (largest difference between a replayed output and the forward's, largest
             entry of the forward's), zeros where nothing is compared."""
-            pairs = [(o.detach().float(), one_call(e, d).float())
-                     for o, e, d in zip(outs, sample_grads[n_grads:], call.out_dims)]
+            pairs = [(o.detach().float(), one_output(e, d, k).float())
+                     for o, e, d, k in zip(outs, sample_grads[n_grads:], call.out_dims, spans)]
             zero = torch.zeros((), device=_device(call))
             return (torch.stack([(o - e).abs().amax() for o, e in pairs]).amax() if pairs else zero,
                     torch.stack([e.abs().amax() for _, e in pairs]).amax() if pairs else zero)
 
         def forward(p, sample_leaves):
             it = iter(sample_leaves)
-            leaves = [one_call(next(it), d) if d is not None else x for x, d in zip(call.leaves, call.in_dims)]
+            leaves = [x if d is None else next(it) if k > 1 else one_call(next(it), d)
+                      for x, d, k in zip(call.leaves, call.in_dims, spans_in)]
             args, kwargs = tree_unflatten(leaves, call.spec)
             # SDPA's math kernel: under torch.func the fused CPU kernel is chosen even for an
             # attn_mask that needs a gradient (a relative-position bias: timm's BEiT), and refuses it.
@@ -1726,13 +1764,14 @@ class GenericRule(PerSampleGradsRule):
 
         def one_sample(sample_leaves, sample_grads):
             outs, pullback = vjp(partial(forward, sample_leaves=sample_leaves), params)
-            found = pullback([one_call(g, d) for g, d in zip(sample_grads[:n_grads], call.out_dims)])[0]
+            found = pullback([one_output(g, d, k) for g, d, k in zip(sample_grads[:n_grads], call.out_dims, spans)])[0]
             return found, replay_error(outs, sample_grads)
 
         def one_sample_by_autograd(sample_leaves, sample_grads):
             live = {name: p.detach().requires_grad_() for name, p in params.items()}
             outs = forward(live, sample_leaves)
-            pairs = [(o, one_call(g, d)) for o, g, d in zip(outs, sample_grads, call.out_dims) if o.requires_grad]
+            pairs = [(o, one_output(g, d, k)) for o, g, d, k in zip(outs, sample_grads, call.out_dims, spans)
+                     if o.requires_grad]
             grads = torch.autograd.grad([o for o, _ in pairs], list(live.values()), [g for _, g in pairs],
                                         allow_unused=True, materialize_grads=True) if pairs else None
             return ({name: torch.zeros_like(p) if grads is None else g
@@ -1761,9 +1800,18 @@ class GenericRule(PerSampleGradsRule):
             # place), and an autograd.Function without ``setup_context`` (a straight-through
             # estimator's, a custom kernel's) no torch.func transform at all: the same
             # vector-Jacobian products, one sample at a time, by autograd.
-            with _forward_autocast(call):
-                return self._per_sample_grads_looped(module, call, one_sample_by_autograd, batched_leaves, leaf_dims,
-                                                     grads, grad_dims)
+            try:
+                with _forward_autocast(call):
+                    return self._per_sample_grads_looped(module, call, one_sample_by_autograd, batched_leaves,
+                                                         leaf_dims, grads, grad_dims)
+            except RuleError:
+                raise
+            except Exception as looped:  # (a BatchNorm in training mode refuses a batch of one)
+                raise RuleError(
+                    f"{type(module).__name__}'s forward cannot be replayed on one sample at a time (the generic "
+                    f"route's replay): {type(looped).__name__}: {looped}. A layer inside it that needs the whole "
+                    "batch (a BatchNorm in training mode) couples the samples: put it outside the module (its own "
+                    "module), call .eval() on it, or freeze this module's parameters") from looped
 
     @staticmethod
     def _per_sample_grads_looped(module, call, one_sample, batched_leaves, leaf_dims, grads, grad_dims):
@@ -1835,23 +1883,30 @@ def _samples_per_chunk(numel: int, device_type: str) -> int:
 
 def _check_replayed(module, call: GenericCall, result: dict, errors: tuple) -> dict:
     """``result`` (the replay's per-sample gradients), once each sample's replayed outputs are the
-    forward's (``errors``: per sample, the largest difference and the outputs' largest entry) where
-    the replay left a cache out; a replay that computed other outputs is refused."""
-    if call.expected_outputs is None:
-        return result
+    forward's (``errors``: per sample, the largest difference and the outputs' largest entry, zeros
+    where nothing was compared): a replay that computed other outputs differentiated another
+    function, and is refused."""
     differences, scales = errors
     scale = scales.amax().clamp_min(torch.finfo(torch.float32).tiny)
     relative = (differences.amax() / scale).item()
     low_precision = call.autocast is not None or any(dtype not in (torch.float32, torch.float64)
                                                      for _, dtype in call.outputs)
-    if relative > (3e-2 if low_precision else 1e-4):
+    if relative <= (5e-2 if low_precision else 1e-4):
+        return result
+    if call.cache_left_out:
         raise RuleError(
             f"{type(module).__name__} was given a cache (past_key_values, cache_params) that holds states from "
             "before this forward (a continued sequence, a prefix): its per-sample gradients come from replaying "
             "its forward without the cache, which gives other outputs here (largest difference "
             f"{relative:.2g} of the outputs' scale). Pass no cache to tracked training steps (use_cache=False, no "
             "past_key_values), or freeze this module's parameters")
-    return result
+    raise RuleError(
+        f"{type(module).__name__}'s forward, replayed on one sample at a time (the generic route's replay), gives "
+        f"other outputs than it gave the batch (largest difference {relative:.2g} of the outputs' scale): it "
+        "couples the samples (a BatchNorm in training mode inside it, a statistic over the batch) or depends on "
+        "state its forward changes (a buffer updated per call), so a sample's gradient of it is not that of its "
+        "own loss. Put such a layer outside the module (its own module: a BatchNorm's norms are then its "
+        "documented decomposition), call .eval() on it, or freeze this module's parameters")
 
 
 def _random_forward(module) -> RuleError:
