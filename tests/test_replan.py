@@ -244,7 +244,7 @@ def test_first_backward_after_a_new_plan_is_verified():
 def test_no_new_plan_without_a_change(monkeypatch):
     plans = []
     assign = tracker_module._assign_owners
-    monkeypatch.setattr(tracker_module, "_assign_owners", lambda model: plans.append(1) or assign(model))
+    monkeypatch.setattr(tracker_module, "_assign_owners", lambda model, *layout: plans.append(1) or assign(model, *layout))
     model, (x, y) = make_mlp(), batch()
     with GradNormTracker(model, "sum") as tracker:
         for _ in range(3):

@@ -1703,6 +1703,7 @@ class GenericRule(PerSampleGradsRule):
         batched_leaves = [x.unflatten(d, (-1, k)) if k > 1 else x
                           for x, d, k in zip(call.leaves, call.in_dims, spans_in) if d is not None]
         leaf_dims = [d for d in call.in_dims if d is not None]
+        grad_shapes = [g.shape for g in grads]
         if call.rows is None:
             def one_call(x, d):  # one sample as a batch of one
                 return x.unsqueeze(d)
@@ -1715,8 +1716,10 @@ class GenericRule(PerSampleGradsRule):
         # The outputs each sample's replay must give again, laid out as its output grads: compared
         # after the replay (_check_replayed). Not those changed in place since the forward (code after
         # the module may scale its output in place), nor a call whose rows are other samples'.
+        # (Nor a call made the B samples' after its forward: an output shared by them, given their grads.)
         expected = [e if e._version == version else None for e, version in call.expected_outputs or []]
-        if call.input_samples is not None or None in expected:
+        if (call.input_samples is not None or None in expected
+                or any(e.shape != shape for e, shape in zip(expected, grad_shapes))):
             expected = []
         if call.rows is not None:
             expected = [e.reshape(*call.rows, *e.shape[1:]) for e in expected]
