@@ -899,6 +899,14 @@ class GradNormTracker:
             return self._ids_follower.rows(ids)
         return self._merged_input_rows(ids)
 
+    def _reads_model_input(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is (a view of) one of the tracked model's tensor inputs, by its memory."""
+        try:
+            address = x.untyped_storage().data_ptr()
+            return any(inp.untyped_storage().data_ptr() == address for inp in self._model_inputs)
+        except (RuntimeError, NotImplementedError):  # (no storage of its own)
+            return True
+
     def _merged_input_rows(self, ids: torch.Tensor) -> tuple[int, int] | None:
         """``(B, N // B)`` where token ids ``[N, ...]`` are the tracked model's input ``[B, C, ...]``
         with its leading dims merged (a multiple-choice head's ``input_ids.view(-1, T)``): the same
@@ -1245,9 +1253,15 @@ class GradNormTracker:
                                          # class embeddings projected then normalised)
                                          or (isinstance(owner.rule, RowNormRule) and bool(args)
                                              and self._follows(args[0]))))
-                or (isinstance(owner.rule, EmbeddingRule) and 1 < self._last_batch != batch_size)):
+                or (isinstance(owner.rule, EmbeddingRule) and 1 < self._last_batch != batch_size)
+                or (isinstance(owner.rule, EmbeddingRule) and batch_size == self._last_batch > 1 and bool(args)
+                    and self._model_inputs and not self._reads_model_input(args[0]))):
             # Looked up once for all samples: [1, T] ids, or ids with no batch dim (their first dim
-            # differs from the batch of the calls before it); or a Linear given a [1, K, d] input
+            # differs from the batch of the calls before it, or, where it is the batch's, ids not
+            # read from the model's inputs: nanoGPT's ``wpe(arange(T))`` at T == B, whose rows were
+            # taken for samples, 1.5% off with no error; T5's [T, T] buckets); the watcher gives
+            # up, and the rows stay the samples', where the output is not broadcast over the batch
+            # (a class embedding of labels computed in the forward); or a Linear given a [1, K, d] input
             # shared by the samples (a Conformer's relative positions), or a convolution given a
             # [1, C, H, W] one (XCiT's projected Fourier position grid).
             self._watch_shared_output(call, leaves[0])

@@ -582,3 +582,67 @@ def test_class_embeddings_through_the_samples_layers(classes, buffer, score, fus
     per_sample, _, batch = reference_norms(model, loss, x, y)
     assert rel_err(stats.per_sample, per_sample) < 1e-5
     assert rel_err(stats.batch_grad_sq, batch) < 1e-5
+
+
+class NanoGPTPositions(nn.Module):
+    """nanoGPT's embeddings: ``wte(idx) + wpe(arange(T))``, the positions looked up with 1-D ids
+    and their ``[T, d]`` output broadcast over the ``[B, T, d]`` tokens (no leading dim of 1);
+    ``mul``: a gain of that shape instead (``h * (1 + wpe(pos))``); ``in_place``: ``h += ...``."""
+
+    def __init__(self, how="add", vocab=11, dim=4):
+        super().__init__()
+        self.wte, self.wpe, self.head = nn.Embedding(vocab, dim), nn.Embedding(8, dim), nn.Linear(dim, vocab)
+        self.how = how
+
+    def forward(self, idx):
+        pos = torch.arange(0, idx.shape[1], dtype=torch.long)  # shape (t)
+        tok, pos = self.wte(idx), self.wpe(pos)
+        if self.how == "add":
+            h = tok + pos
+        elif self.how == "in place":
+            h = tok
+            h += pos
+        else:
+            h = tok * (1 + pos)
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("how", ["add", "in place", "mul"])
+@pytest.mark.parametrize("T", [5, 3], ids=["T!=B", "T==B"])
+def test_positions_looked_up_without_a_batch_dim_match_torch_func(T, how, fused):
+    """Refused where T != B (a batch of T) and 1.5% off with no error where T == B (each position
+    row taken for a sample's) before; the broadcast from fewer dims is now split per sample."""
+    torch.manual_seed(0)
+    model = NanoGPTPositions(how)
+    tokens, targets = torch.randint(1, 11, (3, T)), torch.randint(0, 11, (3, T))
+    stats, _ = tracked_twice(model, tokens, targets, fused)
+    per_sample, per_param, batch = reference_norms(model, token_loss, tokens, targets)
+    own = sum(v for name, v in per_param.items() if name.startswith("wpe."))
+    assert rel_err(stats.per_layer["wpe"], own) <= 1e-5
+    assert rel_err(stats.per_sample, per_sample) <= 1e-5
+    assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
+
+
+class ComputedLabels(nn.Module):
+    """A class embedding of labels computed in the forward (not the model's input): looked up with
+    1-D ids of the batch's size and used as each sample's row, which the watcher gives up on."""
+
+    def __init__(self, classes=4, dim=4):
+        super().__init__()
+        self.inp, self.labels, self.head = nn.Linear(3, dim), nn.Embedding(classes + 1, dim), nn.Linear(dim, 3)
+
+    def forward(self, batch):
+        x, y = batch[:, :3], batch[:, 3].long()
+        y = torch.where(y > 2, torch.full_like(y, 4), y)  # (a dropped label's "null" class, as DiT's)
+        return self.head(torch.tanh(self.inp(x) + self.labels(y)))
+
+
+def test_a_lookup_of_computed_per_sample_ids_stays_per_sample():
+    torch.manual_seed(0)
+    model = ComputedLabels()
+    x = torch.cat([torch.randn(4, 3), torch.tensor([[0.0], [3.0], [1.0], [0.0]])], 1)
+    y = torch.randint(0, 3, (4,))
+    loss = lambda out, target: F.cross_entropy(out, target, reduction="sum")  # noqa: E731
+    stats = second_backward_stats(model, loss, model, x, y)
+    assert rel_err(stats.per_sample, reference_norms(model, loss, x, y)[0]) <= 1e-5

@@ -2095,10 +2095,21 @@ class SharedOutputWatcher:
             self.row_expanded[id(out)] = (sign, alias.shape)
             return out
         samples = None
-        if (sign is not None and not inside and not kwargs and isinstance(other, torch.Tensor)
+        chain = self.aliases[id(alias)][1] if alias is not None else ()
+        if (sign is not None and expanded is None and not inside and not kwargs and isinstance(other, torch.Tensor)
+                and isinstance(out, torch.Tensor) and 0 < alias.dim() < out.dim() and len(chain) < _MAX_CHAIN):
+            # Broadcast from fewer dims (nanoGPT's ``tok_emb + pos_emb``, [B, T, d] + [T, d]): the alias
+            # counts as viewed with leading dims of 1, which that view's vjp takes back off.
+            virtual = (1,) * (out.dim() - alias.dim()) + tuple(alias.shape)
+            samples = self._samples(other, out.shape[0])
+            if samples is not None:
+                chain = chain + ((torch.Tensor.reshape, (_HOLE, virtual), {}),)
+                alias_shape = torch.Size(virtual)
+        elif (sign is not None and not inside and not kwargs and isinstance(other, torch.Tensor)
                 and isinstance(out, torch.Tensor) and out.dim() > 0 and out.dim() == alias.dim()
                 and alias.shape[0] in (1, out.shape[0]) and (alias.shape[0] == 1 or expanded is not None)):
             samples = self._samples(other, out.shape[0])
+            alias_shape = alias.shape
         elif self.batch_size is None and isinstance(out, torch.Tensor) and out.dim() > 0 and out.shape[0] > 1:
             self.batch_size = out.shape[0]
         if samples is None:
@@ -2108,9 +2119,7 @@ class SharedOutputWatcher:
         factor = other.detach() if kind == "mul" else None
         if expanded is not None:
             sign, alias_shape = sign * expanded[0], expanded[1]
-        else:
-            alias_shape = alias.shape
-        out.register_hook(partial(self._collect, sign, factor, alias_shape, self.aliases[id(alias)][1]))
+        out.register_hook(partial(self._collect, sign, factor, alias_shape, chain))
         self.broadcasts += 1
         return out
 
