@@ -18,7 +18,10 @@ number reported is about the **unscaled** per-sample losses ``l_i``: ``||g_i||^2
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
+import re
 import os
 import sys
 import threading
@@ -1139,6 +1142,9 @@ class GradNormTracker:
             return None
         if capture_suspended() or not torch.is_grad_enabled() or _inside_functorch():
             return None
+        if owner.rule is GENERIC and not owner.tracked and pre_state is not None and all(
+                inner.forward_calls + inner.covered_calls != before for inner, before in zip(owner.descendants, pre_state)):
+            return None  # (no parameters of its own, and it called every submodule it holds: nothing to account)
         leaves = [t for t in _tensors(output) if t.requires_grad]
         if not leaves:  # e.g. frozen layer on a no-grad input: nothing will flow back
             return None
@@ -2232,6 +2238,76 @@ def _attribute(module: nn.Module, name: str):
     return module
 
 
+#: ``self.<name>.weight`` or ``.bias`` read as a tensor in a module's code: not assigned (``self.x.weight =``),
+#: nor only asked its dtype, device or shape.
+_CHILD_PARAMETER_READ = re.compile(
+    r"(?<!isinstance\()self\.([A-Za-z_]\w*)\.(?:weight|bias)\b(?!\s*=(?!=))"
+    r"(?!\.(?:dtype|device|shape|size|ndim|dim|numel|requires_grad|is_\w+|data_ptr|data|grad)\b)")
+#: ``self.<name>.<method>(``: a submodule's own method called in place of its forward (JetMoE's attention
+#: calls its experts' ``map`` and ``reduce``, which add their bias).
+_CHILD_METHOD_CALL = re.compile(r"self\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)\s*\(")
+#: ``self.<method>(``: a method of the module's own, which its forward may compute with.
+_OWN_METHOD_CALL = re.compile(r"self\.([A-Za-z_]\w*)\s*\(")
+
+
+def _method_outside_torch(cls: type, name: str):
+    """The function ``name`` of ``cls`` or of its first base that defines it, unless that is
+    torch's (``nn.Module``'s own methods) or not a plain function; else None."""
+    for klass in cls.__mro__:
+        if name in vars(klass):
+            fn = vars(klass)[name]
+            return fn if inspect.isfunction(fn) and not klass.__module__.startswith("torch.") else None
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _children_read_in_code(cls: type) -> tuple[frozenset, frozenset]:
+    """What the forward of ``cls``, and the methods of its own it calls (``self.slow_forward(...)``,
+    to a few levels), do with submodules besides calling them: the names whose weight or bias they
+    read, and the ``(name, method)`` pairs they call. Empty where the source is not available."""
+    reads: set[str] = set()
+    calls: set[tuple[str, str]] = set()
+    seen, todo = set(), ["forward"]
+    while todo and len(seen) < 16:
+        name = todo.pop()
+        fn = _method_outside_torch(cls, name)
+        if name in seen or fn is None:
+            continue
+        seen.add(name)
+        try:
+            source = inspect.getsource(fn)
+        except (OSError, TypeError):
+            continue
+        reads.update(_CHILD_PARAMETER_READ.findall(source))
+        calls.update(_CHILD_METHOD_CALL.findall(source))
+        todo.extend(m for m in _OWN_METHOD_CALL.findall(source) if m not in seen)
+    return frozenset(reads), frozenset(calls)
+
+
+def _own_method(module: nn.Module, method: str) -> bool:
+    """Whether ``method`` is defined by ``module``'s class or a base outside torch (not forward)."""
+    return method != "forward" and any(method in vars(klass) for klass in type(module).__mro__
+                                       if klass is not object and not klass.__module__.startswith("torch."))
+
+
+def _children_used_directly(module: nn.Module) -> set[str]:
+    """The submodules with trainable parameters that ``module``'s forward uses other than by calling
+    them: reads their weight or bias (passing it to a function), or calls a method of their own.
+    Read from the source; a use it misses is refused by the backward's check."""
+    reads, calls = _children_read_in_code(type(module))
+    children = module._modules
+    # A layer with a rule whose weight is read (an Embedding's table read whole is followed as a
+    # shared output instead: DeBERTa's relative positions), or a module with trainable parameters
+    # of its own whose own method is called (its parameters then used in that method).
+    read = {name for name in reads if isinstance(children.get(name), nn.Module)
+            and any(p.requires_grad for p in children[name].parameters())
+            and not isinstance(rule_for(children[name]), (type(None), EmbeddingRule))}
+    called = {name for name, method in calls if isinstance(children.get(name), nn.Module)
+              and any(p is not None and p.requires_grad for p in children[name]._parameters.values())
+              and _own_method(children[name], method)}
+    return read | called
+
+
 def _assign_owners(model: nn.Module, batch_first: bool = True) -> tuple[list[_Owner], list[TiedEmbeddingLinear]]:
     """Decide which rule accounts for each trainable parameter; pair an Embedding weight tied to
     a Linear weight, refuse any other parameter shared by two modules. Each owner's layout
@@ -2292,15 +2368,22 @@ def _assign_owners(model: nn.Module, batch_first: bool = True) -> tuple[list[_Ow
             owners.append(_Owner(name, module, GENERIC, subtree))
             visited.update(id(m) for m in module.modules())
             return
-        elif own:
+        elif own or (rule is None and _children_used_directly(module)):
             # Its own parameters only: the modules inside keep their rules (a ConvNeXt block's
-            # layer-scale parameter must not send its convolutions and Linears to this route).
+            # layer-scale parameter must not send its convolutions and Linears to this route). Also a
+            # module without parameters of its own whose code reads a submodule's weight or bias
+            # (a linear-attention layer's ``causal_conv1d_fn(x, self.conv1d.weight.squeeze(1), ...)``):
+            # its calls account for the submodules they did not call, as inner owners (otherwise refused).
             generic = _Owner(name, module, GENERIC, own)
             owners.append(generic)
             first_inner = len(owners)
             for child_name, child in module.named_children():
                 visit(child, _join(name, child_name))
             generic.descendants = owners[first_inner:]
+            if not own:  # (only the submodules it uses directly: its calls account for nothing else)
+                used = [_join(name, child) for child in _children_used_directly(module)]
+                generic.descendants = [o for o in generic.descendants
+                                       if any(o.name == u or o.name.startswith(u + ".") for u in used)]
             return
         for child_name, child in module.named_children():
             visit(child, _join(name, child_name))

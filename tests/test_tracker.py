@@ -361,16 +361,55 @@ def test_collect_before_backward():
             tracker.collect()
 
 
+def _project(layer, x):
+    return F.linear(x, layer.weight)
+
+
+class ReadsItsLayersWeight(nn.Module):
+    """A parent that uses its Linear's weight itself instead of calling it: in its forward
+    (``F.linear(x, self.lin.weight)``), or in a method of its own that the forward calls (as
+    linear-attention layers pass ``self.conv1d.weight`` to a causal convolution)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.lin, self.how = nn.Linear(3, 3), how
+        if how == "method":
+            self.conv = nn.Conv1d(3, 3, 2, groups=3)
+
+    def forward(self, x):
+        if self.how == "forward":
+            h = F.linear(x, self.lin.weight)  # bypasses self.lin's forward
+        else:
+            h = self._convolved(x)
+        return torch.tanh(h) * 2
+
+    def _convolved(self, x):
+        h = F.conv1d(F.pad(x[:, :, None].expand(-1, -1, 4), (1, 0)), self.conv.weight, self.conv.bias, groups=3)
+        return h.mean(2) + self.lin(x)
+
+
+@pytest.mark.parametrize("how", ["forward", "method"])
+def test_a_layers_weight_read_by_its_parent_matches_torch_func(how):
+    """Read from the parent's source: the parent takes the generic route for the layers it does not
+    call (refused before, as the function case still is)."""
+    torch.manual_seed(0)
+    model = ReadsItsLayersWeight(how)
+    x, y = torch.randn(4, 3), torch.randn(4, 3)
+    routes = tracked_and_checked(model, lambda out, target: (out - target).square().sum(), x, y)
+    assert routes[""].startswith("generic")
+
+
+class HandsItsLayerOver(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return _project(self.lin, x)  # (its weight read in a function the source does not show)
+
+
 def test_parameter_used_outside_its_module_is_refused():
-    class Sneaky(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(3, 3)
-
-        def forward(self, x):
-            return F.linear(x, self.lin.weight)  # bypasses self.lin's forward
-
-    model = Sneaky()
+    model = HandsItsLayerOver()
     with GradNormTracker(model) as tracker:
         model(torch.randn(4, 3)).sum().backward()
         with pytest.raises(RuntimeError, match=r"'lin\.weight'.*not called through its forward"):

@@ -633,3 +633,40 @@ def test_a_cache_holding_earlier_tokens_is_refused():
         with pytest.raises(RuntimeError, match=r"JambaMambaMixer was given a cache .*use_cache=False"):
             token_loss(net(input_ids=tokens[:, 4:], past_key_values=cache).logits, tokens[:, 4:]).backward()
             tracker.collect()
+
+
+def tiny_causal_lm(model_type: str, **overrides):
+    """A tiny ``AutoModelForCausalLM`` of ``model_type`` (2 layers, width 16, no dropout)."""
+    settings = dict(vocab_size=97, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=1, head_dim=8, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                    eos_token_id=1, use_cache=False, **overrides)
+    config = transformers.AutoConfig.for_model(model_type)
+    for key, value in settings.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    for key in ("dropout", "attention_dropout", "hidden_dropout"):
+        if isinstance(getattr(config, key, None), float):
+            setattr(config, key, 0.0)
+    torch.manual_seed(0)
+    return Logits(transformers.AutoModelForCausalLM.from_config(config), "input_ids")
+
+
+@pytest.mark.parametrize("model_type, module", [
+    ("lfm3", "net.model.layers.0.conv"), ("jetmoe", "net.model.layers.0.self_attention")])
+def test_layers_read_by_their_parents_match_per_sample_autograd(model_type, module):
+    """LFM3's short convolution passes ``self.conv.weight`` to a causal convolution (as Kimi Linear's
+    and Bailing's linear attention pass ``self.conv1d.weight``); JetMoE's attention calls its
+    experts' ``map`` and ``reduce`` (which add their bias): read from their source, the parent takes
+    the generic route for those layers (refused before as "not called through its forward")."""
+    from .oracle import each_sample_backward
+
+    overrides = dict(num_local_experts=3, num_experts_per_tok=2) if model_type == "jetmoe" else {}
+    model = tiny_causal_lm(model_type, **overrides)
+    tokens, targets = torch.randint(2, 97, (3, 7)), torch.randint(0, 97, (3, 7))
+    with GradNormTracker(model, "sum", verify_every=0) as tracker:
+        for _ in range(2):  # (the second backward is not verified)
+            model.zero_grad()
+            token_loss(model(tokens), targets).backward()
+            stats = tracker.collect()
+        assert {plan.module: plan.route for plan in tracker.plan()}[module].startswith("generic")
+    assert rel_err(stats.per_sample, each_sample_backward(model, token_loss, model, tokens, targets)) <= RTOL
