@@ -646,3 +646,41 @@ def test_a_lookup_of_computed_per_sample_ids_stays_per_sample():
     loss = lambda out, target: F.cross_entropy(out, target, reduction="sum")  # noqa: E731
     stats = second_backward_stats(model, loss, model, x, y)
     assert rel_err(stats.per_sample, reference_norms(model, loss, x, y)[0]) <= 1e-5
+
+
+class ExpandedShared(nn.Module):
+    """XLM's positions, ``positions(arange(T)[None]).expand_as(h)`` added to the tokens, and MPNet's
+    relative bias: ``[T, T]`` buckets looked up, permuted to ``[1, H, T, T]`` and
+    ``expand((B, -1, T, T))`` before meeting the attention scores."""
+
+    def __init__(self, vocab=11, dim=4, heads=2):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(vocab, dim), nn.Embedding(8, dim)
+        self.bias, self.head, self.heads = nn.Embedding(16, heads), nn.Linear(dim, vocab), heads
+
+    def forward(self, idx):
+        B, T = idx.shape
+        h = self.tokens(idx)
+        h = h + self.positions(torch.arange(T)[None]).expand_as(h)
+        buckets = (torch.arange(T)[None, :] - torch.arange(T)[:, None]).clamp(-7, 8) + 7
+        bias = self.bias(buckets).permute(2, 0, 1).unsqueeze(0).expand((B, -1, T, T))
+        q = h.view(B, T, self.heads, -1).transpose(1, 2)
+        scores = torch.softmax(q @ q.transpose(-1, -2) + bias, -1)
+        return self.head((scores @ q).transpose(1, 2).reshape(B, T, -1))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("T", [5, 3], ids=["T!=B", "T==B"])
+def test_shared_outputs_expanded_over_the_batch_match_torch_func(T, fused):
+    """``expand``/``expand_as`` of a shared output over the samples was a use the watcher could not
+    split: refused (XLM and MPNet, sentence-transformers' all-mpnet-base-v2)."""
+    torch.manual_seed(0)
+    model = ExpandedShared()
+    tokens, targets = torch.randint(1, 11, (3, T)), torch.randint(0, 11, (3, T))
+    stats, _ = tracked_twice(model, tokens, targets, fused)
+    per_sample, per_param, batch = reference_norms(model, token_loss, tokens, targets)
+    for table in ("positions", "bias"):
+        own = sum(v for name, v in per_param.items() if name.startswith(f"{table}."))
+        assert rel_err(stats.per_layer[table], own) <= 1e-5, table
+    assert rel_err(stats.per_sample, per_sample) <= 1e-5
+    assert rel_err(stats.batch_grad_sq, batch) <= 1e-5

@@ -670,3 +670,23 @@ def test_layers_read_by_their_parents_match_per_sample_autograd(model_type, modu
             stats = tracker.collect()
         assert {plan.module: plan.route for plan in tracker.plan()}[module].startswith("generic")
     assert rel_err(stats.per_sample, each_sample_backward(model, token_loss, model, tokens, targets)) <= RTOL
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("model_type", ["mpnet", "xlm"])
+def test_shared_lookups_expanded_over_the_batch_match_torch_func(model_type, fused):
+    """MPNet (all-mpnet-base-v2's encoder) expands its relative-position bias over the batch,
+    ``expand((bsz, -1, q, k))``; XLM adds ``position_embeddings(ids).expand_as(tensor)``: both were
+    refused (tests/test_shared_outputs.py)."""
+    config = transformers.AutoConfig.for_model(model_type)
+    settings = dict(vocab_size=97, hidden_size=16, emb_dim=16, num_hidden_layers=2, n_layers=2, num_attention_heads=2,
+                    n_heads=2, intermediate_size=24, max_position_embeddings=64,
+                    pad_token_id=0, pad_index=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                    dropout=0.0, attention_dropout=0.0)
+    for key, value in settings.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    torch.manual_seed(0)
+    model = Logits(transformers.AutoModelForMaskedLM.from_config(config), "input_ids")
+    tokens, targets = torch.randint(3, 97, (3, 7)), torch.randint(0, 97, (3, 7))
+    tracked_and_checked(model, token_loss, tokens, targets, fused)

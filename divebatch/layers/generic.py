@@ -2076,6 +2076,9 @@ class SharedOutputWatcher:
             return out  # ``F.linear(x, alias)``: ``x @ alias.mT``
         if func in _SELECTIONS and len(hits) == 1 and not inside and self._selected(func, args, kwargs, hits[0], out):
             return out
+        if (func in (torch.Tensor.expand, torch.Tensor.expand_as) and hits == [0] and not inside
+                and isinstance(out, torch.Tensor) and self._expanded(args[0], out)):
+            return out
         kind = _DIRECT_KINDS.get(func)
         sign = _IN_PLACE_SIGNS.get(func)
         if kind is not None and kind != "expand" and len(hits) == 1:
@@ -2122,6 +2125,24 @@ class SharedOutputWatcher:
         out.register_hook(partial(self._collect, sign, factor, alias_shape, chain))
         self.broadcasts += 1
         return out
+
+    def _expanded(self, alias, out) -> bool:
+        """``alias.expand(B, ...)`` or ``.expand_as(x)`` over the samples, from a leading dim of 1 or
+        from fewer dims (XLM's ``position_embeddings(ids).expand_as(tensor)``, MPNet's relative bias
+        ``values.expand((bsz, -1, q, k))``): row ``b`` of the expansion is sample ``b``'s, so its
+        grad, summed to the alias's shape, is that sample's part."""
+        chain = self.aliases[id(alias)][1]
+        if not (0 < alias.dim() <= out.dim() and out.shape[0] > 1 and len(chain) < _MAX_CHAIN
+                and (alias.dim() < out.dim() or alias.shape[0] == 1)) or id(alias) in self.row_expanded:
+            return False
+        if self._samples(None, out.shape[0]) is None:
+            return False
+        virtual = (1,) * (out.dim() - alias.dim()) + tuple(alias.shape)
+        if alias.dim() < out.dim():
+            chain = chain + ((torch.Tensor.reshape, (_HOLE, virtual), {}),)
+        out.register_hook(partial(self._collect, 1.0, None, torch.Size(virtual), chain))
+        self.broadcasts += 1
+        return True
 
     def _dropout(self, args, kwargs, out) -> bool:
         """``F.dropout`` of the alias (DeBERTa drops out its relative-position table in each layer):
