@@ -82,7 +82,7 @@ CAUSAL = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi"
           "flex_olmo", "hunyuan_v1_moe", "llama4_text", "jetmoe", "afmoe", "cohere2_moe", "granitemoeshared",
           "granitemoe_swa", "minimax_m2", "sarvam_moe", "solar_open", "glm4_moe_lite"]
 MASKED = ["bert", "roberta", "distilbert", "albert", "electra", "mobilebert", "modernbert", "xlm-roberta", "roformer",
-          "deberta-v2", "deberta"]
+          "deberta-v2", "deberta", "mpnet", "xlm"]
 SEQ2SEQ = ["t5", "bart", "mbart", "pegasus", "marian"]
 
 

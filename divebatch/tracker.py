@@ -902,6 +902,22 @@ class GradNormTracker:
             return self._ids_follower.rows(ids)
         return self._merged_input_rows(ids)
 
+    def _refuse_own_position_lookup(self, owner: _Owner, ctx, batch_size: int) -> None:
+        """An ``nn.Embedding`` subclass whose own forward is given 1-D ids that are not the model's
+        input (Blenderbot's decoder passes ``arange(T)`` to its positions): its ``[T, d]`` output is
+        broadcast over the batch, which is followed for an ``nn.Embedding``'s own forward only, and
+        where T equals the batch its rows were taken for the samples' (5% off, no error). Refused."""
+        batched = [x for x, d in zip(ctx.leaves, ctx.in_dims) if d is not None and isinstance(x, torch.Tensor)]
+        if not (batched and self._model_inputs and self._last_batch > 1 and batch_size > 1
+                and all(x.dim() == 1 and not x.is_floating_point() and not self._reads_model_input(x) for x in batched)):
+            return
+        raise ValueError(
+            f"module '{owner.name}' ({type(owner.module).__name__}) looks up {batch_size} ids that are not the "
+            "model's input in its own forward (1-D position ids such as arange(T)): nothing tells them from the "
+            f"batch's {self._last_batch} samples, and its output shared by the samples is followed only where an "
+            "nn.Embedding's own forward looks them up. Pass per-sample ids of shape [B, T] (e.g. "
+            "position_ids=torch.arange(T).expand(B, T)) where the model takes them, or freeze the module")
+
     def _reads_model_input(self, x: torch.Tensor) -> bool:
         """Whether ``x`` is (a view of) one of the tracked model's tensor inputs, by its memory."""
         try:
@@ -1195,6 +1211,8 @@ class GradNormTracker:
         if batch_size == 0:
             raise ValueError(f"module '{owner.name}' ({type(module).__name__}) got an empty batch (0 samples); "
                              "skip empty batches before the forward pass")
+        if owner.rule is GENERIC and isinstance(module, nn.Embedding) and self.batch_first:
+            self._refuse_own_position_lookup(owner, ctx, batch_size)
         samples = getattr(ctx, "input_samples", None)
         if recorder is not None and samples is not None:
             # The first input's rows are samples' rows in another order (Llama 4's experts get every

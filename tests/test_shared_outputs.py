@@ -684,3 +684,36 @@ def test_shared_outputs_expanded_over_the_batch_match_torch_func(T, fused):
         assert rel_err(stats.per_layer[table], own) <= 1e-5, table
     assert rel_err(stats.per_sample, per_sample) <= 1e-5
     assert rel_err(stats.batch_grad_sq, batch) <= 1e-5
+
+
+class OwnPositionLookup(nn.Embedding):
+    """Blenderbot's learned positions: an Embedding subclass whose own forward is handed the input's
+    shape and 1-D positions ``arange(T)``, its ``[T, d]`` output added to the ``[B, T, d]`` tokens."""
+
+    def forward(self, shape, positions=None):
+        positions = torch.arange(shape[1]) if positions is None else positions
+        return super().forward(positions)
+
+
+class OwnPositions(nn.Module):
+    def __init__(self, vocab=11, dim=4):
+        super().__init__()
+        self.tokens, self.positions, self.head = nn.Embedding(vocab, dim), OwnPositionLookup(8, dim), nn.Linear(dim, vocab)
+
+    def forward(self, idx, positions=None):
+        positions = torch.arange(idx.shape[1]) if positions is None else positions  # (as Blenderbot's decoder)
+        return self.head(torch.tanh(self.tokens(idx) + self.positions(idx.shape, positions)))
+
+
+@pytest.mark.parametrize("T", [5, 3], ids=["T!=B", "T==B"])
+def test_an_embedding_subclass_looking_up_its_own_positions_is_refused(T):
+    """Where T == B its rows were read as the samples' (5% off for Blenderbot, no error); per-sample
+    positions ``[B, T]`` are exact."""
+    torch.manual_seed(0)
+    model = OwnPositions()
+    tokens, targets = torch.randint(1, 11, (3, T)), torch.randint(0, 11, (3, T))
+    assert_refused(model, token_loss, tokens, targets, r"'positions' \(OwnPositionLookup\) looks up .* not the model's "
+                                                       r"input .*position_ids=torch.arange\(T\).expand\(B, T\)")
+    per_sample = lambda idx: model(idx, torch.arange(idx.shape[1]).expand(idx.shape[0], -1))  # noqa: E731
+    stats = second_backward_stats(model, token_loss, per_sample, tokens, targets)
+    assert rel_err(stats.per_sample, reference_norms(model, token_loss, tokens, targets)[0]) <= 1e-5
