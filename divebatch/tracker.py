@@ -21,8 +21,8 @@ import contextlib
 import functools
 import inspect
 import math
-import re
 import os
+import re
 import sys
 import threading
 import warnings
@@ -2303,9 +2303,8 @@ def _children_read_in_code(cls: type) -> tuple[frozenset, frozenset]:
 
 
 def _own_method(module: nn.Module, method: str) -> bool:
-    """Whether ``method`` is defined by ``module``'s class or a base outside torch (not forward)."""
-    return method != "forward" and any(method in vars(klass) for klass in type(module).__mro__
-                                       if klass is not object and not klass.__module__.startswith("torch."))
+    """Whether ``method`` is one of ``module``'s own (defined outside torch), other than forward."""
+    return method != "forward" and _method_outside_torch(type(module), method) is not None
 
 
 def _children_used_directly(module: nn.Module) -> set[str]:

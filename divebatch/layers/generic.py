@@ -1500,8 +1500,8 @@ class GenericRule(PerSampleGradsRule):
         # this call's states into it (a replay would write each sample's again, into the batch's
         # cache, and fail on its sizes: Jamba's Mamba layers under the default use_cache=True).
         # A training forward starts from an empty cache, where None computes the same; one that
-        # read states stored before (a continued sequence) is not replayed the same, which the
-        # first backward's check refuses as an unaccounted gradient.
+        # read states stored before (a continued sequence) gives other outputs replayed, which
+        # _check_replayed refuses.
         caches = [i for i, x in enumerate(leaves) if _is_cache(x)]
         raw = leaves
         leaves = [None if i in caches else x.detach() if isinstance(x, torch.Tensor) else x
