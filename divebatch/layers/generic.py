@@ -1773,7 +1773,7 @@ class GenericRule(PerSampleGradsRule):
         def one_sample_by_autograd(sample_leaves, sample_grads):
             live = {name: p.detach().requires_grad_() for name, p in params.items()}
             outs = forward(live, sample_leaves)
-            pairs = [(o, one_output(g, d, k)) for o, g, d, k in zip(outs, sample_grads, call.out_dims, spans)
+            pairs = [(o, one_output(g, d, k)) for o, g, d, k in zip(outs, sample_grads[:n_grads], call.out_dims, spans)
                      if o.requires_grad]
             grads = torch.autograd.grad([o for o, _ in pairs], list(live.values()), [g for _, g in pairs],
                                         allow_unused=True, materialize_grads=True) if pairs else None
@@ -2103,11 +2103,9 @@ class SharedOutputWatcher:
                 and isinstance(out, torch.Tensor) and 0 < alias.dim() < out.dim() and len(chain) < _MAX_CHAIN):
             # Broadcast from fewer dims (nanoGPT's ``tok_emb + pos_emb``, [B, T, d] + [T, d]): the alias
             # counts as viewed with leading dims of 1, which that view's vjp takes back off.
-            virtual = (1,) * (out.dim() - alias.dim()) + tuple(alias.shape)
             samples = self._samples(other, out.shape[0])
             if samples is not None:
-                chain = chain + ((torch.Tensor.reshape, (_HOLE, virtual), {}),)
-                alias_shape = torch.Size(virtual)
+                alias_shape, chain = self._with_leading_ones(alias, out.dim(), chain)
         elif (sign is not None and not inside and not kwargs and isinstance(other, torch.Tensor)
                 and isinstance(out, torch.Tensor) and out.dim() > 0 and out.dim() == alias.dim()
                 and alias.shape[0] in (1, out.shape[0]) and (alias.shape[0] == 1 or expanded is not None)):
@@ -2137,12 +2135,17 @@ class SharedOutputWatcher:
             return False
         if self._samples(None, out.shape[0]) is None:
             return False
-        virtual = (1,) * (out.dim() - alias.dim()) + tuple(alias.shape)
-        if alias.dim() < out.dim():
-            chain = chain + ((torch.Tensor.reshape, (_HOLE, virtual), {}),)
-        out.register_hook(partial(self._collect, 1.0, None, torch.Size(virtual), chain))
+        alias_shape, chain = self._with_leading_ones(alias, out.dim(), chain)
+        out.register_hook(partial(self._collect, 1.0, None, alias_shape, chain))
         self.broadcasts += 1
         return True
+
+    @staticmethod
+    def _with_leading_ones(alias, rank: int, chain) -> tuple[torch.Size, tuple]:
+        """``alias`` as broadcasting to ``rank`` dims reads it, with leading dims of 1: that shape,
+        and ``chain`` with the view to it added where it adds dims (its vjp takes them back off)."""
+        shape = torch.Size((1,) * (rank - alias.dim()) + tuple(alias.shape))
+        return shape, (chain + ((torch.Tensor.reshape, (_HOLE, tuple(shape)), {}),) if alias.dim() < rank else chain)
 
     def _dropout(self, args, kwargs, out) -> bool:
         """``F.dropout`` of the alias (DeBERTa drops out its relative-position table in each layer):
