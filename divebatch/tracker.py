@@ -41,7 +41,7 @@ from ._norms import SquaredNormSum, squared_distance, squared_norm
 from .layers import GENERIC, LayerRule, RoutePlan, rule_for
 from .layers.generic import (TRANSFORMER_MODULES, DirectUseRecorder, SharedOutputWatcher, SharedOutputWatchers,
                              declared_batch_first, usable_direct_uses)
-from .layers.rows import (MergedIdsFollower, flattened_samples, merged_sequence_rows, row_samples,
+from .layers.rows import (MergedIdsFollower, flattened_samples, merged_sequence_rows, row_samples, samples_dim,
                           sequences_first_view)
 from .layers.base import capture_suspended
 from .layers.conv import ConvRule
@@ -436,6 +436,13 @@ class GradNormTracker:
         # Integer tensors computed row by row from multiple-choice ids, while the forward runs (_input_rows).
         self._ids_follower: MergedIdsFollower | None = None
         self._input_batch: int | None = None  # dim 0 of its first input (the samples, as everywhere)
+        # This forward's tracked outputs whose samples are in dim 0, {(id(grad_fn), output_nr): (grad_fn,
+        # 0, B)}, the terminals of the walks that place samples in a layer's input (_samples_in_dim_1);
+        # the row-wise layers' calls so far this forward, by owner; and each call's answer, by (owner,
+        # call), kept for the plan (a model's layout is its code's).
+        self._sample_nodes: dict[tuple[int, int], tuple] = {}
+        self._row_calls: dict[int, int] = {}
+        self._layouts: dict[tuple[int, int], bool] = {}
         self._closed = False
         self._enabled = False
         self.enabled = enabled
@@ -767,6 +774,7 @@ class GradNormTracker:
         for tie in self._ties:
             tie.embedding_calls.clear()
         self._last_plans = {}
+        self._layouts = {}
 
     @torch.compiler.disable
     def _on_model_pre_forward(self, module, args, kwargs):
@@ -781,6 +789,7 @@ class GradNormTracker:
             shape = self._model_input_shape
             self._model_input_shape = (shape[1], shape[0], *shape[2:])
         self._model_inputs = inputs  # (until the forward ends: ids merged from them, see _input_rows)
+        self._sample_nodes, self._row_calls = {}, {}
         self._model_rows = _rows_read(inputs[0]) if inputs and inputs[0].dim() > 0 and not sequence_first else None
         if (inputs and inputs[0].dim() > 2 and not inputs[0].is_floating_point() and self._ids_follower is None
                 and self.batch_first and self._looks_up_ids and not _called_from_compiled_code()):
@@ -801,6 +810,7 @@ class GradNormTracker:
         self._leave_watchers(all_of_them=True)
         self._leave_ids_follower()
         self._model_inputs = []
+        self._sample_nodes = {}
         for owner in self._owners:
             owner.row_views.clear()  # left by a forward that raised
 
@@ -815,7 +825,7 @@ class GradNormTracker:
         if (not isinstance(x, torch.Tensor) or capture_suspended() or not torch.is_grad_enabled()
                 or _inside_functorch()):
             return None
-        if owner.sequences_first:
+        if owner.sequences_first or (x.is_floating_point() and self._samples_in_dim_1(owner, x)):
             return self._sequences_first_view(owner, x, args)
         if (self._input_batch == 1 and x.dim() > 0 and x.shape[0] > 1 and not _called_from_compiled_code()
                 and (not x.is_floating_point() or (x.grad_fn is not None and not self._follows(x)))):
@@ -841,6 +851,27 @@ class GradNormTracker:
             return None
         owner.row_views.append((view, x.shape[0], len(lead), x.shape))
         return (view, *args[1:])
+
+    def _samples_in_dim_1(self, owner: _Owner, x: torch.Tensor) -> bool:
+        """Whether a row-wise layer's input ``[T, B, ...]`` holds the samples in dim 1 in a model
+        tracked batch first: a model that takes ``[B, T]`` inputs and transposes to ``[T, B, ...]``
+        in its own code (fairseq's transformer). Its shape cannot tell where ``T == B`` (the layer
+        would take time steps for samples) and is refused by the batch check where ``T != B``; the
+        autograd graph tells, back to the outputs of this forward's earlier tracked calls
+        (``samples_dim``). Only where dim 1 has the batch's size; each call's answer is kept for
+        the plan, so a step walks the graph only on its first such forward."""
+        call = self._row_calls.get(id(owner), 0)
+        self._row_calls[id(owner)] = call + 1
+        batch, normalised = self._last_batch, (next(iter(owner.tracked.values())).dim()
+                                               if isinstance(owner.rule, AffineNormRule) else 1)
+        if (batch <= 1 or x.dim() - normalised < 2 or x.shape[1] != batch or x.grad_fn is None
+                or not self._sample_nodes or _called_from_compiled_code()):
+            return False
+        known = self._layouts.get((id(owner), call))
+        if known is None:
+            known = samples_dim(x, self._sample_nodes, self._shared_nodes()) == 1
+            self._layouts[(id(owner), call)] = known
+        return known
 
     def _sequences_first_view(self, owner: _Owner, x: torch.Tensor, args: tuple) -> tuple | None:
         """Under ``batch_first=False``: a Linear, LayerNorm, RMSNorm or Embedding given a ``[T, B, ...]``
@@ -1070,6 +1101,7 @@ class GradNormTracker:
         # (the batch so far, as the hook path keeps it: a later [1, K, d] input is then known shared)
         self._last_batch = batch_size
         out = rule.fused_forward(module, args, kwargs, partial(self._fused_sink, call))
+        self._record_samples(owner, (out,), batch_size)
         owner.forward_calls += 1
         owner.skip_hooks += 1
         return out
@@ -1106,17 +1138,21 @@ class GradNormTracker:
                 # (refused, 79% off in an orthogonal RNN). Each tracked call computes it again.
                 for name in module.parametrizations:
                     parametrize._cache.pop((id(module), name), None)
-            if (capturing and owner.rule.batch_dim(module) == 0 and not isinstance(module, nn.RNNBase)
+            inputs = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)] if capturing else []
+            first = next((x for x in inputs if x.dim() > 0), None)  # (the rows the experts' products are followed from)
+            # [T, B, ...] inside a model tracked batch first (see _samples_in_dim_1): replayed over dim 1.
+            samples_dim = (1 if first is not None and first.is_floating_point() and not owner.sequences_first
+                           and declared_batch_first(module) is None and not isinstance(module, nn.RNNBase)
+                           and self._samples_in_dim_1(owner, first) else None)
+            if (capturing and owner.rule.batch_dim(module) == 0 and samples_dim is None
+                    and not isinstance(module, nn.RNNBase)
                     and (isinstance(module.__dict__.get("forward"), _EagerForward)
                          or not _called_from_compiled_code())):
-                # The rows the experts' products are followed from: the first batched input, as in capture().
-                inputs = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
-                first = next((x for x in inputs if x.dim() > 0), None)
                 recorder = DirectUseRecorder(self._live(owner), first, self._inner_params(owner), inputs)
                 recorder.batch_size = self._input_batch
                 recorder.__enter__()
             owner.pre_states.append(([inner.forward_calls + inner.covered_calls for inner in owner.descendants], recorder,
-                                     _parametrization_state(module)))
+                                     _parametrization_state(module), samples_dim))
         else:
             owner.pre_states.append(owner.rule.before_forward(module, args, kwargs) if capturing else None)
         return None
@@ -1125,9 +1161,9 @@ class GradNormTracker:
     def _on_forward(self, owner: _Owner, module, args, kwargs, output):
         self._leave_watchers()
         pre_state = owner.pre_states.pop() if owner.pre_states else None
-        recorder = None
+        recorder = samples_dim = None
         if owner.rule is GENERIC and pre_state is not None:
-            pre_state, recorder, parametrization_state = pre_state
+            pre_state, recorder, parametrization_state, samples_dim = pre_state
             if recorder is not None:
                 self._exit_recorder(recorder)
             # Where the recorder read every use (the weight computed from the parameters, then one
@@ -1182,6 +1218,8 @@ class GradNormTracker:
             self._cpu_bfloat16_forward = True
         if hasattr(owner.rule, "before_forward"):
             ctx = owner.rule.capture(module, args, kwargs, output, pre_state)
+        elif samples_dim is not None:
+            ctx = owner.rule.capture(module, args, kwargs, output, batch_dim=samples_dim)
         else:
             ctx = owner.rule.capture(module, args, kwargs, output)
         if owner.descendants and pre_state is not None:
@@ -1202,7 +1240,7 @@ class GradNormTracker:
             # No batched input, every output computed from the parameters alone (Swin's bias table):
             # the outputs' per-sample grads (from their watcher) are taken back through that computation.
             ctx.computed_outputs = recorder.computed_outputs(leaves)
-        if owner.rule is GENERIC:
+        if owner.rule is GENERIC and samples_dim is None:
             ctx = self._generic_rows(ctx, args, kwargs)
         batch_size = owner.rule.batch_size(module, ctx)
         if isinstance(ctx, EmbeddingBagCall) and args and self._model_inputs and args[0] is self._model_inputs[0]:
@@ -1291,7 +1329,16 @@ class GradNormTracker:
             self._watch_shared_output(call, leaves[0])
         elif not call.unbatched:
             self._last_batch = batch_size
+            self._record_samples(owner, leaves, batch_size)
         return separated
+
+    def _record_samples(self, owner: _Owner, outputs, batch_size: int) -> None:
+        """A call of a layer that keeps samples in dim 0 of its outputs: where later layers' inputs
+        may come from (the terminals of ``_samples_in_dim_1``'s walks)."""
+        if batch_size > 1 and (owner.rule.rows_independent or isinstance(owner.rule, (EmbeddingRule, ConvRule))):
+            for t in outputs:
+                if isinstance(t, torch.Tensor) and t.grad_fn is not None and t.dim() > 1 and t.shape[0] == batch_size:
+                    self._sample_nodes[(id(t.grad_fn), t.output_nr)] = (t.grad_fn, 0, batch_size)
 
     @staticmethod
     def _refuse_unknown_sample_dim(owner: _Owner, args: tuple, kwargs: dict) -> None:

@@ -98,6 +98,9 @@ class GenericCall:
     expected_outputs: list | None = None
     # It was given a key/value or state cache, which its replays leave out (see GenericRule.capture).
     cache_left_out: bool = False
+    # The dim of its inputs and outputs that holds the samples, where the tracker placed it (a
+    # [T, B, ...] input proven so from the graph); None: the module's own (GenericRule.batch_dim).
+    batch_dim: int | None = None
     # Per leaf, the rows each sample has in its batch dim: 1, or k for a [B*k, ...] tensor merged
     # from [B, k, ...] (WavLM's position bias, passed from layer to layer as [B*H, T, T]).
     in_spans: list | None = None
@@ -1485,16 +1488,18 @@ class GenericRule(PerSampleGradsRule):
         # Modules that follow PyTorch's batch_first convention put samples in dim 1 otherwise.
         return 1 if declared_batch_first(module) is False else 0
 
-    def _leaf_dim(self, module, position: int) -> int:
-        """The batch dimension of the ``position``-th tensor of a call's inputs or outputs. Recurrent
-        layers keep samples in dim 1 of their hidden states (``h_0``/``c_0``, ``h_n``/``c_n``, every
-        tensor after the first) even with ``batch_first=True``."""
+    def _leaf_dim(self, module, position: int, bdim: int) -> int:
+        """The batch dimension of the ``position``-th tensor of a call's inputs or outputs (``bdim``,
+        the call's). Recurrent layers keep samples in dim 1 of their hidden states (``h_0``/``c_0``,
+        ``h_n``/``c_n``, every tensor after the first) even with ``batch_first=True``."""
         if isinstance(module, nn.RNNBase) and position > 0:
             return 1
-        return self.batch_dim(module)
+        return bdim
 
-    def capture(self, module, args, kwargs, output):
-        bdim = self.batch_dim(module)
+    def capture(self, module, args, kwargs, output, batch_dim: int | None = None):
+        """``batch_dim``: where the tracker placed this call's samples (dim 1 of a ``[T, B, ...]``
+        input it proved so); None: the module's own layout (``batch_dim``)."""
+        bdim = self.batch_dim(module) if batch_dim is None else batch_dim
         leaves, spec = tree_flatten((args, kwargs))
         # A key/value or state cache is left out of the replays: the forward has already written
         # this call's states into it (a replay would write each sample's again, into the batch's
@@ -1507,7 +1512,7 @@ class GenericRule(PerSampleGradsRule):
         leaves = [None if i in caches else x.detach() if isinstance(x, torch.Tensor) else x
                   for i, x in enumerate(leaves)]
         tensors = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
-        dims = {i: self._leaf_dim(module, k) for k, i in enumerate(tensors)}
+        dims = {i: self._leaf_dim(module, k, bdim) for k, i in enumerate(tensors)}
         sizes = [leaves[i].shape[dims[i]] for i in tensors if leaves[i].dim() > dims[i]]
         out_leaves, _ = tree_flatten(output)
         if not sizes:
@@ -1532,7 +1537,7 @@ class GenericRule(PerSampleGradsRule):
         out_tensors = [i for i, o in enumerate(out_leaves) if isinstance(o, torch.Tensor)]
         index = [i for i in out_tensors if out_leaves[i].requires_grad]
         outputs = [(out_leaves[i].shape, out_leaves[i].dtype) for i in index]
-        out_dims = [self._leaf_dim(module, out_tensors.index(i)) for i in index]
+        out_dims = [self._leaf_dim(module, out_tensors.index(i), bdim) for i in index]
         out_sizes = {out_leaves[i].shape[d] for i, d in zip(index, out_dims) if out_leaves[i].dim() > d}
         input_batch = None
         if out_sizes and B not in out_sizes:
@@ -1549,7 +1554,7 @@ class GenericRule(PerSampleGradsRule):
                     else None)
         return GenericCall(leaves, spec, in_dims, B, outputs, index, out_dims, input_batch=input_batch,
                            autocast=autocast, expected_outputs=expected, cache_left_out=bool(caches),
-                           in_spans=in_spans if any(k > 1 for k in in_spans) else None)
+                           in_spans=in_spans if any(k > 1 for k in in_spans) else None, batch_dim=batch_dim)
 
     def batch_size(self, module, ctx):
         return ctx.batch_size
@@ -1665,7 +1670,6 @@ class GenericRule(PerSampleGradsRule):
 
     def per_sample_grads(self, module, calls, tracked, samples: slice | None = None) -> dict[str, torch.Tensor]:
         """``{name: [B, *param_shape]}`` float32, summed over the calls (only ``samples``, if given)."""
-        bdim = self.batch_dim(module)
         # Copies: a replay must not change the module's state (a BatchNorm's running statistics, a
         # counter); a replay whose outputs then differ from the forward's is refused (_check_replayed).
         buffers = {name: b.clone() for name, b in module.named_buffers()}
@@ -1684,6 +1688,7 @@ class GenericRule(PerSampleGradsRule):
             params.update({name: module.get_parameter(name).detach() for name in call.extra_params})
             grads = [g if g is not None else torch.zeros(shape, dtype=dtype, device=_device(call))
                      for g, (shape, dtype) in zip(grads[:len(call.outputs)], call.outputs)]
+            bdim = self.batch_dim(module) if call.batch_dim is None else call.batch_dim
             for name, g in self._per_sample_grads(module, call, grads, params, buffers, bdim, samples).items():
                 total[name] = g.float() if name not in total else total[name] + g.float()
         return total

@@ -74,6 +74,11 @@ _PASS_THROUGH = frozenset({"RegisterPostBackwardFunctionBackward"})
 #: Graph nodes of tensors shared by all samples, during one ``flattened_samples`` walk.
 _SHARED: contextvars.ContextVar[tuple] = contextvars.ContextVar("divebatch_shared_nodes", default=(frozenset(), None))
 
+#: During a ``samples_dim`` walk: the graph nodes of its terminals (tracked layers' outputs), which,
+#: like lookups in a table (whose graph hides the ids), carry samples' data, never count as made of
+#: parameters (``_from_parameters``); None during the other walks.
+_DATA: contextvars.ContextVar[frozenset | None] = contextvars.ContextVar("divebatch_data_nodes", default=None)
+
 #: How many nodes one walk may visit before it gives up (no answer).
 _MAX_NODES = 160
 
@@ -415,7 +420,7 @@ def _from_parameters(node, budget: list[int]) -> bool:
     ``w.view(1, -1)``, ``1 + w``, ``w * 2``, but not ``rows.mean(0)`` (nor ``inp(x).mean(0)``, whose
     graph hides the data ``x``, nor anything made of an input tensor that requires grad), or of
     tensors shared by all samples (``flattened_samples``' ``shared``)."""
-    shared = _SHARED.get()[0]
+    shared, data = _SHARED.get()[0], _DATA.get()
     stack = [node]
     while stack:
         budget[0] -= 1
@@ -425,6 +430,8 @@ def _from_parameters(node, budget: list[int]) -> bool:
         if node in shared:
             continue
         name = type(node).__name__
+        if data is not None and (node in data or name.startswith("Embedding")):
+            return False
         if name == "AccumulateGrad":
             if not isinstance(getattr(node, "variable", None), torch.nn.Parameter):
                 return False
@@ -552,13 +559,50 @@ def row_samples(x: torch.Tensor, batch: int | None = None) -> tuple[int, torch.T
     return None
 
 
-class _LabelWalk:
-    """One ``row_samples`` walk: the samples found at its terminals (``batches``), a node budget, and
-    each visited node output's labels (a graph that uses a tensor twice is walked once)."""
+def samples_dim(x: torch.Tensor, known: dict, shared: frozenset = frozenset()) -> int | None:
+    """The dim of ``x`` along which index ``i`` is sample ``i`` (every element of that index is
+    made of sample ``i``'s data alone), proven from the autograd graph, or None.
 
-    def __init__(self, batches: set[int], device, singleton_batch: int | None = None):
+    The walk is ``row_samples``', with other terminals: the outputs of tracked layers whose sample
+    dim is known (``known``: ``{(id(node), output index): (node, dim, B)}``, the tracker's record
+    of this forward's calls), and no merge taken for samples by assumption. It carries each
+    element's sample through transposes, permutes, views and reshapes, elementwise ops, batched
+    products and attention, so that it tells a ``[T, B, d]`` tensor that a model's own code
+    transposed from a layer's ``[B, T, d]`` output (fairseq's layout) from a ``[B, T, d]`` one even
+    where ``T == B``. ``shared``: graph nodes of tensors shared by all samples (carrying no
+    sample's data, like parameters)."""
+    node = x.grad_fn
+    if node is None or x.dim() < 1 or not known:
+        return None
+    batches: set[int] = set()
+    token, data_token = _SHARED.set((shared, None)), _DATA.set(frozenset(node for node, _, _ in known.values()))
+    try:
+        labels = _LabelWalk(batches, x.device, known=known).labels(node, x.output_nr, tuple(x.shape))
+    finally:
+        _SHARED.reset(token)
+        _DATA.reset(data_token)
+    if labels is None or len(batches) != 1:
+        return None
+    labels = _fit(labels, x.dim())
+    varying = [d for d, s in enumerate(labels.shape) if s > 1]
+    batch = batches.pop()
+    if len(varying) != 1 or labels.shape[varying[0]] != batch:
+        return None
+    order = torch.arange(batch, device=labels.device)
+    return varying[0] if torch.equal(labels.reshape(-1), order) else None
+
+
+class _LabelWalk:
+    """One ``row_samples`` or ``samples_dim`` walk: the samples found at its terminals
+    (``batches``), a node budget, and each visited node output's labels (a graph that uses a tensor
+    twice is walked once). ``known``: outputs whose samples are known (``samples_dim``), as
+    ``{(id(node), output index): (node, sample dim, B)}``; where given, they are the only terminals
+    (no merge is taken for samples by assumption)."""
+
+    def __init__(self, batches: set[int], device, singleton_batch: int | None = None, known: dict | None = None):
         self.batches, self.device, self.budget = batches, device, [_MAX_NODES]
         self.singleton_batch = singleton_batch  # a [batch, 1, ...] view is a terminal too
+        self.known = known
         self.seen: dict[tuple[int, int], tuple[object, torch.Tensor | None]] = {}
 
     def labels(self, node, index: int, shape: tuple[int, ...]):
@@ -570,7 +614,13 @@ class _LabelWalk:
         if key in self.seen and self.seen[key][0] is node:
             return self.seen[key][1]
         self.budget[0] -= 1
-        found = _labels(self, node, index, shape) if self.budget[0] >= 0 else None
+        if self.known is not None and key in self.known and self.known[key][0] is node:
+            _, dim, batch = self.known[key]
+            self.batches.add(batch)
+            lab = torch.arange(batch, device=self.device).view(-1, *(1,) * (len(shape) - 1 - dim))
+            found = _valid(lab, shape) if dim < len(shape) and shape[dim] == batch else None
+        else:
+            found = _labels(self, node, index, shape) if self.budget[0] >= 0 else None
         self.seen[key] = (node, found)
         return found
 
@@ -599,7 +649,7 @@ def _labels(walk: _LabelWalk, node, index: int, shape: tuple[int, ...]):
             source = _view_source(node)
             if source is None or not children:
                 return None
-            lead = _merged_lead(node, shape) if source != shape else None
+            lead = _merged_lead(node, shape) if source != shape and walk.known is None else None
             if lead is not None and (math.prod(lead[1:]) > 1 or lead[0] == walk.singleton_batch):
                 # The terminal: rows of a [B, T, ...] merge (or of [batch, 1, ...]: the samples)
                 batches.add(lead[0])
@@ -642,6 +692,49 @@ def _labels(walk: _LabelWalk, node, index: int, shape: tuple[int, ...]):
             if found is None or found[1] is None or _fit(found[1], 2).shape[1] != 1:
                 return None
             return _valid(_fit(found[1], 2), shape)
+        if name == "BmmBackward0":
+            # out[n, i, j] = sum_k a[n, i, k] b[n, k, j]: the labels of a's rows and b's columns, each
+            # constant along k (an operand made of parameters has none: ``x @ W`` keeps x's rows').
+            labs = []
+            for position, drop in ((0, 2), (1, 1)):
+                child = children[position][0]
+                if child is None:
+                    continue
+                found = child_labels(position)
+                if found is not None and found[1] is not None:
+                    lab = _fit(found[1], 3)
+                    if lab.shape[drop] != 1:
+                        return None
+                    labs.append(lab)
+                elif not _from_parameters(child, budget):
+                    return None
+            if not labs:
+                return None
+            expanded = torch.broadcast_tensors(*labs)
+            if any(not torch.equal(expanded[0], other) for other in expanded[1:]):
+                return None
+            return _valid(expanded[0], shape)
+        if name in _PER_ROW:
+            # Attention over the last two dims: each output matrix is made of the same-indexed
+            # matrices of the operands, whose labels must be constant within each matrix.
+            labs = []
+            for position, (child, _) in enumerate(children):
+                if child is None:
+                    continue
+                found = child_labels(position)
+                if found is not None and found[1] is not None:
+                    lab = _fit(found[1], len(found[0]))
+                    if len(found[0]) != len(shape) or any(s != 1 for s in lab.shape[-2:]):
+                        return None
+                    labs.append(lab)
+                elif not _from_parameters(child, budget):
+                    return None
+            if not labs:
+                return None
+            expanded = torch.broadcast_tensors(*labs)
+            if any(not torch.equal(expanded[0], other) for other in expanded[1:]):
+                return None
+            return _valid(expanded[0], shape)
         along = _signed(int(node._saved_dim)) if name in _ALONG_DIM_NODES else None
         if name not in _ROW_WISE and along is None:
             return None
@@ -654,7 +747,7 @@ def _labels(walk: _LabelWalk, node, index: int, shape: tuple[int, ...]):
                 lab = _fit(found[1], len(shape))
                 if along is not None and lab.shape[along % len(shape)] != 1:
                     return None  # the op moves elements between this operand's samples
-                if name in _NORM_NODES and any(s != 1 for s in lab.shape[1:]):
+                if name in _NORM_NODES and any(s != 1 for s in lab.shape[_normalised_from(node, len(shape)):]):
                     return None  # normalised over elements of several samples
                 labs.append(lab)
             elif not _from_parameters(child, budget):
@@ -667,6 +760,15 @@ def _labels(walk: _LabelWalk, node, index: int, shape: tuple[int, ...]):
         return _valid(expanded[0], shape)
     except (AttributeError, RuntimeError, TypeError, ValueError, IndexError):
         return None  # a node without the saved fields this reads, or labels that do not fit
+
+
+def _normalised_from(node, rank: int) -> int:
+    """The first dim a layer or RMS norm node normalised over (its saved ``normalized_shape``; where
+    that is not saved, every dim after the first)."""
+    try:
+        return rank - len(node._saved_normalized_shape)
+    except (AttributeError, TypeError, RuntimeError):
+        return 1
 
 
 def _signed(dim: int) -> int:
@@ -688,20 +790,38 @@ def _valid(lab: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | N
 
 
 def _reshaped(lab: torch.Tensor, source: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor | None:
-    """Labels of ``x.view(shape)`` from ``lab``, the labels of ``x`` (of ``source``)."""
+    """Labels of ``x.view(shape)`` from ``lab``, the labels of ``x`` (of ``source``).
+
+    The two shapes split into groups of consecutive dims with the same number of elements (a view
+    maps each group of ``source`` onto the matching group of ``shape`` in row-major order); only the
+    groups along which the labels vary are materialised (``[T, B, d]`` viewed ``[T, B * heads,
+    d / heads]`` costs ``B * d`` labels, not ``T * B * d``), and dims along which the result is
+    constant are narrowed back to size 1."""
     lab = _fit(lab, len(source))
-    k = len(source)
-    while k > 0 and lab.shape[k - 1] == 1:
-        k -= 1  # the labels vary along source[:k] only
-    head, j, size = math.prod(source[:k]), 0, 1
-    while j < len(shape) and size < head:
-        size *= shape[j]
-        j += 1
-    if size == head:  # shape[:j] indexes the same blocks of the flat order as source[:k]
-        return lab.expand(*source[:k], *lab.shape[k:]).reshape(*shape[:j], *(1,) * (len(shape) - j))
-    if math.prod(source) <= _MAX_LABEL_ELEMENTS:
-        return lab.expand(source).reshape(shape)
-    return None
+    if 0 in source or math.prod(source) != math.prod(shape):
+        return None
+    groups, i, j = [], 0, 0
+    while i < len(source) or j < len(shape):
+        gi, gj, ns, nt = i, j, 1, 1
+        if i < len(source):
+            ns, i = source[i], i + 1
+        if j < len(shape):
+            nt, j = shape[j], j + 1
+        while ns != nt:
+            if ns < nt:
+                ns, i = ns * source[i], i + 1
+            else:
+                nt, j = nt * shape[j], j + 1
+        groups.append((range(gi, i), range(gj, j)))
+    varying = [any(lab.shape[d] > 1 for d in src) for src, _ in groups]
+    if math.prod(math.prod(source[d] for d in src) for (src, _), v in zip(groups, varying) if v) > _MAX_LABEL_ELEMENTS:
+        return None
+    wide = [source[d] if v else 1 for (src, _), v in zip(groups, varying) for d in src]
+    out = lab.expand(*wide).reshape([shape[d] if v else 1 for (_, dst), v in zip(groups, varying) for d in dst])
+    for d in range(out.dim()):
+        if out.shape[d] > 1 and bool((out == out.narrow(d, 0, 1)).all()):
+            out = out.narrow(d, 0, 1)
+    return out
 
 
 def _moved(node, name: str, index: int, source: tuple[int, ...], lab: torch.Tensor) -> torch.Tensor | None:
