@@ -351,7 +351,11 @@ class GradNormTracker:
             ``[T, B, ...]`` tensor (``output.view(T * B, d)`` before a decoder) are followed through
             ops that map each row to the same row (an activation, dropout, a bias); other merged
             rows are refused. With ``True`` such models are refused where T != B and would be
-            misread where T == B. The layers inside ``nn.Transformer``, ``nn.TransformerEncoder``/
+            misread where T == B. A model that takes ``[B, T]`` inputs and transposes to ``[T, B, ...]``
+            in its own code (fairseq's layout) is read with ``True``: a Linear, LayerNorm, RMSNorm or
+            generic-route module whose input has the batch's size in dim 1 is placed from the
+            autograd graph, back to earlier tracked layers' outputs (``layers.rows.samples_dim``).
+            The layers inside ``nn.Transformer``, ``nn.TransformerEncoder``/
             ``Decoder`` and their layers follow that module's ``batch_first`` over the tracker's
             (the nearest one around a layer wins), so the default ``batch_first=False``
             transformer transposed around inside a ``[B, T]`` model is read as ``[T, B, ...]``
@@ -1842,9 +1846,10 @@ class GradNormTracker:
                     hint = (f" Its input, of shape {list(call.ctx.shape)}, looks sequences first ([T, B, ...]): for a "
                             "model that works on [T, B, ...] tensors and takes them as inputs, create the tracker with "
                             "batch_first=False. A model that takes [B, ...] inputs and works on [T, B, ...] inside (as "
-                            "fairseq's transformer does) is read right inside PyTorch's nn.Transformer* modules only "
-                            "(they declare their layout): elsewhere transpose to [B, T, ...] around the tracked "
-                            "layers (with T equal to B its norms would be wrong, with no error).")
+                            "fairseq's transformer does) is read right inside PyTorch's nn.Transformer* modules (they "
+                            "declare their layout) and where the autograd graph leads from the layer's input back to "
+                            "earlier layers' outputs through ops divebatch follows (transposes, views, elementwise "
+                            "ops, bmm, attention): here it did not; transpose to [B, T, ...] around this layer.")
                 elif call.batch_size > step.batch_size and call.batch_size % step.batch_size == 0:
                     hint = (f" {call.batch_size} = {step.batch_size} x {call.batch_size // step.batch_size}: were "
                             "samples and tokens flattened into rows? Rows are assigned to samples only for a "
