@@ -1591,8 +1591,12 @@ class GradNormTracker:
         elif batch_of_one and isinstance(ctx, torch.Tensor) and isinstance(call.owner.rule, (LinearRule, ConvRule,
                                                                                              RowNormRule)):
             call.ctx = ctx.expand(B, *ctx.shape[1:])  # every sample's input (a view: no copy)
-        elif batch_of_one:  # generic route: inputs without the B samples are shared by all in the replay
-            ctx.in_dims = [d if d is not None and ctx.leaves[i].shape[d] == B else None for i, d in enumerate(ctx.in_dims)]
+        elif batch_of_one:
+            # Generic route: every sample's replay runs on the whole inputs, as the forward did (an
+            # output of one row shared by the samples is no function of one sample's inputs; sliced
+            # per sample, BART's decoder positions, a [T] cache position, were cut to one row where
+            # T == B, refused).
+            ctx.in_dims = [None] * len(ctx.in_dims)
             ctx.batch_size = B
         elif call.unbatched and isinstance(ctx, torch.Tensor):  # a row-wise layer on a shared table
             call.ctx = ctx.unsqueeze(0).expand(B, *ctx.shape)

@@ -717,3 +717,38 @@ def test_an_embedding_subclass_looking_up_its_own_positions_is_refused(T):
     per_sample = lambda idx: model(idx, torch.arange(idx.shape[1]).expand(idx.shape[0], -1))  # noqa: E731
     stats = second_backward_stats(model, token_loss, per_sample, tokens, targets)
     assert rel_err(stats.per_sample, reference_norms(model, token_loss, tokens, targets)[0]) <= 1e-5
+
+
+class CachePositionLookup(nn.Embedding):
+    """BART's and mBART's decoder positions: an Embedding subclass handed a slice of the batch (for
+    its shape) and the 1-D ``cache_position``, which it looks up as ``[1, T]`` rows shared by the
+    samples (offset by 2, as BART's)."""
+
+    def forward(self, x, cache_length=0, position_ids=None):
+        return super().forward(position_ids.unsqueeze(0) + 2)
+
+
+class CachePositions(nn.Module):
+    def __init__(self, vocab=11, dim=4):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(vocab, dim), CachePositionLookup(10, dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, idx):
+        h = self.tokens(idx)
+        return self.head(torch.tanh(h + self.positions(h[:, :, -1], 0, torch.arange(idx.shape[1]))))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("T", [5, 3], ids=["T!=B", "T==B"])
+def test_a_shared_lookup_replayed_on_the_whole_inputs_matches_torch_func(T, fused):
+    """The generic route replays a shared output's module once per sample, with that sample's part
+    of the output grad, on the inputs it had in the forward: where T == B the ``[T]`` positions
+    were sliced per sample as if they were the batch's (refused: BART at T == B)."""
+    torch.manual_seed(0)
+    model = CachePositions()
+    tokens, targets = torch.randint(1, 11, (3, T)), torch.randint(0, 11, (3, T))
+    stats = second_backward_stats(model, token_loss, model, tokens, targets, fused=fused)
+    per_sample, _, batch = reference_norms(model, token_loss, tokens, targets)
+    assert rel_err(stats.per_sample, per_sample) <= 1e-5
+    assert rel_err(stats.batch_grad_sq, batch) <= 1e-5

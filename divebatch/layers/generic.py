@@ -1825,7 +1825,7 @@ class GenericRule(PerSampleGradsRule):
     def _per_sample_grads_looped(module, call, one_sample, batched_leaves, leaf_dims, grads, grad_dims):
         rows, errors = [], []
         with torch.enable_grad(), suspend_capture(), torch.random.fork_rng(devices=[]), _parametrizations_uncached():
-            for b in range(batched_leaves[0].shape[leaf_dims[0]]):  # the samples of this chunk
+            for b in range(grads[0].shape[grad_dims[0]]):  # the samples of this chunk
                 before = torch.get_rng_state() if b == 0 else None
                 row, error = one_sample([x.select(d, b) for x, d in zip(batched_leaves, leaf_dims)],
                                         [g.select(d, b) for g, d in zip(grads, grad_dims)])
