@@ -17,7 +17,7 @@ from torch import nn
 
 from divebatch import GradNormTracker
 
-from .oracle import reference_norms, rel_err
+from .oracle import reference_norms, rel_err, second_backward_stats
 
 RTOL = 1e-5
 VOCAB = 11
@@ -358,6 +358,75 @@ def test_batch_first_model_working_sequences_first_inside_matches_torch_func(att
 def batch_first_token_loss(out, y):
     """``out``: ``[B, T, V]``; ``y``: ``[B, T]`` targets."""
     return F.cross_entropy(out.reshape(-1, VOCAB), y.reshape(-1), reduction="sum")
+
+
+class EitherLayoutAttention(nn.Module):
+    """Self-attention written for the layout it is given: ``[T, B, d]`` as fairseq's (heads folded
+    into the batch dim, ``bmm``), ``[B, T, d]`` as most models (heads split off, ``matmul``)."""
+
+    def __init__(self, d: int = 8, heads: int = 2):
+        super().__init__()
+        self.heads, self.qkv, self.out = heads, nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x, sequences_first: bool):
+        n0, n1, d = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        if sequences_first:
+            q, k, v = (t.contiguous().view(n0, n1 * self.heads, -1).transpose(0, 1) for t in (q, k, v))
+            a = torch.bmm(F.softmax(torch.bmm(q, k.transpose(1, 2)) / 2, dim=-1), v)
+            return self.out(a.transpose(0, 1).contiguous().view(n0, n1, d))
+        q, k, v = (t.view(n0, n1, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        a = F.softmax(q @ k.transpose(-1, -2) / 2, dim=-1) @ v
+        return self.out(a.transpose(1, 2).reshape(n0, n1, d))
+
+
+class RandomLayouts(nn.Module):
+    """Blocks drawn at random over ``[B, T]`` ids, each on the layout the model is in at that point:
+    batch first, or sequences first after an odd number of transposes (a view or a copy)."""
+
+    def __init__(self, blocks: list[str]):
+        super().__init__()
+        self.blocks, self.embed, self.head = blocks, nn.Embedding(VOCAB, 8), nn.Linear(8, VOCAB)
+        make = {"linear": lambda: nn.Linear(8, 8), "norm": lambda: nn.LayerNorm(8), "rms": lambda: nn.RMSNorm(8),
+                "scale": lambda: LayerScale(8), "residual": lambda: nn.Linear(8, 8), "attention": EitherLayoutAttention}
+        self.layers = nn.ModuleList(make[b]() if b in make else nn.Identity() for b in blocks)
+
+    def forward(self, ids):
+        h, sequences_first = self.embed(ids), False
+        for kind, layer in zip(self.blocks, self.layers):
+            if kind in ("transpose", "transposed-copy"):
+                h, sequences_first = h.transpose(0, 1), not sequences_first
+                h = h.contiguous() if kind == "transposed-copy" else h
+            elif kind == "attention":
+                h = h + layer(h, sequences_first)
+            elif kind == "residual":
+                h = h + layer(F.gelu(h))
+            else:
+                h = layer(h)
+        return self.head(h.transpose(0, 1) if sequences_first else h)
+
+
+@settings(max_examples=25, deadline=None)
+@given(blocks=st.lists(st.sampled_from(["linear", "norm", "rms", "scale", "residual", "attention", "transpose",
+                                        "transposed-copy"]), min_size=1, max_size=7),
+       equal=st.booleans(), fused=st.booleans(), seed=st.integers(0, 2**16))
+def test_random_layouts_are_exact_or_refused(blocks, equal, fused, seed):
+    """Whatever the blocks and their layouts, T == B or not: the norms are torch.func's, or the
+    tracker refuses (never wrong with no error)."""
+    from divebatch.layers.base import RuleError
+
+    torch.manual_seed(seed)
+    model = RandomLayouts(blocks)
+    gen = torch.Generator().manual_seed(seed)
+    T = 3 if equal else 4
+    ids, y = torch.randint(0, VOCAB, (3, T), generator=gen), torch.randint(0, VOCAB, (3, T), generator=gen)
+    try:
+        stats = second_backward_stats(model, batch_first_token_loss, model, ids, y, fused=fused)
+    except (ValueError, RuleError):
+        return
+    per_sample, _, batch = reference_norms(model, batch_first_token_loss, ids, y)
+    assert rel_err(stats.per_sample, per_sample) < RTOL
+    assert rel_err(stats.batch_grad_sq, batch) < RTOL
 
 
 def test_sequences_first_inside_through_an_unknown_op_is_refused_with_the_layouts_named():
