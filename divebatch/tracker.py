@@ -34,12 +34,15 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import _fsdp
 from ._norms import SquaredNormSum, squared_distance, squared_norm
 from .layers import GENERIC, LayerRule, RoutePlan, rule_for
-from .layers.generic import (TRANSFORMER_MODULES, DirectUseRecorder, SharedOutputWatcher, SharedOutputWatchers,
+from .layers.attention import MultiheadAttentionRule
+from .layers.recurrent import RecurrentRule
+from .layers.generic import (TRANSFORMER_MODULES, DirectUseRecorder, GenericCall, SharedOutputWatcher, SharedOutputWatchers,
                              declared_batch_first, usable_direct_uses)
 from .layers.rows import (MergedIdsFollower, flattened_samples, merged_sequence_rows, row_samples, samples_dim,
                           sequences_first_view)
@@ -275,6 +278,30 @@ _CPU_BFLOAT16_HINT = (
     "in float32. If nothing uses the parameter outside its module, run the normalisation layers in float32 "
     "(keep their parameters float32, and under autocast `with torch.autocast('cpu', enabled=False):` around "
     "them, on a float32 input).")
+
+
+#: ``_record_samples``' ctx for a fused call's outputs (never a ``PackedSequence``'s: see _fused_call).
+_FUSED_OUTPUTS = object()
+
+
+def _output_sample_dims(owner: _Owner, ctx, n: int) -> list[int | None]:
+    """The dim holding the samples in each of a tracked call's ``n`` output tensors (in ``_tensors``
+    order), where the rule fixes it: dim 0 for row-wise layers, embeddings and convolutions (their
+    inputs viewed samples first), the layout a recurrent layer or ``nn.MultiheadAttention`` declares
+    for its first output (an RNN's ``h_n``/``c_n``: dim 1; attention weights: dim 0), a generic call's
+    own ``out_dims``; None where it does not (a ``PackedSequence``'s rows, rows of samples in another order)."""
+    rule, module = owner.rule, owner.module
+    if rule.rows_independent or isinstance(rule, (EmbeddingRule, ConvRule)):
+        return [0] * n
+    if isinstance(rule, (RecurrentRule, MultiheadAttentionRule)):
+        first = 0 if getattr(module, "batch_first", False) else 1
+        if isinstance(rule, RecurrentRule) and ctx is not _FUSED_OUTPUTS and getattr(ctx, "packed", True) is not None:
+            return [None] * n  # (a PackedSequence's rows are in another order)
+        return [first] + [1 if isinstance(rule, RecurrentRule) else 0] * (n - 1)
+    if (rule is GENERIC and isinstance(ctx, GenericCall) and ctx.input_batch is None and ctx.rows is None
+            and ctx.in_spans is None and len(ctx.out_dims) == n):
+        return list(ctx.out_dims)
+    return [None] * n
 
 
 #: ``row_views``' mark of an input given as ``[B, T, ...]`` for a ``[T, B, ...]`` one (see _sequences_first_view).
@@ -1105,7 +1132,8 @@ class GradNormTracker:
         # (the batch so far, as the hook path keeps it: a later [1, K, d] input is then known shared)
         self._last_batch = batch_size
         out = rule.fused_forward(module, args, kwargs, partial(self._fused_sink, call))
-        self._record_samples(owner, (out,), batch_size)
+        if not (isinstance(out, tuple) and out and isinstance(out[0], PackedSequence)):
+            self._record_samples(owner, _tensors(out), batch_size, _FUSED_OUTPUTS)
         owner.forward_calls += 1
         owner.skip_hooks += 1
         return out
@@ -1333,16 +1361,18 @@ class GradNormTracker:
             self._watch_shared_output(call, leaves[0])
         elif not call.unbatched:
             self._last_batch = batch_size
-            self._record_samples(owner, leaves, batch_size)
+            self._record_samples(owner, leaves, batch_size, ctx)
         return separated
 
-    def _record_samples(self, owner: _Owner, outputs, batch_size: int) -> None:
-        """A call of a layer that keeps samples in dim 0 of its outputs: where later layers' inputs
-        may come from (the terminals of ``_samples_in_dim_1``'s walks)."""
-        if batch_size > 1 and (owner.rule.rows_independent or isinstance(owner.rule, (EmbeddingRule, ConvRule))):
-            for t in outputs:
-                if isinstance(t, torch.Tensor) and t.grad_fn is not None and t.dim() > 1 and t.shape[0] == batch_size:
-                    self._sample_nodes[(id(t.grad_fn), t.output_nr)] = (t.grad_fn, 0, batch_size)
+    def _record_samples(self, owner: _Owner, outputs, batch_size: int, ctx=None) -> None:
+        """A call's outputs, where their sample dim is known (``_output_sample_dims``): where later
+        layers' inputs may come from (the terminals of ``_samples_in_dim_1``'s walks)."""
+        if batch_size <= 1:
+            return
+        for t, dim in zip(outputs, _output_sample_dims(owner, ctx, len(outputs))):
+            if (dim is not None and isinstance(t, torch.Tensor) and t.grad_fn is not None and t.dim() > max(dim, 1)
+                    and t.shape[dim] == batch_size):
+                self._sample_nodes[(id(t.grad_fn), t.output_nr)] = (t.grad_fn, dim, batch_size)
 
     @staticmethod
     def _refuse_unknown_sample_dim(owner: _Owner, args: tuple, kwargs: dict) -> None:
