@@ -381,8 +381,9 @@ class GradNormTracker:
             misread where T == B. A model that takes ``[B, T]`` inputs and transposes to ``[T, B, ...]``
             in its own code (fairseq's layout) is read with ``True``: a Linear, LayerNorm, RMSNorm or
             generic-route module whose input has the batch's size in dim 1 is placed from the
-            autograd graph, back to earlier tracked layers' outputs (``layers.rows.samples_dim``).
-            The layers inside ``nn.Transformer``, ``nn.TransformerEncoder``/
+            autograd graph, back to earlier tracked layers' outputs (``layers.rows.samples_dim``);
+            with ``False``, one whose input the graph proves ``[B, T, ...]`` (a sequence-first LSTM's
+            output transposed back before a head) keeps samples in dim 0. The layers inside ``nn.Transformer``, ``nn.TransformerEncoder``/
             ``Decoder`` and their layers follow that module's ``batch_first`` over the tracker's
             (the nearest one around a layer wins), so the default ``batch_first=False``
             transformer transposed around inside a ``[B, T]`` model is read as ``[T, B, ...]``
@@ -468,7 +469,7 @@ class GradNormTracker:
         self._ids_follower: MergedIdsFollower | None = None
         self._input_batch: int | None = None  # dim 0 of its first input (the samples, as everywhere)
         # This forward's tracked outputs whose samples are in dim 0, {(id(grad_fn), output_nr): (grad_fn,
-        # 0, B)}, the terminals of the walks that place samples in a layer's input (_samples_in_dim_1);
+        # 0, B)}, the terminals of the walks that place samples in a layer's input (_walked_samples_dim);
         # the row-wise layers' calls so far this forward, by owner; and each call's answer, by (owner,
         # call), kept for the plan (a model's layout is its code's).
         self._sample_nodes: dict[tuple[int, int], tuple] = {}
@@ -856,7 +857,10 @@ class GradNormTracker:
         if (not isinstance(x, torch.Tensor) or capture_suspended() or not torch.is_grad_enabled()
                 or _inside_functorch()):
             return None
-        if owner.sequences_first or (x.is_floating_point() and self._samples_in_dim_1(owner, x)):
+        if owner.sequences_first:
+            if not (x.is_floating_point() and self._walked_samples_dim(owner, x, (0,)) == 0):
+                return self._sequences_first_view(owner, x, args)
+        elif x.is_floating_point() and self._walked_samples_dim(owner, x, (1,)) == 1:
             return self._sequences_first_view(owner, x, args)
         if (self._input_batch == 1 and x.dim() > 0 and x.shape[0] > 1 and not _called_from_compiled_code()
                 and (not x.is_floating_point() or (x.grad_fn is not None and not self._follows(x)))):
@@ -883,26 +887,27 @@ class GradNormTracker:
         owner.row_views.append((view, x.shape[0], len(lead), x.shape))
         return (view, *args[1:])
 
-    def _samples_in_dim_1(self, owner: _Owner, x: torch.Tensor) -> bool:
-        """Whether a row-wise layer's input ``[T, B, ...]`` holds the samples in dim 1 in a model
-        tracked batch first: a model that takes ``[B, T]`` inputs and transposes to ``[T, B, ...]``
-        in its own code (fairseq's transformer). Its shape cannot tell where ``T == B`` (the layer
-        would take time steps for samples) and is refused by the batch check where ``T != B``; the
-        autograd graph tells, back to the outputs of this forward's earlier tracked calls
-        (``samples_dim``). Only where dim 1 has the batch's size; each call's answer is kept for
-        the plan, so a step walks the graph only on its first such forward."""
+    def _walked_samples_dim(self, owner: _Owner, x: torch.Tensor, candidates: tuple[int, ...]) -> int | None:
+        """The dim among ``candidates`` that holds the samples of a layer's input, where the autograd
+        graph proves it (``samples_dim``, back to the outputs of this forward's earlier tracked
+        calls); None otherwise. In a model tracked batch first, ``(1,)``: an input ``[T, B, ...]`` of
+        a model that takes ``[B, T]`` inputs and transposes in its own code (fairseq's transformer),
+        which its shape cannot tell from ``[B, T, ...]`` where ``T == B`` (the layer would take time
+        steps for samples) and the batch check refuses where ``T != B``; in one tracked sequences
+        first, ``(0,)``: the reverse. Walked only where a candidate dim has the batch's size; each
+        call's answer is kept for the plan, so a step walks the graph only on its first forward."""
         call = self._row_calls.get(id(owner), 0)
         self._row_calls[id(owner)] = call + 1
         batch, normalised = self._last_batch, (next(iter(owner.tracked.values())).dim()
                                                if isinstance(owner.rule, AffineNormRule) else 1)
-        if (batch <= 1 or x.dim() - normalised < 2 or x.shape[1] != batch or x.grad_fn is None
-                or not self._sample_nodes or _called_from_compiled_code()):
-            return False
-        known = self._layouts.get((id(owner), call))
-        if known is None:
-            known = samples_dim(x, self._sample_nodes, self._shared_nodes()) == 1
-            self._layouts[(id(owner), call)] = known
-        return known
+        if (batch <= 1 or x.dim() - normalised < 2 or all(x.shape[d] != batch for d in candidates)
+                or x.grad_fn is None or not self._sample_nodes or _called_from_compiled_code()):
+            return None
+        key = (id(owner), call)
+        if key not in self._layouts:
+            self._layouts[key] = samples_dim(x, self._sample_nodes, self._shared_nodes())
+        found = self._layouts[key]
+        return found if found in candidates and x.shape[found] == batch else None
 
     def _sequences_first_view(self, owner: _Owner, x: torch.Tensor, args: tuple) -> tuple | None:
         """Under ``batch_first=False``: a Linear, LayerNorm, RMSNorm or Embedding given a ``[T, B, ...]``
@@ -1172,11 +1177,12 @@ class GradNormTracker:
                     parametrize._cache.pop((id(module), name), None)
             inputs = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)] if capturing else []
             first = next((x for x in inputs if x.dim() > 0), None)  # (the rows the experts' products are followed from)
-            # [T, B, ...] inside a model tracked batch first (see _samples_in_dim_1): replayed over dim 1.
-            samples_dim = (1 if first is not None and first.is_floating_point() and not owner.sequences_first
-                           and declared_batch_first(module) is None and not isinstance(module, nn.RNNBase)
-                           and self._samples_in_dim_1(owner, first) else None)
-            if (capturing and owner.rule.batch_dim(module) == 0 and samples_dim is None
+            # [T, B, ...] inside a model tracked batch first, or [B, T, ...] inside one tracked sequences
+            # first, where the graph proves it (see _walked_samples_dim): replayed over that dim.
+            samples_dim = (self._walked_samples_dim(owner, first, (0, 1) if owner.sequences_first else (1,))
+                           if first is not None and first.is_floating_point() and declared_batch_first(module) is None
+                           and not isinstance(module, nn.RNNBase) else None)
+            if (capturing and (owner.rule.batch_dim(module) if samples_dim is None else samples_dim) == 0
                     and not isinstance(module, nn.RNNBase)
                     and (isinstance(module.__dict__.get("forward"), _EagerForward)
                          or not _called_from_compiled_code())):
@@ -1232,7 +1238,7 @@ class GradNormTracker:
         leaves = [t for t in _tensors(output) if t.requires_grad]
         if not leaves:  # e.g. frozen layer on a no-grad input: nothing will flow back
             return None
-        if owner.sequences_first:
+        if owner.sequences_first and samples_dim is None:
             self._refuse_unknown_sample_dim(owner, args, kwargs)
         separated = None
         if owner.rule is GENERIC and len(leaves) > 1:
@@ -1272,7 +1278,7 @@ class GradNormTracker:
             # No batched input, every output computed from the parameters alone (Swin's bias table):
             # the outputs' per-sample grads (from their watcher) are taken back through that computation.
             ctx.computed_outputs = recorder.computed_outputs(leaves)
-        if owner.rule is GENERIC and samples_dim is None:
+        if owner.rule is GENERIC and not samples_dim:
             ctx = self._generic_rows(ctx, args, kwargs)
         batch_size = owner.rule.batch_size(module, ctx)
         if isinstance(ctx, EmbeddingBagCall) and args and self._model_inputs and args[0] is self._model_inputs[0]:
@@ -1366,7 +1372,7 @@ class GradNormTracker:
 
     def _record_samples(self, owner: _Owner, outputs, batch_size: int, ctx=None) -> None:
         """A call's outputs, where their sample dim is known (``_output_sample_dims``): where later
-        layers' inputs may come from (the terminals of ``_samples_in_dim_1``'s walks)."""
+        layers' inputs may come from (the terminals of ``_walked_samples_dim``'s walks)."""
         if batch_size <= 1:
             return
         for t, dim in zip(outputs, _output_sample_dims(owner, ctx, len(outputs))):

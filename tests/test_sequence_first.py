@@ -381,12 +381,14 @@ class EitherLayoutAttention(nn.Module):
 
 
 class RandomLayouts(nn.Module):
-    """Blocks drawn at random over ``[B, T]`` ids, each on the layout the model is in at that point:
-    batch first, or sequences first after an odd number of transposes (a view or a copy)."""
+    """Blocks drawn at random over ``[B, T]`` ids (or, ``sequences_first``, ``[T, B]`` ones), each on
+    the layout the model is in at that point: the input's, or the other after an odd number of
+    transposes (a view or a copy); ``[B, T, V]`` logits."""
 
-    def __init__(self, blocks: list[str]):
+    def __init__(self, blocks: list[str], sequences_first: bool = False):
         super().__init__()
-        self.blocks, self.embed, self.head = blocks, nn.Embedding(VOCAB, 8), nn.Linear(8, VOCAB)
+        self.sequences_first, self.blocks = sequences_first, blocks
+        self.embed, self.head = nn.Embedding(VOCAB, 8), nn.Linear(8, VOCAB)
         make = {"linear": lambda: nn.Linear(8, 8), "norm": lambda: nn.LayerNorm(8), "rms": lambda: nn.RMSNorm(8),
                 "scale": lambda: LayerScale(8), "residual": lambda: nn.Linear(8, 8), "attention": EitherLayoutAttention,
                 # (PyTorch's, built for each layout: the forward calls the one for the layout it is in)
@@ -395,7 +397,7 @@ class RandomLayouts(nn.Module):
         self.layers = nn.ModuleList(make[b]() if b in make else nn.Identity() for b in blocks)
 
     def forward(self, ids):
-        h, sequences_first = self.embed(ids), False
+        h, sequences_first = self.embed(ids), self.sequences_first
         for kind, layer in zip(self.blocks, self.layers):
             if kind in ("transpose", "transposed-copy"):
                 h, sequences_first = h.transpose(0, 1), not sequences_first
@@ -416,22 +418,27 @@ class RandomLayouts(nn.Module):
 @settings(max_examples=25, deadline=None)
 @given(blocks=st.lists(st.sampled_from(["linear", "norm", "rms", "scale", "residual", "attention", "lstm", "mha",
                                         "transpose", "transposed-copy"]), min_size=1, max_size=7),
-       equal=st.booleans(), fused=st.booleans(), seed=st.integers(0, 2**16))
-def test_random_layouts_are_exact_or_refused(blocks, equal, fused, seed):
-    """Whatever the blocks and their layouts, T == B or not: the norms are torch.func's, or the
+       equal=st.booleans(), fused=st.booleans(), outside_first=st.sampled_from(["batch", "sequences"]),
+       seed=st.integers(0, 2**16))
+def test_random_layouts_are_exact_or_refused(blocks, equal, fused, outside_first, seed):
+    """Whatever the blocks and their layouts, T == B or not, the model's input batch first (tracked
+    so) or sequences first (tracked ``batch_first=False``): the norms are torch.func's, or the
     tracker refuses (never wrong with no error)."""
     from divebatch.layers.base import RuleError
 
     torch.manual_seed(seed)
-    model = RandomLayouts(blocks)
+    sequences_first = outside_first == "sequences"
+    model = RandomLayouts(blocks, sequences_first)
     gen = torch.Generator().manual_seed(seed)
     T = 3 if equal else 4
     ids, y = torch.randint(0, VOCAB, (3, T), generator=gen), torch.randint(0, VOCAB, (3, T), generator=gen)
+    ids = ids.t().contiguous() if sequences_first else ids
     try:
-        stats = second_backward_stats(model, batch_first_token_loss, model, ids, y, fused=fused)
+        stats = second_backward_stats(model, batch_first_token_loss, model, ids, y, fused=fused,
+                                      batch_first=not sequences_first)
     except (ValueError, RuleError):
         return
-    per_sample, _, batch = reference_norms(model, batch_first_token_loss, ids, y)
+    per_sample, _, batch = reference_norms(model, batch_first_token_loss, ids, y, batch_dim=int(sequences_first))
     assert rel_err(stats.per_sample, per_sample) < RTOL
     assert rel_err(stats.batch_grad_sq, batch) < RTOL
 
@@ -468,6 +475,32 @@ def test_layers_after_a_sequence_first_pytorch_layer_match_each_samples_backward
     stats = second_backward_stats(model, batch_first_token_loss, model, ids, y, fused=fused)
     reference = each_sample_backward(model, batch_first_token_loss, model, ids, y)
     assert rel_err(stats.per_sample, reference) < RTOL
+
+
+class BackToBatchFirst(nn.Module):
+    """A sequence-first model (``[T, B]`` ids, an LSTM with PyTorch's default layout) that transposes
+    back to ``[B, T, d]`` for its norm and head, as many training scripts do before the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.rnn = nn.Embedding(VOCAB, 8), nn.LSTM(8, 8)
+        self.norm, self.head = nn.LayerNorm(8), nn.Linear(8, VOCAB)
+
+    def forward(self, ids):
+        return self.head(self.norm(self.rnn(self.embed(ids))[0].transpose(0, 1)))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("T", [3, 4], ids=["T==B", "T!=B"])
+def test_sequence_first_model_back_to_batch_first_before_its_head(T, fused):
+    """Tracked ``batch_first=False``: the norm and head, given ``[B, T, d]``, are placed from the graph
+    (samples in dim 0). Before, T == B read their inputs as ``[T, B, d]`` (wrong, no error) and
+    T != B was refused."""
+    torch.manual_seed(0)
+    model = BackToBatchFirst()
+    gen = torch.Generator().manual_seed(1)
+    ids, y = torch.randint(0, VOCAB, (T, 3), generator=gen), torch.randint(0, VOCAB, (3, T), generator=gen)
+    check(model, ids, y, batch_first_token_loss, fused, batch_dim=1, batch_first=False)
 
 
 def test_sequences_first_inside_through_an_unknown_op_is_refused_with_the_layouts_named():
@@ -584,28 +617,42 @@ def test_a_transformer_layer_with_parameters_of_its_own_matches_torch_func(T, st
     check(model, x, y, class_loss, batch_dim=0, batch_first=True)
 
 
-def test_module_without_layout_inside_a_transformer_is_refused():
+class Gain(nn.Module):
+    """A gain of its own (the generic route), with no ``batch_first``."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, h):
+        return h * self.gain
+
+
+class Flip(nn.Module):
+    """The features reversed (``torch.flip``: an op the graph walk does not follow)."""
+
+    def forward(self, h):
+        return torch.flip(h, dims=(-1,))
+
+
+@pytest.mark.parametrize("T", [3, 5], ids=["T==B", "T!=B"])
+def test_module_without_layout_inside_a_transformer(T):
     """A module of the generic route (its own parameter) given a sequence inside a transformer built
-    ``batch_first=False`` reads samples from dim 0 unless it declares its own layout: refused,
-    naming the attribute to set; exact once set."""
-
-    class Gain(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.gain = nn.Parameter(torch.rand(8) + 0.5)
-
-        def forward(self, h):
-            return h * self.gain
-
+    ``batch_first=False``: placed from the autograd graph (its input comes from the attention's
+    output projection); where the graph does not tell (an op the walk does not follow), refused,
+    naming the attribute to set, and exact once set."""
     torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(3, T, 4, generator=gen), torch.randint(0, 3, (3,), generator=gen)
     model = TransposedAround("encoder")
     for layer in model.body.layers:
         layer.dropout1 = Gain()  # (called on the attention's output)
-    gen = torch.Generator().manual_seed(1)
-    x, y = torch.randn(3, 3, 4, generator=gen), torch.randint(0, 3, (3,), generator=gen)
+    check(model, x, y, class_loss, batch_dim=0, batch_first=True)
+    for layer in model.body.layers:
+        layer.dropout1 = nn.Sequential(Flip(), Gain())
     with GradNormTracker(model, "sum"):
-        with pytest.raises(ValueError, match=r"'body\.layers\.0\.dropout1' \(Gain\).*`module\.batch_first = False`"):
+        with pytest.raises(ValueError, match=r"'body\.layers\.0\.dropout1\.1' \(Gain\).*`module\.batch_first = False`"):
             model(x)
     for layer in model.body.layers:
-        layer.dropout1.batch_first = False
+        layer.dropout1[1].batch_first = False
     check(model, x, y, class_loss, batch_dim=0, batch_first=True)
