@@ -18,6 +18,11 @@ summed token loss over the same logits, seeded alike), which holds for any rando
 
     python bench/hf_coverage.py --padded --dropout 0.1 --out bench/results/hf_coverage_padded.md
 
+``--square`` runs the default check on 4 sequences of 4 tokens: there no layer's input shape tells
+``[B, T, d]`` from ``[T, B, d]`` (Longformer's attention transposes to the latter in its own code).
+
+    python bench/hf_coverage.py --square --out bench/results/hf_coverage_square.md
+
 ``--vision`` checks image classifiers (``AutoModelForImageClassification``, 3 images of 32x32,
 the model's own ``labels=`` loss, dropout and stochastic depth at ``--dropout``) the same way; their BatchNorm layers run
 in eval mode, where a sample's gradient is defined (in training mode divebatch gives the batch
@@ -82,7 +87,7 @@ CAUSAL = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi"
           "flex_olmo", "hunyuan_v1_moe", "llama4_text", "jetmoe", "afmoe", "cohere2_moe", "granitemoeshared",
           "granitemoe_swa", "minimax_m2", "sarvam_moe", "solar_open", "glm4_moe_lite"]
 MASKED = ["bert", "roberta", "distilbert", "albert", "electra", "mobilebert", "modernbert", "xlm-roberta", "roformer",
-          "deberta-v2", "deberta", "mpnet", "xlm"]
+          "deberta-v2", "deberta", "mpnet", "xlm", "longformer"]
 SEQ2SEQ = ["t5", "bart", "mbart", "pegasus", "marian"]
 
 
@@ -102,7 +107,9 @@ EXTRA = {"deepseek_v2": {**_DEEPSEEK, **_LATENT}, "deepseek_v3": {**_DEEPSEEK, *
                             norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type=["p2c", "c2p"],
                             position_biased_input=False),
          "deberta": dict(relative_attention=True, max_relative_positions=-1, pos_att_type=["p2c", "c2p"],
-                         position_biased_input=False)}
+                         position_biased_input=False),
+         # (Its attention works on [T, B, d] in its own code; windows of 4 tokens.)
+         "longformer": dict(attention_window=[4, 4])}
 
 
 def tiny_model(name: str) -> nn.Module:
@@ -144,11 +151,15 @@ def built(name: str):
         return None, {"arch": name, "result": "not built", "detail": f"{type(err).__name__}: {str(err)[:120]}"}
 
 
+#: (sequences, tokens) of the default check's batch; ``--square``: as many tokens as sequences.
+SHAPE = (3, 8)
+
+
 def check(name: str) -> dict:
     net, row = built(name)
     if net is None:
         return row
-    tokens, targets = torch.randint(3, 97, (3, 8)), torch.randint(3, 97, (3, 8))
+    tokens, targets = torch.randint(3, 97, SHAPE), torch.randint(3, 97, SHAPE)
     modes = ["seq2seq"] if name in SEQ2SEQ else ["positions", "default"]
     row = {}
     for mode in modes:
@@ -370,7 +381,14 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="the tracked forward through torch.compile (not with --vision or --choices)")
     parser.add_argument("--compile-backend", default="aot_eager", help="torch.compile's backend (default aot_eager)")
+    parser.add_argument("--square", action="store_true",
+                        help="the default check on 4 sequences of 4 tokens: where no layer's input shape tells "
+                             "[B, T, d] from [T, B, d]")
     args = parser.parse_args()
+    if args.square and (args.padded or args.vision or args.choices):
+        parser.error("--square is for the default check")
+    global SHAPE
+    SHAPE = (4, 4) if args.square else SHAPE
     if args.compile and (args.vision or args.choices):
         parser.error("--compile is for the default and --padded checks")
     global COMPILE
@@ -388,6 +406,7 @@ def main() -> None:
         TINY[key] = args.dropout
     setting = "; CPU autocast to bfloat16" if args.autocast else ""
     setting += f"; tracked forward through torch.compile (backend {COMPILE})" if args.compile else ""
+    setting += "; 4 sequences of 4 tokens (T = B)" if args.square else ""
     setting += (f"; padded batch, the model's own loss, dropout {args.dropout}" if args.padded else
                f"; image classifiers, the model's own loss, dropout {args.dropout}" if args.vision else
                f"; multiple-choice heads, the model's own loss, dropout {args.dropout}" if args.choices else "")

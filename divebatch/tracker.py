@@ -1373,8 +1373,9 @@ class GradNormTracker:
     def _record_samples(self, owner: _Owner, outputs, batch_size: int, ctx=None) -> None:
         """A call's outputs, where their sample dim is known (``_output_sample_dims``): where later
         layers' inputs may come from (the terminals of ``_walked_samples_dim``'s walks)."""
-        if batch_size <= 1:
-            return
+        if batch_size <= 1 or not self._model_inputs:
+            return  # (only within the tracked model's forward, whose end drops them: a submodule called
+            # on its own, outside it, must not keep its graph alive)
         for t, dim in zip(outputs, _output_sample_dims(owner, ctx, len(outputs))):
             if (dim is not None and isinstance(t, torch.Tensor) and t.grad_fn is not None and t.dim() > max(dim, 1)
                     and t.shape[dim] == batch_size):
