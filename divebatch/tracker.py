@@ -969,14 +969,22 @@ class GradNormTracker:
             return self._ids_follower.rows(ids)
         return self._merged_input_rows(ids)
 
-    def _refuse_own_position_lookup(self, owner: _Owner, ctx, batch_size: int) -> None:
-        """An ``nn.Embedding`` subclass whose own forward is given 1-D ids that are not the model's
-        input (Blenderbot's decoder passes ``arange(T)`` to its positions): its ``[T, d]`` output is
-        broadcast over the batch, which is followed for an ``nn.Embedding``'s own forward only, and
-        where T equals the batch its rows were taken for the samples' (5% off, no error). Refused."""
+    def _refuse_own_position_lookup(self, owner: _Owner, ctx, batch_size: int, recorder=None) -> None:
+        """An ``nn.Embedding`` subclass whose own forward is given, or makes and looks up, 1-D ids that
+        are not the model's input (Blenderbot's decoder passes ``arange(T)`` to its positions;
+        BigBirdPegasus' makes it from the input's shape): its ``[T, d]`` output is broadcast over
+        the batch, which is followed for an ``nn.Embedding``'s own forward only, and where T equals
+        the batch its rows were taken for the samples' (5% and 0.9% off, no error). Refused."""
+        if not (self._model_inputs and self._last_batch > 1 and batch_size > 1):
+            return
         batched = [x for x, d in zip(ctx.leaves, ctx.in_dims) if d is not None and isinstance(x, torch.Tensor)]
-        if not (batched and self._model_inputs and self._last_batch > 1 and batch_size > 1
-                and all(x.dim() == 1 and not x.is_floating_point() and not self._reads_model_input(x) for x in batched)):
+        looked_up = [use.other[0] for use in (recorder.uses or []) if use.kind == "embedding"] if recorder else []
+
+        def positions(ids):
+            return ids.dim() == 1 and not ids.is_floating_point() and not self._reads_model_input(ids)
+
+        if not ((batched and all(map(positions, batched)))
+                or any(positions(ids) and ids.shape[0] == batch_size for ids in looked_up)):
             return
         raise ValueError(
             f"module '{owner.name}' ({type(owner.module).__name__}) looks up {batch_size} ids that are not the "
@@ -1288,7 +1296,7 @@ class GradNormTracker:
             raise ValueError(f"module '{owner.name}' ({type(module).__name__}) got an empty batch (0 samples); "
                              "skip empty batches before the forward pass")
         if owner.rule is GENERIC and isinstance(module, nn.Embedding) and self.batch_first:
-            self._refuse_own_position_lookup(owner, ctx, batch_size)
+            self._refuse_own_position_lookup(owner, ctx, batch_size, recorder)
         samples = getattr(ctx, "input_samples", None)
         if recorder is not None and samples is not None:
             # The first input's rows are samples' rows in another order (Llama 4's experts get every
