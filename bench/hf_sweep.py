@@ -75,12 +75,15 @@ def check_one(model_type: str, mapping: str, batch: int, length: int) -> dict:
         for key in list(vars(config)):
             if "dropout" in key or key.endswith("_pdrop"):
                 setattr(config, key, 0.0)
+        auto = getattr(transformers, AUTO[mapping])
+        with torch.device("meta"):  # (counted before it is built: parts the shrink misses may be large)
+            size = sum(p.numel() for p in auto.from_config(config).parameters())
+        if size > MAX_PARAMETERS:
+            return {"result": "skipped", "detail": f"over 3M parameters ({size / 1e6:.0f}M)"}
         torch.manual_seed(0)
-        net = getattr(transformers, AUTO[mapping]).from_config(config).train()
+        net = auto.from_config(config).train()
     except Exception as err:  # noqa: BLE001 - a config the shrink cannot build
         return {"result": "skipped", "detail": f"not built: {type(err).__name__}: {str(err)[:100]}"}
-    if sum(p.numel() for p in net.parameters()) > MAX_PARAMETERS:
-        return {"result": "skipped", "detail": "over 3M parameters"}
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 97, (batch, length), generator=gen)
     if mapping == "seq-cls":
@@ -119,7 +122,9 @@ def run_one(model_type: str, args) -> dict:
         return {"type": model_type, "result": "timeout", "detail": f"over {args.timeout} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
-        return {"type": model_type, "result": "crashed", "detail": (done.stderr.strip().splitlines() or ["?"])[-1][:160]}
+        detail = (f"killed by signal {-done.returncode} (9: out of memory?)" if done.returncode < 0 else
+                  (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1][:160])
+        return {"type": model_type, "result": "crashed", "detail": detail}
     row = json.loads(lines[-1])
     row["type"], row["seconds"] = model_type, round(time.monotonic() - start, 1)
     return row

@@ -42,8 +42,8 @@ from ._norms import SquaredNormSum, squared_distance, squared_norm
 from .layers import GENERIC, LayerRule, RoutePlan, rule_for
 from .layers.attention import MultiheadAttentionRule
 from .layers.recurrent import RecurrentRule
-from .layers.generic import (TRANSFORMER_MODULES, DirectUseRecorder, GenericCall, SharedOutputWatcher, SharedOutputWatchers,
-                             declared_batch_first, usable_direct_uses)
+from .layers.generic import (TRANSFORMER_MODULES, DirectUseRecorder, GenericCall, SharedOutputWatcher,
+                             SharedOutputWatchers, declared_batch_first, usable_direct_uses)
 from .layers.rows import (MergedIdsFollower, flattened_samples, merged_sequence_rows, row_samples, samples_dim,
                           sequences_first_view)
 from .layers.base import capture_suspended
@@ -374,16 +374,18 @@ class GradNormTracker:
             ``EmbeddingBag`` (always ``[B, C, ...]``); ``nn.MultiheadAttention`` and the RNNs follow
             their own ``batch_first``. Any other module with parameters given a tensor with a
             sequence dim must say where its samples are with a ``batch_first`` attribute, or it is
-            refused: its rule could not tell ``[T, B, d]`` from ``[B, C, L]``. Rows merged from a
+            refused where the autograd graph does not tell (below): its rule could not tell
+            ``[T, B, d]`` from ``[B, C, L]``. Rows merged from a
             ``[T, B, ...]`` tensor (``output.view(T * B, d)`` before a decoder) are followed through
             ops that map each row to the same row (an activation, dropout, a bias); other merged
             rows are refused. With ``True`` such models are refused where T != B and would be
-            misread where T == B. A model that takes ``[B, T]`` inputs and transposes to ``[T, B, ...]``
-            in its own code (fairseq's layout) is read with ``True``: a Linear, LayerNorm, RMSNorm or
-            generic-route module whose input has the batch's size in dim 1 is placed from the
-            autograd graph, back to earlier tracked layers' outputs (``layers.rows.samples_dim``);
-            with ``False``, one whose input the graph proves ``[B, T, ...]`` (a sequence-first LSTM's
-            output transposed back before a head) keeps samples in dim 0. The layers inside ``nn.Transformer``, ``nn.TransformerEncoder``/
+            misread where T == B. A model that takes ``[B, T]`` inputs and transposes to
+            ``[T, B, ...]`` in its own code (fairseq's layout) is read with ``True``: a Linear,
+            LayerNorm, RMSNorm or generic-route module whose input has the batch's size in dim 1 is
+            placed from the autograd graph, back to earlier tracked layers' outputs
+            (``layers.rows.samples_dim``); with ``False``, one whose input the graph proves
+            ``[B, T, ...]`` (a sequence-first LSTM's output transposed back before a head) keeps
+            samples in dim 0. The layers inside ``nn.Transformer``, ``nn.TransformerEncoder``/
             ``Decoder`` and their layers follow that module's ``batch_first`` over the tracker's
             (the nearest one around a layer wins), so the default ``batch_first=False``
             transformer transposed around inside a ``[B, T]`` model is read as ``[T, B, ...]``
@@ -468,13 +470,13 @@ class GradNormTracker:
         # Integer tensors computed row by row from multiple-choice ids, while the forward runs (_input_rows).
         self._ids_follower: MergedIdsFollower | None = None
         self._input_batch: int | None = None  # dim 0 of its first input (the samples, as everywhere)
-        # This forward's tracked outputs whose samples are in dim 0, {(id(grad_fn), output_nr): (grad_fn,
-        # 0, B)}, the terminals of the walks that place samples in a layer's input (_walked_samples_dim);
-        # the row-wise layers' calls so far this forward, by owner; and each call's answer, by (owner,
-        # call), kept for the plan (a model's layout is its code's).
+        # This forward's tracked outputs whose sample dim is known, {(id(grad_fn), output_nr): (grad_fn,
+        # dim, B)}, the terminals of the walks that place samples in a layer's input (_walked_samples_dim);
+        # the calls so far this forward that asked, by owner; and each call's answer (the dim, or None),
+        # by (owner, call), kept for the plan (a model's layout is its code's).
         self._sample_nodes: dict[tuple[int, int], tuple] = {}
         self._row_calls: dict[int, int] = {}
-        self._layouts: dict[tuple[int, int], bool] = {}
+        self._layouts: dict[tuple[int, int], int | None] = {}
         self._closed = False
         self._enabled = False
         self.enabled = enabled
