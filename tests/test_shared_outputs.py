@@ -728,15 +728,17 @@ class CachePositionLookup(nn.Embedding):
         return super().forward(position_ids.unsqueeze(0) + 2)
 
 
-class CachePositions(nn.Module):
-    def __init__(self, vocab=11, dim=4):
+class WithPositions(nn.Module):
+    """Tokens plus a positions module of its own kind, called as ``call(positions, ids, tokens)``."""
+
+    def __init__(self, positions: nn.Embedding, call, vocab=11, dim=4):
         super().__init__()
-        self.tokens, self.positions = nn.Embedding(vocab, dim), CachePositionLookup(10, dim)
+        self.tokens, self.positions, self.call = nn.Embedding(vocab, dim), positions, call
         self.head = nn.Linear(dim, vocab)
 
     def forward(self, idx):
         h = self.tokens(idx)
-        return self.head(torch.tanh(h + self.positions(h[:, :, -1], 0, torch.arange(idx.shape[1]))))
+        return self.head(torch.tanh(h + self.call(self.positions, idx, h)))
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
@@ -746,7 +748,8 @@ def test_a_shared_lookup_replayed_on_the_whole_inputs_matches_torch_func(T, fuse
     of the output grad, on the inputs it had in the forward: where T == B the ``[T]`` positions
     were sliced per sample as if they were the batch's (refused: BART at T == B)."""
     torch.manual_seed(0)
-    model = CachePositions()
+    model = WithPositions(CachePositionLookup(10, 4), lambda positions, idx, h: positions(
+        h[:, :, -1], 0, torch.arange(idx.shape[1])))
     tokens, targets = torch.randint(1, 11, (3, T)), torch.randint(0, 11, (3, T))
     stats = second_backward_stats(model, token_loss, model, tokens, targets, fused=fused)
     per_sample, _, batch = reference_norms(model, token_loss, tokens, targets)
@@ -762,22 +765,12 @@ class PositionsFromShape(nn.Embedding):
         return super().forward(torch.arange(ids.shape[1]))
 
 
-class OwnPositionsFromShape(nn.Module):
-    def __init__(self, vocab=11, dim=4):
-        super().__init__()
-        self.tokens, self.positions = nn.Embedding(vocab, dim), PositionsFromShape(8, dim)
-        self.head = nn.Linear(dim, vocab)
-
-    def forward(self, idx):
-        return self.head(torch.tanh(self.tokens(idx) + self.positions(idx)))
-
-
 @pytest.mark.parametrize("T", [5, 3], ids=["T!=B", "T==B"])
 def test_an_embedding_subclass_making_its_own_positions_is_refused(T):
     """Its lookup reads only the input's shape; where T == B its rows were read as the samples'
     (BigBirdPegasus 0.9% off, no error), where T != B the batch check refused it without saying why."""
     torch.manual_seed(0)
-    model = OwnPositionsFromShape()
+    model = WithPositions(PositionsFromShape(8, 4), lambda positions, idx, h: positions(idx))
     tokens, targets = torch.randint(1, 11, (3, T)), torch.randint(0, 11, (3, T))
     assert_refused(model, token_loss, tokens, targets, r"'positions' \(PositionsFromShape\) looks up .* not the "
                                                        r"model's input .*position_ids=torch.arange\(T\).expand\(B, T\)")

@@ -695,46 +695,13 @@ def _labels(walk: _LabelWalk, node, index: int, shape: tuple[int, ...]):
         if name == "BmmBackward0":
             # out[n, i, j] = sum_k a[n, i, k] b[n, k, j]: the labels of a's rows and b's columns, each
             # constant along k (an operand made of parameters has none: ``x @ W`` keeps x's rows').
-            labs = []
-            for position, drop in ((0, 2), (1, 1)):
-                child = children[position][0]
-                if child is None:
-                    continue
-                found = child_labels(position)
-                if found is not None and found[1] is not None:
-                    lab = _fit(found[1], 3)
-                    if lab.shape[drop] != 1:
-                        return None
-                    labs.append(lab)
-                elif not _from_parameters(child, budget):
-                    return None
-            if not labs:
-                return None
-            expanded = torch.broadcast_tensors(*labs)
-            if any(not torch.equal(expanded[0], other) for other in expanded[1:]):
-                return None
-            return _valid(expanded[0], shape)
+            return _agreed(_operand_labels(children, child_labels, budget, lambda position, rank: (2 - position,)),
+                           shape)
         if name in _PER_ROW:
             # Attention over the last two dims: each output matrix is made of the same-indexed
             # matrices of the operands, whose labels must be constant within each matrix.
-            labs = []
-            for position, (child, _) in enumerate(children):
-                if child is None:
-                    continue
-                found = child_labels(position)
-                if found is not None and found[1] is not None:
-                    lab = _fit(found[1], len(found[0]))
-                    if len(found[0]) != len(shape) or any(s != 1 for s in lab.shape[-2:]):
-                        return None
-                    labs.append(lab)
-                elif not _from_parameters(child, budget):
-                    return None
-            if not labs:
-                return None
-            expanded = torch.broadcast_tensors(*labs)
-            if any(not torch.equal(expanded[0], other) for other in expanded[1:]):
-                return None
-            return _valid(expanded[0], shape)
+            return _agreed(_operand_labels(children, child_labels, budget, lambda position, rank: (rank - 2, rank - 1)),
+                           shape)
         along = _signed(int(node._saved_dim)) if name in _ALONG_DIM_NODES else None
         if name not in _ROW_WISE and along is None:
             return None
@@ -752,14 +719,39 @@ def _labels(walk: _LabelWalk, node, index: int, shape: tuple[int, ...]):
                 labs.append(lab)
             elif not _from_parameters(child, budget):
                 return None  # e.g. a statistic over all rows (``rows - rows.mean(0)``)
-        if not labs:
-            return None
-        expanded = torch.broadcast_tensors(*labs)
-        if any(not torch.equal(expanded[0], other) for other in expanded[1:]):
-            return None  # operands of different samples meet elementwise
-        return _valid(expanded[0], shape)
+        return _agreed(labs, shape)  # (not where operands of different samples meet elementwise)
     except (AttributeError, RuntimeError, TypeError, ValueError, IndexError):
         return None  # a node without the saved fields this reads, or labels that do not fit
+
+
+def _operand_labels(children, child_labels, budget: list[int], constant) -> list[torch.Tensor] | None:
+    """The labels of each operand of a product that carries a gradient, each constant along the dims
+    ``constant(position, rank)`` names (those the product sums over); an operand without labels
+    must be made of parameters. None where either fails."""
+    labs = []
+    for position, (child, _) in enumerate(children):
+        if child is None:
+            continue
+        found = child_labels(position)
+        if found is not None and found[1] is not None:
+            lab = _fit(found[1], len(found[0]))
+            if any(lab.shape[d] != 1 for d in constant(position, len(found[0]))):
+                return None
+            labs.append(lab)
+        elif not _from_parameters(child, budget):
+            return None
+    return labs
+
+
+def _agreed(labs: list[torch.Tensor] | None, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """The labels ``labs`` (at least one) give alike once broadcast, fit to ``shape``; else None
+    (operands of different samples meet)."""
+    if not labs:
+        return None
+    expanded = torch.broadcast_tensors(*labs)
+    if any(not torch.equal(expanded[0], other) for other in expanded[1:]):
+        return None
+    return _valid(expanded[0], shape)
 
 
 def _normalised_from(node, rank: int) -> int:
