@@ -154,7 +154,8 @@ def main() -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         for row in pool.map(lambda t: run_one(t, args), types):
             counts[row["result"]] = counts.get(row["result"], 0) + 1
-            line = f"| {row['type']} | {row['result']} | {row['detail'].replace('|', '/')} |"
+            detail = " ".join(row["detail"].replace("|", "/").split())
+            line = f"| {row['type']} | {row['result']} | {detail} |"
             print(line, flush=True)
             lines.append(line)
     summary = ", ".join(f"{n} {result}" for result, n in sorted(counts.items()))
