@@ -503,6 +503,44 @@ def test_sequence_first_model_back_to_batch_first_before_its_head(T, fused):
     check(model, ids, y, batch_first_token_loss, fused, batch_dim=1, batch_first=False)
 
 
+class GlobalTokens(nn.Module):
+    """Longformer's global attention, sequences first inside a batch-first model: the hidden states'
+    global tokens (where the ids are 1), gathered per sample as ``h[(t, b)]`` and written into
+    ``zeros(G, B, d)`` at ``(j, b)``, projected by a Linear of their own; every token is a key."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.query_global, self.key = nn.Embedding(VOCAB, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        h = self.embed(ids).transpose(0, 1)  # [T, B, d]
+        is_global = ids == 1
+        count = is_global.sum(1)
+        where = is_global.nonzero(as_tuple=True)  # (b, t)
+        local = (torch.arange(int(count.max())) < count.unsqueeze(-1)).nonzero(as_tuple=True)  # (b, j)
+        gathered = h.new_zeros(int(count.max()), ids.shape[0], 8)
+        gathered[local[::-1]] = h[where[::-1]]
+        queries, keys = self.query_global(gathered), self.key(h)  # [G, B, d], [T, B, d]
+        scores = torch.einsum("gbd,tbd->bgt", queries, keys).softmax(-1)
+        return self.head(torch.einsum("bgt,tbd->bd", scores, keys))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("T", [3, 5], ids=["T==B", "T!=B"])
+def test_global_tokens_gathered_sequences_first_match_torch_func(T, fused):
+    """The gathered global tokens' Linear is placed from the graph through the gather and the write
+    into zeros (Longformer's sequence classifier, refused before at T = B and T != B alike)."""
+    torch.manual_seed(0)
+    model = GlobalTokens()
+    gen = torch.Generator().manual_seed(1)
+    ids, y = torch.randint(2, VOCAB, (3, T), generator=gen), torch.randint(0, 3, (3,), generator=gen)
+    ids[:, 0] = 1  # (two global tokens in every sample, at different places: samples padded to the
+    ids[:, 2] = 1  # most would meet the padding's bias, which Longformer masks and this model does not)
+    ids[1, 2], ids[1, 1] = 5, 1
+    check(model, ids, y, class_loss, fused, batch_dim=0, batch_first=True)
+
+
 def test_sequences_first_inside_through_an_unknown_op_is_refused_with_the_layouts_named():
     """Where the graph does not tell (an op the walk does not follow between the transpose and the
     layer: ``torch.flip``), the layer keeps dim 0: with T != B the batch check refuses it, its hint

@@ -657,6 +657,35 @@ def _labels(walk: _LabelWalk, node, index: int, shape: tuple[int, ...]):
                 return _valid(lab.view(-1, *(1,) * (len(shape) - 1)), shape)
             found = child_labels(0)
             return None if found is None or found[1] is None else _valid(_reshaped(found[1], source, shape), shape)
+        if name == "IndexPutBackward0":
+            # ``out[i0, i1, ...] = values`` (Longformer's global tokens gathered per sample into
+            # ``zeros(G, B, d)``): each written row gets its value's labels, the rest keeps the base's.
+            leading = _leading_indices(node._saved_indices, len(shape))
+            values = child_labels(1)
+            if leading is None or bool(node._saved_accumulate) or values is None or values[1] is None:
+                return None
+            k, rows = len(leading), _fit(values[1], len(values[0]))
+            if len(values[0]) != 1 + len(shape) - k or any(n != 1 for n in rows.shape[1:]):
+                return None  # (a written row that holds several samples' elements)
+            rows = rows.reshape(-1).expand(len(leading[0]))
+            base = children[0][0]
+            if base is None or _from_parameters(base, budget):
+                # A constant base holds no sample's data: where the written rows' samples are their
+                # coordinates along one dim, the labels are those coordinates everywhere.
+                for d in range(k):
+                    if torch.equal(rows, leading[d].to(rows.device)):
+                        return _valid(torch.arange(shape[d], device=device).view(-1, *(1,) * (len(shape) - 1 - d)),
+                                      shape)
+                return None
+            found = child_labels(0)
+            if found is None or found[1] is None or math.prod(shape[:k]) > _MAX_LABEL_ELEMENTS:
+                return None
+            lab = _fit(found[1], len(shape))
+            if any(n != 1 for n in lab.shape[k:]):
+                return None
+            lab = lab.expand(*shape[:k], *lab.shape[k:]).clone()
+            lab[tuple(i.to(device) for i in leading)] = rows.view(-1, *(1,) * (len(shape) - k))
+            return _valid(_compressed(lab), shape)
         if name == "RepeatBackward0":
             found = child_labels(0)
             if found is None or found[1] is None:
@@ -810,9 +839,36 @@ def _reshaped(lab: torch.Tensor, source: tuple[int, ...], shape: tuple[int, ...]
         return None
     wide = [source[d] if v else 1 for (src, _), v in zip(groups, varying) for d in src]
     out = lab.expand(*wide).reshape([shape[d] if v else 1 for (_, dst), v in zip(groups, varying) for d in dst])
-    for d in range(out.dim()):
-        if out.shape[d] > 1 and bool((out == out.narrow(d, 0, 1)).all()):
-            out = out.narrow(d, 0, 1)
+    return _compressed(out)
+
+
+def _compressed(lab: torch.Tensor) -> torch.Tensor:
+    """``lab`` narrowed to size 1 along each dim along which it is constant."""
+    for d in range(lab.dim()):
+        if lab.shape[d] > 1 and bool((lab == lab.narrow(d, 0, 1)).all()):
+            lab = lab.narrow(d, 0, 1)
+    return lab
+
+
+def _leading_indices(indices, rank: int) -> list[torch.Tensor] | None:
+    """The index tensors of ``x[i0, i1, ...]`` (or ``x[mask]``, as its nonzero positions) on x's
+    leading dims, 1-D int64 of one length; None for other indexing (a slice before them, index
+    tensors broadcast against each other)."""
+    indices = list(indices)
+    while indices and indices[-1] is None:
+        indices.pop()
+    out: list[torch.Tensor] = []
+    for index in indices:
+        if not isinstance(index, torch.Tensor) or index.is_floating_point():
+            return None
+        if index.dtype == torch.bool:
+            out.extend(index.nonzero(as_tuple=True))
+        elif index.dim() == 1:
+            out.append(index.long())
+        else:
+            return None
+    if not out or len(out) > rank or len({len(i) for i in out}) != 1:
+        return None
     return out
 
 
@@ -829,14 +885,15 @@ def _moved(node, name: str, index: int, source: tuple[int, ...], lab: torch.Tens
         return lab  # the new and widened dims repeat the same elements
     if name == "UnsqueezeBackward0":
         return lab.unsqueeze(_signed(int(node._saved_dim)) % (rank + 1))
-    if name == "IndexBackward0":  # ``x[index]``: one index tensor, on the first dim only
-        indices = list(node._saved_indices)
-        first = indices[0] if indices else None
-        if (not isinstance(first, torch.Tensor) or first.dim() != 1 or first.is_floating_point()
-                or any(i is not None for i in indices[1:])):
+    if name == "IndexBackward0":  # ``x[i0, i1, ...]``: index tensors (or a mask) on the leading dims
+        leading = _leading_indices(node._saved_indices, rank)
+        if leading is None:
             return None
-        picked = first.nonzero().squeeze(1) if first.dtype == torch.bool else first.long()
-        return lab if lab.shape[0] == 1 else lab.index_select(0, picked.to(lab.device))
+        k = len(leading)
+        if all(lab.shape[d] == 1 for d in range(k)):
+            return lab.reshape(1, *lab.shape[k:])
+        picked = tuple(i.to(lab.device) for i in leading)
+        return lab.expand(*source[:k], *lab.shape[k:])[picked]
     dim = _signed(int(node._saved_dim)) % rank
     if lab.shape[dim] == 1:
         return lab  # slicing along a dim where the labels are constant
