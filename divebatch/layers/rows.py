@@ -671,9 +671,10 @@ def _labels(walk: _LabelWalk, node, index: int, shape: tuple[int, ...]):
             base = children[0][0]
             if base is None or _from_parameters(base, budget):
                 # A constant base holds no sample's data: where the written rows' samples are their
-                # coordinates along one dim, the labels are those coordinates everywhere.
+                # coordinates along one dim of the batch's size, the labels are those coordinates
+                # everywhere (no label outside the samples'). Not otherwise.
                 for d in range(k):
-                    if torch.equal(rows, leading[d].to(rows.device)):
+                    if shape[d] in batches and torch.equal(rows, leading[d].to(rows.device)):
                         return _valid(torch.arange(shape[d], device=device).view(-1, *(1,) * (len(shape) - 1 - d)),
                                       shape)
                 return None
