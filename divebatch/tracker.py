@@ -472,10 +472,9 @@ class GradNormTracker:
         self._input_batch: int | None = None  # dim 0 of its first input (the samples, as everywhere)
         # This forward's tracked outputs whose sample dim is known, {(id(grad_fn), output_nr): (grad_fn,
         # dim, B)}, the terminals of the walks that place samples in a layer's input (_walked_samples_dim);
-        # the calls so far this forward that asked, by owner; and each call's answer (the dim, or None),
-        # by (owner, call), kept for the plan (a model's layout is its code's).
+        # and each call's answer (the dim, or None), by (owner, call), kept for the plan (a model's
+        # layout is its code's).
         self._sample_nodes: dict[tuple[int, int], tuple] = {}
-        self._row_calls: dict[int, int] = {}
         self._layouts: dict[tuple[int, int], int | None] = {}
         self._closed = False
         self._enabled = False
@@ -823,7 +822,7 @@ class GradNormTracker:
             shape = self._model_input_shape
             self._model_input_shape = (shape[1], shape[0], *shape[2:])
         self._model_inputs = inputs  # (until the forward ends: ids merged from them, see _input_rows)
-        self._sample_nodes, self._row_calls = {}, {}
+        self._sample_nodes = {}
         self._model_rows = _rows_read(inputs[0]) if inputs and inputs[0].dim() > 0 and not sequence_first else None
         if (inputs and inputs[0].dim() > 2 and not inputs[0].is_floating_point() and self._ids_follower is None
                 and self.batch_first and self._looks_up_ids and not _called_from_compiled_code()):
@@ -897,15 +896,15 @@ class GradNormTracker:
         which its shape cannot tell from ``[B, T, ...]`` where ``T == B`` (the layer would take time
         steps for samples) and the batch check refuses where ``T != B``; in one tracked sequences
         first, ``(0,)``: the reverse. Walked only where a candidate dim has the batch's size; each
-        call's answer is kept for the plan, so a step walks the graph only on its first forward."""
-        call = self._row_calls.get(id(owner), 0)
-        self._row_calls[id(owner)] = call + 1
-        batch, normalised = self._last_batch, (next(iter(owner.tracked.values())).dim()
-                                               if isinstance(owner.rule, AffineNormRule) else 1)
-        if (batch <= 1 or x.dim() - normalised < 2 or all(x.shape[d] != batch for d in candidates)
-                or x.grad_fn is None or not self._sample_nodes or _called_from_compiled_code()):
+        call's answer is kept for the plan, so a step walks the graph only on its first forward
+        (the call is known by its number since the last backward: the same code's call each step)."""
+        batch, shape = self._last_batch, x.shape
+        if batch <= 1 or len(shape) < 3 or not self._sample_nodes or all(shape[d] != batch for d in candidates):
+            return None  # (the common case, a few comparisons)
+        normalised = next(iter(owner.tracked.values())).dim() if isinstance(owner.rule, AffineNormRule) else 1
+        if len(shape) - normalised < 2 or x.grad_fn is None or _called_from_compiled_code():
             return None
-        key = (id(owner), call)
+        key = (id(owner), owner.forward_calls)
         if key not in self._layouts:
             self._layouts[key] = samples_dim(x, self._sample_nodes, self._shared_nodes())
         found = self._layouts[key]
@@ -1386,9 +1385,13 @@ class GradNormTracker:
         if batch_size <= 1 or not self._model_inputs:
             return  # (only within the tracked model's forward, whose end drops them: a submodule called
             # on its own, outside it, must not keep its graph alive)
-        for t, dim in zip(outputs, _output_sample_dims(owner, ctx, len(outputs))):
-            if (dim is not None and isinstance(t, torch.Tensor) and t.grad_fn is not None and t.dim() > max(dim, 1)
-                    and t.shape[dim] == batch_size):
+        rule = owner.rule
+        dims = None if rule.rows_independent or isinstance(rule, (EmbeddingRule, ConvRule)) else (
+            _output_sample_dims(owner, ctx, len(outputs)))  # (None: dim 0 throughout, the common case)
+        for i, t in enumerate(outputs):
+            dim = 0 if dims is None else dims[i]
+            if (dim is not None and isinstance(t, torch.Tensor) and t.dim() > max(dim, 1) and t.shape[dim] == batch_size
+                    and t.grad_fn is not None):
                 self._sample_nodes[(id(t.grad_fn), t.output_nr)] = (t.grad_fn, dim, batch_size)
 
     @staticmethod
