@@ -280,6 +280,9 @@ _CPU_BFLOAT16_HINT = (
     "them, on a float32 input).")
 
 
+#: At most this many walked layouts are kept (see GradNormTracker._walked_samples_dim).
+_MAX_LAYOUTS = 4096
+
 #: ``_record_samples``' ctx for a fused call's outputs (never a ``PackedSequence``'s: see _fused_call).
 _FUSED_OUTPUTS = object()
 
@@ -906,6 +909,8 @@ class GradNormTracker:
             return None
         key = (id(owner), owner.forward_calls)
         if key not in self._layouts:
+            if len(self._layouts) >= _MAX_LAYOUTS:  # (forwards with no backward number their calls on)
+                self._layouts.clear()
             self._layouts[key] = samples_dim(x, self._sample_nodes, self._shared_nodes())
         found = self._layouts[key]
         return found if found in candidates and x.shape[found] == batch else None

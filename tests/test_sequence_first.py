@@ -694,3 +694,19 @@ def test_module_without_layout_inside_a_transformer(T):
     for layer in model.body.layers:
         layer.dropout1[1].batch_first = False
     check(model, x, y, class_loss, batch_dim=0, batch_first=True)
+
+
+def test_walked_layouts_stay_bounded_over_forwards_without_a_backward(monkeypatch):
+    """Forwards that no backward follows (an evaluation with gradients on) number their calls on:
+    the layouts kept per call are bounded, and the next step is still exact."""
+    import divebatch.tracker as tracker_module
+
+    monkeypatch.setattr(tracker_module, "_MAX_LAYOUTS", 3)
+    torch.manual_seed(0)
+    model = TransposedInside("bmm")
+    ids, y = torch.randint(0, VOCAB, (4, 4)), torch.randint(0, VOCAB, (4, 4))
+    with GradNormTracker(model, "sum") as tracker:
+        for _ in range(4):
+            model(ids)
+        assert 0 < len(tracker._layouts) <= 3
+    check(model, ids, y, batch_first_token_loss, batch_dim=0, batch_first=True)
