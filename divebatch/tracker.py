@@ -283,23 +283,18 @@ _CPU_BFLOAT16_HINT = (
 #: At most this many walked layouts are kept (see GradNormTracker._walked_samples_dim).
 _MAX_LAYOUTS = 4096
 
-#: ``_record_samples``' ctx for a fused call's outputs (never a ``PackedSequence``'s: see _fused_call).
-_FUSED_OUTPUTS = object()
-
-
-def _output_sample_dims(owner: _Owner, ctx, n: int) -> list[int | None]:
+def _output_sample_dims(owner: _Owner, ctx, n: int) -> list[int | None] | None:
     """The dim holding the samples in each of a tracked call's ``n`` output tensors (in ``_tensors``
-    order), where the rule fixes it: dim 0 for row-wise layers, embeddings and convolutions (their
-    inputs viewed samples first), the layout a recurrent layer or ``nn.MultiheadAttention`` declares
-    for its first output (an RNN's ``h_n``/``c_n``: dim 1; attention weights: dim 0), a generic call's
-    own ``out_dims``; None where it does not (a ``PackedSequence``'s rows, rows of samples in another order)."""
+    order), where the rule fixes it: None for dim 0 throughout (row-wise layers, embeddings and
+    convolutions, whose inputs are viewed samples first: the common case); the layout a recurrent
+    layer or ``nn.MultiheadAttention`` declares for its first output (an RNN's ``h_n``/``c_n``: dim 1;
+    attention weights: dim 0); a generic call's own ``out_dims``; a None entry where it does not (rows
+    of samples in another order). (Outputs packed in a ``PackedSequence`` are never passed here.)"""
     rule, module = owner.rule, owner.module
     if rule.rows_independent or isinstance(rule, (EmbeddingRule, ConvRule)):
-        return [0] * n
+        return None
     if isinstance(rule, (RecurrentRule, MultiheadAttentionRule)):
         first = 0 if getattr(module, "batch_first", False) else 1
-        if isinstance(rule, RecurrentRule) and ctx is not _FUSED_OUTPUTS and getattr(ctx, "packed", True) is not None:
-            return [None] * n  # (a PackedSequence's rows are in another order)
         return [first] + [1 if isinstance(rule, RecurrentRule) else 0] * (n - 1)
     if (rule is GENERIC and isinstance(ctx, GenericCall) and ctx.input_batch is None and ctx.rows is None
             and ctx.in_spans is None and len(ctx.out_dims) == n):
@@ -1151,8 +1146,7 @@ class GradNormTracker:
         # (the batch so far, as the hook path keeps it: a later [1, K, d] input is then known shared)
         self._last_batch = batch_size
         out = rule.fused_forward(module, args, kwargs, partial(self._fused_sink, call))
-        if not (isinstance(out, tuple) and out and isinstance(out[0], PackedSequence)):
-            self._record_samples(owner, _tensors(out), batch_size, _FUSED_OUTPUTS)
+        self._record_samples(owner, out, _tensors(out), batch_size)
         owner.forward_calls += 1
         owner.skip_hooks += 1
         return out
@@ -1381,18 +1375,18 @@ class GradNormTracker:
             self._watch_shared_output(call, leaves[0])
         elif not call.unbatched:
             self._last_batch = batch_size
-            self._record_samples(owner, leaves, batch_size, ctx)
+            self._record_samples(owner, output, leaves, batch_size, ctx)
         return separated
 
-    def _record_samples(self, owner: _Owner, outputs, batch_size: int, ctx=None) -> None:
-        """A call's outputs, where their sample dim is known (``_output_sample_dims``): where later
-        layers' inputs may come from (the terminals of ``_walked_samples_dim``'s walks)."""
-        if batch_size <= 1 or not self._model_inputs:
+    def _record_samples(self, owner: _Owner, output, outputs: list, batch_size: int, ctx=None) -> None:
+        """A call's output tensors ``outputs`` (of its ``output``), where their sample dim is known
+        (``_output_sample_dims``): where later layers' inputs may come from (the terminals of
+        ``_walked_samples_dim``'s walks). Not a ``PackedSequence``'s rows (sorted by length)."""
+        if (batch_size <= 1 or not self._model_inputs
+                or (isinstance(output, tuple) and output and isinstance(output[0], PackedSequence))):
             return  # (only within the tracked model's forward, whose end drops them: a submodule called
             # on its own, outside it, must not keep its graph alive)
-        rule = owner.rule
-        dims = None if rule.rows_independent or isinstance(rule, (EmbeddingRule, ConvRule)) else (
-            _output_sample_dims(owner, ctx, len(outputs)))  # (None: dim 0 throughout, the common case)
+        dims = _output_sample_dims(owner, ctx, len(outputs))
         for i, t in enumerate(outputs):
             dim = 0 if dims is None else dims[i]
             if (dim is not None and isinstance(t, torch.Tensor) and t.dim() > max(dim, 1) and t.shape[dim] == batch_size
