@@ -474,6 +474,12 @@ class GradNormTracker:
         # layout is its code's).
         self._sample_nodes: dict[tuple[int, int], tuple] = {}
         self._layouts: dict[tuple[int, int], int | None] = {}
+        # Layers of this forward whose input has the batch's size in dims 0 and 1 and whose graph did
+        # not tell which holds the samples (described for an error); and, for the plan, where the model
+        # was seen with samples in the dim other than the tracker's layout: both together are refused
+        # at the forward's end (_refuse_undecided_layouts).
+        self._undecided: list[str] = []
+        self._other_layout: str | None = None
         self._closed = False
         self._enabled = False
         self.enabled = enabled
@@ -806,6 +812,7 @@ class GradNormTracker:
             tie.embedding_calls.clear()
         self._last_plans = {}
         self._layouts = {}
+        self._other_layout = None
 
     @torch.compiler.disable
     def _on_model_pre_forward(self, module, args, kwargs):
@@ -821,6 +828,7 @@ class GradNormTracker:
             self._model_input_shape = (shape[1], shape[0], *shape[2:])
         self._model_inputs = inputs  # (until the forward ends: ids merged from them, see _input_rows)
         self._sample_nodes = {}
+        self._undecided = []
         self._model_rows = _rows_read(inputs[0]) if inputs and inputs[0].dim() > 0 and not sequence_first else None
         if (inputs and inputs[0].dim() > 2 and not inputs[0].is_floating_point() and self._ids_follower is None
                 and self.batch_first and self._looks_up_ids and not _called_from_compiled_code()):
@@ -844,6 +852,27 @@ class GradNormTracker:
         self._sample_nodes = {}
         for owner in self._owners:
             owner.row_views.clear()  # left by a forward that raised
+        self._refuse_undecided_layouts()
+
+    def _refuse_undecided_layouts(self) -> None:
+        """At the end of a forward: where a layer's input had the batch's size in dims 0 and 1
+        (``T == B``), the autograd graph did not tell which holds its samples (it passes through an op
+        that can be neither followed nor probed: checkpointed or compiled code, an op mixing samples),
+        and the model was seen with samples in the other dim than the tracker's layout (a layer placed
+        so by the graph, an RNN or attention declared so), the layer's default dim is a guess: refused,
+        naming the layers and the attribute that settles each. (Where the model shows one layout
+        throughout, the tracker's is kept, as for any layer.) The walks run again next time."""
+        undecided, self._undecided = self._undecided, []
+        if not undecided or self._other_layout is None:
+            return
+        self._layouts.clear()
+        first = "dim 0" if self.batch_first else "dim 1"
+        raise ValueError(
+            f"{'; '.join(undecided)}: this layer's input has the batch's size ({self._last_batch}) in both dims 0 and 1, "
+            "and the autograd graph back to the earlier layers' outputs does not tell which holds its samples, while "
+            f"this model has them in the other dim than the tracker's layout elsewhere ({self._other_layout}): taking "
+            f"{first}, the tracker's, could read positions as samples. Declare the layer's layout: "
+            "`module.batch_first = True` if its input is [B, T, ...], False if [T, B, ...]")
 
     @torch.compiler.disable
     def _on_rows_pre_forward(self, owner: _Owner, module, args):
@@ -856,7 +885,11 @@ class GradNormTracker:
         if (not isinstance(x, torch.Tensor) or capture_suspended() or not torch.is_grad_enabled()
                 or _inside_functorch()):
             return None
-        if owner.sequences_first:
+        declared = getattr(module, "batch_first", None) if x.is_floating_point() else None
+        if isinstance(declared, bool):  # the layer's own (see _refuse_undecided_layouts)
+            if not declared:
+                return self._sequences_first_view(owner, x, args)
+        elif owner.sequences_first:
             if not (x.is_floating_point() and self._walked_samples_dim(owner, x, (0,)) == 0):
                 return self._sequences_first_view(owner, x, args)
         elif x.is_floating_point() and self._walked_samples_dim(owner, x, (1,)) == 1:
@@ -906,9 +939,26 @@ class GradNormTracker:
         if key not in self._layouts:
             if len(self._layouts) >= _MAX_LAYOUTS:  # (forwards with no backward number their calls on)
                 self._layouts.clear()
-            self._layouts[key] = samples_dim(x, self._sample_nodes, self._shared_nodes())
+            self._layouts[key] = self._walk_samples_dim(owner, x, candidates)
         found = self._layouts[key]
         return found if found in candidates and x.shape[found] == batch else None
+
+    def _walk_samples_dim(self, owner: _Owner, x: torch.Tensor, candidates: tuple[int, ...]) -> int | None:
+        """``samples_dim`` for ``_walked_samples_dim``'s call, noting a layer left undecided where its
+        shape cannot tell either, and the first layer found in the layout other than the tracker's
+        (see _refuse_undecided_layouts)."""
+        unfollowed: list[str] = []
+        found = samples_dim(x, self._sample_nodes, self._shared_nodes(), unfollowed)
+        default = {(1,): 0, (0,): 1}.get(candidates)  # (a generic module under batch_first=False has none)
+        described = f"'{owner.name}' ({type(owner.module).__name__}, input {list(x.shape)})"
+        if default is None:
+            pass
+        elif found is None and x.shape[default] == x.shape[candidates[0]] == self._last_batch:
+            past = f", past {', '.join(sorted(set(unfollowed)))}" if unfollowed else ""
+            self._undecided.append(f"{described}{past}")
+        elif found is not None and found != default and self._other_layout is None:
+            self._other_layout = f"{described}, samples in dim {found} by the autograd graph"
+        return found
 
     def _sequences_first_view(self, owner: _Owner, x: torch.Tensor, args: tuple) -> tuple | None:
         """Under ``batch_first=False``: a Linear, LayerNorm, RMSNorm or Embedding given a ``[T, B, ...]``
@@ -1387,6 +1437,10 @@ class GradNormTracker:
             return  # (only within the tracked model's forward, whose end drops them: a submodule called
             # on its own, outside it, must not keep its graph alive)
         dims = _output_sample_dims(owner, ctx, len(outputs))
+        if (dims and self._other_layout is None and dims[0] == int(self.batch_first) and outputs
+                and isinstance(outputs[0], torch.Tensor) and outputs[0].dim() >= 3):
+            self._other_layout = (f"'{owner.name}' ({type(owner.module).__name__}), output {list(outputs[0].shape)} "
+                                  f"with samples in dim {dims[0]}")
         for i, t in enumerate(outputs):
             dim = 0 if dims is None else dims[i]
             if (dim is not None and isinstance(t, torch.Tensor) and t.dim() > max(dim, 1) and t.shape[dim] == batch_size
@@ -1902,7 +1956,10 @@ class GradNormTracker:
                             "fairseq's transformer does) is read right inside PyTorch's nn.Transformer* modules (they "
                             "declare their layout) and where the autograd graph leads from the layer's input back to "
                             "earlier layers' outputs through ops divebatch follows (transposes, views, elementwise "
-                            "ops, bmm, attention): here it did not; transpose to [B, T, ...] around this layer.")
+                            "ops, bmm, attention) or probes through their own backward (other ops and autograd "
+                            "Functions that keep samples apart): here it did not; set `module.batch_first = False` "
+                            "on this layer (a Linear, LayerNorm or RMSNorm; a module of its own), or transpose to "
+                            "[B, T, ...] around it.")
                 elif call.batch_size > step.batch_size and call.batch_size % step.batch_size == 0:
                     hint = (f" {call.batch_size} = {step.batch_size} x {call.batch_size // step.batch_size}: were "
                             "samples and tokens flattened into rows? Rows are assigned to samples only for a "

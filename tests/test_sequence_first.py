@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from divebatch import GradNormTracker
+from divebatch.layers.rows import samples_dim
 
 from .oracle import each_sample_backward, reference_norms, rel_err, second_backward_stats
 
@@ -541,10 +542,36 @@ def test_global_tokens_gathered_sequences_first_match_torch_func(T, fused):
     check(model, ids, y, class_loss, fused, batch_dim=0, batch_first=True)
 
 
+class UnprobedFlip(torch.autograd.Function):
+    """``h`` with its last dim reversed, by a Function whose backward runs only inside a backward
+    pass (it reads the engine's graph task, as checkpointing does): a graph node the layout walk
+    can neither follow nor probe."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(h):
+        return torch.flip(h, dims=(-1,))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch._C._current_graph_task_id() == -1:
+            raise RuntimeError("UnprobedFlip's backward runs only inside a backward pass")
+        return torch.flip(grad, dims=(-1,))
+
+
+unprobed_flip = UnprobedFlip.apply
+
+
 def test_sequences_first_inside_through_an_unknown_op_is_refused_with_the_layouts_named():
-    """Where the graph does not tell (an op the walk does not follow between the transpose and the
-    layer: ``torch.flip``), the layer keeps dim 0: with T != B the batch check refuses it, its hint
-    naming the sequence-first input it saw and what is read right."""
+    """Where the graph does not tell (an op the walk can neither follow nor probe between the
+    transpose and the layer), the layer keeps dim 0: with T != B the batch check refuses it, its
+    hint naming the sequence-first input it saw, what is read right, and the attribute that
+    declares the layer's layout (exact once set)."""
 
     class FlippedInside(nn.Module):
         def __init__(self):
@@ -552,16 +579,21 @@ def test_sequences_first_inside_through_an_unknown_op_is_refused_with_the_layout
             self.embed, self.proj, self.head = nn.Embedding(11, 6), nn.Linear(6, 6), nn.Linear(6, 3)
 
         def forward(self, ids):
-            h = torch.flip(self.embed(ids).transpose(0, 1), dims=(2,))  # [T, B, d]
+            h = unprobed_flip(self.embed(ids).transpose(0, 1))  # [T, B, d]
             return self.head(torch.tanh(self.proj(h)).mean(0))
 
     model = FlippedInside()
     ids, y = torch.randint(0, 11, (5, 4)), torch.randint(0, 3, (5,))
     with GradNormTracker(model, "sum") as tracker:
         with pytest.raises(ValueError, match=r"saw a batch of 4 .*\[4, 5, 6\], looks sequences first.*"
-                                             r"autograd graph leads .*here it did not"):
+                                             r"autograd graph leads .*here it did not; set `module.batch_first = False`"):
             F.cross_entropy(model(ids), y, reduction="sum").backward()
             tracker.collect()
+    model.proj.batch_first = False  # (as the hint says: exact)
+    ref = each_sample_backward(model, class_loss, model, ids, y)
+    with GradNormTracker(model, "sum") as tracker:
+        class_loss(model(ids), y).backward()
+        assert rel_err(tracker.collect().per_sample, ref) < RTOL
 
 
 class TransposedAround(nn.Module):
@@ -667,10 +699,10 @@ class Gain(nn.Module):
 
 
 class Flip(nn.Module):
-    """The features reversed (``torch.flip``: an op the graph walk does not follow)."""
+    """The features reversed, through an op the graph walk can neither follow nor probe."""
 
     def forward(self, h):
-        return torch.flip(h, dims=(-1,))
+        return unprobed_flip(h)
 
 
 @pytest.mark.parametrize("T", [3, 5], ids=["T==B", "T!=B"])
@@ -710,3 +742,177 @@ def test_walked_layouts_stay_bounded_over_forwards_without_a_backward(monkeypatc
             model(ids)
         assert 0 < len(tracker._layouts) <= 3
     check(model, ids, y, batch_first_token_loss, batch_dim=0, batch_first=True)
+
+
+class ScaleShift(torch.autograd.Function):
+    """``x * k + shift``: an autograd Function of its own (as a fused kernel is), with a number among
+    its arguments and a second operand made of a parameter (``shift``)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, k, shift):
+        return x * k + shift
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.k = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.k, None, grad.sum(tuple(range(grad.dim() - 1)))
+
+
+class Gate(torch.autograd.Function):
+    """``a * sigmoid(b)``: an autograd Function of two data operands."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a, b):
+        return a * torch.sigmoid(b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        s = torch.sigmoid(b)
+        return grad * s, grad * a * s * (1 - s)
+
+
+class UnknownOpsInside(nn.Module):
+    """fairseq's layout (``[B, T]`` ids, ``[T, B, d]`` inside) with an op the layout walk does not
+    know between the transpose and each layer: ``torch.flip`` or ``torch.roll`` over time, or an
+    autograd Function of its own."""
+
+    def __init__(self, op: str):
+        super().__init__()
+        self.op = op
+        self.embed, self.proj, self.gate = nn.Embedding(VOCAB, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+        self.norm, self.head = nn.LayerNorm(6), nn.Linear(6, 3)
+        self.shift = nn.Parameter(torch.randn(6))
+
+    def forward(self, ids):
+        h = self.embed(ids).transpose(0, 1)  # [T, B, d]
+        if self.op == "flip":
+            h = torch.flip(h, dims=(0,))
+        elif self.op == "roll":
+            h = torch.roll(h, 1, dims=0)
+        elif self.op == "function":
+            h = ScaleShift.apply(h, 2.0, self.shift)
+        h = torch.tanh(self.proj(h))
+        if self.op == "function":
+            h = Gate.apply(h, self.gate(h))
+        return self.head(self.norm(h).mean(0))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("T", [4, 5], ids=["T==B", "T!=B"])
+@pytest.mark.parametrize("op", ["flip", "roll", "function"])
+def test_ops_the_walk_does_not_know_are_probed_through_their_backward(op, T, fused):
+    """An op the layout walk does not know (``torch.flip``, ``torch.roll``, an autograd Function of
+    the model's own, two data operands or a number and a parameter among its arguments) is probed
+    through its own backward: the layers after it are placed in dim 1 and exact. Before, they kept
+    dim 0: wrong with no error where T == B, refused where T != B."""
+    torch.manual_seed(0)
+    model = UnknownOpsInside(op)
+    gen = torch.Generator().manual_seed(1)
+    ids, y = torch.randint(0, VOCAB, (4, T), generator=gen), torch.randint(0, 3, (4,), generator=gen)
+    check(model, ids, y, class_loss, fused, batch_dim=0, batch_first=True)
+    # The probes draw from a generator of their own: the model's random numbers are not moved.
+    torch.manual_seed(2)
+    expected = torch.rand(3)
+    with GradNormTracker(model, "sum", fused=fused):
+        torch.manual_seed(2)
+        model(ids)
+        assert torch.equal(torch.rand(3), expected)
+
+
+class MixSamples(torch.autograd.Function):
+    """``x + mean of x over dim 1``: an op that mixes the samples of a ``[T, B, d]`` tensor."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x + x.mean(1, keepdim=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad + grad.mean(1, keepdim=True)
+
+
+@pytest.mark.parametrize("op", ["flip-time", "flip-batch", "mix", "function"])
+def test_a_probed_op_is_placed_only_where_its_backward_keeps_samples_apart(op):
+    """``samples_dim`` through one op it does not know: a flip over time keeps sample ``i`` at index
+    ``i`` of dim 1 (placed); a flip over the batch moves them (not placed: the samples are not in
+    order); an op that mixes samples, and one whose operand comes from nowhere known, are not placed."""
+    B, T = 4, 4
+    layer = nn.Linear(3, 3)
+    out = layer(torch.randn(B, T, 3))
+    known = {(id(out.grad_fn), 0): (out.grad_fn, 0, B)}
+    h = out.transpose(0, 1)  # [T, B, 3]
+    if op == "flip-time":
+        x, expected = torch.flip(h, dims=(0,)), 1
+    elif op == "flip-batch":
+        x, expected = torch.flip(h, dims=(1,)), None
+    elif op == "mix":
+        x, expected = MixSamples.apply(h), None
+    else:
+        x, expected = Gate.apply(h, torch.randn(T, B, 3, requires_grad=True) * 1), None
+    unfollowed = []
+    assert samples_dim(x, known, unfollowed=unfollowed) == expected
+    assert (unfollowed == []) == (expected is not None)
+
+
+class UndecidedInside(nn.Module):
+    """``[B, T]`` ids, ``[T, B, d]`` inside (``first`` placed in dim 1 by the graph), then an op that
+    can be neither followed nor probed before ``second``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.first, self.second, self.head = (nn.Embedding(VOCAB, 6), nn.Linear(6, 6), nn.Linear(6, 6),
+                                                          nn.Linear(6, 3))
+
+    def forward(self, ids):
+        h = torch.tanh(self.first(self.embed(ids).transpose(0, 1)))
+        return self.head(torch.tanh(self.second(unprobed_flip(h))).mean(0))
+
+
+def test_a_layer_the_graph_cannot_place_at_t_equal_b_is_refused_where_the_model_shows_both_layouts():
+    """Where T == B, the graph does not tell where a layer's samples are, and another layer of the
+    model was placed in the other dim than the tracker's, taking the tracker's would be a guess:
+    refused, naming the layer and the attribute that settles it; exact once it is set. A model that
+    shows one layout throughout keeps it (no refusal for an op the walk cannot read)."""
+    torch.manual_seed(0)
+    model = UndecidedInside()
+    ids, y = torch.randint(0, VOCAB, (4, 4)), torch.randint(0, 3, (4,))
+    with GradNormTracker(model, "sum") as tracker:
+        for _ in range(2):  # (refused again: the walks are not kept)
+            with pytest.raises(ValueError, match=r"'second' \(Linear, input \[4, 4, 6\]\), past "
+                                                 r"UnprobedFlipBackward.*'first' \(Linear.*dim 1.*"
+                                                 r"`module.batch_first = True`"):
+                model(ids)
+        del tracker
+    model.second.batch_first = False
+    ref = each_sample_backward(model, class_loss, model, ids, y)
+    with GradNormTracker(model, "sum") as tracker:
+        model.zero_grad()
+        class_loss(model(ids), y).backward()
+        assert rel_err(tracker.collect().per_sample, ref) < RTOL
+
+    class OneLayout(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.proj, self.head = nn.Embedding(VOCAB, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.proj(unprobed_flip(self.embed(ids)))).mean(1))
+
+    model = OneLayout()
+    ref = each_sample_backward(model, class_loss, model, ids, y)
+    with GradNormTracker(model, "sum") as tracker:
+        model.zero_grad()
+        class_loss(model(ids), y).backward()
+        assert rel_err(tracker.collect().per_sample, ref) < RTOL

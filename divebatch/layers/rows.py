@@ -44,6 +44,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from .base import suspend_capture
+
 #: Backward nodes of ops that map each row of their input(s) to the same row of the output, with
 #: the output's shape (elementwise ops, possibly broadcasting other operands, and norms over the
 #: trailing dims). Their grad-carrying inputs are followed.
@@ -81,6 +83,8 @@ _DATA: contextvars.ContextVar[frozenset | None] = contextvars.ContextVar("diveba
 
 #: How many nodes one walk may visit before it gives up (no answer).
 _MAX_NODES = 160
+#: How many backward calls one ``samples_dim`` walk may make to probe ops it does not know (``_probed``).
+_MAX_PROBE_CALLS = 64
 
 
 class _SamplesFirst(torch.autograd.Function):
@@ -559,7 +563,8 @@ def row_samples(x: torch.Tensor, batch: int | None = None) -> tuple[int, torch.T
     return None
 
 
-def samples_dim(x: torch.Tensor, known: dict, shared: frozenset = frozenset()) -> int | None:
+def samples_dim(x: torch.Tensor, known: dict, shared: frozenset = frozenset(),
+                unfollowed: list[str] | None = None) -> int | None:
     """The dim of ``x`` along which index ``i`` is sample ``i`` (every element of that index is
     made of sample ``i``'s data alone), proven from the autograd graph, or None.
 
@@ -569,18 +574,23 @@ def samples_dim(x: torch.Tensor, known: dict, shared: frozenset = frozenset()) -
     element's sample through transposes, permutes, views and reshapes, elementwise ops, batched
     products and attention, so that it tells a ``[T, B, d]`` tensor that a model's own code
     transposed from a layer's ``[B, T, d]`` output (fairseq's layout) from a ``[B, T, d]`` one even
-    where ``T == B``. ``shared``: graph nodes of tensors shared by all samples (carrying no
-    sample's data, like parameters)."""
+    where ``T == B``. An op it does not know is probed through its own backward (``_probed``).
+    ``shared``: graph nodes of tensors shared by all samples (carrying no sample's data, like
+    parameters); ``unfollowed``, where given, gets the names of the graph nodes it could neither
+    follow nor probe."""
     node = x.grad_fn
     if node is None or x.dim() < 1 or not known:
         return None
     batches: set[int] = set()
     token, data_token = _SHARED.set((shared, None)), _DATA.set(frozenset(node for node, _, _ in known.values()))
     try:
-        labels = _LabelWalk(batches, x.device, known=known).labels(node, x.output_nr, tuple(x.shape))
+        walk = _LabelWalk(batches, x.device, known=known)
+        labels = walk.labels(node, x.output_nr, tuple(x.shape))
     finally:
         _SHARED.reset(token)
         _DATA.reset(data_token)
+    if unfollowed is not None:
+        unfollowed.extend(walk.unfollowed)
     if labels is None or len(batches) != 1:
         return None
     labels = _fit(labels, x.dim())
@@ -603,6 +613,8 @@ class _LabelWalk:
         self.batches, self.device, self.budget = batches, device, [_MAX_NODES]
         self.singleton_batch = singleton_batch  # a [batch, 1, ...] view is a terminal too
         self.known = known
+        self.probe_calls = _MAX_PROBE_CALLS
+        self.unfollowed: list[str] = []  # the ops it could neither follow nor probe (for error messages)
         self.seen: dict[tuple[int, int], tuple[object, torch.Tensor | None]] = {}
 
     def labels(self, node, index: int, shape: tuple[int, ...]):
@@ -734,7 +746,10 @@ def _labels(walk: _LabelWalk, node, index: int, shape: tuple[int, ...]):
                            shape)
         along = _signed(int(node._saved_dim)) if name in _ALONG_DIM_NODES else None
         if name not in _ROW_WISE and along is None:
-            return None
+            found = _probed(walk, node, index, shape, child_labels) if walk.known is not None else None
+            if found is None and walk.known is not None:
+                walk.unfollowed.append(name)
+            return found
         labs = []
         for position, (child, _) in enumerate(children):
             if child is None:
@@ -752,6 +767,120 @@ def _labels(walk: _LabelWalk, node, index: int, shape: tuple[int, ...]):
         return _agreed(labs, shape)  # (not where operands of different samples meet elementwise)
     except (AttributeError, RuntimeError, TypeError, ValueError, IndexError):
         return None  # a node without the saved fields this reads, or labels that do not fit
+
+
+def _probed(walk: _LabelWalk, node, index: int, shape: tuple[int, ...], child_labels) -> torch.Tensor | None:
+    """Labels of output ``index`` (of ``shape``) of an op the walk does not know (``torch.flip``, a
+    custom autograd Function: a fused attention or norm kernel), read from its backward: where, for
+    one dim ``d`` of the batch's size, the slices of the output at the indices ``S`` along ``d``
+    depend on the operands' elements of samples ``S`` alone, for every ``S`` of a family that parts
+    any two samples (each bit of the sample index, set and clear: ``2 ceil(log2 B)`` backward
+    calls), and for no other such dim, the output's samples are its indices along ``d``. Each call is the node's own backward
+    on an output grad that is random on those slices and zero elsewhere; the elements of an operand
+    with a nonzero grad must all carry labels in ``S``, and some must (a random output grad cancels
+    on a dependence with probability zero). Every operand with a gradient must carry labels or be
+    made of parameters. Not called: backwards that run a forward again or call autograd
+    themselves (checkpointing), compiled code, divebatch's own Functions. The calls run with
+    capture suspended and draw from a generator of their own (the model's random state is not
+    touched)."""
+    name = type(node).__name__
+    forward_cls = getattr(node, "_forward_cls", None)
+    if ("Checkpoint" in name or "Compiled" in name or walk.probe_calls <= 0
+            or (forward_cls is not None and getattr(forward_cls, "__module__", "").startswith("divebatch"))):
+        return None
+    operands = []
+    for position, (child, _) in enumerate(node.next_functions):
+        if child is None:
+            continue
+        found = child_labels(position)
+        if found is not None and found[1] is not None:
+            operands.append((position, found[0], _fit(found[1], len(found[0]))))
+        elif not _from_parameters(child, walk.budget):
+            return None
+    if not operands or len(walk.batches) != 1:
+        return None
+    batch = next(iter(walk.batches))
+    if batch < 2:
+        return None
+    try:
+        outputs = [(tuple(m.shape), m.dtype, m.device) for m in node._input_metadata]
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+    if index >= len(outputs) or outputs[index][0] != shape:
+        return None
+    bits = max(1, (batch - 1).bit_length())
+    samples = torch.arange(batch)
+    generator = torch.Generator().manual_seed(0)
+    placed = []
+    for dim in (d for d, n in enumerate(shape) if n == batch):
+        if walk.probe_calls < 2 * bits:
+            return None
+        separated = True
+        for bit in range(bits):
+            for value in (0, 1):
+                chosen = ((samples >> bit) & 1) == value
+                walk.probe_calls -= 1
+                grads = _node_backward(node, outputs, index, dim, chosen, generator)
+                if grads is None or not _within(grads, operands, chosen):
+                    separated = False
+                    break
+            if not separated:
+                break
+        if separated:
+            placed.append(dim)
+    if len(placed) != 1:
+        return None  # (two dims pass only where some elements carry no sample's data: not placed)
+    return _valid(torch.arange(batch, device=walk.device).view(-1, *(1,) * (len(shape) - 1 - placed[0])), shape)
+
+
+def _node_backward(node, outputs, index: int, dim: int, chosen: torch.Tensor, generator) -> list | None:
+    """The grads of ``node``'s inputs (one per ``next_functions`` entry, None where none) for an
+    output grad random on the slices ``chosen`` along ``dim`` of output ``index``, zero elsewhere
+    (and on the other outputs); None where the node cannot be called so."""
+    shape, dtype, device = outputs[index]
+    values = torch.rand(shape, generator=generator) + 0.5
+    values *= chosen.view(-1, *(1,) * (len(shape) - 1 - dim)).to(values.dtype)
+    grads = [values.to(device=device, dtype=dtype) if i == index else torch.zeros(s, dtype=t, device=v)
+             for i, (s, t, v) in enumerate(outputs)]
+    try:
+        with torch.no_grad(), suspend_capture():
+            if callable(node):  # an op of PyTorch's (a C++ node)
+                out = node(*grads)
+                out = [out] if isinstance(out, torch.Tensor) else list(out)
+                return out if len(out) == len(node.next_functions) else None
+            # A custom autograd Function: its backward returns a grad per forward argument; those
+            # that need one are, in order, the entries of next_functions that hold a node.
+            out = node.apply(*grads)
+            out = [out] if isinstance(out, torch.Tensor) else list(out)
+            needed = [i for i, need in enumerate(node.needs_input_grad) if need]
+            edges = [p for p, (child, _) in enumerate(node.next_functions) if child is not None]
+            if len(needed) != len(edges) or len(out) < len(node.needs_input_grad):
+                return None
+            mapped = [None] * len(node.next_functions)
+            for p, i in zip(edges, needed):
+                mapped[p] = out[i]
+            return mapped
+    except (RuntimeError, TypeError, ValueError, AttributeError, IndexError, NotImplementedError):
+        return None
+
+
+def _within(grads: list, operands: list, chosen: torch.Tensor) -> bool:
+    """Whether the operands' elements with a nonzero grad all carry labels among the ``chosen``
+    samples, and some do."""
+    touched = False
+    for position, source, lab in operands:
+        grad = grads[position]
+        if grad is None:
+            continue
+        if not isinstance(grad, torch.Tensor) or tuple(grad.shape) != source:
+            return False
+        hit = grad != 0
+        if not bool(hit.any()):
+            continue
+        touched = True
+        if not bool(chosen.to(lab.device)[lab.expand(source)[hit]].all()):
+            return False
+    return touched
 
 
 def _operand_labels(children, child_labels, budget: list[int], constant) -> list[torch.Tensor] | None:
