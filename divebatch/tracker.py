@@ -933,7 +933,7 @@ class GradNormTracker:
         if batch <= 1 or len(shape) < 3 or not self._sample_nodes or all(shape[d] != batch for d in candidates):
             return None  # (the common case, a few comparisons)
         normalised = next(iter(owner.tracked.values())).dim() if isinstance(owner.rule, AffineNormRule) else 1
-        if len(shape) - normalised < 2 or x.grad_fn is None or _called_from_compiled_code():
+        if len(shape) - normalised < 2 or x.grad_fn is None:
             return None
         key = (id(owner), owner.forward_calls)
         if key not in self._layouts:

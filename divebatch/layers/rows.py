@@ -785,7 +785,7 @@ def _probed(walk: _LabelWalk, node, index: int, shape: tuple[int, ...], child_la
     touched)."""
     name = type(node).__name__
     forward_cls = getattr(node, "_forward_cls", None)
-    if ("Checkpoint" in name or "Compiled" in name or walk.probe_calls <= 0
+    if ("Checkpoint" in name or walk.probe_calls <= 0
             or (forward_cls is not None and getattr(forward_cls, "__module__", "").startswith("divebatch"))):
         return None
     operands = []
