@@ -843,11 +843,13 @@ class MixSamples(torch.autograd.Function):
         return grad + grad.mean(1, keepdim=True)
 
 
-@pytest.mark.parametrize("op", ["flip-time", "flip-batch", "mix", "function"])
+@pytest.mark.parametrize("op", ["flip-time", "strided-merged", "flip-batch", "mix", "function"])
 def test_a_probed_op_is_placed_only_where_its_backward_keeps_samples_apart(op):
     """``samples_dim`` through one op it does not know: a flip over time keeps sample ``i`` at index
-    ``i`` of dim 1 (placed); a flip over the batch moves them (not placed: the samples are not in
-    order); an op that mixes samples, and one whose operand comes from nowhere known, are not placed."""
+    ``i`` of dim 1 (placed); so does an ``as_strided`` view of the samples merged with the features
+    (``[T, B * d]``, placed sample-major, then viewed ``[T, B, d]``); a flip over the batch moves them
+    (not placed: the samples are not in order); an op that mixes samples, and one whose operand
+    comes from nowhere known, are not placed."""
     B, T = 4, 4
     layer = nn.Linear(3, 3)
     out = layer(torch.randn(B, T, 3))
@@ -855,6 +857,8 @@ def test_a_probed_op_is_placed_only_where_its_backward_keeps_samples_apart(op):
     h = out.transpose(0, 1)  # [T, B, 3]
     if op == "flip-time":
         x, expected = torch.flip(h, dims=(0,)), 1
+    elif op == "strided-merged":
+        x, expected = torch.as_strided(h.reshape(T, B * 3), (T, B * 3), (B * 3, 1)).view(T, B, 3), 1
     elif op == "flip-batch":
         x, expected = torch.flip(h, dims=(1,)), None
     elif op == "mix":

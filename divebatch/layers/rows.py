@@ -84,7 +84,7 @@ _DATA: contextvars.ContextVar[frozenset | None] = contextvars.ContextVar("diveba
 #: How many nodes one walk may visit before it gives up (no answer).
 _MAX_NODES = 160
 #: How many backward calls one ``samples_dim`` walk may make to probe ops it does not know (``_probed``).
-_MAX_PROBE_CALLS = 64
+_MAX_PROBE_CALLS = 256
 
 
 class _SamplesFirst(torch.autograd.Function):
@@ -771,11 +771,13 @@ def _labels(walk: _LabelWalk, node, index: int, shape: tuple[int, ...]):
 
 def _probed(walk: _LabelWalk, node, index: int, shape: tuple[int, ...], child_labels) -> torch.Tensor | None:
     """Labels of output ``index`` (of ``shape``) of an op the walk does not know (``torch.flip``, a
-    custom autograd Function: a fused attention or norm kernel), read from its backward: where, for
-    one dim ``d`` of the batch's size, the slices of the output at the indices ``S`` along ``d``
-    depend on the operands' elements of samples ``S`` alone, for every ``S`` of a family that parts
-    any two samples (each bit of the sample index, set and clear: ``2 ceil(log2 B)`` backward
-    calls), and for no other such dim, the output's samples are its indices along ``d``. Each call is the node's own backward
+    custom autograd Function: a fused attention or norm kernel, an ``as_strided`` view), read from
+    its backward: where, for one layout (``_layouts_along``: a dim ``d`` whose indices are the
+    samples, or samples merged with another dim), the slices of the output at the indices of
+    samples ``S`` along ``d`` depend on the operands' elements of samples ``S`` alone, for every
+    ``S`` of a family that parts any two samples (each bit of the sample index, set and clear:
+    ``2 ceil(log2 B)`` backward calls), and for no other layout, the output's samples are that
+    layout's. Each call is the node's own backward
     on an output grad that is random on those slices and zero elsewhere; the elements of an operand
     with a nonzero grad must all carry labels in ``S``, and some must (a random output grad cancels
     on a dependence with probability zero). Every operand with a gradient must carry labels or be
@@ -810,9 +812,9 @@ def _probed(walk: _LabelWalk, node, index: int, shape: tuple[int, ...], child_la
         return None
     bits = max(1, (batch - 1).bit_length())
     samples = torch.arange(batch)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device=outputs[index][2]).manual_seed(0)
     placed = []
-    for dim in (d for d, n in enumerate(shape) if n == batch):
+    for dim, along in _layouts_along(shape, batch):
         if walk.probe_calls < 2 * bits:
             return None
         separated = True
@@ -820,27 +822,40 @@ def _probed(walk: _LabelWalk, node, index: int, shape: tuple[int, ...], child_la
             for value in (0, 1):
                 chosen = ((samples >> bit) & 1) == value
                 walk.probe_calls -= 1
-                grads = _node_backward(node, outputs, index, dim, chosen, generator)
+                grads = _node_backward(node, outputs, index, dim, chosen[along], generator)
                 if grads is None or not _within(grads, operands, chosen):
                     separated = False
                     break
             if not separated:
                 break
         if separated:
-            placed.append(dim)
+            placed.append((dim, along))
     if len(placed) != 1:
-        return None  # (two dims pass only where some elements carry no sample's data: not placed)
-    return _valid(torch.arange(batch, device=walk.device).view(-1, *(1,) * (len(shape) - 1 - placed[0])), shape)
+        return None  # (two pass only where some elements carry no sample's data: not placed)
+    dim, along = placed[0]
+    return _valid(along.to(walk.device).view(-1, *(1,) * (len(shape) - 1 - dim)), shape)
+
+
+def _layouts_along(shape: tuple[int, ...], batch: int):
+    """The layouts ``_probed`` tries: ``(dim, sample of each index along it)`` for each dim of the
+    batch's size (sample i at index i) or of a multiple of it (samples merged with another dim,
+    sample-major as ``[B * heads, ...]`` or sample-minor as ``[heads * B, ...]``)."""
+    for dim, n in enumerate(shape):
+        if n == batch:
+            yield dim, torch.arange(batch)
+        elif n > batch and n % batch == 0:
+            yield dim, torch.arange(batch).repeat_interleave(n // batch)
+            yield dim, torch.arange(batch).repeat(n // batch)
 
 
 def _node_backward(node, outputs, index: int, dim: int, chosen: torch.Tensor, generator) -> list | None:
     """The grads of ``node``'s inputs (one per ``next_functions`` entry, None where none) for an
-    output grad random on the slices ``chosen`` along ``dim`` of output ``index``, zero elsewhere
-    (and on the other outputs); None where the node cannot be called so."""
+    output grad random on the slices ``chosen`` (bool, one per index) along ``dim`` of output
+    ``index``, zero elsewhere (and on the other outputs); None where the node cannot be called so."""
     shape, dtype, device = outputs[index]
-    values = torch.rand(shape, generator=generator) + 0.5
-    values *= chosen.view(-1, *(1,) * (len(shape) - 1 - dim)).to(values.dtype)
-    grads = [values.to(device=device, dtype=dtype) if i == index else torch.zeros(s, dtype=t, device=v)
+    values = torch.rand(shape, generator=generator, device=device) + 0.5
+    values *= chosen.to(device).view(-1, *(1,) * (len(shape) - 1 - dim)).to(values.dtype)
+    grads = [values.to(dtype) if i == index else torch.zeros(s, dtype=t, device=v)
              for i, (s, t, v) in enumerate(outputs)]
     try:
         with torch.no_grad(), suspend_capture():
