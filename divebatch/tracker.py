@@ -44,8 +44,8 @@ from .layers.attention import MultiheadAttentionRule
 from .layers.recurrent import RecurrentRule
 from .layers.generic import (TRANSFORMER_MODULES, DirectUseRecorder, GenericCall, SharedOutputWatcher,
                              SharedOutputWatchers, declared_batch_first, usable_direct_uses)
-from .layers.rows import (MergedIdsFollower, flattened_samples, merged_sequence_rows, row_samples, samples_dim,
-                          sequences_first_view)
+from .layers.rows import (MergedIdsFollower, flattened_samples, merged_rows_order, merged_sequence_rows, row_samples,
+                          samples_dim, sequences_first_view)
 from .layers.base import capture_suspended
 from .layers.conv import ConvRule
 from .layers.embedding import EmbeddingBagCall, EmbeddingCall, EmbeddingRule
@@ -473,7 +473,7 @@ class GradNormTracker:
         # and each call's answer (the dim, or None), by (owner, call), kept for the plan (a model's
         # layout is its code's).
         self._sample_nodes: dict[tuple[int, int], tuple] = {}
-        self._layouts: dict[tuple[int, int], int | None] = {}
+        self._layouts: dict[tuple, object] = {}  # (and merged rows' order, keyed (owner, call, "rows"))
         # Layers of this forward whose input has the batch's size in dims 0 and 1 and whose graph did
         # not tell which holds the samples (described for an error); and, for the plan, where the model
         # was seen with samples in the dim other than the tracker's layout: both together are refused
@@ -890,7 +890,10 @@ class GradNormTracker:
             if not declared:
                 return self._sequences_first_view(owner, x, args)
         elif owner.sequences_first:
-            if not (x.is_floating_point() and self._walked_samples_dim(owner, x, (0,)) == 0):
+            if not (x.is_floating_point() and (
+                    self._walked_samples_dim(owner, x, (0,)) == 0
+                    # rows merged sample-major (``h.reshape(-1, d)`` of a [B, T, d] tensor): not time-major ones
+                    or (not _has_sequence_dim(x) and (self._merged_rows_order(owner, x) or (0, False))[1]))):
                 return self._sequences_first_view(owner, x, args)
         elif x.is_floating_point() and self._walked_samples_dim(owner, x, (1,)) == 1:
             return self._sequences_first_view(owner, x, args)
@@ -900,7 +903,10 @@ class GradNormTracker:
             # weight or a tensor followed as shared by the samples (see _on_table_read).
             lead = (1, x.shape[0])
         elif x.is_floating_point():
-            lead = self._proven_rows(x)
+            order = self._merged_rows_order(owner, x)
+            if order is not None and not order[1]:  # time-major rows of a [T, B, ...] tensor
+                return self._sequences_first_view(owner, x, args, lead=(x.shape[0] // order[0], order[0]))
+            lead = (order[0], x.shape[0] // order[0]) if order is not None else self._proven_rows(x)
         elif (x.dim() >= 2 and x.shape[0] > 1 and 1 < self._last_batch != x.shape[0] and self._model_inputs
               and (x.stride(0) == 0 or (self._ids_follower is not None and self._ids_follower.constant_rows(x)))):
             # Ids expanded over rows that are not the samples (BERT's token types: a [1, T] buffer
@@ -960,28 +966,29 @@ class GradNormTracker:
             self._other_layout = f"{described}, samples in dim {found} by the autograd graph"
         return found
 
-    def _sequences_first_view(self, owner: _Owner, x: torch.Tensor, args: tuple) -> tuple | None:
+    def _sequences_first_view(self, owner: _Owner, x: torch.Tensor, args: tuple,
+                              lead: tuple[int, int] | None = None) -> tuple | None:
         """Under ``batch_first=False``: a Linear, LayerNorm, RMSNorm or Embedding given a ``[T, B, ...]``
         input is called on it viewed ``[B, T, ...]`` (the same numbers: each row is mapped on its
         own), so every other hook, the fused forward and the rule see samples first, as always;
         ``_on_rows_forward`` makes the output ``[T, B, ...]`` again. Rows merged from a ``[T, B, ...]``
         tensor (``output.view(T * B, d)`` before a decoder), where the autograd graph shows them so
         (``merged_sequence_rows``), are viewed ``[B, T, ...]`` the same way, and the output is merged
-        back. A batch norm takes ``[B, C, ...]``; other rows are left as they are (the batch check
-        refuses them)."""
+        back (``lead``, where given: ``(T, B)``, rows the caller proved time-major). A batch norm takes
+        ``[B, C, ...]``; other rows are left as they are (the batch check refuses them)."""
         rule = owner.rule
         if not (rule.rows_independent or isinstance(rule, EmbeddingRule)):
             return None
         # The trailing dims each row is mapped from: a norm's normalised ones, a Linear's features, none for ids.
         normalised = (next(iter(owner.tracked.values())).dim() if isinstance(rule, AffineNormRule)
                       else int(x.is_floating_point()))
-        if _has_sequence_dim(x):
+        if _has_sequence_dim(x) and lead is None:
             if x.dim() - normalised < 2:  # (a norm's two leading dims besides the normalised ones)
                 return None
             view, rows = sequences_first_view(x), None
         else:
-            lead = (merged_sequence_rows(x, self._last_batch)
-                    if rule.rows_independent and x.dim() > normalised and self._rows_may_be_flattened(x) else None)
+            if lead is None and rule.rows_independent and x.dim() > normalised and self._rows_may_be_flattened(x):
+                lead = merged_sequence_rows(x, self._last_batch)
             if lead is None:
                 return None
             view, rows = sequences_first_view(x.reshape(*lead, *x.shape[1:])), x.shape[0]
@@ -1589,6 +1596,27 @@ class GradNormTracker:
                 ctx.input_batch, ctx.input_samples = found
         return ctx
 
+    def _merged_rows_order(self, owner: _Owner, x: torch.Tensor) -> tuple[int, bool] | None:
+        """``merged_rows_order``: for a row-wise layer whose input's rows may be samples and positions
+        merged, ``(B, sample_major)`` where the autograd graph proves every row one sample's back to
+        this forward's earlier tracked outputs. Time-major rows (``h.reshape(-1, d)`` of a ``[T, B, d]``
+        tensor in a model tracked batch first) were taken sample-major by the merge ``row_samples``
+        reads, with T for the batch, and under ``batch_first=False`` sample-major rows (of a ``[B, T,
+        d]`` tensor transposed back) were taken time-major by ``merged_sequence_rows``: refused where
+        T != B, wrong with no error where T == B. Kept for the plan per call, as
+        ``_walked_samples_dim``'s answers."""
+        batch = self._last_batch
+        if (batch <= 1 or not self._sample_nodes or not owner.rule.rows_independent
+                or not self._rows_may_be_flattened(x) or x.shape[0] % batch):
+            return None
+        key = (id(owner), owner.forward_calls, "rows")
+        if key not in self._layouts:
+            if len(self._layouts) >= _MAX_LAYOUTS:
+                self._layouts.clear()
+            self._layouts[key] = merged_rows_order(x, self._sample_nodes, self._shared_nodes())
+        found = self._layouts[key]
+        return found if found is not None and found[0] == batch else None
+
     def _proven_rows(self, x: torch.Tensor) -> tuple[int, ...] | None:
         """``flattened_samples(x)``, where ``x``'s rows may be samples and tokens merged: not when
         they are as many as the last call's samples (the common case: one comparison, no graph
@@ -1965,9 +1993,11 @@ class GradNormTracker:
                             "samples and tokens flattened into rows? Rows are assigned to samples only for a "
                             "Linear/LayerNorm/RMSNorm whose input comes from a view merging [B, T, ...] through "
                             "elementwise ops and such layers (not through gathers or permutations of rows); see "
-                            "divebatch/layers/rows.py. Under torch.compile the view must be made in eager code: "
-                            "exclude the module that flattens from compilation, e.g. "
-                            "block.forward = torch.compiler.disable(block.forward).")
+                            "divebatch/layers/rows.py. Under torch.compile, where the view is made in compiled "
+                            "code, divebatch reads it by calling that code's backward once more, which a backward "
+                            "compiled with donated buffers (inductor's default) refuses: set "
+                            "torch._functorch.config.donated_buffer = False before compiling, or exclude the module "
+                            "that flattens from compilation, e.g. block.forward = torch.compiler.disable(block.forward).")
                 raise ValueError(
                     f"module '{owner.name}' ({type(owner.module).__name__}) saw a batch of {call.batch_size} samples "
                     f"but other layers in this backward saw {step.batch_size}; per-sample gradients need one "

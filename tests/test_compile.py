@@ -196,24 +196,31 @@ def test_shared_linear_input_under_compile_is_refused_naming_compile():
             tracker.collect()
 
 
-def test_flattened_rows_under_compile_need_the_flattening_module_eager():
-    """OPT's MLP block flattens samples and tokens into rows: compiled, the graph that proves the
-    rows sample-major is a compiled node, so the Linears on them are refused with a hint; with that
-    block's forward excluded from compilation (as the hint says) the numbers are exact."""
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_flattened_rows_under_compile_are_read_from_the_compiled_graph(backend):
+    """OPT's MLP block flattens samples and tokens into rows: compiled, the views that prove the
+    rows sample-major are inside a compiled node, which the walk probes through its backward, so
+    the Linears on them are exact (refused before 2026-12-06's second session, with a hint to
+    exclude the block from compilation, which is still exact). Inductor's backward, compiled with
+    donated buffers, refuses to run twice: refused, naming both ways out, and exact with either."""
     from .models_zoo import FlattenedTokensBlock
 
     model, x, y = ZOO["flattened_tokens"]()
-    compiled = torch.compile(model, backend="aot_eager")
-    with GradNormTracker(model, "sum") as tracker:
-        with pytest.raises(ValueError, match=r"torch\.compiler\.disable"):
-            sample_loss(compiled(x), y).backward()
-            tracker.collect()
+    if backend == "inductor":
+        with GradNormTracker(model, "sum") as tracker:
+            with pytest.raises(ValueError, match=r"donated_buffer = False.*torch\.compiler\.disable"):
+                sample_loss(torch.compile(model)(x), y).backward()
+                tracker.collect()
+        torch._dynamo.reset()
+        model.zero_grad()
+    with torch._functorch.config.patch(donated_buffer=False):
+        tracked_and_checked(model, sample_loss, x, y, forward=torch.compile(model, backend=backend))
     torch._dynamo.reset()
     model.zero_grad()
     for block in model.modules():
         if isinstance(block, FlattenedTokensBlock):
             block.forward = torch.compiler.disable(block.forward)
-    tracked_and_checked(model, sample_loss, x, y, forward=compiled)
+    tracked_and_checked(model, sample_loss, x, y, forward=torch.compile(model, backend=backend))
 
 
 @pytest.mark.parametrize("case", ["passed_table", "normalised_table"])

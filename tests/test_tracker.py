@@ -310,20 +310,29 @@ def test_a_model_merging_its_input_dims_unprovably_is_refused():
             tracker.collect()
 
 
+class Folding(nn.Module):
+    """A Linear's ``[B, 4]`` output folded into rows of ``width`` features for a second Linear."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = width
+        self.first = nn.Linear(4, 4)
+        self.second = nn.Linear(width, 1)
+
+    def forward(self, x):
+        return self.second(self.first(x).reshape(-1, self.width))
+
+
 def test_batch_dimension_disagreement_names_the_module():
-    class Folding(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.first = nn.Linear(4, 4)
-            self.second = nn.Linear(2, 1)
-
-        def forward(self, x):
-            return self.second(self.first(x).reshape(-1, 2))
-
-    model = Folding()
+    """Rows that mix samples (3 samples' 4 features folded into 2 rows of 6) are refused, naming the
+    module; rows that split each sample (into 2 rows of 2: row r is sample r // 2, which the graph
+    proves back to the first layer's output) are exact (refused too before 2026-12-06's second
+    session)."""
+    model = Folding(6)
     with GradNormTracker(model, "sum"):
         with pytest.raises(ValueError, match=r"module '(first|second)'.*batch"):
             model(torch.randn(3, 4)).sum().backward()
+    tracked_and_checked(Folding(2), lambda out, y: out.sum(), torch.randn(3, 4), torch.zeros(3))
 
 
 def test_empty_batch_is_refused():

@@ -578,6 +578,43 @@ def samples_dim(x: torch.Tensor, known: dict, shared: frozenset = frozenset(),
     ``shared``: graph nodes of tensors shared by all samples (carrying no sample's data, like
     parameters); ``unfollowed``, where given, gets the names of the graph nodes it could neither
     follow nor probe."""
+    found = _known_labels(x, known, shared, unfollowed)
+    if found is None:
+        return None
+    batch, labels = found
+    varying = [d for d, s in enumerate(labels.shape) if s > 1]
+    if len(varying) != 1 or labels.shape[varying[0]] != batch:
+        return None
+    order = torch.arange(batch, device=labels.device)
+    return varying[0] if torch.equal(labels.reshape(-1), order) else None
+
+
+def merged_rows_order(x: torch.Tensor, known: dict, shared: frozenset = frozenset()) -> tuple[int, bool] | None:
+    """For rows ``x [N, ...]`` of samples and positions merged together: ``(B, sample_major)`` where
+    the walk of ``samples_dim`` (to this forward's tracked outputs, no merge taken for samples by
+    assumption) proves row ``r`` sample ``r // (N / B)`` (sample-major: ``h.reshape(-1, d)`` of a
+    ``[B, T, d]`` tensor) or sample ``r % B`` (time-major: of a ``[T, B, d]`` one, as a model that
+    works on ``[T, B, d]`` inside a batch-first one flattens before its output layer); None
+    otherwise. ``row_samples`` takes the first dim of a merge for the samples, which is right only
+    in the first case, and where ``T == B`` no batch size tells the second from it."""
+    found = _known_labels(x, known, shared)
+    if found is None or x.dim() < 1:
+        return None
+    batch, labels = found
+    if any(s != 1 for s in labels.shape[1:]) or x.shape[0] % batch or labels.shape[0] != x.shape[0]:
+        return None
+    rows, samples = labels.reshape(-1), torch.arange(batch, device=labels.device)
+    if torch.equal(rows, samples.repeat_interleave(x.shape[0] // batch)):
+        return batch, True
+    if torch.equal(rows, samples.repeat(x.shape[0] // batch)):
+        return batch, False
+    return None
+
+
+def _known_labels(x: torch.Tensor, known: dict, shared: frozenset = frozenset(),
+                  unfollowed: list[str] | None = None) -> tuple[int, torch.Tensor] | None:
+    """``(B, labels)``: the sample of each element of ``x`` (int64, broadcastable to ``x``, of
+    ``x.dim()`` dims), from the walk of ``samples_dim``; None where it does not prove them."""
     node = x.grad_fn
     if node is None or x.dim() < 1 or not known:
         return None
@@ -593,13 +630,7 @@ def samples_dim(x: torch.Tensor, known: dict, shared: frozenset = frozenset(),
         unfollowed.extend(walk.unfollowed)
     if labels is None or len(batches) != 1:
         return None
-    labels = _fit(labels, x.dim())
-    varying = [d for d, s in enumerate(labels.shape) if s > 1]
-    batch = batches.pop()
-    if len(varying) != 1 or labels.shape[varying[0]] != batch:
-        return None
-    order = torch.arange(batch, device=labels.device)
-    return varying[0] if torch.equal(labels.reshape(-1), order) else None
+    return batches.pop(), _fit(labels, x.dim())
 
 
 class _LabelWalk:
