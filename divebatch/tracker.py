@@ -857,7 +857,8 @@ class GradNormTracker:
     def _refuse_undecided_layouts(self) -> None:
         """At the end of a forward: where a layer's input had the batch's size in dims 0 and 1
         (``T == B``), the autograd graph did not tell which holds its samples (it passes through an op
-        that can be neither followed nor probed: checkpointed or compiled code, an op mixing samples),
+        that can be neither followed nor probed: checkpointed code, a backward compiled with donated
+        buffers, an op mixing samples),
         and the model was seen with samples in the other dim than the tracker's layout (a layer placed
         so by the graph, an RNN or attention declared so), the layer's default dim is a guess: refused,
         naming the layers and the attribute that settles each. (Where the model shows one layout
@@ -866,12 +867,12 @@ class GradNormTracker:
         if not undecided or self._other_layout is None:
             return
         self._layouts.clear()
-        first = "dim 0" if self.batch_first else "dim 1"
+        tracker_dim = 0 if self.batch_first else 1
         raise ValueError(
-            f"{'; '.join(undecided)}: this layer's input has the batch's size ({self._last_batch}) in both dims 0 and 1, "
+            f"{'; '.join(undecided)}: the input has the batch's size ({self._last_batch}) in both dims 0 and 1, "
             "and the autograd graph back to the earlier layers' outputs does not tell which holds its samples, while "
             f"this model has them in the other dim than the tracker's layout elsewhere ({self._other_layout}): taking "
-            f"{first}, the tracker's, could read positions as samples. Declare the layer's layout: "
+            f"dim {tracker_dim}, the tracker's, could read positions as samples. Declare each such layer's layout: "
             "`module.batch_first = True` if its input is [B, T, ...], False if [T, B, ...]")
 
     @torch.compiler.disable

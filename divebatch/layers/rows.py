@@ -621,8 +621,12 @@ def _known_labels(x: torch.Tensor, known: dict, shared: frozenset = frozenset(),
     batches: set[int] = set()
     token, data_token = _SHARED.set((shared, None)), _DATA.set(frozenset(node for node, _, _ in known.values()))
     try:
-        walk = _LabelWalk(batches, x.device, known=known)
-        labels = walk.labels(node, x.output_nr, tuple(x.shape))
+        # The walk's own tensor ops (labels, probes) are none of the model's: no torch-function mode
+        # active in the forward (the watchers of shared outputs) sees them (Kimi Linear's probes
+        # took 100 s under one).
+        with torch._C.DisableTorchFunction():
+            walk = _LabelWalk(batches, x.device, known=known)
+            labels = walk.labels(node, x.output_nr, tuple(x.shape))
     finally:
         _SHARED.reset(token)
         _DATA.reset(data_token)
@@ -645,6 +649,7 @@ class _LabelWalk:
         self.singleton_batch = singleton_batch  # a [batch, 1, ...] view is a terminal too
         self.known = known
         self.probe_calls = _MAX_PROBE_CALLS
+        self.probe_values: dict[tuple, torch.Tensor] = {}  # random output grads by (shape, device), drawn once
         self.unfollowed: list[str] = []  # the ops it could neither follow nor probe (for error messages)
         self.seen: dict[tuple[int, int], tuple[object, torch.Tensor | None]] = {}
 
@@ -843,7 +848,11 @@ def _probed(walk: _LabelWalk, node, index: int, shape: tuple[int, ...], child_la
         return None
     bits = max(1, (batch - 1).bit_length())
     samples = torch.arange(batch)
-    generator = torch.Generator(device=outputs[index][2]).manual_seed(0)
+    key = outputs[index][0], outputs[index][2]
+    if key not in walk.probe_values:
+        generator = torch.Generator(device=key[1]).manual_seed(0)
+        walk.probe_values[key] = torch.rand(key[0], generator=generator, device=key[1]) + 0.5
+    values = walk.probe_values[key]
     placed = []
     for dim, along in _layouts_along(shape, batch):
         if walk.probe_calls < 2 * bits:
@@ -853,7 +862,7 @@ def _probed(walk: _LabelWalk, node, index: int, shape: tuple[int, ...], child_la
             for value in (0, 1):
                 chosen = ((samples >> bit) & 1) == value
                 walk.probe_calls -= 1
-                grads = _node_backward(node, outputs, index, dim, chosen[along], generator)
+                grads = _node_backward(node, outputs, index, dim, chosen[along], values)
                 if grads is None or not _within(grads, operands, chosen):
                     separated = False
                     break
@@ -869,23 +878,25 @@ def _probed(walk: _LabelWalk, node, index: int, shape: tuple[int, ...], child_la
 
 def _layouts_along(shape: tuple[int, ...], batch: int):
     """The layouts ``_probed`` tries: ``(dim, sample of each index along it)`` for each dim of the
-    batch's size (sample i at index i) or of a multiple of it (samples merged with another dim,
-    sample-major as ``[B * heads, ...]`` or sample-minor as ``[heads * B, ...]``)."""
+    batch's size (sample i at index i), and for a first dim of a multiple of it (samples merged
+    with another dim, sample-major as ``[B * heads, ...]`` or sample-minor as ``[heads * B, ...]``;
+    merges elsewhere are not tried: each layout tried costs a backward call, and inner dims of
+    a multiple of B, the features', abound)."""
     for dim, n in enumerate(shape):
         if n == batch:
             yield dim, torch.arange(batch)
-        elif n > batch and n % batch == 0:
+        elif dim == 0 and n > batch and n % batch == 0:
             yield dim, torch.arange(batch).repeat_interleave(n // batch)
             yield dim, torch.arange(batch).repeat(n // batch)
 
 
-def _node_backward(node, outputs, index: int, dim: int, chosen: torch.Tensor, generator) -> list | None:
+def _node_backward(node, outputs, index: int, dim: int, chosen: torch.Tensor, values: torch.Tensor) -> list | None:
     """The grads of ``node``'s inputs (one per ``next_functions`` entry, None where none) for an
-    output grad random on the slices ``chosen`` (bool, one per index) along ``dim`` of output
-    ``index``, zero elsewhere (and on the other outputs); None where the node cannot be called so."""
+    output grad of ``values`` (random, of output ``index``'s shape) on the slices ``chosen`` (bool,
+    one per index) along ``dim`` of output ``index``, zero elsewhere (and on the other outputs); None
+    where the node cannot be called so."""
     shape, dtype, device = outputs[index]
-    values = torch.rand(shape, generator=generator, device=device) + 0.5
-    values *= chosen.to(device).view(-1, *(1,) * (len(shape) - 1 - dim)).to(values.dtype)
+    values = values * chosen.to(device).view(-1, *(1,) * (len(shape) - 1 - dim)).to(values.dtype)
     grads = [values.to(dtype) if i == index else torch.zeros(s, dtype=t, device=v)
              for i, (s, t, v) in enumerate(outputs)]
     try:
@@ -920,11 +931,16 @@ def _within(grads: list, operands: list, chosen: torch.Tensor) -> bool:
             continue
         if not isinstance(grad, torch.Tensor) or tuple(grad.shape) != source:
             return False
+        # Which of the labels' (few) distinct positions have a nonzero grad somewhere along the dims
+        # they are constant on: the labels are never expanded to the operand (268 MB a call on Kimi
+        # Linear's chunked attention).
+        constant = tuple(d for d in range(lab.dim()) if lab.shape[d] == 1 and source[d] != 1)
         hit = grad != 0
+        hit = hit.any(dim=constant, keepdim=True) if constant else hit
         if not bool(hit.any()):
             continue
         touched = True
-        if not bool(chosen.to(lab.device)[lab.expand(source)[hit]].all()):
+        if not bool(chosen.to(lab.device)[lab.expand(hit.shape)[hit.to(lab.device)]].all()):
             return False
     return touched
 
