@@ -846,8 +846,8 @@ class MixSamples(torch.autograd.Function):
 @pytest.mark.parametrize("op", ["flip-time", "strided-merged", "flip-batch", "mix", "function"])
 def test_a_probed_op_is_placed_only_where_its_backward_keeps_samples_apart(op):
     """``samples_dim`` through one op it does not know: a flip over time keeps sample ``i`` at index
-    ``i`` of dim 1 (placed); so does an ``as_strided`` view of the samples merged with the features
-    (``[T, B * d]``, placed sample-major, then viewed ``[T, B, d]``); a flip over the batch moves them
+    ``i`` of dim 1 (placed); so does an ``as_strided`` view of the samples merged with positions
+    (``[B * T, d]``, placed sample-major, then viewed ``[B, T, d]`` and transposed); a flip over the batch moves them
     (not placed: the samples are not in order); an op that mixes samples, and one whose operand
     comes from nowhere known, are not placed."""
     B, T = 4, 4
@@ -858,7 +858,8 @@ def test_a_probed_op_is_placed_only_where_its_backward_keeps_samples_apart(op):
     if op == "flip-time":
         x, expected = torch.flip(h, dims=(0,)), 1
     elif op == "strided-merged":
-        x, expected = torch.as_strided(h.reshape(T, B * 3), (T, B * 3), (B * 3, 1)).view(T, B, 3), 1
+        merged = out.reshape(B * T, 3)
+        x, expected = torch.as_strided(merged, (B * T, 3), (3, 1)).view(B, T, 3).transpose(0, 1), 1
     elif op == "flip-batch":
         x, expected = torch.flip(h, dims=(1,)), None
     elif op == "mix":
