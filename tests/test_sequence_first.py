@@ -173,6 +173,18 @@ def check(model, x, y, loss, fused=True, batch_dim=1, batch_first=False):
     assert rel_err(stats.batch_grad_sq, ref_batch) < RTOL
 
 
+def check_each_sample(model, loss, x, y, *, batch_dim=0, **tracker_options):
+    """One tracked backward of ``loss(model(x), y)`` against each sample's own backward (samples
+    along ``batch_dim`` of ``x``, dim 0 of ``y``), for models torch.func cannot run."""
+    each = (x, lambda part: model(part)) if batch_dim == 0 else (
+        x.transpose(0, batch_dim), lambda part: model(part.transpose(0, batch_dim)))
+    ref = each_sample_backward(model, loss, each[1], each[0], y)
+    with GradNormTracker(model, "sum", **tracker_options) as tracker:
+        model.zero_grad()
+        loss(model(x), y).backward()
+        assert rel_err(tracker.collect().per_sample, ref) < RTOL
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
 @pytest.mark.parametrize("T", [5, 4], ids=["T!=B", "T==B"])
 @pytest.mark.parametrize("name", ["encoder-classifier", "reused-linear", "recurrent-lm", "recurrent-lm-tied",
@@ -590,10 +602,7 @@ def test_sequences_first_inside_through_an_unknown_op_is_refused_with_the_layout
             F.cross_entropy(model(ids), y, reduction="sum").backward()
             tracker.collect()
     model.proj.batch_first = False  # (as the hint says: exact)
-    ref = each_sample_backward(model, class_loss, model, ids, y)
-    with GradNormTracker(model, "sum") as tracker:
-        class_loss(model(ids), y).backward()
-        assert rel_err(tracker.collect().per_sample, ref) < RTOL
+    check_each_sample(model, class_loss, ids, y)
 
 
 class TransposedAround(nn.Module):
@@ -901,11 +910,7 @@ def test_a_layer_the_graph_cannot_place_at_t_equal_b_is_refused_where_the_model_
                 model(ids)
         del tracker
     model.second.batch_first = False
-    ref = each_sample_backward(model, class_loss, model, ids, y)
-    with GradNormTracker(model, "sum") as tracker:
-        model.zero_grad()
-        class_loss(model(ids), y).backward()
-        assert rel_err(tracker.collect().per_sample, ref) < RTOL
+    check_each_sample(model, class_loss, ids, y)
 
     class OneLayout(nn.Module):
         def __init__(self):
@@ -915,12 +920,7 @@ def test_a_layer_the_graph_cannot_place_at_t_equal_b_is_refused_where_the_model_
         def forward(self, ids):
             return self.head(torch.tanh(self.proj(unprobed_flip(self.embed(ids)))).mean(1))
 
-    model = OneLayout()
-    ref = each_sample_backward(model, class_loss, model, ids, y)
-    with GradNormTracker(model, "sum") as tracker:
-        model.zero_grad()
-        class_loss(model(ids), y).backward()
-        assert rel_err(tracker.collect().per_sample, ref) < RTOL
+    check_each_sample(OneLayout(), class_loss, ids, y)
 
 
 class TimeMajorRows(nn.Module):
@@ -953,10 +953,7 @@ def test_time_major_rows_in_a_batch_first_model_match_each_samples_backward(kind
     model = TimeMajorRows(kind)
     gen = torch.Generator().manual_seed(1)
     ids, y = torch.randint(0, VOCAB, (4, T), generator=gen), torch.randint(0, VOCAB, (4, T), generator=gen)
-    ref = each_sample_backward(model, batch_first_token_loss, model, ids, y)
-    with GradNormTracker(model, "sum", fused=fused) as tracker:
-        batch_first_token_loss(model(ids), y).backward()
-        assert rel_err(tracker.collect().per_sample, ref) < RTOL
+    check_each_sample(model, batch_first_token_loss, ids, y, fused=fused)
 
 
 class SampleMajorRows(nn.Module):
@@ -988,8 +985,4 @@ def test_sample_major_rows_in_a_sequence_first_model_match_each_samples_backward
     model = SampleMajorRows(kind)
     gen = torch.Generator().manual_seed(1)
     ids, y = torch.randint(0, VOCAB, (T, 4), generator=gen), torch.randint(0, VOCAB, (4, T), generator=gen)
-    ref = each_sample_backward(model, batch_first_token_loss, lambda part: model(part.transpose(0, 1)),
-                               ids.transpose(0, 1), y)
-    with GradNormTracker(model, "sum", fused=fused, batch_first=False) as tracker:
-        batch_first_token_loss(model(ids), y).backward()
-        assert rel_err(tracker.collect().per_sample, ref) < RTOL
+    check_each_sample(model, batch_first_token_loss, ids, y, batch_dim=1, fused=fused, batch_first=False)
