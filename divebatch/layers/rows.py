@@ -807,20 +807,21 @@ def _labels(walk: _LabelWalk, node, index: int, shape: tuple[int, ...]):
 
 def _probed(walk: _LabelWalk, node, index: int, shape: tuple[int, ...], child_labels) -> torch.Tensor | None:
     """Labels of output ``index`` (of ``shape``) of an op the walk does not know (``torch.flip``, a
-    custom autograd Function: a fused attention or norm kernel, an ``as_strided`` view), read from
-    its backward: where, for one layout (``_layouts_along``: a dim ``d`` whose indices are the
-    samples, or samples merged with another dim), the slices of the output at the indices of
-    samples ``S`` along ``d`` depend on the operands' elements of samples ``S`` alone, for every
-    ``S`` of a family that parts any two samples (each bit of the sample index, set and clear:
-    ``2 ceil(log2 B)`` backward calls), and for no other layout, the output's samples are that
-    layout's. Each call is the node's own backward
-    on an output grad that is random on those slices and zero elsewhere; the elements of an operand
-    with a nonzero grad must all carry labels in ``S``, and some must (a random output grad cancels
-    on a dependence with probability zero). Every operand with a gradient must carry labels or be
-    made of parameters. Not called: backwards that run a forward again or call autograd
-    themselves (checkpointing), compiled code, divebatch's own Functions. The calls run with
-    capture suspended and draw from a generator of their own (the model's random state is not
-    touched)."""
+    custom autograd Function: a fused attention or norm kernel, an ``as_strided`` view, the code
+    ``torch.compile`` runs between tracked layers), read from its backward: where, for one layout
+    (``_layouts_along``: a dim ``d`` whose indices are the samples, or samples merged with another
+    dim), the slices of the output at the indices of samples ``S`` along ``d`` depend on the
+    operands' elements of samples ``S`` alone, for every ``S`` of a family that parts any two
+    samples (each bit of the sample index, set and clear: ``2 ceil(log2 B)`` backward calls), and
+    for no other layout, the output's samples are that layout's. Each call is the node's own
+    backward on an output grad that is random on those slices and zero elsewhere; the elements of
+    an operand with a nonzero grad must all carry labels in ``S``, and some must (a random output
+    grad cancels on a dependence with probability zero). Every operand with a gradient must carry
+    labels or be made of parameters. Not called: backwards that run a forward again or call
+    autograd themselves (checkpointing) and divebatch's own Functions (a compiled node is called:
+    AOTAutograd compiles its backward once more, keeping its saved tensors, and one compiled with
+    donated buffers raises, so it is not placed). The calls run with capture suspended and draw
+    from a generator of their own (the model's random state is not touched)."""
     name = type(node).__name__
     forward_cls = getattr(node, "_forward_cls", None)
     if ("Checkpoint" in name or walk.probe_calls <= 0
