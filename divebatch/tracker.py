@@ -957,10 +957,10 @@ class GradNormTracker:
         unfollowed: list[str] = []
         found = samples_dim(x, self._sample_nodes, self._shared_nodes(), unfollowed)
         default = {(1,): 0, (0,): 1}.get(candidates)  # (a generic module under batch_first=False has none)
-        described = f"'{owner.name}' ({type(owner.module).__name__}, input {list(x.shape)})"
         if default is None:
-            pass
-        elif found is None and x.shape[default] == x.shape[candidates[0]] == self._last_batch:
+            return found
+        described = f"'{owner.name}' ({type(owner.module).__name__}, input {list(x.shape)})"
+        if found is None and x.shape[default] == x.shape[candidates[0]] == self._last_batch:
             past = f", past {', '.join(sorted(set(unfollowed)))}" if unfollowed else ""
             self._undecided.append(f"{described}{past}")
         elif found is not None and found != default and self._other_layout is None:

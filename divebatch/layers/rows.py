@@ -598,7 +598,7 @@ def merged_rows_order(x: torch.Tensor, known: dict, shared: frozenset = frozense
     otherwise. ``row_samples`` takes the first dim of a merge for the samples, which is right only
     in the first case, and where ``T == B`` no batch size tells the second from it."""
     found = _known_labels(x, known, shared)
-    if found is None or x.dim() < 1:
+    if found is None:
         return None
     batch, labels = found
     if any(s != 1 for s in labels.shape[1:]) or x.shape[0] % batch or labels.shape[0] != x.shape[0]:
