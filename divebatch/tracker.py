@@ -471,14 +471,17 @@ class GradNormTracker:
         # This forward's tracked outputs whose sample dim is known, {(id(grad_fn), output_nr): (grad_fn,
         # dim, B)}, the terminals of the walks that place samples in a layer's input (_walked_samples_dim);
         # and each call's answer (the dim, or None), by (owner, call), kept for the plan (a model's
-        # layout is its code's).
+        # layout is its code's), the walk's or, where only one of dims 0 and 1 had the batch's size,
+        # the shape's.
         self._sample_nodes: dict[tuple[int, int], tuple] = {}
         self._layouts: dict[tuple, object] = {}  # (and merged rows' order, keyed (owner, call, "rows"))
         # Layers of this forward whose input has the batch's size in dims 0 and 1 and whose graph did
         # not tell which holds the samples (described for an error); and, for the plan, where the model
         # was seen with samples in the dim other than the tracker's layout: both together are refused
-        # at the forward's end (_refuse_undecided_layouts).
+        # at the forward's end (_refuse_undecided_layouts), as are undecided layers behind a compiled
+        # backward that could not be probed (_undecided_in_compiled_code).
         self._undecided: list[str] = []
+        self._undecided_in_compiled_code = False
         self._other_layout: str | None = None
         self._closed = False
         self._enabled = False
@@ -828,7 +831,7 @@ class GradNormTracker:
             self._model_input_shape = (shape[1], shape[0], *shape[2:])
         self._model_inputs = inputs  # (until the forward ends: ids merged from them, see _input_rows)
         self._sample_nodes = {}
-        self._undecided = []
+        self._undecided, self._undecided_in_compiled_code = [], False
         self._model_rows = _rows_read(inputs[0]) if inputs and inputs[0].dim() > 0 and not sequence_first else None
         if (inputs and inputs[0].dim() > 2 and not inputs[0].is_floating_point() and self._ids_follower is None
                 and self.batch_first and self._looks_up_ids and not _called_from_compiled_code()):
@@ -856,24 +859,32 @@ class GradNormTracker:
 
     def _refuse_undecided_layouts(self) -> None:
         """At the end of a forward: where a layer's input had the batch's size in dims 0 and 1
-        (``T == B``), the autograd graph did not tell which holds its samples (it passes through an op
-        that can be neither followed nor probed: checkpointed code, a backward compiled with donated
-        buffers, an op mixing samples),
-        and the model was seen with samples in the other dim than the tracker's layout (a layer placed
-        so by the graph, an RNN or attention declared so), the layer's default dim is a guess: refused,
-        naming the layers and the attribute that settles each. (Where the model shows one layout
-        throughout, the tracker's is kept, as for any layer.) The walks run again next time."""
+        (``T == B``, and that call was not seen with ``T != B`` before), the autograd graph did not
+        tell which holds its samples (it passes through an op that can be neither followed nor
+        probed: checkpointed code, a backward compiled with donated buffers, an op mixing samples),
+        and either the model was seen with samples in the other dim than the tracker's layout (a
+        layer placed so by the graph, an RNN or attention declared so) or the walk stopped at code
+        compiled by ``torch.compile`` (the model's own code, which may transpose, whose backward
+        did not run or mixed samples), the layer's default dim is a guess: refused, naming the
+        layers and the attribute that settles each. (Where the model shows one layout throughout and the walk stopped at
+        an op of its own, a fused kernel the probe cannot call, the tracker's is kept, as for any
+        layer.) The walks run again next time."""
         undecided, self._undecided = self._undecided, []
-        if not undecided or self._other_layout is None:
+        in_compiled_code, self._undecided_in_compiled_code = self._undecided_in_compiled_code, False
+        if not undecided or (self._other_layout is None and not in_compiled_code):
             return
         self._layouts.clear()
         tracker_dim = 0 if self.batch_first else 1
+        why = (f"this model has them in the other dim than the tracker's layout elsewhere ({self._other_layout})"
+               if self._other_layout is not None else
+               "the code before it was compiled by torch.compile (the model's own, which may transpose), and its "
+               "backward did not show it")
         raise ValueError(
             f"{'; '.join(undecided)}: the input has the batch's size ({self._last_batch}) in both dims 0 and 1, "
             "and the autograd graph back to the earlier layers' outputs does not tell which holds its samples, while "
-            f"this model has them in the other dim than the tracker's layout elsewhere ({self._other_layout}): taking "
-            f"dim {tracker_dim}, the tracker's, could read positions as samples. Declare each such layer's layout: "
-            "`module.batch_first = True` if its input is [B, T, ...], False if [T, B, ...]")
+            f"{why}: taking dim {tracker_dim}, the tracker's, could read positions as samples. Declare each such "
+            "layer's layout: `module.batch_first = True` if its input is [B, T, ...], False if [T, B, ...] (a call "
+            "seen with T != B before is read as it was then)")
 
     @torch.compiler.disable
     def _on_rows_pre_forward(self, owner: _Owner, module, args):
@@ -935,20 +946,32 @@ class GradNormTracker:
         steps for samples) and the batch check refuses where ``T != B``; in one tracked sequences
         first, ``(0,)``: the reverse. Walked only where a candidate dim has the batch's size; each
         call's answer is kept for the plan, so a step walks the graph only on its first forward
-        (the call is known by its number since the last backward: the same code's call each step)."""
+        (the call is known by its number since the last backward: the same code's call each step).
+        A call whose input had the batch's size in the tracker's dim and not in the candidate (``T !=
+        B``, the sizes telling) keeps that dim too: at ``T == B`` later (a batch grown to the
+        sequence length) it is read as it was then, with no walk (which compiled code may not allow:
+        see _refuse_undecided_layouts)."""
         batch, shape = self._last_batch, x.shape
-        if batch <= 1 or len(shape) < 3 or not self._sample_nodes or all(shape[d] != batch for d in candidates):
-            return None  # (the common case, a few comparisons)
-        normalised = next(iter(owner.tracked.values())).dim() if isinstance(owner.rule, AffineNormRule) else 1
-        if len(shape) - normalised < 2 or x.grad_fn is None:
+        if batch <= 1 or len(shape) < 3:
             return None
         key = (id(owner), owner.forward_calls)
+        if all(shape[d] != batch for d in candidates):  # (the common case, a few comparisons)
+            if len(candidates) == 1 and shape[1 - candidates[0]] == batch and key not in self._layouts:
+                self._keep_layout(key, 1 - candidates[0])
+            return None
+        normalised = next(iter(owner.tracked.values())).dim() if isinstance(owner.rule, AffineNormRule) else 1
+        if not self._sample_nodes or len(shape) - normalised < 2 or x.grad_fn is None:
+            return None
         if key not in self._layouts:
-            if len(self._layouts) >= _MAX_LAYOUTS:  # (forwards with no backward number their calls on)
-                self._layouts.clear()
-            self._layouts[key] = self._walk_samples_dim(owner, x, candidates)
+            self._keep_layout(key, self._walk_samples_dim(owner, x, candidates))
         found = self._layouts[key]
         return found if found in candidates and x.shape[found] == batch else None
+
+    def _keep_layout(self, key: tuple, found) -> None:
+        """Keep a call's layout for the plan (see _walked_samples_dim, _merged_rows_order)."""
+        if len(self._layouts) >= _MAX_LAYOUTS:  # (forwards with no backward number their calls on)
+            self._layouts.clear()
+        self._layouts[key] = found
 
     def _walk_samples_dim(self, owner: _Owner, x: torch.Tensor, candidates: tuple[int, ...]) -> int | None:
         """``samples_dim`` for ``_walked_samples_dim``'s call, noting a layer left undecided where its
@@ -963,6 +986,7 @@ class GradNormTracker:
         if found is None and x.shape[default] == x.shape[candidates[0]] == self._last_batch:
             past = f", past {', '.join(sorted(set(unfollowed)))}" if unfollowed else ""
             self._undecided.append(f"{described}{past}")
+            self._undecided_in_compiled_code |= "CompiledFunctionBackward" in unfollowed
         elif found is not None and found != default and self._other_layout is None:
             self._other_layout = f"{described}, samples in dim {found} by the autograd graph"
         return found
@@ -1612,9 +1636,7 @@ class GradNormTracker:
             return None
         key = (id(owner), owner.forward_calls, "rows")
         if key not in self._layouts:
-            if len(self._layouts) >= _MAX_LAYOUTS:
-                self._layouts.clear()
-            self._layouts[key] = merged_rows_order(x, self._sample_nodes, self._shared_nodes())
+            self._keep_layout(key, merged_rows_order(x, self._sample_nodes, self._shared_nodes()))
         found = self._layouts[key]
         return found if found is not None and found[0] == batch else None
 
@@ -1995,10 +2017,9 @@ class GradNormTracker:
                             "Linear/LayerNorm/RMSNorm whose input comes from a view merging [B, T, ...] through "
                             "elementwise ops and such layers (not through gathers or permutations of rows); see "
                             "divebatch/layers/rows.py. Under torch.compile, where the view is made in compiled "
-                            "code, divebatch reads it by calling that code's backward once more, which a backward "
-                            "compiled with donated buffers (inductor's default) refuses: set "
-                            "torch._functorch.config.donated_buffer = False before compiling, or exclude the module "
-                            "that flattens from compilation, e.g. block.forward = torch.compiler.disable(block.forward).")
+                            "code, divebatch reads it by calling that code's backward once more; where that did not "
+                            "show it, exclude the module that flattens from compilation, e.g. "
+                            "block.forward = torch.compiler.disable(block.forward).")
                 raise ValueError(
                     f"module '{owner.name}' ({type(owner.module).__name__}) saw a batch of {call.batch_size} samples "
                     f"but other layers in this backward saw {step.batch_size}; per-sample gradients need one "

@@ -840,6 +840,59 @@ def test_ops_the_walk_does_not_know_are_probed_through_their_backward(op, T, fus
         assert torch.equal(torch.rand(3), expected)
 
 
+class ExpSavedInPlace(torch.autograd.Function):
+    """``exp(x)`` whose backward writes its result into the output it saved (``y.mul_(grad)``), as a
+    fused kernel saving memory may (a backward inductor compiles with donated buffers does)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x.exp()
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return y.mul_(grad)
+
+
+class InPlaceBackwardInside(nn.Module):
+    """fairseq's layout with ``ExpSavedInPlace`` between the ids' embedding and the transpose."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.proj, self.head = nn.Embedding(VOCAB, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, ids):
+        h = ExpSavedInPlace.apply(0.1 * self.embed(ids)).transpose(0, 1)  # [T, B, d]
+        return self.head(torch.tanh(self.proj(h)).mean(0))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("T", [4, 5], ids=["T==B", "T!=B"])
+def test_probing_a_backward_that_works_in_place_on_its_saved_tensors_changes_nothing(T, fused):
+    """The probe calls a Function's backward during the forward: one that writes into the tensors
+    it saved (here its own output, which the forward goes on with) would change the activations
+    and what the real backward reads. They are written back after each call, so the layers after
+    it are placed and exact and the model's gradients are those of an untracked step. Before, the
+    forward went on with the probes' results, and the real backward failed on its saved tensor
+    (T == B) or the layer was refused (T != B)."""
+    torch.manual_seed(0)
+    model = InPlaceBackwardInside()
+    gen = torch.Generator().manual_seed(1)
+    ids, y = torch.randint(0, VOCAB, (4, T), generator=gen), torch.randint(0, 3, (4,), generator=gen)
+    expected = each_sample_backward(model, class_loss, model, ids, y)
+    model.zero_grad()
+    class_loss(model(ids), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    with GradNormTracker(model, "sum", fused=fused) as tracker:
+        model.zero_grad()
+        class_loss(model(ids), y).backward()
+        assert rel_err(tracker.collect().per_sample, expected) < RTOL
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g)
+
+
 class MixSamples(torch.autograd.Function):
     """``x + mean of x over dim 1``: an op that mixes the samples of a ``[T, B, d]`` tensor."""
 

@@ -37,6 +37,7 @@ As everywhere in divebatch, the first dim of the merged tensor is taken to be th
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import math
 
@@ -819,9 +820,10 @@ def _probed(walk: _LabelWalk, node, index: int, shape: tuple[int, ...], child_la
     grad cancels on a dependence with probability zero). Every operand with a gradient must carry
     labels or be made of parameters. Not called: backwards that run a forward again or call
     autograd themselves (checkpointing) and divebatch's own Functions (a compiled node is called:
-    AOTAutograd compiles its backward once more, keeping its saved tensors, and one compiled with
-    donated buffers raises, so it is not placed). The calls run with capture suspended and draw
-    from a generator of their own (the model's random state is not touched)."""
+    AOTAutograd compiles its backward then, in the variant that keeps its saved tensors, or runs
+    the one it has, whose writes to them are undone: ``SavedTensorsKept``). The calls run with
+    capture suspended and draw from a generator of their own (the model's random state is not
+    touched)."""
     name = type(node).__name__
     forward_cls = getattr(node, "_forward_cls", None)
     if ("Checkpoint" in name or walk.probe_calls <= 0
@@ -854,6 +856,7 @@ def _probed(walk: _LabelWalk, node, index: int, shape: tuple[int, ...], child_la
         generator = torch.Generator(device=key[1]).manual_seed(0)
         walk.probe_values[key] = torch.rand(key[0], generator=generator, device=key[1]) + 0.5
     values = walk.probe_values[key]
+    kept = None if callable(node) else SavedTensorsKept(node)  # (PyTorch's own backwards write none)
     placed = []
     for dim, along in _layouts_along(shape, batch):
         if walk.probe_calls < 2 * bits:
@@ -863,7 +866,7 @@ def _probed(walk: _LabelWalk, node, index: int, shape: tuple[int, ...], child_la
             for value in (0, 1):
                 chosen = ((samples >> bit) & 1) == value
                 walk.probe_calls -= 1
-                grads = _node_backward(node, outputs, index, dim, chosen[along], values)
+                grads = _node_backward(node, outputs, index, dim, chosen[along], values, kept)
                 if grads is None or not _within(grads, operands, chosen):
                     separated = False
                     break
@@ -891,11 +894,13 @@ def _layouts_along(shape: tuple[int, ...], batch: int):
             yield dim, torch.arange(batch).repeat(n // batch)
 
 
-def _node_backward(node, outputs, index: int, dim: int, chosen: torch.Tensor, values: torch.Tensor) -> list | None:
+def _node_backward(node, outputs, index: int, dim: int, chosen: torch.Tensor, values: torch.Tensor,
+                   kept: SavedTensorsKept | None = None) -> list | None:
     """The grads of ``node``'s inputs (one per ``next_functions`` entry, None where none) for an
     output grad of ``values`` (random, of output ``index``'s shape) on the slices ``chosen`` (bool,
     one per index) along ``dim`` of output ``index``, zero elsewhere (and on the other outputs); None
-    where the node cannot be called so."""
+    where the node cannot be called so. A custom Function's backward is called inside ``kept`` (its
+    saved tensors, written back after the call)."""
     shape, dtype, device = outputs[index]
     values = values * chosen.to(device).view(-1, *(1,) * (len(shape) - 1 - dim)).to(values.dtype)
     grads = [values.to(dtype) if i == index else torch.zeros(s, dtype=t, device=v)
@@ -908,8 +913,10 @@ def _node_backward(node, outputs, index: int, dim: int, chosen: torch.Tensor, va
                 return out if len(out) == len(node.next_functions) else None
             # A custom autograd Function: its backward returns a grad per forward argument; those
             # that need one are, in order, the entries of next_functions that hold a node.
-            out = node.apply(*grads)
-            out = [out] if isinstance(out, torch.Tensor) else list(out)
+            kept = SavedTensorsKept(node) if kept is None else kept
+            with kept:
+                out = node.apply(*grads)
+                out = kept.unaliased([out] if isinstance(out, torch.Tensor) else list(out))
             needed = [i for i, need in enumerate(node.needs_input_grad) if need]
             edges = [p for p, (child, _) in enumerate(node.next_functions) if child is not None]
             if len(needed) != len(edges) or len(out) < len(node.needs_input_grad):
@@ -920,6 +927,62 @@ def _node_backward(node, outputs, index: int, dim: int, chosen: torch.Tensor, va
             return mapped
     except (RuntimeError, TypeError, ValueError, AttributeError, IndexError, NotImplementedError):
         return None
+
+
+class SavedTensorsKept(contextlib.AbstractContextManager):
+    """Around each of a probe's calls of a custom Function's backward (``_node_backward``): the
+    tensors its forward saved (``saved_tensors`` and tensors kept as attributes of the node, its
+    ``ctx``), copied once when made, are written back after each call, so a backward that works in
+    place on them does not change what the real backward pass reads. Inductor's backwards do: one compiled with donated
+    buffers (``torch._functorch.config.donated_buffer``, its default) reuses its saved tensors'
+    memory for its own results (``buf = saved; del saved  # reuse``), and AOTAutograd, which refuses
+    to run it outside a backward pass while that setting is on, runs it where the setting is off,
+    as under ``torch.compile(dynamic=True)`` with a backward compiled at the forward or taken from
+    the compile cache (where, before, the probe's second call read its first's results and the
+    model's gradient came out wrong). The setting is turned off for the call: its saved tensors
+    are restored here, with their version counters (a Python backward's in-place write bumps them,
+    and the real backward would refuse them). Grads returned in a saved tensor's memory are copied
+    out first (``unaliased``)."""
+
+    def __init__(self, node):
+        self.saved: list[torch.Tensor] = []
+        try:
+            found = list(node.saved_tensors)
+        except RuntimeError:
+            found = []  # (freed: the call fails as it would have)
+        for value in getattr(node, "__dict__", {}).values():
+            found.extend(v for v in (value if isinstance(value, (list, tuple)) else (value,))
+                         if isinstance(v, torch.Tensor))
+        seen = set()
+        for tensor in found:
+            if tensor.layout == torch.strided and id(tensor) not in seen and tensor.numel():
+                seen.add(id(tensor))
+                self.saved.append(tensor)
+        self.copies = [tensor.detach().clone() for tensor in self.saved]
+        self.versions = tuple(tensor._version for tensor in self.saved)
+        self.compiled = type(node).__name__ == "CompiledFunctionBackward"
+
+    def __enter__(self):
+        self.settings = contextlib.ExitStack()
+        if self.compiled:
+            import torch._functorch.config as functorch_config
+            self.settings.enter_context(functorch_config.patch(donated_buffer=False))
+        return self
+
+    def unaliased(self, out: list) -> list:
+        """``out`` with each tensor in the memory of a saved tensor copied out."""
+        memory = {tensor.untyped_storage().data_ptr() for tensor in self.saved}
+        return [o.clone() if isinstance(o, torch.Tensor) and o.numel() and o.untyped_storage().data_ptr() in memory
+                else o for o in out]
+
+    def __exit__(self, *exc):
+        self.settings.close()
+        for tensor, copy in zip(self.saved, self.copies):
+            tensor.data.copy_(copy)  # (``.data``: the same memory, its version not bumped)
+        # A Python backward's in-place writes bumped them: the real backward checks that its saved
+        # tensors are as saved, and now they are.
+        torch._C._autograd._unsafe_set_version_counter(tuple(self.saved), self.versions)
+        return False
 
 
 def _within(grads: list, operands: list, chosen: torch.Tensor) -> bool:
