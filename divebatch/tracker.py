@@ -861,14 +861,14 @@ class GradNormTracker:
         """At the end of a forward: where a layer's input had the batch's size in dims 0 and 1
         (``T == B``, and that call was not seen with ``T != B`` before), the autograd graph did not
         tell which holds its samples (it passes through an op that can be neither followed nor
-        probed: checkpointed code, a backward compiled with donated buffers, an op mixing samples),
-        and either the model was seen with samples in the other dim than the tracker's layout (a
-        layer placed so by the graph, an RNN or attention declared so) or the walk stopped at code
-        compiled by ``torch.compile`` (the model's own code, which may transpose, whose backward
-        did not run or mixed samples), the layer's default dim is a guess: refused, naming the
-        layers and the attribute that settles each. (Where the model shows one layout throughout and the walk stopped at
-        an op of its own, a fused kernel the probe cannot call, the tracker's is kept, as for any
-        layer.) The walks run again next time."""
+        probed: checkpointed code, an op mixing samples), and either the model was seen with
+        samples in the other dim than the tracker's layout (a layer placed so by the graph, an RNN
+        or attention declared so) or the walk stopped at code compiled by ``torch.compile`` (the
+        model's own code, which may transpose, whose backward did not run or mixed samples), the
+        layer's default dim is a guess: refused, naming the layers and the attribute that settles
+        each. (Where the model shows one layout throughout and the walk stopped at an op of its
+        own, a fused kernel the probe cannot call, the tracker's is kept, as for any layer.) The
+        walks run again next time."""
         undecided, self._undecided = self._undecided, []
         in_compiled_code, self._undecided_in_compiled_code = self._undecided_in_compiled_code, False
         if not undecided or (self._other_layout is None and not in_compiled_code):

@@ -64,7 +64,7 @@ class WindowAttention(nn.Module):
         C = h.shape[-1]
         if self.shift:
             h = torch.roll(h, shifts=(-1, -1), dims=(1, 2))
-        windows = partition(h, ws)
+        windows = self.partitioned(h)
         q, k, v = self.qkv(windows).view(-1, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         mask = self.bias()
         if self.shift:
@@ -76,6 +76,47 @@ class WindowAttention(nn.Module):
         out = self.proj(out.transpose(1, 2).reshape(-1, N, C))
         merged = out.view(B, H // ws, W // ws, ws, ws, C).transpose(2, 3).contiguous().view(B, H * W, C)
         return self.head(torch.tanh(merged).mean(1))
+
+    def partitioned(self, h):
+        return partition(h, self.ws)
+
+
+class ScaleRows(torch.autograd.Function):
+    """``2 x``: an autograd Function of its own, as a fused kernel is."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x * 2.0
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2.0
+
+
+class UnknownOpWindows(WindowAttention):
+    """Windows passed through an op the row proof does not follow before their first layer: a
+    custom Function (``ScaleRows``), or ``torch.gather`` along the windows' dim reversing each
+    image's windows or (``"other images"``) taking each image's from the next image."""
+
+    def __init__(self, op: str):
+        super().__init__()
+        self.op = op
+
+    def partitioned(self, h):
+        windows = partition(h, self.ws)
+        if self.op == "function":
+            return ScaleRows.apply(windows)
+        B, per_image = h.shape[0], windows.shape[0] // h.shape[0]
+        images = torch.arange(B)[:, None]
+        images = (images + 1) % B if self.op == "other images" else images
+        order = (images * per_image + torch.arange(per_image).flip(0)[None]).reshape(-1)
+        return torch.gather(windows, 0, order[:, None, None].expand_as(windows))
 
 
 def test_windows_are_rows_of_their_image():
@@ -127,6 +168,26 @@ def test_window_attention_matches_torch_func(shift, fused):
     stats, per_param, routes = checked_against_torch_func(WindowAttention(shift=shift), fused)
     assert rel_err(stats.per_layer["bias"], per_param["bias.table"]) <= RTOL
     assert routes["bias"] == "generic (computed weights)"  # its 1-row output's grads taken back to the table
+
+
+@pytest.mark.parametrize("op", ["function", "gather"])
+def test_windows_through_an_op_the_proof_does_not_follow_are_probed(op):
+    """An op the row proof does not follow between the partition and the windows' layers is probed
+    through its own backward (``merged_rows_order``): each window row is its image's, exact. (A
+    gather along the windows' dim was refused before 2026-12-06's third session: the walk stopped
+    at an op that moves elements along the samples' dim without asking its backward whether they
+    stay within each image.)"""
+    torch.manual_seed(0)
+    checked_against_torch_func(UnknownOpWindows(op), fused=True)
+
+
+def test_windows_gathered_from_other_images_are_refused():
+    """Each image's windows taken from the next image: the probe finds no layout that keeps the
+    images apart (every window row's image is another's), so the windows' layers keep
+    ``B * windows`` rows and the batch check refuses them, naming the first it meets."""
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"'(qkv|proj)' \(Linear\) saw a batch of 12 samples but other layers"):
+        checked_against_torch_func(UnknownOpWindows("other images"), fused=True)
 
 
 def test_window_attention_with_dropout_matches_the_same_forward():

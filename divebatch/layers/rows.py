@@ -783,10 +783,7 @@ def _labels(walk: _LabelWalk, node, index: int, shape: tuple[int, ...]):
                            shape)
         along = _signed(int(node._saved_dim)) if name in _ALONG_DIM_NODES else None
         if name not in _ROW_WISE and along is None:
-            found = _probed(walk, node, index, shape, child_labels) if walk.known is not None else None
-            if found is None and walk.known is not None:
-                walk.unfollowed.append(name)
-            return found
+            return _probed_or_noted(walk, node, index, shape, child_labels)
         labs = []
         for position, (child, _) in enumerate(children):
             if child is None:
@@ -795,7 +792,10 @@ def _labels(walk: _LabelWalk, node, index: int, shape: tuple[int, ...]):
             if found is not None and found[1] is not None:
                 lab = _fit(found[1], len(shape))
                 if along is not None and lab.shape[along % len(shape)] != 1:
-                    return None  # the op moves elements between this operand's samples
+                    # The op moves elements along the samples' dim: between samples (a softmax over
+                    # rows) or within each (windows gathered in another order per image), which
+                    # its backward tells.
+                    return _probed_or_noted(walk, node, index, shape, child_labels)
                 if name in _NORM_NODES and any(s != 1 for s in lab.shape[_normalised_from(node, len(shape)):]):
                     return None  # normalised over elements of several samples
                 labs.append(lab)
@@ -804,6 +804,17 @@ def _labels(walk: _LabelWalk, node, index: int, shape: tuple[int, ...]):
         return _agreed(labs, shape)  # (not where operands of different samples meet elementwise)
     except (AttributeError, RuntimeError, TypeError, ValueError, IndexError):
         return None  # a node without the saved fields this reads, or labels that do not fit
+
+
+def _probed_or_noted(walk: _LabelWalk, node, index: int, shape: tuple[int, ...], child_labels) -> torch.Tensor | None:
+    """``_probed`` in a ``samples_dim`` walk (to known outputs; in ``row_samples``' none), the op's
+    name noted in ``walk.unfollowed`` where it gives no labels."""
+    if walk.known is None:
+        return None
+    found = _probed(walk, node, index, shape, child_labels)
+    if found is None:
+        walk.unfollowed.append(type(node).__name__)
+    return found
 
 
 def _probed(walk: _LabelWalk, node, index: int, shape: tuple[int, ...], child_labels) -> torch.Tensor | None:
