@@ -856,38 +856,76 @@ class ExpSavedInPlace(torch.autograd.Function):
         return y.mul_(grad)
 
 
-class InPlaceBackwardInside(nn.Module):
-    """fairseq's layout with ``ExpSavedInPlace`` between the ids' embedding and the transpose."""
+class PopsItsScale(torch.autograd.Function):
+    """``2 x`` whose backward pops the scale its forward kept in a list (state used once)."""
 
-    def __init__(self):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.scales = [2.0]
+        return x * 2.0
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scales.pop()
+
+
+class DrawsInBackward(torch.autograd.Function):
+    """``2 x`` whose backward draws a random number (as stochastic rounding does), unused here."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2.0
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2.0 + 0.0 * torch.rand(())
+
+
+class StatefulBackwardInside(nn.Module):
+    """fairseq's layout with a Function whose backward has side effects (``ExpSavedInPlace``,
+    ``PopsItsScale``, ``DrawsInBackward``) between the ids' embedding and the transpose."""
+
+    def __init__(self, function):
         super().__init__()
+        self.function = function
         self.embed, self.proj, self.head = nn.Embedding(VOCAB, 6), nn.Linear(6, 6), nn.Linear(6, 3)
 
     def forward(self, ids):
-        h = ExpSavedInPlace.apply(0.1 * self.embed(ids)).transpose(0, 1)  # [T, B, d]
+        h = self.function.apply(0.1 * self.embed(ids)).transpose(0, 1)  # [T, B, d]
         return self.head(torch.tanh(self.proj(h)).mean(0))
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
 @pytest.mark.parametrize("T", [4, 5], ids=["T==B", "T!=B"])
-def test_probing_a_backward_that_works_in_place_on_its_saved_tensors_changes_nothing(T, fused):
+@pytest.mark.parametrize("function", [ExpSavedInPlace, PopsItsScale, DrawsInBackward],
+                         ids=["writes-saved", "pops-state", "draws"])
+def test_probing_a_backward_with_side_effects_changes_nothing(function, T, fused):
     """The probe calls a Function's backward during the forward: one that writes into the tensors
-    it saved (here its own output, which the forward goes on with) would change the activations
-    and what the real backward reads. They are written back after each call, so the layers after
-    it are placed and exact and the model's gradients are those of an untracked step. Before, the
-    forward went on with the probes' results, and the real backward failed on its saved tensor
-    (T == B) or the layer was refused (T != B)."""
+    it saved (here its own output, which the forward goes on with), uses state it kept once, or
+    draws random numbers would change the activations, what the real backward reads, or the
+    model's random stream. The saved tensors (and their version counters), the node's attributes
+    and the random state are put back after each call, so the layers after it are placed and
+    exact, the model's gradients are those of an untracked step and its random numbers the same.
+    Before, with ``ExpSavedInPlace`` the forward went on with the probes' results and the real
+    backward failed on its saved tensor (T == B) or the layer was refused (T != B); with
+    ``PopsItsScale`` the real backward failed; with ``DrawsInBackward`` the stream moved."""
     torch.manual_seed(0)
-    model = InPlaceBackwardInside()
+    model = StatefulBackwardInside(function)
     gen = torch.Generator().manual_seed(1)
     ids, y = torch.randint(0, VOCAB, (4, T), generator=gen), torch.randint(0, 3, (4,), generator=gen)
     expected = each_sample_backward(model, class_loss, model, ids, y)
     model.zero_grad()
     class_loss(model(ids), y).backward()
     grads = [p.grad.clone() for p in model.parameters()]
+    torch.manual_seed(2)
+    model(ids)
+    drawn = torch.rand(3)
     with GradNormTracker(model, "sum", fused=fused) as tracker:
         model.zero_grad()
-        class_loss(model(ids), y).backward()
+        torch.manual_seed(2)
+        out = model(ids)
+        assert torch.equal(torch.rand(3), drawn)
+        class_loss(out, y).backward()
         assert rel_err(tracker.collect().per_sample, expected) < RTOL
     for p, g in zip(model.parameters(), grads):
         torch.testing.assert_close(p.grad, g)

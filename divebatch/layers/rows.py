@@ -944,24 +944,30 @@ class SavedTensorsKept(contextlib.AbstractContextManager):
     """Around each of a probe's calls of a custom Function's backward (``_node_backward``): the
     tensors its forward saved (``saved_tensors`` and tensors kept as attributes of the node, its
     ``ctx``), copied once when made, are written back after each call, so a backward that works in
-    place on them does not change what the real backward pass reads. Inductor's backwards do: one compiled with donated
-    buffers (``torch._functorch.config.donated_buffer``, its default) reuses its saved tensors'
-    memory for its own results (``buf = saved; del saved  # reuse``), and AOTAutograd, which refuses
+    place on them does not change what the real backward pass reads. Inductor's backwards do: one
+    compiled with donated buffers (``torch._functorch.config.donated_buffer``, its default) reuses
+    its saved tensors' memory for its own results (``buf = saved; del saved  # reuse``), and AOTAutograd, which refuses
     to run it outside a backward pass while that setting is on, runs it where the setting is off,
     as under ``torch.compile(dynamic=True)`` with a backward compiled at the forward or taken from
     the compile cache (where, before, the probe's second call read its first's results and the
     model's gradient came out wrong). The setting is turned off for the call: its saved tensors
     are restored here, with their version counters (a Python backward's in-place write bumps them,
     and the real backward would refuse them). Grads returned in a saved tensor's memory are copied
-    out first (``unaliased``)."""
+    out first (``unaliased``). The node's attributes are put back too (a backward that pops a list
+    it kept, or deletes an attribute, once), and the random state (a backward that draws random
+    numbers does not move the model's stream)."""
 
     def __init__(self, node):
+        self.node = node
+        attributes = getattr(node, "__dict__", {})
+        self.attributes = {name: (value, list(value) if isinstance(value, list) else None)
+                           for name, value in attributes.items()}
         self.saved: list[torch.Tensor] = []
         try:
             found = list(node.saved_tensors)
         except RuntimeError:
             found = []  # (freed: the call fails as it would have)
-        for value in getattr(node, "__dict__", {}).values():
+        for value in attributes.values():
             found.extend(v for v in (value if isinstance(value, (list, tuple)) else (value,))
                          if isinstance(v, torch.Tensor))
         seen = set()
@@ -975,6 +981,8 @@ class SavedTensorsKept(contextlib.AbstractContextManager):
 
     def __enter__(self):
         self.settings = contextlib.ExitStack()
+        devices = sorted({tensor.device.index or 0 for tensor in self.saved if tensor.device.type == "cuda"})
+        self.settings.enter_context(torch.random.fork_rng(devices=devices))
         if self.compiled:
             import torch._functorch.config as functorch_config
             self.settings.enter_context(functorch_config.patch(donated_buffer=False))
@@ -993,6 +1001,13 @@ class SavedTensorsKept(contextlib.AbstractContextManager):
         # A Python backward's in-place writes bumped them: the real backward checks that its saved
         # tensors are as saved, and now they are.
         torch._C._autograd._unsafe_set_version_counter(tuple(self.saved), self.versions)
+        attributes = getattr(self.node, "__dict__", None)
+        if attributes is not None:
+            attributes.clear()
+            for name, (value, items) in self.attributes.items():
+                if items is not None:
+                    value[:] = items
+                attributes[name] = value
         return False
 
 
