@@ -962,9 +962,7 @@ class GradNormTracker:
         normalised = next(iter(owner.tracked.values())).dim() if isinstance(owner.rule, AffineNormRule) else 1
         if not self._sample_nodes or len(shape) - normalised < 2 or x.grad_fn is None:
             return None
-        if key not in self._layouts:
-            self._keep_layout(key, self._walk_samples_dim(owner, x, candidates))
-        found = self._layouts[key]
+        found = self._layouts[key] if key in self._layouts else self._walk_samples_dim(owner, x, candidates, key)
         return found if found in candidates and x.shape[found] == batch else None
 
     def _keep_layout(self, key: tuple, found) -> None:
@@ -973,12 +971,16 @@ class GradNormTracker:
             self._layouts.clear()
         self._layouts[key] = found
 
-    def _walk_samples_dim(self, owner: _Owner, x: torch.Tensor, candidates: tuple[int, ...]) -> int | None:
-        """``samples_dim`` for ``_walked_samples_dim``'s call, noting a layer left undecided where its
-        shape cannot tell either, and the first layer found in the layout other than the tracker's
-        (see _refuse_undecided_layouts)."""
+    def _walk_samples_dim(self, owner: _Owner, x: torch.Tensor, candidates: tuple[int, ...], key: tuple) -> int | None:
+        """``samples_dim`` for ``_walked_samples_dim``'s call, kept under ``key`` unless it went through
+        an op that moved samples by index values (walked again next time: the indices may be the
+        data's); noting a layer left undecided where its shape cannot tell either, and the first
+        layer found in the layout other than the tracker's (see _refuse_undecided_layouts)."""
         unfollowed: list[str] = []
-        found = samples_dim(x, self._sample_nodes, self._shared_nodes(), unfollowed)
+        varies: list[str] = []
+        found = samples_dim(x, self._sample_nodes, self._shared_nodes(), unfollowed, varies)
+        if not varies:
+            self._keep_layout(key, found)
         default = {(1,): 0, (0,): 1}.get(candidates)  # (a generic module under batch_first=False has none)
         if default is None:
             return found
@@ -1635,9 +1637,13 @@ class GradNormTracker:
                 or not self._rows_may_be_flattened(x) or x.shape[0] % batch):
             return None
         key = (id(owner), owner.forward_calls, "rows")
-        if key not in self._layouts:
-            self._keep_layout(key, merged_rows_order(x, self._sample_nodes, self._shared_nodes()))
-        found = self._layouts[key]
+        if key in self._layouts:
+            found = self._layouts[key]
+        else:
+            varies: list[str] = []
+            found = merged_rows_order(x, self._sample_nodes, self._shared_nodes(), varies)
+            if not varies:  # (rows moved by index values, which may be the data's: walked each time)
+                self._keep_layout(key, found)
         return found if found is not None and found[0] == batch else None
 
     def _proven_rows(self, x: torch.Tensor) -> tuple[int, ...] | None:

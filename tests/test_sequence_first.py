@@ -931,6 +931,40 @@ def test_probing_a_backward_with_side_effects_changes_nothing(function, T, fused
         torch.testing.assert_close(p.grad, g)
 
 
+class IndexedSamples(nn.Module):
+    """fairseq's layout with the samples taken by an index (``h[:, order]``, ``order`` an attribute:
+    the same graph with other index values; None: not indexed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.proj, self.head = nn.Embedding(VOCAB, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.order = None
+
+    def forward(self, ids):
+        h = self.embed(ids).transpose(0, 1)  # [T, B, d]
+        h = h if self.order is None else h[:, self.order]
+        return self.head(torch.tanh(self.proj(h)).mean(0))
+
+
+def test_samples_taken_by_index_values_that_change_are_read_again():
+    """A layer placed through ``x[idx]`` along the samples' dim holds for those index values: the
+    call is walked again each forward. In order on the first step (placed in dim 1, exact),
+    reversed on the second (no longer sample ``i`` at index ``i``: refused, naming the layer; kept
+    from the first walk, its norms would be the reversed samples', with no error)."""
+    torch.manual_seed(0)
+    model = IndexedSamples()
+    gen = torch.Generator().manual_seed(1)
+    ids, y = torch.randint(0, VOCAB, (4, 4), generator=gen), torch.randint(0, 3, (4,), generator=gen)
+    per_sample, _, _ = reference_norms(model, class_loss, ids, y)
+    model.order = torch.arange(4)
+    with GradNormTracker(model, "sum") as tracker:
+        class_loss(model(ids), y).backward()
+        assert rel_err(tracker.collect().per_sample, per_sample) < RTOL
+        model.order = model.order.flip(0)
+        with pytest.raises(ValueError, match=r"'proj' \(Linear, input \[4, 4, 6\]\)"):
+            class_loss(model(ids), y).backward()
+
+
 class MixSamples(torch.autograd.Function):
     """``x + mean of x over dim 1``: an op that mixes the samples of a ``[T, B, d]`` tensor."""
 

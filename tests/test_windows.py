@@ -190,6 +190,24 @@ def test_windows_gathered_from_other_images_are_refused():
         checked_against_torch_func(UnknownOpWindows("other images"), fused=True)
 
 
+def test_windows_gathered_by_index_values_that_change_are_read_again():
+    """A layout read through an op that moves rows by index values holds for those values: the
+    call is walked again each forward. Windows gathered within each image on the first step and
+    across images on the second: exact, then refused (kept from the first walk, the second step's
+    norms would be those of other images' windows, with no error)."""
+    torch.manual_seed(0)
+    model = UnknownOpWindows("gather")
+    x, y = torch.randn(3, 4, 4, 3), torch.randn(3, 4)
+    per_sample, _, _ = reference_norms(model, square_loss, x, y)
+    with GradNormTracker(model, "sum") as tracker:
+        square_loss(model(x), y).backward()
+        assert rel_err(tracker.collect().per_sample, per_sample) <= RTOL
+        model.op = "other images"
+        with pytest.raises(ValueError, match=r"saw a batch of 12 samples but other layers"):
+            square_loss(model(x), y).backward()
+            tracker.collect()
+
+
 def test_window_attention_with_dropout_matches_the_same_forward():
     torch.manual_seed(0)
     model, x, y = WindowAttention(shift=True, dropout=0.3).train(), torch.randn(3, 4, 4, 3), torch.randn(3, 4)

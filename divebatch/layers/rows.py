@@ -565,7 +565,7 @@ def row_samples(x: torch.Tensor, batch: int | None = None) -> tuple[int, torch.T
 
 
 def samples_dim(x: torch.Tensor, known: dict, shared: frozenset = frozenset(),
-                unfollowed: list[str] | None = None) -> int | None:
+                unfollowed: list[str] | None = None, varies: list[str] | None = None) -> int | None:
     """The dim of ``x`` along which index ``i`` is sample ``i`` (every element of that index is
     made of sample ``i``'s data alone), proven from the autograd graph, or None.
 
@@ -578,8 +578,10 @@ def samples_dim(x: torch.Tensor, known: dict, shared: frozenset = frozenset(),
     where ``T == B``. An op it does not know is probed through its own backward (``_probed``).
     ``shared``: graph nodes of tensors shared by all samples (carrying no sample's data, like
     parameters); ``unfollowed``, where given, gets the names of the graph nodes it could neither
-    follow nor probe."""
-    found = _known_labels(x, known, shared, unfollowed)
+    follow nor probe, and ``varies`` those that moved elements between samples' positions by
+    index values (a gather, ``x[idx]``): this forward's, which may be the data's, so the answer
+    holds for this forward alone (the tracker walks such a call again each time)."""
+    found = _known_labels(x, known, shared, unfollowed, varies)
     if found is None:
         return None
     batch, labels = found
@@ -590,15 +592,17 @@ def samples_dim(x: torch.Tensor, known: dict, shared: frozenset = frozenset(),
     return varying[0] if torch.equal(labels.reshape(-1), order) else None
 
 
-def merged_rows_order(x: torch.Tensor, known: dict, shared: frozenset = frozenset()) -> tuple[int, bool] | None:
+def merged_rows_order(x: torch.Tensor, known: dict, shared: frozenset = frozenset(),
+                      varies: list[str] | None = None) -> tuple[int, bool] | None:
     """For rows ``x [N, ...]`` of samples and positions merged together: ``(B, sample_major)`` where
     the walk of ``samples_dim`` (to this forward's tracked outputs, no merge taken for samples by
     assumption) proves row ``r`` sample ``r // (N / B)`` (sample-major: ``h.reshape(-1, d)`` of a
     ``[B, T, d]`` tensor) or sample ``r % B`` (time-major: of a ``[T, B, d]`` one, as a model that
     works on ``[T, B, d]`` inside a batch-first one flattens before its output layer); None
     otherwise. ``row_samples`` takes the first dim of a merge for the samples, which is right only
-    in the first case, and where ``T == B`` no batch size tells the second from it."""
-    found = _known_labels(x, known, shared)
+    in the first case, and where ``T == B`` no batch size tells the second from it. ``varies``: as
+    ``samples_dim``'s."""
+    found = _known_labels(x, known, shared, varies=varies)
     if found is None:
         return None
     batch, labels = found
@@ -613,7 +617,8 @@ def merged_rows_order(x: torch.Tensor, known: dict, shared: frozenset = frozense
 
 
 def _known_labels(x: torch.Tensor, known: dict, shared: frozenset = frozenset(),
-                  unfollowed: list[str] | None = None) -> tuple[int, torch.Tensor] | None:
+                  unfollowed: list[str] | None = None, varies: list[str] | None = None
+                  ) -> tuple[int, torch.Tensor] | None:
     """``(B, labels)``: the sample of each element of ``x`` (int64, broadcastable to ``x``, of
     ``x.dim()`` dims), from the walk of ``samples_dim``; None where it does not prove them."""
     node = x.grad_fn
@@ -633,6 +638,8 @@ def _known_labels(x: torch.Tensor, known: dict, shared: frozenset = frozenset(),
         _DATA.reset(data_token)
     if unfollowed is not None:
         unfollowed.extend(walk.unfollowed)
+    if varies is not None:
+        varies.extend(walk.varies)
     if labels is None or len(batches) != 1:
         return None
     return batches.pop(), _fit(labels, x.dim())
@@ -652,6 +659,10 @@ class _LabelWalk:
         self.probe_calls = _MAX_PROBE_CALLS
         self.probe_values: dict[tuple, torch.Tensor] = {}  # random output grads by (shape, device), drawn once
         self.unfollowed: list[str] = []  # the ops it could neither follow nor probe (for error messages)
+        # Ops through which the labels moved between samples' positions by index values (a gather,
+        # ``x[idx]``): this forward's indices, which may be data's (see ``samples_dim``'s ``varies``).
+        self.varies: list[str] = []
+        self.probed: set[int] = set()  # ids of the nodes probed (each once)
         self.seen: dict[tuple[int, int], tuple[object, torch.Tensor | None]] = {}
 
     def labels(self, node, index: int, shape: tuple[int, ...]):
@@ -670,14 +681,17 @@ class _LabelWalk:
             found = _valid(lab, shape) if dim < len(shape) and shape[dim] == batch else None
         else:
             found = _labels(self, node, index, shape) if self.budget[0] >= 0 else None
+            if found is None and self.known is not None and id(node) not in self.probed and node.next_functions:
+                # An op followed above in a form the walk does not read (``h[:, order]``: an index
+                # after a slice) or that moved samples: its backward tells.
+                found = _probed_or_noted(self, node, index, shape, _child_labels(self, node))
         self.seen[key] = (node, found)
         return found
 
 
-def _labels(walk: _LabelWalk, node, index: int, shape: tuple[int, ...]):
-    """``_LabelWalk.labels`` for one node (see ``row_samples`` for the ops followed)."""
-    budget, batches, device = walk.budget, walk.batches, walk.device
-    name = type(node).__name__
+def _child_labels(walk: _LabelWalk, node):
+    """``child_labels(position)``: ``(shape, labels)`` of the ``position``-th input of ``node``
+    (labels None where the walk does not prove them), or None where it has no node."""
     children = node.next_functions
 
     def child_labels(position: int):
@@ -690,6 +704,15 @@ def _labels(walk: _LabelWalk, node, index: int, shape: tuple[int, ...]):
             return None
         return child_shape, walk.labels(child, out_index, child_shape)
 
+    return child_labels
+
+
+def _labels(walk: _LabelWalk, node, index: int, shape: tuple[int, ...]):
+    """``_LabelWalk.labels`` for one node (see ``row_samples`` for the ops followed)."""
+    budget, batches, device = walk.budget, walk.batches, walk.device
+    name = type(node).__name__
+    children = node.next_functions
+    child_labels = _child_labels(walk, node)
     try:
         if name in _PASS_THROUGH:
             found = child_labels(index)
@@ -759,7 +782,10 @@ def _labels(walk: _LabelWalk, node, index: int, shape: tuple[int, ...]):
             found = child_labels(0)
             if found is None or found[1] is None:
                 return None
-            return _valid(_moved(node, name, index, found[0], _fit(found[1], len(found[0]))), shape)
+            lab = _fit(found[1], len(found[0]))
+            if name in ("IndexBackward0", "IndexSelectBackward0") and _indexes_samples(node, name, lab):
+                walk.varies.append(name)
+            return _valid(_moved(node, name, index, found[0], lab), shape)
         if name in _PRODUCT_NODES:
             rows_at, weight_at = _PRODUCT_NODES[name]
             for position, (child, _) in enumerate(children):
@@ -807,13 +833,17 @@ def _labels(walk: _LabelWalk, node, index: int, shape: tuple[int, ...]):
 
 
 def _probed_or_noted(walk: _LabelWalk, node, index: int, shape: tuple[int, ...], child_labels) -> torch.Tensor | None:
-    """``_probed`` in a ``samples_dim`` walk (to known outputs; in ``row_samples``' none), the op's
-    name noted in ``walk.unfollowed`` where it gives no labels."""
-    if walk.known is None:
+    """``_probed`` in a ``samples_dim`` walk (to known outputs; in ``row_samples``' none), once a
+    node, the op's name noted in ``walk.unfollowed`` where it gives no labels and in ``walk.varies``
+    where it moves elements by saved indices."""
+    if walk.known is None or id(node) in walk.probed:
         return None
+    walk.probed.add(id(node))
     found = _probed(walk, node, index, shape, child_labels)
     if found is None:
         walk.unfollowed.append(type(node).__name__)
+    elif any(hasattr(node, saved) for saved in ("_saved_index", "_saved_indices")):
+        walk.varies.append(type(node).__name__)  # (a gather, sort or ``x[idx]``: by this forward's indices)
     return found
 
 
@@ -1130,6 +1160,16 @@ def _compressed(lab: torch.Tensor) -> torch.Tensor:
         if lab.shape[d] > 1 and bool((lab == lab.narrow(d, 0, 1)).all()):
             lab = lab.narrow(d, 0, 1)
     return lab
+
+
+def _indexes_samples(node, name: str, lab: torch.Tensor) -> bool:
+    """Whether ``x[i0, ...]`` (``IndexBackward0``) or ``index_select`` picks along a dim of its
+    operand's labels ``lab`` that varies (moves elements between samples' positions by its index
+    values)."""
+    if name == "IndexBackward0":
+        leading = _leading_indices(node._saved_indices, lab.dim())
+        return leading is not None and any(lab.shape[d] != 1 for d in range(len(leading)))
+    return lab.shape[_signed(int(node._saved_dim)) % lab.dim()] != 1
 
 
 def _leading_indices(indices, rank: int) -> list[torch.Tensor] | None:
