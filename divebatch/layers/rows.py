@@ -681,7 +681,7 @@ class _LabelWalk:
             found = _valid(lab, shape) if dim < len(shape) and shape[dim] == batch else None
         else:
             found = _labels(self, node, index, shape) if self.budget[0] >= 0 else None
-            if found is None and self.known is not None and id(node) not in self.probed and node.next_functions:
+            if found is None and self.known is not None and self.budget[0] >= 0 and node.next_functions:
                 # An op followed above in a form the walk does not read (``h[:, order]``: an index
                 # after a slice) or that moved samples: its backward tells.
                 found = _probed_or_noted(self, node, index, shape, _child_labels(self, node))
