@@ -246,15 +246,22 @@ def test_sequences_first_inside_a_compiled_model_matches_torch_func(T, backend):
     model = TransposedInside("bmm")
     gen = torch.Generator().manual_seed(1)
     ids, y = torch.randint(0, VOCAB, (4, T), generator=gen), torch.randint(0, VOCAB, (4, T), generator=gen)
-    per_sample, _, batch = reference_norms(model, batch_first_token_loss, ids, y)
-    compiled = torch.compile(model, backend=backend)
+    two_compiled_steps_exact(model, torch.compile(model, backend=backend), batch_first_token_loss, ids, y)
+
+
+def two_compiled_steps_exact(model, compiled, loss, ids, y, grads=None):
+    """Two tracked steps of ``loss(compiled(ids), y)``, each with ``model``'s per-sample and batch
+    norms as torch.func gives them eager (and, where given, its gradients ``grads``)."""
+    per_sample, _, batch = reference_norms(model, loss, ids, y)
     with GradNormTracker(model, "sum") as tracker:
         for _ in range(2):
             model.zero_grad()
-            batch_first_token_loss(compiled(ids), y).backward()
+            loss(compiled(ids), y).backward()
             stats = tracker.collect()
             assert rel_err(stats.per_sample, per_sample) <= RTOL
             assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+            for p, g in zip(model.parameters(), grads or []):
+                torch.testing.assert_close(p.grad, g)
 
 
 class AttentionInside(torch.nn.Module):
@@ -290,20 +297,9 @@ def test_a_compiled_backward_that_overwrites_its_saved_tensors_is_probed_and_lef
     torch.manual_seed(0)
     model = AttentionInside()
     ids, y = torch.randint(0, 11, (4, T)), torch.randint(0, 3, (4,))
-    per_sample, _, batch = reference_norms(model, class_sum_loss, ids, y)
-    model.zero_grad()
     class_sum_loss(model(ids), y).backward()
     grads = [p.grad.clone() for p in model.parameters()]
-    compiled = torch.compile(model, dynamic=True)
-    with GradNormTracker(model, "sum") as tracker:
-        for _ in range(2):
-            model.zero_grad()
-            class_sum_loss(compiled(ids), y).backward()
-            stats = tracker.collect()
-            assert rel_err(stats.per_sample, per_sample) <= RTOL
-            assert rel_err(stats.batch_grad_sq, batch) <= RTOL
-            for p, g in zip(model.parameters(), grads):
-                torch.testing.assert_close(p.grad, g)
+    two_compiled_steps_exact(model, torch.compile(model, dynamic=True), class_sum_loss, ids, y, grads)
 
 
 def test_a_layer_behind_compiled_code_that_cannot_be_probed_at_t_equal_b(monkeypatch):
