@@ -662,7 +662,6 @@ class _LabelWalk:
         # Ops through which the labels moved between samples' positions by index values (a gather,
         # ``x[idx]``): this forward's indices, which may be data's (see ``samples_dim``'s ``varies``).
         self.varies: list[str] = []
-        self.probed: set[int] = set()  # ids of the nodes probed (each once)
         self.seen: dict[tuple[int, int], tuple[object, torch.Tensor | None]] = {}
 
     def labels(self, node, index: int, shape: tuple[int, ...]):
@@ -682,8 +681,9 @@ class _LabelWalk:
         else:
             found = _labels(self, node, index, shape) if self.budget[0] >= 0 else None
             if found is None and self.known is not None and self.budget[0] >= 0 and node.next_functions:
-                # An op followed above in a form the walk does not read (``h[:, order]``: an index
-                # after a slice) or that moved samples: its backward tells.
+                # An op the walk does not know, or knows in a form it does not read (``h[:, order]``:
+                # an index after a slice), or one that moves elements along the samples' dim: its
+                # backward tells.
                 found = _probed_or_noted(self, node, index, shape, _child_labels(self, node))
         self.seen[key] = (node, found)
         return found
@@ -809,7 +809,7 @@ def _labels(walk: _LabelWalk, node, index: int, shape: tuple[int, ...]):
                            shape)
         along = _signed(int(node._saved_dim)) if name in _ALONG_DIM_NODES else None
         if name not in _ROW_WISE and along is None:
-            return _probed_or_noted(walk, node, index, shape, child_labels)
+            return None  # (an op the walk does not know: probed, see _LabelWalk.labels)
         labs = []
         for position, (child, _) in enumerate(children):
             if child is None:
@@ -820,8 +820,8 @@ def _labels(walk: _LabelWalk, node, index: int, shape: tuple[int, ...]):
                 if along is not None and lab.shape[along % len(shape)] != 1:
                     # The op moves elements along the samples' dim: between samples (a softmax over
                     # rows) or within each (windows gathered in another order per image), which
-                    # its backward tells.
-                    return _probed_or_noted(walk, node, index, shape, child_labels)
+                    # its backward tells (probed, see _LabelWalk.labels).
+                    return None
                 if name in _NORM_NODES and any(s != 1 for s in lab.shape[_normalised_from(node, len(shape)):]):
                     return None  # normalised over elements of several samples
                 labs.append(lab)
@@ -833,12 +833,9 @@ def _labels(walk: _LabelWalk, node, index: int, shape: tuple[int, ...]):
 
 
 def _probed_or_noted(walk: _LabelWalk, node, index: int, shape: tuple[int, ...], child_labels) -> torch.Tensor | None:
-    """``_probed`` in a ``samples_dim`` walk (to known outputs; in ``row_samples``' none), once a
-    node, the op's name noted in ``walk.unfollowed`` where it gives no labels and in ``walk.varies``
-    where it moves elements by saved indices."""
-    if walk.known is None or id(node) in walk.probed:
-        return None
-    walk.probed.add(id(node))
+    """``_probed`` in a ``samples_dim`` walk (to known outputs; in ``row_samples``' none), the op's
+    name noted in ``walk.unfollowed`` where it gives no labels and in ``walk.varies`` where it moves
+    elements by saved indices."""
     found = _probed(walk, node, index, shape, child_labels)
     if found is None:
         walk.unfollowed.append(type(node).__name__)
@@ -936,12 +933,12 @@ def _layouts_along(shape: tuple[int, ...], batch: int):
 
 
 def _node_backward(node, outputs, index: int, dim: int, chosen: torch.Tensor, values: torch.Tensor,
-                   kept: SavedTensorsKept | None = None) -> list | None:
+                   kept: SavedTensorsKept | None) -> list | None:
     """The grads of ``node``'s inputs (one per ``next_functions`` entry, None where none) for an
     output grad of ``values`` (random, of output ``index``'s shape) on the slices ``chosen`` (bool,
     one per index) along ``dim`` of output ``index``, zero elsewhere (and on the other outputs); None
     where the node cannot be called so. A custom Function's backward is called inside ``kept`` (its
-    saved tensors, written back after the call)."""
+    saved tensors, written back after the call; None for PyTorch's own nodes)."""
     shape, dtype, device = outputs[index]
     values = values * chosen.to(device).view(-1, *(1,) * (len(shape) - 1 - dim)).to(values.dtype)
     grads = [values.to(dtype) if i == index else torch.zeros(s, dtype=t, device=v)
@@ -954,7 +951,6 @@ def _node_backward(node, outputs, index: int, dim: int, chosen: torch.Tensor, va
                 return out if len(out) == len(node.next_functions) else None
             # A custom autograd Function: its backward returns a grad per forward argument; those
             # that need one are, in order, the entries of next_functions that hold a node.
-            kept = SavedTensorsKept(node) if kept is None else kept
             with kept:
                 out = node.apply(*grads)
                 out = kept.unaliased([out] if isinstance(out, torch.Tensor) else list(out))
