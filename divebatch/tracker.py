@@ -44,7 +44,7 @@ from .layers.attention import MultiheadAttentionRule
 from .layers.recurrent import RecurrentRule
 from .layers.generic import (TRANSFORMER_MODULES, DirectUseRecorder, GenericCall, SharedOutputWatcher,
                              SharedOutputWatchers, declared_batch_first, usable_direct_uses)
-from .layers.rows import (MergedIdsFollower, flattened_samples, merged_rows_order, merged_sequence_rows, row_samples,
+from .layers.rows import (NO_LAYOUT, MergedIdsFollower, flattened_samples, merged_rows_order, merged_sequence_rows, row_samples,
                           samples_dim, sequences_first_view)
 from .layers.base import capture_suspended
 from .layers.conv import ConvRule
@@ -988,7 +988,9 @@ class GradNormTracker:
         if found is None and x.shape[default] == x.shape[candidates[0]] == self._last_batch:
             past = f", past {', '.join(sorted(set(unfollowed)))}" if unfollowed else ""
             self._undecided.append(f"{described}{past}")
-            self._undecided_in_compiled_code |= "CompiledFunctionBackward" in unfollowed
+            # (Only where the compiled code itself hid the samples, its inputs' known: a walk that failed
+            # before it, as at GPT-2's positions added in compiled code, is no sign of a transpose.)
+            self._undecided_in_compiled_code |= f"CompiledFunctionBackward{NO_LAYOUT}" in unfollowed
         elif found is not None and found != default and self._other_layout is None:
             self._other_layout = f"{described}, samples in dim {found} by the autograd graph"
         return found

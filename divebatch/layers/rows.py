@@ -662,6 +662,7 @@ class _LabelWalk:
         # Ops through which the labels moved between samples' positions by index values (a gather,
         # ``x[idx]``): this forward's indices, which may be data's (see ``samples_dim``'s ``varies``).
         self.varies: list[str] = []
+        self.called = False  # (whether the last probe called the node's backward: see _probed_or_noted)
         self.seen: dict[tuple[int, int], tuple[object, torch.Tensor | None]] = {}
 
     def labels(self, node, index: int, shape: tuple[int, ...]):
@@ -832,13 +833,19 @@ def _labels(walk: _LabelWalk, node, index: int, shape: tuple[int, ...]):
         return None  # a node without the saved fields this reads, or labels that do not fit
 
 
+#: Marks a name in ``samples_dim``'s ``unfollowed``: an op whose backward was called and gave no layout.
+NO_LAYOUT = " (its backward gave no layout)"
+
+
 def _probed_or_noted(walk: _LabelWalk, node, index: int, shape: tuple[int, ...], child_labels) -> torch.Tensor | None:
     """``_probed`` in a ``samples_dim`` walk (to known outputs; in ``row_samples``' none), the op's
-    name noted in ``walk.unfollowed`` where it gives no labels and in ``walk.varies`` where it moves
-    elements by saved indices."""
+    name noted in ``walk.unfollowed`` where it gives no labels (with ``NO_LAYOUT`` where its
+    operands' samples were known and its backward was called: the op itself hides them, not the
+    graph before it) and in ``walk.varies`` where it moves elements by saved indices."""
+    walk.called = False
     found = _probed(walk, node, index, shape, child_labels)
     if found is None:
-        walk.unfollowed.append(type(node).__name__)
+        walk.unfollowed.append(type(node).__name__ + (NO_LAYOUT if walk.called else ""))
     elif any(hasattr(node, saved) for saved in ("_saved_index", "_saved_indices")):
         walk.varies.append(type(node).__name__)  # (a gather, sort or ``x[idx]``: by this forward's indices)
     return found
@@ -895,6 +902,7 @@ def _probed(walk: _LabelWalk, node, index: int, shape: tuple[int, ...], child_la
         walk.probe_values[key] = torch.rand(key[0], generator=generator, device=key[1]) + 0.5
     values = walk.probe_values[key]
     kept = None if callable(node) else SavedTensorsKept(node)  # (PyTorch's own backwards write none)
+    walk.called = True  # (its operands' samples known: what follows is the backward's answer)
     placed = []
     for dim, along in _layouts_along(shape, batch):
         if walk.probe_calls < 2 * bits:
