@@ -863,12 +863,12 @@ class GradNormTracker:
         tell which holds its samples (it passes through an op that can be neither followed nor
         probed: checkpointed code, an op mixing samples), and either the model was seen with
         samples in the other dim than the tracker's layout (a layer placed so by the graph, an RNN
-        or attention declared so) or the walk stopped at code compiled by ``torch.compile`` (the
-        model's own code, which may transpose, whose backward did not run or mixed samples), the
-        layer's default dim is a guess: refused, naming the layers and the attribute that settles
-        each. (Where the model shows one layout throughout and the walk stopped at an op of its
-        own, a fused kernel the probe cannot call, the tracker's is kept, as for any layer.) The
-        walks run again next time."""
+        or attention declared so) or code compiled by ``torch.compile`` hid them (the model's own
+        code, which may transpose: its inputs' samples known, its backward did not run or mixed
+        samples), the layer's default dim is a guess: refused, naming the layers and the attribute
+        that settles each. (Where the model shows one layout throughout and the walk stopped at an
+        op of its own, a fused kernel the probe cannot call, or before compiled code, the tracker's
+        is kept, as for any layer.) The walks run again next time."""
         undecided, self._undecided = self._undecided, []
         in_compiled_code, self._undecided_in_compiled_code = self._undecided_in_compiled_code, False
         if not undecided or (self._other_layout is None and not in_compiled_code):
