@@ -7,6 +7,7 @@ step and per tracked module; with ``--device cuda`` the same steps on a GPU, whe
 launch-bound regime itself (bench/gpu/run_gpu_checks.sh runs it there).
 
     python bench/host_overhead.py [--models mlp,transformer,seq,cnn] [--rounds 7] [--device cpu] [--out bench/results/host_overhead.md]
+    python bench/host_overhead.py --models seq-tied,seq-tied-functional   # the table applied by the model's own code
     python bench/host_overhead.py --models transformer --profile 20   # + where the host time goes
 
 Each round times ``--steps`` plain steps, then as many tracked ones (``collect()`` included), on
@@ -56,13 +57,21 @@ def _seq():
     return W.SeqModel(100, 32, 64, 2), torch.randint(0, 100, (4, 8)), torch.randint(0, 100, (4, 8))
 
 
+def _seq_tied(functional: bool):
+    model = W.FunctionalTiedSeqModel(100, 32, 64, 2) if functional else W.SeqModel(100, 32, 64, 2, tied=True)
+    return model, torch.randint(0, 100, (4, 8)), torch.randint(0, 100, (4, 8))
+
+
 def _cnn():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2),
                           nn.ReLU(), nn.Flatten(), nn.Linear(8 * 3 * 3, 4))
     return model, torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))
 
 
-MODELS = {"mlp": _mlp, "transformer": _transformer, "seq": _seq, "cnn": _cnn}
+MODELS = {"mlp": _mlp, "transformer": _transformer, "seq": _seq, "cnn": _cnn,
+          # the table as the output layer through a tied nn.Linear, and applied by the model's own
+          # forward (read by a torch-function mode around it: its cost per op)
+          "seq-tied": lambda: _seq_tied(False), "seq-tied-functional": lambda: _seq_tied(True)}
 
 
 def measure(name: str, steps: int, rounds: int, device: str = "cpu", profile_top: int = 0) -> dict:
@@ -134,7 +143,8 @@ def to_markdown(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default="mlp,transformer,seq,cnn",
+                        help=f"comma-separated, of {','.join(MODELS)}")
     parser.add_argument("--steps", type=int, default=200, help="steps per timing")
     parser.add_argument("--rounds", type=int, default=7, help="alternating plain/tracked timings (median)")
     parser.add_argument("--device", default="cpu", help="cpu (one thread) or cuda")

@@ -110,6 +110,19 @@ class SeqModel(nn.Module):
         return self.head(self.blocks(self.embed(idx)))
 
 
+class FunctionalTiedSeqModel(SeqModel):
+    """SeqModel whose own forward applies the embedding table as the output layer, with no head
+    module (OLMo's ``F.linear(x, self.wte.weight)``): the products the tracker reads with a
+    torch-function mode around this forward (divebatch.layers.tied.TableProducts)."""
+
+    def __init__(self, vocab=1000, dim=256, hidden=1024, n_blocks=2):
+        super().__init__(vocab, dim, hidden, n_blocks)
+        del self.head
+
+    def forward(self, idx):
+        return F.linear(self.blocks(self.embed(idx)), self.embed.weight)
+
+
 class BasicBlock(nn.Module):
     """ResNet basic block (two 3x3 convs with BatchNorm, projection shortcut when needed)."""
 
@@ -405,6 +418,9 @@ WORKLOADS = {
     # Not in BENCHMARKS.md: seq with the embedding tied to the head (the cross term's cost).
     "seq-tied": Workload("seq-tied", lambda: SeqModel(tied=True), _tokens(16, 128, 1000),
                          lambda x, y: 1.0 / y.numel(), token_level=True),
+    # Not in BENCHMARKS.md: seq-tied with the table applied by the model's own forward (no head module).
+    "seq-tied-functional": Workload("seq-tied-functional", FunctionalTiedSeqModel, _tokens(16, 128, 1000),
+                                    lambda x, y: 1.0 / y.numel(), token_level=True),
     # Not in BENCHMARKS.md: the seq workload's size with nn.TransformerEncoderLayer blocks
     # (dropout 0, so that torch.func can be the reference).
     "transformer": Workload("transformer", EncoderModel, _tokens(16, 128, 1000), lambda x, y: 1.0 / y.numel(),

@@ -53,7 +53,7 @@ from .layers.linear import LinearRule, linear_factors
 from .layers.activation import PReLURule
 from .layers.bilinear import BilinearRule
 from .layers.norm import AffineNormRule, RowNormRule
-from .layers.tied import TiedEmbeddingLinear, tied_cross, tied_rows
+from .layers.tied import TableProducts, TiedEmbeddingLinear, output_layer, tied_cross, tied_rows
 
 
 @dataclass
@@ -146,6 +146,12 @@ class _Owner:
     # Replaced by a new plan (see GradNormTracker._replan): a forward still holding this owner's
     # fused call hands it to the new plan's forward.
     retired: bool = False
+    # An Embedding's weight applied as a product's matrix by a module's own code (``F.linear(h,
+    # self.wte.weight)``): this owner's module is an ``nn.Linear`` outside the model sharing that
+    # weight (``tied.output_layer``), called for each such product while ``product_in``'s forward
+    # runs (``tied.TableProducts``, one per call in progress in ``product_modes``).
+    product_in: nn.Module | None = None
+    product_modes: list = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -658,6 +664,18 @@ class GradNormTracker:
             if owner.sharded:
                 self._handles.append(owner.module.register_forward_hook(
                     partial(self._on_sharded_forward_end, owner), always_call=True))
+            if owner.product_in is not None:
+                # Eagerly under torch.compile: the mode sees nothing of a traced forward (the whole
+                # model's, where the model's own forward applies the table).
+                self._run_eagerly(owner.product_in)
+                self._add_pre_hook(owner.product_in, partial(self._enter_table_products, owner))
+                self._handles.append(owner.product_in.register_forward_hook(
+                    partial(self._leave_table_products, owner), always_call=True))
+                for child in owner.product_in.children():  # (first of their pre-hooks, last of their hooks)
+                    self._handles.append(child.register_forward_pre_hook(partial(self._pause_table_products, owner),
+                                                                         prepend=True))
+                    self._handles.append(child.register_forward_hook(partial(self._resume_table_products, owner),
+                                                                     always_call=True))
             for alias in owner.aliases:
                 if owner.sequences_first:  # (an Embedding sharing the owner's weight: [T, B] ids as the owner's)
                     self._handles.append(alias.register_forward_pre_hook(partial(self._on_rows_pre_forward, owner),
@@ -1705,16 +1723,66 @@ class GradNormTracker:
         depth = torch._C._len_torch_function_stack()
         return torch._C._get_function_stack_at(depth - 1) if depth else None
 
-    def _exit_recorder(self, recorder: DirectUseRecorder) -> None:
-        """Leave a generic module's recorder. The watchers' mode, entered during its forward, sits
-        above it on the torch-function mode stack (a mode's exit pops the innermost one): it is
-        stepped out of and back into around it, so the watchers keep following their outputs."""
-        above = self._watching is not None and self._innermost_mode() is self._watching
-        if above:
-            self._watching.__exit__(None, None, None)
-        recorder.__exit__(None, None, None)
-        if above:
-            self._watching.__enter__()
+    @torch.compiler.disable
+    def _enter_table_products(self, owner: _Owner, module, args) -> None:
+        """Before the forward of a module whose code applies an Embedding's weight as a product's
+        matrix: run those products as calls of ``owner``'s layer (``tied.TableProducts``). The
+        module runs eagerly under torch.compile (``_run_eagerly``); where its call is traced all the
+        same (a compiled function around it), the products' gradient is refused by the backward's
+        check, as any use outside the Embedding."""
+        mode = None
+        if not (capture_suspended() or not torch.is_grad_enabled() or _inside_functorch()) and (
+                isinstance(module.__dict__.get("forward"), _EagerForward) or not _called_from_compiled_code()):
+            mode = TableProducts(owner.tracked["weight"], owner.module)
+            mode.__enter__()
+        owner.product_modes.append(mode)
+
+    @torch.compiler.disable
+    def _leave_table_products(self, owner: _Owner, module, args, output) -> None:
+        mode = owner.product_modes.pop() if owner.product_modes else None
+        if mode is not None and not mode.paused:
+            self._exit_recorder(mode)
+
+    @torch.compiler.disable
+    def _pause_table_products(self, owner: _Owner, module, args) -> None:
+        """Before a submodule's call in the forward that ``TableProducts`` watches: the products are
+        in that forward's own code (where the source showed them), so the mode is taken off the stack
+        until the call returns. A torch-function mode costs every op ~1 us here, each op of the
+        submodules and of the tracker's own hooks in them (the whole model's, where the model's own
+        forward applies the table)."""
+        mode = owner.product_modes[-1] if owner.product_modes else None
+        if mode is None:
+            return
+        if not mode.paused:
+            self._exit_recorder(mode, pop_only=True)
+        mode.paused += 1
+
+    @torch.compiler.disable
+    def _resume_table_products(self, owner: _Owner, module, args, output) -> None:
+        mode = owner.product_modes[-1] if owner.product_modes else None
+        if mode is None or not mode.paused:
+            return
+        mode.paused -= 1
+        if not mode.paused:
+            torch._C._push_on_torch_function_stack(mode)
+
+    def _exit_recorder(self, recorder: DirectUseRecorder | TableProducts, pop_only: bool = False) -> None:
+        """Leave a torch-function mode entered for a module's forward (a generic module's recorder,
+        ``TableProducts``). Modes entered during that forward may sit above it on the stack (the
+        watchers', kept to the model's forward's end; a ``TableProducts`` put back after a
+        submodule's call): a mode's exit pops the innermost one, so those are taken off, the mode
+        left (``pop_only``: taken off without its exit), and they are put back in their order, so
+        the watchers keep following their outputs."""
+        above = []
+        while torch._C._len_torch_function_stack() and self._innermost_mode() is not recorder:
+            above.append(torch._C._pop_torch_function_stack())
+        if torch._C._len_torch_function_stack():
+            if pop_only:
+                torch._C._pop_torch_function_stack()
+            else:
+                recorder.__exit__(None, None, None)
+        for mode in reversed(above):
+            torch._C._push_on_torch_function_stack(mode)
 
     def _leave_watchers(self, all_of_them: bool = False) -> None:
         # A watcher follows its output to the end of the tracked model's forward (T5 adds its
@@ -2483,6 +2551,12 @@ def _attribute(module: nn.Module, name: str):
 _CHILD_PARAMETER_READ = re.compile(
     r"(?<!isinstance\()self\.([A-Za-z_]\w*)\.(?:weight|bias)\b(?!\s*=(?!=))"
     r"(?!\.(?:dtype|device|shape|size|ndim|dim|numel|requires_grad|is_\w+|data_ptr|data|grad)\b)")
+#: ``self.<path>.weight`` as a product's matrix in a module's code (``F.linear(x, self.<path>.weight``,
+#: ``@ self.<path>.weight``, ``matmul(`` or ``einsum(`` with it, or it transposed: ``.t()``, ``.T``, ``.mT``,
+#: ``.transpose(``): an Embedding's table applied as the output layer (see ``tied.TableProducts``).
+_WEIGHT_PRODUCT = re.compile(
+    r"(?:(?:linear|matmul|einsum)\(.*?,\s*|@\s*)self\.([A-Za-z_][\w.]*?)\.weight\b"
+    r"|self\.([A-Za-z_][\w.]*?)\.weight\.(?:t\(\)|T\b|mT\b|transpose\()")
 #: ``self.<name>.<method>(``: a submodule's own method called in place of its forward (JetMoE's attention
 #: calls its experts' ``map`` and ``reduce``, which add their bias).
 _CHILD_METHOD_CALL = re.compile(r"self\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)\s*\(")
@@ -2501,12 +2575,14 @@ def _method_outside_torch(cls: type, name: str):
 
 
 @functools.lru_cache(maxsize=None)
-def _children_read_in_code(cls: type) -> tuple[frozenset, frozenset]:
+def _children_read_in_code(cls: type) -> tuple[frozenset, frozenset, frozenset]:
     """What the forward of ``cls``, and the methods of its own it calls (``self.slow_forward(...)``,
     to a few levels), do with submodules besides calling them: the names whose weight or bias they
-    read, and the ``(name, method)`` pairs they call. Empty where the source is not available."""
+    read, the ``(name, method)`` pairs they call, and the dotted paths whose weight they apply as a
+    product's matrix (``_WEIGHT_PRODUCT``). Empty where the source is not available."""
     reads: set[str] = set()
     calls: set[tuple[str, str]] = set()
+    products: set[str] = set()
     seen, todo = set(), ["forward"]
     while todo and len(seen) < 16:
         name = todo.pop()
@@ -2520,8 +2596,9 @@ def _children_read_in_code(cls: type) -> tuple[frozenset, frozenset]:
             continue
         reads.update(_CHILD_PARAMETER_READ.findall(source))
         calls.update(_CHILD_METHOD_CALL.findall(source))
+        products.update(a or b for a, b in _WEIGHT_PRODUCT.findall(source))
         todo.extend(m for m in _OWN_METHOD_CALL.findall(source) if m not in seen)
-    return frozenset(reads), frozenset(calls)
+    return frozenset(reads), frozenset(calls), frozenset(products)
 
 
 def _own_method(module: nn.Module, method: str) -> bool:
@@ -2533,7 +2610,7 @@ def _children_used_directly(module: nn.Module) -> set[str]:
     """The submodules with trainable parameters that ``module``'s forward uses other than by calling
     them: reads their weight or bias (passing it to a function), or calls a method of their own.
     Read from the source; a use it misses is refused by the backward's check."""
-    reads, calls = _children_read_in_code(type(module))
+    reads, calls, _ = _children_read_in_code(type(module))
     children = module._modules
     # A layer with a rule whose weight is read (an Embedding's table read whole is followed as a
     # shared output instead: DeBERTa's relative positions), or a module with trainable parameters
@@ -2642,12 +2719,39 @@ def _assign_owners(model: nn.Module, batch_first: bool = True) -> tuple[list[_Ow
             if tie is not None:
                 ties.append(tie)
     owners = [owner for owner in owners if id(owner) not in merged]
+    _add_output_products(model, owners, ties)
     for owner in owners:
         # A tied or shared embedding weight is accounted for only through its modules' own calls (the
         # cross term pairs them), so a generic caller never covers it; ties are known only now.
         owner.descendants = [inner for inner in owner.descendants
                              if inner.tie is None and not inner.aliases and id(inner) not in merged]
     return owners, ties
+
+
+def _add_output_products(model: nn.Module, owners: list[_Owner], ties: list[TiedEmbeddingLinear]) -> None:
+    """An Embedding whose weight a module's code applies itself as a product's matrix (its output
+    layer: ``F.linear(h, self.wte.weight)``, ``h @ self.wte.weight.t()``) gets an owner for those
+    products: an ``nn.Linear`` outside the model sharing the weight (``tied.output_layer``), tied
+    to the Embedding as a tied output layer is, named ``<embedding>@<module>`` (``@model`` for the
+    tracked model itself). One per Embedding, and none for one already tied to a Linear: any
+    other use is refused by the backward's check."""
+    embeddings = {id(owner.module): owner for owner in owners
+                  if isinstance(owner.rule, EmbeddingRule) and isinstance(owner.module, nn.Embedding)
+                  and owner.tie is None and owner.tracked.get("weight") is owner.module.weight}
+    if not embeddings:
+        return
+    for name, module in model.named_modules():
+        for path in _children_read_in_code(type(module))[2]:
+            embedding = embeddings.get(id(_attribute(module, path)))
+            if embedding is None or embedding.tie is not None:
+                continue
+            layer = output_layer(embedding.module.weight)
+            products = _Owner(f"{embedding.name}@{name or 'model'}", layer, rule_for(layer), {"weight": layer.weight},
+                              sequences_first=embedding.sequences_first, product_in=module)
+            tie = TiedEmbeddingLinear(embedding, products, f"{embedding.name}+{products.name}")
+            embedding.tie = products.tie = tie
+            owners.append(products)
+            ties.append(tie)
 
 
 def _scripted(where: str) -> str:

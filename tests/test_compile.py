@@ -7,6 +7,8 @@ code between tracked modules stays compiled, and the backward hooks see real gra
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ from divebatch import GradNormTracker
 
 from .models_zoo import ZOO, sample_loss
 from .oracle import reference_norms, rel_err, tracked_and_checked
-from .test_tied import make_case, token_loss
+from .test_tied import NestedHeadLM, functional_case, make_case, token_loss
 
 RTOL = 1e-4
 
@@ -334,3 +336,27 @@ def test_a_layer_behind_compiled_code_that_cannot_be_probed_at_t_equal_b(monkeyp
             stats = tracker.collect()
             assert rel_err(stats.per_sample, per_sample) <= RTOL
             assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+
+
+@pytest.mark.parametrize("where", ["model", "head-module"])
+def test_the_table_applied_by_the_models_code_under_compile(where):
+    """An Embedding's weight applied as the output layer by the model's own forward (the model then
+    runs eagerly: the products are read by a torch-function mode) or by a head module's (only that
+    module runs eagerly), compiled: exact, T = B included."""
+    for B, T in [(5, 7), (4, 4)]:
+        torch.manual_seed(B)
+        if where == "model":
+            model, ids, y = functional_case(B=B, T=T, head="matmul-t", positions=True)
+        else:
+            model, ids, y = NestedHeadLM(30, 8), torch.randint(0, 30, (B, T)), torch.randint(0, 30, (B, T))
+        # (torch.func's functional_call leaves a plain tensor for the weight of a module registered
+        # under two names, as the head module holds the embeddings: the reference runs on a copy)
+        per_sample, _, batch = reference_norms(copy.deepcopy(model), token_loss, ids, y)
+        compiled = torch.compile(model, backend="aot_eager")
+        with GradNormTracker(model, "sum") as tracker:
+            for _ in range(2):
+                model.zero_grad()
+                token_loss(compiled(ids), y).backward()
+                stats = tracker.collect()
+                assert rel_err(stats.per_sample, per_sample) <= RTOL
+                assert rel_err(stats.batch_grad_sq, batch) <= RTOL

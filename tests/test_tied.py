@@ -308,3 +308,183 @@ def test_weight_shared_by_embeddings_and_two_linears_is_refused():
     model.extra = extra
     with pytest.raises(ValueError, match=r"'extra\.weight' is the same tensor as 'shared\.weight'"):
         GradNormTracker(model)
+
+
+# ---------------------------------------------------------------- the table applied by the model's own code
+HEADS = ["linear", "matmul-t", "matmul-T", "matmul-mT", "transpose", "einsum", "einsum-table-first"]
+
+
+class FunctionalHeadLM(nn.Module):
+    """Embedding → LayerNorm → Linear → tanh (residual) → the embedding's own weight applied by this
+    module's code as the output layer (OLMo's ``F.linear(x, self.wte.weight)``, x-transformers'
+    ``x @ self.token_emb.weight.t()``), written as ``head`` (one of ``HEADS``). ``positions`` adds a learned position
+    table held by the model itself (the generic route's recorder runs around the same forward);
+    ``shared_positions`` a position Embedding looked up with ``[1, T]`` ids (its output, shared by the
+    samples, is followed by the tracker's watchers' mode to the forward's end); ``twice`` applies
+    the head a second time."""
+
+    def __init__(self, vocab, dim, head="linear", padding_idx=None, positions=False, twice=False,
+                 shared_positions=False):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim, padding_idx=padding_idx)
+        self.norm = nn.LayerNorm(dim)
+        self.mid = nn.Linear(dim, dim)
+        self.pos = nn.Parameter(0.1 * torch.randn(16, dim)) if positions else None
+        self.pos_emb = nn.Embedding(16, dim) if shared_positions else None
+        self.kind, self.twice = head, twice
+
+    def logits(self, h):
+        if self.kind == "linear":
+            return F.linear(h, self.emb.weight)
+        if self.kind == "matmul-t":
+            return h @ self.emb.weight.t()
+        if self.kind == "matmul-T":
+            return torch.matmul(h, self.emb.weight.T)
+        if self.kind == "matmul-mT":
+            return h.matmul(self.emb.weight.mT)
+        if self.kind == "transpose":
+            return h @ self.emb.weight.transpose(0, 1)
+        if self.kind == "einsum":
+            return torch.einsum("btd,vd->btv", h, self.emb.weight)
+        return torch.einsum("v d, ... d -> ... v", self.emb.weight, h)
+
+    def forward(self, tokens):
+        h = self.emb(tokens)
+        if self.pos is not None:
+            h = h + self.pos[: tokens.shape[1]]
+        if self.pos_emb is not None:
+            h = h + self.pos_emb(torch.arange(tokens.shape[1])[None])
+        h = h + torch.tanh(self.mid(self.norm(h)))
+        out = self.logits(h)
+        if self.twice:
+            out = out + self.logits(torch.tanh(h)).flip(1)
+        return out
+
+
+def functional_case(B=5, T=7, V=40, d=12, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = FunctionalHeadLM(V, d, **kwargs)
+    tokens = torch.randint(0, V, (B, T))
+    if kwargs.get("padding_idx") is not None:
+        tokens[0, : T // 2] = kwargs["padding_idx"]
+    return model, tokens, torch.randint(0, V, (B, T))
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooks"])
+def test_table_applied_as_the_output_layer_by_the_models_code_matches_torch_func(head, fused):
+    model, tokens, targets = functional_case(head=head, padding_idx=3)
+    plain = model(tokens)
+    with GradNormTracker(model, loss_reduction="mean", fused=fused) as tracker:
+        out = model(tokens)
+        (token_loss(out, targets) / tokens.shape[0]).backward()
+        stats = tracker.collect()
+    assert_exact(model, tokens, targets, stats)
+    # The product ran as the same op: the model's output is the untracked one's, bit for bit (an
+    # einsum is summed as the matmul is, within rounding).
+    assert torch.equal(out, plain) if not head.startswith("einsum") else torch.allclose(out, plain, atol=1e-6)
+    assert set(stats.per_layer) == {"emb", "norm", "mid", "emb@model", "emb+emb@model"}
+    assert stats.per_layer["emb+emb@model"].abs().max() > 1e-3 * stats.per_sample.max()  # the cross term is there
+
+
+@pytest.mark.parametrize("variant", [dict(positions=True), dict(twice=True), dict(positions=True, twice=True, head="matmul-T"),
+                                     dict(shared_positions=True), dict(shared_positions=True, positions=True, twice=True)],
+                         ids=["own-positions", "head-twice", "both", "shared-positions", "all"])
+def test_table_applied_by_the_models_code_with_more_around_it(variant):
+    model, tokens, targets = functional_case(**variant)
+    stats = tracked(model, tokens, targets, "sum")
+    assert_exact(model, tokens, targets, stats)
+
+
+def test_the_submodules_of_the_forward_that_applies_the_table_run_outside_its_mode():
+    """The products are in the model's own code: its submodules' ops (and the tracker's hooks
+    there) do not pay the torch-function mode's cost per op."""
+    model, tokens, targets = functional_case(head="matmul-t")
+    depths = []
+    model.mid.register_forward_hook(lambda *_: depths.append(torch._C._len_torch_function_stack()))
+    model(tokens)
+    untracked = depths.pop()
+    with GradNormTracker(model, "sum") as tracker:
+        token_loss(model(tokens), targets).backward()
+        assert_exact(model, tokens, targets, tracker.collect())
+    assert depths and all(depth == untracked for depth in depths)
+
+
+class TokenEmbedding(nn.Module):
+    def __init__(self, vocab, dim):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+
+    def forward(self, tokens):
+        return self.emb(tokens)
+
+
+class NestedHeadLM(nn.Module):
+    """x-transformers' layout: the table two modules down (``self.token_emb.emb.weight``), applied by a
+    head module holding the embedding module, on a batch tracked sequences first (``[T, B]`` tokens)."""
+
+    class Head(nn.Module):
+        def __init__(self, token_emb):
+            super().__init__()
+            self.token_emb = token_emb
+            self.norm = nn.LayerNorm(token_emb.emb.embedding_dim)
+
+        def forward(self, h):
+            return self.norm(h) @ self.token_emb.emb.weight.t()
+
+    def __init__(self, vocab, dim):
+        super().__init__()
+        self.token_emb = TokenEmbedding(vocab, dim)
+        self.mid = nn.Linear(dim, dim)
+        self.to_logits = self.Head(self.token_emb)
+
+    def forward(self, tokens):
+        h = self.token_emb(tokens)
+        return self.to_logits(h + torch.tanh(self.mid(h)))
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "sequence-first"])
+def test_table_two_modules_down_applied_by_a_head_module(batch_first):
+    torch.manual_seed(2)
+    model, tokens, targets = NestedHeadLM(30, 8), torch.randint(0, 30, (6, 4)), torch.randint(0, 30, (6, 4))
+    if batch_first:
+        loss, x, y = token_loss, tokens, targets
+    else:
+        def loss(out, y):
+            return token_loss(out.transpose(0, 1), y)
+        x, y = tokens.t(), targets  # [T, B] ids: the model is sequence-first throughout
+    with GradNormTracker(model, "sum", batch_first=batch_first) as tracker:
+        loss(model(x), y).backward()
+        stats = tracker.collect()
+        assert "token_emb.emb@to_logits" in [plan.module for plan in tracker.plan()]
+    per_sample, _, batch = reference_norms(model, loss, x, y, batch_dim=0 if batch_first else 1)
+    assert rel_err(stats.per_sample, per_sample) <= RTOL
+    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+
+
+def test_other_uses_of_the_table_in_the_models_code_are_still_refused():
+    class AlsoPenalised(FunctionalHeadLM):
+        def forward(self, tokens):
+            return super().forward(tokens) + 1e-2 * self.emb.weight.square().sum()
+
+    model, tokens, targets = functional_case()
+    model.__class__ = AlsoPenalised
+    with GradNormTracker(model, "sum") as tracker:
+        with pytest.raises(RuntimeError, match=r"'emb\.weight' received a gradient that the forward calls"):
+            token_loss(model(tokens), targets).backward()
+            tracker.collect()
+
+
+def test_the_products_mode_is_left_after_each_forward_and_at_close():
+    model, tokens, targets = functional_case(head="matmul-t")
+    tracker = GradNormTracker(model, "sum")
+    for _ in range(2):  # the second step on the kept plan
+        model.zero_grad()
+        token_loss(model(tokens), targets).backward()
+        assert torch._C._len_torch_function_stack() == 0
+        assert_exact(model, tokens, targets, tracker.collect())
+    with pytest.raises(IndexError):
+        model(torch.full_like(tokens, 99))  # a forward that raises inside
+    assert torch._C._len_torch_function_stack() == 0
+    tracker.close()
+    assert all(not owner.product_modes for owner in tracker._owners)
