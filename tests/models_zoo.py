@@ -460,6 +460,28 @@ def passed_table():
     return _regression(PassedTable(), torch.randn(3, 5, 6))
 
 
+class OutputTable(nn.Module):
+    """A language model whose own forward applies its Embedding's weight as the output layer
+    (OLMo's ``F.linear(h, self.wte.weight)``): the product read as a Linear tied to the Embedding."""
+
+    def __init__(self, vocab=11, dim=6):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, dim, padding_idx=0)
+        self.norm = nn.LayerNorm(dim)
+        self.mid = nn.Linear(dim, dim)
+
+    def forward(self, ids):
+        h = self.wte(ids)
+        h = h + torch.tanh(self.mid(self.norm(h)))
+        return F.linear(h, self.wte.weight)
+
+
+def output_table():
+    ids = torch.randint(0, 11, (4, 5))
+    ids[0, :2] = 0
+    return _regression(OutputTable(), ids)
+
+
 class RecurrentStack(nn.Module):
     """A bidirectional batch-first LSTM over a 2-layer seq-first LSTM with a given initial state
     (LSTMs only: torch.func, the reference, cannot vmap GRU's and RNN's forward)."""
@@ -494,7 +516,8 @@ ZOO = {f.__name__: f for f in [linear_2d, linear_3d, linear_4d, conv1d, conv2d, 
                               bilinear, norms, conv_norms_eval, batchnorm1d_eval, batchnorm3d_eval,
                               attention_batch_first, attention_seq_first,
                               functional_norms, flattened_tokens, inplace_residuals, mixture_of_experts,
-                              experts_on_every_token, parametrized, normalised_table, passed_table, recurrent,
+                              experts_on_every_token, parametrized, normalised_table, passed_table, output_table,
+                              recurrent,
                               custom_module, reused_module, standardised_convs]}
 
 #: Models whose per-sample numbers are a decomposition of the batch gradient, not per-sample
