@@ -2026,7 +2026,9 @@ class GradNormTracker:
                     "`h @ embed.weight.T` in a parent's forward or a penalty such as `wd * p.square().sum()` added "
                     "to the loss. The per-sample part of that use is unknown, so the norms would be wrong. Route "
                     "every use through the module (for an output layer tied to an embedding: an nn.Linear whose "
-                    "weight is the embedding's weight), put weight decay in the optimizer, or freeze the parameter. (If "
+                    "weight is the embedding's weight, or `F.linear(h, emb.weight)` / `h @ emb.weight.t()` / a "
+                    "linear-map einsum written in a module's own forward, which are followed: not with a bias, a "
+                    "cast or a cat of the weight), put weight decay in the optimizer, or freeze the parameter. (If "
                     "nothing uses it outside, the module computes something its rule does not model: please report "
                     "the module's type.)" + (_CPU_BFLOAT16_HINT if self._cpu_bfloat16_forward else ""))
         return None
@@ -2601,6 +2603,22 @@ def _children_read_in_code(cls: type) -> tuple[frozenset, frozenset, frozenset]:
     return frozenset(reads), frozenset(calls), frozenset(products)
 
 
+def _products_in_instance_functions(module: nn.Module) -> frozenset:
+    """``_WEIGHT_PRODUCT``'s paths in the source of functions held by the module instance itself,
+    which its forward calls as ``self.<name>(...)`` (x-transformers' tied output layer, made in
+    ``__init__``: ``self.to_logits = lambda t: t @ self.token_emb.emb.weight.t()``, ``self`` being
+    the module)."""
+    paths: set[str] = set()
+    for value in vars(module).values():
+        if inspect.isfunction(value):
+            try:
+                source = inspect.getsource(value)
+            except (OSError, TypeError):
+                continue
+            paths.update(a or b for a, b in _WEIGHT_PRODUCT.findall(source))
+    return frozenset(paths)
+
+
 def _own_method(module: nn.Module, method: str) -> bool:
     """Whether ``method`` is one of ``module``'s own (defined outside torch), other than forward."""
     return method != "forward" and _method_outside_torch(type(module), method) is not None
@@ -2741,7 +2759,7 @@ def _add_output_products(model: nn.Module, owners: list[_Owner], ties: list[Tied
     if not embeddings:
         return
     for name, module in model.named_modules():
-        for path in _children_read_in_code(type(module))[2]:
+        for path in _children_read_in_code(type(module))[2] | _products_in_instance_functions(module):
             embedding = embeddings.get(id(_attribute(module, path)))
             if embedding is None or embedding.tie is not None:
                 continue

@@ -462,6 +462,29 @@ def test_table_two_modules_down_applied_by_a_head_module(batch_first):
     assert rel_err(stats.batch_grad_sq, batch) <= RTOL
 
 
+class LambdaHeadLM(nn.Module):
+    """x-transformers' ``TransformerWrapper`` with ``tie_embedding=True``: the output layer a lambda
+    made in ``__init__`` (the forward calls ``self.to_logits(x)``)."""
+
+    def __init__(self, vocab, dim, tie=True):
+        super().__init__()
+        self.token_emb = TokenEmbedding(vocab, dim)
+        self.mid = nn.Linear(dim, dim)
+        self.to_logits = nn.Linear(dim, vocab, bias=False) if not tie else lambda t: t @ self.token_emb.emb.weight.t()
+
+    def forward(self, tokens):
+        h = self.token_emb(tokens)
+        return self.to_logits(h + torch.tanh(self.mid(h)))
+
+
+def test_table_applied_by_a_lambda_the_module_holds():
+    torch.manual_seed(3)
+    model, tokens, targets = LambdaHeadLM(30, 8), torch.randint(0, 30, (5, 6)), torch.randint(0, 30, (5, 6))
+    stats = tracked(model, tokens, targets, "sum")
+    assert_exact(model, tokens, targets, stats)
+    assert "token_emb.emb@model" in stats.per_layer
+
+
 def test_other_uses_of_the_table_in_the_models_code_are_still_refused():
     class AlsoPenalised(FunctionalHeadLM):
         def forward(self, tokens):
