@@ -12,7 +12,7 @@ from torch import nn
 from divebatch import GradNormTracker
 from divebatch.layers.tied import tied_cross, tied_rows
 
-from .oracle import per_sample_grads, reference_norms, rel_err
+from .oracle import autocast_checked, per_sample_grads, reference_norms, rel_err
 
 RTOL = 1e-4
 
@@ -483,6 +483,38 @@ def test_table_applied_by_a_lambda_the_module_holds():
     stats = tracked(model, tokens, targets, "sum")
     assert_exact(model, tokens, targets, stats)
     assert "token_emb.emb@model" in stats.per_layer
+
+
+class PooledTableHead(nn.Module):
+    """One output per sequence: the table applied to a mean over the tokens (T_h = 1)."""
+
+    def __init__(self, vocab=30, dim=8):
+        super().__init__()
+        self.wte, self.mid = nn.Embedding(vocab, dim, padding_idx=1), nn.Linear(dim, dim)
+
+    def forward(self, tokens):
+        return F.linear(torch.tanh(self.mid(self.wte(tokens))).mean(1), self.wte.weight)
+
+
+def test_table_applied_to_one_row_per_sample():
+    torch.manual_seed(4)
+    model, tokens, targets = PooledTableHead(), torch.randint(0, 30, (5, 6)), torch.randint(0, 30, (5,))
+    tokens[0, :3] = 1
+
+    def loss(out, y):
+        return F.cross_entropy(out, y, reduction="sum")
+
+    with GradNormTracker(model, "sum") as tracker:
+        loss(model(tokens), targets).backward()
+        stats = tracker.collect()
+    per_sample, _, batch = reference_norms(model, loss, tokens, targets)
+    assert rel_err(stats.per_sample, per_sample) <= RTOL
+    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+
+
+def test_table_applied_by_the_models_code_under_autocast():
+    model, tokens, targets = functional_case(head="matmul-t", padding_idx=3)
+    autocast_checked(model, token_loss, tokens, targets)
 
 
 def test_other_uses_of_the_table_in_the_models_code_are_still_refused():
