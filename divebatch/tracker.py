@@ -2553,12 +2553,18 @@ def _attribute(module: nn.Module, name: str):
 _CHILD_PARAMETER_READ = re.compile(
     r"(?<!isinstance\()self\.([A-Za-z_]\w*)\.(?:weight|bias)\b(?!\s*=(?!=))"
     r"(?!\.(?:dtype|device|shape|size|ndim|dim|numel|requires_grad|is_\w+|data_ptr|data|grad)\b)")
-#: ``self.<path>.weight`` as a product's matrix in a module's code (``F.linear(x, self.<path>.weight``,
-#: ``@ self.<path>.weight``, ``matmul(`` or ``einsum(`` with it, or it transposed: ``.t()``, ``.T``, ``.mT``,
-#: ``.transpose(``): an Embedding's table applied as the output layer (see ``tied.TableProducts``).
+#: ``self.<path>.weight`` (``self.weight``: path "") as a product's matrix in a module's code
+#: (``F.linear(x, self.<path>.weight``, ``@ self.<path>.weight``, ``matmul(`` or ``einsum(`` with it, or it
+#: transposed: ``.t()``, ``.T``, ``.mT``, ``.transpose(``): an Embedding's table applied as the output layer
+#: (see ``tied.TableProducts``). Read with ``_weight_products``.
 _WEIGHT_PRODUCT = re.compile(
-    r"(?:(?:linear|matmul|einsum)\(.*?,\s*|@\s*)self\.([A-Za-z_][\w.]*?)\.weight\b"
-    r"|self\.([A-Za-z_][\w.]*?)\.weight\.(?:t\(\)|T\b|mT\b|transpose\()")
+    r"(?:(?:linear|matmul|einsum)\(.*?,\s*|@\s*)self\.((?:[A-Za-z_]\w*\.)*)weight\b"
+    r"|self\.((?:[A-Za-z_]\w*\.)*)weight\.(?:t\(\)|T\b|mT\b|transpose\()")
+
+
+def _weight_products(source: str) -> set[str]:
+    """The dotted paths (without ``.weight``; "" for the module's own) that ``_WEIGHT_PRODUCT`` finds."""
+    return {(m.group(1) if m.group(1) is not None else m.group(2)).rstrip(".") for m in _WEIGHT_PRODUCT.finditer(source)}
 #: ``self.<name>.<method>(``: a submodule's own method called in place of its forward (JetMoE's attention
 #: calls its experts' ``map`` and ``reduce``, which add their bias).
 _CHILD_METHOD_CALL = re.compile(r"self\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)\s*\(")
@@ -2598,7 +2604,7 @@ def _children_read_in_code(cls: type) -> tuple[frozenset, frozenset, frozenset]:
             continue
         reads.update(_CHILD_PARAMETER_READ.findall(source))
         calls.update(_CHILD_METHOD_CALL.findall(source))
-        products.update(a or b for a, b in _WEIGHT_PRODUCT.findall(source))
+        products.update(_weight_products(source))
         todo.extend(m for m in _OWN_METHOD_CALL.findall(source) if m not in seen)
     return frozenset(reads), frozenset(calls), frozenset(products)
 
@@ -2615,8 +2621,13 @@ def _products_in_instance_functions(module: nn.Module) -> frozenset:
                 source = inspect.getsource(value)
             except (OSError, TypeError):
                 continue
-            paths.update(a or b for a, b in _WEIGHT_PRODUCT.findall(source))
+            paths.update(_weight_products(source))
     return frozenset(paths)
+
+
+def _product_paths(module: nn.Module) -> frozenset:
+    """Where ``module``'s code applies a weight as a product's matrix (see ``_WEIGHT_PRODUCT``)."""
+    return _children_read_in_code(type(module))[2] | _products_in_instance_functions(module)
 
 
 def _own_method(module: nn.Module, method: str) -> bool:
@@ -2748,19 +2759,20 @@ def _assign_owners(model: nn.Module, batch_first: bool = True) -> tuple[list[_Ow
 
 def _add_output_products(model: nn.Module, owners: list[_Owner], ties: list[TiedEmbeddingLinear]) -> None:
     """An Embedding whose weight a module's code applies itself as a product's matrix (its output
-    layer: ``F.linear(h, self.wte.weight)``, ``h @ self.wte.weight.t()``) gets an owner for those
-    products: an ``nn.Linear`` outside the model sharing the weight (``tied.output_layer``), tied
-    to the Embedding as a tied output layer is, named ``<embedding>@<module>`` (``@model`` for the
-    tracked model itself). One per Embedding, and none for one already tied to a Linear: any
-    other use is refused by the backward's check."""
-    embeddings = {id(owner.module): owner for owner in owners
+    layer: ``F.linear(h, self.wte.weight)``, ``h @ self.wte.weight.t()``; or the weight registered
+    on the module as its own, as fairseq's RoBERTa head does, ``F.linear(x, self.weight)``, see
+    ``_shared_embedding``) gets an owner for those products: an ``nn.Linear`` outside the model
+    sharing the weight (``tied.output_layer``), tied to the Embedding as a tied output layer is,
+    named ``<embedding>@<module>`` (``@model`` for the tracked model itself). One per Embedding,
+    and none for one already tied to a Linear: any other use is refused by the backward's check."""
+    embeddings = {id(owner.module.weight): owner for owner in owners
                   if isinstance(owner.rule, EmbeddingRule) and isinstance(owner.module, nn.Embedding)
                   and owner.tie is None and owner.tracked.get("weight") is owner.module.weight}
     if not embeddings:
         return
     for name, module in model.named_modules():
-        for path in _children_read_in_code(type(module))[2] | _products_in_instance_functions(module):
-            embedding = embeddings.get(id(_attribute(module, path)))
+        for path in _product_paths(module):
+            embedding = embeddings.get(id(_attribute(module, f"{path}.weight" if path else "weight")))
             if embedding is None or embedding.tie is not None:
                 continue
             layer = output_layer(embedding.module.weight)
@@ -2799,21 +2811,32 @@ def _shared_embedding(group: list[tuple[_Owner, str]], merged: set[int]) -> Tied
     weight (the returned tie); anything else is refused."""
     embeddings = [owner for owner, pname in group if isinstance(owner.rule, EmbeddingRule) and pname == "weight"]
     linears = [owner for owner, pname in group if type(owner.rule) is LinearRule and pname == "weight"]
-    if not embeddings or len(linears) > 1 or len(embeddings) + len(linears) != len(group):
+    # A module holding the table as its own ``weight`` and applying it as a product in its code
+    # (fairseq's RoBERTa head: ``F.linear(x, self.weight) + self.bias``): the products become the
+    # output layer's calls (``_add_output_products``), its other parameters stay its own.
+    products = [owner for owner, pname in group if owner.rule is GENERIC and pname == "weight"
+                and "" in _product_paths(owner.module)]
+    outputs = linears + products
+    if not embeddings or len(outputs) > 1 or len(embeddings) + len(outputs) != len(group):
         # Name a module that cannot join (or the second Linear) and the first other one.
-        allowed = {id(owner) for owner in embeddings + linears[:1]}
+        allowed = {id(owner) for owner in embeddings + outputs[:1]}
         owner, pname = next(((o, n) for o, n in group[1:] if id(o) not in allowed), group[1])
         first, first_pname = next((o, n) for o, n in group if o is not owner)
         raise ValueError(
             f"parameter '{_join(owner.name, pname)}' is the same tensor as '{_join(first.name, first_pname)}' "
             "(tied weights across modules); its per-sample gradient mixes the modules' parts, which divebatch "
             "combines exactly only for nn.Embedding weights shared with each other and with at most one "
-            "nn.Linear weight (a language model's input and output embeddings). Untie the weights, freeze them "
+            "nn.Linear weight (a language model's input and output embeddings), or one module applying it as "
+            "its own weight in a product (`F.linear(x, self.weight)`). Untie the weights, freeze them "
             "(requires_grad=False), or track a wrapper module that owns all the uses")
     primary = embeddings[0]
     for other in embeddings[1:]:
         primary.aliases.append(other.module)
         merged.add(id(other))
+    for owner in products:
+        del owner.tracked["weight"]  # (the Embedding's now; its products are the output layer's calls)
+        if not owner.tracked and not owner.descendants:
+            merged.add(id(owner))
     if not linears:
         return None
     tie = TiedEmbeddingLinear(primary, linears[0], f"{primary.name}+{linears[0].name}")

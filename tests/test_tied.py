@@ -192,18 +192,59 @@ def test_weight_shared_three_ways_is_refused():
         GradNormTracker(nn.Sequential(emb, head, extra))
 
 
-def test_tie_with_a_generic_module_is_refused():
-    class Scaled(nn.Module):  # a custom module (generic route) reusing the embedding table
+class RobertaLMHead(nn.Module):
+    """fairseq's RoBERTa head: handed the embedding table, it registers it as its own ``weight`` and
+    applies it itself after a dense layer and a LayerNorm, with a bias of its own."""
+
+    def __init__(self, dim, weight):
+        super().__init__()
+        self.dense, self.layer_norm = nn.Linear(dim, dim), nn.LayerNorm(dim)
+        self.weight = weight
+        self.bias = nn.Parameter(torch.randn(weight.shape[0]))
+
+    def forward(self, features):
+        x = self.layer_norm(F.gelu(self.dense(features)))
+        return F.linear(x, self.weight) + self.bias
+
+
+class Scaled(nn.Module):
+    """A custom module holding the table as its own weight, applied as ``x @ self.weight.t()``."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, x):
+        return x @ self.weight.t()
+
+
+@pytest.mark.parametrize("head", ["roberta", "scaled"])
+def test_table_held_as_a_modules_own_weight_and_applied_by_its_code(head):
+    torch.manual_seed(5)
+    emb = nn.Embedding(30, 8, padding_idx=1)
+    model = nn.Sequential(emb, nn.Linear(8, 8), nn.Tanh(),
+                          RobertaLMHead(8, emb.weight) if head == "roberta" else Scaled(emb.weight))
+    tokens, targets = torch.randint(0, 30, (5, 6)), torch.randint(0, 30, (5, 6))
+    tokens[0, :2] = 1
+    stats = tracked(model, tokens, targets, "sum")
+    assert_exact(model, tokens, targets, stats)
+    assert stats.per_layer["0+0@3"].abs().max() > 1e-3 * stats.per_sample.max()
+    # (the head's own parameters under its name; a head with none is no module of the plan)
+    assert ("3" in stats.per_layer) == (head == "roberta")
+
+
+def test_table_held_as_a_modules_own_weight_and_used_otherwise_is_refused():
+    class Gated(nn.Module):
         def __init__(self, weight):
             super().__init__()
             self.weight = weight
 
         def forward(self, x):
-            return x @ self.weight.t()
+            return x * self.weight.sum()
 
     emb = nn.Embedding(10, 4)
-    with pytest.raises(ValueError, match=r"same tensor"):
-        GradNormTracker(nn.Sequential(emb, Scaled(emb.weight)))
+    with pytest.raises(ValueError, match=r"same tensor.*F\.linear\(x, self\.weight\)"):
+        GradNormTracker(nn.Sequential(emb, Gated(emb.weight)))
 
 
 def test_forwards_without_backward_do_not_accumulate():

@@ -77,11 +77,28 @@ def test_child_weight_used_by_parent_is_refused(fused):
         tracked_collect(model, x, y, token_loss, fused=fused)
 
 
-def test_functional_tied_head_is_refused():
+class FunctionalTiedHeadWithBias(FunctionalTiedHead):
+    """The same with a bias in the head's ``F.linear`` (a form the tracker does not follow)."""
+
+    def __init__(self, vocab=11, dim=6):
+        super().__init__(vocab, dim)
+        self.out_bias = nn.Parameter(torch.randn(vocab))
+
+    def forward(self, idx):
+        return F.linear(torch.tanh(self.mix(self.embed(idx))), self.embed.weight, self.out_bias)
+
+
+def test_functional_tied_head_is_followed_and_one_with_a_bias_is_refused():
+    """``h @ embed.weight.T`` in the model's forward is read as a Linear tied to the Embedding
+    (divebatch.layers.tied.TableProducts; refused before 2026-12-06); ``F.linear`` with a bias is
+    not followed: its use of the table is refused by the check, with the forms that are."""
     torch.manual_seed(0)
-    model, x = FunctionalTiedHead(), torch.randint(0, 11, (3, 7))
-    with pytest.raises(RuntimeError, match=r"'embed\.weight'.*nn\.Linear whose weight is the embedding's"):
-        tracked_collect(model, x, torch.randint(0, 11, (3, 7)), token_loss)
+    model, x, y = FunctionalTiedHead(), torch.randint(0, 11, (3, 7)), torch.randint(0, 11, (3, 7))
+    stats = tracked_collect(model, x, y, token_loss)
+    per_sample, _, batch = reference_norms(model, token_loss, x, y)
+    assert rel_err(stats.per_sample, per_sample) <= 1e-4 and rel_err(stats.batch_grad_sq, batch) <= 1e-4
+    with pytest.raises(RuntimeError, match=r"'embed\.weight'.*nn\.Linear whose weight is the embedding's.*not with a bias"):
+        tracked_collect(FunctionalTiedHeadWithBias(), x, y, token_loss)
 
 
 def test_penalty_in_the_loss_is_refused():
