@@ -484,10 +484,11 @@ class NestedHeadLM(nn.Module):
         return self.to_logits(h + torch.tanh(self.mid(h)))
 
 
+@pytest.mark.parametrize("T", [4, 6], ids=["T-4", "T-equals-B"])
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "sequence-first"])
-def test_table_two_modules_down_applied_by_a_head_module(batch_first):
+def test_table_two_modules_down_applied_by_a_head_module(batch_first, T):
     torch.manual_seed(2)
-    model, tokens, targets = NestedHeadLM(30, 8), torch.randint(0, 30, (6, 4)), torch.randint(0, 30, (6, 4))
+    model, tokens, targets = NestedHeadLM(30, 8), torch.randint(0, 30, (6, T)), torch.randint(0, 30, (6, T))
     if batch_first:
         loss, x, y = token_loss, tokens, targets
     else:
