@@ -251,10 +251,11 @@ def test_sequences_first_inside_a_compiled_model_matches_torch_func(T, backend):
     two_compiled_steps_exact(model, torch.compile(model, backend=backend), batch_first_token_loss, ids, y)
 
 
-def two_compiled_steps_exact(model, compiled, loss, ids, y, grads=None):
+def two_compiled_steps_exact(model, compiled, loss, ids, y, grads=None, reference=None):
     """Two tracked steps of ``loss(compiled(ids), y)``, each with ``model``'s per-sample and batch
-    norms as torch.func gives them eager (and, where given, its gradients ``grads``)."""
-    per_sample, _, batch = reference_norms(model, loss, ids, y)
+    norms as torch.func gives them eager on ``reference`` (default: ``model``) (and, where given,
+    its gradients ``grads``)."""
+    per_sample, _, batch = reference_norms(reference or model, loss, ids, y)
     with GradNormTracker(model, "sum") as tracker:
         for _ in range(2):
             model.zero_grad()
@@ -351,12 +352,5 @@ def test_the_table_applied_by_the_models_code_under_compile(where):
             model, ids, y = NestedHeadLM(30, 8), torch.randint(0, 30, (B, T)), torch.randint(0, 30, (B, T))
         # (torch.func's functional_call leaves a plain tensor for the weight of a module registered
         # under two names, as the head module holds the embeddings: the reference runs on a copy)
-        per_sample, _, batch = reference_norms(copy.deepcopy(model), token_loss, ids, y)
-        compiled = torch.compile(model, backend="aot_eager")
-        with GradNormTracker(model, "sum") as tracker:
-            for _ in range(2):
-                model.zero_grad()
-                token_loss(compiled(ids), y).backward()
-                stats = tracker.collect()
-                assert rel_err(stats.per_sample, per_sample) <= RTOL
-                assert rel_err(stats.batch_grad_sq, batch) <= RTOL
+        two_compiled_steps_exact(model, torch.compile(model, backend="aot_eager"), token_loss, ids, y,
+                                 reference=copy.deepcopy(model))

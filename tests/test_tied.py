@@ -49,9 +49,11 @@ class TiedLM(nn.Module):
         return out
 
 
-def make_case(B=5, T=7, V=40, d=12, seed=0, **kwargs):
+def make_case(B=5, T=7, V=40, d=12, seed=0, model_class=None, **kwargs):
+    """``(model, tokens, targets)``: a ``model_class`` (default ``TiedLM``) language model, padding in
+    sample 0's first half where ``padding_idx`` is given."""
     torch.manual_seed(seed)
-    model = TiedLM(V, d, **kwargs)
+    model = (model_class or TiedLM)(V, d, **kwargs)
     tokens = torch.randint(0, V, (B, T))
     if kwargs.get("padding_idx") is not None:
         tokens[0, : T // 2] = kwargs["padding_idx"]
@@ -103,9 +105,11 @@ def test_cross_term_is_the_inner_product_of_the_two_parts():
     assert stats.per_layer["emb+head"].abs().max() > 1e-3 * stats.per_sample.max()  # not trivially zero
 
 
-def test_head_on_the_last_position_only():
+@pytest.mark.parametrize("head", ["tied-linear", "table-applied"])
+def test_head_on_the_last_position_only(head):
     """The output layer sees one position per sequence (T_h = 1, closed-form route) while the
-    Embedding sees T tokens: the cross term pairs rows of different lengths."""
+    Embedding sees T tokens: the cross term pairs rows of different lengths. Also where the
+    model's code applies the table itself (``PooledTableHead``), with padding."""
 
     class LastToken(TiedLM):
         def forward(self, tokens):
@@ -114,8 +118,10 @@ def test_head_on_the_last_position_only():
             return self.head(h.mean(dim=1))
 
     torch.manual_seed(1)
-    model, tokens = LastToken(30, 8), torch.randint(0, 30, (6, 5))
+    model, tokens = (LastToken(30, 8) if head == "tied-linear" else PooledTableHead()), torch.randint(0, 30, (6, 5))
     targets = torch.randint(0, 30, (6,))
+    if head == "table-applied":
+        tokens[0, :3] = 1  # its padding_idx
 
     def loss(out, y):
         return F.cross_entropy(out, y, reduction="sum")
@@ -402,13 +408,8 @@ class FunctionalHeadLM(nn.Module):
         return out
 
 
-def functional_case(B=5, T=7, V=40, d=12, seed=0, **kwargs):
-    torch.manual_seed(seed)
-    model = FunctionalHeadLM(V, d, **kwargs)
-    tokens = torch.randint(0, V, (B, T))
-    if kwargs.get("padding_idx") is not None:
-        tokens[0, : T // 2] = kwargs["padding_idx"]
-    return model, tokens, torch.randint(0, V, (B, T))
+def functional_case(**kwargs):
+    return make_case(model_class=FunctionalHeadLM, **kwargs)
 
 
 @pytest.mark.parametrize("head", HEADS)
@@ -528,7 +529,8 @@ def test_table_applied_by_a_lambda_the_module_holds():
 
 
 class PooledTableHead(nn.Module):
-    """One output per sequence: the table applied to a mean over the tokens (T_h = 1)."""
+    """One output per sequence: the table applied to a mean over the tokens (T_h = 1; see
+    ``test_head_on_the_last_position_only``)."""
 
     def __init__(self, vocab=30, dim=8):
         super().__init__()
@@ -536,22 +538,6 @@ class PooledTableHead(nn.Module):
 
     def forward(self, tokens):
         return F.linear(torch.tanh(self.mid(self.wte(tokens))).mean(1), self.wte.weight)
-
-
-def test_table_applied_to_one_row_per_sample():
-    torch.manual_seed(4)
-    model, tokens, targets = PooledTableHead(), torch.randint(0, 30, (5, 6)), torch.randint(0, 30, (5,))
-    tokens[0, :3] = 1
-
-    def loss(out, y):
-        return F.cross_entropy(out, y, reduction="sum")
-
-    with GradNormTracker(model, "sum") as tracker:
-        loss(model(tokens), targets).backward()
-        stats = tracker.collect()
-    per_sample, _, batch = reference_norms(model, loss, tokens, targets)
-    assert rel_err(stats.per_sample, per_sample) <= RTOL
-    assert rel_err(stats.batch_grad_sq, batch) <= RTOL
 
 
 def test_table_applied_by_the_models_code_under_autocast():
