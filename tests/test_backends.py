@@ -9,7 +9,7 @@ from .models_zoo import DECOMPOSED, ZOO, sample_loss
 from .oracle import rel_err
 
 FAMILIES = ["linear_2d", "linear_3d", "conv2d", "conv1d", "embedding", "embedding_bags", "norms", "conv_norms_eval",
-            "instance_norms", "batchnorm_train", "recurrent", "standardised_convs"]
+            "instance_norms", "batchnorm_train", "recurrent", "standardised_convs", "output_table"]
 
 
 def _stats(case, backend, monkeypatch):
