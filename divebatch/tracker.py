@@ -2560,16 +2560,16 @@ _CHILD_PARAMETER_READ = re.compile(
 _WEIGHT_PRODUCT = re.compile(
     r"(?:(?:linear|matmul|einsum)\(.*?,\s*|@\s*)self\.((?:[A-Za-z_]\w*\.)*)weight\b"
     r"|self\.((?:[A-Za-z_]\w*\.)*)weight\.(?:t\(\)|T\b|mT\b|transpose\()")
-
-
-def _weight_products(source: str) -> set[str]:
-    """The dotted paths (without ``.weight``; "" for the module's own) that ``_WEIGHT_PRODUCT`` finds."""
-    return {(m.group(1) if m.group(1) is not None else m.group(2)).rstrip(".") for m in _WEIGHT_PRODUCT.finditer(source)}
 #: ``self.<name>.<method>(``: a submodule's own method called in place of its forward (JetMoE's attention
 #: calls its experts' ``map`` and ``reduce``, which add their bias).
 _CHILD_METHOD_CALL = re.compile(r"self\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)\s*\(")
 #: ``self.<method>(``: a method of the module's own, which its forward may compute with.
 _OWN_METHOD_CALL = re.compile(r"self\.([A-Za-z_]\w*)\s*\(")
+
+
+def _weight_products(source: str) -> set[str]:
+    """The dotted paths (without ``.weight``; "" for the module's own) that ``_WEIGHT_PRODUCT`` finds."""
+    return {(m.group(1) if m.group(1) is not None else m.group(2)).rstrip(".") for m in _WEIGHT_PRODUCT.finditer(source)}
 
 
 def _method_outside_torch(cls: type, name: str):
