@@ -752,7 +752,7 @@ class GradNormTracker:
     def _on_root_pre_forward(self, module, args, kwargs):
         """First of the tracked model's pre-hooks: re-plan if its parameters changed, read its
         input, then run the plan's pre-hooks that go before the model's other ones."""
-        if (not (capture_suspended() or not torch.is_grad_enabled() or _inside_functorch())
+        if (_capturing()
                 and (self._model_changed or [p.requires_grad for p in self._planned_params] != self._planned_flags)):
             self._replan()
         self._on_model_pre_forward(module, args, kwargs)
@@ -838,7 +838,7 @@ class GradNormTracker:
     @torch.compiler.disable
     def _on_model_pre_forward(self, module, args, kwargs):
         # The shape of the model's first tensor input, its samples' dim first (see _close_record).
-        if capture_suspended() or not torch.is_grad_enabled() or _inside_functorch():
+        if not _capturing():
             self._input_batch = None  # (a reference's per-sample call: no forward of the tracker's)
             return None
         inputs = _tensors((args, kwargs))
@@ -1276,7 +1276,7 @@ class GradNormTracker:
     def _on_pre_forward(self, owner: _Owner, module, args, kwargs):
         self._leave_watchers()
         # What the rule must see before the forward runs (e.g. the RNG state for a dropout replay).
-        capturing = not (capture_suspended() or not torch.is_grad_enabled() or _inside_functorch())
+        capturing = _capturing()
         if owner.rule is GENERIC:
             # Which inner owners this call calls, and how it uses its own parameters (see _on_forward).
             recorder = None
@@ -1296,8 +1296,7 @@ class GradNormTracker:
                            and not isinstance(module, nn.RNNBase) else None)
             if (capturing and (owner.rule.batch_dim(module) if samples_dim is None else samples_dim) == 0
                     and not isinstance(module, nn.RNNBase)
-                    and (isinstance(module.__dict__.get("forward"), _EagerForward)
-                         or not _called_from_compiled_code())):
+                    and _seen_by_modes(module)):
                 recorder = DirectUseRecorder(self._live(owner), first, self._inner_params(owner), inputs)
                 recorder.batch_size = self._input_batch
                 recorder.__enter__()
@@ -1315,7 +1314,7 @@ class GradNormTracker:
         if owner.rule is GENERIC and pre_state is not None:
             pre_state, recorder, parametrization_state, samples_dim = pre_state
             if recorder is not None:
-                self._exit_recorder(recorder)
+                self._leave_mode(recorder)
             # Where the recorder read every use (the weight computed from the parameters, then one
             # product with the input), the per-sample vjps run back through the ops it recorded, with
             # this forward's tensors: a power iteration that moved the estimate is no obstacle.
@@ -1331,7 +1330,7 @@ class GradNormTracker:
                     "come from replaying the forward (an op of the module's forward the tracker cannot read), which "
                     f"must compute the same tensor again: {hint}, or freeze it")
         if (owner.probe is not None and _attribute(owner.module, owner.probe[0]) is not owner.probe[1]
-                and not (capture_suspended() or not torch.is_grad_enabled() or _inside_functorch())):
+                and _capturing()):
             raise RuntimeError(
                 f"module '{owner.name}' ({type(module).__name__}): its parameter '{owner.probe[0]}' is not the one "
                 "the GradNormTracker planned for: it was swapped in without Module.register_parameter (by "
@@ -1342,7 +1341,7 @@ class GradNormTracker:
         if owner.skip_hooks:
             owner.skip_hooks -= 1
             return None
-        if capture_suspended() or not torch.is_grad_enabled() or _inside_functorch():
+        if not _capturing():
             return None
         if owner.rule is GENERIC and not owner.tracked and pre_state is not None and all(
                 inner.forward_calls + inner.covered_calls != before for inner, before in zip(owner.descendants, pre_state)):
@@ -1592,7 +1591,7 @@ class GradNormTracker:
         return table if table is not None and table.module.weight is x else None
 
     def _may_read_tables(self, table: _Owner) -> bool:
-        if capture_suspended() or not torch.is_grad_enabled() or _inside_functorch():
+        if not _capturing():
             return False
         if _called_from_compiled_code():
             self._tables_read_in_compiled_code.add(table.name)  # (for the error that follows, see _finish_backward)
@@ -1731,8 +1730,7 @@ class GradNormTracker:
         same (a compiled function around it), the products' gradient is refused by the backward's
         check, as any use outside the Embedding."""
         mode = None
-        if not (capture_suspended() or not torch.is_grad_enabled() or _inside_functorch()) and (
-                isinstance(module.__dict__.get("forward"), _EagerForward) or not _called_from_compiled_code()):
+        if _capturing() and _seen_by_modes(module):
             mode = TableProducts(owner.tracked["weight"], owner.module)
             mode.__enter__()
         owner.product_modes.append(mode)
@@ -1741,7 +1739,7 @@ class GradNormTracker:
     def _leave_table_products(self, owner: _Owner, module, args, output) -> None:
         mode = owner.product_modes.pop() if owner.product_modes else None
         if mode is not None and not mode.paused:
-            self._exit_recorder(mode)
+            self._leave_mode(mode)
 
     @torch.compiler.disable
     def _pause_table_products(self, owner: _Owner, module, args) -> None:
@@ -1754,7 +1752,7 @@ class GradNormTracker:
         if mode is None:
             return
         if not mode.paused:
-            self._exit_recorder(mode, pop_only=True)
+            self._leave_mode(mode, pop_only=True)
         mode.paused += 1
 
     @torch.compiler.disable
@@ -1766,7 +1764,7 @@ class GradNormTracker:
         if not mode.paused:
             torch._C._push_on_torch_function_stack(mode)
 
-    def _exit_recorder(self, recorder: DirectUseRecorder | TableProducts, pop_only: bool = False) -> None:
+    def _leave_mode(self, mode: DirectUseRecorder | TableProducts, pop_only: bool = False) -> None:
         """Leave a torch-function mode entered for a module's forward (a generic module's recorder,
         ``TableProducts``). Modes entered during that forward may sit above it on the stack (the
         watchers', kept to the model's forward's end; a ``TableProducts`` put back after a
@@ -1774,15 +1772,15 @@ class GradNormTracker:
         left (``pop_only``: taken off without its exit), and they are put back in their order, so
         the watchers keep following their outputs."""
         above = []
-        while torch._C._len_torch_function_stack() and self._innermost_mode() is not recorder:
+        while torch._C._len_torch_function_stack() and self._innermost_mode() is not mode:
             above.append(torch._C._pop_torch_function_stack())
         if torch._C._len_torch_function_stack():
             if pop_only:
                 torch._C._pop_torch_function_stack()
             else:
-                recorder.__exit__(None, None, None)
-        for mode in reversed(above):
-            torch._C._push_on_torch_function_stack(mode)
+                mode.__exit__(None, None, None)
+        for other in reversed(above):
+            torch._C._push_on_torch_function_stack(other)
 
     def _leave_watchers(self, all_of_them: bool = False) -> None:
         # A watcher follows its output to the end of the tracked model's forward (T5 adds its
@@ -2352,6 +2350,18 @@ def _own_product(output: torch.Tensor, args: tuple) -> torch.Tensor | None:
                 or any(base is a for a in args)):
             return None
         return base
+
+
+def _capturing() -> bool:
+    """Whether a forward now is one the tracker captures: gradients on, not a rule's own replay
+    (``suspend_capture``), not under a torch.func transform."""
+    return not (capture_suspended() or not torch.is_grad_enabled() or _inside_functorch())
+
+
+def _seen_by_modes(module: nn.Module) -> bool:
+    """Whether a torch-function mode entered at ``module``'s pre-hook sees the ops of its forward:
+    run eagerly by the tracker (``_EagerForward``), or not in code torch.compile traces."""
+    return isinstance(module.__dict__.get("forward"), _EagerForward) or not _called_from_compiled_code()
 
 
 def _inside_functorch() -> bool:
